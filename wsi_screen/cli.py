@@ -1,0 +1,140 @@
+"""The ``wsi-screen`` command line: a thin click group.
+
+Each command lives in its own module under :mod:`wsi_screen.commands` and is imported only when it is run
+(or listed), and those modules import heavy libraries inside the command body, so ``--help`` is instant.
+Errors raised on purpose (:class:`~wsi_screen.errors.WsiScreenError`) become one line on stderr and a
+non-zero exit; ``--debug`` (or ``WSI_SCREEN_DEBUG=1``) shows the traceback instead.
+
+Exit status: 0 success, 1 a slide/item failed or an error occurred, 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wsi_screen import __version__
+from wsi_screen.errors import ConfigError, WsiScreenError
+
+#: command name -> "module:attribute" (modules under wsi_screen.commands)
+COMMANDS: dict[str, str] = {
+    "tile": "wsi_screen.commands.tile:tile",
+    "info": "wsi_screen.commands.info:info",
+    "models": "wsi_screen.commands.models:models",
+    "train": "wsi_screen.commands.train:train",
+    "evaluate": "wsi_screen.commands.evaluate:evaluate",
+    "predict": "wsi_screen.commands.predict:predict",
+    "tune": "wsi_screen.commands.tune:tune",
+    "infer": "wsi_screen.commands.infer:infer",
+    "report": "wsi_screen.commands.report:report",
+}
+
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class LazyGroup(click.Group):
+    """A click group whose sub-commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._available(name)]
+
+    @staticmethod
+    def _available(name: str) -> bool:
+        module = COMMANDS[name].split(":")[0]
+        return (Path(__file__).parent / "commands" / (module.rsplit(".", 1)[1] + ".py")).exists()
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None or not self._available(cmd_name):
+            return None
+        module_name, attr = target.split(":")
+        command = getattr(import_module(module_name), attr)
+        if not isinstance(command, click.Command):  # pragma: no cover - programming error
+            raise TypeError(f"{target} is not a click command")
+        return command
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """Read a TOML file into click's default_map: ``[tile]`` holds defaults for ``wsi-screen tile``."""
+    if value is None:
+        return None
+    path = Path(value)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    ctx.default_map = {name: {k.replace("-", "_"): v for k, v in section.items()}
+                       for name, section in data.items() if isinstance(section, dict)}
+    return value
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"],
+                                              "auto_envvar_prefix": "WSI_SCREEN",
+                                              "max_content_width": 100})
+@click.version_option(__version__, prog_name="wsi-screen")
+@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
+              expose_value=False,
+              help="TOML file with per-command defaults, e.g. [tile] mpp = 0.5. Precedence: command line > "
+                   "environment (WSI_SCREEN_<COMMAND>_<OPTION>) > file > built-in defaults.")
+def cli() -> None:
+    """Screen whole-slide images for cancer.
+
+    \b
+    Typical run:
+      wsi-screen tile slides/ -o stores/          # tissue patches, one zarr store per slide
+      wsi-screen train patches/ --arch resnet18 -o model/
+      wsi-screen infer slides/ -o run/            # slide calls, heatmaps, GeoJSON, report
+
+    Every command explains itself with --help. Add --debug to see a traceback on error.
+    """
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("WSI_SCREEN_DEBUG", "") not in ("", "0")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console-script entry point."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = cli.main(args=args, prog_name="wsi-screen", standalone_mode=False)
+        # without standalone mode click returns ctx.exit()'s code instead of exiting
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
+        return code
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("wsi-screen: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        click.echo("wsi-screen: interrupted; finished work is kept, rerun to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except WsiScreenError as exc:
+        if _debug_requested(args):
+            raise
+        click.echo(f"wsi-screen: error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    except Exception as exc:
+        if _debug_requested(args):
+            raise
+        click.echo(f"wsi-screen: internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
+                   "the traceback)", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

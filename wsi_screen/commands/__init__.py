@@ -1,0 +1,1 @@
+"""One module per CLI command. Modules here import only click and light helpers at module level."""

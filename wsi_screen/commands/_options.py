@@ -1,0 +1,48 @@
+"""Options every command shares (--quiet, --verbose, --debug) and their effect."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from wsi_screen import progress
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def common_options(func: F) -> F:
+    """Add ``--quiet``, ``--verbose`` and ``--debug`` to a command and apply them before it runs."""
+
+    def _apply(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        ctx.ensure_object(dict)
+        ctx.obj[param.name] = value
+        return value
+
+    func = click.option("--debug", is_flag=True, expose_value=False, callback=_apply,
+                        help="Show a full traceback on error.")(func)
+    func = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_apply,
+                        help="Log more detail (per-slide steps, timings).")(func)
+    func = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_apply,
+                        help="No progress bars, warnings and errors only.")(func)
+    return func
+
+
+def configure_output() -> None:
+    """Set up logging and progress bars from the current context's --quiet/--verbose flags."""
+    ctx = click.get_current_context()
+    obj = ctx.ensure_object(dict)
+    quiet, verbose = bool(obj.get("quiet")), bool(obj.get("verbose"))
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    progress.install_log_handler(level)
+    progress.set_enabled(not quiet)
+
+
+def parse_float_list(text: str, name: str) -> list[float]:
+    """Parse ``1e-3,3e-4`` into floats, with a clear usage error otherwise."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None

@@ -1,0 +1,162 @@
+"""Find slides in the paths given on the command line.
+
+* A file named explicitly is always a slide candidate, whatever its extension (it fails clearly if it is
+  not a slide).
+* A folder is scanned recursively (symbolic links to folders are followed once; loops are reported). Files
+  with a slide extension are candidates; other files are ignored.
+* ``.dcm`` files are grouped by DICOM series: a folder whose ``.dcm`` files belong to one multi-file
+  series is one slide named after the folder; a single-file series is a slide named after its file.
+* Names must be unique within a run (they name the stores); clashing names are prefixed with their
+  parent folders until unique.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from wsi_screen.slide import slide_name
+
+SLIDE_EXTENSIONS = frozenset({
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
+    ".qptiff", ".btf", ".isyntax", ".czi",
+})
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    """A slide to process: its path (file or DICOM series folder) and unique display name."""
+
+    path: Path
+    name: str
+
+
+@dataclass(frozen=True)
+class DiscoveryProblem:
+    """A path that could not be turned into a slide, and why (reported like a failed slide)."""
+
+    path: Path
+    reason: str
+
+
+def _dicom_series_uid(path: Path) -> str | None:
+    """SeriesInstanceUID of a DICOM file, or None when it cannot be read."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        uid = ds.get("SeriesInstanceUID")
+        return str(uid) if uid else None
+    except Exception:  # unreadable or not DICOM: the slide opener will report it
+        return None
+
+
+def _walk(root: Path, problems: list[DiscoveryProblem]) -> Iterable[Path]:
+    """Files under ``root`` (sorted, deterministic), following directory symlinks without looping."""
+    seen: set[tuple[int, int]] = set()
+
+    def visit(folder: Path) -> Iterable[Path]:
+        try:
+            st = folder.stat()
+        except OSError as exc:
+            problems.append(DiscoveryProblem(folder, f"cannot read folder: {exc.strerror or exc}"))
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            problems.append(DiscoveryProblem(folder, "symbolic link loop; not followed"))
+            return
+        seen.add(key)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            problems.append(DiscoveryProblem(folder, f"cannot list folder: {exc.strerror or exc}"))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    if entry.name.startswith(".") or entry.name.endswith((".zarr", ".partial")):
+                        continue
+                    yield from visit(path)
+                elif entry.is_file(follow_symlinks=True):
+                    yield path
+                elif entry.is_symlink():
+                    if path.suffix.lower() in SLIDE_EXTENSIONS:
+                        problems.append(DiscoveryProblem(path, "broken or looping symbolic link"))
+            except OSError as exc:
+                problems.append(DiscoveryProblem(path, f"cannot read: {exc.strerror or exc}"))
+
+    yield from visit(root)
+
+
+def _group_dicom(files: Sequence[Path]) -> list[Path]:
+    """Turn .dcm files into slide paths: series folders or single files."""
+    by_folder: dict[Path, list[Path]] = defaultdict(list)
+    for f in files:
+        by_folder[f.parent].append(f)
+    slides: list[Path] = []
+    for folder, members in sorted(by_folder.items()):
+        series: dict[str | None, list[Path]] = defaultdict(list)
+        for f in members:
+            series[_dicom_series_uid(f)].append(f)
+        for uid, group in sorted(series.items(), key=lambda kv: str(kv[1][0])):
+            if uid is not None and len(group) > 1 and len(series) == 1:
+                slides.append(folder)  # the folder is one multi-file series
+            else:
+                slides.extend(sorted(group))
+    return slides
+
+
+def discover(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[SlideSource], list[DiscoveryProblem]]:
+    """Slides found under ``paths`` (in a stable order) and the paths that could not be used."""
+    problems: list[DiscoveryProblem] = []
+    candidates: list[tuple[Path, Path]] = []  # (slide path, root it was found under)
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = [f for f in _walk(p, problems) if f.suffix.lower() in SLIDE_EXTENSIONS]
+            dicoms = [f for f in found if f.suffix.lower() == ".dcm"]
+            others = [f for f in found if f.suffix.lower() != ".dcm"]
+            for f in sorted([*others, *_group_dicom(dicoms)]):
+                candidates.append((f, p))
+            if not found:
+                problems.append(DiscoveryProblem(p, "folder holds no slide files"))
+        elif p.exists():
+            candidates.append((p, p.parent))
+        elif p.is_symlink():
+            problems.append(DiscoveryProblem(p, "broken symbolic link"))
+        else:
+            problems.append(DiscoveryProblem(p, "no such file or folder"))
+
+    unique: dict[Path, Path] = {}
+    for path, root in candidates:
+        unique.setdefault(path.absolute(), root)
+    return _name(list(unique.items())), problems
+
+
+def _name(items: list[tuple[Path, Path]]) -> list[SlideSource]:
+    """Unique names: the slide's own name, prefixed by parent folders where names clash."""
+    depth = dict.fromkeys(range(len(items)), 0)
+    while True:
+        names = [_qualified(path, depth[i]) for i, (path, _root) in enumerate(items)]
+        clashes: dict[str, list[int]] = defaultdict(list)
+        for i, n in enumerate(names):
+            clashes[n].append(i)
+        dupes = [i for group in clashes.values() if len(group) > 1 for i in group]
+        if not dupes:
+            return [SlideSource(path, names[i]) for i, (path, _root) in enumerate(items)]
+        progressed = False
+        for i in dupes:
+            if depth[i] < len(items[i][0].parts) - 1:
+                depth[i] += 1
+                progressed = True
+        if not progressed:  # identical paths cannot happen (deduplicated); number the rest
+            return [SlideSource(path, f"{names[i]}-{i}") for i, (path, _root) in enumerate(items)]
+
+
+def _qualified(path: Path, depth: int) -> str:
+    parents = [p.name for p in list(path.parents)[:depth]][::-1]
+    return "__".join([*parents, slide_name(path)]) if parents else slide_name(path)

@@ -1,0 +1,325 @@
+"""Slide: open a whole-slide image by path, know its mpp and pyramid, read patches and thumbnails.
+
+Which reader serves a file is decided here, once, and recorded in the slide's identity:
+
+* OME-TIFF pyramids (QuPath, bfconvert) -> :class:`~wsi_screen.readers.tiff_reader.TiffReader`, because
+  OpenSlide sees them as one flat level;
+* everything OpenSlide recognises (SVS, NDPI, MRXS, SCN, BIF, VMS, generic tiled TIFF, DICOM) ->
+  :class:`~wsi_screen.readers.openslide_reader.OpenSlideReader`;
+* other 8-bit RGB TIFFs (plain strip TIFFs) -> TiffReader, but only with a user-stated mpp.
+
+Grayscale, 16-bit and multi-channel (fluorescence) files are refused up front. Level-0 mpp comes from the
+file; where it is missing or absurd, :class:`~wsi_screen.errors.MissingMppError` names the slide and says to
+pass ``--slide-mpp``. Nothing is guessed. All coordinates are level-0 pixels, (x, y); sizes are (w, h).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from wsi_screen.errors import MissingMppError, SlideOpenError, UnsupportedFormatError
+from wsi_screen.readers import Reader
+
+#: A declared mpp outside this range is treated as absent (scanners write 0, 1 or inch-based junk).
+PLAUSIBLE_MPP = (0.05, 100.0)
+#: Largest side a slide may declare; beyond it the header is corrupt.
+MAX_SIDE_PX = 2_000_000
+#: Output block edge when building thumbnails from large levels.
+_THUMB_BLOCK = 1024
+
+ReaderChoice = Literal["auto", "openslide", "tifffile"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlideInfo:
+    """A slide's identity and geometry, JSON-serialisable (recorded in every store)."""
+
+    path: str
+    name: str
+    vendor: str
+    reader: str
+    mpp: float
+    mpp_source: Literal["slide", "user"]
+    dimensions: tuple[int, int]
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    fingerprint: str
+    size_bytes: int
+    mtime: float
+    properties: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "name": self.name, "vendor": self.vendor, "reader": self.reader,
+            "mpp": self.mpp, "mpp_source": self.mpp_source, "dimensions": list(self.dimensions),
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": list(self.level_downsamples), "fingerprint": self.fingerprint,
+            "size_bytes": self.size_bytes, "mtime": self.mtime, "properties": dict(self.properties),
+        }
+
+
+def slide_files(path: Path) -> list[Path]:
+    """The files that make up a slide: the file itself, or a DICOM series folder's ``.dcm`` files."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
+        if not files:
+            raise UnsupportedFormatError(f"{path}: folder holds no .dcm files of a DICOM series")
+        return files
+    return [path]
+
+
+def fingerprint(files: list[Path]) -> tuple[str, int, float]:
+    """Fast content fingerprint (size + first and last MiB of each file), total bytes, newest mtime."""
+    h = hashlib.blake2b(digest_size=16)
+    total, mtime = 0, 0.0
+    for f in files:
+        st = f.stat()
+        total += st.st_size
+        mtime = max(mtime, st.st_mtime)
+        h.update(f.name.encode())
+        h.update(st.st_size.to_bytes(8, "little"))
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if st.st_size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest(), total, mtime
+
+
+def _open_reader(path: Path, choice: ReaderChoice) -> Reader:
+    """Pick and open the reader for ``path`` (see module docstring)."""
+    from wsi_screen.readers import openslide_reader
+    from wsi_screen.readers.tiff_reader import TiffReader, check_brightfield, inspect_tiff
+
+    files = slide_files(path)
+    target = files[0]
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise SlideOpenError(f"{f}: permission denied")
+        if f.stat().st_size == 0:
+            raise SlideOpenError(f"{f}: empty file (0 bytes)")
+    if path.is_dir():  # DICOM series: OpenSlide finds the sibling instances itself
+        if openslide_reader.detect(target) is None:
+            raise UnsupportedFormatError(f"{path}: the .dcm files are not a DICOM whole-slide image series")
+        return openslide_reader.OpenSlideReader(target)
+
+    tif = inspect_tiff(target)
+    if tif is not None:
+        try:
+            check_brightfield(tif, target)
+        except (IndexError, ValueError, KeyError) as exc:  # tifffile's view of a broken structure
+            tif.close()
+            raise SlideOpenError(f"{target}: malformed TIFF structure: {exc}") from exc
+        except UnsupportedFormatError:
+            tif.close()
+            raise
+        if tif.is_ome or choice == "tifffile":
+            return TiffReader(target, tif)  # the reader owns ``tif`` from here
+    vendor = openslide_reader.detect(target)
+    if vendor is not None:
+        if tif is not None:
+            tif.close()
+        return openslide_reader.OpenSlideReader(target)
+    if tif is not None:
+        return TiffReader(target, tif)
+    raise UnsupportedFormatError(
+        f"{target}: not a slide format wsi-screen reads (OpenSlide formats such as SVS, NDPI, MRXS, "
+        "SCN, DICOM and tiled TIFF; OME-TIFF; plain RGB TIFF with --slide-mpp)")
+
+
+class Slide:
+    """An open whole-slide image. Pickles by path, so it can be sent to worker processes.
+
+    Parameters
+    ----------
+    path:
+        A slide file, or a folder holding one DICOM WSI series.
+    name:
+        Display name (defaults to the file stem, or the folder name for a DICOM series).
+    mpp:
+        Level-0 microns per pixel stated by the user; overrides (and is required where) the file has none.
+    reader:
+        ``"auto"`` (see module docstring), or force ``"openslide"`` / ``"tifffile"``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, name: str | None = None, mpp: float | None = None,
+                 reader: ReaderChoice = "auto") -> None:
+        self.path = Path(path)
+        self.name = name or slide_name(self.path)
+        self._mpp_override = mpp
+        self._reader_choice: ReaderChoice = reader
+        if not self.path.exists() and not self.path.is_symlink():
+            raise SlideOpenError(f"{self.path}: no such file or folder")
+        try:
+            self._reader: Reader = _open_reader(self.path, reader)
+        except OSError as exc:
+            if isinstance(exc, SlideOpenError):
+                raise
+            raise SlideOpenError(f"{self.path}: cannot open: {exc.strerror or exc}") from exc
+        self.level_dimensions = self._reader.level_dimensions
+        self.level_downsamples = self._reader.level_downsamples
+        self.dimensions = self.level_dimensions[0]
+        w, h = self.dimensions
+        if not (0 < w <= MAX_SIDE_PX and 0 < h <= MAX_SIDE_PX):
+            self.close()
+            raise SlideOpenError(f"{self.path}: declares absurd dimensions {w} x {h} px (corrupt header?)")
+        self.mpp, self.mpp_source = self._resolve_mpp()
+        self._info: SlideInfo | None = None
+
+    # -------------------------------------------------------------------------------------- identity
+    def _resolve_mpp(self) -> tuple[float, Literal["slide", "user"]]:
+        if self._mpp_override is not None:
+            mpp = float(self._mpp_override)
+            if not (PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]):
+                self.close()
+                raise MissingMppError(f"{self.path}: --slide-mpp {mpp} is outside the plausible range "
+                                      f"{PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px")
+            return mpp, "user"
+        declared = self._reader.mpp()
+        if declared is None:
+            self.close()
+            raise MissingMppError(f"{self.path}: the slide does not declare its resolution (microns per "
+                                  "pixel); pass --slide-mpp (e.g. --slide-mpp 0.25 for a 40x scan)")
+        mx, my = declared
+        ok = all(math.isfinite(v) and PLAUSIBLE_MPP[0] <= v <= PLAUSIBLE_MPP[1] for v in (mx, my))
+        if not ok:
+            self.close()
+            raise MissingMppError(f"{self.path}: declared resolution {mx} x {my} um/px is implausible; "
+                                  "pass --slide-mpp")
+        if abs(mx - my) / max(mx, my) > 0.05:
+            self.close()
+            raise MissingMppError(f"{self.path}: non-square pixels ({mx} x {my} um/px) are not supported; "
+                                  "pass --slide-mpp to override")
+        return (mx + my) / 2.0, "slide"
+
+    @property
+    def info(self) -> SlideInfo:
+        """The slide's identity (computed once; the fingerprint reads 2 MiB per file)."""
+        if self._info is None:
+            files = slide_files(self.path)
+            fp, size, mtime = fingerprint(files)
+            self._info = SlideInfo(
+                path=str(self.path.resolve()), name=self.name, vendor=self._reader.vendor,
+                reader=self._reader.name, mpp=self.mpp, mpp_source=self.mpp_source,
+                dimensions=self.dimensions, level_dimensions=self.level_dimensions,
+                level_downsamples=self.level_downsamples, fingerprint=fp, size_bytes=size, mtime=mtime,
+                properties=self._reader.properties())
+        return self._info
+
+    @property
+    def vendor(self) -> str:
+        return self._reader.vendor
+
+    @property
+    def reader_name(self) -> str:
+        return self._reader.name
+
+    # ---------------------------------------------------------------------------------------- pixels
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level whose resolution is at least as fine as ``downsample`` (vs level 0)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + 1e-3):
+                best = i
+        return best
+
+    def read_region(self, level: int, xy_l0: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        """Raw pixels of ``level``: RGB uint8 (h, w, 3); white outside the scanned area."""
+        return self._reader.read_region(level, xy_l0, size)
+
+    def read(self, xy_l0: tuple[int, int], tile_size_l0: int, size_px: int) -> np.ndarray:
+        """A square patch covering ``tile_size_l0`` level-0 pixels from ``xy_l0``, as ``size_px`` RGB.
+
+        Read from the coarsest pyramid level that is still at least as fine as the target, then resized
+        down with an anti-aliasing filter (PIL's Lanczos, whose support widens with the scale factor).
+        """
+        level = self.best_level(tile_size_l0 / size_px)
+        ds = self.level_downsamples[level]
+        region = max(1, round(tile_size_l0 / ds))
+        img = self._reader.read_region(level, xy_l0, (region, region))
+        if region != size_px:
+            img = resize(img, (size_px, size_px))
+        return img
+
+    def thumbnail(self, mpp: float) -> np.ndarray:
+        """The whole slide at ``mpp`` microns per pixel (never finer than level 0), RGB uint8.
+
+        Large levels are read and reduced block by block, so memory stays bounded by the output size.
+        """
+        w0, h0 = self.dimensions
+        scale = max(mpp / self.mpp, 1.0)  # level-0 pixels per output pixel
+        out_w, out_h = max(1, round(w0 / scale)), max(1, round(h0 / scale))
+        level = self.best_level(scale)
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        f = scale / ds  # level pixels per output pixel
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        margin = math.ceil(2 * f) + 2
+        for oy in range(0, out_h, _THUMB_BLOCK):
+            for ox in range(0, out_w, _THUMB_BLOCK):
+                bw, bh = min(_THUMB_BLOCK, out_w - ox), min(_THUMB_BLOCK, out_h - oy)
+                sx0, sy0 = ox * f, oy * f
+                sx1, sy1 = min((ox + bw) * f, lw), min((oy + bh) * f, lh)
+                rx0, ry0 = max(0, math.floor(sx0) - margin), max(0, math.floor(sy0) - margin)
+                rx1, ry1 = min(lw, math.ceil(sx1) + margin), min(lh, math.ceil(sy1) + margin)
+                src = self._reader.read_region(level, (round(rx0 * ds), round(ry0 * ds)),
+                                               (rx1 - rx0, ry1 - ry0))
+                box = (sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0)
+                out[oy:oy + bh, ox:ox + bw] = resize(src, (bw, bh), box=box)
+        return out
+
+    # ------------------------------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "name": self.name, "mpp": self._mpp_override,
+                "reader": self._reader_choice}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], name=state["name"], mpp=state["mpp"],  # type: ignore[misc]
+                      reader=state["reader"])
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        return f"Slide({str(self.path)!r}, {w}x{h} px, {self.mpp:.4g} um/px, {self.vendor})"
+
+
+def open_slide(path: str | os.PathLike[str], *, name: str | None = None, mpp: float | None = None,
+               reader: ReaderChoice = "auto") -> Slide:
+    """Open a slide (see :class:`Slide`)."""
+    return Slide(path, name=name, mpp=mpp, reader=reader)
+
+
+def slide_name(path: Path) -> str:
+    """A slide's display name: the file name without slide extensions, or a DICOM folder's name."""
+    if path.is_dir():
+        return path.name
+    name = path.name
+    for ext in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem if path.suffix else name
+
+
+def resize(img: np.ndarray, size: tuple[int, int],
+           box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """Anti-aliased resize of an RGB uint8 array to ``size`` (w, h), optionally of a sub-``box``."""
+    out = Image.fromarray(img).resize(size, Image.Resampling.LANCZOS, box=box)
+    return np.asarray(out)

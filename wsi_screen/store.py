@@ -1,0 +1,351 @@
+"""PatchStore: the one module that knows the zarr layout of a slide's patch store.
+
+Layout of ``OUT/<slide name>.zarr`` (zarr v3 group; see docs/store.md for users of plain zarr):
+
+=============== ========================== ===================================================================
+key             dtype, shape               meaning
+=============== ========================== ===================================================================
+``patches``     uint8 (N, S, S, 3)         RGB patches; one patch per chunk, shards of many patches
+``coords``      int64 (N, 2)               level-0 (x, y) of each patch's top-left corner
+``tissue``      float32 (N,)               fraction of the patch's footprint that is tissue
+``stain_ok``    bool (N,)                  True where stain normalisation was applied, False where the patch
+                                           passed unnormalised (too little stained tissue, pen, empty)
+``thumbnail``   uint8 (h, w, 3)            the whole slide at ``tissue.thumbnail_mpp``
+``mask``        uint8 (h, w)               tissue label map on the thumbnail: 0 glass, 1 tissue, 2 pen,
+                                           3 artifact
+=============== ========================== ===================================================================
+
+Group attributes: ``schema_version``, ``complete``, ``mpp``, ``patch_size``, ``tile_size_l0``, ``stride_l0``,
+``n_patches``, ``slide`` (path, name, vendor, reader, level-0 mpp, dimensions, fingerprint...), ``stain``
+(method, fitted parameters, target), ``tissue`` (settings, ``thumbnail_mpp``, ``min_tissue``, labels),
+``grid``, ``package_version`` and ``settings`` (what must match for a store to be reused).
+
+Committing is atomic: a store is written under ``<name>.zarr.partial`` and renamed into place only after
+every file has been fsynced and ``complete`` set, so a killed run never leaves a store that looks finished.
+Patches are written a whole shard at a time by one writer (zarr-python #3682: concurrent partial-shard
+writes lose data). On object stores (fsspec URLs) where rename does not exist, the store is written in place
+and ``complete`` is written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from wsi_screen.errors import IncompleteStoreError, SchemaVersionError, StoreError, StoreLockedError
+
+SCHEMA_VERSION = 1
+
+PATCHES = "patches"
+COORDS = "coords"
+TISSUE = "tissue"
+STAIN_OK = "stain_ok"
+THUMBNAIL = "thumbnail"
+MASK = "mask"
+ARRAY_KEYS = (PATCHES, COORDS, TISSUE, STAIN_OK, THUMBNAIL, MASK)
+
+ATTR_SCHEMA = "schema_version"
+ATTR_COMPLETE = "complete"
+ATTR_SETTINGS = "settings"
+
+STORE_SUFFIX = ".zarr"
+PARTIAL_SUFFIX = ".partial"
+LOCK_DIR = ".wsi-screen-locks"
+
+#: target uncompressed bytes per shard of patches
+SHARD_BYTES = 8 << 20
+
+
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """True for fsspec URLs (``s3://``, ``gs://``, ``memory://`` ...), False for local paths."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def store_location(out: str | os.PathLike[str], name: str) -> str:
+    """Where the store of slide ``name`` lives under output location ``out``."""
+    if is_url(out):
+        return str(out).rstrip("/") + "/" + name + STORE_SUFFIX
+    return str(Path(out) / (name + STORE_SUFFIX))
+
+
+def patches_per_shard(size_px: int) -> int:
+    """How many patches one shard holds (a deterministic function of the patch size)."""
+    return int(max(1, min(1024, SHARD_BYTES // (size_px * size_px * 3))))
+
+
+def _compressor() -> zarr.codecs.BloscCodec:
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")
+
+
+# ------------------------------------------------------------------------------------------------ reading
+class PatchStore:
+    """Read access to a finished (``complete``) store."""
+
+    def __init__(self, location: str | os.PathLike[str], group: zarr.Group) -> None:
+        self.location = str(location)
+        self._group = group
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        self._coords: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, location: str | os.PathLike[str], *, require_complete: bool = True) -> PatchStore:
+        """Open a store; refuses unknown schema versions and, by default, incomplete stores."""
+        loc = str(location)
+        if not is_url(loc) and not Path(loc).exists():
+            raise StoreError(f"{loc}: no such patch store")
+        try:
+            group = zarr.open_group(loc, mode="r")
+        except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{loc}: not a wsi-screen patch store ({exc})") from exc
+        attrs = dict(group.attrs)
+        version = attrs.get(ATTR_SCHEMA)
+        if version != SCHEMA_VERSION:
+            raise SchemaVersionError(f"{loc}: store schema version {version!r} is not supported by this "
+                                     f"wsi-screen (reads version {SCHEMA_VERSION}); re-tile the slide")
+        if require_complete and attrs.get(ATTR_COMPLETE) is not True:
+            raise IncompleteStoreError(f"{loc}: store is incomplete (interrupted run); rerun the tiler")
+        return cls(loc, group)
+
+    # ---- metadata
+    @property
+    def name(self) -> str:
+        return str(self.attrs["slide"]["name"])
+
+    @property
+    def mpp(self) -> float:
+        return float(self.attrs["mpp"])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.attrs["patch_size"])
+
+    @property
+    def tile_size_l0(self) -> int:
+        return int(self.attrs["tile_size_l0"])
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.attrs.get(ATTR_SETTINGS, {}))
+
+    def __len__(self) -> int:
+        return int(self._group[COORDS].shape[0])
+
+    # ---- arrays
+    @property
+    def coords(self) -> np.ndarray:
+        """Level-0 (x, y) of every patch, int64 (N, 2)."""
+        if self._coords is None:
+            self._coords = np.asarray(self._group[COORDS][...], dtype=np.int64).reshape(-1, 2)
+        return self._coords
+
+    @property
+    def tissue(self) -> np.ndarray:
+        return np.asarray(self._group[TISSUE][...], dtype=np.float32)
+
+    @property
+    def stain_ok(self) -> np.ndarray:
+        return np.asarray(self._group[STAIN_OK][...], dtype=bool)
+
+    @property
+    def thumbnail(self) -> np.ndarray:
+        return np.asarray(self._group[THUMBNAIL][...])
+
+    @property
+    def mask(self) -> np.ndarray:
+        return np.asarray(self._group[MASK][...])
+
+    def read(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        """Patches by index, slice or index list: uint8 (n, S, S, 3) (or (S, S, 3) for an int)."""
+        arr = self._group[PATCHES]
+        if isinstance(index, (int, np.integer, slice)):
+            return np.asarray(arr[index])
+        idx = np.asarray(index, dtype=np.int64)
+        if idx.size == 0:
+            return np.zeros((0, self.patch_size, self.patch_size, 3), dtype=np.uint8)
+        return np.asarray(arr.get_orthogonal_selection((idx,)))
+
+    def __repr__(self) -> str:
+        return f"PatchStore({self.location!r}, {len(self)} patches of {self.patch_size} px at {self.mpp} um/px)"
+
+
+def read_attrs(location: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A store's attributes, or None when nothing (readable) is there. Never raises for a missing store."""
+    loc = str(location)
+    if not is_url(loc) and not (Path(loc) / "zarr.json").exists():
+        return None
+    try:
+        return dict(zarr.open_group(loc, mode="r").attrs)
+    except (FileNotFoundError, ValueError, KeyError, OSError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(attrs: Mapping[str, Any] | None) -> bool:
+    """Whether attributes describe a finished store of the current schema."""
+    return bool(attrs) and attrs.get(ATTR_COMPLETE) is True and attrs.get(ATTR_SCHEMA) == SCHEMA_VERSION  # type: ignore[union-attr]
+
+
+def remove_store(location: str | os.PathLike[str]) -> None:
+    """Delete a store (local directory or fsspec location)."""
+    loc = str(location)
+    if is_url(loc):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(loc)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    elif Path(loc).exists():
+        shutil.rmtree(loc)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+class StoreWriter:
+    """Writes one store: create, fill whole shards, then :meth:`commit` (or :meth:`abort`)."""
+
+    def __init__(self, location: str | os.PathLike[str], *, n_patches: int, patch_size: int,
+                 thumbnail_shape: tuple[int, int], attrs: Mapping[str, Any]) -> None:
+        self.location = str(location)
+        self.remote = is_url(self.location)
+        self.work = self.location if self.remote else self.location + PARTIAL_SUFFIX
+        remove_store(self.work)
+        self.n_patches = int(n_patches)
+        self.patch_size = int(patch_size)
+        self.shard = patches_per_shard(self.patch_size)
+        self._attrs = {ATTR_SCHEMA: SCHEMA_VERSION, ATTR_COMPLETE: False, **attrs}
+        try:
+            self._group = zarr.open_group(self.work, mode="w", attributes=self._attrs)
+            s = self.patch_size
+            self._patches = self._group.create_array(
+                PATCHES, shape=(self.n_patches, s, s, 3), dtype="uint8", chunks=(1, s, s, 3),
+                shards=(self.shard, s, s, 3), compressors=_compressor(), fill_value=0,
+                dimension_names=("patch", "y", "x", "channel"))
+            th, tw = thumbnail_shape
+            self._group.create_array(THUMBNAIL, shape=(th, tw, 3), dtype="uint8",
+                                     chunks=(max(th, 1), max(tw, 1), 3), compressors=_compressor(),
+                                     fill_value=0, dimension_names=("y", "x", "channel"))
+            self._group.create_array(MASK, shape=(th, tw), dtype="uint8", chunks=(max(th, 1), max(tw, 1)),
+                                     compressors=_compressor(), fill_value=0, dimension_names=("y", "x"))
+        except OSError as exc:
+            raise _write_error(self.location, exc) from exc
+
+    def write_patches(self, start: int, batch: np.ndarray) -> None:
+        """Write patches ``start .. start+len(batch)``: whole shards only (the last may be short)."""
+        n = batch.shape[0]
+        if start % self.shard != 0 or (n % self.shard != 0 and start + n != self.n_patches):
+            raise ValueError(f"writes must cover whole shards of {self.shard} patches (got {start}+{n})")
+        try:
+            self._patches[start:start + n] = batch
+        except OSError as exc:
+            raise _write_error(self.location, exc) from exc
+
+    def write_arrays(self, *, coords: np.ndarray, tissue: np.ndarray, stain_ok: np.ndarray,
+                     thumbnail: np.ndarray, mask: np.ndarray) -> None:
+        """Write the per-patch tables and the thumbnail and mask."""
+        n = self.n_patches
+        try:
+            self._group.create_array(COORDS, data=np.asarray(coords, dtype=np.int64).reshape(n, 2),
+                                     chunks=(max(n, 1), 2), compressors=_compressor(),
+                                     dimension_names=("patch", "xy"))
+            self._group.create_array(TISSUE, data=np.asarray(tissue, dtype=np.float32).reshape(n),
+                                     chunks=(max(n, 1),), compressors=_compressor(),
+                                     dimension_names=("patch",))
+            self._group.create_array(STAIN_OK, data=np.asarray(stain_ok, dtype=bool).reshape(n),
+                                     chunks=(max(n, 1),), compressors=_compressor(),
+                                     dimension_names=("patch",))
+            self._group[THUMBNAIL][...] = thumbnail
+            self._group[MASK][...] = mask
+        except OSError as exc:
+            raise _write_error(self.location, exc) from exc
+
+    def commit(self, extra_attrs: Mapping[str, Any] | None = None) -> None:
+        """Mark complete and move into place; after this the store is durable and finished."""
+        try:
+            if not self.remote:
+                _fsync_tree(Path(self.work))
+            self._group.attrs.update({**(extra_attrs or {}), ATTR_COMPLETE: True})
+            if self.remote:
+                return
+            work, final = Path(self.work), Path(self.location)
+            _fsync_file(work / "zarr.json")
+            if final.exists():
+                trash = final.with_name(final.name + ".old")
+                shutil.rmtree(trash, ignore_errors=True)
+                final.rename(trash)
+                work.rename(final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                work.rename(final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise _write_error(self.location, exc) from exc
+
+    def abort(self) -> None:
+        """Remove the unfinished store (local) or leave it marked incomplete (remote)."""
+        if not self.remote:
+            with contextlib.suppress(OSError):
+                remove_store(self.work)
+
+
+def _write_error(location: str, exc: OSError) -> StoreError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"{location}: disk full while writing the store; nothing was marked complete")
+    return StoreError(f"{location}: cannot write the store: {exc.strerror or exc}")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
+        _fsync_file(path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            _fsync_file(Path(dirpath) / f)
+        _fsync_dir(Path(dirpath))
+
+
+@contextlib.contextmanager
+def store_lock(location: str | os.PathLike[str], *, wait: bool = False) -> Iterator[None]:
+    """Per-store inter-process lock (``flock`` on a file beside the store); no-op for URLs.
+
+    With ``wait=False`` a store locked by another process raises :class:`StoreLockedError`.
+    """
+    loc = str(location)
+    if is_url(loc):
+        yield
+        return
+    path = Path(loc)
+    lock_dir = path.parent / LOCK_DIR
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        fh = (lock_dir / (path.name + ".lock")).open("a")
+    except OSError as exc:
+        raise _write_error(loc, exc) from exc
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise StoreLockedError(f"{loc}: another wsi-screen process is writing this store; skipped "
+                                   "(rerun afterwards to pick it up)") from None
+        yield
+    finally:
+        fh.close()

@@ -1,0 +1,162 @@
+"""Tissue detection on a low-resolution thumbnail (pure: arrays in, arrays out).
+
+The mask is a label map at the thumbnail's resolution: ``GLASS`` (0), ``TISSUE`` (1), ``PEN`` (2, ink marks
+of any colour) and ``ARTIFACT`` (3, dark debris, bubble rims, specks and folds too small to be tissue).
+Rules, all in physical units so a slide looks the same at any thumbnail resolution:
+
+1. *Pen ink* is a colour no H&E stain produces: saturated red/maroon, green/teal, pure blue, or near-black
+   grey. Candidate pixels are cleaned (small specks dropped) and dilated to cover the pale halo of a stroke.
+2. *Tissue candidates* are pixels with chroma (max-min RGB) or optical density clearly above glass.
+3. Candidates that are pen are removed; thin structures (bubble rims, hairline scratches) are opened away;
+   connected pieces smaller than ``min_object_um2`` are specks; holes smaller than ``max_hole_um2`` are
+   filled (nuclei gaps, small lumina) while bubbles and large lumina stay holes.
+
+The thresholds were chosen on the histolab QC tiles in ``shared/data/patches/qc-tiles`` and are checked by
+``tests/test_tissue.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage import morphology
+
+GLASS, TISSUE, PEN, ARTIFACT = 0, 1, 2, 3
+LABELS = {"glass": GLASS, "tissue": TISSUE, "pen": PEN, "artifact": ARTIFACT}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TissueSettings:
+    """Parameters of :func:`detect_tissue` (recorded in every store)."""
+
+    #: minimum chroma (max - min of RGB, 0-255) for a pixel to count as stained
+    min_chroma: float = 14.0
+    #: minimum mean optical density for an unsaturated pixel to count as tissue (glass is ~0.03)
+    min_od: float = 0.20
+    #: pen ink must be at least this saturated (HSV saturation)
+    pen_min_saturation: float = 0.45
+    #: near-black ink: HSV value below this
+    black_max_value: float = 0.25
+    #: radius of the opening that removes thin structures, microns
+    opening_um: float = 10.0
+    #: tissue pieces smaller than this are specks, square microns
+    min_object_um2: float = 10_000.0
+    #: holes smaller than this are filled, square microns
+    max_hole_um2: float = 10_000.0
+    #: pen strokes are grown by this margin, microns
+    pen_margin_um: float = 24.0
+    #: pen pieces smaller than this are not pen (stained debris), square microns
+    pen_min_um2: float = 5_000.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """A label map (see module constants) and the microns per pixel it was computed at."""
+
+    labels: np.ndarray  # uint8 (h, w)
+    mpp: float
+
+    @property
+    def tissue(self) -> np.ndarray:
+        """Boolean tissue mask."""
+        return self.labels == TISSUE
+
+    @property
+    def tissue_fraction(self) -> float:
+        """Fraction of the thumbnail that is tissue."""
+        return float(self.tissue.mean()) if self.labels.size else 0.0
+
+
+def _px(um: float, mpp: float) -> int:
+    return max(0, round(um / mpp))
+
+
+def _area_px(um2: float, mpp: float) -> int:
+    return max(1, round(um2 / (mpp * mpp)))
+
+
+def pen_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSettings()) -> np.ndarray:
+    """Boolean mask of pen ink (red, green, blue, black) on an RGB uint8 image at ``mpp``.
+
+    Each ink family is found by hysteresis: strongly inked pixels seed a stroke, which then takes in the
+    connected, more faintly inked pixels of the same colour family (the pale edge of a stroke).
+    """
+    img = rgb.astype(np.float32) / 255.0
+    mx = img.max(axis=-1)
+    chroma = mx - img.min(axis=-1)
+    sat = np.where(mx > 0, chroma / np.maximum(mx, 1e-6), 0.0)
+    hue = _hue(img, mx, chroma)
+    s_strong = settings.pen_min_saturation
+    red_hue = (hue >= 0.93) | (hue <= 0.06)
+    # the pale halo of a red stroke is desaturated but keeps ink's hue (eosin is bluer, hue < 0.96)
+    halo_hue = (hue >= 0.962) | (hue <= 0.04)
+    green_hue = (hue >= 0.20) & (hue <= 0.55)
+    blue_hue = (hue > 0.55) & (hue <= 0.70)
+    families = [
+        # (weak, strong)
+        ((red_hue & (sat >= 0.5) & (mx >= 0.15)) | (halo_hue & (sat >= 0.1)), red_hue & (sat >= max(s_strong, 0.75)) & (mx >= 0.15)),
+        (green_hue & (sat >= 0.15) & (chroma >= 0.06), green_hue & (sat >= s_strong * 0.75)),
+        (blue_hue & (sat >= 0.15), blue_hue & (sat >= max(s_strong, 0.5))),
+        ((mx < settings.black_max_value + 0.15) & (sat < 0.55), (mx < settings.black_max_value) & (sat < 0.55)),
+    ]
+    ink = np.zeros(rgb.shape[:2], dtype=bool)
+    for weak, strong in families:
+        if strong.any():
+            ink |= _grow(weak | strong, strong)
+    ink = morphology.remove_small_objects(ink, max_size=_area_px(settings.pen_min_um2, mpp) - 1)
+    margin = _px(settings.pen_margin_um, mpp)
+    if margin > 0 and ink.any():
+        ink = ndi.binary_dilation(ink, structure=morphology.disk(margin))
+    return np.asarray(ink, dtype=bool)
+
+
+def _grow(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
+    """Connected components of ``weak`` that contain at least one ``strong`` pixel."""
+    labels, n = ndi.label(weak, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return np.zeros_like(weak)
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[np.unique(labels[strong])] = True
+    keep[0] = False
+    return keep[labels]
+
+
+def _hue(img: np.ndarray, mx: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    """HSV hue in [0, 1) (0 = red, 1/3 = green, 2/3 = blue), vectorised."""
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    c = np.maximum(chroma, 1e-6)
+    h = np.where(mx == r, ((g - b) / c) % 6.0, np.where(mx == g, (b - r) / c + 2.0, (r - g) / c + 4.0))
+    return np.where(chroma > 0, h / 6.0, 0.0)
+
+
+def detect_tissue(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSettings()) -> TissueMask:
+    """Label map of glass, tissue, pen and artifacts for an RGB uint8 thumbnail at ``mpp`` um/px."""
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image (h, w, 3), got shape {rgb.shape}")
+    if rgb.size == 0:
+        return TissueMask(np.zeros(rgb.shape[:2], dtype=np.uint8), mpp)
+    img = rgb.astype(np.float32)
+    chroma = img.max(axis=-1) - img.min(axis=-1)
+    od = -np.log10(np.clip(img, 1.0, 255.0) / 255.0).mean(axis=-1)
+    candidate = (chroma >= settings.min_chroma) | (od >= settings.min_od)
+    pen = pen_mask(rgb, mpp, settings)
+
+    tissue = candidate & ~pen
+    radius = _px(settings.opening_um, mpp)
+    if radius > 0:
+        tissue = ndi.binary_opening(tissue, structure=morphology.disk(radius))
+    tissue = morphology.remove_small_objects(tissue, max_size=_area_px(settings.min_object_um2, mpp) - 1)
+    tissue = morphology.remove_small_holes(tissue, max_size=_area_px(settings.max_hole_um2, mpp) - 1)
+    tissue &= ~pen
+
+    labels = np.zeros(rgb.shape[:2], dtype=np.uint8)
+    labels[candidate & ~pen & ~tissue] = ARTIFACT
+    labels[pen] = PEN
+    labels[tissue] = TISSUE
+    return TissueMask(labels, mpp)
