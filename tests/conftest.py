@@ -48,3 +48,39 @@ def cmu_svs() -> Path:
 @pytest.fixture(scope="session")
 def example_slide() -> Path:
     return _require(EXAMPLE_SLIDE)
+
+
+class CliResult:
+    """Exit code and captured streams of one in-process ``wsi-screen`` invocation."""
+
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    @property
+    def err_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.strip()]
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, out={self.out[-2000:]!r}, err={self.err[-2000:]!r})"
+
+
+def run_cli(*args: str) -> CliResult:
+    """Run the real console-script entry point (``wsi_screen.cli.main``) in-process."""
+    import contextlib
+    import io
+    import logging
+
+    from wsi_screen import progress
+    from wsi_screen.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            progress.set_enabled(False)
+            logging.getLogger("wsi_screen").handlers.clear()
+    return CliResult(code, out.getvalue(), err.getvalue())

@@ -83,9 +83,8 @@ def _walk(root: Path, problems: list[DiscoveryProblem]) -> Iterable[Path]:
                     yield from visit(path)
                 elif entry.is_file(follow_symlinks=True):
                     yield path
-                elif entry.is_symlink():
-                    if path.suffix.lower() in SLIDE_EXTENSIONS:
-                        problems.append(DiscoveryProblem(path, "broken or looping symbolic link"))
+                elif entry.is_symlink() and path.suffix.lower() in SLIDE_EXTENSIONS:
+                    problems.append(DiscoveryProblem(path, "broken or looping symbolic link"))
             except OSError as exc:
                 problems.append(DiscoveryProblem(path, f"cannot read: {exc.strerror or exc}"))
 

@@ -34,7 +34,7 @@ def bar(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: 
         unit: str = "it", leave: bool = True, position: int | None = None) -> Any:
     """A tqdm bar on stderr (a silent one when bars are disabled)."""
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, position=position,
-                disable=not _enabled, file=sys.stderr, dynamic_ncols=True, unit_scale=unit != "it")
+                disable=not _enabled, file=sys.stderr, dynamic_ncols=True)
 
 
 class _TqdmHandler(logging.Handler):
@@ -45,6 +45,14 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"wsi-screen: {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info and logging.getLogger("wsi_screen").level <= logging.DEBUG:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
 def install_log_handler(level: int) -> None:
     """Send the package's log records to stderr as ``wsi-screen: level: message`` lines."""
     logger = logging.getLogger("wsi_screen")
@@ -52,7 +60,7 @@ def install_log_handler(level: int) -> None:
         if isinstance(handler, _TqdmHandler):
             logger.removeHandler(handler)
     handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter("wsi-screen: %(levelname)s: %(message)s"))
+    handler.setFormatter(_Formatter())
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False

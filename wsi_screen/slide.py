@@ -266,10 +266,12 @@ class Slide:
         for oy in range(0, out_h, _THUMB_BLOCK):
             for ox in range(0, out_w, _THUMB_BLOCK):
                 bw, bh = min(_THUMB_BLOCK, out_w - ox), min(_THUMB_BLOCK, out_h - oy)
+                # one exact scale for every block; readers pad past the slide's edge with white
                 sx0, sy0 = ox * f, oy * f
-                sx1, sy1 = min((ox + bw) * f, lw), min((oy + bh) * f, lh)
+                sx1, sy1 = (ox + bw) * f, (oy + bh) * f
                 rx0, ry0 = max(0, math.floor(sx0) - margin), max(0, math.floor(sy0) - margin)
-                rx1, ry1 = min(lw, math.ceil(sx1) + margin), min(lh, math.ceil(sy1) + margin)
+                rx1 = min(lw + margin, math.ceil(sx1) + margin)
+                ry1 = min(lh + margin, math.ceil(sy1) + margin)
                 src = self._reader.read_region(level, (round(rx0 * ds), round(ry0 * ds)),
                                                (rx1 - rx0, ry1 - ry0))
                 box = (sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0)

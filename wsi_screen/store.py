@@ -139,36 +139,43 @@ class PatchStore:
     def settings(self) -> dict[str, Any]:
         return dict(self.attrs.get(ATTR_SETTINGS, {}))
 
+    def array(self, key: str) -> zarr.Array:
+        """The zarr array stored under ``key`` (one of :data:`ARRAY_KEYS`)."""
+        node = self._group[key]
+        if not isinstance(node, zarr.Array):
+            raise StoreError(f"{self.location}: {key!r} is not an array")
+        return node
+
     def __len__(self) -> int:
-        return int(self._group[COORDS].shape[0])
+        return int(self.array(COORDS).shape[0])
 
     # ---- arrays
     @property
     def coords(self) -> np.ndarray:
         """Level-0 (x, y) of every patch, int64 (N, 2)."""
         if self._coords is None:
-            self._coords = np.asarray(self._group[COORDS][...], dtype=np.int64).reshape(-1, 2)
+            self._coords = np.asarray(self.array(COORDS)[...], dtype=np.int64).reshape(-1, 2)
         return self._coords
 
     @property
     def tissue(self) -> np.ndarray:
-        return np.asarray(self._group[TISSUE][...], dtype=np.float32)
+        return np.asarray(self.array(TISSUE)[...], dtype=np.float32)
 
     @property
     def stain_ok(self) -> np.ndarray:
-        return np.asarray(self._group[STAIN_OK][...], dtype=bool)
+        return np.asarray(self.array(STAIN_OK)[...], dtype=bool)
 
     @property
     def thumbnail(self) -> np.ndarray:
-        return np.asarray(self._group[THUMBNAIL][...])
+        return np.asarray(self.array(THUMBNAIL)[...])
 
     @property
     def mask(self) -> np.ndarray:
-        return np.asarray(self._group[MASK][...])
+        return np.asarray(self.array(MASK)[...])
 
     def read(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         """Patches by index, slice or index list: uint8 (n, S, S, 3) (or (S, S, 3) for an int)."""
-        arr = self._group[PATCHES]
+        arr = self.array(PATCHES)
         if isinstance(index, (int, np.integer, slice)):
             return np.asarray(arr[index])
         idx = np.asarray(index, dtype=np.int64)
@@ -231,10 +238,10 @@ class StoreWriter:
                 shards=(self.shard, s, s, 3), compressors=_compressor(), fill_value=0,
                 dimension_names=("patch", "y", "x", "channel"))
             th, tw = thumbnail_shape
-            self._group.create_array(THUMBNAIL, shape=(th, tw, 3), dtype="uint8",
+            self._thumbnail = self._group.create_array(THUMBNAIL, shape=(th, tw, 3), dtype="uint8",
                                      chunks=(max(th, 1), max(tw, 1), 3), compressors=_compressor(),
                                      fill_value=0, dimension_names=("y", "x", "channel"))
-            self._group.create_array(MASK, shape=(th, tw), dtype="uint8", chunks=(max(th, 1), max(tw, 1)),
+            self._mask = self._group.create_array(MASK, shape=(th, tw), dtype="uint8", chunks=(max(th, 1), max(tw, 1)),
                                      compressors=_compressor(), fill_value=0, dimension_names=("y", "x"))
         except OSError as exc:
             raise _write_error(self.location, exc) from exc
@@ -263,8 +270,8 @@ class StoreWriter:
             self._group.create_array(STAIN_OK, data=np.asarray(stain_ok, dtype=bool).reshape(n),
                                      chunks=(max(n, 1),), compressors=_compressor(),
                                      dimension_names=("patch",))
-            self._group[THUMBNAIL][...] = thumbnail
-            self._group[MASK][...] = mask
+            self._thumbnail[...] = thumbnail
+            self._mask[...] = mask
         except OSError as exc:
             raise _write_error(self.location, exc) from exc
 

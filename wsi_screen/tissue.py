@@ -4,9 +4,13 @@ The mask is a label map at the thumbnail's resolution: ``GLASS`` (0), ``TISSUE``
 of any colour) and ``ARTIFACT`` (3, dark debris, bubble rims, specks and folds too small to be tissue).
 Rules, all in physical units so a slide looks the same at any thumbnail resolution:
 
+0. The thumbnail is smoothed (Gaussian, 8 um) so JPEG noise and the pyramid level it was read from do not
+   move the thresholds (the SVS, tiled-TIFF and DICOM copies of one scan give the same grid).
+
 1. *Pen ink* is a colour no H&E stain produces: saturated red/maroon, green/teal, pure blue, or near-black
    grey. Candidate pixels are cleaned (small specks dropped) and dilated to cover the pale halo of a stroke.
-2. *Tissue candidates* are pixels with chroma (max-min RGB) or optical density clearly above glass.
+2. *Tissue candidates* are pixels with chroma (max-min RGB) clearly above glass, or dark pixels with at
+   least some chroma (colourless dark pixels are dust, shadows or ink).
 3. Candidates that are pen are removed; thin structures (bubble rims, hairline scratches) are opened away;
    connected pieces smaller than ``min_object_um2`` are specks; holes smaller than ``max_hole_um2`` are
    filled (nuclei gaps, small lumina) while bubbles and large lumina stay holes.
@@ -41,7 +45,7 @@ class TissueSettings:
     #: near-black ink: HSV value below this
     black_max_value: float = 0.25
     #: radius of the opening that removes thin structures, microns
-    opening_um: float = 10.0
+    opening_um: float = 16.0
     #: tissue pieces smaller than this are specks, square microns
     min_object_um2: float = 10_000.0
     #: holes smaller than this are filled, square microns
@@ -50,6 +54,9 @@ class TissueSettings:
     pen_margin_um: float = 24.0
     #: pen pieces smaller than this are not pen (stained debris), square microns
     pen_min_um2: float = 5_000.0
+    #: Gaussian smoothing of the thumbnail before any threshold, microns (sigma). It makes the mask
+    #: independent of JPEG noise and of which pyramid level the thumbnail came from.
+    smooth_um: float = 8.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,7 +107,8 @@ def pen_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSetti
     blue_hue = (hue > 0.55) & (hue <= 0.70)
     families = [
         # (weak, strong)
-        ((red_hue & (sat >= 0.5) & (mx >= 0.15)) | (halo_hue & (sat >= 0.1)), red_hue & (sat >= max(s_strong, 0.75)) & (mx >= 0.15)),
+        ((red_hue & (sat >= 0.5) & (mx >= 0.15)) | (halo_hue & (sat >= 0.1)),
+         red_hue & (sat >= max(s_strong, 0.75)) & (mx >= 0.15)),
         (green_hue & (sat >= 0.15) & (chroma >= 0.06), green_hue & (sat >= s_strong * 0.75)),
         (blue_hue & (sat >= 0.15), blue_hue & (sat >= max(s_strong, 0.5))),
         ((mx < settings.black_max_value + 0.15) & (sat < 0.55), (mx < settings.black_max_value) & (sat < 0.55)),
@@ -135,16 +143,26 @@ def _hue(img: np.ndarray, mx: np.ndarray, chroma: np.ndarray) -> np.ndarray:
     return np.where(chroma > 0, h / 6.0, 0.0)
 
 
+def smooth(rgb: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian blur of an RGB uint8 image (per channel), rounded back to uint8."""
+    if sigma_px < 0.3:
+        return rgb
+    out = ndi.gaussian_filter(rgb.astype(np.float32), sigma=(sigma_px, sigma_px, 0))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def detect_tissue(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSettings()) -> TissueMask:
     """Label map of glass, tissue, pen and artifacts for an RGB uint8 thumbnail at ``mpp`` um/px."""
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected an RGB image (h, w, 3), got shape {rgb.shape}")
     if rgb.size == 0:
         return TissueMask(np.zeros(rgb.shape[:2], dtype=np.uint8), mpp)
+    rgb = smooth(rgb, settings.smooth_um / mpp)
     img = rgb.astype(np.float32)
     chroma = img.max(axis=-1) - img.min(axis=-1)
     od = -np.log10(np.clip(img, 1.0, 255.0) / 255.0).mean(axis=-1)
-    candidate = (chroma >= settings.min_chroma) | (od >= settings.min_od)
+    # dark but colourless pixels (chroma near 0) are ink, dust or shadows, never stained tissue
+    candidate = (chroma >= settings.min_chroma) | ((od >= settings.min_od) & (chroma >= settings.min_chroma / 2))
     pen = pen_mask(rgb, mpp, settings)
 
     tissue = candidate & ~pen

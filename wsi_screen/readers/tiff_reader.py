@@ -8,6 +8,7 @@ can read from one reader at once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -203,8 +204,6 @@ class TiffReader:
             return self._whole[level]
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.close(self._fd)
-        except OSError:
-            pass
         self._tif.close()

@@ -1,0 +1,74 @@
+"""The command-line shell: help for every command, version, config file, error formatting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from wsi_screen.cli import COMMANDS, LazyGroup
+
+
+def test_every_registered_command_exists() -> None:
+    missing = [name for name in COMMANDS if not LazyGroup._available(name)]
+    assert missing == []
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_of_every_command(command: str) -> None:
+    res = run_cli(command, "--help")
+    assert res.code == 0, res
+    assert f"Usage: wsi-screen {command}" in res.out
+    assert "--quiet" in res.out or command in ("models",)
+
+
+def test_group_help_lists_commands() -> None:
+    res = run_cli("--help")
+    assert res.code == 0
+    for command in COMMANDS:
+        assert command in res.out
+
+
+def test_version_and_unknown_command() -> None:
+    res = run_cli("--version")
+    assert res.code == 0 and "wsi-screen, version" in res.out
+    res = run_cli("frobnicate")
+    assert res.code == 2 and "No such command" in res.err
+
+
+def test_help_is_instant_and_imports_nothing_heavy() -> None:
+    code = ("import sys, time; t=time.time(); from wsi_screen.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy=[m for m in ('torch','timm','zarr','openslide','skimage','matplotlib') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
+    assert time.perf_counter() - start < 20
+
+
+def test_config_file_sets_defaults(tmp_path: Path, cmu_svs: Path) -> None:
+    cfg = tmp_path / "wsi.toml"
+    cfg.write_text("[tile]\nsize = 128\nmpp = 1.0\n")
+    res = run_cli("--config", cfg, "tile", cmu_svs, "-o", tmp_path / "out", "--quiet")
+    assert res.code == 0, res
+    from wsi_screen.store import PatchStore
+
+    store = PatchStore.open(tmp_path / "out" / "CMU-1-Small-Region.zarr")
+    assert store.patch_size == 128 and store.mpp == 1.0
+    # the command line wins over the file
+    res = run_cli("--config", cfg, "tile", cmu_svs, "-o", tmp_path / "out2", "--size", "64", "--quiet")
+    assert PatchStore.open(tmp_path / "out2" / "CMU-1-Small-Region.zarr").patch_size == 64
+
+
+def test_bad_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[tile\n")
+    res = run_cli("--config", cfg, "tile", "x", "-o", "y")
+    assert res.code == 1 and res.err.startswith("wsi-screen: error:") and "bad.toml" in res.err
+    assert len(res.err_lines) == 1

@@ -1,0 +1,197 @@
+"""Slide opening, mpp, reading and failure modes, on the real slides in ../shared/data."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from tests.factory import block_image, write_ome_tiff, write_plain_tiff, write_tiled_tiff
+from wsi_screen.errors import (
+    MissingMppError,
+    SlideOpenError,
+    SlideReadError,
+    UnsupportedFormatError,
+    WsiScreenError,
+)
+from wsi_screen.slide import Slide, slide_name
+
+CMU_FORMATS = ["CMU-1-Small-Region.svs", "CMU-1-Small-Region.pyramid.tif", "CMU-1-Small-Region dicom"]
+
+
+@pytest.mark.parametrize("name", CMU_FORMATS)
+def test_cmu_opens_in_every_container(slides_dir: Path, name: str) -> None:
+    with Slide(slides_dir / name) as s:
+        assert s.dimensions == (2220, 2967)
+        assert s.mpp == pytest.approx(0.499)
+        assert s.mpp_source == "slide"
+        assert s.reader_name == "openslide"
+    expected_levels = 1 if name.endswith(".svs") else 4
+    assert len(s.level_dimensions) == expected_levels
+
+
+def test_dicom_series_folder_name(slides_dir: Path) -> None:
+    folder = slides_dir / "CMU-1-Small-Region dicom"
+    assert slide_name(folder) == "CMU-1-Small-Region dicom"
+    with Slide(folder) as s:
+        assert s.vendor == "dicom"
+        assert len(s.info.fingerprint) == 32
+
+
+def test_cmu_containers_give_near_identical_patches(slides_dir: Path) -> None:
+    patches = []
+    for name in CMU_FORMATS:
+        with Slide(slides_dir / name) as s:
+            patches.append(s.read((896, 1120), 224, 224).astype(np.int16))
+    # the TIFF and DICOM copies were re-encoded from the q30 JPEG SVS: pixel noise, same content, no shift
+    def blocks(p: np.ndarray) -> np.ndarray:
+        return p.reshape(28, 8, 28, 8, 3).mean(axis=(1, 3))
+
+    for other in patches[1:]:
+        assert np.abs(other - patches[0]).mean() < 10.0
+        assert np.abs(blocks(other) - blocks(patches[0])).mean() < 1.5
+        shifted = np.abs(other[:, 1:] - patches[0][:, :-1]).mean()
+        assert shifted > 2 * np.abs(other - patches[0]).mean()
+    # the pyramid TIFF and DICOM share their pixels exactly
+    assert np.array_equal(patches[1], patches[2])
+
+
+def test_jpeg2000_svs_without_mpp(slides_dir: Path) -> None:
+    path = slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"
+    with pytest.raises(MissingMppError, match=r"TCGA-CR-7395.*--slide-mpp"):
+        Slide(path)
+    with Slide(path, mpp=0.5) as s:
+        assert s.mpp_source == "user"
+        patch = s.read((2000, 1500), 224, 224)
+    assert patch.shape == (224, 224, 3) and patch.dtype == np.uint8
+    assert patch.std() > 10  # real tissue pixels were decoded, not a blank
+
+
+def test_coarse_dicom_reads(slides_dir: Path) -> None:
+    with Slide(slides_dir / "camelyon-lowres.dcm") as s:
+        assert s.mpp == pytest.approx(28.969, rel=1e-4)
+        assert s.thumbnail(28.969).shape == (700, 1152, 3)
+
+
+def test_unsupported_files_fail_clearly(slides_dir: Path) -> None:
+    with pytest.raises(UnsupportedFormatError, match="multi-channel"):
+        Slide(slides_dir / "unsupported" / "vectra-multiplex.qptiff")
+    plain = slides_dir / "unsupported" / "kidney-ihc-plain-strip.tif"
+    with pytest.raises(MissingMppError, match="--slide-mpp"):
+        Slide(plain)
+    with Slide(plain, mpp=0.5) as s:  # accepted once the user states the mpp
+        assert s.reader_name == "tifffile"
+        assert s.dimensions == (1493, 901)
+
+
+def test_read_is_level0_and_downsampled_from_pyramid(slides_dir: Path) -> None:
+    with Slide(slides_dir / "CMU-1-Small-Region.pyramid.tif") as s:
+        assert s.best_level(1.0) == 0
+        assert s.best_level(1.99) == 0
+        assert s.best_level(2.01) == 1
+        assert s.best_level(4.1) == 2
+        # a 448-px footprint read at 224 px comes from level 1 and matches a level-0 read + resize
+        from_l1 = s.read((800, 800), 448, 224).astype(np.int16)
+        l0 = s.read_region(0, (800, 800), (448, 448))
+    from wsi_screen.slide import resize
+
+    assert np.abs(from_l1 - resize(l0, (224, 224)).astype(np.int16)).mean() < 6.0
+
+
+def test_ome_tiff_pyramid_is_read_with_all_levels(tmp_path: Path) -> None:
+    img = block_image((2048, 1536), [(256, 256, 1280, 1024)])
+    path = write_ome_tiff(tmp_path / "qupath-export.ome.tif", img, mpp=0.25)
+    with Slide(path) as s:
+        assert s.name == "qupath-export"
+        assert s.vendor == "ome-tiff"
+        assert s.reader_name == "tifffile"
+        assert s.level_dimensions == ((2048, 1536), (1024, 768), (512, 384))
+        assert s.mpp == pytest.approx(0.25)
+        ome = s.read((256, 256), 512, 256)
+    twin = write_tiled_tiff(tmp_path / "twin.tif", img, mpp=0.25)
+    with Slide(twin) as t:
+        assert np.array_equal(t.read((256, 256), 512, 256), ome)
+
+
+def test_plain_tiff_needs_slide_mpp(tmp_path: Path) -> None:
+    path = write_plain_tiff(tmp_path / "strip.tif", block_image((600, 400), [(0, 0, 300, 400)]))
+    with pytest.raises(MissingMppError):
+        Slide(path)
+    with Slide(path, mpp=1.0) as s:
+        patch = s.read((250, 100), 100, 100)
+    assert patch.shape == (100, 100, 3)
+    assert patch[:, :40].mean() < 230 < patch[:, 60:].mean()  # tissue left of x=300, glass right
+
+
+def test_thumbnail_blocks_match_whole_resize(slides_dir: Path) -> None:
+    with Slide(slides_dir / "CMU-1-Small-Region.svs") as s:
+        small = s.thumbnail(2.0)
+        thumb = s.thumbnail(0.6)  # 1850 x 2472: read and reduced in 1024-px blocks
+        whole = s.read_region(0, (0, 0), s.dimensions)
+    from wsi_screen.slide import resize
+
+    assert small.shape == (round(2967 * 0.499 / 2.0), round(2220 * 0.499 / 2.0), 3)
+    assert thumb.shape == (round(2967 * 0.499 / 0.6), round(2220 * 0.499 / 0.6), 3)
+    f = 0.6 / 0.499  # isotropic: level-0 pixels per thumbnail pixel on both axes
+    padded = np.full((2980, 2230, 3), 255, dtype=np.uint8)  # readers pad past the edge with white
+    padded[:2967, :2220] = whole
+    ref = resize(padded, (thumb.shape[1], thumb.shape[0]), box=(0, 0, thumb.shape[1] * f, thumb.shape[0] * f))
+    assert np.abs(thumb.astype(np.int16) - ref).mean() < 0.5
+    # no seams at block edges: the row across the first block boundary is as close as any other
+    assert np.abs(thumb[1023:1025].astype(np.int16) - ref[1023:1025]).mean() < 2.0
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a slide\n" * 50, bytes(range(256)) * 64])
+def test_junk_with_slide_extension(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "junk.svs"
+    path.write_bytes(content)
+    with pytest.raises(SlideOpenError, match=r"junk\.svs"):
+        Slide(path)
+
+
+def test_truncated_svs_fails_cleanly(tmp_path: Path, cmu_svs: Path) -> None:
+    data = cmu_svs.read_bytes()
+    for cut in (100, len(data) // 3, len(data) // 2, len(data) - 1000):
+        path = tmp_path / f"cut{cut}.svs"
+        path.write_bytes(data[:cut])
+        with pytest.raises(WsiScreenError, match=re.escape(path.name)), Slide(path) as s:
+            for y in range(0, 2967 - 224, 224):
+                for x in range(0, 2220 - 224, 224):
+                    s.read((x, y), 224, 224)
+
+
+def _corrupt_tile(src: Path, dst: Path, index: int) -> None:
+    shutil.copy(src, dst)
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[0]
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+    with dst.open("r+b") as fh:
+        fh.seek(offset + count // 4)
+        fh.write(b"\xff\xd9" + bytes(range(256)) * (count // 512))
+
+
+def test_corrupt_tile_data_raises_read_error(tmp_path: Path, cmu_svs: Path) -> None:
+    path = tmp_path / "corrupt.svs"
+    _corrupt_tile(cmu_svs, path, index=60)
+    with Slide(path) as s, pytest.raises(SlideReadError, match=r"corrupt\.svs"):
+        for y in range(0, 2967 - 240, 240):
+            for x in range(0, 2220 - 240, 240):
+                s.read((x, y), 240, 240)
+
+
+def test_slide_pickles_by_path(cmu_svs: Path) -> None:
+    with Slide(cmu_svs) as s:
+        clone = pickle.loads(pickle.dumps(s))
+        assert clone.path == s.path and clone.dimensions == s.dimensions
+        assert np.array_equal(clone.read((0, 0), 64, 64), s.read((0, 0), 64, 64))
+        clone.close()
+
+
+def test_missing_path() -> None:
+    with pytest.raises(SlideOpenError, match="no such file"):
+        Slide("/nonexistent/slide.svs")

@@ -1,0 +1,230 @@
+"""``wsi-screen tile`` end to end: real slides, written slides with exact counts, bad input, resume, kill."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from tests.conftest import run_cli
+from tests.factory import block_image, write_ome_tiff, write_plain_tiff, write_tiled_tiff
+from wsi_screen.store import PatchStore, read_attrs
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def block_slide(tmp_path: Path) -> Path:
+    """2048 x 1536 px at 0.5 um/px with tissue exactly on [256, 1280) x [256, 1024)."""
+    (tmp_path / "in").mkdir()
+    img = block_image((2048, 1536), [(256, 256, 1280, 1024)])
+    return write_tiled_tiff(tmp_path / "in" / "block.tif", img, mpp=0.5)
+
+
+def test_exact_grid_on_written_slide(tmp_path: Path, block_slide: Path) -> None:
+    res = run_cli("tile", block_slide, "-o", tmp_path / "out", "--mpp", "0.5", "--size", "256")
+    assert res.code == 0, res
+    store = PatchStore.open(tmp_path / "out" / "block.zarr")
+    expected = [[x, y] for y in (256, 512, 768) for x in (256, 512, 768, 1024)]
+    assert store.coords.tolist() == expected
+    assert np.all(store.tissue > 0.95)
+    assert store.attrs["tile_size_l0"] == 256 and store.attrs["patch_size"] == 256
+    assert store.read(slice(None)).shape == (12, 256, 256, 3)
+    # patches are the slide's pixels at those coordinates
+    with tifffile.TiffFile(block_slide) as tif:
+        level0 = tif.pages[0].asarray()
+    assert np.array_equal(store.read(5), level0[512:768, 512:768])
+    assert "1 slides: 1 tiled, 0 up to date, 0 failed; 12 patches" in res.err
+
+
+def test_overlap_and_coarser_mpp(tmp_path: Path, block_slide: Path) -> None:
+    res = run_cli("tile", block_slide, "-o", tmp_path / "o1", "--mpp", "0.5", "--size", "256", "--overlap", "128",
+                  "--min-tissue", "0.9", "--quiet")
+    assert res.code == 0, res
+    coords = PatchStore.open(tmp_path / "o1" / "block.zarr").coords
+    # stride 128, wholly inside the tissue box
+    expected = [[x, y] for y in range(256, 1024 - 256 + 1, 128) for x in range(256, 1280 - 256 + 1, 128)]
+    assert coords.tolist() == expected
+    res = run_cli("tile", block_slide, "-o", tmp_path / "o2", "--mpp", "1.0", "--size", "128", "--quiet")
+    store = PatchStore.open(tmp_path / "o2" / "block.zarr")
+    assert store.attrs["tile_size_l0"] == 256 and store.read(0).shape == (128, 128, 3)
+    assert len(store) == 12
+
+
+def test_resume_skips_and_mismatch_needs_overwrite(tmp_path: Path, block_slide: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli("tile", block_slide, "-o", out, "--size", "256").code == 0
+    before = tree_digest(out / "block.zarr")
+    mtime = (out / "block.zarr" / "zarr.json").stat().st_mtime_ns
+    res = run_cli("tile", block_slide, "-o", out, "--size", "256")
+    assert res.code == 0 and "0 tiled, 1 up to date" in res.err
+    assert (out / "block.zarr" / "zarr.json").stat().st_mtime_ns == mtime
+    res = run_cli("tile", block_slide, "-o", out, "--size", "128")
+    assert res.code == 1
+    assert any("--overwrite" in line and "block.zarr" in line and "patch_size" in line for line in res.err_lines)
+    assert tree_digest(out / "block.zarr") == before  # refused: nothing touched
+    res = run_cli("tile", block_slide, "-o", out, "--size", "128", "--overwrite")
+    assert res.code == 0 and PatchStore.open(out / "block.zarr").patch_size == 128
+
+
+def test_changed_slide_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    write_tiled_tiff(src / "s.tif", block_image((1024, 1024), [(0, 0, 1024, 1024)], seed=1), mpp=0.5)
+    assert run_cli("tile", src, "-o", tmp_path / "out", "--quiet").code == 0
+    write_tiled_tiff(src / "s.tif", block_image((1024, 1024), [(0, 0, 1024, 1024)], seed=2), mpp=0.5)
+    res = run_cli("tile", src, "-o", tmp_path / "out", "--quiet")
+    assert res.code == 1 and "slide_fingerprint" in res.err and "--overwrite" in res.err
+
+
+def test_identical_bytes_run_after_run(tmp_path: Path, block_slide: Path) -> None:
+    for name in ("a", "b"):
+        assert run_cli("tile", block_slide, "-o", tmp_path / name, "--size", "224", "--workers", "3",
+                       "--quiet").code == 0
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+
+
+def test_no_tissue_gives_empty_complete_store(tmp_path: Path) -> None:
+    path = write_tiled_tiff(tmp_path / "glass.tif", block_image((1024, 768), []), mpp=0.5)
+    res = run_cli("tile", path, "-o", tmp_path / "out")
+    assert res.code == 0
+    assert any("no tissue" in line and "glass" in line for line in res.err_lines)
+    store = PatchStore.open(tmp_path / "out" / "glass.zarr")
+    assert len(store) == 0 and store.read(slice(None)).shape == (0, 224, 224, 3)
+    assert store.attrs["complete"] is True
+
+
+def test_cmu_containers_same_grid(tmp_path: Path, slides_dir: Path) -> None:
+    names = ["CMU-1-Small-Region.svs", "CMU-1-Small-Region.pyramid.tif", "CMU-1-Small-Region dicom"]
+    res = run_cli("tile", *[slides_dir / n for n in names], "-o", tmp_path, "--quiet")
+    assert res.code == 0, res
+    stores = [PatchStore.open(tmp_path / f"{n.removesuffix('.svs').removesuffix('.tif')}.zarr") for n in names]
+    assert len(stores[0]) > 30
+    for s in stores[1:]:
+        assert np.array_equal(s.coords, stores[0].coords)
+        diff = np.abs(s.read(slice(None)).astype(np.int16) - stores[0].read(slice(None))).mean()
+        assert diff < 10.0  # same pixels up to the re-encoding's JPEG noise
+    assert stores[2].attrs["slide"]["vendor"] == "dicom"
+
+
+def test_real_folder_with_bad_slides(tmp_path: Path, slides_dir: Path) -> None:
+    res = run_cli("tile", slides_dir, "-o", tmp_path / "out")
+    assert res.code == 1
+    assert "Traceback" not in res.err
+    errors = [line for line in res.err_lines if line.startswith("wsi-screen: error:")]
+    assert len(errors) == 4, errors
+    joined = "\n".join(errors)
+    assert "TCGA-CR-7395-01A-01-TS1.svs" in joined and "--slide-mpp" in joined
+    assert "camelyon-lowres.dcm" in joined and "finer than the slide's level 0" in joined
+    assert "vectra-multiplex.qptiff" in joined and "multi-channel" in joined
+    assert "kidney-ihc-plain-strip.tif" in joined
+    done = sorted(p.name for p in (tmp_path / "out").glob("*.zarr"))
+    assert done == ["CMU-1-Small-Region dicom.zarr", "CMU-1-Small-Region.pyramid.zarr", "CMU-1-Small-Region.zarr"]
+    assert "3 tiled, 0 up to date, 4 failed" in res.err
+
+
+def test_tcga_jpeg2000_with_slide_mpp(tmp_path: Path, slides_dir: Path) -> None:
+    res = run_cli("tile", slides_dir / "TCGA-CR-7395-01A-01-TS1.svs", "-o", tmp_path, "--slide-mpp", "0.5",
+                  "--quiet")
+    assert res.code == 0, res
+    store = PatchStore.open(tmp_path / "TCGA-CR-7395-01A-01-TS1.zarr")
+    assert len(store) > 50
+    assert store.attrs["slide"]["mpp_source"] == "user"
+    assert store.read(0).std() > 10
+
+
+def test_ome_and_plain_tiff(tmp_path: Path) -> None:
+    img = block_image((1536, 1024), [(0, 0, 1024, 1024)])
+    ome = write_ome_tiff(tmp_path / "exp.ome.tif", img, mpp=0.25)
+    plain = write_plain_tiff(tmp_path / "plain.tif", img)
+    res = run_cli("tile", ome, "-o", tmp_path / "out", "--mpp", "0.5", "--size", "256", "--quiet")
+    assert res.code == 0, res
+    store = PatchStore.open(tmp_path / "out" / "exp.zarr")
+    assert store.attrs["tile_size_l0"] == 512 and len(store) == 4
+    assert store.attrs["slide"]["reader"] == "tifffile"
+    res = run_cli("tile", plain, "-o", tmp_path / "out", "--quiet")
+    assert res.code == 1 and "plain.tif" in res.err and "--slide-mpp" in res.err
+    res = run_cli("tile", plain, "-o", tmp_path / "out", "--slide-mpp", "0.25", "--mpp", "0.5", "--size", "256",
+                  "--quiet")
+    assert res.code == 0 and len(PatchStore.open(tmp_path / "out" / "plain.zarr")) == 4
+
+
+def _corrupt(src: Path, dst: Path) -> None:
+    shutil.copy(src, dst)
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[0]
+        offsets, counts = page.dataoffsets, page.databytecounts
+    with dst.open("r+b") as fh:
+        for i in range(40, 80):
+            fh.seek(offsets[i] + counts[i] // 3)
+            fh.write(os.urandom(counts[i] // 3))
+
+
+def test_bad_inputs_each_one_line(tmp_path: Path, cmu_svs: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.svs").write_bytes(b"")
+    (bad / "text.svs").write_text("not a slide\n" * 100)
+    data = cmu_svs.read_bytes()
+    (bad / "truncated.svs").write_bytes(data[: len(data) // 2])
+    _corrupt(cmu_svs, bad / "corrupt.svs")
+    shutil.copy(cmu_svs, bad / "good.svs")
+    res = run_cli("tile", bad, "-o", tmp_path / "out")
+    assert res.code == 1
+    assert "Traceback" not in res.err
+    errors = [line for line in res.err_lines if line.startswith("wsi-screen: error:")]
+    assert sorted(name for name in ("empty.svs", "text.svs", "truncated.svs", "corrupt.svs")
+                  if any(name in e for e in errors)) == ["corrupt.svs", "empty.svs", "text.svs", "truncated.svs"]
+    assert len(errors) == 4
+    assert [p.name for p in (tmp_path / "out").glob("*.zarr")] == ["good.zarr"]
+    assert not list((tmp_path / "out").glob("*.partial"))
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    (tmp_path / "x.svs").write_text("junk")
+    cmd = [sys.executable, "-m", "wsi_screen.cli", "tile", str(tmp_path / "x.svs"), "-o", str(tmp_path / "out")]
+    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr and "x.svs" in plain.stderr
+    debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UnsupportedFormatError" in debug.stderr
+
+
+def _spawn_tile(args: list[str]) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "wsi_screen.cli", "tile", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
+@pytest.mark.slow
+def test_kill9_mid_slide_then_resume(tmp_path: Path) -> None:
+    img = block_image((6144, 6144), [(0, 0, 6144, 6144)], seed=3)
+    slide = write_tiled_tiff(tmp_path / "big.tif", img, mpp=0.5)
+    args = [str(slide), "-o", str(tmp_path / "killed"), "--size", "256", "--quiet", "--workers", "1"]
+    proc = _spawn_tile(args)
+    partial = tmp_path / "killed" / "big.zarr.partial"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (partial / "patches" / "c").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    final = tmp_path / "killed" / "big.zarr"
+    assert partial.exists() and not final.exists()  # killed mid-slide, nothing looks finished
+    assert read_attrs(partial)["complete"] is False  # type: ignore[index]
+    assert run_cli(*["tile", *args]).code == 0
+    assert run_cli("tile", slide, "-o", tmp_path / "clean", "--size", "256", "--quiet", "--workers", "1").code == 0
+    assert tree_digest(final) == tree_digest(tmp_path / "clean" / "big.zarr")
+    assert not partial.exists()

@@ -1,0 +1,111 @@
+"""Tissue detection measured on the histolab QC tiles (labels are in the file names).
+
+Each tile is treated as a slide thumbnail at 8 um/px, the resolution the tiler computes masks at.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsi_screen.tissue import ARTIFACT, GLASS, PEN, TISSUE, TissueSettings, detect_tissue, pen_mask, smooth
+
+MPP = 8.0
+
+
+def _load(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _tiles(patches_dir: Path, pattern: str) -> list[Path]:
+    found = sorted((patches_dir / "qc-tiles" / "tiles").glob(pattern))
+    assert found, pattern
+    return found
+
+
+def test_tissue_tiles_are_mostly_tissue(patches_dir: Path) -> None:
+    for path in _tiles(patches_dir, "tissue-*.png") + _tiles(patches_dir, "*nuclei-score-level*.png"):
+        if path.name.startswith(("high-nuclei-score-level2", "low-nuclei")):
+            continue  # mostly background or fat by design; checked below
+        frac = detect_tissue(_load(path), MPP).tissue_fraction
+        assert frac >= 0.5, (path.name, frac)
+
+
+def test_background_tiles_have_no_tissue(patches_dir: Path) -> None:
+    for path in _tiles(patches_dir, "no-tissue*.png") + _tiles(patches_dir, "almost-white*.png"):
+        mask = detect_tissue(_load(path), MPP)
+        assert mask.tissue_fraction <= 0.15, (path.name, mask.tissue_fraction)
+    # plain glass and almost-white glass: essentially nothing
+    for name in ("no-tissue.png", "no-tissue2.png", "almost-white-1.png", "almost-white-2.png"):
+        frac = detect_tissue(_load(patches_dir / "qc-tiles" / "tiles" / name), MPP).tissue_fraction
+        assert frac <= 0.05, (name, frac)
+
+
+@pytest.mark.parametrize(("name", "min_pen"), [("no-tissue-green-pen.png", 0.6), ("no-tissue-red-pen.png", 0.4)])
+def test_pen_marks_on_glass_are_pen(patches_dir: Path, name: str, min_pen: float) -> None:
+    labels = detect_tissue(_load(patches_dir / "qc-tiles" / "tiles" / name), MPP).labels
+    assert (labels == PEN).mean() >= min_pen
+
+
+@pytest.mark.parametrize("name", ["high-nuclei-score-red-pen-level1.png", "medium-nuclei-score-green-pen-level1.png",
+                                  "very-low-nuclei-score-red-pen-level1.png"])
+def test_pen_on_tissue_is_cut_out(patches_dir: Path, name: str) -> None:
+    rgb = _load(patches_dir / "qc-tiles" / "tiles" / name)
+    labels = detect_tissue(rgb, MPP).labels
+    ink = pen_mask(smooth(rgb, 1.0), MPP)  # what detect_tissue sees: the thumbnail smoothed by 8 um
+    assert 0.05 <= ink.mean() <= 0.7
+    assert np.array_equal(labels == PEN, ink)
+    assert not np.any((labels == TISSUE) & ink)
+    assert (labels == TISSUE).mean() >= 0.15  # the tissue beside the ink survives
+
+
+def test_pen_thumbnails(patches_dir: Path) -> None:
+    folder = patches_dir / "qc-tiles" / "thumbnails_pen_marks"
+    # a whole-slide thumbnail with red, green and black circles drawn on the tissue
+    labels = detect_tissue(_load(folder / "diagnostic-slide-thumb-rgb.png"), MPP).labels
+    assert 0.25 <= (labels == PEN).mean() <= 0.5
+    assert (labels == TISSUE).mean() >= 0.25
+    # a clean lung thumbnail has (almost) no pen
+    clean = detect_tissue(_load(folder / "tcga-lung-rgb.png"), MPP).labels
+    assert (clean == PEN).mean() < 0.01 and (clean == TISSUE).mean() > 0.7
+    # blue pen strokes beside pale tissue: the strokes (x > 150) are pen, not tissue
+    blue = _load(folder / "wsi-blue-pen.png")
+    labels = detect_tissue(blue, MPP).labels
+    stroke = (blue[..., 2].astype(int) - blue[..., 0] > 60)
+    assert stroke.sum() > 100
+    assert (labels[stroke] == PEN).mean() > 0.9
+    # red pen over tissue: the red blob is excluded from tissue
+    red = _load(folder / "tcga-red-pen.png")
+    labels = detect_tissue(red, MPP).labels
+    blob = (red[..., 0] > 150) & (red[..., 1] < 60) & (red[..., 2] < 80)
+    assert blob.sum() > 1000
+    assert (labels[blob] == TISSUE).mean() < 0.02
+
+
+def test_specks_and_thin_lines_are_not_tissue() -> None:
+    img = np.full((400, 400, 3), 242, dtype=np.uint8)
+    img[100:300, 100:300] = (200, 120, 170)  # a 1.6 mm tissue square at 8 um/px
+    img[20:23, 20:380] = (90, 90, 90)  # a hairline (bubble rim / scratch), 24 um wide
+    img[350:356, 350:356] = (120, 60, 140)  # a 48-um speck
+    mask = detect_tissue(img, MPP)
+    assert mask.labels[150, 150] == TISSUE
+    assert mask.labels[21, 200] != TISSUE
+    assert mask.labels[352, 352] != TISSUE
+    assert mask.tissue.sum() == pytest.approx(200 * 200, rel=0.02)
+
+
+def test_glass_and_empty_inputs() -> None:
+    assert detect_tissue(np.full((64, 64, 3), 245, np.uint8), MPP).tissue_fraction == 0.0
+    assert detect_tissue(np.zeros((0, 0, 3), np.uint8), MPP).labels.shape == (0, 0)
+    black = detect_tissue(np.zeros((64, 64, 3), np.uint8), MPP)
+    assert black.tissue_fraction == 0.0  # a black frame is ink/debris, not tissue
+    with pytest.raises(ValueError, match="RGB"):
+        detect_tissue(np.zeros((10, 10), np.uint8), MPP)
+
+
+def test_labels_and_settings_are_stable() -> None:
+    assert (GLASS, TISSUE, PEN, ARTIFACT) == (0, 1, 2, 3)
+    assert TissueSettings().to_json()["min_chroma"] == 14.0

@@ -1,0 +1,86 @@
+"""``wsi-screen tile``: slides -> one patch store per slide."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from wsi_screen.commands._options import common_options, configure_output
+
+
+@click.command(short_help="Cut slides into tissue patches, one zarr store per slide.")
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--out", "out", required=True, type=str, metavar="OUT",
+              help="Output folder (or fsspec URL); each slide becomes OUT/<slide name>.zarr.")
+@click.option("--mpp", type=float, default=0.5, show_default=True,
+              help="Patch resolution in microns per pixel (0.5 ~ 20x, 0.25 ~ 40x, 1.0 ~ 10x).")
+@click.option("--size", type=int, default=224, show_default=True, help="Patch edge in pixels.")
+@click.option("--overlap", type=int, default=0, show_default=True,
+              help="Overlap between neighbouring patches, in patch pixels.")
+@click.option("--min-tissue", type=float, default=0.5, show_default=True,
+              help="Keep patches whose footprint is at least this fraction tissue (0-1).")
+@click.option("--stain", type=click.Choice(["none", "macenko", "reinhard", "vahadane"]), default="none",
+              show_default=True,
+              help="Stain normalisation, fitted on each slide's own tissue and mapped to the target.")
+@click.option("--stain-target", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Image whose stain is the target (default: the bundled H&E target, see docs/stain.md).")
+@click.option("--slide-mpp", type=float, default=None,
+              help="Level-0 microns per pixel, for slides that do not declare it (overrides the file).")
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Reader threads per slide.")
+@click.option("--reader", type=click.Choice(["auto", "openslide", "tifffile"]), default="auto",
+              show_default=True, help="Pixel reader (auto: OpenSlide, tifffile for OME-TIFF/plain TIFF).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing stores made with other settings or from another slide version.")
+@common_options
+def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int, min_tissue: float,
+         stain: str, stain_target: str | None, slide_mpp: float | None, workers: int, reader: str,
+         overwrite: bool) -> None:
+    """Find tissue in SLIDES and write stain-normalised patches to OUT.
+
+    Each SLIDE is a slide file (SVS, NDPI, MRXS, SCN, BIF, VMS, tiled or OME-TIFF, DICOM, ...) or a folder,
+    scanned recursively; a folder whose .dcm files form one DICOM series is one slide named after it.
+
+    A store holds the patches, their level-0 (x, y) coordinates, tissue fractions, the slide thumbnail
+    and tissue mask, and the full provenance (see docs/store.md). Complete, matching stores are skipped,
+    so an interrupted run resumes where it stopped. A slide that fails is reported on one line and the
+    rest are still tiled; the exit status is 1 if any slide failed.
+
+    \b
+    Examples:
+      wsi-screen tile slides/ -o stores/
+      wsi-screen tile a.svs b.ndpi -o stores/ --mpp 0.25 --size 256 --stain macenko
+      wsi-screen tile plain.tif -o stores/ --slide-mpp 0.5
+    """
+    configure_output()
+    import logging
+
+    from wsi_screen.discovery import discover
+    from wsi_screen.pipeline import TileConfig, tile_slides
+    from wsi_screen.tiling import TileSpec
+
+    log = logging.getLogger("wsi_screen.tile")
+    ctx = click.get_current_context()
+    config = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, overlap_px=overlap, min_tissue=min_tissue),
+                        stain=stain, stain_target=stain_target, slide_mpp=slide_mpp, workers=workers,
+                        reader=reader,  # type: ignore[arg-type]
+                        overwrite=overwrite)
+    started = time.perf_counter()
+    sources, problems = discover(slides)
+    for problem in problems:
+        log.error("%s: %s", problem.path, problem.reason)
+    results = tile_slides(sources, out, config, debug=bool(ctx.obj.get("debug")))
+
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed", "locked")}
+    failed = counts["failed"] + len(problems)
+    patches = sum(r.n_patches for r in results if r.status == "done")
+    parts = [f"{counts['done']} tiled", f"{counts['skipped']} up to date"]
+    if counts["locked"]:
+        parts.append(f"{counts['locked']} busy in another process")
+    parts.append(f"{failed} failed")
+    if not ctx.obj.get("quiet"):
+        click.echo(f"wsi-screen: {len(results) + len(problems)} slides: {', '.join(parts)}; "
+                   f"{patches:,} patches written in {time.perf_counter() - started:.1f} s -> {out}", err=True)
+    if failed:
+        ctx.exit(1)

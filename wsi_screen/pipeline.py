@@ -1,0 +1,285 @@
+"""Per-slide tiling: slide -> thumbnail -> tissue mask -> grid -> patches (+ stain) -> store.
+
+:func:`tile_slide` is the unit of work (one slide, one store) and never raises for a bad slide: it returns a
+:class:`TileResult` whose ``status`` says what happened, so a folder run goes on past failures and a
+distributed run can ship results back. Patches are read by a pool of threads (OpenSlide and the TIFF tile
+decoder release the GIL), the next shard's reads overlap the current shard's normalisation and write, and
+each shard is written whole by this one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from wsi_screen import __version__, progress
+from wsi_screen.discovery import SlideSource
+from wsi_screen.errors import StainFitError, StoreError, StoreLockedError, StoreMismatchError, WsiScreenError
+from wsi_screen.slide import ReaderChoice, Slide
+from wsi_screen.store import (
+    ATTR_SETTINGS,
+    SCHEMA_VERSION,
+    StoreWriter,
+    is_complete,
+    patches_per_shard,
+    read_attrs,
+    store_location,
+    store_lock,
+)
+from wsi_screen.tiling import TileSpec, make_grid, stride_l0, tile_size_l0
+from wsi_screen.tissue import LABELS, TissueSettings, detect_tissue
+
+log = logging.getLogger(__name__)
+
+#: default resolution of the thumbnail the tissue mask is computed on (microns per pixel)
+THUMBNAIL_MPP = 8.0
+#: longest thumbnail side; very large slides get a proportionally coarser thumbnail
+THUMBNAIL_MAX_SIDE = 8192
+#: tissue patches sampled (evenly over the grid) to fit a slide's stain parameters
+STAIN_SAMPLE = 64
+
+Status = Literal["done", "skipped", "failed", "locked"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TileConfig:
+    """Everything that decides what a tiling run writes (plus how many threads read)."""
+
+    spec: TileSpec = field(default_factory=TileSpec)
+    stain: str = "none"
+    stain_target: str | None = None
+    slide_mpp: float | None = None
+    tissue: TissueSettings = field(default_factory=TissueSettings)
+    reader: ReaderChoice = "auto"
+    workers: int = 2
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """Outcome of tiling one slide."""
+
+    name: str
+    source: str
+    store: str
+    status: Status
+    n_patches: int = 0
+    seconds: float = 0.0
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("done", "skipped")
+
+
+def thumbnail_mpp(slide_mpp: float, dimensions: tuple[int, int]) -> float:
+    """Resolution of the mask thumbnail: 8 um/px, coarser for huge slides, never finer than level 0."""
+    longest_um = max(dimensions) * slide_mpp
+    return max(THUMBNAIL_MPP, slide_mpp, longest_um / THUMBNAIL_MAX_SIDE)
+
+
+@lru_cache(maxsize=8)
+def _stain_target(method: str, target: str | None) -> tuple[Any, dict[str, Any]]:
+    from wsi_screen import stain
+
+    return stain.target_params(method, target)
+
+
+def expected_settings(slide: Slide, config: TileConfig, thumb_mpp: float) -> dict[str, Any]:
+    """What a store must have been made with to be reused for this slide and configuration."""
+    stain: dict[str, Any] = {"method": config.stain}
+    if config.stain != "none":
+        stain["target_sha256"] = _stain_target(config.stain, config.stain_target)[1].get("sha256")
+    settings = {
+        "schema_version": SCHEMA_VERSION,
+        "slide_fingerprint": slide.info.fingerprint,
+        "slide_mpp": slide.mpp,
+        "reader": slide.reader_name,
+        "mpp": config.spec.mpp,
+        "patch_size": config.spec.size_px,
+        "overlap_px": config.spec.overlap_px,
+        "min_tissue": config.spec.min_tissue,
+        "thumbnail_mpp": thumb_mpp,
+        "tissue": config.tissue.to_json(),
+        "stain": stain,
+    }
+    return json.loads(json.dumps(settings))  # tuples -> lists, as stored
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" if not isinstance(new.get(k), dict) else k
+            for k in keys if old.get(k) != new.get(k)]
+
+
+def tile_slide(source: SlideSource, out: str, config: TileConfig, *, debug: bool = False) -> TileResult:
+    """Tile one slide into ``out/<name>.zarr``; never raises for a bad slide (see :class:`TileResult`)."""
+    start = time.perf_counter()
+    location = store_location(out, source.name)
+    try:
+        with store_lock(location):
+            return _tile_locked(source, location, config, start)
+    except StoreLockedError as exc:
+        return TileResult(source.name, str(source.path), location, "locked", message=str(exc))
+    except WsiScreenError as exc:
+        if debug:
+            raise
+        return TileResult(source.name, str(source.path), location, "failed",
+                          seconds=time.perf_counter() - start, message=str(exc))
+    except (MemoryError, RecursionError, ValueError, TypeError, IndexError, RuntimeError, OSError) as exc:
+        if debug:
+            raise
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        return TileResult(source.name, str(source.path), location, "failed",
+                          seconds=time.perf_counter() - start,
+                          message=f"{source.path}: unexpected {type(exc).__name__}: {msg}")
+
+
+def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: float) -> TileResult:
+    spec = config.spec
+    with Slide(source.path, name=source.name, mpp=config.slide_mpp, reader=config.reader) as slide:
+        thumb_mpp = thumbnail_mpp(slide.mpp, slide.dimensions)
+        settings = expected_settings(slide, config, thumb_mpp)
+        existing = read_attrs(location)
+        if existing is not None and is_complete(existing) and not config.overwrite:
+            if existing.get(ATTR_SETTINGS) == settings:
+                log.debug("%s: store is complete and up to date; skipped", source.name)
+                return TileResult(source.name, str(source.path), location, "skipped",
+                                  n_patches=int(existing.get("n_patches", 0)),
+                                  seconds=time.perf_counter() - start, message="up to date")
+            diff = _differences(existing.get(ATTR_SETTINGS) or {}, settings)
+            raise StoreMismatchError(f"{location}: existing store was made from another slide version or "
+                                     f"with other settings ({'; '.join(diff)}); pass --overwrite to replace it")
+
+        tile_l0 = tile_size_l0(spec.mpp, spec.size_px, slide.mpp, name=str(source.path))
+        stride = stride_l0(tile_l0, spec.size_px, spec.overlap_px)
+        thumb = slide.thumbnail(thumb_mpp)
+        mask = detect_tissue(thumb, thumb_mpp, config.tissue)
+        grid = make_grid(mask.tissue, slide.dimensions, tile_l0, stride, spec.min_tissue)
+        n = len(grid)
+        log.debug("%s: %d x %d px at %.4g um/px, %d patches of %d px (%d level-0 px)", source.name,
+                  *slide.dimensions, slide.mpp, n, spec.size_px, tile_l0)
+        if n == 0:
+            log.warning("%s: no tissue found (min tissue %.2f); writing an empty store", source.name,
+                        spec.min_tissue)
+
+        normalize, stain_attrs = _stain_for_slide(slide, grid.coords, grid.tissue, tile_l0, config)
+        attrs = {
+            "mpp": spec.mpp,
+            "effective_mpp": tile_l0 * slide.mpp / spec.size_px,
+            "patch_size": spec.size_px,
+            "tile_size_l0": tile_l0,
+            "stride_l0": stride,
+            "overlap_px": spec.overlap_px,
+            "n_patches": n,
+            "slide": slide.info.to_json(),
+            "stain": stain_attrs,
+            "tissue": {"settings": config.tissue.to_json(), "thumbnail_mpp": thumb_mpp,
+                       "min_tissue": spec.min_tissue, "labels": LABELS,
+                       "tissue_fraction": mask.tissue_fraction},
+            "grid": {"columns": grid.shape[0], "rows": grid.shape[1], "origin_l0": [0, 0]},
+            "package_version": __version__,
+            ATTR_SETTINGS: settings,
+        }
+        writer = StoreWriter(location, n_patches=n, patch_size=spec.size_px,
+                             thumbnail_shape=thumb.shape[:2], attrs=attrs)
+        try:
+            stain_ok = np.zeros(n, dtype=bool)
+            with progress.bar(total=n, desc=source.name[:30], unit="patch", leave=False) as bar:
+                for first, batch in read_patches(slide, grid.coords, tile_l0, spec.size_px, config.workers):
+                    if normalize is not None:
+                        batch, ok = normalize(batch)
+                        stain_ok[first:first + len(batch)] = ok
+                    writer.write_patches(first, batch)
+                    bar.update(len(batch))
+            writer.write_arrays(coords=grid.coords, tissue=grid.tissue, stain_ok=stain_ok, thumbnail=thumb,
+                                mask=mask.labels)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+    return TileResult(source.name, str(source.path), location, "done", n_patches=n,
+                      seconds=time.perf_counter() - start)
+
+
+NormalizeFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _stain_for_slide(slide: Slide, coords: np.ndarray, tissue: np.ndarray, tile_l0: int,
+                     config: TileConfig) -> tuple[NormalizeFn | None, dict[str, Any]]:
+    """Fit the slide's stain on an even sample of its tissue patches; a normaliser or None."""
+    if config.stain == "none":
+        return None, {"method": "none"}
+    from wsi_screen import stain
+
+    target, target_desc = _stain_target(config.stain, config.stain_target)
+    if len(coords) == 0:
+        return None, {"method": config.stain, "fitted": False, "reason": "no tissue patches",
+                      "target": target_desc}
+    order = np.argsort(-tissue, kind="stable")[: max(STAIN_SAMPLE * 4, 1)]  # the most tissue-rich
+    pick = np.sort(order[np.linspace(0, len(order) - 1, min(STAIN_SAMPLE, len(order))).astype(int)])
+    sample = np.stack([slide.read((int(x), int(y)), tile_l0, config.spec.size_px) for x, y in coords[pick]])
+    try:
+        source = stain.fit(sample, config.stain)
+    except StainFitError as exc:
+        log.warning("%s: stain not normalised: %s", slide.name, exc)
+        return None, {"method": config.stain, "fitted": False, "reason": str(exc), "target": target_desc}
+    normalizer = stain.Normalizer(source, target)
+    return normalizer.apply, {"method": config.stain, "fitted": True, "sample_size": len(pick),
+                              **normalizer.to_json(), "target": target_desc}
+
+
+def read_patches(slide: Slide, coords: np.ndarray, tile_l0: int, size_px: int,
+                 workers: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(first index, uint8 batch)`` shard by shard, reading the next shard while one is used."""
+    n = len(coords)
+    shard = patches_per_shard(size_px)
+    starts = list(range(0, n, shard))
+    if not starts:
+        return
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="read") as pool:
+        def submit(first: int) -> list[Future[np.ndarray]]:
+            return [pool.submit(slide.read, (int(x), int(y)), tile_l0, size_px)
+                    for x, y in coords[first:first + shard]]
+
+        pending = submit(starts[0])
+        try:
+            for i, first in enumerate(starts):
+                current = pending
+                pending = submit(starts[i + 1]) if i + 1 < len(starts) else []
+                yield first, np.stack([f.result() for f in current])
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def tile_slides(sources: Sequence[SlideSource], out: str | Path, config: TileConfig, *,
+                debug: bool = False) -> list[TileResult]:
+    """Tile slides one after another (each with ``config.workers`` reader threads)."""
+    out_str = str(out)
+    if "://" not in out_str:
+        try:
+            Path(out_str).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{out_str}: cannot create the output folder: {exc.strerror or exc}") from exc
+    results: list[TileResult] = []
+    with progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
+        for source in sources:
+            result = tile_slide(source, out_str, config, debug=debug)
+            results.append(result)
+            if result.status == "failed":
+                log.error("%s", result.message)
+            elif result.status == "locked":
+                log.warning("%s", result.message)
+            bar.update(1)
+    return results
