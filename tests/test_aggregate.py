@@ -1,0 +1,181 @@
+"""Aggregation rules, slide calls and rule/threshold choice."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from wsi_screen.aggregate import (
+    NO_TISSUE,
+    RULES,
+    AggregateConfig,
+    choose_rule,
+    diagnose,
+    pick_threshold,
+    roc_auc,
+    slide_score,
+    top_indices,
+    top_k_count,
+)
+from wsi_screen.errors import ConfigError
+
+probs_st = arrays(np.float64, st.integers(1, 60), elements=st.floats(0.0, 1.0, allow_nan=False))
+k_st = st.one_of(st.integers(1, 80), st.floats(0.01, 0.99))
+fast = settings(max_examples=60, deadline=None)
+
+
+def test_rules_on_a_small_example() -> None:
+    p = np.array([0.1, 0.9, 0.4, 0.8, 0.2])
+    assert slide_score(p, "mean") == pytest.approx(0.48)
+    assert slide_score(p, "max") == 0.9
+    assert slide_score(p, "topk", k=2) == pytest.approx(0.85)
+    assert slide_score(p, "topk", k=1) == 0.9
+    assert slide_score(p, "topk", k=99) == pytest.approx(0.48)  # k > N: all patches
+    assert slide_score(p, "topk", k=0.4) == pytest.approx(0.85)  # 40 % of 5 = 2 patches
+    assert slide_score(p, "topk", k=0.01) == 0.9  # at least one patch
+    assert slide_score(p, "fraction") == pytest.approx(0.4)
+    assert slide_score(p, "fraction", patch_threshold=0.8) == pytest.approx(0.4)  # >= counts
+    assert slide_score(p, "fraction", patch_threshold=0.85) == pytest.approx(0.2)
+    assert slide_score([0.3], "mean") == pytest.approx(0.3)
+
+
+def test_top_k_count() -> None:
+    assert top_k_count(10, 3) == 3
+    assert top_k_count(10, 0.1) == 1
+    assert top_k_count(30, 0.1) == 3  # 0.1 * 30 is 3.0000000000000004 in floating point
+    assert top_k_count(10, 0.15) == 2  # rounded up
+    assert top_k_count(2, 5) == 2
+    assert top_k_count(10, 4.0) == 4
+
+
+@pytest.mark.parametrize("bad", [[0.2, float("nan")], [0.2, 1.5], [-0.1], [[0.1, 0.2]]])
+def test_invalid_probabilities(bad: list[float]) -> None:
+    with pytest.raises(ConfigError) as err:
+        slide_score(np.array(bad), "mean")
+    assert "\n" not in str(err.value)
+
+
+def test_invalid_settings() -> None:
+    with pytest.raises(ConfigError, match="unknown aggregation rule 'median'"):
+        slide_score([0.5], "median")
+    with pytest.raises(ConfigError, match="top-k"):
+        slide_score([0.5], "topk", k=0)
+    with pytest.raises(ConfigError, match="top-k"):
+        slide_score([0.5], "topk", k=2.5)
+    with pytest.raises(ConfigError, match="top-k"):
+        AggregateConfig(k=True)
+    with pytest.raises(ConfigError, match="patch_threshold"):
+        AggregateConfig(patch_threshold=1.2)
+    with pytest.raises(ConfigError, match="slide_threshold"):
+        AggregateConfig(slide_threshold=-0.1)
+    with pytest.raises(ConfigError, match="unknown aggregation rule"):
+        AggregateConfig(rule="Max")
+    with pytest.raises(ConfigError, match="at least one patch"):
+        slide_score([], "max")
+
+
+def test_diagnose() -> None:
+    cfg = AggregateConfig(rule="max", slide_threshold=0.7)
+    res = diagnose(np.array([0.1, 0.75, 0.3, 0.75]), cfg, positive="tumour", negative="normal")
+    assert res.diagnosis == "tumour" and res.score == 0.75 and res.n_patches == 4 and res.status == "ok"
+    assert res.top_indices == [1, 3, 2, 0]  # highest first, ties by index
+    assert res.n_positive_patches == 2
+    assert res.to_json()["rule"] == "max"
+    neg = diagnose(np.array([0.1, 0.2]), cfg, positive="tumour", negative="normal")
+    assert neg.diagnosis == "normal"
+    empty = diagnose(np.zeros(0), cfg, positive="tumour", negative="normal")
+    assert empty.diagnosis == NO_TISSUE and empty.score is None and empty.n_patches == 0
+    assert empty.status == NO_TISSUE and empty.top_indices == []
+    # the threshold itself counts as positive
+    edge = diagnose(np.array([0.7]), cfg, positive="tumour", negative="normal")
+    assert edge.diagnosis == "tumour"
+
+
+def test_top_indices_large() -> None:
+    p = np.zeros(1000)
+    p[[5, 500, 999]] = [0.9, 0.95, 0.9]
+    assert top_indices(p, 4) == [500, 5, 999, 0]
+
+
+@fast
+@given(probs_st, k_st, st.floats(0.0, 1.0))
+def test_scores_in_unit_interval_and_ordered(p: np.ndarray, k: int | float, thr: float) -> None:
+    scores = {r: slide_score(p, r, k=k, patch_threshold=thr) for r in RULES}
+    assert all(0.0 <= s <= 1.0 for s in scores.values())
+    assert scores["max"] >= scores["topk"] >= scores["mean"] - 1e-12
+    n = p.size
+    assert any(math.isclose(scores["fraction"], i / n, abs_tol=1e-12) for i in range(n + 1))
+
+
+@fast
+@given(probs_st, k_st, st.floats(0.0, 1.0), st.data())
+def test_monotone_in_every_patch(p: np.ndarray, k: int | float, thr: float, data: st.DataObject) -> None:
+    i = data.draw(st.integers(0, p.size - 1))
+    q = p.copy()
+    q[i] = data.draw(st.floats(float(p[i]), 1.0))
+    for rule in RULES:
+        assert slide_score(q, rule, k=k, patch_threshold=thr) >= \
+            slide_score(p, rule, k=k, patch_threshold=thr) - 1e-12
+
+
+@fast
+@given(probs_st, k_st, st.randoms(use_true_random=False))
+def test_permutation_invariant(p: np.ndarray, k: int | float, rnd: object) -> None:
+    q = p.copy()
+    rnd.shuffle(q)  # type: ignore[attr-defined]
+    for rule in RULES:
+        assert slide_score(q, rule, k=k) == pytest.approx(slide_score(p, rule, k=k), abs=1e-12)
+
+
+def test_roc_auc_matches_sklearn() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.4
+    s = np.round(rng.random(200) + 0.3 * y, 1)  # many ties
+    assert roc_auc(s, y) == pytest.approx(roc_auc_score(y, s))
+
+
+def test_pick_threshold() -> None:
+    s = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])
+    y = np.array([0, 0, 0, 1, 0, 1, 1, 1], dtype=bool)
+    t, sens, spec = pick_threshold(s, y, min_sensitivity=0.95)
+    assert (sens, spec) == (1.0, 0.75) and t == pytest.approx(0.35)  # midpoint below the lowest positive
+    assert np.all((s >= t)[y])
+    t, sens, spec = pick_threshold(s, y, method="youden")
+    assert sens + spec - 1 == pytest.approx(0.75)
+    with pytest.raises(ConfigError, match="threshold method"):
+        pick_threshold(s, y, method="best")  # type: ignore[arg-type]
+
+
+def test_choose_rule() -> None:
+    y = np.array([1, 1, 1, 0, 0, 0], dtype=bool)
+    scores = {
+        "mean": [0.3, 0.2, 0.25, 0.22, 0.1, 0.05],  # overlapping
+        "max": [0.9, 0.95, 0.8, 0.5, 0.4, 0.3],  # perfectly separated
+        "fraction": [0.2, 0.1, 0.3, 0.0, 0.1, 0.0],
+    }
+    rule, thr, table = choose_rule(scores, y)
+    assert rule == "max" and thr == pytest.approx(0.65)
+    assert [r.rule for r in table] == ["mean", "max", "fraction"]
+    best = table[1]
+    assert best.auc == 1.0 and best.sensitivity == 1.0 and best.specificity == 1.0
+    # ties in AUC and operating point go to the earlier rule in RULES
+    rule, _, _ = choose_rule({"topk": scores["max"], "mean": scores["max"]}, y)
+    assert rule == "mean"
+
+
+def test_choose_rule_refuses_bad_input() -> None:
+    with pytest.raises(ConfigError, match="positive and negative"):
+        choose_rule({"max": [0.1, 0.2]}, [True, True])
+    with pytest.raises(ConfigError, match="2 scores for 3"):
+        choose_rule({"max": [0.1, 0.2]}, [True, False, True])
+    with pytest.raises(ConfigError, match="NaN"):
+        choose_rule({"max": [0.1, float("nan")]}, [True, False])
+    with pytest.raises(ConfigError, match="unknown aggregation rule"):
+        choose_rule({"median": [0.1, 0.2]}, [True, False])

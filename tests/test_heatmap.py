@@ -1,0 +1,165 @@
+"""Heatmap rasterisation (exact cells, orientation, overlap) and PNG rendering."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from wsi_screen.errors import ConfigError
+from wsi_screen.heatmap import heatmap_array, render_overlay
+
+
+def test_exact_cells_on_a_tiny_slide() -> None:
+    # slide 400 x 300 level-0 px, patches of 100, thumbnail at 1/10: each patch is a 10 x 10 block
+    coords = np.array([[0, 0], [100, 0], [200, 100], [300, 200]], dtype=np.int64)
+    values = np.array([0.25, 0.5, 0.75, 1.0])
+    heat = heatmap_array(coords, values, 100, 100, (400, 300), (30, 40))
+    assert heat.dtype == np.float32 and heat.shape == (30, 40)
+    expected = np.full((30, 40), np.nan, dtype=np.float32)
+    expected[0:10, 0:10] = 0.25
+    expected[0:10, 10:20] = 0.5
+    expected[10:20, 20:30] = 0.75
+    expected[20:30, 30:40] = 1.0
+    np.testing.assert_array_equal(heat, expected)  # NaN positions and values, exactly
+
+
+def test_coarse_thumbnail_keeps_every_patch() -> None:
+    # patches of 10 px on a 1000-px slide drawn at 20 px: each patch is half a pixel wide
+    coords = np.array([[0, 0], [10, 0], [500, 500]], dtype=np.int64)
+    heat = heatmap_array(coords, np.array([0.2, 0.4, 0.9]), 10, 10, (1000, 1000), (20, 20))
+    assert heat[0, 0] == pytest.approx(0.3)  # both small patches land in pixel (0, 0): averaged
+    assert heat[10, 10] == pytest.approx(0.9)
+    assert np.isfinite(heat).sum() == 2
+
+
+def test_orientation_top_right_and_bottom_left() -> None:
+    W, H, T = 5000, 3000, 500
+    coords = np.array([[W - T, 0], [0, H - T]], dtype=np.int64)  # top-right, bottom-left
+    heat = heatmap_array(coords, np.array([1.0, 0.0]), T, T, (W, H), (300, 500))  # 50 x 50 px blocks
+    assert heat[0, -1] == 1.0 and heat[:50, 450:].min() == 1.0
+    assert heat[-1, 0] == 0.0 and heat[250:, :50].max() == 0.0
+    assert np.isnan(heat[0, 0]) and np.isnan(heat[-1, -1])
+    assert np.isfinite(heat).sum() == 2 * 50 * 50
+
+
+def test_overlap_is_averaged() -> None:
+    # stride half the tile: the middle strip is covered by both patches
+    coords = np.array([[0, 0], [50, 0]], dtype=np.int64)
+    heat = heatmap_array(coords, np.array([0.2, 0.6]), 100, 50, (150, 100), (10, 15))
+    np.testing.assert_allclose(heat[:, 0:5], 0.2)
+    np.testing.assert_allclose(heat[:, 5:10], 0.4, rtol=1e-6)
+    np.testing.assert_allclose(heat[:, 10:15], 0.6)
+
+
+def test_patches_outside_the_slide_are_clipped() -> None:
+    coords = np.array([[900, 900], [5000, 5000]], dtype=np.int64)
+    heat = heatmap_array(coords, np.array([0.5, 0.7]), 200, 200, (1000, 1000), (10, 10))
+    assert heat[9, 9] == 0.5 and np.isfinite(heat).sum() == 1
+    empty = heatmap_array(np.zeros((0, 2), np.int64), np.zeros(0), 10, 10, (100, 100), (5, 5))
+    assert np.isnan(empty).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(1, 4), st.integers(0, 3), st.data())
+def test_matches_a_naive_rasteriser(cols: int, rows: int, scale: int, extra: int,
+                                    data: st.DataObject) -> None:
+    """Grid slides whose thumbnail pixels are whole level-0 blocks: compare with a per-pixel loop."""
+    T = 4 * scale
+    stride = data.draw(st.sampled_from([T, T // 2, T // 4]))
+    W, H = cols * T + extra * scale, rows * T + extra * scale
+    xs, ys = np.arange(0, W - T + 1, stride), np.arange(0, H - T + 1, stride)
+    gx, gy = np.meshgrid(xs, ys)
+    coords = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.int64)
+    keep = np.array(data.draw(st.lists(st.booleans(), min_size=len(coords), max_size=len(coords))), bool)
+    coords = coords[keep]
+    vals = np.array(data.draw(st.lists(st.floats(0, 1), min_size=len(coords), max_size=len(coords))))
+    heat = heatmap_array(coords, vals, T, stride, (W, H), (H // scale, W // scale))
+    naive = np.full((H // scale, W // scale), np.nan)
+    for i in range(H // scale):
+        for j in range(W // scale):
+            cx, cy = (j + 0.5) * scale, (i + 0.5) * scale
+            x, y = coords[:, 0], coords[:, 1]
+            hit = (x <= cx) & (cx < x + T) & (y <= cy) & (cy < y + T)
+            if hit.any():
+                naive[i, j] = vals[hit].mean()
+    np.testing.assert_allclose(heat, naive, rtol=1e-6, atol=1e-7)
+
+
+def test_invalid_input() -> None:
+    with pytest.raises(ConfigError, match="coords_l0"):
+        heatmap_array(np.zeros((3, 2)), np.zeros(3), 10, 10, (100, 100), (10, 10))
+    with pytest.raises(ConfigError, match="values"):
+        heatmap_array(np.zeros((3, 2), np.int64), np.zeros(2), 10, 10, (100, 100), (10, 10))
+    with pytest.raises(ConfigError, match="NaN"):
+        heatmap_array(np.zeros((1, 2), np.int64), np.array([np.nan]), 10, 10, (100, 100), (10, 10))
+    with pytest.raises(ConfigError, match="tile_size_l0"):
+        heatmap_array(np.zeros((1, 2), np.int64), np.zeros(1), 0, 10, (100, 100), (10, 10))
+
+
+def _big_case() -> tuple[np.ndarray, np.ndarray, int, tuple[int, int], tuple[int, int]]:
+    """100k patches of 224 px at 0.5 um/px on a 0.25 um/px slide; thumbnail at 8 um/px (as the tiler)."""
+    n, T = 317, 448
+    gx, gy = np.meshgrid(np.arange(n), np.arange(n))
+    coords = (np.stack([gx.ravel(), gy.ravel()], 1).astype(np.int64) * T)[:100_000]
+    W = H = n * T + 600
+    rng = np.random.default_rng(0)
+    # a smooth "tumour" bump plus noise, like real scores
+    cx, cy = coords[:, 0] / W, coords[:, 1] / H
+    bump = np.exp(-((cx - 0.6) ** 2 + (cy - 0.3) ** 2) / 0.01)
+    values = np.clip(bump + 0.1 * rng.random(len(coords)), 0, 1)
+    return coords, values, T, (W, H), (round(H / 32), round(W / 32))
+
+
+def test_100k_patches_timing(tmp_path: Path) -> None:
+    coords, values, T, dims, shape = _big_case()
+    t0 = time.perf_counter()
+    heat = heatmap_array(coords, values, T, T, dims, shape)
+    t_array = time.perf_counter() - t0
+    assert heat.shape == shape and np.isfinite(heat).any()
+    h, w = shape
+    thumb = np.full((h, w, 3), 242, dtype=np.uint8)
+    thumb[np.isfinite(heat)] = (200, 140, 190)  # tissue where there are patches
+    t0 = time.perf_counter()
+    out = render_overlay(thumb, heat, title="100k patches", out_path=tmp_path / "big.png", threshold=0.5,
+                         dimensions_l0=dims, mpp=0.25)
+    t_render = time.perf_counter() - t0
+    assert out.is_file()
+    print(f"\nheatmap 100k patches -> {w}x{h}: array {t_array:.3f} s, render {t_render:.3f} s")
+
+
+def test_render_png(tmp_path: Path) -> None:
+    W, H, T = 4000, 2000, 250
+    gx, gy = np.meshgrid(np.arange(2, 14), np.arange(1, 7))
+    coords = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.int64) * T
+    values = coords[:, 0] / W
+    shape = (200, 400)
+    heat = heatmap_array(coords, values, T, T, (W, H), shape)
+    thumb = np.full((*shape, 3), 242, dtype=np.uint8)
+    thumb[30:170, 40:360] = (190, 120, 180)
+    title = 'slide "$\\alpha$" <b>&</b> {0} 100%'  # names are drawn literally, never parsed
+    out = render_overlay(thumb, heat, title=title, out_path=tmp_path / "sub" / "h.png", threshold=0.5,
+                         dimensions_l0=(W, H), legend_label="P(tumour) $x$")
+    assert out == tmp_path / "sub" / "h.png"
+    assert [p.name for p in out.parent.iterdir()] == ["h.png"]  # no temporary left behind
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        px = np.asarray(im.convert("RGB"))
+    assert px.shape[0] > 200 and px.shape[1] > 400
+    assert px.std() > 10  # not blank
+    colours = {tuple(c) for c in px[::7, ::7].reshape(-1, 3)}
+    assert len(colours) > 50  # the colour map is there
+
+
+def test_render_refuses_mismatched_shapes(tmp_path: Path) -> None:
+    thumb = np.zeros((10, 20, 3), np.uint8)
+    with pytest.raises(ConfigError, match="does not match"):
+        render_overlay(thumb, np.zeros((20, 10)), title="x", out_path=tmp_path / "x.png")
+    with pytest.raises(ConfigError, match="colour map"):
+        render_overlay(thumb, np.zeros((10, 20)), title="x", out_path=tmp_path / "x.png", cmap="nope")
+    assert not list(tmp_path.iterdir())

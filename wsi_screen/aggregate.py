@@ -1,0 +1,270 @@
+"""Patch probabilities -> slide score and call (pure: arrays in, numbers and frozen dataclasses out).
+
+Rules, over the positive-class probability of each of a slide's N patches:
+
+``mean``      mean probability;
+``max``       highest probability;
+``topk``      mean of the k highest; ``k`` is a count (int >= 1) or a share of N (0 < k < 1, rounded up);
+              always at least 1 and at most N patches;
+``fraction``  share of patches with probability >= ``patch_threshold`` (a value in {0, 1/N, ..., 1}).
+
+Every rule lies in [0, 1], is invariant to patch order and never decreases when a patch's probability
+increases; ``max >= topk >= mean``. A slide is called positive when its score is >= ``slide_threshold``.
+A slide without patches has no score: :func:`diagnose` calls it "no tissue".
+
+:func:`choose_rule` picks the rule and the slide threshold on labelled slides (see its docstring).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from wsi_screen.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+RULES = ("mean", "max", "topk", "fraction")
+#: diagnosis and status of a slide without tissue patches
+NO_TISSUE = "no tissue"
+STATUS_OK = "ok"
+#: how many of the highest-scoring patch indices a SlideResult keeps
+N_TOP = 10
+
+ThresholdMethod = Literal["sensitivity", "youden"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregateConfig:
+    """How patch probabilities become a slide call."""
+
+    rule: str = "topk"
+    k: int | float = 5
+    patch_threshold: float = 0.5
+    slide_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_rule(self.rule)
+        _check_k(self.k)
+        _check_unit("patch_threshold", self.patch_threshold)
+        _check_unit("slide_threshold", self.slide_threshold)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlideResult:
+    """A slide's score and call. ``score`` is None (and ``status`` "no tissue") when it has no patches."""
+
+    score: float | None
+    diagnosis: str
+    n_patches: int
+    top_indices: list[int] = field(default_factory=list)
+    status: str = STATUS_OK
+    rule: str = "topk"
+    slide_threshold: float = 0.5
+    n_positive_patches: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ConfigError(f"unknown aggregation rule {rule!r}; choose one of {', '.join(RULES)}")
+
+
+def _check_k(k: int | float) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k):
+        raise ConfigError(f"top-k k must be a count >= 1 or a share in (0, 1), got {k!r}")
+    if k <= 0 or (k >= 1 and k != int(k)):
+        raise ConfigError(f"top-k k must be a whole count >= 1 or a share in (0, 1), got {k!r}")
+
+
+def _check_unit(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 <= value <= 1.0):
+        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def check_probs(probs: np.ndarray | Sequence[float]) -> np.ndarray:
+    """``probs`` as a float64 vector, or ConfigError if it is not 1-D, has NaN or leaves [0, 1]."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 1:
+        raise ConfigError(f"patch probabilities must be a vector (N,), got shape {p.shape}")
+    if p.size:
+        if np.isnan(p).any():
+            raise ConfigError(f"patch probabilities contain NaN ({int(np.isnan(p).sum())} of {p.size})")
+        lo, hi = float(p.min()), float(p.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ConfigError(f"patch probabilities must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
+    return p
+
+
+def top_k_count(n: int, k: int | float) -> int:
+    """Patches that ``topk`` averages for a slide of ``n`` patches (1 <= count <= n for n >= 1)."""
+    _check_k(k)
+    count = math.ceil(round(k * n, 9)) if k < 1 else int(k)
+    return max(1, min(n, count))
+
+
+def slide_score(probs: np.ndarray | Sequence[float], rule: str, *, k: int | float = 5,
+                patch_threshold: float = 0.5) -> float:
+    """A slide's score in [0, 1] from its patches' positive-class probabilities (see the module docstring)."""
+    _check_rule(rule)
+    _check_unit("patch_threshold", patch_threshold)
+    p = check_probs(probs)
+    n = p.size
+    if n == 0:
+        raise ConfigError("a slide score needs at least one patch probability; use diagnose() for slides "
+                          "without tissue")
+    if rule == "mean":
+        score = float(p.mean())
+    elif rule == "max":
+        score = float(p.max())
+    elif rule == "topk":
+        m = top_k_count(n, k)
+        score = float(np.partition(p, n - m)[n - m:].mean())
+    else:  # fraction
+        score = int(np.count_nonzero(p >= patch_threshold)) / n
+    if rule != "fraction":  # rounding in a mean must not step outside the data's range
+        score = min(max(score, float(p.min())), float(p.max()))
+    return score
+
+
+def top_indices(probs: np.ndarray, n: int = N_TOP) -> list[int]:
+    """Indices of the ``n`` highest probabilities, highest first (ties: lower index first)."""
+    p = np.asarray(probs, dtype=np.float64)
+    n = min(n, p.size)
+    if n == 0:
+        return []
+    if p.size > 4 * n:
+        cand = np.argpartition(-p, n - 1)[:n]
+        cut = p[cand].min()
+        cand = np.flatnonzero(p >= cut)  # every index tied at the cut, so the order below is exact
+    else:
+        cand = np.arange(p.size)
+    order = np.lexsort((cand, -p[cand]))
+    return [int(i) for i in cand[order][:n]]
+
+
+def diagnose(probs: np.ndarray | Sequence[float], config: AggregateConfig, *, positive: str,
+             negative: str) -> SlideResult:
+    """Score a slide by ``config.rule``; call it ``positive`` (score >= slide threshold) or ``negative``."""
+    p = check_probs(probs)
+    if p.size == 0:
+        return SlideResult(score=None, diagnosis=NO_TISSUE, n_patches=0, status=NO_TISSUE, rule=config.rule,
+                           slide_threshold=config.slide_threshold)
+    score = slide_score(p, config.rule, k=config.k, patch_threshold=config.patch_threshold)
+    return SlideResult(
+        score=score, diagnosis=positive if score >= config.slide_threshold else negative,
+        n_patches=int(p.size),
+        top_indices=top_indices(p), rule=config.rule, slide_threshold=config.slide_threshold,
+        n_positive_patches=int(np.count_nonzero(p >= config.patch_threshold)))
+
+
+# ------------------------------------------------------------------------------------ calibration
+@dataclass(frozen=True, kw_only=True)
+class RuleSummary:
+    """How one rule separates labelled slides, and its threshold."""
+
+    rule: str
+    auc: float
+    threshold: float
+    sensitivity: float
+    specificity: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney; ties count one half)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    upper = np.cumsum(counts)
+    avg_rank = upper - (counts - 1) / 2.0  # 1-based average rank of each distinct value
+    rank_sum = float(avg_rank[inverse][y].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def pick_threshold(scores: np.ndarray, labels: np.ndarray, *, method: ThresholdMethod = "sensitivity",
+                   min_sensitivity: float = 0.95) -> tuple[float, float, float]:
+    """(threshold, sensitivity, specificity) for calling ``score >= threshold`` positive.
+
+    ``"sensitivity"``: the highest specificity among thresholds whose sensitivity is >= ``min_sensitivity``
+    (a screening tool must not miss tumours); ``"youden"``: the highest sensitivity + specificity - 1.
+    Remaining ties go to the higher threshold. Every threshold between two neighbouring distinct scores
+    makes the same calls, so the midpoint between the chosen score and the next lower one is returned
+    (the lowest score itself when nothing lies below it), keeping a margin on both sides.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    values = np.unique(s)  # candidate thresholds, ascending
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    # calls at threshold values[j]: score >= values[j]
+    pos_sorted, neg_sorted = np.sort(s[y]), np.sort(s[~y])
+    tp = n_pos - np.searchsorted(pos_sorted, values, side="left")
+    fp = n_neg - np.searchsorted(neg_sorted, values, side="left")
+    sens, spec = tp / n_pos, 1.0 - fp / n_neg
+    if method == "sensitivity":
+        ok = sens >= min_sensitivity - 1e-12
+        key = np.where(ok, spec, -1.0)
+    elif method == "youden":
+        key = sens + spec - 1.0
+    else:
+        raise ConfigError(f"unknown threshold method {method!r}; choose 'sensitivity' or 'youden'")
+    best = int(np.flatnonzero(key == key.max())[-1])
+    threshold = float(values[best])
+    if best > 0:
+        mid = float((values[best - 1] + values[best]) / 2.0)
+        if values[best - 1] < mid <= threshold:  # adjacent floats have no midpoint
+            threshold = mid
+    return threshold, float(sens[best]), float(spec[best])
+
+
+def choose_rule(scores_by_rule: Mapping[str, Sequence[float] | np.ndarray],
+                labels: Sequence[bool] | np.ndarray, *, method: ThresholdMethod = "sensitivity",
+                min_sensitivity: float = 0.95) -> tuple[str, float, list[RuleSummary]]:
+    """Choose the aggregation rule and slide threshold on labelled slides.
+
+    ``scores_by_rule`` maps each candidate rule to the slide scores (aligned with ``labels``; True = positive;
+    slides without a score must be left out by the caller). The rule with the highest ROC AUC wins; ties go
+    to the higher specificity, then sensitivity, at the chosen threshold, then to the earlier rule in
+    :data:`RULES`. Its threshold comes from :func:`pick_threshold`. Returns ``(rule, threshold, table)``
+    with one :class:`RuleSummary` per rule, in the order given.
+    """
+    y = np.asarray(labels)
+    if y.ndim != 1 or not np.isin(y, (0, 1)).all():
+        raise ConfigError("slide labels must be a vector of booleans (True = positive)")
+    y = y.astype(bool)
+    if y.all() or not y.any():
+        raise ConfigError(f"choosing a rule needs positive and negative slides; got {int(y.sum())} positive "
+                          f"of {y.size}")
+    if not scores_by_rule:
+        raise ConfigError("no rules to choose from")
+    if not (0.0 < min_sensitivity <= 1.0):
+        raise ConfigError(f"min_sensitivity must be in (0, 1], got {min_sensitivity}")
+    table: list[RuleSummary] = []
+    for rule, values in scores_by_rule.items():
+        _check_rule(rule)
+        s = np.asarray(values, dtype=np.float64)
+        if s.shape != y.shape:
+            raise ConfigError(f"rule {rule!r}: {s.size} scores for {y.size} labelled slides")
+        if not np.isfinite(s).all():
+            raise ConfigError(f"rule {rule!r}: scores contain NaN or infinity (leave out slides without "
+                              "tissue)")
+        threshold, sens, spec = pick_threshold(s, y, method=method, min_sensitivity=min_sensitivity)
+        table.append(RuleSummary(rule=rule, auc=roc_auc(s, y), threshold=threshold, sensitivity=sens,
+                                 specificity=spec))
+    best = max(table, key=lambda r: (r.auc, r.specificity, r.sensitivity, -RULES.index(r.rule)))
+    logger.info("chose rule %s (AUC %.3f) with slide threshold %.4g: sensitivity %.3f, specificity %.3f",
+                best.rule, best.auc, best.threshold, best.sensitivity, best.specificity)
+    return best.rule, best.threshold, table

@@ -1,0 +1,159 @@
+"""QuPath-importable GeoJSON: one square Polygon per patch, in level-0 pixels (pure, plus an atomic writer).
+
+Each feature is ``{"type": "Feature", "geometry": Polygon, "properties": {...}}`` with
+
+* ``geometry.coordinates``: one closed ring ``[[x, y], [x+T, y], [x+T, y+T], [x, y+T], [x, y]]`` of
+  integers. With x to the right and y up (GeoJSON's frame) this ring is counter-clockwise, as RFC 7946
+  asks for exterior rings; on the image (y down) it runs clockwise, which QuPath does not mind.
+* ``properties.objectType``: ``"tile"`` (QuPath also knows ``"detection"`` and ``"annotation"``);
+* ``properties.classification``: ``{"name": predicted class, "color": [r, g, b]}`` (QuPath 0.4+), plus the
+  older packed ``colorRGB`` integer for QuPath 0.2/0.3;
+* ``properties.measurements``: ``{class name: probability}`` for every class (QuPath 0.4+ reads a dict);
+* ``properties.name`` (``"tile <i>"``) and ``properties.index`` (``i``, the patch's row in the store).
+
+The collection carries a foreign member ``wsi_screen`` (slide name, classes, tile size), which GeoJSON
+readers ignore. Names are data throughout: they pass through :mod:`json` escaping, never into code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_screen.errors import ConfigError, DatasetError
+
+logger = logging.getLogger(__name__)
+
+OBJECT_TYPE = "tile"
+#: default class colours, by class index (tab10-like; QuPath needs some colour for each class)
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+#: probabilities are rounded to this many decimals (keeps files small; far below any decision's precision)
+DECIMALS = 6
+
+
+def packed_rgb(rgb: Sequence[int]) -> int:
+    """QuPath's legacy ``colorRGB``: opaque ARGB packed into a signed 32-bit integer."""
+    r, g, b = (int(c) for c in rgb)
+    value = (0xFF << 24) | (r << 16) | (g << 8) | b
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _check_classes(classes: Sequence[str]) -> list[str]:
+    names = list(classes)
+    if not names or any(not isinstance(c, str) or not c for c in names):
+        raise ConfigError("classes must be a non-empty list of non-empty names")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"class names must be unique, got {names}")
+    return names
+
+
+def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray, classes: Sequence[str], *,
+                       slide_name: str, colors: Mapping[str, Sequence[int]] | None = None,
+                       decimals: int = DECIMALS) -> dict[str, Any]:
+    """A FeatureCollection of the patches at level-0 top-left ``coords`` (N, 2) with class ``probs`` (N, C).
+
+    The predicted class is the row's argmax (the first on ties). ``colors`` maps class names to (r, g, b);
+    unnamed classes take :data:`PALETTE` colours by index.
+    """
+    names = _check_classes(classes)
+    xy = np.asarray(coords)
+    p = np.asarray(probs, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2 or not np.issubdtype(xy.dtype, np.integer):
+        raise ConfigError(f"coords must be integer (N, 2), got {xy.dtype} {xy.shape}")
+    if p.shape != (xy.shape[0], len(names)):
+        raise ConfigError(f"probs must have shape ({xy.shape[0]}, {len(names)}) for {len(names)} classes, "
+                          f"got {p.shape}")
+    if p.size and (not np.isfinite(p).all() or p.min() < 0.0 or p.max() > 1.0):
+        raise ConfigError("class probabilities must be finite and within [0, 1]")
+    T = int(tile_size_l0)
+    if T < 1:
+        raise ConfigError(f"tile_size_l0 must be >= 1, got {tile_size_l0}")
+    palette = {c: tuple(int(v) for v in PALETTE[i % len(PALETTE)]) for i, c in enumerate(names)}
+    for c, rgb in (colors or {}).items():
+        if c in palette:
+            vals = tuple(int(v) for v in rgb)
+            if len(vals) != 3 or not all(0 <= v <= 255 for v in vals):
+                raise ConfigError(f"colour of class {c!r} must be three integers in [0, 255], got {rgb!r}")
+            palette[c] = vals
+    classification = [{"name": c, "color": list(palette[c]), "colorRGB": packed_rgb(palette[c])}
+                      for c in names]
+
+    pred = np.argmax(p, axis=1) if p.size else np.zeros(0, dtype=np.int64)
+    rounded = np.round(p, decimals).tolist()
+    features = []
+    for i, ((x, y), k, row) in enumerate(zip(xy.tolist(), pred.tolist(), rounded, strict=True)):
+        ring = [[x, y], [x + T, y], [x + T, y + T], [x, y + T], [x, y]]
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {
+                "objectType": OBJECT_TYPE,
+                "name": f"tile {i}",
+                "index": i,
+                "classification": dict(classification[k]),
+                "measurements": dict(zip(names, row, strict=True)),
+            },
+        })
+    return {
+        "type": "FeatureCollection",
+        "wsi_screen": {"slide": str(slide_name), "classes": names, "tile_size_l0": T,
+                       "n_patches": len(features)},
+        "features": features,
+    }
+
+
+def write_geojson(fc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``fc`` as UTF-8 JSON atomically (temporary file in the same folder, fsync, rename)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            json.dump(fc, fh, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(out)
+    except ValueError as exc:  # NaN or infinity somewhere in fc
+        raise ConfigError(f"{out}: cannot write GeoJSON: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.debug("wrote %d features to %s", len(fc.get("features", ())), out)
+    return out
+
+
+def geojson_to_coords(fc: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 top-left corners (N, 2) and side lengths (N,) of the square patch polygons in ``fc``.
+
+    Raises :class:`~wsi_screen.errors.DatasetError` for anything but axis-aligned square Polygon features.
+    """
+    if fc.get("type") != "FeatureCollection" or not isinstance(fc.get("features"), list):
+        raise DatasetError("not a GeoJSON FeatureCollection")
+    n = len(fc["features"])
+    coords = np.zeros((n, 2), dtype=np.int64)
+    sizes = np.zeros(n, dtype=np.int64)
+    for i, feat in enumerate(fc["features"]):
+        try:
+            geom = feat["geometry"]
+            ring = np.asarray(geom["coordinates"][0], dtype=np.float64)
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise DatasetError(f"feature {i}: no polygon geometry ({exc})") from exc
+        if geom.get("type") != "Polygon" or ring.shape != (5, 2) or not (ring[0] == ring[-1]).all():
+            raise DatasetError(f"feature {i}: expected a closed 5-point square Polygon ring")
+        x0, y0 = ring[:, 0].min(), ring[:, 1].min()
+        size = ring[:, 0].max() - x0
+        corners = {(x0, y0), (x0 + size, y0), (x0 + size, y0 + size), (x0, y0 + size)}
+        if size <= 0 or {(float(a), float(b)) for a, b in ring[:4]} != corners \
+                or not float(x0).is_integer() or not float(y0).is_integer() or not float(size).is_integer():
+            raise DatasetError(f"feature {i}: ring is not an integer axis-aligned square")
+        coords[i] = (int(x0), int(y0))
+        sizes[i] = int(size)
+    return coords, sizes

@@ -1,0 +1,217 @@
+"""Heatmaps: patch values + level-0 coordinates -> an array aligned with the slide thumbnail (pure), and a
+PNG rendering of it over the thumbnail (at the edge, with matplotlib's object API: no pyplot, no global
+backend switch, so importing this module never changes a notebook's backend).
+
+Geometry of :func:`heatmap_array`: the output (h, w) covers the whole slide of ``dimensions_l0`` (W, H) in
+the thumbnail's orientation (row 0 at the top, y down), so output pixel (i, j) spans level-0
+``[j * W / w, (j + 1) * W / w) x [i * H / h, (i + 1) * H / h)``. A patch at ``(x, y)`` of ``tile_size_l0``
+covers the output pixels whose centres fall inside its footprint ``[x, x + T) x [y, y + T)`` (computed in
+exact integer arithmetic); a patch too small to contain any pixel centre still covers the pixel holding its
+own centre, so no patch is lost on a coarse thumbnail. Where footprints overlap, the values are averaged;
+pixels no patch covers are NaN.
+
+Rasterisation is a summed-area construction on the grid of distinct patch edges (at most the output size,
+and for patch grids about two cells per patch), expanded to pixels by one gather: O(N + h * w) time, and
+memory for one float32 output plus small arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from wsi_screen.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: largest side of one panel in the rendered PNG, in inches (at ``dpi``)
+PANEL_IN = 6.0
+
+
+def _ceil_div(a: np.ndarray, b: int) -> np.ndarray:
+    return -((-a) // b)
+
+
+def _spans(start: np.ndarray, size: int, out_px: int, extent_l0: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and end (exclusive) output pixel whose centre lies in ``[start, start + size)``, per patch.
+
+    Pixel k's centre is at level-0 ``(k + 0.5) * extent / out``; in integers, k is covered when
+    ``2 * start * out - extent <= 2 * k * extent < 2 * (start + size) * out - extent``.
+    """
+    two_e = 2 * extent_l0
+    k0 = _ceil_div(2 * start * out_px - extent_l0, two_e)
+    k1 = _ceil_div(2 * (start + size) * out_px - extent_l0, two_e)
+    empty = k1 <= k0
+    if empty.any():  # no pixel centre inside: take the pixel holding the patch centre
+        k0 = np.where(empty, ((2 * start + size) * out_px) // two_e, k0)
+        k1 = np.where(empty, k0 + 1, k1)
+    return np.clip(k0, 0, out_px), np.clip(k1, 0, out_px)
+
+
+def heatmap_array(coords_l0: np.ndarray, values: np.ndarray, tile_size_l0: int, stride_l0: int,
+                  dimensions_l0: tuple[int, int], out_shape: tuple[int, int]) -> np.ndarray:
+    """Rasterise per-patch ``values`` onto an (h, w) = ``out_shape`` grid over the whole slide.
+
+    ``coords_l0`` (N, 2) are the patches' level-0 top-left corners (x, y); ``dimensions_l0`` is the slide's
+    (W, H). Returns float32 (h, w): the mean value of the patches covering each pixel, NaN where none does.
+    ``stride_l0`` is the tiling step; it is checked but does not change the result, since each patch
+    paints its full ``tile_size_l0`` footprint and overlaps are averaged.
+    """
+    xy = np.asarray(coords_l0)
+    v = np.asarray(values, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2 or not np.issubdtype(xy.dtype, np.integer):
+        raise ConfigError(f"coords_l0 must be integer (N, 2), got {xy.dtype} {xy.shape}")
+    if v.shape != (xy.shape[0],):
+        raise ConfigError(f"values must have shape ({xy.shape[0]},) to match coords_l0, got {v.shape}")
+    if not np.isfinite(v).all():
+        raise ConfigError("heatmap values contain NaN or infinity")
+    if int(tile_size_l0) < 1 or int(stride_l0) < 1:
+        raise ConfigError(f"tile_size_l0 and stride_l0 must be >= 1, got {tile_size_l0} and {stride_l0}")
+    W, H = (int(d) for d in dimensions_l0)
+    h, w = (int(d) for d in out_shape)
+    if min(W, H, h, w) < 1:
+        raise ConfigError(f"slide dimensions {dimensions_l0} and heatmap shape {out_shape} must be positive")
+    T = int(tile_size_l0)
+    xy = xy.astype(np.int64)
+    j0, j1 = _spans(xy[:, 0], T, w, W)
+    i0, i1 = _spans(xy[:, 1], T, h, H)
+
+    # summed-area table on the compressed grid of distinct edges
+    xb = np.unique(np.concatenate([j0, j1, np.array([0, w], dtype=np.int64)]))
+    yb = np.unique(np.concatenate([i0, i1, np.array([0, h], dtype=np.int64)]))
+    nx, ny = xb.size, yb.size
+    cj0, cj1 = np.searchsorted(xb, j0), np.searchsorted(xb, j1)
+    ci0, ci1 = np.searchsorted(yb, i0), np.searchsorted(yb, i1)
+    idx = np.concatenate([ci0 * nx + cj0, ci0 * nx + cj1, ci1 * nx + cj0, ci1 * nx + cj1])
+    sign = np.concatenate([np.ones_like(v), -np.ones_like(v), -np.ones_like(v), np.ones_like(v)])
+    sums = np.bincount(idx, weights=sign * np.tile(v, 4), minlength=nx * ny).reshape(ny, nx)
+    counts = np.bincount(idx, weights=sign, minlength=nx * ny).reshape(ny, nx)
+    for a in (sums, counts):
+        np.cumsum(a, axis=0, out=a)
+        np.cumsum(a, axis=1, out=a)
+    covered = counts[:-1, :-1] > 0.5
+    cells = np.full((ny - 1, nx - 1), np.nan, dtype=np.float32)
+    cells[covered] = sums[:-1, :-1][covered] / np.rint(counts[:-1, :-1][covered])
+
+    # expand cells to pixels: pixel k lies in cell searchsorted(edges, k, "right") - 1
+    ri = np.searchsorted(yb, np.arange(h), side="right") - 1
+    ci = np.searchsorted(xb, np.arange(w), side="right") - 1
+    return cells[np.ix_(ri, ci)]
+
+
+def _reduce_rgb(a: np.ndarray, f: int) -> np.ndarray:
+    """Box-filter an RGB uint8 image by an integer factor (PIL's C ``reduce``; edge blocks included)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(a).reduce(f)) if f > 1 else a
+
+
+def _reduce_heat(a: np.ndarray, f: int) -> np.ndarray:
+    """Box-filter a float heatmap by an integer factor, ignoring NaN; NaN where a block is all NaN."""
+    from PIL import Image
+
+    x = np.ascontiguousarray(a, dtype=np.float32)
+    if f <= 1:
+        return x
+    valid = np.isfinite(x)
+    s = np.asarray(Image.fromarray(np.where(valid, x, np.float32(0.0))).reduce(f))
+    n = np.asarray(Image.fromarray(valid.astype(np.float32)).reduce(f))
+    out = np.full(s.shape, np.nan, dtype=np.float32)
+    np.divide(s, n, out=out, where=n > 1e-6)
+    return out
+
+
+def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_path: str | os.PathLike[str],
+                   cmap: str = "inferno", vmin: float = 0.0, vmax: float = 1.0, alpha: float = 0.5,
+                   legend_label: str = "P(tumour)", threshold: float | None = None,
+                   dimensions_l0: tuple[int, int] | None = None, mpp: float | None = None,
+                   dpi: int = 100) -> Path:
+    """Write a PNG: the thumbnail (left) and the heatmap over it (right), a labelled colour bar and a legend.
+
+    ``heat`` (h, w) must match ``thumbnail`` (h, w, 3) (see :func:`heatmap_array`); NaN is drawn as
+    unscored (thumbnail only). Axes are in millimetres when ``mpp`` and ``dimensions_l0`` are given, in
+    level-0 pixels with ``dimensions_l0`` alone, else in thumbnail pixels; y runs down as on the slide.
+    ``threshold`` outlines the region at or above it. Text is drawn literally (no mathtext). The file is
+    written atomically; returns its path.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    thumb = np.asarray(thumbnail)
+    hm = np.asarray(heat)
+    if thumb.ndim != 3 or thumb.shape[2] != 3 or thumb.dtype != np.uint8:
+        raise ConfigError(f"thumbnail must be RGB uint8 (h, w, 3), got {thumb.dtype} {thumb.shape}")
+    if hm.shape != thumb.shape[:2]:
+        raise ConfigError(f"heatmap shape {hm.shape} does not match the thumbnail's {thumb.shape[:2]}")
+    if not (vmin < vmax) or not (0.0 <= alpha <= 1.0):
+        raise ConfigError(f"need vmin < vmax and alpha in [0, 1], got {vmin}, {vmax}, {alpha}")
+    try:
+        cm = colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    except KeyError:
+        raise ConfigError(f"unknown colour map {cmap!r} (see matplotlib.colormaps)") from None
+
+    h, w = hm.shape
+    if dimensions_l0 is not None and mpp is not None:
+        sx, sy, unit = dimensions_l0[0] * mpp / 1000.0, dimensions_l0[1] * mpp / 1000.0, "mm"
+    elif dimensions_l0 is not None:
+        sx, sy, unit = float(dimensions_l0[0]), float(dimensions_l0[1]), "level-0 px"
+    else:
+        sx, sy, unit = float(w), float(h), "thumbnail px"
+    extent = (0.0, sx, sy, 0.0)  # left, right, bottom, top: row 0 at the top
+
+    aspect = h / w
+    panel_w = PANEL_IN if aspect <= 1 else max(2.0, PANEL_IN / aspect)
+    panel_h = max(2.0, min(PANEL_IN, PANEL_IN * aspect))
+    # no point drawing more pixels than the panel shows: box-filter down to about one per screen pixel
+    f = max(1, math.floor(max(w / (panel_w * dpi), h / (panel_h * dpi))))
+    thumb_d = _reduce_rgb(np.ascontiguousarray(thumb), f)
+    heat_d = np.ma.masked_invalid(_reduce_heat(hm, f))
+
+    fig = Figure(figsize=(2 * panel_w + 1.6, panel_h + 1.4), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax0, ax1 = fig.subplots(1, 2, sharex=True, sharey=True)
+    ax0.imshow(thumb_d, extent=extent, origin="upper", interpolation="antialiased")
+    ax1.imshow(thumb_d, extent=extent, origin="upper", interpolation="antialiased")
+    ax1.imshow(heat_d, extent=extent, origin="upper", cmap=cm, vmin=vmin, vmax=vmax, alpha=alpha,
+               interpolation="nearest")
+    ax0.set_title("slide", parse_math=False)
+    ax1.set_title(f"{legend_label} overlay", parse_math=False)
+    for ax in (ax0, ax1):
+        ax.set_xlabel(f"x ({unit})")
+    ax0.set_ylabel(f"y ({unit})")
+    norm = Normalize(vmin=vmin, vmax=vmax)
+    cax = ax1.inset_axes((1.03, 0.0, 0.04, 1.0))  # follows the image's aspect-fitted box
+    cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cm), cax=cax)
+    cbar.set_label(legend_label, parse_math=False)
+    handles: list[Patch | Line2D] = [Patch(facecolor="none", edgecolor="0.5", label="no patch scored")]
+    if threshold is not None:
+        finite = np.isfinite(heat_d.filled(np.nan))
+        if finite.any() and float(heat_d.min()) < threshold <= float(heat_d.max()):
+            ax1.contour(heat_d, levels=[threshold], colors=["cyan"], linewidths=1.0, extent=extent,
+                        origin="upper")
+        cbar.ax.axhline(threshold, color="cyan", linewidth=1.5)
+        handles.append(Line2D([], [], color="cyan", label=f"{legend_label} >= {threshold:g}"))
+    legend = ax1.legend(handles=handles, loc="upper right", fontsize="small", framealpha=0.8)
+    for text in legend.get_texts():
+        text.set_parse_math(False)
+    fig.suptitle(title, parse_math=False)
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.debug("heatmap %s: %dx%d cells (reduced %dx)", out, w, h, f)
+    return out
