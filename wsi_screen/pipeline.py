@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 THUMBNAIL_MPP = 8.0
 #: longest thumbnail side; very large slides get a proportionally coarser thumbnail
 THUMBNAIL_MAX_SIDE = 8192
+#: shortest "longest side": small slides get a finer thumbnail
+THUMBNAIL_MIN_SIDE = 1024
 #: tissue patches sampled (evenly over the grid) to fit a slide's stain parameters
 STAIN_SAMPLE = 64
 
@@ -82,9 +84,14 @@ class TileResult:
 
 
 def thumbnail_mpp(slide_mpp: float, dimensions: tuple[int, int]) -> float:
-    """Resolution of the mask thumbnail: 8 um/px, coarser for huge slides, never finer than level 0."""
+    """Resolution of the thumbnail (and tissue mask): a function of the slide's size and mpp only.
+
+    8 um/px for ordinary slides; finer for small ones so the thumbnail keeps at least
+    :data:`THUMBNAIL_MIN_SIDE` pixels (it is the heatmap's background); coarser for huge ones so it stays
+    under :data:`THUMBNAIL_MAX_SIDE`; never finer than level 0.
+    """
     longest_um = max(dimensions) * slide_mpp
-    return max(THUMBNAIL_MPP, slide_mpp, longest_um / THUMBNAIL_MAX_SIDE)
+    return max(slide_mpp, min(THUMBNAIL_MPP, longest_um / THUMBNAIL_MIN_SIDE), longest_um / THUMBNAIL_MAX_SIDE)
 
 
 @lru_cache(maxsize=8)
@@ -224,7 +231,7 @@ def _stain_for_slide(slide: Slide, coords: np.ndarray, tissue: np.ndarray, tile_
     target, target_desc = _stain_target(config.stain, config.stain_target)
     if len(coords) == 0:
         return None, {"method": config.stain, "fitted": False, "reason": "no tissue patches",
-                      "target": target_desc}
+                      "target_image": target_desc}
     order = np.argsort(-tissue, kind="stable")[: max(STAIN_SAMPLE * 4, 1)]  # the most tissue-rich
     pick = np.sort(order[np.linspace(0, len(order) - 1, min(STAIN_SAMPLE, len(order))).astype(int)])
     sample = np.stack([slide.read((int(x), int(y)), tile_l0, config.spec.size_px) for x, y in coords[pick]])
@@ -232,10 +239,10 @@ def _stain_for_slide(slide: Slide, coords: np.ndarray, tissue: np.ndarray, tile_
         source = stain.fit(sample, config.stain)
     except StainFitError as exc:
         log.warning("%s: stain not normalised: %s", slide.name, exc)
-        return None, {"method": config.stain, "fitted": False, "reason": str(exc), "target": target_desc}
+        return None, {"method": config.stain, "fitted": False, "reason": str(exc), "target_image": target_desc}
     normalizer = stain.Normalizer(source, target)
     return normalizer.apply, {"method": config.stain, "fitted": True, "sample_size": len(pick),
-                              **normalizer.to_json(), "target": target_desc}
+                              **normalizer.to_json(), "target_image": target_desc}
 
 
 def read_patches(slide: Slide, coords: np.ndarray, tile_l0: int, size_px: int,
