@@ -199,7 +199,7 @@ def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_p
             ax1.contour(heat_d, levels=[threshold], colors=["cyan"], linewidths=1.0, extent=extent,
                         origin="upper")
         cbar.ax.axhline(threshold, color="cyan", linewidth=1.5)
-        handles.append(Line2D([], [], color="cyan", label=f"{legend_label} >= {threshold:g}"))
+        handles.append(Line2D([], [], color="cyan", label=f"{legend_label} >= {threshold:.3g}"))
     legend = ax1.legend(handles=handles, loc="upper right", fontsize="small", framealpha=0.8)
     for text in legend.get_texts():
         text.set_parse_math(False)

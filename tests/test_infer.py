@@ -1,0 +1,191 @@
+"""``wsi-screen infer`` with the bundled default model: real slide, synthetic slides with known truth,
+resume, failures, mismatched stores."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli
+from tests.factory import block_image, write_tiled_tiff
+from wsi_screen import runfolder
+from wsi_screen.geojson import geojson_to_coords
+from wsi_screen.models import default_model_dir, load_model
+from wsi_screen.store import PatchStore
+from wsi_screen.synthetic import build_slide, default_patches_dir
+
+
+def _results(run: Path) -> dict[str, dict[str, str]]:
+    with (run / "results.csv").open(newline="") as fh:
+        return {r["slide"]: r for r in csv.DictReader(fh)}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory, patches_dir: Path) -> Path:
+    """Three tumour and three normal slides built from PCam *valid* patches, with truth and labels."""
+    root = tmp_path_factory.mktemp("synthetic")
+    slides = root / "slides"
+    slides.mkdir()
+    truth = {}
+    with (root / "slides.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["slide", "label"])
+        for i, positive in enumerate([True, False, True, False, True, False]):
+            name = f"case{i}"
+            t = build_slide(slides / f"{name}.tiff", patches_dir=patches_dir / "pcam", positive=positive,
+                            grid=(12, 12), tumour_fraction=0.2, seed=100 + i, split="valid")
+            truth[name] = t
+            writer.writerow([f"{name}.tiff", "tumour" if positive else "normal"])
+    (root / "truth.json").write_text(json.dumps({k: v.to_json() for k, v in truth.items()}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory: pytest.TempPathFactory, synthetic: Path) -> Path:
+    run = tmp_path_factory.mktemp("run") / "cohort"
+    res = run_cli("infer", synthetic / "slides", "-o", run, "--labels", synthetic / "slides.csv", "--workers", "2",
+                  "--quiet")
+    assert res.code == 0, res
+    return run
+
+
+def test_default_model_is_bundled_and_small() -> None:
+    d = default_model_dir()
+    assert (d / "model.safetensors").stat().st_size <= 20 * 1024 * 1024
+    model = load_model()
+    assert model.spec.classes == ["normal", "tumour"] and model.spec.positive_class == "tumour"
+    assert model.spec.input_size == 96 and model.spec.mpp == pytest.approx(0.972)
+
+
+def test_demo_slide(tmp_path: Path, example_slide: Path) -> None:
+    run = tmp_path / "demo"
+    res = run_cli("infer", example_slide.parent, "-o", run, "--workers", "0")
+    assert res.code == 0, res
+    assert "CMU-1-Small-Region" in res.out and "heatmap:" in res.out
+    row = _results(run)["CMU-1-Small-Region"]
+    store = PatchStore.open(row["store"])
+    assert row["status"] == "ok" and int(row["n_patches"]) == len(store) > 30
+    assert 0.0 <= float(row["score"]) <= 1.0 and row["diagnosis"] in ("tumour", "normal")
+    assert store.patch_size == 96 and store.mpp == pytest.approx(0.972)
+    # top patch coordinates are a real patch of the store
+    assert [int(row["top_x"]), int(row["top_y"])] in store.coords.tolist()
+    folder = run / "CMU-1-Small-Region"
+    scores = runfolder.read_scores(folder / "scores.csv")
+    assert np.array_equal(scores.coords, store.coords)
+    assert np.allclose(scores.probs.sum(axis=1), 1.0, atol=1e-4)
+    heat = np.asarray(Image.open(folder / "heatmap.png").convert("RGB"))
+    assert heat.shape[0] > 400 and heat.std() > 20
+    fc = json.loads((folder / "patches.geojson").read_text())
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == len(store)
+    props = fc["features"][0]["properties"]
+    assert props["objectType"] == "tile" and set(props["measurements"]) == {"normal", "tumour"}
+    assert props["classification"]["name"] in ("normal", "tumour") and len(props["classification"]["color"]) == 3
+    info = json.loads((run / "run.json").read_text())
+    assert info["model"]["sha256"] and info["model"]["arch"] == load_model().spec.arch
+    assert (run / "report.html").exists()
+    assert not list(run.glob("*.partial"))
+
+
+def test_positive_slides_outrank_negative(synthetic_run: Path) -> None:
+    rows = _results(synthetic_run)
+    pos = [float(rows[f"case{i}"]["score"]) for i in (0, 2, 4)]
+    neg = [float(rows[f"case{i}"]["score"]) for i in (1, 3, 5)]
+    assert min(pos) > max(neg), (pos, neg)
+    metrics = json.loads((synthetic_run / "slide_metrics.json").read_text())
+    assert metrics["auc"] == 1.0 and metrics["n_positive"] == 3 and metrics["n_negative"] == 3
+    assert (synthetic_run / "slide_roc.png").stat().st_size > 1000
+    assert {rows[f"case{i}"]["label"] for i in (0, 2, 4)} == {"positive"}
+
+
+def test_top_patches_lie_in_the_tumour(synthetic: Path, synthetic_run: Path) -> None:
+    from wsi_screen.synthetic import SyntheticTruth
+
+    truths = {k: SyntheticTruth.from_json(v) for k, v in json.loads((synthetic / "truth.json").read_text()).items()}
+    for name in ("case0", "case2", "case4"):
+        scores = runfolder.read_scores(synthetic_run / name / "scores.csv")
+        p = scores.probs[:, scores.classes.index("tumour")]
+        top = np.argsort(-p)[:5]
+        inside = truths[name].tumour_overlap(scores.coords[top], 96)
+        assert (inside > 0.5).sum() >= 4, (name, inside)
+
+
+def test_geojson_round_trips_to_store_coordinates(synthetic_run: Path) -> None:
+    for name in ("case0", "case1"):
+        fc = json.loads((synthetic_run / name / "patches.geojson").read_text())
+        coords, sizes = geojson_to_coords(fc)
+        store = PatchStore.open(runfolder.read_slide(synthetic_run, name)["store"])
+        assert np.array_equal(coords, store.coords)
+        assert set(np.asarray(sizes).tolist()) == {store.tile_size_l0}
+
+
+def test_rerun_reuses_scores_and_reaggregates(tmp_path: Path, synthetic: Path, synthetic_run: Path) -> None:
+    run = tmp_path / "copy"
+    shutil.copytree(synthetic_run, run)
+    before = {p: p.stat().st_mtime_ns for p in run.glob("case*/scores.csv")}
+    res = run_cli("infer", synthetic / "slides", "-o", run, "--aggregate", "max", "--threshold", "0.99",
+                  "--workers", "0", "--quiet")
+    assert res.code == 0, res
+    assert {p: p.stat().st_mtime_ns for p in run.glob("case*/scores.csv")} == before  # nothing rescored
+    rows = _results(run)
+    assert {r["rule"] for r in rows.values()} == {"max"} and {r["threshold"] for r in rows.values()} == {"0.99"}
+    for name, r in rows.items():
+        p = runfolder.read_scores(run / name / "scores.csv").probs[:, 1]
+        assert float(r["score"]) == pytest.approx(p.max(), abs=1e-6)
+
+
+def test_failed_and_empty_slides_are_rows(tmp_path: Path, cmu_svs: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(cmu_svs, src / "good.svs")
+    (src / "broken.svs").write_bytes(cmu_svs.read_bytes()[:5000])
+    write_tiled_tiff(src / "glass.tif", block_image((1024, 1024), []), mpp=0.5)
+    res = run_cli("infer", src, "-o", tmp_path / "run", "--workers", "0", "--quiet")
+    assert res.code == 1
+    assert "Traceback" not in res.err
+    rows = _results(tmp_path / "run")
+    assert rows["good"]["status"] == "ok"
+    assert rows["broken"]["status"] == "error" and "broken.svs" in rows["broken"]["error"]
+    assert rows["broken"]["diagnosis"] == "error"
+    assert rows["glass"]["status"] == "no tissue" and rows["glass"]["diagnosis"] == "no tissue"
+    assert rows["glass"]["n_patches"] == "0"
+    assert not list((tmp_path / "run").glob("*.partial"))
+
+
+def test_mismatched_store_is_refused(tmp_path: Path, cmu_svs: Path) -> None:
+    stores = tmp_path / "stores"
+    assert run_cli("tile", cmu_svs, "-o", stores, "--mpp", "0.5", "--size", "224", "--quiet").code == 0
+    res = run_cli("infer", cmu_svs, "-o", tmp_path / "run", "--stores", stores, "--workers", "0", "--quiet")
+    assert res.code == 1
+    row = _results(tmp_path / "run")["CMU-1-Small-Region"]
+    assert row["status"] == "error" and "--overwrite" in row["error"] and "patch_size" in row["error"]
+    res = run_cli("infer", cmu_svs, "-o", tmp_path / "run", "--stores", stores, "--overwrite", "--workers", "0",
+                  "--quiet")
+    assert res.code == 0 and _results(tmp_path / "run")["CMU-1-Small-Region"]["status"] == "ok"
+
+
+def test_store_model_check_message() -> None:
+    from wsi_screen.errors import ModelMismatchError
+    from wsi_screen.infer import check_store_matches_model
+
+    spec = load_model().spec
+    with pytest.raises(ModelMismatchError, match=r"--mpp 0\.972 --size 96"):
+        check_store_matches_model({"mpp": 0.5, "patch_size": 224, "stain": {"method": "none"}}, spec, "s.zarr")
+    check_store_matches_model({"mpp": 0.972, "patch_size": 96, "stain": {"method": "none"}}, spec, "s.zarr")
+
+
+def test_bad_labels_file(tmp_path: Path, example_slide: Path) -> None:
+    bad = tmp_path / "labels.csv"
+    bad.write_text("name,truth\nx,1\n")
+    res = run_cli("infer", example_slide, "-o", tmp_path / "run", "--labels", bad, "--quiet")
+    errors = [line for line in res.err_lines if line.startswith("wsi-screen: error:")]
+    assert res.code == 1 and len(errors) == 1 and "'slide' and 'label'" in errors[0]
+
+
+def test_default_patches_dir_is_pcam(patches_dir: Path) -> None:
+    assert default_patches_dir().resolve() == (patches_dir / "pcam").resolve()

@@ -1,0 +1,101 @@
+"""``wsi-screen infer``: screen a folder of slides with a patch model."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from wsi_screen.commands._options import common_options, configure_output
+
+if TYPE_CHECKING:
+    from wsi_screen.screening import RunSummary
+
+
+@click.command(short_help="Screen slides: slide calls, heatmaps, QuPath GeoJSON and a report.")
+@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--out", "run", required=True, type=click.Path(file_okay=False, path_type=str), metavar="RUN",
+              help="Run folder for results.csv, run.json, report.html and one folder per slide.")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Model folder (model.safetensors + config.json). Default: the bundled PCam model.")
+@click.option("--aggregate", "rule", type=click.Choice(["mean", "max", "topk", "fraction"]), default=None,
+              help="Slide score from patch probabilities. Default: the rule calibrated for the model "
+                   "(slide_rule.json in the model folder).")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Slide threshold on the aggregated score (default: calibrated for the model and rule).")
+@click.option("--k", "k", type=float, default=None, help="Patches averaged by --aggregate topk (default: calibrated).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="slides.csv with columns slide,label: adds slide_metrics.json and slide_roc.png.")
+@click.option("--stores", type=str, default=None,
+              help="Folder of patch stores to reuse and tile into (default: RUN/stores). Stores made with "
+                   "other settings than the model needs are refused.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=128, show_default=True,
+              help="Patches per forward pass.")
+@click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
+              help="Reader threads for tiling and DataLoader workers for scoring.")
+@click.option("--slide-mpp", type=float, default=None, help="Level-0 um/px for slides that do not declare it.")
+@click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Minimum tissue fraction of a patch.")
+@click.option("--overwrite", is_flag=True, help="Re-tile stores made with other settings and rescore every slide.")
+@common_options
+def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | None, threshold: float | None,
+          k: float | None, labels: str | None, stores: str | None, batch_size: int, workers: int,
+          slide_mpp: float | None, min_tissue: float, overwrite: bool) -> None:
+    """Screen SLIDES (files or folders) and write the results to RUN.
+
+    Each slide is tiled at the model's resolution, patch size and stain (stores are reused when they
+    match), every patch is scored, and the slide is called positive when its aggregated score reaches the
+    threshold. RUN gets results.csv (one row per slide), run.json (provenance), report.html, and per slide
+    heatmap.png, patches.geojson (QuPath: File > Import objects) and scores.csv.
+
+    A rerun reuses finished slides. A slide that fails is a row with status=error and its reason; the
+    others still finish and the exit status is 1.
+
+    \b
+    Examples:
+      wsi-screen infer examples/ -o runs/demo
+      wsi-screen infer slides/ -o runs/cohort --labels slides.csv --aggregate topk
+    """
+    configure_output()
+    from pathlib import Path
+
+    from wsi_screen.models import default_model_dir, load_model
+    from wsi_screen.screening import InferConfig, run_infer
+
+    ctx = click.get_current_context()
+    mdir = Path(model_dir) if model_dir else default_model_dir()
+    classifier = load_model(mdir)
+    k_value: int | float | None = None if k is None else (int(k) if k >= 1 else k)
+    config = InferConfig(rule=rule, threshold=threshold, k=k_value, stores=stores, batch_size=batch_size,
+                         workers=workers, slide_mpp=slide_mpp, min_tissue=min_tissue, overwrite=overwrite,
+                         labels=labels)
+    summary = run_infer(slides, Path(run), classifier, mdir, config, argv=sys.argv[1:],
+                        debug=bool(ctx.obj.get("debug")))
+    _print_table(summary)
+    if summary.failed:
+        ctx.exit(1)
+
+
+def _print_table(summary: RunSummary) -> None:
+    from wsi_screen import runfolder
+
+    rows = sorted(summary.rows, key=lambda r: r.name)
+    width = max([len("slide"), *(len(r.name) for r in rows)])
+    click.echo(f"{'slide':<{width}}  {'status':<9}  {'patches':>7}  {'score':>6}  diagnosis")
+    for r in rows:
+        res = r.result
+        score = f"{res.score:.3f}" if res and res.score is not None else "-"
+        n = str(res.n_patches) if res else "-"
+        diagnosis = res.diagnosis if res else f"error: {r.error}"
+        click.echo(f"{r.name:<{width}}  {r.status:<9}  {n:>7}  {score:>6}  {diagnosis}")
+    agg = summary.aggregate
+    click.echo(f"\nslide call: {agg.rule} score >= {agg.slide_threshold:.3g} -> positive")
+    if summary.metrics and summary.metrics.get("auc") is not None:
+        m = summary.metrics
+        click.echo(f"slide AUC {m['auc']:.3f}, sensitivity {m['sensitivity']}, specificity {m['specificity']} "
+                   f"({summary.run / runfolder.SLIDE_METRICS_JSON})")
+    click.echo(f"results: {summary.run / runfolder.RESULTS_CSV}")
+    for r in rows:
+        if r.status != "error":
+            click.echo(f"heatmap: {summary.run / r.name / runfolder.HEATMAP_PNG}")

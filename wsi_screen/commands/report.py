@@ -1,0 +1,23 @@
+"""``wsi-screen report``: (re)write a run's self-contained HTML report."""
+
+from __future__ import annotations
+
+import click
+
+from wsi_screen.commands._options import common_options, configure_output
+
+
+@click.command(short_help="Write RUN/report.html: sortable slide table, heatmaps, top patches, provenance.")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@common_options
+def report(run: str) -> None:
+    """Write RUN/report.html for a run folder made by `wsi-screen infer`.
+
+    The report is one self-contained file (images inlined, no network access, no external scripts) that
+    opens in any browser: a sortable table of slides, each slide's heatmap and highest-scoring patches,
+    slide-level metrics when the run had --labels, and the run's provenance. `infer` writes it too.
+    """
+    configure_output()
+    from wsi_screen.report import write_report
+
+    click.echo(str(write_report(run)))

@@ -1,0 +1,179 @@
+"""``RUN/report.html``: one self-contained page per run (images inlined, no network, no external scripts).
+
+Everything printed is escaped with :func:`html.escape` (slide names come from file names, which anyone can
+choose); element ids are generated, never taken from data. A Content-Security-Policy meta tag forbids any
+network access from the page. The one inline script only sorts the table.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from wsi_screen import __version__, runfolder
+from wsi_screen.errors import WsiScreenError
+from wsi_screen.runview import RunView, open_run, patch_png, top_patches
+
+log = logging.getLogger(__name__)
+
+N_TOP = 8
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;
+color:#222;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.25rem;margin-top:2.2rem;border-bottom:1px solid #ddd}
+.muted{color:#666} table{border-collapse:collapse;width:100%;margin:1rem 0}
+th,td{padding:.35rem .6rem;border-bottom:1px solid #e5e5e5;text-align:left}
+th{cursor:pointer;background:#f4f4f6;user-select:none} th.num,td.num{text-align:right}
+th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
+tr.pos td.dx{color:#b00020;font-weight:600} tr.err td{color:#8a6d00}
+.cards{display:flex;gap:1rem;flex-wrap:wrap} .card{background:#f7f7f9;border-radius:6px;padding:.6rem 1rem}
+.card b{display:block;font-size:1.4rem} img.heat{max-width:100%;border:1px solid #ddd}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:.6rem}
+.gallery figure{margin:0;font-size:.8rem} .gallery img{width:100%;image-rendering:pixelated;border:1px solid #ccc}
+pre{background:#f7f7f9;padding:1rem;overflow:auto;font-size:.8rem}
+"""
+
+_JS = """
+document.querySelectorAll('table.sortable th').forEach(function(th, col){
+  th.addEventListener('click', function(){
+    var table = th.closest('table'), body = table.tBodies[0];
+    var asc = th.getAttribute('aria-sort') !== 'ascending';
+    table.querySelectorAll('th').forEach(function(h){ h.removeAttribute('aria-sort'); });
+    th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
+    var num = th.classList.contains('num');
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function(a, b){
+      var x = a.cells[col].getAttribute('data-v'), y = b.cells[col].getAttribute('data-v');
+      if (num) { x = x === '' ? -Infinity : parseFloat(x); y = y === '' ? -Infinity : parseFloat(y); }
+      return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1);
+    });
+    rows.forEach(function(r){ body.appendChild(r); });
+  });
+});
+"""
+
+_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+        "base-uri 'none'; form-action 'none'")
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _img(data: bytes, alt: str, cls: str = "") -> str:
+    b64 = base64.b64encode(data).decode("ascii")
+    return f'<img class="{cls}" alt="{_e(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def slides_table(view: RunView) -> str:
+    """The sortable HTML table of a run's slides (also shown by the notebook)."""
+    cols = [("slide", False), ("status", False), ("n_patches", True), ("score", True), ("diagnosis", False),
+            ("label", False)]
+    has_labels = any(r.get("label") for r in view.results)
+    cols = [c for c in cols if c[0] != "label" or has_labels]
+    head = "".join(f'<th scope="col" class="{"num" if num else ""}">{_e(name.replace("_", " "))}</th>'
+                   for name, num in cols)
+    body = []
+    for i, r in enumerate(view.results):
+        cls = "err" if r["status"] == "error" else ("pos" if r["diagnosis"] == view.positive_class else "")
+        cells = []
+        for name, num in cols:
+            value = r.get(name, "")
+            if name == "slide" and r["status"] != "error":
+                shown = f'<a href="#s{i}">{_e(value)}</a>'
+            elif name == "diagnosis" and r["status"] == "error":
+                shown = f"error: {_e(r.get('error', ''))}"
+            elif name == "score" and value:
+                shown = f"{float(value):.3f}"
+            else:
+                shown = _e(value)
+            klass = "num" if num else ("dx" if name == "diagnosis" else "")
+            cells.append(f'<td class="{klass}" data-v="{_e(value)}">{shown}</td>')
+        body.append(f'<tr class="{cls}">{"".join(cells)}</tr>')
+    return (f'<table class="sortable" id="slides"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')
+
+
+def _slide_section(view: RunView, i: int, row: dict[str, str]) -> str:
+    name = row["slide"]
+    parts = [f'<section class="slide" id="s{i}"><h2>{_e(name)}</h2>',
+             f'<p><b>{_e(row["diagnosis"])}</b> &middot; score {_e(row.get("score") or "-")} &middot; '
+             f'{_e(row["n_patches"])} patches &middot; top patch at level-0 ({_e(row.get("top_x"))}, '
+             f'{_e(row.get("top_y"))}), P = {_e(row.get("top_score") or "-")}</p>']
+    heat = runfolder.slide_dir(view.path, name) / runfolder.HEATMAP_PNG
+    if heat.exists():
+        parts.append(_img(heat.read_bytes(), f"heatmap of {name}", "heat"))
+    try:
+        patches = top_patches(view, name, N_TOP)
+    except WsiScreenError as exc:
+        patches = []
+        parts.append(f'<p class="muted">top patches unavailable: {_e(exc)}</p>')
+    if patches:
+        figs = []
+        for p in patches:
+            img = _img(patch_png(p.image), f"patch {p.index} of {name}") if p.image is not None else ""
+            figs.append(f"<figure>{img}<figcaption>#{p.index} ({p.x}, {p.y})<br>P = {p.probability:.3f}"
+                        "</figcaption></figure>")
+        parts.append(f'<h3>Top patches</h3><div class="gallery">{"".join(figs)}</div>')
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def render_report(run: str | Path) -> str:
+    """The report of a run folder as an HTML string."""
+    view = open_run(run)
+    info = view.info
+    model = info.get("model", {})
+    agg = info.get("aggregate", {})
+    counts: dict[str, int] = {}
+    for r in view.results:
+        key = r["diagnosis"] if r["status"] != "error" else "error"
+        counts[key] = counts.get(key, 0) + 1
+    cards = "".join(f'<div class="card"><b>{n}</b>{_e(k)}</div>' for k, n in sorted(counts.items()))
+    title = f"wsi-screen report: {Path(run).resolve().name}"
+    parts = [
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="muted">{len(view.results)} slides &middot; model {_e(model.get("arch"))} '
+        f'({_e(model.get("positive_class"))} vs rest, {_e(model.get("mpp"))} um/px, {_e(model.get("input_size"))} px) '
+        f'&middot; slide call: {_e(agg.get("rule"))} score &ge; {_e(agg.get("slide_threshold"))} &middot; '
+        f'patch threshold {_e(agg.get("patch_threshold"))}</p>',
+        f'<div class="cards">{cards}</div>',
+        "<h2>Slides</h2><p class=\"muted\">Click a column to sort.</p>", slides_table(view),
+    ]
+    metrics_path = view.path / runfolder.SLIDE_METRICS_JSON
+    if metrics_path.exists():
+        m = runfolder.read_json(metrics_path)
+        parts.append(f"<h2>Slide-level evaluation</h2><p>AUC {_e(m.get('auc'))} &middot; sensitivity "
+                     f"{_e(m.get('sensitivity'))} &middot; specificity {_e(m.get('specificity'))} at threshold "
+                     f"{_e(m.get('threshold'))} ({_e(m.get('n_positive'))} positive, {_e(m.get('n_negative'))} "
+                     "negative slides)</p>")
+        roc = view.path / runfolder.SLIDE_ROC_PNG
+        if roc.exists():
+            parts.append(_img(roc.read_bytes(), "slide-level ROC curve"))
+    for i, row in enumerate(view.results):
+        if row["status"] != "error":
+            parts.append(_slide_section(view, i, row))
+    provenance = json.dumps(info, indent=2, default=str)
+    parts.append(f"<h2>Provenance</h2><pre>{_e(provenance)}</pre>")
+    parts.append(f'<p class="muted">Written by wsi-screen {_e(__version__)} on '
+                 f"{_e(datetime.now(UTC).replace(microsecond=0).isoformat())}.</p>")
+    parts.append(f"<script>{_JS}</script></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run: str | Path) -> Path:
+    """Write ``RUN/report.html`` atomically; returns its path."""
+    out = Path(run) / runfolder.REPORT_HTML
+    runfolder.atomic_write_text(out, render_report(run))
+    log.debug("report written to %s", out)
+    return out

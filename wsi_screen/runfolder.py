@@ -1,0 +1,185 @@
+"""The run folder written by ``wsi-screen infer``: the one module that knows its layout.
+
+::
+
+    RUN/
+      results.csv            one row per slide (see RESULT_COLUMNS)
+      run.json               provenance: model, settings, versions, command, timings, per-slide status
+      report.html            self-contained report (wsi-screen report RUN rewrites it)
+      slide_metrics.json     with --labels: slide-level AUC, sensitivity, specificity
+      slide_roc.png          with --labels
+      stores/                patch stores tiled for this run (unless --stores points elsewhere)
+      <slide>/
+        slide.json           the slide's result, store location, model and settings it was scored with
+        scores.csv           one row per patch: index, x, y (level 0), tissue, p_<class> for every class
+        heatmap.png          positive-class probability over the thumbnail
+        patches.geojson      QuPath FeatureCollection, one polygon per patch
+
+Every file is written atomically (temporary name, fsync, rename); a slide's folder is assembled under
+``<slide>.partial`` and renamed into place when complete, so nothing in RUN is ever half-written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_screen.errors import RunError
+
+RESULTS_CSV = "results.csv"
+RUN_JSON = "run.json"
+REPORT_HTML = "report.html"
+SLIDE_METRICS_JSON = "slide_metrics.json"
+SLIDE_ROC_PNG = "slide_roc.png"
+STORES_DIR = "stores"
+SLIDE_JSON = "slide.json"
+SCORES_CSV = "scores.csv"
+HEATMAP_PNG = "heatmap.png"
+GEOJSON = "patches.geojson"
+PARTIAL = ".partial"
+
+RESULT_COLUMNS = ("slide", "status", "n_patches", "score", "diagnosis", "rule", "threshold", "top_x", "top_y",
+                  "top_score", "model", "label", "error", "source", "store")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsynced, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunError(f"{path}: cannot read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: expected a JSON object")
+    return data
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ per-slide files
+@dataclass(frozen=True)
+class SlideScores:
+    """A slide's patch scores as written to ``scores.csv``."""
+
+    coords: np.ndarray  # int64 (N, 2) level-0 x, y
+    tissue: np.ndarray  # float32 (N,)
+    probs: np.ndarray  # float32 (N, C)
+    classes: list[str]
+
+
+def scores_csv(scores: SlideScores) -> str:
+    buf = io.StringIO()
+    buf.write(",".join(["index", "x", "y", "tissue", *[f"p_{c}" for c in scores.classes]]) + "\n")
+    for i in range(len(scores.coords)):
+        x, y = scores.coords[i]
+        probs = ",".join(f"{p:.6f}" for p in scores.probs[i])
+        buf.write(f"{i},{int(x)},{int(y)},{float(scores.tissue[i]):.4f},{probs}\n")
+    return buf.getvalue()
+
+
+def read_scores(path: Path) -> SlideScores:
+    """Parse a ``scores.csv``."""
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader)
+            rows = list(reader)
+    except (OSError, StopIteration) as exc:
+        raise RunError(f"{path}: cannot read scores: {exc}") from exc
+    if header[:4] != ["index", "x", "y", "tissue"] or not all(h.startswith("p_") for h in header[4:]):
+        raise RunError(f"{path}: not a wsi-screen scores.csv")
+    classes = [h[2:] for h in header[4:]]
+    table = np.array(rows, dtype=np.float64).reshape(len(rows), len(header))
+    return SlideScores(coords=table[:, 1:3].astype(np.int64), tissue=table[:, 3].astype(np.float32),
+                       probs=table[:, 4:].astype(np.float32), classes=classes)
+
+
+class SlideFolder:
+    """Assemble ``RUN/<slide>/`` under a temporary name, then :meth:`commit` it in one rename."""
+
+    def __init__(self, run: Path, name: str) -> None:
+        self.final = run / name
+        self.work = run / (name + PARTIAL)
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+
+    def path(self, filename: str) -> Path:
+        return self.work / filename
+
+    def commit(self) -> Path:
+        for f in self.work.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if self.final.exists():
+            trash = self.final.with_name(self.final.name + ".old")
+            shutil.rmtree(trash, ignore_errors=True)
+            self.final.rename(trash)
+            self.work.rename(self.final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            self.work.rename(self.final)
+        return self.final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_results(run: Path) -> list[dict[str, str]]:
+    """Rows of ``results.csv`` (strings, as written)."""
+    path = Path(run) / RESULTS_CSV
+    if not path.exists():
+        raise RunError(f"{run}: not a wsi-screen run folder (no {RESULTS_CSV}); run `wsi-screen infer` first")
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def slide_dir(run: Path, name: str) -> Path:
+    return Path(run) / name
+
+
+def read_slide(run: Path, name: str) -> dict[str, Any]:
+    """A finished slide's ``slide.json``."""
+    return read_json(slide_dir(run, name) / SLIDE_JSON)

@@ -1,0 +1,223 @@
+"""Looking at a finished run: small functions the notebook and the HTML report share.
+
+Everything here reads a run folder (see :mod:`wsi_screen.runfolder`) and the patch stores it points to, and
+returns arrays or matplotlib ``Figure`` objects (object API, no pyplot state), so the notebook stays a
+thin view and the report embeds the same pictures.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_screen import runfolder
+from wsi_screen.errors import RunError, WsiScreenError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TopPatch:
+    """One high-scoring patch: its pixels (if the store is still there), position and probability."""
+
+    index: int
+    x: int
+    y: int
+    probability: float
+    image: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A run folder, opened: results rows and provenance."""
+
+    path: Path
+    results: list[dict[str, str]]
+    info: dict[str, Any]
+
+    @property
+    def slides(self) -> list[str]:
+        """Names of the slides that have a result folder (status ok or no tissue)."""
+        return [r["slide"] for r in self.results if r["status"] != "error"]
+
+    @property
+    def positive_class(self) -> str:
+        return str(self.info.get("model", {}).get("positive_class") or "positive")
+
+    def slide_json(self, slide: str) -> dict[str, Any]:
+        return runfolder.read_slide(self.path, slide)
+
+    def scores(self, slide: str) -> runfolder.SlideScores:
+        return runfolder.read_scores(runfolder.slide_dir(self.path, slide) / runfolder.SCORES_CSV)
+
+    def positive_probs(self, slide: str) -> np.ndarray:
+        s = self.scores(slide)
+        return s.probs[:, s.classes.index(self.positive_class)] if self.positive_class in s.classes else s.probs[:, -1]
+
+
+#: where the README demo writes its run (relative to the repository root)
+DEMO_RUN = Path("runs") / "demo"
+
+
+def default_run() -> Path:
+    """The run to show: ``$WSI_SCREEN_RUN``, else the README demo's ``runs/demo`` (from here or a parent)."""
+    import os
+
+    env = os.environ.get("WSI_SCREEN_RUN")
+    if env:
+        return Path(env)
+    for base in (Path.cwd(), *Path.cwd().parents):
+        if (base / DEMO_RUN / runfolder.RESULTS_CSV).exists():
+            return base / DEMO_RUN
+    return Path.cwd() / DEMO_RUN
+
+
+def open_run(path: str | Path) -> RunView:
+    """Open a run folder written by ``wsi-screen infer``."""
+    run = Path(path)
+    if not run.is_dir():
+        raise RunError(f"{run}: no such run folder")
+    results = runfolder.read_results(run)
+    info = runfolder.read_json(run / runfolder.RUN_JSON) if (run / runfolder.RUN_JSON).exists() else {}
+    return RunView(run, results, info)
+
+
+def _store(view: RunView, slide: str) -> Any:
+    from wsi_screen.store import PatchStore
+
+    return PatchStore.open(view.slide_json(slide)["store"])
+
+
+def top_patches(view: RunView, slide: str, n: int = 8) -> list[TopPatch]:
+    """The ``n`` highest-scoring patches of a slide, with pixels read from its store when available."""
+    scores = view.scores(slide)
+    p = view.positive_probs(slide)
+    order = np.argsort(-p, kind="stable")[:n]
+    images: list[np.ndarray | None] = [None] * len(order)
+    try:
+        store = _store(view, slide)
+        if len(order):
+            pixels = store.read(np.sort(order))
+            lookup = {int(i): pixels[k] for k, i in enumerate(np.sort(order))}
+            images = [lookup[int(i)] for i in order]
+    except (WsiScreenError, KeyError, OSError) as exc:
+        log.warning("%s: patch pixels unavailable (%s); showing coordinates only", slide, exc)
+    return [TopPatch(int(i), int(scores.coords[i, 0]), int(scores.coords[i, 1]), float(p[i]), img)
+            for i, img in zip(order, images, strict=True)]
+
+
+def heatmap(view: RunView, slide: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(thumbnail, heat array aligned with it, slide.json) for a scored slide."""
+    from wsi_screen.heatmap import heatmap_array
+
+    info = view.slide_json(slide)
+    store = _store(view, slide)
+    thumb = store.thumbnail
+    dims = tuple(int(v) for v in store.attrs["slide"]["dimensions"])
+    scores = view.scores(slide)
+    heat = heatmap_array(scores.coords, view.positive_probs(slide), store.tile_size_l0,
+                         int(store.attrs["stride_l0"]), (dims[0], dims[1]), thumb.shape[:2])
+    return thumb, heat, info
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def slide_figure(view: RunView, slide: str, *, alpha: float = 0.5) -> Any:
+    """Thumbnail beside the heatmap overlay, with a colour bar in probability units and axes in mm."""
+    from matplotlib import colormaps
+
+    thumb, heat, info = heatmap(view, slide)
+    mpp = float(info["slide_info"]["mpp"])
+    w, h = (int(v) for v in info["slide_info"]["dimensions"])
+    extent = (0.0, w * mpp / 1000, h * mpp / 1000, 0.0)
+    fig = _figure(11, 5.5)
+    ax0, ax1 = fig.subplots(1, 2, sharex=True, sharey=True)
+    ax0.imshow(thumb, extent=extent)
+    ax1.imshow(thumb, extent=extent)
+    cmap = colormaps["inferno"].with_extremes(bad=(0, 0, 0, 0))
+    im = ax1.imshow(np.ma.masked_invalid(heat), extent=extent, cmap=cmap, vmin=0, vmax=1, alpha=alpha,
+                    interpolation="nearest")
+    row = next((r for r in view.results if r["slide"] == slide), {})
+    ax0.set_title("thumbnail", parse_math=False)
+    ax1.set_title(f"P({view.positive_class}) - {row.get('diagnosis', '')} (score {row.get('score', '')})",
+                  parse_math=False)
+    for ax in (ax0, ax1):
+        ax.set_xlabel("x (mm)")
+    ax0.set_ylabel("y (mm)")
+    fig.colorbar(im, ax=ax1, label=f"P({view.positive_class})", shrink=0.8)
+    fig.suptitle(slide, parse_math=False)
+    return fig
+
+
+def gallery_figure(view: RunView, slide: str, n: int = 8) -> Any:
+    """The highest-scoring patches of a slide with their level-0 coordinates and probabilities."""
+    patches = top_patches(view, slide, n)
+    cols = max(1, min(4, len(patches)))
+    rows = max(1, -(-len(patches) // cols))
+    fig = _figure(2.6 * cols, 2.9 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, p in zip(axes, patches, strict=False):
+        if p.image is not None:
+            ax.imshow(p.image)
+        ax.set_title(f"#{p.index} ({p.x}, {p.y})\nP = {p.probability:.3f}", fontsize=9, parse_math=False)
+    if not patches:
+        axes[0].text(0.5, 0.5, "no patches", ha="center", va="center")
+    fig.suptitle(f"{slide}: top patches (level-0 x, y)", parse_math=False)
+    return fig
+
+
+def distribution_figure(view: RunView) -> Any:
+    """Slide scores by diagnosis (left) and each slide's patch-probability distribution (right)."""
+    fig = _figure(11, 4.5)
+    ax0, ax1 = fig.subplots(1, 2)
+    scored = [r for r in view.results if r.get("score")]
+    threshold = float(scored[0]["threshold"]) if scored else None
+    by_dx: dict[str, list[float]] = {}
+    for r in scored:
+        by_dx.setdefault(r["diagnosis"], []).append(float(r["score"]))
+    bins = np.linspace(0, 1, 21)
+    for dx, values in sorted(by_dx.items()):
+        ax0.hist(values, bins=bins, alpha=0.7, label=f"{dx} ({len(values)})")
+    if threshold is not None:
+        ax0.axvline(threshold, color="crimson", linestyle="--", label=f"threshold {threshold:g}")
+    ax0.set(xlabel="slide score", ylabel="slides", title="slide scores")
+    ax0.legend(fontsize="small")
+    names = [r["slide"] for r in scored]
+    data = [view.positive_probs(n) for n in names]
+    if data:
+        ax1.boxplot(data, vert=False, tick_labels=names, showfliers=False)
+    ax1.set(xlabel=f"patch P({view.positive_class})", xlim=(0, 1), title="patch probabilities per slide")
+    return fig
+
+
+def figure_png(fig: Any) -> bytes:
+    """A figure as PNG bytes."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def patch_png(image: np.ndarray) -> bytes:
+    """A patch (RGB uint8) as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,417 @@
+"""``wsi-screen infer``: a folder of slides -> patch stores -> patch scores -> slide calls and pictures.
+
+Per slide: tile at the model's mpp, patch size and stain (reusing the tiler and any matching store), score
+every patch, write ``RUN/<slide>/`` (scores, heatmap, GeoJSON, slide.json) atomically, then aggregate.
+Slides already scored with the same model and store are reused on a rerun; aggregation is recomputed from
+their scores, so changing ``--aggregate`` or ``--threshold`` costs nothing. A failing slide becomes a row with
+``status=error`` and its reason, and the run goes on.
+
+The slide-level rule and threshold come from the model folder's ``slide_rule.json`` (chosen on labelled
+slides by ``scripts/calibrate_slide_rule.py``), unless the user overrides them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_screen import __version__, runfolder
+from wsi_screen.aggregate import NO_TISSUE, AggregateConfig, SlideResult, diagnose
+from wsi_screen.discovery import SlideSource, discover
+from wsi_screen.errors import ConfigError, ModelError, RunError, WsiScreenError
+from wsi_screen.models import PatchClassifier
+from wsi_screen.pipeline import TileConfig, tile_slide
+from wsi_screen.runfolder import SlideFolder, SlideScores
+from wsi_screen.slide import slide_name
+from wsi_screen.store import PatchStore
+from wsi_screen.tiling import TileSpec
+
+log = logging.getLogger(__name__)
+
+SLIDE_RULE_JSON = "slide_rule.json"
+#: used when the model folder has no slide_rule.json
+FALLBACK_RULE = AggregateConfig(rule="topk", k=5, patch_threshold=0.5, slide_threshold=0.5)
+
+STATUS_OK, STATUS_NO_TISSUE, STATUS_ERROR = "ok", "no tissue", "error"
+
+
+@dataclass(frozen=True, kw_only=True)
+class InferConfig:
+    """Settings of a screening run (the model comes separately)."""
+
+    rule: str | None = None
+    threshold: float | None = None
+    k: int | float | None = None
+    stores: str | None = None
+    batch_size: int = 128
+    workers: int = 2
+    slide_mpp: float | None = None
+    min_tissue: float = 0.5
+    overwrite: bool = False
+    labels: str | None = None
+
+
+@dataclass
+class SlideRow:
+    """One line of results.csv while it is being assembled."""
+
+    name: str
+    source: str
+    store: str = ""
+    status: str = STATUS_OK
+    error: str = ""
+    result: SlideResult | None = None
+    top: tuple[int, int, float] | None = None
+    label: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run: Path
+    rows: list[SlideRow]
+    aggregate: AggregateConfig
+    metrics: dict[str, Any] | None
+
+    @property
+    def failed(self) -> int:
+        return sum(r.status == STATUS_ERROR for r in self.rows)
+
+
+# ------------------------------------------------------------------------------------------- model helpers
+def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, Any]:
+    """What identifies a model for resuming: the hash of its weights and config."""
+    h = hashlib.sha256()
+    for name in ("model.safetensors", "config.json"):
+        p = model_dir / name
+        if p.exists():
+            h.update(p.read_bytes())
+    spec = classifier.spec
+    return {"path": str(model_dir), "sha256": h.hexdigest(), "arch": spec.arch, "classes": spec.classes,
+            "positive_class": spec.positive_class, "mpp": spec.mpp, "input_size": spec.input_size,
+            "stain_method": spec.stain_method, "patch_threshold": spec.threshold}
+
+
+def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: InferConfig) -> AggregateConfig:
+    """The slide rule: calibrated in the model folder, overridden by --aggregate/--threshold/--k."""
+    spec = classifier.spec
+    patch_threshold = spec.threshold if spec.threshold is not None else 0.5
+    base = replace(FALLBACK_RULE, patch_threshold=patch_threshold)
+    per_rule: dict[str, Any] = {}
+    path = model_dir / SLIDE_RULE_JSON
+    if path.exists():
+        data = runfolder.read_json(path)
+        per_rule = data.get("per_rule", {})
+        base = AggregateConfig(rule=data["rule"], k=data.get("k", 5), patch_threshold=patch_threshold,
+                               slide_threshold=float(data["slide_threshold"]))
+    else:
+        log.warning("%s: no %s; using the fallback rule %s with slide threshold %.2f", model_dir,
+                    SLIDE_RULE_JSON, base.rule, base.slide_threshold)
+    rule = config.rule or base.rule
+    threshold = base.slide_threshold
+    if config.rule and config.rule != base.rule:
+        calibrated = per_rule.get(config.rule, {}).get("threshold")
+        threshold = float(calibrated) if calibrated is not None else (
+            patch_threshold if config.rule in ("max", "topk", "mean") else 0.1)
+    if config.threshold is not None:
+        threshold = config.threshold
+    return AggregateConfig(rule=rule, k=config.k if config.k is not None else base.k,
+                           patch_threshold=patch_threshold, slide_threshold=threshold)
+
+
+def tile_config_for(classifier: PatchClassifier, config: InferConfig) -> TileConfig:
+    """Tile exactly as the model was trained: its mpp, input size and stain."""
+    spec = classifier.spec
+    if spec.mpp is None:
+        raise ModelError(f"model {spec.arch} does not record the mpp of its training patches; retrain it "
+                         "with `wsi-screen train --mpp X`")
+    if spec.positive_class is None or len(spec.classes) != 2:
+        raise ModelError(f"screening needs a binary model with a positive class; this one has classes "
+                         f"{spec.classes} and positive class {spec.positive_class!r}")
+    return TileConfig(spec=TileSpec(mpp=spec.mpp, size_px=spec.input_size, min_tissue=config.min_tissue),
+                      stain=spec.stain_method, stain_target=spec.stain_target, slide_mpp=config.slide_mpp,
+                      workers=config.workers, overwrite=config.overwrite)
+
+
+# -------------------------------------------------------------------------------------------------- run
+def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, model_dir: Path,
+              config: InferConfig, *, argv: Sequence[str] = (), debug: bool = False) -> RunSummary:
+    """Screen ``slides`` (files or folders) into the run folder ``run``."""
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    run = Path(run)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
+    aggregate = resolve_aggregate(model_dir, classifier, config)
+    tile_cfg = tile_config_for(classifier, config)
+    model_id = model_identity(model_dir, classifier)
+    stores_dir = config.stores or str(run / runfolder.STORES_DIR)
+    labels = read_labels(Path(config.labels), classifier) if config.labels else {}
+
+    sources, problems = discover(slides)
+    rows = [SlideRow(p.path.name, str(p.path), status=STATUS_ERROR, error=f"{p.path}: {p.reason}")
+            for p in problems]
+    pending: list[tuple[SlideRow, str]] = []
+    for source in sources:
+        row = SlideRow(source.name, str(source.path))
+        rows.append(row)
+        if _reuse(run, source, row, model_id, tile_cfg):
+            continue
+        result = tile_slide(source, stores_dir, tile_cfg, debug=debug)
+        row.store = result.store
+        if not result.ok:
+            row.status, row.error = STATUS_ERROR, result.message or f"tiling {result.status}"
+            log.error("%s", row.error)
+            continue
+        pending.append((row, result.store))
+
+    _score(run, pending, classifier, model_id, tile_cfg, config)
+
+    for row in rows:
+        if row.status != STATUS_ERROR:
+            _aggregate_row(run, row, classifier, aggregate)
+        row.label = labels.get(row.name, "")
+    metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
+    _write_results(run, rows, aggregate, model_id)
+    _write_run_json(run, rows, aggregate, model_id, tile_cfg, config, argv, started, time.perf_counter() - t0)
+    from wsi_screen.report import write_report
+
+    write_report(run)
+    return RunSummary(run, rows, aggregate, metrics)
+
+
+def _store_digest(location: str) -> str:
+    attrs = PatchStore.open(location).attrs
+    return hashlib.sha256(json.dumps(attrs.get("settings", {}), sort_keys=True).encode()).hexdigest()
+
+
+def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig) -> bool:
+    """Whether RUN/<slide> holds this slide scored by this model from an up-to-date store."""
+    path = runfolder.slide_dir(run, source.name) / runfolder.SLIDE_JSON
+    if not path.exists() or tile_cfg.overwrite:
+        return False
+    try:
+        done = runfolder.read_json(path)
+        if done.get("model", {}).get("sha256") != model_id["sha256"] or done.get("source") != str(source.path):
+            return False
+        if done.get("store_digest") != _store_digest(done["store"]):
+            return False
+    except (WsiScreenError, KeyError, OSError):
+        return False
+    row.store = done["store"]
+    log.debug("%s: reusing earlier scores", source.name)
+    return True
+
+
+def _score(run: Path, pending: list[tuple[SlideRow, str]], classifier: PatchClassifier,
+           model_id: dict[str, Any], tile_cfg: TileConfig, config: InferConfig) -> None:
+    """Score the freshly tiled stores and write each slide's folder as soon as its scores are in."""
+    if not pending:
+        return
+    from wsi_screen.infer import check_store_matches_model, score_stores
+
+    by_store = {store: row for row, store in pending}
+    good = []
+    for row, store in pending:
+        try:
+            check_store_matches_model(PatchStore.open(store).attrs, classifier.spec, store)
+            good.append(store)
+        except WsiScreenError as exc:
+            row.status, row.error = STATUS_ERROR, str(exc)
+            log.error("%s", exc)
+    for location, probs in score_stores(good, classifier, batch_size=config.batch_size, workers=config.workers):
+        row = by_store[location]
+        try:
+            write_slide_folder(run, row, location, probs, classifier, model_id)
+        except WsiScreenError as exc:
+            row.status, row.error = STATUS_ERROR, str(exc)
+            log.error("%s", exc)
+
+
+def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarray, classifier: PatchClassifier,
+                       model_id: dict[str, Any]) -> Path:
+    """Write RUN/<slide>/ (scores.csv, heatmap.png, patches.geojson, slide.json) in one atomic step."""
+    from wsi_screen.geojson import patches_to_geojson, write_geojson
+    from wsi_screen.heatmap import heatmap_array, render_overlay
+
+    store = PatchStore.open(location)
+    spec = classifier.spec
+    pos = spec.positive_index if spec.positive_index is not None else 1
+    scores = SlideScores(coords=store.coords, tissue=store.tissue, probs=probs.astype(np.float32),
+                         classes=list(spec.classes))
+    folder = SlideFolder(run, row.name)
+    try:
+        runfolder.atomic_write_text(folder.path(runfolder.SCORES_CSV), runfolder.scores_csv(scores))
+        thumb = store.thumbnail
+        dims = tuple(store.attrs["slide"]["dimensions"])
+        heat = heatmap_array(scores.coords, scores.probs[:, pos], store.tile_size_l0, int(store.attrs["stride_l0"]),
+                             (int(dims[0]), int(dims[1])), thumb.shape[:2])
+        render_overlay(thumb, heat, title=f"{row.name}", out_path=folder.path(runfolder.HEATMAP_PNG),
+                       legend_label=f"P({spec.positive_class})", threshold=spec.threshold,
+                       dimensions_l0=(int(dims[0]), int(dims[1])), mpp=float(store.attrs["slide"]["mpp"]))
+        fc = patches_to_geojson(scores.coords, store.tile_size_l0, scores.probs, spec.classes, slide_name=row.name)
+        write_geojson(fc, folder.path(runfolder.GEOJSON))
+        runfolder.write_json(folder.path(runfolder.SLIDE_JSON), {
+            "slide": row.name, "source": row.source, "store": location, "store_digest": _store_digest(location),
+            "n_patches": len(store), "tile_size_l0": store.tile_size_l0, "mpp": store.mpp,
+            "slide_info": store.attrs["slide"], "model": model_id, "package_version": __version__,
+        })
+        return folder.commit()
+    except BaseException:
+        folder.abort()
+        raise
+
+
+def _aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggregate: AggregateConfig) -> None:
+    spec = classifier.spec
+    try:
+        scores = runfolder.read_scores(runfolder.slide_dir(run, row.name) / runfolder.SCORES_CSV)
+    except WsiScreenError as exc:
+        row.status, row.error = STATUS_ERROR, str(exc)
+        return
+    pos = scores.classes.index(spec.positive_class) if spec.positive_class in scores.classes else 1
+    negative = next(c for c in scores.classes if c != spec.positive_class)
+    result = diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative)
+    row.result = result
+    if result.diagnosis == NO_TISSUE:
+        row.status = STATUS_NO_TISSUE
+    elif result.top_indices:
+        i = result.top_indices[0]
+        row.top = (int(scores.coords[i, 0]), int(scores.coords[i, 1]), float(scores.probs[i, pos]))
+
+
+def _write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, model_id: dict[str, Any]) -> None:
+    table = []
+    for r in sorted(rows, key=lambda r: r.name):
+        res = r.result
+        table.append({
+            "slide": r.name, "status": r.status, "n_patches": res.n_patches if res else "",
+            "score": f"{res.score:.6f}" if res and res.score is not None else "",
+            "diagnosis": res.diagnosis if res else "error",
+            "rule": aggregate.rule, "threshold": f"{aggregate.slide_threshold:.6g}",
+            "top_x": r.top[0] if r.top else "", "top_y": r.top[1] if r.top else "",
+            "top_score": f"{r.top[2]:.6f}" if r.top else "", "model": model_id["arch"],
+            "label": r.label, "error": r.error, "source": r.source, "store": r.store,
+        })
+    runfolder.atomic_write_text(run / runfolder.RESULTS_CSV, runfolder.csv_text(table, runfolder.RESULT_COLUMNS))
+
+
+def _write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, model_id: dict[str, Any],
+                    tile_cfg: TileConfig, config: InferConfig, argv: Sequence[str], started: datetime,
+                    seconds: float) -> None:
+    import torch
+
+    runfolder.write_json(run / runfolder.RUN_JSON, {
+        "command": ["wsi-screen", *argv],
+        "package_version": __version__,
+        "started": started.replace(microsecond=0).isoformat(),
+        "seconds": round(seconds, 2),
+        "model": model_id,
+        "aggregate": aggregate.to_json(),
+        "tiling": {"mpp": tile_cfg.spec.mpp, "patch_size": tile_cfg.spec.size_px,
+                   "min_tissue": tile_cfg.spec.min_tissue, "stain": tile_cfg.stain,
+                   "stain_target": tile_cfg.stain_target, "tissue": tile_cfg.tissue.to_json()},
+        "settings": {"batch_size": config.batch_size, "workers": config.workers, "stores": config.stores,
+                     "slide_mpp": config.slide_mpp, "labels": config.labels},
+        "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
+                        "torch": torch.__version__, "numpy": np.__version__},
+        "slides": [{"slide": r.name, "status": r.status, "error": r.error} for r in sorted(rows, key=lambda r: r.name)],
+    })
+
+
+# --------------------------------------------------------------------------------------- slide-level truth
+POSITIVE_WORDS = {"1", "true", "yes", "positive", "pos", "tumor", "tumour", "cancer", "abnormal"}
+NEGATIVE_WORDS = {"0", "false", "no", "negative", "neg", "normal", "benign"}
+
+
+def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
+    """``slides.csv`` (columns ``slide``, ``label``) -> {slide name: "positive" | "negative"}."""
+    import csv
+
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"slide", "label"} <= set(reader.fieldnames):
+                raise ConfigError(f"{path}: --labels needs columns 'slide' and 'label', found {reader.fieldnames}")
+            rows = list(reader)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read labels: {exc.strerror or exc}") from exc
+    spec = classifier.spec
+    positive = {str(spec.positive_class).lower()} | POSITIVE_WORDS
+    negative = {c.lower() for c in spec.classes if c != spec.positive_class} | NEGATIVE_WORDS
+    out: dict[str, str] = {}
+    for i, row in enumerate(rows, start=2):
+        value = (row.get("label") or "").strip().lower()
+        raw = (row.get("slide") or "").strip()
+        if value in positive:
+            truth = "positive"
+        elif value in negative:
+            truth = "negative"
+        else:
+            raise ConfigError(f"{path}:{i}: label {row.get('label')!r} is neither the positive class "
+                              f"{spec.positive_class!r} nor a negative one ({', '.join(sorted(negative))})")
+        out[raw] = truth
+        out.setdefault(slide_name(Path(raw)), truth)  # "a.svs" labels slide "a"
+    return out
+
+
+def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
+                  aggregate: AggregateConfig) -> dict[str, Any]:
+    """AUC, sensitivity and specificity at the slide threshold over labelled, scored slides (+ ROC plot)."""
+    from sklearn.metrics import roc_auc_score
+
+    scored = [r for r in rows if r.label and r.result is not None and r.result.score is not None]
+    y = np.array([r.label == "positive" for r in scored], dtype=bool)
+    s = np.array([r.result.score for r in scored if r.result is not None], dtype=np.float64)
+    called = s >= aggregate.slide_threshold
+    tp, fn = int(np.sum(called & y)), int(np.sum(~called & y))
+    tn, fp = int(np.sum(~called & ~y)), int(np.sum(called & ~y))
+    metrics: dict[str, Any] = {
+        "n_slides": len(scored), "n_positive": int(y.sum()), "n_negative": int((~y).sum()),
+        "unscored_labelled": sorted(r.name for r in rows if r.label and r not in scored),
+        "rule": aggregate.rule, "threshold": aggregate.slide_threshold,
+        "auc": float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None,
+        "sensitivity": tp / (tp + fn) if tp + fn else None,
+        "specificity": tn / (tn + fp) if tn + fp else None,
+        "confusion": {"tp": tp, "fn": fn, "tn": tn, "fp": fp},
+    }
+    runfolder.write_json(run / runfolder.SLIDE_METRICS_JSON, metrics)
+    if metrics["auc"] is not None:
+        _plot_slide_roc(run / runfolder.SLIDE_ROC_PNG, y, s, aggregate, metrics)
+    return metrics
+
+
+def _plot_slide_roc(path: Path, y: np.ndarray, s: np.ndarray, aggregate: AggregateConfig,
+                    metrics: dict[str, Any]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(y, s)
+    fig = Figure(figsize=(5, 5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{aggregate.rule} (AUC {metrics['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
+    if metrics["sensitivity"] is not None and metrics["specificity"] is not None:
+        ax.plot(1 - metrics["specificity"], metrics["sensitivity"], "o", color="crimson",
+                label=f"threshold {aggregate.slide_threshold:.3g}")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.02),
+           title=f"Slide-level ROC ({metrics['n_positive']} positive, {metrics['n_negative']} negative)")
+    ax.legend(loc="lower right")
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
