@@ -84,3 +84,13 @@ def run_cli(*args: str) -> CliResult:
             progress.set_enabled(False)
             logging.getLogger("wsi_screen").handlers.clear()
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, example_slide: Path) -> Path:
+    """A fresh `wsi-screen infer` run of the bundled example slide with the bundled model."""
+    run = tmp_path_factory.mktemp("demo") / "run"
+    res = run_cli("infer", example_slide.parent, "-o", run, "--workers", "0", "--quiet")
+    if res.code != 0:
+        pytest.fail(f"demo infer failed: {res}")
+    return run
