@@ -1,9 +1,11 @@
 """Score patch stores with a patch classifier.
 
 Patches stream out of the stores through a torch ``DataLoader``: each item is a contiguous run of patches of
-one store (read whole from its shards by a worker process), the main process normalises them and runs the
-model under ``inference_mode`` in ``channels_last``. Workers are started with ``spawn`` (zarr keeps an event
-loop thread that must not be forked) once per run, not once per slide, so their start-up cost is paid once.
+one store (read from its shards by a worker process), the main process normalises them and runs the model
+under ``inference_mode`` in ``channels_last``. Batches never span two slides, so a slide's scores do not
+depend on which other slides were scored with it (a distributed run gives the same numbers). Workers are
+started with ``spawn`` (zarr keeps an event-loop thread that must not be forked), and only when a slide has
+enough batches to repay their start-up.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: relative mpp difference tolerated between a store and a model
 MPP_RTOL = 0.02
+#: below this many batches a slide is read in the main process (worker start-up would cost more)
+MIN_BATCHES_FOR_WORKERS = 8
 
 
 class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
@@ -121,7 +125,8 @@ def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch
 
 def make_loader(dataset: StoreBatches, workers: int) -> DataLoader[tuple[int, torch.Tensor]]:
     """A DataLoader over whole batches (``batch_size=None``), in order, with spawned workers."""
-    workers = max(0, min(workers, len(dataset)))
+    # spawning workers costs seconds: only worth it when there is enough to read
+    workers = 0 if len(dataset) < MIN_BATCHES_FOR_WORKERS else min(workers, len(dataset))
     if workers == 0:
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0)
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_screen import __version__, runfolder
+from wsi_screen import __version__, progress, runfolder
 from wsi_screen.aggregate import NO_TISSUE, AggregateConfig, SlideResult, diagnose
 from wsi_screen.discovery import SlideSource, discover
 from wsi_screen.errors import ConfigError, ModelError, RunError, WsiScreenError
@@ -164,21 +164,12 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     sources, problems = discover(slides)
     rows = [SlideRow(p.path.name, str(p.path), status=STATUS_ERROR, error=f"{p.path}: {p.reason}")
             for p in problems]
-    pending: list[tuple[SlideRow, str]] = []
-    for source in sources:
-        row = SlideRow(source.name, str(source.path))
-        rows.append(row)
-        if _reuse(run, source, row, model_id, tile_cfg):
-            continue
-        result = tile_slide(source, stores_dir, tile_cfg, debug=debug)
-        row.store = result.store
-        if not result.ok:
-            row.status, row.error = STATUS_ERROR, result.message or f"tiling {result.status}"
-            log.error("%s", row.error)
-            continue
-        pending.append((row, result.store))
-
-    _score(run, pending, classifier, model_id, tile_cfg, config)
+    job = SlideJob(run=run, stores=stores_dir, tile=tile_cfg, model_id=model_id, batch_size=config.batch_size,
+                   workers=config.workers, debug=debug)
+    with progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
+        for source in sources:
+            rows.append(screen_slide(source, job, classifier))
+            bar.update(1)
 
     for row in rows:
         if row.status != STATUS_ERROR:
@@ -216,29 +207,43 @@ def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, An
     return True
 
 
-def _score(run: Path, pending: list[tuple[SlideRow, str]], classifier: PatchClassifier,
-           model_id: dict[str, Any], tile_cfg: TileConfig, config: InferConfig) -> None:
-    """Score the freshly tiled stores and write each slide's folder as soon as its scores are in."""
-    if not pending:
-        return
+@dataclass(frozen=True, kw_only=True)
+class SlideJob:
+    """Everything one slide's screening needs besides the slide and the model (picklable)."""
+
+    run: Path
+    stores: str
+    tile: TileConfig
+    model_id: dict[str, Any]
+    batch_size: int = 128
+    workers: int = 2
+    debug: bool = False
+
+
+def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier) -> SlideRow:
+    """Tile, score and write one slide's folder (or reuse it); never raises for a bad slide."""
     from wsi_screen.infer import check_store_matches_model, score_stores
 
-    by_store = {store: row for row, store in pending}
-    good = []
-    for row, store in pending:
-        try:
-            check_store_matches_model(PatchStore.open(store).attrs, classifier.spec, store)
-            good.append(store)
-        except WsiScreenError as exc:
-            row.status, row.error = STATUS_ERROR, str(exc)
-            log.error("%s", exc)
-    for location, probs in score_stores(good, classifier, batch_size=config.batch_size, workers=config.workers):
-        row = by_store[location]
-        try:
-            write_slide_folder(run, row, location, probs, classifier, model_id)
-        except WsiScreenError as exc:
-            row.status, row.error = STATUS_ERROR, str(exc)
-            log.error("%s", exc)
+    row = SlideRow(source.name, str(source.path))
+    if _reuse(job.run, source, row, job.model_id, job.tile):
+        return row
+    result = tile_slide(source, job.stores, job.tile, debug=job.debug)
+    row.store = result.store
+    if not result.ok:
+        row.status, row.error = STATUS_ERROR, result.message or f"tiling {result.status}"
+        log.error("%s", row.error)
+        return row
+    try:
+        check_store_matches_model(PatchStore.open(result.store).attrs, classifier.spec, result.store)
+        for _location, probs in score_stores([result.store], classifier, batch_size=job.batch_size,
+                                             workers=job.workers, desc=source.name[:30]):
+            write_slide_folder(job.run, row, result.store, probs, classifier, job.model_id)
+    except WsiScreenError as exc:
+        if job.debug:
+            raise
+        row.status, row.error = STATUS_ERROR, str(exc)
+        log.error("%s", exc)
+    return row
 
 
 def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarray, classifier: PatchClassifier,
