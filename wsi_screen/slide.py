@@ -4,7 +4,11 @@ Which reader serves a file is decided here, once, and recorded in the slide's id
 
 * OME-TIFF pyramids (QuPath, bfconvert) -> :class:`~wsi_screen.readers.tiff_reader.TiffReader`, because
   OpenSlide sees them as one flat level;
-* everything OpenSlide recognises (SVS, NDPI, MRXS, SCN, BIF, VMS, generic tiled TIFF, DICOM) ->
+* Aperio SVS and generic tiled TIFF whose pyramid is JPEG (or RGB JPEG 2000) tiles -> TiffReader as a fast
+  path (the file's own tiles decoded directly, several threads at once), with OpenSlide's metadata; it
+  gives OpenSlide's pixels exactly at level 0 and within a grey level or two at reduced levels (both
+  interpolate sub-pixel offsets bilinearly);
+* everything else OpenSlide recognises (NDPI, MRXS, SCN, BIF, VMS, DICOM, ...) ->
   :class:`~wsi_screen.readers.openslide_reader.OpenSlideReader`;
 * other 8-bit RGB TIFFs (plain strip TIFFs) -> TiffReader, but only with a user-stated mpp.
 
@@ -97,7 +101,7 @@ def fingerprint(files: list[Path]) -> tuple[str, int, float]:
 def _open_reader(path: Path, choice: ReaderChoice) -> Reader:
     """Pick and open the reader for ``path`` (see module docstring)."""
     from wsi_screen.readers import openslide_reader
-    from wsi_screen.readers.tiff_reader import TiffReader, check_brightfield, inspect_tiff
+    from wsi_screen.readers.tiff_reader import TiffReader, check_brightfield, fast_path_ok, inspect_tiff
 
     files = slide_files(path)
     target = files[0]
@@ -125,9 +129,15 @@ def _open_reader(path: Path, choice: ReaderChoice) -> Reader:
             return TiffReader(target, tif)  # the reader owns ``tif`` from here
     vendor = openslide_reader.detect(target)
     if vendor is not None:
+        osr = openslide_reader.OpenSlideReader(target)
+        if choice == "auto" and tif is not None and fast_path_ok(tif, vendor, osr.level_dimensions):
+            # same pyramid, JPEG tiles: decode them directly, keep OpenSlide's metadata
+            meta = (osr.vendor, osr.mpp(), osr.properties())
+            osr.close()
+            return TiffReader(target, tif, vendor=meta[0], mpp=meta[1], properties=meta[2])
         if tif is not None:
             tif.close()
-        return openslide_reader.OpenSlideReader(target)
+        return osr
     if tif is not None:
         return TiffReader(target, tif)
     raise UnsupportedFormatError(

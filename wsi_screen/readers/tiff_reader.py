@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ import numpy as np
 import tifffile
 
 from wsi_screen.errors import SlideOpenError, SlideReadError, UnsupportedFormatError
+
+#: decoded tiles kept per reader (a row of 256-px tiles across a 100k-px slide is ~77 MB)
+TILE_CACHE_BYTES = 96 << 20
 
 # OME length units -> microns
 _OME_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6,
@@ -34,6 +38,63 @@ def inspect_tiff(path: Path) -> tifffile.TiffFile | None:
         return None
     except OSError as exc:
         raise SlideOpenError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
+#: TIFF compressions the direct decoder serves for OpenSlide formats: JPEG, and JPEG 2000 in RGB (Aperio 33005,
+#: generic 34712). Aperio's YCbCr JPEG 2000 (33003) stays with OpenSlide, which converts its colours.
+FAST_COMPRESSIONS = frozenset({7, 33005, 34712})
+#: OpenSlide vendors whose files are plain tiled TIFF pyramids tifffile reads the same way
+FAST_VENDORS = frozenset({"aperio", "generic-tiff"})
+
+
+def fast_path_ok(tif: tifffile.TiffFile, vendor: str, level_dimensions: tuple[tuple[int, int], ...]) -> bool:
+    """Whether the direct tile decoder can serve a file OpenSlide opened as ``vendor``, pixel for pixel."""
+    if vendor not in FAST_VENDORS or tif.is_ome:
+        return False
+    try:
+        levels = tif.series[0].levels or [tif.series[0]]
+        pages = [lvl.keyframe for lvl in levels]
+    except (IndexError, ValueError, KeyError):
+        return False
+    dims = tuple((int(p.imagewidth), int(p.imagelength)) for p in pages)
+    return dims == tuple(level_dimensions) and all(
+        p.is_tiled and int(p.compression) in FAST_COMPRESSIONS and int(p.planarconfig) == 1
+        and int(p.photometric) in (2, 6) for p in pages)
+
+
+_RST_OR_STUFFED = np.zeros(256, dtype=bool)
+_RST_OR_STUFFED[[0x00, *range(0xD0, 0xD8)]] = True
+
+
+def jpeg_stream_ok(data: bytes) -> bool:
+    """Structural check of a (possibly abbreviated) JPEG stream, as strict as OpenSlide's decoder.
+
+    libjpeg only *warns* about damaged entropy-coded data and fills the rest of the tile; OpenSlide treats
+    that as an error and so do we. After the last SOS header, every 0xFF byte must be a stuffed 0xFF00 or a
+    restart marker, and the stream must end with EOI. Costs microseconds per tile (numpy).
+    """
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8 or data[-2] != 0xFF or data[-1] != 0xD9:
+        return False
+    i = 2
+    while i + 4 <= n:  # header segments up to the start of scan
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = (data[i + 2] << 8) | data[i + 3]
+        if length < 2 or i + 2 + length > n:
+            return False
+        i += 2 + length
+        if marker == 0xDA:  # SOS: entropy-coded data follows
+            break
+    else:
+        return False
+    scan = np.frombuffer(data, dtype=np.uint8, count=n - 2 - i, offset=i)
+    ff = np.flatnonzero(scan[:-1] == 0xFF)
+    return bool(_RST_OR_STUFFED[scan[ff + 1]].all()) and (scan.size == 0 or scan[-1] != 0xFF)
 
 
 def struct_error() -> type[Exception]:
@@ -90,8 +151,12 @@ class TiffReader:
 
     name = "tifffile"
 
-    def __init__(self, path: Path, tif: tifffile.TiffFile | None = None) -> None:
+    def __init__(self, path: Path, tif: tifffile.TiffFile | None = None, *, vendor: str | None = None,
+                 mpp: tuple[float, float] | None = None, properties: dict[str, str] | None = None) -> None:
+        """Open series 0 of ``path``; ``vendor``, ``mpp`` and ``properties`` may come from OpenSlide."""
         self.path = path
+        self._declared_mpp = mpp
+        self._extra_properties = dict(properties or {})
         tif = tif if tif is not None else inspect_tiff(path)
         if tif is None:
             raise UnsupportedFormatError(f"{path}: not a TIFF file")
@@ -107,7 +172,7 @@ class TiffReader:
         except UnsupportedFormatError:
             tif.close()
             raise
-        self.vendor = "ome-tiff" if tif.is_ome else ("aperio" if tif.is_svs else "tiff")
+        self.vendor = vendor or ("ome-tiff" if tif.is_ome else ("aperio" if tif.is_svs else "tiff"))
         dims = [(int(p.imagewidth), int(p.imagelength)) for p in self._pages]
         self.level_dimensions = tuple(dims)
         w0, h0 = dims[0]
@@ -116,14 +181,19 @@ class TiffReader:
         self._file_size = os.fstat(self._fd).st_size
         self._whole: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
 
     # ------------------------------------------------------------------ metadata
     def mpp(self) -> tuple[float, float] | None:
+        if self._declared_mpp is not None:
+            return self._declared_mpp
         return ome_mpp(self._tif) if self._tif.is_ome else None
 
     def properties(self) -> dict[str, str]:
         page = self._pages[0]
         return {
+            **self._extra_properties,
             "tiff.compression": str(page.compression.name if hasattr(page.compression, "name")
                                     else page.compression),
             "tiff.photometric": str(getattr(page.photometric, "name", page.photometric)),
@@ -137,14 +207,30 @@ class TiffReader:
 
     # ------------------------------------------------------------------ pixels
     def read_region(self, level: int, xy_l0: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-        page = self._pages[level]
+        """Pixels of ``level`` from level-0 ``xy_l0``; sub-pixel positions are interpolated bilinearly.
+
+        A level-0 position rarely falls on a whole pixel of a reduced level; like OpenSlide, the region is
+        then resampled at the exact fractional offset (so both readers agree within a grey level or two).
+        """
         ds = self.level_downsamples[level]
-        x0 = math.floor(xy_l0[0] / ds + 1e-9)
-        y0 = math.floor(xy_l0[1] / ds + 1e-9)
+        fx, fy = xy_l0[0] / ds, xy_l0[1] / ds
+        x0, y0 = math.floor(fx + 1e-9), math.floor(fy + 1e-9)
+        tx, ty = fx - x0, fy - y0
+        tx = 0.0 if tx < 1e-6 else tx
+        ty = 0.0 if ty < 1e-6 else ty
         w, h = int(size[0]), int(size[1])
+        if tx == 0.0 and ty == 0.0:
+            return self._read_level(level, x0, y0, w, h)
+        raw = self._read_level(level, x0, y0, w + 1, h + 1).astype(np.float32)
+        out = ((1 - tx) * (1 - ty)) * raw[:h, :w] + (tx * (1 - ty)) * raw[:h, 1:] \
+            + ((1 - tx) * ty) * raw[1:, :w] + (tx * ty) * raw[1:, 1:]
+        return np.floor(out + 0.5).astype(np.uint8)
+
+    def _read_level(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """Whole pixels ``[x0, x0 + w) x [y0, y0 + h)`` of ``level``; white outside the image."""
+        page = self._pages[level]
         out = np.full((h, w, 3), 255, dtype=np.uint8)
         W, H = self.level_dimensions[level]
-        # intersection of the request with the image
         ix0, iy0 = max(x0, 0), max(y0, 0)
         ix1, iy1 = min(x0 + w, W), min(y0 + h, H)
         if ix0 >= ix1 or iy0 >= iy1:
@@ -157,9 +243,7 @@ class TiffReader:
         ncols = int(page.chunked[1]) if page.is_tiled else 1
         for ty in range(iy0 // ch, (iy1 - 1) // ch + 1):
             for tx in range(ix0 // cw, (ix1 - 1) // cw + 1):
-                index = ty * ncols + tx
-                tile = self._decode(page, index, level)
-                # paste the overlap of tile (ty*ch.., tx*cw..) with the request
+                tile = self._tile(page, ty * ncols + tx, level)
                 tx0, ty0 = tx * cw, ty * ch
                 sx0, sy0 = max(ix0, tx0), max(iy0, ty0)
                 sx1 = min(ix1, tx0 + tile.shape[1])
@@ -168,6 +252,23 @@ class TiffReader:
                     continue
                 out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = tile[sy0 - ty0:sy1 - ty0, sx0 - tx0:sx1 - tx0]
         return out
+
+    def _tile(self, page: Any, index: int, level: int) -> np.ndarray:
+        """A decoded tile, from the small LRU cache when neighbouring patches already needed it."""
+        key = (level, index)
+        with self._lock:
+            tile = self._cache.get(key)
+            if tile is not None:
+                self._cache.move_to_end(key)
+                return tile
+        tile = self._decode(page, index, level)
+        with self._lock:
+            self._cache[key] = tile
+            self._cache_bytes += tile.nbytes
+            while self._cache_bytes > TILE_CACHE_BYTES and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= old.nbytes
+        return tile
 
     def _decode(self, page: Any, index: int, level: int) -> np.ndarray:
         try:
@@ -180,6 +281,10 @@ class TiffReader:
         if offset + count > self._file_size:
             raise SlideReadError(f"{self.path}: tile data lies beyond the end of the file (truncated)")
         data = os.pread(self._fd, count, offset)
+        if len(data) != count:
+            raise SlideReadError(f"{self.path}: tile {index} at level {level} is cut short (truncated file)")
+        if int(page.compression) == 7 and not jpeg_stream_ok(data):
+            raise SlideReadError(f"{self.path}: corrupt JPEG data in tile {index} at level {level}")
         try:
             segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
         except Exception as exc:  # imagecodecs raises its own error types per codec
