@@ -136,3 +136,32 @@ def test_lock_excludes_other_processes(tmp_path: Path) -> None:
         proc.join(10)
     with store_lock(loc):  # free again
         pass
+
+
+def test_fast_shard_writer_is_byte_identical_to_zarr(tmp_path: Path) -> None:
+    import zarr
+
+    from wsi_screen.store import _compressor, encode_shard
+
+    rng = np.random.default_rng(3)
+    size, n = 64, 0
+    shard = patches_per_shard(size)
+    n = shard * 2 + 7  # two full shards and a short last one
+    patches = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    patches[5] = 0  # an all-zero patch is written like any other
+    ref = zarr.open_group(tmp_path / "ref.zarr", mode="w").create_array(
+        "patches", shape=patches.shape, dtype="uint8", chunks=(1, size, size, 3), shards=(shard, size, size, 3),
+        compressors=_compressor(), fill_value=0, config={"write_empty_chunks": True})
+    ref[...] = patches
+    for i, first in enumerate(range(0, n, shard)):
+        ours = encode_shard(patches[first:first + shard], shard)
+        assert ours == (tmp_path / "ref.zarr" / "patches" / "c" / str(i) / "0" / "0" / "0").read_bytes()
+    loc = store_location(tmp_path, "s")
+    w = StoreWriter(loc, n_patches=n, patch_size=size, thumbnail_shape=(4, 4), attrs={})
+    for first in range(0, n, shard):
+        w.write_patches(first, patches[first:first + shard])
+    w.write_arrays(coords=np.zeros((n, 2), np.int64), tissue=np.zeros(n), stain_ok=np.zeros(n, bool),
+                   thumbnail=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), np.uint8))
+    w.commit()
+    assert np.array_equal(PatchStore.open(loc).read(slice(None)), patches)
+    assert np.array_equal(PatchStore.open(loc).read([n - 1, 5, shard]), patches[[n - 1, 5, shard]])
