@@ -11,7 +11,8 @@ import numpy as np
 from tiatoolbox.tools.patchextraction import get_patch_extractor
 from tiatoolbox.wsicore.wsireader import WSIReader
 
-slide, coords_path, tile_l0, size, mpp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+slide, coords_path = sys.argv[1], sys.argv[2]
+tile_l0, size, mpp = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 coords = np.load(coords_path)
 reader = WSIReader.open(slide)
 slide_mpp = float(reader.info.mpp[0])

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     src = load_source()
     for scale in (int(s) for s in args.scales.split(",")):
-        side = args.side * int(round(scale ** 0.5))
+        side = args.side * round(scale ** 0.5)
         path = args.out / f"mosaic-{scale}x.tif"
         if path.exists():
             print(f"{path} exists ({path.stat().st_size / 1e9:.2f} GB)")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, header, python, run, table  # noqa: E402
+from common import DATA, header, python, run, table
 
 
 def main(argv: list[str] | None = None) -> int:

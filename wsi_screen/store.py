@@ -86,11 +86,11 @@ def patches_per_shard(size_px: int) -> int:
 
 
 #: Blosc settings of every array (zstd level 1: patches are JPEG-decoded pixels, they compress only ~20 %)
-BLOSC = {"cname": "zstd", "clevel": 1, "shuffle": "noshuffle"}
+BLOSC_CNAME, BLOSC_CLEVEL = "zstd", 1
 
 
 def _compressor() -> zarr.codecs.BloscCodec:
-    return zarr.codecs.BloscCodec(cname=BLOSC["cname"], clevel=BLOSC["clevel"], shuffle=BLOSC["shuffle"])
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=BLOSC_CLEVEL, shuffle="noshuffle")
 
 
 def encode_shard(patches: np.ndarray, shard: int) -> bytes:
@@ -105,7 +105,7 @@ def encode_shard(patches: np.ndarray, shard: int) -> bytes:
     import google_crc32c
     from numcodecs import Blosc
 
-    codec = Blosc(cname=BLOSC["cname"], clevel=BLOSC["clevel"], shuffle=Blosc.NOSHUFFLE, blocksize=0)
+    codec = Blosc(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=Blosc.NOSHUFFLE, blocksize=0)
     parts = [codec.encode(np.ascontiguousarray(p)) for p in patches]
     index = np.full((shard, 2), np.iinfo(np.uint64).max, dtype="<u8")
     offset = 0
