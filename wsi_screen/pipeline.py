@@ -14,22 +14,30 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from wsi_screen import __version__, progress
 from wsi_screen.discovery import SlideSource
-from wsi_screen.errors import StainFitError, StoreError, StoreLockedError, StoreMismatchError, WsiScreenError
+from wsi_screen.errors import (
+    ConfigError,
+    StainFitError,
+    StoreError,
+    StoreLockedError,
+    StoreMismatchError,
+    WsiScreenError,
+)
 from wsi_screen.slide import ReaderChoice, Slide
 from wsi_screen.store import (
     ATTR_SETTINGS,
     SCHEMA_VERSION,
     StoreWriter,
     is_complete,
+    is_url,
     patches_per_shard,
     read_attrs,
     store_location,
@@ -37,6 +45,9 @@ from wsi_screen.store import (
 )
 from wsi_screen.tiling import TileSpec, make_grid, stride_l0, tile_size_l0
 from wsi_screen.tissue import LABELS, TissueSettings, detect_tissue
+
+if TYPE_CHECKING:
+    from wsi_screen.distributed import DaskRunner
 
 log = logging.getLogger(__name__)
 
@@ -271,22 +282,87 @@ def read_patches(slide: Slide, coords: np.ndarray, tile_l0: int, size_px: int,
 
 
 def tile_slides(sources: Sequence[SlideSource], out: str | Path, config: TileConfig, *,
-                debug: bool = False) -> list[TileResult]:
-    """Tile slides one after another (each with ``config.workers`` reader threads)."""
-    out_str = str(out)
-    if "://" not in out_str:
+                debug: bool = False, dask: DaskRunner | None = None) -> list[TileResult]:
+    """Tile slides one after another here (each with ``config.workers`` reader threads), or with ``dask``
+    (see :mod:`wsi_screen.distributed`) one task per slide on a Dask cluster, whose workers open the slides
+    by path and write the stores to ``out`` themselves. Same stores, same results, in ``sources`` order.
+
+    ``out`` is a folder, a ``file://`` URL (treated as the folder) or an fsspec URL that zarr can write.
+    """
+    out_str = output_location(out, absolute=dask is not None)
+    if not is_url(out_str):
         try:
             Path(out_str).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"{out_str}: cannot create the output folder: {exc.strerror or exc}") from exc
+    if dask is not None:
+        return _tile_on_dask(dask, sources, out_str, output_location(out), config, debug=debug)
     results: list[TileResult] = []
     with progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
         for source in sources:
             result = tile_slide(source, out_str, config, debug=debug)
-            results.append(result)
-            if result.status == "failed":
-                log.error("%s", result.message)
-            elif result.status == "locked":
-                log.warning("%s", result.message)
+            results.append(_report(result))
             bar.update(1)
     return results
+
+
+def _report(result: TileResult) -> TileResult:
+    """Log a slide's failure (or busy store) on one line, as it comes in."""
+    if result.status == "failed":
+        log.error("%s", result.message)
+    elif result.status == "locked":
+        log.warning("%s", result.message)
+    return result
+
+
+def output_location(out: str | Path, *, absolute: bool = False) -> str:
+    """``out`` as tile_slide takes it: ``file://`` URLs become folders; ``absolute`` for Dask workers,
+    whose working directory is not the client's (``memory://`` is refused there: it lives in one process)."""
+    text = str(out)
+    if text.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        url = urlparse(text)
+        if url.netloc not in ("", "localhost"):
+            raise StoreError(f"{text}: file:// URLs must name a local path (file:///path/to/folder)")
+        text = unquote(url.path)
+    if is_url(text):
+        if absolute and text.startswith("memory://"):
+            raise ConfigError(f"{text}: memory:// stores live inside one process and cannot be shared with Dask "
+                              "workers; use a shared folder or an object-store URL (s3://, gs://, ...)")
+        return text
+    return str(Path(text).absolute()) if absolute else text
+
+
+def worker_config(config: TileConfig) -> TileConfig:
+    """``config`` with an absolute ``stain_target`` path, for workers (the store records the resolved path
+    and the file's hash either way, so the stores are the same)."""
+    if config.stain_target is None or is_url(config.stain_target):
+        return config
+    return replace(config, stain_target=str(Path(config.stain_target).expanduser().absolute()))
+
+
+def _tile_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], out: str, given_out: str, config: TileConfig,
+                  *, debug: bool) -> list[TileResult]:
+    """One ``tile_slide`` task per slide (absolute paths: workers run elsewhere); the results spell the paths
+    as the caller gave them (``given_out``), like a local run's."""
+    from wsi_screen.distributed import Call, task_key
+
+    config = worker_config(config)
+    remote = [SlideSource(s.path.absolute(), s.name) for s in sources]
+    calls = [Call(task_key("tile", s.name, s, out, config), (s, out, config), {"debug": debug}) for s in remote]
+
+    def failed(i: int, reason: str) -> TileResult:
+        s = sources[i]
+        return TileResult(s.name, str(s.path), store_location(given_out, s.name), "failed",
+                          message=f"{s.path}: {reason}")
+
+    def arrived(i: int, result: TileResult) -> TileResult:
+        if result.status == "done" and not is_url(result.store) and not Path(result.store).exists():
+            result = replace(result, status="failed", message=(
+                f"{result.store}: written by a Dask worker but not visible here; the output folder must be on a "
+                "filesystem shared by this machine and every worker (see docs/cluster.md)"))
+        s = sources[i]
+        return _report(replace(result, source=str(s.path), store=store_location(given_out, s.name)))
+
+    return dask.run(tile_slide, calls, failed=failed, on_result=arrived, reraise=debug)

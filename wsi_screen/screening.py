@@ -15,14 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import platform
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +38,9 @@ from wsi_screen.runfolder import SlideFolder, SlideScores
 from wsi_screen.slide import slide_name
 from wsi_screen.store import PatchStore
 from wsi_screen.tiling import TileSpec
+
+if TYPE_CHECKING:
+    from wsi_screen.distributed import DaskRunner
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +151,14 @@ def tile_config_for(classifier: PatchClassifier, config: InferConfig) -> TileCon
 
 # -------------------------------------------------------------------------------------------------- run
 def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, model_dir: Path,
-              config: InferConfig, *, argv: Sequence[str] = (), debug: bool = False) -> RunSummary:
-    """Screen ``slides`` (files or folders) into the run folder ``run``."""
+              config: InferConfig, *, argv: Sequence[str] = (), debug: bool = False,
+              dask: DaskRunner | None = None) -> RunSummary:
+    """Screen ``slides`` (files or folders) into the run folder ``run``.
+
+    With ``dask`` (see :mod:`wsi_screen.distributed`) each slide is one :func:`screen_slide_task` on a Dask
+    cluster; aggregation, results.csv, run.json, metrics and the report are still made here, from the run
+    folder, so they are the same as a local run's.
+    """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     run = Path(run)
@@ -166,10 +177,13 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
             for p in problems]
     job = SlideJob(run=run, stores=stores_dir, tile=tile_cfg, model_id=model_id, batch_size=config.batch_size,
                    workers=config.workers, debug=debug)
-    with progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
-        for source in sources:
-            rows.append(screen_slide(source, job, classifier))
-            bar.update(1)
+    if dask is not None:
+        rows.extend(_screen_on_dask(dask, sources, job, model_dir))
+    else:
+        with progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
+            for source in sources:
+                rows.append(screen_slide(source, job, classifier))
+                bar.update(1)
 
     for row in rows:
         if row.status != STATUS_ERROR:
@@ -244,6 +258,98 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
         row.status, row.error = STATUS_ERROR, str(exc)
         log.error("%s", exc)
     return row
+
+
+def screen_slide_task(source: SlideSource, job: SlideJob, model_dir: str | None, model_sha256: str,
+                      torch_threads: int | None = None) -> SlideRow:
+    """The unit of work of a Dask run: :func:`screen_slide` with the model loaded on the worker.
+
+    The classifier is not shipped: the worker loads ``model_dir`` (None: its own bundled default model) once
+    per process and checks that its weights and config hash to ``model_sha256``, the client's.
+
+    ``torch_threads`` is the client's intra-op thread count: torch's CPU kernels round differently with
+    another thread count (last digits of the probabilities), and Dask starts workers with one thread
+    (``OMP_NUM_THREADS=1``), so the worker scores with the client's count to give a local run's numbers.
+    Dask's worker processes are daemonic and cannot start DataLoader workers, so patches are then read in the
+    task's thread (``workers=0``; the scores do not depend on it). Never raises for a bad slide or model.
+    """
+    try:
+        classifier = _worker_classifier(model_dir, model_sha256)
+    except WsiScreenError as exc:
+        if job.debug:
+            raise
+        row = SlideRow(source.name, str(source.path), status=STATUS_ERROR, error=str(exc))
+        log.error("%s", row.error)
+        return row
+    if torch_threads:
+        import torch
+
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+    if job.workers and multiprocessing.current_process().daemon:
+        job = replace(job, workers=0)
+    return screen_slide(source, job, classifier)
+
+
+@lru_cache(maxsize=4)
+def _worker_classifier(model_dir: str | None, sha256: str) -> PatchClassifier:
+    """The model of a Dask run, loaded once per worker process (keyed by folder and content hash)."""
+    from wsi_screen.models import default_model_dir, load_model
+
+    path = Path(model_dir) if model_dir is not None else default_model_dir()
+    try:
+        classifier = load_model(path)
+    except WsiScreenError as exc:
+        raise ModelError(f"cannot load the model on a Dask worker: {exc}") from exc
+    found = model_identity(path, classifier)["sha256"]
+    if found != sha256:
+        raise ModelError(f"{path}: the model on this Dask worker is not the client's (sha256 {found[:12]}, expected "
+                         f"{sha256[:12]}); every worker needs the same model folder and wsi-screen version")
+    return classifier
+
+
+def _screen_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], job: SlideJob,
+                    model_dir: Path) -> list[SlideRow]:
+    """One :func:`screen_slide_task` per slide. Workers get absolute paths (they run elsewhere) and this
+    process's torch thread count; the rows spell the slide and store paths as given here, so results.csv is
+    the one a local run writes."""
+    import torch
+
+    from wsi_screen.distributed import Call, task_key
+    from wsi_screen.models import default_model_dir
+    from wsi_screen.pipeline import output_location, worker_config
+    from wsi_screen.store import store_location
+
+    remote_job = replace(job, run=job.run.absolute(), stores=output_location(job.stores, absolute=True),
+                         tile=worker_config(job.tile))
+    bundled = model_dir.resolve() == default_model_dir().resolve()
+    remote_model = None if bundled else str(model_dir.absolute())
+    sha = str(job.model_id["sha256"])
+    threads = torch.get_num_threads()
+    remote = [SlideSource(s.path.absolute(), s.name) for s in sources]
+    calls = [Call(task_key("infer", s.name, s, remote_job, remote_model, threads),
+                  (s, remote_job, remote_model, sha, threads)) for s in remote]
+
+    def failed(i: int, reason: str) -> SlideRow:
+        s = sources[i]
+        row = SlideRow(s.name, str(s.path), status=STATUS_ERROR, error=f"{s.path}: {reason}")
+        log.error("%s", row.error)
+        return row
+
+    def arrived(i: int, row: SlideRow) -> SlideRow:
+        s = sources[i]
+        row.source = str(s.path)
+        if row.store == store_location(remote_job.stores, s.name):
+            row.store = store_location(job.stores, s.name)
+        folder = runfolder.slide_dir(job.run, s.name) / runfolder.SLIDE_JSON
+        if row.status != STATUS_ERROR and not folder.exists():
+            row.status, row.error = STATUS_ERROR, (
+                f"{folder.parent}: written by a Dask worker but not visible here; the run folder must be on a "
+                "filesystem shared by this machine and every worker (see docs/cluster.md)")
+            log.error("%s", row.error)
+        return row
+
+    return dask.run(screen_slide_task, calls, failed=failed, on_result=arrived, reraise=job.debug)
 
 
 def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarray, classifier: PatchClassifier,

@@ -38,10 +38,14 @@ if TYPE_CHECKING:
 @click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Minimum tissue fraction of a patch.")
 @click.option("--overwrite", is_flag=True, help="Re-tile stores made with other settings and rescore every slide.")
+@click.option("--dask", type=str, default=None, metavar="ADDRESS",
+              help="Screen on a Dask cluster, one task per slide: tcp://HOST:PORT of a running scheduler, or "
+                   "local[:N] for N worker processes here (default 2). Every worker must see the slides, the "
+                   "model folder and RUN by the same paths (see docs/cluster.md).")
 @common_options
 def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | None, threshold: float | None,
           k: float | None, labels: str | None, stores: str | None, batch_size: int, workers: int,
-          slide_mpp: float | None, min_tissue: float, overwrite: bool) -> None:
+          slide_mpp: float | None, min_tissue: float, overwrite: bool, dask: str | None) -> None:
     """Screen SLIDES (files or folders) and write the results to RUN.
 
     Each slide is tiled at the model's resolution, patch size and stain (stores are reused when they
@@ -56,22 +60,26 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     Examples:
       wsi-screen infer examples/ -o runs/demo
       wsi-screen infer slides/ -o runs/cohort --labels slides.csv --aggregate topk
+      wsi-screen infer /shared/slides -o /shared/runs/cohort --dask tcp://10.0.0.5:8786
     """
     configure_output()
     from pathlib import Path
 
+    from wsi_screen.distributed import maybe_connect, parse_address
     from wsi_screen.models import default_model_dir, load_model
     from wsi_screen.screening import InferConfig, run_infer
 
     ctx = click.get_current_context()
+    target = parse_address(dask) if dask is not None else None
     mdir = Path(model_dir) if model_dir else default_model_dir()
     classifier = load_model(mdir)
     k_value: int | float | None = None if k is None else (int(k) if k >= 1 else k)
     config = InferConfig(rule=rule, threshold=threshold, k=k_value, stores=stores, batch_size=batch_size,
                          workers=workers, slide_mpp=slide_mpp, min_tissue=min_tissue, overwrite=overwrite,
                          labels=labels)
-    summary = run_infer(slides, Path(run), classifier, mdir, config, argv=sys.argv[1:],
-                        debug=bool(ctx.obj.get("debug")))
+    with maybe_connect(target) as runner:
+        summary = run_infer(slides, Path(run), classifier, mdir, config, argv=sys.argv[1:],
+                            debug=bool(ctx.obj.get("debug")), dask=runner)
     _print_table(summary)
     if summary.failed:
         ctx.exit(1)

@@ -33,10 +33,14 @@ from wsi_screen.commands._options import common_options, configure_output
               show_default=True, help="Pixel reader (auto: OpenSlide, tifffile for OME-TIFF/plain TIFF).")
 @click.option("--overwrite", is_flag=True,
               help="Replace existing stores made with other settings or from another slide version.")
+@click.option("--dask", type=str, default=None, metavar="ADDRESS",
+              help="Tile on a Dask cluster, one task per slide: tcp://HOST:PORT of a running scheduler, or "
+                   "local[:N] for N worker processes here (default 2). Every worker must read the slides and "
+                   "write OUT by the same paths (see docs/cluster.md).")
 @common_options
 def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int, min_tissue: float,
          stain: str, stain_target: str | None, slide_mpp: float | None, workers: int, reader: str,
-         overwrite: bool) -> None:
+         overwrite: bool, dask: str | None) -> None:
     """Find tissue in SLIDES and write stain-normalised patches to OUT.
 
     Each SLIDE is a slide file (SVS, NDPI, MRXS, SCN, BIF, VMS, tiled or OME-TIFF, DICOM, ...) or a folder,
@@ -52,12 +56,14 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
       wsi-screen tile slides/ -o stores/
       wsi-screen tile a.svs b.ndpi -o stores/ --mpp 0.25 --size 256 --stain macenko
       wsi-screen tile plain.tif -o stores/ --slide-mpp 0.5
+      wsi-screen tile /shared/slides -o /shared/stores --dask tcp://10.0.0.5:8786
     """
     configure_output()
     import logging
 
     from wsi_screen.discovery import discover
-    from wsi_screen.pipeline import TileConfig, tile_slides
+    from wsi_screen.distributed import maybe_connect, parse_address
+    from wsi_screen.pipeline import TileConfig, output_location, tile_slides
     from wsi_screen.tiling import TileSpec
 
     log = logging.getLogger("wsi_screen.tile")
@@ -66,11 +72,15 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
                         stain=stain, stain_target=stain_target, slide_mpp=slide_mpp, workers=workers,
                         reader=reader,  # type: ignore[arg-type]
                         overwrite=overwrite)
+    target = parse_address(dask) if dask is not None else None
+    if target is not None:
+        output_location(out, absolute=True)  # refuse memory:// before starting a cluster
     started = time.perf_counter()
     sources, problems = discover(slides)
     for problem in problems:
         log.error("%s: %s", problem.path, problem.reason)
-    results = tile_slides(sources, out, config, debug=bool(ctx.obj.get("debug")))
+    with maybe_connect(target if sources else None) as runner:
+        results = tile_slides(sources, out, config, debug=bool(ctx.obj.get("debug")), dask=runner)
 
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed", "locked")}
     failed = counts["failed"] + len(problems)

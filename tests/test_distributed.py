@@ -1,0 +1,306 @@
+"""``--dask``: ``tile`` and ``infer`` on a Dask cluster write what a local run writes, byte for byte.
+
+Three kinds of cluster: an in-process LocalCluster started by the CLI (``--dask local:2``), a real
+``dask scheduler`` with two ``dask worker`` processes on 127.0.0.1 started here, and (for the client-side
+bookkeeping: order, failures, Ctrl-C) a threads-only cluster inside the test process.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+from tests.factory import GLASS, block_image, write_plain_tiff, write_tiled_tiff
+from wsi_screen.discovery import SlideSource
+from wsi_screen.distributed import Call, DaskAddress, DaskRunner, _reason, parse_address, task_key
+from wsi_screen.errors import ConfigError
+
+#: files of a run folder that record when and how the run was started, so they differ between two runs
+RUN_STAMPED = frozenset({"run.json", "report.html"})
+
+
+def tree_digest(root: Path, skip: frozenset[str] = frozenset()) -> dict[str, str]:
+    """sha256 of every file under root, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and str(p.relative_to(root)) not in skip}
+
+
+def error_lines(err: str) -> list[str]:
+    return sorted(line.strip() for line in err.splitlines() if "wsi-screen: error:" in line)
+
+
+def warning_lines(err: str) -> list[str]:
+    return sorted(line.strip() for line in err.splitlines() if "wsi-screen: warning:" in line)
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory, cmu_svs: Path) -> Path:
+    """Two written H&E slides, the real CMU SVS, a glass-only slide and one without mpp (fails)."""
+    root = tmp_path_factory.mktemp("dask-slides")
+    write_tiled_tiff(root / "block_a.tif", block_image((2048, 1536), [(256, 256, 1280, 1024)], seed=1), mpp=0.5)
+    write_tiled_tiff(root / "block_b.tif", block_image((1536, 1536), [(128, 512, 1408, 1280)], seed=2), mpp=0.5)
+    glass = np.empty((1024, 1024, 3), dtype=np.uint8)
+    glass[:] = GLASS
+    write_tiled_tiff(root / "glass.tif", glass, mpp=0.5)
+    write_plain_tiff(root / "no_mpp.tif", block_image((512, 512), [(0, 0, 512, 512)]))
+    shutil.copy(cmu_svs, root / "cmu.svs")
+    return root
+
+
+# ------------------------------------------------------------------------------------------------- parsing
+@pytest.mark.parametrize(("text", "expected"), [
+    ("local", DaskAddress(None, 2)),
+    ("local:3", DaskAddress(None, 3)),
+    ("tcp://127.0.0.1:8786", DaskAddress("tcp://127.0.0.1:8786")),
+    ("tcp://node-07.cluster.example:40123", DaskAddress("tcp://node-07.cluster.example:40123")),
+    ("tcp://[::1]:8786", DaskAddress("tcp://[::1]:8786")),
+])
+def test_parse_address(text: str, expected: DaskAddress) -> None:
+    assert parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "foo", "local:0", "local:x", "127.0.0.1:8786", "tcp://host", "tcp://:8786",
+                                  "tcp://host:0", "tcp://host:99999", "tls://host:8786", "http://host:8786"])
+def test_parse_address_refuses(text: str) -> None:
+    with pytest.raises(ConfigError, match="--dask"):
+        parse_address(text)
+
+
+def test_task_keys_are_stable_and_unique(tmp_path: Path) -> None:
+    a, b = SlideSource(tmp_path / "a.svs", "a"), SlideSource(tmp_path / "b.svs", "b")
+    assert task_key("tile", "a", a, "/out") == task_key("tile", "a", a, "/out")
+    assert len({task_key("tile", "a", a, "/out"), task_key("tile", "b", b, "/out"),
+                task_key("tile", "a", a, "/other"), task_key("infer", "a", a, "/out")}) == 4
+
+
+def test_reason_is_one_line() -> None:
+    from distributed import KilledWorker
+
+    assert "died" in _reason("error", KilledWorker("k", "tcp://w", 3))
+    assert _reason("error", ValueError("bad\n  thing")) == "failed on a Dask worker: ValueError: bad thing"
+    assert "cancelled" in _reason("cancelled", None)
+
+
+# ------------------------------------------------------------------------- client-side bookkeeping (threads)
+def _square(x: int) -> int:
+    time.sleep(0.05 * (3 - x % 3))  # finish out of order
+    return x * x
+
+
+def _boom(x: int) -> int:
+    raise ValueError(f"slide {x}\nis broken")
+
+
+def _slow(x: int) -> int:
+    time.sleep(0.3)
+    return x
+
+
+@pytest.fixture(scope="module")
+def thread_runner() -> Iterator[DaskRunner]:
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address="127.0.0.1:0")
+    client = Client(cluster, set_as_default=False)
+    with DaskRunner(client, DaskAddress(cluster.scheduler_address), cluster) as runner:
+        yield runner
+
+
+def test_results_in_call_order_and_failures_as_results(thread_runner: DaskRunner) -> None:
+    calls = [Call(f"sq-{i}", (i,)) for i in range(6)]
+    assert thread_runner.run(_square, calls, failed=lambda i, r: -1) == [i * i for i in range(6)]
+    seen: list[int] = []
+
+    def arrived(i: int, result: str | int) -> str | int:
+        seen.append(i)
+        return result
+
+    out = thread_runner.run(_boom, [Call(f"boom-{i}", (i,)) for i in range(2)], failed=lambda i, r: f"{i}: {r}",
+                            on_result=arrived)
+    assert out == ["0: failed on a Dask worker: ValueError: slide 0 is broken",
+                   "1: failed on a Dask worker: ValueError: slide 1 is broken"]
+    assert sorted(seen) == [0, 1]
+    with pytest.raises(ConfigError, match="same Dask task key"):
+        thread_runner.run(_square, [Call("same", (1,)), Call("same", (2,))], failed=lambda i, r: -1)
+    with pytest.raises(ValueError, match="slide 0"):  # --debug: the worker's exception itself
+        thread_runner.run(_boom, [Call("boom-debug", (0,))], failed=lambda i, r: r, reraise=True)
+
+
+def test_interrupt_cancels_every_task(thread_runner: DaskRunner) -> None:
+    def interrupt(i: int, result: int) -> int:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        thread_runner.run(_slow, [Call(f"slow-{i}", (i,)) for i in range(8)], failed=lambda i, r: -1,
+                          on_result=interrupt)
+    deadline = time.monotonic() + 10
+    while thread_runner.client.futures and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not thread_runner.client.futures  # nothing left queued for this client
+
+
+# ---------------------------------------------------------------------------------------- CLI edge cases
+def test_unreachable_scheduler_is_one_line(tmp_path: Path, slides: Path) -> None:
+    start = time.monotonic()
+    res = run_cli("tile", slides / "block_a.tif", "-o", tmp_path / "out", "--dask", "tcp://127.0.0.1:1")
+    seconds = time.monotonic() - start
+    assert res.code == 1, res
+    assert len(res.err_lines) == 1, res
+    assert res.err_lines[0].startswith("wsi-screen: error: cannot reach the Dask scheduler at tcp://127.0.0.1:1")
+    assert "Traceback" not in res.err and seconds < 15
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_address_and_memory_url_fail_before_any_cluster(tmp_path: Path, slides: Path) -> None:
+    res = run_cli("tile", slides / "block_a.tif", "-o", tmp_path / "out", "--dask", "127.0.0.1:8786")
+    assert res.code == 1 and len(res.err_lines) == 1 and "expected tcp://HOST:PORT" in res.err, res
+    res = run_cli("tile", slides / "block_a.tif", "-o", "memory://stores", "--dask", "local")
+    assert res.code == 1 and len(res.err_lines) == 1 and "memory://" in res.err_lines[0], res
+
+
+def test_file_url_output_is_the_folder(tmp_path: Path, slides: Path) -> None:
+    res = run_cli("tile", slides / "block_a.tif", "-o", (tmp_path / "out").as_uri(), "--size", "256", "--quiet")
+    assert res.code == 0, res
+    assert (tmp_path / "out" / "block_a.zarr" / "zarr.json").exists()
+
+
+# ----------------------------------------------------------------------------- LocalCluster: tile and infer
+def test_tile_local_cluster_same_stores(tmp_path: Path, slides: Path) -> None:
+    local = run_cli("tile", slides, "-o", tmp_path / "local", "--size", "128")
+    dask = run_cli("tile", slides, "-o", tmp_path / "dask", "--size", "128", "--dask", "local:2")
+    assert local.code == 1 and dask.code == 1, (local, dask)  # no_mpp.tif fails in both
+    assert "5 slides: 4 tiled, 0 up to date, 1 failed" in local.err
+    assert "5 slides: 4 tiled, 0 up to date, 1 failed" in dask.err, dask
+    # failures and warnings (logged on the workers) reach the client's terminal as in a local run
+    errors = error_lines(dask.err)
+    assert errors == error_lines(local.err) and len(errors) == 1 and "no_mpp.tif" in errors[0]
+    assert warning_lines(dask.err) == warning_lines(local.err) and any("glass" in w for w in warning_lines(dask.err))
+    a, b = tree_digest(tmp_path / "local"), tree_digest(tmp_path / "dask")
+    assert len(a) > 40 and a == b
+
+
+def _results(run: Path) -> list[dict[str, str]]:
+    with (run / "results.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _run_json(run: Path) -> dict[str, object]:
+    data = json.loads((run / "run.json").read_text())
+    for key in ("command", "started", "seconds"):
+        data.pop(key)
+    return data
+
+
+def test_infer_local_cluster_same_run(tmp_path: Path, slides: Path) -> None:
+    # the same run folder path for both runs (results.csv and slide.json name it): run, move away, rerun.
+    # Small batches: torch's CPU kernels then round differently with one thread than with several, so this
+    # also checks that workers (started by Dask with OMP_NUM_THREADS=1) score with the client's thread count.
+    run = tmp_path / "run"
+    args = ("infer", slides, "-o", run, "--workers", "0", "--batch-size", "8", "--quiet")
+    local = run_cli(*args)
+    assert local.code == 1, local  # no_mpp.tif is an error row
+    run.rename(tmp_path / "local")
+    dask = run_cli(*args, "--dask", "local:2")
+    assert dask.code == 1, dask
+    assert (run / "results.csv").read_bytes() == (tmp_path / "local" / "results.csv").read_bytes()
+    assert [(r["slide"], r["status"]) for r in _results(run)] == [
+        ("block_a", "ok"), ("block_b", "ok"), ("cmu", "ok"), ("glass", "no tissue"), ("no_mpp", "error")]
+    assert error_lines(dask.err) == error_lines(local.err) and len(error_lines(dask.err)) == 1
+    a, b = tree_digest(tmp_path / "local", RUN_STAMPED), tree_digest(run, RUN_STAMPED)
+    assert len(a) > 50 and a == b  # stores, scores, heatmaps, GeoJSON, slide.json: byte for byte
+    assert _run_json(run) == _run_json(tmp_path / "local")
+    assert dask.out == local.out  # the printed table
+
+
+def test_worker_with_another_model_refuses(tmp_path: Path, slides: Path) -> None:
+    from wsi_screen.models import load_model
+    from wsi_screen.screening import InferConfig, SlideJob, screen_slide_task, tile_config_for
+
+    classifier = load_model(None)
+    job = SlideJob(run=tmp_path / "run", stores=str(tmp_path / "stores"),
+                   tile=tile_config_for(classifier, InferConfig()), model_id={"sha256": "0" * 64})
+    row = screen_slide_task(SlideSource(slides / "block_a.tif", "block_a"), job, None, "0" * 64)
+    assert row.status == "error" and "not the client's" in row.error and "\n" not in row.error
+    assert not (tmp_path / "stores").exists()
+
+
+# --------------------------------------------------------------- a real scheduler and two worker processes
+def _start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=5)
+
+
+@pytest.fixture
+def scheduler(tmp_path: Path) -> Iterator[str]:
+    """``dask scheduler`` + two ``dask worker`` processes on 127.0.0.1; the scheduler's address."""
+    from distributed import Client
+
+    dask = [sys.executable, "-m", "dask"]
+    file = tmp_path / "scheduler.json"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = [_start([*dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+                     "127.0.0.1:0", "--scheduler-file", str(file)], logs / "scheduler.log")]
+
+    def tails() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted(logs.iterdir()))
+
+    try:
+        deadline = time.monotonic() + 60
+        while not file.exists():
+            if time.monotonic() > deadline or procs[0].poll() is not None:
+                pytest.fail(f"dask scheduler did not start:\n{tails()}")
+            time.sleep(0.2)
+        address = json.loads(file.read_text())["address"]
+        for i in range(2):
+            procs.append(_start([*dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+                                 "--nworkers", "1", "--dashboard-address", "127.0.0.1:0", "--name", f"w{i}",
+                                 "--local-directory", str(tmp_path / f"w{i}")], logs / f"worker{i}.log"))
+        with Client(address, timeout=30, set_as_default=False) as client:
+            try:
+                client.wait_for_workers(2, timeout=90)
+            except TimeoutError:
+                pytest.fail(f"dask workers did not join:\n{tails()}")
+        yield address
+    finally:
+        _stop(procs)
+
+
+@pytest.mark.slow
+def test_tile_on_a_real_scheduler_with_two_workers(tmp_path: Path, slides: Path, scheduler: str) -> None:
+    local = run_cli("tile", slides, "-o", tmp_path / "local", "--size", "128", "--quiet")
+    dask = run_cli("tile", slides, "-o", tmp_path / "dask", "--size", "128", "--dask", scheduler)
+    assert local.code == 1 and dask.code == 1, (local, dask)
+    assert "5 slides: 4 tiled, 0 up to date, 1 failed" in dask.err, dask
+    assert error_lines(dask.err) == error_lines(local.err) and len(error_lines(dask.err)) == 1
+    a, b = tree_digest(tmp_path / "local"), tree_digest(tmp_path / "dask")
+    assert len(a) > 40 and a == b
+    # a rerun finds every store up to date (the workers' stores are the client's)
+    again = run_cli("tile", slides, "-o", tmp_path / "dask", "--size", "128", "--dask", scheduler)
+    assert "5 slides: 0 tiled, 4 up to date, 1 failed" in again.err, again
