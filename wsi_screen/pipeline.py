@@ -38,6 +38,7 @@ from wsi_screen.store import (
     StoreWriter,
     is_complete,
     is_url,
+    local_location,
     patches_per_shard,
     read_attrs,
     store_location,
@@ -318,14 +319,7 @@ def _report(result: TileResult) -> TileResult:
 def output_location(out: str | Path, *, absolute: bool = False) -> str:
     """``out`` as tile_slide takes it: ``file://`` URLs become folders; ``absolute`` for Dask workers,
     whose working directory is not the client's (``memory://`` is refused there: it lives in one process)."""
-    text = str(out)
-    if text.startswith("file://"):
-        from urllib.parse import unquote, urlparse
-
-        url = urlparse(text)
-        if url.netloc not in ("", "localhost"):
-            raise StoreError(f"{text}: file:// URLs must name a local path (file:///path/to/folder)")
-        text = unquote(url.path)
+    text = local_location(out)
     if is_url(text):
         if absolute and text.startswith("memory://"):
             raise ConfigError(f"{text}: memory:// stores live inside one process and cannot be shared with Dask "

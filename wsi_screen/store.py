@@ -73,8 +73,22 @@ def is_url(location: str | os.PathLike[str]) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def local_location(location: str | os.PathLike[str]) -> str:
+    """``file://`` URLs as the plain path they name; other URLs and paths unchanged."""
+    text = str(location)
+    if not text.startswith("file://"):
+        return text
+    from urllib.parse import unquote, urlparse
+
+    url = urlparse(text)
+    if url.netloc not in ("", "localhost"):
+        raise StoreError(f"{text}: file:// URLs must name a local path (file:///path/to/folder)")
+    return unquote(url.path)
+
+
 def store_location(out: str | os.PathLike[str], name: str) -> str:
     """Where the store of slide ``name`` lives under output location ``out``."""
+    out = local_location(out)
     if is_url(out):
         return str(out).rstrip("/") + "/" + name + STORE_SUFFIX
     return str(Path(out) / (name + STORE_SUFFIX))
