@@ -1,0 +1,165 @@
+"""The classifier commands through the real entry point: help, a full round, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests.classifier_data import make_subset
+from wsi_screen import progress
+from wsi_screen.cli import cli, main
+
+COMMANDS = ("models", "train", "evaluate", "predict", "tune")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """The CLI installs a handler on the package logger and enables bars; undo that for other tests."""
+    logger = logging.getLogger("wsi_screen")
+    saved = (list(logger.handlers), logger.level, logger.propagate, progress.enabled(), torch.get_num_threads())
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+    progress.set_enabled(saved[3])
+    torch.set_num_threads(saved[4])
+
+
+@pytest.fixture(scope="module")
+def herlev_small(patches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_subset(patches_dir / "herlev", tmp_path_factory.mktemp("herlev_cli"), {"train": 16, "test": 4},
+                       label_column="binary_label")
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run ``wsi-screen ARGS`` through main(); returns (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command: str) -> None:
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: " in result.output and "--quiet" in result.output
+
+
+def test_help_stays_light() -> None:
+    code = ("import sys\nfrom wsi_screen.cli import main\n"
+            "for c in ('train', 'evaluate', 'predict', 'tune', 'models'):\n"
+            "    try:\n        main([c, '--help'])\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, 'timm' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_models_lists_screen_cnn32_with_its_size(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["models"], capsys)
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("screen_cnn32"))
+    assert "2,534,402" in line and " 32 " in line
+    code, out, _ = run(["models", "resnet1*"], capsys)
+    assert code == 0 and "resnet18" in out and "11,177,538" in out
+    code, _, err = run(["models", "resnt50"], capsys)
+    assert code == 1 and err.strip().count("\n") == 0 and "did you mean" in err
+
+
+@pytest.mark.slow
+def test_train_evaluate_predict_tune(herlev_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "model"
+    code, out, err = run(["train", str(herlev_small), "--arch", "screen_cnn32", "--label-column", "binary_label",
+                          "--epochs", "2", "--batch-size", "16", "--mpp", "0.5", "--threads", "1", "-q",
+                          "-o", str(model)], capsys)
+    assert code == 0, err
+    assert "best epoch" in out and "threshold" in out and err == ""
+    config = json.loads((model / "config.json").read_text())
+    assert config["mpp"] == 0.5 and config["train_config"]["epochs"] == 2
+
+    evaluation = tmp_path / "eval"
+    code, out, err = run(["evaluate", str(herlev_small), "--model", str(model), "-o", str(evaluation)], capsys)
+    assert code == 0, err
+    assert "label column 'binary_label'" in err  # taken from the model
+    assert "resized to the model input" in err  # test images are 200 px, the model takes 32
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert metrics["n"] == 8 and metrics["source"]["split"] == "test"
+    for key in ("accuracy", "precision", "recall", "f1", "auc", "balanced_accuracy", "sensitivity",
+                "specificity", "confusion_matrix", "per_class", "macro"):
+        assert key in metrics
+    assert (evaluation / "roc.png").exists() and (evaluation / "confusion.png").exists()
+
+    image = next((herlev_small / "test").rglob("*.jpg"))
+    code, out, err = run(["predict", str(image), "--model", str(model), "--json"], capsys)
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["predicted"] in ("abnormal", "normal") and set(record["probabilities"]) == {"abnormal", "normal"}
+    code, out, _ = run(["predict", str(herlev_small / "test"), "--model", str(model)], capsys)
+    assert code == 0 and len(out.strip().splitlines()) == 1 + 8
+
+    code, out, err = run(["tune", str(herlev_small), "--arch", "screen_cnn32", "--label-column", "binary_label",
+                          "--epochs", "1", "--lr", "1e-3,1e-4", "--batch-size", "16", "--optimizer", "adam",
+                          "--threads", "1", "-q", "-o", str(tmp_path / "tune")], capsys)
+    assert code == 0, err
+    assert "<- best" in out and (tmp_path / "tune" / "best" / "config.json").exists()
+
+
+def test_error_paths_are_one_line(herlev_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = [
+        (["train", str(herlev_small), "--arch", "resnet5O", "-o", str(tmp_path / "m")], "did you mean"),
+        (["train", str(herlev_small), "--arch", "screen_cnn32", "--label-column", "diagnosis",
+          "-o", str(tmp_path / "m")], "no column 'diagnosis'"),
+        (["train", str(herlev_small), "--arch", "screen_cnn32", "--label-column", "binary_label",
+          "--group-column", "patient", "-o", str(tmp_path / "m")], "--group-column"),
+        (["train", str(herlev_small), "--arch", "screen_cnn32", "--label-column", "binary_label",
+          "--size", "64", "-o", str(tmp_path / "m")], "takes 32x32"),
+        (["train", str(herlev_small), "--arch", "screen_cnn32", "--label-column", "binary_label",
+          "--threshold-rule", "sens>0.9", "-o", str(tmp_path / "m")], "threshold rule"),
+        (["evaluate", str(herlev_small), "--model", str(tmp_path), "-o", str(tmp_path / "e")], "model.safetensors"),
+    ]
+    for args, message in cases:
+        code, _, err = run([*args, "-q"], capsys)
+        assert code == 1, args
+        assert err.startswith("wsi-screen: error: ") and message in err, err
+        assert err.strip().count("\n") == 0, err
+
+
+def test_model_errors_through_the_cli(herlev_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from wsi_screen.models import ModelSpec, create_model, save_model
+
+    seven = ModelSpec(arch="screen_cnn32", classes=[f"c{i}" for i in range(7)], input_size=32)
+    save_model(tmp_path / "seven", create_model("screen_cnn32", num_classes=7), seven)
+    code, _, err = run(["evaluate", str(herlev_small), "--model", str(tmp_path / "seven"), "-o",
+                        str(tmp_path / "e")], capsys)
+    assert code == 1 and "model's classes are c0" in err and err.strip().count("\n") == 0
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save(create_model("screen_cnn32", num_classes=2).state_dict(), pickled / "model.pth")
+    code, _, err = run(["predict", str(next(herlev_small.rglob("*.jpg"))), "--model", str(pickled)], capsys)
+    assert code == 1 and "refused" in err and "model.pth" in err
+
+    code, _, err = run(["train", str(herlev_small), "--arch", "screen_cnn32", "--label-column", "binary_label",
+                        "--pretrained", str(pickled / "model.pth"), "-o", str(tmp_path / "m")], capsys)
+    assert code == 1 and "pickle" in err
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    binary = ModelSpec(arch="screen_cnn32", classes=["abnormal", "normal"], input_size=32, positive_class="abnormal",
+                       threshold=0.5)
+    save_model(tmp_path / "binary", create_model("screen_cnn32", num_classes=2), binary)
+    code, _, err = run(["predict", str(bad), "--model", str(tmp_path / "binary")], capsys)
+    assert code == 1 and "bad.jpg: unreadable image" in err
+
+    code, _, err = run(["evaluate", str(herlev_small), "--model", str(tmp_path / "binary"), "--split", "valid",
+                        "-o", str(tmp_path / "e")], capsys)
+    assert code == 1 and "split 'valid' is empty" in err

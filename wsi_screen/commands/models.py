@@ -1,0 +1,48 @@
+"""``wsi-screen models``: the registered architectures and their sizes."""
+
+from __future__ import annotations
+
+import click
+
+from wsi_screen.commands._options import common_options, configure_output
+
+#: above this many matches, names are listed without building each model
+MAX_COUNTED = 60
+
+
+@click.command(short_help="List architectures (screen_cnn32 and timm's) with parameter counts.")
+@click.argument("pattern", required=False)
+@click.option("--all", "show_all", is_flag=True, help="List every registered name (without parameter counts).")
+@click.option("--num-classes", type=click.IntRange(2, 100000), default=2, show_default=True,
+              help="Output classes assumed for the parameter counts.")
+@common_options
+def models(pattern: str | None, show_all: bool, num_classes: int) -> None:
+    """List architectures usable with `wsi-screen train --arch NAME`.
+
+    Without arguments: the project's own screen_cnn32 and a few timm architectures suited to patches.
+    PATTERN (a glob such as 'resnet*' or '*efficientnet_b?') lists the matching names; --all lists all
+    of timm's. Parameter counts assume --num-classes outputs; the input is the architecture's default
+    (any size works for convolutional networks; screen_cnn32 needs 32 px). Nothing is downloaded: weights
+    come from `wsi-screen train`, optionally starting from a local --pretrained file.
+    """
+    configure_output()
+    from wsi_screen.models.registry import SUGGESTED, arch_info, list_models
+
+    if show_all or pattern:
+        names = list_models(pattern or "")
+        if not names:
+            from wsi_screen.models.registry import check_arch
+
+            check_arch(pattern or "")  # raises with the closest names
+        if show_all or len(names) > MAX_COUNTED:
+            for name in names:
+                click.echo(name)
+            if not show_all:
+                click.echo(f"({len(names)} names; narrow the pattern to see parameter counts)", err=True)
+            return
+    else:
+        names = list(SUGGESTED)
+    click.echo(f"{'architecture':<24} {'parameters':>13} {'input':>6}  source")
+    for name in names:
+        info = arch_info(name, num_classes)
+        click.echo(f"{info.name:<24} {info.params:>13,} {info.input_size:>6}  {info.source}")

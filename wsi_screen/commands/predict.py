@@ -1,0 +1,69 @@
+"""``wsi-screen predict``: class probabilities for individual image files."""
+
+from __future__ import annotations
+
+import click
+
+from wsi_screen.commands._options import common_options, configure_output
+
+
+@click.command(short_help="Classify image files (patches) with a model.")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--model", "model_dir", type=click.Path(exists=True), default=None, metavar="MODEL_DIR",
+              help="Model folder from `wsi-screen train` (default: the bundled model).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image instead of a table.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
+@common_options
+def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch_size: int) -> None:
+    """Print the predicted class and class probabilities of each IMAGE.
+
+    An IMAGE may be a folder: its image files (jpg, png, tif, bmp, webp) are classified, recursively, in
+    name order. Images are resized to the model input (with a warning) when their size differs. The call
+    uses the model's operating point: for a binary model, the positive class when its probability is at
+    least the model's threshold.
+
+    \b
+    Examples:
+      wsi-screen predict patch1.png patch2.png --model models/pcam
+      wsi-screen predict patches/ --json > predictions.jsonl
+    """
+    configure_output()
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from wsi_screen.data import IMAGE_SUFFIXES, read_image
+    from wsi_screen.errors import DatasetError
+    from wsi_screen.models import load_model
+
+    model = load_model(model_dir)
+    spec = model.spec
+    paths: list[Path] = []
+    for item in map(Path, images):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise DatasetError(f"{item}: no image files found")
+            paths.extend(found)
+        else:
+            paths.append(item)
+    if not as_json:
+        pos = f"p({spec.positive_class})" if spec.positive_class else "p(max)"
+        click.echo("\t".join(["path", "predicted", pos, *[f"p_{c}" for c in spec.classes]]))
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        probs = model.predict([read_image(p) for p in chunk])
+        calls = model.decide(probs)
+        for path, row, call in zip(chunk, probs, calls, strict=True):
+            label = spec.classes[int(call)]
+            score = float(row[spec.positive_index]) if spec.positive_index is not None else float(np.max(row))
+            if as_json:
+                click.echo(json.dumps({
+                    "path": str(path), "predicted": label,
+                    "probabilities": {c: round(float(p), 6) for c, p in zip(spec.classes, row, strict=True)},
+                    "positive_class": spec.positive_class,
+                    "positive_probability": score if spec.positive_index is not None else None,
+                    "threshold": spec.threshold}))
+            else:
+                click.echo("\t".join([str(path), label, f"{score:.4f}", *[f"{float(p):.4f}" for p in row]]))

@@ -1,0 +1,186 @@
+"""``wsi-screen train``: train a patch classifier on a labelled patch dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from wsi_screen.commands._options import common_options, configure_output
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+STAINS = ("none", "macenko", "reinhard", "vahadane")
+
+
+def dataset_options(func: F) -> F:
+    """Options that say how to read a dataset folder (shared by train, tune and evaluate)."""
+    options = [
+        click.option("--label-column", default="label", show_default=True,
+                     help="labels.csv column holding the class (e.g. binary_label)."),
+        click.option("--split-column", default="split", show_default=True,
+                     help="labels.csv column holding train/valid/test (optional in the file)."),
+        click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
+                     help="Threads decoding images (and DataLoader workers when streaming from disk)."),
+        click.option("--threads", type=click.IntRange(0, 256), default=0,
+                     help="Torch compute threads (0: torch's default, all cores). On a busy shared machine "
+                          "1 can be much faster."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def training_options(func: F) -> F:
+    """Options shared by ``train`` and ``tune`` (everything except the searchable optimiser settings)."""
+    options = [
+        click.argument("dataset", type=click.Path(exists=True, file_okay=False)),
+        click.option("--arch", required=True, metavar="NAME",
+                     help="Architecture: screen_cnn32 or any timm name (see `wsi-screen models`)."),
+        click.option("--size", type=click.IntRange(8, 2048), default=None, metavar="PX",
+                     help="Input edge in pixels; images are resized to it. Default: the architecture's fixed "
+                          "size (screen_cnn32: 32), the --pretrained model's, else the images' own size."),
+        click.option("--group-column", default=None, metavar="COL",
+                     help="Column of patient/slide/source ids: a carved validation split keeps each group "
+                          "on one side (use group_id for lc25000-colon)."),
+        click.option("--positive", default=None, metavar="CLASS",
+                     help="The positive (disease) class. Default for two classes: the one whose name says so "
+                          "(tumour, abnormal, ..._aca, ...)."),
+        click.option("--valid-fraction", type=click.FloatRange(0.01, 0.9), default=0.15, show_default=True,
+                     help="Share of train carved (seeded, stratified) for validation if the dataset has no "
+                          "valid split."),
+        click.option("--carve-valid", is_flag=True,
+                     help="Carve validation from train even if the dataset has a valid split, leaving that "
+                          "split unused (held out for `wsi-screen evaluate --split valid`)."),
+        click.option("--epochs", type=click.IntRange(1, 1000), default=20, show_default=True),
+        click.option("--patience", type=click.IntRange(0, 1000), default=8, show_default=True,
+                     help="Stop after this many epochs without improvement on validation (0: never)."),
+        click.option("--monitor", type=click.Choice(["auto", "auc", "balanced_accuracy", "accuracy", "loss"]),
+                     default="auto", show_default=True,
+                     help="Validation score that picks the best epoch (auto: AUC for two classes, else "
+                          "balanced accuracy)."),
+        click.option("--schedule", type=click.Choice(["cosine", "onecycle", "constant"]), default="cosine",
+                     show_default=True, help="LR schedule (cosine and constant start with a linear warm-up)."),
+        click.option("--warmup-epochs", type=click.FloatRange(0, 100), default=1.0, show_default=True),
+        click.option("--label-smoothing", type=click.FloatRange(0, 0.5), default=0.1, show_default=True),
+        click.option("--class-weights/--no-class-weights", default=True, show_default=True,
+                     help="Weight the loss by inverse class frequency (for imbalanced data)."),
+        click.option("--drop-rate", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
+                     help="Dropout before the classifier."),
+        click.option("--pretrained", type=click.Path(exists=True), default=None, metavar="WEIGHTS",
+                     help="Local weights to start from: a model folder or a .safetensors state dict (ours or "
+                          "timm's names). Nothing is downloaded; pickle files are refused."),
+        click.option("--freeze-backbone", is_flag=True,
+                     help="Train only the classifier for --frozen-epochs, then fine-tune everything."),
+        click.option("--frozen-epochs", type=click.IntRange(0, 1000), default=2, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seeds the split, initialisation, shuffling and augmentation."),
+        click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Microns per pixel of the training patches (recorded; overrides an mpp column)."),
+        click.option("--stain", type=click.Choice(STAINS), default="none", show_default=True,
+                     help="Stain normalisation the training patches already had (recorded for inference; "
+                          "images are used as they are)."),
+        click.option("--stain-target", default=None, metavar="TARGET",
+                     help="Stain target used to normalise the training patches (recorded)."),
+        click.option("--threshold-rule", default="sensitivity:0.95", show_default=True, metavar="RULE",
+                     help="Operating point chosen on validation: sensitivity:X (highest specificity with "
+                          "sensitivity >= X), specificity:X, youden or fixed:T."),
+        click.option("--flips/--no-flips", default=True, show_default=True,
+                     help="Random flips and 90-degree rotations."),
+        click.option("--hed-jitter", type=click.FloatRange(0, 0.5), default=0.05, show_default=True,
+                     help="HED stain augmentation strength (0: off)."),
+        click.option("--color-jitter", type=click.FloatRange(0, 0.5), default=0.1, show_default=True,
+                     help="Brightness/contrast/saturation jitter (0: off)."),
+        click.option("--cache-limit", type=click.FloatRange(min=0), default=4096, show_default=True,
+                     metavar="MB", help="Decode the dataset into memory up to this size, else stream from disk."),
+        click.option("--compile", "compile_", is_flag=True,
+                     help="torch.compile the model (pays off on long runs; needs a C compiler)."),
+        click.option("--overwrite", is_flag=True, help="Replace a model already in the output folder."),
+    ]
+    func = dataset_options(func)
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    """Map the shared options onto :class:`wsi_screen.train.TrainConfig` keywords."""
+    ctx = click.get_current_context()
+    source = ctx.get_parameter_source("split_column")
+    return {
+        "arch": params["arch"], "size": params["size"], "label_column": params["label_column"],
+        "split_column": params["split_column"],
+        "require_split_column": source is not None and source != click.core.ParameterSource.DEFAULT,
+        "group_column": params["group_column"], "positive": params["positive"],
+        "valid_fraction": params["valid_fraction"], "carve_valid": params["carve_valid"],
+        "epochs": params["epochs"], "patience": params["patience"],
+        "monitor": params["monitor"], "schedule": params["schedule"], "warmup_epochs": params["warmup_epochs"],
+        "label_smoothing": params["label_smoothing"], "class_weights": params["class_weights"],
+        "drop_rate": params["drop_rate"], "pretrained": params["pretrained"],
+        "freeze_backbone": params["freeze_backbone"], "frozen_epochs": params["frozen_epochs"],
+        "seed": params["seed"], "mpp": params["mpp"], "stain_method": params["stain"],
+        "stain_target": params["stain_target"], "threshold_rule": params["threshold_rule"],
+        "flips": params["flips"], "hed_jitter": params["hed_jitter"], "color_jitter": params["color_jitter"],
+        "workers": params["workers"], "cache_limit_mb": params["cache_limit"], "compile": params["compile_"],
+        "overwrite": params["overwrite"],
+    }
+
+
+def set_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@click.command(short_help="Train a patch classifier on a labelled patch dataset.")
+@training_options
+@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="MODEL_DIR",
+              help="Model folder to write (model.safetensors, config.json, history.csv, split.csv, valid/).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adamw", show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate (default 1e-3 for adam/adamw, 0.01 for sgd).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+              help="Weight decay, not applied to biases and norms (default 0.05 adamw, 0 adam, 1e-4 sgd).")
+@common_options
+def train(**params: Any) -> None:
+    """Train a classifier on DATASET and write MODEL_DIR.
+
+    DATASET is a folder with labels.csv (columns path, label, optional split = train/valid/test and any
+    others you select with --label-column / --group-column) or an ImageFolder tree (<class>/<image> or
+    <split>/<class>/<image>). The test split is never used. Without a valid split, one is carved from
+    train: seeded, stratified, and grouped by --group-column.
+
+    The best epoch on validation is kept; the decision threshold is chosen on validation by
+    --threshold-rule; everything that defines the model (architecture, classes, input size, mpp, mean/std,
+    stain, threshold, data fingerprint, metrics, resolved options) goes into MODEL_DIR/config.json.
+
+    \b
+    Examples:
+      wsi-screen train herlev/ --arch screen_cnn32 --label-column binary_label -o models/herlev
+      wsi-screen train pcam/ --arch resnet10t --epochs 30 --mpp 0.97 -o models/pcam
+      wsi-screen train lc25000-colon/ --arch resnet18 --size 96 --group-column group_id -o models/colon
+      wsi-screen train herlev/ --arch resnet10t --pretrained models/pcam --freeze-backbone -o models/tl
+    """
+    configure_output()
+    set_threads(params["threads"])
+    from wsi_screen.train import TrainConfig
+    from wsi_screen.train import train as run_training
+
+    config = TrainConfig(**config_kwargs(params), batch_size=params["batch_size"],
+                         optimizer=params["optimizer"], lr=params["lr"], weight_decay=params["weight_decay"])
+    result = run_training(params["dataset"], params["out"], config)
+    spec = result.spec
+    m = spec.metrics
+    parts = [f"best epoch {result.best_epoch} of {len(result.history)}",
+             f"valid AUC {_num(m.get('auc'))}", f"balanced accuracy {_num(m.get('balanced_accuracy'))}"]
+    if spec.threshold is not None:
+        parts.append(f"threshold {spec.threshold:.4f} for {spec.positive_class} (valid sensitivity "
+                     f"{_num(m.get('sensitivity'))}, specificity {_num(m.get('specificity'))})")
+    click.echo(f"{result.model_dir}: {', '.join(parts)}; {result.seconds:.0f} s")
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,92 @@
+"""Models: a registry over timm plus ``screen_cnn32``, the ModelSpec contract and safe checkpoint I/O.
+
+>>> import wsi_screen
+>>> model = wsi_screen.load_model("model_dir")      # folder written by `wsi-screen train`
+>>> probs = model.predict(images)                   # uint8 (N, H, W, 3) -> (N, C) probabilities
+
+Importing this package registers ``screen_cnn32`` in timm's registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wsi_screen.errors import ModelError
+from wsi_screen.models.checkpoint import (
+    PretrainedReport,
+    load_pretrained,
+    load_state_strict,
+    read_weights,
+    resolve_model_dir,
+    save_model,
+)
+from wsi_screen.models.classifier import PatchClassifier, resize_uint8
+from wsi_screen.models.registry import (
+    ArchInfo,
+    arch_info,
+    check_arch,
+    count_parameters,
+    create_model,
+    list_models,
+)
+from wsi_screen.models.spec import CONFIG_NAME, WEIGHTS_NAME, ModelSpec
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "ArchInfo",
+    "ModelSpec",
+    "PatchClassifier",
+    "PretrainedReport",
+    "arch_info",
+    "build_module",
+    "check_arch",
+    "count_parameters",
+    "create_model",
+    "default_model_dir",
+    "list_models",
+    "load_model",
+    "load_pretrained",
+    "resize_uint8",
+    "save_model",
+]
+
+log = logging.getLogger(__name__)
+
+
+def default_model_dir() -> Path:
+    """Where the bundled default model lives: ``wsi_screen/resources/models/default/``."""
+    return Path(__file__).resolve().parents[1] / "resources" / "models" / "default"
+
+
+def build_module(spec: ModelSpec, **kwargs: Any) -> nn.Module:
+    """The architecture named by ``spec``, randomly initialised, with its output size and model kwargs."""
+    return create_model(spec.arch, num_classes=spec.num_classes, **{**spec.model_kwargs, **kwargs})
+
+
+def load_model(path: str | os.PathLike[str] | None = None, *,
+               device: str | torch.device = "cpu") -> PatchClassifier:
+    """Load a model folder (``config.json`` + ``model.safetensors``) as a :class:`PatchClassifier`.
+
+    ``path`` may be the folder, its ``config.json`` or its ``model.safetensors``; ``None`` loads the
+    bundled default model. Nothing is unpickled: pickle-based files raise
+    :class:`~wsi_screen.errors.UnsafeFileError`.
+    """
+    if path is None:
+        path = default_model_dir()
+        if not (path / CONFIG_NAME).exists():
+            raise ModelError(f"the bundled default model is missing ({path}); pass --model MODEL_DIR (a "
+                             "folder from `wsi-screen train`) or train one into that folder")
+    model_dir = resolve_model_dir(Path(path))
+    spec = ModelSpec.read(model_dir)
+    check_arch(spec.arch)
+    module = build_module(spec)
+    load_state_strict(module, read_weights(model_dir / WEIGHTS_NAME), str(model_dir))
+    log.debug("loaded %s from %s", spec.arch, model_dir)
+    return PatchClassifier(module, spec, device=device)

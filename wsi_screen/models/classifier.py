@@ -1,0 +1,165 @@
+"""PatchClassifier: a model with its contract, ready to score uint8 RGB patches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wsi_screen.errors import ModelError
+from wsi_screen.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+ImageBatch = np.ndarray | torch.Tensor | Sequence[Any]
+
+
+def resize_uint8(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a uint8 NHWC batch to ``size`` x ``size`` (bilinear, antialiased): the one resize used."""
+    if batch.shape[1] == size and batch.shape[2] == size:
+        return batch
+    x = batch.permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                        align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def to_unit_float(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
+    return batch.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """float [0, 1] NCHW -> ``(x - mean) / std``, channels-last (the one normalisation, train and inference)."""
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def numpy_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` that copies read-only or non-contiguous arrays instead of warning."""
+    if not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C", copy=True)
+    return torch.from_numpy(arr)
+
+
+def as_uint8_batch(images: ImageBatch) -> list[np.ndarray] | np.ndarray:
+    """Normalise the accepted image inputs to a uint8 NHWC array or a list of HWC uint8 arrays."""
+    if isinstance(images, torch.Tensor):
+        images = images.cpu().numpy()
+    if isinstance(images, np.ndarray):
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ModelError(f"expected RGB images shaped (N, H, W, 3), got an array of shape {images.shape}")
+        if images.dtype != np.uint8:
+            raise ModelError(f"expected uint8 RGB images, got dtype {images.dtype}")
+        return images
+    out = []
+    for i, item in enumerate(images):
+        if hasattr(item, "convert"):  # PIL image
+            item = np.asarray(item.convert("RGB"))
+        arr = np.asarray(item)
+        if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+            raise ModelError(f"image {i}: expected a uint8 RGB array (H, W, 3) or PIL image, got "
+                             f"{arr.dtype} {arr.shape}")
+        out.append(arr)
+    return out
+
+
+class PatchClassifier:
+    """A patch classifier: ``module`` (eval mode, channels-last, CPU unless moved) and its ``spec``.
+
+    ``predict(images)`` returns class probabilities (N, C) in ``spec.classes`` order for uint8 RGB images
+    (N, H, W, 3) or a list of arrays / PIL images. Images of another size are resized to the model input,
+    with a logged warning. For streaming large numbers of patches, use :meth:`preprocess` and
+    :meth:`predict_tensor` with your own DataLoader.
+    """
+
+    def __init__(self, module: nn.Module, spec: ModelSpec, *, device: str | torch.device = "cpu") -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.module = module.to(self.device).to(memory_format=torch.channels_last).eval()
+        self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+        self._std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+        self._warned_sizes: set[tuple[int, int]] = set()
+
+    def __repr__(self) -> str:
+        return (f"PatchClassifier(arch={self.spec.arch!r}, classes={self.spec.classes}, "
+                f"input_size={self.spec.input_size}, mpp={self.spec.mpp})")
+
+    @property
+    def classes(self) -> list[str]:
+        return self.spec.classes
+
+    def to(self, device: str | torch.device) -> PatchClassifier:
+        """Move the model to another device (returns self)."""
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        self._mean, self._std = self._mean.to(self.device), self._std.to(self.device)
+        return self
+
+    def _warn_resize(self, h: int, w: int) -> None:
+        if (h, w) not in self._warned_sizes:
+            self._warned_sizes.add((h, w))
+            size = self.spec.input_size
+            log.warning("images of %dx%d px are resized to the model input of %dx%d px", w, h, size, size)
+
+    def preprocess(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 RGB (N, H, W, 3) -> normalised float (N, 3, S, S), channels-last, on the model's device."""
+        x = numpy_to_tensor(batch) if isinstance(batch, np.ndarray) else batch
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ModelError(f"preprocess expects uint8 (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+        size = self.spec.input_size
+        if x.shape[1] != size or x.shape[2] != size:
+            self._warn_resize(int(x.shape[1]), int(x.shape[2]))
+            x = resize_uint8(x, size)
+        return normalise(to_unit_float(x.to(self.device, non_blocking=True)), self._mean, self._std)
+
+    def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities (N, C) for a preprocessed batch, under ``torch.inference_mode``."""
+        with torch.inference_mode():
+            return torch.softmax(self.module(x.to(self.device)).float(), dim=1)
+
+    def predict(self, images: ImageBatch, *, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities (N, C), float32, columns in ``spec.classes`` order."""
+        batch = as_uint8_batch(images)
+        if isinstance(batch, list):
+            size = self.spec.input_size
+            for arr in batch:
+                if arr.shape[:2] != (size, size):
+                    self._warn_resize(arr.shape[0], arr.shape[1])
+            batch = np.stack([resize_uint8(numpy_to_tensor(a)[None], size)[0].numpy() for a in batch]) \
+                if batch else np.zeros((0, size, size, 3), np.uint8)
+        out = [self.predict_tensor(self.preprocess(batch[i:i + batch_size])).cpu().numpy()
+               for i in range(0, len(batch), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.spec.num_classes), np.float32)
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Predicted class indices: see :func:`decide`."""
+        return decide(probs, self.spec.positive_index, self.spec.threshold)
+
+    def positive_scores(self, probs: np.ndarray) -> np.ndarray:
+        """The positive class column of ``predict``'s output."""
+        index = self.spec.positive_index
+        if index is None:
+            raise ModelError(f"model {self.spec.arch} has no positive class (classes {self.spec.classes})")
+        return probs[:, index]
+
+
+def decide(probs: np.ndarray, positive_index: int | None, threshold: float | None) -> np.ndarray:
+    """Class decisions for probabilities (N, C).
+
+    A binary model with a positive class calls it when its probability is at least ``threshold`` (the
+    operating point chosen on validation); otherwise, and for more than two classes, the most probable
+    class wins.
+    """
+    probs = np.asarray(probs)
+    if probs.ndim != 2 or probs.shape[0] == 0:
+        return np.zeros(probs.shape[:1], dtype=np.int64)
+    if probs.shape[1] == 2 and positive_index is not None and threshold is not None:
+        called = probs[:, positive_index] >= threshold
+        return np.where(called, positive_index, 1 - positive_index).astype(np.int64)
+    return probs.argmax(axis=1).astype(np.int64)

@@ -1,0 +1,644 @@
+"""Training a patch classifier on a labelled patch dataset, on a CPU.
+
+:func:`train` = :func:`prepare_data` (read, validate and split the dataset, decode it once) +
+:func:`fit` (the loop) and writes a model folder:
+
+=========================== ================================================================================
+``model.safetensors``       weights of the best epoch on validation
+``config.json``             the :class:`~wsi_screen.models.ModelSpec` (contract, threshold, provenance)
+``history.csv``             one row per epoch (written as training goes)
+``split.csv``               which images trained and which validated
+``valid/``                  validation metrics.json, predictions.csv, roc.png, confusion.png at the threshold
+=========================== ================================================================================
+
+Choices are made on validation only: the best epoch, early stopping and the decision threshold. The test
+split is never read. Augmentation runs on whole uint8 batches in the main process (flips and 90-degree
+rotations, HED stain jitter and mild colour jitter), so it is cheap and deterministic under the seed; the
+seed also fixes initialisation, shuffling and dropout (for a given number of threads).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wsi_screen import __version__, progress
+from wsi_screen.data import (
+    BatchSource,
+    PatchFolder,
+    PatchImageDataset,
+    Split,
+    fingerprint,
+    image_sizes,
+    in_memory,
+    load_images,
+    make_split,
+    open_patch_folder,
+    write_split_csv,
+)
+from wsi_screen.errors import ConfigError, DatasetError, ModelError
+from wsi_screen.evaluate import (
+    DEFAULT_THRESHOLD_RULE,
+    ThresholdRule,
+    choose_threshold,
+    compute_metrics,
+    monitor_value,
+    write_evaluation,
+)
+from wsi_screen.models import (
+    CONFIG_NAME,
+    ModelSpec,
+    PretrainedReport,
+    create_model,
+    load_pretrained,
+    save_model,
+)
+from wsi_screen.models.classifier import normalise, to_unit_float
+from wsi_screen.models.registry import (
+    check_arch,
+    classifier_parameter_names,
+    count_parameters,
+    default_mean_std,
+    fixed_input_size,
+)
+from wsi_screen.models.spec import STAIN_METHODS
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "onecycle", "constant")
+MONITORS = ("auto", "auc", "balanced_accuracy", "accuracy", "loss")
+DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adam": 0.0, "adamw": 0.05}
+
+#: words that mark the disease class of a binary dataset (tokens of the class name, e.g. colon_aca)
+POSITIVE_WORDS = frozenset({"tumour", "tumor", "abnormal", "cancer", "cancerous", "malignant", "positive",
+                            "metastasis", "metastatic", "carcinoma", "aca", "adenocarcinoma", "lesion"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that defines a training run (the CLI maps its options onto this)."""
+
+    arch: str
+    size: int | None = None  # None: the architecture's fixed size, the pretrained model's, or the images'
+    label_column: str = "label"
+    split_column: str | None = "split"
+    require_split_column: bool = False
+    group_column: str | None = None
+    positive: str | None = None
+    valid_fraction: float = 0.15
+    carve_valid: bool = False  # ignore the dataset's valid split (keep it held out) and carve from train
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float | None = None  # None: 1e-3 for adam/adamw, 0.01 for sgd
+    weight_decay: float | None = None  # None: 0.05 adamw, 0 adam, 1e-4 sgd
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    class_weights: bool = True
+    drop_rate: float = 0.0
+    patience: int = 8  # epochs without improvement before stopping; 0 disables early stopping
+    monitor: str = "auto"  # auto: AUC for binary, balanced accuracy otherwise
+    pretrained: str | None = None
+    freeze_backbone: bool = False
+    frozen_epochs: int = 2
+    seed: int = 0
+    mpp: float | None = None
+    stain_method: str = "none"
+    stain_target: str | None = None
+    threshold_rule: str = DEFAULT_THRESHOLD_RULE
+    flips: bool = True
+    hed_jitter: float = 0.05
+    color_jitter: float = 0.1
+    workers: int = 2
+    cache_limit_mb: float = 4096.0
+    compile: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.monitor not in MONITORS:
+            problems.append(f"monitor {self.monitor!r} is not one of {', '.join(MONITORS)}")
+        if self.stain_method not in STAIN_METHODS:
+            problems.append(f"stain {self.stain_method!r} is not one of {', '.join(STAIN_METHODS)}")
+        if self.stain_method == "none" and self.stain_target:
+            problems.append("a stain target needs a stain method (--stain)")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.size is not None and self.size < 8:
+            problems.append(f"size {self.size} is too small (at least 8 px)")
+        fixed = fixed_input_size(self.arch)
+        if self.size is not None and fixed is not None and self.size != fixed:
+            problems.append(f"{self.arch} takes {fixed}x{fixed} px input; use --size {fixed} (images are resized)")
+        if self.lr is not None and not self.lr > 0:
+            problems.append("lr must be positive")
+        if self.mpp is not None and not self.mpp > 0:
+            problems.append("mpp must be positive")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_rate < 1:
+            problems.append("label smoothing and drop rate must be in [0, 1)")
+        if self.patience < 0 or self.frozen_epochs < 0 or self.workers < 0:
+            problems.append("patience, frozen epochs and workers cannot be negative")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        ThresholdRule.parse(self.threshold_rule)
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        return self.weight_decay if self.weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.optimizer]
+
+
+@dataclass
+class PreparedData:
+    """A dataset read, split and decoded for training (shared by the trials of a search)."""
+
+    folder: PatchFolder
+    split: Split
+    classes: list[str]
+    positive: str | None
+    size: int
+    mpp: float | None
+    train: BatchSource
+    valid: BatchSource
+    valid_targets: np.ndarray
+    data_fingerprint: str
+    image_sizes: dict[str, int]
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    model_dir: Path
+    spec: ModelSpec
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_score: float
+    stopped_early: bool
+    seconds: float
+    pretrained: dict[str, Any] | None = field(default=None)
+
+
+# --- preparing the data ----------------------------------------------------------------------------------
+def resolve_positive(classes: list[str], positive: str | None) -> str | None:
+    """The positive (disease) class: the one given, else for two classes the one whose name says so."""
+    if positive is not None:
+        if positive not in classes:
+            raise ConfigError(f"--positive {positive!r} is not one of the classes ({', '.join(classes)})")
+        return positive
+    if len(classes) != 2:
+        return None
+    matches = [c for c in classes if set(re.split(r"[^a-z0-9]+", c.lower())) & POSITIVE_WORDS]
+    if len(matches) != 1:
+        raise ConfigError(f"cannot tell which class is positive; pass --positive (one of "
+                          f"{', '.join(classes)})")
+    log.info("positive class: %s (from its name; --positive chooses another)", matches[0])
+    return matches[0]
+
+
+def _pretrained_spec(path: str | None) -> ModelSpec | None:
+    if path is None:
+        return None
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    if (folder / CONFIG_NAME).exists() and (p.is_dir() or p.suffix == ".safetensors"):
+        return ModelSpec.read(folder)
+    return None
+
+
+def _resolve_size(config: TrainConfig, folder: PatchFolder, rows: np.ndarray,
+                  pretrained: ModelSpec | None) -> tuple[int, Counter[tuple[int, int]]]:
+    fixed = fixed_input_size(config.arch)
+    sizes = image_sizes(folder, rows)
+    if config.size is not None:
+        return config.size, sizes
+    if fixed is not None:
+        return fixed, sizes
+    if pretrained is not None:
+        return pretrained.input_size, sizes
+    (w, h), _ = sizes.most_common(1)[0]
+    if w != h:
+        raise ConfigError(f"{folder.root}: images are {w}x{h} px, not square; pass --size")
+    return w, sizes
+
+
+def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
+    """Read, validate and split the dataset and decode train + valid at the input size (never test)."""
+    check_arch(config.arch)
+    folder = open_patch_folder(dataset, label_column=config.label_column, split_column=config.split_column,
+                               group_column=config.group_column,
+                               require_split_column=config.require_split_column)
+    split = make_split(folder, valid_fraction=config.valid_fraction, seed=config.seed,
+                       carve_valid=config.carve_valid)
+    log.info("%s: %s", folder.root, split.description)
+    train_labels = {folder.labels[i] for i in split.train}
+    stray = sorted({folder.labels[i] for i in split.valid} - train_labels)
+    if stray:
+        raise DatasetError(f"{folder.describe()}: labels {', '.join(stray)} occur in valid but not in train")
+    classes = sorted(train_labels)
+    if len(classes) < 2:
+        raise DatasetError(f"{folder.describe()}: training rows hold a single class ({classes[0]})")
+    positive = resolve_positive(classes, config.positive)
+    pretrained = _pretrained_spec(config.pretrained)
+    rows = np.concatenate([split.train, split.valid])
+    size, sizes = _resolve_size(config, folder, rows, pretrained)
+    other = {s: n for s, n in sizes.items() if s != (size, size)}
+    if other:
+        log.info("resizing %d of %d images to %dx%d px (%s)", sum(other.values()), len(rows), size, size,
+                 ", ".join(f"{n} of {w}x{h}" for (w, h), n in sorted(other.items())))
+    mpp = config.mpp if config.mpp is not None else folder.mpp
+    if config.mpp is not None and folder.mpp is not None \
+            and not math.isclose(config.mpp, folder.mpp, rel_tol=0.05):
+        log.warning("--mpp %.3g differs from the dataset's mpp column (%.3g); recording %.3g", config.mpp,
+                    folder.mpp, config.mpp)
+    if mpp is None:
+        log.info("training patches have no recorded mpp; pass --mpp so the model can be applied to slides")
+    train_y = folder.label_indices(classes, split.train)
+    valid_y = folder.label_indices(classes, split.valid)
+    threads = max(1, config.workers)
+    if in_memory(len(rows), size, config.cache_limit_mb):
+        train_src = BatchSource(train_y, images=torch.from_numpy(
+            load_images(folder, split.train, size, workers=threads, desc="decoding train").images))
+        valid_src = BatchSource(valid_y, images=torch.from_numpy(
+            load_images(folder, split.valid, size, workers=threads, desc="decoding valid").images))
+    else:
+        log.info("%d images exceed --cache-limit (%.0f MB): streaming from disk", len(rows),
+                 config.cache_limit_mb)
+        train_src = BatchSource(train_y, stream=PatchImageDataset(folder, split.train, train_y, size),
+                                workers=config.workers)
+        valid_src = BatchSource(valid_y, stream=PatchImageDataset(folder, split.valid, valid_y, size),
+                                workers=config.workers)
+    fp = fingerprint(folder, [int(i) for i in rows],
+                     ["train"] * len(split.train) + ["valid"] * len(split.valid))
+    return PreparedData(folder=folder, split=split, classes=classes, positive=positive, size=size, mpp=mpp,
+                        train=train_src, valid=valid_src, valid_targets=valid_y, data_fingerprint=fp,
+                        image_sizes={f"{w}x{h}": n for (w, h), n in sorted(sizes.items())})
+
+
+# --- augmentation ----------------------------------------------------------------------------------------
+#: stain vectors of haematoxylin, eosin and DAB (Ruifrok & Johnston, as in scikit-image's rgb_from_hed)
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]],
+                             dtype=torch.float64)
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED).float()
+_LOG_ADJUST = math.log(1e-6)
+
+
+class BatchAugment:
+    """Histology augmentation on a uint8 NHWC batch, returning float NCHW in [0, 1].
+
+    Per image: a random element of the dihedral group (horizontal flip x 90-degree rotation; square
+    patches have no up), HED stain jitter (each stain's optical density scaled by U(1-s, 1+s) and shifted
+    by U(-s, s), Tellez et al. 2018) and brightness, contrast and saturation jitter of +-``color``.
+    """
+
+    def __init__(self, *, flips: bool = True, hed: float = 0.05, color: float = 0.1,
+                 generator: torch.Generator | None = None) -> None:
+        self.flips, self.hed, self.color = flips, hed, color
+        self.generator = generator
+
+    def _uniform(self, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator) * (high - low) + low
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        x = to_unit_float(batch)
+        n = x.shape[0]
+        if self.flips and x.shape[2] == x.shape[3]:
+            flip = torch.rand(n, generator=self.generator) < 0.5
+            x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+            turns = torch.randint(0, 4, (n,), generator=self.generator)
+            x = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(x, turns, strict=True)])
+        if self.hed > 0:
+            x = self._hed_jitter(x)
+        if self.color > 0:
+            c = self.color
+            x = x * self._uniform((n, 1, 1, 1), 1 - c, 1 + c)
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - mean) * self._uniform((n, 1, 1, 1), 1 - c, 1 + c) + mean
+            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+            x = (x - gray) * self._uniform((n, 1, 1, 1), 1 - c, 1 + c) + gray
+        return x.clamp_(0.0, 1.0)
+
+    def _hed_jitter(self, x: torch.Tensor) -> torch.Tensor:
+        n, s = x.shape[0], self.hed
+        od = torch.log(x.clamp(min=1e-6)) / _LOG_ADJUST  # (N, 3, H, W), 0 = white
+        stains = torch.einsum("nchw,cd->ndhw", od, _HED_FROM_RGB).clamp_(min=0)
+        alpha = self._uniform((n, 3, 1, 1), 1 - s, 1 + s)
+        beta = self._uniform((n, 3, 1, 1), -s, s)
+        stains = stains * alpha + beta * (stains.amax(dim=(2, 3), keepdim=True) > 0)
+        log_rgb = torch.einsum("ndhw,dc->nchw", stains.clamp_(min=0), _RGB_FROM_HED.float()) * _LOG_ADJUST
+        jittered = torch.exp(log_rgb)
+        tissue = od.amax(dim=1, keepdim=True) > 0.02  # leave (near-)white background alone
+        return torch.where(tissue, jittered, x)
+
+
+# --- the model -------------------------------------------------------------------------------------------
+def _accepts(model: nn.Module, size: int) -> bool:
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except (RuntimeError, ValueError, AssertionError):
+        return False
+    return True
+
+
+def build_model(arch: str, num_classes: int, size: int,
+                drop_rate: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
+    """A fresh model for ``size`` px input and the keywords that rebuild it (``ModelSpec.model_kwargs``)."""
+    kwargs: dict[str, Any] = {"drop_rate": drop_rate} if drop_rate else {}
+    model = create_model(arch, num_classes, **kwargs)
+    if not _accepts(model, size):  # e.g. a vision transformer built for another size
+        try:
+            model = create_model(arch, num_classes, img_size=size, **kwargs)
+            fits = _accepts(model, size)
+        except ModelError:
+            fits = False
+        if not fits:
+            raise ConfigError(f"{arch} cannot take {size}x{size} px input; choose another --size")
+        kwargs["img_size"] = size
+    return model, kwargs
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # biases and norm weights
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = _param_groups(model, config.resolved_weight_decay)
+    lr = config.resolved_lr
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                  steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step LR schedule: linear warm-up then cosine decay to 1 %, one-cycle, or constant."""
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.resolved_lr, total_steps=total)
+    warm = min(total - 1, round(config.warmup_epochs * steps_per_epoch)) if config.epochs > 1 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if config.schedule == "constant":
+            return 1.0
+        progress_ = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    counts = torch.bincount(targets, minlength=num_classes).float().clamp(min=1)
+    return counts.sum() / (num_classes * counts)
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy",
+                   "valid_balanced_accuracy", "valid_auc", "monitor", "seconds", "best")
+
+
+def _predict(model: nn.Module, source: BatchSource, mean: torch.Tensor, std: torch.Tensor,
+             batch_size: int = 256) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for xb, _ in source.batches(batch_size):
+            x = normalise(to_unit_float(xb), mean, std)
+            out.append(torch.softmax(model(x).float(), dim=1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def _set_frozen(model: nn.Module, head: set[str], frozen: bool) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(not frozen or name in head)
+
+
+def _mean_std(model: nn.Module, report: PretrainedReport | None) -> tuple[tuple[float, float, float],
+                                                                           tuple[float, float, float]]:
+    """Normalisation: the pretrained model's own, else the architecture's default (timm's config)."""
+    if report is not None and report.spec is not None:
+        return report.spec.mean, report.spec.std
+    return default_mean_std(model)
+
+
+@dataclass
+class _Best:
+    score: float = -math.inf
+    epoch: int = 0
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+
+@dataclass
+class _Loop:
+    """The moving parts of one training run."""
+
+    model: nn.Module
+    forward: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    augment: BatchAugment
+    generator: torch.Generator
+    mean: torch.Tensor
+    std: torch.Tensor
+    head: set[str]
+    head_module: nn.Module
+
+    def train_epoch(self, data: PreparedData, config: TrainConfig, epoch: int) -> tuple[float, float]:
+        """One pass over the training rows in a seeded order; returns (mean loss, accuracy)."""
+        frozen = config.freeze_backbone and epoch <= config.frozen_epochs
+        _set_frozen(self.model, self.head, frozen)
+        self.model.train()
+        if frozen:  # frozen backbone: batch-norm statistics stay as loaded
+            self.model.eval()
+            self.head_module.train()
+        order = torch.randperm(len(data.train), generator=self.generator)
+        drop_last = len(data.train) > config.batch_size
+        steps = max(1, len(data.train) // config.batch_size)
+        losses, correct, seen = 0.0, 0, 0
+        batches = data.train.batches(config.batch_size, order=order, drop_last=drop_last)
+        for xb, yb in progress.bar(batches, total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+                                   leave=False):
+            logits = self.forward(normalise(self.augment(xb), self.mean, self.std))
+            loss = self.criterion(logits, yb)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.schedule.step()
+            losses += float(loss.detach()) * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(yb)
+        return losses / max(1, seen), correct / max(1, seen)
+
+    def validate(self, data: PreparedData, pos_index: int | None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Validation probabilities and metrics (arg-max decisions, plus the loss)."""
+        probs = _predict(self.forward, data.valid, self.mean, self.std)
+        metrics = compute_metrics(data.valid_targets, probs, data.classes, positive_index=pos_index)
+        metrics["loss"] = float(nn.functional.nll_loss(torch.from_numpy(np.log(probs.clip(1e-7))),
+                                                       torch.from_numpy(data.valid_targets)))
+        return probs, metrics
+
+
+def _make_loop(data: PreparedData,
+               config: TrainConfig) -> tuple[_Loop, dict[str, Any], PretrainedReport | None]:
+    """Model (+ local pretrained weights), optimiser, schedule, loss and augmentation for a run."""
+    num_classes = len(data.classes)
+    model, model_kwargs = build_model(config.arch, num_classes, data.size, config.drop_rate)
+    report = load_pretrained(model, config.pretrained) if config.pretrained else None
+    if config.freeze_backbone and not config.pretrained:
+        log.warning("--freeze-backbone without --pretrained freezes random features")
+    mean, std = _mean_std(model, report)
+    model = model.to(memory_format=torch.channels_last)
+    forward: nn.Module = torch.compile(model) if config.compile else model  # type: ignore[assignment]
+    optimizer = make_optimizer(model, config)
+    weights = _class_weights(data.train.targets, num_classes) if config.class_weights else None
+    get_classifier = getattr(model, "get_classifier")  # noqa: B009 - timm API, checked by registry
+    loop = _Loop(
+        model=model, forward=forward, optimizer=optimizer,
+        schedule=make_schedule(optimizer, config, max(1, len(data.train) // config.batch_size)),
+        criterion=nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing),
+        augment=BatchAugment(flips=config.flips, hed=config.hed_jitter, color=config.color_jitter),
+        generator=torch.Generator().manual_seed(config.seed),
+        mean=torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
+        std=torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
+        head=classifier_parameter_names(model), head_module=get_classifier())
+    loop.augment.generator = loop.generator
+    return loop, {"model_kwargs": model_kwargs, "mean": mean, "std": std}, report
+
+
+def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainResult:
+    """Train on ``data.train``, choose on ``data.valid``, and write the model folder ``out_dir``."""
+    out = Path(out_dir)
+    if (out / CONFIG_NAME).exists() and not config.overwrite:
+        raise ConfigError(f"{out} already holds a model; pass --overwrite or choose another output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_split_csv(out / "split.csv", data.folder, data.split)
+    started = time.perf_counter()
+    pos_index = data.classes.index(data.positive) if data.positive is not None else None
+    monitor = config.monitor if config.monitor != "auto" else "auc" if len(data.classes) == 2 \
+        else "balanced_accuracy"
+    best, history, stopped_early = _Best(), [], False
+    with torch.random.fork_rng(devices=[]):  # seeded init and dropout, without touching the caller's RNG
+        torch.manual_seed(config.seed)
+        loop, built, report = _make_loop(data, config)
+        log.info("training %s (%s parameters) on %d images of %d px, validating on %d; up to %d epochs",
+                 config.arch, f"{count_parameters(loop.model):,}", len(data.train), data.size,
+                 len(data.valid), config.epochs)
+        stale = 0
+        with (out / "history.csv").open("w", newline="", encoding="utf-8") as hist_fh:
+            writer = csv.DictWriter(hist_fh, fieldnames=HISTORY_COLUMNS)
+            writer.writeheader()
+            for epoch in range(1, config.epochs + 1):
+                t0 = time.perf_counter()
+                train_loss, train_acc = loop.train_epoch(data, config, epoch)
+                probs, vm = loop.validate(data, pos_index)
+                score = monitor_value(vm, monitor)
+                if math.isnan(score):  # e.g. AUC of a single-class validation set
+                    score = -vm["loss"]
+                improved = score > best.score
+                if improved:
+                    best = _Best(score=score, epoch=epoch, probs=probs,
+                                 state={k: v.detach().clone() for k, v in loop.model.state_dict().items()})
+                stale = 0 if improved else stale + 1
+                row = {"epoch": epoch, "lr": f"{loop.optimizer.param_groups[0]['lr']:.3g}",
+                       "train_loss": f"{train_loss:.4f}", "train_accuracy": f"{train_acc:.4f}",
+                       "valid_loss": f"{vm['loss']:.4f}", "valid_accuracy": _fmt(vm["accuracy"]),
+                       "valid_balanced_accuracy": _fmt(vm["balanced_accuracy"]), "valid_auc": _fmt(vm["auc"]),
+                       "monitor": f"{score:.4f}", "seconds": f"{time.perf_counter() - t0:.1f}",
+                       "best": "*" if improved else ""}
+                writer.writerow(row)
+                hist_fh.flush()
+                history.append(row)
+                log.info("epoch %d/%d: train loss %s, valid loss %s, auc %s, bal. acc %s (%s s)%s", epoch,
+                         config.epochs, row["train_loss"], row["valid_loss"], row["valid_auc"],
+                         row["valid_balanced_accuracy"], row["seconds"], " *" if improved else "")
+                if config.patience and stale >= config.patience and epoch < config.epochs:
+                    stopped_early = True
+                    log.info("no improvement in %s for %d epochs: stopping", monitor, config.patience)
+                    break
+
+    loop.model.load_state_dict(best.state)
+    rule = ThresholdRule.parse(config.threshold_rule)
+    threshold = None if pos_index is None else \
+        choose_threshold(data.valid_targets == pos_index, best.probs[:, pos_index], rule)
+    metrics = compute_metrics(data.valid_targets, best.probs, data.classes, positive_index=pos_index,
+                              threshold=threshold)
+    metrics.update(epoch=best.epoch, monitor=monitor)
+    seconds = time.perf_counter() - started
+    spec = ModelSpec(
+        arch=config.arch, classes=list(data.classes), input_size=data.size, positive_class=data.positive,
+        mpp=data.mpp, mean=built["mean"], std=built["std"], stain_method=config.stain_method,
+        stain_target=config.stain_target, threshold=threshold,
+        threshold_rule=str(rule) if pos_index is not None else "argmax",
+        metrics={k: v for k, v in metrics.items() if k != "classes"}, data_fingerprint=data.data_fingerprint,
+        data={"dataset": str(data.folder.root.resolve()), "layout": data.folder.layout,
+              "label_column": data.folder.label_column, "group_column": data.folder.group_column,
+              "split": data.split.description, "split_source": data.split.source,
+              "n_train": len(data.train), "n_valid": len(data.valid), "image_sizes": data.image_sizes,
+              "train_class_counts": dict(Counter(data.classes[int(t)] for t in data.train.targets))},
+        train_config=_resolved(config, data, monitor, best.epoch, stopped_early, seconds, report),
+        model_kwargs=built["model_kwargs"], package_version=__version__,
+    )
+    write_evaluation(out / "valid", metrics, [data.folder.paths[i] for i in data.split.valid],
+                     data.valid_targets, best.probs)
+    save_model(out, loop.model, spec)
+    log.info("best epoch %d (%s %.4f); threshold %s; saved %s", best.epoch, monitor, best.score,
+             "n/a" if threshold is None else f"{threshold:.4f}", out)
+    return TrainResult(model_dir=out, spec=spec, history=history, best_epoch=best.epoch,
+                       best_score=best.score, stopped_early=stopped_early, seconds=seconds,
+                       pretrained=report.as_dict() if report else None)
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _resolved(config: TrainConfig, data: PreparedData, monitor: str, best_epoch: int, stopped_early: bool,
+              seconds: float, report: PretrainedReport | None) -> dict[str, Any]:
+    out = asdict(config)
+    out.update(size=data.size, lr=config.resolved_lr, weight_decay=config.resolved_weight_decay,
+               monitor=monitor, best_epoch=best_epoch, stopped_early=stopped_early, seconds=round(seconds, 1),
+               threads=torch.get_num_threads(), torch_version=torch.__version__,
+               pretrained_report=report.as_dict() if report else None)
+    import timm
+
+    out["timm_version"] = timm.__version__
+    return out
+
+
+def train(dataset: str | Path, out_dir: str | Path, config: TrainConfig) -> TrainResult:
+    """Train ``config.arch`` on a dataset folder and write the model folder (see the module docstring)."""
+    out = Path(out_dir)
+    if (out / CONFIG_NAME).exists() and not config.overwrite:
+        raise ConfigError(f"{out} already holds a model; pass --overwrite or choose another output folder")
+    return fit(prepare_data(dataset, config), config, out)

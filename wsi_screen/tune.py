@@ -1,0 +1,135 @@
+"""Hyper-parameter search: a grid (or a seeded random subset of it), chosen on validation only.
+
+The dataset is read, split and decoded once; every trial trains with the same split and seed, so trials
+differ only in their settings. Each trial writes a model folder under ``TUNE_DIR/trials/NNN``; the best
+by the validation monitor (ties: the earlier trial) is copied to ``TUNE_DIR/best``. ``trials.csv`` is the
+table of trials and ``tune.json`` the search and its choice. The test split is never read.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from wsi_screen.errors import ConfigError
+from wsi_screen.models.spec import WEIGHTS_NAME
+from wsi_screen.train import TrainConfig, fit, prepare_data
+
+log = logging.getLogger(__name__)
+
+#: settings a search may vary (they do not change how the data are prepared)
+SEARCHABLE = ("lr", "batch_size", "optimizer", "weight_decay", "label_smoothing", "drop_rate", "epochs",
+              "schedule", "hed_jitter", "color_jitter")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One trained setting and how it scored on validation."""
+
+    index: int
+    params: dict[str, Any]
+    model_dir: Path
+    best_epoch: int
+    score: float
+    metrics: dict[str, Any]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    trials: list[Trial]
+    best: Trial
+    best_dir: Path
+    monitor: str
+
+
+def expand(space: dict[str, list[Any]], *, search: str = "grid", trials: int | None = None,
+           seed: int = 0) -> list[dict[str, Any]]:
+    """The settings to try: every combination (grid), or ``trials`` of them drawn without replacement."""
+    unknown = sorted(set(space) - set(SEARCHABLE))
+    if unknown:
+        raise ConfigError(f"cannot search over {', '.join(unknown)} (searchable: {', '.join(SEARCHABLE)})")
+    empty = [k for k, v in space.items() if not v]
+    if empty:
+        raise ConfigError(f"no values given for {', '.join(empty)}")
+    keys = list(space)
+    combos = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(space[k] for k in keys))]
+    if search == "grid":
+        return combos
+    if search != "random":
+        raise ConfigError(f"search {search!r} is not grid or random")
+    n = len(combos) if trials is None else min(trials, len(combos))
+    return random.Random(seed).sample(combos, n)
+
+
+def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: dict[str, list[Any]], *,
+         search: str = "grid", trials: int | None = None, keep_weights: bool = False) -> TuneResult:
+    """Train every setting of the search on the dataset's train split and keep the best on validation."""
+    out = Path(out_dir)
+    settings = expand(space, search=search, trials=trials, seed=base.seed)
+    if (out / "trials.csv").exists() and not base.overwrite:
+        raise ConfigError(f"{out} already holds a search; pass --overwrite or choose another output folder")
+    for name in ("trials", "best"):
+        if base.overwrite and (out / name).exists():
+            shutil.rmtree(out / name)
+    data = prepare_data(dataset, base)
+    log.info("%d trials (%s search over %s)", len(settings), search, ", ".join(space) or "nothing")
+    done: list[Trial] = []
+    for index, params in enumerate(settings, start=1):
+        config = replace(base, **params)
+        trial_dir = out / "trials" / f"{index:03d}"
+        log.info("trial %d/%d: %s", index, len(settings), _describe(params))
+        started = time.perf_counter()
+        result = fit(data, config, trial_dir)
+        done.append(Trial(index=index, params=params, model_dir=trial_dir, best_epoch=result.best_epoch,
+                          score=result.best_score, metrics=result.spec.metrics,
+                          seconds=time.perf_counter() - started))
+        _write_table(out / "trials.csv", done)
+    best = max(done, key=lambda t: (t.score if not math.isnan(t.score) else -math.inf, -t.index))
+    best_dir = out / "best"
+    shutil.copytree(best.model_dir, best_dir)
+    if not keep_weights:
+        for t in done:
+            if t is not best:
+                (t.model_dir / WEIGHTS_NAME).unlink(missing_ok=True)
+    monitor = str(best.metrics.get("monitor", ""))
+    summary = {"dataset": str(dataset), "search": search, "space": space, "monitor": monitor,
+               "trials": len(done), "best_trial": best.index, "best_params": best.params,
+               "best_score": best.score, "best_dir": str(best_dir), "test_split_used": False}
+    (out / "tune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    log.info("best: trial %d (%s) with validation %s %.4f", best.index, _describe(best.params), monitor,
+             best.score)
+    return TuneResult(trials=done, best=best, best_dir=best_dir, monitor=monitor)
+
+
+def _describe(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _write_table(path: Path, trials: list[Trial]) -> None:
+    keys = list(trials[0].params)
+    columns = ["trial", *keys, "best_epoch", "monitor", "score", "valid_auc", "valid_balanced_accuracy",
+               "valid_sensitivity", "valid_specificity", "seconds", "model_dir"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for t in trials:
+            m = t.metrics
+            writer.writerow([t.index, *[t.params[k] for k in keys], t.best_epoch, m.get("monitor"),
+                             f"{t.score:.4f}", _fmt(m.get("auc")), _fmt(m.get("balanced_accuracy")),
+                             _fmt(m.get("sensitivity")), _fmt(m.get("specificity")), f"{t.seconds:.1f}",
+                             t.model_dir.as_posix()])
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{float(value):.4f}"
