@@ -10,9 +10,12 @@ Exit status: 0 success, 1 a slide/item failed or an error occurred, 2 usage erro
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import sys
 import tomllib
+import warnings
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -103,9 +106,38 @@ def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("WSI_SCREEN_DEBUG", "") not in ("", "0")
 
 
+#: libraries that log what they find wrong in a file; wsi-screen reports each bad slide on one line of its own
+QUIET_LOGGERS = ("tifffile",)
+
+
+def _quiet_libraries(argv: list[str]) -> None:
+    """Keep third-party log records (raw, unprefixed lines) off stderr unless --verbose or --debug."""
+    if not (_debug_requested(argv) or "-v" in argv or "--verbose" in argv):
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an operating-system error that escaped the library (disk full, read-only, permissions)."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what += " (disk full or over quota; free space and rerun: finished work is kept)"
+    return f"{where}{what}"
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _quiet_libraries(args)
+    with warnings.catch_warnings():
+        # matplotlib warns once per character of a slide name its font cannot draw (the heatmap title shows
+        # a box instead): two stray stderr lines per glyph, and an exception where warnings are errors
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+        return _main(args)
+
+
+def _main(args: list[str]) -> Any:
     try:
         code = cli.main(args=args, prog_name="wsi-screen", standalone_mode=False)
         # without standalone mode click returns ctx.exit()'s code instead of exiting
@@ -127,6 +159,11 @@ def main(argv: list[str] | None = None) -> Any:
         if _debug_requested(args):
             raise
         click.echo(f"wsi-screen: error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    except OSError as exc:  # the environment, not a bug: no "internal error", no traceback
+        if _debug_requested(args):
+            raise
+        click.echo(f"wsi-screen: error: {_os_error_line(exc)}", err=True)
         sys.exit(EXIT_FAILED)
     except Exception as exc:
         if _debug_requested(args):

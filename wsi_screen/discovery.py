@@ -6,8 +6,9 @@
   with a slide extension are candidates; other files are ignored.
 * ``.dcm`` files are grouped by DICOM series: a folder whose ``.dcm`` files belong to one multi-file
   series is one slide named after the folder; a single-file series is a slide named after its file.
-* Names must be unique within a run (they name the stores); clashing names are prefixed with their
-  parent folders until unique.
+* Names must be unique within a run (they name the stores): files of one folder that share a name
+  (``a.svs`` beside ``a.tif``) keep their extension, and names that still clash are prefixed with their
+  parent folders until unique. Only clashing names change.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsi_screen.slide import slide_name
+from wsi_screen.slide import slide_name, text_name
 
 SLIDE_EXTENSIONS = frozenset({
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
@@ -137,25 +138,37 @@ def discover(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[SlideSource]
 
 
 def _name(items: list[tuple[Path, Path]]) -> list[SlideSource]:
-    """Unique names: the slide's own name, prefixed by parent folders where names clash."""
-    depth = dict.fromkeys(range(len(items)), 0)
+    """Unique names: the slide's own name; where names clash, the file name with its extension (``a.svs``
+    beside ``a.tif``), then parent folders as a prefix. A name depends only on the slides it clashes with, so
+    adding a file to a folder never renames the others (their stores and run folders stay valid)."""
+    paths = [path for path, _root in items]
+    same_folder: dict[tuple[Path, str], list[int]] = defaultdict(list)
+    for i, path in enumerate(paths):
+        same_folder[(path.parent, slide_name(path))].append(i)
+    full = {i for group in same_folder.values() if len(group) > 1 for i in group}
+    depth = dict.fromkeys(range(len(paths)), 0)
     while True:
-        names = [_qualified(path, depth[i]) for i, (path, _root) in enumerate(items)]
-        clashes: dict[str, list[int]] = defaultdict(list)
-        for i, n in enumerate(names):
-            clashes[n].append(i)
-        dupes = [i for group in clashes.values() if len(group) > 1 for i in group]
+        names = [_qualified(path, depth[i], i in full) for i, path in enumerate(paths)]
+        dupes = _duplicates(names)
         if not dupes:
-            return [SlideSource(path, names[i]) for i, (path, _root) in enumerate(items)]
+            return [SlideSource(path, names[i]) for i, path in enumerate(paths)]
         progressed = False
         for i in dupes:
-            if depth[i] < len(items[i][0].parts) - 1:
+            if depth[i] < len(paths[i].parts) - 1:
                 depth[i] += 1
                 progressed = True
-        if not progressed:  # identical paths cannot happen (deduplicated); number the rest
-            return [SlideSource(path, f"{names[i]}-{i}") for i, (path, _root) in enumerate(items)]
+        if not progressed:  # e.g. "x/a__b.svs" and "x/a/b.svs": number the clashing ones only
+            return [SlideSource(path, f"{names[i]}-{i}" if i in dupes else names[i]) for i, path in enumerate(paths)]
 
 
-def _qualified(path: Path, depth: int) -> str:
-    parents = [p.name for p in list(path.parents)[:depth]][::-1]
-    return "__".join([*parents, slide_name(path)]) if parents else slide_name(path)
+def _duplicates(names: list[str]) -> set[int]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, n in enumerate(names):
+        groups[n].append(i)
+    return {i for group in groups.values() if len(group) > 1 for i in group}
+
+
+def _qualified(path: Path, depth: int, full: bool = False) -> str:
+    own = text_name(path.name) if full else slide_name(path)
+    parents = [text_name(p.name) for p in list(path.parents)[:depth]][::-1]
+    return "__".join([*parents, own]) if parents else own

@@ -101,3 +101,8 @@ class RunError(WsiScreenError, RuntimeError):
 
 class SchedulerError(WsiScreenError, ConnectionError):
     """A Dask scheduler could not be reached or used."""
+
+
+# --- outputs ------------------------------------------------------------------------------------------
+class OutputWriteError(WsiScreenError, OSError):
+    """An output file (run folder, report, GeoJSON) could not be written: disk full, read-only, permissions."""

@@ -17,6 +17,7 @@ readers ignore. Names are data throughout: they pass through :mod:`json` escapin
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_screen.errors import ConfigError, DatasetError
+from wsi_screen.errors import ConfigError, DatasetError, OutputWriteError
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +114,9 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
 def write_geojson(fc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``fc`` as UTF-8 JSON atomically (temporary file in the same folder, fsync, rename)."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w", encoding="utf-8") as fh:
             json.dump(fc, fh, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
             fh.write("\n")
@@ -124,6 +125,10 @@ def write_geojson(fc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
         tmp.replace(out)
     except ValueError as exc:  # NaN or infinity somewhere in fc
         raise ConfigError(f"{out}: cannot write GeoJSON: {exc}") from exc
+    except OSError as exc:  # disk full, read-only, permissions
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise OutputWriteError(f"{out}: " + ("disk full while writing GeoJSON" if full else
+                                             f"cannot write GeoJSON: {exc.strerror or exc}")) from exc
     finally:
         tmp.unlink(missing_ok=True)
     logger.debug("wrote %d features to %s", len(fc.get("features", ())), out)

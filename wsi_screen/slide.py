@@ -24,13 +24,16 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image
 
 from wsi_screen.errors import MissingMppError, SlideOpenError, UnsupportedFormatError
 from wsi_screen.readers import Reader
+
+if TYPE_CHECKING:
+    from tifffile import TiffFile
 
 #: A declared mpp outside this range is treated as absent (scanners write 0, 1 or inch-based junk).
 PLAUSIBLE_MPP = (0.05, 100.0)
@@ -88,7 +91,7 @@ def fingerprint(files: list[Path]) -> tuple[str, int, float]:
         st = f.stat()
         total += st.st_size
         mtime = max(mtime, st.st_mtime)
-        h.update(f.name.encode())
+        h.update(os.fsencode(f.name))
         h.update(st.st_size.to_bytes(8, "little"))
         with f.open("rb") as fh:
             h.update(fh.read(1 << 20))
@@ -101,7 +104,7 @@ def fingerprint(files: list[Path]) -> tuple[str, int, float]:
 def _open_reader(path: Path, choice: ReaderChoice) -> Reader:
     """Pick and open the reader for ``path`` (see module docstring)."""
     from wsi_screen.readers import openslide_reader
-    from wsi_screen.readers.tiff_reader import TiffReader, check_brightfield, fast_path_ok, inspect_tiff
+    from wsi_screen.readers.tiff_reader import inspect_tiff
 
     files = slide_files(path)
     target = files[0]
@@ -116,29 +119,46 @@ def _open_reader(path: Path, choice: ReaderChoice) -> Reader:
         return openslide_reader.OpenSlideReader(target)
 
     tif = inspect_tiff(target)
+    try:
+        return _tiff_or_openslide(target, tif, choice)
+    except BaseException:
+        if tif is not None:  # never leak the handle of a file that failed (thousands of slides per run)
+            tif.close()
+        raise
+
+
+def _tiff_or_openslide(target: Path, tif: TiffFile | None, choice: ReaderChoice) -> Reader:
+    """The reader for a single file that tifffile did (``tif``) or did not (None) open."""
+    from wsi_screen.readers import openslide_reader
+    from wsi_screen.readers.tiff_reader import TiffReader, check_brightfield, check_intact, fast_path_ok
+
     if tif is not None:
         try:
             check_brightfield(tif, target)
         except (IndexError, ValueError, KeyError) as exc:  # tifffile's view of a broken structure
-            tif.close()
-            raise SlideOpenError(f"{target}: malformed TIFF structure: {exc}") from exc
-        except UnsupportedFormatError:
-            tif.close()
-            raise
+            what = "no readable image directory" if isinstance(exc, IndexError) else str(exc)
+            raise SlideOpenError(f"{target}: truncated or corrupt TIFF ({what})") from exc
         if tif.is_ome or choice == "tifffile":
+            check_intact(tif, target)
             return TiffReader(target, tif)  # the reader owns ``tif`` from here
     vendor = openslide_reader.detect(target)
     if vendor is not None:
         osr = openslide_reader.OpenSlideReader(target)
-        if choice == "auto" and tif is not None and fast_path_ok(tif, vendor, osr.level_dimensions):
+        try:
+            fast = choice == "auto" and tif is not None and fast_path_ok(tif, vendor, osr.level_dimensions)
+            meta = (osr.vendor, osr.mpp(), osr.properties()) if fast else None
+        except BaseException:
+            osr.close()
+            raise
+        if tif is not None and meta is not None:
             # same pyramid, JPEG tiles: decode them directly, keep OpenSlide's metadata
-            meta = (osr.vendor, osr.mpp(), osr.properties())
             osr.close()
             return TiffReader(target, tif, vendor=meta[0], mpp=meta[1], properties=meta[2])
         if tif is not None:
             tif.close()
         return osr
-    if tif is not None:
+    if tif is not None:  # a TIFF OpenSlide does not recognise: a plain TIFF, or a damaged slide
+        check_intact(tif, target)
         return TiffReader(target, tif)
     raise UnsupportedFormatError(
         f"{target}: not a slide format wsi-screen reads (OpenSlide formats such as SVS, NDPI, MRXS, "
@@ -322,12 +342,18 @@ def open_slide(path: str | os.PathLike[str], *, name: str | None = None, mpp: fl
 def slide_name(path: Path) -> str:
     """A slide's display name: the file name without slide extensions, or a DICOM folder's name."""
     if path.is_dir():
-        return path.name
+        return text_name(path.name)
     name = path.name
     for ext in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem if path.suffix else name
+            return text_name(name[: -len(ext)])
+    return text_name(path.stem if path.suffix else name)
+
+
+def text_name(name: str) -> str:
+    """``name`` as valid Unicode: bytes of a file name that are not UTF-8 (a Latin-1 name from an old share)
+    become ``\\xNN`` escapes, so the name can be written into JSON, CSV, HTML and zarr attributes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def resize(img: np.ndarray, size: tuple[int, int],

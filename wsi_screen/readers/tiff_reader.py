@@ -30,10 +30,33 @@ _OME_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm":
               "Å": 1e-4, "pm": 1e-6}
 
 
+#: Hamamatsu's private tag: present in the first IFD of every NDPI file
+NDPI_FORMAT_FLAG = 65420
+
+
+def is_ndpi(path: Path) -> bool:
+    """Whether ``path`` is a Hamamatsu NDPI by its content (the first IFD holds :data:`NDPI_FORMAT_FLAG`).
+
+    tifffile decides by the file name: an Aperio SVS or a generic TIFF named ``.ndpi`` would be parsed with
+    NDPI's 64-bit offsets and read as garbage, while OpenSlide (rightly) goes by the content.
+    """
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8 or head[:4] != b"II*\x00":  # NDPI is a classic little-endian TIFF
+                return False
+            fh.seek(int.from_bytes(head[4:8], "little"))
+            count = int.from_bytes(fh.read(2), "little")
+            entries = fh.read(12 * min(count, 4096))
+    except OSError:
+        return False
+    return any(int.from_bytes(entries[i:i + 2], "little") == NDPI_FORMAT_FLAG for i in range(0, len(entries) - 1, 12))
+
+
 def inspect_tiff(path: Path) -> tifffile.TiffFile | None:
     """Open ``path`` with tifffile, or return None when it is not a TIFF at all."""
     try:
-        return tifffile.TiffFile(str(path))
+        return tifffile.TiffFile(str(path), is_ndpi=is_ndpi(path))
     except (tifffile.TiffFileError, ValueError, IndexError, struct_error()):
         return None
     except OSError as exc:
@@ -95,6 +118,35 @@ def jpeg_stream_ok(data: bytes) -> bool:
     scan = np.frombuffer(data, dtype=np.uint8, count=n - 2 - i, offset=i)
     ff = np.flatnonzero(scan[:-1] == 0xFF)
     return bool(_RST_OR_STUFFED[scan[ff + 1]].all()) and (scan.size == 0 or scan[-1] != 0xFF)
+
+
+def check_intact(tif: tifffile.TiffFile, path: Path) -> None:
+    """Raise :class:`SlideOpenError` when the file is cut short or its IFD chain is broken.
+
+    tifffile stops quietly (logging only) at an IFD offset past the end of the file, and then shows a
+    truncated slide as a smaller, valid-looking TIFF. An intact chain ends with a zero offset, and every
+    tile or strip of series 0 lies inside the file.
+    """
+    fh = tif.filehandle
+    problem = ""
+    try:
+        pos = tif.pages.next_page_offset
+        if pos is not None:
+            fh.seek(pos)
+            raw = fh.read(tif.tiff.offsetsize)
+            if len(raw) != tif.tiff.offsetsize or int.from_bytes(raw, "big" if tif.byteorder == ">" else "little"):
+                problem = "its directory chain points past the end of the file or loops"
+        series = tif.series[0]
+        for level in series.levels or [series]:
+            page = level.keyframe
+            ends = [int(o) + int(c) for o, c in zip(page.dataoffsets, page.databytecounts, strict=False) if c]
+            if not problem and ends and max(ends) > fh.size:
+                problem = (f"pixel data of its {page.imagewidth} x {page.imagelength} level lies past the end of "
+                           "the file")
+    except (IndexError, ValueError, KeyError, OSError, struct_error()) as exc:
+        problem = f"malformed structure: {exc}"
+    if problem:
+        raise SlideOpenError(f"{path}: truncated or corrupt TIFF ({problem})")
 
 
 def struct_error() -> type[Exception]:

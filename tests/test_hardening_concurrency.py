@@ -1,0 +1,154 @@
+"""Concurrent runs on one output: per-slide locks, never a corrupt store, the loser skips and says so."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.factory import block_image, write_tiled_tiff
+from wsi_screen.errors import RunError
+from wsi_screen.runfolder import SlideFolder
+from wsi_screen.store import PatchStore, store_location, store_lock
+
+BUSY = "another wsi-screen process is writing"
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def stores_of(folder: Path) -> dict[str, dict[str, str]]:
+    return {p.name: tree_digest(p) for p in sorted(folder.glob("*.zarr"))}
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory, slides_dir: Path) -> Path:
+    folder = tmp_path_factory.mktemp("concurrent") / "slides"
+    folder.mkdir()
+    shutil.copy(slides_dir / "CMU-1-Small-Region.svs", folder / "a.svs")
+    shutil.copy(slides_dir / "CMU-1-Small-Region.pyramid.tif", folder / "b.tif")
+    write_tiled_tiff(folder / "c.tif", block_image((2048, 1536), [(128, 128, 1920, 1408)], seed=4), mpp=0.5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, slides: Path) -> dict[str, dict[str, str]]:
+    out = tmp_path_factory.mktemp("single") / "stores"
+    assert run_cli("tile", slides, "-o", out, "--quiet", "--workers", "1").code == 0
+    return stores_of(out)
+
+
+def _run_two(cmd: list[str], logs: Path) -> list[tuple[int, str]]:
+    """Start ``cmd`` twice at once; (exit status, stderr) of each (stderr to files: a pipe could block them)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    logs.mkdir()
+    procs = []
+    for i in range(2):
+        with (logs / f"{i}.stderr").open("wb") as err:
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env))
+    return [(p.wait(timeout=300), (logs / f"{i}.stderr").read_text()) for i, p in enumerate(procs)]
+
+
+def _summary(err: str) -> dict[str, int]:
+    """Counts from tile's summary line: '3 slides: 2 tiled, 1 up to date, 1 busy in another process, 0 failed'."""
+    line = next(line for line in err.splitlines() if " slides: " in line)
+    return {key: int(n) for n, key in re.findall(r"(\d+) (tiled|up to date|busy|failed)", line)}
+
+
+def test_two_tile_processes_on_one_output(tmp_path: Path, slides: Path,
+                                          reference: dict[str, dict[str, str]]) -> None:
+    out = tmp_path / "stores"
+    cmd = [sys.executable, "-m", "wsi_screen.cli", "tile", str(slides), "-o", str(out), "--workers", "1"]
+    results = _run_two(cmd, tmp_path / "logs")
+    for code, err in results:
+        assert code == 0, err
+        assert "Traceback" not in err
+    counts = [_summary(err) for _, err in results]
+    print(f"two tile processes: {counts}")
+    # every slide tiled exactly once; the other process found it up to date or busy (and said so)
+    assert sum(c["tiled"] for c in counts) == 3, results
+    for c in counts:
+        assert c["tiled"] + c["up to date"] + c.get("busy", 0) == 3 and c["failed"] == 0
+    for (_, err), c in zip(results, counts, strict=True):
+        assert err.count(BUSY) == c.get("busy", 0)
+    assert stores_of(out) == reference  # complete and byte-identical to a single run
+    assert not list(out.glob("*.partial"))
+
+
+def test_a_busy_store_is_skipped_and_said_so(tmp_path: Path, slides: Path,
+                                             reference: dict[str, dict[str, str]]) -> None:
+    """Deterministic version: the test holds one store's lock while `tile` runs."""
+    out = tmp_path / "stores"
+    out.mkdir()
+    with store_lock(store_location(out, "b")):
+        res = run_cli("tile", slides, "-o", out, "--workers", "1")
+    assert res.code == 0, res
+    busy = [line for line in res.err_lines if BUSY in line]
+    assert len(busy) == 1 and "b.zarr" in busy[0] and busy[0].startswith("wsi-screen: warning: ")
+    assert "2 tiled, 0 up to date, 1 busy in another process, 0 failed" in res.err
+    assert not (out / "b.zarr").exists() and not (out / "b.zarr.partial").exists()
+    res = run_cli("tile", slides, "-o", out, "--workers", "1", "--quiet")  # afterwards: picked up
+    assert res.code == 0, res
+    assert stores_of(out) == reference
+
+
+def test_slide_folder_is_locked(tmp_path: Path) -> None:
+    first = SlideFolder(tmp_path, "s")
+    (first.path("scores.csv")).write_text("x")
+    with pytest.raises(RunError, match=BUSY):
+        SlideFolder(tmp_path, "s")
+    assert first.path("scores.csv").exists()  # the second writer did not wipe the first one's files
+    first.commit()
+    second = SlideFolder(tmp_path, "s")  # free again after commit
+    second.abort()
+    SlideFolder(tmp_path, "s").abort()  # and after abort
+    assert (tmp_path / "s" / "scores.csv").read_text() == "x"
+
+
+@pytest.mark.slow
+def test_two_infer_runs_on_one_run_folder(tmp_path: Path) -> None:
+    """`infer` in a subprocess and, once it has started writing, `infer` in this process, into one run folder:
+    nothing corrupt; slides the other run holds are reported busy (exit 1); a rerun settles them."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for i, name in enumerate(("a", "b", "c")):
+        write_tiled_tiff(slides / f"{name}.tif", block_image((1024, 768), [(64, 64, 960, 704)], seed=i), mpp=0.5)
+    run = tmp_path / "run"
+    args = ["infer", str(slides), "-o", str(run), "--workers", "0", "--quiet"]
+    log = tmp_path / "other.stderr"
+    with log.open("wb") as err:
+        other = subprocess.Popen([sys.executable, "-m", "wsi_screen.cli", *args], stdout=subprocess.DEVNULL,
+                                 stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while other.poll() is None and time.monotonic() < deadline and not list(run.glob("stores/*.partial")):
+        time.sleep(0.02)
+    mine = run_cli(*args)  # torch is warm here: both runs work on the slides at the same time
+    results = [(other.wait(timeout=300), log.read_text()), (mine.code, mine.err)]
+    for code, err in results:
+        assert code in (0, 1) and "Traceback" not in err and "internal error" not in err, err
+        errors = [line for line in err.splitlines() if line.startswith("wsi-screen: error: ")]
+        assert all(BUSY in line for line in errors), errors  # the only failures: slides the other run held
+        assert code == (1 if errors else 0)
+        print(f"infer process: exit {code}, {len(errors)} slides busy")
+    for folder in (run / name for name in ("a", "b", "c")):
+        if folder.exists():
+            assert {p.name for p in folder.iterdir()} == {"scores.csv", "heatmap.png", "patches.geojson",
+                                                          "slide.json"}
+    for store in (run / "stores").glob("*.zarr"):
+        assert PatchStore.open(store).attrs["complete"] is True
+    res = run_cli(*args)  # settles every busy slide
+    assert res.code == 0, res
+    with (run / "results.csv").open(newline="", encoding="utf-8") as fh:
+        assert [(r["slide"], r["status"]) for r in csv.DictReader(fh)] == [("a", "ok"), ("b", "ok"), ("c", "ok")]
+    assert not list(run.glob("*.partial"))
