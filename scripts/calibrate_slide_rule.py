@@ -27,7 +27,7 @@ from wsi_screen.models import load_model
 from wsi_screen.screening import SLIDE_RULE_JSON, InferConfig, run_infer
 from wsi_screen.synthetic import build_slide, default_patches_dir
 
-TOPK_CANDIDATES = (1, 3, 5, 10)
+TOPK_CANDIDATES = (1, 3, 5, 10, 20, 40)
 
 
 def build(work: Path, n_pos: int, n_neg: int, seed: int, grid: tuple[int, int]) -> Path:

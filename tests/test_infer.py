@@ -110,9 +110,11 @@ def test_top_patches_lie_in_the_tumour(synthetic: Path, synthetic_run: Path) -> 
     for name in ("case0", "case2", "case4"):
         scores = runfolder.read_scores(synthetic_run / name / "scores.csv")
         p = scores.probs[:, scores.classes.index("tumour")]
-        top = np.argsort(-p)[:5]
-        inside = truths[name].tumour_overlap(scores.coords[top], 96)
-        assert (inside > 0.5).sum() >= 4, (name, inside)
+        inside = truths[name].tumour_overlap(scores.coords, 96) > 0.5
+        assert 0.15 < inside.mean() < 0.25  # a fifth of the tissue is tumour: chance puts 2 of the top 10 inside
+        top = np.argsort(-p, kind="stable")[:10]
+        assert inside[top].sum() >= 6, (name, inside[top])  # at least three times chance
+        assert p[inside].mean() > p[~inside].mean() + 0.2, name
 
 
 def test_geojson_round_trips_to_store_coordinates(synthetic_run: Path) -> None:

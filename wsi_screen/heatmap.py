@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +210,10 @@ def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_p
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        with warnings.catch_warnings():
+            # slide names in scripts the default font lacks (CJK, ...) draw as boxes; say nothing about it
+            warnings.filterwarnings("ignore", message=r"Glyph .* missing from font", category=UserWarning)
+            fig.savefig(tmp, format="png", dpi=dpi)
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -175,6 +175,8 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     sources, problems = discover(slides)
     rows = [SlideRow(p.path.name, str(p.path), status=STATUS_ERROR, error=f"{p.path}: {p.reason}")
             for p in problems]
+    for row in rows:
+        log.error("%s", row.error)
     job = SlideJob(run=run, stores=stores_dir, tile=tile_cfg, model_id=model_id, batch_size=config.batch_size,
                    workers=config.workers, debug=debug)
     if dask is not None:
@@ -252,11 +254,13 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
         for _location, probs in score_stores([result.store], classifier, batch_size=job.batch_size,
                                              workers=job.workers, desc=source.name[:30]):
             write_slide_folder(job.run, row, result.store, probs, classifier, job.model_id)
-    except WsiScreenError as exc:
+    except (WsiScreenError, OSError) as exc:  # OSError: a disk error in one slide must not end the run
         if job.debug:
             raise
-        row.status, row.error = STATUS_ERROR, str(exc)
-        log.error("%s", exc)
+        row.status = STATUS_ERROR
+        row.error = str(exc) if isinstance(exc, WsiScreenError) else \
+            f"{source.path}: cannot write its results: {exc.strerror or exc}"
+        log.error("%s", row.error)
     return row
 
 

@@ -89,14 +89,15 @@ def _print_table(summary: RunSummary) -> None:
     from wsi_screen import runfolder
 
     rows = sorted(summary.rows, key=lambda r: r.name)
-    width = max([len("slide"), *(len(r.name) for r in rows)])
+    width = max([len("slide"), *(_display_width(r.name) for r in rows)])
     click.echo(f"{'slide':<{width}}  {'status':<9}  {'patches':>7}  {'score':>6}  diagnosis")
     for r in rows:
         res = r.result
         score = f"{res.score:.3f}" if res and res.score is not None else "-"
         n = str(res.n_patches) if res else "-"
         diagnosis = res.diagnosis if res else f"error: {r.error}"
-        click.echo(f"{r.name:<{width}}  {r.status:<9}  {n:>7}  {score:>6}  {diagnosis}")
+        pad = " " * (width - _display_width(r.name))
+        click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>6}  {diagnosis}")
     agg = summary.aggregate
     click.echo(f"\nslide call: {agg.rule} score >= {agg.slide_threshold:.3g} -> positive")
     if summary.metrics and summary.metrics.get("auc") is not None:
@@ -107,3 +108,10 @@ def _print_table(summary: RunSummary) -> None:
     for r in rows:
         if r.status != "error":
             click.echo(f"heatmap: {summary.run / r.name / runfolder.HEATMAP_PNG}")
+
+
+def _display_width(text: str) -> int:
+    """Terminal columns of ``text`` (wide East Asian characters take two)."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
