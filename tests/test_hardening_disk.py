@@ -198,9 +198,9 @@ def test_disk_full_while_writing_the_run_folder(tmp_path: Path, slide_dir: Path,
         assert {p.name for p in (run / "s").iterdir()} == {"scores.csv", "heatmap.png", "patches.geojson",
                                                            "slide.json"}
     assert not list(run.glob("*.partial")) and not list(run.glob(".*.tmp"))
-    if target in ("heatmap", "results.csv"):  # the run stopped there: no report of a run that did not finish
+    if target == "results.csv":  # the run stopped there: no report of a run that did not finish
         assert not (run / runfolder.REPORT_HTML).exists()
-    if target == "slide folder":  # the slide failed, the run went on and says so
+    if target in ("slide folder", "heatmap"):  # the slide failed, the run went on and says so
         assert "s,error," in (run / runfolder.RESULTS_CSV).read_text()
     monkeypatch.undo()
     res = run_cli("infer", slide_dir, "-o", run, "--quiet", "--workers", "0", "--model", model)

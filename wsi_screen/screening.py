@@ -258,8 +258,7 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
         if job.debug:
             raise
         row.status = STATUS_ERROR
-        row.error = str(exc) if isinstance(exc, WsiScreenError) else \
-            f"{source.path}: cannot write its results: {exc.strerror or exc}"
+        row.error = str(exc if isinstance(exc, WsiScreenError) else runfolder.write_error(job.run / source.name, exc))
         log.error("%s", row.error)
     return row
 
