@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,25 @@ def run(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> Measured:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
     return Measured(seconds, usage.ru_maxrss / 1024, stdout)
+
+
+def run_median(cmd: Sequence[str], repeats: int, *, own_seconds: bool = False,
+               env: dict[str, str] | None = None, before: Callable[[], object] | None = None) -> Measured:
+    """The median of ``repeats`` runs of ``cmd`` (by wall time), each after ``os.sync()`` so that one run's
+    dirty pages are not written back during the next. ``own_seconds``: the time is the first number the
+    child prints (its own loop, start-up excluded) rather than the process's wall time. ``before`` runs
+    before each repetition, untimed (e.g. removing the previous run's output)."""
+    results = []
+    for _ in range(max(1, repeats)):
+        if before is not None:
+            before()
+        os.sync()
+        m = run(cmd, env=env)
+        if own_seconds:
+            m = Measured(float(m.stdout.split()[0]), m.peak_rss_mb, m.stdout)
+        results.append(m)
+    results.sort(key=lambda m: m.seconds)
+    return results[len(results) // 2]
 
 
 def python() -> str:

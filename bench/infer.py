@@ -1,13 +1,14 @@
 """Inference throughput: `infer`'s store -> model path against bare forward passes of the same batches.
 
-    python bench/infer.py [--slide bench/data/mosaic-1x.tif] [--model MODEL_DIR] [--batch-size 128] [--workers 2]
+    python bench/infer.py [--slide bench/data/mosaic-1x.tif] [--model MODEL_DIR] [--batch-size 128] [--workers 0]
 
 The slide is tiled once at the model's mpp and patch size (not timed). Then, in this process:
 
 * bare forward passes: every batch of the store already in memory as a uint8 tensor; only normalisation and
   the model run (the baseline, ratio 1.0);
 * `score_stores`: the path `wsi-screen infer` uses: patches stream from the zarr store through a
-  DataLoader with worker processes, are normalised and scored (ratio = its throughput / the baseline);
+  DataLoader (in a background thread by default; ``--workers N``: N worker processes), are normalised and
+  scored (ratio = its throughput / the baseline);
 * the whole `wsi-screen infer` process on the same slide, reusing the store (includes model loading,
   heatmap, GeoJSON, report).
 """
@@ -25,12 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, header, python, run, table
 
 
+def _loader(workers: int) -> str:
+    return f"{workers} worker processes" if workers else "background thread"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slide", type=Path, default=DATA / "mosaic-1x.tif")
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled model)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DataLoader worker processes (0: the background reader thread infer uses by default)")
     args = parser.parse_args(argv)
     if not args.slide.exists():
         run([python(), str(Path(__file__).parent / "make_slide.py"), "--scales", "1", "--out", str(args.slide.parent)])
@@ -74,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
         whole = run([python(), "-m", "wsi_screen.cli", "infer", str(args.slide), "-o", str(work / "run"),
                      "--model", str(model_dir), "--stores", str(stores), "--batch-size", str(args.batch_size),
-                     "--workers", str(args.workers), "--quiet"])
+                     "--loader-workers", str(args.workers), "--quiet"])
         rows = [
             [f"bare forward passes ({torch.get_num_threads()} torch threads; baseline)", n, bare, n / bare,
              mp / bare, rss_self, 1.0],
-            [f"infer scoring: store -> DataLoader ({args.workers} workers) -> model", n, streamed, n / streamed,
+            [f"infer scoring: store -> DataLoader ({_loader(args.workers)}) -> model", n, streamed, n / streamed,
              mp / streamed, rss_self, bare / streamed],
             ["wsi-screen infer, whole process (store reused)", n, whole.seconds, n / whole.seconds,
              mp / whole.seconds, whole.peak_rss_mb, bare / whole.seconds],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,36 @@ def test_bad_labels_file(tmp_path: Path, example_slide: Path) -> None:
 
 def test_default_patches_dir_is_pcam(patches_dir: Path) -> None:
     assert default_patches_dir().resolve() == (patches_dir / "pcam").resolve()
+
+
+def test_prefetch_keeps_order_reraises_errors_and_stops_early() -> None:
+    import threading
+
+    from wsi_screen.infer import prefetch
+
+    assert list(prefetch(iter(range(50)), 3)) == list(range(50))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise ValueError("bad batch")
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch"):
+        for item in prefetch(failing(), 2):
+            got.append(item)
+    assert got == [1]
+
+    produced = []
+
+    def endless() -> Iterator[int]:
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    gen = prefetch(endless(), 2)
+    assert next(gen) == 0
+    gen.close()  # the consumer stops: the reader thread must stop too
+    assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(produced) <= 5

@@ -165,3 +165,44 @@ def test_fast_shard_writer_is_byte_identical_to_zarr(tmp_path: Path) -> None:
     w.commit()
     assert np.array_equal(PatchStore.open(loc).read(slice(None)), patches)
     assert np.array_equal(PatchStore.open(loc).read([n - 1, 5, shard]), patches[[n - 1, 5, shard]])
+
+
+def _written_store(tmp_path: Path, n: int, size: int = 32) -> tuple[str, np.ndarray]:
+    patches = np.random.default_rng(7).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    loc = store_location(tmp_path, "d")
+    w = StoreWriter(loc, n_patches=n, patch_size=size, thumbnail_shape=(4, 4), attrs={"patch_size": size})
+    shard = patches_per_shard(size)
+    for first in range(0, n, shard):
+        w.write_patches(first, patches[first:first + shard])
+    w.write_arrays(coords=np.zeros((n, 2), np.int64), tissue=np.zeros(n), stain_ok=np.zeros(n, bool),
+                   thumbnail=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), np.uint8))
+    w.commit()
+    return loc, patches
+
+
+def test_direct_shard_reader_matches_zarr_for_every_kind_of_index(tmp_path: Path) -> None:
+    shard = patches_per_shard(32)
+    n = shard * 2 + 5
+    loc, patches = _written_store(tmp_path, n)
+    store = PatchStore.open(loc)
+    assert store._fast_shard == shard  # the direct reader is in use
+    for index in (0, n - 1, -1, slice(None), slice(3, shard + 9), slice(None, None, 5), slice(-4, None),
+                  [n - 1, 0, 0, shard], np.array([], dtype=np.int64), np.array([-2, 1])):
+        as_array = np.asarray(index) if isinstance(index, list) else index
+        ours = store.read(index)
+        zarrs = store._read_zarr(as_array)
+        assert ours.shape == zarrs.shape and np.array_equal(ours, zarrs), index
+        assert np.array_equal(ours, patches[as_array]), index
+    for bad in (n, -n - 1, [0, n]):
+        with pytest.raises(IndexError):
+            store.read(bad)
+
+
+def test_direct_shard_reader_refuses_a_damaged_shard_index(tmp_path: Path) -> None:
+    loc, _ = _written_store(tmp_path, 10)
+    shard_file = Path(loc) / "patches" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    data[-10] ^= 0xFF  # inside the index: its CRC32C no longer matches
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="damaged patch shard"):
+        PatchStore.open(loc).read(slice(None))

@@ -9,6 +9,7 @@ each shard is written whole by this one thread.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -181,7 +182,9 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
 
         tile_l0 = tile_size_l0(spec.mpp, spec.size_px, slide.mpp, name=str(source.path))
         stride = stride_l0(tile_l0, spec.size_px, spec.overlap_px)
-        thumb = slide.thumbnail(thumb_mpp)
+        t_open = time.perf_counter()
+        thumb = slide.thumbnail(thumb_mpp, workers=config.workers)
+        t_thumb = time.perf_counter()
         mask = detect_tissue(thumb, thumb_mpp, config.tissue)
         grid = make_grid(mask.tissue, slide.dimensions, tile_l0, stride, spec.min_tissue)
         n = len(grid)
@@ -191,6 +194,7 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
             log.warning("%s: no tissue found (min tissue %.2f); writing an empty store", source.name,
                         spec.min_tissue)
 
+        t_mask = time.perf_counter()
         normalize, stain_attrs = _stain_for_slide(slide, grid.coords, grid.tissue, tile_l0, config)
         attrs = {
             "mpp": spec.mpp,
@@ -213,6 +217,7 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
                              thumbnail_shape=thumb.shape[:2], attrs=attrs)
         try:
             stain_ok = np.zeros(n, dtype=bool)
+            t_read = time.perf_counter()
             with progress.bar(total=n, desc=source.name[:30], unit="patch", leave=False) as bar:
                 for first, batch in read_patches(slide, grid.coords, tile_l0, spec.size_px, config.workers):
                     if normalize is not None:
@@ -222,7 +227,11 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
                     bar.update(len(batch))
             writer.write_arrays(coords=grid.coords, tissue=grid.tissue, stain_ok=stain_ok, thumbnail=thumb,
                                 mask=mask.labels)
+            t_write = time.perf_counter()
             writer.commit()
+            log.debug("%s: seconds: open %.2f, thumbnail %.2f, tissue+grid %.2f, stain fit %.2f, "
+                      "patches %.2f, commit %.2f", source.name, t_open - start, t_thumb - t_open,
+                      t_mask - t_thumb, t_read - t_mask, t_write - t_read, time.perf_counter() - t_write)
         except BaseException:
             writer.abort()
             raise
@@ -259,26 +268,39 @@ def _stain_for_slide(slide: Slide, coords: np.ndarray, tissue: np.ndarray, tile_
 
 def read_patches(slide: Slide, coords: np.ndarray, tile_l0: int, size_px: int,
                  workers: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(first index, uint8 batch)`` shard by shard, reading the next shard while one is used."""
+    """Yield ``(first index, uint8 batch)`` shard by shard, reading the next shard while one is used.
+
+    Each shard is split into one contiguous run of patches per reader thread; a reader copies its patches
+    straight into the shard's array (neighbouring patches share JPEG tiles, which the reader caches).
+    """
     n = len(coords)
     shard = patches_per_shard(size_px)
     starts = list(range(0, n, shard))
     if not starts:
         return
+    workers = max(1, workers)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="read") as pool:
-        def submit(first: int) -> list[Future[np.ndarray]]:
-            return [pool.submit(slide.read, (int(x), int(y)), tile_l0, size_px)
-                    for x, y in coords[first:first + shard]]
+    def read_run(out: np.ndarray, xy: np.ndarray) -> None:
+        for i, (x, y) in enumerate(xy):
+            out[i] = slide.read((int(x), int(y)), tile_l0, size_px)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
+        def submit(first: int) -> tuple[np.ndarray, list[Future[None]]]:
+            xy = coords[first:first + shard]
+            out = np.empty((len(xy), size_px, size_px, 3), dtype=np.uint8)
+            cuts = np.linspace(0, len(xy), min(workers, len(xy)) + 1).astype(int)
+            return out, [pool.submit(read_run, out[a:b], xy[a:b]) for a, b in itertools.pairwise(cuts)]
 
         pending = submit(starts[0])
         try:
             for i, first in enumerate(starts):
-                current = pending
-                pending = submit(starts[i + 1]) if i + 1 < len(starts) else []
-                yield first, np.stack([f.result() for f in current])
+                out, futures = pending
+                pending = submit(starts[i + 1]) if i + 1 < len(starts) else (out[:0], [])
+                for f in futures:
+                    f.result()
+                yield first, out
         finally:
-            for f in pending:
+            for f in pending[1]:
                 f.cancel()
 
 

@@ -61,6 +61,7 @@ class InferConfig:
     stores: str | None = None
     batch_size: int = 128
     workers: int = 2
+    loader_workers: int = 0
     slide_mpp: float | None = None
     min_tissue: float = 0.5
     overwrite: bool = False
@@ -178,7 +179,7 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     for row in rows:
         log.error("%s", row.error)
     job = SlideJob(run=run, stores=stores_dir, tile=tile_cfg, model_id=model_id, batch_size=config.batch_size,
-                   workers=config.workers, debug=debug)
+                   workers=config.workers, loader_workers=config.loader_workers, debug=debug)
     if dask is not None:
         rows.extend(_screen_on_dask(dask, sources, job, model_dir))
     else:
@@ -233,6 +234,7 @@ class SlideJob:
     model_id: dict[str, Any]
     batch_size: int = 128
     workers: int = 2
+    loader_workers: int = 0
     debug: bool = False
 
 
@@ -252,7 +254,7 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
     try:
         check_store_matches_model(PatchStore.open(result.store).attrs, classifier.spec, result.store)
         for _location, probs in score_stores([result.store], classifier, batch_size=job.batch_size,
-                                             workers=job.workers, desc=source.name[:30]):
+                                             workers=job.loader_workers, desc=source.name[:30]):
             write_slide_folder(job.run, row, result.store, probs, classifier, job.model_id)
     except (WsiScreenError, OSError) as exc:  # OSError: a disk error in one slide must not end the run
         if job.debug:
@@ -273,8 +275,8 @@ def screen_slide_task(source: SlideSource, job: SlideJob, model_dir: str | None,
     ``torch_threads`` is the client's intra-op thread count: torch's CPU kernels round differently with
     another thread count (last digits of the probabilities), and Dask starts workers with one thread
     (``OMP_NUM_THREADS=1``), so the worker scores with the client's count to give a local run's numbers.
-    Dask's worker processes are daemonic and cannot start DataLoader workers, so patches are then read in the
-    task's thread (``workers=0``; the scores do not depend on it). Never raises for a bad slide or model.
+    Dask's worker processes are daemonic and cannot start DataLoader workers, so patches are then read by a
+    thread (``loader_workers=0``; the scores do not depend on it). Never raises for a bad slide or model.
     """
     try:
         classifier = _worker_classifier(model_dir, model_sha256)
@@ -289,8 +291,8 @@ def screen_slide_task(source: SlideSource, job: SlideJob, model_dir: str | None,
 
         if torch.get_num_threads() != torch_threads:
             torch.set_num_threads(torch_threads)
-    if job.workers and multiprocessing.current_process().daemon:
-        job = replace(job, workers=0)
+    if job.loader_workers and multiprocessing.current_process().daemon:
+        job = replace(job, loader_workers=0)
     return screen_slide(source, job, classifier)
 
 
@@ -438,7 +440,8 @@ def _write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig,
         "tiling": {"mpp": tile_cfg.spec.mpp, "patch_size": tile_cfg.spec.size_px,
                    "min_tissue": tile_cfg.spec.min_tissue, "stain": tile_cfg.stain,
                    "stain_target": tile_cfg.stain_target, "tissue": tile_cfg.tissue.to_json()},
-        "settings": {"batch_size": config.batch_size, "workers": config.workers, "stores": config.stores,
+        "settings": {"batch_size": config.batch_size, "workers": config.workers,
+                     "loader_workers": config.loader_workers, "stores": config.stores,
                      "slide_mpp": config.slide_mpp, "labels": config.labels},
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
                         "torch": torch.__version__, "numpy": np.__version__},

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -279,10 +280,11 @@ class Slide:
             img = resize(img, (size_px, size_px))
         return img
 
-    def thumbnail(self, mpp: float) -> np.ndarray:
+    def thumbnail(self, mpp: float, *, workers: int = 1) -> np.ndarray:
         """The whole slide at ``mpp`` microns per pixel (never finer than level 0), RGB uint8.
 
-        Large levels are read and reduced block by block, so memory stays bounded by the output size.
+        Large levels are read and reduced block by block (``workers`` threads), so memory stays bounded by
+        the output size. Every block uses the same exact scale, so the result does not depend on ``workers``.
         """
         w0, h0 = self.dimensions
         scale = max(mpp / self.mpp, 1.0)  # level-0 pixels per output pixel
@@ -293,19 +295,27 @@ class Slide:
         f = scale / ds  # level pixels per output pixel
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
         margin = math.ceil(2 * f) + 2
-        for oy in range(0, out_h, _THUMB_BLOCK):
-            for ox in range(0, out_w, _THUMB_BLOCK):
-                bw, bh = min(_THUMB_BLOCK, out_w - ox), min(_THUMB_BLOCK, out_h - oy)
-                # one exact scale for every block; readers pad past the slide's edge with white
-                sx0, sy0 = ox * f, oy * f
-                sx1, sy1 = (ox + bw) * f, (oy + bh) * f
-                rx0, ry0 = max(0, math.floor(sx0) - margin), max(0, math.floor(sy0) - margin)
-                rx1 = min(lw + margin, math.ceil(sx1) + margin)
-                ry1 = min(lh + margin, math.ceil(sy1) + margin)
-                src = self._reader.read_region(level, (round(rx0 * ds), round(ry0 * ds)),
-                                               (rx1 - rx0, ry1 - ry0))
-                box = (sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0)
-                out[oy:oy + bh, ox:ox + bw] = resize(src, (bw, bh), box=box)
+
+        def block(ox: int, oy: int) -> None:
+            bw, bh = min(_THUMB_BLOCK, out_w - ox), min(_THUMB_BLOCK, out_h - oy)
+            # one exact scale for every block; readers pad past the slide's edge with white
+            sx0, sy0 = ox * f, oy * f
+            sx1, sy1 = (ox + bw) * f, (oy + bh) * f
+            rx0, ry0 = max(0, math.floor(sx0) - margin), max(0, math.floor(sy0) - margin)
+            rx1 = min(lw + margin, math.ceil(sx1) + margin)
+            ry1 = min(lh + margin, math.ceil(sy1) + margin)
+            src = self._reader.read_region(level, (round(rx0 * ds), round(ry0 * ds)), (rx1 - rx0, ry1 - ry0))
+            box = (sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0)
+            out[oy:oy + bh, ox:ox + bw] = resize(src, (bw, bh), box=box)
+
+        blocks = [(ox, oy) for oy in range(0, out_h, _THUMB_BLOCK) for ox in range(0, out_w, _THUMB_BLOCK)]
+        if workers > 1 and len(blocks) > 1:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumbnail") as pool:
+                for done in [pool.submit(block, ox, oy) for ox, oy in blocks]:
+                    done.result()
+        else:
+            for ox, oy in blocks:
+                block(ox, oy)
         return out
 
     # ------------------------------------------------------------------------------------- lifecycle

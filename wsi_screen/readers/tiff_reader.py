@@ -85,8 +85,7 @@ def fast_path_ok(tif: tifffile.TiffFile, vendor: str, level_dimensions: tuple[tu
         and int(p.photometric) in (2, 6) for p in pages)
 
 
-_RST_OR_STUFFED = np.zeros(256, dtype=bool)
-_RST_OR_STUFFED[[0x00, *range(0xD0, 0xD8)]] = True
+_RST_MARKERS = tuple(bytes((0xFF, m)) for m in range(0xD0, 0xD8))
 
 
 def jpeg_stream_ok(data: bytes) -> bool:
@@ -94,7 +93,7 @@ def jpeg_stream_ok(data: bytes) -> bool:
 
     libjpeg only *warns* about damaged entropy-coded data and fills the rest of the tile; OpenSlide treats
     that as an error and so do we. After the last SOS header, every 0xFF byte must be a stuffed 0xFF00 or a
-    restart marker, and the stream must end with EOI. Costs microseconds per tile (numpy).
+    restart marker, and the stream must end with EOI. Costs microseconds per tile.
     """
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8 or data[-2] != 0xFF or data[-1] != 0xD9:
@@ -115,9 +114,12 @@ def jpeg_stream_ok(data: bytes) -> bool:
             break
     else:
         return False
-    scan = np.frombuffer(data, dtype=np.uint8, count=n - 2 - i, offset=i)
-    ff = np.flatnonzero(scan[:-1] == 0xFF)
-    return bool(_RST_OR_STUFFED[scan[ff + 1]].all()) and (scan.size == 0 or scan[-1] != 0xFF)
+    scan = data[i:n - 2]
+    ff = scan.count(b"\xff")  # bytes.count is memchr-fast; every 0xFF must pair with 0x00 or RSTn
+    valid = scan.count(b"\xff\x00")
+    if valid != ff:
+        valid += sum(scan.count(marker) for marker in _RST_MARKERS)
+    return valid == ff
 
 
 def check_intact(tif: tifffile.TiffFile, path: Path) -> None:
