@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, header, python, run, table
+from common import DATA, header, python, run, run_median, table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scales", default="1,4,16")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per slide; the median is reported")
     args = parser.parse_args(argv)
     scales = [int(s) for s in args.scales.split(",")]
     missing = [s for s in scales if not (args.data / f"mosaic-{s}x.tif").exists()]
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         for scale in scales:
             slide = args.data / f"mosaic-{scale}x.tif"
             out = work / f"s{scale}"
-            m = run([python(), "-m", "wsi_screen.cli", "tile", str(slide), "-o", str(out), "--workers",
-                     str(args.workers), "--quiet"])
+            m = run_median([python(), "-m", "wsi_screen.cli", "tile", str(slide), "-o", str(out), "--workers",
+                            str(args.workers), "--quiet"], args.repeats,
+                           before=lambda out=out: shutil.rmtree(out, ignore_errors=True))
             store = PatchStore.open(out / f"mosaic-{scale}x.zarr")
             n = len(store)
             w, h = store.attrs["slide"]["dimensions"]

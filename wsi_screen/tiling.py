@@ -92,8 +92,10 @@ def coverage(mask: np.ndarray, dimensions: tuple[int, int], coords: np.ndarray, 
         return np.zeros(coords.shape[0], dtype=np.float32)
     w, h = dimensions
     sx, sy = mw / w, mh / h  # mask pixels per level-0 pixel
-    integral = np.zeros((mh + 1, mw + 1), dtype=np.float64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.float64), axis=0), axis=1)
+    # summed-area table, in place in int32 (exact: a mask has at most 8192^2 pixels): 4 bytes per mask pixel
+    integral = np.zeros((mh + 1, mw + 1), dtype=np.int32)
+    np.cumsum(mask, axis=0, dtype=np.int32, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
 
     x0 = coords[:, 0] * sx
     y0 = coords[:, 1] * sy

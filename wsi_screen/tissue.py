@@ -87,12 +87,9 @@ def _area_px(um2: float, mpp: float) -> int:
     return max(1, round(um2 / (mpp * mpp)))
 
 
-def pen_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSettings()) -> np.ndarray:
-    """Boolean mask of pen ink (red, green, blue, black) on an RGB uint8 image at ``mpp``.
-
-    Each ink family is found by hysteresis: strongly inked pixels seed a stroke, which then takes in the
-    connected, more faintly inked pixels of the same colour family (the pale edge of a stroke).
-    """
+def _ink_bits(rgb: np.ndarray, settings: TissueSettings) -> np.ndarray:
+    """Per-pixel pen evidence as bits of a uint8 map: bit ``i`` weak and bit ``4 + i`` strong ink of family
+    ``i`` (red, green, blue, black). Purely per pixel, so it can be computed strip by strip."""
     img = rgb.astype(np.float32) / 255.0
     mx, mn = _max_min(img)
     chroma = mx - mn
@@ -112,15 +109,34 @@ def pen_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSetti
         (blue_hue & (sat >= 0.15), blue_hue & (sat >= max(s_strong, 0.5))),
         ((mx < settings.black_max_value + 0.15) & (sat < 0.55), (mx < settings.black_max_value) & (sat < 0.55)),
     ]
-    ink = np.zeros(rgb.shape[:2], dtype=bool)
-    for weak, strong in families:
+    bits = np.zeros(rgb.shape[:2], dtype=np.uint8)
+    for i, (weak, strong) in enumerate(families):
+        bits |= (weak | strong).astype(np.uint8) << i
+        bits |= strong.astype(np.uint8) << (4 + i)
+    return bits
+
+
+def _pen_from_bits(bits: np.ndarray, mpp: float, settings: TissueSettings) -> np.ndarray:
+    """Pen strokes from :func:`_ink_bits`: hysteresis per family, specks dropped, grown by the margin."""
+    ink = np.zeros(bits.shape, dtype=bool)
+    for i in range(4):
+        strong = (bits & (1 << (4 + i))) != 0
         if strong.any():
-            ink |= _grow(weak | strong, strong)
+            ink |= _grow((bits & (1 << i)) != 0, strong)
     ink = remove_small(ink, _area_px(settings.pen_min_um2, mpp))
     margin = _px(settings.pen_margin_um, mpp)
     if margin > 0 and ink.any():
         ink = dilate(ink, margin)
     return np.asarray(ink, dtype=bool)
+
+
+def pen_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSettings()) -> np.ndarray:
+    """Boolean mask of pen ink (red, green, blue, black) on an RGB uint8 image at ``mpp``.
+
+    Each ink family is found by hysteresis: strongly inked pixels seed a stroke, which then takes in the
+    connected, more faintly inked pixels of the same colour family (the pale edge of a stroke).
+    """
+    return _pen_from_bits(_ink_bits(rgb, settings), mpp, settings)
 
 
 def erode(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -202,13 +218,12 @@ def smooth(rgb: np.ndarray, sigma_px: float) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def detect_tissue(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSettings()) -> TissueMask:
-    """Label map of glass, tissue, pen and artifacts for an RGB uint8 thumbnail at ``mpp`` um/px."""
-    if rgb.ndim != 3 or rgb.shape[-1] != 3:
-        raise ValueError(f"expected an RGB image (h, w, 3), got shape {rgb.shape}")
-    if rgb.size == 0:
-        return TissueMask(np.zeros(rgb.shape[:2], dtype=np.uint8), mpp)
-    rgb = smooth(rgb, settings.smooth_um / mpp)
+#: rows of the thumbnail processed at once by the per-pixel steps (bounds their float32 temporaries)
+STRIP_ROWS = 256
+
+
+def _candidates(rgb: np.ndarray, settings: TissueSettings) -> np.ndarray:
+    """Pixels stained enough to be tissue (per pixel, on the smoothed thumbnail)."""
     img = rgb.astype(np.float32)
     mx, mn = _max_min(img)
     chroma = mx - mn
@@ -216,8 +231,39 @@ def detect_tissue(rgb: np.ndarray, mpp: float, settings: TissueSettings = Tissue
     od_lut = -np.log10(np.clip(np.arange(256, dtype=np.float32), 1.0, 255.0) / 255.0)
     od = (od_lut[rgb[..., 0]] + od_lut[rgb[..., 1]] + od_lut[rgb[..., 2]]) / 3.0
     # dark but colourless pixels (chroma near 0) are ink, dust or shadows, never stained tissue
-    candidate = (chroma >= settings.min_chroma) | ((od >= settings.min_od) & (chroma >= settings.min_chroma / 2))
-    pen = pen_mask(rgb, mpp, settings)
+    return np.asarray((chroma >= settings.min_chroma) | ((od >= settings.min_od) & (chroma >= settings.min_chroma / 2)),
+                      dtype=bool)
+
+
+def _pixel_maps(rgb: np.ndarray, mpp: float, settings: TissueSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue candidates and ink bits of the whole thumbnail, computed strip by strip.
+
+    Each strip is smoothed with a halo of rows as wide as the Gaussian's support, so the result is exactly
+    that of smoothing the whole thumbnail at once, while memory stays a few bytes per thumbnail pixel.
+    """
+    h = rgb.shape[0]
+    sigma = settings.smooth_um / mpp
+    halo = int(4.0 * sigma + 0.5) + 1 if sigma >= 0.3 else 0  # scipy's default truncate is 4 sigma
+    candidate = np.zeros(rgb.shape[:2], dtype=bool)
+    bits = np.zeros(rgb.shape[:2], dtype=np.uint8)
+    for y0 in range(0, h, STRIP_ROWS):
+        y1 = min(h, y0 + STRIP_ROWS)
+        lo, hi = max(0, y0 - halo), min(h, y1 + halo)
+        strip = smooth(rgb[lo:hi], sigma)[y0 - lo:y1 - lo]
+        candidate[y0:y1] = _candidates(strip, settings)
+        bits[y0:y1] = _ink_bits(strip, settings)
+    return candidate, bits
+
+
+def detect_tissue(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSettings()) -> TissueMask:
+    """Label map of glass, tissue, pen and artifacts for an RGB uint8 thumbnail at ``mpp`` um/px."""
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image (h, w, 3), got shape {rgb.shape}")
+    if rgb.size == 0:
+        return TissueMask(np.zeros(rgb.shape[:2], dtype=np.uint8), mpp)
+    candidate, bits = _pixel_maps(rgb, mpp, settings)
+    pen = _pen_from_bits(bits, mpp, settings)
+    del bits
 
     tissue = candidate & ~pen
     radius = _px(settings.opening_um, mpp)

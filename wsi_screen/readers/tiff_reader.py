@@ -22,8 +22,11 @@ import tifffile
 
 from wsi_screen.errors import SlideOpenError, SlideReadError, UnsupportedFormatError
 
-#: decoded tiles kept per reader (a row of 256-px tiles across a 100k-px slide is ~77 MB)
+#: decoded tiles kept per reader, at least (a row of 256-px tiles across a 100k-px slide is ~77 MB)
 TILE_CACHE_BYTES = 96 << 20
+#: ... and at most: patches are read row by row and each row of tiles serves about two rows of patches, so
+#: the cache holds 2.5 rows of tiles of level 0 (decoding every tile once on wide slides) up to this bound
+TILE_CACHE_MAX_BYTES = 384 << 20
 
 # OME length units -> microns
 _OME_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6,
@@ -237,6 +240,11 @@ class TiffReader:
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_bytes = 0
+        self._cache_limit = TILE_CACHE_BYTES
+        page0 = self._pages[0]
+        if page0.is_tiled:
+            tile_row = math.ceil(w0 / int(page0.chunks[1])) * int(page0.chunks[0]) * int(page0.chunks[1]) * 3
+            self._cache_limit = min(TILE_CACHE_MAX_BYTES, max(TILE_CACHE_BYTES, int(2.5 * tile_row)))
 
     # ------------------------------------------------------------------ metadata
     def mpp(self) -> tuple[float, float] | None:
@@ -319,7 +327,7 @@ class TiffReader:
         with self._lock:
             self._cache[key] = tile
             self._cache_bytes += tile.nbytes
-            while self._cache_bytes > TILE_CACHE_BYTES and self._cache:
+            while self._cache_bytes > self._cache_limit and self._cache:
                 _, old = self._cache.popitem(last=False)
                 self._cache_bytes -= old.nbytes
         return tile
