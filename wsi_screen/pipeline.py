@@ -9,6 +9,7 @@ each shard is written whole by this one thread.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -219,9 +220,9 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
             stain_ok = np.zeros(n, dtype=bool)
             t_read = time.perf_counter()
             with progress.bar(total=n, desc=source.name[:30], unit="patch", leave=False) as bar:
-                for first, batch in read_patches(slide, grid.coords, tile_l0, spec.size_px, config.workers):
-                    if normalize is not None:
-                        batch, ok = normalize(batch)
+                batches = read_patches(slide, grid.coords, tile_l0, spec.size_px, config.workers)
+                for first, batch, ok in normalised(batches, normalize, config.workers):
+                    if ok is not None:
                         stain_ok[first:first + len(batch)] = ok
                     writer.write_patches(first, batch)
                     bar.update(len(batch))
@@ -264,6 +265,34 @@ def _stain_for_slide(slide: Slide, coords: np.ndarray, tissue: np.ndarray, tile_
     normalizer = stain.Normalizer(source, target)
     return normalizer.apply, {"method": config.stain, "fitted": True, "sample_size": len(pick),
                               **normalizer.to_json(), "target_image": target_desc}
+
+
+def normalised(batches: Iterator[tuple[int, np.ndarray]], normalize: NormalizeFn | None,
+               workers: int) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """``(first, batch, stain ok or None)`` in order, normalising up to ``workers`` batches at once.
+
+    Each batch is normalised whole, exactly as one call would (so the bytes do not depend on ``workers``);
+    numpy releases the GIL in the pixel maths, so shards normalise in parallel with reading and writing.
+    """
+    if normalize is None:
+        for first, batch in batches:
+            yield first, batch, None
+        return
+    fn = normalize
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="stain") as pool:
+        pending: collections.deque[tuple[int, Future[tuple[np.ndarray, np.ndarray]]]] = collections.deque()
+        try:
+            for first, batch in batches:
+                pending.append((first, pool.submit(fn, batch)))
+                while len(pending) > max(1, workers):
+                    done_first, done = pending.popleft()
+                    yield done_first, *done.result()
+            while pending:
+                done_first, done = pending.popleft()
+                yield done_first, *done.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
 
 
 def read_patches(slide: Slide, coords: np.ndarray, tile_l0: int, size_px: int,
