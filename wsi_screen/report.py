@@ -62,6 +62,15 @@ _CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-sr
         "base-uri 'none'; form-action 'none'")
 
 
+def _num(value: Any) -> Any:
+    """A threshold as people read it (3 decimals); anything else unchanged."""
+    return f"{value:.3f}" if isinstance(value, float) else value
+
+
+def _k(agg: dict[str, Any]) -> str:
+    return f" (k = {agg['k']})" if agg.get("rule") == "topk" and agg.get("k") is not None else ""
+
+
 def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
@@ -145,8 +154,8 @@ def render_report(run: str | Path) -> str:
         f"<h1>{_e(title)}</h1>",
         f'<p class="muted">{len(view.results)} slides &middot; model {_e(model.get("arch"))} '
         f'({_e(model.get("positive_class"))} vs rest, {_e(model.get("mpp"))} um/px, {_e(model.get("input_size"))} px) '
-        f'&middot; slide call: {_e(agg.get("rule"))} score &ge; {_e(agg.get("slide_threshold"))} &middot; '
-        f'patch threshold {_e(agg.get("patch_threshold"))}</p>',
+        f'&middot; slide call: {_e(agg.get("rule"))}{_e(_k(agg))} score &ge; {_e(_num(agg.get("slide_threshold")))} '
+        f'&middot; patch threshold {_e(_num(agg.get("patch_threshold")))}</p>',
         f'<div class="cards">{cards}</div>',
         "<h2>Slides</h2><p class=\"muted\">Click a column to sort.</p>", slides_table(view),
     ]
