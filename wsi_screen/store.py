@@ -211,6 +211,7 @@ class PatchStore:
         self._coords: np.ndarray | None = None
         self._fast_shard: int | None = None  # patches per shard when the direct shard reader applies
         self._fast_shape: tuple[int, ...] = ()
+        self._fast_n = 0
         if not is_url(self.location):
             meta_path = Path(self.location) / PATCHES / "zarr.json"
             with contextlib.suppress(OSError, ValueError):
@@ -218,6 +219,7 @@ class PatchStore:
                 if _is_our_shard_layout(meta):
                     self._fast_shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
                     self._fast_shape = tuple(int(v) for v in meta["shape"][1:])
+                    self._fast_n = int(meta["shape"][0])
 
     @classmethod
     def open(cls, location: str | os.PathLike[str], *, require_complete: bool = True) -> PatchStore:
@@ -297,7 +299,7 @@ class PatchStore:
         """Patches by index, slice or index list: uint8 (n, S, S, 3) (or (S, S, 3) for an int)."""
         if self._fast_shard is None:
             return self._read_zarr(index)
-        n = len(self)
+        n = self._fast_n
         if isinstance(index, (int, np.integer)):
             i = int(index) + (n if index < 0 else 0)
             if not 0 <= i < n:
