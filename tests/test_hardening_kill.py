@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,6 +155,33 @@ class Trials:
                 f"{'; '.join(self.phases)}; trials took {time.monotonic() - self.started:.0f} s")
 
 
+def _kill_and_resume(tmp_path: Path, command: str, args_for: Callable[[Path], list[str]], timeline: Timeline,
+                     window: Window, limits: tuple[int, int, float], phase_after_kill: Callable[[Path], str],
+                     outputs: Callable[[Path], object], reference: object,
+                     partials: Callable[[Path], list[Path]]) -> None:
+    """Kill ``command`` at moments drawn from ``window``, check what the kill left (``phase_after_kill``
+    asserts and names the stage), rerun to completion and require the uninterrupted run's ``outputs``."""
+    trials = Trials(command, timeline)
+    min_trials, max_trials, budget = limits
+    for i in range(max_trials):
+        if i >= min_trials and time.monotonic() - trials.started > budget:
+            break
+        out = tmp_path / f"trial{i}"
+        args = args_for(out)
+        kill = _kill_at(args, out, window.draw(), tmp_path / f"trial{i}.stderr")
+        window.update(kill)
+        phase = phase_after_kill(out)
+        trials.moments.append(kill.moment)
+        trials.killed_mid_run += kill.mid_run
+        trials.phases.append(phase if kill.mid_run else "finished")
+        res = run_cli(*args)
+        assert res.code == 0, res
+        assert outputs(out) == reference, f"trial {i}: resumed {command} differs from the uninterrupted run"
+        assert not partials(out)
+    print(trials.summary())
+    assert trials.killed_mid_run >= min_trials // 2
+
+
 def _first_write(proc: subprocess.Popen[bytes], watch: Path, timeout: float = 120) -> float:
     """Wait until ``watch`` holds a ``*.partial`` (work under way) or the process ended; the time it took."""
     start = time.monotonic()
@@ -232,27 +260,15 @@ def test_kill_tile_at_random_moments(tmp_path: Path, slides: Path) -> None:
     timeline = _timed_run(["tile", str(slides), "-o", str(ref_out), *common], ref_out)
     reference = stores_of(ref_out)
     assert sorted(reference) == ["block.zarr", "scan.zarr"]
-    window = Window(timeline, SEED)
-    trials = Trials("tile", timeline)
-    min_trials, max_trials, budget = TILE_TRIALS
-    for i in range(max_trials):
-        if i >= min_trials and time.monotonic() - trials.started > budget:
-            break
-        out = tmp_path / f"trial{i}"
-        args = ["tile", str(slides), "-o", str(out), *common]
-        kill = _kill_at(args, out, window.draw(), tmp_path / f"trial{i}.stderr")
-        window.update(kill)
+
+    def phase(out: Path) -> str:
         done, writing = _check_stores_after_kill(out, reference)
-        trials.moments.append(kill.moment)
-        trials.killed_mid_run += kill.mid_run
-        trials.phases.append("finished" if not kill.mid_run else "both stores done" if done == 2 else
-                             f"slide {done + 1}: " + ("writing its store" if writing else "thumbnail and grid"))
-        res = run_cli(*args)
-        assert res.code == 0, res
-        assert stores_of(out) == reference, f"trial {i}: resumed stores differ from the uninterrupted run"
-        assert not list(out.glob("*.partial"))
-    print(trials.summary())
-    assert trials.killed_mid_run >= min_trials // 2
+        return "both stores done" if done == 2 else \
+            f"slide {done + 1}: " + ("writing its store" if writing else "thumbnail and grid")
+
+    _kill_and_resume(tmp_path, "tile", lambda out: ["tile", str(slides), "-o", str(out), *common], timeline,
+                     Window(timeline, SEED), TILE_TRIALS, phase, stores_of, reference,
+                     lambda out: list(out.glob("*.partial")))
 
 
 # --------------------------------------------------------------------------------------------------- infer
@@ -330,26 +346,10 @@ def test_kill_infer_at_random_moments(tmp_path: Path, small_slides: Path, model:
     ref_run = tmp_path / "reference"
     timeline = _timed_run(["infer", str(slides), "-o", str(ref_run), *common], ref_run, runfolder.REPORT_HTML)
     reference = _infer_outputs(ref_run)
-    window = Window(timeline, SEED + 1)
-    trials = Trials("infer", timeline)
-    min_trials, max_trials, budget = INFER_TRIALS
-    for i in range(max_trials):
-        if i >= min_trials and time.monotonic() - trials.started > budget:
-            break
-        run = tmp_path / f"trial{i}"
-        args = ["infer", str(slides), "-o", str(run), *common]
-        kill = _kill_at(args, run, window.draw(), tmp_path / f"trial{i}.stderr")
-        window.update(kill)
-        phase = _check_run_after_kill(run, reference)
-        trials.moments.append(kill.moment)
-        trials.killed_mid_run += kill.mid_run
-        trials.phases.append(phase if kill.mid_run else "finished")
-        res = run_cli(*args)
-        assert res.code == 0, res
-        assert _infer_outputs(run) == reference, f"trial {i}: resumed run differs from the uninterrupted run"
-        assert not list(run.glob("*.partial")) and not list((run / runfolder.STORES_DIR).glob("*.partial"))
-    print(trials.summary())
-    assert trials.killed_mid_run >= min_trials // 2
+    _kill_and_resume(tmp_path, "infer", lambda run: ["infer", str(slides), "-o", str(run), *common], timeline,
+                     Window(timeline, SEED + 1), INFER_TRIALS, lambda run: _check_run_after_kill(run, reference),
+                     _infer_outputs, reference,
+                     lambda run: [*run.glob("*.partial"), *(run / runfolder.STORES_DIR).glob("*.partial")])
 
 
 # ------------------------------------------------------------------------------------------------- SIGINT
