@@ -3,8 +3,8 @@
 :func:`tile_slide` is the unit of work (one slide, one store) and never raises for a bad slide: it returns a
 :class:`TileResult` whose ``status`` says what happened, so a folder run goes on past failures and a
 distributed run can ship results back. Patches are read by a pool of threads (OpenSlide and the TIFF tile
-decoder release the GIL), the next shard's reads overlap the current shard's normalisation and write, and
-each shard is written whole by this one thread.
+decoder release the GIL), the next shard's reads overlap the current shards' normalisation (threads, whole
+shards) and writing (the store's background writers: each shard file is written whole by one of them).
 """
 
 from __future__ import annotations
@@ -278,12 +278,11 @@ def normalised(batches: Iterator[tuple[int, np.ndarray]], normalize: NormalizeFn
         for first, batch in batches:
             yield first, batch, None
         return
-    fn = normalize
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="stain") as pool:
         pending: collections.deque[tuple[int, Future[tuple[np.ndarray, np.ndarray]]]] = collections.deque()
         try:
             for first, batch in batches:
-                pending.append((first, pool.submit(fn, batch)))
+                pending.append((first, pool.submit(normalize, batch)))
                 while len(pending) > max(1, workers):
                     done_first, done = pending.popleft()
                     yield done_first, *done.result()
