@@ -45,9 +45,9 @@ def mirror_block(src: np.ndarray) -> np.ndarray:
 def tiles(period: np.ndarray, side: int) -> Iterator[np.ndarray]:
     """256-px tiles of a ``side`` x ``side`` canvas filled periodically with ``period``, row-major."""
     ph, pw = period.shape[:2]
-    # wrap-padded copy so every tile is one contiguous slice
-    padded = np.concatenate([period, period[:TILE]], axis=0)
-    padded = np.concatenate([padded, padded[:, :TILE]], axis=1)
+    # wrap-padded copy so every tile is one contiguous slice (``wrap`` repeats the period as often as needed:
+    # on coarse levels the period is smaller than a tile)
+    padded = np.pad(period, ((0, TILE), (0, TILE), (0, 0)), mode="wrap")
     for y in range(0, side, TILE):
         for x in range(0, side, TILE):
             sy, sx = y % ph, x % pw
