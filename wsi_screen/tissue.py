@@ -176,18 +176,37 @@ def _disk(radius: int) -> np.ndarray:
 
 def remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
     """Drop 4-connected components of fewer than ``min_px`` pixels."""
-    labels, n = ndi.label(mask)
+    labels, n = _label(mask)
     if n == 0:
         return mask.copy()
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_px
+    keep = _component_sizes(labels, n) >= min_px
     keep[0] = False
     return keep[labels]
 
 
+def _label(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Connected components of ``mask`` (``ndi.label``), in uint16 when they number fewer than 65,536 (half
+    the memory of int32; the same labels), else int32."""
+    try:
+        labels, n = ndi.label(mask, structure=structure, output=np.uint16)
+    except RuntimeError:  # "insufficient bit-depth": too many components for uint16
+        labels, n = ndi.label(mask, structure=structure)
+    return labels, int(n)
+
+
+def _component_sizes(labels: np.ndarray, n: int) -> np.ndarray:
+    """Pixels per label of a label map, counted strip by strip (``np.bincount`` would first copy the whole
+    map to int64: 8 bytes per pixel)."""
+    sizes = np.zeros(n + 1, dtype=np.int64)
+    rows = _strip_rows(labels.shape[1])
+    for y0 in range(0, labels.shape[0], rows):
+        sizes += np.bincount(labels[y0:y0 + rows].ravel(), minlength=n + 1)
+    return sizes
+
+
 def _grow(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
     """Connected components of ``weak`` that contain at least one ``strong`` pixel."""
-    labels, n = ndi.label(weak, structure=np.ones((3, 3), dtype=bool))
+    labels, n = _label(weak, structure=np.ones((3, 3), dtype=bool))
     if n == 0:
         return np.zeros_like(weak)
     keep = np.zeros(n + 1, dtype=bool)
@@ -218,8 +237,14 @@ def smooth(rgb: np.ndarray, sigma_px: float) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-#: rows of the thumbnail processed at once by the per-pixel steps (bounds their float32 temporaries)
-STRIP_ROWS = 256
+#: thumbnail pixels processed at once by the per-pixel steps (bounds their float32 temporaries to ~16 MB
+#: whatever the thumbnail's width)
+STRIP_PIXELS = 256 * 1024
+
+
+def _strip_rows(width: int) -> int:
+    """Rows per strip for an image ``width`` pixels wide."""
+    return max(8, STRIP_PIXELS // max(1, width))
 
 
 def _candidates(rgb: np.ndarray, settings: TissueSettings) -> np.ndarray:
@@ -246,8 +271,9 @@ def _pixel_maps(rgb: np.ndarray, mpp: float, settings: TissueSettings) -> tuple[
     halo = int(4.0 * sigma + 0.5) + 1 if sigma >= 0.3 else 0  # scipy's default truncate is 4 sigma
     candidate = np.zeros(rgb.shape[:2], dtype=bool)
     bits = np.zeros(rgb.shape[:2], dtype=np.uint8)
-    for y0 in range(0, h, STRIP_ROWS):
-        y1 = min(h, y0 + STRIP_ROWS)
+    rows = _strip_rows(rgb.shape[1])
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
         lo, hi = max(0, y0 - halo), min(h, y1 + halo)
         strip = smooth(rgb[lo:hi], sigma)[y0 - lo:y1 - lo]
         candidate[y0:y1] = _candidates(strip, settings)
@@ -261,20 +287,24 @@ def detect_tissue(rgb: np.ndarray, mpp: float, settings: TissueSettings = Tissue
         raise ValueError(f"expected an RGB image (h, w, 3), got shape {rgb.shape}")
     if rgb.size == 0:
         return TissueMask(np.zeros(rgb.shape[:2], dtype=np.uint8), mpp)
+    # Peak memory is ~10 bytes per thumbnail pixel besides the thumbnail: the label map is built as soon as
+    # each input is known, and intermediates are dropped as soon as they are used.
     candidate, bits = _pixel_maps(rgb, mpp, settings)
     pen = _pen_from_bits(bits, mpp, settings)
     del bits
+    candidate &= ~pen
+    labels = np.where(candidate, np.uint8(ARTIFACT), np.uint8(GLASS))  # the tissue pixels are relabelled below
+    labels[pen] = PEN
 
-    tissue = candidate & ~pen
+    tissue = candidate
+    del candidate
     radius = _px(settings.opening_um, mpp)
     if radius > 0:
         tissue = dilate(erode(tissue, radius), radius)  # opening with a Euclidean disk
     tissue = remove_small(tissue, _area_px(settings.min_object_um2, mpp))
-    tissue = ~remove_small(~tissue, _area_px(settings.max_hole_um2, mpp))  # fill small holes
+    np.logical_not(tissue, out=tissue)
+    tissue = remove_small(tissue, _area_px(settings.max_hole_um2, mpp))  # fill small holes
+    np.logical_not(tissue, out=tissue)
     tissue &= ~pen
-
-    labels = np.zeros(rgb.shape[:2], dtype=np.uint8)
-    labels[candidate & ~pen & ~tissue] = ARTIFACT
-    labels[pen] = PEN
     labels[tissue] = TISSUE
     return TissueMask(labels, mpp)
