@@ -213,3 +213,34 @@ def test_slide_pickles_by_path(cmu_svs: Path) -> None:
 def test_missing_path() -> None:
     with pytest.raises(SlideOpenError, match="no such file"):
         Slide("/nonexistent/slide.svs")
+
+
+def test_threads_decode_each_tile_once(slides_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two reader threads streaming neighbouring patches (as the tiler does) decode every JPEG tile once: a
+    tile asked for while another thread decodes it is waited for, not decoded again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_screen.readers.tiff_reader import TiffReader
+
+    decoded: list[tuple[int, int]] = []
+    original = TiffReader._decode
+
+    def counting(self: TiffReader, page: object, index: int, level: int) -> np.ndarray:
+        decoded.append((level, index))
+        return original(self, page, index, level)
+
+    monkeypatch.setattr(TiffReader, "_decode", counting)
+    with Slide(slides_dir / "CMU-1-Small-Region.svs") as s:
+        assert s.reader_name == "tifffile"
+        w, h = s.dimensions
+        coords = [(x, y) for y in range(0, h - 224, 112) for x in range(0, w - 224, 112)]  # overlapping
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            reads = list(pool.map(lambda xy: s.read(xy, 224, 224), coords))
+    threaded = list(decoded)
+    # every 240-px tile of level 0 under a patch (10 tiles a row; all fit the 32 MB cache) decoded exactly once
+    needed = {(0, ty * 10 + tx) for x, y in coords
+              for ty in range(y // 240, (y + 223) // 240 + 1) for tx in range(x // 240, (x + 223) // 240 + 1)}
+    assert sorted(threaded) == sorted(needed)
+    with Slide(slides_dir / "CMU-1-Small-Region.svs") as single:  # and the pixels are a lone reader's
+        for xy, img in zip(coords[::17], reads[::17], strict=True):
+            assert np.array_equal(img, single.read(xy, 224, 224))

@@ -14,6 +14,7 @@ import os
 import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,12 @@ import tifffile
 
 from wsi_screen.errors import SlideOpenError, SlideReadError, UnsupportedFormatError
 
-#: decoded tiles kept per reader, at least (a row of 256-px tiles across a 100k-px slide is ~77 MB)
-TILE_CACHE_BYTES = 96 << 20
-#: ... and at most: patches are read row by row and each row of tiles serves about two rows of patches, so
-#: the cache holds 2.5 rows of tiles of level 0 (decoding every tile once on wide slides) up to this bound
-TILE_CACHE_MAX_BYTES = 384 << 20
+#: decoded tiles kept per reader (LRU). The tiler reads patches in band order (``tiling.BAND_COLUMNS``): each
+#: row of tiles serves about two rows of patches, so decoding every tile once takes ~2.5 rows of tiles across
+#: one band: 73 tiles of 256 px (14 MB) for 224-px patches at 0.5 um/px from a 0.5 um/px scan, 140 (27 MB)
+#: from a 0.25 um/px scan (larger patches decode some tiles twice). A fixed size keeps memory independent of
+#: the slide's size.
+TILE_CACHE_BYTES = 32 << 20
 
 # OME length units -> microns
 _OME_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6,
@@ -239,12 +241,9 @@ class TiffReader:
         self._whole: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._decoding: dict[tuple[int, int], Future[np.ndarray]] = {}
         self._cache_bytes = 0
         self._cache_limit = TILE_CACHE_BYTES
-        page0 = self._pages[0]
-        if page0.is_tiled:
-            tile_row = math.ceil(w0 / int(page0.chunks[1])) * int(page0.chunks[0]) * int(page0.chunks[1]) * 3
-            self._cache_limit = min(TILE_CACHE_MAX_BYTES, max(TILE_CACHE_BYTES, int(2.5 * tile_row)))
 
     # ------------------------------------------------------------------ metadata
     def mpp(self) -> tuple[float, float] | None:
@@ -316,20 +315,40 @@ class TiffReader:
         return out
 
     def _tile(self, page: Any, index: int, level: int) -> np.ndarray:
-        """A decoded tile, from the small LRU cache when neighbouring patches already needed it."""
+        """A decoded tile, from the small LRU cache when neighbouring patches already needed it.
+
+        A tile is decoded once even when reader threads ask for it at the same moment (neighbouring patches
+        in flight on two threads share tiles): the later ones wait for the first decode.
+        """
         key = (level, index)
         with self._lock:
             tile = self._cache.get(key)
             if tile is not None:
                 self._cache.move_to_end(key)
                 return tile
-        tile = self._decode(page, index, level)
+            pending = self._decoding.get(key)
+            if pending is None:
+                pending = self._decoding[key] = Future()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return pending.result()
+        try:
+            tile = self._decode(page, index, level)
+        except BaseException as exc:
+            with self._lock:
+                del self._decoding[key]
+            pending.set_exception(exc)
+            raise
         with self._lock:
+            del self._decoding[key]
             self._cache[key] = tile
             self._cache_bytes += tile.nbytes
             while self._cache_bytes > self._cache_limit and self._cache:
                 _, old = self._cache.popitem(last=False)
                 self._cache_bytes -= old.nbytes
+        pending.set_result(tile)
         return tile
 
     def _decode(self, page: Any, index: int, level: int) -> np.ndarray:
