@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsi_screen.errors import ConfigError, ResolutionError
-from wsi_screen.tiling import TileSpec, coverage, grid_positions, make_grid, stride_l0, tile_size_l0
+from wsi_screen.tiling import BAND_COLUMNS, TileSpec, coverage, grid_positions, make_grid, stride_l0, tile_size_l0
 
 dims = st.tuples(st.integers(1, 5000), st.integers(1, 5000))
 
@@ -30,9 +30,12 @@ def test_full_mask_grid_covers_every_whole_position(dims: tuple[int, int], tile:
         assert xs.min() == 0 and ys.min() == 0
         assert np.all(xs + tile <= w) and np.all(ys + tile <= h)
         assert np.allclose(grid.tissue, 1.0, atol=1e-5)
-        # row-major order: sorted by (y, x), no duplicates
-        order = np.lexsort((xs, ys))
+        # band order: sorted by (band of BAND_COLUMNS columns, y, x), no duplicates; one band is row-major
+        band = (xs // stride) // BAND_COLUMNS
+        order = np.lexsort((xs, ys, band))
         assert np.array_equal(order, np.arange(len(grid)))
+        if expected_cols <= BAND_COLUMNS:
+            assert np.array_equal(np.lexsort((xs, ys)), np.arange(len(grid)))
         assert len(np.unique(grid.coords, axis=0)) == len(grid)
 
 

@@ -1,8 +1,11 @@
 """Patch grids (pure): tissue mask + slide size + tile spec -> level-0 integer coordinates.
 
 ``tile_size_l0`` is derived here and nowhere else: ``round(size_px * mpp / slide_mpp)``. A grid covers the
-slide from (0, 0) with step ``stride_l0`` and keeps only patches lying wholly inside the slide, in row-major
-order (y, then x). A patch's tissue fraction is the exact area fraction of its footprint covered by tissue
+slide from (0, 0) with step ``stride_l0`` and keeps only patches lying wholly inside the slide, in *band
+order*: the grid's columns are cut into vertical bands of :data:`BAND_COLUMNS`, taken left to right, and each
+band is row-major (y, then x). A reader that streams patches in this order works across a bounded width of the
+slide (a band), so the tiles it must keep decoded do not grow with the slide's width; a grid narrower than a
+band is plain row-major. A patch's tissue fraction is the exact area fraction of its footprint covered by tissue
 in the mask, computed from the mask's integral image (the integral of a piecewise-constant image is
 bilinear inside each pixel, so sampling it at fractional positions is exact).
 """
@@ -18,6 +21,8 @@ from wsi_screen.errors import ConfigError, ResolutionError
 
 #: a requested mpp may be this much finer than level 0 before it counts as upsampling
 MPP_TOLERANCE = 0.05
+#: grid columns per band of the patch order (32 patches of 224 px at 0.5 um/px: 3.6 mm of slide)
+BAND_COLUMNS = 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +68,7 @@ def stride_l0(tile_l0: int, size_px: int, overlap_px: int) -> int:
 
 @dataclass(frozen=True)
 class PatchGrid:
-    """Patch positions (level-0 top-left corners, (x, y), row-major) and their tissue fractions."""
+    """Patch positions (level-0 top-left corners, (x, y), in band order) and their tissue fractions."""
 
     coords: np.ndarray  # int64 (N, 2)
     tissue: np.ndarray  # float32 (N,)
@@ -84,27 +89,56 @@ def grid_positions(dimensions: tuple[int, int], tile_l0: int, stride: int) -> tu
 
 
 def coverage(mask: np.ndarray, dimensions: tuple[int, int], coords: np.ndarray, tile_l0: int) -> np.ndarray:
-    """Exact fraction of each square level-0 footprint covered by ``mask`` (which spans the whole slide)."""
-    if coords.shape[0] == 0:
-        return np.zeros(0, dtype=np.float32)
+    """Exact fraction of each square level-0 footprint covered by ``mask`` (which spans the whole slide).
+
+    Footprints are measured band by band of :data:`_MASK_ROWS` mask rows, each with the summed-area table of
+    just the rows its footprints cover (the four-corner difference does not change when a table is rebased
+    to start at any row), so memory stays a few MB whatever the mask's size.
+    """
+    out = np.zeros(coords.shape[0], dtype=np.float32)
     mh, mw = mask.shape
-    if mh == 0 or mw == 0:
-        return np.zeros(coords.shape[0], dtype=np.float32)
+    if coords.shape[0] == 0 or mh == 0 or mw == 0:
+        return out
     w, h = dimensions
     sx, sy = mw / w, mh / h  # mask pixels per level-0 pixel
-    # summed-area table, in place in int32 (exact: a mask has at most 8192^2 pixels): 4 bytes per mask pixel
-    integral = np.zeros((mh + 1, mw + 1), dtype=np.int32)
-    np.cumsum(mask, axis=0, dtype=np.int32, out=integral[1:, 1:])
-    np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
+    x0_all = coords[:, 0] * sx
+    y0_all = coords[:, 1] * sy
+    band = np.minimum(np.floor(y0_all).astype(np.int64), mh - 1) // _MASK_ROWS
+    for b in np.unique(band):
+        idx = np.flatnonzero(band == b)
+        x0, y0 = x0_all[idx], y0_all[idx]
+        x1 = (coords[idx, 0] + tile_l0) * sx
+        y1 = (coords[idx, 1] + tile_l0) * sy
+        r0 = int(b) * _MASK_ROWS
+        r1 = min(mh, int(np.floor(y1.max())) + 2)
+        local = _integral(mask[r0:r1])  # rows r0..r1 of the whole table, minus row r0
+        area = _sample(local, x1, y1 - r0) - _sample(local, x0, y1 - r0) - _sample(local, x1, y0 - r0) \
+            + _sample(local, x0, y0 - r0)
+        out[idx] = np.clip(area / ((x1 - x0) * (y1 - y0)), 0.0, 1.0)
+    return out
 
-    x0 = coords[:, 0] * sx
-    y0 = coords[:, 1] * sy
-    x1 = (coords[:, 0] + tile_l0) * sx
-    y1 = (coords[:, 1] + tile_l0) * sy
-    area = _sample(integral, x1, y1) - _sample(integral, x0, y1) - _sample(integral, x1, y0) \
-        + _sample(integral, x0, y0)
-    frac = area / ((x1 - x0) * (y1 - y0))
-    return np.clip(frac, 0.0, 1.0).astype(np.float32)
+
+#: mask rows per band of :func:`coverage`
+_MASK_ROWS = 256
+#: mask rows summed at once by :func:`_integral` (bounds its temporaries)
+_INTEGRAL_ROWS = 256
+
+
+def _integral(mask: np.ndarray) -> np.ndarray:
+    """Summed-area table of a boolean mask, (h + 1, w + 1) int32 with a zero first row and column.
+
+    Built strip by strip so that, besides the table itself (exact in int32 for any mask up to 2^31 pixels),
+    only one strip's temporaries exist.
+    """
+    mh, mw = mask.shape
+    integral = np.zeros((mh + 1, mw + 1), dtype=np.int32)
+    for y0 in range(0, mh, _INTEGRAL_ROWS):
+        y1 = min(mh, y0 + _INTEGRAL_ROWS)
+        strip = np.cumsum(mask[y0:y1], axis=1, dtype=np.int32)  # row sums
+        np.cumsum(strip, axis=0, out=strip)  # down the strip
+        strip += integral[y0, 1:]  # plus everything above the strip
+        integral[y0 + 1:y1 + 1, 1:] = strip
+    return integral
 
 
 def _sample(integral: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -122,6 +156,14 @@ def _sample(integral: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return a * (1 - fx) * (1 - fy) + b * fx * (1 - fy) + c * (1 - fx) * fy + d * fx * fy
 
 
+def band_order(n_columns: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column and row indices of every grid cell in band order (see the module docstring)."""
+    grid_cols, grid_rows = np.meshgrid(np.arange(n_columns, dtype=np.int64), np.arange(n_rows, dtype=np.int64))
+    cols, rows = grid_cols.ravel(), grid_rows.ravel()
+    order = np.lexsort((cols, rows, cols // BAND_COLUMNS))  # band, then row, then column
+    return cols[order], rows[order]
+
+
 def make_grid(mask: np.ndarray, dimensions: tuple[int, int], tile_l0: int, stride: int,
               min_tissue: float) -> PatchGrid:
     """Patches of ``tile_l0`` level-0 pixels every ``stride`` whose tissue fraction is >= ``min_tissue``.
@@ -131,8 +173,8 @@ def make_grid(mask: np.ndarray, dimensions: tuple[int, int], tile_l0: int, strid
     if tile_l0 < 1 or stride < 1:
         raise ValueError(f"tile size and stride must be >= 1, got {tile_l0} and {stride}")
     xs, ys = grid_positions(dimensions, tile_l0, stride)
-    gx, gy = np.meshgrid(xs, ys)  # row-major: y outer, x inner
-    coords = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64)
+    cols, rows = band_order(len(xs), len(ys))
+    coords = np.stack([xs[cols], ys[rows]], axis=1).astype(np.int64).reshape(-1, 2)
     frac = coverage(mask, dimensions, coords, tile_l0)
     keep = frac >= np.float32(min_tissue) - np.float32(1e-6)
     if min_tissue <= 0.0:
