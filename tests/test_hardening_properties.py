@@ -18,7 +18,7 @@ from hypothesis.extra.numpy import arrays
 from wsi_screen.aggregate import N_TOP, NO_TISSUE, RULES, AggregateConfig, diagnose, slide_score
 from wsi_screen.geojson import geojson_to_coords, patches_to_geojson
 from wsi_screen.heatmap import heatmap_array
-from wsi_screen.pipeline import THUMBNAIL_MAX_SIDE, THUMBNAIL_MIN_SIDE, thumbnail_mpp
+from wsi_screen.pipeline import THUMBNAIL_MAX_PIXELS, THUMBNAIL_MAX_SIDE, THUMBNAIL_MIN_SIDE, thumbnail_mpp
 from wsi_screen.tiling import make_grid, stride_l0, tile_size_l0
 
 CLASSES = ["normal", "tumour"]
@@ -79,12 +79,17 @@ def test_level0_heatmap_geojson_round_trip(case: tuple[np.ndarray, int, tuple[in
 @settings(max_examples=200, deadline=None)
 @given(st.floats(0.1, 30.0), st.integers(1, 500_000), st.integers(1, 500_000))
 def test_thumbnail_resolution_bounds(slide_mpp: float, w0: int, h0: int) -> None:
-    """The thumbnail (tissue mask, heatmap background) is never finer than level 0, never over the size cap,
-    and at least THUMBNAIL_MIN_SIDE px long where the slide has that many pixels at level 0."""
+    """The thumbnail (tissue mask, heatmap background) is never finer than level 0, never over the size and
+    area caps (bounded memory), and at least THUMBNAIL_MIN_SIDE px long where the slide has that many pixels
+    at level 0; ordinary slides get 8 um/px."""
     t = thumbnail_mpp(slide_mpp, (w0, h0))
     longest = max(w0, h0) * slide_mpp / t  # thumbnail pixels along the longest side
     assert t >= slide_mpp
     assert longest <= THUMBNAIL_MAX_SIDE * (1 + 1e-9)
+    assert (w0 * slide_mpp / t) * (h0 * slide_mpp / t) <= THUMBNAIL_MAX_PIXELS * (1 + 1e-9)
+    longest_um = max(w0, h0) * slide_mpp
+    if slide_mpp <= 8.0 and 1024 * 8.0 <= longest_um <= 8192 * 8.0 and w0 * h0 * slide_mpp ** 2 <= 600e6:
+        assert t == 8.0  # a slide of 8 to 65 mm along its longest side and up to 600 mm^2
     assert longest >= min(THUMBNAIL_MIN_SIDE, max(w0, h0)) * (1 - 1e-9)
 
 

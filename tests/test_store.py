@@ -33,9 +33,9 @@ def _write(loc: str, n: int = 10, size: int = 32, *, commit: bool = True) -> Sto
     shard = w.shard
     for first in range(0, n, shard):
         w.write_patches(first, patches[first:first + shard])
+    w.write_images(thumbnail=np.full((20, 30, 3), 7, np.uint8), mask=np.ones((20, 30), np.uint8))
     w.write_arrays(coords=np.arange(2 * n).reshape(n, 2) * 64, tissue=np.linspace(0, 1, n),
-                   stain_ok=np.ones(n, bool), thumbnail=np.full((20, 30, 3), 7, np.uint8),
-                   mask=np.ones((20, 30), np.uint8))
+                   stain_ok=np.ones(n, bool))
     if commit:
         w.commit()
     return w
@@ -154,14 +154,14 @@ def test_fast_shard_writer_is_byte_identical_to_zarr(tmp_path: Path) -> None:
         compressors=_compressor(), fill_value=0, config={"write_empty_chunks": True})
     ref[...] = patches
     for i, first in enumerate(range(0, n, shard)):
-        ours = encode_shard(patches[first:first + shard], shard)
+        ours = b"".join(encode_shard(patches[first:first + shard], shard))
         assert ours == (tmp_path / "ref.zarr" / "patches" / "c" / str(i) / "0" / "0" / "0").read_bytes()
     loc = store_location(tmp_path, "s")
     w = StoreWriter(loc, n_patches=n, patch_size=size, thumbnail_shape=(4, 4), attrs={})
     for first in range(0, n, shard):
         w.write_patches(first, patches[first:first + shard])
-    w.write_arrays(coords=np.zeros((n, 2), np.int64), tissue=np.zeros(n), stain_ok=np.zeros(n, bool),
-                   thumbnail=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), np.uint8))
+    w.write_images(thumbnail=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), np.uint8))
+    w.write_arrays(coords=np.zeros((n, 2), np.int64), tissue=np.zeros(n), stain_ok=np.zeros(n, bool))
     w.commit()
     assert np.array_equal(PatchStore.open(loc).read(slice(None)), patches)
     assert np.array_equal(PatchStore.open(loc).read([n - 1, 5, shard]), patches[[n - 1, 5, shard]])
@@ -174,8 +174,8 @@ def _written_store(tmp_path: Path, n: int, size: int = 32) -> tuple[str, np.ndar
     shard = patches_per_shard(size)
     for first in range(0, n, shard):
         w.write_patches(first, patches[first:first + shard])
-    w.write_arrays(coords=np.zeros((n, 2), np.int64), tissue=np.zeros(n), stain_ok=np.zeros(n, bool),
-                   thumbnail=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), np.uint8))
+    w.write_images(thumbnail=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), np.uint8))
+    w.write_arrays(coords=np.zeros((n, 2), np.int64), tissue=np.zeros(n), stain_ok=np.zeros(n, bool))
     w.commit()
     return loc, patches
 

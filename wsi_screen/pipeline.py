@@ -13,6 +13,7 @@ import collections
 import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_screen import __version__, progress
+from wsi_screen import __version__, memory, progress
 from wsi_screen.discovery import SlideSource
 from wsi_screen.errors import (
     ConfigError,
@@ -58,8 +59,14 @@ log = logging.getLogger(__name__)
 THUMBNAIL_MPP = 8.0
 #: longest thumbnail side; very large slides get a proportionally coarser thumbnail
 THUMBNAIL_MAX_SIDE = 8192
+#: most thumbnail pixels (3072^2: 600 mm^2 of slide at 8 um/px, more than most sections). Larger slides get a
+#: proportionally coarser thumbnail, so the tissue mask's memory (~12 bytes per thumbnail pixel at its peak)
+#: is bounded whatever the slide's area.
+THUMBNAIL_MAX_PIXELS = 3072 * 3072
 #: shortest "longest side": small slides get a finer thumbnail
 THUMBNAIL_MIN_SIDE = 1024
+#: return freed heap memory to the system every this many shards (see wsi_screen.memory)
+TRIM_EVERY = 4
 #: tissue patches sampled (evenly over the grid) to fit a slide's stain parameters
 STAIN_SAMPLE = 64
 
@@ -102,10 +109,13 @@ def thumbnail_mpp(slide_mpp: float, dimensions: tuple[int, int]) -> float:
 
     8 um/px for ordinary slides; finer for small ones so the thumbnail keeps at least
     :data:`THUMBNAIL_MIN_SIDE` pixels (it is the heatmap's background); coarser for huge ones so it stays
-    under :data:`THUMBNAIL_MAX_SIDE`; never finer than level 0.
+    under :data:`THUMBNAIL_MAX_SIDE` on its longest side and :data:`THUMBNAIL_MAX_PIXELS` in area; never finer
+    than level 0.
     """
     longest_um = max(dimensions) * slide_mpp
-    return max(slide_mpp, min(THUMBNAIL_MPP, longest_um / THUMBNAIL_MIN_SIDE), longest_um / THUMBNAIL_MAX_SIDE)
+    area_um2 = float(dimensions[0]) * float(dimensions[1]) * slide_mpp * slide_mpp
+    return max(slide_mpp, min(THUMBNAIL_MPP, longest_um / THUMBNAIL_MIN_SIDE), longest_um / THUMBNAIL_MAX_SIDE,
+               math.sqrt(area_um2 / THUMBNAIL_MAX_PIXELS))
 
 
 @lru_cache(maxsize=8)
@@ -217,17 +227,21 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
         writer = StoreWriter(location, n_patches=n, patch_size=spec.size_px,
                              thumbnail_shape=thumb.shape[:2], attrs=attrs)
         try:
+            writer.write_images(thumbnail=thumb, mask=mask.labels)
+            del thumb, mask  # written: nothing proportional to the slide's area is held while patches stream
+            memory.trim()  # and the mask's freed working memory goes back to the system before they do
             stain_ok = np.zeros(n, dtype=bool)
             t_read = time.perf_counter()
             with progress.bar(total=n, desc=source.name[:30], unit="patch", leave=False) as bar:
                 batches = read_patches(slide, grid.coords, tile_l0, spec.size_px, config.workers)
-                for first, batch, ok in normalised(batches, normalize, config.workers):
+                for i, (first, batch, ok) in enumerate(normalised(batches, normalize, config.workers)):
                     if ok is not None:
                         stain_ok[first:first + len(batch)] = ok
                     writer.write_patches(first, batch)
                     bar.update(len(batch))
-            writer.write_arrays(coords=grid.coords, tissue=grid.tissue, stain_ok=stain_ok, thumbnail=thumb,
-                                mask=mask.labels)
+                    if i % TRIM_EVERY == 0:
+                        memory.trim()  # keeps resident memory flat however long the slide streams
+            writer.write_arrays(coords=grid.coords, tissue=grid.tissue, stain_ok=stain_ok)
             t_write = time.perf_counter()
             writer.commit()
             log.debug("%s: seconds: open %.2f, thumbnail %.2f, tissue+grid %.2f, stain fit %.2f, "

@@ -66,6 +66,8 @@ STORE_SUFFIX = ".zarr"
 PARTIAL_SUFFIX = ".partial"
 LOCK_DIR = ".wsi-screen-locks"
 
+#: rows per chunk of the thumbnail and mask (zarr encodes a chunk with several temporary copies of it)
+IMAGE_CHUNK_ROWS = 256
 #: target uncompressed bytes per shard of patches
 SHARD_BYTES = 8 << 20
 #: how many batches of patches may wait for the background shard writer (bounds memory)
@@ -117,8 +119,9 @@ def _compressor() -> zarr.codecs.BloscCodec:
     return zarr.codecs.BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle="noshuffle")
 
 
-def encode_shard(patches: np.ndarray, shard: int) -> bytes:
-    """One ``patches`` shard file, byte for byte what zarr's ``sharding_indexed`` codec writes.
+def encode_shard(patches: np.ndarray, shard: int) -> list[bytes]:
+    """One ``patches`` shard file as its pieces in order (written one after the other, never joined in
+    memory), byte for byte what zarr's ``sharding_indexed`` codec writes.
 
     zarr-python spends about a millisecond of Python per inner chunk, which with one patch per chunk made it
     the tiler's bottleneck. The format is small and fixed by the zarr v3 sharding specification: the inner
@@ -138,7 +141,13 @@ def encode_shard(patches: np.ndarray, shard: int) -> bytes:
         offset += len(part)
     index_bytes = index.tobytes()
     crc = np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()
-    return b"".join([*parts, index_bytes, crc])
+    return [*parts, index_bytes, crc]
+
+
+def _write_parts(path: Path, parts: list[bytes]) -> None:
+    """Write a file from its pieces in order, without joining them in memory."""
+    with path.open("wb") as f:
+        f.writelines(parts)
 
 
 def _is_our_shard_layout(meta: Mapping[str, Any]) -> bool:
@@ -402,10 +411,11 @@ class StoreWriter:
                 # every patch is real data: skipping zarr's per-chunk "all fill value?" scan is 2-3x faster
                 config={"write_empty_chunks": True})
             th, tw = thumbnail_shape
+            rows = max(1, min(th, IMAGE_CHUNK_ROWS))
             self._thumbnail = self._group.create_array(THUMBNAIL, shape=(th, tw, 3), dtype="uint8",
-                                     chunks=(max(th, 1), max(tw, 1), 3), compressors=_compressor(),
+                                     chunks=(rows, max(tw, 1), 3), compressors=_compressor(),
                                      fill_value=0, dimension_names=("y", "x", "channel"))
-            self._mask = self._group.create_array(MASK, shape=(th, tw), dtype="uint8", chunks=(max(th, 1), max(tw, 1)),
+            self._mask = self._group.create_array(MASK, shape=(th, tw), dtype="uint8", chunks=(rows, max(tw, 1)),
                                      compressors=_compressor(), fill_value=0, dimension_names=("y", "x"))
         except OSError as exc:
             raise _write_error(self.location, exc) from exc
@@ -442,7 +452,7 @@ class StoreWriter:
                 key = self._patches.metadata.encode_chunk_key((first // self.shard, 0, 0, 0))
                 path = Path(self.work) / PATCHES / key
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(encode_shard(part, self.shard))
+                _write_parts(path, encode_shard(part, self.shard))
                 _fsync_file(path)  # now, while reading goes on, rather than all at commit
                 self._synced.add(str(path))
         except OSError as exc:
@@ -469,9 +479,18 @@ class StoreWriter:
         if first is not None and raise_errors:
             raise first
 
-    def write_arrays(self, *, coords: np.ndarray, tissue: np.ndarray, stain_ok: np.ndarray,
-                     thumbnail: np.ndarray, mask: np.ndarray) -> None:
-        """Write the per-patch tables and the thumbnail and mask (after every pending patch shard)."""
+    def write_images(self, *, thumbnail: np.ndarray, mask: np.ndarray) -> None:
+        """Write the thumbnail and the tissue label map (any time before :meth:`commit`; the tiler writes them
+        first so it need not hold them while patches stream)."""
+        try:
+            for y0 in range(0, thumbnail.shape[0], IMAGE_CHUNK_ROWS):  # chunk by chunk: bounded temporaries
+                self._thumbnail[y0:y0 + IMAGE_CHUNK_ROWS] = thumbnail[y0:y0 + IMAGE_CHUNK_ROWS]
+                self._mask[y0:y0 + IMAGE_CHUNK_ROWS] = mask[y0:y0 + IMAGE_CHUNK_ROWS]
+        except OSError as exc:
+            raise _write_error(self.location, exc) from exc
+
+    def write_arrays(self, *, coords: np.ndarray, tissue: np.ndarray, stain_ok: np.ndarray) -> None:
+        """Write the per-patch tables (after every pending patch shard)."""
         self._drain()
         n = self.n_patches
         try:
@@ -484,8 +503,6 @@ class StoreWriter:
             self._group.create_array(STAIN_OK, data=np.asarray(stain_ok, dtype=bool).reshape(n),
                                      chunks=(max(n, 1),), compressors=_compressor(),
                                      dimension_names=("patch",))
-            self._thumbnail[...] = thumbnail
-            self._mask[...] = mask
         except OSError as exc:
             raise _write_error(self.location, exc) from exc
 
