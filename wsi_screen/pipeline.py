@@ -324,7 +324,7 @@ def read_patches(slide: Slide, coords: np.ndarray, tile_l0: int, size_px: int,
 
     def read_run(out: np.ndarray, xy: np.ndarray) -> None:
         for i, (x, y) in enumerate(xy):
-            out[i] = slide.read((int(x), int(y)), tile_l0, size_px)
+            slide.read((int(x), int(y)), tile_l0, size_px, out[i])
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
         def submit(first: int) -> tuple[np.ndarray, list[Future[None]]]:

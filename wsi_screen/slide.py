@@ -266,19 +266,25 @@ class Slide:
         """Raw pixels of ``level``: RGB uint8 (h, w, 3); white outside the scanned area."""
         return self._reader.read_region(level, xy_l0, size)
 
-    def read(self, xy_l0: tuple[int, int], tile_size_l0: int, size_px: int) -> np.ndarray:
+    def read(self, xy_l0: tuple[int, int], tile_size_l0: int, size_px: int,
+             out: np.ndarray | None = None) -> np.ndarray:
         """A square patch covering ``tile_size_l0`` level-0 pixels from ``xy_l0``, as ``size_px`` RGB.
 
         Read from the coarsest pyramid level that is still at least as fine as the target, then resized
         down with an anti-aliasing filter (PIL's Lanczos, whose support widens with the scale factor).
+        With ``out`` (uint8, ``(size_px, size_px, 3)``) the patch is written there and ``out`` returned; when
+        no resize is needed, tile pixels go straight into it.
         """
         level = self.best_level(tile_size_l0 / size_px)
         ds = self.level_downsamples[level]
         region = max(1, round(tile_size_l0 / ds))
-        img = self._reader.read_region(level, xy_l0, (region, region))
-        if region != size_px:
-            img = resize(img, (size_px, size_px))
-        return img
+        if region == size_px:
+            return self._reader.read_region(level, xy_l0, (region, region), out)
+        img = resize(self._reader.read_region(level, xy_l0, (region, region)), (size_px, size_px))
+        if out is None:
+            return img
+        out[...] = img
+        return out
 
     def thumbnail(self, mpp: float, *, workers: int = 1) -> np.ndarray:
         """The whole slide at ``mpp`` microns per pixel (never finer than level 0), RGB uint8.

@@ -28,8 +28,10 @@ class Reader(Protocol):
         """Vendor metadata worth recording (string values)."""
         ...
 
-    def read_region(self, level: int, xy_l0: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-        """RGB uint8 array (h, w, 3) of ``size`` (w, h) pixels of ``level``, top-left at level-0 ``xy_l0``."""
+    def read_region(self, level: int, xy_l0: tuple[int, int], size: tuple[int, int],
+                    out: np.ndarray | None = None) -> np.ndarray:
+        """RGB uint8 array (h, w, 3) of ``size`` (w, h) pixels of ``level``, top-left at level-0 ``xy_l0``;
+        written into and returned as ``out`` when given (a reader that can decodes straight into it)."""
         ...
 
     def close(self) -> None:

@@ -55,14 +55,19 @@ class OpenSlideReader:
                 keep[key] = props[key]
         return keep
 
-    def read_region(self, level: int, xy_l0: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    def read_region(self, level: int, xy_l0: tuple[int, int], size: tuple[int, int],
+                    out: np.ndarray | None = None) -> np.ndarray:
         try:
             rgba = np.asarray(self._osr.read_region((int(xy_l0[0]), int(xy_l0[1])), level,
                                                     (int(size[0]), int(size[1]))))
         except openslide.OpenSlideError as exc:
             raise SlideReadError(f"{self.path}: corrupt or unreadable tile data near level-0 "
                                  f"({xy_l0[0]}, {xy_l0[1]}): {_one_line(exc)}") from exc
-        return rgba_to_rgb_on_white(rgba)
+        rgb = rgba_to_rgb_on_white(rgba)
+        if out is None:
+            return rgb
+        out[...] = rgb
+        return out
 
     def close(self) -> None:
         self._osr.close()

@@ -267,8 +267,10 @@ class TiffReader:
         return int(self._pages[level].compression)
 
     # ------------------------------------------------------------------ pixels
-    def read_region(self, level: int, xy_l0: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    def read_region(self, level: int, xy_l0: tuple[int, int], size: tuple[int, int],
+                    out: np.ndarray | None = None) -> np.ndarray:
         """Pixels of ``level`` from level-0 ``xy_l0``; sub-pixel positions are interpolated bilinearly.
+        Whole-pixel regions are copied from the decoded tiles straight into ``out`` when it is given.
 
         A level-0 position rarely falls on a whole pixel of a reduced level; like OpenSlide, the region is
         then resampled at the exact fractional offset (so both readers agree within a grey level or two).
@@ -281,19 +283,28 @@ class TiffReader:
         ty = 0.0 if ty < 1e-6 else ty
         w, h = int(size[0]), int(size[1])
         if tx == 0.0 and ty == 0.0:
-            return self._read_level(level, x0, y0, w, h)
+            return self._read_level(level, x0, y0, w, h, out)
         raw = self._read_level(level, x0, y0, w + 1, h + 1).astype(np.float32)
-        out = ((1 - tx) * (1 - ty)) * raw[:h, :w] + (tx * (1 - ty)) * raw[:h, 1:] \
+        mixed = ((1 - tx) * (1 - ty)) * raw[:h, :w] + (tx * (1 - ty)) * raw[:h, 1:] \
             + ((1 - tx) * ty) * raw[1:, :w] + (tx * ty) * raw[1:, 1:]
-        return np.floor(out + 0.5).astype(np.uint8)
+        rgb = np.floor(mixed + 0.5).astype(np.uint8)
+        if out is None:
+            return rgb
+        out[...] = rgb
+        return out
 
-    def _read_level(self, level: int, x0: int, y0: int, w: int, h: int) -> np.ndarray:
-        """Whole pixels ``[x0, x0 + w) x [y0, y0 + h)`` of ``level``; white outside the image."""
+    def _read_level(self, level: int, x0: int, y0: int, w: int, h: int,
+                    out: np.ndarray | None = None) -> np.ndarray:
+        """Whole pixels ``[x0, x0 + w) x [y0, y0 + h)`` of ``level`` (into ``out`` if given); white outside
+        the image."""
         page = self._pages[level]
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
         W, H = self.level_dimensions[level]
         ix0, iy0 = max(x0, 0), max(y0, 0)
         ix1, iy1 = min(x0 + w, W), min(y0 + h, H)
+        if out is None:
+            out = np.empty((h, w, 3), dtype=np.uint8)
+        if (ix0, iy0, ix1, iy1) != (x0, y0, x0 + w, y0 + h):
+            out[...] = 255  # part of the region lies outside the image
         if ix0 >= ix1 or iy0 >= iy1:
             return out
         if int(page.planarconfig) != 1 or not page.dataoffsets:
@@ -307,10 +318,10 @@ class TiffReader:
                 tile = self._tile(page, ty * ncols + tx, level)
                 tx0, ty0 = tx * cw, ty * ch
                 sx0, sy0 = max(ix0, tx0), max(iy0, ty0)
-                sx1 = min(ix1, tx0 + tile.shape[1])
-                sy1 = min(iy1, ty0 + tile.shape[0])
-                if sx0 >= sx1 or sy0 >= sy1:
-                    continue
+                sx1, sy1 = min(ix1, tx0 + cw), min(iy1, ty0 + ch)
+                if tile.shape[1] < sx1 - tx0 or tile.shape[0] < sy1 - ty0:
+                    raise SlideReadError(f"{self.path}: tile {ty * ncols + tx} at level {level} is smaller "
+                                         "than the TIFF declares")
                 out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = tile[sy0 - ty0:sy1 - ty0, sx0 - tx0:sx1 - tx0]
         return out
 
