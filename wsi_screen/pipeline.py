@@ -195,6 +195,7 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
         stride = stride_l0(tile_l0, spec.size_px, spec.overlap_px)
         t_open = time.perf_counter()
         thumb = slide.thumbnail(thumb_mpp, workers=config.workers)
+        memory.trim()  # the block reads' freed buffers, before the mask's working memory is taken
         t_thumb = time.perf_counter()
         mask = detect_tissue(thumb, thumb_mpp, config.tissue)
         grid = make_grid(mask.tissue, slide.dimensions, tile_l0, stride, spec.min_tissue)

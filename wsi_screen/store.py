@@ -71,7 +71,7 @@ IMAGE_CHUNK_ROWS = 256
 #: target uncompressed bytes per shard of patches
 SHARD_BYTES = 8 << 20
 #: how many batches of patches may wait for the background shard writer (bounds memory)
-WRITE_BEHIND = 3
+WRITE_BEHIND = 2
 #: background threads writing patch shards (each shard file has exactly one writer)
 WRITERS = 2
 
