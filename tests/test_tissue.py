@@ -109,3 +109,13 @@ def test_glass_and_empty_inputs() -> None:
 def test_labels_and_settings_are_stable() -> None:
     assert (GLASS, TISSUE, PEN, ARTIFACT) == (0, 1, 2, 3)
     assert TissueSettings().to_json()["min_chroma"] == 14.0
+
+
+def test_threads_give_the_same_mask(patches_dir: Path) -> None:
+    """The per-pixel strips run on worker threads; the label map does not depend on how many."""
+    folder = patches_dir / "qc-tiles" / "thumbnails_pen_marks"
+    rgb = _load(folder / "diagnostic-slide-thumb-rgb.png")
+    one = detect_tissue(rgb, MPP).labels
+    assert len(np.unique(one)) >= 3  # glass, tissue and pen at least: a mask worth comparing
+    for workers in (2, 3):
+        assert np.array_equal(detect_tissue(rgb, MPP, workers=workers).labels, one)

