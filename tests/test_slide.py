@@ -244,3 +244,25 @@ def test_threads_decode_each_tile_once(slides_dir: Path, monkeypatch: pytest.Mon
     with Slide(slides_dir / "CMU-1-Small-Region.svs") as single:  # and the pixels are a lone reader's
         for xy, img in zip(coords[::17], reads[::17], strict=True):
             assert np.array_equal(img, single.read(xy, 224, 224))
+
+
+@pytest.mark.parametrize(("scan", "ok"), [
+    (b"\x12\xff\x00\x34", True),  # stuffed 0xFF
+    (b"\x12\xff\xd3\x34\xff\xd7", True),  # restart markers
+    (b"", True),
+    (b"\x12\xff\x12\x34", False),  # a stray marker inside the entropy-coded data
+    (b"\x12\x34\xff", False),  # 0xFF right before EOI
+    (b"\xff\xff\x00", False),  # only the second 0xFF is stuffed
+])
+def test_jpeg_stream_check(scan: bytes, ok: bool) -> None:
+    """The structural check behind "corrupt JPEG data in tile ...": every 0xFF after the scan header is a
+    stuffed byte or a restart marker, and the stream ends with EOI."""
+    import imagecodecs
+
+    from wsi_screen.readers.tiff_reader import jpeg_stream_ok
+
+    assert jpeg_stream_ok(b"\xff\xd8\xff\xda\x00\x02" + scan + b"\xff\xd9") is ok
+    assert not jpeg_stream_ok(b"\xff\xd8\xff\xda\x00\x02" + scan)  # no EOI
+    real = imagecodecs.jpeg8_encode(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert jpeg_stream_ok(real)
+    assert not jpeg_stream_ok(real[:len(real) // 2] + b"\x00\xff\x42" + real[len(real) // 2:])

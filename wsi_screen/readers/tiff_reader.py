@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
@@ -90,7 +91,8 @@ def fast_path_ok(tif: tifffile.TiffFile, vendor: str, level_dimensions: tuple[tu
         and int(p.photometric) in (2, 6) for p in pages)
 
 
-_RST_MARKERS = tuple(bytes((0xFF, m)) for m in range(0xD0, 0xD8))
+#: a 0xFF byte that is neither stuffed (0xFF00) nor a restart marker (0xFFD0-0xFFD7), or ends the data
+_BAD_FF = re.compile(rb"\xff(?![\x00\xd0-\xd7])")
 
 
 def jpeg_stream_ok(data: bytes) -> bool:
@@ -119,12 +121,9 @@ def jpeg_stream_ok(data: bytes) -> bool:
             break
     else:
         return False
-    scan = data[i:n - 2]
-    ff = scan.count(b"\xff")  # bytes.count is memchr-fast; every 0xFF must pair with 0x00 or RSTn
-    valid = scan.count(b"\xff\x00")
-    if valid != ff:
-        valid += sum(scan.count(marker) for marker in _RST_MARKERS)
-    return valid == ff
+    # in the entropy-coded data every 0xFF must be a stuffed 0xFF00 or a restart marker (one regex scan, ~0.6 us
+    # per kB: this runs once per decoded tile, holding the GIL)
+    return _BAD_FF.search(data, i, n - 2) is None
 
 
 def check_intact(tif: tifffile.TiffFile, path: Path) -> None:
