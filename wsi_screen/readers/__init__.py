@@ -31,7 +31,7 @@ class Reader(Protocol):
     def read_region(self, level: int, xy_l0: tuple[int, int], size: tuple[int, int],
                     out: np.ndarray | None = None) -> np.ndarray:
         """RGB uint8 array (h, w, 3) of ``size`` (w, h) pixels of ``level``, top-left at level-0 ``xy_l0``;
-        written into and returned as ``out`` when given (a reader that can decodes straight into it)."""
+        written into and returned as ``out`` when given (readers that can decode straight into it do)."""
         ...
 
     def close(self) -> None:
