@@ -97,3 +97,28 @@ def test_known_tile_sizes() -> None:
 def test_tile_spec_validation(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         TileSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_coverage_memory_does_not_grow_with_the_mask() -> None:
+    """Tissue fractions are measured band by band of mask rows: no whole-mask summed-area table (4 bytes per
+    mask pixel: 67 MB for this 4096^2 mask; with its temporaries the old code peaked over 100 MB here). What
+    remains is a few float64 values per footprint (342k of them here) and one band's table."""
+    import tracemalloc
+
+    mask = np.zeros((4096, 4096), dtype=bool)
+    mask[500:3500, 700:3900] = True
+    dims = (131072, 131072)  # 32 level-0 px per mask pixel
+    xs, ys = grid_positions(dims, 224, 224)
+    gx, gy = np.meshgrid(xs, ys)
+    coords = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        frac = coverage(mask, dims, coords, 224)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    inside = (coords[:, 0] >= 700 * 32) & (coords[:, 0] + 224 <= 3900 * 32) \
+        & (coords[:, 1] >= 500 * 32) & (coords[:, 1] + 224 <= 3500 * 32)
+    assert np.all(frac[inside] == 1.0) and frac.sum() == pytest.approx(3000 * 3200 * 1024 / 224**2, rel=1e-3)
+    assert peak < 40e6, peak

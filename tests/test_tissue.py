@@ -119,3 +119,21 @@ def test_threads_give_the_same_mask(patches_dir: Path) -> None:
     assert len(np.unique(one)) >= 3  # glass, tissue and pen at least: a mask worth comparing
     for workers in (2, 3):
         assert np.array_equal(detect_tissue(rgb, MPP, workers=workers).labels, one)
+
+
+def test_mask_memory_is_bounded_per_pixel(patches_dir: Path) -> None:
+    """The detector's working memory (traced numpy allocations) stays ~11 bytes per thumbnail pixel on a 16 MP
+    thumbnail, the size the tiler caps thumbnails near (was 16+: int32 labels, whole-map int64 counts)."""
+    import tracemalloc
+
+    rgb = _load(patches_dir / "qc-tiles" / "thumbnails_pen_marks" / "diagnostic-slide-thumb-rgb.png")
+    big = np.tile(rgb, (8, 8, 1))  # 4200 x 3744 px with tissue, glass and pen everywhere
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        labels = detect_tissue(big, MPP).labels
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert (labels == TISSUE).mean() > 0.2 and (labels == PEN).mean() > 0.2
+    assert peak <= 12.5 * labels.size, peak / labels.size
