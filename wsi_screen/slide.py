@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,6 +31,7 @@ from PIL import Image
 
 from wsi_screen.errors import MissingMppError, SlideOpenError, UnsupportedFormatError
 from wsi_screen.readers import Reader
+from wsi_screen.threads import run_each
 
 if TYPE_CHECKING:
     from tifffile import TiffFile
@@ -302,7 +302,8 @@ class Slide:
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
         margin = math.ceil(2 * f) + 2
 
-        def block(ox: int, oy: int) -> None:
+        def block(origin: tuple[int, int]) -> None:
+            ox, oy = origin
             bw, bh = min(_THUMB_BLOCK, out_w - ox), min(_THUMB_BLOCK, out_h - oy)
             # one exact scale for every block; readers pad past the slide's edge with white
             sx0, sy0 = ox * f, oy * f
@@ -315,13 +316,7 @@ class Slide:
             out[oy:oy + bh, ox:ox + bw] = resize(src, (bw, bh), box=box)
 
         blocks = [(ox, oy) for oy in range(0, out_h, _THUMB_BLOCK) for ox in range(0, out_w, _THUMB_BLOCK)]
-        if workers > 1 and len(blocks) > 1:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="thumbnail") as pool:
-                for done in [pool.submit(block, ox, oy) for ox, oy in blocks]:
-                    done.result()
-        else:
-            for ox, oy in blocks:
-                block(ox, oy)
+        run_each(block, blocks, workers=workers, name="thumbnail")
         return out
 
     # ------------------------------------------------------------------------------------- lifecycle

