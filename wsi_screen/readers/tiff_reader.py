@@ -242,7 +242,6 @@ class TiffReader:
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._decoding: dict[tuple[int, int], Future[np.ndarray]] = {}
         self._cache_bytes = 0
-        self._cache_limit = TILE_CACHE_BYTES
 
     # ------------------------------------------------------------------ metadata
     def mpp(self) -> tuple[float, float] | None:
@@ -355,7 +354,7 @@ class TiffReader:
             del self._decoding[key]
             self._cache[key] = tile
             self._cache_bytes += tile.nbytes
-            while self._cache_bytes > self._cache_limit and self._cache:
+            while self._cache_bytes > TILE_CACHE_BYTES and self._cache:
                 _, old = self._cache.popitem(last=False)
                 self._cache_bytes -= old.nbytes
         pending.set_result(tile)
