@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_screen.errors import MissingMppError, SlideOpenError, UnsupportedFormatError
-from wsi_screen.readers import Reader
+from wsi_screen.readers import Reader, into
 from wsi_screen.threads import run_each
 
 if TYPE_CHECKING:
@@ -280,11 +280,7 @@ class Slide:
         region = max(1, round(tile_size_l0 / ds))
         if region == size_px:
             return self._reader.read_region(level, xy_l0, (region, region), out)
-        img = resize(self._reader.read_region(level, xy_l0, (region, region)), (size_px, size_px))
-        if out is None:
-            return img
-        out[...] = img
-        return out
+        return into(out, resize(self._reader.read_region(level, xy_l0, (region, region)), (size_px, size_px)))
 
     def thumbnail(self, mpp: float, *, workers: int = 1) -> np.ndarray:
         """The whole slide at ``mpp`` microns per pixel (never finer than level 0), RGB uint8.

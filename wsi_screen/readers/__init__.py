@@ -37,3 +37,12 @@ class Reader(Protocol):
     def close(self) -> None:
         """Release file handles."""
         ...
+
+
+def into(out: np.ndarray | None, pixels: np.ndarray) -> np.ndarray:
+    """``pixels``, or copied into ``out`` and ``out`` returned when the caller gave one (the ``out``
+    convention of :meth:`Reader.read_region` and :meth:`Slide.read`)."""
+    if out is None:
+        return pixels
+    out[...] = pixels
+    return out

@@ -8,6 +8,7 @@ import numpy as np
 import openslide
 
 from wsi_screen.errors import SlideOpenError, SlideReadError, UnsupportedFormatError
+from wsi_screen.readers import into
 
 _PROPERTY_PREFIXES = ("openslide.", "aperio.", "hamamatsu.", "mirax.", "dicom.", "tiff.", "leica.",
                       "philips.", "ventana.", "sakura.", "generic-tiff.")
@@ -63,11 +64,7 @@ class OpenSlideReader:
         except openslide.OpenSlideError as exc:
             raise SlideReadError(f"{self.path}: corrupt or unreadable tile data near level-0 "
                                  f"({xy_l0[0]}, {xy_l0[1]}): {_one_line(exc)}") from exc
-        rgb = rgba_to_rgb_on_white(rgba)
-        if out is None:
-            return rgb
-        out[...] = rgb
-        return out
+        return into(out, rgba_to_rgb_on_white(rgba))
 
     def close(self) -> None:
         self._osr.close()

@@ -23,6 +23,7 @@ import numpy as np
 import tifffile
 
 from wsi_screen.errors import SlideOpenError, SlideReadError, UnsupportedFormatError
+from wsi_screen.readers import into
 
 #: decoded tiles kept per reader (LRU). The tiler reads patches in band order (``tiling.BAND_COLUMNS``): each
 #: row of tiles serves about two rows of patches, so decoding every tile once takes ~2.5 rows of tiles across
@@ -285,11 +286,7 @@ class TiffReader:
         raw = self._read_level(level, x0, y0, w + 1, h + 1).astype(np.float32)
         mixed = ((1 - tx) * (1 - ty)) * raw[:h, :w] + (tx * (1 - ty)) * raw[:h, 1:] \
             + ((1 - tx) * ty) * raw[1:, :w] + (tx * ty) * raw[1:, 1:]
-        rgb = np.floor(mixed + 0.5).astype(np.uint8)
-        if out is None:
-            return rgb
-        out[...] = rgb
-        return out
+        return into(out, np.floor(mixed + 0.5).astype(np.uint8))
 
     def _read_level(self, level: int, x0: int, y0: int, w: int, h: int,
                     out: np.ndarray | None = None) -> np.ndarray:
