@@ -1,108 +1,166 @@
-"""Choose a model's slide-level rule and threshold on synthetic slides with known truth.
+"""Choose a model's slide rule and threshold on one synthetic cohort, report it on another.
 
-    python scripts/calibrate_slide_rule.py --model MODEL_DIR --work runs/calibration [--pos 16 --neg 16]
+    python scripts/calibrate_slide_rule.py --model MODEL_DIR --work runs/calibration [--slides 500]
 
-Builds a cohort of synthetic slides from the PCam *valid* split (tumour blobs of 2 % to 25 % of the tissue
-on positive slides, none on negative ones; never the test split), screens it with the model, scores every
-slide with every rule (mean, max, top-k for several k, fraction above the patch threshold), and picks the
-rule with the best slide AUC and its threshold (highest specificity at sensitivity >= 0.95; see
-:func:`wsi_screen.aggregate.choose_rule`). Writes ``MODEL_DIR/slide_rule.json``, which ``wsi-screen infer``
-reads, and prints the table.
+1. Scores every PCam *valid* patch in all 8 orientations with the model once (a score bank, cached in WORK).
+2. Plans two cohorts (seeds ``--choose-seed`` and ``--report-seed``) of ``--slides`` slides each: half
+   negative, half with foci (ITC, micro- or macro-metastasis in turn), 500-20,000 tissue patches,
+   irregular tissue and foci, every patch in a random orientation (:mod:`wsi_screen.cohort`), and gives
+   every slide its patch scores from the bank.
+3. Chooses the rule, its settings and the slide threshold on the first cohort (highest sensitivity at
+   specificity >= ``--min-specificity`` among the negatives of every size bin, so the threshold holds on the
+   largest slides; :mod:`wsi_screen.calibration`), and the smallest region that counts
+   as a focus.
+4. Reports the choice on the second cohort, never tuned on: slide AUC with a bootstrap CI, sensitivity by
+   focus class and specificity by slide size with Wilson CIs.
+
+Writes ``MODEL_DIR/slide_rule.json`` (read by ``wsi-screen infer``), WORK/cohort-*.csv (every slide's truth
+and scores) and prints the tables that docs/default-model.md quotes.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from wsi_screen import runfolder
-from wsi_screen.aggregate import RULES, choose_rule, slide_score
+from wsi_screen import calibration, cohort
 from wsi_screen.models import load_model
-from wsi_screen.screening import SLIDE_RULE_JSON, InferConfig, run_infer
-from wsi_screen.synthetic import build_slide, default_patches_dir
+from wsi_screen.runfolder import atomic_write_text, csv_text
+from wsi_screen.screening import SLIDE_RULE_JSON, model_identity
+from wsi_screen.spatial import PatchGrid
+from wsi_screen.synthetic import PCAM_MPP, default_patches_dir
 
-TOPK_CANDIDATES = (1, 3, 5, 10, 20, 40)
+PATCH_PX = 96
 
 
-def build(work: Path, n_pos: int, n_neg: int, seed: int, grid: tuple[int, int]) -> Path:
-    slides = work / "slides"
-    slides.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    rows = []
-    fractions = np.linspace(0.02, 0.25, max(n_pos, 1))
-    for i in range(n_pos + n_neg):
-        positive = i < n_pos
-        name = f"calib_{i:03d}"
-        build_slide(slides / f"{name}.tiff", patches_dir=default_patches_dir(), positive=positive, grid=grid,
-                    tumour_fraction=float(fractions[min(i, len(fractions) - 1)]),
-                    seed=int(rng.integers(2**31)), split="valid")
-        rows.append({"slide": name, "label": "tumour" if positive else "normal"})
-    with (work / "slides.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["slide", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return slides
+def bank_for(model_dir: Path, work: Path) -> cohort.ScoreBank:
+    classifier = load_model(model_dir)
+    sha = model_identity(model_dir, classifier)["sha256"]
+    path = work / f"bank-{sha[:12]}"
+    if path.with_suffix(".json").exists():
+        bank = cohort.ScoreBank.load(path)
+        if bank.model_sha256 == sha:
+            return bank
+    bank = cohort.compute_score_bank(classifier, default_patches_dir(), model_sha256=sha)
+    bank.save(path)
+    return bank
+
+
+def simulate(bank: cohort.ScoreBank, seed: int, n: int, patch_threshold: float) -> list[dict[str, Any]]:
+    cell_mm = PATCH_PX * PCAM_MPP / 1000.0
+    pools = {k: len(v) for k, v in bank.paths.items()}
+    out = []
+    for s in cohort.plan_cohort(seed, n):
+        layout = cohort.layout_for(s, cell_mm=cell_mm, pools=pools)
+        probs = cohort.simulate_probs(layout, bank)
+        grid = PatchGrid(probs, (0, 0), PATCH_PX, cell_mm, np.zeros(probs.shape, np.int64))
+        row: dict[str, Any] = {"slide": s.name, "positive": layout.positive, "class": layout.size_class,
+                               "n_tissue": layout.n_tissue, "largest_focus_mm": layout.largest_focus_mm,
+                               "tumour_patches": int(layout.tumour.sum()),
+                               "scores": calibration.candidate_scores(grid, patch_threshold),
+                               "largest": {t: calibration.largest_region(grid, t)
+                                           for t in calibration.REGION_THRESHOLDS}}
+        out.append(row)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("runs/calibration"))
-    parser.add_argument("--pos", type=int, default=16)
-    parser.add_argument("--neg", type=int, default=16)
-    parser.add_argument("--grid", type=int, default=16, help="tissue grid edge in patches (default 16)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slides", type=int, default=500, help="slides per cohort (default 500)")
+    parser.add_argument("--choose-seed", type=int, default=0)
+    parser.add_argument("--report-seed", type=int, default=1)
+    parser.add_argument("--min-specificity", type=float, default=calibration.DEFAULT_MIN_SPECIFICITY)
     args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
 
-    classifier = load_model(args.model)
-    slides = build(args.work, args.pos, args.neg, args.seed, (args.grid, args.grid))
-    run = args.work / "run"
-    summary = run_infer([str(slides)], run, classifier, args.model,
-                        InferConfig(labels=str(args.work / "slides.csv"), rule="max", threshold=0.5))
-    pos_class = classifier.spec.positive_class
-    labels, per_rule = [], {f"topk{k}" if r == "topk" else r: [] for r in RULES
-                            for k in (TOPK_CANDIDATES if r == "topk" else (0,))}
-    for row in summary.rows:
-        if row.status != "ok" or not row.label:
-            continue
-        scores = runfolder.read_scores(run / row.name / runfolder.SCORES_CSV)
-        p = scores.probs[:, scores.classes.index(str(pos_class))]
-        labels.append(row.label == "positive")
-        for name in per_rule:
-            rule = "topk" if name.startswith("topk") else name
-            k = int(name[4:]) if rule == "topk" else 5
-            per_rule[name].append(slide_score(p, rule, k=k, patch_threshold=summary.aggregate.patch_threshold))
-    # choose_rule knows the four rule names; compare top-k variants first, keep the best k
-    topk = {n: v for n, v in per_rule.items() if n.startswith("topk")}
-    k_best = max(topk, key=lambda n: (_auc(topk[n], labels), -int(n[4:])))
-    candidates = {"mean": per_rule["mean"], "max": per_rule["max"], "topk": topk[k_best],
-                  "fraction": per_rule["fraction"]}
-    rule, threshold, table = choose_rule(candidates, labels)
-    result = {
-        "rule": rule, "k": int(k_best[4:]), "slide_threshold": threshold,
-        "patch_threshold": summary.aggregate.patch_threshold,
-        "per_rule": {r.rule: r.to_json() for r in table},
-        "topk_auc": {n: _auc(v, labels) for n, v in topk.items()},
-        "calibrated_on": {"cohort": "synthetic slides from PCam valid", "n_positive": int(sum(labels)),
-                          "n_negative": int(len(labels) - sum(labels)), "grid": args.grid, "seed": args.seed,
-                          "tumour_fractions": "0.02-0.25"},
-        "method": "best slide AUC; threshold with the highest specificity at sensitivity >= 0.95",
+    spec = load_model(args.model).spec
+    patch_threshold = spec.threshold if spec.threshold is not None else 0.5
+    bank = bank_for(args.model, args.work)
+    cohorts = {"choose": simulate(bank, args.choose_seed, args.slides, patch_threshold),
+               "report": simulate(bank, args.report_seed, args.slides, patch_threshold)}
+    train = cohorts["choose"]
+    labels = [r["positive"] for r in train]
+    names = [c.name for c in calibration.candidates()]
+    choice = calibration.choose({n: [r["scores"][n] for r in train] for n in names}, labels,
+                                min_specificity=args.min_specificity,
+                                strata=[calibration.size_bin(r["n_tissue"]) for r in train])
+    region_rows = [t for t in choice.table if t["rule"].startswith("region")]
+    best_region = max(region_rows, key=lambda t: (t["sensitivity"], t["auc"]))
+    region_threshold = choice.candidate.region_threshold if choice.candidate.rule == "region" \
+        else float(best_region["rule"][len("region"):])
+    focus = calibration.min_focus_patches([r["largest"][region_threshold] for r in train if not r["positive"]])
+    config = calibration.aggregate_config(choice, patch_threshold=patch_threshold,
+                                          region_threshold=region_threshold, focus_patches=focus)
+
+    held = cohorts["report"]
+    chosen = choice.candidate.name
+    result = calibration.report([r["scores"][chosen] for r in held], [r["positive"] for r in held],
+                                [r["class"] for r in held], [r["n_tissue"] for r in held], choice.threshold)
+    held_auc = {n: calibration.bootstrap_auc(np.array([r["scores"][n] for r in held]),
+                                             np.array([r["positive"] for r in held]), n_boot=200)[0]
+                for n in names}
+    per_rule: dict[str, Any] = {}
+    for row in sorted(choice.table, key=lambda t: (-t["sensitivity"], -t["auc"])):
+        c = next(c for c in calibration.candidates() if c.name == row["rule"])
+        per_rule.setdefault(c.rule, {**row, "name": c.name, "rule": c.rule, "k": c.k, "radius": c.radius,
+                                     "region_threshold": c.region_threshold})
+    doc = {
+        **config.to_json(), "name": chosen,
+        "per_rule": per_rule,
+        "candidates": {t["rule"]: {**t, "held_out_auc": held_auc[t["rule"]]} for t in choice.table},
+        "calibrated_on": {"cohort": "synthetic slides of PCam valid patches (wsi_screen.cohort)",
+                          "seed": args.choose_seed, "n_slides": len(train), "n_positive": int(sum(labels)),
+                          "sizes": "500-20000 tissue patches", "score_bank_model_sha256": bank.model_sha256},
+        "method": f"highest sensitivity at specificity >= {args.min_specificity} in every slide-size bin of the "
+                  "calibration cohort; "
+                  f"foci: regions of >= {focus} patches at p >= {region_threshold:g} (99th percentile of the "
+                  "negatives' largest region + 1)",
+        "held_out": {"seed": args.report_seed, **result},
     }
-    (args.model / SLIDE_RULE_JSON).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    atomic_write_text(args.model / SLIDE_RULE_JSON, json.dumps(doc, indent=2) + "\n")
+    for key, rows in cohorts.items():
+        table = [{"slide": r["slide"], "label": "tumour" if r["positive"] else "normal", "class": r["class"],
+                  "n_tissue": r["n_tissue"], "largest_focus_mm": f"{r['largest_focus_mm']:.3f}",
+                  "tumour_patches": r["tumour_patches"],
+                  **{n: f"{r['scores'][n]:.6g}" for n in names}} for r in rows]
+        atomic_write_text(args.work / f"cohort-{key}.csv", csv_text(table, list(table[0])))
+    print(_markdown(doc))
     return 0
 
 
-def _auc(scores: list[float], labels: list[bool]) -> float:
-    from wsi_screen.aggregate import roc_auc
+def _pct(entry: dict[str, Any], key: str) -> str:
+    if entry["rate"] is None:
+        return "n/a"
+    lo, hi = entry["ci"]
+    return f"{entry[key]}/{entry['n']} = {100 * entry['rate']:.1f} % ({100 * lo:.0f}-{100 * hi:.0f})"
 
-    return float(roc_auc(np.asarray(scores), np.asarray(labels)))
+
+def _markdown(doc: dict[str, Any]) -> str:
+    h = doc["held_out"]
+    lines = [f"chosen: {doc['name']} >= {doc['slide_threshold']:.4g} (unit: "
+             f"{'mm^2' if doc['rule'] == 'region' else 'probability'}); foci: >= {doc['min_focus_patches']} "
+             f"patches at p >= {doc['region_threshold']:g}",
+             "", "| candidate | AUC (calibration) | threshold | sensitivity | specificity | AUC (held out) |",
+             "|---|---|---|---|---|---|"]
+    for name, t in doc["candidates"].items():
+        lines.append(f"| {name} | {t['auc']:.3f} | {t['threshold']:.4g} | {t['sensitivity']:.3f} | "
+                     f"{t['specificity']:.3f} | {t['held_out_auc']:.3f} |")
+    lines += ["", f"held-out cohort (seed {h['seed']}, {h['n_slides']} slides): AUC {h['auc']:.3f} "
+                  f"({h['auc_ci'][0]:.3f}-{h['auc_ci'][1]:.3f}); sensitivity {_pct(h['sensitivity'], 'detected')}; "
+                  f"specificity {_pct(h['specificity'], 'correct')}",
+              "", "| focus class | detected |", "|---|---|"]
+    lines += [f"| {k} | {_pct(v, 'detected')} |" for k, v in h["sensitivity_by_class"].items()]
+    lines += ["", "| negative slide size (tissue patches) | called normal |", "|---|---|"]
+    lines += [f"| {k} | {_pct(v, 'correct')} |" for k, v in h["specificity_by_size"].items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

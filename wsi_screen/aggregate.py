@@ -6,11 +6,23 @@ Rules, over the positive-class probability of each of a slide's N patches:
 ``max``       highest probability;
 ``topk``      mean of the k highest; ``k`` is a count (int >= 1) or a share of N (0 < k < 1, rounded up);
               always at least 1 and at most N patches;
-``fraction``  share of patches with probability >= ``patch_threshold`` (a value in {0, 1/N, ..., 1}).
+``fraction``  share of patches with probability >= ``patch_threshold`` (a value in {0, 1/N, ..., 1});
+``smoothmax`` spatial: the highest mean probability over a patch's ``(2 radius + 1)^2`` neighbourhood of
+              tissue patches (in [0, 1]);
+``region``    spatial: the area in mm^2 of the largest 8-connected region of patches with probability
+              >= ``region_threshold`` (0 when there is none).
 
-Every rule lies in [0, 1], is invariant to patch order and never decreases when a patch's probability
-increases; ``max >= topk >= mean``. A slide is called positive when its score is >= ``slide_threshold``.
-A slide without patches has no score: :func:`diagnose` calls it "no tissue".
+The first four ignore where patches are; the spatial rules need the patch grid (coordinates, stride, mpp)
+and do not drift with slide size as the others do (false positives are scattered, tumour is contiguous;
+docs/default-model.md measures both). Every rule is invariant to patch order and never decreases when a
+patch's probability increases; ``max >= topk >= mean``. A slide is called positive when its score is >=
+``slide_threshold``. A slide without patches has no score: :func:`diagnose` calls it "no tissue".
+
+Foci: on a slide called positive, the regions at ``region_threshold`` of at least ``min_focus_patches``
+patches (the size scattered false positives practically never reach, calibrated with the rule) are its foci;
+the largest region always counts. Each slide result carries the largest focus's longest axis (mm), the total
+focus area (mm^2), the number of foci and the metastasis category (``none``, ``itc`` < 0.2 mm, ``micro``
+0.2-2 mm, ``macro`` > 2 mm; see :mod:`wsi_screen.spatial` for how sizes are measured on the patch grid).
 
 :func:`choose_rule` picks the rule and the slide threshold on labelled slides (see its docstring).
 """
@@ -25,11 +37,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from wsi_screen import spatial
 from wsi_screen.errors import ConfigError
+from wsi_screen.spatial import PatchGrid, size_class
 
 logger = logging.getLogger(__name__)
 
-RULES = ("mean", "max", "topk", "fraction")
+RULES = ("mean", "max", "topk", "fraction", "smoothmax", "region")
+SPATIAL_RULES = ("smoothmax", "region")
 #: diagnosis and status of a slide without tissue patches
 NO_TISSUE = "no tissue"
 STATUS_OK = "ok"
@@ -47,12 +62,32 @@ class AggregateConfig:
     k: int | float = 5
     patch_threshold: float = 0.5
     slide_threshold: float = 0.5
+    radius: int = 1
+    region_threshold: float = 0.5
+    min_focus_patches: int = 1
 
     def __post_init__(self) -> None:
         _check_rule(self.rule)
         _check_k(self.k)
         _check_unit("patch_threshold", self.patch_threshold)
-        _check_unit("slide_threshold", self.slide_threshold)
+        _check_unit("region_threshold", self.region_threshold)
+        if self.rule == "region":
+            if isinstance(self.slide_threshold, bool) or not (self.slide_threshold >= 0 and
+                                                              math.isfinite(self.slide_threshold)):
+                raise ConfigError(f"the region rule's slide threshold is an area in mm^2 >= 0, got "
+                                  f"{self.slide_threshold!r}")
+        else:
+            _check_unit("slide_threshold", self.slide_threshold)
+        if isinstance(self.radius, bool) or not isinstance(self.radius, int) or not 1 <= self.radius <= 5:
+            raise ConfigError(f"smoothmax radius must be a whole number of patches in 1-5, got {self.radius!r}")
+        if isinstance(self.min_focus_patches, bool) or not isinstance(self.min_focus_patches, int) \
+                or self.min_focus_patches < 1:
+            raise ConfigError(f"min_focus_patches must be a count >= 1, got {self.min_focus_patches!r}")
+
+    @property
+    def unit(self) -> str:
+        """What the slide score measures."""
+        return "mm^2" if self.rule == "region" else "probability"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +105,11 @@ class SlideResult:
     rule: str = "topk"
     slide_threshold: float = 0.5
     n_positive_patches: int = 0
+    metastasis: str = "none"
+    largest_focus_mm: float | None = None
+    tumour_area_mm2: float | None = None
+    n_foci: int = 0
+    focus_indices: list[int] = field(default_factory=list)  # patches of the largest focus (input order)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,8 +154,11 @@ def top_k_count(n: int, k: int | float) -> int:
 
 
 def slide_score(probs: np.ndarray | Sequence[float], rule: str, *, k: int | float = 5,
-                patch_threshold: float = 0.5) -> float:
-    """A slide's score in [0, 1] from its patches' positive-class probabilities (see the module docstring)."""
+                patch_threshold: float = 0.5, grid: PatchGrid | None = None, radius: int = 1,
+                region_threshold: float = 0.5) -> float:
+    """A slide's score from its patches' positive-class probabilities (see the module docstring).
+
+    The spatial rules read ``grid`` (:func:`wsi_screen.spatial.patch_grid` of the same probabilities)."""
     _check_rule(rule)
     _check_unit("patch_threshold", patch_threshold)
     p = check_probs(probs)
@@ -123,6 +166,13 @@ def slide_score(probs: np.ndarray | Sequence[float], rule: str, *, k: int | floa
     if n == 0:
         raise ConfigError("a slide score needs at least one patch probability; use diagnose() for slides "
                           "without tissue")
+    if rule in SPATIAL_RULES:
+        if grid is None:
+            raise ConfigError(f"the {rule} rule needs the patches' grid positions (coordinates, stride, mpp)")
+        if rule == "smoothmax":
+            return spatial.smoothed_max(grid, radius)
+        found = spatial.regions(grid, region_threshold)
+        return found[0].area_mm2 if found else 0.0
     if rule == "mean":
         score = float(p.mean())
     elif rule == "max":
@@ -153,19 +203,41 @@ def top_indices(probs: np.ndarray, n: int = N_TOP) -> list[int]:
     return [int(i) for i in cand[order][:n]]
 
 
+def foci(grid: PatchGrid, config: AggregateConfig) -> list[spatial.Region]:
+    """A positive slide's foci: regions at ``region_threshold`` of >= ``min_focus_patches`` patches, and
+    always the largest region."""
+    found = spatial.regions(grid, config.region_threshold)
+    return [r for i, r in enumerate(found) if i == 0 or r.n_patches >= config.min_focus_patches]
+
+
 def diagnose(probs: np.ndarray | Sequence[float], config: AggregateConfig, *, positive: str,
-             negative: str) -> SlideResult:
-    """Score a slide by ``config.rule``; call it ``positive`` (score >= slide threshold) or ``negative``."""
+             negative: str, grid: PatchGrid | None = None) -> SlideResult:
+    """Score a slide by ``config.rule``; call it ``positive`` (score >= slide threshold) or ``negative``.
+
+    With ``grid`` (the patches on their grid, :func:`wsi_screen.spatial.patch_grid`) a positive call also
+    measures the foci (see the module docstring); the spatial rules need it."""
     p = check_probs(probs)
     if p.size == 0:
         return SlideResult(score=None, diagnosis=NO_TISSUE, n_patches=0, status=NO_TISSUE, rule=config.rule,
                            slide_threshold=config.slide_threshold)
-    score = slide_score(p, config.rule, k=config.k, patch_threshold=config.patch_threshold)
+    score = slide_score(p, config.rule, k=config.k, patch_threshold=config.patch_threshold, grid=grid,
+                        radius=config.radius, region_threshold=config.region_threshold)
+    called = score >= config.slide_threshold
+    sizes: dict[str, Any] = {}
+    if called and grid is not None:
+        found = foci(grid, config)
+        if found:
+            largest = found[0]
+            sizes = {"metastasis": size_class(largest.longest_axis_mm),
+                     "largest_focus_mm": largest.longest_axis_mm,
+                     "tumour_area_mm2": float(sum(r.area_mm2 for r in found)), "n_foci": len(found),
+                     "focus_indices": sorted(int(grid.index[r, c]) for r, c in largest.cells)}
+    elif grid is not None:
+        sizes = {"largest_focus_mm": 0.0, "tumour_area_mm2": 0.0}
     return SlideResult(
-        score=score, diagnosis=positive if score >= config.slide_threshold else negative,
-        n_patches=int(p.size),
+        score=score, diagnosis=positive if called else negative, n_patches=int(p.size),
         top_indices=top_indices(p), rule=config.rule, slide_threshold=config.slide_threshold,
-        n_positive_patches=int(np.count_nonzero(p >= config.patch_threshold)))
+        n_positive_patches=int(np.count_nonzero(p >= config.patch_threshold)), **sizes)
 
 
 # ------------------------------------------------------------------------------------ calibration

@@ -52,8 +52,9 @@ GEOJSON = "patches.geojson"
 PARTIAL = ".partial"
 LOCK_DIR = ".wsi-screen-locks"
 
-RESULT_COLUMNS = ("slide", "status", "n_patches", "score", "diagnosis", "rule", "threshold", "top_x", "top_y",
-                  "top_score", "model", "label", "error", "source", "store")
+RESULT_COLUMNS = ("slide", "status", "n_patches", "score", "diagnosis", "rule", "threshold", "metastasis",
+                  "largest_focus_mm", "tumour_area_mm2", "n_foci", "top_x", "top_y", "top_score", "model", "label",
+                  "error", "source", "store")
 
 
 def write_error(path: Path, exc: OSError) -> OutputWriteError:

@@ -35,6 +35,7 @@ from wsi_screen.errors import ConfigError, ModelError, RunError, WsiScreenError
 from wsi_screen.models import PatchClassifier
 from wsi_screen.pipeline import TileConfig, tile_slide
 from wsi_screen.runfolder import SlideFolder, SlideScores
+from wsi_screen.spatial import PatchGrid, patch_grid
 from wsi_screen.slide import slide_name
 from wsi_screen.store import PatchStore
 from wsi_screen.tiling import TileSpec
@@ -120,20 +121,27 @@ def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: Infe
         data = runfolder.read_json(path)
         per_rule = data.get("per_rule", {})
         base = AggregateConfig(rule=data["rule"], k=data.get("k", 5), patch_threshold=patch_threshold,
-                               slide_threshold=float(data["slide_threshold"]))
+                               slide_threshold=float(data["slide_threshold"]), radius=int(data.get("radius", 1)),
+                               region_threshold=float(data.get("region_threshold", patch_threshold)),
+                               min_focus_patches=int(data.get("min_focus_patches", 1)))
     else:
         log.warning("%s: no %s; using the fallback rule %s with slide threshold %.2f", model_dir,
                     SLIDE_RULE_JSON, base.rule, base.slide_threshold)
     rule = config.rule or base.rule
-    threshold = base.slide_threshold
+    threshold, k, radius, region_threshold = base.slide_threshold, base.k, base.radius, base.region_threshold
     if config.rule and config.rule != base.rule:
-        calibrated = per_rule.get(config.rule, {}).get("threshold")
-        threshold = float(calibrated) if calibrated is not None else (
-            patch_threshold if config.rule in ("max", "topk", "mean") else 0.1)
+        calibrated = per_rule.get(config.rule, {})
+        threshold = float(calibrated["threshold"]) if "threshold" in calibrated else (
+            patch_threshold if config.rule in ("max", "topk", "mean", "smoothmax") else 0.1)
+        k = calibrated.get("k", k)
+        radius = int(calibrated.get("radius", radius))
+        if config.rule == "region":
+            region_threshold = float(calibrated.get("region_threshold", region_threshold))
     if config.threshold is not None:
         threshold = config.threshold
-    return AggregateConfig(rule=rule, k=config.k if config.k is not None else base.k,
-                           patch_threshold=patch_threshold, slide_threshold=threshold)
+    return AggregateConfig(rule=rule, k=config.k if config.k is not None else k, patch_threshold=patch_threshold,
+                           slide_threshold=threshold, radius=radius, region_threshold=region_threshold,
+                           min_focus_patches=base.min_focus_patches)
 
 
 def tile_config_for(classifier: PatchClassifier, config: InferConfig) -> TileConfig:
@@ -382,7 +390,8 @@ def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarra
         write_geojson(fc, folder.path(runfolder.GEOJSON))
         runfolder.write_json(folder.path(runfolder.SLIDE_JSON), {
             "slide": row.name, "source": row.source, "store": location, "store_digest": _store_digest(location),
-            "n_patches": len(store), "tile_size_l0": store.tile_size_l0, "mpp": store.mpp,
+            "n_patches": len(store), "tile_size_l0": store.tile_size_l0, "stride_l0": int(store.attrs["stride_l0"]),
+            "mpp": store.mpp,
             "slide_info": store.attrs["slide"], "model": model_id, "package_version": __version__,
         })
         return folder.commit()
@@ -400,13 +409,34 @@ def _aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggreg
         return
     pos = scores.classes.index(spec.positive_class) if spec.positive_class in scores.classes else 1
     negative = next(c for c in scores.classes if c != spec.positive_class)
-    result = diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative)
+    grid = slide_grid(run, row.name, scores.coords, scores.probs[:, pos])
+    try:
+        result = diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative,
+                          grid=grid)
+    except ConfigError as exc:  # a spatial rule on a slide folder without its grid
+        row.status, row.error = STATUS_ERROR, f"{row.name}: {exc}"
+        return
     row.result = result
     if result.diagnosis == NO_TISSUE:
         row.status = STATUS_NO_TISSUE
     elif result.top_indices:
         i = result.top_indices[0]
         row.top = (int(scores.coords[i, 0]), int(scores.coords[i, 1]), float(scores.probs[i, pos]))
+
+
+def slide_grid(run: Path, name: str, coords: np.ndarray, probs: np.ndarray) -> PatchGrid | None:
+    """The slide's patch probabilities on their grid (stride and level-0 mpp from its slide.json)."""
+    try:
+        info = runfolder.read_json(runfolder.slide_dir(run, name) / runfolder.SLIDE_JSON)
+        stride = int(info.get("stride_l0") or info["tile_size_l0"])
+        mpp = float(info["slide_info"]["mpp"])
+    except (WsiScreenError, KeyError, TypeError, ValueError, OSError):
+        return None
+    return patch_grid(coords, probs, stride, mpp)
+
+
+def _mm(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 def _write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, model_id: dict[str, Any]) -> None:
@@ -418,6 +448,10 @@ def _write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
             "score": f"{res.score:.6f}" if res and res.score is not None else "",
             "diagnosis": res.diagnosis if res else "error",
             "rule": aggregate.rule, "threshold": f"{aggregate.slide_threshold:.6g}",
+            "metastasis": res.metastasis if res and res.score is not None else "",
+            "largest_focus_mm": _mm(res.largest_focus_mm) if res else "",
+            "tumour_area_mm2": _mm(res.tumour_area_mm2, 4) if res else "",
+            "n_foci": res.n_foci if res and res.score is not None else "",
             "top_x": r.top[0] if r.top else "", "top_y": r.top[1] if r.top else "",
             "top_score": f"{r.top[2]:.6f}" if r.top else "", "model": model_id["arch"],
             "label": r.label, "error": r.error, "source": r.source, "store": r.store,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsi_screen import __version__, progress
+from wsi_screen import __version__, progress, train_checkpoint
 from wsi_screen.data import (
     BatchSource,
     PatchFolder,
@@ -128,6 +128,7 @@ class TrainConfig:
     cache_limit_mb: float = 4096.0
     compile: bool = False
     overwrite: bool = False
+    restart: bool = False  # ignore a checkpoint of an interrupted run in the output folder
 
     def __post_init__(self) -> None:
         problems = []
@@ -537,28 +538,48 @@ def _make_loop(data: PreparedData,
 
 
 def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainResult:
-    """Train on ``data.train``, choose on ``data.valid``, and write the model folder ``out_dir``."""
+    """Train on ``data.train``, choose on ``data.valid``, and write the model folder ``out_dir``.
+
+    After every epoch the whole state is checkpointed in ``out_dir/checkpoint`` (see
+    :mod:`wsi_screen.train_checkpoint`); a rerun with the same settings resumes after the last finished epoch
+    unless ``config.restart``. ``config.json`` is written last and marks a complete folder.
+    """
     out = Path(out_dir)
-    if (out / CONFIG_NAME).exists() and not config.overwrite:
+    complete = (out / CONFIG_NAME).exists()
+    if complete and not config.overwrite:
         raise ConfigError(f"{out} already holds a model; pass --overwrite or choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
+    if complete or config.restart:
+        (out / CONFIG_NAME).unlink(missing_ok=True)  # the folder is incomplete until the new config is written
+        train_checkpoint.remove(out)
     write_split_csv(out / "split.csv", data.folder, data.split)
     started = time.perf_counter()
     pos_index = data.classes.index(data.positive) if data.positive is not None else None
     monitor = config.monitor if config.monitor != "auto" else "auc" if len(data.classes) == 2 \
         else "balanced_accuracy"
     best, history, stopped_early = _Best(), [], False
+    fingerprint = train_checkpoint.run_fingerprint(asdict(config), data.data_fingerprint)
     with torch.random.fork_rng(devices=[]):  # seeded init and dropout, without touching the caller's RNG
         torch.manual_seed(config.seed)
         loop, built, report = _make_loop(data, config)
         log.info("training %s (%s parameters) on %d images of %d px, validating on %d; up to %d epochs",
                  config.arch, f"{count_parameters(loop.model):,}", len(data.train), data.size,
                  len(data.valid), config.epochs)
-        stale = 0
+        stale, first = 0, 1
+        resumed = train_checkpoint.load(out, fingerprint=fingerprint, model=loop.model, optimizer=loop.optimizer,
+                                        schedule=loop.schedule, generator=loop.generator)
+        if resumed is not None:
+            best = _Best(score=resumed.best_score, epoch=resumed.best_epoch, state=resumed.best_state,
+                         probs=resumed.best_probs)
+            history, stale, first = resumed.history, resumed.stale, resumed.epoch + 1
+            stopped_early = bool(config.patience and stale >= config.patience and resumed.epoch < config.epochs)
         with (out / "history.csv").open("w", newline="", encoding="utf-8") as hist_fh:
             writer = csv.DictWriter(hist_fh, fieldnames=HISTORY_COLUMNS)
             writer.writeheader()
-            for epoch in range(1, config.epochs + 1):
+            writer.writerows(history)
+            for epoch in range(first, config.epochs + 1):
+                if stopped_early:
+                    break
                 t0 = time.perf_counter()
                 train_loss, train_acc = loop.train_epoch(data, config, epoch)
                 probs, vm = loop.validate(data, pos_index)
@@ -579,13 +600,16 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                 writer.writerow(row)
                 hist_fh.flush()
                 history.append(row)
+                train_checkpoint.save(out, fingerprint=fingerprint, epoch=epoch, stale=stale, best_score=best.score,
+                                      best_epoch=best.epoch, best_state=best.state, best_probs=best.probs,
+                                      history=history, model=loop.model, optimizer=loop.optimizer,
+                                      schedule=loop.schedule, generator=loop.generator)
                 log.info("epoch %d/%d: train loss %s, valid loss %s, auc %s, bal. acc %s (%s s)%s", epoch,
                          config.epochs, row["train_loss"], row["valid_loss"], row["valid_auc"],
                          row["valid_balanced_accuracy"], row["seconds"], " *" if improved else "")
                 if config.patience and stale >= config.patience and epoch < config.epochs:
                     stopped_early = True
                     log.info("no improvement in %s for %d epochs: stopping", monitor, config.patience)
-                    break
 
     loop.model.load_state_dict(best.state)
     rule = ThresholdRule.parse(config.threshold_rule)
@@ -612,6 +636,7 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
     write_evaluation(out / "valid", metrics, [data.folder.paths[i] for i in data.split.valid],
                      data.valid_targets, best.probs)
     save_model(out, loop.model, spec)
+    train_checkpoint.remove(out)
     log.info("best epoch %d (%s %.4f); threshold %s; saved %s", best.epoch, monitor, best.score,
              "n/a" if threshold is None else f"{threshold:.4f}", out)
     return TrainResult(model_dir=out, spec=spec, history=history, best_epoch=best.epoch,
@@ -626,6 +651,7 @@ def _fmt(value: float | None) -> str:
 def _resolved(config: TrainConfig, data: PreparedData, monitor: str, best_epoch: int, stopped_early: bool,
               seconds: float, report: PretrainedReport | None) -> dict[str, Any]:
     out = asdict(config)
+    out.pop("restart", None)
     out.update(size=data.size, lr=config.resolved_lr, weight_decay=config.resolved_weight_decay,
                monitor=monitor, best_epoch=best_epoch, stopped_early=stopped_early, seconds=round(seconds, 1),
                threads=torch.get_num_threads(), torch_version=torch.__version__,

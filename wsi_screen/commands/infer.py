@@ -19,11 +19,15 @@ if TYPE_CHECKING:
               help="Run folder for results.csv, run.json, report.html and one folder per slide.")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Model folder (model.safetensors + config.json). Default: the bundled PCam model.")
-@click.option("--aggregate", "rule", type=click.Choice(["mean", "max", "topk", "fraction"]), default=None,
-              help="Slide score from patch probabilities. Default: the rule calibrated for the model "
-                   "(slide_rule.json in the model folder).")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
-              help="Slide threshold on the aggregated score (default: calibrated for the model and rule).")
+@click.option("--aggregate", "rule", type=click.Choice(["mean", "max", "topk", "fraction", "smoothmax", "region"]),
+              default=None,
+              help="Slide score from patch probabilities: mean, max, topk (mean of the k highest), fraction (share "
+                   "above the patch threshold), smoothmax (highest 3x3-neighbourhood mean) or region (area in mm^2 "
+                   "of the largest connected region above a patch threshold). Default: the rule calibrated for "
+                   "the model (slide_rule.json in the model folder; see docs/default-model.md).")
+@click.option("--threshold", type=click.FloatRange(min=0), default=None,
+              help="Slide threshold on the aggregated score: a probability, or mm^2 for region (default: "
+                   "calibrated for the model and rule).")
 @click.option("--k", "k", type=float, default=None, help="Patches averaged by --aggregate topk (default: calibrated).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help="slides.csv with columns slide,label: adds slide_metrics.json and slide_roc.png.")
@@ -95,16 +99,25 @@ def _print_table(summary: RunSummary) -> None:
 
     rows = sorted(summary.rows, key=lambda r: r.name)
     width = max([len("slide"), *(_display_width(r.name) for r in rows)])
-    click.echo(f"{'slide':<{width}}  {'status':<9}  {'patches':>7}  {'score':>6}  diagnosis")
+    click.echo(f"{'slide':<{width}}  {'status':<9}  {'patches':>7}  {'score':>6}  {'diagnosis':<10}  "
+               f"{'metastasis':<10}  {'focus mm':>8}  foci")
     for r in rows:
         res = r.result
         score = f"{res.score:.3f}" if res and res.score is not None else "-"
         n = str(res.n_patches) if res else "-"
-        diagnosis = res.diagnosis if res else f"error: {r.error}"
         pad = " " * (width - _display_width(r.name))
-        click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>6}  {diagnosis}")
+        if res is None:
+            click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>6}  error: {r.error}")
+            continue
+        focus = f"{res.largest_focus_mm:.2f}" if res.largest_focus_mm else "-"
+        foci = str(res.n_foci) if res.score is not None else "-"
+        meta = res.metastasis if res.score is not None else "-"
+        click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>6}  {res.diagnosis:<10}  {meta:<10}  "
+                   f"{focus:>8}  {foci}")
     agg = summary.aggregate
-    click.echo(f"\nslide call: {agg.rule} score >= {agg.slide_threshold:.3g} -> positive")
+    unit = " mm^2" if agg.rule == "region" else ""
+    click.echo(f"\nslide call: {agg.rule} score >= {agg.slide_threshold:.3g}{unit} -> positive; metastasis by "
+               "the largest focus (itc < 0.2 mm <= micro <= 2 mm < macro, measured on the ~93 um patch grid)")
     if summary.metrics and summary.metrics.get("auc") is not None:
         m = summary.metrics
         click.echo(f"slide AUC {m['auc']:.3f}, sensitivity {m['sensitivity']}, specificity {m['specificity']} "

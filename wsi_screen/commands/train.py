@@ -144,6 +144,9 @@ def set_threads(threads: int) -> None:
               help="Peak learning rate (default 1e-3 for adam/adamw, 0.01 for sgd).")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
               help="Weight decay, not applied to biases and norms (default 0.05 adamw, 0 adam, 1e-4 sgd).")
+@click.option("--restart", is_flag=True,
+              help="Start over, ignoring the checkpoint an interrupted run left in MODEL_DIR (by default the "
+                   "same command resumes after the last finished epoch).")
 @common_options
 def train(**params: Any) -> None:
     """Train a classifier on DATASET and write MODEL_DIR.
@@ -152,6 +155,9 @@ def train(**params: Any) -> None:
     others you select with --label-column / --group-column) or an ImageFolder tree (<class>/<image> or
     <split>/<class>/<image>). The test split is never used. Without a valid split, one is carved from
     train: seeded, stratified, and grouped by --group-column.
+
+    The whole training state is checkpointed in MODEL_DIR/checkpoint after every epoch: if a run is
+    killed, the same command resumes after the last finished epoch (--restart starts over).
 
     The best epoch on validation is kept; the decision threshold is chosen on validation by
     --threshold-rule; everything that defines the model (architecture, classes, input size, mpp, mean/std,
@@ -170,7 +176,8 @@ def train(**params: Any) -> None:
     from wsi_screen.train import train as run_training
 
     config = TrainConfig(**config_kwargs(params), batch_size=params["batch_size"],
-                         optimizer=params["optimizer"], lr=params["lr"], weight_decay=params["weight_decay"])
+                         optimizer=params["optimizer"], lr=params["lr"], weight_decay=params["weight_decay"],
+                         restart=params["restart"])
     result = run_training(params["dataset"], params["out"], config)
     spec = result.spec
     m = spec.metrics

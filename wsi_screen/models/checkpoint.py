@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as _save_bytes
 from torch import nn
 
 from wsi_screen.errors import ModelError, UnsafeFileError
@@ -94,6 +95,31 @@ def _umask() -> int:
     return mask
 
 
+def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """A safetensors file as bytes, its JSON header in sorted key order.
+
+    The safetensors writer emits ``__metadata__`` keys in hash-map order, which differs between processes:
+    two runs with equal tensors gave files with different bytes. Sorting the header (same characters, same
+    length, offsets unchanged) makes equal states give equal files.
+    """
+    import json
+
+    raw = _save_bytes(dict(state), metadata=dict(metadata) if metadata else None)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(text) > n:  # cannot happen (same content); keep the writer's own bytes then
+        return raw
+    return raw[:8] + text + b" " * (n - len(text)) + raw[8 + n:]
+
+
+def write_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                      ) -> None:
+    """Write :func:`safetensors_bytes` to ``path`` atomically (fsynced, then renamed)."""
+    data = safetensors_bytes(state, metadata)
+    _atomic_write(path, lambda p: p.write_bytes(data))
+
+
 def state_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's state dict as contiguous CPU tensors (channels-last weights are made contiguous)."""
     return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
@@ -105,7 +131,7 @@ def save_model(model_dir: str | Path, module: nn.Module, spec: ModelSpec) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     state = state_for_saving(module)
     metadata = {"format": "pt", "arch": spec.arch, "classes": ",".join(spec.classes)}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata=metadata))
+    write_safetensors(out / WEIGHTS_NAME, state, metadata)
     _atomic_write(out / CONFIG_NAME, spec.to_json())
     log.debug("saved %s (%d tensors) to %s", spec.arch, len(state), out)
     return out

@@ -1,0 +1,220 @@
+"""Choosing a slide rule and its threshold on labelled slides, and reporting how it does.
+
+Candidates are every rule of :mod:`wsi_screen.aggregate` with a few settings each (top-k for several k,
+the smoothed maximum over 3x3 and 5x5 neighbourhoods, the largest region at several patch thresholds). The
+operating point of a screening tool that labs will use is set by its negatives: for each candidate the
+threshold is the one with the highest sensitivity among those whose specificity on the calibration slides
+is at least ``min_specificity`` (midway between the two neighbouring scores). The candidate with the
+highest sensitivity there wins; ties go to the higher slide AUC, then to the simpler rule (the order of
+:func:`candidates`).
+
+The cohort it is chosen on comes from :mod:`wsi_screen.cohort` (``scripts/calibrate_slide_rule.py``), or
+from a lab's own labelled run (``wsi-screen calibrate``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from wsi_screen.aggregate import AggregateConfig, slide_score
+from wsi_screen.errors import ConfigError
+from wsi_screen.spatial import PatchGrid, regions
+
+TOPK = (1, 3, 5, 10, 20, 40)
+RADII = (1, 2)
+REGION_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
+DEFAULT_MIN_SPECIFICITY = 0.99
+#: share of calibration negatives allowed a region as large as a counted focus
+FOCUS_NOISE_QUANTILE = 0.99
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A rule with its settings; ``name`` is how tables show it (e.g. ``topk10``, ``region0.9``)."""
+
+    name: str
+    rule: str
+    k: int = 5
+    radius: int = 1
+    region_threshold: float = 0.5
+
+
+def candidates() -> list[Candidate]:
+    out = [Candidate("mean", "mean"), Candidate("max", "max")]
+    out += [Candidate(f"topk{k}", "topk", k=k) for k in TOPK]
+    out.append(Candidate("fraction", "fraction"))
+    out += [Candidate(f"smoothmax{r}", "smoothmax", radius=r) for r in RADII]
+    out += [Candidate(f"region{t:g}", "region", region_threshold=t) for t in REGION_THRESHOLDS]
+    return out
+
+
+def candidate_scores(grid: PatchGrid, patch_threshold: float) -> dict[str, float]:
+    """Every candidate's score of one slide (its probabilities on their grid)."""
+    p = grid.probs[~np.isnan(grid.probs)]
+    return {c.name: slide_score(p, c.rule, k=c.k, patch_threshold=patch_threshold, grid=grid, radius=c.radius,
+                                region_threshold=c.region_threshold) for c in candidates()}
+
+
+def largest_region(grid: PatchGrid, threshold: float) -> int:
+    found = regions(grid, threshold)
+    return found[0].n_patches if found else 0
+
+
+@dataclass(frozen=True)
+class Choice:
+    candidate: Candidate
+    threshold: float
+    sensitivity: float
+    specificity: float
+    auc: float
+    table: list[dict[str, Any]]
+
+
+def _negative_bound(neg: np.ndarray, min_specificity: float) -> float:
+    """The score that at most ``1 - min_specificity`` of ``neg`` exceed (-inf when all may)."""
+    neg = np.sort(neg)
+    allowed = math.floor((1.0 - min_specificity) * neg.size + 1e-9)  # negatives that may score >= threshold
+    return float(neg[neg.size - allowed - 1]) if allowed < neg.size else -math.inf
+
+
+def operating_point(scores: np.ndarray, labels: np.ndarray, min_specificity: float,
+                    strata: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(threshold, sensitivity, specificity) with the highest sensitivity at specificity >= the minimum
+    (``score >= threshold`` is positive); the threshold sits midway between neighbouring scores.
+
+    With ``strata`` (a group per slide, e.g. a size bin) the specificity must hold within every group of
+    negatives, so a rule whose negatives score higher on larger slides gets the threshold its largest
+    slides need."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    groups = np.zeros(s.size, np.int64) if strata is None else np.asarray(strata)
+    bound = max(_negative_bound(s[~y & (groups == g)], min_specificity) for g in np.unique(groups[~y]))
+    above = np.unique(s[s > bound])
+    threshold = float(above[0]) if above.size else float(bound) + 1.0
+    if math.isfinite(bound) and above.size:
+        threshold = float((bound + above[0]) / 2.0)
+        if not bound < threshold <= above[0]:
+            threshold = float(above[0])
+    called = s >= threshold
+    sens = float(called[y].mean()) if y.any() else float("nan")
+    spec = float((~called[~y]).mean()) if (~y).any() else float("nan")
+    return threshold, sens, spec
+
+
+def choose(scores: Mapping[str, Sequence[float]], labels: Sequence[bool], *,
+           min_specificity: float = DEFAULT_MIN_SPECIFICITY, strata: Sequence[int] | None = None) -> Choice:
+    """The candidate with the highest sensitivity at specificity >= ``min_specificity`` (within every
+    stratum of ``strata``, if given; see :func:`operating_point` and the module)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels, dtype=bool)
+    if y.all() or not y.any():
+        raise ConfigError(f"choosing a slide rule needs positive and negative slides; got {int(y.sum())} "
+                          f"positive of {y.size}")
+    if not 0.0 < min_specificity <= 1.0:
+        raise ConfigError(f"minimum specificity must be in (0, 1], got {min_specificity}")
+    by_name = {c.name: c for c in candidates()}
+    table = []
+    for name, values in scores.items():
+        s = np.asarray(values, dtype=np.float64)
+        if s.shape != y.shape:
+            raise ConfigError(f"rule {name}: {s.size} scores for {y.size} labelled slides")
+        threshold, sens, spec = operating_point(s, y, min_specificity,
+                                                None if strata is None else np.asarray(strata))
+        table.append({"rule": name, "auc": float(roc_auc_score(y, s)), "threshold": threshold,
+                      "sensitivity": sens, "specificity": spec})
+    order = list(by_name)
+    best = max(table, key=lambda r: (r["sensitivity"], r["auc"], -order.index(r["rule"])))
+    return Choice(candidate=by_name[best["rule"]], threshold=best["threshold"], sensitivity=best["sensitivity"],
+                  specificity=best["specificity"], auc=best["auc"], table=table)
+
+
+def min_focus_patches(negative_largest: Sequence[int]) -> int:
+    """The smallest region that counts as a focus: one patch more than the largest region that
+    :data:`FOCUS_NOISE_QUANTILE` of the negative slides show at the focus threshold."""
+    v = np.asarray(negative_largest, dtype=np.float64)
+    if v.size == 0:
+        return 1
+    return int(np.quantile(v, FOCUS_NOISE_QUANTILE, method="higher")) + 1
+
+
+def aggregate_config(choice: Choice, *, patch_threshold: float, region_threshold: float,
+                     focus_patches: int) -> AggregateConfig:
+    c = choice.candidate
+    return AggregateConfig(rule=c.rule, k=c.k, patch_threshold=patch_threshold,
+                           slide_threshold=choice.threshold, radius=c.radius, region_threshold=region_threshold,
+                           min_focus_patches=focus_patches)
+
+
+# ------------------------------------------------------------------------------------------- reporting
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95 % interval of a proportion."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, *, n_boot: int = 1000,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """AUC and its 95 % percentile-bootstrap interval (resampling slides within each class)."""
+    from sklearn.metrics import roc_auc_score
+
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    auc = float(roc_auc_score(y, s))
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    boots = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+        boots.append(roc_auc_score(y[idx], s[idx]))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return auc, float(lo), float(hi)
+
+
+SIZE_BINS = ((500, 2000), (2000, 5000), (5000, 10000), (10000, 20001))
+
+
+def size_bin(n_patches: int) -> int:
+    """Index of the :data:`SIZE_BINS` entry a slide of ``n_patches`` falls in (the last for larger ones)."""
+    for i, (_, hi) in enumerate(SIZE_BINS):
+        if n_patches < hi:
+            return i
+    return len(SIZE_BINS) - 1
+
+
+def report(scores: Sequence[float], labels: Sequence[bool], classes: Sequence[str], sizes: Sequence[int],
+           threshold: float) -> dict[str, Any]:
+    """Slide AUC (bootstrap CI), sensitivity by focus class and specificity by slide size (Wilson CIs)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    called = s >= threshold
+    auc, lo, hi = bootstrap_auc(s, y)
+    out: dict[str, Any] = {"n_slides": int(y.size), "n_positive": int(y.sum()), "auc": auc, "auc_ci": [lo, hi],
+                           "sensitivity_by_class": {}, "specificity_by_size": {}}
+    cls = np.asarray(classes)
+    for name in ("itc", "micro", "macro"):
+        m = y & (cls == name)
+        k, n = int(called[m].sum()), int(m.sum())
+        out["sensitivity_by_class"][name] = {"n": n, "detected": k, "rate": k / n if n else None,
+                                             "ci": list(wilson(k, n))}
+    n_all = np.asarray(sizes)
+    for lo_n, hi_n in SIZE_BINS:
+        m = ~y & (n_all >= lo_n) & (n_all < hi_n)
+        k, n = int((~called[m]).sum()), int(m.sum())
+        out["specificity_by_size"][f"{lo_n}-{min(hi_n, 20000)}"] = {"n": n, "correct": k,
+                                                                    "rate": k / n if n else None,
+                                                                    "ci": list(wilson(k, n))}
+    k, n = int((~called[~y]).sum()), int((~y).sum())
+    out["specificity"] = {"n": n, "correct": k, "rate": k / n if n else None, "ci": list(wilson(k, n))}
+    k, n = int(called[y].sum()), int(y.sum())
+    out["sensitivity"] = {"n": n, "detected": k, "rate": k / n if n else None, "ci": list(wilson(k, n))}
+    return out
