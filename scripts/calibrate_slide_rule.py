@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from wsi_screen import calibration, cohort
 from wsi_screen.models import load_model
@@ -52,7 +53,8 @@ def bank_for(model_dir: Path, work: Path) -> cohort.ScoreBank:
     return bank
 
 
-def simulate(bank: cohort.ScoreBank, seed: int, n: int, patch_threshold: float) -> list[dict[str, Any]]:
+def simulate(bank: cohort.ScoreBank, seed: int, n: int,
+             patch_threshold: float) -> list[tuple[calibration.LabelledSlide, cohort.SlideLayout]]:
     cell_mm = PATCH_PX * PCAM_MPP / 1000.0
     pools = {k: len(v) for k, v in bank.paths.items()}
     out = []
@@ -60,13 +62,8 @@ def simulate(bank: cohort.ScoreBank, seed: int, n: int, patch_threshold: float) 
         layout = cohort.layout_for(s, cell_mm=cell_mm, pools=pools)
         probs = cohort.simulate_probs(layout, bank)
         grid = PatchGrid(probs, (0, 0), PATCH_PX, cell_mm, np.zeros(probs.shape, np.int64))
-        row: dict[str, Any] = {"slide": s.name, "positive": layout.positive, "class": layout.size_class,
-                               "n_tissue": layout.n_tissue, "largest_focus_mm": layout.largest_focus_mm,
-                               "tumour_patches": int(layout.tumour.sum()),
-                               "scores": calibration.candidate_scores(grid, patch_threshold),
-                               "largest": {t: calibration.largest_region(grid, t)
-                                           for t in calibration.REGION_THRESHOLDS}}
-        out.append(row)
+        out.append((calibration.labelled_slide(s.name, grid, layout.positive, patch_threshold, layout.size_class),
+                    layout))
     return out
 
 
@@ -86,51 +83,28 @@ def main(argv: list[str] | None = None) -> int:
     bank = bank_for(args.model, args.work)
     cohorts = {"choose": simulate(bank, args.choose_seed, args.slides, patch_threshold),
                "report": simulate(bank, args.report_seed, args.slides, patch_threshold)}
-    train = cohorts["choose"]
-    labels = [r["positive"] for r in train]
-    names = [c.name for c in calibration.candidates()]
-    choice = calibration.choose({n: [r["scores"][n] for r in train] for n in names}, labels,
-                                min_specificity=args.min_specificity,
-                                strata=[calibration.size_bin(r["n_tissue"]) for r in train])
-    region_rows = [t for t in choice.table if t["rule"].startswith("region")]
-    best_region = max(region_rows, key=lambda t: (t["sensitivity"], t["auc"]))
-    region_threshold = choice.candidate.region_threshold if choice.candidate.rule == "region" \
-        else float(best_region["rule"][len("region"):])
-    focus = calibration.min_focus_patches([r["largest"][region_threshold] for r in train if not r["positive"]])
-    config = calibration.aggregate_config(choice, patch_threshold=patch_threshold,
-                                          region_threshold=region_threshold, focus_patches=focus)
-
-    held = cohorts["report"]
-    chosen = choice.candidate.name
-    result = calibration.report([r["scores"][chosen] for r in held], [r["positive"] for r in held],
-                                [r["class"] for r in held], [r["n_tissue"] for r in held], choice.threshold)
-    held_auc = {n: calibration.bootstrap_auc(np.array([r["scores"][n] for r in held]),
-                                             np.array([r["positive"] for r in held]), n_boot=200)[0]
-                for n in names}
-    per_rule: dict[str, Any] = {}
-    for row in sorted(choice.table, key=lambda t: (-t["sensitivity"], -t["auc"])):
-        c = next(c for c in calibration.candidates() if c.name == row["rule"])
-        per_rule.setdefault(c.rule, {**row, "name": c.name, "rule": c.rule, "k": c.k, "radius": c.radius,
-                                     "region_threshold": c.region_threshold})
-    doc = {
-        **config.to_json(), "name": chosen,
-        "per_rule": per_rule,
-        "candidates": {t["rule"]: {**t, "held_out_auc": held_auc[t["rule"]]} for t in choice.table},
-        "calibrated_on": {"cohort": "synthetic slides of PCam valid patches (wsi_screen.cohort)",
-                          "seed": args.choose_seed, "n_slides": len(train), "n_positive": int(sum(labels)),
-                          "sizes": "500-20000 tissue patches", "score_bank_model_sha256": bank.model_sha256},
-        "method": f"highest sensitivity at specificity >= {args.min_specificity} in every slide-size bin of the "
-                  "calibration cohort; "
-                  f"foci: regions of >= {focus} patches at p >= {region_threshold:g} (99th percentile of the "
-                  "negatives' largest region + 1)",
-        "held_out": {"seed": args.report_seed, **result},
-    }
+    train = [s for s, _ in cohorts["choose"]]
+    config, doc = calibration.calibrate(train, patch_threshold=patch_threshold,
+                                        min_specificity=args.min_specificity)
+    held = [s for s, _ in cohorts["report"]]
+    chosen = doc["name"]
+    result = calibration.report([s.scores[chosen] for s in held], [s.positive for s in held],
+                                [s.size_class for s in held], [s.n_patches for s in held], config.slide_threshold)
+    y = np.array([s.positive for s in held])
+    for name, row in doc["candidates"].items():
+        row["held_out_auc"] = float(roc_auc_score(y, [s.scores[name] for s in held]))
+    doc["calibrated_on"] = {"cohort": "synthetic slides of PCam valid patches (wsi_screen.cohort)",
+                            "seed": args.choose_seed, "n_slides": len(train),
+                            "n_positive": int(sum(s.positive for s in train)), "sizes": "500-20000 tissue patches",
+                            "score_bank_model_sha256": bank.model_sha256}
+    doc["held_out"] = {"seed": args.report_seed, **result}
     atomic_write_text(args.model / SLIDE_RULE_JSON, json.dumps(doc, indent=2) + "\n")
-    for key, rows in cohorts.items():
-        table = [{"slide": r["slide"], "label": "tumour" if r["positive"] else "normal", "class": r["class"],
-                  "n_tissue": r["n_tissue"], "largest_focus_mm": f"{r['largest_focus_mm']:.3f}",
-                  "tumour_patches": r["tumour_patches"],
-                  **{n: f"{r['scores'][n]:.6g}" for n in names}} for r in rows]
+    for key, pairs in cohorts.items():
+        names = list(pairs[0][0].scores)
+        table = [{"slide": s.name, "label": "tumour" if s.positive else "normal", "class": s.size_class,
+                  "n_tissue": s.n_patches, "largest_focus_mm": f"{lay.largest_focus_mm:.3f}",
+                  "tumour_patches": int(lay.tumour.sum()), **{n: f"{s.scores[n]:.6g}" for n in names}}
+                 for s, lay in pairs]
         atomic_write_text(args.work / f"cohort-{key}.csv", csv_text(table, list(table[0])))
     print(_markdown(doc))
     return 0

@@ -144,7 +144,7 @@ def test_stratified_carving_and_dataset_valid(patches_dir: Path) -> None:
     assert not set(split.train) & set(herlev.indices("test"))
     pcam = open_patch_folder(patches_dir / "pcam", check_files=False)
     own = make_split(pcam)
-    assert own.source == "dataset" and len(own.valid) == 1000
+    assert own.source == "dataset" and len(own.valid) == 3000  # PCam valid: 1,500 + 1,500
     carved = make_split(pcam, carve_valid=True)
     assert carved.source == "carved" and not set(carved.valid) & set(pcam.indices("valid"))
 

@@ -218,3 +218,56 @@ def report(scores: Sequence[float], labels: Sequence[bool], classes: Sequence[st
     k, n = int(called[y].sum()), int(y.sum())
     out["sensitivity"] = {"n": n, "detected": k, "rate": k / n if n else None, "ci": list(wilson(k, n))}
     return out
+
+
+# ------------------------------------------------------------------------------------ whole calibration
+@dataclass(frozen=True)
+class LabelledSlide:
+    """One labelled slide as calibration sees it: every candidate's score and the largest region at each
+    candidate region threshold."""
+
+    name: str
+    positive: bool
+    n_patches: int
+    scores: dict[str, float]
+    largest: dict[float, int]
+    size_class: str = ""
+
+
+def labelled_slide(name: str, grid: PatchGrid, positive: bool, patch_threshold: float,
+                   size_class: str = "") -> LabelledSlide:
+    return LabelledSlide(name=name, positive=positive, n_patches=int(grid.tissue.sum()),
+                         scores=candidate_scores(grid, patch_threshold),
+                         largest={t: largest_region(grid, t) for t in REGION_THRESHOLDS}, size_class=size_class)
+
+
+def calibrate(slides: Sequence[LabelledSlide], *, patch_threshold: float,
+              min_specificity: float = DEFAULT_MIN_SPECIFICITY) -> tuple[AggregateConfig, dict[str, Any]]:
+    """Choose the rule on ``slides``; returns the config and the ``slide_rule.json`` body (without provenance).
+
+    The focus threshold is the chosen region rule's, or else the best region candidate's; the smallest focus
+    is :func:`min_focus_patches` of the negatives there."""
+    labels = [s.positive for s in slides]
+    names = [c.name for c in candidates()]
+    choice = choose({n: [s.scores[n] for s in slides] for n in names}, labels, min_specificity=min_specificity,
+                    strata=[size_bin(s.n_patches) for s in slides])
+    best_region = max((t for t in choice.table if t["rule"].startswith("region")),
+                      key=lambda t: (t["sensitivity"], t["auc"]))
+    region_threshold = choice.candidate.region_threshold if choice.candidate.rule == "region" \
+        else float(best_region["rule"][len("region"):])
+    focus = min_focus_patches([s.largest[region_threshold] for s in slides if not s.positive])
+    config = aggregate_config(choice, patch_threshold=patch_threshold, region_threshold=region_threshold,
+                              focus_patches=focus)
+    per_rule: dict[str, Any] = {}
+    by_name = {c.name: c for c in candidates()}
+    for row in sorted(choice.table, key=lambda t: (-t["sensitivity"], -t["auc"])):
+        c = by_name[row["rule"]]
+        per_rule.setdefault(c.rule, {**row, "name": c.name, "rule": c.rule, "k": c.k, "radius": c.radius,
+                                     "region_threshold": c.region_threshold})
+    doc = {**config.to_json(), "name": choice.candidate.name, "per_rule": per_rule,
+           "candidates": {t["rule"]: t for t in choice.table},
+           "method": f"highest sensitivity at specificity >= {min_specificity} in every slide-size bin "
+                     f"({', '.join(f'{a}-{b}' for a, b in SIZE_BINS)} patches) of the calibration slides; foci: "
+                     f"regions of >= {focus} patches at p >= {region_threshold:g} (99th percentile of the "
+                     "negatives' largest region + 1)"}
+    return config, doc

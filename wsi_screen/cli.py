@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "tune": "wsi_screen.commands.tune:tune",
     "infer": "wsi_screen.commands.infer:infer",
     "report": "wsi_screen.commands.report:report",
+    "calibrate": "wsi_screen.commands.calibrate:calibrate",
 }
 
 EXIT_FAILED = 1

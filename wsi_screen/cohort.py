@@ -36,6 +36,10 @@ from wsi_screen.spatial import size_class
 log = logging.getLogger(__name__)
 
 BANK_FORMAT = 1
+#: patches are kept in the bank box-reduced by this factor (96 px -> 12 px: ~7.8 um/px, the tiler masks at 8)
+THUMB_FACTOR = 8
+#: the tiler's default minimum tissue fraction of a patch (``--min-tissue``)
+MIN_TISSUE = 0.5
 
 
 # ------------------------------------------------------------------------------------------ dihedral group
@@ -59,6 +63,11 @@ class ScoreBank:
     paths: dict[str, list[str]]
     model_sha256: str
     split: str
+    thumbs: dict[str, np.ndarray] | None = None  # (n, t, t, 3) uint8: each patch box-reduced THUMB_FACTOR times
+
+    @property
+    def thumb_px(self) -> int:
+        return int(next(iter(self.thumbs.values())).shape[1]) if self.thumbs else 0
 
     def save(self, path: str | Path) -> None:
         from safetensors.numpy import save_file
@@ -68,8 +77,10 @@ class ScoreBank:
         p = Path(path)
         meta = {"format": BANK_FORMAT, "model_sha256": self.model_sha256, "split": self.split,
                 "paths": self.paths}
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(self.scores.items())},
-                  str(p.with_suffix(".safetensors")))
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(self.scores.items())}
+        for k, v in sorted((self.thumbs or {}).items()):
+            arrays[f"thumb.{k}"] = np.ascontiguousarray(v, dtype=np.uint8)
+        save_file(arrays, str(p.with_suffix(".safetensors")))
         atomic_write_text(p.with_suffix(".json"), json.dumps(meta, indent=0, sort_keys=True) + "\n")
 
     @classmethod
@@ -87,7 +98,9 @@ class ScoreBank:
         for k, v in scores.items():
             if v.shape != (len(paths[k]), 8):
                 raise DatasetError(f"{p}: bank {k!r} is {v.shape}, expected ({len(paths[k])}, 8)")
-        return cls(scores=scores, paths=paths, model_sha256=str(meta["model_sha256"]), split=str(meta["split"]))
+        thumbs = {k: arrays[f"thumb.{k}"] for k in paths if f"thumb.{k}" in arrays} or None
+        return cls(scores=scores, paths=paths, model_sha256=str(meta["model_sha256"]), split=str(meta["split"]),
+                   thumbs=thumbs)
 
 
 def compute_score_bank(classifier: Any, patches_dir: str | Path, *, model_sha256: str, split: str = "valid",
@@ -102,10 +115,12 @@ def compute_score_bank(classifier: Any, patches_dir: str | Path, *, model_sha256
     pool = load_pool(pdir, split)
     pos = classifier.spec.positive_index
     scores: dict[str, np.ndarray] = {}
+    thumbs: dict[str, np.ndarray] = {}
     total = sum(len(v) for v in pool.values()) * 8
     with progress.bar(total=total, desc=f"scoring {split} x 8", unit="img") as bar:
         for cls, paths in pool.items():
             out = np.zeros((len(paths), 8), np.float32)
+            small: list[np.ndarray] = []
             for start in range(0, len(paths), batch_size // 8 or 1):
                 chunk = paths[start:start + batch_size // 8 or 1]
                 imgs = []
@@ -113,11 +128,13 @@ def compute_score_bank(classifier: Any, patches_dir: str | Path, *, model_sha256
                     with Image.open(pdir / rel) as im:
                         arr = np.asarray(im.convert("RGB"))
                     imgs.extend(dihedral(arr, k) for k in range(8))
+                    small.append(np.asarray(Image.fromarray(arr).reduce(THUMB_FACTOR)))
                 probs = classifier.predict(np.stack(imgs), batch_size=batch_size)[:, pos]
                 out[start:start + len(chunk)] = probs.reshape(len(chunk), 8)
                 bar.update(len(imgs))
             scores[cls] = out
-    return ScoreBank(scores=scores, paths=pool, model_sha256=model_sha256, split=split)
+            thumbs[cls] = np.stack(small)
+    return ScoreBank(scores=scores, paths=pool, model_sha256=model_sha256, split=split, thumbs=thumbs)
 
 
 # ----------------------------------------------------------------------------------------------- layouts
@@ -274,12 +291,52 @@ def make_layout(rng: np.random.Generator, n_tissue: int, foci: Sequence[str], *,
                        cell_mm=cell_mm)
 
 
-def simulate_probs(layout: SlideLayout, bank: ScoreBank, *, positive: str = "tumour",
-                   negative: str = "normal") -> np.ndarray:
-    """The model's P(positive) of every cell of ``layout`` (NaN off tissue), looked up in ``bank``."""
+def layout_thumbnail(layout: SlideLayout, bank: ScoreBank, *, positive: str = "tumour",
+                     negative: str = "normal") -> np.ndarray:
+    """The slide's thumbnail at ``bank.thumb_px`` pixels per cell: each patch's reduced image in its
+    orientation, glass (as :mod:`wsi_screen.synthetic` draws it) elsewhere."""
+    from wsi_screen.synthetic import GLASS_NOISE, GLASS_RGB
+
+    if not bank.thumbs:
+        raise DatasetError("this score bank has no patch thumbnails; recompute it")
+    t = bank.thumb_px
+    rows, cols = layout.tissue.shape
+    rng = np.random.default_rng(0)
+    cells = (rng.integers(-GLASS_NOISE, GLASS_NOISE + 1, size=(rows, cols, t, t, 3), dtype=np.int16)
+             + GLASS_RGB).astype(np.uint8)
+    for mask, cls in ((layout.tissue & ~layout.tumour, negative), (layout.tumour, positive)):
+        for k in range(8):
+            sel = mask & (layout.orient == k)
+            if sel.any():
+                small = bank.thumbs[cls][layout.patch[sel]]
+                small = np.rot90(small, k % 4, axes=(1, 2))
+                cells[sel] = small[:, :, ::-1] if k >= 4 else small
+    return np.ascontiguousarray(cells.transpose(0, 2, 1, 3, 4).reshape(rows * t, cols * t, 3))
+
+
+def kept_cells(layout: SlideLayout, bank: ScoreBank, *, mpp: float, patch_px: int,
+               min_tissue: float = MIN_TISSUE) -> np.ndarray:
+    """Which tissue cells the tiler would keep: the tissue detector on :func:`layout_thumbnail` and the
+    tiler's tissue-fraction cut (pale patches, fat and edges drop out as they do on the written slide)."""
+    from wsi_screen.tissue import detect_tissue
+
+    t = bank.thumb_px
+    thumb = layout_thumbnail(layout, bank)
+    mask = detect_tissue(thumb, mpp * patch_px / t).tissue
+    rows, cols = layout.tissue.shape
+    frac = mask.reshape(rows, t, cols, t).mean(axis=(1, 3))
+    return layout.tissue & (frac >= min_tissue - 1e-6)
+
+
+def simulate_probs(layout: SlideLayout, bank: ScoreBank, *, kept: np.ndarray | None = None,
+                   positive: str = "tumour", negative: str = "normal") -> np.ndarray:
+    """The model's P(positive) of every cell of ``layout`` looked up in ``bank``; NaN off tissue and, with
+    ``kept`` (:func:`kept_cells`), where the tiler would not make a patch."""
     out = np.full(layout.tissue.shape, np.nan)
     for mask, cls in ((layout.tissue & ~layout.tumour, negative), (layout.tumour, positive)):
         out[mask] = bank.scores[cls][layout.patch[mask], layout.orient[mask]]
+    if kept is not None:
+        out[~kept] = np.nan
     return out
 
 

@@ -126,18 +126,34 @@ def _reduce_heat(a: np.ndarray, f: int) -> np.ndarray:
     return out
 
 
+def drawn_with(path: str | os.PathLike[str]) -> str | None:
+    """The ``key`` a heatmap PNG was drawn with (None if it has none or cannot be read)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            value = getattr(im, "text", {}).get("wsi-screen")
+    except OSError:
+        return None
+    return str(value) if value is not None else None
+
+
 def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_path: str | os.PathLike[str],
-                   cmap: str = "inferno", vmin: float = 0.0, vmax: float = 1.0, alpha: float = 0.5,
+                   cmap: str = "RdYlBu_r", vmin: float = 0.0, vmax: float = 1.0, alpha: float = 0.55,
                    legend_label: str = "P(tumour)", threshold: float | None = None,
                    dimensions_l0: tuple[int, int] | None = None, mpp: float | None = None,
-                   dpi: int = 100) -> Path:
+                   dpi: int = 100, outline: np.ndarray | None = None, outline_label: str = "largest focus",
+                   key: str | None = None) -> Path:
     """Write a PNG: the thumbnail (left) and the heatmap over it (right), a labelled colour bar and a legend.
 
     ``heat`` (h, w) must match ``thumbnail`` (h, w, 3) (see :func:`heatmap_array`); NaN is drawn as
     unscored (thumbnail only). Axes are in millimetres when ``mpp`` and ``dimensions_l0`` are given, in
     level-0 pixels with ``dimensions_l0`` alone, else in thumbnail pixels; y runs down as on the slide.
-    ``threshold`` outlines the region at or above it. Text is drawn literally (no mathtext). The file is
-    written atomically; returns its path.
+    ``threshold`` outlines the region at or above it (cyan, the legend says which side is above);
+    ``outline`` (same shape, finite inside) draws a second outline, the slide's largest focus (black, dashed).
+    The colour map runs from blue (low) to red (high), so low scores never look like the unscored slide.
+    ``key`` is stored in the PNG's text chunk ``wsi-screen`` (what the picture was drawn with). Text is drawn
+    literally (no mathtext). The file is written atomically; returns its path.
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -193,14 +209,20 @@ def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_p
     cax = ax1.inset_axes((1.03, 0.0, 0.04, 1.0))  # follows the image's aspect-fitted box
     cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cm), cax=cax)
     cbar.set_label(legend_label, parse_math=False)
-    handles: list[Patch | Line2D] = [Patch(facecolor="none", edgecolor="0.5", label="no patch scored")]
+    handles: list[Patch | Line2D] = [Patch(facecolor="none", edgecolor="0.5", label="no patch scored (slide as is)")]
     if threshold is not None:
         finite = np.isfinite(heat_d.filled(np.nan))
         if finite.any() and float(heat_d.min()) < threshold <= float(heat_d.max()):
-            ax1.contour(heat_d, levels=[threshold], colors=["cyan"], linewidths=1.0, extent=extent,
+            ax1.contour(heat_d.filled(-1.0), levels=[threshold], colors=["cyan"], linewidths=1.0, extent=extent,
                         origin="upper")
         cbar.ax.axhline(threshold, color="cyan", linewidth=1.5)
-        handles.append(Line2D([], [], color="cyan", label=f"{legend_label} >= {threshold:.3g}"))
+        handles.append(Line2D([], [], color="cyan", label=f"inside cyan: {legend_label} >= {threshold:.3g}"))
+    if outline is not None and np.isfinite(outline).any():
+        o = np.isfinite(_reduce_heat(np.asarray(outline, dtype=np.float32), f)).astype(np.float32)
+        ax1.contour(np.pad(o, 1), levels=[0.5], colors=["black"], linewidths=1.6, linestyles="dashed",
+                    extent=(extent[0] - sx / o.shape[1], extent[1] + sx / o.shape[1],
+                            extent[2] + sy / o.shape[0], extent[3] - sy / o.shape[0]), origin="upper")
+        handles.append(Line2D([], [], color="black", linestyle="dashed", label=outline_label))
     legend = ax1.legend(handles=handles, loc="upper right", fontsize="small", framealpha=0.8)
     for text in legend.get_texts():
         text.set_parse_math(False)
@@ -213,7 +235,7 @@ def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_p
         with warnings.catch_warnings():
             # slide names in scripts the default font lacks (CJK, ...) draw as boxes; say nothing about it
             warnings.filterwarnings("ignore", message=r"Glyph .* missing from font", category=UserWarning)
-            fig.savefig(tmp, format="png", dpi=dpi)
+            fig.savefig(tmp, format="png", dpi=dpi, metadata={"wsi-screen": key} if key else None)
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -83,6 +83,7 @@ def _img(data: bytes, alt: str, cls: str = "") -> str:
 def slides_table(view: RunView) -> str:
     """The sortable HTML table of a run's slides (also shown by the notebook)."""
     cols = [("slide", False), ("status", False), ("n_patches", True), ("score", True), ("diagnosis", False),
+            ("metastasis", False), ("largest_focus_mm", True), ("tumour_area_mm2", True), ("n_foci", True),
             ("label", False)]
     has_labels = any(r.get("label") for r in view.results)
     cols = [c for c in cols if c[0] != "label" or has_labels]
@@ -113,6 +114,8 @@ def _slide_section(view: RunView, i: int, row: dict[str, str]) -> str:
     name = row["slide"]
     parts = [f'<section class="slide" id="s{i}"><h2>{_e(name)}</h2>',
              f'<p><b>{_e(row["diagnosis"])}</b> &middot; score {_e(row.get("score") or "-")} &middot; '
+             f'metastasis {_e(row.get("metastasis") or "-")} (largest focus {_e(row.get("largest_focus_mm") or "-")} mm, '
+             f'{_e(row.get("n_foci") or "0")} foci, {_e(row.get("tumour_area_mm2") or "-")} mm&sup2;) &middot; '
              f'{_e(row["n_patches"])} patches &middot; top patch at level-0 ({_e(row.get("top_x"))}, '
              f'{_e(row.get("top_y"))}), P = {_e(row.get("top_score") or "-")}</p>']
     heat = runfolder.slide_dir(view.path, name) / runfolder.HEATMAP_PNG

@@ -133,7 +133,7 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def slide_figure(view: RunView, slide: str, *, alpha: float = 0.5) -> Any:
+def slide_figure(view: RunView, slide: str, *, alpha: float = 0.55) -> Any:
     """Thumbnail beside the heatmap overlay, with a colour bar in probability units and axes in mm."""
     from matplotlib import colormaps
 
@@ -145,12 +145,14 @@ def slide_figure(view: RunView, slide: str, *, alpha: float = 0.5) -> Any:
     ax0, ax1 = fig.subplots(1, 2, sharex=True, sharey=True)
     ax0.imshow(thumb, extent=extent)
     ax1.imshow(thumb, extent=extent)
-    cmap = colormaps["inferno"].with_extremes(bad=(0, 0, 0, 0))
+    cmap = colormaps["RdYlBu_r"].with_extremes(bad=(0, 0, 0, 0))  # as heatmap.png: blue low, red high
     im = ax1.imshow(np.ma.masked_invalid(heat), extent=extent, cmap=cmap, vmin=0, vmax=1, alpha=alpha,
                     interpolation="nearest")
     row = next((r for r in view.results if r["slide"] == slide), {})
     ax0.set_title("thumbnail", parse_math=False)
-    ax1.set_title(f"P({view.positive_class}) - {row.get('diagnosis', '')} (score {row.get('score', '')})",
+    meta = row.get("metastasis") or ""
+    focus = f", {meta} {row.get('largest_focus_mm', '')} mm" if meta and meta != "none" else ""
+    ax1.set_title(f"P({view.positive_class}) - {row.get('diagnosis', '')} (score {row.get('score', '')}{focus})",
                   parse_math=False)
     for ax in (ax0, ax1):
         ax.set_xlabel("x (mm)")

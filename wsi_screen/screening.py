@@ -187,7 +187,7 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     for row in rows:
         log.error("%s", row.error)
     job = SlideJob(run=run, stores=stores_dir, tile=tile_cfg, model_id=model_id, batch_size=config.batch_size,
-                   workers=config.workers, loader_workers=config.loader_workers, debug=debug)
+                   workers=config.workers, loader_workers=config.loader_workers, debug=debug, aggregate=aggregate)
     if dask is not None:
         rows.extend(_screen_on_dask(dask, sources, job, model_dir))
     else:
@@ -244,6 +244,7 @@ class SlideJob:
     workers: int = 2
     loader_workers: int = 0
     debug: bool = False
+    aggregate: AggregateConfig | None = None
 
 
 def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier) -> SlideRow:
@@ -263,7 +264,7 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
         check_store_matches_model(PatchStore.open(result.store).attrs, classifier.spec, result.store)
         for _location, probs in score_stores([result.store], classifier, batch_size=job.batch_size,
                                              workers=job.loader_workers, desc=source.name[:30]):
-            write_slide_folder(job.run, row, result.store, probs, classifier, job.model_id)
+            write_slide_folder(job.run, row, result.store, probs, classifier, job.model_id, job.aggregate)
     except (WsiScreenError, OSError) as exc:  # OSError: a disk error in one slide must not end the run
         if job.debug:
             raise
@@ -365,11 +366,52 @@ def _screen_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], job: Slide
     return dask.run(screen_slide_task, calls, failed=failed, on_result=arrived, reraise=job.debug)
 
 
-def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarray, classifier: PatchClassifier,
-                       model_id: dict[str, Any]) -> Path:
-    """Write RUN/<slide>/ (scores.csv, heatmap.png, patches.geojson, slide.json) in one atomic step."""
-    from wsi_screen.geojson import patches_to_geojson, write_geojson
+def heatmap_key(aggregate: AggregateConfig | None, patch_threshold: float | None, result: SlideResult | None) -> str:
+    """What a heatmap is drawn with besides the scores: the rule and the largest focus it outlines."""
+    focus = hashlib.sha256(json.dumps(result.focus_indices if result else []).encode()).hexdigest()[:16]
+    rule = json.dumps(aggregate.to_json(), sort_keys=True) if aggregate else "none"
+    return f"v1|{rule}|{patch_threshold}|{focus}"
+
+
+def _focus_result(probs: np.ndarray, store: PatchStore, aggregate: AggregateConfig | None,
+                  spec: Any) -> SlideResult | None:
+    if aggregate is None or not len(probs):
+        return None
+    grid = patch_grid(store.coords, probs, int(store.attrs["stride_l0"]), float(store.attrs["slide"]["mpp"]))
+    try:
+        return diagnose(probs, aggregate, positive=str(spec.positive_class), negative="", grid=grid)
+    except ConfigError:
+        return None
+
+
+def draw_heatmap(path: Path, store: PatchStore, coords: np.ndarray, probs: np.ndarray, name: str,
+                 positive_class: str | None, threshold: float | None, aggregate: AggregateConfig | None,
+                 result: SlideResult | None) -> None:
+    """heatmap.png: P(positive) over the thumbnail, the model's threshold contour, the largest focus outlined."""
     from wsi_screen.heatmap import heatmap_array, render_overlay
+
+    thumb = store.thumbnail
+    dims = tuple(store.attrs["slide"]["dimensions"])
+    size = (int(dims[0]), int(dims[1]))
+    stride = int(store.attrs["stride_l0"])
+    heat = heatmap_array(coords, probs, store.tile_size_l0, stride, size, thumb.shape[:2])
+    outline, label = None, "largest focus"
+    if result is not None and result.focus_indices:
+        idx = np.asarray(result.focus_indices, dtype=np.int64)
+        outline = heatmap_array(coords[idx], np.ones(idx.size), store.tile_size_l0, stride, size, thumb.shape[:2])
+        label = f"largest focus ({result.largest_focus_mm:.2f} mm, {result.metastasis})"
+    render_overlay(thumb, heat, title=name, out_path=path, legend_label=f"P({positive_class})",
+                   threshold=threshold, dimensions_l0=size, mpp=float(store.attrs["slide"]["mpp"]),
+                   outline=outline, outline_label=label, key=heatmap_key(aggregate, threshold, result))
+
+
+def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarray, classifier: PatchClassifier,
+                       model_id: dict[str, Any], aggregate: AggregateConfig | None = None) -> Path:
+    """Write RUN/<slide>/ (scores.csv, heatmap.png, patches.geojson, slide.json) in one atomic step.
+
+    The heatmap outlines the largest focus found by ``aggregate`` (redrawn at aggregation when the rule
+    changes, see :func:`_aggregate_row`)."""
+    from wsi_screen.geojson import patches_to_geojson, write_geojson
 
     store = PatchStore.open(location)
     spec = classifier.spec
@@ -379,13 +421,9 @@ def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarra
     folder = SlideFolder(run, row.name)
     try:
         runfolder.atomic_write_text(folder.path(runfolder.SCORES_CSV), runfolder.scores_csv(scores))
-        thumb = store.thumbnail
-        dims = tuple(store.attrs["slide"]["dimensions"])
-        heat = heatmap_array(scores.coords, scores.probs[:, pos], store.tile_size_l0, int(store.attrs["stride_l0"]),
-                             (int(dims[0]), int(dims[1])), thumb.shape[:2])
-        render_overlay(thumb, heat, title=f"{row.name}", out_path=folder.path(runfolder.HEATMAP_PNG),
-                       legend_label=f"P({spec.positive_class})", threshold=spec.threshold,
-                       dimensions_l0=(int(dims[0]), int(dims[1])), mpp=float(store.attrs["slide"]["mpp"]))
+        result = _focus_result(scores.probs[:, pos], store, aggregate, spec)
+        draw_heatmap(folder.path(runfolder.HEATMAP_PNG), store, scores.coords, scores.probs[:, pos], row.name,
+                     spec.positive_class, spec.threshold, aggregate, result)
         fc = patches_to_geojson(scores.coords, store.tile_size_l0, scores.probs, spec.classes, slide_name=row.name)
         write_geojson(fc, folder.path(runfolder.GEOJSON))
         runfolder.write_json(folder.path(runfolder.SLIDE_JSON), {
@@ -417,11 +455,29 @@ def _aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggreg
         row.status, row.error = STATUS_ERROR, f"{row.name}: {exc}"
         return
     row.result = result
+    _refresh_heatmap(run, row, scores, pos, spec, aggregate, result)
     if result.diagnosis == NO_TISSUE:
         row.status = STATUS_NO_TISSUE
     elif result.top_indices:
         i = result.top_indices[0]
         row.top = (int(scores.coords[i, 0]), int(scores.coords[i, 1]), float(scores.probs[i, pos]))
+
+
+def _refresh_heatmap(run: Path, row: SlideRow, scores: SlideScores, pos: int, spec: Any,
+                     aggregate: AggregateConfig, result: SlideResult) -> None:
+    """Redraw a reused slide's heatmap when it was drawn with another rule or focus (best effort)."""
+    from wsi_screen.heatmap import drawn_with
+
+    path = runfolder.slide_dir(run, row.name) / runfolder.HEATMAP_PNG
+    key = heatmap_key(aggregate, spec.threshold, result if result.score is not None else None)
+    if not path.exists() or drawn_with(path) == key or not row.store:
+        return
+    try:
+        store = PatchStore.open(row.store)
+        draw_heatmap(path, store, scores.coords, scores.probs[:, pos], row.name, spec.positive_class, spec.threshold,
+                     aggregate, result)
+    except (WsiScreenError, OSError) as exc:
+        log.warning("%s: heatmap not redrawn for the new rule: %s", row.name, exc)
 
 
 def slide_grid(run: Path, name: str, coords: np.ndarray, probs: np.ndarray) -> PatchGrid | None:

@@ -419,3 +419,54 @@ def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------ layout slides
+class _LayoutComposer(_Composer):
+    """Composes a :class:`wsi_screen.cohort.SlideLayout`: each tissue cell is its source patch in its
+    dihedral orientation, every other cell glass."""
+
+    def __init__(self, layout: Any, pools: dict[str, list[str]], patches_dir: Path, patch_px: int,
+                 seed: int) -> None:
+        rows, cols = layout.tissue.shape
+        super().__init__((cols * patch_px, rows * patch_px), 0, patch_px, (cols, rows), [], patches_dir, seed)
+        self.layout, self.pools = layout, pools
+
+    def _strip(self, row: int) -> np.ndarray:
+        from wsi_screen.cohort import dihedral
+
+        strip = self._strips.get(row)
+        if strip is None:
+            lay, p = self.layout, self.p
+            rng = np.random.default_rng([self.seed, 3, row])
+            strip = (rng.integers(-GLASS_NOISE, GLASS_NOISE + 1, size=(p, self.cols * p, 3), dtype=np.int16)
+                     + GLASS_RGB).astype(np.uint8)
+            for c in np.flatnonzero(lay.tissue[row]):
+                cls = POSITIVE if lay.tumour[row, c] else NEGATIVE
+                patch = _read_patch(self.patches_dir / self.pools[cls][int(lay.patch[row, c])], p)
+                strip[:, c * p:(c + 1) * p] = dihedral(patch, int(lay.orient[row, c]))
+            self._strips[row] = strip
+        return strip
+
+
+def build_layout_slide(out_path: str | os.PathLike[str], layout: Any, *, patches_dir: str | os.PathLike[str],
+                       split: str = DEFAULT_SPLIT, mpp: float = PCAM_MPP, seed: int = 0) -> None:
+    """Write the pyramidal TIFF of a calibration-cohort layout (:mod:`wsi_screen.cohort`), atomically.
+
+    Cell ``(row, col)`` of the layout is the level-0 square at ``(col * patch_px, row * patch_px)``; the
+    patch indices refer to :func:`load_pool` of ``split`` (the order a :class:`~wsi_screen.cohort.ScoreBank`
+    of the same folder uses)."""
+    check_split(split)
+    pdir = Path(patches_dir)
+    pools = load_pool(pdir, split)
+    patch_px = _patch_size(pdir / pools[NEGATIVE][0])
+    composer = _LayoutComposer(layout, pools, pdir, patch_px, seed)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        _write_tiff(tmp, composer, mpp, f"wsi-screen synthetic slide {out.stem}: "
+                                        f"{POSITIVE if layout.positive else NEGATIVE}")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,107 @@
+"""Training survives a kill: per-epoch checkpoints, resume, byte-identical weights (wsi_screen.train_checkpoint)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.classifier_data import make_subset
+from tests.conftest import run_cli
+from wsi_screen.models.checkpoint import safetensors_bytes
+
+EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def herlev_mid(patches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Herlev binary, 120 train images per class: epochs long enough to kill one mid-run."""
+    return make_subset(patches_dir / "herlev", tmp_path_factory.mktemp("herlev_mid"), {"train": 120},
+                       label_column="binary_label")
+
+
+def _args(dataset: Path, out: Path) -> list[str]:
+    return ["train", str(dataset), "--arch", "screen_cnn32", "--size", "32", "--label-column", "binary_label",
+            "--epochs", str(EPOCHS), "--patience", "0", "--batch-size", "16", "--threads", "1", "--workers", "0",
+            "--seed", "3", "-o", str(out), "--quiet"]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_safetensors_bytes_do_not_depend_on_metadata_order() -> None:
+    import torch
+
+    state = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(4)}
+    one = safetensors_bytes(state, {"arch": "x", "format": "pt", "classes": "a,b", "z": "1", "m": "2"})
+    two = safetensors_bytes(dict(reversed(list(state.items()))),
+                            {"m": "2", "z": "1", "classes": "a,b", "format": "pt", "arch": "x"})
+    assert one == two
+    n = int.from_bytes(one[:8], "little")
+    header = json.loads(one[8:8 + n])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(header["__metadata__"])
+
+
+def test_killed_training_resumes_to_the_same_bytes(herlev_mid: Path, tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    assert run_cli(*_args(herlev_mid, whole)).code == 0
+    assert not (whole / "checkpoint").exists()  # a finished folder keeps no checkpoint
+
+    again = tmp_path / "again"  # two uninterrupted runs already agree byte for byte
+    assert run_cli(*_args(herlev_mid, again)).code == 0
+    assert _sha(again / "model.safetensors") == _sha(whole / "model.safetensors")
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "wsi_screen.cli", *_args(herlev_mid, killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = json.loads(state.read_text())["epoch"]
+    assert 2 <= done < EPOCHS
+    assert not (killed / "config.json").exists() and not (killed / "model.safetensors").exists()
+
+    assert run_cli(*_args(herlev_mid, killed)).code == 0  # the same command resumes
+    assert _sha(killed / "model.safetensors") == _sha(whole / "model.safetensors")
+    rows = (killed / "history.csv").read_text().splitlines()
+    assert len(rows) == EPOCHS + 1 and [r.split(",")[0] for r in rows[1:]] == [str(e) for e in range(1, EPOCHS + 1)]
+    assert not (killed / "checkpoint").exists()
+
+
+def test_checkpoint_of_other_settings_is_refused_and_restart_starts_over(herlev_mid: Path, tmp_path: Path) -> None:
+    from wsi_screen import train_checkpoint
+    from wsi_screen.errors import ConfigError
+    from wsi_screen.train import train
+    from tests.classifier_data import tiny_config
+
+    out = tmp_path / "m"
+    config = tiny_config(epochs=2)
+    train(herlev_mid, out, config)
+    # leave a checkpoint behind as a killed run would, then change a setting
+    (out / "config.json").unlink()
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "state.json").write_text(json.dumps({"fingerprint": "other", "tensors": "x"}))
+    with pytest.raises(ConfigError, match="unreadable training checkpoint|--restart"):
+        train(herlev_mid, out, config)
+    result = train(herlev_mid, out, tiny_config(epochs=2, restart=True))
+    assert result.best_epoch >= 1 and (out / "config.json").exists()
+    assert not (out / train_checkpoint.CHECKPOINT_DIR).exists()

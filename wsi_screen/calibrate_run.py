@@ -1,0 +1,86 @@
+"""``wsi-screen calibrate``: a lab's own labelled slides set the slide rule of a copy of the model.
+
+Reads a run folder made by ``wsi-screen infer`` (its results.csv, and each slide's scores.csv and
+slide.json), the slide labels, chooses the rule and threshold exactly as the bundled model's were chosen
+(:func:`wsi_screen.calibration.calibrate`), and writes a copy of the run's model folder whose
+``slide_rule.json`` holds the choice, so ``infer --model COPY`` uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsi_screen import calibration, runfolder
+from wsi_screen.aggregate import AggregateConfig
+from wsi_screen.errors import ConfigError, RunError
+from wsi_screen.models import PatchClassifier, load_model
+from wsi_screen.screening import SLIDE_RULE_JSON, read_labels, slide_grid
+
+
+@dataclass(frozen=True)
+class Recalibration:
+    model_dir: Path
+    config: AggregateConfig
+    doc: dict[str, Any]
+    n_positive: int
+    n_negative: int
+
+
+def _run_model_dir(run: Path) -> Path:
+    try:
+        info = runfolder.read_json(run / runfolder.RUN_JSON)
+        path = Path(info["model"]["path"])
+    except (KeyError, TypeError) as exc:
+        raise RunError(f"{run}: run.json does not name the run's model; pass --model") from exc
+    if not path.is_absolute() and not path.exists():
+        path = run / path
+    return path
+
+
+def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: str | Path | None = None,
+                min_specificity: float = calibration.DEFAULT_MIN_SPECIFICITY,
+                overwrite: bool = False) -> Recalibration:
+    """Choose the slide rule on the labelled slides of ``run`` and write a model folder copy to ``out``."""
+    run = Path(run)
+    if not (run / runfolder.RESULTS_CSV).exists():
+        raise RunError(f"{run}: not a run folder of `wsi-screen infer` (no {runfolder.RESULTS_CSV})")
+    source = Path(model) if model is not None else _run_model_dir(run)
+    classifier: PatchClassifier = load_model(source)
+    spec = classifier.spec
+    truth = read_labels(Path(labels), classifier)
+    patch_threshold = spec.threshold if spec.threshold is not None else 0.5
+    slides = []
+    for row in runfolder.read_results(run):
+        label = truth.get(row["slide"])
+        if row.get("status") != "ok" or label is None:
+            continue
+        scores = runfolder.read_scores(runfolder.slide_dir(run, row["slide"]) / runfolder.SCORES_CSV)
+        pos = scores.classes.index(str(spec.positive_class))
+        grid = slide_grid(run, row["slide"], scores.coords, scores.probs[:, pos])
+        if grid is None:
+            raise RunError(f"{run}/{row['slide']}: slide.json lacks the patch grid (stride, mpp); rerun infer")
+        slides.append(calibration.labelled_slide(row["slide"], grid, label == "positive", patch_threshold))
+    n_pos = sum(s.positive for s in slides)
+    if n_pos == 0 or n_pos == len(slides):
+        raise ConfigError(f"{run}: calibration needs labelled slides of both kinds among the scored ones; found "
+                          f"{n_pos} positive and {len(slides) - n_pos} negative")
+    config, doc = calibration.calibrate(slides, patch_threshold=patch_threshold, min_specificity=min_specificity)
+    doc["calibrated_on"] = {"run": str(run.resolve()), "labels": str(Path(labels).resolve()),
+                            "n_slides": len(slides), "n_positive": n_pos, "source_model": str(source.resolve())}
+    dest = Path(out)
+    if dest.exists():
+        if not overwrite:
+            raise ConfigError(f"{dest} already exists; pass --overwrite or choose another folder")
+        if dest.resolve() == source.resolve():
+            raise ConfigError(f"{dest} is the run's own model folder; write the calibrated copy elsewhere")
+        shutil.rmtree(dest)
+    tmp = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("checkpoint", ".*"))
+    runfolder.atomic_write_text(tmp / SLIDE_RULE_JSON, json.dumps(doc, indent=2) + "\n")
+    tmp.replace(dest)
+    return Recalibration(model_dir=dest, config=config, doc=doc, n_positive=n_pos, n_negative=len(slides) - n_pos)

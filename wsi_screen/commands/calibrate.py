@@ -1,0 +1,48 @@
+"""``wsi-screen calibrate``: set a model's slide rule and threshold on a lab's own labelled slides."""
+
+from __future__ import annotations
+
+import click
+
+from wsi_screen.commands._options import common_options, configure_output
+
+
+@click.command(short_help="Choose the slide rule on labelled slides of a run; write a calibrated model copy.")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="slides.csv with columns slide,label (the tumour class or normal) for the run's slides.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="MODEL_DIR",
+              help="Where to write the calibrated copy of the run's model folder.")
+@click.option("--model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The model the run was scored with (default: the one its run.json names).")
+@click.option("--min-specificity", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True,
+              help="Specificity the threshold must keep on the labelled negatives of every slide-size bin.")
+@click.option("--overwrite", is_flag=True, help="Replace MODEL_DIR if it exists.")
+@common_options
+def calibrate(run: str, labels: str, out: str, model: str | None, min_specificity: float, overwrite: bool) -> None:
+    """Choose the slide rule and threshold on the labelled slides of RUN (from `wsi-screen infer`).
+
+    Every rule (mean, max, top-k, fraction, smoothed maximum, largest region) is scored on every labelled
+    slide from the run's patch scores; the threshold of each is the one with the highest sensitivity that
+    keeps --min-specificity on the negatives of every slide-size bin, and the rule with the highest
+    sensitivity wins. MODEL_DIR gets a copy of the model with that choice in slide_rule.json; screen with
+    `wsi-screen infer SLIDES --model MODEL_DIR`. Choose on one set of slides and check on another.
+
+    \b
+    Example:
+      wsi-screen infer lab-slides/ -o runs/lab
+      wsi-screen calibrate runs/lab --labels lab-slides.csv -o models/lab-calibrated
+      wsi-screen infer new-slides/ -o runs/new --model models/lab-calibrated
+    """
+    configure_output()
+    from wsi_screen.calibrate_run import recalibrate
+
+    result = recalibrate(run, labels, out, model=model, min_specificity=min_specificity, overwrite=overwrite)
+    for name, row in sorted(result.doc["candidates"].items(), key=lambda kv: (-kv[1]["sensitivity"], -kv[1]["auc"])):
+        click.echo(f"{name:<12} AUC {row['auc']:.3f}  threshold {row['threshold']:.4g}  sensitivity "
+                   f"{row['sensitivity']:.3f}  specificity {row['specificity']:.3f}")
+    c = result.config
+    unit = " mm^2" if c.rule == "region" else ""
+    click.echo(f"\nchosen on {result.n_positive} positive and {result.n_negative} negative slides: "
+               f"{result.doc['name']} score >= {c.slide_threshold:.4g}{unit}")
+    click.echo(f"calibrated model: {result.model_dir} (wsi-screen infer SLIDES --model {result.model_dir})")
