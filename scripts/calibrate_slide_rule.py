@@ -4,9 +4,10 @@
 
 1. Scores every PCam *valid* patch in all 8 orientations with the model once (a score bank, cached in WORK).
 2. Plans two cohorts (seeds ``--choose-seed`` and ``--report-seed``) of ``--slides`` slides each: half
-   negative, half with foci (ITC, micro- or macro-metastasis in turn), 500-20,000 tissue patches,
-   irregular tissue and foci, every patch in a random orientation (:mod:`wsi_screen.cohort`), and gives
-   every slide its patch scores from the bank.
+   negative, half with foci (ITC, micro- or macro-metastasis in turn), ~500-20,000 scored patches,
+   irregular tissue and foci, every patch in a random orientation (:mod:`wsi_screen.cohort`); runs the
+   tiler's tissue detector on each slide's thumbnail to drop the patches the tiler would drop, and gives
+   every other patch its score from the bank.
 3. Chooses the rule, its settings and the slide threshold on the first cohort (highest sensitivity at
    specificity >= ``--min-specificity`` among the negatives of every size bin, so the threshold holds on the
    largest slides; :mod:`wsi_screen.calibration`), and the smallest region that counts
@@ -38,6 +39,9 @@ from wsi_screen.spatial import PatchGrid
 from wsi_screen.synthetic import PCAM_MPP, default_patches_dir
 
 PATCH_PX = 96
+#: tissue cells of the smallest and largest slides: the tiler keeps ~84 % of them (pale and fatty patches
+#: fall under --min-tissue), so the slides carry ~500 to ~20,000 scored patches
+MIN_CELLS, MAX_CELLS = 600, 24000
 
 
 def bank_for(model_dir: Path, work: Path) -> cohort.ScoreBank:
@@ -58,9 +62,10 @@ def simulate(bank: cohort.ScoreBank, seed: int, n: int,
     cell_mm = PATCH_PX * PCAM_MPP / 1000.0
     pools = {k: len(v) for k, v in bank.paths.items()}
     out = []
-    for s in cohort.plan_cohort(seed, n):
+    for s in cohort.plan_cohort(seed, n, min_patches=MIN_CELLS, max_patches=MAX_CELLS):
         layout = cohort.layout_for(s, cell_mm=cell_mm, pools=pools)
-        probs = cohort.simulate_probs(layout, bank)
+        kept = cohort.kept_cells(layout, bank, mpp=PCAM_MPP, patch_px=PATCH_PX)
+        probs = cohort.simulate_probs(layout, bank, kept=kept)
         grid = PatchGrid(probs, (0, 0), PATCH_PX, cell_mm, np.zeros(probs.shape, np.int64))
         out.append((calibration.labelled_slide(s.name, grid, layout.positive, patch_threshold, layout.size_class),
                     layout))
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         row["held_out_auc"] = float(roc_auc_score(y, [s.scores[name] for s in held]))
     doc["calibrated_on"] = {"cohort": "synthetic slides of PCam valid patches (wsi_screen.cohort)",
                             "seed": args.choose_seed, "n_slides": len(train),
-                            "n_positive": int(sum(s.positive for s in train)), "sizes": "500-20000 tissue patches",
+                            "n_positive": int(sum(s.positive for s in train)), "sizes": f"{MIN_CELLS}-{MAX_CELLS} tissue cells (~500-20,000 scored patches)",
                             "score_bank_model_sha256": bank.model_sha256}
     doc["held_out"] = {"seed": args.report_seed, **result}
     atomic_write_text(args.model / SLIDE_RULE_JSON, json.dumps(doc, indent=2) + "\n")

@@ -13,11 +13,9 @@ from hypothesis.extra.numpy import arrays
 from wsi_screen.aggregate import (
     NO_TISSUE,
     RULES,
+    SPATIAL_RULES,
     AggregateConfig,
-    choose_rule,
     diagnose,
-    pick_threshold,
-    roc_auc,
     slide_score,
     top_indices,
     top_k_count,
@@ -27,6 +25,8 @@ from wsi_screen.errors import ConfigError
 probs_st = arrays(np.float64, st.integers(1, 60), elements=st.floats(0.0, 1.0, allow_nan=False))
 k_st = st.one_of(st.integers(1, 80), st.floats(0.01, 0.99))
 fast = settings(max_examples=60, deadline=None)
+#: rules that pool probabilities regardless of where patches are (the spatial ones: tests/test_spatial.py)
+POOLED = [r for r in RULES if r not in SPATIAL_RULES]
 
 
 def test_rules_on_a_small_example() -> None:
@@ -105,7 +105,7 @@ def test_top_indices_large() -> None:
 @fast
 @given(probs_st, k_st, st.floats(0.0, 1.0))
 def test_scores_in_unit_interval_and_ordered(p: np.ndarray, k: int | float, thr: float) -> None:
-    scores = {r: slide_score(p, r, k=k, patch_threshold=thr) for r in RULES}
+    scores = {r: slide_score(p, r, k=k, patch_threshold=thr) for r in POOLED}
     assert all(0.0 <= s <= 1.0 for s in scores.values())
     assert scores["max"] >= scores["topk"] >= scores["mean"] - 1e-12
     n = p.size
@@ -118,7 +118,7 @@ def test_monotone_in_every_patch(p: np.ndarray, k: int | float, thr: float, data
     i = data.draw(st.integers(0, p.size - 1))
     q = p.copy()
     q[i] = data.draw(st.floats(float(p[i]), 1.0))
-    for rule in RULES:
+    for rule in POOLED:
         assert slide_score(q, rule, k=k, patch_threshold=thr) >= \
             slide_score(p, rule, k=k, patch_threshold=thr) - 1e-12
 
@@ -128,54 +128,5 @@ def test_monotone_in_every_patch(p: np.ndarray, k: int | float, thr: float, data
 def test_permutation_invariant(p: np.ndarray, k: int | float, rnd: object) -> None:
     q = p.copy()
     rnd.shuffle(q)  # type: ignore[attr-defined]
-    for rule in RULES:
+    for rule in POOLED:
         assert slide_score(q, rule, k=k) == pytest.approx(slide_score(p, rule, k=k), abs=1e-12)
-
-
-def test_roc_auc_matches_sklearn() -> None:
-    from sklearn.metrics import roc_auc_score
-
-    rng = np.random.default_rng(0)
-    y = rng.random(200) < 0.4
-    s = np.round(rng.random(200) + 0.3 * y, 1)  # many ties
-    assert roc_auc(s, y) == pytest.approx(roc_auc_score(y, s))
-
-
-def test_pick_threshold() -> None:
-    s = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])
-    y = np.array([0, 0, 0, 1, 0, 1, 1, 1], dtype=bool)
-    t, sens, spec = pick_threshold(s, y, min_sensitivity=0.95)
-    assert (sens, spec) == (1.0, 0.75) and t == pytest.approx(0.35)  # midpoint below the lowest positive
-    assert np.all((s >= t)[y])
-    t, sens, spec = pick_threshold(s, y, method="youden")
-    assert sens + spec - 1 == pytest.approx(0.75)
-    with pytest.raises(ConfigError, match="threshold method"):
-        pick_threshold(s, y, method="best")  # type: ignore[arg-type]
-
-
-def test_choose_rule() -> None:
-    y = np.array([1, 1, 1, 0, 0, 0], dtype=bool)
-    scores = {
-        "mean": [0.3, 0.2, 0.25, 0.22, 0.1, 0.05],  # overlapping
-        "max": [0.9, 0.95, 0.8, 0.5, 0.4, 0.3],  # perfectly separated
-        "fraction": [0.2, 0.1, 0.3, 0.0, 0.1, 0.0],
-    }
-    rule, thr, table = choose_rule(scores, y)
-    assert rule == "max" and thr == pytest.approx(0.65)
-    assert [r.rule for r in table] == ["mean", "max", "fraction"]
-    best = table[1]
-    assert best.auc == 1.0 and best.sensitivity == 1.0 and best.specificity == 1.0
-    # ties in AUC and operating point go to the earlier rule in RULES
-    rule, _, _ = choose_rule({"topk": scores["max"], "mean": scores["max"]}, y)
-    assert rule == "mean"
-
-
-def test_choose_rule_refuses_bad_input() -> None:
-    with pytest.raises(ConfigError, match="positive and negative"):
-        choose_rule({"max": [0.1, 0.2]}, [True, True])
-    with pytest.raises(ConfigError, match="2 scores for 3"):
-        choose_rule({"max": [0.1, 0.2]}, [True, False, True])
-    with pytest.raises(ConfigError, match="NaN"):
-        choose_rule({"max": [0.1, float("nan")]}, [True, False])
-    with pytest.raises(ConfigError, match="unknown aggregation rule"):
-        choose_rule({"median": [0.1, 0.2]}, [True, False])

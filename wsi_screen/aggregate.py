@@ -24,7 +24,7 @@ the largest region always counts. Each slide result carries the largest focus's 
 focus area (mm^2), the number of foci and the metastasis category (``none``, ``itc`` < 0.2 mm, ``micro``
 0.2-2 mm, ``macro`` > 2 mm; see :mod:`wsi_screen.spatial` for how sizes are measured on the patch grid).
 
-:func:`choose_rule` picks the rule and the slide threshold on labelled slides (see its docstring).
+:mod:`wsi_screen.calibration` chooses the rule, its settings and the slide threshold on labelled slides.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +51,6 @@ STATUS_OK = "ok"
 #: how many of the highest-scoring patch indices a SlideResult keeps
 N_TOP = 10
 
-ThresholdMethod = Literal["sensitivity", "youden"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,105 +237,3 @@ def diagnose(probs: np.ndarray | Sequence[float], config: AggregateConfig, *, po
         score=score, diagnosis=positive if called else negative, n_patches=int(p.size),
         top_indices=top_indices(p), rule=config.rule, slide_threshold=config.slide_threshold,
         n_positive_patches=int(np.count_nonzero(p >= config.patch_threshold)), **sizes)
-
-
-# ------------------------------------------------------------------------------------ calibration
-@dataclass(frozen=True, kw_only=True)
-class RuleSummary:
-    """How one rule separates labelled slides, and its threshold."""
-
-    rule: str
-    auc: float
-    threshold: float
-    sensitivity: float
-    specificity: float
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney; ties count one half)."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    upper = np.cumsum(counts)
-    avg_rank = upper - (counts - 1) / 2.0  # 1-based average rank of each distinct value
-    rank_sum = float(avg_rank[inverse][y].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-
-
-def pick_threshold(scores: np.ndarray, labels: np.ndarray, *, method: ThresholdMethod = "sensitivity",
-                   min_sensitivity: float = 0.95) -> tuple[float, float, float]:
-    """(threshold, sensitivity, specificity) for calling ``score >= threshold`` positive.
-
-    ``"sensitivity"``: the highest specificity among thresholds whose sensitivity is >= ``min_sensitivity``
-    (a screening tool must not miss tumours); ``"youden"``: the highest sensitivity + specificity - 1.
-    Remaining ties go to the higher threshold. Every threshold between two neighbouring distinct scores
-    makes the same calls, so the midpoint between the chosen score and the next lower one is returned
-    (the lowest score itself when nothing lies below it), keeping a margin on both sides.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=bool)
-    values = np.unique(s)  # candidate thresholds, ascending
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    # calls at threshold values[j]: score >= values[j]
-    pos_sorted, neg_sorted = np.sort(s[y]), np.sort(s[~y])
-    tp = n_pos - np.searchsorted(pos_sorted, values, side="left")
-    fp = n_neg - np.searchsorted(neg_sorted, values, side="left")
-    sens, spec = tp / n_pos, 1.0 - fp / n_neg
-    if method == "sensitivity":
-        ok = sens >= min_sensitivity - 1e-12
-        key = np.where(ok, spec, -1.0)
-    elif method == "youden":
-        key = sens + spec - 1.0
-    else:
-        raise ConfigError(f"unknown threshold method {method!r}; choose 'sensitivity' or 'youden'")
-    best = int(np.flatnonzero(key == key.max())[-1])
-    threshold = float(values[best])
-    if best > 0:
-        mid = float((values[best - 1] + values[best]) / 2.0)
-        if values[best - 1] < mid <= threshold:  # adjacent floats have no midpoint
-            threshold = mid
-    return threshold, float(sens[best]), float(spec[best])
-
-
-def choose_rule(scores_by_rule: Mapping[str, Sequence[float] | np.ndarray],
-                labels: Sequence[bool] | np.ndarray, *, method: ThresholdMethod = "sensitivity",
-                min_sensitivity: float = 0.95) -> tuple[str, float, list[RuleSummary]]:
-    """Choose the aggregation rule and slide threshold on labelled slides.
-
-    ``scores_by_rule`` maps each candidate rule to the slide scores (aligned with ``labels``; True = positive;
-    slides without a score must be left out by the caller). The rule with the highest ROC AUC wins; ties go
-    to the higher specificity, then sensitivity, at the chosen threshold, then to the earlier rule in
-    :data:`RULES`. Its threshold comes from :func:`pick_threshold`. Returns ``(rule, threshold, table)``
-    with one :class:`RuleSummary` per rule, in the order given.
-    """
-    y = np.asarray(labels)
-    if y.ndim != 1 or not np.isin(y, (0, 1)).all():
-        raise ConfigError("slide labels must be a vector of booleans (True = positive)")
-    y = y.astype(bool)
-    if y.all() or not y.any():
-        raise ConfigError(f"choosing a rule needs positive and negative slides; got {int(y.sum())} positive "
-                          f"of {y.size}")
-    if not scores_by_rule:
-        raise ConfigError("no rules to choose from")
-    if not (0.0 < min_sensitivity <= 1.0):
-        raise ConfigError(f"min_sensitivity must be in (0, 1], got {min_sensitivity}")
-    table: list[RuleSummary] = []
-    for rule, values in scores_by_rule.items():
-        _check_rule(rule)
-        s = np.asarray(values, dtype=np.float64)
-        if s.shape != y.shape:
-            raise ConfigError(f"rule {rule!r}: {s.size} scores for {y.size} labelled slides")
-        if not np.isfinite(s).all():
-            raise ConfigError(f"rule {rule!r}: scores contain NaN or infinity (leave out slides without "
-                              "tissue)")
-        threshold, sens, spec = pick_threshold(s, y, method=method, min_sensitivity=min_sensitivity)
-        table.append(RuleSummary(rule=rule, auc=roc_auc(s, y), threshold=threshold, sensitivity=sens,
-                                 specificity=spec))
-    best = max(table, key=lambda r: (r.auc, r.specificity, r.sensitivity, -RULES.index(r.rule)))
-    logger.info("chose rule %s (AUC %.3f) with slide threshold %.4g: sensitivity %.3f, specificity %.3f",
-                best.rule, best.auc, best.threshold, best.sensitivity, best.specificity)
-    return best.rule, best.threshold, table

@@ -1,0 +1,96 @@
+"""Choosing the slide rule and threshold, and the figures reported for it (wsi_screen.calibration)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wsi_screen import calibration
+from wsi_screen.errors import ConfigError
+from wsi_screen.spatial import patch_grid
+
+
+def test_operating_point_keeps_the_specificity() -> None:
+    s = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])
+    y = np.array([0, 0, 0, 1, 0, 1, 1, 1], dtype=bool)
+    t, sens, spec = calibration.operating_point(s, y, 1.0)
+    assert t == pytest.approx(0.65) and (sens, spec) == (0.75, 1.0)  # midway above the highest negative
+    t, sens, spec = calibration.operating_point(s, y, 0.75)  # one of four negatives may score above
+    assert t == pytest.approx(0.35) and (sens, spec) == (1.0, 0.75)
+
+
+def test_strata_make_the_threshold_hold_in_every_group() -> None:
+    # small negatives score low, large ones high: pooled, 1 of 20 negatives may pass; per group, none of 10
+    neg_small = np.linspace(0.10, 0.30, 10)
+    neg_large = np.linspace(0.35, 0.60, 10)
+    pos = np.linspace(0.50, 0.95, 10)
+    s = np.concatenate([neg_small, neg_large, pos])
+    y = np.r_[np.zeros(20, bool), np.ones(10, bool)]
+    strata = np.r_[np.zeros(10), np.ones(10), np.ones(10)].astype(int)
+    pooled, _, _ = calibration.operating_point(s, y, 0.95)
+    per_group, _, spec = calibration.operating_point(s, y, 0.95, strata)
+    assert pooled < 0.6 < per_group
+    assert spec == 1.0 and np.all(s[~y & (strata == 1)] < per_group)
+
+
+def test_choose_prefers_sensitivity_then_auc_then_the_simpler_rule() -> None:
+    y = [True, True, True, False, False, False]
+    scores = {"mean": [0.3, 0.2, 0.25, 0.22, 0.1, 0.05], "smoothmax1": [0.9, 0.95, 0.8, 0.5, 0.4, 0.3],
+              "region0.9": [0.9, 0.95, 0.8, 0.5, 0.4, 0.3]}
+    choice = calibration.choose(scores, y, min_specificity=1.0)
+    assert choice.candidate.name == "smoothmax1"  # ties with region0.9; listed earlier
+    assert choice.threshold == pytest.approx(0.65) and choice.sensitivity == 1.0 and choice.auc == 1.0
+    with pytest.raises(ConfigError, match="positive and negative"):
+        calibration.choose({"mean": [0.1, 0.2]}, [True, True])
+    with pytest.raises(ConfigError, match="2 scores for 3"):
+        calibration.choose({"mean": [0.1, 0.2]}, [True, False, True])
+
+
+def test_calibrate_on_spatial_truth_picks_a_spatial_rule() -> None:
+    """Foci of 12+ contiguous patches against scattered false positives: a pooled rule cannot separate
+    them at 100 % specificity on large slides, a spatial one can."""
+    rng = np.random.default_rng(0)
+    slides = []
+    for i in range(40):
+        side = [25, 60][i % 2]
+        p = rng.beta(1, 12, size=(side, side))
+        fp = rng.random((side, side)) < 0.02
+        p[fp] = rng.uniform(0.8, 1.0, fp.sum())  # scattered confident false positives
+        positive = i % 4 < 2
+        if positive:
+            r, c = rng.integers(2, side - 6, 2)
+            p[r:r + 4, c:c + 3] = rng.uniform(0.7, 1.0, (4, 3))
+        rows, cols = np.mgrid[0:side, 0:side]
+        grid = patch_grid(np.stack([cols.ravel() * 96, rows.ravel() * 96], 1), p.ravel(), 96, 0.972)
+        slides.append(calibration.labelled_slide(f"s{i}", grid, positive, 0.5))
+    config, doc = calibration.calibrate(slides, patch_threshold=0.5, min_specificity=1.0)
+    assert config.rule in ("smoothmax", "region")
+    assert doc["candidates"][doc["name"]]["sensitivity"] == 1.0
+    assert doc["candidates"]["topk10"]["sensitivity"] < 1.0
+    assert config.min_focus_patches >= 2  # pairs of neighbouring false positives occur on 3,600-patch slides
+    assert set(doc["per_rule"]) == {"mean", "max", "topk", "fraction", "smoothmax", "region"}
+
+
+def test_wilson_and_bootstrap_intervals() -> None:
+    lo, hi = calibration.wilson(45, 50)
+    assert lo == pytest.approx(0.7864, abs=1e-3) and hi == pytest.approx(0.9565, abs=1e-3)
+    assert calibration.wilson(0, 20)[0] == 0.0 and calibration.wilson(20, 20)[1] == 1.0
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(100, bool), np.ones(100, bool)]
+    s = rng.normal(y * 1.0, 1.0)
+    auc, lo, hi = calibration.bootstrap_auc(s, y, n_boot=300)
+    assert lo < auc < hi and 0.6 < auc < 0.9 and hi - lo < 0.2
+
+
+def test_report_counts_by_class_and_size() -> None:
+    scores = [0.9, 0.2, 0.8, 0.1, 0.7, 0.6]
+    labels = [True, True, True, False, False, False]
+    classes = ["macro", "itc", "micro", "none", "none", "none"]
+    sizes = [600, 600, 12000, 600, 3000, 15000]
+    r = calibration.report(scores, labels, classes, sizes, 0.65)
+    assert r["sensitivity_by_class"]["itc"]["detected"] == 0 and r["sensitivity_by_class"]["macro"]["rate"] == 1.0
+    assert r["specificity_by_size"]["500-2000"] == {"n": 1, "correct": 1, "rate": 1.0,
+                                                    "ci": list(calibration.wilson(1, 1))}
+    assert r["specificity_by_size"]["10000-20000"]["correct"] == 1
+    assert r["specificity_by_size"]["2000-5000"]["correct"] == 0
+    assert r["specificity"]["correct"] == 2 and r["sensitivity"]["detected"] == 2
