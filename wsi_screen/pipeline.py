@@ -34,7 +34,7 @@ from wsi_screen.errors import (
     StoreMismatchError,
     WsiScreenError,
 )
-from wsi_screen.slide import ReaderChoice, Slide
+from wsi_screen.slide import ReaderChoice, Slide, mpp_for
 from wsi_screen.store import (
     ATTR_SETTINGS,
     SCHEMA_VERSION,
@@ -80,11 +80,16 @@ class TileConfig:
     spec: TileSpec = field(default_factory=TileSpec)
     stain: str = "none"
     stain_target: str | None = None
-    slide_mpp: float | None = None
+    slide_mpp: float | None = None  # for slides that declare no resolution
+    slide_mpps: tuple[tuple[str, float], ...] = ()  # per slide (name, file name or path), even over a declared one
     tissue: TissueSettings = field(default_factory=TissueSettings)
     reader: ReaderChoice = "auto"
     workers: int = 2
     overwrite: bool = False
+    #: replace a complete store made with other settings instead of refusing it (infer's own stores folder)
+    retile_mismatched: bool = False
+    #: what a refusal of a mismatching store tells the user to do
+    mismatch_hint: str = "pass --overwrite to replace it"
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,23 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             for k in keys if old.get(k) != new.get(k)]
 
 
+def open_slide(source: SlideSource, config: TileConfig) -> Slide:
+    """The slide as this configuration reads it (resolution from the file, the per-slide table or the
+    fallback; see :class:`~wsi_screen.slide.Slide`)."""
+    forced = mpp_for(dict(config.slide_mpps), source.path, source.name)
+    return Slide(source.path, name=source.name, mpp=config.slide_mpp, reader=config.reader, force_mpp=forced)
+
+
+def store_is_current(source: SlideSource, location: str, config: TileConfig) -> tuple[bool, float, str]:
+    """Whether the complete store at ``location`` is what tiling ``source`` with ``config`` would write now
+    (same slide file, resolution and settings), and the slide's current (mpp, mpp source)."""
+    with open_slide(source, config) as slide:
+        settings = expected_settings(slide, config, thumbnail_mpp(slide.mpp, slide.dimensions))
+        existing = read_attrs(location)
+        ok = existing is not None and is_complete(existing) and existing.get(ATTR_SETTINGS) == settings
+        return ok, slide.mpp, slide.mpp_source
+
+
 def tile_slide(source: SlideSource, out: str, config: TileConfig, *, debug: bool = False) -> TileResult:
     """Tile one slide into ``out/<name>.zarr``; never raises for a bad slide (see :class:`TileResult`)."""
     start = time.perf_counter()
@@ -177,7 +199,7 @@ def tile_slide(source: SlideSource, out: str, config: TileConfig, *, debug: bool
 
 def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: float) -> TileResult:
     spec = config.spec
-    with Slide(source.path, name=source.name, mpp=config.slide_mpp, reader=config.reader) as slide:
+    with open_slide(source, config) as slide:
         thumb_mpp = thumbnail_mpp(slide.mpp, slide.dimensions)
         settings = expected_settings(slide, config, thumb_mpp)
         existing = read_attrs(location)
@@ -188,8 +210,11 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
                                   n_patches=int(existing.get("n_patches", 0)),
                                   seconds=time.perf_counter() - start, message="up to date")
             diff = _differences(existing.get(ATTR_SETTINGS) or {}, settings)
-            raise StoreMismatchError(f"{location}: existing store was made from another slide version or "
-                                     f"with other settings ({'; '.join(diff)}); pass --overwrite to replace it")
+            if not config.retile_mismatched:
+                raise StoreMismatchError(f"{location}: existing store was made from another slide version or "
+                                         f"with other settings ({'; '.join(diff)}); {config.mismatch_hint}")
+            log.info("%s: store made from another slide version or with other settings (%s); re-tiling",
+                     source.name, "; ".join(diff))
 
         tile_l0 = tile_size_l0(spec.mpp, spec.size_px, slide.mpp, name=str(source.path))
         stride = stride_l0(tile_l0, spec.size_px, spec.overlap_px)

@@ -84,7 +84,7 @@ def slides_table(view: RunView) -> str:
     """The sortable HTML table of a run's slides (also shown by the notebook)."""
     cols = [("slide", False), ("status", False), ("n_patches", True), ("score", True), ("diagnosis", False),
             ("metastasis", False), ("largest_focus_mm", True), ("tumour_area_mm2", True), ("n_foci", True),
-            ("label", False)]
+            ("slide_mpp", True), ("mpp_source", False), ("label", False)]
     has_labels = any(r.get("label") for r in view.results)
     cols = [c for c in cols if c[0] != "label" or has_labels]
     head = "".join(f'<th scope="col" class="{"num" if num else ""}">{_e(name.replace("_", " "))}</th>'

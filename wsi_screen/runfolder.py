@@ -53,8 +53,8 @@ PARTIAL = ".partial"
 LOCK_DIR = ".wsi-screen-locks"
 
 RESULT_COLUMNS = ("slide", "status", "n_patches", "score", "diagnosis", "rule", "threshold", "metastasis",
-                  "largest_focus_mm", "tumour_area_mm2", "n_foci", "top_x", "top_y", "top_score", "model", "label",
-                  "error", "source", "store")
+                  "largest_focus_mm", "tumour_area_mm2", "n_foci", "slide_mpp", "mpp_source", "top_x", "top_y",
+                  "top_score", "model", "label", "error", "source", "store")
 
 
 def write_error(path: Path, exc: OSError) -> OutputWriteError:

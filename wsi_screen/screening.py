@@ -64,6 +64,7 @@ class InferConfig:
     workers: int = 2
     loader_workers: int = 0
     slide_mpp: float | None = None
+    slide_mpps: tuple[tuple[str, float], ...] = ()
     min_tissue: float = 0.5
     overwrite: bool = False
     labels: str | None = None
@@ -94,6 +95,11 @@ class RunSummary:
     @property
     def failed(self) -> int:
         return sum(r.status == STATUS_ERROR for r in self.rows)
+
+    @property
+    def reused(self) -> int:
+        """Slides whose scores an earlier run made with the same model, slide, resolution and settings."""
+        return sum(bool(r.extra.get("reused")) for r in self.rows)
 
 
 # ------------------------------------------------------------------------------------------- model helpers
@@ -155,6 +161,7 @@ def tile_config_for(classifier: PatchClassifier, config: InferConfig) -> TileCon
                          f"{spec.classes} and positive class {spec.positive_class!r}")
     return TileConfig(spec=TileSpec(mpp=spec.mpp, size_px=spec.input_size, min_tissue=config.min_tissue),
                       stain=spec.stain_method, stain_target=spec.stain_target, slide_mpp=config.slide_mpp,
+                      slide_mpps=config.slide_mpps,
                       workers=config.workers, overwrite=config.overwrite)
 
 
@@ -177,6 +184,12 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
         raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
     aggregate = resolve_aggregate(model_dir, classifier, config)
     tile_cfg = tile_config_for(classifier, config)
+    if config.stores is None:  # the run's own stores: follow the settings
+        tile_cfg = replace(tile_cfg, retile_mismatched=True)
+    else:
+        tile_cfg = replace(tile_cfg, mismatch_hint=(
+            "infer does not replace stores it did not make: re-tile this slide with `wsi-screen tile "
+            "SLIDE -o STORES --overwrite` and the model's settings, or leave out --stores"))
     model_id = model_identity(model_dir, classifier)
     stores_dir = config.stores or str(run / runfolder.STORES_DIR)
     labels = read_labels(Path(config.labels), classifier) if config.labels else {}
@@ -215,7 +228,11 @@ def _store_digest(location: str) -> str:
 
 
 def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig) -> bool:
-    """Whether RUN/<slide> holds this slide scored by this model from an up-to-date store."""
+    """Whether RUN/<slide> holds this slide scored by this model from the store this run would make now:
+    same model, same slide file, same resolution (value and source) and tiling settings. Anything else is
+    recomputed (the slide rule is applied afresh on every run)."""
+    from wsi_screen.pipeline import store_is_current
+
     path = runfolder.slide_dir(run, source.name) / runfolder.SLIDE_JSON
     if not path.exists() or tile_cfg.overwrite:
         return False
@@ -225,9 +242,14 @@ def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, An
             return False
         if done.get("store_digest") != _store_digest(done["store"]):
             return False
+        current, mpp, mpp_source = store_is_current(source, done["store"], tile_cfg)
+        info = done.get("slide_info", {})
+        if not current or info.get("mpp") != mpp or info.get("mpp_source") != mpp_source:
+            return False
     except (WsiScreenError, KeyError, OSError):
         return False
     row.store = done["store"]
+    row.extra["reused"] = True
     log.debug("%s: reusing earlier scores", source.name)
     return True
 
@@ -449,6 +471,11 @@ def _aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggreg
     negative = next(c for c in scores.classes if c != spec.positive_class)
     grid = slide_grid(run, row.name, scores.coords, scores.probs[:, pos])
     try:
+        info = runfolder.read_json(runfolder.slide_dir(run, row.name) / runfolder.SLIDE_JSON).get("slide_info", {})
+        row.extra.update(slide_mpp=info.get("mpp"), mpp_source=info.get("mpp_source"))
+    except (WsiScreenError, OSError):
+        pass
+    try:
         result = diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative,
                           grid=grid)
     except ConfigError as exc:  # a spatial rule on a slide folder without its grid
@@ -508,6 +535,8 @@ def _write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
             "largest_focus_mm": _mm(res.largest_focus_mm) if res else "",
             "tumour_area_mm2": _mm(res.tumour_area_mm2, 4) if res else "",
             "n_foci": res.n_foci if res and res.score is not None else "",
+            "slide_mpp": f"{r.extra['slide_mpp']:.6g}" if r.extra.get("slide_mpp") else "",
+            "mpp_source": r.extra.get("mpp_source") or "",
             "top_x": r.top[0] if r.top else "", "top_y": r.top[1] if r.top else "",
             "top_score": f"{r.top[2]:.6f}" if r.top else "", "model": model_id["arch"],
             "label": r.label, "error": r.error, "source": r.source, "store": r.store,
@@ -532,10 +561,13 @@ def _write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig,
                    "stain_target": tile_cfg.stain_target, "tissue": tile_cfg.tissue.to_json()},
         "settings": {"batch_size": config.batch_size, "workers": config.workers,
                      "loader_workers": config.loader_workers, "stores": config.stores,
-                     "slide_mpp": config.slide_mpp, "labels": config.labels},
+                     "slide_mpp": config.slide_mpp, "slide_mpp_csv": dict(config.slide_mpps),
+                     "labels": config.labels},
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
                         "torch": torch.__version__, "numpy": np.__version__},
-        "slides": [{"slide": r.name, "status": r.status, "error": r.error} for r in sorted(rows, key=lambda r: r.name)],
+        "slides": [{"slide": r.name, "status": r.status, "error": r.error, "mpp": r.extra.get("slide_mpp"),
+                    "mpp_source": r.extra.get("mpp_source"), "reused": bool(r.extra.get("reused"))}
+                   for r in sorted(rows, key=lambda r: r.name)],
     })
 
 

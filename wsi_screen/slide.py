@@ -19,6 +19,8 @@ pass ``--slide-mpp``. Nothing is guessed. All coordinates are level-0 pixels, (x
 
 from __future__ import annotations
 
+import logging
+
 import hashlib
 import math
 import os
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from PIL import Image
 
-from wsi_screen.errors import MissingMppError, SlideOpenError, UnsupportedFormatError
+from wsi_screen.errors import ConfigError, MissingMppError, SlideOpenError, UnsupportedFormatError
 from wsi_screen.readers import Reader, into
 from wsi_screen.threads import run_each
 
@@ -44,6 +46,8 @@ MAX_SIDE_PX = 2_000_000
 _THUMB_BLOCK = 1024
 
 ReaderChoice = Literal["auto", "openslide", "tifffile"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,16 +180,20 @@ class Slide:
     name:
         Display name (defaults to the file stem, or the folder name for a DICOM series).
     mpp:
-        Level-0 microns per pixel stated by the user; overrides (and is required where) the file has none.
+        Level-0 microns per pixel for a file that declares none (``--slide-mpp``); a declared value wins.
+    force_mpp:
+        Level-0 microns per pixel that replaces even a declared value (``--slide-mpp-csv``: scanners do write
+        wrong ones); a warning names both when they differ by more than 5 %.
     reader:
         ``"auto"`` (see module docstring), or force ``"openslide"`` / ``"tifffile"``.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, name: str | None = None, mpp: float | None = None,
-                 reader: ReaderChoice = "auto") -> None:
+                 reader: ReaderChoice = "auto", force_mpp: float | None = None) -> None:
         self.path = Path(path)
         self.name = name or slide_name(self.path)
         self._mpp_override = mpp
+        self._mpp_force = force_mpp
         self._reader_choice: ReaderChoice = reader
         if not self.path.exists() and not self.path.is_symlink():
             raise SlideOpenError(f"{self.path}: no such file or folder")
@@ -206,16 +214,28 @@ class Slide:
         self._info: SlideInfo | None = None
 
     # -------------------------------------------------------------------------------------- identity
+    def _user_mpp(self, value: float, option: str) -> tuple[float, Literal["slide", "user"]]:
+        mpp = float(value)
+        if not (PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]):
+            self.close()
+            raise MissingMppError(f"{self.path}: {option} {mpp} is outside the plausible range "
+                                  f"{PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px")
+        return mpp, "user"
+
     def _resolve_mpp(self) -> tuple[float, Literal["slide", "user"]]:
-        if self._mpp_override is not None:
-            mpp = float(self._mpp_override)
-            if not (PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]):
-                self.close()
-                raise MissingMppError(f"{self.path}: --slide-mpp {mpp} is outside the plausible range "
-                                      f"{PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px")
-            return mpp, "user"
+        """The file's own resolution; ``force_mpp`` replaces it, ``mpp`` fills in only where it is missing."""
         declared = self._reader.mpp()
+        if self._mpp_force is not None:
+            mpp, source = self._user_mpp(self._mpp_force, "--slide-mpp-csv")
+            if declared is not None:
+                own = (declared[0] + declared[1]) / 2.0
+                if math.isfinite(own) and own > 0 and abs(own - mpp) / own > 0.05:
+                    log.warning("%s: using %.4g um/px from --slide-mpp-csv; the file declares %.4g um/px",
+                                self.path, mpp, own)
+            return mpp, source
         if declared is None:
+            if self._mpp_override is not None:
+                return self._user_mpp(self._mpp_override, "--slide-mpp")
             self.close()
             raise MissingMppError(f"{self.path}: the slide does not declare its resolution (microns per "
                                   "pixel); pass --slide-mpp (e.g. --slide-mpp 0.25 for a 40x scan)")
@@ -224,11 +244,11 @@ class Slide:
         if not ok:
             self.close()
             raise MissingMppError(f"{self.path}: declared resolution {mx} x {my} um/px is implausible; "
-                                  "pass --slide-mpp")
+                                  "set this slide's with --slide-mpp-csv (columns slide,mpp)")
         if abs(mx - my) / max(mx, my) > 0.05:
             self.close()
             raise MissingMppError(f"{self.path}: non-square pixels ({mx} x {my} um/px) are not supported; "
-                                  "pass --slide-mpp to override")
+                                  "set this slide's resolution with --slide-mpp-csv (columns slide,mpp)")
         return (mx + my) / 2.0, "slide"
 
     @property
@@ -329,11 +349,11 @@ class Slide:
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "name": self.name, "mpp": self._mpp_override,
-                "reader": self._reader_choice}
+                "reader": self._reader_choice, "force_mpp": self._mpp_force}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["path"], name=state["name"], mpp=state["mpp"],  # type: ignore[misc]
-                      reader=state["reader"])
+                      reader=state["reader"], force_mpp=state.get("force_mpp"))
 
     def __repr__(self) -> str:
         w, h = self.dimensions
@@ -368,3 +388,39 @@ def resize(img: np.ndarray, size: tuple[int, int],
     """Anti-aliased resize of an RGB uint8 array to ``size`` (w, h), optionally of a sub-``box``."""
     out = Image.fromarray(img).resize(size, Image.Resampling.LANCZOS, box=box)
     return np.asarray(out)
+
+
+def read_mpp_table(path: str | os.PathLike[str]) -> dict[str, float]:
+    """``--slide-mpp-csv``: a CSV with columns ``slide`` (a slide's name, file name or path) and ``mpp``."""
+    import csv
+
+    p = Path(path)
+    try:
+        with p.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"slide", "mpp"} <= set(reader.fieldnames):
+                raise ConfigError(f"{p}: --slide-mpp-csv needs columns 'slide' and 'mpp', found {reader.fieldnames}")
+            rows = list(reader)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    out: dict[str, float] = {}
+    for i, row in enumerate(rows, start=2):
+        key = (row.get("slide") or "").strip()
+        try:
+            value = float(row.get("mpp") or "")
+        except ValueError:
+            raise ConfigError(f"{p}:{i}: mpp {row.get('mpp')!r} is not a number") from None
+        if not key or not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{p}:{i}: needs a slide name and a positive mpp")
+        out[key] = value
+    return out
+
+
+def mpp_for(table: dict[str, float] | None, path: Path, name: str) -> float | None:
+    """The mpp ``table`` sets for a slide, by its name, file name or path (None if it names none)."""
+    if not table:
+        return None
+    for key in (name, path.name, str(path), slide_name(path)):
+        if key in table:
+            return table[key]
+    return None

@@ -26,7 +26,10 @@ from wsi_screen.commands._options import common_options, configure_output
 @click.option("--stain-target", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Image whose stain is the target (default: the bundled H&E target, see docs/stain.md).")
 @click.option("--slide-mpp", type=float, default=None,
-              help="Level-0 microns per pixel, for slides that do not declare it (overrides the file).")
+              help="Level-0 microns per pixel for slides that do not declare it (a declared value wins).")
+@click.option("--slide-mpp-csv", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CSV with columns slide,mpp: sets the level-0 um/px of the slides it names, even over a value "
+                   "the file declares (a warning names both when they differ by > 5 %).")
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Reader threads per slide.")
 @click.option("--reader", type=click.Choice(["auto", "openslide", "tifffile"]), default="auto",
@@ -39,8 +42,8 @@ from wsi_screen.commands._options import common_options, configure_output
                    "write OUT by the same paths (see docs/cluster.md).")
 @common_options
 def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int, min_tissue: float,
-         stain: str, stain_target: str | None, slide_mpp: float | None, workers: int, reader: str,
-         overwrite: bool, dask: str | None) -> None:
+         stain: str, stain_target: str | None, slide_mpp: float | None, slide_mpp_csv: str | None, workers: int,
+         reader: str, overwrite: bool, dask: str | None) -> None:
     """Find tissue in SLIDES and write stain-normalised patches to OUT.
 
     Each SLIDE is a slide file (SVS, NDPI, MRXS, SCN, BIF, VMS, tiled or OME-TIFF, DICOM, ...) or a folder,
@@ -56,6 +59,7 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
       wsi-screen tile slides/ -o stores/
       wsi-screen tile a.svs b.ndpi -o stores/ --mpp 0.25 --size 256 --stain macenko
       wsi-screen tile plain.tif -o stores/ --slide-mpp 0.5
+      wsi-screen tile slides/ -o stores/ --slide-mpp-csv resolutions.csv
       wsi-screen tile /shared/slides -o /shared/stores --dask tcp://10.0.0.5:8786
     """
     configure_output()
@@ -64,12 +68,15 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     from wsi_screen.discovery import discover
     from wsi_screen.distributed import maybe_connect, parse_address
     from wsi_screen.pipeline import TileConfig, output_location, tile_slides
+    from wsi_screen.slide import read_mpp_table
     from wsi_screen.tiling import TileSpec
 
     log = logging.getLogger("wsi_screen.tile")
     ctx = click.get_current_context()
     config = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, overlap_px=overlap, min_tissue=min_tissue),
-                        stain=stain, stain_target=stain_target, slide_mpp=slide_mpp, workers=workers,
+                        stain=stain, stain_target=stain_target, slide_mpp=slide_mpp,
+                        slide_mpps=tuple(sorted(read_mpp_table(slide_mpp_csv).items())) if slide_mpp_csv else (),
+                        workers=workers,
                         reader=reader,  # type: ignore[arg-type]
                         overwrite=overwrite)
     target = parse_address(dask) if dask is not None else None
