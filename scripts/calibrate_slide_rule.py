@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         row["held_out_auc"] = float(roc_auc_score(y, [s.scores[name] for s in held]))
     doc["calibrated_on"] = {"cohort": "synthetic slides of PCam valid patches (wsi_screen.cohort)",
                             "seed": args.choose_seed, "n_slides": len(train),
-                            "n_positive": int(sum(s.positive for s in train)), "sizes": f"{MIN_CELLS}-{MAX_CELLS} tissue cells (~500-20,000 scored patches)",
+                            "n_positive": int(sum(s.positive for s in train)),
+                            "sizes": f"{MIN_CELLS}-{MAX_CELLS} tissue cells (~500-20,000 scored patches)",
                             "score_bank_model_sha256": bank.model_sha256}
     doc["held_out"] = {"seed": args.report_seed, **result}
     atomic_write_text(args.model / SLIDE_RULE_JSON, json.dumps(doc, indent=2) + "\n")

@@ -109,7 +109,8 @@ probs_st = arrays(np.float64, st.integers(0, 80), elements=st.floats(0.0, 1.0, a
 
 
 @settings(max_examples=150, deadline=None)
-@given(probs_st, st.sampled_from([r for r in RULES if r not in SPATIAL_RULES]), st.one_of(st.integers(1, 50), st.floats(0.01, 0.99)),
+@given(probs_st, st.sampled_from([r for r in RULES if r not in SPATIAL_RULES]),
+       st.one_of(st.integers(1, 50), st.floats(0.01, 0.99)),
        st.floats(0.0, 1.0), st.floats(0.0, 1.0))
 def test_slide_call_invariants(p: np.ndarray, rule: str, k: int | float, patch_thr: float, slide_thr: float) -> None:
     cfg = AggregateConfig(rule=rule, k=k, patch_threshold=patch_thr, slide_threshold=slide_thr)

@@ -17,6 +17,7 @@ from PIL import Image
 
 import wsi_screen
 import wsi_screen.models as models_module
+from wsi_screen.decision import decide
 from wsi_screen.errors import ModelError, UnknownModelError, UnsafeFileError
 from wsi_screen.models import (
     CONFIG_NAME,
@@ -30,7 +31,6 @@ from wsi_screen.models import (
     save_model,
 )
 from wsi_screen.models.checkpoint import read_weights, sniff
-from wsi_screen.models.classifier import decide
 
 
 def _spec(**changes: object) -> ModelSpec:

@@ -119,7 +119,7 @@ def choose(scores: Mapping[str, Sequence[float]], labels: Sequence[bool], *,
     if not 0.0 < min_specificity <= 1.0:
         raise ConfigError(f"minimum specificity must be in (0, 1], got {min_specificity}")
     by_name = {c.name: c for c in candidates()}
-    table = []
+    table: list[dict[str, Any]] = []
     for name, values in scores.items():
         s = np.asarray(values, dtype=np.float64)
         if s.shape != y.shape:

@@ -62,6 +62,18 @@ class LazyGroup(click.Group):
         command = getattr(import_module(module_name), attr)
         if not isinstance(command, click.Command):  # pragma: no cover - programming error
             raise TypeError(f"{target} is not a click command")
+        defaults = (ctx.default_map or {}).get(cmd_name)
+        if defaults:  # options from --config, by their long names: a misspelt one must not be silently ignored
+            by_option = {o.lstrip("-").replace("-", "_"): p.name for p in command.params for o in p.opts
+                         if o.startswith("--") and p.name}
+            by_option.update({p.name: p.name for p in command.params if p.name})
+            wrong = sorted(k for k in defaults if k not in by_option)
+            if wrong:
+                raise ConfigError(f"{ctx.meta.get('config_path', 'config')}: [{cmd_name}] has no option(s) "
+                                  f"{', '.join('--' + w.replace('_', '-') for w in wrong)}; see "
+                                  f"wsi-screen {cmd_name} --help")
+            if ctx.default_map is not None:
+                ctx.default_map[cmd_name] = {by_option[k]: v for k, v in defaults.items()}
         return command
 
 
@@ -77,8 +89,15 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    ctx.default_map = {name: {k.replace("-", "_"): v for k, v in section.items()}
-                       for name, section in data.items() if isinstance(section, dict)}
+    unknown = sorted(name for name in data if name not in COMMANDS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(f'[{n}]' for n in unknown)}; sections are "
+                          f"command names: {', '.join(f'[{n}]' for n in COMMANDS)}")
+    not_tables = sorted(name for name, section in data.items() if not isinstance(section, dict))
+    if not_tables:
+        raise ConfigError(f"{path}: {', '.join(not_tables)} must be a [section] of options, e.g. [tile] mpp = 0.5")
+    ctx.default_map = {name: {k.replace("-", "_"): v for k, v in section.items()} for name, section in data.items()}
+    ctx.meta["config_path"] = str(path)
     return value
 
 
@@ -150,8 +169,8 @@ def _main(args: list[str]) -> Any:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("wsi-screen: interrupted", err=True)
+    except click.exceptions.Abort:  # click turns Ctrl-C into Abort
+        click.echo("wsi-screen: interrupted; finished work is kept, rerun to resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         click.echo("wsi-screen: interrupted; finished work is kept, rerun to resume", err=True)

@@ -123,7 +123,7 @@ def compute_score_bank(classifier: Any, patches_dir: str | Path, *, model_sha256
             small: list[np.ndarray] = []
             for start in range(0, len(paths), batch_size // 8 or 1):
                 chunk = paths[start:start + batch_size // 8 or 1]
-                imgs = []
+                imgs: list[np.ndarray] = []
                 for rel in chunk:
                     with Image.open(pdir / rel) as im:
                         arr = np.asarray(im.convert("RGB"))
@@ -199,9 +199,9 @@ def tissue_mask(rng: np.random.Generator, n_tissue: int, *, margin: int = 2) -> 
     envelope = -(((yy + 0.5) / h - 0.5) ** 2 + ((xx + 0.5) / w - 0.5) ** 2) * 8.0
     field = envelope + 0.9 * _smooth_field(rng, (h, w), sigma=max(h, w) / 14.0)
     order = np.argsort(-field.ravel(), kind="stable")[:n_tissue]
-    mask = np.zeros(h * w, dtype=bool)
-    mask[order] = True
-    mask = mask.reshape(h, w)
+    flat = np.zeros(h * w, dtype=bool)
+    flat[order] = True
+    mask = flat.reshape(h, w)
     rows, cols = np.nonzero(mask)
     mask = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     return np.pad(mask, margin)
@@ -284,8 +284,8 @@ def make_layout(rng: np.random.Generator, n_tissue: int, foci: Sequence[str], *,
     for cls_mask, pool_name in ((tissue & ~tumour, "normal"), (tumour, "tumour")):
         n = int(cls_mask.sum())
         size = pools[pool_name]
-        draws = np.concatenate([rng.permutation(size) for _ in range(math.ceil(n / size))])[:n] if n else []
-        patch[cls_mask] = draws
+        if n:
+            patch[cls_mask] = np.concatenate([rng.permutation(size) for _ in range(math.ceil(n / size))])[:n]
         orient[cls_mask] = rng.integers(0, 8, size=n)
     return SlideLayout(tissue=tissue, tumour=tumour, patch=patch, orient=orient, foci=tuple(made),
                        cell_mm=cell_mm)
@@ -365,7 +365,7 @@ def plan_cohort(seed: int, n_slides: int, *, min_patches: int = 500, max_patches
     labels = rng.permutation(np.array([True] * n_pos + [False] * (n_slides - n_pos)))
     k = 0
     for i in range(n_slides):
-        n = int(round(math.exp(rng.uniform(math.log(min_patches), math.log(max_patches)))))
+        n = round(math.exp(rng.uniform(math.log(min_patches), math.log(max_patches))))
         foci: tuple[str, ...] = ()
         if labels[i]:
             cls = classes[k % 3]

@@ -131,7 +131,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
                     metric_positive: int | None = None) -> dict[str, Any]:
     """All evaluation metrics for integer labels ``y_true`` and probabilities ``probs`` (N, C).
 
-    Decisions: see :func:`wsi_screen.models.classifier.decide` (the model's ``positive_index`` and
+    Decisions: see :func:`wsi_screen.decision.decide` (the model's ``positive_index`` and
     ``threshold``). ``metric_positive`` names the class of the one-vs-rest view (default: the model's
     positive class). For two classes, top-level precision/recall/f1/auc are the positive class's; for
     more, they are macro averages (and ``macro`` and ``per_class`` hold the details).
@@ -144,7 +144,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
         roc_auc_score,
     )
 
-    from wsi_screen.models.classifier import decide
+    from wsi_screen.decision import decide
 
     y = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -275,7 +275,7 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
 def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], paths: list[str], y: np.ndarray,
                      probs: np.ndarray) -> Path:
     """Write metrics.json, predictions.csv, roc.png and confusion.png."""
-    from wsi_screen.models.classifier import decide
+    from wsi_screen.decision import decide
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

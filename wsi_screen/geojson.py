@@ -7,12 +7,15 @@ Each feature is ``{"type": "Feature", "geometry": Polygon, "properties": {...}}`
   asks for exterior rings; on the image (y down) it runs clockwise, which QuPath does not mind.
 * ``properties.objectType``: ``"tile"`` (QuPath also knows ``"detection"`` and ``"annotation"``);
 * ``properties.classification``: ``{"name": predicted class, "color": [r, g, b]}`` (QuPath 0.4+), plus the
-  older packed ``colorRGB`` integer for QuPath 0.2/0.3;
+  older packed ``colorRGB`` integer for QuPath 0.2/0.3. The predicted class is the model's own decision
+  (:func:`wsi_screen.decision.decide`: its positive class at or above its threshold), the same
+  operating point as ``predict``, ``evaluate``, the heatmap contour and the report;
 * ``properties.measurements``: ``{class name: probability}`` for every class (QuPath 0.4+ reads a dict);
 * ``properties.name`` (``"tile <i>"``) and ``properties.index`` (``i``, the patch's row in the store).
 
-The collection carries a foreign member ``wsi_screen`` (slide name, classes, tile size), which GeoJSON
-readers ignore. Names are data throughout: they pass through :mod:`json` escaping, never into code.
+The collection carries a foreign member ``wsi_screen`` (slide name, classes, tile size, positive class and
+threshold), which GeoJSON readers ignore; each feature's properties repeat the ``threshold``. Names are data
+throughout: they pass through :mod:`json` escaping, never into code.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_screen.decision import decide
 from wsi_screen.errors import ConfigError, DatasetError, OutputWriteError
 
 logger = logging.getLogger(__name__)
@@ -58,12 +62,16 @@ def _check_classes(classes: Sequence[str]) -> list[str]:
 
 def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray, classes: Sequence[str], *,
                        slide_name: str, colors: Mapping[str, Sequence[int]] | None = None,
-                       decimals: int = DECIMALS) -> dict[str, Any]:
+                       decimals: int = DECIMALS, positive_index: int | None = None,
+                       threshold: float | None = None) -> dict[str, Any]:
     """A FeatureCollection of the patches at level-0 top-left ``coords`` (N, 2) with class ``probs`` (N, C).
 
-    The predicted class is the row's argmax (the first on ties). ``colors`` maps class names to (r, g, b);
-    unnamed classes take :data:`PALETTE` colours by index.
+    The predicted class is the model's decision: the positive class (``positive_index``) where its
+    probability is >= ``threshold``, else the other; without them (or for more than two classes) the
+    row's argmax (the first on ties). ``colors`` maps class names to (r, g, b); unnamed classes take
+    :data:`PALETTE` colours by index.
     """
+
     names = _check_classes(classes)
     xy = np.asarray(coords)
     p = np.asarray(probs, dtype=np.float64)
@@ -87,7 +95,7 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
     classification = [{"name": c, "color": list(palette[c]), "colorRGB": packed_rgb(palette[c])}
                       for c in names]
 
-    pred = np.argmax(p, axis=1) if p.size else np.zeros(0, dtype=np.int64)
+    pred = decide(p, positive_index, threshold) if p.size else np.zeros(0, dtype=np.int64)
     rounded = np.round(p, decimals).tolist()
     features = []
     for i, ((x, y), k, row) in enumerate(zip(xy.tolist(), pred.tolist(), rounded, strict=True)):
@@ -101,12 +109,17 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
                 "index": i,
                 "classification": dict(classification[k]),
                 "measurements": dict(zip(names, row, strict=True)),
+                "threshold": threshold,
             },
         })
     return {
         "type": "FeatureCollection",
         "wsi_screen": {"slide": str(slide_name), "classes": names, "tile_size_l0": T,
-                       "n_patches": len(features)},
+                       "n_patches": len(features),
+                       "positive_class": names[positive_index] if positive_index is not None else None,
+                       "threshold": threshold,
+                       "decision": "positive class if its probability >= threshold" if threshold is not None
+                       else "most probable class"},
         "features": features,
     }
 

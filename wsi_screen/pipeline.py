@@ -90,6 +90,8 @@ class TileConfig:
     retile_mismatched: bool = False
     #: what a refusal of a mismatching store tells the user to do
     mismatch_hint: str = "pass --overwrite to replace it"
+    #: what to do when the slide is coarser than ``spec.mpp`` ({slide_mpp} and {target_mpp} are filled in)
+    finer_hint: str = "use --mpp {slide_mpp:.4g} or coarser, or a higher-resolution scan"
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,7 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
             log.info("%s: store made from another slide version or with other settings (%s); re-tiling",
                      source.name, "; ".join(diff))
 
-        tile_l0 = tile_size_l0(spec.mpp, spec.size_px, slide.mpp, name=str(source.path))
+        tile_l0 = tile_size_l0(spec.mpp, spec.size_px, slide.mpp, name=str(source.path), finer_hint=config.finer_hint)
         stride = stride_l0(tile_l0, spec.size_px, spec.overlap_px)
         t_open = time.perf_counter()
         thumb = slide.thumbnail(thumb_mpp, workers=config.workers)

@@ -114,7 +114,8 @@ def _slide_section(view: RunView, i: int, row: dict[str, str]) -> str:
     name = row["slide"]
     parts = [f'<section class="slide" id="s{i}"><h2>{_e(name)}</h2>',
              f'<p><b>{_e(row["diagnosis"])}</b> &middot; score {_e(row.get("score") or "-")} &middot; '
-             f'metastasis {_e(row.get("metastasis") or "-")} (largest focus {_e(row.get("largest_focus_mm") or "-")} mm, '
+             f'metastasis {_e(row.get("metastasis") or "-")} '
+             f'(largest focus {_e(row.get("largest_focus_mm") or "-")} mm, '
              f'{_e(row.get("n_foci") or "0")} foci, {_e(row.get("tumour_area_mm2") or "-")} mm&sup2;) &middot; '
              f'{_e(row["n_patches"])} patches &middot; top patch at level-0 ({_e(row.get("top_x"))}, '
              f'{_e(row.get("top_y"))}), P = {_e(row.get("top_score") or "-")}</p>']

@@ -57,6 +57,29 @@ RESULT_COLUMNS = ("slide", "status", "n_patches", "score", "diagnosis", "rule", 
                   "top_score", "model", "label", "error", "source", "store")
 
 
+def portable_path(path: str, run: Path) -> str:
+    """How a run folder records a path it depends on (a store): relative to the run folder when inside it,
+    so the folder can be moved, copied or opened from any working folder; else absolute (URLs unchanged)."""
+    if "://" in path:
+        return path
+    target, base = Path(os.path.abspath(path)), Path(os.path.abspath(run))
+    try:
+        return target.relative_to(base).as_posix()
+    except ValueError:
+        return str(target)
+
+
+def resolve_path(recorded: str, run: Path) -> str:
+    """The path a run folder recorded (see :func:`portable_path`), as usable from here. Folders written
+    before paths were portable recorded them relative to the working folder of the run: tried last."""
+    if "://" in recorded or os.path.isabs(recorded):
+        return recorded
+    inside = Path(run) / recorded
+    if inside.exists() or not Path(recorded).exists():
+        return str(inside)
+    return recorded
+
+
 def write_error(path: Path, exc: OSError) -> OutputWriteError:
     """The one-line error for an output that could not be written (disk full, read-only, permissions)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -68,12 +68,15 @@ def default_run() -> Path:
     import os
 
     env = os.environ.get("WSI_SCREEN_RUN")
-    if env:
-        return Path(env)
+    wanted = Path(env) if env else DEMO_RUN
+    if wanted.is_absolute():
+        return wanted
+    # a relative path names a folder here or in a parent: the README starts Jupyter in the repository and
+    # the kernel runs in notebooks/
     for base in (Path.cwd(), *Path.cwd().parents):
-        if (base / DEMO_RUN / runfolder.RESULTS_CSV).exists():
-            return base / DEMO_RUN
-    return Path.cwd() / DEMO_RUN
+        if (base / wanted / runfolder.RESULTS_CSV).exists():
+            return base / wanted
+    return Path.cwd() / wanted
 
 
 def open_run(path: str | Path) -> RunView:
@@ -89,7 +92,7 @@ def open_run(path: str | Path) -> RunView:
 def _store(view: RunView, slide: str) -> Any:
     from wsi_screen.store import PatchStore
 
-    return PatchStore.open(view.slide_json(slide)["store"])
+    return PatchStore.open(runfolder.resolve_path(view.slide_json(slide)["store"], view.path))
 
 
 def top_patches(view: RunView, slide: str, n: int = 8) -> list[TopPatch]:

@@ -35,8 +35,8 @@ from wsi_screen.errors import ConfigError, ModelError, RunError, WsiScreenError
 from wsi_screen.models import PatchClassifier
 from wsi_screen.pipeline import TileConfig, tile_slide
 from wsi_screen.runfolder import SlideFolder, SlideScores
-from wsi_screen.spatial import PatchGrid, patch_grid
 from wsi_screen.slide import slide_name
+from wsi_screen.spatial import PatchGrid, patch_grid
 from wsi_screen.store import PatchStore
 from wsi_screen.tiling import TileSpec
 
@@ -160,6 +160,9 @@ def tile_config_for(classifier: PatchClassifier, config: InferConfig) -> TileCon
         raise ModelError(f"screening needs a binary model with a positive class; this one has classes "
                          f"{spec.classes} and positive class {spec.positive_class!r}")
     return TileConfig(spec=TileSpec(mpp=spec.mpp, size_px=spec.input_size, min_tissue=config.min_tissue),
+                      finer_hint=("the model works at {target_mpp:g} um/px: screen this slide with a model trained "
+                                  "at {slide_mpp:.4g} um/px or coarser, or use a higher-resolution scan (if the "
+                                  "declared resolution is wrong, set it with --slide-mpp-csv)"),
                       stain=spec.stain_method, stain_target=spec.stain_target, slide_mpp=config.slide_mpp,
                       slide_mpps=config.slide_mpps,
                       workers=config.workers, overwrite=config.overwrite)
@@ -178,6 +181,10 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     run = Path(run)
+    sources, problems = discover(slides)
+    if not sources:  # nothing to screen: say why, and leave no run folder behind
+        raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
+                       if problems else "no slides to screen")
     try:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -194,7 +201,6 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     stores_dir = config.stores or str(run / runfolder.STORES_DIR)
     labels = read_labels(Path(config.labels), classifier) if config.labels else {}
 
-    sources, problems = discover(slides)
     rows = [SlideRow(p.path.name, str(p.path), status=STATUS_ERROR, error=f"{p.path}: {p.reason}")
             for p in problems]
     for row in rows:
@@ -240,15 +246,16 @@ def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, An
         done = runfolder.read_json(path)
         if done.get("model", {}).get("sha256") != model_id["sha256"] or done.get("source") != str(source.path):
             return False
-        if done.get("store_digest") != _store_digest(done["store"]):
+        store = runfolder.resolve_path(done["store"], run)
+        if done.get("store_digest") != _store_digest(store):
             return False
-        current, mpp, mpp_source = store_is_current(source, done["store"], tile_cfg)
+        current, mpp, mpp_source = store_is_current(source, store, tile_cfg)
         info = done.get("slide_info", {})
         if not current or info.get("mpp") != mpp or info.get("mpp_source") != mpp_source:
             return False
     except (WsiScreenError, KeyError, OSError):
         return False
-    row.store = done["store"]
+    row.store = store
     row.extra["reused"] = True
     log.debug("%s: reusing earlier scores", source.name)
     return True
@@ -446,10 +453,12 @@ def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarra
         result = _focus_result(scores.probs[:, pos], store, aggregate, spec)
         draw_heatmap(folder.path(runfolder.HEATMAP_PNG), store, scores.coords, scores.probs[:, pos], row.name,
                      spec.positive_class, spec.threshold, aggregate, result)
-        fc = patches_to_geojson(scores.coords, store.tile_size_l0, scores.probs, spec.classes, slide_name=row.name)
+        fc = patches_to_geojson(scores.coords, store.tile_size_l0, scores.probs, spec.classes, slide_name=row.name,
+                                positive_index=spec.positive_index, threshold=spec.threshold)
         write_geojson(fc, folder.path(runfolder.GEOJSON))
         runfolder.write_json(folder.path(runfolder.SLIDE_JSON), {
-            "slide": row.name, "source": row.source, "store": location, "store_digest": _store_digest(location),
+            "slide": row.name, "source": row.source, "store": runfolder.portable_path(location, run),
+            "store_digest": _store_digest(location),
             "n_patches": len(store), "tile_size_l0": store.tile_size_l0, "stride_l0": int(store.attrs["stride_l0"]),
             "mpp": store.mpp,
             "slide_info": store.attrs["slide"], "model": model_id, "package_version": __version__,
@@ -539,7 +548,8 @@ def _write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
             "mpp_source": r.extra.get("mpp_source") or "",
             "top_x": r.top[0] if r.top else "", "top_y": r.top[1] if r.top else "",
             "top_score": f"{r.top[2]:.6f}" if r.top else "", "model": model_id["arch"],
-            "label": r.label, "error": r.error, "source": r.source, "store": r.store,
+            "label": r.label, "error": r.error, "source": r.source,
+            "store": runfolder.portable_path(r.store, run) if r.store else "",
         })
     runfolder.atomic_write_text(run / runfolder.RESULTS_CSV, runfolder.csv_text(table, runfolder.RESULT_COLUMNS))
 

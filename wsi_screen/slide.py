@@ -19,9 +19,8 @@ pass ``--slide-mpp``. Nothing is guessed. All coordinates are level-0 pixels, (x
 
 from __future__ import annotations
 
-import logging
-
 import hashlib
+import logging
 import math
 import os
 from dataclasses import dataclass, field

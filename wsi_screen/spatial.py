@@ -135,8 +135,8 @@ def regions(grid: PatchGrid, threshold: float) -> list[Region]:
         cells = np.stack([rr, cc], axis=1)
         vals = p[rr, cc]
         cy, cx = float(rr.mean()), float(cc.mean())
-        centre = (int(round(grid.origin_l0[0] + (cx + 0.5) * grid.stride_l0)),
-                  int(round(grid.origin_l0[1] + (cy + 0.5) * grid.stride_l0)))
+        centre = (round(grid.origin_l0[0] + (cx + 0.5) * grid.stride_l0),
+                  round(grid.origin_l0[1] + (cy + 0.5) * grid.stride_l0))
         out.append(Region(n_patches=int(rr.size), area_mm2=rr.size * cell_area,
                           longest_axis_mm=longest_axis_cells(cells) * grid.cell_mm, max_prob=float(vals.max()),
                           centre_l0=centre, cells=cells))

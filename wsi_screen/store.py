@@ -239,7 +239,10 @@ class PatchStore:
         try:
             group = zarr.open_group(loc, mode="r")
         except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise StoreError(f"{loc}: not a wsi-screen patch store ({exc})") from exc
+            inside = sorted(p.name for p in Path(loc).glob("*.zarr")) if not is_url(loc) else []
+            hint = f"; it holds stores ({', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside \
+                else " (no zarr group there)"
+            raise StoreError(f"{loc}: not a wsi-screen patch store{hint}") from exc
         attrs = dict(group.attrs)
         version = attrs.get(ATTR_SCHEMA)
         if version != SCHEMA_VERSION:

@@ -48,7 +48,8 @@ class TileSpec:
         return asdict(self)
 
 
-def tile_size_l0(target_mpp: float, size_px: int, slide_mpp: float, *, name: str = "slide") -> int:
+def tile_size_l0(target_mpp: float, size_px: int, slide_mpp: float, *, name: str = "slide",
+                 finer_hint: str = "use --mpp {slide_mpp:.4g} or coarser, or a higher-resolution scan") -> int:
     """Level-0 pixels covered by one patch of ``size_px`` at ``target_mpp``.
 
     Raises :class:`ResolutionError` when ``target_mpp`` is finer than level 0 (beyond
@@ -57,7 +58,7 @@ def tile_size_l0(target_mpp: float, size_px: int, slide_mpp: float, *, name: str
     if target_mpp < slide_mpp * (1.0 - MPP_TOLERANCE):
         raise ResolutionError(
             f"{name}: requested {target_mpp:g} um/px is finer than the slide's level 0 ({slide_mpp:g} um/px); "
-            f"use --mpp {slide_mpp:.4g} or coarser, or a higher-resolution scan")
+            + finer_hint.format(slide_mpp=slide_mpp, target_mpp=target_mpp))
     return max(1, round(size_px * target_mpp / slide_mpp))
 
 

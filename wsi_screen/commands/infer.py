@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=128, show_default=True,
               help="Patches per forward pass.")
 @click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
-              help="Reader threads per slide for tiling.")
+              help="Reader threads per slide for tiling (0 or 1: one).")
 @click.option("--loader-workers", type=click.IntRange(0, 64), default=0, show_default=True,
               help="DataLoader worker processes for scoring. 0 reads patches in a background thread, a few "
                    "batches ahead of the model: fastest on small machines (reading 128 patches takes a few "

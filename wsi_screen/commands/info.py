@@ -14,11 +14,23 @@ from wsi_screen.commands._options import common_options, configure_output
 @click.option("--json", "as_json", is_flag=True, help="Print each store's full attributes as JSON.")
 @common_options
 def info(stores: tuple[str, ...], as_json: bool) -> None:
-    """Print a summary of each STORE written by `wsi-screen tile` (or its attributes with --json)."""
-    configure_output()
-    from wsi_screen.store import PatchStore
+    """Print a summary of each STORE written by `wsi-screen tile` (or its attributes with --json).
 
+    A folder of stores (as `tile -o` or a run's stores/ folder) stands for every store in it."""
+    configure_output()
+    from pathlib import Path
+
+    from wsi_screen.store import PatchStore, is_url
+
+    expanded: list[str] = []
     for location in stores:
+        folder = Path(location)
+        inside = [] if is_url(location) or (folder / "zarr.json").exists() else sorted(folder.glob("*.zarr"))
+        if inside:
+            expanded.extend(str(p) for p in inside)
+        else:
+            expanded.append(location)
+    for location in expanded:
         store = PatchStore.open(location, require_complete=False)
         if as_json:
             click.echo(json.dumps({"location": store.location, **store.attrs}, indent=2, sort_keys=True))

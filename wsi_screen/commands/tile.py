@@ -30,10 +30,13 @@ from wsi_screen.commands._options import common_options, configure_output
 @click.option("--slide-mpp-csv", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CSV with columns slide,mpp: sets the level-0 um/px of the slides it names, even over a value "
                    "the file declares (a warning names both when they differ by > 5 %).")
-@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
-              help="Reader threads per slide.")
+@click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
+              help="Reader threads per slide (0 or 1: one).")
 @click.option("--reader", type=click.Choice(["auto", "openslide", "tifffile"]), default="auto",
-              show_default=True, help="Pixel reader (auto: OpenSlide, tifffile for OME-TIFF/plain TIFF).")
+              show_default=True,
+              help="Pixel reader. auto: files OpenSlide opens use its metadata, and where their tiles are plain "
+                   "JPEG in a TIFF (SVS, generic tiled TIFF) wsi-screen decodes the tiles itself (same pixels, "
+                   "faster); OME-TIFF and plain TIFF are read with tifffile; everything else through OpenSlide.")
 @click.option("--overwrite", is_flag=True,
               help="Replace existing stores made with other settings or from another slide version.")
 @click.option("--dask", type=str, default=None, metavar="ADDRESS",
@@ -95,9 +98,10 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     parts = [f"{counts['done']} tiled", f"{counts['skipped']} up to date"]
     if counts["locked"]:
         parts.append(f"{counts['locked']} busy in another process")
-    parts.append(f"{failed} failed")
+    parts.append(f"{counts['failed']} failed")
     if not ctx.obj.get("quiet"):
-        click.echo(f"wsi-screen: {len(results) + len(problems)} slides: {', '.join(parts)}; "
+        unreadable = f"; {len(problems)} input(s) gave no slide" if problems else ""
+        click.echo(f"wsi-screen: {len(results)} slide(s): {', '.join(parts)}{unreadable}; "
                    f"{patches:,} patches written in {time.perf_counter() - started:.1f} s -> {out}", err=True)
     if failed:
         ctx.exit(1)

@@ -24,8 +24,8 @@ def dataset_options(func: F) -> F:
         click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
                      help="Threads decoding images (and DataLoader workers when streaming from disk)."),
         click.option("--threads", type=click.IntRange(0, 256), default=0,
-                     help="Torch compute threads (0: torch's default, all cores). On a busy shared machine "
-                          "1 can be much faster."),
+                     help="Torch compute threads. 0 (default): 1 on machines with 2 cores or fewer, where "
+                          "more threads were slower (bench/RESULTS.md), else torch's default (all cores)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -127,7 +127,22 @@ def config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: at or below this many cores, the default is one compute thread (see bench/RESULTS.md, "Threads")
+SMALL_MACHINE_CORES = 2
+
+
+def default_threads(cores: int | None = None) -> int:
+    """Torch compute threads when --threads is 0: 1 on small machines, else 0 (torch's own default)."""
+    import os
+
+    n = cores if cores is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                         else os.cpu_count() or 1)
+    return 1 if n <= SMALL_MACHINE_CORES else 0
+
+
 def set_threads(threads: int) -> None:
+    """Set torch's intra-op threads: ``threads``, or :func:`default_threads` when 0."""
+    threads = threads or default_threads()
     if threads:
         import torch
 

@@ -117,7 +117,11 @@ def write_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: M
                       ) -> None:
     """Write :func:`safetensors_bytes` to ``path`` atomically (fsynced, then renamed)."""
     data = safetensors_bytes(state, metadata)
-    _atomic_write(path, lambda p: p.write_bytes(data))
+
+    def write(p: Path) -> None:
+        p.write_bytes(data)
+
+    _atomic_write(path, write)
 
 
 def state_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsi_screen.decision import decide
 from wsi_screen.errors import ModelError
 from wsi_screen.models.spec import ModelSpec
 
@@ -147,19 +148,3 @@ class PatchClassifier:
         if index is None:
             raise ModelError(f"model {self.spec.arch} has no positive class (classes {self.spec.classes})")
         return probs[:, index]
-
-
-def decide(probs: np.ndarray, positive_index: int | None, threshold: float | None) -> np.ndarray:
-    """Class decisions for probabilities (N, C).
-
-    A binary model with a positive class calls it when its probability is at least ``threshold`` (the
-    operating point chosen on validation); otherwise, and for more than two classes, the most probable
-    class wins.
-    """
-    probs = np.asarray(probs)
-    if probs.ndim != 2 or probs.shape[0] == 0:
-        return np.zeros(probs.shape[:1], dtype=np.int64)
-    if probs.shape[1] == 2 and positive_index is not None and threshold is not None:
-        called = probs[:, positive_index] >= threshold
-        return np.where(called, positive_index, 1 - positive_index).astype(np.int64)
-    return probs.argmax(axis=1).astype(np.int64)
