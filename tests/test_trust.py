@@ -1,0 +1,238 @@
+"""Runs a user can trust: resolution per slide, reruns that follow settings, portable run folders, one
+operating point, and the small things a new user trips over (issue: runs a user can trust)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import json
+import os
+import shutil
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+from wsi_screen import runview
+from wsi_screen.models import default_model_dir, load_model
+from wsi_screen.store import PatchStore
+
+WARNING = "wsi-screen: warning: "
+
+
+def _rows(run: Path) -> dict[str, dict[str, str]]:
+    with (run / "results.csv").open(newline="") as fh:
+        return {r["slide"]: r for r in csv.DictReader(fh)}
+
+
+@pytest.fixture
+def slides(tmp_path: Path, example_slide: Path, slides_dir: Path) -> Path:
+    """The CMU example (declares 0.499 um/px) and the TCGA slide (declares none)."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    os.symlink(example_slide, folder / example_slide.name)
+    os.symlink(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs", folder / "TCGA-CR-7395-01A-01-TS1.svs")
+    return folder
+
+
+# --- resolution ------------------------------------------------------------------------------------------
+def test_slide_mpp_fills_in_only_where_the_file_declares_none(slides: Path, tmp_path: Path) -> None:
+    res = run_cli("tile", slides, "-o", tmp_path / "stores", "--mpp", "2.0", "--size", "64", "--slide-mpp", "0.25",
+                  "--quiet")
+    assert res.code == 0, res
+    cmu = PatchStore.open(tmp_path / "stores" / "CMU-1-Small-Region.zarr").attrs["slide"]
+    tcga = PatchStore.open(tmp_path / "stores" / "TCGA-CR-7395-01A-01-TS1.zarr").attrs["slide"]
+    assert (cmu["mpp"], cmu["mpp_source"]) == (pytest.approx(0.499, abs=1e-3), "slide")
+    assert (tcga["mpp"], tcga["mpp_source"]) == (0.25, "user")
+
+
+def test_slide_mpp_csv_sets_named_slides_even_over_the_file(slides: Path, tmp_path: Path) -> None:
+    table = tmp_path / "mpp.csv"
+    table.write_text("slide,mpp\nCMU-1-Small-Region,0.6\nTCGA-CR-7395-01A-01-TS1.svs,0.5\n")
+    res = run_cli("tile", slides, "-o", tmp_path / "stores", "--mpp", "2.0", "--size", "64", "--slide-mpp-csv",
+                  table, "--quiet")
+    assert res.code == 0, res
+    warnings = [line for line in res.err_lines if line.startswith(WARNING)]
+    assert len(warnings) == 1 and "0.6 um/px from --slide-mpp-csv" in warnings[0] and "0.499" in warnings[0]
+    cmu = PatchStore.open(tmp_path / "stores" / "CMU-1-Small-Region.zarr").attrs["slide"]
+    assert (cmu["mpp"], cmu["mpp_source"]) == (0.6, "user")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,mpp\nx,1\n")
+    res = run_cli("tile", slides, "-o", tmp_path / "s2", "--slide-mpp-csv", bad)
+    assert res.code == 1 and "needs columns 'slide' and 'mpp'" in res.err
+
+
+# --- reruns follow settings -----------------------------------------------------------------------------
+def test_reruns_follow_every_input(example_slide: Path, tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    os.symlink(example_slide, slides / example_slide.name)
+    run = tmp_path / "run"
+
+    def infer(*extra: object) -> tuple[dict[str, str], str]:
+        res = run_cli("infer", slides, "-o", run, "--workers", "0", *extra)
+        assert res.code == 0, res
+        return _rows(run)["CMU-1-Small-Region"], res.out
+
+    first, out = infer()
+    assert "0 slide(s) reused" in out and "1 (re)computed" in out
+    assert (first["slide_mpp"], first["mpp_source"]) == ("0.499", "slide")
+    again, out = infer()
+    assert "1 slide(s) reused" in out and again == first
+    # the slide's resolution (per-slide table): recomputed, and the rows say so
+    table = tmp_path / "mpp.csv"
+    table.write_text("slide,mpp\nCMU-1-Small-Region,0.6\n")
+    changed, out = infer("--slide-mpp-csv", table)
+    assert "0 slide(s) reused" in out and (changed["slide_mpp"], changed["mpp_source"]) == ("0.6", "user")
+    assert changed["n_patches"] != first["n_patches"]
+    back, out = infer()  # and back: recomputed again, the same numbers as the first run
+    assert "0 slide(s) reused" in out and back["n_patches"] == first["n_patches"] and back["score"] == first["score"]
+    # the tiling settings
+    fewer, out = infer("--min-tissue", "0.9")
+    assert "0 slide(s) reused" in out and int(fewer["n_patches"]) < int(first["n_patches"])
+    infer()
+    # the rule: scores reused, the call recomputed from them
+    ruled, out = infer("--aggregate", "mean")
+    assert "1 slide(s) reused" in out and ruled["rule"] == "mean" and ruled["score"] != first["score"]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["aggregate"]["rule"] == "mean" and meta["slides"][0]["mpp_source"] == "slide"
+    # the model (same weights, another config: another hash)
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model)
+    config = json.loads((model / "config.json").read_text())
+    config["package_version"] = "changed"
+    (model / "config.json").write_text(json.dumps(config))
+    other, out = infer("--model", model)
+    assert "0 slide(s) reused" in out and other["score"] == first["score"]
+
+
+def test_infer_never_replaces_stores_it_did_not_make(example_slide: Path, tmp_path: Path) -> None:
+    stores = tmp_path / "stores"
+    assert run_cli("tile", example_slide, "-o", stores, "--mpp", "0.972", "--size", "96", "--min-tissue", "0.9",
+                   "--quiet").code == 0
+    before = (stores / "CMU-1-Small-Region.zarr" / "zarr.json").read_bytes()
+    res = run_cli("infer", example_slide, "-o", tmp_path / "run", "--stores", stores, "--quiet")
+    assert res.code == 1
+    line = next(x for x in res.err_lines if "CMU-1-Small-Region" in x)
+    assert "does not replace stores it did not make" in line and "pass --overwrite" not in line
+    assert (stores / "CMU-1-Small-Region.zarr" / "zarr.json").read_bytes() == before
+
+
+# --- DICOM on a plain install ---------------------------------------------------------------------------
+def test_pydicom_is_a_core_dependency() -> None:
+    """A DICOM series folder is one slide on a plain install: pydicom groups its files (wsi_screen.discovery)."""
+    import tomllib
+
+    from tests.conftest import REPO
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert any(r.startswith("pydicom") for r in project["dependencies"])
+    assert not any(r.startswith("pydicom") for extra in project["optional-dependencies"].values() for r in extra)
+    importlib.metadata.version("pydicom")  # and it is installed
+
+
+# --- portable run folders ------------------------------------------------------------------------------
+def test_a_moved_run_folder_opens_from_anywhere(demo_run: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    slide = json.loads((demo_run / "CMU-1-Small-Region" / "slide.json").read_text())
+    assert slide["store"] == "stores/CMU-1-Small-Region.zarr"
+    assert _rows(demo_run)["CMU-1-Small-Region"]["store"] == "stores/CMU-1-Small-Region.zarr"
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(demo_run, moved)
+    monkeypatch.chdir(tmp_path)
+    view = runview.open_run(Path("elsewhere") / "run")
+    assert len(runview.top_patches(view, "CMU-1-Small-Region", 4)) == 4
+    assert run_cli("report", "elsewhere/run").code == 0
+    html = (moved / "report.html").read_text()
+    assert "top patches unavailable" not in html and html.count("data:image/png") >= 2 + 4
+    # the README's notebook command: WSI_SCREEN_RUN relative to the repository, the kernel in notebooks/
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    monkeypatch.setenv("WSI_SCREEN_RUN", "elsewhere/run")
+    assert runview.default_run().resolve() == moved.resolve()
+
+
+# --- one operating point --------------------------------------------------------------------------------
+def test_geojson_classes_use_the_models_threshold(demo_run: Path) -> None:
+    spec = load_model(default_model_dir()).spec
+    fc = json.loads((demo_run / "CMU-1-Small-Region" / "patches.geojson").read_text())
+    assert fc["wsi_screen"]["threshold"] == spec.threshold and fc["wsi_screen"]["positive_class"] == "tumour"
+    p = np.array([f["properties"]["measurements"]["tumour"] for f in fc["features"]])
+    names = [f["properties"]["classification"]["name"] for f in fc["features"]]
+    assert names == ["tumour" if v >= spec.threshold else "normal" for v in p]
+    between = (p >= spec.threshold) & (p < 0.5)  # where argmax and the threshold disagree
+    assert between.any() and all(names[i] == "tumour" for i in np.flatnonzero(between))
+    assert all(f["properties"]["threshold"] == spec.threshold for f in fc["features"])
+
+
+# --- threads ----------------------------------------------------------------------------------------------
+def test_default_threads_on_small_machines() -> None:
+    from wsi_screen.commands.train import default_threads
+
+    assert default_threads(1) == 1 and default_threads(2) == 1
+    assert default_threads(8) == 0  # torch's own default on bigger machines
+
+
+# --- small things ---------------------------------------------------------------------------------------
+def test_resolution_error_of_infer_names_no_tile_option(slides_dir: Path, tmp_path: Path) -> None:
+    res = run_cli("infer", slides_dir / "camelyon-lowres.dcm", "-o", tmp_path / "run", "--quiet")
+    assert res.code == 1
+    line = next(x for x in res.err_lines if "finer than the slide's level 0" in x)
+    assert "--mpp" not in line.replace("--slide-mpp-csv", "") and "a model trained at 28.97 um/px" in line
+
+
+def test_empty_and_missing_inputs(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = run_cli("tile", empty, "-o", tmp_path / "stores")
+    assert res.code == 1 and "0 slide(s)" in res.err and "1 input(s) gave no slide" in res.err
+    res = run_cli("infer", tmp_path / "nope", "-o", tmp_path / "run")
+    assert res.code == 1 and "no slides to screen" in res.err and "no such file" in res.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_info_on_a_folder_of_stores(demo_run: Path, tmp_path: Path) -> None:
+    res = run_cli("info", demo_run / "stores")
+    assert res.code == 0 and "CMU-1-Small-Region.zarr" in res.out and "patches    66 x 96 px" in res.out
+    res = run_cli("info", tmp_path)
+    assert res.code == 1 and "not a wsi-screen patch store (no zarr group there)" in res.err
+    assert "No group found" not in res.err
+
+
+def test_workers_zero_means_one_reader_in_tile_and_infer(example_slide: Path, tmp_path: Path) -> None:
+    assert run_cli("tile", example_slide, "-o", tmp_path / "a", "--workers", "0", "--quiet").code == 0
+    assert run_cli("tile", example_slide, "-o", tmp_path / "b", "--workers", "1", "--quiet").code == 0
+    a = PatchStore.open(tmp_path / "a" / "CMU-1-Small-Region.zarr")
+    b = PatchStore.open(tmp_path / "b" / "CMU-1-Small-Region.zarr")
+    assert np.array_equal(a.coords, b.coords) and np.array_equal(a.read(slice(0, 8)), b.read(slice(0, 8)))
+
+
+def test_config_file_sections_and_options_are_checked(example_slide: Path, tmp_path: Path) -> None:
+    bad_section = tmp_path / "a.toml"
+    bad_section.write_text("[tiel]\nmpp = 0.5\n")
+    res = run_cli("--config", bad_section, "tile", example_slide, "-o", tmp_path / "s")
+    assert res.code == 1 and "unknown section(s) [tiel]" in res.err
+    bad_option = tmp_path / "b.toml"
+    bad_option.write_text("[tile]\nmppp = 0.5\n")
+    res = run_cli("--config", bad_option, "tile", example_slide, "-o", tmp_path / "s")
+    assert res.code == 1 and "[tile] has no option(s) --mppp" in res.err
+    good = tmp_path / "c.toml"
+    good.write_text('[tile]\nsize = 64\nslide-mpp = 0.3\n')
+    assert run_cli("--config", good, "tile", example_slide, "-o", tmp_path / "s", "--quiet").code == 0
+    assert PatchStore.open(tmp_path / "s" / "CMU-1-Small-Region.zarr").attrs["patch_size"] == 64
+
+
+def test_interrupt_says_finished_work_is_kept(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from wsi_screen import cli
+
+    def abort(*_a: object, **_k: object) -> None:
+        raise click.exceptions.Abort()
+
+    monkeypatch.setattr(cli.cli, "main", abort)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["tile", "x", "-o", "y"])
+    assert exit_info.value.code == cli.EXIT_INTERRUPTED
+    assert "finished work is kept, rerun to resume" in capsys.readouterr().err
