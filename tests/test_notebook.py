@@ -20,9 +20,15 @@ def test_notebook_is_committed_without_outputs() -> None:
 
 @pytest.mark.slow
 def test_notebook_executes(demo_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WSI_SCREEN_RUN", str(demo_run))
+    """As the README starts it: WSI_SCREEN_RUN=runs/demo from the repository, the kernel in notebooks/."""
+    import shutil
+
+    shutil.copytree(demo_run, tmp_path / "runs" / "demo")  # a copied run folder opens as the original
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.setenv("WSI_SCREEN_RUN", "runs/demo")
     nb = nbformat.read(REPO / "notebooks" / "heatmap.ipynb", as_version=4)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path / "notebooks")}})
     client.execute()  # raises CellExecutionError if any cell fails
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
