@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -32,8 +31,8 @@ def slides(tmp_path: Path, example_slide: Path, slides_dir: Path) -> Path:
     """The CMU example (declares 0.499 um/px) and the TCGA slide (declares none)."""
     folder = tmp_path / "slides"
     folder.mkdir()
-    os.symlink(example_slide, folder / example_slide.name)
-    os.symlink(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs", folder / "TCGA-CR-7395-01A-01-TS1.svs")
+    (folder / example_slide.name).symlink_to(example_slide)
+    (folder / "TCGA-CR-7395-01A-01-TS1.svs").symlink_to(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs")
     return folder
 
 
@@ -68,7 +67,7 @@ def test_slide_mpp_csv_sets_named_slides_even_over_the_file(slides: Path, tmp_pa
 def test_reruns_follow_every_input(example_slide: Path, tmp_path: Path) -> None:
     slides = tmp_path / "slides"
     slides.mkdir()
-    os.symlink(example_slide, slides / example_slide.name)
+    (slides / example_slide.name).symlink_to(example_slide)
     run = tmp_path / "run"
 
     def infer(*extra: object) -> tuple[dict[str, str], str]:

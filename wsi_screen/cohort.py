@@ -19,7 +19,6 @@ Only the ``valid`` split is used (never test); choices are made on one seed's co
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -392,7 +391,3 @@ def write_plan_csv(path: Path, plan: Sequence[CohortSlide], layouts: Sequence[Sl
             for s, lay in zip(plan, layouts, strict=True)]
     atomic_write_text(path, csv_text(rows, list(rows[0]) if rows else ["slide", "label"]))
 
-
-def read_csv_rows(path: Path) -> list[dict[str, str]]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))

@@ -57,12 +57,29 @@ RESULT_COLUMNS = ("slide", "status", "n_patches", "score", "diagnosis", "rule", 
                   "top_score", "model", "label", "error", "source", "store")
 
 
+def read_table(path: Path, columns: Sequence[str], option: str) -> list[dict[str, str]]:
+    """Rows of a user's CSV file given to ``option``, which must have ``columns`` (one-line errors)."""
+    from wsi_screen.errors import ConfigError
+
+    try:
+        with Path(path).open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not set(columns) <= set(reader.fieldnames):
+                wanted = " and ".join(repr(c) for c in columns)
+                raise ConfigError(f"{path}: {option} needs columns {wanted}, found {reader.fieldnames}")
+            return list(reader)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason})") from exc
+
+
 def portable_path(path: str, run: Path) -> str:
     """How a run folder records a path it depends on (a store): relative to the run folder when inside it,
     so the folder can be moved, copied or opened from any working folder; else absolute (URLs unchanged)."""
     if "://" in path:
         return path
-    target, base = Path(os.path.abspath(path)), Path(os.path.abspath(run))
+    target, base = Path(path).resolve(), Path(run).resolve()
     try:
         return target.relative_to(base).as_posix()
     except ValueError:
@@ -72,7 +89,7 @@ def portable_path(path: str, run: Path) -> str:
 def resolve_path(recorded: str, run: Path) -> str:
     """The path a run folder recorded (see :func:`portable_path`), as usable from here. Folders written
     before paths were portable recorded them relative to the working folder of the run: tried last."""
-    if "://" in recorded or os.path.isabs(recorded):
+    if "://" in recorded or Path(recorded).is_absolute():
         return recorded
     inside = Path(run) / recorded
     if inside.exists() or not Path(recorded).exists():

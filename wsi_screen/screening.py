@@ -588,16 +588,7 @@ NEGATIVE_WORDS = {"0", "false", "no", "negative", "neg", "normal", "benign"}
 
 def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
     """``slides.csv`` (columns ``slide``, ``label``) -> {slide name: "positive" | "negative"}."""
-    import csv
-
-    try:
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or not {"slide", "label"} <= set(reader.fieldnames):
-                raise ConfigError(f"{path}: --labels needs columns 'slide' and 'label', found {reader.fieldnames}")
-            rows = list(reader)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read labels: {exc.strerror or exc}") from exc
+    rows = runfolder.read_table(path, ("slide", "label"), "--labels")
     spec = classifier.spec
     positive = {str(spec.positive_class).lower()} | POSITIVE_WORDS
     negative = {c.lower() for c in spec.classes if c != spec.positive_class} | NEGATIVE_WORDS

@@ -391,17 +391,10 @@ def resize(img: np.ndarray, size: tuple[int, int],
 
 def read_mpp_table(path: str | os.PathLike[str]) -> dict[str, float]:
     """``--slide-mpp-csv``: a CSV with columns ``slide`` (a slide's name, file name or path) and ``mpp``."""
-    import csv
+    from wsi_screen.runfolder import read_table
 
     p = Path(path)
-    try:
-        with p.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or not {"slide", "mpp"} <= set(reader.fieldnames):
-                raise ConfigError(f"{p}: --slide-mpp-csv needs columns 'slide' and 'mpp', found {reader.fieldnames}")
-            rows = list(reader)
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    rows = read_table(p, ("slide", "mpp"), "--slide-mpp-csv")
     out: dict[str, float] = {}
     for i, row in enumerate(rows, start=2):
         key = (row.get("slide") or "").strip()

@@ -46,3 +46,19 @@ def parse_float_list(text: str, name: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
+
+
+def slide_mpp_options(func: F) -> F:
+    """``--slide-mpp`` and ``--slide-mpp-csv`` (tile and infer read slides the same way)."""
+    func = click.option("--slide-mpp-csv", type=click.Path(exists=True, dir_okay=False), default=None,
+                        help="CSV with columns slide,mpp: sets the level-0 um/px of the slides it names, even "
+                             "over a value the file declares (a warning names both when they differ by > 5 %).")(func)
+    return click.option("--slide-mpp", type=float, default=None,
+                        help="Level-0 um/px for slides that do not declare it (a declared value wins).")(func)
+
+
+def slide_mpp_table(path: str | None) -> tuple[tuple[str, float], ...]:
+    """``--slide-mpp-csv`` as the configs hold it."""
+    from wsi_screen.slide import read_mpp_table
+
+    return tuple(sorted(read_mpp_table(path).items())) if path else ()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output
+from wsi_screen.commands._options import common_options, configure_output, slide_mpp_options, slide_mpp_table
 
 if TYPE_CHECKING:
     from wsi_screen.screening import RunSummary
@@ -42,11 +42,7 @@ if TYPE_CHECKING:
               help="DataLoader worker processes for scoring. 0 reads patches in a background thread, a few "
                    "batches ahead of the model: fastest on small machines (reading 128 patches takes a few "
                    "ms); more helps only where reading is slower than the model.")
-@click.option("--slide-mpp", type=float, default=None,
-              help="Level-0 um/px for slides that do not declare it (a declared value wins).")
-@click.option("--slide-mpp-csv", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="CSV with columns slide,mpp: sets the level-0 um/px of the slides it names, even over a value "
-                   "the file declares (a warning names both when they differ by > 5 %).")
+@slide_mpp_options
 @click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Minimum tissue fraction of a patch.")
 @click.option("--overwrite", is_flag=True, help="Re-tile stores made with other settings and rescore every slide.")
@@ -81,7 +77,6 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     from wsi_screen.distributed import maybe_connect, parse_address
     from wsi_screen.models import default_model_dir, load_model
     from wsi_screen.screening import InferConfig, run_infer
-    from wsi_screen.slide import read_mpp_table
 
     ctx = click.get_current_context()
     target = parse_address(dask) if dask is not None else None
@@ -90,7 +85,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     k_value: int | float | None = None if k is None else (int(k) if k >= 1 else k)
     config = InferConfig(rule=rule, threshold=threshold, k=k_value, stores=stores, batch_size=batch_size,
                          workers=workers, loader_workers=loader_workers, slide_mpp=slide_mpp,
-                         slide_mpps=tuple(sorted(read_mpp_table(slide_mpp_csv).items())) if slide_mpp_csv else (),
+                         slide_mpps=slide_mpp_table(slide_mpp_csv),
                          min_tissue=min_tissue, overwrite=overwrite,
                          labels=labels)
     with maybe_connect(target) as runner:

@@ -6,7 +6,7 @@ import time
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output
+from wsi_screen.commands._options import common_options, configure_output, slide_mpp_options, slide_mpp_table
 
 
 @click.command(short_help="Cut slides into tissue patches, one zarr store per slide.")
@@ -25,11 +25,7 @@ from wsi_screen.commands._options import common_options, configure_output
               help="Stain normalisation, fitted on each slide's own tissue and mapped to the target.")
 @click.option("--stain-target", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Image whose stain is the target (default: the bundled H&E target, see docs/stain.md).")
-@click.option("--slide-mpp", type=float, default=None,
-              help="Level-0 microns per pixel for slides that do not declare it (a declared value wins).")
-@click.option("--slide-mpp-csv", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="CSV with columns slide,mpp: sets the level-0 um/px of the slides it names, even over a value "
-                   "the file declares (a warning names both when they differ by > 5 %).")
+@slide_mpp_options
 @click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
               help="Reader threads per slide (0 or 1: one).")
 @click.option("--reader", type=click.Choice(["auto", "openslide", "tifffile"]), default="auto",
@@ -71,14 +67,13 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     from wsi_screen.discovery import discover
     from wsi_screen.distributed import maybe_connect, parse_address
     from wsi_screen.pipeline import TileConfig, output_location, tile_slides
-    from wsi_screen.slide import read_mpp_table
     from wsi_screen.tiling import TileSpec
 
     log = logging.getLogger("wsi_screen.tile")
     ctx = click.get_current_context()
     config = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, overlap_px=overlap, min_tissue=min_tissue),
                         stain=stain, stain_target=stain_target, slide_mpp=slide_mpp,
-                        slide_mpps=tuple(sorted(read_mpp_table(slide_mpp_csv).items())) if slide_mpp_csv else (),
+                        slide_mpps=slide_mpp_table(slide_mpp_csv),
                         workers=workers,
                         reader=reader,  # type: ignore[arg-type]
                         overwrite=overwrite)
