@@ -104,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
                             "sizes": f"{MIN_CELLS}-{MAX_CELLS} tissue cells (~500-20,000 scored patches)",
                             "score_bank_model_sha256": bank.model_sha256}
     doc["held_out"] = {"seed": args.report_seed, **result}
+    # the trade-off a lab may prefer: the chosen rule at other specificities (chosen and reported as above)
+    scores = np.array([s.scores[chosen] for s in train])
+    strata = np.array([calibration.size_bin(s.n_patches) for s in train])
+    doc["other_operating_points"] = {}
+    for spec_min in (0.95, 0.98, 0.99, 1.0):
+        t, _, _ = calibration.operating_point(scores, np.array(labels_of(train)), spec_min, strata)
+        r = calibration.report([s.scores[chosen] for s in held], [s.positive for s in held],
+                               [s.size_class for s in held], [s.n_patches for s in held], t)
+        doc["other_operating_points"][f"{spec_min:g}"] = {"threshold": t, "held_out": r}
     atomic_write_text(args.model / SLIDE_RULE_JSON, json.dumps(doc, indent=2) + "\n")
     for key, pairs in cohorts.items():
         names = list(pairs[0][0].scores)
@@ -114,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.work / f"cohort-{key}.csv", csv_text(table, list(table[0])))
     print(_markdown(doc))
     return 0
+
+
+def labels_of(slides: list[calibration.LabelledSlide]) -> list[bool]:
+    return [s.positive for s in slides]
 
 
 def _pct(entry: dict[str, Any], key: str) -> str:
@@ -140,6 +153,14 @@ def _markdown(doc: dict[str, Any]) -> str:
     lines += [f"| {k} | {_pct(v, 'detected')} |" for k, v in h["sensitivity_by_class"].items()]
     lines += ["", "| negative slide size (tissue patches) | called normal |", "|---|---|"]
     lines += [f"| {k} | {_pct(v, 'correct')} |" for k, v in h["specificity_by_size"].items()]
+    lines += ["", "| calibration specificity | threshold | held-out specificity | itc | micro | macro |",
+              "|---|---|---|---|---|---|"]
+    for key, op in doc["other_operating_points"].items():
+        r = op["held_out"]
+        by = r["sensitivity_by_class"]
+        lines.append(f"| >= {key} | {op['threshold']:.4g} | {_pct(r['specificity'], 'correct')} | "
+                     f"{_pct(by['itc'], 'detected')} | {_pct(by['micro'], 'detected')} | "
+                     f"{_pct(by['macro'], 'detected')} |")
     return "\n".join(lines)
 
 

@@ -182,8 +182,8 @@ def test_tile_local_cluster_same_stores(tmp_path: Path, slides: Path) -> None:
     local = run_cli("tile", slides, "-o", tmp_path / "local", "--size", "128")
     dask = run_cli("tile", slides, "-o", tmp_path / "dask", "--size", "128", "--dask", "local:2")
     assert local.code == 1 and dask.code == 1, (local, dask)  # no_mpp.tif fails in both
-    assert "5 slides: 4 tiled, 0 up to date, 1 failed" in local.err
-    assert "5 slides: 4 tiled, 0 up to date, 1 failed" in dask.err, dask
+    assert "5 slide(s): 4 tiled, 0 up to date, 1 failed" in local.err
+    assert "5 slide(s): 4 tiled, 0 up to date, 1 failed" in dask.err, dask
     # failures and warnings (logged on the workers) reach the client's terminal as in a local run
     errors = error_lines(dask.err)
     assert errors == error_lines(local.err) and len(errors) == 1 and "no_mpp.tif" in errors[0]
@@ -297,10 +297,10 @@ def test_tile_on_a_real_scheduler_with_two_workers(tmp_path: Path, slides: Path,
     local = run_cli("tile", slides, "-o", tmp_path / "local", "--size", "128", "--quiet")
     dask = run_cli("tile", slides, "-o", tmp_path / "dask", "--size", "128", "--dask", scheduler)
     assert local.code == 1 and dask.code == 1, (local, dask)
-    assert "5 slides: 4 tiled, 0 up to date, 1 failed" in dask.err, dask
+    assert "5 slide(s): 4 tiled, 0 up to date, 1 failed" in dask.err, dask
     assert error_lines(dask.err) == error_lines(local.err) and len(error_lines(dask.err)) == 1
     a, b = tree_digest(tmp_path / "local"), tree_digest(tmp_path / "dask")
     assert len(a) > 40 and a == b
     # a rerun finds every store up to date (the workers' stores are the client's)
     again = run_cli("tile", slides, "-o", tmp_path / "dask", "--size", "128", "--dask", scheduler)
-    assert "5 slides: 0 tiled, 4 up to date, 1 failed" in again.err, again
+    assert "5 slide(s): 0 tiled, 4 up to date, 1 failed" in again.err, again

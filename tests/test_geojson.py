@@ -32,7 +32,8 @@ def test_structure() -> None:
     coords, probs = _example()
     fc = patches_to_geojson(coords, 224, probs, CLASSES, slide_name="s1")
     assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 4
-    assert fc["wsi_screen"] == {"slide": "s1", "classes": CLASSES, "tile_size_l0": 224, "n_patches": 4}
+    assert fc["wsi_screen"] == {"slide": "s1", "classes": CLASSES, "tile_size_l0": 224, "n_patches": 4,
+                                "positive_class": None, "threshold": None, "decision": "most probable class"}
     for i, (feat, (x, y)) in enumerate(zip(fc["features"], coords.tolist(), strict=True)):
         assert feat["type"] == "Feature" and feat["geometry"]["type"] == "Polygon"
         rings = feat["geometry"]["coordinates"]

@@ -61,8 +61,8 @@ def _run_two(cmd: list[str], logs: Path) -> list[tuple[int, str]]:
 
 
 def _summary(err: str) -> dict[str, int]:
-    """Counts from tile's summary line: '3 slides: 2 tiled, 1 up to date, 1 busy in another process, 0 failed'."""
-    line = next(line for line in err.splitlines() if " slides: " in line)
+    """Counts from tile's summary line: '3 slide(s): 2 tiled, 1 up to date, 1 busy in another process, 0 failed'."""
+    line = next(line for line in err.splitlines() if " slide(s): " in line)
     return {key: int(n) for n, key in re.findall(r"(\d+) (tiled|up to date|busy|failed)", line)}
 
 

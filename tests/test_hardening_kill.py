@@ -9,8 +9,9 @@ torch. It then inspects what the process left, reruns to completion in-process a
 * ``tile``: every store byte for byte (every file of the zarr tree) with the uninterrupted run's;
 * ``infer``: every store byte for byte; ``results.csv`` exactly (the ``store`` column with the run folder
   replaced by ``RUN``); each slide's ``scores.csv``, ``patches.geojson`` and ``heatmap.png`` byte for byte and its
-  ``slide.json`` without the store path; ``run.json`` without its timings and command line. ``report.html`` holds a
-  timestamp and the provenance (timings): it is checked to be whole and to name every slide, not compared.
+  ``slide.json`` without the store path; ``run.json`` without its timings, command line and which slides were
+  reused. ``report.html`` holds a timestamp and the provenance (timings): it is checked to be whole and to name
+  every slide, not compared.
 
 Right after a kill: a ``<name>.zarr`` that exists opens as complete and equals the reference store; a
 ``<name>.zarr.partial`` is marked incomplete (or, in the instant between marking and renaming, is already
@@ -294,6 +295,8 @@ def _run_json(run: Path) -> dict[str, object]:
     info = json.loads((run / runfolder.RUN_JSON).read_text())
     for key in ("started", "seconds", "command"):
         info.pop(key)
+    for slide in info["slides"]:  # whether a slide's scores came from an earlier (killed) run: history, as timings
+        slide.pop("reused")
     return info
 
 

@@ -47,7 +47,7 @@ def test_exact_grid_on_written_slide(tmp_path: Path, block_slide: Path) -> None:
     with tifffile.TiffFile(block_slide) as tif:
         level0 = tif.pages[0].asarray()
     assert np.array_equal(store.read(5), level0[512:768, 512:768])
-    assert "1 slides: 1 tiled, 0 up to date, 0 failed; 12 patches" in res.err
+    assert "1 slide(s): 1 tiled, 0 up to date, 0 failed; 12 patches" in res.err
 
 
 def test_overlap_and_coarser_mpp(tmp_path: Path, block_slide: Path) -> None:

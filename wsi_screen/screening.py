@@ -185,10 +185,6 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     if not sources:  # nothing to screen: say why, and leave no run folder behind
         raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
                        if problems else "no slides to screen")
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
     aggregate = resolve_aggregate(model_dir, classifier, config)
     tile_cfg = tile_config_for(classifier, config)
     if config.stores is None:  # the run's own stores: follow the settings
@@ -200,6 +196,10 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     model_id = model_identity(model_dir, classifier)
     stores_dir = config.stores or str(run / runfolder.STORES_DIR)
     labels = read_labels(Path(config.labels), classifier) if config.labels else {}
+    try:  # after every check of the settings: a refused run leaves nothing behind
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
 
     rows = [SlideRow(p.path.name, str(p.path), status=STATUS_ERROR, error=f"{p.path}: {p.reason}")
             for p in problems]
