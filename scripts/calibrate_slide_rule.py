@@ -44,32 +44,49 @@ PATCH_PX = 96
 MIN_CELLS, MAX_CELLS = 600, 24000
 
 
-def bank_for(model_dir: Path, work: Path) -> cohort.ScoreBank:
+def bank_for(model_dir: Path, work: Path) -> tuple[cohort.ScoreBank, Path]:
+    """The model's score bank (computed once, cached in WORK) and where it is."""
     classifier = load_model(model_dir)
     sha = model_identity(model_dir, classifier)["sha256"]
     path = work / f"bank-{sha[:12]}"
     if path.with_suffix(".json").exists():
         bank = cohort.ScoreBank.load(path)
-        if bank.model_sha256 == sha:
-            return bank
+        if bank.model_sha256 == sha and bank.thumbs:
+            return bank, path
     bank = cohort.compute_score_bank(classifier, default_patches_dir(), model_sha256=sha)
     bank.save(path)
-    return bank
+    return bank, path
 
 
-def simulate(bank: cohort.ScoreBank, seed: int, n: int,
-             patch_threshold: float) -> list[tuple[calibration.LabelledSlide, cohort.SlideLayout]]:
+_BANK: cohort.ScoreBank | None = None
+
+
+def _init(bank_path: str) -> None:
+    global _BANK
+    _BANK = cohort.ScoreBank.load(bank_path)
+
+
+def _one(args: tuple[cohort.CohortSlide, float]) -> tuple[calibration.LabelledSlide, cohort.SlideLayout]:
+    s, patch_threshold = args
+    bank = _BANK
+    if bank is None:  # pragma: no cover - set by the pool initializer
+        raise RuntimeError("score bank not loaded")
     cell_mm = PATCH_PX * PCAM_MPP / 1000.0
-    pools = {k: len(v) for k, v in bank.paths.items()}
-    out = []
-    for s in cohort.plan_cohort(seed, n, min_patches=MIN_CELLS, max_patches=MAX_CELLS):
-        layout = cohort.layout_for(s, cell_mm=cell_mm, pools=pools)
-        kept = cohort.kept_cells(layout, bank, mpp=PCAM_MPP, patch_px=PATCH_PX)
-        probs = cohort.simulate_probs(layout, bank, kept=kept)
-        grid = PatchGrid(probs, (0, 0), PATCH_PX, cell_mm, np.zeros(probs.shape, np.int64))
-        out.append((calibration.labelled_slide(s.name, grid, layout.positive, patch_threshold, layout.size_class),
-                    layout))
-    return out
+    layout = cohort.layout_for(s, cell_mm=cell_mm, pools={k: len(v) for k, v in bank.paths.items()})
+    kept = cohort.kept_cells(layout, bank, mpp=PCAM_MPP, patch_px=PATCH_PX)
+    probs = cohort.simulate_probs(layout, bank, kept=kept)
+    grid = PatchGrid(probs, (0, 0), PATCH_PX, cell_mm, np.zeros(probs.shape, np.int64))
+    return calibration.labelled_slide(s.name, grid, layout.positive, patch_threshold, layout.size_class), layout
+
+
+def simulate(bank_path: Path, seed: int, n: int, patch_threshold: float,
+             jobs: int) -> list[tuple[calibration.LabelledSlide, cohort.SlideLayout]]:
+    """Every slide of the cohort of ``seed``: its candidate scores (worker processes share the work)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    plan = cohort.plan_cohort(seed, n, min_patches=MIN_CELLS, max_patches=MAX_CELLS)
+    with ProcessPoolExecutor(max_workers=max(1, jobs), initializer=_init, initargs=(str(bank_path),)) as pool:
+        return list(pool.map(_one, [(s, patch_threshold) for s in plan], chunksize=4))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,14 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--choose-seed", type=int, default=0)
     parser.add_argument("--report-seed", type=int, default=1)
     parser.add_argument("--min-specificity", type=float, default=calibration.DEFAULT_MIN_SPECIFICITY)
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes simulating slides (default 2)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
 
     spec = load_model(args.model).spec
     patch_threshold = spec.threshold if spec.threshold is not None else 0.5
-    bank = bank_for(args.model, args.work)
-    cohorts = {"choose": simulate(bank, args.choose_seed, args.slides, patch_threshold),
-               "report": simulate(bank, args.report_seed, args.slides, patch_threshold)}
+    bank, bank_path = bank_for(args.model, args.work)
+    cohorts = {"choose": simulate(bank_path, args.choose_seed, args.slides, patch_threshold, args.jobs),
+               "report": simulate(bank_path, args.report_seed, args.slides, patch_threshold, args.jobs)}
     train = [s for s, _ in cohorts["choose"]]
     config, doc = calibration.calibrate(train, patch_threshold=patch_threshold,
                                         min_specificity=args.min_specificity)
