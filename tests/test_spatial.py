@@ -61,7 +61,7 @@ def test_longest_axis_of_a_line_and_a_hull() -> None:
     assert longest_axis_cells(disc) == pytest.approx(21.0)
 
 
-def test_smoothed_max_counts_only_tissue_neighbours() -> None:
+def test_smoothed_max_counts_tissue_neighbours_but_at_least_half_a_window() -> None:
     p = np.full((6, 6), np.nan)
     p[1:5, 1:5] = 0.1
     p[2, 2] = 1.0
@@ -69,7 +69,11 @@ def test_smoothed_max_counts_only_tissue_neighbours() -> None:
     s = smoothed(g, 1)
     assert np.isnan(s).sum() == 0 and s.shape == (4, 4)  # the grid is cropped to the tissue
     assert s[1, 1] == pytest.approx((1.0 + 8 * 0.1) / 9)
-    assert s[0, 0] == pytest.approx((1.0 + 3 * 0.1) / 4)  # corner: 4 tissue neighbours, glass ignored
+    assert s[0, 0] == pytest.approx((1.0 + 3 * 0.1) / 5)  # corner: 4 tissue neighbours count as at least 5 of 9
+    assert s[0, 1] == pytest.approx((1.0 + 5 * 0.1) / 6)  # edge: 6 tissue neighbours, glass ignored
+    lone = np.full((5, 5), np.nan)
+    lone[2, 2] = 0.99  # one patch among unscored ones stands for no neighbourhood on its own
+    assert smoothed_max(patch_grid(*grid_of(lone), STRIDE, MPP)) == pytest.approx(0.99 / 5)
     assert smoothed_max(g, 1) == pytest.approx(s.max())
     # a focus of 9 high patches beats one isolated high patch among low ones
     focus = np.full((20, 20), 0.1)

@@ -95,7 +95,7 @@ def operating_point(scores: np.ndarray, labels: np.ndarray, min_specificity: flo
     groups = np.zeros(s.size, np.int64) if strata is None else np.asarray(strata)
     bound = max(_negative_bound(s[~y & (groups == g)], min_specificity) for g in np.unique(groups[~y]))
     above = np.unique(s[s > bound])
-    threshold = float(above[0]) if above.size else float(bound) + 1.0
+    threshold = float(above[0]) if above.size else float(np.nextafter(bound, np.inf))  # nothing called
     if math.isfinite(bound) and above.size:
         threshold = float((bound + above[0]) / 2.0)
         if not bound < threshold <= above[0]:

@@ -18,6 +18,7 @@ area of one grid cell. Below ~0.2 mm (isolated tumour cells) this is coarser tha
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -145,7 +146,11 @@ def regions(grid: PatchGrid, threshold: float) -> list[Region]:
 
 
 def smoothed(grid: PatchGrid, radius: int = 1) -> np.ndarray:
-    """Mean probability over the tissue patches of each patch's ``(2r+1)^2`` neighbourhood (NaN off tissue)."""
+    """Mean probability over each patch's ``(2r+1)^2`` neighbourhood (NaN off tissue).
+
+    The sum over the tissue patches of the window is divided by their count, but by at least half the window:
+    a patch whose neighbours are mostly glass or unscored (a tissue edge, a lone patch among pale ones) does not
+    stand for a whole neighbourhood on its own."""
     p = grid.probs
     if p.size == 0:
         return p.copy()
@@ -154,7 +159,7 @@ def smoothed(grid: PatchGrid, radius: int = 1) -> np.ndarray:
     total = ndimage.uniform_filter(np.where(present, p, 0.0), size=size, mode="constant") * size * size
     count = ndimage.uniform_filter(present.astype(np.float64), size=size, mode="constant") * size * size
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = total / np.maximum(np.rint(count), 1.0)
+        out = total / np.maximum(np.rint(count), math.ceil(size * size / 2))
     out[~present] = np.nan
     return np.clip(out, 0.0, 1.0)
 
