@@ -80,6 +80,13 @@ def _img(data: bytes, alt: str, cls: str = "") -> str:
     return f'<img class="{cls}" alt="{_e(alt)}" src="data:image/png;base64,{b64}">'
 
 
+def _region_unit(agg: dict[str, Any]) -> str:
+    """The region rule's score is an area: say so, and at which patch probability."""
+    if agg.get("rule") != "region":
+        return ""
+    return f" mm&sup2; (largest region at p &ge; {_e(_num(agg.get('region_threshold')))})"
+
+
 def slides_table(view: RunView) -> str:
     """The sortable HTML table of a run's slides (also shown by the notebook)."""
     cols = [("slide", False), ("status", False), ("n_patches", True), ("score", True), ("diagnosis", False),
@@ -158,7 +165,8 @@ def render_report(run: str | Path) -> str:
         f"<h1>{_e(title)}</h1>",
         f'<p class="muted">{len(view.results)} slides &middot; model {_e(model.get("arch"))} '
         f'({_e(model.get("positive_class"))} vs rest, {_e(model.get("mpp"))} um/px, {_e(model.get("input_size"))} px) '
-        f'&middot; slide call: {_e(agg.get("rule"))}{_e(_k(agg))} score &ge; {_e(_num(agg.get("slide_threshold")))} '
+        f'&middot; slide call: {_e(agg.get("rule"))}{_e(_k(agg))} score &ge; {_e(_num(agg.get("slide_threshold")))}'
+        f'{_region_unit(agg)} '
         f'&middot; patch threshold {_e(_num(agg.get("patch_threshold")))}</p>',
         f'<div class="cards">{cards}</div>',
         "<h2>Slides</h2><p class=\"muted\">Click a column to sort.</p>", slides_table(view),
