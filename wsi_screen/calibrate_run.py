@@ -60,7 +60,7 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
             continue
         scores = runfolder.read_scores(runfolder.slide_dir(run, row["slide"]) / runfolder.SCORES_CSV)
         pos = scores.classes.index(str(spec.positive_class))
-        grid = slide_grid(run, row["slide"], scores.coords, scores.probs[:, pos])
+        grid = slide_grid(runfolder.read_slide(run, row["slide"]), scores.coords, scores.probs[:, pos])
         if grid is None:
             raise RunError(f"{run}/{row['slide']}: slide.json lacks the patch grid (stride, mpp); rerun infer")
         slides.append(calibration.labelled_slide(row["slide"], grid, label == "positive", patch_threshold))

@@ -478,12 +478,13 @@ def _aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggreg
         return
     pos = scores.classes.index(spec.positive_class) if spec.positive_class in scores.classes else 1
     negative = next(c for c in scores.classes if c != spec.positive_class)
-    grid = slide_grid(run, row.name, scores.coords, scores.probs[:, pos])
     try:
-        info = runfolder.read_json(runfolder.slide_dir(run, row.name) / runfolder.SLIDE_JSON).get("slide_info", {})
-        row.extra.update(slide_mpp=info.get("mpp"), mpp_source=info.get("mpp_source"))
+        done = runfolder.read_slide(run, row.name)
     except (WsiScreenError, OSError):
-        pass
+        done = {}
+    info = done.get("slide_info", {})
+    row.extra.update(slide_mpp=info.get("mpp"), mpp_source=info.get("mpp_source"))
+    grid = slide_grid(done, scores.coords, scores.probs[:, pos])
     try:
         result = diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative,
                           grid=grid)
@@ -516,13 +517,12 @@ def _refresh_heatmap(run: Path, row: SlideRow, scores: SlideScores, pos: int, sp
         log.warning("%s: heatmap not redrawn for the new rule: %s", row.name, exc)
 
 
-def slide_grid(run: Path, name: str, coords: np.ndarray, probs: np.ndarray) -> PatchGrid | None:
-    """The slide's patch probabilities on their grid (stride and level-0 mpp from its slide.json)."""
+def slide_grid(done: dict[str, Any], coords: np.ndarray, probs: np.ndarray) -> PatchGrid | None:
+    """The slide's patch probabilities on their grid (stride and level-0 mpp from its slide.json ``done``)."""
     try:
-        info = runfolder.read_json(runfolder.slide_dir(run, name) / runfolder.SLIDE_JSON)
-        stride = int(info.get("stride_l0") or info["tile_size_l0"])
-        mpp = float(info["slide_info"]["mpp"])
-    except (WsiScreenError, KeyError, TypeError, ValueError, OSError):
+        stride = int(done.get("stride_l0") or done["tile_size_l0"])
+        mpp = float(done["slide_info"]["mpp"])
+    except (KeyError, TypeError, ValueError):
         return None
     return patch_grid(coords, probs, stride, mpp)
 
