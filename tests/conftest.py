@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -94,3 +95,13 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, example_slide: Path) -> P
     if res.code != 0:
         pytest.fail(f"demo infer failed: {res}")
     return run
+
+
+def tree_digest(root: Path, skip: frozenset[str] = frozenset()) -> dict[str, str]:
+    """sha256 of every file under ``root`` by relative path, except ``skip`` and the run log (an append-only
+    diary with time stamps, see wsi_screen.runlog): what "byte-identical outputs" compares."""
+    from wsi_screen.runlog import LOG_NAME
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != LOG_NAME and str(p.relative_to(root)) not in skip}

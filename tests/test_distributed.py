@@ -8,7 +8,6 @@ bookkeeping: order, failures, Ctrl-C) a threads-only cluster inside the test pro
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tree_digest
 from tests.factory import GLASS, block_image, write_plain_tiff, write_tiled_tiff
 from wsi_screen.discovery import SlideSource
 from wsi_screen.distributed import Call, DaskAddress, DaskRunner, _reason, parse_address, task_key
@@ -31,11 +30,6 @@ from wsi_screen.errors import ConfigError
 #: files of a run folder that record when and how the run was started, so they differ between two runs
 RUN_STAMPED = frozenset({"run.json", "report.html"})
 
-
-def tree_digest(root: Path, skip: frozenset[str] = frozenset()) -> dict[str, str]:
-    """sha256 of every file under root, by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and str(p.relative_to(root)) not in skip}
 
 
 def error_lines(err: str) -> list[str]:

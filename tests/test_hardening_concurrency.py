@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import re
 import shutil
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tree_digest
 from tests.factory import block_image, write_tiled_tiff
 from wsi_screen.errors import RunError
 from wsi_screen.runfolder import SlideFolder
@@ -22,10 +21,6 @@ from wsi_screen.store import PatchStore, store_location, store_lock
 
 BUSY = "another wsi-screen process is writing"
 
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def stores_of(folder: Path) -> dict[str, dict[str, str]]:

@@ -8,7 +8,6 @@ that is not, and a rerun once space is back must give the uninterrupted result.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import zarr.storage._local as zarr_local
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tree_digest
 from tests.factory import block_image, write_tiled_tiff
 from wsi_screen import runfolder
 from wsi_screen.store import PatchStore, read_attrs
@@ -25,9 +24,11 @@ from wsi_screen.store import PatchStore, read_attrs
 ERROR = "wsi-screen: error: "
 
 
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+
+@pytest.fixture(autouse=True)
+def _read_slides_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The faults are patched into this process: read slides here, not in the slide reader's child process."""
+    monkeypatch.setenv("WSI_SCREEN_IN_PROCESS", "1")
 
 
 def enospc(path: object = None) -> OSError:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tree_digest
 from tests.factory import block_image, write_tiled_tiff
 from wsi_screen import runfolder
 from wsi_screen.errors import IncompleteStoreError
@@ -55,10 +55,6 @@ if os.environ.get("WSI_SCREEN_KILL_TRIALS"):
     _n = int(os.environ["WSI_SCREEN_KILL_TRIALS"])
     TILE_TRIALS = INFER_TRIALS = (_n, _n, float("inf"))
 
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def stores_of(folder: Path) -> dict[str, dict[str, str]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -15,15 +14,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tree_digest
 from tests.factory import block_image, write_ome_tiff, write_plain_tiff, write_tiled_tiff
 from wsi_screen.store import PatchStore, read_attrs
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under root, by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

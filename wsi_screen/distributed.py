@@ -146,7 +146,7 @@ class DaskRunner:
                     result: R
                     if future.status == "finished":
                         result, records = future.result()
-                        _replay(records)
+                        progress.replay(records)
                     else:
                         exc = future.exception() if future.status == "error" else None
                         if reraise and isinstance(exc, BaseException):
@@ -258,7 +258,7 @@ class _ThreadCapture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread == self.thread:
-            self.records.append({"name": record.name, "levelno": record.levelno, "msg": record.getMessage()})
+            self.records.append(progress.capture_record(record))
 
 
 def _run_captured(fn: Callable[..., R], level: int, args: tuple[Any, ...],
@@ -276,16 +276,6 @@ def _run_captured(fn: Callable[..., R], level: int, args: tuple[Any, ...],
     return result, handler.records
 
 
-def _replay(records: Sequence[Mapping[str, Any]]) -> None:
-    """Re-emit a task's captured records through the client's loggers of the same names."""
-    for rec in records:
-        logger = logging.getLogger(str(rec["name"]))
-        level = int(rec["levelno"])
-        if logger.isEnabledFor(level):
-            logger.handle(logging.makeLogRecord({"name": logger.name, "levelno": level, "msg": str(rec["msg"]),
-                                                 "levelname": logging.getLevelName(level)}))
-
-
 def _reason(status: str, exc: BaseException | None) -> str:
     """One line saying why a task did not return a result."""
     from distributed import KilledWorker
@@ -293,7 +283,7 @@ def _reason(status: str, exc: BaseException | None) -> str:
     if exc is None:
         return f"its Dask task was {status} (scheduler restarted or lost?); rerun to resume"
     if isinstance(exc, KilledWorker):
-        return ("Dask workers died while running it (out of memory, or a crash in a slide reader); see the "
+        return ("the slide reader crashed or ran out of memory (Dask workers died while running it); see the "
                 "worker logs")
     msg = " ".join(str(exc).split()) or "no message"
     return f"failed on a Dask worker: {type(exc).__name__}: {msg}"

@@ -30,6 +30,14 @@ class SlideReadError(SlideError, OSError):
     """Pixel data could not be decoded (corrupt or truncated tile data)."""
 
 
+class SlideReaderCrashError(SlideError, OSError):
+    """The native slide reader died (a signal such as SIGSEGV) while reading the slide; only that slide fails."""
+
+
+class SlideTimeoutError(SlideError, TimeoutError):
+    """The slide made no progress (opening it, or reading its patches) within the time limit."""
+
+
 class MissingMppError(SlideError, ValueError):
     """The slide does not declare its level-0 resolution and none was given."""
 

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -24,10 +25,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_screen import __version__, memory, progress
+from wsi_screen import __version__, isolation, memory, progress, runlog
 from wsi_screen.discovery import SlideSource
 from wsi_screen.errors import (
     ConfigError,
+    SlideReaderCrashError,
+    SlideTimeoutError,
     StainFitError,
     StoreError,
     StoreLockedError,
@@ -90,6 +93,8 @@ class TileConfig:
     retile_mismatched: bool = False
     #: what a refusal of a mismatching store tells the user to do
     mismatch_hint: str = "pass --overwrite to replace it"
+    #: seconds a slide may go without progress (opening it, or between shards of patches) before it fails
+    slide_timeout: float = isolation.DEFAULT_TIMEOUT
     #: what to do when the slide is coarser than ``spec.mpp`` ({slide_mpp} and {target_mpp} are filled in)
     finer_hint: str = "use --mpp {slide_mpp:.4g} or coarser, or a higher-resolution scan"
 
@@ -105,6 +110,8 @@ class TileResult:
     n_patches: int = 0
     seconds: float = 0.0
     message: str = ""
+    #: the full traceback of an unexpected failure (for the run log, never the terminal)
+    traceback: str = ""
 
     @property
     def ok(self) -> bool:
@@ -185,23 +192,28 @@ def tile_slide(source: SlideSource, out: str, config: TileConfig, *, debug: bool
             return _tile_locked(source, location, config, start)
     except StoreLockedError as exc:
         return TileResult(source.name, str(source.path), location, "locked", message=str(exc))
-    except WsiScreenError as exc:
+    except Exception as exc:  # the per-slide boundary: whatever one slide raises fails that slide only
         if debug:
             raise
+        message, trace = failure_message(source.path, exc)
         return TileResult(source.name, str(source.path), location, "failed",
-                          seconds=time.perf_counter() - start, message=str(exc))
-    except (MemoryError, RecursionError, ValueError, TypeError, IndexError, RuntimeError, OSError) as exc:
-        if debug:
-            raise
-        msg = " ".join(str(exc).split()) or type(exc).__name__
-        return TileResult(source.name, str(source.path), location, "failed",
-                          seconds=time.perf_counter() - start,
-                          message=f"{source.path}: unexpected {type(exc).__name__}: {msg}")
+                          seconds=time.perf_counter() - start, message=message, traceback=trace)
+
+
+def failure_message(path: Path | str, exc: BaseException) -> tuple[str, str]:
+    """One line for a slide's failure, and (for an unexpected error, a bug or a library's surprise) the full
+    traceback for the run log. Errors raised on purpose already name the file and the cause."""
+    if isinstance(exc, WsiScreenError):
+        return str(exc), ""
+    msg = " ".join(str(exc).split()) or "no message"
+    trace = "".join(traceback.format_exception(exc))
+    return f"{path}: unexpected {type(exc).__name__} while reading it: {msg} (traceback in {runlog.LOG_NAME})", trace
 
 
 def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: float) -> TileResult:
     spec = config.spec
     with open_slide(source, config) as slide:
+        isolation.heartbeat("opened")
         thumb_mpp = thumbnail_mpp(slide.mpp, slide.dimensions)
         settings = expected_settings(slide, config, thumb_mpp)
         existing = read_attrs(location)
@@ -223,8 +235,10 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
         t_open = time.perf_counter()
         thumb = slide.thumbnail(thumb_mpp, workers=config.workers)
         memory.trim()  # the block reads' freed buffers, before the mask's working memory is taken
+        isolation.heartbeat("thumbnail")
         t_thumb = time.perf_counter()
         mask = detect_tissue(thumb, thumb_mpp, config.tissue, workers=config.workers)
+        isolation.heartbeat("tissue")
         grid = make_grid(mask.tissue, slide.dimensions, tile_l0, stride, spec.min_tissue)
         n = len(grid)
         log.debug("%s: %d x %d px at %.4g um/px, %d patches of %d px (%d level-0 px)", source.name,
@@ -267,6 +281,7 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
                         stain_ok[first:first + len(batch)] = ok
                     writer.write_patches(first, batch)
                     bar.update(len(batch))
+                    isolation.heartbeat("patches")
                     if i % TRIM_EVERY == 0:
                         memory.trim()  # keeps resident memory flat however long the slide streams
             writer.write_arrays(coords=grid.coords, tissue=grid.tissue, stain_ok=stain_ok)
@@ -391,18 +406,31 @@ def tile_slides(sources: Sequence[SlideSource], out: str | Path, config: TileCon
     if dask is not None:
         return _tile_on_dask(dask, sources, out_str, output_location(out), config, debug=debug)
     results: list[TileResult] = []
-    with progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
+    with isolation.slide_calls(config.slide_timeout, isolate=not debug) as call, \
+            progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
         for source in sources:
-            result = tile_slide(source, out_str, config, debug=debug)
+            result = tile_isolated(call, source, out_str, config, debug=debug)
             results.append(_report(result))
             bar.update(1)
     return results
 
 
+def tile_isolated(call: isolation.Caller, source: SlideSource, out: str, config: TileConfig, *,
+                  debug: bool = False) -> TileResult:
+    """:func:`tile_slide` through ``call`` (the slide reader's child process, see :mod:`wsi_screen.isolation`):
+    a crash or hang of the reader fails this slide only."""
+    try:
+        return call(tile_slide, source, out, config, debug=debug)
+    except (SlideReaderCrashError, SlideTimeoutError) as exc:
+        return TileResult(source.name, str(source.path), store_location(out, source.name), "failed",
+                          message=f"{source.path}: {exc}")
+
+
 def _report(result: TileResult) -> TileResult:
-    """Log a slide's failure (or busy store) on one line, as it comes in."""
+    """Log a slide's failure (or busy store) on one line, as it comes in; its traceback to the run log."""
     if result.status == "failed":
         log.error("%s", result.message)
+        runlog.record_traceback(result.name, result.traceback)
     elif result.status == "locked":
         log.warning("%s", result.message)
     return result

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
@@ -48,19 +48,44 @@ class _TqdmHandler(logging.Handler):
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = f"wsi-screen: {record.levelname.lower()}: {record.getMessage()}"
-        if record.exc_info and logging.getLogger("wsi_screen").level <= logging.DEBUG:
+        if record.exc_info and terminal_level() <= logging.DEBUG:
             text += "\n" + self.formatException(record.exc_info)
         return text
 
 
 def install_log_handler(level: int) -> None:
-    """Send the package's log records to stderr as ``wsi-screen: level: message`` lines."""
+    """Send the package's log records of ``level`` and above to stderr as ``wsi-screen: level: message``
+    lines (a run log, see :mod:`wsi_screen.runlog`, may take more detail from the same logger)."""
     logger = logging.getLogger("wsi_screen")
     for handler in list(logger.handlers):
         if isinstance(handler, _TqdmHandler):
             logger.removeHandler(handler)
-    handler = _TqdmHandler()
+    handler = _TqdmHandler(level)
     handler.setFormatter(_Formatter())
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+
+
+def terminal_level() -> int:
+    """The level of records shown on stderr (WARNING when no handler was installed)."""
+    for handler in logging.getLogger("wsi_screen").handlers:
+        if isinstance(handler, _TqdmHandler):
+            return handler.level
+    return logging.WARNING
+
+
+def capture_record(record: logging.LogRecord) -> dict[str, object]:
+    """A log record as plain data, to send to another process (see :func:`replay`)."""
+    return {"name": record.name, "levelno": record.levelno, "msg": record.getMessage()}
+
+
+def replay(records: Sequence[Mapping[str, object]]) -> None:
+    """Re-emit records captured in another process (a Dask worker, the slide reader's child process)
+    through this process's loggers of the same names."""
+    for rec in records:
+        logger = logging.getLogger(str(rec["name"]))
+        level = int(rec["levelno"])  # type: ignore[call-overload]
+        if logger.isEnabledFor(level):
+            logger.handle(logging.makeLogRecord({"name": logger.name, "levelno": level, "msg": str(rec["msg"]),
+                                                 "levelname": logging.getLevelName(level)}))

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsi_screen import __version__, progress, runfolder
+from wsi_screen import __version__, isolation, progress, runfolder, runlog
 from wsi_screen.aggregate import NO_TISSUE, AggregateConfig, SlideResult, diagnose
 from wsi_screen.discovery import SlideSource, discover
 from wsi_screen.errors import ConfigError, ModelError, RunError, WsiScreenError
 from wsi_screen.models import PatchClassifier
-from wsi_screen.pipeline import TileConfig, tile_slide
+from wsi_screen.pipeline import TileConfig, failure_message, tile_isolated
 from wsi_screen.runfolder import SlideFolder, SlideScores
 from wsi_screen.slide import slide_name
 from wsi_screen.spatial import PatchGrid, patch_grid
@@ -67,6 +67,7 @@ class InferConfig:
     slide_mpps: tuple[tuple[str, float], ...] = ()
     min_tissue: float = 0.5
     overwrite: bool = False
+    slide_timeout: float = isolation.DEFAULT_TIMEOUT
     labels: str | None = None
 
 
@@ -164,7 +165,7 @@ def tile_config_for(classifier: PatchClassifier, config: InferConfig) -> TileCon
                                   "at {slide_mpp:.4g} um/px or coarser, or use a higher-resolution scan (if the "
                                   "declared resolution is wrong, set it with --slide-mpp-csv)"),
                       stain=spec.stain_method, stain_target=spec.stain_target, slide_mpp=config.slide_mpp,
-                      slide_mpps=config.slide_mpps,
+                      slide_mpps=config.slide_mpps, slide_timeout=config.slide_timeout,
                       workers=config.workers, overwrite=config.overwrite)
 
 
@@ -201,6 +202,16 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     except OSError as exc:
         raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
 
+    with runlog.run_log(run):
+        return _run_in_folder(run, sources, problems, classifier, model_dir, config, aggregate, tile_cfg, model_id,
+                              stores_dir, labels, argv=argv, debug=debug, dask=dask, started=started, t0=t0)
+
+
+def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence[Any], classifier: PatchClassifier,
+                   model_dir: Path, config: InferConfig, aggregate: AggregateConfig, tile_cfg: TileConfig,
+                   model_id: dict[str, Any], stores_dir: str, labels: dict[str, str], *, argv: Sequence[str],
+                   debug: bool, dask: DaskRunner | None, started: datetime, t0: float) -> RunSummary:
+    """The run once its folder exists (its log open): screen every slide, then aggregate and write."""
     rows = [SlideRow(p.path.name, str(p.path), status=STATUS_ERROR, error=f"{p.path}: {p.reason}")
             for p in problems]
     for row in rows:
@@ -210,9 +221,10 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     if dask is not None:
         rows.extend(_screen_on_dask(dask, sources, job, model_dir))
     else:
-        with progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
+        with isolation.slide_calls(tile_cfg.slide_timeout, isolate=not debug) as call, \
+                progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
             for source in sources:
-                rows.append(screen_slide(source, job, classifier))
+                rows.append(screen_slide(source, job, classifier, call=call))
                 bar.update(1)
 
     for row in rows:
@@ -233,7 +245,8 @@ def _store_digest(location: str) -> str:
     return hashlib.sha256(json.dumps(attrs.get("settings", {}), sort_keys=True).encode()).hexdigest()
 
 
-def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig) -> bool:
+def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig,
+           call: isolation.Caller) -> bool:
     """Whether RUN/<slide> holds this slide scored by this model from the store this run would make now:
     same model, same slide file, same resolution (value and source) and tiling settings. Anything else is
     recomputed (the slide rule is applied afresh on every run)."""
@@ -249,11 +262,11 @@ def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, An
         store = runfolder.resolve_path(done["store"], run)
         if done.get("store_digest") != _store_digest(store):
             return False
-        current, mpp, mpp_source = store_is_current(source, store, tile_cfg)
+        current, mpp, mpp_source = call(store_is_current, source, store, tile_cfg)
         info = done.get("slide_info", {})
         if not current or info.get("mpp") != mpp or info.get("mpp_source") != mpp_source:
             return False
-    except (WsiScreenError, KeyError, OSError):
+    except Exception:  # anything wrong with the earlier result or the slide: recompute (and report) it
         return False
     row.store = store
     row.extra["reused"] = True
@@ -276,29 +289,36 @@ class SlideJob:
     aggregate: AggregateConfig | None = None
 
 
-def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier) -> SlideRow:
-    """Tile, score and write one slide's folder (or reuse it); never raises for a bad slide."""
+def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier,
+                 call: isolation.Caller = isolation.direct) -> SlideRow:
+    """Tile, score and write one slide's folder (or reuse it); never raises for a bad slide. The slide is
+    read through ``call`` (the slide reader's child process in a local run, see :mod:`wsi_screen.isolation`)."""
     from wsi_screen.infer import check_store_matches_model, score_stores
 
     row = SlideRow(source.name, str(source.path))
-    if _reuse(job.run, source, row, job.model_id, job.tile):
+    if _reuse(job.run, source, row, job.model_id, job.tile, call):
         return row
-    result = tile_slide(source, job.stores, job.tile, debug=job.debug)
+    result = tile_isolated(call, source, job.stores, job.tile, debug=job.debug)
     row.store = result.store
     if not result.ok:
         row.status, row.error = STATUS_ERROR, result.message or f"tiling {result.status}"
         log.error("%s", row.error)
+        runlog.record_traceback(source.name, result.traceback)
         return row
     try:
         check_store_matches_model(PatchStore.open(result.store).attrs, classifier.spec, result.store)
         for _location, probs in score_stores([result.store], classifier, batch_size=job.batch_size,
                                              workers=job.loader_workers, desc=source.name[:30]):
             write_slide_folder(job.run, row, result.store, probs, classifier, job.model_id, job.aggregate)
-    except (WsiScreenError, OSError) as exc:  # OSError: a disk error in one slide must not end the run
+    except Exception as exc:  # the per-slide boundary: one slide's failure (a disk error too) ends only it
         if job.debug:
             raise
         row.status = STATUS_ERROR
-        row.error = str(exc if isinstance(exc, WsiScreenError) else runfolder.write_error(job.run / source.name, exc))
+        if isinstance(exc, OSError) and not isinstance(exc, WsiScreenError):
+            row.error = str(runfolder.write_error(job.run / source.name, exc))
+        else:
+            row.error, trace = failure_message(source.path, exc)
+            runlog.record_traceback(source.name, trace)
         log.error("%s", row.error)
     return row
 

@@ -62,3 +62,14 @@ def slide_mpp_table(path: str | None) -> tuple[tuple[str, float], ...]:
     from wsi_screen.slide import read_mpp_table
 
     return tuple(sorted(read_mpp_table(path).items())) if path else ()
+
+
+def slide_timeout_option(func: F) -> F:
+    """``--slide-timeout`` (tile and infer read slides in a supervised child process)."""
+    from wsi_screen.isolation import DEFAULT_TIMEOUT
+
+    return click.option("--slide-timeout", type=click.FloatRange(min=1), default=DEFAULT_TIMEOUT,
+                        show_default=True, metavar="SECONDS",
+                        help="A slide fails when its reader makes no progress for this long (opening it, or "
+                             "between batches of patches): a corrupt file can hang a reader. Slides are read in a "
+                             "separate process, so a reader that hangs or crashes fails only its slide.")(func)

@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output, slide_mpp_options, slide_mpp_table
+from wsi_screen.commands._options import (
+    common_options,
+    configure_output,
+    slide_mpp_options,
+    slide_mpp_table,
+    slide_timeout_option,
+)
 
 if TYPE_CHECKING:
     from wsi_screen.screening import RunSummary
@@ -46,6 +52,7 @@ if TYPE_CHECKING:
 @click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Minimum tissue fraction of a patch.")
 @click.option("--overwrite", is_flag=True, help="Re-tile stores made with other settings and rescore every slide.")
+@slide_timeout_option
 @click.option("--dask", type=str, default=None, metavar="ADDRESS",
               help="Screen on a Dask cluster, one task per slide: tcp://HOST:PORT of a running scheduler, or "
                    "local[:N] for N worker processes here (default 2). Every worker must see the slides, the "
@@ -54,7 +61,7 @@ if TYPE_CHECKING:
 def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | None, threshold: float | None,
           k: float | None, labels: str | None, stores: str | None, batch_size: int, workers: int,
           loader_workers: int, slide_mpp: float | None, slide_mpp_csv: str | None, min_tissue: float, overwrite: bool,
-          dask: str | None) -> None:
+          slide_timeout: float, dask: str | None) -> None:
     """Screen SLIDES (files or folders) and write the results to RUN.
 
     Each slide is tiled at the model's resolution, patch size and stain (stores are reused when they
@@ -62,8 +69,9 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     threshold. RUN gets results.csv (one row per slide), run.json (provenance), report.html, and per slide
     heatmap.png, patches.geojson (QuPath: File > Import objects) and scores.csv.
 
-    A rerun reuses finished slides. A slide that fails is a row with status=error and its reason; the
-    others still finish and the exit status is 1.
+    A rerun reuses finished slides. A slide that fails (corrupt, unreadable, or crashing or hanging the
+    slide reader, which runs in its own process) is a row with status=error and its reason; the others
+    still finish and the exit status is 1. Details and tracebacks go to RUN/wsi-screen.log.
 
     \b
     Examples:
@@ -86,7 +94,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     config = InferConfig(rule=rule, threshold=threshold, k=k_value, stores=stores, batch_size=batch_size,
                          workers=workers, loader_workers=loader_workers, slide_mpp=slide_mpp,
                          slide_mpps=slide_mpp_table(slide_mpp_csv),
-                         min_tissue=min_tissue, overwrite=overwrite,
+                         min_tissue=min_tissue, overwrite=overwrite, slide_timeout=slide_timeout,
                          labels=labels)
     with maybe_connect(target) as runner:
         summary = run_infer(slides, Path(run), classifier, mdir, config, argv=sys.argv[1:],

@@ -6,7 +6,13 @@ import time
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output, slide_mpp_options, slide_mpp_table
+from wsi_screen.commands._options import (
+    common_options,
+    configure_output,
+    slide_mpp_options,
+    slide_mpp_table,
+    slide_timeout_option,
+)
 
 
 @click.command(short_help="Cut slides into tissue patches, one zarr store per slide.")
@@ -35,6 +41,7 @@ from wsi_screen.commands._options import common_options, configure_output, slide
                    "faster); OME-TIFF and plain TIFF are read with tifffile; everything else through OpenSlide.")
 @click.option("--overwrite", is_flag=True,
               help="Replace existing stores made with other settings or from another slide version.")
+@slide_timeout_option
 @click.option("--dask", type=str, default=None, metavar="ADDRESS",
               help="Tile on a Dask cluster, one task per slide: tcp://HOST:PORT of a running scheduler, or "
                    "local[:N] for N worker processes here (default 2). Every worker must read the slides and "
@@ -42,7 +49,7 @@ from wsi_screen.commands._options import common_options, configure_output, slide
 @common_options
 def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int, min_tissue: float,
          stain: str, stain_target: str | None, slide_mpp: float | None, slide_mpp_csv: str | None, workers: int,
-         reader: str, overwrite: bool, dask: str | None) -> None:
+         reader: str, overwrite: bool, slide_timeout: float, dask: str | None) -> None:
     """Find tissue in SLIDES and write stain-normalised patches to OUT.
 
     Each SLIDE is a slide file (SVS, NDPI, MRXS, SCN, BIF, VMS, tiled or OME-TIFF, DICOM, ...) or a folder,
@@ -50,8 +57,9 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
 
     A store holds the patches, their level-0 (x, y) coordinates, tissue fractions, the slide thumbnail
     and tissue mask, and the full provenance (see docs/store.md). Complete, matching stores are skipped,
-    so an interrupted run resumes where it stopped. A slide that fails is reported on one line and the
-    rest are still tiled; the exit status is 1 if any slide failed.
+    so an interrupted run resumes where it stopped. A slide that fails (corrupt, unreadable, or crashing or
+    hanging the slide reader, which runs in its own process) is reported on one line and the rest are
+    still tiled; the exit status is 1 if any slide failed. Details and tracebacks go to OUT/wsi-screen.log.
 
     \b
     Examples:
@@ -67,6 +75,8 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     from wsi_screen.discovery import discover
     from wsi_screen.distributed import maybe_connect, parse_address
     from wsi_screen.pipeline import TileConfig, output_location, tile_slides
+    from wsi_screen.runlog import run_log
+    from wsi_screen.store import is_url
     from wsi_screen.tiling import TileSpec
 
     log = logging.getLogger("wsi_screen.tile")
@@ -76,16 +86,18 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
                         slide_mpps=slide_mpp_table(slide_mpp_csv),
                         workers=workers,
                         reader=reader,  # type: ignore[arg-type]
-                        overwrite=overwrite)
+                        overwrite=overwrite, slide_timeout=slide_timeout)
     target = parse_address(dask) if dask is not None else None
     if target is not None:
         output_location(out, absolute=True)  # refuse memory:// before starting a cluster
     started = time.perf_counter()
-    sources, problems = discover(slides)
-    for problem in problems:
-        log.error("%s: %s", problem.path, problem.reason)
-    with maybe_connect(target if sources else None) as runner:
-        results = tile_slides(sources, out, config, debug=bool(ctx.obj.get("debug")), dask=runner)
+    local = output_location(out)
+    with run_log(None if is_url(local) else local):
+        sources, problems = discover(slides)
+        for problem in problems:
+            log.error("%s: %s", problem.path, problem.reason)
+        with maybe_connect(target if sources else None) as runner:
+            results = tile_slides(sources, out, config, debug=bool(ctx.obj.get("debug")), dask=runner)
 
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed", "locked")}
     failed = counts["failed"] + len(problems)

@@ -1,0 +1,161 @@
+"""The slide reader's child process: a crash or a hang fails one slide, and the next slide is read as usual."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.factory import block_image, write_tiled_tiff
+from wsi_screen import isolation
+from wsi_screen.discovery import discover
+from wsi_screen.errors import SlideReaderCrashError, SlideTimeoutError
+from wsi_screen.pipeline import TileConfig, tile_slides
+from wsi_screen.runlog import LOG_NAME, run_log
+from wsi_screen.store import PatchStore
+
+
+# --- functions the child runs (importable by the spawned process) -----------------------------------------
+def _pid() -> int:
+    return os.getpid()
+
+
+def _segfault() -> None:
+    os.kill(os.getpid(), signal.SIGSEGV)
+    time.sleep(10)
+
+
+def _sleep(seconds: float) -> str:
+    time.sleep(seconds)
+    return "slept"
+
+
+def _beating(seconds: float) -> str:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        isolation.heartbeat("working")
+        time.sleep(0.2)
+    return "done"
+
+
+def _noisy() -> str:
+    logging.getLogger("wsi_screen.test").warning("a warning from the child")
+    logging.getLogger("tifffile").error("<TiffTag.fromfile> raised TiffFileError(...)")  # a library's own logger
+    os.write(2, b"(process:1): OpenSlide-WARNING **: native noise\n")
+    import warnings
+
+    warnings.warn("a library warning", UserWarning, stacklevel=1)
+    return "ok"
+
+
+def _raises() -> None:
+    raise ValueError("bad value in the child")
+
+
+# --- the worker -----------------------------------------------------------------------------------------------
+def test_crash_fails_the_call_and_the_worker_restarts(tmp_path: Path) -> None:
+    with isolation.SlideWorker(timeout=30, log_path=tmp_path / "log") as worker:
+        first = worker.call(_pid)
+        with pytest.raises(SlideReaderCrashError, match=r"the slide reader crashed \(signal 11, SIGSEGV\)"):
+            worker.call(_segfault)
+        second = worker.call(_pid)
+        assert first != second and second != os.getpid()
+        with pytest.raises(ValueError, match="bad value in the child"):  # ordinary exceptions come back as such
+            worker.call(_raises)
+        assert worker.call(_pid) == second  # an exception does not cost the process
+
+
+def test_hang_is_bounded_and_heartbeats_keep_slow_work_alive(tmp_path: Path) -> None:
+    with isolation.SlideWorker(timeout=1.5) as worker:
+        started = time.monotonic()
+        with pytest.raises(SlideTimeoutError, match=r"no progress for 1.5 s"):
+            worker.call(_sleep, 60)
+        assert time.monotonic() - started < 10
+        assert worker.call(_beating, 4.0) == "done"  # longer than the limit, but progressing
+        assert worker.call(_sleep, 0.1) == "slept"
+
+
+def test_child_output_reaches_the_log_not_the_terminal(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    log_path = tmp_path / LOG_NAME
+    caplog.set_level(logging.DEBUG, logger="wsi_screen")
+    with run_log(tmp_path), isolation.SlideWorker(log_path=log_path) as worker:
+        assert worker.call(_noisy) == "ok"
+    assert "a warning from the child" in caplog.text  # replayed through this process's logger
+    text = log_path.read_text()
+    assert "OpenSlide-WARNING **: native noise" in text and "a library warning" in text and "TiffFileError" in text
+    captured = capfd.readouterr()
+    assert "native noise" not in captured.err and "library warning" not in captured.err
+    assert "TiffFileError" not in captured.err
+
+
+# --- whole runs ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A large slide (seconds to tile) and a small one, in one folder."""
+    folder = tmp_path_factory.mktemp("isolation")
+    write_tiled_tiff(folder / "a-large.tif", block_image((6144, 6144), [(200, 200, 5900, 5900)], seed=3), mpp=0.5)
+    write_tiled_tiff(folder / "b-small.tif", block_image((1536, 1024), [(100, 100, 1300, 900)], seed=4), mpp=0.5)
+    return folder
+
+
+def _signal_worker(sig: int, done: threading.Event) -> threading.Thread:
+    """Send ``sig`` to the slide reader's child process as soon as it exists (it is then busy with the first
+    slide: spawning and importing alone take longer than the poll)."""
+
+    def run() -> None:
+        while not done.is_set():
+            for child in multiprocessing.active_children():
+                if child.name == "wsi-screen-slide-reader" and child.pid:
+                    os.kill(child.pid, sig)
+                    return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(("sig", "message"), [
+    (signal.SIGSEGV, "the slide reader crashed (signal 11, SIGSEGV)"),
+    (signal.SIGSTOP, "no progress for 3 s (a hung slide reader?)"),
+])
+def test_a_crashing_or_hanging_slide_fails_alone(two_slides: Path, tmp_path: Path, sig: int, message: str) -> None:
+    sources, problems = discover([two_slides])
+    assert [s.name for s in sources] == ["a-large", "b-small"] and not problems
+    done = threading.Event()
+    watcher = _signal_worker(sig, done)
+    out = tmp_path / "out"
+    with run_log(out):
+        results = tile_slides(sources, out, TileConfig(slide_timeout=3))
+    done.set()
+    watcher.join(timeout=5)
+    assert [r.status for r in results] == ["failed", "done"], results
+    assert results[0].message.startswith(f"{two_slides / 'a-large.tif'}: {message}")
+    assert not (out / "a-large.zarr").exists()  # no store marked complete (nothing left but the lock folder)
+    small = PatchStore.open(out / "b-small.zarr")
+    assert len(small) == results[1].n_patches > 10
+
+
+def test_cli_unexpected_error_is_one_line_and_a_logged_traceback(tmp_path: Path, slides_dir: Path) -> None:
+    """A damaged Aperio property key (a non-UTF-8 byte) used to stop the run with `internal error: KeyError`."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(slides_dir / "CMU-1-Small-Region.svs", folder / "good.svs")
+    data = bytearray((slides_dir / "CMU-1-Small-Region.svs").read_bytes())
+    at = data.index(b"|AppMag")
+    data[at + 1] = 0xFF
+    (folder / "key.svs").write_bytes(bytes(data))
+    res = run_cli("tile", folder, "-o", tmp_path / "out", "--quiet")
+    assert res.code == 0, res  # the damaged key is skipped; both slides tile
+    assert res.err_lines == []
+    assert PatchStore.open(tmp_path / "out" / "key.zarr").attrs["n_patches"] == \
+        PatchStore.open(tmp_path / "out" / "good.zarr").attrs["n_patches"]

@@ -1,0 +1,267 @@
+"""Slide reading in a supervised child process: a crash or a hang in a native reader fails one slide.
+
+OpenSlide, libdicom, libtiff and the image codecs are C libraries: a corrupt file can make them segfault,
+abort or loop forever, and inside the main process that would end the whole run. :class:`SlideWorker`
+runs the calls that open and read slides (tiling one slide, checking a store against its slide) in one
+spawned child process, kept from slide to slide and started again only after it died or hung:
+
+* the child dies (a signal such as SIGSEGV or SIGABRT, or any exit): :class:`SlideReaderCrashError`,
+  "the slide reader crashed (signal 11, SIGSEGV)";
+* the child stops making progress: work reports a :func:`heartbeat` at each step (slide opened,
+  thumbnail read, tissue found, every shard of patches); when none comes for ``timeout`` seconds the
+  child is killed and the call raises :class:`SlideTimeoutError`. Opening a slide is the first step, so
+  no header can keep a run waiting longer than that.
+
+The child's log records are re-emitted through this process's loggers (same lines, same run log); Python
+warnings there become log records; and what native code writes to the child's stderr goes to the run log
+(see :mod:`wsi_screen.runlog`), never to the terminal. The child ignores Ctrl-C (the parent stops it) and
+dies with its parent, so a killed run leaves no orphan holding a store's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, TypeVar
+
+from wsi_screen import progress
+from wsi_screen.errors import SlideReaderCrashError, SlideTimeoutError
+
+R = TypeVar("R")
+
+#: default seconds a slide may go without progress (see the module docstring)
+DEFAULT_TIMEOUT = 600.0
+#: how often the parent looks at the child while waiting (seconds)
+_POLL = 0.2
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------ child side
+_channel: _Channel | None = None
+
+
+class _Channel:
+    """The child's end of the pipe; sends from several threads (reader threads log too)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+
+class _PipeHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if _channel is not None:  # logging must never raise, even when the parent went away
+            with contextlib.suppress(Exception):
+                _channel.send(("log", progress.capture_record(record)))
+
+
+def heartbeat(step: str = "") -> None:
+    """Tell the supervising process that work is progressing (a no-op outside a slide worker)."""
+    if _channel is not None:
+        with contextlib.suppress(OSError, ValueError):
+            _channel.send(("beat", step))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a killed run must not leave a worker
+    behind holding a store lock); elsewhere a thread watches the parent's pid."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _redirect_native_stderr(log_path: str | None) -> None:
+    """File descriptor 2 (where C libraries print) -> the run log; Python's ``sys.stderr`` (progress bars)
+    keeps the terminal."""
+    terminal = os.dup(2)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    try:
+        target = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if log_path else -1
+    except OSError:
+        target = -1
+    if target < 0:
+        target = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(target, 2)
+    os.close(target)
+
+
+def _child_main(conn: Connection, level: int, bars: bool, log_path: str | None) -> None:
+    """The child's loop: run each call sent, send back its result or exception."""
+    global _channel
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    _redirect_native_stderr(log_path)
+    _channel = _Channel(conn)
+    handler = _PipeHandler(level)
+    for name in ("wsi_screen", "py.warnings"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+    logging.getLogger().handlers[:] = [handler]  # libraries' records (tifffile warns about damaged files)
+    logging.captureWarnings(True)
+    progress.set_enabled(bars)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        fn, args, kwargs = message
+        try:
+            reply: tuple[Any, ...] = ("result", fn(*args, **kwargs))
+        except BaseException as exc:
+            reply = ("error", exc)
+        try:
+            _channel.send(reply)
+        except Exception as exc:  # an unpicklable result or exception: say what it was
+            _channel.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+
+
+# ----------------------------------------------------------------------------------------------- parent side
+class SlideWorker:
+    """Runs slide calls in a child process (see the module docstring). Use as a context manager.
+
+    ``timeout`` is the most seconds a call may go without a :func:`heartbeat`; ``log_path`` receives what
+    native code prints to the child's stderr (None: discarded).
+    """
+
+    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, log_path: Path | None = None) -> None:
+        self.timeout = float(timeout)
+        self.log_path = log_path
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> SlideWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # zarr's event-loop thread and OpenSlide must not be forked
+        parent, child = ctx.Pipe()
+        level = logging.getLogger("wsi_screen").getEffectiveLevel()
+        proc = ctx.Process(target=_child_main, name="wsi-screen-slide-reader", daemon=True,
+                           args=(child, level, progress.enabled(), str(self.log_path) if self.log_path else None))
+        proc.start()
+        child.close()
+        self._proc, self._conn = proc, parent
+
+    def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+        """``fn(*args, **kwargs)`` in the child; its exception is raised here. A dead or hung child raises
+        :class:`SlideReaderCrashError` or :class:`SlideTimeoutError` (and is replaced for the next call)."""
+        if self._proc is None or not self._proc.is_alive():
+            self._stop()
+            self._start()
+        assert self._conn is not None and self._proc is not None
+        try:
+            self._conn.send((fn, args, kwargs))
+        except (OSError, ValueError):
+            return self._crashed()
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self._conn.poll(_POLL):
+                try:
+                    kind, value = self._conn.recv()
+                except (EOFError, OSError):
+                    return self._crashed()
+                if kind == "beat":
+                    deadline = time.monotonic() + self.timeout
+                elif kind == "log":
+                    progress.replay([value])
+                elif kind == "result":
+                    return value
+                else:
+                    raise value
+            elif not self._proc.is_alive():
+                return self._crashed()
+            elif time.monotonic() > deadline:
+                self._stop()
+                raise SlideTimeoutError(f"no progress for {self.timeout:g} s (a hung slide reader?); stopped. "
+                                        "Raise the limit with --slide-timeout if the slide is only slow")
+
+    def _crashed(self) -> Any:
+        proc = self._proc
+        code = None
+        if proc is not None:
+            proc.join(timeout=5)
+            code = proc.exitcode
+        self._stop()
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = "unknown"
+            raise SlideReaderCrashError(f"the slide reader crashed (signal {-code}, {name})")
+        raise SlideReaderCrashError(f"the slide reader stopped unexpectedly (exit status {code})")
+
+    def _stop(self) -> None:
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+        if proc is not None:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=5)
+
+    def close(self) -> None:
+        """Ask the child to finish, and stop it if it does not."""
+        if self._proc is not None and self._proc.is_alive() and self._conn is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._conn.send(None)
+            self._proc.join(timeout=2)
+        self._stop()
+
+
+def in_process() -> bool:
+    """Whether slides are read in this process (``WSI_SCREEN_IN_PROCESS=1``: debugging, profiling)."""
+    return os.environ.get("WSI_SCREEN_IN_PROCESS", "") not in ("", "0")
+
+
+Caller = Callable[..., Any]
+
+
+def direct(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+    """Run ``fn`` here (a :data:`Caller` without isolation: Dask workers, ``--debug``)."""
+    return fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def slide_calls(timeout: float = DEFAULT_TIMEOUT, *, isolate: bool = True) -> Iterator[Caller]:
+    """A function ``call(fn, *args, **kwargs)`` that runs slide work in a :class:`SlideWorker` (its native
+    stderr to the active run log), or in this process when ``isolate`` is false (``--debug``: tracebacks
+    reach the terminal) or ``WSI_SCREEN_IN_PROCESS=1``."""
+    if not isolate or in_process():
+        yield direct
+        return
+    from wsi_screen import runlog
+
+    with SlideWorker(timeout=timeout, log_path=runlog.active_path()) as worker:
+        yield worker.call

@@ -1,0 +1,91 @@
+"""The run's log file: the detail that does not belong on the terminal.
+
+The terminal gets one ``wsi-screen:`` line per problem. Everything else a run learns goes to
+``wsi-screen.log`` in its output folder (the stores folder of ``tile``, the run folder of ``infer``),
+appended run after run:
+
+* every package log record, debug detail included, with a time stamp;
+* Python warnings and log records of the libraries underneath (pydicom, tifffile, zarr...), which would
+  otherwise print on stderr and break ``--quiet``;
+* the full traceback of each slide that failed with an unexpected error (:func:`record_traceback`);
+* what native slide readers write to stderr (GLib's ``OpenSlide-WARNING`` lines): the slide reader's
+  child process sends its stderr here (see :mod:`wsi_screen.isolation`).
+
+A log that cannot be written (read-only folder, full disk) is dropped silently: it never costs a slide.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+#: file name of the run log inside the output folder
+LOG_NAME = "wsi-screen.log"
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_active: list[logging.Handler] = []
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """A file handler that gives up silently when the file cannot be written."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)  # the output folder, as the run makes
+        return super()._open()
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        self.setLevel(logging.CRITICAL + 1)  # no "--- Logging error ---" on stderr, no retry per record
+
+
+@contextmanager
+def run_log(folder: str | Path | None) -> Iterator[Path | None]:
+    """Append this run's detail to ``folder/wsi-screen.log`` while the block runs (None: no log file;
+    warnings are still kept off the terminal)."""
+    package = logging.getLogger("wsi_screen")
+    warnings_logger = logging.getLogger("py.warnings")
+    root = logging.getLogger()
+    handler: logging.Handler
+    path = Path(folder) / LOG_NAME if folder is not None else None
+    handler = _QuietFileHandler(path, encoding="utf-8", delay=True) if path is not None else logging.NullHandler()
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setLevel(logging.DEBUG)
+    saved = package.level, warnings_logger.propagate
+    package.addHandler(handler)
+    package.setLevel(logging.DEBUG)
+    root.addHandler(handler)  # libraries that log (tifffile's warnings about a damaged file) go here too
+    warnings_logger.addHandler(handler)
+    warnings_logger.propagate = False
+    logging.captureWarnings(True)
+    _active.append(handler)
+    try:
+        yield path
+    finally:
+        _active.remove(handler)
+        logging.captureWarnings(False)
+        warnings_logger.removeHandler(handler)
+        warnings_logger.propagate = saved[1]
+        root.removeHandler(handler)
+        package.removeHandler(handler)
+        package.setLevel(saved[0])
+        handler.close()
+
+
+def record_traceback(slide: str, text: str) -> None:
+    """Write the traceback of a slide's unexpected failure to the active run log only (never the terminal)."""
+    if not text:
+        return
+    record = logging.makeLogRecord({"name": "wsi_screen", "levelno": logging.ERROR, "levelname": "ERROR",
+                                    "msg": "%s: traceback of the failure:\n%s", "args": (slide, text.rstrip())})
+    for handler in _active:
+        if record.levelno >= handler.level:
+            handler.handle(record)
+
+
+def active_path() -> Path | None:
+    """The file the innermost active run log writes to (None without one)."""
+    for handler in reversed(_active):
+        if isinstance(handler, logging.FileHandler):
+            return Path(handler.baseFilename)
+    return None
