@@ -200,12 +200,13 @@ def build_corpus(folder: Path, slides_dir: Path) -> list[Entry]:
     _edit_dimensions(base, folder / "zero-width.tif", 0, 768)
     add("zero-width.tif", "tiled TIFF whose header declares a width of 0", SlideOpenError, "")
     _edit_dimensions(base, folder / "too-tall.tif", 1024, 100_000)
-    add("too-tall.tif", "tiled TIFF declaring 100,000 rows but holding tiles for 768", SlideReadError, "")
+    add("too-tall.tif", "tiled TIFF declaring 100,000 rows but holding tiles for 768", SlideOpenError,
+        "needs 1564 tiles or strips but lists 12")
     base.unlink()
     ome = write_ome_tiff(folder / ".base.ome.tif", small, mpp=0.5)
     _edit_dimensions(ome, folder / "absurd-dimensions.ome.tif", 4_000_000_000, 4_000_000_000)
     add("absurd-dimensions.ome.tif", "OME-TIFF whose header declares 4e9 x 4e9 px", SlideOpenError,
-        "absurd dimensions")
+        "declares 4000000000 x 4000000000 px")
     ome.unlink()
 
     # --- not brightfield RGB

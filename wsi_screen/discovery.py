@@ -13,13 +13,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from wsi_screen.slide import slide_name, text_name
+
+log = logging.getLogger(__name__)
 
 SLIDE_EXTENSIONS = frozenset({
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm",
@@ -44,11 +48,14 @@ class DiscoveryProblem:
 
 
 def _dicom_series_uid(path: Path) -> str | None:
-    """SeriesInstanceUID of a DICOM file, or None when it cannot be read."""
+    """SeriesInstanceUID of a DICOM file, or None when it cannot be read (pydicom's warnings about a damaged
+    file are dropped here: opening the slide reports the damage on its own line)."""
     try:
         import pydicom
 
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
         uid = ds.get("SeriesInstanceUID")
         return str(uid) if uid else None
     except Exception:  # unreadable or not DICOM: the slide opener will report it
@@ -56,18 +63,26 @@ def _dicom_series_uid(path: Path) -> str | None:
 
 
 def _walk(root: Path, problems: list[DiscoveryProblem]) -> Iterable[Path]:
-    """Files under ``root`` (sorted, deterministic), following directory symlinks without looping."""
+    """Files under ``root`` (sorted, deterministic), following directory symlinks without looping.
+
+    A link back into its own ancestors is a loop (reported, not followed); a folder reached a second time by
+    another link is skipped quietly (its slides are already found). Entries that cannot be examined (a folder
+    that can be listed but not searched) are reported one by one; the scan goes on.
+    """
     seen: set[tuple[int, int]] = set()
 
-    def visit(folder: Path) -> Iterable[Path]:
+    def visit(folder: Path, ancestors: frozenset[tuple[int, int]]) -> Iterable[Path]:
         try:
             st = folder.stat()
         except OSError as exc:
             problems.append(DiscoveryProblem(folder, f"cannot read folder: {exc.strerror or exc}"))
             return
         key = (st.st_dev, st.st_ino)
-        if key in seen:
+        if key in ancestors:
             problems.append(DiscoveryProblem(folder, "symbolic link loop; not followed"))
+            return
+        if key in seen:
+            log.debug("%s: already scanned through another link; skipped", folder)
             return
         seen.add(key)
         try:
@@ -81,15 +96,17 @@ def _walk(root: Path, problems: list[DiscoveryProblem]) -> Iterable[Path]:
                 if entry.is_dir(follow_symlinks=True):
                     if entry.name.startswith(".") or entry.name.endswith((".zarr", ".partial")):
                         continue
-                    yield from visit(path)
+                    yield from visit(path, ancestors | {key})
                 elif entry.is_file(follow_symlinks=True):
+                    entry.stat(follow_symlinks=True)  # a folder listed but not searchable fails here, per file
                     yield path
                 elif entry.is_symlink() and path.suffix.lower() in SLIDE_EXTENSIONS:
                     problems.append(DiscoveryProblem(path, "broken or looping symbolic link"))
             except OSError as exc:
-                problems.append(DiscoveryProblem(path, f"cannot read: {exc.strerror or exc}"))
+                if path.suffix.lower() in SLIDE_EXTENSIONS or entry.is_dir(follow_symlinks=False):
+                    problems.append(DiscoveryProblem(path, f"cannot read: {exc.strerror or exc}"))
 
-    yield from visit(root)
+    yield from visit(root, frozenset())
 
 
 def _group_dicom(files: Sequence[Path]) -> list[Path]:
@@ -102,11 +119,14 @@ def _group_dicom(files: Sequence[Path]) -> list[Path]:
         series: dict[str | None, list[Path]] = defaultdict(list)
         for f in members:
             series[_dicom_series_uid(f)].append(f)
-        for uid, group in sorted(series.items(), key=lambda kv: str(kv[1][0])):
-            if uid is not None and len(group) > 1 and len(series) == 1:
-                slides.append(folder)  # the folder is one multi-file series
-            else:
-                slides.extend(sorted(group))
+        readable = {uid: group for uid, group in series.items() if uid is not None}
+        if len(readable) == 1 and len(members) > 1:
+            # one series, possibly with damaged files beside it: still one slide, which fails as one (naming
+            # the damaged file) rather than splitting into per-file slides
+            slides.append(folder)
+            continue
+        for _uid, group in sorted(series.items(), key=lambda kv: str(kv[1][0])):
+            slides.extend(sorted(group))
     return slides
 
 

@@ -108,6 +108,7 @@ def fingerprint(files: list[Path]) -> tuple[str, int, float]:
 def _open_reader(path: Path, choice: ReaderChoice) -> Reader:
     """Pick and open the reader for ``path`` (see module docstring)."""
     from wsi_screen.readers import openslide_reader
+    from wsi_screen.readers.sanity import check_dicom, check_tiff, is_dicom
     from wsi_screen.readers.tiff_reader import inspect_tiff
 
     files = slide_files(path)
@@ -117,11 +118,21 @@ def _open_reader(path: Path, choice: ReaderChoice) -> Reader:
             raise SlideOpenError(f"{f}: permission denied")
         if f.stat().st_size == 0:
             raise SlideOpenError(f"{f}: empty file (0 bytes)")
-    if path.is_dir():  # DICOM series: OpenSlide finds the sibling instances itself
+    if path.is_dir() or is_dicom(target):  # DICOM: OpenSlide finds a series' sibling instances itself
+        level0 = check_dicom(files, series=path.is_dir())
         if openslide_reader.detect(target) is None:
-            raise UnsupportedFormatError(f"{path}: the .dcm files are not a DICOM whole-slide image series")
-        return openslide_reader.OpenSlideReader(target)
+            what = "the .dcm files are not a DICOM whole-slide image series" if path.is_dir() else \
+                "not a slide format wsi-screen reads (a DICOM file, but not a whole-slide image)"
+            raise UnsupportedFormatError(f"{path}: {what}")
+        reader = openslide_reader.OpenSlideReader(target)
+        if level0 != (0, 0) and reader.level_dimensions[0] != level0:
+            reader.close()
+            raise SlideOpenError(f"{path}: its {level0[0]} x {level0[1]} px level 0 cannot be read (the reader "
+                                 f"offers only {reader.level_dimensions[0][0]} x {reader.level_dimensions[0][1]} "
+                                 "px); a damaged file of the slide?")
+        return reader
 
+    check_tiff(target)
     tif = inspect_tiff(target)
     try:
         return _tiff_or_openslide(target, tif, choice)

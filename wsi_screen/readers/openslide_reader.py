@@ -52,8 +52,14 @@ class OpenSlideReader:
         props = self._osr.properties
         keep = {}
         for key in sorted(props):
-            if key.startswith(_PROPERTY_PREFIXES) and ".level[" not in key and len(props[key]) < 500:
-                keep[key] = props[key]
+            if not key.startswith(_PROPERTY_PREFIXES) or ".level[" in key:
+                continue
+            try:
+                value = props[key]
+            except (KeyError, UnicodeError):  # a damaged key (bytes that are not UTF-8) cannot be looked up
+                continue
+            if len(value) < 500:
+                keep[key] = value
         return keep
 
     def read_region(self, level: int, xy_l0: tuple[int, int], size: tuple[int, int],

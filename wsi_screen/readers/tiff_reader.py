@@ -363,8 +363,8 @@ class TiffReader:
             count = int(page.databytecounts[index])
         except IndexError as exc:
             raise SlideReadError(f"{self.path}: level {level} has no chunk {index} (truncated file?)") from exc
-        if count == 0:  # sparse tile: nothing scanned there
-            return np.full((int(page.chunks[0]), int(page.chunks[1]), 3), 255, dtype=np.uint8)
+        if count == 0:  # no data: never shown as white glass (the slide is damaged, or a format we do not know)
+            raise SlideReadError(f"{self.path}: tile {index} at level {level} holds no pixel data (byte count 0)")
         if offset + count > self._file_size:
             raise SlideReadError(f"{self.path}: tile data lies beyond the end of the file (truncated)")
         data = os.pread(self._fd, count, offset)
