@@ -85,6 +85,13 @@ def test_train_evaluate_predict_tune(herlev_small: Path, tmp_path: Path, capsys:
     assert "best epoch" in out and "threshold" in out and err == ""
     config = json.loads((model / "config.json").read_text())
     assert config["mpp"] == 0.5 and config["train_config"]["epochs"] == 2
+    domain = json.loads((model / "domain.json").read_text())  # fitted on train, threshold on valid
+    assert domain["fitted_on"]["split"] == "train" and domain["calibrated_on"]["n"] == config["data"]["n_valid"]
+    card = json.loads((model / "card.json").read_text())
+    assert card["intended_use"]["mpp"] == 0.5 and card["intended_use"]["classes"] == ["abnormal", "normal"]
+    code, out, _ = run(["models", "--card", str(model)], capsys)
+    assert code == 0 and "tissue: TO COMPLETE   <-- complete this" in out
+    assert "research_use: Research use only, not for diagnosis." in out
 
     evaluation = tmp_path / "eval"
     code, out, err = run(["evaluate", str(herlev_small), "--model", str(model), "-o", str(evaluation)], capsys)
@@ -93,6 +100,10 @@ def test_train_evaluate_predict_tune(herlev_small: Path, tmp_path: Path, capsys:
     assert "resized to the model input" in err  # test images are 200 px, the model takes 32
     metrics = json.loads((evaluation / "metrics.json").read_text())
     assert metrics["n"] == 8 and metrics["source"]["split"] == "test"
+    assert 0.0 <= metrics["domain"]["flagged_fraction"] <= 1.0 and "out of domain" in out
+    with (evaluation / "predictions.csv").open() as fh:
+        header = fh.readline().strip().split(",")
+    assert header[-2:] == ["domain_distance", "in_domain"]
     for key in ("accuracy", "precision", "recall", "f1", "auc", "balanced_accuracy", "sensitivity",
                 "specificity", "confusion_matrix", "per_class", "macro"):
         assert key in metrics
@@ -103,6 +114,7 @@ def test_train_evaluate_predict_tune(herlev_small: Path, tmp_path: Path, capsys:
     assert code == 0, err
     record = json.loads(out)
     assert record["predicted"] in ("abnormal", "normal") and set(record["probabilities"]) == {"abnormal", "normal"}
+    assert record["domain_distance"] >= 0 and isinstance(record["in_domain"], bool)
     code, out, _ = run(["predict", str(herlev_small / "test"), "--model", str(model)], capsys)
     assert code == 0 and len(out.strip().splitlines()) == 1 + 8
 

@@ -246,6 +246,7 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
     y = folder.label_indices(spec.classes, rows)
     started = time.perf_counter()
     probs_parts: list[np.ndarray] = []
+    dist_parts: list[np.ndarray] = []
     sizes: dict[tuple[int, int], int] = {}
     with progress.bar(total=len(rows), desc="evaluating", unit="img") as bar:
         for loaded in iter_images(folder, rows, spec.input_size, workers=workers, chunk=max(batch_size, 256)):
@@ -253,8 +254,10 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
                 sizes[size] = sizes.get(size, 0) + n
             x = torch.from_numpy(loaded.images)
             for i in range(0, len(x), batch_size):
-                probs_parts.append(model.predict_tensor(model.preprocess(x[i:i + batch_size]))
-                                   .cpu().numpy())
+                p, d = model.score_tensor(model.preprocess(x[i:i + batch_size]))
+                probs_parts.append(p.cpu().numpy())
+                if d is not None:
+                    dist_parts.append(d)
             bar.update(len(loaded.images))
     other = {s: n for s, n in sizes.items() if s != (spec.input_size, spec.input_size)}
     if other:
@@ -268,13 +271,22 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
                          "image_sizes": {f"{w}x{h}": n for (w, h), n in sorted(sizes.items())},
                          "arch": spec.arch, "model_created": spec.created,
                          "seconds": round(time.perf_counter() - started, 2)}
-    write_evaluation(out_dir, metrics, [folder.paths[i] for i in rows], y, probs)
+    distance = np.concatenate(dist_parts) if model.domain is not None and dist_parts else None
+    if model.domain is not None and distance is not None:
+        flagged = ~model.domain.in_domain(distance)
+        metrics["domain"] = {"threshold": model.domain.threshold, "flagged": int(flagged.sum()),
+                             "flagged_fraction": float(flagged.mean()) if len(flagged) else 0.0,
+                             "median_distance": float(np.median(distance)) if len(distance) else None}
+    write_evaluation(out_dir, metrics, [folder.paths[i] for i in rows], y, probs, distance=distance,
+                     in_domain=None if distance is None or model.domain is None else model.domain.in_domain(distance))
     return metrics
 
 
 def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], paths: list[str], y: np.ndarray,
-                     probs: np.ndarray) -> Path:
-    """Write metrics.json, predictions.csv, roc.png and confusion.png."""
+                     probs: np.ndarray, *, distance: np.ndarray | None = None,
+                     in_domain: np.ndarray | None = None) -> Path:
+    """Write metrics.json, predictions.csv (with each image's domain distance when given), roc.png and
+    confusion.png."""
     from wsi_screen.decision import decide
 
     out = Path(out_dir)
@@ -285,9 +297,12 @@ def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], paths: list[s
     pred = decide(probs, pos, metrics.get("threshold"))
     with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "label", "predicted", *[f"p_{c}" for c in classes]])
-        for p, t, d, row in zip(paths, y, pred, probs, strict=True):
-            writer.writerow([p, classes[t], classes[d], *[f"{v:.6f}" for v in row]])
+        domain = ["domain_distance", "in_domain"] if distance is not None else []
+        writer.writerow(["path", "label", "predicted", *[f"p_{c}" for c in classes], *domain])
+        for i, (p, t, d, row) in enumerate(zip(paths, y, pred, probs, strict=True)):
+            extra = [] if distance is None else \
+                [f"{distance[i]:.4f}", "" if in_domain is None else str(bool(in_domain[i])).lower()]
+            writer.writerow([p, classes[t], classes[d], *[f"{v:.6f}" for v in row], *extra])
     plot_roc(out / "roc.png", y, probs, classes, metrics)
     plot_confusion(out / "confusion.png", metrics)
     return out

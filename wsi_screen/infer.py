@@ -104,8 +104,9 @@ def check_store_matches_model(attrs: Mapping[str, Any], spec: ModelSpec, locatio
 
 
 def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch_size: int = 128,
-                 workers: int = 0, desc: str = "scoring") -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(location, probabilities (N, C))`` for each store, in order, as soon as it is scored."""
+                 workers: int = 0, desc: str = "scoring") -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+    """Yield ``(location, probabilities (N, C), domain distances (N,) or None)`` for each store, in order, as
+    soon as it is scored (distances when the model has a domain model, from the same forward pass)."""
     sizes = []
     for location in locations:
         store = PatchStore.open(location)
@@ -113,14 +114,15 @@ def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch
         sizes.append((location, len(store)))
     items = plan_batches(sizes, batch_size)
     per_store = {loc: np.zeros((n, classifier.spec.num_classes), dtype=np.float32) for loc, n in sizes}
+    per_store_d = {loc: np.zeros(n, dtype=np.float32) for loc, n in sizes} if classifier.domain is not None else {}
     remaining = {loc: sum(1 for it in items if it[0] == loc) for loc, _ in sizes}
     emitted: set[str] = set()
 
-    def flush_ready(upto: int) -> Iterator[tuple[str, np.ndarray]]:
+    def flush_ready(upto: int) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
         for loc, _n in sizes[:upto]:
             if loc not in emitted and remaining[loc] == 0:
                 emitted.add(loc)
-                yield loc, per_store.pop(loc)
+                yield loc, per_store.pop(loc), per_store_d.pop(loc, None)
 
     loader = prefetch(make_loader(StoreBatches(items), workers), PREFETCH_BATCHES)
     total = sum(n for _, n in sizes)
@@ -128,8 +130,10 @@ def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch
         order = {loc: i for i, (loc, _) in enumerate(sizes)}
         for index, batch in loader:
             location, start, stop = items[int(index)]
-            probs = classifier.predict_tensor(classifier.preprocess(batch))
+            probs, distance = classifier.score_tensor(classifier.preprocess(batch))
             per_store[location][start:stop] = probs.float().numpy()
+            if distance is not None:
+                per_store_d[location][start:stop] = distance
             remaining[location] -= 1
             bar.update(stop - start)
             yield from flush_ready(order[location] + 1)

@@ -32,6 +32,8 @@ th,td{padding:.35rem .6rem;border-bottom:1px solid #e5e5e5;text-align:left}
 th{cursor:pointer;background:#f4f4f6;user-select:none} th.num,td.num{text-align:right}
 th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
 tr.pos td.dx{color:#b00020;font-weight:600} tr.err td{color:#8a6d00}
+tr.ood td{background:#fff4e0} .ood-flag{color:#9a5b00;font-weight:600}
+.modelcard{border-left:4px solid #3b6ea5;padding:.4em .8em;background:#f3f7fb;margin:.6em 0}
 .cards{display:flex;gap:1rem;flex-wrap:wrap} .card{background:#f7f7f9;border-radius:6px;padding:.6rem 1rem}
 .card b{display:block;font-size:1.4rem} img.heat{max-width:100%;border:1px solid #ddd}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:.6rem}
@@ -87,11 +89,23 @@ def _region_unit(agg: dict[str, Any]) -> str:
     return f" mm&sup2; (largest region at p &ge; {_e(_num(agg.get('region_threshold')))})"
 
 
+def _model_card(model: dict[str, Any]) -> str:
+    """The model card's two-line summary and what the table's columns mean."""
+    lines = model.get("card") or [f"Model {model.get('arch')}: no model card (see `wsi-screen models --card`).",
+                                  "Research use only, not for diagnosis."]
+    return (f'<div class="modelcard"><p>{"<br>".join(_e(line) for line in lines)}</p>'
+            '<p class="muted"><b>diagnosis</b> is the model\'s slide call from its patch scores (the rule below), '
+            "for screening research: not a pathologist's diagnosis. <b>in domain fraction</b>: share of the slide's "
+            "patches that resemble the training data; <b>out of domain</b> slides get a call that should not be "
+            "trusted.</p></div>")
+
+
 def slides_table(view: RunView) -> str:
     """The sortable HTML table of a run's slides (also shown by the notebook)."""
     cols = [("slide", False), ("status", False), ("n_patches", True), ("score", True), ("diagnosis", False),
             ("metastasis", False), ("largest_focus_mm", True), ("tumour_area_mm2", True), ("n_foci", True),
-            ("slide_mpp", True), ("mpp_source", False), ("label", False)]
+            ("slide_mpp", True), ("mpp_source", False), ("in_domain_fraction", True), ("out_of_domain", False),
+            ("label", False)]
     has_labels = any(r.get("label") for r in view.results)
     cols = [c for c in cols if c[0] != "label" or has_labels]
     head = "".join(f'<th scope="col" class="{"num" if num else ""}">{_e(name.replace("_", " "))}</th>'
@@ -99,6 +113,7 @@ def slides_table(view: RunView) -> str:
     body = []
     for i, r in enumerate(view.results):
         cls = "err" if r["status"] == "error" else ("pos" if r["diagnosis"] == view.positive_class else "")
+        cls += " ood" if r.get("out_of_domain") == "true" else ""
         cells = []
         for name, num in cols:
             value = r.get(name, "")
@@ -119,7 +134,11 @@ def slides_table(view: RunView) -> str:
 
 def _slide_section(view: RunView, i: int, row: dict[str, str]) -> str:
     name = row["slide"]
-    parts = [f'<section class="slide" id="s{i}"><h2>{_e(name)}</h2>',
+    ood = ""
+    if row.get("out_of_domain") == "true":
+        ood = (f'<p class="ood-flag">Out of domain: only {100 * float(row.get("in_domain_fraction") or 0):.0f} % of '
+               "its patches resemble the model's training data; the call is shown but unreliable.</p>")
+    parts = [f'<section class="slide" id="s{i}"><h2>{_e(name)}</h2>', ood,
              f'<p><b>{_e(row["diagnosis"])}</b> &middot; score {_e(row.get("score") or "-")} &middot; '
              f'metastasis {_e(row.get("metastasis") or "-")} '
              f'(largest focus {_e(row.get("largest_focus_mm") or "-")} mm, '
@@ -168,6 +187,7 @@ def render_report(run: str | Path) -> str:
         f'&middot; slide call: {_e(agg.get("rule"))}{_e(_k(agg))} score &ge; {_e(_num(agg.get("slide_threshold")))}'
         f'{_region_unit(agg)} '
         f'&middot; patch threshold {_e(_num(agg.get("patch_threshold")))}</p>',
+        _model_card(model),
         f'<div class="cards">{cards}</div>',
         "<h2>Slides</h2><p class=\"muted\">Click a column to sort.</p>", slides_table(view),
     ]

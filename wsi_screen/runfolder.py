@@ -53,7 +53,8 @@ PARTIAL = ".partial"
 LOCK_DIR = ".wsi-screen-locks"
 
 RESULT_COLUMNS = ("slide", "status", "n_patches", "score", "diagnosis", "rule", "threshold", "metastasis",
-                  "largest_focus_mm", "tumour_area_mm2", "n_foci", "slide_mpp", "mpp_source", "top_x", "top_y",
+                  "largest_focus_mm", "tumour_area_mm2", "n_foci", "slide_mpp", "mpp_source", "in_domain_fraction",
+                  "out_of_domain", "top_x", "top_y",
                   "top_score", "model", "label", "error", "source", "store")
 
 
@@ -183,15 +184,23 @@ class SlideScores:
     tissue: np.ndarray  # float32 (N,)
     probs: np.ndarray  # float32 (N, C)
     classes: list[str]
+    #: float32 (N,): each patch's distance from the model's training data (None: no domain model)
+    domain_distance: np.ndarray | None = None
+
+
+DOMAIN_COLUMN = "domain_distance"
 
 
 def scores_csv(scores: SlideScores) -> str:
+    dist = scores.domain_distance
     buf = io.StringIO()
-    buf.write(",".join(["index", "x", "y", "tissue", *[f"p_{c}" for c in scores.classes]]) + "\n")
+    buf.write(",".join(["index", "x", "y", "tissue", *[f"p_{c}" for c in scores.classes],
+                        *([DOMAIN_COLUMN] if dist is not None else [])]) + "\n")
     for i in range(len(scores.coords)):
         x, y = scores.coords[i]
         probs = ",".join(f"{p:.6f}" for p in scores.probs[i])
-        buf.write(f"{i},{int(x)},{int(y)},{float(scores.tissue[i]):.4f},{probs}\n")
+        extra = f",{float(dist[i]):.4f}" if dist is not None else ""
+        buf.write(f"{i},{int(x)},{int(y)},{float(scores.tissue[i]):.4f},{probs}{extra}\n")
     return buf.getvalue()
 
 
@@ -204,12 +213,15 @@ def read_scores(path: Path) -> SlideScores:
             rows = list(reader)
     except (OSError, StopIteration) as exc:
         raise RunError(f"{path}: cannot read scores: {exc}") from exc
-    if header[:4] != ["index", "x", "y", "tissue"] or not all(h.startswith("p_") for h in header[4:]):
+    has_domain = header[-1:] == [DOMAIN_COLUMN]
+    prob_cols = header[4:len(header) - has_domain]
+    if header[:4] != ["index", "x", "y", "tissue"] or not prob_cols or not all(h.startswith("p_") for h in prob_cols):
         raise RunError(f"{path}: not a wsi-screen scores.csv")
-    classes = [h[2:] for h in header[4:]]
     table = np.array(rows, dtype=np.float64).reshape(len(rows), len(header))
+    end = 4 + len(prob_cols)
     return SlideScores(coords=table[:, 1:3].astype(np.int64), tissue=table[:, 3].astype(np.float32),
-                       probs=table[:, 4:].astype(np.float32), classes=classes)
+                       probs=table[:, 4:end].astype(np.float32), classes=[h[2:] for h in prob_cols],
+                       domain_distance=table[:, end].astype(np.float32) if has_domain else None)
 
 
 class SlideFolder:

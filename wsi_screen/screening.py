@@ -33,6 +33,8 @@ from wsi_screen.aggregate import NO_TISSUE, AggregateConfig, SlideResult, diagno
 from wsi_screen.discovery import SlideSource, discover
 from wsi_screen.errors import ConfigError, ModelError, RunError, WsiScreenError
 from wsi_screen.models import PatchClassifier
+from wsi_screen.models.card import read_card, summary
+from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
 from wsi_screen.pipeline import TileConfig, failure_message, tile_isolated
 from wsi_screen.runfolder import SlideFolder, SlideScores
 from wsi_screen.slide import slide_name
@@ -105,16 +107,26 @@ class RunSummary:
 
 # ------------------------------------------------------------------------------------------- model helpers
 def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, Any]:
-    """What identifies a model for resuming: the hash of its weights and config."""
+    """What identifies a model for resuming (the hash of its weights and config; of its domain model apart:
+    the patch scores do not depend on it) and what a report says about it (its card's summary)."""
     h = hashlib.sha256()
     for name in ("model.safetensors", "config.json"):
         p = model_dir / name
         if p.exists():
             h.update(p.read_bytes())
     spec = classifier.spec
+    domain = hashlib.sha256()
+    for name in (DOMAIN_WEIGHTS, DOMAIN_CONFIG):
+        p = model_dir / name
+        if p.exists():
+            domain.update(p.read_bytes())
+    card = read_card(model_dir)
     return {"path": str(model_dir), "sha256": h.hexdigest(), "arch": spec.arch, "classes": spec.classes,
             "positive_class": spec.positive_class, "mpp": spec.mpp, "input_size": spec.input_size,
-            "stain_method": spec.stain_method, "patch_threshold": spec.threshold}
+            "stain_method": spec.stain_method, "patch_threshold": spec.threshold,
+            "domain_sha256": domain.hexdigest() if classifier.domain is not None else None,
+            "domain_threshold": classifier.domain.threshold if classifier.domain is not None else None,
+            "card": summary(card) if card else None}
 
 
 def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: InferConfig) -> AggregateConfig:
@@ -257,7 +269,9 @@ def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, An
         return False
     try:
         done = runfolder.read_json(path)
-        if done.get("model", {}).get("sha256") != model_id["sha256"] or done.get("source") != str(source.path):
+        model = done.get("model", {})
+        if model.get("sha256") != model_id["sha256"] or model.get("domain_sha256") != model_id["domain_sha256"] \
+                or done.get("source") != str(source.path):
             return False
         store = runfolder.resolve_path(done["store"], run)
         if done.get("store_digest") != _store_digest(store):
@@ -307,9 +321,10 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
         return row
     try:
         check_store_matches_model(PatchStore.open(result.store).attrs, classifier.spec, result.store)
-        for _location, probs in score_stores([result.store], classifier, batch_size=job.batch_size,
-                                             workers=job.loader_workers, desc=source.name[:30]):
-            write_slide_folder(job.run, row, result.store, probs, classifier, job.model_id, job.aggregate)
+        for _location, probs, distance in score_stores([result.store], classifier, batch_size=job.batch_size,
+                                                       workers=job.loader_workers, desc=source.name[:30]):
+            write_slide_folder(job.run, row, result.store, probs, classifier, job.model_id, job.aggregate,
+                               distance=distance)
     except Exception as exc:  # the per-slide boundary: one slide's failure (a disk error too) ends only it
         if job.debug:
             raise
@@ -455,7 +470,8 @@ def draw_heatmap(path: Path, store: PatchStore, coords: np.ndarray, probs: np.nd
 
 
 def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarray, classifier: PatchClassifier,
-                       model_id: dict[str, Any], aggregate: AggregateConfig | None = None) -> Path:
+                       model_id: dict[str, Any], aggregate: AggregateConfig | None = None, *,
+                       distance: np.ndarray | None = None) -> Path:
     """Write RUN/<slide>/ (scores.csv, heatmap.png, patches.geojson, slide.json) in one atomic step.
 
     The heatmap outlines the largest focus found by ``aggregate`` (redrawn at aggregation when the rule
@@ -466,7 +482,7 @@ def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarra
     spec = classifier.spec
     pos = spec.positive_index if spec.positive_index is not None else 1
     scores = SlideScores(coords=store.coords, tissue=store.tissue, probs=probs.astype(np.float32),
-                         classes=list(spec.classes))
+                         classes=list(spec.classes), domain_distance=distance)
     folder = SlideFolder(run, row.name)
     try:
         runfolder.atomic_write_text(folder.path(runfolder.SCORES_CSV), runfolder.scores_csv(scores))
@@ -503,7 +519,7 @@ def _aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggreg
     except (WsiScreenError, OSError):
         done = {}
     info = done.get("slide_info", {})
-    row.extra.update(slide_mpp=info.get("mpp"), mpp_source=info.get("mpp_source"))
+    row.extra.update(slide_mpp=info.get("mpp"), mpp_source=info.get("mpp_source"), **slide_domain(scores, classifier))
     grid = slide_grid(done, scores.coords, scores.probs[:, pos])
     try:
         result = diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative,
@@ -518,6 +534,17 @@ def _aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggreg
     elif result.top_indices:
         i = result.top_indices[0]
         row.top = (int(scores.coords[i, 0]), int(scores.coords[i, 1]), float(scores.probs[i, pos]))
+
+
+def slide_domain(scores: SlideScores, classifier: PatchClassifier) -> dict[str, Any]:
+    """``in_domain_fraction`` (of the slide's patches) and ``out_of_domain`` (fewer than the model's
+    ``slide_min_in_domain`` in domain: the call is kept but unreliable); empty without a domain model or
+    distances (a slide scored before they existed)."""
+    domain = classifier.domain
+    if domain is None or scores.domain_distance is None or len(scores.domain_distance) == 0:
+        return {}
+    fraction = float(np.mean(domain.in_domain(scores.domain_distance)))
+    return {"in_domain_fraction": fraction, "out_of_domain": fraction < domain.slide_min_in_domain}
 
 
 def _refresh_heatmap(run: Path, row: SlideRow, scores: SlideScores, pos: int, spec: Any,
@@ -566,6 +593,8 @@ def _write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
             "n_foci": res.n_foci if res and res.score is not None else "",
             "slide_mpp": f"{r.extra['slide_mpp']:.6g}" if r.extra.get("slide_mpp") else "",
             "mpp_source": r.extra.get("mpp_source") or "",
+            "in_domain_fraction": f"{r.extra['in_domain_fraction']:.4f}" if "in_domain_fraction" in r.extra else "",
+            "out_of_domain": str(r.extra["out_of_domain"]).lower() if "out_of_domain" in r.extra else "",
             "top_x": r.top[0] if r.top else "", "top_y": r.top[1] if r.top else "",
             "top_score": f"{r.top[2]:.6f}" if r.top else "", "model": model_id["arch"],
             "label": r.label, "error": r.error, "source": r.source,
@@ -596,7 +625,9 @@ def _write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig,
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
                         "torch": torch.__version__, "numpy": np.__version__},
         "slides": [{"slide": r.name, "status": r.status, "error": r.error, "mpp": r.extra.get("slide_mpp"),
-                    "mpp_source": r.extra.get("mpp_source"), "reused": bool(r.extra.get("reused"))}
+                    "mpp_source": r.extra.get("mpp_source"), "reused": bool(r.extra.get("reused")),
+                    "in_domain_fraction": r.extra.get("in_domain_fraction"),
+                    "out_of_domain": r.extra.get("out_of_domain")}
                    for r in sorted(rows, key=lambda r: r.name)],
     })
 

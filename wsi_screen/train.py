@@ -64,7 +64,10 @@ from wsi_screen.models import (
     load_pretrained,
     save_model,
 )
+from wsi_screen.models.card import write_card
 from wsi_screen.models.classifier import normalise, to_unit_float
+from wsi_screen.models.domain import DomainModel, collect_features
+from wsi_screen.models.domain import fit as fit_domain_model
 from wsi_screen.models.registry import (
     check_arch,
     classifier_parameter_names,
@@ -635,13 +638,40 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
     )
     write_evaluation(out / "valid", metrics, [data.folder.paths[i] for i in data.split.valid],
                      data.valid_targets, best.probs)
-    save_model(out, loop.model, spec)
+    fit_domain(loop.model, data, spec).save(out)
+    write_card(out, spec, auc_ci=_auc_ci(data.valid_targets, best.probs, pos_index))
+    save_model(out, loop.model, spec)  # config.json last: it marks a complete model folder
     train_checkpoint.remove(out)
     log.info("best epoch %d (%s %.4f); threshold %s; saved %s", best.epoch, monitor, best.score,
              "n/a" if threshold is None else f"{threshold:.4f}", out)
     return TrainResult(model_dir=out, spec=spec, history=history, best_epoch=best.epoch,
                        best_score=best.score, stopped_early=stopped_early, seconds=seconds,
                        pretrained=report.as_dict() if report else None)
+
+
+def _auc_ci(targets: np.ndarray, probs: np.ndarray, pos_index: int | None) -> tuple[float, float] | None:
+    """95 % bootstrap interval of the validation AUC (binary models with both classes present)."""
+    is_pos = np.asarray(targets) == pos_index
+    if pos_index is None or is_pos.all() or not is_pos.any():
+        return None
+    from wsi_screen.calibration import bootstrap_auc
+
+    _auc, lo, hi = bootstrap_auc(probs[:, pos_index], is_pos, seed=0)
+    return lo, hi
+
+
+def fit_domain(model: nn.Module, data: PreparedData, spec: ModelSpec) -> DomainModel:
+    """The model's domain distance: fitted on the training split's features, threshold on the valid split's
+    (see :mod:`wsi_screen.models.domain`)."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    train = collect_features(model, (xb for xb, _ in data.train.batches(256)), mean, std)
+    valid = collect_features(model, (xb for xb, _ in data.valid.batches(256)), mean, std)
+    domain = fit_domain_model(train, data.train.targets.numpy(), valid,
+                              info={"dataset": data.folder.root.name})
+    log.info("domain distance fitted on %d training images; threshold %.3f flags %.1f %% of valid", len(data.train),
+             domain.threshold, 100 * domain.info["calibrated_on"]["flagged_fraction"])
+    return domain
 
 
 def _fmt(value: float | None) -> str:

@@ -83,5 +83,9 @@ def format_summary(metrics: dict[str, Any], out: str) -> str:
     for key in keys:
         value = metrics.get(key)
         lines.append(f"  {key:<18} {'n/a' if value is None else format(value, '.4f')}")
+    domain = metrics.get("domain")
+    if domain:
+        lines.append(f"  {'out of domain':<18} {domain['flagged_fraction']:.4f} ({domain['flagged']} images with "
+                     f"domain distance > {domain['threshold']:.3f})")
     lines.append(f"written to {out}/ (metrics.json, predictions.csv, roc.png, confusion.png)")
     return "\n".join(lines)

@@ -110,7 +110,7 @@ def _print_table(summary: RunSummary) -> None:
     rows = sorted(summary.rows, key=lambda r: r.name)
     width = max([len("slide"), *(_display_width(r.name) for r in rows)])
     click.echo(f"{'slide':<{width}}  {'status':<9}  {'patches':>7}  {'score':>6}  {'diagnosis':<10}  "
-               f"{'metastasis':<10}  {'focus mm':>8}  foci")
+               f"{'metastasis':<10}  {'focus mm':>8}  {'foci':>4}  domain")
     for r in rows:
         res = r.result
         score = f"{res.score:.3f}" if res and res.score is not None else "-"
@@ -123,7 +123,7 @@ def _print_table(summary: RunSummary) -> None:
         foci = str(res.n_foci) if res.score is not None else "-"
         meta = res.metastasis if res.score is not None else "-"
         click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>6}  {res.diagnosis:<10}  {meta:<10}  "
-                   f"{focus:>8}  {foci}")
+                   f"{focus:>8}  {foci:>4}  {_domain_cell(r.extra)}")
     agg = summary.aggregate
     unit = " mm^2" if agg.rule == "region" else ""
     click.echo(f"\nslide call: {agg.rule} score >= {agg.slide_threshold:.3g}{unit} -> positive; metastasis by "
@@ -132,6 +132,11 @@ def _print_table(summary: RunSummary) -> None:
         m = summary.metrics
         click.echo(f"slide AUC {m['auc']:.3f}, sensitivity {m['sensitivity']}, specificity {m['specificity']} "
                    f"({summary.run / runfolder.SLIDE_METRICS_JSON})")
+    outside = [r.name for r in rows if r.extra.get("out_of_domain")]
+    if outside:
+        click.echo(f"OUT OF DOMAIN: {', '.join(outside)}: most patches are unlike the model's training data "
+                   "(another tissue, stain or resolution?); their calls are kept but unreliable "
+                   "(`wsi-screen models --card`)")
     scored = sum(r.status != "error" for r in rows)
     click.echo(f"{summary.reused} slide(s) reused from an earlier run with the same model, slide, resolution and "
                f"settings; {scored - summary.reused} (re)computed; {summary.failed} failed")
@@ -139,6 +144,14 @@ def _print_table(summary: RunSummary) -> None:
     for r in rows:
         if r.status != "error":
             click.echo(f"heatmap: {summary.run / r.name / runfolder.HEATMAP_PNG}")
+
+
+def _domain_cell(extra: dict[str, object]) -> str:
+    """``in 98%`` or ``OUT 12%``: the share of the slide's patches within the model's domain."""
+    fraction = extra.get("in_domain_fraction")
+    if not isinstance(fraction, float):
+        return "-"
+    return f"{'OUT' if extra.get('out_of_domain') else 'in'} {100 * fraction:.0f}%"
 
 
 def _display_width(text: str) -> int:

@@ -15,8 +15,11 @@ MAX_COUNTED = 60
 @click.option("--all", "show_all", is_flag=True, help="List every registered name (without parameter counts).")
 @click.option("--num-classes", type=click.IntRange(2, 100000), default=2, show_default=True,
               help="Output classes assumed for the parameter counts.")
+@click.option("--card", is_flag=True,
+              help="Print the model card of MODEL_DIR (given in place of PATTERN; default: the bundled model): "
+                   "intended use, training data, validation figures, limitations.")
 @common_options
-def models(pattern: str | None, show_all: bool, num_classes: int) -> None:
+def models(pattern: str | None, show_all: bool, num_classes: int, card: bool) -> None:
     """List architectures usable with `wsi-screen train --arch NAME`.
 
     Without arguments: the project's own screen_cnn32 and a few timm architectures suited to patches.
@@ -24,8 +27,13 @@ def models(pattern: str | None, show_all: bool, num_classes: int) -> None:
     of timm's. Parameter counts assume --num-classes outputs; the input is the architecture's default
     (any size works for convolutional networks; screen_cnn32 needs 32 px). Nothing is downloaded: weights
     come from `wsi-screen train`, optionally starting from a local --pretrained file.
+
+    `wsi-screen models --card [MODEL_DIR]` prints a trained model's card instead.
     """
     configure_output()
+    if card:
+        _print_card(pattern)
+        return
     from wsi_screen.models.registry import SUGGESTED, arch_info, list_models
 
     if show_all or pattern:
@@ -46,3 +54,20 @@ def models(pattern: str | None, show_all: bool, num_classes: int) -> None:
     for name in names:
         info = arch_info(name, num_classes)
         click.echo(f"{info.name:<24} {info.params:>13,} {info.input_size:>6}  {info.source}")
+
+
+def _print_card(model_dir: str | None) -> None:
+    from pathlib import Path
+
+    from wsi_screen.errors import ModelError
+    from wsi_screen.models import default_model_dir
+    from wsi_screen.models.card import CARD_NAME, read_card, render
+    from wsi_screen.models.spec import ModelSpec
+
+    folder = Path(model_dir) if model_dir else default_model_dir()
+    ModelSpec.read(folder)  # a clear error when it is not a model folder
+    found = read_card(folder)
+    if found is None:
+        raise ModelError(f"{folder}: no {CARD_NAME} (a model trained before cards existed); retrain it, or write one "
+                         "from the fields in docs/classifier.md")
+    click.echo(render(found))

@@ -29,6 +29,7 @@ def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch
     """
     configure_output()
     import json
+    import logging
     from pathlib import Path
 
     import numpy as np
@@ -48,22 +49,34 @@ def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch
             paths.extend(found)
         else:
             paths.append(item)
+    domain = model.domain
     if not as_json:
         pos = f"p({spec.positive_class})" if spec.positive_class else "p(max)"
-        click.echo("\t".join(["path", "predicted", pos, *[f"p_{c}" for c in spec.classes]]))
+        extra = ["domain_distance", "in_domain"] if domain is not None else []
+        click.echo("\t".join(["path", "predicted", pos, *[f"p_{c}" for c in spec.classes], *extra]))
+    flagged = 0
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        probs = model.predict([read_image(p) for p in chunk])
+        probs, dist = model.predict_with_domain([read_image(p) for p in chunk])
         calls = model.decide(probs)
-        for path, row, call in zip(chunk, probs, calls, strict=True):
+        inside = domain.in_domain(dist) if domain is not None and dist is not None else None
+        for i, (path, row, call) in enumerate(zip(chunk, probs, calls, strict=True)):
             label = spec.classes[int(call)]
             score = float(row[spec.positive_index]) if spec.positive_index is not None else float(np.max(row))
+            where = {} if inside is None or dist is None else \
+                {"domain_distance": round(float(dist[i]), 4), "in_domain": bool(inside[i])}
+            flagged += int(inside is not None and not inside[i])
             if as_json:
                 click.echo(json.dumps({
                     "path": str(path), "predicted": label,
                     "probabilities": {c: round(float(p), 6) for c, p in zip(spec.classes, row, strict=True)},
                     "positive_class": spec.positive_class,
                     "positive_probability": score if spec.positive_index is not None else None,
-                    "threshold": spec.threshold}))
+                    "threshold": spec.threshold, **where}))
             else:
-                click.echo("\t".join([str(path), label, f"{score:.4f}", *[f"{float(p):.4f}" for p in row]]))
+                cells = [f"{where['domain_distance']:.4f}", str(where["in_domain"]).lower()] if where else []
+                click.echo("\t".join([str(path), label, f"{score:.4f}", *[f"{float(p):.4f}" for p in row], *cells]))
+    if flagged:
+        logging.getLogger("wsi_screen.predict").warning(
+            "%d of %d image(s) are out of the model's domain (domain distance above %.3f): unlike its training "
+            "data, so their predictions are unreliable", flagged, len(paths), domain.threshold if domain else 0)

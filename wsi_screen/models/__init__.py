@@ -27,6 +27,7 @@ from wsi_screen.models.checkpoint import (
     save_model,
 )
 from wsi_screen.models.classifier import PatchClassifier, resize_uint8
+from wsi_screen.models.domain import DomainModel
 from wsi_screen.models.registry import (
     ArchInfo,
     arch_info,
@@ -41,6 +42,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "ArchInfo",
+    "DomainModel",
     "ModelSpec",
     "PatchClassifier",
     "PretrainedReport",
@@ -89,4 +91,4 @@ def load_model(path: str | os.PathLike[str] | None = None, *,
     module = build_module(spec)
     load_state_strict(module, read_weights(model_dir / WEIGHTS_NAME), str(model_dir))
     log.debug("loaded %s from %s", spec.arch, model_dir)
-    return PatchClassifier(module, spec, device=device)
+    return PatchClassifier(module, spec, device=device, domain=DomainModel.load(model_dir))

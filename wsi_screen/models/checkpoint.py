@@ -74,7 +74,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{path}: corrupt safetensors file: {exc}") from None
 
 
-def _atomic_write(path: Path, write: str | Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: str | Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         if isinstance(write, str):
@@ -121,7 +121,7 @@ def write_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: M
     def write(p: Path) -> None:
         p.write_bytes(data)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def state_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -136,7 +136,7 @@ def save_model(model_dir: str | Path, module: nn.Module, spec: ModelSpec) -> Pat
     state = state_for_saving(module)
     metadata = {"format": "pt", "arch": spec.arch, "classes": ",".join(spec.classes)}
     write_safetensors(out / WEIGHTS_NAME, state, metadata)
-    _atomic_write(out / CONFIG_NAME, spec.to_json())
+    atomic_write(out / CONFIG_NAME, spec.to_json())
     log.debug("saved %s (%d tensors) to %s", spec.arch, len(state), out)
     return out
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from wsi_screen.decision import decide
 from wsi_screen.errors import ModelError
+from wsi_screen.models.domain import DomainModel, feature_tap, joined
 from wsi_screen.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,11 @@ class PatchClassifier:
     :meth:`predict_tensor` with your own DataLoader.
     """
 
-    def __init__(self, module: nn.Module, spec: ModelSpec, *, device: str | torch.device = "cpu") -> None:
+    def __init__(self, module: nn.Module, spec: ModelSpec, *, device: str | torch.device = "cpu",
+                 domain: DomainModel | None = None) -> None:
         self.spec = spec
+        #: how far inputs are from the training data (see :mod:`wsi_screen.models.domain`); None if not fitted
+        self.domain = domain
         self.device = torch.device(device)
         self.module = module.to(self.device).to(memory_format=torch.channels_last).eval()
         self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
@@ -124,8 +128,22 @@ class PatchClassifier:
         with torch.inference_mode():
             return torch.softmax(self.module(x.to(self.device)).float(), dim=1)
 
+    def score_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Probabilities (N, C) and, when the model has a domain model, each image's domain distance (one
+        forward pass: the distance uses the features the classifier layer receives)."""
+        if self.domain is None:
+            return self.predict_tensor(x), None
+        with feature_tap(self.module) as captured:
+            probs = self.predict_tensor(x)
+        return probs, self.domain.distance({k: v.cpu() for k, v in joined(captured).items()})
+
     def predict(self, images: ImageBatch, *, batch_size: int = 256) -> np.ndarray:
         """Class probabilities (N, C), float32, columns in ``spec.classes`` order."""
+        return self.predict_with_domain(images, batch_size=batch_size)[0]
+
+    def predict_with_domain(self, images: ImageBatch, *,
+                            batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
+        """``predict``'s probabilities and the images' domain distances (None without a domain model)."""
         batch = as_uint8_batch(images)
         if isinstance(batch, list):
             size = self.spec.input_size
@@ -134,9 +152,16 @@ class PatchClassifier:
                     self._warn_resize(arr.shape[0], arr.shape[1])
             batch = np.stack([resize_uint8(numpy_to_tensor(a)[None], size)[0].numpy() for a in batch]) \
                 if batch else np.zeros((0, size, size, 3), np.uint8)
-        out = [self.predict_tensor(self.preprocess(batch[i:i + batch_size])).cpu().numpy()
-               for i in range(0, len(batch), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, self.spec.num_classes), np.float32)
+        probs, dists = [], []
+        for i in range(0, len(batch), batch_size):
+            p, d = self.score_tensor(self.preprocess(batch[i:i + batch_size]))
+            probs.append(p.cpu().numpy())
+            if d is not None:
+                dists.append(d)
+        if not probs:
+            return np.zeros((0, self.spec.num_classes), np.float32), \
+                None if self.domain is None else np.zeros(0, np.float32)
+        return np.concatenate(probs), np.concatenate(dists) if self.domain is not None else None
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """Predicted class indices: see :func:`decide`."""

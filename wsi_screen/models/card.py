@@ -1,0 +1,115 @@
+"""Model card: what a model is for, what it was trained and validated on, and where it must not be trusted.
+
+``card.json`` sits beside ``config.json`` (the contract a program needs) and is written for people.
+``wsi-screen train`` drafts one from what it knows (architecture, classes, resolution, data, validation
+metrics with a 95 % bootstrap CI, operating point) and marks what only the user can say (tissue, stain,
+task, licence of the data) with :data:`TO_COMPLETE`. ``wsi-screen models --card [MODEL_DIR]`` prints it;
+the report and the notebook show its two-line :func:`summary`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from wsi_screen.models.spec import ModelSpec
+
+CARD_NAME = "card.json"
+TO_COMPLETE = "TO COMPLETE"
+RESEARCH_USE = "Research use only, not for diagnosis."
+
+
+def draft(spec: ModelSpec, *, auc_ci: tuple[float, float] | None = None) -> dict[str, Any]:
+    """A card filled from ``spec`` (and the validation AUC's CI); user fields marked :data:`TO_COMPLETE`."""
+    m = spec.metrics or {}
+    data = spec.data or {}
+    mag = f"~{10 / spec.mpp:.0f}x" if spec.mpp else TO_COMPLETE  # 10x ~ 1 um/px
+    return {
+        "name": TO_COMPLETE,
+        "intended_use": {
+            "task": TO_COMPLETE, "tissue": TO_COMPLETE, "stain": TO_COMPLETE,
+            "magnification": mag, "mpp": spec.mpp, "patch_size_px": spec.input_size,
+            "classes": list(spec.classes), "positive_class": spec.positive_class,
+        },
+        "architecture": spec.arch,
+        "training_data": {
+            "dataset": data.get("dataset", TO_COMPLETE), "split": data.get("split", ""),
+            "n_train": data.get("n_train"), "n_valid": data.get("n_valid"),
+            "class_counts": data.get("train_class_counts", {}), "licence": TO_COMPLETE,
+        },
+        "validation": {
+            "data": "the validation split above (every choice was made on it)", "n": m.get("n"),
+            "auc": m.get("auc"), "auc_ci95": list(auc_ci) if auc_ci else None,
+            "sensitivity": m.get("sensitivity"), "specificity": m.get("specificity"),
+        },
+        "operating_point": {"threshold": spec.threshold, "rule": spec.threshold_rule},
+        "limitations": [TO_COMPLETE + ": tissues, stains, scanners and magnifications it was not trained on",
+                        "Patches far from the training data are flagged by the domain distance "
+                        "(domain.json); their scores are unreliable."],
+        "research_use": RESEARCH_USE,
+    }
+
+
+def write_card(model_dir: str | Path, spec: ModelSpec, *, auc_ci: tuple[float, float] | None = None) -> Path:
+    """Write a drafted ``card.json`` into ``model_dir``."""
+    from wsi_screen.models.checkpoint import atomic_write
+
+    path = Path(model_dir) / CARD_NAME
+    atomic_write(path, json.dumps(draft(spec, auc_ci=auc_ci), indent=2, allow_nan=False, default=str) + "\n")
+    return path
+
+
+def read_card(model_dir: str | Path) -> dict[str, Any] | None:
+    """The model folder's card, or None (models trained before cards existed)."""
+    path = Path(model_dir) / CARD_NAME
+    if not path.exists():
+        return None
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return card if isinstance(card, dict) else None
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
+
+
+def summary(card: dict[str, Any]) -> list[str]:
+    """Two lines: what the model is for and how well it did; the research-use note and its domain."""
+    use = card.get("intended_use", {})
+    val = card.get("validation", {})
+    ci = val.get("auc_ci95")
+    auc = f"patch AUC {_pct(val.get('auc'))}" + (f" ({_pct(ci[0])}-{_pct(ci[1])})" if ci else "")
+    mpp = use.get("mpp")
+    first = (f"{card.get('name', 'Model')}: {use.get('task', '?')} in {use.get('tissue', '?')}, "
+             f"{use.get('stain', '?')}, {use.get('magnification', '?')}"
+             + (f" ({mpp:g} um/px)" if isinstance(mpp, (int, float)) else "") + f"; {auc}.")
+    data = card.get("training_data", {}).get("dataset", "?")
+    second = (f"{card.get('research_use', RESEARCH_USE)} Trained on {data}; slides unlike that data are flagged "
+              "out of domain.")
+    return [first, second]
+
+
+def render(card: dict[str, Any]) -> str:
+    """The card as indented text (``wsi-screen models --card``); fields left to complete are marked."""
+    lines: list[str] = []
+
+    def walk(value: Any, indent: int, key: str) -> None:
+        pad = "  " * indent
+        if isinstance(value, dict):
+            lines.append(f"{pad}{key}:")
+            for k, v in value.items():
+                walk(v, indent + 1, str(k))
+        elif isinstance(value, list) and value and not all(isinstance(v, (int, float)) for v in value):
+            lines.append(f"{pad}{key}:")
+            lines.extend(f"{pad}  - {v}" for v in value)
+        else:
+            text = ", ".join(map(str, value)) if isinstance(value, list) else value
+            mark = "   <-- complete this" if value == TO_COMPLETE else ""
+            lines.append(f"{pad}{key}: {text}{mark}")
+
+    for k, v in card.items():
+        walk(v, 0, k)
+    return "\n".join(lines)

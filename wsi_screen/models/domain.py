@@ -1,0 +1,236 @@
+"""Domain distance: how far an image is from the data the model was trained on.
+
+A patch classifier answers every input, including tissue it never saw (skin, colon, a Pap smear): its
+probabilities then mean little. The model's own features say when that happens. Two views of an image are
+taken from the same forward pass that scores it:
+
+* ``penultimate``: the features the classifier layer receives (what the model "sees");
+* ``stem``: the mean and standard deviation of each feature map of the network's first stage (colour and
+  texture statistics: stain, tissue type and scanner show there first).
+
+For each, a class-conditional Gaussian with one shared covariance is fitted on the training split (Lee et
+al. 2018, "Mahalanobis" out-of-distribution detection; Ledoit-Wolf shrinkage keeps the covariance well
+conditioned); an image's squared Mahalanobis distance to the nearest class mean is divided by its median
+on the valid split. The **domain distance** is ``stem + 0.25 * penultimate`` of those (:data:`WEIGHTS`:
+chosen on the measurements in docs/default-model.md, where the penultimate features alone missed
+colorectal tiles and the QC tiles). The threshold is the distance that flags :data:`FLAG_RATE` (1 %) of the
+**valid** split: an image is ``in_domain`` when its distance is at most the threshold.
+
+Stored beside the model's weights, never pickled: ``domain.safetensors`` (per view, the whitening matrix
+and the whitened class means) and ``domain.json`` (threshold, scales, weights, what it was fitted and
+calibrated on, and the slide rule: the least fraction of a slide's patches that must be in domain,
+:data:`SLIDE_MIN_IN_DOMAIN`). It costs a few matrix products per batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wsi_screen.errors import ModelError
+
+DOMAIN_WEIGHTS = "domain.safetensors"
+DOMAIN_CONFIG = "domain.json"
+#: fraction of the valid split the threshold flags
+FLAG_RATE = 0.01
+#: default slide rule: a slide with fewer than this fraction of its patches in domain is out of domain
+SLIDE_MIN_IN_DOMAIN = 0.5
+#: the views of an image and their weights in the distance
+WEIGHTS = {"stem": 1.0, "penultimate": 0.25}
+
+Features = dict[str, torch.Tensor]
+
+
+def _stem(module: nn.Module) -> nn.Module:
+    """The network's first stage: timm's first feature module (``act1`` of a ResNet), else the first
+    convolution (``screen_cnn32``)."""
+    info = getattr(module, "feature_info", None)
+    if info:
+        try:
+            first = info[0]["module"] if isinstance(info, list) else info.module_name(0)
+            found: nn.Module = dict(module.named_modules())[first]
+            return found
+        except (KeyError, IndexError, TypeError, AttributeError):
+            pass
+    for sub in module.modules():
+        if isinstance(sub, nn.Conv2d):
+            return sub
+    raise ModelError(f"{type(module).__name__} has no convolutional stem to take statistics from")
+
+
+@contextmanager
+def feature_tap(module: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Collect each forward pass's ``penultimate`` features (the classifier layer's input) and ``stem``
+    statistics (mean and sd of each first-stage feature map) as (N, D) float tensors.
+
+    Works for every architecture here: timm models and ``screen_cnn32`` expose ``get_classifier()``.
+    """
+    get = getattr(module, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        raise ModelError(f"{type(module).__name__} has no classifier layer to take features from")
+    captured: dict[str, list[torch.Tensor]] = {"stem": [], "penultimate": []}
+
+    def on_head(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        captured["penultimate"].append(inputs[0].detach().flatten(1).float())
+
+    def on_stem(_m: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        maps = output.detach().float()
+        captured["stem"].append(torch.cat([maps.mean(dim=(2, 3)), maps.std(dim=(2, 3))], dim=1))
+
+    handles = [head.register_forward_pre_hook(on_head), _stem(module).register_forward_hook(on_stem)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def joined(captured: dict[str, list[torch.Tensor]]) -> Features:
+    """:func:`feature_tap`'s lists as one (N, D) tensor per view."""
+    return {k: torch.cat(v) if v else torch.zeros(0, 0) for k, v in captured.items()}
+
+
+def collect_features(module: nn.Module, batches: Iterable[torch.Tensor | np.ndarray],
+                     mean: torch.Tensor, std: torch.Tensor) -> Features:
+    """Both views (see :func:`feature_tap`) of uint8 NHWC ``batches`` at the model's input size, normalised
+    with ``mean``/``std`` (1, 3, 1, 1) as in training and inference."""
+    from wsi_screen.models.classifier import normalise, to_unit_float
+
+    module.eval()
+    with torch.inference_mode(), feature_tap(module) as captured:
+        for batch in batches:
+            module(normalise(to_unit_float(torch.as_tensor(batch)), mean, std))
+    return joined(captured)
+
+
+@dataclass(frozen=True)
+class View:
+    """One view's Gaussian: ``whiten`` (D, D) and the whitened class means (C, D); distances are divided by
+    ``scale`` (their median on the valid split) and weighted by ``weight``."""
+
+    whiten: torch.Tensor
+    means_w: torch.Tensor
+    scale: float = 1.0
+    weight: float = 1.0
+
+    def squared(self, features: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance of each row to the nearest class mean, over ``scale``."""
+        x = torch.as_tensor(features, dtype=torch.float32).flatten(1)
+        if x.shape[1] != self.whiten.shape[0]:
+            raise ModelError(f"domain model expects {self.whiten.shape[0]} features, got {x.shape[1]}")
+        return torch.cdist(x @ self.whiten, self.means_w).square().min(dim=1).values / self.scale
+
+
+@dataclass(frozen=True)
+class DomainModel:
+    """The fitted distance (see the module docstring)."""
+
+    views: dict[str, View]
+    threshold: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slide_min_in_domain(self) -> float:
+        """Least fraction of a slide's patches in domain for the slide to count as in domain."""
+        return float(self.info.get("slide_min_in_domain", SLIDE_MIN_IN_DOMAIN))
+
+    def distance(self, features: Features) -> np.ndarray:
+        """Domain distance of each image from its views' features (see :func:`feature_tap`)."""
+        missing = set(self.views) - set(features)
+        if missing:
+            raise ModelError(f"domain model needs the {', '.join(sorted(missing))} features")
+        total = sum(v.weight * v.squared(features[k]) for k, v in self.views.items())
+        return torch.as_tensor(total).numpy().astype(np.float32)
+
+    def in_domain(self, distance: np.ndarray) -> np.ndarray:
+        return np.asarray(distance) <= self.threshold
+
+    # --- files ----------------------------------------------------------------------------------------------
+    def save(self, model_dir: str | Path) -> None:
+        """Write ``domain.safetensors`` and ``domain.json`` into ``model_dir``."""
+        from wsi_screen.models.checkpoint import atomic_write, write_safetensors
+
+        out = Path(model_dir)
+        tensors = {f"{k}.{name}": t.contiguous() for k, v in self.views.items()
+                   for name, t in (("whiten", v.whiten), ("means_w", v.means_w))}
+        write_safetensors(out / DOMAIN_WEIGHTS, tensors, {"format": "pt"})
+        views = {k: {"scale": v.scale, "weight": v.weight, "features": int(v.whiten.shape[0])}
+                 for k, v in self.views.items()}
+        atomic_write(out / DOMAIN_CONFIG, json.dumps({"threshold": self.threshold, "views": views, **self.info},
+                                                     indent=2, allow_nan=False) + "\n")
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> DomainModel | None:
+        """The model folder's domain model, or None when it has none (models trained before it existed)."""
+        folder = Path(model_dir)
+        if not (folder / DOMAIN_CONFIG).exists():
+            return None
+        from wsi_screen.models.checkpoint import read_weights
+
+        try:
+            info = json.loads((folder / DOMAIN_CONFIG).read_text(encoding="utf-8"))
+            tensors = read_weights(folder / DOMAIN_WEIGHTS)
+            threshold = float(info.pop("threshold"))
+            views = {k: View(whiten=tensors[f"{k}.whiten"].float(), means_w=tensors[f"{k}.means_w"].float(),
+                             scale=float(v["scale"]), weight=float(v["weight"]))
+                     for k, v in info.pop("views").items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{folder}: unreadable domain model ({DOMAIN_CONFIG}, {DOMAIN_WEIGHTS}): {exc}") from exc
+        square = all(v.whiten.ndim == 2 and v.whiten.shape[0] == v.whiten.shape[1]
+                     and v.means_w.shape[1:] == v.whiten.shape[1:] for v in views.values())
+        if not views or not math.isfinite(threshold) or not square:
+            raise ModelError(f"{folder}: malformed domain model ({DOMAIN_WEIGHTS})")
+        return cls(views=views, threshold=threshold, info=info)
+
+
+def _gaussian(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Whitening matrix and whitened class means of a shared-covariance Gaussian (and its shrinkage)."""
+    from sklearn.covariance import LedoitWolf
+
+    classes = np.unique(y)
+    means = np.stack([x[y == c].mean(axis=0) for c in classes])
+    cov = LedoitWolf(assume_centered=True).fit(x - means[np.searchsorted(classes, y)])
+    precision = np.linalg.inv(cov.covariance_)
+    whiten = np.linalg.cholesky((precision + precision.T) / 2.0)  # precision = L L^T: d^2 = |(x - mu) L|^2
+    return torch.from_numpy(whiten).float(), torch.from_numpy(means @ whiten).float(), float(cov.shrinkage_)
+
+
+def fit(train: Features, train_labels: np.ndarray, valid: Features, *, flag_rate: float = FLAG_RATE,
+        weights: dict[str, float] | None = None, info: dict[str, Any] | None = None) -> DomainModel:
+    """Fit each view on the training split's features, scale it and set the threshold on the valid split's."""
+    weights = dict(WEIGHTS if weights is None else weights)
+    y = np.asarray(train_labels)
+    n = {len(train[k]) for k in weights}
+    if n == {0} or len(n) != 1 or any(len(valid[k]) == 0 for k in weights) or len(y) not in n:
+        raise ModelError("the domain model needs training and validation features of every view")
+    views, shrinkage = {}, {}
+    for key, weight in weights.items():
+        whiten, means_w, shrinkage[key] = _gaussian(np.asarray(train[key], dtype=np.float64), y)
+        raw = View(whiten=whiten, means_w=means_w)
+        scale = float(np.median(raw.squared(valid[key]).numpy())) or 1.0
+        views[key] = View(whiten=whiten, means_w=means_w, scale=scale, weight=weight)
+    model = DomainModel(views=views, threshold=math.inf)
+    valid_d = model.distance(valid)
+    threshold = float(np.quantile(valid_d, 1.0 - flag_rate, method="higher"))
+    details = {
+        "method": "per view (stem statistics, penultimate features): class-conditional Gaussian with a shared "
+                  "Ledoit-Wolf covariance; squared Mahalanobis distance to the nearest class mean over its valid "
+                  "median; distance = weighted sum of the views",
+        "fitted_on": {"split": "train", "n": int(next(iter(n)))},
+        "threshold_rule": f"flags {flag_rate:.0%} of the valid split",
+        "calibrated_on": {"split": "valid", "n": len(valid_d),
+                          "flagged_fraction": float(np.mean(valid_d > threshold))},
+        "shrinkage": shrinkage, "slide_min_in_domain": SLIDE_MIN_IN_DOMAIN,
+        **(info or {}),
+    }
+    return DomainModel(views=views, threshold=threshold, info=details)
