@@ -39,7 +39,9 @@ wsi-screen evaluate "$PCAM" --model "$WORK/model" --split valid -o "$WORK/eval-v
 python scripts/calibrate_slide_rule.py --model "$WORK/model" --work "$WORK/calibration"
 mkdir -p "$OUT"
 cp "$WORK/model/model.safetensors" "$WORK/model/config.json" "$WORK/model/slide_rule.json" \
-   "$WORK/model/history.csv" "$OUT/"
+   "$WORK/model/history.csv" "$WORK/model/domain.json" "$WORK/model/domain.safetensors" "$OUT/"
+# card.json: `train` drafts one in $WORK/model (fields only a person knows marked TO COMPLETE); the bundled
+# card is that draft completed by hand: update its figures (AUC and CI) from $WORK/model/card.json.
 # the test that keeps the slide rule from drifting with slide size reads the model's score bank
 SHA=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['calibrated_on']['score_bank_model_sha256'][:12])" "$OUT/slide_rule.json")
 cp "$WORK/calibration/bank-$SHA.json" tests/fixtures/score_bank/default.json
