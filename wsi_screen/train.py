@@ -25,7 +25,7 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,12 @@ class TrainConfig:
     compile: bool = False
     overwrite: bool = False
     restart: bool = False  # ignore a checkpoint of an interrupted run in the output folder
+    #: training recipe (see wsi_screen.recipes): "default", "small", or "auto" (chosen from the data)
+    recipe: str = "default"
+    #: fields set explicitly (a recipe never changes them)
+    overrides: tuple[str, ...] = ()
+    #: K-fold cross-validation (see wsi_screen.cross_validation); 1: one validation split; 0: auto
+    folds: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -159,8 +165,9 @@ class TrainConfig:
             problems.append("mpp must be positive")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_rate < 1:
             problems.append("label smoothing and drop rate must be in [0, 1)")
-        if self.patience < 0 or self.frozen_epochs < 0 or self.workers < 0:
-            problems.append("patience, frozen epochs and workers cannot be negative")
+        if self.patience < 0 or self.frozen_epochs < 0 or self.workers < 0 or self.folds < 0:
+            problems.append("patience, frozen epochs, workers and folds cannot be negative")
+
         if problems:
             raise ConfigError("; ".join(problems))
         ThresholdRule.parse(self.threshold_rule)
@@ -547,6 +554,10 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
     :mod:`wsi_screen.train_checkpoint`); a rerun with the same settings resumes after the last finished epoch
     unless ``config.restart``. ``config.json`` is written last and marks a complete folder.
     """
+    if config.folds > 1:
+        from wsi_screen.cross_validation import fit_folds
+
+        return fit_folds(data, config, out_dir)
     out = Path(out_dir)
     complete = (out / CONFIG_NAME).exists()
     if complete and not config.overwrite:
@@ -682,6 +693,7 @@ def _resolved(config: TrainConfig, data: PreparedData, monitor: str, best_epoch:
               seconds: float, report: PretrainedReport | None) -> dict[str, Any]:
     out = asdict(config)
     out.pop("restart", None)
+    out["overrides"] = list(config.overrides)  # as JSON holds it
     out.update(size=data.size, lr=config.resolved_lr, weight_decay=config.resolved_weight_decay,
                monitor=monitor, best_epoch=best_epoch, stopped_early=stopped_early, seconds=round(seconds, 1),
                threads=torch.get_num_threads(), torch_version=torch.__version__,
@@ -692,9 +704,27 @@ def _resolved(config: TrainConfig, data: PreparedData, monitor: str, best_epoch:
     return out
 
 
+def for_data(config: TrainConfig, data: PreparedData) -> TrainConfig:
+    """``config`` with its recipe and number of folds resolved for ``data`` (see wsi_screen.recipes and
+    wsi_screen.cross_validation)."""
+    from wsi_screen import recipes
+    from wsi_screen.cross_validation import auto_folds
+
+    n_pool = len(data.train) + len(data.valid)
+    config = recipes.apply(config, len(data.train))
+    if config.folds == 0:
+        pool_labels = np.concatenate([data.train.targets.numpy(), data.valid_targets])
+        config = replace(config, folds=auto_folds(n_pool, pool_labels))
+    log.info("recipe %s; %s", config.recipe,
+             f"{config.folds}-fold cross-validation over {n_pool} images" if config.folds > 1 else
+             "one validation split")
+    return config
+
+
 def train(dataset: str | Path, out_dir: str | Path, config: TrainConfig) -> TrainResult:
     """Train ``config.arch`` on a dataset folder and write the model folder (see the module docstring)."""
     out = Path(out_dir)
     if (out / CONFIG_NAME).exists() and not config.overwrite:
         raise ConfigError(f"{out} already holds a model; pass --overwrite or choose another output folder")
-    return fit(prepare_data(dataset, config), config, out)
+    data = prepare_data(dataset, config)
+    return fit(data, for_data(config, data), out)

@@ -22,7 +22,7 @@ from typing import Any
 
 from wsi_screen.errors import ConfigError
 from wsi_screen.models.spec import WEIGHTS_NAME
-from wsi_screen.train import TrainConfig, fit, prepare_data
+from wsi_screen.train import TrainConfig, fit, for_data, prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: dic
         if base.overwrite and (out / name).exists():
             shutil.rmtree(out / name)
     data = prepare_data(dataset, base)
+    base = for_data(base, data)
     log.info("%d trials (%s search over %s)", len(settings), search, ", ".join(space) or "nothing")
     done: list[Trial] = []
     for index, params in enumerate(settings, start=1):

@@ -53,6 +53,16 @@ def training_options(func: F) -> F:
         click.option("--carve-valid", is_flag=True,
                      help="Carve validation from train even if the dataset has a valid split, leaving that "
                           "split unused (held out for `wsi-screen evaluate --split valid`)."),
+        click.option("--recipe", type=click.Choice(["auto", "small", "default"]), default="auto", show_default=True,
+                     help="Training defaults. small: Adam at a constant 1e-3, no label smoothing, class weights or "
+                          "colour/HED jitter, no early stopping (best on a few hundred images); default: the "
+                          "options' own defaults (suit tens of thousands of patches); auto: small below 3,000 "
+                          "training images. Options you give always win."),
+        click.option("--folds", type=click.IntRange(0, 20), default=0, show_default=True,
+                     help="K-fold cross-validation: K models train in lockstep, the epoch and threshold are chosen "
+                          "on their pooled out-of-fold predictions, and the model folder is their ensemble. 1: one "
+                          "validation split; 0 (auto): 5 folds below 3,000 images (with >= 25 of every class), "
+                          "else 1."),
         click.option("--epochs", type=click.IntRange(1, 1000), default=20, show_default=True),
         click.option("--patience", type=click.IntRange(0, 1000), default=8, show_default=True,
                      help="Stop after this many epochs without improvement on validation (0: never)."),
@@ -123,8 +133,22 @@ def config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "stain_target": params["stain_target"], "threshold_rule": params["threshold_rule"],
         "flips": params["flips"], "hed_jitter": params["hed_jitter"], "color_jitter": params["color_jitter"],
         "workers": params["workers"], "cache_limit_mb": params["cache_limit"], "compile": params["compile_"],
-        "overwrite": params["overwrite"],
+        "overwrite": params["overwrite"], "recipe": params["recipe"], "folds": params["folds"],
+        "overrides": explicit_options(ctx),
     }
+
+
+def explicit_options(ctx: click.Context) -> tuple[str, ...]:
+    """TrainConfig fields a recipe may set that the user gave on the command line (they win)."""
+    from wsi_screen.recipes import RECIPES
+
+    fields = sorted({k for recipe in RECIPES.values() for k in recipe})
+    given = []
+    for name in fields:
+        source = ctx.get_parameter_source(name) if name in ctx.params else None
+        if source is not None and source != click.core.ParameterSource.DEFAULT:
+            given.append(name)
+    return tuple(given)
 
 
 #: at or below this many cores, the default is one compute thread (see bench/RESULTS.md, "Threads")

@@ -71,6 +71,8 @@ class ModelSpec:
     data: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: number of member models whose probabilities are averaged (``train --folds K`` delivers K)
+    ensemble: int = 1
     package_version: str = field(default_factory=_package_version)
     created: str = field(default_factory=_now)
     format_version: int = FORMAT_VERSION
@@ -94,6 +96,8 @@ class ModelSpec:
             out.append(f"threshold {self.threshold} is outside [0, 1]")
         if self.input_size < 1:
             out.append(f"input_size {self.input_size} must be positive")
+        if not isinstance(self.ensemble, int) or self.ensemble < 1:
+            out.append(f"ensemble {self.ensemble!r} must be a positive number of members")
         if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
             out.append(f"mpp {self.mpp} must be a positive number")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):

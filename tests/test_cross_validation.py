@@ -1,0 +1,86 @@
+"""Small-data training: recipes chosen from the data, K-fold cross-validation and the fold ensemble."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.classifier_data import make_subset
+from wsi_screen import recipes
+from wsi_screen.cross_validation import Ensemble, assign_folds, auto_folds
+from wsi_screen.errors import DatasetError
+from wsi_screen.models import create_model, load_model
+from wsi_screen.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def herlev_cv(patches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Herlev binary: 15 train images per class (and 5 test)."""
+    return make_subset(patches_dir / "herlev", tmp_path_factory.mktemp("herlev_cv"), {"train": 15, "test": 5},
+                       label_column="binary_label")
+
+
+def test_recipe_is_chosen_from_the_data_and_given_options_win() -> None:
+    assert recipes.choose("auto", 716) == "small" and recipes.choose("auto", 20000) == "default"
+    config = TrainConfig(arch="screen_cnn32", recipe="auto", overrides=("lr",), lr=3e-4)
+    small = recipes.apply(config, 716)
+    assert small.recipe == "small" and small.optimizer == "adam" and small.schedule == "constant"
+    assert small.label_smoothing == 0.0 and not small.class_weights and small.hed_jitter == 0.0
+    assert small.lr == 3e-4  # given on the command line: kept
+    big = recipes.apply(config, 20000)
+    assert big.recipe == "default" and big.optimizer == "adamw" and big.label_smoothing == 0.1
+
+
+def test_folds_are_stratified_and_grouped() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    groups = rng.integers(0, 60, 300)
+    fold = assign_folds(labels, groups, 5, seed=0)
+    assert set(fold.tolist()) == {0, 1, 2, 3, 4}
+    for g in np.unique(groups):
+        assert len(set(fold[groups == g].tolist())) == 1  # a group never spans two folds
+    plain = assign_folds(labels, None, 5, seed=0)
+    share = [labels[plain == f].mean() for f in range(5)]
+    assert max(share) - min(share) < 0.05  # stratified
+    assert auto_folds(716, labels) == 5 and auto_folds(20000, labels) == 1 and auto_folds(40, labels[:40]) == 1
+    with pytest.raises(DatasetError, match="at least 5 images of every class"):
+        assign_folds(np.array([0] * 10 + [1] * 3), None, 5, seed=0)
+
+
+def test_ensemble_averages_member_probabilities() -> None:
+    torch.manual_seed(0)
+    members = [create_model("screen_cnn32", num_classes=2).eval() for _ in range(3)]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        expected = torch.stack([m(x).softmax(1) for m in members]).mean(0)
+        torch.testing.assert_close(Ensemble(members)(x).softmax(1), expected)
+
+
+def test_cross_validated_training_delivers_an_ensemble(herlev_cv: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    config = TrainConfig(arch="screen_cnn32", label_column="binary_label", epochs=2, batch_size=8, folds=3,
+                         recipe="auto", mpp=0.5)
+    result = train(herlev_cv, out, config)
+    spec = json.loads((out / "config.json").read_text())
+    assert spec["ensemble"] == 3 and spec["train_config"]["recipe"] == "small"
+    assert spec["train_config"]["optimizer"] == "adam" and spec["train_config"]["threads"] >= 1
+    cv = spec["metrics"]["cross_validation"]
+    assert cv["folds"] == 3 and [r["fold"] for r in cv["per_fold"]] == [1, 2, 3]
+    assert sum(r["n"] for r in cv["per_fold"]) == 30 and spec["data"]["n_train"] == 30
+    with (out / "split.csv").open() as fh:
+        folds = [row["fold"] for row in csv.DictReader(fh)]
+    assert sorted(set(folds)) == ["1", "2", "3"] and len(folds) == 30
+    with (out / "history.csv").open() as fh:
+        history = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in history] == [1, 2] and result.best_epoch in (1, 2)
+    assert (out / "valid" / "fold_metrics.csv").exists() and (out / "domain.json").exists()
+    model = load_model(out)  # one folder, loaded like any other
+    assert isinstance(model.module, Ensemble) and len(model.module.members) == 3
+    images = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    probs, distance = model.predict_with_domain(images)
+    assert probs.shape == (5, 2) and np.allclose(probs.sum(1), 1, atol=1e-5) and distance is not None

@@ -1,0 +1,50 @@
+"""Training recipes: defaults that suit the data.
+
+The defaults that suit PatchCamelyon-sized data (tens of thousands of patches: AdamW with a cosine schedule,
+label smoothing, class weights, HED and colour jitter, early stopping) cost a small CNN on a few hundred
+images 0.05-0.2 test AUC and make it swing with the seed (docs/classifier.md, "Small datasets"). ``train``
+therefore picks a recipe from the data it sees:
+
+* ``small`` (fewer than :data:`SMALL_DATASET` training images): Adam at a constant 1e-3, no label
+  smoothing, no class weights, flips and 90-degree rotations only, no early stopping (the epoch is chosen on
+  validation, or on the pooled out-of-fold predictions with ``--folds``);
+* ``default``: the options' own defaults.
+
+``--recipe small|default`` names one; ``auto`` (the CLI's default) chooses. An option given on the command
+line always wins over the recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from wsi_screen.errors import ConfigError
+
+#: below this many training images, ``auto`` picks the ``small`` recipe (and ``--folds`` auto picks 5)
+SMALL_DATASET = 3000
+#: what each recipe sets (fields of :class:`wsi_screen.train.TrainConfig`)
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "small": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant", "warmup_epochs": 0.0,
+              "label_smoothing": 0.0, "class_weights": False, "hed_jitter": 0.0, "color_jitter": 0.0,
+              "patience": 0},
+}
+CHOICES = ("auto", *RECIPES)
+
+
+def choose(name: str, n_train: int) -> str:
+    """The recipe ``name`` stands for with ``n_train`` training images."""
+    if name == "auto":
+        return "small" if n_train < SMALL_DATASET else "default"
+    if name not in RECIPES:
+        raise ConfigError(f"recipe {name!r} is not one of {', '.join(CHOICES)}")
+    return name
+
+
+def apply(config: Any, n_train: int) -> Any:
+    """``config`` (a TrainConfig) with its recipe resolved and applied, except to the fields in
+    ``config.overrides`` (set explicitly by the user)."""
+    name = choose(config.recipe, n_train)
+    changes = {k: v for k, v in RECIPES[name].items() if k not in config.overrides}
+    return replace(config, recipe=name, **changes)
