@@ -64,7 +64,7 @@ def test_ensemble_averages_member_probabilities() -> None:
 def test_cross_validated_training_delivers_an_ensemble(herlev_cv: Path, tmp_path: Path) -> None:
     out = tmp_path / "model"
     config = TrainConfig(arch="screen_cnn32", label_column="binary_label", epochs=2, batch_size=8, folds=3,
-                         recipe="auto", mpp=0.5)
+                         recipe="auto", overrides=("epochs",), mpp=0.5)  # as the CLI passes a given --epochs
     result = train(herlev_cv, out, config)
     spec = json.loads((out / "config.json").read_text())
     assert spec["ensemble"] == 3 and spec["train_config"]["recipe"] == "small"

@@ -6,8 +6,9 @@ images 0.05-0.2 test AUC and make it swing with the seed (docs/classifier.md, "S
 therefore picks a recipe from the data it sees:
 
 * ``small`` (fewer than :data:`SMALL_DATASET` training images): Adam at a constant 1e-3, no label
-  smoothing, no class weights, flips and 90-degree rotations only, no early stopping (the epoch is chosen on
-  validation, or on the pooled out-of-fold predictions with ``--folds``);
+  smoothing, no class weights, flips and 90-degree rotations only, 60 epochs without early stopping (a few
+  hundred images give few steps per epoch; the epoch is chosen on validation, or on the pooled out-of-fold
+  predictions with ``--folds``);
 * ``default``: the options' own defaults.
 
 ``--recipe small|default`` names one; ``auto`` (the CLI's default) chooses. An option given on the command
@@ -28,7 +29,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "small": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant", "warmup_epochs": 0.0,
               "label_smoothing": 0.0, "class_weights": False, "hed_jitter": 0.0, "color_jitter": 0.0,
-              "patience": 0},
+              "patience": 0, "epochs": 60},
 }
 CHOICES = ("auto", *RECIPES)
 
