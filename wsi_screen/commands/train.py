@@ -63,7 +63,8 @@ def training_options(func: F) -> F:
                           "on their pooled out-of-fold predictions, and the model folder is their ensemble. 1: one "
                           "validation split; 0 (auto): 5 folds below 3,000 images (with >= 25 of every class), "
                           "else 1."),
-        click.option("--epochs", type=click.IntRange(1, 1000), default=20, show_default=True),
+        click.option("--epochs", type=click.IntRange(1, 1000), default=20, show_default=True,
+                     help="Epochs (the small recipe trains 60 unless you give this)."),
         click.option("--patience", type=click.IntRange(0, 1000), default=8, show_default=True,
                      help="Stop after this many epochs without improvement on validation (0: never)."),
         click.option("--monitor", type=click.Choice(["auto", "auc", "balanced_accuracy", "accuracy", "loss"]),
