@@ -5,8 +5,8 @@ probabilities then mean little. The model's own features say when that happens. 
 taken from the same forward pass that scores it:
 
 * ``penultimate``: the features the classifier layer receives (what the model "sees");
-* ``stem``: the mean and standard deviation of each feature map of the network's first stage (colour and
-  texture statistics: stain, tissue type and scanner show there first).
+* ``stem``: the mean and standard deviation of each feature map of the network's first stage, pooled 2x2
+  (colour and texture statistics: stain, tissue type and scanner show there first).
 
 For each, a class-conditional Gaussian with one shared covariance is fitted on the training split (Lee et
 al. 2018, "Mahalanobis" out-of-distribution detection; Ledoit-Wolf shrinkage keeps the covariance well
@@ -84,8 +84,7 @@ def feature_tap(module: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
         captured["penultimate"].append(inputs[0].detach().flatten(1).float())
 
     def on_stem(_m: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        maps = output.detach().float()
-        captured["stem"].append(torch.cat([maps.mean(dim=(2, 3)), maps.std(dim=(2, 3))], dim=1))
+        captured["stem"].append(stem_statistics(output.detach().float()))
 
     handles = [head.register_forward_pre_hook(on_head), _stem(module).register_forward_hook(on_stem)]
     try:
@@ -93,6 +92,20 @@ def feature_tap(module: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def stem_statistics(maps: torch.Tensor) -> torch.Tensor:
+    """(N, 2C): each channel's mean and standard deviation over the 2x2-pooled feature map.
+
+    Pooling first keeps the cost a few percent of the forward pass (the stem's maps are the network's
+    largest); the mean is exact, the sd is that of 2x2 block means (a texture statistic all the same).
+    Both come from average pooling, which runs fast on channels-last tensors.
+    """
+    if maps.shape[-1] >= 4 and maps.shape[-2] >= 4:
+        maps = nn.functional.avg_pool2d(maps, 2)
+    mean = nn.functional.adaptive_avg_pool2d(maps, 1).flatten(1)
+    square = nn.functional.adaptive_avg_pool2d(maps * maps, 1).flatten(1)
+    return torch.cat([mean, (square - mean * mean).clamp_min(0).sqrt()], dim=1)
 
 
 def joined(captured: dict[str, list[torch.Tensor]]) -> Features:
