@@ -83,9 +83,17 @@ def capture_record(record: logging.LogRecord) -> dict[str, object]:
 def replay(records: Sequence[Mapping[str, object]]) -> None:
     """Re-emit records captured in another process (a Dask worker, the slide reader's child process)
     through this process's loggers of the same names."""
+    root = logging.getLogger()
     for rec in records:
-        logger = logging.getLogger(str(rec["name"]))
+        name = str(rec["name"])
         level = int(rec["levelno"])  # type: ignore[call-overload]
-        if logger.isEnabledFor(level):
-            logger.handle(logging.makeLogRecord({"name": logger.name, "levelno": level, "msg": str(rec["msg"]),
-                                                 "levelname": logging.getLevelName(level)}))
+        record = logging.makeLogRecord({"name": name, "levelno": level, "msg": str(rec["msg"]),
+                                        "levelname": logging.getLevelName(level)})
+        if name == "wsi_screen" or name.startswith(("wsi_screen.", "py.warnings")):
+            logger = logging.getLogger(name)
+            if logger.isEnabledFor(level):
+                logger.handle(record)
+        elif level >= root.getEffectiveLevel():
+            # a library's record (tifffile's warnings): to the root handlers (the run log) directly, so a
+            # library logger another package switched off (logging.config.dictConfig does) cannot drop it
+            root.handle(record)
