@@ -101,7 +101,7 @@ def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
         monitor_value,
         write_evaluation,
     )
-    from wsi_screen.models import ModelSpec, count_parameters, save_model
+    from wsi_screen.models import count_parameters
 
     k = int(config.folds)
     if data.train.images is None or data.valid.images is None:
@@ -188,30 +188,20 @@ def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
         "folds": k, "pooled": "out-of-fold predictions of the fold models at the chosen epoch",
         "per_fold": fold_rows, "auc_mean": _mean(aucs), "auc_sd": _sd(aucs)})
     seconds = time.perf_counter() - started
-    spec = ModelSpec(
-        arch=config.arch, classes=list(data.classes), input_size=data.size, positive_class=data.positive,
-        mpp=data.mpp, mean=built["mean"], std=built["std"], stain_method=config.stain_method,
-        stain_target=config.stain_target, threshold=threshold,
-        threshold_rule=str(rule) if pos_index is not None else "argmax",
-        metrics={k_: v for k_, v in metrics.items() if k_ != "classes"}, data_fingerprint=data.data_fingerprint,
-        data={"dataset": str(data.folder.root.resolve()), "layout": data.folder.layout,
-              "label_column": data.folder.label_column, "group_column": data.folder.group_column,
-              "split": f"{k}-fold cross-validation over {len(rows)} images (stratified"
-                       f"{', grouped by ' + repr(data.folder.group_column) if groups is not None else ''}, seed "
-                       f"{config.seed})",
-              "split_source": "folds", "n_train": len(rows), "n_valid": len(rows), "folds": k,
-              "image_sizes": data.image_sizes,
-              "train_class_counts": dict(Counter(data.classes[int(t)] for t in targets))},
-        train_config=T._resolved(config, data, monitor, best["epoch"], False, seconds, None),
-        model_kwargs=built["model_kwargs"], ensemble=k,
-    )
+    grouped = f", grouped by {data.folder.group_column!r}" if groups is not None else ""
+    spec = T.model_spec(config, data, built, threshold=threshold, rule=rule, metrics=metrics,
+                        split={"split": f"{k}-fold cross-validation over {len(rows)} images (stratified{grouped}, "
+                                        f"seed {config.seed})",
+                               "split_source": "folds", "n_train": len(rows), "n_valid": len(rows), "folds": k},
+                        class_targets=targets,
+                        train_config=T._resolved(config, data, monitor, best["epoch"], False, seconds, None),
+                        ensemble=k)
     write_evaluation(out / "valid", metrics, [data.folder.paths[i] for i in rows], targets, oof)
     _write_fold_metrics(out / "valid" / "fold_metrics.csv", fold_rows)
     pool = replace(data, train=BatchSource(targets, images=images), valid=BatchSource(targets, images=images),
                    valid_targets=targets)
-    T.fit_domain(ensemble, pool, spec).save(out)  # threshold on the training images: see docs/classifier.md
-    T.write_card(out, spec, auc_ci=T._auc_ci(targets, oof, pos_index))
-    save_model(out, ensemble, spec)
+    # the domain threshold is set on the training images here: see docs/classifier.md
+    T.finish_model_folder(out, ensemble, pool, spec, targets, oof)
     log.info("best epoch %d (out-of-fold %s %.4f; folds %.4f +- %.4f); threshold %s; saved %s", best["epoch"],
              monitor, best["score"], _mean(aucs) or math.nan, _sd(aucs) or math.nan,
              "n/a" if threshold is None else f"{threshold:.4f}", out)

@@ -633,31 +633,48 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                               threshold=threshold)
     metrics.update(epoch=best.epoch, monitor=monitor)
     seconds = time.perf_counter() - started
-    spec = ModelSpec(
-        arch=config.arch, classes=list(data.classes), input_size=data.size, positive_class=data.positive,
-        mpp=data.mpp, mean=built["mean"], std=built["std"], stain_method=config.stain_method,
-        stain_target=config.stain_target, threshold=threshold,
-        threshold_rule=str(rule) if pos_index is not None else "argmax",
-        metrics={k: v for k, v in metrics.items() if k != "classes"}, data_fingerprint=data.data_fingerprint,
-        data={"dataset": str(data.folder.root.resolve()), "layout": data.folder.layout,
-              "label_column": data.folder.label_column, "group_column": data.folder.group_column,
-              "split": data.split.description, "split_source": data.split.source,
-              "n_train": len(data.train), "n_valid": len(data.valid), "image_sizes": data.image_sizes,
-              "train_class_counts": dict(Counter(data.classes[int(t)] for t in data.train.targets))},
-        train_config=_resolved(config, data, monitor, best.epoch, stopped_early, seconds, report),
-        model_kwargs=built["model_kwargs"], package_version=__version__,
-    )
+    spec = model_spec(config, data, built, threshold=threshold, rule=rule, metrics=metrics,
+                      split={"split": data.split.description, "split_source": data.split.source,
+                             "n_train": len(data.train), "n_valid": len(data.valid)},
+                      class_targets=data.train.targets.numpy(),
+                      train_config=_resolved(config, data, monitor, best.epoch, stopped_early, seconds, report))
     write_evaluation(out / "valid", metrics, [data.folder.paths[i] for i in data.split.valid],
                      data.valid_targets, best.probs)
-    fit_domain(loop.model, data, spec).save(out)
-    write_card(out, spec, auc_ci=_auc_ci(data.valid_targets, best.probs, pos_index))
-    save_model(out, loop.model, spec)  # config.json last: it marks a complete model folder
+    finish_model_folder(out, loop.model, data, spec, data.valid_targets, best.probs)
     train_checkpoint.remove(out)
     log.info("best epoch %d (%s %.4f); threshold %s; saved %s", best.epoch, monitor, best.score,
              "n/a" if threshold is None else f"{threshold:.4f}", out)
     return TrainResult(model_dir=out, spec=spec, history=history, best_epoch=best.epoch,
                        best_score=best.score, stopped_early=stopped_early, seconds=seconds,
                        pretrained=report.as_dict() if report else None)
+
+
+def model_spec(config: TrainConfig, data: PreparedData, built: dict[str, Any], *, threshold: float | None,
+               rule: ThresholdRule, metrics: dict[str, Any], split: dict[str, Any], class_targets: np.ndarray,
+               train_config: dict[str, Any], ensemble: int = 1) -> ModelSpec:
+    """The ``config.json`` of a trained model (one split or cross-validated: ``split`` says which)."""
+    return ModelSpec(
+        arch=config.arch, classes=list(data.classes), input_size=data.size, positive_class=data.positive,
+        mpp=data.mpp, mean=built["mean"], std=built["std"], stain_method=config.stain_method,
+        stain_target=config.stain_target, threshold=threshold,
+        threshold_rule=str(rule) if data.positive is not None else "argmax",
+        metrics={k: v for k, v in metrics.items() if k != "classes"}, data_fingerprint=data.data_fingerprint,
+        data={"dataset": str(data.folder.root.resolve()), "layout": data.folder.layout,
+              "label_column": data.folder.label_column, "group_column": data.folder.group_column,
+              **split, "image_sizes": data.image_sizes,
+              "train_class_counts": dict(Counter(data.classes[int(t)] for t in class_targets))},
+        train_config=train_config, model_kwargs=built["model_kwargs"], package_version=__version__,
+        ensemble=ensemble,
+    )
+
+
+def finish_model_folder(out: Path, model: nn.Module, domain_data: PreparedData, spec: ModelSpec,
+                        targets: np.ndarray, probs: np.ndarray) -> None:
+    """The domain distance (fitted on ``domain_data``), the card (validation AUC CI from ``targets`` and
+    ``probs``) and, last, the weights and ``config.json``, which mark a complete model folder."""
+    fit_domain(model, domain_data, spec).save(out)
+    write_card(out, spec, auc_ci=_auc_ci(targets, probs, spec.positive_index))
+    save_model(out, model, spec)
 
 
 def _auc_ci(targets: np.ndarray, probs: np.ndarray, pos_index: int | None) -> tuple[float, float] | None:
