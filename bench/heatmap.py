@@ -25,7 +25,7 @@ def main() -> int:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from wsi_screen.heatmap import heatmap_array, render_overlay
+    from wsi_screen.screening.heatmap import heatmap_array, render_overlay
 
     rows = []
     rng = np.random.default_rng(0)

@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from wsi_screen.infer import score_stores
     from wsi_screen.models import default_model_dir, load_model
-    from wsi_screen.store import PatchStore
+    from wsi_screen.screening.score import score_stores
+    from wsi_screen.tiling.store import PatchStore
 
     model_dir = args.model or default_model_dir()
     model = load_model(model_dir)

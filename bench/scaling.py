@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         run([python(), str(Path(__file__).parent / "make_slide.py"), "--scales", ",".join(map(str, missing)),
              "--out", str(args.data)])
 
-    from wsi_screen.store import PatchStore
+    from wsi_screen.tiling.store import PatchStore
 
     rows: list[list[object]] = []
     base: tuple[float, float, int] | None = None

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.slide.exists():
         run([python(), str(Path(__file__).parent / "make_slide.py"), "--scales", "1", "--out", str(args.slide.parent)])
 
-    from wsi_screen.store import PatchStore
+    from wsi_screen.tiling.store import PatchStore
 
     work = Path(tempfile.mkdtemp(prefix="bench-tile-"))
     try:

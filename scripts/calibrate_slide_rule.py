@@ -5,12 +5,12 @@
 1. Scores every PCam *valid* patch in all 8 orientations with the model once (a score bank, cached in WORK).
 2. Plans two cohorts (seeds ``--choose-seed`` and ``--report-seed``) of ``--slides`` slides each: half
    negative, half with foci (ITC, micro- or macro-metastasis in turn), ~500-20,000 scored patches,
-   irregular tissue and foci, every patch in a random orientation (:mod:`wsi_screen.cohort`); runs the
+   irregular tissue and foci, every patch in a random orientation (:mod:`wsi_screen.synthetic.cohort`); runs the
    tiler's tissue detector on each slide's thumbnail to drop the patches the tiler would drop, and gives
    every other patch its score from the bank.
 3. Chooses the rule, its settings and the slide threshold on the first cohort (highest sensitivity at
    specificity >= ``--min-specificity`` among the negatives of every size bin, so the threshold holds on the
-   largest slides; :mod:`wsi_screen.calibration`), and the smallest region that counts
+   largest slides; :mod:`wsi_screen.screening.calibration`), and the smallest region that counts
    as a focus.
 4. Reports the choice on the second cohort, never tuned on: slide AUC with a bootstrap CI, sensitivity by
    focus class and specificity by slide size with Wilson CIs.
@@ -31,12 +31,13 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from wsi_screen import calibration, cohort
 from wsi_screen.models import load_model
-from wsi_screen.runfolder import atomic_write_text, csv_text
-from wsi_screen.screening import SLIDE_RULE_JSON, model_identity
-from wsi_screen.spatial import PatchGrid
-from wsi_screen.synthetic import PCAM_MPP, default_patches_dir
+from wsi_screen.screening import calibration
+from wsi_screen.screening.run import SLIDE_RULE_JSON, model_identity
+from wsi_screen.screening.runfolder import atomic_write_text, csv_text
+from wsi_screen.screening.spatial import PatchGrid
+from wsi_screen.synthetic import cohort
+from wsi_screen.synthetic.slides import PCAM_MPP, default_patches_dir
 
 PATCH_PX = 96
 #: tissue cells of the smallest and largest slides: the tiler keeps ~84 % of them (pale and fatty patches
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     y = np.array([s.positive for s in held])
     for name, row in doc["candidates"].items():
         row["held_out_auc"] = float(roc_auc_score(y, [s.scores[name] for s in held]))
-    doc["calibrated_on"] = {"cohort": "synthetic slides of PCam valid patches (wsi_screen.cohort)",
+    doc["calibrated_on"] = {"cohort": "synthetic slides of PCam valid patches (wsi_screen.synthetic.cohort)",
                             "seed": args.choose_seed, "n_slides": len(train),
                             "n_positive": int(sum(s.positive for s in train)),
                             "sizes": f"{MIN_CELLS}-{MAX_CELLS} tissue cells (~500-20,000 scored patches)",

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_screen.data import iter_images, open_patch_folder
 from wsi_screen.models import load_model
 from wsi_screen.models.domain import collect_features, fit
+from wsi_screen.training.data import iter_images, open_patch_folder
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python scripts/make_synthetic_slides.py OUT_DIR --pos 4 --neg 4 --seed 0 [--grid 16x16] [--split valid]
 
 Writes OUT_DIR/synth_NNN.tiff (pyramidal generic TIFF), OUT_DIR/truth.json and OUT_DIR/slides.csv
-(columns slide,label; usable as ``wsi-screen infer --labels``). See :mod:`wsi_screen.synthetic`.
+(columns slide,label; usable as ``wsi-screen infer --labels``). See :mod:`wsi_screen.synthetic.slides`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from wsi_screen.errors import WsiScreenError
-from wsi_screen.synthetic import DEFAULT_SPLIT, PCAM_MPP, build_cohort, default_patches_dir
+from wsi_screen.synthetic.slides import DEFAULT_SPLIT, PCAM_MPP, build_cohort, default_patches_dir
 
 
 def _grid(text: str) -> tuple[int, int]:

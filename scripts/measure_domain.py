@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_screen.calibration import bootstrap_auc
-from wsi_screen.data import IMAGE_SUFFIXES, read_image
 from wsi_screen.models import load_model
-from wsi_screen.store import PatchStore
+from wsi_screen.screening.calibration import bootstrap_auc
+from wsi_screen.tiling.store import PatchStore
+from wsi_screen.training.data import IMAGE_SUFFIXES, read_image
 
 SETS = {
     "crc-7class-sample": "patches/crc-7class-sample",

@@ -7,7 +7,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from wsi_screen.train import TrainConfig
+from wsi_screen.training.train import TrainConfig
 
 
 def read_rows(dataset: Path) -> list[dict[str, str]]:

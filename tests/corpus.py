@@ -4,7 +4,7 @@
 and returns what each entry is and what must happen to it. Real slides come from ``../shared/data`` and are
 truncated or corrupted here; everything else is written with tifffile or pydicom. Tests use the entries two
 ways: through ``wsi-screen tile`` / ``infer`` (one error line per bad entry, every good slide finished) and one
-by one through :class:`~wsi_screen.slide.Slide` (the exception class).
+by one through :class:`~wsi_screen.slide.slide.Slide` (the exception class).
 
 Running as root: ``chmod 000`` does not stop root from reading. :func:`is_root` tells the tests, which then
 either drop the capabilities that let root bypass permissions in a subprocess (:func:`unprivileged_cli`) or
@@ -37,7 +37,7 @@ SEED = 20240611
 class Entry:
     """One corpus entry: a path relative to the corpus folder, and what must happen to it.
 
-    ``error`` is the exception class :class:`~wsi_screen.slide.Slide` raises (at open, or while reading
+    ``error`` is the exception class :class:`~wsi_screen.slide.slide.Slide` raises (at open, or while reading
     the thumbnail and patches); None for a good slide, and for entries that discovery reports (symbolic
     link loops: they never become a slide). ``match`` is a fragment the message must hold.
     """

@@ -756,7 +756,7 @@ def _uniform(store: Path) -> tuple[int, int, list[str]]:
 
 
 def _complete(store: Path) -> bool:
-    from wsi_screen.store import is_complete, read_attrs
+    from wsi_screen.tiling.store import is_complete, read_attrs
 
     return is_complete(read_attrs(store))
 

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from wsi_screen.aggregate import (
+from wsi_screen.errors import ConfigError
+from wsi_screen.screening.aggregate import (
     NO_TISSUE,
     RULES,
     SPATIAL_RULES,
@@ -20,7 +21,6 @@ from wsi_screen.aggregate import (
     top_indices,
     top_k_count,
 )
-from wsi_screen.errors import ConfigError
 
 probs_st = arrays(np.float64, st.integers(1, 60), elements=st.floats(0.0, 1.0, allow_nan=False))
 k_st = st.one_of(st.integers(1, 80), st.floats(0.01, 0.99))

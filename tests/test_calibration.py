@@ -1,13 +1,13 @@
-"""Choosing the slide rule and threshold, and the figures reported for it (wsi_screen.calibration)."""
+"""Choosing the slide rule and threshold, and the figures reported for it (wsi_screen.screening.calibration)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from wsi_screen import calibration
 from wsi_screen.errors import ConfigError
-from wsi_screen.spatial import patch_grid
+from wsi_screen.screening import calibration
+from wsi_screen.screening.spatial import patch_grid
 
 
 def test_operating_point_keeps_the_specificity() -> None:

@@ -57,7 +57,7 @@ def test_config_file_sets_defaults(tmp_path: Path, cmu_svs: Path) -> None:
     cfg.write_text("[tile]\nsize = 128\nmpp = 1.0\n")
     res = run_cli("--config", cfg, "tile", cmu_svs, "-o", tmp_path / "out", "--quiet")
     assert res.code == 0, res
-    from wsi_screen.store import PatchStore
+    from wsi_screen.tiling.store import PatchStore
 
     store = PatchStore.open(tmp_path / "out" / "CMU-1-Small-Region.zarr")
     assert store.patch_size == 128 and store.mpp == 1.0

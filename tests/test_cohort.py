@@ -1,4 +1,4 @@
-"""Calibration cohorts: dihedral orientations, slide layouts, and the tiler simulated on them (wsi_screen.cohort)."""
+"""Calibration cohorts: dihedral orientations, slide layouts, and the tiler simulated on them."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_screen import cohort
-from wsi_screen.spatial import label_regions, size_class
-from wsi_screen.synthetic import build_layout_slide, load_pool
+from wsi_screen.screening.spatial import label_regions, size_class
+from wsi_screen.synthetic import cohort
+from wsi_screen.synthetic.slides import build_layout_slide, load_pool
 
 CELL_MM = 96 * 0.972 / 1000
 POOLS = {"normal": 1500, "tumour": 1500}
@@ -82,7 +82,7 @@ def thumbs_bank(patches_dir) -> cohort.ScoreBank:
 
 def test_kept_cells_match_the_tiler_on_the_written_slide(thumbs_bank: cohort.ScoreBank, patches_dir, tmp_path) -> None:
     from tests.conftest import run_cli
-    from wsi_screen.store import PatchStore
+    from wsi_screen.tiling.store import PatchStore
 
     lay = cohort.make_layout(np.random.default_rng(11), 700, ["micro"], cell_mm=CELL_MM,
                              pools={k: len(v) for k, v in thumbs_bank.paths.items()})

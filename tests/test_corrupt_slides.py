@@ -12,10 +12,10 @@ import tifffile
 
 from tests.conftest import run_cli
 from tests.corpus import can_drop_privileges, is_root, unprivileged_cli
-from wsi_screen.discovery import discover
 from wsi_screen.errors import SlideOpenError, SlideReadError
-from wsi_screen.slide import Slide
-from wsi_screen.store import PatchStore
+from wsi_screen.slide.discovery import discover
+from wsi_screen.slide.slide import Slide
+from wsi_screen.tiling.store import PatchStore
 
 ERROR = "wsi-screen: error: "
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from tests.classifier_data import make_subset
-from wsi_screen import recipes
-from wsi_screen.cross_validation import Ensemble, assign_folds, auto_folds
 from wsi_screen.errors import DatasetError
 from wsi_screen.models import create_model, load_model
-from wsi_screen.train import TrainConfig, train
+from wsi_screen.training import recipes
+from wsi_screen.training.cross_validation import Ensemble, assign_folds, auto_folds
+from wsi_screen.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ import pytest
 
 from tests.conftest import run_cli, tree_digest
 from tests.factory import GLASS, block_image, write_plain_tiff, write_tiled_tiff
-from wsi_screen.discovery import SlideSource
 from wsi_screen.distributed import Call, DaskAddress, DaskRunner, _reason, parse_address, task_key
 from wsi_screen.errors import ConfigError
+from wsi_screen.slide.discovery import SlideSource
 
 #: files of a run folder that record when and how the run was started, so they differ between two runs
 RUN_STAMPED = frozenset({"run.json", "report.html"})
@@ -221,7 +221,7 @@ def test_infer_local_cluster_same_run(tmp_path: Path, slides: Path) -> None:
 
 def test_worker_with_another_model_refuses(tmp_path: Path, slides: Path) -> None:
     from wsi_screen.models import load_model
-    from wsi_screen.screening import InferConfig, SlideJob, screen_slide_task, tile_config_for
+    from wsi_screen.screening.run import InferConfig, SlideJob, screen_slide_task, tile_config_for
 
     classifier = load_model(None)
     job = SlideJob(run=tmp_path / "run", stores=str(tmp_path / "stores"),

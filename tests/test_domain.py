@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from wsi_screen.data import read_image
 from wsi_screen.models import create_model, default_model_dir, load_model
 from wsi_screen.models.card import TO_COMPLETE, draft, read_card, render, summary
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS, DomainModel, feature_tap, fit, joined
+from wsi_screen.training.data import read_image
 
 
 def _gaussians(rng: np.random.Generator, n: int, dim: int = 16) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from wsi_screen.errors import ConfigError, DatasetError
-from wsi_screen.geojson import geojson_to_coords, packed_rgb, patches_to_geojson, write_geojson
+from wsi_screen.screening.geojson import geojson_to_coords, packed_rgb, patches_to_geojson, write_geojson
 
 CLASSES = ["normal", "tumour"]
 

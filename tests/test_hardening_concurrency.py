@@ -16,8 +16,8 @@ import pytest
 from tests.conftest import run_cli, tree_digest
 from tests.factory import block_image, write_tiled_tiff
 from wsi_screen.errors import RunError
-from wsi_screen.runfolder import SlideFolder
-from wsi_screen.store import PatchStore, store_location, store_lock
+from wsi_screen.screening.runfolder import SlideFolder
+from wsi_screen.tiling.store import PatchStore, store_location, store_lock
 
 BUSY = "another wsi-screen process is writing"
 

@@ -18,8 +18,8 @@ import zarr.storage._local as zarr_local
 
 from tests.conftest import run_cli, tree_digest
 from tests.factory import block_image, write_tiled_tiff
-from wsi_screen import runfolder
-from wsi_screen.store import PatchStore, read_attrs
+from wsi_screen.screening import runfolder
+from wsi_screen.tiling.store import PatchStore, read_attrs
 
 ERROR = "wsi-screen: error: "
 
@@ -89,7 +89,7 @@ def test_disk_full_while_tiling(tmp_path: Path, slide_dir: Path, monkeypatch: py
 
 def test_disk_full_writing_a_patch_shard(tmp_path: Path, slide_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """store.StoreWriter writes whole patch shards itself (not through zarr): the same guarantee there."""
-    from wsi_screen import store
+    from wsi_screen.tiling import store
 
     out = tmp_path / "out"
     real = store._write_parts

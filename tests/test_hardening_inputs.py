@@ -26,12 +26,12 @@ from tests.corpus import (
     unprivileged_cli,
 )
 from tests.factory import block_image, write_tiled_tiff
-from wsi_screen.discovery import discover
 from wsi_screen.errors import SlideOpenError
-from wsi_screen.readers.tiff_reader import NDPI_FORMAT_FLAG, is_ndpi
-from wsi_screen.slide import Slide
-from wsi_screen.store import PatchStore
-from wsi_screen.tiling import tile_size_l0
+from wsi_screen.slide.discovery import discover
+from wsi_screen.slide.readers.tiff_reader import NDPI_FORMAT_FLAG, is_ndpi
+from wsi_screen.slide.slide import Slide
+from wsi_screen.tiling.grid import tile_size_l0
+from wsi_screen.tiling.store import PatchStore
 
 ERROR = "wsi-screen: error: "
 

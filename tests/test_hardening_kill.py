@@ -40,9 +40,9 @@ import pytest
 
 from tests.conftest import run_cli, tree_digest
 from tests.factory import block_image, write_tiled_tiff
-from wsi_screen import runfolder
 from wsi_screen.errors import IncompleteStoreError
-from wsi_screen.store import PatchStore, read_attrs
+from wsi_screen.screening import runfolder
+from wsi_screen.tiling.store import PatchStore, read_attrs
 
 pytestmark = pytest.mark.slow
 

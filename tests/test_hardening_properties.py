@@ -15,11 +15,19 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from wsi_screen.aggregate import N_TOP, NO_TISSUE, RULES, SPATIAL_RULES, AggregateConfig, diagnose, slide_score
-from wsi_screen.geojson import geojson_to_coords, patches_to_geojson
-from wsi_screen.heatmap import heatmap_array
-from wsi_screen.pipeline import THUMBNAIL_MAX_PIXELS, THUMBNAIL_MAX_SIDE, THUMBNAIL_MIN_SIDE, thumbnail_mpp
-from wsi_screen.tiling import make_grid, stride_l0, tile_size_l0
+from wsi_screen.screening.aggregate import (
+    N_TOP,
+    NO_TISSUE,
+    RULES,
+    SPATIAL_RULES,
+    AggregateConfig,
+    diagnose,
+    slide_score,
+)
+from wsi_screen.screening.geojson import geojson_to_coords, patches_to_geojson
+from wsi_screen.screening.heatmap import heatmap_array
+from wsi_screen.tiling.grid import make_grid, stride_l0, tile_size_l0
+from wsi_screen.tiling.pipeline import THUMBNAIL_MAX_PIXELS, THUMBNAIL_MAX_SIDE, THUMBNAIL_MIN_SIDE, thumbnail_mpp
 
 CLASSES = ["normal", "tumour"]
 

@@ -27,9 +27,9 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from tests.factory import block_image, write_tiled_tiff
-from wsi_screen.data import inside_folder, open_patch_folder
 from wsi_screen.errors import DatasetError, ModelError, UnsafeFileError
 from wsi_screen.models import CONFIG_NAME, WEIGHTS_NAME, ModelSpec, create_model, load_model, save_model
+from wsi_screen.training.data import inside_folder, open_patch_folder
 
 PACKAGE = Path(__file__).resolve().parents[1] / "wsi_screen"
 
@@ -241,7 +241,7 @@ def _png_header(path: Path, width: int, height: int) -> Path:
 
 
 def test_decompression_bomb_in_a_dataset_is_a_dataset_error(tmp_path: Path) -> None:
-    from wsi_screen.data import read_image
+    from wsi_screen.training.data import read_image
 
     bomb = _png_header(tmp_path / "bomb.png", 30_000, 30_000)
     with pytest.raises(DatasetError, match=r"bomb\.png: unreadable image"):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from wsi_screen.errors import ConfigError
-from wsi_screen.heatmap import heatmap_array, render_overlay
+from wsi_screen.screening.heatmap import heatmap_array, render_overlay
 
 
 def test_exact_cells_on_a_tiny_slide() -> None:

@@ -15,11 +15,11 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from tests.factory import block_image, write_tiled_tiff
-from wsi_screen import runfolder
-from wsi_screen.geojson import geojson_to_coords
 from wsi_screen.models import default_model_dir, load_model
-from wsi_screen.store import PatchStore
-from wsi_screen.synthetic import build_slide, default_patches_dir
+from wsi_screen.screening import runfolder
+from wsi_screen.screening.geojson import geojson_to_coords
+from wsi_screen.synthetic.slides import build_slide, default_patches_dir
+from wsi_screen.tiling.store import PatchStore
 
 
 def _results(run: Path) -> dict[str, dict[str, str]]:
@@ -109,7 +109,7 @@ def test_positive_slides_outrank_negative(synthetic_run: Path) -> None:
 
 
 def test_top_patches_lie_in_the_tumour(synthetic: Path, synthetic_run: Path) -> None:
-    from wsi_screen.synthetic import SyntheticTruth
+    from wsi_screen.synthetic.slides import SyntheticTruth
 
     truths = {k: SyntheticTruth.from_json(v) for k, v in json.loads((synthetic / "truth.json").read_text()).items()}
     for name in ("case0", "case2", "case4"):
@@ -179,7 +179,7 @@ def test_mismatched_store_is_refused(tmp_path: Path, cmu_svs: Path) -> None:
 
 def test_store_model_check_message() -> None:
     from wsi_screen.errors import ModelMismatchError
-    from wsi_screen.infer import check_store_matches_model
+    from wsi_screen.screening.score import check_store_matches_model
 
     spec = load_model().spec
     with pytest.raises(ModelMismatchError, match=r"--mpp 0\.972 --size 96"):
@@ -202,7 +202,7 @@ def test_default_patches_dir_is_pcam(patches_dir: Path) -> None:
 def test_prefetch_keeps_order_reraises_errors_and_stops_early() -> None:
     import threading
 
-    from wsi_screen.infer import prefetch
+    from wsi_screen.screening.score import prefetch
 
     assert list(prefetch(iter(range(50)), 3)) == list(range(50))
 

@@ -15,12 +15,12 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.factory import block_image, write_tiled_tiff
-from wsi_screen import isolation
-from wsi_screen.discovery import discover
 from wsi_screen.errors import SlideReaderCrashError, SlideTimeoutError
-from wsi_screen.pipeline import TileConfig, tile_slides
 from wsi_screen.runlog import LOG_NAME, run_log
-from wsi_screen.store import PatchStore
+from wsi_screen.slide import isolation
+from wsi_screen.slide.discovery import discover
+from wsi_screen.tiling.pipeline import TileConfig, tile_slides
+from wsi_screen.tiling.store import PatchStore
 
 
 # --- functions the child runs (importable by the spawned process) -----------------------------------------

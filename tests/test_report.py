@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_cli
-from wsi_screen.report import render_report
+from wsi_screen.screening.report import render_report
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1280,2000"]

@@ -19,7 +19,7 @@ from wsi_screen.errors import (
     UnsupportedFormatError,
     WsiScreenError,
 )
-from wsi_screen.slide import Slide, slide_name
+from wsi_screen.slide.slide import Slide, slide_name
 
 CMU_FORMATS = ["CMU-1-Small-Region.svs", "CMU-1-Small-Region.pyramid.tif", "CMU-1-Small-Region dicom"]
 
@@ -116,7 +116,7 @@ def test_read_is_level0_and_downsampled_from_pyramid(slides_dir: Path) -> None:
         # a 448-px footprint read at 224 px comes from level 1 and matches a level-0 read + resize
         from_l1 = s.read((800, 800), 448, 224).astype(np.int16)
         l0 = s.read_region(0, (800, 800), (448, 448))
-    from wsi_screen.slide import resize
+    from wsi_screen.slide.slide import resize
 
     assert np.abs(from_l1 - resize(l0, (224, 224)).astype(np.int16)).mean() < 6.0
 
@@ -151,7 +151,7 @@ def test_thumbnail_blocks_match_whole_resize(slides_dir: Path) -> None:
         small = s.thumbnail(2.0)
         thumb = s.thumbnail(0.6)  # 1850 x 2472: read and reduced in 1024-px blocks
         whole = s.read_region(0, (0, 0), s.dimensions)
-    from wsi_screen.slide import resize
+    from wsi_screen.slide.slide import resize
 
     assert small.shape == (round(2967 * 0.499 / 2.0), round(2220 * 0.499 / 2.0), 3)
     assert thumb.shape == (round(2967 * 0.499 / 0.6), round(2220 * 0.499 / 0.6), 3)
@@ -220,7 +220,7 @@ def test_threads_decode_each_tile_once(slides_dir: Path, monkeypatch: pytest.Mon
     tile asked for while another thread decodes it is waited for, not decoded again."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from wsi_screen.readers.tiff_reader import TiffReader
+    from wsi_screen.slide.readers.tiff_reader import TiffReader
 
     decoded: list[tuple[int, int]] = []
     original = TiffReader._decode
@@ -259,7 +259,7 @@ def test_jpeg_stream_check(scan: bytes, ok: bool) -> None:
     stuffed byte or a restart marker, and the stream ends with EOI."""
     import imagecodecs
 
-    from wsi_screen.readers.tiff_reader import jpeg_stream_ok
+    from wsi_screen.slide.readers.tiff_reader import jpeg_stream_ok
 
     assert jpeg_stream_ok(b"\xff\xd8\xff\xda\x00\x02" + scan + b"\xff\xd9") is ok
     assert not jpeg_stream_ok(b"\xff\xd8\xff\xda\x00\x02" + scan)  # no EOI

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli
-from wsi_screen import cohort
-from wsi_screen.heatmap import drawn_with
-from wsi_screen.synthetic import build_layout_slide, load_pool
+from wsi_screen.screening.heatmap import drawn_with
+from wsi_screen.synthetic import cohort
+from wsi_screen.synthetic.slides import build_layout_slide, load_pool
 
 CELL_MM = 96 * 0.972 / 1000
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_screen import cohort
-from wsi_screen.aggregate import diagnose
 from wsi_screen.models import default_model_dir, load_model
-from wsi_screen.screening import InferConfig, model_identity, resolve_aggregate
-from wsi_screen.spatial import PatchGrid
+from wsi_screen.screening.aggregate import diagnose
+from wsi_screen.screening.run import InferConfig, model_identity, resolve_aggregate
+from wsi_screen.screening.spatial import PatchGrid
+from wsi_screen.synthetic import cohort
 
 BANK = Path(__file__).parent / "fixtures" / "score_bank" / "default"
 CELL_MM = 96 * 0.972 / 1000

@@ -1,4 +1,4 @@
-"""Patch grids, connected regions, smoothed maxima and metastasis size classes (wsi_screen.spatial)."""
+"""Patch grids, connected regions, smoothed maxima and metastasis size classes (wsi_screen.screening.spatial)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from wsi_screen.aggregate import AggregateConfig, diagnose, slide_score
 from wsi_screen.errors import ConfigError
-from wsi_screen.spatial import longest_axis_cells, patch_grid, regions, size_class, smoothed, smoothed_max
+from wsi_screen.screening.aggregate import AggregateConfig, diagnose, slide_score
+from wsi_screen.screening.spatial import longest_axis_cells, patch_grid, regions, size_class, smoothed, smoothed_max
 
 STRIDE, MPP = 96, 0.972  # a PCam-resolution grid: one cell is 93.312 um
 CELL_MM = STRIDE * MPP / 1000

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from wsi_screen import stain
 from wsi_screen.errors import ConfigError, StainFitError
+from wsi_screen.tiling import stain
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "tests" / "fixtures" / "stain_reference.json"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from wsi_screen.errors import IncompleteStoreError, SchemaVersionError, StoreError, StoreLockedError
-from wsi_screen.store import (
+from wsi_screen.tiling.store import (
     ARRAY_KEYS,
     SCHEMA_VERSION,
     PatchStore,
@@ -141,7 +141,7 @@ def test_lock_excludes_other_processes(tmp_path: Path) -> None:
 def test_fast_shard_writer_is_byte_identical_to_zarr(tmp_path: Path) -> None:
     import zarr
 
-    from wsi_screen.store import _compressor, encode_shard
+    from wsi_screen.tiling.store import _compressor, encode_shard
 
     rng = np.random.default_rng(3)
     size, n = 64, 0

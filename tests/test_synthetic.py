@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from wsi_screen.errors import ConfigError, DatasetError
-from wsi_screen.slide import Slide
-from wsi_screen.synthetic import (
+from wsi_screen.slide.slide import Slide
+from wsi_screen.synthetic.slides import (
     NEGATIVE,
     POSITIVE,
     SyntheticTruth,
@@ -23,7 +23,7 @@ from wsi_screen.synthetic import (
     build_slide,
     load_truth,
 )
-from wsi_screen.tiling import make_grid, tile_size_l0
+from wsi_screen.tiling.grid import make_grid, tile_size_l0
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = (12, 10)

@@ -16,7 +16,7 @@ import tifffile
 
 from tests.conftest import run_cli, tree_digest
 from tests.factory import block_image, write_ome_tiff, write_plain_tiff, write_tiled_tiff
-from wsi_screen.store import PatchStore, read_attrs
+from wsi_screen.tiling.store import PatchStore, read_attrs
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsi_screen.errors import ConfigError, ResolutionError
-from wsi_screen.tiling import BAND_COLUMNS, TileSpec, coverage, grid_positions, make_grid, stride_l0, tile_size_l0
+from wsi_screen.tiling.grid import BAND_COLUMNS, TileSpec, coverage, grid_positions, make_grid, stride_l0, tile_size_l0
 
 dims = st.tuples(st.integers(1, 5000), st.integers(1, 5000))
 

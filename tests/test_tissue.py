@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_screen.tissue import ARTIFACT, GLASS, PEN, TISSUE, TissueSettings, detect_tissue, pen_mask, smooth
+from wsi_screen.tiling.tissue import ARTIFACT, GLASS, PEN, TISSUE, TissueSettings, detect_tissue, pen_mask, smooth
 
 MPP = 8.0
 

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from tests.classifier_data import make_subset, read_rows, tiny_config, write_rows
-from wsi_screen.data import (
+from wsi_screen.errors import ConfigError, DatasetError, ModelError
+from wsi_screen.models import ModelSpec, load_model
+from wsi_screen.training.data import (
     PatchFolder,
     carve_validation,
     group_leaks,
@@ -24,10 +26,8 @@ from wsi_screen.data import (
     make_split,
     open_patch_folder,
 )
-from wsi_screen.errors import ConfigError, DatasetError, ModelError
-from wsi_screen.models import ModelSpec, load_model
-from wsi_screen.train import BatchAugment, TrainConfig, prepare_data, resolve_positive, train
-from wsi_screen.tune import expand, tune
+from wsi_screen.training.train import BatchAugment, TrainConfig, prepare_data, resolve_positive, train
+from wsi_screen.training.tune import expand, tune
 
 
 @pytest.fixture(scope="module")

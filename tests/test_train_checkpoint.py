@@ -1,4 +1,4 @@
-"""Training survives a kill: per-epoch checkpoints, resume, byte-identical weights (wsi_screen.train_checkpoint)."""
+"""Training survives a kill: per-epoch checkpoints, resume, byte-identical weights (wsi_screen.training.checkpoint)."""
 
 from __future__ import annotations
 
@@ -89,9 +89,9 @@ def test_killed_training_resumes_to_the_same_bytes(herlev_mid: Path, tmp_path: P
 
 def test_checkpoint_of_other_settings_is_refused_and_restart_starts_over(herlev_mid: Path, tmp_path: Path) -> None:
     from tests.classifier_data import tiny_config
-    from wsi_screen import train_checkpoint
     from wsi_screen.errors import ConfigError
-    from wsi_screen.train import train
+    from wsi_screen.training import checkpoint as train_checkpoint
+    from wsi_screen.training.train import train
 
     out = tmp_path / "m"
     config = tiny_config(epochs=2)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli
-from wsi_screen import runview
 from wsi_screen.models import default_model_dir, load_model
-from wsi_screen.store import PatchStore
+from wsi_screen.screening import runview
+from wsi_screen.tiling.store import PatchStore
 
 WARNING = "wsi-screen: warning: "
 
@@ -121,7 +121,7 @@ def test_infer_never_replaces_stores_it_did_not_make(example_slide: Path, tmp_pa
 
 # --- DICOM on a plain install ---------------------------------------------------------------------------
 def test_pydicom_is_a_core_dependency() -> None:
-    """A DICOM series folder is one slide on a plain install: pydicom groups its files (wsi_screen.discovery)."""
+    """A DICOM series folder is one slide on a plain install: pydicom groups its files (wsi_screen.slide.discovery)."""
     import tomllib
 
     from tests.conftest import REPO

@@ -24,9 +24,9 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 _LAZY = {
-    "Slide": "wsi_screen.slide",
-    "open_slide": "wsi_screen.slide",
-    "PatchStore": "wsi_screen.store",
+    "Slide": "wsi_screen.slide.slide",
+    "open_slide": "wsi_screen.slide.slide",
+    "PatchStore": "wsi_screen.tiling.store",
     "load_model": "wsi_screen.models",
     "create_model": "wsi_screen.models",
 }

@@ -9,7 +9,7 @@ appended run after run:
   otherwise print on stderr and break ``--quiet``;
 * the full traceback of each slide that failed with an unexpected error (:func:`record_traceback`);
 * what native slide readers write to stderr (GLib's ``OpenSlide-WARNING`` lines): the slide reader's
-  child process sends its stderr here (see :mod:`wsi_screen.isolation`).
+  child process sends its stderr here (see :mod:`wsi_screen.slide.isolation`).
 
 A log that cannot be written (read-only folder, full disk) is dropped silently: it never costs a slide.
 """

@@ -59,14 +59,14 @@ def slide_mpp_options(func: F) -> F:
 
 def slide_mpp_table(path: str | None) -> tuple[tuple[str, float], ...]:
     """``--slide-mpp-csv`` as the configs hold it."""
-    from wsi_screen.slide import read_mpp_table
+    from wsi_screen.slide.slide import read_mpp_table
 
     return tuple(sorted(read_mpp_table(path).items())) if path else ()
 
 
 def slide_timeout_option(func: F) -> F:
     """``--slide-timeout`` (tile and infer read slides in a supervised child process)."""
-    from wsi_screen.isolation import DEFAULT_TIMEOUT
+    from wsi_screen.slide.isolation import DEFAULT_TIMEOUT
 
     return click.option("--slide-timeout", type=click.FloatRange(min=1), default=DEFAULT_TIMEOUT,
                         show_default=True, metavar="SECONDS",

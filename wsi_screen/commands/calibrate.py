@@ -35,7 +35,7 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
       wsi-screen infer new-slides/ -o runs/new --model models/lab-calibrated
     """
     configure_output()
-    from wsi_screen.calibrate_run import recalibrate
+    from wsi_screen.screening.recalibrate import recalibrate
 
     result = recalibrate(run, labels, out, model=model, min_specificity=min_specificity, overwrite=overwrite)
     for name, row in sorted(result.doc["candidates"].items(), key=lambda kv: (-kv[1]["sensitivity"], -kv[1]["auc"])):

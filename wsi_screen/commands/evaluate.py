@@ -44,11 +44,11 @@ def evaluate(dataset: str, model_dir: str | None, split: str, positive: str | No
     set_threads(threads)
     import logging
 
-    from wsi_screen.data import open_patch_folder
-    from wsi_screen.evaluate import evaluate_model
     from wsi_screen.models import load_model
+    from wsi_screen.training.data import open_patch_folder
+    from wsi_screen.training.evaluate import evaluate_model
 
-    log = logging.getLogger("wsi_screen.evaluate")
+    log = logging.getLogger("wsi_screen.training.evaluate")
     model = load_model(model_dir)
     ctx = click.get_current_context()
     trained_on = model.spec.data.get("label_column")

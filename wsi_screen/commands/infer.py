@@ -16,7 +16,7 @@ from wsi_screen.commands._options import (
 )
 
 if TYPE_CHECKING:
-    from wsi_screen.screening import RunSummary
+    from wsi_screen.screening.run import RunSummary
 
 
 @click.command(short_help="Screen slides: slide calls, heatmaps, QuPath GeoJSON and a report.")
@@ -84,7 +84,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
 
     from wsi_screen.distributed import maybe_connect, parse_address
     from wsi_screen.models import default_model_dir, load_model
-    from wsi_screen.screening import InferConfig, run_infer
+    from wsi_screen.screening.run import InferConfig, run_infer
 
     ctx = click.get_current_context()
     target = parse_address(dask) if dask is not None else None
@@ -105,7 +105,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
 
 
 def _print_table(summary: RunSummary) -> None:
-    from wsi_screen import runfolder
+    from wsi_screen.screening import runfolder
 
     rows = sorted(summary.rows, key=lambda r: r.name)
     width = max([len("slide"), *(_display_width(r.name) for r in rows)])

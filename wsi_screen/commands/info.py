@@ -20,7 +20,7 @@ def info(stores: tuple[str, ...], as_json: bool) -> None:
     configure_output()
     from pathlib import Path
 
-    from wsi_screen.store import PatchStore, is_url
+    from wsi_screen.tiling.store import PatchStore, is_url
 
     expanded: list[str] = []
     for location in stores:

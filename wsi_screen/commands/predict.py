@@ -34,9 +34,9 @@ def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch
 
     import numpy as np
 
-    from wsi_screen.data import IMAGE_SUFFIXES, read_image
     from wsi_screen.errors import DatasetError
     from wsi_screen.models import load_model
+    from wsi_screen.training.data import IMAGE_SUFFIXES, read_image
 
     model = load_model(model_dir)
     spec = model.spec

@@ -18,6 +18,6 @@ def report(run: str) -> None:
     slide-level metrics when the run had --labels, and the run's provenance. `infer` writes it too.
     """
     configure_output()
-    from wsi_screen.report import write_report
+    from wsi_screen.screening.report import write_report
 
     click.echo(str(write_report(run)))

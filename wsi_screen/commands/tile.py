@@ -72,12 +72,12 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     configure_output()
     import logging
 
-    from wsi_screen.discovery import discover
     from wsi_screen.distributed import maybe_connect, parse_address
-    from wsi_screen.pipeline import TileConfig, output_location, tile_slides
     from wsi_screen.runlog import run_log
-    from wsi_screen.store import is_url
-    from wsi_screen.tiling import TileSpec
+    from wsi_screen.slide.discovery import discover
+    from wsi_screen.tiling.grid import TileSpec
+    from wsi_screen.tiling.pipeline import TileConfig, output_location, tile_slides
+    from wsi_screen.tiling.store import is_url
 
     log = logging.getLogger("wsi_screen.tile")
     ctx = click.get_current_context()

@@ -116,7 +116,7 @@ def training_options(func: F) -> F:
 
 
 def config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
-    """Map the shared options onto :class:`wsi_screen.train.TrainConfig` keywords."""
+    """Map the shared options onto :class:`wsi_screen.training.train.TrainConfig` keywords."""
     ctx = click.get_current_context()
     source = ctx.get_parameter_source("split_column")
     return {
@@ -141,7 +141,7 @@ def config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
 
 def explicit_options(ctx: click.Context) -> tuple[str, ...]:
     """TrainConfig fields a recipe may set that the user gave on the command line (they win)."""
-    from wsi_screen.recipes import RECIPES
+    from wsi_screen.training.recipes import RECIPES
 
     fields = sorted({k for recipe in RECIPES.values() for k in recipe})
     given = []
@@ -212,8 +212,8 @@ def train(**params: Any) -> None:
     """
     configure_output()
     set_threads(params["threads"])
-    from wsi_screen.train import TrainConfig
-    from wsi_screen.train import train as run_training
+    from wsi_screen.training.train import TrainConfig
+    from wsi_screen.training.train import train as run_training
 
     config = TrainConfig(**config_kwargs(params), batch_size=params["batch_size"],
                          optimizer=params["optimizer"], lr=params["lr"], weight_decay=params["weight_decay"],

@@ -58,8 +58,8 @@ def tune(**params: Any) -> None:
     """
     configure_output()
     set_threads(params["threads"])
-    from wsi_screen.train import TrainConfig
-    from wsi_screen.tune import tune as run_search
+    from wsi_screen.training.train import TrainConfig
+    from wsi_screen.training.tune import tune as run_search
 
     space: dict[str, list[Any]] = {
         "lr": parse_float_list(params["lrs"], "--lr"),

@@ -8,7 +8,7 @@ import numpy as np
 import openslide
 
 from wsi_screen.errors import SlideOpenError, SlideReadError, UnsupportedFormatError
-from wsi_screen.readers import into
+from wsi_screen.slide.readers import into
 
 _PROPERTY_PREFIXES = ("openslide.", "aperio.", "hamamatsu.", "mirax.", "dicom.", "tiff.", "leica.",
                       "philips.", "ventana.", "sakura.", "generic-tiff.")

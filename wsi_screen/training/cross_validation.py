@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsi_screen.data import BatchSource, Split
 from wsi_screen.errors import ConfigError, DatasetError
+from wsi_screen.training.data import BatchSource, Split
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Ensemble(nn.Module):
 
 def auto_folds(n_pool: int, labels: np.ndarray) -> int:
     """``--folds`` 0 (auto): :data:`DEFAULT_FOLDS` for small pools with enough of every class, else 1."""
-    from wsi_screen.recipes import SMALL_DATASET
+    from wsi_screen.training.recipes import SMALL_DATASET
 
     counts = Counter(labels.tolist())
     return DEFAULT_FOLDS if n_pool < SMALL_DATASET and min(counts.values()) >= MIN_PER_CLASS else 1
@@ -92,16 +92,16 @@ class _Fold:
 
 
 def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
-    """Cross-validated training (see the module docstring); returns a :class:`wsi_screen.train.TrainResult`."""
-    from wsi_screen import train as T  # noqa: N812 - the training loop's internals, used as one unit
-    from wsi_screen.evaluate import (
+    """Cross-validated training (see the module docstring); returns a :class:`wsi_screen.training.train.TrainResult`."""
+    from wsi_screen.models import count_parameters
+    from wsi_screen.training import train as T  # noqa: N812 - the training loop's internals, used as one unit
+    from wsi_screen.training.evaluate import (
         ThresholdRule,
         choose_threshold,
         compute_metrics,
         monitor_value,
         write_evaluation,
     )
-    from wsi_screen.models import count_parameters
 
     k = int(config.folds)
     if data.train.images is None or data.valid.images is None:
@@ -223,7 +223,7 @@ def _fold_auc(y: np.ndarray, probs: np.ndarray, pos_index: int | None) -> float 
 
 def _fold_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], pos_index: int | None,
                   threshold: float | None) -> dict[str, Any]:
-    from wsi_screen.evaluate import compute_metrics
+    from wsi_screen.training.evaluate import compute_metrics
 
     m = compute_metrics(y, probs, classes, positive_index=pos_index, threshold=threshold)
     return {key: m.get(key) for key in ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity")}

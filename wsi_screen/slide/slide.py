@@ -2,14 +2,14 @@
 
 Which reader serves a file is decided here, once, and recorded in the slide's identity:
 
-* OME-TIFF pyramids (QuPath, bfconvert) -> :class:`~wsi_screen.readers.tiff_reader.TiffReader`, because
+* OME-TIFF pyramids (QuPath, bfconvert) -> :class:`~wsi_screen.slide.readers.tiff_reader.TiffReader`, because
   OpenSlide sees them as one flat level;
 * Aperio SVS and generic tiled TIFF whose pyramid is JPEG (or RGB JPEG 2000) tiles -> TiffReader as a fast
   path (the file's own tiles decoded directly, several threads at once), with OpenSlide's metadata; it
   gives OpenSlide's pixels exactly at level 0 and within a grey level or two at reduced levels (both
   interpolate sub-pixel offsets bilinearly);
 * everything else OpenSlide recognises (NDPI, MRXS, SCN, BIF, VMS, DICOM, ...) ->
-  :class:`~wsi_screen.readers.openslide_reader.OpenSlideReader`;
+  :class:`~wsi_screen.slide.readers.openslide_reader.OpenSlideReader`;
 * other 8-bit RGB TIFFs (plain strip TIFFs) -> TiffReader, but only with a user-stated mpp.
 
 Grayscale, 16-bit and multi-channel (fluorescence) files are refused up front. Level-0 mpp comes from the
@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_screen.errors import ConfigError, MissingMppError, SlideOpenError, UnsupportedFormatError
-from wsi_screen.readers import Reader, into
+from wsi_screen.slide.readers import Reader, into
 from wsi_screen.threads import run_each
 
 if TYPE_CHECKING:
@@ -107,9 +107,9 @@ def fingerprint(files: list[Path]) -> tuple[str, int, float]:
 
 def _open_reader(path: Path, choice: ReaderChoice) -> Reader:
     """Pick and open the reader for ``path`` (see module docstring)."""
-    from wsi_screen.readers import openslide_reader
-    from wsi_screen.readers.sanity import check_dicom, check_tiff, is_dicom
-    from wsi_screen.readers.tiff_reader import inspect_tiff
+    from wsi_screen.slide.readers import openslide_reader
+    from wsi_screen.slide.readers.sanity import check_dicom, check_tiff, is_dicom
+    from wsi_screen.slide.readers.tiff_reader import inspect_tiff
 
     files = slide_files(path)
     target = files[0]
@@ -144,8 +144,8 @@ def _open_reader(path: Path, choice: ReaderChoice) -> Reader:
 
 def _tiff_or_openslide(target: Path, tif: TiffFile | None, choice: ReaderChoice) -> Reader:
     """The reader for a single file that tifffile did (``tif``) or did not (None) open."""
-    from wsi_screen.readers import openslide_reader
-    from wsi_screen.readers.tiff_reader import TiffReader, check_brightfield, check_intact, fast_path_ok
+    from wsi_screen.slide.readers import openslide_reader
+    from wsi_screen.slide.readers.tiff_reader import TiffReader, check_brightfield, check_intact, fast_path_ok
 
     if tif is not None:
         try:
@@ -402,7 +402,7 @@ def resize(img: np.ndarray, size: tuple[int, int],
 
 def read_mpp_table(path: str | os.PathLike[str]) -> dict[str, float]:
     """``--slide-mpp-csv``: a CSV with columns ``slide`` (a slide's name, file name or path) and ``mpp``."""
-    from wsi_screen.runfolder import read_table
+    from wsi_screen.screening.runfolder import read_table
 
     p = Path(path)
     rows = read_table(p, ("slide", "mpp"), "--slide-mpp-csv")

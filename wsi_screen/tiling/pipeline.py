@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_screen import __version__, isolation, memory, progress, runlog
-from wsi_screen.discovery import SlideSource
+from wsi_screen import __version__, memory, progress, runlog
 from wsi_screen.errors import (
     ConfigError,
     SlideReaderCrashError,
@@ -37,8 +36,11 @@ from wsi_screen.errors import (
     StoreMismatchError,
     WsiScreenError,
 )
-from wsi_screen.slide import ReaderChoice, Slide, mpp_for
-from wsi_screen.store import (
+from wsi_screen.slide import isolation
+from wsi_screen.slide.discovery import SlideSource
+from wsi_screen.slide.slide import ReaderChoice, Slide, mpp_for
+from wsi_screen.tiling.grid import TileSpec, make_grid, stride_l0, tile_size_l0
+from wsi_screen.tiling.store import (
     ATTR_SETTINGS,
     SCHEMA_VERSION,
     StoreWriter,
@@ -50,8 +52,7 @@ from wsi_screen.store import (
     store_location,
     store_lock,
 )
-from wsi_screen.tiling import TileSpec, make_grid, stride_l0, tile_size_l0
-from wsi_screen.tissue import LABELS, TissueSettings, detect_tissue
+from wsi_screen.tiling.tissue import LABELS, TissueSettings, detect_tissue
 
 if TYPE_CHECKING:
     from wsi_screen.distributed import DaskRunner
@@ -134,7 +135,7 @@ def thumbnail_mpp(slide_mpp: float, dimensions: tuple[int, int]) -> float:
 
 @lru_cache(maxsize=8)
 def _stain_target(method: str, target: str | None) -> tuple[Any, dict[str, Any]]:
-    from wsi_screen import stain
+    from wsi_screen.tiling import stain
 
     return stain.target_params(method, target)
 
@@ -168,7 +169,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def open_slide(source: SlideSource, config: TileConfig) -> Slide:
     """The slide as this configuration reads it (resolution from the file, the per-slide table or the
-    fallback; see :class:`~wsi_screen.slide.Slide`)."""
+    fallback; see :class:`~wsi_screen.slide.slide.Slide`)."""
     forced = mpp_for(dict(config.slide_mpps), source.path, source.name)
     return Slide(source.path, name=source.name, mpp=config.slide_mpp, reader=config.reader, force_mpp=forced)
 
@@ -305,7 +306,7 @@ def _stain_for_slide(slide: Slide, coords: np.ndarray, tissue: np.ndarray, tile_
     """Fit the slide's stain on an even sample of its tissue patches; a normaliser or None."""
     if config.stain == "none":
         return None, {"method": "none"}
-    from wsi_screen import stain
+    from wsi_screen.tiling import stain
 
     target, target_desc = _stain_target(config.stain, config.stain_target)
     if len(coords) == 0:
@@ -417,7 +418,7 @@ def tile_slides(sources: Sequence[SlideSource], out: str | Path, config: TileCon
 
 def tile_isolated(call: isolation.Caller, source: SlideSource, out: str, config: TileConfig, *,
                   debug: bool = False) -> TileResult:
-    """:func:`tile_slide` through ``call`` (the slide reader's child process, see :mod:`wsi_screen.isolation`):
+    """:func:`tile_slide` through ``call`` (the slide reader's child process, see :mod:`wsi_screen.slide.isolation`):
     a crash or hang of the reader fails this slide only."""
     try:
         return call(tile_slide, source, out, config, debug=debug)

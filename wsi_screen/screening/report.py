@@ -15,9 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from wsi_screen import __version__, runfolder
+from wsi_screen import __version__
 from wsi_screen.errors import WsiScreenError
-from wsi_screen.runview import RunView, open_run, patch_png, top_patches
+from wsi_screen.screening import runfolder
+from wsi_screen.screening.runview import RunView, open_run, patch_png, top_patches
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from wsi_screen import progress
 from wsi_screen.errors import ConfigError, ModelMismatchError
 
 if TYPE_CHECKING:
-    from wsi_screen.data import PatchFolder
     from wsi_screen.models import PatchClassifier
+    from wsi_screen.training.data import PatchFolder
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
     """
     import torch
 
-    from wsi_screen.data import iter_images
+    from wsi_screen.training.data import iter_images
 
     spec = model.spec
     rows = folder.indices(split)

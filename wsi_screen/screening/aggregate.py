@@ -22,9 +22,9 @@ Foci: on a slide called positive, the regions at ``region_threshold`` of at leas
 patches (the size scattered false positives practically never reach, calibrated with the rule) are its foci;
 the largest region always counts. Each slide result carries the largest focus's longest axis (mm), the total
 focus area (mm^2), the number of foci and the metastasis category (``none``, ``itc`` < 0.2 mm, ``micro``
-0.2-2 mm, ``macro`` > 2 mm; see :mod:`wsi_screen.spatial` for how sizes are measured on the patch grid).
+0.2-2 mm, ``macro`` > 2 mm; see :mod:`wsi_screen.screening.spatial` for how sizes are measured on the patch grid).
 
-:mod:`wsi_screen.calibration` chooses the rule, its settings and the slide threshold on labelled slides.
+:mod:`wsi_screen.screening.calibration` chooses the rule, its settings and the slide threshold on labelled slides.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from wsi_screen import spatial
 from wsi_screen.errors import ConfigError
-from wsi_screen.spatial import PatchGrid, size_class
+from wsi_screen.screening import spatial
+from wsi_screen.screening.spatial import PatchGrid, size_class
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def slide_score(probs: np.ndarray | Sequence[float], rule: str, *, k: int | floa
                 region_threshold: float = 0.5) -> float:
     """A slide's score from its patches' positive-class probabilities (see the module docstring).
 
-    The spatial rules read ``grid`` (:func:`wsi_screen.spatial.patch_grid` of the same probabilities)."""
+    The spatial rules read ``grid`` (:func:`wsi_screen.screening.spatial.patch_grid` of the same probabilities)."""
     _check_rule(rule)
     _check_unit("patch_threshold", patch_threshold)
     p = check_probs(probs)
@@ -213,7 +213,7 @@ def diagnose(probs: np.ndarray | Sequence[float], config: AggregateConfig, *, po
              negative: str, grid: PatchGrid | None = None) -> SlideResult:
     """Score a slide by ``config.rule``; call it ``positive`` (score >= slide threshold) or ``negative``.
 
-    With ``grid`` (the patches on their grid, :func:`wsi_screen.spatial.patch_grid`) a positive call also
+    With ``grid`` (the patches on their grid, :func:`wsi_screen.screening.spatial.patch_grid`) a positive call also
     measures the foci (see the module docstring); the spatial rules need it."""
     p = check_probs(probs)
     if p.size == 0:

@@ -33,29 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsi_screen import __version__, progress, train_checkpoint
-from wsi_screen.data import (
-    BatchSource,
-    PatchFolder,
-    PatchImageDataset,
-    Split,
-    fingerprint,
-    image_sizes,
-    in_memory,
-    load_images,
-    make_split,
-    open_patch_folder,
-    write_split_csv,
-)
+from wsi_screen import __version__, progress
 from wsi_screen.errors import ConfigError, DatasetError, ModelError
-from wsi_screen.evaluate import (
-    DEFAULT_THRESHOLD_RULE,
-    ThresholdRule,
-    choose_threshold,
-    compute_metrics,
-    monitor_value,
-    write_evaluation,
-)
 from wsi_screen.models import (
     CONFIG_NAME,
     ModelSpec,
@@ -76,6 +55,28 @@ from wsi_screen.models.registry import (
     fixed_input_size,
 )
 from wsi_screen.models.spec import STAIN_METHODS
+from wsi_screen.training import checkpoint as train_checkpoint
+from wsi_screen.training.data import (
+    BatchSource,
+    PatchFolder,
+    PatchImageDataset,
+    Split,
+    fingerprint,
+    image_sizes,
+    in_memory,
+    load_images,
+    make_split,
+    open_patch_folder,
+    write_split_csv,
+)
+from wsi_screen.training.evaluate import (
+    DEFAULT_THRESHOLD_RULE,
+    ThresholdRule,
+    choose_threshold,
+    compute_metrics,
+    monitor_value,
+    write_evaluation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,11 @@ class TrainConfig:
     compile: bool = False
     overwrite: bool = False
     restart: bool = False  # ignore a checkpoint of an interrupted run in the output folder
-    #: training recipe (see wsi_screen.recipes): "default", "small", or "auto" (chosen from the data)
+    #: training recipe (see wsi_screen.training.recipes): "default", "small", or "auto" (chosen from the data)
     recipe: str = "default"
     #: fields set explicitly (a recipe never changes them)
     overrides: tuple[str, ...] = ()
-    #: K-fold cross-validation (see wsi_screen.cross_validation); 1: one validation split; 0: auto
+    #: K-fold cross-validation (see wsi_screen.training.cross_validation); 1: one validation split; 0: auto
     folds: int = 1
 
     def __post_init__(self) -> None:
@@ -551,11 +552,11 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
     """Train on ``data.train``, choose on ``data.valid``, and write the model folder ``out_dir``.
 
     After every epoch the whole state is checkpointed in ``out_dir/checkpoint`` (see
-    :mod:`wsi_screen.train_checkpoint`); a rerun with the same settings resumes after the last finished epoch
+    :mod:`wsi_screen.training.checkpoint`); a rerun with the same settings resumes after the last finished epoch
     unless ``config.restart``. ``config.json`` is written last and marks a complete folder.
     """
     if config.folds > 1:
-        from wsi_screen.cross_validation import fit_folds
+        from wsi_screen.training.cross_validation import fit_folds
 
         return fit_folds(data, config, out_dir)
     out = Path(out_dir)
@@ -682,7 +683,7 @@ def _auc_ci(targets: np.ndarray, probs: np.ndarray, pos_index: int | None) -> tu
     is_pos = np.asarray(targets) == pos_index
     if pos_index is None or is_pos.all() or not is_pos.any():
         return None
-    from wsi_screen.calibration import bootstrap_auc
+    from wsi_screen.screening.calibration import bootstrap_auc
 
     _auc, lo, hi = bootstrap_auc(probs[:, pos_index], is_pos, seed=0)
     return lo, hi
@@ -722,10 +723,10 @@ def _resolved(config: TrainConfig, data: PreparedData, monitor: str, best_epoch:
 
 
 def for_data(config: TrainConfig, data: PreparedData) -> TrainConfig:
-    """``config`` with its recipe and number of folds resolved for ``data`` (see wsi_screen.recipes and
-    wsi_screen.cross_validation)."""
-    from wsi_screen import recipes
-    from wsi_screen.cross_validation import auto_folds
+    """``config`` with its recipe and number of folds resolved for ``data`` (see wsi_screen.training.recipes and
+    wsi_screen.training.cross_validation)."""
+    from wsi_screen.training import recipes
+    from wsi_screen.training.cross_validation import auto_folds
 
     n_pool = len(data.train) + len(data.valid)
     config = recipes.apply(config, len(data.train))

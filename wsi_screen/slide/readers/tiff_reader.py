@@ -23,7 +23,7 @@ import numpy as np
 import tifffile
 
 from wsi_screen.errors import SlideOpenError, SlideReadError, UnsupportedFormatError
-from wsi_screen.readers import into
+from wsi_screen.slide.readers import into
 
 #: decoded tiles kept per reader (LRU). The tiler reads patches in band order (``tiling.BAND_COLUMNS``): each
 #: row of tiles serves about two rows of patches, so decoding every tile once takes ~2.5 rows of tiles across

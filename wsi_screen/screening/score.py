@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsi_screen import progress
 from wsi_screen.errors import ModelMismatchError
 from wsi_screen.models import ModelSpec, PatchClassifier
-from wsi_screen.store import PatchStore
+from wsi_screen.tiling.store import PatchStore
 
 log = logging.getLogger(__name__)
 

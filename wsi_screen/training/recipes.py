@@ -24,7 +24,7 @@ from wsi_screen.errors import ConfigError
 
 #: below this many training images, ``auto`` picks the ``small`` recipe (and ``--folds`` auto picks 5)
 SMALL_DATASET = 3000
-#: what each recipe sets (fields of :class:`wsi_screen.train.TrainConfig`)
+#: what each recipe sets (fields of :class:`wsi_screen.training.train.TrainConfig`)
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "small": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant", "warmup_epochs": 0.0,

@@ -304,7 +304,7 @@ def _check_batch(batch: np.ndarray) -> np.ndarray:
 def _pen_lut() -> np.ndarray:
     """Ink colours on a 6-bit-per-channel RGB grid (uint8 codes, 2**18 cells, judged at each cell's centre).
 
-    Bit 0 (:data:`_PEN`): any pen colour, after :func:`wsi_screen.tissue.pen_mask`'s families tightened
+    Bit 0 (:data:`_PEN`): any pen colour, after :func:`wsi_screen.tiling.tissue.pen_mask`'s families tightened
     for single patches: H&E runs from purple to pink (HSV hue ~0.67-0.96), ink is green/teal, pure blue,
     saturated scarlet, or unsaturated grey-black. Bit 1 (:data:`_INK`): the part no H&E pixel ever has
     (green/teal and grey-black), excluded from fits; dark navy and crimson pixels can be dense

@@ -22,7 +22,7 @@ from typing import Any
 
 from wsi_screen.errors import ConfigError
 from wsi_screen.models.spec import WEIGHTS_NAME
-from wsi_screen.train import TrainConfig, fit, for_data, prepare_data
+from wsi_screen.training.train import TrainConfig, fit, for_data, prepare_data
 
 log = logging.getLogger(__name__)
 

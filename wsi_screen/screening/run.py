@@ -28,19 +28,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsi_screen import __version__, isolation, progress, runfolder, runlog
-from wsi_screen.aggregate import NO_TISSUE, AggregateConfig, SlideResult, diagnose
-from wsi_screen.discovery import SlideSource, discover
+from wsi_screen import __version__, progress, runlog
 from wsi_screen.errors import ConfigError, ModelError, RunError, WsiScreenError
 from wsi_screen.models import PatchClassifier
 from wsi_screen.models.card import read_card, summary
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
-from wsi_screen.pipeline import TileConfig, failure_message, tile_isolated
-from wsi_screen.runfolder import SlideFolder, SlideScores
-from wsi_screen.slide import slide_name
-from wsi_screen.spatial import PatchGrid, patch_grid
-from wsi_screen.store import PatchStore
-from wsi_screen.tiling import TileSpec
+from wsi_screen.screening import runfolder
+from wsi_screen.screening.aggregate import NO_TISSUE, AggregateConfig, SlideResult, diagnose
+from wsi_screen.screening.runfolder import SlideFolder, SlideScores
+from wsi_screen.screening.spatial import PatchGrid, patch_grid
+from wsi_screen.slide import isolation
+from wsi_screen.slide.discovery import SlideSource, discover
+from wsi_screen.slide.slide import slide_name
+from wsi_screen.tiling.grid import TileSpec
+from wsi_screen.tiling.pipeline import TileConfig, failure_message, tile_isolated
+from wsi_screen.tiling.store import PatchStore
 
 if TYPE_CHECKING:
     from wsi_screen.distributed import DaskRunner
@@ -246,7 +248,7 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
     _write_results(run, rows, aggregate, model_id)
     _write_run_json(run, rows, aggregate, model_id, tile_cfg, config, argv, started, time.perf_counter() - t0)
-    from wsi_screen.report import write_report
+    from wsi_screen.screening.report import write_report
 
     write_report(run)
     return RunSummary(run, rows, aggregate, metrics)
@@ -262,7 +264,7 @@ def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, An
     """Whether RUN/<slide> holds this slide scored by this model from the store this run would make now:
     same model, same slide file, same resolution (value and source) and tiling settings. Anything else is
     recomputed (the slide rule is applied afresh on every run)."""
-    from wsi_screen.pipeline import store_is_current
+    from wsi_screen.tiling.pipeline import store_is_current
 
     path = runfolder.slide_dir(run, source.name) / runfolder.SLIDE_JSON
     if not path.exists() or tile_cfg.overwrite:
@@ -306,8 +308,8 @@ class SlideJob:
 def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier,
                  call: isolation.Caller = isolation.direct) -> SlideRow:
     """Tile, score and write one slide's folder (or reuse it); never raises for a bad slide. The slide is
-    read through ``call`` (the slide reader's child process in a local run, see :mod:`wsi_screen.isolation`)."""
-    from wsi_screen.infer import check_store_matches_model, score_stores
+    read through ``call`` (the slide reader's child process in a local run, see :mod:`wsi_screen.slide.isolation`)."""
+    from wsi_screen.screening.score import check_store_matches_model, score_stores
 
     row = SlideRow(source.name, str(source.path))
     if _reuse(job.run, source, row, job.model_id, job.tile, call):
@@ -395,8 +397,8 @@ def _screen_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], job: Slide
 
     from wsi_screen.distributed import Call, task_key
     from wsi_screen.models import default_model_dir
-    from wsi_screen.pipeline import output_location, worker_config
-    from wsi_screen.store import store_location
+    from wsi_screen.tiling.pipeline import output_location, worker_config
+    from wsi_screen.tiling.store import store_location
 
     remote_job = replace(job, run=job.run.absolute(), stores=output_location(job.stores, absolute=True),
                          tile=worker_config(job.tile))
@@ -452,7 +454,7 @@ def draw_heatmap(path: Path, store: PatchStore, coords: np.ndarray, probs: np.nd
                  positive_class: str | None, threshold: float | None, aggregate: AggregateConfig | None,
                  result: SlideResult | None) -> None:
     """heatmap.png: P(positive) over the thumbnail, the model's threshold contour, the largest focus outlined."""
-    from wsi_screen.heatmap import heatmap_array, render_overlay
+    from wsi_screen.screening.heatmap import heatmap_array, render_overlay
 
     thumb = store.thumbnail
     dims = tuple(store.attrs["slide"]["dimensions"])
@@ -476,7 +478,7 @@ def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarra
 
     The heatmap outlines the largest focus found by ``aggregate`` (redrawn at aggregation when the rule
     changes, see :func:`_aggregate_row`)."""
-    from wsi_screen.geojson import patches_to_geojson, write_geojson
+    from wsi_screen.screening.geojson import patches_to_geojson, write_geojson
 
     store = PatchStore.open(location)
     spec = classifier.spec
@@ -550,7 +552,7 @@ def slide_domain(scores: SlideScores, classifier: PatchClassifier) -> dict[str, 
 def _refresh_heatmap(run: Path, row: SlideRow, scores: SlideScores, pos: int, spec: Any,
                      aggregate: AggregateConfig, result: SlideResult) -> None:
     """Redraw a reused slide's heatmap when it was drawn with another rule or focus (best effort)."""
-    from wsi_screen.heatmap import drawn_with
+    from wsi_screen.screening.heatmap import drawn_with
 
     path = runfolder.slide_dir(run, row.name) / runfolder.HEATMAP_PNG
     key = heatmap_key(aggregate, spec.threshold, result if result.score is not None else None)

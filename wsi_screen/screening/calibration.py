@@ -1,6 +1,6 @@
 """Choosing a slide rule and its threshold on labelled slides, and reporting how it does.
 
-Candidates are every rule of :mod:`wsi_screen.aggregate` with a few settings each (top-k for several k,
+Candidates are every rule of :mod:`wsi_screen.screening.aggregate` with a few settings each (top-k for several k,
 the smoothed maximum over 3x3 and 5x5 neighbourhoods, the largest region at several patch thresholds). The
 operating point of a screening tool that labs will use is set by its negatives: for each candidate the
 threshold is the one with the highest sensitivity among those whose specificity on the calibration slides
@@ -8,7 +8,7 @@ is at least ``min_specificity`` (midway between the two neighbouring scores). Th
 highest sensitivity there wins; ties go to the higher slide AUC, then to the simpler rule (the order of
 :func:`candidates`).
 
-The cohort it is chosen on comes from :mod:`wsi_screen.cohort` (``scripts/calibrate_slide_rule.py``), or
+The cohort it is chosen on comes from :mod:`wsi_screen.synthetic.cohort` (``scripts/calibrate_slide_rule.py``), or
 from a lab's own labelled run (``wsi-screen calibrate``).
 """
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from wsi_screen.aggregate import AggregateConfig, slide_score
 from wsi_screen.errors import ConfigError
-from wsi_screen.spatial import PatchGrid, regions
+from wsi_screen.screening.aggregate import AggregateConfig, slide_score
+from wsi_screen.screening.spatial import PatchGrid, regions
 
 TOPK = (1, 3, 5, 10, 20, 40)
 RADII = (1, 2)

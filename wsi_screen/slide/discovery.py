@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsi_screen.slide import slide_name, text_name
+from wsi_screen.slide.slide import slide_name, text_name
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Reads a run folder made by ``wsi-screen infer`` (its results.csv, and each slide's scores.csv and
 slide.json), the slide labels, chooses the rule and threshold exactly as the bundled model's were chosen
-(:func:`wsi_screen.calibration.calibrate`), and writes a copy of the run's model folder whose
+(:func:`wsi_screen.screening.calibration.calibrate`), and writes a copy of the run's model folder whose
 ``slide_rule.json`` holds the choice, so ``infer --model COPY`` uses it.
 """
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsi_screen import calibration, runfolder
-from wsi_screen.aggregate import AggregateConfig
 from wsi_screen.errors import ConfigError, RunError
 from wsi_screen.models import PatchClassifier, load_model
-from wsi_screen.screening import SLIDE_RULE_JSON, read_labels, slide_grid
+from wsi_screen.screening import calibration, runfolder
+from wsi_screen.screening.aggregate import AggregateConfig
+from wsi_screen.screening.run import SLIDE_RULE_JSON, read_labels, slide_grid
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""Pixel readers behind :class:`wsi_screen.slide.Slide`.
+"""Pixel readers behind :class:`wsi_screen.slide.slide.Slide`.
 
 A reader exposes a pyramid (level dimensions and downsamples), optional level-0 mpp, vendor properties and
 ``read_region(level, xy_l0, size)`` returning RGB uint8 with white where the slide has no data. Readers are
-opened by path and hold their own handles; :mod:`wsi_screen.slide` chooses which one serves a file.
+opened by path and hold their own handles; :mod:`wsi_screen.slide.slide` chooses which one serves a file.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 
 
 class Reader(Protocol):
-    """What :class:`~wsi_screen.slide.Slide` needs from a pixel reader."""
+    """What :class:`~wsi_screen.slide.slide.Slide` needs from a pixel reader."""
 
     name: str  # "openslide" or "tifffile"
     vendor: str

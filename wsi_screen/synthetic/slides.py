@@ -312,7 +312,7 @@ def _write_tiff(path: Path, composer: _Composer, mpp: float, description: str) -
 def default_patches_dir() -> Path:
     """``$WSI_SCREEN_DATA/patches/pcam``, or the shared data folder beside the repository."""
     data = os.environ.get("WSI_SCREEN_DATA")
-    base = Path(data) if data else Path(__file__).resolve().parents[2] / "shared" / "data"
+    base = Path(data) if data else Path(__file__).resolve().parents[3] / "shared" / "data"
     return base / "patches" / "pcam"
 
 
@@ -423,7 +423,7 @@ def _write_text(path: Path, text: str) -> None:
 
 # ------------------------------------------------------------------------------------ layout slides
 class _LayoutComposer(_Composer):
-    """Composes a :class:`wsi_screen.cohort.SlideLayout`: each tissue cell is its source patch in its
+    """Composes a :class:`wsi_screen.synthetic.cohort.SlideLayout`: each tissue cell is its source patch in its
     dihedral orientation, every other cell glass."""
 
     def __init__(self, layout: Any, pools: dict[str, list[str]], patches_dir: Path, patch_px: int,
@@ -433,7 +433,7 @@ class _LayoutComposer(_Composer):
         self.layout, self.pools = layout, pools
 
     def _strip(self, row: int) -> np.ndarray:
-        from wsi_screen.cohort import dihedral
+        from wsi_screen.synthetic.cohort import dihedral
 
         strip = self._strips.get(row)
         if strip is None:
@@ -451,10 +451,10 @@ class _LayoutComposer(_Composer):
 
 def build_layout_slide(out_path: str | os.PathLike[str], layout: Any, *, patches_dir: str | os.PathLike[str],
                        split: str = DEFAULT_SPLIT, mpp: float = PCAM_MPP, seed: int = 0) -> None:
-    """Write the pyramidal TIFF of a calibration-cohort layout (:mod:`wsi_screen.cohort`), atomically.
+    """Write the pyramidal TIFF of a calibration-cohort layout (:mod:`wsi_screen.synthetic.cohort`), atomically.
 
     Cell ``(row, col)`` of the layout is the level-0 square at ``(col * patch_px, row * patch_px)``; the
-    patch indices refer to :func:`load_pool` of ``split`` (the order a :class:`~wsi_screen.cohort.ScoreBank`
+    patch indices refer to :func:`load_pool` of ``split`` (the order a :class:`~wsi_screen.synthetic.cohort.ScoreBank`
     of the same folder uses)."""
     check_split(split)
     pdir = Path(patches_dir)

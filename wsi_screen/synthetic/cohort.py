@@ -5,7 +5,7 @@ TIFFs on a CPU would take hours, but a synthetic slide is nothing but a grid of 
 one of the 8 orientations of the dihedral group. So the model's positive-class probability of every patch of
 the source split in every orientation is computed once (a :class:`ScoreBank`, 8 forward passes per patch), and
 a slide's patch scores are then a lookup: the same numbers ``infer`` would produce on the slide written by
-:func:`wsi_screen.synthetic.build_layout_slide` from the same :class:`SlideLayout` (up to JPEG re-encoding of
+:func:`wsi_screen.synthetic.slides.build_layout_slide` from the same :class:`SlideLayout` (up to JPEG re-encoding of
 the tiles; measured in docs/default-model.md).
 
 Layouts (:func:`make_layout`) have irregular tissue (a thresholded smooth random field, one to three
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from wsi_screen.errors import ConfigError, DatasetError
-from wsi_screen.spatial import size_class
+from wsi_screen.screening.spatial import size_class
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ScoreBank:
     def save(self, path: str | Path) -> None:
         from safetensors.numpy import save_file
 
-        from wsi_screen.runfolder import atomic_write_text
+        from wsi_screen.screening.runfolder import atomic_write_text
 
         p = Path(path)
         meta = {"format": BANK_FORMAT, "model_sha256": self.model_sha256, "split": self.split,
@@ -108,7 +108,7 @@ def compute_score_bank(classifier: Any, patches_dir: str | Path, *, model_sha256
     from PIL import Image
 
     from wsi_screen import progress
-    from wsi_screen.synthetic import load_pool
+    from wsi_screen.synthetic.slides import load_pool
 
     pdir = Path(patches_dir)
     pool = load_pool(pdir, split)
@@ -210,7 +210,7 @@ def grow_focus(rng: np.random.Generator, tissue: np.ndarray, diameter_cells: flo
                taken: np.ndarray | None = None) -> np.ndarray:
     """An irregular focus of about ``diameter_cells`` longest axis inside ``tissue``: a randomly oriented
     ellipse (axis ratio 0.5-1) whose edge is perturbed by smooth noise, cut to tissue; returns (n, 2) cells."""
-    from wsi_screen.spatial import label_regions
+    from wsi_screen.screening.spatial import label_regions
 
     free = tissue & ~(taken if taken is not None else np.zeros_like(tissue))
     candidates = np.argwhere(free)
@@ -262,7 +262,7 @@ def make_layout(rng: np.random.Generator, n_tissue: int, foci: Sequence[str], *,
     """A slide of ``n_tissue`` tissue patches with one focus per entry of ``foci`` (``itc``, ``micro``,
     ``macro``); every tissue cell gets a patch index of its class pool (sizes in ``pools``, drawn as whole
     permutations so repeats are rare) and a random orientation."""
-    from wsi_screen.spatial import longest_axis_cells
+    from wsi_screen.screening.spatial import longest_axis_cells
 
     tissue = tissue_mask(rng, n_tissue)
     tumour = np.zeros_like(tissue)
@@ -293,8 +293,8 @@ def make_layout(rng: np.random.Generator, n_tissue: int, foci: Sequence[str], *,
 def layout_thumbnail(layout: SlideLayout, bank: ScoreBank, *, positive: str = "tumour",
                      negative: str = "normal") -> np.ndarray:
     """The slide's thumbnail at ``bank.thumb_px`` pixels per cell: each patch's reduced image in its
-    orientation, glass (as :mod:`wsi_screen.synthetic` draws it) elsewhere."""
-    from wsi_screen.synthetic import GLASS_NOISE, GLASS_RGB
+    orientation, glass (as :mod:`wsi_screen.synthetic.slides` draws it) elsewhere."""
+    from wsi_screen.synthetic.slides import GLASS_NOISE, GLASS_RGB
 
     if not bank.thumbs:
         raise DatasetError("this score bank has no patch thumbnails; recompute it")
@@ -317,7 +317,7 @@ def kept_cells(layout: SlideLayout, bank: ScoreBank, *, mpp: float, patch_px: in
                min_tissue: float = MIN_TISSUE) -> np.ndarray:
     """Which tissue cells the tiler would keep: the tissue detector on :func:`layout_thumbnail` and the
     tiler's tissue-fraction cut (pale patches, fat and edges drop out as they do on the written slide)."""
-    from wsi_screen.tissue import detect_tissue
+    from wsi_screen.tiling.tissue import detect_tissue
 
     t = bank.thumb_px
     thumb = layout_thumbnail(layout, bank)
@@ -383,7 +383,7 @@ def layout_for(slide: CohortSlide, *, cell_mm: float, pools: dict[str, int]) -> 
 
 
 def write_plan_csv(path: Path, plan: Sequence[CohortSlide], layouts: Sequence[SlideLayout]) -> None:
-    from wsi_screen.runfolder import atomic_write_text, csv_text
+    from wsi_screen.screening.runfolder import atomic_write_text, csv_text
 
     rows = [{"slide": s.name, "label": "tumour" if lay.positive else "normal", "n_tissue": lay.n_tissue,
              "focus_class": lay.size_class, "largest_focus_mm": f"{lay.largest_focus_mm:.3f}",

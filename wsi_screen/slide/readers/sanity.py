@@ -27,7 +27,7 @@ from typing import Any
 
 from wsi_screen.errors import SlideOpenError
 
-#: largest side an image may declare (as wsi_screen.slide.MAX_SIDE_PX)
+#: largest side an image may declare (as wsi_screen.slide.slide.MAX_SIDE_PX)
 MAX_SIDE_PX = 2_000_000
 #: largest tile edge a TIFF may declare (scanners write 240-4096; JPEG itself stops at 65,500)
 MAX_TILE_PX = 16_384
@@ -114,7 +114,7 @@ class _Tiff:
 def check_tiff(path: Path) -> None:
     """Refuse a TIFF whose directories loop, point outside the file or declare impossible images (see the
     module docstring). Files that are not TIFF, NDPI and Philips TIFF pass untouched."""
-    from wsi_screen.readers.tiff_reader import is_ndpi
+    from wsi_screen.slide.readers.tiff_reader import is_ndpi
 
     try:
         size = path.stat().st_size

@@ -1,6 +1,6 @@
 """Looking at a finished run: small functions the notebook and the HTML report share.
 
-Everything here reads a run folder (see :mod:`wsi_screen.runfolder`) and the patch stores it points to, and
+Everything here reads a run folder (see :mod:`wsi_screen.screening.runfolder`) and the patch stores it points to, and
 returns arrays or matplotlib ``Figure`` objects (object API, no pyplot state), so the notebook stays a
 thin view and the report embeds the same pictures.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from wsi_screen import runfolder
 from wsi_screen.errors import RunError, WsiScreenError
+from wsi_screen.screening import runfolder
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def open_run(path: str | Path) -> RunView:
 
 
 def _store(view: RunView, slide: str) -> Any:
-    from wsi_screen.store import PatchStore
+    from wsi_screen.tiling.store import PatchStore
 
     return PatchStore.open(runfolder.resolve_path(view.slide_json(slide)["store"], view.path))
 
@@ -115,7 +115,7 @@ def top_patches(view: RunView, slide: str, n: int = 8) -> list[TopPatch]:
 
 def heatmap(view: RunView, slide: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(thumbnail, heat array aligned with it, slide.json) for a scored slide."""
-    from wsi_screen.heatmap import heatmap_array
+    from wsi_screen.screening.heatmap import heatmap_array
 
     info = view.slide_json(slide)
     store = _store(view, slide)
