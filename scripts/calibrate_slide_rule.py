@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.models import load_model
 from wsi_screen.screening import calibration
 from wsi_screen.screening.run import SLIDE_RULE_JSON, model_identity
-from wsi_screen.screening.runfolder import atomic_write_text, csv_text
+from wsi_screen.screening.runfolder import csv_text
 from wsi_screen.screening.spatial import PatchGrid
 from wsi_screen.synthetic import cohort
 from wsi_screen.synthetic.slides import PCAM_MPP, default_patches_dir

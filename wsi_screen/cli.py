@@ -10,7 +10,6 @@ Exit status: 0 success, 1 a slide/item failed or an error occurred, 2 usage erro
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 import click
 
 from wsi_screen import __version__
+from wsi_screen._safe_write import disk_full
 from wsi_screen.errors import ConfigError, WsiScreenError
 
 #: command name -> "module:attribute" (modules under wsi_screen.commands)
@@ -141,7 +141,7 @@ def _os_error_line(exc: OSError) -> str:
     """One line for an operating-system error that escaped the library (disk full, read-only, permissions)."""
     where = f"{exc.filename}: " if exc.filename else ""
     what = exc.strerror or str(exc) or type(exc).__name__
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if disk_full(exc):
         what += " (disk full or over quota; free space and rerun: finished work is kept)"
     return f"{where}{what}"
 

@@ -53,10 +53,10 @@ def draft(spec: ModelSpec, *, auc_ci: tuple[float, float] | None = None) -> dict
 
 def write_card(model_dir: str | Path, spec: ModelSpec, *, auc_ci: tuple[float, float] | None = None) -> Path:
     """Write a drafted ``card.json`` into ``model_dir``."""
-    from wsi_screen.models.checkpoint import atomic_write
+    from wsi_screen._safe_write import atomic_write_text
 
     path = Path(model_dir) / CARD_NAME
-    atomic_write(path, json.dumps(draft(spec, auc_ci=auc_ci), indent=2, allow_nan=False, default=str) + "\n")
+    atomic_write_text(path, json.dumps(draft(spec, auc_ci=auc_ci), indent=2, allow_nan=False, default=str) + "\n")
     return path
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as _save_bytes
 from torch import nn
 
+from wsi_screen._safe_write import atomic_write_bytes, atomic_write_text
 from wsi_screen.errors import ModelError, UnsafeFileError
 from wsi_screen.models.registry import classifier_parameter_names
 from wsi_screen.models.spec import CONFIG_NAME, WEIGHTS_NAME, ModelSpec
@@ -74,27 +75,6 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{path}: corrupt safetensors file: {exc}") from None
 
 
-def atomic_write(path: Path, write: str | Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        if isinstance(write, str):
-            tmp.write_text(write, encoding="utf-8")
-        else:
-            write(tmp)
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        tmp.chmod(0o666 & ~_umask())  # safetensors creates 0600 files; use the user's default
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """A safetensors file as bytes, its JSON header in sorted key order.
 
@@ -116,12 +96,7 @@ def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, 
 def write_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
                       ) -> None:
     """Write :func:`safetensors_bytes` to ``path`` atomically (fsynced, then renamed)."""
-    data = safetensors_bytes(state, metadata)
-
-    def write(p: Path) -> None:
-        p.write_bytes(data)
-
-    atomic_write(path, write)
+    atomic_write_bytes(path, safetensors_bytes(state, metadata))
 
 
 def state_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -136,7 +111,7 @@ def save_model(model_dir: str | Path, module: nn.Module, spec: ModelSpec) -> Pat
     state = state_for_saving(module)
     metadata = {"format": "pt", "arch": spec.arch, "classes": ",".join(spec.classes)}
     write_safetensors(out / WEIGHTS_NAME, state, metadata)
-    atomic_write(out / CONFIG_NAME, spec.to_json())
+    atomic_write_text(out / CONFIG_NAME, spec.to_json())
     log.debug("saved %s (%d tensors) to %s", spec.arch, len(state), out)
     return out
 

@@ -171,7 +171,8 @@ class DomainModel:
     # --- files ----------------------------------------------------------------------------------------------
     def save(self, model_dir: str | Path) -> None:
         """Write ``domain.safetensors`` and ``domain.json`` into ``model_dir``."""
-        from wsi_screen.models.checkpoint import atomic_write, write_safetensors
+        from wsi_screen._safe_write import atomic_write_text
+        from wsi_screen.models.checkpoint import write_safetensors
 
         out = Path(model_dir)
         tensors = {f"{k}.{name}": t.contiguous() for k, v in self.views.items()
@@ -179,7 +180,7 @@ class DomainModel:
         write_safetensors(out / DOMAIN_WEIGHTS, tensors, {"format": "pt"})
         views = {k: {"scale": v.scale, "weight": v.weight, "features": int(v.whiten.shape[0])}
                  for k, v in self.views.items()}
-        atomic_write(out / DOMAIN_CONFIG, json.dumps({"threshold": self.threshold, "views": views, **self.info},
+        atomic_write_text(out / DOMAIN_CONFIG, json.dumps({"threshold": self.threshold, "views": views, **self.info},
                                                      indent=2, allow_nan=False) + "\n")
 
     @classmethod

@@ -20,7 +20,6 @@ throughout: they pass through :mod:`json` escaping, never into code.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -30,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.decision import decide
-from wsi_screen.errors import ConfigError, DatasetError, OutputWriteError
+from wsi_screen.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -127,23 +127,11 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
 def write_geojson(fc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``fc`` as UTF-8 JSON atomically (temporary file in the same folder, fsync, rename)."""
     out = Path(path)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as fh:
-            json.dump(fc, fh, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(out)
+        text = json.dumps(fc, ensure_ascii=True, allow_nan=False, separators=(",", ":")) + "\n"
     except ValueError as exc:  # NaN or infinity somewhere in fc
         raise ConfigError(f"{out}: cannot write GeoJSON: {exc}") from exc
-    except OSError as exc:  # disk full, read-only, permissions
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        raise OutputWriteError(f"{out}: " + ("disk full while writing GeoJSON" if full else
-                                             f"cannot write GeoJSON: {exc.strerror or exc}")) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(out, text, " GeoJSON")
     logger.debug("wrote %d features to %s", len(fc.get("features", ())), out)
     return out
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_screen._safe_write import atomic_path
 from wsi_screen.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -229,15 +230,9 @@ def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_p
     fig.suptitle(title, parse_math=False)
 
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
-        with warnings.catch_warnings():
-            # slide names in scripts the default font lacks (CJK, ...) draw as boxes; say nothing about it
-            warnings.filterwarnings("ignore", message=r"Glyph .* missing from font", category=UserWarning)
-            fig.savefig(tmp, format="png", dpi=dpi, metadata={"wsi-screen": key} if key else None)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out, " the heatmap") as tmp, warnings.catch_warnings():
+        # slide names in scripts the default font lacks (CJK, ...) draw as boxes; say nothing about it
+        warnings.filterwarnings("ignore", message=r"Glyph .* missing from font", category=UserWarning)
+        fig.savefig(tmp, format="png", dpi=dpi, metadata={"wsi-screen": key} if key else None)
     logger.debug("heatmap %s: %dx%d cells (reduced %dx)", out, w, h, f)
     return out

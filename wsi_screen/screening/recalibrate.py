@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wsi_screen._safe_write import atomic_write_text, fsync_tree, swap_in, write_failed
 from wsi_screen.errors import ConfigError, RunError
 from wsi_screen.models import PatchClassifier, load_model
 from wsi_screen.screening import calibration, runfolder
@@ -79,8 +80,12 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
             raise ConfigError(f"{dest} is the run's own model folder; write the calibrated copy elsewhere")
         shutil.rmtree(dest)
     tmp = dest.with_name(f".{dest.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("checkpoint", ".*"))
-    runfolder.atomic_write_text(tmp / SLIDE_RULE_JSON, json.dumps(doc, indent=2) + "\n")
-    tmp.replace(dest)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("checkpoint", ".*"))
+        atomic_write_text(tmp / SLIDE_RULE_JSON, json.dumps(doc, indent=2) + "\n")
+        fsync_tree(tmp)
+        swap_in(tmp, dest)
+    except OSError as exc:
+        raise write_failed(dest, exc) from exc
     return Recalibration(model_dir=dest, config=config, doc=doc, n_positive=n_pos, n_negative=len(slides) - n_pos)

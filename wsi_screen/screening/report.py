@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_screen import __version__
+from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import WsiScreenError
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.runview import RunView, open_run, patch_png, top_patches
@@ -216,6 +217,6 @@ def render_report(run: str | Path) -> str:
 def write_report(run: str | Path) -> Path:
     """Write ``RUN/report.html`` atomically; returns its path."""
     out = Path(run) / runfolder.REPORT_HTML
-    runfolder.atomic_write_text(out, render_report(run))
+    atomic_write_text(out, render_report(run))
     log.debug("report written to %s", out)
     return out

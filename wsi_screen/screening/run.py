@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wsi_screen import __version__, progress, runlog
+from wsi_screen._safe_write import atomic_write_text, atomic_write_with, write_failed
 from wsi_screen.errors import ConfigError, ModelError, RunError, WsiScreenError
 from wsi_screen.models import PatchClassifier
 from wsi_screen.models.card import read_card, summary
@@ -332,7 +333,7 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
             raise
         row.status = STATUS_ERROR
         if isinstance(exc, OSError) and not isinstance(exc, WsiScreenError):
-            row.error = str(runfolder.write_error(job.run / source.name, exc))
+            row.error = str(write_failed(job.run / source.name, exc))
         else:
             row.error, trace = failure_message(source.path, exc)
             runlog.record_traceback(source.name, trace)
@@ -487,7 +488,7 @@ def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarra
                          classes=list(spec.classes), domain_distance=distance)
     folder = SlideFolder(run, row.name)
     try:
-        runfolder.atomic_write_text(folder.path(runfolder.SCORES_CSV), runfolder.scores_csv(scores))
+        atomic_write_text(folder.path(runfolder.SCORES_CSV), runfolder.scores_csv(scores))
         result = _focus_result(scores.probs[:, pos], store, aggregate, spec)
         draw_heatmap(folder.path(runfolder.HEATMAP_PNG), store, scores.coords, scores.probs[:, pos], row.name,
                      spec.positive_class, spec.threshold, aggregate, result)
@@ -602,7 +603,7 @@ def _write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
             "label": r.label, "error": r.error, "source": r.source,
             "store": runfolder.portable_path(r.store, run) if r.store else "",
         })
-    runfolder.atomic_write_text(run / runfolder.RESULTS_CSV, runfolder.csv_text(table, runfolder.RESULT_COLUMNS))
+    atomic_write_text(run / runfolder.RESULTS_CSV, runfolder.csv_text(table, runfolder.RESULT_COLUMNS))
 
 
 def _write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, model_id: dict[str, Any],
@@ -705,6 +706,4 @@ def _plot_slide_roc(path: Path, y: np.ndarray, s: np.ndarray, aggregate: Aggrega
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.02),
            title=f"Slide-level ROC ({metrics['n_positive']} positive, {metrics['n_negative']} negative)")
     ax.legend(loc="lower right")
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))

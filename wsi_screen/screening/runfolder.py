@@ -23,21 +23,18 @@ Every file is written atomically (temporary name, fsync, rename); a slide's fold
 from __future__ import annotations
 
 import csv
-import errno
-import fcntl
 import io
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from wsi_screen.errors import OutputWriteError, RunError
+from wsi_screen._safe_write import LockTaken, acquire, atomic_write_text, fsync_tree, lock_path, swap_in, write_failed
+from wsi_screen.errors import RunError
 
 RESULTS_CSV = "results.csv"
 RUN_JSON = "run.json"
@@ -50,7 +47,6 @@ SCORES_CSV = "scores.csv"
 HEATMAP_PNG = "heatmap.png"
 GEOJSON = "patches.geojson"
 PARTIAL = ".partial"
-LOCK_DIR = ".wsi-screen-locks"
 
 RESULT_COLUMNS = ("slide", "status", "n_patches", "score", "diagnosis", "rule", "threshold", "metastasis",
                   "largest_focus_mm", "tumour_area_mm2", "n_foci", "slide_mpp", "mpp_source", "in_domain_fraction",
@@ -96,59 +92,6 @@ def resolve_path(recorded: str, run: Path) -> str:
     if inside.exists() or not Path(recorded).exists():
         return str(inside)
     return recorded
-
-
-def write_error(path: Path, exc: OSError) -> OutputWriteError:
-    """The one-line error for an output that could not be written (disk full, read-only, permissions)."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OutputWriteError(f"{path}: disk full while writing; nothing was marked complete (free space and "
-                                "rerun: finished slides are kept)")
-    return OutputWriteError(f"{path}: cannot write: {exc.strerror or exc}")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsynced, then renamed.
-
-    The file gets the user's default permissions (``mkstemp`` alone would make it private to its owner).
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise write_error(path, exc) from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).chmod(0o666 & ~_umask())
-        Path(tmp).replace(path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise write_error(path, exc) from exc
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, utf8(text))
-
-
-def utf8(text: str) -> bytes:
-    """``text`` as UTF-8; the undecodable bytes of a file name (surrogate escapes) are written as ``\\xNN``."""
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        try:
-            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").encode("utf-8")
-        except UnicodeEncodeError:
-            return text.encode("utf-8", "backslashreplace")
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -236,75 +179,38 @@ class SlideFolder:
     def __init__(self, run: Path, name: str) -> None:
         self.final = run / name
         self.work = run / (name + PARTIAL)
-        self._lock = _lock(run / LOCK_DIR / f"{name}.lock", self.final)
+        try:
+            self._lock = acquire(self.final)
+        except LockTaken:
+            raise RunError(f"{self.final}: another wsi-screen process is writing this slide's results; skipped "
+                           "(rerun afterwards to pick it up)") from None
+        except OSError as exc:
+            raise write_failed(lock_path(self.final), exc) from exc
         try:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work.mkdir(parents=True)
         except OSError as exc:
-            self._lock.close()
-            raise write_error(self.work, exc) from exc
+            self._lock.release()
+            raise write_failed(self.work, exc) from exc
 
     def path(self, filename: str) -> Path:
         return self.work / filename
 
     def commit(self) -> Path:
         try:
-            for f in self.work.iterdir():
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            if self.final.exists():
-                trash = self.final.with_name(self.final.name + ".old")
-                shutil.rmtree(trash, ignore_errors=True)
-                self.final.rename(trash)
-                self.work.rename(self.final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                self.work.rename(self.final)
-            _fsync_dir(self.final.parent)
+            fsync_tree(self.work)
+            swap_in(self.work, self.final)
         except OSError as exc:
-            raise write_error(self.final, exc) from exc
+            raise write_failed(self.final, exc) from exc
         finally:
-            self._lock.close()
+            self._lock.release()
         return self.final
 
     def abort(self) -> None:
         try:
             shutil.rmtree(self.work, ignore_errors=True)
         finally:
-            self._lock.close()
-
-
-def _lock(path: Path, what: Path) -> IO[str]:
-    """An exclusive ``flock`` on ``path`` (held until the returned file is closed), or RunError if taken."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = path.open("a")
-    except OSError as exc:
-        raise write_error(path, exc) from exc
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise RunError(f"{what}: another wsi-screen process is writing this slide's results; skipped (rerun "
-                       "afterwards to pick it up)") from None
-    return fh
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (some filesystems refuse fsync on folders: then it is best effort)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+            self._lock.release()
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -71,7 +71,7 @@ class ScoreBank:
     def save(self, path: str | Path) -> None:
         from safetensors.numpy import save_file
 
-        from wsi_screen.screening.runfolder import atomic_write_text
+        from wsi_screen._safe_write import atomic_write_text
 
         p = Path(path)
         meta = {"format": BANK_FORMAT, "model_sha256": self.model_sha256, "split": self.split,
@@ -383,7 +383,8 @@ def layout_for(slide: CohortSlide, *, cell_mm: float, pools: dict[str, int]) -> 
 
 
 def write_plan_csv(path: Path, plan: Sequence[CohortSlide], layouts: Sequence[SlideLayout]) -> None:
-    from wsi_screen.screening.runfolder import atomic_write_text, csv_text
+    from wsi_screen._safe_write import atomic_write_text
+    from wsi_screen.screening.runfolder import csv_text
 
     rows = [{"slide": s.name, "label": "tumour" if lay.positive else "normal", "n_tissue": lay.n_tissue,
              "focus_class": lay.size_class, "largest_focus_mm": f"{lay.largest_focus_mm:.3f}",

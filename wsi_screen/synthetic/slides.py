@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from wsi_screen._safe_write import atomic_path, atomic_write_text
 from wsi_screen.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -368,13 +369,8 @@ def build_slide(out_path: str | os.PathLike[str], *, patches_dir: str | os.PathL
         sources=tuple(sources), seed=int(seed), split=split, tumour_fraction=float(tumour_fraction))
 
     composer = _Composer(dims, margin, patch_px, (cols, rows), sources, pdir, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")  # same folder: os.replace is atomic
-    try:
+    with atomic_path(out) as tmp:
         levels = _write_tiff(tmp, composer, mpp, f"wsi-screen synthetic slide {name}: {truth.label}")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     logger.info("%s: %dx%d px, %d levels, %d tumour cells", out, dims[0], dims[1], len(levels), len(cells))
     return truth
 
@@ -402,9 +398,9 @@ def build_cohort(out_dir: str | os.PathLike[str], *, n_pos: int, n_neg: int, see
                                   grid=grid, tumour_fraction=tumour_fraction, seed=int(seeds[i]), mpp=mpp,
                                   margin_px=margin_px, split=split, name=name))
     doc = {"seed": seed, "split": split, "patches_dir": str(pdir), "slides": [t.to_json() for t in truths]}
-    _write_text(out / "truth.json", json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(out / "truth.json", json.dumps(doc, indent=1) + "\n")
     lines = ["slide,label"] + [f"{t.name},{t.label}" for t in truths]
-    _write_text(out / "slides.csv", "\n".join(lines) + "\n")
+    atomic_write_text(out / "slides.csv", "\n".join(lines) + "\n")
     return truths
 
 
@@ -413,12 +409,6 @@ def load_truth(path: str | os.PathLike[str]) -> list[SyntheticTruth]:
     with Path(path).open(encoding="utf-8") as fh:
         doc = json.load(fh)
     return [SyntheticTruth.from_json(d) for d in doc["slides"]]
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------ layout slides
@@ -462,11 +452,6 @@ def build_layout_slide(out_path: str | os.PathLike[str], layout: Any, *, patches
     patch_px = _patch_size(pdir / pools[NEGATIVE][0])
     composer = _LayoutComposer(layout, pools, pdir, patch_px, seed)
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
+    with atomic_path(out) as tmp:
         _write_tiff(tmp, composer, mpp, f"wsi-screen synthetic slide {out.stem}: "
                                         f"{POSITIVE if layout.positive else NEGATIVE}")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)

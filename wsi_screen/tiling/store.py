@@ -30,8 +30,6 @@ and ``complete`` is written last.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import itertools
 import json
 import os
@@ -46,6 +44,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
+from wsi_screen._safe_write import LockTaken, acquire, failure_text, fsync_file, fsync_tree, swap_in
 from wsi_screen.errors import IncompleteStoreError, SchemaVersionError, StoreError, StoreLockedError
 
 SCHEMA_VERSION = 1
@@ -64,7 +63,6 @@ ATTR_SETTINGS = "settings"
 
 STORE_SUFFIX = ".zarr"
 PARTIAL_SUFFIX = ".partial"
-LOCK_DIR = ".wsi-screen-locks"
 
 #: rows per chunk of the thumbnail and mask (zarr encodes a chunk with several temporary copies of it)
 IMAGE_CHUNK_ROWS = 256
@@ -456,7 +454,7 @@ class StoreWriter:
                 path = Path(self.work) / PATCHES / key
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _write_parts(path, encode_shard(part, self.shard))
-                _fsync_file(path)  # now, while reading goes on, rather than all at commit
+                fsync_file(path)  # now, while reading goes on, rather than all at commit
                 self._synced.add(str(path))
         except OSError as exc:
             self._failed = True
@@ -514,21 +512,13 @@ class StoreWriter:
         self._drain()
         try:
             if not self.remote:
-                _fsync_tree(Path(self.work), skip=self._synced)
+                fsync_tree(Path(self.work), skip=self._synced)
             self._group.attrs.update({**(extra_attrs or {}), ATTR_COMPLETE: True})
             if self.remote:
                 return
             work, final = Path(self.work), Path(self.location)
-            _fsync_file(work / "zarr.json")
-            if final.exists():
-                trash = final.with_name(final.name + ".old")
-                shutil.rmtree(trash, ignore_errors=True)
-                final.rename(trash)
-                work.rename(final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                work.rename(final)
-            _fsync_dir(final.parent)
+            fsync_file(work / "zarr.json")
+            swap_in(work, final)
         except OSError as exc:
             raise _write_error(self.location, exc) from exc
 
@@ -542,30 +532,7 @@ class StoreWriter:
 
 
 def _write_error(location: str, exc: OSError) -> StoreError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreError(f"{location}: disk full while writing the store; nothing was marked complete")
-    return StoreError(f"{location}: cannot write the store: {exc.strerror or exc}")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
-        _fsync_file(path)
-
-
-def _fsync_tree(root: Path, skip: set[str] | frozenset[str] = frozenset()) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            if str(Path(dirpath) / f) not in skip:
-                _fsync_file(Path(dirpath) / f)
-        _fsync_dir(Path(dirpath))
+    return StoreError(failure_text(location, exc, " the store"))
 
 
 @contextlib.contextmanager
@@ -578,19 +545,14 @@ def store_lock(location: str | os.PathLike[str], *, wait: bool = False) -> Itera
     if is_url(loc):
         yield
         return
-    path = Path(loc)
-    lock_dir = path.parent / LOCK_DIR
     try:
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        fh = (lock_dir / (path.name + ".lock")).open("a")
+        lock = acquire(Path(loc), wait=wait)
+    except LockTaken:
+        raise StoreLockedError(f"{loc}: another wsi-screen process is writing this store; skipped "
+                               "(rerun afterwards to pick it up)") from None
     except OSError as exc:
         raise _write_error(loc, exc) from exc
     try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise StoreLockedError(f"{loc}: another wsi-screen process is writing this store; skipped "
-                                   "(rerun afterwards to pick it up)") from None
         yield
     finally:
-        fh.close()
+        lock.release()

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import ConfigError
-from wsi_screen.models.checkpoint import atomic_write, read_weights, write_safetensors
+from wsi_screen.models.checkpoint import read_weights, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def save(out: Path, *, fingerprint: str, epoch: int, stale: int, best_score: flo
         text = json.dumps(doc, indent=1, sort_keys=True, allow_nan=True)
     except TypeError as exc:
         raise ConfigError(f"cannot checkpoint this run's scheduler or optimiser state: {exc}") from exc
-    atomic_write(folder / STATE_JSON, text + "\n")
+    atomic_write_text(folder / STATE_JSON, text + "\n")
     for old in folder.glob("epoch-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ model's positive class, or for another class named with ``positive``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wsi_screen import progress
+from wsi_screen._safe_write import atomic_write_text, atomic_write_with
 from wsi_screen.errors import ConfigError, ModelMismatchError
 
 if TYPE_CHECKING:
@@ -292,10 +294,10 @@ def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], paths: list[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     classes: list[str] = metrics["classes"]
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     pos = classes.index(metrics["positive_class"]) if metrics.get("positive_class") else None
     pred = decide(probs, pos, metrics.get("threshold"))
-    with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as fh:
+    with io.StringIO(newline="") as fh:
         writer = csv.writer(fh)
         domain = ["domain_distance", "in_domain"] if distance is not None else []
         writer.writerow(["path", "label", "predicted", *[f"p_{c}" for c in classes], *domain])
@@ -303,6 +305,7 @@ def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], paths: list[s
             extra = [] if distance is None else \
                 [f"{distance[i]:.4f}", "" if in_domain is None else str(bool(in_domain[i])).lower()]
             writer.writerow([p, classes[t], classes[d], *[f"{v:.6f}" for v in row], *extra])
+        atomic_write_text(out / "predictions.csv", fh.getvalue())
     plot_roc(out / "roc.png", y, probs, classes, metrics)
     plot_confusion(out / "confusion.png", metrics)
     return out
@@ -334,7 +337,7 @@ def plot_roc(path: Path, y: np.ndarray, probs: np.ndarray, classes: list[str],
            xlim=(0, 1), ylim=(0, 1.01), title=f"ROC, n = {metrics['n']}")
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def plot_confusion(path: Path, metrics: dict[str, Any]) -> None:
@@ -358,5 +361,5 @@ def plot_confusion(path: Path, metrics: dict[str, Any]) -> None:
                     color="white" if matrix[i, j] > top / 2 else "black")
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
 

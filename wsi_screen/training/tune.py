@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import ConfigError
 from wsi_screen.models.spec import WEIGHTS_NAME
 from wsi_screen.training.train import TrainConfig, fit, for_data, prepare_data
@@ -106,7 +107,7 @@ def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: dic
     summary = {"dataset": str(dataset), "search": search, "space": space, "monitor": monitor,
                "trials": len(done), "best_trial": best.index, "best_params": best.params,
                "best_score": best.score, "best_dir": str(best_dir), "test_split_used": False}
-    (out / "tune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    atomic_write_text(out / "tune.json", json.dumps(summary, indent=2, default=str) + "\n")
     log.info("best: trial %d (%s) with validation %s %.4f", best.index, _describe(best.params), monitor,
              best.score)
     return TuneResult(trials=done, best=best, best_dir=best_dir, monitor=monitor)

@@ -1,0 +1,162 @@
+"""Safe file writing, written once: atomic files, folder swaps, inter-process locks and the one message for a
+write that failed. Every writer in the package goes through here.
+
+* A **file** is written under a temporary name in its own folder (``.<name>.<random>.tmp``: same filesystem,
+  so the rename is atomic), fsynced, given the user's default permissions (``mkstemp`` alone would make it
+  private), renamed over the target, and the folder is fsynced so the rename survives a power cut. A reader
+  sees the old file or the new one, never half of one; a failure leaves no temporary file behind.
+* A **folder** (a patch store, a run's slide folder, a model copy) is assembled under a temporary name, every
+  file in it fsynced, then swapped in: an existing one is moved aside first and removed after.
+* A **lock** is an exclusive ``flock`` (via ``filelock``) on ``<folder>/.wsi-screen-locks/<name>.lock``:
+  two processes writing the same output would otherwise share its temporary name.
+* A write that fails says so in one line, "disk full" when it is.
+
+Nothing here knows what it writes; callers say what the output is in their own error types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from wsi_screen.errors import OutputWriteError
+
+LOCK_DIR = ".wsi-screen-locks"
+
+
+class LockTaken(Exception):  # noqa: N818 - a state, not a failure of ours: callers turn it into their error
+    """The lock is held by another process (or another writer in this one)."""
+
+
+def disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def failure_text(path: str | os.PathLike[str], exc: OSError, what: str = "") -> str:
+    """The one line for a failed write of ``path`` (``what`` names the output, e.g. " the store")."""
+    if disk_full(exc):
+        return f"{path}: disk full while writing{what}; nothing was marked complete"
+    return f"{path}: cannot write{what}: {exc.strerror or exc}"
+
+
+def write_failed(path: str | os.PathLike[str], exc: OSError, what: str = "") -> OutputWriteError:
+    return OutputWriteError(failure_text(path, exc, what))
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename in ``path`` durable (some filesystems refuse fsync on folders: then best effort)."""
+    with contextlib.suppress(OSError):
+        fsync_file(path)
+
+
+def fsync_tree(root: str | os.PathLike[str], skip: set[str] | frozenset[str] = frozenset()) -> None:
+    """fsync every file under ``root`` (except the paths in ``skip``, already synced) and every folder."""
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            if str(Path(dirpath) / f) not in skip:
+                fsync_file(Path(dirpath) / f)
+        fsync_dir(dirpath)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], what: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; on leaving the block it is fsynced and renamed over
+    ``path``. Any failure removes it; an OSError becomes one :class:`OutputWriteError` line."""
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise write_failed(out, exc, what) from exc
+    tmp = Path(name)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        tmp.chmod(0o666 & ~umask())
+        tmp.replace(out)
+        fsync_dir(out.parent)
+    except OSError as exc:
+        raise write_failed(out, exc, what) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, what: str = "") -> None:
+    with atomic_path(path, what) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, what: str = "") -> None:
+    """``text`` as UTF-8 (see :func:`utf8`), line ends as given."""
+    atomic_write_bytes(path, utf8(text), what)
+
+
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8; the undecodable bytes of a file name (surrogate escapes) are written as ``\\xNN``."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").encode("utf-8")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace")
+
+
+def atomic_write_with(path: str | os.PathLike[str], write: Callable[[Path], object], what: str = "") -> None:
+    """Atomically write ``path`` with a writer that takes a path (an image's save, a figure's savefig)."""
+    with atomic_path(path, what) as tmp:
+        write(tmp)
+
+
+def swap_in(work: Path, final: Path) -> None:
+    """Rename the finished folder ``work`` to ``final`` (an existing ``final`` is moved aside first, then
+    removed), and make the rename durable. Raises OSError; the caller words it."""
+    if final.exists():
+        trash = final.with_name(final.name + ".old")
+        shutil.rmtree(trash, ignore_errors=True)
+        final.rename(trash)
+        work.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        work.rename(final)
+    fsync_dir(final.parent)
+
+
+def lock_path(target: Path) -> Path:
+    """Where the lock of an output ``target`` lives: ``<its folder>/.wsi-screen-locks/<its name>.lock``."""
+    return target.parent / LOCK_DIR / f"{target.name}.lock"
+
+
+def acquire(target: Path, *, wait: bool = False) -> FileLock:
+    """Take the exclusive lock of ``target`` (held until ``.release()``); :class:`LockTaken` if another writer
+    holds it and ``wait`` is false. An OSError (the lock folder cannot be made) propagates."""
+    path = lock_path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=-1 if wait else 0, mode=0o666 & ~umask(), thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LockTaken(str(target)) from None
+    return lock
