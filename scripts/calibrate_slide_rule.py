@@ -32,6 +32,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from wsi_screen._safe_write import atomic_write_text
+from wsi_screen.metrics import ThresholdRule, choose_threshold
 from wsi_screen.models import load_model
 from wsi_screen.screening import calibration
 from wsi_screen.screening.run import SLIDE_RULE_JSON, model_identity
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     strata = np.array([calibration.size_bin(s.n_patches) for s in train])
     doc["other_operating_points"] = {}
     for spec_min in (0.95, 0.98, 0.99, 1.0):
-        t, _, _ = calibration.operating_point(scores, np.array(labels_of(train)), spec_min, strata)
+        t = choose_threshold(np.array(labels_of(train)), scores, ThresholdRule("specificity", spec_min), strata=strata)
         r = calibration.report([s.scores[chosen] for s in held], [s.positive for s in held],
                                [s.size_class for s in held], [s.n_patches for s in held], t)
         doc["other_operating_points"][f"{spec_min:g}"] = {"threshold": t, "held_out": r}

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wsi_screen.metrics import bootstrap_auc
 from wsi_screen.models import load_model
-from wsi_screen.screening.calibration import bootstrap_auc
 from wsi_screen.tiling.store import PatchStore
 from wsi_screen.training.data import IMAGE_SUFFIXES, read_image
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_screen.screening.calibration import bootstrap_auc, wilson
+from wsi_screen.metrics import bootstrap_auc, wilson
 
 
 def main(argv: list[str] | None = None) -> int:

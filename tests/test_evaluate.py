@@ -13,15 +13,10 @@ from sklearn import metrics as skm
 
 from tests.classifier_data import make_subset
 from wsi_screen.errors import ConfigError, DatasetError, ModelMismatchError
+from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics
 from wsi_screen.models import ModelSpec, PatchClassifier, create_model
 from wsi_screen.training.data import open_patch_folder
-from wsi_screen.training.evaluate import (
-    ThresholdRule,
-    choose_threshold,
-    compute_metrics,
-    evaluate_model,
-    write_evaluation,
-)
+from wsi_screen.training.evaluate import evaluate_model, write_evaluation
 
 
 def _binary_case() -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,8 @@ Candidates are every rule of :mod:`wsi_screen.screening.aggregate` with a few se
 the smoothed maximum over 3x3 and 5x5 neighbourhoods, the largest region at several patch thresholds). The
 operating point of a screening tool that labs will use is set by its negatives: for each candidate the
 threshold is the one with the highest sensitivity among those whose specificity on the calibration slides
-is at least ``min_specificity`` (midway between the two neighbouring scores). The candidate with the
+is at least ``min_specificity`` (:func:`wsi_screen.metrics.choose_threshold`, ``specificity:X`` within
+every slide-size bin). The candidate with the
 highest sensitivity there wins; ties go to the higher slide AUC, then to the simpler rule (the order of
 :func:`candidates`).
 
@@ -14,7 +15,6 @@ from a lab's own labelled run (``wsi-screen calibrate``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from wsi_screen.errors import ConfigError
+from wsi_screen.metrics import ThresholdRule, bootstrap_auc, choose_threshold, rates_at, wilson
 from wsi_screen.screening.aggregate import AggregateConfig, slide_score
 from wsi_screen.screening.spatial import PatchGrid, regions
 
@@ -75,41 +76,10 @@ class Choice:
     table: list[dict[str, Any]]
 
 
-def _negative_bound(neg: np.ndarray, min_specificity: float) -> float:
-    """The score that at most ``1 - min_specificity`` of ``neg`` exceed (-inf when all may)."""
-    neg = np.sort(neg)
-    allowed = math.floor((1.0 - min_specificity) * neg.size + 1e-9)  # negatives that may score >= threshold
-    return float(neg[neg.size - allowed - 1]) if allowed < neg.size else -math.inf
-
-
-def operating_point(scores: np.ndarray, labels: np.ndarray, min_specificity: float,
-                    strata: np.ndarray | None = None) -> tuple[float, float, float]:
-    """(threshold, sensitivity, specificity) with the highest sensitivity at specificity >= the minimum
-    (``score >= threshold`` is positive); the threshold sits midway between neighbouring scores.
-
-    With ``strata`` (a group per slide, e.g. a size bin) the specificity must hold within every group of
-    negatives, so a rule whose negatives score higher on larger slides gets the threshold its largest
-    slides need."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=bool)
-    groups = np.zeros(s.size, np.int64) if strata is None else np.asarray(strata)
-    bound = max(_negative_bound(s[~y & (groups == g)], min_specificity) for g in np.unique(groups[~y]))
-    above = np.unique(s[s > bound])
-    threshold = float(above[0]) if above.size else float(np.nextafter(bound, np.inf))  # nothing called
-    if math.isfinite(bound) and above.size:
-        threshold = float((bound + above[0]) / 2.0)
-        if not bound < threshold <= above[0]:
-            threshold = float(above[0])
-    called = s >= threshold
-    sens = float(called[y].mean()) if y.any() else float("nan")
-    spec = float((~called[~y]).mean()) if (~y).any() else float("nan")
-    return threshold, sens, spec
-
-
 def choose(scores: Mapping[str, Sequence[float]], labels: Sequence[bool], *,
            min_specificity: float = DEFAULT_MIN_SPECIFICITY, strata: Sequence[int] | None = None) -> Choice:
     """The candidate with the highest sensitivity at specificity >= ``min_specificity`` (within every
-    stratum of ``strata``, if given; see :func:`operating_point` and the module)."""
+    stratum of ``strata``, if given; the rule of :func:`wsi_screen.metrics.choose_threshold`)."""
     from sklearn.metrics import roc_auc_score
 
     y = np.asarray(labels, dtype=bool)
@@ -124,8 +94,8 @@ def choose(scores: Mapping[str, Sequence[float]], labels: Sequence[bool], *,
         s = np.asarray(values, dtype=np.float64)
         if s.shape != y.shape:
             raise ConfigError(f"rule {name}: {s.size} scores for {y.size} labelled slides")
-        threshold, sens, spec = operating_point(s, y, min_specificity,
-                                                None if strata is None else np.asarray(strata))
+        threshold = choose_threshold(y, s, ThresholdRule("specificity", min_specificity), strata=strata)
+        sens, spec = rates_at(y, s, threshold)
         table.append({"rule": name, "auc": float(roc_auc_score(y, s)), "threshold": threshold,
                       "sensitivity": sens, "specificity": spec})
     order = list(by_name)
@@ -152,34 +122,6 @@ def aggregate_config(choice: Choice, *, patch_threshold: float, region_threshold
 
 
 # ------------------------------------------------------------------------------------------- reporting
-def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95 % interval of a proportion."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, *, n_boot: int = 1000,
-                  seed: int = 0) -> tuple[float, float, float]:
-    """AUC and its 95 % percentile-bootstrap interval (resampling slides within each class)."""
-    from sklearn.metrics import roc_auc_score
-
-    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
-    auc = float(roc_auc_score(y, s))
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-    boots = []
-    for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
-        boots.append(roc_auc_score(y[idx], s[idx]))
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return auc, float(lo), float(hi)
-
-
 SIZE_BINS = ((500, 2000), (2000, 5000), (5000, 10000), (10000, 20001))
 
 

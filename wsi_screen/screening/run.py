@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wsi_screen import __version__, progress, runlog
-from wsi_screen._safe_write import atomic_write_text, atomic_write_with, write_failed
+from wsi_screen._safe_write import atomic_write_text, write_failed
 from wsi_screen.errors import ConfigError, ModelError, RunError, WsiScreenError
+from wsi_screen.metrics import RocCurve, binary_view, plot_roc
 from wsi_screen.models import PatchClassifier
 from wsi_screen.models.card import read_card, summary
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
@@ -664,46 +665,25 @@ def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
 
 def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
                   aggregate: AggregateConfig) -> dict[str, Any]:
-    """AUC, sensitivity and specificity at the slide threshold over labelled, scored slides (+ ROC plot)."""
-    from sklearn.metrics import roc_auc_score
-
+    """AUC, sensitivity and specificity at the slide threshold over labelled, scored slides (+ ROC plot),
+    from the same code as the patch metrics (:func:`wsi_screen.metrics.binary_view`)."""
     scored = [r for r in rows if r.label and r.result is not None and r.result.score is not None]
     y = np.array([r.label == "positive" for r in scored], dtype=bool)
     s = np.array([r.result.score for r in scored if r.result is not None], dtype=np.float64)
-    called = s >= aggregate.slide_threshold
-    tp, fn = int(np.sum(called & y)), int(np.sum(~called & y))
-    tn, fp = int(np.sum(~called & ~y)), int(np.sum(called & ~y))
+    view = binary_view(y, s >= aggregate.slide_threshold, s)
     metrics: dict[str, Any] = {
         "n_slides": len(scored), "n_positive": int(y.sum()), "n_negative": int((~y).sum()),
         "unscored_labelled": sorted(r.name for r in rows if r.label and r not in scored),
         "rule": aggregate.rule, "threshold": aggregate.slide_threshold,
-        "auc": float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) else None,
-        "sensitivity": tp / (tp + fn) if tp + fn else None,
-        "specificity": tn / (tn + fp) if tn + fp else None,
-        "confusion": {"tp": tp, "fn": fn, "tn": tn, "fp": fp},
+        "auc": view["auc"], "sensitivity": view["sensitivity"], "specificity": view["specificity"],
+        "confusion": {k: view[k] for k in ("tp", "fn", "tn", "fp")},
     }
     runfolder.write_json(run / runfolder.SLIDE_METRICS_JSON, metrics)
     if metrics["auc"] is not None:
-        _plot_slide_roc(run / runfolder.SLIDE_ROC_PNG, y, s, aggregate, metrics)
+        point = None
+        if metrics["sensitivity"] is not None and metrics["specificity"] is not None:
+            point = (metrics["sensitivity"], metrics["specificity"], f"threshold {aggregate.slide_threshold:.3g}")
+        plot_roc(run / runfolder.SLIDE_ROC_PNG, [RocCurve(f"{aggregate.rule} (AUC {metrics['auc']:.3f})", y, s)],
+                 title=f"Slide-level ROC ({metrics['n_positive']} positive, {metrics['n_negative']} negative)",
+                 point=point)
     return metrics
-
-
-def _plot_slide_roc(path: Path, y: np.ndarray, s: np.ndarray, aggregate: AggregateConfig,
-                    metrics: dict[str, Any]) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, _ = roc_curve(y, s)
-    fig = Figure(figsize=(5, 5), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{aggregate.rule} (AUC {metrics['auc']:.3f})")
-    ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
-    if metrics["sensitivity"] is not None and metrics["specificity"] is not None:
-        ax.plot(1 - metrics["specificity"], metrics["sensitivity"], "o", color="crimson",
-                label=f"threshold {aggregate.slide_threshold:.3g}")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.02),
-           title=f"Slide-level ROC ({metrics['n_positive']} positive, {metrics['n_negative']} negative)")
-    ax.legend(loc="lower right")
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -93,15 +93,10 @@ class _Fold:
 
 def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
     """Cross-validated training (see the module docstring); returns a :class:`wsi_screen.training.train.TrainResult`."""
+    from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics, monitor_value
     from wsi_screen.models import count_parameters
     from wsi_screen.training import train as T  # noqa: N812 - the training loop's internals, used as one unit
-    from wsi_screen.training.evaluate import (
-        ThresholdRule,
-        choose_threshold,
-        compute_metrics,
-        monitor_value,
-        write_evaluation,
-    )
+    from wsi_screen.training.evaluate import write_evaluation
 
     k = int(config.folds)
     if data.train.images is None or data.valid.images is None:
@@ -223,7 +218,7 @@ def _fold_auc(y: np.ndarray, probs: np.ndarray, pos_index: int | None) -> float 
 
 def _fold_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str], pos_index: int | None,
                   threshold: float | None) -> dict[str, Any]:
-    from wsi_screen.training.evaluate import compute_metrics
+    from wsi_screen.metrics import compute_metrics
 
     m = compute_metrics(y, probs, classes, positive_index=pos_index, threshold=threshold)
     return {key: m.get(key) for key in ("auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity")}

@@ -35,6 +35,7 @@ from torch import nn
 
 from wsi_screen import __version__, progress
 from wsi_screen.errors import ConfigError, DatasetError, ModelError
+from wsi_screen.metrics import DEFAULT_THRESHOLD_RULE, ThresholdRule, choose_threshold, compute_metrics, monitor_value
 from wsi_screen.models import (
     CONFIG_NAME,
     ModelSpec,
@@ -69,14 +70,7 @@ from wsi_screen.training.data import (
     open_patch_folder,
     write_split_csv,
 )
-from wsi_screen.training.evaluate import (
-    DEFAULT_THRESHOLD_RULE,
-    ThresholdRule,
-    choose_threshold,
-    compute_metrics,
-    monitor_value,
-    write_evaluation,
-)
+from wsi_screen.training.evaluate import write_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -683,7 +677,7 @@ def _auc_ci(targets: np.ndarray, probs: np.ndarray, pos_index: int | None) -> tu
     is_pos = np.asarray(targets) == pos_index
     if pos_index is None or is_pos.all() or not is_pos.any():
         return None
-    from wsi_screen.screening.calibration import bootstrap_auc
+    from wsi_screen.metrics import bootstrap_auc
 
     _auc, lo, hi = bootstrap_auc(probs[:, pos_index], is_pos, seed=0)
     return lo, hi

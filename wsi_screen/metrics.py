@@ -1,0 +1,327 @@
+"""Metrics, written once for patches and slides: the threshold rule, the one-class view (sensitivity,
+specificity, precision, F1, AUC), the multi-class metrics, confidence intervals and the ROC plot.
+
+Every number comes from scikit-learn or from counts; arrays in, dicts out, no files except the plots.
+``evaluate`` (patches) and ``infer --labels`` / ``calibrate`` (slides) call the same functions, so a patch
+metric and a slide metric of the same name are computed the same way.
+
+**The threshold rule** (:func:`choose_threshold`; "call positive when score >= t"): ``sensitivity:X`` is the
+highest specificity with sensitivity >= X, ``specificity:X`` the highest sensitivity with specificity >= X
+(within every stratum when ``strata`` is given), ``youden`` the largest sensitivity + specificity, ``fixed:T``
+is T. **Ties go to the other rate**: among cut points equally good on the rate asked for, the one best on the
+other (for ``sensitivity:X`` the lowest threshold, for ``specificity:X`` the highest), so no other cut is
+better on both. The threshold sits midway between the deciding score and the next lower one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_screen._safe_write import atomic_write_with
+from wsi_screen.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD_RULE = "sensitivity:0.95"
+
+
+# --- operating point -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How the decision threshold is chosen on validation.
+
+    ``sensitivity:X`` highest specificity with sensitivity >= X (the screening default, X = 0.95);
+    ``specificity:X`` highest sensitivity with specificity >= X; ``youden`` max sensitivity + specificity;
+    ``fixed:T`` the threshold T.
+    """
+
+    kind: str
+    value: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ThresholdRule:
+        kind, _, value = text.strip().lower().partition(":")
+        if kind == "youden" and not value:
+            return cls("youden")
+        if kind in ("sensitivity", "specificity", "fixed"):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if 0.0 <= number <= 1.0:
+                return cls(kind, number)
+        raise ConfigError(f"threshold rule {text!r} is not one of sensitivity:X, specificity:X, youden, "
+                          "fixed:T (X, T between 0 and 1)")
+
+    def __str__(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+
+
+def choose_threshold(is_positive: np.ndarray, score: np.ndarray, rule: ThresholdRule | str, *,
+                     strata: np.ndarray | Sequence[int] | None = None) -> float:
+    """Threshold on ``score`` (call positive when ``score >= t``) chosen by ``rule`` (see the module: the one
+    rule and its tie-break). With ``strata`` (a group per item, e.g. a slide-size bin) ``specificity:X`` must
+    hold within every group of negatives, so a score that runs higher on larger slides gets the threshold
+    its largest slides need. Falls back to 0.5 (logged) when the data hold only one class.
+    """
+    rule = ThresholdRule.parse(rule) if isinstance(rule, str) else rule
+    if rule.kind == "fixed":
+        return float(rule.value)  # type: ignore[arg-type]
+    y = np.asarray(is_positive, dtype=bool)
+    if y.all() or not y.any():
+        log.warning("validation holds only one class; threshold falls back to 0.5")
+        return 0.5
+    from sklearn.metrics import roc_curve
+
+    s = np.asarray(score, dtype=np.float64)
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    # roc_curve runs from the highest threshold down: fpr and tpr never decrease along it
+    target = 0.0 if rule.value is None else rule.value
+    if rule.kind == "sensitivity":  # fewest false positives, then (ties) the most true positives
+        best_fpr = fpr[tpr >= target - 1e-12].min()
+        i = int(np.flatnonzero(fpr <= best_fpr)[-1])
+    elif rule.kind == "specificity":  # most true positives, then (ties) the fewest false positives
+        feasible = np.ones(thr.size, dtype=bool)
+        groups = np.zeros(s.size, np.int64) if strata is None else np.asarray(strata)
+        for g in np.unique(groups[~y]):
+            neg = np.sort(s[~y & (groups == g)])
+            false_pos = neg.size - np.searchsorted(neg, thr, side="left")  # negatives >= each cut
+            feasible &= false_pos <= (1.0 - target) * neg.size + 1e-9
+        best_tpr = tpr[feasible].max()
+        i = int(np.argmax(tpr >= best_tpr))
+    else:  # youden
+        i = int(np.argmax(tpr - fpr))
+    upper = float(thr[i]) if np.isfinite(thr[i]) else 1.0
+    lower = float(thr[i + 1]) if i + 1 < len(thr) else 0.0
+    return float(min(1.0, max(0.0, (upper + lower) / 2 if i + 1 < len(thr) else upper)))
+
+
+def rates_at(is_positive: np.ndarray, score: np.ndarray, threshold: float) -> tuple[float, float]:
+    """(sensitivity, specificity) of calling ``score >= threshold`` positive (nan for a missing class)."""
+    y = np.asarray(is_positive, dtype=bool)
+    called = np.asarray(score, dtype=np.float64) >= threshold
+    return (float(called[y].mean()) if y.any() else math.nan,
+            float((~called[~y]).mean()) if (~y).any() else math.nan)
+
+
+# --- metrics ---------------------------------------------------------------------------------------------
+def json_float(x: Any) -> float | None:
+    """A JSON-safe float (None for nan)."""
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def binary_view(is_positive: np.ndarray, called: np.ndarray, score: np.ndarray) -> dict[str, Any]:
+    """Sensitivity, specificity, precision, F1 and AUC of one class against the rest."""
+    from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
+
+    y, c = np.asarray(is_positive, bool), np.asarray(called, bool)
+    tn, fp, fn, tp = confusion_matrix(y, c, labels=[False, True]).ravel()
+    both = bool(y.any() and not y.all())
+    return {
+        "sensitivity": json_float(recall_score(y, c, zero_division=np.nan)) if y.any() else None,
+        "specificity": json_float(tn / (tn + fp)) if tn + fp else None,
+        "precision": json_float(precision_score(y, c, zero_division=0)),
+        "recall": json_float(recall_score(y, c, zero_division=0)),
+        "f1": json_float(f1_score(y, c, zero_division=0)),
+        "auc": json_float(roc_auc_score(y, score)) if both else None,
+        "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
+    }
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *,
+                    positive_index: int | None = None, threshold: float | None = None,
+                    metric_positive: int | None = None) -> dict[str, Any]:
+    """All evaluation metrics for integer labels ``y_true`` and probabilities ``probs`` (N, C).
+
+    Decisions: see :func:`wsi_screen.decision.decide` (the model's ``positive_index`` and
+    ``threshold``). ``metric_positive`` names the class of the one-vs-rest view (default: the model's
+    positive class). For two classes, top-level precision/recall/f1/auc are the positive class's; for
+    more, they are macro averages (and ``macro`` and ``per_class`` hold the details).
+    """
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
+    from wsi_screen.decision import decide
+
+    y = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    n_classes = len(classes)
+    if probs.shape != (len(y), n_classes):
+        raise ValueError(f"probs shape {probs.shape} does not match {len(y)} labels and {n_classes} classes")
+    labels = list(range(n_classes))
+    pred = decide(probs, positive_index, threshold)
+    prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    per_class: dict[str, dict[str, Any]] = {}
+    aucs: list[float] = []
+    for k, name in enumerate(classes):
+        ovr_auc = None
+        if 0 < (y == k).sum() < len(y):
+            ovr_auc = float(roc_auc_score(y == k, probs[:, k]))
+            aucs.append(ovr_auc)
+        per_class[name] = {"precision": float(prec[k]), "recall": float(rec[k]), "f1": float(f1[k]),
+                           "support": int(support[k]), "auc": ovr_auc}
+    macro = {"precision": float(np.mean(prec)), "recall": float(np.mean(rec)), "f1": float(np.mean(f1)),
+             "auc": float(np.mean(aucs)) if aucs else None}
+    out: dict[str, Any] = {
+        "n": len(y),
+        "classes": list(classes),
+        "positive_class": classes[positive_index] if positive_index is not None else None,
+        "threshold": threshold,
+        "decision": ("p(positive) >= threshold" if n_classes == 2 and positive_index is not None
+                     and threshold is not None else "argmax"),
+        "accuracy": float(accuracy_score(y, pred)) if len(y) else None,
+        "balanced_accuracy": _balanced(y, pred, balanced_accuracy_score),
+    }
+    view_index = positive_index if metric_positive is None else metric_positive
+    view = None
+    if view_index is not None:
+        called = pred == view_index
+        if n_classes > 2 and view_index == positive_index and threshold is not None:
+            called = probs[:, view_index] >= threshold  # the screening call of a multi-class model
+        view = binary_view(y == view_index, called, probs[:, view_index])
+        view["class"] = classes[view_index]
+    if n_classes == 2 and view is not None:
+        out.update({k: view[k] for k in ("precision", "recall", "f1", "auc", "sensitivity", "specificity")})
+    else:
+        out.update({"precision": macro["precision"], "recall": macro["recall"], "f1": macro["f1"],
+                    "auc": macro["auc"],
+                    "sensitivity": view["sensitivity"] if view else None,
+                    "specificity": view["specificity"] if view else None})
+    out["positive"] = view
+    out["confusion_matrix"] = {"labels": list(classes), "rows": "true", "columns": "predicted",
+                               "matrix": confusion_matrix(y, pred, labels=labels).tolist()}
+    out["per_class"] = per_class
+    out["macro"] = macro
+    return out
+
+
+def _balanced(y: np.ndarray, pred: np.ndarray, fn: Any) -> float | None:
+    import warnings
+
+    if not len(y):
+        return None
+    with warnings.catch_warnings():  # one class only in y_true (and y_pred): still well defined
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", message="A single label was found")
+        return float(fn(y, pred))
+
+
+def monitor_value(metrics: dict[str, Any], name: str) -> float:
+    """The model-selection score (higher is better) of validation ``metrics``; nan if undefined."""
+    if name == "loss":
+        return -float(metrics["loss"])
+    value = metrics.get(name)
+    return math.nan if value is None else float(value)
+
+
+
+# --- intervals ------------------------------------------------------------------------------------------
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95 % interval of a proportion."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, *, n_boot: int = 1000,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """AUC and its 95 % percentile-bootstrap interval (resampling slides within each class)."""
+    from sklearn.metrics import roc_auc_score
+
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    auc = float(roc_auc_score(y, s))
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    boots = []
+    for _ in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+        boots.append(roc_auc_score(y[idx], s[idx]))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return auc, float(lo), float(hi)
+
+
+
+# --- plots -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RocCurve:
+    label: str
+    is_positive: np.ndarray
+    score: np.ndarray
+
+
+def plot_roc(path: Path, curves: Sequence[RocCurve], *, title: str,
+             point: tuple[float, float, str] | None = None) -> None:
+    """The ROC plot: one curve per entry, an operating point ``(sensitivity, specificity, label)``."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_curve
+
+    fig = Figure(figsize=(5, 5), dpi=120)
+    ax = fig.add_subplot()
+    for c in curves:
+        fpr, tpr, _ = roc_curve(c.is_positive, c.score)
+        ax.plot(fpr, tpr, lw=1.5, label=c.label)
+    if point is not None:
+        ax.plot([1 - point[1]], [point[0]], "o", color="black", label=point[2])
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
+    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+           xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def plot_model_roc(path: Path, y: np.ndarray, probs: np.ndarray, classes: list[str],
+                   metrics: dict[str, Any]) -> None:
+    """A model's ROC: its positive class (with the operating point), or one-vs-rest curves per class."""
+    view = metrics.get("positive")
+    targets = [classes.index(view["class"])] if view else list(range(len(classes)))
+    curves = [RocCurve(f"{classes[k]} (AUC {metrics['per_class'][classes[k]]['auc']:.3f})", y == k, probs[:, k])
+              for k in targets if 0 < (y == k).sum() < len(y)]
+    point = None
+    if view and view.get("sensitivity") is not None and view.get("specificity") is not None:
+        point = (view["sensitivity"], view["specificity"],
+                 f"operating point (threshold {metrics['threshold']:.3g})"
+                 if metrics.get("threshold") is not None else "operating point")
+    plot_roc(path, curves, title=f"ROC, n = {metrics['n']}", point=point)
+
+
+def plot_confusion(path: Path, metrics: dict[str, Any]) -> None:
+    """Confusion matrix (rows true, columns predicted) with counts."""
+    from matplotlib.figure import Figure
+
+    labels: list[str] = metrics["confusion_matrix"]["labels"]
+    matrix = np.asarray(metrics["confusion_matrix"]["matrix"])
+    side = 2.5 + 0.6 * len(labels)
+    fig = Figure(figsize=(side + 1, side), dpi=120)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ticks = list(range(len(labels)))
+    ax.set_xticks(ticks, labels, rotation=45, ha="right")
+    ax.set_yticks(ticks, labels)
+    top = matrix.max() if matrix.size else 0
+    for i in ticks:
+        for j in ticks:
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                    color="white" if matrix[i, j] > top / 2 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+
