@@ -13,8 +13,9 @@ import torch
 from tests.classifier_data import make_subset
 from wsi_screen.errors import DatasetError
 from wsi_screen.models import create_model, load_model
+from wsi_screen.models.ensemble import Ensemble
 from wsi_screen.training import recipes
-from wsi_screen.training.cross_validation import Ensemble, assign_folds, auto_folds
+from wsi_screen.training.cross_validation import assign_folds, auto_folds
 from wsi_screen.training.train import TrainConfig, train
 
 

@@ -69,13 +69,13 @@ def default_model_dir() -> Path:
 
 def build_module(spec: ModelSpec, **kwargs: Any) -> nn.Module:
     """The architecture named by ``spec``, randomly initialised, with its output size and model kwargs (an
-    :class:`~wsi_screen.training.cross_validation.Ensemble` of ``spec.ensemble`` of them for a cross-validated
+    :class:`~wsi_screen.models.ensemble.Ensemble` of ``spec.ensemble`` of them for a cross-validated
     model)."""
     def one() -> nn.Module:
         return create_model(spec.arch, num_classes=spec.num_classes, **{**spec.model_kwargs, **kwargs})
 
     if spec.ensemble > 1:
-        from wsi_screen.training.cross_validation import Ensemble
+        from wsi_screen.models.ensemble import Ensemble
 
         return Ensemble([one() for _ in range(spec.ensemble)])
     return one()

@@ -42,6 +42,7 @@ from wsi_screen.screening.spatial import PatchGrid, patch_grid
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover
 from wsi_screen.slide.slide import slide_name
+from wsi_screen.tables import read_table
 from wsi_screen.tiling.grid import TileSpec
 from wsi_screen.tiling.pipeline import TileConfig, failure_message, tile_isolated
 from wsi_screen.tiling.store import PatchStore
@@ -643,7 +644,7 @@ NEGATIVE_WORDS = {"0", "false", "no", "negative", "neg", "normal", "benign"}
 
 def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
     """``slides.csv`` (columns ``slide``, ``label``) -> {slide name: "positive" | "negative"}."""
-    rows = runfolder.read_table(path, ("slide", "label"), "--labels")
+    rows = read_table(path, ("slide", "label"), "--labels")
     spec = classifier.spec
     positive = {str(spec.positive_class).lower()} | POSITIVE_WORDS
     negative = {c.lower() for c in spec.classes if c != spec.positive_class} | NEGATIVE_WORDS

@@ -402,7 +402,7 @@ def resize(img: np.ndarray, size: tuple[int, int],
 
 def read_mpp_table(path: str | os.PathLike[str]) -> dict[str, float]:
     """``--slide-mpp-csv``: a CSV with columns ``slide`` (a slide's name, file name or path) and ``mpp``."""
-    from wsi_screen.screening.runfolder import read_table
+    from wsi_screen.tables import read_table
 
     p = Path(path)
     rows = read_table(p, ("slide", "mpp"), "--slide-mpp-csv")

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from wsi_screen.errors import ConfigError, DatasetError
+from wsi_screen.models.ensemble import Ensemble
 from wsi_screen.training.data import BatchSource, Split
 
 log = logging.getLogger(__name__)
@@ -39,23 +39,6 @@ log = logging.getLogger(__name__)
 DEFAULT_FOLDS = 5
 #: fewest images of a class in the pool for automatic cross-validation
 MIN_PER_CLASS = 25
-
-
-class Ensemble(nn.Module):
-    """Members whose class probabilities are averaged; returns log-probabilities (so softmax gives the mean)."""
-
-    def __init__(self, members: list[nn.Module]) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([m(x).float().softmax(dim=1) for m in self.members]).mean(dim=0)
-        return probs.clamp_min(1e-12).log()
-
-    def get_classifier(self) -> nn.Module:
-        """The first member's classifier layer (its penultimate features feed the domain distance)."""
-        head: nn.Module = self.members[0].get_classifier()  # type: ignore[operator]
-        return head
 
 
 def auto_folds(n_pool: int, labels: np.ndarray) -> int:
