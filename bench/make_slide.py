@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from PIL import Image
+
+from wsi_screen._safe_write import atomic_path
+from wsi_screen.synthetic.tiff import Level, write_pyramid
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "examples" / "CMU-1-Small-Region.svs"
@@ -59,20 +61,19 @@ def write_slide(path: Path, src: np.ndarray, side: int) -> None:
     levels = [side]
     while levels[-1] // 2 >= 2048:
         levels.append(levels[-1] // 2)
-    res = {"resolution": (1e4 / MPP, 1e4 / MPP), "resolutionunit": "CENTIMETER"}
-    tmp = path.with_suffix(".partial.tif")
-    with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
-        for i, lside in enumerate(levels):
+
+    def pyramid() -> Iterator[Level]:
+        for lside in levels:
             f = side // lside
             if f == 1:
                 per = period
             else:  # the period downsampled by f (sizes rounded; a benchmark does not need exact pyramids)
                 ph, pw = period.shape[0] // f, period.shape[1] // f
                 per = np.asarray(Image.fromarray(period).resize((pw, ph), Image.Resampling.BOX))
-            tw.write(tiles(per, lside), shape=(lside, lside, 3), dtype=np.uint8, tile=(TILE, TILE),
-                     compression="jpeg", compressionargs={"level": 85}, photometric="rgb",
-                     subfiletype=1 if i else 0, metadata=None, **res)
-    tmp.replace(path)
+            yield (lside, lside, 3), tiles(per, lside)
+
+    with atomic_path(path) as tmp:
+        write_pyramid(tmp, pyramid(), mpp=MPP, tile=TILE, bigtiff=True, compressionargs={"level": 85})
 
 
 def main(argv: list[str] | None = None) -> int:

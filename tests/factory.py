@@ -9,6 +9,8 @@ import numpy as np
 import tifffile
 from scipy import ndimage as ndi
 
+from wsi_screen.synthetic.tiff import write_pyramid
+
 GLASS = (242, 242, 242)
 
 
@@ -48,12 +50,7 @@ def _levels(img: np.ndarray, min_side: int = 256) -> list[np.ndarray]:
 def write_tiled_tiff(path: Path, img: np.ndarray, mpp: float | None, *, tile: int = 256,
                      compression: str = "jpeg", pyramid: bool = True) -> Path:
     """A generic tiled pyramidal TIFF (one IFD per level) that OpenSlide reads as ``generic-tiff``."""
-    levels = _levels(img) if pyramid else [img]
-    res = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
-    with tifffile.TiffWriter(path, bigtiff=False) as tw:
-        for i, lvl in enumerate(levels):
-            tw.write(lvl, tile=(tile, tile), compression=compression, photometric="rgb",
-                     subfiletype=1 if i else 0, metadata=None, **res)
+    write_pyramid(path, _levels(img) if pyramid else [img], mpp=mpp, tile=tile, compression=compression)
     return path
 
 

@@ -18,7 +18,7 @@ from tests.factory import block_image, write_tiled_tiff
 from wsi_screen.models import default_model_dir, load_model
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.geojson import geojson_to_coords
-from wsi_screen.synthetic.slides import build_slide, default_patches_dir
+from wsi_screen.synthetic.slides import build_slide
 from wsi_screen.tiling.store import PatchStore
 
 
@@ -193,10 +193,6 @@ def test_bad_labels_file(tmp_path: Path, example_slide: Path) -> None:
     res = run_cli("infer", example_slide, "-o", tmp_path / "run", "--labels", bad, "--quiet")
     errors = [line for line in res.err_lines if line.startswith("wsi-screen: error:")]
     assert res.code == 1 and len(errors) == 1 and "'slide' and 'label'" in errors[0]
-
-
-def test_default_patches_dir_is_pcam(patches_dir: Path) -> None:
-    assert default_patches_dir().resolve() == (patches_dir / "pcam").resolve()
 
 
 def test_prefetch_keeps_order_reraises_errors_and_stops_early() -> None:

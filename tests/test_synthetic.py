@@ -21,6 +21,7 @@ from wsi_screen.synthetic.slides import (
     SyntheticTruth,
     build_cohort,
     build_slide,
+    default_patches_dir,
     load_truth,
 )
 from wsi_screen.tiling.grid import make_grid, tile_size_l0
@@ -199,3 +200,19 @@ def test_cohort_and_script(tmp_path: Path, pcam: Path) -> None:
     for t in truths:  # the script is the same builder: same seed, same bytes
         assert (out2 / f"{t.name}.tiff").read_bytes() == (out / f"{t.name}.tiff").read_bytes()
     assert script.main([str(tmp_path / "bad"), "--split", "test", "--patches", str(pcam)]) == 1
+
+
+def test_default_patches_dir_is_pcam(patches_dir: Path) -> None:
+    assert default_patches_dir().resolve() == (patches_dir / "pcam").resolve()
+
+
+def test_default_patches_dir_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Installed (no source checkout beside it) the data folder comes from WSI_SCREEN_DATA, or a clear error."""
+    from wsi_screen.synthetic import slides
+
+    monkeypatch.setattr(slides, "__file__", str(tmp_path / "site-packages" / "wsi_screen" / "synthetic" / "slides.py"))
+    monkeypatch.delenv("WSI_SCREEN_DATA", raising=False)
+    with pytest.raises(DatasetError, match="set WSI_SCREEN_DATA"):
+        slides.default_patches_dir()
+    monkeypatch.setenv("WSI_SCREEN_DATA", str(tmp_path / "data"))
+    assert slides.default_patches_dir() == tmp_path / "data" / "patches" / "pcam"

@@ -39,6 +39,7 @@ from PIL import Image
 
 from wsi_screen._safe_write import atomic_path, atomic_write_text
 from wsi_screen.errors import ConfigError, DatasetError
+from wsi_screen.synthetic.tiff import Level, tiles_of, write_pyramid
 
 logger = logging.getLogger(__name__)
 
@@ -232,12 +233,6 @@ def _halve(a: np.ndarray) -> np.ndarray:
     return s.astype(np.uint8)
 
 
-def _tiles(a: np.ndarray) -> Iterator[np.ndarray]:
-    for y in range(0, a.shape[0], TILE_PX):
-        for x in range(0, a.shape[1], TILE_PX):
-            yield a[y:y + TILE_PX, x:x + TILE_PX]
-
-
 class _Composer:
     """Composes level 0 band by band and fills level 1 as a side effect."""
 
@@ -284,37 +279,38 @@ class _Composer:
             y0 = index * TILE_PX  # even, so the band halves onto whole level-1 rows
             half = _halve(band)
             self.level1[y0 // 2:y0 // 2 + half.shape[0]] = half
-            yield from _tiles(band)
+            yield from tiles_of(band, TILE_PX)
 
 
 def _write_tiff(path: Path, composer: _Composer, mpp: float, description: str) -> list[tuple[int, int]]:
-    import tifffile
-
-    res = 1e4 / mpp  # pixels per centimetre
-    common: dict[str, Any] = dict(
-        dtype=np.uint8, photometric="rgb", tile=(TILE_PX, TILE_PX), compression="jpeg",
-        compressionargs={"level": JPEG_QUALITY}, subsampling=(1, 1), resolution=(res, res),
-        resolutionunit="CENTIMETER", metadata=None, software="wsi-screen synthetic")
-    dims = [(composer.w, composer.h)]
-    with tifffile.TiffWriter(path, bigtiff=composer.w * composer.h * 3 > 2**31) as tw:
-        tw.write(composer.level0_tiles(), shape=(composer.h, composer.w, 3), description=description,
-                 **common)
-        level = composer.level1
+    def levels() -> Iterator[Level]:
+        yield (composer.h, composer.w, 3), composer.level0_tiles()
+        level = composer.level1  # filled while level 0 was written
         while True:
-            tw.write(_tiles(level), shape=level.shape, subfiletype=1, **common)
-            dims.append((level.shape[1], level.shape[0]))
+            yield level.shape, tiles_of(level, TILE_PX)
             if max(level.shape[:2]) <= TILE_PX:
                 break
             level = _halve(level)
-    return dims
+
+    return write_pyramid(path, levels(), mpp=mpp, tile=TILE_PX, bigtiff=composer.w * composer.h * 3 > 2**31,
+                         description=description, compressionargs={"level": JPEG_QUALITY}, subsampling=(1, 1),
+                         software="wsi-screen synthetic")
 
 
 # ---------------------------------------------------------------------------------------------- API
 def default_patches_dir() -> Path:
-    """``$WSI_SCREEN_DATA/patches/pcam``, or the shared data folder beside the repository."""
+    """PCam's labelled patches: ``$WSI_SCREEN_DATA/patches/pcam``, or, in a source checkout, the shared data
+    folder beside the repository. Installed without either, a one-line error says to set the variable (or
+    pass the folder: every builder takes ``patches_dir``)."""
     data = os.environ.get("WSI_SCREEN_DATA")
-    base = Path(data) if data else Path(__file__).resolve().parents[3] / "shared" / "data"
-    return base / "patches" / "pcam"
+    if data:
+        return Path(data) / "patches" / "pcam"
+    checkout = Path(__file__).resolve().parents[2]  # the repository, when running from a source tree
+    beside = checkout.parent / "shared" / "data" / "patches" / "pcam"
+    if (checkout / "pyproject.toml").is_file() and beside.is_dir():
+        return beside
+    raise DatasetError("no labelled patches to build synthetic slides from: set WSI_SCREEN_DATA to the data "
+                       "folder (holding patches/pcam) or pass the patches folder")
 
 
 def build_slide(out_path: str | os.PathLike[str], *, patches_dir: str | os.PathLike[str], positive: bool,
