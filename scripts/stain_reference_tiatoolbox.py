@@ -9,7 +9,7 @@ The script imports nothing from wsi_screen. For each image (three CRC-VAL-HE-7K 
 target) it records what tiatoolbox.tools.stainnorm fits on that single image with its defaults (luminosity
 threshold 0.8 after a 2-98 % contrast stretch; Macenko angle percentile 99; Vahadane regulariser 0.1;
 Reinhard on OpenCV 8-bit L*a*b* of all pixels), and summary statistics of each image normalised to the
-bundled target. ``tests/test_stain.py`` compares wsi_screen.tiling.stain against these numbers.
+bundled target. ``tests/tiling/test_stain.py`` compares wsi_screen.tiling.stain against these numbers.
 """
 
 from __future__ import annotations

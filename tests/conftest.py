@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,15 @@ def tree_digest(root: Path, skip: frozenset[str] = frozenset()) -> dict[str, str
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != LOG_NAME and str(p.relative_to(root)) not in skip}
+
+
+def read_results(run: Path) -> dict[str, dict[str, str]]:
+    """A run folder's results.csv, by slide name."""
+    with (run / "results.csv").open(newline="", encoding="utf-8") as fh:
+        return {r["slide"]: r for r in csv.DictReader(fh)}
+
+
+def dicom_series_copy(slides_dir: Path, folder: Path) -> tuple[Path, Path]:
+    """A copy of the CMU DICOM series in ``folder``; returns it and its level-0 (largest) file."""
+    shutil.copytree(slides_dir / "CMU-1-Small-Region dicom", folder)
+    return folder, max(folder.glob("*.dcm"), key=lambda p: p.stat().st_size)

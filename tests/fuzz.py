@@ -9,7 +9,7 @@ subset that ``n`` selects holds byte-identical copies of full-corpus variants.
 
 :func:`run_fuzz` tiles the variants in batches (one ``wsi-screen tile --quiet`` process per batch, beside a
 good slide) and classifies each variant (see :data:`VARIANT_OUTCOMES`) and each batch (see
-:data:`BATCH_FAILURES`). ``scripts/fuzz_slides.py`` is its command line; ``tests/test_fuzz.py`` its test.
+:data:`BATCH_FAILURES`). ``scripts/fuzz_slides.py`` is its command line; ``tests/features/test_fuzz.py`` its test.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ from wsi_screen.slide.discovery import SlideSource
 RUN_STAMPED = frozenset({"run.json", "report.html"})
 
 
-
 def error_lines(err: str) -> list[str]:
     return sorted(line.strip() for line in err.splitlines() if "wsi-screen: error:" in line)
 

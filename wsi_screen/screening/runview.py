@@ -203,7 +203,7 @@ def distribution_figure(view: RunView) -> Any:
     names = [r["slide"] for r in scored]
     data = [view.positive_probs(n) for n in names]
     if data:
-        ax1.boxplot(data, vert=False, tick_labels=names, showfliers=False)
+        ax1.boxplot(data, orientation="horizontal", tick_labels=names, showfliers=False)
     ax1.set(xlabel=f"patch P({view.positive_class})", xlim=(0, 1), title="patch probabilities per slide")
     return fig
 

@@ -125,7 +125,7 @@ def encode_shard(patches: np.ndarray, shard: int) -> list[bytes]:
     the tiler's bottleneck. The format is small and fixed by the zarr v3 sharding specification: the inner
     chunks (``bytes`` + ``blosc``, encoded by the same numcodecs Blosc zarr uses), then the index of
     ``(offset, nbytes)`` little-endian uint64 pairs (``2**64 - 1`` for absent chunks) and its CRC32C.
-    ``tests/test_store.py`` checks byte equality with zarr's own writer.
+    ``tests/tiling/test_store.py`` checks byte equality with zarr's own writer.
     """
     import google_crc32c
     from numcodecs import Blosc

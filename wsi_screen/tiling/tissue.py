@@ -16,7 +16,7 @@ Rules, all in physical units so a slide looks the same at any thumbnail resoluti
    filled (nuclei gaps, small lumina) while bubbles and large lumina stay holes.
 
 The thresholds were chosen on the histolab QC tiles in ``shared/data/patches/qc-tiles`` and are checked by
-``tests/test_tissue.py``.
+``tests/tiling/test_tissue.py``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ renamed into place: whichever moment a kill lands on, ``state.json`` points to a
 
 :func:`load` returns None when there is nothing to resume; a checkpoint of other settings is an error that
 names ``--restart``. With the same settings and ``--threads 1`` a resumed run ends with the same bytes as an
-uninterrupted one (tests/test_train_checkpoint.py kills a run with SIGKILL and compares hashes).
+uninterrupted one (tests/training/test_checkpoint.py kills a run with SIGKILL and compares hashes).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from wsi_screen.screening.run import InferConfig, model_identity, resolve_aggreg
 from wsi_screen.screening.spatial import PatchGrid
 from wsi_screen.synthetic import cohort
 
-BANK = Path(__file__).parent / "fixtures" / "score_bank" / "default"
+BANK = Path(__file__).parents[1] / "fixtures" / "score_bank" / "default"
 CELL_MM = 96 * 0.972 / 1000
 N_SLIDES = 60
 

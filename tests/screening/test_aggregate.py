@@ -25,7 +25,7 @@ from wsi_screen.screening.aggregate import (
 probs_st = arrays(np.float64, st.integers(1, 60), elements=st.floats(0.0, 1.0, allow_nan=False))
 k_st = st.one_of(st.integers(1, 80), st.floats(0.01, 0.99))
 fast = settings(max_examples=60, deadline=None)
-#: rules that pool probabilities regardless of where patches are (the spatial ones: tests/test_spatial.py)
+#: rules that pool probabilities regardless of where patches are (the spatial ones: tests/screening/test_spatial.py)
 POOLED = [r for r in RULES if r not in SPATIAL_RULES]
 
 

@@ -1,7 +1,8 @@
 """Property tests (hypothesis) for what the module tests leave open: the level-0 -> heatmap cell -> GeoJSON ->
 level-0 round trip through real grids, the thumbnail/grid arithmetic that ties them, and slide-call invariants.
 
-(tests/test_tiling.py, test_heatmap.py, test_geojson.py and test_aggregate.py check each piece alone.)
+(tests/tiling/test_grid.py, tests/screening/test_heatmap.py, test_geojson.py and test_aggregate.py check each
+piece alone.)
 """
 
 from __future__ import annotations

@@ -6,14 +6,13 @@ PCam *valid* patches, written as pyramidal TIFFs and screened by ``wsi-screen in
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import read_results, run_cli
 from wsi_screen.screening.heatmap import drawn_with
 from wsi_screen.synthetic import cohort
 from wsi_screen.synthetic.slides import build_layout_slide, load_pool
@@ -57,14 +56,9 @@ def run(slides: tuple[Path, dict[str, cohort.SlideLayout]], tmp_path_factory: py
     return out
 
 
-def _results(run: Path) -> dict[str, dict[str, str]]:
-    with (run / "results.csv").open(newline="") as fh:
-        return {r["slide"]: r for r in csv.DictReader(fh)}
-
-
 def test_calls_and_metastasis_size(run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]]) -> None:
     _, layouts = slides
-    rows = _results(run)
+    rows = read_results(run)
     assert {n: r["diagnosis"] for n, r in rows.items()} == {"neg_small": "normal", "neg_large": "normal",
                                                             "macro": "tumour", "micro": "tumour"}
     for name in ("neg_small", "neg_large"):
@@ -103,9 +97,9 @@ def test_calibrate_writes_a_model_copy_that_infer_uses(run: Path, slides: tuple[
     rerun = tmp_path / "rerun"
     res = run_cli("infer", folder / "slides", "-o", rerun, "--model", out, "--stores", run / "stores", "--quiet")
     assert res.code == 0, res
-    assert {n: r["rule"] for n, r in _results(rerun).items()} == dict.fromkeys(_results(run), doc["rule"])
+    assert {n: r["rule"] for n, r in read_results(rerun).items()} == dict.fromkeys(read_results(run), doc["rule"])
     assert all(r["diagnosis"] == ("tumour" if n in ("macro", "micro") else "normal")
-               for n, r in _results(rerun).items())  # separable on these four slides at 99 % specificity
+               for n, r in read_results(rerun).items())  # separable on these four slides at 99 % specificity
 
 
 def test_changing_the_rule_redraws_the_heatmap(run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]],
@@ -119,7 +113,7 @@ def test_changing_the_rule_redraws_the_heatmap(run: Path, slides: tuple[Path, di
     res = run_cli("infer", folder / "slides", "-o", copy, "--stores", run / "stores", "--aggregate", "smoothmax",
                   "--threshold", "0.99", "--quiet")
     assert res.code == 0, res
-    rows = _results(copy)
+    rows = read_results(copy)
     assert rows["macro"]["rule"] == "smoothmax"
     after = drawn_with(copy / "macro" / "heatmap.png")
     assert after != before and "smoothmax" in (after or "")

@@ -11,43 +11,6 @@ from wsi_screen.screening import calibration
 from wsi_screen.screening.spatial import patch_grid
 
 
-def _specificity_point(s: np.ndarray, y: np.ndarray, at_least: float,
-                       strata: np.ndarray | None = None) -> tuple[float, float, float]:
-    t = metrics.choose_threshold(y, s, metrics.ThresholdRule("specificity", at_least), strata=strata)
-    return (t, *metrics.rates_at(y, s, t))
-
-
-def test_specificity_rule_keeps_the_specificity() -> None:
-    s = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])
-    y = np.array([0, 0, 0, 1, 0, 1, 1, 1], dtype=bool)
-    t, sens, spec = _specificity_point(s, y, 1.0)
-    assert t == pytest.approx(0.65) and (sens, spec) == (0.75, 1.0)  # midway above the highest negative
-    t, sens, spec = _specificity_point(s, y, 0.75)  # one of four negatives may score above
-    assert t == pytest.approx(0.35) and (sens, spec) == (1.0, 0.75)
-
-
-def test_specificity_ties_go_to_the_fewest_false_positives() -> None:
-    # 1 of 5 negatives may pass; every positive is above 0.7, so the negative at 0.6 need not be called
-    s = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.75, 0.8, 0.9])
-    y = np.array([0, 0, 0, 0, 0, 1, 1, 1], dtype=bool)
-    t, sens, spec = _specificity_point(s, y, 0.8)
-    assert t == pytest.approx(0.675) and (sens, spec) == (1.0, 1.0)
-
-
-def test_strata_make_the_threshold_hold_in_every_group() -> None:
-    # small negatives score low, large ones high: pooled, 1 of 20 negatives may pass; per group, none of 10
-    neg_small = np.linspace(0.10, 0.30, 10)
-    neg_large = np.linspace(0.35, 0.60, 10)
-    pos = np.linspace(0.50, 0.95, 10)
-    s = np.concatenate([neg_small, neg_large, pos])
-    y = np.r_[np.zeros(20, bool), np.ones(10, bool)]
-    strata = np.r_[np.zeros(10), np.ones(10), np.ones(10)].astype(int)
-    pooled, _, _ = _specificity_point(s, y, 0.95)
-    per_group, _, spec = _specificity_point(s, y, 0.95, strata)
-    assert pooled < 0.6 < per_group
-    assert spec == 1.0 and np.all(s[~y & (strata == 1)] < per_group)
-
-
 def test_choose_prefers_sensitivity_then_auc_then_the_simpler_rule() -> None:
     y = [True, True, True, False, False, False]
     scores = {"mean": [0.3, 0.2, 0.25, 0.22, 0.1, 0.05], "smoothmax1": [0.9, 0.95, 0.8, 0.5, 0.4, 0.3],
@@ -84,17 +47,6 @@ def test_calibrate_on_spatial_truth_picks_a_spatial_rule() -> None:
     assert doc["candidates"]["topk10"]["sensitivity"] < 1.0
     assert config.min_focus_patches >= 2  # pairs of neighbouring false positives occur on 3,600-patch slides
     assert set(doc["per_rule"]) == {"mean", "max", "topk", "fraction", "smoothmax", "region"}
-
-
-def test_wilson_and_bootstrap_intervals() -> None:
-    lo, hi = metrics.wilson(45, 50)
-    assert lo == pytest.approx(0.7864, abs=1e-3) and hi == pytest.approx(0.9565, abs=1e-3)
-    assert metrics.wilson(0, 20)[0] == 0.0 and metrics.wilson(20, 20)[1] == 1.0
-    rng = np.random.default_rng(1)
-    y = np.r_[np.zeros(100, bool), np.ones(100, bool)]
-    s = rng.normal(y * 1.0, 1.0)
-    auc, lo, hi = metrics.bootstrap_auc(s, y, n_boot=300)
-    assert lo < auc < hi and 0.6 < auc < 0.9 and hi - lo < 0.2
 
 
 def test_report_counts_by_class_and_size() -> None:

@@ -26,7 +26,7 @@ from wsi_screen.synthetic.slides import (
 )
 from wsi_screen.tiling.grid import make_grid, tile_size_l0
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GRID = (12, 10)
 MPP = 0.972
 

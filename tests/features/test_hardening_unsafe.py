@@ -31,7 +31,7 @@ from wsi_screen.errors import DatasetError, ModelError, UnsafeFileError
 from wsi_screen.models import CONFIG_NAME, WEIGHTS_NAME, ModelSpec, create_model, load_model, save_model
 from wsi_screen.training.data import inside_folder, open_patch_folder
 
-PACKAGE = Path(__file__).resolve().parents[1] / "wsi_screen"
+PACKAGE = Path(__file__).resolve().parents[2] / "wsi_screen"
 
 
 class Payload:

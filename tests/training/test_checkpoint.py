@@ -60,7 +60,7 @@ def test_killed_training_resumes_to_the_same_bytes(herlev_mid: Path, tmp_path: P
     assert _sha(again / "model.safetensors") == _sha(whole / "model.safetensors")
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen([sys.executable, "-m", "wsi_screen.cli", *_args(herlev_mid, killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     state = killed / "checkpoint" / "state.json"

@@ -1,9 +1,9 @@
-"""Metrics (checked against scikit-learn), operating points, evaluation files and their failure modes."""
+"""wsi_screen.metrics: patch and slide metrics (checked against scikit-learn), the threshold rule and its
+tie-break, confidence intervals."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from tests.classifier_data import make_subset
-from wsi_screen.errors import ConfigError, DatasetError, ModelMismatchError
+from wsi_screen import metrics
+from wsi_screen.errors import ConfigError
 from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics
-from wsi_screen.models import ModelSpec, PatchClassifier, create_model
-from wsi_screen.training.data import open_patch_folder
-from wsi_screen.training.evaluate import evaluate_model, write_evaluation
 
 
-def _binary_case() -> tuple[np.ndarray, np.ndarray]:
+def binary_case() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
     p1 = np.clip(0.35 * y + rng.random(200) * 0.65, 0, 1)
@@ -27,7 +24,7 @@ def _binary_case() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_binary_metrics_equal_scikit_learn() -> None:
-    y, probs = _binary_case()
+    y, probs = binary_case()
     t = 0.42
     m = compute_metrics(y, probs, ["normal", "tumour"], positive_index=1, threshold=t)
     pred = (probs[:, 1] >= t).astype(int)
@@ -128,48 +125,49 @@ def test_other_threshold_rules() -> None:
     assert str(ThresholdRule.parse("Sensitivity:0.950")) == "sensitivity:0.95"
 
 
-def test_write_evaluation_files(tmp_path: Path) -> None:
-    y, probs = _binary_case()
-    m = compute_metrics(y, probs, ["normal", "tumour"], positive_index=1, threshold=0.5)
-    write_evaluation(tmp_path, m, [f"img{i}.png" for i in range(len(y))], y, probs)
-    for name in ("metrics.json", "predictions.csv", "roc.png", "confusion.png"):
-        assert (tmp_path / name).stat().st_size > 100
-    assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "metrics.json").read_text())["auc"] == pytest.approx(m["auc"])
-    lines = (tmp_path / "predictions.csv").read_text().splitlines()
-    assert lines[0] == "path,label,predicted,p_normal,p_tumour" and len(lines) == len(y) + 1
+def _specificity_point(s: np.ndarray, y: np.ndarray, at_least: float,
+                       strata: np.ndarray | None = None) -> tuple[float, float, float]:
+    t = metrics.choose_threshold(y, s, metrics.ThresholdRule("specificity", at_least), strata=strata)
+    return (t, *metrics.rates_at(y, s, t))
 
 
-@pytest.fixture(scope="module")
-def herlev_small(patches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_subset(patches_dir / "herlev", tmp_path_factory.mktemp("herlev_eval"), {"train": 2, "test": 3})
+def test_specificity_rule_keeps_the_specificity() -> None:
+    s = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])
+    y = np.array([0, 0, 0, 1, 0, 1, 1, 1], dtype=bool)
+    t, sens, spec = _specificity_point(s, y, 1.0)
+    assert t == pytest.approx(0.65) and (sens, spec) == (0.75, 1.0)  # midway above the highest negative
+    t, sens, spec = _specificity_point(s, y, 0.75)  # one of four negatives may score above
+    assert t == pytest.approx(0.35) and (sens, spec) == (1.0, 0.75)
 
 
-def _random_model(classes: list[str], positive: str | None) -> PatchClassifier:
-    spec = ModelSpec(arch="screen_cnn32", classes=classes, input_size=32, positive_class=positive,
-                     threshold=0.5 if positive else None)
-    return PatchClassifier(create_model("screen_cnn32", num_classes=len(classes)), spec)
+def test_specificity_ties_go_to_the_fewest_false_positives() -> None:
+    # 1 of 5 negatives may pass; every positive is above 0.7, so the negative at 0.6 need not be called
+    s = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.75, 0.8, 0.9])
+    y = np.array([0, 0, 0, 0, 0, 1, 1, 1], dtype=bool)
+    t, sens, spec = _specificity_point(s, y, 0.8)
+    assert t == pytest.approx(0.675) and (sens, spec) == (1.0, 1.0)
 
 
-def test_evaluate_model_resizes_and_writes(herlev_small: Path, tmp_path: Path,
-                                           caplog: pytest.LogCaptureFixture) -> None:
-    folder = open_patch_folder(herlev_small, label_column="binary_label")
-    model = _random_model(["abnormal", "normal"], "abnormal")
-    with caplog.at_level("WARNING", logger="wsi_screen"):
-        m = evaluate_model(model, folder, "test", tmp_path / "eval", positive="normal")
-    assert "resized to the model input" in caplog.text
-    assert m["n"] == 21 and m["source"]["image_sizes"] == {"200x200": 21}  # 3 of each of 7 classes
-    assert m["positive"]["class"] == "normal"
-    assert (tmp_path / "eval" / "confusion.png").exists()
+def test_strata_make_the_threshold_hold_in_every_group() -> None:
+    # small negatives score low, large ones high: pooled, 1 of 20 negatives may pass; per group, none of 10
+    neg_small = np.linspace(0.10, 0.30, 10)
+    neg_large = np.linspace(0.35, 0.60, 10)
+    pos = np.linspace(0.50, 0.95, 10)
+    s = np.concatenate([neg_small, neg_large, pos])
+    y = np.r_[np.zeros(20, bool), np.ones(10, bool)]
+    strata = np.r_[np.zeros(10), np.ones(10), np.ones(10)].astype(int)
+    pooled, _, _ = _specificity_point(s, y, 0.95)
+    per_group, _, spec = _specificity_point(s, y, 0.95, strata)
+    assert pooled < 0.6 < per_group
+    assert spec == 1.0 and np.all(s[~y & (strata == 1)] < per_group)
 
 
-def test_evaluate_model_refuses_another_class_set(herlev_small: Path, tmp_path: Path) -> None:
-    folder = open_patch_folder(herlev_small, label_column="label")
-    with pytest.raises(ModelMismatchError, match="--label-column"):
-        evaluate_model(_random_model(["abnormal", "normal"], "abnormal"), folder, "test", tmp_path)
-    with pytest.raises(DatasetError, match="split 'valid' is empty"):
-        evaluate_model(_random_model(["abnormal", "normal"], "abnormal"), folder, "valid", tmp_path)
-    binary = open_patch_folder(herlev_small, label_column="binary_label")
-    with pytest.raises(ConfigError, match="--positive"):
-        evaluate_model(_random_model(["abnormal", "normal"], "abnormal"), binary, "test", tmp_path,
-                       positive="tumour")
+def test_wilson_and_bootstrap_intervals() -> None:
+    lo, hi = metrics.wilson(45, 50)
+    assert lo == pytest.approx(0.7864, abs=1e-3) and hi == pytest.approx(0.9565, abs=1e-3)
+    assert metrics.wilson(0, 20)[0] == 0.0 and metrics.wilson(20, 20)[1] == 1.0
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(100, bool), np.ones(100, bool)]
+    s = rng.normal(y * 1.0, 1.0)
+    auc, lo, hi = metrics.bootstrap_auc(s, y, n_boot=300)
+    assert lo < auc < hi and 0.6 < auc < 0.9 and hi - lo < 0.2

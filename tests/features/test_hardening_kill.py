@@ -56,7 +56,6 @@ if os.environ.get("WSI_SCREEN_KILL_TRIALS"):
     TILE_TRIALS = INFER_TRIALS = (_n, _n, float("inf"))
 
 
-
 def stores_of(folder: Path) -> dict[str, dict[str, str]]:
     return {p.name: tree_digest(p) for p in sorted(folder.glob("*.zarr"))}
 

@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import csv
-import shutil
 import struct
 from pathlib import Path
 
 import pytest
 import tifffile
 
-from tests.conftest import run_cli
-from tests.corpus import can_drop_privileges, is_root, unprivileged_cli
+from tests.conftest import dicom_series_copy, run_cli
 from wsi_screen.errors import SlideOpenError, SlideReadError
-from wsi_screen.slide.discovery import discover
 from wsi_screen.slide.slide import Slide
-from wsi_screen.tiling.store import PatchStore
 
 ERROR = "wsi-screen: error: "
 
 
 def _dicom_files(slides_dir: Path) -> list[Path]:
     return sorted((slides_dir / "CMU-1-Small-Region dicom").glob("*.dcm"), key=lambda p: p.stat().st_size)
-
-
-def _series_copy(slides_dir: Path, folder: Path) -> tuple[Path, Path]:
-    """A copy of the DICOM series; returns it and its level-0 (largest) file."""
-    shutil.copytree(slides_dir / "CMU-1-Small-Region dicom", folder)
-    return folder, max(folder.glob("*.dcm"), key=lambda p: p.stat().st_size)
 
 
 def _zero_level0_bytecounts(src: Path, dst: Path) -> Path:
@@ -70,28 +59,9 @@ def test_a_zero_byte_tile_is_a_read_error(tmp_path: Path, slides_dir: Path) -> N
             slide.read_region(1, (0, 0), (64, 64))
 
 
-def test_dicom_series_with_a_broken_file_stays_one_slide(tmp_path: Path, slides_dir: Path) -> None:
-    _, level0 = _series_copy(slides_dir, tmp_path / "in" / "cut")
-    level0.write_bytes(level0.read_bytes()[:8])
-    _, level0 = _series_copy(slides_dir, tmp_path / "in" / "half")
-    level0.write_bytes(level0.read_bytes()[: level0.stat().st_size // 2])
-    shutil.copy(slides_dir / "CMU-1-Small-Region.svs", tmp_path / "in" / "good.svs")
-    sources, problems = discover([tmp_path / "in"])
-    assert sorted(s.name for s in sources) == ["cut", "good", "half"] and not problems
-    res = run_cli("infer", tmp_path / "in", "-o", tmp_path / "run", "--quiet")
-    assert res.code == 1
-    errors = [line for line in res.err_lines if line.startswith(ERROR)]
-    assert len(errors) == 2, res.err
-    assert any("/cut/" in line and "unreadable DICOM header" in line for line in errors), errors
-    assert any("/half/" in line and "frame offset table points past the end" in line for line in errors), errors
-    with (tmp_path / "run" / "results.csv").open() as fh:
-        status = {row["slide"]: row["status"] for row in csv.DictReader(fh)}
-    assert status == {"cut": "error", "good": "ok", "half": "error"}  # one row per slide, never one per file
-
-
 def test_dicom_offset_table_past_the_end_is_refused(tmp_path: Path, slides_dir: Path) -> None:
     """Used to segfault OpenSlide (exit 139, nothing printed)."""
-    folder, level0 = _series_copy(slides_dir, tmp_path / "bot")
+    folder, level0 = dicom_series_copy(slides_dir, tmp_path / "bot")
     data = bytearray(level0.read_bytes())
     at = data.index(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff") + 12
     length = struct.unpack("<I", data[at + 4:at + 8])[0]
@@ -116,35 +86,3 @@ def test_dicom_absurd_columns_fail_fast(tmp_path: Path, slides_dir: Path) -> Non
     with pytest.raises(SlideOpenError, match=r"1000000 x 700 px in 256 x 256 px tiles needs 11721 frames"):
         Slide(bad)
     assert time.perf_counter() - started < 1.0
-
-
-def test_two_links_to_one_folder_are_not_a_loop(tmp_path: Path, slides_dir: Path) -> None:
-    real = tmp_path / "real"
-    real.mkdir()
-    shutil.copy(slides_dir / "CMU-1-Small-Region.svs", real / "a.svs")
-    root = tmp_path / "root"
-    root.mkdir()
-    (root / "one").symlink_to(real, target_is_directory=True)
-    (root / "two").symlink_to(real, target_is_directory=True)
-    (root / "loop").symlink_to(root, target_is_directory=True)
-    sources, problems = discover([root])
-    assert [s.path for s in sources] == [root / "one" / "a.svs"]
-    assert [(p.path.name, p.reason) for p in problems] == [("loop", "symbolic link loop; not followed")]
-
-
-@pytest.mark.skipif(not is_root() or not can_drop_privileges(), reason="needs root able to drop capabilities")
-def test_listable_but_not_searchable_folder_fails_per_file(tmp_path: Path, slides_dir: Path) -> None:
-    """Used to stop everything with a PermissionError during discovery (nothing tiled)."""
-    root = tmp_path / "in"
-    (root / "locked").mkdir(parents=True)
-    shutil.copy(slides_dir / "CMU-1-Small-Region.svs", root / "locked" / "hidden.svs")
-    shutil.copy(slides_dir / "CMU-1-Small-Region.svs", root / "good.svs")
-    (root / "locked").chmod(0o644)  # r--: names can be listed, files cannot be reached
-    try:
-        res = unprivileged_cli(["tile", str(root), "-o", str(tmp_path / "out"), "--quiet"])
-    finally:
-        (root / "locked").chmod(0o755)
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert res.returncode == 1, res
-    assert lines == [f"{ERROR}{root / 'locked' / 'hidden.svs'}: cannot read: Permission denied"], lines
-    assert len(PatchStore.open(tmp_path / "out" / "good.zarr")) > 30

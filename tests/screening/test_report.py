@@ -102,6 +102,6 @@ def test_report_renders_in_chromium(hostile_run: Path, tmp_path: Path) -> None:
 
 
 def test_chromium_flags_are_the_documented_ones() -> None:
-    run = Path(__file__).parents[1] / ".ci" / "run"
+    run = Path(__file__).parents[2] / ".ci" / "run"
     assert "chromium chromium-driver" in run.read_text()
     assert subprocess.run(["bash", "-n", str(run)]).returncode == 0

@@ -6,25 +6,19 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import read_results, run_cli
 from tests.factory import block_image, write_tiled_tiff
 from wsi_screen.models import default_model_dir, load_model
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.geojson import geojson_to_coords
 from wsi_screen.synthetic.slides import build_slide
 from wsi_screen.tiling.store import PatchStore
-
-
-def _results(run: Path) -> dict[str, dict[str, str]]:
-    with (run / "results.csv").open(newline="") as fh:
-        return {r["slide"]: r for r in csv.DictReader(fh)}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +63,7 @@ def test_demo_slide(tmp_path: Path, example_slide: Path) -> None:
     res = run_cli("infer", example_slide.parent, "-o", run, "--workers", "0")
     assert res.code == 0, res
     assert "CMU-1-Small-Region" in res.out and "heatmap:" in res.out
-    row = _results(run)["CMU-1-Small-Region"]
+    row = read_results(run)["CMU-1-Small-Region"]
     assert row["store"] == "stores/CMU-1-Small-Region.zarr"  # relative to the run folder
     store = PatchStore.open(run / row["store"])
     assert row["status"] == "ok" and int(row["n_patches"]) == len(store) > 30
@@ -98,7 +92,7 @@ def test_demo_slide(tmp_path: Path, example_slide: Path) -> None:
 
 
 def test_positive_slides_outrank_negative(synthetic_run: Path) -> None:
-    rows = _results(synthetic_run)
+    rows = read_results(synthetic_run)
     pos = [float(rows[f"case{i}"]["score"]) for i in (0, 2, 4)]
     neg = [float(rows[f"case{i}"]["score"]) for i in (1, 3, 5)]
     assert min(pos) > max(neg), (pos, neg)
@@ -140,7 +134,7 @@ def test_rerun_reuses_scores_and_reaggregates(tmp_path: Path, synthetic: Path, s
                   "--workers", "0", "--quiet")
     assert res.code == 0, res
     assert {p: p.stat().st_mtime_ns for p in run.glob("case*/scores.csv")} == before  # nothing rescored
-    rows = _results(run)
+    rows = read_results(run)
     assert {r["rule"] for r in rows.values()} == {"max"} and {r["threshold"] for r in rows.values()} == {"0.99"}
     for name, r in rows.items():
         p = runfolder.read_scores(run / name / "scores.csv").probs[:, 1]
@@ -156,7 +150,7 @@ def test_failed_and_empty_slides_are_rows(tmp_path: Path, cmu_svs: Path) -> None
     res = run_cli("infer", src, "-o", tmp_path / "run", "--workers", "0", "--quiet")
     assert res.code == 1
     assert "Traceback" not in res.err
-    rows = _results(tmp_path / "run")
+    rows = read_results(tmp_path / "run")
     assert rows["good"]["status"] == "ok"
     assert rows["broken"]["status"] == "error" and "broken.svs" in rows["broken"]["error"]
     assert rows["broken"]["diagnosis"] == "error"
@@ -165,64 +159,9 @@ def test_failed_and_empty_slides_are_rows(tmp_path: Path, cmu_svs: Path) -> None
     assert not list((tmp_path / "run").glob("*.partial"))
 
 
-def test_mismatched_store_is_refused(tmp_path: Path, cmu_svs: Path) -> None:
-    stores = tmp_path / "stores"
-    assert run_cli("tile", cmu_svs, "-o", stores, "--mpp", "0.5", "--size", "224", "--quiet").code == 0
-    res = run_cli("infer", cmu_svs, "-o", tmp_path / "run", "--stores", stores, "--workers", "0", "--quiet")
-    assert res.code == 1
-    row = _results(tmp_path / "run")["CMU-1-Small-Region"]
-    assert row["status"] == "error" and "--overwrite" in row["error"] and "patch_size" in row["error"]
-    res = run_cli("infer", cmu_svs, "-o", tmp_path / "run", "--stores", stores, "--overwrite", "--workers", "0",
-                  "--quiet")
-    assert res.code == 0 and _results(tmp_path / "run")["CMU-1-Small-Region"]["status"] == "ok"
-
-
-def test_store_model_check_message() -> None:
-    from wsi_screen.errors import ModelMismatchError
-    from wsi_screen.screening.score import check_store_matches_model
-
-    spec = load_model().spec
-    with pytest.raises(ModelMismatchError, match=r"--mpp 0\.972 --size 96"):
-        check_store_matches_model({"mpp": 0.5, "patch_size": 224, "stain": {"method": "none"}}, spec, "s.zarr")
-    check_store_matches_model({"mpp": 0.972, "patch_size": 96, "stain": {"method": "none"}}, spec, "s.zarr")
-
-
 def test_bad_labels_file(tmp_path: Path, example_slide: Path) -> None:
     bad = tmp_path / "labels.csv"
     bad.write_text("name,truth\nx,1\n")
     res = run_cli("infer", example_slide, "-o", tmp_path / "run", "--labels", bad, "--quiet")
     errors = [line for line in res.err_lines if line.startswith("wsi-screen: error:")]
     assert res.code == 1 and len(errors) == 1 and "'slide' and 'label'" in errors[0]
-
-
-def test_prefetch_keeps_order_reraises_errors_and_stops_early() -> None:
-    import threading
-
-    from wsi_screen.screening.score import prefetch
-
-    assert list(prefetch(iter(range(50)), 3)) == list(range(50))
-
-    def failing() -> Iterator[int]:
-        yield 1
-        raise ValueError("bad batch")
-
-    got = []
-    with pytest.raises(ValueError, match="bad batch"):
-        for item in prefetch(failing(), 2):
-            got.append(item)
-    assert got == [1]
-
-    produced = []
-
-    def endless() -> Iterator[int]:
-        i = 0
-        while True:
-            produced.append(i)
-            yield i
-            i += 1
-
-    gen = prefetch(endless(), 2)
-    assert next(gen) == 0
-    gen.close()  # the consumer stops: the reader thread must stop too
-    assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
-    assert len(produced) <= 5

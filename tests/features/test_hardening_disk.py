@@ -24,7 +24,6 @@ from wsi_screen.tiling.store import PatchStore, read_attrs
 ERROR = "wsi-screen: error: "
 
 
-
 @pytest.fixture(autouse=True)
 def _read_slides_here(monkeypatch: pytest.MonkeyPatch) -> None:
     """The faults are patched into this process: read slides here, not in the slide reader's child process."""

@@ -19,7 +19,7 @@ from PIL import Image
 from wsi_screen.errors import ConfigError, StainFitError
 from wsi_screen.tiling import stain
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REFERENCE = REPO / "tests" / "fixtures" / "stain_reference.json"
 TARGET_PNG = REPO / "wsi_screen" / "resources" / "stain_target.png"
 FITTED = ("macenko", "reinhard", "vahadane")
@@ -67,8 +67,15 @@ def _normalizer(method: str) -> stain.Normalizer:
 
 
 # --- fitting --------------------------------------------------------------------------------------------
-def test_methods() -> None:
-    assert stain.METHODS == ("none", "macenko", "reinhard", "vahadane")
+def test_every_method_is_offered_and_documented() -> None:
+    """The methods the library implements are the choices of `tile --stain`, each documented in stain.md."""
+    from tests.conftest import run_cli
+
+    res = run_cli("tile", "--help")
+    assert res.code == 0
+    doc = (REPO / "docs" / "stain.md").read_text()
+    for method in stain.METHODS:
+        assert method in res.out and f"`{method}`" in doc, method
 
 
 @pytest.mark.parametrize("method", ["macenko", "vahadane"])
@@ -299,7 +306,12 @@ def test_random_patches_never_break_fit(batch: np.ndarray, method: str) -> None:
         params = stain.fit(batch, method)
     except StainFitError:
         return
-    stain.Normalizer(params, params).apply(batch)  # fitted values are finite and usable
+    flat = np.concatenate([np.ravel(np.asarray(v, dtype=np.float64)) for v in params.values.values()])
+    assert flat.size and np.isfinite(flat).all()  # fitted values are finite numbers ...
+    assert stain.StainParams.from_json(json.loads(json.dumps(params.to_json()))) == params  # ... and valid
+    out, ok = stain.Normalizer(params, params).apply(batch)  # ... and usable
+    assert out.shape == batch.shape and out.dtype == np.uint8 and ok.shape == (len(batch),)
+    assert np.array_equal(out[~ok], batch[~ok])  # patches it does not normalise come back unchanged
 
 
 # --- parameters, targets, errors --------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from wsi_screen.tiling.store import PatchStore, store_location, store_lock
 BUSY = "another wsi-screen process is writing"
 
 
-
 def stores_of(folder: Path) -> dict[str, dict[str, str]]:
     return {p.name: tree_digest(p) for p in sorted(folder.glob("*.zarr"))}
 

@@ -1,0 +1,63 @@
+"""Evaluating a model on a labelled split (wsi_screen.training.evaluate): the files, resizing, class checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.classifier_data import make_subset
+from tests.test_metrics import binary_case
+from wsi_screen.errors import ConfigError, DatasetError, ModelMismatchError
+from wsi_screen.metrics import compute_metrics
+from wsi_screen.models import ModelSpec, PatchClassifier, create_model
+from wsi_screen.training.data import open_patch_folder
+from wsi_screen.training.evaluate import evaluate_model, write_evaluation
+
+
+def test_write_evaluation_files(tmp_path: Path) -> None:
+    y, probs = binary_case()
+    m = compute_metrics(y, probs, ["normal", "tumour"], positive_index=1, threshold=0.5)
+    write_evaluation(tmp_path, m, [f"img{i}.png" for i in range(len(y))], y, probs)
+    for name in ("metrics.json", "predictions.csv", "roc.png", "confusion.png"):
+        assert (tmp_path / name).stat().st_size > 100
+    assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "metrics.json").read_text())["auc"] == pytest.approx(m["auc"])
+    lines = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "path,label,predicted,p_normal,p_tumour" and len(lines) == len(y) + 1
+
+
+@pytest.fixture(scope="module")
+def herlev_small(patches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_subset(patches_dir / "herlev", tmp_path_factory.mktemp("herlev_eval"), {"train": 2, "test": 3})
+
+
+def _random_model(classes: list[str], positive: str | None) -> PatchClassifier:
+    spec = ModelSpec(arch="screen_cnn32", classes=classes, input_size=32, positive_class=positive,
+                     threshold=0.5 if positive else None)
+    return PatchClassifier(create_model("screen_cnn32", num_classes=len(classes)), spec)
+
+
+def test_evaluate_model_resizes_and_writes(herlev_small: Path, tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    folder = open_patch_folder(herlev_small, label_column="binary_label")
+    model = _random_model(["abnormal", "normal"], "abnormal")
+    with caplog.at_level("WARNING", logger="wsi_screen"):
+        m = evaluate_model(model, folder, "test", tmp_path / "eval", positive="normal")
+    assert "resized to the model input" in caplog.text
+    assert m["n"] == 21 and m["source"]["image_sizes"] == {"200x200": 21}  # 3 of each of 7 classes
+    assert m["positive"]["class"] == "normal"
+    assert (tmp_path / "eval" / "confusion.png").exists()
+
+
+def test_evaluate_model_refuses_another_class_set(herlev_small: Path, tmp_path: Path) -> None:
+    folder = open_patch_folder(herlev_small, label_column="label")
+    with pytest.raises(ModelMismatchError, match="--label-column"):
+        evaluate_model(_random_model(["abnormal", "normal"], "abnormal"), folder, "test", tmp_path)
+    with pytest.raises(DatasetError, match="split 'valid' is empty"):
+        evaluate_model(_random_model(["abnormal", "normal"], "abnormal"), folder, "valid", tmp_path)
+    binary = open_patch_folder(herlev_small, label_column="binary_label")
+    with pytest.raises(ConfigError, match="--positive"):
+        evaluate_model(_random_model(["abnormal", "normal"], "abnormal"), binary, "test", tmp_path,
+                       positive="tumour")

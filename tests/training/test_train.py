@@ -1,0 +1,136 @@
+"""Datasets, honest splits, augmentation, training, transfer learning and search, on small real subsets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.classifier_data import make_subset, read_rows, tiny_config, write_rows
+from wsi_screen.errors import ConfigError, DatasetError, ModelError
+from wsi_screen.models import ModelSpec, load_model
+from wsi_screen.training.data import (
+    load_images,
+    open_patch_folder,
+)
+from wsi_screen.training.train import BatchAugment, prepare_data, resolve_positive, train
+
+# --- reading datasets ------------------------------------------------------------------------------------
+
+
+# --- honest splits ---------------------------------------------------------------------------------------
+
+
+def test_positive_class_resolution() -> None:
+    assert resolve_positive(["normal", "tumour"], None) == "tumour"
+    assert resolve_positive(["abnormal", "normal"], None) == "abnormal"
+    assert resolve_positive(["colon_aca", "colon_n"], None) == "colon_aca"
+    assert resolve_positive(["a", "b", "c"], None) is None
+    assert resolve_positive(["a", "b", "c"], "c") == "c"
+    with pytest.raises(ConfigError, match="pass --positive"):
+        resolve_positive(["cats", "dogs"], None)
+    with pytest.raises(ConfigError, match="not one of"):
+        resolve_positive(["cats", "dogs"], "birds")
+
+
+# --- augmentation ----------------------------------------------------------------------------------------
+def test_augmentation_is_seeded_and_keeps_geometry() -> None:
+    batch = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8)
+    first = BatchAugment(generator=torch.Generator().manual_seed(3))(batch)
+    second = BatchAugment(generator=torch.Generator().manual_seed(3))(batch)
+    assert first.shape == (8, 3, 16, 16) and torch.equal(first, second)
+    assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
+    geometric = BatchAugment(hed=0, color=0, generator=torch.Generator().manual_seed(0))(batch)
+    for img, out in zip(batch, geometric, strict=True):  # a rotation/flip keeps every pixel
+        source = img.permute(2, 0, 1).float() / 255
+        assert torch.equal(source.flatten(1).sort(1).values, out.flatten(1).sort(1).values)
+    white = torch.full((2, 8, 8, 3), 255, dtype=torch.uint8)
+    assert torch.equal(BatchAugment(color=0, generator=torch.Generator().manual_seed(0))(white),
+                       torch.ones(2, 3, 8, 8))  # HED jitter leaves background alone
+
+
+# --- training --------------------------------------------------------------------------------------------
+def test_short_training_run_writes_a_complete_model(herlev_small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    result = train(herlev_small, out, tiny_config(mpp=0.25, stain_method="macenko", stain_target="target.png"))
+    for name in ("model.safetensors", "config.json", "history.csv", "split.csv", "valid/metrics.json",
+                 "valid/roc.png", "valid/confusion.png", "valid/predictions.csv"):
+        assert (out / name).is_file(), name
+    spec = ModelSpec.read(out)
+    assert spec == result.spec
+    assert spec.arch == "screen_cnn32" and spec.classes == ["abnormal", "normal"]
+    assert spec.positive_class == "abnormal" and spec.input_size == 32 and spec.mpp == 0.25
+    assert spec.stain_method == "macenko" and spec.stain_target == "target.png"
+    assert spec.threshold is not None and 0 <= spec.threshold <= 1
+    assert spec.threshold_rule == "sensitivity:0.95" and spec.metrics["sensitivity"] >= 0.95
+    assert spec.data_fingerprint and spec.data_fingerprint.startswith("sha256:")
+    assert spec.train_config["seed"] == 0 and spec.train_config["lr"] == 1e-3
+    assert spec.data["label_column"] == "binary_label" and spec.data["split_source"] == "carved"
+    with (out / "split.csv").open() as fh:
+        split_rows = list(csv.DictReader(fh))
+    assert {r["split"] for r in split_rows} == {"train", "valid"} and len(split_rows) == 48
+    assert not any(r["path"].startswith("test/") for r in split_rows)
+    with (out / "history.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 2
+    # the saved model reproduces the validation predictions it was chosen on
+    model = load_model(out)
+    folder = open_patch_folder(herlev_small, label_column="binary_label")
+    valid_paths = [r["path"] for r in split_rows if r["split"] == "valid"]
+    rows = [folder.paths.index(p) for p in valid_paths]
+    probs = model.predict(load_images(folder, rows, 32).images)
+    with (out / "valid" / "predictions.csv").open() as fh:
+        expected = np.array([[float(r["p_abnormal"]), float(r["p_normal"])] for r in csv.DictReader(fh)])
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="already holds a model"):
+        train(herlev_small, out, tiny_config())
+
+
+def test_training_is_deterministic_under_the_seed(herlev_small: Path, tmp_path: Path) -> None:
+    config = tiny_config(epochs=1)
+    train(herlev_small, tmp_path / "a", config)
+    train(herlev_small, tmp_path / "b", config)
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = load_file(str(train(herlev_small, tmp_path / "c", tiny_config(epochs=1, seed=1)).model_dir
+                      / "model.safetensors"))
+    assert not torch.equal(a["features.0.weight"], c["features.0.weight"])
+
+
+def test_training_errors(herlev_small: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="takes 32x32"):
+        tiny_config(size=64)
+    with pytest.raises(ConfigError, match="optimizer"):
+        tiny_config(optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="stain method"):
+        tiny_config(stain_target="x.png")
+    with pytest.raises(ModelError, match="unknown architecture"):
+        prepare_data(herlev_small, tiny_config(arch="resnet_999"))
+    only_test = tmp_path / "only_test"
+    shutil.copytree(herlev_small, only_test)
+    write_rows(only_test, [r for r in read_rows(only_test) if r["split"] == "test"])
+    with pytest.raises(DatasetError, match="split 'train' is empty"):
+        prepare_data(only_test, tiny_config())
+
+
+@pytest.mark.slow
+def test_transfer_learning_from_a_local_model(patches_dir: Path, herlev_small: Path, tmp_path: Path) -> None:
+    """Pretrain a timm model on the 7 Herlev classes, then fine-tune it on binary labels, frozen first."""
+    seven = make_subset(patches_dir / "herlev", tmp_path / "herlev7", {"train": 6})
+    source = train(seven, tmp_path / "seven", tiny_config(arch="resnet10t", size=32, label_column="label", epochs=1))
+    assert source.spec.positive_class is None and source.spec.threshold is None and source.spec.num_classes == 7
+    result = train(herlev_small, tmp_path / "tl", tiny_config(arch="resnet10t", pretrained=str(tmp_path / "seven"),
+                                                             freeze_backbone=True, frozen_epochs=1, epochs=2))
+    assert result.spec.input_size == 32  # taken from the pretrained model
+    assert result.pretrained is not None and sorted(result.pretrained["head_reset"]) == ["fc.bias", "fc.weight"]
+    pre, post = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "seven", tmp_path / "tl"))
+    assert not torch.equal(pre["conv1.0.weight"], post["conv1.0.weight"])  # fine-tuned after the frozen epoch
+    assert json.loads((tmp_path / "tl" / "config.json").read_text())["train_config"]["pretrained_report"]["loaded"]
+
+
+# --- search ----------------------------------------------------------------------------------------------
