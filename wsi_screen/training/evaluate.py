@@ -42,7 +42,6 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
     Writes ``metrics.json``, ``predictions.csv``, ``roc.png`` and ``confusion.png`` into ``out_dir`` and
     returns the metrics. Images of another size than the model input are resized (with a warning).
     """
-    import torch
 
     from wsi_screen.training.data import iter_images
 
@@ -69,12 +68,10 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
         for loaded in iter_images(folder, rows, spec.input_size, workers=workers, chunk=max(batch_size, 256)):
             for size, n in loaded.original_sizes.items():
                 sizes[size] = sizes.get(size, 0) + n
-            x = torch.from_numpy(loaded.images)
-            for i in range(0, len(x), batch_size):
-                p, d = model.score_tensor(model.preprocess(x[i:i + batch_size]))
-                probs_parts.append(p.cpu().numpy())
-                if d is not None:
-                    dist_parts.append(d)
+            p, d = model.predict_with_domain(loaded.images, batch_size=batch_size)
+            probs_parts.append(p)
+            if d is not None:
+                dist_parts.append(d)
             bar.update(len(loaded.images))
     other = {s: n for s, n in sizes.items() if s != (spec.input_size, spec.input_size)}
     if other:
