@@ -2,8 +2,8 @@
 
 Streaming patches allocates and frees buffers of 100 kB to 8 MB on several threads (decoded tiles, patches,
 shards, compressed chunks). glibc keeps freed pages in its per-thread arenas, so without trimming a long run's
-resident memory creeps up to a plateau that depends on how long it ran, not on what it holds: a 16x larger
-slide peaked ~25 % higher for that reason alone. Dask's workers trim the same way
+resident memory creeps up to a plateau that depends on how long it ran, not on what it holds (bench/tile.py
+measures peak memory against slide size; bench/RESULTS.md). Dask's workers trim the same way
 (``distributed.worker_memory``). On other C libraries this does nothing.
 """
 

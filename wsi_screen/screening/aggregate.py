@@ -47,7 +47,8 @@ RULES = ("mean", "max", "topk", "fraction", "smoothmax", "region")
 SPATIAL_RULES = ("smoothmax", "region")
 #: diagnosis and status of a slide without tissue patches
 NO_TISSUE = "no tissue"
-STATUS_OK = "ok"
+#: a slide's status in results.csv: scored, no tissue to score, or failed
+STATUS_OK, STATUS_NO_TISSUE, STATUS_ERROR = "ok", NO_TISSUE, "error"
 #: how many of the highest-scoring patch indices a SlideResult keeps
 N_TOP = 10
 

@@ -71,31 +71,31 @@ def _num(value: Any) -> Any:
     return f"{value:.3f}" if isinstance(value, float) else value
 
 
-def _k(agg: dict[str, Any]) -> str:
+def _k_note(agg: dict[str, Any]) -> str:
     return f" (k = {agg['k']})" if agg.get("rule") == "topk" and agg.get("k") is not None else ""
 
 
-def _e(value: Any) -> str:
+def _html(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
 def _img(data: bytes, alt: str, cls: str = "") -> str:
     b64 = base64.b64encode(data).decode("ascii")
-    return f'<img class="{cls}" alt="{_e(alt)}" src="data:image/png;base64,{b64}">'
+    return f'<img class="{cls}" alt="{_html(alt)}" src="data:image/png;base64,{b64}">'
 
 
 def _region_unit(agg: dict[str, Any]) -> str:
     """The region rule's score is an area: say so, and at which patch probability."""
     if agg.get("rule") != "region":
         return ""
-    return f" mm&sup2; (largest region at p &ge; {_e(_num(agg.get('region_threshold')))})"
+    return f" mm&sup2; (largest region at p &ge; {_html(_num(agg.get('region_threshold')))})"
 
 
 def _model_card(model: dict[str, Any]) -> str:
     """The model card's two-line summary and what the table's columns mean."""
     lines = model.get("card") or [f"Model {model.get('arch')}: no model card (see `wsi-screen models --card`).",
                                   "Research use only, not for diagnosis."]
-    return (f'<div class="modelcard"><p>{"<br>".join(_e(line) for line in lines)}</p>'
+    return (f'<div class="modelcard"><p>{"<br>".join(_html(line) for line in lines)}</p>'
             '<p class="muted"><b>diagnosis</b> is the model\'s slide call from its patch scores (the rule below), '
             "for screening research: not a pathologist's diagnosis. <b>in domain fraction</b>: share of the slide's "
             "patches that resemble the training data; <b>out of domain</b> slides get a call that should not be "
@@ -110,7 +110,7 @@ def slides_table(view: RunView) -> str:
             ("label", False)]
     has_labels = any(r.get("label") for r in view.results)
     cols = [c for c in cols if c[0] != "label" or has_labels]
-    head = "".join(f'<th scope="col" class="{"num" if num else ""}">{_e(name.replace("_", " "))}</th>'
+    head = "".join(f'<th scope="col" class="{"num" if num else ""}">{_html(name.replace("_", " "))}</th>'
                    for name, num in cols)
     body = []
     for i, r in enumerate(view.results):
@@ -120,15 +120,15 @@ def slides_table(view: RunView) -> str:
         for name, num in cols:
             value = r.get(name, "")
             if name == "slide" and r["status"] != "error":
-                shown = f'<a href="#s{i}">{_e(value)}</a>'
+                shown = f'<a href="#s{i}">{_html(value)}</a>'
             elif name == "diagnosis" and r["status"] == "error":
-                shown = f"error: {_e(r.get('error', ''))}"
+                shown = f"error: {_html(r.get('error', ''))}"
             elif name == "score" and value:
                 shown = f"{float(value):.3f}"
             else:
-                shown = _e(value)
+                shown = _html(value)
             klass = "num" if num else ("dx" if name == "diagnosis" else "")
-            cells.append(f'<td class="{klass}" data-v="{_e(value)}">{shown}</td>')
+            cells.append(f'<td class="{klass}" data-v="{_html(value)}">{shown}</td>')
         body.append(f'<tr class="{cls}">{"".join(cells)}</tr>')
     return (f'<table class="sortable" id="slides"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
@@ -140,13 +140,13 @@ def _slide_section(view: RunView, i: int, row: dict[str, str]) -> str:
     if row.get("out_of_domain") == "true":
         ood = (f'<p class="ood-flag">Out of domain: only {100 * float(row.get("in_domain_fraction") or 0):.0f} % of '
                "its patches resemble the model's training data; the call is shown but unreliable.</p>")
-    parts = [f'<section class="slide" id="s{i}"><h2>{_e(name)}</h2>', ood,
-             f'<p><b>{_e(row["diagnosis"])}</b> &middot; score {_e(row.get("score") or "-")} &middot; '
-             f'metastasis {_e(row.get("metastasis") or "-")} '
-             f'(largest focus {_e(row.get("largest_focus_mm") or "-")} mm, '
-             f'{_e(row.get("n_foci") or "0")} foci, {_e(row.get("tumour_area_mm2") or "-")} mm&sup2;) &middot; '
-             f'{_e(row["n_patches"])} patches &middot; top patch at level-0 ({_e(row.get("top_x"))}, '
-             f'{_e(row.get("top_y"))}), P = {_e(row.get("top_score") or "-")}</p>']
+    parts = [f'<section class="slide" id="s{i}"><h2>{_html(name)}</h2>', ood,
+             f'<p><b>{_html(row["diagnosis"])}</b> &middot; score {_html(row.get("score") or "-")} &middot; '
+             f'metastasis {_html(row.get("metastasis") or "-")} '
+             f'(largest focus {_html(row.get("largest_focus_mm") or "-")} mm, '
+             f'{_html(row.get("n_foci") or "0")} foci, {_html(row.get("tumour_area_mm2") or "-")} mm&sup2;) &middot; '
+             f'{_html(row["n_patches"])} patches &middot; top patch at level-0 ({_html(row.get("top_x"))}, '
+             f'{_html(row.get("top_y"))}), P = {_html(row.get("top_score") or "-")}</p>']
     heat = runfolder.slide_dir(view.path, name) / runfolder.HEATMAP_PNG
     if heat.exists():
         parts.append(_img(heat.read_bytes(), f"heatmap of {name}", "heat"))
@@ -154,7 +154,7 @@ def _slide_section(view: RunView, i: int, row: dict[str, str]) -> str:
         patches = top_patches(view, name, N_TOP)
     except WsiScreenError as exc:
         patches = []
-        parts.append(f'<p class="muted">top patches unavailable: {_e(exc)}</p>')
+        parts.append(f'<p class="muted">top patches unavailable: {_html(exc)}</p>')
     if patches:
         figs = []
         for p in patches:
@@ -176,19 +176,21 @@ def render_report(run: str | Path) -> str:
     for r in view.results:
         key = r["diagnosis"] if r["status"] != "error" else "error"
         counts[key] = counts.get(key, 0) + 1
-    cards = "".join(f'<div class="card"><b>{n}</b>{_e(k)}</div>' for k, n in sorted(counts.items()))
+    cards = "".join(f'<div class="card"><b>{n}</b>{_html(k)}</div>' for k, n in sorted(counts.items()))
     title = f"wsi-screen report: {Path(run).resolve().name}"
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="muted">{len(view.results)} slides &middot; model {_e(model.get("arch"))} '
-        f'({_e(model.get("positive_class"))} vs rest, {_e(model.get("mpp"))} um/px, {_e(model.get("input_size"))} px) '
-        f'&middot; slide call: {_e(agg.get("rule"))}{_e(_k(agg))} score &ge; {_e(_num(agg.get("slide_threshold")))}'
+        f"<title>{_html(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_html(title)}</h1>",
+        f'<p class="muted">{len(view.results)} slides &middot; model {_html(model.get("arch"))} '
+        f'({_html(model.get("positive_class"))} vs rest, {_html(model.get("mpp"))} um/px, '
+        f'{_html(model.get("input_size"))} px) '
+        f'&middot; slide call: {_html(agg.get("rule"))}{_html(_k_note(agg))} score &ge; '
+        f'{_html(_num(agg.get("slide_threshold")))}'
         f'{_region_unit(agg)} '
-        f'&middot; patch threshold {_e(_num(agg.get("patch_threshold")))}</p>',
+        f'&middot; patch threshold {_html(_num(agg.get("patch_threshold")))}</p>',
         _model_card(model),
         f'<div class="cards">{cards}</div>',
         "<h2>Slides</h2><p class=\"muted\">Click a column to sort.</p>", slides_table(view),
@@ -196,9 +198,10 @@ def render_report(run: str | Path) -> str:
     metrics_path = view.path / runfolder.SLIDE_METRICS_JSON
     if metrics_path.exists():
         m = runfolder.read_json(metrics_path)
-        parts.append(f"<h2>Slide-level evaluation</h2><p>AUC {_e(m.get('auc'))} &middot; sensitivity "
-                     f"{_e(m.get('sensitivity'))} &middot; specificity {_e(m.get('specificity'))} at threshold "
-                     f"{_e(m.get('threshold'))} ({_e(m.get('n_positive'))} positive, {_e(m.get('n_negative'))} "
+        parts.append(f"<h2>Slide-level evaluation</h2><p>AUC {_html(m.get('auc'))} &middot; sensitivity "
+                     f"{_html(m.get('sensitivity'))} &middot; specificity {_html(m.get('specificity'))} at threshold "
+                     f"{_html(m.get('threshold'))} ({_html(m.get('n_positive'))} positive, "
+                     f"{_html(m.get('n_negative'))} "
                      "negative slides)</p>")
         roc = view.path / runfolder.SLIDE_ROC_PNG
         if roc.exists():
@@ -207,9 +210,9 @@ def render_report(run: str | Path) -> str:
         if row["status"] != "error":
             parts.append(_slide_section(view, i, row))
     provenance = json.dumps(info, indent=2, default=str)
-    parts.append(f"<h2>Provenance</h2><pre>{_e(provenance)}</pre>")
-    parts.append(f'<p class="muted">Written by wsi-screen {_e(__version__)} on '
-                 f"{_e(datetime.now(UTC).replace(microsecond=0).isoformat())}.</p>")
+    parts.append(f"<h2>Provenance</h2><pre>{_html(provenance)}</pre>")
+    parts.append(f'<p class="muted">Written by wsi-screen {_html(__version__)} on '
+                 f"{_html(datetime.now(UTC).replace(microsecond=0).isoformat())}.</p>")
     parts.append(f"<script>{_JS}</script></body></html>")
     return "\n".join(parts)
 

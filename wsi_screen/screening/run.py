@@ -36,7 +36,15 @@ from wsi_screen.models import PatchClassifier
 from wsi_screen.models.card import read_card, summary
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
 from wsi_screen.screening import runfolder
-from wsi_screen.screening.aggregate import NO_TISSUE, AggregateConfig, SlideResult, diagnose
+from wsi_screen.screening.aggregate import (
+    NO_TISSUE,
+    STATUS_ERROR,
+    STATUS_NO_TISSUE,
+    STATUS_OK,
+    AggregateConfig,
+    SlideResult,
+    diagnose,
+)
 from wsi_screen.screening.runfolder import SlideFolder, SlideScores
 from wsi_screen.screening.spatial import PatchGrid, patch_grid
 from wsi_screen.slide import isolation
@@ -55,9 +63,6 @@ log = logging.getLogger(__name__)
 SLIDE_RULE_JSON = "slide_rule.json"
 #: used when the model folder has no slide_rule.json
 FALLBACK_RULE = AggregateConfig(rule="topk", k=5, patch_threshold=0.5, slide_threshold=0.5)
-
-STATUS_OK, STATUS_NO_TISSUE, STATUS_ERROR = "ok", "no tissue", "error"
-
 
 @dataclass(frozen=True, kw_only=True)
 class InferConfig:
@@ -638,16 +643,17 @@ def _write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig,
 
 
 # --------------------------------------------------------------------------------------- slide-level truth
-POSITIVE_WORDS = {"1", "true", "yes", "positive", "pos", "tumor", "tumour", "cancer", "abnormal"}
-NEGATIVE_WORDS = {"0", "false", "no", "negative", "neg", "normal", "benign"}
+#: what a slide label may say for "positive" / "negative" (besides the model's own class names)
+LABEL_POSITIVE = {"1", "true", "yes", "positive", "pos", "tumor", "tumour", "cancer", "abnormal"}
+LABEL_NEGATIVE = {"0", "false", "no", "negative", "neg", "normal", "benign"}
 
 
 def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
     """``slides.csv`` (columns ``slide``, ``label``) -> {slide name: "positive" | "negative"}."""
     rows = read_table(path, ("slide", "label"), "--labels")
     spec = classifier.spec
-    positive = {str(spec.positive_class).lower()} | POSITIVE_WORDS
-    negative = {c.lower() for c in spec.classes if c != spec.positive_class} | NEGATIVE_WORDS
+    positive = {str(spec.positive_class).lower()} | LABEL_POSITIVE
+    negative = {c.lower() for c in spec.classes if c != spec.positive_class} | LABEL_NEGATIVE
     out: dict[str, str] = {}
     for i, row in enumerate(rows, start=2):
         value = (row.get("label") or "").strip().lower()

@@ -6,12 +6,11 @@ and runs the model under ``inference_mode`` in ``channels_last``. Batches never 
 scores do not depend on which other slides were scored with it (a distributed run gives the same numbers).
 
 Reading a batch of 128 patches takes a few milliseconds against a few hundred for the forward pass, so by
-default (``workers=0``) the DataLoader runs in one background thread of this process, a few batches ahead
-of the model: I/O hides behind compute without worker processes, which on a small machine take cores from
-the model (bench/infer.py: 1.0x bare forward passes with the thread, 0.83x with two worker processes on 2
-cores). ``workers=N`` starts N DataLoader worker processes (``spawn``: zarr keeps an event-loop thread that
-must not be forked), for machines where reading is the slower side; only when a slide has enough batches to
-repay their start-up.
+default (``workers=0``) the DataLoader runs in one background thread of this process, a few batches ahead of
+the model: I/O hides behind compute without worker processes, which on a small machine take cores from the
+model (measured in bench/infer.py, figures in bench/RESULTS.md). ``workers=N`` starts N DataLoader worker
+processes (``spawn``: zarr keeps an event-loop thread that must not be forked), for machines where reading
+is the slower side; only when a slide has enough batches to repay their start-up.
 """
 
 from __future__ import annotations

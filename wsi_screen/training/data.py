@@ -15,8 +15,8 @@ given (so copies of one source image never straddle train and valid). The test s
 training or tuning.
 
 Small datasets are decoded once into memory as uint8 (:func:`load_images`); larger ones stream through
-:class:`PatchImageDataset` with DataLoader workers. Store-backed datasets belong in this module as well,
-in a section of their own.
+:class:`PatchImageDataset` with DataLoader workers. (Patch stores are read for scoring by
+:mod:`wsi_screen.screening.score`.)
 """
 
 from __future__ import annotations

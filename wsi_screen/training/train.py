@@ -81,7 +81,8 @@ DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adam": 0.0, "adamw": 0.05}
 
 #: words that mark the disease class of a binary dataset (tokens of the class name, e.g. colon_aca)
-POSITIVE_WORDS = frozenset({"tumour", "tumor", "abnormal", "cancer", "cancerous", "malignant", "positive",
+#: words in a class name that make it the positive (screening) class
+POSITIVE_CLASS_WORDS = frozenset({"tumour", "tumor", "abnormal", "cancer", "cancerous", "malignant", "positive",
                             "metastasis", "metastatic", "carcinoma", "aca", "adenocarcinoma", "lesion"})
 
 
@@ -216,7 +217,7 @@ def resolve_positive(classes: list[str], positive: str | None) -> str | None:
         return positive
     if len(classes) != 2:
         return None
-    matches = [c for c in classes if set(re.split(r"[^a-z0-9]+", c.lower())) & POSITIVE_WORDS]
+    matches = [c for c in classes if set(re.split(r"[^a-z0-9]+", c.lower())) & POSITIVE_CLASS_WORDS]
     if len(matches) != 1:
         raise ConfigError(f"cannot tell which class is positive; pass --positive (one of "
                           f"{', '.join(classes)})")
