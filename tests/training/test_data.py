@@ -1,4 +1,4 @@
-"""Datasets, honest splits, augmentation, training, transfer learning and search, on small real subsets."""
+"""wsi_screen.training.data: labelled patch datasets read, validated and split honestly (groups never straddle)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Datasets, honest splits, augmentation, training, transfer learning and search, on small real subsets."""
+"""wsi_screen.training.train: preparing data, the training loop, the model folder it writes, transfer learning."""
 
 from __future__ import annotations
 
@@ -19,14 +19,10 @@ from wsi_screen.training.data import (
     load_images,
     open_patch_folder,
 )
-from wsi_screen.training.train import BatchAugment, prepare_data, resolve_positive, train
-
-# --- reading datasets ------------------------------------------------------------------------------------
+from wsi_screen.training.train import prepare_data, resolve_positive, train
 
 
-# --- honest splits ---------------------------------------------------------------------------------------
-
-
+# --- the positive class ------------------------------------------------------------------------------------
 def test_positive_class_resolution() -> None:
     assert resolve_positive(["normal", "tumour"], None) == "tumour"
     assert resolve_positive(["abnormal", "normal"], None) == "abnormal"
@@ -37,22 +33,6 @@ def test_positive_class_resolution() -> None:
         resolve_positive(["cats", "dogs"], None)
     with pytest.raises(ConfigError, match="not one of"):
         resolve_positive(["cats", "dogs"], "birds")
-
-
-# --- augmentation ----------------------------------------------------------------------------------------
-def test_augmentation_is_seeded_and_keeps_geometry() -> None:
-    batch = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8)
-    first = BatchAugment(generator=torch.Generator().manual_seed(3))(batch)
-    second = BatchAugment(generator=torch.Generator().manual_seed(3))(batch)
-    assert first.shape == (8, 3, 16, 16) and torch.equal(first, second)
-    assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
-    geometric = BatchAugment(hed=0, color=0, generator=torch.Generator().manual_seed(0))(batch)
-    for img, out in zip(batch, geometric, strict=True):  # a rotation/flip keeps every pixel
-        source = img.permute(2, 0, 1).float() / 255
-        assert torch.equal(source.flatten(1).sort(1).values, out.flatten(1).sort(1).values)
-    white = torch.full((2, 8, 8, 3), 255, dtype=torch.uint8)
-    assert torch.equal(BatchAugment(color=0, generator=torch.Generator().manual_seed(0))(white),
-                       torch.ones(2, 3, 8, 8))  # HED jitter leaves background alone
 
 
 # --- training --------------------------------------------------------------------------------------------
@@ -133,4 +113,3 @@ def test_transfer_learning_from_a_local_model(patches_dir: Path, herlev_small: P
     assert json.loads((tmp_path / "tl" / "config.json").read_text())["train_config"]["pretrained_report"]["loaded"]
 
 
-# --- search ----------------------------------------------------------------------------------------------

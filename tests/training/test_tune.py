@@ -1,4 +1,4 @@
-"""Datasets, honest splits, augmentation, training, transfer learning and search, on small real subsets."""
+"""wsi_screen.training.tune: the search space and a search that chooses on validation only."""
 
 from __future__ import annotations
 

@@ -57,6 +57,7 @@ from wsi_screen.models.registry import (
 )
 from wsi_screen.models.spec import STAIN_METHODS
 from wsi_screen.training import checkpoint as train_checkpoint
+from wsi_screen.training.augment import BatchAugment
 from wsi_screen.training.data import (
     BatchSource,
     PatchFolder,
@@ -302,62 +303,6 @@ def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
     return PreparedData(folder=folder, split=split, classes=classes, positive=positive, size=size, mpp=mpp,
                         train=train_src, valid=valid_src, valid_targets=valid_y, data_fingerprint=fp,
                         image_sizes={f"{w}x{h}": n for (w, h), n in sorted(sizes.items())})
-
-
-# --- augmentation ----------------------------------------------------------------------------------------
-#: stain vectors of haematoxylin, eosin and DAB (Ruifrok & Johnston, as in scikit-image's rgb_from_hed)
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]],
-                             dtype=torch.float64)
-_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED).float()
-_LOG_ADJUST = math.log(1e-6)
-
-
-class BatchAugment:
-    """Histology augmentation on a uint8 NHWC batch, returning float NCHW in [0, 1].
-
-    Per image: a random element of the dihedral group (horizontal flip x 90-degree rotation; square
-    patches have no up), HED stain jitter (each stain's optical density scaled by U(1-s, 1+s) and shifted
-    by U(-s, s), Tellez et al. 2018) and brightness, contrast and saturation jitter of +-``color``.
-    """
-
-    def __init__(self, *, flips: bool = True, hed: float = 0.05, color: float = 0.1,
-                 generator: torch.Generator | None = None) -> None:
-        self.flips, self.hed, self.color = flips, hed, color
-        self.generator = generator
-
-    def _uniform(self, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
-        return torch.rand(shape, generator=self.generator) * (high - low) + low
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        x = to_unit_float(batch)
-        n = x.shape[0]
-        if self.flips and x.shape[2] == x.shape[3]:
-            flip = torch.rand(n, generator=self.generator) < 0.5
-            x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-            turns = torch.randint(0, 4, (n,), generator=self.generator)
-            x = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(x, turns, strict=True)])
-        if self.hed > 0:
-            x = self._hed_jitter(x)
-        if self.color > 0:
-            c = self.color
-            x = x * self._uniform((n, 1, 1, 1), 1 - c, 1 + c)
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (x - mean) * self._uniform((n, 1, 1, 1), 1 - c, 1 + c) + mean
-            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-            x = (x - gray) * self._uniform((n, 1, 1, 1), 1 - c, 1 + c) + gray
-        return x.clamp_(0.0, 1.0)
-
-    def _hed_jitter(self, x: torch.Tensor) -> torch.Tensor:
-        n, s = x.shape[0], self.hed
-        od = torch.log(x.clamp(min=1e-6)) / _LOG_ADJUST  # (N, 3, H, W), 0 = white
-        stains = torch.einsum("nchw,cd->ndhw", od, _HED_FROM_RGB).clamp_(min=0)
-        alpha = self._uniform((n, 3, 1, 1), 1 - s, 1 + s)
-        beta = self._uniform((n, 3, 1, 1), -s, s)
-        stains = stains * alpha + beta * (stains.amax(dim=(2, 3), keepdim=True) > 0)
-        log_rgb = torch.einsum("ndhw,dc->nchw", stains.clamp_(min=0), _RGB_FROM_HED.float()) * _LOG_ADJUST
-        jittered = torch.exp(log_rgb)
-        tissue = od.amax(dim=1, keepdim=True) > 0.02  # leave (near-)white background alone
-        return torch.where(tissue, jittered, x)
 
 
 # --- the model -------------------------------------------------------------------------------------------
