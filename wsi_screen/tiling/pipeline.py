@@ -19,7 +19,6 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -133,18 +132,13 @@ def thumbnail_mpp(slide_mpp: float, dimensions: tuple[int, int]) -> float:
                math.sqrt(area_um2 / THUMBNAIL_MAX_PIXELS))
 
 
-@lru_cache(maxsize=8)
-def _stain_target(method: str, target: str | None) -> tuple[Any, dict[str, Any]]:
-    from wsi_screen.tiling import stain
-
-    return stain.target_params(method, target)
-
-
 def expected_settings(slide: Slide, config: TileConfig, thumb_mpp: float) -> dict[str, Any]:
     """What a store must have been made with to be reused for this slide and configuration."""
     stain: dict[str, Any] = {"method": config.stain}
     if config.stain != "none":
-        stain["target_sha256"] = _stain_target(config.stain, config.stain_target)[1].get("sha256")
+        from wsi_screen.tiling.stain import target_params  # cached by method and file hash
+
+        stain["target_sha256"] = target_params(config.stain, config.stain_target)[1].get("sha256")
     settings = {
         "schema_version": SCHEMA_VERSION,
         "slide_fingerprint": slide.info.fingerprint,
@@ -308,7 +302,7 @@ def _stain_for_slide(slide: Slide, coords: np.ndarray, tissue: np.ndarray, tile_
         return None, {"method": "none"}
     from wsi_screen.tiling import stain
 
-    target, target_desc = _stain_target(config.stain, config.stain_target)
+    target, target_desc = stain.target_params(config.stain, config.stain_target)
     if len(coords) == 0:
         return None, {"method": config.stain, "fitted": False, "reason": "no tissue patches",
                       "target_image": target_desc}
