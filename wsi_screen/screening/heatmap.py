@@ -22,6 +22,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -139,13 +140,13 @@ def drawn_with(path: str | os.PathLike[str]) -> str | None:
     return str(value) if value is not None else None
 
 
-def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_path: str | os.PathLike[str],
+def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
                    cmap: str = "RdYlBu_r", vmin: float = 0.0, vmax: float = 1.0, alpha: float = 0.55,
                    legend_label: str = "P(tumour)", threshold: float | None = None,
                    dimensions_l0: tuple[int, int] | None = None, mpp: float | None = None,
                    dpi: int = 100, outline: np.ndarray | None = None, outline_label: str = "largest focus",
-                   key: str | None = None) -> Path:
-    """Write a PNG: the thumbnail (left) and the heatmap over it (right), a labelled colour bar and a legend.
+                   ) -> Any:
+    """The figure: the thumbnail (left) and the heatmap over it (right), a labelled colour bar and a legend.
 
     ``heat`` (h, w) must match ``thumbnail`` (h, w, 3) (see :func:`heatmap_array`); NaN is drawn as
     unscored (thumbnail only). Axes are in millimetres when ``mpp`` and ``dimensions_l0`` are given, in
@@ -153,8 +154,7 @@ def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_p
     ``threshold`` outlines the region at or above it (cyan, the legend says which side is above);
     ``outline`` (same shape, finite inside) draws a second outline, the slide's largest focus (black, dashed).
     The colour map runs from blue (low) to red (high), so low scores never look like the unscored slide.
-    ``key`` is stored in the PNG's text chunk ``wsi-screen`` (what the picture was drawn with). Text is drawn
-    literally (no mathtext). The file is written atomically; returns its path.
+    Text is drawn literally (no mathtext).
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -228,11 +228,24 @@ def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_p
     for text in legend.get_texts():
         text.set_parse_math(False)
     fig.suptitle(title, parse_math=False)
+    return fig
 
+
+def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_path: str | os.PathLike[str],
+                   cmap: str = "RdYlBu_r", vmin: float = 0.0, vmax: float = 1.0, alpha: float = 0.55,
+                   legend_label: str = "P(tumour)", threshold: float | None = None,
+                   dimensions_l0: tuple[int, int] | None = None, mpp: float | None = None,
+                   dpi: int = 100, outline: np.ndarray | None = None, outline_label: str = "largest focus",
+                   key: str | None = None) -> Path:
+    """Write :func:`overlay_figure` as a PNG (atomically) and return its path; ``key`` is stored in the PNG's
+    text chunk ``wsi-screen`` (what the picture was drawn with)."""
+    fig = overlay_figure(thumbnail, heat, title=title, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha,
+                         legend_label=legend_label, threshold=threshold, dimensions_l0=dimensions_l0, mpp=mpp,
+                         dpi=dpi, outline=outline, outline_label=outline_label)
     out = Path(out_path)
     with atomic_path(out, " the heatmap") as tmp, warnings.catch_warnings():
         # slide names in scripts the default font lacks (CJK, ...) draw as boxes; say nothing about it
         warnings.filterwarnings("ignore", message=r"Glyph .* missing from font", category=UserWarning)
         fig.savefig(tmp, format="png", dpi=dpi, metadata={"wsi-screen": key} if key else None)
-    logger.debug("heatmap %s: %dx%d cells (reduced %dx)", out, w, h, f)
+    logger.debug("heatmap %s: %dx%d cells", out, heat.shape[1], heat.shape[0])
     return out

@@ -137,32 +137,20 @@ def _figure(width: float, height: float) -> Any:
 
 
 def slide_figure(view: RunView, slide: str, *, alpha: float = 0.55) -> Any:
-    """Thumbnail beside the heatmap overlay, with a colour bar in probability units and axes in mm."""
-    from matplotlib import colormaps
+    """The slide's heatmap figure, as in its heatmap.png (:func:`wsi_screen.screening.heatmap.overlay_figure`):
+    thumbnail beside the overlay, colour bar in probability units, the model's threshold contour, axes in mm."""
+    from wsi_screen.screening.heatmap import overlay_figure
 
     thumb, heat, info = heatmap(view, slide)
-    mpp = float(info["slide_info"]["mpp"])
-    w, h = (int(v) for v in info["slide_info"]["dimensions"])
-    extent = (0.0, w * mpp / 1000, h * mpp / 1000, 0.0)
-    fig = _figure(11, 5.5)
-    ax0, ax1 = fig.subplots(1, 2, sharex=True, sharey=True)
-    ax0.imshow(thumb, extent=extent)
-    ax1.imshow(thumb, extent=extent)
-    cmap = colormaps["RdYlBu_r"].with_extremes(bad=(0, 0, 0, 0))  # as heatmap.png: blue low, red high
-    im = ax1.imshow(np.ma.masked_invalid(heat), extent=extent, cmap=cmap, vmin=0, vmax=1, alpha=alpha,
-                    interpolation="nearest")
     row = next((r for r in view.results if r["slide"] == slide), {})
-    ax0.set_title("thumbnail", parse_math=False)
     meta = row.get("metastasis") or ""
     focus = f", {meta} {row.get('largest_focus_mm', '')} mm" if meta and meta != "none" else ""
-    ax1.set_title(f"P({view.positive_class}) - {row.get('diagnosis', '')} (score {row.get('score', '')}{focus})",
-                  parse_math=False)
-    for ax in (ax0, ax1):
-        ax.set_xlabel("x (mm)")
-    ax0.set_ylabel("y (mm)")
-    fig.colorbar(im, ax=ax1, label=f"P({view.positive_class})", shrink=0.8)
-    fig.suptitle(slide, parse_math=False)
-    return fig
+    w, h = (int(v) for v in info["slide_info"]["dimensions"])
+    return overlay_figure(thumb, heat, title=f"{slide}: {row.get('diagnosis', '')} (score {row.get('score', '')}"
+                                            f"{focus})",
+                          legend_label=f"P({view.positive_class})", alpha=alpha,
+                          threshold=info.get("model", {}).get("patch_threshold"), dimensions_l0=(w, h),
+                          mpp=float(info["slide_info"]["mpp"]))
 
 
 def gallery_figure(view: RunView, slide: str, n: int = 8) -> Any:
