@@ -19,7 +19,8 @@ from wsi_screen.errors import ConfigError, RunError
 from wsi_screen.models import PatchClassifier, load_model
 from wsi_screen.screening import calibration, runfolder
 from wsi_screen.screening.aggregate import AggregateConfig
-from wsi_screen.screening.run import SLIDE_RULE_JSON, read_labels, slide_grid
+from wsi_screen.screening.outputs import read_labels, slide_grid
+from wsi_screen.screening.run import SLIDE_RULE_JSON
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,327 @@
+"""What a run writes, slide by slide and for the whole run: ``RUN/<slide>/`` (scores.csv, heatmap.png,
+patches.geojson, slide.json, in one atomic step), the slide call re-aggregated from scores, ``results.csv``,
+``run.json`` and, with ``--labels``, the slide-level metrics and ROC. :mod:`wsi_screen.screening.run` decides
+what to do with each slide; this module writes what came of it (formats: :mod:`~wsi_screen.screening.runfolder`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsi_screen import __version__
+from wsi_screen._safe_write import atomic_write_text
+from wsi_screen.errors import ConfigError, WsiScreenError
+from wsi_screen.metrics import RocCurve, binary_view, plot_roc
+from wsi_screen.models import PatchClassifier
+from wsi_screen.screening import runfolder
+from wsi_screen.screening.aggregate import (
+    NO_TISSUE,
+    STATUS_ERROR,
+    STATUS_NO_TISSUE,
+    STATUS_OK,
+    AggregateConfig,
+    SlideResult,
+    diagnose,
+)
+from wsi_screen.screening.runfolder import SlideFolder, SlideScores
+from wsi_screen.screening.spatial import PatchGrid, patch_grid
+from wsi_screen.slide.slide import slide_name
+from wsi_screen.tables import read_table
+from wsi_screen.tiling.pipeline import TileConfig
+from wsi_screen.tiling.store import PatchStore
+
+if TYPE_CHECKING:
+    pass
+
+if TYPE_CHECKING:
+    from wsi_screen.screening.run import InferConfig
+
+log = logging.getLogger(__name__)
+
+
+def store_digest(location: str) -> str:
+    """sha256 of a store's settings: what slide.json records to tell a reused store from a remade one."""
+    attrs = PatchStore.open(location).attrs
+    return hashlib.sha256(json.dumps(attrs.get("settings", {}), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class SlideRow:
+    """One line of results.csv while it is being assembled."""
+
+    name: str
+    source: str
+    store: str = ""
+    status: str = STATUS_OK
+    error: str = ""
+    result: SlideResult | None = None
+    top: tuple[int, int, float] | None = None
+    label: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def heatmap_key(aggregate: AggregateConfig | None, patch_threshold: float | None, result: SlideResult | None) -> str:
+    """What a heatmap is drawn with besides the scores: the rule and the largest focus it outlines."""
+    focus = hashlib.sha256(json.dumps(result.focus_indices if result else []).encode()).hexdigest()[:16]
+    rule = json.dumps(aggregate.to_json(), sort_keys=True) if aggregate else "none"
+    return f"v1|{rule}|{patch_threshold}|{focus}"
+
+
+def _focus_result(probs: np.ndarray, store: PatchStore, aggregate: AggregateConfig | None,
+                  spec: Any) -> SlideResult | None:
+    if aggregate is None or not len(probs):
+        return None
+    grid = patch_grid(store.coords, probs, int(store.attrs["stride_l0"]), float(store.attrs["slide"]["mpp"]))
+    try:
+        return diagnose(probs, aggregate, positive=str(spec.positive_class), negative="", grid=grid)
+    except ConfigError:
+        return None
+
+
+def draw_heatmap(path: Path, store: PatchStore, coords: np.ndarray, probs: np.ndarray, name: str,
+                 positive_class: str | None, threshold: float | None, aggregate: AggregateConfig | None,
+                 result: SlideResult | None) -> None:
+    """heatmap.png: P(positive) over the thumbnail, the model's threshold contour, the largest focus outlined."""
+    from wsi_screen.screening.heatmap import heatmap_array, render_overlay
+
+    thumb = store.thumbnail
+    dims = tuple(store.attrs["slide"]["dimensions"])
+    size = (int(dims[0]), int(dims[1]))
+    stride = int(store.attrs["stride_l0"])
+    heat = heatmap_array(coords, probs, store.tile_size_l0, stride, size, thumb.shape[:2])
+    outline, label = None, "largest focus"
+    if result is not None and result.focus_indices:
+        idx = np.asarray(result.focus_indices, dtype=np.int64)
+        outline = heatmap_array(coords[idx], np.ones(idx.size), store.tile_size_l0, stride, size, thumb.shape[:2])
+        label = f"largest focus ({result.largest_focus_mm:.2f} mm, {result.metastasis})"
+    render_overlay(thumb, heat, title=name, out_path=path, legend_label=f"P({positive_class})",
+                   threshold=threshold, dimensions_l0=size, mpp=float(store.attrs["slide"]["mpp"]),
+                   outline=outline, outline_label=label, key=heatmap_key(aggregate, threshold, result))
+
+
+def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarray, classifier: PatchClassifier,
+                       model_id: dict[str, Any], aggregate: AggregateConfig | None = None, *,
+                       distance: np.ndarray | None = None) -> Path:
+    """Write RUN/<slide>/ (scores.csv, heatmap.png, patches.geojson, slide.json) in one atomic step.
+
+    The heatmap outlines the largest focus found by ``aggregate`` (redrawn at aggregation when the rule
+    changes, see :func:`aggregate_row`)."""
+    from wsi_screen.screening.geojson import patches_to_geojson, write_geojson
+
+    store = PatchStore.open(location)
+    spec = classifier.spec
+    pos = spec.positive_index if spec.positive_index is not None else 1
+    scores = SlideScores(coords=store.coords, tissue=store.tissue, probs=probs.astype(np.float32),
+                         classes=list(spec.classes), domain_distance=distance)
+    folder = SlideFolder(run, row.name)
+    try:
+        atomic_write_text(folder.path(runfolder.SCORES_CSV), runfolder.scores_csv(scores))
+        result = _focus_result(scores.probs[:, pos], store, aggregate, spec)
+        draw_heatmap(folder.path(runfolder.HEATMAP_PNG), store, scores.coords, scores.probs[:, pos], row.name,
+                     spec.positive_class, spec.threshold, aggregate, result)
+        fc = patches_to_geojson(scores.coords, store.tile_size_l0, scores.probs, spec.classes, slide_name=row.name,
+                                positive_index=spec.positive_index, threshold=spec.threshold)
+        write_geojson(fc, folder.path(runfolder.GEOJSON))
+        runfolder.write_json(folder.path(runfolder.SLIDE_JSON), {
+            "slide": row.name, "source": row.source, "store": runfolder.portable_path(location, run),
+            "store_digest": store_digest(location),
+            "n_patches": len(store), "tile_size_l0": store.tile_size_l0, "stride_l0": int(store.attrs["stride_l0"]),
+            "mpp": store.mpp,
+            "slide_info": store.attrs["slide"], "model": model_id, "package_version": __version__,
+        })
+        return folder.commit()
+    except BaseException:
+        folder.abort()
+        raise
+
+
+def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggregate: AggregateConfig) -> None:
+    spec = classifier.spec
+    try:
+        scores = runfolder.read_scores(runfolder.slide_dir(run, row.name) / runfolder.SCORES_CSV)
+    except WsiScreenError as exc:
+        row.status, row.error = STATUS_ERROR, str(exc)
+        return
+    pos = scores.classes.index(spec.positive_class) if spec.positive_class in scores.classes else 1
+    negative = next(c for c in scores.classes if c != spec.positive_class)
+    try:
+        done = runfolder.read_slide(run, row.name)
+    except (WsiScreenError, OSError):
+        done = {}
+    info = done.get("slide_info", {})
+    row.extra.update(slide_mpp=info.get("mpp"), mpp_source=info.get("mpp_source"), **slide_domain(scores, classifier))
+    grid = slide_grid(done, scores.coords, scores.probs[:, pos])
+    try:
+        result = diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative,
+                          grid=grid)
+    except ConfigError as exc:  # a spatial rule on a slide folder without its grid
+        row.status, row.error = STATUS_ERROR, f"{row.name}: {exc}"
+        return
+    row.result = result
+    _refresh_heatmap(run, row, scores, pos, spec, aggregate, result)
+    if result.diagnosis == NO_TISSUE:
+        row.status = STATUS_NO_TISSUE
+    elif result.top_indices:
+        i = result.top_indices[0]
+        row.top = (int(scores.coords[i, 0]), int(scores.coords[i, 1]), float(scores.probs[i, pos]))
+
+
+def slide_domain(scores: SlideScores, classifier: PatchClassifier) -> dict[str, Any]:
+    """``in_domain_fraction`` (of the slide's patches) and ``out_of_domain`` (fewer than the model's
+    ``slide_min_in_domain`` in domain: the call is kept but unreliable); empty without a domain model or
+    distances (a slide scored before they existed)."""
+    domain = classifier.domain
+    if domain is None or scores.domain_distance is None or len(scores.domain_distance) == 0:
+        return {}
+    fraction = float(np.mean(domain.in_domain(scores.domain_distance)))
+    return {"in_domain_fraction": fraction, "out_of_domain": fraction < domain.slide_min_in_domain}
+
+
+def _refresh_heatmap(run: Path, row: SlideRow, scores: SlideScores, pos: int, spec: Any,
+                     aggregate: AggregateConfig, result: SlideResult) -> None:
+    """Redraw a reused slide's heatmap when it was drawn with another rule or focus (best effort)."""
+    from wsi_screen.screening.heatmap import drawn_with
+
+    path = runfolder.slide_dir(run, row.name) / runfolder.HEATMAP_PNG
+    key = heatmap_key(aggregate, spec.threshold, result if result.score is not None else None)
+    if not path.exists() or drawn_with(path) == key or not row.store:
+        return
+    try:
+        store = PatchStore.open(row.store)
+        draw_heatmap(path, store, scores.coords, scores.probs[:, pos], row.name, spec.positive_class, spec.threshold,
+                     aggregate, result)
+    except (WsiScreenError, OSError) as exc:
+        log.warning("%s: heatmap not redrawn for the new rule: %s", row.name, exc)
+
+
+def slide_grid(done: dict[str, Any], coords: np.ndarray, probs: np.ndarray) -> PatchGrid | None:
+    """The slide's patch probabilities on their grid (stride and level-0 mpp from its slide.json ``done``)."""
+    try:
+        stride = int(done.get("stride_l0") or done["tile_size_l0"])
+        mpp = float(done["slide_info"]["mpp"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return patch_grid(coords, probs, stride, mpp)
+
+
+def _mm(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, model_id: dict[str, Any]) -> None:
+    table = []
+    for r in sorted(rows, key=lambda r: r.name):
+        res = r.result
+        table.append({
+            "slide": r.name, "status": r.status, "n_patches": res.n_patches if res else "",
+            "score": f"{res.score:.6f}" if res and res.score is not None else "",
+            "diagnosis": res.diagnosis if res else "error",
+            "rule": aggregate.rule, "threshold": f"{aggregate.slide_threshold:.6g}",
+            "metastasis": res.metastasis if res and res.score is not None else "",
+            "largest_focus_mm": _mm(res.largest_focus_mm) if res else "",
+            "tumour_area_mm2": _mm(res.tumour_area_mm2, 4) if res else "",
+            "n_foci": res.n_foci if res and res.score is not None else "",
+            "slide_mpp": f"{r.extra['slide_mpp']:.6g}" if r.extra.get("slide_mpp") else "",
+            "mpp_source": r.extra.get("mpp_source") or "",
+            "in_domain_fraction": f"{r.extra['in_domain_fraction']:.4f}" if "in_domain_fraction" in r.extra else "",
+            "out_of_domain": str(r.extra["out_of_domain"]).lower() if "out_of_domain" in r.extra else "",
+            "top_x": r.top[0] if r.top else "", "top_y": r.top[1] if r.top else "",
+            "top_score": f"{r.top[2]:.6f}" if r.top else "", "model": model_id["arch"],
+            "label": r.label, "error": r.error, "source": r.source,
+            "store": runfolder.portable_path(r.store, run) if r.store else "",
+        })
+    atomic_write_text(run / runfolder.RESULTS_CSV, runfolder.csv_text(table, runfolder.RESULT_COLUMNS))
+
+
+def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, model_id: dict[str, Any],
+                    tile_cfg: TileConfig, config: InferConfig, argv: Sequence[str], started: datetime,
+                    seconds: float) -> None:
+    import torch
+
+    runfolder.write_json(run / runfolder.RUN_JSON, {
+        "command": ["wsi-screen", *argv],
+        "package_version": __version__,
+        "started": started.replace(microsecond=0).isoformat(),
+        "seconds": round(seconds, 2),
+        "model": model_id,
+        "aggregate": aggregate.to_json(),
+        "tiling": {"mpp": tile_cfg.spec.mpp, "patch_size": tile_cfg.spec.size_px,
+                   "min_tissue": tile_cfg.spec.min_tissue, "stain": tile_cfg.stain,
+                   "stain_target": tile_cfg.stain_target, "tissue": tile_cfg.tissue.to_json()},
+        "settings": {"batch_size": config.batch_size, "workers": config.workers,
+                     "loader_workers": config.loader_workers, "stores": config.stores,
+                     "slide_mpp": config.slide_mpp, "slide_mpp_csv": dict(config.slide_mpps),
+                     "labels": config.labels},
+        "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
+                        "torch": torch.__version__, "numpy": np.__version__},
+        "slides": [{"slide": r.name, "status": r.status, "error": r.error, "mpp": r.extra.get("slide_mpp"),
+                    "mpp_source": r.extra.get("mpp_source"), "reused": bool(r.extra.get("reused")),
+                    "in_domain_fraction": r.extra.get("in_domain_fraction"),
+                    "out_of_domain": r.extra.get("out_of_domain")}
+                   for r in sorted(rows, key=lambda r: r.name)],
+    })
+
+
+# --------------------------------------------------------------------------------------- slide-level truth
+#: what a slide label may say for "positive" / "negative" (besides the model's own class names)
+LABEL_POSITIVE = {"1", "true", "yes", "positive", "pos", "tumor", "tumour", "cancer", "abnormal"}
+LABEL_NEGATIVE = {"0", "false", "no", "negative", "neg", "normal", "benign"}
+
+
+def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
+    """``slides.csv`` (columns ``slide``, ``label``) -> {slide name: "positive" | "negative"}."""
+    rows = read_table(path, ("slide", "label"), "--labels")
+    spec = classifier.spec
+    positive = {str(spec.positive_class).lower()} | LABEL_POSITIVE
+    negative = {c.lower() for c in spec.classes if c != spec.positive_class} | LABEL_NEGATIVE
+    out: dict[str, str] = {}
+    for i, row in enumerate(rows, start=2):
+        value = (row.get("label") or "").strip().lower()
+        raw = (row.get("slide") or "").strip()
+        if value in positive:
+            truth = "positive"
+        elif value in negative:
+            truth = "negative"
+        else:
+            raise ConfigError(f"{path}:{i}: label {row.get('label')!r} is neither the positive class "
+                              f"{spec.positive_class!r} nor a negative one ({', '.join(sorted(negative))})")
+        out[raw] = truth
+        out.setdefault(slide_name(Path(raw)), truth)  # "a.svs" labels slide "a"
+    return out
+
+
+def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
+                  aggregate: AggregateConfig) -> dict[str, Any]:
+    """AUC, sensitivity and specificity at the slide threshold over labelled, scored slides (+ ROC plot),
+    from the same code as the patch metrics (:func:`wsi_screen.metrics.binary_view`)."""
+    scored = [r for r in rows if r.label and r.result is not None and r.result.score is not None]
+    y = np.array([r.label == "positive" for r in scored], dtype=bool)
+    s = np.array([r.result.score for r in scored if r.result is not None], dtype=np.float64)
+    view = binary_view(y, s >= aggregate.slide_threshold, s)
+    metrics: dict[str, Any] = {
+        "n_slides": len(scored), "n_positive": int(y.sum()), "n_negative": int((~y).sum()),
+        "unscored_labelled": sorted(r.name for r in rows if r.label and r not in scored),
+        "rule": aggregate.rule, "threshold": aggregate.slide_threshold,
+        "auc": view["auc"], "sensitivity": view["sensitivity"], "specificity": view["specificity"],
+        "confusion": {k: view[k] for k in ("tp", "fn", "tn", "fp")},
+    }
+    runfolder.write_json(run / runfolder.SLIDE_METRICS_JSON, metrics)
+    if metrics["auc"] is not None:
+        point = None
+        if metrics["sensitivity"] is not None and metrics["specificity"] is not None:
+            point = (metrics["sensitivity"], metrics["specificity"], f"threshold {aggregate.slide_threshold:.3g}")
+        plot_roc(run / runfolder.SLIDE_ROC_PNG, [RocCurve(f"{aggregate.rule} (AUC {metrics['auc']:.3f})", y, s)],
+                 title=f"Slide-level ROC ({metrics['n_positive']} positive, {metrics['n_negative']} negative)",
+                 point=point)
+    return metrics
