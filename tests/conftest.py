@@ -15,11 +15,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TIMM_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+#: test modules that read slides in the supervised child process, as a user's run does (crash and hang
+#: containment, corrupt and hostile files, kills and concurrent processes); every other test reads slides in
+#: the test's own process (WSI_SCREEN_IN_PROCESS=1: the same code, ~1 s less per `tile`/`infer` call)
+CHILD_PROCESS_MODULES = frozenset({
+    "tests.slide.test_isolation", "tests.slide.test_discovery", "tests.slide.readers.test_sanity",
+    "tests.features.test_fuzz", "tests.features.test_hardening_kill", "tests.features.test_hardening_concurrency",
+    "tests.features.test_hardening_unsafe",
+})
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("WSI_SCREEN_DATA", REPO.parent / "shared" / "data"))
 SLIDES = DATA / "slides"
 PATCHES = DATA / "patches"
 EXAMPLE_SLIDE = REPO / "examples" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(autouse=True)
+def _slide_reader_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.module.__name__ not in CHILD_PROCESS_MODULES:
+        monkeypatch.setenv("WSI_SCREEN_IN_PROCESS", "1")
 
 
 def _require(path: Path) -> Path:
