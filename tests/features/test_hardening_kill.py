@@ -99,8 +99,11 @@ def _spawn(args: list[str], stderr: Path) -> subprocess.Popen[bytes]:
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     with stderr.open("wb") as err:
+        # Ctrl-C as a user at a terminal has it: a test runner started in the background (`cmd &` in a script)
+        # ignores SIGINT, and an ignored signal stays ignored across exec
         return subprocess.Popen([sys.executable, "-m", "wsi_screen.cli", *args], stdout=subprocess.DEVNULL,
-                                stderr=err, env=env)
+                                stderr=err, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @dataclass
