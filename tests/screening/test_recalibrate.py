@@ -94,6 +94,10 @@ def test_calibrate_writes_a_model_copy_that_infer_uses(run: Path, slides: tuple[
                                                         "model.safetensors").read_bytes()
     again = run_cli("calibrate", run, "--labels", folder / "slides.csv", "-o", out)
     assert again.code != 0 and "already exists" in again.err
+    replaced = run_cli("calibrate", run, "--labels", folder / "slides.csv", "-o", out, "--overwrite")
+    assert replaced.code == 0, replaced
+    assert json.loads((out / "slide_rule.json").read_text())["rule"] == doc["rule"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibrated"]  # swapped in whole: no partial, no old copy
     rerun = tmp_path / "rerun"
     res = run_cli("infer", folder / "slides", "-o", rerun, "--model", out, "--stores", run / "stores", "--quiet")
     assert res.code == 0, res

@@ -79,7 +79,6 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
             raise ConfigError(f"{dest} already exists; pass --overwrite or choose another folder")
         if dest.resolve() == source.resolve():
             raise ConfigError(f"{dest} is the run's own model folder; write the calibrated copy elsewhere")
-        shutil.rmtree(dest)
     tmp = dest.with_name(f".{dest.name}.partial")
     try:
         shutil.rmtree(tmp, ignore_errors=True)

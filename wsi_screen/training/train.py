@@ -12,9 +12,9 @@
 =========================== ================================================================================
 
 Choices are made on validation only: the best epoch, early stopping and the decision threshold. The test
-split is never read. Augmentation runs on whole uint8 batches in the main process (flips and 90-degree
-rotations, HED stain jitter and mild colour jitter), so it is cheap and deterministic under the seed; the
-seed also fixes initialisation, shuffling and dropout (for a given number of threads).
+split is never read. Augmentation (:mod:`wsi_screen.training.augment`) runs on whole uint8 batches in the
+main process, so it is cheap and deterministic under the seed; the seed also fixes initialisation, shuffling
+and dropout (for a given number of threads).
 """
 
 from __future__ import annotations
