@@ -1,48 +1,58 @@
-"""Inference throughput: `infer`'s store -> model path against bare forward passes of the same batches.
+"""Inference throughput on a cohort of realistic-size slides, against bare forward passes measured in the same run.
 
-    python bench/infer.py [--slide bench/data/mosaic-1x.tif] [--model MODEL_DIR] [--batch-size 128] [--workers 0]
+    python bench/infer.py [--cohort bench/data/cohort] [--model MODEL_DIR] [--batch-size 128] [--repeats 3]
+                          [--no-compile]
 
-The slide is tiled once at the model's mpp and patch size (not timed). Then, in this process:
+The cohort (bench/make_cohort.py: 6 synthetic slides of real lymph-node tissue, ~4,300-4,500 patches each) is
+tiled once at the model's mpp and patch size (not timed). Then, every row the median of ``--repeats`` runs:
 
-* bare forward passes: every batch of the store already in memory as a uint8 tensor; only normalisation and
-  the model run (the baseline, ratio 1.0);
-* `score_stores`: the path `wsi-screen infer` uses: patches stream from the zarr store through a
-  DataLoader (in a background thread by default; ``--workers N``: N worker processes), are normalised and
-  scored, with each patch's domain distance (ratio = its throughput / the baseline); then the same without
-  the domain distance (the model's ``domain`` set aside), to show what the distance costs;
-* the whole `wsi-screen infer` process on the same slide, reusing the store (includes model loading,
-  heatmap, GeoJSON, report).
+* bare forward passes over every patch of the cohort, already in memory as uint8 tensors (only normalisation
+  and the model run): eager float32 (the baseline of the scoring target), bfloat16 autocast, and
+  ``torch.compile`` in float32 (its first call, the compilation, reported apart);
+* ``score_stores``, the path ``wsi-screen infer`` uses (patches streamed from the zarr stores by a background
+  thread, normalised, scored with the domain distance), at the default precision (``auto``), and without the
+  domain distance;
+* the whole ``wsi-screen infer`` process on the cohort, reusing the stores (start-up, model loading, scoring,
+  heatmaps, GeoJSON, report), with where its time went (run.json's stages);
+* peak RSS of the whole process on 1, 3 and 6 slides (it must not grow with the number of slides).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, header, python, run, table
+from common import DATA, header, python, run, run_median, table
 
 
-def _loader(workers: int) -> str:
-    return f"{workers} worker processes" if workers else "background thread"
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--slide", type=Path, default=DATA / "mosaic-1x.tif")
+    parser.add_argument("--cohort", type=Path, default=DATA / "cohort")
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled model)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=0,
-                        help="DataLoader worker processes (0: the background reader thread infer uses by default)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row; the median is reported")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
     args = parser.parse_args(argv)
-    if not args.slide.exists():
-        run([python(), str(Path(__file__).parent / "make_slide.py"), "--scales", "1", "--out", str(args.slide.parent)])
-
-    import resource
+    if not args.cohort.exists():
+        run([python(), str(Path(__file__).parent / "make_cohort.py"), "--out", str(args.cohort)])
+    slides = sorted(args.cohort.glob("*.tiff"))
 
     import torch
 
@@ -51,58 +61,101 @@ def main(argv: list[str] | None = None) -> int:
     from wsi_screen.tiling.store import PatchStore
 
     model_dir = args.model or default_model_dir()
-    model = load_model(model_dir)
-    spec = model.spec
+    fp32 = load_model(model_dir, precision="fp32")
+    auto = load_model(model_dir)
+    spec = fp32.spec
     work = Path(tempfile.mkdtemp(prefix="bench-infer-"))
     try:
         stores = work / "stores"
-        run([python(), "-m", "wsi_screen.cli", "tile", str(args.slide), "-o", str(stores), "--mpp", str(spec.mpp),
+        run([python(), "-m", "wsi_screen.cli", "tile", str(args.cohort), "-o", str(stores), "--mpp", str(spec.mpp),
              "--size", str(spec.input_size), "--stain", spec.stain_method, "--quiet"])
-        location = str(stores / (args.slide.stem + ".zarr"))
-        store = PatchStore.open(location)
-        n = len(store)
-        batches = [torch.from_numpy(store.read(slice(i, min(n, i + args.batch_size))))
-                   for i in range(0, n, args.batch_size)]
-        mp = n * spec.input_size ** 2 / 1e6
+        locations = [str(stores / (s.stem + ".zarr")) for s in slides]
+        batches = []
+        for location in locations:
+            store = PatchStore.open(location)
+            batches += [torch.from_numpy(store.read(slice(i, min(len(store), i + args.batch_size))))
+                        for i in range(0, len(store), args.batch_size)]
+        n = sum(len(b) for b in batches)
 
-        model.predict_tensor(model.preprocess(batches[0]))  # warm-up
-        t0 = time.perf_counter()
-        for b in batches:
-            model.predict_tensor(model.preprocess(b))
-        bare = time.perf_counter() - t0
+        def bare(model: object, forward: Callable[[torch.Tensor], object] | None = None) -> Callable[[], None]:
+            def go() -> None:
+                for b in batches:
+                    x = model.preprocess(b)  # type: ignore[attr-defined]
+                    if forward is None:
+                        model.predict_tensor(x)  # type: ignore[attr-defined]
+                    else:
+                        with torch.inference_mode():
+                            forward(x)
+            return go
 
-        for _ in score_stores([location], model, batch_size=args.batch_size, workers=args.workers):
-            pass  # warm-up: worker start-up, file cache
-        t0 = time.perf_counter()
-        for _ in score_stores([location], model, batch_size=args.batch_size, workers=args.workers):
-            pass
-        streamed = time.perf_counter() - t0
-        domain, model.domain = model.domain, None  # the same scoring without the domain distance
-        t0 = time.perf_counter()
-        for _ in score_stores([location], model, batch_size=args.batch_size, workers=args.workers):
-            pass
-        no_domain = time.perf_counter() - t0
-        model.domain = domain
-        rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rows: list[list[object]] = []
+        base = {}
+        for name, model in (("fp32", fp32), ("bf16", load_model(model_dir, precision="bf16"))):
+            model.predict_tensor(model.preprocess(batches[0]))  # warm-up (oneDNN picks its kernels)
+            base[name] = median_seconds(bare(model), args.repeats)
+        rows.append(["bare forward passes, eager float32 (baseline)", n, base["fp32"], n / base["fp32"], 1.0, "-"])
+        rows.append(["bare forward passes, bfloat16 autocast", n, base["bf16"], n / base["bf16"],
+                     base["fp32"] / base["bf16"], "-"])
+        compile_note = ""
+        if not args.no_compile:
+            try:
+                compiled = torch.compile(fp32.module)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    compiled(fp32.preprocess(batches[0]))
+                    compiled(fp32.preprocess(batches[-1]))  # the last batch is smaller: a second graph
+                first_call = time.perf_counter() - t0
+                s = median_seconds(bare(fp32, compiled), args.repeats)
+                rows.append([f"bare forward passes, torch.compile float32 (first calls {first_call:.0f} s, "
+                             "not counted)", n, s, n / s, base["fp32"] / s, "-"])
+            except Exception as exc:  # no C compiler, an unsupported platform: say so
+                compile_note = f"torch.compile unavailable here: {type(exc).__name__}: {exc}"
+        for _ in score_stores(locations, auto, batch_size=args.batch_size):
+            pass  # warm-up: file cache
+        prec = auto.precision
+        streamed = median_seconds(lambda: [None for _ in score_stores(locations, auto, batch_size=args.batch_size)],
+                                  args.repeats)
+        rows.append([f"infer scoring ({prec}): stores -> background reader -> model, with domain distance", n,
+                     streamed, n / streamed, base["fp32"] / streamed, base[prec] / streamed])
+        domain, auto.domain = auto.domain, None
+        no_domain = median_seconds(lambda: [None for _ in score_stores(locations, auto, batch_size=args.batch_size)],
+                                   args.repeats)
+        auto.domain = domain
+        rows.append([f"infer scoring ({prec}) without the domain distance", n, no_domain, n / no_domain,
+                     base["fp32"] / no_domain, base[prec] / no_domain])
 
-        whole = run([python(), "-m", "wsi_screen.cli", "infer", str(args.slide), "-o", str(work / "run"),
-                     "--model", str(model_dir), "--stores", str(stores), "--batch-size", str(args.batch_size),
-                     "--loader-workers", str(args.workers), "--quiet"])
-        rows = [
-            [f"bare forward passes ({torch.get_num_threads()} torch threads; baseline)", n, bare, n / bare,
-             mp / bare, rss_self, 1.0],
-            [f"infer scoring: store -> DataLoader ({_loader(args.workers)}) -> model", n, streamed, n / streamed,
-             mp / streamed, rss_self, bare / streamed],
-            ["infer scoring without the domain distance", n, no_domain, n / no_domain, mp / no_domain, rss_self,
-             bare / no_domain],
-            ["wsi-screen infer, whole process (store reused)", n, whole.seconds, n / whole.seconds,
-             mp / whole.seconds, whole.peak_rss_mb, bare / whole.seconds],
-        ]
-        print(header(f"Inference: {spec.arch} on {n} patches of {spec.input_size} px ({args.slide.name}), "
-                     f"batch {args.batch_size}"))
-        print(table(["method", "patches", "wall s", "patches/s", "MP/s", "peak RSS MB", "x bare forward"], rows))
-        if model.domain is not None:
-            print(f"\nscoring with the domain distance: {no_domain / streamed:.2f}x the throughput without it")
+        def infer_cmd(k: int, out: Path) -> list[str]:
+            return [python(), "-m", "wsi_screen.cli", "infer", *map(str, slides[:k]), "-o", str(out),
+                    "--model", str(model_dir), "--stores", str(stores), "--batch-size", str(args.batch_size),
+                    "--quiet"]
+
+        out = work / "run"
+        whole = run_median(infer_cmd(len(slides), out), args.repeats, before=lambda: shutil.rmtree(out, True))
+        rows.append([f"wsi-screen infer, whole process ({len(slides)} slides, stores reused)", n, whole.seconds,
+                     n / whole.seconds, base["fp32"] / whole.seconds, base[prec] / whole.seconds])
+        info = json.loads((out / "run.json").read_text())  # the last repetition's
+
+        rss_rows = []
+        for k in sorted({1, min(3, len(slides)), len(slides)}):
+            out_k = work / f"run{k}"
+            m = run(infer_cmd(k, out_k))
+            rss_rows.append([k, sum(len(PatchStore.open(loc)) for loc in locations[:k]), m.seconds, m.peak_rss_mb])
+        sizes = ", ".join(f"{len(PatchStore.open(loc)):,}" for loc in locations)
+        print(header(f"Inference: {spec.arch} on {n:,} patches of {spec.input_size} px ({len(slides)} slides of "
+                     f"{sizes} patches), batch {args.batch_size}, {torch.get_num_threads()} torch threads"))
+        print(table(["method", "patches", "wall s", "patches/s", "x eager fp32 forward",
+                     f"x bare forward ({prec})"], rows))
+        if compile_note:
+            print(f"\n{compile_note}")
+        stages = info["stages"]
+        per = {k: statistics.mean(s["seconds"].get(k, 0.0) for s in info["slides"])
+               for k in ("open", "tile", "score", "outputs")}
+        print(f"\nWhere the whole process's {info['seconds'] + (stages.get('start_up') or 0):.1f} s went (run.json): "
+              f"start-up {stages.get('start_up') or 0:.2f} s (interpreter, imports, model), slides "
+              f"{stages['slides']:.2f} s, run outputs {stages['run_outputs']:.2f} s; per slide on average: "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in per.items()))
+        print()
+        print(table(["slides", "patches", "wall s", "peak RSS MB"], rss_rows))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -87,6 +87,13 @@ def test_demo_slide(tmp_path: Path, example_slide: Path) -> None:
     assert props["classification"]["name"] in ("normal", "tumour") and len(props["classification"]["color"]) == 3
     info = json.loads((run / "run.json").read_text())
     assert info["model"]["sha256"] and info["model"]["arch"] == load_model().spec.arch
+    assert info["model"]["numeric_precision"] == load_model().precision
+    # where the time went: the run's stages and each slide's (open, tile, score, outputs)
+    stages, (slide,) = info["stages"], info["slides"]
+    assert set(stages) == {"start_up", "slides", "run_outputs"} and stages["start_up"] > 0.5  # torch's import
+    assert set(slide["seconds"]) == {"open", "tile", "score", "outputs"}
+    assert all(v >= 0 for v in slide["seconds"].values()) and slide["seconds"]["score"] > 0
+    assert sum(slide["seconds"].values()) <= stages["slides"] + 0.5 <= info["seconds"] + 0.5
     assert (run / "report.html").exists()
     assert not list(run.glob("*.partial"))
 

@@ -10,6 +10,7 @@ import click
 from wsi_screen.commands._options import (
     common_options,
     configure_output,
+    precision_option,
     slide_mpp_options,
     slide_mpp_table,
     slide_timeout_option,
@@ -57,11 +58,12 @@ if TYPE_CHECKING:
               help="Screen on a Dask cluster, one task per slide: tcp://HOST:PORT of a running scheduler, or "
                    "local[:N] for N worker processes here (default 2). Every worker must see the slides, the "
                    "model folder and RUN by the same paths (see docs/cluster.md).")
+@precision_option
 @common_options
 def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | None, threshold: float | None,
           k: float | None, labels: str | None, stores: str | None, batch_size: int, workers: int,
           loader_workers: int, slide_mpp: float | None, slide_mpp_csv: str | None, min_tissue: float, overwrite: bool,
-          slide_timeout: float, dask: str | None) -> None:
+          slide_timeout: float, dask: str | None, precision: str) -> None:
     """Screen SLIDES (files or folders) and write the results to RUN.
 
     Each slide is tiled at the model's resolution, patch size and stain (stores are reused when they
@@ -89,7 +91,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     ctx = click.get_current_context()
     target = parse_address(dask) if dask is not None else None
     mdir = Path(model_dir) if model_dir else default_model_dir()
-    classifier = load_model(mdir)
+    classifier = load_model(mdir, precision=precision)
     k_value: int | float | None = None if k is None else (int(k) if k >= 1 else k)
     config = InferConfig(rule=rule, threshold=threshold, k=k_value, stores=stores, batch_size=batch_size,
                          workers=workers, loader_workers=loader_workers, slide_mpp=slide_mpp,

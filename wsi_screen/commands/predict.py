@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output
+from wsi_screen.commands._options import common_options, configure_output, precision_option
 
 
 @click.command(short_help="Classify image files (patches) with a model.")
@@ -13,8 +13,9 @@ from wsi_screen.commands._options import common_options, configure_output
               help="Model folder from `wsi-screen train` (default: the bundled model).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image instead of a table.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
+@precision_option
 @common_options
-def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch_size: int) -> None:
+def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch_size: int, precision: str) -> None:
     """Print the predicted class and class probabilities of each IMAGE.
 
     An IMAGE may be a folder: its image files (jpg, png, tif, bmp, webp) are classified, recursively, in
@@ -38,7 +39,7 @@ def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch
     from wsi_screen.models import load_model
     from wsi_screen.training.data import IMAGE_SUFFIXES, read_image
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, precision=precision)
     spec = model.spec
     paths: list[Path] = []
     for item in map(Path, images):

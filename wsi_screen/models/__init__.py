@@ -82,12 +82,13 @@ def build_module(spec: ModelSpec, **kwargs: Any) -> nn.Module:
 
 
 def load_model(path: str | os.PathLike[str] | None = None, *,
-               device: str | torch.device = "cpu") -> PatchClassifier:
+               device: str | torch.device = "cpu", precision: str = "auto") -> PatchClassifier:
     """Load a model folder (``config.json`` + ``model.safetensors``) as a :class:`PatchClassifier`.
 
     ``path`` may be the folder, its ``config.json`` or its ``model.safetensors``; ``None`` loads the
     bundled default model. Nothing is unpickled: pickle-based files raise
-    :class:`~wsi_screen.errors.UnsafeFileError`.
+    :class:`~wsi_screen.errors.UnsafeFileError`. ``precision``: ``auto`` (bfloat16 where the device computes
+    it natively, else float32), ``fp32`` or ``bf16`` (see :mod:`wsi_screen.models.precision`).
     """
     if path is None:
         path = default_model_dir()
@@ -100,4 +101,4 @@ def load_model(path: str | os.PathLike[str] | None = None, *,
     module = build_module(spec)
     load_state_strict(module, read_weights(model_dir / WEIGHTS_NAME), str(model_dir))
     log.debug("loaded %s from %s", spec.arch, model_dir)
-    return PatchClassifier(module, spec, device=device, domain=DomainModel.load(model_dir))
+    return PatchClassifier(module, spec, device=device, domain=DomainModel.load(model_dir), precision=precision)

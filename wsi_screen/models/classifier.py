@@ -13,6 +13,7 @@ from torch import nn
 from wsi_screen.decision import decide
 from wsi_screen.errors import ModelError
 from wsi_screen.models.domain import DomainModel, feature_tap, joined
+from wsi_screen.models.precision import autocast, resolve
 from wsi_screen.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,19 @@ class PatchClassifier:
     (N, H, W, 3) or a list of arrays / PIL images. Images of another size are resized to the model input,
     with a logged warning. For streaming large numbers of patches, use :meth:`preprocess` and
     :meth:`predict_tensor` with your own DataLoader.
+
+    ``precision`` is the forward pass's arithmetic (see :mod:`wsi_screen.models.precision`): ``fp32``,
+    ``bf16``, or ``auto`` (bf16 where the device computes it natively); :attr:`precision` holds the resolved one.
     """
 
     def __init__(self, module: nn.Module, spec: ModelSpec, *, device: str | torch.device = "cpu",
-                 domain: DomainModel | None = None) -> None:
+                 domain: DomainModel | None = None, precision: str = "fp32") -> None:
         self.spec = spec
         #: how far inputs are from the training data (see :mod:`wsi_screen.models.domain`); None if not fitted
         self.domain = domain
         self.device = torch.device(device)
+        #: ``fp32`` or ``bf16``: what the forward pass computes in
+        self.precision = resolve(precision, self.device)
         self.module = module.to(self.device).to(memory_format=torch.channels_last).eval()
         self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
         self._std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
@@ -93,7 +99,7 @@ class PatchClassifier:
 
     def __repr__(self) -> str:
         return (f"PatchClassifier(arch={self.spec.arch!r}, classes={self.spec.classes}, "
-                f"input_size={self.spec.input_size}, mpp={self.spec.mpp})")
+                f"input_size={self.spec.input_size}, mpp={self.spec.mpp}, precision={self.precision!r})")
 
     @property
     def classes(self) -> list[str]:
@@ -124,9 +130,12 @@ class PatchClassifier:
         return normalise(to_unit_float(x.to(self.device, non_blocking=True)), self._mean, self._std)
 
     def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """Probabilities (N, C) for a preprocessed batch, under ``torch.inference_mode``."""
+        """Probabilities (N, C) for a preprocessed batch, under ``torch.inference_mode`` (and bfloat16
+        autocast when :attr:`precision` is ``bf16``; the softmax is float32 either way)."""
         with torch.inference_mode():
-            return torch.softmax(self.module(x.to(self.device)).float(), dim=1)
+            with autocast(self.precision, self.device):
+                logits = self.module(x.to(self.device))
+            return torch.softmax(logits.float(), dim=1)
 
     def score_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
         """Probabilities (N, C) and, when the model has a domain model, each image's domain distance (one

@@ -246,7 +246,9 @@ def write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, m
 
 def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, model_id: dict[str, Any],
                     tile_cfg: TileConfig, config: InferConfig, argv: Sequence[str], started: datetime,
-                    seconds: float) -> None:
+                    seconds: float, stages: dict[str, float | None] | None = None) -> None:
+    """``RUN/run.json``: the provenance of the run and where its time went (``stages`` of the whole run;
+    each slide's ``seconds`` by stage: open, tile, score, outputs, or reuse_check for a slide reused)."""
     import torch
 
     runfolder.write_json(run / runfolder.RUN_JSON, {
@@ -254,6 +256,7 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
         "package_version": __version__,
         "started": started.replace(microsecond=0).isoformat(),
         "seconds": round(seconds, 2),
+        "stages": {k: None if v is None else round(v, 3) for k, v in (stages or {}).items()},
         "model": model_id,
         "aggregate": aggregate.to_json(),
         "tiling": {"mpp": tile_cfg.spec.mpp, "patch_size": tile_cfg.spec.size_px,
@@ -268,7 +271,7 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
         "slides": [{"slide": r.name, "status": r.status, "error": r.error, "mpp": r.extra.get("slide_mpp"),
                     "mpp_source": r.extra.get("mpp_source"), "reused": bool(r.extra.get("reused")),
                     "in_domain_fraction": r.extra.get("in_domain_fraction"),
-                    "out_of_domain": r.extra.get("out_of_domain")}
+                    "out_of_domain": r.extra.get("out_of_domain"), "seconds": r.extra.get("seconds")}
                    for r in sorted(rows, key=lambda r: r.name)],
     })
 

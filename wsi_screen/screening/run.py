@@ -114,6 +114,7 @@ def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, An
     return {"path": str(model_dir), "sha256": h.hexdigest(), "arch": spec.arch, "classes": spec.classes,
             "positive_class": spec.positive_class, "mpp": spec.mpp, "input_size": spec.input_size,
             "stain_method": spec.stain_method, "patch_threshold": spec.threshold,
+            "numeric_precision": classifier.precision,
             "domain_sha256": domain.hexdigest() if classifier.domain is not None else None,
             "domain_threshold": classifier.domain.threshold if classifier.domain is not None else None,
             "card": summary(card) if card else None}
@@ -229,24 +230,42 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
                 rows.append(screen_slide(source, job, classifier, call=call))
                 bar.update(1)
 
+    screened = time.perf_counter()
     for row in rows:
         if row.status != STATUS_ERROR:
+            before = time.perf_counter()
             aggregate_row(run, row, classifier, aggregate)
+            seconds = row.extra.setdefault("seconds", {})
+            seconds["outputs"] = round(seconds.get("outputs", 0.0) + time.perf_counter() - before, 3)
         row.label = labels.get(row.name, "")
     metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
     write_results(run, rows, aggregate, model_id)
-    write_run_json(run, rows, aggregate, model_id, tile_cfg, config, argv, started, time.perf_counter() - t0)
+    stages = {"start_up": process_age(t0), "slides": screened - t0, "run_outputs": time.perf_counter() - screened}
+    write_run_json(run, rows, aggregate, model_id, tile_cfg, config, argv, started, time.perf_counter() - t0,
+                   stages)
     from wsi_screen.screening.report import write_report
 
     write_report(run)
     return RunSummary(run, rows, aggregate, metrics)
 
 
+def process_age(now: float) -> float | None:
+    """Seconds from this process's start to the moment ``now`` (a ``perf_counter`` value): what start-up
+    (interpreter, imports, loading the model) took before the run began; None where it cannot be known."""
+    try:
+        import psutil  # a dependency of dask.distributed
+
+        created = psutil.Process().create_time()
+    except Exception:  # no psutil, or a platform without it: leave the figure out
+        return None
+    return max(0.0, time.time() - (time.perf_counter() - now) - created)
+
+
 def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig,
            call: isolation.Caller) -> bool:
     """Whether RUN/<slide> holds this slide scored by this model from the store this run would make now:
-    same model, same slide file, same resolution (value and source) and tiling settings. Anything else is
-    recomputed (the slide rule is applied afresh on every run)."""
+    same model and arithmetic (``--precision``), same slide file, same resolution (value and source) and tiling
+    settings. Anything else is recomputed (the slide rule is applied afresh on every run)."""
     from wsi_screen.tiling.pipeline import store_is_current
 
     path = runfolder.slide_dir(run, source.name) / runfolder.SLIDE_JSON
@@ -256,6 +275,7 @@ def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, An
         done = runfolder.read_json(path)
         model = done.get("model", {})
         if model.get("sha256") != model_id["sha256"] or model.get("domain_sha256") != model_id["domain_sha256"] \
+                or model.get("numeric_precision", "fp32") != model_id["numeric_precision"] \
                 or done.get("source") != str(source.path):
             return False
         store = runfolder.resolve_path(done["store"], run)
@@ -295,9 +315,14 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
     from wsi_screen.screening.score import check_store_matches_model, score_stores
 
     row = SlideRow(source.name, str(source.path))
+    start = time.perf_counter()
     if _reuse(job.run, source, row, job.model_id, job.tile, call):
+        row.extra["seconds"] = {"reuse_check": round(time.perf_counter() - start, 3)}
         return row
     result = tile_isolated(call, source, job.stores, job.tile, debug=job.debug)
+    tiled = time.perf_counter()
+    opened = result.stages.get("open", 0.0)
+    seconds = row.extra["seconds"] = {"open": round(opened, 3), "tile": round(tiled - start - opened, 3)}
     row.store = result.store
     if not result.ok:
         row.status, row.error = STATUS_ERROR, result.message or f"tiling {result.status}"
@@ -308,8 +333,11 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
         check_store_matches_model(PatchStore.open(result.store).attrs, classifier.spec, result.store)
         for _location, probs, distance in score_stores([result.store], classifier, batch_size=job.batch_size,
                                                        workers=job.loader_workers, desc=source.name[:30]):
+            scored = time.perf_counter()
             write_slide_folder(job.run, row, result.store, probs, classifier, job.model_id, job.aggregate,
                                distance=distance)
+            seconds["score"] = round(scored - tiled, 3)
+            seconds["outputs"] = round(time.perf_counter() - scored, 3)
     except Exception as exc:  # the per-slide boundary: one slide's failure (a disk error too) ends only it
         if job.debug:
             raise
@@ -337,7 +365,7 @@ def screen_slide_task(source: SlideSource, job: SlideJob, model_dir: str | None,
     thread (``loader_workers=0``; the scores do not depend on it). Never raises for a bad slide or model.
     """
     try:
-        classifier = _worker_classifier(model_dir, model_sha256)
+        classifier = _worker_classifier(model_dir, model_sha256, str(job.model_id["numeric_precision"]))
     except WsiScreenError as exc:
         if job.debug:
             raise
@@ -355,13 +383,14 @@ def screen_slide_task(source: SlideSource, job: SlideJob, model_dir: str | None,
 
 
 @lru_cache(maxsize=4)
-def _worker_classifier(model_dir: str | None, sha256: str) -> PatchClassifier:
-    """The model of a Dask run, loaded once per worker process (keyed by folder and content hash)."""
+def _worker_classifier(model_dir: str | None, sha256: str, precision: str) -> PatchClassifier:
+    """The model of a Dask run, loaded once per worker process (keyed by folder, content hash and the client's
+    resolved arithmetic, so every worker scores as the client would)."""
     from wsi_screen.models import default_model_dir, load_model
 
     path = Path(model_dir) if model_dir is not None else default_model_dir()
     try:
-        classifier = load_model(path)
+        classifier = load_model(path, precision=precision)
     except WsiScreenError as exc:
         raise ModelError(f"cannot load the model on a Dask worker: {exc}") from exc
     found = model_identity(path, classifier)["sha256"]

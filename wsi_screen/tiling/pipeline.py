@@ -72,6 +72,8 @@ THUMBNAIL_MIN_SIDE = 1024
 TRIM_EVERY = 4
 #: tissue patches sampled (evenly over the grid) to fit a slide's stain parameters
 STAIN_SAMPLE = 64
+#: the stages of tiling one slide, timed in :attr:`TileResult.stages` (and run.json)
+TILE_STAGES = ("open", "thumbnail", "tissue", "stain_fit", "patches", "commit")
 
 Status = Literal["done", "skipped", "failed", "locked"]
 
@@ -112,6 +114,8 @@ class TileResult:
     message: str = ""
     #: the full traceback of an unexpected failure (for the run log, never the terminal)
     traceback: str = ""
+    #: seconds by stage: open, thumbnail, tissue, stain_fit, patches, commit (only open for a store kept)
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -215,9 +219,10 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
         if existing is not None and is_complete(existing) and not config.overwrite:
             if existing.get(ATTR_SETTINGS) == settings:
                 log.debug("%s: store is complete and up to date; skipped", source.name)
+                seconds = time.perf_counter() - start
                 return TileResult(source.name, str(source.path), location, "skipped",
-                                  n_patches=int(existing.get("n_patches", 0)),
-                                  seconds=time.perf_counter() - start, message="up to date")
+                                  n_patches=int(existing.get("n_patches", 0)), seconds=seconds,
+                                  message="up to date", stages={"open": round(seconds, 3)})
             diff = _differences(existing.get(ATTR_SETTINGS) or {}, settings)
             if not config.retile_mismatched:
                 raise StoreMismatchError(f"{location}: existing store was made from another slide version or "
@@ -282,14 +287,14 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
             writer.write_arrays(coords=grid.coords, tissue=grid.tissue, stain_ok=stain_ok)
             t_write = time.perf_counter()
             writer.commit()
-            log.debug("%s: seconds: open %.2f, thumbnail %.2f, tissue+grid %.2f, stain fit %.2f, "
-                      "patches %.2f, commit %.2f", source.name, t_open - start, t_thumb - t_open,
-                      t_mask - t_thumb, t_read - t_mask, t_write - t_read, time.perf_counter() - t_write)
+            marks = [start, t_open, t_thumb, t_mask, t_read, t_write, time.perf_counter()]
+            stages = {name: round(b - a, 3) for name, a, b in zip(TILE_STAGES, marks, marks[1:], strict=False)}
+            log.debug("%s: seconds: %s", source.name, ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
         except BaseException:
             writer.abort()
             raise
     return TileResult(source.name, str(source.path), location, "done", n_patches=n,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, stages=stages)
 
 
 NormalizeFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]

@@ -84,6 +84,7 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
                          "images": len(rows),
                          "image_sizes": {f"{w}x{h}": n for (w, h), n in sorted(sizes.items())},
                          "arch": spec.arch, "model_created": spec.created,
+                         "numeric_precision": model.precision,
                          "seconds": round(time.perf_counter() - started, 2)}
     distance = np.concatenate(dist_parts) if model.domain is not None and dist_parts else None
     if model.domain is not None and distance is not None:

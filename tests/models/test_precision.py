@@ -1,0 +1,80 @@
+"""The forward pass's arithmetic (wsi_screen.models.precision): fp32, bf16 and auto, on the bundled model."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from wsi_screen.errors import ModelError
+from wsi_screen.models import load_model
+from wsi_screen.models.precision import PRECISIONS, native_bf16, resolve
+
+
+@pytest.fixture(scope="module")
+def pcam_valid(patches_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """400 PCam valid patches (200 per class, every 7th of the split in file order) and their labels."""
+    root = patches_dir / "pcam"
+    with (root / "labels.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "valid"]
+    picked = {c: [r for r in rows if r["label"] == c][::7][:200] for c in ("normal", "tumour")}
+    chosen = picked["normal"] + picked["tumour"]
+    images = np.stack([np.asarray(Image.open(root / r["path"]).convert("RGB")) for r in chosen])
+    return images, np.array([r["label"] == "tumour" for r in chosen])
+
+
+def test_resolve_auto_follows_the_hardware_and_explicit_choices_stay() -> None:
+    cpu = torch.device("cpu")
+    assert resolve("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    assert resolve("fp32", cpu) == "fp32" and resolve("bf16", cpu) == "bf16"
+    assert PRECISIONS == ("auto", "fp32", "bf16")
+    with pytest.raises(ModelError, match="precision must be one of auto, fp32, bf16"):
+        resolve("fp16", cpu)
+    assert load_model(None, precision="fp32").precision == "fp32"
+    assert load_model(None).precision == resolve("auto", cpu)
+
+
+def test_bf16_scores_the_bundled_model_as_fp32_does(pcam_valid: tuple[np.ndarray, np.ndarray]) -> None:
+    images, truth = pcam_valid
+    fp32 = load_model(None, precision="fp32")
+    bf16 = load_model(None, precision="bf16")
+    p32, d32 = fp32.predict_with_domain(images)
+    p16, d16 = bf16.predict_with_domain(images)
+    assert p16.dtype == np.float32 and p16.shape == p32.shape == (400, 2)
+    np.testing.assert_allclose(p16.sum(1), 1.0, atol=1e-6)  # the softmax stays float32
+    diff = np.abs(p16 - p32)
+    assert diff.max() > 0  # bf16 really ran (a silent fallback to float32 would be bit-identical)
+    assert diff.max() < 0.05 and diff.mean() < 0.005
+    pos = fp32.spec.positive_index
+    auc32, auc16 = roc_auc_score(truth, p32[:, pos]), roc_auc_score(truth, p16[:, pos])
+    assert auc32 > 0.9 and abs(auc16 - auc32) < 0.005
+    threshold = fp32.spec.threshold
+    assert np.mean((p16[:, pos] >= threshold) != (p32[:, pos] >= threshold)) <= 0.01
+    assert d32 is not None and d16 is not None
+    domain = fp32.domain
+    assert domain is not None  # the domain distance from bf16 features (float32 maths): the same decisions
+    assert np.max(np.abs(d16 - d32)) < 0.1 * domain.threshold
+    assert np.mean(domain.in_domain(d16) != domain.in_domain(d32)) <= 0.02
+
+
+def test_precision_option_reaches_the_model_and_run_json(tmp_path: Path, example_slide: Path) -> None:
+    from tests.conftest import run_cli
+
+    result = run_cli("infer", str(example_slide), "-o", str(tmp_path / "run"), "--precision", "fp32", "-q")
+    assert result.code == 0, result.err
+    import json
+
+    doc = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert doc["model"]["numeric_precision"] == "fp32"
+    # the same run at another precision does not reuse the float32 scores
+    again = run_cli("infer", str(example_slide), "-o", str(tmp_path / "run"), "--precision", "bf16", "-q")
+    assert again.code == 0, again.err
+    doc = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert doc["model"]["numeric_precision"] == "bf16" and doc["slides"][0]["reused"] is False
+    bad = run_cli("infer", str(example_slide), "-o", str(tmp_path / "run2"), "--precision", "fp16")
+    assert bad.code == 2 and "fp16" in bad.err and "Traceback" not in bad.err

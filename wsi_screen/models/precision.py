@@ -1,0 +1,55 @@
+"""The arithmetic a model scores in: ``fp32``, or ``bf16`` where the hardware computes it natively.
+
+``bf16`` runs the forward pass under ``torch.autocast`` (convolutions and matrix products in bfloat16, with
+float32 accumulation; batch-norm, softmax and the domain features stay float32). On a CPU with AMX or
+AVX512-BF16 (Intel Sapphire Rapids and later, AMD Zen 4 and later) oneDNN runs it ~2x faster than float32;
+on other CPUs bfloat16 is emulated and slower, so ``auto`` picks it only where it is native (and on CUDA
+GPUs that support it). Measured on the bundled model (docs/default-model.md, bench/RESULTS.md): patch
+probabilities within 1e-3 of float32 and the same slide calls. Training and its validation always run in
+float32; this is a setting of scoring only (``infer``, ``predict``, ``evaluate``, the Python API).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from wsi_screen.errors import ModelError
+
+#: the choices of ``--precision``
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (so autocasting to it is faster, not slower)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    try:
+        return any(bool(check()) for check in checks if callable(check))
+    except RuntimeError:  # an unusual build without these probes: float32 is always correct
+        return False
+
+
+def resolve(choice: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where native on ``device``, else ``fp32``; an explicit choice is kept."""
+    if choice not in PRECISIONS:
+        raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {choice!r}")
+    if choice == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return choice
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device) -> Iterator[None]:
+    """The forward pass's arithmetic: nothing for ``fp32``, bfloat16 autocast for ``bf16``."""
+    if precision != "bf16":
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        yield
