@@ -49,7 +49,7 @@ MIN_CELLS, MAX_CELLS = 600, 24000
 
 def bank_for(model_dir: Path, work: Path) -> tuple[cohort.ScoreBank, Path]:
     """The model's score bank (computed once, cached in WORK) and where it is."""
-    classifier = load_model(model_dir)
+    classifier = load_model(model_dir, precision="fp32")  # the rule is defined on float32 scores
     sha = model_identity(model_dir, classifier)["sha256"]
     path = work / f"bank-{sha[:12]}"
     if path.with_suffix(".json").exists():

@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model, precision="fp32")  # reference statistics in float32
     folder = open_patch_folder(args.data, label_column=args.label_column)
     mean = torch.tensor(model.spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(model.spec.std).view(1, 3, 1, 1)

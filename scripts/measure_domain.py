@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
-    model = load_model(args.model)
+    model = load_model(args.model, precision="fp32")
     assert model.domain is not None, f"{args.model} has no domain model (scripts/fit_domain.py)"
     import csv
 

@@ -192,8 +192,10 @@ def _results(run: Path) -> list[dict[str, str]]:
 
 def _run_json(run: Path) -> dict[str, object]:
     data = json.loads((run / "run.json").read_text())
-    for key in ("command", "started", "seconds"):
+    for key in ("command", "started", "seconds", "stages"):
         data.pop(key)
+    for slide in data["slides"]:  # timings
+        slide.pop("seconds")
     return data
 
 

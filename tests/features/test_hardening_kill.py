@@ -291,10 +291,11 @@ def _slide_outputs(run: Path, name: str) -> dict[str, object]:
 
 def _run_json(run: Path) -> dict[str, object]:
     info = json.loads((run / runfolder.RUN_JSON).read_text())
-    for key in ("started", "seconds", "command"):
+    for key in ("started", "seconds", "stages", "command"):
         info.pop(key)
     for slide in info["slides"]:  # whether a slide's scores came from an earlier (killed) run: history, as timings
         slide.pop("reused")
+        slide.pop("seconds")
     return info
 
 

@@ -43,6 +43,22 @@ def test_exact_grid_on_written_slide(tmp_path: Path, block_slide: Path) -> None:
     assert "1 slide(s): 1 tiled, 0 up to date, 0 failed; 12 patches" in res.err
 
 
+def test_tile_result_times_each_stage(tmp_path: Path, block_slide: Path) -> None:
+    from wsi_screen.slide.discovery import SlideSource
+    from wsi_screen.tiling.grid import TileSpec
+    from wsi_screen.tiling.pipeline import TILE_STAGES, TileConfig, tile_slide
+
+    config = TileConfig(spec=TileSpec(mpp=0.5, size_px=256), stain="macenko")
+    source = SlideSource(block_slide, "block")
+    result = tile_slide(source, str(tmp_path / "out"), config)
+    assert result.status == "done" and result.n_patches == 12
+    assert tuple(result.stages) == TILE_STAGES == ("open", "thumbnail", "tissue", "stain_fit", "patches", "commit")
+    assert all(v >= 0 for v in result.stages.values()) and result.stages["patches"] > 0
+    assert sum(result.stages.values()) == pytest.approx(result.seconds, abs=0.01)
+    again = tile_slide(source, str(tmp_path / "out"), config)  # up to date: only opened and checked
+    assert again.status == "skipped" and list(again.stages) == ["open"]
+
+
 def test_overlap_and_coarser_mpp(tmp_path: Path, block_slide: Path) -> None:
     res = run_cli("tile", block_slide, "-o", tmp_path / "o1", "--mpp", "0.5", "--size", "256", "--overlap", "128",
                   "--min-tissue", "0.9", "--quiet")

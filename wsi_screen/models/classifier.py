@@ -13,7 +13,7 @@ from torch import nn
 from wsi_screen.decision import decide
 from wsi_screen.errors import ModelError
 from wsi_screen.models.domain import DomainModel, feature_tap, joined
-from wsi_screen.models.precision import autocast, resolve
+from wsi_screen.models.precision import DOMAIN_REFINE_BAND, REFINE_BAND, autocast, resolve
 from wsi_screen.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,9 @@ class PatchClassifier:
         self.device = torch.device(device)
         #: ``fp32`` or ``bf16``: what the forward pass computes in
         self.precision = resolve(precision, self.device)
+        #: probabilities (of the positive class) that decide something: in ``bf16``, scores near them are
+        #: rescored in float32 (see :meth:`score_tensor`); the model's own threshold, plus what a slide rule adds
+        self.decision_thresholds: tuple[float, ...] = () if spec.threshold is None else (float(spec.threshold),)
         self.module = module.to(self.device).to(memory_format=torch.channels_last).eval()
         self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
         self._std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
@@ -129,22 +132,56 @@ class PatchClassifier:
             x = resize_uint8(x, size)
         return normalise(to_unit_float(x.to(self.device, non_blocking=True)), self._mean, self._std)
 
-    def predict_tensor(self, x: torch.Tensor) -> torch.Tensor:
+    def predict_tensor(self, x: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
         """Probabilities (N, C) for a preprocessed batch, under ``torch.inference_mode`` (and bfloat16
-        autocast when :attr:`precision` is ``bf16``; the softmax is float32 either way)."""
+        autocast when ``precision``, default :attr:`precision`, is ``bf16``; the softmax is float32 either
+        way). One forward pass, nothing refined: :meth:`score_tensor` is what scoring uses."""
         with torch.inference_mode():
-            with autocast(self.precision, self.device):
+            with autocast(precision or self.precision, self.device):
                 logits = self.module(x.to(self.device))
             return torch.softmax(logits.float(), dim=1)
 
     def score_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
         """Probabilities (N, C) and, when the model has a domain model, each image's domain distance (one
-        forward pass: the distance uses the features the classifier layer receives)."""
+        forward pass: the distance uses the features the classifier layer receives).
+
+        In ``bf16``, the images whose positive-class probability lies within :data:`REFINE_BAND` of one of
+        :attr:`decision_thresholds`, or whose domain distance lies within :data:`DOMAIN_REFINE_BAND` (relative)
+        of the domain threshold, are scored again in float32: every decision at those thresholds is then
+        float32's wherever bfloat16 moved a score by less than the band (it moves them by ~0.002 on average,
+        0.02 at most on PCam valid; see docs/default-model.md).
+        """
+        probs, distance = self._score(x, self.precision)
+        if self.precision == "fp32":
+            return probs, distance
+        near = self._near_decision(probs, distance)
+        if near.any():
+            index = torch.from_numpy(np.flatnonzero(near))
+            p32, d32 = self._score(x[index], "fp32")
+            with torch.inference_mode():  # probs is an inference tensor
+                probs[index] = p32
+            if distance is not None and d32 is not None:
+                distance[near] = d32
+        return probs, distance
+
+    def _score(self, x: torch.Tensor, precision: str) -> tuple[torch.Tensor, np.ndarray | None]:
         if self.domain is None:
-            return self.predict_tensor(x), None
+            return self.predict_tensor(x, precision=precision), None
         with feature_tap(self.module) as captured:
-            probs = self.predict_tensor(x)
+            probs = self.predict_tensor(x, precision=precision)
         return probs, self.domain.distance({k: v.cpu() for k, v in joined(captured).items()})
+
+    def _near_decision(self, probs: torch.Tensor, distance: np.ndarray | None) -> np.ndarray:
+        """Which images have a score close enough to a decision threshold to be rescored in float32."""
+        near = np.zeros(len(probs), dtype=bool)
+        index = self.spec.positive_index
+        if index is not None and self.decision_thresholds:
+            p = probs[:, index].numpy()
+            for t in self.decision_thresholds:
+                near |= np.abs(p - t) < REFINE_BAND
+        if distance is not None and self.domain is not None:
+            near |= np.abs(distance - self.domain.threshold) < DOMAIN_REFINE_BAND * self.domain.threshold
+        return near
 
     def predict(self, images: ImageBatch, *, batch_size: int = 256) -> np.ndarray:
         """Class probabilities (N, C), float32, columns in ``spec.classes`` order."""

@@ -1,12 +1,14 @@
 """The arithmetic a model scores in: ``fp32``, or ``bf16`` where the hardware computes it natively.
 
 ``bf16`` runs the forward pass under ``torch.autocast`` (convolutions and matrix products in bfloat16, with
-float32 accumulation; batch-norm, softmax and the domain features stay float32). On a CPU with AMX or
+float32 accumulation; the softmax and the domain distance's maths stay float32). On a CPU with AMX or
 AVX512-BF16 (Intel Sapphire Rapids and later, AMD Zen 4 and later) oneDNN runs it ~2x faster than float32;
-on other CPUs bfloat16 is emulated and slower, so ``auto`` picks it only where it is native (and on CUDA
-GPUs that support it). Measured on the bundled model (docs/default-model.md, bench/RESULTS.md): patch
-probabilities within 1e-3 of float32 and the same slide calls. Training and its validation always run in
-float32; this is a setting of scoring only (``infer``, ``predict``, ``evaluate``, the Python API).
+on other CPUs bfloat16 is emulated and slower, so ``auto`` picks it only where it is native (and on CUDA GPUs
+that support it). Scores within :data:`REFINE_BAND` of a decision threshold are rescored in float32
+(:meth:`~wsi_screen.models.classifier.PatchClassifier.score_tensor`), so decisions at those thresholds are
+float32's. Measured on the bundled model in docs/default-model.md and bench/RESULTS.md. Training and its
+validation always run in float32; this is a setting of scoring only (``infer``, ``predict``, ``evaluate``, the
+Python API).
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from wsi_screen.errors import ModelError
 
 #: the choices of ``--precision``
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+#: in bf16, a probability this close to a decision threshold is rescored in float32 (bfloat16 moved the bundled
+#: model's PCam valid probabilities by 0.0203 at most, 0.0016 on average: a margin of 1.5x the largest)
+REFINE_BAND = 0.03
+#: the same for the domain distance, relative to the domain threshold (its whitening amplifies bfloat16's error:
+#: up to 10 % of the threshold on PCam valid, 8 % near it)
+DOMAIN_REFINE_BAND = 0.15
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -331,6 +331,7 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
         return row
     try:
         check_store_matches_model(PatchStore.open(result.store).attrs, classifier.spec, result.store)
+        classifier.decision_thresholds = decision_thresholds(classifier, job.aggregate)
         for _location, probs, distance in score_stores([result.store], classifier, batch_size=job.batch_size,
                                                        workers=job.loader_workers, desc=source.name[:30]):
             scored = time.perf_counter()
@@ -349,6 +350,18 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
             runlog.record_traceback(source.name, trace)
         log.error("%s", row.error)
     return row
+
+
+def decision_thresholds(classifier: PatchClassifier, aggregate: AggregateConfig | None) -> tuple[float, ...]:
+    """The patch probabilities at which something is decided: the model's threshold, the rule's patch and region
+    thresholds (patch calls, foci, metastasis size) and, for the max rule, the slide threshold. Scoring in
+    bfloat16 rescores patches near them in float32 (:meth:`PatchClassifier.score_tensor`)."""
+    found = set() if classifier.spec.threshold is None else {float(classifier.spec.threshold)}
+    if aggregate is not None:
+        found |= {aggregate.patch_threshold, aggregate.region_threshold}
+        if aggregate.rule == "max":
+            found.add(aggregate.slide_threshold)
+    return tuple(sorted(found))
 
 
 def screen_slide_task(source: SlideSource, job: SlideJob, model_dir: str | None, model_sha256: str,
