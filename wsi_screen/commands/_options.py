@@ -75,9 +75,14 @@ def slide_timeout_option(func: F) -> F:
                              "separate process, so a reader that hangs or crashes fails only its slide.")(func)
 
 
-def precision_option(func: F) -> F:
-    """``--precision`` (infer, predict and evaluate score with the same arithmetic choices)."""
-    return click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-                        help="Arithmetic of the forward pass. auto: bfloat16 where the CPU (AMX/AVX512-BF16) or GPU "
-                             "computes it natively, ~2x faster, probabilities within ~0.02 and PCam AUC within "
-                             "0.001 of float32 (docs/default-model.md); float32 elsewhere. fp32: always float32.")(func)
+def precision_option(default: str) -> Callable[[F], F]:
+    """``--precision`` for the commands that score (infer and predict default to ``auto``; evaluate to ``fp32``,
+    so that its figures are those training's validation and the model card report)."""
+    def decorate(func: F) -> F:
+        return click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=default,
+                            show_default=True,
+                            help="Arithmetic of the forward pass. auto: bfloat16 where the CPU (AMX/AVX512-BF16) or "
+                                 "GPU computes it natively (~2x faster; scores near a decision threshold are rescored "
+                                 "in float32, so the calls are float32's; docs/default-model.md), float32 elsewhere. "
+                                 "fp32: always float32. bf16: bfloat16 even where emulated (slower).")(func)
+    return decorate

@@ -22,7 +22,7 @@ from wsi_screen.commands.train import dataset_options, set_threads
               help="Folder for metrics.json, predictions.csv, roc.png and confusion.png.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=256, show_default=True)
 @dataset_options
-@precision_option
+@precision_option("fp32")
 @common_options
 def evaluate(dataset: str, model_dir: str | None, split: str, positive: str | None, out: str, batch_size: int,
              label_column: str, split_column: str, workers: int, threads: int, precision: str) -> None:

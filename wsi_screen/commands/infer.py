@@ -58,7 +58,7 @@ if TYPE_CHECKING:
               help="Screen on a Dask cluster, one task per slide: tcp://HOST:PORT of a running scheduler, or "
                    "local[:N] for N worker processes here (default 2). Every worker must see the slides, the "
                    "model folder and RUN by the same paths (see docs/cluster.md).")
-@precision_option
+@precision_option("auto")
 @common_options
 def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | None, threshold: float | None,
           k: float | None, labels: str | None, stores: str | None, batch_size: int, workers: int,

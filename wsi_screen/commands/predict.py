@@ -13,7 +13,7 @@ from wsi_screen.commands._options import common_options, configure_output, preci
               help="Model folder from `wsi-screen train` (default: the bundled model).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image instead of a table.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
-@precision_option
+@precision_option("auto")
 @common_options
 def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch_size: int, precision: str) -> None:
     """Print the predicted class and class probabilities of each IMAGE.
