@@ -33,6 +33,15 @@ def test_resolve_auto_follows_the_hardware_and_explicit_choices_stay() -> None:
     assert resolve("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
     assert resolve("fp32", cpu) == "fp32" and resolve("bf16", cpu) == "bf16"
     assert PRECISIONS == ("auto", "fp32", "bf16")
+    import click
+
+    from wsi_screen.cli import cli  # the CLI spells the choices out (so that --help needs no torch): the same ones
+    for name in ("infer", "predict", "evaluate"):
+        command = cli.get_command(click.Context(cli), name)
+        assert command is not None
+        option = next(o for o in command.params if o.name == "precision")
+        assert isinstance(option.type, click.Choice)
+        assert tuple(option.type.choices) == PRECISIONS, name
     with pytest.raises(ModelError, match="precision must be one of auto, fp32, bf16"):
         resolve("fp16", cpu)
     assert load_model(None, precision="fp32").precision == "fp32"
