@@ -378,7 +378,7 @@ def screen_slide_task(source: SlideSource, job: SlideJob, model_dir: str | None,
     thread (``loader_workers=0``; the scores do not depend on it). Never raises for a bad slide or model.
     """
     try:
-        classifier = _worker_classifier(model_dir, model_sha256, str(job.model_id["numeric_precision"]))
+        classifier = _worker_classifier(model_dir, model_sha256, str(job.model_id.get("numeric_precision", "fp32")))
     except WsiScreenError as exc:
         if job.debug:
             raise
