@@ -188,6 +188,67 @@ def test_macenko_apply_matches_float64_reference(crc: np.ndarray,
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
+def _every_colour() -> np.ndarray:
+    """All 2**24 RGB colours, (1, 2**24, 3) uint8."""
+    v = np.arange(1 << 24, dtype=np.uint32)
+    return np.stack([v >> 16, (v >> 8) & 255, v & 255], axis=-1).astype(np.uint8)[None]
+
+
+def test_od_map_on_every_colour_matches_float64() -> None:
+    """The compiled product-of-tables map is ``255 exp(T @ -OD)`` rounded half up, on all 16.7 M colours: within
+    one grey level, and off by one only where float rounding meets a .5 boundary."""
+    from wsi_screen.tiling.pixel_kernels import od_map
+
+    t = np.array([[0.9, 0.15, -0.05], [0.2, 1.1, 0.1], [-0.1, 0.25, 0.95]])  # a realistic OD-space map
+    flat = _every_colour()[0]
+    got = np.empty_like(flat)
+    od_map(flat, stain.od_map_tables(t), got)
+    neg_od = -stain._OD_LUT[flat.astype(np.intp)]  # (n, 3), float64
+    exact = 255.0 * np.exp(neg_od @ t.T)
+    expected = np.floor(np.minimum(exact + 0.5, 255.0))
+    diff = np.abs(got.astype(np.float64) - expected)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-5
+    assert got[-1].tolist() == [255, 255, 255] and got[0].max() <= 2  # white stays white, black stays black
+
+
+def test_pixel_classes_on_every_colour_follow_the_rule() -> None:
+    """The compiled classes equal the rule stated in numpy: stained = mean OD >= MIN_MEAN_OD and no pen colour,
+    pen from the 6-bit table, fit = dense and not unambiguous ink."""
+    from wsi_screen.tiling.pixel_kernels import LUT_INK, LUT_PEN
+
+    flat = _every_colour()
+    stained, pen, fit_px = stain._pixel_classes(flat)
+    rgb = flat[0].astype(np.float64)
+    dense = -np.log(np.maximum(rgb, 1) / 255.0).mean(axis=1) >= stain.MIN_MEAN_OD - 1e-12
+    code = stain._pen_lut()[((flat[0] >> 2).astype(np.int64) * [4096, 64, 1]).sum(axis=1)]
+    assert np.array_equal(pen[0], (code & LUT_PEN) > 0)
+    assert np.array_equal(stained[0], dense & ((code & LUT_PEN) == 0))
+    assert np.array_equal(fit_px[0], dense & ((code & LUT_INK) == 0))
+    assert 0.05 < stained.mean() < 0.95 and 0 < pen.mean() < 0.5  # the rule splits the cube
+
+
+def test_stainable_statistics_match_numpy(crc: np.ndarray, odd_patches: dict[str, np.ndarray]) -> None:
+    """The compiled per-patch counts and sums over every STAT_PIXELS-th pixel are numpy's, exactly."""
+    from wsi_screen.tiling import pixel_kernels
+
+    names = list(odd_patches)
+    batch = np.concatenate([crc[:20], np.stack([odd_patches[k] for k in names])])
+    n_px = batch.shape[1] * batch.shape[2]
+    step = max(1, n_px // stain.STAT_PIXELS)
+    stats = np.zeros((len(batch), 5))
+    pixel_kernels.patch_stats(batch.reshape(len(batch), n_px, 3), step, stain._pen_lut(),
+                              stain._STAINED_MAX_PRODUCT, stats)
+    sample = batch.reshape(len(batch), n_px, 3)[:, ::step]
+    stained, pen, _ = stain._pixel_classes(sample)
+    total = sample.astype(np.int64).sum(axis=2) * stained
+    expected = np.stack([np.full(len(batch), sample.shape[1]), stained.sum(1), pen.sum(1), total.sum(1),
+                         (total**2).sum(1)], axis=1)
+    np.testing.assert_array_equal(stats, expected)
+    odd = dict(zip(names, stats[20:], strict=True))
+    assert (stats[:20, 1] > 0).all() and odd["white"][1] == odd["empty"][1] == 0
+    assert odd["blue-stroke"][2] > 0.2 * odd["blue-stroke"][0]  # the stroke covers a third of the patch
+
+
 def test_reinhard_apply_matches_skimage(crc: np.ndarray, fitted: dict[str, stain.StainParams]) -> None:
     from skimage.color import lab2rgb, rgb2lab
 

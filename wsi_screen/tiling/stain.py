@@ -151,9 +151,17 @@ def stainable(batch: np.ndarray) -> np.ndarray:
     n_px = arr.shape[1] * arr.shape[2]
     if arr.shape[0] == 0 or n_px == 0:
         return np.zeros(arr.shape[0], dtype=bool)
-    flat = arr.reshape(arr.shape[0], n_px, 3)[:, :: max(1, n_px // STAT_PIXELS)]
-    stained, pen, _ = _pixel_classes(flat)
-    return _patch_ok(flat, stained, pen)
+    from wsi_screen.tiling import pixel_kernels  # numba: imported only where a slide is normalised
+
+    stats = np.zeros((arr.shape[0], 5))
+    pixel_kernels.patch_stats(arr.reshape(arr.shape[0], n_px, 3), max(1, n_px // STAT_PIXELS), _pen_lut(),
+                              _STAINED_MAX_PRODUCT, stats)
+    n_sampled, n_stained, n_pen, s1, s2 = stats.T
+    denom = np.maximum(n_stained, 1)
+    std = np.sqrt(np.maximum(s2 / denom - (s1 / denom) ** 2, 0.0))
+    return np.asarray((n_stained >= MIN_STAINED_FRACTION * n_sampled)
+                      & (n_pen <= MAX_PEN_FRACTION * (n_stained + n_pen))
+                      & (std >= MIN_TEXTURE_STD), dtype=bool)
 
 
 def fit(images: np.ndarray | Sequence[np.ndarray], method: str) -> StainParams:
@@ -248,6 +256,7 @@ class Normalizer:
             scale = target.array("max_concentrations") / source.array("max_concentrations")
             t = np.linalg.pinv(source.array("stain_matrix")) @ np.diag(scale) @ target.array("stain_matrix")
             self._matrix = t.T.astype(_F32)
+            self._tables = od_map_tables(t.T)
         elif self.method == "reinhard":
             self._matrix, self._offset = _reinhard_f_map(source, target)
         if not np.all(np.abs(self._matrix) < 1e4):
@@ -275,17 +284,20 @@ class Normalizer:
         return {"source": self.source.to_json(), "target": self.target.to_json()}
 
     def _transform(self, rgb: np.ndarray) -> np.ndarray:
-        """Map every pixel; chunks keep temporaries in cache, planar ``(3, n)`` floats keep them fast."""
+        """Map every pixel: Macenko and Vahadane in one compiled pass (:mod:`.pixel_kernels`); Reinhard in
+        chunks that keep temporaries in cache, as planar ``(3, n)`` floats that keep them fast."""
         flat = rgb.reshape(-1, 3)
         out = np.empty_like(flat)
+        if self.method != "reinhard":
+            from wsi_screen.tiling.pixel_kernels import od_map  # numba: imported only where a slide is normalised
+
+            od_map(flat, self._tables, out)
+            return out.reshape(rgb.shape)
         for start in range(0, len(flat), _CHUNK_PX):
             px = flat[start:start + _CHUNK_PX].T
-            if self.method == "reinhard":
-                f = self._matrix @ _lab_f(_linearize(px))
-                f += self._offset
-                res = _encode(_M_RGB @ _lab_finv(f))
-            else:
-                res = _stain_map(px, self._matrix)
+            f = self._matrix @ _lab_f(_linearize(px))
+            f += self._offset
+            res = _encode(_M_RGB @ _lab_finv(f))
             chunk = out[start:start + px.shape[1]]
             for k in range(3):  # column by column: much faster than one transposed copy
                 chunk[:, k] = res[k]
@@ -304,10 +316,10 @@ def _check_batch(batch: np.ndarray) -> np.ndarray:
 def _pen_lut() -> np.ndarray:
     """Ink colours on a 6-bit-per-channel RGB grid (uint8 codes, 2**18 cells, judged at each cell's centre).
 
-    Bit 0 (:data:`_PEN`): any pen colour, after :func:`wsi_screen.tiling.tissue.pen_mask`'s families tightened
-    for single patches: H&E runs from purple to pink (HSV hue ~0.67-0.96), ink is green/teal, pure blue,
-    saturated scarlet, or unsaturated grey-black. Bit 1 (:data:`_INK`): the part no H&E pixel ever has
-    (green/teal and grey-black), excluded from fits; dark navy and crimson pixels can be dense
+    Bit 0 (:data:`.pixel_kernels.LUT_PEN`): any pen colour, after :func:`wsi_screen.tiling.tissue.pen_mask`'s
+    families tightened for single patches: H&E runs from purple to pink (HSV hue ~0.67-0.96), ink is green/teal,
+    pure blue, saturated scarlet, or unsaturated grey-black. Bit 1 (:data:`.pixel_kernels.LUT_INK`): the part no
+    H&E pixel ever has (green/teal and grey-black), excluded from fits; dark navy and crimson pixels can be dense
     haematoxylin or eosin as well as ink, so they only count against a patch, never leave a fit.
     """
     levels = (np.arange(64, dtype=np.float64) * 4 + 1.5) / 255.0
@@ -323,49 +335,25 @@ def _pen_lut() -> np.ndarray:
     red = ((hue >= 0.96) | (hue <= 0.03)) & (sat >= 0.6) & (mx >= 0.3)
     black = (mx < 0.25) & (sat < 0.4)
     ink = green | black
-    codes = (ink | blue | red).astype(np.uint8) * _PEN + ink.astype(np.uint8) * _INK
+    from wsi_screen.tiling.pixel_kernels import LUT_INK, LUT_PEN
+
+    codes = (ink | blue | red).astype(np.uint8) * LUT_PEN + ink.astype(np.uint8) * LUT_INK
     return np.asarray(codes.reshape(-1), dtype=np.uint8)
-
-
-_PEN, _INK = 1, 2
 
 
 def _pixel_classes(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Masks, bool ``(B, n)``, of uint8 pixels ``(B, n, 3)``: stained non-pen, pen, and fit pixels.
 
-    Fit pixels are the stained ones (mean optical density >= :data:`MIN_MEAN_OD`) that are not
-    unambiguous ink (see :func:`_pen_lut`).
+    Stained pixels have a mean optical density of at least :data:`MIN_MEAN_OD` (on integers:
+    :data:`_STAINED_MAX_PRODUCT`) and no pen colour; fit pixels are the stained ones, pen or not, that are not
+    unambiguous ink (see :func:`_pen_lut`). One compiled pass (:func:`.pixel_kernels.pixel_classes`).
     """
-    r, g, b = flat[..., 0], flat[..., 1], flat[..., 2]
-    prod = np.maximum(r, 1).astype(np.uint32)
-    prod *= np.maximum(g, 1)
-    prod *= np.maximum(b, 1)
-    dense = prod <= _STAINED_MAX_PRODUCT
-    idx = (r >> 2).astype(np.uint32) << 12
-    idx |= (g >> 2).astype(np.uint32) << 6
-    idx |= b >> 2
-    code = np.take(_pen_lut(), idx)
-    pen = (code & _PEN) > 0
-    fit_px = dense & ((code & _INK) == 0)
-    dense &= ~pen
-    return dense, pen, fit_px
+    from wsi_screen.tiling import pixel_kernels
 
-
-def _patch_ok(flat: np.ndarray, stained: np.ndarray, pen: np.ndarray) -> np.ndarray:
-    n_px = stained.shape[1]
-    n_stained = np.count_nonzero(stained, axis=1)
-    n_pen = np.count_nonzero(pen, axis=1)
-    total = flat[..., 0].astype(_F32)
-    total += flat[..., 1]
-    total += flat[..., 2]
-    total *= stained
-    s1 = total.sum(axis=1, dtype=np.float64)
-    s2 = np.einsum("ij,ij->i", total, total, dtype=np.float64)
-    denom = np.maximum(n_stained, 1)
-    std = np.sqrt(np.maximum(s2 / denom - (s1 / denom) ** 2, 0.0))
-    return np.asarray((n_stained >= MIN_STAINED_FRACTION * n_px)
-                      & (n_pen <= MAX_PEN_FRACTION * (n_stained + n_pen))
-                      & (std >= MIN_TEXTURE_STD), dtype=bool)
+    codes = np.empty(flat.shape[:2], dtype=np.uint8)
+    pixel_kernels.pixel_classes(np.ascontiguousarray(flat), _pen_lut(), _STAINED_MAX_PRODUCT, codes)
+    return ((codes & pixel_kernels.STAINED) > 0, (codes & pixel_kernels.PEN) > 0,
+            (codes & pixel_kernels.FIT) > 0)
 
 
 def _pooled_pixels(images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
@@ -480,19 +468,14 @@ def _check_matrix(matrix: np.ndarray, method: str) -> None:
                             "apart); the sample shows a single stain colour")
 
 
-def _stain_map(px: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """uint8 planar pixels ``(3, n)`` -> uint8 planar ``255 exp(-T @ OD)``, OD as in :data:`_OD_LUT`."""
-    v = px.astype(_F32)
-    np.maximum(v, _F32(1.0), out=v)
-    np.log(v, out=v)
-    v -= _F32(math.log(255.0))  # -OD
-    o = t @ v  # -OD_out
-    np.minimum(o, _F32(0.01), out=o)  # brighter than white clips anyway; keeps exp finite
-    np.exp(o, out=o)
-    o *= _F32(255.0)
-    o += _F32(0.5)
-    np.clip(o, _F32(0.0), _F32(255.0), out=o)
-    return o.astype(np.uint8)
+def od_map_tables(matrix: np.ndarray) -> np.ndarray:
+    """The (3, 3, 256) factor tables of an OD-space map (3x3, left-multiplying planar ``-OD``):
+    ``255 exp(matrix @ -OD)`` is ``E[c, 0, r] E[c, 1, g] E[c, 2, b]`` (see :mod:`.pixel_kernels`)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    with np.errstate(over="ignore"):  # a degenerate map overflows to inf; the kernel clips it to white
+        tables = np.exp(m[:, :, None] * -_OD_LUT[None, None, :])
+    tables[:, 0, :] *= 255.0
+    return np.ascontiguousarray(tables)
 
 
 # --- CIE L*a*b* (skimage-compatible, planar float32) ---------------------------------------------------
