@@ -530,3 +530,26 @@ def test_vahadane_against_macenko_and_tiatoolbox(reference: dict, patches_dir: P
         assert ours.min() >= 0
         mac = reference["images"][name]["macenko"]["stain_matrix"]
         assert _angle(ours[0], mac[0]) < 8 and _angle(ours[1], mac[1]) < 16, name
+
+
+def test_reinhard_colour_table_gives_the_same_bytes(crc: np.ndarray, fitted: dict[str, stain.StainParams],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past REINHARD_TABLE_AFTER pixels a slide's Reinhard map is looked up in a table of every colour, built by
+    the numpy code: the output bytes are the same before and after, and the table is built once."""
+    target = stain.target_params("reinhard")[0]
+    rng = np.random.default_rng(5)
+    batch = np.concatenate([crc[::7], rng.integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)])
+    direct = stain.Normalizer(fitted["reinhard"], target)
+    monkeypatch.setattr(stain, "REINHARD_TABLE_AFTER", batch[:, ..., 0].size // 2)
+    tabled = stain.Normalizer(fitted["reinhard"], target)
+    first, _ = tabled.apply(batch)  # one batch: the table is built on this call
+    assert tabled._colour_table is not None and tabled._colour_table.shape == (1 << 24, 3)
+    table = tabled._colour_table
+    second, ok = tabled.apply(batch)
+    assert tabled._colour_table is table  # built once
+    monkeypatch.setattr(stain, "REINHARD_TABLE_AFTER", 1 << 62)
+    expected, ok_direct = direct.apply(batch)
+    assert direct._colour_table is None
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(second, expected)
+    assert np.array_equal(ok, ok_direct) and ok.sum() >= len(crc[::7])

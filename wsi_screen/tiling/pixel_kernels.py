@@ -10,8 +10,13 @@ stain maps to the target's by a 3x3 matrix ``T`` in OD space, :class:`~wsi_scree
 The exponential of a sum is a product of exponentials, and each factor depends on one 8-bit channel value: so
 ``out_c = E[c, 0, r] E[c, 1, g] E[c, 2, b]`` with ``E`` nine tables of 256 float64 entries (18 KB, in L1
 cache), built once per slide (:func:`wsi_screen.tiling.stain.od_map_tables`). Rounding is half up and clipped
-to 0-255, as before; against the float32 numpy pipeline this replaced, ~2 values in a million differ, by one
-grey level (float rounding at the .5 boundary); tests/tiling/test_stain.py holds it to a float64 reference.
+to 0-255, as before; against the float32 numpy pipeline this replaced, a few values in a million (8 on the
+bench slide) differ, by one grey level (float rounding at a .5 boundary); tests/tiling/test_stain.py holds it to
+a float64 reference.
+
+Reinhard's map (a CIE L*a*b* round trip, three cube roots a pixel) has no such structure: a slide's map is
+tabulated over all 2**24 colours by the numpy code itself (:meth:`~wsi_screen.tiling.stain.Normalizer._reinhard_table`)
+and :func:`colour_table_map` looks pixels up in it, so its bytes are the numpy code's.
 
 ``nogil``: the tiler's stain threads run the loop in parallel. ``cache``: compiled once per installation (next
 to this file, or numba's user cache directory when that is read-only), then loaded in ~0.1 s.
@@ -96,3 +101,14 @@ def patch_stats(flat: np.ndarray, step: int, pen_lut: np.ndarray, max_product: i
         out[i, 2] = n_pen
         out[i, 3] = s1
         out[i, 4] = s2
+
+
+# --- a colour table ----------------------------------------------------------------------------------------
+@numba.njit(nogil=True, cache=True)
+def colour_table_map(flat: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    """``out[i] = table[r << 16 | g << 8 | b]`` for uint8 pixels ``flat`` (n, 3) and a (2**24, 3) uint8 table."""
+    for i in range(flat.shape[0]):
+        k = (int(flat[i, 0]) << 16) | (int(flat[i, 1]) << 8) | int(flat[i, 2])
+        out[i, 0] = table[k, 0]
+        out[i, 1] = table[k, 1]
+        out[i, 2] = table[k, 2]

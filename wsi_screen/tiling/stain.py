@@ -85,6 +85,9 @@ BUNDLED_TARGET = "resources/stain_target.png"
 BUNDLED_TARGET_NAME = "CMU-1-Small-Region.svs level 0, x=768 y=2048, 512x512 px (H&E skin, CC0)"
 
 _F32 = np.float32
+#: Reinhard: once a slide has used this many pixels, its map is tabulated over all 2**24 colours (48 MB; costs as
+#: much as mapping 2**24 pixels) and looked up from then on: at most twice the best choice made in hindsight
+REINHARD_TABLE_AFTER = 1 << 24
 _CHUNK_PX = 1 << 14  # pixels per chunk of the float pipelines: temporaries stay in cache
 # CIE L*a*b*, exactly as skimage.color (sRGB primaries, D65 2-degree white)
 _XYZ_FROM_RGB = np.array([[0.412453, 0.357580, 0.180423],
@@ -259,6 +262,11 @@ class Normalizer:
             self._tables = od_map_tables(t.T)
         elif self.method == "reinhard":
             self._matrix, self._offset = _reinhard_f_map(source, target)
+        # Reinhard's per-pixel maths is slow (three cube roots a pixel); past REINHARD_TABLE_AFTER pixels the map is
+        # tabulated once over every colour with the same code, so the bytes do not depend on when that happens
+        self._colour_table: np.ndarray | None = None
+        self._pixels_seen = 0
+        self._table_lock = threading.Lock()
         if not np.all(np.abs(self._matrix) < 1e4):
             raise ConfigError(f"{self.method} stain parameters give a degenerate colour map; refit them")
 
@@ -284,8 +292,8 @@ class Normalizer:
         return {"source": self.source.to_json(), "target": self.target.to_json()}
 
     def _transform(self, rgb: np.ndarray) -> np.ndarray:
-        """Map every pixel: Macenko and Vahadane in one compiled pass (:mod:`.pixel_kernels`); Reinhard in
-        chunks that keep temporaries in cache, as planar ``(3, n)`` floats that keep them fast."""
+        """Map every pixel: Macenko and Vahadane in one compiled pass (:mod:`.pixel_kernels`); Reinhard through
+        its colour table (:meth:`_reinhard_table`) once a slide has used enough pixels, in numpy before."""
         flat = rgb.reshape(-1, 3)
         out = np.empty_like(flat)
         if self.method != "reinhard":
@@ -293,6 +301,18 @@ class Normalizer:
 
             od_map(flat, self._tables, out)
             return out.reshape(rgb.shape)
+        table = self._reinhard_table(len(flat))
+        if table is None:
+            self._reinhard(flat, out)
+        else:
+            from wsi_screen.tiling.pixel_kernels import colour_table_map
+
+            colour_table_map(flat, table, out)
+        return out.reshape(rgb.shape)
+
+    def _reinhard(self, flat: np.ndarray, out: np.ndarray) -> None:
+        """The Reinhard map of uint8 pixels ``(n, 3)`` into ``out``, in chunks that keep temporaries in cache, as
+        planar ``(3, n)`` floats that keep them fast."""
         for start in range(0, len(flat), _CHUNK_PX):
             px = flat[start:start + _CHUNK_PX].T
             f = self._matrix @ _lab_f(_linearize(px))
@@ -301,7 +321,21 @@ class Normalizer:
             chunk = out[start:start + px.shape[1]]
             for k in range(3):  # column by column: much faster than one transposed copy
                 chunk[:, k] = res[k]
-        return out.reshape(rgb.shape)
+
+    def _reinhard_table(self, n_pixels: int) -> np.ndarray | None:
+        """The (2**24, 3) table of :meth:`_reinhard` over every colour (``r << 16 | g << 8 | b``), built once
+        :data:`REINHARD_TABLE_AFTER` pixels have been asked for (None before)."""
+        with self._table_lock:  # the tiler's stain threads share one normaliser
+            self._pixels_seen += n_pixels
+            if self._colour_table is None and self._pixels_seen > REINHARD_TABLE_AFTER:
+                table = np.empty((1 << 24, 3), dtype=np.uint8)
+                step = 1 << 20
+                for start in range(0, 1 << 24, step):
+                    code = np.arange(start, start + step, dtype=np.uint32)
+                    colours = np.stack([code >> 16, (code >> 8) & 255, code & 255], axis=1).astype(np.uint8)
+                    self._reinhard(colours, table[start:start + step])
+                self._colour_table = table
+            return self._colour_table
 
 
 # --- pixel classes ------------------------------------------------------------------------------------
