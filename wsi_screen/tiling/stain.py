@@ -25,6 +25,8 @@ Methods (``values`` of :class:`StainParams` hold only floats, so they go into st
 Patches that :func:`stainable` rejects (little stained tissue, pen ink, black, one flat colour) pass
 through unchanged with ``ok = False``; the arithmetic is guarded so that no input yields NaN.
 ``docs/stain.md`` describes the default target, the thresholds and the cross-check against tiatoolbox.
+The per-pixel loops are compiled (:mod:`.pixel_kernels`, numba); the tiler imports this module only for a
+slide it normalises, so a run with ``--stain none`` never loads numba.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from wsi_screen.errors import ConfigError, StainFitError
+from wsi_screen.tiling import pixel_kernels
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +157,6 @@ def stainable(batch: np.ndarray) -> np.ndarray:
     n_px = arr.shape[1] * arr.shape[2]
     if arr.shape[0] == 0 or n_px == 0:
         return np.zeros(arr.shape[0], dtype=bool)
-    from wsi_screen.tiling import pixel_kernels  # numba: imported only where a slide is normalised
-
     stats = np.zeros((arr.shape[0], 5))
     pixel_kernels.patch_stats(arr.reshape(arr.shape[0], n_px, 3), max(1, n_px // STAT_PIXELS), _pen_lut(),
                               _STAINED_MAX_PRODUCT, stats)
@@ -297,17 +298,13 @@ class Normalizer:
         flat = rgb.reshape(-1, 3)
         out = np.empty_like(flat)
         if self.method != "reinhard":
-            from wsi_screen.tiling.pixel_kernels import od_map  # numba: imported only where a slide is normalised
-
-            od_map(flat, self._tables, out)
+            pixel_kernels.od_map(flat, self._tables, out)
             return out.reshape(rgb.shape)
         table = self._reinhard_table(len(flat))
         if table is None:
             self._reinhard(flat, out)
         else:
-            from wsi_screen.tiling.pixel_kernels import colour_table_map
-
-            colour_table_map(flat, table, out)
+            pixel_kernels.colour_table_map(flat, table, out)
         return out.reshape(rgb.shape)
 
     def _reinhard(self, flat: np.ndarray, out: np.ndarray) -> None:
@@ -369,9 +366,8 @@ def _pen_lut() -> np.ndarray:
     red = ((hue >= 0.96) | (hue <= 0.03)) & (sat >= 0.6) & (mx >= 0.3)
     black = (mx < 0.25) & (sat < 0.4)
     ink = green | black
-    from wsi_screen.tiling.pixel_kernels import LUT_INK, LUT_PEN
-
-    codes = (ink | blue | red).astype(np.uint8) * LUT_PEN + ink.astype(np.uint8) * LUT_INK
+    pen, unambiguous = (ink | blue | red).astype(np.uint8), ink.astype(np.uint8)
+    codes = pen * pixel_kernels.LUT_PEN + unambiguous * pixel_kernels.LUT_INK
     return np.asarray(codes.reshape(-1), dtype=np.uint8)
 
 
@@ -382,8 +378,6 @@ def _pixel_classes(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     :data:`_STAINED_MAX_PRODUCT`) and no pen colour; fit pixels are the stained ones, pen or not, that are not
     unambiguous ink (see :func:`_pen_lut`). One compiled pass (:func:`.pixel_kernels.pixel_classes`).
     """
-    from wsi_screen.tiling import pixel_kernels
-
     codes = np.empty(flat.shape[:2], dtype=np.uint8)
     pixel_kernels.pixel_classes(np.ascontiguousarray(flat), _pen_lut(), _STAINED_MAX_PRODUCT, codes)
     return ((codes & pixel_kernels.STAINED) > 0, (codes & pixel_kernels.PEN) > 0,
