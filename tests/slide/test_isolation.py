@@ -60,6 +60,16 @@ def _raises() -> None:
     raise ValueError("bad value in the child")
 
 
+def _debug_line() -> None:
+    logging.getLogger("wsi_screen.test").debug("a debug line from the child")
+
+
+def _imported(*names: str) -> list[bool]:
+    import sys
+
+    return [name in sys.modules for name in names]
+
+
 # --- the worker -----------------------------------------------------------------------------------------------
 def test_crash_fails_the_call_and_the_worker_restarts(tmp_path: Path) -> None:
     with isolation.SlideWorker(timeout=30, log_path=tmp_path / "log") as worker:
@@ -95,6 +105,27 @@ def test_child_output_reaches_the_log_not_the_terminal(tmp_path: Path, capfd: py
     captured = capfd.readouterr()
     assert "native noise" not in captured.err and "library warning" not in captured.err
     assert "TiffFileError" not in captured.err
+
+
+def test_an_early_reader_has_imported_the_tiler_and_serves_the_next_run(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WSI_SCREEN_IN_PROCESS", raising=False)
+    monkeypatch.setattr(isolation, "_early", None)
+    isolation.start_early("wsi_screen.tiling.stain")
+    early = isolation._early
+    assert early is not None and early._proc is not None
+    early_pid = early._proc.pid
+    with run_log(tmp_path), isolation.slide_calls(30) as call:  # the run log opens after the child started
+        assert call(_pid) == early_pid  # the same process: no second start-up
+        assert call(_imported, "wsi_screen.tiling.pipeline", "zarr", "wsi_screen.tiling.stain") == [True] * 3
+        assert call(_noisy) == "ok"
+        call(_debug_line)
+    assert isolation._early is None  # used once
+    text = (tmp_path / LOG_NAME).read_text()  # native stderr and every level reach the log opened after the start
+    assert "OpenSlide-WARNING **: native noise" in text and "a warning from the child" in text
+    assert "a debug line from the child" in text
+    with isolation.slide_calls(30) as call:  # no early reader: one starts at the first call, as before
+        assert call(_pid) != early_pid
 
 
 # --- whole runs ------------------------------------------------------------------------------------------------

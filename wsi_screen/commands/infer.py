@@ -82,13 +82,17 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
       wsi-screen infer /shared/slides -o /shared/runs/cohort --dask tcp://10.0.0.5:8786
     """
     configure_output()
+    ctx = click.get_current_context()
+    if dask is None and not ctx.obj.get("debug"):
+        from wsi_screen.slide import isolation
+
+        isolation.start_early()  # the slide reader starts up while this process imports torch and the model
     from pathlib import Path
 
     from wsi_screen.distributed import maybe_connect, parse_address
     from wsi_screen.models import default_model_dir, load_model
     from wsi_screen.screening.run import InferConfig, run_infer
 
-    ctx = click.get_current_context()
     target = parse_address(dask) if dask is not None else None
     mdir = Path(model_dir) if model_dir else default_model_dir()
     classifier = load_model(mdir, precision=precision)

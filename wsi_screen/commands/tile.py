@@ -70,6 +70,12 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
       wsi-screen tile /shared/slides -o /shared/stores --dask tcp://10.0.0.5:8786
     """
     configure_output()
+    ctx = click.get_current_context()
+    if dask is None and not ctx.obj.get("debug"):
+        from wsi_screen.slide import isolation
+
+        # the slide reader starts up (and imports the tiler, and numba's stain loops) while this process does
+        isolation.start_early(*(() if stain == "none" else ("wsi_screen.tiling.stain",)))
     import logging
 
     from wsi_screen.distributed import maybe_connect, parse_address
@@ -80,7 +86,6 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     from wsi_screen.tiling.store import is_url
 
     log = logging.getLogger("wsi_screen.tile")
-    ctx = click.get_current_context()
     config = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, overlap_px=overlap, min_tissue=min_tissue),
                         stain=stain, stain_target=stain_target, slide_mpp=slide_mpp,
                         slide_mpps=slide_mpp_table(slide_mpp_csv),

@@ -16,12 +16,18 @@ The child's log records are re-emitted through this process's loggers (same line
 warnings there become log records; and what native code writes to the child's stderr goes to the run log
 (see :mod:`wsi_screen.runlog`), never to the terminal. The child ignores Ctrl-C (the parent stops it) and
 dies with its parent, so a killed run leaves no orphan holding a store's lock.
+
+Starting the child costs an interpreter and the tiler's imports (zarr, scipy: ~0.7 s here). A command that will
+read slides calls :func:`start_early` first thing: the child imports :data:`PRELOAD` while this process goes
+on with its own imports (on another core), and the next :func:`slide_calls` uses that child.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import importlib
 import logging
 import multiprocessing
 import os
@@ -43,6 +49,8 @@ R = TypeVar("R")
 DEFAULT_TIMEOUT = 600.0
 #: how often the parent looks at the child while waiting (seconds)
 _POLL = 0.2
+#: modules a new child imports before its first call: the tiler, which every slide call runs
+PRELOAD: tuple[str, ...] = ("wsi_screen.tiling.pipeline",)
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +101,14 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _redirect_native_stderr(log_path: str | None) -> None:
-    """File descriptor 2 (where C libraries print) -> the run log; Python's ``sys.stderr`` (progress bars)
-    keeps the terminal."""
+def _keep_terminal() -> None:
+    """Python's ``sys.stderr`` (progress bars) keeps the terminal whatever file descriptor 2 becomes."""
     terminal = os.dup(2)
     sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+
+
+def _native_stderr_to(log_path: str | None) -> None:
+    """File descriptor 2 (where C libraries print) -> the run log (None or unwritable: discarded)."""
     try:
         target = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if log_path else -1
     except OSError:
@@ -108,22 +119,35 @@ def _redirect_native_stderr(log_path: str | None) -> None:
     os.close(target)
 
 
-def _child_main(conn: Connection, level: int, bars: bool, log_path: str | None) -> None:
-    """The child's loop: run each call sent, send back its result or exception."""
+def _log_level(handler: logging.Handler, level: int) -> None:
+    handler.setLevel(level)
+    for name in ("wsi_screen", "py.warnings"):
+        logging.getLogger(name).setLevel(level)
+
+
+def _child_main(conn: Connection, level: int, bars: bool, preload: tuple[str, ...]) -> None:
+    """The child's loop: import ``preload``, then run each call sent and send back its result or exception.
+
+    Messages: ``("attach", path, level)``: native stderr to the run log at ``path``, records from ``level`` up
+    sent to the parent; ``("call", fn, args, kwargs)``; ``None`` ends the loop."""
     global _channel
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
-    _redirect_native_stderr(log_path)
+    _keep_terminal()
+    _native_stderr_to(None)  # until the parent names its run log
     _channel = _Channel(conn)
-    handler = _PipeHandler(level)
+    handler = _PipeHandler()
+    _log_level(handler, level)
     for name in ("wsi_screen", "py.warnings"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
-        logger.setLevel(level)
         logger.propagate = False
     logging.getLogger().handlers[:] = [handler]  # libraries' records (tifffile warns about damaged files)
     logging.captureWarnings(True)
     progress.set_enabled(bars)
+    for module in preload:  # a failure here shows again, as the call's own error, when the call imports it
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
     while True:
         try:
             message = conn.recv()
@@ -131,7 +155,11 @@ def _child_main(conn: Connection, level: int, bars: bool, log_path: str | None) 
             return
         if message is None:
             return
-        fn, args, kwargs = message
+        if message[0] == "attach":
+            _native_stderr_to(message[1])
+            _log_level(handler, message[2])
+            continue
+        _, fn, args, kwargs = message
         try:
             reply: tuple[Any, ...] = ("result", fn(*args, **kwargs))
         except BaseException as exc:
@@ -150,9 +178,11 @@ class SlideWorker:
     native code prints to the child's stderr (None: discarded).
     """
 
-    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, log_path: Path | None = None) -> None:
+    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, log_path: Path | None = None,
+                 preload: tuple[str, ...] = PRELOAD) -> None:
         self.timeout = float(timeout)
         self.log_path = log_path
+        self.preload = tuple(preload)
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
 
@@ -162,25 +192,39 @@ class SlideWorker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def start(self) -> None:
+        """Start the child now (it imports ``preload`` at once) rather than at the first call."""
+        if self._proc is None or not self._proc.is_alive():
+            self._stop()
+            self._start()
+
+    def attach(self, log_path: Path | None) -> None:
+        """From now on, the child's native stderr goes to ``log_path`` and its log records are those this
+        process's ``wsi_screen`` logger takes now (a run log takes every level)."""
+        self.log_path = log_path
+        if self._conn is not None:
+            level = logging.getLogger("wsi_screen").getEffectiveLevel()
+            with contextlib.suppress(OSError, ValueError):
+                self._conn.send(("attach", str(log_path) if log_path else None, level))
+
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # zarr's event-loop thread and OpenSlide must not be forked
         parent, child = ctx.Pipe()
         level = logging.getLogger("wsi_screen").getEffectiveLevel()
         proc = ctx.Process(target=_child_main, name="wsi-screen-slide-reader", daemon=True,
-                           args=(child, level, progress.enabled(), str(self.log_path) if self.log_path else None))
+                           args=(child, level, progress.enabled(), self.preload))
         proc.start()
         child.close()
         self._proc, self._conn = proc, parent
+        self.attach(self.log_path)
 
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """``fn(*args, **kwargs)`` in the child; its exception is raised here. A dead or hung child raises
         :class:`SlideReaderCrashError` or :class:`SlideTimeoutError` (and is replaced for the next call)."""
-        if self._proc is None or not self._proc.is_alive():
-            self._stop()
-            self._start()
+        self.start()
         assert self._conn is not None and self._proc is not None
         try:
-            self._conn.send((fn, args, kwargs))
+            self._conn.send(("call", fn, args, kwargs))
         except (OSError, ValueError):
             return self._crashed()
         deadline = time.monotonic() + self.timeout
@@ -253,15 +297,37 @@ def direct(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
     return fn(*args, **kwargs)
 
 
+_early: SlideWorker | None = None
+
+
+def start_early(*modules: str) -> None:
+    """Start the slide reader now, so that its start-up (importing :data:`PRELOAD` and ``modules``) overlaps
+    this process's; the next :func:`slide_calls` uses it (see the module docstring). A no-op where slides are
+    read in this process."""
+    global _early
+    if _early is None and not in_process():
+        _early = SlideWorker(preload=PRELOAD + modules)
+        _early.start()
+        atexit.register(_early.close)  # a command that ends before reading a slide does not leave it behind
+
+
 @contextlib.contextmanager
 def slide_calls(timeout: float = DEFAULT_TIMEOUT, *, isolate: bool = True) -> Iterator[Caller]:
-    """A function ``call(fn, *args, **kwargs)`` that runs slide work in a :class:`SlideWorker` (its native
-    stderr to the active run log), or in this process when ``isolate`` is false (``--debug``: tracebacks
-    reach the terminal) or ``WSI_SCREEN_IN_PROCESS=1``."""
+    """A function ``call(fn, *args, **kwargs)`` that runs slide work in a :class:`SlideWorker` (the one
+    :func:`start_early` started, if any; its native stderr to the active run log), or in this process when
+    ``isolate`` is false (``--debug``: tracebacks reach the terminal) or ``WSI_SCREEN_IN_PROCESS=1``."""
+    global _early
+    worker, _early = _early, None
     if not isolate or in_process():
+        if worker is not None:
+            worker.close()
         yield direct
         return
     from wsi_screen import runlog
 
-    with SlideWorker(timeout=timeout, log_path=runlog.active_path()) as worker:
+    if worker is None:
+        worker = SlideWorker(timeout=timeout)
+    worker.timeout = float(timeout)
+    worker.attach(runlog.active_path())
+    with worker:
         yield worker.call
