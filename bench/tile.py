@@ -6,6 +6,8 @@
 Rows (same slide, same grid of patches: the coordinates of the store `wsi-screen tile` writes):
 
 * OpenSlide read_region loop, one thread (the baseline: ratio 1.0);
+* wsi-screen's own reader threads alone over the same patches (bench/_reader_floor.py: no thumbnail, mask or
+  store, start-up excluded): the floor under the whole `tile` process on this machine;
 * anchors, in the tiatoolbox environment (which has pyvips with the pyvips-binary wheel): a single-thread
   libvips ``Region.fetch`` loop, tiatoolbox's PointsPatchExtractor over the same patch centres, and the same
   plus tiatoolbox's Macenko, Reinhard and Vahadane normalisers (fitted on our bundled target; on the first
@@ -81,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             return [name, patches, m.seconds, rate, rate * mp_per_patch, m.peak_rss_mb, rate / base_rate]
 
         rows.append(row("OpenSlide read_region loop, 1 thread (baseline)", base))
+        floor = run_median([python(), str(Path(__file__).parent / "_reader_floor.py"), str(args.slide),
+                            str(coords_path), str(tile_l0), str(args.size), str(args.workers)], args.repeats,
+                           own_seconds=True)
+        rows.append(row(f"wsi-screen's {args.workers} reader threads alone (no mask, no store; the floor)", floor))
         tia = Path(args.tiatoolbox)
         tia_rows: dict[str, list[object]] = {}
         if tia.exists():
