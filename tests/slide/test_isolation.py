@@ -93,6 +93,13 @@ def test_hang_is_bounded_and_heartbeats_keep_slow_work_alive(tmp_path: Path) -> 
         assert worker.call(_sleep, 0.1) == "slept"
 
 
+def test_the_limit_counts_from_the_end_of_the_childs_imports_not_its_start() -> None:
+    # the tiler's imports take ~0.7 s here, longer than this limit: they must not count against the call
+    with isolation.SlideWorker(timeout=0.3) as worker:
+        assert worker.call(_sleep, 0.05) == "slept"
+        assert worker.call(_imported, "wsi_screen.tiling.pipeline") == [True]
+
+
 def test_child_output_reaches_the_log_not_the_terminal(tmp_path: Path, capfd: pytest.CaptureFixture[str],
                                                        caplog: pytest.LogCaptureFixture) -> None:
     log_path = tmp_path / LOG_NAME

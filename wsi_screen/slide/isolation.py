@@ -51,6 +51,8 @@ DEFAULT_TIMEOUT = 600.0
 _POLL = 0.2
 #: modules a new child imports before its first call: the tiler, which every slide call runs
 PRELOAD: tuple[str, ...] = ("wsi_screen.tiling.pipeline",)
+#: seconds a new child may take to start and import :data:`PRELOAD` before a call's own limit starts
+STARTUP_TIMEOUT = 120.0
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,7 @@ def _child_main(conn: Connection, level: int, bars: bool, preload: tuple[str, ..
     for module in preload:  # a failure here shows again, as the call's own error, when the call imports it
         with contextlib.suppress(Exception):
             importlib.import_module(module)
+    _channel.send(("ready", None))  # a call's time limit starts now, not during the imports
     while True:
         try:
             message = conn.recv()
@@ -174,8 +177,9 @@ def _child_main(conn: Connection, level: int, bars: bool, preload: tuple[str, ..
 class SlideWorker:
     """Runs slide calls in a child process (see the module docstring). Use as a context manager.
 
-    ``timeout`` is the most seconds a call may go without a :func:`heartbeat`; ``log_path`` receives what
-    native code prints to the child's stderr (None: discarded).
+    ``timeout`` is the most seconds a call may go without a :func:`heartbeat` (a new child first has up to
+    :data:`STARTUP_TIMEOUT` to start and import ``preload``); ``log_path`` receives what native code prints to the
+    child's stderr (None: discarded).
     """
 
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, log_path: Path | None = None,
@@ -185,6 +189,7 @@ class SlideWorker:
         self.preload = tuple(preload)
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        self._ready = False  # the child has started and imported ``preload``
 
     def __enter__(self) -> SlideWorker:
         return self
@@ -215,7 +220,7 @@ class SlideWorker:
                            args=(child, level, progress.enabled(), self.preload))
         proc.start()
         child.close()
-        self._proc, self._conn = proc, parent
+        self._proc, self._conn, self._ready = proc, parent, False
         self.attach(self.log_path)
 
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
@@ -227,14 +232,17 @@ class SlideWorker:
             self._conn.send(("call", fn, args, kwargs))
         except (OSError, ValueError):
             return self._crashed()
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.timeout + (0.0 if self._ready else STARTUP_TIMEOUT)
         while True:
             if self._conn.poll(_POLL):
                 try:
                     kind, value = self._conn.recv()
                 except (EOFError, OSError):
                     return self._crashed()
-                if kind == "beat":
+                if kind == "ready":
+                    self._ready = True
+                    deadline = time.monotonic() + self.timeout
+                elif kind == "beat":
                     deadline = time.monotonic() + self.timeout
                 elif kind == "log":
                     progress.replay([value])
