@@ -17,6 +17,7 @@ from wsi_screen.screening.aggregate import (
     SPATIAL_RULES,
     AggregateConfig,
     diagnose,
+    rule_label,
     slide_score,
     top_indices,
     top_k_count,
@@ -58,6 +59,13 @@ def test_invalid_probabilities(bad: list[float]) -> None:
     with pytest.raises(ConfigError) as err:
         slide_score(np.array(bad), "mean")
     assert "\n" not in str(err.value)
+
+
+def test_a_rule_is_named_with_the_k_that_changes_its_meaning() -> None:
+    # printed after a run and in the report: "topk" alone hid that a calibrated k = 1 makes it the max
+    assert AggregateConfig(rule="topk", k=1).label == "topk (k = 1)"
+    assert rule_label("topk", 0.05) == "topk (k = 0.05)"
+    assert AggregateConfig(rule="region", k=5).label == "region"
 
 
 def test_invalid_settings() -> None:

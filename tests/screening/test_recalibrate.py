@@ -87,7 +87,11 @@ def test_calibrate_writes_a_model_copy_that_infer_uses(run: Path, slides: tuple[
     res = run_cli("calibrate", run, "--labels", folder / "slides.csv", "-o", out)
     assert res.code == 0, res
     assert "chosen on 2 positive and 2 negative slides" in res.out
+    # four slides cannot establish 99 % specificity or choose a rule: said on the terminal and in the model
+    assert "only 2 negative slide(s): a specificity of 0.99 cannot be checked on fewer than 100" in res.err
+    assert "95 % lower bound of 0.34" in res.err and "only 2 positive slide(s)" in res.err
     doc = json.loads((out / "slide_rule.json").read_text())
+    assert len(doc["warnings"]) == 3 and "negative slide(s)" in doc["warnings"][0]
     assert doc["calibrated_on"]["n_slides"] == 4 and doc["calibrated_on"]["run"] == str(run.resolve())
     assert doc["rule"] in ("mean", "max", "topk", "fraction", "smoothmax", "region")
     assert (out / "model.safetensors").read_bytes() == (Path(doc["calibrated_on"]["source_model"]) /

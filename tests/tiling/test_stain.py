@@ -66,6 +66,15 @@ def _normalizer(method: str) -> stain.Normalizer:
     return stain.Normalizer(stain.fit(half, method), stain.target_params(method)[0])
 
 
+def test_a_stain_target_without_a_method_is_refused(tmp_path: Path) -> None:
+    """`--stain-target` alone used to tile unnormalised patches without a word."""
+    from tests.conftest import run_cli
+
+    res = run_cli("tile", str(REPO / "examples"), "-o", str(tmp_path / "out"), "--stain-target", str(TARGET_PNG))
+    assert res.code == 2 and "only used with --stain macenko, reinhard or vahadane" in res.err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
 # --- fitting --------------------------------------------------------------------------------------------
 def test_every_method_is_offered_and_documented() -> None:
     """The methods the library implements are the choices of `tile --stain`, each documented in stain.md."""

@@ -132,7 +132,7 @@ def _print_table(summary: RunSummary) -> None:
                    f"{focus:>8}  {foci:>4}  {_domain_cell(r.extra)}")
     agg = summary.aggregate
     unit = " mm^2" if agg.rule == "region" else ""
-    click.echo(f"\nslide call: {agg.rule} score >= {agg.slide_threshold:.3g}{unit} -> positive; metastasis by "
+    click.echo(f"\nslide call: {agg.label} score >= {agg.slide_threshold:.3g}{unit} -> positive; metastasis by "
                "the largest focus (itc < 0.2 mm <= micro <= 2 mm < macro, measured on the ~93 um patch grid)")
     if summary.metrics and summary.metrics.get("auc") is not None:
         m = summary.metrics

@@ -30,7 +30,7 @@ from wsi_screen.commands._options import (
               show_default=True,
               help="Stain normalisation, fitted on each slide's own tissue and mapped to the target.")
 @click.option("--stain-target", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Image whose stain is the target (default: the bundled H&E target, see docs/stain.md).")
+              help="Image whose stain is the target of --stain (default: the bundled H&E target, see docs/stain.md).")
 @slide_mpp_options
 @click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
               help="Reader threads per slide (0 or 1: one).")
@@ -70,6 +70,9 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
       wsi-screen tile /shared/slides -o /shared/stores --dask tcp://10.0.0.5:8786
     """
     configure_output()
+    if stain_target is not None and stain == "none":
+        raise click.BadParameter("a stain target is only used with --stain macenko, reinhard or vahadane; add one "
+                                 "(or drop --stain-target)", param_hint="--stain-target")
     ctx = click.get_current_context()
     if dask is None and not ctx.obj.get("debug"):
         from wsi_screen.slide import isolation

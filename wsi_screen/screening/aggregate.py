@@ -85,6 +85,11 @@ class AggregateConfig:
             raise ConfigError(f"min_focus_patches must be a count >= 1, got {self.min_focus_patches!r}")
 
     @property
+    def label(self) -> str:
+        """The rule as people read it (see :func:`rule_label`)."""
+        return rule_label(self.rule, self.k)
+
+    @property
     def unit(self) -> str:
         """What the slide score measures."""
         return "mm^2" if self.rule == "region" else "probability"
@@ -113,6 +118,11 @@ class SlideResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def rule_label(rule: str | None, k: int | float | None = None) -> str:
+    """A rule's name with the setting that changes its meaning: ``topk (k = 5)``; the others by name."""
+    return f"{rule} (k = {k:g})" if rule == "topk" and k is not None else str(rule)
 
 
 def _check_rule(rule: str) -> None:

@@ -9,6 +9,8 @@ slide.json), the slide labels, chooses the rule and threshold exactly as the bun
 from __future__ import annotations
 
 import json
+import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +18,33 @@ from typing import Any
 
 from wsi_screen._safe_write import atomic_write_text, fsync_tree, swap_in, write_failed
 from wsi_screen.errors import ConfigError, RunError
+from wsi_screen.metrics import wilson
 from wsi_screen.models import PatchClassifier, load_model
 from wsi_screen.screening import calibration, runfolder
 from wsi_screen.screening.aggregate import AggregateConfig
 from wsi_screen.screening.outputs import read_labels, slide_grid
 from wsi_screen.screening.run import SLIDE_RULE_JSON
+
+log = logging.getLogger(__name__)
+
+#: fewer positive slides than this and the rule's choice (by sensitivity) is mostly chance
+ADVISED_POSITIVES = 20
+
+
+def small_set_warnings(n_positive: int, n_negative: int, min_specificity: float) -> list[str]:
+    """What a calibration on this few slides cannot establish (empty when the set is large enough)."""
+    # below 1 / (1 - specificity) negatives not one false positive is allowed, whatever the target (at 1: any n)
+    needed = math.ceil(1.0 / (1.0 - min_specificity) - 1e-9) if min_specificity < 1 else 0
+    found = []
+    if n_negative < needed:
+        low = wilson(n_negative, n_negative)[0]
+        found.append(f"only {n_negative} negative slide(s): a specificity of {min_specificity:g} cannot be checked on "
+                     f"fewer than {needed} (the threshold just clears the highest-scoring negative; {n_negative} of "
+                     f"{n_negative} correct has a 95 % lower bound of {low:.2f})")
+    if n_positive < ADVISED_POSITIVES:
+        found.append(f"only {n_positive} positive slide(s): the rule is chosen by its sensitivity on them, which "
+                     f"takes at least {ADVISED_POSITIVES} to mean much")
+    return found
 
 
 @dataclass(frozen=True)
@@ -73,6 +97,11 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
     config, doc = calibration.calibrate(slides, patch_threshold=patch_threshold, min_specificity=min_specificity)
     doc["calibrated_on"] = {"run": str(run.resolve()), "labels": str(Path(labels).resolve()),
                             "n_slides": len(slides), "n_positive": n_pos, "source_model": str(source.resolve())}
+    warnings = small_set_warnings(n_pos, len(slides) - n_pos, min_specificity)
+    if warnings:
+        doc["warnings"] = [*warnings, "check the calibrated model on other labelled slides before screening with it"]
+        for text in doc["warnings"]:
+            log.warning("calibration: %s", text)
     dest = Path(out)
     if dest.exists():
         if not overwrite:

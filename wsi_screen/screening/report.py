@@ -19,6 +19,7 @@ from wsi_screen import __version__
 from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import WsiScreenError
 from wsi_screen.screening import runfolder
+from wsi_screen.screening.aggregate import rule_label
 from wsi_screen.screening.runview import RunView, open_run, patch_png, top_patches
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,6 @@ _CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-sr
 def _num(value: Any) -> Any:
     """A threshold as people read it (3 decimals); anything else unchanged."""
     return f"{value:.3f}" if isinstance(value, float) else value
-
-
-def _k_note(agg: dict[str, Any]) -> str:
-    return f" (k = {agg['k']})" if agg.get("rule") == "topk" and agg.get("k") is not None else ""
 
 
 def _html(value: Any) -> str:
@@ -187,7 +184,7 @@ def render_report(run: str | Path) -> str:
         f'<p class="muted">{len(view.results)} slides &middot; model {_html(model.get("arch"))} '
         f'({_html(model.get("positive_class"))} vs rest, {_html(model.get("mpp"))} um/px, '
         f'{_html(model.get("input_size"))} px) '
-        f'&middot; slide call: {_html(agg.get("rule"))}{_html(_k_note(agg))} score &ge; '
+        f'&middot; slide call: {_html(rule_label(agg.get("rule"), agg.get("k")))} score &ge; '
         f'{_html(_num(agg.get("slide_threshold")))}'
         f'{_region_unit(agg)} '
         f'&middot; patch threshold {_html(_num(agg.get("patch_threshold")))}</p>',

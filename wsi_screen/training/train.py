@@ -674,7 +674,8 @@ def for_data(config: TrainConfig, data: PreparedData) -> TrainConfig:
         pool_labels = np.concatenate([data.train.targets.numpy(), data.valid_targets])
         config = replace(config, folds=auto_folds(n_pool, pool_labels))
     log.info("recipe %s; %s", config.recipe,
-             f"{config.folds}-fold cross-validation over {n_pool} images" if config.folds > 1 else
+             f"{config.folds}-fold cross-validation over all {n_pool} train and valid images (in place of the "
+             "split above)" if config.folds > 1 else
              "one validation split")
     return config
 
