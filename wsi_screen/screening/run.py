@@ -189,8 +189,8 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     if not sources:  # nothing to screen: say why, and leave no run folder behind
         raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
                        if problems else "no slides to screen")
+    tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
     aggregate = resolve_aggregate(model_dir, classifier, config)
-    tile_cfg = tile_config_for(classifier, config)
     if config.stores is None:  # the run's own stores: follow the settings
         tile_cfg = replace(tile_cfg, retile_mismatched=True)
     else:
