@@ -172,3 +172,17 @@ def test_bad_labels_file(tmp_path: Path, example_slide: Path) -> None:
     res = run_cli("infer", example_slide, "-o", tmp_path / "run", "--labels", bad, "--quiet")
     errors = [line for line in res.err_lines if line.startswith("wsi-screen: error:")]
     assert res.code == 1 and len(errors) == 1 and "'slide' and 'label'" in errors[0]
+
+
+def test_labels_that_name_no_slide_leave_a_whole_run_and_say_so(tmp_path: Path, example_slide: Path,
+                                                                 demo_run: Path) -> None:
+    """A typo in every row of --labels used to end the run with an internal error before results.csv."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\nCMU-1-Small-Regoin,tumour\nother.svs,normal\n")
+    run = tmp_path / "run"
+    res = run_cli("infer", example_slide, "-o", run, "--stores", demo_run / "stores", "--labels", labels, "--quiet")
+    assert res.code == 0, res
+    assert "--labels: 2 row(s) name no slide of this run: CMU-1-Small-Regoin, other.svs" in res.err
+    assert "no labelled slide was scored in this run" in res.err
+    assert read_results(run)[example_slide.stem]["status"] == "ok"
+    assert (run / "run.json").exists() and (run / "report.html").exists() and not (run / "slide_metrics.json").exists()

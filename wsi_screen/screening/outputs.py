@@ -305,10 +305,16 @@ def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
 
 
 def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
-                  aggregate: AggregateConfig) -> dict[str, Any]:
+                  aggregate: AggregateConfig) -> dict[str, Any] | None:
     """AUC, sensitivity and specificity at the slide threshold over labelled, scored slides (+ ROC plot),
-    from the same code as the patch metrics (:func:`wsi_screen.metrics.binary_view`)."""
+    from the same code as the patch metrics (:func:`wsi_screen.metrics.binary_view`); None (and a warning) when
+    no labelled slide was scored."""
     scored = [r for r in rows if r.label and r.result is not None and r.result.score is not None]
+    if not scored:
+        log.warning("--labels: no labelled slide was scored in this run, so there are no slide metrics (the labels' "
+                    "slide column must hold the slide names of results.csv)")
+        (run / runfolder.SLIDE_METRICS_JSON).unlink(missing_ok=True)  # an earlier run's would look current
+        return None
     y = np.array([r.label == "positive" for r in scored], dtype=bool)
     s = np.array([r.result.score for r in scored if r.result is not None], dtype=np.float64)
     view = binary_view(y, s >= aggregate.slide_threshold, s)

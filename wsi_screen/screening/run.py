@@ -46,6 +46,7 @@ from wsi_screen.screening.outputs import (
 )
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover
+from wsi_screen.slide.slide import slide_name
 from wsi_screen.tiling.grid import TileSpec
 from wsi_screen.tiling.pipeline import TileConfig, failure_message, tile_isolated
 from wsi_screen.tiling.store import PatchStore
@@ -238,6 +239,8 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
             seconds = row.extra.setdefault("seconds", {})
             seconds["outputs"] = round(seconds.get("outputs", 0.0) + time.perf_counter() - before, 3)
         row.label = labels.get(row.name, "")
+    if labels:
+        warn_unmatched_labels(labels, rows)
     metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
     write_results(run, rows, aggregate, model_id)
     stages = {"start_up": process_age(t0), "slides": screened - t0, "run_outputs": time.perf_counter() - screened}
@@ -247,6 +250,16 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
 
     write_report(run)
     return RunSummary(run, rows, aggregate, metrics)
+
+
+def warn_unmatched_labels(labels: dict[str, str], rows: Sequence[SlideRow]) -> None:
+    """One warning naming the --labels rows that name no slide of this run (a typo, or another run's slides)."""
+    names = {r.name for r in rows}
+    unmatched = sorted(k for k in labels if k not in names and slide_name(Path(k)) not in names)
+    unmatched = [k for k in unmatched if not any(other != k and slide_name(Path(other)) == k for other in unmatched)]
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+        log.warning("--labels: %d row(s) name no slide of this run: %s", len(unmatched), shown)
 
 
 def process_age(now: float) -> float | None:
