@@ -24,7 +24,6 @@ on with its own imports (on another core), and the next :func:`slide_calls` uses
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import importlib
@@ -315,8 +314,7 @@ def start_early(*modules: str) -> None:
     global _early
     if _early is None and not in_process():
         _early = SlideWorker(preload=PRELOAD + modules)
-        _early.start()
-        atexit.register(_early.close)  # a command that ends before reading a slide does not leave it behind
+        _early.start()  # one never used dies with this process (a daemon, and PR_SET_PDEATHSIG)
 
 
 @contextlib.contextmanager
