@@ -116,6 +116,19 @@ def test_no_tissue_gives_empty_complete_store(tmp_path: Path) -> None:
     assert store.attrs["complete"] is True
 
 
+def test_a_slide_smaller_than_one_patch_fails_not_no_tissue(tmp_path: Path) -> None:
+    """All tissue, but 200 x 150 px against a 224-px patch: it used to pass as a store with 'no tissue'."""
+    tiny = write_tiled_tiff(tmp_path / "tiny.tif", block_image((200, 150), [(0, 0, 200, 150)]), mpp=0.5,
+                            pyramid=False)
+    fine = write_tiled_tiff(tmp_path / "fine.tif", block_image((1024, 768), [(100, 100, 900, 700)]), mpp=0.5)
+    res = run_cli("tile", tiny, fine, "-o", tmp_path / "out")
+    assert res.code == 1
+    errors = [line for line in res.err_lines if "error" in line]
+    assert len(errors) == 1 and "tiny.tif: the slide is 200 x 150 px, smaller than one patch (224" in errors[0]
+    assert not any("no tissue" in line for line in res.err_lines)
+    assert len(PatchStore.open(tmp_path / "out" / "fine.zarr")) > 0  # the other slide is tiled
+
+
 def test_cmu_containers_same_grid(tmp_path: Path, slides_dir: Path) -> None:
     names = ["CMU-1-Small-Region.svs", "CMU-1-Small-Region.pyramid.tif", "CMU-1-Small-Region dicom"]
     res = run_cli("tile", *[slides_dir / n for n in names], "-o", tmp_path, "--quiet")

@@ -27,6 +27,7 @@ import numpy as np
 from wsi_screen import __version__, memory, progress, runlog
 from wsi_screen.errors import (
     ConfigError,
+    ResolutionError,
     SlideReaderCrashError,
     SlideTimeoutError,
     StainFitError,
@@ -231,6 +232,10 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
                      source.name, "; ".join(diff))
 
         tile_l0 = tile_size_l0(spec.mpp, spec.size_px, slide.mpp, name=str(source.path), finer_hint=config.finer_hint)
+        if min(slide.dimensions) < tile_l0:  # not "no tissue": there is no room for one patch, whatever it shows
+            raise ResolutionError(f"{source.path}: the slide is {slide.dimensions[0]} x {slide.dimensions[1]} px, "
+                                  f"smaller than one patch ({tile_l0} level-0 px for {spec.size_px} px at "
+                                  f"{spec.mpp:g} um/px): nothing can be tiled from it")
         stride = stride_l0(tile_l0, spec.size_px, spec.overlap_px)
         t_open = time.perf_counter()
         thumb = slide.thumbnail(thumb_mpp, workers=config.workers)
