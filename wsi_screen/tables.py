@@ -12,7 +12,7 @@ def read_table(path: Path, columns: Sequence[str], option: str) -> list[dict[str
     from wsi_screen.errors import ConfigError
 
     try:
-        with Path(path).open(encoding="utf-8", newline="") as fh:
+        with Path(path).open(encoding="utf-8-sig", newline="") as fh:  # Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(fh)
             if not reader.fieldnames or not set(columns) <= set(reader.fieldnames):
                 wanted = " and ".join(repr(c) for c in columns)
@@ -22,3 +22,17 @@ def read_table(path: Path, columns: Sequence[str], option: str) -> list[dict[str
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason})") from exc
+
+
+def first_rows(keys: Sequence[tuple[int, str, object]], path: Path, what: str) -> dict[str, tuple[int, object]]:
+    """``{key: (line, value)}`` of ``(line, key, value)`` rows; a key given twice with different values is an error
+    naming both lines (the same value twice is harmless)."""
+    from wsi_screen.errors import ConfigError
+
+    seen: dict[str, tuple[int, object]] = {}
+    for line, key, value in keys:
+        if key in seen and seen[key][1] != value:
+            raise ConfigError(f"{path}:{line}: {key!r} is given {what} {value!r} here and {seen[key][1]!r} on line "
+                              f"{seen[key][0]}; keep one")
+        seen.setdefault(key, (line, value))
+    return seen

@@ -63,6 +63,30 @@ def test_slide_mpp_csv_sets_named_slides_even_over_the_file(slides: Path, tmp_pa
     assert res.code == 1 and "needs columns 'slide' and 'mpp'" in res.err
 
 
+def test_resolution_tables_and_values_are_checked_before_they_can_mislead(slides: Path, tmp_path: Path) -> None:
+    # a typo in a row: the slide keeps its own resolution, so the user is told the row named nothing
+    typo = tmp_path / "typo.csv"
+    typo.write_bytes("\ufeffslide,mpp\nCMU-1-Small-Regoin,0.25\nTCGA-CR-7395-01A-01-TS1,0.5\n".encode())  # Excel's BOM
+    res = run_cli("tile", slides, "-o", tmp_path / "stores", "--mpp", "2.0", "--size", "64", "--slide-mpp-csv",
+                  typo, "--quiet")
+    assert res.code == 0, res
+    warnings = [line for line in res.err_lines if line.startswith(WARNING)]
+    assert warnings == [WARNING + "--slide-mpp-csv: 1 row(s) name no slide of this run (by name, file name or path): "
+                        "CMU-1-Small-Regoin"]
+    # two rows for one slide that disagree: which one was meant is not ours to guess
+    twice = tmp_path / "twice.csv"
+    twice.write_text("slide,mpp\nTCGA-CR-7395-01A-01-TS1,0.5\nTCGA-CR-7395-01A-01-TS1,0.25\n")
+    res = run_cli("tile", slides, "-o", tmp_path / "s2", "--slide-mpp-csv", twice)
+    assert res.code == 1 and "twice.csv:3: 'TCGA-CR-7395-01A-01-TS1' is given mpp 0.25 here and 0.5 on line 2" in res.err
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\nCMU-1-Small-Region,tumour\nCMU-1-Small-Region,normal\n")
+    res = run_cli("infer", slides, "-o", tmp_path / "run", "--labels", labels)
+    assert res.code == 1 and "labels.csv:3: 'CMU-1-Small-Region' is given the label 'negative' here" in res.err
+    # an impossible --slide-mpp is refused even when every slide declares its own
+    res = run_cli("tile", slides / "CMU-1-Small-Region.svs", "-o", tmp_path / "s3", "--slide-mpp", "0")
+    assert res.code == 2 and "0 is outside the plausible range 0.05-100 um/px" in res.err
+
+
 # --- reruns follow settings -----------------------------------------------------------------------------
 def test_reruns_follow_every_input(example_slide: Path, tmp_path: Path) -> None:
     slides = tmp_path / "slides"

@@ -461,8 +461,9 @@ def test_unreadable_targets_name_the_file(tmp_path: Path) -> None:
         stain.target_params("macenko", missing)
     garbage = tmp_path / "garbage.png"
     garbage.write_text("not an image")
-    with pytest.raises(ConfigError, match=r"garbage\.png.*not a readable"):
+    with pytest.raises(ConfigError, match=r"garbage\.png.*not a readable") as raised:
         stain.target_params("macenko", garbage)
+    assert "BytesIO" not in str(raised.value)  # PIL's message names its in-memory buffer, not the file
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((64, 64, 3), 250, np.uint8)).save(blank)
     with pytest.raises(ConfigError, match=r"blank\.png.*too little stained tissue"):

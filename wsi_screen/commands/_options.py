@@ -53,8 +53,18 @@ def slide_mpp_options(func: F) -> F:
     func = click.option("--slide-mpp-csv", type=click.Path(exists=True, dir_okay=False), default=None,
                         help="CSV with columns slide,mpp: sets the level-0 um/px of the slides it names, even "
                              "over a value the file declares (a warning names both when they differ by > 5 %).")(func)
-    return click.option("--slide-mpp", type=float, default=None,
+    return click.option("--slide-mpp", type=float, default=None, callback=_plausible_mpp,
                         help="Level-0 um/px for slides that do not declare it (a declared value wins).")(func)
+
+
+def _plausible_mpp(_ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Refuse an impossible ``--slide-mpp`` up front, even when every slide declares its own."""
+    from wsi_screen.slide.slide import PLAUSIBLE_MPP
+
+    if value is not None and not PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1]:
+        raise click.BadParameter(f"{value:g} is outside the plausible range {PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} "
+                                 "um/px", param=param)
+    return value
 
 
 def slide_mpp_table(path: str | None) -> tuple[tuple[str, float], ...]:

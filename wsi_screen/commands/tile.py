@@ -84,6 +84,7 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     from wsi_screen.distributed import maybe_connect, parse_address
     from wsi_screen.runlog import run_log
     from wsi_screen.slide.discovery import discover
+    from wsi_screen.slide.slide import warn_unmatched_mpp
     from wsi_screen.tiling.grid import TileSpec
     from wsi_screen.tiling.pipeline import TileConfig, output_location, tile_slides
     from wsi_screen.tiling.store import is_url
@@ -104,6 +105,7 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
         sources, problems = discover(slides)
         for problem in problems:
             log.error("%s: %s", problem.path, problem.reason)
+        warn_unmatched_mpp(dict(config.slide_mpps), sources)
         with maybe_connect(target if sources else None) as runner:
             results = tile_slides(sources, out, config, debug=bool(ctx.obj.get("debug")), dask=runner)
 

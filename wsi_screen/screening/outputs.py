@@ -37,7 +37,7 @@ from wsi_screen.screening.aggregate import (
 from wsi_screen.screening.runfolder import SlideFolder, SlideScores
 from wsi_screen.screening.spatial import PatchGrid, patch_grid
 from wsi_screen.slide.slide import slide_name
-from wsi_screen.tables import read_table
+from wsi_screen.tables import first_rows, read_table
 from wsi_screen.tiling.pipeline import TileConfig
 from wsi_screen.tiling.store import PatchStore
 
@@ -288,7 +288,7 @@ def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
     spec = classifier.spec
     positive = {str(spec.positive_class).lower()} | LABEL_POSITIVE
     negative = {c.lower() for c in spec.classes if c != spec.positive_class} | LABEL_NEGATIVE
-    out: dict[str, str] = {}
+    found: list[tuple[int, str, object]] = []
     for i, row in enumerate(rows, start=2):
         value = (row.get("label") or "").strip().lower()
         raw = (row.get("slide") or "").strip()
@@ -299,7 +299,9 @@ def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
         else:
             raise ConfigError(f"{path}:{i}: label {row.get('label')!r} is neither the positive class "
                               f"{spec.positive_class!r} nor a negative one ({', '.join(sorted(negative))})")
-        out[raw] = truth
+        found.append((i, raw, truth))
+    out = {raw: str(truth) for raw, (_, truth) in first_rows(found, path, "the label").items()}
+    for raw, truth in list(out.items()):
         out.setdefault(slide_name(Path(raw)), truth)  # "a.svs" labels slide "a"
     return out
 

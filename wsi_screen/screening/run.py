@@ -46,7 +46,7 @@ from wsi_screen.screening.outputs import (
 )
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover
-from wsi_screen.slide.slide import slide_name
+from wsi_screen.slide.slide import slide_name, warn_unmatched_mpp
 from wsi_screen.tiling.grid import TileSpec
 from wsi_screen.tiling.pipeline import TileConfig, failure_message, tile_isolated
 from wsi_screen.tiling.store import PatchStore
@@ -191,6 +191,7 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
         raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
                        if problems else "no slides to screen")
     tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
+    warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
     aggregate = resolve_aggregate(model_dir, classifier, config)
     if config.stores is None:  # the run's own stores: follow the settings
         tile_cfg = replace(tile_cfg, retile_mismatched=True)

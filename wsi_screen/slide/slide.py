@@ -23,6 +23,7 @@ import hashlib
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -402,11 +403,11 @@ def resize(img: np.ndarray, size: tuple[int, int],
 
 def read_mpp_table(path: str | os.PathLike[str]) -> dict[str, float]:
     """``--slide-mpp-csv``: a CSV with columns ``slide`` (a slide's name, file name or path) and ``mpp``."""
-    from wsi_screen.tables import read_table
+    from wsi_screen.tables import first_rows, read_table
 
     p = Path(path)
     rows = read_table(p, ("slide", "mpp"), "--slide-mpp-csv")
-    out: dict[str, float] = {}
+    found: list[tuple[int, str, object]] = []
     for i, row in enumerate(rows, start=2):
         key = (row.get("slide") or "").strip()
         try:
@@ -415,8 +416,22 @@ def read_mpp_table(path: str | os.PathLike[str]) -> dict[str, float]:
             raise ConfigError(f"{p}:{i}: mpp {row.get('mpp')!r} is not a number") from None
         if not key or not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{p}:{i}: needs a slide name and a positive mpp")
-        out[key] = value
-    return out
+        found.append((i, key, value))
+    return {key: float(value) for key, (_, value) in first_rows(found, p, "mpp").items()}  # type: ignore[arg-type]
+
+
+def warn_unmatched_mpp(table: dict[str, float], sources: Sequence[Any]) -> list[str]:
+    """Warn (one line) about the ``--slide-mpp-csv`` rows that name none of ``sources`` (objects with ``path``
+    and ``name``): a typo there would otherwise leave a slide at a resolution the user meant to replace."""
+    named = set()
+    for s in sources:
+        named |= {s.name, s.path.name, str(s.path), slide_name(s.path)}
+    unmatched = sorted(k for k in table if k not in named)
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+        log.warning("--slide-mpp-csv: %d row(s) name no slide of this run (by name, file name or path): %s",
+                    len(unmatched), shown)
+    return unmatched
 
 
 def mpp_for(table: dict[str, float] | None, path: Path, name: str) -> float | None:

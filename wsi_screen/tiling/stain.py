@@ -648,7 +648,9 @@ def _fit_target(method: str, data: bytes, label: str) -> StainParams:
                 rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
     except ConfigError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # its message names an in-memory buffer, not the file
+        raise ConfigError(f"{label}: not a readable PNG, JPEG or TIFF image") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ConfigError(f"{label}: not a readable PNG, JPEG or TIFF image ({exc})") from None
     try:
         return fit(rgb, method)
