@@ -77,7 +77,8 @@ def test_resolution_tables_and_values_are_checked_before_they_can_mislead(slides
     twice = tmp_path / "twice.csv"
     twice.write_text("slide,mpp\nTCGA-CR-7395-01A-01-TS1,0.5\nTCGA-CR-7395-01A-01-TS1,0.25\n")
     res = run_cli("tile", slides, "-o", tmp_path / "s2", "--slide-mpp-csv", twice)
-    assert res.code == 1 and "twice.csv:3: 'TCGA-CR-7395-01A-01-TS1' is given mpp 0.25 here and 0.5 on line 2" in res.err
+    assert res.code == 1
+    assert "twice.csv:3: 'TCGA-CR-7395-01A-01-TS1' is given mpp 0.25 here and 0.5 on line 2" in res.err
     labels = tmp_path / "labels.csv"
     labels.write_text("slide,label\nCMU-1-Small-Region,tumour\nCMU-1-Small-Region,normal\n")
     res = run_cli("infer", slides, "-o", tmp_path / "run", "--labels", labels)

@@ -186,3 +186,19 @@ def test_labels_that_name_no_slide_leave_a_whole_run_and_say_so(tmp_path: Path, 
     assert "no labelled slide was scored in this run" in res.err
     assert read_results(run)[example_slide.stem]["status"] == "ok"
     assert (run / "run.json").exists() and (run / "report.html").exists() and not (run / "slide_metrics.json").exists()
+
+
+def test_a_rerun_on_fewer_slides_names_the_earlier_slide_folders(tmp_path: Path, example_slide: Path,
+                                                                 demo_run: Path) -> None:
+    """results.csv lists this run's slides; earlier slides' folders stay, and the user is told which."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("stores"))
+    shutil.copytree(run / example_slide.stem, run / "an earlier slide")  # a slide screened before, not now
+    res = run_cli("infer", example_slide, "-o", run, "--stores", demo_run / "stores", "--quiet")
+    assert res.code == 0, res
+    assert list(read_results(run)) == [example_slide.stem]
+    assert (run / "an earlier slide" / "slide.json").exists()  # kept
+    assert any("1 slide folder(s) of an earlier run are not in this run's results.csv (kept as they are): "
+               "an earlier slide" in line for line in res.err_lines)

@@ -244,6 +244,7 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
         warn_unmatched_labels(labels, rows)
     metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
     write_results(run, rows, aggregate, model_id)
+    warn_earlier_slides(run, rows)
     stages = {"start_up": process_age(t0), "slides": screened - t0, "run_outputs": time.perf_counter() - screened}
     write_run_json(run, rows, aggregate, model_id, tile_cfg, config, argv, started, time.perf_counter() - t0,
                    stages)
@@ -261,6 +262,16 @@ def warn_unmatched_labels(labels: dict[str, str], rows: Sequence[SlideRow]) -> N
     if unmatched:
         shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
         log.warning("--labels: %d row(s) name no slide of this run: %s", len(unmatched), shown)
+
+
+def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
+    """One warning naming the slide folders an earlier run left in ``run`` that this run's results.csv does not
+    list (a rerun on fewer slides, or a slide renamed by a clash): they are kept, but no longer in the table."""
+    earlier = sorted(set(runfolder.slide_folders(run)) - {r.name for r in rows})
+    if earlier:
+        shown = ", ".join(earlier[:5]) + (f" and {len(earlier) - 5} more" if len(earlier) > 5 else "")
+        log.warning("%s: %d slide folder(s) of an earlier run are not in this run's %s (kept as they are): %s",
+                    run, len(earlier), runfolder.RESULTS_CSV, shown)
 
 
 def process_age(now: float) -> float | None:

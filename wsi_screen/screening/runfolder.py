@@ -210,6 +210,14 @@ def slide_dir(run: Path, name: str) -> Path:
     return Path(run) / name
 
 
+def slide_folders(run: Path) -> list[str]:
+    """Names of the finished slide folders in ``run`` (those holding a ``slide.json``)."""
+    try:
+        return sorted(p.parent.name for p in Path(run).glob(f"*/{SLIDE_JSON}") if not p.parent.name.startswith("."))
+    except OSError:
+        return []
+
+
 def read_slide(run: Path, name: str) -> dict[str, Any]:
     """A finished slide's ``slide.json``."""
     return read_json(slide_dir(run, name) / SLIDE_JSON)
