@@ -146,6 +146,22 @@ def test_plain_tiff_needs_slide_mpp(tmp_path: Path) -> None:
     assert patch[:, :40].mean() < 230 < patch[:, 60:].mean()  # tissue left of x=300, glass right
 
 
+def test_tifffile_reads_the_resolution_a_tiff_declares(tmp_path: Path, slides_dir: Path) -> None:
+    """The tifffile reader used to say "does not declare its resolution" of files that do."""
+    with Slide(slides_dir / "CMU-1-Small-Region.svs", reader="tifffile") as s:  # Aperio's "MPP = 0.4990"
+        assert (s.reader_name, s.mpp, s.mpp_source) == ("tifffile", pytest.approx(0.499), "slide")
+    img = block_image((600, 400), [(0, 0, 300, 400)])
+    cm = tmp_path / "cm.tif"  # a strip TIFF (OpenSlide does not open it) at 20,000 px/cm = 0.5 um/px
+    tifffile.imwrite(cm, img, photometric="rgb", rowsperstrip=64, resolution=(20000, 20000),
+                     resolutionunit="CENTIMETER")
+    with Slide(cm) as s:
+        assert (s.mpp, s.mpp_source) == (0.5, "slide")
+    inch = tmp_path / "inch.tif"  # 300 dpi is a printer's figure, not a scan's: as OpenSlide, not trusted
+    tifffile.imwrite(inch, img, photometric="rgb", rowsperstrip=64, resolution=(300, 300), resolutionunit="INCH")
+    with pytest.raises(MissingMppError, match="does not declare its resolution"):
+        Slide(inch)
+
+
 def test_thumbnail_blocks_match_whole_resize(slides_dir: Path) -> None:
     with Slide(slides_dir / "CMU-1-Small-Region.svs") as s:
         small = s.thumbnail(2.0)

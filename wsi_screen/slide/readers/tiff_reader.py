@@ -1,7 +1,8 @@
 """tifffile-backed reader that decodes the file's own tiles or strips directly (pread + imagecodecs).
 
 Used for files OpenSlide does not read as a pyramid: OME-TIFF exports (QuPath, bfconvert), whose
-sub-resolutions OpenSlide cannot see, and plain RGB TIFFs (accepted only when the user states the mpp).
+sub-resolutions OpenSlide cannot see, and plain RGB TIFFs. Their resolution: OME's PhysicalSize, Aperio's
+``MPP =``, or X/YResolution in pixels per centimetre (OpenSlide's rules); else the user must state it.
 Tile decoding releases the GIL and each read uses ``os.pread`` on its own descriptor, so several threads
 can read from one reader at once.
 """
@@ -205,6 +206,35 @@ def ome_mpp(tif: tifffile.TiffFile) -> tuple[float, float] | None:
     return None
 
 
+def aperio_mpp(page: tifffile.TiffPage) -> tuple[float, float] | None:
+    """``MPP = x`` of an Aperio (SVS) ImageDescription, as OpenSlide reads it, or None."""
+    description = page.description or ""
+    if not description.startswith("Aperio"):
+        return None
+    found = re.search(r"\|\s*MPP\s*=\s*([^|\s]+)", description)
+    try:
+        value = float(found.group(1)) if found else math.nan
+    except ValueError:
+        return None
+    return (value, value) if math.isfinite(value) else None
+
+
+def centimetre_mpp(page: tifffile.TiffPage) -> tuple[float, float] | None:
+    """X/YResolution in pixels per centimetre as microns per pixel (OpenSlide's rule for generic TIFFs: inch
+    resolutions are usually a screen's 72 or 300 dpi, not a scan's), or None."""
+    tags = page.tags
+    unit = tags.get("ResolutionUnit")
+    if unit is None or int(unit.value) != 3:  # RESUNIT.CENTIMETER
+        return None
+    try:
+        per_cm = [float(n) / float(d) for n, d in (tags["XResolution"].value, tags["YResolution"].value)]
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not all(math.isfinite(v) and v > 0 for v in per_cm):
+        return None
+    return 1e4 / per_cm[0], 1e4 / per_cm[1]
+
+
 class TiffReader:
     """Direct tile/strip decoder for series 0 of a TIFF and its pyramid levels."""
 
@@ -248,7 +278,9 @@ class TiffReader:
     def mpp(self) -> tuple[float, float] | None:
         if self._declared_mpp is not None:
             return self._declared_mpp
-        return ome_mpp(self._tif) if self._tif.is_ome else None
+        if self._tif.is_ome:
+            return ome_mpp(self._tif)
+        return aperio_mpp(self._pages[0]) or centimetre_mpp(self._pages[0])
 
     def properties(self) -> dict[str, str]:
         page = self._pages[0]
