@@ -174,31 +174,25 @@ def test_bad_labels_file(tmp_path: Path, example_slide: Path) -> None:
     assert res.code == 1 and len(errors) == 1 and "'slide' and 'label'" in errors[0]
 
 
-def test_labels_that_name_no_slide_leave_a_whole_run_and_say_so(tmp_path: Path, example_slide: Path,
-                                                                 demo_run: Path) -> None:
-    """A typo in every row of --labels used to end the run with an internal error before results.csv."""
-    labels = tmp_path / "labels.csv"
-    labels.write_text("slide,label\nCMU-1-Small-Regoin,tumour\nother.svs,normal\n")
-    run = tmp_path / "run"
-    res = run_cli("infer", example_slide, "-o", run, "--stores", demo_run / "stores", "--labels", labels, "--quiet")
-    assert res.code == 0, res
-    assert "--labels: 2 row(s) name no slide of this run: CMU-1-Small-Regoin, other.svs" in res.err
-    assert "no labelled slide was scored in this run" in res.err
-    assert read_results(run)[example_slide.stem]["status"] == "ok"
-    assert (run / "run.json").exists() and (run / "report.html").exists() and not (run / "slide_metrics.json").exists()
 
-
-def test_a_rerun_on_fewer_slides_names_the_earlier_slide_folders(tmp_path: Path, example_slide: Path,
-                                                                 demo_run: Path) -> None:
-    """results.csv lists this run's slides; earlier slides' folders stay, and the user is told which."""
+def test_a_rerun_with_stray_labels_and_fewer_slides_is_whole_and_says_so(tmp_path: Path, example_slide: Path,
+                                                                        demo_run: Path) -> None:
+    """Label rows naming no slide used to end the run with an internal error before results.csv; and a rerun on
+    fewer slides dropped the others from results.csv without a word. One rerun has both."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("stores"))
     shutil.copytree(run / example_slide.stem, run / "an earlier slide")  # a slide screened before, not now
-    res = run_cli("infer", example_slide, "-o", run, "--stores", demo_run / "stores", "--quiet")
+    (run / "slide_metrics.json").write_text("{}")  # an earlier run's metrics, which would look current
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\nCMU-1-Small-Regoin,tumour\nother.svs,normal\n")
+    res = run_cli("infer", example_slide, "-o", run, "--stores", demo_run / "stores", "--labels", labels, "--quiet")
     assert res.code == 0, res
-    assert list(read_results(run)) == [example_slide.stem]
-    assert (run / "an earlier slide" / "slide.json").exists()  # kept
+    assert "--labels: 2 row(s) name no slide of this run: CMU-1-Small-Regoin, other.svs" in res.err
+    assert "no labelled slide was scored in this run" in res.err
     assert any("1 slide folder(s) of an earlier run are not in this run's results.csv (kept as they are): "
                "an earlier slide" in line for line in res.err_lines)
+    assert list(read_results(run)) == [example_slide.stem] and read_results(run)[example_slide.stem]["status"] == "ok"
+    assert (run / "an earlier slide" / "slide.json").exists()  # kept
+    assert (run / "run.json").exists() and (run / "report.html").exists() and not (run / "slide_metrics.json").exists()
