@@ -167,6 +167,7 @@ def _main(args: list[str]) -> Any:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
+        exc = _name_value_source(exc)
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:  # click turns Ctrl-C into Abort
@@ -191,6 +192,21 @@ def _main(args: list[str]) -> Any:
         click.echo(f"wsi-screen: internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
                    "the traceback)", err=True)
         sys.exit(EXIT_FAILED)
+
+
+def _name_value_source(exc: click.ClickException) -> click.ClickException:
+    """A bad option value the user did not type names where it came from: the --config file or the environment."""
+    ctx, param = getattr(exc, "ctx", None), getattr(exc, "param", None)
+    if not isinstance(exc, click.BadParameter) or ctx is None or param is None or not param.name:
+        return exc
+    source = ctx.get_parameter_source(param.name)
+    if source is click.core.ParameterSource.DEFAULT_MAP:
+        where = ctx.find_root().meta.get("config_path", "the config file")
+    elif source is click.core.ParameterSource.ENVIRONMENT:
+        where = "the environment"
+    else:
+        return exc
+    return click.BadParameter(f"{exc.message} (set in {where})", ctx=ctx, param=param, param_hint=exc.param_hint)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -242,6 +242,10 @@ def test_config_file_sections_and_options_are_checked(example_slide: Path, tmp_p
     bad_option.write_text("[tile]\nmppp = 0.5\n")
     res = run_cli("--config", bad_option, "tile", example_slide, "-o", tmp_path / "s")
     assert res.code == 1 and "[tile] has no option(s) --mppp" in res.err
+    bad_value = tmp_path / "v.toml"  # a value the user did not type says where it came from
+    bad_value.write_text('[tile]\nsize = "abc"\n')
+    res = run_cli("--config", bad_value, "tile", example_slide, "-o", tmp_path / "s")
+    assert res.code == 2 and "Invalid value for '--size'" in res.err and f"(set in {bad_value})" in res.err
     good = tmp_path / "c.toml"
     good.write_text('[tile]\nsize = 64\nslide-mpp = 0.3\n')
     assert run_cli("--config", good, "tile", example_slide, "-o", tmp_path / "s", "--quiet").code == 0
