@@ -66,13 +66,20 @@ def _normalizer(method: str) -> stain.Normalizer:
     return stain.Normalizer(stain.fit(half, method), stain.target_params(method)[0])
 
 
-def test_a_stain_target_without_a_method_is_refused(tmp_path: Path) -> None:
-    """`--stain-target` alone used to tile unnormalised patches without a word."""
+def test_a_stain_target_without_a_method_or_unusable_is_refused_up_front(tmp_path: Path) -> None:
+    """`--stain-target` alone used to tile unnormalised patches without a word; an unusable one failed each slide."""
     from tests.conftest import run_cli
 
     res = run_cli("tile", str(REPO / "examples"), "-o", str(tmp_path / "out"), "--stain-target", str(TARGET_PNG))
     assert res.code == 2 and "only used with --stain macenko, reinhard or vahadane" in res.err
     assert not (tmp_path / "out").exists()  # refused before anything is written
+    blank = tmp_path / "blank.png"  # unusable as a target: one line before any slide, not one per slide
+    Image.fromarray(np.full((64, 64, 3), 250, np.uint8)).save(blank)
+    res = run_cli("tile", REPO / "examples", REPO / "examples", "-o", tmp_path / "out", "--stain", "macenko",
+                  "--stain-target", str(blank))
+    errors = [line for line in res.err_lines if "error" in line]
+    assert res.code == 1 and len(errors) == 1 and "blank.png" in errors[0] and "too little stained" in errors[0]
+    assert not (tmp_path / "out").exists()
 
 
 # --- fitting --------------------------------------------------------------------------------------------

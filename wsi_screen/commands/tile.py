@@ -96,6 +96,10 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
                         workers=workers,
                         reader=reader,  # type: ignore[arg-type]
                         overwrite=overwrite, slide_timeout=slide_timeout)
+    if stain != "none":  # an unusable target is one error before any slide, not the same one for every slide
+        from wsi_screen.tiling.stain import target_params
+
+        target_params(stain, stain_target)
     target = parse_address(dask) if dask is not None else None
     if target is not None:
         output_location(out, absolute=True)  # refuse memory:// before starting a cluster
