@@ -36,3 +36,9 @@ def first_rows(keys: Sequence[tuple[int, str, object]], path: Path, what: str) -
                               f"{seen[key][0]}; keep one")
         seen.setdefault(key, (line, value))
     return seen
+
+
+def few(names: Sequence[str], shown: int = 5) -> str:
+    """``names`` for a one-line message: the first ``shown``, then how many more."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")

@@ -47,6 +47,7 @@ from wsi_screen.screening.outputs import (
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover
 from wsi_screen.slide.slide import slide_name, warn_unmatched_mpp
+from wsi_screen.tables import few
 from wsi_screen.tiling.grid import TileSpec
 from wsi_screen.tiling.pipeline import TileConfig, failure_message, tile_isolated
 from wsi_screen.tiling.store import PatchStore
@@ -260,7 +261,7 @@ def warn_unmatched_labels(labels: dict[str, str], rows: Sequence[SlideRow]) -> N
     unmatched = sorted(k for k in labels if k not in names and slide_name(Path(k)) not in names)
     unmatched = [k for k in unmatched if not any(other != k and slide_name(Path(other)) == k for other in unmatched)]
     if unmatched:
-        shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+        shown = few(unmatched)
         log.warning("--labels: %d row(s) name no slide of this run: %s", len(unmatched), shown)
 
 
@@ -269,7 +270,7 @@ def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
     list (a rerun on fewer slides, or a slide renamed by a clash): they are kept, but no longer in the table."""
     earlier = sorted(set(runfolder.slide_folders(run)) - {r.name for r in rows})
     if earlier:
-        shown = ", ".join(earlier[:5]) + (f" and {len(earlier) - 5} more" if len(earlier) > 5 else "")
+        shown = few(earlier)
         log.warning("%s: %d slide folder(s) of an earlier run are not in this run's %s (kept as they are): %s",
                     run, len(earlier), runfolder.RESULTS_CSV, shown)
 

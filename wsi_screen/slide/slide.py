@@ -426,9 +426,11 @@ def warn_unmatched_mpp(table: dict[str, float], sources: Sequence[Any]) -> list[
     named = set()
     for s in sources:
         named |= {s.name, s.path.name, str(s.path), slide_name(s.path)}
+    from wsi_screen.tables import few
+
     unmatched = sorted(k for k in table if k not in named)
     if unmatched:
-        shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+        shown = few(unmatched)
         log.warning("--slide-mpp-csv: %d row(s) name no slide of this run (by name, file name or path): %s",
                     len(unmatched), shown)
     return unmatched
