@@ -48,6 +48,9 @@ def info(stores: tuple[str, ...], as_json: bool) -> None:
         tissue = a.get("tissue", {})
         click.echo(f"  tissue     {tissue.get('tissue_fraction', 0):.1%} of the slide; patches kept at "
                    f">= {tissue.get('min_tissue')} tissue")
+        codec = store.codec
+        click.echo("  pixels     " + (f"stored, {codec}" if codec is not None else
+                                      "none (coordinates only: patches are read from the source slide)"))
         fitted = "" if stain.get("method") == "none" else f" (fitted: {stain.get('fitted')})"
         click.echo(f"  stain      {stain.get('method')}{fitted}")
         click.echo(f"  complete   {a.get('complete')}   schema {a.get('schema_version')}   "

@@ -13,6 +13,7 @@ from wsi_screen.commands._options import (
     slide_mpp_table,
     slide_timeout_option,
 )
+from wsi_screen.tiling.codecs import CODECS, DEFAULT_CODEC, DEFAULT_QUALITY
 
 
 @click.command(short_help="Cut slides into tissue patches, one zarr store per slide.")
@@ -31,6 +32,16 @@ from wsi_screen.commands._options import (
               help="Stain normalisation, fitted on each slide's own tissue and mapped to the target.")
 @click.option("--stain-target", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Image whose stain is the target of --stain (default: the bundled H&E target, see docs/stain.md).")
+@click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True,
+              help="How each patch is stored: jpeg (4:4:4, ~1/5 of lz4's bytes at quality "
+                   f"{DEFAULT_QUALITY['jpeg']}, > 38 dB), jpegxl (smaller, ~10x slower to write) or lz4 "
+                   "(lossless, ~5x the bytes). Plain zarr reads all of them; figures in docs/store.md.")
+@click.option("--quality", type=click.IntRange(1, 100), default=None,
+              help="Quality of jpeg / jpegxl, 1-100 (default: "
+                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_QUALITY.items()) + ").")
+@click.option("--pixels", type=click.Choice(["store", "none"]), default="store", show_default=True,
+              help="none: a coordinates-only store (coordinates, tissue, thumbnail, mask, stain fit, settings, no "
+                   "patch pixels); reading it reads the patches from the slide, which must stay where it is.")
 @slide_mpp_options
 @click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
               help="Reader threads per slide (0 or 1: one).")
@@ -48,7 +59,8 @@ from wsi_screen.commands._options import (
                    "write OUT by the same paths (see docs/cluster.md).")
 @common_options
 def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int, min_tissue: float,
-         stain: str, stain_target: str | None, slide_mpp: float | None, slide_mpp_csv: str | None, workers: int,
+         stain: str, stain_target: str | None, codec: str, quality: int | None, pixels: str,
+         slide_mpp: float | None, slide_mpp_csv: str | None, workers: int,
          reader: str, overwrite: bool, slide_timeout: float, dask: str | None) -> None:
     """Find tissue in SLIDES and write stain-normalised patches to OUT.
 
@@ -65,11 +77,16 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     Examples:
       wsi-screen tile slides/ -o stores/
       wsi-screen tile a.svs b.ndpi -o stores/ --mpp 0.25 --size 256 --stain macenko
+      wsi-screen tile slides/ -o stores/ --codec lz4
+      wsi-screen tile slides/ -o coords/ --pixels none
       wsi-screen tile plain.tif -o stores/ --slide-mpp 0.5
       wsi-screen tile slides/ -o stores/ --slide-mpp-csv resolutions.csv
       wsi-screen tile /shared/slides -o /shared/stores --dask tcp://10.0.0.5:8786
     """
     configure_output()
+    if quality is not None and codec == "lz4":
+        raise click.BadParameter("lz4 is lossless and has no quality; use --codec jpeg or jpegxl (or drop "
+                                 "--quality)", param_hint="--quality")
     if stain_target is not None and stain == "none":
         raise click.BadParameter("a stain target is only used with --stain macenko, reinhard or vahadane; add one "
                                  "(or drop --stain-target)", param_hint="--stain-target")
@@ -85,6 +102,7 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     from wsi_screen.runlog import run_log
     from wsi_screen.slide.discovery import discover
     from wsi_screen.slide.slide import warn_unmatched_mpp
+    from wsi_screen.tiling.codecs import PatchCodec
     from wsi_screen.tiling.grid import TileSpec
     from wsi_screen.tiling.pipeline import TileConfig, output_location, tile_slides
     from wsi_screen.tiling.store import is_url
@@ -93,6 +111,7 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     config = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, overlap_px=overlap, min_tissue=min_tissue),
                         stain=stain, stain_target=stain_target, slide_mpp=slide_mpp,
                         slide_mpps=slide_mpp_table(slide_mpp_csv),
+                        codec=PatchCodec(codec, quality), pixels=pixels == "store",
                         workers=workers,
                         reader=reader,  # type: ignore[arg-type]
                         overwrite=overwrite, slide_timeout=slide_timeout)
@@ -122,7 +141,8 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     parts.append(f"{counts['failed']} failed")
     if not ctx.obj.get("quiet"):
         unreadable = f"; {len(problems)} input(s) gave no slide" if problems else ""
+        verb = "written" if pixels == "store" else "located (coordinates only)"
         click.echo(f"wsi-screen: {len(results)} slide(s): {', '.join(parts)}{unreadable}; "
-                   f"{patches:,} patches written in {time.perf_counter() - started:.1f} s -> {out}", err=True)
+                   f"{patches:,} patches {verb} in {time.perf_counter() - started:.1f} s -> {out}", err=True)
     if failed:
         ctx.exit(1)

@@ -10,7 +10,6 @@ shards) and writing (the store's background writers: each shard file is written 
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import logging
 import math
@@ -39,7 +38,9 @@ from wsi_screen.errors import (
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource
 from wsi_screen.slide.slide import ReaderChoice, Slide, mpp_for
+from wsi_screen.tiling.codecs import PatchCodec
 from wsi_screen.tiling.grid import TileSpec, make_grid, stride_l0, tile_size_l0
+from wsi_screen.tiling.ondemand import split_reads
 from wsi_screen.tiling.store import (
     ATTR_SETTINGS,
     SCHEMA_VERSION,
@@ -90,6 +91,12 @@ class TileConfig:
     slide_mpps: tuple[tuple[str, float], ...] = ()  # per slide (name, file name or path), even over a declared one
     tissue: TissueSettings = field(default_factory=TissueSettings)
     reader: ReaderChoice = "auto"
+    #: how each patch is encoded in the store (docs/store.md has the table behind the default)
+    codec: PatchCodec = field(default_factory=PatchCodec)
+    #: False: a coordinates-only store (no patch pixels; they are read from the slide on demand)
+    pixels: bool = True
+    #: reuse a complete store that differs only in how it keeps its pixels (codec, or none): infer's --stores
+    any_pixels: bool = False
     workers: int = 2
     overwrite: bool = False
     #: replace a complete store made with other settings instead of refusing it (infer's own stores folder)
@@ -156,8 +163,25 @@ def expected_settings(slide: Slide, config: TileConfig, thumb_mpp: float) -> dic
         "thumbnail_mpp": thumb_mpp,
         "tissue": config.tissue.to_json(),
         "stain": stain,
+        "pixels": "store" if config.pixels else "none",
+        "codec": config.codec.to_json() if config.pixels else None,
     }
     return json.loads(json.dumps(settings))  # tuples -> lists, as stored
+
+
+#: the settings that say how a store keeps its pixels, not which patches it holds
+PIXEL_SETTINGS = ("pixels", "codec")
+
+
+def settings_match(existing: Any, expected: dict[str, Any], config: TileConfig) -> bool:
+    """Whether a store's recorded settings are ``expected`` (with ``config.any_pixels``: but for
+    :data:`PIXEL_SETTINGS`, so a store of any codec, or a coordinates-only one, holds the same patches)."""
+    if not isinstance(existing, dict):
+        return False
+    if config.any_pixels:
+        existing = {k: v for k, v in existing.items() if k not in PIXEL_SETTINGS}
+        expected = {k: v for k, v in expected.items() if k not in PIXEL_SETTINGS}
+    return existing == expected
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -179,7 +203,8 @@ def store_is_current(source: SlideSource, location: str, config: TileConfig) -> 
     with open_slide(source, config) as slide:
         settings = expected_settings(slide, config, thumbnail_mpp(slide.mpp, slide.dimensions))
         existing = read_attrs(location)
-        ok = existing is not None and is_complete(existing) and existing.get(ATTR_SETTINGS) == settings
+        ok = existing is not None and is_complete(existing) and settings_match(existing.get(ATTR_SETTINGS),
+                                                                               settings, config)
         return ok, slide.mpp, slide.mpp_source
 
 
@@ -218,7 +243,7 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
         settings = expected_settings(slide, config, thumb_mpp)
         existing = read_attrs(location)
         if existing is not None and is_complete(existing) and not config.overwrite:
-            if existing.get(ATTR_SETTINGS) == settings:
+            if settings_match(existing.get(ATTR_SETTINGS), settings, config):
                 log.debug("%s: store is complete and up to date; skipped", source.name)
                 seconds = time.perf_counter() - start
                 return TileResult(source.name, str(source.path), location, "skipped",
@@ -269,20 +294,23 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
                        "tissue_fraction": mask.tissue_fraction},
             "grid": {"columns": grid.shape[0], "rows": grid.shape[1], "origin_l0": [0, 0]},
             "package_version": __version__,
+            "reader_choice": config.reader,
             ATTR_SETTINGS: settings,
         }
-        writer = StoreWriter(location, n_patches=n, patch_size=spec.size_px,
-                             thumbnail_shape=thumb.shape[:2], attrs=attrs)
+        writer = StoreWriter(location, n_patches=n, patch_size=spec.size_px, thumbnail_shape=thumb.shape[:2],
+                             attrs=attrs, codec=config.codec, pixels=config.pixels)
         try:
             writer.write_images(thumbnail=thumb, mask=mask.labels)
             del thumb, mask  # written: nothing proportional to the slide's area is held while patches stream
             memory.trim()  # and the mask's freed working memory goes back to the system before they do
-            stain_ok = np.zeros(n, dtype=bool)
+            stain_ok: np.ndarray | None = np.zeros(n, dtype=bool) if config.pixels else None
             t_read = time.perf_counter()
-            with progress.bar(total=n, desc=source.name[:30], unit="patch", leave=False) as bar:
-                batches = read_patches(slide, grid.coords, tile_l0, spec.size_px, config.workers)
+            with progress.bar(total=n if config.pixels else 0, desc=source.name[:30], unit="patch",
+                              leave=False) as bar:
+                batches = read_patches(slide, grid.coords if config.pixels else grid.coords[:0], tile_l0,
+                                       spec.size_px, config.workers)
                 for i, (first, batch, ok) in enumerate(normalised(batches, normalize, config.workers)):
-                    if ok is not None:
+                    if ok is not None and stain_ok is not None:
                         stain_ok[first:first + len(batch)] = ok
                     writer.write_patches(first, batch)
                     bar.update(len(batch))
@@ -370,16 +398,11 @@ def read_patches(slide: Slide, coords: np.ndarray, tile_l0: int, size_px: int,
         return
     workers = max(1, workers)
 
-    def read_run(out: np.ndarray, xy: np.ndarray) -> None:
-        for i, (x, y) in enumerate(xy):
-            slide.read((int(x), int(y)), tile_l0, size_px, out[i])
-
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
         def submit(first: int) -> tuple[np.ndarray, list[Future[None]]]:
             xy = coords[first:first + shard]
             out = np.empty((len(xy), size_px, size_px, 3), dtype=np.uint8)
-            cuts = np.linspace(0, len(xy), min(workers, len(xy)) + 1).astype(int)
-            return out, [pool.submit(read_run, out[a:b], xy[a:b]) for a, b in itertools.pairwise(cuts)]
+            return out, split_reads(pool, slide, xy, tile_l0, size_px, out, workers)
 
         pending = submit(starts[0])
         try:

@@ -5,18 +5,23 @@ Layout of ``OUT/<slide name>.zarr`` (zarr v3 group; see docs/store.md for users 
 =============== ========================== ===================================================================
 key             dtype, shape               meaning
 =============== ========================== ===================================================================
-``patches``     uint8 (N, S, S, 3)         RGB patches; one patch per chunk, shards of many patches
+``patches``     uint8 (N, S, S, 3)         RGB patches; one patch per chunk (encoded by the store's codec,
+                                           :mod:`wsi_screen.tiling.codecs`), shards of many patches; absent
+                                           from a coordinates-only store (``pixels`` ``"none"``), whose
+                                           patches :class:`PatchStore` reads from the slide on demand
 ``coords``      int64 (N, 2)               level-0 (x, y) of each patch's top-left corner
 ``tissue``      float32 (N,)               fraction of the patch's footprint that is tissue
 ``stain_ok``    bool (N,)                  True where stain normalisation was applied, False where the patch
-                                           passed unnormalised (too little stained tissue, pen, empty)
+                                           passed unnormalised (too little stained tissue, pen, empty);
+                                           absent from a coordinates-only store
 ``thumbnail``   uint8 (h, w, 3)            the whole slide at ``tissue.thumbnail_mpp``
 ``mask``        uint8 (h, w)               tissue label map on the thumbnail: 0 glass, 1 tissue, 2 pen,
                                            3 artifact
 =============== ========================== ===================================================================
 
 Group attributes: ``schema_version``, ``complete``, ``mpp``, ``patch_size``, ``tile_size_l0``, ``stride_l0``,
-``n_patches``, ``slide`` (path, name, vendor, reader, level-0 mpp, dimensions, fingerprint...), ``stain``
+``n_patches``, ``codec`` (name, quality), ``pixels`` (``"store"`` or ``"none"``), ``reader_choice``,
+``slide`` (path, name, vendor, reader, level-0 mpp, dimensions, fingerprint...), ``stain``
 (method, fitted parameters, target), ``tissue`` (settings, ``thumbnail_mpp``, ``min_tissue``, labels),
 ``grid``, ``package_version`` and ``settings`` (what must match for a store to be reused).
 
@@ -38,7 +43,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import zarr
@@ -46,8 +51,12 @@ import zarr.codecs
 
 from wsi_screen._safe_write import LockTaken, acquire, failure_text, fsync_file, fsync_tree, swap_in
 from wsi_screen.errors import IncompleteStoreError, SchemaVersionError, StoreError, StoreLockedError
+from wsi_screen.tiling.codecs import BLOSC_CLEVEL, BLOSC_CNAME, PatchCodec
 
-SCHEMA_VERSION = 1
+#: version 2 added the patch codec (``codec``) and coordinates-only stores (``pixels`` ``"none"``, no ``patches``)
+SCHEMA_VERSION = 2
+#: versions this toolkit reads (version 1 is version 2 with lz4 patches)
+READABLE_SCHEMAS = (1, 2)
 
 PATCHES = "patches"
 COORDS = "coords"
@@ -60,6 +69,10 @@ ARRAY_KEYS = (PATCHES, COORDS, TISSUE, STAIN_OK, THUMBNAIL, MASK)
 ATTR_SCHEMA = "schema_version"
 ATTR_COMPLETE = "complete"
 ATTR_SETTINGS = "settings"
+ATTR_CODEC = "codec"
+ATTR_PIXELS = "pixels"
+#: ``pixels`` values: the store holds the patches, or only what is needed to read them from the slide
+PIXELS_CHOICES = ("store", "none")
 
 STORE_SUFFIX = ".zarr"
 PARTIAL_SUFFIX = ".partial"
@@ -106,32 +119,76 @@ def patches_per_shard(size_px: int) -> int:
     return int(max(1, min(1024, SHARD_BYTES // (size_px * size_px * 3))))
 
 
-#: Blosc settings of every array. Patches are JPEG-decoded pixels: on tissue, zstd-1 saves ~11 % and lz4 ~7 %,
-#: but lz4 encodes ~7x and decodes ~9x faster (1.5 / 4 GB/s per core against 0.2 / 0.4), and encoding every
-#: patch is on the tiler's critical path (bench/tile.py), decoding on inference's.
-BLOSC_CNAME: Final = "lz4"
-BLOSC_CLEVEL: Final = 5
-
-
 def _compressor() -> zarr.codecs.BloscCodec:
+    """Blosc/lz4 of every array but lossy-coded patches (see :mod:`wsi_screen.tiling.codecs`)."""
     return zarr.codecs.BloscCodec(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle="noshuffle")
 
 
-def encode_shard(patches: np.ndarray, shard: int) -> list[bytes]:
+def _image_codec_class(codec_id: str) -> Any:
+    """The zarr v3 array-to-bytes codec ``numcodecs.<codec_id>`` wrapping imagecodecs' numcodecs codec."""
+    from zarr.codecs.numcodecs._codecs import _NumcodecsArrayBytesCodec
+
+    class ImageCodec(_NumcodecsArrayBytesCodec, codec_name=codec_id):
+        def __init__(self, **codec_config: Any) -> None:
+            import warnings
+
+            from zarr.errors import ZarrUserWarning
+
+            with warnings.catch_warnings():  # "not in the zarr v3 specification": documented in docs/store.md
+                warnings.simplefilter("ignore", ZarrUserWarning)
+                super().__init__(**codec_config)
+
+    ImageCodec.__name__ = ImageCodec.__qualname__ = "".join(p.capitalize() for p in codec_id.split("_"))
+    return ImageCodec
+
+
+#: numcodecs ids of the image codecs stores use, and their zarr v3 names (``numcodecs.<id>``)
+IMAGE_CODEC_IDS = {"jpeg": "imagecodecs_jpeg", "jpegxl": "imagecodecs_jpegxl"}
+ImagecodecsJpeg = _image_codec_class(IMAGE_CODEC_IDS["jpeg"])
+ImagecodecsJpegxl = _image_codec_class(IMAGE_CODEC_IDS["jpegxl"])
+
+
+def register_codecs() -> None:
+    """Make zarr (and numcodecs) know the image codecs of lossy stores. Importing this module does it, and an
+    installed wsi-screen declares them as ``zarr.codecs`` / ``numcodecs.codecs`` entry points, so plain zarr
+    reads every store without importing wsi_screen (docs/store.md)."""
+    import numcodecs.registry
+    from imagecodecs import numcodecs as image_codecs
+    from zarr.registry import register_codec
+
+    for cls in (image_codecs.Jpeg, image_codecs.Jpegxl):
+        numcodecs.registry.register_codec(cls)
+    for wrapper in (ImagecodecsJpeg, ImagecodecsJpegxl):
+        register_codec(wrapper.codec_name, wrapper)
+
+
+register_codecs()
+
+
+def _patch_codecs(codec: PatchCodec) -> dict[str, Any]:
+    """``create_array`` keywords that encode each patch chunk with ``codec``."""
+    if not codec.lossy:
+        return {"compressors": _compressor()}
+    config = codec.numcodec().get_config()
+    config.pop("id")
+    wrapper = ImagecodecsJpeg if codec.name == "jpeg" else ImagecodecsJpegxl
+    return {"serializer": wrapper(**config), "compressors": None}
+
+
+def encode_shard(patches: np.ndarray, shard: int, codec: PatchCodec | None = None) -> list[bytes]:
     """One ``patches`` shard file as its pieces in order (written one after the other, never joined in
     memory), byte for byte what zarr's ``sharding_indexed`` codec writes.
 
     zarr-python spends about a millisecond of Python per inner chunk, which with one patch per chunk made it
     the tiler's bottleneck. The format is small and fixed by the zarr v3 sharding specification: the inner
-    chunks (``bytes`` + ``blosc``, encoded by the same numcodecs Blosc zarr uses), then the index of
+    chunks (``bytes`` + ``blosc``, or the image codec, encoded by the same numcodecs codec zarr uses), then the index of
     ``(offset, nbytes)`` little-endian uint64 pairs (``2**64 - 1`` for absent chunks) and its CRC32C.
     ``tests/tiling/test_store.py`` checks byte equality with zarr's own writer.
     """
     import google_crc32c
-    from numcodecs import Blosc
 
-    codec = Blosc(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=Blosc.NOSHUFFLE, blocksize=0)
-    parts = [codec.encode(np.ascontiguousarray(p)) for p in patches]
+    encoder = (codec or PatchCodec("lz4")).numcodec()
+    parts = [bytes(encoder.encode(np.ascontiguousarray(p))) for p in patches]
     index = np.full((shard, 2), np.iinfo(np.uint64).max, dtype="<u8")
     offset = 0
     for i, part in enumerate(parts):
@@ -148,33 +205,50 @@ def _write_parts(path: Path, parts: list[bytes]) -> None:
         f.writelines(parts)
 
 
-def _is_our_shard_layout(meta: Mapping[str, Any]) -> bool:
-    """True when ``patches`` uses the layout :func:`encode_shard` writes (any Blosc compressor): sharded,
-    one patch per inner chunk, ``bytes`` + ``blosc`` inside, index at the end with ``crc32c``."""
+def _shard_decoder(meta: Mapping[str, Any]) -> Any | None:
+    """The numcodecs codec that decodes one inner chunk when ``patches`` uses the layout :func:`encode_shard`
+    writes (sharded, one patch per inner chunk, ``bytes`` + any ``blosc`` or one image codec inside, index
+    at the end with ``crc32c``); None for any other layout (read through zarr)."""
     try:
         (codec,) = meta["codecs"]
         conf = codec["configuration"]
         inner = [c["name"] for c in conf["codecs"]]
         index = [c["name"] for c in conf["index_codecs"]]
-        return (codec["name"] == "sharding_indexed" and inner == ["bytes", "blosc"]
+        if inner == ["bytes", "blosc"]:
+            from numcodecs import Blosc
+
+            decoder: Any = Blosc()
+        elif len(inner) == 1 and inner[0] in {f"numcodecs.{i}" for i in IMAGE_CODEC_IDS.values()}:
+            import numcodecs.registry
+
+            decoder = numcodecs.registry.get_codec({"id": inner[0].removeprefix("numcodecs."),
+                                                    **conf["codecs"][0].get("configuration", {})})
+        else:
+            return None
+        ok = (codec["name"] == "sharding_indexed"
                 and index == ["bytes", "crc32c"] and conf.get("index_location", "end") == "end"
                 and tuple(conf["chunk_shape"])[:1] == (1,) and meta["data_type"] == "uint8"
                 and meta["chunk_key_encoding"]["name"] == "default"
                 and meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") == "/")
+        return decoder if ok else None
     except (KeyError, TypeError, ValueError):
-        return False
+        return None
 
 
-def read_shard_patches(path: str, shard: int, wanted: np.ndarray, out: np.ndarray) -> None:
+def read_shard_patches(path: str, shard: int, wanted: np.ndarray, out: np.ndarray, decoder: Any = None) -> None:
     """Decode patches ``wanted`` (positions inside the shard, ascending) of one shard file into ``out``.
 
     The inverse of :func:`encode_shard`: one ``pread`` for the index, one for the span of the wanted chunks,
-    Blosc decoding straight into ``out`` (numcodecs releases the GIL). zarr-python reads the same bytes
+    decoding straight into ``out`` with ``decoder`` (default Blosc; numcodecs and imagecodecs release the GIL).
+    zarr-python reads the same bytes
     about 10x slower (per-chunk Python in its codec pipeline), which starved inference of patches.
     """
     import google_crc32c
-    from numcodecs import Blosc
 
+    if decoder is None:
+        from numcodecs import Blosc
+
+        decoder = Blosc()
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:  # never written: zarr's fill value
@@ -196,22 +270,27 @@ def read_shard_patches(path: str, shard: int, wanted: np.ndarray, out: np.ndarra
             if end > size - tail:
                 raise StoreError(f"{path}: damaged patch shard (chunk beyond the data); re-tile the slide")
             span = memoryview(os.pread(fd, end - start, start))
-        codec = Blosc()
         for k, (offset, nbytes) in enumerate(index):
             if absent[k]:
                 out[k] = 0
             else:
                 o = int(offset) - start
-                codec.decode(span[o:o + int(nbytes)], out=out[k])
+                decoder.decode(span[o:o + int(nbytes)], out=out[k])
     finally:
         os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ reading
 class PatchStore:
-    """Read access to a finished (``complete``) store."""
+    """Read access to a finished (``complete``) store.
 
-    def __init__(self, location: str | os.PathLike[str], group: zarr.Group) -> None:
+    A coordinates-only store (``tile --pixels none``) has no ``patches`` array: :meth:`read` then reads the
+    patches from the slide (the path the store records, or ``slide``), normalised with the store's fitted stain,
+    the same bytes a pixel store made with the same settings holds (:mod:`wsi_screen.tiling.ondemand`).
+    """
+
+    def __init__(self, location: str | os.PathLike[str], group: zarr.Group, *,
+                 slide: str | os.PathLike[str] | None = None, workers: int = 2) -> None:
         self.location = str(location)
         self._group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
@@ -219,18 +298,29 @@ class PatchStore:
         self._fast_shard: int | None = None  # patches per shard when the direct shard reader applies
         self._fast_shape: tuple[int, ...] = ()
         self._fast_n = 0
-        if not is_url(self.location):
+        self._decoder: Any = None
+        self._slide_path = None if slide is None else str(slide)
+        self._workers = workers
+        self._on_demand: Any = None  # the slide reader of a coordinates-only store, opened on first read
+        if not is_url(self.location) and self.has_pixels:
             meta_path = Path(self.location) / PATCHES / "zarr.json"
             with contextlib.suppress(OSError, ValueError):
                 meta = json.loads(meta_path.read_text())
-                if _is_our_shard_layout(meta):
+                decoder = _shard_decoder(meta)
+                if decoder is not None:
+                    self._decoder = decoder
                     self._fast_shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
                     self._fast_shape = tuple(int(v) for v in meta["shape"][1:])
                     self._fast_n = int(meta["shape"][0])
 
     @classmethod
-    def open(cls, location: str | os.PathLike[str], *, require_complete: bool = True) -> PatchStore:
-        """Open a store; refuses unknown schema versions and, by default, incomplete stores."""
+    def open(cls, location: str | os.PathLike[str], *, require_complete: bool = True,
+             slide: str | os.PathLike[str] | None = None, workers: int = 2) -> PatchStore:
+        """Open a store; refuses unknown schema versions and, by default, incomplete stores.
+
+        ``slide`` (a coordinates-only store) reads the patches from this file instead of the path the store
+        records (a moved slide; it must be the same file, checked by fingerprint); ``workers`` reader threads.
+        """
         loc = str(location)
         if not is_url(loc) and not Path(loc).exists():
             raise StoreError(f"{loc}: no such patch store")
@@ -243,12 +333,13 @@ class PatchStore:
             raise StoreError(f"{loc}: not a wsi-screen patch store{hint}") from exc
         attrs = dict(group.attrs)
         version = attrs.get(ATTR_SCHEMA)
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMAS:
             raise SchemaVersionError(f"{loc}: store schema version {version!r} is not supported by this "
-                                     f"wsi-screen (reads version {SCHEMA_VERSION}); re-tile the slide")
+                                     f"wsi-screen (reads versions {', '.join(map(str, READABLE_SCHEMAS))}); "
+                                     "re-tile the slide")
         if require_complete and attrs.get(ATTR_COMPLETE) is not True:
             raise IncompleteStoreError(f"{loc}: store is incomplete (interrupted run); rerun the tiler")
-        return cls(loc, group)
+        return cls(loc, group, slide=slide, workers=workers)
 
     # ---- metadata
     @property
@@ -270,6 +361,16 @@ class PatchStore:
     @property
     def settings(self) -> dict[str, Any]:
         return dict(self.attrs.get(ATTR_SETTINGS, {}))
+
+    @property
+    def has_pixels(self) -> bool:
+        """False for a coordinates-only store, whose patches are read from the slide."""
+        return self.attrs.get(ATTR_PIXELS, "store") != "none"
+
+    @property
+    def codec(self) -> PatchCodec | None:
+        """How the patches are encoded (None for a coordinates-only store)."""
+        return PatchCodec.from_json(self.attrs.get(ATTR_CODEC)) if self.has_pixels else None
 
     def array(self, key: str) -> zarr.Array:
         """The zarr array stored under ``key`` (one of :data:`ARRAY_KEYS`)."""
@@ -295,6 +396,9 @@ class PatchStore:
 
     @property
     def stain_ok(self) -> np.ndarray:
+        if not self.has_pixels:
+            raise StoreError(f"{self.location}: a coordinates-only store does not record which patches were "
+                             "stain-normalised (that is decided on their pixels, as they are read)")
         return np.asarray(self.array(STAIN_OK)[...], dtype=bool)
 
     @property
@@ -307,6 +411,8 @@ class PatchStore:
 
     def read(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         """Patches by index, slice or index list: uint8 (n, S, S, 3) (or (S, S, 3) for an int)."""
+        if not self.has_pixels:
+            return self._read_slide(index)
         if self._fast_shard is None:
             return self._read_zarr(index)
         n = self._fast_n
@@ -337,10 +443,39 @@ class PatchStore:
         for lo, hi in itertools.pairwise([0, *bounds.tolist(), len(idx)]):
             number = int(shards[lo])
             read_shard_patches(str(root / "c" / str(number) / "0" / "0" / "0"), shard,
-                               sorted_idx[lo:hi] - number * shard, dest[lo:hi])
+                               sorted_idx[lo:hi] - number * shard, dest[lo:hi], self._decoder)
         if dest is not out:
             out[order] = dest
         return out
+
+    def _read_slide(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        if self._on_demand is None:
+            from wsi_screen.tiling.ondemand import SlidePatches
+
+            self._on_demand = SlidePatches(self.location, self.attrs, slide=self._slide_path, workers=self._workers)
+        n = len(self)
+        if isinstance(index, (int, np.integer)):
+            i = int(index) + (n if index < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"patch {index} out of range for {n} patches")
+            return self._on_demand.read(self.coords[[i]])[0]
+        idx = np.arange(n)[index] if isinstance(index, slice) else np.asarray(index, dtype=np.int64).reshape(-1)
+        idx = np.where(idx < 0, idx + n, idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"patch index out of range for {n} patches")
+        return self._on_demand.read(self.coords[idx])
+
+    def close(self) -> None:
+        """Close the slide a coordinates-only store reads from (a store with pixels holds nothing open)."""
+        if self._on_demand is not None:
+            self._on_demand.close()
+            self._on_demand = None
+
+    def __enter__(self) -> PatchStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _read_zarr(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         arr = self.array(PATCHES)
@@ -367,7 +502,7 @@ def read_attrs(location: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def is_complete(attrs: Mapping[str, Any] | None) -> bool:
-    """Whether attributes describe a finished store of the current schema."""
+    """Whether attributes describe a finished store of the current schema (a reusable one)."""
     return bool(attrs) and attrs.get(ATTR_COMPLETE) is True and attrs.get(ATTR_SCHEMA) == SCHEMA_VERSION  # type: ignore[union-attr]
 
 
@@ -389,7 +524,10 @@ class StoreWriter:
     """Writes one store: create, fill whole shards, then :meth:`commit` (or :meth:`abort`)."""
 
     def __init__(self, location: str | os.PathLike[str], *, n_patches: int, patch_size: int,
-                 thumbnail_shape: tuple[int, int], attrs: Mapping[str, Any]) -> None:
+                 thumbnail_shape: tuple[int, int], attrs: Mapping[str, Any], codec: PatchCodec | None = None,
+                 pixels: bool = True) -> None:
+        """``codec`` encodes each patch (default lz4); ``pixels=False`` writes a coordinates-only store (no
+        ``patches`` array; :meth:`write_patches` is not called)."""
         self.location = str(location)
         self.remote = is_url(self.location)
         self.work = self.location if self.remote else self.location + PARTIAL_SUFFIX
@@ -401,13 +539,17 @@ class StoreWriter:
         self._pending: deque[Future[None]] = deque()
         self._failed = False
         self._synced: set[str] = set()
-        self._attrs = {ATTR_SCHEMA: SCHEMA_VERSION, ATTR_COMPLETE: False, **attrs}
+        self.codec = codec or PatchCodec("lz4")
+        self.pixels = pixels
+        self._attrs = {ATTR_SCHEMA: SCHEMA_VERSION, ATTR_COMPLETE: False,
+                       ATTR_CODEC: self.codec.to_json() if pixels else None,
+                       ATTR_PIXELS: "store" if pixels else "none", **attrs}
         try:
             self._group = zarr.open_group(self.work, mode="w", attributes=self._attrs)
             s = self.patch_size
-            self._patches = self._group.create_array(
+            self._patches = None if not pixels else self._group.create_array(
                 PATCHES, shape=(self.n_patches, s, s, 3), dtype="uint8", chunks=(1, s, s, 3),
-                shards=(self.shard, s, s, 3), compressors=_compressor(), fill_value=0,
+                shards=(self.shard, s, s, 3), fill_value=0, **_patch_codecs(self.codec),
                 dimension_names=("patch", "y", "x", "channel"),
                 # every patch is real data: skipping zarr's per-chunk "all fill value?" scan is 2-3x faster
                 config={"write_empty_chunks": True})
@@ -430,6 +572,8 @@ class StoreWriter:
         surfaces here on a later call, or in :meth:`write_arrays` / :meth:`commit`, as a StoreError.
         """
         n = batch.shape[0]
+        if self._patches is None:
+            raise ValueError("a coordinates-only store holds no patches")
         if start % self.shard != 0 or (n % self.shard != 0 and start + n != self.n_patches):
             raise ValueError(f"writes must cover whole shards of {self.shard} patches (got {start}+{n})")
         if self.remote:
@@ -450,10 +594,10 @@ class StoreWriter:
         try:
             for first in range(start, start + batch.shape[0], self.shard):
                 part = batch[first - start:first - start + self.shard]
-                key = self._patches.metadata.encode_chunk_key((first // self.shard, 0, 0, 0))
-                path = Path(self.work) / PATCHES / key
+                key = PATCHES + "/c/" + "/".join(map(str, (first // self.shard, 0, 0, 0)))
+                path = Path(self.work) / key
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _write_parts(path, encode_shard(part, self.shard))
+                _write_parts(path, encode_shard(part, self.shard, self.codec))
                 fsync_file(path)  # now, while reading goes on, rather than all at commit
                 self._synced.add(str(path))
         except OSError as exc:
@@ -490,8 +634,9 @@ class StoreWriter:
         except OSError as exc:
             raise _write_error(self.location, exc) from exc
 
-    def write_arrays(self, *, coords: np.ndarray, tissue: np.ndarray, stain_ok: np.ndarray) -> None:
-        """Write the per-patch tables (after every pending patch shard)."""
+    def write_arrays(self, *, coords: np.ndarray, tissue: np.ndarray, stain_ok: np.ndarray | None) -> None:
+        """Write the per-patch tables (after every pending patch shard); ``stain_ok`` None in a
+        coordinates-only store."""
         self._drain()
         n = self.n_patches
         try:
@@ -501,9 +646,10 @@ class StoreWriter:
             self._group.create_array(TISSUE, data=np.asarray(tissue, dtype=np.float32).reshape(n),
                                      chunks=(max(n, 1),), compressors=_compressor(),
                                      dimension_names=("patch",))
-            self._group.create_array(STAIN_OK, data=np.asarray(stain_ok, dtype=bool).reshape(n),
-                                     chunks=(max(n, 1),), compressors=_compressor(),
-                                     dimension_names=("patch",))
+            if stain_ok is not None:
+                self._group.create_array(STAIN_OK, data=np.asarray(stain_ok, dtype=bool).reshape(n),
+                                         chunks=(max(n, 1),), compressors=_compressor(),
+                                         dimension_names=("patch",))
         except OSError as exc:
             raise _write_error(self.location, exc) from exc
 

@@ -1,0 +1,85 @@
+"""How a store encodes each patch: the codec table, its numcodecs codecs, and the rule for their settings.
+
+Every patch chunk of a store is encoded by one real numcodecs codec, so plain zarr (with the codecs registered,
+see docs/store.md) reads every store:
+
+========= ====================================================== =================================================
+name      numcodecs codec (zarr v3 name)                         what
+========= ====================================================== =================================================
+``lz4``   ``numcodecs.blosc`` as zarr's own ``blosc``            lossless: Blosc/lz4 level 5, no shuffle
+``jpeg``  ``imagecodecs_jpeg`` (``numcodecs.imagecodecs_jpeg``)  lossy JPEG, 4:4:4 (no chroma subsampling)
+``jpegxl`` ``imagecodecs_jpegxl`` (``numcodecs.imagecodecs_jpegxl``) lossy JPEG XL at effort 3
+========= ====================================================== =================================================
+
+JPEG keeps full chroma: with 4:2:0 a JPEG-scanned slide's patches lose ~10 dB of PSNR (28-30 dB on the bench
+slide at any quality) for ~1.5x smaller chunks. WebP is not offered: its lossy mode is always 4:2:0 (30 dB
+on the same patches) and its lossless mode saved less than 40 % at 1/300 of lz4's speed. The figures behind
+the defaults are in docs/store.md. This module is pure configuration; :mod:`wsi_screen.tiling.store` (the only
+zarr importer) turns it into zarr metadata and shard bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+#: the codecs ``tile --codec`` offers
+CODECS: Final = ("lz4", "jpeg", "jpegxl")
+#: ``tile``'s default codec (docs/store.md: 1/5 of the lz4 store, > 38 dB, AUC unchanged, fast both ways)
+DEFAULT_CODEC: Final = "jpeg"
+#: default quality (0-100) of the lossy codecs
+DEFAULT_QUALITY: Final = {"jpeg": 90, "jpegxl": 90}
+#: JPEG XL encoder effort (1 fastest .. 9 smallest): 3 encodes ~50 MB/s a core, ~10x effort 7's speed
+JPEGXL_EFFORT: Final = 3
+#: Blosc settings of the lossless codec (and of every other array of a store). Patches are JPEG-decoded
+#: pixels: on tissue, zstd-1 saves ~11 % and lz4 ~7 %, but lz4 encodes ~7x and decodes ~9x faster.
+BLOSC_CNAME: Final = "lz4"
+BLOSC_CLEVEL: Final = 5
+
+
+@dataclass(frozen=True)
+class PatchCodec:
+    """One codec with its quality (``None`` for the lossless ``lz4``)."""
+
+    name: str = DEFAULT_CODEC
+    quality: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in CODECS:
+            raise ValueError(f"unknown patch codec {self.name!r}; choose one of {', '.join(CODECS)}")
+        if self.name == "lz4":
+            object.__setattr__(self, "quality", None)
+        elif self.quality is None:
+            object.__setattr__(self, "quality", DEFAULT_QUALITY[self.name])
+        elif not 1 <= int(self.quality) <= 100:
+            raise ValueError(f"codec quality {self.quality} is outside 1-100")
+
+    @property
+    def lossy(self) -> bool:
+        return self.name != "lz4"
+
+    def to_json(self) -> dict[str, Any]:
+        """What a store records in its ``settings`` (a store is reused only when this matches)."""
+        return {"name": self.name, "quality": self.quality}
+
+    @classmethod
+    def from_json(cls, data: Any) -> PatchCodec:
+        """The codec a store's settings name; stores written before codecs existed are lz4."""
+        if not isinstance(data, dict):
+            return cls("lz4")
+        return cls(str(data.get("name", "lz4")), data.get("quality"))
+
+    def numcodec(self) -> Any:
+        """The numcodecs codec that encodes (and decodes) one patch chunk."""
+        if self.name == "lz4":
+            from numcodecs import Blosc
+
+            return Blosc(cname=BLOSC_CNAME, clevel=BLOSC_CLEVEL, shuffle=Blosc.NOSHUFFLE, blocksize=0)
+        from imagecodecs import numcodecs as image_codecs
+
+        if self.name == "jpeg":
+            return image_codecs.Jpeg(level=self.quality, subsampling="444")
+        return image_codecs.Jpegxl(level=self.quality, effort=JPEGXL_EFFORT, lossless=False)
+
+    def __str__(self) -> str:
+        return self.name if self.quality is None else f"{self.name} (quality {self.quality})"
