@@ -196,3 +196,33 @@ def test_a_rerun_with_stray_labels_and_fewer_slides_is_whole_and_says_so(tmp_pat
     assert list(read_results(run)) == [example_slide.stem] and read_results(run)[example_slide.stem]["status"] == "ok"
     assert (run / "an earlier slide" / "slide.json").exists()  # kept
     assert (run / "run.json").exists() and (run / "report.html").exists() and not (run / "slide_metrics.json").exists()
+
+
+def test_a_run_keeps_no_patch_pixels_unless_asked_and_both_score_alike(demo_run: Path, example_slide: Path,
+                                                                        tmp_path: Path) -> None:
+    """By default infer streams: its stores are coordinates-only (no pixel array anywhere in the run folder), the
+    report's patches are read from the slide, and --keep-patches (lz4 pixel stores) gives the same scores."""
+    from wsi_screen.screening import runview
+
+    def pixel_arrays(root: Path) -> list[Path]:
+        found = []
+        for meta in root.rglob("zarr.json"):
+            node = json.loads(meta.read_text())
+            if node.get("node_type") == "array" and len(node.get("shape", ())) == 4:
+                found.append(meta.parent)
+        return found + [p for p in root.rglob("*") if p.suffix in (".npy", ".npz", ".h5")]
+
+    assert pixel_arrays(demo_run) == []
+    stores = list((demo_run / "stores").glob("*.zarr"))
+    assert stores and all(not PatchStore.open(s).has_pixels for s in stores)
+    kept = tmp_path / "kept"
+    res = run_cli("infer", example_slide.parent, "-o", kept, "--workers", "0", "--keep-patches", "--quiet")
+    assert res.code == 0, res
+    (pixels,) = pixel_arrays(kept)
+    assert PatchStore.open(pixels.parent).codec.name == "lz4"  # type: ignore[union-attr]
+    name = "CMU-1-Small-Region"
+    assert (kept / name / "scores.csv").read_bytes() == (demo_run / name / "scores.csv").read_bytes()
+    streamed = runview.top_patches(runview.open_run(demo_run), name, 4)
+    stored = runview.top_patches(runview.open_run(kept), name, 4)
+    assert all(a.image is not None and b.image is not None and np.array_equal(a.image, b.image)
+               for a, b in zip(streamed, stored, strict=True))

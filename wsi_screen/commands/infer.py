@@ -40,11 +40,15 @@ if TYPE_CHECKING:
               help="slides.csv with columns slide,label: adds slide_metrics.json and slide_roc.png.")
 @click.option("--stores", type=str, default=None,
               help="Folder of patch stores to reuse and tile into (default: RUN/stores). Stores made with "
-                   "other settings than the model needs are refused.")
+                   "other settings than the model needs are refused (any --codec, or --pixels none, is fine).")
+@click.option("--keep-patches", is_flag=True,
+              help="Keep every patch's pixels in the slide's store (lz4). By default a run keeps none: the store "
+                   "holds coordinates, tissue, thumbnail, mask and stain fit, and patches are read from the slide, "
+                   "normalised and scored in one pass (the report's patches are read from the slide too).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=128, show_default=True,
               help="Patches per forward pass.")
 @click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
-              help="Reader threads per slide for tiling (0 or 1: one).")
+              help="Reader threads per slide, for tiling and for streaming patches to the model (0 or 1: one).")
 @click.option("--loader-workers", type=click.IntRange(0, 64), default=0, show_default=True,
               help="DataLoader worker processes for scoring. 0 reads patches in a background thread, a few "
                    "batches ahead of the model: fastest on small machines (reading 128 patches takes a few "
@@ -61,7 +65,8 @@ if TYPE_CHECKING:
 @precision_option("auto")
 @common_options
 def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | None, threshold: float | None,
-          k: float | None, labels: str | None, stores: str | None, batch_size: int, workers: int,
+          k: float | None, labels: str | None, stores: str | None, keep_patches: bool, batch_size: int,
+          workers: int,
           loader_workers: int, slide_mpp: float | None, slide_mpp_csv: str | None, min_tissue: float, overwrite: bool,
           slide_timeout: float, dask: str | None, precision: str) -> None:
     """Screen SLIDES (files or folders) and write the results to RUN.
@@ -101,7 +106,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
                          workers=workers, loader_workers=loader_workers, slide_mpp=slide_mpp,
                          slide_mpps=slide_mpp_table(slide_mpp_csv),
                          min_tissue=min_tissue, overwrite=overwrite, slide_timeout=slide_timeout,
-                         labels=labels)
+                         labels=labels, keep_patches=keep_patches)
     with maybe_connect(target) as runner:
         summary = run_infer(slides, Path(run), classifier, mdir, config, argv=sys.argv[1:],
                             debug=bool(ctx.obj.get("debug")), dask=runner)

@@ -2,7 +2,12 @@
 
 Per slide: tile at the model's mpp, patch size and stain (reusing the tiler and any matching store), score
 every patch, write ``RUN/<slide>/`` (scores, heatmap, GeoJSON, slide.json) atomically, then aggregate.
-Slides already scored with the same model and store are reused on a rerun; aggregation is recomputed from
+By default the run keeps no patch pixels: the tiler writes a coordinates-only store (coordinates, tissue,
+thumbnail, mask, stain fit) and scoring streams the patches from the slide, read by reader threads, normalised and
+scored in one pass while the model works on the previous batch (:class:`wsi_screen.tiling.ondemand.SlidePatches`
+behind :meth:`PatchStore.read`). ``keep_patches`` (``--keep-patches``) writes lz4 pixel stores as before (the
+same bytes, so the same scores). Slides already scored with the same model and store are reused on a
+rerun; aggregation is recomputed from
 their scores, so changing ``--aggregate`` or ``--threshold`` costs nothing. A failing slide becomes a row with
 ``status=error`` and its reason, and the run goes on.
 
@@ -48,6 +53,7 @@ from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover
 from wsi_screen.slide.slide import slide_name, warn_unmatched_mpp
 from wsi_screen.tables import few
+from wsi_screen.tiling.codecs import PatchCodec
 from wsi_screen.tiling.grid import TileSpec
 from wsi_screen.tiling.pipeline import TileConfig, failure_message, tile_isolated
 from wsi_screen.tiling.store import PatchStore
@@ -78,6 +84,8 @@ class InferConfig:
     overwrite: bool = False
     slide_timeout: float = isolation.DEFAULT_TIMEOUT
     labels: str | None = None
+    #: write pixel stores (lz4: lossless, the streamed patches' bytes) instead of coordinates-only ones
+    keep_patches: bool = False
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,8 @@ def tile_config_for(classifier: PatchClassifier, config: InferConfig) -> TileCon
                                   "declared resolution is wrong, set it with --slide-mpp-csv)"),
                       stain=spec.stain_method, stain_target=spec.stain_target, slide_mpp=config.slide_mpp,
                       slide_mpps=config.slide_mpps, slide_timeout=config.slide_timeout,
-                      workers=config.workers, overwrite=config.overwrite)
+                      workers=config.workers, overwrite=config.overwrite,
+                      pixels=config.keep_patches, codec=PatchCodec("lz4"))
 
 
 # -------------------------------------------------------------------------------------------------- run
@@ -196,8 +205,8 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     aggregate = resolve_aggregate(model_dir, classifier, config)
     if config.stores is None:  # the run's own stores: follow the settings
         tile_cfg = replace(tile_cfg, retile_mismatched=True)
-    else:
-        tile_cfg = replace(tile_cfg, mismatch_hint=(
+    else:  # the user's stores: any codec (or none) holds the patches the model needs
+        tile_cfg = replace(tile_cfg, any_pixels=True, mismatch_hint=(
             "infer does not replace stores it did not make: re-tile this slide with `wsi-screen tile "
             "SLIDE -o STORES --overwrite` and the model's settings, or leave out --stores"))
     model_id = model_identity(model_dir, classifier)
@@ -359,7 +368,8 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
         check_store_matches_model(PatchStore.open(result.store).attrs, classifier.spec, result.store)
         classifier.decision_thresholds = decision_thresholds(classifier, job.aggregate)
         for _location, probs, distance in score_stores([result.store], classifier, batch_size=job.batch_size,
-                                                       workers=job.loader_workers, desc=source.name[:30]):
+                                                       workers=job.loader_workers, desc=source.name[:30],
+                                                       read_threads=job.workers):
             scored = time.perf_counter()
             write_slide_folder(job.run, row, result.store, probs, classifier, job.model_id, job.aggregate,
                                distance=distance)

@@ -96,17 +96,18 @@ def _store(view: RunView, slide: str) -> Any:
 
 
 def top_patches(view: RunView, slide: str, n: int = 8) -> list[TopPatch]:
-    """The ``n`` highest-scoring patches of a slide, with pixels read from its store when available."""
+    """The ``n`` highest-scoring patches of a slide, with pixels read from its store when available (from the slide
+    when the store is coordinates-only, infer's default)."""
     scores = view.scores(slide)
     p = view.positive_probs(slide)
     order = np.argsort(-p, kind="stable")[:n]
     images: list[np.ndarray | None] = [None] * len(order)
     try:
-        store = _store(view, slide)
-        if len(order):
-            pixels = store.read(np.sort(order))
-            lookup = {int(i): pixels[k] for k, i in enumerate(np.sort(order))}
-            images = [lookup[int(i)] for i in order]
+        with _store(view, slide) as store:  # a coordinates-only store reads them from the slide
+            if len(order):
+                pixels = store.read(np.sort(order))
+                lookup = {int(i): pixels[k] for k, i in enumerate(np.sort(order))}
+                images = [lookup[int(i)] for i in order]
     except (WsiScreenError, KeyError, OSError) as exc:
         log.warning("%s: patch pixels unavailable (%s); showing coordinates only", slide, exc)
     return [TopPatch(int(i), int(scores.coords[i, 0]), int(scores.coords[i, 1]), float(p[i]), img)

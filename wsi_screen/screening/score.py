@@ -5,7 +5,11 @@ one store (decoded straight from its shards, see :meth:`PatchStore.read`), the m
 and runs the model under ``inference_mode`` in ``channels_last``. Batches never span two slides, so a slide's
 scores do not depend on which other slides were scored with it (a distributed run gives the same numbers).
 
-Reading a batch of 128 patches takes a few milliseconds against a few hundred for the forward pass, so by
+A coordinates-only store (``tile --pixels none``, ``infer``'s default) has no pixels: reading a batch reads its
+patches from the slide with ``read_threads`` reader threads and normalises them (:meth:`PatchStore.read`), in the
+same background thread, so slide reading overlaps the model as decoding a store does.
+
+Reading a batch of 128 patches from a store takes a few milliseconds against a few hundred for the forward pass, so by
 default (``workers=0``) the DataLoader runs in one background thread of this process, a few batches ahead of
 the model: I/O hides behind compute without worker processes, which on a small machine take cores from the
 model (measured in bench/infer.py, figures in bench/RESULTS.md). ``workers=N`` starts N DataLoader worker
@@ -20,7 +24,7 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -50,8 +54,9 @@ class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
     Pickles as a list of plain tuples; each worker opens the stores it needs by location.
     """
 
-    def __init__(self, items: Sequence[tuple[str, int, int]]) -> None:
+    def __init__(self, items: Sequence[tuple[str, int, int]], read_threads: int = 2) -> None:
         self.items = list(items)
+        self.read_threads = read_threads
         self._open: dict[str, PatchStore] = {}
 
     def __len__(self) -> int:
@@ -61,14 +66,21 @@ class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
         location, start, stop = self.items[index]
         store = self._open.get(location)
         if store is None:
-            store = self._open[location] = PatchStore.open(location)
+            store = self._open[location] = PatchStore.open(location, workers=self.read_threads)
         return index, torch.from_numpy(np.ascontiguousarray(store.read(slice(start, stop))))
 
+    def close(self) -> None:
+        """Close the slides coordinates-only stores read from."""
+        for store in self._open.values():
+            store.close()
+        self._open.clear()
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"items": self.items}
+        return {"items": self.items, "read_threads": self.read_threads}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.items = state["items"]
+        self.read_threads = state.get("read_threads", 2)
         self._open = {}
 
 
@@ -103,9 +115,11 @@ def check_store_matches_model(attrs: Mapping[str, Any], spec: ModelSpec, locatio
 
 
 def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch_size: int = 128,
-                 workers: int = 0, desc: str = "scoring") -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+                 workers: int = 0, desc: str = "scoring",
+                 read_threads: int = 2) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
     """Yield ``(location, probabilities (N, C), domain distances (N,) or None)`` for each store, in order, as
-    soon as it is scored (distances when the model has a domain model, from the same forward pass)."""
+    soon as it is scored (distances when the model has a domain model, from the same forward pass).
+    ``read_threads``: slide reader threads of coordinates-only stores."""
     sizes = []
     for location in locations:
         store = PatchStore.open(location)
@@ -123,23 +137,28 @@ def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch
                 emitted.add(loc)
                 yield loc, per_store.pop(loc), per_store_d.pop(loc, None)
 
-    loader = prefetch(make_loader(StoreBatches(items), workers), PREFETCH_BATCHES)
+    dataset = StoreBatches(items, read_threads)
+    loader = prefetch(make_loader(dataset, workers), PREFETCH_BATCHES)
     total = sum(n for _, n in sizes)
-    with progress.bar(total=total, desc=desc, unit="patch") as bar:
-        order = {loc: i for i, (loc, _) in enumerate(sizes)}
-        for index, batch in loader:
-            location, start, stop = items[int(index)]
-            probs, distance = classifier.score_tensor(classifier.preprocess(batch))
-            per_store[location][start:stop] = probs.float().numpy()
-            if distance is not None:
-                per_store_d[location][start:stop] = distance
-            remaining[location] -= 1
-            bar.update(stop - start)
-            yield from flush_ready(order[location] + 1)
+    try:
+        with progress.bar(total=total, desc=desc, unit="patch") as bar:
+            order = {loc: i for i, (loc, _) in enumerate(sizes)}
+            for index, batch in loader:
+                location, start, stop = items[int(index)]
+                probs, distance = classifier.score_tensor(classifier.preprocess(batch))
+                per_store[location][start:stop] = probs.float().numpy()
+                if distance is not None:
+                    per_store_d[location][start:stop] = distance
+                remaining[location] -= 1
+                bar.update(stop - start)
+                yield from flush_ready(order[location] + 1)
+    finally:
+        loader.close()  # stops the reading thread first, then the slides it read from are closed
+        dataset.close()
     yield from flush_ready(len(sizes))
 
 
-def prefetch(iterable: Iterable[T], depth: int) -> Iterator[T]:
+def prefetch(iterable: Iterable[T], depth: int) -> Generator[T, None, None]:
     """Iterate ``iterable`` in a background thread, at most ``depth`` items ahead; errors re-raised here.
 
     Closing the generator early (a failed slide, Ctrl-C) stops the thread after its current item.
