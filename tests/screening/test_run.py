@@ -226,3 +226,15 @@ def test_a_run_keeps_no_patch_pixels_unless_asked_and_both_score_alike(demo_run:
     stored = runview.top_patches(runview.open_run(kept), name, 4)
     assert all(a.image is not None and b.image is not None and np.array_equal(a.image, b.image)
                for a, b in zip(streamed, stored, strict=True))
+
+
+def test_infer_stores_reuses_a_store_of_any_codec(tmp_path: Path, example_slide: Path) -> None:
+    """`tile`'s default stores are JPEG: `infer --stores` reuses them (the same patches, kept another way)."""
+    stores = tmp_path / "stores"
+    assert run_cli("tile", example_slide, "-o", stores, "--mpp", "0.972", "--size", "96", "--quiet").code == 0
+    store = stores / "CMU-1-Small-Region.zarr"
+    before = (store / "zarr.json").read_bytes()
+    res = run_cli("infer", example_slide, "-o", tmp_path / "run", "--stores", stores, "--workers", "0", "--quiet")
+    assert res.code == 0, res
+    assert (store / "zarr.json").read_bytes() == before  # reused, not re-tiled
+    assert PatchStore.open(store).codec.name == "jpeg"  # type: ignore[union-attr]
