@@ -12,7 +12,7 @@ from tests.conftest import run_cli
 from tests.factory import he_texture
 from wsi_screen.errors import StoreError
 from wsi_screen.slide.discovery import SlideSource
-from wsi_screen.tiling.codecs import PatchCodec
+from wsi_screen.tiling.codecs import DEFAULT_QUALITY, PatchCodec
 from wsi_screen.tiling.grid import TileSpec
 from wsi_screen.tiling.pipeline import TileConfig, tile_slide
 from wsi_screen.tiling.store import PatchStore, StoreWriter, patches_per_shard, store_location
@@ -60,7 +60,7 @@ def test_lossy_shards_are_zarrs_own_and_plain_zarr_reads_them(tmp_path: Path, na
     plain = zarr.open_group(loc, mode="r")["patches"][...]  # plain zarr, codec found by its registered name
     assert np.array_equal(ours, plain)
     assert np.array_equal(store.read([n - 1, 2]), plain[[n - 1, 2]])
-    assert store.codec == codec and store.attrs["codec"] == {"name": name, "quality": 90}
+    assert store.codec == codec and store.attrs["codec"] == {"name": name, "quality": DEFAULT_QUALITY[name]}
     assert 30 < _psnr(patches, ours) < 60  # lossy, and close
 
 
