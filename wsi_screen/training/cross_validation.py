@@ -101,6 +101,7 @@ def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
     started = time.perf_counter()
     folds: list[_Fold] = []
     built: dict[str, Any] = {}
+    report = None
     with torch.random.fork_rng(devices=[]):
         for f in range(k):
             fit_rows, held = np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)
@@ -109,13 +110,13 @@ def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
                                 train=BatchSource(targets[fit_rows], images=images[fit_rows]),
                                 valid=BatchSource(targets[held], images=images[held]), valid_targets=targets[held])
             torch.manual_seed(config.seed * 1000 + f)
-            loop, built, _report = T._make_loop(fold_data, config)  # the same architecture and kwargs each time
+            loop, built, report = T._make_loop(fold_data, config)  # the same architecture and kwargs each time
             folds.append(_Fold(f, held, fold_data, loop))
         log.info("training %d x %s (%s parameters each) in %d-fold cross-validation on %d images of %d px; up "
                  "to %d epochs", k, config.arch, f"{count_parameters(folds[0].loop.model):,}", k, len(rows),
                  data.size, config.epochs)
         best: dict[str, Any] = {"score": -math.inf, "epoch": 0}
-        stale, history = 0, []
+        stale, history, stopped_early = 0, [], False
         with (out / "history.csv").open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=FOLD_HISTORY)
             writer.writeheader()
@@ -147,7 +148,8 @@ def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
                 log.info("epoch %d/%d: out-of-fold %s %.4f (folds %s +- %s) (%s s)%s", epoch, config.epochs,
                          monitor, score, row["fold_auc_mean"], row["fold_auc_sd"], row["seconds"],
                          " *" if improved else "")
-                if config.patience and stale >= config.patience:
+                if config.patience and stale >= config.patience and epoch < config.epochs:
+                    stopped_early = True
                     log.info("no improvement in %s for %d epochs: stopping", monitor, config.patience)
                     break
 
@@ -172,7 +174,8 @@ def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
                                         f"seed {config.seed})",
                                "split_source": "folds", "n_train": len(rows), "n_valid": len(rows), "folds": k},
                         class_targets=targets,
-                        train_config=T._resolved(config, data, monitor, best["epoch"], False, seconds, None),
+                        train_config=T._resolved(config, data, monitor, best["epoch"], stopped_early, seconds,
+                                                 report),
                         ensemble=k)
     write_evaluation(out / "valid", metrics, [data.folder.paths[i] for i in rows], targets, oof)
     _write_fold_metrics(out / "valid" / "fold_metrics.csv", fold_rows)
@@ -184,7 +187,8 @@ def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
              monitor, best["score"], _mean(aucs) or math.nan, _sd(aucs) or math.nan,
              "n/a" if threshold is None else f"{threshold:.4f}", out)
     return T.TrainResult(model_dir=out, spec=spec, history=history, best_epoch=best["epoch"],
-                         best_score=best["score"], stopped_early=False, seconds=seconds, pretrained=None)
+                         best_score=best["score"], stopped_early=stopped_early, seconds=seconds,
+                         pretrained=report.as_dict() if report else None)
 
 
 FOLD_HISTORY = ("epoch", "train_loss", "oof_auc", "oof_balanced_accuracy", "fold_auc_mean", "fold_auc_sd",
