@@ -355,9 +355,11 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
         log.error("%s", row.error)
         runlog.record_traceback(source.name, result.traceback)
         return row
+    caller_thresholds = classifier.decision_thresholds  # the slide rule's are added for this slide only
     try:
         check_store_matches_model(PatchStore.open(result.store).attrs, classifier.spec, result.store)
-        classifier.decision_thresholds = decision_thresholds(classifier, job.aggregate)
+        classifier.decision_thresholds = tuple(sorted({*caller_thresholds,
+                                                       *decision_thresholds(classifier, job.aggregate)}))
         for _location, probs, distance in score_stores([result.store], classifier, batch_size=job.batch_size,
                                                        workers=job.loader_workers, desc=source.name[:30]):
             scored = time.perf_counter()
@@ -375,6 +377,8 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
             row.error, trace = failure_message(source.path, exc)
             runlog.record_traceback(source.name, trace)
         log.error("%s", row.error)
+    finally:
+        classifier.decision_thresholds = caller_thresholds
     return row
 
 
