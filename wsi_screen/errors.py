@@ -46,10 +46,6 @@ class ResolutionError(SlideError, ValueError):
     """The requested resolution cannot be served by the slide (finer than level 0, or absurd)."""
 
 
-class NoSlidesFoundError(WsiScreenError, FileNotFoundError):
-    """A path given on the command line holds no slide."""
-
-
 class StainFitError(WsiScreenError, ValueError):
     """Stain parameters could not be fitted (too little stained tissue in the sample)."""
 

@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-#: metastasis size classes by largest diameter in mm (AJCC): upper bounds, exclusive
-SIZE_CLASSES = ("none", "itc", "micro", "macro")
+#: metastasis size classes (none, itc, micro, macro) by largest diameter in mm (AJCC): upper bounds, exclusive
 ITC_MAX_MM = 0.2
 MICRO_MAX_MM = 2.0
 

@@ -381,14 +381,3 @@ def layout_for(slide: CohortSlide, *, cell_mm: float, pools: dict[str, int]) -> 
     return make_layout(np.random.default_rng(slide.seed), slide.n_tissue, slide.foci, cell_mm=cell_mm,
                        pools=pools)
 
-
-def write_plan_csv(path: Path, plan: Sequence[CohortSlide], layouts: Sequence[SlideLayout]) -> None:
-    from wsi_screen._safe_write import atomic_write_text
-    from wsi_screen.screening.runfolder import csv_text
-
-    rows = [{"slide": s.name, "label": "tumour" if lay.positive else "normal", "n_tissue": lay.n_tissue,
-             "focus_class": lay.size_class, "largest_focus_mm": f"{lay.largest_focus_mm:.3f}",
-             "n_foci": len(lay.foci), "tumour_patches": int(lay.tumour.sum())}
-            for s, lay in zip(plan, layouts, strict=True)]
-    atomic_write_text(path, csv_text(rows, list(rows[0]) if rows else ["slide", "label"]))
-
