@@ -35,7 +35,7 @@ from wsi_screen.screening.aggregate import (
     diagnose,
 )
 from wsi_screen.screening.runfolder import SlideFolder, SlideScores
-from wsi_screen.screening.spatial import PatchGrid, patch_grid
+from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 from wsi_screen.slide.slide import slide_name
 from wsi_screen.tables import first_rows, read_table
 from wsi_screen.tiling.pipeline import TileConfig
@@ -205,7 +205,7 @@ def _refresh_heatmap(run: Path, row: SlideRow, scores: SlideScores, pos: int, sp
         log.warning("%s: heatmap not redrawn for the new rule: %s", row.name, exc)
 
 
-def slide_grid(done: dict[str, Any], coords: np.ndarray, probs: np.ndarray) -> PatchGrid | None:
+def slide_grid(done: dict[str, Any], coords: np.ndarray, probs: np.ndarray) -> ScoreGrid | None:
     """The slide's patch probabilities on their grid (stride and level-0 mpp from its slide.json ``done``)."""
     try:
         stride = int(done.get("stride_l0") or done["tile_size_l0"])

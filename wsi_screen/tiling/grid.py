@@ -75,7 +75,7 @@ class PatchGrid:
     tissue: np.ndarray  # float32 (N,)
     tile_size_l0: int
     stride_l0: int
-    shape: tuple[int, int]  # (columns, rows) of the full grid before tissue filtering
+    shape: tuple[int, int]  # (rows, columns) of the full grid before tissue filtering, numpy's order
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
@@ -181,4 +181,4 @@ def make_grid(mask: np.ndarray, dimensions: tuple[int, int], tile_l0: int, strid
     if min_tissue <= 0.0:
         keep[:] = True
     return PatchGrid(coords=coords[keep].reshape(-1, 2), tissue=frac[keep], tile_size_l0=tile_l0,
-                     stride_l0=stride, shape=(len(xs), len(ys)))
+                     stride_l0=stride, shape=(len(ys), len(xs)))

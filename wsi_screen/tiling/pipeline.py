@@ -267,7 +267,7 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
             "tissue": {"settings": config.tissue.to_json(), "thumbnail_mpp": thumb_mpp,
                        "min_tissue": spec.min_tissue, "labels": LABELS,
                        "tissue_fraction": mask.tissue_fraction},
-            "grid": {"columns": grid.shape[0], "rows": grid.shape[1], "origin_l0": [0, 0]},
+            "grid": {"columns": grid.shape[1], "rows": grid.shape[0], "origin_l0": [0, 0]},
             "package_version": __version__,
             ATTR_SETTINGS: settings,
         }
