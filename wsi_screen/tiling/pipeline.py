@@ -166,7 +166,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             for k in keys if old.get(k) != new.get(k)]
 
 
-def open_slide(source: SlideSource, config: TileConfig) -> Slide:
+def _open(source: SlideSource, config: TileConfig) -> Slide:
     """The slide as this configuration reads it (resolution from the file, the per-slide table or the
     fallback; see :class:`~wsi_screen.slide.slide.Slide`)."""
     forced = mpp_for(dict(config.slide_mpps), source.path, source.name)
@@ -176,7 +176,7 @@ def open_slide(source: SlideSource, config: TileConfig) -> Slide:
 def store_is_current(source: SlideSource, location: str, config: TileConfig) -> tuple[bool, float, str]:
     """Whether the complete store at ``location`` is what tiling ``source`` with ``config`` would write now
     (same slide file, resolution and settings), and the slide's current (mpp, mpp source)."""
-    with open_slide(source, config) as slide:
+    with _open(source, config) as slide:
         settings = expected_settings(slide, config, thumbnail_mpp(slide.mpp, slide.dimensions))
         existing = read_attrs(location)
         ok = existing is not None and is_complete(existing) and existing.get(ATTR_SETTINGS) == settings
@@ -212,7 +212,7 @@ def failure_message(path: Path | str, exc: BaseException) -> tuple[str, str]:
 
 def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: float) -> TileResult:
     spec = config.spec
-    with open_slide(source, config) as slide:
+    with _open(source, config) as slide:
         isolation.heartbeat("opened")
         thumb_mpp = thumbnail_mpp(slide.mpp, slide.dimensions)
         settings = expected_settings(slide, config, thumb_mpp)
