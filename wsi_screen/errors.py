@@ -39,7 +39,13 @@ class SlideTimeoutError(SlideError, TimeoutError):
 
 
 class MissingMppError(SlideError, ValueError):
-    """The slide does not declare its level-0 resolution and none was given."""
+    """No usable level-0 resolution (mpp) for a slide, for one of four causes:
+
+    * the slide declares none and no fallback mpp was given;
+    * a given mpp (fallback or per-slide) lies outside the plausible range;
+    * the declared mpp is implausible (not finite, or outside the plausible range);
+    * the declared pixels are not square (x and y differ by more than 5 %).
+    """
 
 
 class ResolutionError(SlideError, ValueError):
