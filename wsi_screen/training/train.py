@@ -81,7 +81,6 @@ MONITORS = ("auto", "auc", "balanced_accuracy", "accuracy", "loss")
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adam": 0.0, "adamw": 0.05}
 
-#: words that mark the disease class of a binary dataset (tokens of the class name, e.g. colon_aca)
 #: words in a class name that make it the positive (screening) class
 POSITIVE_CLASS_WORDS = frozenset({"tumour", "tumor", "abnormal", "cancer", "cancerous", "malignant", "positive",
                             "metastasis", "metastatic", "carcinoma", "aca", "adenocarcinoma", "lesion"})
