@@ -31,6 +31,7 @@ import numpy as np
 
 from wsi_screen.errors import ConfigError, DatasetError
 from wsi_screen.screening.spatial import size_class
+from wsi_screen.synthetic.slides import dihedral
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,6 @@ BANK_FORMAT = 1
 THUMB_FACTOR = 8
 #: the tiler's default minimum tissue fraction of a patch (``--min-tissue``)
 MIN_TISSUE = 0.5
-
-
-# ------------------------------------------------------------------------------------------ dihedral group
-def dihedral(image: np.ndarray, k: int) -> np.ndarray:
-    """Element ``k`` (0-7) of the dihedral group on an (H, W, C) image: ``k % 4`` quarter turns, then a
-    horizontal flip when ``k >= 4``."""
-    out = np.rot90(image, k % 4, axes=(0, 1))
-    return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
 
 
 # -------------------------------------------------------------------------------------------- score bank
