@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -40,12 +40,6 @@ from wsi_screen.slide.slide import slide_name
 from wsi_screen.tables import first_rows, read_table
 from wsi_screen.tiling.pipeline import TileConfig
 from wsi_screen.tiling.store import PatchStore
-
-if TYPE_CHECKING:
-    pass
-
-if TYPE_CHECKING:
-    from wsi_screen.screening.run import InferConfig
 
 log = logging.getLogger(__name__)
 
@@ -245,10 +239,11 @@ def write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, m
 
 
 def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, model_id: dict[str, Any],
-                    tile_cfg: TileConfig, config: InferConfig, argv: Sequence[str], started: datetime,
+                    tile_cfg: TileConfig, settings: dict[str, Any], argv: Sequence[str], started: datetime,
                     seconds: float, stages: dict[str, float | None] | None = None) -> None:
     """``RUN/run.json``: the provenance of the run and where its time went (``stages`` of the whole run;
-    each slide's ``seconds`` by stage: open, tile, score, outputs, or reuse_check for a slide reused)."""
+    each slide's ``seconds`` by stage: open, tile, score, outputs, or reuse_check for a slide reused;
+    ``settings``: the run's, as :meth:`wsi_screen.screening.run.InferConfig.to_json` gives them)."""
     import torch
 
     runfolder.write_json(run / runfolder.RUN_JSON, {
@@ -262,10 +257,7 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
         "tiling": {"mpp": tile_cfg.spec.mpp, "patch_size": tile_cfg.spec.size_px,
                    "min_tissue": tile_cfg.spec.min_tissue, "stain": tile_cfg.stain,
                    "stain_target": tile_cfg.stain_target, "tissue": tile_cfg.tissue.to_json()},
-        "settings": {"batch_size": config.batch_size, "workers": config.workers,
-                     "loader_workers": config.loader_workers, "stores": config.stores,
-                     "slide_mpp": config.slide_mpp, "slide_mpp_csv": dict(config.slide_mpps),
-                     "labels": config.labels},
+        "settings": settings,
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
                         "torch": torch.__version__, "numpy": np.__version__},
         "slides": [{"slide": r.name, "status": r.status, "error": r.error, "mpp": r.extra.get("slide_mpp"),

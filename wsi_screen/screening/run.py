@@ -79,6 +79,12 @@ class InferConfig:
     slide_timeout: float = isolation.DEFAULT_TIMEOUT
     labels: str | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        """The settings ``run.json`` records."""
+        return {"batch_size": self.batch_size, "workers": self.workers, "loader_workers": self.loader_workers,
+                "stores": self.stores, "slide_mpp": self.slide_mpp, "slide_mpp_csv": dict(self.slide_mpps),
+                "labels": self.labels}
+
 
 @dataclass(frozen=True)
 class RunSummary:
@@ -247,7 +253,7 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     write_results(run, rows, aggregate, model_id)
     warn_earlier_slides(run, rows)
     stages = {"start_up": process_age(t0), "slides": screened - t0, "run_outputs": time.perf_counter() - screened}
-    write_run_json(run, rows, aggregate, model_id, tile_cfg, config, argv, started, time.perf_counter() - t0,
+    write_run_json(run, rows, aggregate, model_id, tile_cfg, config.to_json(), argv, started, time.perf_counter() - t0,
                    stages)
     from wsi_screen.screening.report import write_report
 
