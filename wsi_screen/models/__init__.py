@@ -26,8 +26,9 @@ from wsi_screen.models.checkpoint import (
     resolve_model_dir,
     save_model,
 )
-from wsi_screen.models.classifier import PatchClassifier, resize_uint8
+from wsi_screen.models.classifier import PatchClassifier
 from wsi_screen.models.domain import DomainModel
+from wsi_screen.models.pixels import resize_uint8
 from wsi_screen.models.registry import (
     ArchInfo,
     arch_info,

@@ -117,7 +117,7 @@ def collect_features(module: nn.Module, batches: Iterable[torch.Tensor | np.ndar
                      mean: torch.Tensor, std: torch.Tensor) -> Features:
     """Both views (see :func:`feature_tap`) of uint8 NHWC ``batches`` at the model's input size, normalised
     with ``mean``/``std`` (1, 3, 1, 1) as in training and inference."""
-    from wsi_screen.models.classifier import normalise, to_unit_float
+    from wsi_screen.models.pixels import normalise, to_unit_float
 
     module.eval()
     with torch.inference_mode(), feature_tap(module) as captured:

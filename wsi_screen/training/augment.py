@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from wsi_screen.models.classifier import to_unit_float
+from wsi_screen.models.pixels import to_unit_float
 
 #: stain vectors of haematoxylin, eosin and DAB (Ruifrok & Johnston, as in scikit-image's rgb_from_hed)
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]],

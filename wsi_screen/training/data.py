@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from wsi_screen import progress
 from wsi_screen.errors import DatasetError
-from wsi_screen.models.classifier import numpy_to_tensor, resize_uint8
+from wsi_screen.models.pixels import numpy_to_tensor, resize_uint8
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from wsi_screen.errors import ConfigError, ModelError
 from wsi_screen.metrics import ThresholdRule, compute_metrics
 from wsi_screen.models import CONFIG_NAME, ModelSpec, PretrainedReport, create_model, load_pretrained, save_model
 from wsi_screen.models.card import write_card
-from wsi_screen.models.classifier import normalise, to_unit_float
 from wsi_screen.models.domain import DomainModel, collect_features
 from wsi_screen.models.domain import fit as fit_domain_model
+from wsi_screen.models.pixels import normalise, to_unit_float
 from wsi_screen.models.registry import classifier_parameter_names, default_mean_std
 from wsi_screen.training.augment import BatchAugment
 from wsi_screen.training.config import PreparedData, TrainConfig
