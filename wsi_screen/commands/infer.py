@@ -86,7 +86,8 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     if dask is None and not ctx.obj.get("debug"):
         from wsi_screen.slide import isolation
 
-        isolation.start_early()  # the slide reader starts up while this process imports torch and the model
+        # the slide reader starts up (and imports the tiler) while this process imports torch and the model
+        isolation.start_early("wsi_screen.tiling.pipeline")
     from pathlib import Path
 
     from wsi_screen.distributed import maybe_connect, parse_address

@@ -78,7 +78,8 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
         from wsi_screen.slide import isolation
 
         # the slide reader starts up (and imports the tiler, and numba's stain loops) while this process does
-        isolation.start_early(*(() if stain == "none" else ("wsi_screen.tiling.stain",)))
+        isolation.start_early("wsi_screen.tiling.pipeline",
+                              *(() if stain == "none" else ("wsi_screen.tiling.stain",)))
     import logging
 
     from wsi_screen.distributed import maybe_connect, parse_address

@@ -233,7 +233,8 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     if dask is not None:
         rows.extend(_screen_on_dask(dask, sources, job, model_dir))
     else:
-        with isolation.slide_calls(tile_cfg.slide_timeout, isolate=not debug) as call, \
+        tiler = (tile_isolated.__module__,)  # what a new slide reader imports first
+        with isolation.slide_calls(tile_cfg.slide_timeout, isolate=not debug, preload=tiler) as call, \
                 progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
             for source in sources:
                 rows.append(screen_slide(source, job, classifier, call=call))

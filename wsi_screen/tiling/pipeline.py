@@ -411,7 +411,7 @@ def tile_slides(sources: Sequence[SlideSource], out: str | Path, config: TileCon
     if dask is not None:
         return _tile_on_dask(dask, sources, out_str, output_location(out), config, debug=debug)
     results: list[TileResult] = []
-    with isolation.slide_calls(config.slide_timeout, isolate=not debug) as call, \
+    with isolation.slide_calls(config.slide_timeout, isolate=not debug, preload=(__name__,)) as call, \
             progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
         for source in sources:
             result = tile_isolated(call, source, out_str, config, debug=debug)
