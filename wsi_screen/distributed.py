@@ -188,7 +188,11 @@ def connect(address: str | DaskAddress, *, timeout_s: float = CONNECT_TIMEOUT_S)
     An unreachable scheduler is a :class:`SchedulerError` naming the address, after ``timeout_s`` seconds.
     """
     target = parse_address(address) if isinstance(address, str) else address
-    from distributed import Client, LocalCluster
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise ConfigError('running on a Dask cluster needs Dask, which is not installed here: '
+                          'pip install "wsi-screen[dask]"') from exc
 
     if target.scheduler is None:
         # single-threaded worker processes (a slide's reader threads are its parallelism), no fixed

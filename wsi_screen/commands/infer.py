@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 @click.option("--dask", type=str, default=None, metavar="ADDRESS",
               help="Screen on a Dask cluster, one task per slide: tcp://HOST:PORT of a running scheduler, or "
                    "local[:N] for N worker processes here (default 2). Every worker must see the slides, the "
-                   "model folder and RUN by the same paths (see docs/cluster.md).")
+                   "model folder and RUN by the same paths (see docs/cluster.md). Needs the dask extra: "
+                   "pip install \"wsi-screen[dask]\".")
 @precision_option("auto")
 @common_options
 def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | None, threshold: float | None,
