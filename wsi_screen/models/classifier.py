@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsi_screen.decision import decide
 from wsi_screen.errors import ModelError
+from wsi_screen.metrics import decide
 from wsi_screen.models.domain import DomainModel, feature_tap, joined
 from wsi_screen.models.pixels import ImageBatch, as_uint8_batch, normalise, numpy_to_tensor, resize_uint8, to_unit_float
 from wsi_screen.models.precision import DOMAIN_REFINE_BAND, REFINE_BAND, autocast, resolve

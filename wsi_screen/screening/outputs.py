@@ -37,7 +37,7 @@ from wsi_screen.screening.aggregate import (
 from wsi_screen.screening.runfolder import SlideFolder, SlideScores
 from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 from wsi_screen.slide.slide import slide_name
-from wsi_screen.tables import first_rows, read_table
+from wsi_screen.slide.tables import first_rows, read_table
 from wsi_screen.tiling.pipeline import TileConfig
 from wsi_screen.tiling.store import PatchStore
 

@@ -47,7 +47,7 @@ from wsi_screen.screening.outputs import (
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover
 from wsi_screen.slide.slide import slide_name, warn_unmatched_mpp
-from wsi_screen.tables import few
+from wsi_screen.slide.tables import few
 from wsi_screen.tiling.grid import TileSpec
 from wsi_screen.tiling.pipeline import TileConfig, failure_message, tile_isolated
 from wsi_screen.tiling.store import PatchStore

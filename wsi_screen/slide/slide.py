@@ -33,7 +33,7 @@ from PIL import Image
 
 from wsi_screen.errors import ConfigError, MissingMppError, SlideOpenError, UnsupportedFormatError
 from wsi_screen.slide.readers import Reader, into
-from wsi_screen.threads import run_each
+from wsi_screen.slide.threads import run_each
 
 if TYPE_CHECKING:
     from tifffile import TiffFile
@@ -403,7 +403,7 @@ def resize(img: np.ndarray, size: tuple[int, int],
 
 def read_mpp_table(path: str | os.PathLike[str]) -> dict[str, float]:
     """``--slide-mpp-csv``: a CSV with columns ``slide`` (a slide's name, file name or path) and ``mpp``."""
-    from wsi_screen.tables import first_rows, read_table
+    from wsi_screen.slide.tables import first_rows, read_table
 
     p = Path(path)
     rows = read_table(p, ("slide", "mpp"), "--slide-mpp-csv")
@@ -426,7 +426,7 @@ def warn_unmatched_mpp(table: dict[str, float], sources: Sequence[Any]) -> list[
     named = set()
     for s in sources:
         named |= {s.name, s.path.name, str(s.path), slide_name(s.path)}
-    from wsi_screen.tables import few
+    from wsi_screen.slide.tables import few
 
     unmatched = sorted(k for k in table if k not in named)
     if unmatched:

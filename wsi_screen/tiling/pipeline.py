@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_screen import __version__, memory, progress, runlog
+from wsi_screen import __version__, progress, runlog
 from wsi_screen.errors import (
     ConfigError,
     ResolutionError,
@@ -39,6 +39,7 @@ from wsi_screen.errors import (
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource
 from wsi_screen.slide.slide import ReaderChoice, Slide, mpp_for
+from wsi_screen.tiling import memory
 from wsi_screen.tiling.grid import TileSpec, make_grid, stride_l0, tile_size_l0
 from wsi_screen.tiling.store import (
     ATTR_SETTINGS,
@@ -69,7 +70,7 @@ THUMBNAIL_MAX_SIDE = 8192
 THUMBNAIL_MAX_PIXELS = 3072 * 3072
 #: shortest "longest side": small slides get a finer thumbnail
 THUMBNAIL_MIN_SIDE = 1024
-#: return freed heap memory to the system every this many shards (see wsi_screen.memory)
+#: return freed heap memory to the system every this many shards (see wsi_screen.tiling.memory)
 TRIM_EVERY = 4
 #: tissue patches sampled (evenly over the grid) to fit a slide's stain parameters
 STAIN_SAMPLE = 64

@@ -102,7 +102,7 @@ def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], paths: list[s
                      in_domain: np.ndarray | None = None) -> Path:
     """Write metrics.json, predictions.csv (with each image's domain distance when given), roc.png and
     confusion.png."""
-    from wsi_screen.decision import decide
+    from wsi_screen.metrics import decide
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
