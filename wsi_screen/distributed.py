@@ -1,4 +1,4 @@
-"""Run the per-slide unit of work on a Dask distributed cluster (``--dask ADDRESS``).
+"""Run the per-slide unit of work on a Dask distributed cluster (the CLI's ``dask`` setting: an address).
 
 ``wsi-screen tile`` and ``wsi-screen infer`` hand each slide to a worker as one task: the worker opens the
 slide by path and writes the store (and, for ``infer``, the slide's run folder) to the output location itself;
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: ``--dask local`` starts this many single-threaded worker processes
+#: a ``local`` address starts this many single-threaded worker processes
 DEFAULT_LOCAL_WORKERS = 2
 #: seconds to wait for an existing scheduler before giving up with a :class:`SchedulerError`
 CONNECT_TIMEOUT_S = 5.0
@@ -76,14 +76,14 @@ def parse_address(text: str) -> DaskAddress:
     if m := _LOCAL.fullmatch(value):
         n = int(m["n"]) if m["n"] is not None else DEFAULT_LOCAL_WORKERS
         if n < 1:
-            raise ConfigError(f"--dask {text}: a local cluster needs at least 1 worker (local:N with N >= 1)")
+            raise ConfigError(f"`dask` {text}: a local cluster needs at least 1 worker (local:N with N >= 1)")
         return DaskAddress(None, n)
     if m := _TCP.fullmatch(value):
         port = int(m["port"])
         if not 1 <= port <= 65535:
-            raise ConfigError(f"--dask {text}: port {port} is out of range (1-65535)")
+            raise ConfigError(f"`dask` {text}: port {port} is out of range (1-65535)")
         return DaskAddress(value)
-    raise ConfigError(f"--dask {text!r}: expected tcp://HOST:PORT (a running `dask scheduler`), local or "
+    raise ConfigError(f"`dask` {text!r}: expected tcp://HOST:PORT (a running `dask scheduler`), local or "
                       "local:N (start N worker processes here)")
 
 
@@ -123,7 +123,7 @@ class DaskRunner:
         """Submit one task per call, show a bar as they finish, and return their results in call order.
 
         A task that raised (or whose worker died) becomes ``failed(index, one-line reason)`` unless
-        ``reraise`` (``--debug``), which re-raises the worker's exception here. ``on_result(index, result)``
+        ``reraise`` (debugging), which re-raises the worker's exception here. ``on_result(index, result)``
         sees every result as it arrives (after the task's log records were re-emitted) and may replace it.
         On KeyboardInterrupt (or any error) every task still queued is cancelled before re-raising; tasks
         already running finish on their worker (and commit their store atomically or not at all).

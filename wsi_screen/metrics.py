@@ -5,7 +5,7 @@ contour, the QuPath GeoJSON and the report all call a patch through it, so a pat
 output).
 
 Every number comes from scikit-learn or from counts; arrays in, dicts out, no files except the plots.
-``evaluate`` (patches) and ``infer --labels`` / ``calibrate`` (slides) call the same functions, so a patch
+``evaluate`` (patches) and ``infer`` with labels / ``calibrate`` (slides) call the same functions, so a patch
 metric and a slide metric of the same name are computed the same way.
 
 **The threshold rule** (:func:`choose_threshold`; "call positive when score >= t"): ``sensitivity:X`` is the

@@ -29,7 +29,7 @@ def test_positive_class_resolution() -> None:
     assert resolve_positive(["colon_aca", "colon_n"], None) == "colon_aca"
     assert resolve_positive(["a", "b", "c"], None) is None
     assert resolve_positive(["a", "b", "c"], "c") == "c"
-    with pytest.raises(ConfigError, match="pass --positive"):
+    with pytest.raises(ConfigError, match="set `positive`"):
         resolve_positive(["cats", "dogs"], None)
     with pytest.raises(ConfigError, match="not one of"):
         resolve_positive(["cats", "dogs"], "birds")

@@ -113,6 +113,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
 
 
 def _print_table(summary: RunSummary) -> None:
+    from wsi_screen.errors import in_user_words
     from wsi_screen.screening import runfolder
 
     rows = sorted(summary.rows, key=lambda r: r.name)
@@ -125,7 +126,7 @@ def _print_table(summary: RunSummary) -> None:
         n = str(res.n_patches) if res else "-"
         pad = " " * (width - _display_width(r.name))
         if res is None:
-            click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>6}  error: {r.error}")
+            click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>6}  error: {in_user_words(r.error)}")
             continue
         focus = f"{res.largest_focus_mm:.2f}" if res.largest_focus_mm else "-"
         foci = str(res.n_foci) if res.score is not None else "-"

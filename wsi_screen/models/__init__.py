@@ -94,7 +94,7 @@ def load_model(path: str | os.PathLike[str] | None = None, *,
     if path is None:
         path = default_model_dir()
         if not (path / CONFIG_NAME).exists():
-            raise ModelError(f"the bundled default model is missing ({path}); pass --model MODEL_DIR (a "
+            raise ModelError(f"the bundled default model is missing ({path}); set `model` to a model folder (a "
                              "folder from `wsi-screen train`) or train one into that folder")
     model_dir = resolve_model_dir(Path(path))
     spec = ModelSpec.read(model_dir)

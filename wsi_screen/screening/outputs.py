@@ -1,6 +1,6 @@
 """What a run writes, slide by slide and for the whole run: ``RUN/<slide>/`` (scores.csv, heatmap.png,
 patches.geojson, slide.json, in one atomic step), the slide call re-aggregated from scores, ``results.csv``,
-``run.json`` and, with ``--labels``, the slide-level metrics and ROC. :mod:`wsi_screen.screening.run` decides
+``run.json`` and, with slide labels, the slide-level metrics and ROC. :mod:`wsi_screen.screening.run` decides
 what to do with each slide; this module writes what came of it (formats: :mod:`~wsi_screen.screening.runfolder`).
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from wsi_screen import __version__
 from wsi_screen._safe_write import atomic_write_text
-from wsi_screen.errors import ConfigError, WsiScreenError
+from wsi_screen.errors import ConfigError, WsiScreenError, in_user_words
 from wsi_screen.metrics import RocCurve, binary_view, plot_roc
 from wsi_screen.models import PatchClassifier
 from wsi_screen.screening import runfolder
@@ -232,7 +232,7 @@ def write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, m
             "out_of_domain": str(r.extra["out_of_domain"]).lower() if "out_of_domain" in r.extra else "",
             "top_x": r.top[0] if r.top else "", "top_y": r.top[1] if r.top else "",
             "top_score": f"{r.top[2]:.6f}" if r.top else "", "model": model_id["arch"],
-            "label": r.label, "error": r.error, "source": r.source,
+            "label": r.label, "error": in_user_words(r.error), "source": r.source,
             "store": runfolder.portable_path(r.store, run) if r.store else "",
         })
     atomic_write_text(run / runfolder.RESULTS_CSV, runfolder.csv_text(table, runfolder.RESULT_COLUMNS))
@@ -260,8 +260,9 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
         "settings": settings,
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
                         "torch": torch.__version__, "numpy": np.__version__},
-        "slides": [{"slide": r.name, "status": r.status, "error": r.error, "mpp": r.extra.get("slide_mpp"),
-                    "mpp_source": r.extra.get("mpp_source"), "reused": bool(r.extra.get("reused")),
+        "slides": [{"slide": r.name, "status": r.status, "error": in_user_words(r.error),
+                    "mpp": r.extra.get("slide_mpp"), "mpp_source": r.extra.get("mpp_source"),
+                    "reused": bool(r.extra.get("reused")),
                     "in_domain_fraction": r.extra.get("in_domain_fraction"),
                     "out_of_domain": r.extra.get("out_of_domain"), "seconds": r.extra.get("seconds")}
                    for r in sorted(rows, key=lambda r: r.name)],
@@ -276,7 +277,7 @@ LABEL_NEGATIVE = {"0", "false", "no", "negative", "neg", "normal", "benign"}
 
 def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
     """``slides.csv`` (columns ``slide``, ``label``) -> {slide name: "positive" | "negative"}."""
-    rows = read_table(path, ("slide", "label"), "--labels")
+    rows = read_table(path, ("slide", "label"), "`labels`")
     spec = classifier.spec
     positive = {str(spec.positive_class).lower()} | LABEL_POSITIVE
     negative = {c.lower() for c in spec.classes if c != spec.positive_class} | LABEL_NEGATIVE
@@ -305,7 +306,7 @@ def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
     no labelled slide was scored."""
     scored = [r for r in rows if r.label and r.result is not None and r.result.score is not None]
     if not scored:
-        log.warning("--labels: no labelled slide was scored in this run, so there are no slide metrics (the labels' "
+        log.warning("`labels`: no labelled slide was scored in this run, so there are no slide metrics (the labels' "
                     "slide column must hold the slide names of results.csv)")
         (run / runfolder.SLIDE_METRICS_JSON).unlink(missing_ok=True)  # an earlier run's would look current
         return None

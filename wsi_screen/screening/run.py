@@ -3,7 +3,7 @@
 Per slide: tile at the model's mpp, patch size and stain (reusing the tiler and any matching store), score
 every patch, write ``RUN/<slide>/`` (scores, heatmap, GeoJSON, slide.json) atomically, then aggregate.
 Slides already scored with the same model and store are reused on a rerun; aggregation is recomputed from
-their scores, so changing ``--aggregate`` or ``--threshold`` costs nothing. A failing slide becomes a row with
+their scores, so changing the slide rule or its threshold costs nothing. A failing slide becomes a row with
 ``status=error`` and its reason, and the run goes on.
 
 The slide-level rule and threshold come from the model folder's ``slide_rule.json`` (chosen on labelled
@@ -129,7 +129,7 @@ def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, An
 
 
 def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: InferConfig) -> AggregateConfig:
-    """The slide rule: calibrated in the model folder, overridden by --aggregate/--threshold/--k."""
+    """The slide rule: calibrated in the model folder, overridden by ``config.rule``, ``threshold`` and ``k``."""
     spec = classifier.spec
     patch_threshold = spec.threshold if spec.threshold is not None else 0.5
     base = replace(FALLBACK_RULE, patch_threshold=patch_threshold)
@@ -167,14 +167,12 @@ def tile_config_for(classifier: PatchClassifier, config: InferConfig) -> TileCon
     spec = classifier.spec
     if spec.mpp is None:
         raise ModelError(f"model {spec.arch} does not record the mpp of its training patches; retrain it "
-                         "with `wsi-screen train --mpp X`")
+                         "with their `mpp` set")
     if spec.positive_class is None or len(spec.classes) != 2:
         raise ModelError(f"screening needs a binary model with a positive class; this one has classes "
                          f"{spec.classes} and positive class {spec.positive_class!r}")
     return TileConfig(spec=TileSpec(mpp=spec.mpp, size_px=spec.input_size, min_tissue=config.min_tissue),
-                      finer_hint=("the model works at {target_mpp:g} um/px: screen this slide with a model trained "
-                                  "at {slide_mpp:.4g} um/px or coarser, or use a higher-resolution scan (if the "
-                                  "declared resolution is wrong, set it with --slide-mpp-csv)"),
+                      model_mpp=True,
                       stain=spec.stain_method, stain_target=spec.stain_target, slide_mpp=config.slide_mpp,
                       slide_mpps=config.slide_mpps, slide_timeout=config.slide_timeout,
                       workers=config.workers, overwrite=config.overwrite)
@@ -203,9 +201,7 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     if config.stores is None:  # the run's own stores: follow the settings
         tile_cfg = replace(tile_cfg, retile_mismatched=True)
     else:
-        tile_cfg = replace(tile_cfg, mismatch_hint=(
-            "infer does not replace stores it did not make: re-tile this slide with `wsi-screen tile "
-            "SLIDE -o STORES --overwrite` and the model's settings, or leave out --stores"))
+        tile_cfg = replace(tile_cfg, foreign_stores=True)
     model_id = model_identity(model_dir, classifier)
     stores_dir = config.stores or str(run / runfolder.STORES_DIR)
     labels = read_labels(Path(config.labels), classifier) if config.labels else {}
@@ -263,13 +259,13 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
 
 
 def warn_unmatched_labels(labels: dict[str, str], rows: Sequence[SlideRow]) -> None:
-    """One warning naming the --labels rows that name no slide of this run (a typo, or another run's slides)."""
+    """One warning naming the slide-label rows that name no slide of this run (a typo, or another run's slides)."""
     names = {r.name for r in rows}
     unmatched = sorted(k for k in labels if k not in names and slide_name(Path(k)) not in names)
     unmatched = [k for k in unmatched if not any(other != k and slide_name(Path(other)) == k for other in unmatched)]
     if unmatched:
         shown = few(unmatched)
-        log.warning("--labels: %d row(s) name no slide of this run: %s", len(unmatched), shown)
+        log.warning("`labels`: %d row(s) name no slide of this run: %s", len(unmatched), shown)
 
 
 def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
@@ -297,7 +293,7 @@ def process_age(now: float) -> float | None:
 def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig,
            call: isolation.Caller) -> bool:
     """Whether RUN/<slide> holds this slide scored by this model from the store this run would make now:
-    same model and arithmetic (``--precision``), same slide file, same resolution (value and source) and tiling
+    same model and arithmetic (precision), same slide file, same resolution (value and source) and tiling
     settings. Anything else is recomputed (the slide rule is applied afresh on every run)."""
     from wsi_screen.tiling.pipeline import store_is_current
 

@@ -254,7 +254,7 @@ class SlideWorker:
             elif time.monotonic() > deadline:
                 self._stop()
                 raise SlideTimeoutError(f"no progress for {self.timeout:g} s (a hung slide reader?); stopped. "
-                                        "Raise the limit with --slide-timeout if the slide is only slow")
+                                        "Raise the limit (`slide_timeout`) if the slide is only slow")
 
     def _crashed(self) -> Any:
         proc = self._proc
@@ -300,7 +300,7 @@ Caller = Callable[..., Any]
 
 
 def direct(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
-    """Run ``fn`` here (a :data:`Caller` without isolation: Dask workers, ``--debug``)."""
+    """Run ``fn`` here (a :data:`Caller` without isolation: Dask workers, debugging)."""
     return fn(*args, **kwargs)
 
 
@@ -321,7 +321,7 @@ def slide_calls(timeout: float = DEFAULT_TIMEOUT, *, isolate: bool = True,
                 preload: tuple[str, ...] = ()) -> Iterator[Caller]:
     """A function ``call(fn, *args, **kwargs)`` that runs slide work in a :class:`SlideWorker` (the one
     :func:`start_early` started, if any; its native stderr to the active run log), or in this process when
-    ``isolate`` is false (``--debug``: tracebacks reach the terminal) or ``WSI_SCREEN_IN_PROCESS=1``."""
+    ``isolate`` is false (debugging: tracebacks reach the terminal) or ``WSI_SCREEN_IN_PROCESS=1``."""
     global _early
     worker, _early = _early, None
     if not isolate or in_process():

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 BANK_FORMAT = 1
 #: patches are kept in the bank box-reduced by this factor (96 px -> 12 px: ~7.8 um/px, the tiler masks at 8)
 THUMB_FACTOR = 8
-#: the tiler's default minimum tissue fraction of a patch (``--min-tissue``)
+#: the tiler's default minimum tissue fraction of a patch (``min_tissue``)
 MIN_TISSUE = 0.5
 
 

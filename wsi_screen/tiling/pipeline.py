@@ -95,12 +95,12 @@ class TileConfig:
     overwrite: bool = False
     #: replace a complete store made with other settings instead of refusing it (infer's own stores folder)
     retile_mismatched: bool = False
-    #: what a refusal of a mismatching store tells the user to do
-    mismatch_hint: str = "pass --overwrite to replace it"
+    #: the stores are not this run's own (a screening run given someone's ``stores``): a mismatching one is refused
+    foreign_stores: bool = False
     #: seconds a slide may go without progress (opening it, or between shards of patches) before it fails
     slide_timeout: float = isolation.DEFAULT_TIMEOUT
-    #: what to do when the slide is coarser than ``spec.mpp`` ({slide_mpp} and {target_mpp} are filled in)
-    finer_hint: str = "use --mpp {slide_mpp:.4g} or coarser, or a higher-resolution scan"
+    #: ``spec.mpp`` is a model's (screening): a slide coarser than it needs another model or scan, not another mpp
+    model_mpp: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,12 @@ class TileResult:
     @property
     def ok(self) -> bool:
         return self.status in ("done", "skipped")
+
+
+#: what a refused mismatching store's message says to do, by whether the stores are foreign (see TileConfig)
+_MISMATCH_FIX = {False: "set `overwrite` to replace it",
+                 True: "a screening run does not replace stores it did not make: tile this slide again with the "
+                       "model's settings and `overwrite`, or leave out `stores`"}
 
 
 def thumbnail_mpp(slide_mpp: float, dimensions: tuple[int, int]) -> float:
@@ -227,12 +233,13 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
                                   message="up to date", stages={"open": round(seconds, 3)})
             diff = _differences(existing.get(ATTR_SETTINGS) or {}, settings)
             if not config.retile_mismatched:
+                fix = _MISMATCH_FIX[config.foreign_stores]
                 raise StoreMismatchError(f"{location}: existing store was made from another slide version or "
-                                         f"with other settings ({'; '.join(diff)}); {config.mismatch_hint}")
+                                         f"with other settings ({'; '.join(diff)}); {fix}")
             log.info("%s: store made from another slide version or with other settings (%s); re-tiling",
                      source.name, "; ".join(diff))
 
-        tile_l0 = tile_size_l0(spec.mpp, spec.size_px, slide.mpp, name=str(source.path), finer_hint=config.finer_hint)
+        tile_l0 = tile_size_l0(spec.mpp, spec.size_px, slide.mpp, name=str(source.path), model_mpp=config.model_mpp)
         if min(slide.dimensions) < tile_l0:  # not "no tissue": there is no room for one patch, whatever it shows
             raise ResolutionError(f"{source.path}: the slide is {slide.dimensions[0]} x {slide.dimensions[1]} px, "
                                   f"smaller than one patch ({tile_l0} level-0 px for {spec.size_px} px at "

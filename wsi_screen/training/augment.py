@@ -1,6 +1,6 @@
 """Training-time augmentation of histology batches: dihedral flips/rotations, HED stain jitter, colour jitter.
 
-Seeded by the generator it is given, so a training run is reproducible under ``--seed``.
+Seeded by the generator it is given, so a training run is reproducible under its seed.
 """
 
 from __future__ import annotations

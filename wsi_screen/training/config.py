@@ -84,7 +84,7 @@ class TrainConfig:
         if self.stain_method not in STAIN_METHODS:
             problems.append(f"stain {self.stain_method!r} is not one of {', '.join(STAIN_METHODS)}")
         if self.stain_method == "none" and self.stain_target:
-            problems.append("a stain target needs a stain method (--stain)")
+            problems.append("a stain target needs a stain method (`stain_method`)")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
@@ -92,7 +92,7 @@ class TrainConfig:
             problems.append(f"size {self.size} is too small (at least 8 px)")
         fixed = fixed_input_size(self.arch)
         if self.size is not None and fixed is not None and self.size != fixed:
-            problems.append(f"{self.arch} takes {fixed}x{fixed} px input; use --size {fixed} (images are resized)")
+            problems.append(f"{self.arch} takes {fixed}x{fixed} px input; use `size`={fixed} (images are resized)")
         if self.lr is not None and not self.lr > 0:
             problems.append("lr must be positive")
         if self.mpp is not None and not self.mpp > 0:

@@ -1,9 +1,9 @@
-"""K-fold cross-validation for small datasets: ``wsi-screen train --folds K``.
+"""K-fold cross-validation for small datasets: training with ``folds`` K.
 
 On a few hundred images one carved validation split (a hundred images) is too small to choose an epoch and
-a threshold on: the choice follows the split's luck and the result swings with the seed. With ``--folds K``
+a threshold on: the choice follows the split's luck and the result swings with the seed. With ``folds`` K
 the training pool (train plus any valid split) is cut into K folds, stratified by label and grouped by
-``--group-column`` when given. K models train **in lockstep**, each on K-1 folds, one epoch at a time; after
+``group_column`` when given. K models train **in lockstep**, each on K-1 folds, one epoch at a time; after
 every epoch each scores its held-out fold, and the pooled out-of-fold predictions (every image scored by the
 model that did not see it) give one validation score over the whole pool. The best epoch and the decision
 threshold are chosen on those pooled predictions.
@@ -46,14 +46,14 @@ from wsi_screen.training.loop import (
 
 log = logging.getLogger(__name__)
 
-#: default K of ``--folds`` for small datasets
+#: default K of ``folds`` for small datasets
 DEFAULT_FOLDS = 5
 #: fewest images of a class in the pool for automatic cross-validation
 MIN_PER_CLASS = 25
 
 
 def auto_folds(n_pool: int, labels: np.ndarray) -> int:
-    """``--folds`` 0 (auto): :data:`DEFAULT_FOLDS` for small pools with enough of every class, else 1."""
+    """``folds`` 0 (auto): :data:`DEFAULT_FOLDS` for small pools with enough of every class, else 1."""
     from wsi_screen.training.recipes import SMALL_DATASET
 
     counts = Counter(labels.tolist())
@@ -66,7 +66,7 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray | None, k: int, seed: in
 
     counts = Counter(labels.tolist())
     if min(counts.values()) < k:
-        raise DatasetError(f"--folds {k} needs at least {k} images of every class; the smallest class has "
+        raise DatasetError(f"`folds` {k} needs at least {k} images of every class; the smallest class has "
                            f"{min(counts.values())}")
     out = np.full(len(labels), -1, dtype=np.int64)
     x = np.zeros((len(labels), 1))
@@ -93,7 +93,7 @@ def fit_folds(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> T
 
     k = int(config.folds)
     if data.train.images is None or data.valid.images is None:
-        raise ConfigError("--folds needs the dataset decoded in memory; raise --cache-limit")
+        raise ConfigError("`folds` needs the dataset decoded in memory; raise `cache_limit_mb`")
     out = Path(out_dir)
     refuse_existing_model(out, config)
     out.mkdir(parents=True, exist_ok=True)

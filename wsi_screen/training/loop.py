@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def refuse_existing_model(out: Path, config: TrainConfig) -> None:
     """A folder that holds a finished model is replaced only with ``overwrite``."""
     if (out / CONFIG_NAME).exists() and not config.overwrite:
-        raise ConfigError(f"{out} already holds a model; pass --overwrite or choose another output folder")
+        raise ConfigError(f"{out} already holds a model; set `overwrite` or choose another output folder")
 
 
 # --- the model -------------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def build_model(arch: str, num_classes: int, size: int,
         except ModelError:
             fits = False
         if not fits:
-            raise ConfigError(f"{arch} cannot take {size}x{size} px input; choose another --size")
+            raise ConfigError(f"{arch} cannot take {size}x{size} px input; choose another `size`")
         kwargs["img_size"] = size
     return model, kwargs
 
@@ -198,7 +198,7 @@ def make_loop(data: PreparedData,
     model, model_kwargs = build_model(config.arch, num_classes, data.size, config.drop_rate)
     report = load_pretrained(model, config.pretrained) if config.pretrained else None
     if config.freeze_backbone and not config.pretrained:
-        log.warning("--freeze-backbone without --pretrained freezes random features")
+        log.warning("`freeze_backbone` without `pretrained` freezes random features")
     mean, std = _mean_std(model, report)
     model = model.to(memory_format=torch.channels_last)
     forward: nn.Module = torch.compile(model) if config.compile else model  # type: ignore[assignment]

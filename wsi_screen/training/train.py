@@ -73,15 +73,15 @@ def resolve_positive(classes: list[str], positive: str | None) -> str | None:
     """The positive (disease) class: the one given, else for two classes the one whose name says so."""
     if positive is not None:
         if positive not in classes:
-            raise ConfigError(f"--positive {positive!r} is not one of the classes ({', '.join(classes)})")
+            raise ConfigError(f"`positive` {positive!r} is not one of the classes ({', '.join(classes)})")
         return positive
     if len(classes) != 2:
         return None
     matches = [c for c in classes if set(re.split(r"[^a-z0-9]+", c.lower())) & POSITIVE_CLASS_WORDS]
     if len(matches) != 1:
-        raise ConfigError(f"cannot tell which class is positive; pass --positive (one of "
+        raise ConfigError(f"cannot tell which class is positive; set `positive` (one of "
                           f"{', '.join(classes)})")
-    log.info("positive class: %s (from its name; --positive chooses another)", matches[0])
+    log.info("positive class: %s (from its name; `positive` chooses another)", matches[0])
     return matches[0]
 
 
@@ -107,7 +107,7 @@ def _resolve_size(config: TrainConfig, folder: PatchFolder, rows: np.ndarray,
         return pretrained.input_size, sizes
     (w, h), _ = sizes.most_common(1)[0]
     if w != h:
-        raise ConfigError(f"{folder.root}: images are {w}x{h} px, not square; pass --size")
+        raise ConfigError(f"{folder.root}: images are {w}x{h} px, not square; set `size`")
     return w, sizes
 
 
@@ -138,10 +138,10 @@ def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
     mpp = config.mpp if config.mpp is not None else folder.mpp
     if config.mpp is not None and folder.mpp is not None \
             and not math.isclose(config.mpp, folder.mpp, rel_tol=0.05):
-        log.warning("--mpp %.3g differs from the dataset's mpp column (%.3g); recording %.3g", config.mpp,
+        log.warning("`mpp` %.3g differs from the dataset's mpp column (%.3g); recording %.3g", config.mpp,
                     folder.mpp, config.mpp)
     if mpp is None:
-        log.info("training patches have no recorded mpp; pass --mpp so the model can be applied to slides")
+        log.info("training patches have no recorded mpp; set `mpp` so the model can be applied to slides")
     train_y = folder.label_indices(classes, split.train)
     valid_y = folder.label_indices(classes, split.valid)
     threads = max(1, config.workers)
@@ -151,7 +151,7 @@ def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
         valid_src = BatchSource(valid_y, images=torch.from_numpy(
             load_images(folder, split.valid, size, workers=threads, desc="decoding valid").images))
     else:
-        log.info("%d images exceed --cache-limit (%.0f MB): streaming from disk", len(rows),
+        log.info("%d images exceed `cache_limit_mb` (%.0f MB): streaming from disk", len(rows),
                  config.cache_limit_mb)
         train_src = BatchSource(train_y, stream=PatchImageDataset(folder, split.train, train_y, size),
                                 workers=config.workers)
