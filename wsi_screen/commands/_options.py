@@ -1,4 +1,4 @@
-"""Options every command shares (--quiet, --verbose, --debug) and their effect."""
+"""Options every command shares (--quiet, --verbose, --debug) and their effect, and options several share."""
 
 from __future__ import annotations
 

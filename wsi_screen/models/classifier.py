@@ -176,7 +176,7 @@ class PatchClassifier:
         near = np.zeros(len(probs), dtype=bool)
         index = self.spec.positive_index
         if index is not None and self.decision_thresholds:
-            p = probs[:, index].numpy()
+            p = probs[:, index].cpu().numpy()
             for t in self.decision_thresholds:
                 near |= np.abs(p - t) < REFINE_BAND
         if distance is not None and self.domain is not None:
