@@ -253,7 +253,7 @@ def maybe_connect(address: str | DaskAddress | None) -> Iterator[DaskRunner | No
 
 
 # ------------------------------------------------------------------------------------------ worker side
-_ORDINAL = re.compile(r"(?:.*\D)?-(?P<i>\d{1,4})")
+_ORDINAL = re.compile(r".+-(?P<i>\d{1,4})")
 
 
 def ordinal_from_name(name: object) -> int | None:
