@@ -488,8 +488,9 @@ class _Loop:
         for xb, yb in progress.bar(batches, total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                                    leave=False):
             xb, yb = xb.to(self.amp.device, non_blocking=True), yb.to(self.amp.device, non_blocking=True)
+            x = normalise(self.augment(xb), self.mean, self.std)  # float32, outside autocast
             with self.amp.autocast():
-                logits = self.forward(normalise(self.augment(xb), self.mean, self.std))
+                logits = self.forward(x)
                 loss = self.criterion(logits, yb)
             self.optimizer.zero_grad(set_to_none=True)
             self.amp.step(loss, self.optimizer)
