@@ -74,3 +74,16 @@ def test_workers_spread_over_the_gpus() -> None:  # runs only where there are se
     count = torch.cuda.device_count()
     assert [worker_device("auto", i).index for i in range(count + 1)] == [*range(count), 0]
     assert worker_device("cuda:1", 0) == torch.device("cuda", 1)
+
+
+@needs_no_gpu
+def test_load_model_takes_a_device_name() -> None:
+    from wsi_screen.models import load_model
+
+    model = load_model(device="auto")
+    assert model.device == torch.device("cpu") and next(model.module.parameters()).device.type == "cpu"
+    assert model.to(torch.device("cpu")) is model
+    with pytest.raises(DeviceError, match="device 'cuda' asked for"):
+        load_model(device="cuda")
+    with pytest.raises(DeviceError, match="device 'cuda:1' asked for"):
+        model.to("cuda:1")

@@ -92,9 +92,6 @@ def load_model(path: str | os.PathLike[str] | None = None, *,
     one raises :class:`~wsi_screen.errors.DeviceError`). ``precision``: ``auto`` (bfloat16 where the device
     computes it natively, else float32), ``fp32`` or ``bf16`` (see :mod:`wsi_screen.models.precision`).
     """
-    from wsi_screen.models.device import resolve_device
-
-    device = resolve_device(device)
     if path is None:
         path = default_model_dir()
         if not (path / CONFIG_NAME).exists():
