@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("models",)),
     ("tiling", ("tiling",)),
     ("slide", ("slide",)),
-    ("shared", ("metrics", "distributed", "progress", "runlog", "errors", "_safe_write")),
+    ("shared", ("metrics", "distributed", "progress", "runlog", "errors", "_safe_write", "_device_name")),
 ]
 RANK = {top: i for i, (_, tops) in enumerate(LAYERS) for top in tops}
 

@@ -89,7 +89,7 @@ def test_demo_slide(tmp_path: Path, example_slide: Path) -> None:
     assert info["model"]["sha256"] and info["model"]["arch"] == load_model().spec.arch
     assert info["model"]["numeric_precision"] == load_model().precision
     assert info["settings"] == {"batch_size": 128, "workers": 0, "loader_workers": 0, "stores": None,
-                                "slide_mpp": None, "slide_mpp_csv": {}, "labels": None}
+                                "slide_mpp": None, "slide_mpp_csv": {}, "labels": None, "device": "auto"}
     # where the time went: the run's stages and each slide's (open, tile, score, outputs)
     stages, (slide,) = info["stages"], info["slides"]
     assert set(stages) == {"start_up", "slides", "run_outputs"} and stages["start_up"] > 0.5  # torch's import

@@ -264,7 +264,8 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
                     "mpp": r.extra.get("slide_mpp"), "mpp_source": r.extra.get("mpp_source"),
                     "reused": bool(r.extra.get("reused")),
                     "in_domain_fraction": r.extra.get("in_domain_fraction"),
-                    "out_of_domain": r.extra.get("out_of_domain"), "seconds": r.extra.get("seconds")}
+                    "out_of_domain": r.extra.get("out_of_domain"), "seconds": r.extra.get("seconds"),
+                    **({"device": r.extra["device"]} if "device" in r.extra else {})}
                    for r in sorted(rows, key=lambda r: r.name)],
     })
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_screen._device_name import parse_device_name
 from wsi_screen.errors import ConfigError
 from wsi_screen.metrics import DEFAULT_THRESHOLD_RULE, ThresholdRule
 from wsi_screen.models.registry import fixed_input_size
@@ -72,6 +73,8 @@ class TrainConfig:
     overrides: tuple[str, ...] = ()
     #: K-fold cross-validation (see wsi_screen.training.cross_validation); 1: one validation split; 0: auto
     folds: int = 1
+    #: where to train: auto (a CUDA GPU where present, else the CPU), cpu, cuda, cuda:N or mps
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         problems = []
@@ -105,6 +108,7 @@ class TrainConfig:
         if problems:
             raise ConfigError("; ".join(problems))
         ThresholdRule.parse(self.threshold_rule)
+        parse_device_name(self.device)
 
     @property
     def resolved_lr(self) -> float:

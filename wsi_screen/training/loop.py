@@ -7,6 +7,7 @@ cross-validation (:mod:`wsi_screen.training.cross_validation`): the model, optim
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import Counter
@@ -23,9 +24,11 @@ from wsi_screen.errors import ConfigError, ModelError
 from wsi_screen.metrics import ThresholdRule, compute_metrics
 from wsi_screen.models import CONFIG_NAME, ModelSpec, PretrainedReport, create_model, load_pretrained, save_model
 from wsi_screen.models.card import write_card
+from wsi_screen.models.device import device_info, resolve_device
 from wsi_screen.models.domain import DomainModel, collect_features
 from wsi_screen.models.domain import fit as fit_domain_model
 from wsi_screen.models.pixels import normalise, to_unit_float
+from wsi_screen.models.precision import dtype_name, training_dtype
 from wsi_screen.models.registry import classifier_parameter_names, default_mean_std
 from wsi_screen.training.augment import BatchAugment
 from wsi_screen.training.config import PreparedData, TrainConfig
@@ -114,8 +117,8 @@ def _predict(model: nn.Module, source: BatchSource, mean: torch.Tensor, std: tor
     out = []
     with torch.inference_mode():
         for xb, _ in source.batches(batch_size):
-            x = normalise(to_unit_float(xb), mean, std)
-            out.append(torch.softmax(model(x).float(), dim=1).numpy())
+            x = normalise(to_unit_float(xb.to(mean.device, non_blocking=True)), mean, std)
+            out.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -141,6 +144,36 @@ class Best:
 
 
 @dataclass
+class _Amp:
+    """Mixed precision of a training step: nothing on a CPU (float32); autocast on a GPU, with a gradient scaler
+    for float16."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> _Amp:
+        dtype = training_dtype(device)
+        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        return cls(device, dtype, scaler)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+@dataclass
 class Loop:
     """The moving parts of one training run."""
 
@@ -155,6 +188,7 @@ class Loop:
     std: torch.Tensor
     head: set[str]
     head_module: nn.Module
+    amp: _Amp
 
     def train_epoch(self, data: PreparedData, config: TrainConfig, epoch: int) -> tuple[float, float]:
         """One pass over the training rows in a seeded order; returns (mean loss, accuracy)."""
@@ -171,11 +205,13 @@ class Loop:
         batches = data.train.batches(config.batch_size, order=order, drop_last=drop_last)
         for xb, yb in progress.bar(batches, total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                                    leave=False):
-            logits = self.forward(normalise(self.augment(xb), self.mean, self.std))
-            loss = self.criterion(logits, yb)
+            xb, yb = xb.to(self.amp.device, non_blocking=True), yb.to(self.amp.device, non_blocking=True)
+            x = normalise(self.augment(xb), self.mean, self.std)  # float32, outside autocast
+            with self.amp.autocast():
+                logits = self.forward(x)
+                loss = self.criterion(logits, yb)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.amp.step(loss, self.optimizer)
             self.schedule.step()
             losses += float(loss.detach()) * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
@@ -200,10 +236,11 @@ def make_loop(data: PreparedData,
     if config.freeze_backbone and not config.pretrained:
         log.warning("`freeze_backbone` without `pretrained` freezes random features")
     mean, std = _mean_std(model, report)
-    model = model.to(memory_format=torch.channels_last)
+    device = resolve_device(config.device)
+    model = model.to(device).to(memory_format=torch.channels_last)
     forward: nn.Module = torch.compile(model) if config.compile else model  # type: ignore[assignment]
     optimizer = make_optimizer(model, config)
-    weights = _class_weights(data.train.targets, num_classes) if config.class_weights else None
+    weights = _class_weights(data.train.targets, num_classes).to(device) if config.class_weights else None
     get_classifier = getattr(model, "get_classifier")  # noqa: B009 - timm API, checked by registry
     loop = Loop(
         model=model, forward=forward, optimizer=optimizer,
@@ -211,9 +248,9 @@ def make_loop(data: PreparedData,
         criterion=nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing),
         augment=BatchAugment(flips=config.flips, hed=config.hed_jitter, color=config.color_jitter),
         generator=torch.Generator().manual_seed(config.seed),
-        mean=torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
-        std=torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
-        head=classifier_parameter_names(model), head_module=get_classifier())
+        mean=torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(device),
+        std=torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(device),
+        head=classifier_parameter_names(model), head_module=get_classifier(), amp=_Amp.for_device(device))
     loop.augment.generator = loop.generator
     return loop, {"model_kwargs": model_kwargs, "mean": mean, "std": std}, report
 
@@ -259,9 +296,10 @@ def _auc_ci(targets: np.ndarray, probs: np.ndarray, pos_index: int | None) -> tu
 
 def fit_domain(model: nn.Module, data: PreparedData, spec: ModelSpec) -> DomainModel:
     """The model's domain distance: fitted on the training split's features, threshold on the valid split's
-    (see :mod:`wsi_screen.models.domain`)."""
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    (see :mod:`wsi_screen.models.domain`); on the device ``model`` is on."""
+    device = next(model.parameters()).device
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1).to(device)
     train = collect_features(model, (xb for xb, _ in data.train.batches(256)), mean, std)
     valid = collect_features(model, (xb for xb, _ in data.valid.batches(256)), mean, std)
     domain = fit_domain_model(train, data.train.targets.numpy(), valid,
@@ -275,6 +313,13 @@ def fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
+def describe_device(amp: _Amp) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H100 80GB HBM3), bf16 mixed precision`` for the log."""
+    info = device_info(amp.device)
+    where = str(amp.device) + (f" ({info['name']})" if "name" in info else "")
+    return where if amp.dtype is None else f"{where}, {dtype_name(amp.dtype)} mixed precision"
+
+
 def resolved_config(config: TrainConfig, data: PreparedData, monitor: str, best_epoch: int, stopped_early: bool,
               seconds: float, report: PretrainedReport | None) -> dict[str, Any]:
     out = asdict(config)
@@ -284,6 +329,8 @@ def resolved_config(config: TrainConfig, data: PreparedData, monitor: str, best_
                monitor=monitor, best_epoch=best_epoch, stopped_early=stopped_early, seconds=round(seconds, 1),
                threads=torch.get_num_threads(), torch_version=torch.__version__,
                pretrained_report=report.as_dict() if report else None)
+    device = resolve_device(config.device)
+    out.update(device=device_info(device), mixed_precision=dtype_name(training_dtype(device)))
     import timm
 
     out["timm_version"] = timm.__version__

@@ -1,4 +1,4 @@
-"""Training a patch classifier on a labelled patch dataset, on a CPU.
+"""Training a patch classifier on a labelled patch dataset, on a CPU or a GPU (``TrainConfig.device``).
 
 :func:`train` = :func:`prepare_data` (read, validate and split the dataset, decode it once) +
 :func:`fit` (the loop) and writes a model folder:
@@ -15,6 +15,13 @@ Choices are made on validation only: the best epoch, early stopping and the deci
 split is never read. Augmentation (:mod:`wsi_screen.training.augment`) runs on whole uint8 batches in the
 main process, so it is cheap and deterministic under the seed; the seed also fixes initialisation, shuffling
 and dropout (for a given number of threads).
+
+On a CUDA GPU (``device`` ``auto`` where one is present, ``cuda``, ``cuda:N``) the model, the batches and the
+augmentation run on the GPU and the forward pass runs in mixed precision (bfloat16, or float16 with a gradient
+scaler on GPUs without bfloat16; :func:`wsi_screen.models.precision.training_dtype`); validation stays float32.
+Batches streamed from disk are pinned for the copy to the GPU. On a CPU nothing changes: float32, no pinning.
+``config.json`` records the device (``train_config.device``: type, index, GPU name) and the arithmetic
+(``train_config.mixed_precision``).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch
 from wsi_screen.errors import ConfigError, DatasetError
 from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics, monitor_value
 from wsi_screen.models import CONFIG_NAME, ModelSpec
+from wsi_screen.models.device import resolve_device
 from wsi_screen.models.registry import check_arch, count_parameters, fixed_input_size
 from wsi_screen.training import checkpoint as train_checkpoint
 from wsi_screen.training.config import PreparedData, TrainConfig, TrainResult
@@ -53,6 +61,7 @@ from wsi_screen.training.data import (
 from wsi_screen.training.evaluate import write_evaluation
 from wsi_screen.training.loop import (
     Best,
+    describe_device,
     finish_model_folder,
     fmt,
     make_loop,
@@ -145,6 +154,7 @@ def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
     train_y = folder.label_indices(classes, split.train)
     valid_y = folder.label_indices(classes, split.valid)
     threads = max(1, config.workers)
+    pin = resolve_device(config.device).type == "cuda"  # also refuses an absent device before any decoding
     if in_memory(len(rows), size, config.cache_limit_mb):
         train_src = BatchSource(train_y, images=torch.from_numpy(
             load_images(folder, split.train, size, workers=threads, desc="decoding train").images))
@@ -154,9 +164,9 @@ def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
         log.info("%d images exceed `cache_limit_mb` (%.0f MB): streaming from disk", len(rows),
                  config.cache_limit_mb)
         train_src = BatchSource(train_y, stream=PatchImageDataset(folder, split.train, train_y, size),
-                                workers=config.workers)
+                                workers=config.workers, pin_memory=pin)
         valid_src = BatchSource(valid_y, stream=PatchImageDataset(folder, split.valid, valid_y, size),
-                                workers=config.workers)
+                                workers=config.workers, pin_memory=pin)
     fp = fingerprint(folder, [int(i) for i in rows],
                      ["train"] * len(split.train) + ["valid"] * len(split.valid))
     return PreparedData(folder=folder, split=split, classes=classes, positive=positive, size=size, mpp=mpp,
@@ -195,9 +205,9 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
     with torch.random.fork_rng(devices=[]):  # seeded init and dropout, without touching the caller's RNG
         torch.manual_seed(config.seed)
         loop, built, report = make_loop(data, config)
-        log.info("training %s (%s parameters) on %d images of %d px, validating on %d; up to %d epochs",
+        log.info("training %s (%s parameters) on %d images of %d px, validating on %d; up to %d epochs on %s",
                  config.arch, f"{count_parameters(loop.model):,}", len(data.train), data.size,
-                 len(data.valid), config.epochs)
+                 len(data.valid), config.epochs, describe_device(loop.amp))
         stale, first = 0, 1
         resumed = train_checkpoint.load(out, fingerprint=fingerprint, model=loop.model, optimizer=loop.optimizer,
                                         schedule=loop.schedule, generator=loop.generator)
