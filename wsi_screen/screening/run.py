@@ -187,30 +187,31 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     run = Path(run)
-    sources, problems = discover(slides)
-    if not sources:  # nothing to screen: say why, and leave no run folder behind
-        raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
-                       if problems else "no slides to screen")
-    tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
-    warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
-    aggregate = resolve_aggregate(model_dir, classifier, config)
-    if config.stores is None:  # the run's own stores: follow the settings
-        tile_cfg = replace(tile_cfg, retile_mismatched=True)
-    else:
-        tile_cfg = replace(tile_cfg, mismatch_hint=(
-            "infer does not replace stores it did not make: re-tile this slide with `wsi-screen tile "
-            "SLIDE -o STORES --overwrite` and the model's settings, or leave out --stores"))
-    model_id = model_identity(model_dir, classifier)
-    stores_dir = config.stores or str(run / runfolder.STORES_DIR)
-    labels = read_labels(Path(config.labels), classifier) if config.labels else {}
-    try:  # after every check of the settings: a refused run leaves nothing behind
-        run.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
+    with runlog.held():  # library warnings of discovery (DICOM headers) wait for the run log
+        sources, problems = discover(slides)
+        if not sources:  # nothing to screen: say why, and leave no run folder behind
+            raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
+                           if problems else "no slides to screen")
+        tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
+        warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
+        aggregate = resolve_aggregate(model_dir, classifier, config)
+        if config.stores is None:  # the run's own stores: follow the settings
+            tile_cfg = replace(tile_cfg, retile_mismatched=True)
+        else:
+            tile_cfg = replace(tile_cfg, mismatch_hint=(
+                "infer does not replace stores it did not make: re-tile this slide with `wsi-screen tile "
+                "SLIDE -o STORES --overwrite` and the model's settings, or leave out --stores"))
+        model_id = model_identity(model_dir, classifier)
+        stores_dir = config.stores or str(run / runfolder.STORES_DIR)
+        labels = read_labels(Path(config.labels), classifier) if config.labels else {}
+        try:  # after every check of the settings: a refused run leaves nothing behind
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
 
-    with runlog.run_log(run):
-        return _run_in_folder(run, sources, problems, classifier, model_dir, config, aggregate, tile_cfg, model_id,
-                              stores_dir, labels, argv=argv, debug=debug, dask=dask, started=started, t0=t0)
+        with runlog.run_log(run):
+            return _run_in_folder(run, sources, problems, classifier, model_dir, config, aggregate, tile_cfg, model_id,
+                                  stores_dir, labels, argv=argv, debug=debug, dask=dask, started=started, t0=t0)
 
 
 def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence[Any], classifier: PatchClassifier,
