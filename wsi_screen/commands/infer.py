@@ -31,7 +31,8 @@ if TYPE_CHECKING:
               help="Slide score from patch probabilities: mean, max, topk (mean of the k highest), fraction (share "
                    "above the patch threshold), smoothmax (highest 3x3-neighbourhood mean) or region (area in mm^2 "
                    "of the largest connected region above a patch threshold). Default: the rule calibrated for "
-                   "the model (slide_rule.json in the model folder; see docs/default-model.md).")
+                   "the model (slide_rule.json in the model folder; see docs/default-model.md). --aggregate, "
+                   "--threshold and --k are named as overrides of the model's rule in the report.")
 @click.option("--threshold", type=click.FloatRange(min=0), default=None,
               help="Slide threshold on the aggregated score: a probability, or mm^2 for region (default: "
                    "calibrated for the model and rule).")

@@ -77,7 +77,8 @@ def _pct(value: Any) -> str:
 
 
 def summary(card: dict[str, Any]) -> list[str]:
-    """Two lines: what the model is for and how well it did; the research-use note and its domain."""
+    """Two lines: what the model is for, how well it did and its slide rule (``operating_point.slide_rule``); the
+    research-use note and its domain."""
     use = card.get("intended_use", {})
     val = card.get("validation", {})
     ci = val.get("auc_ci95")
@@ -86,6 +87,9 @@ def summary(card: dict[str, Any]) -> list[str]:
     first = (f"{card.get('name', 'Model')}: {use.get('task', '?')} in {use.get('tissue', '?')}, "
              f"{use.get('stain', '?')}, {use.get('magnification', '?')}"
              + (f" ({mpp:g} um/px)" if isinstance(mpp, (int, float)) else "") + f"; {auc}.")
+    rule = (card.get("operating_point") or {}).get("slide_rule")
+    if rule:
+        first += f" Slide call: {rule}."
     data = card.get("training_data", {}).get("dataset", "?")
     second = (f"{card.get('research_use', RESEARCH_USE)} Trained on {data}; slides unlike that data are flagged "
               "out of domain.")
