@@ -39,7 +39,10 @@ def draft(spec: ModelSpec, *, auc_ci: tuple[float, float] | None = None) -> dict
             "class_counts": data.get("train_class_counts", {}), "licence": TO_COMPLETE,
         },
         "validation": {
-            "data": "the validation split above (every choice was made on it)", "n": m.get("n"),
+            "data": (f"pooled out-of-fold predictions of {m['cross_validation'].get('folds')}-fold cross-validation "
+                     "(every image scored by the fold model that did not train on it; every choice was made on them)"
+                     if isinstance(m.get("cross_validation"), dict)
+                     else "the validation split above (every choice was made on it)"), "n": m.get("n"),
             "auc": m.get("auc"), "auc_ci95": list(auc_ci) if auc_ci else None,
             "sensitivity": m.get("sensitivity"), "specificity": m.get("specificity"),
         },
