@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsi_screen import progress, runlog
+from wsi_screen import progress, runlog, startup
 from wsi_screen._safe_write import write_failed
 from wsi_screen.errors import ModelError, RunError, WsiScreenError
 from wsi_screen.models import PatchClassifier
@@ -247,7 +247,8 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
     write_results(run, rows, aggregate, model_id)
     warn_earlier_slides(run, rows)
-    stages = {"start_up": process_age(t0), "slides": screened - t0, "run_outputs": time.perf_counter() - screened}
+    stages = {"start_up": startup.seconds_until(t0), "slides": screened - t0,
+              "run_outputs": time.perf_counter() - screened}
     write_run_json(run, rows, aggregate, model_id, tile_cfg, config, argv, started, time.perf_counter() - t0,
                    stages)
     from wsi_screen.screening.report import write_report
@@ -274,18 +275,6 @@ def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
         shown = few(earlier)
         log.warning("%s: %d slide folder(s) of an earlier run are not in this run's %s (kept as they are): %s",
                     run, len(earlier), runfolder.RESULTS_CSV, shown)
-
-
-def process_age(now: float) -> float | None:
-    """Seconds from this process's start to the moment ``now`` (a ``perf_counter`` value): what start-up
-    (interpreter, imports, loading the model) took before the run began; None where it cannot be known."""
-    try:
-        import psutil  # a dependency of dask.distributed
-
-        created = psutil.Process().create_time()
-    except Exception:  # no psutil, or a platform without it: leave the figure out
-        return None
-    return max(0.0, time.time() - (time.perf_counter() - now) - created)
 
 
 def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig,
