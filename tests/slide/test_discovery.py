@@ -48,6 +48,14 @@ def test_dicom_files_of_one_series_are_one_slide(tmp_path: Path, slides_dir: Pat
     sources, problems = discover([mixed])
     assert len(sources) == 2 and not problems, sources
     assert {s.path.name for s in sources} == {"lowres.dcm", sorted(p.name for p in files)[0]}
+    # copies of one file share its series but are no pyramid: each stays a slide (none is silently dropped)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    level0 = max(files, key=lambda p: p.stat().st_size)
+    for name in ("a.dcm", "b.dcm"):
+        shutil.copy(level0, copies / name)
+    sources, problems = discover([copies])
+    assert [(s.path.name, s.name) for s in sources] == [("a.dcm", "a"), ("b.dcm", "b")] and not problems
 
 
 def test_two_links_to_one_folder_are_not_a_loop(tmp_path: Path, slides_dir: Path) -> None:

@@ -7,9 +7,11 @@ series folder: the same files checked and fingerprinted, the same name.
 
 * A folder whose readable ``.dcm`` files all belong to one series *is* that series: all its ``.dcm`` files
   are the slide's files, a damaged one included (it fails the slide naming that file, as the folder does);
-* in a folder holding several series, a file stands for the readable files of its own series.
+* in a folder holding several series, a file stands for the readable files of its own series;
+* files of one SeriesInstanceUID that repeat one image (copies of a file, not the levels of a pyramid) are no
+  series: each is a slide of its own.
 
-Headers are read once per folder and process (SeriesInstanceUID only), and read again when the folder
+Headers are read once per folder and process (the UID, image size and kind), and again when the folder
 changes. pydicom's warnings about a non-conformant file are not silenced here: they are library warnings,
 which the CLI sends to the run log.
 """
@@ -25,20 +27,27 @@ from pathlib import Path
 _UID_STEM = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 
 
-def series_uid(path: Path) -> str | None:
-    """SeriesInstanceUID of a DICOM file, or None when it cannot be read (opening the slide reports why)."""
+def _header(path: Path) -> tuple[str, tuple[object, ...]] | None:
+    """SeriesInstanceUID of a DICOM file and what its image is (size and kind), or None when it cannot be read
+    (opening the slide reports why)."""
     try:
         import pydicom
 
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=[
+            "SeriesInstanceUID", "TotalPixelMatrixColumns", "TotalPixelMatrixRows", "Columns", "Rows", "ImageType"])
         uid = ds.get("SeriesInstanceUID")
-        return str(uid) if uid else None
+        kind = tuple(str(v) for v in (ds.get("ImageType") or [])[2:3])
+        image = (ds.get("TotalPixelMatrixColumns", ds.get("Columns")), ds.get("TotalPixelMatrixRows", ds.get("Rows")),
+                 kind)
+        return (str(uid), image) if uid else None
     except Exception:  # unreadable or not DICOM: the slide opener will report it
         return None
 
 
 def folder_series(folder: Path) -> dict[str | None, list[Path]]:
-    """The ``.dcm`` files of ``folder`` (not its subfolders) by SeriesInstanceUID (None: unreadable)."""
+    """The ``.dcm`` files of ``folder`` (not its subfolders) by series (None: unreadable). Files of one
+    SeriesInstanceUID that repeat an image (copies of one file, not the levels of a pyramid) are no series:
+    each is keyed on its own (``UID#file name``), so that none stands in for another."""
     try:
         stamp = folder.stat().st_mtime_ns
     except OSError:
@@ -48,14 +57,22 @@ def folder_series(folder: Path) -> dict[str | None, list[Path]]:
 
 @functools.lru_cache(maxsize=32)
 def _folder_series(folder: Path, _stamp: int) -> dict[str | None, list[Path]]:
-    groups: dict[str | None, list[Path]] = defaultdict(list)
+    by_uid: dict[str | None, list[tuple[Path, tuple[object, ...] | None]]] = defaultdict(list)
     try:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
     except OSError:
         return {}
     for f in files:
-        groups[series_uid(f)].append(f)
-    return dict(groups)
+        header = _header(f)
+        by_uid[header[0] if header else None].append((f, header[1] if header else None))
+    groups: dict[str | None, list[Path]] = {}
+    for uid, members in by_uid.items():
+        images = [image for _, image in members]
+        if uid is None or len(set(images)) == len(images):
+            groups[uid] = [f for f, _ in members]
+        else:
+            groups.update({f"{uid}#{f.name}": [f] for f, _ in members})
+    return groups
 
 
 def is_series_folder(groups: dict[str | None, list[Path]]) -> bool:
