@@ -265,7 +265,7 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
         "settings": {"batch_size": config.batch_size, "workers": config.workers,
                      "loader_workers": config.loader_workers, "stores": config.stores,
                      "slide_mpp": config.slide_mpp, "slide_mpp_csv": dict(config.slide_mpps),
-                     "labels": config.labels,
+                     "labels": config.labels, "device": config.device,
                      # the slide rule's settings given on the command line (the report names them as overrides)
                      "overrides": {k: v for k, v in (("aggregate", config.rule), ("threshold", config.threshold),
                                                      ("k", config.k)) if v is not None}},
@@ -275,7 +275,8 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
         "slides": [{"slide": r.name, "status": r.status, "error": r.error, "mpp": r.extra.get("slide_mpp"),
                     "mpp_source": r.extra.get("mpp_source"), "reused": bool(r.extra.get("reused")),
                     "in_domain_fraction": r.extra.get("in_domain_fraction"),
-                    "out_of_domain": r.extra.get("out_of_domain"), "seconds": r.extra.get("seconds")}
+                    "out_of_domain": r.extra.get("out_of_domain"), "seconds": r.extra.get("seconds"),
+                    **({"device": r.extra["device"]} if "device" in r.extra else {})}
                    for r in sorted(rows, key=lambda r: r.name)],
     })
 
