@@ -30,7 +30,7 @@ from wsi_screen.models import PatchClassifier
 from wsi_screen.models.card import read_card, summary
 from wsi_screen.models.device import device_info
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
-from wsi_screen.screening import runfolder
+from wsi_screen.screening import runfolder, startup
 from wsi_screen.screening.aggregate import (
     STATUS_ERROR,
     AggregateConfig,
@@ -87,7 +87,10 @@ class InferConfig:
         """The settings ``run.json`` records."""
         return {"batch_size": self.batch_size, "workers": self.workers, "loader_workers": self.loader_workers,
                 "stores": self.stores, "slide_mpp": self.slide_mpp, "slide_mpp_csv": dict(self.slide_mpps),
-                "labels": self.labels, "device": self.device}
+                "labels": self.labels, "device": self.device,
+                # the slide rule's settings given explicitly (the report names them as overrides)
+                "overrides": {k: v for k, v in (("aggregate", self.rule), ("threshold", self.threshold),
+                                                ("k", self.k)) if v is not None}}
 
 
 @dataclass(frozen=True)
@@ -195,28 +198,29 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     run = Path(run)
-    sources, problems = discover(slides)
-    if not sources:  # nothing to screen: say why, and leave no run folder behind
-        raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
-                       if problems else "no slides to screen")
-    tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
-    warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
-    aggregate = resolve_aggregate(model_dir, classifier, config)
-    if config.stores is None:  # the run's own stores: follow the settings
-        tile_cfg = replace(tile_cfg, retile_mismatched=True)
-    else:
-        tile_cfg = replace(tile_cfg, foreign_stores=True)
-    model_id = model_identity(model_dir, classifier)
-    stores_dir = config.stores or str(run / runfolder.STORES_DIR)
-    labels = read_labels(Path(config.labels), classifier) if config.labels else {}
-    try:  # after every check of the settings: a refused run leaves nothing behind
-        run.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
+    with runlog.held():  # library warnings of discovery (DICOM headers) wait for the run log
+        sources, problems = discover(slides)
+        if not sources:  # nothing to screen: say why, and leave no run folder behind
+            raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
+                           if problems else "no slides to screen")
+        tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
+        warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
+        aggregate = resolve_aggregate(model_dir, classifier, config)
+        if config.stores is None:  # the run's own stores: follow the settings
+            tile_cfg = replace(tile_cfg, retile_mismatched=True)
+        else:
+            tile_cfg = replace(tile_cfg, foreign_stores=True)
+        model_id = model_identity(model_dir, classifier)
+        stores_dir = config.stores or str(run / runfolder.STORES_DIR)
+        labels = read_labels(Path(config.labels), classifier) if config.labels else {}
+        try:  # after every check of the settings: a refused run leaves nothing behind
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
 
-    with runlog.run_log(run):
-        return _run_in_folder(run, sources, problems, classifier, model_dir, config, aggregate, tile_cfg, model_id,
-                              stores_dir, labels, argv=argv, debug=debug, dask=dask, started=started, t0=t0)
+        with runlog.run_log(run):
+            return _run_in_folder(run, sources, problems, classifier, model_dir, config, aggregate, tile_cfg, model_id,
+                                  stores_dir, labels, argv=argv, debug=debug, dask=dask, started=started, t0=t0)
 
 
 def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence[Any], classifier: PatchClassifier,
@@ -254,9 +258,10 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
     write_results(run, rows, aggregate, model_id)
     warn_earlier_slides(run, rows)
-    stages = {"start_up": process_age(t0), "slides": screened - t0, "run_outputs": time.perf_counter() - screened}
-    write_run_json(run, rows, aggregate, model_id, tile_cfg, config.to_json(), argv, started, time.perf_counter() - t0,
-                   stages)
+    stages = {"start_up": startup.seconds_until(t0), "slides": screened - t0,
+              "run_outputs": time.perf_counter() - screened}
+    write_run_json(run, rows, aggregate, model_id, tile_cfg, config.to_json(), argv, started,
+                   time.perf_counter() - t0, stages)
     from wsi_screen.screening.report import write_report
 
     write_report(run)
@@ -281,18 +286,6 @@ def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
         shown = few(earlier)
         log.warning("%s: %d slide folder(s) of an earlier run are not in this run's %s (kept as they are): %s",
                     run, len(earlier), runfolder.RESULTS_CSV, shown)
-
-
-def process_age(now: float) -> float | None:
-    """Seconds from this process's start to the moment ``now`` (a ``perf_counter`` value): what start-up
-    (interpreter, imports, loading the model) took before the run began; None where it cannot be known."""
-    try:
-        import psutil  # a dependency of dask.distributed
-
-        created = psutil.Process().create_time()
-    except Exception:  # no psutil, or a platform without it: leave the figure out
-        return None
-    return max(0.0, time.time() - (time.perf_counter() - now) - created)
 
 
 def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig,
