@@ -1,7 +1,9 @@
 """The operating point: how a model's class probabilities become a class (one rule, used everywhere).
 
 ``predict``, ``evaluate``, the heatmap contour, the QuPath GeoJSON and the report all call a patch through
-:func:`decide`, so a patch has the same class in every output.
+:func:`decide`. ``predict`` and ``evaluate`` decide at the model's threshold; a slide's outputs (heatmap contour,
+GeoJSON tile classes, report, notebook) at the patch threshold its call read
+(:func:`wsi_screen.screening.aggregate.call_patch_threshold`), so every picture of a slide shows one operating point.
 """
 
 from __future__ import annotations

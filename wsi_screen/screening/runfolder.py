@@ -13,8 +13,8 @@
       <slide>/
         slide.json           the slide's result, store location, model and settings it was scored with
         scores.csv           one row per patch: index, x, y (level 0), tissue, p_<class> for every class
-        heatmap.png          positive-class probability over the thumbnail
-        patches.geojson      QuPath FeatureCollection, one polygon per patch
+        heatmap.png          positive-class probability over the thumbnail, the call in its title, its foci outlined
+        patches.geojson      QuPath FeatureCollection: the call's foci (annotations), then one polygon per patch
 
 Every file is written atomically (temporary name, fsync, rename); a slide's folder is assembled under
 ``<slide>.partial`` and renamed into place when complete, so nothing in RUN is ever half-written.
