@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import read_results, run_cli
+from wsi_screen.screening import runview
+from wsi_screen.screening.callview import views_key
 from wsi_screen.screening.heatmap import drawn_with
 from wsi_screen.synthetic import cohort
 from wsi_screen.synthetic.slides import build_layout_slide, load_pool
@@ -167,3 +169,7 @@ def test_foci_annotations_lie_in_the_true_foci_and_tiles_follow_the_calls_thresh
         assert largest["measurements"]["longest axis (mm)"] == pytest.approx(float(rows[name]["largest_focus_mm"]),
                                                                                abs=1e-3)
         assert largest["category"] == rows[name]["metastasis"]
+        # the notebook's call is the run's: the same foci, and heatmap.png was drawn from it
+        ctx = runview.slide_call(runview.open_run(run), name)
+        assert ctx.result is not None and [f.n_patches for f in ctx.foci] == sizes
+        assert views_key(ctx) == drawn_with(run / name / "heatmap.png")

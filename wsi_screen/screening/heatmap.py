@@ -141,6 +141,30 @@ def drawn_with(path: str | os.PathLike[str]) -> str | None:
     return str(value) if value is not None else None
 
 
+#: characters of the title's font ("large") that fit in one inch of figure width, with a margin
+TITLE_CHARS_PER_INCH = 9.5
+
+
+def fit_title(title: str, width: int) -> str:
+    """``title`` with every line longer than ``width`` characters broken: at its `` | `` separators first, then
+    at spaces (a long slide name stays whole on its own line)."""
+    import textwrap
+
+    chunks: list[str] = []
+    for line in title.split("\n"):
+        current = ""
+        for part in line.split(" | "):
+            joined = f"{current} | {part}" if current else part
+            if len(joined) <= width or not current:
+                current = joined
+            else:
+                chunks.append(current)
+                current = part
+        chunks.append(current)
+    return "\n".join(wrapped for chunk in chunks
+                     for wrapped in textwrap.wrap(chunk, width, break_long_words=False, break_on_hyphens=False) or [""])
+
+
 class Outline(NamedTuple):
     """A shape to outline on the heatmap: a GeoJSON ``Polygon``/``MultiPolygon`` in level-0 pixels and its label."""
 
@@ -240,8 +264,10 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
     thumb_d = _reduce_rgb(np.ascontiguousarray(thumb), f)
     heat_d = np.ma.masked_invalid(_reduce_heat(hm, f))
 
+    fig_w = 2 * panel_w + 1.6
+    title = fit_title(title, int(fig_w * TITLE_CHARS_PER_INCH))
     n_title = title.count("\n") + 1
-    fig = Figure(figsize=(2 * panel_w + 1.6, panel_h + 1.2 + 0.25 * n_title), dpi=dpi, layout="constrained")
+    fig = Figure(figsize=(fig_w, panel_h + 1.2 + 0.25 * n_title), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     ax0, ax1 = fig.subplots(1, 2, sharex=True, sharey=True)
     centred = threshold is not None and vmin < threshold < vmax

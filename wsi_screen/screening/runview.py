@@ -136,6 +136,24 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
+def rule_summary(view: RunView) -> str:
+    """The run's slide rule in one line, numbers rounded: ``slide call: region score >= 0.0479 mm² (largest region
+    at p >= 0.8); patch threshold 0.8 (the call's)``."""
+    from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_owner, rule_label
+
+    agg = view.info.get("aggregate") or {}
+    if not agg:
+        return "slide call: (no rule recorded in run.json)"
+    rule = agg.get("rule")
+    text = f"slide call: {rule_label(rule, agg.get('k'))} score >= {float(agg['slide_threshold']):.3g}"
+    if rule == "region":
+        text += f" mm² (largest region at p >= {float(agg['region_threshold']):.3g})"
+    patch = call_patch_threshold(rule, agg.get("patch_threshold"), agg.get("region_threshold"))
+    if patch is not None:
+        text += f"; patch threshold {float(patch):.3g} ({call_patch_threshold_owner(rule)})"
+    return text
+
+
 def slide_call(view: RunView, slide: str) -> Any:
     """The slide's call as the run made it (its rule in run.json on its scores.csv): a
     :class:`~wsi_screen.screening.callview.CallContext` whose ``result`` holds the score, the diagnosis and the
