@@ -98,6 +98,30 @@ def test_demo_slide(tmp_path: Path, example_slide: Path) -> None:
     assert not list(run.glob("*.partial"))
 
 
+def test_a_slides_call_is_made_once_for_its_row_and_its_pictures(tmp_path: Path, example_slide: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_screen.screening import outputs
+    from wsi_screen.screening.callview import views_key
+    from wsi_screen.screening.heatmap import drawn_with
+    from wsi_screen.screening.runview import open_run, slide_call
+
+    calls: list[int] = []
+    real = outputs.diagnose
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(outputs, "diagnose", counted)
+    run = tmp_path / "run"
+    assert run_cli("infer", example_slide.parent, "-o", run, "--workers", "0", "--quiet").code == 0
+    assert len(calls) == 1  # write_slide_folder's call serves results.csv too
+    ctx = slide_call(open_run(run), "CMU-1-Small-Region")
+    assert views_key(ctx) == drawn_with(run / "CMU-1-Small-Region" / "heatmap.png")
+    assert run_cli("infer", example_slide.parent, "-o", run, "--workers", "0", "--quiet").code == 0
+    assert len(calls) == 2  # a reused slide's call is made afresh (the rule may have changed), its pictures kept
+
+
 def test_positive_slides_outrank_negative(synthetic_run: Path) -> None:
     rows = read_results(synthetic_run)
     pos = [float(rows[f"case{i}"]["score"]) for i in (0, 2, 4)]

@@ -98,8 +98,9 @@ def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarra
                        distance: np.ndarray | None = None) -> Path:
     """Write RUN/<slide>/ (scores.csv, heatmap.png, patches.geojson, slide.json) in one atomic step.
 
-    The heatmap and GeoJSON show the call of ``aggregate`` on the scores as scores.csv holds them, the ones
-    :func:`aggregate_row` reads (which redraws them only when its call draws differently)."""
+    The heatmap and GeoJSON show the call of ``aggregate`` on the scores as scores.csv holds them; the call is kept
+    in ``row.extra["call"]`` for :func:`aggregate_row`, so results.csv, the heatmap and the GeoJSON share one
+    computation of it (a reused slide's call is made afresh there, and its pictures redrawn if it draws otherwise)."""
     store = PatchStore.open(location)
     spec = classifier.spec
     pos = spec.positive_index if spec.positive_index is not None else 1
@@ -110,6 +111,8 @@ def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarra
         atomic_write_text(folder.path(runfolder.SCORES_CSV), runfolder.scores_csv(scores))
         scores = runfolder.read_scores(folder.path(runfolder.SCORES_CSV))  # as aggregate_row will read them
         result = _focus_result(scores, pos, store, aggregate, spec)
+        if result is not None:
+            row.extra["call"] = (aggregate, result)
         ctx = call_context(row.name, spec, aggregate, result, slide_domain(scores, classifier))
         write_views(folder.path(runfolder.HEATMAP_PNG), folder.path(runfolder.GEOJSON), store, scores.coords,
                     scores.probs, ctx)
@@ -141,13 +144,17 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
         done = {}
     info = done.get("slide_info", {})
     row.extra.update(slide_mpp=info.get("mpp"), mpp_source=info.get("mpp_source"), **slide_domain(scores, classifier))
-    grid = slide_grid(done, scores.coords, scores.probs[:, pos])
-    try:
-        result = diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative,
-                          grid=grid)
-    except ConfigError as exc:  # a spatial rule on a slide folder without its grid
-        row.status, row.error = STATUS_ERROR, f"{row.name}: {exc}"
-        return
+    made = row.extra.pop("call", None)  # the call this run's write_slide_folder made and drew
+    if made is not None and made[0] == aggregate:
+        result = made[1]
+    else:
+        grid = slide_grid(done, scores.coords, scores.probs[:, pos])
+        try:
+            result = diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative,
+                              grid=grid)
+        except ConfigError as exc:  # a spatial rule on a slide folder without its grid
+            row.status, row.error = STATUS_ERROR, f"{row.name}: {exc}"
+            return
     row.result = result
     _refresh_views(run, row, scores, call_context(row.name, spec, aggregate, result, slide_domain(scores, classifier)))
     if result.diagnosis == NO_TISSUE:
