@@ -29,7 +29,7 @@ from wsi_screen.screening.aggregate import (
     call_patch_threshold_owner,
     rule_label,
 )
-from wsi_screen.screening.spatial import PatchGrid, patch_grid
+from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 
 #: version of what the pictures show; bump it when the drawing changes, so reruns redraw
 VIEWS_VERSION = "v2"
@@ -136,7 +136,7 @@ def views_key(ctx: CallContext) -> str:
     return f"{VIEWS_VERSION}|{rule}|{ctx.threshold}|{digest.hexdigest()[:24]}"
 
 
-def slide_grid(done: dict[str, Any], coords: np.ndarray, probs: np.ndarray) -> PatchGrid | None:
+def slide_grid(done: dict[str, Any], coords: np.ndarray, probs: np.ndarray) -> ScoreGrid | None:
     """The slide's patch probabilities on their grid (stride, tile size and level-0 mpp from its slide.json
     ``done``); None for a slide.json without them."""
     try:

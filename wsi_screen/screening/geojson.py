@@ -9,7 +9,7 @@ Each tile is ``{"type": "Feature", "geometry": Polygon, "properties": {...}}`` w
 * ``properties.objectType``: ``"tile"`` (QuPath also knows ``"detection"`` and ``"annotation"``);
 * ``properties.classification``: ``{"name": predicted class, "color": [r, g, b]}`` (QuPath 0.4+), plus the
   older packed ``colorRGB`` integer for QuPath 0.2/0.3. The predicted class is
-  :func:`wsi_screen.decision.decide` at ``threshold`` on the probabilities as written: the positive class where
+  :func:`wsi_screen.metrics.decide` at ``threshold`` on the probabilities as written: the positive class where
   its measurement is >= ``threshold``, so a file's classes always agree with its numbers. ``infer`` passes the
   patch threshold its slide call read (the region rule's, else the model's: see
   :attr:`wsi_screen.screening.aggregate.AggregateConfig.call_patch_threshold`), the one its heatmap shows;
@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wsi_screen._safe_write import atomic_write_text
-from wsi_screen.decision import decide
 from wsi_screen.errors import ConfigError, DatasetError
+from wsi_screen.metrics import decide
 
 if TYPE_CHECKING:
     from wsi_screen.screening.spatial import Focus

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-#: metastasis size classes by largest diameter in mm (AJCC): upper bounds, exclusive
-SIZE_CLASSES = ("none", "itc", "micro", "macro")
+#: metastasis size classes (none, itc, micro, macro) by largest diameter in mm (AJCC): upper bounds, exclusive
 ITC_MAX_MM = 0.2
 MICRO_MAX_MM = 2.0
 
@@ -47,9 +46,10 @@ _STRUCTURE = np.ones((3, 3), dtype=bool)
 
 
 @dataclass(frozen=True)
-class PatchGrid:
-    """Probabilities on the patch grid: ``probs[row, col]`` (NaN: no patch), ``origin_l0`` the level-0
-    top-left corner of the patch in cell (0, 0), ``stride_l0`` the grid step, ``cell_mm`` that step in mm.
+class ScoreGrid:
+    """Probabilities on the patch grid (:class:`wsi_screen.tiling.grid.PatchGrid`'s cells, in its (row, col)
+    order): ``probs[row, col]`` (NaN: no patch), ``origin_l0`` the level-0 top-left corner of the patch in cell
+    (0, 0), ``stride_l0`` the grid step, ``cell_mm`` that step in mm.
 
     Cell ``(row, col)`` is the ``stride_l0`` square centred on its patch: it starts ``offset_l0`` (half the
     overlap of overlapping patches, else 0) right of and below the patch's top-left corner."""
@@ -72,7 +72,7 @@ class PatchGrid:
 
 
 def patch_grid(coords_l0: np.ndarray, probs: np.ndarray, stride_l0: int, mpp: float,
-               tile_size_l0: int | None = None) -> PatchGrid:
+               tile_size_l0: int | None = None) -> ScoreGrid:
     """Place patch probabilities (N,) at level-0 top-left corners ``coords_l0`` (N, 2) on their grid
     (``tile_size_l0``, when patches overlap, centres each cell on its patch)."""
     xy = np.asarray(coords_l0, dtype=np.int64).reshape(-1, 2)
@@ -81,7 +81,7 @@ def patch_grid(coords_l0: np.ndarray, probs: np.ndarray, stride_l0: int, mpp: fl
     cell_mm = stride * float(mpp) / 1000.0
     offset = max(0, (int(tile_size_l0) - stride) // 2) if tile_size_l0 else 0
     if xy.shape[0] == 0:
-        return PatchGrid(np.full((0, 0), np.nan), (0, 0), stride, cell_mm, np.full((0, 0), -1, np.int64), offset)
+        return ScoreGrid(np.full((0, 0), np.nan), (0, 0), stride, cell_mm, np.full((0, 0), -1, np.int64), offset)
     x0, y0 = int(xy[:, 0].min()), int(xy[:, 1].min())
     cols = np.rint((xy[:, 0] - x0) / stride).astype(np.int64)
     rows = np.rint((xy[:, 1] - y0) / stride).astype(np.int64)
@@ -89,7 +89,7 @@ def patch_grid(coords_l0: np.ndarray, probs: np.ndarray, stride_l0: int, mpp: fl
     index = np.full(grid.shape, -1, dtype=np.int64)
     grid[rows, cols] = p
     index[rows, cols] = np.arange(p.size)
-    return PatchGrid(grid, (x0, y0), stride, cell_mm, index, offset)
+    return ScoreGrid(grid, (x0, y0), stride, cell_mm, index, offset)
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def label_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(n)
 
 
-def regions(grid: PatchGrid, threshold: float) -> list[Region]:
+def regions(grid: ScoreGrid, threshold: float) -> list[Region]:
     """Connected regions of patches with ``p >= threshold``, largest first (ties: higher max probability)."""
     p = grid.probs
     if p.size == 0:
@@ -158,7 +158,7 @@ def regions(grid: PatchGrid, threshold: float) -> list[Region]:
     return out
 
 
-def smoothed(grid: PatchGrid, radius: int = 1) -> np.ndarray:
+def smoothed(grid: ScoreGrid, radius: int = 1) -> np.ndarray:
     """Mean probability over each patch's ``(2r+1)^2`` neighbourhood (NaN off tissue).
 
     The sum over the tissue patches of the window is divided by their count, but by at least half the window:
@@ -177,7 +177,7 @@ def smoothed(grid: PatchGrid, radius: int = 1) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def smoothed_max(grid: PatchGrid, radius: int = 1) -> float:
+def smoothed_max(grid: ScoreGrid, radius: int = 1) -> float:
     """The highest neighbourhood mean (see :func:`smoothed`); 0 for an empty grid."""
     s = smoothed(grid, radius)
     return float(np.nanmax(s)) if s.size and not np.isnan(s).all() else 0.0
@@ -201,7 +201,7 @@ class Focus:
     outline_l0: dict[str, Any]
 
 
-def focus(region: Region, grid: PatchGrid, rank: int) -> Focus:
+def focus(region: Region, grid: ScoreGrid, rank: int) -> Focus:
     """A counted region as a :class:`Focus`: its patches, size class and outline."""
     rows, cols = region.cells[:, 0], region.cells[:, 1]
     return Focus(rank=rank, n_patches=region.n_patches, area_mm2=region.area_mm2,
@@ -211,10 +211,10 @@ def focus(region: Region, grid: PatchGrid, rank: int) -> Focus:
                  outline_l0=outline_l0(region.cells, grid))
 
 
-def outline_l0(cells: np.ndarray, grid: PatchGrid) -> dict[str, Any]:
+def outline_l0(cells: np.ndarray, grid: ScoreGrid) -> dict[str, Any]:
     """The outline of grid ``cells`` (n, 2) (row, col) as a GeoJSON geometry in level-0 pixels.
 
-    The union of the cells' squares (:meth:`PatchGrid.cell_corner_l0`): a ``Polygon`` (exterior ring, then one
+    The union of the cells' squares (:meth:`ScoreGrid.cell_corner_l0`): a ``Polygon`` (exterior ring, then one
     ring per hole) or, where cells touch only at corners or lie apart, a ``MultiPolygon``. Coordinates are integers;
     rings are closed, without repeated or collinear points, and oriented as RFC 7946 asks (exterior
     counter-clockwise, holes clockwise, with x to the right and y up); the geometry is valid (OGC simple features).
