@@ -15,7 +15,7 @@ than a cluster has workers.
 Usage from Python::
 
     with connect("tcp://10.0.0.5:8786") as dask:
-        results = tile_slides(sources, "/shared/stores", config, dask=dask)
+        results = tile_slides(sources, "/shared/stores", config, on_error="record", dask=dask)
 
 Log records a task emits on the worker (``wsi_screen.*`` loggers, e.g. "no tissue found") are captured with
 its result and re-emitted on the client when the result arrives, so a cluster run reports exactly what a

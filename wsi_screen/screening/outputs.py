@@ -93,21 +93,18 @@ def draw_heatmap(path: Path, store: PatchStore, coords: np.ndarray, probs: np.nd
                  positive_class: str | None, threshold: float | None, aggregate: AggregateConfig | None,
                  result: SlideResult | None) -> None:
     """heatmap.png: P(positive) over the thumbnail, the model's threshold contour, the largest focus outlined."""
-    from wsi_screen.screening.heatmap import heatmap_array, render_overlay
+    from wsi_screen.screening.heatmap import patches_figure, save_png
 
-    thumb = store.thumbnail
     dims = tuple(store.attrs["slide"]["dimensions"])
-    size = (int(dims[0]), int(dims[1]))
-    stride = int(store.attrs["stride_l0"])
-    heat = heatmap_array(coords, probs, store.tile_size_l0, stride, size, thumb.shape[:2])
-    outline, label = None, "largest focus"
+    focus, label = [], "largest focus"
     if result is not None and result.focus_indices:
-        idx = np.asarray(result.focus_indices, dtype=np.int64)
-        outline = heatmap_array(coords[idx], np.ones(idx.size), store.tile_size_l0, stride, size, thumb.shape[:2])
+        focus = result.focus_indices
         label = f"largest focus ({result.largest_focus_mm:.2f} mm, {result.metastasis})"
-    render_overlay(thumb, heat, title=name, out_path=path, legend_label=f"P({positive_class})",
-                   threshold=threshold, dimensions_l0=size, mpp=float(store.attrs["slide"]["mpp"]),
-                   outline=outline, outline_label=label, key=heatmap_key(aggregate, threshold, result))
+    fig = patches_figure(store.thumbnail, coords, probs, tile_size_l0=store.tile_size_l0,
+                         stride_l0=int(store.attrs["stride_l0"]), dimensions_l0=(int(dims[0]), int(dims[1])),
+                         mpp=float(store.attrs["slide"]["mpp"]), title=name, positive_class=positive_class,
+                         threshold=threshold, focus_indices=focus, focus_label=label)
+    save_png(fig, path, key=heatmap_key(aggregate, threshold, result))
 
 
 def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarray, classifier: PatchClassifier,
@@ -153,8 +150,7 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
     except WsiScreenError as exc:
         row.status, row.error = STATUS_ERROR, str(exc)
         return
-    pos = scores.classes.index(spec.positive_class) if spec.positive_class in scores.classes else 1
-    negative = next(c for c in scores.classes if c != spec.positive_class)
+    pos = positive_column(scores, spec)
     try:
         done = runfolder.read_slide(run, row.name)
     except (WsiScreenError, OSError):
@@ -163,8 +159,7 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
     row.extra.update(slide_mpp=info.get("mpp"), mpp_source=info.get("mpp_source"), **slide_domain(scores, classifier))
     grid = slide_grid(done, scores.coords, scores.probs[:, pos])
     try:
-        result = diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative,
-                          grid=grid)
+        result = call_scores(scores, classifier, aggregate, grid)
     except ConfigError as exc:  # a spatial rule on a slide folder without its grid
         row.status, row.error = STATUS_ERROR, f"{row.name}: {exc}"
         return
@@ -175,6 +170,21 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
     elif result.top_indices:
         i = result.top_indices[0]
         row.top = (int(scores.coords[i, 0]), int(scores.coords[i, 1]), float(scores.probs[i, pos]))
+
+
+def positive_column(scores: SlideScores, spec: Any) -> int:
+    """The column of ``scores.probs`` that holds the model's positive class."""
+    return scores.classes.index(spec.positive_class) if spec.positive_class in scores.classes else 1
+
+
+def call_scores(scores: SlideScores, classifier: PatchClassifier, aggregate: AggregateConfig,
+                grid: PatchGrid | None) -> SlideResult:
+    """A slide's call from its patch scores (``grid``: the same probabilities on their patch grid, which the
+    spatial rules and the focus sizes need)."""
+    spec = classifier.spec
+    negative = next(c for c in scores.classes if c != spec.positive_class)
+    return diagnose(scores.probs[:, positive_column(scores, spec)], aggregate, positive=str(spec.positive_class),
+                    negative=negative, grid=grid)
 
 
 def slide_domain(scores: SlideScores, classifier: PatchClassifier) -> dict[str, Any]:
