@@ -51,6 +51,7 @@ def test_the_public_names_are_exported_lazily_and_documented() -> None:
         wsi_screen.nope  # noqa: B018
 
 
+@pytest.mark.slow
 def test_every_docstring_example_runs(monkeypatch: pytest.MonkeyPatch, example_slide: Path) -> None:
     """The ``>>>`` examples of the public names (and of the Slide methods) give what they show."""
     monkeypatch.chdir(REPO)  # the examples name examples/CMU-1-Small-Region.svs
@@ -270,3 +271,19 @@ def test_heatmap_refuses_another_slide(slides_dir: Path, scores: Any, model: Any
     with wsi_screen.open_slide(slides_dir / "camelyon-lowres.dcm") as other, \
             pytest.raises(ConfigError, match="scores are of another slide"):
         wsi_screen.heatmap(other, scores, call)
+
+
+def test_a_failed_tile_leaves_nothing_in_memory(example_slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec
+
+    from wsi_screen.tiling import pipeline
+
+    def unreadable(*args: object, **kwargs: object) -> None:
+        raise SlideReadError("a tile that cannot be decoded")  # after the thumbnail was written to the store
+
+    monkeypatch.setattr(pipeline, "read_patches", unreadable)
+    fs = fsspec.filesystem("memory")
+    before = set(fs.find("/wsi-screen"))
+    with wsi_screen.open_slide(example_slide) as slide, pytest.raises(SlideReadError, match="cannot be decoded"):
+        wsi_screen.tile(slide, mpp=2.0, size=64)
+    assert set(fs.find("/wsi-screen")) == before

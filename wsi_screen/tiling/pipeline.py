@@ -611,8 +611,13 @@ def tile_with(slide: Slide, out: str | Path | None, config: TileConfig) -> Patch
     in_memory = out is None
     location = store_location(f"memory://wsi-screen/{uuid.uuid4().hex}" if out is None else make_output(out),
                               slide.name)
-    with store_lock(location):
-        _tile_open(slide, location, config, time.perf_counter())
+    try:
+        with store_lock(location):
+            _tile_open(slide, location, config, time.perf_counter())
+    except BaseException:
+        if in_memory:  # an unfinished store in memory would stay there for the life of the process
+            remove_store(location)
+        raise
     store = PatchStore.open(location)
     if in_memory:
         weakref.finalize(store, remove_store, location)
