@@ -38,6 +38,16 @@ class Scores:
     ``probabilities`` float32 (N, C) in the order of ``classes``; ``coords`` int64 (N, 2) level-0 (x, y) of
     each patch's top-left corner; ``domain_distance`` float32 (N,), how far each patch is from the model's
     training data (None without a domain model); ``store`` the patches themselves.
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> model = wsi_screen.load_model()
+    >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+    ...     scores = wsi_screen.score(slide, model)
+    >>> best = scores.top(1)[0]                     # the highest-scoring patch
+    >>> scores.store[best].shape, bool(scores.positive[best] == scores.positive.max())
+    ((96, 96, 3), True)
     """
 
     probabilities: np.ndarray
@@ -78,6 +88,15 @@ class SlideCall:
     ``area_mm2``, ``longest_axis_mm`` and ``centre_l0``); ``in_domain_fraction`` is the share of patches that
     resemble the model's training data (``out_of_domain``: too few, the call is unreliable). ``result`` and
     ``aggregate`` hold the rest (top patches, the rule's settings).
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> call = wsi_screen.screen("examples/CMU-1-Small-Region.svs")
+    >>> call
+    SlideCall('CMU-1-Small-Region': normal, score 0.0435 by region vs 0.0478892, 35% in domain)
+    >>> call.metastasis, call.foci, call.out_of_domain
+    ('none', (), True)
     """
 
     name: str
