@@ -564,7 +564,8 @@ def tile(slide: Slide, out: str | Path | None = None, *, mpp: float, size: int, 
         Resolution (microns per pixel) and side (pixels) of the patches.
     stain
         Stain normalisation: ``"none"``, ``"macenko"``, ``"vahadane"`` or ``"reinhard"``, towards
-        ``stain_target`` (an image; the bundled reference by default).
+        ``stain_target`` (an image; the bundled reference by default). For a model: its ``spec.stain_method``
+        and ``spec.stain_target``.
     overlap
         Pixels shared by neighbouring patches.
     min_tissue
