@@ -10,6 +10,7 @@ shards) and writing (the store's background writers: each shard file is written 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -200,8 +201,8 @@ def tile_slide(source: SlideSource, out: str, config: TileConfig, *, on_error: O
     start = time.perf_counter()
     location = store_location(out, source.name)
     try:
-        with store_lock(location), open_slide(source, config) as slide:
-            return _tile_open(slide, location, config, start)
+        with store_lock(location):
+            return _tile_locked(source, location, config, start)
     except StoreLockedError as exc:
         if on_error == "raise":
             raise
@@ -224,95 +225,97 @@ def failure_message(path: Path | str, exc: BaseException) -> tuple[str, str]:
     return f"{path}: unexpected {type(exc).__name__} while reading it: {msg} (traceback in {runlog.LOG_NAME})", trace
 
 
-def _tile_open(slide: Slide, location: str, config: TileConfig, start: float) -> TileResult:
-    """Tile the open ``slide`` into the store at ``location`` (locked by the caller); raises on failure."""
+def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: float,
+                 slide: Slide | None = None) -> TileResult:
+    """Tile ``source`` (opened here, or the caller's open ``slide``) into the store at ``location``, locked by the
+    caller; raises on failure."""
     spec = config.spec
-    source = SlideSource(slide.path, slide.name)
-    isolation.heartbeat("opened")
-    thumb_mpp = thumbnail_mpp(slide.mpp, slide.dimensions)
-    settings = expected_settings(slide, config, thumb_mpp)
-    existing = read_attrs(location)
-    if existing is not None and is_complete(existing) and not config.overwrite:
-        if existing.get(ATTR_SETTINGS) == settings:
-            log.debug("%s: store is complete and up to date; skipped", source.name)
-            seconds = time.perf_counter() - start
-            return TileResult(source.name, str(source.path), location, "skipped",
-                              n_patches=int(existing.get("n_patches", 0)), seconds=seconds,
-                              message="up to date", stages={"open": round(seconds, 3)})
-        diff = _differences(existing.get(ATTR_SETTINGS) or {}, settings)
-        if not config.retile_mismatched:
-            raise StoreMismatchError(f"{location}: existing store was made from another slide version or "
-                                     f"with other settings ({'; '.join(diff)}); {config.mismatch_hint}")
-        log.info("%s: store made from another slide version or with other settings (%s); re-tiling",
-                 source.name, "; ".join(diff))
+    with open_slide(source, config) if slide is None else contextlib.nullcontext(slide) as slide:
+        isolation.heartbeat("opened")
+        thumb_mpp = thumbnail_mpp(slide.mpp, slide.dimensions)
+        settings = expected_settings(slide, config, thumb_mpp)
+        existing = read_attrs(location)
+        if existing is not None and is_complete(existing) and not config.overwrite:
+            if existing.get(ATTR_SETTINGS) == settings:
+                log.debug("%s: store is complete and up to date; skipped", source.name)
+                seconds = time.perf_counter() - start
+                return TileResult(source.name, str(source.path), location, "skipped",
+                                  n_patches=int(existing.get("n_patches", 0)), seconds=seconds,
+                                  message="up to date", stages={"open": round(seconds, 3)})
+            diff = _differences(existing.get(ATTR_SETTINGS) or {}, settings)
+            if not config.retile_mismatched:
+                raise StoreMismatchError(f"{location}: existing store was made from another slide version or "
+                                         f"with other settings ({'; '.join(diff)}); {config.mismatch_hint}")
+            log.info("%s: store made from another slide version or with other settings (%s); re-tiling",
+                     source.name, "; ".join(diff))
 
-    tile_l0 = tile_size_l0(spec.mpp, spec.size_px, slide.mpp, name=str(source.path), finer_hint=config.finer_hint)
-    if min(slide.dimensions) < tile_l0:  # not "no tissue": there is no room for one patch, whatever it shows
-        raise ResolutionError(f"{source.path}: the slide is {slide.dimensions[0]} x {slide.dimensions[1]} px, "
-                              f"smaller than one patch ({tile_l0} level-0 px for {spec.size_px} px at "
-                              f"{spec.mpp:g} um/px): nothing can be tiled from it")
-    stride = stride_l0(tile_l0, spec.size_px, spec.overlap_px)
-    t_open = time.perf_counter()
-    thumb = slide.thumbnail(thumb_mpp, workers=config.workers)
-    memory.trim()  # the block reads' freed buffers, before the mask's working memory is taken
-    isolation.heartbeat("thumbnail")
-    t_thumb = time.perf_counter()
-    mask = detect_tissue(thumb, thumb_mpp, config.tissue, workers=config.workers)
-    isolation.heartbeat("tissue")
-    grid = make_grid(mask.tissue, slide.dimensions, tile_l0, stride, spec.min_tissue)
-    n = len(grid)
-    log.debug("%s: %d x %d px at %.4g um/px, %d patches of %d px (%d level-0 px)", source.name,
-              *slide.dimensions, slide.mpp, n, spec.size_px, tile_l0)
-    if n == 0:
-        log.warning("%s: no tissue found (min tissue %.2f); writing an empty store", source.name,
-                    spec.min_tissue)
+        tile_l0 = tile_size_l0(spec.mpp, spec.size_px, slide.mpp, name=str(source.path), finer_hint=config.finer_hint)
+        if min(slide.dimensions) < tile_l0:  # not "no tissue": there is no room for one patch, whatever it shows
+            raise ResolutionError(f"{source.path}: the slide is {slide.dimensions[0]} x {slide.dimensions[1]} px, "
+                                  f"smaller than one patch ({tile_l0} level-0 px for {spec.size_px} px at "
+                                  f"{spec.mpp:g} um/px): nothing can be tiled from it")
+        stride = stride_l0(tile_l0, spec.size_px, spec.overlap_px)
+        t_open = time.perf_counter()
+        thumb = slide.thumbnail(thumb_mpp, workers=config.workers)
+        memory.trim()  # the block reads' freed buffers, before the mask's working memory is taken
+        isolation.heartbeat("thumbnail")
+        t_thumb = time.perf_counter()
+        mask = detect_tissue(thumb, thumb_mpp, config.tissue, workers=config.workers)
+        isolation.heartbeat("tissue")
+        grid = make_grid(mask.tissue, slide.dimensions, tile_l0, stride, spec.min_tissue)
+        n = len(grid)
+        log.debug("%s: %d x %d px at %.4g um/px, %d patches of %d px (%d level-0 px)", source.name,
+                  *slide.dimensions, slide.mpp, n, spec.size_px, tile_l0)
+        if n == 0:
+            log.warning("%s: no tissue found (min tissue %.2f); writing an empty store", source.name,
+                        spec.min_tissue)
 
-    t_mask = time.perf_counter()
-    normalize, stain_attrs = _stain_for_slide(slide, grid.coords, grid.tissue, tile_l0, config)
-    attrs = {
-        "mpp": spec.mpp,
-        "effective_mpp": tile_l0 * slide.mpp / spec.size_px,
-        "patch_size": spec.size_px,
-        "tile_size_l0": tile_l0,
-        "stride_l0": stride,
-        "overlap_px": spec.overlap_px,
-        "n_patches": n,
-        "slide": slide.info.to_json(),
-        "stain": stain_attrs,
-        "tissue": {"settings": config.tissue.to_json(), "thumbnail_mpp": thumb_mpp,
-                   "min_tissue": spec.min_tissue, "labels": LABELS,
-                   "tissue_fraction": mask.tissue_fraction},
-        "grid": {"columns": grid.shape[0], "rows": grid.shape[1], "origin_l0": [0, 0]},
-        "package_version": __version__,
-        ATTR_SETTINGS: settings,
-    }
-    writer = StoreWriter(location, n_patches=n, patch_size=spec.size_px,
-                         thumbnail_shape=thumb.shape[:2], attrs=attrs)
-    try:
-        writer.write_images(thumbnail=thumb, mask=mask.labels)
-        del thumb, mask  # written: nothing proportional to the slide's area is held while patches stream
-        memory.trim()  # and the mask's freed working memory goes back to the system before they do
-        stain_ok = np.zeros(n, dtype=bool)
-        t_read = time.perf_counter()
-        with progress.bar(total=n, desc=source.name[:30], unit="patch", leave=False) as bar:
-            batches = read_patches(slide, grid.coords, tile_l0, spec.size_px, config.workers)
-            for i, (first, batch, ok) in enumerate(normalised(batches, normalize, config.workers)):
-                if ok is not None:
-                    stain_ok[first:first + len(batch)] = ok
-                writer.write_patches(first, batch)
-                bar.update(len(batch))
-                isolation.heartbeat("patches")
-                if i % TRIM_EVERY == 0:
-                    memory.trim()  # keeps resident memory flat however long the slide streams
-        writer.write_arrays(coords=grid.coords, tissue=grid.tissue, stain_ok=stain_ok)
-        t_write = time.perf_counter()
-        writer.commit()
-        marks = [start, t_open, t_thumb, t_mask, t_read, t_write, time.perf_counter()]
-        stages = {name: round(b - a, 3) for name, a, b in zip(TILE_STAGES, marks, marks[1:], strict=False)}
-        log.debug("%s: seconds: %s", source.name, ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
-    except BaseException:
-        writer.abort()
-        raise
+        t_mask = time.perf_counter()
+        normalize, stain_attrs = _stain_for_slide(slide, grid.coords, grid.tissue, tile_l0, config)
+        attrs = {
+            "mpp": spec.mpp,
+            "effective_mpp": tile_l0 * slide.mpp / spec.size_px,
+            "patch_size": spec.size_px,
+            "tile_size_l0": tile_l0,
+            "stride_l0": stride,
+            "overlap_px": spec.overlap_px,
+            "n_patches": n,
+            "slide": slide.info.to_json(),
+            "stain": stain_attrs,
+            "tissue": {"settings": config.tissue.to_json(), "thumbnail_mpp": thumb_mpp,
+                       "min_tissue": spec.min_tissue, "labels": LABELS,
+                       "tissue_fraction": mask.tissue_fraction},
+            "grid": {"columns": grid.shape[0], "rows": grid.shape[1], "origin_l0": [0, 0]},
+            "package_version": __version__,
+            ATTR_SETTINGS: settings,
+        }
+        writer = StoreWriter(location, n_patches=n, patch_size=spec.size_px,
+                             thumbnail_shape=thumb.shape[:2], attrs=attrs)
+        try:
+            writer.write_images(thumbnail=thumb, mask=mask.labels)
+            del thumb, mask  # written: nothing proportional to the slide's area is held while patches stream
+            memory.trim()  # and the mask's freed working memory goes back to the system before they do
+            stain_ok = np.zeros(n, dtype=bool)
+            t_read = time.perf_counter()
+            with progress.bar(total=n, desc=source.name[:30], unit="patch", leave=False) as bar:
+                batches = read_patches(slide, grid.coords, tile_l0, spec.size_px, config.workers)
+                for i, (first, batch, ok) in enumerate(normalised(batches, normalize, config.workers)):
+                    if ok is not None:
+                        stain_ok[first:first + len(batch)] = ok
+                    writer.write_patches(first, batch)
+                    bar.update(len(batch))
+                    isolation.heartbeat("patches")
+                    if i % TRIM_EVERY == 0:
+                        memory.trim()  # keeps resident memory flat however long the slide streams
+            writer.write_arrays(coords=grid.coords, tissue=grid.tissue, stain_ok=stain_ok)
+            t_write = time.perf_counter()
+            writer.commit()
+            marks = [start, t_open, t_thumb, t_mask, t_read, t_write, time.perf_counter()]
+            stages = {name: round(b - a, 3) for name, a, b in zip(TILE_STAGES, marks, marks[1:], strict=False)}
+            log.debug("%s: seconds: %s", source.name, ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+        except BaseException:
+            writer.abort()
+            raise
     return TileResult(source.name, str(source.path), location, "done", n_patches=n,
                       seconds=time.perf_counter() - start, stages=stages)
 
@@ -614,7 +617,7 @@ def tile_with(slide: Slide, out: str | Path | None, config: TileConfig) -> Patch
                               slide.name)
     try:
         with store_lock(location):
-            _tile_open(slide, location, config, time.perf_counter())
+            _tile_locked(SlideSource(slide.path, slide.name), location, config, time.perf_counter(), slide)
     except BaseException:
         if in_memory:  # an unfinished store in memory would stay there for the life of the process
             remove_store(location)
