@@ -99,6 +99,11 @@ class ModelMismatchError(ModelError):
     """A model cannot be applied to the given store or data (other mpp, patch size, stain or classes)."""
 
 
+class DeviceError(WsiScreenError, ValueError):
+    """A compute device was asked for that is not a device name, or is absent on this machine (``cuda`` with no
+    CUDA GPU, ``cuda:3`` with two, ``mps`` off Apple silicon)."""
+
+
 class ConfigError(WsiScreenError, ValueError):
     """A configuration value or file is invalid."""
 

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output
+from wsi_screen.commands._options import common_options, configure_output, device_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -108,6 +108,7 @@ def training_options(func: F) -> F:
         click.option("--compile", "compile_", is_flag=True,
                      help="torch.compile the model (pays off on long runs; needs a C compiler)."),
         click.option("--overwrite", is_flag=True, help="Replace a model already in the output folder."),
+        device_option,
     ]
     func = dataset_options(func)
     for option in reversed(options):
@@ -135,7 +136,7 @@ def config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "flips": params["flips"], "hed_jitter": params["hed_jitter"], "color_jitter": params["color_jitter"],
         "workers": params["workers"], "cache_limit_mb": params["cache_limit"], "compile": params["compile_"],
         "overwrite": params["overwrite"], "recipe": params["recipe"], "folds": params["folds"],
-        "overrides": explicit_options(ctx),
+        "overrides": explicit_options(ctx), "device": params["device"],
     }
 
 
@@ -199,6 +200,8 @@ def train(**params: Any) -> None:
     The whole training state is checkpointed in MODEL_DIR/checkpoint after every epoch: if a run is
     killed, the same command resumes after the last finished epoch (--restart starts over).
 
+    On a CUDA GPU (--device auto finds one) training runs in mixed precision; validation stays float32.
+
     The best epoch on validation is kept; the decision threshold is chosen on validation by
     --threshold-rule; everything that defines the model (architecture, classes, input size, mpp, mean/std,
     stain, threshold, data fingerprint, metrics, resolved options) goes into MODEL_DIR/config.json.
@@ -212,8 +215,11 @@ def train(**params: Any) -> None:
     """
     configure_output()
     set_threads(params["threads"])
+    from wsi_screen.models.device import resolve_device
     from wsi_screen.training.train import TrainConfig
     from wsi_screen.training.train import train as run_training
+
+    resolve_device(params["device"])  # an absent GPU is one line before any data is read
 
     config = TrainConfig(**config_kwargs(params), batch_size=params["batch_size"],
                          optimizer=params["optimizer"], lr=params["lr"], weight_decay=params["weight_decay"],

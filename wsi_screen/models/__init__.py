@@ -95,7 +95,9 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *,
         ``wsi-screen train``, its ``config.json`` or its ``model.safetensors``. Nothing is unpickled:
         pickle-based files raise :class:`~wsi_screen.errors.UnsafeFileError`.
     device
-        Where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
+        Where the model runs: ``"cpu"`` (the default), ``"auto"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a
+        :class:`torch.device` (see :func:`wsi_screen.models.device.resolve_device`; an absent one raises
+        :class:`~wsi_screen.errors.DeviceError`).
     precision
         ``"auto"`` (bfloat16 where the device computes it natively, else float32), ``"fp32"`` or ``"bf16"``
         (see :mod:`wsi_screen.models.precision`).
