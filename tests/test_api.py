@@ -15,7 +15,14 @@ import pytest
 import wsi_screen
 from tests.conftest import REPO, read_results
 from tests.corpus import corrupt_tiles, truncate
-from wsi_screen.errors import ConfigError, ModelMismatchError, SlideOpenError, SlideReadError, StoreError
+from wsi_screen.errors import (
+    ConfigError,
+    ModelMismatchError,
+    SlideOpenError,
+    SlideReadError,
+    StoreError,
+    UnknownModelError,
+)
 
 PUBLIC = ("open_slide", "Slide", "tissue_mask", "tile", "PatchStore", "load_model", "create_model", "score",
           "Scores", "call_slide", "SlideCall", "heatmap", "screen")
@@ -74,6 +81,7 @@ def test_read_region_matches_openslide_pixel_for_pixel(example_slide: Path) -> N
     ref = openslide.OpenSlide(str(example_slide))
     try:
         with wsi_screen.open_slide(example_slide) as slide:
+            assert isinstance(slide, wsi_screen.Slide)
             assert slide.dimensions == ref.dimensions and len(slide.levels) == ref.level_count
             for location, size in [((0, 0), (300, 200)), ((1017, 1531), (512, 384)), ((1900, 2700), (320, 267))]:
                 ours = slide.read_region(location, 0, size)
@@ -194,7 +202,17 @@ def test_load_model_by_name_or_folder(model: Any) -> None:
     assert wsi_screen.load_model(default_model_dir()).spec == model.spec
 
 
+def test_create_model_builds_an_untrained_architecture() -> None:
+    import torch
+
+    net = wsi_screen.create_model("screen_cnn32", num_classes=3)
+    assert tuple(net(torch.zeros(2, 3, 32, 32)).shape) == (2, 3)
+    with pytest.raises(UnknownModelError, match="resnet18"):
+        wsi_screen.create_model("resnet18x", num_classes=2)
+
+
 def test_score_is_aligned_with_the_store(scores: Any, model: Any) -> None:
+    assert isinstance(scores, wsi_screen.Scores) and isinstance(scores.store, wsi_screen.PatchStore)
     assert len(scores) == len(scores.store) == 66
     assert scores.probabilities.shape == (66, 2) and scores.probabilities.dtype == np.float32
     assert np.allclose(scores.probabilities.sum(axis=1), 1.0, atol=1e-5)
@@ -223,6 +241,7 @@ def test_screen_gives_infer_s_call(demo_run: Path, example_slide: Path, scores: 
     """screen(path) and `wsi-screen infer` on the same slide: the same row of results.csv."""
     row = read_results(demo_run)["CMU-1-Small-Region"]
     call = wsi_screen.screen(example_slide)
+    assert isinstance(call, wsi_screen.SlideCall)
     assert call.diagnosis == row["diagnosis"] and f"{call.score:.6f}" == row["score"]
     assert call.aggregate.rule == row["rule"] and f"{call.threshold:.6g}" == row["threshold"]
     assert call.metastasis == row["metastasis"] and str(call.n_patches) == row["n_patches"]
