@@ -264,6 +264,13 @@ def test_call_slide_overrides_and_foci(scores: Any, model: Any) -> None:
     topk = wsi_screen.call_slide(scores, model, rule="topk", k=3)
     assert topk.rule == "topk (k = 3)" and topk.score == pytest.approx(np.sort(scores.positive)[-3:].mean(), abs=1e-6)
     assert "SlideCall('CMU-1-Small-Region': tumour" in repr(call)
+    from wsi_screen.models import PatchClassifier
+
+    in_memory = PatchClassifier(model.module, model.spec)  # no folder: the fallback rule, overrides still apply
+    assert wsi_screen.call_slide(scores, in_memory).rule == "topk (k = 5)"
+    fallback = wsi_screen.call_slide(scores, in_memory, rule="max", threshold=0.01)
+    assert (fallback.rule, fallback.threshold, fallback.diagnosis) == ("max", 0.01, "tumour")
+    assert fallback.score == call.score
 
 
 def test_heatmap_is_a_figure_of_the_slide(example_slide: Path, scores: Any, model: Any, tmp_path: Path) -> None:

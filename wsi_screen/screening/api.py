@@ -12,7 +12,7 @@ and score to the digit.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -153,10 +153,15 @@ class SlideCall:
 
 
 def _rule(model: PatchClassifier, config: InferConfig | None = None) -> AggregateConfig:
-    """The model folder's slide rule (the fallback for a model built in memory), with ``config``'s overrides."""
+    """The model folder's slide rule, with ``config``'s overrides; a model built in memory (no folder, no
+    calibrated rule) gets the fallback rule at its own patch threshold."""
+    config = config or InferConfig()
     if model.model_dir is None:
-        return FALLBACK_RULE
-    return resolve_aggregate(model.model_dir, model, config or InferConfig())
+        threshold = model.spec.threshold
+        given = {"rule": config.rule, "slide_threshold": config.threshold, "k": config.k}
+        return replace(FALLBACK_RULE, patch_threshold=threshold if threshold is not None else 0.5,
+                       **{key: value for key, value in given.items() if value is not None})
+    return resolve_aggregate(model.model_dir, model, config)
 
 
 def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_size: int = 128,
