@@ -158,7 +158,7 @@ def _rule(model: PatchClassifier, config: InferConfig | None = None) -> Aggregat
     config = config or InferConfig()
     if model.model_dir is None:
         threshold = model.spec.threshold
-        given = {"rule": config.rule, "slide_threshold": config.threshold, "k": config.k}
+        given: dict[str, Any] = {"rule": config.rule, "slide_threshold": config.threshold, "k": config.k}
         return replace(FALLBACK_RULE, patch_threshold=threshold if threshold is not None else 0.5,
                        **{key: value for key, value in given.items() if value is not None})
     return resolve_aggregate(model.model_dir, model, config)
