@@ -148,6 +148,9 @@ def _os_error_line(exc: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point."""
+    from wsi_screen import startup
+
+    startup.mark_entry(whole_process=argv is None)  # the console script: this process is the command
     args = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries(args)
     with warnings.catch_warnings():

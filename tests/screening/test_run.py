@@ -90,7 +90,8 @@ def test_demo_slide(tmp_path: Path, example_slide: Path) -> None:
     assert info["model"]["numeric_precision"] == load_model().precision
     # where the time went: the run's stages and each slide's (open, tile, score, outputs)
     stages, (slide,) = info["stages"], info["slides"]
-    assert set(stages) == {"start_up", "slides", "run_outputs"} and stages["start_up"] > 0.5  # torch's import
+    # start-up counts from infer's entry point here (the test process is not the command), never from its start
+    assert set(stages) == {"start_up", "slides", "run_outputs"} and 0 < stages["start_up"] < 30
     assert set(slide["seconds"]) == {"open", "tile", "score", "outputs"}
     assert all(v >= 0 for v in slide["seconds"].values()) and slide["seconds"]["score"] > 0
     assert sum(slide["seconds"].values()) <= stages["slides"] + 0.5 <= info["seconds"] + 0.5

@@ -125,6 +125,31 @@ def rule_label(rule: str | None, k: int | float | None = None) -> str:
     return f"{rule} (k = {k:g})" if rule == "topk" and k is not None else str(rule)
 
 
+def describe(config: AggregateConfig, positive_class: str, *, patch_area_mm2: float | None = None) -> str:
+    """The slide rule as a sentence for people (a model card's ``operating_point.slide_rule``), e.g. ``largest
+    connected region of patches with P(tumour) >= 0.8 of at least 0.0479 mm^2 (6 patches) -> tumour``."""
+    p = f"P({positive_class})"
+    t = f"{config.slide_threshold:.3g}"
+    if config.rule == "region":
+        patches = (f" ({math.ceil(round(config.slide_threshold / patch_area_mm2, 9))} patches)"
+                   if patch_area_mm2 and config.slide_threshold > 0 else "")
+        what = (f"largest connected region of patches with {p} >= {config.region_threshold:.3g} of at least "
+                f"{t} mm^2{patches}")
+    elif config.rule == "smoothmax":
+        side = 2 * config.radius + 1
+        what = f"highest mean {p} over a {side} x {side} patch neighbourhood >= {t}"
+    elif config.rule == "max":
+        what = f"highest patch {p} >= {t}"
+    elif config.rule == "mean":
+        what = f"mean {p} over all patches >= {t}"
+    elif config.rule == "topk":
+        top = f"{config.k:g} highest" if config.k >= 1 else f"highest {config.k:.0%} of"
+        what = f"mean {p} of the {top} patches >= {t}"
+    else:  # fraction
+        what = f"share of patches with {p} >= {config.patch_threshold:.3g} of at least {t}"
+    return f"{what} -> {positive_class}"
+
+
 def _check_rule(rule: str) -> None:
     if rule not in RULES:
         raise ConfigError(f"unknown aggregation rule {rule!r}; choose one of {', '.join(RULES)}")

@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsi_screen import progress, runlog
+from wsi_screen import progress, runlog, startup
 from wsi_screen._safe_write import write_failed
 from wsi_screen.errors import ModelError, RunError, WsiScreenError
 from wsi_screen.models import PatchClassifier
@@ -192,30 +192,31 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     run = Path(run)
-    sources, problems = discover(slides)
-    if not sources:  # nothing to screen: say why, and leave no run folder behind
-        raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
-                       if problems else "no slides to screen")
-    tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
-    warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
-    aggregate = resolve_aggregate(model_dir, classifier, config)
-    if config.stores is None:  # the run's own stores: follow the settings
-        tile_cfg = replace(tile_cfg, retile_mismatched=True)
-    else:
-        tile_cfg = replace(tile_cfg, mismatch_hint=(
-            "infer does not replace stores it did not make: re-tile this slide with `wsi-screen tile "
-            "SLIDE -o STORES --overwrite` and the model's settings, or leave out --stores"))
-    model_id = model_identity(model_dir, classifier)
-    stores_dir = config.stores or str(run / runfolder.STORES_DIR)
-    labels = read_labels(Path(config.labels), classifier) if config.labels else {}
-    try:  # after every check of the settings: a refused run leaves nothing behind
-        run.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
+    with runlog.held():  # library warnings of discovery (DICOM headers) wait for the run log
+        sources, problems = discover(slides)
+        if not sources:  # nothing to screen: say why, and leave no run folder behind
+            raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
+                           if problems else "no slides to screen")
+        tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
+        warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
+        aggregate = resolve_aggregate(model_dir, classifier, config)
+        if config.stores is None:  # the run's own stores: follow the settings
+            tile_cfg = replace(tile_cfg, retile_mismatched=True)
+        else:
+            tile_cfg = replace(tile_cfg, mismatch_hint=(
+                "infer does not replace stores it did not make: re-tile this slide with `wsi-screen tile "
+                "SLIDE -o STORES --overwrite` and the model's settings, or leave out --stores"))
+        model_id = model_identity(model_dir, classifier)
+        stores_dir = config.stores or str(run / runfolder.STORES_DIR)
+        labels = read_labels(Path(config.labels), classifier) if config.labels else {}
+        try:  # after every check of the settings: a refused run leaves nothing behind
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
 
-    with runlog.run_log(run):
-        return _run_in_folder(run, sources, problems, classifier, model_dir, config, aggregate, tile_cfg, model_id,
-                              stores_dir, labels, argv=argv, on_error=on_error, dask=dask, started=started, t0=t0)
+        with runlog.run_log(run):
+            return _run_in_folder(run, sources, problems, classifier, model_dir, config, aggregate, tile_cfg, model_id,
+                                  stores_dir, labels, argv=argv, on_error=on_error, dask=dask, started=started, t0=t0)
 
 
 def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence[Any], classifier: PatchClassifier,
@@ -252,7 +253,8 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
     write_results(run, rows, aggregate, model_id)
     warn_earlier_slides(run, rows)
-    stages = {"start_up": process_age(t0), "slides": screened - t0, "run_outputs": time.perf_counter() - screened}
+    stages = {"start_up": startup.seconds_until(t0), "slides": screened - t0,
+              "run_outputs": time.perf_counter() - screened}
     write_run_json(run, rows, aggregate, model_id, tile_cfg, config, argv, started, time.perf_counter() - t0,
                    stages)
     from wsi_screen.screening.report import write_report
@@ -279,18 +281,6 @@ def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
         shown = few(earlier)
         log.warning("%s: %d slide folder(s) of an earlier run are not in this run's %s (kept as they are): %s",
                     run, len(earlier), runfolder.RESULTS_CSV, shown)
-
-
-def process_age(now: float) -> float | None:
-    """Seconds from this process's start to the moment ``now`` (a ``perf_counter`` value): what start-up
-    (interpreter, imports, loading the model) took before the run began; None where it cannot be known."""
-    try:
-        import psutil  # a dependency of dask.distributed
-
-        created = psutil.Process().create_time()
-    except Exception:  # no psutil, or a platform without it: leave the figure out
-        return None
-    return max(0.0, time.time() - (time.perf_counter() - now) - created)
 
 
 def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig,

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_screen.errors import ConfigError, MissingMppError, SlideOpenError, UnsupportedFormatError
+from wsi_screen.slide.dicom_series import series_files, series_name
 from wsi_screen.slide.readers import Reader, into
 from wsi_screen.threads import run_each
 
@@ -79,12 +80,17 @@ class SlideInfo:
 
 
 def slide_files(path: Path) -> list[Path]:
-    """The files that make up a slide: the file itself, or a DICOM series folder's ``.dcm`` files."""
+    """The files that make up a slide: the file itself, a DICOM series folder's ``.dcm`` files, or for one
+    file of a DICOM series the files of its series (see :mod:`wsi_screen.slide.dicom_series`)."""
+    from wsi_screen.slide.readers.sanity import is_dicom
+
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
         if not files:
             raise UnsupportedFormatError(f"{path}: folder holds no .dcm files of a DICOM series")
         return files
+    if path.suffix.lower() == ".dcm" or is_dicom(path):
+        return [path.parent / f.name for f in series_files(path)]
     return [path]
 
 
@@ -113,14 +119,14 @@ def _open_reader(path: Path, choice: ReaderChoice) -> Reader:
     from wsi_screen.slide.readers.tiff_reader import inspect_tiff
 
     files = slide_files(path)
-    target = files[0]
+    target = files[0] if path.is_dir() else path  # any one file of a DICOM series opens the whole series
     for f in files:
         if not os.access(f, os.R_OK):
             raise SlideOpenError(f"{f}: permission denied")
         if f.stat().st_size == 0:
             raise SlideOpenError(f"{f}: empty file (0 bytes)")
     if path.is_dir() or is_dicom(target):  # DICOM: OpenSlide finds a series' sibling instances itself
-        level0 = check_dicom(files, series=path.is_dir())
+        level0 = check_dicom(files, series=len(files) > 1)
         if openslide_reader.detect(target) is None:
             what = "the .dcm files are not a DICOM whole-slide image series" if path.is_dir() else \
                 "not a slide format wsi-screen reads (a DICOM file, but not a whole-slide image)"
@@ -481,10 +487,16 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, name: 
 
 
 def slide_name(path: Path) -> str:
-    """A slide's display name: the file name without slide extensions, or a DICOM folder's name."""
+    """A slide's display name: the file name without slide extensions, or a DICOM folder's name; a file of a
+    DICOM series takes its series' name where it has one (:func:`~wsi_screen.slide.dicom_series.series_name`),
+    never an instance UID."""
     if path.is_dir():
         return text_name(path.name)
     name = path.name
+    if path.suffix.lower() == ".dcm":
+        named = series_name(path)
+        if named:
+            return text_name(named)
     for ext in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ext):
             return text_name(name[: -len(ext)])
