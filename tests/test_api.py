@@ -89,7 +89,7 @@ def test_read_region_matches_openslide_pixel_for_pixel(example_slide: Path) -> N
                 assert ours.shape == (size[1], size[0], 3) and ours.dtype == np.uint8
                 assert (rgba[..., 3] == 255).all()
                 assert np.array_equal(ours, rgba[..., :3]), location
-            with pytest.raises(ConfigError, match="level 1 does not exist"):
+            with pytest.raises(ConfigError, match="`level` 1 does not exist"):
                 slide.read_region((0, 0), 1, (8, 8))
     finally:
         ref.close()
@@ -108,7 +108,7 @@ def test_read_at_thumbnail_and_levels(example_slide: Path) -> None:
         assert np.abs(coarse - full).mean() < 4.0
         thumb = slide.thumbnail(8.0)
         assert thumb.shape == (round(2967 * 0.499 / 8), round(2220 * 0.499 / 8), 3)
-        with pytest.raises(ConfigError, match="mpp must be a positive"):
+        with pytest.raises(ConfigError, match="`mpp` must be a positive"):
             slide.read_at((0, 0), (8, 8), 0)
 
 

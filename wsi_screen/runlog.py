@@ -6,7 +6,7 @@ appended run after run:
 
 * every package log record, debug detail included, with a time stamp;
 * Python warnings and log records of the libraries underneath (pydicom, tifffile, zarr...), which would
-  otherwise print on stderr and break ``--quiet``;
+  otherwise print on stderr and break a quiet run;
 * the full traceback of each slide that failed with an unexpected error (:func:`record_traceback`);
 * what native slide readers write to stderr (GLib's ``OpenSlide-WARNING`` lines): the slide reader's
   child process sends its stderr here (see :mod:`wsi_screen.slide.isolation`);

@@ -100,7 +100,7 @@ def test_cmu_containers_give_near_identical_patches(slides_dir: Path) -> None:
 
 def test_jpeg2000_svs_without_mpp(slides_dir: Path) -> None:
     path = slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"
-    with pytest.raises(MissingMppError, match=r"TCGA-CR-7395.*--slide-mpp"):
+    with pytest.raises(MissingMppError, match=r"TCGA-CR-7395.*`slide_mpp`"):
         Slide(path)
     with Slide(path, mpp=0.5) as s:
         assert s.mpp_source == "user"
@@ -119,7 +119,7 @@ def test_unsupported_files_fail_clearly(slides_dir: Path) -> None:
     with pytest.raises(UnsupportedFormatError, match="multi-channel"):
         Slide(slides_dir / "unsupported" / "vectra-multiplex.qptiff")
     plain = slides_dir / "unsupported" / "kidney-ihc-plain-strip.tif"
-    with pytest.raises(MissingMppError, match="--slide-mpp"):
+    with pytest.raises(MissingMppError, match="`slide_mpp`"):
         Slide(plain)
     with Slide(plain, mpp=0.5) as s:  # accepted once the user states the mpp
         assert s.reader_name == "tifffile"

@@ -60,7 +60,8 @@ if TYPE_CHECKING:
 @click.option("--dask", type=str, default=None, metavar="ADDRESS",
               help="Screen on a Dask cluster, one task per slide: tcp://HOST:PORT of a running scheduler, or "
                    "local[:N] for N worker processes here (default 2). Every worker must see the slides, the "
-                   "model folder and RUN by the same paths (see docs/cluster.md).")
+                   "model folder and RUN by the same paths (see docs/cluster.md). Needs the dask extra: "
+                   "pip install \"wsi-screen[dask]\".")
 @threads_option
 @precision_option("auto")
 @device_option
@@ -91,7 +92,8 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     if dask is None and not ctx.obj.get("debug"):
         from wsi_screen.slide import isolation
 
-        isolation.start_early()  # the slide reader starts up while this process imports torch and the model
+        # the slide reader starts up (and imports the tiler) while this process imports torch and the model
+        isolation.start_early("wsi_screen.tiling.pipeline")
     from pathlib import Path
 
     from wsi_screen.commands.train import set_threads
@@ -119,6 +121,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
 
 
 def _print_table(summary: RunSummary) -> None:
+    from wsi_screen.errors import in_user_words
     from wsi_screen.screening import runfolder
 
     rows = sorted(summary.rows, key=lambda r: r.name)
@@ -131,7 +134,7 @@ def _print_table(summary: RunSummary) -> None:
         n = str(res.n_patches) if res else "-"
         pad = " " * (width - _display_width(r.name))
         if res is None:
-            click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>6}  error: {r.error}")
+            click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>6}  error: {in_user_words(r.error)}")
             continue
         focus = f"{res.largest_focus_mm:.2f}" if res.largest_focus_mm else "-"
         foci = str(res.n_foci) if res.score is not None else "-"

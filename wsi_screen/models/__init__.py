@@ -25,8 +25,9 @@ from wsi_screen.models.checkpoint import (
     resolve_model_dir,
     save_model,
 )
-from wsi_screen.models.classifier import PatchClassifier, resize_uint8
+from wsi_screen.models.classifier import PatchClassifier
 from wsi_screen.models.domain import DomainModel
+from wsi_screen.models.pixels import resize_uint8
 from wsi_screen.models.registry import (
     ArchInfo,
     arch_info,
@@ -121,8 +122,8 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *,
     if path is None or (str(path) in BUNDLED and not Path(path).exists()):
         path = default_model_dir()
         if not (path / CONFIG_NAME).exists():
-            raise ModelError(f"the bundled default model is missing ({path}); load a model folder (from "
-                             "`wsi-screen train`) or train one into that folder")
+            raise ModelError(f"the bundled default model is missing ({path}); set `model` to a model folder (a "
+                             "folder from `wsi-screen train`) or train one into that folder")
     model_dir = resolve_model_dir(Path(path))
     spec = ModelSpec.read(model_dir)
     check_arch(spec.arch)

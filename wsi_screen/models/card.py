@@ -3,7 +3,7 @@
 ``card.json`` sits beside ``config.json`` (the contract a program needs) and is written for people.
 ``wsi-screen train`` drafts one from what it knows (architecture, classes, resolution, data, validation
 metrics with a 95 % bootstrap CI, operating point) and marks what only the user can say (tissue, stain,
-task, licence of the data) with :data:`TO_COMPLETE`. ``wsi-screen models --card [MODEL_DIR]`` prints it;
+task, licence of the data) with :data:`TO_COMPLETE`. the ``models`` command prints it;
 the report and the notebook show its two-line :func:`summary`.
 """
 
@@ -100,7 +100,7 @@ def summary(card: dict[str, Any]) -> list[str]:
 
 
 def render(card: dict[str, Any]) -> str:
-    """The card as indented text (``wsi-screen models --card``); fields left to complete are marked."""
+    """The card as indented text (what the ``models`` command prints); fields left to complete are marked."""
     lines: list[str] = []
 
     def walk(value: Any, indent: int, key: str) -> None:

@@ -39,7 +39,7 @@ import numpy as np
 
 from wsi_screen.errors import ConfigError
 from wsi_screen.screening import spatial
-from wsi_screen.screening.spatial import PatchGrid, size_class
+from wsi_screen.screening.spatial import ScoreGrid, size_class
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def top_k_count(n: int, k: int | float) -> int:
 
 
 def slide_score(probs: np.ndarray | Sequence[float], rule: str, *, k: int | float = 5,
-                patch_threshold: float = 0.5, grid: PatchGrid | None = None, radius: int = 1,
+                patch_threshold: float = 0.5, grid: ScoreGrid | None = None, radius: int = 1,
                 region_threshold: float = 0.5) -> float:
     """A slide's score from its patches' positive-class probabilities (see the module docstring).
 
@@ -238,7 +238,7 @@ def top_indices(probs: np.ndarray, n: int = N_TOP) -> list[int]:
     return [int(i) for i in cand[order][:n]]
 
 
-def foci(grid: PatchGrid, config: AggregateConfig) -> list[spatial.Region]:
+def foci(grid: ScoreGrid, config: AggregateConfig) -> list[spatial.Region]:
     """A positive slide's foci: regions at ``region_threshold`` of >= ``min_focus_patches`` patches, and
     always the largest region."""
     found = spatial.regions(grid, config.region_threshold)
@@ -246,7 +246,7 @@ def foci(grid: PatchGrid, config: AggregateConfig) -> list[spatial.Region]:
 
 
 def diagnose(probs: np.ndarray | Sequence[float], config: AggregateConfig, *, positive: str,
-             negative: str, grid: PatchGrid | None = None) -> SlideResult:
+             negative: str, grid: ScoreGrid | None = None) -> SlideResult:
     """Score a slide by ``config.rule``; call it ``positive`` (score >= slide threshold) or ``negative``.
 
     With ``grid`` (the patches on their grid, :func:`wsi_screen.screening.spatial.patch_grid`) a positive call also

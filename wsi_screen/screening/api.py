@@ -234,7 +234,7 @@ def call_slide(scores: Scores, model: PatchClassifier, *, rule: str | None = Non
         model.
     rule, threshold, k
         Override the rule (``mean``, ``max``, ``topk``, ``fraction``, ``smoothmax``, ``region``), its slide
-        threshold and top-k's k, as ``infer --aggregate/--threshold/--k`` do.
+        threshold and top-k's k, as the ``rule``, ``threshold`` and ``k`` settings of ``infer`` do.
 
     Returns
     -------

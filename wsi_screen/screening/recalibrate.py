@@ -3,8 +3,9 @@
 Reads a run folder made by ``wsi-screen infer`` (its results.csv, and each slide's scores.csv and
 slide.json), the slide labels, chooses the rule and threshold exactly as the bundled model's were chosen
 (:func:`wsi_screen.screening.calibration.calibrate`), and writes a copy of the run's model folder whose
-``slide_rule.json`` holds the choice, so ``infer --model COPY`` uses it; the copy's ``card.json`` states it
-(``operating_point.slide_rule``), so ``models --card COPY`` and the report's card box say what the copy does.
+``slide_rule.json`` holds the choice, so screening with the copy as its model uses it; the copy's ``card.json``
+states it (``operating_point.slide_rule``), so the copy's model card and the report's card box say what the copy
+does.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _run_model_dir(run: Path) -> Path:
         info = runfolder.read_json(run / runfolder.RUN_JSON)
         path = Path(info["model"]["path"])
     except (KeyError, TypeError) as exc:
-        raise RunError(f"{run}: run.json does not name the run's model; pass --model") from exc
+        raise RunError(f"{run}: run.json does not name the run's model; set `model`") from exc
     if not path.is_absolute() and not path.exists():
         path = run / path
     return path
@@ -123,7 +124,7 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
     dest = Path(out)
     if dest.exists():
         if not overwrite:
-            raise ConfigError(f"{dest} already exists; pass --overwrite or choose another folder")
+            raise ConfigError(f"{dest} already exists; set `overwrite` or choose another folder")
         if dest.resolve() == source.resolve():
             raise ConfigError(f"{dest} is the run's own model folder; write the calibrated copy elsewhere")
     tmp = dest.with_name(f".{dest.name}.partial")

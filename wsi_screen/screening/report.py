@@ -97,7 +97,7 @@ def _overrides(info: dict[str, Any]) -> str:
 
 def _model_card(model: dict[str, Any]) -> str:
     """The model card's two-line summary and what the table's columns mean."""
-    lines = model.get("card") or [f"Model {model.get('arch')}: no model card (see `wsi-screen models --card`).",
+    lines = model.get("card") or [f"Model {model.get('arch')}: no model card (wsi_screen.models.card writes one).",
                                   "Research use only, not for diagnosis."]
     return (f'<div class="modelcard"><p>{"<br>".join(_html(line) for line in lines)}</p>'
             '<p class="muted"><b>diagnosis</b> is the model\'s slide call from its patch scores (the rule below), '

@@ -3,7 +3,7 @@
 Per slide: tile at the model's mpp, patch size and stain (reusing the tiler and any matching store), score
 every patch, write ``RUN/<slide>/`` (scores, heatmap, GeoJSON, slide.json) atomically, then aggregate.
 Slides already scored with the same model and store are reused on a rerun; aggregation is recomputed from
-their scores, so changing ``--aggregate`` or ``--threshold`` costs nothing. A failing slide becomes a row with
+their scores, so changing the slide rule or its threshold costs nothing. A failing slide becomes a row with
 ``status=error`` and its reason, and the run goes on.
 
 The slide-level rule and threshold come from the model folder's ``slide_rule.json`` (chosen on labelled
@@ -23,14 +23,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsi_screen import progress, runlog, startup
+from wsi_screen import progress, runlog
 from wsi_screen._safe_write import write_failed
 from wsi_screen.errors import ModelError, RunError, WsiScreenError
 from wsi_screen.models import PatchClassifier
 from wsi_screen.models.card import read_card, summary
 from wsi_screen.models.device import device_info
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
-from wsi_screen.screening import runfolder
+from wsi_screen.screening import runfolder, startup
 from wsi_screen.screening.aggregate import (
     STATUS_ERROR,
     AggregateConfig,
@@ -48,7 +48,7 @@ from wsi_screen.screening.outputs import (
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover
 from wsi_screen.slide.slide import slide_name, warn_unmatched_mpp
-from wsi_screen.tables import few
+from wsi_screen.slide.tables import few
 from wsi_screen.tiling.grid import TileSpec
 from wsi_screen.tiling.pipeline import OnError, TileConfig, failure_message, tile_isolated
 from wsi_screen.tiling.store import PatchStore
@@ -82,6 +82,15 @@ class InferConfig:
     #: the device Dask workers score on (auto/cuda: each its own GPU, see wsi_screen.distributed); a local run
     #: scores on the classifier's
     device: str = "auto"
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings ``run.json`` records."""
+        return {"batch_size": self.batch_size, "workers": self.workers, "loader_workers": self.loader_workers,
+                "stores": self.stores, "slide_mpp": self.slide_mpp, "slide_mpp_csv": dict(self.slide_mpps),
+                "labels": self.labels, "device": self.device,
+                # the slide rule's settings given explicitly (the report names them as overrides)
+                "overrides": {k: v for k, v in (("aggregate", self.rule), ("threshold", self.threshold),
+                                                ("k", self.k)) if v is not None}}
 
 
 @dataclass(frozen=True)
@@ -127,7 +136,7 @@ def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, An
 
 
 def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: InferConfig) -> AggregateConfig:
-    """The slide rule: calibrated in the model folder, overridden by --aggregate/--threshold/--k."""
+    """The slide rule: calibrated in the model folder, overridden by ``config.rule``, ``threshold`` and ``k``."""
     spec = classifier.spec
     patch_threshold = spec.threshold if spec.threshold is not None else 0.5
     base = replace(FALLBACK_RULE, patch_threshold=patch_threshold)
@@ -165,14 +174,12 @@ def tile_config_for(classifier: PatchClassifier, config: InferConfig) -> TileCon
     spec = classifier.spec
     if spec.mpp is None:
         raise ModelError(f"model {spec.arch} does not record the mpp of its training patches; retrain it "
-                         "with `wsi-screen train --mpp X`")
+                         "with their `mpp` set")
     if spec.positive_class is None or len(spec.classes) != 2:
         raise ModelError(f"screening needs a binary model with a positive class; this one has classes "
                          f"{spec.classes} and positive class {spec.positive_class!r}")
     return TileConfig(spec=TileSpec(mpp=spec.mpp, size_px=spec.input_size, min_tissue=config.min_tissue),
-                      finer_hint=("the model works at {target_mpp:g} um/px: screen this slide with a model trained "
-                                  "at {slide_mpp:.4g} um/px or coarser, or use a higher-resolution scan (if the "
-                                  "declared resolution is wrong, set it with --slide-mpp-csv)"),
+                      model_mpp=True,
                       stain=spec.stain_method, stain_target=spec.stain_target, slide_mpp=config.slide_mpp,
                       slide_mpps=config.slide_mpps, slide_timeout=config.slide_timeout,
                       workers=config.workers, overwrite=config.overwrite)
@@ -187,7 +194,7 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     With ``dask`` (see :mod:`wsi_screen.distributed`) each slide is one :func:`screen_slide_task` on a Dask
     cluster; aggregation, results.csv, run.json, metrics and the report are still made here, from the run
     folder, so they are the same as a local run's. ``on_error="record"`` (the command's policy) makes a
-    slide's failure its row in results.csv and goes on; ``"raise"`` re-raises it (``--debug``).
+    slide's failure its row in results.csv and goes on; ``"raise"`` re-raises it (the CLI's debug mode).
     """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -203,9 +210,7 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
         if config.stores is None:  # the run's own stores: follow the settings
             tile_cfg = replace(tile_cfg, retile_mismatched=True)
         else:
-            tile_cfg = replace(tile_cfg, mismatch_hint=(
-                "infer does not replace stores it did not make: re-tile this slide with `wsi-screen tile "
-                "SLIDE -o STORES --overwrite` and the model's settings, or leave out --stores"))
+            tile_cfg = replace(tile_cfg, foreign_stores=True)
         model_id = model_identity(model_dir, classifier)
         stores_dir = config.stores or str(run / runfolder.STORES_DIR)
         labels = read_labels(Path(config.labels), classifier) if config.labels else {}
@@ -234,7 +239,8 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     if dask is not None:
         rows.extend(_screen_on_dask(dask, sources, job, model_dir))
     else:
-        with isolation.slide_calls(tile_cfg.slide_timeout, isolate=on_error == "record") as call, \
+        tiler = (tile_isolated.__module__,)  # what a new slide reader imports first
+        with isolation.slide_calls(tile_cfg.slide_timeout, isolate=on_error == "record", preload=tiler) as call, \
                 progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
             for source in sources:
                 rows.append(screen_slide(source, job, classifier, call=call))
@@ -255,8 +261,8 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     warn_earlier_slides(run, rows)
     stages = {"start_up": startup.seconds_until(t0), "slides": screened - t0,
               "run_outputs": time.perf_counter() - screened}
-    write_run_json(run, rows, aggregate, model_id, tile_cfg, config, argv, started, time.perf_counter() - t0,
-                   stages)
+    write_run_json(run, rows, aggregate, model_id, tile_cfg, config.to_json(), argv, started,
+                   time.perf_counter() - t0, stages)
     from wsi_screen.screening.report import write_report
 
     write_report(run)
@@ -264,13 +270,13 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
 
 
 def warn_unmatched_labels(labels: dict[str, str], rows: Sequence[SlideRow]) -> None:
-    """One warning naming the --labels rows that name no slide of this run (a typo, or another run's slides)."""
+    """One warning naming the slide-label rows that name no slide of this run (a typo, or another run's slides)."""
     names = {r.name for r in rows}
     unmatched = sorted(k for k in labels if k not in names and slide_name(Path(k)) not in names)
     unmatched = [k for k in unmatched if not any(other != k and slide_name(Path(other)) == k for other in unmatched)]
     if unmatched:
         shown = few(unmatched)
-        log.warning("--labels: %d row(s) name no slide of this run: %s", len(unmatched), shown)
+        log.warning("`labels`: %d row(s) name no slide of this run: %s", len(unmatched), shown)
 
 
 def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
@@ -286,7 +292,7 @@ def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
 def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig,
            call: isolation.Caller) -> bool:
     """Whether RUN/<slide> holds this slide scored by this model from the store this run would make now:
-    same model and arithmetic (``--precision``), same slide file, same resolution (value and source) and tiling
+    same model and arithmetic (precision), same slide file, same resolution (value and source) and tiling
     settings. Anything else is recomputed (the slide rule is applied afresh on every run)."""
     from wsi_screen.tiling.pipeline import store_is_current
 
@@ -353,9 +359,11 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
         log.error("%s", row.error)
         runlog.record_traceback(source.name, result.traceback)
         return row
+    caller_thresholds = classifier.decision_thresholds  # the slide rule's are added for this slide only
     try:
         check_store_matches_model(PatchStore.open(result.store).attrs, classifier.spec, result.store)
-        classifier.decision_thresholds = decision_thresholds(classifier, job.aggregate)
+        classifier.decision_thresholds = tuple(sorted({*caller_thresholds,
+                                                       *decision_thresholds(classifier, job.aggregate)}))
         for _location, probs, distance in score_stores([result.store], classifier, batch_size=job.batch_size,
                                                        workers=job.loader_workers, desc=source.name[:30]):
             scored = time.perf_counter()
@@ -373,6 +381,8 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
             row.error, trace = failure_message(source.path, exc)
             runlog.record_traceback(source.name, trace)
         log.error("%s", row.error)
+    finally:
+        classifier.decision_thresholds = caller_thresholds
     return row
 
 

@@ -14,7 +14,7 @@ Which reader serves a file is decided here, once, and recorded in the slide's id
 
 Grayscale, 16-bit and multi-channel (fluorescence) files are refused up front. Level-0 mpp comes from the
 file; where it is missing or absurd, :class:`~wsi_screen.errors.MissingMppError` names the slide and says to
-pass ``--slide-mpp``. Nothing is guessed. All coordinates are level-0 pixels, (x, y); sizes are (w, h).
+set ``slide_mpp``. Nothing is guessed. All coordinates are level-0 pixels, (x, y); sizes are (w, h).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from PIL import Image
 from wsi_screen.errors import ConfigError, MissingMppError, SlideOpenError, UnsupportedFormatError
 from wsi_screen.slide.dicom_series import series_files, series_name
 from wsi_screen.slide.readers import Reader, into
-from wsi_screen.threads import run_each
+from wsi_screen.slide.threads import run_each
 
 if TYPE_CHECKING:
     from tifffile import TiffFile
@@ -184,7 +184,7 @@ def _tiff_or_openslide(target: Path, tif: TiffFile | None, choice: ReaderChoice)
         return TiffReader(target, tif)
     raise UnsupportedFormatError(
         f"{target}: not a slide format wsi-screen reads (OpenSlide formats such as SVS, NDPI, MRXS, "
-        "SCN, DICOM and tiled TIFF; OME-TIFF; plain RGB TIFF with --slide-mpp)")
+        "SCN, DICOM and tiled TIFF; OME-TIFF; plain RGB TIFF with `slide_mpp`)")
 
 
 class Level(NamedTuple):
@@ -208,9 +208,9 @@ class Slide:
     name:
         Display name (defaults to the file stem, or the folder name for a DICOM series).
     mpp:
-        Level-0 microns per pixel for a file that declares none (``--slide-mpp``); a declared value wins.
+        Level-0 microns per pixel for a file that declares none; a declared value wins.
     force_mpp:
-        Level-0 microns per pixel that replaces even a declared value (``--slide-mpp-csv``: scanners do write
+        Level-0 microns per pixel that replaces even a declared value (a per-slide table: scanners do write
         wrong ones); a warning names both when they differ by more than 5 %.
     reader:
         ``"auto"`` (see module docstring), or force ``"openslide"`` / ``"tifffile"``.
@@ -261,29 +261,29 @@ class Slide:
         """The file's own resolution; ``force_mpp`` replaces it, ``mpp`` fills in only where it is missing."""
         declared = self._reader.mpp()
         if self._mpp_force is not None:
-            mpp, source = self._user_mpp(self._mpp_force, "--slide-mpp-csv")
+            mpp, source = self._user_mpp(self._mpp_force, "`slide_mpps`")
             if declared is not None:
                 own = (declared[0] + declared[1]) / 2.0
                 if math.isfinite(own) and own > 0 and abs(own - mpp) / own > 0.05:
-                    log.warning("%s: using %.4g um/px from --slide-mpp-csv; the file declares %.4g um/px",
+                    log.warning("%s: using %.4g um/px from `slide_mpps`; the file declares %.4g um/px",
                                 self.path, mpp, own)
             return mpp, source
         if declared is None:
             if self._mpp_override is not None:
-                return self._user_mpp(self._mpp_override, "--slide-mpp")
+                return self._user_mpp(self._mpp_override, "`slide_mpp`")
             self.close()
             raise MissingMppError(f"{self.path}: the slide does not declare its resolution (microns per "
-                                  "pixel); pass --slide-mpp (e.g. --slide-mpp 0.25 for a 40x scan)")
+                                  "pixel); set `slide_mpp` (e.g. `slide_mpp`=0.25 for a 40x scan)")
         mx, my = declared
         ok = all(math.isfinite(v) and PLAUSIBLE_MPP[0] <= v <= PLAUSIBLE_MPP[1] for v in (mx, my))
         if not ok:
             self.close()
             raise MissingMppError(f"{self.path}: declared resolution {mx} x {my} um/px is implausible; "
-                                  "set this slide's with --slide-mpp-csv (columns slide,mpp)")
+                                  "set this slide's with `slide_mpps` (a table with columns slide,mpp)")
         if abs(mx - my) / max(mx, my) > 0.05:
             self.close()
             raise MissingMppError(f"{self.path}: non-square pixels ({mx} x {my} um/px) are not supported; "
-                                  "set this slide's resolution with --slide-mpp-csv (columns slide,mpp)")
+                                  "set this slide's resolution with `slide_mpps` (a table with columns slide,mpp)")
         return (mx + my) / 2.0, "slide"
 
     @property
@@ -335,7 +335,7 @@ class Slide:
         ((128, 256, 3), dtype('uint8'))
         """
         if not 0 <= int(level) < len(self.level_dimensions):
-            raise ConfigError(f"{self.path}: level {level} does not exist (the slide has levels 0-"
+            raise ConfigError(f"{self.path}: `level` {level} does not exist (the slide has levels 0-"
                               f"{len(self.level_dimensions) - 1})")
         return self._reader.read_region(int(level), (int(location[0]), int(location[1])),
                                         (int(size[0]), int(size[1])))
@@ -355,10 +355,10 @@ class Slide:
         (224, 224, 3)
         """
         if not (mpp > 0 and math.isfinite(mpp)):
-            raise ConfigError(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
+            raise ConfigError(f"`mpp` must be a positive number of microns per pixel, got {mpp!r}")
         w, h = (int(v) for v in size)
         if w < 1 or h < 1:
-            raise ConfigError(f"size must be a positive (w, h) in pixels, got {tuple(size)}")
+            raise ConfigError(f"`size` must be a positive (w, h) in pixels, got {tuple(size)}")
         scale = mpp / self.mpp  # level-0 pixels per output pixel
         return self._read_l0((int(location_l0[0]), int(location_l0[1])),
                              (max(1, round(w * scale)), max(1, round(h * scale))), (w, h), out)
@@ -517,11 +517,12 @@ def resize(img: np.ndarray, size: tuple[int, int],
 
 
 def read_mpp_table(path: str | os.PathLike[str]) -> dict[str, float]:
-    """``--slide-mpp-csv``: a CSV with columns ``slide`` (a slide's name, file name or path) and ``mpp``."""
-    from wsi_screen.tables import first_rows, read_table
+    """The per-slide mpp table (``slide_mpps``): a CSV with columns ``slide`` (a slide's name, file name or path)
+    and ``mpp``."""
+    from wsi_screen.slide.tables import first_rows, read_table
 
     p = Path(path)
-    rows = read_table(p, ("slide", "mpp"), "--slide-mpp-csv")
+    rows = read_table(p, ("slide", "mpp"), "`slide_mpps`")
     found: list[tuple[int, str, object]] = []
     for i, row in enumerate(rows, start=2):
         key = (row.get("slide") or "").strip()
@@ -536,17 +537,17 @@ def read_mpp_table(path: str | os.PathLike[str]) -> dict[str, float]:
 
 
 def warn_unmatched_mpp(table: dict[str, float], sources: Sequence[Any]) -> list[str]:
-    """Warn (one line) about the ``--slide-mpp-csv`` rows that name none of ``sources`` (objects with ``path``
+    """Warn (one line) about the rows of the per-slide mpp table that name none of ``sources`` (objects with ``path``
     and ``name``): a typo there would otherwise leave a slide at a resolution the user meant to replace."""
     named = set()
     for s in sources:
         named |= {s.name, s.path.name, str(s.path), slide_name(s.path)}
-    from wsi_screen.tables import few
+    from wsi_screen.slide.tables import few
 
     unmatched = sorted(k for k in table if k not in named)
     if unmatched:
         shown = few(unmatched)
-        log.warning("--slide-mpp-csv: %d row(s) name no slide of this run (by name, file name or path): %s",
+        log.warning("`slide_mpps`: %d row(s) name no slide of this run (by name, file name or path): %s",
                     len(unmatched), shown)
     return unmatched
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from wsi_screen import startup
+from wsi_screen.screening import startup
 
 
 def test_process_age_ignores_the_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,7 +22,7 @@ def test_process_age_ignores_the_wall_clock(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_a_fresh_process_starts_young() -> None:
-    code = "import time; time.sleep(0.5); from wsi_screen import startup; print(startup.process_age())"
+    code = "import time; time.sleep(0.5); from wsi_screen.screening import startup; print(startup.process_age())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert 0.5 <= float(out.stdout) < 0.5 + 10  # the sleep, the interpreter's start and one import
 
