@@ -226,6 +226,24 @@ def test_a_rerun_with_stray_labels_and_fewer_slides_is_whole_and_says_so(tmp_pat
     assert (run / "run.json").exists() and (run / "report.html").exists() and not (run / "slide_metrics.json").exists()
 
 
+def test_run_infer_raises_by_default_and_records_for_the_command(tmp_path: Path, slides_dir: Path) -> None:
+    """on_error: the library raises a slide's failure; the command's policy ("record") makes it a row."""
+    from tests.corpus import corrupt_tiles
+    from wsi_screen.errors import SlideReadError
+    from wsi_screen.screening.run import InferConfig, run_infer
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    corrupt_tiles(slides_dir / "CMU-1-Small-Region.svs", folder / "corrupt.svs", range(40, 80))
+    model = load_model()
+    with pytest.raises(SlideReadError, match="corrupt"):
+        run_infer([str(folder)], tmp_path / "raised", model, default_model_dir(), InferConfig(workers=1))
+    summary = run_infer([str(folder)], tmp_path / "recorded", model, default_model_dir(), InferConfig(workers=1),
+                        on_error="record")
+    assert summary.failed == 1 and "corrupt JPEG data" in summary.rows[0].error
+    assert read_results(tmp_path / "recorded")["corrupt"]["status"] == "error"
+
+
 def test_screen_slide_keeps_the_callers_decision_thresholds(tmp_path: Path) -> None:
     """The slide rule's thresholds are added for one slide's scoring, then the caller's come back."""
     from wsi_screen.screening.aggregate import AggregateConfig

@@ -116,7 +116,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
                          labels=labels, device=device)
     with maybe_connect(target) as runner:
         summary = run_infer(slides, Path(run), classifier, mdir, config, argv=sys.argv[1:],
-                            debug=bool(ctx.obj.get("debug")), dask=runner)
+                            on_error="raise" if ctx.obj.get("debug") else "record", dask=runner)
     _print_table(summary)
     if summary.failed:
         ctx.exit(1)

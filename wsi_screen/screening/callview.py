@@ -148,13 +148,13 @@ def slide_grid(done: dict[str, Any], coords: np.ndarray, probs: np.ndarray) -> S
 
 
 def heatmap_figure(store: Any, coords: np.ndarray, probs: np.ndarray, ctx: CallContext, *,
-                   alpha: float = 0.55) -> Any:
-    """The heatmap of a slide's call (a matplotlib Figure): P(positive) ``probs`` (N,) over the thumbnail, contour
-    at the call's patch threshold, every counted focus outlined with its size (the largest emphasised), the call
-    in the title."""
+                   alpha: float = 0.55, thumbnail: np.ndarray | None = None) -> Any:
+    """The heatmap of a slide's call (a matplotlib Figure): P(positive) ``probs`` (N,) over the thumbnail (the
+    store's, or ``thumbnail`` of the whole slide at any resolution), contour at the call's patch threshold, every
+    counted focus outlined with its size (the largest emphasised), the call in the title."""
     from wsi_screen.screening.heatmap import Outline, heatmap_array, overlay_figure
 
-    thumb = store.thumbnail
+    thumb = np.asarray(thumbnail) if thumbnail is not None else store.thumbnail
     dims = tuple(store.attrs["slide"]["dimensions"])
     size = (int(dims[0]), int(dims[1]))
     heat = heatmap_array(coords, probs, store.tile_size_l0, int(store.attrs["stride_l0"]), size, thumb.shape[:2])
@@ -170,9 +170,9 @@ def heatmap_figure(store: Any, coords: np.ndarray, probs: np.ndarray, ctx: CallC
 
 def draw_heatmap(path: Path, store: Any, coords: np.ndarray, probs: np.ndarray, ctx: CallContext) -> Path:
     """heatmap.png: :func:`heatmap_figure`, written atomically with :func:`views_key` in it."""
-    from wsi_screen.screening.heatmap import save_figure
+    from wsi_screen.screening.heatmap import save_png
 
-    return save_figure(heatmap_figure(store, coords, probs, ctx), path, key=views_key(ctx))
+    return save_png(heatmap_figure(store, coords, probs, ctx), path, key=views_key(ctx))
 
 
 def write_geojson(path: Path, coords: np.ndarray, tile_size_l0: int, probs: np.ndarray, ctx: CallContext) -> Path:

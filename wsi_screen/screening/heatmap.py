@@ -317,22 +317,21 @@ def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_p
                    dimensions_l0: tuple[int, int] | None = None, mpp: float | None = None,
                    dpi: int = 100, outlines: Sequence[Outline] = (), outline_legend: str = "",
                    key: str | None = None) -> Path:
-    """Write :func:`overlay_figure` as a PNG (atomically) and return its path; ``key`` is stored in the PNG's
-    text chunk ``wsi-screen`` (what the picture was drawn with)."""
+    """Write :func:`overlay_figure` as a PNG (see :func:`save_png`) and return its path."""
     fig = overlay_figure(thumbnail, heat, title=title, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha,
                          legend_label=legend_label, threshold=threshold, threshold_name=threshold_name,
                          dimensions_l0=dimensions_l0, mpp=mpp, dpi=dpi, outlines=outlines,
                          outline_legend=outline_legend)
-    return save_figure(fig, out_path, key=key)
+    return save_png(fig, out_path, key=key)
 
 
-def save_figure(fig: Any, out_path: str | os.PathLike[str], *, key: str | None = None) -> Path:
-    """Write a heatmap figure as a PNG (atomically, at the figure's dpi) with ``key`` in its text chunk
-    ``wsi-screen`` (:func:`drawn_with` reads it back); returns the path."""
+def save_png(fig: Any, out_path: str | os.PathLike[str], *, dpi: int | None = None, key: str | None = None) -> Path:
+    """Write a heatmap figure as a PNG, atomically (at ``dpi``, by default the figure's); ``key`` is stored in the
+    PNG's text chunk ``wsi-screen`` (what the picture was drawn with, see :func:`drawn_with`)."""
     out = Path(out_path)
     with atomic_path(out, " the heatmap") as tmp, warnings.catch_warnings():
         # slide names in scripts the default font lacks (CJK, ...) draw as boxes; say nothing about it
         warnings.filterwarnings("ignore", message=r"Glyph .* missing from font", category=UserWarning)
-        fig.savefig(tmp, format="png", dpi=fig.dpi, metadata={"wsi-screen": key} if key else None)
+        fig.savefig(tmp, format="png", dpi=dpi or fig.dpi, metadata={"wsi-screen": key} if key else None)
     logger.debug("heatmap written to %s", out)
     return out

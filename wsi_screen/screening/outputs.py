@@ -36,7 +36,7 @@ from wsi_screen.screening.aggregate import (
 )
 from wsi_screen.screening.callview import CallContext, slide_grid, views_key, write_views
 from wsi_screen.screening.runfolder import SlideFolder, SlideScores
-from wsi_screen.screening.spatial import patch_grid
+from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 from wsi_screen.slide.slide import slide_name
 from wsi_screen.slide.tables import first_rows, read_table
 from wsi_screen.tiling.pipeline import TileConfig
@@ -130,8 +130,7 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
     except WsiScreenError as exc:
         row.status, row.error = STATUS_ERROR, str(exc)
         return
-    pos = scores.classes.index(spec.positive_class) if spec.positive_class in scores.classes else 1
-    negative = next(c for c in scores.classes if c != spec.positive_class)
+    pos = positive_column(scores, spec)
     try:
         done = runfolder.read_slide(run, row.name)
     except (WsiScreenError, OSError):
@@ -144,8 +143,7 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
     else:
         grid = slide_grid(done, scores.coords, scores.probs[:, pos])
         try:
-            result = diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative,
-                              grid=grid)
+            result = call_scores(scores, classifier, aggregate, grid)
         except ConfigError as exc:  # a spatial rule on a slide folder without its grid
             row.status, row.error = STATUS_ERROR, f"{row.name}: {exc}"
             return
@@ -156,6 +154,21 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
     elif result.top_indices:
         i = result.top_indices[0]
         row.top = (int(scores.coords[i, 0]), int(scores.coords[i, 1]), float(scores.probs[i, pos]))
+
+
+def positive_column(scores: SlideScores, spec: Any) -> int:
+    """The column of ``scores.probs`` that holds the model's positive class."""
+    return scores.classes.index(spec.positive_class) if spec.positive_class in scores.classes else 1
+
+
+def call_scores(scores: SlideScores, classifier: PatchClassifier, aggregate: AggregateConfig,
+                grid: ScoreGrid | None) -> SlideResult:
+    """A slide's call from its patch scores (``grid``: the same probabilities on their patch grid, which the
+    spatial rules and the focus sizes need)."""
+    spec = classifier.spec
+    negative = next(c for c in scores.classes if c != spec.positive_class)
+    return diagnose(scores.probs[:, positive_column(scores, spec)], aggregate, positive=str(spec.positive_class),
+                    negative=negative, grid=grid)
 
 
 def slide_domain(scores: SlideScores, classifier: PatchClassifier) -> dict[str, Any]:
