@@ -282,9 +282,12 @@ def test_heatmap_is_a_figure_of_the_slide(example_slide: Path, scores: Any, mode
         finer = wsi_screen.heatmap(slide, scores, call, mpp=4.0)
     assert isinstance(fig, Figure)
     assert fig.axes[1].get_title() == "P(tumour) overlay"
-    assert fig.texts[0].get_text().startswith("CMU-1-Small-Region: tumour (score ")
+    # as infer's heatmap.png: the call in the title, the threshold the call read, every counted focus outlined
+    assert fig.texts[0].get_text().startswith("CMU-1-Small-Region: TUMOUR | ")
+    assert "score 0.967 >= 0.01 (rule: max)" in fig.texts[0].get_text()
     labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
-    assert any(text.startswith("largest focus (") for text in labels)
+    assert any(" counted foc" in text and "(largest bold)" in text for text in labels), labels
+    assert any(text.endswith("(the model's patch threshold)") for text in labels), labels
     assert finer.axes[0].get_images()[0].get_array().shape[:2] != fig.axes[0].get_images()[0].get_array().shape[:2]
     fig.savefig(tmp_path / "heatmap.png")
     assert (tmp_path / "heatmap.png").stat().st_size > 10_000
