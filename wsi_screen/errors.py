@@ -99,6 +99,11 @@ class ModelMismatchError(ModelError):
     """A model cannot be applied to the given store or data (other mpp, patch size, stain or classes)."""
 
 
+class EncoderNotFoundError(ModelError, FileNotFoundError):
+    """An encoder's weights are neither cached nor downloadable (offline, unknown repository, gated without a
+    token); the message says where it looked and how to get them."""
+
+
 class ConfigError(WsiScreenError, ValueError):
     """A configuration value or file is invalid."""
 

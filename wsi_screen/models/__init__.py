@@ -86,7 +86,8 @@ def load_model(path: str | os.PathLike[str] | None = None, *,
     """Load a model folder (``config.json`` + ``model.safetensors``) as a :class:`PatchClassifier`.
 
     ``path`` may be the folder, its ``config.json`` or its ``model.safetensors``; ``None`` loads the
-    bundled default model. Nothing is unpickled: pickle-based files raise
+    bundled default model. A head model (``train --encoder``) loads its encoder by the reference in its
+    config. Nothing is unpickled: pickle-based files raise
     :class:`~wsi_screen.errors.UnsafeFileError`. ``precision``: ``auto`` (bfloat16 where the device computes
     it natively, else float32), ``fp32`` or ``bf16`` (see :mod:`wsi_screen.models.precision`).
     """
@@ -97,8 +98,14 @@ def load_model(path: str | os.PathLike[str] | None = None, *,
                              "folder from `wsi-screen train`) or train one into that folder")
     model_dir = resolve_model_dir(Path(path))
     spec = ModelSpec.read(model_dir)
-    check_arch(spec.arch)
-    module = build_module(spec)
-    load_state_strict(module, read_weights(model_dir / WEIGHTS_NAME), str(model_dir))
+    module: nn.Module
+    if spec.encoder is not None:  # a head on a frozen encoder (see wsi_screen.models.head)
+        from wsi_screen.models.head import load_head_classifier
+
+        module = load_head_classifier(spec, model_dir / WEIGHTS_NAME, str(model_dir))
+    else:
+        check_arch(spec.arch)
+        module = build_module(spec)
+        load_state_strict(module, read_weights(model_dir / WEIGHTS_NAME), str(model_dir))
     log.debug("loaded %s from %s", spec.arch, model_dir)
     return PatchClassifier(module, spec, device=device, domain=DomainModel.load(model_dir), precision=precision)
