@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("tiling", ("tiling",)),
     ("slide", ("slide",)),
     ("shared", ("metrics", "decision", "distributed", "progress", "runlog", "memory", "threads", "errors",
-                "tables", "_safe_write", "_timm_hook", "__init__")),
+                "tables", "_safe_write", "_timm_hook", "_device_name", "__init__")),
 ]
 RANK = {top: i for i, (_, tops) in enumerate(LAYERS) for top in tops}
 

@@ -104,6 +104,11 @@ class EncoderNotFoundError(ModelError, FileNotFoundError):
     token); the message says where it looked and how to get them."""
 
 
+class DeviceError(WsiScreenError, ValueError):
+    """A compute device was asked for that is not a device name, or is absent on this machine (``cuda`` with no
+    CUDA GPU, ``cuda:3`` with two, ``mps`` off Apple silicon)."""
+
+
 class ConfigError(WsiScreenError, ValueError):
     """A configuration value or file is invalid."""
 

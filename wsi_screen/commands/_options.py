@@ -96,3 +96,29 @@ def precision_option(default: str) -> Callable[[F], F]:
                                  "in float32, so the calls are float32's; docs/default-model.md), float32 elsewhere. "
                                  "fp32: always float32. bf16: bfloat16 even where emulated (slower).")(func)
     return decorate
+
+
+def device_option(func: F) -> F:
+    """``--device auto|cpu|cuda|cuda:N|mps`` (train, evaluate, predict, tune, infer, embed).
+
+    The name is checked here, at parse time, without importing torch; whether that device is present is asked
+    in the command body with :func:`wsi_screen.models.device.resolve_device`, which fails in one line.
+    """
+    return click.option("--device", default="auto", show_default=True, callback=_device_name,
+                        metavar="[auto|cpu|cuda|cuda:N|mps]",
+                        help="Where the model runs. auto: the CUDA GPU where torch sees one, else the CPU (never "
+                             "Apple's mps unless named). cuda: the current CUDA GPU; cuda:N: GPU N; mps: Apple "
+                             "silicon. On a GPU the forward pass uses mixed precision; a device that is absent "
+                             "is an error, not a silent fallback.")(func)
+
+
+def _device_name(_ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Refuse a name that is not a device up front (``gpu``, ``cuda:x``), without importing torch."""
+    from wsi_screen._device_name import parse_device_name
+    from wsi_screen.errors import DeviceError
+
+    try:
+        kind, index = parse_device_name(value)
+    except DeviceError as error:
+        raise click.BadParameter(str(error), param=param) from None
+    return kind if index is None else f"{kind}:{index}"
