@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "wsi_screen.commands.evaluate:evaluate",
     "predict": "wsi_screen.commands.predict:predict",
     "tune": "wsi_screen.commands.tune:tune",
+    "embed": "wsi_screen.commands.embed:embed",
     "infer": "wsi_screen.commands.infer:infer",
     "report": "wsi_screen.commands.report:report",
     "calibrate": "wsi_screen.commands.calibrate:calibrate",

@@ -135,6 +135,14 @@ class TrainConfig:
     overrides: tuple[str, ...] = ()
     #: K-fold cross-validation (see wsi_screen.training.cross_validation); 1: one validation split; 0: auto
     folds: int = 1
+    #: train only a head on this frozen encoder's embeddings (see wsi_screen.training.heads); ``arch`` is then unused
+    encoder: str | None = None
+    #: a local weights file for ``encoder`` (a timm architecture or registry name)
+    encoder_weights: str | None = None
+    #: the head on the encoder: linear or mlp
+    head: str = "linear"
+    #: where dataset embeddings are cached (None: wsi_screen.training.embeddings.default_cache_dir())
+    embedding_cache: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -165,6 +173,16 @@ class TrainConfig:
         if self.patience < 0 or self.frozen_epochs < 0 or self.workers < 0 or self.folds < 0:
             problems.append("patience, frozen epochs, workers and folds cannot be negative")
 
+        if self.encoder is not None:
+            if self.head not in ("linear", "mlp"):
+                problems.append(f"head {self.head!r} is not one of linear, mlp")
+            if self.pretrained or self.freeze_backbone:
+                problems.append("--pretrained and --freeze-backbone train a whole network; with --encoder only the "
+                                "head trains (the encoder stays frozen)")
+        elif self.encoder_weights is not None:
+            problems.append("--weights needs --encoder (the architecture the file is for)")
+        elif not self.arch:
+            problems.append("give --arch (a network to train) or --encoder (a frozen encoder to train a head on)")
         if problems:
             raise ConfigError("; ".join(problems))
         ThresholdRule.parse(self.threshold_rule)
@@ -236,7 +254,7 @@ def _pretrained_spec(path: str | None) -> ModelSpec | None:
     return None
 
 
-def _resolve_size(config: TrainConfig, folder: PatchFolder, rows: np.ndarray,
+def resolve_size(config: TrainConfig, folder: PatchFolder, rows: np.ndarray,
                   pretrained: ModelSpec | None) -> tuple[int, Counter[tuple[int, int]]]:
     fixed = fixed_input_size(config.arch)
     sizes = image_sizes(folder, rows)
@@ -252,9 +270,8 @@ def _resolve_size(config: TrainConfig, folder: PatchFolder, rows: np.ndarray,
     return w, sizes
 
 
-def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
-    """Read, validate and split the dataset and decode train + valid at the input size (never test)."""
-    check_arch(config.arch)
+def read_split(dataset: str | Path, config: TrainConfig) -> tuple[PatchFolder, Split, list[str], str | None]:
+    """Read and validate the dataset and split it: (folder, split, classes, positive class)."""
     folder = open_patch_folder(dataset, label_column=config.label_column, split_column=config.split_column,
                                group_column=config.group_column,
                                require_split_column=config.require_split_column)
@@ -268,14 +285,11 @@ def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
     classes = sorted(train_labels)
     if len(classes) < 2:
         raise DatasetError(f"{folder.describe()}: training rows hold a single class ({classes[0]})")
-    positive = resolve_positive(classes, config.positive)
-    pretrained = _pretrained_spec(config.pretrained)
-    rows = np.concatenate([split.train, split.valid])
-    size, sizes = _resolve_size(config, folder, rows, pretrained)
-    other = {s: n for s, n in sizes.items() if s != (size, size)}
-    if other:
-        log.info("resizing %d of %d images to %dx%d px (%s)", sum(other.values()), len(rows), size, size,
-                 ", ".join(f"{n} of {w}x{h}" for (w, h), n in sorted(other.items())))
+    return folder, split, classes, resolve_positive(classes, config.positive)
+
+
+def resolve_mpp(config: TrainConfig, folder: PatchFolder) -> float | None:
+    """The training patches' mpp: --mpp, else the dataset's mpp column (a warning when they differ)."""
     mpp = config.mpp if config.mpp is not None else folder.mpp
     if config.mpp is not None and folder.mpp is not None \
             and not math.isclose(config.mpp, folder.mpp, rel_tol=0.05):
@@ -283,6 +297,25 @@ def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
                     folder.mpp, config.mpp)
     if mpp is None:
         log.info("training patches have no recorded mpp; pass --mpp so the model can be applied to slides")
+    return mpp
+
+
+def log_resizing(sizes: Counter[tuple[int, int]], size: int, n: int) -> None:
+    other = {s: k for s, k in sizes.items() if s != (size, size)}
+    if other:
+        log.info("resizing %d of %d images to %dx%d px (%s)", sum(other.values()), n, size, size,
+                 ", ".join(f"{k} of {w}x{h}" for (w, h), k in sorted(other.items())))
+
+
+def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
+    """Read, validate and split the dataset and decode train + valid at the input size (never test)."""
+    check_arch(config.arch)
+    folder, split, classes, positive = read_split(dataset, config)
+    pretrained = _pretrained_spec(config.pretrained)
+    rows = np.concatenate([split.train, split.valid])
+    size, sizes = resolve_size(config, folder, rows, pretrained)
+    log_resizing(sizes, size, len(rows))
+    mpp = resolve_mpp(config, folder)
     train_y = folder.label_indices(classes, split.train)
     valid_y = folder.label_indices(classes, split.valid)
     threads = max(1, config.workers)
@@ -680,10 +713,15 @@ def for_data(config: TrainConfig, data: PreparedData) -> TrainConfig:
     return config
 
 
-def train(dataset: str | Path, out_dir: str | Path, config: TrainConfig) -> TrainResult:
-    """Train ``config.arch`` on a dataset folder and write the model folder (see the module docstring)."""
+def train(dataset: str | Path, out_dir: str | Path, config: TrainConfig, *, device: str = "cpu") -> TrainResult:
+    """Train ``config.arch`` on a dataset folder and write the model folder (see the module docstring); with
+    ``config.encoder``, a head on that encoder's embeddings, the encoder running on ``device``."""
     out = Path(out_dir)
     if (out / CONFIG_NAME).exists() and not config.overwrite:
         raise ConfigError(f"{out} already holds a model; pass --overwrite or choose another output folder")
+    if config.encoder is not None:
+        from wsi_screen.training.heads import train_head
+
+        return train_head(dataset, out, config, device=device)
     data = prepare_data(dataset, config)
     return fit(data, for_data(config, data), out)
