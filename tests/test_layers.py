@@ -20,6 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wsi_screen"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("interface", ("cli", "commands")),
     ("synthetic", ("synthetic",)),
+    ("embedding", ("embedding",)),
     ("screening", ("screening",)),
     ("training", ("training",)),
     ("models", ("models",)),

@@ -24,7 +24,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -60,8 +60,10 @@ def read_attrs(path: str | Path) -> dict[str, Any] | None:
 def is_current(path: str | Path, settings: Mapping[str, Any]) -> bool:
     """Whether ``path`` holds a complete feature store made with ``settings``."""
     attrs = read_attrs(path)
-    return bool(attrs) and attrs.get(ATTR_COMPLETE) is True and attrs.get("kind") == KIND \
-        and attrs.get("schema_version") == SCHEMA_VERSION and attrs.get(ATTR_SETTINGS) == dict(settings)  # type: ignore[union-attr]
+    if not attrs:
+        return False
+    return attrs.get(ATTR_COMPLETE) is True and attrs.get("kind") == KIND \
+        and attrs.get("schema_version") == SCHEMA_VERSION and attrs.get(ATTR_SETTINGS) == dict(settings)
 
 
 def write_feature_store(path: str | Path, features: np.ndarray, coords: np.ndarray, attrs: Mapping[str, Any]) -> Path:
@@ -80,7 +82,7 @@ def write_feature_store(path: str | Path, features: np.ndarray, coords: np.ndarr
         group.create_array(FEATURES, data=features, chunks=(rows, max(1, features.shape[1])))
         group.create_array(COORDS, data=np.ascontiguousarray(coords, dtype=np.int64), chunks=(max(1, len(coords)), 2))
         group.attrs.update({**dict(attrs), "kind": KIND, "schema_version": SCHEMA_VERSION,
-                            "n_patches": int(len(features)), "dtype": features.dtype.name})
+                            "n_patches": len(features), "dtype": features.dtype.name})
         group.attrs[ATTR_COMPLETE] = True
         fsync_tree(work)
         swap_in(work, final)
@@ -111,8 +113,8 @@ class FeatureStore:
 
     @property
     def features(self) -> np.ndarray:
-        return np.asarray(self._group[FEATURES][:])
+        return np.asarray(cast("zarr.Array", self._group[FEATURES])[...])
 
     @property
     def coords(self) -> np.ndarray:
-        return np.asarray(self._group[COORDS][:])
+        return np.asarray(cast("zarr.Array", self._group[COORDS])[...])

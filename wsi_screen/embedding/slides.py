@@ -131,8 +131,8 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
              "slide": store.attrs.get("slide", {}), "patch_store": str(location), "precision": encoder.precision,
              "package_version": __version__, "settings": settings}
     write_feature_store(target, features, store.coords, attrs)
-    return EmbedResult(name, source, "done", str(target), n,
-                       seconds={"embed": round(embedded - started, 3), "write": round(time.perf_counter() - embedded, 3)})
+    seconds = {"embed": round(embedded - started, 3), "write": round(time.perf_counter() - embedded, 3)}
+    return EmbedResult(name, source, "done", str(target), n, seconds=seconds)
 
 
 def _failed(name: str, source: str, exc: Exception, debug: bool) -> EmbedResult:

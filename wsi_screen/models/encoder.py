@@ -268,9 +268,10 @@ def _hub_cache() -> Path:
     """The hub cache, from the environment as it is now (huggingface_hub reads it once, at import)."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
-                                                      os.path.expanduser("~/.cache"), "huggingface")
-    return Path(home) / "hub"
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser())
+    return cache / "huggingface" / "hub"
 
 
 def _offline() -> bool:
@@ -413,7 +414,8 @@ def _load_backbone_state(module: nn.Module, state: dict[str, torch.Tensor], sour
              if k in target and v.shape != target[k].shape]
     missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
     if wrong or missing:
-        parts = ([f"shape mismatch: {_few(wrong)}"] if wrong else []) + ([f"missing: {_few(missing)}"] if missing else [])
+        parts = [f"shape mismatch: {_few(wrong)}"] if wrong else []
+        parts += [f"missing: {_few(missing)}"] if missing else []
         raise ModelError(f"{source}: weights do not fit the architecture ({'; '.join(parts)})")
     dropped = sorted(k for k in state if k not in target)
     if dropped:

@@ -28,7 +28,11 @@ class Head(nn.Module):
     """Embeddings (N, D) -> logits (N, C): standardised with the training embeddings' mean/std (buffers), then a
     linear layer or a one-hidden-layer MLP."""
 
-    def __init__(self, kind: str, dim: int, num_classes: int, *, hidden: int = MLP_HIDDEN, dropout: float = 0.0) -> None:
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, kind: str, dim: int, num_classes: int, *, hidden: int = MLP_HIDDEN,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         if kind not in HEADS:
             raise ModelError(f"head {kind!r} is not one of {', '.join(HEADS)}")
@@ -74,7 +78,8 @@ def head_record(kind: str, dim: int, *, hidden: int = MLP_HIDDEN) -> dict[str, A
 
 def build_head(record: dict[str, Any], num_classes: int) -> Head:
     try:
-        return Head(str(record["kind"]), int(record["dim"]), num_classes, hidden=int(record.get("hidden") or MLP_HIDDEN))
+        return Head(str(record["kind"]), int(record["dim"]), num_classes,
+                    hidden=int(record.get("hidden") or MLP_HIDDEN))
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"malformed head record {record}: {exc}") from None
 

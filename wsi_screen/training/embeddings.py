@@ -2,11 +2,11 @@
 
 Training a head (:mod:`wsi_screen.training.heads`) needs the encoder's embedding of every train and valid image;
 with a foundation encoder that is the expensive part, so it is done once and kept in a cache folder
-(``--embedding-cache``; default ``$WSI_SCREEN_CACHE/embeddings``, else ``~/.cache/wsi-screen/embeddings``), one
-safetensors file per key. The key is the sha256 of the encoder's identity (reference, weights sha256, pooling,
-input size, mean/std) and arithmetic, the dataset's fingerprint (every train and valid file's path, label, role and content
-hash) and the size the images are decoded at: any change to one of them computes the embeddings afresh; a rerun
-with the same ones reads them back.
+(``--embedding-cache``; default ``$WSI_SCREEN_CACHE/embeddings``, else ``~/.cache/wsi-screen/embeddings``),
+one safetensors file per key. The key is the sha256 of the encoder's identity (reference, weights sha256, pooling,
+input size, mean/std) and arithmetic, the dataset's fingerprint (every train and valid file's path, label, role
+and content hash) and the size the images are decoded at: any change to one of them computes the embeddings
+afresh; a rerun with the same ones reads them back.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ CACHE_VERSION = 1
 
 def default_cache_dir() -> Path:
     """``$WSI_SCREEN_CACHE/embeddings``, else ``~/.cache/wsi-screen/embeddings`` (``XDG_CACHE_HOME`` honoured)."""
-    root = os.environ.get(CACHE_ENV) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "wsi-screen")
-    return Path(root) / "embeddings"
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]) / "embeddings"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "wsi-screen" / "embeddings"
 
 
 def cache_key(encoder: Encoder, data_fingerprint: str, size: int) -> str:
