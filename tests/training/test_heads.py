@@ -107,14 +107,24 @@ def test_mlp_head_on_hub_encoder_evaluate_and_missing_encoder(pcam_small: Path, 
         load_model(out)
 
 
-def test_infer_with_a_head_model(head_model: tuple[Path, Path], tmp_path: Path, example_slide: Path) -> None:
+def test_infer_and_calibrate_with_a_head_model(head_model: tuple[Path, Path], tmp_path: Path, example_slide: Path,
+                                               slides_dir: Path) -> None:
     model, _cache = head_model
-    res = run_cli("infer", example_slide, "--model", model, "-o", tmp_path / "run", "--workers", "0")
+    tif = slides_dir / "CMU-1-Small-Region.pyramid.tif"  # the same tissue, another file: labelled the other way
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\nCMU-1-Small-Region,normal\nCMU-1-Small-Region.pyramid,tumour\n")
+    run = tmp_path / "run"
+    res = run_cli("infer", example_slide, tif, "--model", model, "-o", run, "--workers", "0", "--labels", labels)
     assert res.code == 0, res
     assert "not checked for being out of domain" in res.err
-    with (tmp_path / "run" / "results.csv").open(newline="") as fh:
-        row = next(csv.DictReader(fh))
-    assert row["status"] == "ok" and int(row["n_patches"]) > 0
+    with (run / "results.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 and all(r["status"] == "ok" and int(r["n_patches"]) > 0 for r in rows)
+    res = run_cli("calibrate", run, "--labels", labels, "-o", tmp_path / "calibrated")
+    assert res.code == 0, res
+    calibrated = load_model(tmp_path / "calibrated")
+    assert calibrated.spec.encoder == load_model(model).spec.encoder
+    assert (tmp_path / "calibrated" / "slide_rule.json").exists()
 
 
 def test_encoder_and_arch_together_are_refused(pcam_small: Path, tmp_path: Path) -> None:

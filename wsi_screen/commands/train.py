@@ -185,7 +185,7 @@ def set_threads(threads: int) -> None:
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adamw", show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Peak learning rate (default 1e-3 for adam/adamw, 0.01 for sgd).")
+              help="Peak learning rate (default 1e-3 for adam/adamw, 0.01 for sgd; 1e-4 for a head on --encoder).")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
               help="Weight decay, not applied to biases and norms (default 0.05 adamw, 0 adam, 1e-4 sgd).")
 @click.option("--encoder", default=None, metavar="ENCODER",
