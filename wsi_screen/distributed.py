@@ -17,6 +17,11 @@ Usage from Python::
     with connect("tcp://10.0.0.5:8786") as dask:
         results = tile_slides(sources, "/shared/stores", config, dask=dask)
 
+GPUs: with ``--device auto`` (or ``cuda``) each ``infer`` worker scores on a GPU of its own: a worker that sees
+one GPU (``CUDA_VISIBLE_DEVICES`` set per worker, as dask-cuda's ``LocalCUDACluster`` and ``dask cuda worker``
+do) uses it; a worker that sees several takes ``cuda:{i % count}``, ``i`` being its number on the node
+(:func:`worker_ordinal`). See docs/cluster.md, "GPUs".
+
 Log records a task emits on the worker (``wsi_screen.*`` loggers, e.g. "no tissue found") are captured with
 its result and re-emitted on the client when the result arrives, so a cluster run reports exactly what a
 local run does, on the client's terminal, at the client's verbosity.
@@ -248,6 +253,32 @@ def maybe_connect(address: str | DaskAddress | None) -> Iterator[DaskRunner | No
 
 
 # ------------------------------------------------------------------------------------------ worker side
+_ORDINAL = re.compile(r".+-(?P<i>\d{1,4})")
+
+
+def ordinal_from_name(name: object) -> int | None:
+    """A worker's number on its node, from its Dask name: LocalCluster names workers ``0``, ``1``...;
+    ``dask worker --name W --nworkers N`` names them ``W-0`` ... ``W-(N-1)``; dask-jobqueue ``Cluster-J-i``.
+    None for a name that carries no number (a bare address such as ``tcp://10.0.0.5:40331``)."""
+    if isinstance(name, int) and not isinstance(name, bool):
+        return name if name >= 0 else None
+    text = str(name)
+    if text.isdigit():
+        return int(text)
+    match = _ORDINAL.fullmatch(text) if "://" not in text else None
+    return int(match["i"]) if match else None
+
+
+def worker_ordinal() -> int | None:
+    """This Dask worker's number on its node (:func:`ordinal_from_name`); None outside a Dask worker."""
+    try:
+        from distributed import get_worker
+
+        return ordinal_from_name(get_worker().name)
+    except (ImportError, ValueError):  # not running inside a Dask worker
+        return None
+
+
 class _ThreadCapture(logging.Handler):
     """Collects the records one task's thread emits (other tasks may run in other threads)."""
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wsi_screen.errors import DeviceError, WsiScreenError
-from wsi_screen.models.device import device_info, resolve_device
+from wsi_screen.models.device import device_info, resolve_device, worker_device
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 
@@ -54,3 +54,36 @@ def test_cuda_present() -> None:  # runs only where there is a GPU
     assert device_info(device)["name"] == torch.cuda.get_device_name(device.index)
     with pytest.raises(DeviceError, match="CUDA GPU"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_worker_device_keeps_the_cpu_and_explicit_choices() -> None:
+    assert worker_device("cpu", 3) == torch.device("cpu")
+    with pytest.raises(DeviceError):
+        worker_device("gpu", 0)
+
+
+@needs_no_gpu
+def test_worker_device_auto_without_a_gpu_is_the_cpu() -> None:
+    assert worker_device("auto", 5) == torch.device("cpu") and worker_device("auto", None) == torch.device("cpu")
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        worker_device("cuda", 1)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_workers_spread_over_the_gpus() -> None:  # runs only where there are several GPUs
+    count = torch.cuda.device_count()
+    assert [worker_device("auto", i).index for i in range(count + 1)] == [*range(count), 0]
+    assert worker_device("cuda:1", 0) == torch.device("cuda", 1)
+
+
+@needs_no_gpu
+def test_load_model_takes_a_device_name() -> None:
+    from wsi_screen.models import load_model
+
+    model = load_model(device="auto")
+    assert model.device == torch.device("cpu") and next(model.module.parameters()).device.type == "cpu"
+    assert model.to(torch.device("cpu")) is model
+    with pytest.raises(DeviceError, match="device 'cuda' asked for"):
+        load_model(device="cuda")
+    with pytest.raises(DeviceError, match="device 'cuda:1' asked for"):
+        model.to("cuda:1")

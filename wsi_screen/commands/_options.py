@@ -1,4 +1,4 @@
-"""Options every command shares (--quiet, --verbose, --debug) and their effect."""
+"""Options every command shares (--quiet, --verbose, --debug) and their effect, and options several share."""
 
 from __future__ import annotations
 
@@ -108,8 +108,9 @@ def device_option(func: F) -> F:
                         metavar="[auto|cpu|cuda|cuda:N|mps]",
                         help="Where the model runs. auto: the CUDA GPU where torch sees one, else the CPU (never "
                              "Apple's mps unless named). cuda: the current CUDA GPU; cuda:N: GPU N; mps: Apple "
-                             "silicon. On a GPU the forward pass uses mixed precision; a device that is absent "
-                             "is an error, not a silent fallback.")(func)
+                             "silicon. On a CUDA GPU training runs in mixed precision and --precision auto scores in "
+                             "bfloat16. A device that is absent is an error, never a silent fallback to the "
+                             "CPU.")(func)
 
 
 def _device_name(_ctx: click.Context, param: click.Parameter, value: str) -> str:

@@ -87,7 +87,7 @@ def embed(inputs: tuple[str, ...], encoder: str, weights: str | None, out: str, 
     from wsi_screen.tiling.pipeline import TileConfig
 
     log = logging.getLogger("wsi_screen.embed")
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device)  # an absent GPU is one line before anything is read
     enc = load_encoder(encoder, weights=weights, device=torch_device,
                        precision="auto" if torch_device.type == "cuda" else "fp32")
     mpp = mpp if mpp is not None else enc.identity.mpp

@@ -10,6 +10,7 @@ import click
 from wsi_screen.commands._options import (
     common_options,
     configure_output,
+    device_option,
     precision_option,
     slide_mpp_options,
     slide_mpp_table,
@@ -59,11 +60,12 @@ if TYPE_CHECKING:
                    "local[:N] for N worker processes here (default 2). Every worker must see the slides, the "
                    "model folder and RUN by the same paths (see docs/cluster.md).")
 @precision_option("auto")
+@device_option
 @common_options
 def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | None, threshold: float | None,
           k: float | None, labels: str | None, stores: str | None, batch_size: int, workers: int,
           loader_workers: int, slide_mpp: float | None, slide_mpp_csv: str | None, min_tissue: float, overwrite: bool,
-          slide_timeout: float, dask: str | None, precision: str) -> None:
+          slide_timeout: float, dask: str | None, precision: str, device: str) -> None:
     """Screen SLIDES (files or folders) and write the results to RUN.
 
     Each slide is tiled at the model's resolution, patch size and stain (stores are reused when they
@@ -95,13 +97,13 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
 
     target = parse_address(dask) if dask is not None else None
     mdir = Path(model_dir) if model_dir else default_model_dir()
-    classifier = load_model(mdir, precision=precision)
+    classifier = load_model(mdir, precision=precision, device=device)
     k_value: int | float | None = None if k is None else (int(k) if k >= 1 else k)
     config = InferConfig(rule=rule, threshold=threshold, k=k_value, stores=stores, batch_size=batch_size,
                          workers=workers, loader_workers=loader_workers, slide_mpp=slide_mpp,
                          slide_mpps=slide_mpp_table(slide_mpp_csv),
                          min_tissue=min_tissue, overwrite=overwrite, slide_timeout=slide_timeout,
-                         labels=labels)
+                         labels=labels, device=device)
     with maybe_connect(target) as runner:
         summary = run_infer(slides, Path(run), classifier, mdir, config, argv=sys.argv[1:],
                             debug=bool(ctx.obj.get("debug")), dask=runner)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output, precision_option
+from wsi_screen.commands._options import common_options, configure_output, device_option, precision_option
 
 
 @click.command(short_help="Classify image files (patches) with a model.")
@@ -14,8 +14,10 @@ from wsi_screen.commands._options import common_options, configure_output, preci
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image instead of a table.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
 @precision_option("auto")
+@device_option
 @common_options
-def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch_size: int, precision: str) -> None:
+def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch_size: int, precision: str,
+            device: str) -> None:
     """Print the predicted class and class probabilities of each IMAGE.
 
     An IMAGE may be a folder: its image files (jpg, png, tif, bmp, webp) are classified, recursively, in
@@ -39,7 +41,7 @@ def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch
     from wsi_screen.models import load_model
     from wsi_screen.training.data import IMAGE_SUFFIXES, read_image
 
-    model = load_model(model_dir, precision=precision)
+    model = load_model(model_dir, precision=precision, device=device)
     spec = model.spec
     paths: list[Path] = []
     for item in map(Path, images):

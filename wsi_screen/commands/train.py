@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output
+from wsi_screen.commands._options import common_options, configure_output, device_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -109,6 +109,7 @@ def training_options(func: F) -> F:
         click.option("--compile", "compile_", is_flag=True,
                      help="torch.compile the model (pays off on long runs; needs a C compiler)."),
         click.option("--overwrite", is_flag=True, help="Replace a model already in the output folder."),
+        device_option,
     ]
     func = dataset_options(func)
     for option in reversed(options):
@@ -139,7 +140,7 @@ def config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "flips": params["flips"], "hed_jitter": params["hed_jitter"], "color_jitter": params["color_jitter"],
         "workers": params["workers"], "cache_limit_mb": params["cache_limit"], "compile": params["compile_"],
         "overwrite": params["overwrite"], "recipe": params["recipe"], "folds": params["folds"],
-        "overrides": explicit_options(ctx),
+        "overrides": explicit_options(ctx), "device": params["device"],
     }
 
 
@@ -215,6 +216,8 @@ def train(**params: Any) -> None:
     The whole training state is checkpointed in MODEL_DIR/checkpoint after every epoch: if a run is
     killed, the same command resumes after the last finished epoch (--restart starts over).
 
+    On a CUDA GPU (--device auto finds one) training runs in mixed precision; validation stays float32.
+
     The best epoch on validation is kept; the decision threshold is chosen on validation by
     --threshold-rule; everything that defines the model (architecture, classes, input size, mpp, mean/std,
     stain, threshold, data fingerprint, metrics, resolved options) goes into MODEL_DIR/config.json.
@@ -234,23 +237,21 @@ def train(**params: Any) -> None:
     """
     configure_output()
     set_threads(params["threads"])
+    from wsi_screen.models.device import resolve_device
     from wsi_screen.training.train import TrainConfig
     from wsi_screen.training.train import train as run_training
 
     if params["arch"] and params["encoder"]:
         raise click.UsageError("give --arch (train a whole network) or --encoder (train a head on a frozen "
                                "encoder), not both")
+    resolve_device(params["device"])  # an absent GPU is one line before any data is read
+
     config = TrainConfig(**config_kwargs(params), batch_size=params["batch_size"],
                          optimizer=params["optimizer"], lr=params["lr"], weight_decay=params["weight_decay"],
                          restart=params["restart"], encoder=params["encoder"],
                          encoder_weights=params["encoder_weights"], head=params["head"],
                          embedding_cache=params["embedding_cache"])
-    device = "cpu"
-    if params["encoder"]:
-        from wsi_screen.models.device import resolve_device
-
-        device = str(resolve_device(params.get("device") or "auto"))
-    result = run_training(params["dataset"], params["out"], config, device=device)
+    result = run_training(params["dataset"], params["out"], config)
     spec = result.spec
     m = spec.metrics
     parts = [f"best epoch {result.best_epoch} of {len(result.history)}",

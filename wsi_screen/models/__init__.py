@@ -88,8 +88,10 @@ def load_model(path: str | os.PathLike[str] | None = None, *,
     ``path`` may be the folder, its ``config.json`` or its ``model.safetensors``; ``None`` loads the
     bundled default model. A head model (``train --encoder``) loads its encoder by the reference in its
     config. Nothing is unpickled: pickle-based files raise
-    :class:`~wsi_screen.errors.UnsafeFileError`. ``precision``: ``auto`` (bfloat16 where the device computes
-    it natively, else float32), ``fp32`` or ``bf16`` (see :mod:`wsi_screen.models.precision`).
+    :class:`~wsi_screen.errors.UnsafeFileError`. ``device``: ``cpu`` (the default), ``auto``, ``cuda``,
+    ``cuda:N``, ``mps`` or a :class:`torch.device` (see :func:`wsi_screen.models.device.resolve_device`; an absent
+    one raises :class:`~wsi_screen.errors.DeviceError`). ``precision``: ``auto`` (bfloat16 where the device
+    computes it natively, else float32), ``fp32`` or ``bf16`` (see :mod:`wsi_screen.models.precision`).
     """
     if path is None:
         path = default_model_dir()

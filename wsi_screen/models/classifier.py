@@ -12,6 +12,7 @@ from torch import nn
 
 from wsi_screen.decision import decide
 from wsi_screen.errors import ModelError
+from wsi_screen.models.device import resolve_device
 from wsi_screen.models.domain import DomainModel, feature_tap, joined
 from wsi_screen.models.precision import DOMAIN_REFINE_BAND, REFINE_BAND, autocast, resolve
 from wsi_screen.models.spec import ModelSpec
@@ -89,7 +90,7 @@ class PatchClassifier:
         self.spec = spec
         #: how far inputs are from the training data (see :mod:`wsi_screen.models.domain`); None if not fitted
         self.domain = domain
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         #: ``fp32`` or ``bf16``: what the forward pass computes in
         self.precision = resolve(precision, self.device)
         #: probabilities (of the positive class) that decide something: in ``bf16``, scores near them are
@@ -109,8 +110,9 @@ class PatchClassifier:
         return self.spec.classes
 
     def to(self, device: str | torch.device) -> PatchClassifier:
-        """Move the model to another device (returns self)."""
-        self.device = torch.device(device)
+        """Move the model to another device (``cpu``, ``auto``, ``cuda``, ``cuda:N``, ``mps`` or a
+        :class:`torch.device`; returns self)."""
+        self.device = resolve_device(device)
         self.module.to(self.device)
         self._mean, self._std = self._mean.to(self.device), self._std.to(self.device)
         return self
@@ -176,7 +178,7 @@ class PatchClassifier:
         near = np.zeros(len(probs), dtype=bool)
         index = self.spec.positive_index
         if index is not None and self.decision_thresholds:
-            p = probs[:, index].numpy()
+            p = probs[:, index].cpu().numpy()
             for t in self.decision_thresholds:
                 near |= np.abs(p - t) < REFINE_BAND
         if distance is not None and self.domain is not None:

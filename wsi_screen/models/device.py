@@ -21,7 +21,7 @@ import torch
 from wsi_screen._device_name import DEVICE_NAMES, parse_device_name
 from wsi_screen.errors import DeviceError
 
-__all__ = ["DEVICE_NAMES", "DeviceError", "device_info", "resolve_device"]
+__all__ = ["DEVICE_NAMES", "DeviceError", "device_info", "resolve_device", "worker_device"]
 
 
 def _cuda_count() -> int:
@@ -75,3 +75,17 @@ def device_info(device: str | torch.device) -> dict[str, Any]:
     if device.type == "mps":
         return {"type": "mps", "name": "Apple MPS"}
     return {"type": device.type}
+
+
+def worker_device(choice: str, ordinal: int | None) -> torch.device:
+    """The device of one of several worker processes on a node (a Dask worker; ``ordinal`` its number there).
+
+    ``auto`` and ``cuda`` on a process that sees several CUDA GPUs give each worker its own:
+    ``cuda:{ordinal % count}``. A process that sees one GPU (``CUDA_VISIBLE_DEVICES`` set per worker) uses it; an
+    explicit ``cuda:N``, ``cpu`` or ``mps`` is kept; ``ordinal`` None is :func:`resolve_device`.
+    """
+    device = resolve_device(choice)
+    count = _cuda_count()
+    if device.type == "cuda" and parse_device_name(choice)[1] is None and ordinal is not None and count > 1:
+        return torch.device("cuda", ordinal % count)
+    return device

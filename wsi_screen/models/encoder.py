@@ -124,10 +124,11 @@ class Encoder:
 
     def __init__(self, module: EncoderModule, identity: EncoderIdentity, *, device: str | torch.device = "cpu",
                  precision: str = "fp32") -> None:
+        from wsi_screen.models.device import resolve_device
         from wsi_screen.models.precision import resolve
 
         self.identity = identity
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.precision = resolve(precision, self.device)
         self.module = module.to(self.device).eval()
         self._mean = torch.tensor(identity.mean, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)

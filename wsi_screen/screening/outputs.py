@@ -265,13 +265,14 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
         "settings": {"batch_size": config.batch_size, "workers": config.workers,
                      "loader_workers": config.loader_workers, "stores": config.stores,
                      "slide_mpp": config.slide_mpp, "slide_mpp_csv": dict(config.slide_mpps),
-                     "labels": config.labels},
+                     "labels": config.labels, "device": config.device},
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
                         "torch": torch.__version__, "numpy": np.__version__},
         "slides": [{"slide": r.name, "status": r.status, "error": r.error, "mpp": r.extra.get("slide_mpp"),
                     "mpp_source": r.extra.get("mpp_source"), "reused": bool(r.extra.get("reused")),
                     "in_domain_fraction": r.extra.get("in_domain_fraction"),
-                    "out_of_domain": r.extra.get("out_of_domain"), "seconds": r.extra.get("seconds")}
+                    "out_of_domain": r.extra.get("out_of_domain"), "seconds": r.extra.get("seconds"),
+                    **({"device": r.extra["device"]} if "device" in r.extra else {})}
                    for r in sorted(rows, key=lambda r: r.name)],
     })
 

@@ -28,6 +28,7 @@ from wsi_screen._safe_write import write_failed
 from wsi_screen.errors import ModelError, RunError, WsiScreenError
 from wsi_screen.models import PatchClassifier
 from wsi_screen.models.card import read_card, summary
+from wsi_screen.models.device import device_info
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.aggregate import (
@@ -78,6 +79,9 @@ class InferConfig:
     overwrite: bool = False
     slide_timeout: float = isolation.DEFAULT_TIMEOUT
     labels: str | None = None
+    #: the device Dask workers score on (auto/cuda: each its own GPU, see wsi_screen.distributed); a local run
+    #: scores on the classifier's
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, An
     return {"path": str(model_dir), "sha256": h.hexdigest(), "arch": spec.arch, "classes": spec.classes,
             "positive_class": spec.positive_class, "mpp": spec.mpp, "input_size": spec.input_size,
             "stain_method": spec.stain_method, "patch_threshold": spec.threshold,
-            "numeric_precision": classifier.precision,
+            "numeric_precision": classifier.precision, "device": device_info(classifier.device),
             "domain_sha256": domain.hexdigest() if classifier.domain is not None else None,
             "domain_threshold": classifier.domain.threshold if classifier.domain is not None else None,
             "card": summary(card) if card else None}
@@ -226,7 +230,8 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     for row in rows:
         log.error("%s", row.error)
     job = SlideJob(run=run, stores=stores_dir, tile=tile_cfg, model_id=model_id, batch_size=config.batch_size,
-                   workers=config.workers, loader_workers=config.loader_workers, debug=debug, aggregate=aggregate)
+                   workers=config.workers, loader_workers=config.loader_workers, debug=debug, aggregate=aggregate,
+                   device=config.device)
     if dask is not None:
         rows.extend(_screen_on_dask(dask, sources, job, model_dir))
     else:
@@ -335,6 +340,7 @@ class SlideJob:
     loader_workers: int = 0
     debug: bool = False
     aggregate: AggregateConfig | None = None
+    device: str = "auto"
 
 
 def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier,
@@ -407,7 +413,11 @@ def screen_slide_task(source: SlideSource, job: SlideJob, model_dir: str | None,
     thread (``loader_workers=0``; the scores do not depend on it). Never raises for a bad slide or model.
     """
     try:
-        classifier = _worker_classifier(model_dir, model_sha256, str(job.model_id.get("numeric_precision", "fp32")))
+        from wsi_screen.distributed import worker_ordinal
+        from wsi_screen.models.device import worker_device
+
+        classifier = _worker_classifier(model_dir, model_sha256, str(job.model_id.get("numeric_precision", "fp32")),
+                                        str(worker_device(job.device, worker_ordinal())))
     except WsiScreenError as exc:
         if job.debug:
             raise
@@ -421,18 +431,20 @@ def screen_slide_task(source: SlideSource, job: SlideJob, model_dir: str | None,
             torch.set_num_threads(torch_threads)
     if job.loader_workers and multiprocessing.current_process().daemon:
         job = replace(job, loader_workers=0)
-    return screen_slide(source, job, classifier)
+    row = screen_slide(source, job, classifier)
+    row.extra["device"] = device_info(classifier.device)
+    return row
 
 
 @lru_cache(maxsize=4)
-def _worker_classifier(model_dir: str | None, sha256: str, precision: str) -> PatchClassifier:
-    """The model of a Dask run, loaded once per worker process (keyed by folder, content hash and the client's
-    resolved arithmetic, so every worker scores as the client would)."""
+def _worker_classifier(model_dir: str | None, sha256: str, precision: str, device: str) -> PatchClassifier:
+    """The model of a Dask run, loaded once per worker process (keyed by folder, content hash, the client's
+    resolved arithmetic, so every worker scores as the client would, and the worker's device)."""
     from wsi_screen.models import default_model_dir, load_model
 
     path = Path(model_dir) if model_dir is not None else default_model_dir()
     try:
-        classifier = load_model(path, precision=precision)
+        classifier = load_model(path, precision=precision, device=device)
     except WsiScreenError as exc:
         raise ModelError(f"cannot load the model on a Dask worker: {exc}") from exc
     found = model_identity(path, classifier)["sha256"]

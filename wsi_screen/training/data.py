@@ -460,13 +460,15 @@ class BatchSource:
     """uint8 NHWC batches and targets for training and validation, from memory or streamed from disk."""
 
     def __init__(self, targets: np.ndarray, *, images: torch.Tensor | None = None,
-                 stream: PatchImageDataset | None = None, workers: int = 0) -> None:
+                 stream: PatchImageDataset | None = None, workers: int = 0, pin_memory: bool = False) -> None:
         if (images is None) == (stream is None):
             raise ValueError("give images or stream")
         self.targets = torch.from_numpy(np.asarray(targets, dtype=np.int64))
         self.images = images
         self.stream = stream
         self.workers = workers
+        #: pin streamed batches in page-locked memory (for a faster, asynchronous copy to a CUDA GPU)
+        self.pin_memory = pin_memory
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -483,7 +485,7 @@ class BatchSource:
             return
         loader = torch.utils.data.DataLoader(self.stream, batch_size=batch_size,  # type: ignore[arg-type]
                                              sampler=order[:stop].tolist(), num_workers=self.workers,
-                                             drop_last=drop_last)
+                                             drop_last=drop_last, pin_memory=self.pin_memory)
         yield from loader
 
 

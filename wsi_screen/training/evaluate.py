@@ -43,6 +43,7 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
     returns the metrics. Images of another size than the model input are resized (with a warning).
     """
 
+    from wsi_screen.models.device import device_info
     from wsi_screen.training.data import iter_images
 
     spec = model.spec
@@ -84,7 +85,7 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
                          "images": len(rows),
                          "image_sizes": {f"{w}x{h}": n for (w, h), n in sorted(sizes.items())},
                          "arch": spec.arch, "model_created": spec.created,
-                         "numeric_precision": model.precision,
+                         "numeric_precision": model.precision, "device": device_info(model.device),
                          "seconds": round(time.perf_counter() - started, 2)}
     distance = np.concatenate(dist_parts) if model.domain is not None and dist_parts else None
     if model.domain is not None and distance is not None:

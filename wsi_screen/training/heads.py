@@ -35,6 +35,7 @@ from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics,
 from wsi_screen.models import CONFIG_NAME, ModelSpec, save_model
 from wsi_screen.models.card import write_card
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
+from wsi_screen.models.device import device_info, resolve_device
 from wsi_screen.models.encoder import load_encoder
 from wsi_screen.models.head import Head, head_record
 from wsi_screen.training.data import fingerprint, write_split_csv
@@ -62,9 +63,9 @@ log = logging.getLogger(__name__)
 HEAD_LR = 1e-4
 
 
-def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig, *,
-               device: str = "cpu") -> TrainResult:
-    """Train ``config.head`` on ``config.encoder``'s embeddings of ``dataset`` and write the model folder."""
+def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) -> TrainResult:
+    """Train ``config.head`` on ``config.encoder``'s embeddings of ``dataset`` and write the model folder. The
+    encoder runs on ``config.device`` (mixed precision on a CUDA GPU); the head trains on the CPU (seconds)."""
     if config.encoder is None:
         raise ConfigError("a head needs an encoder")
     if config.lr is None:
@@ -73,7 +74,7 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig, *,
     if (out / CONFIG_NAME).exists() and not config.overwrite:
         raise ConfigError(f"{out} already holds a model; pass --overwrite or choose another output folder")
     started = time.perf_counter()
-    torch_device = torch.device(device)
+    torch_device = resolve_device(config.device)
     encoder = load_encoder(config.encoder, weights=config.encoder_weights, device=torch_device,
                            precision="auto" if torch_device.type == "cuda" else "fp32")
     identity = encoder.identity
@@ -115,7 +116,7 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig, *,
     resolved["overrides"] = list(config.overrides)
     resolved.update(size=size, lr=config.resolved_lr, weight_decay=config.resolved_weight_decay, monitor=monitor,
                     best_epoch=best_epoch, stopped_early=stopped, seconds=round(seconds, 1),
-                    threads=torch.get_num_threads(), torch_version=torch.__version__, device=str(torch_device),
+                    threads=torch.get_num_threads(), torch_version=torch.__version__, device=device_info(torch_device),
                     embeddings={"cache": str(emb.path), "reused": emb.reused})
     spec = ModelSpec(
         arch=f"{identity.name}+{config.head}", classes=list(classes), input_size=size, positive_class=positive,

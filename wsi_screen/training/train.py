@@ -1,4 +1,4 @@
-"""Training a patch classifier on a labelled patch dataset, on a CPU.
+"""Training a patch classifier on a labelled patch dataset, on a CPU or a GPU (``TrainConfig.device``).
 
 :func:`train` = :func:`prepare_data` (read, validate and split the dataset, decode it once) +
 :func:`fit` (the loop) and writes a model folder:
@@ -15,10 +15,18 @@ Choices are made on validation only: the best epoch, early stopping and the deci
 split is never read. Augmentation (:mod:`wsi_screen.training.augment`) runs on whole uint8 batches in the
 main process, so it is cheap and deterministic under the seed; the seed also fixes initialisation, shuffling
 and dropout (for a given number of threads).
+
+On a CUDA GPU (``device`` ``auto`` where one is present, ``cuda``, ``cuda:N``) the model, the batches and the
+augmentation run on the GPU and the forward pass runs in mixed precision (bfloat16, or float16 with a gradient
+scaler on GPUs without bfloat16; :func:`wsi_screen.models.precision.training_dtype`); validation stays float32.
+Batches streamed from disk are pinned for the copy to the GPU. On a CPU nothing changes: float32, no pinning.
+``config.json`` records the device (``train_config.device``: type, index, GPU name) and the arithmetic
+(``train_config.mixed_precision``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -34,6 +42,7 @@ import torch
 from torch import nn
 
 from wsi_screen import __version__, progress
+from wsi_screen._device_name import parse_device_name
 from wsi_screen.errors import ConfigError, DatasetError, ModelError
 from wsi_screen.metrics import DEFAULT_THRESHOLD_RULE, ThresholdRule, choose_threshold, compute_metrics, monitor_value
 from wsi_screen.models import (
@@ -46,8 +55,10 @@ from wsi_screen.models import (
 )
 from wsi_screen.models.card import write_card
 from wsi_screen.models.classifier import normalise, to_unit_float
+from wsi_screen.models.device import device_info, resolve_device
 from wsi_screen.models.domain import DomainModel, collect_features
 from wsi_screen.models.domain import fit as fit_domain_model
+from wsi_screen.models.precision import dtype_name, training_dtype
 from wsi_screen.models.registry import (
     check_arch,
     classifier_parameter_names,
@@ -143,6 +154,8 @@ class TrainConfig:
     head: str = "linear"
     #: where dataset embeddings are cached (None: wsi_screen.training.embeddings.default_cache_dir())
     embedding_cache: str | None = None
+    #: where to train: auto (a CUDA GPU where present, else the CPU), cpu, cuda, cuda:N or mps
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         problems = []
@@ -186,6 +199,7 @@ class TrainConfig:
         if problems:
             raise ConfigError("; ".join(problems))
         ThresholdRule.parse(self.threshold_rule)
+        parse_device_name(self.device)
 
     @property
     def resolved_lr(self) -> float:
@@ -319,6 +333,7 @@ def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
     train_y = folder.label_indices(classes, split.train)
     valid_y = folder.label_indices(classes, split.valid)
     threads = max(1, config.workers)
+    pin = resolve_device(config.device).type == "cuda"  # also refuses an absent device before any decoding
     if in_memory(len(rows), size, config.cache_limit_mb):
         train_src = BatchSource(train_y, images=torch.from_numpy(
             load_images(folder, split.train, size, workers=threads, desc="decoding train").images))
@@ -328,9 +343,9 @@ def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
         log.info("%d images exceed --cache-limit (%.0f MB): streaming from disk", len(rows),
                  config.cache_limit_mb)
         train_src = BatchSource(train_y, stream=PatchImageDataset(folder, split.train, train_y, size),
-                                workers=config.workers)
+                                workers=config.workers, pin_memory=pin)
         valid_src = BatchSource(valid_y, stream=PatchImageDataset(folder, split.valid, valid_y, size),
-                                workers=config.workers)
+                                workers=config.workers, pin_memory=pin)
     fp = fingerprint(folder, [int(i) for i in rows],
                      ["train"] * len(split.train) + ["valid"] * len(split.valid))
     return PreparedData(folder=folder, split=split, classes=classes, positive=positive, size=size, mpp=mpp,
@@ -417,8 +432,8 @@ def _predict(model: nn.Module, source: BatchSource, mean: torch.Tensor, std: tor
     out = []
     with torch.inference_mode():
         for xb, _ in source.batches(batch_size):
-            x = normalise(to_unit_float(xb), mean, std)
-            out.append(torch.softmax(model(x).float(), dim=1).numpy())
+            x = normalise(to_unit_float(xb.to(mean.device, non_blocking=True)), mean, std)
+            out.append(torch.softmax(model(x).float(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -444,6 +459,36 @@ class _Best:
 
 
 @dataclass
+class _Amp:
+    """Mixed precision of a training step: nothing on a CPU (float32); autocast on a GPU, with a gradient scaler
+    for float16."""
+
+    device: torch.device
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> _Amp:
+        dtype = training_dtype(device)
+        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        return cls(device, dtype, scaler)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+@dataclass
 class _Loop:
     """The moving parts of one training run."""
 
@@ -458,6 +503,7 @@ class _Loop:
     std: torch.Tensor
     head: set[str]
     head_module: nn.Module
+    amp: _Amp
 
     def train_epoch(self, data: PreparedData, config: TrainConfig, epoch: int) -> tuple[float, float]:
         """One pass over the training rows in a seeded order; returns (mean loss, accuracy)."""
@@ -474,11 +520,13 @@ class _Loop:
         batches = data.train.batches(config.batch_size, order=order, drop_last=drop_last)
         for xb, yb in progress.bar(batches, total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
                                    leave=False):
-            logits = self.forward(normalise(self.augment(xb), self.mean, self.std))
-            loss = self.criterion(logits, yb)
+            xb, yb = xb.to(self.amp.device, non_blocking=True), yb.to(self.amp.device, non_blocking=True)
+            x = normalise(self.augment(xb), self.mean, self.std)  # float32, outside autocast
+            with self.amp.autocast():
+                logits = self.forward(x)
+                loss = self.criterion(logits, yb)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.amp.step(loss, self.optimizer)
             self.schedule.step()
             losses += float(loss.detach()) * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
@@ -503,10 +551,11 @@ def _make_loop(data: PreparedData,
     if config.freeze_backbone and not config.pretrained:
         log.warning("--freeze-backbone without --pretrained freezes random features")
     mean, std = _mean_std(model, report)
-    model = model.to(memory_format=torch.channels_last)
+    device = resolve_device(config.device)
+    model = model.to(device).to(memory_format=torch.channels_last)
     forward: nn.Module = torch.compile(model) if config.compile else model  # type: ignore[assignment]
     optimizer = make_optimizer(model, config)
-    weights = _class_weights(data.train.targets, num_classes) if config.class_weights else None
+    weights = _class_weights(data.train.targets, num_classes).to(device) if config.class_weights else None
     get_classifier = getattr(model, "get_classifier")  # noqa: B009 - timm API, checked by registry
     loop = _Loop(
         model=model, forward=forward, optimizer=optimizer,
@@ -514,9 +563,9 @@ def _make_loop(data: PreparedData,
         criterion=nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing),
         augment=BatchAugment(flips=config.flips, hed=config.hed_jitter, color=config.color_jitter),
         generator=torch.Generator().manual_seed(config.seed),
-        mean=torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
-        std=torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
-        head=classifier_parameter_names(model), head_module=get_classifier())
+        mean=torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(device),
+        std=torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(device),
+        head=classifier_parameter_names(model), head_module=get_classifier(), amp=_Amp.for_device(device))
     loop.augment.generator = loop.generator
     return loop, {"model_kwargs": model_kwargs, "mean": mean, "std": std}, report
 
@@ -550,9 +599,9 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
     with torch.random.fork_rng(devices=[]):  # seeded init and dropout, without touching the caller's RNG
         torch.manual_seed(config.seed)
         loop, built, report = _make_loop(data, config)
-        log.info("training %s (%s parameters) on %d images of %d px, validating on %d; up to %d epochs",
+        log.info("training %s (%s parameters) on %d images of %d px, validating on %d; up to %d epochs on %s",
                  config.arch, f"{count_parameters(loop.model):,}", len(data.train), data.size,
-                 len(data.valid), config.epochs)
+                 len(data.valid), config.epochs, _describe_device(loop.amp))
         stale, first = 0, 1
         resumed = train_checkpoint.load(out, fingerprint=fingerprint, model=loop.model, optimizer=loop.optimizer,
                                         schedule=loop.schedule, generator=loop.generator)
@@ -664,9 +713,10 @@ def _auc_ci(targets: np.ndarray, probs: np.ndarray, pos_index: int | None) -> tu
 
 def fit_domain(model: nn.Module, data: PreparedData, spec: ModelSpec) -> DomainModel:
     """The model's domain distance: fitted on the training split's features, threshold on the valid split's
-    (see :mod:`wsi_screen.models.domain`)."""
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    (see :mod:`wsi_screen.models.domain`); on the device ``model`` is on."""
+    device = next(model.parameters()).device
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1).to(device)
     train = collect_features(model, (xb for xb, _ in data.train.batches(256)), mean, std)
     valid = collect_features(model, (xb for xb, _ in data.valid.batches(256)), mean, std)
     domain = fit_domain_model(train, data.train.targets.numpy(), valid,
@@ -680,6 +730,13 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
+def _describe_device(amp: _Amp) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H100 80GB HBM3), bf16 mixed precision`` for the log."""
+    info = device_info(amp.device)
+    where = str(amp.device) + (f" ({info['name']})" if "name" in info else "")
+    return where if amp.dtype is None else f"{where}, {dtype_name(amp.dtype)} mixed precision"
+
+
 def _resolved(config: TrainConfig, data: PreparedData, monitor: str, best_epoch: int, stopped_early: bool,
               seconds: float, report: PretrainedReport | None) -> dict[str, Any]:
     out = asdict(config)
@@ -689,6 +746,8 @@ def _resolved(config: TrainConfig, data: PreparedData, monitor: str, best_epoch:
                monitor=monitor, best_epoch=best_epoch, stopped_early=stopped_early, seconds=round(seconds, 1),
                threads=torch.get_num_threads(), torch_version=torch.__version__,
                pretrained_report=report.as_dict() if report else None)
+    device = resolve_device(config.device)
+    out.update(device=device_info(device), mixed_precision=dtype_name(training_dtype(device)))
     import timm
 
     out["timm_version"] = timm.__version__
@@ -713,15 +772,15 @@ def for_data(config: TrainConfig, data: PreparedData) -> TrainConfig:
     return config
 
 
-def train(dataset: str | Path, out_dir: str | Path, config: TrainConfig, *, device: str = "cpu") -> TrainResult:
+def train(dataset: str | Path, out_dir: str | Path, config: TrainConfig) -> TrainResult:
     """Train ``config.arch`` on a dataset folder and write the model folder (see the module docstring); with
-    ``config.encoder``, a head on that encoder's embeddings, the encoder running on ``device``."""
+    ``config.encoder``, a head on that encoder's embeddings (:mod:`wsi_screen.training.heads`)."""
     out = Path(out_dir)
     if (out / CONFIG_NAME).exists() and not config.overwrite:
         raise ConfigError(f"{out} already holds a model; pass --overwrite or choose another output folder")
     if config.encoder is not None:
         from wsi_screen.training.heads import train_head
 
-        return train_head(dataset, out, config, device=device)
+        return train_head(dataset, out, config)
     data = prepare_data(dataset, config)
     return fit(data, for_data(config, data), out)
