@@ -140,3 +140,13 @@ def test_unknown_references() -> None:
         load_encoder("not-an-encoder")
     with pytest.raises(ModelError, match="no such model folder"):
         load_encoder("./missing/model")
+
+
+def test_models_lists_encoders() -> None:
+    res = run_cli("models", "--encoders")
+    assert res.code == 0, res
+    lines = res.out.splitlines()
+    assert lines[0].split() == ["encoder", "hub", "dim", "size", "mpp", "licence", "gated"]
+    virchow = next(line for line in lines if line.startswith("virchow2"))
+    assert virchow.split()[:5] == ["virchow2", "hf-hub:paige-ai/Virchow2", "2560", "224", "0.5"]
+    assert virchow.split()[-1] == "yes" and len(lines) == 1 + len(ENCODERS)

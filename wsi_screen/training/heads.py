@@ -34,8 +34,8 @@ from wsi_screen.errors import ConfigError
 from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics, monitor_value
 from wsi_screen.models import CONFIG_NAME, ModelSpec, save_model
 from wsi_screen.models.card import write_card
-from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
 from wsi_screen.models.device import device_info, resolve_device
+from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
 from wsi_screen.models.encoder import load_encoder
 from wsi_screen.models.head import Head, head_record
 from wsi_screen.training.data import fingerprint, write_split_csv
@@ -66,7 +66,8 @@ HEAD_LR = 1e-4
 def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) -> TrainResult:
     """Train ``config.head`` on ``config.encoder``'s embeddings of ``dataset`` and write the model folder. The
     encoder runs on ``config.device`` (mixed precision on a CUDA GPU); the head trains on the CPU (seconds)."""
-    if config.encoder is None:
+    reference = config.encoder
+    if reference is None:
         raise ConfigError("a head needs an encoder")
     if config.lr is None:
         config = replace(config, lr=HEAD_LR)
@@ -75,7 +76,7 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
         raise ConfigError(f"{out} already holds a model; pass --overwrite or choose another output folder")
     started = time.perf_counter()
     torch_device = resolve_device(config.device)
-    encoder = load_encoder(config.encoder, weights=config.encoder_weights, device=torch_device,
+    encoder = load_encoder(reference, weights=config.encoder_weights, device=torch_device,
                            precision="auto" if torch_device.type == "cuda" else "fp32")
     identity = encoder.identity
     folder, split, classes, positive = read_split(dataset, config)
