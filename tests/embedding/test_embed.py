@@ -74,3 +74,13 @@ def test_store_with_hub_encoder(embedded: tuple[Path, object], offline_hub: Path
     features = FeatureStore(tmp_path / "e" / "CMU-1-Small-Region.zarr")
     assert features.features.shape == (len(PatchStore.open(store)), 64)
     assert features.attrs["encoder"]["ref"] == ref and features.attrs["preprocessing"]["input_size"] == 160
+
+
+def test_absent_gpu_is_one_line(example_slide: Path, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    res = run_cli("embed", example_slide, "--encoder", "default", "--device", "cuda", "-o", tmp_path / "e")
+    assert res.code == 1 and len(res.err_lines) == 1 and "cuda" in res.err_lines[0], res
+    assert not (tmp_path / "e").exists()
