@@ -192,6 +192,8 @@ class TrainConfig:
             if self.pretrained or self.freeze_backbone:
                 problems.append("--pretrained and --freeze-backbone train a whole network; with --encoder only the "
                                 "head trains (the encoder stays frozen)")
+            if self.folds > 1:
+                problems.append("a head on --encoder trains on one validation split (--folds 1)")
         elif self.encoder_weights is not None:
             problems.append("--weights needs --encoder (the architecture the file is for)")
         elif not self.arch:
