@@ -2,13 +2,13 @@
 
     python bench/embed.py [--patches 512] [--repeats 3] [--threads 1,2]
 
-Each row is a child process that builds a timm encoder with random weights (written to a local .safetensors
-file and loaded through ``load_encoder(ARCH, weights=FILE)``, the path ``--encoder ARCH --weights FILE`` takes),
-warms it up on one batch, then embeds ``--patches`` random uint8 patches in batches of 128 (normalise, resize to
-the encoder's input, forward, pool: what ``wsi-screen embed`` does per store, without reading the store).
-Reported: patches/s of that loop (median of ``--repeats`` runs) and the child's peak RSS.
-Models: resnet10t (the bundled model's architecture) at 96 and 224 px, and vit_small_patch16_224 (ViT-S/16,
-22 M parameters: the size of the small pathology ViTs; the foundation encoders are 14-50x bigger).
+Each row is a child process that loads an encoder, warms it up on one batch, then embeds ``--patches`` random
+uint8 patches of its input size in batches of 128 (normalise, forward, pool: what ``wsi-screen embed`` does per
+store, without reading the store). Reported: patches/s of that loop (median of ``--repeats`` runs) and the
+child's peak RSS. Encoders: ``default`` (the bundled resnet10t, 96 px), and timm's resnet10t and
+vit_small_patch16_224 (ViT-S/16, 22 M parameters: the size of the small pathology ViTs; the foundation encoders
+are 14-50x bigger) with random weights written to a .safetensors file and loaded through ``load_encoder(ARCH,
+weights=FILE)``, the path ``--encoder ARCH --weights FILE`` takes, at timm's input size (176 and 224 px).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, machine, python, run_median, table
 
-MODELS = [("resnet10t", 96), ("resnet10t", 224), ("vit_small_patch16_224", 224)]
+MODELS = [("default", 96), ("resnet10t", 176), ("vit_small_patch16_224", 224)]
 
 
 def child(arch: str, size: int, n: int, threads: int) -> None:
@@ -36,11 +36,16 @@ def child(arch: str, size: int, n: int, threads: int) -> None:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "w.safetensors"
-        save_file({k: v.contiguous() for k, v in timm.create_model(arch, num_classes=0).state_dict().items()},
-                  str(path))
-        encoder = load_encoder(arch, weights=path)
+    if arch == "default":
+        encoder = load_encoder(arch)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "w.safetensors"
+            save_file({k: v.contiguous() for k, v in timm.create_model(arch, num_classes=0).state_dict().items()},
+                      str(path))
+            encoder = load_encoder(arch, weights=path)
+    if encoder.identity.input_size != size:
+        raise SystemExit(f"{arch} takes {encoder.identity.input_size} px, not {size}")
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
     encoder.embed_tensor(images[:128])  # warm-up
     t0 = time.perf_counter()
