@@ -68,7 +68,7 @@ def test_parse_address(text: str, expected: DaskAddress) -> None:
 @pytest.mark.parametrize("text", ["", "foo", "local:0", "local:x", "127.0.0.1:8786", "tcp://host", "tcp://:8786",
                                   "tcp://host:0", "tcp://host:99999", "tls://host:8786", "http://host:8786"])
 def test_parse_address_refuses(text: str) -> None:
-    with pytest.raises(ConfigError, match="--dask"):
+    with pytest.raises(ConfigError, match="`dask`"):
         parse_address(text)
 
 
@@ -229,7 +229,8 @@ def test_worker_with_another_model_refuses(tmp_path: Path, slides: Path) -> None
 
     classifier = load_model(None)
     job = SlideJob(run=tmp_path / "run", stores=str(tmp_path / "stores"),
-                   tile=tile_config_for(classifier, InferConfig()), model_id={"sha256": "0" * 64})
+                   tile=tile_config_for(classifier, InferConfig()), model_id={"sha256": "0" * 64},
+                   on_error="record")
     row = screen_slide_task(SlideSource(slides / "block_a.tif", "block_a"), job, None, "0" * 64)
     assert row.status == "error" and "not the client's" in row.error and "\n" not in row.error
     assert not (tmp_path / "stores").exists()
@@ -302,6 +303,17 @@ def test_tile_on_a_real_scheduler_with_two_workers(tmp_path: Path, slides: Path,
     # a rerun finds every store up to date (the workers' stores are the client's)
     again = run_cli("tile", slides, "-o", tmp_path / "dask", "--size", "128", "--dask", scheduler)
     assert "5 slide(s): 0 tiled, 4 up to date, 1 failed" in again.err, again
+
+
+def test_dask_missing_says_how_to_install_it(tmp_path: Path, slides: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the dask extra, --dask is one line that says what to install (the import failure simulated)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # "import distributed" raises ImportError
+    res = run_cli("tile", slides / "block_a.tif", "-o", tmp_path / "stores", "--dask", "local:1", "--quiet")
+    assert res.code == 1 and res.err_lines == ['wsi-screen: error: running on a Dask cluster needs Dask, which is '
+                                               'not installed here: pip install "wsi-screen[dask]"'], res
+    assert not (tmp_path / "stores").exists()
 
 
 @pytest.mark.parametrize(("name", "expected"), [

@@ -1,6 +1,6 @@
 """The grammar of a device name (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``), without importing torch.
 
-The CLI checks ``--device`` with it at parse time (``--help`` and a typo never import torch);
+The CLI checks its device option with it at parse time (its help and a typo never import torch);
 :func:`wsi_screen.models.device.resolve_device` uses the same rule and then asks torch what is present.
 """
 

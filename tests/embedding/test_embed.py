@@ -68,7 +68,7 @@ def test_store_with_hub_encoder(embedded: tuple[Path, object], offline_hub: Path
     res = run_cli("embed", store, "--encoder", ref, "-o", tmp_path / "e")
     assert res.code == 1 and "records no patch resolution; pass --mpp" in res.err, res
     res = run_cli("embed", store, "--encoder", ref, "--mpp", "0.5", "--size", "224", "-o", tmp_path / "e")
-    assert res.code == 1 and "pass --mpp 0.972 --size 96" in res.err, res
+    assert res.code == 1 and "set --mpp=0.972 --size=96" in res.err, res
     res = run_cli("embed", store, "--encoder", ref, "--mpp", "0.972", "--size", "96", "-o", tmp_path / "e")
     assert res.code == 0, res
     features = FeatureStore(tmp_path / "e" / "CMU-1-Small-Region.zarr")

@@ -125,10 +125,10 @@ def test_missing_offline_is_one_line(offline_hub: Path, example_slide: Path, pat
     assert res.code == 1 and len(res.err_lines) == 1, res
     line = res.err_lines[0]
     assert "nobody/absent" in line and str(offline_hub / "hub") in line
-    assert "huggingface-cli download nobody/absent" in line and "--weights FILE" in line
+    assert "huggingface-cli download nobody/absent" in line and "--weights=FILE" in line
     res = run_cli("train", patches_dir / "pcam", "--encoder", "uni", "--head", "linear", "-o", tmp_path / "m")
     assert res.code == 1 and len(res.err_lines) == 1, res
-    assert "MahmoodLab/uni" in res.err_lines[0] and "--encoder uni --weights FILE" in res.err_lines[0]
+    assert "MahmoodLab/uni" in res.err_lines[0] and "--encoder=uni --weights=FILE" in res.err_lines[0]
     with pytest.raises(EncoderNotFoundError):
         load_encoder("virchow2")
 

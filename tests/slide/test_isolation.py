@@ -95,7 +95,7 @@ def test_hang_is_bounded_and_heartbeats_keep_slow_work_alive(tmp_path: Path) -> 
 
 def test_the_limit_counts_from_the_end_of_the_childs_imports_not_its_start() -> None:
     # the tiler's imports take ~0.7 s here, longer than this limit: they must not count against the call
-    with isolation.SlideWorker(timeout=0.3) as worker:
+    with isolation.SlideWorker(timeout=0.3, preload=("wsi_screen.tiling.pipeline",)) as worker:
         assert worker.call(_sleep, 0.05) == "slept"
         assert worker.call(_imported, "wsi_screen.tiling.pipeline") == [True]
 
@@ -118,7 +118,7 @@ def test_an_early_reader_has_imported_the_tiler_and_serves_the_next_run(tmp_path
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WSI_SCREEN_IN_PROCESS", raising=False)
     monkeypatch.setattr(isolation, "_early", None)
-    isolation.start_early("wsi_screen.tiling.stain")
+    isolation.start_early("wsi_screen.tiling.pipeline", "wsi_screen.tiling.stain")
     early = isolation._early
     assert early is not None and early._proc is not None
     early_pid = early._proc.pid
@@ -173,7 +173,7 @@ def test_a_crashing_or_hanging_slide_fails_alone(two_slides: Path, tmp_path: Pat
     watcher = _signal_worker(sig, done)
     out = tmp_path / "out"
     with run_log(out):
-        results = tile_slides(sources, out, TileConfig(slide_timeout=3))
+        results = tile_slides(sources, out, TileConfig(slide_timeout=3), on_error="record")
     done.set()
     watcher.join(timeout=5)
     assert [r.status for r in results] == ["failed", "done"], results

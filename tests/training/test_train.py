@@ -30,7 +30,7 @@ def test_positive_class_resolution() -> None:
     assert resolve_positive(["colon_aca", "colon_n"], None) == "colon_aca"
     assert resolve_positive(["a", "b", "c"], None) is None
     assert resolve_positive(["a", "b", "c"], "c") == "c"
-    with pytest.raises(ConfigError, match="pass --positive"):
+    with pytest.raises(ConfigError, match="set `positive`"):
         resolve_positive(["cats", "dogs"], None)
     with pytest.raises(ConfigError, match="not one of"):
         resolve_positive(["cats", "dogs"], "birds")
@@ -121,7 +121,7 @@ def test_mixed_precision_step(dtype: torch.dtype | None) -> None:
     """The training step of a GPU (autocast; float16 with a gradient scaler), run on the CPU where torch has both:
     it learns as float32 does. On a CPU the trainer itself uses none of it (``_Amp.for_device``)."""
     from wsi_screen.models.precision import dtype_name, training_dtype
-    from wsi_screen.training.train import _Amp
+    from wsi_screen.training.loop import _Amp
 
     assert _Amp.for_device(torch.device("cpu")) == _Amp(torch.device("cpu"))
     assert training_dtype(torch.device("cpu")) is None and dtype_name(dtype) in ("fp32", "bf16", "fp16")

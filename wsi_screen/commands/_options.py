@@ -85,6 +85,13 @@ def slide_timeout_option(func: F) -> F:
                              "separate process, so a reader that hangs or crashes fails only its slide.")(func)
 
 
+def threads_option(func: F) -> F:
+    """``--threads``: torch's compute threads (train, tune, evaluate, infer; see ``train.set_threads``)."""
+    return click.option("--threads", type=click.IntRange(0, 256), default=0,
+                        help="Torch compute threads. 0 (default): 1 on machines with 2 cores or fewer, where "
+                             "more threads were slower (bench/RESULTS.md), else torch's default (all cores).")(func)
+
+
 def precision_option(default: str) -> Callable[[F], F]:
     """``--precision`` for the commands that score (infer and predict default to ``auto``; evaluate to ``fp32``,
     so that its figures are those training's validation and the model card report)."""

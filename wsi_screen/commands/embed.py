@@ -101,7 +101,8 @@ def embed(inputs: tuple[str, ...], encoder: str, weights: str | None, out: str, 
                       slide_timeout=slide_timeout, retile_mismatched=stores is None)
     started = time.perf_counter()
     with run_log(out):
-        results = embed_inputs(inputs, out, enc, config, tile, stores_dir=stores, debug=bool(ctx.obj.get("debug")))
+        results = embed_inputs(inputs, out, enc, config, tile, stores_dir=stores,
+                               on_error="raise" if ctx.obj.get("debug") else "record")
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     patches = sum(r.n_patches for r in results if r.status == "done")
     log.debug("embedded %d patches", patches)

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output, device_option
+from wsi_screen.commands._options import common_options, configure_output, device_option, threads_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -23,9 +23,7 @@ def dataset_options(func: F) -> F:
                      help="labels.csv column holding train/valid/test (optional in the file)."),
         click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
                      help="Threads decoding images (and DataLoader workers when streaming from disk)."),
-        click.option("--threads", type=click.IntRange(0, 256), default=0,
-                     help="Torch compute threads. 0 (default): 1 on machines with 2 cores or fewer, where "
-                          "more threads were slower (bench/RESULTS.md), else torch's default (all cores)."),
+        threads_option,
     ]
     for option in reversed(options):
         func = option(func)
@@ -252,14 +250,21 @@ def train(**params: Any) -> None:
                          encoder_weights=params["encoder_weights"], head=params["head"],
                          embedding_cache=params["embedding_cache"])
     result = run_training(params["dataset"], params["out"], config)
-    spec = result.spec
-    m = spec.metrics
-    parts = [f"best epoch {result.best_epoch} of {len(result.history)}",
-             f"valid AUC {_num(m.get('auc'))}", f"balanced accuracy {_num(m.get('balanced_accuracy'))}"]
+    click.echo(f"{result.model_dir}: {', '.join(result_parts(result.spec, result.best_epoch, len(result.history)))}; "
+               f"{result.seconds:.0f} s")
+
+
+def result_parts(spec: Any, best_epoch: int, epochs: int) -> list[str]:
+    """What the training's summary line says: its figures named by what they were measured on (the validation
+    split, or the pooled out-of-fold predictions of a cross-validated training)."""
+    m = spec.metrics or {}
+    on = "out-of-fold" if m.get("cross_validation") else "valid"
+    parts = [f"best epoch {best_epoch} of {epochs}",
+             f"{on} AUC {_num(m.get('auc'))}", f"balanced accuracy {_num(m.get('balanced_accuracy'))}"]
     if spec.threshold is not None:
-        parts.append(f"threshold {spec.threshold:.4f} for {spec.positive_class} (valid sensitivity "
+        parts.append(f"threshold {spec.threshold:.4f} for {spec.positive_class} ({on} sensitivity "
                      f"{_num(m.get('sensitivity'))}, specificity {_num(m.get('specificity'))})")
-    click.echo(f"{result.model_dir}: {', '.join(parts)}; {result.seconds:.0f} s")
+    return parts
 
 
 def _num(value: Any) -> str:

@@ -1,6 +1,6 @@
 """``wsi-screen embed``: slides or patch stores -> one feature store per slide.
 
-Slides are tiled exactly as ``tile`` does (the same pipeline, into ``OUT/stores`` or ``--stores``, reusing stores
+Slides are tiled exactly as ``tile`` does (the same pipeline, into ``OUT/stores`` or ``stores_dir``, reusing stores
 made with the same settings) at the encoder's mpp and input size unless the user says otherwise; patch stores
 given directly are embedded as they are when their mpp and patch size are those asked for. Patches stream from
 the store through the scorer's loader (:mod:`wsi_screen.screening.score`: contiguous batches read ahead in a
@@ -30,7 +30,7 @@ from wsi_screen.errors import ModelMismatchError
 from wsi_screen.models.encoder import Encoder
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover
-from wsi_screen.tiling.pipeline import TileConfig, failure_message, tile_isolated
+from wsi_screen.tiling.pipeline import OnError, TileConfig, failure_message, tile_isolated
 from wsi_screen.tiling.store import PatchStore
 from wsi_screen.tiling.store import read_attrs as read_store_attrs
 
@@ -99,7 +99,7 @@ def check_store(attrs: dict[str, Any], config: EmbedConfig, location: str) -> No
     mpp, size = float(attrs.get("mpp", math.nan)), int(attrs.get("patch_size", -1))
     if not math.isclose(mpp, config.mpp, rel_tol=MPP_RTOL) or size != config.size:
         raise ModelMismatchError(f"{location}: patches of {size} px at {mpp:g} um/px, not {config.size} px at "
-                                 f"{config.mpp:g}; embed the slide instead, or pass --mpp {mpp:g} --size {size} to "
+                                 f"{config.mpp:g}; embed the slide instead, or set `mpp`={mpp:g} `size`={size} to "
                                  "embed this store as it is")
 
 
@@ -135,8 +135,8 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
     return EmbedResult(name, source, "done", str(target), n, seconds=seconds)
 
 
-def _failed(name: str, source: str, exc: Exception, debug: bool) -> EmbedResult:
-    if debug:
+def _failed(name: str, source: str, exc: Exception, on_error: OnError) -> EmbedResult:
+    if on_error == "raise":
         raise exc
     message, trace = failure_message(source, exc)
     log.error("%s", message)
@@ -145,9 +145,12 @@ def _failed(name: str, source: str, exc: Exception, debug: bool) -> EmbedResult:
 
 
 def embed_inputs(inputs: Sequence[str], out: str | Path, encoder: Encoder, config: EmbedConfig, tile: TileConfig,
-                 *, stores_dir: str | None = None, debug: bool = False) -> list[EmbedResult]:
-    """Embed every slide and patch store named by ``inputs`` into ``out`` (see the module docstring). Never raises
-    for one bad slide: its result says ``failed``."""
+                 *, stores_dir: str | None = None, on_error: OnError = "raise") -> list[EmbedResult]:
+    """Embed every slide and patch store named by ``inputs`` into ``out`` (see the module docstring).
+
+    ``on_error="raise"`` (the library's default) raises whatever stops a slide; ``"record"`` (the command's
+    policy) reads slides in the supervised child process and returns a failed slide as a result saying ``failed``,
+    so the others go on."""
     out = Path(out)
     given, rest = split_inputs(inputs)
     sources, problems = discover(rest) if rest else ([], [])
@@ -161,20 +164,20 @@ def embed_inputs(inputs: Sequence[str], out: str | Path, encoder: Encoder, confi
             try:
                 results.append(embed_store(name, location, location, out, encoder, config))
             except Exception as exc:  # the per-slide boundary
-                results.append(_failed(name, location, exc, debug))
+                results.append(_failed(name, location, exc, on_error))
             bar.update(1)
         if sources:
-            with isolation.slide_calls(tile.slide_timeout, isolate=not debug) as call:
+            with isolation.slide_calls(tile.slide_timeout, isolate=on_error == "record") as call:
                 for source in sources:
-                    results.append(_embed_slide(source, stores, out, encoder, config, tile, call, debug))
+                    results.append(_embed_slide(source, stores, out, encoder, config, tile, call, on_error))
                     bar.update(1)
     return results
 
 
 def _embed_slide(source: SlideSource, stores: str, out: Path, encoder: Encoder, config: EmbedConfig,
-                 tile: TileConfig, call: isolation.Caller, debug: bool) -> EmbedResult:
+                 tile: TileConfig, call: isolation.Caller, on_error: OnError) -> EmbedResult:
     started = time.perf_counter()
-    tiled = tile_isolated(call, source, stores, tile, debug=debug)
+    tiled = tile_isolated(call, source, stores, tile, on_error=on_error)
     if not tiled.ok:
         message = tiled.message or f"tiling {tiled.status}"
         log.error("%s", message)
@@ -183,7 +186,7 @@ def _embed_slide(source: SlideSource, stores: str, out: Path, encoder: Encoder, 
     try:
         result = embed_store(source.name, str(source.path), tiled.store, out, encoder, config)
     except Exception as exc:  # the per-slide boundary: one slide's failure ends only it
-        return _failed(source.name, str(source.path), exc, debug)
+        return _failed(source.name, str(source.path), exc, on_error)
     result.seconds["tile"] = round(time.perf_counter() - started - sum(result.seconds.values()), 3)
     return result
 

@@ -118,7 +118,7 @@ def collect_features(module: nn.Module, batches: Iterable[torch.Tensor | np.ndar
     """Both views (see :func:`feature_tap`) of uint8 NHWC ``batches`` at the model's input size, normalised
     with ``mean``/``std`` (1, 3, 1, 1) as in training and inference. The batches run on the device of ``mean``
     (the model's); the features come back on the CPU."""
-    from wsi_screen.models.classifier import normalise, to_unit_float
+    from wsi_screen.models.pixels import normalise, to_unit_float
 
     module.eval()
     with torch.inference_mode(), feature_tap(module) as captured:

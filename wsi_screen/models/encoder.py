@@ -144,7 +144,7 @@ class Encoder:
 
     def embed_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> float32 embeddings (N, D) on the CPU."""
-        from wsi_screen.models.classifier import normalise, to_unit_float
+        from wsi_screen.models.pixels import normalise, to_unit_float
         from wsi_screen.models.precision import autocast
 
         if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
@@ -156,7 +156,7 @@ class Encoder:
 
     def embed(self, images: np.ndarray, *, batch_size: int = 128) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, D)."""
-        from wsi_screen.models.classifier import numpy_to_tensor
+        from wsi_screen.models.pixels import numpy_to_tensor
 
         parts = [self.embed_tensor(numpy_to_tensor(images[i:i + batch_size])).numpy()
                  for i in range(0, len(images), batch_size)]
@@ -189,20 +189,20 @@ def _unknown(ref: str) -> ModelError:
 
     if Path(ref).is_file():
         return ModelError(f"{ref}: a weights file is not an encoder by itself; name its architecture and pass the "
-                          f"file: --encoder ARCH --weights {ref}")
+                          f"file: `encoder`=ARCH `encoder_weights`={ref}")
     if Path(ref).suffix or "/" in ref or os.sep in ref:
         return ModelError(f"{ref}: no such model folder (an encoder is a model folder, a registry name, "
-                          "hf-hub:ORG/NAME, timm/NAME.TAG, or an architecture with --weights FILE)")
+                          "hf-hub:ORG/NAME, timm/NAME.TAG, or an architecture with `encoder_weights`=FILE)")
     if timm.is_model(ref):
-        return ModelError(f"{ref} is an architecture without weights: pass --weights FILE, or name hub weights "
-                          f"(e.g. timm/{ref}.<tag>; `wsi-screen models --encoders` lists pathology encoders)")
+        return ModelError(f"{ref} is an architecture without weights: set `encoder_weights`=FILE, or name hub weights "
+                          f"(e.g. timm/{ref}.<tag>; wsi_screen.models.encoders lists pathology encoders)")
     import difflib
 
     names = [e.name for e in list_encoders()]
     close = difflib.get_close_matches(ref.lower(), names, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return UnknownModelError(f"unknown encoder {ref!r}{hint} (known: {', '.join(names)}; or a model folder, "
-                             "hf-hub:ORG/NAME, timm/NAME.TAG, or an architecture with --weights FILE)")
+                             "hf-hub:ORG/NAME, timm/NAME.TAG, or an architecture with `encoder_weights`=FILE)")
 
 
 def file_sha256(path: Path) -> str:
@@ -282,7 +282,7 @@ def _offline() -> bool:
 def _get_hint(name: str, repo: str) -> str:
     arch = name if find_encoder(name) is not None else "ARCH"
     return (f"get it where there is network with `huggingface-cli download {repo}` (same HF_HOME), or pass a local "
-            f"file: --encoder {arch} --weights FILE")
+            f"file: `encoder`={arch} `encoder_weights`=FILE")
 
 
 def hub_file(name: str, repo: str, filenames: tuple[str, ...]) -> Path:
@@ -304,7 +304,8 @@ def hub_file(name: str, repo: str, filenames: tuple[str, ...]) -> Path:
         except GatedRepoError:
             raise EncoderNotFoundError(
                 f"encoder {name}: {repo} is gated: accept its terms on https://huggingface.co/{repo}, then log in "
-                f"(`huggingface-cli login` or HF_TOKEN) and rerun; or pass --encoder {name} --weights FILE") from None
+                f"(`huggingface-cli login` or HF_TOKEN) and rerun; or set `encoder`={name} "
+                "`encoder_weights`=FILE") from None
         except RepositoryNotFoundError:
             raise EncoderNotFoundError(
                 f"encoder {name}: no repository {repo} on the hub (or it is gated/private and no token was given: "
@@ -362,7 +363,7 @@ def _from_file(ref: str, path: Path) -> tuple[EncoderModule, EncoderIdentity]:
 
     info = find_encoder(ref)
     if info is not None and info.loader != "timm":
-        raise ModelError(f"encoder {info.name} is a {info.loader} model: a --weights file works for timm "
+        raise ModelError(f"encoder {info.name} is a {info.loader} model: `encoder_weights` works for timm "
                          "architectures only; put its hub files in the Hugging Face cache instead")
     arch = info.arch if info else check_arch(ref)
     if not path.is_file():

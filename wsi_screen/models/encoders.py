@@ -4,7 +4,7 @@ Each entry says where the weights live (a Hugging Face hub repository), how to b
 architecture and its keywords, or a ``transformers`` model), what it expects (input size, the resolution of its
 training patches in um/px, the normalisation mean/std), how one patch's embedding is pooled from the network's
 output, the embedding's length, and the weights' licence and gating. Loading is
-:func:`wsi_screen.models.encoder.load_encoder`; ``wsi-screen models --encoders`` lists this table.
+:func:`wsi_screen.models.encoder.load_encoder`; the ``models`` command lists this table.
 
 Facts are from the model cards and from TRIDENT's (mahmoodlab/TRIDENT) encoder definitions, read for the
 settings, not copied. Pooling:
@@ -35,7 +35,7 @@ LOADERS = ("timm", "transformers")
 @dataclass(frozen=True, kw_only=True)
 class EncoderInfo:
     """One known encoder. ``kwargs`` go to ``timm.create_model`` (``mlp_layer``/``act_layer`` named as strings,
-    resolved when built); ``arch`` is the timm architecture used for a local ``--weights`` file."""
+    resolved when built); ``arch`` is the timm architecture used for a local weights file."""
 
     name: str
     hub: str
@@ -117,7 +117,7 @@ def get_encoder_info(name: str) -> EncoderInfo:
     if found is not None:
         return found
     close = difflib.get_close_matches(_key(name), list(_BY_NAME), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; `wsi-screen models --encoders` lists them"
+    hint = f"; did you mean {', '.join(close)}?" if close else "; wsi_screen.models.encoders lists them"
     raise UnknownModelError(f"unknown encoder {name!r}{hint}")
 
 

@@ -23,7 +23,7 @@ import torch
 
 from wsi_screen.errors import ModelError
 
-#: the choices of ``--precision``
+#: the choices of ``precision``
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 #: in bf16, a probability this close to a decision threshold is rescored in float32 (bfloat16 moved the bundled
 #: model's PCam valid probabilities by 0.0203 at most, 0.0016 on average: a margin of 1.5x the largest)

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -237,15 +238,38 @@ def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_p
                    dimensions_l0: tuple[int, int] | None = None, mpp: float | None = None,
                    dpi: int = 100, outline: np.ndarray | None = None, outline_label: str = "largest focus",
                    key: str | None = None) -> Path:
-    """Write :func:`overlay_figure` as a PNG (atomically) and return its path; ``key`` is stored in the PNG's
-    text chunk ``wsi-screen`` (what the picture was drawn with)."""
+    """Write :func:`overlay_figure` as a PNG (see :func:`save_png`) and return its path."""
     fig = overlay_figure(thumbnail, heat, title=title, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha,
                          legend_label=legend_label, threshold=threshold, dimensions_l0=dimensions_l0, mpp=mpp,
                          dpi=dpi, outline=outline, outline_label=outline_label)
+    return save_png(fig, out_path, dpi=dpi, key=key)
+
+
+def save_png(fig: Any, out_path: str | os.PathLike[str], *, dpi: int = 100, key: str | None = None) -> Path:
+    """Write a heatmap figure as a PNG, atomically; ``key`` is stored in the PNG's text chunk ``wsi-screen``
+    (what the picture was drawn with, see :func:`drawn_with`)."""
     out = Path(out_path)
     with atomic_path(out, " the heatmap") as tmp, warnings.catch_warnings():
         # slide names in scripts the default font lacks (CJK, ...) draw as boxes; say nothing about it
         warnings.filterwarnings("ignore", message=r"Glyph .* missing from font", category=UserWarning)
         fig.savefig(tmp, format="png", dpi=dpi, metadata={"wsi-screen": key} if key else None)
-    logger.debug("heatmap %s: %dx%d cells", out, heat.shape[1], heat.shape[0])
+    logger.debug("heatmap %s", out)
     return out
+
+
+def patches_figure(thumbnail: np.ndarray, coords_l0: np.ndarray, probs: np.ndarray, *, tile_size_l0: int,
+                   stride_l0: int, dimensions_l0: tuple[int, int], mpp: float, title: str, positive_class: str | None,
+                   threshold: float | None, focus_indices: Sequence[int] = (),
+                   focus_label: str = "largest focus") -> Any:
+    """A slide's heatmap as ``infer`` draws it (heatmap.png): patch probabilities ``probs`` at ``coords_l0``
+    over ``thumbnail`` (any resolution: the heat is rasterised to its size), the ``threshold`` contour, the
+    patches ``focus_indices`` (the largest focus) outlined, axes in mm."""
+    thumb = np.asarray(thumbnail)
+    heat = heatmap_array(coords_l0, probs, tile_size_l0, stride_l0, dimensions_l0, thumb.shape[:2])
+    outline = None
+    if len(focus_indices):
+        idx = np.asarray(focus_indices, dtype=np.int64)
+        outline = heatmap_array(np.asarray(coords_l0)[idx], np.ones(idx.size), tile_size_l0, stride_l0,
+                                dimensions_l0, thumb.shape[:2])
+    return overlay_figure(thumb, heat, title=title, legend_label=f"P({positive_class})", threshold=threshold,
+                          dimensions_l0=dimensions_l0, mpp=mpp, outline=outline, outline_label=focus_label)

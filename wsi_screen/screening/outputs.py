@@ -1,6 +1,6 @@
 """What a run writes, slide by slide and for the whole run: ``RUN/<slide>/`` (scores.csv, heatmap.png,
 patches.geojson, slide.json, in one atomic step), the slide call re-aggregated from scores, ``results.csv``,
-``run.json`` and, with ``--labels``, the slide-level metrics and ROC. :mod:`wsi_screen.screening.run` decides
+``run.json`` and, with slide labels, the slide-level metrics and ROC. :mod:`wsi_screen.screening.run` decides
 what to do with each slide; this module writes what came of it (formats: :mod:`~wsi_screen.screening.runfolder`).
 """
 
@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from wsi_screen import __version__
 from wsi_screen._safe_write import atomic_write_text
-from wsi_screen.errors import ConfigError, WsiScreenError
+from wsi_screen.errors import ConfigError, WsiScreenError, in_user_words
 from wsi_screen.metrics import RocCurve, binary_view, plot_roc
 from wsi_screen.models import PatchClassifier
 from wsi_screen.screening import runfolder
@@ -35,17 +35,11 @@ from wsi_screen.screening.aggregate import (
     diagnose,
 )
 from wsi_screen.screening.runfolder import SlideFolder, SlideScores
-from wsi_screen.screening.spatial import PatchGrid, patch_grid
+from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 from wsi_screen.slide.slide import slide_name
-from wsi_screen.tables import first_rows, read_table
+from wsi_screen.slide.tables import first_rows, read_table
 from wsi_screen.tiling.pipeline import TileConfig
 from wsi_screen.tiling.store import PatchStore
-
-if TYPE_CHECKING:
-    pass
-
-if TYPE_CHECKING:
-    from wsi_screen.screening.run import InferConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +87,18 @@ def draw_heatmap(path: Path, store: PatchStore, coords: np.ndarray, probs: np.nd
                  positive_class: str | None, threshold: float | None, aggregate: AggregateConfig | None,
                  result: SlideResult | None) -> None:
     """heatmap.png: P(positive) over the thumbnail, the model's threshold contour, the largest focus outlined."""
-    from wsi_screen.screening.heatmap import heatmap_array, render_overlay
+    from wsi_screen.screening.heatmap import patches_figure, save_png
 
-    thumb = store.thumbnail
     dims = tuple(store.attrs["slide"]["dimensions"])
-    size = (int(dims[0]), int(dims[1]))
-    stride = int(store.attrs["stride_l0"])
-    heat = heatmap_array(coords, probs, store.tile_size_l0, stride, size, thumb.shape[:2])
-    outline, label = None, "largest focus"
+    focus, label = [], "largest focus"
     if result is not None and result.focus_indices:
-        idx = np.asarray(result.focus_indices, dtype=np.int64)
-        outline = heatmap_array(coords[idx], np.ones(idx.size), store.tile_size_l0, stride, size, thumb.shape[:2])
+        focus = result.focus_indices
         label = f"largest focus ({result.largest_focus_mm:.2f} mm, {result.metastasis})"
-    render_overlay(thumb, heat, title=name, out_path=path, legend_label=f"P({positive_class})",
-                   threshold=threshold, dimensions_l0=size, mpp=float(store.attrs["slide"]["mpp"]),
-                   outline=outline, outline_label=label, key=heatmap_key(aggregate, threshold, result))
+    fig = patches_figure(store.thumbnail, coords, probs, tile_size_l0=store.tile_size_l0,
+                         stride_l0=int(store.attrs["stride_l0"]), dimensions_l0=(int(dims[0]), int(dims[1])),
+                         mpp=float(store.attrs["slide"]["mpp"]), title=name, positive_class=positive_class,
+                         threshold=threshold, focus_indices=focus, focus_label=label)
+    save_png(fig, path, key=heatmap_key(aggregate, threshold, result))
 
 
 def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarray, classifier: PatchClassifier,
@@ -153,8 +144,7 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
     except WsiScreenError as exc:
         row.status, row.error = STATUS_ERROR, str(exc)
         return
-    pos = scores.classes.index(spec.positive_class) if spec.positive_class in scores.classes else 1
-    negative = next(c for c in scores.classes if c != spec.positive_class)
+    pos = positive_column(scores, spec)
     try:
         done = runfolder.read_slide(run, row.name)
     except (WsiScreenError, OSError):
@@ -163,8 +153,7 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
     row.extra.update(slide_mpp=info.get("mpp"), mpp_source=info.get("mpp_source"), **slide_domain(scores, classifier))
     grid = slide_grid(done, scores.coords, scores.probs[:, pos])
     try:
-        result = diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative,
-                          grid=grid)
+        result = call_scores(scores, classifier, aggregate, grid)
     except ConfigError as exc:  # a spatial rule on a slide folder without its grid
         row.status, row.error = STATUS_ERROR, f"{row.name}: {exc}"
         return
@@ -175,6 +164,21 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
     elif result.top_indices:
         i = result.top_indices[0]
         row.top = (int(scores.coords[i, 0]), int(scores.coords[i, 1]), float(scores.probs[i, pos]))
+
+
+def positive_column(scores: SlideScores, spec: Any) -> int:
+    """The column of ``scores.probs`` that holds the model's positive class."""
+    return scores.classes.index(spec.positive_class) if spec.positive_class in scores.classes else 1
+
+
+def call_scores(scores: SlideScores, classifier: PatchClassifier, aggregate: AggregateConfig,
+                grid: ScoreGrid | None) -> SlideResult:
+    """A slide's call from its patch scores (``grid``: the same probabilities on their patch grid, which the
+    spatial rules and the focus sizes need)."""
+    spec = classifier.spec
+    negative = next(c for c in scores.classes if c != spec.positive_class)
+    return diagnose(scores.probs[:, positive_column(scores, spec)], aggregate, positive=str(spec.positive_class),
+                    negative=negative, grid=grid)
 
 
 def slide_domain(scores: SlideScores, classifier: PatchClassifier) -> dict[str, Any]:
@@ -205,7 +209,7 @@ def _refresh_heatmap(run: Path, row: SlideRow, scores: SlideScores, pos: int, sp
         log.warning("%s: heatmap not redrawn for the new rule: %s", row.name, exc)
 
 
-def slide_grid(done: dict[str, Any], coords: np.ndarray, probs: np.ndarray) -> PatchGrid | None:
+def slide_grid(done: dict[str, Any], coords: np.ndarray, probs: np.ndarray) -> ScoreGrid | None:
     """The slide's patch probabilities on their grid (stride and level-0 mpp from its slide.json ``done``)."""
     try:
         stride = int(done.get("stride_l0") or done["tile_size_l0"])
@@ -238,17 +242,18 @@ def write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, m
             "out_of_domain": str(r.extra["out_of_domain"]).lower() if "out_of_domain" in r.extra else "",
             "top_x": r.top[0] if r.top else "", "top_y": r.top[1] if r.top else "",
             "top_score": f"{r.top[2]:.6f}" if r.top else "", "model": model_id["arch"],
-            "label": r.label, "error": r.error, "source": r.source,
+            "label": r.label, "error": in_user_words(r.error), "source": r.source,
             "store": runfolder.portable_path(r.store, run) if r.store else "",
         })
     atomic_write_text(run / runfolder.RESULTS_CSV, runfolder.csv_text(table, runfolder.RESULT_COLUMNS))
 
 
 def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, model_id: dict[str, Any],
-                    tile_cfg: TileConfig, config: InferConfig, argv: Sequence[str], started: datetime,
+                    tile_cfg: TileConfig, settings: dict[str, Any], argv: Sequence[str], started: datetime,
                     seconds: float, stages: dict[str, float | None] | None = None) -> None:
     """``RUN/run.json``: the provenance of the run and where its time went (``stages`` of the whole run;
-    each slide's ``seconds`` by stage: open, tile, score, outputs, or reuse_check for a slide reused)."""
+    each slide's ``seconds`` by stage: open, tile, score, outputs, or reuse_check for a slide reused;
+    ``settings``: the run's, as :meth:`wsi_screen.screening.run.InferConfig.to_json` gives them)."""
     import torch
 
     runfolder.write_json(run / runfolder.RUN_JSON, {
@@ -262,14 +267,13 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
         "tiling": {"mpp": tile_cfg.spec.mpp, "patch_size": tile_cfg.spec.size_px,
                    "min_tissue": tile_cfg.spec.min_tissue, "stain": tile_cfg.stain,
                    "stain_target": tile_cfg.stain_target, "tissue": tile_cfg.tissue.to_json()},
-        "settings": {"batch_size": config.batch_size, "workers": config.workers,
-                     "loader_workers": config.loader_workers, "stores": config.stores,
-                     "slide_mpp": config.slide_mpp, "slide_mpp_csv": dict(config.slide_mpps),
-                     "labels": config.labels, "device": config.device},
+        "settings": settings,
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
-                        "torch": torch.__version__, "numpy": np.__version__},
-        "slides": [{"slide": r.name, "status": r.status, "error": r.error, "mpp": r.extra.get("slide_mpp"),
-                    "mpp_source": r.extra.get("mpp_source"), "reused": bool(r.extra.get("reused")),
+                        "torch": torch.__version__, "numpy": np.__version__,
+                        "torch_threads": torch.get_num_threads()},
+        "slides": [{"slide": r.name, "status": r.status, "error": in_user_words(r.error),
+                    "mpp": r.extra.get("slide_mpp"), "mpp_source": r.extra.get("mpp_source"),
+                    "reused": bool(r.extra.get("reused")),
                     "in_domain_fraction": r.extra.get("in_domain_fraction"),
                     "out_of_domain": r.extra.get("out_of_domain"), "seconds": r.extra.get("seconds"),
                     **({"device": r.extra["device"]} if "device" in r.extra else {})}
@@ -285,7 +289,7 @@ LABEL_NEGATIVE = {"0", "false", "no", "negative", "neg", "normal", "benign"}
 
 def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
     """``slides.csv`` (columns ``slide``, ``label``) -> {slide name: "positive" | "negative"}."""
-    rows = read_table(path, ("slide", "label"), "--labels")
+    rows = read_table(path, ("slide", "label"), "`labels`")
     spec = classifier.spec
     positive = {str(spec.positive_class).lower()} | LABEL_POSITIVE
     negative = {c.lower() for c in spec.classes if c != spec.positive_class} | LABEL_NEGATIVE
@@ -314,7 +318,7 @@ def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
     no labelled slide was scored."""
     scored = [r for r in rows if r.label and r.result is not None and r.result.score is not None]
     if not scored:
-        log.warning("--labels: no labelled slide was scored in this run, so there are no slide metrics (the labels' "
+        log.warning("`labels`: no labelled slide was scored in this run, so there are no slide metrics (the labels' "
                     "slide column must hold the slide names of results.csv)")
         (run / runfolder.SLIDE_METRICS_JSON).unlink(missing_ok=True)  # an earlier run's would look current
         return None

@@ -3,7 +3,7 @@
 Per slide: tile at the model's mpp, patch size and stain (reusing the tiler and any matching store), score
 every patch, write ``RUN/<slide>/`` (scores, heatmap, GeoJSON, slide.json) atomically, then aggregate.
 Slides already scored with the same model and store are reused on a rerun; aggregation is recomputed from
-their scores, so changing ``--aggregate`` or ``--threshold`` costs nothing. A failing slide becomes a row with
+their scores, so changing the slide rule or its threshold costs nothing. A failing slide becomes a row with
 ``status=error`` and its reason, and the run goes on.
 
 The slide-level rule and threshold come from the model folder's ``slide_rule.json`` (chosen on labelled
@@ -30,7 +30,7 @@ from wsi_screen.models import PatchClassifier
 from wsi_screen.models.card import read_card, summary
 from wsi_screen.models.device import device_info
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
-from wsi_screen.screening import runfolder
+from wsi_screen.screening import runfolder, startup
 from wsi_screen.screening.aggregate import (
     STATUS_ERROR,
     AggregateConfig,
@@ -48,9 +48,9 @@ from wsi_screen.screening.outputs import (
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover
 from wsi_screen.slide.slide import slide_name, warn_unmatched_mpp
-from wsi_screen.tables import few
+from wsi_screen.slide.tables import few
 from wsi_screen.tiling.grid import TileSpec
-from wsi_screen.tiling.pipeline import TileConfig, failure_message, tile_isolated
+from wsi_screen.tiling.pipeline import OnError, TileConfig, failure_message, tile_isolated
 from wsi_screen.tiling.store import PatchStore
 
 if TYPE_CHECKING:
@@ -82,6 +82,15 @@ class InferConfig:
     #: the device Dask workers score on (auto/cuda: each its own GPU, see wsi_screen.distributed); a local run
     #: scores on the classifier's
     device: str = "auto"
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings ``run.json`` records."""
+        return {"batch_size": self.batch_size, "workers": self.workers, "loader_workers": self.loader_workers,
+                "stores": self.stores, "slide_mpp": self.slide_mpp, "slide_mpp_csv": dict(self.slide_mpps),
+                "labels": self.labels, "device": self.device,
+                # the slide rule's settings given explicitly (the report names them as overrides)
+                "overrides": {k: v for k, v in (("aggregate", self.rule), ("threshold", self.threshold),
+                                                ("k", self.k)) if v is not None}}
 
 
 @dataclass(frozen=True)
@@ -127,7 +136,7 @@ def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, An
 
 
 def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: InferConfig) -> AggregateConfig:
-    """The slide rule: calibrated in the model folder, overridden by --aggregate/--threshold/--k."""
+    """The slide rule: calibrated in the model folder, overridden by ``config.rule``, ``threshold`` and ``k``."""
     spec = classifier.spec
     patch_threshold = spec.threshold if spec.threshold is not None else 0.5
     base = replace(FALLBACK_RULE, patch_threshold=patch_threshold)
@@ -165,14 +174,12 @@ def tile_config_for(classifier: PatchClassifier, config: InferConfig) -> TileCon
     spec = classifier.spec
     if spec.mpp is None:
         raise ModelError(f"model {spec.arch} does not record the mpp of its training patches; retrain it "
-                         "with `wsi-screen train --mpp X`")
+                         "with their `mpp` set")
     if spec.positive_class is None or len(spec.classes) != 2:
         raise ModelError(f"screening needs a binary model with a positive class; this one has classes "
                          f"{spec.classes} and positive class {spec.positive_class!r}")
     return TileConfig(spec=TileSpec(mpp=spec.mpp, size_px=spec.input_size, min_tissue=config.min_tissue),
-                      finer_hint=("the model works at {target_mpp:g} um/px: screen this slide with a model trained "
-                                  "at {slide_mpp:.4g} um/px or coarser, or use a higher-resolution scan (if the "
-                                  "declared resolution is wrong, set it with --slide-mpp-csv)"),
+                      model_mpp=True,
                       stain=spec.stain_method, stain_target=spec.stain_target, slide_mpp=config.slide_mpp,
                       slide_mpps=config.slide_mpps, slide_timeout=config.slide_timeout,
                       workers=config.workers, overwrite=config.overwrite)
@@ -180,62 +187,63 @@ def tile_config_for(classifier: PatchClassifier, config: InferConfig) -> TileCon
 
 # -------------------------------------------------------------------------------------------------- run
 def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, model_dir: Path,
-              config: InferConfig, *, argv: Sequence[str] = (), debug: bool = False,
+              config: InferConfig, *, argv: Sequence[str] = (), on_error: OnError = "raise",
               dask: DaskRunner | None = None) -> RunSummary:
     """Screen ``slides`` (files or folders) into the run folder ``run``.
 
     With ``dask`` (see :mod:`wsi_screen.distributed`) each slide is one :func:`screen_slide_task` on a Dask
     cluster; aggregation, results.csv, run.json, metrics and the report are still made here, from the run
-    folder, so they are the same as a local run's.
+    folder, so they are the same as a local run's. ``on_error="record"`` (the command's policy) makes a
+    slide's failure its row in results.csv and goes on; ``"raise"`` re-raises it (the CLI's debug mode).
     """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     run = Path(run)
-    sources, problems = discover(slides)
-    if not sources:  # nothing to screen: say why, and leave no run folder behind
-        raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
-                       if problems else "no slides to screen")
-    tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
-    if classifier.domain is None:
-        log.warning("%s: the model has no domain model (domain.json; a head on an encoder has none): slides are "
-                    "not checked for being out of domain", model_dir)
-    warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
-    aggregate = resolve_aggregate(model_dir, classifier, config)
-    if config.stores is None:  # the run's own stores: follow the settings
-        tile_cfg = replace(tile_cfg, retile_mismatched=True)
-    else:
-        tile_cfg = replace(tile_cfg, mismatch_hint=(
-            "infer does not replace stores it did not make: re-tile this slide with `wsi-screen tile "
-            "SLIDE -o STORES --overwrite` and the model's settings, or leave out --stores"))
-    model_id = model_identity(model_dir, classifier)
-    stores_dir = config.stores or str(run / runfolder.STORES_DIR)
-    labels = read_labels(Path(config.labels), classifier) if config.labels else {}
-    try:  # after every check of the settings: a refused run leaves nothing behind
-        run.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
+    with runlog.held():  # library warnings of discovery (DICOM headers) wait for the run log
+        sources, problems = discover(slides)
+        if not sources:  # nothing to screen: say why, and leave no run folder behind
+            raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
+                           if problems else "no slides to screen")
+        tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
+        if classifier.domain is None:
+            log.warning("%s: the model has no domain model (domain.json; a head on an encoder has none): slides "
+                        "are not checked for being out of domain", model_dir)
+        warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
+        aggregate = resolve_aggregate(model_dir, classifier, config)
+        if config.stores is None:  # the run's own stores: follow the settings
+            tile_cfg = replace(tile_cfg, retile_mismatched=True)
+        else:
+            tile_cfg = replace(tile_cfg, foreign_stores=True)
+        model_id = model_identity(model_dir, classifier)
+        stores_dir = config.stores or str(run / runfolder.STORES_DIR)
+        labels = read_labels(Path(config.labels), classifier) if config.labels else {}
+        try:  # after every check of the settings: a refused run leaves nothing behind
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
 
-    with runlog.run_log(run):
-        return _run_in_folder(run, sources, problems, classifier, model_dir, config, aggregate, tile_cfg, model_id,
-                              stores_dir, labels, argv=argv, debug=debug, dask=dask, started=started, t0=t0)
+        with runlog.run_log(run):
+            return _run_in_folder(run, sources, problems, classifier, model_dir, config, aggregate, tile_cfg, model_id,
+                                  stores_dir, labels, argv=argv, on_error=on_error, dask=dask, started=started, t0=t0)
 
 
 def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence[Any], classifier: PatchClassifier,
                    model_dir: Path, config: InferConfig, aggregate: AggregateConfig, tile_cfg: TileConfig,
                    model_id: dict[str, Any], stores_dir: str, labels: dict[str, str], *, argv: Sequence[str],
-                   debug: bool, dask: DaskRunner | None, started: datetime, t0: float) -> RunSummary:
+                   on_error: OnError, dask: DaskRunner | None, started: datetime, t0: float) -> RunSummary:
     """The run once its folder exists (its log open): screen every slide, then aggregate and write."""
     rows = [SlideRow(p.path.name, str(p.path), status=STATUS_ERROR, error=f"{p.path}: {p.reason}")
             for p in problems]
     for row in rows:
         log.error("%s", row.error)
     job = SlideJob(run=run, stores=stores_dir, tile=tile_cfg, model_id=model_id, batch_size=config.batch_size,
-                   workers=config.workers, loader_workers=config.loader_workers, debug=debug, aggregate=aggregate,
+                   workers=config.workers, loader_workers=config.loader_workers, on_error=on_error, aggregate=aggregate,
                    device=config.device)
     if dask is not None:
         rows.extend(_screen_on_dask(dask, sources, job, model_dir))
     else:
-        with isolation.slide_calls(tile_cfg.slide_timeout, isolate=not debug) as call, \
+        tiler = (tile_isolated.__module__,)  # what a new slide reader imports first
+        with isolation.slide_calls(tile_cfg.slide_timeout, isolate=on_error == "record", preload=tiler) as call, \
                 progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
             for source in sources:
                 rows.append(screen_slide(source, job, classifier, call=call))
@@ -254,9 +262,10 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
     write_results(run, rows, aggregate, model_id)
     warn_earlier_slides(run, rows)
-    stages = {"start_up": process_age(t0), "slides": screened - t0, "run_outputs": time.perf_counter() - screened}
-    write_run_json(run, rows, aggregate, model_id, tile_cfg, config, argv, started, time.perf_counter() - t0,
-                   stages)
+    stages = {"start_up": startup.seconds_until(t0), "slides": screened - t0,
+              "run_outputs": time.perf_counter() - screened}
+    write_run_json(run, rows, aggregate, model_id, tile_cfg, config.to_json(), argv, started,
+                   time.perf_counter() - t0, stages)
     from wsi_screen.screening.report import write_report
 
     write_report(run)
@@ -264,13 +273,13 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
 
 
 def warn_unmatched_labels(labels: dict[str, str], rows: Sequence[SlideRow]) -> None:
-    """One warning naming the --labels rows that name no slide of this run (a typo, or another run's slides)."""
+    """One warning naming the slide-label rows that name no slide of this run (a typo, or another run's slides)."""
     names = {r.name for r in rows}
     unmatched = sorted(k for k in labels if k not in names and slide_name(Path(k)) not in names)
     unmatched = [k for k in unmatched if not any(other != k and slide_name(Path(other)) == k for other in unmatched)]
     if unmatched:
         shown = few(unmatched)
-        log.warning("--labels: %d row(s) name no slide of this run: %s", len(unmatched), shown)
+        log.warning("`labels`: %d row(s) name no slide of this run: %s", len(unmatched), shown)
 
 
 def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
@@ -283,22 +292,10 @@ def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
                     run, len(earlier), runfolder.RESULTS_CSV, shown)
 
 
-def process_age(now: float) -> float | None:
-    """Seconds from this process's start to the moment ``now`` (a ``perf_counter`` value): what start-up
-    (interpreter, imports, loading the model) took before the run began; None where it cannot be known."""
-    try:
-        import psutil  # a dependency of dask.distributed
-
-        created = psutil.Process().create_time()
-    except Exception:  # no psutil, or a platform without it: leave the figure out
-        return None
-    return max(0.0, time.time() - (time.perf_counter() - now) - created)
-
-
 def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig,
            call: isolation.Caller) -> bool:
     """Whether RUN/<slide> holds this slide scored by this model from the store this run would make now:
-    same model and arithmetic (``--precision``), same slide file, same resolution (value and source) and tiling
+    same model and arithmetic (precision), same slide file, same resolution (value and source) and tiling
     settings. Anything else is recomputed (the slide rule is applied afresh on every run)."""
     from wsi_screen.tiling.pipeline import store_is_current
 
@@ -338,7 +335,8 @@ class SlideJob:
     batch_size: int = 128
     workers: int = 2
     loader_workers: int = 0
-    debug: bool = False
+    #: "record": a slide's failure becomes its row (error and reason) and the run goes on; "raise" re-raises it
+    on_error: OnError = "raise"
     aggregate: AggregateConfig | None = None
     device: str = "auto"
 
@@ -354,7 +352,7 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
     if _reuse(job.run, source, row, job.model_id, job.tile, call):
         row.extra["seconds"] = {"reuse_check": round(time.perf_counter() - start, 3)}
         return row
-    result = tile_isolated(call, source, job.stores, job.tile, debug=job.debug)
+    result = tile_isolated(call, source, job.stores, job.tile, on_error=job.on_error)
     tiled = time.perf_counter()
     opened = result.stages.get("open", 0.0)
     seconds = row.extra["seconds"] = {"open": round(opened, 3), "tile": round(tiled - start - opened, 3)}
@@ -364,9 +362,11 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
         log.error("%s", row.error)
         runlog.record_traceback(source.name, result.traceback)
         return row
+    caller_thresholds = classifier.decision_thresholds  # the slide rule's are added for this slide only
     try:
         check_store_matches_model(PatchStore.open(result.store).attrs, classifier.spec, result.store)
-        classifier.decision_thresholds = decision_thresholds(classifier, job.aggregate)
+        classifier.decision_thresholds = tuple(sorted({*caller_thresholds,
+                                                       *decision_thresholds(classifier, job.aggregate)}))
         for _location, probs, distance in score_stores([result.store], classifier, batch_size=job.batch_size,
                                                        workers=job.loader_workers, desc=source.name[:30]):
             scored = time.perf_counter()
@@ -375,7 +375,7 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
             seconds["score"] = round(scored - tiled, 3)
             seconds["outputs"] = round(time.perf_counter() - scored, 3)
     except Exception as exc:  # the per-slide boundary: one slide's failure (a disk error too) ends only it
-        if job.debug:
+        if job.on_error == "raise":
             raise
         row.status = STATUS_ERROR
         if isinstance(exc, OSError) and not isinstance(exc, WsiScreenError):
@@ -384,6 +384,8 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
             row.error, trace = failure_message(source.path, exc)
             runlog.record_traceback(source.name, trace)
         log.error("%s", row.error)
+    finally:
+        classifier.decision_thresholds = caller_thresholds
     return row
 
 
@@ -419,7 +421,7 @@ def screen_slide_task(source: SlideSource, job: SlideJob, model_dir: str | None,
         classifier = _worker_classifier(model_dir, model_sha256, str(job.model_id.get("numeric_precision", "fp32")),
                                         str(worker_device(job.device, worker_ordinal())))
     except WsiScreenError as exc:
-        if job.debug:
+        if job.on_error == "raise":
             raise
         row = SlideRow(source.name, str(source.path), status=STATUS_ERROR, error=str(exc))
         log.error("%s", row.error)
@@ -495,4 +497,4 @@ def _screen_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], job: Slide
             log.error("%s", row.error)
         return row
 
-    return dask.run(screen_slide_task, calls, failed=failed, on_result=arrived, reraise=job.debug)
+    return dask.run(screen_slide_task, calls, failed=failed, on_result=arrived, reraise=job.on_error == "raise")

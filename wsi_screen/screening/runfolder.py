@@ -6,9 +6,9 @@
       results.csv            one row per slide (see RESULT_COLUMNS)
       run.json               provenance: model, settings, versions, command, timings, per-slide status
       report.html            self-contained report (wsi-screen report RUN rewrites it)
-      slide_metrics.json     with --labels: slide-level AUC, sensitivity, specificity
-      slide_roc.png          with --labels
-      stores/                patch stores tiled for this run (unless --stores points elsewhere)
+      slide_metrics.json     with slide labels: slide-level AUC, sensitivity, specificity
+      slide_roc.png          with slide labels
+      stores/                patch stores tiled for this run (unless the run's stores are elsewhere)
       .wsi-screen-locks/     one lock file per slide, held while its folder is written
       <slide>/
         slide.json           the slide's result, store location, model and settings it was scored with
@@ -134,10 +134,23 @@ def read_scores(path: Path) -> SlideScores:
     """Parse a ``scores.csv``."""
     try:
         with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.reader(fh)
-            header = next(reader)
-            rows = list(reader)
-    except (OSError, StopIteration) as exc:
+            return _parse_scores(fh, path)
+    except OSError as exc:
+        raise RunError(f"{path}: cannot read scores: {exc}") from exc
+
+
+def as_written(scores: SlideScores) -> SlideScores:
+    """``scores`` as ``scores.csv`` keeps them (probabilities to 6 decimals, distances to 4): what ``infer``
+    calls a slide from, so a call made in Python is the run's to the last digit."""
+    return _parse_scores(io.StringIO(scores_csv(scores), newline=""), Path("scores.csv"))
+
+
+def _parse_scores(fh: Iterable[str], path: Path) -> SlideScores:
+    try:
+        reader = csv.reader(fh)
+        header = next(reader)
+        rows = list(reader)
+    except StopIteration as exc:
         raise RunError(f"{path}: cannot read scores: {exc}") from exc
     has_domain = header[-1:] == [DOMAIN_COLUMN]
     prob_cols = header[4:len(header) - has_domain]

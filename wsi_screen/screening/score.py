@@ -85,7 +85,7 @@ def check_store_matches_model(attrs: Mapping[str, Any], spec: ModelSpec, locatio
     """Refuse a store whose patches are not what the model was trained on (resolution, size, stain)."""
     if spec.mpp is None:
         raise ModelMismatchError(f"model {spec.arch} does not record the mpp of its training patches; "
-                                 "retrain it with `wsi-screen train --mpp X`")
+                                 "retrain it with their `mpp` set")
     problems = []
     mpp = float(attrs.get("mpp", math.nan))
     if not math.isclose(mpp, spec.mpp, rel_tol=MPP_RTOL):
@@ -96,10 +96,9 @@ def check_store_matches_model(attrs: Mapping[str, Any], spec: ModelSpec, locatio
     if stain.get("method", "none") != spec.stain_method:
         problems.append(f"stain {stain.get('method')!r} instead of {spec.stain_method!r}")
     if problems:
-        fix = (f"wsi-screen tile ... --mpp {spec.mpp:g} --size {spec.input_size} --stain {spec.stain_method}")
-        raise ModelMismatchError(f"{location}: store does not match the model ({'; '.join(problems)}); re-tile "
-                                 f"with `{fix}`, or let `wsi-screen infer` tile into another --stores folder "
-                                 "(or pass --overwrite)")
+        raise ModelMismatchError(f"{location}: store does not match the model ({'; '.join(problems)}); tile it "
+                                 f"again with `mpp`={spec.mpp:g}, `size_px`={spec.input_size} and "
+                                 f"`stain`={spec.stain_method}, or screen into other `stores` (or with `overwrite`)")
 
 
 def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch_size: int = 128,

@@ -14,7 +14,7 @@ Which reader serves a file is decided here, once, and recorded in the slide's id
 
 Grayscale, 16-bit and multi-channel (fluorescence) files are refused up front. Level-0 mpp comes from the
 file; where it is missing or absurd, :class:`~wsi_screen.errors.MissingMppError` names the slide and says to
-pass ``--slide-mpp``. Nothing is guessed. All coordinates are level-0 pixels, (x, y); sizes are (w, h).
+set ``slide_mpp``. Nothing is guessed. All coordinates are level-0 pixels, (x, y); sizes are (w, h).
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from wsi_screen.errors import ConfigError, MissingMppError, SlideOpenError, UnsupportedFormatError
+from wsi_screen.slide.dicom_series import series_files, series_name
 from wsi_screen.slide.readers import Reader, into
-from wsi_screen.threads import run_each
+from wsi_screen.slide.threads import run_each
 
 if TYPE_CHECKING:
     from tifffile import TiffFile
@@ -79,12 +80,17 @@ class SlideInfo:
 
 
 def slide_files(path: Path) -> list[Path]:
-    """The files that make up a slide: the file itself, or a DICOM series folder's ``.dcm`` files."""
+    """The files that make up a slide: the file itself, a DICOM series folder's ``.dcm`` files, or for one
+    file of a DICOM series the files of its series (see :mod:`wsi_screen.slide.dicom_series`)."""
+    from wsi_screen.slide.readers.sanity import is_dicom
+
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
         if not files:
             raise UnsupportedFormatError(f"{path}: folder holds no .dcm files of a DICOM series")
         return files
+    if path.suffix.lower() == ".dcm" or is_dicom(path):
+        return [path.parent / f.name for f in series_files(path)]
     return [path]
 
 
@@ -113,14 +119,14 @@ def _open_reader(path: Path, choice: ReaderChoice) -> Reader:
     from wsi_screen.slide.readers.tiff_reader import inspect_tiff
 
     files = slide_files(path)
-    target = files[0]
+    target = files[0] if path.is_dir() else path  # any one file of a DICOM series opens the whole series
     for f in files:
         if not os.access(f, os.R_OK):
             raise SlideOpenError(f"{f}: permission denied")
         if f.stat().st_size == 0:
             raise SlideOpenError(f"{f}: empty file (0 bytes)")
     if path.is_dir() or is_dicom(target):  # DICOM: OpenSlide finds a series' sibling instances itself
-        level0 = check_dicom(files, series=path.is_dir())
+        level0 = check_dicom(files, series=len(files) > 1)
         if openslide_reader.detect(target) is None:
             what = "the .dcm files are not a DICOM whole-slide image series" if path.is_dir() else \
                 "not a slide format wsi-screen reads (a DICOM file, but not a whole-slide image)"
@@ -178,11 +184,22 @@ def _tiff_or_openslide(target: Path, tif: TiffFile | None, choice: ReaderChoice)
         return TiffReader(target, tif)
     raise UnsupportedFormatError(
         f"{target}: not a slide format wsi-screen reads (OpenSlide formats such as SVS, NDPI, MRXS, "
-        "SCN, DICOM and tiled TIFF; OME-TIFF; plain RGB TIFF with --slide-mpp)")
+        "SCN, DICOM and tiled TIFF; OME-TIFF; plain RGB TIFF with `slide_mpp`)")
+
+
+class Level(NamedTuple):
+    """One level of a slide's pyramid (see :attr:`Slide.levels`)."""
+
+    dimensions: tuple[int, int]
+    downsample: float
+    mpp: float
 
 
 class Slide:
-    """An open whole-slide image. Pickles by path, so it can be sent to worker processes.
+    """An open whole-slide image (:func:`open_slide`). Pickles by path, so it can be sent to worker processes.
+
+    Attributes: ``mpp`` (level-0 microns per pixel), ``dimensions`` (level-0 (w, h)), ``levels``,
+    ``level_dimensions`` and ``level_downsamples`` (as openslide names them), ``name``, ``path``.
 
     Parameters
     ----------
@@ -191,12 +208,19 @@ class Slide:
     name:
         Display name (defaults to the file stem, or the folder name for a DICOM series).
     mpp:
-        Level-0 microns per pixel for a file that declares none (``--slide-mpp``); a declared value wins.
+        Level-0 microns per pixel for a file that declares none; a declared value wins.
     force_mpp:
-        Level-0 microns per pixel that replaces even a declared value (``--slide-mpp-csv``: scanners do write
+        Level-0 microns per pixel that replaces even a declared value (a per-slide table: scanners do write
         wrong ones); a warning names both when they differ by more than 5 %.
     reader:
         ``"auto"`` (see module docstring), or force ``"openslide"`` / ``"tifffile"``.
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> with wsi_screen.Slide("examples/CMU-1-Small-Region.svs") as slide:
+    ...     print(slide)
+    Slide('examples/CMU-1-Small-Region.svs', 2220x2967 px, 0.499 um/px, aperio)
     """
 
     def __init__(self, path: str | os.PathLike[str], *, name: str | None = None, mpp: float | None = None,
@@ -237,29 +261,29 @@ class Slide:
         """The file's own resolution; ``force_mpp`` replaces it, ``mpp`` fills in only where it is missing."""
         declared = self._reader.mpp()
         if self._mpp_force is not None:
-            mpp, source = self._user_mpp(self._mpp_force, "--slide-mpp-csv")
+            mpp, source = self._user_mpp(self._mpp_force, "`slide_mpps`")
             if declared is not None:
                 own = (declared[0] + declared[1]) / 2.0
                 if math.isfinite(own) and own > 0 and abs(own - mpp) / own > 0.05:
-                    log.warning("%s: using %.4g um/px from --slide-mpp-csv; the file declares %.4g um/px",
+                    log.warning("%s: using %.4g um/px from `slide_mpps`; the file declares %.4g um/px",
                                 self.path, mpp, own)
             return mpp, source
         if declared is None:
             if self._mpp_override is not None:
-                return self._user_mpp(self._mpp_override, "--slide-mpp")
+                return self._user_mpp(self._mpp_override, "`slide_mpp`")
             self.close()
             raise MissingMppError(f"{self.path}: the slide does not declare its resolution (microns per "
-                                  "pixel); pass --slide-mpp (e.g. --slide-mpp 0.25 for a 40x scan)")
+                                  "pixel); set `slide_mpp` (e.g. `slide_mpp`=0.25 for a 40x scan)")
         mx, my = declared
         ok = all(math.isfinite(v) and PLAUSIBLE_MPP[0] <= v <= PLAUSIBLE_MPP[1] for v in (mx, my))
         if not ok:
             self.close()
             raise MissingMppError(f"{self.path}: declared resolution {mx} x {my} um/px is implausible; "
-                                  "set this slide's with --slide-mpp-csv (columns slide,mpp)")
+                                  "set this slide's with `slide_mpps` (a table with columns slide,mpp)")
         if abs(mx - my) / max(mx, my) > 0.05:
             self.close()
             raise MissingMppError(f"{self.path}: non-square pixels ({mx} x {my} um/px) are not supported; "
-                                  "set this slide's resolution with --slide-mpp-csv (columns slide,mpp)")
+                                  "set this slide's resolution with `slide_mpps` (a table with columns slide,mpp)")
         return (mx + my) / 2.0, "slide"
 
     @property
@@ -293,31 +317,85 @@ class Slide:
                 best = i
         return best
 
-    def read_region(self, level: int, xy_l0: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-        """Raw pixels of ``level``: RGB uint8 (h, w, 3); white outside the scanned area."""
-        return self._reader.read_region(level, xy_l0, size)
+    @property
+    def levels(self) -> tuple[Level, ...]:
+        """The pyramid, finest first: each level's (w, h), downsample from level 0 and microns per pixel."""
+        return tuple(Level(dimensions=d, downsample=ds, mpp=self.mpp * ds)
+                     for d, ds in zip(self.level_dimensions, self.level_downsamples, strict=True))
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Pixels of pyramid ``level`` as openslide reads them: ``location`` is the level-0 (x, y) of the
+        top-left corner, ``size`` the (w, h) in that level's pixels. RGB uint8 (h, w, 3); white outside the
+        scanned area (openslide-python returns RGBA with transparent there).
+
+        >>> import wsi_screen
+        >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+        ...     region = slide.read_region((1000, 800), 0, (256, 128))
+        >>> region.shape, region.dtype
+        ((128, 256, 3), dtype('uint8'))
+        """
+        if not 0 <= int(level) < len(self.level_dimensions):
+            raise ConfigError(f"{self.path}: `level` {level} does not exist (the slide has levels 0-"
+                              f"{len(self.level_dimensions) - 1})")
+        return self._reader.read_region(int(level), (int(location[0]), int(location[1])),
+                                        (int(size[0]), int(size[1])))
+
+    def read_at(self, location_l0: tuple[int, int], size: tuple[int, int], mpp: float,
+                out: np.ndarray | None = None) -> np.ndarray:
+        """A region at a resolution: ``size`` (w, h) pixels of ``mpp`` microns each, from level-0 ``location_l0``.
+
+        Read from the coarsest pyramid level still at least as fine as ``mpp`` and resized with an
+        anti-aliasing filter; the tiler reads its patches this way, so ``read_at(store.coords[i], (S, S),
+        store.mpp)`` gives patch ``i`` of an unnormalised store. RGB uint8 (h, w, 3).
+
+        >>> import wsi_screen
+        >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+        ...     patch = slide.read_at((1000, 800), (224, 224), mpp=1.0)   # 224 px at 1 um/px
+        >>> patch.shape
+        (224, 224, 3)
+        """
+        if not (mpp > 0 and math.isfinite(mpp)):
+            raise ConfigError(f"`mpp` must be a positive number of microns per pixel, got {mpp!r}")
+        w, h = (int(v) for v in size)
+        if w < 1 or h < 1:
+            raise ConfigError(f"`size` must be a positive (w, h) in pixels, got {tuple(size)}")
+        scale = mpp / self.mpp  # level-0 pixels per output pixel
+        return self._read_l0((int(location_l0[0]), int(location_l0[1])),
+                             (max(1, round(w * scale)), max(1, round(h * scale))), (w, h), out)
 
     def read(self, xy_l0: tuple[int, int], tile_size_l0: int, size_px: int,
              out: np.ndarray | None = None) -> np.ndarray:
-        """A square patch covering ``tile_size_l0`` level-0 pixels from ``xy_l0``, as ``size_px`` RGB.
+        """A square patch covering ``tile_size_l0`` level-0 pixels from ``xy_l0``, as ``size_px`` RGB (the
+        tiler's read: its grid fixes ``tile_size_l0``; see :meth:`read_at`).
 
-        Read from the coarsest pyramid level that is still at least as fine as the target, then resized
-        down with an anti-aliasing filter (PIL's Lanczos, whose support widens with the scale factor).
         With ``out`` (uint8, ``(size_px, size_px, 3)``) the patch is written there and ``out`` returned; when
         no resize is needed, tile pixels go straight into it.
         """
-        level = self.best_level(tile_size_l0 / size_px)
+        return self._read_l0(xy_l0, (tile_size_l0, tile_size_l0), (size_px, size_px), out)
+
+    def _read_l0(self, xy_l0: tuple[int, int], size_l0: tuple[int, int], size_px: tuple[int, int],
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """``size_l0`` level-0 pixels from ``xy_l0`` as ``size_px`` (w, h): read from the coarsest level that
+        is still at least as fine as the target, then resized down with an anti-aliasing filter (PIL's
+        Lanczos, whose support widens with the scale factor)."""
+        level = self.best_level(min(size_l0[0] / size_px[0], size_l0[1] / size_px[1]))
         ds = self.level_downsamples[level]
-        region = max(1, round(tile_size_l0 / ds))
+        region = (max(1, round(size_l0[0] / ds)), max(1, round(size_l0[1] / ds)))
         if region == size_px:
-            return self._reader.read_region(level, xy_l0, (region, region), out)
-        return into(out, resize(self._reader.read_region(level, xy_l0, (region, region)), (size_px, size_px)))
+            return self._reader.read_region(level, xy_l0, region, out)
+        return into(out, resize(self._reader.read_region(level, xy_l0, region), size_px))
 
     def thumbnail(self, mpp: float, *, workers: int = 1) -> np.ndarray:
         """The whole slide at ``mpp`` microns per pixel (never finer than level 0), RGB uint8.
 
         Large levels are read and reduced block by block (``workers`` threads), so memory stays bounded by
         the output size. Every block uses the same exact scale, so the result does not depend on ``workers``.
+
+        >>> import wsi_screen
+        >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+        ...     thumb = slide.thumbnail(8.0)      # 8 microns per pixel
+        >>> thumb.shape
+        (185, 138, 3)
         """
         w0, h0 = self.dimensions
         scale = max(mpp / self.mpp, 1.0)  # level-0 pixels per output pixel
@@ -371,17 +449,54 @@ class Slide:
         return f"Slide({str(self.path)!r}, {w}x{h} px, {self.mpp:.4g} um/px, {self.vendor})"
 
 
-def open_slide(path: str | os.PathLike[str], *, name: str | None = None, mpp: float | None = None,
+def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, name: str | None = None,
                reader: ReaderChoice = "auto") -> Slide:
-    """Open a slide (see :class:`Slide`)."""
+    """Open a whole-slide image; use it as a context manager (it closes the file).
+
+    Parameters
+    ----------
+    path
+        A slide file (SVS, NDPI, MRXS, SCN, OME-TIFF, tiled or plain RGB TIFF, ...) or a folder holding
+        one DICOM WSI series.
+    mpp
+        Level-0 microns per pixel, for a file that declares none (a declared value wins).
+    name
+        Display name; the file name without its extension by default.
+    reader
+        ``"auto"``, or force ``"openslide"`` / ``"tifffile"``.
+
+    Returns
+    -------
+    Slide
+        With ``mpp``, ``dimensions`` and ``levels``; ``read_region(location, level, size)`` in openslide's
+        order, ``read_at(location_l0, size, mpp)`` and ``thumbnail(mpp)``, all RGB uint8.
+
+    Raises
+    ------
+    SlideOpenError, UnsupportedFormatError, MissingMppError
+        A file that cannot be read, is no slide, or has no usable resolution (pass ``mpp``).
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+    ...     print(slide.dimensions, round(slide.mpp, 3), len(slide.levels))
+    (2220, 2967) 0.499 1
+    """
     return Slide(path, name=name, mpp=mpp, reader=reader)
 
 
 def slide_name(path: Path) -> str:
-    """A slide's display name: the file name without slide extensions, or a DICOM folder's name."""
+    """A slide's display name: the file name without slide extensions, or a DICOM folder's name; a file of a
+    DICOM series takes its series' name where it has one (:func:`~wsi_screen.slide.dicom_series.series_name`),
+    never an instance UID."""
     if path.is_dir():
         return text_name(path.name)
     name = path.name
+    if path.suffix.lower() == ".dcm":
+        named = series_name(path)
+        if named:
+            return text_name(named)
     for ext in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ext):
             return text_name(name[: -len(ext)])
@@ -402,11 +517,12 @@ def resize(img: np.ndarray, size: tuple[int, int],
 
 
 def read_mpp_table(path: str | os.PathLike[str]) -> dict[str, float]:
-    """``--slide-mpp-csv``: a CSV with columns ``slide`` (a slide's name, file name or path) and ``mpp``."""
-    from wsi_screen.tables import first_rows, read_table
+    """The per-slide mpp table (``slide_mpps``): a CSV with columns ``slide`` (a slide's name, file name or path)
+    and ``mpp``."""
+    from wsi_screen.slide.tables import first_rows, read_table
 
     p = Path(path)
-    rows = read_table(p, ("slide", "mpp"), "--slide-mpp-csv")
+    rows = read_table(p, ("slide", "mpp"), "`slide_mpps`")
     found: list[tuple[int, str, object]] = []
     for i, row in enumerate(rows, start=2):
         key = (row.get("slide") or "").strip()
@@ -421,17 +537,17 @@ def read_mpp_table(path: str | os.PathLike[str]) -> dict[str, float]:
 
 
 def warn_unmatched_mpp(table: dict[str, float], sources: Sequence[Any]) -> list[str]:
-    """Warn (one line) about the ``--slide-mpp-csv`` rows that name none of ``sources`` (objects with ``path``
+    """Warn (one line) about the rows of the per-slide mpp table that name none of ``sources`` (objects with ``path``
     and ``name``): a typo there would otherwise leave a slide at a resolution the user meant to replace."""
     named = set()
     for s in sources:
         named |= {s.name, s.path.name, str(s.path), slide_name(s.path)}
-    from wsi_screen.tables import few
+    from wsi_screen.slide.tables import few
 
     unmatched = sorted(k for k in table if k not in named)
     if unmatched:
         shown = few(unmatched)
-        log.warning("--slide-mpp-csv: %d row(s) name no slide of this run (by name, file name or path): %s",
+        log.warning("`slide_mpps`: %d row(s) name no slide of this run (by name, file name or path): %s",
                     len(unmatched), shown)
     return unmatched
 

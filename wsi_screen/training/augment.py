@@ -1,6 +1,6 @@
 """Training-time augmentation of histology batches: dihedral flips/rotations, HED stain jitter, colour jitter.
 
-Seeded by the generator it is given, so a training run is reproducible under ``--seed``. The random numbers are
+Seeded by the generator it is given, so a training run is reproducible under its seed. The random numbers are
 drawn on the CPU (the generator's device) whatever device the batch is on, so a batch on a GPU is augmented
 there with the same draws.
 """
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from wsi_screen.models.classifier import to_unit_float
+from wsi_screen.models.pixels import to_unit_float
 
 #: stain vectors of haematoxylin, eosin and DAB (Ruifrok & Johnston, as in scikit-image's rgb_from_hed)
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]],

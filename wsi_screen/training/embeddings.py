@@ -2,7 +2,7 @@
 
 Training a head (:mod:`wsi_screen.training.heads`) needs the encoder's embedding of every train and valid image;
 with a foundation encoder that is the expensive part, so it is done once and kept in a cache folder
-(``--embedding-cache``; default ``$WSI_SCREEN_CACHE/embeddings``, else ``~/.cache/wsi-screen/embeddings``),
+(``embedding_cache``; default ``$WSI_SCREEN_CACHE/embeddings``, else ``~/.cache/wsi-screen/embeddings``),
 one safetensors file per key. The key is the sha256 of the encoder's identity (reference, weights sha256, pooling,
 input size, mean/std) and arithmetic, the dataset's fingerprint (every train and valid file's path, label, role
 and content hash) and the size the images are decoded at: any change to one of them computes the embeddings

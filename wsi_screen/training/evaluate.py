@@ -53,11 +53,11 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
     if unknown:
         raise ModelMismatchError(f"the model's classes are {', '.join(spec.classes)} but {folder.describe()} "
                                  f"has {', '.join(unknown[:5])}: evaluate with the label column the model "
-                                 "was trained on (--label-column) or with another model")
+                                 "was trained on (`label_column`) or with another model")
     metric_positive = None
     if positive is not None:
         if positive not in spec.classes:
-            raise ConfigError(f"--positive {positive!r} is not one of the model's classes "
+            raise ConfigError(f"`positive` {positive!r} is not one of the model's classes "
                               f"({', '.join(spec.classes)})")
         metric_positive = spec.classes.index(positive)
     y = folder.label_indices(spec.classes, rows)
@@ -103,7 +103,7 @@ def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], paths: list[s
                      in_domain: np.ndarray | None = None) -> Path:
     """Write metrics.json, predictions.csv (with each image's domain distance when given), roc.png and
     confusion.png."""
-    from wsi_screen.decision import decide
+    from wsi_screen.metrics import decide
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Training a head (linear or MLP) on a frozen encoder's embeddings: ``wsi-screen train --encoder E --head H``.
+"""Training a head (linear or MLP) on a frozen encoder's embeddings (``TrainConfig.encoder`` and ``head``).
 
 The dataset is read and split as for any training run (:func:`wsi_screen.training.train.read_split`: the test
 split is never read); the encoder embeds every train and valid image once (cached, see
@@ -38,22 +38,12 @@ from wsi_screen.models.device import device_info, resolve_device
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
 from wsi_screen.models.encoder import load_encoder
 from wsi_screen.models.head import Head, head_record
+from wsi_screen.training.config import TrainConfig, TrainResult
 from wsi_screen.training.data import fingerprint, write_split_csv
 from wsi_screen.training.embeddings import dataset_embeddings
 from wsi_screen.training.evaluate import write_evaluation
-from wsi_screen.training.train import (
-    HISTORY_COLUMNS,
-    TrainConfig,
-    TrainResult,
-    _auc_ci,
-    _class_weights,
-    log_resizing,
-    make_optimizer,
-    make_schedule,
-    read_split,
-    resolve_mpp,
-    resolve_size,
-)
+from wsi_screen.training.loop import _auc_ci, _class_weights, make_optimizer, make_schedule, refuse_existing_model
+from wsi_screen.training.train import HISTORY_COLUMNS, log_resizing, read_split, resolve_mpp, resolve_size
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +62,7 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
     if config.lr is None:
         config = replace(config, lr=HEAD_LR)
     out = Path(out_dir)
-    if (out / CONFIG_NAME).exists() and not config.overwrite:
-        raise ConfigError(f"{out} already holds a model; pass --overwrite or choose another output folder")
+    refuse_existing_model(out, config)
     started = time.perf_counter()
     torch_device = resolve_device(config.device)
     encoder = load_encoder(reference, weights=config.encoder_weights, device=torch_device,
