@@ -42,8 +42,8 @@ from wsi_screen.training.config import TrainConfig, TrainResult
 from wsi_screen.training.data import fingerprint, write_split_csv
 from wsi_screen.training.embeddings import dataset_embeddings
 from wsi_screen.training.evaluate import write_evaluation
+from wsi_screen.training.inputs import HISTORY_COLUMNS, log_resizing, read_split, resolve_mpp, resolve_size
 from wsi_screen.training.loop import _auc_ci, _class_weights, make_optimizer, make_schedule, refuse_existing_model
-from wsi_screen.training.train import HISTORY_COLUMNS, log_resizing, read_split, resolve_mpp, resolve_size
 
 log = logging.getLogger(__name__)
 
