@@ -94,7 +94,8 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *,
     path_or_name
         ``None`` or ``"default"``: the bundled default model; else the folder written by
         ``wsi-screen train``, its ``config.json`` or its ``model.safetensors``. Nothing is unpickled:
-        pickle-based files raise :class:`~wsi_screen.errors.UnsafeFileError`.
+        pickle-based files raise :class:`~wsi_screen.errors.UnsafeFileError`. A head model (a head trained on
+        a frozen encoder) loads its encoder by the reference in its config (:mod:`wsi_screen.models.head`).
     device
         Where the model runs: ``"cpu"`` (the default), ``"auto"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a
         :class:`torch.device` (see :func:`wsi_screen.models.device.resolve_device`; an absent one raises
@@ -126,9 +127,15 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *,
                              "folder from `wsi-screen train`) or train one into that folder")
     model_dir = resolve_model_dir(Path(path))
     spec = ModelSpec.read(model_dir)
-    check_arch(spec.arch)
-    module = build_module(spec)
-    load_state_strict(module, read_weights(model_dir / WEIGHTS_NAME), str(model_dir))
+    module: nn.Module
+    if spec.encoder is not None:  # a head on a frozen encoder (see wsi_screen.models.head)
+        from wsi_screen.models.head import load_head_classifier
+
+        module = load_head_classifier(spec, model_dir / WEIGHTS_NAME, str(model_dir))
+    else:
+        check_arch(spec.arch)
+        module = build_module(spec)
+        load_state_strict(module, read_weights(model_dir / WEIGHTS_NAME), str(model_dir))
     log.debug("loaded %s from %s", spec.arch, model_dir)
     classifier = PatchClassifier(module, spec, device=device, domain=DomainModel.load(model_dir),
                                  precision=precision)

@@ -205,6 +205,9 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
             raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
                            if problems else "no slides to screen")
         tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
+        if classifier.domain is None:
+            log.warning("%s: the model has no domain model (domain.json; a head on an encoder has none): slides "
+                        "are not checked for being out of domain", model_dir)
         warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
         aggregate = resolve_aggregate(model_dir, classifier, config)
         if config.stores is None:  # the run's own stores: follow the settings
