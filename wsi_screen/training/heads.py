@@ -31,7 +31,7 @@ from torch import nn
 
 from wsi_screen import __version__, progress
 from wsi_screen.errors import ConfigError
-from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics, monitor_value
+from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics
 from wsi_screen.models import CONFIG_NAME, ModelSpec, save_model
 from wsi_screen.models.card import write_card
 from wsi_screen.models.device import device_info, resolve_device
@@ -43,7 +43,15 @@ from wsi_screen.training.data import fingerprint, write_split_csv
 from wsi_screen.training.embeddings import dataset_embeddings
 from wsi_screen.training.evaluate import write_evaluation
 from wsi_screen.training.inputs import HISTORY_COLUMNS, log_resizing, read_split, resolve_mpp, resolve_size
-from wsi_screen.training.loop import _auc_ci, _class_weights, make_optimizer, make_schedule, refuse_existing_model
+from wsi_screen.training.loop import (
+    _auc_ci,
+    _class_weights,
+    epoch_score,
+    history_row,
+    make_optimizer,
+    make_schedule,
+    refuse_existing_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,20 +181,14 @@ def _fit(train_x: torch.Tensor, train_y: torch.Tensor, valid_x: torch.Tensor, va
             probs = _probs(head, valid_x)
             vm = compute_metrics(valid_y, probs, classes, positive_index=pos_index)
             vm["loss"] = float(nn.functional.nll_loss(torch.from_numpy(np.log(probs.clip(1e-7))), valid_t))
-            score = monitor_value(vm, monitor)
-            if math.isnan(score):
-                score = -vm["loss"]
+            score = epoch_score(vm, monitor)
             improved = score > best_score
             if improved:
                 best_score, best_epoch, best_probs = score, epoch, probs
                 best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
             stale = 0 if improved else stale + 1
-            row = {"epoch": epoch, "lr": f"{optimizer.param_groups[0]['lr']:.3g}",
-                   "train_loss": f"{losses / max(1, seen):.4f}", "train_accuracy": f"{correct / max(1, seen):.4f}",
-                   "valid_loss": f"{vm['loss']:.4f}", "valid_accuracy": _fmt(vm["accuracy"]),
-                   "valid_balanced_accuracy": _fmt(vm["balanced_accuracy"]), "valid_auc": _fmt(vm["auc"]),
-                   "monitor": f"{score:.4f}", "seconds": f"{time.perf_counter() - t0:.1f}",
-                   "best": "*" if improved else ""}
+            row = history_row(epoch, optimizer.param_groups[0]["lr"], losses / max(1, seen), correct / max(1, seen),
+                              vm, score, time.perf_counter() - t0, improved)
             writer.writerow(row)
             history.append(row)
             log.debug("head epoch %d: valid %s %.4f%s", epoch, monitor, score, " *" if improved else "")
@@ -196,6 +198,3 @@ def _fit(train_x: torch.Tensor, train_y: torch.Tensor, valid_x: torch.Tensor, va
                 break
     return head, best_state, best_probs, best_epoch, best_score, history, stopped
 
-
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"

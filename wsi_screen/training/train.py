@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics, monitor_value
+from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics
 from wsi_screen.models import CONFIG_NAME, ModelSpec
 from wsi_screen.models.device import resolve_device
 from wsi_screen.models.registry import check_arch, count_parameters
@@ -62,8 +61,9 @@ from wsi_screen.training.inputs import (
 from wsi_screen.training.loop import (
     Best,
     describe_device,
+    epoch_score,
     finish_model_folder,
-    fmt,
+    history_row,
     make_loop,
     model_spec,
     refuse_existing_model,
@@ -164,20 +164,14 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                 t0 = time.perf_counter()
                 train_loss, train_acc = loop.train_epoch(data, config, epoch)
                 probs, vm = loop.validate(data, pos_index)
-                score = monitor_value(vm, monitor)
-                if math.isnan(score):  # e.g. AUC of a single-class validation set
-                    score = -vm["loss"]
+                score = epoch_score(vm, monitor)
                 improved = score > best.score
                 if improved:
                     best = Best(score=score, epoch=epoch, probs=probs,
                                  state={k: v.detach().clone() for k, v in loop.model.state_dict().items()})
                 stale = 0 if improved else stale + 1
-                row = {"epoch": epoch, "lr": f"{loop.optimizer.param_groups[0]['lr']:.3g}",
-                       "train_loss": f"{train_loss:.4f}", "train_accuracy": f"{train_acc:.4f}",
-                       "valid_loss": f"{vm['loss']:.4f}", "valid_accuracy": fmt(vm["accuracy"]),
-                       "valid_balanced_accuracy": fmt(vm["balanced_accuracy"]), "valid_auc": fmt(vm["auc"]),
-                       "monitor": f"{score:.4f}", "seconds": f"{time.perf_counter() - t0:.1f}",
-                       "best": "*" if improved else ""}
+                row = history_row(epoch, loop.optimizer.param_groups[0]["lr"], train_loss, train_acc, vm, score,
+                                  time.perf_counter() - t0, improved)
                 writer.writerow(row)
                 hist_fh.flush()
                 history.append(row)
