@@ -20,10 +20,10 @@ import numpy as np
 from wsi_screen.errors import ConfigError
 from wsi_screen.models import PatchClassifier, load_model
 from wsi_screen.screening import runfolder
-from wsi_screen.screening.aggregate import AggregateConfig, SlideResult, foci, top_indices
+from wsi_screen.screening.aggregate import AggregateConfig, SlideResult, top_indices
 from wsi_screen.screening.outputs import call_scores, positive_column, slide_domain
 from wsi_screen.screening.run import FALLBACK_RULE, InferConfig, decision_thresholds, resolve_aggregate
-from wsi_screen.screening.spatial import Region, patch_grid
+from wsi_screen.screening.spatial import Focus, patch_grid
 from wsi_screen.slide.slide import Slide, open_slide
 from wsi_screen.tiling.store import PatchStore
 
@@ -102,9 +102,13 @@ class SlideCall:
     name: str
     result: SlideResult
     aggregate: AggregateConfig
-    foci: tuple[Region, ...] = ()
     in_domain_fraction: float | None = None
     out_of_domain: bool | None = None
+
+    @property
+    def foci(self) -> tuple[Focus, ...]:
+        """The foci the call counted, largest first (the ones heatmap.png outlines and patches.geojson lists)."""
+        return self.result.foci
 
     @property
     def diagnosis(self) -> str:
@@ -141,7 +145,7 @@ class SlideCall:
 
     def to_json(self) -> dict[str, Any]:
         return {"slide": self.name, **self.result.to_json(), "aggregate": self.aggregate.to_json(),
-                "foci": [r.to_json() for r in self.foci], "in_domain_fraction": self.in_domain_fraction,
+                "foci": [f.to_json() for f in self.foci], "in_domain_fraction": self.in_domain_fraction,
                 "out_of_domain": self.out_of_domain}
 
     def __repr__(self) -> str:
@@ -256,9 +260,8 @@ def call_slide(scores: Scores, model: PatchClassifier, *, rule: str | None = Non
     grid = patch_grid(written.coords, written.probs[:, positive_column(written, model.spec)], int(attrs["stride_l0"]),
                       float(attrs["slide"]["mpp"]))
     result = call_scores(written, model, aggregate, grid)
-    found = foci(grid, aggregate) if result.diagnosis == model.spec.positive_class else []
     domain = slide_domain(written, model)
-    return SlideCall(name=scores.store.name, result=result, aggregate=aggregate, foci=tuple(found),
+    return SlideCall(name=scores.store.name, result=result, aggregate=aggregate,
                      in_domain_fraction=domain.get("in_domain_fraction"), out_of_domain=domain.get("out_of_domain"))
 
 

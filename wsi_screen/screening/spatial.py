@@ -200,6 +200,10 @@ class Focus:
     indices: tuple[int, ...]
     outline_l0: dict[str, Any]
 
+    def to_json(self) -> dict[str, Any]:
+        """Its measurements and outline (not the patch indices)."""
+        return {k: v for k, v in asdict(self).items() if k != "indices"}
+
 
 def focus(region: Region, grid: ScoreGrid, rank: int) -> Focus:
     """A counted region as a :class:`Focus`: its patches, size class and outline."""
