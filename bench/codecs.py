@@ -54,7 +54,7 @@ def tile(slide: Path, out: Path, codec: object, stain: str) -> tuple[Path, float
     shutil.rmtree(out, ignore_errors=True)
     config = TileConfig(spec=TileSpec(mpp=0.5, size_px=224), stain=stain, codec=codec)  # type: ignore[arg-type]
     t0 = time.perf_counter()
-    result = tile_slide(SlideSource(slide, slide.stem), str(out), config, debug=True)
+    result = tile_slide(SlideSource(slide, slide.stem), str(out), config)
     return Path(result.store), time.perf_counter() - t0
 
 

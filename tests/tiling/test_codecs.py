@@ -86,7 +86,7 @@ def tissue_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _tile(slide: Path, out: Path, **kw: object) -> PatchStore:
     config = TileConfig(spec=TileSpec(mpp=0.5, size_px=128), **kw)  # type: ignore[arg-type]
-    result = tile_slide(SlideSource(slide, slide.stem), str(out), config, debug=True)
+    result = tile_slide(SlideSource(slide, slide.stem), str(out), config)
     assert result.status == "done", result
     return PatchStore.open(result.store)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from wsi_screen import __version__, progress
 from wsi_screen.errors import ConfigError, ModelError
-from wsi_screen.metrics import ThresholdRule, compute_metrics
+from wsi_screen.metrics import ThresholdRule, compute_metrics, monitor_value
 from wsi_screen.models import CONFIG_NAME, ModelSpec, PretrainedReport, create_model, load_pretrained, save_model
 from wsi_screen.models.card import write_card
 from wsi_screen.models.device import device_info, resolve_device
@@ -311,6 +311,22 @@ def fit_domain(model: nn.Module, data: PreparedData, spec: ModelSpec) -> DomainM
 
 def fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
+
+
+def epoch_score(metrics: dict[str, Any], monitor: str) -> float:
+    """The monitored validation figure; minus the loss where it is undefined (AUC of a one-class split)."""
+    score = monitor_value(metrics, monitor)
+    return -float(metrics["loss"]) if math.isnan(score) else score
+
+
+def history_row(epoch: int, lr: float, train_loss: float, train_accuracy: float, metrics: dict[str, Any],
+                score: float, seconds: float, improved: bool) -> dict[str, Any]:
+    """One row of history.csv (the columns of ``HISTORY_COLUMNS``), for whole-network and head training alike."""
+    return {"epoch": epoch, "lr": f"{lr:.3g}", "train_loss": f"{train_loss:.4f}",
+            "train_accuracy": f"{train_accuracy:.4f}", "valid_loss": f"{metrics['loss']:.4f}",
+            "valid_accuracy": fmt(metrics["accuracy"]), "valid_balanced_accuracy": fmt(metrics["balanced_accuracy"]),
+            "valid_auc": fmt(metrics["auc"]), "monitor": f"{score:.4f}", "seconds": f"{seconds:.1f}",
+            "best": "*" if improved else ""}
 
 
 def describe_device(amp: _Amp) -> str:
