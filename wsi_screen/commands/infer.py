@@ -87,6 +87,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
         from wsi_screen.slide import isolation
 
         isolation.start_early()  # the slide reader starts up while this process imports torch and the model
+        ctx.call_on_close(isolation.stop_early)  # unused when the command fails before reading a slide
     from pathlib import Path
 
     from wsi_screen.distributed import maybe_connect, parse_address
