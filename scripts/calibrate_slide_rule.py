@@ -37,7 +37,7 @@ from wsi_screen.models import load_model
 from wsi_screen.screening import calibration
 from wsi_screen.screening.run import SLIDE_RULE_JSON, model_identity
 from wsi_screen.screening.runfolder import csv_text
-from wsi_screen.screening.spatial import PatchGrid
+from wsi_screen.screening.spatial import ScoreGrid
 from wsi_screen.synthetic import cohort
 from wsi_screen.synthetic.slides import PCAM_MPP, default_patches_dir
 
@@ -78,7 +78,7 @@ def _one(args: tuple[cohort.CohortSlide, float]) -> tuple[calibration.LabelledSl
     layout = cohort.layout_for(s, cell_mm=cell_mm, pools={k: len(v) for k, v in bank.paths.items()})
     kept = cohort.kept_cells(layout, bank, mpp=PCAM_MPP, patch_px=PATCH_PX)
     probs = cohort.simulate_probs(layout, bank, kept=kept)
-    grid = PatchGrid(probs, (0, 0), PATCH_PX, cell_mm, np.zeros(probs.shape, np.int64))
+    grid = ScoreGrid(probs, (0, 0), PATCH_PX, cell_mm, np.zeros(probs.shape, np.int64))
     return calibration.labelled_slide(s.name, grid, layout.positive, patch_threshold, layout.size_class), layout
 
 

@@ -68,7 +68,7 @@ def test_parse_address(text: str, expected: DaskAddress) -> None:
 @pytest.mark.parametrize("text", ["", "foo", "local:0", "local:x", "127.0.0.1:8786", "tcp://host", "tcp://:8786",
                                   "tcp://host:0", "tcp://host:99999", "tls://host:8786", "http://host:8786"])
 def test_parse_address_refuses(text: str) -> None:
-    with pytest.raises(ConfigError, match="--dask"):
+    with pytest.raises(ConfigError, match="`dask`"):
         parse_address(text)
 
 
@@ -194,8 +194,9 @@ def _run_json(run: Path) -> dict[str, object]:
     data = json.loads((run / "run.json").read_text())
     for key in ("command", "started", "seconds", "stages"):
         data.pop(key)
-    for slide in data["slides"]:  # timings
+    for slide in data["slides"]:  # timings, and where a Dask worker scored it
         slide.pop("seconds")
+        slide.pop("device", None)
     return data
 
 
@@ -218,6 +219,8 @@ def test_infer_local_cluster_same_run(tmp_path: Path, slides: Path) -> None:
     assert len(a) > 50 and a == b  # stores, scores, heatmaps, GeoJSON, slide.json: byte for byte
     assert _run_json(run) == _run_json(tmp_path / "local")
     assert dask.out == local.out  # the printed table
+    scored_on = {s["slide"]: s.get("device") for s in json.loads((run / "run.json").read_text())["slides"]}
+    assert scored_on["cmu"] == scored_on["block_a"] == {"type": "cpu"}  # each Dask worker's own device
 
 
 def test_worker_with_another_model_refuses(tmp_path: Path, slides: Path) -> None:
@@ -299,3 +302,24 @@ def test_tile_on_a_real_scheduler_with_two_workers(tmp_path: Path, slides: Path,
     # a rerun finds every store up to date (the workers' stores are the client's)
     again = run_cli("tile", slides, "-o", tmp_path / "dask", "--size", "128", "--dask", scheduler)
     assert "5 slide(s): 0 tiled, 4 up to date, 1 failed" in again.err, again
+
+
+def test_dask_missing_says_how_to_install_it(tmp_path: Path, slides: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the dask extra, --dask is one line that says what to install (the import failure simulated)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "distributed", None)  # "import distributed" raises ImportError
+    res = run_cli("tile", slides / "block_a.tif", "-o", tmp_path / "stores", "--dask", "local:1", "--quiet")
+    assert res.code == 1 and res.err_lines == ['wsi-screen: error: running on a Dask cluster needs Dask, which is '
+                                               'not installed here: pip install "wsi-screen[dask]"'], res
+    assert not (tmp_path / "stores").exists()
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    (0, 0), (3, 3), ("2", 2), ("gpu-node-1", 1), ("SLURMCluster-4-3", 3), ("tcp://10.0.0.5:40331", None),
+    ("worker", None), (True, None), (-1, None)])
+def test_worker_ordinal_from_its_name(name: object, expected: int | None) -> None:
+    from wsi_screen.distributed import ordinal_from_name, worker_ordinal
+
+    assert ordinal_from_name(name) == expected
+    assert worker_ordinal() is None  # not inside a Dask worker

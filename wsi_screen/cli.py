@@ -23,7 +23,7 @@ import click
 
 from wsi_screen import __version__
 from wsi_screen._safe_write import disk_full
-from wsi_screen.errors import ConfigError, WsiScreenError
+from wsi_screen.errors import ConfigError, WsiScreenError, in_user_words, name_settings
 
 #: command name -> "module:attribute" (modules under wsi_screen.commands)
 COMMANDS: dict[str, str] = {
@@ -122,6 +122,19 @@ def cli() -> None:
     """
 
 
+#: the settings library messages name (`slide_mpp`) and the options that set them here: what the CLI prints
+SETTING_FLAGS: dict[str, str] = {
+    "slide_mpp": "--slide-mpp", "slide_mpps": "--slide-mpp-csv", "slide_timeout": "--slide-timeout",
+    "overwrite": "--overwrite", "restart": "--restart", "mpp": "--mpp", "size": "--size", "size_px": "--size",
+    "overlap_px": "--overlap", "min_tissue": "--min-tissue", "stain": "--stain", "stain_method": "--stain",
+    "stain_target": "--stain-target", "stores": "--stores", "labels": "--labels", "model": "--model",
+    "dask": "--dask", "split": "--split", "positive": "--positive", "folds": "--folds",
+    "cache_limit_mb": "--cache-limit", "label_column": "--label-column", "group_column": "--group-column",
+    "split_column": "--split-column", "carve_valid": "--carve-valid", "pretrained": "--pretrained",
+    "freeze_backbone": "--freeze-backbone", "arch": "--arch",
+}
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("WSI_SCREEN_DEBUG", "") not in ("", "0")
 
@@ -149,7 +162,9 @@ def _os_error_line(exc: OSError) -> str:
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point."""
     from wsi_screen import progress
+    from wsi_screen.screening import startup
 
+    startup.mark_entry(whole_process=argv is None)  # the console script: this process is the command
     args = list(sys.argv[1:] if argv is None else argv)
     # called in-process (a notebook, a test), the command's log handler, levels and bars end with it
     with progress.output_restored(*QUIET_LOGGERS), warnings.catch_warnings():
@@ -157,7 +172,8 @@ def main(argv: list[str] | None = None) -> Any:
         # matplotlib warns once per character of a slide name its font cannot draw (the heatmap title shows
         # a box instead): two stray stderr lines per glyph, and an exception where warnings are errors
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
-        return _main(args)
+        with name_settings(SETTING_FLAGS):  # library messages name settings; the user reads the options
+            return _main(args)
 
 
 def _main(args: list[str]) -> Any:
@@ -182,7 +198,7 @@ def _main(args: list[str]) -> Any:
     except WsiScreenError as exc:
         if _debug_requested(args):
             raise
-        click.echo(f"wsi-screen: error: {exc}", err=True)
+        click.echo(f"wsi-screen: error: {in_user_words(str(exc))}", err=True)
         sys.exit(EXIT_FAILED)
     except OSError as exc:  # the environment, not a bug: no "internal error", no traceback
         if _debug_requested(args):

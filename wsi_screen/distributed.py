@@ -1,4 +1,4 @@
-"""Run the per-slide unit of work on a Dask distributed cluster (``--dask ADDRESS``).
+"""Run the per-slide unit of work on a Dask distributed cluster (the CLI's ``dask`` setting: an address).
 
 ``wsi-screen tile`` and ``wsi-screen infer`` hand each slide to a worker as one task: the worker opens the
 slide by path and writes the store (and, for ``infer``, the slide's run folder) to the output location itself;
@@ -16,6 +16,11 @@ Usage from Python::
 
     with connect("tcp://10.0.0.5:8786") as dask:
         results = tile_slides(sources, "/shared/stores", config, dask=dask)
+
+GPUs: with device ``auto`` (or ``cuda``) each ``infer`` worker scores on a GPU of its own: a worker that sees
+one GPU (``CUDA_VISIBLE_DEVICES`` set per worker, as dask-cuda's ``LocalCUDACluster`` and ``dask cuda worker``
+do) uses it; a worker that sees several takes ``cuda:{i % count}``, ``i`` being its number on the node
+(:func:`worker_ordinal`). See docs/cluster.md, "GPUs".
 
 Log records a task emits on the worker (``wsi_screen.*`` loggers, e.g. "no tissue found") are captured with
 its result and re-emitted on the client when the result arrives, so a cluster run reports exactly what a
@@ -42,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: ``--dask local`` starts this many single-threaded worker processes
+#: a ``local`` address starts this many single-threaded worker processes
 DEFAULT_LOCAL_WORKERS = 2
 #: seconds to wait for an existing scheduler before giving up with a :class:`SchedulerError`
 CONNECT_TIMEOUT_S = 5.0
@@ -76,14 +81,14 @@ def parse_address(text: str) -> DaskAddress:
     if m := _LOCAL.fullmatch(value):
         n = int(m["n"]) if m["n"] is not None else DEFAULT_LOCAL_WORKERS
         if n < 1:
-            raise ConfigError(f"--dask {text}: a local cluster needs at least 1 worker (local:N with N >= 1)")
+            raise ConfigError(f"`dask` {text}: a local cluster needs at least 1 worker (local:N with N >= 1)")
         return DaskAddress(None, n)
     if m := _TCP.fullmatch(value):
         port = int(m["port"])
         if not 1 <= port <= 65535:
-            raise ConfigError(f"--dask {text}: port {port} is out of range (1-65535)")
+            raise ConfigError(f"`dask` {text}: port {port} is out of range (1-65535)")
         return DaskAddress(value)
-    raise ConfigError(f"--dask {text!r}: expected tcp://HOST:PORT (a running `dask scheduler`), local or "
+    raise ConfigError(f"`dask` {text!r}: expected tcp://HOST:PORT (a running `dask scheduler`), local or "
                       "local:N (start N worker processes here)")
 
 
@@ -123,7 +128,7 @@ class DaskRunner:
         """Submit one task per call, show a bar as they finish, and return their results in call order.
 
         A task that raised (or whose worker died) becomes ``failed(index, one-line reason)`` unless
-        ``reraise`` (``--debug``), which re-raises the worker's exception here. ``on_result(index, result)``
+        ``reraise`` (debugging), which re-raises the worker's exception here. ``on_result(index, result)``
         sees every result as it arrives (after the task's log records were re-emitted) and may replace it.
         On KeyboardInterrupt (or any error) every task still queued is cancelled before re-raising; tasks
         already running finish on their worker (and commit their store atomically or not at all).
@@ -188,7 +193,11 @@ def connect(address: str | DaskAddress, *, timeout_s: float = CONNECT_TIMEOUT_S)
     An unreachable scheduler is a :class:`SchedulerError` naming the address, after ``timeout_s`` seconds.
     """
     target = parse_address(address) if isinstance(address, str) else address
-    from distributed import Client, LocalCluster
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise ConfigError('running on a Dask cluster needs Dask, which is not installed here: '
+                          'pip install "wsi-screen[dask]"') from exc
 
     if target.scheduler is None:
         # single-threaded worker processes (a slide's reader threads are its parallelism), no fixed
@@ -248,6 +257,32 @@ def maybe_connect(address: str | DaskAddress | None) -> Iterator[DaskRunner | No
 
 
 # ------------------------------------------------------------------------------------------ worker side
+_ORDINAL = re.compile(r".+-(?P<i>\d{1,4})")
+
+
+def ordinal_from_name(name: object) -> int | None:
+    """A worker's number on its node, from its Dask name: LocalCluster names workers ``0``, ``1``...;
+    ``dask worker`` given the name W and N workers names them ``W-0`` ... ``W-(N-1)``; dask-jobqueue ``Cluster-J-i``.
+    None for a name that carries no number (a bare address such as ``tcp://10.0.0.5:40331``)."""
+    if isinstance(name, int) and not isinstance(name, bool):
+        return name if name >= 0 else None
+    text = str(name)
+    if text.isdigit():
+        return int(text)
+    match = _ORDINAL.fullmatch(text) if "://" not in text else None
+    return int(match["i"]) if match else None
+
+
+def worker_ordinal() -> int | None:
+    """This Dask worker's number on its node (:func:`ordinal_from_name`); None outside a Dask worker."""
+    try:
+        from distributed import get_worker
+
+        return ordinal_from_name(get_worker().name)
+    except (ImportError, ValueError):  # not running inside a Dask worker
+        return None
+
+
 class _ThreadCapture(logging.Handler):
     """Collects the records one task's thread emits (other tasks may run in other threads)."""
 

@@ -4,9 +4,45 @@ Every error the toolkit raises on purpose is a :class:`WsiScreenError`; each sub
 builtin that matches its meaning (``OSError`` for I/O, ``ValueError`` for bad values), so callers can catch
 either. The CLI prints ``str(error)`` as one line and exits non-zero; messages therefore name the file or
 setting at fault and, where there is one, the fix.
+
+**Settings in messages.** A message (an error's or a log record's) names a setting as the Python API spells it,
+in backticks: `` `slide_mpp` ``, `` `slide_mpp`=0.25 ``. A front end that calls its settings something else
+installs its words with :func:`name_settings` (the CLI: its options), and the places where text leaves the
+package for a person (the CLI's error line, the terminal log, results.csv and run.json) pass it through
+:func:`in_user_words`. The package's own text never holds a front end's words.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+#: a setting named in a message: an identifier in backticks
+SETTING = re.compile(r"`([a-z][a-z0-9_]*)`")
+_words: dict[str, str] = {}
+
+
+@contextmanager
+def name_settings(words: Mapping[str, str]) -> Iterator[None]:
+    """While the block runs, :func:`in_user_words` names each setting of ``words`` (``slide_mpp``) by its value
+    (the CLI's option for it); afterwards, as before."""
+    before = dict(_words)
+    _words.clear()
+    _words.update(words)
+    try:
+        yield
+    finally:
+        _words.clear()
+        _words.update(before)
+
+
+def in_user_words(text: str) -> str:
+    """``text`` with each `setting` that :func:`name_settings` installed a word for spelt that way (the backticks
+    go); unchanged where none is installed."""
+    if not _words:
+        return text
+    return SETTING.sub(lambda m: _words.get(m.group(1), m.group(0)), text)
 
 
 class WsiScreenError(Exception):
@@ -39,15 +75,17 @@ class SlideTimeoutError(SlideError, TimeoutError):
 
 
 class MissingMppError(SlideError, ValueError):
-    """The slide does not declare its level-0 resolution and none was given."""
+    """No usable level-0 resolution (mpp) for a slide, for one of four causes:
+
+    * the slide declares none and no fallback mpp was given;
+    * a given mpp (fallback or per-slide) lies outside the plausible range;
+    * the declared mpp is implausible (not finite, or outside the plausible range);
+    * the declared pixels are not square (x and y differ by more than 5 %).
+    """
 
 
 class ResolutionError(SlideError, ValueError):
     """The requested resolution cannot be served by the slide (finer than level 0, or absurd)."""
-
-
-class NoSlidesFoundError(WsiScreenError, FileNotFoundError):
-    """A path given on the command line holds no slide."""
 
 
 class StainFitError(WsiScreenError, ValueError):
@@ -97,6 +135,11 @@ class UnsafeFileError(ModelError):
 
 class ModelMismatchError(ModelError):
     """A model cannot be applied to the given store or data (other mpp, patch size, stain or classes)."""
+
+
+class DeviceError(WsiScreenError, ValueError):
+    """A compute device was asked for that is not a device name, or is absent on this machine (``cuda`` with no
+    CUDA GPU, ``cuda:3`` with two, ``mps`` off Apple silicon)."""
 
 
 class ConfigError(WsiScreenError, ValueError):

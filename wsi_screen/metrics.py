@@ -1,8 +1,11 @@
 """Metrics, written once for patches and slides: the threshold rule, the one-class view (sensitivity,
-specificity, precision, F1, AUC), the multi-class metrics, confidence intervals and the ROC plot.
+specificity, precision, F1, AUC), the multi-class metrics, confidence intervals and the ROC plot; and the
+operating point, :func:`decide`: how class probabilities become a class (``predict``, ``evaluate``, the heatmap
+contour, the QuPath GeoJSON and the report all call a patch through it, so a patch has the same class in every
+output).
 
 Every number comes from scikit-learn or from counts; arrays in, dicts out, no files except the plots.
-``evaluate`` (patches) and ``infer --labels`` / ``calibrate`` (slides) call the same functions, so a patch
+``evaluate`` (patches) and ``infer`` with labels / ``calibrate`` (slides) call the same functions, so a patch
 metric and a slide metric of the same name are computed the same way.
 
 **The threshold rule** (:func:`choose_threshold`; "call positive when score >= t"): ``sensitivity:X`` is the
@@ -62,6 +65,22 @@ class ThresholdRule:
 
     def __str__(self) -> str:
         return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+
+
+def decide(probs: np.ndarray, positive_index: int | None, threshold: float | None) -> np.ndarray:
+    """Class decisions for probabilities (N, C).
+
+    A binary model with a positive class calls it when its probability is at least ``threshold`` (the
+    operating point chosen on validation); otherwise, and for more than two classes, the most probable
+    class wins.
+    """
+    probs = np.asarray(probs)
+    if probs.ndim != 2 or probs.shape[0] == 0:
+        return np.zeros(probs.shape[:1], dtype=np.int64)
+    if probs.shape[1] == 2 and positive_index is not None and threshold is not None:
+        called = probs[:, positive_index] >= threshold
+        return np.where(called, positive_index, 1 - positive_index).astype(np.int64)
+    return probs.argmax(axis=1).astype(np.int64)
 
 
 def choose_threshold(is_positive: np.ndarray, score: np.ndarray, rule: ThresholdRule | str, *,
@@ -141,7 +160,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
                     metric_positive: int | None = None) -> dict[str, Any]:
     """All evaluation metrics for integer labels ``y_true`` and probabilities ``probs`` (N, C).
 
-    Decisions: see :func:`wsi_screen.decision.decide` (the model's ``positive_index`` and
+    Decisions: see :func:`decide` (the model's ``positive_index`` and
     ``threshold``). ``metric_positive`` names the class of the one-vs-rest view (default: the model's
     positive class). For two classes, top-level precision/recall/f1/auc are the positive class's; for
     more, they are macro averages (and ``macro`` and ``per_class`` hold the details).
@@ -153,8 +172,6 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
         precision_recall_fscore_support,
         roc_auc_score,
     )
-
-    from wsi_screen.decision import decide
 
     y = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)

@@ -1,7 +1,7 @@
 """Progress bars on stderr, switched on by the CLI only.
 
 The library never prints: bars are disabled unless :func:`set_enabled` was called (the CLI does so unless
-``--quiet``). Log records are routed through ``tqdm.write`` by :func:`install_log_handler` so they do not
+the run is quiet). Log records are routed through ``tqdm.write`` by :func:`install_log_handler` so they do not
 tear the bars apart.
 """
 
@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
+
+from wsi_screen.errors import in_user_words
 
 T = TypeVar("T")
 
@@ -48,7 +50,7 @@ class _TqdmHandler(logging.Handler):
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        text = f"wsi-screen: {record.levelname.lower()}: {record.getMessage()}"
+        text = f"wsi-screen: {record.levelname.lower()}: {in_user_words(record.getMessage())}"
         if record.exc_info and terminal_level() <= logging.DEBUG:
             text += "\n" + self.formatException(record.exc_info)
         return text

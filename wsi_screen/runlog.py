@@ -6,10 +6,13 @@ appended run after run:
 
 * every package log record, debug detail included, with a time stamp;
 * Python warnings and log records of the libraries underneath (pydicom, tifffile, zarr...), which would
-  otherwise print on stderr and break ``--quiet``;
+  otherwise print on stderr and break a quiet run;
 * the full traceback of each slide that failed with an unexpected error (:func:`record_traceback`);
 * what native slide readers write to stderr (GLib's ``OpenSlide-WARNING`` lines): the slide reader's
-  child process sends its stderr here (see :mod:`wsi_screen.slide.isolation`).
+  child process sends its stderr here (see :mod:`wsi_screen.slide.isolation`);
+* the warnings and library records of the work done before the log could open (``infer`` finds its slides,
+  reading DICOM headers, before it makes the run folder): :func:`held` keeps them until :func:`run_log` opens
+  and writes them first.
 
 A log that cannot be written (read-only folder, full disk) is dropped silently: it never costs a slide.
 """
@@ -26,6 +29,15 @@ LOG_NAME = "wsi-screen.log"
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _active: list[logging.Handler] = []
+_held: list[_Held] = []
+_capturing = 0
+
+
+def _capture(on: bool) -> None:
+    """Python warnings become ``py.warnings`` log records while any :func:`run_log` or :func:`held` is open."""
+    global _capturing
+    _capturing += 1 if on else -1
+    logging.captureWarnings(_capturing > 0)
 
 
 class _QuietFileHandler(logging.FileHandler):
@@ -37,6 +49,41 @@ class _QuietFileHandler(logging.FileHandler):
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
         self.setLevel(logging.CRITICAL + 1)  # no "--- Logging error ---" on stderr, no retry per record
+
+
+class _Held(logging.Handler):
+    """Keeps records in memory until a run log opens (none is written while one is open)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not _active:
+            self.records.append(record)
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """Keep Python warnings and library log records off the terminal while the block runs, for the run log
+    that :func:`run_log` opens later inside it (records it never takes are dropped with the block)."""
+    warnings_logger = logging.getLogger("py.warnings")
+    root = logging.getLogger()
+    handler = _Held()
+    saved = warnings_logger.propagate
+    root.addHandler(handler)
+    warnings_logger.addHandler(handler)
+    warnings_logger.propagate = False
+    _capture(True)
+    _held.append(handler)
+    try:
+        yield
+    finally:
+        _held.remove(handler)
+        _capture(False)
+        warnings_logger.propagate = saved
+        warnings_logger.removeHandler(handler)
+        root.removeHandler(handler)
 
 
 @contextmanager
@@ -57,13 +104,17 @@ def run_log(folder: str | Path | None) -> Iterator[Path | None]:
     root.addHandler(handler)  # libraries that log (tifffile's warnings about a damaged file) go here too
     warnings_logger.addHandler(handler)
     warnings_logger.propagate = False
-    logging.captureWarnings(True)
+    _capture(True)
+    for early in _held:  # what came before the log could open (see held)
+        for record in early.records:
+            handler.handle(record)
+        early.records.clear()
     _active.append(handler)
     try:
         yield path
     finally:
         _active.remove(handler)
-        logging.captureWarnings(False)
+        _capture(False)
         warnings_logger.removeHandler(handler)
         warnings_logger.propagate = saved[1]
         root.removeHandler(handler)

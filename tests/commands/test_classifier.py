@@ -171,3 +171,55 @@ def test_model_errors_through_the_cli(herlev_small: Path, tmp_path: Path, capsys
     code, _, err = run(["evaluate", str(herlev_small), "--model", str(tmp_path / "binary"), "--split", "valid",
                         "-o", str(tmp_path / "e")], capsys)
     assert code == 1 and "split 'valid' is empty" in err
+
+
+def test_predict_prints_one_column_per_class_and_goes_on_past_a_bad_file(
+        herlev_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It used to print both p(abnormal) and p_abnormal, and to stop at the first file that is not an image."""
+    from wsi_screen.models import ModelSpec, create_model, save_model
+
+    torch.manual_seed(0)
+    binary = ModelSpec(arch="screen_cnn32", classes=["abnormal", "normal"], input_size=32, positive_class="abnormal",
+                       threshold=0.5)
+    save_model(tmp_path / "binary", create_model("screen_cnn32", num_classes=2), binary)
+    images = sorted((herlev_small / "test").rglob("*.jpg"))[:2]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image\n")
+    code, out, err = run(["predict", str(images[0]), str(notes), str(images[1]), "--model", str(tmp_path / "binary"),
+                          "-q"], capsys)
+    lines = out.strip().splitlines()
+    assert lines[0].split("\t") == ["path", "predicted", "p_abnormal", "p_normal"]
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [r[0] for r in rows] == [str(images[0]), str(images[1])]  # the others are still predicted
+    assert all(len(r) == 4 and abs(float(r[2]) + float(r[3]) - 1) < 1e-3 for r in rows)
+    errors = [line for line in err.splitlines() if line.startswith("wsi-screen: error: ")]
+    assert code == 1 and len(errors) == 1, err  # one line for the file that is not an image
+    assert errors[0].startswith(f"wsi-screen: error: {notes}: unreadable image"), err
+
+
+def test_infer_sets_torch_threads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`infer --threads`, as train and evaluate have it (the fixture restores torch's count)."""
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(["infer", str(tmp_path / "empty"), "-o", str(tmp_path / "run"), "--threads", "3"], capsys)
+    assert code == 1 and "no slides to screen" in err  # refused after the model was set up with 3 threads
+    assert torch.get_num_threads() == 3
+
+
+def test_cross_validated_training_names_its_out_of_fold_auc() -> None:
+    """Its AUC is of pooled out-of-fold predictions, not a validation split's: the summary line of `train` used to
+    call it "valid AUC". (The figures as fit_folds records them; a real 2-fold run takes ~20 s here.)"""
+    from wsi_screen.commands.train import result_parts
+    from wsi_screen.models import ModelSpec
+    from wsi_screen.models.card import draft
+
+    metrics = {"auc": 0.875, "balanced_accuracy": 0.75, "sensitivity": 1.0, "specificity": 0.5, "n": 16,
+               "cross_validation": {"folds": 2, "per_fold": [], "auc_mean": 0.8, "auc_sd": 0.1}}
+    spec = ModelSpec(arch="screen_cnn32", classes=["abnormal", "normal"], input_size=32, positive_class="abnormal",
+                     threshold=0.4682, metrics=metrics)
+    line = ", ".join(result_parts(spec, 1, 1))
+    assert "out-of-fold AUC 0.875" in line and "(out-of-fold sensitivity 1.000, specificity 0.500)" in line
+    assert "valid" not in line
+    assert draft(spec)["validation"]["data"].startswith("pooled out-of-fold predictions of 2-fold cross-validation")
+    single = ModelSpec(arch="screen_cnn32", classes=["abnormal", "normal"], input_size=32, positive_class="abnormal",
+                       threshold=0.5, metrics={k: v for k, v in metrics.items() if k != "cross_validation"})
+    assert "valid AUC 0.875" in ", ".join(result_parts(single, 1, 1))

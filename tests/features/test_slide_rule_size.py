@@ -17,7 +17,7 @@ from PIL import Image
 from wsi_screen.models import default_model_dir, load_model
 from wsi_screen.screening.aggregate import diagnose
 from wsi_screen.screening.run import InferConfig, model_identity, resolve_aggregate
-from wsi_screen.screening.spatial import PatchGrid
+from wsi_screen.screening.spatial import ScoreGrid
 from wsi_screen.synthetic import cohort
 
 BANK = Path(__file__).parents[1] / "fixtures" / "score_bank" / "default"
@@ -53,7 +53,7 @@ def _false_positives(bank: cohort.ScoreBank, n_patches: int, seed: int) -> tuple
                                  pools=pools)
         kept = cohort.kept_cells(lay, bank, mpp=0.972, patch_px=96)
         probs = cohort.simulate_probs(lay, bank, kept=kept)
-        grid = PatchGrid(probs, (0, 0), 96, CELL_MM, np.zeros(probs.shape, np.int64))
+        grid = ScoreGrid(probs, (0, 0), 96, CELL_MM, np.zeros(probs.shape, np.int64))
         result = diagnose(probs[kept], config, positive="tumour", negative="normal", grid=grid)
         called += result.diagnosis == "tumour"
         sizes.append(int(kept.sum()))

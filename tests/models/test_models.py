@@ -17,8 +17,8 @@ from PIL import Image
 
 import wsi_screen
 import wsi_screen.models as models_module
-from wsi_screen.decision import decide
 from wsi_screen.errors import ModelError, UnknownModelError, UnsafeFileError
+from wsi_screen.metrics import decide
 from wsi_screen.models import (
     CONFIG_NAME,
     WEIGHTS_NAME,

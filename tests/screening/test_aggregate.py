@@ -138,3 +138,24 @@ def test_permutation_invariant(p: np.ndarray, k: int | float, rnd: object) -> No
     rnd.shuffle(q)  # type: ignore[attr-defined]
     for rule in POOLED:
         assert slide_score(q, rule, k=k) == pytest.approx(slide_score(p, rule, k=k), abs=1e-12)
+
+
+def test_describe_states_the_rule_and_threshold() -> None:
+    """The sentence a calibrated copy's card states (`operating_point.slide_rule`): the bundled card's own one for
+    the bundled rule, and the rule and threshold a recalibration chose for another."""
+    import json
+
+    from wsi_screen.models import default_model_dir
+    from wsi_screen.screening.aggregate import describe
+
+    folder = default_model_dir()
+    rule = json.loads((folder / "slide_rule.json").read_text())
+    card = json.loads((folder / "card.json").read_text())
+    bundled = AggregateConfig(rule="region", slide_threshold=rule["slide_threshold"], region_threshold=0.8,
+                              min_focus_patches=6, patch_threshold=rule["patch_threshold"])
+    assert describe(bundled, "tumour", patch_area_mm2=(0.972 * 96 / 1000) ** 2) == \
+        card["operating_point"]["slide_rule"]
+    assert describe(AggregateConfig(rule="max", slide_threshold=0.98831), "tumour") == \
+        "highest patch P(tumour) >= 0.988 -> tumour"
+    assert describe(AggregateConfig(rule="topk", k=0.1, slide_threshold=0.5), "abnormal") == \
+        "mean P(abnormal) of the highest 10% of patches >= 0.5 -> abnormal"

@@ -6,6 +6,7 @@ PCam *valid* patches, written as pyramidal TIFFs and screened by ``wsi-screen in
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import read_results, run_cli
+from wsi_screen.screening.aggregate import AggregateConfig, describe
 from wsi_screen.screening.heatmap import drawn_with
 from wsi_screen.synthetic import cohort
 from wsi_screen.synthetic.slides import build_layout_slide, load_pool
@@ -97,6 +99,18 @@ def test_calibrate_writes_a_model_copy_that_infer_uses(run: Path, slides: tuple[
     assert doc["rule"] in ("mean", "max", "topk", "fraction", "smoothmax", "region")
     assert (out / "model.safetensors").read_bytes() == (Path(doc["calibrated_on"]["source_model"]) /
                                                         "model.safetensors").read_bytes()
+    # the copy's card states the calibrated rule and threshold, not the source's (it used to)
+    point = json.loads((out / "card.json").read_text())["operating_point"]
+    stated = describe(AggregateConfig(rule=doc["rule"], k=doc["k"], slide_threshold=doc["slide_threshold"],
+                                      radius=doc["radius"], region_threshold=doc["region_threshold"],
+                                      patch_threshold=doc["patch_threshold"]), "tumour")
+    assert point["slide_threshold"] == doc["slide_threshold"]
+    assert point["slide_rule"].split(" (")[0] == stated.split(" (")[0] and f"{doc['slide_threshold']:.3g}" in stated
+    source_card = json.loads((Path(doc["calibrated_on"]["source_model"]) / "card.json").read_text())
+    assert (point["slide_rule"] == source_card["operating_point"]["slide_rule"]) == (
+        doc["rule"] == "region" and f"{doc['slide_threshold']:.3g}" == "0.0479")
+    card_text = run_cli("models", "--card", out)
+    assert card_text.code == 0 and f"slide_rule: {point['slide_rule']}" in card_text.out
     again = run_cli("calibrate", run, "--labels", folder / "slides.csv", "-o", out)
     assert again.code != 0 and "already exists" in again.err
     replaced = run_cli("calibrate", run, "--labels", folder / "slides.csv", "-o", out, "--overwrite")
@@ -114,6 +128,9 @@ def test_calibrate_writes_a_model_copy_that_infer_uses(run: Path, slides: tuple[
     assert {n: r["rule"] for n, r in read_results(rerun).items()} == dict.fromkeys(read_results(run), doc["rule"])
     assert all(r["diagnosis"] == ("tumour" if n in ("macro", "micro") else "normal")
                for n, r in read_results(rerun).items())  # separable on these four slides at 99 % specificity
+    report = (rerun / "report.html").read_text()
+    assert f"Slide call: {html.escape(point['slide_rule'])}" in report, report[report.find("modelcard\""):][:900]
+    assert "(override:" not in report
 
 
 def test_changing_the_rule_redraws_the_heatmap(run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]],
@@ -129,3 +146,6 @@ def test_changing_the_rule_redraws_the_heatmap(run: Path, slides: tuple[Path, di
     assert rows["macro"]["rule"] == "smoothmax"
     after = drawn_with(copy / "macro" / "heatmap.png")
     assert after != before and "smoothmax" in (after or "")
+    # the report's header names the command-line settings as overrides of the model's calibrated rule
+    assert "(override: --aggregate smoothmax --threshold 0.99; not the model's calibrated rule)" in \
+        (copy / "report.html").read_text()

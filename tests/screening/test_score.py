@@ -29,7 +29,7 @@ def test_store_model_check_message() -> None:
     from wsi_screen.screening.score import check_store_matches_model
 
     spec = load_model().spec
-    with pytest.raises(ModelMismatchError, match=r"--mpp 0\.972 --size 96"):
+    with pytest.raises(ModelMismatchError, match=r"`mpp`=0\.972, `size_px`=96"):
         check_store_matches_model({"mpp": 0.5, "patch_size": 224, "stain": {"method": "none"}}, spec, "s.zarr")
     check_store_matches_model({"mpp": 0.972, "patch_size": 96, "stain": {"method": "none"}}, spec, "s.zarr")
 

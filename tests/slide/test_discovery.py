@@ -35,6 +35,29 @@ def test_dicom_series_with_a_broken_file_stays_one_slide(tmp_path: Path, slides_
     assert status == {"cut": "error", "good": "ok", "half": "error"}  # one row per slide, never one per file
 
 
+def test_dicom_files_of_one_series_are_one_slide(tmp_path: Path, slides_dir: Path) -> None:
+    """Any file of a series stands for the whole series: named files and their folder are one slide, named after
+    the folder (never an instance UID); a folder holding two series gives one slide per series, not per file."""
+    folder = slides_dir / "CMU-1-Small-Region dicom"
+    files = sorted(folder.glob("*.dcm"))
+    sources, problems = discover([files[2], files[0], folder])
+    assert [(s.path, s.name) for s in sources] == [(files[2], "CMU-1-Small-Region dicom")] and not problems
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    shutil.copy(slides_dir / "camelyon-lowres.dcm", mixed / "lowres.dcm")
+    sources, problems = discover([mixed])
+    assert len(sources) == 2 and not problems, sources
+    assert {s.path.name for s in sources} == {"lowres.dcm", sorted(p.name for p in files)[0]}
+    # copies of one file share its series but are no pyramid: each stays a slide (none is silently dropped)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    level0 = max(files, key=lambda p: p.stat().st_size)
+    for name in ("a.dcm", "b.dcm"):
+        shutil.copy(level0, copies / name)
+    sources, problems = discover([copies])
+    assert [(s.path.name, s.name) for s in sources] == [("a.dcm", "a"), ("b.dcm", "b")] and not problems
+
+
 def test_two_links_to_one_folder_are_not_a_loop(tmp_path: Path, slides_dir: Path) -> None:
     real = tmp_path / "real"
     real.mkdir()

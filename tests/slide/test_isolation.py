@@ -72,7 +72,7 @@ def _imported(*names: str) -> list[bool]:
 
 #: what a worker with a short limit imports before its first call: the tiler and this module, so that unpickling
 #: the functions above imports nothing (pytest, the test helpers) within the call's limit on a loaded machine
-PRELOAD = (*isolation.PRELOAD, __name__)
+PRELOAD = ("wsi_screen.tiling.pipeline", __name__)
 
 
 # --- the worker -----------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_an_early_reader_has_imported_the_tiler_and_serves_the_next_run(tmp_path
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WSI_SCREEN_IN_PROCESS", raising=False)
     monkeypatch.setattr(isolation, "_early", None)
-    isolation.start_early("wsi_screen.tiling.stain")
+    isolation.start_early("wsi_screen.tiling.pipeline", "wsi_screen.tiling.stain")
     early = isolation._early
     assert early is not None and early._proc is not None
     early_pid = early._proc.pid

@@ -44,6 +44,42 @@ def test_dicom_series_folder_name(slides_dir: Path) -> None:
         assert len(s.info.fingerprint) == 32
 
 
+@pytest.mark.parametrize("index", range(4))
+def test_any_one_dicom_file_opens_the_whole_series(slides_dir: Path, index: int) -> None:
+    """Three of the four files (not level 0) used to be refused as damaged ("its 1110 x 1483 px level 0
+    cannot be read") and were named by their instance UID."""
+    folder = slides_dir / "CMU-1-Small-Region dicom"
+    files = sorted(folder.glob("*.dcm"))
+    assert len(files) == 4
+    with Slide(folder) as whole, Slide(files[index]) as one:
+        assert one.name == slide_name(files[index]) == "CMU-1-Small-Region dicom"
+        assert one.dimensions == (2220, 2967) and one.level_dimensions == whole.level_dimensions
+        assert one.mpp == whole.mpp == pytest.approx(0.499)
+        assert one.info.fingerprint == whole.info.fingerprint  # the same slide: its stores are reused
+        assert np.array_equal(one.read((896, 1120), 224, 224), whole.read((896, 1120), 224, 224))
+
+
+def test_one_dicom_file_fails_when_its_level0_sibling_is_damaged(tmp_path: Path, slides_dir: Path) -> None:
+    """Never the series at a reduced resolution: a damaged level-0 file fails the slide, naming it."""
+    folder = tmp_path / "series"
+    shutil.copytree(slides_dir / "CMU-1-Small-Region dicom", folder)
+    level0 = max(folder.glob("*.dcm"), key=lambda p: p.stat().st_size)
+    smallest = min(folder.glob("*.dcm"), key=lambda p: p.stat().st_size)
+    level0.write_bytes(level0.read_bytes()[:8])
+    with pytest.raises(SlideOpenError, match=rf"{level0.name}: unreadable DICOM header .*the series cannot be read"):
+        Slide(smallest)
+
+
+def test_a_dicom_file_named_by_its_uid_takes_the_series_description(tmp_path: Path, slides_dir: Path) -> None:
+    uid_named = tmp_path / "1.2.826.0.1.3680043.8.498.1234.dcm"
+    shutil.copy(slides_dir / "camelyon-lowres.dcm", uid_named)
+    assert slide_name(uid_named) == "Congo Red-Lung test"  # its SeriesDescription
+    (tmp_path / "other").mkdir()
+    readable = tmp_path / "other" / "lymph-node-7.dcm"
+    shutil.copy(slides_dir / "camelyon-lowres.dcm", readable)
+    assert slide_name(readable) == "lymph-node-7"  # a readable file name stays
+
+
 def test_cmu_containers_give_near_identical_patches(slides_dir: Path) -> None:
     patches = []
     for name in CMU_FORMATS:
@@ -64,7 +100,7 @@ def test_cmu_containers_give_near_identical_patches(slides_dir: Path) -> None:
 
 def test_jpeg2000_svs_without_mpp(slides_dir: Path) -> None:
     path = slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"
-    with pytest.raises(MissingMppError, match=r"TCGA-CR-7395.*--slide-mpp"):
+    with pytest.raises(MissingMppError, match=r"TCGA-CR-7395.*`slide_mpp`"):
         Slide(path)
     with Slide(path, mpp=0.5) as s:
         assert s.mpp_source == "user"
@@ -83,7 +119,7 @@ def test_unsupported_files_fail_clearly(slides_dir: Path) -> None:
     with pytest.raises(UnsupportedFormatError, match="multi-channel"):
         Slide(slides_dir / "unsupported" / "vectra-multiplex.qptiff")
     plain = slides_dir / "unsupported" / "kidney-ihc-plain-strip.tif"
-    with pytest.raises(MissingMppError, match="--slide-mpp"):
+    with pytest.raises(MissingMppError, match="`slide_mpp`"):
         Slide(plain)
     with Slide(plain, mpp=0.5) as s:  # accepted once the user states the mpp
         assert s.reader_name == "tifffile"

@@ -21,7 +21,7 @@ def test_full_mask_grid_covers_every_whole_position(dims: tuple[int, int], tile:
     grid = make_grid(mask, dims, tile, stride, min_tissue=1.0)
     expected_cols = (w - tile) // stride + 1 if w >= tile else 0
     expected_rows = (h - tile) // stride + 1 if h >= tile else 0
-    assert grid.shape == (expected_cols, expected_rows)
+    assert grid.shape == (expected_rows, expected_cols)
     assert len(grid) == expected_cols * expected_rows
     if len(grid):
         xs, ys = grid.coords[:, 0], grid.coords[:, 1]

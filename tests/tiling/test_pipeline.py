@@ -35,6 +35,7 @@ def test_exact_grid_on_written_slide(tmp_path: Path, block_slide: Path) -> None:
     assert store.coords.tolist() == expected
     assert np.all(store.tissue > 0.95)
     assert store.attrs["tile_size_l0"] == 256 and store.attrs["patch_size"] == 256
+    assert store.attrs["grid"] == {"columns": 8, "rows": 6, "origin_l0": [0, 0]}  # 2048 x 1536 px
     assert store.read(slice(None)).shape == (12, 256, 256, 3)
     # patches are the slide's pixels at those coordinates
     with tifffile.TiffFile(block_slide) as tif:

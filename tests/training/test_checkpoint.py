@@ -98,7 +98,7 @@ def test_checkpoint_of_other_settings_is_refused_and_restart_starts_over(herlev_
     (out / "config.json").unlink()
     (out / "checkpoint").mkdir()
     (out / "checkpoint" / "state.json").write_text(json.dumps({"fingerprint": "other", "tensors": "x"}))
-    with pytest.raises(ConfigError, match=r"unreadable training checkpoint|--restart"):
+    with pytest.raises(ConfigError, match=r"unreadable training checkpoint|`restart`"):
         train(herlev_mid, out, config)
     result = train(herlev_mid, out, tiny_config(epochs=2, restart=True))
     assert result.best_epoch >= 1 and (out / "config.json").exists()

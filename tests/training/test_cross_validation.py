@@ -85,3 +85,19 @@ def test_cross_validated_training_delivers_an_ensemble(herlev_cv: Path, tmp_path
     images = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
     probs, distance = model.predict_with_domain(images)
     assert probs.shape == (5, 2) and np.allclose(probs.sum(1), 1, atol=1e-5) and distance is not None
+
+
+def test_cross_validation_reports_early_stopping_and_the_pretrained_weights(herlev_cv: Path, tmp_path: Path) -> None:
+    """Patience ends a cross-validated run early and says so; weights from ``pretrained`` are reported."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(create_model("screen_cnn32", num_classes=2).state_dict(), str(tmp_path / "start.safetensors"))
+    # a learning rate too small to change a probability: the score never improves after epoch 1
+    config = TrainConfig(arch="screen_cnn32", label_column="binary_label", epochs=4, batch_size=8, folds=3,
+                         lr=1e-12, patience=1, pretrained=str(tmp_path / "start.safetensors"), mpp=0.5)
+    result = train(herlev_cv, tmp_path / "model", config)
+    assert result.stopped_early and [int(r["epoch"]) for r in result.history] == [1, 2] and result.best_epoch == 1
+    assert result.pretrained is not None and result.pretrained["loaded"] > 0
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())["train_config"]
+    assert saved["stopped_early"] is True and saved["pretrained_report"] == result.pretrained

@@ -53,9 +53,9 @@ def test_malformed_labels_csv(herlev_small: Path, tmp_path: Path, edit: object, 
 
 
 def test_missing_group_and_split_columns(herlev_small: Path) -> None:
-    with pytest.raises(DatasetError, match="no column 'patient' for --group-column"):
+    with pytest.raises(DatasetError, match="no column 'patient' for `group_column`"):
         open_patch_folder(herlev_small, group_column="patient")
-    with pytest.raises(DatasetError, match="for --split-column"):
+    with pytest.raises(DatasetError, match="for `split_column`"):
         open_patch_folder(herlev_small, split_column="fold", require_split_column=True)
     assert open_patch_folder(herlev_small, split_column="fold").splits is None
 

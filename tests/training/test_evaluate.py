@@ -53,11 +53,11 @@ def test_evaluate_model_resizes_and_writes(herlev_small: Path, tmp_path: Path,
 
 def test_evaluate_model_refuses_another_class_set(herlev_small: Path, tmp_path: Path) -> None:
     folder = open_patch_folder(herlev_small, label_column="label")
-    with pytest.raises(ModelMismatchError, match="--label-column"):
+    with pytest.raises(ModelMismatchError, match="`label_column`"):
         evaluate_model(_random_model(["abnormal", "normal"], "abnormal"), folder, "test", tmp_path)
     with pytest.raises(DatasetError, match="split 'valid' is empty"):
         evaluate_model(_random_model(["abnormal", "normal"], "abnormal"), folder, "valid", tmp_path)
     binary = open_patch_folder(herlev_small, label_column="binary_label")
-    with pytest.raises(ConfigError, match="--positive"):
+    with pytest.raises(ConfigError, match="`positive`"):
         evaluate_model(_random_model(["abnormal", "normal"], "abnormal"), binary, "test", tmp_path,
                        positive="tumour")

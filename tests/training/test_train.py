@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from tests.classifier_data import make_subset, read_rows, tiny_config, write_rows
 from wsi_screen.errors import ConfigError, DatasetError, ModelError
@@ -29,7 +30,7 @@ def test_positive_class_resolution() -> None:
     assert resolve_positive(["colon_aca", "colon_n"], None) == "colon_aca"
     assert resolve_positive(["a", "b", "c"], None) is None
     assert resolve_positive(["a", "b", "c"], "c") == "c"
-    with pytest.raises(ConfigError, match="pass --positive"):
+    with pytest.raises(ConfigError, match="set `positive`"):
         resolve_positive(["cats", "dogs"], None)
     with pytest.raises(ConfigError, match="not one of"):
         resolve_positive(["cats", "dogs"], "birds")
@@ -113,3 +114,31 @@ def test_transfer_learning_from_a_local_model(patches_dir: Path, herlev_small: P
     assert json.loads((tmp_path / "tl" / "config.json").read_text())["train_config"]["pretrained_report"]["loaded"]
 
 
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_mixed_precision_step(dtype: torch.dtype | None) -> None:
+    """The training step of a GPU (autocast; float16 with a gradient scaler), run on the CPU where torch has both:
+    it learns as float32 does. On a CPU the trainer itself uses none of it (``_Amp.for_device``)."""
+    from wsi_screen.models.precision import dtype_name, training_dtype
+    from wsi_screen.training.loop import _Amp
+
+    assert _Amp.for_device(torch.device("cpu")) == _Amp(torch.device("cpu"))
+    assert training_dtype(torch.device("cpu")) is None and dtype_name(dtype) in ("fp32", "bf16", "fp16")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    amp = _Amp(torch.device("cpu"), dtype, torch.amp.GradScaler("cpu") if dtype == torch.float16 else None)
+    x = torch.rand(16, 3, 8, 8)
+    y = (x.mean((1, 2, 3)) > 0.5).long()
+    losses = []
+    for _ in range(30):
+        with amp.autocast():
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+        optimizer.zero_grad()
+        amp.step(loss, optimizer)
+        losses.append(float(loss.detach()))
+    assert logits.dtype == (dtype or torch.float32)
+    assert losses[-1] < losses[0] - 0.01 and abs(losses[-1] - 0.66964) < 0.001  # float32 ends at 0.66964
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())

@@ -1,4 +1,4 @@
-"""Options every command shares (--quiet, --verbose, --debug) and their effect."""
+"""Options every command shares (--quiet, --verbose, --debug) and their effect, and options several share."""
 
 from __future__ import annotations
 
@@ -85,6 +85,13 @@ def slide_timeout_option(func: F) -> F:
                              "separate process, so a reader that hangs or crashes fails only its slide.")(func)
 
 
+def threads_option(func: F) -> F:
+    """``--threads``: torch's compute threads (train, tune, evaluate, infer; see ``train.set_threads``)."""
+    return click.option("--threads", type=click.IntRange(0, 256), default=0,
+                        help="Torch compute threads. 0 (default): 1 on machines with 2 cores or fewer, where "
+                             "more threads were slower (bench/RESULTS.md), else torch's default (all cores).")(func)
+
+
 def precision_option(default: str) -> Callable[[F], F]:
     """``--precision`` for the commands that score (infer and predict default to ``auto``; evaluate to ``fp32``,
     so that its figures are those training's validation and the model card report)."""
@@ -96,3 +103,30 @@ def precision_option(default: str) -> Callable[[F], F]:
                                  "in float32, so the calls are float32's; docs/default-model.md), float32 elsewhere. "
                                  "fp32: always float32. bf16: bfloat16 even where emulated (slower).")(func)
     return decorate
+
+
+def device_option(func: F) -> F:
+    """``--device auto|cpu|cuda|cuda:N|mps`` (train, evaluate, predict, tune, infer, embed).
+
+    The name is checked here, at parse time, without importing torch; whether that device is present is asked
+    in the command body with :func:`wsi_screen.models.device.resolve_device`, which fails in one line.
+    """
+    return click.option("--device", default="auto", show_default=True, callback=_device_name,
+                        metavar="[auto|cpu|cuda|cuda:N|mps]",
+                        help="Where the model runs. auto: the CUDA GPU where torch sees one, else the CPU (never "
+                             "Apple's mps unless named). cuda: the current CUDA GPU; cuda:N: GPU N; mps: Apple "
+                             "silicon. On a CUDA GPU training runs in mixed precision and --precision auto scores in "
+                             "bfloat16. A device that is absent is an error, never a silent fallback to the "
+                             "CPU.")(func)
+
+
+def _device_name(_ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Refuse a name that is not a device up front (``gpu``, ``cuda:x``), without importing torch."""
+    from wsi_screen._device_name import parse_device_name
+    from wsi_screen.errors import DeviceError
+
+    try:
+        kind, index = parse_device_name(value)
+    except DeviceError as error:
+        raise click.BadParameter(str(error), param=param) from None
+    return kind if index is None else f"{kind}:{index}"

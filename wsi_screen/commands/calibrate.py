@@ -25,8 +25,9 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
     Every rule (mean, max, top-k, fraction, smoothed maximum, largest region) is scored on every labelled
     slide from the run's patch scores; the threshold of each is the one with the highest sensitivity that
     keeps --min-specificity on the negatives of every slide-size bin, and the rule with the highest
-    sensitivity wins. MODEL_DIR gets a copy of the model with that choice in slide_rule.json; screen with
-    `wsi-screen infer SLIDES --model MODEL_DIR`. Choose on one set of slides and check on another.
+    sensitivity wins. MODEL_DIR gets a copy of the model with that choice in slide_rule.json, stated in its
+    card (`wsi-screen models --card MODEL_DIR`); screen with `wsi-screen infer SLIDES --model MODEL_DIR`.
+    Choose on one set of slides and check on another.
 
     \b
     Example:

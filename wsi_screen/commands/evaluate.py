@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output, precision_option
+from wsi_screen.commands._options import common_options, configure_output, device_option, precision_option
 from wsi_screen.commands.train import dataset_options, set_threads
 
 
@@ -23,9 +23,10 @@ from wsi_screen.commands.train import dataset_options, set_threads
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=256, show_default=True)
 @dataset_options
 @precision_option("fp32")
+@device_option
 @common_options
 def evaluate(dataset: str, model_dir: str | None, split: str, positive: str | None, out: str, batch_size: int,
-             label_column: str, split_column: str, workers: int, threads: int, precision: str) -> None:
+             label_column: str, split_column: str, workers: int, threads: int, precision: str, device: str) -> None:
     """Score a split of DATASET with a model and write EVAL_DIR.
 
     Decisions use the model's own operating point (the threshold chosen on validation when it was
@@ -50,7 +51,7 @@ def evaluate(dataset: str, model_dir: str | None, split: str, positive: str | No
     from wsi_screen.training.evaluate import evaluate_model
 
     log = logging.getLogger("wsi_screen.training.evaluate")
-    model = load_model(model_dir, precision=precision)
+    model = load_model(model_dir, precision=precision, device=device)
     ctx = click.get_current_context()
     trained_on = model.spec.data.get("label_column")
     if ctx.get_parameter_source("label_column") == click.core.ParameterSource.DEFAULT and trained_on \

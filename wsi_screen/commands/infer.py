@@ -10,10 +10,12 @@ import click
 from wsi_screen.commands._options import (
     common_options,
     configure_output,
+    device_option,
     precision_option,
     slide_mpp_options,
     slide_mpp_table,
     slide_timeout_option,
+    threads_option,
 )
 
 if TYPE_CHECKING:
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
               help="Slide score from patch probabilities: mean, max, topk (mean of the k highest), fraction (share "
                    "above the patch threshold), smoothmax (highest 3x3-neighbourhood mean) or region (area in mm^2 "
                    "of the largest connected region above a patch threshold). Default: the rule calibrated for "
-                   "the model (slide_rule.json in the model folder; see docs/default-model.md).")
+                   "the model (slide_rule.json in the model folder; see docs/default-model.md). --aggregate, "
+                   "--threshold and --k are named as overrides of the model's rule in the report.")
 @click.option("--threshold", type=click.FloatRange(min=0), default=None,
               help="Slide threshold on the aggregated score: a probability, or mm^2 for region (default: "
                    "calibrated for the model and rule).")
@@ -57,13 +60,16 @@ if TYPE_CHECKING:
 @click.option("--dask", type=str, default=None, metavar="ADDRESS",
               help="Screen on a Dask cluster, one task per slide: tcp://HOST:PORT of a running scheduler, or "
                    "local[:N] for N worker processes here (default 2). Every worker must see the slides, the "
-                   "model folder and RUN by the same paths (see docs/cluster.md).")
+                   "model folder and RUN by the same paths (see docs/cluster.md). Needs the dask extra: "
+                   "pip install \"wsi-screen[dask]\".")
+@threads_option
 @precision_option("auto")
+@device_option
 @common_options
 def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | None, threshold: float | None,
           k: float | None, labels: str | None, stores: str | None, batch_size: int, workers: int,
           loader_workers: int, slide_mpp: float | None, slide_mpp_csv: str | None, min_tissue: float, overwrite: bool,
-          slide_timeout: float, dask: str | None, precision: str) -> None:
+          slide_timeout: float, dask: str | None, threads: int, precision: str, device: str) -> None:
     """Screen SLIDES (files or folders) and write the results to RUN.
 
     Each slide is tiled at the model's resolution, patch size and stain (stores are reused when they
@@ -86,23 +92,27 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     if dask is None and not ctx.obj.get("debug"):
         from wsi_screen.slide import isolation
 
-        isolation.start_early()  # the slide reader starts up while this process imports torch and the model
+        # the slide reader starts up (and imports the tiler) while this process imports torch and the model
+        isolation.start_early("wsi_screen.tiling.pipeline")
         ctx.call_on_close(isolation.stop_early)  # unused when the command fails before reading a slide
     from pathlib import Path
 
+    from wsi_screen.commands.train import set_threads
     from wsi_screen.distributed import maybe_connect, parse_address
     from wsi_screen.models import default_model_dir, load_model
     from wsi_screen.screening.run import InferConfig, run_infer
 
+    set_threads(threads)  # a Dask run's workers score with this count too
+
     target = parse_address(dask) if dask is not None else None
     mdir = Path(model_dir) if model_dir else default_model_dir()
-    classifier = load_model(mdir, precision=precision)
+    classifier = load_model(mdir, precision=precision, device=device)
     k_value: int | float | None = None if k is None else (int(k) if k >= 1 else k)
     config = InferConfig(rule=rule, threshold=threshold, k=k_value, stores=stores, batch_size=batch_size,
                          workers=workers, loader_workers=loader_workers, slide_mpp=slide_mpp,
                          slide_mpps=slide_mpp_table(slide_mpp_csv),
                          min_tissue=min_tissue, overwrite=overwrite, slide_timeout=slide_timeout,
-                         labels=labels)
+                         labels=labels, device=device)
     with maybe_connect(target) as runner:
         summary = run_infer(slides, Path(run), classifier, mdir, config, argv=sys.argv[1:],
                             debug=bool(ctx.obj.get("debug")), dask=runner)
@@ -112,6 +122,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
 
 
 def _print_table(summary: RunSummary) -> None:
+    from wsi_screen.errors import in_user_words
     from wsi_screen.screening import runfolder
 
     rows = sorted(summary.rows, key=lambda r: r.name)
@@ -124,7 +135,7 @@ def _print_table(summary: RunSummary) -> None:
         n = str(res.n_patches) if res else "-"
         pad = " " * (width - _display_width(r.name))
         if res is None:
-            click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>6}  error: {r.error}")
+            click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>6}  error: {in_user_words(r.error)}")
             continue
         focus = f"{res.largest_focus_mm:.2f}" if res.largest_focus_mm else "-"
         foci = str(res.n_foci) if res.score is not None else "-"

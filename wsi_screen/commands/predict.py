@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output, precision_option
+from wsi_screen.commands._options import common_options, configure_output, device_option, precision_option
 
 
 @click.command(short_help="Classify image files (patches) with a model.")
@@ -14,14 +14,17 @@ from wsi_screen.commands._options import common_options, configure_output, preci
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image instead of a table.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
 @precision_option("auto")
+@device_option
 @common_options
-def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch_size: int, precision: str) -> None:
+def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch_size: int, precision: str,
+            device: str) -> None:
     """Print the predicted class and class probabilities of each IMAGE.
 
     An IMAGE may be a folder: its image files (jpg, png, tif, bmp, webp) are classified, recursively, in
     name order. Images are resized to the model input (with a warning) when their size differs. The call
     uses the model's operating point: for a binary model, the positive class when its probability is at
-    least the model's threshold.
+    least the model's threshold. The table has one probability column per class (p_CLASS). A file that is
+    not a readable image is one error line; the others are still predicted, and the exit status is 1.
 
     \b
     Examples:
@@ -39,7 +42,7 @@ def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch
     from wsi_screen.models import load_model
     from wsi_screen.training.data import IMAGE_SUFFIXES, read_image
 
-    model = load_model(model_dir, precision=precision)
+    model = load_model(model_dir, precision=precision, device=device)
     spec = model.spec
     paths: list[Path] = []
     for item in map(Path, images):
@@ -51,14 +54,23 @@ def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch
         else:
             paths.append(item)
     domain = model.domain
-    if not as_json:
-        pos = f"p({spec.positive_class})" if spec.positive_class else "p(max)"
+    if not as_json:  # one probability column per class
         extra = ["domain_distance", "in_domain"] if domain is not None else []
-        click.echo("\t".join(["path", "predicted", pos, *[f"p_{c}" for c in spec.classes], *extra]))
-    flagged = 0
+        click.echo("\t".join(["path", "predicted", *[f"p_{c}" for c in spec.classes], *extra]))
+    flagged = unreadable = predicted = 0
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        probs, dist = model.predict_with_domain([read_image(p) for p in chunk])
+        chunk, pixels = [], []
+        for path in paths[start:start + batch_size]:
+            try:  # a file that is not an image is one line; the others are still predicted
+                pixels.append(read_image(path))
+                chunk.append(path)
+            except DatasetError as exc:
+                unreadable += 1
+                logging.getLogger("wsi_screen.predict").error("%s", exc)
+        if not chunk:
+            continue
+        predicted += len(chunk)
+        probs, dist = model.predict_with_domain(pixels)
         calls = model.decide(probs)
         inside = domain.in_domain(dist) if domain is not None and dist is not None else None
         for i, (path, row, call) in enumerate(zip(chunk, probs, calls, strict=True)):
@@ -76,8 +88,10 @@ def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch
                     "threshold": spec.threshold, **where}))
             else:
                 cells = [f"{where['domain_distance']:.4f}", str(where["in_domain"]).lower()] if where else []
-                click.echo("\t".join([str(path), label, f"{score:.4f}", *[f"{float(p):.4f}" for p in row], *cells]))
+                click.echo("\t".join([str(path), label, *[f"{float(p):.4f}" for p in row], *cells]))
     if flagged:
         logging.getLogger("wsi_screen.predict").warning(
             "%d of %d image(s) are out of the model's domain (domain distance above %.3f): unlike its training "
-            "data, so their predictions are unreliable", flagged, len(paths), domain.threshold if domain else 0)
+            "data, so their predictions are unreliable", flagged, predicted, domain.threshold if domain else 0)
+    if unreadable:
+        click.get_current_context().exit(1)

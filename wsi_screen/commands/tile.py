@@ -45,7 +45,8 @@ from wsi_screen.commands._options import (
 @click.option("--dask", type=str, default=None, metavar="ADDRESS",
               help="Tile on a Dask cluster, one task per slide: tcp://HOST:PORT of a running scheduler, or "
                    "local[:N] for N worker processes here (default 2). Every worker must read the slides and "
-                   "write OUT by the same paths (see docs/cluster.md).")
+                   "write OUT by the same paths (see docs/cluster.md). Needs the dask extra: "
+                   "pip install \"wsi-screen[dask]\".")
 @common_options
 def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int, min_tissue: float,
          stain: str, stain_target: str | None, slide_mpp: float | None, slide_mpp_csv: str | None, workers: int,
@@ -78,7 +79,8 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
         from wsi_screen.slide import isolation
 
         # the slide reader starts up (and imports the tiler, and numba's stain loops) while this process does
-        isolation.start_early(*(() if stain == "none" else ("wsi_screen.tiling.stain",)))
+        isolation.start_early("wsi_screen.tiling.pipeline",
+                              *(() if stain == "none" else ("wsi_screen.tiling.stain",)))
         ctx.call_on_close(isolation.stop_early)  # unused when the command fails before reading a slide
     import logging
 

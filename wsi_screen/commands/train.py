@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output
+from wsi_screen.commands._options import common_options, configure_output, device_option, threads_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -23,9 +23,7 @@ def dataset_options(func: F) -> F:
                      help="labels.csv column holding train/valid/test (optional in the file)."),
         click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
                      help="Threads decoding images (and DataLoader workers when streaming from disk)."),
-        click.option("--threads", type=click.IntRange(0, 256), default=0,
-                     help="Torch compute threads. 0 (default): 1 on machines with 2 cores or fewer, where "
-                          "more threads were slower (bench/RESULTS.md), else torch's default (all cores)."),
+        threads_option,
     ]
     for option in reversed(options):
         func = option(func)
@@ -108,6 +106,7 @@ def training_options(func: F) -> F:
         click.option("--compile", "compile_", is_flag=True,
                      help="torch.compile the model (pays off on long runs; needs a C compiler)."),
         click.option("--overwrite", is_flag=True, help="Replace a model already in the output folder."),
+        device_option,
     ]
     func = dataset_options(func)
     for option in reversed(options):
@@ -135,7 +134,7 @@ def config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "flips": params["flips"], "hed_jitter": params["hed_jitter"], "color_jitter": params["color_jitter"],
         "workers": params["workers"], "cache_limit_mb": params["cache_limit"], "compile": params["compile_"],
         "overwrite": params["overwrite"], "recipe": params["recipe"], "folds": params["folds"],
-        "overrides": explicit_options(ctx),
+        "overrides": explicit_options(ctx), "device": params["device"],
     }
 
 
@@ -199,6 +198,8 @@ def train(**params: Any) -> None:
     The whole training state is checkpointed in MODEL_DIR/checkpoint after every epoch: if a run is
     killed, the same command resumes after the last finished epoch (--restart starts over).
 
+    On a CUDA GPU (--device auto finds one) training runs in mixed precision; validation stays float32.
+
     The best epoch on validation is kept; the decision threshold is chosen on validation by
     --threshold-rule; everything that defines the model (architecture, classes, input size, mpp, mean/std,
     stain, threshold, data fingerprint, metrics, resolved options) goes into MODEL_DIR/config.json.
@@ -212,21 +213,31 @@ def train(**params: Any) -> None:
     """
     configure_output()
     set_threads(params["threads"])
+    from wsi_screen.models.device import resolve_device
     from wsi_screen.training.train import TrainConfig
     from wsi_screen.training.train import train as run_training
+
+    resolve_device(params["device"])  # an absent GPU is one line before any data is read
 
     config = TrainConfig(**config_kwargs(params), batch_size=params["batch_size"],
                          optimizer=params["optimizer"], lr=params["lr"], weight_decay=params["weight_decay"],
                          restart=params["restart"])
     result = run_training(params["dataset"], params["out"], config)
-    spec = result.spec
-    m = spec.metrics
-    parts = [f"best epoch {result.best_epoch} of {len(result.history)}",
-             f"valid AUC {_num(m.get('auc'))}", f"balanced accuracy {_num(m.get('balanced_accuracy'))}"]
+    click.echo(f"{result.model_dir}: {', '.join(result_parts(result.spec, result.best_epoch, len(result.history)))}; "
+               f"{result.seconds:.0f} s")
+
+
+def result_parts(spec: Any, best_epoch: int, epochs: int) -> list[str]:
+    """What the training's summary line says: its figures named by what they were measured on (the validation
+    split, or the pooled out-of-fold predictions of a cross-validated training)."""
+    m = spec.metrics or {}
+    on = "out-of-fold" if m.get("cross_validation") else "valid"
+    parts = [f"best epoch {best_epoch} of {epochs}",
+             f"{on} AUC {_num(m.get('auc'))}", f"balanced accuracy {_num(m.get('balanced_accuracy'))}"]
     if spec.threshold is not None:
-        parts.append(f"threshold {spec.threshold:.4f} for {spec.positive_class} (valid sensitivity "
+        parts.append(f"threshold {spec.threshold:.4f} for {spec.positive_class} ({on} sensitivity "
                      f"{_num(m.get('sensitivity'))}, specificity {_num(m.get('specificity'))})")
-    click.echo(f"{result.model_dir}: {', '.join(parts)}; {result.seconds:.0f} s")
+    return parts
 
 
 def _num(value: Any) -> str:

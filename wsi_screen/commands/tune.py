@@ -58,8 +58,11 @@ def tune(**params: Any) -> None:
     """
     configure_output()
     set_threads(params["threads"])
+    from wsi_screen.models.device import resolve_device
     from wsi_screen.training.train import TrainConfig
     from wsi_screen.training.tune import tune as run_search
+
+    resolve_device(params["device"])  # an absent GPU is one line before any data is read
 
     space: dict[str, list[Any]] = {
         "lr": parse_float_list(params["lrs"], "--lr"),

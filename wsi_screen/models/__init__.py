@@ -26,8 +26,9 @@ from wsi_screen.models.checkpoint import (
     resolve_model_dir,
     save_model,
 )
-from wsi_screen.models.classifier import PatchClassifier, resize_uint8
+from wsi_screen.models.classifier import PatchClassifier
 from wsi_screen.models.domain import DomainModel
+from wsi_screen.models.pixels import resize_uint8
 from wsi_screen.models.registry import (
     ArchInfo,
     arch_info,
@@ -87,13 +88,15 @@ def load_model(path: str | os.PathLike[str] | None = None, *,
 
     ``path`` may be the folder, its ``config.json`` or its ``model.safetensors``; ``None`` loads the
     bundled default model. Nothing is unpickled: pickle-based files raise
-    :class:`~wsi_screen.errors.UnsafeFileError`. ``precision``: ``auto`` (bfloat16 where the device computes
-    it natively, else float32), ``fp32`` or ``bf16`` (see :mod:`wsi_screen.models.precision`).
+    :class:`~wsi_screen.errors.UnsafeFileError`. ``device``: ``cpu`` (the default), ``auto``, ``cuda``,
+    ``cuda:N``, ``mps`` or a :class:`torch.device` (see :func:`wsi_screen.models.device.resolve_device`; an absent
+    one raises :class:`~wsi_screen.errors.DeviceError`). ``precision``: ``auto`` (bfloat16 where the device
+    computes it natively, else float32), ``fp32`` or ``bf16`` (see :mod:`wsi_screen.models.precision`).
     """
     if path is None:
         path = default_model_dir()
         if not (path / CONFIG_NAME).exists():
-            raise ModelError(f"the bundled default model is missing ({path}); pass --model MODEL_DIR (a "
+            raise ModelError(f"the bundled default model is missing ({path}); set `model` to a model folder (a "
                              "folder from `wsi-screen train`) or train one into that folder")
     model_dir = resolve_model_dir(Path(path))
     spec = ModelSpec.read(model_dir)

@@ -3,7 +3,7 @@
 ``card.json`` sits beside ``config.json`` (the contract a program needs) and is written for people.
 ``wsi-screen train`` drafts one from what it knows (architecture, classes, resolution, data, validation
 metrics with a 95 % bootstrap CI, operating point) and marks what only the user can say (tissue, stain,
-task, licence of the data) with :data:`TO_COMPLETE`. ``wsi-screen models --card [MODEL_DIR]`` prints it;
+task, licence of the data) with :data:`TO_COMPLETE`. the ``models`` command prints it;
 the report and the notebook show its two-line :func:`summary`.
 """
 
@@ -39,7 +39,10 @@ def draft(spec: ModelSpec, *, auc_ci: tuple[float, float] | None = None) -> dict
             "class_counts": data.get("train_class_counts", {}), "licence": TO_COMPLETE,
         },
         "validation": {
-            "data": "the validation split above (every choice was made on it)", "n": m.get("n"),
+            "data": (f"pooled out-of-fold predictions of {m['cross_validation'].get('folds')}-fold cross-validation "
+                     "(every image scored by the fold model that did not train on it; every choice was made on them)"
+                     if isinstance(m.get("cross_validation"), dict)
+                     else "the validation split above (every choice was made on it)"), "n": m.get("n"),
             "auc": m.get("auc"), "auc_ci95": list(auc_ci) if auc_ci else None,
             "sensitivity": m.get("sensitivity"), "specificity": m.get("specificity"),
         },
@@ -77,7 +80,8 @@ def _pct(value: Any) -> str:
 
 
 def summary(card: dict[str, Any]) -> list[str]:
-    """Two lines: what the model is for and how well it did; the research-use note and its domain."""
+    """Two lines: what the model is for, how well it did and its slide rule (``operating_point.slide_rule``); the
+    research-use note and its domain."""
     use = card.get("intended_use", {})
     val = card.get("validation", {})
     ci = val.get("auc_ci95")
@@ -86,6 +90,9 @@ def summary(card: dict[str, Any]) -> list[str]:
     first = (f"{card.get('name', 'Model')}: {use.get('task', '?')} in {use.get('tissue', '?')}, "
              f"{use.get('stain', '?')}, {use.get('magnification', '?')}"
              + (f" ({mpp:g} um/px)" if isinstance(mpp, (int, float)) else "") + f"; {auc}.")
+    rule = (card.get("operating_point") or {}).get("slide_rule")
+    if rule:
+        first += f" Slide call: {rule}."
     data = card.get("training_data", {}).get("dataset", "?")
     second = (f"{card.get('research_use', RESEARCH_USE)} Trained on {data}; slides unlike that data are flagged "
               "out of domain.")
@@ -93,7 +100,7 @@ def summary(card: dict[str, Any]) -> list[str]:
 
 
 def render(card: dict[str, Any]) -> str:
-    """The card as indented text (``wsi-screen models --card``); fields left to complete are marked."""
+    """The card as indented text (what the ``models`` command prints); fields left to complete are marked."""
     lines: list[str] = []
 
     def walk(value: Any, indent: int, key: str) -> None:

@@ -125,7 +125,7 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
         check_safe(path)
         if path.name != WEIGHTS_NAME or not (path.parent / CONFIG_NAME).exists():
             raise ModelError(f"{path}: a bare weights file has no config.json beside it; load a model folder "
-                             "(from `wsi-screen train`), or use it as --pretrained weights for training")
+                             "(from `wsi-screen train`), or use it as `pretrained` weights for training")
         return path.parent
     if not path.is_dir():
         raise ModelError(f"{path}: no such model folder")

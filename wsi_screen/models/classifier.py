@@ -3,73 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from wsi_screen.decision import decide
 from wsi_screen.errors import ModelError
+from wsi_screen.metrics import decide
+from wsi_screen.models.device import resolve_device
 from wsi_screen.models.domain import DomainModel, feature_tap, joined
+from wsi_screen.models.pixels import ImageBatch, as_uint8_batch, normalise, numpy_to_tensor, resize_uint8, to_unit_float
 from wsi_screen.models.precision import DOMAIN_REFINE_BAND, REFINE_BAND, autocast, resolve
 from wsi_screen.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-ImageBatch = np.ndarray | torch.Tensor | Sequence[Any]
-
-
-def resize_uint8(batch: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a uint8 NHWC batch to ``size`` x ``size`` (bilinear, antialiased): the one resize used."""
-    if batch.shape[1] == size and batch.shape[2] == size:
-        return batch
-    x = batch.permute(0, 3, 1, 2).float()
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                        align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def to_unit_float(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
-    return batch.permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def normalise(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """float [0, 1] NCHW -> ``(x - mean) / std``, channels-last (the one normalisation, train and inference)."""
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-
-
-def numpy_to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """``torch.from_numpy`` that copies read-only or non-contiguous arrays instead of warning."""
-    if not arr.flags.writeable or not arr.flags.c_contiguous:
-        arr = np.array(arr, order="C", copy=True)
-    return torch.from_numpy(arr)
-
-
-def as_uint8_batch(images: ImageBatch) -> list[np.ndarray] | np.ndarray:
-    """Normalise the accepted image inputs to a uint8 NHWC array or a list of HWC uint8 arrays."""
-    if isinstance(images, torch.Tensor):
-        images = images.cpu().numpy()
-    if isinstance(images, np.ndarray):
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ModelError(f"expected RGB images shaped (N, H, W, 3), got an array of shape {images.shape}")
-        if images.dtype != np.uint8:
-            raise ModelError(f"expected uint8 RGB images, got dtype {images.dtype}")
-        return images
-    out = []
-    for i, item in enumerate(images):
-        if hasattr(item, "convert"):  # PIL image
-            item = np.asarray(item.convert("RGB"))
-        arr = np.asarray(item)
-        if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-            raise ModelError(f"image {i}: expected a uint8 RGB array (H, W, 3) or PIL image, got "
-                             f"{arr.dtype} {arr.shape}")
-        out.append(arr)
-    return out
 
 
 class PatchClassifier:
@@ -89,7 +36,7 @@ class PatchClassifier:
         self.spec = spec
         #: how far inputs are from the training data (see :mod:`wsi_screen.models.domain`); None if not fitted
         self.domain = domain
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         #: ``fp32`` or ``bf16``: what the forward pass computes in
         self.precision = resolve(precision, self.device)
         #: probabilities (of the positive class) that decide something: in ``bf16``, scores near them are
@@ -109,8 +56,9 @@ class PatchClassifier:
         return self.spec.classes
 
     def to(self, device: str | torch.device) -> PatchClassifier:
-        """Move the model to another device (returns self)."""
-        self.device = torch.device(device)
+        """Move the model to another device (``cpu``, ``auto``, ``cuda``, ``cuda:N``, ``mps`` or a
+        :class:`torch.device`; returns self)."""
+        self.device = resolve_device(device)
         self.module.to(self.device)
         self._mean, self._std = self._mean.to(self.device), self._std.to(self.device)
         return self
@@ -176,7 +124,7 @@ class PatchClassifier:
         near = np.zeros(len(probs), dtype=bool)
         index = self.spec.positive_index
         if index is not None and self.decision_thresholds:
-            p = probs[:, index].numpy()
+            p = probs[:, index].cpu().numpy()
             for t in self.decision_thresholds:
                 near |= np.abs(p - t) < REFINE_BAND
         if distance is not None and self.domain is not None:

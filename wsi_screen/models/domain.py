@@ -116,14 +116,15 @@ def joined(captured: dict[str, list[torch.Tensor]]) -> Features:
 def collect_features(module: nn.Module, batches: Iterable[torch.Tensor | np.ndarray],
                      mean: torch.Tensor, std: torch.Tensor) -> Features:
     """Both views (see :func:`feature_tap`) of uint8 NHWC ``batches`` at the model's input size, normalised
-    with ``mean``/``std`` (1, 3, 1, 1) as in training and inference."""
-    from wsi_screen.models.classifier import normalise, to_unit_float
+    with ``mean``/``std`` (1, 3, 1, 1) as in training and inference. The batches run on the device of ``mean``
+    (the model's); the features come back on the CPU."""
+    from wsi_screen.models.pixels import normalise, to_unit_float
 
     module.eval()
     with torch.inference_mode(), feature_tap(module) as captured:
         for batch in batches:
-            module(normalise(to_unit_float(torch.as_tensor(batch)), mean, std))
-    return joined(captured)
+            module(normalise(to_unit_float(torch.as_tensor(batch).to(mean.device)), mean, std))
+    return {k: v.cpu() for k, v in joined(captured).items()}
 
 
 @dataclass(frozen=True)

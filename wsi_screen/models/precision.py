@@ -6,9 +6,12 @@ AVX512-BF16 (Intel Sapphire Rapids and later, AMD Zen 4 and later) oneDNN runs i
 on other CPUs bfloat16 is emulated and slower, so ``auto`` picks it only where it is native (and on CUDA GPUs
 that support it). Scores within :data:`REFINE_BAND` of a decision threshold are rescored in float32
 (:meth:`~wsi_screen.models.classifier.PatchClassifier.score_tensor`), so decisions at those thresholds are
-float32's. Measured on the bundled model in docs/default-model.md and bench/RESULTS.md. Training and its
-validation always run in float32; this is a setting of scoring only (``infer``, ``predict``, ``evaluate``, the
-Python API).
+float32's. Measured on the bundled model in docs/default-model.md and bench/RESULTS.md. This is a setting of
+scoring (``infer``, ``predict``, ``evaluate``, the Python API).
+
+Training on a CPU runs in float32. Training on a CUDA GPU runs its forward pass and loss in mixed precision
+(:func:`training_dtype`: bfloat16 where the GPU supports it, else float16 with a gradient scaler); its
+validation, and so the best epoch and the threshold, stay float32.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from wsi_screen.errors import ModelError
 
-#: the choices of ``--precision``
+#: the choices of ``precision``
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 #: in bf16, a probability this close to a decision threshold is rescored in float32 (bfloat16 moved the bundled
 #: model's PCam valid probabilities by 0.0203 at most, 0.0016 on average: a margin of 1.5x the largest)
@@ -61,3 +64,16 @@ def autocast(precision: str, device: torch.device) -> Iterator[None]:
         return
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
         yield
+
+
+def training_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast type of training's forward pass on ``device``: None (float32) off CUDA; on a CUDA GPU
+    bfloat16 where it computes it (Ampere and later), else float16 (which needs a gradient scaler)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: how provenance names an autocast type (None: float32)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))

@@ -49,7 +49,7 @@ def check_arch(name: str) -> str:
     if name in OWN_MODELS or timm.is_model(name):
         return name
     close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; `wsi-screen models --all` lists them"
+    hint = f"; did you mean {', '.join(close)}?" if close else "; list_models() lists them"
     raise UnknownModelError(f"unknown architecture {name!r}{hint}")
 
 
@@ -60,8 +60,8 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """
     check_arch(name)
     if kwargs.pop("pretrained", False):
-        raise ModelError("pretrained weights are never downloaded; pass a local weights file instead "
-                         "(wsi-screen train --pretrained FILE)")
+        raise ModelError("pretrained weights are never downloaded; give a local weights file as `pretrained` "
+                         "instead")
     try:
         model: nn.Module = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as exc:

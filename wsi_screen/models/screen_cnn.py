@@ -119,7 +119,7 @@ def screen_cnn32(pretrained: bool = False, **kwargs: Any) -> ScreenCNN:
     """The seed's 32x32 screening CNN (2,534,402 parameters with two classes)."""
     if pretrained:
         raise ModelError("screen_cnn32 has no downloadable weights; train one with `wsi-screen train` or "
-                         "load a local file with --pretrained")
+                         "load a local file as `pretrained`")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only"):
         if kwargs.pop(key, None):
             raise ModelError(f"screen_cnn32 does not support timm's {key}")

@@ -71,7 +71,7 @@ class ModelSpec:
     data: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    #: number of member models whose probabilities are averaged (``train --folds K`` delivers K)
+    #: number of member models whose probabilities are averaged (K-fold cross-validated training delivers K)
     ensemble: int = 1
     package_version: str = field(default_factory=_package_version)
     created: str = field(default_factory=_now)

@@ -39,7 +39,7 @@ import numpy as np
 
 from wsi_screen.errors import ConfigError
 from wsi_screen.screening import spatial
-from wsi_screen.screening.spatial import PatchGrid, size_class
+from wsi_screen.screening.spatial import ScoreGrid, size_class
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,31 @@ def rule_label(rule: str | None, k: int | float | None = None) -> str:
     return f"{rule} (k = {k:g})" if rule == "topk" and k is not None else str(rule)
 
 
+def describe(config: AggregateConfig, positive_class: str, *, patch_area_mm2: float | None = None) -> str:
+    """The slide rule as a sentence for people (a model card's ``operating_point.slide_rule``), e.g. ``largest
+    connected region of patches with P(tumour) >= 0.8 of at least 0.0479 mm^2 (6 patches) -> tumour``."""
+    p = f"P({positive_class})"
+    t = f"{config.slide_threshold:.3g}"
+    if config.rule == "region":
+        patches = (f" ({math.ceil(round(config.slide_threshold / patch_area_mm2, 9))} patches)"
+                   if patch_area_mm2 and config.slide_threshold > 0 else "")
+        what = (f"largest connected region of patches with {p} >= {config.region_threshold:.3g} of at least "
+                f"{t} mm^2{patches}")
+    elif config.rule == "smoothmax":
+        side = 2 * config.radius + 1
+        what = f"highest mean {p} over a {side} x {side} patch neighbourhood >= {t}"
+    elif config.rule == "max":
+        what = f"highest patch {p} >= {t}"
+    elif config.rule == "mean":
+        what = f"mean {p} over all patches >= {t}"
+    elif config.rule == "topk":
+        top = f"{config.k:g} highest" if config.k >= 1 else f"highest {config.k:.0%} of"
+        what = f"mean {p} of the {top} patches >= {t}"
+    else:  # fraction
+        what = f"share of patches with {p} >= {config.patch_threshold:.3g} of at least {t}"
+    return f"{what} -> {positive_class}"
+
+
 def _check_rule(rule: str) -> None:
     if rule not in RULES:
         raise ConfigError(f"unknown aggregation rule {rule!r}; choose one of {', '.join(RULES)}")
@@ -164,7 +189,7 @@ def top_k_count(n: int, k: int | float) -> int:
 
 
 def slide_score(probs: np.ndarray | Sequence[float], rule: str, *, k: int | float = 5,
-                patch_threshold: float = 0.5, grid: PatchGrid | None = None, radius: int = 1,
+                patch_threshold: float = 0.5, grid: ScoreGrid | None = None, radius: int = 1,
                 region_threshold: float = 0.5) -> float:
     """A slide's score from its patches' positive-class probabilities (see the module docstring).
 
@@ -213,7 +238,7 @@ def top_indices(probs: np.ndarray, n: int = N_TOP) -> list[int]:
     return [int(i) for i in cand[order][:n]]
 
 
-def foci(grid: PatchGrid, config: AggregateConfig) -> list[spatial.Region]:
+def foci(grid: ScoreGrid, config: AggregateConfig) -> list[spatial.Region]:
     """A positive slide's foci: regions at ``region_threshold`` of >= ``min_focus_patches`` patches, and
     always the largest region."""
     found = spatial.regions(grid, config.region_threshold)
@@ -221,7 +246,7 @@ def foci(grid: PatchGrid, config: AggregateConfig) -> list[spatial.Region]:
 
 
 def diagnose(probs: np.ndarray | Sequence[float], config: AggregateConfig, *, positive: str,
-             negative: str, grid: PatchGrid | None = None) -> SlideResult:
+             negative: str, grid: ScoreGrid | None = None) -> SlideResult:
     """Score a slide by ``config.rule``; call it ``positive`` (score >= slide threshold) or ``negative``.
 
     With ``grid`` (the patches on their grid, :func:`wsi_screen.screening.spatial.patch_grid`) a positive call also

@@ -24,7 +24,7 @@ import numpy as np
 from wsi_screen.errors import ConfigError
 from wsi_screen.metrics import ThresholdRule, bootstrap_auc, choose_threshold, rates_at, wilson
 from wsi_screen.screening.aggregate import AggregateConfig, slide_score
-from wsi_screen.screening.spatial import PatchGrid, regions
+from wsi_screen.screening.spatial import ScoreGrid, regions
 
 TOPK = (1, 3, 5, 10, 20, 40)
 RADII = (1, 2)
@@ -54,14 +54,14 @@ def candidates() -> list[Candidate]:
     return out
 
 
-def candidate_scores(grid: PatchGrid, patch_threshold: float) -> dict[str, float]:
+def candidate_scores(grid: ScoreGrid, patch_threshold: float) -> dict[str, float]:
     """Every candidate's score of one slide (its probabilities on their grid)."""
     p = grid.probs[~np.isnan(grid.probs)]
     return {c.name: slide_score(p, c.rule, k=c.k, patch_threshold=patch_threshold, grid=grid, radius=c.radius,
                                 region_threshold=c.region_threshold) for c in candidates()}
 
 
-def largest_region(grid: PatchGrid, threshold: float) -> int:
+def largest_region(grid: ScoreGrid, threshold: float) -> int:
     found = regions(grid, threshold)
     return found[0].n_patches if found else 0
 
@@ -176,7 +176,7 @@ class LabelledSlide:
     size_class: str = ""
 
 
-def labelled_slide(name: str, grid: PatchGrid, positive: bool, patch_threshold: float,
+def labelled_slide(name: str, grid: ScoreGrid, positive: bool, patch_threshold: float,
                    size_class: str = "") -> LabelledSlide:
     return LabelledSlide(name=name, positive=positive, n_patches=int(grid.tissue.sum()),
                          scores=candidate_scores(grid, patch_threshold),

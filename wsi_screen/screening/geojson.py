@@ -8,7 +8,7 @@ Each feature is ``{"type": "Feature", "geometry": Polygon, "properties": {...}}`
 * ``properties.objectType``: ``"tile"`` (QuPath also knows ``"detection"`` and ``"annotation"``);
 * ``properties.classification``: ``{"name": predicted class, "color": [r, g, b]}`` (QuPath 0.4+), plus the
   older packed ``colorRGB`` integer for QuPath 0.2/0.3. The predicted class is the model's own decision
-  (:func:`wsi_screen.decision.decide`: its positive class at or above its threshold), the same
+  (:func:`wsi_screen.metrics.decide`: its positive class at or above its threshold), the same
   operating point as ``predict``, ``evaluate``, the heatmap contour and the report;
 * ``properties.measurements``: ``{class name: probability}`` for every class (QuPath 0.4+ reads a dict);
 * ``properties.name`` (``"tile <i>"``) and ``properties.index`` (``i``, the patch's row in the store).
@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from wsi_screen._safe_write import atomic_write_text
-from wsi_screen.decision import decide
 from wsi_screen.errors import ConfigError, DatasetError
+from wsi_screen.metrics import decide
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What a run writes, slide by slide and for the whole run: ``RUN/<slide>/`` (scores.csv, heatmap.png,
 patches.geojson, slide.json, in one atomic step), the slide call re-aggregated from scores, ``results.csv``,
-``run.json`` and, with ``--labels``, the slide-level metrics and ROC. :mod:`wsi_screen.screening.run` decides
+``run.json`` and, with slide labels, the slide-level metrics and ROC. :mod:`wsi_screen.screening.run` decides
 what to do with each slide; this module writes what came of it (formats: :mod:`~wsi_screen.screening.runfolder`).
 """
 
@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from wsi_screen import __version__
 from wsi_screen._safe_write import atomic_write_text
-from wsi_screen.errors import ConfigError, WsiScreenError
+from wsi_screen.errors import ConfigError, WsiScreenError, in_user_words
 from wsi_screen.metrics import RocCurve, binary_view, plot_roc
 from wsi_screen.models import PatchClassifier
 from wsi_screen.screening import runfolder
@@ -35,17 +35,11 @@ from wsi_screen.screening.aggregate import (
     diagnose,
 )
 from wsi_screen.screening.runfolder import SlideFolder, SlideScores
-from wsi_screen.screening.spatial import PatchGrid, patch_grid
+from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 from wsi_screen.slide.slide import slide_name
-from wsi_screen.tables import first_rows, read_table
+from wsi_screen.slide.tables import first_rows, read_table
 from wsi_screen.tiling.pipeline import TileConfig
 from wsi_screen.tiling.store import PatchStore
-
-if TYPE_CHECKING:
-    pass
-
-if TYPE_CHECKING:
-    from wsi_screen.screening.run import InferConfig
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +199,7 @@ def _refresh_heatmap(run: Path, row: SlideRow, scores: SlideScores, pos: int, sp
         log.warning("%s: heatmap not redrawn for the new rule: %s", row.name, exc)
 
 
-def slide_grid(done: dict[str, Any], coords: np.ndarray, probs: np.ndarray) -> PatchGrid | None:
+def slide_grid(done: dict[str, Any], coords: np.ndarray, probs: np.ndarray) -> ScoreGrid | None:
     """The slide's patch probabilities on their grid (stride and level-0 mpp from its slide.json ``done``)."""
     try:
         stride = int(done.get("stride_l0") or done["tile_size_l0"])
@@ -238,17 +232,18 @@ def write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, m
             "out_of_domain": str(r.extra["out_of_domain"]).lower() if "out_of_domain" in r.extra else "",
             "top_x": r.top[0] if r.top else "", "top_y": r.top[1] if r.top else "",
             "top_score": f"{r.top[2]:.6f}" if r.top else "", "model": model_id["arch"],
-            "label": r.label, "error": r.error, "source": r.source,
+            "label": r.label, "error": in_user_words(r.error), "source": r.source,
             "store": runfolder.portable_path(r.store, run) if r.store else "",
         })
     atomic_write_text(run / runfolder.RESULTS_CSV, runfolder.csv_text(table, runfolder.RESULT_COLUMNS))
 
 
 def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, model_id: dict[str, Any],
-                    tile_cfg: TileConfig, config: InferConfig, argv: Sequence[str], started: datetime,
+                    tile_cfg: TileConfig, settings: dict[str, Any], argv: Sequence[str], started: datetime,
                     seconds: float, stages: dict[str, float | None] | None = None) -> None:
     """``RUN/run.json``: the provenance of the run and where its time went (``stages`` of the whole run;
-    each slide's ``seconds`` by stage: open, tile, score, outputs, or reuse_check for a slide reused)."""
+    each slide's ``seconds`` by stage: open, tile, score, outputs, or reuse_check for a slide reused;
+    ``settings``: the run's, as :meth:`wsi_screen.screening.run.InferConfig.to_json` gives them)."""
     import torch
 
     runfolder.write_json(run / runfolder.RUN_JSON, {
@@ -262,16 +257,16 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
         "tiling": {"mpp": tile_cfg.spec.mpp, "patch_size": tile_cfg.spec.size_px,
                    "min_tissue": tile_cfg.spec.min_tissue, "stain": tile_cfg.stain,
                    "stain_target": tile_cfg.stain_target, "tissue": tile_cfg.tissue.to_json()},
-        "settings": {"batch_size": config.batch_size, "workers": config.workers,
-                     "loader_workers": config.loader_workers, "stores": config.stores,
-                     "slide_mpp": config.slide_mpp, "slide_mpp_csv": dict(config.slide_mpps),
-                     "labels": config.labels},
+        "settings": settings,
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
-                        "torch": torch.__version__, "numpy": np.__version__},
-        "slides": [{"slide": r.name, "status": r.status, "error": r.error, "mpp": r.extra.get("slide_mpp"),
-                    "mpp_source": r.extra.get("mpp_source"), "reused": bool(r.extra.get("reused")),
+                        "torch": torch.__version__, "numpy": np.__version__,
+                        "torch_threads": torch.get_num_threads()},
+        "slides": [{"slide": r.name, "status": r.status, "error": in_user_words(r.error),
+                    "mpp": r.extra.get("slide_mpp"), "mpp_source": r.extra.get("mpp_source"),
+                    "reused": bool(r.extra.get("reused")),
                     "in_domain_fraction": r.extra.get("in_domain_fraction"),
-                    "out_of_domain": r.extra.get("out_of_domain"), "seconds": r.extra.get("seconds")}
+                    "out_of_domain": r.extra.get("out_of_domain"), "seconds": r.extra.get("seconds"),
+                    **({"device": r.extra["device"]} if "device" in r.extra else {})}
                    for r in sorted(rows, key=lambda r: r.name)],
     })
 
@@ -284,7 +279,7 @@ LABEL_NEGATIVE = {"0", "false", "no", "negative", "neg", "normal", "benign"}
 
 def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
     """``slides.csv`` (columns ``slide``, ``label``) -> {slide name: "positive" | "negative"}."""
-    rows = read_table(path, ("slide", "label"), "--labels")
+    rows = read_table(path, ("slide", "label"), "`labels`")
     spec = classifier.spec
     positive = {str(spec.positive_class).lower()} | LABEL_POSITIVE
     negative = {c.lower() for c in spec.classes if c != spec.positive_class} | LABEL_NEGATIVE
@@ -313,7 +308,7 @@ def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
     no labelled slide was scored."""
     scored = [r for r in rows if r.label and r.result is not None and r.result.score is not None]
     if not scored:
-        log.warning("--labels: no labelled slide was scored in this run, so there are no slide metrics (the labels' "
+        log.warning("`labels`: no labelled slide was scored in this run, so there are no slide metrics (the labels' "
                     "slide column must hold the slide names of results.csv)")
         (run / runfolder.SLIDE_METRICS_JSON).unlink(missing_ok=True)  # an earlier run's would look current
         return None

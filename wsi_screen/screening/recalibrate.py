@@ -3,7 +3,9 @@
 Reads a run folder made by ``wsi-screen infer`` (its results.csv, and each slide's scores.csv and
 slide.json), the slide labels, chooses the rule and threshold exactly as the bundled model's were chosen
 (:func:`wsi_screen.screening.calibration.calibrate`), and writes a copy of the run's model folder whose
-``slide_rule.json`` holds the choice, so ``infer --model COPY`` uses it.
+``slide_rule.json`` holds the choice, so screening with the copy as its model uses it; the copy's ``card.json``
+states it (``operating_point.slide_rule``), so the copy's model card and the report's card box say what the copy
+does.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from wsi_screen._safe_write import atomic_write_text, fsync_tree, swap_in, write
 from wsi_screen.errors import ConfigError, RunError
 from wsi_screen.metrics import wilson
 from wsi_screen.models import PatchClassifier, load_model
+from wsi_screen.models.card import CARD_NAME, read_card
+from wsi_screen.models.spec import ModelSpec
 from wsi_screen.screening import calibration, runfolder
-from wsi_screen.screening.aggregate import AggregateConfig
+from wsi_screen.screening.aggregate import AggregateConfig, describe
 from wsi_screen.screening.outputs import read_labels, slide_grid
 from wsi_screen.screening.run import SLIDE_RULE_JSON
 
@@ -61,10 +65,25 @@ def _run_model_dir(run: Path) -> Path:
         info = runfolder.read_json(run / runfolder.RUN_JSON)
         path = Path(info["model"]["path"])
     except (KeyError, TypeError) as exc:
-        raise RunError(f"{run}: run.json does not name the run's model; pass --model") from exc
+        raise RunError(f"{run}: run.json does not name the run's model; set `model`") from exc
     if not path.is_absolute() and not path.exists():
         path = run / path
     return path
+
+
+def _restate_card(model_dir: Path, spec: ModelSpec, config: AggregateConfig, calibrated_on: dict[str, Any]) -> None:
+    """The copy's card states the calibrated rule and threshold (``operating_point``), not its source's."""
+    card = read_card(model_dir)
+    if card is None:  # a model without a card: `models --card` says so, slide_rule.json holds the rule
+        return
+    patch_mm = (spec.mpp * spec.input_size / 1000.0) if spec.mpp and spec.input_size else None
+    point = card.setdefault("operating_point", {})
+    point["slide_rule"] = describe(config, str(spec.positive_class),
+                                   patch_area_mm2=patch_mm * patch_mm if patch_mm else None)
+    point["slide_threshold"] = config.slide_threshold
+    point["slide_rule_calibrated_on"] = (f"{calibrated_on['n_slides']} labelled slides ({calibrated_on['n_positive']} "
+                                         f"positive) of the run {calibrated_on['run']}")
+    atomic_write_text(model_dir / CARD_NAME, json.dumps(card, indent=2, allow_nan=False, default=str) + "\n")
 
 
 def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: str | Path | None = None,
@@ -105,7 +124,7 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
     dest = Path(out)
     if dest.exists():
         if not overwrite:
-            raise ConfigError(f"{dest} already exists; pass --overwrite or choose another folder")
+            raise ConfigError(f"{dest} already exists; set `overwrite` or choose another folder")
         if dest.resolve() == source.resolve():
             raise ConfigError(f"{dest} is the run's own model folder; write the calibrated copy elsewhere")
     tmp = dest.with_name(f".{dest.name}.partial")
@@ -113,6 +132,7 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("checkpoint", ".*"))
         atomic_write_text(tmp / SLIDE_RULE_JSON, json.dumps(doc, indent=2) + "\n")
+        _restate_card(tmp, spec, config, doc["calibrated_on"])
         fsync_tree(tmp)
         swap_in(tmp, dest)
     except OSError as exc:

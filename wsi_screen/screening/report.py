@@ -88,9 +88,16 @@ def _region_unit(agg: dict[str, Any]) -> str:
     return f" mm&sup2; (largest region at p &ge; {_html(_num(agg.get('region_threshold')))})"
 
 
+def _overrides(info: dict[str, Any]) -> str:
+    """The slide-rule settings given on `infer`'s command line, named as overrides of the model's own rule."""
+    given = (info.get("settings") or {}).get("overrides") or {}
+    flags = " ".join(f"--{k} {v:g}" if isinstance(v, float) else f"--{k} {v}" for k, v in given.items())
+    return f" <b>(override: {_html(flags)}; not the model's calibrated rule)</b>" if flags else ""
+
+
 def _model_card(model: dict[str, Any]) -> str:
     """The model card's two-line summary and what the table's columns mean."""
-    lines = model.get("card") or [f"Model {model.get('arch')}: no model card (see `wsi-screen models --card`).",
+    lines = model.get("card") or [f"Model {model.get('arch')}: no model card (wsi_screen.models.card writes one).",
                                   "Research use only, not for diagnosis."]
     return (f'<div class="modelcard"><p>{"<br>".join(_html(line) for line in lines)}</p>'
             '<p class="muted"><b>diagnosis</b> is the model\'s slide call from its patch scores (the rule below), '
@@ -186,7 +193,7 @@ def render_report(run: str | Path) -> str:
         f'{_html(model.get("input_size"))} px) '
         f'&middot; slide call: {_html(rule_label(agg.get("rule"), agg.get("k")))} score &ge; '
         f'{_html(_num(agg.get("slide_threshold")))}'
-        f'{_region_unit(agg)} '
+        f'{_region_unit(agg)}{_overrides(info)} '
         f'&middot; patch threshold {_html(_num(agg.get("patch_threshold")))}</p>',
         _model_card(model),
         f'<div class="cards">{cards}</div>',

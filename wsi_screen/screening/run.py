@@ -3,7 +3,7 @@
 Per slide: tile at the model's mpp, patch size and stain (reusing the tiler and any matching store), score
 every patch, write ``RUN/<slide>/`` (scores, heatmap, GeoJSON, slide.json) atomically, then aggregate.
 Slides already scored with the same model and store are reused on a rerun; aggregation is recomputed from
-their scores, so changing ``--aggregate`` or ``--threshold`` costs nothing. A failing slide becomes a row with
+their scores, so changing the slide rule or its threshold costs nothing. A failing slide becomes a row with
 ``status=error`` and its reason, and the run goes on.
 
 The slide-level rule and threshold come from the model folder's ``slide_rule.json`` (chosen on labelled
@@ -28,8 +28,9 @@ from wsi_screen._safe_write import write_failed
 from wsi_screen.errors import ModelError, RunError, WsiScreenError
 from wsi_screen.models import PatchClassifier
 from wsi_screen.models.card import read_card, summary
+from wsi_screen.models.device import device_info
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
-from wsi_screen.screening import runfolder
+from wsi_screen.screening import runfolder, startup
 from wsi_screen.screening.aggregate import (
     STATUS_ERROR,
     AggregateConfig,
@@ -47,7 +48,7 @@ from wsi_screen.screening.outputs import (
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover
 from wsi_screen.slide.slide import slide_name, warn_unmatched_mpp
-from wsi_screen.tables import few
+from wsi_screen.slide.tables import few
 from wsi_screen.tiling.grid import TileSpec
 from wsi_screen.tiling.pipeline import TileConfig, failure_message, tile_isolated
 from wsi_screen.tiling.store import PatchStore
@@ -78,6 +79,18 @@ class InferConfig:
     overwrite: bool = False
     slide_timeout: float = isolation.DEFAULT_TIMEOUT
     labels: str | None = None
+    #: the device Dask workers score on (auto/cuda: each its own GPU, see wsi_screen.distributed); a local run
+    #: scores on the classifier's
+    device: str = "auto"
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings ``run.json`` records."""
+        return {"batch_size": self.batch_size, "workers": self.workers, "loader_workers": self.loader_workers,
+                "stores": self.stores, "slide_mpp": self.slide_mpp, "slide_mpp_csv": dict(self.slide_mpps),
+                "labels": self.labels, "device": self.device,
+                # the slide rule's settings given explicitly (the report names them as overrides)
+                "overrides": {k: v for k, v in (("aggregate", self.rule), ("threshold", self.threshold),
+                                                ("k", self.k)) if v is not None}}
 
 
 @dataclass(frozen=True)
@@ -116,14 +129,14 @@ def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, An
     return {"path": str(model_dir), "sha256": h.hexdigest(), "arch": spec.arch, "classes": spec.classes,
             "positive_class": spec.positive_class, "mpp": spec.mpp, "input_size": spec.input_size,
             "stain_method": spec.stain_method, "patch_threshold": spec.threshold,
-            "numeric_precision": classifier.precision,
+            "numeric_precision": classifier.precision, "device": device_info(classifier.device),
             "domain_sha256": domain.hexdigest() if classifier.domain is not None else None,
             "domain_threshold": classifier.domain.threshold if classifier.domain is not None else None,
             "card": summary(card) if card else None}
 
 
 def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: InferConfig) -> AggregateConfig:
-    """The slide rule: calibrated in the model folder, overridden by --aggregate/--threshold/--k."""
+    """The slide rule: calibrated in the model folder, overridden by ``config.rule``, ``threshold`` and ``k``."""
     spec = classifier.spec
     patch_threshold = spec.threshold if spec.threshold is not None else 0.5
     base = replace(FALLBACK_RULE, patch_threshold=patch_threshold)
@@ -161,14 +174,12 @@ def tile_config_for(classifier: PatchClassifier, config: InferConfig) -> TileCon
     spec = classifier.spec
     if spec.mpp is None:
         raise ModelError(f"model {spec.arch} does not record the mpp of its training patches; retrain it "
-                         "with `wsi-screen train --mpp X`")
+                         "with their `mpp` set")
     if spec.positive_class is None or len(spec.classes) != 2:
         raise ModelError(f"screening needs a binary model with a positive class; this one has classes "
                          f"{spec.classes} and positive class {spec.positive_class!r}")
     return TileConfig(spec=TileSpec(mpp=spec.mpp, size_px=spec.input_size, min_tissue=config.min_tissue),
-                      finer_hint=("the model works at {target_mpp:g} um/px: screen this slide with a model trained "
-                                  "at {slide_mpp:.4g} um/px or coarser, or use a higher-resolution scan (if the "
-                                  "declared resolution is wrong, set it with --slide-mpp-csv)"),
+                      model_mpp=True,
                       stain=spec.stain_method, stain_target=spec.stain_target, slide_mpp=config.slide_mpp,
                       slide_mpps=config.slide_mpps, slide_timeout=config.slide_timeout,
                       workers=config.workers, overwrite=config.overwrite)
@@ -187,30 +198,29 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     run = Path(run)
-    sources, problems = discover(slides)
-    if not sources:  # nothing to screen: say why, and leave no run folder behind
-        raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
-                       if problems else "no slides to screen")
-    tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
-    warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
-    aggregate = resolve_aggregate(model_dir, classifier, config)
-    if config.stores is None:  # the run's own stores: follow the settings
-        tile_cfg = replace(tile_cfg, retile_mismatched=True)
-    else:
-        tile_cfg = replace(tile_cfg, mismatch_hint=(
-            "infer does not replace stores it did not make: re-tile this slide with `wsi-screen tile "
-            "SLIDE -o STORES --overwrite` and the model's settings, or leave out --stores"))
-    model_id = model_identity(model_dir, classifier)
-    stores_dir = config.stores or str(run / runfolder.STORES_DIR)
-    labels = read_labels(Path(config.labels), classifier) if config.labels else {}
-    try:  # after every check of the settings: a refused run leaves nothing behind
-        run.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
+    with runlog.held():  # library warnings of discovery (DICOM headers) wait for the run log
+        sources, problems = discover(slides)
+        if not sources:  # nothing to screen: say why, and leave no run folder behind
+            raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
+                           if problems else "no slides to screen")
+        tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
+        warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
+        aggregate = resolve_aggregate(model_dir, classifier, config)
+        if config.stores is None:  # the run's own stores: follow the settings
+            tile_cfg = replace(tile_cfg, retile_mismatched=True)
+        else:
+            tile_cfg = replace(tile_cfg, foreign_stores=True)
+        model_id = model_identity(model_dir, classifier)
+        stores_dir = config.stores or str(run / runfolder.STORES_DIR)
+        labels = read_labels(Path(config.labels), classifier) if config.labels else {}
+        try:  # after every check of the settings: a refused run leaves nothing behind
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
 
-    with runlog.run_log(run):
-        return _run_in_folder(run, sources, problems, classifier, model_dir, config, aggregate, tile_cfg, model_id,
-                              stores_dir, labels, argv=argv, debug=debug, dask=dask, started=started, t0=t0)
+        with runlog.run_log(run):
+            return _run_in_folder(run, sources, problems, classifier, model_dir, config, aggregate, tile_cfg, model_id,
+                                  stores_dir, labels, argv=argv, debug=debug, dask=dask, started=started, t0=t0)
 
 
 def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence[Any], classifier: PatchClassifier,
@@ -223,11 +233,13 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     for row in rows:
         log.error("%s", row.error)
     job = SlideJob(run=run, stores=stores_dir, tile=tile_cfg, model_id=model_id, batch_size=config.batch_size,
-                   workers=config.workers, loader_workers=config.loader_workers, debug=debug, aggregate=aggregate)
+                   workers=config.workers, loader_workers=config.loader_workers, debug=debug, aggregate=aggregate,
+                   device=config.device)
     if dask is not None:
         rows.extend(_screen_on_dask(dask, sources, job, model_dir))
     else:
-        with isolation.slide_calls(tile_cfg.slide_timeout, isolate=not debug) as call, \
+        tiler = (tile_isolated.__module__,)  # what a new slide reader imports first
+        with isolation.slide_calls(tile_cfg.slide_timeout, isolate=not debug, preload=tiler) as call, \
                 progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
             for source in sources:
                 rows.append(screen_slide(source, job, classifier, call=call))
@@ -246,9 +258,10 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
     write_results(run, rows, aggregate, model_id)
     warn_earlier_slides(run, rows)
-    stages = {"start_up": process_age(t0), "slides": screened - t0, "run_outputs": time.perf_counter() - screened}
-    write_run_json(run, rows, aggregate, model_id, tile_cfg, config, argv, started, time.perf_counter() - t0,
-                   stages)
+    stages = {"start_up": startup.seconds_until(t0), "slides": screened - t0,
+              "run_outputs": time.perf_counter() - screened}
+    write_run_json(run, rows, aggregate, model_id, tile_cfg, config.to_json(), argv, started,
+                   time.perf_counter() - t0, stages)
     from wsi_screen.screening.report import write_report
 
     write_report(run)
@@ -256,13 +269,13 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
 
 
 def warn_unmatched_labels(labels: dict[str, str], rows: Sequence[SlideRow]) -> None:
-    """One warning naming the --labels rows that name no slide of this run (a typo, or another run's slides)."""
+    """One warning naming the slide-label rows that name no slide of this run (a typo, or another run's slides)."""
     names = {r.name for r in rows}
     unmatched = sorted(k for k in labels if k not in names and slide_name(Path(k)) not in names)
     unmatched = [k for k in unmatched if not any(other != k and slide_name(Path(other)) == k for other in unmatched)]
     if unmatched:
         shown = few(unmatched)
-        log.warning("--labels: %d row(s) name no slide of this run: %s", len(unmatched), shown)
+        log.warning("`labels`: %d row(s) name no slide of this run: %s", len(unmatched), shown)
 
 
 def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
@@ -275,22 +288,10 @@ def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
                     run, len(earlier), runfolder.RESULTS_CSV, shown)
 
 
-def process_age(now: float) -> float | None:
-    """Seconds from this process's start to the moment ``now`` (a ``perf_counter`` value): what start-up
-    (interpreter, imports, loading the model) took before the run began; None where it cannot be known."""
-    try:
-        import psutil  # a dependency of dask.distributed
-
-        created = psutil.Process().create_time()
-    except Exception:  # no psutil, or a platform without it: leave the figure out
-        return None
-    return max(0.0, time.time() - (time.perf_counter() - now) - created)
-
-
 def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig,
            call: isolation.Caller) -> bool:
     """Whether RUN/<slide> holds this slide scored by this model from the store this run would make now:
-    same model and arithmetic (``--precision``), same slide file, same resolution (value and source) and tiling
+    same model and arithmetic (precision), same slide file, same resolution (value and source) and tiling
     settings. Anything else is recomputed (the slide rule is applied afresh on every run)."""
     from wsi_screen.tiling.pipeline import store_is_current
 
@@ -332,6 +333,7 @@ class SlideJob:
     loader_workers: int = 0
     debug: bool = False
     aggregate: AggregateConfig | None = None
+    device: str = "auto"
 
 
 def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier,
@@ -355,9 +357,11 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
         log.error("%s", row.error)
         runlog.record_traceback(source.name, result.traceback)
         return row
+    caller_thresholds = classifier.decision_thresholds  # the slide rule's are added for this slide only
     try:
         check_store_matches_model(PatchStore.open(result.store).attrs, classifier.spec, result.store)
-        classifier.decision_thresholds = decision_thresholds(classifier, job.aggregate)
+        classifier.decision_thresholds = tuple(sorted({*caller_thresholds,
+                                                       *decision_thresholds(classifier, job.aggregate)}))
         for _location, probs, distance in score_stores([result.store], classifier, batch_size=job.batch_size,
                                                        workers=job.loader_workers, desc=source.name[:30]):
             scored = time.perf_counter()
@@ -375,6 +379,8 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
             row.error, trace = failure_message(source.path, exc)
             runlog.record_traceback(source.name, trace)
         log.error("%s", row.error)
+    finally:
+        classifier.decision_thresholds = caller_thresholds
     return row
 
 
@@ -404,7 +410,11 @@ def screen_slide_task(source: SlideSource, job: SlideJob, model_dir: str | None,
     thread (``loader_workers=0``; the scores do not depend on it). Never raises for a bad slide or model.
     """
     try:
-        classifier = _worker_classifier(model_dir, model_sha256, str(job.model_id.get("numeric_precision", "fp32")))
+        from wsi_screen.distributed import worker_ordinal
+        from wsi_screen.models.device import worker_device
+
+        classifier = _worker_classifier(model_dir, model_sha256, str(job.model_id.get("numeric_precision", "fp32")),
+                                        str(worker_device(job.device, worker_ordinal())))
     except WsiScreenError as exc:
         if job.debug:
             raise
@@ -418,18 +428,20 @@ def screen_slide_task(source: SlideSource, job: SlideJob, model_dir: str | None,
             torch.set_num_threads(torch_threads)
     if job.loader_workers and multiprocessing.current_process().daemon:
         job = replace(job, loader_workers=0)
-    return screen_slide(source, job, classifier)
+    row = screen_slide(source, job, classifier)
+    row.extra["device"] = device_info(classifier.device)
+    return row
 
 
 @lru_cache(maxsize=4)
-def _worker_classifier(model_dir: str | None, sha256: str, precision: str) -> PatchClassifier:
-    """The model of a Dask run, loaded once per worker process (keyed by folder, content hash and the client's
-    resolved arithmetic, so every worker scores as the client would)."""
+def _worker_classifier(model_dir: str | None, sha256: str, precision: str, device: str) -> PatchClassifier:
+    """The model of a Dask run, loaded once per worker process (keyed by folder, content hash, the client's
+    resolved arithmetic, so every worker scores as the client would, and the worker's device)."""
     from wsi_screen.models import default_model_dir, load_model
 
     path = Path(model_dir) if model_dir is not None else default_model_dir()
     try:
-        classifier = load_model(path, precision=precision)
+        classifier = load_model(path, precision=precision, device=device)
     except WsiScreenError as exc:
         raise ModelError(f"cannot load the model on a Dask worker: {exc}") from exc
     found = model_identity(path, classifier)["sha256"]

@@ -6,9 +6,9 @@
       results.csv            one row per slide (see RESULT_COLUMNS)
       run.json               provenance: model, settings, versions, command, timings, per-slide status
       report.html            self-contained report (wsi-screen report RUN rewrites it)
-      slide_metrics.json     with --labels: slide-level AUC, sensitivity, specificity
-      slide_roc.png          with --labels
-      stores/                patch stores tiled for this run (unless --stores points elsewhere)
+      slide_metrics.json     with slide labels: slide-level AUC, sensitivity, specificity
+      slide_roc.png          with slide labels
+      stores/                patch stores tiled for this run (unless the run's stores are elsewhere)
       .wsi-screen-locks/     one lock file per slide, held while its folder is written
       <slide>/
         slide.json           the slide's result, store location, model and settings it was scored with

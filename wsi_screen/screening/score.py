@@ -85,7 +85,7 @@ def check_store_matches_model(attrs: Mapping[str, Any], spec: ModelSpec, locatio
     """Refuse a store whose patches are not what the model was trained on (resolution, size, stain)."""
     if spec.mpp is None:
         raise ModelMismatchError(f"model {spec.arch} does not record the mpp of its training patches; "
-                                 "retrain it with `wsi-screen train --mpp X`")
+                                 "retrain it with their `mpp` set")
     problems = []
     mpp = float(attrs.get("mpp", math.nan))
     if not math.isclose(mpp, spec.mpp, rel_tol=MPP_RTOL):
@@ -96,10 +96,9 @@ def check_store_matches_model(attrs: Mapping[str, Any], spec: ModelSpec, locatio
     if stain.get("method", "none") != spec.stain_method:
         problems.append(f"stain {stain.get('method')!r} instead of {spec.stain_method!r}")
     if problems:
-        fix = (f"wsi-screen tile ... --mpp {spec.mpp:g} --size {spec.input_size} --stain {spec.stain_method}")
-        raise ModelMismatchError(f"{location}: store does not match the model ({'; '.join(problems)}); re-tile "
-                                 f"with `{fix}`, or let `wsi-screen infer` tile into another --stores folder "
-                                 "(or pass --overwrite)")
+        raise ModelMismatchError(f"{location}: store does not match the model ({'; '.join(problems)}); tile it "
+                                 f"again with `mpp`={spec.mpp:g}, `size_px`={spec.input_size} and "
+                                 f"`stain`={spec.stain_method}, or screen into other `stores` (or with `overwrite`)")
 
 
 def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch_size: int = 128,
@@ -123,14 +122,15 @@ def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch
                 emitted.add(loc)
                 yield loc, per_store.pop(loc), per_store_d.pop(loc, None)
 
-    loader = prefetch(make_loader(StoreBatches(items), workers), PREFETCH_BATCHES)
+    loader = prefetch(make_loader(StoreBatches(items), workers, pin_memory=classifier.device.type == "cuda"),
+                      PREFETCH_BATCHES)
     total = sum(n for _, n in sizes)
     with progress.bar(total=total, desc=desc, unit="patch") as bar:
         order = {loc: i for i, (loc, _) in enumerate(sizes)}
         for index, batch in loader:
             location, start, stop = items[int(index)]
             probs, distance = classifier.score_tensor(classifier.preprocess(batch))
-            per_store[location][start:stop] = probs.float().numpy()
+            per_store[location][start:stop] = probs.float().cpu().numpy()
             if distance is not None:
                 per_store_d[location][start:stop] = distance
             remaining[location] -= 1
@@ -180,11 +180,13 @@ def prefetch(iterable: Iterable[T], depth: int) -> Iterator[T]:
         thread.join(timeout=5)
 
 
-def make_loader(dataset: StoreBatches, workers: int) -> DataLoader[tuple[int, torch.Tensor]]:
-    """A DataLoader over whole batches (``batch_size=None``), in order, with spawned workers."""
+def make_loader(dataset: StoreBatches, workers: int, *,
+                pin_memory: bool = False) -> DataLoader[tuple[int, torch.Tensor]]:
+    """A DataLoader over whole batches (``batch_size=None``), in order, with spawned workers; ``pin_memory``
+    (for a CUDA model) pins each batch for a faster, asynchronous copy to the GPU."""
     # spawning workers costs seconds: only worth it when there is enough to read
     workers = 0 if len(dataset) < MIN_BATCHES_FOR_WORKERS else min(workers, len(dataset))
     if workers == 0:
-        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0)
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
                       multiprocessing_context="spawn", prefetch_factor=4, persistent_workers=False)

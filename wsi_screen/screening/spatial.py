@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-#: metastasis size classes by largest diameter in mm (AJCC): upper bounds, exclusive
-SIZE_CLASSES = ("none", "itc", "micro", "macro")
+#: metastasis size classes (none, itc, micro, macro) by largest diameter in mm (AJCC): upper bounds, exclusive
 ITC_MAX_MM = 0.2
 MICRO_MAX_MM = 2.0
 
@@ -45,9 +44,10 @@ _STRUCTURE = np.ones((3, 3), dtype=bool)
 
 
 @dataclass(frozen=True)
-class PatchGrid:
-    """Probabilities on the patch grid: ``probs[row, col]`` (NaN: no patch), ``origin_l0`` the level-0
-    top-left corner of cell (0, 0), ``stride_l0`` the grid step, ``cell_mm`` that step in mm."""
+class ScoreGrid:
+    """Probabilities on the patch grid (:class:`wsi_screen.tiling.grid.PatchGrid`'s cells, in its (row, col)
+    order): ``probs[row, col]`` (NaN: no patch), ``origin_l0`` the level-0 top-left corner of cell (0, 0),
+    ``stride_l0`` the grid step, ``cell_mm`` that step in mm."""
 
     probs: np.ndarray
     origin_l0: tuple[int, int]
@@ -60,14 +60,14 @@ class PatchGrid:
         return ~np.isnan(self.probs)
 
 
-def patch_grid(coords_l0: np.ndarray, probs: np.ndarray, stride_l0: int, mpp: float) -> PatchGrid:
+def patch_grid(coords_l0: np.ndarray, probs: np.ndarray, stride_l0: int, mpp: float) -> ScoreGrid:
     """Place patch probabilities (N,) at level-0 top-left corners ``coords_l0`` (N, 2) on their grid."""
     xy = np.asarray(coords_l0, dtype=np.int64).reshape(-1, 2)
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
     stride = max(1, int(stride_l0))
     cell_mm = stride * float(mpp) / 1000.0
     if xy.shape[0] == 0:
-        return PatchGrid(np.full((0, 0), np.nan), (0, 0), stride, cell_mm, np.full((0, 0), -1, np.int64))
+        return ScoreGrid(np.full((0, 0), np.nan), (0, 0), stride, cell_mm, np.full((0, 0), -1, np.int64))
     x0, y0 = int(xy[:, 0].min()), int(xy[:, 1].min())
     cols = np.rint((xy[:, 0] - x0) / stride).astype(np.int64)
     rows = np.rint((xy[:, 1] - y0) / stride).astype(np.int64)
@@ -75,7 +75,7 @@ def patch_grid(coords_l0: np.ndarray, probs: np.ndarray, stride_l0: int, mpp: fl
     index = np.full(grid.shape, -1, dtype=np.int64)
     grid[rows, cols] = p
     index[rows, cols] = np.arange(p.size)
-    return PatchGrid(grid, (x0, y0), stride, cell_mm, index)
+    return ScoreGrid(grid, (x0, y0), stride, cell_mm, index)
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def label_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(n)
 
 
-def regions(grid: PatchGrid, threshold: float) -> list[Region]:
+def regions(grid: ScoreGrid, threshold: float) -> list[Region]:
     """Connected regions of patches with ``p >= threshold``, largest first (ties: higher max probability)."""
     p = grid.probs
     if p.size == 0:
@@ -145,7 +145,7 @@ def regions(grid: PatchGrid, threshold: float) -> list[Region]:
     return out
 
 
-def smoothed(grid: PatchGrid, radius: int = 1) -> np.ndarray:
+def smoothed(grid: ScoreGrid, radius: int = 1) -> np.ndarray:
     """Mean probability over each patch's ``(2r+1)^2`` neighbourhood (NaN off tissue).
 
     The sum over the tissue patches of the window is divided by their count, but by at least half the window:
@@ -164,7 +164,7 @@ def smoothed(grid: PatchGrid, radius: int = 1) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def smoothed_max(grid: PatchGrid, radius: int = 1) -> float:
+def smoothed_max(grid: ScoreGrid, radius: int = 1) -> float:
     """The highest neighbourhood mean (see :func:`smoothed`); 0 for an empty grid."""
     s = smoothed(grid, radius)
     return float(np.nanmax(s)) if s.size and not np.isnan(s).all() else 0.0

@@ -5,7 +5,9 @@
 * A folder is scanned recursively (symbolic links to folders are followed once; loops are reported). Files
   with a slide extension are candidates; other files are ignored.
 * ``.dcm`` files are grouped by DICOM series: a folder whose ``.dcm`` files belong to one multi-file
-  series is one slide named after the folder; a single-file series is a slide named after its file.
+  series is one slide named after the folder; in a folder of several series, each series is one slide (one
+  of its files stands for it). A DICOM file named explicitly stands for its whole series, so two files of
+  one series, or a file and its folder, are one slide.
 * Names must be unique within a run (they name the stores): files of one folder that share a name
   (``a.svs`` beside ``a.tif``) keep their extension, and names that still clash are prefixed with their
   parent folders until unique. Only clashing names change.
@@ -15,12 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from wsi_screen.slide.dicom_series import folder_series, is_series_folder, series_files
 from wsi_screen.slide.slide import slide_name, text_name
 
 log = logging.getLogger(__name__)
@@ -45,21 +47,6 @@ class DiscoveryProblem:
 
     path: Path
     reason: str
-
-
-def _dicom_series_uid(path: Path) -> str | None:
-    """SeriesInstanceUID of a DICOM file, or None when it cannot be read (pydicom's warnings about a damaged
-    file are dropped here: opening the slide reports the damage on its own line)."""
-    try:
-        import pydicom
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-        uid = ds.get("SeriesInstanceUID")
-        return str(uid) if uid else None
-    except Exception:  # unreadable or not DICOM: the slide opener will report it
-        return None
 
 
 def _walk(root: Path, problems: list[DiscoveryProblem]) -> Iterable[Path]:
@@ -110,24 +97,31 @@ def _walk(root: Path, problems: list[DiscoveryProblem]) -> Iterable[Path]:
 
 
 def _group_dicom(files: Sequence[Path]) -> list[Path]:
-    """Turn .dcm files into slide paths: series folders or single files."""
-    by_folder: dict[Path, list[Path]] = defaultdict(list)
-    for f in files:
-        by_folder[f.parent].append(f)
+    """Turn .dcm files into slide paths: a series folder, or one file per series (any one file stands for
+    its series, see :mod:`wsi_screen.slide.dicom_series`); an unreadable file is a slide of its own, which
+    fails naming it."""
     slides: list[Path] = []
-    for folder, members in sorted(by_folder.items()):
-        series: dict[str | None, list[Path]] = defaultdict(list)
-        for f in members:
-            series[_dicom_series_uid(f)].append(f)
-        readable = {uid: group for uid, group in series.items() if uid is not None}
-        if len(readable) == 1 and len(members) > 1:
+    for folder in sorted({f.parent for f in files}):
+        groups = folder_series(folder)
+        if is_series_folder(groups):
             # one series, possibly with damaged files beside it: still one slide, which fails as one (naming
             # the damaged file) rather than splitting into per-file slides
             slides.append(folder)
             continue
-        for _uid, group in sorted(series.items(), key=lambda kv: str(kv[1][0])):
-            slides.extend(sorted(group))
+        for uid, group in groups.items():
+            members = [folder / p.name for p in group]
+            slides.extend(members if uid is None else members[:1])
     return slides
+
+
+def _identity(path: Path) -> Path:
+    """The slide a candidate path stands for: a DICOM file stands for its series (its folder, or the first
+    file of its series), so naming two files of one series, or a file and its folder, gives one slide."""
+    if path.suffix.lower() != ".dcm" or not path.is_file():
+        return path.absolute()
+    if is_series_folder(folder_series(path.parent)):
+        return path.parent.absolute()
+    return series_files(path)[0].absolute()
 
 
 def discover(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[SlideSource], list[DiscoveryProblem]]:
@@ -151,10 +145,10 @@ def discover(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[SlideSource]
         else:
             problems.append(DiscoveryProblem(p, "no such file or folder"))
 
-    unique: dict[Path, Path] = {}
+    unique: dict[Path, tuple[Path, Path]] = {}
     for path, root in candidates:
-        unique.setdefault(path.absolute(), root)
-    return _name(list(unique.items())), problems
+        unique.setdefault(_identity(path), (path.absolute(), root))
+    return _name(list(unique.values())), problems
 
 
 def _name(items: list[tuple[Path, Path]]) -> list[SlideSource]:

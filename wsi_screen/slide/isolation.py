@@ -17,10 +17,11 @@ warnings there become log records; and what native code writes to the child's st
 (see :mod:`wsi_screen.runlog`), never to the terminal. The child ignores Ctrl-C (the parent stops it) and
 dies with its parent, so a killed run leaves no orphan holding a store's lock.
 
-Starting the child costs an interpreter and the tiler's imports (zarr, scipy: ~0.7 s here). A command that will
-read slides calls :func:`start_early` first thing: the child imports :data:`PRELOAD` while this process goes
-on with its own imports (on another core), and the next :func:`slide_calls` uses that child; :func:`stop_early`
-when the command ends stops one left unused.
+Starting the child costs an interpreter and the tiler's imports (zarr, scipy: ~0.7 s here). The caller names
+what a new child imports before its first call (``preload``: the tiler, which every slide call runs; this module
+knows nothing above the slide). A command that will read slides calls :func:`start_early` first thing: the child
+imports those modules while this process goes on with its own imports (on another core), and the next
+:func:`slide_calls` uses that child; :func:`stop_early` when the command ends stops one left unused.
 """
 
 from __future__ import annotations
@@ -49,9 +50,7 @@ R = TypeVar("R")
 DEFAULT_TIMEOUT = 600.0
 #: how often the parent looks at the child while waiting (seconds)
 _POLL = 0.2
-#: modules a new child imports before its first call: the tiler, which every slide call runs
-PRELOAD: tuple[str, ...] = ("wsi_screen.tiling.pipeline",)
-#: seconds a new child may take to start and import :data:`PRELOAD` before a call's own limit starts
+#: seconds a new child may take to start and import its ``preload`` modules before a call's own limit starts
 STARTUP_TIMEOUT = 120.0
 
 log = logging.getLogger(__name__)
@@ -183,7 +182,7 @@ class SlideWorker:
     """
 
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, log_path: Path | None = None,
-                 preload: tuple[str, ...] = PRELOAD) -> None:
+                 preload: tuple[str, ...] = ()) -> None:
         self.timeout = float(timeout)
         self.log_path = log_path
         self.preload = tuple(preload)
@@ -255,7 +254,7 @@ class SlideWorker:
             elif time.monotonic() > deadline:
                 self._stop()
                 raise SlideTimeoutError(f"no progress for {self.timeout:g} s (a hung slide reader?); stopped. "
-                                        "Raise the limit with --slide-timeout if the slide is only slow")
+                                        "Raise the limit (`slide_timeout`) if the slide is only slow")
 
     def _crashed(self) -> Any:
         proc = self._proc
@@ -301,7 +300,7 @@ Caller = Callable[..., Any]
 
 
 def direct(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
-    """Run ``fn`` here (a :data:`Caller` without isolation: Dask workers, ``--debug``)."""
+    """Run ``fn`` here (a :data:`Caller` without isolation: Dask workers, debugging)."""
     return fn(*args, **kwargs)
 
 
@@ -309,12 +308,11 @@ _early: SlideWorker | None = None
 
 
 def start_early(*modules: str) -> None:
-    """Start the slide reader now, so that its start-up (importing :data:`PRELOAD` and ``modules``) overlaps
-    this process's; the next :func:`slide_calls` uses it (see the module docstring). A no-op where slides are
-    read in this process."""
+    """Start the slide reader now, so that its start-up (importing ``modules``) overlaps this process's; the
+    next :func:`slide_calls` uses it (see the module docstring). A no-op where slides are read in this process."""
     global _early
     if _early is None and not in_process():
-        _early = SlideWorker(preload=PRELOAD + modules)
+        _early = SlideWorker(preload=modules)
         _early.start()  # one never used dies with this process (a daemon, and PR_SET_PDEATHSIG)
 
 
@@ -329,10 +327,11 @@ def stop_early() -> None:
 
 
 @contextlib.contextmanager
-def slide_calls(timeout: float = DEFAULT_TIMEOUT, *, isolate: bool = True) -> Iterator[Caller]:
+def slide_calls(timeout: float = DEFAULT_TIMEOUT, *, isolate: bool = True,
+                preload: tuple[str, ...] = ()) -> Iterator[Caller]:
     """A function ``call(fn, *args, **kwargs)`` that runs slide work in a :class:`SlideWorker` (the one
     :func:`start_early` started, if any; its native stderr to the active run log), or in this process when
-    ``isolate`` is false (``--debug``: tracebacks reach the terminal) or ``WSI_SCREEN_IN_PROCESS=1``."""
+    ``isolate`` is false (debugging: tracebacks reach the terminal) or ``WSI_SCREEN_IN_PROCESS=1``."""
     global _early
     worker, _early = _early, None
     if not isolate or in_process():
@@ -343,7 +342,7 @@ def slide_calls(timeout: float = DEFAULT_TIMEOUT, *, isolate: bool = True) -> It
     from wsi_screen import runlog
 
     if worker is None:
-        worker = SlideWorker(timeout=timeout)
+        worker = SlideWorker(timeout=timeout, preload=preload)
     worker.timeout = float(timeout)
     worker.attach(runlog.active_path())
     with worker:

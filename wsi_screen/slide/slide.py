@@ -14,7 +14,7 @@ Which reader serves a file is decided here, once, and recorded in the slide's id
 
 Grayscale, 16-bit and multi-channel (fluorescence) files are refused up front. Level-0 mpp comes from the
 file; where it is missing or absurd, :class:`~wsi_screen.errors.MissingMppError` names the slide and says to
-pass ``--slide-mpp``. Nothing is guessed. All coordinates are level-0 pixels, (x, y); sizes are (w, h).
+set ``slide_mpp``. Nothing is guessed. All coordinates are level-0 pixels, (x, y); sizes are (w, h).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ import numpy as np
 from PIL import Image
 
 from wsi_screen.errors import ConfigError, MissingMppError, SlideOpenError, UnsupportedFormatError
+from wsi_screen.slide.dicom_series import series_files, series_name
 from wsi_screen.slide.readers import Reader, into
-from wsi_screen.threads import run_each
+from wsi_screen.slide.threads import run_each
 
 if TYPE_CHECKING:
     from tifffile import TiffFile
@@ -79,12 +80,17 @@ class SlideInfo:
 
 
 def slide_files(path: Path) -> list[Path]:
-    """The files that make up a slide: the file itself, or a DICOM series folder's ``.dcm`` files."""
+    """The files that make up a slide: the file itself, a DICOM series folder's ``.dcm`` files, or for one
+    file of a DICOM series the files of its series (see :mod:`wsi_screen.slide.dicom_series`)."""
+    from wsi_screen.slide.readers.sanity import is_dicom
+
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
         if not files:
             raise UnsupportedFormatError(f"{path}: folder holds no .dcm files of a DICOM series")
         return files
+    if path.suffix.lower() == ".dcm" or is_dicom(path):
+        return [path.parent / f.name for f in series_files(path)]
     return [path]
 
 
@@ -113,14 +119,14 @@ def _open_reader(path: Path, choice: ReaderChoice) -> Reader:
     from wsi_screen.slide.readers.tiff_reader import inspect_tiff
 
     files = slide_files(path)
-    target = files[0]
+    target = files[0] if path.is_dir() else path  # any one file of a DICOM series opens the whole series
     for f in files:
         if not os.access(f, os.R_OK):
             raise SlideOpenError(f"{f}: permission denied")
         if f.stat().st_size == 0:
             raise SlideOpenError(f"{f}: empty file (0 bytes)")
     if path.is_dir() or is_dicom(target):  # DICOM: OpenSlide finds a series' sibling instances itself
-        level0 = check_dicom(files, series=path.is_dir())
+        level0 = check_dicom(files, series=len(files) > 1)
         if openslide_reader.detect(target) is None:
             what = "the .dcm files are not a DICOM whole-slide image series" if path.is_dir() else \
                 "not a slide format wsi-screen reads (a DICOM file, but not a whole-slide image)"
@@ -178,7 +184,7 @@ def _tiff_or_openslide(target: Path, tif: TiffFile | None, choice: ReaderChoice)
         return TiffReader(target, tif)
     raise UnsupportedFormatError(
         f"{target}: not a slide format wsi-screen reads (OpenSlide formats such as SVS, NDPI, MRXS, "
-        "SCN, DICOM and tiled TIFF; OME-TIFF; plain RGB TIFF with --slide-mpp)")
+        "SCN, DICOM and tiled TIFF; OME-TIFF; plain RGB TIFF with `slide_mpp`)")
 
 
 class Slide:
@@ -191,9 +197,9 @@ class Slide:
     name:
         Display name (defaults to the file stem, or the folder name for a DICOM series).
     mpp:
-        Level-0 microns per pixel for a file that declares none (``--slide-mpp``); a declared value wins.
+        Level-0 microns per pixel for a file that declares none; a declared value wins.
     force_mpp:
-        Level-0 microns per pixel that replaces even a declared value (``--slide-mpp-csv``: scanners do write
+        Level-0 microns per pixel that replaces even a declared value (a per-slide table: scanners do write
         wrong ones); a warning names both when they differ by more than 5 %.
     reader:
         ``"auto"`` (see module docstring), or force ``"openslide"`` / ``"tifffile"``.
@@ -237,29 +243,29 @@ class Slide:
         """The file's own resolution; ``force_mpp`` replaces it, ``mpp`` fills in only where it is missing."""
         declared = self._reader.mpp()
         if self._mpp_force is not None:
-            mpp, source = self._user_mpp(self._mpp_force, "--slide-mpp-csv")
+            mpp, source = self._user_mpp(self._mpp_force, "`slide_mpps`")
             if declared is not None:
                 own = (declared[0] + declared[1]) / 2.0
                 if math.isfinite(own) and own > 0 and abs(own - mpp) / own > 0.05:
-                    log.warning("%s: using %.4g um/px from --slide-mpp-csv; the file declares %.4g um/px",
+                    log.warning("%s: using %.4g um/px from `slide_mpps`; the file declares %.4g um/px",
                                 self.path, mpp, own)
             return mpp, source
         if declared is None:
             if self._mpp_override is not None:
-                return self._user_mpp(self._mpp_override, "--slide-mpp")
+                return self._user_mpp(self._mpp_override, "`slide_mpp`")
             self.close()
             raise MissingMppError(f"{self.path}: the slide does not declare its resolution (microns per "
-                                  "pixel); pass --slide-mpp (e.g. --slide-mpp 0.25 for a 40x scan)")
+                                  "pixel); set `slide_mpp` (e.g. `slide_mpp`=0.25 for a 40x scan)")
         mx, my = declared
         ok = all(math.isfinite(v) and PLAUSIBLE_MPP[0] <= v <= PLAUSIBLE_MPP[1] for v in (mx, my))
         if not ok:
             self.close()
             raise MissingMppError(f"{self.path}: declared resolution {mx} x {my} um/px is implausible; "
-                                  "set this slide's with --slide-mpp-csv (columns slide,mpp)")
+                                  "set this slide's with `slide_mpps` (a table with columns slide,mpp)")
         if abs(mx - my) / max(mx, my) > 0.05:
             self.close()
             raise MissingMppError(f"{self.path}: non-square pixels ({mx} x {my} um/px) are not supported; "
-                                  "set this slide's resolution with --slide-mpp-csv (columns slide,mpp)")
+                                  "set this slide's resolution with `slide_mpps` (a table with columns slide,mpp)")
         return (mx + my) / 2.0, "slide"
 
     @property
@@ -378,10 +384,16 @@ def open_slide(path: str | os.PathLike[str], *, name: str | None = None, mpp: fl
 
 
 def slide_name(path: Path) -> str:
-    """A slide's display name: the file name without slide extensions, or a DICOM folder's name."""
+    """A slide's display name: the file name without slide extensions, or a DICOM folder's name; a file of a
+    DICOM series takes its series' name where it has one (:func:`~wsi_screen.slide.dicom_series.series_name`),
+    never an instance UID."""
     if path.is_dir():
         return text_name(path.name)
     name = path.name
+    if path.suffix.lower() == ".dcm":
+        named = series_name(path)
+        if named:
+            return text_name(named)
     for ext in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ext):
             return text_name(name[: -len(ext)])
@@ -402,11 +414,12 @@ def resize(img: np.ndarray, size: tuple[int, int],
 
 
 def read_mpp_table(path: str | os.PathLike[str]) -> dict[str, float]:
-    """``--slide-mpp-csv``: a CSV with columns ``slide`` (a slide's name, file name or path) and ``mpp``."""
-    from wsi_screen.tables import first_rows, read_table
+    """The per-slide mpp table (``slide_mpps``): a CSV with columns ``slide`` (a slide's name, file name or path)
+    and ``mpp``."""
+    from wsi_screen.slide.tables import first_rows, read_table
 
     p = Path(path)
-    rows = read_table(p, ("slide", "mpp"), "--slide-mpp-csv")
+    rows = read_table(p, ("slide", "mpp"), "`slide_mpps`")
     found: list[tuple[int, str, object]] = []
     for i, row in enumerate(rows, start=2):
         key = (row.get("slide") or "").strip()
@@ -421,17 +434,17 @@ def read_mpp_table(path: str | os.PathLike[str]) -> dict[str, float]:
 
 
 def warn_unmatched_mpp(table: dict[str, float], sources: Sequence[Any]) -> list[str]:
-    """Warn (one line) about the ``--slide-mpp-csv`` rows that name none of ``sources`` (objects with ``path``
+    """Warn (one line) about the rows of the per-slide mpp table that name none of ``sources`` (objects with ``path``
     and ``name``): a typo there would otherwise leave a slide at a resolution the user meant to replace."""
     named = set()
     for s in sources:
         named |= {s.name, s.path.name, str(s.path), slide_name(s.path)}
-    from wsi_screen.tables import few
+    from wsi_screen.slide.tables import few
 
     unmatched = sorted(k for k in table if k not in named)
     if unmatched:
         shown = few(unmatched)
-        log.warning("--slide-mpp-csv: %d row(s) name no slide of this run (by name, file name or path): %s",
+        log.warning("`slide_mpps`: %d row(s) name no slide of this run (by name, file name or path): %s",
                     len(unmatched), shown)
     return unmatched
 

@@ -31,22 +31,15 @@ import numpy as np
 
 from wsi_screen.errors import ConfigError, DatasetError
 from wsi_screen.screening.spatial import size_class
+from wsi_screen.synthetic.slides import dihedral
 
 log = logging.getLogger(__name__)
 
 BANK_FORMAT = 1
 #: patches are kept in the bank box-reduced by this factor (96 px -> 12 px: ~7.8 um/px, the tiler masks at 8)
 THUMB_FACTOR = 8
-#: the tiler's default minimum tissue fraction of a patch (``--min-tissue``)
+#: the tiler's default minimum tissue fraction of a patch (``min_tissue``)
 MIN_TISSUE = 0.5
-
-
-# ------------------------------------------------------------------------------------------ dihedral group
-def dihedral(image: np.ndarray, k: int) -> np.ndarray:
-    """Element ``k`` (0-7) of the dihedral group on an (H, W, C) image: ``k % 4`` quarter turns, then a
-    horizontal flip when ``k >= 4``."""
-    out = np.rot90(image, k % 4, axes=(0, 1))
-    return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
 
 
 # -------------------------------------------------------------------------------------------- score bank
@@ -380,15 +373,4 @@ def plan_cohort(seed: int, n_slides: int, *, min_patches: int = 500, max_patches
 def layout_for(slide: CohortSlide, *, cell_mm: float, pools: dict[str, int]) -> SlideLayout:
     return make_layout(np.random.default_rng(slide.seed), slide.n_tissue, slide.foci, cell_mm=cell_mm,
                        pools=pools)
-
-
-def write_plan_csv(path: Path, plan: Sequence[CohortSlide], layouts: Sequence[SlideLayout]) -> None:
-    from wsi_screen._safe_write import atomic_write_text
-    from wsi_screen.screening.runfolder import csv_text
-
-    rows = [{"slide": s.name, "label": "tumour" if lay.positive else "normal", "n_tissue": lay.n_tissue,
-             "focus_class": lay.size_class, "largest_focus_mm": f"{lay.largest_focus_mm:.3f}",
-             "n_foci": len(lay.foci), "tumour_patches": int(lay.tumour.sum())}
-            for s, lay in zip(plan, layouts, strict=True)]
-    atomic_write_text(path, csv_text(rows, list(rows[0]) if rows else ["slide", "label"]))
 

@@ -408,6 +408,13 @@ def load_truth(path: str | os.PathLike[str]) -> list[SyntheticTruth]:
 
 
 # ------------------------------------------------------------------------------------ layout slides
+def dihedral(image: np.ndarray, k: int) -> np.ndarray:
+    """Element ``k`` (0-7) of the dihedral group on an (H, W, C) image: ``k % 4`` quarter turns, then a
+    horizontal flip when ``k >= 4``."""
+    out = np.rot90(image, k % 4, axes=(0, 1))
+    return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
+
+
 class _LayoutComposer(_Composer):
     """Composes a :class:`wsi_screen.synthetic.cohort.SlideLayout`: each tissue cell is its source patch in its
     dihedral orientation, every other cell glass."""
@@ -419,8 +426,6 @@ class _LayoutComposer(_Composer):
         self.layout, self.pools = layout, pools
 
     def _strip(self, row: int) -> np.ndarray:
-        from wsi_screen.synthetic.cohort import dihedral
-
         strip = self._strips.get(row)
         if strip is None:
             lay, p = self.layout, self.p

@@ -36,29 +36,33 @@ class TileSpec:
 
     def __post_init__(self) -> None:
         if not (self.mpp > 0 and np.isfinite(self.mpp)):
-            raise ConfigError(f"--mpp must be a positive number, got {self.mpp}")
+            raise ConfigError(f"`mpp` must be a positive number, got {self.mpp}")
         if self.size_px < 8:
-            raise ConfigError(f"--size must be at least 8 pixels, got {self.size_px}")
+            raise ConfigError(f"`size_px` must be at least 8 pixels, got {self.size_px}")
         if not (0 <= self.overlap_px < self.size_px):
-            raise ConfigError(f"--overlap must be in [0, size), got {self.overlap_px} for size {self.size_px}")
+            raise ConfigError(f"`overlap_px` must be in [0, size), got {self.overlap_px} for size {self.size_px}")
         if not (0.0 <= self.min_tissue <= 1.0):
-            raise ConfigError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
+            raise ConfigError(f"`min_tissue` must be in [0, 1], got {self.min_tissue}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def tile_size_l0(target_mpp: float, size_px: int, slide_mpp: float, *, name: str = "slide",
-                 finer_hint: str = "use --mpp {slide_mpp:.4g} or coarser, or a higher-resolution scan") -> int:
+                 model_mpp: bool = False) -> int:
     """Level-0 pixels covered by one patch of ``size_px`` at ``target_mpp``.
 
     Raises :class:`ResolutionError` when ``target_mpp`` is finer than level 0 (beyond
-    :data:`MPP_TOLERANCE`): that would need upsampling, which adds no information.
+    :data:`MPP_TOLERANCE`): that would need upsampling, which adds no information. ``model_mpp``: the target is a
+    model's (screening), so the way out is another model or scan, not another ``mpp``.
     """
     if target_mpp < slide_mpp * (1.0 - MPP_TOLERANCE):
         raise ResolutionError(
             f"{name}: requested {target_mpp:g} um/px is finer than the slide's level 0 ({slide_mpp:g} um/px); "
-            + finer_hint.format(slide_mpp=slide_mpp, target_mpp=target_mpp))
+            + (f"the model works at {target_mpp:g} um/px: screen this slide with a model trained at {slide_mpp:.4g} "
+               "um/px or coarser, or use a higher-resolution scan (if the declared resolution is wrong, set it with "
+               "`slide_mpps`)" if model_mpp else
+               f"use `mpp`={slide_mpp:.4g} or coarser, or a higher-resolution scan"))
     return max(1, round(size_px * target_mpp / slide_mpp))
 
 
@@ -75,7 +79,7 @@ class PatchGrid:
     tissue: np.ndarray  # float32 (N,)
     tile_size_l0: int
     stride_l0: int
-    shape: tuple[int, int]  # (columns, rows) of the full grid before tissue filtering
+    shape: tuple[int, int]  # (rows, columns) of the full grid before tissue filtering, numpy's order
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
@@ -181,4 +185,4 @@ def make_grid(mask: np.ndarray, dimensions: tuple[int, int], tile_l0: int, strid
     if min_tissue <= 0.0:
         keep[:] = True
     return PatchGrid(coords=coords[keep].reshape(-1, 2), tissue=frac[keep], tile_size_l0=tile_l0,
-                     stride_l0=stride, shape=(len(xs), len(ys)))
+                     stride_l0=stride, shape=(len(ys), len(xs)))

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_screen import __version__, memory, progress, runlog
+from wsi_screen import __version__, progress, runlog
 from wsi_screen.errors import (
     ConfigError,
     ResolutionError,
@@ -39,6 +39,7 @@ from wsi_screen.errors import (
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource
 from wsi_screen.slide.slide import ReaderChoice, Slide, mpp_for
+from wsi_screen.tiling import memory
 from wsi_screen.tiling.grid import TileSpec, make_grid, stride_l0, tile_size_l0
 from wsi_screen.tiling.store import (
     ATTR_SETTINGS,
@@ -69,7 +70,7 @@ THUMBNAIL_MAX_SIDE = 8192
 THUMBNAIL_MAX_PIXELS = 3072 * 3072
 #: shortest "longest side": small slides get a finer thumbnail
 THUMBNAIL_MIN_SIDE = 1024
-#: return freed heap memory to the system every this many shards (see wsi_screen.memory)
+#: return freed heap memory to the system every this many shards (see wsi_screen.tiling.memory)
 TRIM_EVERY = 4
 #: tissue patches sampled (evenly over the grid) to fit a slide's stain parameters
 STAIN_SAMPLE = 64
@@ -94,12 +95,12 @@ class TileConfig:
     overwrite: bool = False
     #: replace a complete store made with other settings instead of refusing it (infer's own stores folder)
     retile_mismatched: bool = False
-    #: what a refusal of a mismatching store tells the user to do
-    mismatch_hint: str = "pass --overwrite to replace it"
+    #: the stores are not this run's own (a screening run given someone's ``stores``): a mismatching one is refused
+    foreign_stores: bool = False
     #: seconds a slide may go without progress (opening it, or between shards of patches) before it fails
     slide_timeout: float = isolation.DEFAULT_TIMEOUT
-    #: what to do when the slide is coarser than ``spec.mpp`` ({slide_mpp} and {target_mpp} are filled in)
-    finer_hint: str = "use --mpp {slide_mpp:.4g} or coarser, or a higher-resolution scan"
+    #: ``spec.mpp`` is a model's (screening): a slide coarser than it needs another model or scan, not another mpp
+    model_mpp: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,12 @@ class TileResult:
     @property
     def ok(self) -> bool:
         return self.status in ("done", "skipped")
+
+
+#: what a refused mismatching store's message says to do, by whether the stores are foreign (see TileConfig)
+_MISMATCH_FIX = {False: "set `overwrite` to replace it",
+                 True: "a screening run does not replace stores it did not make: tile this slide again with the "
+                       "model's settings and `overwrite`, or leave out `stores`"}
 
 
 def thumbnail_mpp(slide_mpp: float, dimensions: tuple[int, int]) -> float:
@@ -166,7 +173,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             for k in keys if old.get(k) != new.get(k)]
 
 
-def open_slide(source: SlideSource, config: TileConfig) -> Slide:
+def _open(source: SlideSource, config: TileConfig) -> Slide:
     """The slide as this configuration reads it (resolution from the file, the per-slide table or the
     fallback; see :class:`~wsi_screen.slide.slide.Slide`)."""
     forced = mpp_for(dict(config.slide_mpps), source.path, source.name)
@@ -176,7 +183,7 @@ def open_slide(source: SlideSource, config: TileConfig) -> Slide:
 def store_is_current(source: SlideSource, location: str, config: TileConfig) -> tuple[bool, float, str]:
     """Whether the complete store at ``location`` is what tiling ``source`` with ``config`` would write now
     (same slide file, resolution and settings), and the slide's current (mpp, mpp source)."""
-    with open_slide(source, config) as slide:
+    with _open(source, config) as slide:
         settings = expected_settings(slide, config, thumbnail_mpp(slide.mpp, slide.dimensions))
         existing = read_attrs(location)
         ok = existing is not None and is_complete(existing) and existing.get(ATTR_SETTINGS) == settings
@@ -212,7 +219,7 @@ def failure_message(path: Path | str, exc: BaseException) -> tuple[str, str]:
 
 def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: float) -> TileResult:
     spec = config.spec
-    with open_slide(source, config) as slide:
+    with _open(source, config) as slide:
         isolation.heartbeat("opened")
         thumb_mpp = thumbnail_mpp(slide.mpp, slide.dimensions)
         settings = expected_settings(slide, config, thumb_mpp)
@@ -226,12 +233,13 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
                                   message="up to date", stages={"open": round(seconds, 3)})
             diff = _differences(existing.get(ATTR_SETTINGS) or {}, settings)
             if not config.retile_mismatched:
+                fix = _MISMATCH_FIX[config.foreign_stores]
                 raise StoreMismatchError(f"{location}: existing store was made from another slide version or "
-                                         f"with other settings ({'; '.join(diff)}); {config.mismatch_hint}")
+                                         f"with other settings ({'; '.join(diff)}); {fix}")
             log.info("%s: store made from another slide version or with other settings (%s); re-tiling",
                      source.name, "; ".join(diff))
 
-        tile_l0 = tile_size_l0(spec.mpp, spec.size_px, slide.mpp, name=str(source.path), finer_hint=config.finer_hint)
+        tile_l0 = tile_size_l0(spec.mpp, spec.size_px, slide.mpp, name=str(source.path), model_mpp=config.model_mpp)
         if min(slide.dimensions) < tile_l0:  # not "no tissue": there is no room for one patch, whatever it shows
             raise ResolutionError(f"{source.path}: the slide is {slide.dimensions[0]} x {slide.dimensions[1]} px, "
                                   f"smaller than one patch ({tile_l0} level-0 px for {spec.size_px} px at "
@@ -267,7 +275,7 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
             "tissue": {"settings": config.tissue.to_json(), "thumbnail_mpp": thumb_mpp,
                        "min_tissue": spec.min_tissue, "labels": LABELS,
                        "tissue_fraction": mask.tissue_fraction},
-            "grid": {"columns": grid.shape[0], "rows": grid.shape[1], "origin_l0": [0, 0]},
+            "grid": {"columns": grid.shape[1], "rows": grid.shape[0], "origin_l0": [0, 0]},
             "package_version": __version__,
             ATTR_SETTINGS: settings,
         }
@@ -411,7 +419,7 @@ def tile_slides(sources: Sequence[SlideSource], out: str | Path, config: TileCon
     if dask is not None:
         return _tile_on_dask(dask, sources, out_str, output_location(out), config, debug=debug)
     results: list[TileResult] = []
-    with isolation.slide_calls(config.slide_timeout, isolate=not debug) as call, \
+    with isolation.slide_calls(config.slide_timeout, isolate=not debug, preload=(__name__,)) as call, \
             progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
         for source in sources:
             result = tile_isolated(call, source, out_str, config, debug=debug)

@@ -26,7 +26,7 @@ Patches that :func:`stainable` rejects (little stained tissue, pen ink, black, o
 through unchanged with ``ok = False``; the arithmetic is guarded so that no input yields NaN.
 ``docs/stain.md`` describes the default target, the thresholds and the cross-check against tiatoolbox.
 The per-pixel loops are compiled (:mod:`.pixel_kernels`, numba); the tiler imports this module only for a
-slide it normalises, so a run with ``--stain none`` never loads numba.
+slide it normalises, so a run with stain ``none`` never loads numba.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def target_params(method: str, target: str | os.PathLike[str] | None = None
     """Parameters of the target appearance, and where they came from.
 
     ``target`` None means the bundled reference crop (see ``docs/stain.md``); otherwise a PNG, JPEG or
-    TIFF file (``--stain-target``). The description is ``{"name", "sha256" (of the file's bytes),
+    TIFF file (``stain_target``). The description is ``{"name", "sha256" (of the file's bytes),
     "source": "bundled" | "user", "path"}``. For ``method == "none"`` no image is read and the description
     is ``{"name": None, "sha256": None, "source": "none", "path": None}``. Fitted targets are cached by
     method and file hash, so asking once per slide is cheap.
@@ -234,10 +234,10 @@ def target_params(method: str, target: str | os.PathLike[str] | None = None
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"--stain-target {target}: cannot read the file ({exc.strerror or exc})") from None
+        raise ConfigError(f"`stain_target` {target}: cannot read the file ({exc.strerror or exc})") from None
     desc = {"name": path.name, "sha256": hashlib.sha256(data).hexdigest(), "source": "user",
             "path": str(path)}
-    return _target_cached(method, data, f"--stain-target {target}"), desc
+    return _target_cached(method, data, f"`stain_target` {target}"), desc
 
 
 class Normalizer:

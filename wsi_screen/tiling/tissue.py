@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from wsi_screen.threads import run_each
+from wsi_screen.slide.threads import run_each
 
 GLASS, TISSUE, PEN, ARTIFACT = 0, 1, 2, 3
 LABELS = {"glass": GLASS, "tissue": TISSUE, "pen": PEN, "artifact": ARTIFACT}

@@ -1,6 +1,8 @@
 """Training-time augmentation of histology batches: dihedral flips/rotations, HED stain jitter, colour jitter.
 
-Seeded by the generator it is given, so a training run is reproducible under ``--seed``.
+Seeded by the generator it is given, so a training run is reproducible under its seed. The random numbers are
+drawn on the CPU (the generator's device) whatever device the batch is on, so a batch on a GPU is augmented
+there with the same draws.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import math
 
 import torch
 
-from wsi_screen.models.classifier import to_unit_float
+from wsi_screen.models.pixels import to_unit_float
 
 #: stain vectors of haematoxylin, eosin and DAB (Ruifrok & Johnston, as in scikit-image's rgb_from_hed)
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]],
@@ -31,36 +33,36 @@ class BatchAugment:
         self.flips, self.hed, self.color = flips, hed, color
         self.generator = generator
 
-    def _uniform(self, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
-        return torch.rand(shape, generator=self.generator) * (high - low) + low
+    def _uniform(self, shape: tuple[int, ...], low: float, high: float, device: torch.device) -> torch.Tensor:
+        return (torch.rand(shape, generator=self.generator) * (high - low) + low).to(device)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         x = to_unit_float(batch)
-        n = x.shape[0]
+        n, device = x.shape[0], x.device
         if self.flips and x.shape[2] == x.shape[3]:
             flip = torch.rand(n, generator=self.generator) < 0.5
-            x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+            x = torch.where(flip.view(n, 1, 1, 1).to(device), x.flip(3), x)
             turns = torch.randint(0, 4, (n,), generator=self.generator)
             x = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(x, turns, strict=True)])
         if self.hed > 0:
             x = self._hed_jitter(x)
         if self.color > 0:
             c = self.color
-            x = x * self._uniform((n, 1, 1, 1), 1 - c, 1 + c)
+            x = x * self._uniform((n, 1, 1, 1), 1 - c, 1 + c, device)
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (x - mean) * self._uniform((n, 1, 1, 1), 1 - c, 1 + c) + mean
+            x = (x - mean) * self._uniform((n, 1, 1, 1), 1 - c, 1 + c, device) + mean
             gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-            x = (x - gray) * self._uniform((n, 1, 1, 1), 1 - c, 1 + c) + gray
+            x = (x - gray) * self._uniform((n, 1, 1, 1), 1 - c, 1 + c, device) + gray
         return x.clamp_(0.0, 1.0)
 
     def _hed_jitter(self, x: torch.Tensor) -> torch.Tensor:
         n, s = x.shape[0], self.hed
         od = torch.log(x.clamp(min=1e-6)) / _LOG_ADJUST  # (N, 3, H, W), 0 = white
-        stains = torch.einsum("nchw,cd->ndhw", od, _HED_FROM_RGB).clamp_(min=0)
-        alpha = self._uniform((n, 3, 1, 1), 1 - s, 1 + s)
-        beta = self._uniform((n, 3, 1, 1), -s, s)
+        stains = torch.einsum("nchw,cd->ndhw", od, _HED_FROM_RGB.to(x.device)).clamp_(min=0)
+        alpha = self._uniform((n, 3, 1, 1), 1 - s, 1 + s, x.device)
+        beta = self._uniform((n, 3, 1, 1), -s, s, x.device)
         stains = stains * alpha + beta * (stains.amax(dim=(2, 3), keepdim=True) > 0)
-        log_rgb = torch.einsum("ndhw,dc->nchw", stains.clamp_(min=0), _RGB_FROM_HED.float()) * _LOG_ADJUST
+        log_rgb = torch.einsum("ndhw,dc->nchw", stains.clamp_(min=0), _RGB_FROM_HED.float().to(x.device)) * _LOG_ADJUST
         jittered = torch.exp(log_rgb)
         tissue = od.amax(dim=1, keepdim=True) > 0.02  # leave (near-)white background alone
         return torch.where(tissue, jittered, x)

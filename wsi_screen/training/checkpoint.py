@@ -7,7 +7,7 @@ settings and data). The tensors file is written first under a new name, then ``s
 renamed into place: whichever moment a kill lands on, ``state.json`` points to a complete tensors file.
 
 :func:`load` returns None when there is nothing to resume; a checkpoint of other settings is an error that
-names ``--restart``. With the same settings and ``--threads 1`` a resumed run ends with the same bytes as an
+names ``restart``. With the same settings and one torch thread a resumed run ends with the same bytes as an
 uninterrupted one (tests/training/test_checkpoint.py kills a run with SIGKILL and compares hashes).
 """
 
@@ -128,17 +128,17 @@ def load(out: Path, *, fingerprint: str, model: torch.nn.Module, optimizer: torc
         doc = json.loads(path.read_text(encoding="utf-8"))
         tensors = read_weights(folder / doc["tensors"])
     except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"{folder}: unreadable training checkpoint ({exc}); pass --restart to start over"
+        raise ConfigError(f"{folder}: unreadable training checkpoint ({exc}); set `restart` to start over"
                           ) from exc
     if doc.get("fingerprint") != fingerprint:
         raise ConfigError(f"{out}: holds a checkpoint of a run with other settings, data or thread count; "
-                          "rerun with the same options to resume it, or pass --restart to start over")
+                          "rerun with the same options to resume it, or set `restart` to start over")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer.load_state_dict(_join_optimizer(tensors, doc["optimizer"]))
     schedule.load_state_dict(doc["schedule"])
     torch.set_rng_state(tensors["rng.torch"])
     generator.set_state(tensors["rng.generator"])
-    log.info("resuming from the checkpoint after epoch %d (--restart starts over)", doc["epoch"])
+    log.info("resuming from the checkpoint after epoch %d (`restart` starts over)", doc["epoch"])
     return Resumed(epoch=int(doc["epoch"]), stale=int(doc["stale"]), best_score=float(doc["best_score"]),
                    best_epoch=int(doc["best_epoch"]),
                    best_state={k[5:]: v for k, v in tensors.items() if k.startswith("best.")},

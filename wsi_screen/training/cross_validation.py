@@ -1,9 +1,9 @@
-"""K-fold cross-validation for small datasets: ``wsi-screen train --folds K``.
+"""K-fold cross-validation for small datasets: training with ``folds`` K.
 
 On a few hundred images one carved validation split (a hundred images) is too small to choose an epoch and
-a threshold on: the choice follows the split's luck and the result swings with the seed. With ``--folds K``
+a threshold on: the choice follows the split's luck and the result swings with the seed. With ``folds`` K
 the training pool (train plus any valid split) is cut into K folds, stratified by label and grouped by
-``--group-column`` when given. K models train **in lockstep**, each on K-1 folds, one epoch at a time; after
+``group_column`` when given. K models train **in lockstep**, each on K-1 folds, one epoch at a time; after
 every epoch each scores its held-out fold, and the pooled out-of-fold predictions (every image scored by the
 model that did not see it) give one validation score over the whole pool. The best epoch and the decision
 threshold are chosen on those pooled predictions.
@@ -30,19 +30,30 @@ import numpy as np
 import torch
 
 from wsi_screen.errors import ConfigError, DatasetError
+from wsi_screen.models import CONFIG_NAME
 from wsi_screen.models.ensemble import Ensemble
-from wsi_screen.training.data import BatchSource, Split
+from wsi_screen.training.config import PreparedData, TrainConfig, TrainResult
+from wsi_screen.training.data import BatchSource, PatchFolder, Split
+from wsi_screen.training.loop import (
+    Loop,
+    finish_model_folder,
+    fmt,
+    make_loop,
+    model_spec,
+    refuse_existing_model,
+    resolved_config,
+)
 
 log = logging.getLogger(__name__)
 
-#: default K of ``--folds`` for small datasets
+#: default K of ``folds`` for small datasets
 DEFAULT_FOLDS = 5
 #: fewest images of a class in the pool for automatic cross-validation
 MIN_PER_CLASS = 25
 
 
 def auto_folds(n_pool: int, labels: np.ndarray) -> int:
-    """``--folds`` 0 (auto): :data:`DEFAULT_FOLDS` for small pools with enough of every class, else 1."""
+    """``folds`` 0 (auto): :data:`DEFAULT_FOLDS` for small pools with enough of every class, else 1."""
     from wsi_screen.training.recipes import SMALL_DATASET
 
     counts = Counter(labels.tolist())
@@ -55,7 +66,7 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray | None, k: int, seed: in
 
     counts = Counter(labels.tolist())
     if min(counts.values()) < k:
-        raise DatasetError(f"--folds {k} needs at least {k} images of every class; the smallest class has "
+        raise DatasetError(f"`folds` {k} needs at least {k} images of every class; the smallest class has "
                            f"{min(counts.values())}")
     out = np.full(len(labels), -1, dtype=np.int64)
     x = np.zeros((len(labels), 1))
@@ -70,25 +81,23 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray | None, k: int, seed: in
 class _Fold:
     index: int
     held: np.ndarray  # pool positions this fold's model never trains on
-    data: Any  # PreparedData of the fold
-    loop: Any  # train._Loop
+    data: PreparedData  # the fold's
+    loop: Loop
 
 
-def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
-    """Cross-validated training (see the module docstring); returns a :class:`wsi_screen.training.train.TrainResult`."""
+def fit_folds(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainResult:
+    """Cross-validated training (see the module docstring)."""
     from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics, monitor_value
     from wsi_screen.models import count_parameters
-    from wsi_screen.training import train as T  # noqa: N812 - the training loop's internals, used as one unit
     from wsi_screen.training.evaluate import write_evaluation
 
     k = int(config.folds)
     if data.train.images is None or data.valid.images is None:
-        raise ConfigError("--folds needs the dataset decoded in memory; raise --cache-limit")
+        raise ConfigError("`folds` needs the dataset decoded in memory; raise `cache_limit_mb`")
     out = Path(out_dir)
-    if (out / T.CONFIG_NAME).exists() and not config.overwrite:
-        raise ConfigError(f"{out} already holds a model; pass --overwrite or choose another output folder")
+    refuse_existing_model(out, config)
     out.mkdir(parents=True, exist_ok=True)
-    (out / T.CONFIG_NAME).unlink(missing_ok=True)
+    (out / CONFIG_NAME).unlink(missing_ok=True)
     rows = np.concatenate([data.split.train, data.split.valid])
     images = torch.cat([data.train.images, data.valid.images])
     targets = np.concatenate([data.train.targets.numpy(), data.valid_targets])
@@ -101,6 +110,7 @@ def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
     started = time.perf_counter()
     folds: list[_Fold] = []
     built: dict[str, Any] = {}
+    report = None
     with torch.random.fork_rng(devices=[]):
         for f in range(k):
             fit_rows, held = np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)
@@ -109,13 +119,13 @@ def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
                                 train=BatchSource(targets[fit_rows], images=images[fit_rows]),
                                 valid=BatchSource(targets[held], images=images[held]), valid_targets=targets[held])
             torch.manual_seed(config.seed * 1000 + f)
-            loop, built, _report = T._make_loop(fold_data, config)  # the same architecture and kwargs each time
+            loop, built, report = make_loop(fold_data, config)  # the same architecture and kwargs each time
             folds.append(_Fold(f, held, fold_data, loop))
         log.info("training %d x %s (%s parameters each) in %d-fold cross-validation on %d images of %d px; up "
                  "to %d epochs", k, config.arch, f"{count_parameters(folds[0].loop.model):,}", k, len(rows),
                  data.size, config.epochs)
         best: dict[str, Any] = {"score": -math.inf, "epoch": 0}
-        stale, history = 0, []
+        stale, history, stopped_early = 0, [], False
         with (out / "history.csv").open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=FOLD_HISTORY)
             writer.writeheader()
@@ -136,9 +146,9 @@ def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
                             "states": [{n: v.detach().clone() for n, v in fd.loop.model.state_dict().items()}
                                        for fd in folds]}
                 stale = 0 if improved else stale + 1
-                row = {"epoch": epoch, "train_loss": f"{np.mean(losses):.4f}", "oof_auc": T._fmt(pooled.get("auc")),
-                       "oof_balanced_accuracy": T._fmt(pooled["balanced_accuracy"]),
-                       "fold_auc_mean": T._fmt(_mean(per_fold)), "fold_auc_sd": T._fmt(_sd(per_fold)),
+                row = {"epoch": epoch, "train_loss": f"{np.mean(losses):.4f}", "oof_auc": fmt(pooled.get("auc")),
+                       "oof_balanced_accuracy": fmt(pooled["balanced_accuracy"]),
+                       "fold_auc_mean": fmt(_mean(per_fold)), "fold_auc_sd": fmt(_sd(per_fold)),
                        "monitor": f"{score:.4f}", "seconds": f"{time.perf_counter() - t0:.1f}",
                        "best": "*" if improved else ""}
                 writer.writerow(row)
@@ -147,7 +157,8 @@ def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
                 log.info("epoch %d/%d: out-of-fold %s %.4f (folds %s +- %s) (%s s)%s", epoch, config.epochs,
                          monitor, score, row["fold_auc_mean"], row["fold_auc_sd"], row["seconds"],
                          " *" if improved else "")
-                if config.patience and stale >= config.patience:
+                if config.patience and stale >= config.patience and epoch < config.epochs:
+                    stopped_early = True
                     log.info("no improvement in %s for %d epochs: stopping", monitor, config.patience)
                     break
 
@@ -167,24 +178,26 @@ def fit_folds(data: Any, config: Any, out_dir: str | Path) -> Any:
         "per_fold": fold_rows, "auc_mean": _mean(aucs), "auc_sd": _sd(aucs)})
     seconds = time.perf_counter() - started
     grouped = f", grouped by {data.folder.group_column!r}" if groups is not None else ""
-    spec = T.model_spec(config, data, built, threshold=threshold, rule=rule, metrics=metrics,
+    spec = model_spec(config, data, built, threshold=threshold, rule=rule, metrics=metrics,
                         split={"split": f"{k}-fold cross-validation over {len(rows)} images (stratified{grouped}, "
                                         f"seed {config.seed})",
                                "split_source": "folds", "n_train": len(rows), "n_valid": len(rows), "folds": k},
                         class_targets=targets,
-                        train_config=T._resolved(config, data, monitor, best["epoch"], False, seconds, None),
+                        train_config=resolved_config(config, data, monitor, best["epoch"], stopped_early, seconds,
+                                                 report),
                         ensemble=k)
     write_evaluation(out / "valid", metrics, [data.folder.paths[i] for i in rows], targets, oof)
     _write_fold_metrics(out / "valid" / "fold_metrics.csv", fold_rows)
     pool = replace(data, train=BatchSource(targets, images=images), valid=BatchSource(targets, images=images),
                    valid_targets=targets)
     # the domain threshold is set on the training images here: see docs/classifier.md
-    T.finish_model_folder(out, ensemble, pool, spec, targets, oof)
+    finish_model_folder(out, ensemble, pool, spec, targets, oof)
     log.info("best epoch %d (out-of-fold %s %.4f; folds %.4f +- %.4f); threshold %s; saved %s", best["epoch"],
              monitor, best["score"], _mean(aucs) or math.nan, _sd(aucs) or math.nan,
              "n/a" if threshold is None else f"{threshold:.4f}", out)
-    return T.TrainResult(model_dir=out, spec=spec, history=history, best_epoch=best["epoch"],
-                         best_score=best["score"], stopped_early=False, seconds=seconds, pretrained=None)
+    return TrainResult(model_dir=out, spec=spec, history=history, best_epoch=best["epoch"],
+                         best_score=best["score"], stopped_early=stopped_early, seconds=seconds,
+                         pretrained=report.as_dict() if report else None)
 
 
 FOLD_HISTORY = ("epoch", "train_loss", "oof_auc", "oof_balanced_accuracy", "fold_auc_mean", "fold_auc_sd",
@@ -217,7 +230,7 @@ def _sd(values: list[float | None]) -> float | None:
     return float(np.std(v, ddof=1)) if len(v) > 1 else None
 
 
-def _write_folds_csv(path: Path, folder: Any, rows: np.ndarray, fold_of: np.ndarray) -> None:
+def _write_folds_csv(path: Path, folder: PatchFolder, rows: np.ndarray, fold_of: np.ndarray) -> None:
     """``split.csv`` of a cross-validated model: every pool image with its fold (1..K)."""
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)

@@ -38,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 
 from wsi_screen import progress
 from wsi_screen.errors import DatasetError
-from wsi_screen.models.classifier import numpy_to_tensor, resize_uint8
+from wsi_screen.models.pixels import numpy_to_tensor, resize_uint8
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ Rows = Sequence[int] | np.ndarray
 
 LABELS_CSV = "labels.csv"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
-SPLITS = ("train", "valid", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "val": "valid",
                  "validation": "valid", "test": "test", "testing": "test"}
 
@@ -96,7 +95,7 @@ class PatchFolder:
             if name == "test":
                 log.info("%s has no split column: using all %d images", self.root, len(self))
                 return np.arange(len(self))
-            raise DatasetError(f"{self.root}: has no split column, so no {name!r} split; use --split all")
+            raise DatasetError(f"{self.root}: has no split column, so no {name!r} split; use `split`=all")
         idx = np.flatnonzero(np.asarray(self.splits) == name)
         if idx.size == 0:
             present = ", ".join(sorted(set(self.splits)))
@@ -150,11 +149,11 @@ def _read_labels_csv(root: Path, label_column: str, split_column: str | None, gr
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{path}: cannot read: {exc}") from None
     have = ", ".join(columns) or "none"
-    for name, what in (("path", "path"), (label_column, "--label-column"), (group_column, "--group-column")):
+    for name, what in (("path", "path"), (label_column, "`label_column`"), (group_column, "`group_column`")):
         if name is not None and name not in columns:
             raise DatasetError(f"{path}: no column {name!r} for {what} (columns: {have})")
     if require_split_column and split_column not in columns:
-        raise DatasetError(f"{path}: no column {split_column!r} for --split-column (columns: {have})")
+        raise DatasetError(f"{path}: no column {split_column!r} for `split_column` (columns: {have})")
     paths, labels = [], []
     for n, row in enumerate(rows, start=2):
         p, lab = (row.get("path") or "").strip(), (row.get(label_column) or "").strip()
@@ -211,19 +210,19 @@ def _mpp_from_rows(path: Path, rows: list[dict[str, str]]) -> float | None:
     if len(values) == 1:
         return values.pop()
     if values:
-        log.warning("%s: patches have %d different mpp values; pass --mpp to record one", path, len(values))
+        log.warning("%s: patches have %d different mpp values; set `mpp` to record one", path, len(values))
     return None
 
 
 def _read_image_tree(root: Path, label_column: str, group_column: str | None,
                      require_split_column: bool) -> PatchFolder:
     if label_column != "label" or group_column or require_split_column:
-        raise DatasetError(f"{root}: has no {LABELS_CSV}; --label-column, --group-column and --split-column "
+        raise DatasetError(f"{root}: has no {LABELS_CSV}; `label_column`, `group_column` and `split_column` "
                            "need one (an ImageFolder tree has only folder-name labels)")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not subdirs:
-        raise DatasetError(f"{root}: neither {LABELS_CSV} nor class folders found; see "
-                           "`wsi-screen train --help`")
+        raise DatasetError(f"{root}: neither {LABELS_CSV} nor class folders found (a labels.csv, "
+                           "or one folder of images per class)")
     split_layout = all(p.name.lower() in SPLIT_ALIASES for p in subdirs)
     paths: list[str] = []
     labels: list[str] = []
@@ -267,7 +266,7 @@ def make_split(folder: PatchFolder, *, valid_fraction: float = 0.15, seed: int =
         if pool.size == 0:
             raise DatasetError(f"{folder.root}: split 'train' is empty; training needs train rows")
     if carve_valid and own_valid.size:
-        log.info("%s: leaving the dataset's %d valid images unused (--carve-valid)", folder.root, own_valid.size)
+        log.info("%s: leaving the dataset's %d valid images unused (`carve_valid`)", folder.root, own_valid.size)
         own_valid = np.zeros(0, np.int64)
     if own_valid.size:
         _warn_group_leaks(folder)
@@ -460,13 +459,15 @@ class BatchSource:
     """uint8 NHWC batches and targets for training and validation, from memory or streamed from disk."""
 
     def __init__(self, targets: np.ndarray, *, images: torch.Tensor | None = None,
-                 stream: PatchImageDataset | None = None, workers: int = 0) -> None:
+                 stream: PatchImageDataset | None = None, workers: int = 0, pin_memory: bool = False) -> None:
         if (images is None) == (stream is None):
             raise ValueError("give images or stream")
         self.targets = torch.from_numpy(np.asarray(targets, dtype=np.int64))
         self.images = images
         self.stream = stream
         self.workers = workers
+        #: pin streamed batches in page-locked memory (for a faster, asynchronous copy to a CUDA GPU)
+        self.pin_memory = pin_memory
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -483,7 +484,7 @@ class BatchSource:
             return
         loader = torch.utils.data.DataLoader(self.stream, batch_size=batch_size,  # type: ignore[arg-type]
                                              sampler=order[:stop].tolist(), num_workers=self.workers,
-                                             drop_last=drop_last)
+                                             drop_last=drop_last, pin_memory=self.pin_memory)
         yield from loader
 
 

@@ -43,6 +43,7 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
     returns the metrics. Images of another size than the model input are resized (with a warning).
     """
 
+    from wsi_screen.models.device import device_info
     from wsi_screen.training.data import iter_images
 
     spec = model.spec
@@ -52,11 +53,11 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
     if unknown:
         raise ModelMismatchError(f"the model's classes are {', '.join(spec.classes)} but {folder.describe()} "
                                  f"has {', '.join(unknown[:5])}: evaluate with the label column the model "
-                                 "was trained on (--label-column) or with another model")
+                                 "was trained on (`label_column`) or with another model")
     metric_positive = None
     if positive is not None:
         if positive not in spec.classes:
-            raise ConfigError(f"--positive {positive!r} is not one of the model's classes "
+            raise ConfigError(f"`positive` {positive!r} is not one of the model's classes "
                               f"({', '.join(spec.classes)})")
         metric_positive = spec.classes.index(positive)
     y = folder.label_indices(spec.classes, rows)
@@ -84,7 +85,7 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
                          "images": len(rows),
                          "image_sizes": {f"{w}x{h}": n for (w, h), n in sorted(sizes.items())},
                          "arch": spec.arch, "model_created": spec.created,
-                         "numeric_precision": model.precision,
+                         "numeric_precision": model.precision, "device": device_info(model.device),
                          "seconds": round(time.perf_counter() - started, 2)}
     distance = np.concatenate(dist_parts) if model.domain is not None and dist_parts else None
     if model.domain is not None and distance is not None:
@@ -102,7 +103,7 @@ def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], paths: list[s
                      in_domain: np.ndarray | None = None) -> Path:
     """Write metrics.json, predictions.csv (with each image's domain distance when given), roc.png and
     confusion.png."""
-    from wsi_screen.decision import decide
+    from wsi_screen.metrics import decide
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

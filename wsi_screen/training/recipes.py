@@ -8,11 +8,11 @@ therefore picks a recipe from the data it sees:
 * ``small`` (fewer than :data:`SMALL_DATASET` training images): Adam at a constant 1e-3, no label
   smoothing, no class weights, flips and 90-degree rotations only, 60 epochs without early stopping (a few
   hundred images give few steps per epoch; the epoch is chosen on validation, or on the pooled out-of-fold
-  predictions with ``--folds``);
+  predictions with ``folds``);
 * ``default``: the options' own defaults.
 
-``--recipe small|default`` names one; ``auto`` (the CLI's default) chooses. An option given on the command
-line always wins over the recipe.
+``recipe`` ``small`` or ``default`` names one; ``auto`` (the CLI's default) chooses. A setting given explicitly
+(``overrides``) always wins over the recipe.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from wsi_screen.errors import ConfigError
 
-#: below this many training images, ``auto`` picks the ``small`` recipe (and ``--folds`` auto picks 5)
+#: below this many training images, ``auto`` picks the ``small`` recipe (and ``folds`` 0, auto, picks 5)
 SMALL_DATASET = 3000
 #: what each recipe sets (fields of :class:`wsi_screen.training.train.TrainConfig`)
 RECIPES: dict[str, dict[str, Any]] = {

@@ -1,4 +1,4 @@
-"""Training a patch classifier on a labelled patch dataset, on a CPU.
+"""Training a patch classifier on a labelled patch dataset, on a CPU or a GPU (``TrainConfig.device``).
 
 :func:`train` = :func:`prepare_data` (read, validate and split the dataset, decode it once) +
 :func:`fit` (the loop) and writes a model folder:
@@ -15,6 +15,13 @@ Choices are made on validation only: the best epoch, early stopping and the deci
 split is never read. Augmentation (:mod:`wsi_screen.training.augment`) runs on whole uint8 batches in the
 main process, so it is cheap and deterministic under the seed; the seed also fixes initialisation, shuffling
 and dropout (for a given number of threads).
+
+On a CUDA GPU (``device`` ``auto`` where one is present, ``cuda``, ``cuda:N``) the model, the batches and the
+augmentation run on the GPU and the forward pass runs in mixed precision (bfloat16, or float16 with a gradient
+scaler on GPUs without bfloat16; :func:`wsi_screen.models.precision.training_dtype`); validation stays float32.
+Batches streamed from disk are pinned for the copy to the GPU. On a CPU nothing changes: float32, no pinning.
+``config.json`` records the device (``train_config.device``: type, index, GPU name) and the arithmetic
+(``train_config.mixed_precision``).
 """
 
 from __future__ import annotations
@@ -25,44 +32,24 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from wsi_screen import __version__, progress
-from wsi_screen.errors import ConfigError, DatasetError, ModelError
-from wsi_screen.metrics import DEFAULT_THRESHOLD_RULE, ThresholdRule, choose_threshold, compute_metrics, monitor_value
-from wsi_screen.models import (
-    CONFIG_NAME,
-    ModelSpec,
-    PretrainedReport,
-    create_model,
-    load_pretrained,
-    save_model,
-)
-from wsi_screen.models.card import write_card
-from wsi_screen.models.classifier import normalise, to_unit_float
-from wsi_screen.models.domain import DomainModel, collect_features
-from wsi_screen.models.domain import fit as fit_domain_model
-from wsi_screen.models.registry import (
-    check_arch,
-    classifier_parameter_names,
-    count_parameters,
-    default_mean_std,
-    fixed_input_size,
-)
-from wsi_screen.models.spec import STAIN_METHODS
+from wsi_screen.errors import ConfigError, DatasetError
+from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics, monitor_value
+from wsi_screen.models import CONFIG_NAME, ModelSpec
+from wsi_screen.models.device import resolve_device
+from wsi_screen.models.registry import check_arch, count_parameters, fixed_input_size
 from wsi_screen.training import checkpoint as train_checkpoint
-from wsi_screen.training.augment import BatchAugment
+from wsi_screen.training.config import PreparedData, TrainConfig, TrainResult
+from wsi_screen.training.cross_validation import auto_folds, fit_folds
 from wsi_screen.training.data import (
     BatchSource,
     PatchFolder,
     PatchImageDataset,
-    Split,
     fingerprint,
     image_sizes,
     in_memory,
@@ -72,141 +59,22 @@ from wsi_screen.training.data import (
     write_split_csv,
 )
 from wsi_screen.training.evaluate import write_evaluation
+from wsi_screen.training.loop import (
+    Best,
+    describe_device,
+    finish_model_folder,
+    fmt,
+    make_loop,
+    model_spec,
+    refuse_existing_model,
+    resolved_config,
+)
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "onecycle", "constant")
-MONITORS = ("auto", "auc", "balanced_accuracy", "accuracy", "loss")
-DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
-DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adam": 0.0, "adamw": 0.05}
-
-#: words that mark the disease class of a binary dataset (tokens of the class name, e.g. colon_aca)
 #: words in a class name that make it the positive (screening) class
 POSITIVE_CLASS_WORDS = frozenset({"tumour", "tumor", "abnormal", "cancer", "cancerous", "malignant", "positive",
                             "metastasis", "metastatic", "carcinoma", "aca", "adenocarcinoma", "lesion"})
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Everything that defines a training run (the CLI maps its options onto this)."""
-
-    arch: str
-    size: int | None = None  # None: the architecture's fixed size, the pretrained model's, or the images'
-    label_column: str = "label"
-    split_column: str | None = "split"
-    require_split_column: bool = False
-    group_column: str | None = None
-    positive: str | None = None
-    valid_fraction: float = 0.15
-    carve_valid: bool = False  # ignore the dataset's valid split (keep it held out) and carve from train
-    epochs: int = 20
-    batch_size: int = 64
-    optimizer: str = "adamw"
-    lr: float | None = None  # None: 1e-3 for adam/adamw, 0.01 for sgd
-    weight_decay: float | None = None  # None: 0.05 adamw, 0 adam, 1e-4 sgd
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    class_weights: bool = True
-    drop_rate: float = 0.0
-    patience: int = 8  # epochs without improvement before stopping; 0 disables early stopping
-    monitor: str = "auto"  # auto: AUC for binary, balanced accuracy otherwise
-    pretrained: str | None = None
-    freeze_backbone: bool = False
-    frozen_epochs: int = 2
-    seed: int = 0
-    mpp: float | None = None
-    stain_method: str = "none"
-    stain_target: str | None = None
-    threshold_rule: str = DEFAULT_THRESHOLD_RULE
-    flips: bool = True
-    hed_jitter: float = 0.05
-    color_jitter: float = 0.1
-    workers: int = 2
-    cache_limit_mb: float = 4096.0
-    compile: bool = False
-    overwrite: bool = False
-    restart: bool = False  # ignore a checkpoint of an interrupted run in the output folder
-    #: training recipe (see wsi_screen.training.recipes): "default", "small", or "auto" (chosen from the data)
-    recipe: str = "default"
-    #: fields set explicitly (a recipe never changes them)
-    overrides: tuple[str, ...] = ()
-    #: K-fold cross-validation (see wsi_screen.training.cross_validation); 1: one validation split; 0: auto
-    folds: int = 1
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if self.monitor not in MONITORS:
-            problems.append(f"monitor {self.monitor!r} is not one of {', '.join(MONITORS)}")
-        if self.stain_method not in STAIN_METHODS:
-            problems.append(f"stain {self.stain_method!r} is not one of {', '.join(STAIN_METHODS)}")
-        if self.stain_method == "none" and self.stain_target:
-            problems.append("a stain target needs a stain method (--stain)")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1")
-        if self.size is not None and self.size < 8:
-            problems.append(f"size {self.size} is too small (at least 8 px)")
-        fixed = fixed_input_size(self.arch)
-        if self.size is not None and fixed is not None and self.size != fixed:
-            problems.append(f"{self.arch} takes {fixed}x{fixed} px input; use --size {fixed} (images are resized)")
-        if self.lr is not None and not self.lr > 0:
-            problems.append("lr must be positive")
-        if self.mpp is not None and not self.mpp > 0:
-            problems.append("mpp must be positive")
-        if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_rate < 1:
-            problems.append("label smoothing and drop rate must be in [0, 1)")
-        if self.patience < 0 or self.frozen_epochs < 0 or self.workers < 0 or self.folds < 0:
-            problems.append("patience, frozen epochs, workers and folds cannot be negative")
-
-        if problems:
-            raise ConfigError("; ".join(problems))
-        ThresholdRule.parse(self.threshold_rule)
-
-    @property
-    def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
-
-    @property
-    def resolved_weight_decay(self) -> float:
-        return self.weight_decay if self.weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.optimizer]
-
-
-@dataclass
-class PreparedData:
-    """A dataset read, split and decoded for training (shared by the trials of a search)."""
-
-    folder: PatchFolder
-    split: Split
-    classes: list[str]
-    positive: str | None
-    size: int
-    mpp: float | None
-    train: BatchSource
-    valid: BatchSource
-    valid_targets: np.ndarray
-    data_fingerprint: str
-    image_sizes: dict[str, int]
-
-
-@dataclass
-class TrainResult:
-    """What a training run produced."""
-
-    model_dir: Path
-    spec: ModelSpec
-    history: list[dict[str, Any]]
-    best_epoch: int
-    best_score: float
-    stopped_early: bool
-    seconds: float
-    pretrained: dict[str, Any] | None = field(default=None)
 
 
 # --- preparing the data ----------------------------------------------------------------------------------
@@ -214,15 +82,15 @@ def resolve_positive(classes: list[str], positive: str | None) -> str | None:
     """The positive (disease) class: the one given, else for two classes the one whose name says so."""
     if positive is not None:
         if positive not in classes:
-            raise ConfigError(f"--positive {positive!r} is not one of the classes ({', '.join(classes)})")
+            raise ConfigError(f"`positive` {positive!r} is not one of the classes ({', '.join(classes)})")
         return positive
     if len(classes) != 2:
         return None
     matches = [c for c in classes if set(re.split(r"[^a-z0-9]+", c.lower())) & POSITIVE_CLASS_WORDS]
     if len(matches) != 1:
-        raise ConfigError(f"cannot tell which class is positive; pass --positive (one of "
+        raise ConfigError(f"cannot tell which class is positive; set `positive` (one of "
                           f"{', '.join(classes)})")
-    log.info("positive class: %s (from its name; --positive chooses another)", matches[0])
+    log.info("positive class: %s (from its name; `positive` chooses another)", matches[0])
     return matches[0]
 
 
@@ -248,7 +116,7 @@ def _resolve_size(config: TrainConfig, folder: PatchFolder, rows: np.ndarray,
         return pretrained.input_size, sizes
     (w, h), _ = sizes.most_common(1)[0]
     if w != h:
-        raise ConfigError(f"{folder.root}: images are {w}x{h} px, not square; pass --size")
+        raise ConfigError(f"{folder.root}: images are {w}x{h} px, not square; set `size`")
     return w, sizes
 
 
@@ -279,25 +147,26 @@ def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
     mpp = config.mpp if config.mpp is not None else folder.mpp
     if config.mpp is not None and folder.mpp is not None \
             and not math.isclose(config.mpp, folder.mpp, rel_tol=0.05):
-        log.warning("--mpp %.3g differs from the dataset's mpp column (%.3g); recording %.3g", config.mpp,
+        log.warning("`mpp` %.3g differs from the dataset's mpp column (%.3g); recording %.3g", config.mpp,
                     folder.mpp, config.mpp)
     if mpp is None:
-        log.info("training patches have no recorded mpp; pass --mpp so the model can be applied to slides")
+        log.info("training patches have no recorded mpp; set `mpp` so the model can be applied to slides")
     train_y = folder.label_indices(classes, split.train)
     valid_y = folder.label_indices(classes, split.valid)
     threads = max(1, config.workers)
+    pin = resolve_device(config.device).type == "cuda"  # also refuses an absent device before any decoding
     if in_memory(len(rows), size, config.cache_limit_mb):
         train_src = BatchSource(train_y, images=torch.from_numpy(
             load_images(folder, split.train, size, workers=threads, desc="decoding train").images))
         valid_src = BatchSource(valid_y, images=torch.from_numpy(
             load_images(folder, split.valid, size, workers=threads, desc="decoding valid").images))
     else:
-        log.info("%d images exceed --cache-limit (%.0f MB): streaming from disk", len(rows),
+        log.info("%d images exceed `cache_limit_mb` (%.0f MB): streaming from disk", len(rows),
                  config.cache_limit_mb)
         train_src = BatchSource(train_y, stream=PatchImageDataset(folder, split.train, train_y, size),
-                                workers=config.workers)
+                                workers=config.workers, pin_memory=pin)
         valid_src = BatchSource(valid_y, stream=PatchImageDataset(folder, split.valid, valid_y, size),
-                                workers=config.workers)
+                                workers=config.workers, pin_memory=pin)
     fp = fingerprint(folder, [int(i) for i in rows],
                      ["train"] * len(split.train) + ["valid"] * len(split.valid))
     return PreparedData(folder=folder, split=split, classes=classes, positive=positive, size=size, mpp=mpp,
@@ -305,187 +174,9 @@ def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
                         image_sizes={f"{w}x{h}": n for (w, h), n in sorted(sizes.items())})
 
 
-# --- the model -------------------------------------------------------------------------------------------
-def _accepts(model: nn.Module, size: int) -> bool:
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, size, size))
-    except (RuntimeError, ValueError, AssertionError):
-        return False
-    return True
-
-
-def build_model(arch: str, num_classes: int, size: int,
-                drop_rate: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
-    """A fresh model for ``size`` px input and the keywords that rebuild it (``ModelSpec.model_kwargs``)."""
-    kwargs: dict[str, Any] = {"drop_rate": drop_rate} if drop_rate else {}
-    model = create_model(arch, num_classes, **kwargs)
-    if not _accepts(model, size):  # e.g. a vision transformer built for another size
-        try:
-            model = create_model(arch, num_classes, img_size=size, **kwargs)
-            fits = _accepts(model, size)
-        except ModelError:
-            fits = False
-        if not fits:
-            raise ConfigError(f"{arch} cannot take {size}x{size} px input; choose another --size")
-        kwargs["img_size"] = size
-    return model, kwargs
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # biases and norm weights
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = _param_groups(model, config.resolved_weight_decay)
-    lr = config.resolved_lr
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.momentum > 0)
-    if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
-                  steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step LR schedule: linear warm-up then cosine decay to 1 %, one-cycle, or constant."""
-    total = max(1, config.epochs * steps_per_epoch)
-    if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.resolved_lr, total_steps=total)
-    warm = min(total - 1, round(config.warmup_epochs * steps_per_epoch)) if config.epochs > 1 else 0
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if config.schedule == "constant":
-            return 1.0
-        progress_ = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    counts = torch.bincount(targets, minlength=num_classes).float().clamp(min=1)
-    return counts.sum() / (num_classes * counts)
-
-
 # --- the loop --------------------------------------------------------------------------------------------
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy",
                    "valid_balanced_accuracy", "valid_auc", "monitor", "seconds", "best")
-
-
-def _predict(model: nn.Module, source: BatchSource, mean: torch.Tensor, std: torch.Tensor,
-             batch_size: int = 256) -> np.ndarray:
-    model.eval()
-    out = []
-    with torch.inference_mode():
-        for xb, _ in source.batches(batch_size):
-            x = normalise(to_unit_float(xb), mean, std)
-            out.append(torch.softmax(model(x).float(), dim=1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
-def _set_frozen(model: nn.Module, head: set[str], frozen: bool) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad_(not frozen or name in head)
-
-
-def _mean_std(model: nn.Module, report: PretrainedReport | None) -> tuple[tuple[float, float, float],
-                                                                           tuple[float, float, float]]:
-    """Normalisation: the pretrained model's own, else the architecture's default (timm's config)."""
-    if report is not None and report.spec is not None:
-        return report.spec.mean, report.spec.std
-    return default_mean_std(model)
-
-
-@dataclass
-class _Best:
-    score: float = -math.inf
-    epoch: int = 0
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-    probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
-
-
-@dataclass
-class _Loop:
-    """The moving parts of one training run."""
-
-    model: nn.Module
-    forward: nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
-    criterion: nn.Module
-    augment: BatchAugment
-    generator: torch.Generator
-    mean: torch.Tensor
-    std: torch.Tensor
-    head: set[str]
-    head_module: nn.Module
-
-    def train_epoch(self, data: PreparedData, config: TrainConfig, epoch: int) -> tuple[float, float]:
-        """One pass over the training rows in a seeded order; returns (mean loss, accuracy)."""
-        frozen = config.freeze_backbone and epoch <= config.frozen_epochs
-        _set_frozen(self.model, self.head, frozen)
-        self.model.train()
-        if frozen:  # frozen backbone: batch-norm statistics stay as loaded
-            self.model.eval()
-            self.head_module.train()
-        order = torch.randperm(len(data.train), generator=self.generator)
-        drop_last = len(data.train) > config.batch_size
-        steps = max(1, len(data.train) // config.batch_size)
-        losses, correct, seen = 0.0, 0, 0
-        batches = data.train.batches(config.batch_size, order=order, drop_last=drop_last)
-        for xb, yb in progress.bar(batches, total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                                   leave=False):
-            logits = self.forward(normalise(self.augment(xb), self.mean, self.std))
-            loss = self.criterion(logits, yb)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.schedule.step()
-            losses += float(loss.detach()) * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            seen += len(yb)
-        return losses / max(1, seen), correct / max(1, seen)
-
-    def validate(self, data: PreparedData, pos_index: int | None) -> tuple[np.ndarray, dict[str, Any]]:
-        """Validation probabilities and metrics (arg-max decisions, plus the loss)."""
-        probs = _predict(self.forward, data.valid, self.mean, self.std)
-        metrics = compute_metrics(data.valid_targets, probs, data.classes, positive_index=pos_index)
-        metrics["loss"] = float(nn.functional.nll_loss(torch.from_numpy(np.log(probs.clip(1e-7))),
-                                                       torch.from_numpy(data.valid_targets)))
-        return probs, metrics
-
-
-def _make_loop(data: PreparedData,
-               config: TrainConfig) -> tuple[_Loop, dict[str, Any], PretrainedReport | None]:
-    """Model (+ local pretrained weights), optimiser, schedule, loss and augmentation for a run."""
-    num_classes = len(data.classes)
-    model, model_kwargs = build_model(config.arch, num_classes, data.size, config.drop_rate)
-    report = load_pretrained(model, config.pretrained) if config.pretrained else None
-    if config.freeze_backbone and not config.pretrained:
-        log.warning("--freeze-backbone without --pretrained freezes random features")
-    mean, std = _mean_std(model, report)
-    model = model.to(memory_format=torch.channels_last)
-    forward: nn.Module = torch.compile(model) if config.compile else model  # type: ignore[assignment]
-    optimizer = make_optimizer(model, config)
-    weights = _class_weights(data.train.targets, num_classes) if config.class_weights else None
-    get_classifier = getattr(model, "get_classifier")  # noqa: B009 - timm API, checked by registry
-    loop = _Loop(
-        model=model, forward=forward, optimizer=optimizer,
-        schedule=make_schedule(optimizer, config, max(1, len(data.train) // config.batch_size)),
-        criterion=nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing),
-        augment=BatchAugment(flips=config.flips, hed=config.hed_jitter, color=config.color_jitter),
-        generator=torch.Generator().manual_seed(config.seed),
-        mean=torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
-        std=torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
-        head=classifier_parameter_names(model), head_module=get_classifier())
-    loop.augment.generator = loop.generator
-    return loop, {"model_kwargs": model_kwargs, "mean": mean, "std": std}, report
 
 
 def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainResult:
@@ -496,13 +187,10 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
     unless ``config.restart``. ``config.json`` is written last and marks a complete folder.
     """
     if config.folds > 1:
-        from wsi_screen.training.cross_validation import fit_folds
-
         return fit_folds(data, config, out_dir)
     out = Path(out_dir)
     complete = (out / CONFIG_NAME).exists()
-    if complete and not config.overwrite:
-        raise ConfigError(f"{out} already holds a model; pass --overwrite or choose another output folder")
+    refuse_existing_model(out, config)
     out.mkdir(parents=True, exist_ok=True)
     if complete or config.restart:
         (out / CONFIG_NAME).unlink(missing_ok=True)  # the folder is incomplete until the new config is written
@@ -512,19 +200,19 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
     pos_index = data.classes.index(data.positive) if data.positive is not None else None
     monitor = config.monitor if config.monitor != "auto" else "auc" if len(data.classes) == 2 \
         else "balanced_accuracy"
-    best, history, stopped_early = _Best(), [], False
+    best, history, stopped_early = Best(), [], False
     fingerprint = train_checkpoint.run_fingerprint(asdict(config), data.data_fingerprint)
     with torch.random.fork_rng(devices=[]):  # seeded init and dropout, without touching the caller's RNG
         torch.manual_seed(config.seed)
-        loop, built, report = _make_loop(data, config)
-        log.info("training %s (%s parameters) on %d images of %d px, validating on %d; up to %d epochs",
+        loop, built, report = make_loop(data, config)
+        log.info("training %s (%s parameters) on %d images of %d px, validating on %d; up to %d epochs on %s",
                  config.arch, f"{count_parameters(loop.model):,}", len(data.train), data.size,
-                 len(data.valid), config.epochs)
+                 len(data.valid), config.epochs, describe_device(loop.amp))
         stale, first = 0, 1
         resumed = train_checkpoint.load(out, fingerprint=fingerprint, model=loop.model, optimizer=loop.optimizer,
                                         schedule=loop.schedule, generator=loop.generator)
         if resumed is not None:
-            best = _Best(score=resumed.best_score, epoch=resumed.best_epoch, state=resumed.best_state,
+            best = Best(score=resumed.best_score, epoch=resumed.best_epoch, state=resumed.best_state,
                          probs=resumed.best_probs)
             history, stale, first = resumed.history, resumed.stale, resumed.epoch + 1
             stopped_early = bool(config.patience and stale >= config.patience and resumed.epoch < config.epochs)
@@ -543,13 +231,13 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                     score = -vm["loss"]
                 improved = score > best.score
                 if improved:
-                    best = _Best(score=score, epoch=epoch, probs=probs,
+                    best = Best(score=score, epoch=epoch, probs=probs,
                                  state={k: v.detach().clone() for k, v in loop.model.state_dict().items()})
                 stale = 0 if improved else stale + 1
                 row = {"epoch": epoch, "lr": f"{loop.optimizer.param_groups[0]['lr']:.3g}",
                        "train_loss": f"{train_loss:.4f}", "train_accuracy": f"{train_acc:.4f}",
-                       "valid_loss": f"{vm['loss']:.4f}", "valid_accuracy": _fmt(vm["accuracy"]),
-                       "valid_balanced_accuracy": _fmt(vm["balanced_accuracy"]), "valid_auc": _fmt(vm["auc"]),
+                       "valid_loss": f"{vm['loss']:.4f}", "valid_accuracy": fmt(vm["accuracy"]),
+                       "valid_balanced_accuracy": fmt(vm["balanced_accuracy"]), "valid_auc": fmt(vm["auc"]),
                        "monitor": f"{score:.4f}", "seconds": f"{time.perf_counter() - t0:.1f}",
                        "best": "*" if improved else ""}
                 writer.writerow(row)
@@ -578,7 +266,7 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                       split={"split": data.split.description, "split_source": data.split.source,
                              "n_train": len(data.train), "n_valid": len(data.valid)},
                       class_targets=data.train.targets.numpy(),
-                      train_config=_resolved(config, data, monitor, best.epoch, stopped_early, seconds, report))
+                      train_config=resolved_config(config, data, monitor, best.epoch, stopped_early, seconds, report))
     write_evaluation(out / "valid", metrics, [data.folder.paths[i] for i in data.split.valid],
                      data.valid_targets, best.probs)
     finish_model_folder(out, loop.model, data, spec, data.valid_targets, best.probs)
@@ -590,83 +278,10 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                        pretrained=report.as_dict() if report else None)
 
 
-def model_spec(config: TrainConfig, data: PreparedData, built: dict[str, Any], *, threshold: float | None,
-               rule: ThresholdRule, metrics: dict[str, Any], split: dict[str, Any], class_targets: np.ndarray,
-               train_config: dict[str, Any], ensemble: int = 1) -> ModelSpec:
-    """The ``config.json`` of a trained model (one split or cross-validated: ``split`` says which)."""
-    return ModelSpec(
-        arch=config.arch, classes=list(data.classes), input_size=data.size, positive_class=data.positive,
-        mpp=data.mpp, mean=built["mean"], std=built["std"], stain_method=config.stain_method,
-        stain_target=config.stain_target, threshold=threshold,
-        threshold_rule=str(rule) if data.positive is not None else "argmax",
-        metrics={k: v for k, v in metrics.items() if k != "classes"}, data_fingerprint=data.data_fingerprint,
-        data={"dataset": str(data.folder.root.resolve()), "layout": data.folder.layout,
-              "label_column": data.folder.label_column, "group_column": data.folder.group_column,
-              **split, "image_sizes": data.image_sizes,
-              "train_class_counts": dict(Counter(data.classes[int(t)] for t in class_targets))},
-        train_config=train_config, model_kwargs=built["model_kwargs"], package_version=__version__,
-        ensemble=ensemble,
-    )
-
-
-def finish_model_folder(out: Path, model: nn.Module, domain_data: PreparedData, spec: ModelSpec,
-                        targets: np.ndarray, probs: np.ndarray) -> None:
-    """The domain distance (fitted on ``domain_data``), the card (validation AUC CI from ``targets`` and
-    ``probs``) and, last, the weights and ``config.json``, which mark a complete model folder."""
-    fit_domain(model, domain_data, spec).save(out)
-    write_card(out, spec, auc_ci=_auc_ci(targets, probs, spec.positive_index))
-    save_model(out, model, spec)
-
-
-def _auc_ci(targets: np.ndarray, probs: np.ndarray, pos_index: int | None) -> tuple[float, float] | None:
-    """95 % bootstrap interval of the validation AUC (binary models with both classes present)."""
-    is_pos = np.asarray(targets) == pos_index
-    if pos_index is None or is_pos.all() or not is_pos.any():
-        return None
-    from wsi_screen.metrics import bootstrap_auc
-
-    _auc, lo, hi = bootstrap_auc(probs[:, pos_index], is_pos, seed=0)
-    return lo, hi
-
-
-def fit_domain(model: nn.Module, data: PreparedData, spec: ModelSpec) -> DomainModel:
-    """The model's domain distance: fitted on the training split's features, threshold on the valid split's
-    (see :mod:`wsi_screen.models.domain`)."""
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
-    train = collect_features(model, (xb for xb, _ in data.train.batches(256)), mean, std)
-    valid = collect_features(model, (xb for xb, _ in data.valid.batches(256)), mean, std)
-    domain = fit_domain_model(train, data.train.targets.numpy(), valid,
-                              info={"dataset": data.folder.root.name})
-    log.info("domain distance fitted on %d training images; threshold %.3f flags %.1f %% of valid", len(data.train),
-             domain.threshold, 100 * domain.info["calibrated_on"]["flagged_fraction"])
-    return domain
-
-
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
-
-
-def _resolved(config: TrainConfig, data: PreparedData, monitor: str, best_epoch: int, stopped_early: bool,
-              seconds: float, report: PretrainedReport | None) -> dict[str, Any]:
-    out = asdict(config)
-    out.pop("restart", None)
-    out["overrides"] = list(config.overrides)  # as JSON holds it
-    out.update(size=data.size, lr=config.resolved_lr, weight_decay=config.resolved_weight_decay,
-               monitor=monitor, best_epoch=best_epoch, stopped_early=stopped_early, seconds=round(seconds, 1),
-               threads=torch.get_num_threads(), torch_version=torch.__version__,
-               pretrained_report=report.as_dict() if report else None)
-    import timm
-
-    out["timm_version"] = timm.__version__
-    return out
-
-
 def for_data(config: TrainConfig, data: PreparedData) -> TrainConfig:
     """``config`` with its recipe and number of folds resolved for ``data`` (see wsi_screen.training.recipes and
     wsi_screen.training.cross_validation)."""
     from wsi_screen.training import recipes
-    from wsi_screen.training.cross_validation import auto_folds
 
     n_pool = len(data.train) + len(data.valid)
     config = recipes.apply(config, len(data.train))
@@ -683,7 +298,6 @@ def for_data(config: TrainConfig, data: PreparedData) -> TrainConfig:
 def train(dataset: str | Path, out_dir: str | Path, config: TrainConfig) -> TrainResult:
     """Train ``config.arch`` on a dataset folder and write the model folder (see the module docstring)."""
     out = Path(out_dir)
-    if (out / CONFIG_NAME).exists() and not config.overwrite:
-        raise ConfigError(f"{out} already holds a model; pass --overwrite or choose another output folder")
+    refuse_existing_model(out, config)
     data = prepare_data(dataset, config)
     return fit(data, for_data(config, data), out)

@@ -78,7 +78,7 @@ def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: dic
     out = Path(out_dir)
     settings = expand(space, search=search, trials=trials, seed=base.seed)
     if (out / "trials.csv").exists() and not base.overwrite:
-        raise ConfigError(f"{out} already holds a search; pass --overwrite or choose another output folder")
+        raise ConfigError(f"{out} already holds a search; set `overwrite` or choose another output folder")
     for name in ("trials", "best"):
         if base.overwrite and (out / name).exists():
             shutil.rmtree(out / name)

@@ -86,3 +86,57 @@ def test_dicom_absurd_columns_fail_fast(tmp_path: Path, slides_dir: Path) -> Non
     with pytest.raises(SlideOpenError, match=r"1000000 x 700 px in 256 x 256 px tiles needs 11721 frames"):
         Slide(bad)
     assert time.perf_counter() - started < 1.0
+
+
+def _non_conformant_dicom(src: Path, dst: Path) -> Path:
+    """A DICOM WSI as a new user met one: a 65-character SeriesInstanceUID (64 at most) and an Image Type of two
+    values, without the third (VOLUME, LABEL, ...) that OpenSlide needs ("Couldn't get image flavor")."""
+    import warnings
+
+    import pydicom
+
+    ds = pydicom.dcmread(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the value it is asked to write
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498." + "7" * 39
+        ds.ImageType = ["DERIVED", "PRIMARY"]
+        ds.save_as(dst)
+    return dst
+
+
+def test_image_flavor_in_the_tools_words(tmp_path: Path, slides_dir: Path) -> None:
+    from wsi_screen.slide.readers.openslide_reader import OpenSlideReader
+
+    bad = _non_conformant_dicom(slides_dir / "camelyon-lowres.dcm", tmp_path / "bad.dcm")
+    explained = r"not a conformant DICOM whole-slide image: .*Image Type.*VOLUME.*export the slide again"
+    with pytest.warns(UserWarning, match=r"value length \(65\)"), pytest.raises(SlideOpenError, match=explained):
+        Slide(bad)  # the header check, before OpenSlide
+    with pytest.raises(SlideOpenError, match=explained) as caught:
+        OpenSlideReader(bad)  # OpenSlide's own refusal, reworded
+    assert "Couldn't get image flavor" not in str(caught.value)
+
+
+@pytest.mark.filterwarnings("default")  # as a user's run: library warnings are not errors there
+def test_library_warnings_reach_the_run_log_not_the_terminal(tmp_path: Path, slides_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydicom's UserWarning about the 65-character UID used to print on the terminal during `infer`."""
+    import sys
+    import warnings
+
+    from wsi_screen.runlog import LOG_NAME
+
+    monkeypatch.setenv("WSI_SCREEN_IN_PROCESS", "1")  # the slide read here: the warning is the parent's
+
+    def terminal(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(warnings, "showwarning", terminal)  # where Python prints a warning (pytest records it)
+
+    (tmp_path / "in").mkdir()
+    _non_conformant_dicom(slides_dir / "camelyon-lowres.dcm", tmp_path / "in" / "bad.dcm")
+    res = run_cli("infer", tmp_path / "in", "-o", tmp_path / "run", "--quiet")
+    assert res.code == 1
+    assert len(res.err_lines) == 1, res.err  # the slide's one error line, no warning
+    assert res.err_lines[0].startswith(f"{ERROR}{tmp_path / 'in' / 'bad.dcm'}: not a conformant DICOM"), res.err
+    log = (tmp_path / "run" / LOG_NAME).read_text()
+    assert "UserWarning: The value length (65) exceeds the maximum length of 64" in log

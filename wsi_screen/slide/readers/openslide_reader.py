@@ -9,6 +9,7 @@ import openslide
 
 from wsi_screen.errors import SlideOpenError, SlideReadError, UnsupportedFormatError
 from wsi_screen.slide.readers import into
+from wsi_screen.slide.readers.sanity import image_type_problem
 
 _PROPERTY_PREFIXES = ("openslide.", "aperio.", "hamamatsu.", "mirax.", "dicom.", "tiff.", "leica.",
                       "philips.", "ventana.", "sakura.", "generic-tiff.")
@@ -34,7 +35,7 @@ class OpenSlideReader:
         except openslide.OpenSlideUnsupportedFormatError as exc:
             raise UnsupportedFormatError(f"{path}: not a slide format OpenSlide reads") from exc
         except openslide.OpenSlideError as exc:
-            raise SlideOpenError(f"{path}: OpenSlide cannot open it: {_one_line(exc)}") from exc
+            raise SlideOpenError(f"{path}: {_explained(exc)}") from exc
         self.vendor = self._osr.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
         self.level_dimensions = tuple((int(w), int(h)) for w, h in self._osr.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
@@ -85,6 +86,14 @@ def rgba_to_rgb_on_white(rgba: np.ndarray) -> np.ndarray:
     # premultiplied: out = rgb + (255 - alpha)
     out = rgb.astype(np.uint16) + (255 - alpha[..., None]).astype(np.uint16)
     return np.minimum(out, 255).astype(np.uint8)
+
+
+def _explained(exc: BaseException) -> str:
+    """OpenSlide's refusal in the tool's words where its own are cryptic, else quoted on one line."""
+    text = _one_line(exc)
+    if "image flavor" in text:  # libdicom's reader: Image Type without its third value
+        return image_type_problem()
+    return f"OpenSlide cannot open it: {text}"
 
 
 def _one_line(exc: BaseException) -> str:

@@ -12,7 +12,8 @@ says what is wrong:
   image (level 0, where patches are read) must lie inside the file with no tile of zero bytes;
 * DICOM (a series folder or one file): every file of the series must be readable and of the same series;
   image and tile dimensions plausible; a tiled image's frame count must match its size; the offset table
-  of its frames must point inside the file.
+  of its frames must point inside the file; a whole-slide image's Image Type must say what the image is
+  (VOLUME, LABEL, ...: OpenSlide's "Couldn't get image flavor" otherwise).
 
 NDPI (64-bit offsets hidden in a classic TIFF) and Philips TIFF (sparse tiles by design) are left to
 OpenSlide's own checks.
@@ -33,6 +34,8 @@ MAX_SIDE_PX = 2_000_000
 MAX_TILE_PX = 16_384
 #: largest DICOM frame edge (Rows and Columns are 16-bit)
 MAX_FRAME_PX = 65_535
+#: MediaStorageSOPClassUID of a VL Whole Slide Microscopy Image (what OpenSlide reads)
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 #: most directories a TIFF may chain (slides have a handful; z-stacks a few hundred)
 MAX_IFDS = 100_000
 
@@ -267,8 +270,26 @@ def _check_dicom_image(f: Path, ds: Any, pixels_at: int) -> tuple[int, int]:
                                  f"tiles needs {needed} frames; it declares {frames})")
     if ds.file_meta.get("TransferSyntaxUID") is not None and ds.file_meta.TransferSyntaxUID.is_encapsulated:
         _check_offset_table(f, pixels_at, size, ds.file_meta.TransferSyntaxUID.is_little_endian)
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    image_type = [str(v).upper() for v in _values(ds.get("ImageType"))]
+    if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == WSI_SOP_CLASS and len(image_type) < 3:
+        raise SlideOpenError(f"{f}: {image_type_problem(image_type)}")
     return (total_c, total_r) if "VOLUME" in image_type or not image_type else (0, 0)
+
+
+def _values(value: Any) -> list[Any]:
+    """A DICOM element's values as a list (one value comes back bare from pydicom)."""
+    if value is None or value == "":
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def image_type_problem(image_type: list[str] | None = None) -> str:
+    """What is wrong with a whole-slide DICOM image whose Image Type lacks the value naming the image's kind
+    (OpenSlide's "Couldn't get image flavor"), and what to do about it."""
+    shown = "Image Type " + "\\".join(image_type) if image_type else "its Image Type"
+    return (f"not a conformant DICOM whole-slide image: {shown} lacks the third value that says what the image "
+            "is (VOLUME for a pyramid level, LABEL, OVERVIEW or THUMBNAIL), so its pyramid cannot be read; export "
+            "the slide again with a DICOM-conformant converter, or convert it to OME-TIFF (QuPath, bfconvert)")
 
 
 def _check_offset_table(f: Path, pixels_at: int, size: int, little: bool) -> None:

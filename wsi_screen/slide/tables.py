@@ -1,4 +1,4 @@
-"""Tables a user gives on the command line (``--labels``, ``--slide-mpp-csv``): one reader, one-line errors."""
+"""Tables a user gives (slide labels, per-slide mpp): one reader, one-line errors."""
 
 from __future__ import annotations
 

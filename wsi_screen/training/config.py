@@ -1,0 +1,150 @@
+"""What a training run takes and gives: :class:`TrainConfig` (the settings), :class:`PreparedData` (a dataset
+read, split and decoded) and :class:`TrainResult`. Shared by :mod:`wsi_screen.training.train` (one validation
+split), :mod:`wsi_screen.training.cross_validation` and :mod:`wsi_screen.training.loop`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_screen._device_name import parse_device_name
+from wsi_screen.errors import ConfigError
+from wsi_screen.metrics import DEFAULT_THRESHOLD_RULE, ThresholdRule
+from wsi_screen.models.registry import fixed_input_size
+from wsi_screen.models.spec import STAIN_METHODS, ModelSpec
+from wsi_screen.training.data import BatchSource, PatchFolder, Split
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "onecycle", "constant")
+MONITORS = ("auto", "auc", "balanced_accuracy", "accuracy", "loss")
+DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adam": 0.0, "adamw": 0.05}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that defines a training run (the CLI maps its options onto this)."""
+
+    arch: str
+    size: int | None = None  # None: the architecture's fixed size, the pretrained model's, or the images'
+    label_column: str = "label"
+    split_column: str | None = "split"
+    require_split_column: bool = False
+    group_column: str | None = None
+    positive: str | None = None
+    valid_fraction: float = 0.15
+    carve_valid: bool = False  # ignore the dataset's valid split (keep it held out) and carve from train
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float | None = None  # None: 1e-3 for adam/adamw, 0.01 for sgd
+    weight_decay: float | None = None  # None: 0.05 adamw, 0 adam, 1e-4 sgd
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    class_weights: bool = True
+    drop_rate: float = 0.0
+    patience: int = 8  # epochs without improvement before stopping; 0 disables early stopping
+    monitor: str = "auto"  # auto: AUC for binary, balanced accuracy otherwise
+    pretrained: str | None = None
+    freeze_backbone: bool = False
+    frozen_epochs: int = 2
+    seed: int = 0
+    mpp: float | None = None
+    stain_method: str = "none"
+    stain_target: str | None = None
+    threshold_rule: str = DEFAULT_THRESHOLD_RULE
+    flips: bool = True
+    hed_jitter: float = 0.05
+    color_jitter: float = 0.1
+    workers: int = 2
+    cache_limit_mb: float = 4096.0
+    compile: bool = False
+    overwrite: bool = False
+    restart: bool = False  # ignore a checkpoint of an interrupted run in the output folder
+    #: training recipe (see wsi_screen.training.recipes): "default", "small", or "auto" (chosen from the data)
+    recipe: str = "default"
+    #: fields set explicitly (a recipe never changes them)
+    overrides: tuple[str, ...] = ()
+    #: K-fold cross-validation (see wsi_screen.training.cross_validation); 1: one validation split; 0: auto
+    folds: int = 1
+    #: where to train: auto (a CUDA GPU where present, else the CPU), cpu, cuda, cuda:N or mps
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.monitor not in MONITORS:
+            problems.append(f"monitor {self.monitor!r} is not one of {', '.join(MONITORS)}")
+        if self.stain_method not in STAIN_METHODS:
+            problems.append(f"stain {self.stain_method!r} is not one of {', '.join(STAIN_METHODS)}")
+        if self.stain_method == "none" and self.stain_target:
+            problems.append("a stain target needs a stain method (`stain_method`)")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.size is not None and self.size < 8:
+            problems.append(f"size {self.size} is too small (at least 8 px)")
+        fixed = fixed_input_size(self.arch)
+        if self.size is not None and fixed is not None and self.size != fixed:
+            problems.append(f"{self.arch} takes {fixed}x{fixed} px input; use `size`={fixed} (images are resized)")
+        if self.lr is not None and not self.lr > 0:
+            problems.append("lr must be positive")
+        if self.mpp is not None and not self.mpp > 0:
+            problems.append("mpp must be positive")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_rate < 1:
+            problems.append("label smoothing and drop rate must be in [0, 1)")
+        if self.patience < 0 or self.frozen_epochs < 0 or self.workers < 0 or self.folds < 0:
+            problems.append("patience, frozen epochs, workers and folds cannot be negative")
+
+        if problems:
+            raise ConfigError("; ".join(problems))
+        ThresholdRule.parse(self.threshold_rule)
+        parse_device_name(self.device)
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        return self.weight_decay if self.weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.optimizer]
+
+
+@dataclass
+class PreparedData:
+    """A dataset read, split and decoded for training (shared by the trials of a search)."""
+
+    folder: PatchFolder
+    split: Split
+    classes: list[str]
+    positive: str | None
+    size: int
+    mpp: float | None
+    train: BatchSource
+    valid: BatchSource
+    valid_targets: np.ndarray
+    data_fingerprint: str
+    image_sizes: dict[str, int]
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    model_dir: Path
+    spec: ModelSpec
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best_score: float
+    stopped_early: bool
+    seconds: float
+    pretrained: dict[str, Any] | None = field(default=None)
