@@ -1,10 +1,15 @@
-"""Regenerate the README's pictures from a fresh demo run: docs/img/{heatmap,report,notebook}.png.
+"""Regenerate the README's pictures from fresh runs: docs/img/{heatmap,heatmap-normal,heatmap-tumour,report,
+notebook}.png.
 
-    python scripts/make_doc_images.py [--run runs/demo]
+    python scripts/make_doc_images.py [--run runs/demo] [--phantoms runs/phantoms]
 
 Runs `wsi-screen infer examples/ -o RUN` if RUN has no results yet, copies the example slide's heatmap,
 screenshots RUN/report.html in headless Chromium, and executes notebooks/heatmap.ipynb on RUN, renders it
 to HTML (nbconvert, a documentation-only extra: `pip install nbconvert`) and screenshots that.
+
+The phantoms: two slides of PCam *valid* patches at realistic size (4,200 tissue cells, irregular tissue; one
+normal, one with a macro- and a micro-metastasis; seeds 3 and 4), screened with the bundled model; their
+heatmaps become heatmap-normal.png and heatmap-tumour.png.
 """
 
 from __future__ import annotations
@@ -33,11 +38,34 @@ def screenshot(html: Path, png: Path, width: int = 1280, height: int = 1600) -> 
                        timeout=120)
 
 
+def phantoms(run: Path) -> None:
+    """Build the two phantom slides (once) and screen them into ``run``; copy their heatmaps."""
+    import numpy as np
+
+    from wsi_screen.synthetic.cohort import make_layout
+    from wsi_screen.synthetic.slides import PCAM_MPP, build_layout_slide, default_patches_dir, load_pool
+
+    slides = run.parent / f"{run.name}-slides"
+    pcam = default_patches_dir()
+    sizes = {k: len(v) for k, v in load_pool(pcam, "valid").items()}
+    for name, seed, foci in (("normal", 3, []), ("tumour", 4, ["macro", "micro"])):
+        if not (slides / f"{name}.tiff").exists():
+            layout = make_layout(np.random.default_rng(seed), 4200, foci, cell_mm=96 * PCAM_MPP / 1000, pools=sizes)
+            build_layout_slide(slides / f"{name}.tiff", layout, patches_dir=pcam, seed=seed)
+    if not (run / "results.csv").exists():
+        subprocess.run([sys.executable, "-m", "wsi_screen.cli", "infer", str(slides), "-o", str(run), "--quiet"],
+                       check=True)
+    for name in ("normal", "tumour"):
+        shutil.copy(run / name / "heatmap.png", IMG / f"heatmap-{name}.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=REPO / "runs" / "demo")
+    parser.add_argument("--phantoms", type=Path, default=REPO / "runs" / "phantoms")
     args = parser.parse_args(argv)
     IMG.mkdir(parents=True, exist_ok=True)
+    phantoms(args.phantoms)
     if not (args.run / "results.csv").exists():
         subprocess.run([sys.executable, "-m", "wsi_screen.cli", "infer", str(REPO / "examples"), "-o", str(args.run),
                         "--quiet"], check=True)

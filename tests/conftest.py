@@ -178,3 +178,14 @@ def dicom_series_copy(slides_dir: Path, folder: Path) -> tuple[Path, Path]:
     """A copy of the CMU DICOM series in ``folder``; returns it and its level-0 (largest) file."""
     shutil.copytree(slides_dir / "CMU-1-Small-Region dicom", folder)
     return folder, max(folder.glob("*.dcm"), key=lambda p: p.stat().st_size)
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty local Hugging Face hub cache as HF_HOME, offline (tests/hub.py writes models into it)."""
+    home = tmp_path / "hf"
+    (home / "hub").mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home

@@ -229,7 +229,8 @@ def test_worker_with_another_model_refuses(tmp_path: Path, slides: Path) -> None
 
     classifier = load_model(None)
     job = SlideJob(run=tmp_path / "run", stores=str(tmp_path / "stores"),
-                   tile=tile_config_for(classifier, InferConfig()), model_id={"sha256": "0" * 64})
+                   tile=tile_config_for(classifier, InferConfig()), model_id={"sha256": "0" * 64},
+                   on_error="record")
     row = screen_slide_task(SlideSource(slides / "block_a.tif", "block_a"), job, None, "0" * 64)
     assert row.status == "error" and "not the client's" in row.error and "\n" not in row.error
     assert not (tmp_path / "stores").exists()

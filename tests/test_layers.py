@@ -26,6 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wsi_screen"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("interface", ("cli", "commands", "__init__", "_timm_hook")),
     ("synthetic", ("synthetic",)),
+    ("embedding", ("embedding",)),
     ("screening", ("screening",)),
     ("training", ("training",)),
     ("models", ("models",)),

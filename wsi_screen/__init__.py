@@ -1,8 +1,20 @@
 """wsi-screen: screen whole-slide images for cancer.
 
-Importing the package is cheap: heavy modules (torch, timm, zarr, openslide) load on first use. The public
-API is re-exported lazily; ``import wsi_screen`` also registers the project's own architectures in timm's
-model registry when timm is first needed (see :mod:`wsi_screen.models`).
+The public API (docs/api.md), from a slide to its call:
+
+>>> import wsi_screen
+>>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:       # doctest: +SKIP
+...     mask = wsi_screen.tissue_mask(slide)                     # glass, tissue, pen, artifact
+...     store = wsi_screen.tile(slide, mpp=0.972, size=96)        # a PatchStore, in memory
+...     model = wsi_screen.load_model()                          # the bundled default model
+...     scores = wsi_screen.score(store, model)                  # probabilities, coords, domain distance
+...     call = wsi_screen.call_slide(scores, model)              # diagnosis, score, foci, in-domain fraction
+...     fig = wsi_screen.heatmap(slide, scores, call)            # a matplotlib Figure
+>>> wsi_screen.screen("examples/CMU-1-Small-Region.svs")       # doctest: +SKIP
+
+Importing the package is cheap: heavy modules (torch, timm, zarr, openslide) load on first use of a name.
+``import wsi_screen`` also registers the project's own architectures in timm's model registry when timm is
+first needed (see :mod:`wsi_screen.models`).
 """
 
 from __future__ import annotations
@@ -19,14 +31,26 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 _LAZY = {
-    "Slide": "wsi_screen.slide.slide",
     "open_slide": "wsi_screen.slide.slide",
+    "Slide": "wsi_screen.slide.slide",
+    "tissue_mask": "wsi_screen.tiling.pipeline",
+    "tile": "wsi_screen.tiling.pipeline",
     "PatchStore": "wsi_screen.tiling.store",
     "load_model": "wsi_screen.models",
     "create_model": "wsi_screen.models",
+    "score": "wsi_screen.screening.api",
+    "Scores": "wsi_screen.screening.api",
+    "call_slide": "wsi_screen.screening.api",
+    "SlideCall": "wsi_screen.screening.api",
+    "heatmap": "wsi_screen.screening.api",
+    "screen": "wsi_screen.screening.api",
 }
 
 __all__ = ["__version__", *_LAZY]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name: str) -> Any:

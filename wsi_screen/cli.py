@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "wsi_screen.commands.evaluate:evaluate",
     "predict": "wsi_screen.commands.predict:predict",
     "tune": "wsi_screen.commands.tune:tune",
+    "embed": "wsi_screen.commands.embed:embed",
     "infer": "wsi_screen.commands.infer:infer",
     "report": "wsi_screen.commands.report:report",
     "calibrate": "wsi_screen.commands.calibrate:calibrate",
@@ -131,7 +132,8 @@ SETTING_FLAGS: dict[str, str] = {
     "dask": "--dask", "split": "--split", "positive": "--positive", "folds": "--folds",
     "cache_limit_mb": "--cache-limit", "label_column": "--label-column", "group_column": "--group-column",
     "split_column": "--split-column", "carve_valid": "--carve-valid", "pretrained": "--pretrained",
-    "freeze_backbone": "--freeze-backbone", "arch": "--arch",
+    "freeze_backbone": "--freeze-backbone", "arch": "--arch", "encoder": "--encoder", "encoder_weights": "--weights",
+    "head": "--head", "embedding_cache": "--embedding-cache",
 }
 
 

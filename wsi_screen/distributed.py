@@ -15,7 +15,7 @@ than a cluster has workers.
 Usage from Python::
 
     with connect("tcp://10.0.0.5:8786") as dask:
-        results = tile_slides(sources, "/shared/stores", config, dask=dask)
+        results = tile_slides(sources, "/shared/stores", config, on_error="record", dask=dask)
 
 GPUs: with device ``auto`` (or ``cuda``) each ``infer`` worker scores on a GPU of its own: a worker that sees
 one GPU (``CUDA_VISIBLE_DEVICES`` set per worker, as dask-cuda's ``LocalCUDACluster`` and ``dask cuda worker``

@@ -137,6 +137,11 @@ class ModelMismatchError(ModelError):
     """A model cannot be applied to the given store or data (other mpp, patch size, stain or classes)."""
 
 
+class EncoderNotFoundError(ModelError, FileNotFoundError):
+    """An encoder's weights are neither cached nor downloadable (offline, unknown repository, gated without a
+    token); the message says where it looked and how to get them."""
+
+
 class DeviceError(WsiScreenError, ValueError):
     """A compute device was asked for that is not a device name, or is absent on this machine (``cuda`` with no
     CUDA GPU, ``cuda:3`` with two, ``mps`` off Apple silicon)."""

@@ -179,16 +179,20 @@ def test_a_moved_run_folder_opens_from_anywhere(demo_run: Path, tmp_path: Path,
 
 
 # --- one operating point --------------------------------------------------------------------------------
-def test_geojson_classes_use_the_models_threshold(demo_run: Path) -> None:
+def test_geojson_classes_use_the_calls_threshold(demo_run: Path) -> None:
+    """A slide's outputs show the patch threshold its call read (the bundled region rule's 0.8), not the model's
+    (0.213, which predict and evaluate keep): issue 28 replaced 'GeoJSON classes at the model's threshold'."""
     spec = load_model(default_model_dir()).spec
+    call = json.loads((demo_run / "run.json").read_text())["aggregate"]
     fc = json.loads((demo_run / "CMU-1-Small-Region" / "patches.geojson").read_text())
-    assert fc["wsi_screen"]["threshold"] == spec.threshold and fc["wsi_screen"]["positive_class"] == "tumour"
+    assert call["rule"] == "region" and fc["wsi_screen"]["threshold"] == call["region_threshold"] == 0.8
+    assert fc["wsi_screen"]["positive_class"] == "tumour" and spec.threshold is not None and spec.threshold < 0.5
     p = np.array([f["properties"]["measurements"]["tumour"] for f in fc["features"]])
     names = [f["properties"]["classification"]["name"] for f in fc["features"]]
-    assert names == ["tumour" if v >= spec.threshold else "normal" for v in p]
-    between = (p >= spec.threshold) & (p < 0.5)  # where argmax and the threshold disagree
-    assert between.any() and all(names[i] == "tumour" for i in np.flatnonzero(between))
-    assert all(f["properties"]["threshold"] == spec.threshold for f in fc["features"])
+    assert names == ["tumour" if v >= 0.8 else "normal" for v in p]
+    between = (p >= spec.threshold) & (p < 0.8)  # tumour at the model's threshold, not at the call's
+    assert between.any() and all(names[i] == "normal" for i in np.flatnonzero(between))
+    assert all(f["properties"]["threshold"] == 0.8 for f in fc["features"])
 
 
 # --- threads ----------------------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ def test_structure() -> None:
     coords, probs = _example()
     fc = patches_to_geojson(coords, 224, probs, CLASSES, slide_name="s1")
     assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 4
-    assert fc["wsi_screen"] == {"slide": "s1", "classes": CLASSES, "tile_size_l0": 224, "n_patches": 4,
-                                "positive_class": None, "threshold": None, "decision": "most probable class"}
+    assert fc["wsi_screen"] == {"slide": "s1", "classes": CLASSES, "tile_size_l0": 224, "n_patches": 4, "n_foci": 0,
+                                "positive_class": None, "threshold": None, "threshold_source": None,
+                                "decision": "most probable class"}
     for i, (feat, (x, y)) in enumerate(zip(fc["features"], coords.tolist(), strict=True)):
         assert feat["type"] == "Feature" and feat["geometry"]["type"] == "Polygon"
         rings = feat["geometry"]["coordinates"]
@@ -89,6 +90,56 @@ def test_colours() -> None:
     with pytest.raises(ConfigError, match="colour"):
         patches_to_geojson(np.array([[0, 0]]), 10, np.array([[0.2, 0.8]]), CLASSES, slide_name="s",
                            colors={"tumour": (300, 0, 0)})
+
+
+def test_tile_classes_agree_with_the_declared_threshold_as_written() -> None:
+    # 0.7999996 is written as 0.8: at a threshold of 0.8 the tile must say tumour, as its measurement does
+    probs = np.array([[0.2000004, 0.7999996], [0.21, 0.79], [0.1, 0.9], [0.6, 0.4]])
+    fc = patches_to_geojson(np.arange(8).reshape(4, 2), 10, probs, CLASSES, slide_name="s", positive_index=1,
+                            threshold=0.8, threshold_source="the slide call's patch threshold (region rule)")
+    meta = fc["wsi_screen"]
+    assert meta["threshold"] == 0.8 and meta["threshold_source"].startswith("the slide call's")
+    names = [f["properties"]["classification"]["name"] for f in fc["features"]]
+    assert names == ["tumour", "normal", "tumour", "normal"]
+    for f in fc["features"]:
+        props = f["properties"]
+        assert (props["classification"]["name"] == "tumour") == (props["measurements"]["tumour"] >= meta["threshold"])
+        assert props["threshold"] == 0.8
+
+
+def test_foci_are_annotations_first_largest_first() -> None:
+    import shapely
+    import shapely.geometry
+
+    from wsi_screen.screening.aggregate import AggregateConfig, diagnose
+    from wsi_screen.screening.spatial import patch_grid
+
+    p = np.full((12, 12), 0.1)
+    p[1:5, 1:6] = 0.95          # 20 patches
+    p[8:11, 8:11] = 0.85        # 9 patches
+    rows, cols = np.nonzero(p >= 0)
+    coords = np.stack([cols * 96, rows * 96], 1)
+    probs = np.stack([1 - p[rows, cols], p[rows, cols]], 1)
+    grid = patch_grid(coords, probs[:, 1], 96, 0.972)
+    res = diagnose(probs[:, 1], AggregateConfig(rule="region", slide_threshold=0.05, region_threshold=0.8,
+                                                min_focus_patches=6), positive="tumour", negative="normal", grid=grid)
+    fc = patches_to_geojson(coords, 96, probs, CLASSES, slide_name="s", positive_index=1, threshold=0.8,
+                            foci=res.foci)
+    assert fc["wsi_screen"]["n_foci"] == 2 and fc["wsi_screen"]["n_patches"] == 144
+    first, second = fc["features"][:2]
+    assert [f["properties"]["objectType"] for f in fc["features"][:3]] == ["annotation", "annotation", "tile"]
+    props = first["properties"]
+    assert props["name"] == f"focus 1: micro, {res.largest_focus_mm:.2f} mm" and props["category"] == "micro"
+    assert props["classification"]["name"] == "tumour" and props["rank"] == 1 and second["properties"]["rank"] == 2
+    assert props["measurements"] == {"longest axis (mm)": round(res.largest_focus_mm, 4),
+                                     "area (mm^2)": round(20 * (96 * 0.972 / 1000) ** 2, 5), "patches": 20,
+                                     "mean P(tumour)": 0.95, "max P(tumour)": 0.95}
+    assert second["properties"]["measurements"]["patches"] == 9
+    shape = shapely.geometry.shape(first["geometry"])
+    assert shapely.is_valid(shape) and shape.exterior.is_ccw and shape.bounds == (96, 96, 6 * 96, 5 * 96)
+    # tile readers skip the annotations
+    xy, _ = geojson_to_coords(json.loads(json.dumps(fc)))
+    assert np.array_equal(xy, coords)
 
 
 def test_empty() -> None:

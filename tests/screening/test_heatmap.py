@@ -156,6 +156,18 @@ def test_render_png(tmp_path: Path) -> None:
     assert len(colours) > 50  # the colour map is there
 
 
+def test_titles_are_fitted_to_the_figure() -> None:
+    from wsi_screen.screening.heatmap import fit_title
+
+    title = ("CMU-1-Small-Region: normal | no focus counted\nscore 0.0435 mm² < 0.0479 mm² (rule: largest region at "
+             "P(tumour) >= 0.8) | OUT OF DOMAIN (35 % of patches in domain): call unreliable")
+    assert fit_title(title, 200) == title
+    fitted = fit_title(title, 60).split("\n")
+    assert fitted == ["CMU-1-Small-Region: normal | no focus counted", "score 0.0435 mm² < 0.0479 mm² (rule: largest "
+                      "region at", "P(tumour) >= 0.8)", "OUT OF DOMAIN (35 % of patches in domain): call unreliable"]
+    assert fit_title("a_very_long_slide_name_without_spaces", 10) == "a_very_long_slide_name_without_spaces"
+
+
 def test_render_refuses_mismatched_shapes(tmp_path: Path) -> None:
     thumb = np.zeros((10, 20, 3), np.uint8)
     with pytest.raises(ConfigError, match="does not match"):

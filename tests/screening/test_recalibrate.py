@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import read_results, run_cli
+from wsi_screen.screening import runview
 from wsi_screen.screening.aggregate import AggregateConfig, describe
+from wsi_screen.screening.callview import views_key
 from wsi_screen.screening.heatmap import drawn_with
 from wsi_screen.synthetic import cohort
 from wsi_screen.synthetic.slides import build_layout_slide, load_pool
@@ -146,6 +148,52 @@ def test_changing_the_rule_redraws_the_heatmap(run: Path, slides: tuple[Path, di
     assert rows["macro"]["rule"] == "smoothmax"
     after = drawn_with(copy / "macro" / "heatmap.png")
     assert after != before and "smoothmax" in (after or "")
+    # the GeoJSON is redrawn with it: smoothmax has no patch threshold of its own, so tiles follow the model's
+    fc = json.loads((copy / "macro" / "patches.geojson").read_text())
+    model_threshold = json.loads((copy / "run.json").read_text())["model"]["patch_threshold"]
+    assert fc["wsi_screen"]["threshold"] == model_threshold
+    assert fc["wsi_screen"]["n_foci"] == int(rows["macro"]["n_foci"])
     # the report's header names the command-line settings as overrides of the model's calibrated rule
     assert "(override: --aggregate smoothmax --threshold 0.99; not the model's calibrated rule)" in \
         (copy / "report.html").read_text()
+
+
+def test_foci_annotations_lie_in_the_true_foci_and_tiles_follow_the_calls_threshold(
+        run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]]) -> None:
+    import shapely
+    import shapely.geometry
+
+    _, layouts = slides
+    rows = read_results(run)
+    threshold = json.loads((run / "run.json").read_text())["aggregate"]["region_threshold"]
+    for name, lay in layouts.items():
+        fc = json.loads((run / name / "patches.geojson").read_text())
+        meta = fc["wsi_screen"]
+        assert meta["threshold"] == threshold == 0.8  # the bundled rule's, not the model's 0.213
+        tiles = [f["properties"] for f in fc["features"] if f["properties"]["objectType"] == "tile"]
+        foci = [f for f in fc["features"] if f["properties"]["objectType"] == "annotation"]
+        tumour = np.array([t["classification"]["name"] == "tumour" for t in tiles])
+        assert np.array_equal(tumour, [t["measurements"]["tumour"] >= meta["threshold"] for t in tiles]), name
+        assert len(foci) == meta["n_foci"] == int(rows[name]["n_foci"] or 0), name
+        if not lay.positive:
+            assert rows[name]["diagnosis"] == "normal" and foci == []
+            assert tumour.mean() <= 0.05, (name, tumour.mean())
+            continue
+        assert foci and rows[name]["diagnosis"] == "tumour"
+        cells = np.argwhere(lay.tumour)
+        truth = shapely.union_all(shapely.box(cells[:, 1] * 96, cells[:, 0] * 96, cells[:, 1] * 96 + 96,
+                                              cells[:, 0] * 96 + 96))
+        shapes = [shapely.geometry.shape(f["geometry"]) for f in foci]
+        assert all(shapely.is_valid(s) for s in shapes)
+        inside = [s.intersection(truth).area / s.area for s in shapes]
+        assert inside[0] >= 0.6, (name, inside)  # the largest focus lies in the true one
+        sizes = [f["properties"]["measurements"]["patches"] for f in foci]
+        assert sizes == sorted(sizes, reverse=True)
+        largest = foci[0]["properties"]
+        assert largest["measurements"]["longest axis (mm)"] == pytest.approx(float(rows[name]["largest_focus_mm"]),
+                                                                               abs=1e-3)
+        assert largest["category"] == rows[name]["metastasis"]
+        # the notebook's call is the run's: the same foci, and heatmap.png was drawn from it
+        ctx = runview.slide_call(runview.open_run(run), name)
+        assert ctx.result is not None and [f.n_patches for f in ctx.foci] == sizes
+        assert views_key(ctx) == drawn_with(run / name / "heatmap.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import io
 import os
 import re
@@ -22,18 +23,25 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
                   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1280,2000"]
 
 
+#: a file name of 200 characters without a space: its error row must not widen the table
+LONG_NAME = "long-" + "x" * 191 + ".svs"
+
+
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory: pytest.TempPathFactory, cmu_svs: Path) -> Path:
-    """A run with an ordinary slide and one named to inject markup: <script>x.svs."""
+    """A run with an ordinary slide, one named to inject markup (<script>x.svs) and two broken ones, one with a
+    200-character name, given as a path with ``..`` in it."""
     root = tmp_path_factory.mktemp("hostile")
     src = root / "slides"
     src.mkdir()
+    (root / "elsewhere").mkdir()
     shutil.copy(cmu_svs, src / "ordinary.svs")
     shutil.copy(cmu_svs, src / "<script>x.svs")
     (src / "broken & <img src=x onerror=alert(1)>.svs").write_bytes(b"not a slide")
+    (src / LONG_NAME).write_bytes(b"not a slide either")
     run = root / "run"
-    res = run_cli("infer", src, "-o", run, "--workers", "0", "--quiet")
-    assert res.code == 1  # the broken slide is an error row
+    res = run_cli("infer", root / "elsewhere" / ".." / "slides", "-o", run, "--workers", "0", "--quiet")
+    assert res.code == 1  # the broken slides are error rows
     return run
 
 
@@ -45,6 +53,26 @@ def test_report_is_self_contained_and_escaped(hostile_run: Path) -> None:
     assert not re.search(r"""(src|href)=["'](https?:)?//""", page)  # nothing fetched from anywhere
     assert "Content-Security-Policy" in page
     assert page.count("data:image/png;base64,") >= 2 * (1 + 8)  # heatmap + top patches per scored slide
+
+
+def test_report_is_written_for_people(hostile_run: Path) -> None:
+    page = (hostile_run / "report.html").read_text()
+    results = (hostile_run / "results.csv").read_text()
+    assert "/../" in results  # the error rows name the slides as given...
+    assert "/../" not in page  # ...the report normalises every path it shows
+    assert "/elsewhere/" not in page and "/slides/broken &amp; &lt;img" in page
+    # thresholds and scores rounded: 0.0479, not 0.04788921139199999
+    assert "score &ge; 0.0479 mm&sup2;" in page and "0.04788921139199999" not in page
+    assert not re.search(r"\d\.\d{7,}", page.split("<h2>Provenance")[0])
+    assert not re.search(r"(?<![\w.])\d\.\d{6,}(?!\w)", page.split("<h2>Provenance")[1])
+    # the patch threshold shown is the call's (region rule: 0.8), the one the heatmaps and GeoJSON show
+    assert "patch threshold 0.8 (the call&#x27;s" in page and "patch threshold 0.213" not in page
+    # the long error folds under its first words; every cell may wrap, so the table fits its page
+    assert page.count('<details class="err">') >= 1 and "overflow-wrap:anywhere" in page
+    folded = re.findall(r'<details class="err"><summary>(.*?)</summary><div>(.*?)</div>', page)
+    assert folded and all(len(html.unescape(s)) <= 70 for s, _ in folded)
+    summary = next(s for s, f in folded if LONG_NAME in html.unescape(f))
+    assert html.unescape(summary).startswith("error: not a slide format")  # the reason; the row names the slide
 
 
 def test_report_command_rewrites(hostile_run: Path) -> None:
@@ -81,7 +109,7 @@ def test_report_renders_in_chromium(hostile_run: Path, tmp_path: Path) -> None:
     try:
         driver.get((hostile_run / "report.html").resolve().as_uri())
         rows = driver.find_elements(By.CSS_SELECTOR, "#slides tbody tr")
-        assert len(rows) == 3
+        assert len(rows) == 4
         names = [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows]
         assert "<script>x" in names  # shown as text, not run
         images = driver.find_elements(By.TAG_NAME, "img")
@@ -100,6 +128,17 @@ def test_report_renders_in_chromium(hostile_run: Path, tmp_path: Path) -> None:
         assert shot.shape[1] >= 1000 and shot.std() > 20  # not a blank page
         severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert severe == [], severe
+        # in a 1,400 px window the table, error rows and all, fits: the domain columns stay in view
+        driver.set_window_size(1400, 1000)
+        width = driver.execute_script("return window.innerWidth")
+        assert width <= 1400
+        right = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#slides th, #slides td'))"
+            ".map(c => c.getBoundingClientRect().right)")
+        assert max(right) <= width, (max(right), width)
+        assert driver.execute_script("return document.documentElement.scrollWidth") <= width
+        headers = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "#slides th")]
+        assert "out of domain" in headers
     finally:
         driver.quit()
 

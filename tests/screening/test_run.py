@@ -102,6 +102,30 @@ def test_demo_slide(tmp_path: Path, example_slide: Path) -> None:
     assert not list(run.glob("*.partial"))
 
 
+def test_a_slides_call_is_made_once_for_its_row_and_its_pictures(tmp_path: Path, example_slide: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_screen.screening import outputs
+    from wsi_screen.screening.callview import views_key
+    from wsi_screen.screening.heatmap import drawn_with
+    from wsi_screen.screening.runview import open_run, slide_call
+
+    calls: list[int] = []
+    real = outputs.diagnose
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(outputs, "diagnose", counted)
+    run = tmp_path / "run"
+    assert run_cli("infer", example_slide.parent, "-o", run, "--workers", "0", "--quiet").code == 0
+    assert len(calls) == 1  # write_slide_folder's call serves results.csv too
+    ctx = slide_call(open_run(run), "CMU-1-Small-Region")
+    assert views_key(ctx) == drawn_with(run / "CMU-1-Small-Region" / "heatmap.png")
+    assert run_cli("infer", example_slide.parent, "-o", run, "--workers", "0", "--quiet").code == 0
+    assert len(calls) == 2  # a reused slide's call is made afresh (the rule may have changed), its pictures kept
+
+
 def test_positive_slides_outrank_negative(synthetic_run: Path) -> None:
     rows = read_results(synthetic_run)
     pos = [float(rows[f"case{i}"]["score"]) for i in (0, 2, 4)]
@@ -200,6 +224,24 @@ def test_a_rerun_with_stray_labels_and_fewer_slides_is_whole_and_says_so(tmp_pat
     assert list(read_results(run)) == [example_slide.stem] and read_results(run)[example_slide.stem]["status"] == "ok"
     assert (run / "an earlier slide" / "slide.json").exists()  # kept
     assert (run / "run.json").exists() and (run / "report.html").exists() and not (run / "slide_metrics.json").exists()
+
+
+def test_run_infer_raises_by_default_and_records_for_the_command(tmp_path: Path, slides_dir: Path) -> None:
+    """on_error: the library raises a slide's failure; the command's policy ("record") makes it a row."""
+    from tests.corpus import corrupt_tiles
+    from wsi_screen.errors import SlideReadError
+    from wsi_screen.screening.run import InferConfig, run_infer
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    corrupt_tiles(slides_dir / "CMU-1-Small-Region.svs", folder / "corrupt.svs", range(40, 80))
+    model = load_model()
+    with pytest.raises(SlideReadError, match="corrupt"):
+        run_infer([str(folder)], tmp_path / "raised", model, default_model_dir(), InferConfig(workers=1))
+    summary = run_infer([str(folder)], tmp_path / "recorded", model, default_model_dir(), InferConfig(workers=1),
+                        on_error="record")
+    assert summary.failed == 1 and "corrupt JPEG data" in summary.rows[0].error
+    assert read_results(tmp_path / "recorded")["corrupt"]["status"] == "error"
 
 
 def test_screen_slide_keeps_the_callers_decision_thresholds(tmp_path: Path) -> None:

@@ -28,3 +28,19 @@ def test_heatmap_matches_the_thumbnail_and_figures_render(demo_run: Path) -> Non
     assert np.nanmax(heat) == np.float32(p.max())  # every scored value lands in the map
     for fig in (runview.slide_figure(view, "CMU-1-Small-Region"), runview.distribution_figure(view)):
         assert runview.figure_png(fig)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_notebook_shows_the_runs_call_at_its_threshold(demo_run: Path) -> None:
+    from wsi_screen.screening.callview import views_key
+    from wsi_screen.screening.heatmap import drawn_with
+
+    view = runview.open_run(demo_run)
+    row = view.results[0]
+    ctx = runview.slide_call(view, "CMU-1-Small-Region")
+    assert ctx.result is not None and ctx.result.diagnosis == row["diagnosis"] == "normal"
+    assert ctx.result.n_foci == int(row["n_foci"]) == 0 and ctx.threshold == 0.8
+    assert ctx.domain == {"in_domain_fraction": float(row["in_domain_fraction"]), "out_of_domain": True}
+    # the notebook's figure is the run's heatmap.png: drawn from the same call
+    assert views_key(ctx) == drawn_with(demo_run / "CMU-1-Small-Region" / "heatmap.png")
+    assert runview.rule_summary(view) == ("slide call: region score >= 0.0479 mm² (largest region at p >= 0.8); "
+                                          "patch threshold 0.8 (the call's)")

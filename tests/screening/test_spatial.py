@@ -116,3 +116,94 @@ def test_spatial_rules_in_diagnose() -> None:
     assert AggregateConfig(rule="region", slide_threshold=3.5).unit == "mm^2"
     with pytest.raises(ConfigError, match="slide_threshold"):
         AggregateConfig(rule="smoothmax", slide_threshold=1.5)
+
+
+def _shape(geometry: dict):  # type: ignore[no-untyped-def]
+    import shapely.geometry
+
+    return shapely.geometry.shape(geometry)
+
+
+def _rfc7946_oriented(geom) -> bool:  # type: ignore[no-untyped-def]
+    polygons = [geom] if geom.geom_type == "Polygon" else list(geom.geoms)
+    return all(p.exterior.is_ccw and not any(h.is_ccw for h in p.interiors) for p in polygons)
+
+
+@pytest.mark.parametrize(("mask", "kind", "holes"), [
+    ([[1, 1], [1, 1]], "Polygon", 0),
+    ([[1, 0], [0, 1]], "MultiPolygon", 0),                        # corners only: two polygons touching at a point
+    ([[1, 1, 1], [1, 0, 1], [1, 1, 1]], "Polygon", 1),            # a ring of patches keeps its hole
+    ([[0, 1, 1], [1, 0, 1], [1, 1, 1]], "Polygon", 1),            # ... also where it closes at a corner only
+    ([[1, 1, 1, 1], [1, 0, 0, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1]], "Polygon", 2),
+])
+def test_outline_is_the_union_of_the_cells_valid_and_rfc7946_oriented(mask: list[list[int]], kind: str,
+                                                                      holes: int) -> None:
+    import shapely
+
+    from wsi_screen.screening.spatial import outline_l0
+
+    m = np.array(mask, dtype=bool)
+    p = np.where(m, 0.9, 0.1)
+    g = patch_grid(*grid_of(p), STRIDE, MPP)
+    geo = outline_l0(np.argwhere(m), g)
+    shape = _shape(geo)
+    assert geo["type"] == kind and shapely.is_valid(shape) and _rfc7946_oriented(shape)
+    polygons = [shape] if kind == "Polygon" else list(shape.geoms)
+    assert sum(len(q.interiors) for q in polygons) == holes
+    assert shape.area == m.sum() * STRIDE ** 2
+    truth = shapely.union_all([shapely.box(500 + c * STRIDE, 300 + r * STRIDE, 500 + (c + 1) * STRIDE,
+                                           300 + (r + 1) * STRIDE) for r, c in np.argwhere(m)])
+    assert shape.symmetric_difference(truth).area == 0  # exactly the cells, in level-0 pixels
+    rings = geo["coordinates"] if kind == "Polygon" else [r for q in geo["coordinates"] for r in q]
+    for ring in rings:
+        assert ring[0] == ring[-1] and all(type(v) is int for pt in ring for v in pt)
+        assert len(ring) - 1 == len({tuple(pt) for pt in ring[:-1]})  # no repeated point
+
+
+def test_outline_of_random_cells_and_overlapping_patches() -> None:
+    import shapely
+
+    from wsi_screen.screening.spatial import outline_l0
+
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        m = rng.random((9, 11)) < 0.55
+        g = patch_grid(*grid_of(np.where(m, 0.9, np.nan)), STRIDE, MPP)
+        rows, cols = np.nonzero(~np.isnan(g.probs))
+        shape = _shape(outline_l0(np.stack([rows, cols], 1), g))
+        assert shapely.is_valid(shape) and _rfc7946_oriented(shape) and shape.area == m.sum() * STRIDE ** 2
+    # patches of 128 px every 96 px: each cell is the 96 px square centred on its patch
+    coords = np.array([[1000, 2000], [1096, 2000]])
+    g = patch_grid(coords, np.array([0.9, 0.9]), STRIDE, MPP, tile_size_l0=128)
+    assert g.offset_l0 == 16
+    assert _shape(outline_l0(np.array([[0, 0], [0, 1]]), g)).bounds == (1016, 2016, 1016 + 192, 2016 + 96)
+
+
+def test_foci_of_a_positive_call_carry_their_patches_and_outline() -> None:
+    import shapely
+
+    p = np.full((30, 30), 0.05)
+    p[10:16, 10:14] = 0.97   # 24 patches
+    p[2:5, 20:23] = 0.9      # 9 patches
+    p[3, 21] = 0.2           # ... around a hole
+    p[25, 3] = 0.99          # scattered: below min_focus_patches, not a focus
+    coords, values = grid_of(p)
+    g = patch_grid(coords, values, STRIDE, MPP)
+    cfg = AggregateConfig(rule="region", slide_threshold=0.1, region_threshold=0.5, min_focus_patches=3)
+    assert cfg.call_patch_threshold == 0.5
+    assert AggregateConfig(rule="topk", patch_threshold=0.21).call_patch_threshold == 0.21
+    res = diagnose(values, cfg, positive="tumour", negative="normal", grid=g)
+    assert res.n_foci == len(res.foci) == 2 and [f.rank for f in res.foci] == [1, 2]
+    big, ring = res.foci
+    assert (big.n_patches, ring.n_patches) == (24, 8) and big.category == "micro" == res.metastasis
+    assert list(big.indices) == res.focus_indices and big.longest_axis_mm == res.largest_focus_mm
+    assert math.isclose(res.tumour_area_mm2, big.area_mm2 + ring.area_mm2)
+    assert big.mean_prob == pytest.approx(0.97) and ring.max_prob == pytest.approx(0.9)
+    assert sorted(map(tuple, coords[list(ring.indices)].tolist())) == sorted(
+        (500 + c * STRIDE, 300 + r * STRIDE) for r in range(2, 5) for c in range(20, 23) if (r, c) != (3, 21))
+    shape = _shape(ring.outline_l0)
+    assert shape.geom_type == "Polygon" and len(shape.interiors) == 1 and shapely.is_valid(shape)
+    assert _shape(big.outline_l0).bounds == (500 + 10 * STRIDE, 300 + 10 * STRIDE, 500 + 14 * STRIDE, 300 + 16 * STRIDE)
+    strict = AggregateConfig(rule="region", slide_threshold=10.0, region_threshold=0.5)
+    neg = diagnose(values, strict, positive="tumour", negative="normal", grid=g)
+    assert neg.diagnosis == "normal" and neg.foci == ()

@@ -182,7 +182,7 @@ def test_a_crashing_or_hanging_slide_fails_alone(two_slides: Path, tmp_path: Pat
     out = tmp_path / "out"
     watcher = _signal_worker(sig, done, out)
     with run_log(out):
-        results = tile_slides(sources, out, TileConfig(slide_timeout=3))
+        results = tile_slides(sources, out, TileConfig(slide_timeout=3), on_error="record")
     done.set()
     watcher.join(timeout=5)
     assert [r.status for r in results] == ["failed", "done"], results

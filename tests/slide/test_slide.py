@@ -151,7 +151,7 @@ def test_read_is_level0_and_downsampled_from_pyramid(slides_dir: Path) -> None:
         assert s.best_level(4.1) == 2
         # a 448-px footprint read at 224 px comes from level 1 and matches a level-0 read + resize
         from_l1 = s.read((800, 800), 448, 224).astype(np.int16)
-        l0 = s.read_region(0, (800, 800), (448, 448))
+        l0 = s.read_region((800, 800), 0, (448, 448))
     from wsi_screen.slide.slide import resize
 
     assert np.abs(from_l1 - resize(l0, (224, 224)).astype(np.int16)).mean() < 6.0
@@ -202,7 +202,7 @@ def test_thumbnail_blocks_match_whole_resize(slides_dir: Path) -> None:
     with Slide(slides_dir / "CMU-1-Small-Region.svs") as s:
         small = s.thumbnail(2.0)
         thumb = s.thumbnail(0.6)  # 1850 x 2472: read and reduced in 1024-px blocks
-        whole = s.read_region(0, (0, 0), s.dimensions)
+        whole = s.read_region((0, 0), 0, s.dimensions)
     from wsi_screen.slide.slide import resize
 
     assert small.shape == (round(2967 * 0.499 / 2.0), round(2220 * 0.499 / 2.0), 3)

@@ -20,7 +20,8 @@ from wsi_screen.training.data import (
     load_images,
     open_patch_folder,
 )
-from wsi_screen.training.train import prepare_data, resolve_positive, train
+from wsi_screen.training.inputs import resolve_positive
+from wsi_screen.training.train import prepare_data, train
 
 
 # --- the positive class ------------------------------------------------------------------------------------

@@ -75,7 +75,9 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     Each slide is tiled at the model's resolution, patch size and stain (stores are reused when they
     match), every patch is scored, and the slide is called positive when its aggregated score reaches the
     threshold. RUN gets results.csv (one row per slide), run.json (provenance), report.html, and per slide
-    heatmap.png, patches.geojson (QuPath: File > Import objects) and scores.csv.
+    heatmap.png (the call in its title, every counted focus outlined with its size), patches.geojson (QuPath:
+    File > Import objects; the counted foci as annotations, tiles classed at the call's patch threshold) and
+    scores.csv.
 
     A rerun reuses finished slides. A slide that fails (corrupt, unreadable, or crashing or hanging the
     slide reader, which runs in its own process) is a row with status=error and its reason; the others
@@ -115,7 +117,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
                          labels=labels, device=device)
     with maybe_connect(target) as runner:
         summary = run_infer(slides, Path(run), classifier, mdir, config, argv=sys.argv[1:],
-                            debug=bool(ctx.obj.get("debug")), dask=runner)
+                            on_error="raise" if ctx.obj.get("debug") else "record", dask=runner)
     _print_table(summary)
     if summary.failed:
         ctx.exit(1)

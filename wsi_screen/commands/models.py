@@ -15,11 +15,14 @@ MAX_COUNTED = 60
 @click.option("--all", "show_all", is_flag=True, help="List every registered name (without parameter counts).")
 @click.option("--num-classes", type=click.IntRange(2, 100000), default=2, show_default=True,
               help="Output classes assumed for the parameter counts.")
+@click.option("--encoders", is_flag=True,
+              help="List the known pathology encoders for --encoder (train, embed): name, hub repository, "
+                   "embedding size, input size, mpp, licence and whether the hub gates it.")
 @click.option("--card", is_flag=True,
               help="Print the model card of MODEL_DIR (given in place of PATTERN; default: the bundled model): "
                    "intended use, training data, validation figures, limitations.")
 @common_options
-def models(pattern: str | None, show_all: bool, num_classes: int, card: bool) -> None:
+def models(pattern: str | None, show_all: bool, num_classes: int, encoders: bool, card: bool) -> None:
     """List architectures usable with `wsi-screen train --arch NAME`.
 
     Without arguments: the project's own screen_cnn32 and a few timm architectures suited to patches.
@@ -28,9 +31,13 @@ def models(pattern: str | None, show_all: bool, num_classes: int, card: bool) ->
     (any size works for convolutional networks; screen_cnn32 needs 32 px). Nothing is downloaded: weights
     come from `wsi-screen train`, optionally starting from a local --pretrained file.
 
-    `wsi-screen models --card [MODEL_DIR]` prints a trained model's card instead.
+    `wsi-screen models --card [MODEL_DIR]` prints a trained model's card instead; `wsi-screen models
+    --encoders` the pathology encoders `train --encoder` and `embed --encoder` know by name.
     """
     configure_output()
+    if encoders:
+        _print_encoders()
+        return
     if card:
         _print_card(pattern)
         return
@@ -54,6 +61,17 @@ def models(pattern: str | None, show_all: bool, num_classes: int, card: bool) ->
     for name in names:
         info = arch_info(name, num_classes)
         click.echo(f"{info.name:<24} {info.params:>13,} {info.input_size:>6}  {info.source}")
+
+
+def _print_encoders() -> None:
+    from wsi_screen.models.encoders import list_encoders
+
+    click.echo(f"{'encoder':<15} {'hub':<37} {'dim':>5} {'size':>5} {'mpp':>5}  {'licence':<21} gated")
+    for e in list_encoders():
+        click.echo(f"{e.name:<15} {e.hub:<37} {e.dim:>5} {e.input_size:>5} {e.mpp:>5g}  {e.licence:<21} "
+                   f"{'yes' if e.gated else 'no'}")
+    click.echo("Also: 'default' or a model folder (its backbone), hf-hub:ORG/NAME, timm/NAME.TAG, or an architecture "
+               "with --weights FILE (docs/encoders.md).", err=True)
 
 
 def _print_card(model_dir: str | None) -> None:

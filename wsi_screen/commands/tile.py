@@ -114,7 +114,8 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
             log.error("%s: %s", problem.path, problem.reason)
         warn_unmatched_mpp(dict(config.slide_mpps), sources)
         with maybe_connect(target if sources else None) as runner:
-            results = tile_slides(sources, out, config, debug=bool(ctx.obj.get("debug")), dask=runner)
+            results = tile_slides(sources, out, config, on_error="raise" if ctx.obj.get("debug") else "record",
+                                  dask=runner)
 
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed", "locked")}
     failed = counts["failed"] + len(problems)

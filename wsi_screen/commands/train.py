@@ -34,8 +34,9 @@ def training_options(func: F) -> F:
     """Options shared by ``train`` and ``tune`` (everything except the searchable optimiser settings)."""
     options = [
         click.argument("dataset", type=click.Path(exists=True, file_okay=False)),
-        click.option("--arch", required=True, metavar="NAME",
-                     help="Architecture: screen_cnn32 or any timm name (see `wsi-screen models`)."),
+        click.option("--arch", default=None, metavar="NAME",
+                     help="Architecture: screen_cnn32 or any timm name (see `wsi-screen models`). Required unless "
+                          "train is given --encoder."),
         click.option("--size", type=click.IntRange(8, 2048), default=None, metavar="PX",
                      help="Input edge in pixels; images are resized to it. Default: the architecture's fixed "
                           "size (screen_cnn32: 32), the --pretrained model's, else the images' own size."),
@@ -117,9 +118,12 @@ def training_options(func: F) -> F:
 def config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
     """Map the shared options onto :class:`wsi_screen.training.train.TrainConfig` keywords."""
     ctx = click.get_current_context()
+    if not params["arch"] and not params.get("encoder"):
+        hint = " or --encoder (a frozen encoder to train a head on)" if "encoder" in params else ""
+        raise click.UsageError(f"Missing option '--arch' (a network to train){hint}.")
     source = ctx.get_parameter_source("split_column")
     return {
-        "arch": params["arch"], "size": params["size"], "label_column": params["label_column"],
+        "arch": params["arch"] or "", "size": params["size"], "label_column": params["label_column"],
         "split_column": params["split_column"],
         "require_split_column": source is not None and source != click.core.ParameterSource.DEFAULT,
         "group_column": params["group_column"], "positive": params["positive"],
@@ -180,9 +184,21 @@ def set_threads(threads: int) -> None:
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adamw", show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Peak learning rate (default 1e-3 for adam/adamw, 0.01 for sgd).")
+              help="Peak learning rate (default 1e-3 for adam/adamw, 0.01 for sgd; 1e-4 for a head on --encoder).")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
               help="Weight decay, not applied to biases and norms (default 0.05 adamw, 0 adam, 1e-4 sgd).")
+@click.option("--encoder", default=None, metavar="ENCODER",
+              help="Train only a head on this frozen encoder's embeddings (computed once, cached): a model folder "
+                   "('default': the bundled model), a registry name (`wsi-screen models --encoders`), "
+                   "hf-hub:ORG/NAME or timm/NAME.TAG (from the Hugging Face cache; HF_HUB_OFFLINE honoured), or an "
+                   "architecture with --weights FILE. Replaces --arch; docs/encoders.md.")
+@click.option("--weights", "encoder_weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="FILE", help="Local weights for --encoder ARCH (.safetensors; .pth/.bin read as tensors only).")
+@click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True,
+              help="The head trained on --encoder's embeddings (mlp: one hidden layer of 256).")
+@click.option("--embedding-cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Where --encoder's dataset embeddings are cached (default: $WSI_SCREEN_CACHE/embeddings, else "
+                   "~/.cache/wsi-screen/embeddings).")
 @click.option("--restart", is_flag=True,
               help="Start over, ignoring the checkpoint an interrupted run left in MODEL_DIR (by default the "
                    "same command resumes after the last finished epoch).")
@@ -210,6 +226,12 @@ def train(**params: Any) -> None:
       wsi-screen train pcam/ --arch resnet10t --epochs 30 --mpp 0.97 -o models/pcam
       wsi-screen train lc25000-colon/ --arch resnet18 --size 96 --group-column group_id -o models/colon
       wsi-screen train herlev/ --arch resnet10t --pretrained models/pcam --freeze-backbone -o models/tl
+      wsi-screen train pcam/ --encoder default --head linear --mpp 0.972 -o models/probe
+      wsi-screen train tiles/ --encoder uni --head mlp --mpp 0.5 -o models/uni-head
+
+    With --encoder, only a head trains, on the encoder's embeddings of the train and valid images (computed
+    once and cached, reused on reruns); the model folder names the encoder, which is loaded by that name
+    wherever the model is used.
     """
     configure_output()
     set_threads(params["threads"])
@@ -217,11 +239,16 @@ def train(**params: Any) -> None:
     from wsi_screen.training.train import TrainConfig
     from wsi_screen.training.train import train as run_training
 
+    if params["arch"] and params["encoder"]:
+        raise click.UsageError("give --arch (train a whole network) or --encoder (train a head on a frozen "
+                               "encoder), not both")
     resolve_device(params["device"])  # an absent GPU is one line before any data is read
 
     config = TrainConfig(**config_kwargs(params), batch_size=params["batch_size"],
                          optimizer=params["optimizer"], lr=params["lr"], weight_decay=params["weight_decay"],
-                         restart=params["restart"])
+                         restart=params["restart"], encoder=params["encoder"],
+                         encoder_weights=params["encoder_weights"], head=params["head"],
+                         embedding_cache=params["embedding_cache"])
     result = run_training(params["dataset"], params["out"], config)
     click.echo(f"{result.model_dir}: {', '.join(result_parts(result.spec, result.best_epoch, len(result.history)))}; "
                f"{result.seconds:.0f} s")

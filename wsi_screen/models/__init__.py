@@ -1,8 +1,7 @@
 """Models: a registry over timm plus ``screen_cnn32``, the ModelSpec contract and safe checkpoint I/O.
 
->>> import wsi_screen
->>> model = wsi_screen.load_model("model_dir")      # folder written by `wsi-screen train`
->>> probs = model.predict(images)                   # uint8 (N, H, W, 3) -> (N, C) probabilities
+``wsi_screen.load_model(path_or_name=None)`` loads a model folder (or the bundled default) as a
+:class:`PatchClassifier`.
 
 Importing this package registers ``screen_cnn32`` in timm's registry.
 """
@@ -82,26 +81,63 @@ def build_module(spec: ModelSpec, **kwargs: Any) -> nn.Module:
     return one()
 
 
-def load_model(path: str | os.PathLike[str] | None = None, *,
+#: the names :func:`load_model` knows besides folders (the bundled models under ``wsi_screen/resources/models``)
+BUNDLED = ("default",)
+
+
+def load_model(path_or_name: str | os.PathLike[str] | None = None, *,
                device: str | torch.device = "cpu", precision: str = "auto") -> PatchClassifier:
     """Load a model folder (``config.json`` + ``model.safetensors``) as a :class:`PatchClassifier`.
 
-    ``path`` may be the folder, its ``config.json`` or its ``model.safetensors``; ``None`` loads the
-    bundled default model. Nothing is unpickled: pickle-based files raise
-    :class:`~wsi_screen.errors.UnsafeFileError`. ``device``: ``cpu`` (the default), ``auto``, ``cuda``,
-    ``cuda:N``, ``mps`` or a :class:`torch.device` (see :func:`wsi_screen.models.device.resolve_device`; an absent
-    one raises :class:`~wsi_screen.errors.DeviceError`). ``precision``: ``auto`` (bfloat16 where the device
-    computes it natively, else float32), ``fp32`` or ``bf16`` (see :mod:`wsi_screen.models.precision`).
+    Parameters
+    ----------
+    path_or_name
+        ``None`` or ``"default"``: the bundled default model; else the folder written by
+        ``wsi-screen train``, its ``config.json`` or its ``model.safetensors``. Nothing is unpickled:
+        pickle-based files raise :class:`~wsi_screen.errors.UnsafeFileError`. A head model (a head trained on
+        a frozen encoder) loads its encoder by the reference in its config (:mod:`wsi_screen.models.head`).
+    device
+        Where the model runs: ``"cpu"`` (the default), ``"auto"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a
+        :class:`torch.device` (see :func:`wsi_screen.models.device.resolve_device`; an absent one raises
+        :class:`~wsi_screen.errors.DeviceError`).
+    precision
+        ``"auto"`` (bfloat16 where the device computes it natively, else float32), ``"fp32"`` or ``"bf16"``
+        (see :mod:`wsi_screen.models.precision`).
+
+    Returns
+    -------
+    PatchClassifier
+        ``predict(images)`` (uint8 (N, H, W, 3) -> (N, classes) probabilities), its ``spec`` (classes, mpp,
+        input size, stain, threshold), its ``domain`` model and the folder it came from (``model_dir``).
+
+    Examples
+    --------
+    >>> import numpy as np, wsi_screen
+    >>> model = wsi_screen.load_model()
+    >>> model.spec.classes, model.spec.mpp, model.spec.input_size
+    (['normal', 'tumour'], 0.972, 96)
+    >>> model.predict(np.full((2, 96, 96, 3), 255, np.uint8)).shape
+    (2, 2)
     """
-    if path is None:
+    path = path_or_name
+    if path is None or (str(path) in BUNDLED and not Path(path).exists()):
         path = default_model_dir()
         if not (path / CONFIG_NAME).exists():
             raise ModelError(f"the bundled default model is missing ({path}); set `model` to a model folder (a "
                              "folder from `wsi-screen train`) or train one into that folder")
     model_dir = resolve_model_dir(Path(path))
     spec = ModelSpec.read(model_dir)
-    check_arch(spec.arch)
-    module = build_module(spec)
-    load_state_strict(module, read_weights(model_dir / WEIGHTS_NAME), str(model_dir))
+    module: nn.Module
+    if spec.encoder is not None:  # a head on a frozen encoder (see wsi_screen.models.head)
+        from wsi_screen.models.head import load_head_classifier
+
+        module = load_head_classifier(spec, model_dir / WEIGHTS_NAME, str(model_dir))
+    else:
+        check_arch(spec.arch)
+        module = build_module(spec)
+        load_state_strict(module, read_weights(model_dir / WEIGHTS_NAME), str(model_dir))
     log.debug("loaded %s from %s", spec.arch, model_dir)
-    return PatchClassifier(module, spec, device=device, domain=DomainModel.load(model_dir), precision=precision)
+    classifier = PatchClassifier(module, spec, device=device, domain=DomainModel.load(model_dir),
+                                 precision=precision)
+    classifier.model_dir = model_dir
+    return classifier

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ class PatchClassifier:
     def __init__(self, module: nn.Module, spec: ModelSpec, *, device: str | torch.device = "cpu",
                  domain: DomainModel | None = None, precision: str = "fp32") -> None:
         self.spec = spec
+        #: the folder the model was loaded from (its slide rule, card and domain model live there); None for a
+        #: classifier built in memory
+        self.model_dir: Path | None = None
         #: how far inputs are from the training data (see :mod:`wsi_screen.models.domain`); None if not fitted
         self.domain = domain
         self.device = resolve_device(device)

@@ -54,9 +54,28 @@ def check_arch(name: str) -> str:
 
 
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build an architecture with random weights (never downloads). Extra keywords go to timm.
+    """Build an architecture with random weights (never downloads), for training your own model.
 
-    Raises :class:`UnknownModelError` (with the closest names) for an unknown architecture.
+    Parameters
+    ----------
+    name
+        A timm architecture or the project's own ``screen_cnn32`` (``wsi-screen models`` lists them).
+    num_classes
+        Outputs of the classifier head.
+    **kwargs
+        Passed to ``timm.create_model``.
+
+    Raises
+    ------
+    UnknownModelError
+        An unknown architecture (the message names the closest ones).
+
+    Examples
+    --------
+    >>> import torch, wsi_screen
+    >>> net = wsi_screen.create_model("screen_cnn32", num_classes=2)
+    >>> tuple(net(torch.zeros(1, 3, 32, 32)).shape)   # 32 x 32 px inputs
+    (1, 2)
     """
     check_arch(name)
     if kwargs.pop("pretrained", False):

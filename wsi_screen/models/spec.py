@@ -73,6 +73,10 @@ class ModelSpec:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     #: number of member models whose probabilities are averaged (K-fold cross-validated training delivers K)
     ensemble: int = 1
+    #: a head model's encoder (its :class:`~wsi_screen.models.encoder.EncoderIdentity` as a dict), else None
+    encoder: dict[str, Any] | None = None
+    #: a head model's head (kind, dim, hidden; see :mod:`wsi_screen.models.head`), else None
+    head: dict[str, Any] | None = None
     package_version: str = field(default_factory=_package_version)
     created: str = field(default_factory=_now)
     format_version: int = FORMAT_VERSION

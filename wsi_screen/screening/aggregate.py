@@ -22,7 +22,13 @@ Foci: on a slide called positive, the regions at ``region_threshold`` of at leas
 patches (the size scattered false positives practically never reach, calibrated with the rule) are its foci;
 the largest region always counts. Each slide result carries the largest focus's longest axis (mm), the total
 focus area (mm^2), the number of foci and the metastasis category (``none``, ``itc`` < 0.2 mm, ``micro``
-0.2-2 mm, ``macro`` > 2 mm; see :mod:`wsi_screen.screening.spatial` for how sizes are measured on the patch grid).
+0.2-2 mm, ``macro`` > 2 mm; see :mod:`wsi_screen.screening.spatial` for how sizes are measured on the patch grid),
+and the foci themselves (``SlideResult.foci``, largest first, each with its patches and outline): the heatmap draws
+and the GeoJSON exports exactly these. A slide called negative has none.
+
+One operating point per picture: :attr:`AggregateConfig.call_patch_threshold` is the patch probability the call
+reads (the region rule's ``region_threshold``, else the model's ``patch_threshold``); a slide's heatmap contour,
+GeoJSON tile classes, report and notebook show that one.
 
 :mod:`wsi_screen.screening.calibration` chooses the rule, its settings and the slide threshold on labelled slides.
 """
@@ -33,15 +39,16 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from wsi_screen.errors import ConfigError
 from wsi_screen.screening import spatial
-from wsi_screen.screening.spatial import ScoreGrid, size_class
+from wsi_screen.screening.spatial import ScoreGrid
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T", float, float | None)
 
 RULES = ("mean", "max", "topk", "fraction", "smoothmax", "region")
 SPATIAL_RULES = ("smoothmax", "region")
@@ -90,6 +97,11 @@ class AggregateConfig:
         return rule_label(self.rule, self.k)
 
     @property
+    def call_patch_threshold(self) -> float:
+        """The patch probability the slide call reads (see :func:`call_patch_threshold`)."""
+        return call_patch_threshold(self.rule, self.patch_threshold, self.region_threshold)
+
+    @property
     def unit(self) -> str:
         """What the slide score measures."""
         return "mm^2" if self.rule == "region" else "probability"
@@ -115,9 +127,22 @@ class SlideResult:
     tumour_area_mm2: float | None = None
     n_foci: int = 0
     focus_indices: list[int] = field(default_factory=list)  # patches of the largest focus (input order)
+    foci: tuple[spatial.Focus, ...] = ()  # every focus the call counts, largest first (positive calls only)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def call_patch_threshold(rule: str | None, patch_threshold: _T, region_threshold: _T) -> _T:
+    """The patch probability a slide call reads, the one its heatmap, GeoJSON and report show: the region rule's
+    ``region_threshold``, else ``patch_threshold`` (the model's own; only ``fraction`` reads it, the other rules
+    have none of their own)."""
+    return region_threshold if rule == "region" else patch_threshold
+
+
+def call_patch_threshold_owner(rule: str | None) -> str:
+    """Whose threshold :func:`call_patch_threshold` is, in words: ``the call's`` or ``the model's``."""
+    return "the call's" if rule == "region" else "the model's"
 
 
 def rule_label(rule: str | None, k: int | float | None = None) -> str:
@@ -262,11 +287,11 @@ def diagnose(probs: np.ndarray | Sequence[float], config: AggregateConfig, *, po
     if called and grid is not None:
         found = foci(grid, config)
         if found:
-            largest = found[0]
-            sizes = {"metastasis": size_class(largest.longest_axis_mm),
-                     "largest_focus_mm": largest.longest_axis_mm,
-                     "tumour_area_mm2": float(sum(r.area_mm2 for r in found)), "n_foci": len(found),
-                     "focus_indices": sorted(int(grid.index[r, c]) for r, c in largest.cells)}
+            made = tuple(spatial.focus(r, grid, rank) for rank, r in enumerate(found, start=1))
+            largest = made[0]
+            sizes = {"metastasis": largest.category, "largest_focus_mm": largest.longest_axis_mm,
+                     "tumour_area_mm2": float(sum(f.area_mm2 for f in made)), "n_foci": len(made),
+                     "focus_indices": list(largest.indices), "foci": made}
     elif grid is not None:
         sizes = {"largest_focus_mm": 0.0, "tumour_area_mm2": 0.0}
     return SlideResult(

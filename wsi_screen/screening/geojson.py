@@ -1,21 +1,32 @@
-"""QuPath-importable GeoJSON: one square Polygon per patch, in level-0 pixels (pure, plus an atomic writer).
+"""QuPath-importable GeoJSON: the foci a slide's call counted as annotations, then one square Polygon per patch,
+in level-0 pixels (pure, plus an atomic writer).
 
-Each feature is ``{"type": "Feature", "geometry": Polygon, "properties": {...}}`` with
+Each tile is ``{"type": "Feature", "geometry": Polygon, "properties": {...}}`` with
 
 * ``geometry.coordinates``: one closed ring ``[[x, y], [x+T, y], [x+T, y+T], [x, y+T], [x, y]]`` of
   integers. With x to the right and y up (GeoJSON's frame) this ring is counter-clockwise, as RFC 7946
   asks for exterior rings; on the image (y down) it runs clockwise, which QuPath does not mind.
 * ``properties.objectType``: ``"tile"`` (QuPath also knows ``"detection"`` and ``"annotation"``);
 * ``properties.classification``: ``{"name": predicted class, "color": [r, g, b]}`` (QuPath 0.4+), plus the
-  older packed ``colorRGB`` integer for QuPath 0.2/0.3. The predicted class is the model's own decision
-  (:func:`wsi_screen.metrics.decide`: its positive class at or above its threshold), the same
-  operating point as ``predict``, ``evaluate``, the heatmap contour and the report;
+  older packed ``colorRGB`` integer for QuPath 0.2/0.3. The predicted class is
+  :func:`wsi_screen.metrics.decide` at ``threshold`` on the probabilities as written: the positive class where
+  its measurement is >= ``threshold``, so a file's classes always agree with its numbers. ``infer`` passes the
+  patch threshold its slide call read (the region rule's, else the model's: see
+  :attr:`wsi_screen.screening.aggregate.AggregateConfig.call_patch_threshold`), the one its heatmap shows;
 * ``properties.measurements``: ``{class name: probability}`` for every class (QuPath 0.4+ reads a dict);
 * ``properties.name`` (``"tile <i>"``) and ``properties.index`` (``i``, the patch's row in the store).
 
-The collection carries a foreign member ``wsi_screen`` (slide name, classes, tile size, positive class and
-threshold), which GeoJSON readers ignore; each feature's properties repeat the ``threshold``. Names are data
-throughout: they pass through :mod:`json` escaping, never into code.
+Each focus the call counted (``foci``, largest first; none on a slide called negative) comes first, as
+
+* ``properties.objectType``: ``"annotation"``, ``classification`` the positive class, ``name``
+  ``"focus <rank>: <category>, <longest axis> mm"``, ``category`` ``itc`` / ``micro`` / ``macro``, ``rank``;
+* ``geometry``: the outline of its connected patches (:func:`wsi_screen.screening.spatial.outline_l0`: Polygon or
+  MultiPolygon, holes kept, valid, exterior rings counter-clockwise as above);
+* ``properties.measurements``: longest axis (mm), area (mm^2), patches, mean and max P(positive class).
+
+The collection carries a foreign member ``wsi_screen`` (slide name, classes, tile size, positive class,
+``threshold`` and what it is, the number of foci), which GeoJSON readers ignore; each tile's properties repeat the
+``threshold``. Names are data throughout: they pass through :mod:`json` escaping, never into code.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,9 +44,13 @@ from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import ConfigError, DatasetError
 from wsi_screen.metrics import decide
 
+if TYPE_CHECKING:
+    from wsi_screen.screening.spatial import Focus
+
 logger = logging.getLogger(__name__)
 
 OBJECT_TYPE = "tile"
+FOCUS_TYPE = "annotation"
 #: default class colours, by class index (tab10-like; QuPath needs some colour for each class)
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
@@ -63,13 +78,15 @@ def _check_classes(classes: Sequence[str]) -> list[str]:
 def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray, classes: Sequence[str], *,
                        slide_name: str, colors: Mapping[str, Sequence[int]] | None = None,
                        decimals: int = DECIMALS, positive_index: int | None = None,
-                       threshold: float | None = None) -> dict[str, Any]:
-    """A FeatureCollection of the patches at level-0 top-left ``coords`` (N, 2) with class ``probs`` (N, C).
+                       threshold: float | None = None, threshold_source: str | None = None,
+                       foci: Sequence[Focus] = ()) -> dict[str, Any]:
+    """A FeatureCollection of the patches at level-0 top-left ``coords`` (N, 2) with class ``probs`` (N, C),
+    after the ``foci`` (annotations, in the order given: largest first).
 
-    The predicted class is the model's decision: the positive class (``positive_index``) where its
-    probability is >= ``threshold``, else the other; without them (or for more than two classes) the
-    row's argmax (the first on ties). ``colors`` maps class names to (r, g, b); unnamed classes take
-    :data:`PALETTE` colours by index.
+    The predicted class is the positive class (``positive_index``) where its probability, rounded to
+    ``decimals`` as written, is >= ``threshold``, else the other; without them (or for more than two classes)
+    the row's argmax (the first on ties). ``threshold_source`` says which operating point ``threshold`` is.
+    ``colors`` maps class names to (r, g, b); unnamed classes take :data:`PALETTE` colours by index.
     """
 
     names = _check_classes(classes)
@@ -95,9 +112,11 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
     classification = [{"name": c, "color": list(palette[c]), "colorRGB": packed_rgb(palette[c])}
                       for c in names]
 
-    pred = decide(p, positive_index, threshold) if p.size else np.zeros(0, dtype=np.int64)
-    rounded = np.round(p, decimals).tolist()
-    features = []
+    written = np.round(p, decimals)
+    pred = decide(written, positive_index, threshold) if p.size else np.zeros(0, dtype=np.int64)
+    rounded = written.tolist()
+    positive = names[positive_index] if positive_index is not None else names[-1]
+    features = [focus_feature(f, classification[names.index(positive)], positive) for f in foci]
     for i, ((x, y), k, row) in enumerate(zip(xy.tolist(), pred.tolist(), rounded, strict=True)):
         ring = [[x, y], [x + T, y], [x + T, y + T], [x, y + T], [x, y]]
         features.append({
@@ -115,12 +134,32 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
     return {
         "type": "FeatureCollection",
         "wsi_screen": {"slide": str(slide_name), "classes": names, "tile_size_l0": T,
-                       "n_patches": len(features),
+                       "n_patches": len(features) - len(foci), "n_foci": len(foci),
                        "positive_class": names[positive_index] if positive_index is not None else None,
-                       "threshold": threshold,
+                       "threshold": threshold, "threshold_source": threshold_source,
                        "decision": "positive class if its probability >= threshold" if threshold is not None
                        else "most probable class"},
         "features": features,
+    }
+
+
+def focus_feature(focus: Focus, classification: Mapping[str, Any], positive_class: str) -> dict[str, Any]:
+    """A counted focus as a QuPath annotation (see the module docstring)."""
+    p = f"P({positive_class})"
+    return {
+        "type": "Feature",
+        "geometry": focus.outline_l0,
+        "properties": {
+            "objectType": FOCUS_TYPE,
+            "name": f"focus {focus.rank}: {focus.category}, {focus.longest_axis_mm:.2f} mm",
+            "rank": focus.rank,
+            "category": focus.category,
+            "classification": dict(classification),
+            "measurements": {"longest axis (mm)": round(focus.longest_axis_mm, 4),
+                             "area (mm^2)": round(focus.area_mm2, 5), "patches": focus.n_patches,
+                             f"mean {p}": round(focus.mean_prob, DECIMALS),
+                             f"max {p}": round(focus.max_prob, DECIMALS)},
+        },
     }
 
 
@@ -137,16 +176,19 @@ def write_geojson(fc: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
 
 
 def geojson_to_coords(fc: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Level-0 top-left corners (N, 2) and side lengths (N,) of the square patch polygons in ``fc``.
+    """Level-0 top-left corners (N, 2) and side lengths (N,) of the square patch polygons in ``fc`` (its tiles:
+    focus annotations are skipped).
 
     Raises :class:`~wsi_screen.errors.DatasetError` for anything but axis-aligned square Polygon features.
     """
     if fc.get("type") != "FeatureCollection" or not isinstance(fc.get("features"), list):
         raise DatasetError("not a GeoJSON FeatureCollection")
-    n = len(fc["features"])
+    tiles = [f for f in fc["features"]
+             if not (isinstance(f, Mapping) and (f.get("properties") or {}).get("objectType") == FOCUS_TYPE)]
+    n = len(tiles)
     coords = np.zeros((n, 2), dtype=np.int64)
     sizes = np.zeros(n, dtype=np.int64)
-    for i, feat in enumerate(fc["features"]):
+    for i, feat in enumerate(tiles):
         try:
             geom = feat["geometry"]
             ring = np.asarray(geom["coordinates"][0], dtype=np.float64)

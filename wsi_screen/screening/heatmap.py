@@ -21,8 +21,9 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -140,26 +141,91 @@ def drawn_with(path: str | os.PathLike[str]) -> str | None:
     return str(value) if value is not None else None
 
 
+#: characters of the title's font ("large") that fit in one inch of figure width, with a margin
+TITLE_CHARS_PER_INCH = 9.5
+
+
+def fit_title(title: str, width: int) -> str:
+    """``title`` with every line longer than ``width`` characters broken: at its `` | `` separators first, then
+    at spaces (a long slide name stays whole on its own line)."""
+    import textwrap
+
+    chunks: list[str] = []
+    for line in title.split("\n"):
+        current = ""
+        for part in line.split(" | "):
+            joined = f"{current} | {part}" if current else part
+            if len(joined) <= width or not current:
+                current = joined
+            else:
+                chunks.append(current)
+                current = part
+        chunks.append(current)
+    return "\n".join(wrapped for chunk in chunks
+                     for wrapped in textwrap.wrap(chunk, width, break_long_words=False, break_on_hyphens=False) or [""])
+
+
+class Outline(NamedTuple):
+    """A shape to outline on the heatmap: a GeoJSON ``Polygon``/``MultiPolygon`` in level-0 pixels and its label."""
+
+    geometry_l0: dict[str, Any]
+    label: str
+
+
+def _rings(geometry: dict[str, Any]) -> list[np.ndarray]:
+    """Every ring (exterior and holes) of a GeoJSON Polygon or MultiPolygon, as (n, 2) arrays."""
+    coords = geometry.get("coordinates") or []
+    polygons = [coords] if geometry.get("type") == "Polygon" else coords
+    return [np.asarray(r, dtype=np.float64) for poly in polygons for r in poly if len(r)]
+
+
+def _draw_outlines(ax: Any, outlines: Sequence[Outline], scale: float, label_size: str) -> None:
+    """Outline each shape (the first, the largest, emphasised) and write its label beside it."""
+    from matplotlib import patheffects
+
+    halo = [patheffects.withStroke(linewidth=4.0, foreground="white")]
+    for k, o in enumerate(outlines):
+        rings = _rings(o.geometry_l0)
+        if not rings:
+            continue
+        first = k == 0
+        for r in rings:
+            ax.plot(r[:, 0] * scale, r[:, 1] * scale, color="black", linewidth=2.4 if first else 1.3,
+                    solid_joinstyle="miter", path_effects=halo if first else None, zorder=4 if first else 3)
+        ext = rings[0] * scale
+        ax.annotate(o.label, xy=(float(ext[:, 0].max()), float(ext[:, 1].min())), xytext=(3, 3),
+                    textcoords="offset points", fontsize=label_size, fontweight="bold" if first else "normal",
+                    ha="left", va="bottom", zorder=5, annotation_clip=False,
+                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "black" if first else "0.6",
+                          "alpha": 0.85})
+
+
 def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
                    cmap: str = "RdYlBu_r", vmin: float = 0.0, vmax: float = 1.0, alpha: float = 0.55,
                    legend_label: str = "P(tumour)", threshold: float | None = None,
+                   threshold_name: str = "threshold",
                    dimensions_l0: tuple[int, int] | None = None, mpp: float | None = None,
-                   dpi: int = 100, outline: np.ndarray | None = None, outline_label: str = "largest focus",
+                   dpi: int = 100, outlines: Sequence[Outline] = (), outline_legend: str = "",
                    ) -> Any:
     """The figure: the thumbnail (left) and the heatmap over it (right), a labelled colour bar and a legend.
 
     ``heat`` (h, w) must match ``thumbnail`` (h, w, 3) (see :func:`heatmap_array`); NaN is drawn as
     unscored (thumbnail only). Axes are in millimetres when ``mpp`` and ``dimensions_l0`` are given, in
     level-0 pixels with ``dimensions_l0`` alone, else in thumbnail pixels; y runs down as on the slide.
-    ``threshold`` outlines the region at or above it (cyan, the legend says which side is above);
-    ``outline`` (same shape, finite inside) draws a second outline, the slide's largest focus (black, dashed).
-    The colour map runs from blue (low) to red (high), so low scores never look like the unscored slide.
-    Text is drawn literally (no mathtext).
+
+    The colour map runs from blue (low) to red (high), so low scores never look like the unscored slide. With a
+    ``threshold`` strictly inside ``(vmin, vmax)`` its two halves meet there: blue below it, orange to red at or
+    above it, so red means "counted at this threshold" and a slide of sub-threshold scores reads blue; the colour
+    bar marks the threshold and the region at or above it is outlined in cyan. The legend and the colour bar
+    name the threshold (``threshold_name``: which operating point it is).
+
+    ``outlines`` (level-0 geometry, label) are drawn in black with their labels, the first (the largest focus)
+    emphasised; ``outline_legend`` is their legend entry. Text is drawn literally (no mathtext).
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+    from matplotlib.colors import Normalize, TwoSlopeNorm
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -176,15 +242,19 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
         cm = colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     except KeyError:
         raise ConfigError(f"unknown colour map {cmap!r} (see matplotlib.colormaps)") from None
+    if outlines and dimensions_l0 is None:
+        raise ConfigError("outlines are in level-0 pixels: pass dimensions_l0")
 
     h, w = hm.shape
+    scale = 1.0
     if dimensions_l0 is not None and mpp is not None:
-        sx, sy, unit = dimensions_l0[0] * mpp / 1000.0, dimensions_l0[1] * mpp / 1000.0, "mm"
+        scale, unit = mpp / 1000.0, "mm"
     elif dimensions_l0 is not None:
-        sx, sy, unit = float(dimensions_l0[0]), float(dimensions_l0[1]), "level-0 px"
+        unit = "level-0 px"
     else:
-        sx, sy, unit = float(w), float(h), "thumbnail px"
-    extent = (0.0, sx, sy, 0.0)  # left, right, bottom, top: row 0 at the top
+        unit = "thumbnail px"
+    sx, sy = (dimensions_l0[0] * scale, dimensions_l0[1] * scale) if dimensions_l0 is not None else (w, h)
+    extent = (0.0, float(sx), float(sy), 0.0)  # left, right, bottom, top: row 0 at the top
 
     aspect = h / w
     panel_w = PANEL_IN if aspect <= 1 else max(2.0, PANEL_IN / aspect)
@@ -194,58 +264,74 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
     thumb_d = _reduce_rgb(np.ascontiguousarray(thumb), f)
     heat_d = np.ma.masked_invalid(_reduce_heat(hm, f))
 
-    fig = Figure(figsize=(2 * panel_w + 1.6, panel_h + 1.4), dpi=dpi, layout="constrained")
+    fig_w = 2 * panel_w + 1.6
+    title = fit_title(title, int(fig_w * TITLE_CHARS_PER_INCH))
+    n_title = title.count("\n") + 1
+    fig = Figure(figsize=(fig_w, panel_h + 1.2 + 0.25 * n_title), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     ax0, ax1 = fig.subplots(1, 2, sharex=True, sharey=True)
+    centred = threshold is not None and vmin < threshold < vmax
+    norm: Normalize = Normalize(vmin=vmin, vmax=vmax)
+    if threshold is not None and centred:
+        norm = TwoSlopeNorm(vcenter=threshold, vmin=vmin, vmax=vmax)
     ax0.imshow(thumb_d, extent=extent, origin="upper", interpolation="antialiased")
     ax1.imshow(thumb_d, extent=extent, origin="upper", interpolation="antialiased")
-    ax1.imshow(heat_d, extent=extent, origin="upper", cmap=cm, vmin=vmin, vmax=vmax, alpha=alpha,
-               interpolation="nearest")
+    ax1.imshow(heat_d, extent=extent, origin="upper", cmap=cm, norm=norm, alpha=alpha, interpolation="nearest")
     ax0.set_title("slide", parse_math=False)
     ax1.set_title(f"{legend_label} overlay", parse_math=False)
     for ax in (ax0, ax1):
         ax.set_xlabel(f"x ({unit})")
     ax0.set_ylabel(f"y ({unit})")
-    norm = Normalize(vmin=vmin, vmax=vmax)
     cax = ax1.inset_axes((1.03, 0.0, 0.04, 1.0))  # follows the image's aspect-fitted box
     cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cm), cax=cax)
-    cbar.set_label(legend_label, parse_math=False)
     handles: list[Patch | Line2D] = [Patch(facecolor="none", edgecolor="0.5", label="no patch scored (slide as is)")]
     if threshold is not None:
         finite = np.isfinite(heat_d.filled(np.nan))
         if finite.any() and float(heat_d.min()) < threshold <= float(heat_d.max()):
-            ax1.contour(heat_d.filled(-1.0), levels=[threshold], colors=["cyan"], linewidths=1.0, extent=extent,
+            ax1.contour(heat_d.filled(-1.0), levels=[threshold], colors=["cyan"], linewidths=0.8, extent=extent,
                         origin="upper")
-        cbar.ax.axhline(threshold, color="cyan", linewidth=1.5)
-        handles.append(Line2D([], [], color="cyan", label=f"inside cyan: {legend_label} >= {threshold:.3g}"))
-    if outline is not None and np.isfinite(outline).any():
-        o = np.isfinite(_reduce_heat(np.asarray(outline, dtype=np.float32), f)).astype(np.float32)
-        ax1.contour(np.pad(o, 1), levels=[0.5], colors=["black"], linewidths=1.6, linestyles="dashed",
-                    extent=(extent[0] - sx / o.shape[1], extent[1] + sx / o.shape[1],
-                            extent[2] + sy / o.shape[0], extent[3] - sy / o.shape[0]), origin="upper")
-        handles.append(Line2D([], [], color="black", linestyle="dashed", label=outline_label))
-    legend = ax1.legend(handles=handles, loc="upper right", fontsize="small", framealpha=0.8)
+        cbar.ax.axhline(threshold, color="cyan", linewidth=2.0)
+        if centred:  # the colour bar's halves are equal: tick both evenly
+            ticks = sorted({*np.linspace(vmin, threshold, 5)[:-1].tolist(), threshold,
+                            *np.linspace(threshold, vmax, 3)[1:].tolist()})
+            cbar.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
+        cbar.set_label(f"{legend_label}; cyan line: {threshold_name} {threshold:.3g}", parse_math=False)
+        handles.append(Line2D([], [], color="cyan", label=f"inside cyan: {legend_label} >= {threshold:.3g} "
+                                                          f"({threshold_name})"))
+    else:
+        cbar.set_label(legend_label, parse_math=False)
+    if outlines:
+        _draw_outlines(ax1, outlines, scale, "small")
+        handles.append(Line2D([], [], color="black", linewidth=2.0, label=outline_legend or "outlined"))
+    legend = ax1.legend(handles=handles, loc="upper right", fontsize="small", framealpha=0.85)
     for text in legend.get_texts():
         text.set_parse_math(False)
-    fig.suptitle(title, parse_math=False)
+    fig.suptitle(title, parse_math=False, fontsize="large")
     return fig
 
 
 def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_path: str | os.PathLike[str],
                    cmap: str = "RdYlBu_r", vmin: float = 0.0, vmax: float = 1.0, alpha: float = 0.55,
                    legend_label: str = "P(tumour)", threshold: float | None = None,
+                   threshold_name: str = "threshold",
                    dimensions_l0: tuple[int, int] | None = None, mpp: float | None = None,
-                   dpi: int = 100, outline: np.ndarray | None = None, outline_label: str = "largest focus",
+                   dpi: int = 100, outlines: Sequence[Outline] = (), outline_legend: str = "",
                    key: str | None = None) -> Path:
-    """Write :func:`overlay_figure` as a PNG (atomically) and return its path; ``key`` is stored in the PNG's
-    text chunk ``wsi-screen`` (what the picture was drawn with)."""
+    """Write :func:`overlay_figure` as a PNG (see :func:`save_png`) and return its path."""
     fig = overlay_figure(thumbnail, heat, title=title, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha,
-                         legend_label=legend_label, threshold=threshold, dimensions_l0=dimensions_l0, mpp=mpp,
-                         dpi=dpi, outline=outline, outline_label=outline_label)
+                         legend_label=legend_label, threshold=threshold, threshold_name=threshold_name,
+                         dimensions_l0=dimensions_l0, mpp=mpp, dpi=dpi, outlines=outlines,
+                         outline_legend=outline_legend)
+    return save_png(fig, out_path, key=key)
+
+
+def save_png(fig: Any, out_path: str | os.PathLike[str], *, dpi: int | None = None, key: str | None = None) -> Path:
+    """Write a heatmap figure as a PNG, atomically (at ``dpi``, by default the figure's); ``key`` is stored in the
+    PNG's text chunk ``wsi-screen`` (what the picture was drawn with, see :func:`drawn_with`)."""
     out = Path(out_path)
     with atomic_path(out, " the heatmap") as tmp, warnings.catch_warnings():
         # slide names in scripts the default font lacks (CJK, ...) draw as boxes; say nothing about it
         warnings.filterwarnings("ignore", message=r"Glyph .* missing from font", category=UserWarning)
-        fig.savefig(tmp, format="png", dpi=dpi, metadata={"wsi-screen": key} if key else None)
-    logger.debug("heatmap %s: %dx%d cells", out, heat.shape[1], heat.shape[0])
+        fig.savefig(tmp, format="png", dpi=dpi or fig.dpi, metadata={"wsi-screen": key} if key else None)
+    logger.debug("heatmap written to %s", out)
     return out

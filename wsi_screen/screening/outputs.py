@@ -34,6 +34,7 @@ from wsi_screen.screening.aggregate import (
     SlideResult,
     diagnose,
 )
+from wsi_screen.screening.callview import CallContext, slide_grid, views_key, write_views
 from wsi_screen.screening.runfolder import SlideFolder, SlideScores
 from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 from wsi_screen.slide.slide import slide_name
@@ -65,43 +66,25 @@ class SlideRow:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def heatmap_key(aggregate: AggregateConfig | None, patch_threshold: float | None, result: SlideResult | None) -> str:
-    """What a heatmap is drawn with besides the scores: the rule and the largest focus it outlines."""
-    focus = hashlib.sha256(json.dumps(result.focus_indices if result else []).encode()).hexdigest()[:16]
-    rule = json.dumps(aggregate.to_json(), sort_keys=True) if aggregate else "none"
-    return f"v1|{rule}|{patch_threshold}|{focus}"
+def call_context(name: str, spec: Any, aggregate: AggregateConfig | None, result: SlideResult | None,
+                 domain: dict[str, Any]) -> CallContext:
+    """What a slide's heatmap and GeoJSON show besides its scores."""
+    return CallContext(name=name, classes=tuple(spec.classes), positive_index=spec.positive_index,
+                       model_threshold=spec.threshold, aggregate=aggregate, result=result, domain=domain)
 
 
-def _focus_result(probs: np.ndarray, store: PatchStore, aggregate: AggregateConfig | None,
+def _focus_result(scores: SlideScores, pos: int, store: PatchStore, aggregate: AggregateConfig | None,
                   spec: Any) -> SlideResult | None:
-    if aggregate is None or not len(probs):
+    if aggregate is None or not len(scores.probs):
         return None
-    grid = patch_grid(store.coords, probs, int(store.attrs["stride_l0"]), float(store.attrs["slide"]["mpp"]))
+    grid = patch_grid(scores.coords, scores.probs[:, pos], int(store.attrs["stride_l0"]),
+                      float(store.attrs["slide"]["mpp"]), store.tile_size_l0)
+    negative = next(c for c in scores.classes if c != spec.positive_class)
     try:
-        return diagnose(probs, aggregate, positive=str(spec.positive_class), negative="", grid=grid)
+        return diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative,
+                        grid=grid)
     except ConfigError:
         return None
-
-
-def draw_heatmap(path: Path, store: PatchStore, coords: np.ndarray, probs: np.ndarray, name: str,
-                 positive_class: str | None, threshold: float | None, aggregate: AggregateConfig | None,
-                 result: SlideResult | None) -> None:
-    """heatmap.png: P(positive) over the thumbnail, the model's threshold contour, the largest focus outlined."""
-    from wsi_screen.screening.heatmap import heatmap_array, render_overlay
-
-    thumb = store.thumbnail
-    dims = tuple(store.attrs["slide"]["dimensions"])
-    size = (int(dims[0]), int(dims[1]))
-    stride = int(store.attrs["stride_l0"])
-    heat = heatmap_array(coords, probs, store.tile_size_l0, stride, size, thumb.shape[:2])
-    outline, label = None, "largest focus"
-    if result is not None and result.focus_indices:
-        idx = np.asarray(result.focus_indices, dtype=np.int64)
-        outline = heatmap_array(coords[idx], np.ones(idx.size), store.tile_size_l0, stride, size, thumb.shape[:2])
-        label = f"largest focus ({result.largest_focus_mm:.2f} mm, {result.metastasis})"
-    render_overlay(thumb, heat, title=name, out_path=path, legend_label=f"P({positive_class})",
-                   threshold=threshold, dimensions_l0=size, mpp=float(store.attrs["slide"]["mpp"]),
-                   outline=outline, outline_label=label, key=heatmap_key(aggregate, threshold, result))
 
 
 def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarray, classifier: PatchClassifier,
@@ -109,10 +92,9 @@ def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarra
                        distance: np.ndarray | None = None) -> Path:
     """Write RUN/<slide>/ (scores.csv, heatmap.png, patches.geojson, slide.json) in one atomic step.
 
-    The heatmap outlines the largest focus found by ``aggregate`` (redrawn at aggregation when the rule
-    changes, see :func:`aggregate_row`)."""
-    from wsi_screen.screening.geojson import patches_to_geojson, write_geojson
-
+    The heatmap and GeoJSON show the call of ``aggregate`` on the scores as scores.csv holds them; the call is kept
+    in ``row.extra["call"]`` for :func:`aggregate_row`, so results.csv, the heatmap and the GeoJSON share one
+    computation of it (a reused slide's call is made afresh there, and its pictures redrawn if it draws otherwise)."""
     store = PatchStore.open(location)
     spec = classifier.spec
     pos = spec.positive_index if spec.positive_index is not None else 1
@@ -121,12 +103,13 @@ def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarra
     folder = SlideFolder(run, row.name)
     try:
         atomic_write_text(folder.path(runfolder.SCORES_CSV), runfolder.scores_csv(scores))
-        result = _focus_result(scores.probs[:, pos], store, aggregate, spec)
-        draw_heatmap(folder.path(runfolder.HEATMAP_PNG), store, scores.coords, scores.probs[:, pos], row.name,
-                     spec.positive_class, spec.threshold, aggregate, result)
-        fc = patches_to_geojson(scores.coords, store.tile_size_l0, scores.probs, spec.classes, slide_name=row.name,
-                                positive_index=spec.positive_index, threshold=spec.threshold)
-        write_geojson(fc, folder.path(runfolder.GEOJSON))
+        scores = runfolder.read_scores(folder.path(runfolder.SCORES_CSV))  # as aggregate_row will read them
+        result = _focus_result(scores, pos, store, aggregate, spec)
+        if result is not None:
+            row.extra["call"] = (aggregate, result)
+        ctx = call_context(row.name, spec, aggregate, result, slide_domain(scores, classifier))
+        write_views(folder.path(runfolder.HEATMAP_PNG), folder.path(runfolder.GEOJSON), store, scores.coords,
+                    scores.probs, ctx)
         runfolder.write_json(folder.path(runfolder.SLIDE_JSON), {
             "slide": row.name, "source": row.source, "store": runfolder.portable_path(location, run),
             "store_digest": store_digest(location),
@@ -147,28 +130,45 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
     except WsiScreenError as exc:
         row.status, row.error = STATUS_ERROR, str(exc)
         return
-    pos = scores.classes.index(spec.positive_class) if spec.positive_class in scores.classes else 1
-    negative = next(c for c in scores.classes if c != spec.positive_class)
+    pos = positive_column(scores, spec)
     try:
         done = runfolder.read_slide(run, row.name)
     except (WsiScreenError, OSError):
         done = {}
     info = done.get("slide_info", {})
     row.extra.update(slide_mpp=info.get("mpp"), mpp_source=info.get("mpp_source"), **slide_domain(scores, classifier))
-    grid = slide_grid(done, scores.coords, scores.probs[:, pos])
-    try:
-        result = diagnose(scores.probs[:, pos], aggregate, positive=str(spec.positive_class), negative=negative,
-                          grid=grid)
-    except ConfigError as exc:  # a spatial rule on a slide folder without its grid
-        row.status, row.error = STATUS_ERROR, f"{row.name}: {exc}"
-        return
+    made = row.extra.pop("call", None)  # the call this run's write_slide_folder made and drew
+    if made is not None and made[0] == aggregate:
+        result = made[1]
+    else:
+        grid = slide_grid(done, scores.coords, scores.probs[:, pos])
+        try:
+            result = call_scores(scores, classifier, aggregate, grid)
+        except ConfigError as exc:  # a spatial rule on a slide folder without its grid
+            row.status, row.error = STATUS_ERROR, f"{row.name}: {exc}"
+            return
     row.result = result
-    _refresh_heatmap(run, row, scores, pos, spec, aggregate, result)
+    _refresh_views(run, row, scores, call_context(row.name, spec, aggregate, result, slide_domain(scores, classifier)))
     if result.diagnosis == NO_TISSUE:
         row.status = STATUS_NO_TISSUE
     elif result.top_indices:
         i = result.top_indices[0]
         row.top = (int(scores.coords[i, 0]), int(scores.coords[i, 1]), float(scores.probs[i, pos]))
+
+
+def positive_column(scores: SlideScores, spec: Any) -> int:
+    """The column of ``scores.probs`` that holds the model's positive class."""
+    return scores.classes.index(spec.positive_class) if spec.positive_class in scores.classes else 1
+
+
+def call_scores(scores: SlideScores, classifier: PatchClassifier, aggregate: AggregateConfig,
+                grid: ScoreGrid | None) -> SlideResult:
+    """A slide's call from its patch scores (``grid``: the same probabilities on their patch grid, which the
+    spatial rules and the focus sizes need)."""
+    spec = classifier.spec
+    negative = next(c for c in scores.classes if c != spec.positive_class)
+    return diagnose(scores.probs[:, positive_column(scores, spec)], aggregate, positive=str(spec.positive_class),
+                    negative=negative, grid=grid)
 
 
 def slide_domain(scores: SlideScores, classifier: PatchClassifier) -> dict[str, Any]:
@@ -182,31 +182,21 @@ def slide_domain(scores: SlideScores, classifier: PatchClassifier) -> dict[str, 
     return {"in_domain_fraction": fraction, "out_of_domain": fraction < domain.slide_min_in_domain}
 
 
-def _refresh_heatmap(run: Path, row: SlideRow, scores: SlideScores, pos: int, spec: Any,
-                     aggregate: AggregateConfig, result: SlideResult) -> None:
-    """Redraw a reused slide's heatmap when it was drawn with another rule or focus (best effort)."""
+def _refresh_views(run: Path, row: SlideRow, scores: SlideScores, ctx: CallContext) -> None:
+    """Redraw a slide's heatmap and GeoJSON when they show another call (another rule, threshold or foci; a
+    reused slide), from the same result as results.csv (best effort)."""
     from wsi_screen.screening.heatmap import drawn_with
 
-    path = runfolder.slide_dir(run, row.name) / runfolder.HEATMAP_PNG
-    key = heatmap_key(aggregate, spec.threshold, result if result.score is not None else None)
-    if not path.exists() or drawn_with(path) == key or not row.store:
+    folder = runfolder.slide_dir(run, row.name)
+    path = folder / runfolder.HEATMAP_PNG
+    if not path.exists() or not row.store or (drawn_with(path) == views_key(ctx)
+                                              and (folder / runfolder.GEOJSON).exists()):
         return
     try:
         store = PatchStore.open(row.store)
-        draw_heatmap(path, store, scores.coords, scores.probs[:, pos], row.name, spec.positive_class, spec.threshold,
-                     aggregate, result)
+        write_views(path, folder / runfolder.GEOJSON, store, scores.coords, scores.probs, ctx)
     except (WsiScreenError, OSError) as exc:
-        log.warning("%s: heatmap not redrawn for the new rule: %s", row.name, exc)
-
-
-def slide_grid(done: dict[str, Any], coords: np.ndarray, probs: np.ndarray) -> ScoreGrid | None:
-    """The slide's patch probabilities on their grid (stride and level-0 mpp from its slide.json ``done``)."""
-    try:
-        stride = int(done.get("stride_l0") or done["tile_size_l0"])
-        mpp = float(done["slide_info"]["mpp"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return patch_grid(coords, probs, stride, mpp)
+        log.warning("%s: heatmap and GeoJSON not redrawn for the new call: %s", row.name, exc)
 
 
 def _mm(value: float | None, digits: int = 3) -> str:

@@ -3,6 +3,12 @@
 Everything printed is escaped with :func:`html.escape` (slide names come from file names, which anyone can
 choose); element ids are generated, never taken from data. A Content-Security-Policy meta tag forbids any
 network access from the page. The one inline script only sorts the table.
+
+Shown for people: numbers rounded (:func:`people_number`; each sortable cell keeps the full value for sorting,
+run.json and results.csv keep them all), paths normalised (:func:`tidy_paths`: no ``a/../b``), long error messages
+folded under their first words, and the slides table fits a 1,400 px window whatever its cells hold (they wrap).
+The patch threshold in the header is the one the heatmaps and GeoJSON show, the call's own
+(:func:`wsi_screen.screening.aggregate.call_patch_threshold`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import base64
 import html
 import json
 import logging
+import math
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +27,7 @@ from wsi_screen import __version__
 from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import WsiScreenError
 from wsi_screen.screening import runfolder
-from wsi_screen.screening.aggregate import rule_label
+from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_owner, rule_label
 from wsi_screen.screening.runview import RunView, open_run, patch_png, top_patches
 
 log = logging.getLogger(__name__)
@@ -31,7 +39,11 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem 
 color:#222;padding:0 1rem}
 h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.25rem;margin-top:2.2rem;border-bottom:1px solid #ddd}
 .muted{color:#666} table{border-collapse:collapse;width:100%;margin:1rem 0}
-th,td{padding:.35rem .6rem;border-bottom:1px solid #e5e5e5;text-align:left}
+th,td{padding:.35rem .45rem;border-bottom:1px solid #e5e5e5;text-align:left}
+#slides td:first-child,#slides td.dx{overflow-wrap:anywhere}
+#slides td:first-child{min-width:8rem;max-width:16rem} #slides td.dx{min-width:9rem;max-width:20rem}
+#slides td.num{white-space:nowrap}
+details.err summary{cursor:pointer} details.err div{margin-top:.3rem;font-size:.85rem}
 th{cursor:pointer;background:#f4f4f6;user-select:none} th.num,td.num{text-align:right}
 th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
 tr.pos td.dx{color:#b00020;font-weight:600} tr.err td{color:#8a6d00}
@@ -67,9 +79,49 @@ _CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-sr
         "base-uri 'none'; form-action 'none'")
 
 
-def _num(value: Any) -> Any:
-    """A threshold as people read it (3 decimals); anything else unchanged."""
-    return f"{value:.3f}" if isinstance(value, float) else value
+def people_number(value: Any, digits: int = 3) -> Any:
+    """A number as people read it: ``digits`` significant digits (0.0479, not 0.04788921139199999; 0.8; 12.3);
+    text holding a number likewise; anything else unchanged."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return people_number(number, digits) if value.strip() else value
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+
+
+_num = people_number
+
+#: ``x/../`` in a path, where x is a folder name (not ``..`` itself)
+_UP = re.compile(r"(?:(?<=/)|(?<![^\s'\"(=]))(?!\.\./)[^/\s'\"()=]+/\.\./")
+_HERE = re.compile(r"(?<=/)\./")
+
+
+def tidy_paths(text: str) -> str:
+    """Paths in ``text`` normalised for reading: ``runs/../shared/a/./b`` -> ``shared/a/b`` (as
+    :func:`os.path.normpath`, on every path in a message)."""
+    out = _HERE.sub("", str(text))
+    while True:
+        shorter = _UP.sub("", out)
+        if shorter == out:
+            return out
+        out = shorter
+
+
+def _for_people(value: Any) -> Any:
+    """Provenance as people read it: floats rounded, paths normalised (run.json keeps the exact values)."""
+    if isinstance(value, dict):
+        return {k: _for_people(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_for_people(v) for v in value]
+    if isinstance(value, float):
+        return float(people_number(value, 4))
+    return tidy_paths(value) if isinstance(value, str) else value
 
 
 def _html(value: Any) -> str:
@@ -126,9 +178,9 @@ def slides_table(view: RunView) -> str:
             if name == "slide" and r["status"] != "error":
                 shown = f'<a href="#s{i}">{_html(value)}</a>'
             elif name == "diagnosis" and r["status"] == "error":
-                shown = f"error: {_html(r.get('error', ''))}"
-            elif name == "score" and value:
-                shown = f"{float(value):.3f}"
+                shown = _error(r.get("error", ""), r.get("source", ""))
+            elif num:
+                shown = _html(people_number(value))
             else:
                 shown = _html(value)
             klass = "num" if num else ("dx" if name == "diagnosis" else "")
@@ -138,19 +190,39 @@ def slides_table(view: RunView) -> str:
             f'<tbody>{"".join(body)}</tbody></table>')
 
 
+#: error messages longer than this fold away under their first words
+ERROR_SHOWN = 60
+
+
+def _error(message: str, source: str = "") -> str:
+    """An error row's cell: the message (paths normalised); a long one folds under the first words of its reason
+    (the message without the slide's path, which the row names already)."""
+    text = tidy_paths(message)
+    if len(text) <= ERROR_SHOWN:
+        return f"error: {_html(text)}"
+    path = tidy_paths(source)
+    reason = text[len(path) + 2:] if path and text.startswith(f"{path}: ") else text
+    head = reason[:ERROR_SHOWN].rsplit(" ", 1)[0] if " " in reason[:ERROR_SHOWN] else reason[:ERROR_SHOWN]
+    return (f'<details class="err"><summary>error: {_html(head)} &hellip;</summary>'
+            f"<div>{_html(text)}</div></details>")
+
+
 def _slide_section(view: RunView, i: int, row: dict[str, str]) -> str:
     name = row["slide"]
     ood = ""
     if row.get("out_of_domain") == "true":
         ood = (f'<p class="ood-flag">Out of domain: only {100 * float(row.get("in_domain_fraction") or 0):.0f} % of '
                "its patches resemble the model's training data; the call is shown but unreliable.</p>")
+    def shown(key: str) -> str:
+        return _html(people_number(row.get(key) or "-"))
+
     parts = [f'<section class="slide" id="s{i}"><h2>{_html(name)}</h2>', ood,
-             f'<p><b>{_html(row["diagnosis"])}</b> &middot; score {_html(row.get("score") or "-")} &middot; '
+             f'<p><b>{_html(row["diagnosis"])}</b> &middot; score {shown("score")} &middot; '
              f'metastasis {_html(row.get("metastasis") or "-")} '
-             f'(largest focus {_html(row.get("largest_focus_mm") or "-")} mm, '
-             f'{_html(row.get("n_foci") or "0")} foci, {_html(row.get("tumour_area_mm2") or "-")} mm&sup2;) &middot; '
+             f'(largest focus {shown("largest_focus_mm")} mm, '
+             f'{_html(row.get("n_foci") or "0")} foci, {shown("tumour_area_mm2")} mm&sup2;) &middot; '
              f'{_html(row["n_patches"])} patches &middot; top patch at level-0 ({_html(row.get("top_x"))}, '
-             f'{_html(row.get("top_y"))}), P = {_html(row.get("top_score") or "-")}</p>']
+             f'{_html(row.get("top_y"))}), P = {shown("top_score")}</p>']
     heat = runfolder.slide_dir(view.path, name) / runfolder.HEATMAP_PNG
     if heat.exists():
         parts.append(_img(heat.read_bytes(), f"heatmap of {name}", "heat"))
@@ -181,6 +253,8 @@ def render_report(run: str | Path) -> str:
         key = r["diagnosis"] if r["status"] != "error" else "error"
         counts[key] = counts.get(key, 0) + 1
     cards = "".join(f'<div class="card"><b>{n}</b>{_html(k)}</div>' for k, n in sorted(counts.items()))
+    patch_threshold = call_patch_threshold(agg.get("rule"), agg.get("patch_threshold"), agg.get("region_threshold"))
+    threshold_name = call_patch_threshold_owner(agg.get("rule"))
     title = f"wsi-screen report: {Path(run).resolve().name}"
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -194,7 +268,8 @@ def render_report(run: str | Path) -> str:
         f'&middot; slide call: {_html(rule_label(agg.get("rule"), agg.get("k")))} score &ge; '
         f'{_html(_num(agg.get("slide_threshold")))}'
         f'{_region_unit(agg)}{_overrides(info)} '
-        f'&middot; patch threshold {_html(_num(agg.get("patch_threshold")))}</p>',
+        f'&middot; patch threshold {_html(_num(patch_threshold))} ({_html(threshold_name)}: the heatmaps\' '
+        f"cyan line and the GeoJSON's tile classes)</p>",
         _model_card(model),
         f'<div class="cards">{cards}</div>',
         "<h2>Slides</h2><p class=\"muted\">Click a column to sort.</p>", slides_table(view),
@@ -202,9 +277,9 @@ def render_report(run: str | Path) -> str:
     metrics_path = view.path / runfolder.SLIDE_METRICS_JSON
     if metrics_path.exists():
         m = runfolder.read_json(metrics_path)
-        parts.append(f"<h2>Slide-level evaluation</h2><p>AUC {_html(m.get('auc'))} &middot; sensitivity "
-                     f"{_html(m.get('sensitivity'))} &middot; specificity {_html(m.get('specificity'))} at threshold "
-                     f"{_html(m.get('threshold'))} ({_html(m.get('n_positive'))} positive, "
+        parts.append(f"<h2>Slide-level evaluation</h2><p>AUC {_html(_num(m.get('auc')))} &middot; sensitivity "
+                     f"{_html(_num(m.get('sensitivity')))} &middot; specificity {_html(_num(m.get('specificity')))} "
+                     f"at threshold {_html(_num(m.get('threshold')))} ({_html(m.get('n_positive'))} positive, "
                      f"{_html(m.get('n_negative'))} "
                      "negative slides)</p>")
         roc = view.path / runfolder.SLIDE_ROC_PNG
@@ -213,8 +288,9 @@ def render_report(run: str | Path) -> str:
     for i, row in enumerate(view.results):
         if row["status"] != "error":
             parts.append(_slide_section(view, i, row))
-    provenance = json.dumps(info, indent=2, default=str)
-    parts.append(f"<h2>Provenance</h2><pre>{_html(provenance)}</pre>")
+    provenance = json.dumps(_for_people(info), indent=2, default=str)
+    parts.append(f'<h2>Provenance</h2><p class="muted">Numbers rounded and paths normalised for reading; '
+                 f"{runfolder.RUN_JSON} holds them exactly.</p><pre>{_html(provenance)}</pre>")
     parts.append(f'<p class="muted">Written by wsi-screen {_html(__version__)} on '
                  f"{_html(datetime.now(UTC).replace(microsecond=0).isoformat())}.</p>")
     parts.append(f"<script>{_JS}</script></body></html>")

@@ -50,7 +50,7 @@ from wsi_screen.slide.discovery import SlideSource, discover
 from wsi_screen.slide.slide import slide_name, warn_unmatched_mpp
 from wsi_screen.slide.tables import few
 from wsi_screen.tiling.grid import TileSpec
-from wsi_screen.tiling.pipeline import TileConfig, failure_message, tile_isolated
+from wsi_screen.tiling.pipeline import OnError, TileConfig, failure_message, tile_isolated
 from wsi_screen.tiling.store import PatchStore
 
 if TYPE_CHECKING:
@@ -187,13 +187,14 @@ def tile_config_for(classifier: PatchClassifier, config: InferConfig) -> TileCon
 
 # -------------------------------------------------------------------------------------------------- run
 def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, model_dir: Path,
-              config: InferConfig, *, argv: Sequence[str] = (), debug: bool = False,
+              config: InferConfig, *, argv: Sequence[str] = (), on_error: OnError = "raise",
               dask: DaskRunner | None = None) -> RunSummary:
     """Screen ``slides`` (files or folders) into the run folder ``run``.
 
     With ``dask`` (see :mod:`wsi_screen.distributed`) each slide is one :func:`screen_slide_task` on a Dask
     cluster; aggregation, results.csv, run.json, metrics and the report are still made here, from the run
-    folder, so they are the same as a local run's.
+    folder, so they are the same as a local run's. ``on_error="record"`` (the command's policy) makes a
+    slide's failure its row in results.csv and goes on; ``"raise"`` re-raises it (the CLI's debug mode).
     """
     started = datetime.now(UTC)
     t0 = time.perf_counter()
@@ -204,6 +205,9 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
             raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
                            if problems else "no slides to screen")
         tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
+        if classifier.domain is None:
+            log.warning("%s: the model has no domain model (domain.json; a head on an encoder has none): slides "
+                        "are not checked for being out of domain", model_dir)
         warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
         aggregate = resolve_aggregate(model_dir, classifier, config)
         if config.stores is None:  # the run's own stores: follow the settings
@@ -220,26 +224,26 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
 
         with runlog.run_log(run):
             return _run_in_folder(run, sources, problems, classifier, model_dir, config, aggregate, tile_cfg, model_id,
-                                  stores_dir, labels, argv=argv, debug=debug, dask=dask, started=started, t0=t0)
+                                  stores_dir, labels, argv=argv, on_error=on_error, dask=dask, started=started, t0=t0)
 
 
 def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence[Any], classifier: PatchClassifier,
                    model_dir: Path, config: InferConfig, aggregate: AggregateConfig, tile_cfg: TileConfig,
                    model_id: dict[str, Any], stores_dir: str, labels: dict[str, str], *, argv: Sequence[str],
-                   debug: bool, dask: DaskRunner | None, started: datetime, t0: float) -> RunSummary:
+                   on_error: OnError, dask: DaskRunner | None, started: datetime, t0: float) -> RunSummary:
     """The run once its folder exists (its log open): screen every slide, then aggregate and write."""
     rows = [SlideRow(p.path.name, str(p.path), status=STATUS_ERROR, error=f"{p.path}: {p.reason}")
             for p in problems]
     for row in rows:
         log.error("%s", row.error)
     job = SlideJob(run=run, stores=stores_dir, tile=tile_cfg, model_id=model_id, batch_size=config.batch_size,
-                   workers=config.workers, loader_workers=config.loader_workers, debug=debug, aggregate=aggregate,
+                   workers=config.workers, loader_workers=config.loader_workers, on_error=on_error, aggregate=aggregate,
                    device=config.device)
     if dask is not None:
         rows.extend(_screen_on_dask(dask, sources, job, model_dir))
     else:
         tiler = (tile_isolated.__module__,)  # what a new slide reader imports first
-        with isolation.slide_calls(tile_cfg.slide_timeout, isolate=not debug, preload=tiler) as call, \
+        with isolation.slide_calls(tile_cfg.slide_timeout, isolate=on_error == "record", preload=tiler) as call, \
                 progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
             for source in sources:
                 rows.append(screen_slide(source, job, classifier, call=call))
@@ -331,7 +335,8 @@ class SlideJob:
     batch_size: int = 128
     workers: int = 2
     loader_workers: int = 0
-    debug: bool = False
+    #: "record": a slide's failure becomes its row (error and reason) and the run goes on; "raise" re-raises it
+    on_error: OnError = "raise"
     aggregate: AggregateConfig | None = None
     device: str = "auto"
 
@@ -347,7 +352,7 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
     if _reuse(job.run, source, row, job.model_id, job.tile, call):
         row.extra["seconds"] = {"reuse_check": round(time.perf_counter() - start, 3)}
         return row
-    result = tile_isolated(call, source, job.stores, job.tile, debug=job.debug)
+    result = tile_isolated(call, source, job.stores, job.tile, on_error=job.on_error)
     tiled = time.perf_counter()
     opened = result.stages.get("open", 0.0)
     seconds = row.extra["seconds"] = {"open": round(opened, 3), "tile": round(tiled - start - opened, 3)}
@@ -370,7 +375,7 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
             seconds["score"] = round(scored - tiled, 3)
             seconds["outputs"] = round(time.perf_counter() - scored, 3)
     except Exception as exc:  # the per-slide boundary: one slide's failure (a disk error too) ends only it
-        if job.debug:
+        if job.on_error == "raise":
             raise
         row.status = STATUS_ERROR
         if isinstance(exc, OSError) and not isinstance(exc, WsiScreenError):
@@ -416,7 +421,7 @@ def screen_slide_task(source: SlideSource, job: SlideJob, model_dir: str | None,
         classifier = _worker_classifier(model_dir, model_sha256, str(job.model_id.get("numeric_precision", "fp32")),
                                         str(worker_device(job.device, worker_ordinal())))
     except WsiScreenError as exc:
-        if job.debug:
+        if job.on_error == "raise":
             raise
         row = SlideRow(source.name, str(source.path), status=STATUS_ERROR, error=str(exc))
         log.error("%s", row.error)
@@ -492,4 +497,4 @@ def _screen_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], job: Slide
             log.error("%s", row.error)
         return row
 
-    return dask.run(screen_slide_task, calls, failed=failed, on_result=arrived, reraise=job.debug)
+    return dask.run(screen_slide_task, calls, failed=failed, on_result=arrived, reraise=job.on_error == "raise")

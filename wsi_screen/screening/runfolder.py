@@ -13,8 +13,8 @@
       <slide>/
         slide.json           the slide's result, store location, model and settings it was scored with
         scores.csv           one row per patch: index, x, y (level 0), tissue, p_<class> for every class
-        heatmap.png          positive-class probability over the thumbnail
-        patches.geojson      QuPath FeatureCollection, one polygon per patch
+        heatmap.png          positive-class probability over the thumbnail, the call in its title, its foci outlined
+        patches.geojson      QuPath FeatureCollection: the call's foci (annotations), then one polygon per patch
 
 Every file is written atomically (temporary name, fsync, rename); a slide's folder is assembled under
 ``<slide>.partial`` and renamed into place when complete, so nothing in RUN is ever half-written.
@@ -134,10 +134,23 @@ def read_scores(path: Path) -> SlideScores:
     """Parse a ``scores.csv``."""
     try:
         with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.reader(fh)
-            header = next(reader)
-            rows = list(reader)
-    except (OSError, StopIteration) as exc:
+            return _parse_scores(fh, path)
+    except OSError as exc:
+        raise RunError(f"{path}: cannot read scores: {exc}") from exc
+
+
+def as_written(scores: SlideScores) -> SlideScores:
+    """``scores`` as ``scores.csv`` keeps them (probabilities to 6 decimals, distances to 4): what ``infer``
+    calls a slide from, so a call made in Python is the run's to the last digit."""
+    return _parse_scores(io.StringIO(scores_csv(scores), newline=""), Path("scores.csv"))
+
+
+def _parse_scores(fh: Iterable[str], path: Path) -> SlideScores:
+    try:
+        reader = csv.reader(fh)
+        header = next(reader)
+        rows = list(reader)
+    except StopIteration as exc:
         raise RunError(f"{path}: cannot read scores: {exc}") from exc
     has_domain = header[-1:] == [DOMAIN_COLUMN]
     prob_cols = header[4:len(header) - has_domain]

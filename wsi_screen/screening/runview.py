@@ -136,21 +136,65 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def slide_figure(view: RunView, slide: str, *, alpha: float = 0.55) -> Any:
-    """The slide's heatmap figure, as in its heatmap.png (:func:`wsi_screen.screening.heatmap.overlay_figure`):
-    thumbnail beside the overlay, colour bar in probability units, the model's threshold contour, axes in mm."""
-    from wsi_screen.screening.heatmap import overlay_figure
+def rule_summary(view: RunView) -> str:
+    """The run's slide rule in one line, numbers rounded: ``slide call: region score >= 0.0479 mm² (largest region
+    at p >= 0.8); patch threshold 0.8 (the call's)``."""
+    from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_owner, rule_label
 
-    thumb, heat, info = heatmap(view, slide)
+    agg = view.info.get("aggregate") or {}
+    if not agg:
+        return "slide call: (no rule recorded in run.json)"
+    rule = agg.get("rule")
+    text = f"slide call: {rule_label(rule, agg.get('k'))} score >= {float(agg['slide_threshold']):.3g}"
+    if rule == "region":
+        text += f" mm² (largest region at p >= {float(agg['region_threshold']):.3g})"
+    patch = call_patch_threshold(rule, agg.get("patch_threshold"), agg.get("region_threshold"))
+    if patch is not None:
+        text += f"; patch threshold {float(patch):.3g} ({call_patch_threshold_owner(rule)})"
+    return text
+
+
+def slide_call(view: RunView, slide: str) -> Any:
+    """The slide's call as the run made it (its rule in run.json on its scores.csv): a
+    :class:`~wsi_screen.screening.callview.CallContext` whose ``result`` holds the score, the diagnosis and the
+    foci (largest first, each with its patches, size and outline) that results.csv, heatmap.png and
+    patches.geojson show."""
+    from dataclasses import fields
+
+    from wsi_screen.screening.aggregate import AggregateConfig, diagnose
+    from wsi_screen.screening.callview import CallContext, slide_grid
+
+    model = view.info.get("model", {})
+    scores = view.scores(slide)
+    classes = tuple(scores.classes)
+    positive = view.positive_class
+    pos = classes.index(positive) if positive in classes else len(classes) - 1
+    agg = view.info.get("aggregate") or {}
+    names = {f.name for f in fields(AggregateConfig)}
+    aggregate = AggregateConfig(**{k: v for k, v in agg.items() if k in names}) if agg else None
+    result = None
+    if aggregate is not None:
+        grid = slide_grid(view.slide_json(slide), scores.coords, scores.probs[:, pos])
+        negative = next((c for c in classes if c != positive), "")
+        result = diagnose(scores.probs[:, pos], aggregate, positive=positive, negative=negative, grid=grid)
     row = next((r for r in view.results if r["slide"] == slide), {})
-    meta = row.get("metastasis") or ""
-    focus = f", {meta} {row.get('largest_focus_mm', '')} mm" if meta and meta != "none" else ""
-    w, h = (int(v) for v in info["slide_info"]["dimensions"])
-    return overlay_figure(thumb, heat, title=f"{slide}: {row.get('diagnosis', '')} (score {row.get('score', '')}"
-                                            f"{focus})",
-                          legend_label=f"P({view.positive_class})", alpha=alpha,
-                          threshold=info.get("model", {}).get("patch_threshold"), dimensions_l0=(w, h),
-                          mpp=float(info["slide_info"]["mpp"]))
+    domain: dict[str, Any] = {}
+    if row.get("in_domain_fraction"):
+        domain = {"in_domain_fraction": float(row["in_domain_fraction"]),
+                  "out_of_domain": row.get("out_of_domain") == "true"}
+    return CallContext(name=slide, classes=classes, positive_index=pos, model_threshold=model.get("patch_threshold"),
+                       aggregate=aggregate, result=result, domain=domain)
+
+
+def slide_figure(view: RunView, slide: str, *, alpha: float = 0.55) -> Any:
+    """The slide's heatmap figure, as in its heatmap.png (:func:`wsi_screen.screening.callview.heatmap_figure`):
+    thumbnail beside the overlay, colour bar in probability units, the contour at the call's patch threshold, the
+    foci the call counted outlined with their sizes, the call in the title, axes in mm."""
+    from wsi_screen.screening.callview import heatmap_figure
+
+    ctx = slide_call(view, slide)
+    return heatmap_figure(_store(view, slide), view.scores(slide).coords, view.positive_probs(slide), ctx,
+                          alpha=alpha)
 
 
 def gallery_figure(view: RunView, slide: str, n: int = 8) -> Any:
@@ -173,25 +217,36 @@ def gallery_figure(view: RunView, slide: str, n: int = 8) -> Any:
 
 
 def distribution_figure(view: RunView) -> Any:
-    """Slide scores by diagnosis (left) and each slide's patch-probability distribution (right)."""
+    """Slide scores by diagnosis with the slide threshold (left) and each slide's patch-probability distribution
+    with the patch threshold the call read (right)."""
+    from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_owner
+
     fig = _figure(11, 4.5)
     ax0, ax1 = fig.subplots(1, 2)
     scored = [r for r in view.results if r.get("score")]
     threshold = float(scored[0]["threshold"]) if scored else None
+    agg = view.info.get("aggregate") or {}
+    unit = " (mm²)" if agg.get("rule") == "region" else ""
     by_dx: dict[str, list[float]] = {}
     for r in scored:
         by_dx.setdefault(r["diagnosis"], []).append(float(r["score"]))
-    bins = np.linspace(0, 1, 21)
+    top = max([1.0, *(v for values in by_dx.values() for v in values)]) if unit else 1.0
+    bins = np.linspace(0, top, 21)
     for dx, values in sorted(by_dx.items()):
         ax0.hist(values, bins=bins, alpha=0.7, label=f"{dx} ({len(values)})")
     if threshold is not None:
-        ax0.axvline(threshold, color="crimson", linestyle="--", label=f"threshold {threshold:g}")
-    ax0.set(xlabel="slide score", ylabel="slides", title="slide scores")
+        ax0.axvline(threshold, color="crimson", linestyle="--", label=f"slide threshold {threshold:.3g}{unit}")
+    ax0.set(xlabel=f"slide score{unit}", ylabel="slides", title="slide scores")
     ax0.legend(fontsize="small")
     names = [r["slide"] for r in scored]
     data = [view.positive_probs(n) for n in names]
     if data:
         ax1.boxplot(data, orientation="horizontal", tick_labels=names, showfliers=False)
+    patch = call_patch_threshold(agg.get("rule"), agg.get("patch_threshold"), agg.get("region_threshold"))
+    if patch is not None:
+        who = call_patch_threshold_owner(agg.get("rule"))
+        ax1.axvline(float(patch), color="cyan", linewidth=2, label=f"{who} patch threshold {float(patch):.3g}")
+        ax1.legend(fontsize="small", loc="lower right")
     ax1.set(xlabel=f"patch P({view.positive_class})", xlim=(0, 1), title="patch probabilities per slide")
     return fig
 

@@ -26,7 +26,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -187,8 +187,19 @@ def _tiff_or_openslide(target: Path, tif: TiffFile | None, choice: ReaderChoice)
         "SCN, DICOM and tiled TIFF; OME-TIFF; plain RGB TIFF with `slide_mpp`)")
 
 
+class Level(NamedTuple):
+    """One level of a slide's pyramid (see :attr:`Slide.levels`)."""
+
+    dimensions: tuple[int, int]
+    downsample: float
+    mpp: float
+
+
 class Slide:
-    """An open whole-slide image. Pickles by path, so it can be sent to worker processes.
+    """An open whole-slide image (:func:`open_slide`). Pickles by path, so it can be sent to worker processes.
+
+    Attributes: ``mpp`` (level-0 microns per pixel), ``dimensions`` (level-0 (w, h)), ``levels``,
+    ``level_dimensions`` and ``level_downsamples`` (as openslide names them), ``name``, ``path``.
 
     Parameters
     ----------
@@ -203,6 +214,13 @@ class Slide:
         wrong ones); a warning names both when they differ by more than 5 %.
     reader:
         ``"auto"`` (see module docstring), or force ``"openslide"`` / ``"tifffile"``.
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> with wsi_screen.Slide("examples/CMU-1-Small-Region.svs") as slide:
+    ...     print(slide)
+    Slide('examples/CMU-1-Small-Region.svs', 2220x2967 px, 0.499 um/px, aperio)
     """
 
     def __init__(self, path: str | os.PathLike[str], *, name: str | None = None, mpp: float | None = None,
@@ -299,31 +317,85 @@ class Slide:
                 best = i
         return best
 
-    def read_region(self, level: int, xy_l0: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-        """Raw pixels of ``level``: RGB uint8 (h, w, 3); white outside the scanned area."""
-        return self._reader.read_region(level, xy_l0, size)
+    @property
+    def levels(self) -> tuple[Level, ...]:
+        """The pyramid, finest first: each level's (w, h), downsample from level 0 and microns per pixel."""
+        return tuple(Level(dimensions=d, downsample=ds, mpp=self.mpp * ds)
+                     for d, ds in zip(self.level_dimensions, self.level_downsamples, strict=True))
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Pixels of pyramid ``level`` as openslide reads them: ``location`` is the level-0 (x, y) of the
+        top-left corner, ``size`` the (w, h) in that level's pixels. RGB uint8 (h, w, 3); white outside the
+        scanned area (openslide-python returns RGBA with transparent there).
+
+        >>> import wsi_screen
+        >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+        ...     region = slide.read_region((1000, 800), 0, (256, 128))
+        >>> region.shape, region.dtype
+        ((128, 256, 3), dtype('uint8'))
+        """
+        if not 0 <= int(level) < len(self.level_dimensions):
+            raise ConfigError(f"{self.path}: `level` {level} does not exist (the slide has levels 0-"
+                              f"{len(self.level_dimensions) - 1})")
+        return self._reader.read_region(int(level), (int(location[0]), int(location[1])),
+                                        (int(size[0]), int(size[1])))
+
+    def read_at(self, location_l0: tuple[int, int], size: tuple[int, int], mpp: float,
+                out: np.ndarray | None = None) -> np.ndarray:
+        """A region at a resolution: ``size`` (w, h) pixels of ``mpp`` microns each, from level-0 ``location_l0``.
+
+        Read from the coarsest pyramid level still at least as fine as ``mpp`` and resized with an
+        anti-aliasing filter; the tiler reads its patches this way, so ``read_at(store.coords[i], (S, S),
+        store.mpp)`` gives patch ``i`` of an unnormalised store. RGB uint8 (h, w, 3).
+
+        >>> import wsi_screen
+        >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+        ...     patch = slide.read_at((1000, 800), (224, 224), mpp=1.0)   # 224 px at 1 um/px
+        >>> patch.shape
+        (224, 224, 3)
+        """
+        if not (mpp > 0 and math.isfinite(mpp)):
+            raise ConfigError(f"`mpp` must be a positive number of microns per pixel, got {mpp!r}")
+        w, h = (int(v) for v in size)
+        if w < 1 or h < 1:
+            raise ConfigError(f"`size` must be a positive (w, h) in pixels, got {tuple(size)}")
+        scale = mpp / self.mpp  # level-0 pixels per output pixel
+        return self._read_l0((int(location_l0[0]), int(location_l0[1])),
+                             (max(1, round(w * scale)), max(1, round(h * scale))), (w, h), out)
 
     def read(self, xy_l0: tuple[int, int], tile_size_l0: int, size_px: int,
              out: np.ndarray | None = None) -> np.ndarray:
-        """A square patch covering ``tile_size_l0`` level-0 pixels from ``xy_l0``, as ``size_px`` RGB.
+        """A square patch covering ``tile_size_l0`` level-0 pixels from ``xy_l0``, as ``size_px`` RGB (the
+        tiler's read: its grid fixes ``tile_size_l0``; see :meth:`read_at`).
 
-        Read from the coarsest pyramid level that is still at least as fine as the target, then resized
-        down with an anti-aliasing filter (PIL's Lanczos, whose support widens with the scale factor).
         With ``out`` (uint8, ``(size_px, size_px, 3)``) the patch is written there and ``out`` returned; when
         no resize is needed, tile pixels go straight into it.
         """
-        level = self.best_level(tile_size_l0 / size_px)
+        return self._read_l0(xy_l0, (tile_size_l0, tile_size_l0), (size_px, size_px), out)
+
+    def _read_l0(self, xy_l0: tuple[int, int], size_l0: tuple[int, int], size_px: tuple[int, int],
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """``size_l0`` level-0 pixels from ``xy_l0`` as ``size_px`` (w, h): read from the coarsest level that
+        is still at least as fine as the target, then resized down with an anti-aliasing filter (PIL's
+        Lanczos, whose support widens with the scale factor)."""
+        level = self.best_level(min(size_l0[0] / size_px[0], size_l0[1] / size_px[1]))
         ds = self.level_downsamples[level]
-        region = max(1, round(tile_size_l0 / ds))
+        region = (max(1, round(size_l0[0] / ds)), max(1, round(size_l0[1] / ds)))
         if region == size_px:
-            return self._reader.read_region(level, xy_l0, (region, region), out)
-        return into(out, resize(self._reader.read_region(level, xy_l0, (region, region)), (size_px, size_px)))
+            return self._reader.read_region(level, xy_l0, region, out)
+        return into(out, resize(self._reader.read_region(level, xy_l0, region), size_px))
 
     def thumbnail(self, mpp: float, *, workers: int = 1) -> np.ndarray:
         """The whole slide at ``mpp`` microns per pixel (never finer than level 0), RGB uint8.
 
         Large levels are read and reduced block by block (``workers`` threads), so memory stays bounded by
         the output size. Every block uses the same exact scale, so the result does not depend on ``workers``.
+
+        >>> import wsi_screen
+        >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+        ...     thumb = slide.thumbnail(8.0)      # 8 microns per pixel
+        >>> thumb.shape
+        (185, 138, 3)
         """
         w0, h0 = self.dimensions
         scale = max(mpp / self.mpp, 1.0)  # level-0 pixels per output pixel
@@ -377,9 +449,40 @@ class Slide:
         return f"Slide({str(self.path)!r}, {w}x{h} px, {self.mpp:.4g} um/px, {self.vendor})"
 
 
-def open_slide(path: str | os.PathLike[str], *, name: str | None = None, mpp: float | None = None,
+def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, name: str | None = None,
                reader: ReaderChoice = "auto") -> Slide:
-    """Open a slide (see :class:`Slide`)."""
+    """Open a whole-slide image; use it as a context manager (it closes the file).
+
+    Parameters
+    ----------
+    path
+        A slide file (SVS, NDPI, MRXS, SCN, OME-TIFF, tiled or plain RGB TIFF, ...) or a folder holding
+        one DICOM WSI series.
+    mpp
+        Level-0 microns per pixel, for a file that declares none (a declared value wins).
+    name
+        Display name; the file name without its extension by default.
+    reader
+        ``"auto"``, or force ``"openslide"`` / ``"tifffile"``.
+
+    Returns
+    -------
+    Slide
+        With ``mpp``, ``dimensions`` and ``levels``; ``read_region(location, level, size)`` in openslide's
+        order, ``read_at(location_l0, size, mpp)`` and ``thumbnail(mpp)``, all RGB uint8.
+
+    Raises
+    ------
+    SlideOpenError, UnsupportedFormatError, MissingMppError
+        A file that cannot be read, is no slide, or has no usable resolution (pass ``mpp``).
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+    ...     print(slide.dimensions, round(slide.mpp, 3), len(slide.levels))
+    (2220, 2967) 0.499 1
+    """
     return Slide(path, name=name, mpp=mpp, reader=reader)
 
 

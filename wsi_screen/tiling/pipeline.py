@@ -10,6 +10,7 @@ shards) and writing (the store's background writers: each shard file is written 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -44,16 +45,18 @@ from wsi_screen.tiling.grid import TileSpec, make_grid, stride_l0, tile_size_l0
 from wsi_screen.tiling.store import (
     ATTR_SETTINGS,
     SCHEMA_VERSION,
+    PatchStore,
     StoreWriter,
     is_complete,
     is_url,
     local_location,
     patches_per_shard,
     read_attrs,
+    remove_store,
     store_location,
     store_lock,
 )
-from wsi_screen.tiling.tissue import LABELS, TissueSettings, detect_tissue
+from wsi_screen.tiling.tissue import LABELS, TissueMask, TissueSettings, detect_tissue
 
 if TYPE_CHECKING:
     from wsi_screen.distributed import DaskRunner
@@ -190,17 +193,29 @@ def store_is_current(source: SlideSource, location: str, config: TileConfig) -> 
         return ok, slide.mpp, slide.mpp_source
 
 
-def tile_slide(source: SlideSource, out: str, config: TileConfig, *, debug: bool = False) -> TileResult:
-    """Tile one slide into ``out/<name>.zarr``; never raises for a bad slide (see :class:`TileResult`)."""
+OnError = Literal["raise", "record"]
+
+
+def tile_slide(source: SlideSource, out: str, config: TileConfig, *, on_error: OnError = "raise") -> TileResult:
+    """Tile one slide into ``out/<name>.zarr``.
+
+    ``on_error="raise"`` (the library's default) raises whatever stops the slide; ``"record"`` (the policy of
+    the commands that loop over slides) returns it as a :class:`TileResult` with ``status`` "failed" or
+    "locked" and its message, so the run goes on.
+    """
+    if on_error not in ("raise", "record"):
+        raise ConfigError(f"`on_error` must be 'raise' or 'record', got {on_error!r}")
     start = time.perf_counter()
     location = store_location(out, source.name)
     try:
         with store_lock(location):
             return _tile_locked(source, location, config, start)
     except StoreLockedError as exc:
+        if on_error == "raise":
+            raise
         return TileResult(source.name, str(source.path), location, "locked", message=str(exc))
     except Exception as exc:  # the per-slide boundary: whatever one slide raises fails that slide only
-        if debug:
+        if on_error == "raise":
             raise
         message, trace = failure_message(source.path, exc)
         return TileResult(source.name, str(source.path), location, "failed",
@@ -217,9 +232,12 @@ def failure_message(path: Path | str, exc: BaseException) -> tuple[str, str]:
     return f"{path}: unexpected {type(exc).__name__} while reading it: {msg} (traceback in {runlog.LOG_NAME})", trace
 
 
-def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: float) -> TileResult:
+def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: float,
+                 slide: Slide | None = None) -> TileResult:
+    """Tile ``source`` (opened here, or the caller's open ``slide``) into the store at ``location``, locked by the
+    caller; raises on failure."""
     spec = config.spec
-    with _open(source, config) as slide:
+    with _open(source, config) if slide is None else contextlib.nullcontext(slide) as slide:
         isolation.heartbeat("opened")
         thumb_mpp = thumbnail_mpp(slide.mpp, slide.dimensions)
         settings = expected_settings(slide, config, thumb_mpp)
@@ -403,38 +421,37 @@ def read_patches(slide: Slide, coords: np.ndarray, tile_l0: int, size_px: int,
 
 
 def tile_slides(sources: Sequence[SlideSource], out: str | Path, config: TileConfig, *,
-                debug: bool = False, dask: DaskRunner | None = None) -> list[TileResult]:
+                on_error: OnError = "raise", dask: DaskRunner | None = None) -> list[TileResult]:
     """Tile slides one after another here (each with ``config.workers`` reader threads), or with ``dask``
     (see :mod:`wsi_screen.distributed`) one task per slide on a Dask cluster, whose workers open the slides
     by path and write the stores to ``out`` themselves. Same stores, same results, in ``sources`` order.
 
     ``out`` is a folder, a ``file://`` URL (treated as the folder) or an fsspec URL that zarr can write.
+    ``on_error`` as for :func:`tile_slide`; ``"record"`` also reads each slide in the supervised child process
+    (:mod:`wsi_screen.slide.isolation`), so a reader that crashes or hangs fails its slide only.
     """
-    out_str = output_location(out, absolute=dask is not None)
-    if not is_url(out_str):
-        try:
-            Path(out_str).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"{out_str}: cannot create the output folder: {exc.strerror or exc}") from exc
+    out_str = make_output(out, absolute=dask is not None)
     if dask is not None:
-        return _tile_on_dask(dask, sources, out_str, output_location(out), config, debug=debug)
+        return _tile_on_dask(dask, sources, out_str, output_location(out), config, on_error=on_error)
     results: list[TileResult] = []
-    with isolation.slide_calls(config.slide_timeout, isolate=not debug, preload=(__name__,)) as call, \
+    with isolation.slide_calls(config.slide_timeout, isolate=on_error == "record", preload=(__name__,)) as call, \
             progress.bar(total=len(sources), desc="slides", unit="slide") as bar:
         for source in sources:
-            result = tile_isolated(call, source, out_str, config, debug=debug)
+            result = tile_isolated(call, source, out_str, config, on_error=on_error)
             results.append(_report(result))
             bar.update(1)
     return results
 
 
 def tile_isolated(call: isolation.Caller, source: SlideSource, out: str, config: TileConfig, *,
-                  debug: bool = False) -> TileResult:
+                  on_error: OnError = "raise") -> TileResult:
     """:func:`tile_slide` through ``call`` (the slide reader's child process, see :mod:`wsi_screen.slide.isolation`):
     a crash or hang of the reader fails this slide only."""
     try:
-        return call(tile_slide, source, out, config, debug=debug)
+        return call(tile_slide, source, out, config, on_error=on_error)
     except (SlideReaderCrashError, SlideTimeoutError) as exc:
+        if on_error == "raise":
+            raise
         return TileResult(source.name, str(source.path), store_location(out, source.name), "failed",
                           message=f"{source.path}: {exc}")
 
@@ -447,6 +464,17 @@ def _report(result: TileResult) -> TileResult:
     elif result.status == "locked":
         log.warning("%s", result.message)
     return result
+
+
+def make_output(out: str | Path, *, absolute: bool = False) -> str:
+    """:func:`output_location`, with the folder created when it is local."""
+    out_str = output_location(out, absolute=absolute)
+    if not is_url(out_str):
+        try:
+            Path(out_str).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{out_str}: cannot create the output folder: {exc.strerror or exc}") from exc
+    return out_str
 
 
 def output_location(out: str | Path, *, absolute: bool = False) -> str:
@@ -470,14 +498,14 @@ def worker_config(config: TileConfig) -> TileConfig:
 
 
 def _tile_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], out: str, given_out: str, config: TileConfig,
-                  *, debug: bool) -> list[TileResult]:
+                  *, on_error: OnError) -> list[TileResult]:
     """One ``tile_slide`` task per slide (absolute paths: workers run elsewhere); the results spell the paths
     as the caller gave them (``given_out``), like a local run's."""
     from wsi_screen.distributed import Call, task_key
 
     config = worker_config(config)
     remote = [SlideSource(s.path.absolute(), s.name) for s in sources]
-    calls = [Call(task_key("tile", s.name, s, out, config), (s, out, config), {"debug": debug}) for s in remote]
+    calls = [Call(task_key("tile", s.name, s, out, config), (s, out, config), {"on_error": on_error}) for s in remote]
 
     def failed(i: int, reason: str) -> TileResult:
         s = sources[i]
@@ -492,4 +520,117 @@ def _tile_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], out: str, gi
         s = sources[i]
         return _report(replace(result, source=str(s.path), store=store_location(given_out, s.name)))
 
-    return dask.run(tile_slide, calls, failed=failed, on_result=arrived, reraise=debug)
+    return dask.run(tile_slide, calls, failed=failed, on_result=arrived, reraise=on_error == "raise")
+
+
+# ------------------------------------------------------------------------------------------- the public verbs
+def tissue_mask(slide: Slide, *, mpp: float | None = None, settings: TissueSettings | None = None,
+                workers: int = 2) -> TissueMask:
+    """Where the tissue is: glass, tissue, pen and artifact labels on a thumbnail of ``slide``.
+
+    Parameters
+    ----------
+    slide
+        An open slide (:func:`wsi_screen.open_slide`).
+    mpp
+        Microns per pixel of the mask; by default the resolution the tiler uses (:func:`thumbnail_mpp`:
+        8 um/px for ordinary slides, finer for small ones).
+    settings
+        Thresholds of the detector (:class:`~wsi_screen.tiling.tissue.TissueSettings`; its defaults by default).
+    workers
+        Threads reading the thumbnail and computing the mask (the result does not depend on them).
+
+    Returns
+    -------
+    TissueMask
+        ``labels`` (uint8 (h, w): 0 glass, 1 tissue, 2 pen, 3 artifact), ``tissue`` (bool (h, w)),
+        ``tissue_fraction`` and ``mpp``. ``slide.thumbnail(mask.mpp)`` is the picture it was computed on.
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+    ...     mask = wsi_screen.tissue_mask(slide)
+    >>> mask.labels.shape, round(mask.tissue_fraction, 2)
+    ((1024, 766), 0.38)
+    """
+    thumb_mpp = max(mpp if mpp is not None else thumbnail_mpp(slide.mpp, slide.dimensions), slide.mpp)
+    return detect_tissue(slide.thumbnail(thumb_mpp, workers=workers), thumb_mpp, settings or TissueSettings(),
+                         workers=workers)
+
+
+def tile(slide: Slide, out: str | Path | None = None, *, mpp: float, size: int, stain: str = "none",
+         stain_target: str | None = None, overlap: int = 0, min_tissue: float = 0.5,
+         tissue: TissueSettings | None = None, workers: int = 2, overwrite: bool = False) -> PatchStore:
+    """Cut the tissue of ``slide`` into square patches of ``size`` pixels at ``mpp`` microns per pixel.
+
+    Parameters
+    ----------
+    slide
+        An open slide (:func:`wsi_screen.open_slide`).
+    out
+        A folder (the store is ``out/<slide name>.zarr``, reused when it is complete and made with the same
+        settings) or an fsspec URL; ``None`` keeps the store in memory (freed with the returned object).
+    mpp, size
+        Resolution (microns per pixel) and side (pixels) of the patches.
+    stain
+        Stain normalisation: ``"none"``, ``"macenko"``, ``"vahadane"`` or ``"reinhard"``, towards
+        ``stain_target`` (an image; the bundled reference by default). For a model: its ``spec.stain_method``
+        and ``spec.stain_target``.
+    overlap
+        Pixels shared by neighbouring patches.
+    min_tissue
+        Least fraction of a patch's footprint that must be tissue (see :func:`tissue_mask`).
+    tissue
+        Tissue detector settings (see :func:`tissue_mask`).
+    workers
+        Reader threads.
+    overwrite
+        Replace a complete store at ``out`` instead of reusing or refusing it.
+
+    Returns
+    -------
+    PatchStore
+        The patches (a sequence of (size, size, 3) uint8 arrays), their level-0 ``coords``, the thumbnail
+        and the tissue mask.
+
+    Raises
+    ------
+    WsiScreenError
+        Whatever stops the slide (unreadable pixels, a resolution finer than the scan, a store made with
+        other settings at ``out``, ...). Commands that loop over slides record failures instead
+        (:func:`tile_slide` with ``on_error="record"``).
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+    ...     store = wsi_screen.tile(slide, mpp=2.0, size=64)
+    >>> len(store), store[0].shape
+    (34, (64, 64, 3))
+    """
+    config = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, overlap_px=overlap, min_tissue=min_tissue),
+                        stain=stain, stain_target=stain_target, tissue=tissue or TissueSettings(), workers=workers,
+                        overwrite=overwrite)
+    return tile_with(slide, out, config)
+
+
+def tile_with(slide: Slide, out: str | Path | None, config: TileConfig) -> PatchStore:
+    """:func:`tile` with a :class:`TileConfig` (how ``infer`` tiles for its model); raises on failure."""
+    import uuid
+    import weakref
+
+    in_memory = out is None
+    location = store_location(f"memory://wsi-screen/{uuid.uuid4().hex}" if out is None else make_output(out),
+                              slide.name)
+    try:
+        with store_lock(location):
+            _tile_locked(SlideSource(slide.path, slide.name), location, config, time.perf_counter(), slide)
+    except BaseException:
+        if in_memory:  # an unfinished store in memory would stay there for the life of the process
+            remove_store(location)
+        raise
+    store = PatchStore.open(location)
+    if in_memory:
+        weakref.finalize(store, remove_store, location)
+    return store

@@ -35,7 +35,7 @@ import json
 import os
 import shutil
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
@@ -209,7 +209,26 @@ def read_shard_patches(path: str, shard: int, wanted: np.ndarray, out: np.ndarra
 
 # ------------------------------------------------------------------------------------------------ reading
 class PatchStore:
-    """Read access to a finished (``complete``) store."""
+    """A slide's patches: a sequence of (S, S, 3) uint8 RGB arrays with their level-0 ``coords``.
+
+    Made by :func:`wsi_screen.tile` (or ``wsi-screen tile``), opened with :meth:`open`. ``store[i]`` is patch
+    ``i`` (a slice or index list gives (n, S, S, 3)), ``len(store)`` the count, iteration goes in order;
+    ``coords`` (N, 2) int64, ``tissue`` (N,), ``thumbnail`` and ``mask`` (the tissue labels on it), ``mpp``,
+    ``patch_size`` and ``attrs`` (the slide, the stain, the settings) describe them; :meth:`as_dataset` feeds
+    a ``torch.utils.data.DataLoader``. The layout on disk is in docs/store.md.
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+    ...     store = wsi_screen.tile(slide, mpp=2.0, size=64)
+    >>> len(store), store[0].shape, store[0].dtype, store.coords[0].tolist()
+    (34, (64, 64, 3), dtype('uint8'), [1028, 257])
+    >>> import torch
+    >>> batch = next(iter(torch.utils.data.DataLoader(store.as_dataset(), batch_size=8)))
+    >>> tuple(batch.shape)
+    (8, 64, 64, 3)
+    """
 
     def __init__(self, location: str | os.PathLike[str], group: zarr.Group) -> None:
         self.location = str(location)
@@ -351,8 +370,50 @@ class PatchStore:
             return np.zeros((0, self.patch_size, self.patch_size, 3), dtype=np.uint8)
         return np.asarray(arr.get_orthogonal_selection((idx,)))
 
+    # ---- a sequence of patches
+    def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        """``store[i]``: patch ``i`` as uint8 (S, S, 3); a slice or index list gives (n, S, S, 3) (see :meth:`read`)."""
+        return self.read(index)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """Every patch in order, (S, S, 3) uint8, decoded a shard at a time."""
+        step = patches_per_shard(self.patch_size)
+        for start in range(0, len(self), step):
+            yield from self.read(slice(start, start + step))
+
+    def as_dataset(self, transform: Callable[[np.ndarray], Any] | None = None) -> PatchDataset:
+        """The patches as a map-style dataset for ``torch.utils.data.DataLoader``: item ``i`` is
+        ``transform(store[i])``, or the (S, S, 3) uint8 patch itself (the default collate stacks those into
+        an (n, S, S, 3) uint8 tensor). A store on disk pickles by location, for DataLoader worker processes."""
+        return PatchDataset(self, transform)
+
     def __repr__(self) -> str:
         return f"PatchStore({self.location!r}, {len(self)} patches of {self.patch_size} px at {self.mpp} um/px)"
+
+
+class PatchDataset:
+    """A store's patches as a dataset (:meth:`PatchStore.as_dataset`)."""
+
+    def __init__(self, store: PatchStore, transform: Callable[[np.ndarray], Any] | None = None) -> None:
+        self.store = store
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, index: int) -> Any:
+        patch = self.store.read(int(index))
+        return patch if self.transform is None else self.transform(patch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if is_url(self.store.location) and self.store.location.startswith("memory://"):
+            raise StoreError(f"{self.store.location}: a store in memory cannot be sent to another process; "
+                             "use DataLoader(num_workers=0), or tile into a folder")
+        return {"location": self.store.location, "transform": self.transform}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.store = PatchStore.open(state["location"])
+        self.transform = state["transform"]
 
 
 def read_attrs(location: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -76,6 +76,15 @@ class TrainConfig:
     #: where to train: auto (a CUDA GPU where present, else the CPU), cpu, cuda, cuda:N or mps
     device: str = "auto"
 
+    #: train only a head on this frozen encoder's embeddings (see wsi_screen.training.heads); ``arch`` is then unused
+    encoder: str | None = None
+    #: a local weights file for ``encoder`` (a timm architecture or registry name)
+    encoder_weights: str | None = None
+    #: the head on the encoder: linear or mlp
+    head: str = "linear"
+    #: where dataset embeddings are cached (None: wsi_screen.training.embeddings.default_cache_dir())
+    embedding_cache: str | None = None
+
     def __post_init__(self) -> None:
         problems = []
         if self.optimizer not in OPTIMIZERS:
@@ -105,6 +114,18 @@ class TrainConfig:
         if self.patience < 0 or self.frozen_epochs < 0 or self.workers < 0 or self.folds < 0:
             problems.append("patience, frozen epochs, workers and folds cannot be negative")
 
+        if self.encoder is not None:
+            if self.head not in ("linear", "mlp"):
+                problems.append(f"head {self.head!r} is not one of linear, mlp")
+            if self.pretrained or self.freeze_backbone:
+                problems.append("`pretrained` and `freeze_backbone` train a whole network; with an `encoder` only the "
+                                "head trains (the encoder stays frozen)")
+            if self.folds > 1:
+                problems.append("a head on an `encoder` trains on one validation split (`folds` 1)")
+        elif self.encoder_weights is not None:
+            problems.append("`encoder_weights` needs an `encoder` (the architecture the file is for)")
+        elif not self.arch:
+            problems.append("set `arch` (a network to train) or `encoder` (a frozen encoder to train a head on)")
         if problems:
             raise ConfigError("; ".join(problems))
         ThresholdRule.parse(self.threshold_rule)

@@ -29,36 +29,36 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import re
 import time
-from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from wsi_screen.errors import ConfigError, DatasetError
 from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics, monitor_value
 from wsi_screen.models import CONFIG_NAME, ModelSpec
 from wsi_screen.models.device import resolve_device
-from wsi_screen.models.registry import check_arch, count_parameters, fixed_input_size
+from wsi_screen.models.registry import check_arch, count_parameters
 from wsi_screen.training import checkpoint as train_checkpoint
 from wsi_screen.training.config import PreparedData, TrainConfig, TrainResult
 from wsi_screen.training.cross_validation import auto_folds, fit_folds
 from wsi_screen.training.data import (
     BatchSource,
-    PatchFolder,
     PatchImageDataset,
     fingerprint,
-    image_sizes,
     in_memory,
     load_images,
-    make_split,
-    open_patch_folder,
     write_split_csv,
 )
 from wsi_screen.training.evaluate import write_evaluation
+from wsi_screen.training.inputs import (
+    HISTORY_COLUMNS,
+    log_resizing,
+    read_split,
+    resolve_mpp,
+    resolve_size,
+)
 from wsi_screen.training.loop import (
     Best,
     describe_device,
@@ -72,27 +72,6 @@ from wsi_screen.training.loop import (
 
 log = logging.getLogger(__name__)
 
-#: words in a class name that make it the positive (screening) class
-POSITIVE_CLASS_WORDS = frozenset({"tumour", "tumor", "abnormal", "cancer", "cancerous", "malignant", "positive",
-                            "metastasis", "metastatic", "carcinoma", "aca", "adenocarcinoma", "lesion"})
-
-
-# --- preparing the data ----------------------------------------------------------------------------------
-def resolve_positive(classes: list[str], positive: str | None) -> str | None:
-    """The positive (disease) class: the one given, else for two classes the one whose name says so."""
-    if positive is not None:
-        if positive not in classes:
-            raise ConfigError(f"`positive` {positive!r} is not one of the classes ({', '.join(classes)})")
-        return positive
-    if len(classes) != 2:
-        return None
-    matches = [c for c in classes if set(re.split(r"[^a-z0-9]+", c.lower())) & POSITIVE_CLASS_WORDS]
-    if len(matches) != 1:
-        raise ConfigError(f"cannot tell which class is positive; set `positive` (one of "
-                          f"{', '.join(classes)})")
-    log.info("positive class: %s (from its name; `positive` chooses another)", matches[0])
-    return matches[0]
-
 
 def _pretrained_spec(path: str | None) -> ModelSpec | None:
     if path is None:
@@ -104,53 +83,15 @@ def _pretrained_spec(path: str | None) -> ModelSpec | None:
     return None
 
 
-def _resolve_size(config: TrainConfig, folder: PatchFolder, rows: np.ndarray,
-                  pretrained: ModelSpec | None) -> tuple[int, Counter[tuple[int, int]]]:
-    fixed = fixed_input_size(config.arch)
-    sizes = image_sizes(folder, rows)
-    if config.size is not None:
-        return config.size, sizes
-    if fixed is not None:
-        return fixed, sizes
-    if pretrained is not None:
-        return pretrained.input_size, sizes
-    (w, h), _ = sizes.most_common(1)[0]
-    if w != h:
-        raise ConfigError(f"{folder.root}: images are {w}x{h} px, not square; set `size`")
-    return w, sizes
-
-
 def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
     """Read, validate and split the dataset and decode train + valid at the input size (never test)."""
     check_arch(config.arch)
-    folder = open_patch_folder(dataset, label_column=config.label_column, split_column=config.split_column,
-                               group_column=config.group_column,
-                               require_split_column=config.require_split_column)
-    split = make_split(folder, valid_fraction=config.valid_fraction, seed=config.seed,
-                       carve_valid=config.carve_valid)
-    log.info("%s: %s", folder.root, split.description)
-    train_labels = {folder.labels[i] for i in split.train}
-    stray = sorted({folder.labels[i] for i in split.valid} - train_labels)
-    if stray:
-        raise DatasetError(f"{folder.describe()}: labels {', '.join(stray)} occur in valid but not in train")
-    classes = sorted(train_labels)
-    if len(classes) < 2:
-        raise DatasetError(f"{folder.describe()}: training rows hold a single class ({classes[0]})")
-    positive = resolve_positive(classes, config.positive)
+    folder, split, classes, positive = read_split(dataset, config)
     pretrained = _pretrained_spec(config.pretrained)
     rows = np.concatenate([split.train, split.valid])
-    size, sizes = _resolve_size(config, folder, rows, pretrained)
-    other = {s: n for s, n in sizes.items() if s != (size, size)}
-    if other:
-        log.info("resizing %d of %d images to %dx%d px (%s)", sum(other.values()), len(rows), size, size,
-                 ", ".join(f"{n} of {w}x{h}" for (w, h), n in sorted(other.items())))
-    mpp = config.mpp if config.mpp is not None else folder.mpp
-    if config.mpp is not None and folder.mpp is not None \
-            and not math.isclose(config.mpp, folder.mpp, rel_tol=0.05):
-        log.warning("`mpp` %.3g differs from the dataset's mpp column (%.3g); recording %.3g", config.mpp,
-                    folder.mpp, config.mpp)
-    if mpp is None:
-        log.info("training patches have no recorded mpp; set `mpp` so the model can be applied to slides")
+    size, sizes = resolve_size(config, folder, rows, pretrained)
+    log_resizing(sizes, size, len(rows))
+    mpp = resolve_mpp(config, folder)
     train_y = folder.label_indices(classes, split.train)
     valid_y = folder.label_indices(classes, split.valid)
     threads = max(1, config.workers)
@@ -175,9 +116,6 @@ def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
 
 
 # --- the loop --------------------------------------------------------------------------------------------
-HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy",
-                   "valid_balanced_accuracy", "valid_auc", "monitor", "seconds", "best")
-
 
 def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainResult:
     """Train on ``data.train``, choose on ``data.valid``, and write the model folder ``out_dir``.
@@ -296,8 +234,13 @@ def for_data(config: TrainConfig, data: PreparedData) -> TrainConfig:
 
 
 def train(dataset: str | Path, out_dir: str | Path, config: TrainConfig) -> TrainResult:
-    """Train ``config.arch`` on a dataset folder and write the model folder (see the module docstring)."""
+    """Train ``config.arch`` on a dataset folder and write the model folder (see the module docstring); with
+    ``config.encoder``, a head on that encoder's embeddings (:mod:`wsi_screen.training.heads`)."""
     out = Path(out_dir)
     refuse_existing_model(out, config)
+    if config.encoder is not None:
+        from wsi_screen.training.heads import train_head
+
+        return train_head(dataset, out, config)
     data = prepare_data(dataset, config)
     return fit(data, for_data(config, data), out)

@@ -56,7 +56,7 @@ def test_a_zero_byte_tile_is_a_read_error(tmp_path: Path, slides_dir: Path) -> N
     with Slide(bad) as slide:
         assert slide.level_dimensions[1][0] == ds
         with pytest.raises(SlideReadError, match=r"tile 0 at level 1 holds no pixel data"):
-            slide.read_region(1, (0, 0), (64, 64))
+            slide.read_region((0, 0), 1, (64, 64))
 
 
 def test_dicom_offset_table_past_the_end_is_refused(tmp_path: Path, slides_dir: Path) -> None:

@@ -1,0 +1,86 @@
+"""``wsi-screen embed`` (wsi_screen.embedding): real slides and stores -> feature stores, resumed per slide, one line
+per bad slide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+from tests.hub import write_hub_model
+from wsi_screen.embedding.features import FeatureStore
+from wsi_screen.models.encoder import file_sha256
+from wsi_screen.models.spec import WEIGHTS_NAME
+from wsi_screen.tiling.store import PatchStore
+
+
+@pytest.fixture(scope="module")
+def embedded(example_slide: Path, slides_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """The example slide and a slide without a resolution, embedded with the bundled model's backbone."""
+    out = tmp_path_factory.mktemp("embed") / "out"
+    bad = slides_dir / "unsupported" / "kidney-ihc-plain-strip.tif"
+    res = run_cli("embed", example_slide, bad, "--encoder", "default", "-o", out, "--workers", "0")
+    return out, res
+
+
+def test_features_coords_and_identity(embedded: tuple[Path, object]) -> None:
+    out, res = embedded
+    assert res.code == 1  # type: ignore[attr-defined]
+    errors = [line for line in res.err_lines if "error" in line]  # type: ignore[attr-defined]
+    assert len(errors) == 1 and "kidney-ihc-plain-strip.tif" in errors[0] and "--slide-mpp" in errors[0]
+    store = FeatureStore(out / "CMU-1-Small-Region.zarr")
+    patches = PatchStore.open(out / "stores" / "CMU-1-Small-Region.zarr")
+    features = store.features
+    assert features.shape == (len(patches), 512) and features.dtype == np.float16 and len(patches) > 10
+    np.testing.assert_array_equal(store.coords, patches.coords)
+    attrs = store.attrs
+    from wsi_screen.models import default_model_dir
+
+    assert attrs["encoder"]["name"] == "default"
+    assert attrs["encoder"]["weights_sha256"] == file_sha256(default_model_dir() / WEIGHTS_NAME)
+    assert (attrs["mpp"], attrs["size"]) == (0.972, 96) and attrs["preprocessing"]["input_size"] == 96
+    # the features are the bundled model's penultimate features of those patches
+    from wsi_screen.models.encoder import load_encoder
+
+    want = load_encoder("default").embed(patches.read(slice(0, 8)))
+    np.testing.assert_allclose(features[:8].astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+def test_rerun_skips_and_new_settings_recompute(embedded: tuple[Path, object], example_slide: Path) -> None:
+    out, _ = embedded
+    target = out / "CMU-1-Small-Region.zarr" / "zarr.json"
+    before = target.stat().st_mtime_ns
+    res = run_cli("embed", example_slide, "--encoder", "default", "-o", out, "--workers", "0")
+    assert res.code == 0 and "1 up to date" in res.err, res
+    assert target.stat().st_mtime_ns == before
+    res = run_cli("embed", example_slide, "--encoder", "default", "-o", out, "--workers", "0", "--dtype", "float32")
+    assert res.code == 0 and "1 embedded" in res.err, res
+    assert FeatureStore(out / "CMU-1-Small-Region.zarr").features.dtype == np.float32
+
+
+def test_store_with_hub_encoder(embedded: tuple[Path, object], offline_hub: Path, tmp_path: Path) -> None:
+    out, _ = embedded
+    write_hub_model(offline_hub, "wsi-screen-test/tiny-vit")
+    store = out / "stores" / "CMU-1-Small-Region.zarr"
+    ref = "hf-hub:wsi-screen-test/tiny-vit"
+    res = run_cli("embed", store, "--encoder", ref, "-o", tmp_path / "e")
+    assert res.code == 1 and "records no patch resolution; pass --mpp" in res.err, res
+    res = run_cli("embed", store, "--encoder", ref, "--mpp", "0.5", "--size", "224", "-o", tmp_path / "e")
+    assert res.code == 1 and "set --mpp=0.972 --size=96" in res.err, res
+    res = run_cli("embed", store, "--encoder", ref, "--mpp", "0.972", "--size", "96", "-o", tmp_path / "e")
+    assert res.code == 0, res
+    features = FeatureStore(tmp_path / "e" / "CMU-1-Small-Region.zarr")
+    assert features.features.shape == (len(PatchStore.open(store)), 64)
+    assert features.attrs["encoder"]["ref"] == ref and features.attrs["preprocessing"]["input_size"] == 160
+
+
+def test_absent_gpu_is_one_line(example_slide: Path, tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    res = run_cli("embed", example_slide, "--encoder", "default", "--device", "cuda", "-o", tmp_path / "e")
+    assert res.code == 1 and len(res.err_lines) == 1 and "cuda" in res.err_lines[0], res
+    assert not (tmp_path / "e").exists()

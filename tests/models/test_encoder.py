@@ -1,0 +1,152 @@
+"""Encoders by name or by file (wsi_screen.models.encoder, .encoders): the registry, the bundled model's
+backbone, a tiny timm model written into a local hub cache (offline) and into files, and the one-line error for
+an encoder that is missing offline."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from tests.hub import TINY_ARCH, TINY_MEAN, TINY_STD, tiny_state, write_hub_model
+from wsi_screen.errors import EncoderNotFoundError, ModelError, UnknownModelError
+from wsi_screen.models.encoder import EncoderModule, file_sha256, load_encoder
+from wsi_screen.models.encoders import ENCODERS, get_encoder_info
+
+RNG = np.random.default_rng(0)
+IMAGES = RNG.integers(0, 256, size=(5, 96, 96, 3), dtype=np.uint8)
+
+
+def reference_embeddings(images: np.ndarray, state: dict[str, torch.Tensor], mean: tuple[float, ...] = TINY_MEAN,
+                         std: tuple[float, ...] = TINY_STD) -> np.ndarray:
+    """What the tiny model embeds, computed here with timm directly: normalise, resize to 160, forward."""
+    import timm
+
+    model = timm.create_model(TINY_ARCH, pretrained=False, num_classes=0).eval()
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")})
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    x = torch.nn.functional.interpolate(x, size=(160, 160), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+def test_registry_knows_the_pathology_encoders() -> None:
+    for name in ("uni", "uni2-h", "virchow2", "h-optimus-0", "prov-gigapath", "phikon-v2"):
+        info = ENCODERS[name]
+        assert info.hub.startswith("hf-hub:") and info.input_size == 224 and info.mpp == 0.5
+        assert info.licence and info.dim >= 1024
+    assert get_encoder_info("UNI2_h").name == "uni2-h"
+    virchow = ENCODERS["virchow2"]
+    assert virchow.pooling == "cls+mean" and virchow.dim == 2 * 1280 and virchow.kwargs["reg_tokens"] == 4
+    assert ENCODERS["h-optimus-0"].mean == (0.707223, 0.578729, 0.703617)
+    assert ENCODERS["phikon-v2"].loader == "transformers" and ENCODERS["uni"].gated
+    with pytest.raises(UnknownModelError, match="did you mean virchow2"):
+        get_encoder_info("virchov2")
+
+
+def test_bundled_model_backbone_is_its_penultimate_features() -> None:
+    from wsi_screen.models import load_model
+    from wsi_screen.models.domain import feature_tap, joined
+
+    encoder = load_encoder("default")
+    ident = encoder.identity
+    assert (ident.dim, ident.input_size, ident.mpp, ident.kind) == (512, 96, 0.972, "model-folder")
+    classifier = load_model(precision="fp32")
+    with feature_tap(classifier.module) as captured:
+        classifier.predict(IMAGES)
+    np.testing.assert_allclose(encoder.embed(IMAGES), joined(captured)["penultimate"].numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ref", ["hf-hub:wsi-screen-test/tiny-vit", "timm/test_vit.tiny_tag"])
+def test_hub_model_loads_from_local_cache_offline(offline_hub: Path, ref: str) -> None:
+    repo = ref.removeprefix("hf-hub:")
+    weights = write_hub_model(offline_hub, repo)
+    encoder = load_encoder(ref)
+    ident = encoder.identity
+    assert (ident.dim, ident.input_size, ident.mean, ident.std) == (64, 160, TINY_MEAN, TINY_STD)
+    assert ident.weights_sha256 == file_sha256(weights) and ident.kind == "hub"
+    np.testing.assert_allclose(encoder.embed(IMAGES), reference_embeddings(IMAGES, tiny_state()), rtol=1e-4, atol=1e-4)
+
+
+def test_local_weights_files(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = tiny_state(seed=1)
+    st, pth = tmp_path / "tiny.safetensors", tmp_path / "tiny.pth"
+    save_file(state, str(st))
+    torch.save({"state_dict": state}, pth)
+    for path in (st, pth):
+        encoder = load_encoder(TINY_ARCH, weights=path)
+        ident = encoder.identity
+        assert ident.weights_sha256 == file_sha256(path) and ident.kind == "file"
+        assert ident.input_size == 160 and encoder.dim == 64  # from timm's config of the architecture
+        want = reference_embeddings(IMAGES, state, ident.mean, ident.std)
+        np.testing.assert_allclose(encoder.embed(IMAGES), want, rtol=1e-4, atol=1e-4)
+
+
+def test_pickle_with_objects_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"weights": torch.zeros(2), "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(ModelError, match="tensors only") as info:
+        load_encoder(TINY_ARCH, weights=path)
+    assert "\n" not in str(info.value)
+
+
+def test_wrong_architecture_for_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(tiny_state(), str(path))
+    with pytest.raises(ModelError, match="do not fit"):
+        load_encoder("resnet10t", weights=path)
+
+
+def test_cls_plus_mean_pooling_skips_register_tokens() -> None:
+    import timm
+
+    backbone = timm.create_model(TINY_ARCH, pretrained=False, num_classes=0, reg_tokens=2, global_pool="").eval()
+    module = EncoderModule(backbone, pooling="cls+mean", input_size=160, prefix_tokens=backbone.num_prefix_tokens)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        tokens = backbone(x)
+        out = module(x)
+    assert backbone.num_prefix_tokens == 3 and out.shape == (2, 128)
+    torch.testing.assert_close(out, torch.cat([tokens[:, 0], tokens[:, 3:].mean(1)], dim=1))
+
+
+def test_missing_offline_is_one_line(offline_hub: Path, example_slide: Path, patches_dir: Path,
+                                     tmp_path: Path) -> None:
+    res = run_cli("embed", example_slide, "--encoder", "hf-hub:nobody/absent", "-o", tmp_path / "emb")
+    assert res.code == 1 and len(res.err_lines) == 1, res
+    line = res.err_lines[0]
+    assert "nobody/absent" in line and str(offline_hub / "hub") in line
+    assert "huggingface-cli download nobody/absent" in line and "--weights=FILE" in line
+    res = run_cli("train", patches_dir / "pcam", "--encoder", "uni", "--head", "linear", "-o", tmp_path / "m")
+    assert res.code == 1 and len(res.err_lines) == 1, res
+    assert "MahmoodLab/uni" in res.err_lines[0] and "--encoder=uni --weights=FILE" in res.err_lines[0]
+    with pytest.raises(EncoderNotFoundError):
+        load_encoder("virchow2")
+
+
+def test_unknown_references() -> None:
+    with pytest.raises(ModelError, match="architecture without weights"):
+        load_encoder("resnet50")
+    with pytest.raises(UnknownModelError, match="unknown encoder"):
+        load_encoder("not-an-encoder")
+    with pytest.raises(ModelError, match="no such model folder"):
+        load_encoder("./missing/model")
+
+
+def test_models_lists_encoders() -> None:
+    res = run_cli("models", "--encoders")
+    assert res.code == 0, res
+    lines = res.out.splitlines()
+    assert lines[0].split() == ["encoder", "hub", "dim", "size", "mpp", "licence", "gated"]
+    virchow = next(line for line in lines if line.startswith("virchow2"))
+    assert virchow.split()[:5] == ["virchow2", "hf-hub:paige-ai/Virchow2", "2560", "224", "0.5"]
+    assert virchow.split()[-1] == "yes" and len(lines) == 1 + len(ENCODERS)

@@ -1,0 +1,318 @@
+"""The public API (docs/api.md), called only through ``wsi_screen.<name>``, on the bundled example slide."""
+
+from __future__ import annotations
+
+import doctest
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import wsi_screen
+from tests.conftest import REPO, read_results
+from tests.corpus import corrupt_tiles, truncate
+from wsi_screen.errors import (
+    ConfigError,
+    ModelMismatchError,
+    SlideOpenError,
+    SlideReadError,
+    StoreError,
+    UnknownModelError,
+)
+
+PUBLIC = ("open_slide", "Slide", "tissue_mask", "tile", "PatchStore", "load_model", "create_model", "score",
+          "Scores", "call_slide", "SlideCall", "heatmap", "screen")
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return wsi_screen.load_model()
+
+
+@pytest.fixture(scope="module")
+def scores(example_slide: Path, model: Any) -> Any:
+    with wsi_screen.open_slide(example_slide) as slide:
+        return wsi_screen.score(slide, model)
+
+
+# ------------------------------------------------------------------------------------------------ the names
+def test_the_public_names_are_exported_lazily_and_documented() -> None:
+    assert set(PUBLIC) <= set(wsi_screen.__all__) and set(PUBLIC) <= set(dir(wsi_screen))
+    code = ("import sys, wsi_screen\n"
+            "print(sorted(m for m in ('torch', 'zarr', 'openslide', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"  # importing the package loads none of the heavy libraries
+    api_md = (REPO / "docs" / "api.md").read_text(encoding="utf-8")
+    for name in PUBLIC:
+        doc = getattr(wsi_screen, name).__doc__ or ""
+        assert ">>> " in doc and "wsi_screen." in doc, f"{name}: no example through wsi_screen"
+        assert f"`{name}" in api_md, f"docs/api.md does not describe {name}"
+    for name in ("open_slide", "tissue_mask", "tile", "load_model", "score", "call_slide", "heatmap", "screen"):
+        doc = getattr(wsi_screen, name).__doc__ or ""
+        assert re.search(r"Parameters\n\s*-+\n", doc) and re.search(r"Examples\n\s*-+\n", doc), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        wsi_screen.nope  # noqa: B018
+
+
+@pytest.mark.slow
+def test_every_docstring_example_runs(monkeypatch: pytest.MonkeyPatch, example_slide: Path) -> None:
+    """The ``>>>`` examples of the public names (and of the Slide methods) give what they show."""
+    monkeypatch.chdir(REPO)  # the examples name examples/CMU-1-Small-Region.svs
+    objects = [getattr(wsi_screen, n) for n in PUBLIC] + [
+        wsi_screen.Slide.read_region, wsi_screen.Slide.read_at, wsi_screen.Slide.thumbnail]
+    finder, runner = doctest.DocTestFinder(recurse=False), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    ran = 0
+    for obj in objects:
+        for test in finder.find(obj, getattr(obj, "__qualname__", str(obj)), globs={}):
+            ran += len(test.examples)
+            runner.run(test)
+    assert runner.failures == 0, f"{runner.failures} docstring example(s) failed (see the output above)"
+    assert ran >= 40
+
+
+# ------------------------------------------------------------------------------------------------ the slide
+def test_read_region_matches_openslide_pixel_for_pixel(example_slide: Path) -> None:
+    import openslide
+
+    ref = openslide.OpenSlide(str(example_slide))
+    try:
+        with wsi_screen.open_slide(example_slide) as slide:
+            assert isinstance(slide, wsi_screen.Slide)
+            assert slide.dimensions == ref.dimensions and len(slide.levels) == ref.level_count
+            for location, size in [((0, 0), (300, 200)), ((1017, 1531), (512, 384)), ((1900, 2700), (320, 267))]:
+                ours = slide.read_region(location, 0, size)
+                rgba = np.asarray(ref.read_region(location, 0, size))
+                assert ours.shape == (size[1], size[0], 3) and ours.dtype == np.uint8
+                assert (rgba[..., 3] == 255).all()
+                assert np.array_equal(ours, rgba[..., :3]), location
+            with pytest.raises(ConfigError, match="`level` 1 does not exist"):
+                slide.read_region((0, 0), 1, (8, 8))
+    finally:
+        ref.close()
+
+
+def test_read_at_thumbnail_and_levels(example_slide: Path) -> None:
+    with wsi_screen.open_slide(example_slide) as slide:
+        assert slide.mpp == pytest.approx(0.499) and slide.levels[0].mpp == slide.mpp
+        assert slide.levels[0].dimensions == slide.dimensions == (2220, 2967)
+        # at level 0's own resolution read_at is read_region
+        same = slide.read_at((500, 600), (64, 48), slide.mpp)
+        assert np.array_equal(same, slide.read_region((500, 600), 0, (64, 48)))
+        coarse = slide.read_at((500, 600), (100, 50), 4 * slide.mpp)  # 400 x 200 level-0 px, reduced 4 x
+        assert coarse.shape == (50, 100, 3)
+        full = slide.read_region((500, 600), 0, (400, 200)).reshape(50, 4, 100, 4, 3).mean(axis=(1, 3))
+        assert np.abs(coarse - full).mean() < 4.0
+        thumb = slide.thumbnail(8.0)
+        assert thumb.shape == (round(2967 * 0.499 / 8), round(2220 * 0.499 / 8), 3)
+        with pytest.raises(ConfigError, match="`mpp` must be a positive"):
+            slide.read_at((0, 0), (8, 8), 0)
+
+
+# ------------------------------------------------------------------------------------------ tissue and tiles
+def test_tile_in_memory_is_a_sequence_and_a_dataset(example_slide: Path) -> None:
+    import torch
+
+    with wsi_screen.open_slide(example_slide) as slide:
+        mask = wsi_screen.tissue_mask(slide)
+        store = wsi_screen.tile(slide, mpp=2.0, size=64)
+        # patches are read_at of the slide at their coordinates (no stain normalisation)
+        for i in (0, len(store) // 2, len(store) - 1):
+            assert np.array_equal(store[i], slide.read_at(tuple(store.coords[i]), (64, 64), 2.0))
+    assert mask.labels.shape == store.mask.shape and np.array_equal(mask.labels, store.mask)
+    assert 0.2 < mask.tissue_fraction < 0.6
+    assert store.location.startswith("memory://") and len(store) == 34
+    assert store[3].shape == (64, 64, 3) and store[3].dtype == np.uint8
+    patches = list(store)
+    assert len(patches) == len(store) and np.array_equal(np.stack(patches), store[:])
+    assert np.array_equal(store[[5, 1]], np.stack([store[5], store[1]]))
+    assert store.coords.shape == (34, 2)
+
+    data = store.as_dataset(transform=lambda p: torch.from_numpy(p).permute(2, 0, 1).float() / 255)
+    batches = list(torch.utils.data.DataLoader(data, batch_size=16))
+    assert [tuple(b.shape) for b in batches] == [(16, 3, 64, 64), (16, 3, 64, 64), (2, 3, 64, 64)]
+    assert torch.equal(batches[0][2], torch.from_numpy(store[2]).permute(2, 0, 1).float() / 255)
+    with pytest.raises(StoreError, match="in memory cannot be sent to another process"):
+        import pickle
+
+        pickle.dumps(data)
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    where = store.location.removeprefix("memory://")
+    assert fs.exists(where)
+    del store, data, patches, batches
+    import gc
+
+    gc.collect()
+    assert not fs.exists(where)  # the store in memory goes with the last reference to it
+
+
+def test_tile_into_a_folder_reuses_and_pickles(example_slide: Path, tmp_path: Path) -> None:
+    import pickle
+
+    with wsi_screen.open_slide(example_slide) as slide:
+        store = wsi_screen.tile(slide, tmp_path / "stores", mpp=2.0, size=64, stain="macenko")
+        again = wsi_screen.tile(slide, tmp_path / "stores", mpp=2.0, size=64, stain="macenko")  # reused
+        assert store.location == again.location == str(tmp_path / "stores" / "CMU-1-Small-Region.zarr")
+        with pytest.raises(StoreError, match="other settings"):
+            wsi_screen.tile(slide, tmp_path / "stores", mpp=2.0, size=64)
+    assert store.attrs["stain"]["method"] == "macenko" and len(store) == 34
+    data = pickle.loads(pickle.dumps(store.as_dataset()))
+    assert np.array_equal(data[7], store[7])
+
+
+def test_tile_raises_on_a_corrupt_file(slides_dir: Path, tmp_path: Path) -> None:
+    svs = slides_dir / "CMU-1-Small-Region.svs"
+    bad = corrupt_tiles(svs, tmp_path / "corrupt-tiles.svs", range(40, 80))
+    with wsi_screen.open_slide(bad) as slide, pytest.raises(SlideReadError, match="corrupt"):
+        wsi_screen.tile(slide, tmp_path / "stores", mpp=1.0, size=64)
+    assert not list((tmp_path / "stores").glob("*.zarr"))  # nothing that looks finished
+    cut = truncate(svs, tmp_path / "cut.svs", svs.stat().st_size * 2 // 3)
+    with pytest.raises(SlideOpenError):
+        wsi_screen.open_slide(cut)
+
+
+def test_tile_slide_raises_unless_told_to_record(slides_dir: Path, tmp_path: Path) -> None:
+    from wsi_screen.slide.discovery import SlideSource
+    from wsi_screen.tiling.grid import TileSpec
+    from wsi_screen.tiling.pipeline import TileConfig, tile_slide
+
+    bad = corrupt_tiles(slides_dir / "CMU-1-Small-Region.svs", tmp_path / "corrupt.svs", range(40, 80))
+    source, config = SlideSource(bad, "corrupt"), TileConfig(spec=TileSpec(mpp=1.0, size_px=64))
+    with pytest.raises(SlideReadError, match="corrupt"):
+        tile_slide(source, str(tmp_path / "out"), config)  # the library's default
+    recorded = tile_slide(source, str(tmp_path / "out"), config, on_error="record")  # a command's batch policy
+    assert recorded.status == "failed" and "corrupt" in recorded.message
+    with pytest.raises(ConfigError, match="on_error"):
+        tile_slide(source, str(tmp_path / "out"), config, on_error="ignore")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ model and scores
+def test_load_model_by_name_or_folder(model: Any) -> None:
+    from wsi_screen.models import default_model_dir
+
+    assert model.model_dir == default_model_dir()
+    named = wsi_screen.load_model("default", precision="fp32")
+    assert named.model_dir == default_model_dir() and named.precision == "fp32"
+    assert wsi_screen.load_model(default_model_dir()).spec == model.spec
+
+
+def test_create_model_builds_an_untrained_architecture() -> None:
+    import torch
+
+    net = wsi_screen.create_model("screen_cnn32", num_classes=3)
+    assert tuple(net(torch.zeros(2, 3, 32, 32)).shape) == (2, 3)
+    with pytest.raises(UnknownModelError, match="resnet18"):
+        wsi_screen.create_model("resnet18x", num_classes=2)
+
+
+def test_score_is_aligned_with_the_store(scores: Any, model: Any) -> None:
+    assert isinstance(scores, wsi_screen.Scores) and isinstance(scores.store, wsi_screen.PatchStore)
+    assert len(scores) == len(scores.store) == 66
+    assert scores.probabilities.shape == (66, 2) and scores.probabilities.dtype == np.float32
+    assert np.allclose(scores.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(scores.coords, scores.store.coords)
+    assert scores.domain_distance is not None and scores.domain_distance.shape == (66,)
+    top = scores.top(5)
+    assert scores.positive[top[0]] == scores.positive.max()
+    assert list(scores.positive[top]) == sorted(scores.positive[top], reverse=True)
+    # scoring the store again gives the same numbers; the model keeps its own decision thresholds
+    before = model.decision_thresholds
+    again = wsi_screen.score(scores.store, model)
+    assert np.array_equal(again.probabilities, scores.probabilities) and model.decision_thresholds == before
+
+
+def test_score_refuses_a_store_cut_for_another_model(example_slide: Path, model: Any) -> None:
+    with wsi_screen.open_slide(example_slide) as slide:
+        store = wsi_screen.tile(slide, mpp=2.0, size=64)
+    with pytest.raises(ModelMismatchError, match=r"2 um/px instead of 0\.972"):
+        wsi_screen.score(store, model)
+    with pytest.raises(ConfigError, match="PatchStore or an open Slide"):
+        wsi_screen.score(str(example_slide), model)
+
+
+# ---------------------------------------------------------------------------------------- call and heatmap
+def test_screen_gives_infer_s_call(demo_run: Path, example_slide: Path, scores: Any, model: Any) -> None:
+    """screen(path) and `wsi-screen infer` on the same slide: the same row of results.csv."""
+    row = read_results(demo_run)["CMU-1-Small-Region"]
+    call = wsi_screen.screen(example_slide)
+    assert isinstance(call, wsi_screen.SlideCall)
+    assert call.diagnosis == row["diagnosis"] and f"{call.score:.6f}" == row["score"]
+    assert call.aggregate.rule == row["rule"] and f"{call.threshold:.6g}" == row["threshold"]
+    assert call.metastasis == row["metastasis"] and str(call.n_patches) == row["n_patches"]
+    assert str(len(call.foci)) == row["n_foci"] == str(call.result.n_foci)
+    assert f"{call.in_domain_fraction:.4f}" == row["in_domain_fraction"]
+    assert str(call.out_of_domain).lower() == row["out_of_domain"]
+    # the steps give the same call as screen()
+    steps = wsi_screen.call_slide(scores, model)
+    assert steps.to_json() == call.to_json()
+
+
+def test_call_slide_overrides_and_foci(scores: Any, model: Any) -> None:
+    call = wsi_screen.call_slide(scores, model, rule="max", threshold=0.01)
+    assert call.rule == "max" and call.threshold == 0.01 and call.diagnosis == "tumour"
+    assert call.score == pytest.approx(float(scores.positive.max()), abs=1e-6)
+    assert call.foci and call.foci[0].n_patches == max(f.n_patches for f in call.foci)
+    assert call.metastasis in ("itc", "micro", "macro")
+    assert call.largest_focus_mm == pytest.approx(call.foci[0].longest_axis_mm)
+    assert call.tumour_area_mm2 == pytest.approx(sum(f.area_mm2 for f in call.foci))
+    topk = wsi_screen.call_slide(scores, model, rule="topk", k=3)
+    assert topk.rule == "topk (k = 3)" and topk.score == pytest.approx(np.sort(scores.positive)[-3:].mean(), abs=1e-6)
+    assert "SlideCall('CMU-1-Small-Region': tumour" in repr(call)
+    from wsi_screen.models import PatchClassifier
+
+    in_memory = PatchClassifier(model.module, model.spec)  # no folder: the fallback rule, overrides still apply
+    assert wsi_screen.call_slide(scores, in_memory).rule == "topk (k = 5)"
+    fallback = wsi_screen.call_slide(scores, in_memory, rule="max", threshold=0.01)
+    assert (fallback.rule, fallback.threshold, fallback.diagnosis) == ("max", 0.01, "tumour")
+    assert fallback.score == call.score
+
+
+def test_heatmap_is_a_figure_of_the_slide(example_slide: Path, scores: Any, model: Any, tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    call = wsi_screen.call_slide(scores, model, rule="max", threshold=0.01)  # positive: the focus is outlined
+    with wsi_screen.open_slide(example_slide) as slide:
+        fig = wsi_screen.heatmap(slide, scores, call)
+        finer = wsi_screen.heatmap(slide, scores, call, mpp=4.0)
+    assert isinstance(fig, Figure)
+    assert fig.axes[1].get_title() == "P(tumour) overlay"
+    # as infer's heatmap.png: the call in the title, the threshold the call read, every counted focus outlined
+    assert fig.texts[0].get_text().startswith("CMU-1-Small-Region: TUMOUR | ")
+    assert "score 0.967 >= 0.01 (rule: max)" in fig.texts[0].get_text()
+    labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert any(" counted foc" in text and "(largest bold)" in text for text in labels), labels
+    assert any(text.endswith("(the model's patch threshold)") for text in labels), labels
+    assert finer.axes[0].get_images()[0].get_array().shape[:2] != fig.axes[0].get_images()[0].get_array().shape[:2]
+    fig.savefig(tmp_path / "heatmap.png")
+    assert (tmp_path / "heatmap.png").stat().st_size > 10_000
+    store_only = wsi_screen.heatmap(None, scores, call)  # the store's thumbnail
+    assert np.array_equal(store_only.axes[0].get_images()[0].get_array(), fig.axes[0].get_images()[0].get_array())
+
+
+def test_heatmap_refuses_another_slide(slides_dir: Path, scores: Any, model: Any) -> None:
+    call = wsi_screen.call_slide(scores, model)
+    with wsi_screen.open_slide(slides_dir / "camelyon-lowres.dcm") as other, \
+            pytest.raises(ConfigError, match="scores are of another slide"):
+        wsi_screen.heatmap(other, scores, call)
+
+
+def test_a_failed_tile_leaves_nothing_in_memory(example_slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec
+
+    from wsi_screen.tiling import pipeline
+
+    def unreadable(*args: object, **kwargs: object) -> None:
+        raise SlideReadError("a tile that cannot be decoded")  # after the thumbnail was written to the store
+
+    monkeypatch.setattr(pipeline, "read_patches", unreadable)
+    fs = fsspec.filesystem("memory")
+    before = set(fs.find("/wsi-screen"))
+    with wsi_screen.open_slide(example_slide) as slide, pytest.raises(SlideReadError, match="cannot be decoded"):
+        wsi_screen.tile(slide, mpp=2.0, size=64)
+    assert set(fs.find("/wsi-screen")) == before

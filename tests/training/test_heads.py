@@ -1,0 +1,134 @@
+"""Heads on a frozen encoder's embeddings (wsi_screen.training.heads, .embeddings; wsi_screen.models.head): trained
+on real PCam patches, cached embeddings reused on a rerun, and a normal model folder that load_model, evaluate and
+infer use."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.classifier_data import make_subset, tiny_config
+from tests.conftest import run_cli
+from tests.hub import write_hub_model
+from wsi_screen.errors import EncoderNotFoundError
+from wsi_screen.models import load_model
+from wsi_screen.models.checkpoint import read_weights
+from wsi_screen.training import embeddings
+from wsi_screen.training.data import read_image
+from wsi_screen.training.train import train
+
+
+@pytest.fixture(scope="module")
+def pcam_small(patches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PCam: 60 train + 30 valid images per class."""
+    return make_subset(patches_dir / "pcam", tmp_path_factory.mktemp("pcam_small"),
+                       {"train": 60, "valid": 30})
+
+
+def head_config(cache: Path, **changes: object):  # type: ignore[no-untyped-def]
+    base: dict[str, object] = {"arch": "", "encoder": "default", "head": "linear", "label_column": "label",
+                               "epochs": 15, "batch_size": 32, "mpp": 0.972, "embedding_cache": str(cache)}
+    base.update(changes)
+    return tiny_config(**base)
+
+
+@pytest.fixture(scope="module")
+def head_model(pcam_small: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A linear head on the bundled model, trained once: (model folder, embedding cache)."""
+    root = tmp_path_factory.mktemp("head")
+    train(pcam_small, root / "m", head_config(root / "cache"))
+    return root / "m", root / "cache"
+
+
+def test_linear_head_on_bundled_encoder(pcam_small: Path, head_model: tuple[Path, Path]) -> None:
+    folder, _cache = head_model
+    spec = load_model(folder, precision="fp32").spec
+    assert spec.encoder is not None and spec.encoder["name"] == "default" and spec.head == {
+        "kind": "linear", "dim": 512, "hidden": None}
+    assert (spec.input_size, spec.mpp, spec.positive_class) == (96, 0.972, "tumour")
+    assert spec.metrics["auc"] > 0.85  # the bundled model's features separate PCam well
+    assert not (folder / "domain.json").exists()
+    weights = read_weights(folder / "model.safetensors")
+    assert set(weights) == {"mean", "std", "layers.1.weight", "layers.1.bias"}  # the head only
+    assert spec.train_config["embeddings"]["reused"] is False
+
+    # the model folder is an ordinary one: load_model gives the probabilities training validated
+    model = load_model(folder, precision="fp32")
+    with (folder / "valid" / "predictions.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    images = np.stack([read_image(pcam_small / r["path"]) for r in rows])
+    got = model.predict(images)[:, spec.positive_index]
+    want = np.array([float(r["p_tumour"]) for r in rows])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_rerun_reuses_cached_embeddings(pcam_small: Path, head_model: tuple[Path, Path], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, cache = head_model
+    first = load_model(folder, precision="fp32").spec
+    cached = sorted(cache.glob("*.safetensors"))
+    assert len(cached) == 1
+    before = cached[0].stat().st_mtime_ns
+
+    def no_embedding(*_a: object, **_k: object) -> None:
+        raise AssertionError("embeddings computed again")
+
+    monkeypatch.setattr(embeddings, "embed_rows", no_embedding)
+    again = train(pcam_small, tmp_path / "again", head_config(cache))
+    assert again.spec.train_config["embeddings"]["reused"] is True
+    assert cached[0].stat().st_mtime_ns == before
+    assert again.spec.metrics["auc"] == pytest.approx(first.metrics["auc"])
+    # another encoder setting is another key: computed (here: refused, proving the cache was not used)
+    with pytest.raises(AssertionError, match="computed again"):
+        train(pcam_small, tmp_path / "other", head_config(cache, size=64))
+
+
+def test_mlp_head_on_hub_encoder_evaluate_and_missing_encoder(pcam_small: Path, tmp_path: Path,
+                                                              offline_hub: Path) -> None:
+    weights = write_hub_model(offline_hub, "wsi-screen-test/tiny-vit")
+    out = tmp_path / "hub-head"
+    res = run_cli("train", pcam_small, "--encoder", "hf-hub:wsi-screen-test/tiny-vit", "--head", "mlp",
+                  "--epochs", "3", "--mpp", "0.972", "--embedding-cache", tmp_path / "cache", "-o", out, "-q")
+    assert res.code == 0, res
+    spec = json.loads((out / "config.json").read_text())
+    assert spec["encoder"]["ref"] == "hf-hub:wsi-screen-test/tiny-vit" and spec["head"]["kind"] == "mlp"
+    assert spec["input_size"] == 96 and spec["encoder"]["input_size"] == 160
+    res = run_cli("evaluate", pcam_small, "--model", out, "--split", "valid", "-o", tmp_path / "eval", "-q")
+    assert res.code == 0, res
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 60 and 0.0 <= metrics["auc"] <= 1.0
+
+    weights.unlink()  # the encoder is gone from the cache: loading the head model says so in one line
+    with pytest.raises(EncoderNotFoundError, match="huggingface-cli download wsi-screen-test/tiny-vit"):
+        load_model(out)
+
+
+def test_infer_and_calibrate_with_a_head_model(head_model: tuple[Path, Path], tmp_path: Path, example_slide: Path,
+                                               slides_dir: Path) -> None:
+    model, _cache = head_model
+    tif = slides_dir / "CMU-1-Small-Region.pyramid.tif"  # the same tissue, another file: labelled the other way
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\nCMU-1-Small-Region,normal\nCMU-1-Small-Region.pyramid,tumour\n")
+    run = tmp_path / "run"
+    res = run_cli("infer", example_slide, tif, "--model", model, "-o", run, "--workers", "0", "--labels", labels)
+    assert res.code == 0, res
+    assert "not checked for being out of domain" in res.err
+    with (run / "results.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 and all(r["status"] == "ok" and int(r["n_patches"]) > 0 for r in rows)
+    res = run_cli("calibrate", run, "--labels", labels, "-o", tmp_path / "calibrated")
+    assert res.code == 0, res
+    calibrated = load_model(tmp_path / "calibrated")
+    assert calibrated.spec.encoder == load_model(model).spec.encoder
+    assert (tmp_path / "calibrated" / "slide_rule.json").exists()
+
+
+def test_encoder_and_arch_together_are_refused(pcam_small: Path, tmp_path: Path) -> None:
+    res = run_cli("train", pcam_small, "--encoder", "default", "--arch", "resnet10t", "-o", tmp_path / "m")
+    assert res.code != 0 and "not both" in res.err
+    res = run_cli("train", pcam_small, "-o", tmp_path / "m")
+    assert res.code != 0 and "--encoder" in res.err

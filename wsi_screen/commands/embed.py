@@ -1,0 +1,114 @@
+"""``wsi-screen embed``: slides or patch stores -> one feature store (embeddings + coordinates) per slide."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from wsi_screen.commands._options import (
+    common_options,
+    configure_output,
+    device_option,
+    slide_mpp_options,
+    slide_mpp_table,
+    slide_timeout_option,
+)
+
+
+@click.command(short_help="Embed slides' patches with an encoder, one feature store per slide.")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=str),
+                metavar="SLIDES_OR_STORES...")
+@click.option("--encoder", required=True, metavar="ENCODER",
+              help="A model folder ('default': the bundled model's backbone), a registry name (`wsi-screen models "
+                   "--encoders`: uni, uni2-h, virchow2, h-optimus-0, prov-gigapath, phikon-v2), hf-hub:ORG/NAME or "
+                   "timm/NAME.TAG (from the Hugging Face cache; HF_HOME, HF_HUB_OFFLINE and HF_TOKEN honoured), or a "
+                   "timm architecture with --weights FILE.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
+              help="Local weights for --encoder ARCH: .safetensors, or .pth/.bin (read as tensors only).")
+@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="OUT",
+              help="Output folder: OUT/<slide>.zarr per slide (features, coords), OUT/stores/ the patch stores.")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Patch resolution in um/px (default: the encoder's, e.g. 0.5 for the foundation encoders).")
+@click.option("--size", type=click.IntRange(8, 4096), default=None, metavar="PX",
+              help="Patch edge in pixels (default: the encoder's input size); patches are resized to the encoder's.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Stored precision of the features.")
+@click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Keep patches whose footprint is at least this fraction tissue.")
+@click.option("--stores", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Where slides are tiled (default OUT/stores); stores made with the same settings are reused.")
+@slide_mpp_options
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=128, show_default=True)
+@click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
+              help="Reader threads per slide while tiling.")
+@click.option("--loader-workers", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="DataLoader worker processes reading patches (0: a background thread).")
+@click.option("--threads", type=click.IntRange(0, 256), default=0,
+              help="Torch compute threads (0: 1 on machines with 2 cores or fewer, else all).")
+@click.option("--overwrite", is_flag=True, help="Recompute embeddings (and re-tile stores) that are up to date.")
+@slide_timeout_option
+@device_option
+@common_options
+def embed(inputs: tuple[str, ...], encoder: str, weights: str | None, out: str, mpp: float | None,
+          size: int | None, dtype: str, min_tissue: float, stores: str | None, slide_mpp: float | None,
+          slide_mpp_csv: str | None, batch_size: int, workers: int, loader_workers: int, threads: int,
+          overwrite: bool, slide_timeout: float, device: str) -> None:
+    """Embed every tissue patch of SLIDES_OR_STORES with ENCODER into OUT/<slide>.zarr.
+
+    Each input is a slide, a folder of slides, a patch store (from `wsi-screen tile`) or a folder of stores.
+    Slides are tiled at the encoder's resolution and input size (--mpp/--size override); a store is embedded
+    when its mpp and patch size are those. Each OUT/<slide>.zarr holds `features` (N, D; --dtype),
+    `coords` (N, 2; level-0 x, y of each patch, as in the patch store) and attributes naming the encoder (name,
+    weights sha256, pooling), its preprocessing, the mpp and the patch size.
+
+    A rerun skips slides whose embeddings are complete and made with the same encoder and settings. A slide that
+    fails is reported on one line and the others go on; the exit status is 1 if any failed.
+
+    \b
+    Examples:
+      wsi-screen embed slides/ --encoder uni --device cuda -o embeddings/
+      wsi-screen embed stores/ --encoder default -o embeddings/
+      wsi-screen embed a.svs --encoder vit_small_patch16_224 --weights vits.safetensors --mpp 0.5 -o emb/
+    """
+    configure_output()
+    ctx = click.get_current_context()
+    from wsi_screen.commands.train import set_threads
+
+    set_threads(threads)
+    import logging
+
+    from wsi_screen.embedding.slides import EmbedConfig, embed_inputs
+    from wsi_screen.errors import ConfigError
+    from wsi_screen.models.device import resolve_device
+    from wsi_screen.models.encoder import load_encoder
+    from wsi_screen.runlog import run_log
+    from wsi_screen.tiling.grid import TileSpec
+    from wsi_screen.tiling.pipeline import TileConfig
+
+    log = logging.getLogger("wsi_screen.embed")
+    torch_device = resolve_device(device)  # an absent GPU is one line before anything is read
+    enc = load_encoder(encoder, weights=weights, device=torch_device,
+                       precision="auto" if torch_device.type == "cuda" else "fp32")
+    mpp = mpp if mpp is not None else enc.identity.mpp
+    if mpp is None:
+        raise ConfigError(f"encoder {enc.identity.name} records no patch resolution; pass --mpp")
+    size = size or enc.identity.input_size
+    config = EmbedConfig(mpp=mpp, size=size, dtype=dtype, batch_size=batch_size, loader_workers=loader_workers,
+                         overwrite=overwrite)
+    tile = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, min_tissue=min_tissue), slide_mpp=slide_mpp,
+                      slide_mpps=slide_mpp_table(slide_mpp_csv), workers=workers, overwrite=overwrite,
+                      slide_timeout=slide_timeout, retile_mismatched=stores is None)
+    started = time.perf_counter()
+    with run_log(out):
+        results = embed_inputs(inputs, out, enc, config, tile, stores_dir=stores,
+                               on_error="raise" if ctx.obj.get("debug") else "record")
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    patches = sum(r.n_patches for r in results if r.status == "done")
+    log.debug("embedded %d patches", patches)
+    if not ctx.obj.get("quiet"):
+        click.echo(f"wsi-screen: {len(results)} slide(s): {counts['done']} embedded, {counts['skipped']} up to date, "
+                   f"{counts['failed']} failed; {patches:,} patches of {size} px at {mpp:g} um/px -> "
+                   f"{enc.identity.dim}-dim {dtype} in {time.perf_counter() - started:.1f} s -> {out}", err=True)
+    if counts["failed"]:
+        ctx.exit(1)

@@ -1,0 +1,193 @@
+"""``wsi-screen embed``: slides or patch stores -> one feature store per slide.
+
+Slides are tiled exactly as ``tile`` does (the same pipeline, into ``OUT/stores`` or ``stores_dir``, reusing stores
+made with the same settings) at the encoder's mpp and input size unless the user says otherwise; patch stores
+given directly are embedded as they are when their mpp and patch size are those asked for. Patches stream from
+the store through the scorer's loader (:mod:`wsi_screen.screening.score`: contiguous batches read ahead in a
+thread) into the encoder.
+
+Per slide, as ``tile`` and ``infer`` do: a complete feature store made with the same settings (encoder identity,
+dtype, the patch store's settings) is skipped; a slide that fails becomes one line and the run goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_screen import __version__, progress, runlog
+from wsi_screen.embedding.features import feature_store_path, is_current, write_feature_store
+from wsi_screen.errors import ModelMismatchError
+from wsi_screen.models.encoder import Encoder
+from wsi_screen.slide import isolation
+from wsi_screen.slide.discovery import SlideSource, discover
+from wsi_screen.tiling.pipeline import OnError, TileConfig, failure_message, tile_isolated
+from wsi_screen.tiling.store import PatchStore
+from wsi_screen.tiling.store import read_attrs as read_store_attrs
+
+log = logging.getLogger(__name__)
+
+STORES_DIR = "stores"
+#: relative mpp difference tolerated between a given patch store and the embedding's mpp
+MPP_RTOL = 0.02
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """Settings of an embedding run (the encoder comes separately)."""
+
+    mpp: float
+    size: int
+    dtype: str = "float16"
+    batch_size: int = 128
+    loader_workers: int = 0
+    overwrite: bool = False
+
+
+@dataclass
+class EmbedResult:
+    """One slide's outcome: ``done``, ``skipped`` (up to date) or ``failed`` (``message`` says why)."""
+
+    name: str
+    source: str
+    status: str
+    out: str = ""
+    n_patches: int = 0
+    message: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def split_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(name, location) of the patch stores among ``inputs`` (a store, or a folder holding stores and no slides),
+    and the remaining inputs (slides and folders of slides)."""
+    stores: list[tuple[str, str]] = []
+    rest: list[str] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir() and read_store_attrs(p) is not None:
+            stores.append((p.name.removesuffix(".zarr"), str(p)))
+            continue
+        inner = sorted(c for c in p.iterdir() if c.suffix == ".zarr" and read_store_attrs(c) is not None) \
+            if p.is_dir() else []
+        if inner and not discover([p])[0]:
+            stores.extend((c.name.removesuffix(".zarr"), str(c)) for c in inner)
+        else:
+            rest.append(raw)
+    return stores, rest
+
+
+def settings_for(encoder: Encoder, config: EmbedConfig, store_attrs: dict[str, Any]) -> dict[str, Any]:
+    """What a feature store must have been made with to be reused."""
+    digest = hashlib.sha256(json.dumps(store_attrs.get("settings", {}), sort_keys=True).encode()).hexdigest()
+    i = encoder.identity
+    return {"encoder": {"ref": i.ref, "weights_sha256": i.weights_sha256, "pooling": i.pooling,
+                        "input_size": i.input_size, "mean": list(i.mean), "std": list(i.std)},
+            "precision": encoder.precision, "dtype": config.dtype, "patch_store_settings": digest}
+
+
+def check_store(attrs: dict[str, Any], config: EmbedConfig, location: str) -> None:
+    """Refuse a patch store at another resolution or patch size than asked for."""
+    mpp, size = float(attrs.get("mpp", math.nan)), int(attrs.get("patch_size", -1))
+    if not math.isclose(mpp, config.mpp, rel_tol=MPP_RTOL) or size != config.size:
+        raise ModelMismatchError(f"{location}: patches of {size} px at {mpp:g} um/px, not {config.size} px at "
+                                 f"{config.mpp:g}; embed the slide instead, or set `mpp`={mpp:g} `size`={size} to "
+                                 "embed this store as it is")
+
+
+def embed_store(name: str, source: str, location: str, out: Path, encoder: Encoder,
+                config: EmbedConfig) -> EmbedResult:
+    """Embed one patch store into ``OUT/<name>.zarr`` (or skip it when up to date)."""
+    from wsi_screen.screening.score import StoreBatches, make_loader, plan_batches, prefetch
+
+    started = time.perf_counter()
+    store = PatchStore.open(location)
+    check_store(store.attrs, config, location)
+    settings = settings_for(encoder, config, store.attrs)
+    target = feature_store_path(out, name)
+    if not config.overwrite and is_current(target, settings):
+        log.debug("%s: embeddings up to date", name)
+        return EmbedResult(name, source, "skipped", str(target), len(store))
+    n = len(store)
+    features = np.zeros((n, encoder.dim), dtype=config.dtype)
+    items = plan_batches([(location, n)], config.batch_size)
+    with progress.bar(total=n, desc=name[:30], unit="patch", leave=False) as bar:
+        for index, batch in prefetch(make_loader(StoreBatches(items), config.loader_workers), 4):
+            _loc, start, stop = items[int(index)]
+            features[start:stop] = encoder.embed_tensor(batch).numpy().astype(config.dtype)
+            bar.update(stop - start)
+    embedded = time.perf_counter()
+    i = encoder.identity
+    attrs = {"encoder": i.to_dict(), "preprocessing": i.preprocessing, "mpp": float(store.mpp),
+             "size": int(store.patch_size), "tile_size_l0": int(store.tile_size_l0),
+             "slide": store.attrs.get("slide", {}), "patch_store": str(location), "precision": encoder.precision,
+             "package_version": __version__, "settings": settings}
+    write_feature_store(target, features, store.coords, attrs)
+    seconds = {"embed": round(embedded - started, 3), "write": round(time.perf_counter() - embedded, 3)}
+    return EmbedResult(name, source, "done", str(target), n, seconds=seconds)
+
+
+def _failed(name: str, source: str, exc: Exception, on_error: OnError) -> EmbedResult:
+    if on_error == "raise":
+        raise exc
+    message, trace = failure_message(source, exc)
+    log.error("%s", message)
+    runlog.record_traceback(name, trace)
+    return EmbedResult(name, source, "failed", message=message)
+
+
+def embed_inputs(inputs: Sequence[str], out: str | Path, encoder: Encoder, config: EmbedConfig, tile: TileConfig,
+                 *, stores_dir: str | None = None, on_error: OnError = "raise") -> list[EmbedResult]:
+    """Embed every slide and patch store named by ``inputs`` into ``out`` (see the module docstring).
+
+    ``on_error="raise"`` (the library's default) raises whatever stops a slide; ``"record"`` (the command's
+    policy) reads slides in the supervised child process and returns a failed slide as a result saying ``failed``,
+    so the others go on."""
+    out = Path(out)
+    given, rest = split_inputs(inputs)
+    sources, problems = discover(rest) if rest else ([], [])
+    results = [EmbedResult(p.path.name, str(p.path), "failed", message=f"{p.path}: {p.reason}") for p in problems]
+    for r in results:
+        log.error("%s", r.message)
+    stores = stores_dir or str(out / STORES_DIR)
+    total = len(given) + len(sources)
+    with progress.bar(total=total, desc="slides", unit="slide") as bar:
+        for name, location in given:
+            try:
+                results.append(embed_store(name, location, location, out, encoder, config))
+            except Exception as exc:  # the per-slide boundary
+                results.append(_failed(name, location, exc, on_error))
+            bar.update(1)
+        if sources:
+            with isolation.slide_calls(tile.slide_timeout, isolate=on_error == "record") as call:
+                for source in sources:
+                    results.append(_embed_slide(source, stores, out, encoder, config, tile, call, on_error))
+                    bar.update(1)
+    return results
+
+
+def _embed_slide(source: SlideSource, stores: str, out: Path, encoder: Encoder, config: EmbedConfig,
+                 tile: TileConfig, call: isolation.Caller, on_error: OnError) -> EmbedResult:
+    started = time.perf_counter()
+    tiled = tile_isolated(call, source, stores, tile, on_error=on_error)
+    if not tiled.ok:
+        message = tiled.message or f"tiling {tiled.status}"
+        log.error("%s", message)
+        runlog.record_traceback(source.name, tiled.traceback)
+        return EmbedResult(source.name, str(source.path), "failed", message=message)
+    try:
+        result = embed_store(source.name, str(source.path), tiled.store, out, encoder, config)
+    except Exception as exc:  # the per-slide boundary: one slide's failure ends only it
+        return _failed(source.name, str(source.path), exc, on_error)
+    result.seconds["tile"] = round(time.perf_counter() - started - sum(result.seconds.values()), 3)
+    return result
+
+

@@ -1,0 +1,484 @@
+"""Patch encoders: a network that turns a patch into an embedding (N, D), loaded by name or from a file.
+
+:func:`load_encoder` takes one reference and returns an :class:`Encoder` that carries its identity
+(:class:`EncoderIdentity`: name, the sha256 of its weights, input size, mpp, mean/std, pooling, dimension):
+
+* ``default`` or a wsi-screen **model folder**: its backbone (the classifier minus its final layer), with the
+  model's own input size, mpp and normalisation;
+* a **registry name** (:mod:`wsi_screen.models.encoders`: ``uni``, ``uni2-h``, ``virchow2``, ``h-optimus-0``,
+  ``prov-gigapath``, ``phikon-v2``): its hub repository with the keywords, pooling and preprocessing it needs;
+* ``hf-hub:ORG/NAME`` or ``timm/NAME.TAG``: a timm model on the Hugging Face hub (``config.json`` +
+  ``model.safetensors`` or ``pytorch_model.bin``);
+* a timm **architecture** or registry name with ``weights=FILE`` (``.safetensors``; ``.pth``/``.bin`` are read
+  with ``torch.load(weights_only=True)``, which loads tensors and refuses arbitrary objects).
+
+Hub files are fetched through ``huggingface_hub`` into its cache, which honours ``HF_HOME``/``HF_HUB_CACHE``,
+``HF_HUB_OFFLINE`` (read when loading, not when imported) and the token of ``huggingface-cli login`` or
+``HF_TOKEN`` for gated repositories. Weights that are neither cached nor downloadable raise
+:class:`~wsi_screen.errors.EncoderNotFoundError`, one line saying which encoder, where it looked and how to get
+them. The built network never downloads anything else (timm is always called with ``pretrained=False``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wsi_screen.errors import EncoderNotFoundError, ModelError, UnknownModelError
+from wsi_screen.models.encoders import POOLINGS, EncoderInfo, find_encoder, list_encoders
+
+log = logging.getLogger(__name__)
+
+#: the reference that names the bundled model as an encoder
+DEFAULT_REF = "default"
+HUB_PREFIX = "hf-hub:"
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderIdentity:
+    """What identifies an encoder and what it expects; recorded in embeddings and in head models' config.json.
+
+    ``ref`` loads the same encoder again (with ``weights`` for a local file); ``weights_sha256`` is the sha256
+    of the weights file, checked when a head model loads its encoder.
+    """
+
+    name: str
+    ref: str
+    kind: str  # model-folder, registry, hub, file
+    arch: str
+    weights: str | None
+    weights_sha256: str
+    input_size: int
+    mpp: float | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pooling: str
+    dim: int
+    licence: str = ""
+    gated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["mean"], out["std"] = list(self.mean), list(self.std)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EncoderIdentity:
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            kwargs = {k: v for k, v in data.items() if k in names}
+            kwargs["mean"] = tuple(float(v) for v in kwargs["mean"])
+            kwargs["std"] = tuple(float(v) for v in kwargs["std"])
+            return cls(**kwargs)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"malformed encoder record: {exc}") from None
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """Size, mpp and normalisation, as embeddings record them."""
+        return {"input_size": self.input_size, "mpp": self.mpp, "mean": list(self.mean), "std": list(self.std),
+                "resize": "bilinear, antialiased"}
+
+
+class EncoderModule(nn.Module):
+    """Normalised float images (N, 3, H, W) -> embeddings (N, D): resized to the encoder's input size where they
+    differ, then the backbone and its pooling (see :mod:`wsi_screen.models.encoders`)."""
+
+    def __init__(self, backbone: nn.Module, *, pooling: str, input_size: int, prefix_tokens: int = 1) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ModelError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.input_size = input_size
+        self.prefix_tokens = prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                                          antialias=True, align_corners=False)
+        if self.pooling == "cls":  # a transformers model
+            out = self.backbone(pixel_values=x).last_hidden_state[:, 0]
+        else:
+            out = self.backbone(x)
+            if self.pooling == "cls+mean":
+                out = torch.cat([out[:, 0], out[:, self.prefix_tokens:].mean(dim=1)], dim=-1)
+        return out.flatten(1)
+
+
+class Encoder:
+    """An encoder ready to embed uint8 RGB patches: ``module`` (eval mode, on ``device``) and its ``identity``."""
+
+    def __init__(self, module: EncoderModule, identity: EncoderIdentity, *, device: str | torch.device = "cpu",
+                 precision: str = "fp32") -> None:
+        from wsi_screen.models.device import resolve_device
+        from wsi_screen.models.precision import resolve
+
+        self.identity = identity
+        self.device = resolve_device(device)
+        self.precision = resolve(precision, self.device)
+        self.module = module.to(self.device).eval()
+        self._mean = torch.tensor(identity.mean, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+        self._std = torch.tensor(identity.std, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+
+    def __repr__(self) -> str:
+        i = self.identity
+        return f"Encoder({i.name!r}, dim={i.dim}, input_size={i.input_size}, mpp={i.mpp}, pooling={i.pooling!r})"
+
+    @property
+    def dim(self) -> int:
+        return self.identity.dim
+
+    def embed_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> float32 embeddings (N, D) on the CPU."""
+        from wsi_screen.models.pixels import normalise, to_unit_float
+        from wsi_screen.models.precision import autocast
+
+        if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ModelError(f"an encoder takes uint8 (N, H, W, 3), got {batch.dtype} {tuple(batch.shape)}")
+        x = normalise(to_unit_float(batch.to(self.device, non_blocking=True)), self._mean, self._std)
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            out = self.module(x)
+        return out.float().cpu()
+
+    def embed(self, images: np.ndarray, *, batch_size: int = 128) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, D)."""
+        from wsi_screen.models.pixels import numpy_to_tensor
+
+        parts = [self.embed_tensor(numpy_to_tensor(images[i:i + batch_size])).numpy()
+                 for i in range(0, len(images), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+def load_encoder(spec: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None,
+                 device: str | torch.device = "cpu", precision: str = "fp32") -> Encoder:
+    """Load an encoder by reference (see the module docstring); ``weights`` is a local weights file."""
+    ref = str(spec)
+    if weights is not None:
+        module, identity = _from_file(ref, Path(weights))
+    elif ref == DEFAULT_REF or Path(ref).is_dir() or Path(ref).name == "config.json":
+        module, identity = _from_model_folder(ref)
+    elif find_encoder(ref) is not None:
+        module, identity = _from_registry(find_encoder(ref))  # type: ignore[arg-type]
+    elif ref.startswith(HUB_PREFIX) or ref.startswith("timm/"):
+        repo = ref.removeprefix(HUB_PREFIX)
+        module, identity = _from_hub(ref, repo, None)
+    else:
+        raise _unknown(ref)
+    log.info("encoder %s: %d-dim embeddings of %d px patches at %s um/px (%s pooling)", identity.name, identity.dim,
+             identity.input_size, identity.mpp, identity.pooling)
+    return Encoder(module, identity, device=device, precision=precision)
+
+
+def _unknown(ref: str) -> ModelError:
+    import timm
+
+    if Path(ref).is_file():
+        return ModelError(f"{ref}: a weights file is not an encoder by itself; name its architecture and pass the "
+                          f"file: `encoder`=ARCH `encoder_weights`={ref}")
+    if Path(ref).suffix or "/" in ref or os.sep in ref:
+        return ModelError(f"{ref}: no such model folder (an encoder is a model folder, a registry name, "
+                          "hf-hub:ORG/NAME, timm/NAME.TAG, or an architecture with `encoder_weights`=FILE)")
+    if timm.is_model(ref):
+        return ModelError(f"{ref} is an architecture without weights: set `encoder_weights`=FILE, or name hub weights "
+                          f"(e.g. timm/{ref}.<tag>; wsi_screen.models.encoders lists pathology encoders)")
+    import difflib
+
+    names = [e.name for e in list_encoders()]
+    close = difflib.get_close_matches(ref.lower(), names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return UnknownModelError(f"unknown encoder {ref!r}{hint} (known: {', '.join(names)}; or a model folder, "
+                             "hf-hub:ORG/NAME, timm/NAME.TAG, or an architecture with `encoder_weights`=FILE)")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 8 MB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _from_model_folder(ref: str) -> tuple[EncoderModule, EncoderIdentity]:
+    from wsi_screen.models import default_model_dir, load_model
+    from wsi_screen.models.checkpoint import resolve_model_dir
+    from wsi_screen.models.spec import WEIGHTS_NAME
+
+    bundled = ref == DEFAULT_REF
+    folder = default_model_dir() if bundled else resolve_model_dir(Path(ref))
+    bundled = bundled or folder.resolve() == default_model_dir().resolve()
+    classifier = load_model(folder, precision="fp32")
+    spec = classifier.spec
+    if spec.ensemble > 1 or getattr(spec, "encoder", None):
+        raise ModelError(f"{folder}: a cross-validated ensemble or a head model cannot serve as an encoder; use a "
+                         "single model folder")
+    backbone = classifier.module
+    reset = getattr(backbone, "reset_classifier", None)
+    if not callable(reset):
+        raise ModelError(f"{folder}: {spec.arch} cannot drop its classifier (no reset_classifier)")
+    reset(0)
+    dim = int(getattr(backbone, "num_features", 0)) or _probe_dim(backbone, spec.input_size)
+    identity = EncoderIdentity(
+        name=DEFAULT_REF if bundled else folder.name, ref=DEFAULT_REF if bundled else str(folder.resolve()),
+        kind="model-folder", arch=spec.arch, weights=WEIGHTS_NAME,
+        weights_sha256=file_sha256(folder / WEIGHTS_NAME), input_size=spec.input_size, mpp=spec.mpp,
+        mean=spec.mean, std=spec.std, pooling="model", dim=dim)
+    return EncoderModule(backbone, pooling="model", input_size=spec.input_size), identity
+
+
+def _probe_dim(module: nn.Module, size: int) -> int:
+    with torch.inference_mode():
+        module.eval()
+        return int(module(torch.zeros(1, 3, size, size)).flatten(1).shape[1])
+
+
+def _resolved_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Registry keywords with ``mlp_layer``/``act_layer`` names turned into the classes timm needs."""
+    import timm.layers
+
+    classes: dict[str, Any] = {"SwiGLUPacked": timm.layers.SwiGLUPacked, "SiLU": nn.SiLU, "GELU": nn.GELU}
+    out = dict(kwargs)
+    for key in ("mlp_layer", "act_layer"):
+        if isinstance(out.get(key), str):
+            out[key] = classes[out[key]]
+    return out
+
+
+def _from_registry(info: EncoderInfo) -> tuple[EncoderModule, EncoderIdentity]:
+    if info.loader == "transformers":
+        return _from_transformers(info)
+    return _from_hub(info.name, info.repo_id, info)
+
+
+def _hub_cache() -> Path:
+    """The hub cache, from the environment as it is now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser())
+    return cache / "huggingface" / "hub"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _get_hint(name: str, repo: str) -> str:
+    arch = name if find_encoder(name) is not None else "ARCH"
+    return (f"get it where there is network with `huggingface-cli download {repo}` (same HF_HOME), or pass a local "
+            f"file: `encoder`={arch} `encoder_weights`=FILE")
+
+
+def hub_file(name: str, repo: str, filenames: tuple[str, ...]) -> Path:
+    """The first of ``filenames`` that repository ``repo`` has, from the cache or downloaded into it."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    cache = _hub_cache()
+    offline = _offline()
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo, filename, cache_dir=cache, local_files_only=offline))
+        except GatedRepoError:
+            raise EncoderNotFoundError(
+                f"encoder {name}: {repo} is gated: accept its terms on https://huggingface.co/{repo}, then log in "
+                f"(`huggingface-cli login` or HF_TOKEN) and rerun; or set `encoder`={name} "
+                "`encoder_weights`=FILE") from None
+        except RepositoryNotFoundError:
+            raise EncoderNotFoundError(
+                f"encoder {name}: no repository {repo} on the hub (or it is gated/private and no token was given: "
+                f"`huggingface-cli login` or HF_TOKEN); looked in {cache} too") from None
+        except LocalEntryNotFoundError:
+            continue  # not cached (and offline or unreachable): try the next name, then say so
+        except EntryNotFoundError:
+            continue  # the repository has no such file
+        except (HfHubHTTPError, OSError) as exc:
+            raise EncoderNotFoundError(f"encoder {name}: cannot fetch {repo} ({exc}); looked in {cache}; "
+                                       f"{_get_hint(name, repo)}") from None
+    why = "offline (HF_HUB_OFFLINE)" if offline else "not downloadable"
+    raise EncoderNotFoundError(f"encoder {name}: {repo} is not in the Hugging Face cache "
+                               f"{cache} and is {why}; {_get_hint(name, repo)}")
+
+
+def _hub_config(name: str, repo: str) -> dict[str, Any]:
+    path = hub_file(name, repo, ("config.json",))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: unreadable hub config of {repo}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: the hub config of {repo} is not a JSON object")
+    return data
+
+
+def _from_hub(name: str, repo: str, info: EncoderInfo | None) -> tuple[EncoderModule, EncoderIdentity]:
+    config = _hub_config(name, repo)
+    arch = str(config.get("architecture") or (info.arch if info else ""))
+    if not arch:
+        raise ModelError(f"encoder {name}: the hub config of {repo} names no timm architecture; it may not be a timm "
+                         "model (transformers models load by registry name, e.g. phikon-v2)")
+    weights = hub_file(name, repo, HUB_WEIGHTS)
+    cfg = config.get("pretrained_cfg") or {}
+    kwargs = {**(config.get("model_args") or {}), **(info.kwargs if info else {})}
+    size = info.input_size if info else int((cfg.get("input_size") or (3, 224, 224))[-1])
+    mean = info.mean if info else _triple(cfg.get("mean"), (0.485, 0.456, 0.406))
+    std = info.std if info else _triple(cfg.get("std"), (0.229, 0.224, 0.225))
+    return _build_timm(name=name, ref=info.name if info else f"{HUB_PREFIX}{repo}", kind="registry" if info else "hub",
+                       arch=arch, kwargs=kwargs, weights=weights, size=size, mpp=info.mpp if info else None,
+                       mean=mean, std=std, info=info, weights_label=f"{repo}/{weights.name}")
+
+
+def _triple(value: Any, default: tuple[float, float, float]) -> tuple[float, float, float]:
+    if not value or len(value) != 3:
+        return default
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def _from_file(ref: str, path: Path) -> tuple[EncoderModule, EncoderIdentity]:
+    import timm
+
+    from wsi_screen.models.registry import check_arch, default_cfg
+
+    info = find_encoder(ref)
+    if info is not None and info.loader != "timm":
+        raise ModelError(f"encoder {info.name} is a {info.loader} model: `encoder_weights` works for timm "
+                         "architectures only; put its hub files in the Hugging Face cache instead")
+    arch = info.arch if info else check_arch(ref)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such weights file")
+    kwargs = dict(info.kwargs) if info else {}
+    if info is None:
+        with torch.device("meta"):
+            cfg = default_cfg(timm.create_model(arch, pretrained=False))
+        size = int(cfg.get("input_size", (3, 224, 224))[-1])
+        mean = _triple(cfg.get("mean"), (0.485, 0.456, 0.406))
+        std = _triple(cfg.get("std"), (0.229, 0.224, 0.225))
+    else:
+        size, mean, std = info.input_size, info.mean, info.std
+    return _build_timm(name=info.name if info else arch, ref=info.name if info else arch, kind="file", arch=arch,
+                       kwargs=kwargs, weights=path, size=size, mpp=info.mpp if info else None, mean=mean, std=std,
+                       info=info, weights_label=str(path.resolve()))
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors``, or from ``.pth``/``.bin`` with ``torch.load(weights_only=True)`` (tensors
+    only; a file that needs arbitrary objects is refused)."""
+    from wsi_screen.models.checkpoint import read_weights, sniff
+
+    kind = sniff(path)
+    if kind == "safetensors":
+        return read_weights(path)
+    if kind not in ("zip", "pickle") and path.suffix.lower() not in TORCH_SUFFIXES:
+        raise ModelError(f"{path}: not a weights file (.safetensors, .pth or .bin)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError...: one line either way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: cannot be read as tensors only (torch.load weights_only=True): {first}") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: holds no state dict of tensors")
+    return state
+
+
+def _load_backbone_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights into a classifier-less backbone: head tensors in the file are dropped; anything else that does
+    not fit is an error."""
+    from wsi_screen.models.checkpoint import _few, _strip_prefixes
+
+    target = module.state_dict()
+    state = _strip_prefixes(state, target)
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
+             if k in target and v.shape != target[k].shape]
+    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    if wrong or missing:
+        parts = [f"shape mismatch: {_few(wrong)}"] if wrong else []
+        parts += [f"missing: {_few(missing)}"] if missing else []
+        raise ModelError(f"{source}: weights do not fit the architecture ({'; '.join(parts)})")
+    dropped = sorted(k for k in state if k not in target)
+    if dropped:
+        log.info("%s: %d tensors not used by the encoder (its classifier): %s", source, len(dropped), _few(dropped))
+    module.load_state_dict({k: state[k].to(v.dtype) if k in state else v for k, v in target.items()}, strict=True)
+
+
+def _build_timm(*, name: str, ref: str, kind: str, arch: str, kwargs: Mapping[str, Any], weights: Path, size: int,
+                mpp: float | None, mean: tuple[float, float, float], std: tuple[float, float, float],
+                info: EncoderInfo | None, weights_label: str) -> tuple[EncoderModule, EncoderIdentity]:
+    import timm
+
+    from wsi_screen.models.registry import check_arch
+
+    check_arch(arch)
+    build = {k: v for k, v in _resolved_kwargs(kwargs).items() if k not in ("num_classes", "pretrained")}
+    try:
+        backbone = timm.create_model(arch, pretrained=False, num_classes=0, **build)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"encoder {name}: cannot build {arch} with {sorted(build)}: {exc}") from None
+    _load_backbone_state(backbone, read_state(weights), str(weights))
+    pooling = info.pooling if info else "model"
+    prefix = int(getattr(backbone, "num_prefix_tokens", 1))
+    module = EncoderModule(backbone, pooling=pooling, input_size=size, prefix_tokens=prefix)
+    dim = _probe_dim(module, size)
+    if info is not None and dim != info.dim:
+        log.warning("encoder %s gives %d-dim embeddings, the registry says %d", name, dim, info.dim)
+    identity = EncoderIdentity(name=name, ref=ref, kind=kind, arch=arch, weights=weights_label,
+                               weights_sha256=file_sha256(weights), input_size=size, mpp=mpp, mean=mean, std=std,
+                               pooling=pooling, dim=dim, licence=info.licence if info else "",
+                               gated=info.gated if info else False)
+    return module, identity
+
+
+def _from_transformers(info: EncoderInfo) -> tuple[EncoderModule, EncoderIdentity]:
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError(f"encoder {info.name} is a transformers model (Dinov2), not a timm one: install "
+                         "transformers (`pip install transformers`) to use it") from None
+    weights = hub_file(info.name, info.repo_id, ("model.safetensors",))
+    hub_file(info.name, info.repo_id, ("config.json",))
+    try:
+        backbone = transformers.AutoModel.from_pretrained(str(weights.parent), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"encoder {info.name}: transformers cannot load {weights.parent}: {exc}") from None
+    module = EncoderModule(backbone, pooling=info.pooling, input_size=info.input_size)
+    identity = EncoderIdentity(name=info.name, ref=info.name, kind="registry", arch=type(backbone).__name__,
+                               weights=f"{info.repo_id}/{weights.name}", weights_sha256=file_sha256(weights),
+                               input_size=info.input_size, mpp=info.mpp, mean=info.mean, std=info.std,
+                               pooling=info.pooling, dim=info.dim, licence=info.licence, gated=info.gated)
+    return module, identity
+
+
+def load_identified(identity: Mapping[str, Any], *, device: str | torch.device = "cpu",
+                    precision: str = "fp32") -> Encoder:
+    """The encoder a record names (a head model's ``config.json``), checked against the recorded weights' sha256."""
+    want = EncoderIdentity.from_dict(identity)
+    weights = want.weights if want.kind == "file" else None
+    encoder = load_encoder(want.ref, weights=weights, device=device, precision=precision)
+    if encoder.identity.weights_sha256 != want.weights_sha256:
+        raise ModelError(f"encoder {want.name}: its weights have sha256 {encoder.identity.weights_sha256[:12]}, the "
+                         f"model was trained on {want.weights_sha256[:12]} (another version of the encoder)")
+    return encoder

@@ -1,0 +1,346 @@
+"""One slide in Python: score it, call it, draw its heatmap, or all of it at once (:func:`screen`).
+
+The screening stage's public verbs, re-exported from :mod:`wsi_screen`. They are ``wsi-screen infer`` for one
+slide, in memory, built from the same parts: the model's tiling settings
+(:func:`~wsi_screen.screening.run.tile_config_for`), the scorer (:func:`~wsi_screen.screening.score.score_stores`),
+the model folder's slide rule (:func:`~wsi_screen.screening.run.resolve_aggregate`) and the call
+(:func:`~wsi_screen.screening.outputs.call_scores`). A slide's call is made from its probabilities as
+``scores.csv`` keeps them (6 decimals), as ``infer`` makes it, so :func:`screen` gives results.csv's diagnosis
+and score to the digit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsi_screen.errors import ConfigError
+from wsi_screen.models import PatchClassifier, load_model
+from wsi_screen.screening import runfolder
+from wsi_screen.screening.aggregate import AggregateConfig, SlideResult, foci, top_indices
+from wsi_screen.screening.outputs import call_scores, positive_column, slide_domain
+from wsi_screen.screening.run import FALLBACK_RULE, InferConfig, decision_thresholds, resolve_aggregate
+from wsi_screen.screening.spatial import Region, patch_grid
+from wsi_screen.slide.slide import Slide, open_slide
+from wsi_screen.tiling.store import PatchStore
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+@dataclass(frozen=True, eq=False)
+class Scores:
+    """A slide's patch scores, aligned with its store's patches: row ``i`` is ``store[i]`` at ``coords[i]``.
+
+    ``probabilities`` float32 (N, C) in the order of ``classes``; ``coords`` int64 (N, 2) level-0 (x, y) of
+    each patch's top-left corner; ``domain_distance`` float32 (N,), how far each patch is from the model's
+    training data (None without a domain model); ``store`` the patches themselves.
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> model = wsi_screen.load_model()
+    >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+    ...     scores = wsi_screen.score(slide, model)
+    >>> best = scores.top(1)[0]                     # the highest-scoring patch
+    >>> scores.store[best].shape, bool(scores.positive[best] == scores.positive.max())
+    ((96, 96, 3), True)
+    """
+
+    probabilities: np.ndarray
+    coords: np.ndarray
+    domain_distance: np.ndarray | None
+    classes: tuple[str, ...]
+    positive_class: str
+    store: PatchStore = field(repr=False)
+
+    @property
+    def positive(self) -> np.ndarray:
+        """Probability of the positive class, float32 (N,)."""
+        return self.probabilities[:, self.classes.index(self.positive_class)]
+
+    def top(self, n: int = 8) -> list[int]:
+        """Indices of the ``n`` highest-scoring patches, highest first (``store[i]``, ``coords[i]``)."""
+        return top_indices(self.positive, n)
+
+    def __len__(self) -> int:
+        return int(self.probabilities.shape[0])
+
+    def __repr__(self) -> str:
+        return f"Scores({self.store.name!r}, {len(self)} patches, classes {list(self.classes)})"
+
+    def as_slide_scores(self) -> runfolder.SlideScores:
+        """As ``scores.csv`` holds them (see :mod:`wsi_screen.screening.runfolder`)."""
+        return runfolder.SlideScores(coords=self.coords, tissue=self.store.tissue, probs=self.probabilities,
+                                     classes=list(self.classes), domain_distance=self.domain_distance)
+
+
+@dataclass(frozen=True, eq=False)
+class SlideCall:
+    """A slide's call: what ``wsi-screen infer`` writes in its row of results.csv.
+
+    ``diagnosis`` is the positive class, the negative one or "no tissue"; ``score`` (None without tissue) is
+    compared with ``threshold`` by ``rule``; ``metastasis`` (``none``, ``itc``, ``micro``, ``macro``) sizes the
+    largest of the ``foci`` (connected regions of likely tumour, largest first, each with ``n_patches``,
+    ``area_mm2``, ``longest_axis_mm`` and ``centre_l0``); ``in_domain_fraction`` is the share of patches that
+    resemble the model's training data (``out_of_domain``: too few, the call is unreliable). ``result`` and
+    ``aggregate`` hold the rest (top patches, the rule's settings).
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> call = wsi_screen.screen("examples/CMU-1-Small-Region.svs")
+    >>> call
+    SlideCall('CMU-1-Small-Region': normal, score 0.0435 by region vs 0.0478892, 35% in domain)
+    >>> call.metastasis, call.foci, call.out_of_domain
+    ('none', (), True)
+    """
+
+    name: str
+    result: SlideResult
+    aggregate: AggregateConfig
+    foci: tuple[Region, ...] = ()
+    in_domain_fraction: float | None = None
+    out_of_domain: bool | None = None
+
+    @property
+    def diagnosis(self) -> str:
+        return self.result.diagnosis
+
+    @property
+    def score(self) -> float | None:
+        return self.result.score
+
+    @property
+    def threshold(self) -> float:
+        return self.aggregate.slide_threshold
+
+    @property
+    def rule(self) -> str:
+        """The rule as people read it, e.g. ``topk (k = 5)``."""
+        return self.aggregate.label
+
+    @property
+    def metastasis(self) -> str:
+        return self.result.metastasis
+
+    @property
+    def largest_focus_mm(self) -> float | None:
+        return self.result.largest_focus_mm
+
+    @property
+    def tumour_area_mm2(self) -> float | None:
+        return self.result.tumour_area_mm2
+
+    @property
+    def n_patches(self) -> int:
+        return self.result.n_patches
+
+    def to_json(self) -> dict[str, Any]:
+        return {"slide": self.name, **self.result.to_json(), "aggregate": self.aggregate.to_json(),
+                "foci": [r.to_json() for r in self.foci], "in_domain_fraction": self.in_domain_fraction,
+                "out_of_domain": self.out_of_domain}
+
+    def __repr__(self) -> str:
+        score = "none" if self.score is None else f"{self.score:.4f}"
+        extra = f", {self.metastasis}, {len(self.foci)} foci" if self.foci else ""
+        domain = "" if self.in_domain_fraction is None else f", {self.in_domain_fraction:.0%} in domain"
+        return (f"SlideCall({self.name!r}: {self.diagnosis}, score {score} by {self.rule} vs {self.threshold:g}"
+                f"{extra}{domain})")
+
+
+def _rule(model: PatchClassifier, config: InferConfig | None = None) -> AggregateConfig:
+    """The model folder's slide rule, with ``config``'s overrides; a model built in memory (no folder, no
+    calibrated rule) gets the fallback rule at its own patch threshold."""
+    config = config or InferConfig()
+    if model.model_dir is None:
+        threshold = model.spec.threshold
+        given: dict[str, Any] = {"rule": config.rule, "slide_threshold": config.threshold, "k": config.k}
+        return replace(FALLBACK_RULE, patch_threshold=threshold if threshold is not None else 0.5,
+                       **{key: value for key, value in given.items() if value is not None})
+    return resolve_aggregate(model.model_dir, model, config)
+
+
+def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_size: int = 128,
+          workers: int = 2) -> Scores:
+    """Every patch's class probabilities and domain distance.
+
+    Parameters
+    ----------
+    store_or_slide
+        A patch store (:func:`wsi_screen.tile`) made with the model's resolution, patch size and stain, or
+        an open slide, which is then tiled in memory as ``infer`` tiles it for this model.
+    model
+        A loaded model (:func:`wsi_screen.load_model`).
+    batch_size
+        Patches per forward pass.
+    workers
+        Reader threads when tiling a slide.
+
+    Returns
+    -------
+    Scores
+        ``probabilities`` (N, C), ``coords`` (N, 2) and ``domain_distance`` (N,), aligned with the store's
+        patches (``scores.store``).
+
+    Raises
+    ------
+    ModelMismatchError
+        A store cut at another resolution, size or stain than the model's.
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> model = wsi_screen.load_model()
+    >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+    ...     scores = wsi_screen.score(slide, model)
+    >>> scores.probabilities.shape, scores.coords.shape
+    ((66, 2), (66, 2))
+    """
+    from wsi_screen.screening.run import tile_config_for
+    from wsi_screen.screening.score import score_stores
+    from wsi_screen.tiling.pipeline import tile_with
+
+    if isinstance(store_or_slide, Slide):
+        store = tile_with(store_or_slide, None, tile_config_for(model, InferConfig(workers=workers)))
+    elif isinstance(store_or_slide, PatchStore):
+        store = store_or_slide
+    else:
+        raise ConfigError(f"score() takes a PatchStore or an open Slide, got {type(store_or_slide).__name__}")
+    before = model.decision_thresholds
+    model.decision_thresholds = decision_thresholds(model, _rule(model))  # as infer scores for this rule
+    try:
+        ((_, probs, distance),) = list(score_stores([store.location], model, batch_size=batch_size))
+    finally:
+        model.decision_thresholds = before
+    spec = model.spec
+    return Scores(probabilities=probs, coords=store.coords, domain_distance=distance, classes=tuple(spec.classes),
+                  positive_class=str(spec.positive_class), store=store)
+
+
+def call_slide(scores: Scores, model: PatchClassifier, *, rule: str | None = None, threshold: float | None = None,
+               k: int | float | None = None) -> SlideCall:
+    """The slide's call from its patch scores, by the model's calibrated slide rule.
+
+    Parameters
+    ----------
+    scores
+        From :func:`score`.
+    model
+        The model that scored them: its folder holds the slide rule (``slide_rule.json``) and its domain
+        model.
+    rule, threshold, k
+        Override the rule (``mean``, ``max``, ``topk``, ``fraction``, ``smoothmax``, ``region``), its slide
+        threshold and top-k's k, as the ``rule``, ``threshold`` and ``k`` settings of ``infer`` do.
+
+    Returns
+    -------
+    SlideCall
+        Diagnosis, score, threshold, rule, metastasis category, foci with their sizes, in-domain fraction.
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> model = wsi_screen.load_model()
+    >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+    ...     call = wsi_screen.call_slide(wsi_screen.score(slide, model), model)
+    >>> call.diagnosis, call.rule, call.metastasis
+    ('normal', 'region', 'none')
+    """
+    aggregate = _rule(model, InferConfig(rule=rule, threshold=threshold, k=k))
+    written = runfolder.as_written(scores.as_slide_scores())
+    attrs = scores.store.attrs
+    grid = patch_grid(written.coords, written.probs[:, positive_column(written, model.spec)], int(attrs["stride_l0"]),
+                      float(attrs["slide"]["mpp"]))
+    result = call_scores(written, model, aggregate, grid)
+    found = foci(grid, aggregate) if result.diagnosis == model.spec.positive_class else []
+    domain = slide_domain(written, model)
+    return SlideCall(name=scores.store.name, result=result, aggregate=aggregate, foci=tuple(found),
+                     in_domain_fraction=domain.get("in_domain_fraction"), out_of_domain=domain.get("out_of_domain"))
+
+
+def heatmap(slide: Slide | None, scores: Scores, call: SlideCall, *, mpp: float | None = None) -> Figure:
+    """The slide's heatmap, as ``infer`` draws its heatmap.png: the thumbnail beside the probability of the
+    positive class over it, the call's patch threshold as a contour, every focus the call counted outlined with
+    its size, the call in the title (:func:`wsi_screen.screening.callview.heatmap_figure`).
+
+    Parameters
+    ----------
+    slide
+        The open slide the scores come from, read at ``mpp`` for the background; ``None`` uses the store's
+        thumbnail.
+    scores, call
+        From :func:`score` and :func:`call_slide`.
+    mpp
+        Background resolution (microns per pixel); by default the store's thumbnail resolution.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Shown by a notebook as it is; ``fig.savefig("heatmap.png")`` writes it.
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> model = wsi_screen.load_model()
+    >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
+    ...     scores = wsi_screen.score(slide, model)
+    ...     fig = wsi_screen.heatmap(slide, scores, wsi_screen.call_slide(scores, model))
+    >>> fig.axes[1].get_title()
+    'P(tumour) overlay'
+    """
+    from wsi_screen.screening.callview import CallContext, heatmap_figure
+
+    store = scores.store
+    info = store.attrs["slide"]
+    dims = (int(info["dimensions"][0]), int(info["dimensions"][1]))
+    if slide is None:
+        thumb = store.thumbnail
+    else:
+        if slide.dimensions != dims:
+            raise ConfigError(f"{slide.path}: these scores are of another slide ({info['name']}, {dims[0]} x "
+                              f"{dims[1]} px; this one is {slide.dimensions[0]} x {slide.dimensions[1]} px)")
+        thumb = slide.thumbnail(mpp if mpp is not None else float(store.attrs["tissue"]["thumbnail_mpp"]))
+    domain = {"in_domain_fraction": call.in_domain_fraction, "out_of_domain": call.out_of_domain} \
+        if call.in_domain_fraction is not None else {}
+    ctx = CallContext(name=call.name, classes=tuple(scores.classes),
+                      positive_index=scores.classes.index(scores.positive_class),
+                      model_threshold=call.aggregate.patch_threshold, aggregate=call.aggregate, result=call.result,
+                      domain=domain)
+    return heatmap_figure(store, scores.coords, scores.positive, ctx, thumbnail=thumb)
+
+
+def screen(path: str | os.PathLike[str], model: PatchClassifier | str | os.PathLike[str] | None = None, *,
+           mpp: float | None = None, workers: int = 2) -> SlideCall:
+    """Screen one slide: open, tile (in memory, at the model's settings), score and call it.
+
+    Parameters
+    ----------
+    path
+        A slide file (or a DICOM series folder).
+    model
+        A loaded model, a model folder, or ``None`` for the bundled default model.
+    mpp
+        Level-0 microns per pixel for a slide that declares none.
+    workers
+        Reader threads.
+
+    Returns
+    -------
+    SlideCall
+        The diagnosis and score ``wsi-screen infer`` writes for this slide in results.csv, with the foci and
+        the in-domain fraction.
+
+    Examples
+    --------
+    >>> import wsi_screen
+    >>> call = wsi_screen.screen("examples/CMU-1-Small-Region.svs")
+    >>> call.diagnosis, f"{call.score:.6f}"        # as in results.csv
+    ('normal', '0.043537')
+    """
+    classifier = model if isinstance(model, PatchClassifier) else load_model(model)
+    with open_slide(path, mpp) as slide:
+        return call_slide(score(slide, classifier, workers=workers), classifier)
