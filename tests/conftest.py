@@ -6,6 +6,9 @@ import csv
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,51 @@ DATA = Path(os.environ.get("WSI_SCREEN_DATA", REPO.parent / "shared" / "data"))
 SLIDES = DATA / "slides"
 PATCHES = DATA / "patches"
 EXAMPLE_SLIDE = REPO / "examples" / "CMU-1-Small-Region.svs"
+
+
+class BackgroundCheck:
+    """A command started now, whose exit status and output a test collects later (:meth:`result`)."""
+
+    def __init__(self, args: list[str]) -> None:
+        # a file, not a pipe: a full pipe would stop the command until collected; closed by stop()
+        self.output = tempfile.TemporaryFile()  # noqa: SIM115
+        # niced: it takes the time the tests leave idle, not the time of tests that measure their own
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.output, stderr=subprocess.STDOUT,
+                                     preexec_fn=lambda: os.nice(10))
+
+    def result(self, timeout: float) -> tuple[int, str]:
+        code = self.proc.wait(timeout=timeout)
+        self.output.seek(0)
+        return code, self.output.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.output.close()
+
+
+_mypy: BackgroundCheck | None = None
+
+
+def background_mypy() -> BackgroundCheck:
+    """The session's mypy run (python -m mypy, configured in pyproject.toml): started once the session's tests are
+    chosen when they include tests/test_quality.py::test_mypy, or now."""
+    global _mypy
+    if _mypy is None:
+        _mypy = BackgroundCheck([sys.executable, "-m", "mypy"])
+    return _mypy
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what they deselect
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if any(item.nodeid == "tests/test_quality.py::test_mypy" for item in items):
+        background_mypy()
+
+
+def pytest_sessionfinish() -> None:
+    if _mypy is not None:
+        _mypy.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -83,12 +131,11 @@ class CliResult:
 
 
 def run_cli(*args: str) -> CliResult:
-    """Run the real console-script entry point (``wsi_screen.cli.main``) in-process."""
+    """Run the real console-script entry point (``wsi_screen.cli.main``) in-process (it leaves the process's
+    logging, bars and slide reader as it found them: tests/test_cli.py checks that)."""
     import contextlib
     import io
-    import logging
 
-    from wsi_screen import progress
     from wsi_screen.cli import main
 
     out, err = io.StringIO(), io.StringIO()
@@ -98,9 +145,6 @@ def run_cli(*args: str) -> CliResult:
             main([str(a) for a in args])
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        finally:
-            progress.set_enabled(False)
-            logging.getLogger("wsi_screen").handlers.clear()
     return CliResult(code, out.getvalue(), err.getvalue())
 
 

@@ -227,7 +227,7 @@ def build_corpus(folder: Path, slides_dir: Path) -> list[Entry]:
 
     # --- resolution missing or absurd
     _tiled(folder / "no-mpp.tif", small, mpp=None, compression="jpeg")
-    add("no-mpp.tif", "tiled RGB TIFF without a resolution", MissingMppError, "--slide-mpp")
+    add("no-mpp.tif", "tiled RGB TIFF without a resolution", MissingMppError, "`slide_mpp`")
     _tiled(folder / "absurd-mpp.tif", small, mpp=0.001, compression="jpeg")
     add("absurd-mpp.tif", "tiled RGB TIFF declaring 0.001 um/px", MissingMppError, "implausible")
 

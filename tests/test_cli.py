@@ -52,6 +52,27 @@ def test_help_is_instant_and_imports_nothing_heavy() -> None:
     assert time.perf_counter() - start < 20
 
 
+def test_a_command_run_in_process_leaves_the_process_as_it_found_it(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``main`` called in-process (a notebook, this suite) changes neither how the rest of the process logs nor
+    whether bars show, and leaves no slide reader behind for a later command (tests failed by their order)."""
+    import logging
+
+    from wsi_screen import progress
+    from wsi_screen.slide import isolation
+
+    monkeypatch.delenv("WSI_SCREEN_IN_PROCESS", raising=False)  # the early slide reader starts, as in a real run
+    package, tiff = logging.getLogger("wsi_screen"), logging.getLogger("tifffile")
+    state = lambda: (list(package.handlers), package.level, package.propagate, tiff.level, progress.enabled())  # noqa: E731
+    before = state()
+    (tmp_path / "mpp.csv").write_text("name,um\nx,0.5\n")
+    # not --quiet: a terminal log handler and bars; the table is refused after the reader started, before any slide
+    res = run_cli("tile", tmp_path, "-o", tmp_path / "out", "--slide-mpp-csv", tmp_path / "mpp.csv")
+    assert res.code == 1 and res.err_lines[-1].startswith("wsi-screen: error: "), res
+    assert isolation._early is None
+    assert state() == before
+
+
 def test_config_file_sets_defaults(tmp_path: Path, cmu_svs: Path) -> None:
     cfg = tmp_path / "wsi.toml"
     cfg.write_text("[tile]\nsize = 128\nmpp = 1.0\n")

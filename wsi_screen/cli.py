@@ -163,12 +163,14 @@ def _os_error_line(exc: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point."""
+    from wsi_screen import progress
     from wsi_screen.screening import startup
 
     startup.mark_entry(whole_process=argv is None)  # the console script: this process is the command
     args = list(sys.argv[1:] if argv is None else argv)
-    _quiet_libraries(args)
-    with warnings.catch_warnings():
+    # called in-process (a notebook, a test), the command's log handler, levels and bars end with it
+    with progress.output_restored(*QUIET_LOGGERS), warnings.catch_warnings():
+        _quiet_libraries(args)
         # matplotlib warns once per character of a slide name its font cannot draw (the heatmap title shows
         # a box instead): two stray stderr lines per glyph, and an exception where warnings are errors
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
@@ -67,6 +68,30 @@ def install_log_handler(level: int) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+
+
+@contextmanager
+def output_restored(*library_loggers: str) -> Iterator[None]:
+    """When the block ends, put back what a command changes in this process's output: the package logger's
+    handlers, level and propagation (:func:`install_log_handler`), the levels of ``library_loggers``, and whether
+    bars are shown. A command run in-process (``wsi_screen.cli.main`` from a notebook or a test) then leaves the
+    rest of the process logging as it did before."""
+    package = logging.getLogger("wsi_screen")
+    libraries = [logging.getLogger(name) for name in library_loggers]
+    handlers, level, propagate = list(package.handlers), package.level, package.propagate
+    levels, bars = [lib.level for lib in libraries], _enabled
+    try:
+        yield
+    finally:
+        for handler in [h for h in package.handlers if h not in handlers]:
+            package.removeHandler(handler)
+        for handler in [h for h in handlers if h not in package.handlers]:
+            package.addHandler(handler)
+        package.setLevel(level)
+        package.propagate = propagate
+        for lib, lib_level in zip(libraries, levels, strict=True):
+            lib.setLevel(lib_level)
+        set_enabled(bars)
 
 
 def terminal_level() -> int:

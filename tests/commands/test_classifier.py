@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,21 +13,18 @@ import torch
 from click.testing import CliRunner
 
 from tests.classifier_data import make_subset
-from wsi_screen import progress
 from wsi_screen.cli import cli, main
 
 COMMANDS = ("models", "train", "evaluate", "predict", "tune")
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """The CLI installs a handler on the package logger and enables bars; undo that for other tests."""
-    logger = logging.getLogger("wsi_screen")
-    saved = (list(logger.handlers), logger.level, logger.propagate, progress.enabled(), torch.get_num_threads())
+def _restore_torch_threads() -> Iterator[None]:
+    """`--threads` sets torch's thread count for the whole process; put it back for other tests (``main`` puts
+    back the logging and the bars itself)."""
+    saved = torch.get_num_threads()
     yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
-    progress.set_enabled(saved[3])
-    torch.set_num_threads(saved[4])
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,10 @@
 and compare with an uninterrupted run. SIGINT exits 130 with a message.
 
 Each trial starts a fresh ``python -m wsi_screen.cli`` process on a fresh output and kills it a delay after its
-first write (the first ``*.partial``): the delay is drawn (seeded) uniformly over the working time of an
-uninterrupted reference run (first write to exit), so kills land in every stage rather than in the import of
-torch. It then inspects what the process left, reruns to completion in-process and compares:
+first write (the first ``*.partial``): the delay is drawn (seeded) over the working time of an uninterrupted
+reference run (first write to exit), stratified (trial i of the first n in the i-th n-th of that time, uniformly
+after), so that a few kills land in every stage rather than in the import of torch. It then inspects what the
+process left, reruns to completion in-process and compares:
 
 * ``tile``: every store byte for byte (every file of the zarr tree) with the uninterrupted run's;
 * ``infer``: every store byte for byte; ``results.csv`` exactly (the ``store`` column with the run folder
@@ -48,9 +49,10 @@ pytestmark = pytest.mark.slow
 
 SEED = 1234
 SLIDE_FILES = ("scan.svs", "block.tif")
-#: trials per command: at least MIN, at most MAX, and no new trial once BUDGET seconds have passed;
-#: WSI_SCREEN_KILL_TRIALS=N runs exactly N of each (a soak run, as quoted in docs/reliability.md)
-TILE_TRIALS, INFER_TRIALS = (6, 8, 40.0), (5, 8, 80.0)
+#: trials per command: at least MIN (one in each MIN-th of the window), at most MAX, and no new trial once BUDGET
+#: seconds have passed; WSI_SCREEN_KILL_TRIALS=N runs exactly N of each (a soak run, as quoted in
+#: docs/reliability.md)
+TILE_TRIALS, INFER_TRIALS = (4, 6, 20.0), (3, 4, 30.0)
 if os.environ.get("WSI_SCREEN_KILL_TRIALS"):
     _n = int(os.environ["WSI_SCREEN_KILL_TRIALS"])
     TILE_TRIALS = INFER_TRIALS = (_n, _n, float("inf"))
@@ -167,7 +169,7 @@ def _kill_and_resume(tmp_path: Path, command: str, args_for: Callable[[Path], li
             break
         out = tmp_path / f"trial{i}"
         args = args_for(out)
-        kill = _kill_at(args, out, window.draw(), tmp_path / f"trial{i}.stderr")
+        kill = _kill_at(args, out, window.draw(i), tmp_path / f"trial{i}.stderr")
         window.update(kill)
         phase = phase_after_kill(out)
         trials.moments.append(kill.moment)
@@ -219,13 +221,17 @@ def _kill_at(args: list[str], watch: Path, delay: float, log: Path) -> Kill:
 
 class Window:
     """Where kills are drawn: from a trial's first write to the end of the reference run's work, shrunk to
-    what a trial that finished before its kill actually took (the machine may have sped up)."""
+    what a trial that finished before its kill actually took (the machine may have sped up). Trial ``i`` of
+    the first ``strata`` lands in the ``i``-th of that many equal parts of the window: few trials, every stage."""
 
-    def __init__(self, timeline: Timeline, seed: int) -> None:
+    def __init__(self, timeline: Timeline, seed: int, strata: int) -> None:
         self.span = timeline.work
         self.rng = random.Random(seed)
+        self.strata = strata
 
-    def draw(self) -> float:
+    def draw(self, i: int) -> float:
+        if i < self.strata:
+            return self.span * (i + self.rng.random()) / self.strata
         return self.rng.uniform(0, self.span)
 
     def update(self, kill: Kill) -> None:
@@ -266,7 +272,7 @@ def test_kill_tile_at_random_moments(tmp_path: Path, slides: Path) -> None:
             f"slide {done + 1}: " + ("writing its store" if writing else "thumbnail and grid")
 
     _kill_and_resume(tmp_path, "tile", lambda out: ["tile", str(slides), "-o", str(out), *common], timeline,
-                     Window(timeline, SEED), TILE_TRIALS, phase, stores_of, reference,
+                     Window(timeline, SEED, TILE_TRIALS[0]), TILE_TRIALS, phase, stores_of, reference,
                      lambda out: list(out.glob("*.partial")))
 
 
@@ -349,7 +355,8 @@ def test_kill_infer_at_random_moments(tmp_path: Path, small_slides: Path, model:
     timeline = _timed_run(["infer", str(slides), "-o", str(ref_run), *common], ref_run, runfolder.REPORT_HTML)
     reference = _infer_outputs(ref_run)
     _kill_and_resume(tmp_path, "infer", lambda run: ["infer", str(slides), "-o", str(run), *common], timeline,
-                     Window(timeline, SEED + 1), INFER_TRIALS, lambda run: _check_run_after_kill(run, reference),
+                     Window(timeline, SEED + 1, INFER_TRIALS[0]), INFER_TRIALS,
+                     lambda run: _check_run_after_kill(run, reference),
                      _infer_outputs, reference,
                      lambda run: [*run.glob("*.partial"), *(run / runfolder.STORES_DIR).glob("*.partial")])
 

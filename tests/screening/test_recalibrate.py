@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -118,9 +119,14 @@ def test_calibrate_writes_a_model_copy_that_infer_uses(run: Path, slides: tuple[
     assert replaced.code == 0, replaced
     assert json.loads((out / "slide_rule.json").read_text())["rule"] == doc["rule"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibrated"]  # swapped in whole: no partial, no old copy
+    # infer with the copy, over a copy of the run: the same weights, so the scores are reused and only the
+    # calibrated rule is applied afresh (no second scoring of the four slides)
     rerun = tmp_path / "rerun"
+    shutil.copytree(run, rerun)
     res = run_cli("infer", folder / "slides", "-o", rerun, "--model", out, "--stores", run / "stores", "--quiet")
     assert res.code == 0, res
+    assert all(s["reused"] for s in json.loads((rerun / "run.json").read_text())["slides"])
+    assert json.loads((rerun / "run.json").read_text())["model"]["path"] == str(out)
     assert {n: r["rule"] for n, r in read_results(rerun).items()} == dict.fromkeys(read_results(run), doc["rule"])
     assert all(r["diagnosis"] == ("tumour" if n in ("macro", "micro") else "normal")
                for n, r in read_results(rerun).items())  # separable on these four slides at 99 % specificity
@@ -131,8 +137,6 @@ def test_calibrate_writes_a_model_copy_that_infer_uses(run: Path, slides: tuple[
 
 def test_changing_the_rule_redraws_the_heatmap(run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]],
                                                tmp_path: Path) -> None:
-    import shutil
-
     folder, _ = slides
     copy = tmp_path / "run"
     shutil.copytree(run, copy)

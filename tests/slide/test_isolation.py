@@ -70,6 +70,11 @@ def _imported(*names: str) -> list[bool]:
     return [name in sys.modules for name in names]
 
 
+#: what a worker with a short limit imports before its first call: the tiler and this module, so that unpickling
+#: the functions above imports nothing (pytest, the test helpers) within the call's limit on a loaded machine
+PRELOAD = ("wsi_screen.tiling.pipeline", __name__)
+
+
 # --- the worker -----------------------------------------------------------------------------------------------
 def test_crash_fails_the_call_and_the_worker_restarts(tmp_path: Path) -> None:
     with isolation.SlideWorker(timeout=30, log_path=tmp_path / "log") as worker:
@@ -84,20 +89,22 @@ def test_crash_fails_the_call_and_the_worker_restarts(tmp_path: Path) -> None:
 
 
 def test_hang_is_bounded_and_heartbeats_keep_slow_work_alive(tmp_path: Path) -> None:
-    with isolation.SlideWorker(timeout=1.5) as worker:
+    with isolation.SlideWorker(timeout=1.5, preload=PRELOAD) as worker:
         started = time.monotonic()
         with pytest.raises(SlideTimeoutError, match=r"no progress for 1.5 s"):
             worker.call(_sleep, 60)
         assert time.monotonic() - started < 10
-        assert worker.call(_beating, 4.0) == "done"  # longer than the limit, but progressing
+        assert worker.call(_beating, 3.0) == "done"  # longer than the limit, but progressing
         assert worker.call(_sleep, 0.1) == "slept"
 
 
 def test_the_limit_counts_from_the_end_of_the_childs_imports_not_its_start() -> None:
-    # the tiler's imports take ~0.7 s here, longer than this limit: they must not count against the call
-    with isolation.SlideWorker(timeout=0.3, preload=("wsi_screen.tiling.pipeline",)) as worker:
+    # the child's imports (the tiler's, this module's, then one that sleeps 3 s) take longer than this limit: they
+    # must not count against the call (a fixed sleep, not the tiler's ~0.7 s, so that a loaded machine cannot
+    # flip it)
+    with isolation.SlideWorker(timeout=2.0, preload=(*PRELOAD, "tests.slide.slow_import")) as worker:
         assert worker.call(_sleep, 0.05) == "slept"
-        assert worker.call(_imported, "wsi_screen.tiling.pipeline") == [True]
+        assert worker.call(_imported, "wsi_screen.tiling.pipeline", "tests.slide.slow_import") == [True, True]
 
 
 def test_child_output_reaches_the_log_not_the_terminal(tmp_path: Path, capfd: pytest.CaptureFixture[str],
@@ -138,21 +145,23 @@ def test_an_early_reader_has_imported_the_tiler_and_serves_the_next_run(tmp_path
 # --- whole runs ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A large slide (seconds to tile) and a small one, in one folder."""
+    """A larger slide (a second or more to tile) and a small one, in one folder."""
     folder = tmp_path_factory.mktemp("isolation")
-    write_tiled_tiff(folder / "a-large.tif", block_image((6144, 6144), [(200, 200, 5900, 5900)], seed=3), mpp=0.5)
+    write_tiled_tiff(folder / "a-large.tif", block_image((3072, 3072), [(200, 200, 2900, 2900)], seed=3), mpp=0.5)
     write_tiled_tiff(folder / "b-small.tif", block_image((1536, 1024), [(100, 100, 1300, 900)], seed=4), mpp=0.5)
     return folder
 
 
-def _signal_worker(sig: int, done: threading.Event) -> threading.Thread:
-    """Send ``sig`` to the slide reader's child process as soon as it exists (it is then busy with the first
-    slide: spawning and importing alone take longer than the poll)."""
+def _signal_worker(sig: int, done: threading.Event, out: Path) -> threading.Thread:
+    """Send ``sig`` to the slide reader's child process once it is busy with the first slide: past its start-up
+    (a child stopped while importing would be waited for as long as a start-up may take, minutes) and holding
+    the slide's store lock in ``out``."""
 
     def run() -> None:
         while not done.is_set():
+            started = out.exists() and any(p.name != LOG_NAME for p in out.iterdir())
             for child in multiprocessing.active_children():
-                if child.name == "wsi-screen-slide-reader" and child.pid:
+                if started and child.name == "wsi-screen-slide-reader" and child.pid:
                     os.kill(child.pid, sig)
                     return
             time.sleep(0.01)
@@ -170,8 +179,8 @@ def test_a_crashing_or_hanging_slide_fails_alone(two_slides: Path, tmp_path: Pat
     sources, problems = discover([two_slides])
     assert [s.name for s in sources] == ["a-large", "b-small"] and not problems
     done = threading.Event()
-    watcher = _signal_worker(sig, done)
     out = tmp_path / "out"
+    watcher = _signal_worker(sig, done, out)
     with run_log(out):
         results = tile_slides(sources, out, TileConfig(slide_timeout=3), on_error="record")
     done.set()

@@ -17,7 +17,8 @@ from tests.classifier_data import make_subset
 from tests.conftest import run_cli
 from wsi_screen.models.checkpoint import safetensors_bytes
 
-EPOCHS = 6
+#: enough to kill a run after its second epoch and leave it work to resume
+EPOCHS = 4
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +52,10 @@ def test_safetensors_bytes_do_not_depend_on_metadata_order() -> None:
 
 
 def test_killed_training_resumes_to_the_same_bytes(herlev_mid: Path, tmp_path: Path) -> None:
+    # (that two uninterrupted runs agree is test_train.py's test_training_is_deterministic_under_the_seed)
     whole = tmp_path / "whole"
     assert run_cli(*_args(herlev_mid, whole)).code == 0
     assert not (whole / "checkpoint").exists()  # a finished folder keeps no checkpoint
-
-    again = tmp_path / "again"  # two uninterrupted runs already agree byte for byte
-    assert run_cli(*_args(herlev_mid, again)).code == 0
-    assert _sha(again / "model.safetensors") == _sha(whole / "model.safetensors")
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}

@@ -101,6 +101,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
 
         # the slide reader starts up (and imports the tiler) while this process imports torch and the model
         isolation.start_early("wsi_screen.tiling.pipeline")
+        ctx.call_on_close(isolation.stop_early)  # unused when the command fails before reading a slide
     from pathlib import Path
 
     from wsi_screen.commands.train import set_threads

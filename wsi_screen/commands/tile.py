@@ -98,6 +98,7 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
         # the slide reader starts up (and imports the tiler, and numba's stain loops) while this process does
         isolation.start_early("wsi_screen.tiling.pipeline",
                               *(() if stain == "none" else ("wsi_screen.tiling.stain",)))
+        ctx.call_on_close(isolation.stop_early)  # unused when the command fails before reading a slide
     import logging
 
     from wsi_screen.distributed import maybe_connect, parse_address

@@ -27,7 +27,7 @@ from pathlib import Path
 _UID_STEM = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 
 
-def _header(path: Path) -> tuple[str, tuple[object, ...]] | None:
+def _header(path: Path) -> tuple[str, tuple[object, ...] | None] | None:
     """SeriesInstanceUID of a DICOM file and what its image is (size and kind), or None when it cannot be read
     (opening the slide reports why)."""
     try:
@@ -37,8 +37,10 @@ def _header(path: Path) -> tuple[str, tuple[object, ...]] | None:
             "SeriesInstanceUID", "TotalPixelMatrixColumns", "TotalPixelMatrixRows", "Columns", "Rows", "ImageType"])
         uid = ds.get("SeriesInstanceUID")
         kind = tuple(str(v) for v in (ds.get("ImageType") or [])[2:3])
-        image = (ds.get("TotalPixelMatrixColumns", ds.get("Columns")), ds.get("TotalPixelMatrixRows", ds.get("Rows")),
-                 kind)
+        # a whole-slide image declares its total pixel matrix; other DICOM (a CT series: slices of one size) has
+        # none, and its files stay one series (which fails as one: not a whole-slide image)
+        wsi = "TotalPixelMatrixColumns" in ds
+        image = (ds.get("TotalPixelMatrixColumns"), ds.get("TotalPixelMatrixRows"), kind) if wsi else None
         return (str(uid), image) if uid else None
     except Exception:  # unreadable or not DICOM: the slide opener will report it
         return None
@@ -67,7 +69,7 @@ def _folder_series(folder: Path, _stamp: int) -> dict[str | None, list[Path]]:
         by_uid[header[0] if header else None].append((f, header[1] if header else None))
     groups: dict[str | None, list[Path]] = {}
     for uid, members in by_uid.items():
-        images = [image for _, image in members]
+        images = [image for _, image in members if image is not None]
         if uid is None or len(set(images)) == len(images):
             groups[uid] = [f for f, _ in members]
         else:

@@ -21,7 +21,7 @@ Starting the child costs an interpreter and the tiler's imports (zarr, scipy: ~0
 what a new child imports before its first call (``preload``: the tiler, which every slide call runs; this module
 knows nothing above the slide). A command that will read slides calls :func:`start_early` first thing: the child
 imports those modules while this process goes on with its own imports (on another core), and the next
-:func:`slide_calls` uses that child.
+:func:`slide_calls` uses that child; :func:`stop_early` when the command ends stops one left unused.
 """
 
 from __future__ import annotations
@@ -314,6 +314,16 @@ def start_early(*modules: str) -> None:
     if _early is None and not in_process():
         _early = SlideWorker(preload=modules)
         _early.start()  # one never used dies with this process (a daemon, and PR_SET_PDEATHSIG)
+
+
+def stop_early() -> None:
+    """Stop the reader :func:`start_early` started if no :func:`slide_calls` took it (the command ended before
+    reading a slide: a bad option, a model that would not load), so that it cannot serve a later command of this
+    process with the settings of this one. ``tile`` and ``infer`` call it when their command ends."""
+    global _early
+    worker, _early = _early, None
+    if worker is not None:
+        worker.close()
 
 
 @contextlib.contextmanager
