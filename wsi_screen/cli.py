@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tomllib
 import warnings
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -175,10 +176,20 @@ def main(argv: list[str] | None = None) -> Any:
         # a box instead): two stray stderr lines per glyph, and an exception where warnings are errors
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
         with name_settings(SETTING_FLAGS):  # library messages name settings; the user reads the options
-            return _main(args)
+            return _main(args, whole_process=argv is None)
 
 
-def _main(args: list[str]) -> Any:
+def _interrupted(whole_process: bool) -> NoReturn:
+    """Ctrl-C: one line and exit 130. Where the command is the whole process, a second Ctrl-C while it winds
+    down (children stopped, threads joined) would end it by the signal instead (status -2, no line): from here
+    on it is ignored. Called in-process (a notebook, a test), the caller's handler stays."""
+    click.echo("wsi-screen: interrupted; finished work is kept, rerun to resume", err=True)
+    if whole_process:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _main(args: list[str], whole_process: bool) -> Any:
     try:
         code = cli.main(args=args, prog_name="wsi-screen", standalone_mode=False)
         # without standalone mode click returns ctx.exit()'s code instead of exiting
@@ -191,12 +202,8 @@ def _main(args: list[str]) -> Any:
         exc = _name_value_source(exc)
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:  # click turns Ctrl-C into Abort
-        click.echo("wsi-screen: interrupted; finished work is kept, rerun to resume", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        click.echo("wsi-screen: interrupted; finished work is kept, rerun to resume", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        _interrupted(whole_process)
     except WsiScreenError as exc:
         if _debug_requested(args):
             raise
