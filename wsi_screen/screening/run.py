@@ -5,7 +5,7 @@ every patch, write ``RUN/<slide>/`` (scores, heatmap, GeoJSON, slide.json) atomi
 By default the run keeps no patch pixels: the tiler writes a coordinates-only store (coordinates, tissue,
 thumbnail, mask, stain fit) and scoring streams the patches from the slide, read by reader threads, normalised and
 scored in one pass while the model works on the previous batch (:class:`wsi_screen.tiling.ondemand.SlidePatches`
-behind :meth:`PatchStore.read`). ``keep_patches`` (``--keep-patches``) writes lz4 pixel stores as before (the
+behind :meth:`PatchStore.read`). ``keep_patches`` writes lz4 pixel stores as before (the
 same bytes, so the same scores). Slides already scored with the same model and store are reused on a rerun;
 aggregation is recomputed from their scores, so changing the slide rule or its threshold costs nothing. A
 failing slide becomes a row with
