@@ -5,7 +5,7 @@ one store (decoded straight from its shards, see :meth:`PatchStore.read`), the m
 and runs the model under ``inference_mode`` in ``channels_last``. Batches never span two slides, so a slide's
 scores do not depend on which other slides were scored with it (a distributed run gives the same numbers).
 
-A coordinates-only store (tiled with ``pixels="none"``, ``infer``'s default) has no pixels: reading a batch reads its
+A coordinates-only store (``pixels=False``, ``infer``'s default) has no pixels: reading a batch reads its
 patches from the slide with ``read_threads`` reader threads and normalises them (:meth:`PatchStore.read`), in the
 same background thread, so slide reading overlaps the model as decoding a store does.
 

@@ -1,6 +1,6 @@
 """Patches of a coordinates-only store, read from the slide on demand.
 
-A store tiled with ``pixels="none"`` holds everything but the pixels: coordinates, tissue, thumbnail, mask, stain fit
+A ``TileConfig(pixels=False)`` store holds everything but the pixels: coordinates, tissue, thumbnail, mask, stain fit
 and the settings. :class:`SlidePatches` reads patches at those coordinates with the tiler's own reads
 (:func:`read_into`, the same call :func:`wsi_screen.tiling.pipeline.read_patches` makes) and the normaliser
 rebuilt from the stored stain fit, so :meth:`PatchStore.read <wsi_screen.tiling.store.PatchStore.read>` returns

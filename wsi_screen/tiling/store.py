@@ -290,7 +290,7 @@ class PatchStore:
     ``patch_size`` and ``attrs`` (the slide, the stain, the settings) describe them; :meth:`as_dataset` feeds
     a ``torch.utils.data.DataLoader``. The layout on disk is in docs/store.md.
 
-    A coordinates-only store (tiled with ``pixels="none"``) has no ``patches`` array: :meth:`read` then reads the
+    A coordinates-only store (``pixels=False``) has no ``patches`` array: :meth:`read` then reads the
     patches from the slide (the path the store records, or ``slide``), normalised with the store's fitted stain,
     the same bytes a pixel store made with the same settings holds (:mod:`wsi_screen.tiling.ondemand`).
 
