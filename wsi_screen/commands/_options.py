@@ -130,3 +130,22 @@ def _device_name(_ctx: click.Context, param: click.Parameter, value: str) -> str
     except DeviceError as error:
         raise click.BadParameter(str(error), param=param) from None
     return kind if index is None else f"{kind}:{index}"
+
+
+def encoder_options(*, required: bool, what: str) -> Callable[[F], F]:
+    """``--encoder`` and ``--weights`` (train's heads and embed name encoders the same way); ``what`` says what the
+    command does with the encoder. The weights reach the command as ``encoder_weights``."""
+
+    def add(func: F) -> F:
+        func = click.option("--weights", "encoder_weights", type=click.Path(exists=True, dir_okay=False),
+                            default=None, metavar="FILE",
+                            help="Local weights for --encoder ARCH: .safetensors, or .pth/.bin (read as tensors "
+                                 "only).")(func)
+        return click.option("--encoder", required=required, default=None, metavar="ENCODER",
+                            help=f"{what}: a model folder ('default': the bundled model's backbone), a registry "
+                                 "name (`wsi-screen models --encoders`: uni, uni2-h, virchow2, h-optimus-0, "
+                                 "prov-gigapath, phikon-v2), hf-hub:ORG/NAME or timm/NAME.TAG (from the Hugging "
+                                 "Face cache; HF_HOME, HF_HUB_OFFLINE and HF_TOKEN honoured), or a timm "
+                                 "architecture with --weights FILE.")(func)
+
+    return add

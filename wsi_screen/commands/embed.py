@@ -10,6 +10,7 @@ from wsi_screen.commands._options import (
     common_options,
     configure_output,
     device_option,
+    encoder_options,
     slide_mpp_options,
     slide_mpp_table,
     slide_timeout_option,
@@ -19,13 +20,7 @@ from wsi_screen.commands._options import (
 @click.command(short_help="Embed slides' patches with an encoder, one feature store per slide.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=str),
                 metavar="SLIDES_OR_STORES...")
-@click.option("--encoder", required=True, metavar="ENCODER",
-              help="A model folder ('default': the bundled model's backbone), a registry name (`wsi-screen models "
-                   "--encoders`: uni, uni2-h, virchow2, h-optimus-0, prov-gigapath, phikon-v2), hf-hub:ORG/NAME or "
-                   "timm/NAME.TAG (from the Hugging Face cache; HF_HOME, HF_HUB_OFFLINE and HF_TOKEN honoured), or a "
-                   "timm architecture with --weights FILE.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
-              help="Local weights for --encoder ARCH: .safetensors, or .pth/.bin (read as tensors only).")
+@encoder_options(required=True, what="The encoder whose features are written")
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="OUT",
               help="Output folder: OUT/<slide>.zarr per slide (features, coords), OUT/stores/ the patch stores.")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -50,7 +45,7 @@ from wsi_screen.commands._options import (
 @slide_timeout_option
 @device_option
 @common_options
-def embed(inputs: tuple[str, ...], encoder: str, weights: str | None, out: str, mpp: float | None,
+def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, out: str, mpp: float | None,
           size: int | None, dtype: str, min_tissue: float, stores: str | None, slide_mpp: float | None,
           slide_mpp_csv: str | None, batch_size: int, workers: int, loader_workers: int, threads: int,
           overwrite: bool, slide_timeout: float, device: str) -> None:
@@ -88,7 +83,7 @@ def embed(inputs: tuple[str, ...], encoder: str, weights: str | None, out: str, 
 
     log = logging.getLogger("wsi_screen.embed")
     torch_device = resolve_device(device)  # an absent GPU is one line before anything is read
-    enc = load_encoder(encoder, weights=weights, device=torch_device,
+    enc = load_encoder(encoder, weights=encoder_weights, device=torch_device,
                        precision="auto" if torch_device.type == "cuda" else "fp32")
     mpp = mpp if mpp is not None else enc.identity.mpp
     if mpp is None:

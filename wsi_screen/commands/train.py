@@ -7,7 +7,13 @@ from typing import Any, TypeVar
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output, device_option, threads_option
+from wsi_screen.commands._options import (
+    common_options,
+    configure_output,
+    device_option,
+    encoder_options,
+    threads_option,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -187,13 +193,8 @@ def set_threads(threads: int) -> None:
               help="Peak learning rate (default 1e-3 for adam/adamw, 0.01 for sgd; 1e-4 for a head on --encoder).")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
               help="Weight decay, not applied to biases and norms (default 0.05 adamw, 0 adam, 1e-4 sgd).")
-@click.option("--encoder", default=None, metavar="ENCODER",
-              help="Train only a head on this frozen encoder's embeddings (computed once, cached): a model folder "
-                   "('default': the bundled model), a registry name (`wsi-screen models --encoders`), "
-                   "hf-hub:ORG/NAME or timm/NAME.TAG (from the Hugging Face cache; HF_HUB_OFFLINE honoured), or an "
-                   "architecture with --weights FILE. Replaces --arch; docs/encoders.md.")
-@click.option("--weights", "encoder_weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              metavar="FILE", help="Local weights for --encoder ARCH (.safetensors; .pth/.bin read as tensors only).")
+@encoder_options(required=False, what="Train only a head on this frozen encoder's embeddings (computed "
+                 "once, cached; replaces --arch; docs/encoders.md)")
 @click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True,
               help="The head trained on --encoder's embeddings (mlp: one hidden layer of 256).")
 @click.option("--embedding-cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
