@@ -106,6 +106,23 @@ def test_wrong_architecture_for_file(tmp_path: Path) -> None:
         load_encoder("resnet10t", weights=path)
 
 
+def test_deeper_model_of_the_family_is_refused(tmp_path: Path) -> None:
+    """Only the classifier's tensors may be left over: resnet34's weights given as resnet18's are refused (its
+    extra blocks are not a classifier), resnet18's own, fc included, load."""
+    import timm
+    from safetensors.torch import save_file
+
+    for arch in ("resnet18", "resnet34"):
+        torch.manual_seed(0)
+        state = timm.create_model(arch, pretrained=False, num_classes=10).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / f"{arch}.safetensors"))
+    encoder = load_encoder("resnet18", weights=tmp_path / "resnet18.safetensors")
+    assert encoder.dim == 512
+    with pytest.raises(ModelError, match="not in the architecture: layer1.2.bn1.bias") as info:
+        load_encoder("resnet18", weights=tmp_path / "resnet34.safetensors")
+    assert "fc." not in str(info.value) and "\n" not in str(info.value)
+
+
 def test_cls_plus_mean_pooling_skips_register_tokens() -> None:
     import timm
 

@@ -347,7 +347,8 @@ def _from_hub(name: str, repo: str, info: EncoderInfo | None) -> tuple[EncoderMo
     std = info.std if info else _triple(cfg.get("std"), (0.229, 0.224, 0.225))
     return _build_timm(name=name, ref=info.name if info else f"{HUB_PREFIX}{repo}", kind="registry" if info else "hub",
                        arch=arch, kwargs=kwargs, weights=weights, size=size, mpp=info.mpp if info else None,
-                       mean=mean, std=std, info=info, weights_label=f"{repo}/{weights.name}")
+                       mean=mean, std=std, info=info, weights_label=f"{repo}/{weights.name}",
+                       hub_classifier=cfg.get("classifier"))
 
 
 def _triple(value: Any, default: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -405,9 +406,21 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_backbone_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights into a classifier-less backbone: head tensors in the file are dropped; anything else that does
-    not fit is an error."""
+def classifier_names(module: nn.Module, extra: Any = None) -> tuple[str, ...]:
+    """The names of an architecture's classifier (timm's pretrained config ``classifier``: ``fc``, ``head``,
+    ``head.fc``...; ``extra`` adds those a hub config names), whose tensors a classifier-less backbone drops."""
+    from wsi_screen.models.registry import default_cfg
+
+    names: list[str] = []
+    for value in (default_cfg(module).get("classifier"), extra):
+        names += [value] if isinstance(value, str) else [str(v) for v in value or () if isinstance(v, str)]
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
+def _load_backbone_state(module: nn.Module, state: dict[str, torch.Tensor], source: str,
+                         classifier: tuple[str, ...] = ()) -> None:
+    """Load weights into a classifier-less backbone: the tensors of the classifier (``classifier``: its module
+    names) are dropped; any other tensor the backbone lacks, a missing one or another shape is an error."""
     from wsi_screen.models.checkpoint import _few, _strip_prefixes
 
     target = module.state_dict()
@@ -415,11 +428,15 @@ def _load_backbone_state(module: nn.Module, state: dict[str, torch.Tensor], sour
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
              if k in target and v.shape != target[k].shape]
     missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
-    if wrong or missing:
+    extra = sorted(k for k in state if k not in target)
+    dropped = [k for k in extra if any(k == n or k.startswith(n + ".") for n in classifier)]
+    unexpected = [k for k in extra if k not in dropped]
+    if wrong or missing or unexpected:
         parts = [f"shape mismatch: {_few(wrong)}"] if wrong else []
         parts += [f"missing: {_few(missing)}"] if missing else []
-        raise ModelError(f"{source}: weights do not fit the architecture ({'; '.join(parts)})")
-    dropped = sorted(k for k in state if k not in target)
+        parts += [f"not in the architecture: {_few(unexpected)}"] if unexpected else []
+        raise ModelError(f"{source}: weights do not fit the architecture ({'; '.join(parts)}); are they another "
+                         "architecture's (e.g. a deeper model of the same family)?")
     if dropped:
         log.info("%s: %d tensors not used by the encoder (its classifier): %s", source, len(dropped), _few(dropped))
     module.load_state_dict({k: state[k].to(v.dtype) if k in state else v for k, v in target.items()}, strict=True)
@@ -427,7 +444,8 @@ def _load_backbone_state(module: nn.Module, state: dict[str, torch.Tensor], sour
 
 def _build_timm(*, name: str, ref: str, kind: str, arch: str, kwargs: Mapping[str, Any], weights: Path, size: int,
                 mpp: float | None, mean: tuple[float, float, float], std: tuple[float, float, float],
-                info: EncoderInfo | None, weights_label: str) -> tuple[EncoderModule, EncoderIdentity]:
+                info: EncoderInfo | None, weights_label: str,
+                hub_classifier: Any = None) -> tuple[EncoderModule, EncoderIdentity]:
     import timm
 
     from wsi_screen.models.registry import check_arch
@@ -438,7 +456,7 @@ def _build_timm(*, name: str, ref: str, kind: str, arch: str, kwargs: Mapping[st
         backbone = timm.create_model(arch, pretrained=False, num_classes=0, **build)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ModelError(f"encoder {name}: cannot build {arch} with {sorted(build)}: {exc}") from None
-    _load_backbone_state(backbone, read_state(weights), str(weights))
+    _load_backbone_state(backbone, read_state(weights), str(weights), classifier_names(backbone, hub_classifier))
     pooling = info.pooling if info else "model"
     prefix = int(getattr(backbone, "num_prefix_tokens", 1))
     module = EncoderModule(backbone, pooling=pooling, input_size=size, prefix_tokens=prefix)
