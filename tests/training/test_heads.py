@@ -102,6 +102,14 @@ def test_mlp_head_on_hub_encoder_evaluate_and_missing_encoder(pcam_small: Path, 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 60 and 0.0 <= metrics["auc"] <= 1.0
 
+    # without the patches' mpp (a hub encoder records none): a warning that infer cannot use the model on slides
+    res = run_cli("train", pcam_small, "--encoder", "hf-hub:wsi-screen-test/tiny-vit", "--head", "linear",
+                  "--epochs", "1", "--embedding-cache", tmp_path / "cache", "-o", tmp_path / "no-mpp", "-q")
+    assert res.code == 0, res
+    assert json.loads((tmp_path / "no-mpp" / "config.json").read_text())["mpp"] is None
+    warning = next(line for line in res.err_lines if "no recorded mpp" in line)
+    assert "warning" in warning.lower() and "infer cannot apply it to slides" in warning and "--mpp" in warning
+
     weights.unlink()  # the encoder is gone from the cache: loading the head model says so in one line
     with pytest.raises(EncoderNotFoundError, match="huggingface-cli download wsi-screen-test/tiny-vit"):
         load_model(out)

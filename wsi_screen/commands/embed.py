@@ -24,7 +24,8 @@ from wsi_screen.commands._options import (
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="OUT",
               help="Output folder: OUT/<slide>.zarr per slide (features, coords), OUT/stores/ the patch stores.")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Patch resolution in um/px (default: the encoder's, e.g. 0.5 for the foundation encoders).")
+              help="Patch resolution in um/px (default: the encoder's, e.g. 0.5 for the registry encoders; "
+                   "needed for a hf-hub:/timm/ encoder or one given with --weights, which record none).")
 @click.option("--size", type=click.IntRange(8, 4096), default=None, metavar="PX",
               help="Patch edge in pixels (default: the encoder's input size); patches are resized to the encoder's.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
@@ -52,7 +53,8 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     """Embed every tissue patch of SLIDES_OR_STORES with ENCODER into OUT/<slide>.zarr.
 
     Each input is a slide, a folder of slides, a patch store (from `wsi-screen tile`) or a folder of stores.
-    Slides are tiled at the encoder's resolution and input size (--mpp/--size override); a store is embedded
+    Slides are tiled at the encoder's resolution and input size (--mpp/--size override; only registry encoders
+    and model folders record a resolution: a hub reference or a --weights file needs --mpp); a store is embedded
     when its mpp and patch size are those. Each OUT/<slide>.zarr holds `features` (N, D; --dtype),
     `coords` (N, 2; level-0 x, y of each patch, as in the patch store) and attributes naming the encoder (name,
     weights sha256, pooling), its preprocessing, the mpp and the patch size.

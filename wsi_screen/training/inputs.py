@@ -80,14 +80,19 @@ def read_split(dataset: str | Path, config: TrainConfig) -> tuple[PatchFolder, S
     return folder, split, classes, resolve_positive(classes, config.positive)
 
 
-def resolve_mpp(config: TrainConfig, folder: PatchFolder) -> float | None:
-    """The training patches' mpp: ``config.mpp``, else the dataset's mpp column (a warning when they differ)."""
+def resolve_mpp(config: TrainConfig, folder: PatchFolder, *, warn_missing: bool = False) -> float | None:
+    """The training patches' mpp: ``config.mpp``, else the dataset's mpp column (a warning when they differ). None
+    is logged as information, or as a warning with ``warn_missing`` (a head model: its encoder's record, if any,
+    is not the patches' mpp)."""
     mpp = config.mpp if config.mpp is not None else folder.mpp
     if config.mpp is not None and folder.mpp is not None \
             and not math.isclose(config.mpp, folder.mpp, rel_tol=0.05):
         log.warning("`mpp` %.3g differs from the dataset's mpp column (%.3g); recording %.3g", config.mpp,
                     folder.mpp, config.mpp)
-    if mpp is None:
+    if mpp is None and warn_missing:
+        log.warning("training patches have no recorded mpp: the model will score patches (evaluate, predict) but "
+                    "infer cannot apply it to slides without the patches' mpp; set `mpp` to their um/px")
+    elif mpp is None:
         log.info("training patches have no recorded mpp; set `mpp` so the model can be applied to slides")
     return mpp
 
