@@ -115,6 +115,43 @@ def test_mlp_head_on_hub_encoder_evaluate_and_missing_encoder(pcam_small: Path, 
         load_model(out)
 
 
+def test_moved_model_finds_its_weights_file_in_its_folder(pcam_small: Path, tmp_path: Path) -> None:
+    """A head on `encoder`=ARCH `encoder_weights`=FILE records the file's path; moved elsewhere with the file copied
+    into the model folder, it loads from there (sha256 checked); with neither, one error names both places."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tests.hub import TINY_ARCH, tiny_state
+    from wsi_screen.errors import ModelError
+    from wsi_screen.models.encoder import file_sha256
+
+    weights = tmp_path / "here" / "tiny.safetensors"
+    weights.parent.mkdir()
+    save_file(tiny_state(seed=2), str(weights))
+    sha = file_sha256(weights)
+    train(pcam_small, tmp_path / "here" / "m", head_config(tmp_path / "cache", encoder=TINY_ARCH,
+                                                           encoder_weights=str(weights), epochs=1))
+    want = load_model(tmp_path / "here" / "m", precision="fp32").predict(np.zeros((2, 96, 96, 3), np.uint8))
+
+    moved = tmp_path / "there" / "m"
+    shutil.copytree(tmp_path / "here" / "m", moved)
+    shutil.rmtree(tmp_path / "here")  # the recorded path is gone
+    with pytest.raises(ModelError) as info:
+        load_model(moved)
+    message = str(info.value)
+    assert str(weights) in message and str(moved / "tiny.safetensors") in message
+    assert sha in message and "\n" not in message
+
+    save_file(tiny_state(seed=3), str(moved / "tiny.safetensors"))  # another file of that name: refused
+    with pytest.raises(ModelError, match="another file of that name"):
+        load_model(moved)
+    save_file(tiny_state(seed=2), str(moved / "tiny.safetensors"))  # the same file, copied into the model folder
+    assert file_sha256(moved / "tiny.safetensors") == sha
+    got = load_model(moved, precision="fp32").predict(np.zeros((2, 96, 96, 3), np.uint8))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_infer_and_calibrate_with_a_head_model(head_model: tuple[Path, Path], tmp_path: Path, example_slide: Path,
                                                slides_dir: Path) -> None:
     model, _cache = head_model

@@ -490,13 +490,32 @@ def _from_transformers(info: EncoderInfo) -> tuple[EncoderModule, EncoderIdentit
     return module, identity
 
 
-def load_identified(identity: Mapping[str, Any], *, device: str | torch.device = "cpu",
-                    precision: str = "fp32") -> Encoder:
-    """The encoder a record names (a head model's ``config.json``), checked against the recorded weights' sha256."""
+def load_identified(identity: Mapping[str, Any], *, model_dir: str | os.PathLike[str] | None = None,
+                    device: str | torch.device = "cpu", precision: str = "fp32") -> Encoder:
+    """The encoder a record names (a head model's ``config.json``, in ``model_dir``), checked against the recorded
+    weights' sha256. A weights file no longer at its recorded path is looked for in ``model_dir`` by its name."""
     want = EncoderIdentity.from_dict(identity)
-    weights = want.weights if want.kind == "file" else None
+    weights = _recorded_weights(want, model_dir) if want.kind == "file" else None
     encoder = load_encoder(want.ref, weights=weights, device=device, precision=precision)
     if encoder.identity.weights_sha256 != want.weights_sha256:
         raise ModelError(f"encoder {want.name}: its weights have sha256 {encoder.identity.weights_sha256[:12]}, the "
                          f"model was trained on {want.weights_sha256[:12]} (another version of the encoder)")
     return encoder
+
+
+def _recorded_weights(want: EncoderIdentity, model_dir: str | os.PathLike[str] | None) -> Path:
+    """An encoder file's weights: at the recorded path, else a file of the same name in the model folder (a model
+    moved to another machine with its weights file copied into it), checked by the recorded sha256."""
+    recorded = Path(str(want.weights))
+    if recorded.is_file():
+        return recorded
+    beside = Path(model_dir) / recorded.name if model_dir is not None else None
+    if beside is not None and beside.is_file():
+        found = file_sha256(beside)
+        if found != want.weights_sha256:
+            raise ModelError(f"encoder {want.name}: {beside} has sha256 {found[:12]}, the model was trained on "
+                             f"{recorded.name} with sha256 {want.weights_sha256} (another file of that name)")
+        return beside
+    where = f"neither at {recorded} nor in the model folder ({beside})" if beside is not None else f"not at {recorded}"
+    raise ModelError(f"encoder {want.name}: its weights file is {where}; copy {recorded.name} "
+                     f"(sha256 {want.weights_sha256}) into the model folder")

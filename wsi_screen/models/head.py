@@ -92,7 +92,7 @@ def load_head_classifier(spec: Any, weights: Path, source: str) -> HeadClassifie
     if not spec.head:
         raise ModelError(f"{source}: config.json names an encoder but no head")
     try:
-        encoder = load_identified(spec.encoder)
+        encoder = load_identified(spec.encoder, model_dir=weights.parent)
     except ModelError as exc:
         raise type(exc)(f"{source}: {exc}") from None
     head = build_head(spec.head, spec.num_classes)
