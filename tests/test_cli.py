@@ -26,6 +26,29 @@ def test_help_of_every_command(command: str) -> None:
     assert "--quiet" in res.out or command in ("models",)
 
 
+def test_option_help_names_only_the_commands_own_options() -> None:
+    """Shared options' help fits each command: a --flag it names is one of that command's options, or is given
+    with the command it belongs to (`wsi-screen evaluate --split`)."""
+    import re
+
+    import click
+
+    from wsi_screen.cli import cli
+
+    ctx = click.Context(cli)
+    wrong = []
+    for name in COMMANDS:
+        command = cli.get_command(ctx, name)
+        assert command is not None
+        own = {o for p in command.params for o in [*p.opts, *p.secondary_opts]} | {"--help"}
+        for param in command.params:
+            text = getattr(param, "help", None) or ""
+            for match in re.finditer(r"(\S+ )?(--[a-z][a-z-]*)", text):
+                if match.group(2) not in own and (match.group(1) or "").strip("`( ") not in COMMANDS:
+                    wrong.append(f"{name} {param.name}: {match.group(0)}")
+    assert not wrong, wrong
+
+
 def test_group_help_lists_commands() -> None:
     res = run_cli("--help")
     assert res.code == 0

@@ -16,7 +16,7 @@ MAX_COUNTED = 60
 @click.option("--num-classes", type=click.IntRange(2, 100000), default=2, show_default=True,
               help="Output classes assumed for the parameter counts.")
 @click.option("--encoders", is_flag=True,
-              help="List the known pathology encoders for --encoder (train, embed): name, hub repository, "
+              help="List the known pathology encoders for `train --encoder` and `embed --encoder`: name, hub repository, "
                    "embedding size, input size, mpp, licence and whether the hub gates it.")
 @click.option("--card", is_flag=True,
               help="Print the model card of MODEL_DIR (given in place of PATTERN; default: the bundled model): "

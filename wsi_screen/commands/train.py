@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -36,13 +37,18 @@ def dataset_options(func: F) -> F:
     return func
 
 
-def training_options(func: F) -> F:
-    """Options shared by ``train`` and ``tune`` (everything except the searchable optimiser settings)."""
+def training_options(*, with_encoder: bool) -> Callable[[F], F]:
+    """Options shared by ``train`` and ``tune`` (everything except the searchable optimiser settings);
+    ``with_encoder``: the command also has ``--encoder``, which replaces ``--arch``."""
+    return functools.partial(_add_training_options, with_encoder=with_encoder)
+
+
+def _add_training_options(func: F, *, with_encoder: bool) -> F:
+    required = "Required unless --encoder is given." if with_encoder else "Required."
     options = [
         click.argument("dataset", type=click.Path(exists=True, file_okay=False)),
         click.option("--arch", default=None, metavar="NAME",
-                     help="Architecture: screen_cnn32 or any timm name (see `wsi-screen models`). Required unless "
-                          "train is given --encoder."),
+                     help=f"Architecture: screen_cnn32 or any timm name (see `wsi-screen models`). {required}"),
         click.option("--size", type=click.IntRange(8, 2048), default=None, metavar="PX",
                      help="Input edge in pixels; images are resized to it. Default: the architecture's fixed "
                           "size (screen_cnn32: 32), the --pretrained model's, else the images' own size."),
@@ -184,7 +190,7 @@ def set_threads(threads: int) -> None:
 
 
 @click.command(short_help="Train a patch classifier on a labelled patch dataset.")
-@training_options
+@training_options(with_encoder=True)
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="MODEL_DIR",
               help="Model folder to write (model.safetensors, config.json, history.csv, split.csv, valid/).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)

@@ -27,7 +27,7 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 @click.command(short_help="Search training settings on validation; keep the best model.")
-@training_options
+@training_options(with_encoder=False)
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="TUNE_DIR",
               help="Folder for trials.csv, tune.json, trials/NNN/ and best/ (the chosen model).")
 @click.option("--lr", "lrs", default="1e-3", show_default=True, metavar="LIST",
