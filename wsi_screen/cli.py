@@ -138,6 +138,12 @@ SETTING_FLAGS: dict[str, str] = {
 }
 
 
+#: library names messages cite (`list_models`) and the commands that show the same here
+LIBRARY_COMMANDS: dict[str, str] = {
+    "list_models": "`wsi-screen models`", "list_encoders": "`wsi-screen models --encoders`",
+}
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("WSI_SCREEN_DEBUG", "") not in ("", "0")
 
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> Any:
         # matplotlib warns once per character of a slide name its font cannot draw (the heatmap title shows
         # a box instead): two stray stderr lines per glyph, and an exception where warnings are errors
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
-        with name_settings(SETTING_FLAGS):  # library messages name settings; the user reads the options
+        with name_settings(SETTING_FLAGS | LIBRARY_COMMANDS):  # library messages name settings: the user reads options
             return _main(args, whole_process=argv is None)
 
 

@@ -159,6 +159,23 @@ def test_unknown_references() -> None:
         load_encoder("./missing/model")
 
 
+def test_cli_words_for_references(tmp_path: Path, example_slide: Path) -> None:
+    """The CLI points at its own commands, not at Python names; a weights file goes with an architecture name."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(tiny_state(), str(path))
+    out = tmp_path / "emb"
+    res = run_cli("embed", example_slide, "--encoder", "hf-hub:org/name", "--weights", path, "--mpp", "0.5", "-o", out)
+    assert res.code == 1 and len(res.err_lines) == 1, res
+    assert "--weights goes with a timm architecture name" in res.err and "unknown architecture" not in res.err
+    res = run_cli("embed", example_slide, "--encoder", "zzqqxx", "--weights", path, "--mpp", "0.5", "-o", out)
+    assert res.code == 1 and "unknown architecture 'zzqqxx'; `wsi-screen models` lists them" in res.err, res
+    res = run_cli("embed", example_slide, "--encoder", "resnet50", "--mpp", "0.5", "-o", out)
+    assert res.code == 1 and "(`wsi-screen models --encoders` lists them)" in res.err, res
+    assert "wsi_screen." not in res.err
+
+
 def test_models_lists_encoders() -> None:
     res = run_cli("models", "--encoders")
     assert res.code == 0, res

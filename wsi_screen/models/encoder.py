@@ -195,7 +195,7 @@ def _unknown(ref: str) -> ModelError:
                           "hf-hub:ORG/NAME, timm/NAME.TAG, or an architecture with `encoder_weights`=FILE)")
     if timm.is_model(ref):
         return ModelError(f"{ref} is an architecture without weights: set `encoder_weights`=FILE, or name hub weights "
-                          f"(e.g. timm/{ref}.<tag>; wsi_screen.models.encoders lists pathology encoders)")
+                          f"(e.g. timm/{ref}.<tag>), or a pathology encoder by name (`list_encoders` lists them)")
     import difflib
 
     names = [e.name for e in list_encoders()]
@@ -366,6 +366,9 @@ def _from_file(ref: str, path: Path) -> tuple[EncoderModule, EncoderIdentity]:
     if info is not None and info.loader != "timm":
         raise ModelError(f"encoder {info.name} is a {info.loader} model: `encoder_weights` works for timm "
                          "architectures only; put its hub files in the Hugging Face cache instead")
+    if info is None and (ref.startswith(HUB_PREFIX) or ref.startswith("timm/")):
+        raise ModelError(f"{ref}: `encoder_weights` goes with a timm architecture name (e.g. resnet50), not a hub "
+                         "reference; name the architecture the file is for, or leave the file out to load the hub's")
     arch = info.arch if info else check_arch(ref)
     if not path.is_file():
         raise ModelError(f"{path}: no such weights file")

@@ -117,7 +117,7 @@ def get_encoder_info(name: str) -> EncoderInfo:
     if found is not None:
         return found
     close = difflib.get_close_matches(_key(name), list(_BY_NAME), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; wsi_screen.models.encoders lists them"
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `list_encoders` lists them"
     raise UnknownModelError(f"unknown encoder {name!r}{hint}")
 
 

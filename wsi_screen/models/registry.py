@@ -49,7 +49,7 @@ def check_arch(name: str) -> str:
     if name in OWN_MODELS or timm.is_model(name):
         return name
     close = difflib.get_close_matches(name, list_models(), n=5, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; list_models() lists them"
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `list_models` lists them"
     raise UnknownModelError(f"unknown architecture {name!r}{hint}")
 
 
