@@ -63,10 +63,13 @@ def test_bundled_model_backbone_is_its_penultimate_features() -> None:
 
 
 @pytest.mark.parametrize("ref", ["hf-hub:wsi-screen-test/tiny-vit", "timm/test_vit.tiny_tag"])
-def test_hub_model_loads_from_local_cache_offline(offline_hub: Path, ref: str) -> None:
+def test_hub_model_loads_from_local_cache_offline(offline_hub: Path, ref: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     repo = ref.removeprefix("hf-hub:")
     weights = write_hub_model(offline_hub, repo)
-    encoder = load_encoder(ref)
+    with caplog.at_level("INFO", logger="wsi_screen.models.encoder"):
+        encoder = load_encoder(ref)
+    assert "64-dim embeddings of 160 px patches at the patches' mpp" in caplog.text and "None" not in caplog.text
     ident = encoder.identity
     assert (ident.dim, ident.input_size, ident.mean, ident.std) == (64, 160, TINY_MEAN, TINY_STD)
     assert ident.weights_sha256 == file_sha256(weights) and ident.kind == "hub"

@@ -179,8 +179,9 @@ def load_encoder(spec: str | os.PathLike[str], *, weights: str | os.PathLike[str
         module, identity = _from_hub(ref, repo, None)
     else:
         raise _unknown(ref)
-    log.info("encoder %s: %d-dim embeddings of %d px patches at %s um/px (%s pooling)", identity.name, identity.dim,
-             identity.input_size, identity.mpp, identity.pooling)
+    at = f"at {identity.mpp:g} um/px" if identity.mpp is not None else "at the patches' mpp"
+    log.info("encoder %s: %d-dim embeddings of %d px patches %s (%s pooling)", identity.name, identity.dim,
+             identity.input_size, at, identity.pooling)
     return Encoder(module, identity, device=device, precision=precision)
 
 
