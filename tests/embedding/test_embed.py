@@ -53,7 +53,8 @@ def test_rerun_skips_and_new_settings_recompute(embedded: tuple[Path, object], e
     target = out / "CMU-1-Small-Region.zarr" / "zarr.json"
     before = target.stat().st_mtime_ns
     res = run_cli("embed", example_slide, "--encoder", "default", "-o", out, "--workers", "0")
-    assert res.code == 0 and "1 up to date" in res.err, res
+    summary = res.err_lines[-1]
+    assert res.code == 0 and "1 up to date" in summary and "patches" not in summary, res  # nothing embedded
     assert target.stat().st_mtime_ns == before
     res = run_cli("embed", example_slide, "--encoder", "default", "-o", out, "--workers", "0", "--dtype", "float32")
     assert res.code == 0 and "1 embedded" in res.err, res
@@ -74,6 +75,8 @@ def test_store_with_hub_encoder(embedded: tuple[Path, object], offline_hub: Path
     features = FeatureStore(tmp_path / "e" / "CMU-1-Small-Region.zarr")
     assert features.features.shape == (len(PatchStore.open(store)), 64)
     assert features.attrs["encoder"]["ref"] == ref and features.attrs["preprocessing"]["input_size"] == 160
+    # the patches' mpp, though the hub encoder records none of its own
+    assert features.attrs["preprocessing"]["mpp"] == 0.972 and features.attrs["encoder"]["mpp"] is None
 
 
 def test_absent_gpu_is_one_line(example_slide: Path, tmp_path: Path) -> None:

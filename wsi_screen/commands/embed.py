@@ -104,8 +104,9 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     patches = sum(r.n_patches for r in results if r.status == "done")
     log.debug("embedded %d patches", patches)
     if not ctx.obj.get("quiet"):
+        what = (f"; {patches:,} patches of {size} px at {mpp:g} um/px -> {enc.identity.dim}-dim {dtype}"
+                if counts["done"] else "")
         click.echo(f"wsi-screen: {len(results)} slide(s): {counts['done']} embedded, {counts['skipped']} up to date, "
-                   f"{counts['failed']} failed; {patches:,} patches of {size} px at {mpp:g} um/px -> "
-                   f"{enc.identity.dim}-dim {dtype} in {time.perf_counter() - started:.1f} s -> {out}", err=True)
+                   f"{counts['failed']} failed{what} in {time.perf_counter() - started:.1f} s -> {out}", err=True)
     if counts["failed"]:
         ctx.exit(1)

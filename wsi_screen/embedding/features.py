@@ -10,7 +10,7 @@ key             dtype, shape               meaning
 =============== ========================== ===================================================================
 
 Group attributes: ``schema_version``, ``complete``, ``kind`` (``wsi-screen embeddings``), ``encoder`` (name, ref,
-arch, weights and their sha256, pooling, dim, licence), ``preprocessing`` (input size, mpp, mean/std, resize),
+arch, weights and their sha256, pooling, dim, licence), ``preprocessing`` (input size, the patches' mpp, mean/std, resize),
 ``mpp`` and ``size`` (the patches' um/px and edge in pixels), ``tile_size_l0``, ``n_patches``, ``dtype``,
 ``slide`` (the patch store's slide record), ``patch_store`` (its location), ``package_version`` and ``settings``
 (what must match for the store to be reused on a rerun).

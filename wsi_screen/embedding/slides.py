@@ -126,7 +126,9 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
             bar.update(stop - start)
     embedded = time.perf_counter()
     i = encoder.identity
-    attrs = {"encoder": i.to_dict(), "preprocessing": i.preprocessing, "mpp": float(store.mpp),
+    # the mpp the patches were tiled at: the encoder's own record may have none (a hub reference, a file)
+    attrs = {"encoder": i.to_dict(), "preprocessing": {**i.preprocessing, "mpp": float(store.mpp)},
+             "mpp": float(store.mpp),
              "size": int(store.patch_size), "tile_size_l0": int(store.tile_size_l0),
              "slide": store.attrs.get("slide", {}), "patch_store": str(location), "precision": encoder.precision,
              "package_version": __version__, "settings": settings}
