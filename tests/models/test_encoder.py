@@ -187,3 +187,7 @@ def test_models_lists_encoders() -> None:
     virchow = next(line for line in lines if line.startswith("virchow2"))
     assert virchow.split()[:5] == ["virchow2", "hf-hub:paige-ai/Virchow2", "2560", "224", "0.5"]
     assert virchow.split()[-1] == "yes" and len(lines) == 1 + len(ENCODERS)
+    res = run_cli("models", "--encoders", "UNI*")  # a glob, as for architectures
+    assert res.code == 0 and [line.split()[0] for line in res.out.splitlines()[1:]] == ["uni", "uni2-h"], res
+    res = run_cli("models", "--encoders", "virchov*")
+    assert res.code == 1 and len(res.err_lines) == 1 and "unknown encoder 'virchov*'" in res.err, res

@@ -16,8 +16,9 @@ MAX_COUNTED = 60
 @click.option("--num-classes", type=click.IntRange(2, 100000), default=2, show_default=True,
               help="Output classes assumed for the parameter counts.")
 @click.option("--encoders", is_flag=True,
-              help="List the known pathology encoders for `train --encoder` and `embed --encoder`: name, hub repository, "
-                   "embedding size, input size, mpp, licence and whether the hub gates it.")
+              help="List the known pathology encoders for `train --encoder` and `embed --encoder` (those matching "
+                   "PATTERN, if given): name, hub repository, embedding size, input size, mpp, licence and whether "
+                   "the hub gates it.")
 @click.option("--card", is_flag=True,
               help="Print the model card of MODEL_DIR (given in place of PATTERN; default: the bundled model): "
                    "intended use, training data, validation figures, limitations.")
@@ -36,7 +37,7 @@ def models(pattern: str | None, show_all: bool, num_classes: int, encoders: bool
     """
     configure_output()
     if encoders:
-        _print_encoders()
+        _print_encoders(pattern)
         return
     if card:
         _print_card(pattern)
@@ -63,11 +64,14 @@ def models(pattern: str | None, show_all: bool, num_classes: int, encoders: bool
         click.echo(f"{info.name:<24} {info.params:>13,} {info.input_size:>6}  {info.source}")
 
 
-def _print_encoders() -> None:
-    from wsi_screen.models.encoders import list_encoders
+def _print_encoders(pattern: str | None) -> None:
+    from wsi_screen.models.encoders import get_encoder_info, list_encoders
 
+    found = list_encoders(pattern or "")
+    if not found:
+        get_encoder_info(pattern or "")  # raises with the closest names
     click.echo(f"{'encoder':<15} {'hub':<37} {'dim':>5} {'size':>5} {'mpp':>5}  {'licence':<21} gated")
-    for e in list_encoders():
+    for e in found:
         click.echo(f"{e.name:<15} {e.hub:<37} {e.dim:>5} {e.input_size:>5} {e.mpp:>5g}  {e.licence:<21} "
                    f"{'yes' if e.gated else 'no'}")
     click.echo("Also: 'default' or a model folder (its backbone), hf-hub:ORG/NAME, timm/NAME.TAG, or an architecture "

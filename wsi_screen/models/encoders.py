@@ -21,6 +21,7 @@ This module is light (no torch): listing the registry loads nothing.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +122,10 @@ def get_encoder_info(name: str) -> EncoderInfo:
     raise UnknownModelError(f"unknown encoder {name!r}{hint}")
 
 
-def list_encoders() -> list[EncoderInfo]:
-    """The registry in display order."""
-    return list(ENCODERS.values())
+def list_encoders(pattern: str = "") -> list[EncoderInfo]:
+    """The registry in display order, optionally those whose name or an alias matches a glob pattern (``uni*``;
+    case-insensitive, ``_`` = ``-``)."""
+    if not pattern:
+        return list(ENCODERS.values())
+    glob = _key(pattern)
+    return [e for e in ENCODERS.values() if any(fnmatch.fnmatchcase(_key(n), glob) for n in (e.name, *e.aliases))]
