@@ -66,6 +66,23 @@ def test_linear_head_on_bundled_encoder(pcam_small: Path, head_model: tuple[Path
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def test_head_model_card_names_its_encoder(head_model: tuple[Path, Path]) -> None:
+    from wsi_screen.models.card import TO_COMPLETE, encoder_section
+
+    folder, _cache = head_model
+    sha = load_model(folder).spec.encoder["weights_sha256"]
+    res = run_cli("models", "--card", folder)
+    assert res.code == 0, res
+    text = res.out
+    assert "encoder:" in text and "name: default" in text and f"weights_sha256: {sha}" in text
+    assert f"licence: {TO_COMPLETE}   <-- complete this" in text and "yours to state" in text
+    assert "not checked for being out of domain" in text and "domain.json" not in text
+    # a registry encoder's card carries the registry's licence and gating
+    uni = encoder_section({"name": "uni", "ref": "uni", "kind": "registry", "weights": "MahmoodLab/uni/x",
+                           "weights_sha256": "ab" * 32})
+    assert (uni["name"], uni["licence"], uni["gated"]) == ("uni", "CC-BY-NC-ND-4.0", True)
+
+
 def test_rerun_reuses_cached_embeddings(pcam_small: Path, head_model: tuple[Path, Path], tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     folder, cache = head_model

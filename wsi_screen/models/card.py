@@ -3,7 +3,8 @@
 ``card.json`` sits beside ``config.json`` (the contract a program needs) and is written for people.
 ``wsi-screen train`` drafts one from what it knows (architecture, classes, resolution, data, validation
 metrics with a 95 % bootstrap CI, operating point) and marks what only the user can say (tissue, stain,
-task, licence of the data) with :data:`TO_COMPLETE`. the ``models`` command prints it;
+task, licence of the data) with :data:`TO_COMPLETE`. A head model's card names its encoder, with the licence and
+gating of a registry encoder; another encoder's licence is the user's to state. the ``models`` command prints it;
 the report and the notebook show its two-line :func:`summary`.
 """
 
@@ -33,6 +34,7 @@ def draft(spec: ModelSpec, *, auc_ci: tuple[float, float] | None = None) -> dict
             "classes": list(spec.classes), "positive_class": spec.positive_class,
         },
         "architecture": spec.arch,
+        **({"encoder": encoder_section(spec.encoder)} if spec.encoder else {}),
         "training_data": {
             "dataset": data.get("dataset", TO_COMPLETE), "split": data.get("split", ""),
             "n_train": data.get("n_train"), "n_valid": data.get("n_valid"),
@@ -48,10 +50,32 @@ def draft(spec: ModelSpec, *, auc_ci: tuple[float, float] | None = None) -> dict
         },
         "operating_point": {"threshold": spec.threshold, "rule": spec.threshold_rule},
         "limitations": [TO_COMPLETE + ": tissues, stains, scanners and magnifications it was not trained on",
-                        "Patches far from the training data are flagged by the domain distance "
+                        "No domain model (a head on an encoder): slides are not checked for being out of domain."
+                        if spec.encoder else "Patches far from the training data are flagged by the domain distance "
                         "(domain.json); their scores are unreliable."],
         "research_use": RESEARCH_USE,
     }
+
+
+def encoder_section(record: dict[str, Any]) -> dict[str, Any]:
+    """What a head model's card says of its encoder (``ModelSpec.encoder``): name, reference, weights and their
+    sha256, and the licence and gating of a registry encoder (the registry's, else the record's); for any other
+    encoder the licence is :data:`TO_COMPLETE`, the user's to state."""
+    from wsi_screen.models.encoders import find_encoder
+
+    info = find_encoder(str(record.get("name", ""))) if record.get("kind") == "registry" else None
+    section: dict[str, Any] = {
+        "name": record.get("name"), "ref": record.get("ref"), "weights": record.get("weights"),
+        "weights_sha256": record.get("weights_sha256"),
+    }
+    if info is not None:
+        section.update(licence=info.licence, gated=info.gated,
+                       licence_note="the encoder's weights come under their own licence; the model may not be used "
+                                    "beyond its terms")
+    else:
+        section.update(licence=TO_COMPLETE,
+                       licence_note="not a registry encoder: its weights' licence is yours to state")
+    return section
 
 
 def write_card(model_dir: str | Path, spec: ModelSpec, *, auc_ci: tuple[float, float] | None = None) -> Path:
