@@ -16,6 +16,8 @@ import signal
 import sys
 import tomllib
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import import_module
 from pathlib import Path
 from typing import Any, NoReturn
@@ -148,15 +150,28 @@ def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("WSI_SCREEN_DEBUG", "") not in ("", "0")
 
 
-#: libraries that log what they find wrong in a file; wsi-screen reports each bad slide on one line of its own
-QUIET_LOGGERS = ("tifffile",)
+#: libraries that log what they find wrong in a file (tifffile) or each retry while the hub is unreachable
+#: (huggingface_hub); wsi-screen reports each bad slide, or the missing encoder, on one line of its own
+QUIET_LOGGERS = ("tifffile", "huggingface_hub")
 
 
-def _quiet_libraries(argv: list[str]) -> None:
-    """Keep third-party log records (raw, unprefixed lines) off stderr unless --verbose or --debug."""
-    if not (_debug_requested(argv) or "-v" in argv or "--verbose" in argv):
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+@contextmanager
+def _quiet_libraries(argv: list[str]) -> Iterator[None]:
+    """Keep third-party log records (raw, unprefixed lines) off stderr unless --verbose or --debug, while the
+    command runs. huggingface_hub sets its logger's level when it is imported (from HF_HUB_VERBOSITY), so that
+    variable is set too, for an import during the command."""
+    if _debug_requested(argv) or "-v" in argv or "--verbose" in argv:
+        yield
+        return
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    before = os.environ.get("HF_HUB_VERBOSITY")
+    os.environ["HF_HUB_VERBOSITY"] = before or "critical"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_VERBOSITY", None)
 
 
 def _os_error_line(exc: OSError) -> str:
@@ -176,8 +191,7 @@ def main(argv: list[str] | None = None) -> Any:
     startup.mark_entry(whole_process=argv is None)  # the console script: this process is the command
     args = list(sys.argv[1:] if argv is None else argv)
     # called in-process (a notebook, a test), the command's log handler, levels and bars end with it
-    with progress.output_restored(*QUIET_LOGGERS), warnings.catch_warnings():
-        _quiet_libraries(args)
+    with progress.output_restored(*QUIET_LOGGERS), warnings.catch_warnings(), _quiet_libraries(args):
         # matplotlib warns once per character of a slide name its font cannot draw (the heatmap title shows
         # a box instead): two stray stderr lines per glyph, and an exception where warnings are errors
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)

@@ -138,8 +138,8 @@ class ModelMismatchError(ModelError):
 
 
 class EncoderNotFoundError(ModelError, FileNotFoundError):
-    """An encoder's weights are neither cached nor downloadable (offline, unknown repository, gated without a
-    token); the message says where it looked and how to get them."""
+    """An encoder's weights are neither cached nor downloadable (offline, the hub unreachable, unknown repository,
+    gated without a token); the message says where it looked and how to get them."""
 
 
 class DeviceError(WsiScreenError, ValueError):

@@ -15,8 +15,8 @@
 Hub files are fetched through ``huggingface_hub`` into its cache, which honours ``HF_HOME``/``HF_HUB_CACHE``,
 ``HF_HUB_OFFLINE`` (read when loading, not when imported) and the token of ``huggingface-cli login`` or
 ``HF_TOKEN`` for gated repositories. Weights that are neither cached nor downloadable raise
-:class:`~wsi_screen.errors.EncoderNotFoundError`, one line saying which encoder, where it looked and how to get
-them. The built network never downloads anything else (timm is always called with ``pretrained=False``).
+:class:`~wsi_screen.errors.EncoderNotFoundError`, one line saying which encoder, where it looked, why (offline, the
+hub unreachable, no such repository or file, gated) and how to get them. The built network never downloads anything else (timm is always called with ``pretrained=False``).
 """
 
 from __future__ import annotations
@@ -299,6 +299,7 @@ def hub_file(name: str, repo: str, filenames: tuple[str, ...]) -> Path:
 
     cache = _hub_cache()
     offline = _offline()
+    unreachable = False  # online, a file neither cached nor fetched: the hub could not be reached
     for filename in filenames:
         try:
             return Path(hf_hub_download(repo, filename, cache_dir=cache, local_files_only=offline))
@@ -311,16 +312,20 @@ def hub_file(name: str, repo: str, filenames: tuple[str, ...]) -> Path:
             raise EncoderNotFoundError(
                 f"encoder {name}: no repository {repo} on the hub (or it is gated/private and no token was given: "
                 f"`huggingface-cli login` or HF_TOKEN); looked in {cache} too") from None
-        except LocalEntryNotFoundError:
-            continue  # not cached (and offline or unreachable): try the next name, then say so
+        except LocalEntryNotFoundError:  # not cached, and offline or the hub unreachable: try the next name
+            unreachable = not offline
+            continue
         except EntryNotFoundError:
             continue  # the repository has no such file
         except (HfHubHTTPError, OSError) as exc:
             raise EncoderNotFoundError(f"encoder {name}: cannot fetch {repo} ({exc}); looked in {cache}; "
                                        f"{_get_hint(name, repo)}") from None
-    why = "offline (HF_HUB_OFFLINE)" if offline else "not downloadable"
-    raise EncoderNotFoundError(f"encoder {name}: {repo} is not in the Hugging Face cache "
-                               f"{cache} and is {why}; {_get_hint(name, repo)}")
+    if offline or unreachable:
+        why = "is offline (HF_HUB_OFFLINE)" if offline else "the hub could not be reached (no network?)"
+        raise EncoderNotFoundError(f"encoder {name}: {repo} is not in the Hugging Face cache {cache} and {why}; "
+                                   f"{_get_hint(name, repo)}")
+    raise EncoderNotFoundError(f"encoder {name}: {repo} on the hub has none of {', '.join(filenames)} (looked in "
+                               f"{cache} too); {_get_hint(name, repo)}")
 
 
 def _hub_config(name: str, repo: str) -> dict[str, Any]:
