@@ -20,3 +20,14 @@ def test_augmentation_is_seeded_and_keeps_geometry() -> None:
     white = torch.full((2, 8, 8, 3), 255, dtype=torch.uint8)
     assert torch.equal(BatchAugment(color=0, generator=torch.Generator().manual_seed(0))(white),
                        torch.ones(2, 3, 8, 8))  # HED jitter leaves background alone
+
+
+def test_dihedral_rotations_match_turning_each_image() -> None:
+    """The batched rotation gives each image exactly the quarter turns drawn for it (the per-image loop's pixels)."""
+    from wsi_screen.training.augment import _rotate_each
+
+    batch = torch.rand(12, 3, 5, 5)
+    turns = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 1, 1, 2, 0])
+    expected = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(batch, turns, strict=True)])
+    assert torch.equal(_rotate_each(batch, turns), expected)
+    assert torch.equal(_rotate_each(batch, torch.zeros(12, dtype=torch.long)), batch)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.classifier_data import make_subset
@@ -103,3 +104,36 @@ def test_checkpoint_of_other_settings_is_refused_and_restart_starts_over(herlev_
     result = train(herlev_mid, out, tiny_config(epochs=2, restart=True))
     assert result.best_epoch >= 1 and (out / "config.json").exists()
     assert not (out / train_checkpoint.CHECKPOINT_DIR).exists()
+
+
+def test_the_gradient_scaler_is_checkpointed(tmp_path: Path) -> None:
+    """A float16 run (GPUs without bfloat16) resumes with its gradient scaler's scale and growth count, not a
+    fresh 65,536 that would skip steps while it backs off again. The scaler runs on the CPU here."""
+    import torch
+
+    from wsi_screen.training import checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=100)
+    for factor in (float("inf"), 1.0):  # one overflowing step (backs off to 2**15), then one clean step
+        loss = model(torch.ones(1, 3)).sum() * factor
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    assert scaler.get_scale() == 2.0**15 and scaler.state_dict()["_growth_tracker"] == 1
+    common = {"fingerprint": "f", "model": model, "optimizer": optimizer, "schedule": schedule,
+              "generator": torch.Generator().manual_seed(0)}
+    best = {"best_state": {k: v.clone() for k, v in model.state_dict().items()}, "best_probs": np.zeros((2, 2))}
+    checkpoint.save(tmp_path, epoch=1, stale=0, best_score=0.5, best_epoch=1, history=[], scaler=scaler, **best,
+                    **common)
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=100)
+    assert checkpoint.load(tmp_path, scaler=fresh, **common) is not None
+    assert fresh.get_scale() == 2.0**15 and fresh.state_dict()["_growth_tracker"] == 1
+    plain = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert plain["scaler"]["scale"] == 2.0**15
+    checkpoint.save(tmp_path, epoch=2, stale=0, best_score=0.5, best_epoch=1, history=[], **best,
+                    **common)  # float32 or bfloat16: no scaler
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["scaler"] is None

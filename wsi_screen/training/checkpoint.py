@@ -1,9 +1,10 @@
 """Resumable training: the whole state of a run after each finished epoch, without pickle.
 
 ``OUT/checkpoint/`` holds ``epoch-NNNN.safetensors`` (every tensor: model, best-epoch model, optimiser
-moments, RNG states, best validation probabilities) and ``state.json`` (everything else: epoch, early-stopping
-counter, best score, history rows, optimiser hyper-parameters, scheduler state, and a fingerprint of the run's
-settings and data). The tensors file is written first under a new name, then ``state.json`` naming it is
+moments, RNG states (the GPU's too when training there), best validation probabilities) and ``state.json``
+(everything else: epoch, early-stopping counter, best score, history rows, optimiser hyper-parameters, scheduler
+state, the float16 gradient scaler's state on GPUs without bfloat16, and a fingerprint of the run's settings and
+data). The tensors file is written first under a new name, then ``state.json`` naming it is
 renamed into place: whichever moment a kill lands on, ``state.json`` points to a complete tensors file.
 
 :func:`load` returns None when there is nothing to resume; a checkpoint of other settings is an error that
@@ -88,8 +89,9 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> 
 def save(out: Path, *, fingerprint: str, epoch: int, stale: int, best_score: float, best_epoch: int,
          best_state: dict[str, torch.Tensor], best_probs: np.ndarray, history: list[dict[str, Any]],
          model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
-         generator: torch.Generator) -> None:
-    """Write the state after ``epoch`` (atomically; the previous epoch's tensors are removed after)."""
+         generator: torch.Generator, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Write the state after ``epoch`` (atomically; the previous epoch's tensors are removed after). On a GPU
+    also its random-number state (dropout there) and the float16 gradient scaler's scale."""
     folder = out / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -101,12 +103,16 @@ def save(out: Path, *, fingerprint: str, epoch: int, stale: int, best_score: flo
     tensors.update(optim_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.generator"] = generator.get_state()
+    device = _device_of(model)
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     tensors["best_probs"] = torch.from_numpy(np.ascontiguousarray(best_probs, dtype=np.float32))
     name = f"epoch-{epoch:04d}.safetensors"
     write_safetensors(folder / name, tensors)
     doc = {"format": FORMAT, "fingerprint": fingerprint, "tensors": name, "epoch": epoch, "stale": stale,
            "best_score": best_score, "best_epoch": best_epoch, "history": history, "optimizer": optim_plain,
-           "schedule": schedule.state_dict()}
+           "schedule": schedule.state_dict(),
+           "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     try:
         text = json.dumps(doc, indent=1, sort_keys=True, allow_nan=True)
     except TypeError as exc:
@@ -118,7 +124,7 @@ def save(out: Path, *, fingerprint: str, epoch: int, stale: int, best_score: flo
 
 
 def load(out: Path, *, fingerprint: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         schedule: Any, generator: torch.Generator) -> Resumed | None:
+         schedule: Any, generator: torch.Generator, scaler: torch.amp.GradScaler | None = None) -> Resumed | None:
     """Restore the loop from ``out/checkpoint`` (None when there is none)."""
     folder = out / CHECKPOINT_DIR
     path = folder / STATE_JSON
@@ -138,11 +144,20 @@ def load(out: Path, *, fingerprint: str, model: torch.nn.Module, optimizer: torc
     schedule.load_state_dict(doc["schedule"])
     torch.set_rng_state(tensors["rng.torch"])
     generator.set_state(tensors["rng.generator"])
+    device = _device_of(model)
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    if scaler is not None and doc.get("scaler"):
+        scaler.load_state_dict(doc["scaler"])
     log.info("resuming from the checkpoint after epoch %d (`restart` starts over)", doc["epoch"])
     return Resumed(epoch=int(doc["epoch"]), stale=int(doc["stale"]), best_score=float(doc["best_score"]),
                    best_epoch=int(doc["best_epoch"]),
                    best_state={k[5:]: v for k, v in tensors.items() if k.startswith("best.")},
                    best_probs=tensors["best_probs"].numpy(), history=list(doc["history"]))
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def remove(out: Path) -> None:

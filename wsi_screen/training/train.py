@@ -148,7 +148,8 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                  len(data.valid), config.epochs, describe_device(loop.amp))
         stale, first = 0, 1
         resumed = train_checkpoint.load(out, fingerprint=fingerprint, model=loop.model, optimizer=loop.optimizer,
-                                        schedule=loop.schedule, generator=loop.generator)
+                                        schedule=loop.schedule, generator=loop.generator,
+                                        scaler=loop.amp.scaler)
         if resumed is not None:
             best = Best(score=resumed.best_score, epoch=resumed.best_epoch, state=resumed.best_state,
                          probs=resumed.best_probs)
@@ -178,7 +179,7 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                 train_checkpoint.save(out, fingerprint=fingerprint, epoch=epoch, stale=stale, best_score=best.score,
                                       best_epoch=best.epoch, best_state=best.state, best_probs=best.probs,
                                       history=history, model=loop.model, optimizer=loop.optimizer,
-                                      schedule=loop.schedule, generator=loop.generator)
+                                      schedule=loop.schedule, generator=loop.generator, scaler=loop.amp.scaler)
                 log.info("epoch %d/%d: train loss %s, valid loss %s, auc %s, bal. acc %s (%s s)%s", epoch,
                          config.epochs, row["train_loss"], row["valid_loss"], row["valid_auc"],
                          row["valid_balanced_accuracy"], row["seconds"], " *" if improved else "")
