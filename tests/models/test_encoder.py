@@ -121,7 +121,7 @@ def test_deeper_model_of_the_family_is_refused(tmp_path: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / f"{arch}.safetensors"))
     encoder = load_encoder("resnet18", weights=tmp_path / "resnet18.safetensors")
     assert encoder.dim == 512
-    with pytest.raises(ModelError, match="not in the architecture: layer1.2.bn1.bias") as info:
+    with pytest.raises(ModelError, match=r"not in the architecture: layer1\.2\.bn1\.bias") as info:
         load_encoder("resnet18", weights=tmp_path / "resnet34.safetensors")
     assert "fc." not in str(info.value) and "\n" not in str(info.value)
 

@@ -115,9 +115,9 @@ def device_option(func: F) -> F:
                         metavar="[auto|cpu|cuda|cuda:N|mps]",
                         help="Where the model runs. auto: the CUDA GPU where torch sees one, else the CPU (never "
                              "Apple's mps unless named). cuda: the current CUDA GPU; cuda:N: GPU N; mps: Apple "
-                             "silicon. On a CUDA GPU training and embedding run in mixed precision, and scoring in "
-                             "bfloat16 where the precision is auto. A device that is absent is an error, never a silent fallback to the "
-                             "CPU.")(func)
+                             "silicon. On a CUDA GPU training and embedding run in mixed precision, and "
+                             "scoring in bfloat16 where the precision is auto. A device that is absent is an "
+                             "error, never a silent fallback to the CPU.")(func)
 
 
 def _device_name(_ctx: click.Context, param: click.Parameter, value: str) -> str:

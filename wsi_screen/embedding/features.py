@@ -10,10 +10,10 @@ key             dtype, shape               meaning
 =============== ========================== ===================================================================
 
 Group attributes: ``schema_version``, ``complete``, ``kind`` (``wsi-screen embeddings``), ``encoder`` (name, ref,
-arch, weights and their sha256, pooling, dim, licence), ``preprocessing`` (input size, the patches' mpp, mean/std, resize),
-``mpp`` and ``size`` (the patches' um/px and edge in pixels), ``tile_size_l0``, ``n_patches``, ``dtype``,
-``slide`` (the patch store's slide record), ``patch_store`` (its location), ``package_version`` and ``settings``
-(what must match for the store to be reused on a rerun).
+arch, weights and their sha256, pooling, dim, licence), ``preprocessing`` (input size, the patches' mpp,
+mean/std, resize), ``mpp`` and ``size`` (the patches' um/px and edge in pixels), ``tile_size_l0``, ``n_patches``,
+``dtype``, ``slide`` (the patch store's slide record), ``patch_store`` (its location), ``package_version`` and
+``settings`` (what must match for the store to be reused on a rerun).
 
 Written under ``<name>.zarr.partial``, ``complete`` set last, then renamed into place (``_safe_write.swap_in``): a
 killed run never leaves a store that looks finished.

@@ -16,7 +16,8 @@ Hub files are fetched through ``huggingface_hub`` into its cache, which honours 
 ``HF_HUB_OFFLINE`` (read when loading, not when imported) and the token of ``huggingface-cli login`` or
 ``HF_TOKEN`` for gated repositories. Weights that are neither cached nor downloadable raise
 :class:`~wsi_screen.errors.EncoderNotFoundError`, one line saying which encoder, where it looked, why (offline, the
-hub unreachable, no such repository or file, gated) and how to get them. The built network never downloads anything else (timm is always called with ``pretrained=False``).
+hub unreachable, no such repository or file, gated) and how to get them. The built network never downloads
+anything else (timm is always called with ``pretrained=False``).
 """
 
 from __future__ import annotations
