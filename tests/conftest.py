@@ -37,11 +37,12 @@ EXAMPLE_SLIDE = REPO / "examples" / "CMU-1-Small-Region.svs"
 class BackgroundCheck:
     """A command started now, whose exit status and output a test collects later (:meth:`result`)."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], *, env: dict[str, str] | None = None, scratch: Path | None = None) -> None:
         # a file, not a pipe: a full pipe would stop the command until collected; closed by stop()
         self.output = tempfile.TemporaryFile()  # noqa: SIM115
+        self.scratch = scratch  # a folder of the command's own, removed by stop()
         # niced: it takes the time the tests leave idle, not the time of tests that measure their own
-        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.output, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.output, stderr=subprocess.STDOUT, env=env,
                                      preexec_fn=lambda: os.nice(10))
 
     def result(self, timeout: float) -> tuple[int, str]:
@@ -54,29 +55,49 @@ class BackgroundCheck:
             self.proc.kill()
             self.proc.wait()
         self.output.close()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-_mypy: BackgroundCheck | None = None
+def _mypy() -> BackgroundCheck:
+    return BackgroundCheck([sys.executable, "-m", "mypy"])
 
 
-def background_mypy() -> BackgroundCheck:
-    """The session's mypy run (python -m mypy, configured in pyproject.toml): started once the session's tests are
-    chosen when they include tests/test_quality.py::test_mypy, or now."""
-    global _mypy
-    if _mypy is None:
-        _mypy = BackgroundCheck([sys.executable, "-m", "mypy"])
-    return _mypy
+def _embed_with_the_hub_unreachable() -> BackgroundCheck:
+    """`embed` online (HF_HUB_OFFLINE unset) with the hub unreachable (a closed local port as HF_ENDPOINT): a
+    process of its own, as huggingface_hub reads HF_ENDPOINT when imported. It spends ~25 s waiting between
+    huggingface_hub's retries, so it runs beside the tests before its own."""
+    scratch = Path(tempfile.mkdtemp(prefix="wsi-screen-unreachable-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(scratch / "hf"), HF_ENDPOINT="http://127.0.0.1:9", PYTHONPATH=str(REPO))
+    return BackgroundCheck([sys.executable, "-m", "wsi_screen.cli", "embed", str(EXAMPLE_SLIDE), "--encoder",
+                            "hf-hub:nobody/absent", "-o", str(scratch / "e")], env=env, scratch=scratch)
+
+
+#: commands that mostly wait on one core (mypy) or on nothing (huggingface_hub's back-off), by the test that
+#: collects them: started once the session's tests are chosen, when they include that test
+BACKGROUND = {"tests/test_quality.py::test_mypy": _mypy,
+              "tests/models/test_encoder.py::test_unreachable_hub_is_one_line": _embed_with_the_hub_unreachable}
+_started: dict[str, BackgroundCheck] = {}
+
+
+def background(nodeid: str) -> BackgroundCheck:
+    """The session's run of ``BACKGROUND[nodeid]``: started when the tests were chosen, or now."""
+    if nodeid not in _started:
+        _started[nodeid] = BACKGROUND[nodeid]()
+    return _started[nodeid]
 
 
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected what they deselect
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if any(item.nodeid == "tests/test_quality.py::test_mypy" for item in items):
-        background_mypy()
+    for item in items:
+        if item.nodeid in BACKGROUND:
+            background(item.nodeid)
 
 
 def pytest_sessionfinish() -> None:
-    if _mypy is not None:
-        _mypy.stop()
+    for check in _started.values():
+        check.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import REPO, background_mypy
+from tests.conftest import REPO, background
 
 
 def test_ruff() -> None:
@@ -17,5 +17,5 @@ def test_ruff() -> None:
 def test_mypy() -> None:
     # started when the session's tests were chosen (conftest.py), so its tens of seconds on one core overlap
     # with the tests before this one
-    code, output = background_mypy().result(timeout=900)
+    code, output = background("tests/test_quality.py::test_mypy").result(timeout=900)
     assert code == 0, output
