@@ -9,7 +9,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,17 +82,67 @@ def _embed_with_the_hub_unreachable() -> BackgroundCheck:
 BACKGROUND = {"tests/test_quality.py::test_mypy": _mypy,
               "tests/models/test_encoder.py::test_unreachable_hub_is_one_line": _embed_with_the_hub_unreachable}
 _started: dict[str, BackgroundCheck] = {}
+#: under pytest-xdist the controller runs them (once, whichever worker collects the test) and writes what they
+#: printed and their exit status into this folder, which the workers inherit
+_SHARED = "WSI_SCREEN_TEST_BACKGROUND"
 
 
-def background(nodeid: str) -> BackgroundCheck:
-    """The session's run of ``BACKGROUND[nodeid]``: started when the tests were chosen, or now."""
+class _SharedCheck:
+    """A background check the xdist controller runs, collected from its files by the worker that runs the test."""
+
+    def __init__(self, folder: Path, nodeid: str) -> None:
+        self.stem = folder / hashlib.sha256(nodeid.encode()).hexdigest()[:16]
+
+    def result(self, timeout: float) -> tuple[int, str]:
+        status = self.stem.with_suffix(".rc")
+        for _ in range(int(timeout * 10)):
+            if status.exists():
+                return int(status.read_text()), self.stem.with_suffix(".out").read_bytes().decode(errors="replace")
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.stem}: no exit status after {timeout} s")
+
+
+def _worker() -> bool:
+    return "PYTEST_XDIST_WORKER" in os.environ
+
+
+def background(nodeid: str) -> BackgroundCheck | _SharedCheck:
+    """The session's run of ``BACKGROUND[nodeid]``: started when the tests were chosen (by the xdist controller
+    when there is one), or now."""
+    if _worker() and os.environ.get(_SHARED):
+        return _SharedCheck(Path(os.environ[_SHARED]), nodeid)
     if nodeid not in _started:
         _started[nodeid] = BACKGROUND[nodeid]()
     return _started[nodeid]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if not _worker():
+        os.environ[_SHARED] = tempfile.mkdtemp(prefix="wsi-screen-tests-")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """The controller: start each chosen background check once, its output and status going to the shared folder."""
+    folder = Path(os.environ[_SHARED])
+    for nodeid in ids:
+        if nodeid in BACKGROUND and nodeid not in _started:
+            check = _started[nodeid] = BACKGROUND[nodeid]()
+            threading.Thread(target=_write_result, args=(check, _SharedCheck(folder, nodeid).stem),
+                             daemon=True).start()
+
+
+def _write_result(check: BackgroundCheck, stem: Path) -> None:
+    code, output = check.result(timeout=3600)
+    stem.with_suffix(".out").write_text(output)
+    stem.with_suffix(".rc.tmp").write_text(str(code))
+    stem.with_suffix(".rc.tmp").rename(stem.with_suffix(".rc"))  # the status last: the output is complete
+
+
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected what they deselect
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if _worker():  # under xdist the controller starts them (pytest_xdist_node_collection_finished)
+        return
     for item in items:
         if item.nodeid in BACKGROUND:
             background(item.nodeid)
@@ -98,6 +151,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_sessionfinish() -> None:
     for check in _started.values():
         check.stop()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not _worker():
+        shutil.rmtree(os.environ.pop(_SHARED, ""), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
