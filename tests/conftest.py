@@ -139,8 +139,17 @@ def _write_result(check: BackgroundCheck, stem: Path) -> None:
     stem.with_suffix(".rc.tmp").rename(stem.with_suffix(".rc"))  # the status last: the output is complete
 
 
+#: the modules that take longest (about 45-110 s each on 2 cores), longest first: run first, so that the two xdist
+#: workers, which take whole modules in collection order, do not end with one of them still running a long one
+LONGEST_MODULES = ("tests/features/test_hardening_kill.py", "tests/screening/test_recalibrate.py",
+                   "tests/test_distributed.py", "tests/screening/test_run.py", "tests/training/test_checkpoint.py",
+                   "tests/features/test_slide_rule_size.py", "tests/training/test_train.py")
+
+
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected what they deselect
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest as collected
     if _worker():  # under xdist the controller starts them (pytest_xdist_node_collection_finished)
         return
     for item in items:
