@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     sys.path.insert(0, str(REPO))
+    from wsi_screen.models import create_model
     from wsi_screen.models.precision import native_bf16
+    from wsi_screen.models.registry import count_parameters
 
     archs = args.archs.split(",")
     if BASELINE not in archs:
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in archs:
         ratios = [rate[(arch, p)] / rate[(BASELINE, p)] for p in ("fp32", "bf16")]
         auto_ratio = ratios[1] if bf16 == "native" else ratios[0]
-        rows.append([arch, f"{sum(p.numel() for p in _params(arch)) / 1e6:.1f}", rate[(arch, "fp32")], ratios[0],
+        rows.append([arch, f"{count_parameters(create_model(arch, 2)) / 1e6:.1f}", rate[(arch, "fp32")], ratios[0],
                      rate[(arch, "bf16")], ratios[1], rss[(arch, "fp32")],
                      "yes" if auto_ratio >= MIN_RATIO else "no"])
     print(header(f"Scoring throughput by architecture: {args.patches} PCam valid patches of 96 px, batch 128, "
@@ -103,12 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["architecture", "M params", "fp32 patches/s", "x resnet10t fp32", "bf16 patches/s",
                  "x resnet10t bf16", "peak RSS MB", f">= {MIN_RATIO}x at auto's precision"], rows))
     return 0
-
-
-def _params(arch: str) -> list:  # type: ignore[type-arg]
-    from wsi_screen.models import create_model
-
-    return list(create_model(arch, 2).parameters())
 
 
 if __name__ == "__main__":

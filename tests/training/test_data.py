@@ -142,3 +142,17 @@ def test_streaming_from_disk_matches_in_memory(herlev_small: Path, tmp_path: Pat
     a = load_file(str(memory.model_dir / "model.safetensors"))
     b = load_file(str(stream.model_dir / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batch_source_reports_and_moves_its_in_memory_images() -> None:
+    """What training moves to a GPU once (wsi_screen.training.loop): in-memory images, never a stream."""
+    import torch
+
+    from wsi_screen.training.data import BatchSource
+
+    images = torch.arange(4 * 2 * 2 * 3, dtype=torch.uint8).reshape(4, 2, 2, 3)
+    source = BatchSource(np.array([0, 1, 0, 1]), images=images)
+    assert source.nbytes == 48
+    source.to(torch.device("cpu"))
+    xb, yb = next(source.batches(2, order=torch.tensor([3, 1, 2, 0])))
+    assert torch.equal(xb, images[[3, 1]]) and yb.tolist() == [1, 1]

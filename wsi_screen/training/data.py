@@ -472,6 +472,16 @@ class BatchSource:
     def __len__(self) -> int:
         return len(self.targets)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the images held in memory (0 for a source streamed from disk)."""
+        return 0 if self.images is None else self.images.nbytes
+
+    def to(self, device: torch.device) -> None:
+        """Move the images held in memory to ``device`` (batches are then cut there); a stream stays as it is."""
+        if self.images is not None:
+            self.images = self.images.to(device)
+
     def batches(self, batch_size: int, *, order: torch.Tensor | None = None,
                 drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches in ``order`` (a permutation of rows; default: in order)."""

@@ -237,12 +237,11 @@ def _place(data: PreparedData, device: torch.device) -> None:
     if device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True
-    sources = [s for s in (data.train, data.valid) if s.images is not None]
-    size = sum(s.images.nbytes for s in sources if s.images is not None)
+    size = data.train.nbytes + data.valid.nbytes
     free, _total = torch.cuda.mem_get_info(device)
-    if sources and size < free / 4:
-        for source in sources:
-            source.images = source.images.to(device) if source.images is not None else None
+    if 0 < size < free / 4:
+        data.train.to(device)
+        data.valid.to(device)
         log.info("%.0f MB of decoded images moved to %s", size / 2**20, device)
 
 
