@@ -104,8 +104,9 @@ def check_store(attrs: dict[str, Any], config: EmbedConfig, location: str) -> No
 
 
 def embed_store(name: str, source: str, location: str, out: Path, encoder: Encoder,
-                config: EmbedConfig) -> EmbedResult:
-    """Embed one patch store into ``OUT/<name>.zarr`` (or skip it when up to date)."""
+                config: EmbedConfig, reader: isolation.Caller | None = None) -> EmbedResult:
+    """Embed one patch store into ``OUT/<name>.zarr`` (or skip it when up to date); ``reader`` runs the slide
+    reads of a coordinates-only store (the slide reader's child, see :mod:`wsi_screen.screening.score`)."""
     from wsi_screen.screening.score import StoreBatches, make_loader, plan_batches, prefetch
 
     started = time.perf_counter()
@@ -120,7 +121,7 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
     features = np.zeros((n, encoder.dim), dtype=config.dtype)
     items = plan_batches([(location, n)], config.batch_size)
     with progress.bar(total=n, desc=name[:30], unit="patch", leave=False) as bar:
-        for index, batch in prefetch(make_loader(StoreBatches(items), config.loader_workers), 4):
+        for index, batch in prefetch(make_loader(StoreBatches(items, reader=reader), config.loader_workers), 4):
             _loc, start, stop = items[int(index)]
             features[start:stop] = encoder.embed_tensor(batch).numpy().astype(config.dtype)
             bar.update(stop - start)
@@ -186,7 +187,8 @@ def _embed_slide(source: SlideSource, stores: str, out: Path, encoder: Encoder, 
         runlog.record_traceback(source.name, tiled.traceback)
         return EmbedResult(source.name, str(source.path), "failed", message=message)
     try:
-        result = embed_store(source.name, str(source.path), tiled.store, out, encoder, config)
+        result = embed_store(source.name, str(source.path), tiled.store, out, encoder, config,
+                             reader=None if call is isolation.direct else call)
     except Exception as exc:  # the per-slide boundary: one slide's failure ends only it
         return _failed(source.name, str(source.path), exc, on_error)
     result.seconds["tile"] = round(time.perf_counter() - started - sum(result.seconds.values()), 3)

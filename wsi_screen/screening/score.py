@@ -7,7 +7,10 @@ scores do not depend on which other slides were scored with it (a distributed ru
 
 A coordinates-only store (``pixels=False``, ``infer``'s default) has no pixels: reading a batch reads its
 patches from the slide with ``read_threads`` reader threads and normalises them (:meth:`PatchStore.read`), in the
-same background thread, so slide reading overlaps the model as decoding a store does.
+same background thread, so slide reading overlaps the model as decoding a store does. Given a ``reader`` (``infer``
+passes its slide reader's caller, :mod:`wsi_screen.slide.isolation`), those slide reads run in the reader's child
+process and the batch comes back through its pipe (a few milliseconds for 128 patches): a native crash or hang
+there fails the slide being scored, and the run goes on.
 
 Reading a batch of 128 patches from a store takes a few milliseconds against a few hundred for the forward pass, so by
 default (``workers=0``) the DataLoader runs in one background thread of this process, a few batches ahead of
@@ -34,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset
 from wsi_screen import progress
 from wsi_screen.errors import ModelMismatchError
 from wsi_screen.models import ModelSpec, PatchClassifier
-from wsi_screen.tiling.store import PatchStore
+from wsi_screen.slide.isolation import Caller
+from wsi_screen.tiling.store import PatchStore, close_rows, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +55,18 @@ T = TypeVar("T")
 class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
     """Contiguous batches ``(location, start, stop)`` of store patches as uint8 NHWC tensors.
 
-    Pickles as a list of plain tuples; each worker opens the stores it needs by location.
+    ``reader`` runs the slide reads of coordinates-only stores (see the module docstring; None: here). Pickles
+    as a list of plain tuples, without the reader; each DataLoader worker process opens the stores it needs by
+    location and reads them itself.
     """
 
-    def __init__(self, items: Sequence[tuple[str, int, int]], read_threads: int = 2) -> None:
+    def __init__(self, items: Sequence[tuple[str, int, int]], read_threads: int = 2,
+                 reader: Caller | None = None) -> None:
         self.items = list(items)
         self.read_threads = read_threads
+        self.reader = reader
         self._open: dict[str, PatchStore] = {}
+        self._reader_holds = False  # the reader holds a store open (closed with ours)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -67,13 +76,24 @@ class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
         store = self._open.get(location)
         if store is None:
             store = self._open[location] = PatchStore.open(location, workers=self.read_threads)
-        return index, torch.from_numpy(np.ascontiguousarray(store.read(slice(start, stop))))
+        if self.reader is None or store.has_pixels:
+            return index, torch.from_numpy(np.ascontiguousarray(store.read(slice(start, stop))))
+        self._reader_holds = False  # a failed read leaves nothing to close (a crashed or hung child was replaced)
+        patches = self.reader(read_rows, location, start, stop, self.read_threads)
+        self._reader_holds = True
+        return index, torch.from_numpy(patches)
 
     def close(self) -> None:
-        """Close the slides coordinates-only stores read from."""
+        """Close the slides coordinates-only stores read from (here, and in the reader)."""
         for store in self._open.values():
             store.close()
         self._open.clear()
+        if self._reader_holds and self.reader is not None:
+            self._reader_holds = False
+            try:
+                self.reader(close_rows)
+            except Exception as exc:  # the scores stand; the child closes it with its next store, or ends
+                log.debug("closing the slide reader's store: %s", exc)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"items": self.items, "read_threads": self.read_threads}
@@ -81,7 +101,9 @@ class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.items = state["items"]
         self.read_threads = state.get("read_threads", 2)
+        self.reader = None
         self._open = {}
+        self._reader_holds = False
 
 
 def plan_batches(sizes: Sequence[tuple[str, int]], batch_size: int) -> list[tuple[str, int, int]]:
@@ -114,11 +136,12 @@ def check_store_matches_model(attrs: Mapping[str, Any], spec: ModelSpec, locatio
 
 
 def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch_size: int = 128,
-                 workers: int = 0, desc: str = "scoring",
-                 read_threads: int = 2) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+                 workers: int = 0, desc: str = "scoring", read_threads: int = 2,
+                 reader: Caller | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
     """Yield ``(location, probabilities (N, C), domain distances (N,) or None)`` for each store, in order, as
     soon as it is scored (distances when the model has a domain model, from the same forward pass).
-    ``read_threads``: slide reader threads of coordinates-only stores."""
+    ``read_threads``: slide reader threads of coordinates-only stores; ``reader``: where their slide reads run
+    (see the module docstring; None: here)."""
     sizes = []
     for location in locations:
         store = PatchStore.open(location)
@@ -136,7 +159,7 @@ def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch
                 emitted.add(loc)
                 yield loc, per_store.pop(loc), per_store_d.pop(loc, None)
 
-    dataset = StoreBatches(items, read_threads)
+    dataset = StoreBatches(items, read_threads, reader)
     loader = prefetch(make_loader(dataset, workers, pin_memory=classifier.device.type == "cuda"), PREFETCH_BATCHES)
     total = sum(n for _, n in sizes)
     try:

@@ -189,6 +189,7 @@ class SlideWorker:
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._ready = False  # the child has started and imported ``preload``
+        self._lock = threading.Lock()  # one call at a time on the pipe (scoring reads from a background thread)
 
     def __enter__(self) -> SlideWorker:
         return self
@@ -225,6 +226,10 @@ class SlideWorker:
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """``fn(*args, **kwargs)`` in the child; its exception is raised here. A dead or hung child raises
         :class:`SlideReaderCrashError` or :class:`SlideTimeoutError` (and is replaced for the next call)."""
+        with self._lock:
+            return self._call(fn, *args, **kwargs)
+
+    def _call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         self.start()
         assert self._conn is not None and self._proc is not None
         try:

@@ -5,6 +5,10 @@ and the settings. :class:`SlidePatches` reads patches at those coordinates with 
 (:func:`read_into`, the same call :func:`wsi_screen.tiling.pipeline.read_patches` makes) and the normaliser
 rebuilt from the stored stain fit, so :meth:`PatchStore.read <wsi_screen.tiling.store.PatchStore.read>` returns
 the bytes a pixel store made with the same settings holds (tests/tiling/test_ondemand.py checks byte equality).
+
+Those reads run native slide readers on tiles the tiler never decoded (it read only the thumbnail). ``infer``
+therefore makes them in the slide reader's child process (:mod:`wsi_screen.slide.isolation`) through
+:func:`wsi_screen.tiling.store.read_rows`, so that a crash or a hang deep inside a slide fails that slide, not the run.
 """
 
 from __future__ import annotations

@@ -250,6 +250,8 @@ def tile_slide(source: SlideSource, out: str, config: TileConfig, *, on_error: O
 def failure_message(path: Path | str, exc: BaseException) -> tuple[str, str]:
     """One line for a slide's failure, and (for an unexpected error, a bug or a library's surprise) the full
     traceback for the run log. Errors raised on purpose already name the file and the cause."""
+    if isinstance(exc, (SlideReaderCrashError, SlideTimeoutError)):  # raised by the supervisor, which knows no file
+        return f"{path}: {exc}", ""
     if isinstance(exc, WsiScreenError):
         return str(exc), ""
     msg = " ".join(str(exc).split()) or "no message"
@@ -476,7 +478,7 @@ def tile_isolated(call: isolation.Caller, source: SlideSource, out: str, config:
         if on_error == "raise":
             raise
         return TileResult(source.name, str(source.path), store_location(out, source.name), "failed",
-                          message=f"{source.path}: {exc}")
+                          message=failure_message(source.path, exc)[0])
 
 
 def _report(result: TileResult) -> TileResult:

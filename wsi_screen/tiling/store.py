@@ -550,6 +550,28 @@ class PatchDataset:
         self.transform = state["transform"]
 
 
+# ------------------------------------------------ reads made in the slide reader's child process (one store open)
+_open_store: tuple[str, PatchStore] | None = None
+
+
+def read_rows(location: str, start: int, stop: int, workers: int = 2) -> np.ndarray:
+    """Patches ``start:stop`` of the store at ``location`` (uint8 (n, S, S, 3)), read where this runs: the slide
+    reader's child, through its caller. The store stays open for the next batch; another location closes it."""
+    global _open_store
+    if _open_store is None or _open_store[0] != location:
+        close_rows()
+        _open_store = (location, PatchStore.open(location, workers=workers))
+    return np.asarray(_open_store[1].read(slice(start, stop)))
+
+
+def close_rows() -> None:
+    """Close the store (and its slide) :func:`read_rows` holds open, if any."""
+    global _open_store
+    held, _open_store = _open_store, None
+    if held is not None:
+        held[1].close()
+
+
 def read_attrs(location: str | os.PathLike[str]) -> dict[str, Any] | None:
     """A store's attributes, or None when nothing (readable) is there. Never raises for a missing store."""
     loc = str(location)
