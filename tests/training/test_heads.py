@@ -77,6 +77,14 @@ def test_head_model_card_names_its_encoder(head_model: tuple[Path, Path]) -> Non
     assert "encoder:" in text and "name: default" in text and f"weights_sha256: {sha}" in text
     assert f"licence: {TO_COMPLETE}   <-- complete this" in text and "yours to state" in text
     assert "not checked for being out of domain" in text and "domain.json" not in text
+    from wsi_screen.models.card import read_card, summary
+    from wsi_screen.screening.run import model_identity
+
+    head = load_model(folder, precision="fp32")
+    assert head.domain is None
+    lines = model_identity(folder, head)["card"]  # what infer's run.json and report show of the card
+    assert lines == summary(read_card(folder), domain_model=False)  # type: ignore[arg-type]
+    assert lines[1].endswith("it has no domain model, so slides unlike that data are not flagged.")
     # a registry encoder's card carries the registry's licence and gating
     uni = encoder_section({"name": "uni", "ref": "uni", "kind": "registry", "weights": "MahmoodLab/uni/x",
                            "weights_sha256": "ab" * 32})

@@ -103,9 +103,10 @@ def _pct(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
 
 
-def summary(card: dict[str, Any]) -> list[str]:
+def summary(card: dict[str, Any], *, domain_model: bool = True) -> list[str]:
     """Two lines: what the model is for, how well it did and its slide rule (``operating_point.slide_rule``); the
-    research-use note and its domain."""
+    research-use note and its domain (``domain_model``: whether slides unlike the training data are flagged; a head
+    on an encoder has no domain model)."""
     use = card.get("intended_use", {})
     val = card.get("validation", {})
     ci = val.get("auc_ci95")
@@ -118,8 +119,9 @@ def summary(card: dict[str, Any]) -> list[str]:
     if rule:
         first += f" Slide call: {rule}."
     data = card.get("training_data", {}).get("dataset", "?")
-    second = (f"{card.get('research_use', RESEARCH_USE)} Trained on {data}; slides unlike that data are flagged "
-              "out of domain.")
+    second = (f"{card.get('research_use', RESEARCH_USE)} Trained on {data}; "
+              + ("slides unlike that data are flagged out of domain." if domain_model else
+                 "it has no domain model, so slides unlike that data are not flagged."))
     return [first, second]
 
 

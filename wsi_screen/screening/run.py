@@ -141,7 +141,7 @@ def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, An
             "numeric_precision": classifier.precision, "device": device_info(classifier.device),
             "domain_sha256": domain.hexdigest() if classifier.domain is not None else None,
             "domain_threshold": classifier.domain.threshold if classifier.domain is not None else None,
-            "card": summary(card) if card else None}
+            "card": summary(card, domain_model=classifier.domain is not None) if card else None}
 
 
 def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: InferConfig) -> AggregateConfig:
