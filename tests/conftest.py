@@ -21,6 +21,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TIMM_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+# Several xdist workers on a small machine: each takes its share of the cores for torch and OpenMP. Left at
+# torch's default (every core, per process) they oversubscribe them: on 2 cores the suite took 8 min 31 s with
+# 2 threads in each of the 2 workers, 7 min 37 s with 1. Subprocesses the tests start inherit it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    if "torch" in sys.modules:  # imported before this file (a plugin): the variable came too late for it
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 #: test modules that read slides in the supervised child process, as a user's run does (crash and hang
 #: containment, corrupt and hostile files, kills and concurrent processes); every other test reads slides in
 #: the test's own process (WSI_SCREEN_IN_PROCESS=1: the same code, ~1 s less per `tile`/`infer` call)
