@@ -1,7 +1,7 @@
 """Slide calls of the bundled model on slides built like real ones, metastasis size, and recalibration.
 
-Slides are calibration-cohort layouts (irregular tissue and foci, every patch in a random orientation) of
-PCam *valid* patches, written as pyramidal TIFFs and screened by ``wsi-screen infer`` end to end.
+Slides are calibration-cohort layouts (irregular tissue and foci, every patch in a random orientation; 700-1,600
+tissue patches) of PCam *valid* patches, written as pyramidal TIFFs and screened by ``wsi-screen infer`` end to end.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def slides(patches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     folder = tmp_path_factory.mktemp("cohort")
     layouts = {
         "neg_small": cohort.make_layout(np.random.default_rng(101), 700, [], cell_mm=CELL_MM, pools=pools),
-        "neg_large": cohort.make_layout(np.random.default_rng(102), 2600, [], cell_mm=CELL_MM, pools=pools),
-        "macro": cohort.make_layout(np.random.default_rng(103), 2600, ["macro"], cell_mm=CELL_MM, pools=pools),
+        "neg_large": cohort.make_layout(np.random.default_rng(102), 1600, [], cell_mm=CELL_MM, pools=pools),
+        "macro": cohort.make_layout(np.random.default_rng(103), 1600, ["macro"], cell_mm=CELL_MM, pools=pools),
         "micro": _micro(pools),
     }
     for name, lay in layouts.items():
