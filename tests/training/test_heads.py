@@ -142,7 +142,8 @@ def test_mlp_head_on_hub_encoder_evaluate_and_missing_encoder(pcam_small: Path, 
 
 def test_moved_model_finds_its_weights_file_in_its_folder(pcam_small: Path, tmp_path: Path) -> None:
     """A head on `encoder`=ARCH `encoder_weights`=FILE records the file's path; moved elsewhere with the file copied
-    into the model folder, it loads from there (sha256 checked); with neither, one error names both places."""
+    into the model folder's encoder/ folder, it loads from there (sha256 checked), even when the file is called
+    model.safetensors like the head's own weights; with neither, one error names both places."""
     import shutil
 
     from safetensors.torch import save_file
@@ -151,7 +152,7 @@ def test_moved_model_finds_its_weights_file_in_its_folder(pcam_small: Path, tmp_
     from wsi_screen.errors import ModelError
     from wsi_screen.models.encoder import file_sha256
 
-    weights = tmp_path / "here" / "tiny.safetensors"
+    weights = tmp_path / "here" / "model.safetensors"  # the name of the head's own weights file
     weights.parent.mkdir()
     save_file(tiny_state(seed=2), str(weights))
     sha = file_sha256(weights)
@@ -162,17 +163,19 @@ def test_moved_model_finds_its_weights_file_in_its_folder(pcam_small: Path, tmp_
     moved = tmp_path / "there" / "m"
     shutil.copytree(tmp_path / "here" / "m", moved)
     shutil.rmtree(tmp_path / "here")  # the recorded path is gone
-    with pytest.raises(ModelError) as info:
+    copied = moved / "encoder" / "model.safetensors"
+    with pytest.raises(ModelError) as info:  # the head's own model.safetensors is not taken for the encoder's
         load_model(moved)
     message = str(info.value)
-    assert str(weights) in message and str(moved / "tiny.safetensors") in message
+    assert str(weights) in message and str(copied) in message and "another file" not in message
     assert sha in message and "\n" not in message
 
-    save_file(tiny_state(seed=3), str(moved / "tiny.safetensors"))  # another file of that name: refused
+    copied.parent.mkdir()
+    save_file(tiny_state(seed=3), str(copied))  # another file of that name: refused
     with pytest.raises(ModelError, match="another file of that name"):
         load_model(moved)
-    save_file(tiny_state(seed=2), str(moved / "tiny.safetensors"))  # the same file, copied into the model folder
-    assert file_sha256(moved / "tiny.safetensors") == sha
+    save_file(tiny_state(seed=2), str(copied))  # the same file, copied into the model folder
+    assert file_sha256(copied) == sha
     got = load_model(moved, precision="fp32").predict(np.zeros((2, 96, 96, 3), np.uint8))
     np.testing.assert_allclose(got, want, atol=1e-6)
 

@@ -38,6 +38,7 @@ from torch import nn
 
 from wsi_screen.errors import EncoderNotFoundError, ModelError, UnknownModelError
 from wsi_screen.models.encoders import POOLINGS, EncoderInfo, find_encoder, list_encoders
+from wsi_screen.models.spec import CONFIG_NAME, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 
@@ -513,19 +514,30 @@ def load_identified(identity: Mapping[str, Any], *, model_dir: str | os.PathLike
     return encoder
 
 
+#: the folder inside a head model's folder where a moved model finds its encoder's weights file (by its name)
+ENCODER_WEIGHTS_DIR = "encoder"
+
+
 def _recorded_weights(want: EncoderIdentity, model_dir: str | os.PathLike[str] | None) -> Path:
-    """An encoder file's weights: at the recorded path, else a file of the same name in the model folder (a model
-    moved to another machine with its weights file copied into it), checked by the recorded sha256."""
+    """An encoder file's weights: at the recorded path, else a file of the same name in the model folder's
+    ``encoder/`` folder or in the model folder itself (a model moved to another machine with its weights file
+    copied into it), checked by the recorded sha256."""
     recorded = Path(str(want.weights))
     if recorded.is_file():
         return recorded
-    beside = Path(model_dir) / recorded.name if model_dir is not None else None
-    if beside is not None and beside.is_file():
-        found = file_sha256(beside)
-        if found != want.weights_sha256:
-            raise ModelError(f"encoder {want.name}: {beside} has sha256 {found[:12]}, the model was trained on "
-                             f"{recorded.name} with sha256 {want.weights_sha256} (another file of that name)")
-        return beside
-    where = f"neither at {recorded} nor in the model folder ({beside})" if beside is not None else f"not at {recorded}"
-    raise ModelError(f"encoder {want.name}: its weights file is {where}; copy {recorded.name} "
-                     f"(sha256 {want.weights_sha256}) into the model folder")
+    if model_dir is None:
+        raise ModelError(f"encoder {want.name}: its weights file is not at {recorded}")
+    places = [Path(model_dir) / ENCODER_WEIGHTS_DIR / recorded.name]
+    if recorded.name not in (WEIGHTS_NAME, CONFIG_NAME):  # beside config.json: not a name the model's own files use
+        places.append(Path(model_dir) / recorded.name)
+    others = []
+    for place in (p for p in places if p.is_file()):
+        found = file_sha256(place)
+        if found == want.weights_sha256:
+            return place
+        others.append(f"{place} has sha256 {found[:12]}")
+    if others:
+        raise ModelError(f"encoder {want.name}: the model was trained on {recorded.name} with sha256 "
+                         f"{want.weights_sha256}, but {'; '.join(others)} (another file of that name)")
+    raise ModelError(f"encoder {want.name}: its weights file is neither at {recorded} nor in the model folder "
+                     f"({places[0]}); copy {recorded.name} (sha256 {want.weights_sha256}) into {places[0].parent}")
