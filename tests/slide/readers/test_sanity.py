@@ -140,3 +140,22 @@ def test_library_warnings_reach_the_run_log_not_the_terminal(tmp_path: Path, sli
     assert res.err_lines[0].startswith(f"{ERROR}{tmp_path / 'in' / 'bad.dcm'}: not a conformant DICOM"), res.err
     log = (tmp_path / "run" / LOG_NAME).read_text()
     assert "UserWarning: The value length (65) exceeds the maximum length of 64" in log
+
+
+@pytest.mark.parametrize(("tag", "value", "message"), [
+    ("ImageLength", 0, "declares 1024 x 0 px"),
+    ("TileWidth", 0, "declares tiles of 0 x 256 px"),
+    ("ImageWidth", 1_000_000, "(1000000 x 1024 px) needs 15628 tiles or strips but lists 16"),
+])
+def test_a_damaged_reduced_level_in_subifds_is_refused(tmp_path: Path, tag: str, value: int, message: str) -> None:
+    """OME-TIFF reduced levels live in SubIFDs, outside the main directory chain: damaged there, they used to
+    fail with `unexpected ZeroDivisionError` or `MemoryError` (the fuzz corpus through `tile` and `infer`)."""
+    from tests.factory import block_image, write_ome_tiff
+
+    path = write_ome_tiff(tmp_path / "zero.ome.tif", block_image((2048, 2048), [(100, 100, 1900, 1900)]), 0.5)
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tif.series[0].levels[1].keyframe.tags[tag].overwrite(value)
+    with pytest.raises(SlideOpenError) as info:
+        Slide(path)
+    assert str(info.value) == f"{path}: truncated or corrupt TIFF (image 0 (reduced level 1) {message})"
+

@@ -8,6 +8,7 @@ says what is wrong:
 
 * TIFF (SVS, generic and OME-TIFF, ...): the directory chain is followed with a visited set (a loop or a
   pointer past the end of the file is an error), every image's dimensions and tile size must be plausible,
+  the reduced levels an OME-TIFF lists in SubIFDs too,
   it must have as many tile offsets and byte counts as its size needs, and the pixel data of its largest
   image (level 0, where patches are read) must lie inside the file with no tile of zero bytes;
 * DICOM (a series folder or one file): every file of the series must be readable and of the same series;
@@ -42,7 +43,9 @@ MAX_IFDS = 100_000
 _TIFF_TYPES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
 _WIDTH, _LENGTH, _STRIP_OFFSETS, _ROWS_PER_STRIP, _STRIP_COUNTS = 256, 257, 273, 278, 279
 _TILE_WIDTH, _TILE_LENGTH, _TILE_OFFSETS, _TILE_COUNTS, _DESCRIPTION = 322, 323, 324, 325, 270
-_SAMPLES, _PLANAR = 277, 284
+_SAMPLES, _PLANAR, _SUBIFDS = 277, 284, 330
+#: most reduced levels one directory may list in SubIFDs (OME-TIFF pyramids have a handful)
+MAX_SUBIFDS = 64
 
 
 def _corrupt(path: Path, what: str) -> SlideOpenError:
@@ -92,7 +95,7 @@ class _Tiff:
         """The integer values of a tag (its first ``limit`` values)."""
         typ, count, field_at = entry
         width = _TIFF_TYPES.get(typ)
-        if width is None or typ not in (1, 3, 4, 16):
+        if width is None or typ not in (1, 3, 4, 13, 16, 18):  # 13, 18: IFD and IFD8 (SubIFDs' offsets)
             raise _corrupt(self.path, f"a size or offset tag has data type {typ}")
         n = count if limit is None else min(count, limit)
         nbytes = width * count
@@ -102,7 +105,7 @@ class _Tiff:
             at = struct.unpack(self.endian + self.off_fmt, self._read(field_at, self.off_size))[0]
             if at + nbytes > self.size:
                 raise _corrupt(self.path, f"a tag's {count} values lie past the end of the file")
-        fmt = {1: "B", 3: "H", 4: "I", 16: "Q"}[typ]
+        fmt = {1: "B", 3: "H", 4: "I", 13: "I", 16: "Q", 18: "Q"}[typ]
         return list(struct.unpack(f"{self.endian}{n}{fmt}", self._read(at, width * n)))
 
     def text(self, entry: tuple[int, int, int], limit: int = 512) -> bytes:
@@ -155,12 +158,25 @@ def _check_chain(tif: _Tiff) -> None:
         area = _check_image(tif, tags, index)
         if area and (largest is None or area > largest[0]):
             largest = (area, tags)
+        if _SUBIFDS in tags:
+            _check_subifds(tif, tif.values(tags[_SUBIFDS], MAX_SUBIFDS), index, seen)
         offset, index = nxt, index + 1
     if largest is not None:
         _check_level0_data(tif, largest[1])
 
 
-def _check_image(tif: _Tiff, tags: dict[int, tuple[int, int, int]], index: int) -> int:
+def _check_subifds(tif: _Tiff, offsets: list[int], index: int, seen: set[int]) -> None:
+    """The reduced levels image ``index`` lists in SubIFDs, checked as the main chain's images are (readers open
+    them as pyramid levels). Offsets outside the file or already visited are left to the reader, which reads
+    around them (tifffile skips such a level)."""
+    for j, sub in enumerate(offsets):
+        if 0 < sub < tif.size and sub not in seen:
+            seen.add(sub)
+            tags, _next = tif.directory(sub)
+            _check_image(tif, tags, f"{index} (reduced level {j + 1})")
+
+
+def _check_image(tif: _Tiff, tags: dict[int, tuple[int, int, int]], index: int | str) -> int:
     """Plausible dimensions, tile size and chunk counts of one directory; its pixel area (0: no image)."""
     if _WIDTH not in tags or _LENGTH not in tags:
         return 0
