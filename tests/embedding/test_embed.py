@@ -44,8 +44,36 @@ def test_features_coords_and_identity(embedded: tuple[Path, object]) -> None:
     # the features are the bundled model's penultimate features of those patches
     from wsi_screen.models.encoder import load_encoder
 
-    want = load_encoder("default").embed(patches.read(slice(0, 8)))
+    with patches:  # a coordinates-only store: the patches are read from the slide, closed after
+        want = load_encoder("default").embed(patches.read(slice(0, 8)))
     np.testing.assert_allclose(features[:8].astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+def test_stores_keep_no_pixels_unless_asked_and_both_embed_alike(embedded: tuple[Path, object], example_slide: Path,
+                                                                  tmp_path: Path) -> None:
+    """By default `embed` keeps coordinates-only stores (the patches are read from the slide as they are embedded);
+    --keep-patches writes lz4 pixel stores of the same patches, so the features are the same."""
+    out, _ = embedded
+    name = "CMU-1-Small-Region"
+    streamed = PatchStore.open(out / "stores" / f"{name}.zarr")
+    assert not streamed.has_pixels
+    kept = tmp_path / "kept"
+    res = run_cli("embed", example_slide, "--encoder", "default", "-o", kept, "--workers", "0", "--keep-patches")
+    assert res.code == 0, res
+    pixels = PatchStore.open(kept / "stores" / f"{name}.zarr")
+    assert pixels.has_pixels and pixels.codec.name == "lz4"  # type: ignore[union-attr]
+    np.testing.assert_array_equal(pixels.coords, streamed.coords)
+    with streamed:
+        np.testing.assert_array_equal(pixels.read(slice(0, 16)), streamed.read(slice(0, 16)))
+    np.testing.assert_array_equal(FeatureStore(kept / f"{name}.zarr").features,
+                                  FeatureStore(out / f"{name}.zarr").features)
+    # a folder of the user's stores (--stores) is reused whatever it keeps: no second tiling, nothing re-embedded
+    again = run_cli("embed", example_slide, "--encoder", "default", "-o", tmp_path / "again", "--workers", "0",
+                    "--stores", kept / "stores")
+    assert again.code == 0 and "1 embedded" in again.err, again
+    assert PatchStore.open(kept / "stores" / f"{name}.zarr").has_pixels  # not re-tiled as coordinates only
+    np.testing.assert_array_equal(FeatureStore(tmp_path / "again" / f"{name}.zarr").features,
+                                  FeatureStore(out / f"{name}.zarr").features)
 
 
 def test_rerun_skips_and_new_settings_recompute(embedded: tuple[Path, object], example_slide: Path) -> None:

@@ -33,7 +33,11 @@ from wsi_screen.commands._options import (
 @click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Keep patches whose footprint is at least this fraction tissue.")
 @click.option("--stores", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Where slides are tiled (default OUT/stores); stores made with the same settings are reused.")
+              help="Where slides are tiled (default OUT/stores). A store there that holds the patches at the same "
+                   "settings (any codec, or coordinates only) is reused; one made with other settings is refused.")
+@click.option("--keep-patches", is_flag=True,
+              help="Write the patch pixels into the stores (lz4, lossless). By default a store holds only the "
+                   "patches' coordinates (kilobytes) and the patches are read from the slide while embedding.")
 @slide_mpp_options
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=128, show_default=True)
 @click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
@@ -49,7 +53,7 @@ from wsi_screen.commands._options import (
 def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, out: str, mpp: float | None,
           size: int | None, dtype: str, min_tissue: float, stores: str | None, slide_mpp: float | None,
           slide_mpp_csv: str | None, batch_size: int, workers: int, loader_workers: int, threads: int,
-          overwrite: bool, slide_timeout: float, device: str) -> None:
+          overwrite: bool, slide_timeout: float, device: str, keep_patches: bool) -> None:
     """Embed every tissue patch of SLIDES_OR_STORES with ENCODER into OUT/<slide>.zarr.
 
     Each input is a slide, a folder of slides, a patch store (from `wsi-screen tile`) or a folder of stores.
@@ -58,6 +62,9 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     when its mpp and patch size are those. Each OUT/<slide>.zarr holds `features` (N, D; --dtype),
     `coords` (N, 2; level-0 x, y of each patch, as in the patch store) and attributes naming the encoder (name,
     weights sha256, pooling), its preprocessing, the mpp and the patch size.
+
+    The patch stores (OUT/stores, or --stores) hold only the patches' coordinates unless --keep-patches: the
+    patches are read from the slide as they are embedded, in the supervised reader process that tiles it.
 
     A rerun skips slides whose embeddings are complete and made with the same encoder and settings. A slide that
     fails is reported on one line and the others go on; the exit status is 1 if any failed.
@@ -80,8 +87,9 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     from wsi_screen.models.device import resolve_device
     from wsi_screen.models.encoder import load_encoder
     from wsi_screen.runlog import run_log
+    from wsi_screen.tiling.codecs import PatchCodec
     from wsi_screen.tiling.grid import TileSpec
-    from wsi_screen.tiling.pipeline import TileConfig
+    from wsi_screen.tiling.pipeline import TileConfig, with_stores_policy
 
     log = logging.getLogger("wsi_screen.embed")
     torch_device = resolve_device(device)  # an absent GPU is one line before anything is read
@@ -95,7 +103,8 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
                          overwrite=overwrite)
     tile = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, min_tissue=min_tissue), slide_mpp=slide_mpp,
                       slide_mpps=slide_mpp_table(slide_mpp_csv), workers=workers, overwrite=overwrite,
-                      slide_timeout=slide_timeout, retile_mismatched=stores is None)
+                      slide_timeout=slide_timeout, pixels=keep_patches, codec=PatchCodec("lz4"))
+    tile = with_stores_policy(tile, given=stores is not None)
     started = time.perf_counter()
     with run_log(out):
         results = embed_inputs(inputs, out, enc, config, tile, stores_dir=stores,

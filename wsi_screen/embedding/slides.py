@@ -2,9 +2,10 @@
 
 Slides are tiled exactly as ``tile`` does (the same pipeline, into ``OUT/stores`` or ``stores_dir``, reusing stores
 made with the same settings) at the encoder's mpp and input size unless the user says otherwise; patch stores
-given directly are embedded as they are when their mpp and patch size are those asked for. Patches stream from
-the store through the scorer's loader (:mod:`wsi_screen.screening.score`: contiguous batches read ahead in a
-thread) into the encoder.
+given directly are embedded as they are when their mpp and patch size are those asked for. The command writes
+coordinates-only stores, as ``infer`` does (``TileConfig(pixels=True)``: lz4 pixel stores, the same bytes).
+Patches stream from the store, or from the slide in the slide reader's child process, through the scorer's
+loader (:mod:`wsi_screen.screening.score`: contiguous batches read ahead in a thread) into the encoder.
 
 Per slide, as ``tile`` and ``infer`` do: a complete feature store made with the same settings (encoder identity,
 dtype, the patch store's settings) is skipped; a slide that fails becomes one line and the run goes on.
@@ -120,11 +121,17 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
     n = len(store)
     features = np.zeros((n, encoder.dim), dtype=config.dtype)
     items = plan_batches([(location, n)], config.batch_size)
-    with progress.bar(total=n, desc=name[:30], unit="patch", leave=False) as bar:
-        for index, batch in prefetch(make_loader(StoreBatches(items, reader=reader), config.loader_workers), 4):
-            _loc, start, stop = items[int(index)]
-            features[start:stop] = encoder.embed_tensor(batch).numpy().astype(config.dtype)
-            bar.update(stop - start)
+    dataset = StoreBatches(items, reader=reader)
+    batches = prefetch(make_loader(dataset, config.loader_workers), 4)
+    try:
+        with progress.bar(total=n, desc=name[:30], unit="patch", leave=False) as bar:
+            for index, batch in batches:
+                _loc, start, stop = items[int(index)]
+                features[start:stop] = encoder.embed_tensor(batch).numpy().astype(config.dtype)
+                bar.update(stop - start)
+    finally:
+        batches.close()  # stops the reading thread first, then the slide a coordinates-only store read is closed
+        dataset.close()
     embedded = time.perf_counter()
     i = encoder.identity
     # the mpp the patches were tiled at: the encoder's own record may have none (a hub reference, a file)

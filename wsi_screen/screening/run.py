@@ -56,7 +56,7 @@ from wsi_screen.slide.slide import slide_name, warn_unmatched_mpp
 from wsi_screen.slide.tables import few
 from wsi_screen.tiling.codecs import PatchCodec
 from wsi_screen.tiling.grid import TileSpec
-from wsi_screen.tiling.pipeline import OnError, TileConfig, failure_message, tile_isolated
+from wsi_screen.tiling.pipeline import OnError, TileConfig, failure_message, tile_isolated, with_stores_policy
 from wsi_screen.tiling.store import PatchStore
 
 if TYPE_CHECKING:
@@ -220,11 +220,7 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
                         "are not checked for being out of domain", model_dir)
         warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
         aggregate = resolve_aggregate(model_dir, classifier, config)
-        if config.stores is None:  # the run's own stores: follow the settings
-            tile_cfg = replace(tile_cfg, retile_mismatched=True)
-        else:
-            # the user's stores: any codec (or none) holds the patches the model needs
-            tile_cfg = replace(tile_cfg, foreign_stores=True, any_pixels=True)
+        tile_cfg = with_stores_policy(tile_cfg, given=config.stores is not None)
         model_id = model_identity(model_dir, classifier)
         stores_dir = config.stores or str(run / runfolder.STORES_DIR)
         labels = read_labels(Path(config.labels), classifier) if config.labels else {}

@@ -113,6 +113,15 @@ class TileConfig:
     model_mpp: bool = False
 
 
+def with_stores_policy(config: TileConfig, *, given: bool) -> TileConfig:
+    """The stores of a screening or embedding run (``infer``, ``embed``). Its own stores folder follows the
+    settings: a store made with others is re-tiled. A folder the user gave (their ``stores``) is theirs: a complete
+    store holding the patches in any codec, or none, is reused, and one made with other settings is refused."""
+    if given:
+        return replace(config, foreign_stores=True, any_pixels=True)
+    return replace(config, retile_mismatched=True)
+
+
 @dataclass(frozen=True)
 class TileResult:
     """Outcome of tiling one slide."""
