@@ -206,3 +206,17 @@ def test_cli_unexpected_error_is_one_line_and_a_logged_traceback(tmp_path: Path,
     assert res.err_lines == []
     assert PatchStore.open(tmp_path / "out" / "key.zarr").attrs["n_patches"] == \
         PatchStore.open(tmp_path / "out" / "good.zarr").attrs["n_patches"]
+
+
+def test_a_child_that_died_between_calls_is_replaced_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Killed while idle (the OOM killer, a user's kill), the reader is replaced at the next call, which runs; the
+    log says what happened. The child is named for ps and pgrep."""
+    with isolation.SlideWorker(timeout=30, preload=PRELOAD) as worker:
+        first = worker.call(_pid)
+        assert Path(f"/proc/{first}/comm").read_text().strip() == isolation.PROCESS_NAME
+        os.kill(first, signal.SIGSEGV)
+        assert worker._proc is not None
+        worker._proc.join(timeout=10)
+        with caplog.at_level(logging.WARNING, logger="wsi_screen"):
+            assert worker.call(_pid) != first
+    assert "the slide reader stopped between reads (signal 11, SIGSEGV); a new one goes on" in caplog.text

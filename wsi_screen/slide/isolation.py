@@ -46,6 +46,8 @@ from wsi_screen.errors import SlideReaderCrashError, SlideTimeoutError
 
 R = TypeVar("R")
 
+#: the child's name in ps, top and pgrep (Linux keeps 15 characters)
+PROCESS_NAME = "wsi-screen-read"
 #: default seconds a slide may go without progress (see the module docstring)
 DEFAULT_TIMEOUT = 600.0
 #: how often the parent looks at the child while waiting (seconds)
@@ -102,6 +104,12 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _name_process() -> None:
+    """Name this process :data:`PROCESS_NAME` where ps, top and pgrep look (Linux; elsewhere it stays python)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(15, PROCESS_NAME.encode()[:15])  # PR_SET_NAME
+
+
 def _keep_terminal() -> None:
     """Python's ``sys.stderr`` (progress bars) keeps the terminal whatever file descriptor 2 becomes."""
     terminal = os.dup(2)
@@ -134,6 +142,7 @@ def _child_main(conn: Connection, level: int, bars: bool, preload: tuple[str, ..
     global _channel
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
+    _name_process()
     _keep_terminal()
     _native_stderr_to(None)  # until the parent names its run log
     _channel = _Channel(conn)
@@ -198,8 +207,12 @@ class SlideWorker:
         self.close()
 
     def start(self) -> None:
-        """Start the child now (it imports ``preload`` at once) rather than at the first call."""
+        """Start the child now (it imports ``preload`` at once) rather than at the first call. A child that died
+        between calls (nothing of it was lost: its last call had returned) is replaced, and a warning says so."""
         if self._proc is None or not self._proc.is_alive():
+            if self._proc is not None:
+                log.warning("the slide reader stopped between reads (%s); a new one goes on",
+                            _exit_status(self._proc.exitcode))
             self._stop()
             self._start()
 
@@ -269,12 +282,8 @@ class SlideWorker:
             code = proc.exitcode
         self._stop()
         if code is not None and code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = "unknown"
-            raise SlideReaderCrashError(f"the slide reader crashed (signal {-code}, {name})")
-        raise SlideReaderCrashError(f"the slide reader stopped unexpectedly (exit status {code})")
+            raise SlideReaderCrashError(f"the slide reader crashed ({_exit_status(code)})")
+        raise SlideReaderCrashError(f"the slide reader stopped unexpectedly ({_exit_status(code)})")
 
     def _stop(self) -> None:
         proc, conn = self._proc, self._conn
@@ -294,6 +303,17 @@ class SlideWorker:
                 self._conn.send(None)
             self._proc.join(timeout=2)
         self._stop()
+
+
+def _exit_status(code: int | None) -> str:
+    """A child's exit code in words: ``signal 11, SIGSEGV`` or ``exit status 1``."""
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown"
+        return f"signal {-code}, {name}"
+    return f"exit status {code}"
 
 
 def in_process() -> bool:
