@@ -85,6 +85,9 @@ def test_head_model_card_names_its_encoder(head_model: tuple[Path, Path]) -> Non
     lines = model_identity(folder, head)["card"]  # what infer's run.json and report show of the card
     assert lines == summary(read_card(folder), domain_model=False)  # type: ignore[arg-type]
     assert lines[1].endswith("it has no domain model, so slides unlike that data are not flagged.")
+    draft = "Model (its card is a draft: task and tissue to complete), ~10x (0.972 um/px); patch AUC"
+    assert lines[0].startswith(draft)
+    assert TO_COMPLETE not in " ".join(lines)
     # a registry encoder's card carries the registry's licence and gating
     uni = encoder_section({"name": "uni", "ref": "uni", "kind": "registry", "weights": "MahmoodLab/uni/x",
                            "weights_sha256": "ab" * 32})
@@ -193,6 +196,10 @@ def test_infer_and_calibrate_with_a_head_model(head_model: tuple[Path, Path], tm
     with (run / "results.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and all(r["status"] == "ok" and int(r["n_patches"]) > 0 for r in rows)
+    encoder = load_model(model).spec.encoder
+    assert encoder is not None
+    recorded = json.loads((run / "run.json").read_text())["model"]["encoder"]  # which encoder scored the run
+    assert recorded == {"name": "default", "ref": encoder["ref"], "weights_sha256": encoder["weights_sha256"]}
     res = run_cli("calibrate", run, "--labels", labels, "-o", tmp_path / "calibrated")
     assert res.code == 0, res
     calibrated = load_model(tmp_path / "calibrated")

@@ -99,6 +99,10 @@ def read_card(model_dir: str | Path) -> dict[str, Any] | None:
     return card if isinstance(card, dict) else None
 
 
+def _known(value: Any) -> bool:
+    return value not in (None, "", TO_COMPLETE)
+
+
 def _pct(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
 
@@ -112,13 +116,18 @@ def summary(card: dict[str, Any], *, domain_model: bool = True) -> list[str]:
     ci = val.get("auc_ci95")
     auc = f"patch AUC {_pct(val.get('auc'))}" + (f" ({_pct(ci[0])}-{_pct(ci[1])})" if ci else "")
     mpp = use.get("mpp")
-    first = (f"{card.get('name', 'Model')}: {use.get('task', '?')} in {use.get('tissue', '?')}, "
-             f"{use.get('stain', '?')}, {use.get('magnification', '?')}"
+    name = card["name"] if _known(card.get("name")) else "Model"
+    if _known(use.get("task")):
+        head = f"{name}: {use['task']}" + (f" in {use['tissue']}" if _known(use.get("tissue")) else "")
+    else:  # a drafted card nobody completed: say so rather than repeat its placeholders
+        head = f"{name} (its card is a draft: task and tissue to complete)"
+    first = (head + "".join(f", {use[k]}" for k in ("stain", "magnification") if _known(use.get(k)))
              + (f" ({mpp:g} um/px)" if isinstance(mpp, (int, float)) else "") + f"; {auc}.")
     rule = (card.get("operating_point") or {}).get("slide_rule")
     if rule:
         first += f" Slide call: {rule}."
-    data = card.get("training_data", {}).get("dataset", "?")
+    data = card.get("training_data", {}).get("dataset")
+    data = data if _known(data) else "data the card does not name"
     second = (f"{card.get('research_use', RESEARCH_USE)} Trained on {data}; "
               + ("slides unlike that data are flagged out of domain." if domain_model else
                  "it has no domain model, so slides unlike that data are not flagged."))

@@ -141,7 +141,10 @@ def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, An
             "numeric_precision": classifier.precision, "device": device_info(classifier.device),
             "domain_sha256": domain.hexdigest() if classifier.domain is not None else None,
             "domain_threshold": classifier.domain.threshold if classifier.domain is not None else None,
-            "card": summary(card, domain_model=classifier.domain is not None) if card else None}
+            "card": summary(card, domain_model=classifier.domain is not None) if card else None,
+            # a head on an encoder: which encoder, and which weights (the model's sha256 covers only the head's)
+            **({"encoder": {k: spec.encoder.get(k) for k in ("name", "ref", "weights_sha256")}}
+               if spec.encoder else {})}
 
 
 def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: InferConfig) -> AggregateConfig:
