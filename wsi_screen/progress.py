@@ -34,10 +34,10 @@ def enabled() -> bool:
 
 
 def bar(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
-        unit: str = "it", leave: bool = True, position: int | None = None) -> Any:
-    """A tqdm bar on stderr (a silent one when bars are disabled)."""
+        unit: str = "it", leave: bool = True, position: int | None = None, disable: bool = False) -> Any:
+    """A tqdm bar on stderr (a silent one when bars are disabled, or ``disable``: nothing worth a bar)."""
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, position=position,
-                disable=not _enabled, file=sys.stderr, dynamic_ncols=True)
+                disable=disable or not _enabled, file=sys.stderr, dynamic_ncols=True)
 
 
 class _TqdmHandler(logging.Handler):

@@ -67,6 +67,9 @@ def test_stores_keep_no_pixels_unless_asked_and_both_embed_alike(embedded: tuple
         np.testing.assert_array_equal(pixels.read(slice(0, 16)), streamed.read(slice(0, 16)))
     np.testing.assert_array_equal(FeatureStore(kept / f"{name}.zarr").features,
                                   FeatureStore(out / f"{name}.zarr").features)
+    # a plain rerun keeps the kept patches: the same patches, so nothing is re-tiled or re-embedded
+    plain = run_cli("embed", example_slide, "--encoder", "default", "-o", kept, "--workers", "0")
+    assert plain.code == 0 and "1 up to date" in plain.err, plain
     # a folder of the user's stores (--stores) is reused whatever it keeps: no second tiling, nothing re-embedded
     again = run_cli("embed", example_slide, "--encoder", "default", "-o", tmp_path / "again", "--workers", "0",
                     "--stores", kept / "stores")

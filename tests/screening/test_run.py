@@ -250,6 +250,11 @@ def test_a_run_keeps_no_patch_pixels_unless_asked_and_both_score_alike(demo_run:
     assert PatchStore.open(pixels.parent).codec.name == "lz4"  # type: ignore[union-attr]
     name = "CMU-1-Small-Region"
     assert (kept / name / "scores.csv").read_bytes() == (demo_run / name / "scores.csv").read_bytes()
+    # a plain rerun into that run keeps its pixel stores and its scores (the same patches)
+    again = run_cli("infer", example_slide.parent, "-o", kept, "--workers", "0", "--quiet")
+    assert again.code == 0, again
+    assert all(s["reused"] for s in json.loads((kept / "run.json").read_text())["slides"])
+    assert pixel_arrays(kept) == [pixels]
     streamed = runview.top_patches(runview.open_run(demo_run), name, 4)
     stored = runview.top_patches(runview.open_run(kept), name, 4)
     assert all(a.image is not None and b.image is not None and np.array_equal(a.image, b.image)

@@ -33,13 +33,16 @@ from wsi_screen.commands._options import (
 @click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Keep patches whose footprint is at least this fraction tissue.")
 @click.option("--stores", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Where slides are tiled (default OUT/stores). A store there that holds the patches at the same "
-                   "settings (any codec, or coordinates only) is reused; one made with other settings is refused.")
+              help="Folder of patch stores to reuse and tile into (default OUT/stores). A store there that holds "
+                   "these patches (any codec, or coordinates only) is reused; one made with other settings is "
+                   "refused (in OUT/stores it is re-tiled).")
 @click.option("--keep-patches", is_flag=True,
               help="Write the patch pixels into the stores (lz4, lossless). By default a store holds only the "
-                   "patches' coordinates (kilobytes) and the patches are read from the slide while embedding.")
+                   "patches' coordinates, tissue and a thumbnail (a few MB), and the patches are read from the "
+                   "slide while embedding. A rerun without this flag reuses stores that kept their pixels.")
 @slide_mpp_options
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=128, show_default=True,
+              help="Patches per forward pass of the encoder.")
 @click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
               help="Reader threads per slide while tiling.")
 @click.option("--loader-workers", type=click.IntRange(0, 64), default=0, show_default=True,

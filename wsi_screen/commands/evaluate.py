@@ -20,7 +20,8 @@ from wsi_screen.commands.train import dataset_options, set_threads
               help="Class for sensitivity/specificity/AUC (default: the model's positive class).")
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="EVAL_DIR",
               help="Folder for metrics.json, predictions.csv, roc.png and confusion.png.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=256, show_default=True,
+              help="Images per forward pass.")
 @dataset_options
 @precision_option("fp32")
 @device_option

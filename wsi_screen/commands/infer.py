@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 @click.option("--keep-patches", is_flag=True,
               help="Keep every patch's pixels in the slide's store (lz4). By default a run keeps none: the store "
                    "holds coordinates, tissue, thumbnail, mask and stain fit, and patches are read from the slide, "
-                   "normalised and scored in one pass (the report's patches are read from the slide too).")
+                   "normalised and scored in one pass (the report's patches are read from the slide too). A rerun "
+                   "without this flag reuses stores that kept their pixels.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=128, show_default=True,
               help="Patches per forward pass.")
 @click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,

@@ -115,11 +115,13 @@ class TileConfig:
 
 def with_stores_policy(config: TileConfig, *, given: bool) -> TileConfig:
     """The stores of a screening or embedding run (``infer``, ``embed``). Its own stores folder follows the
-    settings: a store made with others is re-tiled. A folder the user gave (their ``stores``) is theirs: a complete
-    store holding the patches in any codec, or none, is reused, and one made with other settings is refused."""
+    settings: a store made with others is re-tiled, but a run that keeps no pixels reuses one that keeps them (an
+    earlier run's kept patches: the same patches; a run asked to keep pixels re-tiles a coordinates-only store). A
+    folder the user gave (their ``stores``) is theirs: a complete store holding the patches in any codec, or none,
+    is reused, and one made with other settings is refused."""
     if given:
         return replace(config, foreign_stores=True, any_pixels=True)
-    return replace(config, retile_mismatched=True)
+    return replace(config, retile_mismatched=True, any_pixels=not config.pixels)
 
 
 @dataclass(frozen=True)
@@ -343,7 +345,7 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
             stain_ok: np.ndarray | None = np.zeros(n, dtype=bool) if config.pixels else None
             t_read = time.perf_counter()
             with progress.bar(total=n if config.pixels else 0, desc=source.name[:30], unit="patch",
-                              leave=False) as bar:
+                              leave=False, disable=not config.pixels) as bar:  # no pixels: nothing to show
                 batches = read_patches(slide, grid.coords if config.pixels else grid.coords[:0], tile_l0,
                                        spec.size_px, config.workers)
                 for i, (first, batch, ok) in enumerate(normalised(batches, normalize, config.workers)):
