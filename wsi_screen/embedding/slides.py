@@ -108,7 +108,7 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
                 config: EmbedConfig, reader: isolation.Caller | None = None) -> EmbedResult:
     """Embed one patch store into ``OUT/<name>.zarr`` (or skip it when up to date); ``reader`` runs the slide
     reads of a coordinates-only store (the slide reader's child, see :mod:`wsi_screen.screening.score`)."""
-    from wsi_screen.screening.score import StoreBatches, make_loader, plan_batches, prefetch
+    from wsi_screen.screening.score import plan_batches, stream_batches
 
     started = time.perf_counter()
     store = PatchStore.open(location)
@@ -121,17 +121,12 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
     n = len(store)
     features = np.zeros((n, encoder.dim), dtype=config.dtype)
     items = plan_batches([(location, n)], config.batch_size)
-    dataset = StoreBatches(items, reader=reader)
-    batches = prefetch(make_loader(dataset, config.loader_workers), 4)
-    try:
-        with progress.bar(total=n, desc=name[:30], unit="patch", leave=False) as bar:
-            for index, batch in batches:
-                _loc, start, stop = items[int(index)]
-                features[start:stop] = encoder.embed_tensor(batch).numpy().astype(config.dtype)
-                bar.update(stop - start)
-    finally:
-        batches.close()  # stops the reading thread first, then the slide a coordinates-only store read is closed
-        dataset.close()
+    with stream_batches(items, workers=config.loader_workers, reader=reader) as batches, \
+            progress.bar(total=n, desc=name[:30], unit="patch", leave=False) as bar:
+        for index, batch in batches:
+            _loc, start, stop = items[int(index)]
+            features[start:stop] = encoder.embed_tensor(batch).numpy().astype(config.dtype)
+            bar.update(stop - start)
     embedded = time.perf_counter()
     i = encoder.identity
     # the mpp the patches were tiled at: the encoder's own record may have none (a hub reference, a file)

@@ -159,25 +159,37 @@ def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch
                 emitted.add(loc)
                 yield loc, per_store.pop(loc), per_store_d.pop(loc, None)
 
-    dataset = StoreBatches(items, read_threads, reader)
-    loader = prefetch(make_loader(dataset, workers, pin_memory=classifier.device.type == "cuda"), PREFETCH_BATCHES)
     total = sum(n for _, n in sizes)
-    try:
-        with progress.bar(total=total, desc=desc, unit="patch") as bar:
-            order = {loc: i for i, (loc, _) in enumerate(sizes)}
-            for index, batch in loader:
-                location, start, stop = items[int(index)]
-                probs, distance = classifier.score_tensor(classifier.preprocess(batch))
-                per_store[location][start:stop] = probs.float().cpu().numpy()
-                if distance is not None:
-                    per_store_d[location][start:stop] = distance
-                remaining[location] -= 1
-                bar.update(stop - start)
-                yield from flush_ready(order[location] + 1)
-    finally:
-        loader.close()  # stops the reading thread first, then the slides it read from are closed
-        dataset.close()
+    with stream_batches(items, workers=workers, read_threads=read_threads, reader=reader,
+                        pin_memory=classifier.device.type == "cuda") as loader, \
+            progress.bar(total=total, desc=desc, unit="patch") as bar:
+        order = {loc: i for i, (loc, _) in enumerate(sizes)}
+        for index, batch in loader:
+            location, start, stop = items[int(index)]
+            probs, distance = classifier.score_tensor(classifier.preprocess(batch))
+            per_store[location][start:stop] = probs.float().cpu().numpy()
+            if distance is not None:
+                per_store_d[location][start:stop] = distance
+            remaining[location] -= 1
+            bar.update(stop - start)
+            yield from flush_ready(order[location] + 1)
     yield from flush_ready(len(sizes))
+
+
+@contextlib.contextmanager
+def stream_batches(items: Sequence[tuple[str, int, int]], *, workers: int = 0, read_threads: int = 2,
+                   reader: Caller | None = None,
+                   pin_memory: bool = False) -> Iterator[Iterator[tuple[int, torch.Tensor]]]:
+    """The batches ``items`` of :class:`StoreBatches`, ``(index, uint8 NHWC tensor)`` in order, read
+    :data:`PREFETCH_BATCHES` ahead of the caller (:func:`make_loader`, :func:`prefetch`). On leaving, the reading
+    thread is stopped first, then the slides it read from (here and in ``reader``) are closed."""
+    dataset = StoreBatches(items, read_threads, reader)
+    loader = prefetch(make_loader(dataset, workers, pin_memory=pin_memory), PREFETCH_BATCHES)
+    try:
+        yield loader
+    finally:
+        loader.close()
+        dataset.close()
 
 
 def prefetch(iterable: Iterable[T], depth: int) -> Generator[T, None, None]:
