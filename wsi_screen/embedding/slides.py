@@ -189,8 +189,7 @@ def _embed_slide(source: SlideSource, stores: str, out: Path, encoder: Encoder, 
         runlog.record_traceback(source.name, tiled.traceback)
         return EmbedResult(source.name, str(source.path), "failed", message=message)
     try:
-        result = embed_store(source.name, str(source.path), tiled.store, out, encoder, config,
-                             reader=None if call is isolation.direct else call)
+        result = embed_store(source.name, str(source.path), tiled.store, out, encoder, config, reader=call)
     except Exception as exc:  # the per-slide boundary: one slide's failure ends only it
         return _failed(source.name, str(source.path), exc, on_error)
     result.seconds["tile"] = round(time.perf_counter() - started - sum(result.seconds.values()), 3)

@@ -379,8 +379,7 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
                                                        *decision_thresholds(classifier, job.aggregate)}))
         for _location, probs, distance in score_stores([result.store], classifier, batch_size=job.batch_size,
                                                        workers=job.loader_workers, desc=source.name[:30],
-                                                       read_threads=job.workers,
-                                                       reader=None if call is isolation.direct else call):
+                                                       read_threads=job.workers, reader=call):
             scored = time.perf_counter()
             write_slide_folder(job.run, row, result.store, probs, classifier, job.model_id, job.aggregate,
                                distance=distance)

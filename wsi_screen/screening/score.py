@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsi_screen import progress
 from wsi_screen.errors import ModelMismatchError
 from wsi_screen.models import ModelSpec, PatchClassifier
+from wsi_screen.slide import isolation
 from wsi_screen.slide.isolation import Caller
 from wsi_screen.tiling.store import PatchStore, close_rows, read_rows
 
@@ -55,7 +56,8 @@ T = TypeVar("T")
 class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
     """Contiguous batches ``(location, start, stop)`` of store patches as uint8 NHWC tensors.
 
-    ``reader`` runs the slide reads of coordinates-only stores (see the module docstring; None: here). Pickles
+    ``reader`` runs the slide reads of coordinates-only stores (see the module docstring; None, or
+    :func:`isolation.direct <wsi_screen.slide.isolation.direct>`: here, by this object's own open stores). Pickles
     as a list of plain tuples, without the reader; each DataLoader worker process opens the stores it needs by
     location and reads them itself.
     """
@@ -64,7 +66,7 @@ class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
                  reader: Caller | None = None) -> None:
         self.items = list(items)
         self.read_threads = read_threads
-        self.reader = reader
+        self.reader = None if reader is isolation.direct else reader
         self._open: dict[str, PatchStore] = {}
         self._reader_holds = False  # the reader holds a store open (closed with ours)
 
