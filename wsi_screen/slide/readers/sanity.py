@@ -44,6 +44,8 @@ _TIFF_TYPES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 
 _WIDTH, _LENGTH, _STRIP_OFFSETS, _ROWS_PER_STRIP, _STRIP_COUNTS = 256, 257, 273, 278, 279
 _TILE_WIDTH, _TILE_LENGTH, _TILE_OFFSETS, _TILE_COUNTS, _DESCRIPTION = 322, 323, 324, 325, 270
 _SAMPLES, _PLANAR, _SUBIFDS = 277, 284, 330
+#: struct formats of the TIFF types a size or offset tag may have (13, 18: IFD and IFD8, SubIFDs' offsets)
+_INTEGER_FORMATS = {1: "B", 3: "H", 4: "I", 13: "I", 16: "Q", 18: "Q"}
 #: most reduced levels one directory may list in SubIFDs (OME-TIFF pyramids have a handful)
 MAX_SUBIFDS = 64
 
@@ -95,7 +97,7 @@ class _Tiff:
         """The integer values of a tag (its first ``limit`` values)."""
         typ, count, field_at = entry
         width = _TIFF_TYPES.get(typ)
-        if width is None or typ not in (1, 3, 4, 13, 16, 18):  # 13, 18: IFD and IFD8 (SubIFDs' offsets)
+        if width is None or typ not in _INTEGER_FORMATS:
             raise _corrupt(self.path, f"a size or offset tag has data type {typ}")
         n = count if limit is None else min(count, limit)
         nbytes = width * count
@@ -105,7 +107,7 @@ class _Tiff:
             at = struct.unpack(self.endian + self.off_fmt, self._read(field_at, self.off_size))[0]
             if at + nbytes > self.size:
                 raise _corrupt(self.path, f"a tag's {count} values lie past the end of the file")
-        fmt = {1: "B", 3: "H", 4: "I", 13: "I", 16: "Q", 18: "Q"}[typ]
+        fmt = _INTEGER_FORMATS[typ]
         return list(struct.unpack(f"{self.endian}{n}{fmt}", self._read(at, width * n)))
 
     def text(self, entry: tuple[int, int, int], limit: int = 512) -> bytes:
