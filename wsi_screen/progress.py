@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -26,6 +27,13 @@ def set_enabled(flag: bool) -> None:
     """Turn progress bars on or off for this process."""
     global _enabled
     _enabled = flag
+
+
+def thread_lock_only() -> None:
+    """Make this process's bars share a thread lock instead of tqdm's default, which also holds a
+    multiprocessing semaphore: a process killed by a signal (the slide reader child after a native crash) never
+    releases that semaphore, and Python's resource tracker then warns of a leak when the run exits."""
+    tqdm.set_lock(threading.RLock())
 
 
 def enabled() -> bool:

@@ -220,3 +220,37 @@ def test_a_child_that_died_between_calls_is_replaced_with_a_warning(caplog: pyte
         with caplog.at_level(logging.WARNING, logger="wsi_screen"):
             assert worker.call(_pid) != first
     assert "the slide reader stopped between reads (signal 11, SIGSEGV); a new one goes on" in caplog.text
+
+
+def _bars_then_segfault() -> None:
+    from wsi_screen import progress
+
+    progress.set_enabled(True)
+    for _ in progress.bar(range(3), desc="reading"):
+        pass
+    _segfault()
+
+
+_CRASH_THEN_EXIT = """
+from tests.slide import test_isolation as t
+from wsi_screen.errors import SlideReaderCrashError
+from wsi_screen.slide import isolation
+with isolation.SlideWorker(timeout=30, preload=t.PRELOAD) as worker:
+    try:
+        worker.call(t._bars_then_segfault)
+    except SlideReaderCrashError as exc:
+        print(exc)
+"""
+
+
+def test_a_crashed_reader_leaves_no_leaked_semaphore_warning_at_exit() -> None:
+    """A reader killed after showing a bar held tqdm's lock; the run's exit must not print Python's resource
+    tracker warning about leaked semaphores (the child's bars use a thread lock)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _CRASH_THEN_EXIT], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr
+    assert "the slide reader crashed (signal 11, SIGSEGV)" in res.stdout
+    assert "leaked semaphore" not in res.stderr and "resource_tracker" not in res.stderr, res.stderr

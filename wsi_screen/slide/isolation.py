@@ -155,6 +155,7 @@ def _child_main(conn: Connection, level: int, bars: bool, preload: tuple[str, ..
     logging.getLogger().handlers[:] = [handler]  # libraries' records (tifffile warns about damaged files)
     logging.captureWarnings(True)
     progress.set_enabled(bars)
+    progress.thread_lock_only()
     for module in preload:  # a failure here shows again, as the call's own error, when the call imports it
         with contextlib.suppress(Exception):
             importlib.import_module(module)
