@@ -172,6 +172,9 @@ def test_moved_model_finds_its_weights_file_in_its_folder(pcam_small: Path, tmp_
     message = str(info.value)
     assert str(weights) in message and str(copied) in message and "another file" not in message
     assert sha in message and "\n" not in message
+    card = run_cli("models", "--card", moved)  # the card keeps the recorded path, and says none is found
+    assert card.code == 0 and f"weights: {weights}" in card.out
+    assert "encoder weights in use: none: encoder " in card.out and str(copied) in card.out
 
     copied.parent.mkdir()
     save_file(tiny_state(seed=3), str(copied))  # another file of that name: refused
@@ -181,6 +184,8 @@ def test_moved_model_finds_its_weights_file_in_its_folder(pcam_small: Path, tmp_
     assert file_sha256(copied) == sha
     got = load_model(moved, precision="fp32").predict(np.zeros((2, 96, 96, 3), np.uint8))
     np.testing.assert_allclose(got, want, atol=1e-6)
+    card = run_cli("models", "--card", moved)  # the card names the copy in use
+    assert f"encoder weights in use: {copied} (the recorded file is gone" in card.out
 
 
 def test_infer_and_calibrate_with_a_head_model(head_model: tuple[Path, Path], tmp_path: Path, example_slide: Path,

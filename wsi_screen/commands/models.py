@@ -84,12 +84,16 @@ def _print_card(model_dir: str | None) -> None:
     from wsi_screen.errors import ModelError
     from wsi_screen.models import default_model_dir
     from wsi_screen.models.card import CARD_NAME, read_card, render
+    from wsi_screen.models.encoder import weights_in_use
     from wsi_screen.models.spec import ModelSpec
 
     folder = Path(model_dir) if model_dir else default_model_dir()
-    ModelSpec.read(folder)  # a clear error when it is not a model folder
+    spec = ModelSpec.read(folder)  # a clear error when it is not a model folder
     found = read_card(folder)
     if found is None:
         raise ModelError(f"{folder}: no {CARD_NAME} (a model trained before cards existed); retrain it, or write one "
                          "from the fields in docs/classifier.md")
     click.echo(render(found))
+    moved = weights_in_use(spec.encoder, folder) if spec.encoder else None
+    if moved:
+        click.echo(f"encoder weights in use: {moved}")

@@ -518,6 +518,19 @@ def load_identified(identity: Mapping[str, Any], *, model_dir: str | os.PathLike
 ENCODER_WEIGHTS_DIR = "encoder"
 
 
+def weights_in_use(identity: dict[str, Any], model_dir: str | os.PathLike[str]) -> str | None:
+    """For a head model on an encoder file (``ModelSpec.encoder``): where that file is found now, when not at its
+    recorded path (a moved model's copy), or why it is not found; None when it is where it was recorded (or the
+    encoder is not a file)."""
+    want = EncoderIdentity.from_dict(identity)
+    if want.kind != "file" or Path(str(want.weights)).is_file():
+        return None
+    try:
+        return f"{_recorded_weights(want, model_dir)} (the recorded file is gone; this copy has its sha256)"
+    except ModelError as exc:
+        return f"none: {exc}"
+
+
 def _recorded_weights(want: EncoderIdentity, model_dir: str | os.PathLike[str] | None) -> Path:
     """An encoder file's weights: at the recorded path, else a file of the same name in the model folder's
     ``encoder/`` folder or in the model folder itself (a model moved to another machine with its weights file
