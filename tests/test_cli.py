@@ -116,3 +116,51 @@ def test_bad_config_file(tmp_path: Path) -> None:
     res = run_cli("--config", cfg, "tile", "x", "-o", "y")
     assert res.code == 1 and res.err.startswith("wsi-screen: error:") and "bad.toml" in res.err
     assert len(res.err_lines) == 1
+
+
+def test_every_option_is_set_by_the_environment_variable_named_after_its_flag() -> None:
+    """WSI_SCREEN_<COMMAND>_<OPTION> as the help says, with OPTION the long flag (`--aggregate` sets the rule,
+    `--model` the model folder), for every option of every command."""
+    import click
+
+    from wsi_screen.cli import cli
+
+    ctx = click.Context(cli, auto_envvar_prefix="WSI_SCREEN")
+    wrong = []
+    for name in COMMANDS:
+        command = cli.get_command(ctx, name)
+        assert command is not None
+        sub = click.Context(command, parent=ctx, info_name=name)
+        assert sub.auto_envvar_prefix == f"WSI_SCREEN_{name.upper()}"
+        for param in command.params:
+            flag = next((o for o in param.opts if o.startswith("--")), None)
+            if not isinstance(param, click.Option) or flag is None or flag == "--help":
+                continue
+            expected = f"WSI_SCREEN_{name}_{flag[2:]}".upper().replace("-", "_")
+            if param.resolve_envvar_value(sub) is not None:
+                continue  # set in this test's environment: nothing to learn
+            import os
+
+            os.environ[expected] = "1"
+            try:
+                if param.resolve_envvar_value(sub) != "1":
+                    wrong.append(f"{name} {flag}: {expected}")
+            finally:
+                del os.environ[expected]
+    assert not wrong, wrong
+
+
+def test_environment_variables_named_after_flags_take_effect(tmp_path: Path, cmu_svs: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WSI_SCREEN_INFER_MODEL", str(tmp_path / "nope"))
+    res = run_cli("infer", cmu_svs, "-o", tmp_path / "run", "--quiet")
+    # the same usage error as `--model` on the command line, saying where the value came from
+    assert res.code == 2 and str(tmp_path / "nope") in res.err and "(set in the environment)" in res.err, res
+    assert not (tmp_path / "run" / "results.csv").exists()
+    monkeypatch.delenv("WSI_SCREEN_INFER_MODEL")
+    monkeypatch.setenv("WSI_SCREEN_MODELS_ALL", "1")  # --all (the parameter is show_all): every timm name
+    every = run_cli("models")
+    monkeypatch.delenv("WSI_SCREEN_MODELS_ALL")
+    some = run_cli("models")
+    assert every.code == some.code == 0
+    assert len(every.out.splitlines()) > 50 * len(some.out.splitlines()), (every.out[-300:], some.out)

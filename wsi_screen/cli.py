@@ -66,6 +66,7 @@ class LazyGroup(click.Group):
         command = getattr(import_module(module_name), attr)
         if not isinstance(command, click.Command):  # pragma: no cover - programming error
             raise TypeError(f"{target} is not a click command")
+        _name_envvars(command, cmd_name)
         defaults = (ctx.default_map or {}).get(cmd_name)
         if defaults:  # options from --config, by their long names: a misspelt one must not be silently ignored
             by_option = {o.lstrip("-").replace("-", "_"): p.name for p in command.params for o in p.opts
@@ -79,6 +80,22 @@ class LazyGroup(click.Group):
             if ctx.default_map is not None:
                 ctx.default_map[cmd_name] = {by_option[k]: v for k, v in defaults.items()}
         return command
+
+
+def envvar_name(command_name: str, option: click.Option) -> str:
+    """The environment variable that sets ``option`` of ``command_name``: ``WSI_SCREEN_<COMMAND>_<OPTION>``, the
+    option as its long flag is spelt (``--aggregate`` -> ``WSI_SCREEN_INFER_AGGREGATE``)."""
+    flag = next((o for o in option.opts if o.startswith("--")), None)
+    name = flag[2:] if flag else (option.name or "")
+    return f"WSI_SCREEN_{command_name}_{name}".upper().replace("-", "_")
+
+
+def _name_envvars(command: click.Command, command_name: str) -> None:
+    """Name each option's environment variable after its flag. click's own (``auto_envvar_prefix``) is named
+    after the parameter, which differs for some (``--aggregate`` sets ``rule``): that name still works, second."""
+    for param in command.params:
+        if isinstance(param, click.Option) and param.envvar is None and param.allow_from_autoenv:
+            param.envvar = envvar_name(command_name, param)
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
