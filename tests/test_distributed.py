@@ -192,7 +192,7 @@ def _results(run: Path) -> list[dict[str, str]]:
 
 def _run_json(run: Path) -> dict[str, object]:
     data = json.loads((run / "run.json").read_text())
-    for key in ("command", "started", "seconds", "stages"):
+    for key in ("command", "started", "seconds", "total_seconds", "stages"):
         data.pop(key)
     for slide in data["slides"]:  # timings, and where a Dask worker scored it
         slide.pop("seconds")

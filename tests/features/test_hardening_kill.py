@@ -297,7 +297,7 @@ def _slide_outputs(run: Path, name: str) -> dict[str, object]:
 
 def _run_json(run: Path) -> dict[str, object]:
     info = json.loads((run / runfolder.RUN_JSON).read_text())
-    for key in ("started", "seconds", "stages", "command"):
+    for key in ("started", "seconds", "total_seconds", "stages", "command"):
         info.pop(key)
     for slide in info["slides"]:  # whether a slide's scores came from an earlier (killed) run: history, as timings
         slide.pop("reused")

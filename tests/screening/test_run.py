@@ -98,6 +98,7 @@ def test_demo_slide(tmp_path: Path, example_slide: Path) -> None:
     assert set(slide["seconds"]) == {"open", "tile", "score", "outputs"}
     assert all(v >= 0 for v in slide["seconds"].values()) and slide["seconds"]["score"] > 0
     assert sum(slide["seconds"].values()) <= stages["slides"] + 0.5 <= info["seconds"] + 0.5
+    assert info["total_seconds"] == pytest.approx(info["seconds"] + stages["start_up"], abs=0.02)  # the command's
     assert (run / "report.html").exists()
     assert not list(run.glob("*.partial"))
 

@@ -228,10 +228,17 @@ def write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, m
     atomic_write_text(run / runfolder.RESULTS_CSV, runfolder.csv_text(table, runfolder.RESULT_COLUMNS))
 
 
+def _with_start_up(seconds: float, stages: dict[str, float | None] | None) -> float | None:
+    """The whole command's seconds: ``seconds`` (from the run's start) plus its start-up, when that is known."""
+    start_up = (stages or {}).get("start_up")
+    return None if start_up is None else round(seconds + start_up, 2)
+
+
 def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, model_id: dict[str, Any],
                     tile_cfg: TileConfig, settings: dict[str, Any], argv: Sequence[str], started: datetime,
                     seconds: float, stages: dict[str, float | None] | None = None) -> None:
-    """``RUN/run.json``: the provenance of the run and where its time went (``stages`` of the whole run;
+    """``RUN/run.json``: the provenance of the run and where its time went (``seconds`` from the run's start, after
+    start-up; ``total_seconds`` with start-up, None when that is unknown; ``stages`` of the whole run;
     each slide's ``seconds`` by stage: open, tile, score, outputs, or reuse_check for a slide reused;
     ``settings``: the run's, as :meth:`wsi_screen.screening.run.InferConfig.to_json` gives them)."""
     import torch
@@ -241,6 +248,7 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
         "package_version": __version__,
         "started": started.replace(microsecond=0).isoformat(),
         "seconds": round(seconds, 2),
+        "total_seconds": _with_start_up(seconds, stages),
         "stages": {k: None if v is None else round(v, 3) for k, v in (stages or {}).items()},
         "model": model_id,
         "aggregate": aggregate.to_json(),
