@@ -272,6 +272,39 @@ def test_infer_stores_reuses_a_store_of_any_codec(tmp_path: Path, example_slide:
     assert res.code == 0, res
     assert (store / "zarr.json").read_bytes() == before  # reused, not re-tiled
     assert PatchStore.open(store).codec.name == "jpeg"  # type: ignore[union-attr]
+    # the scores came from JPEG patches: the run says so (they differ slightly from a run on the slide)
+    jpeg = {"pixels": "store", "codec": {"name": "jpeg", "quality": 90}}
+    warnings = [line for line in res.err_lines if "JPEG-compressed patches" in line]
+    assert len(warnings) == 1 and "CMU-1-Small-Region" in warnings[0] and "jpeg quality 90" in warnings[0]
+    run_json = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_json["tiling"]["scored_from"] == [{**jpeg, "n_slides": 1}]
+    assert [s["store_pixels"] for s in run_json["slides"]] == [jpeg]
+    assert runfolder.read_slide(tmp_path / "run", "CMU-1-Small-Region")["store_pixels"] == jpeg
+    # a rerun that reuses those scores still says where they came from
+    again = run_cli("infer", example_slide, "-o", tmp_path / "run", "--stores", stores, "--workers", "0", "--quiet")
+    assert again.code == 0, again
+    run_json = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_json["slides"][0]["reused"] and run_json["slides"][0]["store_pixels"] == jpeg
+    assert sum("JPEG-compressed patches" in line for line in again.err_lines) == 1
+
+
+def test_infer_stores_of_lz4_patches_score_exactly_as_a_run_on_the_slide(tmp_path: Path, example_slide: Path,
+                                                                          demo_run: Path) -> None:
+    """An lz4 store holds the slide's patches byte for byte: `infer --stores` gives a plain run's scores, and
+    no warning about lossy patches."""
+    stores = tmp_path / "stores"
+    assert run_cli("tile", example_slide, "-o", stores, "--mpp", "0.972", "--size", "96", "--codec", "lz4",
+                   "--quiet").code == 0
+    res = run_cli("infer", example_slide, "-o", tmp_path / "run", "--stores", stores, "--workers", "0", "--quiet")
+    assert res.code == 0, res
+    assert not any("compressed patches" in line for line in res.err_lines)
+    name = "CMU-1-Small-Region"
+    assert (tmp_path / "run" / name / "scores.csv").read_bytes() == (demo_run / name / "scores.csv").read_bytes()
+    assert read_results(tmp_path / "run")[name]["score"] == read_results(demo_run)[name]["score"]
+    lz4 = {"pixels": "store", "codec": {"name": "lz4", "quality": None}}
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["tiling"]["scored_from"] == [{**lz4, "n_slides": 1}]
+    streamed = json.loads((demo_run / "run.json").read_text())
+    assert streamed["tiling"]["scored_from"] == [{"pixels": "none", "codec": None, "n_slides": 1}]
 
 
 def test_run_infer_raises_by_default_and_records_for_the_command(tmp_path: Path, slides_dir: Path) -> None:

@@ -39,6 +39,7 @@ from wsi_screen.screening.runfolder import SlideFolder, SlideScores
 from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 from wsi_screen.slide.slide import slide_name
 from wsi_screen.slide.tables import first_rows, read_table
+from wsi_screen.tiling.codecs import PatchCodec
 from wsi_screen.tiling.pipeline import TileConfig
 from wsi_screen.tiling.store import PatchStore
 
@@ -49,6 +50,19 @@ def store_digest(location: str) -> str:
     """sha256 of a store's settings: what slide.json records to tell a reused store from a remade one."""
     attrs = PatchStore.open(location).attrs
     return hashlib.sha256(json.dumps(attrs.get("settings", {}), sort_keys=True).encode()).hexdigest()
+
+
+def store_pixels(store: PatchStore) -> dict[str, Any]:
+    """Where the patches a slide was scored from came from: ``pixels`` ``"store"`` (decoded from the store's
+    ``codec``, ``name`` and ``quality``) or ``"none"`` (a coordinates-only store: read from the slide, ``codec``
+    None). slide.json and run.json record it, so a run scored from lossy (JPEG) patches says so."""
+    codec = store.codec
+    return {"pixels": "store" if store.has_pixels else "none", "codec": codec.to_json() if codec else None}
+
+
+def lossy_pixels(pixels: dict[str, Any] | None) -> bool:
+    """Whether :func:`store_pixels` names a lossy codec (JPEG, JPEG XL): the patches are not the slide's pixels."""
+    return bool(pixels and pixels.get("pixels") == "store" and PatchCodec.from_json(pixels.get("codec")).lossy)
 
 
 @dataclass
@@ -113,6 +127,8 @@ def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarra
         runfolder.write_json(folder.path(runfolder.SLIDE_JSON), {
             "slide": row.name, "source": row.source, "store": runfolder.portable_path(location, run),
             "store_digest": store_digest(location),
+            # the pixels the scores came from (a reused JPEG store's are not the slide's)
+            "store_pixels": store_pixels(store),
             "n_patches": len(store), "tile_size_l0": store.tile_size_l0, "stride_l0": int(store.attrs["stride_l0"]),
             "mpp": store.mpp,
             "slide_info": store.attrs["slide"], "model": model_id, "package_version": __version__,
@@ -137,6 +153,7 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
         done = {}
     info = done.get("slide_info", {})
     row.extra.update(slide_mpp=info.get("mpp"), mpp_source=info.get("mpp_source"), **slide_domain(scores, classifier))
+    row.extra["store_pixels"] = done.get("store_pixels") or _pixels_of(row.store)
     made = row.extra.pop("call", None)  # the call this run's write_slide_folder made and drew
     if made is not None and made[0] == aggregate:
         result = made[1]
@@ -154,6 +171,15 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
     elif result.top_indices:
         i = result.top_indices[0]
         row.top = (int(scores.coords[i, 0]), int(scores.coords[i, 1]), float(scores.probs[i, pos]))
+
+
+def _pixels_of(location: str) -> dict[str, Any] | None:
+    """:func:`store_pixels` of the store at ``location`` (a slide.json written before it recorded them); None
+    when the store cannot be opened."""
+    try:
+        return store_pixels(PatchStore.open(location)) if location else None
+    except (WsiScreenError, OSError):
+        return None
 
 
 def positive_column(scores: SlideScores, spec: Any) -> int:
@@ -256,7 +282,10 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
                    "min_tissue": tile_cfg.spec.min_tissue, "stain": tile_cfg.stain,
                    "stain_target": tile_cfg.stain_target, "tissue": tile_cfg.tissue.to_json(),
                    "pixels": "store" if tile_cfg.pixels else "none",
-                   "codec": tile_cfg.codec.to_json() if tile_cfg.pixels else None},
+                   "codec": tile_cfg.codec.to_json() if tile_cfg.pixels else None,
+                   # what the slides were scored from (``pixels`` and ``codec`` above: what this run writes when it
+                   # tiles); a reused store of another codec shows here and in each slide's ``store_pixels``
+                   "scored_from": scored_from(rows)},
         "settings": settings,
         "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
                         "torch": torch.__version__, "numpy": np.__version__,
@@ -264,11 +293,27 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
         "slides": [{"slide": r.name, "status": r.status, "error": in_user_words(r.error),
                     "mpp": r.extra.get("slide_mpp"), "mpp_source": r.extra.get("mpp_source"),
                     "reused": bool(r.extra.get("reused")),
+                    "store_pixels": r.extra.get("store_pixels"),
                     "in_domain_fraction": r.extra.get("in_domain_fraction"),
                     "out_of_domain": r.extra.get("out_of_domain"), "seconds": r.extra.get("seconds"),
                     **({"device": r.extra["device"]} if "device" in r.extra else {})}
                    for r in sorted(rows, key=lambda r: r.name)],
     })
+
+
+def scored_from(rows: Sequence[SlideRow]) -> list[dict[str, Any]]:
+    """The distinct :func:`store_pixels` of the slides scored (``n_slides`` each), in the rows' order."""
+    found: list[dict[str, Any]] = []
+    for r in sorted(rows, key=lambda r: r.name):
+        pixels = r.extra.get("store_pixels")
+        if r.status == STATUS_ERROR or not pixels:
+            continue
+        same = next((f for f in found if f["pixels"] == pixels["pixels"] and f["codec"] == pixels["codec"]), None)
+        if same is None:
+            found.append({**pixels, "n_slides": 1})
+        else:
+            same["n_slides"] += 1
+    return found
 
 
 # --------------------------------------------------------------------------------------- slide-level truth

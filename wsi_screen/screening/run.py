@@ -43,6 +43,7 @@ from wsi_screen.screening.aggregate import (
 from wsi_screen.screening.outputs import (
     SlideRow,
     aggregate_row,
+    lossy_pixels,
     read_labels,
     slide_metrics,
     store_digest,
@@ -267,6 +268,7 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
             seconds = row.extra.setdefault("seconds", {})
             seconds["outputs"] = round(seconds.get("outputs", 0.0) + time.perf_counter() - before, 3)
         row.label = labels.get(row.name, "")
+    warn_lossy_stores(rows)
     if labels:
         warn_unmatched_labels(labels, rows)
     metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
@@ -280,6 +282,25 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
 
     write_report(run)
     return RunSummary(run, rows, aggregate, metrics)
+
+
+def warn_lossy_stores(rows: Sequence[SlideRow]) -> None:
+    """One warning naming the slides scored from lossy (JPEG, JPEG XL) patches: reused stores of ``tile``'s
+    default codec. Their patch grid is the slide's, their pixels are not quite, so their scores differ slightly
+    from a run on the slide; lz4 and coordinates-only stores give exactly its scores (docs/store.md)."""
+    lossy = [r for r in rows if r.status != STATUS_ERROR and lossy_pixels(r.extra.get("store_pixels"))]
+    if not lossy:
+        return
+    codecs = sorted({(str(c["name"]), c.get("quality")) for r in lossy for c in [r.extra["store_pixels"]["codec"]]})
+    kinds = "/".join(dict.fromkeys(_CODEC_WORDS.get(name, name) for name, _ in codecs))
+    log.warning("%d slide(s) scored from %s-compressed patches of reused stores (%s): their scores may differ "
+                "slightly from a run on the slide; lz4 or coordinates-only stores give the exact ones: %s",
+                len(lossy), kinds, ", ".join(f"{name} quality {q}" for name, q in codecs),
+                few(sorted(r.name for r in lossy)))
+
+
+#: how a warning names a lossy codec
+_CODEC_WORDS = {"jpeg": "JPEG", "jpegxl": "JPEG XL"}
 
 
 def warn_unmatched_labels(labels: dict[str, str], rows: Sequence[SlideRow]) -> None:
