@@ -183,6 +183,7 @@ def test_failed_and_empty_slides_are_rows(tmp_path: Path, cmu_svs: Path) -> None
     shutil.copy(cmu_svs, src / "good.svs")
     (src / "broken.svs").write_bytes(cmu_svs.read_bytes()[:5000])
     write_tiled_tiff(src / "glass.tif", block_image((1024, 1024), []), mpp=0.5)
+    write_tiled_tiff(src / "nompp.tif", block_image((1024, 1024), [(0, 0, 512, 512)]), mpp=None)
     res = run_cli("infer", src, "-o", tmp_path / "run", "--workers", "0", "--quiet")
     assert res.code == 1
     assert "Traceback" not in res.err
@@ -190,6 +191,11 @@ def test_failed_and_empty_slides_are_rows(tmp_path: Path, cmu_svs: Path) -> None
     assert rows["good"]["status"] == "ok"
     assert rows["broken"]["status"] == "error" and "broken.svs" in rows["broken"]["error"]
     assert rows["broken"]["diagnosis"] == "error"
+    # failed before tiling: no store was made, and the row names none (it used to name stores/<name>.zarr)
+    assert rows["nompp"]["status"] == "error" and "mpp" in rows["nompp"]["error"]
+    for name in ("broken", "nompp"):
+        assert rows[name]["store"] == "" and not (tmp_path / "run" / "stores" / f"{name}.zarr").exists()
+    assert rows["good"]["store"] == "stores/good.zarr" and (tmp_path / "run" / rows["good"]["store"]).exists()
     assert rows["glass"]["status"] == "no tissue" and rows["glass"]["diagnosis"] == "no tissue"
     assert rows["glass"]["n_patches"] == "0"
     assert not list((tmp_path / "run").glob("*.partial"))

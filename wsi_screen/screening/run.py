@@ -387,12 +387,12 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
     tiled = time.perf_counter()
     opened = result.stages.get("open", 0.0)
     seconds = row.extra["seconds"] = {"open": round(opened, 3), "tile": round(tiled - start - opened, 3)}
-    row.store = result.store
-    if not result.ok:
+    if not result.ok:  # no store of this slide was made or kept (none at all when it failed before tiling)
         row.status, row.error = STATUS_ERROR, result.message or f"tiling {result.status}"
         log.error("%s", row.error)
         runlog.record_traceback(source.name, result.traceback)
         return row
+    row.store = result.store
     caller_thresholds = classifier.decision_thresholds  # the slide rule's are added for this slide only
     try:
         check_store_matches_model(PatchStore.open(result.store).attrs, classifier.spec, result.store)
