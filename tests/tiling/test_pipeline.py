@@ -30,6 +30,7 @@ def block_slide(tmp_path: Path) -> Path:
 def test_exact_grid_on_written_slide(tmp_path: Path, block_slide: Path) -> None:
     res = run_cli("tile", block_slide, "-o", tmp_path / "out", "--mpp", "0.5", "--size", "256", "--codec", "lz4")
     assert res.code == 0, res
+    assert "12 patches written (lz4, lossless)" in res.err  # the summary says how the patches are kept
     store = PatchStore.open(tmp_path / "out" / "block.zarr")
     expected = [[x, y] for y in (256, 512, 768) for x in (256, 512, 768, 1024)]
     assert store.coords.tolist() == expected
@@ -76,7 +77,8 @@ def test_overlap_and_coarser_mpp(tmp_path: Path, block_slide: Path) -> None:
 
 def test_resume_skips_and_mismatch_needs_overwrite(tmp_path: Path, block_slide: Path) -> None:
     out = tmp_path / "out"
-    assert run_cli("tile", block_slide, "-o", out, "--size", "256").code == 0
+    res = run_cli("tile", block_slide, "-o", out, "--size", "256")
+    assert res.code == 0 and "written (jpeg quality 90, lossy)" in res.err  # the default is lossy, and says so
     before = tree_digest(out / "block.zarr")
     mtime = (out / "block.zarr" / "zarr.json").stat().st_mtime_ns
     res = run_cli("tile", block_slide, "-o", out, "--size", "256")

@@ -34,8 +34,9 @@ from wsi_screen.commands._options import (
               help="Keep patches whose footprint is at least this fraction tissue.")
 @click.option("--stores", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Folder of patch stores to reuse and tile into (default OUT/stores). A store there that holds "
-                   "these patches (any codec, or coordinates only) is reused; one made with other settings is "
-                   "refused (in OUT/stores it is re-tiled).")
+                   "these patches (any codec, or coordinates only) is reused, and its pixels are embedded: a "
+                   "JPEG store's (tile's default) are not exactly the slide's, lz4 and coordinates-only ones are; "
+                   "one made with other settings is refused (in OUT/stores it is re-tiled).")
 @click.option("--keep-patches", is_flag=True,
               help="Write the patch pixels into the stores (lz4, lossless). By default a store holds only the "
                    "patches' coordinates, tissue and a thumbnail (a few MB), and the patches are read from the "

@@ -43,8 +43,10 @@ if TYPE_CHECKING:
               help="slides.csv with columns slide,label: adds slide_metrics.json and slide_roc.png.")
 @click.option("--stores", type=str, default=None,
               help="Folder of patch stores to reuse and tile into (default: RUN/stores). Stores made with "
-                   "other settings than the model needs are refused (any `tile --codec`, or `tile --pixels "
-                   "none`, is fine).")
+                   "other settings than the model needs are refused. Any `tile --codec`, or `tile --pixels none`, "
+                   "is reused (the same patch grid), but only lz4 and coordinates-only stores give exactly the "
+                   "scores of a run on the slide: `tile`'s default JPEG patches move them slightly (run.json "
+                   "records each slide's store codec, and the run warns; see docs/store.md).")
 @click.option("--keep-patches", is_flag=True,
               help="Keep every patch's pixels in the slide's store (lz4). By default a run keeps none: the store "
                    "holds coordinates, tissue, thumbnail, mask and stain fit, and patches are read from the slide, "

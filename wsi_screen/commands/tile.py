@@ -35,7 +35,9 @@ from wsi_screen.tiling.codecs import CODECS, DEFAULT_CODEC, DEFAULT_QUALITY
 @click.option("--codec", type=click.Choice(CODECS), default=DEFAULT_CODEC, show_default=True,
               help="How each patch is stored: jpeg (4:4:4, ~1/5 of lz4's bytes at quality "
                    f"{DEFAULT_QUALITY['jpeg']}, > 38 dB), jpegxl (smaller, ~10x slower to write) or lz4 "
-                   "(lossless, ~5x the bytes). Plain zarr reads all of them; figures in docs/store.md.")
+                   "(lossless, ~5x the bytes). Plain zarr reads all of them; figures in docs/store.md. jpeg and "
+                   "jpegxl are lossy: `infer --stores` on them scores slightly differently from `infer` on the "
+                   "slide (and warns); lz4 or --pixels none give the exact scores.")
 @click.option("--quality", type=click.IntRange(1, 100), default=None,
               help="Quality of jpeg / jpegxl, 1-100 (default: "
                    + ", ".join(f"{k} {v}" for k, v in DEFAULT_QUALITY.items()) + ").")
@@ -145,7 +147,9 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     parts.append(f"{counts['failed']} failed")
     if not ctx.obj.get("quiet"):
         unreadable = f"; {len(problems)} input(s) gave no slide" if problems else ""
-        verb = "written" if pixels == "store" else "located (coordinates only)"
+        kept = config.codec
+        verb = (f"written ({kept.name}" + (f" quality {kept.quality}, lossy)" if kept.lossy else ", lossless)")
+                if pixels == "store" else "located (coordinates only)")
         click.echo(f"wsi-screen: {len(results)} slide(s): {', '.join(parts)}{unreadable}; "
                    f"{patches:,} patches {verb} in {time.perf_counter() - started:.1f} s -> {out}", err=True)
     if failed:

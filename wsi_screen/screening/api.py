@@ -176,7 +176,10 @@ def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_s
     ----------
     store_or_slide
         A patch store (:func:`wsi_screen.tile`) made with the model's resolution, patch size and stain, or
-        an open slide, which is then tiled in memory as ``infer`` tiles it for this model.
+        an open slide, which is then tiled in memory as ``infer`` tiles it for this model. The store's patches
+        are scored as they are kept: an in-memory, lz4 or coordinates-only store's are the slide's pixels (the
+        scores are ``infer``'s); a JPEG store's (``tile``'s default on disk) are not, and the scores differ
+        slightly.
     model
         A loaded model (:func:`wsi_screen.load_model`).
     batch_size
