@@ -286,6 +286,8 @@ def test_infer_stores_reuses_a_store_of_any_codec(tmp_path: Path, example_slide:
     assert run_json["tiling"]["scored_from"] == [{**jpeg, "n_slides": 1}]
     assert [s["store_pixels"] for s in run_json["slides"]] == [jpeg]
     assert runfolder.read_slide(tmp_path / "run", "CMU-1-Small-Region")["store_pixels"] == jpeg
+    report = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    assert "Scored from lossy patches of reused stores: jpeg quality 90 (1 slide(s))" in report
     # a rerun that reuses those scores still says where they came from
     again = run_cli("infer", example_slide, "-o", tmp_path / "run", "--stores", stores, "--workers", "0", "--quiet")
     assert again.code == 0, again
@@ -304,6 +306,7 @@ def test_infer_stores_of_lz4_patches_score_exactly_as_a_run_on_the_slide(tmp_pat
     res = run_cli("infer", example_slide, "-o", tmp_path / "run", "--stores", stores, "--workers", "0", "--quiet")
     assert res.code == 0, res
     assert not any("compressed patches" in line for line in res.err_lines)
+    assert "lossy patches" not in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
     name = "CMU-1-Small-Region"
     assert (tmp_path / "run" / name / "scores.csv").read_bytes() == (demo_run / name / "scores.csv").read_bytes()
     assert read_results(tmp_path / "run")[name]["score"] == read_results(demo_run)[name]["score"]

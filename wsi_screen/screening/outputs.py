@@ -39,7 +39,6 @@ from wsi_screen.screening.runfolder import SlideFolder, SlideScores
 from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 from wsi_screen.slide.slide import slide_name
 from wsi_screen.slide.tables import first_rows, read_table
-from wsi_screen.tiling.codecs import PatchCodec
 from wsi_screen.tiling.pipeline import TileConfig
 from wsi_screen.tiling.store import PatchStore
 
@@ -58,11 +57,6 @@ def store_pixels(store: PatchStore) -> dict[str, Any]:
     None). slide.json and run.json record it, so a run scored from lossy (JPEG) patches says so."""
     codec = store.codec
     return {"pixels": "store" if store.has_pixels else "none", "codec": codec.to_json() if codec else None}
-
-
-def lossy_pixels(pixels: dict[str, Any] | None) -> bool:
-    """Whether :func:`store_pixels` names a lossy codec (JPEG, JPEG XL): the patches are not the slide's pixels."""
-    return bool(pixels and pixels.get("pixels") == "store" and PatchCodec.from_json(pixels.get("codec")).lossy)
 
 
 @dataclass

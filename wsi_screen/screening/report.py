@@ -242,6 +242,19 @@ def _slide_section(view: RunView, i: int, row: dict[str, str]) -> str:
     return "".join(parts)
 
 
+def _lossy_note(info: dict[str, Any]) -> str:
+    """A flag when some slides were scored from lossy (JPEG) patches of reused stores (run.json's
+    ``tiling.scored_from``): their scores differ slightly from a run on the slides."""
+    lossy = [s for s in (info.get("tiling") or {}).get("scored_from") or () if runfolder.lossy_pixels(s)]
+    if not lossy:
+        return ""
+    how = ", ".join(f"{s['codec'].get('name')} quality {s['codec'].get('quality')} ({s.get('n_slides')} slide(s))"
+                    for s in lossy)
+    return (f'<p class="ood-flag">Scored from lossy patches of reused stores: {_html(how)}. Their scores may differ '
+            "slightly from a run on the slides; lz4 or coordinates-only stores give the exact ones (each slide's "
+            f"store_pixels in {runfolder.RUN_JSON}).</p>")
+
+
 def render_report(run: str | Path) -> str:
     """The report of a run folder as an HTML string."""
     view = open_run(run)
@@ -270,6 +283,7 @@ def render_report(run: str | Path) -> str:
         f'{_region_unit(agg)}{_overrides(info)} '
         f'&middot; patch threshold {_html(_num(patch_threshold))} ({_html(threshold_name)}: the heatmaps\' '
         f"cyan line and the GeoJSON's tile classes)</p>",
+        _lossy_note(info),
         _model_card(model),
         f'<div class="cards">{cards}</div>',
         "<h2>Slides</h2><p class=\"muted\">Click a column to sort.</p>", slides_table(view),

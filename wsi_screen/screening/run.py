@@ -43,7 +43,6 @@ from wsi_screen.screening.aggregate import (
 from wsi_screen.screening.outputs import (
     SlideRow,
     aggregate_row,
-    lossy_pixels,
     read_labels,
     slide_metrics,
     store_digest,
@@ -288,7 +287,7 @@ def warn_lossy_stores(rows: Sequence[SlideRow]) -> None:
     """One warning naming the slides scored from lossy (JPEG, JPEG XL) patches: reused stores of ``tile``'s
     default codec. Their patch grid is the slide's, their pixels are not quite, so their scores differ slightly
     from a run on the slide; lz4 and coordinates-only stores give exactly its scores (docs/store.md)."""
-    lossy = [r for r in rows if r.status != STATUS_ERROR and lossy_pixels(r.extra.get("store_pixels"))]
+    lossy = [r for r in rows if r.status != STATUS_ERROR and runfolder.lossy_pixels(r.extra.get("store_pixels"))]
     if not lossy:
         return
     codecs = sorted({(str(c["name"]), c.get("quality")) for r in lossy for c in [r.extra["store_pixels"]["codec"]]})

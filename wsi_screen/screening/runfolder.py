@@ -54,6 +54,14 @@ RESULT_COLUMNS = ("slide", "status", "n_patches", "score", "diagnosis", "rule", 
                   "top_score", "model", "label", "error", "source", "store")
 
 
+def lossy_pixels(pixels: Mapping[str, Any] | None) -> bool:
+    """Whether a slide's ``store_pixels`` (slide.json, run.json) name a lossy codec (JPEG, JPEG XL): the patches
+    its scores came from are not the slide's pixels."""
+    from wsi_screen.tiling.codecs import PatchCodec
+
+    return bool(pixels and pixels.get("pixels") == "store" and PatchCodec.from_json(pixels.get("codec")).lossy)
+
+
 def portable_path(path: str, run: Path) -> str:
     """How a run folder records a path it depends on (a store): relative to the run folder when inside it,
     so the folder can be moved, copied or opened from any working folder; else absolute (URLs unchanged)."""
