@@ -40,3 +40,70 @@ def test_every_flag_the_cli_names_is_one_of_its_options() -> None:
     source = "".join(p.read_text(encoding="utf-8") for p in [PACKAGE / "cli.py", *(PACKAGE / "commands").glob("*.py")])
     missing = sorted(f"{k}: {flag}" for k, flag in SETTING_FLAGS.items() if f'"{flag}"' not in source)
     assert not missing, missing
+
+
+# --- each surface names its own parameters --------------------------------------------------------------
+def test_api_errors_name_the_python_api_parameters(slides_dir: Path, cmu_svs: Path) -> None:
+    """A notebook user reads parameters they can pass: `mpp` (open_slide, screen), `size` (tile),
+    `wsi_screen.Slide(path, force_mpp=...)` and `wsi_screen.models.list_models()`, never the configuration's
+    names (`slide_mpp`, `slide_mpps`, `size_px`) nor a screening run's (`stores`, `overwrite`)."""
+    import inspect
+
+    import pytest
+
+    import wsi_screen
+    from wsi_screen.errors import MissingMppError, ModelMismatchError, ResolutionError, UnknownModelError
+
+    tcga = slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"
+    no_mpp = r"does not declare its resolution \(microns per pixel\); set `mpp` \(e\.g\. `mpp`=0\.25 for a 40x scan\)$"
+    with pytest.raises(MissingMppError, match=no_mpp):
+        wsi_screen.open_slide(tcga)
+    with pytest.raises(MissingMppError, match=no_mpp):
+        wsi_screen.screen(tcga)
+    assert {"mpp"} <= set(inspect.signature(wsi_screen.open_slide).parameters)
+    assert {"mpp"} <= set(inspect.signature(wsi_screen.screen).parameters)
+
+    with pytest.raises(ResolutionError) as coarse:
+        wsi_screen.screen(slides_dir / "camelyon-lowres.dcm")
+    assert str(coarse.value).endswith("set it with `wsi_screen.Slide(path, force_mpp=...)`)")
+    assert "force_mpp" in inspect.signature(wsi_screen.Slide).parameters
+
+    model = wsi_screen.load_model()
+    with wsi_screen.open_slide(cmu_svs) as slide:
+        store = wsi_screen.tile(slide, mpp=2.0, size=64)
+    with pytest.raises(ModelMismatchError) as other:
+        wsi_screen.score(store, model)
+    assert str(other.value).endswith("tile it again with `mpp`=0.972, `size`=96 and `stain`=none, or pass the open "
+                                     "slide to `score`, which tiles it as the model needs"), other.value
+    assert {"mpp", "size", "stain"} <= set(inspect.signature(wsi_screen.tile).parameters)
+
+    with pytest.raises(UnknownModelError) as unknown:
+        wsi_screen.create_model("nonexistent_arch", 2)
+    assert str(unknown.value) == "unknown architecture 'nonexistent_arch'; `wsi_screen.models.list_models()` lists them"
+    assert callable(wsi_screen.models.list_models)
+
+
+def test_api_words_name_real_api_names() -> None:
+    """Every word of the API table names something the package exports."""
+    import importlib
+
+    from wsi_screen.errors import API_WORDS, in_api_words
+
+    for word in API_WORDS.values():
+        dotted = re.match(r"`(wsi_screen(?:\.\w+)+)\(", word)
+        if dotted:
+            module, _, name = dotted.group(1).rpartition(".")
+            assert hasattr(importlib.import_module(module), name), word
+    assert in_api_words(in_api_words("set `slide_mpp`")) == "set `mpp`"  # rewriting twice changes nothing
+
+
+def test_cli_errors_name_the_cli_options(slides_dir: Path, tmp_path: Path) -> None:
+    """The same messages through the CLI name its options, not the Python API's parameters."""
+    from tests.conftest import run_cli
+
+    res = run_cli("tile", str(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"), "-o", str(tmp_path / "out"))
+    assert res.code == 1 and any(line.endswith("does not declare its resolution (microns per pixel); set --slide-mpp "
+                                               "(e.g. --slide-mpp=0.25 for a 40x scan)") for line in res.err_lines), res
+    res = run_cli("models", "nonexistent_arch")
+    assert res.code == 1 and res.err_lines[-1] == (
+        "wsi-screen: error: unknown architecture 'nonexistent_arch'; `wsi-screen models` lists them"), res

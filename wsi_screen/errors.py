@@ -10,13 +10,21 @@ in backticks: `` `slide_mpp` ``, `` `slide_mpp`=0.25 ``. A front end that calls 
 installs its words with :func:`name_settings` (the CLI: its options), and the places where text leaves the
 package for a person (the CLI's error line, the terminal log, results.csv and run.json) pass it through
 :func:`in_user_words`. The package's own text never holds a front end's words.
+
+The settings' names in messages are those of the configuration dataclasses (``TileConfig.slide_mpp``); the public
+Python API (``wsi_screen.open_slide``, ``tile``, ``score``, ...) names some of them otherwise (``mpp``, ``size``).
+Its functions are wrapped in :func:`speaks_api`, which rewrites an escaping error's message in :data:`API_WORDS`,
+so a notebook user reads the parameters they can pass. Where a front end has installed its words (the CLI), the
+message is left for :func:`in_user_words`.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
 
 #: a setting named in a message: an identifier in backticks
 SETTING = re.compile(r"`([a-z][a-z0-9_]*)`")
@@ -43,6 +51,40 @@ def in_user_words(text: str) -> str:
     if not _words:
         return text
     return SETTING.sub(lambda m: _words.get(m.group(1), m.group(0)), text)
+
+
+#: the public Python API's words for the settings its parameters name otherwise (each value in backticks, so
+#: it reads as code; none of them is itself a key, so rewriting twice changes nothing)
+API_WORDS: dict[str, str] = {
+    "slide_mpp": "`mpp`",                                       # open_slide(path, mpp=), screen(path, mpp=)
+    "slide_mpps": "`wsi_screen.Slide(path, force_mpp=...)`",    # a resolution that replaces the declared one
+    "size_px": "`size`", "overlap_px": "`overlap`", "stain_method": "`stain`",   # tile(slide, ...)
+    "list_models": "`wsi_screen.models.list_models()`", "list_encoders": "`wsi_screen.models.encoders.list_encoders()`",
+}
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def in_api_words(text: str) -> str:
+    """``text`` with each `setting` the public Python API names otherwise (:data:`API_WORDS`) spelt its way."""
+    return SETTING.sub(lambda m: API_WORDS.get(m.group(1), m.group(0)), text)
+
+
+def speaks_api(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Wrap a public API function: a :class:`WsiScreenError` it raises names settings in :data:`API_WORDS`,
+    unless a front end has installed its own words (:func:`name_settings`; the CLI then rewrites the message)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return func(*args, **kwargs)
+        except WsiScreenError as exc:
+            if not _words and exc.args and isinstance(exc.args[0], str):
+                exc.args = (in_api_words(exc.args[0]), *exc.args[1:])
+            raise
+
+    return wrapper
 
 
 class WsiScreenError(Exception):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsi_screen.errors import ModelError
+from wsi_screen.errors import ModelError, speaks_api
 from wsi_screen.models.checkpoint import (
     PretrainedReport,
     load_pretrained,
@@ -85,6 +85,7 @@ def build_module(spec: ModelSpec, **kwargs: Any) -> nn.Module:
 BUNDLED = ("default",)
 
 
+@speaks_api
 def load_model(path_or_name: str | os.PathLike[str] | None = None, *,
                device: str | torch.device = "cpu", precision: str = "auto") -> PatchClassifier:
     """Load a model folder (``config.json`` + ``model.safetensors``) as a :class:`PatchClassifier`.

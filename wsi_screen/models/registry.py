@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import nn
 
-from wsi_screen.errors import ModelError, UnknownModelError
+from wsi_screen.errors import ModelError, UnknownModelError, speaks_api
 from wsi_screen.models import screen_cnn
 
 #: the project's own architectures (registered in timm by importing their modules)
@@ -53,6 +53,7 @@ def check_arch(name: str) -> str:
     raise UnknownModelError(f"unknown architecture {name!r}{hint}")
 
 
+@speaks_api
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """Build an architecture with random weights (never downloads), for training your own model.
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsi_screen.errors import ConfigError
+from wsi_screen.errors import ConfigError, speaks_api
 from wsi_screen.models import PatchClassifier, load_model
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.aggregate import AggregateConfig, SlideResult, top_indices
@@ -168,6 +168,7 @@ def _rule(model: PatchClassifier, config: InferConfig | None = None) -> Aggregat
     return resolve_aggregate(model.model_dir, model, config)
 
 
+@speaks_api
 def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_size: int = 128,
           workers: int = 2) -> Scores:
     """Every patch's class probabilities and domain distance.
@@ -208,7 +209,7 @@ def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_s
     ((66, 2), (66, 2))
     """
     from wsi_screen.screening.run import tile_config_for
-    from wsi_screen.screening.score import score_stores
+    from wsi_screen.screening.score import check_store_matches_model, score_stores
     from wsi_screen.tiling.pipeline import tile_with
 
     if isinstance(store_or_slide, Slide):
@@ -217,6 +218,8 @@ def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_s
                           tile_config_for(model, InferConfig(workers=workers, keep_patches=True)))
     elif isinstance(store_or_slide, PatchStore):
         store = store_or_slide
+        check_store_matches_model(store.attrs, model.spec, store.location,
+                                  other_way="or pass the open slide to `score`, which tiles it as the model needs")
     else:
         raise ConfigError(f"score() takes a PatchStore or an open Slide, got {type(store_or_slide).__name__}")
     before = model.decision_thresholds
@@ -230,6 +233,7 @@ def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_s
                   positive_class=str(spec.positive_class), store=store)
 
 
+@speaks_api
 def call_slide(scores: Scores, model: PatchClassifier, *, rule: str | None = None, threshold: float | None = None,
                k: int | float | None = None) -> SlideCall:
     """The slide's call from its patch scores, by the model's calibrated slide rule.
@@ -270,6 +274,7 @@ def call_slide(scores: Scores, model: PatchClassifier, *, rule: str | None = Non
                      in_domain_fraction=domain.get("in_domain_fraction"), out_of_domain=domain.get("out_of_domain"))
 
 
+@speaks_api
 def heatmap(slide: Slide | None, scores: Scores, call: SlideCall, *, mpp: float | None = None) -> Figure:
     """The slide's heatmap, as ``infer`` draws its heatmap.png: the thumbnail beside the probability of the
     positive class over it, the call's patch threshold as a contour, every focus the call counted outlined with
@@ -321,6 +326,7 @@ def heatmap(slide: Slide | None, scores: Scores, call: SlideCall, *, mpp: float 
     return heatmap_figure(store, scores.coords, scores.positive, ctx, thumbnail=thumb)
 
 
+@speaks_api
 def screen(path: str | os.PathLike[str], model: PatchClassifier | str | os.PathLike[str] | None = None, *,
            mpp: float | None = None, workers: int = 2) -> SlideCall:
     """Screen one slide: open, tile (in memory, at the model's settings), score and call it.

@@ -117,8 +117,14 @@ def plan_batches(sizes: Sequence[tuple[str, int]], batch_size: int) -> list[tupl
     return items
 
 
-def check_store_matches_model(attrs: Mapping[str, Any], spec: ModelSpec, location: str) -> None:
-    """Refuse a store whose patches are not what the model was trained on (resolution, size, stain)."""
+#: the other ways out of a mismatching store for a screening run (its stores folder is a setting)
+SCREEN_AGAIN = "or screen into other `stores` (or with `overwrite`)"
+
+
+def check_store_matches_model(attrs: Mapping[str, Any], spec: ModelSpec, location: str, *,
+                              other_way: str = SCREEN_AGAIN) -> None:
+    """Refuse a store whose patches are not what the model was trained on (resolution, size, stain); the message
+    says how to tile it again and, after that, ``other_way`` (the caller's other way out)."""
     if spec.mpp is None:
         raise ModelMismatchError(f"model {spec.arch} does not record the mpp of its training patches; "
                                  "retrain it with their `mpp` set")
@@ -134,7 +140,7 @@ def check_store_matches_model(attrs: Mapping[str, Any], spec: ModelSpec, locatio
     if problems:
         raise ModelMismatchError(f"{location}: store does not match the model ({'; '.join(problems)}); tile it "
                                  f"again with `mpp`={spec.mpp:g}, `size_px`={spec.input_size} and "
-                                 f"`stain`={spec.stain_method}, or screen into other `stores` (or with `overwrite`)")
+                                 f"`stain`={spec.stain_method}, {other_way}")
 
 
 def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch_size: int = 128,

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 from PIL import Image
 
-from wsi_screen.errors import ConfigError, MissingMppError, SlideOpenError, UnsupportedFormatError
+from wsi_screen.errors import ConfigError, MissingMppError, SlideOpenError, UnsupportedFormatError, speaks_api
 from wsi_screen.slide.dicom_series import series_files, series_name
 from wsi_screen.slide.readers import Reader, into
 from wsi_screen.slide.threads import run_each
@@ -279,11 +279,11 @@ class Slide:
         if not ok:
             self.close()
             raise MissingMppError(f"{self.path}: declared resolution {mx} x {my} um/px is implausible; "
-                                  "set this slide's with `slide_mpps` (a table with columns slide,mpp)")
+                                  "set this slide's resolution with `slide_mpps`")
         if abs(mx - my) / max(mx, my) > 0.05:
             self.close()
             raise MissingMppError(f"{self.path}: non-square pixels ({mx} x {my} um/px) are not supported; "
-                                  "set this slide's resolution with `slide_mpps` (a table with columns slide,mpp)")
+                                  "set this slide's resolution with `slide_mpps`")
         return (mx + my) / 2.0, "slide"
 
     @property
@@ -449,6 +449,7 @@ class Slide:
         return f"Slide({str(self.path)!r}, {w}x{h} px, {self.mpp:.4g} um/px, {self.vendor})"
 
 
+@speaks_api
 def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, name: str | None = None,
                reader: ReaderChoice = "auto") -> Slide:
     """Open a whole-slide image; use it as a context manager (it closes the file).

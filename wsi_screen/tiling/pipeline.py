@@ -35,6 +35,7 @@ from wsi_screen.errors import (
     StoreLockedError,
     StoreMismatchError,
     WsiScreenError,
+    speaks_api,
 )
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource
@@ -560,6 +561,7 @@ def _tile_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], out: str, gi
 
 
 # ------------------------------------------------------------------------------------------- the public verbs
+@speaks_api
 def tissue_mask(slide: Slide, *, mpp: float | None = None, settings: TissueSettings | None = None,
                 workers: int = 2) -> TissueMask:
     """Where the tissue is: glass, tissue, pen and artifact labels on a thumbnail of ``slide``.
@@ -595,6 +597,7 @@ def tissue_mask(slide: Slide, *, mpp: float | None = None, settings: TissueSetti
                          workers=workers)
 
 
+@speaks_api
 def tile(slide: Slide, out: str | Path | None = None, *, mpp: float, size: int, stain: str = "none",
          stain_target: str | None = None, overlap: int = 0, min_tissue: float = 0.5,
          tissue: TissueSettings | None = None, workers: int = 2, overwrite: bool = False,
