@@ -49,6 +49,36 @@ def test_features_coords_and_identity(embedded: tuple[Path, object]) -> None:
     np.testing.assert_allclose(features[:8].astype(np.float32), want, rtol=2e-3, atol=2e-3)
 
 
+def test_info_describes_embeddings(embedded: tuple[Path, object]) -> None:
+    """`info` on an embeddings store says what it holds (features, encoder, preprocessing), not patch-store fields;
+    on the embed output folder it lists the embeddings stores, then the patch stores of OUT/stores/."""
+    out, _ = embedded
+    emb = out / "CMU-1-Small-Region.zarr"
+    from wsi_screen.models import default_model_dir
+
+    sha = file_sha256(default_model_dir() / WEIGHTS_NAME)
+    res = run_cli("info", emb)
+    assert res.code == 0, res
+    lines = res.out.splitlines()
+    n = len(FeatureStore(emb))
+    assert lines[0] == str(emb)
+    assert f"  features   {n} x 512 float16 (embeddings, computed in fp32)" in lines
+    assert "  encoder    default (ref default, resnet10t, pooling model)" in lines
+    assert f"  weights    model.safetensors  sha256 {sha}" in lines
+    assert any(x.startswith("  input      96 px at 0.972 um/px, resize ") for x in lines)
+    patch_store = out / "stores" / "CMU-1-Small-Region.zarr"
+    assert f"  patches    96 px at 0.972 um/px (187 level-0 px) from {patch_store}" in lines
+    assert any(x.startswith("  coords     level-0 (x, y)") for x in lines)
+    assert "None" not in res.out and "tissue" not in res.out and "stain" not in res.out
+    folder = run_cli("info", out)
+    assert folder.code == 0, folder
+    heads = [x for x in folder.out.splitlines() if not x.startswith(" ")]
+    assert heads == [str(emb), str(patch_store)]
+    assert folder.out.startswith(res.out) and f"  patches    {n} x 96 px at 0.972 um/px" in folder.out
+    js = run_cli("info", emb, "--json")
+    assert js.code == 0 and '"kind": "wsi-screen embeddings"' in js.out
+
+
 def test_stores_keep_no_pixels_unless_asked_and_both_embed_alike(embedded: tuple[Path, object], example_slide: Path,
                                                                   tmp_path: Path) -> None:
     """By default `embed` keeps coordinates-only stores (the patches are read from the slide as they are embedded);

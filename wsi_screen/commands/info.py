@@ -1,48 +1,56 @@
-"""``wsi-screen info``: what a patch store holds and how it was made."""
+"""``wsi-screen info``: what a patch store or an embeddings store holds and how it was made."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
 from wsi_screen.commands._options import common_options, configure_output
 
 
-@click.command(short_help="Describe patch stores (slide, resolution, patches, stain, provenance).")
+@click.command(short_help="Describe patch stores and embeddings stores (slide, resolution, contents, provenance).")
 @click.argument("stores", nargs=-1, required=True, type=str)
 @click.option("--json", "as_json", is_flag=True, help="Print each store's full attributes as JSON.")
 @common_options
 def info(stores: tuple[str, ...], as_json: bool) -> None:
-    """Print a summary of each STORE written by `wsi-screen tile` (or its attributes with --json).
+    """Print a summary of each STORE written by `wsi-screen tile` or `wsi-screen embed` (or its attributes with
+    --json).
 
-    A folder of stores (as `tile -o` or a run's stores/ folder) stands for every store in it."""
+    A folder of stores stands for every store in it and in its stores/ folder: `tile -o` output, a run's
+    stores/ folder, or `embed -o` output (its embeddings stores, then the patch stores they were made from)."""
     configure_output()
     from pathlib import Path
 
+    from wsi_screen.embedding.features import KIND, read_attrs
     from wsi_screen.tiling.store import PatchStore, is_url
 
     expanded: list[str] = []
     for location in stores:
         folder = Path(location)
-        inside = [] if is_url(location) or (folder / "zarr.json").exists() else sorted(folder.glob("*.zarr"))
+        inside = [] if is_url(location) or (folder / "zarr.json").exists() else \
+            [*sorted(folder.glob("*.zarr")), *sorted((folder / "stores").glob("*.zarr"))]
         if inside:
             expanded.extend(str(p) for p in inside)
         else:
             expanded.append(location)
     for location in expanded:
+        embeddings = None if is_url(location) else read_attrs(location)
+        if embeddings is not None and embeddings.get("kind") == KIND:
+            if as_json:
+                click.echo(json.dumps({"location": str(Path(location)), **embeddings}, indent=2, sort_keys=True))
+            else:
+                _print_embeddings(str(Path(location)), embeddings)
+            continue
         store = PatchStore.open(location, require_complete=False)
         if as_json:
             click.echo(json.dumps({"location": store.location, **store.attrs}, indent=2, sort_keys=True))
             continue
         a = store.attrs
-        slide = a.get("slide", {})
         stain = a.get("stain", {})
-        w, h = slide.get("dimensions", ["?", "?"])
         click.echo(f"{store.location}")
-        click.echo(f"  slide      {slide.get('name')}  ({slide.get('vendor')}, {w} x {h} px, "
-                   f"{slide.get('mpp')} um/px from {slide.get('mpp_source')})")
-        click.echo(f"  source     {slide.get('path')}")
+        _print_slide(a.get("slide", {}))
         click.echo(f"  patches    {len(store)} x {a.get('patch_size')} px at {a.get('mpp')} um/px "
                    f"({a.get('tile_size_l0')} level-0 px, stride {a.get('stride_l0')})")
         tissue = a.get("tissue", {})
@@ -53,5 +61,35 @@ def info(stores: tuple[str, ...], as_json: bool) -> None:
                                       "none (coordinates only: patches are read from the source slide)"))
         fitted = "" if stain.get("method") == "none" else f" (fitted: {stain.get('fitted')})"
         click.echo(f"  stain      {stain.get('method')}{fitted}")
-        click.echo(f"  complete   {a.get('complete')}   schema {a.get('schema_version')}   "
-                   f"wsi-screen {a.get('package_version')}")
+        _print_provenance(a)
+
+
+def _print_slide(slide: dict[str, Any]) -> None:
+    w, h = slide.get("dimensions", ["?", "?"])
+    click.echo(f"  slide      {slide.get('name')}  ({slide.get('vendor')}, {w} x {h} px, "
+               f"{slide.get('mpp')} um/px from {slide.get('mpp_source')})")
+    click.echo(f"  source     {slide.get('path')}")
+
+
+def _print_provenance(a: dict[str, Any]) -> None:
+    click.echo(f"  complete   {a.get('complete')}   schema {a.get('schema_version')}   "
+               f"wsi-screen {a.get('package_version')}")
+
+
+def _print_embeddings(location: str, a: dict[str, Any]) -> None:
+    """The text view of an embeddings store (`wsi-screen embed`): what its features are and how they were made."""
+    enc = a.get("encoder", {})
+    pre = a.get("preprocessing", {})
+    click.echo(location)
+    click.echo(f"  features   {a.get('n_patches')} x {enc.get('dim')} {a.get('dtype')} (embeddings, computed in "
+               f"{a.get('precision')})")
+    click.echo(f"  encoder    {enc.get('name')} (ref {enc.get('ref')}, {enc.get('arch')}, "
+               f"pooling {enc.get('pooling')})")
+    click.echo(f"  weights    {enc.get('weights')}  sha256 {enc.get('weights_sha256')}")
+    click.echo(f"  input      {pre.get('input_size')} px at {pre.get('mpp')} um/px, resize {pre.get('resize')}, "
+               f"mean {pre.get('mean')}, std {pre.get('std')}")
+    click.echo(f"  patches    {a.get('size')} px at {a.get('mpp')} um/px ({a.get('tile_size_l0')} level-0 px) "
+               f"from {a.get('patch_store')}")
+    click.echo("  coords     level-0 (x, y) of each patch's top-left corner, in the patch store's order")
+    _print_slide(a.get("slide", {}))
+    _print_provenance(a)
