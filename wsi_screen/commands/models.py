@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from wsi_screen.commands._options import common_options, configure_output
+from wsi_screen.errors import UnknownModelError
 
 #: above this many matches, names are listed without building each model
 MAX_COUNTED = 60
@@ -21,7 +22,7 @@ MAX_COUNTED = 60
                    "the hub gates it.")
 @click.option("--card", is_flag=True,
               help="Print the model card of MODEL_DIR (given in place of PATTERN; default: the bundled model): "
-                   "intended use, training data, validation figures, limitations.")
+                   "intended use, training data, validation figures, limitations. Not with --encoders.")
 @common_options
 def models(pattern: str | None, show_all: bool, num_classes: int, encoders: bool, card: bool) -> None:
     """List architectures usable with `wsi-screen train --arch NAME`.
@@ -36,6 +37,8 @@ def models(pattern: str | None, show_all: bool, num_classes: int, encoders: bool
     --encoders` the pathology encoders `train --encoder` and `embed --encoder` know by name.
     """
     configure_output()
+    if card and encoders:
+        raise click.UsageError("--card prints a model's card and --encoders lists encoders: give one of them")
     if encoders:
         _print_encoders(pattern)
         return
@@ -46,6 +49,12 @@ def models(pattern: str | None, show_all: bool, num_classes: int, encoders: bool
 
     if show_all or pattern:
         names = list_models(pattern or "")
+        if not names and pattern and _is_glob(pattern):
+            import difflib
+
+            close = difflib.get_close_matches(pattern.strip("*?"), list_models(), n=5, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else "`wsi-screen models --all` lists them"
+            raise UnknownModelError(f"no architecture matches the pattern {pattern!r}; {hint}")
         if not names:
             from wsi_screen.models.registry import check_arch
 
@@ -62,6 +71,11 @@ def models(pattern: str | None, show_all: bool, num_classes: int, encoders: bool
     for name in names:
         info = arch_info(name, num_classes)
         click.echo(f"{info.name:<24} {info.params:>13,} {info.input_size:>6}  {info.source}")
+
+
+def _is_glob(pattern: str) -> bool:
+    """Whether ``pattern`` is a glob (``*``, ``?`` or ``[``) rather than a name."""
+    return any(c in pattern for c in "*?[")
 
 
 def _print_encoders(pattern: str | None) -> None:

@@ -1,0 +1,26 @@
+"""``wsi-screen models``: a pattern that matches nothing, and options that do not go together."""
+
+from __future__ import annotations
+
+from tests.conftest import run_cli
+
+
+def test_a_pattern_that_matches_nothing_says_so() -> None:
+    res = run_cli("models", "zzz*")
+    assert res.code == 1 and res.err_lines == [
+        "wsi-screen: error: no architecture matches the pattern 'zzz*'; `wsi-screen models --all` lists them"], res
+    res = run_cli("models", "resnet5o*")
+    assert res.code == 1 and len(res.err_lines) == 1 and res.err.startswith(
+        "wsi-screen: error: no architecture matches the pattern 'resnet5o*'; did you mean resnet50"), res
+    # a name (no glob) is still an unknown architecture, with the closest names
+    res = run_cli("models", "resnet5")
+    assert res.code == 1 and "unknown architecture 'resnet5'; did you mean" in res.err, res
+    res = run_cli("models", "resnet5?")
+    assert res.code == 0 and "resnet50 " in res.out, res
+
+
+def test_card_with_encoders_is_a_usage_error() -> None:
+    res = run_cli("models", "--card", "--encoders")
+    assert res.code == 2 and res.out == "", res
+    errors = [line for line in res.err_lines if line.startswith("Error:")]
+    assert errors == ["Error: --card prints a model's card and --encoders lists encoders: give one of them"], res
