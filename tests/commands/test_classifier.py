@@ -205,6 +205,16 @@ def test_infer_sets_torch_threads(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert torch.get_num_threads() == 3
 
 
+def test_predict_has_threads_and_says_what_batch_size_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`predict --threads`, as infer and evaluate have it; `--batch-size` has help text like theirs."""
+    help_text = CliRunner().invoke(cli, ["predict", "--help"], terminal_width=200).output
+    assert "--threads INTEGER RANGE" in help_text and "Torch compute threads." in help_text
+    assert "--batch-size INTEGER RANGE" in help_text and "Images per forward pass." in help_text
+    code, _, err = run(["predict", str(tmp_path), "--threads", "3"], capsys)  # an empty folder: refused after
+    assert code == 1 and f"{tmp_path}: no image files found" in err, err  # the model was set up with 3 threads
+    assert torch.get_num_threads() == 3
+
+
 def test_cross_validated_training_names_its_out_of_fold_auc() -> None:
     """Its AUC is of pooled out-of-fold predictions, not a validation split's: the summary line of `train` used to
     call it "valid AUC". (The figures as fit_folds records them; a real 2-fold run takes ~20 s here.)"""

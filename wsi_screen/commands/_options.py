@@ -86,7 +86,7 @@ def slide_timeout_option(func: F) -> F:
 
 
 def threads_option(func: F) -> F:
-    """``--threads``: torch's compute threads (train, tune, evaluate, infer; see ``train.set_threads``)."""
+    """``--threads``: torch's compute threads (train, tune, evaluate, infer, predict; see ``train.set_threads``)."""
     return click.option("--threads", type=click.IntRange(0, 256), default=0,
                         help="Torch compute threads. 0 (default): 1 on machines with 2 cores or fewer, where "
                              "more threads were slower (bench/RESULTS.md), else torch's default (all cores).")(func)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from wsi_screen.commands._options import common_options, configure_output, device_option, precision_option
+from wsi_screen.commands._options import (
+    common_options,
+    configure_output,
+    device_option,
+    precision_option,
+    threads_option,
+)
 
 
 @click.command(short_help="Classify image files (patches) with a model.")
@@ -12,12 +18,14 @@ from wsi_screen.commands._options import common_options, configure_output, devic
 @click.option("--model", "model_dir", type=click.Path(exists=True), default=None, metavar="MODEL_DIR",
               help="Model folder from `wsi-screen train` (default: the bundled model).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image instead of a table.")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Images per forward pass.")
+@threads_option
 @precision_option("auto")
 @device_option
 @common_options
-def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch_size: int, precision: str,
-            device: str) -> None:
+def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch_size: int, threads: int,
+            precision: str, device: str) -> None:
     """Print the predicted class and class probabilities of each IMAGE.
 
     An IMAGE may be a folder: its image files (jpg, png, tif, bmp, webp) are classified, recursively, in
@@ -38,10 +46,12 @@ def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch
 
     import numpy as np
 
+    from wsi_screen.commands.train import set_threads
     from wsi_screen.errors import DatasetError
     from wsi_screen.models import load_model
     from wsi_screen.training.data import IMAGE_SUFFIXES, read_image
 
+    set_threads(threads)
     model = load_model(model_dir, precision=precision, device=device)
     spec = model.spec
     paths: list[Path] = []
