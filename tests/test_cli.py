@@ -26,6 +26,15 @@ def test_help_of_every_command(command: str) -> None:
     assert "--quiet" in res.out or command in ("models",)
 
 
+def test_tile_help_says_patches_are_normalised_only_with_stain() -> None:
+    """The default is --stain none: the help used to promise stain-normalised patches."""
+    res = run_cli("tile", "--help")
+    assert res.code == 0 and "write its patches to OUT (stain-normalised with --stain; by default as scanned)" \
+        in " ".join(res.out.split()), res
+    stain = " ".join(res.out.split("--stain [none|macenko|reinhard|vahadane]")[1].split("--stain-target")[0].split())
+    assert stain.endswith("[default: none]"), stain
+
+
 def test_option_help_names_only_the_commands_own_options() -> None:
     """Shared options' help fits each command: a --flag it names is one of that command's options, or is given
     with the command it belongs to (`wsi-screen evaluate --split`)."""

@@ -65,7 +65,7 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
          stain: str, stain_target: str | None, codec: str, quality: int | None, pixels: str,
          slide_mpp: float | None, slide_mpp_csv: str | None, workers: int,
          reader: str, overwrite: bool, slide_timeout: float, dask: str | None) -> None:
-    """Find tissue in SLIDES and write stain-normalised patches to OUT.
+    """Find tissue in SLIDES and write its patches to OUT (stain-normalised with --stain; by default as scanned).
 
     Each SLIDE is a slide file (SVS, NDPI, MRXS, SCN, BIF, VMS, tiled or OME-TIFF, DICOM, ...) or a folder,
     scanned recursively; a folder whose .dcm files form one DICOM series is one slide named after it.
