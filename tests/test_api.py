@@ -273,6 +273,28 @@ def test_call_slide_overrides_and_foci(scores: Any, model: Any) -> None:
     assert fallback.score == call.score
 
 
+def test_slide_call_to_json_is_a_dict_of_json_values(scores: Any, model: Any) -> None:
+    """docs/api.md: `to_json()` gives a dict (not a string); json.dumps of it is the text."""
+    import json
+
+    call = wsi_screen.call_slide(scores, model, rule="max", threshold=0.01)
+    data = call.to_json()
+    text = json.dumps(data)
+    assert isinstance(data, dict) and set(json.loads(text)) == set(data)
+    assert data["slide"] == "CMU-1-Small-Region" and len(data["foci"]) == len(call.foci)
+    assert data["in_domain_fraction"] == call.in_domain_fraction and data["out_of_domain"] == call.out_of_domain
+
+
+def test_tissue_settings_live_where_the_docs_say() -> None:
+    """docs/api.md: `TissueSettings` is imported from wsi_screen.tiling.tissue (not a name of wsi_screen)."""
+    from wsi_screen.tiling.tissue import TissueSettings
+
+    api_md = (REPO / "docs" / "api.md").read_text(encoding="utf-8")
+    assert "from wsi_screen.tiling.tissue import TissueSettings" in api_md and "TissueSettings()" not in api_md
+    assert TissueSettings(min_od=0.15).min_od == 0.15
+
+
+
 def test_heatmap_is_a_figure_of_the_slide(example_slide: Path, scores: Any, model: Any, tmp_path: Path) -> None:
     from matplotlib.figure import Figure
 

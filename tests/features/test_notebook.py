@@ -51,6 +51,10 @@ def test_screen_a_slide_uses_only_the_public_api() -> None:
     used = set(re.findall(r"wsi_screen\.(\w+)", code))
     assert used <= {*wsi_screen.__all__}, used - {*wsi_screen.__all__}
     assert {"open_slide", "tissue_mask", "tile", "load_model", "score", "call_slide", "heatmap", "screen"} <= used
+    # it tiles at the model's settings as docs/api.md says: stain method and its target
+    tile_call = re.search(r"wsi_screen\.tile\((.*?)\)\n", code, re.S)
+    assert tile_call and "stain=spec.stain_method" in tile_call.group(1), code
+    assert "stain_target=spec.stain_target" in tile_call.group(1), tile_call.group(1)
 
 
 @pytest.mark.slow

@@ -144,6 +144,7 @@ class SlideCall:
         return self.result.n_patches
 
     def to_json(self) -> dict[str, Any]:
+        """The whole call as a dict that ``json.dumps`` accepts; not a string (``json.dumps(call.to_json())`` is)."""
         return {"slide": self.name, **self.result.to_json(), "aggregate": self.aggregate.to_json(),
                 "foci": [f.to_json() for f in self.foci], "in_domain_fraction": self.in_domain_fraction,
                 "out_of_domain": self.out_of_domain}
