@@ -107,6 +107,25 @@ def test_stores_keep_no_pixels_unless_asked_and_both_embed_alike(embedded: tuple
     assert PatchStore.open(kept / "stores" / f"{name}.zarr").has_pixels  # not re-tiled as coordinates only
     np.testing.assert_array_equal(FeatureStore(tmp_path / "again" / f"{name}.zarr").features,
                                   FeatureStore(out / f"{name}.zarr").features)
+    assert FeatureStore(tmp_path / "again" / f"{name}.zarr").attrs["patch_pixels"] == {
+        "pixels": "store", "codec": {"name": "lz4", "quality": None}}
+    assert FeatureStore(out / f"{name}.zarr").attrs["patch_pixels"] == {"pixels": "none", "codec": None}
+    assert "compressed" not in again.err
+
+
+def test_embedding_a_jpeg_store_says_so(example_slide: Path, tmp_path: Path) -> None:
+    """`tile`'s default store is JPEG: its features are not quite the slide's, so embed warns and records it."""
+    tiled = run_cli("tile", example_slide, "-o", tmp_path / "stores", "--mpp", "0.972", "--size", "96", "--quiet")
+    assert tiled.code == 0, tiled
+    res = run_cli("embed", example_slide, "--encoder", "default", "-o", tmp_path / "out", "--workers", "0",
+                  "--stores", tmp_path / "stores")
+    assert res.code == 0, res
+    name = "CMU-1-Small-Region"
+    assert [line for line in res.err_lines if "compressed" in line] == [
+        f"wsi-screen: warning: {name}: embedding the JPEG-compressed patches of a reused store (quality 90): the "
+        "features differ slightly from the slide's; lz4 or coordinates-only stores give the slide's pixels"]
+    assert FeatureStore(tmp_path / "out" / f"{name}.zarr").attrs["patch_pixels"] == {
+        "pixels": "store", "codec": {"name": "jpeg", "quality": 90}}
 
 
 def test_rerun_skips_and_new_settings_recompute(embedded: tuple[Path, object], example_slide: Path) -> None:

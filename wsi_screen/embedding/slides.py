@@ -119,6 +119,10 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
         log.debug("%s: embeddings up to date", name)
         return EmbedResult(name, source, "skipped", str(target), len(store))
     n = len(store)
+    if store.codec is not None and store.codec.lossy:
+        log.warning("%s: embedding the %s-compressed patches of a reused store (quality %s): the features differ "
+                    "slightly from the slide's; lz4 or coordinates-only stores give the slide's pixels",
+                    name, store.codec.name.upper(), store.codec.quality)
     features = np.zeros((n, encoder.dim), dtype=config.dtype)
     items = plan_batches([(location, n)], config.batch_size)
     with stream_batches(items, workers=config.loader_workers, reader=reader) as batches, \
@@ -133,7 +137,8 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
     attrs = {"encoder": i.to_dict(), "preprocessing": {**i.preprocessing, "mpp": float(store.mpp)},
              "mpp": float(store.mpp),
              "size": int(store.patch_size), "tile_size_l0": int(store.tile_size_l0),
-             "slide": store.attrs.get("slide", {}), "patch_store": str(location), "precision": encoder.precision,
+             "slide": store.attrs.get("slide", {}), "patch_store": str(location),
+             "patch_pixels": store.pixels_record, "precision": encoder.precision,
              "package_version": __version__, "settings": settings}
     write_feature_store(target, features, store.coords, attrs)
     seconds = {"embed": round(embedded - started, 3), "write": round(time.perf_counter() - embedded, 3)}

@@ -51,14 +51,6 @@ def store_digest(location: str) -> str:
     return hashlib.sha256(json.dumps(attrs.get("settings", {}), sort_keys=True).encode()).hexdigest()
 
 
-def store_pixels(store: PatchStore) -> dict[str, Any]:
-    """Where the patches a slide was scored from came from: ``pixels`` ``"store"`` (decoded from the store's
-    ``codec``, ``name`` and ``quality``) or ``"none"`` (a coordinates-only store: read from the slide, ``codec``
-    None). slide.json and run.json record it, so a run scored from lossy (JPEG) patches says so."""
-    codec = store.codec
-    return {"pixels": "store" if store.has_pixels else "none", "codec": codec.to_json() if codec else None}
-
-
 @dataclass
 class SlideRow:
     """One line of results.csv while it is being assembled."""
@@ -122,7 +114,7 @@ def write_slide_folder(run: Path, row: SlideRow, location: str, probs: np.ndarra
             "slide": row.name, "source": row.source, "store": runfolder.portable_path(location, run),
             "store_digest": store_digest(location),
             # the pixels the scores came from (a reused JPEG store's are not the slide's)
-            "store_pixels": store_pixels(store),
+            "store_pixels": store.pixels_record,
             "n_patches": len(store), "tile_size_l0": store.tile_size_l0, "stride_l0": int(store.attrs["stride_l0"]),
             "mpp": store.mpp,
             "slide_info": store.attrs["slide"], "model": model_id, "package_version": __version__,
@@ -168,10 +160,11 @@ def aggregate_row(run: Path, row: SlideRow, classifier: PatchClassifier, aggrega
 
 
 def _pixels_of(location: str) -> dict[str, Any] | None:
-    """:func:`store_pixels` of the store at ``location`` (a slide.json written before it recorded them); None
+    """:attr:`PatchStore.pixels_record` of the store at ``location`` (a slide.json written before it recorded
+    them); None
     when the store cannot be opened."""
     try:
-        return store_pixels(PatchStore.open(location)) if location else None
+        return PatchStore.open(location).pixels_record if location else None
     except (WsiScreenError, OSError):
         return None
 
@@ -296,7 +289,8 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
 
 
 def scored_from(rows: Sequence[SlideRow]) -> list[dict[str, Any]]:
-    """The distinct :func:`store_pixels` of the slides scored (``n_slides`` each), in the rows' order."""
+    """The distinct ``store_pixels`` (:attr:`PatchStore.pixels_record`) of the slides scored (``n_slides`` each),
+    in the rows' order."""
     found: list[dict[str, Any]] = []
     for r in sorted(rows, key=lambda r: r.name):
         pixels = r.extra.get("store_pixels")

@@ -390,6 +390,15 @@ class PatchStore:
         """How the patches are encoded (None for a coordinates-only store)."""
         return PatchCodec.from_json(self.attrs.get(ATTR_CODEC)) if self.has_pixels else None
 
+    @property
+    def pixels_record(self) -> dict[str, Any]:
+        """Where this store's patches come from when read: ``pixels`` ``"store"`` (decoded from ``codec``: its
+        ``name`` and ``quality``) or ``"none"`` (coordinates only: read from the slide, ``codec`` None). What a
+        run's slide.json and run.json (``store_pixels``) and a feature store (``patch_pixels``) record, so
+        results made from lossy (JPEG) patches say so."""
+        codec = self.codec
+        return {"pixels": "store" if self.has_pixels else "none", "codec": codec.to_json() if codec else None}
+
     def array(self, key: str) -> zarr.Array:
         """The zarr array stored under ``key`` (one of :data:`ARRAY_KEYS`)."""
         node = self._group[key]
