@@ -73,8 +73,9 @@ def decide(probs: np.ndarray, positive_index: int | None, threshold: float | Non
     A binary model with a positive class calls it when its probability is at least ``threshold`` (the
     operating point chosen on validation); otherwise, and for more than two classes, the most probable
     class wins. ``predict`` and ``evaluate`` pass the model's threshold; a slide's outputs (heatmap contour,
-    GeoJSON tiles, report, notebook) the patch threshold its call read
-    (:func:`wsi_screen.screening.aggregate.call_patch_threshold`), so each picture shows one operating point.
+    GeoJSON tiles, foci, report, notebook) the call's patch threshold, the focus threshold whatever the rule
+    (:attr:`wsi_screen.screening.aggregate.AggregateConfig.call_patch_threshold`), so each picture shows one
+    operating point.
     """
     probs = np.asarray(probs)
     if probs.ndim != 2 or probs.shape[0] == 0:

@@ -159,3 +159,79 @@ def test_describe_states_the_rule_and_threshold() -> None:
         "highest patch P(tumour) >= 0.988 -> tumour"
     assert describe(AggregateConfig(rule="topk", k=0.1, slide_threshold=0.5), "abnormal") == \
         "mean P(abnormal) of the highest 10% of patches >= 0.5 -> abnormal"
+
+
+def _on_grid(p: np.ndarray):  # type: ignore[no-untyped-def]
+    from wsi_screen.screening.spatial import patch_grid
+
+    rows, cols = np.nonzero(np.ones_like(p, dtype=bool))
+    coords = np.stack([cols * 96, rows * 96], 1).astype(np.int64)
+    values = p[rows, cols]
+    return values, patch_grid(coords, values, 96, 0.972)
+
+
+def test_foci_need_min_focus_patches_whatever_the_rule_but_the_region_rules_largest_counts() -> None:
+    p = np.full((12, 12), 0.1)
+    p[1, 1:3] = 0.93          # a 2-patch region at 0.8: too small to be a focus
+    p[8, 8] = 0.97            # the highest patch, alone
+    values, grid = _on_grid(p)
+    as_max = AggregateConfig(rule="max", slide_threshold=0.95, region_threshold=0.8, min_focus_patches=6)
+    res = diagnose(values, as_max, positive="tumour", negative="normal", grid=grid)
+    assert res.diagnosis == "tumour" and res.foci == () and res.n_foci == 0 and res.metastasis == "none"
+    assert res.largest_focus_mm is None and res.focus_indices == []
+    # the call's evidence is the patch that decided it (row 8, col 8 in input order)
+    assert res.evidence_indices == (8 * 12 + 8,)
+    assert res.n_call_positive == 3 and res.n_positive_patches == int(np.sum(values >= as_max.patch_threshold))
+    # the region rule: its largest region is its score, so it counts even under min_focus_patches
+    as_region = AggregateConfig(rule="region", slide_threshold=0.01, region_threshold=0.8, min_focus_patches=6)
+    reg = diagnose(values, as_region, positive="tumour", negative="normal", grid=grid)
+    assert reg.diagnosis == "tumour" and reg.n_foci == 1 and reg.foci[0].n_patches == 2 and reg.evidence_indices == ()
+    # six patches in a row make a focus under either rule
+    p[4, 2:8] = 0.9
+    values, grid = _on_grid(p)
+    res = diagnose(values, as_max, positive="tumour", negative="normal", grid=grid)
+    assert res.n_foci == 1 and res.foci[0].n_patches == 6 and res.metastasis == "micro"
+
+
+def test_call_evidence_is_what_the_score_was_read_from() -> None:
+    from wsi_screen.screening.aggregate import call_evidence
+
+    p = np.full((6, 6), 0.1)
+    p[0, 5], p[5, 5], p[5, 0] = 0.99, 0.98, 0.97
+    p[1:4, 1:4] = 0.7
+    p[2, 2] = 0.75      # the highest 3 x 3 neighbourhood mean (0.706) is the one around cell (2, 2)
+    values, grid = _on_grid(p)
+    assert call_evidence(values, AggregateConfig(rule="max")) == (5,)
+    assert call_evidence(values, AggregateConfig(rule="topk", k=3)) == (5, 30, 35)
+    window = call_evidence(values, AggregateConfig(rule="smoothmax", radius=1), grid)
+    assert window == tuple(r * 6 + c for r in range(1, 4) for c in range(1, 4))
+    assert call_evidence(values, AggregateConfig(rule="mean")) == ()
+    assert call_evidence(values, AggregateConfig(rule="fraction")) == ()
+    assert call_evidence(values, AggregateConfig(rule="region"), grid) == ()
+    res = diagnose(values, AggregateConfig(rule="topk", k=3, slide_threshold=0.5), positive="t", negative="n")
+    assert res.evidence_indices == (5, 30, 35)
+
+
+def test_one_picture_threshold_whatever_the_rule() -> None:
+    from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_name
+    from wsi_screen.screening.run import fallback_rule
+
+    for rule in RULES:
+        cfg = AggregateConfig(rule=rule, patch_threshold=0.213, region_threshold=0.8,
+                              slide_threshold=0.05 if rule == "region" else 0.9)
+        assert cfg.call_patch_threshold == 0.8 == cfg.to_json()["call_patch_threshold"]
+        assert call_patch_threshold(cfg.to_json()) == 0.8
+    assert call_patch_threshold({"rule": "max", "patch_threshold": 0.213, "region_threshold": 0.7}) == 0.7  # old run
+    assert call_patch_threshold({}) is None
+    assert call_patch_threshold_name("region") == "the call's patch threshold"
+    assert call_patch_threshold_name("max") == "the focus threshold"
+    # a model without a calibrated rule has one threshold, its own, for its calls and its pictures
+    fallback = fallback_rule(0.3)
+    assert (fallback.patch_threshold, fallback.region_threshold, fallback.call_patch_threshold) == (0.3, 0.3, 0.3)
+    assert fallback_rule(None).call_patch_threshold == 0.5
+
+
+def test_foci_count_in_words() -> None:
+    from wsi_screen.screening.aggregate import foci_count
+
+    assert [foci_count(n) for n in (0, 1, 2)] == ["0 foci", "1 focus", "2 foci"]

@@ -69,7 +69,8 @@ def test_title_says_call_score_rule_metastasis_focus_and_domain() -> None:
     topk, *_ = _ctx(np.full((20, 20), 0.3), AggregateConfig(rule="topk", k=5, patch_threshold=0.213,
                                                             slide_threshold=0.5), domain={})
     assert title(topk).endswith("score 0.300 < 0.5 (rule: topk (k = 5)) | domain not checked")
-    assert topk.threshold == 0.213 and topk.threshold_name == "the model's patch threshold"
+    # a rule without a patch threshold of its own shows the focus threshold (region_threshold), not the model's
+    assert topk.threshold == 0.5 and topk.threshold_name == "the focus threshold"
 
 
 def test_heatmap_names_the_call_threshold_and_outlines_every_focus_with_its_size(tmp_path: Path) -> None:
@@ -82,7 +83,7 @@ def test_heatmap_names_the_call_threshold_and_outlines_every_focus_with_its_size
     assert title(ctx) in texts
     assert "inside cyan: P(tumour) >= 0.8 (the call's patch threshold)" in texts            # the legend
     assert "P(tumour); cyan line: the call's patch threshold 0.8" in texts                   # the colour bar
-    assert "2 counted foci (largest bold), at P(tumour) >= 0.8" in texts
+    assert "2 foci counted (largest bold): P(tumour) >= 0.8, >= 6 patches" in texts
     assert f"1: {res.foci[0].longest_axis_mm:.2f} mm (macro)" in texts
     assert f"2: {res.foci[1].longest_axis_mm:.2f} mm" in texts
     assert not any("0.213" in t for t in texts)  # the model's threshold is not this picture's
@@ -128,4 +129,82 @@ def test_the_key_changes_with_what_is_drawn() -> None:
 def test_the_threshold_shown_is_the_calls_own(rule: str) -> None:
     cfg = AggregateConfig(rule=rule, patch_threshold=0.213, slide_threshold=0.5, region_threshold=0.8)
     ctx, *_ = _ctx(np.full((5, 5), 0.3), cfg)
-    assert ctx.threshold == (0.8 if rule == "region" else 0.213)
+    assert ctx.threshold == 0.8  # the focus threshold whatever the rule, never the model's 0.213
+    assert ctx.threshold_name == ("the call's patch threshold" if rule == "region" else "the focus threshold")
+
+
+@pytest.fixture(scope="module")
+def max_rule_run(tmp_path_factory: pytest.TempPathFactory, patches_dir: Path) -> Path:
+    """``infer --aggregate max --threshold 0.9`` on the synthetic pair of ``make_synthetic_slides.py --pos 1 --neg 1``
+    (seed 0): synth_000 has a tumour blob, synth_001 is normal with a few scattered patches at P(tumour) >= 0.8."""
+    from tests.conftest import run_cli
+    from wsi_screen.synthetic.slides import build_cohort
+
+    root = tmp_path_factory.mktemp("maxrule")
+    build_cohort(root / "slides", n_pos=1, n_neg=1, seed=0, patches_dir=patches_dir / "pcam")
+    run = root / "run"
+    res = run_cli("infer", root / "slides", "-o", run, "--aggregate", "max", "--threshold", "0.9", "--quiet")
+    assert res.code == 0, res
+    return run
+
+
+def test_a_max_rule_call_draws_every_picture_at_one_threshold_and_marks_its_evidence(max_rule_run: Path) -> None:
+    import json
+
+    from tests.conftest import read_results
+    from wsi_screen.screening import runfolder, runview
+    from wsi_screen.screening.callview import slide_grid
+    from wsi_screen.screening.spatial import regions
+
+    info = json.loads((max_rule_run / "run.json").read_text())
+    agg = info["aggregate"]
+    assert agg["rule"] == "max" and agg["slide_threshold"] == 0.9
+    assert agg["region_threshold"] == 0.8 and agg["min_focus_patches"] == 6
+    assert agg["call_patch_threshold"] == 0.8 and agg["patch_threshold"] == pytest.approx(0.2133, abs=1e-4)
+    rows = read_results(max_rule_run)
+    view = runview.open_run(max_rule_run)
+    for name in ("synth_000", "synth_001"):
+        probs = runfolder.read_scores(max_rule_run / name / "scores.csv").probs[:, 1]
+        fc = json.loads((max_rule_run / name / "patches.geojson").read_text())
+        meta = fc["wsi_screen"]
+        assert meta["threshold"] == 0.8 and meta["threshold_source"].startswith("the focus threshold (the max rule")
+        tiles = [f for f in fc["features"] if f["properties"]["objectType"] == "tile"]
+        tumour = [f["properties"]["index"] for f in tiles if f["properties"]["classification"]["name"] == "tumour"]
+        assert tumour == [i for i, p in enumerate(probs.tolist()) if round(p, 6) >= 0.8]
+        assert all(f["properties"]["threshold"] == 0.8 for f in tiles)
+        # the evidence: the patch the max rule read, marked in the GeoJSON and named with the score vs threshold
+        top = int(np.argmax(probs))
+        assert meta["evidence_indices"] == [top]
+        assert [f["properties"]["index"] for f in tiles if f["properties"].get("call_evidence")] == [top]
+        notes = [f["properties"] for f in fc["features"] if f["properties"]["objectType"] == "annotation"]
+        assert notes[-1]["name"] == f"call evidence: highest patch, P(tumour) {probs[top]:.3f} >= 0.9"
+        # foci: regions at 0.8 of >= 6 patches (min_focus_patches), as results.csv counts them
+        foci = [n for n in notes if n["category"] in ("itc", "micro", "macro")]
+        assert len(foci) == meta["n_foci"] == int(rows[name]["n_foci"])
+        assert all(n["measurements"]["patches"] >= 6 for n in foci)
+        # the heatmap: cyan contour, legend and colour bar at 0.8; the model's 0.213 nowhere
+        fig = runview.slide_figure(view, name)
+        levels = [float(c.levels[0]) for c in fig.axes[1].collections if hasattr(c, "levels")]
+        assert levels == [0.8]
+        texts = _texts(fig)
+        assert "inside cyan: P(tumour) >= 0.8 (the focus threshold)" in texts
+        assert "P(tumour); cyan line: the focus threshold 0.8" in texts
+        assert f"call evidence: highest patch, P(tumour) {probs[top]:.3f} >= 0.9" in texts
+        assert not any("0.213" in t for t in texts)
+        assert "|max|0.8|" in (drawn_with(max_rule_run / name / "heatmap.png") or "")
+    tumour_row, normal_row = rows["synth_000"], rows["synth_001"]
+    assert tumour_row["diagnosis"] == "tumour" and int(tumour_row["n_foci"]) >= 1
+    # the normal slide: called by one patch >= 0.9, its regions at 0.8 all under 6 patches: no focus, no size
+    normal = runview.slide_call(view, "synth_001")
+    assert normal.result is not None and normal.result.diagnosis == "tumour"
+    g = slide_grid(view.slide_json("synth_001"), view.scores("synth_001").coords, view.positive_probs("synth_001"))
+    assert g is not None
+    small = regions(g, 0.8)
+    assert small and max(r.n_patches for r in small) < 6  # there is something a focus could be made of
+    assert normal.result.foci == () and normal_row["n_foci"] == "0" and normal_row["metastasis"] == "none"
+    assert normal_row["largest_focus_mm"] == ""
+    assert title(normal).split("\n")[0] == "synth_001: TUMOUR | no focus (P(tumour) >= 0.8, >= 6 patches)"
+    # the report names the same threshold
+    html = (max_rule_run / "report.html").read_text()
+    assert "patch threshold 0.8 (the focus threshold: the heatmaps' cyan line, the GeoJSON's tile classes and " \
+           "the foci)" in html.replace("&#x27;", "'")

@@ -33,8 +33,8 @@ def test_structure() -> None:
     fc = patches_to_geojson(coords, 224, probs, CLASSES, slide_name="s1")
     assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 4
     assert fc["wsi_screen"] == {"slide": "s1", "classes": CLASSES, "tile_size_l0": 224, "n_patches": 4, "n_foci": 0,
-                                "positive_class": None, "threshold": None, "threshold_source": None,
-                                "decision": "most probable class"}
+                                "evidence_indices": [], "positive_class": None, "threshold": None,
+                                "threshold_source": None, "decision": "most probable class"}
     for i, (feat, (x, y)) in enumerate(zip(fc["features"], coords.tolist(), strict=True)):
         assert feat["type"] == "Feature" and feat["geometry"]["type"] == "Polygon"
         rings = feat["geometry"]["coordinates"]

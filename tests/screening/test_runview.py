@@ -43,4 +43,4 @@ def test_the_notebook_shows_the_runs_call_at_its_threshold(demo_run: Path) -> No
     # the notebook's figure is the run's heatmap.png: drawn from the same call
     assert views_key(ctx) == drawn_with(demo_run / "CMU-1-Small-Region" / "heatmap.png")
     assert runview.rule_summary(view) == ("slide call: region score >= 0.0479 mm² (largest region at p >= 0.8); "
-                                          "patch threshold 0.8 (the call's)")
+                                          "pictures and foci at p >= 0.8 (the call's patch threshold)")

@@ -191,7 +191,8 @@ def test_foci_of_a_positive_call_carry_their_patches_and_outline() -> None:
     g = patch_grid(coords, values, STRIDE, MPP)
     cfg = AggregateConfig(rule="region", slide_threshold=0.1, region_threshold=0.5, min_focus_patches=3)
     assert cfg.call_patch_threshold == 0.5
-    assert AggregateConfig(rule="topk", patch_threshold=0.21).call_patch_threshold == 0.21
+    # one picture threshold whatever the rule: the focus threshold, not the model's patch threshold
+    assert AggregateConfig(rule="topk", patch_threshold=0.21, region_threshold=0.7).call_patch_threshold == 0.7
     res = diagnose(values, cfg, positive="tumour", negative="normal", grid=g)
     assert res.n_foci == len(res.foci) == 2 and [f.rank for f in res.foci] == [1, 2]
     big, ring = res.foci

@@ -19,16 +19,21 @@ patch's probability increases; ``max >= topk >= mean``. A slide is called positi
 ``slide_threshold``. A slide without patches has no score: :func:`diagnose` calls it "no tissue".
 
 Foci: on a slide called positive, the regions at ``region_threshold`` of at least ``min_focus_patches``
-patches (the size scattered false positives practically never reach, calibrated with the rule) are its foci;
-the largest region always counts. Each slide result carries the largest focus's longest axis (mm), the total
-focus area (mm^2), the number of foci and the metastasis category (``none``, ``itc`` < 0.2 mm, ``micro``
+patches (the size scattered false positives practically never reach, calibrated with the rule) are its foci,
+whatever the rule; under the region rule the largest region always counts too (its area is the call's score). A
+slide called positive by another rule may have no focus (metastasis ``none``): what decided it is its evidence.
+Each slide result carries the largest focus's longest axis (mm), the total focus area (mm^2), the number of foci
+and the metastasis category (``none``, ``itc`` < 0.2 mm, ``micro``
 0.2-2 mm, ``macro`` > 2 mm; see :mod:`wsi_screen.screening.spatial` for how sizes are measured on the patch grid),
 and the foci themselves (``SlideResult.foci``, largest first, each with its patches and outline): the heatmap draws
 and the GeoJSON exports exactly these. A slide called negative has none.
 
-One operating point per picture: :attr:`AggregateConfig.call_patch_threshold` is the patch probability the call
-reads (the region rule's ``region_threshold``, else the model's ``patch_threshold``); a slide's heatmap contour,
-GeoJSON tile classes, report and notebook show that one.
+One operating point per picture: :attr:`AggregateConfig.call_patch_threshold` is the patch probability a slide's
+pictures show, the focus threshold ``region_threshold`` whatever the rule (the region rule's call reads it; the
+others read none of their own, or, for ``fraction``, ``patch_threshold`` inside its score); a slide's heatmap
+contour, GeoJSON tile classes, foci, report and notebook show that one. The patches a rule's score was read from
+(:func:`call_evidence`: max's highest patch, top-k's k highest, smoothmax's neighbourhood) are the call's evidence,
+marked on the pictures with the slide threshold they were compared with.
 
 :mod:`wsi_screen.screening.calibration` chooses the rule, its settings and the slide threshold on labelled slides.
 """
@@ -37,9 +42,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +53,6 @@ from wsi_screen.screening import spatial
 from wsi_screen.screening.spatial import ScoreGrid
 
 logger = logging.getLogger(__name__)
-_T = TypeVar("_T", float, float | None)
 
 RULES = ("mean", "max", "topk", "fraction", "smoothmax", "region")
 SPATIAL_RULES = ("smoothmax", "region")
@@ -98,8 +102,10 @@ class AggregateConfig:
 
     @property
     def call_patch_threshold(self) -> float:
-        """The patch probability the slide call reads (see :func:`call_patch_threshold`)."""
-        return call_patch_threshold(self.rule, self.patch_threshold, self.region_threshold)
+        """The one patch probability a slide's heatmap, GeoJSON, foci and report show, whatever the rule: the focus
+        threshold ``region_threshold`` (see the module docstring; :func:`call_patch_threshold_name` says what it is
+        to the rule). ``patch_threshold`` is the model's own."""
+        return self.region_threshold
 
     @property
     def unit(self) -> str:
@@ -107,7 +113,8 @@ class AggregateConfig:
         return "mm^2" if self.rule == "region" else "probability"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Its fields, and ``call_patch_threshold`` (the pictures' threshold; ``patch_threshold`` is the model's)."""
+        return {**asdict(self), "call_patch_threshold": self.call_patch_threshold}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,33 +128,42 @@ class SlideResult:
     status: str = STATUS_OK
     rule: str = "topk"
     slide_threshold: float = 0.5
-    n_positive_patches: int = 0
+    n_positive_patches: int = 0  # patches at the model's patch_threshold (not the pictures': see n_call_positive)
     metastasis: str = "none"
     largest_focus_mm: float | None = None
     tumour_area_mm2: float | None = None
     n_foci: int = 0
     focus_indices: list[int] = field(default_factory=list)  # patches of the largest focus (input order)
     foci: tuple[spatial.Focus, ...] = ()  # every focus the call counts, largest first (positive calls only)
+    n_call_positive: int = 0  # patches at the call's patch threshold (call_patch_threshold): the pictures' tumour tiles
+    evidence_indices: tuple[int, ...] = ()  # patches the score was read from (call_evidence), ascending
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def call_patch_threshold(rule: str | None, patch_threshold: _T, region_threshold: _T) -> _T:
-    """The patch probability a slide call reads, the one its heatmap, GeoJSON and report show: the region rule's
-    ``region_threshold``, else ``patch_threshold`` (the model's own; only ``fraction`` reads it, the other rules
-    have none of their own)."""
-    return region_threshold if rule == "region" else patch_threshold
+def call_patch_threshold(aggregate: Mapping[str, Any]) -> float | None:
+    """:attr:`AggregateConfig.call_patch_threshold` of a recorded rule (run.json's ``aggregate``, as
+    :meth:`AggregateConfig.to_json` writes it; a run.json from before it was recorded: its ``region_threshold``).
+    None without one. The record's ``patch_threshold`` is the model's own."""
+    value = aggregate.get("call_patch_threshold", aggregate.get("region_threshold"))
+    return None if value is None else float(value)
 
 
-def call_patch_threshold_owner(rule: str | None) -> str:
-    """Whose threshold :func:`call_patch_threshold` is, in words: ``the call's`` or ``the model's``."""
-    return "the call's" if rule == "region" else "the model's"
+def call_patch_threshold_name(rule: str | None) -> str:
+    """What :func:`call_patch_threshold` is to a call by ``rule``, in words: ``the call's patch threshold`` (the
+    region rule reads it) or ``the focus threshold`` (the other rules read no patch threshold of their own)."""
+    return "the call's patch threshold" if rule == "region" else "the focus threshold"
 
 
 def rule_label(rule: str | None, k: int | float | None = None) -> str:
     """A rule's name with the setting that changes its meaning: ``topk (k = 5)``; the others by name."""
     return f"{rule} (k = {k:g})" if rule == "topk" and k is not None else str(rule)
+
+
+def foci_count(n: int) -> str:
+    """``1 focus``, ``0 foci``, ``2 foci``: a number of foci in words."""
+    return f"{n} {'focus' if n == 1 else 'foci'}"
 
 
 def describe(config: AggregateConfig, positive_class: str, *, patch_area_mm2: float | None = None) -> str:
@@ -264,10 +280,28 @@ def top_indices(probs: np.ndarray, n: int = N_TOP) -> list[int]:
 
 
 def foci(grid: ScoreGrid, config: AggregateConfig) -> list[spatial.Region]:
-    """A positive slide's foci: regions at ``region_threshold`` of >= ``min_focus_patches`` patches, and
-    always the largest region."""
+    """A positive slide's foci: regions at ``region_threshold`` of >= ``min_focus_patches`` patches, whatever the
+    rule, and under the region rule always the largest region (the call's score)."""
     found = spatial.regions(grid, config.region_threshold)
-    return [r for i, r in enumerate(found) if i == 0 or r.n_patches >= config.min_focus_patches]
+    return [r for i, r in enumerate(found)
+            if r.n_patches >= config.min_focus_patches or (i == 0 and config.rule == "region")]
+
+
+def call_evidence(probs: np.ndarray, config: AggregateConfig, grid: ScoreGrid | None = None) -> tuple[int, ...]:
+    """The patches (input order, ascending) a slide score by ``config.rule`` was read from, when they are few:
+    ``max`` its highest patch, ``topk`` its k highest (:func:`top_k_count`), ``smoothmax`` the tissue patches of the
+    highest neighbourhood (needs ``grid``). The region rule's is its largest region (the first focus); ``mean`` and
+    ``fraction`` pool every patch: none."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.size == 0:
+        return ()
+    if config.rule in ("max", "topk"):
+        m = 1 if config.rule == "max" else top_k_count(p.size, config.k)
+        order = np.lexsort((np.arange(p.size), -p))  # highest first, ties: lower index (as top_indices)
+        return tuple(sorted(int(i) for i in order[:m]))
+    if config.rule == "smoothmax" and grid is not None:
+        return spatial.smoothed_max_patches(grid, config.radius)
+    return ()
 
 
 def diagnose(probs: np.ndarray | Sequence[float], config: AggregateConfig, *, positive: str,
@@ -283,18 +317,19 @@ def diagnose(probs: np.ndarray | Sequence[float], config: AggregateConfig, *, po
     score = slide_score(p, config.rule, k=config.k, patch_threshold=config.patch_threshold, grid=grid,
                         radius=config.radius, region_threshold=config.region_threshold)
     called = score >= config.slide_threshold
-    sizes: dict[str, Any] = {}
+    sizes: dict[str, Any] = {"evidence_indices": call_evidence(p, config, grid)}
     if called and grid is not None:
         found = foci(grid, config)
         if found:
             made = tuple(spatial.focus(r, grid, rank) for rank, r in enumerate(found, start=1))
             largest = made[0]
-            sizes = {"metastasis": largest.category, "largest_focus_mm": largest.longest_axis_mm,
+            sizes |= {"metastasis": largest.category, "largest_focus_mm": largest.longest_axis_mm,
                      "tumour_area_mm2": float(sum(f.area_mm2 for f in made)), "n_foci": len(made),
                      "focus_indices": list(largest.indices), "foci": made}
     elif grid is not None:
-        sizes = {"largest_focus_mm": 0.0, "tumour_area_mm2": 0.0}
+        sizes |= {"largest_focus_mm": 0.0, "tumour_area_mm2": 0.0}
     return SlideResult(
         score=score, diagnosis=positive if called else negative, n_patches=int(p.size),
         top_indices=top_indices(p), rule=config.rule, slide_threshold=config.slide_threshold,
-        n_positive_patches=int(np.count_nonzero(p >= config.patch_threshold)), **sizes)
+        n_positive_patches=int(np.count_nonzero(p >= config.patch_threshold)),
+        n_call_positive=int(np.count_nonzero(p >= config.call_patch_threshold)), **sizes)

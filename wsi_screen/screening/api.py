@@ -22,7 +22,7 @@ from wsi_screen.models import PatchClassifier, load_model
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.aggregate import AggregateConfig, SlideResult, top_indices
 from wsi_screen.screening.outputs import call_scores, positive_column, slide_domain
-from wsi_screen.screening.run import FALLBACK_RULE, InferConfig, decision_thresholds, resolve_aggregate
+from wsi_screen.screening.run import InferConfig, decision_thresholds, fallback_rule, resolve_aggregate
 from wsi_screen.screening.spatial import Focus, patch_grid
 from wsi_screen.slide.slide import Slide, open_slide
 from wsi_screen.tiling.store import PatchStore
@@ -162,9 +162,8 @@ def _rule(model: PatchClassifier, config: InferConfig | None = None) -> Aggregat
     calibrated rule) gets the fallback rule at its own patch threshold."""
     config = config or InferConfig()
     if model.model_dir is None:
-        threshold = model.spec.threshold
         given: dict[str, Any] = {"rule": config.rule, "slide_threshold": config.threshold, "k": config.k}
-        return replace(FALLBACK_RULE, patch_threshold=threshold if threshold is not None else 0.5,
+        return replace(fallback_rule(model.spec.threshold),
                        **{key: value for key, value in given.items() if value is not None})
     return resolve_aggregate(model.model_dir, model, config)
 

@@ -1,12 +1,14 @@
 """What a slide's call looks like: its ``heatmap.png`` and ``patches.geojson``, drawn from one
 :class:`~wsi_screen.screening.aggregate.SlideResult`.
 
-Both show one operating point, the patch probability the call read
-(:attr:`~wsi_screen.screening.aggregate.AggregateConfig.call_patch_threshold`): the heatmap's contour and colour
-bar, the GeoJSON's tile classes and ``wsi_screen.threshold``. Both show the foci the call counted
-(``SlideResult.foci``, computed once by :func:`~wsi_screen.screening.aggregate.diagnose`): outlined with their size on
-the heatmap, annotations in the GeoJSON. The heatmap's title says the call, its score against the slide threshold,
-the rule, the metastasis category, the largest focus and the domain flag.
+Both show one operating point, whatever the rule
+(:attr:`~wsi_screen.screening.aggregate.AggregateConfig.call_patch_threshold`, the focus threshold): the heatmap's
+contour and colour bar, the GeoJSON's tile classes and ``wsi_screen.threshold``, and the foci. Both show the foci the
+call counted (``SlideResult.foci``, computed once by :func:`~wsi_screen.screening.aggregate.diagnose`): outlined with
+their size on the heatmap, annotations in the GeoJSON. Both mark the call's evidence (``SlideResult.evidence_indices``:
+the patches a max, top-k or smoothmax score was read from) with the score against the slide threshold: magenta
+squares on the heatmap, an annotation and ``call_evidence`` tiles in the GeoJSON. The heatmap's title says the call,
+its score against the slide threshold, the rule, the metastasis category, the largest focus and the domain flag.
 
 :func:`views_key` is what the two files were drawn with (stored in the PNG, see
 :func:`wsi_screen.screening.heatmap.drawn_with`): a rerun whose call draws differently redraws them.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +29,15 @@ from wsi_screen.screening.aggregate import (
     NO_TISSUE,
     AggregateConfig,
     SlideResult,
-    call_patch_threshold_owner,
+    call_patch_threshold_name,
+    foci_count,
     rule_label,
+    top_k_count,
 )
 from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 
 #: version of what the pictures show; bump it when the drawing changes, so reruns redraw
-VIEWS_VERSION = "v2"
+VIEWS_VERSION = "v3"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,16 +65,32 @@ class CallContext:
 
     @property
     def threshold_name(self) -> str:
-        return f"{call_patch_threshold_owner(self.aggregate.rule if self.aggregate else None)} patch threshold"
+        """What :attr:`threshold` is: ``the call's patch threshold`` (region rule), ``the focus threshold`` (the
+        other rules) or, without a rule, ``the model's patch threshold``."""
+        if self.aggregate is None:
+            return "the model's patch threshold"
+        return call_patch_threshold_name(self.aggregate.rule)
 
     @property
     def threshold_source(self) -> str:
         """Which operating point :attr:`threshold` is, for the GeoJSON's ``wsi_screen.threshold_source``."""
-        if self.aggregate is not None and self.aggregate.rule == "region":
-            return "the slide call's patch threshold (region rule)"
-        if self.aggregate is not None:
-            return f"the model's patch threshold (the {self.aggregate.rule} rule has none of its own)"
-        return "the model's patch threshold"
+        agg = self.aggregate
+        if agg is None:
+            return "the model's patch threshold"
+        if agg.rule == "region":
+            return "the slide call's patch threshold (region rule), which also defines the foci"
+        reads = (f"counts patches at the model's patch threshold {_g(agg.patch_threshold)} in its score"
+                 if agg.rule == "fraction" else "reads no patch threshold")
+        return f"the focus threshold (the {agg.rule} rule {reads}; its evidence is marked)"
+
+    @property
+    def focus_rule(self) -> str:
+        """How a focus is defined, in words: ``P(tumour) >= 0.8, >= 6 patches``."""
+        agg = self.aggregate
+        if agg is None:
+            return ""
+        size = f", >= {agg.min_focus_patches} patches" if agg.min_focus_patches > 1 else ""
+        return f"P({self.positive_class}) >= {_g(agg.call_patch_threshold)}{size}"
 
     @property
     def foci(self) -> tuple[Any, ...]:
@@ -117,21 +138,49 @@ def title(ctx: CallContext) -> str:
     positive = res.diagnosis == ctx.positive_class
     line1 = f"{ctx.name}: {res.diagnosis.upper() if positive else res.diagnosis}"
     if res.foci:
-        n = len(res.foci)
         line1 += (f" | metastasis {res.metastasis}, largest focus {res.foci[0].longest_axis_mm:.2f} mm "
-                  f"({n} {'focus' if n == 1 else 'foci'} outlined)")
+                  f"({foci_count(len(res.foci))} outlined)")
     elif positive:
-        line1 += f" | no focus at P({ctx.positive_class}) >= {_g(agg.region_threshold)}"
+        line1 += f" | no focus ({ctx.focus_rule})"
     else:
         line1 += " | no focus counted"
     return f"{line1}\n{score_text(res, agg, ctx.positive_class)} | {domain_text(ctx.domain)}"
+
+
+def evidence_label(ctx: CallContext) -> str:
+    """The call's evidence in words, e.g. ``call evidence: highest patch, score 0.966 >= 0.95`` ("" without any)."""
+    res, agg = ctx.result, ctx.aggregate
+    if res is None or agg is None or res.score is None or not res.evidence_indices:
+        return ""
+    n = len(res.evidence_indices)
+    if agg.rule == "max":
+        what = f"highest patch, P({ctx.positive_class})"
+    elif agg.rule == "topk":
+        what = f"{top_k_count(res.n_patches, agg.k)} highest patches, mean P({ctx.positive_class})"
+    else:
+        side = 2 * agg.radius + 1
+        what = f"highest {side} x {side} neighbourhood ({n} patches), mean P({ctx.positive_class})"
+    sign = ">=" if res.score >= agg.slide_threshold else "<"
+    return f"call evidence: {what} {res.score:.3f} {sign} {_g(agg.slide_threshold)}"
+
+
+def evidence_outline_l0(coords: np.ndarray, tile_size_l0: int, indices: Sequence[int]) -> dict[str, Any]:
+    """The evidence patches' squares as a GeoJSON MultiPolygon in level-0 pixels (one square per patch)."""
+    t = int(tile_size_l0)
+    squares = []
+    for i in indices:
+        x, y = (int(v) for v in coords[int(i)])
+        squares.append([[[x, y], [x + t, y], [x + t, y + t], [x, y + t], [x, y]]])
+    return {"type": "MultiPolygon", "coordinates": squares}
 
 
 def views_key(ctx: CallContext) -> str:
     """What the heatmap and GeoJSON were drawn with: the rule and threshold in words, then a digest of everything
     drawn (title, threshold, foci, classes): equal keys, equal pictures."""
     foci = [f.indices for f in ctx.foci]
-    digest = hashlib.sha256(json.dumps([title(ctx), ctx.threshold, foci, list(ctx.classes)]).encode())
+    evidence = list(ctx.result.evidence_indices) if ctx.result is not None else []
+    digest = hashlib.sha256(json.dumps([title(ctx), ctx.threshold, foci, list(ctx.classes), evidence,
+                                        evidence_label(ctx)]).encode())
     rule = ctx.aggregate.label if ctx.aggregate is not None else "no rule"
     return f"{VIEWS_VERSION}|{rule}|{ctx.threshold}|{digest.hexdigest()[:24]}"
 
@@ -161,11 +210,15 @@ def heatmap_figure(store: Any, coords: np.ndarray, probs: np.ndarray, ctx: CallC
     outlines = [Outline(f.outline_l0, focus_label(f)) for f in ctx.foci]
     legend = ""
     if outlines and ctx.aggregate is not None:
-        legend = (f"{len(outlines)} counted {'focus' if len(outlines) == 1 else 'foci'} (largest bold), at "
-                  f"P({ctx.positive_class}) >= {_g(ctx.aggregate.region_threshold)}")
+        legend = f"{foci_count(len(outlines))} counted (largest bold): {ctx.focus_rule}"
+    evidence = None
+    if ctx.result is not None and ctx.result.evidence_indices:
+        evidence = Outline(evidence_outline_l0(coords, store.tile_size_l0, ctx.result.evidence_indices),
+                           evidence_label(ctx))
     return overlay_figure(thumb, heat, title=title(ctx), legend_label=f"P({ctx.positive_class})", alpha=alpha,
                           threshold=ctx.threshold, threshold_name=ctx.threshold_name, dimensions_l0=size,
-                          mpp=float(store.attrs["slide"]["mpp"]), outlines=outlines, outline_legend=legend)
+                          mpp=float(store.attrs["slide"]["mpp"]), outlines=outlines, outline_legend=legend,
+                          evidence=evidence)
 
 
 def draw_heatmap(path: Path, store: Any, coords: np.ndarray, probs: np.ndarray, ctx: CallContext) -> Path:
@@ -176,13 +229,15 @@ def draw_heatmap(path: Path, store: Any, coords: np.ndarray, probs: np.ndarray, 
 
 
 def write_geojson(path: Path, coords: np.ndarray, tile_size_l0: int, probs: np.ndarray, ctx: CallContext) -> Path:
-    """patches.geojson: the counted foci as annotations (largest first), then one tile per patch classed at the
-    threshold the pictures show."""
+    """patches.geojson: the counted foci as annotations (largest first) and the call's evidence, then one tile per
+    patch classed at the threshold the pictures show."""
     from wsi_screen.screening import geojson
 
     fc = geojson.patches_to_geojson(coords, tile_size_l0, probs, list(ctx.classes), slide_name=ctx.name,
                                     positive_index=ctx.positive_index, threshold=ctx.threshold,
-                                    threshold_source=ctx.threshold_source, foci=ctx.foci)
+                                    threshold_source=ctx.threshold_source, foci=ctx.foci,
+                                    evidence=ctx.result.evidence_indices if ctx.result is not None else (),
+                                    evidence_label=evidence_label(ctx))
     return geojson.write_geojson(fc, path)
 
 

@@ -11,10 +11,11 @@ Each tile is ``{"type": "Feature", "geometry": Polygon, "properties": {...}}`` w
   older packed ``colorRGB`` integer for QuPath 0.2/0.3. The predicted class is
   :func:`wsi_screen.metrics.decide` at ``threshold`` on the probabilities as written: the positive class where
   its measurement is >= ``threshold``, so a file's classes always agree with its numbers. ``infer`` passes the
-  patch threshold its slide call read (the region rule's, else the model's: see
-  :attr:`wsi_screen.screening.aggregate.AggregateConfig.call_patch_threshold`), the one its heatmap shows;
+  patch threshold its pictures show whatever the rule (the focus threshold:
+  :attr:`wsi_screen.screening.aggregate.AggregateConfig.call_patch_threshold`), the one its heatmap and foci use;
 * ``properties.measurements``: ``{class name: probability}`` for every class (QuPath 0.4+ reads a dict);
-* ``properties.name`` (``"tile <i>"``) and ``properties.index`` (``i``, the patch's row in the store).
+* ``properties.name`` (``"tile <i>"``) and ``properties.index`` (``i``, the patch's row in the store);
+* ``properties.call_evidence``: ``true`` on the patches the slide score was read from (``evidence``), absent elsewhere.
 
 Each focus the call counted (``foci``, largest first; none on a slide called negative) comes first, as
 
@@ -24,9 +25,15 @@ Each focus the call counted (``foci``, largest first; none on a slide called neg
   MultiPolygon, holes kept, valid, exterior rings counter-clockwise as above);
 * ``properties.measurements``: longest axis (mm), area (mm^2), patches, mean and max P(positive class).
 
+The call's evidence (``evidence``: the patches a max, top-k or smoothmax score was read from, see
+:func:`wsi_screen.screening.aggregate.call_evidence`) follows the foci as one more annotation, ``name``
+``evidence_label`` (the score against the slide threshold), ``category`` ``"call evidence"``, ``geometry`` a
+MultiPolygon of its tiles, ``measurements`` its patch count and max P(positive class).
+
 The collection carries a foreign member ``wsi_screen`` (slide name, classes, tile size, positive class,
-``threshold`` and what it is, the number of foci), which GeoJSON readers ignore; each tile's properties repeat the
-``threshold``. Names are data throughout: they pass through :mod:`json` escaping, never into code.
+``threshold`` and what it is, the number of foci, the evidence's patch indices), which GeoJSON readers ignore;
+each tile's properties repeat the ``threshold``. Names are data throughout: they pass through :mod:`json`
+escaping, never into code.
 """
 
 from __future__ import annotations
@@ -79,7 +86,8 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
                        slide_name: str, colors: Mapping[str, Sequence[int]] | None = None,
                        decimals: int = DECIMALS, positive_index: int | None = None,
                        threshold: float | None = None, threshold_source: str | None = None,
-                       foci: Sequence[Focus] = ()) -> dict[str, Any]:
+                       foci: Sequence[Focus] = (), evidence: Sequence[int] = (),
+                       evidence_label: str = "") -> dict[str, Any]:
     """A FeatureCollection of the patches at level-0 top-left ``coords`` (N, 2) with class ``probs`` (N, C),
     after the ``foci`` (annotations, in the order given: largest first).
 
@@ -87,6 +95,7 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
     ``decimals`` as written, is >= ``threshold``, else the other; without them (or for more than two classes)
     the row's argmax (the first on ties). ``threshold_source`` says which operating point ``threshold`` is.
     ``colors`` maps class names to (r, g, b); unnamed classes take :data:`PALETTE` colours by index.
+    ``evidence`` (patch indices) and ``evidence_label`` mark the call's evidence (see the module docstring).
     """
 
     names = _check_classes(classes)
@@ -117,6 +126,20 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
     rounded = written.tolist()
     positive = names[positive_index] if positive_index is not None else names[-1]
     features = [focus_feature(f, classification[names.index(positive)], positive) for f in foci]
+    marked = sorted({int(i) for i in evidence})
+    if marked and (marked[0] < 0 or marked[-1] >= xy.shape[0]):
+        raise ConfigError(f"evidence patch indices must lie in [0, {xy.shape[0]}), got {marked[0]}..{marked[-1]}")
+    pos_col = names.index(positive)
+    if marked:
+        squares = [[[[x, y], [x + T, y], [x + T, y + T], [x, y + T], [x, y]]] for x, y in xy[marked].tolist()]
+        features.append({
+            "type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": squares},
+            "properties": {"objectType": FOCUS_TYPE, "name": evidence_label or "call evidence",
+                           "category": "call evidence", "classification": dict(classification[pos_col]),
+                           "measurements": {"patches": len(marked),
+                                            f"max P({positive})": float(written[marked, pos_col].max())}}})
+    n_notes = len(features)
+    marked_set = set(marked)
     for i, ((x, y), k, row) in enumerate(zip(xy.tolist(), pred.tolist(), rounded, strict=True)):
         ring = [[x, y], [x + T, y], [x + T, y + T], [x, y + T], [x, y]]
         features.append({
@@ -129,12 +152,13 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
                 "classification": dict(classification[k]),
                 "measurements": dict(zip(names, row, strict=True)),
                 "threshold": threshold,
+                **({"call_evidence": True} if i in marked_set else {}),
             },
         })
     return {
         "type": "FeatureCollection",
         "wsi_screen": {"slide": str(slide_name), "classes": names, "tile_size_l0": T,
-                       "n_patches": len(features) - len(foci), "n_foci": len(foci),
+                       "n_patches": len(features) - n_notes, "n_foci": len(foci), "evidence_indices": marked,
                        "positive_class": names[positive_index] if positive_index is not None else None,
                        "threshold": threshold, "threshold_source": threshold_source,
                        "decision": "positive class if its probability >= threshold" if threshold is not None

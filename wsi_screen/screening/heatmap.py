@@ -206,7 +206,7 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
                    threshold_name: str = "threshold",
                    dimensions_l0: tuple[int, int] | None = None, mpp: float | None = None,
                    dpi: int = 100, outlines: Sequence[Outline] = (), outline_legend: str = "",
-                   ) -> Any:
+                   evidence: Outline | None = None) -> Any:
     """The figure: the thumbnail (left) and the heatmap over it (right), a labelled colour bar and a legend.
 
     ``heat`` (h, w) must match ``thumbnail`` (h, w, 3) (see :func:`heatmap_array`); NaN is drawn as
@@ -220,7 +220,9 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
     name the threshold (``threshold_name``: which operating point it is).
 
     ``outlines`` (level-0 geometry, label) are drawn in black with their labels, the first (the largest focus)
-    emphasised; ``outline_legend`` is their legend entry. Text is drawn literally (no mathtext).
+    emphasised; ``outline_legend`` is their legend entry. ``evidence`` (level-0 geometry, label: the patches the slide
+    call was read from) is drawn as magenta squares, its label the legend entry. Text is drawn literally (no
+    mathtext).
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -242,7 +244,7 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
         cm = colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     except KeyError:
         raise ConfigError(f"unknown colour map {cmap!r} (see matplotlib.colormaps)") from None
-    if outlines and dimensions_l0 is None:
+    if (outlines or evidence is not None) and dimensions_l0 is None:
         raise ConfigError("outlines are in level-0 pixels: pass dimensions_l0")
 
     h, w = hm.shape
@@ -303,6 +305,11 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
     if outlines:
         _draw_outlines(ax1, outlines, scale, "small")
         handles.append(Line2D([], [], color="black", linewidth=2.0, label=outline_legend or "outlined"))
+    if evidence is not None:
+        for r in _rings(evidence.geometry_l0):
+            ax1.plot(r[:, 0] * scale, r[:, 1] * scale, color="magenta", linewidth=1.6, zorder=6)
+        handles.append(Patch(facecolor="none", edgecolor="magenta", linewidth=1.6,
+                             label=evidence.label or "call evidence"))
     legend = ax1.legend(handles=handles, loc="upper right", fontsize="small", framealpha=0.85)
     for text in legend.get_texts():
         text.set_parse_math(False)
@@ -316,12 +323,12 @@ def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_p
                    threshold_name: str = "threshold",
                    dimensions_l0: tuple[int, int] | None = None, mpp: float | None = None,
                    dpi: int = 100, outlines: Sequence[Outline] = (), outline_legend: str = "",
-                   key: str | None = None) -> Path:
+                   evidence: Outline | None = None, key: str | None = None) -> Path:
     """Write :func:`overlay_figure` as a PNG (see :func:`save_png`) and return its path."""
     fig = overlay_figure(thumbnail, heat, title=title, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha,
                          legend_label=legend_label, threshold=threshold, threshold_name=threshold_name,
                          dimensions_l0=dimensions_l0, mpp=mpp, dpi=dpi, outlines=outlines,
-                         outline_legend=outline_legend)
+                         outline_legend=outline_legend, evidence=evidence)
     return save_png(fig, out_path, key=key)
 
 

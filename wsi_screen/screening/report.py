@@ -7,8 +7,8 @@ network access from the page. The one inline script only sorts the table.
 Shown for people: numbers rounded (:func:`people_number`; each sortable cell keeps the full value for sorting,
 run.json and results.csv keep them all), paths normalised (:func:`tidy_paths`: no ``a/../b``), long error messages
 folded under their first words, and the slides table fits a 1,400 px window whatever its cells hold (they wrap).
-The patch threshold in the header is the one the heatmaps and GeoJSON show, the call's own
-(:func:`wsi_screen.screening.aggregate.call_patch_threshold`).
+The patch threshold in the header is the one the heatmaps, GeoJSON and foci show
+(:func:`wsi_screen.screening.aggregate.call_patch_threshold`), named for what it is to the rule.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from wsi_screen import __version__
 from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import WsiScreenError
 from wsi_screen.screening import runfolder
-from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_owner, rule_label
+from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_name, rule_label
 from wsi_screen.screening.runview import RunView, open_run, patch_png, top_patches
 
 log = logging.getLogger(__name__)
@@ -266,8 +266,8 @@ def render_report(run: str | Path) -> str:
         key = r["diagnosis"] if r["status"] != "error" else "error"
         counts[key] = counts.get(key, 0) + 1
     cards = "".join(f'<div class="card"><b>{n}</b>{_html(k)}</div>' for k, n in sorted(counts.items()))
-    patch_threshold = call_patch_threshold(agg.get("rule"), agg.get("patch_threshold"), agg.get("region_threshold"))
-    threshold_name = call_patch_threshold_owner(agg.get("rule"))
+    patch_threshold = call_patch_threshold(agg)
+    threshold_name = call_patch_threshold_name(agg.get("rule"))
     title = f"wsi-screen report: {Path(run).resolve().name}"
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -282,7 +282,7 @@ def render_report(run: str | Path) -> str:
         f'{_html(_num(agg.get("slide_threshold")))}'
         f'{_region_unit(agg)}{_overrides(info)} '
         f'&middot; patch threshold {_html(_num(patch_threshold))} ({_html(threshold_name)}: the heatmaps\' '
-        f"cyan line and the GeoJSON's tile classes)</p>",
+        f"cyan line, the GeoJSON's tile classes and the foci)</p>",
         _lossy_note(info),
         _model_card(model),
         f'<div class="cards">{cards}</div>',

@@ -65,8 +65,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SLIDE_RULE_JSON = "slide_rule.json"
-#: used when the model folder has no slide_rule.json
+#: used when the model folder has no slide_rule.json (see :func:`fallback_rule`)
 FALLBACK_RULE = AggregateConfig(rule="topk", k=5, patch_threshold=0.5, slide_threshold=0.5)
+
+
+def fallback_rule(patch_threshold: float | None) -> AggregateConfig:
+    """:data:`FALLBACK_RULE` for a model without a calibrated rule: it has one patch threshold, its own (0.5 when
+    it has none), so its foci and pictures use that one too."""
+    threshold = patch_threshold if patch_threshold is not None else 0.5
+    return replace(FALLBACK_RULE, patch_threshold=threshold, region_threshold=threshold)
 
 @dataclass(frozen=True, kw_only=True)
 class InferConfig:
@@ -151,7 +158,7 @@ def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: Infe
     """The slide rule: calibrated in the model folder, overridden by ``config.rule``, ``threshold`` and ``k``."""
     spec = classifier.spec
     patch_threshold = spec.threshold if spec.threshold is not None else 0.5
-    base = replace(FALLBACK_RULE, patch_threshold=patch_threshold)
+    base = fallback_rule(patch_threshold)
     per_rule: dict[str, Any] = {}
     path = model_dir / SLIDE_RULE_JSON
     if path.exists():

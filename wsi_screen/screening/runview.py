@@ -139,8 +139,8 @@ def _figure(width: float, height: float) -> Any:
 
 def rule_summary(view: RunView) -> str:
     """The run's slide rule in one line, numbers rounded: ``slide call: region score >= 0.0479 mm² (largest region
-    at p >= 0.8); patch threshold 0.8 (the call's)``."""
-    from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_owner, rule_label
+    at p >= 0.8); pictures and foci at p >= 0.8 (the call's patch threshold)``."""
+    from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_name, rule_label
 
     agg = view.info.get("aggregate") or {}
     if not agg:
@@ -149,9 +149,9 @@ def rule_summary(view: RunView) -> str:
     text = f"slide call: {rule_label(rule, agg.get('k'))} score >= {float(agg['slide_threshold']):.3g}"
     if rule == "region":
         text += f" mm² (largest region at p >= {float(agg['region_threshold']):.3g})"
-    patch = call_patch_threshold(rule, agg.get("patch_threshold"), agg.get("region_threshold"))
+    patch = call_patch_threshold(agg)
     if patch is not None:
-        text += f"; patch threshold {float(patch):.3g} ({call_patch_threshold_owner(rule)})"
+        text += f"; pictures and foci at p >= {patch:.3g} ({call_patch_threshold_name(rule)})"
     return text
 
 
@@ -220,7 +220,7 @@ def gallery_figure(view: RunView, slide: str, n: int = 8) -> Any:
 def distribution_figure(view: RunView) -> Any:
     """Slide scores by diagnosis with the slide threshold (left) and each slide's patch-probability distribution
     with the patch threshold the call read (right)."""
-    from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_owner
+    from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_name
 
     fig = _figure(11, 4.5)
     ax0, ax1 = fig.subplots(1, 2)
@@ -243,10 +243,10 @@ def distribution_figure(view: RunView) -> Any:
     data = [view.positive_probs(n) for n in names]
     if data:
         ax1.boxplot(data, orientation="horizontal", tick_labels=names, showfliers=False)
-    patch = call_patch_threshold(agg.get("rule"), agg.get("patch_threshold"), agg.get("region_threshold"))
+    patch = call_patch_threshold(agg)
     if patch is not None:
-        who = call_patch_threshold_owner(agg.get("rule"))
-        ax1.axvline(float(patch), color="cyan", linewidth=2, label=f"{who} patch threshold {float(patch):.3g}")
+        who = call_patch_threshold_name(agg.get("rule"))
+        ax1.axvline(patch, color="cyan", linewidth=2, label=f"{who} {patch:.3g}")
         ax1.legend(fontsize="small", loc="lower right")
     ax1.set(xlabel=f"patch P({view.positive_class})", xlim=(0, 1), title="patch probabilities per slide")
     return fig

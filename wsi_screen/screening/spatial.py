@@ -5,7 +5,8 @@ positive-class probabilities back on it (NaN where no patch was scored), and the
 
 * :func:`regions`: the connected regions (8-neighbourhood) of patches with ``p >= threshold``, each with its
   patch count, area in mm^2 and longest axis in mm;
-* :func:`smoothed_max`: the highest mean probability of a ``(2r+1)^2`` neighbourhood of tissue patches;
+* :func:`smoothed_max`: the highest mean probability of a ``(2r+1)^2`` neighbourhood of tissue patches
+  (:func:`smoothed_max_patches`: the patches of that neighbourhood);
 * :func:`focus`: a region the slide call counts, with its patches and its outline (:func:`outline_l0`: the union of
   its grid cells as a GeoJSON Polygon or MultiPolygon in level-0 pixels, holes kept).
 
@@ -181,6 +182,19 @@ def smoothed_max(grid: ScoreGrid, radius: int = 1) -> float:
     """The highest neighbourhood mean (see :func:`smoothed`); 0 for an empty grid."""
     s = smoothed(grid, radius)
     return float(np.nanmax(s)) if s.size and not np.isnan(s).all() else 0.0
+
+
+def smoothed_max_patches(grid: ScoreGrid, radius: int = 1) -> tuple[int, ...]:
+    """The patch indices (ascending) of the neighbourhood :func:`smoothed_max` reads: the tissue patches of the
+    ``(2r+1)^2`` window around the first cell (row-major) with the highest neighbourhood mean; () for an empty
+    grid."""
+    s = smoothed(grid, radius)
+    if not s.size or np.isnan(s).all():
+        return ()
+    row, col = np.unravel_index(int(np.nanargmax(s)), s.shape)
+    r = int(radius)
+    window = grid.index[max(0, row - r):row + r + 1, max(0, col - r):col + r + 1]
+    return tuple(sorted(int(i) for i in window[window >= 0]))
 
 
 @dataclass(frozen=True)
