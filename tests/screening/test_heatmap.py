@@ -175,3 +175,31 @@ def test_render_refuses_mismatched_shapes(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="colour map"):
         render_overlay(thumb, np.zeros((10, 20)), title="x", out_path=tmp_path / "x.png", cmap="nope")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_legend_covers_no_part_of_the_slide() -> None:
+    from wsi_screen.screening.heatmap import Outline, overlay_figure
+
+    W, H, T = 4000, 2000, 250
+    coords = np.array([[3500, 0], [3750, 250], [0, 1750]], dtype=np.int64)  # top-right corner: where it used to sit
+    shape = (100, 200)
+    heat = heatmap_array(coords, np.array([0.9, 0.95, 0.1]), T, T, (W, H), shape)
+    thumb = np.full((*shape, 3), 200, dtype=np.uint8)
+    square = {"type": "Polygon", "coordinates": [[[3500, 0], [3750, 0], [3750, 250], [3500, 250], [3500, 0]]]}
+    fig = overlay_figure(thumb, heat, title="s", threshold=0.5, dimensions_l0=(W, H), mpp=0.5,
+                         outlines=[Outline(square, "1: 0.12 mm (itc)")], outline_legend="1 focus counted",
+                         evidence=Outline(square, "call evidence: highest patch, P(tumour) 0.950 >= 0.9"))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "call evidence: highest patch, P(tumour) 0.950 >= 0.9" in labels and "1 focus counted" in labels
+    for ax in fig.axes[:2]:  # the slide and the overlay
+        assert not box.overlaps(ax.get_window_extent(renderer))
+    assert box.y1 < min(ax.get_window_extent(renderer).y0 for ax in fig.axes[:2])  # below both panels
+    assert not fig.axes[1].get_legend()  # nothing drawn over the overlay itself
+    # the label of a focus at the right edge ends over the image, not over the colour bar
+    (label,) = [t for t in fig.axes[1].texts if t.get_text() == "1: 0.12 mm (itc)"]
+    overlay = fig.axes[1].get_window_extent(renderer)
+    assert overlay.x0 <= label.get_window_extent(renderer).x0 < label.get_window_extent(renderer).x1 <= overlay.x1

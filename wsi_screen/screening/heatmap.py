@@ -141,6 +141,8 @@ def drawn_with(path: str | os.PathLike[str]) -> str | None:
     return str(value) if value is not None else None
 
 
+#: the narrowest figure (inches) whose legend has two columns (each holds ~60 characters of the "small" font)
+LEGEND_TWO_COLUMNS_IN = 10.0
 #: characters of the title's font ("large") that fit in one inch of figure width, with a margin
 TITLE_CHARS_PER_INCH = 9.5
 
@@ -180,7 +182,9 @@ def _rings(geometry: dict[str, Any]) -> list[np.ndarray]:
 
 
 def _draw_outlines(ax: Any, outlines: Sequence[Outline], scale: float, label_size: str) -> None:
-    """Outline each shape (the first, the largest, emphasised) and write its label beside it."""
+    """Outline each shape (the first, the largest, emphasised) and write its label beside it: above its top-right
+    corner, or, for a shape in the right quarter of the image, above its top-left corner (ending there), so the
+    label stays over the image, clear of the colour bar."""
     from matplotlib import patheffects
 
     halo = [patheffects.withStroke(linewidth=4.0, foreground="white")]
@@ -193,9 +197,12 @@ def _draw_outlines(ax: Any, outlines: Sequence[Outline], scale: float, label_siz
             ax.plot(r[:, 0] * scale, r[:, 1] * scale, color="black", linewidth=2.4 if first else 1.3,
                     solid_joinstyle="miter", path_effects=halo if first else None, zorder=4 if first else 3)
         ext = rings[0] * scale
-        ax.annotate(o.label, xy=(float(ext[:, 0].max()), float(ext[:, 1].min())), xytext=(3, 3),
-                    textcoords="offset points", fontsize=label_size, fontweight="bold" if first else "normal",
-                    ha="left", va="bottom", zorder=5, annotation_clip=False,
+        x0, x1 = ax.get_xlim()
+        left = float(ext[:, 0].max()) > x0 + 0.75 * (x1 - x0)
+        ax.annotate(o.label, xy=(float(ext[:, 0].min() if left else ext[:, 0].max()), float(ext[:, 1].min())),
+                    xytext=(-3 if left else 3, 3), textcoords="offset points", fontsize=label_size,
+                    fontweight="bold" if first else "normal", ha="right" if left else "left", va="bottom", zorder=5,
+                    annotation_clip=False,
                     bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "black" if first else "0.6",
                           "alpha": 0.85})
 
@@ -221,8 +228,8 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
 
     ``outlines`` (level-0 geometry, label) are drawn in black with their labels, the first (the largest focus)
     emphasised; ``outline_legend`` is their legend entry. ``evidence`` (level-0 geometry, label: the patches the slide
-    call was read from) is drawn as magenta squares, its label the legend entry. Text is drawn literally (no
-    mathtext).
+    call was read from) is drawn as magenta squares, its label the legend entry. The legend sits below the two
+    panels, so it never covers the slide. Text is drawn literally (no mathtext).
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -269,7 +276,11 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
     fig_w = 2 * panel_w + 1.6
     title = fit_title(title, int(fig_w * TITLE_CHARS_PER_INCH))
     n_title = title.count("\n") + 1
-    fig = Figure(figsize=(fig_w, panel_h + 1.2 + 0.25 * n_title), dpi=dpi, layout="constrained")
+    # the legend goes below the panels: two columns where the figure is wide enough, one row per 0.2 in
+    n_entries = 1 + (threshold is not None) + bool(outlines) + (evidence is not None)
+    legend_cols = 2 if fig_w >= LEGEND_TWO_COLUMNS_IN and n_entries > 2 else 1
+    legend_h = 0.25 + 0.2 * math.ceil(n_entries / legend_cols)
+    fig = Figure(figsize=(fig_w, panel_h + 1.2 + 0.25 * n_title + legend_h), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     ax0, ax1 = fig.subplots(1, 2, sharex=True, sharey=True)
     centred = threshold is not None and vmin < threshold < vmax
@@ -310,7 +321,8 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
             ax1.plot(r[:, 0] * scale, r[:, 1] * scale, color="magenta", linewidth=1.6, zorder=6)
         handles.append(Patch(facecolor="none", edgecolor="magenta", linewidth=1.6,
                              label=evidence.label or "call evidence"))
-    legend = ax1.legend(handles=handles, loc="upper right", fontsize="small", framealpha=0.85)
+    legend = fig.legend(handles=handles, loc="outside lower center", ncols=legend_cols, fontsize="small",
+                        framealpha=0.85)
     for text in legend.get_texts():
         text.set_parse_math(False)
     fig.suptitle(title, parse_math=False, fontsize="large")
