@@ -204,7 +204,10 @@ def test_a_max_rule_call_draws_every_picture_at_one_threshold_and_marks_its_evid
     assert normal.result.foci == () and normal_row["n_foci"] == "0" and normal_row["metastasis"] == "none"
     assert normal_row["largest_focus_mm"] == ""
     assert title(normal).split("\n")[0] == "synth_001: TUMOUR | no focus (P(tumour) >= 0.8, >= 6 patches)"
-    # the report names the same threshold
+    # the report names the same threshold and counts foci in words
     html = (max_rule_run / "report.html").read_text()
     assert "patch threshold 0.8 (the focus threshold: the heatmaps' cyan line, the GeoJSON's tile classes and " \
            "the foci)" in html.replace("&#x27;", "'")
+    n_tumour_foci = int(tumour_row["n_foci"])
+    assert f"{n_tumour_foci} {'focus' if n_tumour_foci == 1 else 'foci'}, " in html and "0 foci, " in html
+    assert "1 foci" not in html

@@ -20,7 +20,7 @@ import numpy as np
 from wsi_screen.errors import ConfigError, speaks_api
 from wsi_screen.models import PatchClassifier, load_model
 from wsi_screen.screening import runfolder
-from wsi_screen.screening.aggregate import AggregateConfig, SlideResult, top_indices
+from wsi_screen.screening.aggregate import AggregateConfig, SlideResult, foci_count, top_indices
 from wsi_screen.screening.outputs import call_scores, positive_column, slide_domain
 from wsi_screen.screening.run import InferConfig, decision_thresholds, fallback_rule, resolve_aggregate
 from wsi_screen.screening.spatial import Focus, patch_grid
@@ -151,7 +151,7 @@ class SlideCall:
 
     def __repr__(self) -> str:
         score = "none" if self.score is None else f"{self.score:.4f}"
-        extra = f", {self.metastasis}, {len(self.foci)} foci" if self.foci else ""
+        extra = f", {self.metastasis}, {foci_count(len(self.foci))}" if self.foci else ""
         domain = "" if self.in_domain_fraction is None else f", {self.in_domain_fraction:.0%} in domain"
         return (f"SlideCall({self.name!r}: {self.diagnosis}, score {score} by {self.rule} vs {self.threshold:g}"
                 f"{extra}{domain})")

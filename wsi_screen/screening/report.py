@@ -27,7 +27,12 @@ from wsi_screen import __version__
 from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import WsiScreenError
 from wsi_screen.screening import runfolder
-from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_name, rule_label
+from wsi_screen.screening.aggregate import (
+    call_patch_threshold,
+    call_patch_threshold_name,
+    foci_count,
+    rule_label,
+)
 from wsi_screen.screening.runview import RunView, open_run, patch_png, top_patches
 
 log = logging.getLogger(__name__)
@@ -220,7 +225,7 @@ def _slide_section(view: RunView, i: int, row: dict[str, str]) -> str:
              f'<p><b>{_html(row["diagnosis"])}</b> &middot; score {shown("score")} &middot; '
              f'metastasis {_html(row.get("metastasis") or "-")} '
              f'(largest focus {shown("largest_focus_mm")} mm, '
-             f'{_html(row.get("n_foci") or "0")} foci, {shown("tumour_area_mm2")} mm&sup2;) &middot; '
+             f'{_html(foci_count(int(row.get("n_foci") or 0)))}, {shown("tumour_area_mm2")} mm&sup2;) &middot; '
              f'{_html(row["n_patches"])} patches &middot; top patch at level-0 ({_html(row.get("top_x"))}, '
              f'{_html(row.get("top_y"))}), P = {shown("top_score")}</p>']
     heat = runfolder.slide_dir(view.path, name) / runfolder.HEATMAP_PNG
