@@ -257,10 +257,25 @@ def test_call_slide_overrides_and_foci(scores: Any, model: Any) -> None:
     call = wsi_screen.call_slide(scores, model, rule="max", threshold=0.01)
     assert call.rule == "max" and call.threshold == 0.01 and call.diagnosis == "tumour"
     assert call.score == pytest.approx(float(scores.positive.max()), abs=1e-6)
-    assert call.foci and call.foci[0].n_patches == max(f.n_patches for f in call.foci)
-    assert call.metastasis in ("itc", "micro", "macro")
-    assert call.largest_focus_mm == pytest.approx(call.foci[0].longest_axis_mm)
-    assert call.tumour_area_mm2 == pytest.approx(sum(f.area_mm2 for f in call.foci))
+    # foci are regions of >= min_focus_patches (6) at p >= 0.8 whatever the rule: this slide's largest has 5, so
+    # the max call has none; its evidence is the highest patch
+    assert call.aggregate.call_patch_threshold == 0.8 and call.aggregate.min_focus_patches == 6
+    assert call.foci == () and call.metastasis == "none" and call.largest_focus_mm is None
+    assert call.result.evidence_indices == (int(np.argmax(scores.positive)),)
+    # patch counts: at the call's patch threshold (the pictures' tumour tiles), and at the model's own
+    p = np.round(scores.positive, 6)
+    assert call.result.n_call_positive == int(np.sum(p >= 0.8))
+    assert call.result.n_positive_patches == int(np.sum(p >= call.aggregate.patch_threshold))
+    assert call.aggregate.patch_threshold == pytest.approx(0.2133, abs=1e-4)
+    region = wsi_screen.call_slide(scores, model, rule="region", threshold=0.01)  # the largest region always counts
+    assert region.diagnosis == "tumour" and region.foci and region.foci[0].n_patches == 5
+    assert region.foci[0].n_patches == max(f.n_patches for f in region.foci)
+    assert region.metastasis in ("itc", "micro", "macro")
+    assert region.largest_focus_mm == pytest.approx(region.foci[0].longest_axis_mm)
+    assert region.tumour_area_mm2 == pytest.approx(sum(f.area_mm2 for f in region.foci))
+    assert region.result.evidence_indices == ()  # its evidence is its largest focus
+    assert repr(region).endswith(f", {region.metastasis}, {len(region.foci)} "
+                                 f"{'focus' if len(region.foci) == 1 else 'foci'}, 35% in domain)")
     topk = wsi_screen.call_slide(scores, model, rule="topk", k=3)
     assert topk.rule == "topk (k = 3)" and topk.score == pytest.approx(np.sort(scores.positive)[-3:].mean(), abs=1e-6)
     assert "SlideCall('CMU-1-Small-Region': tumour" in repr(call)
@@ -298,18 +313,27 @@ def test_tissue_settings_live_where_the_docs_say() -> None:
 def test_heatmap_is_a_figure_of_the_slide(example_slide: Path, scores: Any, model: Any, tmp_path: Path) -> None:
     from matplotlib.figure import Figure
 
-    call = wsi_screen.call_slide(scores, model, rule="max", threshold=0.01)  # positive: the focus is outlined
+    call = wsi_screen.call_slide(scores, model, rule="max", threshold=0.01)  # positive by its highest patch
     with wsi_screen.open_slide(example_slide) as slide:
         fig = wsi_screen.heatmap(slide, scores, call)
         finer = wsi_screen.heatmap(slide, scores, call, mpp=4.0)
+        # the region rule at 0.01 mm^2: its largest region (5 patches at p >= 0.8) is its score and its focus
+        by_region = wsi_screen.heatmap(slide, scores, wsi_screen.call_slide(scores, model, rule="region",
+                                                                            threshold=0.01))
     assert isinstance(fig, Figure)
     assert fig.axes[1].get_title() == "P(tumour) overlay"
-    # as infer's heatmap.png: the call in the title, the threshold the call read, every counted focus outlined
-    assert fig.texts[0].get_text().startswith("CMU-1-Small-Region: TUMOUR | ")
+    # as infer's heatmap.png: the call in the title, the focus threshold (never the model's 0.213), the call's
+    # evidence; a region of 5 patches at p >= 0.8 is no focus (min_focus_patches 6) under the max rule
+    assert fig.texts[0].get_text().startswith("CMU-1-Small-Region: TUMOUR | no focus (P(tumour) >= 0.8, >= 6")
     assert "score 0.967 >= 0.01 (rule: max)" in fig.texts[0].get_text()
-    labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
-    assert any(" counted foc" in text and "(largest bold)" in text for text in labels), labels
-    assert any(text.endswith("(the model's patch threshold)") for text in labels), labels
+    assert call.foci == () and call.metastasis == "none" and len(call.result.evidence_indices) == 1
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "inside cyan: P(tumour) >= 0.8 (the focus threshold)" in labels, labels
+    assert "call evidence: highest patch, P(tumour) 0.967 >= 0.01" in labels, labels
+    assert not any("0.213" in text for text in labels), labels
+    region_labels = [t.get_text() for t in by_region.legends[0].get_texts()]
+    assert "1 focus counted (largest bold): P(tumour) >= 0.8, >= 6 patches" in region_labels, region_labels
+    assert "inside cyan: P(tumour) >= 0.8 (the call's patch threshold)" in region_labels, region_labels
     assert finer.axes[0].get_images()[0].get_array().shape[:2] != fig.axes[0].get_images()[0].get_array().shape[:2]
     fig.savefig(tmp_path / "heatmap.png")
     assert (tmp_path / "heatmap.png").stat().st_size > 10_000

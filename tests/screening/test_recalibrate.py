@@ -148,10 +148,14 @@ def test_changing_the_rule_redraws_the_heatmap(run: Path, slides: tuple[Path, di
     assert rows["macro"]["rule"] == "smoothmax"
     after = drawn_with(copy / "macro" / "heatmap.png")
     assert after != before and "smoothmax" in (after or "")
-    # the GeoJSON is redrawn with it: smoothmax has no patch threshold of its own, so tiles follow the model's
+    # the GeoJSON is redrawn with it: smoothmax has no patch threshold of its own, so tiles follow the focus
+    # threshold (one operating point with the foci), never the model's; the neighbourhood it read is its evidence
     fc = json.loads((copy / "macro" / "patches.geojson").read_text())
-    model_threshold = json.loads((copy / "run.json").read_text())["model"]["patch_threshold"]
-    assert fc["wsi_screen"]["threshold"] == model_threshold
+    info = json.loads((copy / "run.json").read_text())
+    assert fc["wsi_screen"]["threshold"] == info["aggregate"]["call_patch_threshold"] == \
+        info["aggregate"]["region_threshold"] != info["model"]["patch_threshold"]
+    assert fc["wsi_screen"]["threshold_source"].startswith("the focus threshold (the smoothmax rule")
+    assert 1 <= len(fc["wsi_screen"]["evidence_indices"]) <= 9  # the tissue patches of one 3 x 3 neighbourhood
     assert fc["wsi_screen"]["n_foci"] == int(rows["macro"]["n_foci"])
     # the report's header names the command-line settings as overrides of the model's calibrated rule
     assert "(override: --aggregate smoothmax --threshold 0.99; not the model's calibrated rule)" in \
