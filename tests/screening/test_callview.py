@@ -145,6 +145,7 @@ def max_rule_run(tmp_path_factory: pytest.TempPathFactory, patches_dir: Path) ->
     run = root / "run"
     res = run_cli("infer", root / "slides", "-o", run, "--aggregate", "max", "--threshold", "0.9", "--quiet")
     assert res.code == 0, res
+    (root / "infer.out").write_text(res.out)  # the command's summary, for the test below
     return run
 
 
@@ -204,7 +205,9 @@ def test_a_max_rule_call_draws_every_picture_at_one_threshold_and_marks_its_evid
     assert normal.result.foci == () and normal_row["n_foci"] == "0" and normal_row["metastasis"] == "none"
     assert normal_row["largest_focus_mm"] == ""
     assert title(normal).split("\n")[0] == "synth_001: TUMOUR | no focus (P(tumour) >= 0.8, >= 6 patches)"
-    # the report names the same threshold and counts foci in words
+    # the command's summary and the report name the same threshold and focus size; the report counts foci in words
+    assert "slide call: max score >= 0.9 -> positive; foci: regions of 6+ patches at p >= 0.8 (the pictures' " \
+           "patch threshold)" in (max_rule_run.parent / "infer.out").read_text()
     html = (max_rule_run / "report.html").read_text()
     assert "patch threshold 0.8 (the focus threshold: the heatmaps' cyan line, the GeoJSON's tile classes and " \
            "the foci)" in html.replace("&#x27;", "'")

@@ -155,8 +155,11 @@ def _print_table(summary: RunSummary) -> None:
                    f"{focus:>8}  {foci:>4}  {_domain_cell(r.extra)}")
     agg = summary.aggregate
     unit = " mm^2" if agg.rule == "region" else ""
-    click.echo(f"\nslide call: {agg.label} score >= {agg.slide_threshold:.3g}{unit} -> positive; metastasis by "
-               "the largest focus (itc < 0.2 mm <= micro <= 2 mm < macro, measured on the ~93 um patch grid)")
+    size = f"{agg.min_focus_patches}+ patches " if agg.min_focus_patches > 1 else ""
+    size += "(and the largest) " if size and agg.rule == "region" else ""
+    click.echo(f"\nslide call: {agg.label} score >= {agg.slide_threshold:.3g}{unit} -> positive; foci: regions of "
+               f"{size}at p >= {agg.call_patch_threshold:.3g} (the pictures' patch threshold); metastasis by the "
+               "largest focus (itc < 0.2 mm <= micro <= 2 mm < macro, measured on the ~93 um patch grid)")
     if summary.metrics and summary.metrics.get("auc") is not None:
         m = summary.metrics
         click.echo(f"slide AUC {m['auc']:.3f}, sensitivity {m['sensitivity']}, specificity {m['specificity']} "
