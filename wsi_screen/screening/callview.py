@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,16 +163,6 @@ def evidence_label(ctx: CallContext) -> str:
     return f"call evidence: {what} {res.score:.3f} {sign} {_g(agg.slide_threshold)}"
 
 
-def evidence_outline_l0(coords: np.ndarray, tile_size_l0: int, indices: Sequence[int]) -> dict[str, Any]:
-    """The evidence patches' squares as a GeoJSON MultiPolygon in level-0 pixels (one square per patch)."""
-    t = int(tile_size_l0)
-    squares = []
-    for i in indices:
-        x, y = (int(v) for v in coords[int(i)])
-        squares.append([[[x, y], [x + t, y], [x + t, y + t], [x, y + t], [x, y]]])
-    return {"type": "MultiPolygon", "coordinates": squares}
-
-
 def views_key(ctx: CallContext) -> str:
     """What the heatmap and GeoJSON were drawn with: the rule and threshold in words, then a digest of everything
     drawn (title, threshold, foci, classes): equal keys, equal pictures."""
@@ -201,6 +190,7 @@ def heatmap_figure(store: Any, coords: np.ndarray, probs: np.ndarray, ctx: CallC
     """The heatmap of a slide's call (a matplotlib Figure): P(positive) ``probs`` (N,) over the thumbnail (the
     store's, or ``thumbnail`` of the whole slide at any resolution), contour at the call's patch threshold, every
     counted focus outlined with its size (the largest emphasised), the call in the title."""
+    from wsi_screen.screening.geojson import tiles_geometry
     from wsi_screen.screening.heatmap import Outline, heatmap_array, overlay_figure
 
     thumb = np.asarray(thumbnail) if thumbnail is not None else store.thumbnail
@@ -213,7 +203,7 @@ def heatmap_figure(store: Any, coords: np.ndarray, probs: np.ndarray, ctx: CallC
         legend = f"{foci_count(len(outlines))} counted (largest bold): {ctx.focus_rule}"
     evidence = None
     if ctx.result is not None and ctx.result.evidence_indices:
-        evidence = Outline(evidence_outline_l0(coords, store.tile_size_l0, ctx.result.evidence_indices),
+        evidence = Outline(tiles_geometry(coords, store.tile_size_l0, ctx.result.evidence_indices),
                            evidence_label(ctx))
     return overlay_figure(thumb, heat, title=title(ctx), legend_label=f"P({ctx.positive_class})", alpha=alpha,
                           threshold=ctx.threshold, threshold_name=ctx.threshold_name, dimensions_l0=size,

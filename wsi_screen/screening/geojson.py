@@ -82,6 +82,20 @@ def _check_classes(classes: Sequence[str]) -> list[str]:
     return names
 
 
+def tile_ring(x: int, y: int, tile_size_l0: int) -> list[list[int]]:
+    """The closed ring of the tile at level-0 top-left (x, y): counter-clockwise with y up (see the module
+    docstring)."""
+    t = int(tile_size_l0)
+    return [[x, y], [x + t, y], [x + t, y + t], [x, y + t], [x, y]]
+
+
+def tiles_geometry(coords: np.ndarray, tile_size_l0: int, indices: Sequence[int]) -> dict[str, Any]:
+    """The tiles ``indices`` of ``coords`` (N, 2) as one GeoJSON MultiPolygon in level-0 pixels (a square each)."""
+    xy = np.asarray(coords)
+    return {"type": "MultiPolygon",
+            "coordinates": [[tile_ring(int(xy[i, 0]), int(xy[i, 1]), tile_size_l0)] for i in indices]}
+
+
 def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray, classes: Sequence[str], *,
                        slide_name: str, colors: Mapping[str, Sequence[int]] | None = None,
                        decimals: int = DECIMALS, positive_index: int | None = None,
@@ -131,9 +145,8 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
         raise ConfigError(f"evidence patch indices must lie in [0, {xy.shape[0]}), got {marked[0]}..{marked[-1]}")
     pos_col = names.index(positive)
     if marked:
-        squares = [[[[x, y], [x + T, y], [x + T, y + T], [x, y + T], [x, y]]] for x, y in xy[marked].tolist()]
         features.append({
-            "type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": squares},
+            "type": "Feature", "geometry": tiles_geometry(xy, T, marked),
             "properties": {"objectType": FOCUS_TYPE, "name": evidence_label or "call evidence",
                            "category": "call evidence", "classification": dict(classification[pos_col]),
                            "measurements": {"patches": len(marked),
@@ -141,10 +154,9 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
     n_notes = len(features)
     marked_set = set(marked)
     for i, ((x, y), k, row) in enumerate(zip(xy.tolist(), pred.tolist(), rounded, strict=True)):
-        ring = [[x, y], [x + T, y], [x + T, y + T], [x, y + T], [x, y]]
         features.append({
             "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "geometry": {"type": "Polygon", "coordinates": [tile_ring(x, y, T)]},
             "properties": {
                 "objectType": OBJECT_TYPE,
                 "name": f"tile {i}",
