@@ -214,3 +214,23 @@ def test_a_max_rule_call_draws_every_picture_at_one_threshold_and_marks_its_evid
     n_tumour_foci = int(tumour_row["n_foci"])
     assert f"{n_tumour_foci} {'focus' if n_tumour_foci == 1 else 'foci'}, " in html and "0 foci, " in html
     assert "1 foci" not in html
+
+
+def test_topk_and_smoothmax_evidence_is_named_with_the_score_against_the_slide_threshold() -> None:
+    from wsi_screen.screening.callview import evidence_label
+
+    p = np.full((10, 10), 0.2)
+    p[2, 2], p[7, 7], p[5, 1] = 0.99, 0.97, 0.95
+    topk, coords, probs, store = _ctx(p, AggregateConfig(rule="topk", k=3, region_threshold=0.8,
+                                                         slide_threshold=0.9, min_focus_patches=6))
+    assert topk.result is not None and topk.result.evidence_indices == (22, 51, 77)
+    assert evidence_label(topk) == "call evidence: 3 highest patches, mean P(tumour) 0.970 >= 0.9"
+    assert evidence_label(topk) in _texts(heatmap_figure(store, coords, probs, topk))
+    smooth, *_ = _ctx(p, AggregateConfig(rule="smoothmax", radius=1, region_threshold=0.8, slide_threshold=0.5))
+    assert smooth.result is not None and smooth.result.diagnosis == "normal"
+    # the highest neighbourhood mean is at the slide's edge, around cell (4, 0): (0.95 + 5 x 0.2) / 6 patches
+    assert smooth.result.evidence_indices == (30, 31, 40, 41, 50, 51)
+    assert evidence_label(smooth) == ("call evidence: highest 3 x 3 neighbourhood (6 patches), mean P(tumour) "
+                                     "0.325 < 0.5")
+    mean, *_ = _ctx(p, AggregateConfig(rule="mean", slide_threshold=0.5))
+    assert mean.result is not None and mean.result.evidence_indices == () and evidence_label(mean) == ""

@@ -23,10 +23,10 @@ patches (the size scattered false positives practically never reach, calibrated 
 whatever the rule; under the region rule the largest region always counts too (its area is the call's score). A
 slide called positive by another rule may have no focus (metastasis ``none``): what decided it is its evidence.
 Each slide result carries the largest focus's longest axis (mm), the total focus area (mm^2), the number of foci
-and the metastasis category (``none``, ``itc`` < 0.2 mm, ``micro``
-0.2-2 mm, ``macro`` > 2 mm; see :mod:`wsi_screen.screening.spatial` for how sizes are measured on the patch grid),
-and the foci themselves (``SlideResult.foci``, largest first, each with its patches and outline): the heatmap draws
-and the GeoJSON exports exactly these. A slide called negative has none.
+and the metastasis category (``none``, ``itc`` < 0.2 mm, ``micro`` 0.2-2 mm, ``macro`` > 2 mm; see
+:mod:`wsi_screen.screening.spatial` for how sizes are measured on the patch grid), and the foci themselves
+(``SlideResult.foci``, largest first, each with its patches and outline): the heatmap draws and the GeoJSON exports
+exactly these. A slide called negative has none.
 
 One operating point per picture: :attr:`AggregateConfig.call_patch_threshold` is the patch probability a slide's
 pictures show, the focus threshold ``region_threshold`` whatever the rule (the region rule's call reads it; the

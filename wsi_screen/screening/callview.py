@@ -31,7 +31,6 @@ from wsi_screen.screening.aggregate import (
     call_patch_threshold_name,
     foci_count,
     rule_label,
-    top_k_count,
 )
 from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 
@@ -147,7 +146,8 @@ def title(ctx: CallContext) -> str:
 
 
 def evidence_label(ctx: CallContext) -> str:
-    """The call's evidence in words, e.g. ``call evidence: highest patch, score 0.966 >= 0.95`` ("" without any)."""
+    """The call's evidence in words, e.g. ``call evidence: highest patch, P(tumour) 0.966 >= 0.95`` ("" without
+    any): which patches, the score read from them and the slide threshold it was compared with."""
     res, agg = ctx.result, ctx.aggregate
     if res is None or agg is None or res.score is None or not res.evidence_indices:
         return ""
@@ -155,7 +155,7 @@ def evidence_label(ctx: CallContext) -> str:
     if agg.rule == "max":
         what = f"highest patch, P({ctx.positive_class})"
     elif agg.rule == "topk":
-        what = f"{top_k_count(res.n_patches, agg.k)} highest patches, mean P({ctx.positive_class})"
+        what = f"{n} highest patches, mean P({ctx.positive_class})"
     else:
         side = 2 * agg.radius + 1
         what = f"highest {side} x {side} neighbourhood ({n} patches), mean P({ctx.positive_class})"
