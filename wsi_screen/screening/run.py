@@ -75,6 +75,7 @@ def fallback_rule(patch_threshold: float | None) -> AggregateConfig:
     threshold = patch_threshold if patch_threshold is not None else 0.5
     return replace(FALLBACK_RULE, patch_threshold=threshold, region_threshold=threshold)
 
+
 @dataclass(frozen=True, kw_only=True)
 class InferConfig:
     """Settings of a screening run (the model comes separately)."""
