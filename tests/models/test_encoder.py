@@ -202,4 +202,7 @@ def test_models_lists_encoders() -> None:
     res = run_cli("models", "--encoders", "UNI*")  # a glob, as for architectures
     assert res.code == 0 and [line.split()[0] for line in res.out.splitlines()[1:]] == ["uni", "uni2-h"], res
     res = run_cli("models", "--encoders", "virchov*")
-    assert res.code == 1 and len(res.err_lines) == 1 and "unknown encoder 'virchov*'" in res.err, res
+    assert res.code == 1 and len(res.err_lines) == 1, res  # a glob matching none, as for architectures
+    assert "no encoder matches the pattern 'virchov*'; did you mean virchow2" in res.err, res
+    res = run_cli("models", "--encoders", "virchov")  # a name: unknown, with the close ones
+    assert res.code == 1 and "unknown encoder 'virchov'; did you mean virchow" in res.err, res

@@ -50,11 +50,7 @@ def models(pattern: str | None, show_all: bool, num_classes: int, encoders: bool
     if show_all or pattern:
         names = list_models(pattern or "")
         if not names and pattern and _is_glob(pattern):
-            import difflib
-
-            close = difflib.get_close_matches(pattern.strip("*?"), list_models(), n=5, cutoff=0.6)
-            hint = f"did you mean {', '.join(close)}?" if close else "`wsi-screen models --all` lists them"
-            raise UnknownModelError(f"no architecture matches the pattern {pattern!r}; {hint}")
+            raise _no_match("architecture", pattern, list_models(), "`wsi-screen models --all` lists them")
         if not names:
             from wsi_screen.models.registry import check_arch
 
@@ -78,10 +74,22 @@ def _is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
+def _no_match(kind: str, pattern: str, names: list[str], otherwise: str) -> UnknownModelError:
+    """The error for a glob ``pattern`` that matches none of ``names``: the close names, else ``otherwise``."""
+    import difflib
+
+    close = difflib.get_close_matches(pattern.strip("*?[]").lower(), names, n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else otherwise
+    return UnknownModelError(f"no {kind} matches the pattern {pattern!r}; {hint}")
+
+
 def _print_encoders(pattern: str | None) -> None:
     from wsi_screen.models.encoders import get_encoder_info, list_encoders
 
     found = list_encoders(pattern or "")
+    if not found and pattern and _is_glob(pattern):
+        raise _no_match("encoder", pattern, [e.name for e in list_encoders()],
+                        "`wsi-screen models --encoders` lists them")
     if not found:
         get_encoder_info(pattern or "")  # raises with the closest names
     click.echo(f"{'encoder':<15} {'hub':<37} {'dim':>5} {'size':>5} {'mpp':>5}  {'licence':<21} gated")
