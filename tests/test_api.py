@@ -227,6 +227,26 @@ def test_score_is_aligned_with_the_store(scores: Any, model: Any) -> None:
     assert np.array_equal(again.probabilities, scores.probabilities) and model.decision_thresholds == before
 
 
+def test_scoring_a_jpeg_store_says_its_scores_are_not_the_slides(example_slide: Path, model: Any, scores: Any,
+                                                                  tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A store written to a folder is JPEG by default: its scores differ from the slide's, and score() says so in
+    one log record (the in-memory store of score(slide) is lz4: silent)."""
+    import logging
+
+    with wsi_screen.open_slide(example_slide) as slide:
+        store = wsi_screen.tile(slide, tmp_path / "stores", mpp=0.972, size=96)
+    with caplog.at_level(logging.WARNING, logger="wsi_screen"):
+        jpeg = wsi_screen.score(store, model)
+        wsi_screen.score(scores.store, model)
+    lossy = [r.getMessage() for r in caplog.records if "compressed" in r.getMessage()]
+    assert lossy == [f"{store.location}: scoring the JPEG-compressed patches of a store (quality 90): the results "
+                     "differ slightly from those of the slide's own pixels; lz4 or coordinates-only stores give "
+                     "exactly those"]
+    assert np.array_equal(jpeg.coords, scores.coords)  # the same patch grid, not the same pixels
+    assert 0 < np.abs(jpeg.positive - scores.positive).max() < 0.2
+
+
 def test_score_refuses_a_store_cut_for_another_model(example_slide: Path, model: Any) -> None:
     with wsi_screen.open_slide(example_slide) as slide:
         store = wsi_screen.tile(slide, mpp=2.0, size=64)

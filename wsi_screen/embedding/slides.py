@@ -119,10 +119,9 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
         log.debug("%s: embeddings up to date", name)
         return EmbedResult(name, source, "skipped", str(target), len(store))
     n = len(store)
-    if store.codec is not None and store.codec.lossy:
-        log.warning("%s: embedding the %s-compressed patches of a reused store (quality %s): the features differ "
-                    "slightly from the slide's; lz4 or coordinates-only stores give the slide's pixels",
-                    name, store.codec.name.upper(), store.codec.quality)
+    lossy = store.lossy_note("embedding")
+    if lossy:
+        log.warning("%s: %s", name, lossy)
     features = np.zeros((n, encoder.dim), dtype=config.dtype)
     items = plan_batches([(location, n)], config.batch_size)
     with stream_batches(items, workers=config.loader_workers, reader=reader) as batches, \

@@ -11,6 +11,7 @@ and score to the digit.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,8 @@ from wsi_screen.tiling.store import PatchStore
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,6 +223,9 @@ def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_s
         store = store_or_slide
         check_store_matches_model(store.attrs, model.spec, store.location,
                                   other_way="or pass the open slide to `score`, which tiles it as the model needs")
+        lossy = store.lossy_note("scoring")
+        if lossy:
+            log.warning("%s: %s", store.location, lossy)
     else:
         raise ConfigError(f"score() takes a PatchStore or an open Slide, got {type(store_or_slide).__name__}")
     before = model.decision_thresholds

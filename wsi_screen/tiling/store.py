@@ -399,6 +399,16 @@ class PatchStore:
         codec = self.codec
         return {"pixels": "store" if self.has_pixels else "none", "codec": codec.to_json() if codec else None}
 
+    def lossy_note(self, doing: str) -> str | None:
+        """One line for a log saying that ``doing`` (``"embedding"``, ``"scoring"``) reads this store's lossy
+        (JPEG, JPEG XL) patches, which are not quite the slide's; None for lz4 and coordinates-only stores."""
+        codec = self.codec
+        if codec is None or not codec.lossy:
+            return None
+        return (f"{doing} the {codec.name.upper().replace('JPEGXL', 'JPEG XL')}-compressed patches of a store "
+                f"(quality {codec.quality}): the results differ slightly from those of the slide's own pixels; lz4 "
+                "or coordinates-only stores give exactly those")
+
     def array(self, key: str) -> zarr.Array:
         """The zarr array stored under ``key`` (one of :data:`ARRAY_KEYS`)."""
         node = self._group[key]
