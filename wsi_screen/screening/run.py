@@ -299,15 +299,11 @@ def warn_lossy_stores(rows: Sequence[SlideRow]) -> None:
     if not lossy:
         return
     codecs = sorted({(str(c["name"]), c.get("quality")) for r in lossy for c in [r.extra["store_pixels"]["codec"]]})
-    kinds = "/".join(dict.fromkeys(_CODEC_WORDS.get(name, name) for name, _ in codecs))
+    kinds = "/".join(dict.fromkeys(PatchCodec(name).label for name, _ in codecs))
     log.warning("%d slide(s) scored from %s-compressed patches of reused stores (%s): their scores may differ "
                 "slightly from a run on the slide; lz4 or coordinates-only stores give the exact ones: %s",
                 len(lossy), kinds, ", ".join(f"{name} quality {q}" for name, q in codecs),
                 few(sorted(r.name for r in lossy)))
-
-
-#: how a warning names a lossy codec
-_CODEC_WORDS = {"jpeg": "JPEG", "jpegxl": "JPEG XL"}
 
 
 def warn_unmatched_labels(labels: dict[str, str], rows: Sequence[SlideRow]) -> None:

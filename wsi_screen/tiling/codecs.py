@@ -38,6 +38,10 @@ BLOSC_CNAME: Final = "lz4"
 BLOSC_CLEVEL: Final = 5
 
 
+#: how messages name each codec (:attr:`PatchCodec.label`)
+_LABELS: Final = {"jpeg": "JPEG", "jpegxl": "JPEG XL"}
+
+
 @dataclass(frozen=True)
 class PatchCodec:
     """One codec with its quality (``None`` for the lossless ``lz4``)."""
@@ -58,6 +62,11 @@ class PatchCodec:
     @property
     def lossy(self) -> bool:
         return self.name != "lz4"
+
+    @property
+    def label(self) -> str:
+        """The codec's name for people: ``JPEG``, ``JPEG XL``, ``lz4``."""
+        return _LABELS.get(self.name, self.name)
 
     def to_json(self) -> dict[str, Any]:
         """What a store records in its ``settings`` (a store is reused only when this matches)."""

@@ -405,7 +405,7 @@ class PatchStore:
         codec = self.codec
         if codec is None or not codec.lossy:
             return None
-        return (f"{doing} the {codec.name.upper().replace('JPEGXL', 'JPEG XL')}-compressed patches of a store "
+        return (f"{doing} the {codec.label}-compressed patches of a store "
                 f"(quality {codec.quality}): the results differ slightly from those of the slide's own pixels; lz4 "
                 "or coordinates-only stores give exactly those")
 
