@@ -66,6 +66,9 @@ def test_a_rule_is_named_with_the_k_that_changes_its_meaning() -> None:
     assert AggregateConfig(rule="topk", k=1).label == "topk (k = 1)"
     assert rule_label("topk", 0.05) == "topk (k = 0.05)"
     assert AggregateConfig(rule="region", k=5).label == "region"
+    # the fraction rule's score counts patches at the model's threshold, not the pictures' focus threshold
+    assert AggregateConfig(rule="fraction", patch_threshold=0.213).label == "fraction (of patches at p >= 0.213)"
+    assert rule_label("fraction") == "fraction"
 
 
 def test_invalid_settings() -> None:

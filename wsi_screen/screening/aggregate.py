@@ -98,7 +98,7 @@ class AggregateConfig:
     @property
     def label(self) -> str:
         """The rule as people read it (see :func:`rule_label`)."""
-        return rule_label(self.rule, self.k)
+        return rule_label(self.rule, self.k, self.patch_threshold)
 
     @property
     def call_patch_threshold(self) -> float:
@@ -156,9 +156,20 @@ def call_patch_threshold_name(rule: str | None) -> str:
     return "the call's patch threshold" if rule == "region" else "the focus threshold"
 
 
-def rule_label(rule: str | None, k: int | float | None = None) -> str:
-    """A rule's name with the setting that changes its meaning: ``topk (k = 5)``; the others by name."""
-    return f"{rule} (k = {k:g})" if rule == "topk" and k is not None else str(rule)
+def rule_label(rule: str | None, k: int | float | None = None, patch_threshold: float | None = None) -> str:
+    """A rule's name with the setting that changes its meaning: ``topk (k = 5)``, ``fraction (of patches at
+    p >= 0.213)`` (the fraction rule counts patches at the model's patch threshold, not the pictures' one); the
+    others by name."""
+    if rule == "topk" and k is not None:
+        return f"{rule} (k = {k:g})"
+    if rule == "fraction" and patch_threshold is not None:
+        return f"{rule} (of patches at p >= {float(patch_threshold):.3g})"
+    return str(rule)
+
+
+def recorded_rule_label(aggregate: Mapping[str, Any]) -> str:
+    """:func:`rule_label` of a rule as run.json records it (``AggregateConfig.to_dict``)."""
+    return rule_label(aggregate.get("rule"), aggregate.get("k"), aggregate.get("patch_threshold"))
 
 
 def foci_count(n: int) -> str:

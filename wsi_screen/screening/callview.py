@@ -30,7 +30,6 @@ from wsi_screen.screening.aggregate import (
     SlideResult,
     call_patch_threshold_name,
     foci_count,
-    rule_label,
 )
 from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 
@@ -115,7 +114,7 @@ def score_text(result: SlideResult, aggregate: AggregateConfig, positive_class: 
     if aggregate.rule == "region":
         return (f"score {_g(result.score)} mm² {sign} {_g(aggregate.slide_threshold)} mm² (rule: largest region at "
                 f"P({positive_class}) >= {_g(aggregate.region_threshold)})")
-    rule = rule_label(aggregate.rule, aggregate.k)
+    rule = aggregate.label
     return f"score {result.score:.3f} {sign} {_g(aggregate.slide_threshold)} (rule: {rule})"
 
 

@@ -31,7 +31,7 @@ from wsi_screen.screening.aggregate import (
     call_patch_threshold,
     call_patch_threshold_name,
     foci_count,
-    rule_label,
+    recorded_rule_label,
 )
 from wsi_screen.screening.runview import RunView, open_run, patch_png, top_patches
 
@@ -283,7 +283,7 @@ def render_report(run: str | Path) -> str:
         f'<p class="muted">{len(view.results)} slides &middot; model {_html(model.get("arch"))} '
         f'({_html(model.get("positive_class"))} vs rest, {_html(model.get("mpp"))} um/px, '
         f'{_html(model.get("input_size"))} px) '
-        f'&middot; slide call: {_html(rule_label(agg.get("rule"), agg.get("k")))} score &ge; '
+        f'&middot; slide call: {_html(recorded_rule_label(agg))} score &ge; '
         f'{_html(_num(agg.get("slide_threshold")))}'
         f'{_region_unit(agg)}{_overrides(info)} '
         f'&middot; patch threshold {_html(_num(patch_threshold))} ({_html(threshold_name)}: the heatmaps\' '
