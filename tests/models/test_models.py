@@ -222,6 +222,28 @@ def test_load_pretrained_resets_head_for_a_new_class_set(tmp_path: Path) -> None
     torch.testing.assert_close(target.state_dict()["features.0.weight"], source["features.0.weight"])
 
 
+def test_load_pretrained_resets_the_head_when_the_classes_are_other_names(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Two classes again, but not the source's [normal, tumour]: output 0 would change meaning, so the head is
+    fresh; the same list keeps it; without ``classes`` only the shapes decide (a file without config.json)."""
+    folder, _ = _saved(tmp_path)
+    source = read_weights(folder / WEIGHTS_NAME)
+    for classes in (["abnormal", "normal"], ["tumour", "normal"]):
+        torch.manual_seed(1)
+        target = create_model("screen_cnn32", num_classes=2)
+        with caplog.at_level(logging.INFO, logger="wsi_screen"):
+            report = load_pretrained(target, folder, classes=classes)
+        assert sorted(report.head_reset) == ["head.fc.bias", "head.fc.weight"] and report.loaded == 10
+        assert not torch.equal(target.state_dict()["head.fc.weight"], source["head.fc.weight"])
+        torch.testing.assert_close(target.state_dict()["features.0.weight"], source["features.0.weight"])
+    assert "the classes [tumour, normal] are not the source's [normal, tumour]" in caplog.text
+    for classes in (["normal", "tumour"], None):
+        target = create_model("screen_cnn32", num_classes=2)
+        report = load_pretrained(target, folder, classes=classes)
+        assert report.head_reset == [] and report.loaded == 12
+        torch.testing.assert_close(target.state_dict()["head.fc.weight"], source["head.fc.weight"])
+
+
 def test_load_pretrained_timm_names_and_prefixes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from safetensors.torch import save_file
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,12 +191,16 @@ def _strip_prefixes(state: dict[str, torch.Tensor],
     return state
 
 
-def load_pretrained(module: nn.Module, path: str | Path) -> PretrainedReport:
+def load_pretrained(module: nn.Module, path: str | Path, *, classes: Sequence[str] | None = None,
+                    ) -> PretrainedReport:
     """Initialise ``module`` from local weights: a safetensors state dict (ours or timm's) or a model folder.
 
     Tensors whose name and shape match are copied. The classifier is kept at its fresh initialisation
-    when its shape differs (another class set). Any other shape mismatch is an error (another
-    architecture); missing and unexpected tensors are logged and reported. Nothing is downloaded.
+    when its shape differs (another number of classes) or, when the file comes with a ``config.json`` and
+    ``classes`` (the new model's class names, in output order) is given, when the source's classes are not
+    the same list: other names or another order give its outputs another meaning. Any other shape mismatch
+    is an error (another architecture); missing and unexpected tensors are logged and reported. Nothing is
+    downloaded.
     """
     path = Path(path)
     spec: ModelSpec | None = None
@@ -213,13 +217,16 @@ def load_pretrained(module: nn.Module, path: str | Path) -> PretrainedReport:
     target = module.state_dict()
     state = _strip_prefixes(state, target)
     head = classifier_parameter_names(module)
+    renamed = classes is not None and spec is not None and list(classes) != list(spec.classes)
     merged: dict[str, torch.Tensor] = {}
     head_reset: list[str] = []
     wrong: list[str] = []
     for key, value in state.items():
         if key not in target:
             continue
-        if value.shape == target[key].shape:
+        if key in head and renamed:
+            head_reset.append(key)
+        elif value.shape == target[key].shape:
             merged[key] = value.to(target[key].dtype)
         elif key in head:
             head_reset.append(key)
@@ -242,7 +249,10 @@ def load_pretrained(module: nn.Module, path: str | Path) -> PretrainedReport:
     if unexpected:
         log.warning("%s: %d tensors in the file are not used by the architecture: %s", weights,
                     len(unexpected), _few(unexpected))
-    if head_reset or head_missing:
+    if renamed and spec is not None and classes is not None:
+        log.info("%s: classifier re-initialised: the classes [%s] are not the source's [%s] (%s)", weights,
+                 ", ".join(classes), ", ".join(spec.classes), _few(head_reset or head_missing))
+    elif head_reset or head_missing:
         log.info("%s: classifier re-initialised for the new class set (%s)", weights,
                  _few(head_reset or head_missing))
     full = {**target, **merged}

@@ -250,7 +250,7 @@ def make_loop(data: PreparedData,
     """Model (+ local pretrained weights), optimiser, schedule, loss and augmentation for a run."""
     num_classes = len(data.classes)
     model, model_kwargs = build_model(config.arch, num_classes, data.size, config.drop_rate)
-    report = load_pretrained(model, config.pretrained) if config.pretrained else None
+    report = load_pretrained(model, config.pretrained, classes=data.classes) if config.pretrained else None
     if config.freeze_backbone and not config.pretrained:
         log.warning("`freeze_backbone` without `pretrained` freezes random features")
     mean, std = _mean_std(model, report)
