@@ -244,6 +244,32 @@ def test_load_pretrained_resets_the_head_when_the_classes_are_other_names(tmp_pa
         torch.testing.assert_close(target.state_dict()["head.fc.weight"], source["head.fc.weight"])
 
 
+def test_load_pretrained_from_a_cross_validated_ensemble_takes_member_0(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    from wsi_screen.models.ensemble import Ensemble
+
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(create_model("screen_cnn32", num_classes=2))
+    save_model(tmp_path / "cv", Ensemble(members), _spec(ensemble=3))
+    target = create_model("screen_cnn32", num_classes=2)
+    with caplog.at_level(logging.INFO, logger="wsi_screen"):
+        report = load_pretrained(target, tmp_path / "cv", classes=["normal", "tumour"])
+    assert report.loaded == 12 and report.head_reset == [] and report.ensemble_member == 0
+    assert report.as_dict()["ensemble_member"] == 0 and report.spec is not None and report.spec.ensemble == 3
+    for key, value in members[0].state_dict().items():
+        torch.testing.assert_close(target.state_dict()[key], value)
+    assert "ensemble of 3 fold models; starting from member 0" in caplog.text
+    # the bare weights file of an ensemble, without its config: the same member, the head kept by shape
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "w.safetensors").write_bytes((tmp_path / "cv" / WEIGHTS_NAME).read_bytes())
+    bare = load_pretrained(create_model("screen_cnn32", num_classes=2), tmp_path / "bare" / "w.safetensors")
+    assert bare.loaded == 12 and bare.ensemble_member == 0 and bare.spec is None
+    plain, _ = _saved(tmp_path / "plain")
+    assert load_pretrained(create_model("screen_cnn32", num_classes=2), plain).ensemble_member is None
+
+
 def test_load_pretrained_timm_names_and_prefixes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from safetensors.torch import save_file
 

@@ -117,6 +117,25 @@ def test_transfer_learning_from_a_local_model(patches_dir: Path, herlev_small: P
 
 
 
+def test_transfer_learning_from_a_cross_validated_model_with_other_class_names(herlev_small: Path,
+                                                                               tmp_path: Path) -> None:
+    """A model folder that cross-validation made (an ensemble) starts a training from its member 0; its classes
+    [normal, tumour] are not Herlev's [abnormal, normal], so the head starts fresh although two fit two."""
+    from wsi_screen.models import create_model, save_model
+    from wsi_screen.models.ensemble import Ensemble
+
+    torch.manual_seed(5)
+    members = [create_model("screen_cnn32", num_classes=2) for _ in range(2)]
+    save_model(tmp_path / "cv", Ensemble(members), ModelSpec(
+        arch="screen_cnn32", classes=["normal", "tumour"], input_size=32, positive_class="tumour", threshold=0.5,
+        ensemble=2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
+    result = train(herlev_small, tmp_path / "tl", tiny_config(pretrained=str(tmp_path / "cv"), epochs=1))
+    report = json.loads((tmp_path / "tl" / "config.json").read_text())["train_config"]["pretrained_report"]
+    assert report["ensemble_member"] == 0 and report["loaded"] == 10
+    assert sorted(report["head_reset"]) == ["head.fc.bias", "head.fc.weight"] and report == result.pretrained
+    assert result.spec.mean == (0.5, 0.5, 0.5) and result.spec.ensemble == 1
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
 def test_mixed_precision_step(dtype: torch.dtype | None) -> None:
     """The training step of a GPU (autocast; float16 with a gradient scaler), run on the CPU where torch has both:

@@ -91,9 +91,9 @@ def _add_training_options(func: F, *, with_encoder: bool) -> F:
         click.option("--drop-rate", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
                      help="Dropout before the classifier."),
         click.option("--pretrained", type=click.Path(exists=True), default=None, metavar="WEIGHTS",
-                     help="Local weights to start from: a model folder or a .safetensors state dict (ours or "
-                          "timm's names). The classifier starts fresh when the class list differs. Nothing is "
-                          "downloaded; pickle files are refused."),
+                     help="Local weights to start from: a model folder (a cross-validated one gives its first "
+                          "fold model) or a .safetensors state dict (ours or timm's names). The classifier starts "
+                          "fresh when the class list differs. Nothing is downloaded; pickle files are refused."),
         click.option("--freeze-backbone", is_flag=True,
                      help="Train only the classifier for --frozen-epochs, then fine-tune everything."),
         click.option("--frozen-epochs", type=click.IntRange(0, 1000), default=2, show_default=True),

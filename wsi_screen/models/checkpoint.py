@@ -173,10 +173,12 @@ class PretrainedReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     spec: ModelSpec | None = None
+    #: the member whose weights were taken when the source is a cross-validated ensemble, else None
+    ensemble_member: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {"source": self.source, "loaded": self.loaded, "head_reset": self.head_reset,
-                "missing": self.missing, "unexpected": self.unexpected}
+                "missing": self.missing, "unexpected": self.unexpected, "ensemble_member": self.ensemble_member}
 
 
 _PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -191,6 +193,20 @@ def _strip_prefixes(state: dict[str, torch.Tensor],
     return state
 
 
+_MEMBERS = "members."
+
+
+def _first_member(state: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                  ) -> tuple[dict[str, torch.Tensor], int]:
+    """The first member's tensors of a cross-validated ensemble's state dict (``members.<i>.<name>``, see
+    :class:`wsi_screen.models.ensemble.Ensemble`) and the number of members; any other state as it is, 0."""
+    if not state or any(k in target for k in state) or not all(k.startswith(_MEMBERS) for k in state):
+        return state, 0
+    members = {k[len(_MEMBERS):].split(".", 1)[0] for k in state}
+    prefix = f"{_MEMBERS}0."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, len(members)
+
+
 def load_pretrained(module: nn.Module, path: str | Path, *, classes: Sequence[str] | None = None,
                     ) -> PretrainedReport:
     """Initialise ``module`` from local weights: a safetensors state dict (ours or timm's) or a model folder.
@@ -199,8 +215,11 @@ def load_pretrained(module: nn.Module, path: str | Path, *, classes: Sequence[st
     when its shape differs (another number of classes) or, when the file comes with a ``config.json`` and
     ``classes`` (the new model's class names, in output order) is given, when the source's classes are not
     the same list: other names or another order give its outputs another meaning. Any other shape mismatch
-    is an error (another architecture); missing and unexpected tensors are logged and reported. Nothing is
-    downloaded.
+    is an error (another architecture); missing and unexpected tensors are logged and reported.
+
+    A cross-validated model folder (an ensemble of fold models) gives its first member's weights (member 0,
+    the first fold's model): the members start from different seeds, so their weights cannot be averaged
+    into one network. Nothing is downloaded.
     """
     path = Path(path)
     spec: ModelSpec | None = None
@@ -216,6 +235,11 @@ def load_pretrained(module: nn.Module, path: str | Path, *, classes: Sequence[st
     state = read_weights(weights)
     target = module.state_dict()
     state = _strip_prefixes(state, target)
+    state, n_members = _first_member(state, target)
+    if n_members:
+        log.info("%s: a cross-validated ensemble of %d fold models; starting from member 0 (the first fold's "
+                 "model: the members start from different seeds, so their weights are not averaged)", weights,
+                 n_members)
     head = classifier_parameter_names(module)
     renamed = classes is not None and spec is not None and list(classes) != list(spec.classes)
     merged: dict[str, torch.Tensor] = {}
@@ -259,4 +283,5 @@ def load_pretrained(module: nn.Module, path: str | Path, *, classes: Sequence[st
     module.load_state_dict(full, strict=True)
     log.info("initialised %d of %d tensors from %s", len(merged), len(target), weights)
     return PretrainedReport(source=str(weights), loaded=len(merged), head_reset=head_reset or head_missing,
-                            missing=missing, unexpected=unexpected, spec=spec)
+                            missing=missing, unexpected=unexpected, spec=spec,
+                            ensemble_member=0 if n_members else None)
