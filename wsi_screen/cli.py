@@ -153,7 +153,9 @@ SETTING_FLAGS: dict[str, str] = {
     "cache_limit_mb": "--cache-limit", "label_column": "--label-column", "group_column": "--group-column",
     "split_column": "--split-column", "carve_valid": "--carve-valid", "pretrained": "--pretrained",
     "freeze_backbone": "--freeze-backbone", "arch": "--arch", "encoder": "--encoder", "encoder_weights": "--weights",
-    "head": "--head", "embedding_cache": "--embedding-cache",
+    "head": "--head", "embedding_cache": "--embedding-cache", "recipe": "--recipe", "lr": "--lr", "epochs": "--epochs",
+    "flips": "--flips/--no-flips", "hed_jitter": "--hed-jitter", "color_jitter": "--color-jitter",
+    "frozen_epochs": "--frozen-epochs", "compile": "--compile",
 }
 
 

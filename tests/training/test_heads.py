@@ -55,6 +55,11 @@ def test_linear_head_on_bundled_encoder(pcam_small: Path, head_model: tuple[Path
     weights = read_weights(folder / "model.safetensors")
     assert set(weights) == {"mean", "std", "layers.1.weight", "layers.1.bias"}  # the head only
     assert spec.train_config["embeddings"]["reused"] is False
+    # what did not apply to a head is recorded as null: no recipe, no image augmentation; one validation split
+    recorded = spec.train_config
+    assert recorded["recipe"] is None and recorded["folds"] == 1 and recorded["head"] == "linear"
+    assert all(recorded[k] is None for k in ("flips", "hed_jitter", "color_jitter", "frozen_epochs", "compile",
+                                             "cache_limit_mb"))
 
     # the model folder is an ordinary one: load_model gives the probabilities training validated
     model = load_model(folder, precision="fp32")
@@ -210,6 +215,34 @@ def test_infer_and_calibrate_with_a_head_model(head_model: tuple[Path, Path], tm
     calibrated = load_model(tmp_path / "calibrated")
     assert calibrated.spec.encoder == load_model(model).spec.encoder
     assert (tmp_path / "calibrated" / "slide_rule.json").exists()
+
+
+def test_settings_for_the_other_kind_of_training_are_refused(pcam_small: Path, tmp_path: Path) -> None:
+    """`recipe` small, image augmentation and the other settings of a whole network are one line with an encoder
+    (even at their default values when given: `--flips`), as `head` and `embedding_cache` are without one."""
+    for args, said in ((["--encoder", "default", "--recipe", "small"], "--recipe small sets a whole network's"),
+                       (["--encoder", "default", "--flips", "--hed-jitter", "0.2"],
+                        "--flips/--no-flips, --hed-jitter apply only to a whole network"),
+                       (["--encoder", "default", "--color-jitter", "0.1", "--frozen-epochs", "2", "--compile",
+                         "--cache-limit", "10"],
+                        "--color-jitter, --frozen-epochs, --compile, --cache-limit apply only to a whole network"),
+                       (["--arch", "screen_cnn32", "--head", "linear"],
+                        "--head applies only to a head on an --encoder; --arch screen_cnn32 trains a whole network"),
+                       (["--arch", "screen_cnn32", "--head", "mlp", "--embedding-cache", str(tmp_path / "c")],
+                        "--head, --embedding-cache apply only to a head on an --encoder")):
+        res = run_cli("train", pcam_small, *args, "-o", tmp_path / "m")
+        assert res.code == 1 and len(res.err_lines) == 1 and res.err_lines[0].startswith("wsi-screen: error: "), res
+        assert said in res.err and "Traceback" not in res.err, res
+    assert not (tmp_path / "m").exists()
+    from wsi_screen.errors import ConfigError
+    from wsi_screen.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="`flips` applies only to a whole network"):
+        TrainConfig(arch="", encoder="default", flips=False)
+    with pytest.raises(ConfigError, match="`head` applies only to a head on an `encoder`"):
+        TrainConfig(arch="resnet10t", head="mlp")
+    assert TrainConfig(arch="", encoder="default", recipe="auto").applied()["recipe"] is None
+    assert TrainConfig(arch="resnet10t", recipe="small").applied()["head"] is None
 
 
 def test_encoder_and_arch_together_are_refused(pcam_small: Path, tmp_path: Path) -> None:

@@ -53,6 +53,8 @@ def test_short_training_run_writes_a_complete_model(herlev_small: Path, tmp_path
     assert spec.threshold_rule == "sensitivity:0.95" and spec.metrics["sensitivity"] >= 0.95
     assert spec.data_fingerprint and spec.data_fingerprint.startswith("sha256:")
     assert spec.train_config["seed"] == 0 and spec.train_config["lr"] == 1e-3
+    assert spec.train_config["flips"] is True and spec.train_config["hed_jitter"] == 0.05
+    assert spec.train_config["head"] is None and spec.train_config["embedding_cache"] is None  # no head on an encoder
     assert spec.data["label_column"] == "binary_label" and spec.data["split_source"] == "carved"
     with (out / "split.csv").open() as fh:
         split_rows = list(csv.DictReader(fh))

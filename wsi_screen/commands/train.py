@@ -155,14 +155,21 @@ def config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: TrainConfig fields whose option is named otherwise here
+_OPTION_PARAMS = {"cache_limit_mb": "cache_limit", "compile": "compile_"}
+
+
 def explicit_options(ctx: click.Context) -> tuple[str, ...]:
-    """TrainConfig fields a recipe may set that the user gave on the command line (they win)."""
+    """TrainConfig fields the user gave on the command line, of those a recipe may set (they win) and those that
+    apply to one kind of training only (given for the other kind, they are refused)."""
+    from wsi_screen.training.config import HEAD_ONLY, NETWORK_ONLY
     from wsi_screen.training.recipes import RECIPES
 
-    fields = sorted({k for recipe in RECIPES.values() for k in recipe})
+    fields = sorted({k for recipe in RECIPES.values() for k in recipe} | {*NETWORK_ONLY, *HEAD_ONLY})
     given = []
     for name in fields:
-        source = ctx.get_parameter_source(name) if name in ctx.params else None
+        param = _OPTION_PARAMS.get(name, name)
+        source = ctx.get_parameter_source(param) if param in ctx.params else None
         if source is not None and source != click.core.ParameterSource.DEFAULT:
             given.append(name)
     return tuple(given)
@@ -203,7 +210,7 @@ def set_threads(threads: int) -> None:
 @encoder_options(required=False, what="Train only a head on this frozen encoder's embeddings (computed "
                  "once, cached; replaces --arch; docs/encoders.md)")
 @click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True,
-              help="The head trained on --encoder's embeddings (mlp: one hidden layer of 256).")
+              help="The head trained on --encoder's embeddings (mlp: one hidden layer of 256); needs --encoder.")
 @click.option("--embedding-cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Where --encoder's dataset embeddings are cached (default: $WSI_SCREEN_CACHE/embeddings, else "
                    "~/.cache/wsi-screen/embeddings).")
@@ -239,7 +246,9 @@ def train(**params: Any) -> None:
 
     With --encoder, only a head trains, on the encoder's embeddings of the train and valid images (computed
     once and cached, reused on reruns); the model folder names the encoder, which is loaded by that name
-    wherever the model is used.
+    wherever the model is used. Options only a whole network uses (--recipe small, --folds above 1,
+    --pretrained, --freeze-backbone, --frozen-epochs, --flips, --hed-jitter, --color-jitter, --cache-limit,
+    --compile) are refused with --encoder.
     """
     configure_output()
     set_threads(params["threads"])

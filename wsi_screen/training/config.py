@@ -5,7 +5,7 @@ split), :mod:`wsi_screen.training.cross_validation` and :mod:`wsi_screen.trainin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,11 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 MONITORS = ("auto", "auc", "balanced_accuracy", "accuracy", "loss")
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adam": 0.0, "adamw": 0.05}
+#: settings only a whole network uses (images augmented, decoded into memory or compiled, a backbone frozen): a
+#: head on an ``encoder`` trains on fixed embeddings, so they are refused with one and recorded as null
+NETWORK_ONLY = ("flips", "hed_jitter", "color_jitter", "frozen_epochs", "compile", "cache_limit_mb")
+#: settings only a head on an ``encoder`` uses: refused without one and recorded as null
+HEAD_ONLY = ("head", "embedding_cache")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +74,8 @@ class TrainConfig:
     restart: bool = False  # ignore a checkpoint of an interrupted run in the output folder
     #: training recipe (see wsi_screen.training.recipes): "default", "small", or "auto" (chosen from the data)
     recipe: str = "default"
-    #: fields set explicitly (a recipe never changes them)
+    #: fields set explicitly (a recipe never changes them; a setting of :data:`NETWORK_ONLY` or :data:`HEAD_ONLY`
+    #: named here is refused where it cannot apply, even at its default value)
     overrides: tuple[str, ...] = ()
     #: K-fold cross-validation (see wsi_screen.training.cross_validation); 1: one validation split; 0: auto
     folds: int = 1
@@ -122,14 +128,42 @@ class TrainConfig:
                                 "head trains (the encoder stays frozen)")
             if self.folds > 1:
                 problems.append("a head on an `encoder` trains on one validation split (`folds` 1)")
+            if self.recipe == "small":
+                problems.append("`recipe` small sets a whole network's training (Adam at 1e-3, 60 epochs); a head on "
+                                "an `encoder` has its own defaults (lr 1e-4): set `lr`, `epochs` and the rest yourself")
+            network = self._given(NETWORK_ONLY)
+            if network:
+                problems.append(f"{_settings(network)} only to a whole network (images augmented, decoded or "
+                                "compiled, a backbone frozen); a head on an `encoder` trains on fixed embeddings")
         elif self.encoder_weights is not None:
             problems.append("`encoder_weights` needs an `encoder` (the architecture the file is for)")
         elif not self.arch:
             problems.append("set `arch` (a network to train) or `encoder` (a frozen encoder to train a head on)")
+        elif self._given(HEAD_ONLY):
+            problems.append(f"{_settings(self._given(HEAD_ONLY))} only to a head on an `encoder`; `arch` {self.arch} "
+                            "trains a whole network")
         if problems:
             raise ConfigError("; ".join(problems))
         ThresholdRule.parse(self.threshold_rule)
         parse_device_name(self.device)
+
+    def _given(self, names: tuple[str, ...]) -> list[str]:
+        """Those of ``names`` set explicitly (in ``overrides``) or away from their defaults."""
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        return [n for n in names if n in self.overrides or getattr(self, n) != defaults[n]]
+
+    def applied(self) -> dict[str, Any]:
+        """The settings as ``config.json`` records them (``train_config``): those that did not apply to this kind
+        of training are null (:data:`NETWORK_ONLY` and the recipe for a head, whose ``folds`` is 1: one validation
+        split; :data:`HEAD_ONLY` for a whole network); ``restart`` is left out (how, not what, was trained)."""
+        out = asdict(self)
+        out.pop("restart", None)
+        out["overrides"] = list(self.overrides)  # as JSON holds it
+        if self.encoder is not None:
+            out.update(dict.fromkeys((*NETWORK_ONLY, "recipe")), folds=1)
+        else:
+            out.update(dict.fromkeys(HEAD_ONLY))
+        return out
 
     @property
     def resolved_lr(self) -> float:
@@ -138,6 +172,11 @@ class TrainConfig:
     @property
     def resolved_weight_decay(self) -> float:
         return self.weight_decay if self.weight_decay is not None else DEFAULT_WEIGHT_DECAY[self.optimizer]
+
+
+def _settings(names: list[str]) -> str:
+    """``names`` in backticks and the verb that follows: "`flips` applies", "`flips`, `compile` apply"."""
+    return ", ".join(f"`{n}`" for n in names) + (" applies" if len(names) == 1 else " apply")
 
 
 @dataclass

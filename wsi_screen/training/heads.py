@@ -6,7 +6,9 @@ split is never read); the encoder embeds every train and valid image once (cache
 whatever the encoder. The best epoch on validation is kept and the decision threshold chosen there, as in
 :func:`wsi_screen.training.train.fit`, with the same options (epochs, patience, optimiser, schedule, label
 smoothing, class weights, dropout, threshold rule), except that the learning rate defaults to :data:`HEAD_LR`.
-Image augmentation does not apply (the embeddings are fixed).
+Image augmentation and the other settings of a whole network's training do not apply (the embeddings are fixed):
+:class:`~wsi_screen.training.config.TrainConfig` refuses them with an ``encoder`` (its ``NETWORK_ONLY``, a recipe,
+``folds`` above 1) and ``config.json`` records them as null (:meth:`TrainConfig.applied`).
 
 The model folder is a normal one (see :mod:`wsi_screen.models.head`): ``config.json`` names the encoder (its
 identity, weights sha256 and preprocessing) and the head, ``model.safetensors`` holds the head's tensors, plus
@@ -21,7 +23,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +111,7 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
     metrics.update(epoch=best_epoch, monitor=monitor)
     seconds = time.perf_counter() - started
     record = head_record(config.head, identity.dim)
-    resolved: dict[str, Any] = asdict(config)
-    resolved.pop("restart", None)
-    resolved["overrides"] = list(config.overrides)
+    resolved = config.applied()
     resolved.update(size=size, lr=config.resolved_lr, weight_decay=config.resolved_weight_decay, monitor=monitor,
                     best_epoch=best_epoch, stopped_early=stopped, seconds=round(seconds, 1),
                     threads=torch.get_num_threads(), torch_version=torch.__version__, device=device_info(torch_device),

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -357,9 +357,7 @@ def describe_device(amp: _Amp) -> str:
 
 def resolved_config(config: TrainConfig, data: PreparedData, monitor: str, best_epoch: int, stopped_early: bool,
               seconds: float, report: PretrainedReport | None) -> dict[str, Any]:
-    out = asdict(config)
-    out.pop("restart", None)
-    out["overrides"] = list(config.overrides)  # as JSON holds it
+    out = config.applied()
     out.update(size=data.size, lr=config.resolved_lr, weight_decay=config.resolved_weight_decay,
                monitor=monitor, best_epoch=best_epoch, stopped_early=stopped_early, seconds=round(seconds, 1),
                threads=torch.get_num_threads(), torch_version=torch.__version__,
