@@ -217,6 +217,19 @@ def test_infer_and_calibrate_with_a_head_model(head_model: tuple[Path, Path], tm
     assert (tmp_path / "calibrated" / "slide_rule.json").exists()
 
 
+def test_without_the_patches_mpp_the_encoders_is_offered_not_assumed(pcam_small: Path, head_model: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    """PCam has no mpp column: a head on the bundled model (trained at 0.972 um/px) records none and the warning
+    names the value to give; the encoder's mpp is not taken for the patches' (docs/encoders.md)."""
+    _folder, cache = head_model
+    res = run_cli("train", pcam_small, "--encoder", "default", "--epochs", "1", "--embedding-cache", cache,
+                  "-o", tmp_path / "m", "-q")
+    assert res.code == 0, res
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["mpp"] is None
+    warning = next(line for line in res.err_lines if "no recorded mpp" in line)
+    assert "the encoder default was trained at 0.972 um/px: --mpp=0.972 if the patches were cut at that" in warning
+
+
 def test_settings_for_the_other_kind_of_training_are_refused(pcam_small: Path, tmp_path: Path) -> None:
     """`recipe` small, image augmentation and the other settings of a whole network are one line with an encoder
     (even at their default values when given: `--flips`), as `head` and `embedding_cache` are without one."""

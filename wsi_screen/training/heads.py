@@ -82,7 +82,7 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
     rows = np.concatenate([split.train, split.valid])
     size, sizes = resolve_size(config, folder, rows, None)
     log_resizing(sizes, size, len(rows))
-    mpp = resolve_mpp(config, folder, warn_missing=True)
+    mpp = resolve_mpp(config, folder, warn_missing=True, encoder=(identity.name, identity.mpp))
     if identity.mpp is not None and mpp is not None and size == identity.input_size \
             and not math.isclose(mpp, identity.mpp, rel_tol=0.25):
         log.warning("the patches are %.3g um/px, the encoder %s was trained at %.3g um/px", mpp, identity.name,

@@ -80,18 +80,25 @@ def read_split(dataset: str | Path, config: TrainConfig) -> tuple[PatchFolder, S
     return folder, split, classes, resolve_positive(classes, config.positive)
 
 
-def resolve_mpp(config: TrainConfig, folder: PatchFolder, *, warn_missing: bool = False) -> float | None:
+def resolve_mpp(config: TrainConfig, folder: PatchFolder, *, warn_missing: bool = False,
+                encoder: tuple[str, float | None] | None = None) -> float | None:
     """The training patches' mpp: ``config.mpp``, else the dataset's mpp column (a warning when they differ). None
-    is logged as information, or as a warning with ``warn_missing`` (a head model: its encoder's record, if any,
-    is not the patches' mpp)."""
+    is logged as information, or as a warning with ``warn_missing`` (a head model). ``encoder`` (its name and
+    recorded mpp) is never taken for the patches' mpp: that is the resolution the encoder was trained at, a fact
+    about it, not about patches cut elsewhere, and a wrong mpp would make ``infer`` tile slides at the wrong scale
+    without a word; the warning offers it as the value to set if the patches were cut at it."""
     mpp = config.mpp if config.mpp is not None else folder.mpp
     if config.mpp is not None and folder.mpp is not None \
             and not math.isclose(config.mpp, folder.mpp, rel_tol=0.05):
         log.warning("`mpp` %.3g differs from the dataset's mpp column (%.3g); recording %.3g", config.mpp,
                     folder.mpp, config.mpp)
     if mpp is None and warn_missing:
+        name, trained_at = encoder if encoder is not None else ("", None)
+        hint = "" if trained_at is None else \
+            f" (the encoder {name} was trained at {trained_at:g} um/px: `mpp`={trained_at:g} if the patches were cut " \
+            "at that; it is not assumed)"
         log.warning("training patches have no recorded mpp: the model will score patches (evaluate, predict) but "
-                    "infer cannot apply it to slides without the patches' mpp; set `mpp` to their um/px")
+                    "infer cannot apply it to slides without the patches' mpp; set `mpp` to their um/px%s", hint)
     elif mpp is None:
         log.info("training patches have no recorded mpp; set `mpp` so the model can be applied to slides")
     return mpp
