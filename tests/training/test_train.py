@@ -102,6 +102,22 @@ def test_training_errors(herlev_small: Path, tmp_path: Path) -> None:
         prepare_data(only_test, tiny_config())
 
 
+def test_an_implausible_mpp_is_refused(herlev_small: Path, tmp_path: Path) -> None:
+    """`mpp` takes infer's plausible range of slide resolutions (PLAUSIBLE_MPP, 0.05-100 um/px), in one line."""
+    from tests.conftest import run_cli
+
+    for mpp in (0.00001, 5000.0, 0.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"`mpp` .* is outside the plausible range 0.05-100 um/px"):
+            tiny_config(mpp=mpp)
+    assert tiny_config(mpp=0.05).mpp == 0.05 and tiny_config(mpp=100).mpp == 100
+    for given in ("0.00001", "5000", "0"):
+        res = run_cli("train", herlev_small, "--arch", "screen_cnn32", "--mpp", given, "-o", tmp_path / "m")
+        assert res.code == 1 and len(res.err_lines) == 1, res
+        assert res.err_lines[0] == (f"wsi-screen: error: --mpp {float(given):g} (the training patches' um/px) is "
+                                    "outside the plausible range 0.05-100 um/px")
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.slow
 def test_transfer_learning_from_a_local_model(patches_dir: Path, herlev_small: Path, tmp_path: Path) -> None:
     """Pretrain a timm model on the 7 Herlev classes, then fine-tune it on binary labels, frozen first."""

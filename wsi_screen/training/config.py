@@ -16,6 +16,7 @@ from wsi_screen.errors import ConfigError
 from wsi_screen.metrics import DEFAULT_THRESHOLD_RULE, ThresholdRule
 from wsi_screen.models.registry import fixed_input_size
 from wsi_screen.models.spec import STAIN_METHODS, ModelSpec
+from wsi_screen.slide.slide import PLAUSIBLE_MPP
 from wsi_screen.training.data import BatchSource, PatchFolder, Split
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -113,8 +114,9 @@ class TrainConfig:
             problems.append(f"{self.arch} takes {fixed}x{fixed} px input; use `size`={fixed} (images are resized)")
         if self.lr is not None and not self.lr > 0:
             problems.append("lr must be positive")
-        if self.mpp is not None and not self.mpp > 0:
-            problems.append("mpp must be positive")
+        if self.mpp is not None and not PLAUSIBLE_MPP[0] <= self.mpp <= PLAUSIBLE_MPP[1]:
+            problems.append(f"`mpp` {self.mpp:g} (the training patches' um/px) is outside the plausible range "
+                            f"{PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} um/px")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_rate < 1:
             problems.append("label smoothing and drop rate must be in [0, 1)")
         if self.patience < 0 or self.frozen_epochs < 0 or self.workers < 0 or self.folds < 0:
