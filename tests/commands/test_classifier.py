@@ -233,3 +233,37 @@ def test_cross_validated_training_names_its_out_of_fold_auc() -> None:
     single = ModelSpec(arch="screen_cnn32", classes=["abnormal", "normal"], input_size=32, positive_class="abnormal",
                        threshold=0.5, metrics={k: v for k, v in metrics.items() if k != "cross_validation"})
     assert "valid AUC 0.875" in ", ".join(result_parts(single, 1, 1))
+
+
+def test_evaluate_warns_when_the_images_trained_the_model(patches_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Cross-validation trains on the dataset's valid split too: evaluating that split with the model scored images
+    it trained on and said nothing. Now one line says how many, and metrics.json records it; a held-out split
+    stays silent."""
+    from tests.classifier_data import read_rows, write_rows
+
+    data = make_subset(patches_dir / "herlev", tmp_path / "herlev", {"train": 14, "test": 3},
+                       label_column="binary_label")
+    rows = read_rows(data)
+    for row in [r for r in rows if r["split"] == "train"][::2]:
+        row["split"] = "valid"  # 7 of each class
+    write_rows(data, rows)
+    model = tmp_path / "model"
+    code, _, err = run(["train", str(data), "--arch", "screen_cnn32", "--label-column", "binary_label", "--folds",
+                        "2", "--epochs", "1", "--batch-size", "16", "--mpp", "0.5", "--threads", "1", "-q",
+                        "-o", str(model)], capsys)
+    assert code == 0, err
+    code, _, err = run(["evaluate", str(data), "--model", str(model), "--split", "valid", "-q",
+                        "-o", str(tmp_path / "eval-valid")], capsys)
+    assert code == 0, err
+    line = next(x for x in err.splitlines() if "trained this model" in x)
+    assert "14 of the 14 images evaluated trained this model (cross-validation trains on the dataset's train and " \
+           "valid images" in line
+    assert "--split test" in line and "--carve-valid" in line and "`" not in line
+    metrics = json.loads((tmp_path / "eval-valid" / "metrics.json").read_text())
+    assert metrics["source"]["images_that_trained_the_model"] == 14
+    code, _, err = run(["evaluate", str(data), "--model", str(model), "-q", "-o", str(tmp_path / "eval-test")],
+                       capsys)
+    assert code == 0 and "trained this model" not in err, err
+    assert json.loads((tmp_path / "eval-test" / "metrics.json").read_text())["source"][
+        "images_that_trained_the_model"] == 0

@@ -354,6 +354,16 @@ def write_split_csv(path: Path, folder: PatchFolder, split: Split) -> None:
             writer.writerow([folder.paths[i], folder.labels[i], name, *extra])
 
 
+def read_trained_images(path: Path) -> set[tuple[str, str]]:
+    """(path, label) of every image that trained a model, from its ``split.csv`` (:func:`write_split_csv`): the
+    rows marked ``train``, which under cross-validation are the whole pool (each image trained all fold models
+    but one). Empty when there is no such file."""
+    if not path.is_file():
+        return set()
+    with path.open(newline="", encoding="utf-8") as fh:
+        return {(row["path"], row["label"]) for row in csv.DictReader(fh) if row.get("split") == "train"}
+
+
 def fingerprint(folder: PatchFolder, rows: Rows, roles: Sequence[str], *, workers: int = 4) -> str:
     """sha256 over (path, label, role, sha256 of the file's bytes) of the given rows, in path order."""
     def digest(i: int) -> str:

@@ -7,6 +7,9 @@ Decisions follow the model: a binary model calls its positive class when ``p(pos
 (the operating point chosen on validation); a multi-class model predicts the most probable class. The
 "positive" view (sensitivity, specificity, AUC of one class against the rest) is reported for the
 model's positive class, or for another class named with ``positive``.
+
+Images that trained the model (by its folder's ``split.csv``; :func:`trained_on`) give optimistic figures: the
+evaluation warns with their number and records it, rather than refusing, since looking at fit is fair use.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ if TYPE_CHECKING:
     from wsi_screen.training.data import PatchFolder
 
 log = logging.getLogger(__name__)
-
 
 
 # --- evaluation on a dataset -----------------------------------------------------------------------------
@@ -61,6 +63,14 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
                               f"({', '.join(spec.classes)})")
         metric_positive = spec.classes.index(positive)
     y = folder.label_indices(spec.classes, rows)
+    seen = trained_on(model, folder, rows)
+    if seen:
+        how = "cross-validation trains on the dataset's train and valid images" if spec.ensemble > 1 \
+            else "its training split"
+        log.warning("%d of the %d images evaluated trained this model (%s, %s): these figures are optimistic; "
+                    "for an honest one evaluate a split it did not see (`split` test), or train it with "
+                    "`carve_valid` and evaluate `split` valid", seen, len(rows), how,
+                    model.model_dir / "split.csv" if model.model_dir else "split.csv")
     started = time.perf_counter()
     probs_parts: list[np.ndarray] = []
     dist_parts: list[np.ndarray] = []
@@ -82,7 +92,7 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
     metrics = compute_metrics(y, probs, spec.classes, positive_index=spec.positive_index,
                               threshold=spec.threshold, metric_positive=metric_positive)
     metrics["source"] = {"dataset": str(folder.root), "split": split, "label_column": folder.label_column,
-                         "images": len(rows),
+                         "images": len(rows), "images_that_trained_the_model": seen,
                          "image_sizes": {f"{w}x{h}": n for (w, h), n in sorted(sizes.items())},
                          "arch": spec.arch, "model_created": spec.created,
                          "numeric_precision": model.precision, "device": device_info(model.device),
@@ -96,6 +106,19 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
     write_evaluation(out_dir, metrics, [folder.paths[i] for i in rows], y, probs, distance=distance,
                      in_domain=None if distance is None or model.domain is None else model.domain.in_domain(distance))
     return metrics
+
+
+def trained_on(model: PatchClassifier, folder: PatchFolder, rows: np.ndarray) -> int:
+    """How many of ``rows`` trained ``model``, by its folder's ``split.csv`` (same path and label). Counted only
+    where ``folder`` is the dataset the model was trained on, or a copy under the same folder name: relative
+    paths such as ``tumour/001.png`` repeat across datasets."""
+    from wsi_screen.training.data import read_trained_images
+
+    recorded = model.spec.data.get("dataset")
+    if model.model_dir is None or not recorded or Path(recorded).name != folder.root.resolve().name:
+        return 0
+    trained = read_trained_images(model.model_dir / "split.csv")
+    return sum((folder.paths[i], folder.labels[i]) in trained for i in rows)
 
 
 def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], paths: list[str], y: np.ndarray,
