@@ -218,11 +218,16 @@ def main(argv: list[str] | None = None) -> Any:
             return _main(args, whole_process=argv is None)
 
 
-def _interrupted(whole_process: bool) -> NoReturn:
-    """Ctrl-C: one line and exit 130. Where the command is the whole process, a second Ctrl-C while it winds
-    down (children stopped, threads joined) would end it by the signal instead (status -2, no line): from here
-    on it is ignored. Called in-process (a notebook, a test), the caller's handler stays."""
-    click.echo("wsi-screen: interrupted; finished work is kept, rerun to resume", err=True)
+def _interrupted(whole_process: bool, exc: BaseException) -> NoReturn:
+    """Ctrl-C: one line and exit 130. The line says that finished work is kept and a rerun resumes, unless the
+    library noted otherwise on the KeyboardInterrupt (``add_note``: work it does not keep, such as a
+    cross-validated training's epochs); then it says that. Where the command is the whole process, a second
+    Ctrl-C while it winds down (children stopped, threads joined) would end it by the signal instead (status -2,
+    no line): from here on it is ignored. Called in-process (a notebook, a test), the caller's handler stays."""
+    notes = dict.fromkeys(n for e in (exc, exc.__cause__, exc.__context__) if e is not None
+                          for n in getattr(e, "__notes__", ()))
+    what = in_user_words("; ".join(notes)) if notes else "finished work is kept, rerun to resume"
+    click.echo(f"wsi-screen: interrupted; {what}", err=True)
     if whole_process:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(EXIT_INTERRUPTED)
@@ -241,8 +246,8 @@ def _main(args: list[str], whole_process: bool) -> Any:
         exc = _name_value_source(exc)
         exc.show()
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-        _interrupted(whole_process)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort
+        _interrupted(whole_process, exc)
     except WsiScreenError as exc:
         if _debug_requested(args):
             raise

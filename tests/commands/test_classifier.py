@@ -267,3 +267,29 @@ def test_evaluate_warns_when_the_images_trained_the_model(patches_dir: Path, tmp
     assert code == 0 and "trained this model" not in err, err
     assert json.loads((tmp_path / "eval-test" / "metrics.json").read_text())["source"][
         "images_that_trained_the_model"] == 0
+
+
+def test_interrupted_cross_validation_says_a_rerun_starts_over(herlev_small: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cross-validated runs are not checkpointed, yet Ctrl-C said "rerun to resume" and `train --help` promised a
+    resume for every run. Now the run says so as it starts and on Ctrl-C; a single-split run keeps its promise."""
+    from wsi_screen.training.loop import Loop
+
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Loop, "train_epoch", interrupt)
+    common = ["train", str(herlev_small), "--arch", "screen_cnn32", "--label-column", "binary_label", "--epochs", "1",
+              "--mpp", "0.5", "--threads", "1"]
+    code, _, err = run([*common, "--folds", "2", "-o", str(tmp_path / "cv")], capsys)
+    assert code == 130
+    assert "cross-validated training is not checkpointed: if interrupted, a rerun starts again at epoch 1 " \
+           "(--folds 1 trains one checkpointed model)" in err
+    assert err.strip().splitlines()[-1] == "wsi-screen: interrupted; cross-validated training is not checkpointed: " \
+                                          "a rerun starts again at epoch 1"
+    code, _, err = run([*common, "--folds", "1", "-o", str(tmp_path / "one")], capsys)
+    assert code == 130 and err.strip().splitlines()[-1] == "wsi-screen: interrupted; finished work is kept, rerun " \
+                                                           "to resume"
+    help_text = " ".join(CliRunner().invoke(cli, ["train", "--help"]).output.split())
+    assert "Cross-validated runs (--folds, by default below 3,000 images) are not checkpointed" in help_text

@@ -217,7 +217,8 @@ def set_threads(threads: int) -> None:
                    "~/.cache/wsi-screen/embeddings).")
 @click.option("--restart", is_flag=True,
               help="Start over, ignoring the checkpoint an interrupted run left in MODEL_DIR (by default the "
-                   "same command resumes after the last finished epoch).")
+                   "same command resumes a single-split run after its last finished epoch; cross-validated "
+                   "runs always start over).")
 @common_options
 def train(**params: Any) -> None:
     """Train a classifier on DATASET and write MODEL_DIR.
@@ -227,8 +228,10 @@ def train(**params: Any) -> None:
     <split>/<class>/<image>). The test split is never used. Without a valid split, one is carved from
     train: seeded, stratified, and grouped by --group-column.
 
-    The whole training state is checkpointed in MODEL_DIR/checkpoint after every epoch: if a run is
-    killed, the same command resumes after the last finished epoch (--restart starts over).
+    A run with one validation split checkpoints its whole state in MODEL_DIR/checkpoint after every
+    epoch: if it is killed, the same command resumes after the last finished epoch (--restart starts
+    over). Cross-validated runs (--folds, by default below 3,000 images) are not checkpointed: they say
+    so, and a rerun starts again at epoch 1 (--folds 1 trains one checkpointed model).
 
     On a CUDA GPU (--device auto finds one) training runs in mixed precision; validation stays float32.
 

@@ -12,7 +12,9 @@ The delivered model is the **ensemble** of the K fold models at that epoch (thei
 model folder that ``predict``, ``evaluate`` and ``infer`` load like any other (``config.json`` says
 ``ensemble: K``). Per-fold metrics at the chosen epoch, with their mean and sd, are in ``config.json``
 (``metrics.folds``) and ``valid/fold_metrics.csv``; ``valid/`` holds the pooled out-of-fold evaluation.
-Cross-validated runs are not checkpointed (small data: minutes).
+Cross-validated runs are not checkpointed (small data: minutes): the run says so when it starts, and an
+interrupted :func:`~wsi_screen.training.train.train` notes on its ``KeyboardInterrupt`` (:data:`NOT_RESUMED`, which
+the CLI prints) that a rerun starts again at epoch 1.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ log = logging.getLogger(__name__)
 DEFAULT_FOLDS = 5
 #: fewest images of a class in the pool for automatic cross-validation
 MIN_PER_CLASS = 25
+#: what an interrupted cross-validated run leaves: nothing to resume (a note on its KeyboardInterrupt)
+NOT_RESUMED = "cross-validated training is not checkpointed: a rerun starts again at epoch 1"
 
 
 def auto_folds(n_pool: int, labels: np.ndarray) -> int:
@@ -124,6 +128,8 @@ def fit_folds(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> T
         log.info("training %d x %s (%s parameters each) in %d-fold cross-validation on %d images of %d px; up "
                  "to %d epochs", k, config.arch, f"{count_parameters(folds[0].loop.model):,}", k, len(rows),
                  data.size, config.epochs)
+        log.info("cross-validated training is not checkpointed: if interrupted, a rerun starts again at epoch 1 "
+                 "(`folds` 1 trains one checkpointed model)")
         best: dict[str, Any] = {"score": -math.inf, "epoch": 0}
         stale, history, stopped_early = 0, [], False
         with (out / "history.csv").open("w", newline="", encoding="utf-8") as fh:

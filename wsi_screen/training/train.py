@@ -41,7 +41,7 @@ from wsi_screen.models.device import resolve_device
 from wsi_screen.models.registry import check_arch, count_parameters
 from wsi_screen.training import checkpoint as train_checkpoint
 from wsi_screen.training.config import PreparedData, TrainConfig, TrainResult
-from wsi_screen.training.cross_validation import auto_folds, fit_folds
+from wsi_screen.training.cross_validation import NOT_RESUMED, auto_folds, fit_folds
 from wsi_screen.training.data import (
     BatchSource,
     PatchImageDataset,
@@ -238,4 +238,10 @@ def train(dataset: str | Path, out_dir: str | Path, config: TrainConfig) -> Trai
 
         return train_head(dataset, out, config)
     data = prepare_data(dataset, config)
-    return fit(data, for_data(config, data), out)
+    config = for_data(config, data)
+    try:
+        return fit(data, config, out)
+    except KeyboardInterrupt as exc:
+        if config.folds > 1:
+            exc.add_note(NOT_RESUMED)
+        raise
