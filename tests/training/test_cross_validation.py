@@ -101,3 +101,27 @@ def test_cross_validation_reports_early_stopping_and_the_pretrained_weights(herl
     assert result.pretrained is not None and result.pretrained["loaded"] > 0
     saved = json.loads((tmp_path / "model" / "config.json").read_text())["train_config"]
     assert saved["stopped_early"] is True and saved["pretrained_report"] == result.pretrained
+
+
+def test_multi_class_cross_validation_names_its_fold_figures(patches_dir: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The log printed `out-of-fold balanced_accuracy 0.14; folds 0.52 +- 0.02` where the folds figure was the fold
+    AUC mean (empty in history.csv without a positive class): now the fold figure is the monitored one, named."""
+    import logging
+    import re
+
+    data = make_subset(patches_dir / "herlev", tmp_path / "herlev7", {"train": 4}, label_column="label")
+    config = TrainConfig(arch="screen_cnn32", label_column="label", epochs=1, batch_size=8, folds=2, mpp=0.5,
+                         recipe="small", overrides=("epochs",), workers=1)
+    with caplog.at_level(logging.INFO, logger="wsi_screen"):
+        train(data, tmp_path / "model", config)
+    epoch_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1"))
+    assert re.match(r"epoch 1/1: out-of-fold balanced_accuracy \d\.\d{4}, fold balanced_accuracy \d\.\d{4} \+- "
+                    r"\d\.\d{4} \(", epoch_line), epoch_line
+    best_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("best epoch"))
+    assert re.match(r"best epoch 1 \(out-of-fold balanced_accuracy \d\.\d{4}, fold balanced_accuracy \d\.\d{4} \+- "
+                    r"\d\.\d{4}\)", best_line), best_line
+    with (tmp_path / "model" / "history.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    assert row["fold_auc_mean"] == "" and 0.0 <= float(row["fold_monitor_mean"]) <= 1.0
+    assert f"{float(row['fold_monitor_mean']):.4f}" in epoch_line
