@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -249,10 +250,12 @@ def test_evaluate_warns_when_the_images_trained_the_model(patches_dir: Path, tmp
         row["split"] = "valid"  # 7 of each class
     write_rows(data, rows)
     model = tmp_path / "model"
-    code, _, err = run(["train", str(data), "--arch", "screen_cnn32", "--label-column", "binary_label", "--folds",
-                        "2", "--epochs", "1", "--batch-size", "16", "--mpp", "0.5", "--threads", "1", "-q",
-                        "-o", str(model)], capsys)
+    code, out, err = run(["train", str(data), "--arch", "screen_cnn32", "--label-column", "binary_label", "--folds",
+                          "2", "--epochs", "1", "--batch-size", "16", "--mpp", "0.5", "--threads", "1", "-q",
+                          "-o", str(model)], capsys)
     assert code == 0, err
+    # the summary's time was the training loop's alone (58 s of a 113 s run): now the whole run's, and the loop's
+    assert re.search(r"; \d+ s in all \(\d+ s of training\)$", out.strip()), out
     code, _, err = run(["evaluate", str(data), "--model", str(model), "--split", "valid", "-q",
                         "-o", str(tmp_path / "eval-valid")], capsys)
     assert code == 0, err

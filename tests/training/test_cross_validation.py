@@ -125,3 +125,35 @@ def test_multi_class_cross_validation_names_its_fold_figures(patches_dir: Path, 
         row = next(csv.DictReader(fh))
     assert row["fold_auc_mean"] == "" and 0.0 <= float(row["fold_monitor_mean"]) <= 1.0
     assert f"{float(row['fold_monitor_mean']):.4f}" in epoch_line
+
+
+def test_cross_validation_words(herlev_cv: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under cross-validation the progress bars said `epoch 1/1` once per fold without naming it, the domain threshold
+    'flags 0.8 % of valid' (domain.json: calibrated on 'valid') when it was set on the training images, and the card
+    gave n_train 30 and n_valid 30 without a word on why both count the whole pool."""
+    import logging
+
+    from wsi_screen import progress
+
+    descs: list[str] = []
+    real_bar = progress.bar
+
+    def bar(*args: object, **kwargs: object) -> object:
+        descs.append(str(kwargs.get("desc", "")))
+        return real_bar(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(progress, "bar", bar)
+    config = TrainConfig(arch="screen_cnn32", label_column="binary_label", epochs=1, batch_size=8, folds=3, mpp=0.5,
+                         recipe="small", overrides=("epochs",), workers=1)
+    with caplog.at_level(logging.INFO, logger="wsi_screen"):
+        train(herlev_cv, tmp_path / "model", config)
+    assert [d for d in descs if "epoch" in d] == ["fold 1/3 epoch 1/1", "fold 2/3 epoch 1/1", "fold 3/3 epoch 1/1"]
+    domain_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("domain distance"))
+    assert domain_line.endswith("of the train images, set on them (no unseen split)"), domain_line
+    domain = json.loads((tmp_path / "model" / "domain.json").read_text())
+    assert domain["calibrated_on"]["split"] == "train" and domain["threshold_rule"] == "flags 1% of the train split"
+    card = json.loads((tmp_path / "model" / "card.json").read_text())["training_data"]
+    assert card["n_train"] == card["n_valid"] == 30
+    assert card["cross_validation"] == ("3-fold: n_train and n_valid both count the 30 pooled images; each trained 2 "
+                                        "of the 3 fold models and was validated, out of fold, by the other")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -270,9 +271,10 @@ def train(**params: Any) -> None:
                          restart=params["restart"], encoder=params["encoder"],
                          encoder_weights=params["encoder_weights"], head=params["head"],
                          embedding_cache=params["embedding_cache"])
+    started = time.perf_counter()
     result = run_training(params["dataset"], params["out"], config)
     click.echo(f"{result.model_dir}: {', '.join(result_parts(result.spec, result.best_epoch, len(result.history)))}; "
-               f"{result.seconds:.0f} s")
+               f"{time.perf_counter() - started:.0f} s in all ({result.seconds:.0f} s of training)")
 
 
 def result_parts(spec: Any, best_epoch: int, epochs: int) -> list[str]:

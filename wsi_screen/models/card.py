@@ -26,6 +26,7 @@ def draft(spec: ModelSpec, *, auc_ci: tuple[float, float] | None = None) -> dict
     m = spec.metrics or {}
     data = spec.data or {}
     mag = f"~{10 / spec.mpp:.0f}x" if spec.mpp else TO_COMPLETE  # 10x ~ 1 um/px
+    cv = m.get("cross_validation") if isinstance(m.get("cross_validation"), dict) else None
     return {
         "name": TO_COMPLETE,
         "intended_use": {
@@ -39,12 +40,12 @@ def draft(spec: ModelSpec, *, auc_ci: tuple[float, float] | None = None) -> dict
             "dataset": data.get("dataset", TO_COMPLETE), "split": data.get("split", ""),
             "n_train": data.get("n_train"), "n_valid": data.get("n_valid"),
             "class_counts": data.get("train_class_counts", {}), "licence": TO_COMPLETE,
+            **({"cross_validation": _folds_note(int(cv.get("folds") or 0), data.get("n_train"))} if cv else {}),
         },
         "validation": {
-            "data": (f"pooled out-of-fold predictions of {m['cross_validation'].get('folds')}-fold cross-validation "
+            "data": (f"pooled out-of-fold predictions of {cv.get('folds')}-fold cross-validation "
                      "(every image scored by the fold model that did not train on it; every choice was made on them)"
-                     if isinstance(m.get("cross_validation"), dict)
-                     else "the validation split above (every choice was made on it)"), "n": m.get("n"),
+                     if cv else "the validation split above (every choice was made on it)"), "n": m.get("n"),
             "auc": m.get("auc"), "auc_ci95": list(auc_ci) if auc_ci else None,
             "sensitivity": m.get("sensitivity"), "specificity": m.get("specificity"),
         },
@@ -55,6 +56,12 @@ def draft(spec: ModelSpec, *, auc_ci: tuple[float, float] | None = None) -> dict
                         "(domain.json); their scores are unreliable."],
         "research_use": RESEARCH_USE,
     }
+
+
+def _folds_note(k: int, n: Any) -> str:
+    """What ``n_train`` and ``n_valid`` mean on a cross-validated model's card (both count the whole pool)."""
+    return (f"{k}-fold: n_train and n_valid both count the {n} pooled images; each trained {k - 1} of the {k} fold "
+            "models and was validated, out of fold, by the other")
 
 
 def encoder_section(record: dict[str, Any]) -> dict[str, Any]:

@@ -221,8 +221,11 @@ def _gaussian(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def fit(train: Features, train_labels: np.ndarray, valid: Features, *, flag_rate: float = FLAG_RATE,
-        weights: dict[str, float] | None = None, info: dict[str, Any] | None = None) -> DomainModel:
-    """Fit each view on the training split's features, scale it and set the threshold on the valid split's."""
+        weights: dict[str, float] | None = None, info: dict[str, Any] | None = None,
+        calibrated_on: str = "valid") -> DomainModel:
+    """Fit each view on the training split's features, scale it and set the threshold on the valid split's.
+    ``calibrated_on`` names the images ``valid`` holds (``train`` where there is no unseen split: cross-validation
+    passes the training images themselves), for ``domain.json``."""
     weights = dict(WEIGHTS if weights is None else weights)
     y = np.asarray(train_labels)
     n = {len(train[k]) for k in weights}
@@ -242,8 +245,8 @@ def fit(train: Features, train_labels: np.ndarray, valid: Features, *, flag_rate
                   "Ledoit-Wolf covariance; squared Mahalanobis distance to the nearest class mean over its valid "
                   "median; distance = weighted sum of the views",
         "fitted_on": {"split": "train", "n": int(next(iter(n)))},
-        "threshold_rule": f"flags {flag_rate:.0%} of the valid split",
-        "calibrated_on": {"split": "valid", "n": len(valid_d),
+        "threshold_rule": f"flags {flag_rate:.0%} of the {calibrated_on} split",
+        "calibrated_on": {"split": calibrated_on, "n": len(valid_d),
                           "flagged_fraction": float(np.mean(valid_d > threshold))},
         "shrinkage": shrinkage, "slide_min_in_domain": SLIDE_MIN_IN_DOMAIN,
         **(info or {}),

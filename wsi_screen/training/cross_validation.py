@@ -124,6 +124,7 @@ def fit_folds(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> T
                                 valid=BatchSource(targets[held], images=images[held]), valid_targets=targets[held])
             torch.manual_seed(config.seed * 1000 + f)
             loop, built, report = make_loop(fold_data, config)  # the same architecture and kwargs each time
+            loop.name = f"fold {f + 1}/{k}"
             folds.append(_Fold(f, held, fold_data, loop))
         log.info("training %d x %s (%s parameters each) in %d-fold cross-validation on %d images of %d px; up "
                  "to %d epochs", k, config.arch, f"{count_parameters(folds[0].loop.model):,}", k, len(rows),
@@ -199,7 +200,7 @@ def fit_folds(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> T
     pool = replace(data, train=BatchSource(targets, images=images), valid=BatchSource(targets, images=images),
                    valid_targets=targets)
     # the domain threshold is set on the training images here: see docs/classifier.md
-    finish_model_folder(out, ensemble, pool, spec, targets, oof)
+    finish_model_folder(out, ensemble, pool, spec, targets, oof, domain_calibrated_on="train")
     log.info("best epoch %d (out-of-fold %s %.4f, %s); threshold %s; saved %s", best["epoch"], monitor,
              best["score"], _fold_figure(monitor, best["fold_scores"]),
              "n/a" if threshold is None else f"{threshold:.4f}", out)

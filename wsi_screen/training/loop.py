@@ -189,6 +189,8 @@ class Loop:
     head: set[str]
     head_module: nn.Module
     amp: _Amp
+    #: what the progress bar calls this run before its epoch (``fold 2/5`` in cross-validation)
+    name: str = ""
 
     def train_epoch(self, data: PreparedData, config: TrainConfig, epoch: int) -> tuple[float, float]:
         """One pass over the training rows in a seeded order; returns (mean loss, accuracy)."""
@@ -206,8 +208,8 @@ class Loop:
         correct = torch.zeros((), dtype=torch.int64, device=self.amp.device)
         seen = 0
         batches = data.train.batches(config.batch_size, order=order, drop_last=drop_last)
-        for xb, yb in progress.bar(batches, total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                                   leave=False):
+        desc = f"{self.name} epoch {epoch}/{config.epochs}".lstrip()
+        for xb, yb in progress.bar(batches, total=steps, desc=desc, unit="batch", leave=False):
             xb, yb = xb.to(self.amp.device, non_blocking=True), yb.to(self.amp.device, non_blocking=True)
             x = normalise(self.augment(xb), self.mean, self.std)  # float32, outside autocast
             with self.amp.autocast():
@@ -294,10 +296,11 @@ def model_spec(config: TrainConfig, data: PreparedData, built: dict[str, Any], *
 
 
 def finish_model_folder(out: Path, model: nn.Module, domain_data: PreparedData, spec: ModelSpec,
-                        targets: np.ndarray, probs: np.ndarray) -> None:
-    """The domain distance (fitted on ``domain_data``), the card (validation AUC CI from ``targets`` and
-    ``probs``) and, last, the weights and ``config.json``, which mark a complete model folder."""
-    fit_domain(model, domain_data, spec).save(out)
+                        targets: np.ndarray, probs: np.ndarray, *, domain_calibrated_on: str = "valid") -> None:
+    """The domain distance (fitted on ``domain_data``; its threshold set on ``domain_data.valid``, which holds the
+    split ``domain_calibrated_on`` names), the card (validation AUC CI from ``targets`` and ``probs``) and, last,
+    the weights and ``config.json``, which mark a complete model folder."""
+    fit_domain(model, domain_data, spec, calibrated_on=domain_calibrated_on).save(out)
     write_card(out, spec, auc_ci=_auc_ci(targets, probs, spec.positive_index))
     save_model(out, model, spec)
 
@@ -313,18 +316,19 @@ def _auc_ci(targets: np.ndarray, probs: np.ndarray, pos_index: int | None) -> tu
     return lo, hi
 
 
-def fit_domain(model: nn.Module, data: PreparedData, spec: ModelSpec) -> DomainModel:
-    """The model's domain distance: fitted on the training split's features, threshold on the valid split's
-    (see :mod:`wsi_screen.models.domain`); on the device ``model`` is on."""
+def fit_domain(model: nn.Module, data: PreparedData, spec: ModelSpec, *, calibrated_on: str = "valid") -> DomainModel:
+    """The model's domain distance: fitted on the training split's features, threshold on ``data.valid``'s (the
+    split ``calibrated_on`` names; see :mod:`wsi_screen.models.domain`); on the device ``model`` is on."""
     device = next(model.parameters()).device
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1).to(device)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1).to(device)
     train = collect_features(model, (xb for xb, _ in data.train.batches(256)), mean, std)
     valid = collect_features(model, (xb for xb, _ in data.valid.batches(256)), mean, std)
     domain = fit_domain_model(train, data.train.targets.numpy(), valid,
-                              info={"dataset": data.folder.root.name})
-    log.info("domain distance fitted on %d training images; threshold %.3f flags %.1f %% of valid", len(data.train),
-             domain.threshold, 100 * domain.info["calibrated_on"]["flagged_fraction"])
+                              info={"dataset": data.folder.root.name}, calibrated_on=calibrated_on)
+    on = "valid" if calibrated_on == "valid" else f"the {calibrated_on} images, set on them (no unseen split)"
+    log.info("domain distance fitted on %d training images; threshold %.3f flags %.1f %% of %s", len(data.train),
+             domain.threshold, 100 * domain.info["calibrated_on"]["flagged_fraction"], on)
     return domain
 
 
