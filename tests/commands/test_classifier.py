@@ -296,3 +296,27 @@ def test_interrupted_cross_validation_says_a_rerun_starts_over(herlev_small: Pat
                                                            "to resume"
     help_text = " ".join(CliRunner().invoke(cli, ["train", "--help"]).output.split())
     assert "Cross-validated runs (--folds, by default below 3,000 images) are not checkpointed" in help_text
+
+
+def test_tune_follows_the_recipe_unless_told(herlev_small: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """tune's --optimizer defaulted to adamw and overrode the small recipe's adam (train says adam on the same
+    data); now, as for train, the recipe's optimiser and learning rate stand unless --optimizer / --lr are given."""
+    import csv
+
+    common = ["tune", str(herlev_small), "--arch", "screen_cnn32", "--label-column", "binary_label", "--epochs", "1",
+              "--batch-size", "16", "--mpp", "0.5", "--threads", "1", "-q"]
+    code, _, err = run([*common, "-o", str(tmp_path / "recipe")], capsys)
+    assert code == 0, err
+    with (tmp_path / "recipe" / "trials.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    assert (row["optimizer"], float(row["lr"]), row["batch_size"]) == ("adam", 1e-3, "16")
+    chosen = json.loads((tmp_path / "recipe" / "best" / "config.json").read_text())["train_config"]
+    assert chosen["recipe"] == "small" and chosen["optimizer"] == "adam"
+    assert json.loads((tmp_path / "recipe" / "tune.json").read_text())["space"]["optimizer"] is None
+    code, _, err = run([*common, "--optimizer", "adamw,sgd", "-o", str(tmp_path / "given")], capsys)
+    assert code == 0, err
+    with (tmp_path / "given" / "trials.csv").open() as fh:
+        assert [r["optimizer"] for r in csv.DictReader(fh)] == ["adamw", "sgd"]
+    assert json.loads((tmp_path / "given" / "trials" / "002" / "config.json").read_text())[
+        "train_config"]["optimizer"] == "sgd"

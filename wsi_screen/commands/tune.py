@@ -30,12 +30,14 @@ def _ints(text: str, name: str) -> list[int]:
 @training_options(with_encoder=False)
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="TUNE_DIR",
               help="Folder for trials.csv, tune.json, trials/NNN/ and best/ (the chosen model).")
-@click.option("--lr", "lrs", default="1e-3", show_default=True, metavar="LIST",
-              help="Learning rates to try, comma-separated (e.g. 1e-3,3e-4).")
+@click.option("--lr", "lrs", default=None, metavar="LIST",
+              help="Learning rates to try, comma-separated (e.g. 1e-3,3e-4; default: as for train, the recipe's, "
+                   "else each optimiser's own).")
 @click.option("--batch-size", "batch_sizes", default="64", show_default=True, metavar="LIST",
               help="Batch sizes to try (e.g. 32,64).")
-@click.option("--optimizer", "optimizers", default="adamw", show_default=True, metavar="LIST",
-              help="Optimisers to try: sgd, adam, adamw (e.g. sgd,adam).")
+@click.option("--optimizer", "optimizers", default=None, metavar="LIST",
+              help="Optimisers to try: sgd, adam, adamw (e.g. sgd,adam; default: as for train, the recipe's: adam "
+                   "below 3,000 training images, else adamw).")
 @click.option("--weight-decay", "weight_decays", default=None, metavar="LIST",
               help="Weight decays to try (default: each optimiser's own).")
 @click.option("--search", type=click.Choice(["grid", "random"]), default="grid", show_default=True,
@@ -64,10 +66,11 @@ def tune(**params: Any) -> None:
 
     resolve_device(params["device"])  # an absent GPU is one line before any data is read
 
-    space: dict[str, list[Any]] = {
-        "lr": parse_float_list(params["lrs"], "--lr"),
+    space: dict[str, list[Any] | None] = {  # None: not searched, the recipe's value (as train resolves it)
+        "lr": parse_float_list(params["lrs"], "--lr") if params["lrs"] is not None else None,
         "batch_size": _ints(params["batch_sizes"], "--batch-size"),
-        "optimizer": _choices(params["optimizers"], ("sgd", "adam", "adamw"), "--optimizer"),
+        "optimizer": _choices(params["optimizers"], ("sgd", "adam", "adamw"), "--optimizer")
+        if params["optimizers"] is not None else None,
     }
     if params["weight_decays"]:
         space["weight_decay"] = parse_float_list(params["weight_decays"], "--weight-decay")

@@ -16,6 +16,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -72,11 +73,16 @@ def expand(space: dict[str, list[Any]], *, search: str = "grid", trials: int | N
     return random.Random(seed).sample(combos, n)
 
 
-def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: dict[str, list[Any]], *,
+def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: Mapping[str, list[Any] | None], *,
          search: str = "grid", trials: int | None = None, keep_weights: bool = False) -> TuneResult:
-    """Train every setting of the search on the dataset's train split and keep the best on validation."""
+    """Train every setting of the search on the dataset's train split and keep the best on validation.
+
+    A setting of ``space`` given as None is not searched: every trial takes ``base``'s value once the recipe is
+    resolved for the data, as ``train`` would (``optimizer`` None: adam under the small recipe), and the table
+    shows it (``lr`` None: each optimiser's own)."""
     out = Path(out_dir)
-    settings = expand(space, search=search, trials=trials, seed=base.seed)
+    expand({k: [None] if v is None else v for k, v in space.items()}, search=search, trials=trials,
+           seed=base.seed)  # a bad space is refused before the data are read
     if (out / "trials.csv").exists() and not base.overwrite:
         raise ConfigError(f"{out} already holds a search; set `overwrite` or choose another output folder")
     for name in ("trials", "best"):
@@ -84,10 +90,14 @@ def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: dic
             shutil.rmtree(out / name)
     data = prepare_data(dataset, base)
     base = for_data(base, data)
-    log.info("%d trials (%s search over %s)", len(settings), search, ", ".join(space) or "nothing")
+    settings = expand({k: [getattr(base, k)] if v is None else v for k, v in space.items()}, search=search,
+                      trials=trials, seed=base.seed)
+    log.info("%d trials (%s search over %s)", len(settings), search,
+             ", ".join(k for k, v in space.items() if v is not None) or "nothing")
     done: list[Trial] = []
     for index, params in enumerate(settings, start=1):
         config = replace(base, **params)
+        params = {k: _resolved(config, k) for k in params}
         trial_dir = out / "trials" / f"{index:03d}"
         log.info("trial %d/%d: %s", index, len(settings), _describe(params))
         started = time.perf_counter()
@@ -104,13 +114,18 @@ def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: dic
             if t is not best:
                 (t.model_dir / WEIGHTS_NAME).unlink(missing_ok=True)
     monitor = str(best.metrics.get("monitor", ""))
-    summary = {"dataset": str(dataset), "search": search, "space": space, "monitor": monitor,
+    summary = {"dataset": str(dataset), "search": search, "space": dict(space), "monitor": monitor,
                "trials": len(done), "best_trial": best.index, "best_params": best.params,
                "best_score": best.score, "best_dir": str(best_dir), "test_split_used": False}
     atomic_write_text(out / "tune.json", json.dumps(summary, indent=2, default=str) + "\n")
     log.info("best: trial %d (%s) with validation %s %.4f", best.index, _describe(best.params), monitor,
              best.score)
     return TuneResult(trials=done, best=best, best_dir=best_dir, monitor=monitor)
+
+
+def _resolved(config: TrainConfig, key: str) -> Any:
+    """``config``'s value of a searched setting as the trial trains with it (``lr`` None: the optimiser's own)."""
+    return {"lr": config.resolved_lr, "weight_decay": config.resolved_weight_decay}.get(key, getattr(config, key))
 
 
 def _describe(params: dict[str, Any]) -> str:
