@@ -320,3 +320,19 @@ def test_tune_follows_the_recipe_unless_told(herlev_small: Path, tmp_path: Path,
         assert [r["optimizer"] for r in csv.DictReader(fh)] == ["adamw", "sgd"]
     assert json.loads((tmp_path / "given" / "trials" / "002" / "config.json").read_text())[
         "train_config"]["optimizer"] == "sgd"
+
+
+def test_interrupted_search_says_it_does_not_resume(herlev_small: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted tune said 'rerun to resume', and the rerun was refused ('already holds a search')."""
+    import wsi_screen.training.tune as tune_module
+
+    def interrupt(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_module, "fit", interrupt)
+    code, _, err = run(["tune", str(herlev_small), "--arch", "screen_cnn32", "--label-column", "binary_label",
+                        "--epochs", "1", "--mpp", "0.5", "--threads", "1", "-q", "-o", str(tmp_path / "t")], capsys)
+    assert code == 130 and err.strip().splitlines()[-1] == "wsi-screen: interrupted; a search does not resume: " \
+                                                           "rerun with --overwrite to start it again", err

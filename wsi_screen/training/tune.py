@@ -3,7 +3,8 @@
 The dataset is read, split and decoded once; every trial trains with the same split and seed, so trials
 differ only in their settings. Each trial writes a model folder under ``TUNE_DIR/trials/NNN``; the best
 by the validation monitor (ties: the earlier trial) is copied to ``TUNE_DIR/best``. ``trials.csv`` is the
-table of trials and ``tune.json`` the search and its choice. The test split is never read.
+table of trials and ``tune.json`` the search and its choice. The test split is never read. A search does not
+resume: interrupted, it says that a rerun needs ``overwrite`` (:data:`NOT_RESUMED`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from wsi_screen.models.spec import WEIGHTS_NAME
 from wsi_screen.training.train import TrainConfig, fit, for_data, prepare_data
 
 log = logging.getLogger(__name__)
+
+#: what an interrupted search leaves: nothing to resume (a note on its KeyboardInterrupt, which the CLI prints)
+NOT_RESUMED = "a search does not resume: rerun with `overwrite` to start it again"
 
 #: settings a search may vary (they do not change how the data are prepared)
 SEARCHABLE = ("lr", "batch_size", "optimizer", "weight_decay", "label_smoothing", "drop_rate", "epochs",
@@ -101,7 +105,11 @@ def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: Map
         trial_dir = out / "trials" / f"{index:03d}"
         log.info("trial %d/%d: %s", index, len(settings), _describe(params))
         started = time.perf_counter()
-        result = fit(data, config, trial_dir)
+        try:
+            result = fit(data, config, trial_dir)
+        except KeyboardInterrupt as exc:
+            exc.add_note(NOT_RESUMED)
+            raise
         done.append(Trial(index=index, params=params, model_dir=trial_dir, best_epoch=result.best_epoch,
                           score=result.best_score, metrics=result.spec.metrics,
                           seconds=time.perf_counter() - started))
