@@ -251,9 +251,11 @@ def test_evaluate_warns_when_the_images_trained_the_model(patches_dir: Path, tmp
     write_rows(data, rows)
     model = tmp_path / "model"
     code, out, err = run(["train", str(data), "--arch", "screen_cnn32", "--label-column", "binary_label", "--folds",
-                          "2", "--epochs", "1", "--batch-size", "16", "--mpp", "0.5", "--threads", "1", "-q",
+                          "2", "--epochs", "1", "--batch-size", "16", "--mpp", "0.5", "--threads", "1",
                           "-o", str(model)], capsys)
     assert code == 0, err
+    assert "the dataset's 14 valid images train the model too: evaluate it on --split test, or set --carve-valid " \
+           "to keep them held out" in err  # said as training starts
     # the summary's time was the training loop's alone (58 s of a 113 s run): now the whole run's, and the loop's
     assert re.search(r"; \d+ s in all \(\d+ s of training\)$", out.strip()), out
     code, _, err = run(["evaluate", str(data), "--model", str(model), "--split", "valid", "-q",

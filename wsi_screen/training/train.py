@@ -225,6 +225,9 @@ def for_data(config: TrainConfig, data: PreparedData) -> TrainConfig:
              f"{config.folds}-fold cross-validation over all {n_pool} train and valid images (in place of the "
              "split above)" if config.folds > 1 else
              "one validation split")
+    if config.folds > 1 and data.split.source == "dataset":
+        log.info("the dataset's %d valid images train the model too: evaluate it on `split` test, or set "
+                 "`carve_valid` to keep them held out", len(data.valid))
     return config
 
 
