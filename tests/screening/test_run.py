@@ -359,3 +359,22 @@ def test_screen_slide_keeps_the_callers_decision_thresholds(tmp_path: Path) -> N
     assert classifier.spec.threshold is not None
     assert seen and set(seen) == {tuple(sorted({0.123, classifier.spec.threshold, 0.5, 0.8}))}
     assert classifier.decision_thresholds == (0.123,)
+
+
+def test_infer_summary_names_the_models_grid_and_reads_with_any_focus_size(tmp_path: Path,
+                                                                             example_slide: Path) -> None:
+    """A model with another patch size and mpp than the bundled one's, and no slide_rule.json (foci of any size):
+    the closing summary measures on that model's grid and its sentence is whole."""
+    import torch
+
+    from wsi_screen.models import ModelSpec, create_model, save_model
+
+    torch.manual_seed(0)
+    model = save_model(tmp_path / "model", create_model("screen_cnn32", num_classes=2),
+                       ModelSpec(arch="screen_cnn32", classes=["normal", "tumour"], input_size=32, mpp=2.0,
+                                 positive_class="tumour", threshold=0.437))
+    res = run_cli("infer", example_slide, "-o", tmp_path / "run", "--model", model, "--workers", "0")
+    assert res.code == 0, res
+    assert "foci: regions at p >= 0.437 (the pictures' patch threshold)" in res.out
+    assert "regions of at" not in res.out
+    assert "measured on the ~64 um patch grid)" in res.out and "93 um" not in res.out

@@ -127,12 +127,14 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     with maybe_connect(target) as runner:
         summary = run_infer(slides, Path(run), classifier, mdir, config, argv=sys.argv[1:],
                             on_error="raise" if ctx.obj.get("debug") else "record", dask=runner)
-    _print_table(summary)
+    _print_table(summary, patch_um=classifier.spec.input_size * float(classifier.spec.mpp or 0))
     if summary.failed:
         ctx.exit(1)
 
 
-def _print_table(summary: RunSummary) -> None:
+def _print_table(summary: RunSummary, *, patch_um: float) -> None:
+    """The slides' table and the run's rule in words; ``patch_um``: the side of one patch (the model's input size x
+    its mpp), the resolution at which foci are measured."""
     from wsi_screen.errors import in_user_words
     from wsi_screen.screening import runfolder
 
@@ -155,11 +157,12 @@ def _print_table(summary: RunSummary) -> None:
                    f"{focus:>8}  {foci:>4}  {_domain_cell(r.extra)}")
     agg = summary.aggregate
     unit = " mm^2" if agg.rule == "region" else ""
-    size = f"{agg.min_focus_patches}+ patches " if agg.min_focus_patches > 1 else ""
+    size = f"of {agg.min_focus_patches}+ patches " if agg.min_focus_patches > 1 else ""
     size += "(and the largest) " if size and agg.rule == "region" else ""
-    click.echo(f"\nslide call: {agg.label} score >= {agg.slide_threshold:.3g}{unit} -> positive; foci: regions of "
+    click.echo(f"\nslide call: {agg.label} score >= {agg.slide_threshold:.3g}{unit} -> positive; foci: regions "
                f"{size}at p >= {agg.call_patch_threshold:.3g} (the pictures' patch threshold); metastasis by the "
-               "largest focus (itc < 0.2 mm <= micro <= 2 mm < macro, measured on the ~93 um patch grid)")
+               f"largest focus (itc < 0.2 mm <= micro <= 2 mm < macro, measured on the ~{patch_um:.0f} um patch "
+               "grid)")
     if summary.metrics and summary.metrics.get("auc") is not None:
         m = summary.metrics
         click.echo(f"slide AUC {m['auc']:.3f}, sensitivity {m['sensitivity']}, specificity {m['specificity']} "
