@@ -4,6 +4,7 @@ tie-break, confidence intervals."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +172,39 @@ def test_wilson_and_bootstrap_intervals() -> None:
     s = rng.normal(y * 1.0, 1.0)
     auc, lo, hi = metrics.bootstrap_auc(s, y, n_boot=300)
     assert lo < auc < hi and 0.6 < auc < 0.9 and hi - lo < 0.2
+
+
+def test_the_view_of_a_binary_models_other_class_names_that_class_and_its_operating_point() -> None:
+    y, probs = binary_case()
+    t = 0.454
+    model = compute_metrics(y, probs, ["normal", "tumour"], positive_index=1, threshold=t)
+    other = compute_metrics(y, probs, ["normal", "tumour"], positive_index=1, threshold=t, metric_positive=0)
+    assert (model["positive_class"], model["decision_class"], model["decision"]) == \
+        ("tumour", "tumour", "p(positive) >= threshold")
+    assert (other["positive_class"], other["decision_class"], other["decision"]) == \
+        ("normal", "tumour", "p(tumour) >= threshold")
+    assert other["threshold"] == t and other["positive"]["class"] == "normal"
+    # the same decisions, read for normal: its sensitivity is tumour's specificity
+    assert other["confusion_matrix"] == model["confusion_matrix"]
+    assert (other["sensitivity"], other["specificity"]) == (model["specificity"], model["sensitivity"])
+    called_normal = probs[:, 1] < t
+    assert other["sensitivity"] == pytest.approx(skm.recall_score(y == 0, called_normal))
+    assert metrics.call_rule(model) == "p(tumour) >= 0.454" and metrics.call_rule(other) == "p(tumour) < 0.454"
+    # a multi-class model's other class is called by the arg-max
+    three = compute_metrics(np.array([0, 1, 2, 2]), np.eye(3)[[0, 1, 2, 1]], ["a", "b", "c"], positive_index=2,
+                            threshold=0.3, metric_positive=1)
+    assert three["positive_class"] == "b" and metrics.call_rule(three) == "most probable class"
+
+
+def test_the_roc_marks_the_operating_point_of_the_class_it_plots(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    y, probs = binary_case()
+    drawn: dict[str, object] = {}
+    monkeypatch.setattr(metrics, "plot_roc", lambda _path, curves, *, title, point=None: drawn.update(
+        curves=curves, point=point))
+    for view, label in ((1, "operating point (threshold 0.454)"), (0, "operating point (normal: p(tumour) < 0.454)")):
+        m = compute_metrics(y, probs, ["normal", "tumour"], positive_index=1, threshold=0.454, metric_positive=view)
+        metrics.plot_model_roc(tmp_path / "roc.png", y, probs, m["classes"], m)
+        (curve,) = drawn["curves"]  # type: ignore[misc]
+        assert curve.label.startswith(m["positive_class"]) and np.array_equal(curve.score, probs[:, view])
+        assert drawn["point"] == (m["sensitivity"], m["specificity"], label)

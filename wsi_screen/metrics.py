@@ -167,6 +167,10 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
     ``threshold``). ``metric_positive`` names the class of the one-vs-rest view (default: the model's
     positive class). For two classes, top-level precision/recall/f1/auc are the positive class's; for
     more, they are macro averages (and ``macro`` and ``per_class`` hold the details).
+
+    ``positive_class`` is the class the one-class view is for; ``decision_class`` the model's positive class, the
+    one whose probability ``threshold`` applies to (they differ when ``metric_positive`` names another class: the
+    view's class is then called as :func:`call_rule` says).
     """
     from sklearn.metrics import (
         accuracy_score,
@@ -195,17 +199,20 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
                            "support": int(support[k]), "auc": ovr_auc}
     macro = {"precision": float(np.mean(prec)), "recall": float(np.mean(rec)), "f1": float(np.mean(f1)),
              "auc": float(np.mean(aucs)) if aucs else None}
+    view_index = positive_index if metric_positive is None else metric_positive
+    decision_class = classes[positive_index] if positive_index is not None else None
+    by_threshold = n_classes == 2 and decision_class is not None and threshold is not None
     out: dict[str, Any] = {
         "n": len(y),
         "classes": list(classes),
-        "positive_class": classes[positive_index] if positive_index is not None else None,
+        "positive_class": classes[view_index] if view_index is not None else None,
+        "decision_class": decision_class,
         "threshold": threshold,
-        "decision": ("p(positive) >= threshold" if n_classes == 2 and positive_index is not None
-                     and threshold is not None else "argmax"),
+        "decision": ("argmax" if not by_threshold else "p(positive) >= threshold" if view_index == positive_index
+                     else f"p({decision_class}) >= threshold"),
         "accuracy": float(accuracy_score(y, pred)) if len(y) else None,
         "balanced_accuracy": _balanced(y, pred, balanced_accuracy_score),
     }
-    view_index = positive_index if metric_positive is None else metric_positive
     view = None
     if view_index is not None:
         called = pred == view_index
@@ -226,6 +233,19 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
     out["per_class"] = per_class
     out["macro"] = macro
     return out
+
+
+def call_rule(metrics: dict[str, Any], fmt: str = ".3g") -> str | None:
+    """When :func:`compute_metrics`' one-class view calls its class (``positive_class``), in words: ``p(tumour) >=
+    0.454``; for a binary model's other class ``p(tumour) < 0.454`` (the model's threshold read the other way);
+    ``most probable class`` where the decision is the arg-max; None without a view."""
+    view, decision = metrics.get("positive_class"), metrics.get("decision_class")
+    threshold = metrics.get("threshold")
+    if view is None:
+        return None
+    if decision is None or threshold is None or (view != decision and len(metrics["classes"]) != 2):
+        return "most probable class"
+    return f"p({decision}) {'>=' if view == decision else '<'} {threshold:{fmt}}"
 
 
 def _balanced(y: np.ndarray, pred: np.ndarray, fn: Any) -> float | None:
@@ -316,9 +336,12 @@ def plot_model_roc(path: Path, y: np.ndarray, probs: np.ndarray, classes: list[s
               for k in targets if 0 < (y == k).sum() < len(y)]
     point = None
     if view and view.get("sensitivity") is not None and view.get("specificity") is not None:
+        rule = call_rule(metrics)
+        same = metrics.get("positive_class") == metrics.get("decision_class", metrics.get("positive_class"))
         point = (view["sensitivity"], view["specificity"],
                  f"operating point (threshold {metrics['threshold']:.3g})"
-                 if metrics.get("threshold") is not None else "operating point")
+                 if same and metrics.get("threshold") is not None else
+                 f"operating point ({view['class']}: {rule})" if rule else "operating point")
     plot_roc(path, curves, title=f"ROC, n = {metrics['n']}", point=point)
 
 

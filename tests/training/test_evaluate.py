@@ -28,6 +28,24 @@ def test_write_evaluation_files(tmp_path: Path) -> None:
     assert lines[0] == "path,label,predicted,p_normal,p_tumour" and len(lines) == len(y) + 1
 
 
+def test_evaluation_for_the_models_other_class_names_it_and_keeps_the_models_decisions(tmp_path: Path) -> None:
+    from wsi_screen.commands.evaluate import format_summary
+
+    y, probs = binary_case()
+    m = compute_metrics(y, probs, ["normal", "tumour"], positive_index=1, threshold=0.454, metric_positive=0)
+    write_evaluation(tmp_path, m, [f"img{i}.png" for i in range(len(y))], y, probs)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert (written["positive_class"], written["decision_class"], written["threshold"]) == ("normal", "tumour", 0.454)
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()[1:]
+    predicted = [row.split(",")[2] for row in rows]
+    assert predicted == ["tumour" if p >= 0.454 else "normal" for p in probs[:, 1]]  # the model's decisions
+    head = format_summary(m, "eval").splitlines()[0]
+    assert head == f"{len(y)} images; positive class normal; called where p(tumour) < 0.4540 (the model's operating " \
+                   "point)"
+    own = compute_metrics(y, probs, ["normal", "tumour"], positive_index=1, threshold=0.454)
+    assert format_summary(own, "eval").splitlines()[0] == f"{len(y)} images; positive class tumour; threshold 0.4540"
+
+
 @pytest.fixture(scope="module")
 def herlev_small(patches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_subset(patches_dir / "herlev", tmp_path_factory.mktemp("herlev_eval"), {"train": 2, "test": 3})

@@ -17,7 +17,9 @@ from wsi_screen.commands.train import dataset_options, set_threads
 @click.option("--split", default="test", show_default=True,
               help="Split to evaluate: test, valid, train or all (a dataset without splits is used whole).")
 @click.option("--positive", default=None, metavar="CLASS",
-              help="Class for sensitivity/specificity/AUC (default: the model's positive class).")
+              help="Class for sensitivity/specificity/AUC (default: the model's positive class). The decisions "
+                   "stay the model's: a two-class model's other class is called where p(positive) < threshold, "
+                   "and the outputs say so.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="EVAL_DIR",
               help="Folder for metrics.json, predictions.csv, roc.png and confusion.png.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=256, show_default=True,
@@ -84,8 +86,14 @@ def _has_column(dataset: str, column: str) -> bool:
 def format_summary(metrics: dict[str, Any], out: str) -> str:
     """A short table of the headline metrics."""
     keys = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "auc", "sensitivity", "specificity")
-    lines = [f"{metrics['n']} images; positive class {metrics.get('positive_class') or 'n/a'}; threshold "
-             f"{'n/a' if metrics.get('threshold') is None else format(metrics['threshold'], '.4f')}"]
+    from wsi_screen.metrics import call_rule
+
+    head = f"{metrics['n']} images; positive class {metrics.get('positive_class') or 'n/a'}; "
+    if metrics.get("positive_class") != metrics.get("decision_class") and metrics.get("positive_class"):
+        head += f"called where {call_rule(metrics, '.4f')} (the model's operating point)"
+    else:
+        head += f"threshold {'n/a' if metrics.get('threshold') is None else format(metrics['threshold'], '.4f')}"
+    lines = [head]
     for key in keys:
         value = metrics.get(key)
         lines.append(f"  {key:<18} {'n/a' if value is None else format(value, '.4f')}")

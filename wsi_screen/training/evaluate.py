@@ -6,7 +6,9 @@ runs the model over the split and writes the files.
 Decisions follow the model: a binary model calls its positive class when ``p(positive) >= threshold``
 (the operating point chosen on validation); a multi-class model predicts the most probable class. The
 "positive" view (sensitivity, specificity, AUC of one class against the rest) is reported for the
-model's positive class, or for another class named with ``positive``.
+model's positive class, or for another class named with ``positive``: metrics.json's ``positive_class`` and
+roc.png name that class, ``decision_class`` and ``threshold`` the model's operating point, which a binary model's
+other class meets where ``p(positive) < threshold`` (the point marked on its ROC).
 
 Images that trained the model (by its folder's ``split.csv``; :func:`trained_on`) give optimistic figures: the
 evaluation warns with their number and records it, rather than refusing, since looking at fit is fair use.
@@ -132,7 +134,8 @@ def write_evaluation(out_dir: str | Path, metrics: dict[str, Any], paths: list[s
     out.mkdir(parents=True, exist_ok=True)
     classes: list[str] = metrics["classes"]
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    pos = classes.index(metrics["positive_class"]) if metrics.get("positive_class") else None
+    decision_class = metrics.get("decision_class", metrics.get("positive_class"))  # the model's, not the view's
+    pos = classes.index(decision_class) if decision_class else None
     pred = decide(probs, pos, metrics.get("threshold"))
     with io.StringIO(newline="") as fh:
         writer = csv.writer(fh)
