@@ -208,3 +208,34 @@ def test_the_roc_marks_the_operating_point_of_the_class_it_plots(tmp_path: Path,
         (curve,) = drawn["curves"]  # type: ignore[misc]
         assert curve.label.startswith(m["positive_class"]) and np.array_equal(curve.score, probs[:, view])
         assert drawn["point"] == (m["sensitivity"], m["specificity"], label)
+
+
+def test_evaluation_intervals_hold_the_estimate_narrow_with_data_and_match_the_model_cards() -> None:
+    from wsi_screen.training.loop import _auc_ci
+
+    y, probs = binary_case()
+    m = metrics.add_intervals(compute_metrics(y, probs, ["normal", "tumour"], positive_index=1, threshold=0.42),
+                              y, probs)
+    for key in ("auc", "sensitivity", "specificity"):
+        low, high = m[f"{key}_ci95"]
+        assert low < m[key] < high and m["positive"][f"{key}_ci95"] == [low, high]
+    assert tuple(m["auc_ci95"]) == _auc_ci(y, probs, 1)  # the card's validation AUC interval, same predictions
+    tp, fn = m["positive"]["tp"], m["positive"]["fn"]
+    assert tuple(m["sensitivity_ci95"]) == metrics.wilson(tp, tp + fn)
+    y4, probs4 = np.tile(y, 4), np.tile(probs, (4, 1))
+    more = metrics.add_intervals(compute_metrics(y4, probs4, ["normal", "tumour"], positive_index=1, threshold=0.42),
+                                 y4, probs4, n_boot=300)
+    for key in ("auc", "sensitivity", "specificity"):
+        assert more[key] == pytest.approx(m[key])
+        assert np.diff(more[f"{key}_ci95"])[0] < np.diff(m[f"{key}_ci95"])[0]
+    json.dumps(more, allow_nan=False)
+    # a missing class: no interval where the rate is undefined; more than two classes: the AUC's is the view's
+    one = metrics.add_intervals(compute_metrics(np.zeros(5, int), np.tile([0.9, 0.1], (5, 1)), ["normal", "tumour"],
+                                                positive_index=1, threshold=0.5), np.zeros(5, int),
+                                np.tile([0.9, 0.1], (5, 1)), n_boot=50)
+    assert one["auc_ci95"] is None and one["sensitivity_ci95"] is None and one["specificity_ci95"][1] == 1.0
+    y3 = np.array([0, 1, 2, 2, 1, 0, 2, 1])
+    p3 = np.eye(3)[[0, 1, 2, 1, 1, 0, 2, 0]] * 0.7 + 0.1
+    three = metrics.add_intervals(compute_metrics(y3, p3, ["a", "b", "c"], positive_index=2, threshold=0.5), y3, p3,
+                                  n_boot=50)
+    assert three["auc_ci95"] is None and three["positive"]["auc_ci95"] is not None

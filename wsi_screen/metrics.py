@@ -298,6 +298,29 @@ def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, *, n_boot: int = 1000,
 
 
 
+def add_intervals(metrics: dict[str, Any], y_true: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000,
+                  seed: int = 0) -> dict[str, Any]:
+    """:func:`compute_metrics`' ``metrics`` with 95 % intervals of its one-class view (``positive``), in place:
+    ``sensitivity_ci95`` and ``specificity_ci95`` (:func:`wilson`, from the view's counts) and ``auc_ci95``
+    (:func:`bootstrap_auc`, the bootstrap a model card's validation AUC gets), each ``[low, high]`` or None where
+    the rate is undefined. The top level gets the view's intervals where its numbers are the view's: sensitivity
+    and specificity always, AUC for two classes (for more, the top-level AUC is the macro average; its
+    ``auc_ci95`` is None and the view's is in ``positive``)."""
+    view = metrics.get("positive")
+    if not view:
+        metrics.update(auc_ci95=None, sensitivity_ci95=None, specificity_ci95=None)
+        return metrics
+    k = list(metrics["classes"]).index(view["class"])
+    tp, fn, tn, fp = view["tp"], view["fn"], view["tn"], view["fp"]
+    view["sensitivity_ci95"] = list(wilson(tp, tp + fn)) if tp + fn else None
+    view["specificity_ci95"] = list(wilson(tn, tn + fp)) if tn + fp else None
+    view["auc_ci95"] = (list(bootstrap_auc(np.asarray(probs)[:, k], np.asarray(y_true) == k, n_boot=n_boot,
+                                           seed=seed)[1:]) if view.get("auc") is not None else None)
+    metrics["sensitivity_ci95"], metrics["specificity_ci95"] = view["sensitivity_ci95"], view["specificity_ci95"]
+    metrics["auc_ci95"] = view["auc_ci95"] if len(metrics["classes"]) == 2 else None
+    return metrics
+
+
 # --- plots -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RocCurve:

@@ -46,6 +46,21 @@ def test_evaluation_for_the_models_other_class_names_it_and_keeps_the_models_dec
     assert format_summary(own, "eval").splitlines()[0] == f"{len(y)} images; positive class tumour; threshold 0.4540"
 
 
+def test_evaluation_prints_and_writes_the_intervals(herlev_small: Path, tmp_path: Path) -> None:
+    from wsi_screen.commands.evaluate import format_summary
+
+    folder = open_patch_folder(herlev_small, label_column="binary_label")
+    m = evaluate_model(_random_model(["abnormal", "normal"], "abnormal"), folder, "test", tmp_path / "eval")
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["sensitivity_ci95"] == m["sensitivity_ci95"] and len(m["sensitivity_ci95"]) == 2
+    assert written["auc_ci95"] == m["auc_ci95"] and m["auc_ci95"][0] <= m["auc"] <= m["auc_ci95"][1]
+    lines = format_summary(m, "eval").splitlines()
+    auc = next(line for line in lines if line.split()[0] == "auc")
+    assert auc == f"  auc                {m['auc']:.4f}  (95% CI {m['auc_ci95'][0]:.4f}-{m['auc_ci95'][1]:.4f})"
+    low, high = m["specificity_ci95"]
+    assert f"  specificity        {m['specificity']:.4f}  (95% CI {low:.4f}-{high:.4f})" in lines
+
+
 @pytest.fixture(scope="module")
 def herlev_small(patches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_subset(patches_dir / "herlev", tmp_path_factory.mktemp("herlev_eval"), {"train": 2, "test": 3})

@@ -29,7 +29,7 @@ import numpy as np
 from wsi_screen import progress
 from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import ConfigError, ModelMismatchError
-from wsi_screen.metrics import compute_metrics, plot_confusion, plot_model_roc
+from wsi_screen.metrics import add_intervals, compute_metrics, plot_confusion, plot_model_roc
 
 if TYPE_CHECKING:
     from wsi_screen.models import PatchClassifier
@@ -93,6 +93,7 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
     probs = np.concatenate(probs_parts)
     metrics = compute_metrics(y, probs, spec.classes, positive_index=spec.positive_index,
                               threshold=spec.threshold, metric_positive=metric_positive)
+    add_intervals(metrics, y, probs)
     metrics["source"] = {"dataset": str(folder.root), "split": split, "label_column": folder.label_column,
                          "images": len(rows), "images_that_trained_the_model": seen,
                          "image_sizes": {f"{w}x{h}": n for (w, h), n in sorted(sizes.items())},
