@@ -195,7 +195,8 @@ def test_predict_prints_one_column_per_class_and_goes_on_past_a_bad_file(
     assert all(len(r) == 4 and abs(float(r[2]) + float(r[3]) - 1) < 1e-3 for r in rows)
     errors = [line for line in err.splitlines() if line.startswith("wsi-screen: error: ")]
     assert code == 1 and len(errors) == 1, err  # one line for the file that is not an image
-    assert errors[0].startswith(f"wsi-screen: error: {notes}: unreadable image"), err
+    assert errors[0].startswith(f"wsi-screen: error: {notes}: unreadable image ("), err
+    assert errors[0].endswith(")") and "dataset" not in errors[0], err  # predict has no dataset to fix it in
 
 
 def test_infer_sets_torch_threads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,6 +19,7 @@ from wsi_screen.training.data import (
     PatchFolder,
     carve_validation,
     group_leaks,
+    image_sizes,
     load_images,
     make_split,
     open_patch_folder,
@@ -66,8 +67,11 @@ def test_unreadable_image(herlev_small: Path, tmp_path: Path) -> None:
     victim = broken / read_rows(broken)[0]["path"]
     victim.write_bytes(b"\xff\xd8\xff truncated")
     folder = open_patch_folder(broken, label_column="binary_label")
-    with pytest.raises(DatasetError, match=f"{victim.name}: unreadable image"):
+    with pytest.raises(DatasetError, match=f"{victim.name}: unreadable image .*; fix or remove it from the dataset$"):
         load_images(folder, range(len(folder)), 32)
+    victim.write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match=f"{victim.name}: unreadable image .*; fix or remove it from the dataset$"):
+        image_sizes(folder, range(len(folder)))
 
 
 def test_image_folder_layouts(herlev_small: Path, tmp_path: Path) -> None:

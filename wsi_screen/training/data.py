@@ -379,21 +379,23 @@ def fingerprint(folder: PatchFolder, rows: Rows, roles: Sequence[str], *, worker
 
 
 # --- decoding --------------------------------------------------------------------------------------------
-def read_image(path: Path) -> np.ndarray:
-    """Decode one image as uint8 RGB (H, W, 3); an unreadable file is a :class:`DatasetError`."""
+def read_image(path: Path, *, in_dataset: bool = False) -> np.ndarray:
+    """Decode one image as uint8 RGB (H, W, 3); an unreadable file is a :class:`DatasetError` (``in_dataset``: one
+    of a dataset's images, and the message says to fix or remove it there)."""
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        raise _unreadable(path, exc) from None
+        raise _unreadable(path, exc, in_dataset=in_dataset) from None
 
 
-def _unreadable(path: Path, exc: Exception) -> DatasetError:
-    return DatasetError(f"{path}: unreadable image ({exc}); fix or remove it from the dataset")
+def _unreadable(path: Path, exc: Exception, *, in_dataset: bool) -> DatasetError:
+    fix = "; fix or remove it from the dataset" if in_dataset else ""
+    return DatasetError(f"{path}: unreadable image ({exc}){fix}")
 
 
 def _read_resized(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    arr = read_image(path)
+    arr = read_image(path, in_dataset=True)
     shape = (arr.shape[1], arr.shape[0])
     if arr.shape[:2] != (size, size):
         arr = resize_uint8(numpy_to_tensor(arr)[None], size)[0].numpy()
@@ -442,7 +444,7 @@ def image_sizes(folder: PatchFolder, rows: Rows) -> Counter[tuple[int, int]]:
             with Image.open(path) as im:
                 sizes[im.size] += 1
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            raise _unreadable(path, exc) from None
+            raise _unreadable(path, exc, in_dataset=True) from None
     return sizes
 
 
