@@ -225,8 +225,18 @@ def test_info_on_a_folder_of_stores(demo_run: Path, tmp_path: Path) -> None:
     res = run_cli("info", demo_run / "stores")
     assert res.code == 0 and "CMU-1-Small-Region.zarr" in res.out and "patches    66 x 96 px" in res.out
     res = run_cli("info", tmp_path)
-    assert res.code == 1 and "not a wsi-screen patch store (no zarr group there)" in res.err
+    assert res.code == 1 and res.err_lines == [f"wsi-screen: error: {tmp_path}: not a patch store or an embeddings "
+                                               "store, and holds none (no zarr group there)"], res
     assert "No group found" not in res.err
+    # a folder of `tile -o` / `embed -o` folders: info names them instead of calling it a bad patch store
+    shutil.copytree(demo_run / "stores", tmp_path / "tiled" / "stores")  # a run's or embed's stores/
+    shutil.copytree(demo_run / "stores", tmp_path / "embedded")  # stores at the top, as embed -o writes them
+    (tmp_path / "empty").mkdir()
+    res = run_cli("info", tmp_path)
+    assert res.code == 1 and res.err_lines == [
+        f"wsi-screen: error: {tmp_path}: not a patch store or an embeddings store, and holds none; its folders "
+        f"embedded, tiled do: name them (`wsi-screen info {tmp_path}/*`)"], res
+    assert run_cli("info", tmp_path / "tiled").code == 0
 
 
 def test_workers_zero_means_one_reader_in_tile_and_infer(example_slide: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -21,9 +22,8 @@ def info(stores: tuple[str, ...], as_json: bool) -> None:
     A folder of stores stands for every store in it and in its stores/ folder: `tile -o` output, a run's
     stores/ folder, or `embed -o` output (its embeddings stores, then the patch stores they were made from)."""
     configure_output()
-    from pathlib import Path
-
     from wsi_screen.embedding.features import KIND, read_attrs
+    from wsi_screen.errors import StoreError
     from wsi_screen.tiling.store import PatchStore, is_url
 
     expanded: list[str] = []
@@ -33,6 +33,8 @@ def info(stores: tuple[str, ...], as_json: bool) -> None:
             [*sorted(folder.glob("*.zarr")), *sorted((folder / "stores").glob("*.zarr"))]
         if inside:
             expanded.extend(str(p) for p in inside)
+        elif not is_url(location) and folder.is_dir() and not (folder / "zarr.json").exists():
+            raise StoreError(_holds_no_store(folder))
         else:
             expanded.append(location)
     for location in expanded:
@@ -62,6 +64,18 @@ def info(stores: tuple[str, ...], as_json: bool) -> None:
         fitted = "" if stain.get("method") == "none" else f" (fitted: {stain.get('fitted')})"
         click.echo(f"  stain      {stain.get('method')}{fitted}")
         _print_provenance(a)
+
+
+def _holds_no_store(folder: Path) -> str:
+    """Why ``folder`` (neither a store nor a folder of stores) is not one of info's inputs, and where its subfolders
+    hold stores (``embed -o`` or ``tile -o`` folders side by side), which to name instead."""
+    nested = sorted({p.name for p in folder.iterdir() if p.is_dir() and not p.name.endswith(".zarr")
+                     and (any(p.glob("*.zarr")) or any((p / "stores").glob("*.zarr")))})
+    text = f"{folder}: not a patch store or an embeddings store, and holds none"
+    if not nested:
+        return text + " (no zarr group there)"
+    names = ", ".join(nested[:3]) + (", ..." if len(nested) > 3 else "")
+    return f"{text}; its folders {names} do: name them (`wsi-screen info {folder / '*'}`)"
 
 
 def _print_slide(slide: dict[str, Any]) -> None:
