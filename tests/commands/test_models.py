@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.conftest import run_cli
 
 
@@ -24,3 +26,22 @@ def test_card_with_encoders_is_a_usage_error() -> None:
     assert res.code == 2 and res.out == "", res
     errors = [line for line in res.err_lines if line.startswith("Error:")]
     assert errors == ["Error: --card prints a model's card and --encoders lists encoders: give one of them"], res
+
+
+def test_all_with_encoders_or_card_is_a_usage_error() -> None:
+    """--all lists timm's architectures; it used to be ignored silently beside --encoders and --card."""
+    for other, meaning in (("--encoders", "--encoders lists every known encoder without it"),
+                           ("--card", "--card prints one model's card")):
+        res = run_cli("models", other, "--all")
+        assert res.code == 2 and res.out == "", res
+        errors = [line for line in res.err_lines if line.startswith("Error:")]
+        assert errors == [f"Error: --all lists all of timm's architectures; {meaning}: drop --all"], res
+
+
+def test_card_of_a_missing_folder_says_there_is_no_such_folder(tmp_path: Path) -> None:
+    res = run_cli("models", "--card", tmp_path / "nope")
+    assert res.code == 1 and res.err_lines == [f"wsi-screen: error: {tmp_path / 'nope'}: no such model folder"], res
+    res = run_cli("models", "--card", tmp_path)  # a folder, but not a model's
+    assert res.code == 1 and res.err_lines == [
+        f"wsi-screen: error: {tmp_path}: no config.json; not a wsi-screen model folder (an interrupted training run "
+        "leaves none)"], res

@@ -13,7 +13,9 @@ MAX_COUNTED = 60
 
 @click.command(short_help="List architectures (screen_cnn32 and timm's) with parameter counts.")
 @click.argument("pattern", required=False)
-@click.option("--all", "show_all", is_flag=True, help="List every registered name (without parameter counts).")
+@click.option("--all", "show_all", is_flag=True,
+              help="List every registered architecture name (without parameter counts). Not with --encoders or "
+                   "--card.")
 @click.option("--num-classes", type=click.IntRange(2, 100000), default=2, show_default=True,
               help="Output classes assumed for the parameter counts.")
 @click.option("--encoders", is_flag=True,
@@ -39,6 +41,10 @@ def models(pattern: str | None, show_all: bool, num_classes: int, encoders: bool
     configure_output()
     if card and encoders:
         raise click.UsageError("--card prints a model's card and --encoders lists encoders: give one of them")
+    if show_all and (card or encoders):
+        raise click.UsageError("--all lists all of timm's architectures; "
+                               + ("--encoders lists every known encoder without it" if encoders
+                                  else "--card prints one model's card") + ": drop --all")
     if encoders:
         _print_encoders(pattern)
         return

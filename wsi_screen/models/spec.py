@@ -177,6 +177,8 @@ class ModelSpec:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
+            if not Path(model_dir).exists():
+                raise ModelError(f"{model_dir}: no such model folder") from None
             raise ModelError(f"{model_dir}: no {CONFIG_NAME}; not a wsi-screen model folder (an interrupted "
                              "training run leaves none)") from None
         except OSError as exc:
