@@ -174,6 +174,21 @@ def test_model_errors_through_the_cli(herlev_small: Path, tmp_path: Path, capsys
     assert code == 1 and "split 'valid' is empty" in err
 
 
+def test_train_weights_without_an_encoder_is_a_usage_error(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 and click's usage lines, as for the other options that do not go together (it was exit 1)."""
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    for arch in (["--arch", "screen_cnn32"], []):
+        code, out, err = run(["train", str(tmp_path), *arch, "--weights", str(weights), "-o", str(tmp_path / "m")],
+                             capsys)
+        assert code == 2 and out == "", err
+        assert err.splitlines()[0] == "Usage: wsi-screen train [OPTIONS] DATASET"
+        assert err.splitlines()[-1] == ("Error: --weights is an --encoder's file (name the architecture it is for "
+                                        "with --encoder); a whole network starts from local weights with --pretrained")
+        assert not (tmp_path / "m").exists()
+
+
 def test_predict_prints_one_column_per_class_and_goes_on_past_a_bad_file(
         herlev_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """It used to print both p(abnormal) and p_abnormal, and to stop at the first file that is not an image."""
