@@ -126,6 +126,21 @@ def test_other_threshold_rules() -> None:
     assert str(ThresholdRule.parse("Sensitivity:0.950")) == "sensitivity:0.95"
 
 
+def test_threshold_works_on_scores_above_one() -> None:
+    """The region rule's score is an area in mm²: the threshold is not clipped to [0, 1]."""
+    y = np.array([0, 0, 1, 1], dtype=bool)
+    s = np.array([1.5, 0.2, 3.0, 2.5])
+    t = choose_threshold(y, s, "specificity:0.99")
+    assert t == pytest.approx(2.0) and metrics.rates_at(y, s, t) == (1.0, 1.0)
+    assert choose_threshold(y, s, "sensitivity:1.0") == pytest.approx(2.0)
+    # no cut keeps every negative below it but the one above every score: twice the top score's midpoint
+    s = np.array([3.5, 0.2, 3.0, 2.5])
+    t = choose_threshold(y, s, "specificity:1.0")
+    assert t == pytest.approx(5.25) and metrics.rates_at(y, s, t) == (0.0, 1.0)
+    # probabilities keep the cut midway between the top score and 1
+    assert choose_threshold(y, s / 4, "specificity:1.0") == pytest.approx((1 + 3.5 / 4) / 2)
+
+
 def _specificity_point(s: np.ndarray, y: np.ndarray, at_least: float,
                        strata: np.ndarray | None = None) -> tuple[float, float, float]:
     t = metrics.choose_threshold(y, s, metrics.ThresholdRule("specificity", at_least), strata=strata)

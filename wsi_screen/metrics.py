@@ -13,7 +13,9 @@ highest specificity with sensitivity >= X, ``specificity:X`` the highest sensiti
 (within every stratum when ``strata`` is given), ``youden`` the largest sensitivity + specificity, ``fixed:T``
 is T. **Ties go to the other rate**: among cut points equally good on the rate asked for, the one best on the
 other (for ``sensitivity:X`` the lowest threshold, for ``specificity:X`` the highest), so no other cut is
-better on both. The threshold sits midway between the deciding score and the next lower one.
+better on both. The threshold sits midway between the deciding score and the next lower one. Scores are
+non-negative on any scale: probabilities and fractions (at most 1) or an area in mm² (the region rule); a cut
+above every score sits midway between the top score and 1 (probabilities) or twice the top score.
 """
 
 from __future__ import annotations
@@ -120,9 +122,12 @@ def choose_threshold(is_positive: np.ndarray, score: np.ndarray, rule: Threshold
         i = int(np.argmax(tpr >= best_tpr))
     else:  # youden
         i = int(np.argmax(tpr - fpr))
-    upper = float(thr[i]) if np.isfinite(thr[i]) else 1.0
-    lower = float(thr[i + 1]) if i + 1 < len(thr) else 0.0
-    return float(min(1.0, max(0.0, (upper + lower) / 2 if i + 1 < len(thr) else upper)))
+    # the cut above every score (roc_curve's inf): 1 for probabilities, twice the top score on a larger scale
+    top = float(s.max())
+    ceiling = 1.0 if top <= 1.0 else 2.0 * top
+    upper = float(thr[i]) if np.isfinite(thr[i]) else ceiling
+    t = (upper + float(thr[i + 1])) / 2 if i + 1 < len(thr) else upper
+    return float(min(ceiling, max(0.0, t)))
 
 
 def rates_at(is_positive: np.ndarray, score: np.ndarray, threshold: float) -> tuple[float, float]:

@@ -24,6 +24,16 @@ def test_choose_prefers_sensitivity_then_auc_then_the_simpler_rule() -> None:
         calibration.choose({"mean": [0.1, 0.2]}, [True, False, True])
 
 
+def test_choose_keeps_the_specificity_on_an_area_score() -> None:
+    """A region rule scores in mm² (above 1): its threshold must clear the top negative there, not stop at 1."""
+    y = [True, True, True, False, False, False]
+    scores = {"mean": [0.3, 0.2, 0.25, 0.22, 0.1, 0.05], "region0.9": [3.0, 2.5, 4.0, 1.5, 0.2, 0.0]}
+    choice = calibration.choose(scores, y, min_specificity=0.99)
+    assert choice.candidate.name == "region0.9"
+    assert choice.threshold == pytest.approx(2.0) and (choice.sensitivity, choice.specificity) == (1.0, 1.0)
+    assert metrics.rates_at(np.array(y), np.array(scores["region0.9"]), choice.threshold) == (1.0, 1.0)
+
+
 def test_calibrate_on_spatial_truth_picks_a_spatial_rule() -> None:
     """Foci of 12+ contiguous patches against scattered false positives: a pooled rule cannot separate
     them at 100 % specificity on large slides, a spatial one can."""
