@@ -135,6 +135,57 @@ def test_calibrate_writes_a_model_copy_that_infer_uses(run: Path, slides: tuple[
     assert "(override:" not in report
 
 
+def test_calibrate_finds_the_model_of_a_moved_run_from_any_folder(
+        run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run scored with `--model` given relative to the working folder, copied elsewhere and calibrated from a
+    third folder: run.json's model path is found (it was recorded as typed and joined to the run folder)."""
+    from wsi_screen.models import default_model_dir
+
+    folder, _ = slides
+    work = tmp_path / "lab"
+    shutil.copytree(default_model_dir(), work / "models" / "m")
+    shutil.copytree(run, work / "runs" / "lab")
+    monkeypatch.chdir(work)
+    res = run_cli("infer", folder / "slides", "-o", "runs/lab", "--model", "models/m", "--stores", run / "stores",
+                  "--quiet")
+    assert res.code == 0, res
+    info = json.loads((work / "runs" / "lab" / "run.json").read_text())
+    assert info["model"]["path"] == str((work / "models" / "m").resolve())
+    moved = tmp_path / "x"
+    shutil.copytree(work / "runs" / "lab", moved)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    res = run_cli("calibrate", moved, "--labels", folder / "slides.csv", "-o", tmp_path / "c")
+    assert res.code == 0, res
+    doc = json.loads((tmp_path / "c" / "slide_rule.json").read_text())
+    assert doc["calibrated_on"]["source_model"] == str((work / "models" / "m").resolve())
+
+
+def test_calibrate_refuses_a_model_that_did_not_score_the_run(
+        run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]], tmp_path: Path) -> None:
+    from wsi_screen.models import default_model_dir
+
+    folder, _ = slides
+    same, other = tmp_path / "same", tmp_path / "other"
+    shutil.copytree(default_model_dir(), same)
+    shutil.copytree(default_model_dir(), other)
+    config = json.loads((other / "config.json").read_text())
+    config["threshold"] = 0.5  # another operating point: another model (its sha256 covers weights and config)
+    (other / "config.json").write_text(json.dumps(config))
+    res = run_cli("calibrate", run, "--labels", folder / "slides.csv", "-o", tmp_path / "c", "--model", other)
+    assert res.code != 0 and not (tmp_path / "c").exists()
+    scored_by = json.loads((run / "run.json").read_text())["model"]
+    assert res.err_lines == [f"wsi-screen: error: {other} did not score the run {run} (sha256 "
+                             f"{res.err.split('(sha256 ')[1][:12]}; the run was scored by {scored_by['path']}, "
+                             f"sha256 {scored_by['sha256'][:12]}); rerun `wsi-screen infer` with this model, or leave "
+                             "--model unset to calibrate the run's own"], res
+    # a copy of the run's own model (the same sha256) is the model that scored it
+    res = run_cli("calibrate", run, "--labels", folder / "slides.csv", "-o", tmp_path / "c", "--model", same)
+    assert res.code == 0, res
+
+
 def test_changing_the_rule_redraws_the_heatmap(run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]],
                                                tmp_path: Path) -> None:
     folder, _ = slides

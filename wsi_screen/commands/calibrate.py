@@ -14,7 +14,8 @@ from wsi_screen.commands._options import common_options, configure_output
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="MODEL_DIR",
               help="Where to write the calibrated copy of the run's model folder.")
 @click.option("--model", type=click.Path(exists=True, file_okay=False), default=None,
-              help="The model the run was scored with (default: the one its run.json names).")
+              help="The model the run was scored with (default: the one its run.json names); a model "
+                   "other than the run's (another sha256 of weights and config) is refused.")
 @click.option("--min-specificity", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True,
               help="Specificity the threshold must keep on the labelled negatives of every slide-size bin.")
 @click.option("--overwrite", is_flag=True, help="Replace MODEL_DIR if it exists.")

@@ -5,7 +5,8 @@ slide.json), the slide labels, chooses the rule and threshold exactly as the bun
 (:func:`wsi_screen.screening.calibration.calibrate`), and writes a copy of the run's model folder whose
 ``slide_rule.json`` holds the choice, so screening with the copy as its model uses it; the copy's ``card.json``
 states it (``operating_point.slide_rule``), so the copy's model card and the report's card box say what the copy
-does.
+does. A ``model`` given must be the one that scored the run (the sha256 run.json records): a rule chosen on
+another model's scores would not hold for it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from wsi_screen.models.spec import ModelSpec
 from wsi_screen.screening import calibration, runfolder
 from wsi_screen.screening.aggregate import AggregateConfig, describe
 from wsi_screen.screening.outputs import read_labels, slide_grid
-from wsi_screen.screening.run import SLIDE_RULE_JSON
+from wsi_screen.screening.run import SLIDE_RULE_JSON, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,25 @@ class Recalibration:
     n_negative: int
 
 
-def _run_model_dir(run: Path) -> Path:
-    try:
-        info = runfolder.read_json(run / runfolder.RUN_JSON)
-        path = Path(info["model"]["path"])
-    except (KeyError, TypeError) as exc:
-        raise RunError(f"{run}: run.json does not name the run's model; set `model`") from exc
-    if not path.is_absolute() and not path.exists():
-        path = run / path
-    return path
+def _run_model(run: Path) -> dict[str, Any]:
+    """The model that scored ``run`` as its run.json records it (``path`` as usable from here, ``sha256``);
+    empty when run.json does not say."""
+    path = run / runfolder.RUN_JSON
+    model = runfolder.read_json(path).get("model") if path.exists() else None
+    if not isinstance(model, dict) or not model.get("path"):
+        return {}
+    return {**model, "path": runfolder.resolve_path(str(model["path"]), run)}
+
+
+def _check_scored_by(run: Path, scored_by: dict[str, Any], source: Path, classifier: PatchClassifier) -> None:
+    """Refuse a `model` other than the one that scored ``run``: its rule would be chosen on another model's
+    scores. A run.json without the model's sha256 cannot say, and is taken on trust."""
+    expected = scored_by.get("sha256")
+    found = model_identity(source, classifier)["sha256"]
+    if expected and found != expected:
+        raise ConfigError(f"{source} did not score the run {run} (sha256 {found[:12]}; the run was scored by "
+                          f"{scored_by.get('path')}, sha256 {str(expected)[:12]}); rerun `wsi-screen infer` with "
+                          "this model, or leave `model` unset to calibrate the run's own")
 
 
 def _restate_card(model_dir: Path, spec: ModelSpec, config: AggregateConfig, calibrated_on: dict[str, Any]) -> None:
@@ -93,8 +104,13 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
     run = Path(run)
     if not (run / runfolder.RESULTS_CSV).exists():
         raise RunError(f"{run}: not a run folder of `wsi-screen infer` (no {runfolder.RESULTS_CSV})")
-    source = Path(model) if model is not None else _run_model_dir(run)
+    scored_by = _run_model(run)
+    if model is None and not scored_by:
+        raise RunError(f"{run}: run.json does not name the run's model; set `model`")
+    source = Path(model) if model is not None else Path(scored_by["path"])
     classifier: PatchClassifier = load_model(source)
+    if model is not None:
+        _check_scored_by(run, scored_by, source, classifier)
     spec = classifier.spec
     truth = read_labels(Path(labels), classifier)
     patch_threshold = spec.threshold if spec.threshold is not None else 0.5

@@ -232,7 +232,8 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
         warn_unmatched_mpp(dict(tile_cfg.slide_mpps), sources)
         aggregate = resolve_aggregate(model_dir, classifier, config)
         tile_cfg = with_stores_policy(tile_cfg, given=config.stores is not None)
-        model_id = model_identity(model_dir, classifier)
+        # recorded as a run folder records a path it depends on, so a moved or copied run still finds its model
+        model_id = {**model_identity(model_dir, classifier), "path": runfolder.portable_path(str(model_dir), run)}
         stores_dir = config.stores or str(run / runfolder.STORES_DIR)
         labels = read_labels(Path(config.labels), classifier) if config.labels else {}
         try:  # after every check of the settings: a refused run leaves nothing behind
