@@ -155,7 +155,7 @@ SETTING_FLAGS: dict[str, str] = {
     "freeze_backbone": "--freeze-backbone", "arch": "--arch", "encoder": "--encoder", "encoder_weights": "--weights",
     "head": "--head", "embedding_cache": "--embedding-cache", "recipe": "--recipe", "lr": "--lr", "epochs": "--epochs",
     "flips": "--flips/--no-flips", "hed_jitter": "--hed-jitter", "color_jitter": "--color-jitter",
-    "frozen_epochs": "--frozen-epochs", "compile": "--compile",
+    "frozen_epochs": "--frozen-epochs", "compile": "--compile", "min_specificity": "--min-specificity",
 }
 
 

@@ -186,6 +186,45 @@ def test_calibrate_refuses_a_model_that_did_not_score_the_run(
     assert res.code == 0, res
 
 
+def test_calibrate_refuses_an_existing_folder_before_any_work(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.csv").write_text("slide,status\n")  # no run.json, no model: the work would fail on them
+    labels = tmp_path / "slides.csv"
+    labels.write_text("slide,label\na,tumour\n")
+    (tmp_path / "c").mkdir()
+    res = run_cli("calibrate", run, "--labels", labels, "-o", tmp_path / "c")
+    assert res.err_lines == [f"wsi-screen: error: {tmp_path / 'c'} already exists; set --overwrite or choose another "
+                             "folder"] and res.code != 0, res
+
+
+def test_calibrate_names_labels_that_match_no_slide_and_warns_of_no_sensitivity(
+        run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]], tmp_path: Path) -> None:
+    _, layouts = slides
+    labels = tmp_path / "slides.csv"
+    labels.write_text("slide,label\nlab-1.svs,tumour\nlab-2.svs,normal\n")
+    res = run_cli("calibrate", run, "--labels", labels, "-o", tmp_path / "c")
+    assert res.code != 0 and not (tmp_path / "c").exists()
+    assert res.err_lines == [f"wsi-screen: error: --labels: none of its 2 row(s) names a slide of the run {run} (its "
+                             "slide column must hold the slide names of results.csv, e.g. macro, micro, neg_large, "
+                             "neg_small): lab-1.svs, lab-2.svs"], res
+    # labels the wrong way round (and one of another run): no rule detects a 'positive' while keeping the
+    # 'negatives' below its threshold; the copy is written, with one warning that says so
+    rows = ["slide,label", "lab-1.svs,tumour"] + [f"{n},{'normal' if lay.positive else 'tumour'}"
+                                                   for n, lay in layouts.items()]
+    labels.write_text("\n".join(rows) + "\n")
+    res = run_cli("calibrate", run, "--labels", labels, "-o", tmp_path / "c")
+    assert res.code == 0, res
+    assert "wsi-screen: warning: --labels: 1 row(s) name no slide of this run: lab-1.svs" in res.err_lines
+    doc = json.loads((tmp_path / "c" / "slide_rule.json").read_text())
+    said = [line for line in res.err_lines if "no rule detects" in line]
+    assert said == [f"wsi-screen: warning: calibration: no rule detects any of the 2 positive slide(s) at specificity "
+                    f">= 0.99: the chosen {doc['name']} at threshold {doc['slide_threshold']:.4g} calls them all "
+                    "negative; check the labels, or lower --min-specificity"], res.err
+    assert [w for w in doc["warnings"] if "no rule detects" in w] == [
+        said[0].split("calibration: ")[1].replace("--min-specificity", "`min_specificity`")]
+
+
 def test_changing_the_rule_redraws_the_heatmap(run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]],
                                                tmp_path: Path) -> None:
     folder, _ = slides

@@ -11,7 +11,7 @@ import json
 import logging
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -332,6 +332,12 @@ def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
     for raw, truth in list(out.items()):
         out.setdefault(slide_name(Path(raw)), truth)  # "a.svs" labels slide "a"
     return out
+
+
+def unmatched_labels(labels: dict[str, str], names: Collection[str]) -> list[str]:
+    """The rows of :func:`read_labels` (slide names as given) that name none of the slides ``names``."""
+    unmatched = sorted(k for k in labels if k not in names and slide_name(Path(k)) not in names)
+    return [k for k in unmatched if not any(other != k and slide_name(Path(other)) == k for other in unmatched)]
 
 
 def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,

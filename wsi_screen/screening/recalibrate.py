@@ -27,8 +27,9 @@ from wsi_screen.models.card import CARD_NAME, read_card
 from wsi_screen.models.spec import ModelSpec
 from wsi_screen.screening import calibration, runfolder
 from wsi_screen.screening.aggregate import AggregateConfig, describe
-from wsi_screen.screening.outputs import read_labels, slide_grid
-from wsi_screen.screening.run import SLIDE_RULE_JSON, model_identity
+from wsi_screen.screening.outputs import read_labels, slide_grid, unmatched_labels
+from wsi_screen.screening.run import SLIDE_RULE_JSON, model_identity, warn_unmatched_labels
+from wsi_screen.slide.tables import few
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,15 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
     run = Path(run)
     if not (run / runfolder.RESULTS_CSV).exists():
         raise RunError(f"{run}: not a run folder of `wsi-screen infer` (no {runfolder.RESULTS_CSV})")
+    dest = Path(out)  # refused before any work, not after it
+    if dest.exists() and not overwrite:
+        raise ConfigError(f"{dest} already exists; set `overwrite` or choose another folder")
     scored_by = _run_model(run)
     if model is None and not scored_by:
         raise RunError(f"{run}: run.json does not name the run's model; set `model`")
     source = Path(model) if model is not None else Path(scored_by["path"])
+    if dest.exists() and dest.resolve() == source.resolve():
+        raise ConfigError(f"{dest} is the run's own model folder; write the calibrated copy elsewhere")
     classifier: PatchClassifier = load_model(source)
     if model is not None:
         _check_scored_by(run, scored_by, source, classifier)
@@ -115,7 +121,15 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
     truth = read_labels(Path(labels), classifier)
     patch_threshold = spec.threshold if spec.threshold is not None else 0.5
     slides = []
-    for row in runfolder.read_results(run):
+    results = runfolder.read_results(run)
+    names = {row["slide"] for row in results}
+    if not any(name in truth for name in names):
+        unmatched = unmatched_labels(truth, names)
+        raise ConfigError(f"`labels`: none of its {len(unmatched)} row(s) names a slide of the run {run} (its slide "
+                          f"column must hold the slide names of {runfolder.RESULTS_CSV}, e.g. {few(sorted(names))}): "
+                          f"{few(unmatched)}")
+    warn_unmatched_labels(truth, names)
+    for row in results:
         label = truth.get(row["slide"])
         if row.get("status") != "ok" or label is None:
             continue
@@ -133,16 +147,14 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
     doc["calibrated_on"] = {"run": str(run.resolve()), "labels": str(Path(labels).resolve()),
                             "n_slides": len(slides), "n_positive": n_pos, "source_model": str(source.resolve())}
     warnings = small_set_warnings(n_pos, len(slides) - n_pos, min_specificity)
+    if doc["candidates"][doc["name"]]["sensitivity"] == 0:
+        warnings.append(f"no rule detects any of the {n_pos} positive slide(s) at specificity >= {min_specificity:g}: "
+                        f"the chosen {doc['name']} at threshold {config.slide_threshold:.4g} calls them all negative; "
+                        "check the labels, or lower `min_specificity`")
     if warnings:
         doc["warnings"] = [*warnings, "check the calibrated model on other labelled slides before screening with it"]
         for text in doc["warnings"]:
             log.warning("calibration: %s", text)
-    dest = Path(out)
-    if dest.exists():
-        if not overwrite:
-            raise ConfigError(f"{dest} already exists; set `overwrite` or choose another folder")
-        if dest.resolve() == source.resolve():
-            raise ConfigError(f"{dest} is the run's own model folder; write the calibrated copy elsewhere")
     tmp = dest.with_name(f".{dest.name}.partial")
     try:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -46,13 +46,14 @@ from wsi_screen.screening.outputs import (
     read_labels,
     slide_metrics,
     store_digest,
+    unmatched_labels,
     write_results,
     write_run_json,
     write_slide_folder,
 )
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover
-from wsi_screen.slide.slide import slide_name, warn_unmatched_mpp
+from wsi_screen.slide.slide import warn_unmatched_mpp
 from wsi_screen.slide.tables import few
 from wsi_screen.tiling.codecs import PatchCodec
 from wsi_screen.tiling.grid import TileSpec
@@ -278,7 +279,7 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
         row.label = labels.get(row.name, "")
     warn_lossy_stores(rows)
     if labels:
-        warn_unmatched_labels(labels, rows)
+        warn_unmatched_labels(labels, {r.name for r in rows})
     metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
     write_results(run, rows, aggregate, model_id)
     warn_earlier_slides(run, rows)
@@ -307,11 +308,9 @@ def warn_lossy_stores(rows: Sequence[SlideRow]) -> None:
                 few(sorted(r.name for r in lossy)))
 
 
-def warn_unmatched_labels(labels: dict[str, str], rows: Sequence[SlideRow]) -> None:
+def warn_unmatched_labels(labels: dict[str, str], names: Collection[str]) -> None:
     """One warning naming the slide-label rows that name no slide of this run (a typo, or another run's slides)."""
-    names = {r.name for r in rows}
-    unmatched = sorted(k for k in labels if k not in names and slide_name(Path(k)) not in names)
-    unmatched = [k for k in unmatched if not any(other != k and slide_name(Path(other)) == k for other in unmatched)]
+    unmatched = unmatched_labels(labels, names)
     if unmatched:
         shown = few(unmatched)
         log.warning("`labels`: %d row(s) name no slide of this run: %s", len(unmatched), shown)
