@@ -308,6 +308,24 @@ def test_call_slide_overrides_and_foci(scores: Any, model: Any) -> None:
     assert fallback.score == call.score
 
 
+def test_a_fallback_rule_is_warned_of_once_per_model_folder(scores: Any, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A model folder without slide_rule.json: the API said so on every call (five times in one script)."""
+    import logging
+    import shutil
+
+    from wsi_screen.models import default_model_dir
+
+    folder = tmp_path / "uncalibrated"
+    shutil.copytree(default_model_dir(), folder, ignore=shutil.ignore_patterns("slide_rule.json"))
+    uncalibrated = wsi_screen.load_model(folder)
+    with caplog.at_level(logging.WARNING, logger="wsi_screen"):
+        calls = [wsi_screen.call_slide(scores, uncalibrated) for _ in range(3)]
+    assert {c.rule for c in calls} == {"topk (k = 5)"}
+    assert [r.getMessage() for r in caplog.records if "fallback" in r.getMessage()] == [
+        f"{folder}: no slide_rule.json; using the fallback rule topk with slide threshold 0.50"]
+
+
 def test_slide_call_to_json_is_a_dict_of_json_values(scores: Any, model: Any) -> None:
     """docs/api.md: `to_json()` gives a dict (not a string); json.dumps of it is the text."""
     import json

@@ -148,3 +148,27 @@ def test_chromium_flags_are_the_documented_ones() -> None:
     assert "chromium chromium-driver" in run.read_text()
     assert f"export {REQUIRE_BROWSER}=1" in run.read_text()  # CI never skips the browser test
     assert subprocess.run(["bash", "-n", str(run)]).returncode == 0
+
+
+def test_a_fallback_rule_is_recorded_and_named_in_the_report(demo_run: Path, example_slide: Path,
+                                                           tmp_path: Path) -> None:
+    """Without slide_rule.json the rule is the fallback: once said only on the terminal, now in run.json and the
+    report beside the rule."""
+    import json
+
+    from wsi_screen.models import default_model_dir
+
+    model = tmp_path / "uncalibrated"
+    shutil.copytree(default_model_dir(), model, ignore=shutil.ignore_patterns("slide_rule.json"))
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)  # the same weights: the scores are reused, the rule applied afresh
+    res = run_cli("infer", example_slide.parent, "-o", run, "--model", model, "--stores", demo_run / "stores",
+                  "--workers", "0", "--quiet")
+    assert res.code == 0, res
+    agg = json.loads((run / "run.json").read_text())["aggregate"]
+    assert (agg["source"], agg["rule"], agg["k"], agg["slide_threshold"]) == ("fallback", "topk", 5, 0.5)
+    note = "(fallback rule: the model has no calibrated slide rule; choose one on labelled slides with wsi-screen " \
+           "calibrate)"
+    assert note in (run / "report.html").read_text()
+    assert json.loads((demo_run / "run.json").read_text())["aggregate"]["source"] == "slide_rule.json"
+    assert "fallback rule" not in (demo_run / "report.html").read_text()

@@ -249,11 +249,13 @@ def _with_start_up(seconds: float, stages: dict[str, float | None] | None) -> fl
 
 def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, model_id: dict[str, Any],
                     tile_cfg: TileConfig, settings: dict[str, Any], argv: Sequence[str], started: datetime,
-                    seconds: float, stages: dict[str, float | None] | None = None) -> None:
+                    seconds: float, stages: dict[str, float | None] | None = None, *,
+                    rule_source: str | None = None) -> None:
     """``RUN/run.json``: the provenance of the run and where its time went (``seconds`` from the run's start, after
     start-up; ``total_seconds`` with start-up, None when that is unknown; ``stages`` of the whole run;
     each slide's ``seconds`` by stage: open, tile, score, outputs, or reuse_check for a slide reused;
-    ``settings``: the run's, as :meth:`wsi_screen.screening.run.InferConfig.to_json` gives them)."""
+    ``settings``: the run's, as :meth:`wsi_screen.screening.run.InferConfig.to_json` gives them; ``aggregate.source``:
+    what the slide rule rests on, :func:`wsi_screen.screening.run.rule_source`)."""
     import torch
 
     runfolder.write_json(run / runfolder.RUN_JSON, {
@@ -264,7 +266,7 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
         "total_seconds": _with_start_up(seconds, stages),
         "stages": {k: None if v is None else round(v, 3) for k, v in (stages or {}).items()},
         "model": model_id,
-        "aggregate": aggregate.to_json(),
+        "aggregate": {**aggregate.to_json(), "source": rule_source},
         "tiling": {"mpp": tile_cfg.spec.mpp, "patch_size": tile_cfg.spec.size_px,
                    "min_tissue": tile_cfg.spec.min_tissue, "stain": tile_cfg.stain,
                    "stain_target": tile_cfg.stain_target, "tissue": tile_cfg.tissue.to_json(),

@@ -152,6 +152,14 @@ def _overrides(info: dict[str, Any]) -> str:
     return f" <b>(override: {_html(flags)}; not the model's calibrated rule)</b>" if flags else ""
 
 
+def _fallback(agg: dict[str, Any]) -> str:
+    """A note beside a rule that rests on no calibration (run.json's ``aggregate.source``)."""
+    if agg.get("source") != runfolder.FALLBACK_SOURCE:
+        return ""
+    return (" <b>(fallback rule: the model has no calibrated slide rule; choose one on labelled slides with "
+            "wsi-screen calibrate)</b>")
+
+
 def _model_card(model: dict[str, Any]) -> str:
     """The model card's two-line summary and what the table's columns mean."""
     lines = model.get("card") or [f"Model {model.get('arch')}: no model card (wsi_screen.models.card writes one).",
@@ -285,7 +293,7 @@ def render_report(run: str | Path) -> str:
         f'{_html(model.get("input_size"))} px) '
         f'&middot; slide call: {_html(recorded_rule_label(agg))} score &ge; '
         f'{_html(_num(agg.get("slide_threshold")))}'
-        f'{_region_unit(agg)}{_overrides(info)} '
+        f'{_region_unit(agg)}{_fallback(agg)}{_overrides(info)} '
         f'&middot; patch threshold {_html(_num(patch_threshold))} ({_html(threshold_name)}: the heatmaps\' '
         f"cyan line, the GeoJSON's tile classes and the foci)</p>",
         _lossy_note(info),

@@ -70,6 +70,17 @@ SLIDE_RULE_JSON = "slide_rule.json"
 FALLBACK_RULE = AggregateConfig(rule="topk", k=5, patch_threshold=0.5, slide_threshold=0.5)
 
 
+#: the model folders whose missing slide_rule.json this process has warned of (once each, not on every call)
+_warned_fallback: set[Path] = set()
+
+
+def rule_source(model_dir: Path) -> str:
+    """What a model folder's slide rule rests on: its :data:`SLIDE_RULE_JSON`, or without one
+    :data:`~wsi_screen.screening.runfolder.FALLBACK_SOURCE` (run.json's ``aggregate.source``; the report names a
+    fallback rule beside it)."""
+    return SLIDE_RULE_JSON if (model_dir / SLIDE_RULE_JSON).exists() else runfolder.FALLBACK_SOURCE
+
+
 def fallback_rule(patch_threshold: float | None) -> AggregateConfig:
     """:data:`FALLBACK_RULE` for a model without a calibrated rule: it has one patch threshold, its own (0.5 when
     it has none), so its foci and pictures use that one too."""
@@ -157,7 +168,8 @@ def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, An
 
 
 def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: InferConfig) -> AggregateConfig:
-    """The slide rule: calibrated in the model folder, overridden by ``config.rule``, ``threshold`` and ``k``."""
+    """The slide rule: calibrated in the model folder, overridden by ``config.rule``, ``threshold`` and ``k``; a
+    folder without one gets :func:`fallback_rule`, warned of once per folder in a process."""
     spec = classifier.spec
     patch_threshold = spec.threshold if spec.threshold is not None else 0.5
     base = fallback_rule(patch_threshold)
@@ -170,7 +182,8 @@ def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: Infe
                                slide_threshold=float(data["slide_threshold"]), radius=int(data.get("radius", 1)),
                                region_threshold=float(data.get("region_threshold", patch_threshold)),
                                min_focus_patches=int(data.get("min_focus_patches", 1)))
-    else:
+    elif model_dir.resolve() not in _warned_fallback:  # once per folder: the API resolves the rule on every call
+        _warned_fallback.add(model_dir.resolve())
         log.warning("%s: no %s; using the fallback rule %s with slide threshold %.2f", model_dir,
                     SLIDE_RULE_JSON, base.rule, base.slide_threshold)
     rule = config.rule or base.rule
@@ -286,7 +299,7 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     stages = {"start_up": startup.seconds_until(t0), "slides": screened - t0,
               "run_outputs": time.perf_counter() - screened}
     write_run_json(run, rows, aggregate, model_id, tile_cfg, config.to_json(), argv, started,
-                   time.perf_counter() - t0, stages)
+                   time.perf_counter() - t0, stages, rule_source=rule_source(model_dir))
     from wsi_screen.screening.report import write_report
 
     write_report(run)

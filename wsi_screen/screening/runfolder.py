@@ -47,6 +47,8 @@ SCORES_CSV = "scores.csv"
 HEATMAP_PNG = "heatmap.png"
 GEOJSON = "patches.geojson"
 PARTIAL = ".partial"
+#: run.json's ``aggregate.source`` when the slide rule rests on no calibration (the model folder has none)
+FALLBACK_SOURCE = "fallback"
 
 RESULT_COLUMNS = ("slide", "status", "n_patches", "score", "diagnosis", "rule", "threshold", "metastasis",
                   "largest_focus_mm", "tumour_area_mm2", "n_foci", "slide_mpp", "mpp_source", "in_domain_fraction",
