@@ -156,6 +156,7 @@ SETTING_FLAGS: dict[str, str] = {
     "head": "--head", "embedding_cache": "--embedding-cache", "recipe": "--recipe", "lr": "--lr", "epochs": "--epochs",
     "flips": "--flips/--no-flips", "hed_jitter": "--hed-jitter", "color_jitter": "--color-jitter",
     "frozen_epochs": "--frozen-epochs", "compile": "--compile", "min_specificity": "--min-specificity",
+    "rule": "--aggregate", "threshold": "--threshold", "k": "--k",
 }
 
 

@@ -378,3 +378,29 @@ def test_infer_summary_names_the_models_grid_and_reads_with_any_focus_size(tmp_p
     assert "foci: regions at p >= 0.437 (the pictures' patch threshold)" in res.out
     assert "regions of at" not in res.out
     assert "measured on the ~64 um patch grid)" in res.out and "93 um" not in res.out
+
+
+def test_a_k_other_than_the_thresholds_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    """`infer --aggregate topk --k 1000` kept the threshold calibrated for top-1 without a word."""
+    import logging
+
+    from wsi_screen.cli import SETTING_FLAGS
+    from wsi_screen.errors import in_user_words, name_settings
+    from wsi_screen.screening.run import InferConfig, resolve_aggregate
+
+    folder = default_model_dir()
+    model = load_model(folder)
+    calibrated = json.loads((folder / "slide_rule.json").read_text())["per_rule"]["topk"]
+    with caplog.at_level(logging.WARNING, logger="wsi_screen"):
+        agg = resolve_aggregate(folder, model, InferConfig(rule="topk", k=1000))
+        assert (agg.k, agg.slide_threshold) == (1000, calibrated["threshold"])  # the threshold stays
+        for quiet in (InferConfig(rule="topk", k=calibrated["k"]), InferConfig(rule="topk", k=1000, threshold=0.9),
+                      InferConfig(rule="max", k=1000)):  # the calibrated k, a threshold given, a rule without k
+            resolve_aggregate(folder, model, quiet)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"`k`=1000 is not the k the slide threshold {calibrated['threshold']:.3g} was calibrated for "
+                    f"(k = {calibrated['k']}, {folder / 'slide_rule.json'}); the threshold is kept: set `threshold` "
+                    "for this k, or calibrate a copy of the model with it (wsi-screen calibrate)"]
+    with name_settings(SETTING_FLAGS):
+        shown = in_user_words(said[0])
+    assert shown.startswith("--k=1000 is not the k") and "set --threshold for this k" in shown  # the CLI's words

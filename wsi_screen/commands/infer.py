@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 @click.option("--threshold", type=click.FloatRange(min=0), default=None,
               help="Slide threshold on the aggregated score: a probability, or mm^2 for region (default: "
                    "calibrated for the model and rule).")
-@click.option("--k", "k", type=float, default=None, help="Patches averaged by --aggregate topk (default: calibrated).")
+@click.option("--k", "k", type=float, default=None,
+              help="Patches averaged by --aggregate topk (default: calibrated). Another k keeps the threshold "
+                   "calibrated for its own, with a warning: give --threshold for it.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help="slides.csv with columns slide,label: adds slide_metrics.json and slide_roc.png.")
 @click.option("--stores", type=str, default=None,

@@ -169,7 +169,8 @@ def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, An
 
 def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: InferConfig) -> AggregateConfig:
     """The slide rule: calibrated in the model folder, overridden by ``config.rule``, ``threshold`` and ``k``; a
-    folder without one gets :func:`fallback_rule`, warned of once per folder in a process."""
+    folder without one gets :func:`fallback_rule`, warned of once per folder in a process. A ``k`` other than the
+    one the kept threshold was calibrated for is warned of (the threshold stays)."""
     spec = classifier.spec
     patch_threshold = spec.threshold if spec.threshold is not None else 0.5
     base = fallback_rule(patch_threshold)
@@ -188,8 +189,10 @@ def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: Infe
                     SLIDE_RULE_JSON, base.rule, base.slide_threshold)
     rule = config.rule or base.rule
     threshold, k, radius, region_threshold = base.slide_threshold, base.k, base.radius, base.region_threshold
+    calibrated_threshold = path.exists()  # the threshold was chosen for the rule at k (not a default)
     if config.rule and config.rule != base.rule:
         calibrated = per_rule.get(config.rule, {})
+        calibrated_threshold = "threshold" in calibrated
         threshold = float(calibrated["threshold"]) if "threshold" in calibrated else (
             patch_threshold if config.rule in ("max", "topk", "mean", "smoothmax") else 0.1)
         k = calibrated.get("k", k)
@@ -198,6 +201,10 @@ def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: Infe
             region_threshold = float(calibrated.get("region_threshold", region_threshold))
     if config.threshold is not None:
         threshold = config.threshold
+    elif rule == "topk" and config.k is not None and config.k != k and calibrated_threshold:
+        log.warning("`k`=%g is not the k the slide threshold %.3g was calibrated for (k = %g, %s); the threshold is "
+                    "kept: set `threshold` for this k, or calibrate a copy of the model with it (wsi-screen "
+                    "calibrate)", config.k, threshold, k, path)
     return AggregateConfig(rule=rule, k=config.k if config.k is not None else k, patch_threshold=patch_threshold,
                            slide_threshold=threshold, radius=radius, region_threshold=region_threshold,
                            min_focus_patches=base.min_focus_patches)
