@@ -113,6 +113,23 @@ def test_stores_keep_no_pixels_unless_asked_and_both_embed_alike(embedded: tuple
     assert "compressed" not in again.err
 
 
+def test_a_slide_linked_under_another_name_embeds_and_screens(embedded: tuple[Path, object], example_slide: Path,
+                                                              tmp_path: Path) -> None:
+    """Cohorts are often folders of links: a slide linked under another name used to fail in `embed` and `infer`
+    ("the slide ... is not the file this store was made from"), as the fingerprint hashed the link's name."""
+    out, _ = embedded
+    (tmp_path / "lnk").mkdir()
+    (tmp_path / "lnk" / "patientA.svs").symlink_to(example_slide)
+    res = run_cli("embed", tmp_path / "lnk", "--encoder", "default", "-o", tmp_path / "emb", "--workers", "0")
+    assert res.code == 0 and "1 embedded" in res.err, res
+    np.testing.assert_array_equal(FeatureStore(tmp_path / "emb" / "patientA.zarr").features,
+                                  FeatureStore(out / "CMU-1-Small-Region.zarr").features)
+    res = run_cli("infer", tmp_path / "lnk", "-o", tmp_path / "run", "--workers", "0", "--quiet")
+    assert res.code == 0, res
+    rows = (tmp_path / "run" / "results.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("patientA,ok,")
+
+
 def test_embedding_a_jpeg_store_says_so(example_slide: Path, tmp_path: Path) -> None:
     """`tile`'s default store is JPEG: its features are not quite the slide's, so embed warns and records it."""
     tiled = run_cli("tile", example_slide, "-o", tmp_path / "stores", "--mpp", "0.972", "--size", "96", "--quiet")

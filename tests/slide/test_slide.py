@@ -59,6 +59,33 @@ def test_any_one_dicom_file_opens_the_whole_series(slides_dir: Path, index: int)
         assert np.array_equal(one.read((896, 1120), 224, 224), whole.read((896, 1120), 224, 224))
 
 
+def test_a_slide_linked_under_another_name_is_the_file_it_points_to(tmp_path: Path, slides_dir: Path) -> None:
+    """A store records the resolved path and reopens it; the fingerprint used to hash the link's name, so a
+    slide linked into a cohort folder under another name never matched its own stores."""
+    real, folder = slides_dir / "CMU-1-Small-Region.svs", slides_dir / "CMU-1-Small-Region dicom"
+    (tmp_path / "patientA.svs").symlink_to(real)
+    (tmp_path / "patientB").symlink_to(folder, target_is_directory=True)
+    files = sorted(folder.glob("*.dcm"))
+    (tmp_path / "patientC.dcm").symlink_to(files[0])  # one file of a series linked alone: a slide of its own
+    with Slide(tmp_path / "patientA.svs") as link, Slide(real) as target:
+        assert link.name == "patientA" and link.info.path == str(real.resolve())
+        assert link.info.fingerprint == target.info.fingerprint
+    with Slide(tmp_path / "patientB") as link, Slide(folder) as target:
+        assert link.name == "patientB" and link.info.fingerprint == target.info.fingerprint
+    with Slide(tmp_path / "patientC.dcm") as link, Slide(link.info.path) as reopened:
+        # OpenSlide finds a series' files beside the link, so this slide is the one file; the resolved path opens
+        # the whole series, which is another slide, and the store's check refuses it
+        assert link.dimensions != reopened.dimensions and link.info.fingerprint != reopened.info.fingerprint
+    other = tmp_path / "copy" / "CMU-1-Small-Region.svs"  # the same name, other content: another slide
+    other.parent.mkdir()
+    shutil.copy(real, other)
+    with other.open("r+b") as f:  # tile bytes within the first MiB (the fingerprint reads the first and last MiB)
+        f.seek(600_000)
+        f.write(b"\0" * 100)
+    with Slide(other) as changed, Slide(real) as target:
+        assert changed.info.fingerprint != target.info.fingerprint
+
+
 def test_one_dicom_file_fails_when_its_level0_sibling_is_damaged(tmp_path: Path, slides_dir: Path) -> None:
     """Never the series at a reduced resolution: a damaged level-0 file fails the slide, naming it."""
     folder = tmp_path / "series"

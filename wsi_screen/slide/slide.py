@@ -95,14 +95,19 @@ def slide_files(path: Path) -> list[Path]:
 
 
 def fingerprint(files: list[Path]) -> tuple[str, int, float]:
-    """Fast content fingerprint (size + first and last MiB of each file), total bytes, newest mtime."""
+    """Fast content fingerprint (name, size, first and last MiB of each file), total bytes, newest mtime.
+
+    A file reached through a symlink counts by the name of the file it points to, as its content and stat do:
+    a slide linked into a cohort folder under another name has the fingerprint of the file itself, which is
+    the file a store records (:attr:`SlideInfo.path` is resolved) and reopens.
+    """
     h = hashlib.blake2b(digest_size=16)
     total, mtime = 0, 0.0
     for f in files:
         st = f.stat()
         total += st.st_size
         mtime = max(mtime, st.st_mtime)
-        h.update(os.fsencode(f.name))
+        h.update(os.fsencode(f.resolve().name))
         h.update(st.st_size.to_bytes(8, "little"))
         with f.open("rb") as fh:
             h.update(fh.read(1 << 20))
