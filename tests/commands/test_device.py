@@ -68,6 +68,22 @@ def test_cuda_without_a_gpu_is_one_line(command: str, device: str, herlev_tiny: 
     assert not out.exists()  # refused before anything was written
 
 
+@no_gpu
+@pytest.mark.parametrize("command", ["evaluate", "predict", "infer"])
+def test_an_absent_gpu_is_refused_before_the_model_is_read(command: str, herlev_tiny: Path, example_slide: Path,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head model's encoder (ViT-L: 10 s) used to load before the device was looked at."""
+    from wsi_screen.models.spec import ModelSpec
+
+    def read(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was read before the device was checked")
+
+    monkeypatch.setattr(ModelSpec, "read", read)
+    res = run_cli(*_args(command, herlev_tiny, example_slide, tmp_path / "out"), "--device", "cuda")
+    assert res.code == 1 and len(res.err_lines) == 1, res
+    assert res.err_lines[0].startswith("wsi-screen: error: device 'cuda' asked for, but this machine has no CUDA"), res
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_bad_device_name_is_a_usage_error(command: str, herlev_tiny: Path, example_slide: Path,
                                             tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from wsi_screen.models.checkpoint import (
     save_model,
 )
 from wsi_screen.models.classifier import PatchClassifier
+from wsi_screen.models.device import resolve_device
 from wsi_screen.models.domain import DomainModel
 from wsi_screen.models.pixels import resize_uint8
 from wsi_screen.models.registry import (
@@ -100,7 +101,7 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *,
     device
         Where the model runs: ``"cpu"`` (the default), ``"auto"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a
         :class:`torch.device` (see :func:`wsi_screen.models.device.resolve_device`; an absent one raises
-        :class:`~wsi_screen.errors.DeviceError`).
+        :class:`~wsi_screen.errors.DeviceError` before any file is read).
     precision
         ``"auto"`` (bfloat16 where the device computes it natively, else float32), ``"fp32"`` or ``"bf16"``
         (see :mod:`wsi_screen.models.precision`).
@@ -120,6 +121,7 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *,
     >>> model.predict(np.full((2, 96, 96, 3), 255, np.uint8)).shape
     (2, 2)
     """
+    torch_device = resolve_device(device)  # an absent device is one line before any file is read
     path = path_or_name
     if path is None or (str(path) in BUNDLED and not Path(path).exists()):
         path = default_model_dir()
@@ -138,7 +140,7 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *,
         module = build_module(spec)
         load_state_strict(module, read_weights(model_dir / WEIGHTS_NAME), str(model_dir))
     log.debug("loaded %s from %s", spec.arch, model_dir)
-    classifier = PatchClassifier(module, spec, device=device, domain=DomainModel.load(model_dir),
+    classifier = PatchClassifier(module, spec, device=torch_device, domain=DomainModel.load(model_dir),
                                  precision=precision)
     classifier.model_dir = model_dir
     return classifier
