@@ -181,7 +181,13 @@ class ModelMismatchError(ModelError):
 
 class EncoderNotFoundError(ModelError, FileNotFoundError):
     """An encoder's weights are neither cached nor downloadable (offline, the hub unreachable, unknown repository,
-    gated without a token); the message says where it looked and how to get them."""
+    gated without a token); the message says where it looked and how to get them.
+
+    ``reason`` is the message without its advice and ``repo`` the hub repository (both empty where not set), so
+    that a caller whose user has other means (a head model's ``load_model``) can give its own advice."""
+
+    reason: str = ""
+    repo: str = ""
 
 
 class DeviceError(WsiScreenError, ValueError):

@@ -153,6 +153,36 @@ def test_missing_offline_is_one_line(offline_hub: Path, example_slide: Path, pat
         load_encoder("virchow2")
 
 
+def test_a_head_models_missing_hub_encoder_gives_advice_that_fits_it(offline_hub: Path, tmp_path: Path) -> None:
+    """predict/evaluate/infer take a head model, not `--encoder`/`--weights`: the advice for its hub encoder missing
+    offline used to end "or pass a local file: --encoder=ARCH --weights=FILE", options those commands lack."""
+    import shutil
+
+    from PIL import Image
+
+    from wsi_screen.models import ModelSpec, save_model
+    from wsi_screen.models.head import build_head, head_record
+
+    weights = write_hub_model(offline_hub, "wsi-screen-test/tiny-vit")
+    identity = load_encoder("hf-hub:wsi-screen-test/tiny-vit").identity
+    record = head_record("linear", identity.dim)
+    spec = ModelSpec(arch="tiny-vit+linear", classes=["normal", "tumour"], input_size=96, positive_class="tumour",
+                     mpp=0.972, mean=identity.mean, std=identity.std, threshold=0.5, encoder=identity.to_dict(),
+                     head=record)
+    save_model(tmp_path / "m", build_head(record, 2), spec)
+    Image.fromarray(IMAGES[0]).save(tmp_path / "patch.png")
+    assert run_cli("predict", tmp_path / "patch.png", "--model", tmp_path / "m").code == 0
+    cache = weights.parents[2]  # hub/models--wsi-screen-test--tiny-vit
+    shutil.rmtree(cache)
+    res = run_cli("predict", tmp_path / "patch.png", "--model", tmp_path / "m")
+    assert res.code == 1 and len(res.err_lines) == 1, res
+    line = res.err_lines[0]
+    assert "is not in the Hugging Face cache" in line and "is offline (HF_HUB_OFFLINE)" in line, line
+    assert line.endswith("get it where there is network with `huggingface-cli download wsi-screen-test/tiny-vit` "
+                         f"(same HF_HOME), or copy its cache folder {cache} from a machine that has it"), line
+    assert "--weights" not in line and "--encoder" not in line
+
+
 def test_unreachable_hub_is_one_line() -> None:
     """Online (HF_HUB_OFFLINE unset) but the hub unreachable: one line saying it could not be reached, not
     huggingface_hub's retry lines. The `embed` command runs in the background from the start of the session

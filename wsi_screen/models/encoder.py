@@ -282,10 +282,25 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _get_hint(name: str, repo: str) -> str:
-    arch = name if find_encoder(name) is not None else "ARCH"
-    return (f"get it where there is network with `huggingface-cli download {repo}` (same HF_HOME), or pass a local "
-            f"file: `encoder`={arch} `encoder_weights`=FILE")
+def _get_hint(repo: str, alternative: str) -> str:
+    return f"get it where there is network with `huggingface-cli download {repo}` (same HF_HOME), or {alternative}"
+
+
+def _not_found(name: str, repo: str, reason: str, advice: str | None = None) -> EncoderNotFoundError:
+    """The error for hub files that cannot be had: ``reason``, then ``advice`` (by default: download them, or name a
+    local file); its ``reason`` and ``repo`` let a head model give its own advice (:func:`load_identified`)."""
+    if advice is None:
+        arch = name if find_encoder(name) is not None else "ARCH"
+        advice = _get_hint(repo, f"pass a local file: `encoder`={arch} `encoder_weights`=FILE")
+    exc = EncoderNotFoundError(f"{reason}; {advice}")
+    exc.reason, exc.repo = reason, repo
+    return exc
+
+
+def _cache_hint(repo: str) -> str:
+    """How a head model gets its hub encoder: download it, or copy its cache folder (docs/encoders.md)."""
+    return _get_hint(repo, f"copy its cache folder {_hub_cache() / ('models--' + repo.replace('/', '--'))} from a "
+                           "machine that has it")
 
 
 def hub_file(name: str, repo: str, filenames: tuple[str, ...]) -> Path:
@@ -306,10 +321,9 @@ def hub_file(name: str, repo: str, filenames: tuple[str, ...]) -> Path:
         try:
             return Path(hf_hub_download(repo, filename, cache_dir=cache, local_files_only=offline))
         except GatedRepoError:
-            raise EncoderNotFoundError(
-                f"encoder {name}: {repo} is gated: accept its terms on https://huggingface.co/{repo}, then log in "
-                f"(`huggingface-cli login` or HF_TOKEN) and rerun; or set `encoder`={name} "
-                "`encoder_weights`=FILE") from None
+            gated = (f"encoder {name}: {repo} is gated: accept its terms on https://huggingface.co/{repo}, then log "
+                     "in (`huggingface-cli login` or HF_TOKEN) and rerun")
+            raise _not_found(name, repo, gated, f"or set `encoder`={name} `encoder_weights`=FILE") from None
         except RepositoryNotFoundError:
             raise EncoderNotFoundError(
                 f"encoder {name}: no repository {repo} on the hub (or it is gated/private and no token was given: "
@@ -320,14 +334,12 @@ def hub_file(name: str, repo: str, filenames: tuple[str, ...]) -> Path:
         except EntryNotFoundError:
             continue  # the repository has no such file
         except (HfHubHTTPError, OSError) as exc:
-            raise EncoderNotFoundError(f"encoder {name}: cannot fetch {repo} ({exc}); looked in {cache}; "
-                                       f"{_get_hint(name, repo)}") from None
+            raise _not_found(name, repo, f"encoder {name}: cannot fetch {repo} ({exc}); looked in {cache}") from None
     if offline or unreachable:
         why = "is offline (HF_HUB_OFFLINE)" if offline else "the hub could not be reached (no network?)"
-        raise EncoderNotFoundError(f"encoder {name}: {repo} is not in the Hugging Face cache {cache} and {why}; "
-                                   f"{_get_hint(name, repo)}")
-    raise EncoderNotFoundError(f"encoder {name}: {repo} on the hub has none of {', '.join(filenames)} (looked in "
-                               f"{cache} too); {_get_hint(name, repo)}")
+        raise _not_found(name, repo, f"encoder {name}: {repo} is not in the Hugging Face cache {cache} and {why}")
+    raise _not_found(name, repo, f"encoder {name}: {repo} on the hub has none of {', '.join(filenames)} (looked in "
+                                 f"{cache} too)")
 
 
 def _hub_config(name: str, repo: str) -> dict[str, Any]:
@@ -507,7 +519,12 @@ def load_identified(identity: Mapping[str, Any], *, model_dir: str | os.PathLike
     weights' sha256. A weights file no longer at its recorded path is looked for in ``model_dir`` by its name."""
     want = EncoderIdentity.from_dict(identity)
     weights = _recorded_weights(want, model_dir) if want.kind == "file" else None
-    encoder = load_encoder(want.ref, weights=weights, device=device, precision=precision)
+    try:
+        encoder = load_encoder(want.ref, weights=weights, device=device, precision=precision)
+    except EncoderNotFoundError as exc:  # a hub encoder: the advice to name a local file is no use to a head model
+        if not exc.repo:
+            raise
+        raise EncoderNotFoundError(f"{exc.reason}; {_cache_hint(exc.repo)}") from None
     if encoder.identity.weights_sha256 != want.weights_sha256:
         raise ModelError(f"encoder {want.name}: its weights have sha256 {encoder.identity.weights_sha256[:12]}, the "
                          f"model was trained on {want.weights_sha256[:12]} (another version of the encoder)")
