@@ -100,6 +100,20 @@ def test_pickle_with_objects_is_refused(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_a_whole_pickled_model_is_refused_in_a_line_of_our_own(example_slide: Path, tmp_path: Path) -> None:
+    """torch.save(model) used to be refused with the first line of torch's page of advice on how to unpickle it
+    ("Weights only load failed. This file can still be loaded, to do so you have two options, ...")."""
+    import timm
+
+    path = tmp_path / "whole.pth"
+    torch.save(timm.create_model(TINY_ARCH, pretrained=False), path)
+    res = run_cli("embed", example_slide, "--encoder", TINY_ARCH, "--weights", path, "-o", tmp_path / "emb")
+    assert res.code == 1 and res.err_lines == [
+        f"wsi-screen: error: {path}: holds a pickled object (timm.models.vision_transformer.VisionTransformer), not "
+        "tensors only, and wsi-screen does not unpickle objects; save the model's state dict instead: "
+        "safetensors.torch.save_file(model.state_dict(), FILE) or torch.save(model.state_dict(), FILE)"], res
+
+
 def test_wrong_architecture_for_file(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -419,14 +420,26 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError...: one line either way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: cannot be read as tensors only (torch.load weights_only=True): {first}") from None
+        raise ModelError(_unreadable_state(path, str(exc).strip() or type(exc).__name__)) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path}: holds no state dict of tensors")
     return state
+
+
+def _unreadable_state(path: Path, text: str) -> str:
+    """One line of our own for torch's refusal of a file under ``weights_only=True`` (torch's own message is a page
+    of advice to unpickle it, which wsi-screen never does)."""
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:  # torch.save(model): a pickled object, not a state dict
+        return (f"{path}: holds a pickled object ({found.group(1)}), not tensors only, and wsi-screen does not "
+                "unpickle objects; save the model's state dict instead: "
+                "safetensors.torch.save_file(model.state_dict(), FILE) or torch.save(model.state_dict(), FILE)")
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(\n\n|$)", text, re.S)
+    why = " ".join((detail.group(1) if detail else text.splitlines()[0]).split())
+    return f"{path}: cannot be read as tensors only (torch.load weights_only=True): {why}"
 
 
 def classifier_names(module: nn.Module, extra: Any = None) -> tuple[str, ...]:
