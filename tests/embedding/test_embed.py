@@ -130,6 +130,18 @@ def test_a_slide_linked_under_another_name_embeds_and_screens(embedded: tuple[Pa
     assert len(rows) == 2 and rows[1].startswith("patientA,ok,")
 
 
+def test_inputs_without_slides_are_one_line_as_in_infer(tmp_path: Path) -> None:
+    """An empty folder used to be counted as a failed slide ("1 slide(s): 0 embedded, 0 up to date, 1 failed")."""
+    (tmp_path / "empty").mkdir()
+    res = run_cli("embed", tmp_path / "empty", "--encoder", "default", "-o", tmp_path / "emb")
+    assert res.code == 1 and res.err_lines[-1] == (
+        f"wsi-screen: error: no slides to embed: {tmp_path / 'empty'}: folder holds no slide files"), res
+    assert "slide(s)" not in res.err and not (tmp_path / "emb").exists()
+    res = run_cli("infer", tmp_path / "empty", "-o", tmp_path / "run")
+    assert res.code == 1 and res.err_lines[-1] == (
+        f"wsi-screen: error: no slides to screen: {tmp_path / 'empty'}: folder holds no slide files"), res
+
+
 def test_embedding_a_jpeg_store_says_so(example_slide: Path, tmp_path: Path) -> None:
     """`tile`'s default store is JPEG: its features are not quite the slide's, so embed warns and records it."""
     tiled = run_cli("tile", example_slide, "-o", tmp_path / "stores", "--mpp", "0.972", "--size", "96", "--quiet")

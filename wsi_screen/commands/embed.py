@@ -71,7 +71,8 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     patches are read from the slide as they are embedded, in the supervised reader process that tiles it.
 
     A rerun skips slides whose embeddings are complete and made with the same encoder and settings. A slide that
-    fails is reported on one line and the others go on; the exit status is 1 if any failed.
+    fails is reported on one line and the others go on; the exit status is 1 if any failed, or if the inputs
+    hold no slide or store at all.
 
     \b
     Examples:

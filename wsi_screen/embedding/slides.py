@@ -27,10 +27,10 @@ import numpy as np
 
 from wsi_screen import __version__, progress, runlog
 from wsi_screen.embedding.features import feature_store_path, is_current, write_feature_store
-from wsi_screen.errors import ModelMismatchError
+from wsi_screen.errors import ModelMismatchError, RunError
 from wsi_screen.models.encoder import Encoder
 from wsi_screen.slide import isolation
-from wsi_screen.slide.discovery import SlideSource, discover
+from wsi_screen.slide.discovery import SlideSource, discover, nothing_found
 from wsi_screen.tiling.pipeline import OnError, TileConfig, failure_message, tile_isolated
 from wsi_screen.tiling.store import PatchStore
 from wsi_screen.tiling.store import read_attrs as read_store_attrs
@@ -163,6 +163,8 @@ def embed_inputs(inputs: Sequence[str], out: str | Path, encoder: Encoder, confi
     out = Path(out)
     given, rest = split_inputs(inputs)
     sources, problems = discover(rest) if rest else ([], [])
+    if not given and not sources:  # nothing to embed: say why, as infer does, rather than count a folder as a slide
+        raise RunError(nothing_found("embed", problems))
     results = [EmbedResult(p.path.name, str(p.path), "failed", message=f"{p.path}: {p.reason}") for p in problems]
     for r in results:
         log.error("%s", r.message)

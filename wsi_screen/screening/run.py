@@ -52,7 +52,7 @@ from wsi_screen.screening.outputs import (
     write_slide_folder,
 )
 from wsi_screen.slide import isolation
-from wsi_screen.slide.discovery import SlideSource, discover
+from wsi_screen.slide.discovery import SlideSource, discover, nothing_found
 from wsi_screen.slide.slide import warn_unmatched_mpp
 from wsi_screen.slide.tables import few
 from wsi_screen.tiling.codecs import PatchCodec
@@ -244,8 +244,7 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
     with runlog.held():  # library warnings of discovery (DICOM headers) wait for the run log
         sources, problems = discover(slides)
         if not sources:  # nothing to screen: say why, and leave no run folder behind
-            raise RunError("no slides to screen: " + "; ".join(f"{p.path}: {p.reason}" for p in problems)
-                           if problems else "no slides to screen")
+            raise RunError(nothing_found("screen", problems))
         tile_cfg = tile_config_for(classifier, config)  # refuses a model that cannot screen before any rule warning
         if classifier.domain is None:
             log.warning("%s: the model has no domain model (domain.json; a head on an encoder has none): slides "

@@ -151,6 +151,11 @@ def discover(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[SlideSource]
     return _name(list(unique.values())), problems
 
 
+def nothing_found(verb: str, problems: Sequence[DiscoveryProblem]) -> str:
+    """What a command says when its inputs held no slide at all: ``no slides to <verb>``, and why each gave none."""
+    return f"no slides to {verb}" + (": " + "; ".join(f"{p.path}: {p.reason}" for p in problems) if problems else "")
+
+
 def _name(items: list[tuple[Path, Path]]) -> list[SlideSource]:
     """Unique names: the slide's own name; where names clash, the file name with its extension (``a.svs``
     beside ``a.tif``), then parent folders as a prefix. A name depends only on the slides it clashes with, so
