@@ -142,6 +142,19 @@ def test_inputs_without_slides_are_one_line_as_in_infer(tmp_path: Path) -> None:
         f"wsi-screen: error: no slides to screen: {tmp_path / 'empty'}: folder holds no slide files"), res
 
 
+def test_patches_far_from_the_encoders_scale_are_warned_of(example_slide: Path, tmp_path: Path) -> None:
+    """`train --encoder` warned of patches at another scale than the encoder's; `embed --mpp` said nothing."""
+    res = run_cli("embed", example_slide, "--encoder", "default", "--mpp", "4", "-o", tmp_path / "far",
+                  "--workers", "0")
+    assert res.code == 0, res
+    assert [line for line in res.err_lines if "trained at" in line] == [
+        "wsi-screen: warning: the patches are 4 um/px, the encoder default was trained at 0.972 um/px"], res
+    # twice the mpp at half the size reach the encoder (resized to 96 px) at its own scale: no warning
+    res = run_cli("embed", example_slide, "--encoder", "default", "--mpp", "1.944", "--size", "48", "-o",
+                  tmp_path / "near", "--workers", "0")
+    assert res.code == 0 and "trained at" not in res.err, res
+
+
 def test_embedding_a_jpeg_store_says_so(example_slide: Path, tmp_path: Path) -> None:
     """`tile`'s default store is JPEG: its features are not quite the slide's, so embed warns and records it."""
     tiled = run_cli("tile", example_slide, "-o", tmp_path / "stores", "--mpp", "0.972", "--size", "96", "--quiet")

@@ -165,6 +165,9 @@ def embed_inputs(inputs: Sequence[str], out: str | Path, encoder: Encoder, confi
     sources, problems = discover(rest) if rest else ([], [])
     if not given and not sources:  # nothing to embed: say why, as infer does, rather than count a folder as a slide
         raise RunError(nothing_found("embed", problems))
+    note = encoder.identity.scale_note(config.mpp, config.size)
+    if note:
+        log.warning("%s", note)
     results = [EmbedResult(p.path.name, str(p.path), "failed", message=f"{p.path}: {p.reason}") for p in problems]
     for r in results:
         log.error("%s", r.message)

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -48,6 +49,8 @@ DEFAULT_REF = "default"
 HUB_PREFIX = "hf-hub:"
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+#: relative difference between the scale patches reach an encoder at and its own mpp beyond which a run warns
+SCALE_RTOL = 0.25
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +97,19 @@ class EncoderIdentity:
         """Size, mpp and normalisation, as embeddings record them."""
         return {"input_size": self.input_size, "mpp": self.mpp, "mean": list(self.mean), "std": list(self.std),
                 "resize": "bilinear, antialiased"}
+
+    def scale_note(self, mpp: float | None, size: int) -> str | None:
+        """A warning where patches of ``size`` px at ``mpp`` um/px reach the encoder (resized to its input size) at a
+        scale more than :data:`SCALE_RTOL` off the one it was trained at; None where they do not, or an mpp is
+        unknown. Training a head on the encoder and embedding slides warn with it."""
+        if self.mpp is None or mpp is None:
+            return None
+        seen = mpp * size / self.input_size
+        if math.isclose(seen, self.mpp, rel_tol=SCALE_RTOL):
+            return None
+        resized = f" (resized from {size} to {self.input_size} px: {seen:.3g} um/px to the encoder)" \
+            if size != self.input_size else ""
+        return f"the patches are {mpp:.3g} um/px{resized}, the encoder {self.name} was trained at {self.mpp:.3g} um/px"
 
 
 class EncoderModule(nn.Module):

@@ -83,10 +83,10 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
     size, sizes = resolve_size(config, folder, rows, None)
     log_resizing(sizes, size, len(rows))
     mpp = resolve_mpp(config, folder, warn_missing=True, encoder=(identity.name, identity.mpp))
-    if identity.mpp is not None and mpp is not None and size == identity.input_size \
-            and not math.isclose(mpp, identity.mpp, rel_tol=0.25):
-        log.warning("the patches are %.3g um/px, the encoder %s was trained at %.3g um/px", mpp, identity.name,
-                    identity.mpp)
+    # the dataset's mpp is its images' own: the scale is known where they reach the encoder at its input size
+    note = identity.scale_note(mpp, size) if size == identity.input_size else None
+    if note:
+        log.warning("%s", note)
     data_fp = fingerprint(folder, [int(i) for i in rows], ["train"] * len(split.train) + ["valid"] * len(split.valid))
     emb = dataset_embeddings(encoder, folder, split.train, split.valid, size=size, data_fingerprint=data_fp,
                              cache_dir=config.embedding_cache, workers=max(1, config.workers))
