@@ -69,7 +69,8 @@ def test_info_describes_embeddings(embedded: tuple[Path, object]) -> None:
     patch_store = out / "stores" / "CMU-1-Small-Region.zarr"
     assert f"  patches    96 px at 0.972 um/px (187 level-0 px) from {patch_store}" in lines
     assert any(x.startswith("  coords     level-0 (x, y)") for x in lines)
-    assert "None" not in res.out and "tissue" not in res.out and "stain" not in res.out
+    assert "  stain      none" in lines  # the patches' stain normalisation, as info shows a patch store's
+    assert "None" not in res.out and "tissue" not in res.out
     folder = run_cli("info", out)
     assert folder.code == 0, folder
     heads = [x for x in folder.out.splitlines() if not x.startswith(" ")]
@@ -153,6 +154,27 @@ def test_patches_far_from_the_encoders_scale_are_warned_of(example_slide: Path, 
     res = run_cli("embed", example_slide, "--encoder", "default", "--mpp", "1.944", "--size", "48", "-o",
                   tmp_path / "near", "--workers", "0")
     assert res.code == 0 and "trained at" not in res.err, res
+
+
+def test_embeddings_record_the_stain_and_an_absolute_patch_store(example_slide: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An embeddings store recorded its patch store relative to the working directory it was made in, and not the
+    stain normalisation of the patches it embedded (`tile --stain macenko`, then `embed STORES`)."""
+    monkeypatch.chdir(tmp_path)
+    tiled = run_cli("tile", example_slide, "-o", "stores", "--mpp", "0.972", "--size", "96", "--stain", "macenko",
+                    "--codec", "lz4", "--quiet")
+    assert tiled.code == 0, tiled
+    res = run_cli("embed", "stores", "--encoder", "default", "-o", "emb", "--workers", "0")
+    assert res.code == 0, res
+    name = "CMU-1-Small-Region"
+    attrs = FeatureStore(tmp_path / "emb" / f"{name}.zarr").attrs
+    assert attrs["patch_store"] == str(tmp_path / "stores" / f"{name}.zarr")
+    assert attrs["stain"] == PatchStore.open(tmp_path / "stores" / f"{name}.zarr").attrs["stain"]
+    assert attrs["stain"]["method"] == "macenko" and attrs["stain"]["fitted"] is True
+    monkeypatch.chdir(example_slide.parent)  # info from elsewhere names the store where it is
+    lines = run_cli("info", tmp_path / "emb" / f"{name}.zarr").out.splitlines()
+    assert f"  patches    96 px at 0.972 um/px (187 level-0 px) from {tmp_path / 'stores' / f'{name}.zarr'}" in lines
+    assert "  stain      macenko (fitted: True)" in lines
 
 
 def test_embedding_a_jpeg_store_says_so(example_slide: Path, tmp_path: Path) -> None:

@@ -61,8 +61,7 @@ def info(stores: tuple[str, ...], as_json: bool) -> None:
         codec = store.codec
         click.echo("  pixels     " + (f"stored, {codec}" if codec is not None else
                                       "none (coordinates only: patches are read from the source slide)"))
-        fitted = "" if stain.get("method") == "none" else f" (fitted: {stain.get('fitted')})"
-        click.echo(f"  stain      {stain.get('method')}{fitted}")
+        click.echo(f"  stain      {_stain_text(stain)}")
         _print_provenance(a)
 
 
@@ -85,6 +84,11 @@ def _print_slide(slide: dict[str, Any]) -> None:
     click.echo(f"  source     {slide.get('path')}")
 
 
+def _stain_text(stain: dict[str, Any]) -> str:
+    """A store's stain normalisation (``attrs["stain"]``, as a patch store records it and its embeddings copy it)."""
+    return str(stain.get("method")) + ("" if stain.get("method") == "none" else f" (fitted: {stain.get('fitted')})")
+
+
 def _print_provenance(a: dict[str, Any]) -> None:
     click.echo(f"  complete   {a.get('complete')}   schema {a.get('schema_version')}   "
                f"wsi-screen {a.get('package_version')}")
@@ -104,6 +108,8 @@ def _print_embeddings(location: str, a: dict[str, Any]) -> None:
                f"mean {pre.get('mean')}, std {pre.get('std')}")
     click.echo(f"  patches    {a.get('size')} px at {a.get('mpp')} um/px ({a.get('tile_size_l0')} level-0 px) "
                f"from {a.get('patch_store')}")
+    stain = _stain_text(a["stain"]) if "stain" in a else "not recorded (an older embeddings store)"
+    click.echo(f"  stain      {stain}")
     click.echo("  coords     level-0 (x, y) of each patch's top-left corner, in the patch store's order")
     _print_slide(a.get("slide", {}))
     _print_provenance(a)

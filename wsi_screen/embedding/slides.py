@@ -32,7 +32,7 @@ from wsi_screen.models.encoder import Encoder
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover, nothing_found
 from wsi_screen.tiling.pipeline import OnError, TileConfig, failure_message, tile_isolated
-from wsi_screen.tiling.store import PatchStore
+from wsi_screen.tiling.store import PatchStore, is_url, local_location
 from wsi_screen.tiling.store import read_attrs as read_store_attrs
 
 log = logging.getLogger(__name__)
@@ -136,12 +136,18 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
     attrs = {"encoder": i.to_dict(), "preprocessing": {**i.preprocessing, "mpp": float(store.mpp)},
              "mpp": float(store.mpp),
              "size": int(store.patch_size), "tile_size_l0": int(store.tile_size_l0),
-             "slide": store.attrs.get("slide", {}), "patch_store": str(location),
+             "slide": store.attrs.get("slide", {}), "patch_store": _absolute(location),
+             "stain": store.attrs.get("stain", {"method": "none"}),
              "patch_pixels": store.pixels_record, "precision": encoder.precision,
              "package_version": __version__, "settings": settings}
     write_feature_store(target, features, store.coords, attrs)
     seconds = {"embed": round(embedded - started, 3), "write": round(time.perf_counter() - embedded, 3)}
     return EmbedResult(name, source, "done", str(target), n, seconds=seconds)
+
+
+def _absolute(location: str) -> str:
+    """A store's location as the feature store records it: right from any working directory (URLs as they are)."""
+    return location if is_url(location) else str(Path(local_location(location)).absolute())
 
 
 def _failed(name: str, source: str, exc: Exception, on_error: OnError) -> EmbedResult:
