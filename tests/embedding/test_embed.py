@@ -177,6 +177,21 @@ def test_embeddings_record_the_stain_and_an_absolute_patch_store(example_slide: 
     assert "  stain      macenko (fitted: True)" in lines
 
 
+def test_a_store_of_other_settings_is_refused_naming_what_matters(example_slide: Path, tmp_path: Path) -> None:
+    """`embed --stores` refused a store listing the codec and pixels too (which --stores accepts whatever they are),
+    'stain' without saying how, and in infer's words ('a screening run does not replace stores')."""
+    tiled = run_cli("tile", example_slide, "-o", tmp_path / "stores", "--mpp", "0.972", "--size", "96",
+                    "--min-tissue", "0.9", "--stain", "macenko", "--quiet")
+    assert tiled.code == 0, tiled
+    res = run_cli("embed", example_slide, "--encoder", "default", "-o", tmp_path / "emb", "--workers", "0",
+                  "--stores", tmp_path / "stores", "--quiet")
+    assert res.code == 1 and res.err_lines == [
+        f"wsi-screen: error: {tmp_path / 'stores' / 'CMU-1-Small-Region.zarr'}: existing store was made from another "
+        "slide version or with other settings (min_tissue 0.9 -> 0.5; stain.method 'macenko' -> 'none'); this run "
+        "does not replace stores it did not make: tile this slide again with this run's settings and --overwrite, "
+        "or leave out --stores"], res
+
+
 def test_embedding_a_jpeg_store_says_so(example_slide: Path, tmp_path: Path) -> None:
     """`tile`'s default store is JPEG: its features are not quite the slide's, so embed warns and records it."""
     tiled = run_cli("tile", example_slide, "-o", tmp_path / "stores", "--mpp", "0.972", "--size", "96", "--quiet")

@@ -148,8 +148,8 @@ class TileResult:
 
 #: what a refused mismatching store's message says to do, by whether the stores are foreign (see TileConfig)
 _MISMATCH_FIX = {False: "set `overwrite` to replace it",
-                 True: "a screening run does not replace stores it did not make: tile this slide again with the "
-                       "model's settings and `overwrite`, or leave out `stores`"}
+                 True: "this run does not replace stores it did not make: tile this slide again with this run's "
+                       "settings and `overwrite`, or leave out `stores`"}
 
 
 def thumbnail_mpp(slide_mpp: float, dimensions: tuple[int, int]) -> float:
@@ -195,21 +195,32 @@ def expected_settings(slide: Slide, config: TileConfig, thumb_mpp: float) -> dic
 PIXEL_SETTINGS = ("pixels", "codec")
 
 
+def _compared(settings: dict[str, Any], config: TileConfig) -> dict[str, Any]:
+    """The settings that must match (with ``config.any_pixels``: all but :data:`PIXEL_SETTINGS`, so a store of any
+    codec, or a coordinates-only one, holds the same patches)."""
+    return {k: v for k, v in settings.items() if k not in PIXEL_SETTINGS} if config.any_pixels else settings
+
+
 def settings_match(existing: Any, expected: dict[str, Any], config: TileConfig) -> bool:
-    """Whether a store's recorded settings are ``expected`` (with ``config.any_pixels``: but for
-    :data:`PIXEL_SETTINGS`, so a store of any codec, or a coordinates-only one, holds the same patches)."""
-    if not isinstance(existing, dict):
-        return False
-    if config.any_pixels:
-        existing = {k: v for k, v in existing.items() if k not in PIXEL_SETTINGS}
-        expected = {k: v for k, v in expected.items() if k not in PIXEL_SETTINGS}
-    return existing == expected
+    """Whether a store's recorded settings are ``expected`` (see :func:`_compared`)."""
+    return isinstance(existing, dict) and _compared(existing, config) == _compared(expected, config)
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" if not isinstance(new.get(k), dict) else k
-            for k in keys if old.get(k) != new.get(k)]
+def _differences(old: dict[str, Any], new: dict[str, Any], config: TileConfig, prefix: str = "") -> list[str]:
+    """What differs between a store's settings and ``new``, as ``key old -> new`` (``stain.method 'macenko' ->
+    'none'``), leaving out what need not match (:func:`_compared`) and, within a setting, what ``new`` does not
+    ask for (the stain target of a run without stain normalisation) unless nothing else differs."""
+    old, new = (_compared(old, config), _compared(new, config)) if not prefix else (old, new)
+    out: list[tuple[bool, str]] = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend((True, d) for d in _differences(a, b, config, f"{prefix}{k}."))
+        else:
+            out.append((k in new or not prefix, f"{prefix}{k} {a!r} -> {b!r}"))
+    return [d for asked, d in out if asked] or [d for _, d in out]
 
 
 def _open(source: SlideSource, config: TileConfig) -> Slide:
@@ -288,7 +299,7 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
                 return TileResult(source.name, str(source.path), location, "skipped",
                                   n_patches=int(existing.get("n_patches", 0)), seconds=seconds,
                                   message="up to date", stages={"open": round(seconds, 3)})
-            diff = _differences(existing.get(ATTR_SETTINGS) or {}, settings)
+            diff = _differences(existing.get(ATTR_SETTINGS) or {}, settings, config)
             if not config.retile_mismatched:
                 fix = _MISMATCH_FIX[config.foreign_stores]
                 raise StoreMismatchError(f"{location}: existing store was made from another slide version or "
