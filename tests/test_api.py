@@ -308,6 +308,33 @@ def test_call_slide_overrides_and_foci(scores: Any, model: Any) -> None:
     assert fallback.score == call.score
 
 
+def test_call_slide_refuses_scores_of_another_model(scores: Any, model: Any, tmp_path: Path) -> None:
+    """Scores carry the sha256 of the model that made them: model B's rule on model A's scores was a silently
+    wrong call."""
+    import shutil
+
+    from wsi_screen.models import default_model_dir
+    from wsi_screen.screening.run import model_identity
+
+    assert scores.model_sha256 == model_identity(default_model_dir(), model)["sha256"]
+    assert scores.model_dir == default_model_dir()
+    same = wsi_screen.load_model(default_model_dir())  # another load of the same folder: the same identity
+    assert wsi_screen.call_slide(scores, same).to_json() == wsi_screen.call_slide(scores, model).to_json()
+    folder = tmp_path / "other"
+    shutil.copytree(default_model_dir(), folder)
+    config = folder / "config.json"
+    config.write_text(config.read_text(encoding="utf-8") + "\n", encoding="utf-8")  # other bytes, other model
+    other = wsi_screen.load_model(folder)
+    found = model_identity(folder, other)["sha256"]
+    with pytest.raises(ModelMismatchError) as caught:
+        wsi_screen.call_slide(scores, other)
+    message = str(caught.value)
+    assert message == (f"these scores of CMU-1-Small-Region were made by the model {default_model_dir()} (sha256 "
+                       f"{scores.model_sha256[:12]}), not by {folder} (sha256 {found[:12]}): pass `call_slide` the "
+                       "model that scored them, or score the slide again with this one")
+    assert "\n" not in message and found[:12] != scores.model_sha256[:12]
+
+
 def test_a_fallback_rule_is_warned_of_once_per_model_folder(scores: Any, tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     """A model folder without slide_rule.json: the API said so on every call (five times in one script)."""

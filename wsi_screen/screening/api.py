@@ -14,16 +14,18 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
 
 import numpy as np
 
-from wsi_screen.errors import ConfigError, speaks_api
+from wsi_screen.errors import ConfigError, ModelMismatchError, speaks_api
 from wsi_screen.models import PatchClassifier, load_model
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.aggregate import AggregateConfig, SlideResult, foci_count, top_indices
 from wsi_screen.screening.outputs import call_scores, positive_column, slide_domain
-from wsi_screen.screening.run import InferConfig, decision_thresholds, fallback_rule, resolve_aggregate
+from wsi_screen.screening.run import InferConfig, decision_thresholds, fallback_rule, model_sha256, resolve_aggregate
 from wsi_screen.screening.spatial import Focus, patch_grid
 from wsi_screen.slide.slide import Slide, open_slide
 from wsi_screen.tiling.store import PatchStore
@@ -40,7 +42,9 @@ class Scores:
 
     ``probabilities`` float32 (N, C) in the order of ``classes``; ``coords`` int64 (N, 2) level-0 (x, y) of
     each patch's top-left corner; ``domain_distance`` float32 (N,), how far each patch is from the model's
-    training data (None without a domain model); ``store`` the patches themselves.
+    training data (None without a domain model); ``store`` the patches themselves. ``model_sha256`` identifies the
+    model that made them (the sha256 of its folder's weights and config, as a run folder records it; None for a
+    model built in memory) and ``model_dir`` is its folder: :func:`call_slide` refuses another model's rule.
 
     Examples
     --------
@@ -59,6 +63,8 @@ class Scores:
     classes: tuple[str, ...]
     positive_class: str
     store: PatchStore = field(repr=False)
+    model_sha256: str | None = None
+    model_dir: Path | None = None
 
     @property
     def positive(self) -> np.ndarray:
@@ -171,6 +177,30 @@ def _rule(model: PatchClassifier, config: InferConfig | None = None) -> Aggregat
     return resolve_aggregate(model.model_dir, model, config)
 
 
+#: each loaded model's :func:`~wsi_screen.screening.run.model_sha256`, hashed once (its weights can be large)
+_sha256s: WeakKeyDictionary[PatchClassifier, str] = WeakKeyDictionary()
+
+
+def _sha256(model: PatchClassifier) -> str | None:
+    """The identity of the model's patch scores: its folder's sha256; None for a model built in memory."""
+    if model.model_dir is None:
+        return None
+    if model not in _sha256s:
+        _sha256s[model] = model_sha256(model.model_dir)
+    return _sha256s[model]
+
+
+def _check_scored_by(scores: Scores, model: PatchClassifier) -> None:
+    """Refuse to call ``scores`` by another model's rule than the model that made them (a model built in memory
+    cannot say, and is taken on trust)."""
+    found = _sha256(model)
+    if scores.model_sha256 and found and found != scores.model_sha256:
+        raise ModelMismatchError(f"these scores of {scores.store.name} were made by the model {scores.model_dir} "
+                                 f"(sha256 {scores.model_sha256[:12]}), not by {model.model_dir} (sha256 "
+                                 f"{found[:12]}): pass `call_slide` the model that scored them, or score the slide "
+                                 "again with this one")
+
+
 @speaks_api
 def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_size: int = 128,
           workers: int = 2) -> Scores:
@@ -236,7 +266,8 @@ def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_s
         model.decision_thresholds = before
     spec = model.spec
     return Scores(probabilities=probs, coords=store.coords, domain_distance=distance, classes=tuple(spec.classes),
-                  positive_class=str(spec.positive_class), store=store)
+                  positive_class=str(spec.positive_class), store=store, model_sha256=_sha256(model),
+                  model_dir=model.model_dir)
 
 
 @speaks_api
@@ -250,7 +281,8 @@ def call_slide(scores: Scores, model: PatchClassifier, *, rule: str | None = Non
         From :func:`score`.
     model
         The model that scored them: its folder holds the slide rule (``slide_rule.json``) and its domain
-        model.
+        model. Another model folder (another sha256 of weights and config than ``scores.model_sha256``) is
+        refused: its rule would be applied to scores it did not make.
     rule, threshold, k
         Override the rule (``mean``, ``max``, ``topk``, ``fraction``, ``smoothmax``, ``region``), its slide
         threshold and top-k's k, as the ``rule``, ``threshold`` and ``k`` settings of ``infer`` do.
@@ -259,6 +291,11 @@ def call_slide(scores: Scores, model: PatchClassifier, *, rule: str | None = Non
     -------
     SlideCall
         Diagnosis, score, threshold, rule, metastasis category, foci with their sizes, in-domain fraction.
+
+    Raises
+    ------
+    ModelMismatchError
+        ``scores`` were made by another model folder than ``model``.
 
     Examples
     --------
@@ -269,6 +306,7 @@ def call_slide(scores: Scores, model: PatchClassifier, *, rule: str | None = Non
     >>> call.diagnosis, call.rule, call.metastasis
     ('normal', 'region', 'none')
     """
+    _check_scored_by(scores, model)
     aggregate = _rule(model, InferConfig(rule=rule, threshold=threshold, k=k))
     written = runfolder.as_written(scores.as_slide_scores())
     attrs = scores.store.attrs

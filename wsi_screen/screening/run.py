@@ -140,14 +140,20 @@ class RunSummary:
 
 
 # ------------------------------------------------------------------------------------------- model helpers
-def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, Any]:
-    """What identifies a model for resuming (the hash of its weights and config; of its domain model apart:
-    the patch scores do not depend on it) and what a report says about it (its card's summary)."""
+def model_sha256(model_dir: Path) -> str:
+    """What identifies a model folder's patch scores: the sha256 of its weights and config (not of its domain
+    model, on which the patch scores do not depend)."""
     h = hashlib.sha256()
     for name in ("model.safetensors", "config.json"):
         p = model_dir / name
         if p.exists():
             h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, Any]:
+    """What identifies a model for resuming (:func:`model_sha256`; its domain model's hash apart) and what a
+    report says about it (its card's summary)."""
     spec = classifier.spec
     domain = hashlib.sha256()
     for name in (DOMAIN_WEIGHTS, DOMAIN_CONFIG):
@@ -155,7 +161,7 @@ def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, An
         if p.exists():
             domain.update(p.read_bytes())
     card = read_card(model_dir)
-    return {"path": str(model_dir), "sha256": h.hexdigest(), "arch": spec.arch, "classes": spec.classes,
+    return {"path": str(model_dir), "sha256": model_sha256(model_dir), "arch": spec.arch, "classes": spec.classes,
             "positive_class": spec.positive_class, "mpp": spec.mpp, "input_size": spec.input_size,
             "stain_method": spec.stain_method, "patch_threshold": spec.threshold,
             "numeric_precision": classifier.precision, "device": device_info(classifier.device),
