@@ -6,6 +6,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
 from wsi_screen.cli import SETTING_FLAGS
 from wsi_screen.errors import in_user_words, name_settings
@@ -45,11 +47,9 @@ def test_every_flag_the_cli_names_is_one_of_its_options() -> None:
 # --- each surface names its own parameters --------------------------------------------------------------
 def test_api_errors_name_the_python_api_parameters(slides_dir: Path, cmu_svs: Path) -> None:
     """A notebook user reads parameters they can pass: `mpp` (open_slide, screen), `size` (tile),
-    `wsi_screen.Slide(path, force_mpp=...)` and `wsi_screen.models.list_models()`, never the configuration's
+    `wsi_screen.open_slide(path, force_mpp=...)` and `wsi_screen.models.list_models()`, never the configuration's
     names (`slide_mpp`, `slide_mpps`, `size_px`) nor a screening run's (`stores`, `overwrite`)."""
     import inspect
-
-    import pytest
 
     import wsi_screen
     from wsi_screen.errors import MissingMppError, ModelMismatchError, ResolutionError, UnknownModelError
@@ -65,8 +65,12 @@ def test_api_errors_name_the_python_api_parameters(slides_dir: Path, cmu_svs: Pa
 
     with pytest.raises(ResolutionError) as coarse:
         wsi_screen.screen(slides_dir / "camelyon-lowres.dcm")
-    assert str(coarse.value).endswith("set it with `wsi_screen.Slide(path, force_mpp=...)`)")
-    assert "force_mpp" in inspect.signature(wsi_screen.Slide).parameters
+    # open_slide and screen take force_mpp (docs/api.md); wsi_screen.Slide's was named, which they did not accept
+    assert str(coarse.value).endswith("set it with `wsi_screen.open_slide(path, force_mpp=...)`)")
+    assert "force_mpp" in inspect.signature(wsi_screen.open_slide).parameters
+    assert "force_mpp" in inspect.signature(wsi_screen.screen).parameters
+    assert "open_slide(path, mpp=None, *, name=None, reader=\"auto\", force_mpp=None)" in (
+        REPO / "docs" / "api.md").read_text(encoding="utf-8")
 
     model = wsi_screen.load_model()
     with wsi_screen.open_slide(cmu_svs) as slide:
@@ -81,6 +85,26 @@ def test_api_errors_name_the_python_api_parameters(slides_dir: Path, cmu_svs: Pa
         wsi_screen.create_model("nonexistent_arch", 2)
     assert str(unknown.value) == "unknown architecture 'nonexistent_arch'; `wsi_screen.models.list_models()` lists them"
     assert callable(wsi_screen.models.list_models)
+
+
+def test_api_resolution_warnings_name_the_api_parameter(cmu_svs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A slide's forced resolution is warned of in the API's words from open_slide (`slide_mpps`, the CLI's table,
+    was shown raw), and in the library's own (which the CLI rewrites into its option) elsewhere."""
+    import logging
+
+    import wsi_screen
+    from wsi_screen.slide.slide import Slide
+
+    with caplog.at_level(logging.WARNING, logger="wsi_screen"):
+        with wsi_screen.open_slide(cmu_svs, force_mpp=0.3) as slide:
+            assert slide.mpp == 0.3 and slide.mpp_source == "user"
+        Slide(cmu_svs, force_mpp=0.3).close()  # the library's own class, as the CLI's runs use it
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{cmu_svs}: using 0.3 um/px from `wsi_screen.open_slide(path, force_mpp=...)`; the file declares 0.499 um/px",
+        f"{cmu_svs}: using 0.3 um/px from `slide_mpps`; the file declares 0.499 um/px"]
+    with name_settings({"slide_mpps": "--slide-mpp-csv"}), wsi_screen.open_slide(cmu_svs, force_mpp=0.3):
+        pass  # a front end's words installed: the record keeps the library's, for its terminal log to rewrite
+    assert caplog.records[-1].getMessage().endswith("from `slide_mpps`; the file declares 0.499 um/px")
 
 
 def test_api_words_name_real_api_names() -> None:

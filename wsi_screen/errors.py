@@ -15,7 +15,8 @@ The settings' names in messages are those of the configuration dataclasses (``Ti
 Python API (``wsi_screen.open_slide``, ``tile``, ``score``, ...) names some of them otherwise (``mpp``, ``size``).
 Its functions are wrapped in :func:`speaks_api`, which rewrites an escaping error's message in :data:`API_WORDS`,
 so a notebook user reads the parameters they can pass. Where a front end has installed its words (the CLI), the
-message is left for :func:`in_user_words`.
+message is left for :func:`in_user_words`. A log record's text is not an exception's: the place that logs a setting
+passes its text through :func:`in_callers_words`, which speaks the API's words while a wrapped function runs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import functools
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import ParamSpec, TypeVar
 
 #: a setting named in a message: an identifier in backticks
@@ -57,7 +59,7 @@ def in_user_words(text: str) -> str:
 #: it reads as code; none of them is itself a key, so rewriting twice changes nothing)
 API_WORDS: dict[str, str] = {
     "slide_mpp": "`mpp`",                                       # open_slide(path, mpp=), screen(path, mpp=)
-    "slide_mpps": "`wsi_screen.Slide(path, force_mpp=...)`",    # a resolution that replaces the declared one
+    "slide_mpps": "`wsi_screen.open_slide(path, force_mpp=...)`",   # replaces the declared resolution (screen too)
     "size_px": "`size`", "overlap_px": "`overlap`", "stain_method": "`stain`",   # tile(slide, ...)
     "list_models": "`wsi_screen.models.list_models()`", "list_encoders": "`wsi_screen.models.encoders.list_encoders()`",
 }
@@ -71,18 +73,33 @@ def in_api_words(text: str) -> str:
     return SETTING.sub(lambda m: API_WORDS.get(m.group(1), m.group(0)), text)
 
 
+#: whether a public API function (:func:`speaks_api`) is running in this context
+_in_api: ContextVar[bool] = ContextVar("wsi_screen_in_api", default=False)
+
+
+def in_callers_words(text: str) -> str:
+    """``text`` (a log record's, naming settings) as :func:`speaks_api` words an error: in :data:`API_WORDS` while
+    a public API function runs and no front end has installed its words; otherwise unchanged (a front end's
+    terminal log rewrites it with :func:`in_user_words`)."""
+    return in_api_words(text) if _in_api.get() and not _words else text
+
+
 def speaks_api(func: Callable[_P, _R]) -> Callable[_P, _R]:
     """Wrap a public API function: a :class:`WsiScreenError` it raises names settings in :data:`API_WORDS`,
-    unless a front end has installed its own words (:func:`name_settings`; the CLI then rewrites the message)."""
+    unless a front end has installed its own words (:func:`name_settings`; the CLI then rewrites the message);
+    so do the log records it makes through :func:`in_callers_words`."""
 
     @functools.wraps(func)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        token = _in_api.set(True)
         try:
             return func(*args, **kwargs)
         except WsiScreenError as exc:
             if not _words and exc.args and isinstance(exc.args[0], str):
                 exc.args = (in_api_words(exc.args[0]), *exc.args[1:])
             raise
+        finally:
+            _in_api.reset(token)
 
     return wrapper
 

@@ -372,7 +372,7 @@ def heatmap(slide: Slide | None, scores: Scores, call: SlideCall, *, mpp: float 
 
 @speaks_api
 def screen(path: str | os.PathLike[str], model: PatchClassifier | str | os.PathLike[str] | None = None, *,
-           mpp: float | None = None, workers: int = 2) -> SlideCall:
+           mpp: float | None = None, force_mpp: float | None = None, workers: int = 2) -> SlideCall:
     """Screen one slide: open, tile (in memory, at the model's settings), score and call it.
 
     Parameters
@@ -383,6 +383,8 @@ def screen(path: str | os.PathLike[str], model: PatchClassifier | str | os.PathL
         A loaded model, a model folder, or ``None`` for the bundled default model.
     mpp
         Level-0 microns per pixel for a slide that declares none.
+    force_mpp
+        Level-0 microns per pixel that replaces the declared value (a wrong, implausible or non-square one).
     workers
         Reader threads.
 
@@ -400,5 +402,5 @@ def screen(path: str | os.PathLike[str], model: PatchClassifier | str | os.PathL
     ('normal', '0.043537')
     """
     classifier = model if isinstance(model, PatchClassifier) else load_model(model)
-    with open_slide(path, mpp) as slide:
+    with open_slide(path, mpp, force_mpp=force_mpp) as slide:
         return call_slide(score(slide, classifier, workers=workers), classifier)

@@ -31,7 +31,14 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 from PIL import Image
 
-from wsi_screen.errors import ConfigError, MissingMppError, SlideOpenError, UnsupportedFormatError, speaks_api
+from wsi_screen.errors import (
+    ConfigError,
+    MissingMppError,
+    SlideOpenError,
+    UnsupportedFormatError,
+    in_callers_words,
+    speaks_api,
+)
 from wsi_screen.slide.dicom_series import series_files, series_name
 from wsi_screen.slide.readers import Reader, into
 from wsi_screen.slide.threads import run_each
@@ -270,8 +277,8 @@ class Slide:
             if declared is not None:
                 own = (declared[0] + declared[1]) / 2.0
                 if math.isfinite(own) and own > 0 and abs(own - mpp) / own > 0.05:
-                    log.warning("%s: using %.4g um/px from `slide_mpps`; the file declares %.4g um/px",
-                                self.path, mpp, own)
+                    log.warning(in_callers_words("%s: using %.4g um/px from `slide_mpps`; the file declares %.4g "
+                                                 "um/px"), self.path, mpp, own)
             return mpp, source
         if declared is None:
             if self._mpp_override is not None:
@@ -456,7 +463,7 @@ class Slide:
 
 @speaks_api
 def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, name: str | None = None,
-               reader: ReaderChoice = "auto") -> Slide:
+               reader: ReaderChoice = "auto", force_mpp: float | None = None) -> Slide:
     """Open a whole-slide image; use it as a context manager (it closes the file).
 
     Parameters
@@ -470,6 +477,9 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, name: 
         Display name; the file name without its extension by default.
     reader
         ``"auto"``, or force ``"openslide"`` / ``"tifffile"``.
+    force_mpp
+        Level-0 microns per pixel that replaces the declared value, for a file that declares a wrong, implausible
+        or non-square one (a warning names both when they differ by more than 5 %).
 
     Returns
     -------
@@ -480,7 +490,8 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, name: 
     Raises
     ------
     SlideOpenError, UnsupportedFormatError, MissingMppError
-        A file that cannot be read, is no slide, or has no usable resolution (pass ``mpp``).
+        A file that cannot be read, is no slide, or has no usable resolution (pass ``mpp``, or ``force_mpp`` for
+        a declared one that is wrong).
 
     Examples
     --------
@@ -489,7 +500,7 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, name: 
     ...     print(slide.dimensions, round(slide.mpp, 3), len(slide.levels))
     (2220, 2967) 0.499 1
     """
-    return Slide(path, name=name, mpp=mpp, reader=reader)
+    return Slide(path, name=name, mpp=mpp, reader=reader, force_mpp=force_mpp)
 
 
 def slide_name(path: Path) -> str:
