@@ -256,6 +256,62 @@ def test_score_refuses_a_store_cut_for_another_model(example_slide: Path, model:
         wsi_screen.score(str(example_slide), model)
 
 
+def test_bad_api_input_is_one_clear_error(example_slide: Path, slides_dir: Path, scores: Any, model: Any,
+                                          tmp_path: Path) -> None:
+    """Each of these raised a raw Python error (ValueError, AttributeError, KeyError, ZeroDivision...) from inside
+    the package; now a WsiScreenError of one line naming the parameter, or the call is accepted."""
+    from wsi_screen.embedding.features import write_feature_store
+    from wsi_screen.errors import MissingMppError, WsiScreenError
+    from wsi_screen.tiling.tissue import TissueSettings
+
+    def one_line(exc: pytest.ExceptionInfo[WsiScreenError]) -> str:
+        text = str(exc.value)
+        assert "\n" not in text
+        return text
+
+    with wsi_screen.open_slide(example_slide) as slide:
+        with pytest.raises(ConfigError) as png:
+            wsi_screen.tile(slide, mpp=2.0, size=64, codec="png")
+        assert one_line(png) == "`codec` 'png' is not a patch codec; choose one of lz4, jpeg, jpegxl"
+        with pytest.raises(ConfigError) as quality:
+            wsi_screen.tile(slide, mpp=2.0, size=64, codec="jpeg", quality=500)
+        assert one_line(quality) == "`quality` 500 is not a quality of JPEG: give a whole number from 1 to 100"
+        by_slide = wsi_screen.tile(slide, mpp=2.0, size=64)
+        # tissue settings as a dict of some fields, as TissueSettings
+        as_dict = wsi_screen.tissue_mask(slide, settings={"min_od": 0.15})
+        faint = wsi_screen.tissue_mask(slide, settings=TissueSettings(min_od=0.15))
+        assert np.array_equal(as_dict.labels, faint.labels)
+        with pytest.raises(ConfigError) as unknown:
+            wsi_screen.tissue_mask(slide, settings={"min_odd": 0.15})
+        assert one_line(unknown).startswith("no tissue setting is called 'min_odd'; they are min_chroma, min_od, ")
+        with pytest.raises(ConfigError) as not_settings:
+            wsi_screen.tile(slide, mpp=2.0, size=64, tissue=0.15)  # type: ignore[arg-type]
+        assert one_line(not_settings) == ("tissue settings are a TissueSettings or a dict of its fields "
+                                          "({'min_od': 0.15}), not 0.15 (float)")
+        # score takes a model by name, as screen does
+        assert np.array_equal(wsi_screen.score(slide, "default").probabilities, scores.probabilities)
+    # tile takes a path as screen does (AttributeError: 'str' object has no attribute 'name')
+    by_path = wsi_screen.tile(str(example_slide), mpp=2.0, size=64)
+    assert np.array_equal(by_path.coords, by_slide.coords) and np.array_equal(by_path[:], by_slide[:])
+    with pytest.raises(ConfigError, match=r"^`tile` takes an open Slide or a slide's path, not 7 \(int\)$"):
+        wsi_screen.tile(7, mpp=2.0, size=64)  # type: ignore[arg-type]
+    with pytest.raises(MissingMppError) as no_mpp:
+        wsi_screen.tile(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs", mpp=2.0, size=64)
+    assert one_line(no_mpp).endswith("set `mpp` (e.g. `mpp`=0.25 for a 40x scan); `tile`'s own `mpp` is the patches' "
+                                     "resolution: pass `tile` the slide opened with "
+                                     "`wsi_screen.open_slide(path, mpp=...)`")
+    with pytest.raises(ConfigError) as batch:
+        wsi_screen.score(scores.store, model, batch_size=0)
+    assert one_line(batch) == "`batch_size` must be a whole number of patches, at least 1; got 0"
+    # an embeddings store opened as a patch store (KeyError: 'patch_size')
+    features = write_feature_store(tmp_path / "emb" / "slide.zarr", np.zeros((2, 4), np.float16),
+                                   np.zeros((2, 2), np.int64), {"mpp": 0.5, "size": 224})
+    with pytest.raises(StoreError) as embeddings:
+        wsi_screen.PatchStore.open(features)
+    assert one_line(embeddings) == (f"{features}: an embeddings store (the features `wsi-screen embed` writes), not a "
+                                    "patch store; open it with `wsi_screen.embedding.features.FeatureStore(path)`")
+
+
 # ---------------------------------------------------------------------------------------- call and heatmap
 def test_screen_gives_infer_s_call(demo_run: Path, example_slide: Path, scores: Any, model: Any) -> None:
     """screen(path) and `wsi-screen infer` on the same slide: the same row of results.csv."""

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.factory import he_texture
-from wsi_screen.errors import StoreError
+from wsi_screen.errors import ConfigError, StoreError
 from wsi_screen.slide.discovery import SlideSource
 from wsi_screen.tiling.codecs import DEFAULT_QUALITY, PatchCodec
 from wsi_screen.tiling.grid import TileSpec
@@ -67,10 +67,14 @@ def test_lossy_shards_are_zarrs_own_and_plain_zarr_reads_them(tmp_path: Path, na
 def test_codec_quality_rules() -> None:
     assert PatchCodec("lz4", 50).quality is None
     assert PatchCodec("jpeg").quality == 90
-    with pytest.raises(ValueError, match="outside 1-100"):
+    # a WsiScreenError (still a ValueError) naming the setting: the API gave a raw ValueError
+    with pytest.raises(ConfigError, match=r"^`quality` 0 is not a quality of JPEG: give a whole number from 1 to 100$"):
         PatchCodec("jpeg", 0)
-    with pytest.raises(ValueError, match="unknown patch codec"):
+    with pytest.raises(ValueError, match=r"^`codec` 'webp' is not a patch codec; choose one of lz4, jpeg, jpegxl$"):
         PatchCodec("webp")
+    with pytest.raises(ConfigError, match=r"`quality` 90\.5 is not a quality of JPEG XL"):
+        PatchCodec("jpegxl", 90.5)  # type: ignore[arg-type]
+    assert PatchCodec("jpeg", np.int64(80)).quality == 80 and type(PatchCodec("jpeg", np.int64(80)).quality) is int
     assert PatchCodec.from_json(None) == PatchCodec("lz4")  # a store from before codecs
 
 

@@ -31,9 +31,10 @@ import zarr
 
 from wsi_screen._safe_write import fsync_tree, swap_in, write_failed
 from wsi_screen.errors import SchemaVersionError, StoreError
+from wsi_screen.tiling.store import EMBEDDINGS_KIND
 
 SCHEMA_VERSION = 1
-KIND = "wsi-screen embeddings"
+KIND = EMBEDDINGS_KIND
 FEATURES = "features"
 COORDS = "coords"
 ATTR_COMPLETE = "complete"

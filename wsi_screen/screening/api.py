@@ -201,8 +201,17 @@ def _check_scored_by(scores: Scores, model: PatchClassifier) -> None:
                                  "again with this one")
 
 
+#: what the verbs take as a model: a loaded one, a model folder or name (``"default"``), or None (the bundled one)
+ModelLike = PatchClassifier | str | os.PathLike[str] | None
+
+
+def _as_model(model: ModelLike) -> PatchClassifier:
+    """``model`` loaded (:func:`wsi_screen.load_model`) unless it is."""
+    return model if isinstance(model, PatchClassifier) else load_model(model)
+
+
 @speaks_api
-def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_size: int = 128,
+def score(store_or_slide: PatchStore | Slide, model: ModelLike = None, *, batch_size: int = 128,
           workers: int = 2) -> Scores:
     """Every patch's class probabilities and domain distance.
 
@@ -215,9 +224,10 @@ def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_s
         scores are ``infer``'s); a JPEG store's (``tile``'s default on disk) are not, and the scores differ
         slightly.
     model
-        A loaded model (:func:`wsi_screen.load_model`).
+        A loaded model (:func:`wsi_screen.load_model`), a model folder or name (``"default"``), or ``None`` for the
+        bundled default model, as :func:`screen` takes it.
     batch_size
-        Patches per forward pass.
+        Patches per forward pass (at least 1).
     workers
         Reader threads when tiling a slide.
 
@@ -242,9 +252,11 @@ def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_s
     ((66, 2), (66, 2))
     """
     from wsi_screen.screening.run import tile_config_for
-    from wsi_screen.screening.score import check_store_matches_model, score_stores
+    from wsi_screen.screening.score import check_batch_size, check_store_matches_model, score_stores
     from wsi_screen.tiling.pipeline import tile_with
 
+    check_batch_size(batch_size)  # before a slide is tiled for nothing
+    model = _as_model(model)
     if isinstance(store_or_slide, Slide):
         # an in-memory store keeps its (lz4) pixels: scores.store[i] must not need the slide after it is closed
         store = tile_with(store_or_slide, None,
@@ -271,7 +283,7 @@ def score(store_or_slide: PatchStore | Slide, model: PatchClassifier, *, batch_s
 
 
 @speaks_api
-def call_slide(scores: Scores, model: PatchClassifier, *, rule: str | None = None, threshold: float | None = None,
+def call_slide(scores: Scores, model: ModelLike = None, *, rule: str | None = None, threshold: float | None = None,
                k: int | float | None = None) -> SlideCall:
     """The slide's call from its patch scores, by the model's calibrated slide rule.
 
@@ -280,9 +292,9 @@ def call_slide(scores: Scores, model: PatchClassifier, *, rule: str | None = Non
     scores
         From :func:`score`.
     model
-        The model that scored them: its folder holds the slide rule (``slide_rule.json``) and its domain
-        model. Another model folder (another sha256 of weights and config than ``scores.model_sha256``) is
-        refused: its rule would be applied to scores it did not make.
+        The model that scored them (loaded, or its folder or name as :func:`score` takes it): its folder holds the
+        slide rule (``slide_rule.json``) and its domain model. Another model folder (another sha256 of weights and
+        config than ``scores.model_sha256``) is refused: its rule would be applied to scores it did not make.
     rule, threshold, k
         Override the rule (``mean``, ``max``, ``topk``, ``fraction``, ``smoothmax``, ``region``), its slide
         threshold and top-k's k, as the ``rule``, ``threshold`` and ``k`` settings of ``infer`` do.
@@ -306,6 +318,7 @@ def call_slide(scores: Scores, model: PatchClassifier, *, rule: str | None = Non
     >>> call.diagnosis, call.rule, call.metastasis
     ('normal', 'region', 'none')
     """
+    model = _as_model(model)
     _check_scored_by(scores, model)
     aggregate = _rule(model, InferConfig(rule=rule, threshold=threshold, k=k))
     written = runfolder.as_written(scores.as_slide_scores())
@@ -371,7 +384,7 @@ def heatmap(slide: Slide | None, scores: Scores, call: SlideCall, *, mpp: float 
 
 
 @speaks_api
-def screen(path: str | os.PathLike[str], model: PatchClassifier | str | os.PathLike[str] | None = None, *,
+def screen(path: str | os.PathLike[str], model: ModelLike = None, *,
            mpp: float | None = None, force_mpp: float | None = None, workers: int = 2) -> SlideCall:
     """Screen one slide: open, tile (in memory, at the model's settings), score and call it.
 
@@ -401,6 +414,6 @@ def screen(path: str | os.PathLike[str], model: PatchClassifier | str | os.PathL
     >>> call.diagnosis, f"{call.score:.6f}"        # as in results.csv
     ('normal', '0.043537')
     """
-    classifier = model if isinstance(model, PatchClassifier) else load_model(model)
+    classifier = _as_model(model)
     with open_slide(path, mpp, force_mpp=force_mpp) as slide:
         return call_slide(score(slide, classifier, workers=workers), classifier)

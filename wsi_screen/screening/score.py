@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsi_screen import progress
-from wsi_screen.errors import ModelMismatchError
+from wsi_screen.errors import ConfigError, ModelMismatchError
 from wsi_screen.models import ModelSpec, PatchClassifier
 from wsi_screen.slide import isolation
 from wsi_screen.slide.isolation import Caller
@@ -108,8 +108,15 @@ class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
         self._reader_holds = False
 
 
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a batch size that is no whole number of patches of at least 1."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"`batch_size` must be a whole number of patches, at least 1; got {batch_size!r}")
+
+
 def plan_batches(sizes: Sequence[tuple[str, int]], batch_size: int) -> list[tuple[str, int, int]]:
     """Split each store of ``n`` patches into consecutive batches of at most ``batch_size``."""
+    check_batch_size(batch_size)
     items = []
     for location, n in sizes:
         for start in range(0, n, batch_size):

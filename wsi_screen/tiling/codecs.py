@@ -21,7 +21,10 @@ zarr importer) turns it into zarr metadata and shard bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, Final
+
+from wsi_screen.errors import ConfigError
 
 #: the codecs ``tile --codec`` offers
 CODECS: Final = ("lz4", "jpeg", "jpegxl")
@@ -51,13 +54,16 @@ class PatchCodec:
 
     def __post_init__(self) -> None:
         if self.name not in CODECS:
-            raise ValueError(f"unknown patch codec {self.name!r}; choose one of {', '.join(CODECS)}")
+            raise ConfigError(f"`codec` {self.name!r} is not a patch codec; choose one of {', '.join(CODECS)}")
         if self.name == "lz4":
             object.__setattr__(self, "quality", None)
         elif self.quality is None:
             object.__setattr__(self, "quality", DEFAULT_QUALITY[self.name])
-        elif not 1 <= int(self.quality) <= 100:
-            raise ValueError(f"codec quality {self.quality} is outside 1-100")
+        elif isinstance(self.quality, bool) or not isinstance(self.quality, Integral) or not 1 <= self.quality <= 100:
+            raise ConfigError(f"`quality` {self.quality!r} is not a quality of {self.label}: give a whole number "
+                              "from 1 to 100")
+        else:
+            object.__setattr__(self, "quality", int(self.quality))
 
     @property
     def lossy(self) -> bool:

@@ -14,9 +14,10 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 from wsi_screen import __version__, progress, runlog
 from wsi_screen.errors import (
     ConfigError,
+    MissingMppError,
     ResolutionError,
     SlideReaderCrashError,
     SlideTimeoutError,
@@ -39,7 +41,7 @@ from wsi_screen.errors import (
 )
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource
-from wsi_screen.slide.slide import ReaderChoice, Slide, mpp_for
+from wsi_screen.slide.slide import ReaderChoice, Slide, mpp_for, open_slide
 from wsi_screen.tiling import memory
 from wsi_screen.tiling.codecs import DEFAULT_CODEC, PatchCodec
 from wsi_screen.tiling.grid import TileSpec, make_grid, stride_l0, tile_size_l0
@@ -573,8 +575,8 @@ def _tile_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], out: str, gi
 
 # ------------------------------------------------------------------------------------------- the public verbs
 @speaks_api
-def tissue_mask(slide: Slide, *, mpp: float | None = None, settings: TissueSettings | None = None,
-                workers: int = 2) -> TissueMask:
+def tissue_mask(slide: Slide, *, mpp: float | None = None,
+                settings: TissueSettings | Mapping[str, Any] | None = None, workers: int = 2) -> TissueMask:
     """Where the tissue is: glass, tissue, pen and artifact labels on a thumbnail of ``slide``.
 
     Parameters
@@ -585,7 +587,8 @@ def tissue_mask(slide: Slide, *, mpp: float | None = None, settings: TissueSetti
         Microns per pixel of the mask; by default the resolution the tiler uses (:func:`thumbnail_mpp`:
         8 um/px for ordinary slides, finer for small ones).
     settings
-        Thresholds of the detector (:class:`~wsi_screen.tiling.tissue.TissueSettings`; its defaults by default).
+        Thresholds of the detector: a :class:`~wsi_screen.tiling.tissue.TissueSettings`, or a dict of some of its
+        fields (``{"min_od": 0.15}``; the others keep their defaults); its defaults by default.
     workers
         Threads reading the thumbnail and computing the mask (the result does not depend on them).
 
@@ -604,21 +607,22 @@ def tissue_mask(slide: Slide, *, mpp: float | None = None, settings: TissueSetti
     ((1024, 766), 0.38)
     """
     thumb_mpp = max(mpp if mpp is not None else thumbnail_mpp(slide.mpp, slide.dimensions), slide.mpp)
-    return detect_tissue(slide.thumbnail(thumb_mpp, workers=workers), thumb_mpp, settings or TissueSettings(),
-                         workers=workers)
+    tissue = TissueSettings.of(settings)
+    return detect_tissue(slide.thumbnail(thumb_mpp, workers=workers), thumb_mpp, tissue, workers=workers)
 
 
 @speaks_api
-def tile(slide: Slide, out: str | Path | None = None, *, mpp: float, size: int, stain: str = "none",
-         stain_target: str | None = None, overlap: int = 0, min_tissue: float = 0.5,
-         tissue: TissueSettings | None = None, workers: int = 2, overwrite: bool = False,
+def tile(slide: Slide | str | os.PathLike[str], out: str | Path | None = None, *, mpp: float, size: int,
+         stain: str = "none", stain_target: str | None = None, overlap: int = 0, min_tissue: float = 0.5,
+         tissue: TissueSettings | Mapping[str, Any] | None = None, workers: int = 2, overwrite: bool = False,
          codec: str | None = None, quality: int | None = None) -> PatchStore:
     """Cut the tissue of ``slide`` into square patches of ``size`` pixels at ``mpp`` microns per pixel.
 
     Parameters
     ----------
     slide
-        An open slide (:func:`wsi_screen.open_slide`).
+        An open slide (:func:`wsi_screen.open_slide`), or a slide's path, opened (and closed) here as
+        ``open_slide(path)`` opens it (a slide that declares no resolution: pass it opened with ``mpp``).
     out
         A folder (the store is ``out/<slide name>.zarr``, reused when it is complete and made with the same
         settings) or an fsspec URL; ``None`` keeps the store in memory (freed with the returned object).
@@ -633,7 +637,7 @@ def tile(slide: Slide, out: str | Path | None = None, *, mpp: float, size: int, 
     min_tissue
         Least fraction of a patch's footprint that must be tissue (see :func:`tissue_mask`).
     tissue
-        Tissue detector settings (see :func:`tissue_mask`).
+        Tissue detector settings, a ``TissueSettings`` or a dict of some of its fields (see :func:`tissue_mask`).
     workers
         Reader threads.
     overwrite
@@ -666,10 +670,22 @@ def tile(slide: Slide, out: str | Path | None = None, *, mpp: float, size: int, 
     (34, (64, 64, 3))
     """
     config = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, overlap_px=overlap, min_tissue=min_tissue),
-                        stain=stain, stain_target=stain_target, tissue=tissue or TissueSettings(), workers=workers,
+                        stain=stain, stain_target=stain_target, tissue=TissueSettings.of(tissue), workers=workers,
                         overwrite=overwrite,
                         codec=PatchCodec(codec or ("lz4" if out is None else DEFAULT_CODEC), quality))
-    return tile_with(slide, out, config)
+    if isinstance(slide, Slide):
+        return tile_with(slide, out, config)
+    if not isinstance(slide, str | os.PathLike):
+        raise ConfigError(f"`tile` takes an open Slide or a slide's path, not {slide!r} ({type(slide).__name__})")
+    try:
+        opened = open_slide(slide)
+    except MissingMppError as exc:
+        if "force_mpp" in str(exc):  # a declared resolution to replace: the message says how
+            raise
+        raise MissingMppError(f"{exc}; `tile`'s own `mpp` is the patches' resolution: pass `tile` the slide opened "
+                              "with `wsi_screen.open_slide(path, mpp=...)`") from exc
+    with opened:
+        return tile_with(opened, out, config)
 
 
 def tile_with(slide: Slide, out: str | Path | None, config: TileConfig) -> PatchStore:

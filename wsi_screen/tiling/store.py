@@ -57,6 +57,9 @@ from wsi_screen.tiling.codecs import BLOSC_CLEVEL, BLOSC_CNAME, PatchCodec
 SCHEMA_VERSION = 2
 #: versions this toolkit reads (version 1 is version 2 with lz4 patches)
 READABLE_SCHEMAS = (1, 2)
+#: the ``kind`` attribute of a store of embeddings (:mod:`wsi_screen.embedding.features` writes them; patch stores
+#: have none): named here so that opening one as a patch store says what it is
+EMBEDDINGS_KIND = "wsi-screen embeddings"
 
 PATCHES = "patches"
 COORDS = "coords"
@@ -350,6 +353,9 @@ class PatchStore:
                 else " (no zarr group there)"
             raise StoreError(f"{loc}: not a wsi-screen patch store{hint}") from exc
         attrs = dict(group.attrs)
+        if attrs.get("kind") == EMBEDDINGS_KIND:
+            raise StoreError(f"{loc}: an embeddings store (the features `wsi-screen embed` writes), not a patch "
+                             "store; open it with `wsi_screen.embedding.features.FeatureStore(path)`")
         version = attrs.get(ATTR_SCHEMA)
         if version not in READABLE_SCHEMAS:
             raise SchemaVersionError(f"{loc}: store schema version {version!r} is not supported by this "

@@ -21,12 +21,14 @@ The thresholds were chosen on the histolab QC tiles in ``shared/data/patches/qc-
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from wsi_screen.errors import ConfigError
 from wsi_screen.slide.threads import run_each
 
 GLASS, TISSUE, PEN, ARTIFACT = 0, 1, 2, 3
@@ -61,6 +63,24 @@ class TissueSettings:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def of(cls, value: TissueSettings | Mapping[str, Any] | None) -> TissueSettings:
+        """``value`` as settings: itself, the defaults for None, or a dict of some of the fields (the others keep
+        their defaults), as :func:`wsi_screen.tissue_mask` and :func:`wsi_screen.tile` take them."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            names = [f.name for f in fields(cls)]
+            unknown = sorted(str(k) for k in value if k not in names)
+            if unknown:
+                raise ConfigError(f"no tissue setting is called {', '.join(map(repr, unknown))}; they are "
+                                  f"{', '.join(names)}")
+            return cls(**value)
+        raise ConfigError(f"tissue settings are a TissueSettings or a dict of its fields ({{'min_od': 0.15}}), not "
+                          f"{value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
