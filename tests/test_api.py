@@ -391,6 +391,20 @@ def test_call_slide_refuses_scores_of_another_model(scores: Any, model: Any, tmp
     assert "\n" not in message and found[:12] != scores.model_sha256[:12]
 
 
+def test_call_slide_refuses_a_bad_k_before_warning_about_it(scores: Any, model: Any,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """k=0 was warned of (not the calibrated k) and then refused; now only refused, naming `k` as a parameter."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="wsi_screen"), pytest.raises(ConfigError) as bad:
+        wsi_screen.call_slide(scores, model, rule="topk", k=0)
+    assert str(bad.value) == "top-k `k` must be a whole count >= 1 or a share in (0, 1), got 0"
+    assert caplog.records == []
+    with caplog.at_level(logging.WARNING, logger="wsi_screen"):
+        wsi_screen.call_slide(scores, model, rule="topk", k=3)  # a good k other than the calibrated one: warned
+    assert [r.getMessage()[:40] for r in caplog.records] == ["`k`=3 is not the k the slide threshold 0"]
+
+
 def test_a_fallback_rule_is_warned_of_once_per_model_folder(scores: Any, tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     """A model folder without slide_rule.json: the API said so on every call (five times in one script)."""

@@ -79,7 +79,7 @@ class AggregateConfig:
 
     def __post_init__(self) -> None:
         _check_rule(self.rule)
-        _check_k(self.k)
+        check_k(self.k)
         _check_unit("patch_threshold", self.patch_threshold)
         _check_unit("region_threshold", self.region_threshold)
         if self.rule == "region":
@@ -207,11 +207,12 @@ def _check_rule(rule: str) -> None:
         raise ConfigError(f"unknown aggregation rule {rule!r}; choose one of {', '.join(RULES)}")
 
 
-def _check_k(k: int | float) -> None:
+def check_k(k: int | float) -> None:
+    """Refuse a top-k ``k`` that is neither a whole count >= 1 nor a share in (0, 1)."""
     if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k):
-        raise ConfigError(f"top-k k must be a count >= 1 or a share in (0, 1), got {k!r}")
+        raise ConfigError(f"top-k `k` must be a count >= 1 or a share in (0, 1), got {k!r}")
     if k <= 0 or (k >= 1 and k != int(k)):
-        raise ConfigError(f"top-k k must be a whole count >= 1 or a share in (0, 1), got {k!r}")
+        raise ConfigError(f"top-k `k` must be a whole count >= 1 or a share in (0, 1), got {k!r}")
 
 
 def _check_unit(name: str, value: float) -> None:
@@ -235,7 +236,7 @@ def check_probs(probs: np.ndarray | Sequence[float]) -> np.ndarray:
 
 def top_k_count(n: int, k: int | float) -> int:
     """Patches that ``topk`` averages for a slide of ``n`` patches (1 <= count <= n for n >= 1)."""
-    _check_k(k)
+    check_k(k)
     count = math.ceil(round(k * n, 9)) if k < 1 else int(k)
     return max(1, min(n, count))
 

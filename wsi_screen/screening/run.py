@@ -39,6 +39,7 @@ from wsi_screen.screening import runfolder, startup
 from wsi_screen.screening.aggregate import (
     STATUS_ERROR,
     AggregateConfig,
+    check_k,
 )
 from wsi_screen.screening.outputs import (
     SlideRow,
@@ -177,6 +178,8 @@ def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: Infe
     """The slide rule: calibrated in the model folder, overridden by ``config.rule``, ``threshold`` and ``k``; a
     folder without one gets :func:`fallback_rule`, warned of once per folder in a process. A ``k`` other than the
     one the kept threshold was calibrated for is warned of (the threshold stays)."""
+    if config.k is not None:
+        check_k(config.k)  # before a warning about it
     spec = classifier.spec
     patch_threshold = spec.threshold if spec.threshold is not None else 0.5
     base = fallback_rule(patch_threshold)
