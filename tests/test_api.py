@@ -244,6 +244,11 @@ def test_scoring_a_jpeg_store_says_its_scores_are_not_the_slides(example_slide: 
                      "differ slightly from those of the slide's own pixels; lz4 or coordinates-only stores give "
                      "exactly those"]
     assert np.array_equal(jpeg.coords, scores.coords)  # the same patch grid, not the same pixels
+    # docs/api.md shows this warning as it is logged, and by which logger
+    api_md = (REPO / "docs" / "api.md").read_text(encoding="utf-8")
+    assert f"<store>: {store.lossy_note('scoring')}\n" in api_md
+    assert {r.name for r in caplog.records if "compressed" in r.getMessage()} == {"wsi_screen.screening.api"}
+    assert "logger `wsi_screen.screening.api`, level `WARNING`" in api_md
     assert 0 < np.abs(jpeg.positive - scores.positive).max() < 0.2
 
 
