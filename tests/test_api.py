@@ -440,6 +440,13 @@ def test_slide_call_to_json_is_a_dict_of_json_values(scores: Any, model: Any) ->
     assert data["in_domain_fraction"] == call.in_domain_fraction and data["out_of_domain"] == call.out_of_domain
 
 
+def test_tissue_mask_repr_is_short(example_slide: Path) -> None:
+    """The repr printed both whole label arrays (thousands of lines in a notebook)."""
+    with wsi_screen.open_slide(example_slide) as slide:
+        mask = wsi_screen.tissue_mask(slide)
+    assert repr(mask) == "TissueMask(shape=(1024, 766), mpp=1.44583, tissue_fraction=0.383)"
+
+
 def test_tissue_settings_live_where_the_docs_say() -> None:
     """docs/api.md: `TissueSettings` is imported from wsi_screen.tiling.tissue (not a name of wsi_screen)."""
     from wsi_screen.tiling.tissue import TissueSettings

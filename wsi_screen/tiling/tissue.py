@@ -100,6 +100,10 @@ class TissueMask:
         """Fraction of the thumbnail that is tissue."""
         return float(self.tissue.mean()) if self.labels.size else 0.0
 
+    def __repr__(self) -> str:  # not the label map's pixels
+        return (f"TissueMask(shape={tuple(self.labels.shape)}, mpp={self.mpp:g}, "
+                f"tissue_fraction={self.tissue_fraction:.3f})")
+
 
 def _px(um: float, mpp: float) -> int:
     return max(0, round(um / mpp))
