@@ -112,6 +112,48 @@ def test_read_at_thumbnail_and_levels(example_slide: Path) -> None:
             slide.read_at((0, 0), (8, 8), 0)
 
 
+def test_impossible_resolutions_are_refused_and_clamps_are_warned_once(example_slide: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """thumbnail(0), tissue_mask(mpp=0.01), read_at finer than the scan and TissueSettings(min_od=-1) were clamped
+    or accepted without a word."""
+    import logging
+
+    from wsi_screen.tiling.tissue import TissueSettings
+
+    with wsi_screen.open_slide(example_slide) as slide, caplog.at_level(logging.WARNING, logger="wsi_screen"):
+        for bad in (0, -1.0, float("nan"), "8"):
+            with pytest.raises(ConfigError, match=r"^`mpp` must be a positive number of microns per pixel, got "):
+                slide.thumbnail(bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match=r"got 0$"):
+            wsi_screen.tissue_mask(slide, mpp=0)
+        with pytest.raises(ConfigError, match=r"got -2$"):
+            slide.read_at((0, 0), (8, 8), -2)
+        assert caplog.records == []
+        fine = slide.thumbnail(0.1)  # clamped to level 0, as documented, and warned of once
+        assert fine.shape == (2967, 2220, 3) and slide.thumbnail(0.2).shape == fine.shape
+        mask = wsi_screen.tissue_mask(slide, mpp=0.01)
+        assert mask.mpp == slide.mpp and mask.labels.shape == (2967, 2220)
+        up = slide.read_at((0, 0), (8, 8), 0.1)  # upsampled from level 0, as documented, and warned of once
+        slide.read_at((8, 8), (8, 8), 0.1)
+        assert up.shape == (8, 8, 3)
+        assert slide.thumbnail(slide.mpp * 0.9999).shape == fine.shape  # rounding: level 0, no warning
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{example_slide}: a thumbnail at 0.1 um/px would be finer than the slide's level 0; it is made at level 0's "
+        "0.499 um/px",
+        f"{example_slide}: a tissue mask at 0.01 um/px would be finer than the slide's level 0; it is made at level "
+        "0's 0.499 um/px",
+        f"{example_slide}: read_at at 0.1 um/px is finer than the slide's level 0 (0.499 um/px): the region is "
+        "upsampled from level 0, which adds no detail"]
+    with pytest.raises(ConfigError, match=r"^tissue setting `min_od` must be a number >= 0, got -1$"):
+        TissueSettings(min_od=-1)
+    with pytest.raises(ConfigError, match=r"^tissue setting `pen_min_saturation` must be a number from 0 to 1, got 2$"):
+        TissueSettings(pen_min_saturation=2)
+    with pytest.raises(ConfigError, match=r"`smooth_um` must be a number >= 0, got inf$"):
+        TissueSettings(smooth_um=float("inf"))
+    with pytest.raises(ConfigError, match="`min_od`"):
+        TissueSettings.of({"min_od": -0.5})
+
+
 # ------------------------------------------------------------------------------------------ tissue and tiles
 def test_tile_in_memory_is_a_sequence_and_a_dataset(example_slide: Path) -> None:
     import torch

@@ -25,6 +25,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -52,6 +53,8 @@ PLAUSIBLE_MPP = (0.05, 100.0)
 MAX_SIDE_PX = 2_000_000
 #: Output block edge when building thumbnails from large levels.
 _THUMB_BLOCK = 1024
+#: an mpp this much finer than level 0's is still level 0's (rounding in a declared or derived resolution)
+_FINER_TOLERANCE = 1e-3
 
 ReaderChoice = Literal["auto", "openslide", "tifffile"]
 
@@ -259,6 +262,7 @@ class Slide:
             raise SlideOpenError(f"{self.path}: declares absurd dimensions {w} x {h} px (corrupt header?)")
         self.mpp, self.mpp_source = self._resolve_mpp()
         self._info: SlideInfo | None = None
+        self._warned: set[str] = set()
 
     # -------------------------------------------------------------------------------------- identity
     def _user_mpp(self, value: float, option: str) -> tuple[float, Literal["slide", "user"]]:
@@ -365,9 +369,14 @@ class Slide:
         ...     patch = slide.read_at((1000, 800), (224, 224), mpp=1.0)   # 224 px at 1 um/px
         >>> patch.shape
         (224, 224, 3)
+
+        ``mpp`` must be a positive number (:class:`~wsi_screen.errors.ConfigError` otherwise). An ``mpp`` finer
+        than level 0's is served by upsampling level 0, which adds no detail; that is warned of once per slide.
         """
-        if not (mpp > 0 and math.isfinite(mpp)):
-            raise ConfigError(f"`mpp` must be a positive number of microns per pixel, got {mpp!r}")
+        mpp = positive_mpp(mpp)
+        if mpp < self.mpp * (1.0 - _FINER_TOLERANCE):
+            self._warn_once("read_at", "%s: read_at at %g um/px is finer than the slide's level 0 (%.4g um/px): the "
+                            "region is upsampled from level 0, which adds no detail", self.path, mpp, self.mpp)
         w, h = (int(v) for v in size)
         if w < 1 or h < 1:
             raise ConfigError(f"`size` must be a positive (w, h) in pixels, got {tuple(size)}")
@@ -397,8 +406,28 @@ class Slide:
             return self._reader.read_region(level, xy_l0, region, out)
         return into(out, resize(self._reader.read_region(level, xy_l0, region), size_px))
 
+    def _warn_once(self, what: str, msg: str, *args: object) -> None:
+        """Log ``msg`` the first time this slide does ``what`` (a notebook loop would repeat it on every call)."""
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning(msg, *args)
+
+    def clamp_mpp(self, mpp: float, *, what: str = "a thumbnail") -> float:
+        """The resolution ``what`` (a picture of the whole slide) is made at for ``mpp``: ``mpp`` itself, or level
+        0's where ``mpp`` is finer (a picture finer than the scan adds no detail; warned of once per slide and
+        ``what``). ``mpp`` must be a positive number (:class:`~wsi_screen.errors.ConfigError` otherwise)."""
+        mpp = positive_mpp(mpp)
+        if mpp >= self.mpp * (1.0 - _FINER_TOLERANCE):
+            return max(mpp, self.mpp)
+        self._warn_once(what, "%s: %s at %g um/px would be finer than the slide's level 0; it is made at level 0's "
+                        "%.4g um/px", self.path, what, mpp, self.mpp)
+        return self.mpp
+
     def thumbnail(self, mpp: float, *, workers: int = 1) -> np.ndarray:
-        """The whole slide at ``mpp`` microns per pixel (never finer than level 0), RGB uint8.
+        """The whole slide at ``mpp`` microns per pixel, RGB uint8.
+
+        ``mpp`` must be a positive number (:class:`~wsi_screen.errors.ConfigError` otherwise); one finer than
+        level 0's is clamped to level 0's (:meth:`clamp_mpp`, warned of once per slide).
 
         Large levels are read and reduced block by block (``workers`` threads), so memory stays bounded by
         the output size. Every block uses the same exact scale, so the result does not depend on ``workers``.
@@ -410,7 +439,7 @@ class Slide:
         (185, 138, 3)
         """
         w0, h0 = self.dimensions
-        scale = max(mpp / self.mpp, 1.0)  # level-0 pixels per output pixel
+        scale = max(self.clamp_mpp(mpp) / self.mpp, 1.0)  # level-0 pixels per output pixel
         out_w, out_h = max(1, round(w0 / scale)), max(1, round(h0 / scale))
         level = self.best_level(scale)
         ds = self.level_downsamples[level]
@@ -501,6 +530,15 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, name: 
     (2220, 2967) 0.499 1
     """
     return Slide(path, name=name, mpp=mpp, reader=reader, force_mpp=force_mpp)
+
+
+def positive_mpp(mpp: float) -> float:
+    """``mpp`` as a float; :class:`~wsi_screen.errors.ConfigError` where it is not a positive, finite number of
+    microns per pixel (0 or a negative one was clamped or divided by)."""
+    value = float(mpp) if isinstance(mpp, Real) and not isinstance(mpp, bool) else math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"`mpp` must be a positive number of microns per pixel, got {mpp!r}")
+    return value
 
 
 def slide_name(path: Path) -> str:

@@ -585,7 +585,8 @@ def tissue_mask(slide: Slide, *, mpp: float | None = None,
         An open slide (:func:`wsi_screen.open_slide`).
     mpp
         Microns per pixel of the mask; by default the resolution the tiler uses (:func:`thumbnail_mpp`:
-        8 um/px for ordinary slides, finer for small ones).
+        8 um/px for ordinary slides, finer for small ones). A positive number (``ConfigError`` otherwise); one
+        finer than the slide's level 0 is clamped to level 0's (warned of once per slide; ``mask.mpp`` says).
     settings
         Thresholds of the detector: a :class:`~wsi_screen.tiling.tissue.TissueSettings`, or a dict of some of its
         fields (``{"min_od": 0.15}``; the others keep their defaults); its defaults by default.
@@ -606,7 +607,8 @@ def tissue_mask(slide: Slide, *, mpp: float | None = None,
     >>> mask.labels.shape, round(mask.tissue_fraction, 2)
     ((1024, 766), 0.38)
     """
-    thumb_mpp = max(mpp if mpp is not None else thumbnail_mpp(slide.mpp, slide.dimensions), slide.mpp)
+    thumb_mpp = thumbnail_mpp(slide.mpp, slide.dimensions) if mpp is None \
+        else slide.clamp_mpp(mpp, what="a tissue mask")
     tissue = TissueSettings.of(settings)
     return detect_tissue(slide.thumbnail(thumb_mpp, workers=workers), thumb_mpp, tissue, workers=workers)
 

