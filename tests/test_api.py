@@ -194,6 +194,28 @@ def test_tile_in_memory_is_a_sequence_and_a_dataset(example_slide: Path) -> None
     assert not fs.exists(where)  # the store in memory goes with the last reference to it
 
 
+def test_tile_can_keep_coordinates_only_as_the_cli_does(example_slide: Path, model: Any, scores: Any,
+                                                         tmp_path: Path) -> None:
+    """`wsi-screen tile --pixels none` had no API counterpart; tile(pixels=False) is it (TileConfig.pixels)."""
+    with wsi_screen.open_slide(example_slide) as slide:
+        kept = wsi_screen.tile(slide, mpp=2.0, size=64)
+        coords_only = wsi_screen.tile(slide, mpp=2.0, size=64, pixels=False)
+        on_disk = wsi_screen.tile(slide, tmp_path / "coords", mpp=2.0, size=64, pixels=False)
+        with pytest.raises(ConfigError, match=r"^`pixels` is True \(the patches are kept\) or False \(coordinates "
+                                              r"only\), not 'none'$"):
+            wsi_screen.tile(slide, mpp=2.0, size=64, pixels="none")  # type: ignore[arg-type]
+        for_model = wsi_screen.tile(slide, mpp=model.spec.mpp, size=model.spec.input_size, pixels=False)
+    assert kept.has_pixels and not coords_only.has_pixels and not on_disk.has_pixels
+    assert coords_only.attrs["settings"]["pixels"] == "none" and coords_only.codec is None
+    assert not (Path(on_disk.location) / "patches").exists()
+    assert np.array_equal(coords_only.coords, kept.coords)
+    with coords_only, on_disk:  # close() closes the slide reader a coordinates-only store opened to read
+        assert np.array_equal(coords_only[:], kept[:]) and np.array_equal(on_disk[:], kept[:])  # from the slide
+    # its patches are the slide's: the scores are score(slide)'s
+    with for_model:
+        assert np.array_equal(wsi_screen.score(for_model, model).probabilities, scores.probabilities)
+
+
 def test_tile_into_a_folder_reuses_and_pickles(example_slide: Path, tmp_path: Path) -> None:
     import pickle
 

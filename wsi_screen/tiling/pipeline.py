@@ -617,7 +617,7 @@ def tissue_mask(slide: Slide, *, mpp: float | None = None,
 def tile(slide: Slide | str | os.PathLike[str], out: str | Path | None = None, *, mpp: float, size: int,
          stain: str = "none", stain_target: str | None = None, overlap: int = 0, min_tissue: float = 0.5,
          tissue: TissueSettings | Mapping[str, Any] | None = None, workers: int = 2, overwrite: bool = False,
-         codec: str | None = None, quality: int | None = None) -> PatchStore:
+         codec: str | None = None, quality: int | None = None, pixels: bool = True) -> PatchStore:
     """Cut the tissue of ``slide`` into square patches of ``size`` pixels at ``mpp`` microns per pixel.
 
     Parameters
@@ -649,6 +649,11 @@ def tile(slide: Slide | str | os.PathLike[str], out: str | Path | None = None, *
         in memory (the slide's exact pixels), ``tile``'s default (jpeg, quality 90: lossy, a fifth of lz4's
         bytes) for a store on disk. Scores from JPEG patches differ slightly from scores from the slide; pass
         ``codec="lz4"`` for an on-disk store that scores exactly as the slide does.
+    pixels
+        ``False``: a coordinates-only store, as the ``tile`` command writes with its ``pixels`` option set to
+        none: coordinates, tissue, thumbnail, mask, stain fit and settings, no patch pixels; reading a patch reads
+        it from the slide (which must stay where it is), so its patches are the slide's exact pixels (``codec``
+        and ``quality`` do not apply; ``store.close()`` closes the slide).
 
     Returns
     -------
@@ -671,9 +676,11 @@ def tile(slide: Slide | str | os.PathLike[str], out: str | Path | None = None, *
     >>> len(store), store[0].shape
     (34, (64, 64, 3))
     """
+    if not isinstance(pixels, bool):
+        raise ConfigError(f"`pixels` is True (the patches are kept) or False (coordinates only), not {pixels!r}")
     config = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, overlap_px=overlap, min_tissue=min_tissue),
                         stain=stain, stain_target=stain_target, tissue=TissueSettings.of(tissue), workers=workers,
-                        overwrite=overwrite,
+                        overwrite=overwrite, pixels=pixels,
                         codec=PatchCodec(codec or ("lz4" if out is None else DEFAULT_CODEC), quality))
     if isinstance(slide, Slide):
         return tile_with(slide, out, config)
