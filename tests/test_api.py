@@ -502,6 +502,12 @@ def test_slide_call_to_json_is_a_dict_of_json_values(scores: Any, model: Any) ->
     assert isinstance(data, dict) and set(json.loads(text)) == set(data)
     assert data["slide"] == "CMU-1-Small-Region" and len(data["foci"]) == len(call.foci)
     assert data["in_domain_fraction"] == call.in_domain_fraction and data["out_of_domain"] == call.out_of_domain
+    # the keys that the attributes name otherwise, as the docstring and docs/api.md state them (keys unchanged)
+    assert data["slide_threshold"] == data["aggregate"]["slide_threshold"] == call.threshold == call.slide_threshold
+    assert data["rule"] == call.aggregate.rule == "max" and call.rule == "max"
+    assert "``slide_threshold`` is :attr:`threshold`" in " ".join((type(call).to_json.__doc__ or "").split())
+    api_md = " ".join((REPO / "docs" / "api.md").read_text(encoding="utf-8").split())
+    assert '`"slide_threshold"` is `call.threshold`' in api_md
 
 
 def test_tissue_mask_repr_is_short(example_slide: Path) -> None:

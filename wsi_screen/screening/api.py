@@ -129,7 +129,13 @@ class SlideCall:
 
     @property
     def threshold(self) -> float:
+        """The slide threshold ``score`` is compared with (``slide_threshold`` in :meth:`to_json`)."""
         return self.aggregate.slide_threshold
+
+    @property
+    def slide_threshold(self) -> float:
+        """:attr:`threshold` by the name :meth:`to_json`, slide.json and run.json give it."""
+        return self.threshold
 
     @property
     def rule(self) -> str:
@@ -153,7 +159,13 @@ class SlideCall:
         return self.result.n_patches
 
     def to_json(self) -> dict[str, Any]:
-        """The whole call as a dict that ``json.dumps`` accepts; not a string (``json.dumps(call.to_json())`` is)."""
+        """The whole call as a dict that ``json.dumps`` accepts; not a string (``json.dumps(call.to_json())`` is).
+
+        Its keys are those of ``slide.json`` and run.json, which some attributes name otherwise: ``slide`` is
+        :attr:`name`, ``slide_threshold`` is :attr:`threshold` (also ``aggregate.slide_threshold``), and ``rule``
+        is the rule's name, ``aggregate.rule`` (:attr:`rule` is its label, e.g. ``topk (k = 5)``). The other
+        attributes are keys of the same name (``foci`` as a list of dicts, ``aggregate`` as a dict).
+        """
         return {"slide": self.name, **self.result.to_json(), "aggregate": self.aggregate.to_json(),
                 "foci": [f.to_json() for f in self.foci], "in_domain_fraction": self.in_domain_fraction,
                 "out_of_domain": self.out_of_domain}
