@@ -216,6 +216,21 @@ def test_tile_can_keep_coordinates_only_as_the_cli_does(example_slide: Path, mod
         assert np.array_equal(wsi_screen.score(for_model, model).probabilities, scores.probabilities)
 
 
+def test_a_slide_without_tissue_gives_an_empty_store_and_says_so_without_writing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An in-memory tile logged "writing an empty store" though nothing was written to disk."""
+    import logging
+
+    from tests.factory import block_image, write_tiled_tiff
+
+    glass = write_tiled_tiff(tmp_path / "glass.tif", block_image((1024, 1024), []), 0.5)
+    with caplog.at_level(logging.WARNING, logger="wsi_screen"), wsi_screen.open_slide(glass) as slide:
+        store = wsi_screen.tile(slide, mpp=2.0, size=64)
+    assert len(store) == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "glass: no tissue found (min tissue 0.50); the store holds no patches"]
+
+
 def test_tile_into_a_folder_reuses_and_pickles(example_slide: Path, tmp_path: Path) -> None:
     import pickle
 

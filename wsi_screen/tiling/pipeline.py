@@ -327,7 +327,8 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
         log.debug("%s: %d x %d px at %.4g um/px, %d patches of %d px (%d level-0 px)", source.name,
                   *slide.dimensions, slide.mpp, n, spec.size_px, tile_l0)
         if n == 0:
-            log.warning("%s: no tissue found (min tissue %.2f); writing an empty store", source.name,
+            # not "writing": a store in memory (the API's) is written nowhere a person would look
+            log.warning("%s: no tissue found (min tissue %.2f); the store holds no patches", source.name,
                         spec.min_tissue)
 
         t_mask = time.perf_counter()
