@@ -189,6 +189,33 @@ def test_wilson_and_bootstrap_intervals() -> None:
     assert lo < auc < hi and 0.6 < auc < 0.9 and hi - lo < 0.2
 
 
+def test_wilson_bounds_of_all_wrong_and_all_correct_are_exactly_zero_and_one() -> None:
+    for n in (1, 6, 11, 21, 22, 27, 31, 50, 117):  # floating point left 6.9e-18 (n 27) or 0.9999999999999999 (n 6)
+        none, every = metrics.wilson(0, n), metrics.wilson(n, n)
+        assert none[0] == 0.0 and every[1] == 1.0
+        assert 0.0 < none[1] < 1.0 and 0.0 < every[0] < 1.0
+    for k, n in ((1, 1), (3, 7), (49, 50)):
+        assert all(0.0 <= b <= 1.0 for b in metrics.wilson(k, n))
+
+
+def test_the_auc_interval_does_not_depend_on_which_class_is_positive() -> None:
+    y, probs = binary_case()
+    # `positive` normal reads p(normal) for normal: the same AUC as tumour's, so the same interval (it was not:
+    # the bootstrap drew the positives' resamples first, so the classes got different resamples)
+    views = [metrics.add_intervals(compute_metrics(y, probs, ["normal", "tumour"], positive_index=1, threshold=0.42,
+                                                   metric_positive=k), y, probs, n_boot=200) for k in (1, 0)]
+    assert views[0]["positive"]["class"] == "tumour" and views[1]["positive"]["class"] == "normal"
+    (lo_a, hi_a), (lo_b, hi_b) = (v["auc_ci95"] for v in views)
+    assert views[1]["auc"] == pytest.approx(views[0]["auc"], abs=1e-12)
+    assert lo_b == pytest.approx(lo_a, abs=1e-12) and hi_b == pytest.approx(hi_a, abs=1e-12) and lo_a < hi_a
+    # one score read for the other class: AUC 1 - AUC, the interval the exact mirror
+    s, is_pos = probs[:, 1], y == 1
+    auc, lo, hi = metrics.bootstrap_auc(s, is_pos, n_boot=200, seed=3)
+    auc_o, lo_o, hi_o = metrics.bootstrap_auc(s, ~is_pos, n_boot=200, seed=3)
+    assert auc_o == pytest.approx(1 - auc, abs=1e-12)
+    assert lo_o == pytest.approx(1 - hi, abs=1e-12) and hi_o == pytest.approx(1 - lo, abs=1e-12)
+
+
 def test_the_view_of_a_binary_models_other_class_names_that_class_and_its_operating_point() -> None:
     y, probs = binary_case()
     t = 0.454

@@ -275,28 +275,38 @@ def monitor_value(metrics: dict[str, Any], name: str) -> float:
 
 # --- intervals ------------------------------------------------------------------------------------------
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95 % interval of a proportion."""
+    """Wilson score 95 % interval of a proportion, within [0, 1]. None correct gives a low end of exactly 0 and all
+    correct a high end of exactly 1 (what the formula gives exactly; in floating point it leaves 6.9e-18 or
+    0.9999999999999999)."""
     if n == 0:
         return float("nan"), float("nan")
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if successes <= 0 else min(1.0, max(0.0, centre - half))
+    high = 1.0 if successes >= n else min(1.0, max(0.0, centre + half))
+    return low, high
 
 
 def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, *, n_boot: int = 1000,
                   seed: int = 0) -> tuple[float, float, float]:
-    """AUC and its 95 % percentile-bootstrap interval (resampling slides within each class)."""
+    """AUC and its 95 % percentile-bootstrap interval (resampling slides within each class).
+
+    The resamples depend on the two groups and ``seed``, not on which group is positive: each draw gives every
+    position a uniform number and a group's picks come from its own positions' numbers. So the other class's
+    interval (its labels negated, its scores reversed) is this one mirrored, ``[1 - high, 1 - low]``.
+    """
     from sklearn.metrics import roc_auc_score
 
     s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
     auc = float(roc_auc_score(y, s))
     rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    groups = (np.flatnonzero(y), np.flatnonzero(~y))
     boots = []
     for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+        u = rng.random(y.size)
+        idx = np.concatenate([g[np.minimum((u[g] * g.size).astype(np.intp), g.size - 1)] for g in groups])
         boots.append(roc_auc_score(y[idx], s[idx]))
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return auc, float(lo), float(hi)
