@@ -135,6 +135,36 @@ def test_calibrate_writes_a_model_copy_that_infer_uses(run: Path, slides: tuple[
     assert "(override:" not in report
 
 
+def test_calibrate_prints_its_candidates_in_order_under_a_header_and_each_setting_it_changed(
+        run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]], tmp_path: Path) -> None:
+    """The region rule's min_focus_patches and call_patch_threshold changed without a word; the candidates table
+    had no header and came sorted by sensitivity (region rows out of their order)."""
+    from wsi_screen.screening.calibration import candidates
+
+    folder, _ = slides
+    res = run_cli("calibrate", run, "--labels", folder / "slides.csv", "-o", tmp_path / "c")
+    assert res.code == 0, res
+    lines = res.out.splitlines()
+    assert lines[0].split() == ["candidate", "AUC", "threshold", "sensitivity", "specificity"]
+    names = [c.name for c in candidates()]
+    assert [line.split()[0] for line in lines[1:1 + len(names)]] == names  # by rule, then its setting
+    doc = json.loads((tmp_path / "c" / "slide_rule.json").read_text())
+    assert [line.split()[0] for line in lines if line.endswith("<- chosen")] == [doc["name"]]
+    source = Path(doc["calibrated_on"]["source_model"]) / "slide_rule.json"
+    old = json.loads(source.read_text())
+    assert (old["rule"], old["min_focus_patches"], old["region_threshold"]) == ("region", 6, 0.8)  # the bundled rule
+    expected = [f"  {key}: {old[key]} -> {doc[key]}" for key in ("rule", "k", "radius") if old[key] != doc[key]]
+    expected += [f"  slide_threshold: {old['slide_threshold']:.4g} -> {doc['slide_threshold']:.4g}"] \
+        if old["slide_threshold"] != doc["slide_threshold"] else []
+    expected += [f"  call_patch_threshold: {old['region_threshold']:.4g} -> {doc['call_patch_threshold']:.4g}"] \
+        if old["region_threshold"] != doc["call_patch_threshold"] else []
+    expected += [f"  min_focus_patches: {old['min_focus_patches']} -> {doc['min_focus_patches']}"] \
+        if old["min_focus_patches"] != doc["min_focus_patches"] else []
+    at = lines.index(f"changed from {source}:")
+    assert expected and lines[at + 1:at + 1 + len(expected)] == expected
+    assert lines[at + 1 + len(expected)].startswith("calibrated model: ")
+
+
 def test_calibrate_finds_the_model_of_a_moved_run_from_any_folder(
         run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,9 +26,11 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
     Every rule (mean, max, top-k, fraction, smoothed maximum, largest region) is scored on every labelled
     slide from the run's patch scores; the threshold of each is the one with the highest sensitivity that
     keeps --min-specificity on the negatives of every slide-size bin, and the rule with the highest
-    sensitivity wins. MODEL_DIR gets a copy of the model with that choice in slide_rule.json, stated in its
-    card (`wsi-screen models --card MODEL_DIR`); screen with `wsi-screen infer SLIDES --model MODEL_DIR`.
-    Choose on one set of slides and check on another.
+    sensitivity wins. The terminal shows every candidate (by rule, then its setting) and each setting of the
+    rule that changed from the model's own (rule, k, radius, slide_threshold, call_patch_threshold: the foci's
+    patch probability, min_focus_patches: the smallest focus, in patches). MODEL_DIR gets a copy of the model
+    with that choice in slide_rule.json, stated in its card (`wsi-screen models --card MODEL_DIR`); screen with
+    `wsi-screen infer SLIDES --model MODEL_DIR`. Choose on one set of slides and check on another.
 
     \b
     Example:
@@ -37,14 +39,28 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
       wsi-screen infer new-slides/ -o runs/new --model models/lab-calibrated
     """
     configure_output()
-    from wsi_screen.screening.recalibrate import recalibrate
+    from wsi_screen.screening.calibration import candidates
+    from wsi_screen.screening.recalibrate import recalibrate, rule_changes
 
     result = recalibrate(run, labels, out, model=model, min_specificity=min_specificity, overwrite=overwrite)
-    for name, row in sorted(result.doc["candidates"].items(), key=lambda kv: (-kv[1]["sensitivity"], -kv[1]["auc"])):
-        click.echo(f"{name:<12} AUC {row['auc']:.3f}  threshold {row['threshold']:.4g}  sensitivity "
-                   f"{row['sensitivity']:.3f}  specificity {row['specificity']:.3f}")
+    table = result.doc["candidates"]
+    chosen = result.doc["name"]
+    click.echo(f"{'candidate':<12} {'AUC':>5}  {'threshold':>9}  {'sensitivity':>11}  {'specificity':>11}")
+    for name in (c.name for c in candidates() if c.name in table):  # by rule, then its setting
+        row = table[name]
+        click.echo(f"{name:<12} {row['auc']:>5.3f}  {row['threshold']:>9.4g}  {row['sensitivity']:>11.3f}  "
+                   f"{row['specificity']:>11.3f}{'  <- chosen' if name == chosen else ''}")
     c = result.config
     unit = " mm^2" if c.rule == "region" else ""
     click.echo(f"\nchosen on {result.n_positive} positive and {result.n_negative} negative slides: "
-               f"{result.doc['name']} score >= {c.slide_threshold:.4g}{unit}")
+               f"{chosen} score >= {c.slide_threshold:.4g}{unit}")
+    changes = rule_changes(result.previous, c)
+    click.echo(f"changed from {result.previous_source}:" if changes else
+               f"no setting changed from {result.previous_source}")
+    for setting, before, after in changes:
+        click.echo(f"  {setting}: {_value(before)} -> {_value(after)}")
     click.echo(f"calibrated model: {result.model_dir} (wsi-screen infer SLIDES --model {result.model_dir})")
+
+
+def _value(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -6,7 +6,8 @@ slide.json), the slide labels, chooses the rule and threshold exactly as the bun
 ``slide_rule.json`` holds the choice, so screening with the copy as its model uses it; the copy's ``card.json``
 states it (``operating_point.slide_rule``), so the copy's model card and the report's card box say what the copy
 does. A ``model`` given must be the one that scored the run (the sha256 run.json records): a rule chosen on
-another model's scores would not hold for it.
+another model's scores would not hold for it. :func:`rule_changes` lists the settings the copy's rule changes from
+its source's (the command prints them).
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from wsi_screen.models.spec import ModelSpec
 from wsi_screen.screening import calibration, runfolder
 from wsi_screen.screening.aggregate import AggregateConfig, describe
 from wsi_screen.screening.outputs import read_labels, slide_grid, unmatched_labels
-from wsi_screen.screening.run import SLIDE_RULE_JSON, model_identity, warn_unmatched_labels
+from wsi_screen.screening.run import (
+    SLIDE_RULE_JSON,
+    calibrated_rule,
+    fallback_rule,
+    model_identity,
+    warn_unmatched_labels,
+)
 from wsi_screen.slide.tables import few
 
 log = logging.getLogger(__name__)
@@ -53,6 +60,18 @@ def small_set_warnings(n_positive: int, n_negative: int, min_specificity: float)
     return found
 
 
+#: the rule's settings :func:`rule_changes` compares, in the order it lists them; ``region_threshold`` is listed as
+#: ``call_patch_threshold`` (the same value: the foci's and the pictures' patch threshold); ``patch_threshold`` is
+#: the model's own and never changes
+RULE_SETTINGS = ("rule", "k", "radius", "slide_threshold", "call_patch_threshold", "min_focus_patches")
+
+
+def rule_changes(old: AggregateConfig, new: AggregateConfig) -> list[tuple[str, Any, Any]]:
+    """``(setting, old, new)`` for each of :data:`RULE_SETTINGS` whose value differs between ``old`` and ``new``."""
+    before, after = old.to_json(), new.to_json()
+    return [(name, before[name], after[name]) for name in RULE_SETTINGS if before[name] != after[name]]
+
+
 @dataclass(frozen=True)
 class Recalibration:
     model_dir: Path
@@ -60,6 +79,9 @@ class Recalibration:
     doc: dict[str, Any]
     n_positive: int
     n_negative: int
+    #: the source model's rule (its slide_rule.json, else the fallback rule) and where it comes from
+    previous: AggregateConfig
+    previous_source: str
 
 
 def _run_model(run: Path) -> dict[str, Any]:
@@ -165,4 +187,8 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
         swap_in(tmp, dest)
     except OSError as exc:
         raise write_failed(dest, exc) from exc
-    return Recalibration(model_dir=dest, config=config, doc=doc, n_positive=n_pos, n_negative=len(slides) - n_pos)
+    found = calibrated_rule(source, patch_threshold)
+    previous, previous_source = (found[0], str(source / SLIDE_RULE_JSON)) if found is not None else \
+        (fallback_rule(spec.threshold), f"the fallback rule ({source} has no {SLIDE_RULE_JSON})")
+    return Recalibration(model_dir=dest, config=config, doc=doc, n_positive=n_pos, n_negative=len(slides) - n_pos,
+                         previous=previous, previous_source=previous_source)

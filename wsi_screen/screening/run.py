@@ -174,6 +174,19 @@ def model_identity(model_dir: Path, classifier: PatchClassifier) -> dict[str, An
                if spec.encoder else {})}
 
 
+def calibrated_rule(model_dir: Path, patch_threshold: float) -> tuple[AggregateConfig, dict[str, Any]] | None:
+    """The rule in a model folder's :data:`SLIDE_RULE_JSON` with the model's own ``patch_threshold``, and its
+    ``per_rule`` (each rule's calibrated settings); None for a folder without one (see :func:`fallback_rule`)."""
+    path = model_dir / SLIDE_RULE_JSON
+    if not path.exists():
+        return None
+    data = runfolder.read_json(path)
+    return AggregateConfig(rule=data["rule"], k=data.get("k", 5), patch_threshold=patch_threshold,
+                           slide_threshold=float(data["slide_threshold"]), radius=int(data.get("radius", 1)),
+                           region_threshold=float(data.get("region_threshold", patch_threshold)),
+                           min_focus_patches=int(data.get("min_focus_patches", 1))), data.get("per_rule", {})
+
+
 def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: InferConfig) -> AggregateConfig:
     """The slide rule: calibrated in the model folder, overridden by ``config.rule``, ``threshold`` and ``k``; a
     folder without one gets :func:`fallback_rule`, warned of once per folder in a process. A ``k`` other than the
@@ -185,13 +198,9 @@ def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: Infe
     base = fallback_rule(patch_threshold)
     per_rule: dict[str, Any] = {}
     path = model_dir / SLIDE_RULE_JSON
-    if path.exists():
-        data = runfolder.read_json(path)
-        per_rule = data.get("per_rule", {})
-        base = AggregateConfig(rule=data["rule"], k=data.get("k", 5), patch_threshold=patch_threshold,
-                               slide_threshold=float(data["slide_threshold"]), radius=int(data.get("radius", 1)),
-                               region_threshold=float(data.get("region_threshold", patch_threshold)),
-                               min_focus_patches=int(data.get("min_focus_patches", 1)))
+    found = calibrated_rule(model_dir, patch_threshold)
+    if found is not None:
+        base, per_rule = found
     elif model_dir.resolve() not in _warned_fallback:  # once per folder: the API resolves the rule on every call
         _warned_fallback.add(model_dir.resolve())
         log.warning("%s: no %s; using the fallback rule %s with slide threshold %.2f", model_dir,
