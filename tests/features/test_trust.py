@@ -63,6 +63,36 @@ def test_slide_mpp_csv_sets_named_slides_even_over_the_file(slides: Path, tmp_pa
     assert res.code == 1 and "needs columns 'slide' and 'mpp'" in res.err
 
 
+def test_infer_warns_of_a_slide_mpp_csv_override_once_per_slide(example_slide: Path, tmp_path: Path) -> None:
+    """infer opens a slide more than once (checking its store, tiling it, reading its patches in the slide reader
+    and again for the report): the override was warned of on each open, three times."""
+    table = tmp_path / "mpp.csv"
+    table.write_text("slide,mpp\nCMU-1-Small-Region,0.6\n")
+    expected = f"{WARNING}{example_slide}: using 0.6 um/px from --slide-mpp-csv; the file declares 0.499 um/px"
+    for reused in ("0", "1"):  # a fresh run, then a rerun that checks the store and reuses it
+        res = run_cli("infer", example_slide, "-o", tmp_path / "run", "--slide-mpp-csv", table, "--quiet")
+        assert res.code == 0, res
+        assert f"{reused} slide(s) reused" in res.out
+        assert [line for line in res.err_lines if "--slide-mpp-csv" in line] == [expected]
+        if reused == "0":
+            assert (tmp_path / "run" / "wsi-screen.log").read_text().count("using 0.6 um/px from") == 1
+
+
+def test_a_slide_reopened_in_one_process_warns_of_its_forced_mpp_once(example_slide: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import pickle
+
+    from wsi_screen import Slide
+    from wsi_screen.slide import slide as slide_module
+
+    slide_module.forget_warnings()
+    with caplog.at_level("WARNING", logger="wsi_screen.slide.slide"), Slide(example_slide, force_mpp=0.61) as first, \
+            Slide(example_slide, force_mpp=0.61) as second, pickle.loads(pickle.dumps(first)) as copy:
+        assert first.mpp == second.mpp == copy.mpp == 0.61  # the copy: a worker's, the same resolution, no warning
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{example_slide}: using 0.61 um/px from `slide_mpps`; the file declares 0.499 um/px"]
+
+
 def test_resolution_tables_and_values_are_checked_before_they_can_mislead(slides: Path, tmp_path: Path) -> None:
     # a typo in a row: the slide keeps its own resolution, so the user is told the row named nothing
     typo = tmp_path / "typo.csv"

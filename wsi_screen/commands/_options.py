@@ -52,7 +52,8 @@ def slide_mpp_options(func: F) -> F:
     """``--slide-mpp`` and ``--slide-mpp-csv`` (tile and infer read slides the same way)."""
     func = click.option("--slide-mpp-csv", type=click.Path(exists=True, dir_okay=False), default=None,
                         help="CSV with columns slide,mpp: sets the level-0 um/px of the slides it names, even "
-                             "over a value the file declares (a warning names both when they differ by > 5 %).")(func)
+                             "over a value the file declares (a warning names both when they differ by > 5 %, once "
+                             "per slide in a run).")(func)
     return click.option("--slide-mpp", type=float, default=None, callback=_plausible_mpp,
                         help="Level-0 um/px for slides that do not declare it (a declared value wins).")(func)
 

@@ -363,6 +363,9 @@ def slide_calls(timeout: float = DEFAULT_TIMEOUT, *, isolate: bool = True,
     if not isolate or in_process():
         if worker is not None:
             worker.close()
+        from wsi_screen.slide.slide import forget_warnings
+
+        forget_warnings()  # a run in this process warns as a run in a new child does
         yield direct
         return
     from wsi_screen import runlog

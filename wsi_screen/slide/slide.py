@@ -60,6 +60,16 @@ ReaderChoice = Literal["auto", "openslide", "tifffile"]
 
 log = logging.getLogger(__name__)
 
+#: (slide, forced mpp) pairs whose `slide_mpps` warning this process has given since :func:`forget_warnings`: a run
+#: opens a slide more than once (checking its store, tiling it), and says so once
+_warned_forced: set[tuple[Path, float]] = set()
+
+
+def forget_warnings() -> None:
+    """Forget which forced resolutions were warned of, so the next run warns of each again (a run's slide reading
+    starts with it: :func:`wsi_screen.slide.isolation.slide_calls`; its child process starts with none)."""
+    _warned_forced.clear()
+
 
 @dataclass(frozen=True, kw_only=True)
 class SlideInfo:
@@ -226,7 +236,11 @@ class Slide:
         Level-0 microns per pixel for a file that declares none; a declared value wins.
     force_mpp:
         Level-0 microns per pixel that replaces even a declared value (a per-slide table: scanners do write
-        wrong ones); a warning names both when they differ by more than 5 %.
+        wrong ones); a warning names both when they differ by more than 5 %, once per slide and value in a
+        process (a run opens a slide more than once).
+    force_mpp_warning:
+        False where ``force_mpp`` restores a resolution already warned of when it was set (a patch store
+        reopening its slide; a slide unpickled in a worker): no warning then.
     reader:
         ``"auto"`` (see module docstring), or force ``"openslide"`` / ``"tifffile"``.
 
@@ -239,11 +253,13 @@ class Slide:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, name: str | None = None, mpp: float | None = None,
-                 reader: ReaderChoice = "auto", force_mpp: float | None = None) -> None:
+                 reader: ReaderChoice = "auto", force_mpp: float | None = None,
+                 force_mpp_warning: bool = True) -> None:
         self.path = Path(path)
         self.name = name or slide_name(self.path)
         self._mpp_override = mpp
         self._mpp_force = force_mpp
+        self._force_warning = force_mpp_warning
         self._reader_choice: ReaderChoice = reader
         if not self.path.exists() and not self.path.is_symlink():
             raise SlideOpenError(f"{self.path}: no such file or folder")
@@ -280,7 +296,10 @@ class Slide:
             mpp, source = self._user_mpp(self._mpp_force, "`slide_mpps`")
             if declared is not None:
                 own = (declared[0] + declared[1]) / 2.0
-                if math.isfinite(own) and own > 0 and abs(own - mpp) / own > 0.05:
+                key = (self.path.absolute(), mpp)
+                if self._force_warning and key not in _warned_forced and math.isfinite(own) and own > 0 \
+                        and abs(own - mpp) / own > 0.05:
+                    _warned_forced.add(key)
                     log.warning(in_callers_words("%s: using %.4g um/px from `slide_mpps`; the file declares %.4g "
                                                  "um/px"), self.path, mpp, own)
             return mpp, source
@@ -483,7 +502,7 @@ class Slide:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["path"], name=state["name"], mpp=state["mpp"],  # type: ignore[misc]
-                      reader=state["reader"], force_mpp=state.get("force_mpp"))
+                      reader=state["reader"], force_mpp=state.get("force_mpp"), force_mpp_warning=False)
 
     def __repr__(self) -> str:
         w, h = self.dimensions

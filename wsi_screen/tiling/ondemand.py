@@ -53,7 +53,7 @@ class SlidePatches:
         self.workers = max(1, int(workers))
         try:
             self.slide = Slide(path, name=info.get("name"), reader=attrs.get("reader_choice", "auto"),
-                               force_mpp=info.get("mpp"))
+                               force_mpp=info.get("mpp"), force_mpp_warning=False)  # warned of when tiled
         except SlideOpenError as exc:
             raise StoreError(f"{location}: reads its patches from the slide {path}, which cannot be opened "
                              f"({exc}); pass the slide's new path (PatchStore.open(..., slide=PATH))") from exc
