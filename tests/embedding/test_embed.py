@@ -156,6 +156,29 @@ def test_patches_far_from_the_encoders_scale_are_warned_of(example_slide: Path, 
     assert res.code == 0 and "trained at" not in res.err, res
 
 
+def test_embed_with_mpp_and_size_reports_the_resolution_it_used(example_slide: Path, tmp_path: Path) -> None:
+    """`embed --mpp 2 --size 64` logged 'embeddings of 96 px patches at 0.972 um/px' (the encoder's own) and `info`
+    showed 'input 96 px at 2.0 um/px' (the encoder's size beside the patches' mpp): neither was what it did."""
+    res = run_cli("embed", example_slide, "--encoder", "default", "--mpp", "2", "--size", "64", "-o", tmp_path / "e",
+                  "--workers", "0")
+    assert res.code == 0, res
+    infos = [line.removeprefix("wsi-screen: info: ") for line in res.err_lines if line.startswith("wsi-screen: info:")]
+    assert "encoder default: 512-dim embeddings; its own input 96 px at 0.972 um/px (model pooling)" in infos
+    assert "embedding 64 px patches at 2 um/px with default (resized to its 96 px input: 1.333 um/px)" in infos
+    assert not any("96 px patches" in line for line in res.err_lines)
+    assert "patches of 64 px at 2 um/px -> 512-dim" in res.err  # the summary
+    emb = tmp_path / "e" / "CMU-1-Small-Region.zarr"
+    attrs = FeatureStore(emb).attrs
+    assert (attrs["mpp"], attrs["size"], attrs["preprocessing"]["input_size"]) == (2.0, 64, 96)
+    assert attrs["encoder"]["mpp"] == 0.972  # the encoder's own, kept apart from the patches'
+    patches = PatchStore.open(tmp_path / "e" / "stores" / "CMU-1-Small-Region.zarr")
+    assert (patches.mpp, patches.patch_size) == (2.0, 64)
+    lines = run_cli("info", emb).out.splitlines()
+    assert any(line.startswith("  input      96 px at 1.333 um/px (from 64 px patches at 2 um/px; the encoder was "
+                               "trained at 0.972 um/px), resize ") for line in lines), lines
+    assert any(line.startswith("  patches    64 px at 2.0 um/px (") for line in lines), lines
+
+
 def test_embeddings_record_the_stain_and_an_absolute_patch_store(example_slide: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """An embeddings store recorded its patch store relative to the working directory it was made in, and not the

@@ -89,6 +89,22 @@ def _stain_text(stain: dict[str, Any]) -> str:
     return str(stain.get("method")) + ("" if stain.get("method") == "none" else f" (fitted: {stain.get('fitted')})")
 
 
+def _input_text(a: dict[str, Any], pre: dict[str, Any], enc: dict[str, Any]) -> str:
+    """What the encoder was given: its input size at the resolution it saw the patches (``mpp`` x ``size`` /
+    ``input_size``, as EncoderIdentity.seen_mpp), naming the resize and the encoder's own resolution where
+    ``embed --mpp/--size`` differed from them."""
+    size, input_size, mpp = a.get("size"), pre.get("input_size"), a.get("mpp", pre.get("mpp"))
+    if not isinstance(mpp, (int, float)) or not isinstance(size, int) or not isinstance(input_size, int) \
+            or not input_size:
+        return f"{input_size} px at {pre.get('mpp')} um/px"
+    seen = mpp * size / input_size
+    notes = [f"from {size} px patches at {mpp:.4g} um/px"] if size != input_size else []
+    own = enc.get("mpp")
+    if isinstance(own, (int, float)) and f"{own:.4g}" != f"{seen:.4g}":
+        notes.append(f"the encoder was trained at {own:.4g} um/px")
+    return f"{input_size} px at {seen:.4g} um/px" + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def _print_provenance(a: dict[str, Any]) -> None:
     click.echo(f"  complete   {a.get('complete')}   schema {a.get('schema_version')}   "
                f"wsi-screen {a.get('package_version')}")
@@ -104,7 +120,7 @@ def _print_embeddings(location: str, a: dict[str, Any]) -> None:
     click.echo(f"  encoder    {enc.get('name')} (ref {enc.get('ref')}, {enc.get('arch')}, "
                f"pooling {enc.get('pooling')})")
     click.echo(f"  weights    {enc.get('weights')}  sha256 {enc.get('weights_sha256')}")
-    click.echo(f"  input      {pre.get('input_size')} px at {pre.get('mpp')} um/px, resize {pre.get('resize')}, "
+    click.echo(f"  input      {_input_text(a, pre, enc)}, resize {pre.get('resize')}, "
                f"mean {pre.get('mean')}, std {pre.get('std')}")
     click.echo(f"  patches    {a.get('size')} px at {a.get('mpp')} um/px ({a.get('tile_size_l0')} level-0 px) "
                f"from {a.get('patch_store')}")

@@ -171,7 +171,11 @@ def embed_inputs(inputs: Sequence[str], out: str | Path, encoder: Encoder, confi
     sources, problems = discover(rest) if rest else ([], [])
     if not given and not sources:  # nothing to embed: say why, as infer does, rather than count a folder as a slide
         raise RunError(nothing_found("embed", problems))
-    note = encoder.identity.scale_note(config.mpp, config.size)
+    ident = encoder.identity
+    resized = f" (resized to its {ident.input_size} px input: {ident.seen_mpp(config.mpp, config.size):.4g} um/px)" \
+        if config.size != ident.input_size else ""
+    log.info("embedding %d px patches at %g um/px with %s%s", config.size, config.mpp, ident.name, resized)
+    note = ident.scale_note(config.mpp, config.size)
     if note:
         log.warning("%s", note)
     results = [EmbedResult(p.path.name, str(p.path), "failed", message=f"{p.path}: {p.reason}") for p in problems]

@@ -98,13 +98,17 @@ class EncoderIdentity:
         return {"input_size": self.input_size, "mpp": self.mpp, "mean": list(self.mean), "std": list(self.std),
                 "resize": "bilinear, antialiased"}
 
+    def seen_mpp(self, mpp: float, size: int) -> float:
+        """The um/px at which the encoder sees patches of ``size`` px at ``mpp`` um/px (resized to its input size)."""
+        return mpp * size / self.input_size
+
     def scale_note(self, mpp: float | None, size: int) -> str | None:
         """A warning where patches of ``size`` px at ``mpp`` um/px reach the encoder (resized to its input size) at a
         scale more than :data:`SCALE_RTOL` off the one it was trained at; None where they do not, or an mpp is
         unknown. Training a head on the encoder and embedding slides warn with it."""
         if self.mpp is None or mpp is None:
             return None
-        seen = mpp * size / self.input_size
+        seen = self.seen_mpp(mpp, size)
         if math.isclose(seen, self.mpp, rel_tol=SCALE_RTOL):
             return None
         resized = f" (resized from {size} to {self.input_size} px: {seen:.3g} um/px to the encoder)" \
@@ -198,8 +202,9 @@ def load_encoder(spec: str | os.PathLike[str], *, weights: str | os.PathLike[str
         module, identity = _from_hub(ref, repo, None)
     else:
         raise _unknown(ref)
-    at = f"at {identity.mpp:g} um/px" if identity.mpp is not None else "at the patches' mpp"
-    log.info("encoder %s: %d-dim embeddings of %d px patches %s (%s pooling)", identity.name, identity.dim,
+    # the encoder's own record; the patches a command gives it may differ (`embed --mpp/--size` logs its own)
+    at = f" at {identity.mpp:g} um/px" if identity.mpp is not None else ", no recorded resolution"
+    log.info("encoder %s: %d-dim embeddings; its own input %d px%s (%s pooling)", identity.name, identity.dim,
              identity.input_size, at, identity.pooling)
     return Encoder(module, identity, device=device, precision=precision)
 
