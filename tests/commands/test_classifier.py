@@ -174,19 +174,23 @@ def test_model_errors_through_the_cli(herlev_small: Path, tmp_path: Path, capsys
     assert code == 1 and "split 'valid' is empty" in err
 
 
-def test_train_weights_without_an_encoder_is_a_usage_error(tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    """Exit 2 and click's usage lines, as for the other options that do not go together (it was exit 1)."""
+def test_train_weights_without_an_encoder_is_refused_in_one_line(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The house's one line and exit 1, as for the other options that do not go together with (or without)
+    --encoder (--arch with --encoder, --flips with --encoder): it was click's usage dump and exit 2, unlike them."""
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"")
-    for arch in (["--arch", "screen_cnn32"], []):
-        code, out, err = run(["train", str(tmp_path), *arch, "--weights", str(weights), "-o", str(tmp_path / "m")],
-                             capsys)
-        assert code == 2 and out == "", err
-        assert err.splitlines()[0] == "Usage: wsi-screen train [OPTIONS] DATASET"
-        assert err.splitlines()[-1] == ("Error: --weights is an --encoder's file (name the architecture it is for "
-                                        "with --encoder); a whole network starts from local weights with --pretrained")
-        assert not (tmp_path / "m").exists()
+    code, out, err = run(["train", str(tmp_path), "--arch", "screen_cnn32", "--weights", str(weights),
+                          "-o", str(tmp_path / "m")], capsys)
+    assert (code, out) == (1, ""), err
+    assert err == ("wsi-screen: error: --weights is an --encoder's file (name the architecture it is for with "
+                   "--encoder); a whole network starts from local weights with --pretrained\n")
+    assert not (tmp_path / "m").exists()
+    # with neither --arch nor --encoder, what is missing is said first (click's usage error, exit 2)
+    code, out, err = run(["train", str(tmp_path), "--weights", str(weights), "-o", str(tmp_path / "m")], capsys)
+    assert code == 2 and err.splitlines()[-1] == ("Error: Missing option '--arch' (a network to train) or --encoder "
+                                                  "(a frozen encoder to train a head on).")
+    assert not (tmp_path / "m").exists()
 
 
 def test_predict_prints_one_column_per_class_and_goes_on_past_a_bad_file(

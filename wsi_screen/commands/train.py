@@ -261,12 +261,6 @@ def train(**params: Any) -> None:
     from wsi_screen.training.train import TrainConfig
     from wsi_screen.training.train import train as run_training
 
-    if params["arch"] and params["encoder"]:
-        raise click.UsageError("give --arch (train a whole network) or --encoder (train a head on a frozen "
-                               "encoder), not both")
-    if params["encoder_weights"] and not params["encoder"]:
-        raise click.UsageError("--weights is an --encoder's file (name the architecture it is for with --encoder); "
-                               "a whole network starts from local weights with --pretrained")
     resolve_device(params["device"])  # an absent GPU is one line before any data is read
 
     config = TrainConfig(**config_kwargs(params), batch_size=params["batch_size"],

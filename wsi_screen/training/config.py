@@ -83,7 +83,7 @@ class TrainConfig:
     #: where to train: auto (a CUDA GPU where present, else the CPU), cpu, cuda, cuda:N or mps
     device: str = "auto"
 
-    #: train only a head on this frozen encoder's embeddings (see wsi_screen.training.heads); ``arch`` is then unused
+    #: train only a head on this frozen encoder's embeddings (see wsi_screen.training.heads); ``arch`` is then empty
     encoder: str | None = None
     #: a local weights file for ``encoder`` (a timm architecture or registry name)
     encoder_weights: str | None = None
@@ -123,6 +123,9 @@ class TrainConfig:
             problems.append("patience, frozen epochs, workers and folds cannot be negative")
 
         if self.encoder is not None:
+            if self.arch:
+                problems.append("give `arch` (train a whole network) or `encoder` (train a head on a frozen encoder), "
+                                "not both")
             if self.head not in ("linear", "mlp"):
                 problems.append(f"head {self.head!r} is not one of linear, mlp")
             if self.pretrained or self.freeze_backbone:
@@ -138,7 +141,8 @@ class TrainConfig:
                 problems.append(f"{_settings(network)} only to a whole network (images augmented, decoded or "
                                 "compiled, a backbone frozen); a head on an `encoder` trains on fixed embeddings")
         elif self.encoder_weights is not None:
-            problems.append("`encoder_weights` needs an `encoder` (the architecture the file is for)")
+            problems.append("`encoder_weights` is an `encoder`'s file (name the architecture it is for with "
+                            "`encoder`); a whole network starts from local weights with `pretrained`")
         elif not self.arch:
             problems.append("set `arch` (a network to train) or `encoder` (a frozen encoder to train a head on)")
         elif self._given(HEAD_ONLY):
