@@ -258,6 +258,37 @@ def test_settings_for_the_other_kind_of_training_are_refused(pcam_small: Path, t
     assert TrainConfig(arch="resnet10t", recipe="small").applied()["head"] is None
 
 
+def test_a_config_file_holding_the_defaults_serves_both_kinds_of_training(
+        pcam_small: Path, head_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --config file that spells out the augmentation defaults (or `head`'s) used to make `train --encoder`
+    (or `--arch`) refuse them as if typed; a value from the file is refused only where it differs from its default,
+    as on the command line any value is."""
+    folder, cache = head_model
+    monkeypatch.setattr(embeddings, "embed_rows", lambda *_a, **_k: pytest.fail("embeddings computed again"))
+    cfg = tmp_path / "wsi-screen.toml"
+    cfg.write_text("[train]\nflips = true\nhed-jitter = 0.05\ncolor_jitter = 0.1\nfrozen-epochs = 2\n"
+                   "compile = false\ncache-limit = 4096\nhead = \"linear\"\n")
+    res = run_cli("--config", cfg, "train", pcam_small, "--encoder", "default", "--mpp", "0.972", "--epochs", "15",
+                  "--batch-size", "32", "--embedding-cache", cache, "-o", tmp_path / "m", "--quiet")
+    assert res.code == 0, res
+    spec = load_model(tmp_path / "m", precision="fp32").spec
+    assert spec.head == {"kind": "linear", "dim": 512, "hidden": None}
+    assert spec.train_config["flips"] is None
+    assert spec.train_config["overrides"] == ["embedding_cache", "epochs", "head"]  # none of the file's defaults
+    assert spec.metrics["auc"] == pytest.approx(load_model(folder).spec.metrics["auc"])
+    # a whole network reads the same file's `head` = linear as its default: refused neither (here the run goes on
+    # to the dataset, whose missing column is the first thing wrong)
+    res = run_cli("--config", cfg, "train", pcam_small, "--arch", "screen_cnn32", "--label-column", "nope",
+                  "-o", tmp_path / "n")
+    assert res.code == 1 and "nope" in res.err and "--head" not in res.err, res
+    # a value away from the default is refused from the file too
+    cfg.write_text("[train]\nflips = false\n")
+    res = run_cli("--config", cfg, "train", pcam_small, "--encoder", "default", "-o", tmp_path / "o")
+    assert res.code == 1 and res.err_lines == ["wsi-screen: error: --flips/--no-flips applies only to a whole network "
+                                               "(images augmented, decoded or compiled, a backbone frozen); a head on "
+                                               "an --encoder trains on fixed embeddings"], res
+
+
 def test_encoder_and_arch_together_are_refused(pcam_small: Path, tmp_path: Path) -> None:
     """The house's one line and exit 1, as the options only a whole network uses are refused with --encoder (it was
     click's usage dump, "Error: ...", which the library's check of the same rule never reached)."""

@@ -162,18 +162,26 @@ _OPTION_PARAMS = {"cache_limit_mb": "cache_limit", "compile": "compile_"}
 
 
 def explicit_options(ctx: click.Context) -> tuple[str, ...]:
-    """TrainConfig fields the user gave on the command line, of those a recipe may set (they win) and those that
-    apply to one kind of training only (given for the other kind, they are refused)."""
+    """TrainConfig fields the user gave (command line, environment or --config file), of those a recipe may set
+    (they win) and those that apply to one kind of training only (given for the other kind, they are refused).
+
+    A setting of the other kind counts as given only on the command line: from the environment or a --config file
+    (which may serve both kinds of training) it is left to TrainConfig, which refuses it only where it differs
+    from its default, so a file that spells out the defaults (`flips` = true) does not stop a head's training."""
     from wsi_screen.training.config import HEAD_ONLY, NETWORK_ONLY
     from wsi_screen.training.recipes import RECIPES
 
+    other_kind = NETWORK_ONLY if ctx.params.get("encoder") else HEAD_ONLY
     fields = sorted({k for recipe in RECIPES.values() for k in recipe} | {*NETWORK_ONLY, *HEAD_ONLY})
     given = []
     for name in fields:
         param = _OPTION_PARAMS.get(name, name)
         source = ctx.get_parameter_source(param) if param in ctx.params else None
-        if source is not None and source != click.core.ParameterSource.DEFAULT:
-            given.append(name)
+        if source is None or source == click.core.ParameterSource.DEFAULT:
+            continue
+        if name in other_kind and source != click.core.ParameterSource.COMMANDLINE:
+            continue
+        given.append(name)
     return tuple(given)
 
 
@@ -253,7 +261,8 @@ def train(**params: Any) -> None:
     once and cached, reused on reruns); the model folder names the encoder, which is loaded by that name
     wherever the model is used. Options only a whole network uses (--recipe small, --folds above 1,
     --pretrained, --freeze-backbone, --frozen-epochs, --flips, --hed-jitter, --color-jitter, --cache-limit,
-    --compile) are refused with --encoder.
+    --compile) are refused with --encoder (from --config or the environment, only at other than their
+    defaults).
     """
     configure_output()
     set_threads(params["threads"])
