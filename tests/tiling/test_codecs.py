@@ -161,6 +161,28 @@ def test_tile_cli_codec_pixels_and_settings(tmp_path: Path, tissue_slide: Path) 
     assert res.code != 0 and "lz4 is lossless" in res.err and "Traceback" not in res.err
 
 
+def test_tile_pixels_none_refuses_codec_and_quality(tmp_path: Path, tissue_slide: Path) -> None:
+    """A coordinates-only store keeps no pixels: --codec and --quality were accepted and silently ignored."""
+    said = ("wsi-screen: error: --codec and --quality say how patch pixels are kept, and --pixels none keeps none "
+            "(a coordinates-only store): drop them, or use --pixels store")
+    res = run_cli("tile", tissue_slide, "-o", tmp_path / "c", "--pixels", "none", "--codec", "jpegxl",
+                  "--quality", "50")
+    assert (res.code, res.out, res.err_lines) == (1, "", [said]), res
+    res = run_cli("tile", tissue_slide, "-o", tmp_path / "c", "--pixels", "none", "--codec", "jpeg")  # typed: refused
+    assert res.code == 1 and res.err_lines == [said.replace("--codec and --quality say", "--codec says").replace(
+        "drop them", "drop it")], res
+    assert not (tmp_path / "c").exists()
+    # a --config file's codec at its default is left alone (the file may serve runs that keep pixels); another is not
+    cfg = tmp_path / "wsi-screen.toml"
+    cfg.write_text('[tile]\ncodec = "jpeg"\n')
+    res = run_cli("--config", cfg, "tile", tissue_slide, "-o", tmp_path / "c", "--size", "128", "--pixels", "none")
+    assert res.code == 0 and "coordinates only" in res.err, res
+    cfg.write_text("[tile]\nquality = 80\n")
+    res = run_cli("--config", cfg, "tile", tissue_slide, "-o", tmp_path / "d", "--pixels", "none")
+    assert res.code == 1 and res.err_lines == [said.replace("--codec and --quality say", "--quality says").replace(
+        "drop them", "drop it")], res
+
+
 def test_plain_zarr_reads_a_jpeg_store_through_the_declared_entry_points(tmp_path: Path) -> None:
     """What an installed wsi-screen gives a user of plain zarr: the entry points pyproject.toml declares (put on
     the path as a distribution's metadata) let ``zarr.open_group`` decode a JPEG store without importing

@@ -13,6 +13,7 @@ from wsi_screen.commands._options import (
     slide_mpp_table,
     slide_timeout_option,
 )
+from wsi_screen.errors import ConfigError
 from wsi_screen.tiling.codecs import CODECS, DEFAULT_CODEC, DEFAULT_QUALITY
 
 
@@ -43,7 +44,8 @@ from wsi_screen.tiling.codecs import CODECS, DEFAULT_CODEC, DEFAULT_QUALITY
                    + ", ".join(f"{k} {v}" for k, v in DEFAULT_QUALITY.items()) + ").")
 @click.option("--pixels", type=click.Choice(["store", "none"]), default="store", show_default=True,
               help="none: a coordinates-only store (coordinates, tissue, thumbnail, mask, stain fit, settings, no "
-                   "patch pixels); reading it reads the patches from the slide, which must stay where it is.")
+                   "patch pixels; --codec and --quality are refused); reading it reads the patches from the "
+                   "slide, which must stay where it is.")
 @slide_mpp_options
 @click.option("--workers", type=click.IntRange(0, 64), default=2, show_default=True,
               help="Reader threads per slide (0 or 1: one).")
@@ -94,6 +96,8 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
         raise click.BadParameter("a stain target is only used with --stain macenko, reinhard or vahadane; add one "
                                  "(or drop --stain-target)", param_hint="--stain-target")
     ctx = click.get_current_context()
+    if pixels == "none":
+        _refuse_pixel_options(ctx)
     if dask is None and not ctx.obj.get("debug"):
         from wsi_screen.slide import isolation
 
@@ -154,3 +158,22 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
                    f"{patches:,} patches {verb} in {time.perf_counter() - started:.1f} s -> {out}", err=True)
     if failed:
         ctx.exit(1)
+
+
+def _refuse_pixel_options(ctx: click.Context) -> None:
+    """--codec and --quality say how patch pixels are kept, and a coordinates-only store (--pixels none) keeps
+    none: either one typed is refused (at any value), as is one that a --config file or the environment sets to
+    other than its default (such a file may serve runs that keep pixels; its defaults are left alone)."""
+    source = click.core.ParameterSource
+    given = []
+    for param in ctx.command.params:
+        if param.name not in ("codec", "quality"):
+            continue
+        where = ctx.get_parameter_source(param.name)
+        if where == source.COMMANDLINE or (where in (source.DEFAULT_MAP, source.ENVIRONMENT)
+                                           and ctx.params[param.name] != param.default):
+            given.append(f"--{param.name}")
+    if given:
+        raise ConfigError(f"{' and '.join(given)} {'say' if len(given) > 1 else 'says'} how patch pixels are kept, "
+                          "and --pixels none keeps none (a coordinates-only store): drop "
+                          f"{'them' if len(given) > 1 else 'it'}, or use --pixels store")
