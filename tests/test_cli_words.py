@@ -129,6 +129,9 @@ def test_cli_errors_name_the_cli_options(slides_dir: Path, tmp_path: Path) -> No
     res = run_cli("tile", str(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"), "-o", str(tmp_path / "out"))
     assert res.code == 1 and any(line.endswith("does not declare its resolution (microns per pixel); set --slide-mpp "
                                                "(e.g. --slide-mpp=0.25 for a 40x scan)") for line in res.err_lines), res
+    # the run log file says it as the terminal does (it wrote `slide_mpp`, the Python setting, for --slide-mpp)
+    log = (tmp_path / "out" / "wsi-screen.log").read_text(encoding="utf-8")
+    assert "set --slide-mpp (e.g. --slide-mpp=0.25 for a 40x scan)" in log and "slide_mpp" not in log, log
     res = run_cli("models", "nonexistent_arch")
     assert res.code == 1 and res.err_lines[-1] == (
         "wsi-screen: error: unknown architecture 'nonexistent_arch'; `wsi-screen models` lists them"), res

@@ -8,8 +8,8 @@ setting at fault and, where there is one, the fix.
 **Settings in messages.** A message (an error's or a log record's) names a setting as the Python API spells it,
 in backticks: `` `slide_mpp` ``, `` `slide_mpp`=0.25 ``. A front end that calls its settings something else
 installs its words with :func:`name_settings` (the CLI: its options), and the places where text leaves the
-package for a person (the CLI's error line, the terminal log, results.csv and run.json) pass it through
-:func:`in_user_words`. The package's own text never holds a front end's words.
+package for a person (the CLI's error line, the terminal log, the run log file, results.csv and run.json) pass it
+through :func:`in_user_words`. The package's own text never holds a front end's words.
 
 The settings' names in messages are those of the configuration dataclasses (``TileConfig.slide_mpp``); the public
 Python API (``wsi_screen.open_slide``, ``tile``, ``score``, ...) names some of them otherwise (``mpp``, ``size``).

@@ -14,6 +14,9 @@ appended run after run:
   reading DICOM headers, before it makes the run folder): :func:`held` keeps them until :func:`run_log` opens
   and writes them first.
 
+Its lines name settings as the terminal does (:func:`wsi_screen.errors.in_user_words`: the CLI's options, where
+the CLI runs), so the log and the terminal say the same thing the same way.
+
 A log that cannot be written (read-only folder, full disk) is dropped silently: it never costs a slide.
 """
 
@@ -23,6 +26,8 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from wsi_screen.errors import in_user_words
 
 #: file name of the run log inside the output folder
 LOG_NAME = "wsi-screen.log"
@@ -38,6 +43,13 @@ def _capture(on: bool) -> None:
     global _capturing
     _capturing += 1 if on else -1
     logging.captureWarnings(_capturing > 0)
+
+
+class _Formatter(logging.Formatter):
+    """:data:`_FORMAT`, the message in the user's words (a traceback below it stays as Python wrote it)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        return in_user_words(super().formatMessage(record))
 
 
 class _QuietFileHandler(logging.FileHandler):
@@ -96,7 +108,7 @@ def run_log(folder: str | Path | None) -> Iterator[Path | None]:
     handler: logging.Handler
     path = Path(folder) / LOG_NAME if folder is not None else None
     handler = _QuietFileHandler(path, encoding="utf-8", delay=True) if path is not None else logging.NullHandler()
-    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.setFormatter(_Formatter(_FORMAT))
     handler.setLevel(logging.DEBUG)
     saved = package.level, warnings_logger.propagate
     package.addHandler(handler)
