@@ -149,6 +149,14 @@ def test_cross_validation_words(herlev_cv: Path, tmp_path: Path, caplog: pytest.
     with caplog.at_level(logging.INFO, logger="wsi_screen"):
         train(herlev_cv, tmp_path / "model", config)
     assert [d for d in descs if "epoch" in d] == ["fold 1/3 epoch 1/1", "fold 2/3 epoch 1/1", "fold 3/3 epoch 1/1"]
+    # the log said "up to 1 epochs", and "(in place of the split above)" after the carved split's line
+    lines = [r.getMessage() for r in caplog.records]
+    carved = next(i for i, line in enumerate(lines) if "valid carved from train" in line)
+    folds = lines.index("recipe small; 3-fold cross-validation: the valid split carved above is not used; the folds "
+                        "are cut from all 30 train images, and each image is validated once, by the model of the "
+                        "fold that leaves it out")
+    assert carved < folds, lines
+    assert any(line.endswith("cross-validation on 30 images of 32 px; up to 1 epoch") for line in lines), lines
     domain_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("domain distance"))
     assert domain_line.endswith("of the train images, set on them (no unseen split)"), domain_line
     domain = json.loads((tmp_path / "model" / "domain.json").read_text())
@@ -157,3 +165,18 @@ def test_cross_validation_words(herlev_cv: Path, tmp_path: Path, caplog: pytest.
     assert card["n_train"] == card["n_valid"] == 30
     assert card["cross_validation"] == ("3-fold: n_train and n_valid both count the 30 pooled images; each trained 2 "
                                         "of the 3 fold models and was validated, out of fold, by the other")
+
+
+def test_cross_validation_says_what_it_does_with_the_datasets_own_split() -> None:
+    """A dataset's own valid images join the folds (the next log line says they train the model too)."""
+    from types import SimpleNamespace
+
+    from wsi_screen.training.loop import n_epochs
+    from wsi_screen.training.train import _folds_line
+
+    data = SimpleNamespace(split=SimpleNamespace(source="dataset"), train=range(85), valid=range(15))
+    assert _folds_line(5, data) == (  # type: ignore[arg-type]
+        "5-fold cross-validation: the dataset's train/valid split above is not used; the folds are cut from its 85 "
+        "train and 15 valid images together, and each image is validated once, by the model of the fold that leaves "
+        "it out")
+    assert (n_epochs(1), n_epochs(0), n_epochs(20)) == ("1 epoch", "0 epochs", "20 epochs")

@@ -42,6 +42,7 @@ from wsi_screen.training.loop import (
     fmt,
     make_loop,
     model_spec,
+    n_epochs,
     refuse_existing_model,
     resolved_config,
 )
@@ -127,8 +128,8 @@ def fit_folds(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> T
             loop.name = f"fold {f + 1}/{k}"
             folds.append(_Fold(f, held, fold_data, loop))
         log.info("training %d x %s (%s parameters each) in %d-fold cross-validation on %d images of %d px; up "
-                 "to %d epochs", k, config.arch, f"{count_parameters(folds[0].loop.model):,}", k, len(rows),
-                 data.size, config.epochs)
+                 "to %s", k, config.arch, f"{count_parameters(folds[0].loop.model):,}", k, len(rows),
+                 data.size, n_epochs(config.epochs))
         log.info("cross-validated training is not checkpointed: if interrupted, a rerun starts again at epoch 1 "
                  "(`folds` 1 trains one checkpointed model)")
         best: dict[str, Any] = {"score": -math.inf, "epoch": 0}
@@ -168,7 +169,7 @@ def fit_folds(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> T
                          _fold_figure(monitor, fold_scores), row["seconds"], " *" if improved else "")
                 if config.patience and stale >= config.patience and epoch < config.epochs:
                     stopped_early = True
-                    log.info("no improvement in %s for %d epochs: stopping", monitor, config.patience)
+                    log.info("no improvement in %s for %s: stopping", monitor, n_epochs(config.patience))
                     break
 
     for fold, state in zip(folds, best["states"], strict=True):

@@ -52,6 +52,7 @@ from wsi_screen.training.loop import (
     history_row,
     make_optimizer,
     make_schedule,
+    n_epochs,
     refuse_existing_model,
 )
 
@@ -194,7 +195,7 @@ def _fit(train_x: torch.Tensor, train_y: torch.Tensor, valid_x: torch.Tensor, va
             log.debug("head epoch %d: valid %s %.4f%s", epoch, monitor, score, " *" if improved else "")
             if config.patience and stale >= config.patience and epoch < config.epochs:
                 stopped = True
-                log.info("no improvement in %s for %d epochs: stopping", monitor, config.patience)
+                log.info("no improvement in %s for %s: stopping", monitor, n_epochs(config.patience))
                 break
     return head, best_state, best_probs, best_epoch, best_score, history, stopped
 

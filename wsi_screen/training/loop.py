@@ -336,6 +336,11 @@ def fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
+def n_epochs(n: int) -> str:
+    """``n`` epochs in words: "1 epoch", "20 epochs"."""
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def epoch_score(metrics: dict[str, Any], monitor: str) -> float:
     """The monitored validation figure; minus the loss where it is undefined (AUC of a one-class split)."""
     score = monitor_value(metrics, monitor)

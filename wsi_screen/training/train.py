@@ -66,6 +66,7 @@ from wsi_screen.training.loop import (
     history_row,
     make_loop,
     model_spec,
+    n_epochs,
     refuse_existing_model,
     resolved_config,
 )
@@ -143,9 +144,9 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
     with torch.random.fork_rng(devices=[]):  # seeded init and dropout, without touching the caller's RNG
         torch.manual_seed(config.seed)
         loop, built, report = make_loop(data, config)
-        log.info("training %s (%s parameters) on %d images of %d px, validating on %d; up to %d epochs on %s",
+        log.info("training %s (%s parameters) on %d images of %d px, validating on %d; up to %s on %s",
                  config.arch, f"{count_parameters(loop.model):,}", len(data.train), data.size,
-                 len(data.valid), config.epochs, describe_device(loop.amp))
+                 len(data.valid), n_epochs(config.epochs), describe_device(loop.amp))
         stale, first = 0, 1
         resumed = train_checkpoint.load(out, fingerprint=fingerprint, model=loop.model, optimizer=loop.optimizer,
                                         schedule=loop.schedule, generator=loop.generator,
@@ -185,7 +186,7 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                          row["valid_balanced_accuracy"], row["seconds"], " *" if improved else "")
                 if config.patience and stale >= config.patience and epoch < config.epochs:
                     stopped_early = True
-                    log.info("no improvement in %s for %d epochs: stopping", monitor, config.patience)
+                    log.info("no improvement in %s for %s: stopping", monitor, n_epochs(config.patience))
 
     loop.model.load_state_dict(best.state)
     rule = ThresholdRule.parse(config.threshold_rule)
@@ -221,14 +222,25 @@ def for_data(config: TrainConfig, data: PreparedData) -> TrainConfig:
     if config.folds == 0:
         pool_labels = np.concatenate([data.train.targets.numpy(), data.valid_targets])
         config = replace(config, folds=auto_folds(n_pool, pool_labels))
-    log.info("recipe %s; %s", config.recipe,
-             f"{config.folds}-fold cross-validation over all {n_pool} train and valid images (in place of the "
-             "split above)" if config.folds > 1 else
+    log.info("recipe %s; %s", config.recipe, _folds_line(config.folds, data) if config.folds > 1 else
              "one validation split")
     if config.folds > 1 and data.split.source == "dataset":
         log.info("the dataset's %d valid images train the model too: evaluate it on `split` test, or set "
                  "`carve_valid` to keep them held out", len(data.valid))
     return config
+
+
+def _folds_line(k: int, data: PreparedData) -> str:
+    """What cross-validation does with the split logged before it: the folds are cut from its train and valid
+    images together (test images, and valid ones left unused by `carve_valid`, never take part)."""
+    if data.split.source == "dataset":
+        pool = f"its {len(data.train)} train and {len(data.valid)} valid images together"
+        split = "the dataset's train/valid split above"
+    else:
+        pool = f"all {len(data.train) + len(data.valid)} train images"
+        split = "the valid split carved above"
+    return (f"{k}-fold cross-validation: {split} is not used; the folds are cut from {pool}, and each image is "
+            "validated once, by the model of the fold that leaves it out")
 
 
 def train(dataset: str | Path, out_dir: str | Path, config: TrainConfig) -> TrainResult:
