@@ -72,6 +72,50 @@ def test_version_and_unknown_command() -> None:
     assert res.code == 2 and "No such command" in res.err
 
 
+def test_usage_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
+    """click's usage errors read as the house's errors, one line, with exit status 2 (1 is a run that failed).
+    They were click's block: `Usage: wsi-screen tile [OPTIONS] SLIDES...`, `Try 'wsi-screen tile --help' for
+    help.`, a blank line and `Error: ...`."""
+    out = str(tmp_path / "out")
+    cases = {  # argv -> the whole stderr line
+        ("tile", out, "--bogus"): "No such option '--bogus'. (Did you mean one of: '--out', '--verbose'?) (see "
+                                  "wsi-screen tile --help)",
+        ("infer", out, "-o", out, "--aggregate", "nope"): "Invalid value for '--aggregate': 'nope' is not one of "
+            "'mean', 'max', 'topk', 'fraction', 'smoothmax', 'region'. (see wsi-screen infer --help)",
+        ("tile", out, "-o", out, "--size", "abc"): "Invalid value for '--size': 'abc' is not a valid integer. (see "
+                                                   "wsi-screen tile --help)",
+        ("tile", out, "-o", out, "--codec", "lz4", "--quality", "80"): "Invalid value for --quality: lz4 is lossless "
+            "and has no quality; use --codec jpeg or jpegxl (or drop --quality) (see wsi-screen tile --help)",
+        ("tile",): "Missing argument 'SLIDES...'. (see wsi-screen tile --help)",
+        ("tile", out): "Missing option '-o' / '--out'. (see wsi-screen tile --help)",
+        ("models", "--card", "--encoders"): "--card prints a model's card and --encoders lists encoders: give one of "
+                                            "them (see wsi-screen models --help)",
+        ("frobnicate",): "No such command 'frobnicate'. (see wsi-screen --help)",
+        ("--bogus",): "No such option '--bogus'. (see wsi-screen --help)",
+    }
+    for argv, line in cases.items():
+        res = run_cli(*argv)
+        assert (res.code, res.out, res.err) == (2, "", f"wsi-screen: error: {line}\n"), (argv, res)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_usage_error_with_line_breaks_or_without_a_command_is_one_line() -> None:
+    import click
+
+    from wsi_screen.cli import _click_error_line
+
+    assert _click_error_line(click.UsageError("no such thing.\n  Did you mean\nthat?")) == \
+        "no such thing. Did you mean that? (see wsi-screen --help)"
+    assert _click_error_line(click.ClickException("cannot open\nx")) == "cannot open x"  # not usage: no hint
+
+
+def test_no_arguments_still_shows_the_help() -> None:
+    """`wsi-screen` alone is not an error line: click's help, as `--help` shows it (exit status 2, as click's)."""
+    res = run_cli()
+    assert res.code == 2 and res.err.startswith("Usage: wsi-screen [OPTIONS] COMMAND [ARGS]...") \
+        and "Commands:" in res.err and "wsi-screen: error" not in res.err, res
+
+
 def test_help_is_instant_and_imports_nothing_heavy() -> None:
     code = ("import sys, time; t=time.time(); from wsi_screen.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"

@@ -3,7 +3,9 @@
 Each command lives in its own module under :mod:`wsi_screen.commands` and is imported only when it is run
 (or listed), and those modules import heavy libraries inside the command body, so ``--help`` is instant.
 Errors raised on purpose (:class:`~wsi_screen.errors.WsiScreenError`) become one line on stderr and a
-non-zero exit; ``--debug`` (or ``WSI_SCREEN_DEBUG=1``) shows the traceback instead.
+non-zero exit; ``--debug`` (or ``WSI_SCREEN_DEBUG=1``) shows the traceback instead. click's usage errors (an unknown
+option, a bad value, a missing argument, options a command refuses together) are the same one line,
+``wsi-screen: error: ...``, ending with where the command's help is.
 
 Exit status: 0 success, 1 a slide/item failed or an error occurred, 2 usage error, 130 interrupted.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import tomllib
@@ -245,7 +248,10 @@ def _main(args: list[str], whole_process: bool) -> Any:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc = _name_value_source(exc)
-        exc.show()
+        if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # a group or command given nothing: its help
+            exc.show()
+        else:
+            click.echo(f"wsi-screen: error: {_click_error_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort
         _interrupted(whole_process, exc)
@@ -265,6 +271,17 @@ def _main(args: list[str], whole_process: bool) -> Any:
         click.echo(f"wsi-screen: internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
                    "the traceback)", err=True)
         sys.exit(EXIT_FAILED)
+
+
+def _click_error_line(exc: click.ClickException) -> str:
+    """click's own error as the house's one line: an unknown option, a missing argument, a bad value or an option
+    clash a command refuses (a usage error, exit 2) ends with where its help is, ``(see wsi-screen tile --help)``;
+    click would print its usage block and a hint over three lines. A message's line breaks become spaces."""
+    line = re.sub(r"\s*\n\s*", " ", exc.format_message()).strip()
+    if not isinstance(exc, click.UsageError):
+        return line
+    command = exc.ctx.command_path if exc.ctx is not None else "wsi-screen"
+    return f"{line} (see {command} --help)"
 
 
 def _name_value_source(exc: click.ClickException) -> click.ClickException:

@@ -186,10 +186,10 @@ def test_train_weights_without_an_encoder_is_refused_in_one_line(tmp_path: Path,
     assert err == ("wsi-screen: error: --weights is an --encoder's file (name the architecture it is for with "
                    "--encoder); a whole network starts from local weights with --pretrained\n")
     assert not (tmp_path / "m").exists()
-    # with neither --arch nor --encoder, what is missing is said first (click's usage error, exit 2)
+    # with neither --arch nor --encoder, what is missing is said first (a usage error: one line, exit 2)
     code, out, err = run(["train", str(tmp_path), "--weights", str(weights), "-o", str(tmp_path / "m")], capsys)
-    assert code == 2 and err.splitlines()[-1] == ("Error: Missing option '--arch' (a network to train) or --encoder "
-                                                  "(a frozen encoder to train a head on).")
+    assert code == 2 and err == ("wsi-screen: error: Missing option '--arch' (a network to train) or --encoder "
+                                 "(a frozen encoder to train a head on). (see wsi-screen train --help)\n")
     assert not (tmp_path / "m").exists()
 
 

@@ -24,8 +24,8 @@ def test_a_pattern_that_matches_nothing_says_so() -> None:
 def test_card_with_encoders_is_a_usage_error() -> None:
     res = run_cli("models", "--card", "--encoders")
     assert res.code == 2 and res.out == "", res
-    errors = [line for line in res.err_lines if line.startswith("Error:")]
-    assert errors == ["Error: --card prints a model's card and --encoders lists encoders: give one of them"], res
+    assert res.err_lines == ["wsi-screen: error: --card prints a model's card and --encoders lists encoders: give "
+                             "one of them (see wsi-screen models --help)"], res
 
 
 def test_all_with_encoders_or_card_is_a_usage_error() -> None:
@@ -34,8 +34,8 @@ def test_all_with_encoders_or_card_is_a_usage_error() -> None:
                            ("--card", "--card prints one model's card")):
         res = run_cli("models", other, "--all")
         assert res.code == 2 and res.out == "", res
-        errors = [line for line in res.err_lines if line.startswith("Error:")]
-        assert errors == [f"Error: --all lists all of timm's architectures; {meaning}: drop --all"], res
+        assert res.err_lines == [f"wsi-screen: error: --all lists all of timm's architectures; {meaning}: drop "
+                                 "--all (see wsi-screen models --help)"], res
 
 
 def test_card_of_a_missing_folder_says_there_is_no_such_folder(tmp_path: Path) -> None:
