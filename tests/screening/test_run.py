@@ -201,6 +201,36 @@ def test_failed_and_empty_slides_are_rows(tmp_path: Path, cmu_svs: Path) -> None
     assert not list((tmp_path / "run").glob("*.partial"))
 
 
+def test_a_slide_that_fails_on_a_rerun_has_its_earlier_results_moved_aside(tmp_path: Path, example_slide: Path,
+                                                                           demo_run: Path) -> None:
+    """A rerun on a slide since truncated used to leave the first run's heatmap, GeoJSON and scores in RUN/<slide>/
+    beside an error row, without a word: they are moved to RUN/<slide>/stale/, named in one warning."""
+    name = example_slide.stem
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("stores"))
+    before = {f: (run / name / f).read_bytes() for f in runfolder.SLIDE_FILES}
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(example_slide, src / example_slide.name)
+    with (src / example_slide.name).open("r+b") as fh:
+        fh.truncate(100_000)
+    res = run_cli("infer", src, "-o", run, "--workers", "0", "--quiet")
+    assert res.code == 1 and "Traceback" not in res.err
+    row = read_results(run)[name]
+    assert row["status"] == "error" and "truncated or corrupt TIFF" in row["error"]
+    stale = run / name / "stale"
+    assert sorted(p.name for p in (run / name).iterdir()) == ["stale"]  # nothing left that looks current
+    assert {f: (stale / f).read_bytes() for f in runfolder.SLIDE_FILES} == before  # nothing lost
+    moved = [line for line in res.err_lines if "moved to" in line]
+    assert len(moved) == 1 and name in moved[0] and str(stale) in moved[0], res.err
+    assert runfolder.slide_folders(run) == []
+    assert f"heatmap of {name}" not in (run / "report.html").read_text(encoding="utf-8")
+    # a second failing run finds nothing more to move, and says nothing of it
+    again = run_cli("infer", src, "-o", run, "--workers", "0", "--quiet")
+    assert again.code == 1 and not any("moved to" in line for line in again.err_lines)
+    assert {f: (stale / f).read_bytes() for f in runfolder.SLIDE_FILES} == before
+
+
 def test_bad_labels_file(tmp_path: Path, example_slide: Path) -> None:
     bad = tmp_path / "labels.csv"
     bad.write_text("name,truth\nx,1\n")

@@ -9,7 +9,8 @@ behind :meth:`PatchStore.read`). ``keep_patches`` writes lz4 pixel stores as bef
 same bytes, so the same scores). Slides already scored with the same model and store are reused on a rerun;
 aggregation is recomputed from their scores, so changing the slide rule or its threshold costs nothing. A
 failing slide becomes a row with
-``status=error`` and its reason, and the run goes on.
+``status=error`` and its reason, and the run goes on; results an earlier run left for it are moved to
+``RUN/<slide>/stale/`` so that they do not look current.
 
 The slide-level rule and threshold come from the model folder's ``slide_rule.json`` (chosen on labelled
 slides by ``scripts/calibrate_slide_rule.py``), unless the user overrides them.
@@ -314,6 +315,7 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
             seconds = row.extra.setdefault("seconds", {})
             seconds["outputs"] = round(seconds.get("outputs", 0.0) + time.perf_counter() - before, 3)
         row.label = labels.get(row.name, "")
+    set_aside_failed(run, rows)
     warn_lossy_stores(rows)
     if labels:
         warn_unmatched_labels(labels, {r.name for r in rows})
@@ -361,6 +363,23 @@ def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
         shown = few(earlier)
         log.warning("%s: %d slide folder(s) of an earlier run are not in this run's %s (kept as they are): %s",
                     run, len(earlier), runfolder.RESULTS_CSV, shown)
+
+
+def set_aside_failed(run: Path, rows: Sequence[SlideRow]) -> None:
+    """Move the results an earlier run left for each slide this run failed on into ``RUN/<slide>/stale/``
+    (:func:`~wsi_screen.screening.runfolder.set_aside`), with a warning naming the slide and where they went: beside
+    an error row, an old heatmap and GeoJSON would pass for this run's (a lab imports the GeoJSON into QuPath)."""
+    for row in rows:
+        if row.status != STATUS_ERROR:
+            continue
+        try:
+            stale = runfolder.set_aside(run, row.name)
+        except WsiScreenError as exc:
+            log.warning("%s: failed in this run, and its earlier results could not be moved aside: %s", row.name, exc)
+            continue
+        if stale is not None:
+            log.warning("%s: failed in this run; the earlier run's results of it (%s) were moved to %s: they are "
+                        "not this run's", row.name, ", ".join(runfolder.SLIDE_FILES), stale)
 
 
 def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig,

@@ -15,6 +15,8 @@
         scores.csv           one row per patch: index, x, y (level 0), tissue, p_<class> for every class
         heatmap.png          positive-class probability over the thumbnail, the call in its title, its foci outlined
         patches.geojson      QuPath FeatureCollection: the call's foci (annotations), then one polygon per patch
+        stale/               only for a slide the latest run failed on: the four files above as an earlier run
+                             left them, moved aside so that they do not look current (see set_aside)
 
 Every file is written atomically (temporary name, fsync, rename); a slide's folder is assembled under
 ``<slide>.partial`` and renamed into place when complete, so nothing in RUN is ever half-written.
@@ -33,7 +35,16 @@ from typing import Any
 
 import numpy as np
 
-from wsi_screen._safe_write import LockTaken, acquire, atomic_write_text, fsync_tree, lock_path, swap_in, write_failed
+from wsi_screen._safe_write import (
+    LockTaken,
+    acquire,
+    atomic_write_text,
+    fsync_dir,
+    fsync_tree,
+    lock_path,
+    swap_in,
+    write_failed,
+)
 from wsi_screen.errors import RunError
 
 RESULTS_CSV = "results.csv"
@@ -47,6 +58,9 @@ SCORES_CSV = "scores.csv"
 HEATMAP_PNG = "heatmap.png"
 GEOJSON = "patches.geojson"
 PARTIAL = ".partial"
+STALE_DIR = "stale"
+#: a slide folder's result files (what :func:`set_aside` moves, slide.json last: it marks the folder finished)
+SLIDE_FILES = (SCORES_CSV, HEATMAP_PNG, GEOJSON, SLIDE_JSON)
 #: run.json's ``aggregate.source`` when the slide rule rests on no calibration (the model folder has none)
 FALLBACK_SOURCE = "fallback"
 
@@ -239,6 +253,36 @@ def slide_folders(run: Path) -> list[str]:
         return sorted(p.parent.name for p in Path(run).glob(f"*/{SLIDE_JSON}") if not p.parent.name.startswith("."))
     except OSError:
         return []
+
+
+def set_aside(run: Path, name: str) -> Path | None:
+    """Move the result files (:data:`SLIDE_FILES`) an earlier run left in ``RUN/<name>/`` into
+    ``RUN/<name>/stale/`` (replacing files of the same names there), under the slide's lock: for a slide the
+    latest run failed on, whose old heatmap and GeoJSON would otherwise look current. Nothing is deleted; the
+    next successful run of the slide replaces the whole folder. Returns the ``stale`` folder, or None when
+    ``RUN/<name>`` holds no finished result or another process is writing it (its results will be current)."""
+    if name not in slide_folders(run):
+        return None
+    folder = slide_dir(run, name)
+    try:
+        lock = acquire(folder)
+    except LockTaken:
+        return None
+    except OSError as exc:
+        raise write_failed(lock_path(folder), exc) from exc
+    stale = folder / STALE_DIR
+    try:
+        stale.mkdir(exist_ok=True)
+        for filename in SLIDE_FILES:
+            if (folder / filename).exists():
+                (folder / filename).replace(stale / filename)
+        fsync_dir(stale)
+        fsync_dir(folder)
+    except OSError as exc:
+        raise write_failed(stale, exc) from exc
+    finally:
+        lock.release()
+    return stale
 
 
 def read_slide(run: Path, name: str) -> dict[str, Any]:
