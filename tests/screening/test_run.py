@@ -298,8 +298,9 @@ def test_a_run_keeps_no_patch_pixels_unless_asked_and_both_score_alike(demo_run:
                for a, b in zip(streamed, stored, strict=True))
 
 
-def test_infer_stores_reuses_a_store_of_any_codec(tmp_path: Path, example_slide: Path) -> None:
-    """`tile`'s default stores are JPEG: `infer --stores` reuses them (the same patches, kept another way)."""
+def test_infer_stores_reuses_a_store_of_any_codec(tmp_path: Path, example_slide: Path, demo_run: Path) -> None:
+    """`tile`'s default stores are JPEG: `infer --stores` reuses them (the same patches, kept another way); a plain
+    rerun into that run folder does not reuse its JPEG-derived scores (it used to: "1 slide(s) reused")."""
     stores = tmp_path / "stores"
     assert run_cli("tile", example_slide, "-o", stores, "--mpp", "0.972", "--size", "96", "--quiet").code == 0
     store = stores / "CMU-1-Small-Region.zarr"
@@ -324,6 +325,17 @@ def test_infer_stores_reuses_a_store_of_any_codec(tmp_path: Path, example_slide:
     run_json = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run_json["slides"][0]["reused"] and run_json["slides"][0]["store_pixels"] == jpeg
     assert sum("JPEG-compressed patches" in line for line in again.err_lines) == 1
+    # a plain rerun reads its own stores (coordinates-only, the slide's pixels), so it rescores
+    plain = run_cli("infer", example_slide, "-o", tmp_path / "run", "--workers", "0")
+    assert plain.code == 0, plain
+    assert "0 slide(s) reused" in plain.out and not any("compressed patches" in line for line in plain.err_lines)
+    name = "CMU-1-Small-Region"
+    assert (tmp_path / "run" / name / "scores.csv").read_bytes() == (demo_run / name / "scores.csv").read_bytes()
+    assert read_results(tmp_path / "run")[name]["store"] == f"stores/{name}.zarr"
+    assert not PatchStore.open(tmp_path / "run" / "stores" / f"{name}.zarr").has_pixels
+    run_json = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_json["tiling"]["scored_from"] == [{"pixels": "none", "codec": None, "n_slides": 1}]
+    assert not run_json["slides"][0]["reused"]
 
 
 def test_infer_stores_of_lz4_patches_score_exactly_as_a_run_on_the_slide(tmp_path: Path, example_slide: Path,

@@ -90,9 +90,11 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     File > Import objects; the counted foci as annotations, tiles classed at the call's patch threshold) and
     scores.csv.
 
-    A rerun reuses finished slides. A slide that fails (corrupt, unreadable, or crashing or hanging the
-    slide reader, which runs in its own process) is a row with status=error and its reason; the others
-    still finish and the exit status is 1. Details and tracebacks go to RUN/wsi-screen.log.
+    A rerun reuses finished slides scored from the stores it would read (a rerun without --stores rescores
+    slides scored from a --stores folder). A slide that fails (corrupt, unreadable, or crashing or hanging
+    the slide reader, which runs in its own process) is a row with status=error and its reason, and results
+    an earlier run left for it are moved to RUN/<slide>/stale/; the others still finish and the exit status
+    is 1. Details and tracebacks go to RUN/wsi-screen.log.
 
     \b
     Examples:

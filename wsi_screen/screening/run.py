@@ -383,11 +383,13 @@ def set_aside_failed(run: Path, rows: Sequence[SlideRow]) -> None:
 
 
 def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig,
-           call: isolation.Caller) -> bool:
-    """Whether RUN/<slide> holds this slide scored by this model from the store this run would make now:
+           stores: str, call: isolation.Caller) -> bool:
+    """Whether RUN/<slide> holds this slide scored by this model from the store this run would read now: the
+    slide's store in ``stores`` (not another folder's, whose patches may be another codec's), unchanged since,
     same model and arithmetic (precision), same slide file, same resolution (value and source) and tiling
     settings. Anything else is recomputed (the slide rule is applied afresh on every run)."""
     from wsi_screen.tiling.pipeline import store_is_current
+    from wsi_screen.tiling.store import store_location
 
     path = runfolder.slide_dir(run, source.name) / runfolder.SLIDE_JSON
     if not path.exists() or tile_cfg.overwrite:
@@ -400,6 +402,8 @@ def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, An
                 or done.get("source") != str(source.path):
             return False
         store = runfolder.resolve_path(done["store"], run)
+        if runfolder.portable_path(store, run) != runfolder.portable_path(store_location(stores, source.name), run):
+            return False
         if done.get("store_digest") != store_digest(store):
             return False
         current, mpp, mpp_source = call(store_is_current, source, store, tile_cfg)
@@ -439,7 +443,7 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
 
     row = SlideRow(source.name, str(source.path))
     start = time.perf_counter()
-    if _reuse(job.run, source, row, job.model_id, job.tile, call):
+    if _reuse(job.run, source, row, job.model_id, job.tile, job.stores, call):
         row.extra["seconds"] = {"reuse_check": round(time.perf_counter() - start, 3)}
         return row
     result = tile_isolated(call, source, job.stores, job.tile, on_error=job.on_error)
