@@ -3,6 +3,7 @@ per bad slide."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,29 @@ def test_a_slide_linked_under_another_name_embeds_and_screens(embedded: tuple[Pa
     assert res.code == 0, res
     rows = (tmp_path / "run" / "results.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("patientA,ok,")
+
+
+def test_a_coordinates_only_store_of_a_moved_slide_names_the_cli_way_out(embedded: tuple[Path, object],
+                                                                         example_slide: Path, tmp_path: Path) -> None:
+    """`embed STORE` of a coordinates-only store whose slide has moved used to end in a Python-only hint
+    (PatchStore.open(..., slide=PATH)); it names the command's way out, which works: the slide with --stores."""
+    out, _ = embedded
+    name = example_slide.stem
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(example_slide, tmp_path / "a" / example_slide.name)
+    stores = tmp_path / "stores"
+    assert run_cli("tile", tmp_path / "a" / example_slide.name, "-o", stores, "--pixels", "none", "--mpp", "0.972",
+                   "--size", "96", "--quiet").code == 0
+    moved = (tmp_path / "a" / example_slide.name).rename(tmp_path / "b" / example_slide.name)
+    res = run_cli("embed", stores, "--encoder", "default", "-o", tmp_path / "emb", "--workers", "0")
+    errors = [line for line in res.err_lines if line.startswith("wsi-screen: error:")]
+    assert res.code == 1 and len(errors) == 1 and "Traceback" not in res.err, res
+    assert f"screen or embed it at its new path with --stores={stores}" in errors[0]
+    res = run_cli("embed", moved, "--stores", stores, "--encoder", "default", "-o", tmp_path / "emb", "--workers", "0")
+    assert res.code == 0 and "1 embedded" in res.err, res
+    np.testing.assert_array_equal(FeatureStore(tmp_path / "emb" / f"{name}.zarr").features,
+                                  FeatureStore(out / f"{name}.zarr").features)
 
 
 def test_inputs_without_slides_are_one_line_as_in_infer(tmp_path: Path) -> None:

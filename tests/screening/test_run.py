@@ -358,6 +358,37 @@ def test_infer_stores_of_lz4_patches_score_exactly_as_a_run_on_the_slide(tmp_pat
     assert streamed["tiling"]["scored_from"] == [{"pixels": "none", "codec": None, "n_slides": 1}]
 
 
+def test_infer_stores_reads_a_coordinates_only_store_from_the_moved_slide_it_is_given(tmp_path: Path,
+                                                                                     example_slide: Path,
+                                                                                     demo_run: Path) -> None:
+    """A coordinates-only store whose slide has moved used to fail `infer SLIDE --stores DIR` ("... reads its
+    patches from the slide <old path> ... PatchStore.open(..., slide=PATH)") though the slide was given: the run
+    now reads the slide it was given (the store's fingerprint matched it), with a plain run's scores."""
+    name = example_slide.stem
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(example_slide, tmp_path / "a" / example_slide.name)
+    stores = tmp_path / "stores"
+    assert run_cli("tile", tmp_path / "a" / example_slide.name, "-o", stores, "--pixels", "none", "--mpp", "0.972",
+                   "--size", "96", "--quiet").code == 0
+    moved = (tmp_path / "a" / example_slide.name).rename(tmp_path / "b" / example_slide.name)
+    before = (stores / f"{name}.zarr" / "zarr.json").read_bytes()
+    res = run_cli("infer", moved, "-o", tmp_path / "run", "--stores", stores, "--workers", "0")
+    assert res.code == 0, res
+    assert (stores / f"{name}.zarr" / "zarr.json").read_bytes() == before  # reused, not re-tiled
+    assert (tmp_path / "run" / name / "scores.csv").read_bytes() == (demo_run / name / "scores.csv").read_bytes()
+    row = read_results(tmp_path / "run")[name]
+    assert row["status"] == "ok" and row["source"] == str(moved)
+    assert row["score"] == read_results(demo_run)[name]["score"]
+    assert "patch pixels unavailable" not in res.err  # the report's top patches were read from the moved slide too
+    # in Python: score() reads the store from the slide it was opened with (it used to reopen it without)
+    import wsi_screen
+
+    with PatchStore.open(stores / f"{name}.zarr", slide=moved) as store:
+        probs = wsi_screen.score(store).probabilities
+    assert np.allclose(probs, runfolder.read_scores(demo_run / name / "scores.csv").probs, atol=1e-6)
+
+
 def test_run_infer_raises_by_default_and_records_for_the_command(tmp_path: Path, slides_dir: Path) -> None:
     """on_error: the library raises a slide's failure; the command's policy ("record") makes it a row."""
     from tests.corpus import corrupt_tiles

@@ -36,7 +36,9 @@ from wsi_screen.commands._options import (
               help="Folder of patch stores to reuse and tile into (default OUT/stores). A store there that holds "
                    "these patches (any codec, or coordinates only) is reused, and its pixels are embedded: a "
                    "JPEG store's (tile's default) are not exactly the slide's, lz4 and coordinates-only ones are; "
-                   "one made with other settings is refused (in OUT/stores it is re-tiled).")
+                   "one made with other settings is refused (in OUT/stores it is re-tiled). A coordinates-only "
+                   "store reads its patches from the slide given here, which may have moved since it was tiled "
+                   "(the same file by its fingerprint).")
 @click.option("--keep-patches", is_flag=True,
               help="Write the patch pixels into the stores (lz4, lossless). By default a store holds only the "
                    "patches' coordinates, tissue and a thumbnail (a few MB), and the patches are read from the "

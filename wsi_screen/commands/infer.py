@@ -48,7 +48,9 @@ if TYPE_CHECKING:
                    "other settings than the model needs are refused. Any `tile --codec`, or `tile --pixels none`, "
                    "is reused (the same patch grid), but only lz4 and coordinates-only stores give exactly the "
                    "scores of a run on the slide: `tile`'s default JPEG patches move them slightly (run.json "
-                   "records each slide's store codec, and the run warns; see docs/store.md).")
+                   "records each slide's store codec, and the run warns; see docs/store.md). A coordinates-only "
+                   "store reads its patches from the slide given here, which may have moved since it was tiled "
+                   "(the same file by its fingerprint).")
 @click.option("--keep-patches", is_flag=True,
               help="Keep every patch's pixels in the slide's store (lz4). By default a run keeps none: the store "
                    "holds coordinates, tissue, thumbnail, mask and stain fit, and patches are read from the slide, "

@@ -105,9 +105,10 @@ def check_store(attrs: dict[str, Any], config: EmbedConfig, location: str) -> No
 
 
 def embed_store(name: str, source: str, location: str, out: Path, encoder: Encoder,
-                config: EmbedConfig, reader: isolation.Caller | None = None) -> EmbedResult:
+                config: EmbedConfig, reader: isolation.Caller | None = None, slide: str | None = None) -> EmbedResult:
     """Embed one patch store into ``OUT/<name>.zarr`` (or skip it when up to date); ``reader`` runs the slide
-    reads of a coordinates-only store (the slide reader's child, see :mod:`wsi_screen.screening.score`)."""
+    reads of a coordinates-only store (the slide reader's child, see :mod:`wsi_screen.screening.score`), from
+    ``slide`` when given (a slide tiled into, or matched with, that store: it may have moved since)."""
     from wsi_screen.screening.score import plan_batches, stream_batches
 
     started = time.perf_counter()
@@ -124,7 +125,8 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
         log.warning("%s: %s", name, lossy)
     features = np.zeros((n, encoder.dim), dtype=config.dtype)
     items = plan_batches([(location, n)], config.batch_size)
-    with stream_batches(items, workers=config.loader_workers, reader=reader) as batches, \
+    with stream_batches(items, workers=config.loader_workers, reader=reader,
+                        slides={location: slide} if slide else None) as batches, \
             progress.bar(total=n, desc=name[:30], unit="patch", leave=False) as bar:
         for index, batch in batches:
             _loc, start, stop = items[int(index)]
@@ -208,7 +210,8 @@ def _embed_slide(source: SlideSource, stores: str, out: Path, encoder: Encoder, 
         runlog.record_traceback(source.name, tiled.traceback)
         return EmbedResult(source.name, str(source.path), "failed", message=message)
     try:
-        result = embed_store(source.name, str(source.path), tiled.store, out, encoder, config, reader=call)
+        result = embed_store(source.name, str(source.path), tiled.store, out, encoder, config, reader=call,
+                             slide=str(source.path))
     except Exception as exc:  # the per-slide boundary: one slide's failure ends only it
         return _failed(source.name, str(source.path), exc, on_error)
     result.seconds["tile"] = round(time.perf_counter() - started - sum(result.seconds.values()), 3)

@@ -285,7 +285,8 @@ def score(store_or_slide: PatchStore | Slide, model: ModelLike = None, *, batch_
     before = model.decision_thresholds
     model.decision_thresholds = decision_thresholds(model, _rule(model))  # as infer scores for this rule
     try:
-        ((_, probs, distance),) = list(score_stores([store.location], model, batch_size=batch_size))
+        slides = {store.location: store.slide_path} if store.slide_path else None  # opened with a moved slide
+        ((_, probs, distance),) = list(score_stores([store.location], model, batch_size=batch_size, slides=slides))
     finally:
         model.decision_thresholds = before
     spec = model.spec

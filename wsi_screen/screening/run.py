@@ -463,7 +463,10 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
                                                        *decision_thresholds(classifier, job.aggregate)}))
         for _location, probs, distance in score_stores([result.store], classifier, batch_size=job.batch_size,
                                                        workers=job.loader_workers, desc=source.name[:30],
-                                                       read_threads=job.workers, reader=call):
+                                                       read_threads=job.workers, reader=call,
+                                                       # the slide this run was given: the store's fingerprint
+                                                       # matched it (a coordinates-only store of a moved slide)
+                                                       slides={result.store: str(source.path)}):
             scored = time.perf_counter()
             write_slide_folder(job.run, row, result.store, probs, classifier, job.model_id, job.aggregate,
                                distance=distance)

@@ -90,9 +90,14 @@ def open_run(path: str | Path) -> RunView:
 
 
 def _store(view: RunView, slide: str) -> Any:
+    """The slide's store, reading a coordinates-only store's patches from the slide file the run scored (which
+    may have moved since the store was tiled; the store checks its fingerprint)."""
     from wsi_screen.tiling.store import PatchStore
 
-    return PatchStore.open(runfolder.resolve_path(view.slide_json(slide)["store"], view.path))
+    info = view.slide_json(slide)
+    source = info.get("source")
+    return PatchStore.open(runfolder.resolve_path(info["store"], view.path),
+                           slide=source if source and Path(source).exists() else None)
 
 
 def top_patches(view: RunView, slide: str, n: int = 8) -> list[TopPatch]:

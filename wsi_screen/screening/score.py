@@ -63,10 +63,11 @@ class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
     """
 
     def __init__(self, items: Sequence[tuple[str, int, int]], read_threads: int = 2,
-                 reader: Caller | None = None) -> None:
+                 reader: Caller | None = None, slides: Mapping[str, str] | None = None) -> None:
         self.items = list(items)
         self.read_threads = read_threads
         self.reader = None if reader is isolation.direct else reader
+        self.slides = dict(slides or {})
         self._open: dict[str, PatchStore] = {}
         self._reader_holds = False  # the reader holds a store open (closed with ours)
 
@@ -77,11 +78,12 @@ class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
         location, start, stop = self.items[index]
         store = self._open.get(location)
         if store is None:
-            store = self._open[location] = PatchStore.open(location, workers=self.read_threads)
+            store = self._open[location] = PatchStore.open(location, workers=self.read_threads,
+                                                           slide=self.slides.get(location))
         if self.reader is None or store.has_pixels:
             return index, torch.from_numpy(np.ascontiguousarray(store.read(slice(start, stop))))
         self._reader_holds = False  # a failed read leaves nothing to close (a crashed or hung child was replaced)
-        patches = self.reader(read_rows, location, start, stop, self.read_threads)
+        patches = self.reader(read_rows, location, start, stop, self.read_threads, self.slides.get(location))
         self._reader_holds = True
         return index, torch.from_numpy(patches)
 
@@ -98,11 +100,12 @@ class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
                 log.debug("closing the slide reader's store: %s", exc)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"items": self.items, "read_threads": self.read_threads}
+        return {"items": self.items, "read_threads": self.read_threads, "slides": self.slides}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.items = state["items"]
         self.read_threads = state.get("read_threads", 2)
+        self.slides = state.get("slides", {})
         self.reader = None
         self._open = {}
         self._reader_holds = False
@@ -152,11 +155,14 @@ def check_store_matches_model(attrs: Mapping[str, Any], spec: ModelSpec, locatio
 
 def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch_size: int = 128,
                  workers: int = 0, desc: str = "scoring", read_threads: int = 2,
-                 reader: Caller | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+                 reader: Caller | None = None,
+                 slides: Mapping[str, str] | None = None) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
     """Yield ``(location, probabilities (N, C), domain distances (N,) or None)`` for each store, in order, as
     soon as it is scored (distances when the model has a domain model, from the same forward pass).
     ``read_threads``: slide reader threads of coordinates-only stores; ``reader``: where their slide reads run
-    (see the module docstring; None: here)."""
+    (see the module docstring; None: here); ``slides``: by location, the slide file a coordinates-only store
+    reads its patches from instead of the one it records (a moved slide, checked by fingerprint; see
+    :meth:`PatchStore.open <wsi_screen.tiling.store.PatchStore.open>`)."""
     sizes = []
     for location in locations:
         store = PatchStore.open(location)
@@ -175,7 +181,7 @@ def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch
                 yield loc, per_store.pop(loc), per_store_d.pop(loc, None)
 
     total = sum(n for _, n in sizes)
-    with stream_batches(items, workers=workers, read_threads=read_threads, reader=reader,
+    with stream_batches(items, workers=workers, read_threads=read_threads, reader=reader, slides=slides,
                         pin_memory=classifier.device.type == "cuda") as loader, \
             progress.bar(total=total, desc=desc, unit="patch") as bar:
         order = {loc: i for i, (loc, _) in enumerate(sizes)}
@@ -193,12 +199,13 @@ def score_stores(locations: Sequence[str], classifier: PatchClassifier, *, batch
 
 @contextlib.contextmanager
 def stream_batches(items: Sequence[tuple[str, int, int]], *, workers: int = 0, read_threads: int = 2,
-                   reader: Caller | None = None,
+                   reader: Caller | None = None, slides: Mapping[str, str] | None = None,
                    pin_memory: bool = False) -> Iterator[Iterator[tuple[int, torch.Tensor]]]:
     """The batches ``items`` of :class:`StoreBatches`, ``(index, uint8 NHWC tensor)`` in order, read
     :data:`PREFETCH_BATCHES` ahead of the caller (:func:`make_loader`, :func:`prefetch`). On leaving, the reading
-    thread is stopped first, then the slides it read from (here and in ``reader``) are closed."""
-    dataset = StoreBatches(items, read_threads, reader)
+    thread is stopped first, then the slides it read from (here and in ``reader``) are closed. ``slides``: as
+    :func:`score_stores` takes them."""
+    dataset = StoreBatches(items, read_threads, reader, slides)
     loader = prefetch(make_loader(dataset, workers, pin_memory=pin_memory), PREFETCH_BATCHES)
     try:
         yield loader

@@ -56,7 +56,10 @@ class SlidePatches:
                                force_mpp=info.get("mpp"), force_mpp_warning=False)  # warned of when tiled
         except SlideOpenError as exc:
             raise StoreError(f"{location}: reads its patches from the slide {path}, which cannot be opened "
-                             f"({exc}); pass the slide's new path (PatchStore.open(..., slide=PATH))") from exc
+                             f"({exc}); if the slide has moved, screen or embed it at its new path with "
+                             f"`stores`={location.rstrip('/').rpartition('/')[0] or '.'} (the same file is "
+                             "recognised by its fingerprint), or open the store with PatchStore.open(..., "
+                             "slide=PATH)") from exc
         if info.get("fingerprint") and self.slide.info.fingerprint != info["fingerprint"]:
             self.slide.close()
             raise StoreError(f"{location}: the slide {path} is not the file this store was made from (another "

@@ -387,6 +387,11 @@ class PatchStore:
         return dict(self.attrs.get(ATTR_SETTINGS, {}))
 
     @property
+    def slide_path(self) -> str | None:
+        """The slide file given to :meth:`open` (a moved slide), None when the store reads the one it records."""
+        return self._slide_path
+
+    @property
     def has_pixels(self) -> bool:
         """False for a coordinates-only store, whose patches are read from the slide."""
         return self.attrs.get(ATTR_PIXELS, "store") != "none"
@@ -576,16 +581,17 @@ class PatchDataset:
 
 
 # ------------------------------------------------ reads made in the slide reader's child process (one store open)
-_open_store: tuple[str, PatchStore] | None = None
+_open_store: tuple[tuple[str, str | None], PatchStore] | None = None
 
 
-def read_rows(location: str, start: int, stop: int, workers: int = 2) -> np.ndarray:
+def read_rows(location: str, start: int, stop: int, workers: int = 2, slide: str | None = None) -> np.ndarray:
     """Patches ``start:stop`` of the store at ``location`` (uint8 (n, S, S, 3)), read where this runs: the slide
-    reader's child, through its caller. The store stays open for the next batch; another location closes it."""
+    reader's child, through its caller (``slide``: as :meth:`PatchStore.open` takes it). The store stays open for
+    the next batch; another location or slide closes it."""
     global _open_store
-    if _open_store is None or _open_store[0] != location:
+    if _open_store is None or _open_store[0] != (location, slide):
         close_rows()
-        _open_store = (location, PatchStore.open(location, workers=workers))
+        _open_store = ((location, slide), PatchStore.open(location, workers=workers, slide=slide))
     return np.asarray(_open_store[1].read(slice(start, stop)))
 
 
