@@ -420,7 +420,7 @@ def test_call_slide_overrides_and_foci(scores: Any, model: Any) -> None:
     # foci are regions of >= min_focus_patches (6) at p >= 0.8 whatever the rule: this slide's largest has 5, so
     # the max call has none; its evidence is the highest patch
     assert call.aggregate.call_patch_threshold == 0.8 and call.aggregate.min_focus_patches == 6
-    assert call.foci == () and call.metastasis == "none" and call.largest_focus_mm is None
+    assert call.foci == () and call.metastasis == "none" and call.largest_focus_mm == 0.0
     assert call.result.evidence_indices == (int(np.argmax(scores.positive)),)
     # patch counts: at the call's patch threshold (the pictures' tumour tiles), and at the model's own
     p = np.round(scores.positive, 6)

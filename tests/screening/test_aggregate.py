@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,7 +182,8 @@ def test_foci_need_min_focus_patches_whatever_the_rule_but_the_region_rules_larg
     as_max = AggregateConfig(rule="max", slide_threshold=0.95, region_threshold=0.8, min_focus_patches=6)
     res = diagnose(values, as_max, positive="tumour", negative="normal", grid=grid)
     assert res.diagnosis == "tumour" and res.foci == () and res.n_foci == 0 and res.metastasis == "none"
-    assert res.largest_focus_mm is None and res.focus_indices == []
+    # no focus measures 0 mm, as on a negative slide (it was None, a blank results.csv cell, on positive calls)
+    assert res.largest_focus_mm == 0.0 and res.tumour_area_mm2 == 0.0 and res.focus_indices == []
     # the call's evidence is the patch that decided it (row 8, col 8 in input order)
     assert res.evidence_indices == (8 * 12 + 8,)
     assert res.n_call_positive == 3 and res.n_positive_patches == int(np.sum(values >= as_max.patch_threshold))
@@ -194,6 +196,23 @@ def test_foci_need_min_focus_patches_whatever_the_rule_but_the_region_rules_larg
     values, grid = _on_grid(p)
     res = diagnose(values, as_max, positive="tumour", negative="normal", grid=grid)
     assert res.n_foci == 1 and res.foci[0].n_patches == 6 and res.metastasis == "micro"
+
+
+def test_a_region_call_needs_a_region_even_at_slide_threshold_0() -> None:
+    p = np.full((6, 6), 0.1)
+    values, grid = _on_grid(p)
+    at_zero = AggregateConfig(rule="region", slide_threshold=0.0, region_threshold=0.8)
+    res = diagnose(values, at_zero, positive="tumour", negative="normal", grid=grid)
+    assert res.score == 0.0 and res.diagnosis == "normal" and res.n_foci == 0 and res.metastasis == "none"
+    assert res.largest_focus_mm == 0.0 and res.tumour_area_mm2 == 0.0
+    assert not at_zero.calls(0.0) and at_zero.calls(1e-6)
+    # one patch at 0.8 is a region: any region is enough at threshold 0
+    p[2, 2] = 0.85
+    values, grid = _on_grid(p)
+    res = diagnose(values, at_zero, positive="tumour", negative="normal", grid=grid)
+    assert res.diagnosis == "tumour" and res.score > 0 and res.n_foci == 1 and res.largest_focus_mm > 0
+    # the pooled rules keep score >= threshold: a mean of 0 at threshold 0 is positive
+    assert AggregateConfig(rule="mean", slide_threshold=0.0).calls(0.0)
 
 
 def test_call_evidence_is_what_the_score_was_read_from() -> None:
@@ -238,3 +257,17 @@ def test_foci_count_in_words() -> None:
     from wsi_screen.screening.aggregate import foci_count
 
     assert [foci_count(n) for n in (0, 1, 2)] == ["0 foci", "1 focus", "2 foci"]
+
+
+def test_results_row_of_a_region_call_without_a_region(tmp_path: Path) -> None:
+    from wsi_screen.screening.outputs import SlideRow, write_results
+    from wsi_screen.screening.runfolder import read_results
+
+    p = np.full((6, 6), 0.1)
+    values, grid = _on_grid(p)
+    at_zero = AggregateConfig(rule="region", slide_threshold=0.0, region_threshold=0.8)
+    res = diagnose(values, at_zero, positive="tumour", negative="normal", grid=grid)
+    write_results(tmp_path, [SlideRow(name="tcga", source="tcga.svs", result=res)], at_zero, {"arch": "m"})
+    row = read_results(tmp_path)[0]
+    assert (row["diagnosis"], row["metastasis"], row["n_foci"]) == ("normal", "none", "0")
+    assert (row["largest_focus_mm"], row["tumour_area_mm2"]) == ("0.000", "0.0000")

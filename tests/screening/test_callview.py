@@ -66,6 +66,11 @@ def test_title_says_call_score_rule_metastasis_focus_and_domain() -> None:
     normal, *_ = _ctx(np.full((20, 20), 0.3), domain={"in_domain_fraction": 0.31, "out_of_domain": True})
     assert title(normal) == ("s1: normal | no focus counted\nscore 0 mm² < 0.0479 mm² (rule: largest region at "
                              "P(tumour) >= 0.8) | OUT OF DOMAIN (31 % of patches in domain): call unreliable")
+    # at slide threshold 0 a slide without any region is negative, and its title says why (not "0 mm² >= 0 mm²")
+    at_zero = AggregateConfig(rule="region", slide_threshold=0.0, region_threshold=0.8)
+    empty, *_ = _ctx(np.full((20, 20), 0.3), at_zero, domain={})
+    assert title(empty) == ("s1: normal | no focus counted\nscore 0 mm²: no region at P(tumour) >= 0.8 to call on | "
+                            "domain not checked")
     topk, *_ = _ctx(np.full((20, 20), 0.3), AggregateConfig(rule="topk", k=5, patch_threshold=0.213,
                                                             slide_threshold=0.5), domain={})
     assert title(topk).endswith("score 0.300 < 0.5 (rule: topk (k = 5)) | domain not checked")
@@ -203,7 +208,7 @@ def test_a_max_rule_call_draws_every_picture_at_one_threshold_and_marks_its_evid
     small = regions(g, 0.8)
     assert small and max(r.n_patches for r in small) < 6  # there is something a focus could be made of
     assert normal.result.foci == () and normal_row["n_foci"] == "0" and normal_row["metastasis"] == "none"
-    assert normal_row["largest_focus_mm"] == ""
+    assert normal_row["largest_focus_mm"] == "0.000"  # no focus measures 0, as on a negative slide (was blank)
     assert title(normal).split("\n")[0] == "synth_001: TUMOUR | no focus (P(tumour) >= 0.8, >= 6 patches)"
     # the command's summary and the report name the same threshold and focus size; the report counts foci in words
     assert "slide call: max score >= 0.9 -> positive; foci: regions of 6+ patches at p >= 0.8 (the pictures' " \

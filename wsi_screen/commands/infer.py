@@ -37,7 +37,8 @@ if TYPE_CHECKING:
                    "--threshold and --k are named as overrides of the model's rule in the report.")
 @click.option("--threshold", type=click.FloatRange(min=0), default=None,
               help="Slide threshold on the aggregated score: a probability, or mm^2 for region (default: "
-                   "calibrated for the model and rule).")
+                   "calibrated for the model and rule). A region call needs a region: at 0, any region at the "
+                   "patch threshold calls the slide positive, none never does.")
 @click.option("--k", "k", type=float, default=None,
               help="Patches averaged by --aggregate topk (default: calibrated). Another k keeps the threshold "
                    "calibrated for its own, with a warning: give --threshold for it.")

@@ -16,13 +16,16 @@ The first four ignore where patches are; the spatial rules need the patch grid (
 and do not drift with slide size as the others do (false positives are scattered, tumour is contiguous;
 docs/default-model.md measures both). Every rule is invariant to patch order and never decreases when a
 patch's probability increases; ``max >= topk >= mean``. A slide is called positive when its score is >=
-``slide_threshold``. A slide without patches has no score: :func:`diagnose` calls it "no tissue".
+``slide_threshold`` (:meth:`AggregateConfig.calls`), and under the region rule only when it has a region too
+(score > 0): a region call needs a region, so a slide threshold of 0 mm^2 calls a slide positive on any region at
+all, never on none. A slide without patches has no score: :func:`diagnose` calls it "no tissue".
 
 Foci: on a slide called positive, the regions at ``region_threshold`` of at least ``min_focus_patches``
 patches (the size scattered false positives practically never reach, calibrated with the rule) are its foci,
 whatever the rule; under the region rule the largest region always counts too (its area is the call's score). A
 slide called positive by another rule may have no focus (metastasis ``none``): what decided it is its evidence.
-Each slide result carries the largest focus's longest axis (mm), the total focus area (mm^2), the number of foci
+Each slide result carries the largest focus's longest axis (mm), the total focus area (mm^2; both 0 on a slide with
+no focus, positive or negative, when the patch grid is known), the number of foci
 and the metastasis category (``none``, ``itc`` < 0.2 mm, ``micro`` 0.2-2 mm, ``macro`` > 2 mm; see
 :mod:`wsi_screen.screening.spatial` for how sizes are measured on the patch grid), and the foci themselves
 (``SlideResult.foci``, largest first, each with its patches and outline): the heatmap draws and the GeoJSON exports
@@ -94,6 +97,11 @@ class AggregateConfig:
         if isinstance(self.min_focus_patches, bool) or not isinstance(self.min_focus_patches, int) \
                 or self.min_focus_patches < 1:
             raise ConfigError(f"min_focus_patches must be a count >= 1, got {self.min_focus_patches!r}")
+
+    def calls(self, score: float) -> bool:
+        """Whether a slide ``score`` by this rule is a positive call: ``score >= slide_threshold`` and, for the
+        region rule, a region to call on (``score > 0``; see the module docstring)."""
+        return score >= self.slide_threshold and (self.rule != "region" or score > 0)
 
     @property
     def label(self) -> str:
@@ -318,7 +326,7 @@ def call_evidence(probs: np.ndarray, config: AggregateConfig, grid: ScoreGrid | 
 
 def diagnose(probs: np.ndarray | Sequence[float], config: AggregateConfig, *, positive: str,
              negative: str, grid: ScoreGrid | None = None) -> SlideResult:
-    """Score a slide by ``config.rule``; call it ``positive`` (score >= slide threshold) or ``negative``.
+    """Score a slide by ``config.rule``; call it ``positive`` (:meth:`AggregateConfig.calls`) or ``negative``.
 
     With ``grid`` (the patches on their grid, :func:`wsi_screen.screening.spatial.patch_grid`) a positive call also
     measures the foci (see the module docstring); the spatial rules need it."""
@@ -328,18 +336,17 @@ def diagnose(probs: np.ndarray | Sequence[float], config: AggregateConfig, *, po
                            slide_threshold=config.slide_threshold)
     score = slide_score(p, config.rule, k=config.k, patch_threshold=config.patch_threshold, grid=grid,
                         radius=config.radius, region_threshold=config.region_threshold)
-    called = score >= config.slide_threshold
+    called = config.calls(score)
     sizes: dict[str, Any] = {"evidence_indices": call_evidence(p, config, grid)}
-    if called and grid is not None:
-        found = foci(grid, config)
+    if grid is not None:  # no focus measures 0, whatever the call
+        sizes |= {"largest_focus_mm": 0.0, "tumour_area_mm2": 0.0}
+        found = foci(grid, config) if called else []
         if found:
             made = tuple(spatial.focus(r, grid, rank) for rank, r in enumerate(found, start=1))
             largest = made[0]
             sizes |= {"metastasis": largest.category, "largest_focus_mm": largest.longest_axis_mm,
                      "tumour_area_mm2": float(sum(f.area_mm2 for f in made)), "n_foci": len(made),
                      "focus_indices": list(largest.indices), "foci": made}
-    elif grid is not None:
-        sizes |= {"largest_focus_mm": 0.0, "tumour_area_mm2": 0.0}
     return SlideResult(
         score=score, diagnosis=positive if called else negative, n_patches=int(p.size),
         top_indices=top_indices(p), rule=config.rule, slide_threshold=config.slide_threshold,

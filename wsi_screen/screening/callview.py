@@ -112,6 +112,8 @@ def score_text(result: SlideResult, aggregate: AggregateConfig, positive_class: 
         return "no patch scored"
     sign = ">=" if result.score >= aggregate.slide_threshold else "<"
     if aggregate.rule == "region":
+        if sign == ">=" and not aggregate.calls(result.score):  # at threshold 0: a region call needs a region
+            return f"score 0 mm²: no region at P({positive_class}) >= {_g(aggregate.region_threshold)} to call on"
         return (f"score {_g(result.score)} mm² {sign} {_g(aggregate.slide_threshold)} mm² (rule: largest region at "
                 f"P({positive_class}) >= {_g(aggregate.region_threshold)})")
     rule = aggregate.label

@@ -355,7 +355,7 @@ def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
         return None
     y = np.array([r.label == "positive" for r in scored], dtype=bool)
     s = np.array([r.result.score for r in scored if r.result is not None], dtype=np.float64)
-    view = binary_view(y, s >= aggregate.slide_threshold, s)
+    view = binary_view(y, np.array([aggregate.calls(float(x)) for x in s], dtype=bool), s)
     metrics: dict[str, Any] = {
         "n_slides": len(scored), "n_positive": int(y.sum()), "n_negative": int((~y).sum()),
         "unscored_labelled": sorted(r.name for r in rows if r.label and r not in scored),
