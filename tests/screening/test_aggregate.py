@@ -55,6 +55,15 @@ def test_top_k_count() -> None:
     assert top_k_count(10, 4.0) == 4
 
 
+def test_a_typed_k_is_checked_and_a_whole_count_kept_whole() -> None:
+    from wsi_screen.screening.aggregate import as_k
+
+    assert as_k(3.0) == 3 and isinstance(as_k(3.0), int) and as_k(0.25) == 0.25
+    for bad in (math.inf, 2.5, 0.0, -1.0):
+        with pytest.raises(ConfigError, match="top-k `k` must be"):
+            as_k(bad)
+
+
 @pytest.mark.parametrize("bad", [[0.2, float("nan")], [0.2, 1.5], [-0.1], [[0.1, 0.2]]])
 def test_invalid_probabilities(bad: list[float]) -> None:
     with pytest.raises(ConfigError) as err:

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
                    "calibrated for the model and rule). A region call needs a region: at 0, any region at the "
                    "patch threshold calls the slide positive, none never does.")
 @click.option("--k", "k", type=float, default=None,
-              help="Patches averaged by --aggregate topk (default: calibrated). Another k keeps the threshold "
+              help="Patches averaged by --aggregate topk: a whole count >= 1 or a share in (0, 1) (default: "
+                   "calibrated). Another k keeps the threshold "
                    "calibrated for its own, with a warning: give --threshold for it.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help="slides.csv with columns slide,label: adds slide_metrics.json and slide_roc.png.")
@@ -106,6 +107,9 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
       wsi-screen infer /shared/slides -o /shared/runs/cohort --dask tcp://10.0.0.5:8786
     """
     configure_output()
+    from wsi_screen.screening.aggregate import as_k
+
+    k_value = None if k is None else as_k(k)  # a bad --k is refused before the slow start-up
     ctx = click.get_current_context()
     if dask is None and not ctx.obj.get("debug"):
         from wsi_screen.slide import isolation
@@ -125,7 +129,6 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     target = parse_address(dask) if dask is not None else None
     mdir = Path(model_dir) if model_dir else default_model_dir()
     classifier = load_model(mdir, precision=precision, device=device)
-    k_value: int | float | None = None if k is None else (int(k) if k >= 1 else k)
     config = InferConfig(rule=rule, threshold=threshold, k=k_value, stores=stores, batch_size=batch_size,
                          workers=workers, loader_workers=loader_workers, slide_mpp=slide_mpp,
                          slide_mpps=slide_mpp_table(slide_mpp_csv),

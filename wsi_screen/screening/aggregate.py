@@ -223,6 +223,13 @@ def check_k(k: int | float) -> None:
         raise ConfigError(f"top-k `k` must be a whole count >= 1 or a share in (0, 1), got {k!r}")
 
 
+def as_k(k: float) -> int | float:
+    """A top-k ``k`` as a number typed gives it (``2.0``) checked by :func:`check_k`: a whole count as an int, a
+    share as it is."""
+    check_k(k)
+    return int(k) if k >= 1 else k
+
+
 def _check_unit(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 <= value <= 1.0):
         raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
