@@ -489,6 +489,15 @@ def test_call_slide_refuses_a_bad_k_before_warning_about_it(scores: Any, model: 
     assert [r.getMessage()[:40] for r in caplog.records] == ["`k`=3 is not the k the slide threshold 0"]
 
 
+def test_call_slide_refuses_k_for_a_rule_that_reads_none(scores: Any, model: Any) -> None:
+    """call_slide(rule="max", k=3) ignored k without a word, as `infer --aggregate region --k 3` did."""
+    for rule in ("max", None):  # None: the bundled model's calibrated rule, region
+        with pytest.raises(ConfigError) as bad:
+            wsi_screen.call_slide(scores, model, rule=rule, k=3)
+        assert str(bad.value) == (f"`k` is read by the topk rule only, and the slide rule is {rule or 'region'}: drop "
+                                  "`k`, or set `rule` to topk")
+
+
 def test_a_fallback_rule_is_warned_of_once_per_model_folder(scores: Any, tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     """A model folder without slide_rule.json: the API said so on every call (five times in one script)."""

@@ -14,6 +14,7 @@ from PIL import Image
 
 from tests.conftest import read_results, run_cli
 from tests.factory import block_image, write_tiled_tiff
+from wsi_screen.errors import ConfigError
 from wsi_screen.models import default_model_dir, load_model
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.geojson import geojson_to_coords
@@ -467,9 +468,10 @@ def test_a_k_other_than_the_thresholds_is_warned_of(caplog: pytest.LogCaptureFix
     with caplog.at_level(logging.WARNING, logger="wsi_screen"):
         agg = resolve_aggregate(folder, model, InferConfig(rule="topk", k=1000))
         assert (agg.k, agg.slide_threshold) == (1000, calibrated["threshold"])  # the threshold stays
-        for quiet in (InferConfig(rule="topk", k=calibrated["k"]), InferConfig(rule="topk", k=1000, threshold=0.9),
-                      InferConfig(rule="max", k=1000)):  # the calibrated k, a threshold given, a rule without k
-            resolve_aggregate(folder, model, quiet)
+        for quiet in (InferConfig(rule="topk", k=calibrated["k"]), InferConfig(rule="topk", k=1000, threshold=0.9)):
+            resolve_aggregate(folder, model, quiet)  # the calibrated k, a threshold given
+        with pytest.raises(ConfigError, match="`k` is read by the topk rule only, and the slide rule is max"):
+            resolve_aggregate(folder, model, InferConfig(rule="max", k=1000))  # a rule without k: refused, not quiet
     said = [r.getMessage() for r in caplog.records]
     assert said == [f"`k`=1000 is not the k the slide threshold {calibrated['threshold']:.3g} was calibrated for "
                     f"(k = {calibrated['k']}, {folder / 'slide_rule.json'}); the threshold is kept: set `threshold` "

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 @click.option("--k", "k", type=float, default=None,
               help="Patches averaged by --aggregate topk: a whole count >= 1 or a share in (0, 1) (default: "
                    "calibrated). Another k keeps the threshold "
-                   "calibrated for its own, with a warning: give --threshold for it.")
+                   "calibrated for its own, with a warning: give --threshold for it. Refused with another rule "
+                   "(none reads it).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help="slides.csv with columns slide,label: adds slide_metrics.json and slide_roc.png.")
 @click.option("--stores", type=str, default=None,

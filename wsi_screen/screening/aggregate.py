@@ -223,6 +223,14 @@ def check_k(k: int | float) -> None:
         raise ConfigError(f"top-k `k` must be a whole count >= 1 or a share in (0, 1), got {k!r}")
 
 
+def check_k_read(rule: str, k: int | float | None) -> None:
+    """Refuse a ``k`` given (not None) for a slide ``rule`` that reads none: only ``topk`` does, and another would
+    ignore it without a word."""
+    if k is not None and rule != "topk":
+        raise ConfigError(f"`k` is read by the topk rule only, and the slide rule is {rule}: drop `k`, or set `rule` "
+                          "to topk")
+
+
 def as_k(k: float) -> int | float:
     """A top-k ``k`` as a number typed gives it (``2.0``) checked by :func:`check_k`: a whole count as an int, a
     share as it is."""

@@ -23,7 +23,7 @@ import numpy as np
 from wsi_screen.errors import ConfigError, ModelMismatchError, speaks_api
 from wsi_screen.models import PatchClassifier, load_model
 from wsi_screen.screening import runfolder
-from wsi_screen.screening.aggregate import AggregateConfig, SlideResult, foci_count, top_indices
+from wsi_screen.screening.aggregate import AggregateConfig, SlideResult, check_k_read, foci_count, top_indices
 from wsi_screen.screening.outputs import call_scores, positive_column, slide_domain
 from wsi_screen.screening.run import InferConfig, decision_thresholds, fallback_rule, model_sha256, resolve_aggregate
 from wsi_screen.screening.spatial import Focus, patch_grid
@@ -184,8 +184,9 @@ def _rule(model: PatchClassifier, config: InferConfig | None = None) -> Aggregat
     config = config or InferConfig()
     if model.model_dir is None:
         given: dict[str, Any] = {"rule": config.rule, "slide_threshold": config.threshold, "k": config.k}
-        return replace(fallback_rule(model.spec.threshold),
-                       **{key: value for key, value in given.items() if value is not None})
+        fallback = fallback_rule(model.spec.threshold)
+        check_k_read(config.rule or fallback.rule, config.k)
+        return replace(fallback, **{key: value for key, value in given.items() if value is not None})
     return resolve_aggregate(model.model_dir, model, config)
 
 

@@ -41,6 +41,7 @@ from wsi_screen.screening.aggregate import (
     STATUS_ERROR,
     AggregateConfig,
     check_k,
+    check_k_read,
 )
 from wsi_screen.screening.outputs import (
     SlideRow,
@@ -191,7 +192,8 @@ def calibrated_rule(model_dir: Path, patch_threshold: float) -> tuple[AggregateC
 def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: InferConfig) -> AggregateConfig:
     """The slide rule: calibrated in the model folder, overridden by ``config.rule``, ``threshold`` and ``k``; a
     folder without one gets :func:`fallback_rule`, warned of once per folder in a process. A ``k`` other than the
-    one the kept threshold was calibrated for is warned of (the threshold stays)."""
+    one the kept threshold was calibrated for is warned of (the threshold stays); a ``k`` for a rule other than
+    topk is refused (:func:`~wsi_screen.screening.aggregate.check_k_read`)."""
     if config.k is not None:
         check_k(config.k)  # before a warning about it
     spec = classifier.spec
@@ -207,6 +209,7 @@ def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: Infe
         log.warning("%s: no %s; using the fallback rule %s with slide threshold %.2f", model_dir,
                     SLIDE_RULE_JSON, base.rule, base.slide_threshold)
     rule = config.rule or base.rule
+    check_k_read(rule, config.k)
     threshold, k, radius, region_threshold = base.slide_threshold, base.k, base.radius, base.region_threshold
     calibrated_threshold = path.exists()  # the threshold was chosen for the rule at k (not a default)
     if config.rule and config.rule != base.rule:
