@@ -3,6 +3,7 @@ outlined with their sizes, one key for what was drawn."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -97,6 +98,22 @@ def test_heatmap_names_the_call_threshold_and_outlines_every_focus_with_its_size
 
     out = draw_heatmap(tmp_path / "h.png", store, coords, probs, ctx)
     assert drawn_with(out) == views_key(ctx)
+
+
+def test_the_legend_says_the_region_rules_largest_counts_under_the_focus_size() -> None:
+    """CMU-1 at --threshold 0.01: one outlined focus of 5 patches under a legend of '>= 6 patches'."""
+    from wsi_screen.screening.callview import outline_legend
+
+    p = np.full((20, 20), 0.3)
+    p[5, 5:10] = 0.9  # one region of 5 patches at 0.8: under min_focus_patches (6), counted as the region rule's score
+    ctx, coords, probs, store = _ctx(p, replace(RULE, slide_threshold=0.01))
+    assert ctx.result is not None and ctx.result.diagnosis == "tumour" and [f.n_patches for f in ctx.foci] == [5]
+    legend = "1 focus counted (largest bold): P(tumour) >= 0.8, >= 6 patches, and the largest region (5 patches)"
+    assert outline_legend(ctx) == legend
+    assert legend in _texts(heatmap_figure(store, coords, probs, ctx))
+    # foci of the focus size need no such words; a slide without foci has no legend
+    assert outline_legend(_ctx(_positive())[0]) == "2 foci counted (largest bold): P(tumour) >= 0.8, >= 6 patches"
+    assert outline_legend(_ctx(np.full((5, 5), 0.3))[0]) == ""
 
 
 def test_a_normal_slide_reads_blue_and_outlines_nothing() -> None:

@@ -34,7 +34,7 @@ from wsi_screen.screening.aggregate import (
 from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 
 #: version of what the pictures show; bump it when the drawing changes, so reruns redraw
-VIEWS_VERSION = "v3"
+VIEWS_VERSION = "v4"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +164,20 @@ def evidence_label(ctx: CallContext) -> str:
     return f"call evidence: {what} {res.score:.3f} {sign} {_g(agg.slide_threshold)}"
 
 
+def outline_legend(ctx: CallContext) -> str:
+    """The heatmap's legend of the outlined foci ("" without any), e.g. ``2 foci counted (largest bold): P(tumour) >=
+    0.8, >= 6 patches``; under the region rule a largest region smaller than that counts too (it is the call's score),
+    and the legend says so: ``..., >= 6 patches, and the largest region (5 patches)``."""
+    agg = ctx.aggregate
+    if not ctx.foci or agg is None:
+        return ""
+    text = f"{foci_count(len(ctx.foci))} counted (largest bold): {ctx.focus_rule}"
+    largest = ctx.foci[0]
+    if largest.n_patches < agg.min_focus_patches:
+        text += f", and the largest region ({largest.n_patches} {'patch' if largest.n_patches == 1 else 'patches'})"
+    return text
+
+
 def views_key(ctx: CallContext) -> str:
     """What the heatmap and GeoJSON were drawn with: the rule and threshold in words, then a digest of everything
     drawn (title, threshold, foci, classes): equal keys, equal pictures."""
@@ -199,9 +213,7 @@ def heatmap_figure(store: Any, coords: np.ndarray, probs: np.ndarray, ctx: CallC
     size = (int(dims[0]), int(dims[1]))
     heat = heatmap_array(coords, probs, store.tile_size_l0, int(store.attrs["stride_l0"]), size, thumb.shape[:2])
     outlines = [Outline(f.outline_l0, focus_label(f)) for f in ctx.foci]
-    legend = ""
-    if outlines and ctx.aggregate is not None:
-        legend = f"{foci_count(len(outlines))} counted (largest bold): {ctx.focus_rule}"
+    legend = outline_legend(ctx)
     evidence = None
     if ctx.result is not None and ctx.result.evidence_indices:
         evidence = Outline(tiles_geometry(coords, store.tile_size_l0, ctx.result.evidence_indices),
