@@ -116,6 +116,25 @@ def test_the_legend_says_the_region_rules_largest_counts_under_the_focus_size() 
     assert outline_legend(_ctx(np.full((5, 5), 0.3))[0]) == ""
 
 
+@pytest.mark.parametrize(("rule", "marked"), [("mean", False), ("fraction", False), ("max", True), ("topk", True)])
+def test_the_geojson_says_evidence_is_marked_only_when_it_is(tmp_path: Path, rule: str, marked: bool) -> None:
+    """--aggregate mean or fraction: threshold_source ended 'its evidence is marked', with no evidence in the file."""
+    import json
+
+    from wsi_screen.screening.callview import write_geojson
+
+    ctx, coords, probs, store = _ctx(_positive(), replace(RULE, rule=rule, slide_threshold=0.2))
+    assert ctx.result is not None and bool(ctx.result.evidence_indices) == marked
+    out = write_geojson(tmp_path / "p.geojson", coords, store.tile_size_l0, np.stack([1 - probs, probs], 1), ctx)
+    fc = json.loads(out.read_text())
+    source = fc["wsi_screen"]["threshold_source"]
+    assert source.startswith(f"the focus threshold (the {rule} rule ")
+    assert source.endswith("; its evidence is marked)") == marked
+    names = [f["properties"].get("name", "") for f in fc["features"]
+             if f["properties"].get("objectType") == "annotation"]
+    assert any(n.startswith("call evidence") for n in names) == marked
+
+
 def test_a_normal_slide_reads_blue_and_outlines_nothing() -> None:
     from matplotlib.image import AxesImage
 

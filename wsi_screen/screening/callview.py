@@ -70,7 +70,8 @@ class CallContext:
 
     @property
     def threshold_source(self) -> str:
-        """Which operating point :attr:`threshold` is, for the GeoJSON's ``wsi_screen.threshold_source``."""
+        """Which operating point :attr:`threshold` is, for the GeoJSON's ``wsi_screen.threshold_source`` (saying the
+        call's evidence is marked only where there is some: mean and fraction pool every patch)."""
         agg = self.aggregate
         if agg is None:
             return "the model's patch threshold"
@@ -78,7 +79,8 @@ class CallContext:
             return "the slide call's patch threshold (region rule), which also defines the foci"
         reads = (f"counts patches at the model's patch threshold {_g(agg.patch_threshold)} in its score"
                  if agg.rule == "fraction" else "reads no patch threshold")
-        return f"the focus threshold (the {agg.rule} rule {reads}; its evidence is marked)"
+        marked = "; its evidence is marked" if self.result is not None and self.result.evidence_indices else ""
+        return f"the focus threshold (the {agg.rule} rule {reads}{marked})"
 
     @property
     def focus_rule(self) -> str:
