@@ -14,7 +14,11 @@ def read_table(path: Path, columns: Sequence[str], option: str) -> list[dict[str
     try:
         with Path(path).open(encoding="utf-8-sig", newline="") as fh:  # Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(fh)
-            if not reader.fieldnames or not set(columns) <= set(reader.fieldnames):
+            if not reader.fieldnames:  # no header line: None, or [] for a blank first line
+                what = "is empty" if reader.fieldnames is None else "starts with a blank line"
+                raise ConfigError(f"{path}: {option} {what}; it needs a header line naming the columns "
+                                  f"{' and '.join(repr(c) for c in columns)}, then a row per slide")
+            if not set(columns) <= set(reader.fieldnames):
                 wanted = " and ".join(repr(c) for c in columns)
                 raise ConfigError(f"{path}: {option} needs columns {wanted}, found {reader.fieldnames}")
             return list(reader)
