@@ -13,6 +13,7 @@ import tifffile
 
 from tests.factory import block_image, write_ome_tiff, write_plain_tiff, write_tiled_tiff
 from wsi_screen.errors import (
+    ConfigError,
     MissingMppError,
     SlideOpenError,
     SlideReadError,
@@ -345,3 +346,24 @@ def test_jpeg_stream_check(scan: bytes, ok: bool) -> None:
     real = imagecodecs.jpeg8_encode(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     assert jpeg_stream_ok(real)
     assert not jpeg_stream_ok(real[:len(real) // 2] + b"\x00\xff\x42" + real[len(real) // 2:])
+
+
+@pytest.mark.parametrize(("level", "size", "why"), [
+    (0, (-10, 10), "`size` must be a positive (w, h) in pixels, got (-10, 10)"),
+    (0, (0, 5), "`size` must be a positive (w, h) in pixels, got (0, 5)"),
+    (0, ("a", 5), "`size` must be a positive (w, h) in pixels, got ('a', 5)"),
+    (0, (5,), "`size` must be a positive (w, h) in pixels, got (5,)"),
+    (9, (5, 5), "`level` 9 does not exist (the slide has levels 0-3)"),
+    (-1, (5, 5), "`level` -1 does not exist (the slide has levels 0-3)"),
+    (1.5, (5, 5), "`level` 1.5 does not exist (the slide has levels 0-3)"),
+    ("0", (5, 5), "`level` '0' does not exist (the slide has levels 0-3)"),
+])
+def test_read_region_refuses_a_bad_size_or_level_in_one_error(slides_dir: Path, level: object, size: object,
+                                                              why: str) -> None:
+    """read_region((0, 0), 0, (-10, 10)) raised numpy's 'negative dimensions are not allowed'."""
+    with Slide(slides_dir / "CMU-1-Small-Region.pyramid.tif") as s:
+        with pytest.raises(ConfigError) as caught:
+            s.read_region((0, 0), level, size)  # type: ignore[arg-type]
+        assert str(caught.value).endswith(why)
+        assert isinstance(caught.value, WsiScreenError)
+        assert s.read_region((0, 0), 0.0, (4.0, 3)).shape == (3, 4, 3)  # type: ignore[arg-type]  # as before

@@ -361,7 +361,8 @@ class Slide:
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """Pixels of pyramid ``level`` as openslide reads them: ``location`` is the level-0 (x, y) of the
         top-left corner, ``size`` the (w, h) in that level's pixels. RGB uint8 (h, w, 3); white outside the
-        scanned area (openslide-python returns RGBA with transparent there).
+        scanned area (openslide-python returns RGBA with transparent there). A ``size`` that is not a positive (w, h)
+        or a ``level`` the slide lacks is a :class:`~wsi_screen.errors.ConfigError`.
 
         >>> import wsi_screen
         >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
@@ -369,11 +370,14 @@ class Slide:
         >>> region.shape, region.dtype
         ((128, 256, 3), dtype('uint8'))
         """
-        if not 0 <= int(level) < len(self.level_dimensions):
-            raise ConfigError(f"{self.path}: `level` {level} does not exist (the slide has levels 0-"
+        try:
+            index = int(level)
+        except (TypeError, ValueError, OverflowError):
+            index = -1
+        if isinstance(level, bool) or index != level or not 0 <= index < len(self.level_dimensions):
+            raise ConfigError(f"{self.path}: `level` {level!r} does not exist (the slide has levels 0-"
                               f"{len(self.level_dimensions) - 1})")
-        return self._reader.read_region(int(level), (int(location[0]), int(location[1])),
-                                        (int(size[0]), int(size[1])))
+        return self._reader.read_region(index, (int(location[0]), int(location[1])), _pixel_size(size))
 
     def read_at(self, location_l0: tuple[int, int], size: tuple[int, int], mpp: float,
                 out: np.ndarray | None = None) -> np.ndarray:
@@ -396,9 +400,7 @@ class Slide:
         if mpp < self.mpp * (1.0 - _FINER_TOLERANCE):
             self._warn_once("read_at", "%s: read_at at %g um/px is finer than the slide's level 0 (%.4g um/px): the "
                             "region is upsampled from level 0, which adds no detail", self.path, mpp, self.mpp)
-        w, h = (int(v) for v in size)
-        if w < 1 or h < 1:
-            raise ConfigError(f"`size` must be a positive (w, h) in pixels, got {tuple(size)}")
+        w, h = _pixel_size(size)
         scale = mpp / self.mpp  # level-0 pixels per output pixel
         return self._read_l0((int(location_l0[0]), int(location_l0[1])),
                              (max(1, round(w * scale)), max(1, round(h * scale))), (w, h), out)
@@ -549,6 +551,17 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, name: 
     (2220, 2967) 0.499 1
     """
     return Slide(path, name=name, mpp=mpp, reader=reader, force_mpp=force_mpp)
+
+
+def _pixel_size(size: tuple[int, int]) -> tuple[int, int]:
+    """``size`` as a positive (w, h) in pixels (:class:`~wsi_screen.errors.ConfigError` otherwise)."""
+    try:
+        w, h = (int(v) for v in size)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"`size` must be a positive (w, h) in pixels, got {size!r}") from None
+    if w < 1 or h < 1:
+        raise ConfigError(f"`size` must be a positive (w, h) in pixels, got {tuple(size)}")
+    return w, h
 
 
 def positive_mpp(mpp: float) -> float:
