@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from wsi_screen.commands._options import common_options, configure_output
 from wsi_screen.errors import UnknownModelError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from wsi_screen.models.spec import ModelSpec
 
 #: above this many matches, names are listed without building each model
 MAX_COUNTED = 60
@@ -24,7 +31,8 @@ MAX_COUNTED = 60
                    "the hub gates it.")
 @click.option("--card", is_flag=True,
               help="Print the model card of MODEL_DIR (given in place of PATTERN; default: the bundled model): "
-                   "intended use, training data, validation figures, limitations. Not with --encoders.")
+                   "intended use, training data, validation figures, limitations (the last: what the folder's slide "
+                   "rule does with scattered false-positive patches). Not with --encoders.")
 @common_options
 def models(pattern: str | None, show_all: bool, num_classes: int, encoders: bool, card: bool) -> None:
     """List architectures usable with `wsi-screen train --arch NAME`.
@@ -75,6 +83,15 @@ def models(pattern: str | None, show_all: bool, num_classes: int, encoders: bool
         click.echo(f"{info.name:<24} {info.params:>13,} {info.input_size:>6}  {info.source}")
 
 
+def _slide_rule(folder: Path, spec: ModelSpec) -> str:
+    """The slide rule ``infer`` uses with the model ``folder``: its slide_rule.json's, else the fallback."""
+    from wsi_screen.screening.run import calibrated_rule, fallback_rule
+
+    threshold = spec.threshold if spec.threshold is not None else 0.5
+    found = calibrated_rule(folder, threshold)
+    return found[0].rule if found is not None else fallback_rule(threshold).rule
+
+
 def _is_glob(pattern: str) -> bool:
     """Whether ``pattern`` is a glob (``*``, ``?`` or ``[``) rather than a name."""
     return any(c in pattern for c in "*?[")
@@ -111,7 +128,7 @@ def _print_card(model_dir: str | None) -> None:
 
     from wsi_screen.errors import ModelError
     from wsi_screen.models import default_model_dir
-    from wsi_screen.models.card import CARD_NAME, read_card, render
+    from wsi_screen.models.card import CARD_NAME, read_card, render, with_slide_rule
     from wsi_screen.models.encoder import weights_in_use
     from wsi_screen.models.spec import ModelSpec
 
@@ -121,7 +138,7 @@ def _print_card(model_dir: str | None) -> None:
     if found is None:
         raise ModelError(f"{folder}: no {CARD_NAME} (a model trained before cards existed); retrain it, or write one "
                          "from the fields in docs/classifier.md")
-    click.echo(render(found))
+    click.echo(render(with_slide_rule(found, _slide_rule(folder, spec))))
     moved = weights_in_use(spec.encoder, folder) if spec.encoder else None
     if moved:
         click.echo(f"encoder weights in use: {moved}")

@@ -106,6 +106,31 @@ def read_card(model_dir: str | Path) -> dict[str, Any] | None:
     return card if isinstance(card, dict) else None
 
 
+#: how each slide rule treats scattered false-positive patches: the limitation a card states for the rule the model
+#: folder actually uses (``wsi-screen calibrate`` may choose another than the one its card was written for)
+RULE_NOTES = {
+    "region": "a slide is called on a contiguous region of likely tumour, so scattered false-positive patches "
+              "alone do not call it",
+    "smoothmax": "a slide is called on the highest mean over a patch neighbourhood, so scattered false-positive "
+                 "patches weigh less than a cluster",
+    "max": "a single false-positive patch anywhere can call a slide positive, and larger slides have more of them",
+    "topk": "a few false-positive patches anywhere can call a slide positive, and larger slides have more of them",
+    "mean": "every patch is pooled wherever it lies: scattered false positives raise the score, and a small focus is "
+            "diluted on a large slide",
+    "fraction": "every patch is pooled wherever it lies: scattered false positives raise the score, and a small "
+                "focus is diluted on a large slide",
+}
+
+
+def with_slide_rule(card: dict[str, Any], rule: str) -> dict[str, Any]:
+    """``card`` with a last limitation saying how the model folder's slide ``rule`` (its ``slide_rule.json``, else
+    the fallback) treats scattered false-positive patches (:data:`RULE_NOTES`), as the models command prints it."""
+    note = RULE_NOTES.get(rule)
+    if note is None:
+        return card
+    return {**card, "limitations": [*(card.get("limitations") or []), f"Slide rule {rule}: {note}."]}
+
+
 def _known(value: Any) -> bool:
     return value not in (None, "", TO_COMPLETE)
 
