@@ -573,7 +573,9 @@ def test_heatmap_is_a_figure_of_the_slide(example_slide: Path, scores: Any, mode
     assert "call evidence: highest patch, P(tumour) 0.967 >= 0.01" in labels, labels
     assert not any("0.213" in text for text in labels), labels
     region_labels = [t.get_text() for t in by_region.legends[0].get_texts()]
-    assert "1 focus counted (largest bold): P(tumour) >= 0.8, >= 6 patches" in region_labels, region_labels
+    # the outlined focus has 5 patches: the legend says it counts as the largest region, under the focus size
+    assert "1 focus counted (largest bold): P(tumour) >= 0.8, >= 6 patches, and the largest region (5 patches)" \
+        in region_labels, region_labels
     assert "inside cyan: P(tumour) >= 0.8 (the call's patch threshold)" in region_labels, region_labels
     assert finer.axes[0].get_images()[0].get_array().shape[:2] != fig.axes[0].get_images()[0].get_array().shape[:2]
     fig.savefig(tmp_path / "heatmap.png")
