@@ -222,6 +222,11 @@ def test_a_region_call_needs_a_region_even_at_slide_threshold_0() -> None:
     assert res.diagnosis == "tumour" and res.score > 0 and res.n_foci == 1 and res.largest_focus_mm > 0
     # the pooled rules keep score >= threshold: a mean of 0 at threshold 0 is positive
     assert AggregateConfig(rule="mean", slide_threshold=0.0).calls(0.0)
+    # and sentences say so (infer's summary, the report's rule line)
+    from wsi_screen.screening.aggregate import call_comparison
+
+    assert call_comparison("region", 0.0) == "> 0" and call_comparison("region", 0.0479) == ">= 0.0479"
+    assert call_comparison("mean", 0.0) == ">= 0"
 
 
 def test_call_evidence_is_what_the_score_was_read_from() -> None:

@@ -148,6 +148,7 @@ def _print_table(summary: RunSummary, *, patch_um: float) -> None:
     its mpp), the resolution at which foci are measured."""
     from wsi_screen.errors import in_user_words
     from wsi_screen.screening import runfolder
+    from wsi_screen.screening.aggregate import call_comparison
 
     rows = sorted(summary.rows, key=lambda r: r.name)
     width = max([len("slide"), *(_display_width(r.name) for r in rows)])
@@ -170,7 +171,8 @@ def _print_table(summary: RunSummary, *, patch_um: float) -> None:
     unit = " mm^2" if agg.rule == "region" else ""
     size = f"of {agg.min_focus_patches}+ patches " if agg.min_focus_patches > 1 else ""
     size += "(and the largest) " if size and agg.rule == "region" else ""
-    click.echo(f"\nslide call: {agg.label} score >= {agg.slide_threshold:.3g}{unit} -> positive; foci: regions "
+    click.echo(f"\nslide call: {agg.label} score {call_comparison(agg.rule, agg.slide_threshold)}{unit} -> positive; "
+               "foci: regions "
                f"{size}at p >= {agg.call_patch_threshold:.3g} (the pictures' patch threshold); metastasis by the "
                f"largest focus (itc < 0.2 mm <= micro <= 2 mm < macro, measured on the ~{patch_um:.0f} um patch "
                "grid)")

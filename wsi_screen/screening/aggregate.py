@@ -150,6 +150,14 @@ class SlideResult:
         return asdict(self)
 
 
+def call_comparison(rule: str | None, slide_threshold: float) -> str:
+    """How a score by ``rule`` is compared with ``slide_threshold`` to call a slide positive, for a sentence:
+    ``>= 0.0479``, or ``> 0`` for the region rule at 0 (a region call needs a region; :meth:`AggregateConfig.calls`)."""
+    if rule == "region" and slide_threshold <= 0:
+        return "> 0"
+    return f">= {slide_threshold:.3g}"
+
+
 def call_patch_threshold(aggregate: Mapping[str, Any]) -> float | None:
     """:attr:`AggregateConfig.call_patch_threshold` of a recorded rule (run.json's ``aggregate``, as
     :meth:`AggregateConfig.to_json` writes it; a run.json from before it was recorded: its ``region_threshold``).

@@ -145,13 +145,18 @@ def _figure(width: float, height: float) -> Any:
 def rule_summary(view: RunView) -> str:
     """The run's slide rule in one line, numbers rounded: ``slide call: region score >= 0.0479 mm² (largest region
     at p >= 0.8); pictures and foci at p >= 0.8 (the call's patch threshold)``."""
-    from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_name, recorded_rule_label
+    from wsi_screen.screening.aggregate import (
+        call_comparison,
+        call_patch_threshold,
+        call_patch_threshold_name,
+        recorded_rule_label,
+    )
 
     agg = view.info.get("aggregate") or {}
     if not agg:
         return "slide call: (no rule recorded in run.json)"
     rule = agg.get("rule")
-    text = f"slide call: {recorded_rule_label(agg)} score >= {float(agg['slide_threshold']):.3g}"
+    text = f"slide call: {recorded_rule_label(agg)} score {call_comparison(rule, float(agg['slide_threshold']))}"
     if rule == "region":
         text += f" mm² (largest region at p >= {float(agg['region_threshold']):.3g})"
     patch = call_patch_threshold(agg)
