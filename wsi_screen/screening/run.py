@@ -387,10 +387,11 @@ def set_aside_failed(run: Path, rows: Sequence[SlideRow]) -> None:
 
 def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, Any], tile_cfg: TileConfig,
            stores: str, call: isolation.Caller) -> bool:
-    """Whether RUN/<slide> holds this slide scored by this model from the store this run would read now: the
-    slide's store in ``stores`` (not another folder's, whose patches may be another codec's), unchanged since,
-    same model and arithmetic (precision), same slide file, same resolution (value and source) and tiling
-    settings. Anything else is recomputed (the slide rule is applied afresh on every run)."""
+    """Whether RUN/<slide> holds this slide scored by this model from patches like those this run would read now:
+    the slide's store in ``stores`` exists with the settings (codec included) of the store the scores came from (a
+    store of another codec, in another folder, is not reused from), same model and arithmetic (precision), same
+    slide file, same resolution (value and source) and tiling settings. Anything else is recomputed (the slide rule
+    is applied afresh on every run)."""
     from wsi_screen.tiling.pipeline import store_is_current
     from wsi_screen.tiling.store import store_location
 
@@ -404,9 +405,8 @@ def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, An
                 or model.get("numeric_precision", "fp32") != model_id["numeric_precision"] \
                 or done.get("source") != str(source.path):
             return False
-        store = runfolder.resolve_path(done["store"], run)
-        if runfolder.portable_path(store, run) != runfolder.portable_path(store_location(stores, source.name), run):
-            return False
+        # the store this run reads, not the recorded one: a copied run folder's stores serve, another codec's not
+        store = store_location(stores, source.name)
         if done.get("store_digest") != store_digest(store):
             return False
         current, mpp, mpp_source = call(store_is_current, source, store, tile_cfg)
