@@ -160,6 +160,9 @@ SETTING_FLAGS: dict[str, str] = {
     "flips": "--flips/--no-flips", "hed_jitter": "--hed-jitter", "color_jitter": "--color-jitter",
     "frozen_epochs": "--frozen-epochs", "compile": "--compile", "min_specificity": "--min-specificity",
     "rule": "--aggregate", "threshold": "--threshold", "k": "--k",
+    "valid_fraction": "--valid-fraction", "batch_size": "--batch-size", "weight_decay": "--weight-decay",
+    "warmup_epochs": "--warmup-epochs", "label_smoothing": "--label-smoothing", "drop_rate": "--drop-rate",
+    "patience": "--patience", "workers": "--workers", "optimizer": "--optimizer",
 }
 
 

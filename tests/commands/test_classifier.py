@@ -358,3 +358,22 @@ def test_interrupted_search_says_it_does_not_resume(herlev_small: Path, tmp_path
                         "--epochs", "1", "--mpp", "0.5", "--threads", "1", "-q", "-o", str(tmp_path / "t")], capsys)
     assert code == 130 and err.strip().splitlines()[-1] == "wsi-screen: interrupted; a search does not resume: " \
                                                            "rerun with --overwrite to start it again", err
+
+
+NON_FINITE = [("--hed-jitter", "nan"), ("--color-jitter", "nan"), ("--warmup-epochs", "nan"), ("--cache-limit", "nan"),
+              ("--weight-decay", "nan"), ("--weight-decay", "inf"), ("--lr", "inf"), ("--lr", "nan"),
+              ("--valid-fraction", "nan"), ("--label-smoothing", "nan"), ("--drop-rate", "nan"), ("--mpp", "nan")]
+
+
+@pytest.mark.parametrize(("option", "value"), NON_FINITE)
+def test_train_refuses_a_non_finite_setting_before_training(option: str, value: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """click's ranges let NaN through: `--hed-jitter nan` trained, then failed writing config.json and left a half
+    folder; `--lr inf` failed after epoch 1. TrainConfig now refuses it, in one line, before the data are read."""
+    out = tmp_path / "model"
+    code, _, err = run(["train", str(tmp_path), "--arch", "screen_cnn32", "--threads", "1", "--epochs", "1",
+                        option, value, "-q", "-o", str(out)], capsys)
+    assert code != 0
+    assert err.startswith("wsi-screen: error: ") and err.strip().count("\n") == 0, err
+    assert option in err and value in err, err
+    assert not out.exists()

@@ -5,6 +5,7 @@ split), :mod:`wsi_screen.training.cross_validation` and :mod:`wsi_screen.trainin
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,16 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 MONITORS = ("auto", "auc", "balanced_accuracy", "accuracy", "loss")
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adam": 0.0, "adamw": 0.05}
+#: the numeric settings' ranges, checked in one place (TrainConfig, so the API, train and every value of a tune
+#: search meet the same rule before anything trains): name -> (low, high or None, low open, high open)
+RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
+    "valid_fraction": (0, 1, True, True), "epochs": (1, None, False, False), "batch_size": (1, None, False, False),
+    "lr": (0, None, True, False), "weight_decay": (0, None, False, False), "momentum": (0, 1, False, True),
+    "warmup_epochs": (0, None, False, False), "label_smoothing": (0, 1, False, True),
+    "drop_rate": (0, 1, False, True), "patience": (0, None, False, False), "frozen_epochs": (0, None, False, False),
+    "hed_jitter": (0, 1, False, False), "color_jitter": (0, 1, False, False), "workers": (0, None, False, False),
+    "cache_limit_mb": (0, None, False, False), "folds": (0, None, False, False),
+}
 #: settings only a whole network uses (images augmented, decoded into memory or compiled, a backbone frozen): a
 #: head on an ``encoder`` trains on fixed embeddings, so they are refused with one and recorded as null
 NETWORK_ONLY = ("flips", "hed_jitter", "color_jitter", "frozen_epochs", "compile", "cache_limit_mb")
@@ -104,23 +115,15 @@ class TrainConfig:
             problems.append(f"stain {self.stain_method!r} is not one of {', '.join(STAIN_METHODS)}")
         if self.stain_method == "none" and self.stain_target:
             problems.append("a stain target needs a stain method (`stain_method`)")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1")
+        problems += self._out_of_range()
         if self.size is not None and self.size < 8:
             problems.append(f"size {self.size} is too small (at least 8 px)")
         fixed = fixed_input_size(self.arch)
         if self.size is not None and fixed is not None and self.size != fixed:
             problems.append(f"{self.arch} takes {fixed}x{fixed} px input; use `size`={fixed} (images are resized)")
-        if self.lr is not None and not self.lr > 0:
-            problems.append("lr must be positive")
         if self.mpp is not None and not PLAUSIBLE_MPP[0] <= self.mpp <= PLAUSIBLE_MPP[1]:
             problems.append(f"`mpp` {self.mpp:g} (the training patches' um/px) is outside the plausible range "
                             f"{PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} um/px")
-        if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_rate < 1:
-            problems.append("label smoothing and drop rate must be in [0, 1)")
-        if self.patience < 0 or self.frozen_epochs < 0 or self.workers < 0 or self.folds < 0:
-            problems.append("patience, frozen epochs, workers and folds cannot be negative")
 
         if self.encoder is not None:
             if self.arch:
@@ -152,6 +155,22 @@ class TrainConfig:
             raise ConfigError("; ".join(problems))
         ThresholdRule.parse(self.threshold_rule)
         parse_device_name(self.device)
+
+    def _out_of_range(self) -> list[str]:
+        """What :data:`RANGES` refuses: each numeric setting that is not a finite number in its range (NaN and
+        infinity included, which slip through comparisons)."""
+        problems = []
+        for name, (low, high, low_open, high_open) in RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            inside = (math.isfinite(value) and (value > low if low_open else value >= low)
+                      and (high is None or (value < high if high_open else value <= high)))
+            if not inside:
+                where = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}'}"
+                where += "" if high is None else (")" if high_open else "]")
+                problems.append(f"`{name}` must be a finite number in {where}, not {value!r}")
+        return problems
 
     def _given(self, names: tuple[str, ...]) -> list[str]:
         """Those of ``names`` set explicitly (in ``overrides``) or away from their defaults."""
