@@ -377,3 +377,18 @@ def test_train_refuses_a_non_finite_setting_before_training(option: str, value: 
     assert err.startswith("wsi-screen: error: ") and err.strip().count("\n") == 0, err
     assert option in err and value in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("option", "values", "bad"), [("--weight-decay", "0,-1", "-1"), ("--lr", "1e-3,-1", "-1"),
+                                                       ("--lr", "1e-3,nan", "nan"), ("--batch-size", "16,nan", "nan")])
+def test_tune_refuses_a_value_train_refuses_before_trial_1(option: str, values: str, bad: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`tune --weight-decay 0,-1` trained trial 2 with -1, and `--lr 1e-3,-1` trained trial 1 fully before failing:
+    every searched value now meets TrainConfig's checks before the data are read."""
+    out = tmp_path / "tune"
+    code, _, err = run(["tune", str(tmp_path), "--arch", "screen_cnn32", "--threads", "1", "--epochs", "1",
+                        option, values, "-q", "-o", str(out)], capsys)
+    assert code != 0
+    assert err.startswith("wsi-screen: error: ") and err.strip().count("\n") == 0, err
+    assert option in err and bad in err, err
+    assert not out.exists()

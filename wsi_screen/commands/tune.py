@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import click
@@ -21,7 +22,7 @@ def _choices(text: str, allowed: tuple[str, ...], name: str) -> list[str]:
 
 def _ints(text: str, name: str) -> list[int]:
     values = parse_float_list(text, name)
-    if any(v != int(v) or v < 1 for v in values):
+    if any(not math.isfinite(v) or v != int(v) or v < 1 for v in values):
         raise click.BadParameter(f"expected positive integers, got {text!r}", param_hint=name)
     return [int(v) for v in values]
 

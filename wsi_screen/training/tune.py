@@ -87,6 +87,9 @@ def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: Map
     out = Path(out_dir)
     expand({k: [None] if v is None else v for k, v in space.items()}, search=search, trials=trials,
            seed=base.seed)  # a bad space is refused before the data are read
+    for key, values in space.items():  # and so is a value train would refuse (TrainConfig's checks), before trial 1
+        for value in values or ():
+            replace(base, **{key: value})
     if (out / "trials.csv").exists() and not base.overwrite:
         raise ConfigError(f"{out} already holds a search; set `overwrite` or choose another output folder")
     for name in ("trials", "best"):
