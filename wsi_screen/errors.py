@@ -216,6 +216,10 @@ class ConfigError(WsiScreenError, ValueError):
     """A configuration value or file is invalid."""
 
 
+class TrainingDivergedError(WsiScreenError, FloatingPointError):
+    """A training's loss or validation scores stopped being finite numbers (the learning rate is too high)."""
+
+
 class RunError(WsiScreenError, RuntimeError):
     """A run folder cannot be used (other model or settings, or it is not a run)."""
 

@@ -392,3 +392,18 @@ def test_tune_refuses_a_value_train_refuses_before_trial_1(option: str, values: 
     assert err.startswith("wsi-screen: error: ") and err.strip().count("\n") == 0, err
     assert option in err and bad in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("folds", ["1", "2"])
+def test_a_diverging_training_stops_in_one_line(folds: str, herlev_small: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`--optimizer sgd --lr 100` ended in sklearn's 'Input contains NaN' as an internal error: a training loss or
+    validation scores that are not finite now stop the run with one line that says what to change."""
+    out = tmp_path / "model"
+    code, _, err = run(["train", str(herlev_small), "--arch", "screen_cnn32", "--label-column", "binary_label",
+                        "--threads", "1", "--epochs", "2", "--batch-size", "8", "--folds", folds, "--mpp", "0.5",
+                        "--optimizer", "sgd", "--lr", "1e6", "-q", "-o", str(out)], capsys)
+    assert code == 1
+    assert re.fullmatch(r"wsi-screen: error: training diverged at epoch 1 \((train loss nan|validation scores not "
+                        r"finite)\); lower --lr", err.strip()), err
+    assert not (out / "config.json").exists()

@@ -180,3 +180,21 @@ def test_mixed_precision_step(dtype: torch.dtype | None) -> None:
     assert logits.dtype == (dtype or torch.float32)
     assert losses[-1] < losses[0] - 0.01 and abs(losses[-1] - 0.66964) < 0.001  # float32 ends at 0.66964
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_run_diverging_after_epoch_1_keeps_its_checkpoint(herlev_small: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Divergence after a good epoch stops the run in one error that says the checkpoint stays and how to go on."""
+    from wsi_screen.errors import TrainingDivergedError
+    from wsi_screen.training import loop
+
+    def diverge_at_2(epoch: int, train_loss: float, probs: np.ndarray) -> None:
+        loop_check(epoch, float("nan") if epoch == 2 else train_loss, probs)
+
+    loop_check = loop.check_finite
+    monkeypatch.setattr(loop, "check_finite", diverge_at_2)
+    out = tmp_path / "m"
+    with pytest.raises(TrainingDivergedError, match=r"^training diverged at epoch 2 \(train loss nan\); lower `lr` "
+                       r"and set `restart` \(.* keeps the checkpoint after epoch 1"):
+        train(herlev_small, out, tiny_config(epochs=3, folds=1, mpp=0.5))
+    assert (out / "checkpoint").is_dir() and not (out / "config.json").exists()

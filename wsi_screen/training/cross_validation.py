@@ -144,7 +144,7 @@ def fit_folds(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> T
                 for fold in folds:
                     loss, _acc = fold.loop.train_epoch(fold.data, config, epoch)
                     losses.append(loss)
-                    oof[fold.held], _ = fold.loop.validate(fold.data, pos_index)
+                    oof[fold.held], _ = fold.loop.validate(fold.data, pos_index, epoch=epoch, train_loss=loss)
                 pooled = compute_metrics(targets, oof, data.classes, positive_index=pos_index)
                 score = monitor_value(pooled, monitor)
                 per_fold = [_fold_auc(targets[fd.held], oof[fd.held], pos_index) for fd in folds]

@@ -48,6 +48,7 @@ from wsi_screen.training.inputs import HISTORY_COLUMNS, log_resizing, read_split
 from wsi_screen.training.loop import (
     _auc_ci,
     _class_weights,
+    check_finite,
     epoch_score,
     history_row,
     make_optimizer,
@@ -180,6 +181,7 @@ def _fit(train_x: torch.Tensor, train_y: torch.Tensor, valid_x: torch.Tensor, va
                 correct += int((logits.argmax(1) == train_y[idx]).sum())
             seen = steps * config.batch_size if len(train_x) >= config.batch_size else len(train_x)
             probs = _probs(head, valid_x)
+            check_finite(epoch, losses / max(1, seen), probs)
             vm = compute_metrics(valid_y, probs, classes, positive_index=pos_index)
             vm["loss"] = float(nn.functional.nll_loss(torch.from_numpy(np.log(probs.clip(1e-7))), valid_t))
             score = epoch_score(vm, monitor)

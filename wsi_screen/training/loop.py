@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from wsi_screen import __version__, progress
-from wsi_screen.errors import ConfigError, ModelError
+from wsi_screen.errors import ConfigError, ModelError, TrainingDivergedError
 from wsi_screen.metrics import ThresholdRule, compute_metrics, monitor_value
 from wsi_screen.models import CONFIG_NAME, ModelSpec, PretrainedReport, create_model, load_pretrained, save_model
 from wsi_screen.models.card import write_card
@@ -223,13 +223,25 @@ class Loop:
             seen += len(yb)
         return float(losses) / max(1, seen), int(correct) / max(1, seen)
 
-    def validate(self, data: PreparedData, pos_index: int | None) -> tuple[np.ndarray, dict[str, Any]]:
-        """Validation probabilities and metrics (arg-max decisions, plus the loss)."""
+    def validate(self, data: PreparedData, pos_index: int | None, *, epoch: int,
+                 train_loss: float) -> tuple[np.ndarray, dict[str, Any]]:
+        """Validation probabilities and metrics (arg-max decisions, plus the loss) after ``epoch``, whose training
+        loss was ``train_loss``; :func:`check_finite` stops a run that diverged."""
         probs = _predict(self.forward, data.valid, self.mean, self.std)
+        check_finite(epoch, train_loss, probs)
         metrics = compute_metrics(data.valid_targets, probs, data.classes, positive_index=pos_index)
         metrics["loss"] = float(nn.functional.nll_loss(torch.from_numpy(np.log(probs.clip(1e-7))),
                                                        torch.from_numpy(data.valid_targets)))
         return probs, metrics
+
+
+def check_finite(epoch: int, train_loss: float, probs: np.ndarray) -> None:
+    """Stop a training that diverged (a learning rate too high): a training loss or validation probabilities that
+    are not finite numbers end it with :class:`TrainingDivergedError`, before they reach the metrics."""
+    if math.isfinite(train_loss) and np.isfinite(probs).all():
+        return
+    what = f"train loss {train_loss:.4g}" if not math.isfinite(train_loss) else "validation scores not finite"
+    raise TrainingDivergedError(f"training diverged at epoch {epoch} ({what}); lower `lr`")
 
 
 def _place(data: PreparedData, device: torch.device) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wsi_screen.errors import TrainingDivergedError
 from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics
 from wsi_screen.models import CONFIG_NAME, ModelSpec
 from wsi_screen.models.device import resolve_device
@@ -165,7 +166,14 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                     break
                 t0 = time.perf_counter()
                 train_loss, train_acc = loop.train_epoch(data, config, epoch)
-                probs, vm = loop.validate(data, pos_index)
+                try:
+                    probs, vm = loop.validate(data, pos_index, epoch=epoch, train_loss=train_loss)
+                except TrainingDivergedError as exc:
+                    if epoch == 1:
+                        raise
+                    raise TrainingDivergedError(f"{exc} and set `restart` ({out} keeps the checkpoint after epoch "
+                                                f"{epoch - 1}, which a run with other settings does not resume)"
+                                                ) from None
                 score = epoch_score(vm, monitor)
                 improved = score > best.score
                 if improved:
