@@ -339,9 +339,12 @@ def test_tune_follows_the_recipe_unless_told(herlev_small: Path, tmp_path: Path,
     code, _, err = run([*common, "--optimizer", "adamw,sgd", "-o", str(tmp_path / "given")], capsys)
     assert code == 0, err
     with (tmp_path / "given" / "trials.csv").open() as fh:
-        assert [r["optimizer"] for r in csv.DictReader(fh)] == ["adamw", "sgd"]
-    assert json.loads((tmp_path / "given" / "trials" / "002" / "config.json").read_text())[
-        "train_config"]["optimizer"] == "sgd"
+        rows = list(csv.DictReader(fh))
+    assert [r["optimizer"] for r in rows] == ["adamw", "sgd"]
+    # a searched optimiser brings its own lr and weight decay, not the small recipe's Adam ones (1e-3, 0)
+    assert [float(r["lr"]) for r in rows] == [1e-3, 0.01]
+    sgd = json.loads((tmp_path / "given" / "trials" / "002" / "config.json").read_text())["train_config"]
+    assert (sgd["optimizer"], sgd["lr"], sgd["weight_decay"], sgd["recipe"]) == ("sgd", 0.01, 1e-4, "small")
 
 
 def test_interrupted_search_says_it_does_not_resume(herlev_small: Path, tmp_path: Path,
@@ -407,3 +410,16 @@ def test_a_diverging_training_stops_in_one_line(folds: str, herlev_small: Path, 
     assert re.fullmatch(r"wsi-screen: error: training diverged at epoch 1 \((train loss nan|validation scores not "
                         r"finite)\); lower --lr", err.strip()), err
     assert not (out / "config.json").exists()
+
+
+def test_train_with_sgd_under_the_small_recipe_records_sgds_defaults(herlev_small: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`--optimizer sgd` on a small dataset trained at the recipe's Adam lr 1e-3 and weight decay 0."""
+    out = tmp_path / "model"
+    code, _, err = run(["train", str(herlev_small), "--arch", "screen_cnn32", "--label-column", "binary_label",
+                        "--threads", "1", "--epochs", "1", "--batch-size", "16", "--folds", "1", "--mpp", "0.5",
+                        "--optimizer", "sgd", "-q", "-o", str(out)], capsys)
+    assert code == 0, err
+    resolved = json.loads((out / "config.json").read_text())["train_config"]
+    assert (resolved["recipe"], resolved["optimizer"], resolved["lr"], resolved["weight_decay"]) == \
+        ("small", "sgd", 0.01, 1e-4)

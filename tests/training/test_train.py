@@ -21,7 +21,7 @@ from wsi_screen.training.data import (
     open_patch_folder,
 )
 from wsi_screen.training.inputs import resolve_positive
-from wsi_screen.training.train import prepare_data, train
+from wsi_screen.training.train import TrainConfig, prepare_data, train
 
 
 # --- the positive class ------------------------------------------------------------------------------------
@@ -198,3 +198,23 @@ def test_a_run_diverging_after_epoch_1_keeps_its_checkpoint(herlev_small: Path, 
                        r"and set `restart` \(.* keeps the checkpoint after epoch 1"):
         train(herlev_small, out, tiny_config(epochs=3, folds=1, mpp=0.5))
     assert (out / "checkpoint").is_dir() and not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize(("optimizer", "lr", "weight_decay"), [("sgd", 0.01, 1e-4), ("adamw", 1e-3, 0.05),
+                                                                ("adam", 1e-3, 0.0)])
+def test_a_given_optimizer_brings_its_own_defaults_under_the_small_recipe(optimizer: str, lr: float,
+                                                                          weight_decay: float) -> None:
+    """`--optimizer sgd` under the small recipe kept the recipe's Adam lr 1e-3 and weight decay 0, against --help
+    ("0.01 for sgd", "1e-4 sgd"); a given lr still wins."""
+    from wsi_screen.training import recipes
+
+    config = recipes.apply(TrainConfig(arch="screen_cnn32", recipe="auto", optimizer=optimizer,
+                                       overrides=("optimizer",)), 100)
+    assert (config.recipe, config.optimizer, config.resolved_lr, config.resolved_weight_decay) == \
+        ("small", optimizer, lr, weight_decay)
+    assert config.schedule == "constant" and config.epochs == 60  # the rest of the recipe still applies
+    given = recipes.apply(TrainConfig(arch="screen_cnn32", recipe="small", optimizer="sgd", lr=0.05,
+                                      overrides=("optimizer", "lr")), 100)
+    assert (given.resolved_lr, given.resolved_weight_decay) == (0.05, 1e-4)
+    plain = recipes.apply(TrainConfig(arch="screen_cnn32", recipe="small"), 100)
+    assert (plain.optimizer, plain.resolved_lr, plain.resolved_weight_decay) == ("adam", 1e-3, 0.0)

@@ -69,7 +69,8 @@ def _add_training_options(func: F, *, with_encoder: bool) -> F:
                      help="Training defaults. small: Adam at a constant 1e-3, no label smoothing, class weights or "
                           "colour/HED jitter, 60 epochs, no early stopping (best on a few hundred images); "
                           "default: the options' own defaults (suit tens of thousands of patches); auto: small "
-                          "below 3,000 training images. Options you give always win."),
+                          "below 3,000 training images. Options you give always win; with another --optimizer, "
+                          "that optimiser's own --lr and --weight-decay defaults apply."),
         click.option("--folds", type=click.IntRange(0, 20), default=0, show_default=True,
                      help="K-fold cross-validation: K models train in lockstep, the epoch and threshold are chosen "
                           "on their pooled out-of-fold predictions, and the model folder is their ensemble. 1: one "

@@ -33,14 +33,15 @@ def _ints(text: str, name: str) -> list[int]:
               help="Folder for trials.csv, tune.json, trials/NNN/ and best/ (the chosen model).")
 @click.option("--lr", "lrs", default=None, metavar="LIST",
               help="Learning rates to try, comma-separated (e.g. 1e-3,3e-4; default: as for train, the recipe's, "
-                   "else each optimiser's own).")
+                   "else each optimiser's own; with --optimizer given, each optimiser's own).")
 @click.option("--batch-size", "batch_sizes", default="64", show_default=True, metavar="LIST",
               help="Batch sizes to try (e.g. 32,64).")
 @click.option("--optimizer", "optimizers", default=None, metavar="LIST",
               help="Optimisers to try: sgd, adam, adamw (e.g. sgd,adam; default: as for train, the recipe's: adam "
                    "below 3,000 training images, else adamw).")
 @click.option("--weight-decay", "weight_decays", default=None, metavar="LIST",
-              help="Weight decays to try (default: each optimiser's own).")
+              help="Weight decays to try (default: as for --lr, the recipe's, else each optimiser's own; with "
+                   "--optimizer given, each optimiser's own).")
 @click.option("--search", type=click.Choice(["grid", "random"]), default="grid", show_default=True,
               help="Every combination, or --trials of them drawn at random (seeded).")
 @click.option("--trials", type=click.IntRange(1, 10000), default=None,

@@ -12,7 +12,10 @@ therefore picks a recipe from the data it sees:
 * ``default``: the options' own defaults.
 
 ``recipe`` ``small`` or ``default`` names one; ``auto`` (the CLI's default) chooses. A setting given explicitly
-(``overrides``) always wins over the recipe.
+(``overrides``) always wins over the recipe. A recipe's learning rate and weight decay belong to its optimiser
+(:data:`WITH_OPTIMIZER`): where ``optimizer`` is given, they are not applied either, and the optimiser's own
+defaults (``DEFAULT_LR``, ``DEFAULT_WEIGHT_DECAY`` of :mod:`wsi_screen.training.config`) hold unless ``lr`` /
+``weight_decay`` are given too (``small`` with SGD: 0.01 and 1e-4, as with ``default``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ RECIPES: dict[str, dict[str, Any]] = {
               "patience": 0, "epochs": 60},
 }
 CHOICES = ("auto", *RECIPES)
+#: a recipe's settings that are tuned to its optimiser: they go where the user names another
+WITH_OPTIMIZER = ("lr", "weight_decay")
 
 
 def choose(name: str, n_train: int) -> str:
@@ -45,7 +50,9 @@ def choose(name: str, n_train: int) -> str:
 
 def apply(config: Any, n_train: int) -> Any:
     """``config`` (a TrainConfig) with its recipe resolved and applied, except to the fields in
-    ``config.overrides`` (set explicitly by the user)."""
+    ``config.overrides`` (set explicitly by the user) and, where ``optimizer`` is one of them, to
+    :data:`WITH_OPTIMIZER`."""
     name = choose(config.recipe, n_train)
-    changes = {k: v for k, v in RECIPES[name].items() if k not in config.overrides}
+    kept = set(config.overrides) | (set(WITH_OPTIMIZER) if "optimizer" in config.overrides else set())
+    changes = {k: v for k, v in RECIPES[name].items() if k not in kept}
     return replace(config, recipe=name, **changes)

@@ -96,7 +96,8 @@ def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: Map
         if base.overwrite and (out / name).exists():
             shutil.rmtree(out / name)
     data = prepare_data(dataset, base)
-    base = for_data(base, data)
+    searched = tuple(k for k, v in space.items() if v is not None and k not in base.overrides)
+    base = for_data(replace(base, overrides=(*base.overrides, *searched)), data)  # the recipe never sets them
     settings = expand({k: [getattr(base, k)] if v is None else v for k, v in space.items()}, search=search,
                       trials=trials, seed=base.seed)
     log.info("%d trials (%s search over %s)", len(settings), search,
