@@ -94,3 +94,21 @@ def test_evaluate_model_refuses_another_class_set(herlev_small: Path, tmp_path: 
     with pytest.raises(ConfigError, match="`positive`"):
         evaluate_model(_random_model(["abnormal", "normal"], "abnormal"), binary, "test", tmp_path,
                        positive="tumour")
+
+
+def test_evaluation_refuses_a_folder_with_files_unless_overwrite(herlev_small: Path, tmp_path: Path) -> None:
+    """`evaluate -o MODEL/valid` silently replaced train's validation report and left its fold_metrics.csv."""
+    folder = open_patch_folder(herlev_small, label_column="binary_label")
+    out = tmp_path / "valid"
+    out.mkdir()
+    (out / "fold_metrics.csv").write_text("fold,n\n1,5\n")
+    (out / "metrics.json").write_text("{}\n")
+    (out / "notes.txt").write_text("mine\n")
+    model = _random_model(["abnormal", "normal"], "abnormal")
+    with pytest.raises(ConfigError, match=r"already holds files; set `overwrite` or choose another output folder"):
+        evaluate_model(model, folder, "test", out)
+    assert (out / "metrics.json").read_text() == "{}\n"  # untouched
+    m = evaluate_model(model, folder, "test", out, overwrite=True)
+    assert json.loads((out / "metrics.json").read_text())["n"] == m["n"]
+    assert not (out / "fold_metrics.csv").exists() and (out / "notes.txt").read_text() == "mine\n"
+    evaluate_model(model, folder, "test", tmp_path / "empty_ok")  # a new (or empty) folder needs nothing

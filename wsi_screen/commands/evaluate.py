@@ -24,12 +24,16 @@ from wsi_screen.commands.train import dataset_options, set_threads
               help="Folder for metrics.json, predictions.csv, roc.png and confusion.png.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=256, show_default=True,
               help="Images per forward pass.")
+@click.option("--overwrite", is_flag=True,
+              help="Write into an EVAL_DIR that holds files, replacing an earlier evaluation's (by default such "
+                   "a folder is refused, e.g. a model folder's valid/ report).")
 @dataset_options
 @precision_option("fp32")
 @device_option
 @common_options
 def evaluate(dataset: str, model_dir: str | None, split: str, positive: str | None, out: str, batch_size: int,
-             label_column: str, split_column: str, workers: int, threads: int, precision: str, device: str) -> None:
+             overwrite: bool, label_column: str, split_column: str, workers: int, threads: int, precision: str,
+             device: str) -> None:
     """Score a split of DATASET with a model and write EVAL_DIR.
 
     Decisions use the model's own operating point (the threshold chosen on validation when it was
@@ -69,7 +73,7 @@ def evaluate(dataset: str, model_dir: str | None, split: str, positive: str | No
     folder = open_patch_folder(dataset, label_column=label_column, split_column=split_column,
                                require_split_column=explicit_split)
     metrics = evaluate_model(model, folder, split, out, positive=positive, batch_size=batch_size,
-                             workers=max(1, workers))
+                             workers=max(1, workers), overwrite=overwrite)
     click.echo(format_summary(metrics, out))
 
 

@@ -12,6 +12,9 @@ other class meets where ``p(positive) < threshold`` (the point marked on its ROC
 
 Images that trained the model (by its folder's ``split.csv``; :func:`trained_on`) give optimistic figures: the
 evaluation warns with their number and records it, rather than refusing, since looking at fit is fair use.
+
+An output folder that holds files is refused unless ``overwrite``, as ``train`` and ``tune`` refuse theirs; with it,
+the evaluation's files (:data:`EVALUATION_FILES`) are replaced and nothing else in the folder is touched.
 """
 
 from __future__ import annotations
@@ -37,15 +40,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: what an evaluation folder holds (``fold_metrics.csv``: a cross-validated training's report, stale once another
+#: evaluation replaces the others); with ``overwrite`` they are removed before the new evaluation is written
+EVALUATION_FILES = ("metrics.json", "predictions.csv", "roc.png", "confusion.png", "fold_metrics.csv")
+
 
 # --- evaluation on a dataset -----------------------------------------------------------------------------
 def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_dir: str | Path, *,
-                   positive: str | None = None, batch_size: int = 256, workers: int = 2) -> dict[str, Any]:
+                   positive: str | None = None, batch_size: int = 256, workers: int = 2,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Score ``split`` of a dataset with ``model`` (a PatchClassifier) and write the evaluation folder.
 
     Writes ``metrics.json``, ``predictions.csv``, ``roc.png`` and ``confusion.png`` into ``out_dir`` and
-    returns the metrics. Images of another size than the model input are resized (with a warning).
+    returns the metrics. Images of another size than the model input are resized (with a warning). An
+    ``out_dir`` that holds files is refused unless ``overwrite`` (see the module docstring).
     """
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{out} already holds files; set `overwrite` or choose another output folder")
+        for name in EVALUATION_FILES:
+            (out / name).unlink(missing_ok=True)
 
     from wsi_screen.models.device import device_info
     from wsi_screen.training.data import iter_images
