@@ -156,7 +156,7 @@ def binary_view(is_positive: np.ndarray, called: np.ndarray, score: np.ndarray) 
         "sensitivity": json_float(recall_score(y, c, zero_division=np.nan)) if y.any() else None,
         "specificity": json_float(tn / (tn + fp)) if tn + fp else None,
         "precision": json_float(precision_score(y, c, zero_division=0)),
-        "recall": json_float(recall_score(y, c, zero_division=0)),
+        "recall": json_float(recall_score(y, c, zero_division=0)) if y.any() else None,  # = sensitivity
         "f1": json_float(f1_score(y, c, zero_division=0)),
         "auc": json_float(roc_auc_score(y, score)) if both else None,
         "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
@@ -360,7 +360,10 @@ def plot_roc(path: Path, curves: Sequence[RocCurve], *, title: str,
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
     ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
            xlim=(0, 1), ylim=(0, 1.01), title=title)
-    ax.legend(loc="lower right", fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # no curve and no point (one class in the split): no legend to draw
+        ax.legend(loc="lower right", fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no ROC: the split holds one class", ha="center", va="center")
     fig.tight_layout()
     atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
 

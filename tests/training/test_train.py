@@ -218,3 +218,26 @@ def test_a_given_optimizer_brings_its_own_defaults_under_the_small_recipe(optimi
     assert (given.resolved_lr, given.resolved_weight_decay) == (0.05, 1e-4)
     plain = recipes.apply(TrainConfig(arch="screen_cnn32", recipe="small"), 100)
     assert (plain.optimizer, plain.resolved_lr, plain.resolved_weight_decay) == ("adam", 1e-3, 0.0)
+
+
+def test_a_one_class_validation_split_is_reported_truthfully(herlev_small: Path, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """With one class in validation, train logged `best epoch 1 (auc -0.5319)` (minus the loss, labelled AUC),
+    `auc ,` in the epoch line, and roc.png's empty legend leaked matplotlib's 'No artists with labels' warning."""
+    import warnings
+
+    dataset = tmp_path / "data"
+    shutil.copytree(herlev_small, dataset)
+    rows = read_rows(dataset)
+    for row in rows:  # the test split's normal images validate; its abnormal ones stay out
+        if row["split"] == "test":
+            row["split"] = "valid" if row["binary_label"] == "normal" else "test"
+    write_rows(dataset, rows)
+    with warnings.catch_warnings(), caplog.at_level("INFO", logger="wsi_screen"):
+        warnings.simplefilter("error")
+        result = train(dataset, tmp_path / "m", tiny_config(epochs=1, folds=1, mpp=0.5))
+    loss = float(result.history[0]["valid_loss"])
+    assert f"best epoch 1 (valid loss {loss:.4f}; auc undefined on this validation split)" in caplog.text
+    assert "auc n/a," in caplog.text and "auc ," not in caplog.text
+    valid = json.loads((tmp_path / "m" / "valid" / "metrics.json").read_text())
+    assert valid["recall"] is None and valid["sensitivity"] is None and valid["auc"] is None

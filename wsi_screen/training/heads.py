@@ -55,6 +55,7 @@ from wsi_screen.training.loop import (
     make_schedule,
     n_epochs,
     refuse_existing_model,
+    score_words,
 )
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
     write_evaluation(out / "valid", metrics, [folder.paths[i] for i in split.valid], valid_y, best_probs)
     write_card(out, spec, auc_ci=_auc_ci(valid_y, best_probs, pos_index))
     save_model(out, head, spec)
-    log.info("best epoch %d (%s %.4f); threshold %s; saved %s", best_epoch, monitor, best_score,
+    log.info("best epoch %d (%s); threshold %s; saved %s", best_epoch, score_words(metrics, monitor, best_score),
              "n/a" if threshold is None else f"{threshold:.4f}", out)
     return TrainResult(model_dir=out, spec=spec, history=history, best_epoch=best_epoch, best_score=best_score,
                        stopped_early=stopped, seconds=seconds)

@@ -359,6 +359,15 @@ def epoch_score(metrics: dict[str, Any], monitor: str) -> float:
     return -float(metrics["loss"]) if math.isnan(score) else score
 
 
+def score_words(metrics: dict[str, Any], monitor: str, score: float) -> str:
+    """The chosen epoch's :func:`epoch_score` named for what it is: ``auc 0.9123``, or ``valid loss 0.5319`` where
+    the monitor is the loss or was undefined (``auc`` with one class in validation), so minus the loss stood in."""
+    if monitor != "loss" and not math.isnan(monitor_value(metrics, monitor)):
+        return f"{monitor} {score:.4f}"
+    undefined = "" if monitor == "loss" else f"; {monitor} undefined on this validation split"
+    return f"valid loss {-score:.4f}{undefined}"
+
+
 def history_row(epoch: int, lr: float, train_loss: float, train_accuracy: float, metrics: dict[str, Any],
                 score: float, seconds: float, improved: bool) -> dict[str, Any]:
     """One row of history.csv (the columns of ``HISTORY_COLUMNS``), for whole-network and head training alike."""

@@ -70,6 +70,7 @@ from wsi_screen.training.loop import (
     n_epochs,
     refuse_existing_model,
     resolved_config,
+    score_words,
 )
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,8 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                                       history=history, model=loop.model, optimizer=loop.optimizer,
                                       schedule=loop.schedule, generator=loop.generator, scaler=loop.amp.scaler)
                 log.info("epoch %d/%d: train loss %s, valid loss %s, auc %s, bal. acc %s (%s s)%s", epoch,
-                         config.epochs, row["train_loss"], row["valid_loss"], row["valid_auc"],
-                         row["valid_balanced_accuracy"], row["seconds"], " *" if improved else "")
+                         config.epochs, row["train_loss"], row["valid_loss"], row["valid_auc"] or "n/a",
+                         row["valid_balanced_accuracy"] or "n/a", row["seconds"], " *" if improved else "")
                 if config.patience and stale >= config.patience and epoch < config.epochs:
                     stopped_early = True
                     log.info("no improvement in %s for %s: stopping", monitor, n_epochs(config.patience))
@@ -213,7 +214,7 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                      data.valid_targets, best.probs)
     finish_model_folder(out, loop.model, data, spec, data.valid_targets, best.probs)
     train_checkpoint.remove(out)
-    log.info("best epoch %d (%s %.4f); threshold %s; saved %s", best.epoch, monitor, best.score,
+    log.info("best epoch %d (%s); threshold %s; saved %s", best.epoch, score_words(metrics, monitor, best.score),
              "n/a" if threshold is None else f"{threshold:.4f}", out)
     return TrainResult(model_dir=out, spec=spec, history=history, best_epoch=best.epoch,
                        best_score=best.score, stopped_early=stopped_early, seconds=seconds,
