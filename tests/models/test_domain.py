@@ -117,3 +117,15 @@ def test_example_slide_is_out_of_domain(demo_run: Path) -> None:
     assert slide["out_of_domain"] is True
     report = (demo_run / "report.html").read_text()
     assert "Research use only, not for diagnosis." in report and "Out of domain: only" in report
+
+
+@pytest.mark.parametrize(("n", "flagged"), [(100, 1), (1000, 10), (1001, 10), (50, 0), (51, 1), (2, 0)])
+def test_the_threshold_flags_the_nearest_whole_number_to_one_percent(n: int, flagged: int) -> None:
+    """At ~100 valid images the 0.99 quantile ('higher') was the maximum, so `<=` flagged none (documented: 1 %)."""
+    from wsi_screen.models.domain import FLAG_RATE, flag_threshold
+
+    distances = np.random.default_rng(n).gamma(2.0, size=n)
+    threshold = flag_threshold(distances, FLAG_RATE)
+    assert int(np.sum(distances > threshold)) == flagged
+    model = DomainModel(views={}, threshold=threshold)
+    assert int(np.sum(~model.in_domain(distances))) == flagged

@@ -14,7 +14,9 @@ conditioned); an image's squared Mahalanobis distance to the nearest class mean 
 on the valid split. The **domain distance** is ``stem + 0.25 * penultimate`` of those (:data:`WEIGHTS`:
 chosen on the measurements in docs/default-model.md, where the penultimate features alone missed
 colorectal tiles and the QC tiles). The threshold is the distance that flags :data:`FLAG_RATE` (1 %) of the
-**valid** split: an image is ``in_domain`` when its distance is at most the threshold.
+**valid** split: an image is ``in_domain`` when its distance is at most the threshold. A sample flags a whole
+number of images, the nearest to 1 % of it (:func:`flag_threshold`: 1 of 100, 10 of 1,000; none of 50 or fewer,
+where the threshold is the largest valid distance); ``domain.json`` records the share flagged.
 
 Stored beside the model's weights, never pickled: ``domain.safetensors`` (per view, the whitening matrix
 and the whitened class means) and ``domain.json`` (threshold, scales, weights, what it was fitted and
@@ -220,6 +222,16 @@ def _gaussian(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor,
     return torch.from_numpy(whiten).float(), torch.from_numpy(means @ whiten).float(), float(cov.shrinkage_)
 
 
+def flag_threshold(distances: np.ndarray, flag_rate: float) -> float:
+    """The threshold that flags (distance above it) the whole number of ``distances`` nearest to ``flag_rate`` of
+    them: the next lower distance below the ``round(flag_rate * n)`` largest (fewer where distances tie; none, the
+    largest distance, where that rounds to 0). A quantile (``method="higher"``) read with ``in_domain``'s ``<=``
+    flagged none of 100 images and 9 of 1,000 instead of 1 and 10."""
+    d = np.sort(np.asarray(distances, dtype=np.float64))
+    k = min(len(d) - 1, round(flag_rate * len(d)))
+    return float(d[len(d) - 1 - k])
+
+
 def fit(train: Features, train_labels: np.ndarray, valid: Features, *, flag_rate: float = FLAG_RATE,
         weights: dict[str, float] | None = None, info: dict[str, Any] | None = None,
         calibrated_on: str = "valid") -> DomainModel:
@@ -239,7 +251,7 @@ def fit(train: Features, train_labels: np.ndarray, valid: Features, *, flag_rate
         views[key] = View(whiten=whiten, means_w=means_w, scale=scale, weight=weight)
     model = DomainModel(views=views, threshold=math.inf)
     valid_d = model.distance(valid)
-    threshold = float(np.quantile(valid_d, 1.0 - flag_rate, method="higher"))
+    threshold = flag_threshold(valid_d, flag_rate)
     details = {
         "method": "per view (stem statistics, penultimate features): class-conditional Gaussian with a shared "
                   "Ledoit-Wolf covariance; squared Mahalanobis distance to the nearest class mean over its valid "
