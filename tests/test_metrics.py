@@ -281,3 +281,19 @@ def test_evaluation_intervals_hold_the_estimate_narrow_with_data_and_match_the_m
     three = metrics.add_intervals(compute_metrics(y3, p3, ["a", "b", "c"], positive_index=2, threshold=0.5), y3, p3,
                                   n_boot=50)
     assert three["auc_ci95"] is None and three["positive"]["auc_ci95"] is not None
+
+
+def test_multi_class_sensitivity_and_specificity_are_macro_one_vs_rest_without_a_positive_class() -> None:
+    """A 7-class Herlev model's evaluate wrote sensitivity/specificity null; docs/classifier.md says macro."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, 200)
+    probs = rng.dirichlet(np.ones(4), 200)
+    probs[np.arange(200), y] += 0.3
+    probs /= probs.sum(1, keepdims=True)
+    m = compute_metrics(y, probs, ["a", "b", "c", "d"])
+    pred = probs.argmax(1)
+    specificity = [skm.recall_score(y != k, pred != k) for k in range(4)]  # one-vs-rest TN / (TN + FP)
+    assert m["sensitivity"] == pytest.approx(skm.recall_score(y, pred, average="macro"))
+    assert m["specificity"] == pytest.approx(np.mean(specificity))
+    assert m["per_class"]["c"]["specificity"] == pytest.approx(specificity[2])
+    assert (m["macro"]["sensitivity"], m["macro"]["specificity"]) == (m["sensitivity"], m["specificity"])

@@ -171,7 +171,9 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
     Decisions: see :func:`decide` (the model's ``positive_index`` and
     ``threshold``). ``metric_positive`` names the class of the one-vs-rest view (default: the model's
     positive class). For two classes, top-level precision/recall/f1/auc are the positive class's; for
-    more, they are macro averages (and ``macro`` and ``per_class`` hold the details).
+    more, they are macro averages (and ``macro`` and ``per_class`` hold the details). Top-level sensitivity and
+    specificity are the one-class view's where there is one (a positive class), else (more than two classes)
+    the macro averages of every class's one-vs-rest rates.
 
     ``positive_class`` is the class the one-class view is for; ``decision_class`` the model's positive class, the
     one whose probability ``threshold`` applies to (they differ when ``metric_positive`` names another class: the
@@ -193,6 +195,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
     labels = list(range(n_classes))
     pred = decide(probs, positive_index, threshold)
     prec, rec, f1, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    matrix = confusion_matrix(y, pred, labels=labels)
     per_class: dict[str, dict[str, Any]] = {}
     aucs: list[float] = []
     for k, name in enumerate(classes):
@@ -200,10 +203,18 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
         if 0 < (y == k).sum() < len(y):
             ovr_auc = float(roc_auc_score(y == k, probs[:, k]))
             aucs.append(ovr_auc)
+        negatives = len(y) - int(support[k])  # one-vs-rest: the other classes' images, and those called k
+        false_pos = int(matrix[:, k].sum() - matrix[k, k])
         per_class[name] = {"precision": float(prec[k]), "recall": float(rec[k]), "f1": float(f1[k]),
-                           "support": int(support[k]), "auc": ovr_auc}
+                           "support": int(support[k]), "auc": ovr_auc,
+                           "specificity": (negatives - false_pos) / negatives if negatives else None}
+    # one-vs-rest sensitivity (recall) and specificity, averaged over the classes where each is defined
+    sens = [float(rec[k]) for k in labels if support[k]]
+    spec = [v["specificity"] for v in per_class.values() if v["specificity"] is not None]
     macro = {"precision": float(np.mean(prec)), "recall": float(np.mean(rec)), "f1": float(np.mean(f1)),
-             "auc": float(np.mean(aucs)) if aucs else None}
+             "auc": float(np.mean(aucs)) if aucs else None,
+             "sensitivity": float(np.mean(sens)) if sens else None,
+             "specificity": float(np.mean(spec)) if spec else None}
     view_index = positive_index if metric_positive is None else metric_positive
     decision_class = classes[positive_index] if positive_index is not None else None
     by_threshold = n_classes == 2 and decision_class is not None and threshold is not None
@@ -230,11 +241,11 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *
     else:
         out.update({"precision": macro["precision"], "recall": macro["recall"], "f1": macro["f1"],
                     "auc": macro["auc"],
-                    "sensitivity": view["sensitivity"] if view else None,
-                    "specificity": view["specificity"] if view else None})
+                    "sensitivity": view["sensitivity"] if view else macro["sensitivity"],
+                    "specificity": view["specificity"] if view else macro["specificity"]})
     out["positive"] = view
     out["confusion_matrix"] = {"labels": list(classes), "rows": "true", "columns": "predicted",
-                               "matrix": confusion_matrix(y, pred, labels=labels).tolist()}
+                               "matrix": matrix.tolist()}
     out["per_class"] = per_class
     out["macro"] = macro
     return out
