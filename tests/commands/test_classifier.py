@@ -423,3 +423,16 @@ def test_train_with_sgd_under_the_small_recipe_records_sgds_defaults(herlev_smal
     resolved = json.loads((out / "config.json").read_text())["train_config"]
     assert (resolved["recipe"], resolved["optimizer"], resolved["lr"], resolved["weight_decay"]) == \
         ("small", "sgd", 0.01, 1e-4)
+
+
+def test_the_summary_says_its_balanced_accuracy_is_at_the_threshold() -> None:
+    """The epoch lines' `bal. acc` is at the arg-max and the summary's at the threshold, both unlabelled."""
+    from types import SimpleNamespace
+
+    from wsi_screen.commands.train import result_parts
+
+    spec = SimpleNamespace(metrics={"auc": 0.9, "balanced_accuracy": 0.8, "sensitivity": 0.95, "specificity": 0.6},
+                           threshold=0.3, positive_class="abnormal")
+    assert result_parts(spec, 2, 3)[2] == "balanced accuracy 0.800 at the threshold"
+    argmax = SimpleNamespace(metrics={"auc": None, "balanced_accuracy": 0.5}, threshold=None, positive_class=None)
+    assert result_parts(argmax, 1, 1)[2] == "balanced accuracy 0.500"

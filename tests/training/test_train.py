@@ -239,5 +239,6 @@ def test_a_one_class_validation_split_is_reported_truthfully(herlev_small: Path,
     loss = float(result.history[0]["valid_loss"])
     assert f"best epoch 1 (valid loss {loss:.4f}; auc undefined on this validation split)" in caplog.text
     assert "auc n/a," in caplog.text and "auc ," not in caplog.text
+    assert "bal. acc (argmax) " in caplog.text  # the epoch line's decisions, unlike the summary's (threshold)
     valid = json.loads((tmp_path / "m" / "valid" / "metrics.json").read_text())
     assert valid["recall"] is None and valid["sensitivity"] is None and valid["auc"] is None

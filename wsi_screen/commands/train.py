@@ -286,11 +286,13 @@ def train(**params: Any) -> None:
 
 def result_parts(spec: Any, best_epoch: int, epochs: int) -> list[str]:
     """What the training's summary line says: its figures named by what they were measured on (the validation
-    split, or the pooled out-of-fold predictions of a cross-validated training)."""
+    split, or the pooled out-of-fold predictions of a cross-validated training) and, for the balanced accuracy,
+    the decisions (at the chosen threshold; the epoch lines and history.csv give it at the arg-max)."""
     m = spec.metrics or {}
     on = "out-of-fold" if m.get("cross_validation") else "valid"
+    at = " at the threshold" if spec.threshold is not None else ""
     parts = [f"best epoch {best_epoch} of {epochs}",
-             f"{on} AUC {_num(m.get('auc'))}", f"balanced accuracy {_num(m.get('balanced_accuracy'))}"]
+             f"{on} AUC {_num(m.get('auc'))}", f"balanced accuracy {_num(m.get('balanced_accuracy'))}{at}"]
     if spec.threshold is not None:
         parts.append(f"threshold {spec.threshold:.4f} for {spec.positive_class} ({on} sensitivity "
                      f"{_num(m.get('sensitivity'))}, specificity {_num(m.get('specificity'))})")

@@ -190,7 +190,7 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                                       best_epoch=best.epoch, best_state=best.state, best_probs=best.probs,
                                       history=history, model=loop.model, optimizer=loop.optimizer,
                                       schedule=loop.schedule, generator=loop.generator, scaler=loop.amp.scaler)
-                log.info("epoch %d/%d: train loss %s, valid loss %s, auc %s, bal. acc %s (%s s)%s", epoch,
+                log.info("epoch %d/%d: train loss %s, valid loss %s, auc %s, bal. acc (argmax) %s (%s s)%s", epoch,
                          config.epochs, row["train_loss"], row["valid_loss"], row["valid_auc"] or "n/a",
                          row["valid_balanced_accuracy"] or "n/a", row["seconds"], " *" if improved else "")
                 if config.patience and stale >= config.patience and epoch < config.epochs:
