@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,37 @@ def test_evaluation_refuses_a_folder_with_files_unless_overwrite(herlev_small: P
     assert json.loads((out / "metrics.json").read_text())["n"] == m["n"]
     assert not (out / "fold_metrics.csv").exists() and (out / "notes.txt").read_text() == "mine\n"
     evaluate_model(model, folder, "test", tmp_path / "empty_ok")  # a new (or empty) folder needs nothing
+
+
+def test_images_that_trained_the_model_are_counted_as_files_or_left_unknown(herlev_small: Path,
+                                                                            tmp_path: Path) -> None:
+    """`evaluate --split train` on a labels.csv over the very files an ImageFolder tree trained the model on
+    recorded `images_that_trained_the_model: 0` (the check was by folder name); it now compares the files, and
+    records null (not a false 0) where it cannot tell."""
+    from tests.classifier_data import read_rows, write_rows
+    from wsi_screen.training.evaluate import trained_on
+
+    rows = [r for r in read_rows(herlev_small) if r["split"] == "train"]
+    tree = tmp_path / "tree"  # the training dataset: an ImageFolder tree of links to the files
+    for r in rows:
+        (tree / "train" / r["binary_label"]).mkdir(parents=True, exist_ok=True)
+        (tree / "train" / r["binary_label"] / Path(r["path"]).name).symlink_to((herlev_small / r["path"]).resolve())
+    trained = open_patch_folder(tree)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    with (model_dir / "split.csv").open("w") as fh:
+        pairs = zip(trained.paths[:10], trained.labels[:10], strict=True)
+        fh.write("path,label,split\n" + "".join(f"{p},{lab},train\n" for p, lab in pairs))
+    model = _random_model(["abnormal", "normal"], "abnormal")
+    model.spec.data["dataset"] = str(tree.resolve())
+    model.model_dir = model_dir
+    other = tmp_path / "csv"  # another folder name and layout: a labels.csv over the same files
+    other.mkdir()
+    (other / "images").symlink_to(herlev_small.resolve())
+    write_rows(other, [{"path": f"images/{r['path']}", "label": r["binary_label"], "split": "train"} for r in rows])
+    folder = open_patch_folder(other)
+    assert trained_on(model, folder, folder.indices("train")) == 10
+    shutil.rmtree(tree)  # the training dataset gone: another folder name cannot be compared
+    assert trained_on(model, folder, folder.indices("train")) is None
+    model.model_dir = None
+    assert trained_on(model, folder, folder.indices("train")) is None

@@ -11,7 +11,8 @@ roc.png name that class, ``decision_class`` and ``threshold`` the model's operat
 other class meets where ``p(positive) < threshold`` (the point marked on its ROC).
 
 Images that trained the model (by its folder's ``split.csv``; :func:`trained_on`) give optimistic figures: the
-evaluation warns with their number and records it, rather than refusing, since looking at fit is fair use.
+evaluation warns with their number and records it (null where it cannot tell), rather than refusing, since
+looking at fit is fair use.
 
 An output folder that holds files is refused unless ``overwrite``, as ``train`` and ``tune`` refuse theirs; with it,
 the evaluation's files (:data:`EVALUATION_FILES`) are replaced and nothing else in the folder is touched.
@@ -126,16 +127,26 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
     return metrics
 
 
-def trained_on(model: PatchClassifier, folder: PatchFolder, rows: np.ndarray) -> int:
-    """How many of ``rows`` trained ``model``, by its folder's ``split.csv`` (same path and label). Counted only
-    where ``folder`` is the dataset the model was trained on, or a copy under the same folder name: relative
-    paths such as ``tumour/001.png`` repeat across datasets."""
+def trained_on(model: PatchClassifier, folder: PatchFolder, rows: np.ndarray) -> int | None:
+    """How many of ``rows`` trained ``model``, by its folder's ``split.csv`` (same file and label); None where it
+    cannot tell. Where the dataset the model was trained on is still there, its images are compared with these by
+    the files they are (symbolic links followed), so another layout of the same files (a labels.csv over an
+    ImageFolder's images) counts too; where it is not, only a copy under the same folder name can be compared, by
+    relative path (paths such as ``tumour/001.png`` repeat across datasets). None: no model folder or no
+    ``split.csv``, or the training dataset gone and ``folder`` named otherwise."""
     from wsi_screen.training.data import read_trained_images
 
     recorded = model.spec.data.get("dataset")
-    if model.model_dir is None or not recorded or Path(recorded).name != folder.root.resolve().name:
-        return 0
-    trained = read_trained_images(model.model_dir / "split.csv")
+    split_csv = model.model_dir / "split.csv" if model.model_dir is not None else None
+    if not recorded or split_csv is None or not split_csv.is_file():
+        return None
+    trained = read_trained_images(split_csv)
+    source = Path(recorded)
+    if source.is_dir():
+        files = {((source / path).resolve(), label) for path, label in trained}
+        return sum(((folder.root / folder.paths[i]).resolve(), folder.labels[i]) in files for i in rows)
+    if source.name != folder.root.resolve().name:
+        return None
     return sum((folder.paths[i], folder.labels[i]) in trained for i in rows)
 
 
