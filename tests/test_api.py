@@ -605,3 +605,24 @@ def test_a_failed_tile_leaves_nothing_in_memory(example_slide: Path, monkeypatch
     with wsi_screen.open_slide(example_slide) as slide, pytest.raises(SlideReadError, match="cannot be decoded"):
         wsi_screen.tile(slide, mpp=2.0, size=64)
     assert set(fs.find("/wsi-screen")) == before
+
+
+def test_a_closed_slide_refuses_every_read(example_slide: Path, slides_dir: Path, model: Any) -> None:
+    """A closed Slide's reader had freed its file descriptor: a read went to whatever file took it next (another
+    slide, blamed as "corrupt JPEG data"), or failed with EBADF; tile and score of it ran on. Now every read refuses."""
+    from wsi_screen.errors import SlideClosedError
+
+    slide = wsi_screen.open_slide(example_slide)
+    slide.close()
+    slide.close()  # twice is harmless
+    message = f"{example_slide} is closed; open it again with open_slide"
+    with wsi_screen.open_slide(slides_dir / "CMU-1-Small-Region.pyramid.tif"):  # may take the freed descriptor
+        reads = (lambda: slide.read_region((1500, 2000), 0, (256, 256)), lambda: slide.read_at((0, 0), (96, 96), 1.0),
+                 lambda: slide.thumbnail(8.0), lambda: wsi_screen.tissue_mask(slide),
+                 lambda: wsi_screen.tile(slide, mpp=2.0, size=64), lambda: wsi_screen.score(slide, model))
+        for read in reads:
+            with pytest.raises(SlideClosedError) as closed:
+                read()
+            assert str(closed.value) == message
+    assert slide.closed and repr(slide).endswith(", aperio, closed)") and slide.dimensions == (2220, 2967)
+

@@ -121,6 +121,10 @@ class UnsupportedFormatError(SlideOpenError):
     """The file is not a brightfield RGB whole-slide image that any reader here understands."""
 
 
+class SlideClosedError(SlideError, ValueError):
+    """A slide was read after it was closed (as a closed Python file refuses I/O with a ``ValueError``)."""
+
+
 class SlideReadError(SlideError, OSError):
     """Pixel data could not be decoded (corrupt or truncated tile data)."""
 

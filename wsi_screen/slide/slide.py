@@ -35,6 +35,7 @@ from PIL import Image
 from wsi_screen.errors import (
     ConfigError,
     MissingMppError,
+    SlideClosedError,
     SlideOpenError,
     UnsupportedFormatError,
     in_callers_words,
@@ -264,11 +265,12 @@ class Slide:
         if not self.path.exists() and not self.path.is_symlink():
             raise SlideOpenError(f"{self.path}: no such file or folder")
         try:
-            self._reader: Reader = _open_reader(self.path, reader)
+            self._handle: Reader | None = _open_reader(self.path, reader)
         except OSError as exc:
             if isinstance(exc, SlideOpenError):
                 raise
             raise SlideOpenError(f"{self.path}: cannot open: {exc.strerror or exc}") from exc
+        self._vendor, self._reader_name = self._reader.vendor, self._reader.name
         self.level_dimensions = self._reader.level_dimensions
         self.level_downsamples = self._reader.level_downsamples
         self.dimensions = self.level_dimensions[0]
@@ -337,11 +339,33 @@ class Slide:
 
     @property
     def vendor(self) -> str:
-        return self._reader.vendor
+        return self._vendor
 
     @property
     def reader_name(self) -> str:
-        return self._reader.name
+        return self._reader_name
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has closed the slide (its pixels can then no longer be read)."""
+        return getattr(self, "_handle", None) is None
+
+    def check_open(self) -> None:
+        """:class:`~wsi_screen.errors.SlideClosedError` where the slide is closed (a caller that will read it later,
+        or elsewhere, asks before it starts)."""
+        self._open_handle()
+
+    @property
+    def _reader(self) -> Reader:
+        """The open reader: every read goes through here, so a closed slide is refused in one place (its reader's
+        file descriptors are freed, and may already belong to another file)."""
+        return self._open_handle()
+
+    def _open_handle(self) -> Reader:
+        handle: Reader | None = getattr(self, "_handle", None)
+        if handle is None:
+            raise SlideClosedError(f"{self.path} is closed; open it again with open_slide")
+        return handle
 
     # ---------------------------------------------------------------------------------------- pixels
     def best_level(self, downsample: float) -> int:
@@ -488,7 +512,10 @@ class Slide:
 
     # ------------------------------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        reader = getattr(self, "_reader", None)
+        """Close the slide's files; reading it afterwards raises :class:`~wsi_screen.errors.SlideClosedError`
+        (closing it again does nothing)."""
+        reader = getattr(self, "_handle", None)
+        self._handle = None
         if reader is not None:
             reader.close()
 
@@ -508,7 +535,8 @@ class Slide:
 
     def __repr__(self) -> str:
         w, h = self.dimensions
-        return f"Slide({str(self.path)!r}, {w}x{h} px, {self.mpp:.4g} um/px, {self.vendor})"
+        closed = ", closed" if self.closed else ""
+        return f"Slide({str(self.path)!r}, {w}x{h} px, {self.mpp:.4g} um/px, {self.vendor}{closed})"
 
 
 @speaks_api

@@ -703,6 +703,7 @@ def tile_with(slide: Slide, out: str | Path | None, config: TileConfig) -> Patch
     import uuid
     import weakref
 
+    slide.check_open()  # a complete store would be reused without reading it; a closed slide is a mistake still
     in_memory = out is None
     location = store_location(f"memory://wsi-screen/{uuid.uuid4().hex}" if out is None else make_output(out),
                               slide.name)
