@@ -626,3 +626,24 @@ def test_a_closed_slide_refuses_every_read(example_slide: Path, slides_dir: Path
             assert str(closed.value) == message
     assert slide.closed and repr(slide).endswith(", aperio, closed)") and slide.dimensions == (2220, 2967)
 
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mpp": 0}, "`mpp` must be a positive number of microns per pixel, got 0"),
+    ({"mpp": -1}, "`mpp` must be a positive number of microns per pixel, got -1"),
+    ({"mpp": float("nan")}, "`mpp` must be a positive number of microns per pixel, got nan"),
+    ({"mpp": "0.5"}, "`mpp` must be a positive number of microns per pixel, got '0.5'"),
+    ({"mpp": True}, "`mpp` must be a positive number of microns per pixel, got True"),
+    ({"force_mpp": 0}, "`wsi_screen.open_slide(path, force_mpp=...)` must be a positive number of microns per "
+                       "pixel, got 0"),
+    ({"reader": "bogus"}, "`reader` must be one of auto, openslide, tifffile; got 'bogus'"),
+    ({"reader": 5}, "`reader` must be one of auto, openslide, tifffile; got 5"),
+])
+@pytest.mark.parametrize("declares", [True, False])
+def test_open_slide_checks_mpp_and_reader_up_front(example_slide: Path, slides_dir: Path, declares: bool,
+                                                   kwargs: dict[str, Any], message: str) -> None:
+    """These were accepted silently on a slide that declares its resolution (and taken as 1.0, or a MissingMppError,
+    on one that does not): api.md says every mpp must be a positive number."""
+    path = example_slide if declares else slides_dir / "TCGA-CR-7395-01A-01-TS1.svs"
+    with pytest.raises(ConfigError) as bad:
+        wsi_screen.open_slide(path, **kwargs)
+    assert str(bad.value) == message

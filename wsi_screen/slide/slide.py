@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 import numpy as np
 from PIL import Image
@@ -256,12 +256,13 @@ class Slide:
     def __init__(self, path: str | os.PathLike[str], *, name: str | None = None, mpp: float | None = None,
                  reader: ReaderChoice = "auto", force_mpp: float | None = None,
                  force_mpp_warning: bool = True) -> None:
+        # checked up front, even where the file's declared resolution will make ``mpp`` unused
+        self._mpp_override = None if mpp is None else positive_mpp(mpp, "slide_mpp")
+        self._mpp_force = None if force_mpp is None else positive_mpp(force_mpp, "slide_mpps")
+        self._reader_choice: ReaderChoice = reader_choice(reader)
         self.path = Path(path)
         self.name = name or slide_name(self.path)
-        self._mpp_override = mpp
-        self._mpp_force = force_mpp
         self._force_warning = force_mpp_warning
-        self._reader_choice: ReaderChoice = reader
         if not self.path.exists() and not self.path.is_symlink():
             raise SlideOpenError(f"{self.path}: no such file or folder")
         try:
@@ -567,6 +568,9 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, name: 
 
     Raises
     ------
+    ConfigError
+        ``mpp`` or ``force_mpp`` that is not a positive number, or a ``reader`` not named above (checked even where
+        ``mpp`` goes unused).
     SlideOpenError, UnsupportedFormatError, MissingMppError
         A file that cannot be read, is no slide, or has no usable resolution (pass ``mpp``, or ``force_mpp`` for
         a declared one that is wrong).
@@ -592,13 +596,25 @@ def _pixel_size(size: tuple[int, int]) -> tuple[int, int]:
     return w, h
 
 
-def positive_mpp(mpp: float) -> float:
-    """``mpp`` as a float; :class:`~wsi_screen.errors.ConfigError` where it is not a positive, finite number of
-    microns per pixel (0 or a negative one was clamped or divided by)."""
+def positive_mpp(mpp: float, setting: str = "mpp") -> float:
+    """``mpp`` as a float; :class:`~wsi_screen.errors.ConfigError` naming ``setting`` where it is not a positive,
+    finite number of microns per pixel (0 or a negative one was clamped or divided by; a string or a bool is no
+    number)."""
     value = float(mpp) if isinstance(mpp, Real) and not isinstance(mpp, bool) else math.nan
     if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"`mpp` must be a positive number of microns per pixel, got {mpp!r}")
+        raise ConfigError(f"`{setting}` must be a positive number of microns per pixel, got {mpp!r}")
     return value
+
+
+#: the readers ``reader`` names (:data:`ReaderChoice`)
+READERS: tuple[str, ...] = get_args(ReaderChoice)
+
+
+def reader_choice(reader: object) -> ReaderChoice:
+    """``reader`` if it names one of :data:`READERS`; :class:`~wsi_screen.errors.ConfigError` otherwise."""
+    if not isinstance(reader, str) or reader not in READERS:
+        raise ConfigError(f"`reader` must be one of {', '.join(READERS)}; got {reader!r}")
+    return reader  # type: ignore[return-value]
 
 
 def slide_name(path: Path) -> str:
