@@ -647,3 +647,75 @@ def test_open_slide_checks_mpp_and_reader_up_front(example_slide: Path, slides_d
     with pytest.raises(ConfigError) as bad:
         wsi_screen.open_slide(path, **kwargs)
     assert str(bad.value) == message
+
+
+BAD_ARGUMENTS: list[tuple[str, Any, str]] = [
+    # (what, the call given slide, scores and store, the message); each raised a raw Python error before
+    ("tissue_mask(3)", lambda sl, sc, st: wsi_screen.tissue_mask(3),
+     "`tissue_mask` takes an open Slide or a slide's path, not 3 (int)"),
+    ("open_slide(3)", lambda sl, sc, st: wsi_screen.open_slide(3),
+     "`path` must be a path (a str or a pathlib.Path), not 3 (int)"),
+    ("open_slide(None)", lambda sl, sc, st: wsi_screen.open_slide(None),
+     "`path` must be a path (a str or a pathlib.Path), not None (NoneType)"),
+    ("load_model(5)", lambda sl, sc, st: wsi_screen.load_model(5),
+     "`path_or_name` must be a model folder (or its config.json), a model name or None, not 5 (int)"),
+    ("screen(5)", lambda sl, sc, st: wsi_screen.screen(5),
+     "`path` must be a slide's path or an open Slide, not 5 (int)"),
+    ("tile size=96.5", lambda sl, sc, st: wsi_screen.tile(sl, mpp=1, size=96.5),
+     "`size` must be a whole number of pixels, at least 8; got 96.5"),
+    ("tile size='96'", lambda sl, sc, st: wsi_screen.tile(sl, mpp=1, size="96"),
+     "`size` must be a whole number of pixels, at least 8; got '96'"),
+    ("tile mpp='1'", lambda sl, sc, st: wsi_screen.tile(sl, mpp="1", size=96),
+     "`mpp` must be a positive number of microns per pixel, got '1'"),
+    ("tile overlap=1.5", lambda sl, sc, st: wsi_screen.tile(sl, mpp=1, size=96, overlap=1.5),
+     "`overlap` must be a whole number of pixels, at least 0; got 1.5"),
+    ("tile min_tissue='x'", lambda sl, sc, st: wsi_screen.tile(sl, mpp=1, size=96, min_tissue="x"),
+     "`min_tissue` must be a number in [0, 1], got 'x'"),
+    ("call_slide('x')", lambda sl, sc, st: wsi_screen.call_slide("x"),
+     "`scores` must be the Scores of wsi_screen.score, not 'x' (str)"),
+    ("heatmap(sl, sc, None)", lambda sl, sc, st: wsi_screen.heatmap(sl, sc, None),
+     "`call` must be the SlideCall of wsi_screen.call_slide, not None (NoneType)"),
+    ("heatmap('x', sc, call)", lambda sl, sc, st: wsi_screen.heatmap("x", sc, None),
+     "`slide` must be the open Slide the scores come from, or None, not 'x' (str)"),
+    ("call_slide threshold='0.5'", lambda sl, sc, st: wsi_screen.call_slide(sc, threshold="0.5"),
+     "the region rule's `threshold` is an area in mm^2 >= 0, got '0.5'"),
+    ("score('x')", lambda sl, sc, st: wsi_screen.score("x"),
+     "`store_or_slide` must be a PatchStore or an open Slide, not 'x' (str)"),
+    # named as call_slide's parameter, not as the rule's field (slide_threshold)
+    ("call_slide max threshold=2", lambda sl, sc, st: wsi_screen.call_slide(sc, rule="max", threshold=2),
+     "`threshold` must be a number in [0, 1], got 2"),
+    # a store's index: "a" was a ValueError; 1.5 and True were cast to patch 1
+    ("store['a']", lambda sl, sc, st: st["a"],
+     "`index` of a store's patches is an integer, a slice or a list of integers, not 'a' (str)"),
+    ("store[1.5]", lambda sl, sc, st: st[1.5],
+     "`index` of a store's patches is an integer, a slice or a list of integers, not 1.5 (float)"),
+    ("store[True]", lambda sl, sc, st: st[True],
+     "`index` of a store's patches is an integer, a slice or a list of integers, not True (bool)"),
+    ("store[[0.5]]", lambda sl, sc, st: st[[0.5]],
+     "`index` of a store's patches is an integer, a slice or a list of integers, not [0.5] (list)"),
+]
+
+
+@pytest.mark.parametrize("what, call, message", BAD_ARGUMENTS, ids=[b[0] for b in BAD_ARGUMENTS])
+def test_a_wrong_argument_type_is_a_config_error_naming_it(example_slide: Path, scores: Any, what: str, call: Any,
+                                                           message: str) -> None:
+    """These escaped as TypeError, AttributeError or ValueError from inside the package (or were cast silently);
+    each public entry point now checks its arguments (wsi_screen/_check.py) and names the one at fault."""
+    with wsi_screen.open_slide(example_slide) as slide, pytest.raises(ConfigError) as bad:
+        call(slide, scores, scores.store)
+    assert str(bad.value) == message
+
+
+def test_the_right_argument_types_still_work(example_slide: Path, scores: Any, model: Any) -> None:
+    """What the checks let through: a path for tissue_mask (as tile takes it), an open Slide for screen (left open),
+    numpy integers and integer lists for a store."""
+    with wsi_screen.open_slide(example_slide) as slide:
+        by_slide = wsi_screen.tissue_mask(slide)
+        assert wsi_screen.screen(slide, model).score == wsi_screen.screen(example_slide, model).score
+        assert not slide.closed
+        with pytest.raises(ConfigError, match=r"an open slide has its resolution: pass `mpp` or `force_mpp` to "):
+            wsi_screen.screen(slide, model, mpp=0.5)
+    assert np.array_equal(wsi_screen.tissue_mask(str(example_slide)).labels, by_slide.labels)
+    store = scores.store
+    assert np.array_equal(store[np.int64(3)], store[3]) and store[np.array([3, 1])].shape[0] == 2
+    assert store[[]].shape[0] == 0 and np.array_equal(store[range(2)], store[:2])

@@ -86,10 +86,10 @@ class AggregateConfig:
         _check_unit("patch_threshold", self.patch_threshold)
         _check_unit("region_threshold", self.region_threshold)
         if self.rule == "region":
-            if isinstance(self.slide_threshold, bool) or not (self.slide_threshold >= 0 and
-                                                              math.isfinite(self.slide_threshold)):
-                raise ConfigError(f"the region rule's slide threshold is an area in mm^2 >= 0, got "
-                                  f"{self.slide_threshold!r}")
+            value = self.slide_threshold
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0 and
+                                                                                     math.isfinite(value)):
+                raise ConfigError(f"the region rule's `slide_threshold` is an area in mm^2 >= 0, got {value!r}")
         else:
             _check_unit("slide_threshold", self.slide_threshold)
         if isinstance(self.radius, bool) or not isinstance(self.radius, int) or not 1 <= self.radius <= 5:
@@ -248,7 +248,7 @@ def as_k(k: float) -> int | float:
 
 def _check_unit(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 <= value <= 1.0):
-        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
+        raise ConfigError(f"`{name}` must be a number in [0, 1], got {value!r}")
 
 
 def check_probs(probs: np.ndarray | Sequence[float]) -> np.ndarray:

@@ -20,6 +20,7 @@ from weakref import WeakKeyDictionary
 
 import numpy as np
 
+from wsi_screen import _check
 from wsi_screen.errors import ConfigError, ModelMismatchError, speaks_api
 from wsi_screen.models import PatchClassifier, load_model
 from wsi_screen.screening import runfolder
@@ -282,7 +283,7 @@ def score(store_or_slide: PatchStore | Slide, model: ModelLike = None, *, batch_
         if lossy:
             log.warning("%s: %s", store.location, lossy)
     else:
-        raise ConfigError(f"score() takes a PatchStore or an open Slide, got {type(store_or_slide).__name__}")
+        _check.instance(store_or_slide, (PatchStore, Slide), "store_or_slide", "a PatchStore or an open Slide")
     before = model.decision_thresholds
     model.decision_thresholds = decision_thresholds(model, _rule(model))  # as infer scores for this rule
     try:
@@ -332,6 +333,7 @@ def call_slide(scores: Scores, model: ModelLike = None, *, rule: str | None = No
     >>> call.diagnosis, call.rule, call.metastasis
     ('normal', 'region', 'none')
     """
+    _check.instance(scores, Scores, "scores", "the Scores of wsi_screen.score")
     model = _as_model(model)
     _check_scored_by(scores, model)
     aggregate = _rule(model, InferConfig(rule=rule, threshold=threshold, k=k))
@@ -378,6 +380,9 @@ def heatmap(slide: Slide | None, scores: Scores, call: SlideCall, *, mpp: float 
     """
     from wsi_screen.screening.callview import CallContext, heatmap_figure
 
+    _check.instance(slide, (Slide, type(None)), "slide", "the open Slide the scores come from, or None")
+    _check.instance(scores, Scores, "scores", "the Scores of wsi_screen.score")
+    _check.instance(call, SlideCall, "call", "the SlideCall of wsi_screen.call_slide")
     store = scores.store
     info = store.attrs["slide"]
     dims = (int(info["dimensions"][0]), int(info["dimensions"][1]))
@@ -398,14 +403,15 @@ def heatmap(slide: Slide | None, scores: Scores, call: SlideCall, *, mpp: float 
 
 
 @speaks_api
-def screen(path: str | os.PathLike[str], model: ModelLike = None, *,
+def screen(path: str | os.PathLike[str] | Slide, model: ModelLike = None, *,
            mpp: float | None = None, force_mpp: float | None = None, workers: int = 2) -> SlideCall:
     """Screen one slide: open, tile (in memory, at the model's settings), score and call it.
 
     Parameters
     ----------
     path
-        A slide file (or a DICOM series folder).
+        A slide file (or a DICOM series folder), or a slide already open (:func:`wsi_screen.open_slide`; it is left
+        open, and ``mpp`` and ``force_mpp`` are those it was opened with).
     model
         A loaded model, a model folder, or ``None`` for the bundled default model.
     mpp
@@ -428,6 +434,13 @@ def screen(path: str | os.PathLike[str], model: ModelLike = None, *,
     >>> call.diagnosis, f"{call.score:.6f}"        # as in results.csv
     ('normal', '0.043537')
     """
+    if isinstance(path, Slide):
+        if mpp is not None or force_mpp is not None:
+            raise ConfigError(f"{path.path}: an open slide has its resolution: pass `mpp` or `force_mpp` to "
+                              "`wsi_screen.open_slide`, not to `screen`")
+        classifier = _as_model(model)
+        return call_slide(score(path, classifier, workers=workers), classifier)
+    _check.instance(path, (str, os.PathLike), "path", "a slide's path or an open Slide")
     classifier = _as_model(model)
     with open_slide(path, mpp, force_mpp=force_mpp) as slide:
         return call_slide(score(slide, classifier, workers=workers), classifier)

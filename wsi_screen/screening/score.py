@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from wsi_screen import progress
-from wsi_screen.errors import ConfigError, ModelMismatchError
+from wsi_screen import _check, progress
+from wsi_screen.errors import ModelMismatchError
 from wsi_screen.models import ModelSpec, PatchClassifier
 from wsi_screen.slide import isolation
 from wsi_screen.slide.isolation import Caller
@@ -113,8 +113,7 @@ class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
 
 def check_batch_size(batch_size: int) -> None:
     """Refuse a batch size that is no whole number of patches of at least 1."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"`batch_size` must be a whole number of patches, at least 1; got {batch_size!r}")
+    _check.whole(batch_size, "batch_size", at_least=1, unit="patches")
 
 
 def plan_batches(sizes: Sequence[tuple[str, int]], batch_size: int) -> list[tuple[str, int, int]]:

@@ -25,13 +25,14 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 import numpy as np
 from PIL import Image
 
+from wsi_screen import _check
+from wsi_screen._check import positive_mpp
 from wsi_screen.errors import (
     ConfigError,
     MissingMppError,
@@ -260,7 +261,7 @@ class Slide:
         self._mpp_override = None if mpp is None else positive_mpp(mpp, "slide_mpp")
         self._mpp_force = None if force_mpp is None else positive_mpp(force_mpp, "slide_mpps")
         self._reader_choice: ReaderChoice = reader_choice(reader)
-        self.path = Path(path)
+        self.path = Path(_check.path(path))
         self.name = name or slide_name(self.path)
         self._force_warning = force_mpp_warning
         if not self.path.exists() and not self.path.is_symlink():
@@ -594,16 +595,6 @@ def _pixel_size(size: tuple[int, int]) -> tuple[int, int]:
     if w < 1 or h < 1:
         raise ConfigError(f"`size` must be a positive (w, h) in pixels, got {tuple(size)}")
     return w, h
-
-
-def positive_mpp(mpp: float, setting: str = "mpp") -> float:
-    """``mpp`` as a float; :class:`~wsi_screen.errors.ConfigError` naming ``setting`` where it is not a positive,
-    finite number of microns per pixel (0 or a negative one was clamped or divided by; a string or a bool is no
-    number)."""
-    value = float(mpp) if isinstance(mpp, Real) and not isinstance(mpp, bool) else math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"`{setting}` must be a positive number of microns per pixel, got {mpp!r}")
-    return value
 
 
 #: the readers ``reader`` names (:data:`ReaderChoice`)

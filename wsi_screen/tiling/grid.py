@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_screen import _check
 from wsi_screen.errors import ConfigError, ResolutionError
 
 #: a requested mpp may be this much finer than level 0 before it counts as upsampling
@@ -35,14 +36,11 @@ class TileSpec:
     min_tissue: float = 0.5
 
     def __post_init__(self) -> None:
-        if not (self.mpp > 0 and np.isfinite(self.mpp)):
-            raise ConfigError(f"`mpp` must be a positive number, got {self.mpp}")
-        if self.size_px < 8:
-            raise ConfigError(f"`size_px` must be at least 8 pixels, got {self.size_px}")
-        if not (0 <= self.overlap_px < self.size_px):
+        _check.positive_mpp(self.mpp)
+        _check.whole(self.size_px, "size_px", at_least=8, unit="pixels")
+        if _check.whole(self.overlap_px, "overlap_px", at_least=0, unit="pixels") >= self.size_px:
             raise ConfigError(f"`overlap_px` must be in [0, size), got {self.overlap_px} for size {self.size_px}")
-        if not (0.0 <= self.min_tissue <= 1.0):
-            raise ConfigError(f"`min_tissue` must be in [0, 1], got {self.min_tissue}")
+        _check.number(self.min_tissue, "min_tissue", low=0.0, high=1.0)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_screen import __version__, progress, runlog
+from wsi_screen import __version__, _check, progress, runlog
 from wsi_screen.errors import (
     ConfigError,
     MissingMppError,
@@ -576,14 +576,15 @@ def _tile_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], out: str, gi
 
 # ------------------------------------------------------------------------------------------- the public verbs
 @speaks_api
-def tissue_mask(slide: Slide, *, mpp: float | None = None,
+def tissue_mask(slide: Slide | str | os.PathLike[str], *, mpp: float | None = None,
                 settings: TissueSettings | Mapping[str, Any] | None = None, workers: int = 2) -> TissueMask:
     """Where the tissue is: glass, tissue, pen and artifact labels on a thumbnail of ``slide``.
 
     Parameters
     ----------
     slide
-        An open slide (:func:`wsi_screen.open_slide`).
+        An open slide (:func:`wsi_screen.open_slide`), or a slide's path, opened (and closed) here as :func:`tile`
+        opens it.
     mpp
         Microns per pixel of the mask; by default the resolution the tiler uses (:func:`thumbnail_mpp`:
         8 um/px for ordinary slides, finer for small ones). A positive number (``ConfigError`` otherwise); one
@@ -592,7 +593,7 @@ def tissue_mask(slide: Slide, *, mpp: float | None = None,
         Thresholds of the detector: a :class:`~wsi_screen.tiling.tissue.TissueSettings`, or a dict of some of its
         fields (``{"min_od": 0.15}``; the others keep their defaults); its defaults by default.
     workers
-        Threads reading the thumbnail and computing the mask (the result does not depend on them).
+        Threads reading the thumbnail and computing the mask, at least 1 (the result does not depend on them).
 
     Returns
     -------
@@ -608,10 +609,33 @@ def tissue_mask(slide: Slide, *, mpp: float | None = None,
     >>> mask.labels.shape, round(mask.tissue_fraction, 2)
     ((1024, 766), 0.38)
     """
-    thumb_mpp = thumbnail_mpp(slide.mpp, slide.dimensions) if mpp is None \
-        else slide.clamp_mpp(mpp, what="a tissue mask")
+    workers = _check.whole(workers, "workers", at_least=1)
     tissue = TissueSettings.of(settings)
-    return detect_tissue(slide.thumbnail(thumb_mpp, workers=workers), thumb_mpp, tissue, workers=workers)
+    with _opened(slide, "tissue_mask", "the mask's") as opened:
+        thumb_mpp = thumbnail_mpp(opened.mpp, opened.dimensions) if mpp is None \
+            else opened.clamp_mpp(mpp, what="a tissue mask")
+        return detect_tissue(opened.thumbnail(thumb_mpp, workers=workers), thumb_mpp, tissue, workers=workers)
+
+
+@contextlib.contextmanager
+def _opened(slide: Slide | str | os.PathLike[str], verb: str, whose: str) -> Iterator[Slide]:
+    """``slide`` if it is an open Slide; a slide's path opened as ``open_slide(path)`` opens it (and closed after);
+    a ConfigError naming ``verb`` otherwise. ``whose`` the verb's own ``mpp`` is, for a slide that declares no
+    resolution (that ``mpp`` is not the slide's)."""
+    if isinstance(slide, Slide):
+        yield slide
+        return
+    if not isinstance(slide, str | os.PathLike):
+        raise ConfigError(f"`{verb}` takes an open Slide or a slide's path, not {_check.shown(slide)}")
+    try:
+        opened = open_slide(slide)
+    except MissingMppError as exc:
+        if "force_mpp" in str(exc):  # a declared resolution to replace: the message says how
+            raise
+        raise MissingMppError(f"{exc}; `{verb}`'s own `mpp` is {whose} resolution: pass `{verb}` the slide opened "
+                              "with `wsi_screen.open_slide(path, mpp=...)`") from exc
+    with opened:
+        yield opened
 
 
 @speaks_api
@@ -680,21 +704,11 @@ def tile(slide: Slide | str | os.PathLike[str], out: str | Path | None = None, *
     if not isinstance(pixels, bool):
         raise ConfigError(f"`pixels` is True (the patches are kept) or False (coordinates only), not {pixels!r}")
     config = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, overlap_px=overlap, min_tissue=min_tissue),
-                        stain=stain, stain_target=stain_target, tissue=TissueSettings.of(tissue), workers=workers,
+                        stain=stain, stain_target=stain_target, tissue=TissueSettings.of(tissue),
+                        workers=_check.whole(workers, "workers", at_least=1),
                         overwrite=overwrite, pixels=pixels,
                         codec=PatchCodec(codec or ("lz4" if out is None else DEFAULT_CODEC), quality))
-    if isinstance(slide, Slide):
-        return tile_with(slide, out, config)
-    if not isinstance(slide, str | os.PathLike):
-        raise ConfigError(f"`tile` takes an open Slide or a slide's path, not {slide!r} ({type(slide).__name__})")
-    try:
-        opened = open_slide(slide)
-    except MissingMppError as exc:
-        if "force_mpp" in str(exc):  # a declared resolution to replace: the message says how
-            raise
-        raise MissingMppError(f"{exc}; `tile`'s own `mpp` is the patches' resolution: pass `tile` the slide opened "
-                              "with `wsi_screen.open_slide(path, mpp=...)`") from exc
-    with opened:
+    with _opened(slide, "tile", "the patches'") as opened:
         return tile_with(opened, out, config)
 
 

@@ -42,6 +42,7 @@ import shutil
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,9 @@ import numpy as np
 import zarr
 import zarr.codecs
 
+from wsi_screen import _check
 from wsi_screen._safe_write import LockTaken, acquire, failure_text, fsync_file, fsync_tree, swap_in
-from wsi_screen.errors import IncompleteStoreError, SchemaVersionError, StoreError, StoreLockedError
+from wsi_screen.errors import ConfigError, IncompleteStoreError, SchemaVersionError, StoreError, StoreLockedError
 from wsi_screen.tiling.codecs import BLOSC_CLEVEL, BLOSC_CNAME, PatchCodec
 
 #: version 2 added the patch codec (``codec``) and coordinates-only stores (``pixels`` ``"none"``, no ``patches``)
@@ -284,6 +286,22 @@ def read_shard_patches(path: str, shard: int, wanted: np.ndarray, out: np.ndarra
 
 
 # ------------------------------------------------------------------------------------------------ reading
+def _patch_index(index: object) -> int | slice | np.ndarray:
+    """``index`` as :meth:`PatchStore.read` takes it: an integer, a slice, or integers (a list or an integer array);
+    a float, a bool or a string would be cast to a patch number, or fail deep in zarr."""
+    if isinstance(index, Integral) and not isinstance(index, bool):
+        return int(index)
+    if isinstance(index, slice):
+        return index
+    if isinstance(index, np.ndarray | Sequence) and not isinstance(index, str | bytes):
+        with contextlib.suppress(ValueError):  # a ragged list
+            idx = np.asarray(index)
+            if idx.dtype.kind in "iu" or (idx.size == 0 and idx.ndim == 1):
+                return idx.astype(np.int64).reshape(-1)
+    raise ConfigError(f"`index` of a store's patches is an integer, a slice or a list of integers, not "
+                      f"{_check.shown(index)}")
+
+
 class PatchStore:
     """A slide's patches: a sequence of (S, S, 3) uint8 RGB arrays with their level-0 ``coords``.
 
@@ -458,7 +476,9 @@ class PatchStore:
         return np.asarray(self.array(MASK)[...])
 
     def read(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
-        """Patches by index, slice or index list: uint8 (n, S, S, 3) (or (S, S, 3) for an int)."""
+        """Patches by index, slice or index list: uint8 (n, S, S, 3) (or (S, S, 3) for an int). Anything else (a
+        float, a bool, a string) is a :class:`~wsi_screen.errors.ConfigError`."""
+        index = _patch_index(index)
         if not self.has_pixels:
             return self._read_slide(index)
         if self._fast_shard is None:
