@@ -719,3 +719,35 @@ def test_the_right_argument_types_still_work(example_slide: Path, scores: Any, m
     store = scores.store
     assert np.array_equal(store[np.int64(3)], store[3]) and store[np.array([3, 1])].shape[0] == 2
     assert store[[]].shape[0] == 0 and np.array_equal(store[range(2)], store[:2])
+
+
+def test_a_run_records_the_call_where_the_docs_say(demo_run: Path, example_slide: Path) -> None:
+    """api.md said a run's slide.json has to_json()'s keys; it holds how the slide was scored. The call is results.csv's
+    row (the same keys, threshold for slide_threshold), run.json's aggregate and patches.geojson's foci."""
+    import json
+
+    from wsi_screen.screening.runfolder import RESULT_COLUMNS
+
+    call = wsi_screen.screen(example_slide).to_json()
+    row = read_results(demo_run)["CMU-1-Small-Region"]
+    same = ("slide", "status", "n_patches", "score", "diagnosis", "rule", "metastasis", "largest_focus_mm",
+            "tumour_area_mm2", "n_foci", "in_domain_fraction", "out_of_domain")
+    assert set(same) <= set(call) and set(same) | {"threshold"} <= set(RESULT_COLUMNS)
+    for key in same:
+        value = call[key]
+        if isinstance(value, bool):
+            assert row[key] == str(value).lower(), key
+        elif isinstance(value, int | float):
+            assert float(row[key]) == pytest.approx(value, abs=1e-4), key
+        else:
+            assert row[key] == ("" if value is None else value), key
+    assert float(row["threshold"]) == pytest.approx(call["slide_threshold"])
+    recorded = json.loads((demo_run / "run.json").read_text())["aggregate"]
+    assert {k: v for k, v in recorded.items() if k != "source"} == call["aggregate"]
+    geojson = json.loads((demo_run / "CMU-1-Small-Region" / "patches.geojson").read_text())
+    foci = [f for f in geojson["features"] if f["properties"].get("objectType") == "annotation"
+            and f["properties"].get("name") != "call evidence"]
+    assert len(foci) == len(call["foci"])
+    slide_json = json.loads((demo_run / "CMU-1-Small-Region" / "slide.json").read_text())
+    assert not {"diagnosis", "score", "foci", "aggregate"} & set(slide_json)  # as the docs now say
+    assert "not in a slide's `slide.json`" in (REPO / "docs" / "api.md").read_text()

@@ -135,7 +135,8 @@ class SlideCall:
 
     @property
     def slide_threshold(self) -> float:
-        """:attr:`threshold` by the name :meth:`to_json`, slide.json and run.json give it."""
+        """:attr:`threshold` by the name :meth:`to_json` and run.json's ``aggregate`` give it (results.csv's
+        ``threshold``)."""
         return self.threshold
 
     @property
@@ -162,10 +163,12 @@ class SlideCall:
     def to_json(self) -> dict[str, Any]:
         """The whole call as a dict that ``json.dumps`` accepts; not a string (``json.dumps(call.to_json())`` is).
 
-        Its keys are those of ``slide.json`` and run.json, which some attributes name otherwise: ``slide`` is
-        :attr:`name`, ``slide_threshold`` is :attr:`threshold` (also ``aggregate.slide_threshold``), and ``rule``
-        is the rule's name, ``aggregate.rule`` (:attr:`rule` is its label, e.g. ``topk (k = 5)``). The other
-        attributes are keys of the same name (``foci`` as a list of dicts, ``aggregate`` as a dict).
+        Some attributes are named otherwise: ``slide`` is :attr:`name`, ``slide_threshold`` is :attr:`threshold`
+        (also ``aggregate.slide_threshold``), and ``rule`` is the rule's name, ``aggregate.rule`` (:attr:`rule` is
+        its label, e.g. ``topk (k = 5)``). The other attributes are keys of the same name (``foci`` as a list of
+        dicts, ``aggregate`` as a dict). A run of ``wsi-screen infer`` records this call in results.csv (the
+        columns of the same name, and ``threshold`` for ``slide_threshold``), run.json's ``aggregate`` and
+        patches.geojson (the foci, ``evidence_indices``); not in slide.json (docs/api.md, ``SlideCall``).
         """
         return {"slide": self.name, **self.result.to_json(), "aggregate": self.aggregate.to_json(),
                 "foci": [f.to_json() for f in self.foci], "in_domain_fraction": self.in_domain_fraction,

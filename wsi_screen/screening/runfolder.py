@@ -3,15 +3,17 @@
 ::
 
     RUN/
-      results.csv            one row per slide (see RESULT_COLUMNS)
-      run.json               provenance: model, settings, versions, command, timings, per-slide status
+      results.csv            one row per slide (see RESULT_COLUMNS): its call (diagnosis, score, rule, threshold, foci)
+      run.json               provenance: model, settings, the slide rule (aggregate), versions, command, timings,
+                             per-slide status
       report.html            self-contained report (wsi-screen report RUN rewrites it)
       slide_metrics.json     with slide labels: slide-level AUC, sensitivity, specificity
       slide_roc.png          with slide labels
       stores/                patch stores tiled for this run (unless the run's stores are elsewhere)
       .wsi-screen-locks/     one lock file per slide, held while its folder is written
       <slide>/
-        slide.json           the slide's result, store location, model and settings it was scored with
+        slide.json           how the slide was scored: store location and pixels, patch grid, slide info, model
+                             (not its call: that is results.csv's row, with run.json's aggregate)
         scores.csv           one row per patch: index, x, y (level 0), tissue, p_<class> for every class
         heatmap.png          positive-class probability over the thumbnail, the call in its title, its foci outlined
         patches.geojson      QuPath FeatureCollection: the call's foci (annotations), then one polygon per patch
