@@ -85,6 +85,13 @@ def in_callers_words(text: str) -> str:
     return in_api_words(text) if _in_api.get() and not _words else text
 
 
+def for_caller(api: str, front_end: str) -> str:
+    """``front_end`` where a front end has installed its words (:func:`name_settings`: the CLI is running), ``api``
+    otherwise: for advice only one of them can follow (a Python call to make, or an option to set), which
+    :data:`API_WORDS` cannot rewrite into the other."""
+    return front_end if _words else api
+
+
 def speaks_api(func: Callable[_P, _R]) -> Callable[_P, _R]:
     """Wrap a public API function: a :class:`WsiScreenError` it raises names settings in :data:`API_WORDS`,
     unless a front end has installed its own words (:func:`name_settings`; the CLI then rewrites the message);

@@ -95,6 +95,35 @@ def _tile(slide: Path, out: Path, **kw: object) -> PatchStore:
     return PatchStore.open(result.store)
 
 
+def test_a_renamed_slide_is_not_recognised_and_the_message_says_so(tmp_path: Path, tissue_slide: Path) -> None:
+    """The message for a coordinates-only store whose slide cannot be opened said "if the slide has moved ... (the
+    same file is recognised by its fingerprint), or open the store with PatchStore.open(..., slide=PATH)"; for a
+    renamed slide, doing that failed ("not the file this store was made from"), the fingerprint hashing the name.
+    It also offered `stores`=..., which no Python function takes: now the Python way, or the CLI's under the CLI."""
+    from wsi_screen.errors import name_settings
+
+    first = tmp_path / "first.tif"
+    shutil.copy(tissue_slide, first)
+    store = _tile(first, tmp_path / "coords", pixels=False)
+    store.close()
+    renamed = first.rename(tmp_path / "second.tif")  # the same folder, a new name
+    with pytest.raises(StoreError) as python:
+        PatchStore.open(store.location).read(0)
+    said = str(python.value)
+    assert said.endswith(f"a slide moved to another folder under the same file name is recognised by its fingerprint: "
+                         f"open the store with `wsi_screen.PatchStore.open({store.location!r}, slide=PATH)`; a renamed "
+                         "one is not (the fingerprint includes the file name): give it back its name, or tile it "
+                         "again"), said
+    assert "`stores`" not in said
+    with pytest.raises(StoreError, match=r"not the file this store was made from \(another file name or content: the "
+                                         r"fingerprint includes the file name, so a renamed slide is another file\)"):
+        PatchStore.open(store.location, slide=renamed).read(0)
+    with name_settings({"stores": "--stores"}), pytest.raises(StoreError) as cli:
+        PatchStore.open(store.location).read(0)
+    assert f"screen or embed it at its new path with `stores`={tmp_path / 'coords'}; a renamed one" in str(cli.value)
+    assert "PatchStore.open" not in str(cli.value)
+
+
 @pytest.mark.parametrize("stain", ["none", "macenko"])
 def test_coordinates_only_store_reads_the_pixel_stores_bytes(tmp_path: Path, tissue_slide: Path, stain: str) -> None:
     full = _tile(tissue_slide, tmp_path / "lz4", stain=stain, codec=PatchCodec("lz4"))

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_screen.errors import SlideOpenError, StoreError
+from wsi_screen.errors import SlideOpenError, StoreError, for_caller
 from wsi_screen.slide.slide import Slide
 
 
@@ -55,15 +55,18 @@ class SlidePatches:
             self.slide = Slide(path, name=info.get("name"), reader=attrs.get("reader_choice", "auto"),
                                force_mpp=info.get("mpp"), force_mpp_warning=False)  # warned of when tiled
         except SlideOpenError as exc:
-            raise StoreError(f"{location}: reads its patches from the slide {path}, which cannot be opened "
-                             f"({exc}); if the slide has moved, screen or embed it at its new path with "
-                             f"`stores`={location.rstrip('/').rpartition('/')[0] or '.'} (the same file is "
-                             "recognised by its fingerprint), or open the store with PatchStore.open(..., "
-                             "slide=PATH)") from exc
+            folder = location.rstrip("/").rpartition("/")[0] or "."
+            way = for_caller(f"open the store with `wsi_screen.PatchStore.open({location!r}, slide=PATH)`",
+                             f"screen or embed it at its new path with `stores`={folder}")
+            raise StoreError(f"{location}: reads its patches from the slide {path}, which cannot be opened ({exc}); "
+                             f"a slide moved to another folder under the same file name is recognised by its "
+                             f"fingerprint: {way}; a renamed one is not (the fingerprint includes the file name): "
+                             "give it back its name, or tile it again") from exc
         if info.get("fingerprint") and self.slide.info.fingerprint != info["fingerprint"]:
             self.slide.close()
             raise StoreError(f"{location}: the slide {path} is not the file this store was made from (another "
-                             "file name or content); pass the original file, or re-tile it")
+                             "file name or content: the fingerprint includes the file name, so a renamed slide is "
+                             "another file); pass the original file, or re-tile it")
         self._normalize = _normalizer(attrs.get("stain") or {})
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()  # one read at a time shares the pool and the slide's tile cache
