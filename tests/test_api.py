@@ -751,3 +751,35 @@ def test_a_run_records_the_call_where_the_docs_say(demo_run: Path, example_slide
     slide_json = json.loads((demo_run / "CMU-1-Small-Region" / "slide.json").read_text())
     assert not {"diagnosis", "score", "foci", "aggregate"} & set(slide_json)  # as the docs now say
     assert "not in a slide's `slide.json`" in (REPO / "docs" / "api.md").read_text()
+
+
+def test_absurd_reads_are_refused_or_bounded(example_slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """thumbnail(1e6) was a MemoryError of 43.9 TiB (its resampling margin grew with the mpp), as were
+    tissue_mask(mpp=1e5), read_at(..., 1e5) and read_region of 100000 x 100000 px. The margin is now at most the
+    level, and a read beyond MAX_READ_PIXELS is a ConfigError naming its size."""
+    import tracemalloc
+
+    from wsi_screen.slide import slide as slide_module
+
+    with wsi_screen.open_slide(example_slide) as slide:
+        tracemalloc.start()
+        try:
+            assert slide.thumbnail(1e6).shape == (1, 1, 3)
+            assert wsi_screen.tissue_mask(slide, mpp=1e5).labels.shape == (1, 1)
+            assert tracemalloc.get_traced_memory()[1] < 200 << 20
+        finally:
+            tracemalloc.stop()
+        with pytest.raises(ConfigError) as region:
+            slide.read_region((0, 0), 0, (100000, 100000))
+        assert str(region.value) == (f"{example_slide}: a read_region of 100000 x 100000 px (27.9 GiB of RGB) is "
+                                     "more than one read gives (268,435,456 px); read a smaller `size`, or a coarser "
+                                     "`level`")
+        with pytest.raises(ConfigError, match=r": the region \(at level 0\) of 2004008 x 2004008 px \(11,220.7 GiB of "
+                                              r"RGB\) is more than one read gives .*; read a smaller `size`, or at a "
+                                              "finer `mpp`$"):
+            slide.read_at((0, 0), (10, 10), 1e5)
+        with pytest.raises(ConfigError, match=r": a read_at of 20000 x 20000 px .* at a coarser `mpp`$"):
+            slide.read_at((0, 0), (20000, 20000), 1.0)
+        monkeypatch.setattr(slide_module, "MAX_READ_PIXELS", 1000)
+        with pytest.raises(ConfigError, match=r": a thumbnail of 277 x 370 px .*; make it at a coarser `mpp`$"):
+            slide.thumbnail(4.0)

@@ -55,6 +55,9 @@ PLAUSIBLE_MPP = (0.05, 100.0)
 MAX_SIDE_PX = 2_000_000
 #: Output block edge when building thumbnails from large levels.
 _THUMB_BLOCK = 1024
+#: most pixels one read may give or read from a level (768 MiB of RGB): beyond it the caller asked for the whole
+#: slide at full resolution, or for a resolution so coarse that one output pixel spans more than the slide
+MAX_READ_PIXELS = 1 << 28
 #: an mpp this much finer than level 0's is still level 0's (rounding in a declared or derived resolution)
 _FINER_TOLERANCE = 1e-3
 
@@ -403,7 +406,8 @@ class Slide:
         if isinstance(level, bool) or index != level or not 0 <= index < len(self.level_dimensions):
             raise ConfigError(f"{self.path}: `level` {level!r} does not exist (the slide has levels 0-"
                               f"{len(self.level_dimensions) - 1})")
-        return self._reader.read_region(index, (int(location[0]), int(location[1])), _pixel_size(size))
+        w, h = self._within_budget(_pixel_size(size), "a read_region", "read a smaller `size`, or a coarser `level`")
+        return self._reader.read_region(index, (int(location[0]), int(location[1])), (w, h))
 
     def read_at(self, location_l0: tuple[int, int], size: tuple[int, int], mpp: float,
                 out: np.ndarray | None = None) -> np.ndarray:
@@ -426,7 +430,7 @@ class Slide:
         if mpp < self.mpp * (1.0 - _FINER_TOLERANCE):
             self._warn_once("read_at", "%s: read_at at %g um/px is finer than the slide's level 0 (%.4g um/px): the "
                             "region is upsampled from level 0, which adds no detail", self.path, mpp, self.mpp)
-        w, h = _pixel_size(size)
+        w, h = self._within_budget(_pixel_size(size), "a read_at", "read a smaller `size`, or at a coarser `mpp`")
         scale = mpp / self.mpp  # level-0 pixels per output pixel
         return self._read_l0((int(location_l0[0]), int(location_l0[1])),
                              (max(1, round(w * scale)), max(1, round(h * scale))), (w, h), out)
@@ -448,10 +452,20 @@ class Slide:
         Lanczos, whose support widens with the scale factor)."""
         level = self.best_level(min(size_l0[0] / size_px[0], size_l0[1] / size_px[1]))
         ds = self.level_downsamples[level]
-        region = (max(1, round(size_l0[0] / ds)), max(1, round(size_l0[1] / ds)))
+        region = self._within_budget((max(1, round(size_l0[0] / ds)), max(1, round(size_l0[1] / ds))),
+                                     f"the region (at level {level})", "read a smaller `size`, or at a finer `mpp`")
         if region == size_px:
             return self._reader.read_region(level, xy_l0, region, out)
         return into(out, resize(self._reader.read_region(level, xy_l0, region), size_px))
+
+    def _within_budget(self, size: tuple[int, int], what: str, fix: str) -> tuple[int, int]:
+        """``size`` (w, h), or a :class:`~wsi_screen.errors.ConfigError` naming it (and ``fix``) where it holds more
+        than :data:`MAX_READ_PIXELS` (a MemoryError of terabytes otherwise)."""
+        w, h = size
+        if w * h > MAX_READ_PIXELS:
+            raise ConfigError(f"{self.path}: {what} of {w} x {h} px ({w * h * 3 / 2**30:,.1f} GiB of RGB) is more than "
+                              f"one read gives ({MAX_READ_PIXELS:,} px); {fix}")
+        return w, h
 
     def _warn_once(self, what: str, msg: str, *args: object) -> None:
         """Log ``msg`` the first time this slide does ``what`` (a notebook loop would repeat it on every call)."""
@@ -492,8 +506,11 @@ class Slide:
         ds = self.level_downsamples[level]
         lw, lh = self.level_dimensions[level]
         f = scale / ds  # level pixels per output pixel
+        self._within_budget((out_w, out_h), "a thumbnail", "make it at a coarser `mpp`")
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
-        margin = math.ceil(2 * f) + 2
+        # the resampling filter's context, in level pixels: two output pixels' worth, but never more than the level
+        # (an output pixel wider than the slide, at an absurdly coarse mpp, would read a vast white border)
+        margin = min(math.ceil(2 * f) + 2, max(lw, lh))
 
         def block(origin: tuple[int, int]) -> None:
             ox, oy = origin
@@ -505,7 +522,8 @@ class Slide:
             rx1 = min(lw + margin, math.ceil(sx1) + margin)
             ry1 = min(lh + margin, math.ceil(sy1) + margin)
             src = self._reader.read_region(level, (round(rx0 * ds), round(ry0 * ds)), (rx1 - rx0, ry1 - ry0))
-            box = (sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0)
+            # within what was read: the box reaches past it only where the margin was capped (all white there)
+            box = (sx0 - rx0, sy0 - ry0, min(sx1, rx1) - rx0, min(sy1, ry1) - ry0)
             out[oy:oy + bh, ox:ox + bw] = resize(src, (bw, bh), box=box)
 
         blocks = [(ox, oy) for oy in range(0, out_h, _THUMB_BLOCK) for ox in range(0, out_w, _THUMB_BLOCK)]
