@@ -783,3 +783,12 @@ def test_absurd_reads_are_refused_or_bounded(example_slide: Path, monkeypatch: p
         monkeypatch.setattr(slide_module, "MAX_READ_PIXELS", 1000)
         with pytest.raises(ConfigError, match=r": a thumbnail of 277 x 370 px .*; make it at a coarser `mpp`$"):
             slide.thumbnail(4.0)
+
+
+def test_scores_top_refuses_a_negative_n(scores: Any) -> None:
+    """top(-1) gave all but one index, as a slice [:-1] would."""
+    assert scores.top(0) == [] and len(scores.top(1000)) == len(scores)
+    for n in (-1, 2.5, "3"):
+        with pytest.raises(ConfigError) as bad:
+            scores.top(n)
+        assert str(bad.value) == f"`n` must be a whole number, at least 0; got {n!r}"

@@ -73,8 +73,9 @@ class Scores:
         return self.probabilities[:, self.classes.index(self.positive_class)]
 
     def top(self, n: int = 8) -> list[int]:
-        """Indices of the ``n`` highest-scoring patches, highest first (``store[i]``, ``coords[i]``)."""
-        return top_indices(self.positive, n)
+        """Indices of the ``n`` highest-scoring patches, highest first (``store[i]``, ``coords[i]``); ``n`` is a whole
+        number >= 0 (:class:`~wsi_screen.errors.ConfigError` otherwise; more than there are gives them all)."""
+        return top_indices(self.positive, _check.whole(n, "n", at_least=0))
 
     def __len__(self) -> int:
         return int(self.probabilities.shape[0])
