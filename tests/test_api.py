@@ -792,3 +792,22 @@ def test_scores_top_refuses_a_negative_n(scores: Any) -> None:
         with pytest.raises(ConfigError) as bad:
             scores.top(n)
         assert str(bad.value) == f"`n` must be a whole number, at least 0; got {n!r}"
+
+
+def test_the_api_table_gives_each_parameter_its_real_kind() -> None:
+    """api.md's table listed load_model(path_or_name=None, device="cpu"), but device is keyword-only: each signature
+    there names real parameters, those after its `*` keyword-only and those before it not."""
+    import inspect
+
+    rows = re.findall(r"^\| \[`(\w+)\((.*?)\)`\]", (REPO / "docs" / "api.md").read_text(encoding="utf-8"),
+                      flags=re.M)
+    assert len(rows) >= 9
+    for name, args in rows:
+        params = inspect.signature(getattr(wsi_screen, name)).parameters
+        keyword_only = False
+        for arg in (a.strip() for a in args.split(",")):
+            if arg == "*":
+                keyword_only = True
+            elif arg != "...":
+                real = params[arg.split("=")[0]]
+                assert (real.kind is inspect.Parameter.KEYWORD_ONLY) == keyword_only, f"{name}: {arg}"
