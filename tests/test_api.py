@@ -811,3 +811,21 @@ def test_the_api_table_gives_each_parameter_its_real_kind() -> None:
             elif arg != "...":
                 real = params[arg.split("=")[0]]
                 assert (real.kind is inspect.Parameter.KEYWORD_ONLY) == keyword_only, f"{name}: {arg}"
+
+
+@pytest.mark.parametrize("what, call, message", [
+    ("create_model 0 classes", lambda sl: wsi_screen.create_model("screen_cnn32", 0),
+     "`num_classes` must be a whole number, at least 1; got 0"),
+    ("tile workers=-1", lambda sl: wsi_screen.tile(sl, mpp=2.0, size=64, workers=-1),
+     "`workers` must be a whole number, at least 1; got -1"),
+    ("tissue_mask workers=0", lambda sl: wsi_screen.tissue_mask(sl, workers=0),
+     "`workers` must be a whole number, at least 1; got 0"),
+    ("tile lz4 quality", lambda sl: wsi_screen.tile(sl, mpp=2.0, size=64, codec="lz4", quality=50),
+     "lz4 is lossless and has no quality; use `codec` jpeg or jpegxl (or drop `quality`)"),
+])
+def test_invalid_values_are_refused_not_taken(example_slide: Path, what: str, call: Any, message: str) -> None:
+    """Each was accepted silently: a model of zero classes, a negative or zero number of threads, a quality for
+    the lossless codec (which the tile command already refused: the same rule now)."""
+    with wsi_screen.open_slide(example_slide) as slide, pytest.raises(ConfigError) as bad:
+        call(slide)
+    assert str(bad.value) == message

@@ -159,7 +159,7 @@ SETTING_FLAGS: dict[str, str] = {
     "head": "--head", "embedding_cache": "--embedding-cache", "recipe": "--recipe", "lr": "--lr", "epochs": "--epochs",
     "flips": "--flips/--no-flips", "hed_jitter": "--hed-jitter", "color_jitter": "--color-jitter",
     "frozen_epochs": "--frozen-epochs", "compile": "--compile", "min_specificity": "--min-specificity",
-    "rule": "--aggregate", "threshold": "--threshold", "slide_threshold": "--threshold", "k": "--k",
+    "codec": "--codec", "quality": "--quality", "rule": "--aggregate", "threshold": "--threshold", "slide_threshold": "--threshold", "k": "--k",
     "valid_fraction": "--valid-fraction", "batch_size": "--batch-size", "weight_decay": "--weight-decay",
     "warmup_epochs": "--warmup-epochs", "label_smoothing": "--label-smoothing", "drop_rate": "--drop-rate",
     "patience": "--patience", "workers": "--workers", "optimizer": "--optimizer",

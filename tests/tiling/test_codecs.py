@@ -65,7 +65,11 @@ def test_lossy_shards_are_zarrs_own_and_plain_zarr_reads_them(tmp_path: Path, na
 
 
 def test_codec_quality_rules() -> None:
-    assert PatchCodec("lz4", 50).quality is None
+    assert PatchCodec("lz4").quality is None
+    # lz4 with a quality was taken silently by the API's tile() (the tile command refused it): one rule for both
+    with pytest.raises(ConfigError, match=r"^lz4 is lossless and has no quality; use `codec` jpeg or jpegxl \(or drop "
+                                          r"`quality`\)$"):
+        PatchCodec("lz4", 50)
     assert PatchCodec("jpeg").quality == 90
     # a WsiScreenError (still a ValueError) naming the setting: the API gave a raw ValueError
     with pytest.raises(ConfigError, match=r"^`quality` 0 is not a quality of JPEG: give a whole number from 1 to 100$"):

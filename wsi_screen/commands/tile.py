@@ -13,8 +13,8 @@ from wsi_screen.commands._options import (
     slide_mpp_table,
     slide_timeout_option,
 )
-from wsi_screen.errors import ConfigError
-from wsi_screen.tiling.codecs import CODECS, DEFAULT_CODEC, DEFAULT_QUALITY
+from wsi_screen.errors import ConfigError, in_user_words
+from wsi_screen.tiling.codecs import CODECS, DEFAULT_CODEC, DEFAULT_QUALITY, PatchCodec
 
 
 @click.command(short_help="Cut slides into tissue patches, one zarr store per slide.")
@@ -89,9 +89,10 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
       wsi-screen tile /shared/slides -o /shared/stores --dask tcp://10.0.0.5:8786
     """
     configure_output()
-    if quality is not None and codec == "lz4":
-        raise click.BadParameter("lz4 is lossless and has no quality; use --codec jpeg or jpegxl (or drop "
-                                 "--quality)", param_hint="--quality")
+    try:
+        patch_codec = PatchCodec(codec, quality)  # its rules (lz4 takes no quality) are the API's
+    except ConfigError as exc:
+        raise click.BadParameter(in_user_words(str(exc)), param_hint="--quality") from None
     if stain_target is not None and stain == "none":
         raise click.BadParameter("a stain target is only used with --stain macenko, reinhard or vahadane; add one "
                                  "(or drop --stain-target)", param_hint="--stain-target")
@@ -111,7 +112,6 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     from wsi_screen.runlog import run_log
     from wsi_screen.slide.discovery import discover
     from wsi_screen.slide.slide import warn_unmatched_mpp
-    from wsi_screen.tiling.codecs import PatchCodec
     from wsi_screen.tiling.grid import TileSpec
     from wsi_screen.tiling.pipeline import TileConfig, output_location, tile_slides
     from wsi_screen.tiling.store import is_url
@@ -120,7 +120,7 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     config = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, overlap_px=overlap, min_tissue=min_tissue),
                         stain=stain, stain_target=stain_target, slide_mpp=slide_mpp,
                         slide_mpps=slide_mpp_table(slide_mpp_csv),
-                        codec=PatchCodec(codec, quality), pixels=pixels == "store",
+                        codec=patch_codec, pixels=pixels == "store",
                         workers=workers,
                         reader=reader,  # type: ignore[arg-type]
                         overwrite=overwrite, slide_timeout=slide_timeout)

@@ -15,6 +15,7 @@ import timm
 import torch
 from torch import nn
 
+from wsi_screen import _check
 from wsi_screen.errors import ModelError, UnknownModelError, speaks_api
 from wsi_screen.models import screen_cnn
 
@@ -62,7 +63,7 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     name
         A timm architecture or the project's own ``screen_cnn32`` (``wsi-screen models`` lists them).
     num_classes
-        Outputs of the classifier head.
+        Outputs of the classifier head, a whole number >= 1 (:class:`~wsi_screen.errors.ConfigError` otherwise).
     **kwargs
         Passed to ``timm.create_model``.
 
@@ -79,6 +80,7 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     (1, 2)
     """
     check_arch(name)
+    num_classes = _check.whole(num_classes, "num_classes", at_least=1)
     if kwargs.pop("pretrained", False):
         raise ModelError("pretrained weights are never downloaded; give a local weights file as `pretrained` "
                          "instead")

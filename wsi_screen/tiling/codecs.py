@@ -47,7 +47,8 @@ _LABELS: Final = {"jpeg": "JPEG", "jpegxl": "JPEG XL"}
 
 @dataclass(frozen=True)
 class PatchCodec:
-    """One codec with its quality (``None`` for the lossless ``lz4``)."""
+    """One codec with its quality (``None`` for the lossless ``lz4``, which refuses one: a
+    :class:`~wsi_screen.errors.ConfigError`)."""
 
     name: str = DEFAULT_CODEC
     quality: int | None = None
@@ -56,7 +57,9 @@ class PatchCodec:
         if self.name not in CODECS:
             raise ConfigError(f"`codec` {self.name!r} is not a patch codec; choose one of {', '.join(CODECS)}")
         if self.name == "lz4":
-            object.__setattr__(self, "quality", None)
+            if self.quality is not None:  # the one rule, for the API's tile() and the tile command alike
+                raise ConfigError("lz4 is lossless and has no quality; use `codec` jpeg or jpegxl (or drop "
+                                  "`quality`)")
         elif self.quality is None:
             object.__setattr__(self, "quality", DEFAULT_QUALITY[self.name])
         elif isinstance(self.quality, bool) or not isinstance(self.quality, Integral) or not 1 <= self.quality <= 100:

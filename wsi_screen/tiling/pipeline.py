@@ -666,14 +666,15 @@ def tile(slide: Slide | str | os.PathLike[str], out: str | Path | None = None, *
     tissue
         Tissue detector settings, a ``TissueSettings`` or a dict of some of its fields (see :func:`tissue_mask`).
     workers
-        Reader threads.
+        Reader threads, at least 1.
     overwrite
         Replace a complete store at ``out`` instead of reusing or refusing it.
     codec, quality
         How patches are kept (see docs/store.md): ``"jpeg"``, ``"jpegxl"`` or ``"lz4"``; default lz4 for a store
         in memory (the slide's exact pixels), ``tile``'s default (jpeg, quality 90: lossy, a fifth of lz4's
         bytes) for a store on disk. Scores from JPEG patches differ slightly from scores from the slide; pass
-        ``codec="lz4"`` for an on-disk store that scores exactly as the slide does.
+        ``codec="lz4"`` for an on-disk store that scores exactly as the slide does. A ``quality`` is for the lossy
+        codecs; lz4's is a ``ConfigError``.
     pixels
         ``False``: a coordinates-only store, as the ``tile`` command writes with its ``pixels`` option set to
         none: coordinates, tissue, thumbnail, mask, stain fit and settings, no patch pixels; reading a patch reads
