@@ -829,3 +829,28 @@ def test_invalid_values_are_refused_not_taken(example_slide: Path, what: str, ca
     with wsi_screen.open_slide(example_slide) as slide, pytest.raises(ConfigError) as bad:
         call(slide)
     assert str(bad.value) == message
+
+
+def test_reprs_are_short_and_a_missing_feature_store_says_so(model: Any, tmp_path: Path) -> None:
+    """repr(model.domain) was 5,762 characters of tensors, repr(model.spec) 3,073 (the whole metrics dict), a Focus
+    printed its MultiPolygon and patch indices, FeatureStore had the default object repr; FeatureStore("nope.zarr")
+    said "not a wsi-screen embeddings store"."""
+    from wsi_screen.embedding.features import FeatureStore, write_feature_store
+    from wsi_screen.screening.spatial import Focus
+
+    assert repr(model.domain) == ("DomainModel(views={stem: View(128 features, 2 classes, scale=109.9, weight=1), "
+                                  "penultimate: View(512 features, 2 classes, scale=469.6, weight=0.25)}, "
+                                  "threshold=3.68, slide_min_in_domain=0.5)")
+    spec = repr(model.spec)
+    assert len(spec) < 600 and "metrics" not in spec and "train_config" not in spec and "mpp=0.972" in spec
+    focus = Focus(rank=1, n_patches=400, area_mm2=3.5, longest_axis_mm=2.5, mean_prob=0.9, max_prob=0.99,
+                  category="macro", centre_l0=(10, 20), indices=tuple(range(400)),
+                  outline_l0={"type": "MultiPolygon", "coordinates": [[[[0, 0], [1, 0], [1, 1], [0, 0]]]] * 100})
+    assert repr(focus) == ("Focus(rank=1, n_patches=400, area_mm2=3.5, longest_axis_mm=2.5, mean_prob=0.9, "
+                           "max_prob=0.99, category='macro', centre_l0=(10, 20))")
+    path = write_feature_store(tmp_path / "emb" / "slide.zarr", np.zeros((3, 4), np.float16),
+                               np.zeros((3, 2), np.int64), {"mpp": 0.5, "size": 224})
+    assert repr(FeatureStore(path)) == f"FeatureStore({str(path)!r}, 3 patches x 4 features)"
+    with pytest.raises(StoreError) as missing:
+        FeatureStore(tmp_path / "nope.zarr")
+    assert str(missing.value) == f"{tmp_path / 'nope.zarr'}: no such embeddings store"

@@ -98,6 +98,8 @@ class FeatureStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(f"{self.path}: no such embeddings store")
         attrs = read_attrs(self.path)
         if not attrs or attrs.get("kind") != KIND:
             raise StoreError(f"{self.path}: not a wsi-screen embeddings store")
@@ -111,6 +113,10 @@ class FeatureStore:
 
     def __len__(self) -> int:
         return int(self.attrs["n_patches"])
+
+    def __repr__(self) -> str:
+        dim = cast("zarr.Array", self._group[FEATURES]).shape[1]
+        return f"FeatureStore({str(self.path)!r}, {len(self)} patches x {dim} features)"
 
     @property
     def features(self) -> np.ndarray:

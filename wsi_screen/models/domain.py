@@ -134,10 +134,14 @@ class View:
     """One view's Gaussian: ``whiten`` (D, D) and the whitened class means (C, D); distances are divided by
     ``scale`` (their median on the valid split) and weighted by ``weight``."""
 
-    whiten: torch.Tensor
-    means_w: torch.Tensor
+    whiten: torch.Tensor = field(repr=False)
+    means_w: torch.Tensor = field(repr=False)
     scale: float = 1.0
     weight: float = 1.0
+
+    def __repr__(self) -> str:  # the tensors are thousands of numbers; their shapes say what the view is
+        return (f"View({self.whiten.shape[0]} features, {self.means_w.shape[0]} classes, scale={self.scale:.4g}, "
+                f"weight={self.weight:.4g})")
 
     def squared(self, features: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance of each row to the nearest class mean, over ``scale``."""
@@ -153,7 +157,12 @@ class DomainModel:
 
     views: dict[str, View]
     threshold: float
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:  # one line: the views by name (their tensors are thousands of numbers), not ``info``
+        views = ", ".join(f"{k}: {v!r}" for k, v in self.views.items())
+        return (f"DomainModel(views={{{views}}}, threshold={self.threshold:.4g}, "
+                f"slide_min_in_domain={self.slide_min_in_domain:.4g})")
 
     @property
     def slide_min_in_domain(self) -> float:

@@ -66,10 +66,11 @@ class ModelSpec:
     stain_target: str | None = None
     threshold: float | None = None
     threshold_rule: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    data_fingerprint: str | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-    train_config: dict[str, Any] = field(default_factory=dict)
+    # not in the repr (pages of numbers and settings; they are attributes, and in config.json)
+    metrics: dict[str, Any] = field(default_factory=dict, repr=False)
+    data_fingerprint: str | None = field(default=None, repr=False)
+    data: dict[str, Any] = field(default_factory=dict, repr=False)
+    train_config: dict[str, Any] = field(default_factory=dict, repr=False)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     #: number of member models whose probabilities are averaged (K-fold cross-validated training delivers K)
     ensemble: int = 1

@@ -22,7 +22,7 @@ area of one grid cell. Below ~0.2 mm (isolated tumour cells) this is coarser tha
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -211,8 +211,8 @@ class Focus:
     max_prob: float
     category: str
     centre_l0: tuple[int, int]
-    indices: tuple[int, ...]
-    outline_l0: dict[str, Any]
+    indices: tuple[int, ...] = field(repr=False)  # the repr gives the measurements; these are attributes
+    outline_l0: dict[str, Any] = field(repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """Its measurements and outline (not the patch indices)."""
