@@ -700,7 +700,7 @@ BAD_ARGUMENTS: list[tuple[str, Any, str]] = [
 def test_a_wrong_argument_type_is_a_config_error_naming_it(example_slide: Path, scores: Any, what: str, call: Any,
                                                            message: str) -> None:
     """These escaped as TypeError, AttributeError or ValueError from inside the package (or were cast silently);
-    each public entry point now checks its arguments (wsi_screen/_check.py) and names the one at fault."""
+    each public entry point now checks its arguments (the checks of wsi_screen/errors.py) and names the one at fault."""
     with wsi_screen.open_slide(example_slide) as slide, pytest.raises(ConfigError) as bad:
         call(slide, scores, scores.store)
     assert str(bad.value) == message

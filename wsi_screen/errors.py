@@ -17,15 +17,24 @@ Its functions are wrapped in :func:`speaks_api`, which rewrites an escaping erro
 so a notebook user reads the parameters they can pass. Where a front end has installed its words (the CLI), the
 message is left for :func:`in_user_words`. A log record's text is not an exception's: the place that logs a setting
 passes its text through :func:`in_callers_words`, which speaks the API's words while a wrapped function runs.
+
+**Checking arguments.** The public functions check what they are given with :func:`check_type`, :func:`check_path`,
+:func:`check_whole`, :func:`check_number` and :func:`positive_mpp` before they work, so a wrong type is one
+:class:`ConfigError` naming the parameter in backticks, not a ``TypeError`` or ``AttributeError`` from deep inside.
+Each returns the value it checked.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import os
 import re
+import reprlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from numbers import Integral, Real
 from typing import ParamSpec, TypeVar
 
 #: a setting named in a message: an identifier in backticks
@@ -243,3 +252,53 @@ class SchedulerError(WsiScreenError, ConnectionError):
 # --- outputs ------------------------------------------------------------------------------------------
 class OutputWriteError(WsiScreenError, OSError):
     """An output file (run folder, report, GeoJSON) could not be written: disk full, read-only, permissions."""
+
+
+# --- argument checks (see the module docstring) -----------------------------------------------------------
+_T = TypeVar("_T")
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+
+
+def shown(value: object) -> str:
+    """``value`` as a message shows it: a short repr and its type, e.g. ``'96' (str)``."""
+    return f"{_short.repr(value)} ({type(value).__name__})"
+
+
+def check_type(value: _T | object, kind: type[_T] | tuple[type, ...], setting: str, what: str) -> _T:
+    """``value`` if it is a ``kind``; a ConfigError saying that `setting` must be ``what`` otherwise."""
+    if not isinstance(value, kind):
+        raise ConfigError(f"`{setting}` must be {what}, not {shown(value)}")
+    return value  # type: ignore[return-value]
+
+
+def check_path(value: object, setting: str = "path") -> str | os.PathLike[str]:
+    """``value`` if it is a file system path (a ``str`` or an ``os.PathLike``)."""
+    return check_type(value, (str, os.PathLike), setting, "a path (a str or a pathlib.Path)")
+
+
+def check_whole(value: object, setting: str, *, at_least: int, unit: str = "") -> int:
+    """``value`` as an int where it is a whole number (an int, not a bool or a float) of at least ``at_least``."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or int(value) < at_least:
+        of = f" of {unit}" if unit else ""
+        raise ConfigError(f"`{setting}` must be a whole number{of}, at least {at_least}; got {_short.repr(value)}")
+    return int(value)
+
+
+def check_number(value: object, setting: str, *, low: float, high: float = math.inf) -> float:
+    """``value`` as a float where it is a number (not a bool or a string) in [``low``, ``high``]."""
+    got = float(value) if isinstance(value, Real) and not isinstance(value, bool) else math.nan
+    if not low <= got <= high:
+        where = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+        raise ConfigError(f"`{setting}` must be a number {where}, got {_short.repr(value)}")
+    return got
+
+
+def positive_mpp(mpp: object, setting: str = "mpp") -> float:
+    """``mpp`` as a float where it is a positive, finite number of microns per pixel (0 or a negative one would be
+    clamped or divided by; a string or a bool is no number)."""
+    value = float(mpp) if isinstance(mpp, Real) and not isinstance(mpp, bool) else math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"`{setting}` must be a positive number of microns per pixel, got {mpp!r}")
+    return value

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsi_screen import _check
-from wsi_screen.errors import ModelError, speaks_api
+from wsi_screen.errors import ModelError, check_type, speaks_api
 from wsi_screen.models.checkpoint import (
     PretrainedReport,
     load_pretrained,
@@ -122,7 +121,7 @@ def load_model(path_or_name: str | os.PathLike[str] | None = None, *,
     >>> model.predict(np.full((2, 96, 96, 3), 255, np.uint8)).shape
     (2, 2)
     """
-    _check.instance(path_or_name, (str, os.PathLike, type(None)), "path_or_name",
+    check_type(path_or_name, (str, os.PathLike, type(None)), "path_or_name",
                     "a model folder (or its config.json), a model name or None")
     torch_device = resolve_device(device)  # an absent device is one line before any file is read
     path = path_or_name

@@ -15,8 +15,7 @@ import timm
 import torch
 from torch import nn
 
-from wsi_screen import _check
-from wsi_screen.errors import ModelError, UnknownModelError, speaks_api
+from wsi_screen.errors import ModelError, UnknownModelError, check_whole, speaks_api
 from wsi_screen.models import screen_cnn
 
 #: the project's own architectures (registered in timm by importing their modules)
@@ -80,7 +79,7 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     (1, 2)
     """
     check_arch(name)
-    num_classes = _check.whole(num_classes, "num_classes", at_least=1)
+    num_classes = check_whole(num_classes, "num_classes", at_least=1)
     if kwargs.pop("pretrained", False):
         raise ModelError("pretrained weights are never downloaded; give a local weights file as `pretrained` "
                          "instead")

@@ -20,8 +20,7 @@ from weakref import WeakKeyDictionary
 
 import numpy as np
 
-from wsi_screen import _check
-from wsi_screen.errors import ConfigError, ModelMismatchError, speaks_api
+from wsi_screen.errors import ConfigError, ModelMismatchError, check_type, check_whole, speaks_api
 from wsi_screen.models import PatchClassifier, load_model
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.aggregate import AggregateConfig, SlideResult, check_k_read, foci_count, top_indices
@@ -75,7 +74,7 @@ class Scores:
     def top(self, n: int = 8) -> list[int]:
         """Indices of the ``n`` highest-scoring patches, highest first (``store[i]``, ``coords[i]``); ``n`` is a whole
         number >= 0 (:class:`~wsi_screen.errors.ConfigError` otherwise; more than there are gives them all)."""
-        return top_indices(self.positive, _check.whole(n, "n", at_least=0))
+        return top_indices(self.positive, check_whole(n, "n", at_least=0))
 
     def __len__(self) -> int:
         return int(self.probabilities.shape[0])
@@ -287,7 +286,7 @@ def score(store_or_slide: PatchStore | Slide, model: ModelLike = None, *, batch_
         if lossy:
             log.warning("%s: %s", store.location, lossy)
     else:
-        _check.instance(store_or_slide, (PatchStore, Slide), "store_or_slide", "a PatchStore or an open Slide")
+        check_type(store_or_slide, (PatchStore, Slide), "store_or_slide", "a PatchStore or an open Slide")
     before = model.decision_thresholds
     model.decision_thresholds = decision_thresholds(model, _rule(model))  # as infer scores for this rule
     try:
@@ -337,7 +336,7 @@ def call_slide(scores: Scores, model: ModelLike = None, *, rule: str | None = No
     >>> call.diagnosis, call.rule, call.metastasis
     ('normal', 'region', 'none')
     """
-    _check.instance(scores, Scores, "scores", "the Scores of wsi_screen.score")
+    check_type(scores, Scores, "scores", "the Scores of wsi_screen.score")
     model = _as_model(model)
     _check_scored_by(scores, model)
     aggregate = _rule(model, InferConfig(rule=rule, threshold=threshold, k=k))
@@ -384,9 +383,9 @@ def heatmap(slide: Slide | None, scores: Scores, call: SlideCall, *, mpp: float 
     """
     from wsi_screen.screening.callview import CallContext, heatmap_figure
 
-    _check.instance(slide, (Slide, type(None)), "slide", "the open Slide the scores come from, or None")
-    _check.instance(scores, Scores, "scores", "the Scores of wsi_screen.score")
-    _check.instance(call, SlideCall, "call", "the SlideCall of wsi_screen.call_slide")
+    check_type(slide, (Slide, type(None)), "slide", "the open Slide the scores come from, or None")
+    check_type(scores, Scores, "scores", "the Scores of wsi_screen.score")
+    check_type(call, SlideCall, "call", "the SlideCall of wsi_screen.call_slide")
     store = scores.store
     info = store.attrs["slide"]
     dims = (int(info["dimensions"][0]), int(info["dimensions"][1]))
@@ -444,7 +443,7 @@ def screen(path: str | os.PathLike[str] | Slide, model: ModelLike = None, *,
                               "`wsi_screen.open_slide`, not to `screen`")
         classifier = _as_model(model)
         return call_slide(score(path, classifier, workers=workers), classifier)
-    _check.instance(path, (str, os.PathLike), "path", "a slide's path or an open Slide")
+    check_type(path, (str, os.PathLike), "path", "a slide's path or an open Slide")
     classifier = _as_model(model)
     with open_slide(path, mpp, force_mpp=force_mpp) as slide:
         return call_slide(score(slide, classifier, workers=workers), classifier)

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from wsi_screen import _check, progress
-from wsi_screen.errors import ModelMismatchError
+from wsi_screen import progress
+from wsi_screen.errors import ModelMismatchError, check_whole
 from wsi_screen.models import ModelSpec, PatchClassifier
 from wsi_screen.slide import isolation
 from wsi_screen.slide.isolation import Caller
@@ -113,7 +113,7 @@ class StoreBatches(Dataset[tuple[int, torch.Tensor]]):
 
 def check_batch_size(batch_size: int) -> None:
     """Refuse a batch size that is no whole number of patches of at least 1."""
-    _check.whole(batch_size, "batch_size", at_least=1, unit="patches")
+    check_whole(batch_size, "batch_size", at_least=1, unit="patches")
 
 
 def plan_batches(sizes: Sequence[tuple[str, int]], batch_size: int) -> list[tuple[str, int, int]]:

@@ -31,15 +31,15 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 import numpy as np
 from PIL import Image
 
-from wsi_screen import _check
-from wsi_screen._check import positive_mpp
 from wsi_screen.errors import (
     ConfigError,
     MissingMppError,
     SlideClosedError,
     SlideOpenError,
     UnsupportedFormatError,
+    check_path,
     in_callers_words,
+    positive_mpp,
     speaks_api,
 )
 from wsi_screen.slide.dicom_series import series_files, series_name
@@ -264,7 +264,7 @@ class Slide:
         self._mpp_override = None if mpp is None else positive_mpp(mpp, "slide_mpp")
         self._mpp_force = None if force_mpp is None else positive_mpp(force_mpp, "slide_mpps")
         self._reader_choice: ReaderChoice = reader_choice(reader)
-        self.path = Path(_check.path(path))
+        self.path = Path(check_path(path))
         self.name = name or slide_name(self.path)
         self._force_warning = force_mpp_warning
         if not self.path.exists() and not self.path.is_symlink():

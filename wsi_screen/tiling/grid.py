@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_screen import _check
-from wsi_screen.errors import ConfigError, ResolutionError
+from wsi_screen.errors import ConfigError, ResolutionError, check_number, check_whole, positive_mpp
 
 #: a requested mpp may be this much finer than level 0 before it counts as upsampling
 MPP_TOLERANCE = 0.05
@@ -36,11 +35,11 @@ class TileSpec:
     min_tissue: float = 0.5
 
     def __post_init__(self) -> None:
-        _check.positive_mpp(self.mpp)
-        _check.whole(self.size_px, "size_px", at_least=8, unit="pixels")
-        if _check.whole(self.overlap_px, "overlap_px", at_least=0, unit="pixels") >= self.size_px:
+        positive_mpp(self.mpp)
+        check_whole(self.size_px, "size_px", at_least=8, unit="pixels")
+        if check_whole(self.overlap_px, "overlap_px", at_least=0, unit="pixels") >= self.size_px:
             raise ConfigError(f"`overlap_px` must be in [0, size), got {self.overlap_px} for size {self.size_px}")
-        _check.number(self.min_tissue, "min_tissue", low=0.0, high=1.0)
+        check_number(self.min_tissue, "min_tissue", low=0.0, high=1.0)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_screen import __version__, _check, progress, runlog
+from wsi_screen import __version__, progress, runlog
 from wsi_screen.errors import (
     ConfigError,
     MissingMppError,
@@ -37,6 +37,8 @@ from wsi_screen.errors import (
     StoreLockedError,
     StoreMismatchError,
     WsiScreenError,
+    check_whole,
+    shown,
     speaks_api,
 )
 from wsi_screen.slide import isolation
@@ -609,7 +611,7 @@ def tissue_mask(slide: Slide | str | os.PathLike[str], *, mpp: float | None = No
     >>> mask.labels.shape, round(mask.tissue_fraction, 2)
     ((1024, 766), 0.38)
     """
-    workers = _check.whole(workers, "workers", at_least=1)
+    workers = check_whole(workers, "workers", at_least=1)
     tissue = TissueSettings.of(settings)
     with _opened(slide, "tissue_mask", "the mask's") as opened:
         thumb_mpp = thumbnail_mpp(opened.mpp, opened.dimensions) if mpp is None \
@@ -626,7 +628,7 @@ def _opened(slide: Slide | str | os.PathLike[str], verb: str, whose: str) -> Ite
         yield slide
         return
     if not isinstance(slide, str | os.PathLike):
-        raise ConfigError(f"`{verb}` takes an open Slide or a slide's path, not {_check.shown(slide)}")
+        raise ConfigError(f"`{verb}` takes an open Slide or a slide's path, not {shown(slide)}")
     try:
         opened = open_slide(slide)
     except MissingMppError as exc:
@@ -706,7 +708,7 @@ def tile(slide: Slide | str | os.PathLike[str], out: str | Path | None = None, *
         raise ConfigError(f"`pixels` is True (the patches are kept) or False (coordinates only), not {pixels!r}")
     config = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, overlap_px=overlap, min_tissue=min_tissue),
                         stain=stain, stain_target=stain_target, tissue=TissueSettings.of(tissue),
-                        workers=_check.whole(workers, "workers", at_least=1),
+                        workers=check_whole(workers, "workers", at_least=1),
                         overwrite=overwrite, pixels=pixels,
                         codec=PatchCodec(codec or ("lz4" if out is None else DEFAULT_CODEC), quality))
     with _opened(slide, "tile", "the patches'") as opened:

@@ -50,9 +50,8 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from wsi_screen import _check
 from wsi_screen._safe_write import LockTaken, acquire, failure_text, fsync_file, fsync_tree, swap_in
-from wsi_screen.errors import ConfigError, IncompleteStoreError, SchemaVersionError, StoreError, StoreLockedError
+from wsi_screen.errors import ConfigError, IncompleteStoreError, SchemaVersionError, StoreError, StoreLockedError, shown
 from wsi_screen.tiling.codecs import BLOSC_CLEVEL, BLOSC_CNAME, PatchCodec
 
 #: version 2 added the patch codec (``codec``) and coordinates-only stores (``pixels`` ``"none"``, no ``patches``)
@@ -299,7 +298,7 @@ def _patch_index(index: object) -> int | slice | np.ndarray:
             if idx.dtype.kind in "iu" or (idx.size == 0 and idx.ndim == 1):
                 return idx.astype(np.int64).reshape(-1)
     raise ConfigError(f"`index` of a store's patches is an integer, a slice or a list of integers, not "
-                      f"{_check.shown(index)}")
+                      f"{shown(index)}")
 
 
 class PatchStore:
