@@ -245,6 +245,10 @@ class RunError(WsiScreenError, RuntimeError):
     """A run folder cannot be used (other model or settings, or it is not a run)."""
 
 
+class SlideBusyError(RunError):
+    """Another wsi-screen process is writing this slide's results in the same run folder."""
+
+
 class SchedulerError(WsiScreenError, ConnectionError):
     """A Dask scheduler could not be reached or used."""
 

@@ -232,6 +232,25 @@ def test_a_slide_that_fails_on_a_rerun_has_its_earlier_results_moved_aside(tmp_p
     assert {f: (stale / f).read_bytes() for f in runfolder.SLIDE_FILES} == before
 
 
+def test_a_slide_skipped_as_busy_keeps_the_other_runs_results(tmp_path: Path, example_slide: Path,
+                                                               demo_run: Path) -> None:
+    """A slide another run was writing (its results or its store) is an error row of this run, but not the
+    slide's failure: its folder, which the other run has just written, must not be moved to stale/ (two infer runs
+    on one run folder lost each other's results so)."""
+    from wsi_screen.screening.outputs import STATUS_ERROR, SlideRow
+    from wsi_screen.screening.run import set_aside_failed
+
+    name = example_slide.stem
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("stores"))
+    before = {f: (run / name / f).read_bytes() for f in runfolder.SLIDE_FILES}
+    set_aside_failed(run, [SlideRow(name, str(example_slide), status=STATUS_ERROR, error="busy", busy=True)])
+    assert {f: (run / name / f).read_bytes() for f in runfolder.SLIDE_FILES} == before
+    assert not (run / name / "stale").exists()
+    set_aside_failed(run, [SlideRow(name, str(example_slide), status=STATUS_ERROR, error="corrupt")])
+    assert sorted(p.name for p in (run / name).iterdir()) == ["stale"]  # the slide's own failure: moved aside
+
+
 def test_bad_labels_file(tmp_path: Path, example_slide: Path) -> None:
     bad = tmp_path / "labels.csv"
     bad.write_text("name,truth\nx,1\n")

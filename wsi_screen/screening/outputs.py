@@ -64,6 +64,8 @@ class SlideRow:
     top: tuple[int, int, float] | None = None
     label: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: failed only because another process was writing the slide's store or results (not the slide's failure)
+    busy: bool = False
 
 
 def call_context(name: str, spec: Any, aggregate: AggregateConfig | None, result: SlideResult | None,

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsi_screen import progress, runlog
 from wsi_screen._safe_write import write_failed
-from wsi_screen.errors import ModelError, RunError, WsiScreenError
+from wsi_screen.errors import ModelError, RunError, SlideBusyError, StoreLockedError, WsiScreenError
 from wsi_screen.models import PatchClassifier
 from wsi_screen.models.card import read_card, summary
 from wsi_screen.models.device import device_info
@@ -371,9 +371,11 @@ def warn_earlier_slides(run: Path, rows: Sequence[SlideRow]) -> None:
 def set_aside_failed(run: Path, rows: Sequence[SlideRow]) -> None:
     """Move the results an earlier run left for each slide this run failed on into ``RUN/<slide>/stale/``
     (:func:`~wsi_screen.screening.runfolder.set_aside`), with a warning naming the slide and where they went: beside
-    an error row, an old heatmap and GeoJSON would pass for this run's (a lab imports the GeoJSON into QuPath)."""
+    an error row, an old heatmap and GeoJSON would pass for this run's (a lab imports the GeoJSON into QuPath).
+    A slide this run skipped as busy (another process writing it into the same run folder) is left alone: what
+    that process writes is current."""
     for row in rows:
-        if row.status != STATUS_ERROR:
+        if row.status != STATUS_ERROR or row.busy:  # busy: the other process is writing this slide's results now
             continue
         try:
             stale = runfolder.set_aside(run, row.name)
@@ -455,6 +457,7 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
     seconds = row.extra["seconds"] = {"open": round(opened, 3), "tile": round(tiled - start - opened, 3)}
     if not result.ok:  # no store of this slide was made or kept (none at all when it failed before tiling)
         row.status, row.error = STATUS_ERROR, result.message or f"tiling {result.status}"
+        row.busy = result.status == "locked"
         log.error("%s", row.error)
         runlog.record_traceback(source.name, result.traceback)
         return row
@@ -479,6 +482,7 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
         if job.on_error == "raise":
             raise
         row.status = STATUS_ERROR
+        row.busy = isinstance(exc, (SlideBusyError, StoreLockedError))
         if isinstance(exc, OSError) and not isinstance(exc, WsiScreenError):
             row.error = str(write_failed(job.run / source.name, exc))
         else:

@@ -47,7 +47,7 @@ from wsi_screen._safe_write import (
     swap_in,
     write_failed,
 )
-from wsi_screen.errors import RunError
+from wsi_screen.errors import RunError, SlideBusyError
 
 RESULTS_CSV = "results.csv"
 RUN_JSON = "run.json"
@@ -195,7 +195,7 @@ class SlideFolder:
     From creation to commit or abort it holds an inter-process lock on the slide (``flock`` on
     ``RUN/.wsi-screen-locks/<slide>.lock``): two runs writing the same run folder would otherwise share
     ``<slide>.partial`` and could commit a folder with files missing. A slide another process is writing
-    raises :class:`RunError`.
+    raises :class:`~wsi_screen.errors.SlideBusyError` (a :class:`RunError`).
     """
 
     def __init__(self, run: Path, name: str) -> None:
@@ -204,7 +204,7 @@ class SlideFolder:
         try:
             self._lock = acquire(self.final)
         except LockTaken:
-            raise RunError(f"{self.final}: another wsi-screen process is writing this slide's results; skipped "
+            raise SlideBusyError(f"{self.final}: another wsi-screen process is writing this slide's results; skipped "
                            "(rerun afterwards to pick it up)") from None
         except OSError as exc:
             raise write_failed(lock_path(self.final), exc) from exc
