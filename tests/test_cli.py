@@ -171,6 +171,23 @@ def test_bad_config_file(tmp_path: Path) -> None:
     assert len(res.err_lines) == 1
 
 
+@pytest.mark.parametrize(("line", "expected"), [
+    ("mpp = [1.0]", "Invalid value for '--mpp': [1.0] is a list; it takes one value (set in {cfg})"),
+    ("stain = {a = 1}", "Invalid value for '--stain': {'a': 1} is a table; it takes one value (set in {cfg})"),
+    # as WSI_SCREEN_TILE_SIZE=96.5 is refused: it used to be cut to 96 silently
+    ("size = 96.5", "Invalid value for '--size': '96.5' is not a valid integer. (set in {cfg})"),
+])
+def test_a_config_value_of_the_wrong_kind_is_a_usage_error(tmp_path: Path, line: str, expected: str) -> None:
+    """A list once escaped as `internal error: TypeError` (click's float() of a list)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[tile]\n{line}\n")
+    res = run_cli("--config", cfg, "tile", "x", "-o", tmp_path / "out")
+    assert res.code == 2, res
+    line = "wsi-screen: error: " + expected.replace("{cfg}", str(cfg)) + " (see wsi-screen tile --help)"
+    assert res.err_lines == [line], res
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_option_is_set_by_the_environment_variable_named_after_its_flag() -> None:
     """WSI_SCREEN_<COMMAND>_<OPTION> as the help says, with OPTION the long flag (`--aggregate` sets the rule,
     `--model` the model folder), for every option of every command."""

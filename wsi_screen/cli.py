@@ -81,8 +81,34 @@ class LazyGroup(click.Group):
                                   f"{', '.join('--' + w.replace('_', '-') for w in wrong)}; see "
                                   f"wsi-screen {cmd_name} --help")
             if ctx.default_map is not None:
-                ctx.default_map[cmd_name] = {by_option[k]: v for k, v in defaults.items()}
+                params = {p.name: p for p in command.params if p.name}
+                ctx.default_map[cmd_name] = {
+                    by_option[k]: _config_value(ctx, command, cmd_name, params[by_option[k]], v)
+                    for k, v in defaults.items()}
         return command
+
+
+def _config_value(ctx: click.Context, command: click.Command, cmd_name: str, param: click.Parameter,
+                  value: Any) -> Any:
+    """A --config value as click should read it: as the same text the environment would give (a number becomes
+    its digits, so ``size = 96.5`` is refused as ``WSI_SCREEN_TILE_SIZE=96.5`` is, not cut to 96), a flag's
+    true/false kept. A list or table for an option that takes one value is a usage error naming the option and the
+    file (click would stringify it, or fail with a TypeError)."""
+    many = getattr(param, "multiple", False) or param.nargs != 1
+    if isinstance(value, (list, dict)) and not (many and isinstance(value, list)):
+        where = ctx.meta.get("config_path", "the config file")
+        raise click.BadParameter(f"{value!r} is a {'list' if isinstance(value, list) else 'table'}; it takes one "
+                                 f"value (set in {where})", ctx=click.Context(command, info_name=cmd_name, parent=ctx),
+                                 param=param)
+    if isinstance(value, list):
+        return [_config_value(ctx, command, cmd_name, param, v) if isinstance(v, list) else _as_text(v)
+                for v in value]
+    return _as_text(value)
+
+
+def _as_text(value: Any) -> Any:
+    """A TOML number or date as the text an environment variable holds; a string or true/false as it is."""
+    return value if isinstance(value, (str, bool)) else str(value)
 
 
 def envvar_name(command_name: str, option: click.Option) -> str:
@@ -132,7 +158,8 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
               expose_value=False,
               help="TOML file with per-command defaults, e.g. [tile] mpp = 0.5. Precedence: command line > "
-                   "environment (WSI_SCREEN_<COMMAND>_<OPTION>) > file > built-in defaults.")
+                   "environment (WSI_SCREEN_<COMMAND>_<OPTION>) > file > built-in defaults. A file's value is "
+                   "checked as the same value in the environment is (size = 96.5 is refused, not cut to 96).")
 def cli() -> None:
     """Screen whole-slide images for cancer.
 
