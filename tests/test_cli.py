@@ -234,3 +234,15 @@ def test_environment_variables_named_after_flags_take_effect(tmp_path: Path, cmu
     some = run_cli("models")
     assert every.code == some.code == 0
     assert len(every.out.splitlines()) > 50 * len(some.out.splitlines()), (every.out[-300:], some.out)
+
+
+def test_exit_status_2_is_a_command_line_not_parsed_1_a_value_the_tool_refused(tmp_path: Path) -> None:
+    """What README and docs/design.md promise: a value outside an option's declared range is a usage error (exit
+    2, with where the help is); one the tool's own checks refuse is exit 1, one line without the hint."""
+    res = run_cli("tile", "x", "-o", tmp_path / "o", "--workers", "65")
+    assert res.code == 2 and res.err_lines == ["wsi-screen: error: Invalid value for '--workers': 65 is not in "
+                                               "the range 0<=x<=64. (see wsi-screen tile --help)"], res
+    res = run_cli("tile", "x", "-o", tmp_path / "o", "--size", "0")
+    assert res.code == 1 and res.err_lines == ["wsi-screen: error: --size must be a whole number of pixels, at "
+                                               "least 8; got 0"], res
+    assert not (tmp_path / "o").exists()

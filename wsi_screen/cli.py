@@ -3,11 +3,14 @@
 Each command lives in its own module under :mod:`wsi_screen.commands` and is imported only when it is run
 (or listed), and those modules import heavy libraries inside the command body, so ``--help`` is instant.
 Errors raised on purpose (:class:`~wsi_screen.errors.WsiScreenError`) become one line on stderr and a
-non-zero exit; ``--debug`` (or ``WSI_SCREEN_DEBUG=1``) shows the traceback instead. click's usage errors (an unknown
-option, a bad value, a missing argument, options a command refuses together) are the same one line,
-``wsi-screen: error: ...``, ending with where the command's help is.
+non-zero exit; ``--debug`` (or ``WSI_SCREEN_DEBUG=1``) shows the traceback instead. click's usage errors, where the
+command line cannot be parsed (an unknown option, a value of the wrong type or outside the option's declared range,
+a missing argument, and the few option pairs a command refuses as a click usage error, ``--quality`` with
+``--codec lz4``), are the same one line, ``wsi-screen: error: ...``, ending with where the command's help is.
 
-Exit status: 0 success, 1 a slide/item failed or an error occurred, 2 usage error, 130 interrupted.
+Exit status: 0 success; 1 a slide/item failed, or the tool refused a setting or an input (a ``ConfigError`` from
+its own checks, ``--size 0``, is exit 1 whether raised before or during the run); 2 the command line could not
+be parsed (click's usage errors above); 130 interrupted.
 """
 
 from __future__ import annotations
