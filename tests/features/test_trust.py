@@ -269,6 +269,25 @@ def test_info_on_a_folder_of_stores(demo_run: Path, tmp_path: Path) -> None:
     assert run_cli("info", tmp_path / "tiled").code == 0
 
 
+def test_info_on_an_interrupted_tiles_store_says_it_is_incomplete(tmp_path: Path) -> None:
+    """A store an interrupted tile left (`.zarr.partial`, patches written, no coordinates yet) printed its slide
+    lines, then `internal error: KeyError: 'coords'`; a folder holding only such a store said `no zarr group`."""
+    from wsi_screen.tiling.store import StoreWriter, store_location
+
+    loc = store_location(tmp_path / "out", "s")
+    writer = StoreWriter(loc, n_patches=4, patch_size=32, thumbnail_shape=(2, 2),
+                         attrs={"mpp": 0.5, "patch_size": 32, "slide": {"name": "s"}})
+    writer.write_patches(0, np.zeros((writer.shard, 32, 32, 3), np.uint8)[:4])  # killed here: no commit
+    partial = tmp_path / "out" / "s.zarr.partial"
+    assert partial.is_dir() and not (partial / "coords").exists()
+    said = "is an incomplete store, left by an interrupted `wsi-screen tile`; rerun tile to finish it"
+    res = run_cli("info", partial)
+    assert (res.code, res.out, res.err_lines) == (1, "", [f"wsi-screen: error: {partial}: {said[3:]}"]), res
+    res = run_cli("info", tmp_path / "out")
+    assert (res.code, res.err_lines) == (1, [f"wsi-screen: error: {tmp_path / 'out'}: not a patch store or an "
+                                             f"embeddings store, and holds none complete: s.zarr.partial {said}"]), res
+
+
 def test_workers_zero_means_one_reader_in_tile_and_infer(example_slide: Path, tmp_path: Path) -> None:
     assert run_cli("tile", example_slide, "-o", tmp_path / "a", "--workers", "0", "--quiet").code == 0
     assert run_cli("tile", example_slide, "-o", tmp_path / "b", "--workers", "1", "--quiet").code == 0

@@ -23,7 +23,7 @@ def info(stores: tuple[str, ...], as_json: bool) -> None:
     stores/ folder, or `embed -o` output (its embeddings stores, then the patch stores they were made from)."""
     configure_output()
     from wsi_screen.embedding.features import KIND, read_attrs
-    from wsi_screen.errors import StoreError
+    from wsi_screen.errors import IncompleteStoreError, StoreError
     from wsi_screen.tiling.store import PatchStore, is_url
 
     expanded: list[str] = []
@@ -50,6 +50,8 @@ def info(stores: tuple[str, ...], as_json: bool) -> None:
             click.echo(json.dumps({"location": store.location, **store.attrs}, indent=2, sort_keys=True))
             continue
         a = store.attrs
+        if a.get("complete") is not True:  # an interrupted tile's: its arrays (coords, ...) may not exist yet
+            raise IncompleteStoreError(f"{store.location}: {_incomplete(1)}")
         stain = a.get("stain", {})
         click.echo(f"{store.location}")
         _print_slide(a.get("slide", {}))
@@ -65,12 +67,22 @@ def info(stores: tuple[str, ...], as_json: bool) -> None:
         _print_provenance(a)
 
 
+def _incomplete(n: int) -> str:
+    """What ``n`` incomplete patch stores (``.zarr.partial``) are, and what to do."""
+    return (f"{'an incomplete store' if n == 1 else 'incomplete stores'}, left by an interrupted `wsi-screen tile`; "
+            f"rerun tile to finish {'it' if n == 1 else 'them'}")
+
+
 def _holds_no_store(folder: Path) -> str:
     """Why ``folder`` (neither a store nor a folder of stores) is not one of info's inputs, and where its subfolders
     hold stores (``embed -o`` or ``tile -o`` folders side by side), which to name instead."""
     nested = sorted({p.name for p in folder.iterdir() if p.is_dir() and not p.name.endswith(".zarr")
                      and (any(p.glob("*.zarr")) or any((p / "stores").glob("*.zarr")))})
     text = f"{folder}: not a patch store or an embeddings store, and holds none"
+    partial = sorted(p.name for p in [*folder.glob("*.zarr.partial"), *(folder / "stores").glob("*.zarr.partial")])
+    if partial:
+        names = ", ".join(partial[:3]) + (", ..." if len(partial) > 3 else "")
+        return f"{text} complete: {names} {'is' if len(partial) == 1 else 'are'} {_incomplete(len(partial))}"
     if not nested:
         return text + " (no zarr group there)"
     names = ", ".join(nested[:3]) + (", ..." if len(nested) > 3 else "")
