@@ -210,6 +210,9 @@ def test_tile_pixels_none_refuses_codec_and_quality(tmp_path: Path, tissue_slide
     cfg.write_text('[tile]\ncodec = "jpeg"\n')
     res = run_cli("--config", cfg, "tile", tissue_slide, "-o", tmp_path / "c", "--size", "128", "--pixels", "none")
     assert res.code == 0 and "coordinates only" in res.err, res
+    cfg.write_text("[tile]\nquality = 90\n")  # jpeg's default, as --help gives it: was refused (None != 90)
+    res = run_cli("--config", cfg, "tile", tissue_slide, "-o", tmp_path / "c", "--size", "128", "--pixels", "none")
+    assert res.code == 0 and "coordinates only" in res.err, res
     cfg.write_text("[tile]\nquality = 80\n")
     res = run_cli("--config", cfg, "tile", tissue_slide, "-o", tmp_path / "d", "--pixels", "none")
     assert res.code == 1 and res.err_lines == [said.replace("--codec and --quality say", "--quality says").replace(

@@ -163,15 +163,17 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
 def _refuse_pixel_options(ctx: click.Context) -> None:
     """--codec and --quality say how patch pixels are kept, and a coordinates-only store (--pixels none) keeps
     none: either one typed is refused (at any value), as is one that a --config file or the environment sets to
-    other than its default (such a file may serve runs that keep pixels; its defaults are left alone)."""
+    other than its default (such a file may serve runs that keep pixels; its defaults are left alone). The default
+    of --quality is the codec's (--help's ``jpeg 90``), so ``quality = 90`` in a file is left alone too."""
     source = click.core.ParameterSource
+    defaults = {"codec": DEFAULT_CODEC, "quality": DEFAULT_QUALITY.get(ctx.params["codec"])}
     given = []
     for param in ctx.command.params:
-        if param.name not in ("codec", "quality"):
+        if param.name not in defaults:
             continue
         where = ctx.get_parameter_source(param.name)
         if where == source.COMMANDLINE or (where in (source.DEFAULT_MAP, source.ENVIRONMENT)
-                                           and ctx.params[param.name] != param.default):
+                                           and ctx.params[param.name] not in (param.default, defaults[param.name])):
             given.append(f"--{param.name}")
     if given:
         raise ConfigError(f"{' and '.join(given)} {'say' if len(given) > 1 else 'says'} how patch pixels are kept, "
