@@ -244,8 +244,11 @@ def test_resolution_error_of_infer_names_no_tile_option(slides_dir: Path, tmp_pa
 def test_empty_and_missing_inputs(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = run_cli("tile", empty, "-o", tmp_path / "stores")
-    assert res.code == 1 and "0 slide(s)" in res.err and "1 input(s) gave no slide" in res.err
+    # one line, as infer and embed say it: no progress bar, no summary of 0 slides, no OUT/wsi-screen.log
+    res = run_cli("tile", empty, tmp_path / "nope.svs", "-o", tmp_path / "stores")
+    assert (res.code, res.err_lines) == (1, [f"wsi-screen: error: no slides to tile: {empty}: folder holds no slide "
+                                             f"files; {tmp_path / 'nope.svs'}: no such file or folder"]), res
+    assert not (tmp_path / "stores").exists()
     res = run_cli("infer", tmp_path / "nope", "-o", tmp_path / "run")
     assert res.code == 1 and "no slides to screen" in res.err and "no such file" in res.err
     assert not (tmp_path / "run").exists()

@@ -77,6 +77,7 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     so an interrupted run resumes where it stopped. A slide that fails (corrupt, unreadable, or crashing or
     hanging the slide reader, which runs in its own process) is reported on one line and the rest are
     still tiled; the exit status is 1 if any slide failed. Details and tracebacks go to OUT/wsi-screen.log.
+    SLIDES that hold no slide at all are one error line (exit status 1), and OUT is not created.
 
     \b
     Examples:
@@ -109,8 +110,9 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     import logging
 
     from wsi_screen.distributed import maybe_connect, parse_address
-    from wsi_screen.runlog import run_log
-    from wsi_screen.slide.discovery import discover
+    from wsi_screen.errors import RunError
+    from wsi_screen.runlog import held, run_log
+    from wsi_screen.slide.discovery import discover, nothing_found
     from wsi_screen.slide.slide import warn_unmatched_mpp
     from wsi_screen.tiling.grid import TileSpec
     from wsi_screen.tiling.pipeline import TileConfig, output_location, tile_slides
@@ -133,14 +135,17 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
         output_location(out, absolute=True)  # refuse memory:// before starting a cluster
     started = time.perf_counter()
     local = output_location(out)
-    with run_log(None if is_url(local) else local):
+    with held():  # library warnings of discovery (DICOM headers) wait for the run log
         sources, problems = discover(slides)
-        for problem in problems:
-            log.error("%s: %s", problem.path, problem.reason)
-        warn_unmatched_mpp(dict(config.slide_mpps), sources)
-        with maybe_connect(target if sources else None) as runner:
-            results = tile_slides(sources, out, config, on_error="raise" if ctx.obj.get("debug") else "record",
-                                  dask=runner)
+        if not sources:  # nothing to tile: say why in one line, as infer and embed do, and leave no OUT behind
+            raise RunError(nothing_found("tile", problems))
+        with run_log(None if is_url(local) else local):
+            for problem in problems:
+                log.error("%s: %s", problem.path, problem.reason)
+            warn_unmatched_mpp(dict(config.slide_mpps), sources)
+            with maybe_connect(target) as runner:
+                results = tile_slides(sources, out, config, on_error="raise" if ctx.obj.get("debug") else "record",
+                                      dask=runner)
 
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed", "locked")}
     failed = counts["failed"] + len(problems)
