@@ -163,6 +163,18 @@ def test_config_file_sets_defaults(tmp_path: Path, cmu_svs: Path) -> None:
     assert PatchStore.open(tmp_path / "out2" / "CMU-1-Small-Region.zarr").patch_size == 64
 
 
+def test_a_flag_a_config_file_switches_on_is_switched_off_on_the_command_line(tmp_path: Path,
+                                                                              cmu_svs: Path) -> None:
+    """`quiet = true` in a --config file could not be undone: there was no --no-quiet."""
+    cfg = tmp_path / "wsi.toml"
+    cfg.write_text("[tile]\nquiet = true\nsize = 64\n")
+    res = run_cli("--config", cfg, "tile", cmu_svs, "-o", tmp_path / "a")
+    assert res.code == 0 and res.err == "", res
+    res = run_cli("--config", cfg, "tile", cmu_svs, "-o", tmp_path / "b", "--no-quiet")
+    assert res.code == 0 and "1 slide(s): 1 tiled" in res.err, res
+    assert "--quiet / --no-quiet" in run_cli("tile", "--help").out
+
+
 def test_bad_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[tile\n")

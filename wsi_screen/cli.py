@@ -73,6 +73,7 @@ class LazyGroup(click.Group):
         if not isinstance(command, click.Command):  # pragma: no cover - programming error
             raise TypeError(f"{target} is not a click command")
         _name_envvars(command, cmd_name)
+        _add_off_switches(command)
         defaults = (ctx.default_map or {}).get(cmd_name)
         if defaults:  # options from --config, by their long names: a misspelt one must not be silently ignored
             by_option = {o.lstrip("-").replace("-", "_"): p.name for p in command.params for o in p.opts
@@ -130,6 +131,17 @@ def _name_envvars(command: click.Command, command_name: str) -> None:
             param.envvar = envvar_name(command_name, param)
 
 
+def _add_off_switches(command: click.Command) -> None:
+    """Give each on/off flag that lacks one its ``--no-`` form (``--quiet`` -> ``--no-quiet``), so that a flag a
+    --config file or the environment switches on can be switched off on the command line, which wins."""
+    for param in command.params:
+        if not isinstance(param, click.Option) or not param.is_flag or not param.is_bool_flag or param.secondary_opts:
+            continue
+        flag = next((o for o in param.opts if o.startswith("--")), None)
+        if flag is not None and param.default is not True:
+            param.secondary_opts = [f"--no-{flag[2:]}"]
+
+
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """Read a TOML file into click's default_map: ``[tile]`` holds defaults for ``wsi-screen tile``."""
     if value is None:
@@ -162,7 +174,8 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
               expose_value=False,
               help="TOML file with per-command defaults, e.g. [tile] mpp = 0.5. Precedence: command line > "
                    "environment (WSI_SCREEN_<COMMAND>_<OPTION>) > file > built-in defaults. A file's value is "
-                   "checked as the same value in the environment is (size = 96.5 is refused, not cut to 96).")
+                   "checked as the same value in the environment is (size = 96.5 is refused, not cut to 96); a flag it "
+                   "switches on (quiet = true) is switched off with --no-FLAG (--no-quiet).")
 def cli() -> None:
     """Screen whole-slide images for cancer.
 
