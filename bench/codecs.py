@@ -72,6 +72,25 @@ def speed(codec: object, patches: np.ndarray) -> tuple[float, float]:
     return patches.nbytes / t_enc / 1e6, patches.nbytes / t_dec / 1e6
 
 
+def stratified(rows: list[dict[str, str]], n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` of ``rows`` (all of them if ``n`` is as many or more), each label in its share of the whole and at
+    least once, chosen with a fixed seed, in their order. The valid split is sorted by label: its first 1,500 rows
+    are all normal, so the first ``n`` gave an AUC of nan for ``n`` <= 1,500."""
+    if n >= len(rows):
+        return rows
+    if n < 2:
+        raise SystemExit(f"--valid {n}: an AUC needs at least 2 patches, one of each class")
+    by_label: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_label.setdefault(r["label"], []).append(i)
+    rng = np.random.default_rng(seed)
+    picked: list[int] = []
+    for _label, group in sorted(by_label.items()):
+        k = min(len(group), max(1, round(n * len(group) / len(rows))))
+        picked.extend(int(i) for i in rng.choice(group, size=k, replace=False))
+    return [rows[i] for i in sorted(picked)]
+
+
 def pcam_auc(pcam: Path, n: int, codecs: list[object]) -> list[float]:
     import csv
 
@@ -83,7 +102,7 @@ def pcam_auc(pcam: Path, n: int, codecs: list[object]) -> list[float]:
 
     torch.set_num_threads(1)
     with (pcam / "labels.csv").open() as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "valid"][:n]
+        rows = stratified([r for r in csv.DictReader(f) if r["split"] == "valid"], n)
     images = np.stack([np.asarray(Image.open(pcam / r["path"]).convert("RGB")) for r in rows])
     labels = np.array([r["label"] == "tumour" for r in rows])
     model = wsi_screen.load_model(precision="fp32")
@@ -103,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slide", type=Path, default=DATA / "mosaic-1x.tif")
     parser.add_argument("--pcam", type=Path, default=Path(os.environ.get("WSI_SCREEN_DATA", "/work/shared/data"))
                         / "patches" / "pcam")
-    parser.add_argument("--valid", type=int, default=3000, help="PCam valid patches scored (default 3000)")
+    parser.add_argument("--valid", type=int, default=3000,
+                        help="PCam valid patches scored (default 3000, all; fewer: a fixed sample, each class in "
+                             "its share)")
     parser.add_argument("--speed-patches", type=int, default=512)
     args = parser.parse_args(argv)
 
