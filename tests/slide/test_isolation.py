@@ -243,6 +243,28 @@ with isolation.SlideWorker(timeout=30, preload=t.PRELOAD) as worker:
 """
 
 
+_WRITE_THEN_KILL = """
+import numcodecs
+import numpy as np
+from wsi_screen.slide import isolation
+worker = isolation.SlideWorker(timeout=30)
+print(len(worker.call(numcodecs.Blosc().encode, np.zeros(1000, np.uint8))) > 0)  # takes blosc's mutex there
+worker._stop()  # killed mid-run, as after a Ctrl-C during `tile`
+"""
+
+
+def test_a_reader_killed_after_a_store_write_leaves_no_leaked_semaphore_warning_at_exit() -> None:
+    """A Ctrl-C during `tile --codec jpegxl` printed the resource tracker's "1 leaked semaphore objects" after the
+    interrupted line: the killed reader had made numcodecs' blosc mutex, registered under spawn."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _WRITE_THEN_KILL], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0 and res.stdout.split() == ["True"], res
+    assert "leaked semaphore" not in res.stderr and "resource_tracker" not in res.stderr, res.stderr
+
+
 def test_a_crashed_reader_leaves_no_leaked_semaphore_warning_at_exit() -> None:
     """A reader killed after showing a bar held tqdm's lock; the run's exit must not print Python's resource
     tracker warning about leaked semaphores (the child's bars use a thread lock)."""
