@@ -60,6 +60,7 @@ def test_linear_head_on_bundled_encoder(pcam_small: Path, head_model: tuple[Path
     assert recorded["recipe"] is None and recorded["folds"] == 1 and recorded["head"] == "linear"
     assert all(recorded[k] is None for k in ("flips", "hed_jitter", "color_jitter", "frozen_epochs", "compile",
                                              "cache_limit_mb"))
+    assert recorded["arch"] is None  # no network of its own to name (it was "")
 
     # the model folder is an ordinary one: load_model gives the probabilities training validated
     model = load_model(folder, precision="fp32")
@@ -69,6 +70,22 @@ def test_linear_head_on_bundled_encoder(pcam_small: Path, head_model: tuple[Path
     got = model.predict(images)[:, spec.positive_index]
     want = np.array([float(r["p_tumour"]) for r in rows])
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_a_head_folder_recording_an_empty_arch_still_loads(head_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """Folders written before `train_config.arch` was null for a head hold "": they load and predict the same."""
+    import shutil
+
+    folder, _cache = head_model
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    config = json.loads((old / "config.json").read_text())
+    config["train_config"]["arch"] = ""
+    (old / "config.json").write_text(json.dumps(config))
+    images = np.zeros((2, 96, 96, 3), np.uint8)
+    model = load_model(old, precision="fp32")
+    assert model.spec.train_config["arch"] == ""
+    np.testing.assert_allclose(model.predict(images), load_model(folder, precision="fp32").predict(images), atol=1e-6)
 
 
 def test_head_model_card_names_its_encoder(head_model: tuple[Path, Path]) -> None:

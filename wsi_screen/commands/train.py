@@ -134,7 +134,11 @@ def _add_training_options(func: F, *, with_encoder: bool) -> F:
 def config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
     """Map the shared options onto :class:`wsi_screen.training.train.TrainConfig` keywords."""
     ctx = click.get_current_context()
-    if not params["arch"] and not params.get("encoder"):
+    from wsi_screen.training.config import HEAD_ONLY
+
+    # a head's setting (or `encoder_weights`) given without `encoder` is refused by TrainConfig in one line naming it
+    misplaced = params.get("encoder_weights") or set(HEAD_ONLY) & set(explicit_options(ctx))
+    if not params["arch"] and not params.get("encoder") and not misplaced:
         hint = " or --encoder (a frozen encoder to train a head on)" if "encoder" in params else ""
         raise click.UsageError(f"Missing option '--arch' (a network to train){hint}.")
     source = ctx.get_parameter_source("split_column")

@@ -146,11 +146,11 @@ class TrainConfig:
         elif self.encoder_weights is not None:
             problems.append("`encoder_weights` is an `encoder`'s file (name the architecture it is for with "
                             "`encoder`); a whole network starts from local weights with `pretrained`")
+        elif self._given(HEAD_ONLY):  # with or without `arch`: the setting given is what is wrong
+            whole = f"; `arch` {self.arch} trains a whole network" if self.arch else ""
+            problems.append(f"{_settings(self._given(HEAD_ONLY))} only to a head on an `encoder`{whole}")
         elif not self.arch:
             problems.append("set `arch` (a network to train) or `encoder` (a frozen encoder to train a head on)")
-        elif self._given(HEAD_ONLY):
-            problems.append(f"{_settings(self._given(HEAD_ONLY))} only to a head on an `encoder`; `arch` {self.arch} "
-                            "trains a whole network")
         if problems:
             raise ConfigError("; ".join(problems))
         ThresholdRule.parse(self.threshold_rule)
@@ -179,13 +179,14 @@ class TrainConfig:
 
     def applied(self) -> dict[str, Any]:
         """The settings as ``config.json`` records them (``train_config``): those that did not apply to this kind
-        of training are null (:data:`NETWORK_ONLY` and the recipe for a head, whose ``folds`` is 1: one validation
-        split; :data:`HEAD_ONLY` for a whole network); ``restart`` is left out (how, not what, was trained)."""
+        of training are null (:data:`NETWORK_ONLY`, the recipe and ``arch`` for a head, whose ``folds`` is 1: one
+        validation split; :data:`HEAD_ONLY` for a whole network); ``restart`` is left out (how, not what, was
+        trained)."""
         out = asdict(self)
         out.pop("restart", None)
         out["overrides"] = list(self.overrides)  # as JSON holds it
-        if self.encoder is not None:
-            out.update(dict.fromkeys((*NETWORK_ONLY, "recipe")), folds=1)
+        if self.encoder is not None:  # `arch` too: a head's network is the encoder's (an older folder holds "")
+            out.update(dict.fromkeys((*NETWORK_ONLY, "recipe", "arch")), folds=1)
         else:
             out.update(dict.fromkeys(HEAD_ONLY))
         return out
