@@ -229,6 +229,16 @@ def test_cli_words_for_references(tmp_path: Path, example_slide: Path) -> None:
     res = run_cli("embed", example_slide, "--encoder", "hf-hub:org/name", "--weights", path, "--mpp", "0.5", "-o", out)
     assert res.code == 1 and len(res.err_lines) == 1, res
     assert "--weights goes with a timm architecture name" in res.err and "unknown architecture" not in res.err
+    # a model folder (the bundled one by name, or any) holds its own weights: the same words, not "unknown
+    # architecture 'default'"
+    from wsi_screen.models import default_model_dir
+
+    for ref in ("default", str(default_model_dir())):
+        res = run_cli("train", tmp_path, "--encoder", ref, "--weights", path, "-o", tmp_path / "m")
+        assert res.code == 1 and res.err_lines == [
+            f"wsi-screen: error: {ref}: --weights goes with a timm architecture name (e.g. resnet50), not a model "
+            "folder; name the architecture the file is for, or leave the file out to load the folder's own"], res
+    assert not (tmp_path / "m").exists()
     res = run_cli("embed", example_slide, "--encoder", "zzqqxx", "--weights", path, "--mpp", "0.5", "-o", out)
     assert res.code == 1 and "unknown architecture 'zzqqxx'; `wsi-screen models` lists them" in res.err, res
     res = run_cli("embed", example_slide, "--encoder", "resnet50", "--mpp", "0.5", "-o", out)

@@ -408,9 +408,12 @@ def _from_file(ref: str, path: Path) -> tuple[EncoderModule, EncoderIdentity]:
     if info is not None and info.loader != "timm":
         raise ModelError(f"encoder {info.name} is a {info.loader} model: `encoder_weights` works for timm "
                          "architectures only; put its hub files in the Hugging Face cache instead")
-    if info is None and (ref.startswith(HUB_PREFIX) or ref.startswith("timm/")):
-        raise ModelError(f"{ref}: `encoder_weights` goes with a timm architecture name (e.g. resnet50), not a hub "
-                         "reference; name the architecture the file is for, or leave the file out to load the hub's")
+    hub = ref.startswith(HUB_PREFIX) or ref.startswith("timm/")
+    folder = ref == DEFAULT_REF or Path(ref).is_dir() or Path(ref).name == CONFIG_NAME
+    if info is None and (hub or folder):
+        what, own = ("a hub reference", "the hub's") if hub else ("a model folder", "the folder's own")
+        raise ModelError(f"{ref}: `encoder_weights` goes with a timm architecture name (e.g. resnet50), not {what}; "
+                         f"name the architecture the file is for, or leave the file out to load {own}")
     arch = info.arch if info else check_arch(ref)
     if not path.is_file():
         raise ModelError(f"{path}: no such weights file")
