@@ -88,6 +88,15 @@ def test_a_head_folder_recording_an_empty_arch_still_loads(head_model: tuple[Pat
     np.testing.assert_allclose(model.predict(images), load_model(folder, precision="fp32").predict(images), atol=1e-6)
 
 
+def test_a_head_on_resized_patches_records_their_scale_at_its_size(pcam_small: Path, tmp_path: Path) -> None:
+    """`size` 64 on 96 px patches at 0.972 um/px: the model's patches are 64 px at 1.458 um/px (the 93 um field the
+    head trained on); it recorded 0.972, and infer tiled a 62 um field."""
+    train(pcam_small, tmp_path / "m", head_config(tmp_path / "cache", size=64, epochs=1))
+    spec = load_model(tmp_path / "m", precision="fp32").spec
+    assert spec.input_size == 64 and spec.mpp == pytest.approx(0.972 * 96 / 64)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["mpp"] == pytest.approx(1.458)
+
+
 def test_head_model_card_names_its_encoder(head_model: tuple[Path, Path]) -> None:
     from wsi_screen.models.card import TO_COMPLETE, encoder_section
 

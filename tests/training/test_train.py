@@ -38,6 +38,23 @@ def test_positive_class_resolution() -> None:
 
 
 # --- training --------------------------------------------------------------------------------------------
+def test_the_recorded_mpp_is_the_patches_scale_at_the_input_size(patches_dir: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """96 px PCam patches at 0.972 um/px resized to 32 px are 2.916 um/px to the model: config.json records that
+    (it recorded 0.972, and infer tiled 32 px at 0.972 um/px, a third of the field the model was trained on)."""
+    dataset = make_subset(patches_dir / "pcam", tmp_path / "pcam", {"train": 8, "valid": 4})
+    caplog.set_level("INFO", logger="wsi_screen")
+    result = train(dataset, tmp_path / "m", tiny_config(label_column="label", mpp=0.972, epochs=1))
+    spec = ModelSpec.read(tmp_path / "m")
+    assert (spec.input_size, result.spec.mpp) == (32, spec.mpp) and spec.mpp == pytest.approx(0.972 * 96 / 32)
+    said = [r.getMessage() for r in caplog.records if "recording the model's mpp" in r.getMessage()]
+    assert said == ["images of 96 px at 0.972 um/px resized to 32 px: recording the model's mpp as 2.916 um/px "
+                    "(infer tiles slides at it)"]
+    # at the images' own size nothing changes
+    data = prepare_data(dataset, tiny_config(arch="resnet10t", label_column="label", mpp=0.972))
+    assert (data.size, data.mpp) == (96, 0.972)
+
+
 def test_short_training_run_writes_a_complete_model(herlev_small: Path, tmp_path: Path) -> None:
     out = tmp_path / "model"
     result = train(herlev_small, out, tiny_config(mpp=0.25, stain_method="macenko", stain_target="target.png"))
@@ -47,7 +64,12 @@ def test_short_training_run_writes_a_complete_model(herlev_small: Path, tmp_path
     spec = ModelSpec.read(out)
     assert spec == result.spec
     assert spec.arch == "screen_cnn32" and spec.classes == ["abnormal", "normal"]
-    assert spec.positive_class == "abnormal" and spec.input_size == 32 and spec.mpp == 0.25
+    # the patches' 0.25 um/px at the scale the model saw them: the most common size resized to 32 px (Herlev's
+    # cells come in many sizes; it was 0.25, their scale before resizing)
+    (w, _h), _n = max(((tuple(int(v) for v in k.split("x")), n) for k, n in spec.data["image_sizes"].items()),
+                      key=lambda item: item[1])
+    assert spec.positive_class == "abnormal" and spec.input_size == 32
+    assert spec.mpp == pytest.approx(0.25 * w / 32) and w > 32
     assert spec.stain_method == "macenko" and spec.stain_target == "target.png"
     assert spec.threshold is not None and 0 <= spec.threshold <= 1
     assert spec.threshold_rule == "sensitivity:0.95" and spec.metrics["sensitivity"] >= 0.95

@@ -102,8 +102,9 @@ def _add_training_options(func: F, *, with_encoder: bool) -> F:
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seeds the split, initialisation, shuffling and augmentation."),
         click.option("--mpp", type=float, default=None,
-                     help="Microns per pixel of the training patches, 0.05-100 (recorded; overrides an mpp column). "
-                          "Without it or a column, infer cannot use the model on slides."),
+                     help="Microns per pixel of the training patches, 0.05-100 (overrides an mpp column; recorded at "
+                          "the input size: x image px / --size when resized). Without it or a column, infer cannot "
+                          "use the model on slides."),
         click.option("--stain", type=click.Choice(STAINS), default="none", show_default=True,
                      help="Stain normalisation the training patches already had (recorded for inference; "
                           "images are used as they are)."),

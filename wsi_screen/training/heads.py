@@ -85,9 +85,8 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
     rows = np.concatenate([split.train, split.valid])
     size, sizes = resolve_size(config, folder, rows, None)
     log_resizing(sizes, size, len(rows))
-    mpp = resolve_mpp(config, folder, warn_missing=True, encoder=(identity.name, identity.mpp))
-    # the dataset's mpp is its images' own: the scale is known where they reach the encoder at its input size
-    note = identity.scale_note(mpp, size) if size == identity.input_size else None
+    mpp = resolve_mpp(config, folder, sizes, size, warn_missing=True, encoder=(identity.name, identity.mpp))
+    note = identity.scale_note(mpp, size)  # `mpp` is the patches' at `size` px
     if note:
         log.warning("%s", note)
     data_fp = fingerprint(folder, [int(i) for i in rows], ["train"] * len(split.train) + ["valid"] * len(split.valid))

@@ -80,9 +80,10 @@ def read_split(dataset: str | Path, config: TrainConfig) -> tuple[PatchFolder, S
     return folder, split, classes, resolve_positive(classes, config.positive)
 
 
-def resolve_mpp(config: TrainConfig, folder: PatchFolder, *, warn_missing: bool = False,
-                encoder: tuple[str, float | None] | None = None) -> float | None:
-    """The training patches' mpp: ``config.mpp``, else the dataset's mpp column (a warning when they differ). None
+def resolve_mpp(config: TrainConfig, folder: PatchFolder, sizes: Counter[tuple[int, int]], size: int, *,
+                warn_missing: bool = False, encoder: tuple[str, float | None] | None = None) -> float | None:
+    """The model's mpp: the training patches' (``config.mpp``, else the dataset's mpp column; a warning when they
+    differ) at the input ``size`` they are resized to from their ``sizes`` (:func:`mpp_at_size`). None
     is logged as information, or as a warning with ``warn_missing`` (a head model). ``encoder`` (its name and
     recorded mpp) is never taken for the patches' mpp: that is the resolution the encoder was trained at, a fact
     about it, not about patches cut elsewhere, and a wrong mpp would make ``infer`` tile slides at the wrong scale
@@ -101,7 +102,23 @@ def resolve_mpp(config: TrainConfig, folder: PatchFolder, *, warn_missing: bool 
                     "infer cannot apply it to slides without the patches' mpp; set `mpp` to their um/px%s", hint)
     elif mpp is None:
         log.info("training patches have no recorded mpp; set `mpp` so the model can be applied to slides")
-    return mpp
+    return None if mpp is None else mpp_at_size(mpp, sizes, size)
+
+
+def mpp_at_size(mpp: float, sizes: Counter[tuple[int, int]], size: int) -> float:
+    """The um/px of images of ``sizes`` (width, height: count) at ``mpp`` once resized to ``size`` px: the scale the
+    model learns and ``infer`` must tile slides at (``mpp`` x S / ``size`` for images of S px). Images of several
+    sizes (or not square) end at several scales: a warning, and the most common size's is taken."""
+    (w, h), _ = sizes.most_common(1)[0]
+    scaled = mpp * w / size
+    if len(sizes) > 1 or w != h:
+        log.warning("the training images are not all %dx%d px (%s): resized to %d px they end at different scales; "
+                    "recording the most common's, %.4g um/px (cut the patches at one size for one scale)",
+                    w, h, ", ".join(f"{k} of {a}x{b}" for (a, b), k in sorted(sizes.items())), size, scaled)
+    if w != size:
+        log.info("images of %d px at %.4g um/px resized to %d px: recording the model's mpp as %.4g um/px "
+                 "(infer tiles slides at it)", w, mpp, size, scaled)
+    return scaled
 
 
 def log_resizing(sizes: Counter[tuple[int, int]], size: int, n: int) -> None:

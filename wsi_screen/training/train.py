@@ -94,7 +94,7 @@ def prepare_data(dataset: str | Path, config: TrainConfig) -> PreparedData:
     rows = np.concatenate([split.train, split.valid])
     size, sizes = resolve_size(config, folder, rows, pretrained)
     log_resizing(sizes, size, len(rows))
-    mpp = resolve_mpp(config, folder)
+    mpp = resolve_mpp(config, folder, sizes, size)
     train_y = folder.label_indices(classes, split.train)
     valid_y = folder.label_indices(classes, split.valid)
     threads = max(1, config.workers)
