@@ -219,6 +219,51 @@ def test_moved_model_finds_its_weights_file_in_its_folder(pcam_small: Path, tmp_
     assert f"encoder weights in use: {copied} (the recorded file is gone" in card.out
 
 
+def test_moved_model_finds_its_model_folder_encoder_in_its_folder(pcam_small: Path, head_model: tuple[Path, Path],
+                                                                  tmp_path: Path) -> None:
+    """A head on `encoder`=FOLDER (a model folder) records the folder's path; once the folder is gone it said "no such
+    model folder", advice for typing `encoder`. Now one error names where it looked and the sha256, and the folder
+    copied into the model folder's encoder/ folder is used (sha256 checked), as for a weights file."""
+    import shutil
+
+    from wsi_screen.errors import ModelError
+    from wsi_screen.models import default_model_dir
+    from wsi_screen.models.encoder import file_sha256
+
+    encf = tmp_path / "here" / "encf"
+    shutil.copytree(default_model_dir(), encf)
+    sha = file_sha256(encf / "model.safetensors")
+    model = tmp_path / "here" / "m"
+    train(pcam_small, model, head_config(head_model[1], encoder=str(encf), epochs=1))
+    patches = sorted(p for p in (pcam_small / "images").rglob("*") if p.is_file())[:4]
+    images = np.stack([read_image(p) for p in patches])
+    want = load_model(model, precision="fp32").predict(images)
+
+    moved = tmp_path / "there" / "m"
+    shutil.copytree(model, moved)
+    shutil.rmtree(tmp_path / "here")  # the recorded folder is gone
+    copied = moved / "encoder" / "encf"
+    with pytest.raises(ModelError) as info:
+        load_model(moved)
+    message = str(info.value)
+    assert str(encf) in message and str(copied) in message and sha in message and "\n" not in message
+    assert f"copy the folder encf (its model.safetensors has sha256 {sha}) into {copied.parent}" in message
+    assert "no such model folder" not in message
+    res = run_cli("predict", patches[0], "--model", moved, "--quiet")  # the CLI: the same, in one line
+    assert res.code == 1 and len(res.err_lines) == 1 and str(copied) in res.err and sha in res.err, res
+    card = run_cli("models", "--card", moved)
+    assert card.code == 0 and "encoder weights in use: none: encoder encf: " in card.out
+
+    shutil.copytree(default_model_dir(), copied)
+    (copied / "model.safetensors").write_bytes(b"not these weights")  # another folder of that name: refused
+    with pytest.raises(ModelError, match="another folder of that name"):
+        load_model(moved)
+    shutil.copyfile(default_model_dir() / "model.safetensors", copied / "model.safetensors")
+    np.testing.assert_allclose(load_model(moved, precision="fp32").predict(images), want, atol=1e-6)
+    card = run_cli("models", "--card", moved)
+    assert f"encoder weights in use: {copied} (the recorded folder is gone" in card.out
+
+
 def test_infer_and_calibrate_with_a_head_model(head_model: tuple[Path, Path], tmp_path: Path, example_slide: Path,
                                                slides_dir: Path) -> None:
     model, _cache = head_model

@@ -553,11 +553,14 @@ def _from_transformers(info: EncoderInfo) -> tuple[EncoderModule, EncoderIdentit
 def load_identified(identity: Mapping[str, Any], *, model_dir: str | os.PathLike[str] | None = None,
                     device: str | torch.device = "cpu", precision: str = "fp32") -> Encoder:
     """The encoder a record names (a head model's ``config.json``, in ``model_dir``), checked against the recorded
-    weights' sha256. A weights file no longer at its recorded path is looked for in ``model_dir`` by its name."""
+    weights' sha256. A weights file or model folder no longer at its recorded path is looked for in ``model_dir``
+    by its name (:func:`_recorded_source`)."""
     want = EncoderIdentity.from_dict(identity)
-    weights = _recorded_weights(want, model_dir) if want.kind == "file" else None
+    moves = _moves(want)
+    weights = _recorded_source(want, model_dir) if moves and want.kind == "file" else None
+    ref = str(_recorded_source(want, model_dir)) if moves and want.kind == "model-folder" else want.ref
     try:
-        encoder = load_encoder(want.ref, weights=weights, device=device, precision=precision)
+        encoder = load_encoder(ref, weights=weights, device=device, precision=precision)
     except EncoderNotFoundError as exc:  # a hub encoder: the advice to name a local file is no use to a head model
         if not exc.repo:
             raise
@@ -568,43 +571,66 @@ def load_identified(identity: Mapping[str, Any], *, model_dir: str | os.PathLike
     return encoder
 
 
-#: the folder inside a head model's folder where a moved model finds its encoder's weights file (by its name)
+#: the folder inside a head model's folder where a moved model finds its encoder (a weights file or a model folder,
+#: by its name)
 ENCODER_WEIGHTS_DIR = "encoder"
 
 
+def _moves(want: EncoderIdentity) -> bool:
+    """Whether the encoder is a local thing a model moved elsewhere may have to find again: a weights file, or a
+    model folder other than the bundled one."""
+    return want.kind == "file" or (want.kind == "model-folder" and want.ref != DEFAULT_REF)
+
+
 def weights_in_use(identity: dict[str, Any], model_dir: str | os.PathLike[str]) -> str | None:
-    """For a head model on an encoder file (``ModelSpec.encoder``): where that file is found now, when not at its
-    recorded path (a moved model's copy), or why it is not found; None when it is where it was recorded (or the
-    encoder is not a file)."""
+    """For a head model on an encoder file or model folder (``ModelSpec.encoder``): where it is found now, when not
+    at its recorded path (a moved model's copy), or why it is not found; None when it is where it was recorded (or
+    the encoder is neither)."""
     want = EncoderIdentity.from_dict(identity)
-    if want.kind != "file" or Path(str(want.weights)).is_file():
+    if not _moves(want) or _found(want, _recorded(want)):
         return None
     try:
-        return f"{_recorded_weights(want, model_dir)} (the recorded file is gone; this copy has its sha256)"
+        return f"{_recorded_source(want, model_dir)} (the recorded {_noun(want)} is gone; this copy has its sha256)"
     except ModelError as exc:
         return f"none: {exc}"
 
 
-def _recorded_weights(want: EncoderIdentity, model_dir: str | os.PathLike[str] | None) -> Path:
-    """An encoder file's weights: at the recorded path, else a file of the same name in the model folder's
-    ``encoder/`` folder or in the model folder itself (a model moved to another machine with its weights file
-    copied into it), checked by the recorded sha256."""
-    recorded = Path(str(want.weights))
-    if recorded.is_file():
+def _recorded(want: EncoderIdentity) -> Path:
+    return Path(want.ref) if want.kind == "model-folder" else Path(str(want.weights))
+
+
+def _noun(want: EncoderIdentity) -> str:
+    return "folder" if want.kind == "model-folder" else "file"
+
+
+def _found(want: EncoderIdentity, path: Path) -> bool:
+    return path.is_dir() if want.kind == "model-folder" else path.is_file()
+
+
+def _recorded_source(want: EncoderIdentity, model_dir: str | os.PathLike[str] | None) -> Path:
+    """An encoder file's weights, or an encoder model folder: at the recorded path, else one of the same name in the
+    model folder's ``encoder/`` folder (or, for a file, in the model folder itself): a model moved to another
+    machine with its encoder copied into it, checked by the recorded sha256 (a folder's: of its weights file)."""
+    recorded, noun = _recorded(want), _noun(want)
+    what = "model folder" if noun == "folder" else "weights file"
+    if _found(want, recorded):
         return recorded
     if model_dir is None:
-        raise ModelError(f"encoder {want.name}: its weights file is not at {recorded}")
+        raise ModelError(f"encoder {want.name}: its {what} is not at {recorded}")
     places = [Path(model_dir) / ENCODER_WEIGHTS_DIR / recorded.name]
-    if recorded.name not in (WEIGHTS_NAME, CONFIG_NAME):  # beside config.json: not a name the model's own files use
+    if noun == "file" and recorded.name not in (WEIGHTS_NAME, CONFIG_NAME):  # not a name of the model's own files
         places.append(Path(model_dir) / recorded.name)
+    named = f"{recorded.name} (sha256 {want.weights_sha256})" if noun == "file" else \
+        f"the folder {recorded.name} (its {WEIGHTS_NAME} has sha256 {want.weights_sha256})"
     others = []
-    for place in (p for p in places if p.is_file()):
-        found = file_sha256(place)
+    for place in (p for p in places if _found(want, p)):
+        weights = place / WEIGHTS_NAME if noun == "folder" else place
+        found = file_sha256(weights) if weights.is_file() else None
         if found == want.weights_sha256:
             return place
-        others.append(f"{place} has sha256 {found[:12]}")
+        others.append(f"{place} has sha256 {found[:12]}" if found else f"{place} has no {WEIGHTS_NAME}")
     if others:
-        raise ModelError(f"encoder {want.name}: the model was trained on {recorded.name} with sha256 "
-                         f"{want.weights_sha256}, but {'; '.join(others)} (another file of that name)")
-    raise ModelError(f"encoder {want.name}: its weights file is neither at {recorded} nor in the model folder "
-                     f"({places[0]}); copy {recorded.name} (sha256 {want.weights_sha256}) into {places[0].parent}")
+        raise ModelError(f"encoder {want.name}: the model was trained on {named}, but {'; '.join(others)} (another "
+                         f"{noun} of that name)")
+    raise ModelError(f"encoder {want.name}: its {what} is neither at {recorded} nor in the model folder "
+                     f"({places[0]}); copy {named} into {places[0].parent}")
