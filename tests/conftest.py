@@ -245,6 +245,18 @@ def run_cli(*args: str) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
+def coordinates_only_store_of_a_moved_slide(slide: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """``slide`` copied to ``tmp_path/a``, tiled there into a coordinates-only store (``tmp_path/stores``, the
+    bundled model's 96 px at 0.972 um/px), then moved to ``tmp_path/b`` under the same name: (stores, moved slide)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(slide, tmp_path / "a" / slide.name)
+    stores = tmp_path / "stores"
+    assert run_cli("tile", tmp_path / "a" / slide.name, "-o", stores, "--pixels", "none", "--mpp", "0.972",
+                   "--size", "96", "--quiet").code == 0
+    return stores, (tmp_path / "a" / slide.name).rename(tmp_path / "b" / slide.name)
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory, example_slide: Path) -> Path:
     """A fresh `wsi-screen infer` run of the bundled example slide with the bundled model."""

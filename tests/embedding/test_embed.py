@@ -3,13 +3,12 @@ per bad slide."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import coordinates_only_store_of_a_moved_slide, run_cli
 from tests.hub import write_hub_model
 from wsi_screen.embedding.features import FeatureStore
 from wsi_screen.models.encoder import file_sha256
@@ -138,13 +137,7 @@ def test_a_coordinates_only_store_of_a_moved_slide_names_the_cli_way_out(embedde
     (PatchStore.open(..., slide=PATH)); it names the command's way out, which works: the slide with --stores."""
     out, _ = embedded
     name = example_slide.stem
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    shutil.copy(example_slide, tmp_path / "a" / example_slide.name)
-    stores = tmp_path / "stores"
-    assert run_cli("tile", tmp_path / "a" / example_slide.name, "-o", stores, "--pixels", "none", "--mpp", "0.972",
-                   "--size", "96", "--quiet").code == 0
-    moved = (tmp_path / "a" / example_slide.name).rename(tmp_path / "b" / example_slide.name)
+    stores, moved = coordinates_only_store_of_a_moved_slide(example_slide, tmp_path)
     res = run_cli("embed", stores, "--encoder", "default", "-o", tmp_path / "emb", "--workers", "0")
     errors = [line for line in res.err_lines if line.startswith("wsi-screen: error:")]
     assert res.code == 1 and len(errors) == 1 and "Traceback" not in res.err, res

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import read_results, run_cli
+from tests.conftest import coordinates_only_store_of_a_moved_slide, read_results, run_cli
 from tests.factory import block_image, write_tiled_tiff
 from wsi_screen.errors import ConfigError
 from wsi_screen.models import default_model_dir, load_model
@@ -385,13 +385,7 @@ def test_infer_stores_reads_a_coordinates_only_store_from_the_moved_slide_it_is_
     patches from the slide <old path> ... PatchStore.open(..., slide=PATH)") though the slide was given: the run
     now reads the slide it was given (the store's fingerprint matched it), with a plain run's scores."""
     name = example_slide.stem
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    shutil.copy(example_slide, tmp_path / "a" / example_slide.name)
-    stores = tmp_path / "stores"
-    assert run_cli("tile", tmp_path / "a" / example_slide.name, "-o", stores, "--pixels", "none", "--mpp", "0.972",
-                   "--size", "96", "--quiet").code == 0
-    moved = (tmp_path / "a" / example_slide.name).rename(tmp_path / "b" / example_slide.name)
+    stores, moved = coordinates_only_store_of_a_moved_slide(example_slide, tmp_path)
     before = (stores / f"{name}.zarr" / "zarr.json").read_bytes()
     res = run_cli("infer", moved, "-o", tmp_path / "run", "--stores", stores, "--workers", "0")
     assert res.code == 0, res
