@@ -211,7 +211,7 @@ def resolve_aggregate(model_dir: Path, classifier: PatchClassifier, config: Infe
     rule = config.rule or base.rule
     check_k_read(rule, config.k)
     threshold, k, radius, region_threshold = base.slide_threshold, base.k, base.radius, base.region_threshold
-    calibrated_threshold = path.exists()  # the threshold was chosen for the rule at k (not a default)
+    calibrated_threshold = found is not None  # the threshold was chosen for the rule at k (not a default)
     if config.rule and config.rule != base.rule:
         calibrated = per_rule.get(config.rule, {})
         calibrated_threshold = "threshold" in calibrated
