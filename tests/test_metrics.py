@@ -76,7 +76,13 @@ def test_metrics_with_a_missing_class_do_not_crash() -> None:
     probs = np.tile([0.9, 0.1], (5, 1))
     m = compute_metrics(y, probs, ["normal", "tumour"], positive_index=1, threshold=0.5)
     assert m["auc"] is None and m["sensitivity"] is None and m["specificity"] == 1.0
+    # nothing called and nothing positive: precision and F1 are undefined, not a measured 0
+    assert m["precision"] is None and m["f1"] is None and m["positive"]["precision"] is None
     json.dumps(m, allow_nan=False)
+    # one false call on the same split: precision and F1 are a real 0
+    probs[0] = [0.2, 0.8]
+    m = compute_metrics(y, probs, ["normal", "tumour"], positive_index=1, threshold=0.5)
+    assert m["precision"] == 0.0 and m["f1"] == 0.0 and m["specificity"] == 0.8
 
 
 @settings(max_examples=60, deadline=None)

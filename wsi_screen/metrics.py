@@ -146,7 +146,8 @@ def json_float(x: Any) -> float | None:
 
 
 def binary_view(is_positive: np.ndarray, called: np.ndarray, score: np.ndarray) -> dict[str, Any]:
-    """Sensitivity, specificity, precision, F1 and AUC of one class against the rest."""
+    """Sensitivity, specificity, precision, F1 and AUC of one class against the rest; each None where it is
+    undefined (no positives, no negatives, nothing called), not a 0 that reads as a measured failure."""
     from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score, roc_auc_score
 
     y, c = np.asarray(is_positive, bool), np.asarray(called, bool)
@@ -155,9 +156,10 @@ def binary_view(is_positive: np.ndarray, called: np.ndarray, score: np.ndarray) 
     return {
         "sensitivity": json_float(recall_score(y, c, zero_division=np.nan)) if y.any() else None,
         "specificity": json_float(tn / (tn + fp)) if tn + fp else None,
-        "precision": json_float(precision_score(y, c, zero_division=0)),
+        # undefined (None) where nothing was called (precision) or nothing was positive or called (F1)
+        "precision": json_float(precision_score(y, c, zero_division=0)) if tp + fp else None,
         "recall": json_float(recall_score(y, c, zero_division=0)) if y.any() else None,  # = sensitivity
-        "f1": json_float(f1_score(y, c, zero_division=0)),
+        "f1": json_float(f1_score(y, c, zero_division=0)) if tp + fp + fn else None,
         "auc": json_float(roc_auc_score(y, score)) if both else None,
         "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn),
     }
