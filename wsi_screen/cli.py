@@ -10,7 +10,8 @@ a missing argument, and the few option pairs a command refuses as a click usage 
 
 Exit status: 0 success; 1 a slide/item failed, or the tool refused a setting or an input (a ``ConfigError`` from
 its own checks, ``--size 0``, is exit 1 whether raised before or during the run); 2 the command line could not
-be parsed (click's usage errors above); 130 interrupted.
+be parsed (click's usage errors above); 130 interrupted. A slide without tissue is no failure: `infer` counts it
+apart ("1 without a call (no tissue)") and exits 0.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -287,6 +287,18 @@ def monitor_value(metrics: dict[str, Any], name: str) -> float:
 
 
 # --- intervals ------------------------------------------------------------------------------------------
+#: fewer positive slides than this and a sensitivity measured on them (or a slide rule chosen by it) is mostly chance
+ADVISED_POSITIVES = 20
+
+
+def few_positives(n_positive: int, what: str) -> str | None:
+    """The small-cohort warning (calibration's and the slide metrics'): ``only 3 positive slide(s): <what>,
+    which takes at least 20 to mean much``; None from :data:`ADVISED_POSITIVES` positive slides on."""
+    if n_positive >= ADVISED_POSITIVES:
+        return None
+    return f"only {n_positive} positive slide(s): {what}, which takes at least {ADVISED_POSITIVES} to mean much"
+
+
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score 95 % interval of a proportion, within [0, 1]. None correct gives a low end of exactly 0 and all
     correct a high end of exactly 1 (what the formula gives exactly; in floating point it leaves 6.9e-18 or
@@ -326,6 +338,22 @@ def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, *, n_boot: int = 1000,
 
 
 
+def rate_intervals(counts: Mapping[str, int]) -> dict[str, list[float] | None]:
+    """``sensitivity_ci95`` and ``specificity_ci95`` (:func:`wilson`, ``[low, high]``; None where the rate is
+    undefined) from a confusion's ``tp``, ``fn``, ``tn`` and ``fp``."""
+    tp, fn, tn, fp = (int(counts[k]) for k in ("tp", "fn", "tn", "fp"))
+    return {"sensitivity_ci95": list(wilson(tp, tp + fn)) if tp + fn else None,
+            "specificity_ci95": list(wilson(tn, tn + fp)) if tn + fp else None}
+
+
+def rate_words(metrics: Mapping[str, Any], key: str) -> str:
+    """A rate with its 95 % interval as people read it: ``0.5 (95 % CI 0.09-0.91)``; ``n/a`` where undefined."""
+    value, ci = metrics.get(key), metrics.get(f"{key}_ci95")
+    if value is None:
+        return "n/a"
+    return f"{value:.3g}" + (f" (95 % CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+
+
 def add_intervals(metrics: dict[str, Any], y_true: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000,
                   seed: int = 0) -> dict[str, Any]:
     """:func:`compute_metrics`' ``metrics`` with 95 % intervals of its one-class view (``positive``), in place:
@@ -339,9 +367,7 @@ def add_intervals(metrics: dict[str, Any], y_true: np.ndarray, probs: np.ndarray
         metrics.update(auc_ci95=None, sensitivity_ci95=None, specificity_ci95=None)
         return metrics
     k = list(metrics["classes"]).index(view["class"])
-    tp, fn, tn, fp = view["tp"], view["fn"], view["tn"], view["fp"]
-    view["sensitivity_ci95"] = list(wilson(tp, tp + fn)) if tp + fn else None
-    view["specificity_ci95"] = list(wilson(tn, tn + fp)) if tn + fp else None
+    view.update(rate_intervals(view))
     view["auc_ci95"] = (list(bootstrap_auc(np.asarray(probs)[:, k], np.asarray(y_true) == k, n_boot=n_boot,
                                            seed=seed)[1:]) if view.get("auc") is not None else None)
     metrics["sensitivity_ci95"], metrics["specificity_ci95"] = view["sensitivity_ci95"], view["specificity_ci95"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -321,3 +322,41 @@ def test_foci_annotations_lie_in_the_true_foci_and_tiles_follow_the_calls_thresh
         ctx = runview.slide_call(runview.open_run(run), name)
         assert ctx.result is not None and [f.n_patches for f in ctx.foci] == sizes
         assert views_key(ctx) == drawn_with(run / name / "heatmap.png")
+
+
+def test_labels_that_disagree_with_the_call_are_marked_and_the_slide_metrics_have_intervals(
+        run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]], tmp_path: Path) -> None:
+    """A slide labelled tumour and called normal was marked nowhere, and `infer --labels` printed 'sensitivity 1.0'
+    without an interval or the small-cohort warning `calibrate` gives: results.csv's label_agrees (its last column),
+    the report's 'disagrees' badge, Wilson intervals in slide_metrics.json, the printed line and the report."""
+    from wsi_screen.metrics import wilson
+
+    folder, _ = slides
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    labels = tmp_path / "labels.csv"  # neg_small, called normal, labelled tumour
+    labels.write_text("slide,label\nneg_small,tumour\nneg_large,normal\nmacro,tumour\nmicro,tumour\n")
+    res = run_cli("infer", folder / "slides", "-o", copy, "--labels", labels, "--quiet")
+    assert res.code == 0, res
+    header = (copy / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[-1] == "label_agrees"
+    rows = read_results(copy)
+    assert {n: r["label_agrees"] for n, r in rows.items()} == {"neg_small": "false", "neg_large": "true",
+                                                               "macro": "true", "micro": "true"}
+    page = (copy / "report.html").read_text()
+    flagged = re.findall(r'<tr class="([^"]*)">(.*?)</tr>', page.split('<table class="sortable" id="slides">')[1]
+                         .split("</table>")[0])
+    marked = [cells for cls, cells in flagged if "disagree" in cls.split()]
+    assert len(marked) == 1 and ">neg_small</a>" in marked[0] and ">disagrees</span>" in marked[0]
+    assert page.count(">disagrees</span>") == 1
+    m = json.loads((copy / "slide_metrics.json").read_text())
+    assert (m["confusion"], m["sensitivity"], m["specificity"]) == ({"tp": 2, "fn": 1, "tn": 1, "fp": 0},
+                                                                    pytest.approx(2 / 3), 1.0)
+    assert m["sensitivity_ci95"] == pytest.approx(list(wilson(2, 3)))
+    assert m["specificity_ci95"] == pytest.approx(list(wilson(1, 1))) and m["specificity_ci95"][1] == 1.0
+    lo, hi = wilson(2, 3)
+    assert f"sensitivity 0.667 (95 % CI {lo:.2f}-{hi:.2f}), specificity 1 (95 % CI " in res.out
+    small = "only 3 positive slide(s): the slide sensitivity is measured on them (see its 95 % interval), which " \
+            "takes at least 20 to mean much"
+    assert m["warnings"] == [small] and f"slide metrics: {small}" in res.err
+    assert f"sensitivity 0.667 (95 % CI {lo:.2f}-{hi:.2f})" in page and html.escape(small) in page

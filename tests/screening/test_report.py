@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import read_results, run_cli
 from wsi_screen.screening.report import render_report
 
 #: set (to 1) where a missing Chromium must fail the browser test instead of skipping it: CI (.ci/run)
@@ -42,6 +42,7 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory, cmu_svs: Path) -> Path
     run = root / "run"
     res = run_cli("infer", root / "elsewhere" / ".." / "slides", "-o", run, "--workers", "0", "--quiet")
     assert res.code == 1  # the broken slides are error rows
+    (root / "infer.out").write_text(res.out)  # what the command printed, for the tests of its closing lines
     return run
 
 
@@ -65,14 +66,33 @@ def test_report_is_written_for_people(hostile_run: Path) -> None:
     assert "score &ge; 0.0479 mm&sup2;" in page and "0.04788921139199999" not in page
     assert not re.search(r"\d\.\d{7,}", page.split("<h2>Provenance")[0])
     assert not re.search(r"(?<![\w.])\d\.\d{6,}(?!\w)", page.split("<h2>Provenance")[1])
-    # the patch threshold shown is the call's (region rule: 0.8), the one the heatmaps and GeoJSON show
-    assert "patch threshold 0.8 (the call&#x27;s" in page and "patch threshold 0.213" not in page
+    # two patch thresholds, each named: the call's (region rule: 0.8), the one the heatmaps and GeoJSON show, and the
+    # model's operating point (0.213), and which run.json key holds which
+    assert "call patch threshold 0.8 (the call&#x27;s patch threshold: " in page
+    assert "the foci) &middot; model operating point 0.213 (the model's own patch threshold" in page
+    assert "aggregate.call_patch_threshold is the call patch threshold, aggregate.patch_threshold (and " \
+           "model.patch_threshold) the model's operating point" in page
+    assert re.findall(r"(?<!call )patch threshold 0\.\d+", page.split("<h2>Provenance")[0]) == []
     # the long error folds under its first words; every cell may wrap, so the table fits its page
     assert page.count('<details class="err">') >= 1 and "overflow-wrap:anywhere" in page
     folded = re.findall(r'<details class="err"><summary>(.*?)</summary><div>(.*?)</div>', page)
     assert folded and all(len(html.unescape(s)) <= 70 for s, _ in folded)
     summary = next(s for s, f in folded if LONG_NAME in html.unescape(f))
     assert html.unescape(summary).startswith("error: not a slide format")  # the reason; the row names the slide
+
+
+def test_out_of_domain_slides_are_counted_apart(hostile_run: Path) -> None:
+    """Both scored slides are skin (the CMU slide), called normal and out of domain: the report's summary boxes said
+    "2 normal" as for lymph node; they and infer's closing lines say how many of them are out of domain."""
+    rows = [r for r in read_results(hostile_run).values() if r["status"] == "ok"]
+    assert [(r["diagnosis"], r["out_of_domain"]) for r in rows] == [("normal", "true")] * 2
+    page = (hostile_run / "report.html").read_text()
+    cards = re.findall(r'<div class="card"><b>(\d+)</b>(.*?)</div>', page)
+    assert cards == [("2", "error"), ("2", "normal (2 out of domain)")]
+    printed = (hostile_run.parent / "infer.out").read_text().splitlines()
+    assert "calls: 2 error, 2 normal (2 out of domain)" in printed
+    assert printed[printed.index("calls: 2 error, 2 normal (2 out of domain)") + 1].endswith(
+        "; 2 (re)computed; 2 failed")
 
 
 def test_report_command_rewrites(hostile_run: Path) -> None:
@@ -139,6 +159,13 @@ def test_report_renders_in_chromium(hostile_run: Path, tmp_path: Path) -> None:
         assert driver.execute_script("return document.documentElement.scrollWidth") <= width
         headers = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "#slides th")]
         assert "out of domain" in headers
+        # the provenance block wraps its long lines (the model card's, paths): none is cut off at its right edge
+        pre = driver.find_element(By.CSS_SELECTOR, "pre")
+        longest = driver.execute_script("return Math.max(...arguments[0].textContent.split('\\n').map(l => l.length))",
+                                        pre)
+        assert "Research use only" in pre.text and longest > 150
+        assert driver.execute_script("var p = arguments[0]; return p.scrollWidth <= p.clientWidth", pre)
+        assert driver.execute_script("return document.documentElement.scrollWidth") <= width
     finally:
         driver.quit()
 

@@ -199,6 +199,9 @@ def test_failed_and_empty_slides_are_rows(tmp_path: Path, cmu_svs: Path) -> None
     assert rows["good"]["store"] == "stores/good.zarr" and (tmp_path / "run" / rows["good"]["store"]).exists()
     assert rows["glass"]["status"] == "no tissue" and rows["glass"]["diagnosis"] == "no tissue"
     assert rows["glass"]["n_patches"] == "0"
+    # a slide without tissue has no call: the closing line counts it apart from those with one (not a failure)
+    assert "; 2 (re)computed; 1 without a call (no tissue); 2 failed" in res.out
+    assert "calls: 2 error, 1 no tissue, 1 normal (1 out of domain)" in res.out
     assert not list((tmp_path / "run").glob("*.partial"))
 
 

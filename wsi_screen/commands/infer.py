@@ -45,7 +45,9 @@ if TYPE_CHECKING:
                    "calibrated for its own, with a warning: give --threshold for it. Refused with another rule "
                    "(none reads it).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="slides.csv with columns slide,label: adds slide_metrics.json and slide_roc.png.")
+              help="slides.csv with columns slide,label: adds slide_metrics.json (AUC; sensitivity and "
+                   "specificity with Wilson 95% intervals) and slide_roc.png, and results.csv's label_agrees "
+                   "(the report marks each call that is not its label).")
 @click.option("--stores", type=str, default=None,
               help="Folder of patch stores to reuse and tile into (default: RUN/stores). Stores made with "
                    "other settings than the model needs are refused. Any `tile --codec`, or `tile --pixels none`, "
@@ -99,7 +101,8 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     slides scored from a --stores folder). A slide that fails (corrupt, unreadable, or crashing or hanging
     the slide reader, which runs in its own process) is a row with status=error and its reason, and results
     an earlier run left for it are moved to RUN/<slide>/stale/; the others still finish and the exit status
-    is 1. Details and tracebacks go to RUN/wsi-screen.log.
+    is 1. A slide without tissue has no call and is no failure: the closing lines count it apart. Details and
+    tracebacks go to RUN/wsi-screen.log.
 
     \b
     Examples:
@@ -147,8 +150,9 @@ def _print_table(summary: RunSummary, *, patch_um: float) -> None:
     """The slides' table and the run's rule in words; ``patch_um``: the side of one patch (the model's input size x
     its mpp), the resolution at which foci are measured."""
     from wsi_screen.errors import in_user_words
+    from wsi_screen.metrics import rate_words
     from wsi_screen.screening import runfolder
-    from wsi_screen.screening.aggregate import call_comparison
+    from wsi_screen.screening.aggregate import STATUS_NO_TISSUE, call_comparison, call_counts, out_of_domain_words
 
     rows = sorted(summary.rows, key=lambda r: r.name)
     width = max([len("slide"), *(_display_width(r.name) for r in rows)])
@@ -178,16 +182,21 @@ def _print_table(summary: RunSummary, *, patch_um: float) -> None:
                "grid)")
     if summary.metrics and summary.metrics.get("auc") is not None:
         m = summary.metrics
-        click.echo(f"slide AUC {m['auc']:.3f}, sensitivity {m['sensitivity']}, specificity {m['specificity']} "
-                   f"({summary.run / runfolder.SLIDE_METRICS_JSON})")
+        click.echo(f"slide AUC {m['auc']:.3f}, sensitivity {rate_words(m, 'sensitivity')}, specificity "
+                   f"{rate_words(m, 'specificity')} ({summary.run / runfolder.SLIDE_METRICS_JSON})")
     outside = [r.name for r in rows if r.extra.get("out_of_domain")]
     if outside:
         click.echo(f"OUT OF DOMAIN: {', '.join(outside)}: most patches are unlike the model's training data "
                    "(another tissue, stain or resolution?); their calls are kept but unreliable "
                    "(`wsi-screen models --card`)")
+    counts = call_counts((r.result.diagnosis if r.result is not None else "error", bool(r.extra.get("out_of_domain")))
+                         for r in rows)
+    click.echo("calls: " + ", ".join(f"{n} {call}{out_of_domain_words(ood)}" for call, n, ood in counts))
     scored = sum(r.status != "error" for r in rows)
+    empty = sum(r.status == STATUS_NO_TISSUE for r in rows)
     click.echo(f"{summary.reused} slide(s) reused from an earlier run with the same model, slide, resolution and "
-               f"settings; {scored - summary.reused} (re)computed; {summary.failed} failed")
+               f"settings; {scored - summary.reused} (re)computed"
+               f"{f'; {empty} without a call (no tissue)' if empty else ''}; {summary.failed} failed")
     click.echo(f"results: {summary.run / runfolder.RESULTS_CSV}")
     for r in rows:
         if r.status != "error":

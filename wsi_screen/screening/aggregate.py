@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -191,6 +191,23 @@ def recorded_rule_label(aggregate: Mapping[str, Any]) -> str:
 def foci_count(n: int) -> str:
     """``1 focus``, ``0 foci``, ``2 foci``: a number of foci in words."""
     return f"{n} {'focus' if n == 1 else 'foci'}"
+
+
+def call_counts(calls: Iterable[tuple[str, bool]]) -> list[tuple[str, int, int]]:
+    """``(call, slides, of them out of domain)`` by call (a diagnosis, "no tissue" or "error"), in name order, from
+    each slide's ``(call, out_of_domain)``: what the report's summary boxes and `infer`'s closing lines count (a
+    slide out of domain keeps its call, which should not be trusted, so it is counted apart within it)."""
+    found: dict[str, list[int]] = {}
+    for call, outside in calls:
+        n = found.setdefault(call, [0, 0])
+        n[0] += 1
+        n[1] += bool(outside)
+    return [(call, n, ood) for call, (n, ood) in sorted(found.items())]
+
+
+def out_of_domain_words(n: int) -> str:
+    """`` (2 out of domain)`` after a call's count; empty for none."""
+    return f" ({n} out of domain)" if n else ""
 
 
 def describe(config: AggregateConfig, positive_class: str, *, patch_area_mm2: float | None = None) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 from wsi_screen import __version__
 from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import ConfigError, WsiScreenError, in_user_words
-from wsi_screen.metrics import RocCurve, binary_view, plot_roc
+from wsi_screen.metrics import RocCurve, binary_view, few_positives, plot_roc, rate_intervals
 from wsi_screen.models import PatchClassifier
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.aggregate import (
@@ -239,8 +239,18 @@ def write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, m
             "top_score": f"{r.top[2]:.6f}" if r.top else "", "model": model_id["arch"],
             "label": r.label, "error": in_user_words(r.error), "source": r.source,
             "store": runfolder.portable_path(r.store, run) if r.store else "",
+            "label_agrees": label_agrees(r.label, res.diagnosis if res and res.score is not None else None,
+                                         model_id.get("positive_class")),
         })
     atomic_write_text(run / runfolder.RESULTS_CSV, runfolder.csv_text(table, runfolder.RESULT_COLUMNS))
+
+
+def label_agrees(label: str, call: str | None, positive_class: Any) -> str:
+    """results.csv's ``label_agrees``: ``true`` when a slide's call (its diagnosis) is its label (``positive``:
+    the positive class; ``negative``: any other), ``false`` when not, empty without a label or a call."""
+    if not label or call is None:
+        return ""
+    return str((call == str(positive_class)) == (label == "positive")).lower()
 
 
 def _with_start_up(seconds: float, stages: dict[str, float | None] | None) -> float | None:
@@ -346,7 +356,9 @@ def unmatched_labels(labels: dict[str, str], names: Collection[str]) -> list[str
 
 def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
                   aggregate: AggregateConfig) -> dict[str, Any] | None:
-    """AUC, sensitivity and specificity at the slide threshold over labelled, scored slides (+ ROC plot),
+    """AUC, sensitivity and specificity at the slide threshold over labelled, scored slides (+ ROC plot), the
+    rates with Wilson 95 % intervals (``sensitivity_ci95``, ``specificity_ci95``) and, on fewer positive slides than
+    :data:`wsi_screen.metrics.ADVISED_POSITIVES`, calibrate's small-cohort warning (``warnings``, and logged),
     from the same code as the patch metrics (:func:`wsi_screen.metrics.binary_view`); None (and a warning) when
     no labelled slide was scored."""
     scored = [r for r in rows if r.label and r.result is not None and r.result.score is not None]
@@ -363,8 +375,13 @@ def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
         "unscored_labelled": sorted(r.name for r in rows if r.label and r not in scored),
         "rule": aggregate.rule, "threshold": aggregate.slide_threshold,
         "auc": view["auc"], "sensitivity": view["sensitivity"], "specificity": view["specificity"],
+        **rate_intervals(view),
         "confusion": {k: view[k] for k in ("tp", "fn", "tn", "fp")},
     }
+    small = few_positives(metrics["n_positive"], "the slide sensitivity is measured on them (see its 95 % interval)")
+    if small:
+        metrics["warnings"] = [small]
+        log.warning("slide metrics: %s", small)
     runfolder.write_json(run / runfolder.SLIDE_METRICS_JSON, metrics)
     if metrics["auc"] is not None:
         point = None

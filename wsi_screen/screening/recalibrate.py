@@ -22,7 +22,7 @@ from typing import Any
 
 from wsi_screen._safe_write import atomic_write_text, fsync_tree, swap_in, write_failed
 from wsi_screen.errors import ConfigError, RunError
-from wsi_screen.metrics import wilson
+from wsi_screen.metrics import few_positives, wilson
 from wsi_screen.models import PatchClassifier, load_model
 from wsi_screen.models.card import CARD_NAME, read_card
 from wsi_screen.models.spec import ModelSpec
@@ -40,10 +40,6 @@ from wsi_screen.slide.tables import few
 
 log = logging.getLogger(__name__)
 
-#: fewer positive slides than this and the rule's choice (by sensitivity) is mostly chance
-ADVISED_POSITIVES = 20
-
-
 def small_set_warnings(n_positive: int, n_negative: int, min_specificity: float) -> list[str]:
     """What a calibration on this few slides cannot establish (empty when the set is large enough)."""
     # below 1 / (1 - specificity) negatives not one false positive is allowed, whatever the target (at 1: any n)
@@ -54,10 +50,8 @@ def small_set_warnings(n_positive: int, n_negative: int, min_specificity: float)
         found.append(f"only {n_negative} negative slide(s): a specificity of {min_specificity:g} cannot be checked on "
                      f"fewer than {needed} (the threshold just clears the highest-scoring negative; {n_negative} of "
                      f"{n_negative} correct has a 95 % lower bound of {low:.2f})")
-    if n_positive < ADVISED_POSITIVES:
-        found.append(f"only {n_positive} positive slide(s): the rule is chosen by its sensitivity on them, which "
-                     f"takes at least {ADVISED_POSITIVES} to mean much")
-    return found
+    small = few_positives(n_positive, "the rule is chosen by its sensitivity on them")
+    return [*found, small] if small else found
 
 
 #: the rule's settings :func:`rule_changes` compares, in the order it lists them; ``region_threshold`` is listed as

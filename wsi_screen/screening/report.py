@@ -7,8 +7,10 @@ network access from the page. The one inline script only sorts the table.
 Shown for people: numbers rounded (:func:`people_number`; each sortable cell keeps the full value for sorting,
 run.json and results.csv keep them all), paths normalised (:func:`tidy_paths`: no ``a/../b``), long error messages
 folded under their first words, and the slides table fits a 1,400 px window whatever its cells hold (they wrap).
-The patch threshold in the header is the one the heatmaps, GeoJSON and foci show
-(:func:`wsi_screen.screening.aggregate.call_patch_threshold`), named for what it is to the rule.
+The header names two patch thresholds apart: the call patch threshold, the one the heatmaps, GeoJSON and foci
+show (:func:`wsi_screen.screening.aggregate.call_patch_threshold`, named for what it is to the rule), and the model's
+operating point (its own patch threshold, run.json's ``aggregate.patch_threshold``); the provenance block's note
+says which run.json key holds which.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ from typing import Any
 from wsi_screen import __version__
 from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import WsiScreenError
+from wsi_screen.metrics import rate_words
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.aggregate import (
+    call_counts,
     call_patch_threshold,
     call_patch_threshold_name,
     foci_count,
+    out_of_domain_words,
     recorded_rule_label,
 )
 from wsi_screen.screening.runview import RunView, open_run, patch_png, top_patches
@@ -38,6 +43,9 @@ from wsi_screen.screening.runview import RunView, open_run, patch_png, top_patch
 log = logging.getLogger(__name__)
 
 N_TOP = 8
+#: where run.json records the call patch threshold (the pictures' and foci's) and the model's operating point
+PROVENANCE_CALL = "aggregate.call_patch_threshold"
+PROVENANCE_MODEL = "aggregate.patch_threshold (and model.patch_threshold)"
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;
@@ -53,12 +61,13 @@ th{cursor:pointer;background:#f4f4f6;user-select:none} th.num,td.num{text-align:
 th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
 tr.pos td.dx{color:#b00020;font-weight:600} tr.err td{color:#8a6d00}
 tr.ood td{background:#fff4e0} .ood-flag{color:#9a5b00;font-weight:600}
+.disagree-flag{background:#b00020;color:#fff;border-radius:3px;padding:0 .3em;font-size:.8rem;font-weight:600}
 .modelcard{border-left:4px solid #3b6ea5;padding:.4em .8em;background:#f3f7fb;margin:.6em 0}
 .cards{display:flex;gap:1rem;flex-wrap:wrap} .card{background:#f7f7f9;border-radius:6px;padding:.6rem 1rem}
 .card b{display:block;font-size:1.4rem} img.heat{max-width:100%;border:1px solid #ddd}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:.6rem}
 .gallery figure{margin:0;font-size:.8rem} .gallery img{width:100%;image-rendering:pixelated;border:1px solid #ccc}
-pre{background:#f7f7f9;padding:1rem;overflow:auto;font-size:.8rem}
+pre{background:#f7f7f9;padding:1rem;overflow:auto;font-size:.8rem;white-space:pre-wrap;overflow-wrap:anywhere}
 """
 
 _JS = """
@@ -185,6 +194,8 @@ def slides_table(view: RunView) -> str:
     for i, r in enumerate(view.results):
         cls = "err" if r["status"] == "error" else ("pos" if r["diagnosis"] == view.positive_class else "")
         cls += " ood" if r.get("out_of_domain") == "true" else ""
+        disagrees = r.get("label_agrees") == "false"
+        cls += " disagree" if disagrees else ""
         cells = []
         for name, num in cols:
             value = r.get(name, "")
@@ -192,6 +203,9 @@ def slides_table(view: RunView) -> str:
                 shown = f'<a href="#s{i}">{_html(value)}</a>'
             elif name == "diagnosis" and r["status"] == "error":
                 shown = _error(r.get("error", ""), r.get("source", ""))
+            elif name == "label" and disagrees:
+                shown = (f'{_html(value)} <span class="disagree-flag" title="the call is not the label">'
+                         "disagrees</span>")
             elif num:
                 shown = _html(people_number(value))
             else:
@@ -274,11 +288,10 @@ def render_report(run: str | Path) -> str:
     info = view.info
     model = info.get("model", {})
     agg = info.get("aggregate", {})
-    counts: dict[str, int] = {}
-    for r in view.results:
-        key = r["diagnosis"] if r["status"] != "error" else "error"
-        counts[key] = counts.get(key, 0) + 1
-    cards = "".join(f'<div class="card"><b>{n}</b>{_html(k)}</div>' for k, n in sorted(counts.items()))
+    counts = call_counts((r["diagnosis"] if r["status"] != "error" else "error", r.get("out_of_domain") == "true")
+                         for r in view.results)
+    cards = "".join(f'<div class="card"><b>{n}</b>{_html(k + out_of_domain_words(ood))}</div>'
+                    for k, n, ood in counts)
     patch_threshold = call_patch_threshold(agg)
     threshold_name = call_patch_threshold_name(agg.get("rule"))
     title = f"wsi-screen report: {Path(run).resolve().name}"
@@ -294,8 +307,10 @@ def render_report(run: str | Path) -> str:
         f'&middot; slide call: {_html(recorded_rule_label(agg))} score &ge; '
         f'{_html(_num(agg.get("slide_threshold")))}'
         f'{_region_unit(agg)}{_fallback(agg)}{_overrides(info)} '
-        f'&middot; patch threshold {_html(_num(patch_threshold))} ({_html(threshold_name)}: the heatmaps\' '
-        f"cyan line, the GeoJSON's tile classes and the foci)</p>",
+        f'&middot; call patch threshold {_html(_num(patch_threshold))} ({_html(threshold_name)}: the heatmaps\' '
+        f"cyan line, the GeoJSON's tile classes and the foci) "
+        f"&middot; model operating point {_html(_num(model.get('patch_threshold')))} (the model's own patch "
+        "threshold, which predict and evaluate use)</p>",
         _lossy_note(info),
         _model_card(model),
         f'<div class="cards">{cards}</div>',
@@ -305,10 +320,12 @@ def render_report(run: str | Path) -> str:
     if metrics_path.exists():
         m = runfolder.read_json(metrics_path)
         parts.append(f"<h2>Slide-level evaluation</h2><p>AUC {_html(_num(m.get('auc')))} &middot; sensitivity "
-                     f"{_html(_num(m.get('sensitivity')))} &middot; specificity {_html(_num(m.get('specificity')))} "
+                     f"{_html(rate_words(m, 'sensitivity'))} &middot; specificity "
+                     f"{_html(rate_words(m, 'specificity'))} "
                      f"at threshold {_html(_num(m.get('threshold')))} ({_html(m.get('n_positive'))} positive, "
                      f"{_html(m.get('n_negative'))} "
                      "negative slides)</p>")
+        parts.extend(f'<p class="ood-flag">{_html(w)}</p>' for w in m.get("warnings") or ())
         roc = view.path / runfolder.SLIDE_ROC_PNG
         if roc.exists():
             parts.append(_img(roc.read_bytes(), "slide-level ROC curve"))
@@ -317,7 +334,8 @@ def render_report(run: str | Path) -> str:
             parts.append(_slide_section(view, i, row))
     provenance = json.dumps(_for_people(info), indent=2, default=str)
     parts.append(f'<h2>Provenance</h2><p class="muted">Numbers rounded and paths normalised for reading; '
-                 f"{runfolder.RUN_JSON} holds them exactly.</p><pre>{_html(provenance)}</pre>")
+                 f"{runfolder.RUN_JSON} holds them exactly. Two patch thresholds: {PROVENANCE_CALL} is the call "
+                 f"patch threshold, {PROVENANCE_MODEL} the model's operating point.</p><pre>{_html(provenance)}</pre>")
     parts.append(f'<p class="muted">Written by wsi-screen {_html(__version__)} on '
                  f"{_html(datetime.now(UTC).replace(microsecond=0).isoformat())}.</p>")
     parts.append(f"<script>{_JS}</script></body></html>")

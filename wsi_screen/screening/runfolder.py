@@ -7,7 +7,7 @@
       run.json               provenance: model, settings, the slide rule (aggregate), versions, command, timings,
                              per-slide status
       report.html            self-contained report (wsi-screen report RUN rewrites it)
-      slide_metrics.json     with slide labels: slide-level AUC, sensitivity, specificity
+      slide_metrics.json     with slide labels: slide-level AUC, sensitivity, specificity (Wilson 95 % intervals)
       slide_roc.png          with slide labels
       stores/                patch stores tiled for this run (unless the run's stores are elsewhere)
       .wsi-screen-locks/     one lock file per slide, held while its folder is written
@@ -69,7 +69,9 @@ FALLBACK_SOURCE = "fallback"
 RESULT_COLUMNS = ("slide", "status", "n_patches", "score", "diagnosis", "rule", "threshold", "metastasis",
                   "largest_focus_mm", "tumour_area_mm2", "n_foci", "slide_mpp", "mpp_source", "in_domain_fraction",
                   "out_of_domain", "top_x", "top_y",
-                  "top_score", "model", "label", "error", "source", "store")
+                  "top_score", "model", "label", "error", "source", "store",
+                  # added later, so at the end: whether the call matches the label (see outputs.label_agrees)
+                  "label_agrees")
 
 
 def lossy_pixels(pixels: Mapping[str, Any] | None) -> bool:
