@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from wsi_screen.screening.aggregate import AggregateConfig, diagnose
-from wsi_screen.screening.callview import CallContext, heatmap_figure, title, views_key
+from wsi_screen.screening.callview import CallContext, focus_label, heatmap_figure, title, views_key
 from wsi_screen.screening.heatmap import drawn_with
 from wsi_screen.screening.spatial import patch_grid
 
@@ -275,3 +275,43 @@ def test_topk_and_smoothmax_evidence_is_named_with_the_score_against_the_slide_t
                                      "0.325 < 0.5")
     mean, *_ = _ctx(p, AggregateConfig(rule="mean", slide_threshold=0.5))
     assert mean.result is not None and mean.result.evidence_indices == () and evidence_label(mean) == ""
+
+
+def _label_boxes(fig: Any, ctx: CallContext) -> tuple[list[Any], list[list[Any]]]:
+    """The drawn focus labels' boxes (display pixels, as rendered) and each focus's outline paths (same frame)."""
+    from matplotlib.path import Path as MplPath
+    from matplotlib.text import Annotation
+
+    fig.canvas.draw()
+    ax = fig.axes[1]
+    labels = {t.get_text(): t for t in ax.texts if isinstance(t, Annotation)}
+    boxes = [labels[focus_label(f)].get_bbox_patch().get_window_extent() for f in ctx.foci]
+    mm = 0.972 / 1000.0
+    outlines = [[MplPath(ax.transData.transform(np.asarray(r, dtype=float) * mm))
+                 for poly in ([f.outline_l0["coordinates"]] if f.outline_l0["type"] == "Polygon"
+                              else f.outline_l0["coordinates"]) for r in poly] for f in ctx.foci]
+    return boxes, outlines
+
+
+@pytest.mark.parametrize("second", [(slice(31, 35), slice(10, 18)), (slice(10, 14), slice(12, 18)),
+                                    (slice(1, 4), slice(20, 30))])
+def test_each_focus_label_sits_clear_of_the_other_foci_and_labels(second: tuple[slice, slice]) -> None:
+    """docs/img/heatmap-tumour.png: '2: 1.42 mm' was written over focus 1's outline (every label went above its
+    focus's top-right corner, whatever was there)."""
+    p = np.full((40, 50), 0.3)
+    p[5:30, 20:45] = 0.95
+    p[second] = 0.9
+    ctx, coords, probs, store = _ctx(p)
+    assert len(ctx.foci) == 2
+    boxes, outlines = _label_boxes(heatmap_figure(store, coords, probs, ctx), ctx)
+    for k, box in enumerate(boxes):
+        for j, paths in enumerate(outlines):
+            if j != k:
+                assert not any(path.intersects_bbox(box, filled=True) for path in paths), (k, j, box)
+        assert not any(box.overlaps(other) for other in boxes[k + 1:])
+    # each label sits by its own focus: its box within the 3 pt gap (4.2 px at 100 dpi) of the focus's extent
+    for box, paths in zip(boxes, outlines, strict=True):
+        xy = np.concatenate([path.vertices for path in paths])
+        dx = max(xy[:, 0].min() - box.x1, box.x0 - xy[:, 0].max(), 0.0)
+        dy = max(xy[:, 1].min() - box.y1, box.y0 - xy[:, 1].max(), 0.0)
+        assert max(dx, dy) < 6.0, (box, xy.min(0), xy.max(0))

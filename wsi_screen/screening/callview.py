@@ -34,7 +34,7 @@ from wsi_screen.screening.aggregate import (
 from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 
 #: version of what the pictures show; bump it when the drawing changes, so reruns redraw
-VIEWS_VERSION = "v4"
+VIEWS_VERSION = "v5"
 
 
 @dataclass(frozen=True, kw_only=True)

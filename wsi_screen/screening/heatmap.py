@@ -181,30 +181,118 @@ def _rings(geometry: dict[str, Any]) -> list[np.ndarray]:
     return [np.asarray(r, dtype=np.float64) for poly in polygons for r in poly if len(r)]
 
 
-def _draw_outlines(ax: Any, outlines: Sequence[Outline], scale: float, label_size: str) -> None:
-    """Outline each shape (the first, the largest, emphasised) and write its label beside it: above its top-right
-    corner, or, for a shape in the right quarter of the image, above its top-left corner (ending there), so the
-    label stays over the image, clear of the colour bar."""
+def _draw_outlines(ax: Any, outlines: Sequence[Outline], scale: float) -> list[list[np.ndarray]]:
+    """Outline each shape (the first, the largest, emphasised); return each one's rings in data coordinates (for
+    :func:`_label_outlines`, once the figure's layout is done)."""
     from matplotlib import patheffects
 
     halo = [patheffects.withStroke(linewidth=4.0, foreground="white")]
+    drawn: list[list[np.ndarray]] = []
     for k, o in enumerate(outlines):
-        rings = _rings(o.geometry_l0)
-        if not rings:
-            continue
+        rings = [r * scale for r in _rings(o.geometry_l0)]
+        drawn.append(rings)
         first = k == 0
         for r in rings:
-            ax.plot(r[:, 0] * scale, r[:, 1] * scale, color="black", linewidth=2.4 if first else 1.3,
+            ax.plot(r[:, 0], r[:, 1], color="black", linewidth=2.4 if first else 1.3,
                     solid_joinstyle="miter", path_effects=halo if first else None, zorder=4 if first else 3)
-        ext = rings[0] * scale
-        x0, x1 = ax.get_xlim()
-        left = float(ext[:, 0].max()) > x0 + 0.75 * (x1 - x0)
-        ax.annotate(o.label, xy=(float(ext[:, 0].min() if left else ext[:, 0].max()), float(ext[:, 1].min())),
-                    xytext=(-3 if left else 3, 3), textcoords="offset points", fontsize=label_size,
-                    fontweight="bold" if first else "normal", ha="right" if left else "left", va="bottom", zorder=5,
-                    annotation_clip=False,
-                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "black" if first else "0.6",
-                          "alpha": 0.85})
+    return drawn
+
+
+class _Box(NamedTuple):
+    """An axis-aligned box in display pixels."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def overlaps(self, other: _Box) -> bool:
+        return self.x0 < other.x1 and other.x0 < self.x1 and self.y0 < other.y1 and other.y0 < self.y1
+
+    def inside(self, other: _Box) -> bool:
+        return other.x0 <= self.x0 and self.x1 <= other.x1 and other.y0 <= self.y0 and self.y1 <= other.y1
+
+
+def label_position(focus: _Box, size: tuple[float, float], gap: float, free: Any) -> tuple[_Box, bool]:
+    """Where a label of ``size`` (w, h pixels) goes by its ``focus`` (display box, y up): the first of the places
+    around the focus (above its top-right corner, above its top-left, beside it, below it) where ``free(box)``,
+    else the nearest free place on growing rings around it (the bool: it needs a leader line), else the first
+    place."""
+    w, h = size
+    right, left = focus.x1 + gap, focus.x0 - gap - w
+    above, below = focus.y1 + gap, focus.y0 - gap - h
+    corners = [(right, above), (left, above), (focus.x0, above), (focus.x1 - w, above), (right, focus.y1 - h),
+               (left, focus.y1 - h), (right, below), (left, below), (focus.x0, below), (focus.x1 - w, below)]
+    for x, y in corners:
+        box = _Box(x, y, x + w, y + h)
+        if free(box):
+            return box, False
+    cx, cy = (focus.x0 + focus.x1) / 2, (focus.y0 + focus.y1) / 2
+    step = max(h, 4.0)
+    for ring in range(1, 41):
+        radius = ring * step + max(focus.x1 - focus.x0, focus.y1 - focus.y0) / 2
+        for a in np.linspace(0.0, 2 * np.pi, 24, endpoint=False):
+            x, y = cx + radius * np.cos(a) - w / 2, cy + radius * np.sin(a) - h / 2
+            box = _Box(float(x), float(y), float(x) + w, float(y) + h)
+            if free(box):
+                return box, True
+    x, y = corners[0]
+    return _Box(x, y, x + w, y + h), False
+
+
+def _label_outlines(fig: Any, ax: Any, outlines: Sequence[Outline], rings: Sequence[Sequence[np.ndarray]],
+                    label_size: str) -> list[Any]:
+    """Write each outline's label by its shape, clear of every other shape's outline and of the labels already
+    written, within the axes (clear of the colour bar): :func:`label_position`, with a leader line when no place
+    right beside it is free. Call once the figure is complete: places are measured on its finished layout (the
+    labels are kept out of the layout, so they do not move it)."""
+    from matplotlib.path import Path as MplPath
+    from matplotlib.transforms import Bbox
+
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData
+    area = ax.get_window_extent(renderer)
+    bounds = _Box(area.x0, area.y0, area.x1, area.y1)
+    paths = [[MplPath(to_px.transform(r)) for r in focus] for focus in rings]
+    taken: list[_Box] = []
+    texts = []
+    for k, (o, focus_rings) in enumerate(zip(outlines, rings, strict=True)):
+        if not focus_rings:
+            continue
+        first = k == 0
+        px = np.concatenate([to_px.transform(r) for r in focus_rings])
+        box = _Box(float(px[:, 0].min()), float(px[:, 1].min()), float(px[:, 0].max()), float(px[:, 1].max()))
+        text = ax.text(0, 0, o.label, fontsize=label_size, fontweight="bold" if first else "normal",
+                       parse_math=False)
+        size = text.get_window_extent(renderer)
+        text.remove()
+        pad = 0.2 * text.get_fontsize() * fig.dpi / 72.0  # the label box's pad (boxstyle round,pad=0.2)
+        w, h = size.width + 2 * pad + 2, size.height + 2 * pad + 2
+        others = [p for j, focus in enumerate(paths) if j != k for p in focus]
+
+        def free(b: _Box, others: list[Any] = others, own: _Box = box) -> bool:
+            bb = Bbox.from_extents(*b)
+            return (b.inside(bounds) and not b.overlaps(own) and not any(b.overlaps(t) for t in taken)
+                    and not any(p.intersects_bbox(bb, filled=True) for p in others))
+
+        gap = 3.0 * fig.dpi / 72.0
+        placed, leader = label_position(box, (w, h), gap, free)
+        taken.append(placed)
+        # anchor: the focus's box corner nearest the label; the label's lower-left corner as an offset from it
+        at_x = min(max((placed.x0 + placed.x1) / 2, box.x0), box.x1)
+        at_y = min(max((placed.y0 + placed.y1) / 2, box.y0), box.y1)
+        anchor = to_px.inverted().transform((at_x, at_y))
+        offset = ((placed.x0 + pad + 1 - at_x) * 72.0 / fig.dpi, (placed.y0 + pad + 1 - at_y) * 72.0 / fig.dpi)
+        texts.append(ax.annotate(
+            o.label, xy=(float(anchor[0]), float(anchor[1])), xytext=offset, textcoords="offset points",
+            fontsize=label_size, fontweight="bold" if first else "normal", ha="left", va="bottom", zorder=5,
+            annotation_clip=False, in_layout=False, parse_math=False,
+            arrowprops={"arrowstyle": "-", "color": "black", "linewidth": 0.8, "shrinkA": 0, "shrinkB": 0}
+            if leader else None,
+            bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "black" if first else "0.6",
+                  "alpha": 0.85}))
+    return texts
 
 
 def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
@@ -313,8 +401,8 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
                                                           f"({threshold_name})"))
     else:
         cbar.set_label(legend_label, parse_math=False)
+    rings = _draw_outlines(ax1, outlines, scale) if outlines else []
     if outlines:
-        _draw_outlines(ax1, outlines, scale, "small")
         handles.append(Line2D([], [], color="black", linewidth=2.0, label=outline_legend or "outlined"))
     if evidence is not None:
         for r in _rings(evidence.geometry_l0):
@@ -326,6 +414,8 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
     for text in legend.get_texts():
         text.set_parse_math(False)
     fig.suptitle(title, parse_math=False, fontsize="large")
+    if outlines:
+        _label_outlines(fig, ax1, outlines, rings, "small")
     return fig
 
 
