@@ -566,11 +566,11 @@ def test_heatmap_is_a_figure_of_the_slide(example_slide: Path, scores: Any, mode
     # as infer's heatmap.png: the call in the title, the focus threshold (never the model's 0.213), the call's
     # evidence; a region of 5 patches at p >= 0.8 is no focus (min_focus_patches 6) under the max rule
     assert fig.texts[0].get_text().startswith("CMU-1-Small-Region: TUMOUR | no focus (P(tumour) >= 0.8, >= 6")
-    assert "score 0.967 >= 0.01 (rule: max)" in fig.texts[0].get_text()
+    assert "score 0.967 >= 0.010 (rule: max)" in fig.texts[0].get_text()
     assert call.foci == () and call.metastasis == "none" and len(call.result.evidence_indices) == 1
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "inside cyan: P(tumour) >= 0.8 (the focus threshold)" in labels, labels
-    assert "call evidence: highest patch, P(tumour) 0.967 >= 0.01" in labels, labels
+    assert "call evidence: highest patch, P(tumour) 0.967 >= 0.010" in labels, labels
     assert not any("0.213" in text for text in labels), labels
     region_labels = [t.get_text() for t in by_region.legends[0].get_texts()]
     # the outlined focus has 5 patches: the legend says it counts as the largest region, under the focus size
@@ -678,7 +678,7 @@ BAD_ARGUMENTS: list[tuple[str, Any, str]] = [
     ("heatmap('x', sc, call)", lambda sl, sc, st: wsi_screen.heatmap("x", sc, None),
      "`slide` must be the open Slide the scores come from, or None, not 'x' (str)"),
     ("call_slide threshold='0.5'", lambda sl, sc, st: wsi_screen.call_slide(sc, threshold="0.5"),
-     "the region rule's `threshold` is an area in mm^2 >= 0, got '0.5'"),
+     "the region rule's `threshold` is an area in mm² >= 0, got '0.5'"),
     ("score('x')", lambda sl, sc, st: wsi_screen.score("x"),
      "`store_or_slide` must be a PatchStore or an open Slide, not 'x' (str)"),
     # named as call_slide's parameter, not as the rule's field (slide_threshold)

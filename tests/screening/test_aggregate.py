@@ -229,6 +229,23 @@ def test_a_region_call_needs_a_region_even_at_slide_threshold_0() -> None:
     assert call_comparison("mean", 0.0) == ">= 0"
 
 
+def test_a_score_and_its_threshold_print_with_decimals_that_keep_them_apart() -> None:
+    """synth_000 (seed 5, --aggregate max): 0.984614 against 0.984831 printed as 'score 0.985 < 0.985'."""
+    from wsi_screen.screening.aggregate import MOST_DECIMALS, call_comparison, score_against, score_decimals
+
+    max_rule = AggregateConfig(rule="max", slide_threshold=0.984831)
+    assert score_decimals(0.984831, [0.984614]) == 4 and score_against(max_rule, 0.984614) == "0.9846 < 0.9848"
+    assert score_against(max_rule, 0.9848311) == "0.985 >= 0.985"  # at or above it: never printed below it
+    assert score_decimals(0.984831, [0.9848301]) == MOST_DECIMALS == 6  # capped: 0.984830 < 0.984831
+    assert score_decimals(0.5, [0.4999999]) == 6  # beyond the cap they may print equal
+    # the threshold's own digits are kept (3 significant), and one count of decimals serves every score shown
+    assert score_decimals(0.0479) == 4 and score_decimals(0.01) == 3 and score_decimals(0.0) == 3
+    assert score_decimals(0.9, [0.95, 0.2, 0.89996]) == 5 and call_comparison("max", 0.9, 5) == ">= 0.90000"
+    assert score_against(AggregateConfig(rule="region", slide_threshold=0.0479), 0.6531) == "0.6531 mm² >= 0.0479 mm²"
+    assert score_against(AggregateConfig(rule="region", slide_threshold=0.0), 0.1) == "0.100 mm² > 0 mm²"
+    assert AggregateConfig(rule="region", slide_threshold=1).unit == "mm²"
+
+
 def test_call_evidence_is_what_the_score_was_read_from() -> None:
     from wsi_screen.screening.aggregate import call_evidence
 

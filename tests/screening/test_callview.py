@@ -62,10 +62,10 @@ def test_title_says_call_score_rule_metastasis_focus_and_domain() -> None:
     res = ctx.result
     assert res is not None and res.n_foci == 2 and res.metastasis == "macro"
     assert line1 == f"s1: TUMOUR | metastasis macro, largest focus {res.largest_focus_mm:.2f} mm (2 foci outlined)"
-    assert line2 == (f"score {res.score:.3g} mm² >= 0.0479 mm² (rule: largest region at P(tumour) >= 0.8) | "
+    assert line2 == (f"score {res.score:.4f} mm² >= 0.0479 mm² (rule: largest region at P(tumour) >= 0.8) | "
                      "in domain (97 % of patches in domain)")
     normal, *_ = _ctx(np.full((20, 20), 0.3), domain={"in_domain_fraction": 0.31, "out_of_domain": True})
-    assert title(normal) == ("s1: normal | no focus counted\nscore 0 mm² < 0.0479 mm² (rule: largest region at "
+    assert title(normal) == ("s1: normal | no focus counted\nscore 0.0000 mm² < 0.0479 mm² (rule: largest region at "
                              "P(tumour) >= 0.8) | OUT OF DOMAIN (31 % of patches in domain): call unreliable")
     # at slide threshold 0 a slide without any region is negative, and its title says why (not "0 mm² >= 0 mm²")
     at_zero = AggregateConfig(rule="region", slide_threshold=0.0, region_threshold=0.8)
@@ -74,7 +74,7 @@ def test_title_says_call_score_rule_metastasis_focus_and_domain() -> None:
                             "domain not checked")
     topk, *_ = _ctx(np.full((20, 20), 0.3), AggregateConfig(rule="topk", k=5, patch_threshold=0.213,
                                                             slide_threshold=0.5), domain={})
-    assert title(topk).endswith("score 0.300 < 0.5 (rule: topk (k = 5)) | domain not checked")
+    assert title(topk).endswith("score 0.300 < 0.500 (rule: topk (k = 5)) | domain not checked")
     # a rule without a patch threshold of its own shows the focus threshold (region_threshold), not the model's
     assert topk.threshold == 0.5 and topk.threshold_name == "the focus threshold"
 
@@ -219,7 +219,7 @@ def test_a_max_rule_call_draws_every_picture_at_one_threshold_and_marks_its_evid
         assert meta["evidence_indices"] == [top]
         assert [f["properties"]["index"] for f in tiles if f["properties"].get("call_evidence")] == [top]
         notes = [f["properties"] for f in fc["features"] if f["properties"]["objectType"] == "annotation"]
-        assert notes[-1]["name"] == f"call evidence: highest patch, P(tumour) {probs[top]:.3f} >= 0.9"
+        assert notes[-1]["name"] == f"call evidence: highest patch, P(tumour) {probs[top]:.3f} >= 0.900"
         # foci: regions at 0.8 of >= 6 patches (min_focus_patches), as results.csv counts them
         foci = [n for n in notes if n["category"] in ("itc", "micro", "macro")]
         assert len(foci) == meta["n_foci"] == int(rows[name]["n_foci"])
@@ -231,7 +231,7 @@ def test_a_max_rule_call_draws_every_picture_at_one_threshold_and_marks_its_evid
         texts = _texts(fig)
         assert "inside cyan: P(tumour) >= 0.8 (the focus threshold)" in texts
         assert "P(tumour); cyan line: the focus threshold 0.8" in texts
-        assert f"call evidence: highest patch, P(tumour) {probs[top]:.3f} >= 0.9" in texts
+        assert f"call evidence: highest patch, P(tumour) {probs[top]:.3f} >= 0.900" in texts
         assert not any("0.213" in t for t in texts)
         assert "|max|0.8|" in (drawn_with(max_rule_run / name / "heatmap.png") or "")
     tumour_row, normal_row = rows["synth_000"], rows["synth_001"]
@@ -247,7 +247,7 @@ def test_a_max_rule_call_draws_every_picture_at_one_threshold_and_marks_its_evid
     assert normal_row["largest_focus_mm"] == "0.000"  # no focus measures 0, as on a negative slide (was blank)
     assert title(normal).split("\n")[0] == "synth_001: TUMOUR | no focus (P(tumour) >= 0.8, >= 6 patches)"
     # the command's summary and the report name the same threshold and focus size; the report counts foci in words
-    assert "slide call: max score >= 0.9 -> positive; foci: regions of 6+ patches at p >= 0.8 (the pictures' " \
+    assert "slide call: max score >= 0.900 -> positive; foci: regions of 6+ patches at p >= 0.8 (the pictures' " \
            "patch threshold)" in (max_rule_run.parent / "infer.out").read_text()
     html = (max_rule_run / "report.html").read_text()
     assert "patch threshold 0.8 (the focus threshold: the heatmaps' cyan line, the GeoJSON's tile classes and " \
@@ -265,14 +265,14 @@ def test_topk_and_smoothmax_evidence_is_named_with_the_score_against_the_slide_t
     topk, coords, probs, store = _ctx(p, AggregateConfig(rule="topk", k=3, region_threshold=0.8,
                                                          slide_threshold=0.9, min_focus_patches=6))
     assert topk.result is not None and topk.result.evidence_indices == (22, 51, 77)
-    assert evidence_label(topk) == "call evidence: 3 highest patches, mean P(tumour) 0.970 >= 0.9"
+    assert evidence_label(topk) == "call evidence: 3 highest patches, mean P(tumour) 0.970 >= 0.900"
     assert evidence_label(topk) in _texts(heatmap_figure(store, coords, probs, topk))
     smooth, *_ = _ctx(p, AggregateConfig(rule="smoothmax", radius=1, region_threshold=0.8, slide_threshold=0.5))
     assert smooth.result is not None and smooth.result.diagnosis == "normal"
     # the highest neighbourhood mean is at the slide's edge, around cell (4, 0): (0.95 + 5 x 0.2) / 6 patches
     assert smooth.result.evidence_indices == (30, 31, 40, 41, 50, 51)
     assert evidence_label(smooth) == ("call evidence: highest 3 x 3 neighbourhood (6 patches), mean P(tumour) "
-                                     "0.325 < 0.5")
+                                     "0.325 < 0.500")
     mean, *_ = _ctx(p, AggregateConfig(rule="mean", slide_threshold=0.5))
     assert mean.result is not None and mean.result.evidence_indices == () and evidence_label(mean) == ""
 
@@ -315,3 +315,61 @@ def test_each_focus_label_sits_clear_of_the_other_foci_and_labels(second: tuple[
         dx = max(xy[:, 0].min() - box.x1, box.x0 - xy[:, 0].max(), 0.0)
         dy = max(xy[:, 1].min() - box.y1, box.y0 - xy[:, 1].max(), 0.0)
         assert max(dx, dy) < 6.0, (box, xy.min(0), xy.max(0))
+
+
+def _table(capsys: pytest.CaptureFixture[str], tmp_path: Path, ctx: CallContext) -> str:
+    """What `infer` prints for a run of this one slide (its table and the rule under it)."""
+    from wsi_screen.commands.infer import _print_table
+    from wsi_screen.screening.outputs import SlideRow
+    from wsi_screen.screening.run import RunSummary
+
+    assert ctx.aggregate is not None
+    capsys.readouterr()
+    _print_table(RunSummary(run=tmp_path, rows=[SlideRow(name="s1", source="s1.tiff", result=ctx.result)],
+                            aggregate=ctx.aggregate, metrics=None), patch_um=93.3)
+    return capsys.readouterr().out
+
+
+def test_a_score_just_under_its_threshold_never_prints_equal_to_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """infer --aggregate max on synth_000 (seed 5): score 0.984614 against 0.984831, called normal, read
+    'score 0.985 < 0.985' in the heatmap's title and legend, the GeoJSON and the command's table."""
+    import json
+
+    from wsi_screen.screening.callview import evidence_label, write_geojson
+
+    p = np.full((10, 10), 0.2)
+    p[4, 4] = 0.984614
+    ctx, coords, probs, store = _ctx(p, AggregateConfig(rule="max", slide_threshold=0.984831, region_threshold=0.8,
+                                                        min_focus_patches=6))
+    assert ctx.result is not None and ctx.result.diagnosis == "normal"
+    assert title(ctx).split("\n")[1] == "score 0.9846 < 0.9848 (rule: max) | in domain (97 % of patches in domain)"
+    assert evidence_label(ctx) == "call evidence: highest patch, P(tumour) 0.9846 < 0.9848"
+    texts = _texts(heatmap_figure(store, coords, probs, ctx))
+    assert title(ctx) in texts and evidence_label(ctx) in texts
+    fc = json.loads(write_geojson(tmp_path / "p.geojson", coords, store.tile_size_l0,
+                                  np.stack([1 - probs, probs], 1), ctx).read_text())
+    notes = [f["properties"] for f in fc["features"] if f["properties"]["objectType"] == "annotation"]
+    assert [n["name"] for n in notes] == ["call evidence: highest patch, P(tumour) 0.9846 < 0.9848"]
+    out = _table(capsys, tmp_path, ctx)
+    assert "  0.9846  normal  " in out
+    assert "slide call: max score >= 0.9848 -> positive;" in out
+    # a score at the threshold's own 3 decimals keeps them, in the table and under it alike
+    ctx2, *_ = _ctx(p, AggregateConfig(rule="max", slide_threshold=0.9, region_threshold=0.8))
+    out = _table(capsys, tmp_path, ctx2)
+    assert "  0.985  tumour  " in out and "max score >= 0.900 -> positive;" in out
+
+
+def test_the_region_rule_at_zero_reads_the_same_in_the_title_and_the_table(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--threshold 0 --aggregate region: the table said 'score > 0 mm^2', the heatmap '>= 0 mm²' (a region call needs
+    a region: > 0)."""
+    at_zero = AggregateConfig(rule="region", slide_threshold=0.0, region_threshold=0.8)
+    ctx, *_ = _ctx(_positive(), at_zero, domain={})
+    res = ctx.result
+    assert res is not None and res.score is not None and res.diagnosis == "tumour"
+    assert title(ctx).split("\n")[1] == (f"score {res.score:.3f} mm² > 0 mm² (rule: largest region at P(tumour) >= "
+                                         "0.8) | domain not checked")
+    out = _table(capsys, tmp_path, ctx)
+    assert "slide call: region score > 0 mm² -> positive;" in out and "mm^2" not in out
+    assert f"  {res.score:.3f}  tumour  " in out

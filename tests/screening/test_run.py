@@ -69,7 +69,7 @@ def test_demo_slide(tmp_path: Path, example_slide: Path) -> None:
     store = PatchStore.open(run / row["store"])
     assert row["status"] == "ok" and int(row["n_patches"]) == len(store) > 30
     assert float(row["score"]) >= 0.0 and row["diagnosis"] in ("tumour", "normal")
-    # the score is in the rule's unit: a probability, or mm^2 for the region rule
+    # the score is in the rule's unit: a probability, or mm² for the region rule
     if row["rule"] != "region":
         assert float(row["score"]) <= 1.0
     assert store.patch_size == 96 and store.mpp == pytest.approx(0.972)

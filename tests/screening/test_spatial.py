@@ -111,9 +111,9 @@ def test_spatial_rules_in_diagnose() -> None:
     assert neg.largest_focus_mm == 0.0 and neg.focus_indices == []
     with pytest.raises(ConfigError, match="grid positions"):
         diagnose(values, cfg, positive="tumour", negative="normal")
-    with pytest.raises(ConfigError, match="mm\\^2"):
+    with pytest.raises(ConfigError, match="area in mm²"):
         AggregateConfig(rule="region", slide_threshold=-1.0)
-    assert AggregateConfig(rule="region", slide_threshold=3.5).unit == "mm^2"
+    assert AggregateConfig(rule="region", slide_threshold=3.5).unit == "mm²"
     with pytest.raises(ConfigError, match="slide_threshold"):
         AggregateConfig(rule="smoothmax", slide_threshold=1.5)
 

@@ -39,6 +39,7 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
       wsi-screen infer new-slides/ -o runs/new --model models/lab-calibrated
     """
     configure_output()
+    from wsi_screen.screening.aggregate import AREA_UNIT
     from wsi_screen.screening.calibration import candidates
     from wsi_screen.screening.recalibrate import recalibrate, rule_changes
 
@@ -51,7 +52,7 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
         click.echo(f"{name:<12} {row['auc']:>5.3f}  {row['threshold']:>9.4g}  {row['sensitivity']:>11.3f}  "
                    f"{row['specificity']:>11.3f}{'  <- chosen' if name == chosen else ''}")
     c = result.config
-    unit = " mm^2" if c.rule == "region" else ""
+    unit = f" {AREA_UNIT}" if c.rule == "region" else ""
     click.echo(f"\nchosen on {result.n_positive} positive and {result.n_negative} negative slides: "
                f"{chosen} score >= {c.slide_threshold:.4g}{unit}")
     changes = rule_changes(result.previous, c)

@@ -31,12 +31,12 @@ if TYPE_CHECKING:
 @click.option("--aggregate", "rule", type=click.Choice(["mean", "max", "topk", "fraction", "smoothmax", "region"]),
               default=None,
               help="Slide score from patch probabilities: mean, max, topk (mean of the k highest), fraction (share "
-                   "above the patch threshold), smoothmax (highest 3x3-neighbourhood mean) or region (area in mm^2 "
+                   "above the patch threshold), smoothmax (highest 3x3-neighbourhood mean) or region (area in mm² "
                    "of the largest connected region above a patch threshold). Default: the rule calibrated for "
                    "the model (slide_rule.json in the model folder; see docs/default-model.md). --aggregate, "
                    "--threshold and --k are named as overrides of the model's rule in the report.")
 @click.option("--threshold", type=click.FloatRange(min=0), default=None,
-              help="Slide threshold on the aggregated score: a probability, or mm^2 for region (default: "
+              help="Slide threshold on the aggregated score: a probability, or mm² for region (default: "
                    "calibrated for the model and rule). A region call needs a region: at 0, any region at the "
                    "patch threshold calls the slide positive, none never does.")
 @click.option("--k", "k", type=float, default=None,
@@ -152,31 +152,41 @@ def _print_table(summary: RunSummary, *, patch_um: float) -> None:
     from wsi_screen.errors import in_user_words
     from wsi_screen.metrics import rate_words
     from wsi_screen.screening import runfolder
-    from wsi_screen.screening.aggregate import STATUS_NO_TISSUE, call_comparison, call_counts, out_of_domain_words
+    from wsi_screen.screening.aggregate import (
+        AREA_UNIT,
+        STATUS_NO_TISSUE,
+        call_comparison,
+        call_counts,
+        out_of_domain_words,
+        score_decimals,
+    )
 
     rows = sorted(summary.rows, key=lambda r: r.name)
+    agg = summary.aggregate
+    # scores and the threshold under the table with the same decimals, enough to show each on its side of it
+    digits = score_decimals(agg.slide_threshold, [r.result.score for r in rows if r.result is not None])
     width = max([len("slide"), *(_display_width(r.name) for r in rows)])
-    click.echo(f"{'slide':<{width}}  {'status':<9}  {'patches':>7}  {'score':>6}  {'diagnosis':<10}  "
+    sw = max(6, digits + 3)
+    click.echo(f"{'slide':<{width}}  {'status':<9}  {'patches':>7}  {'score':>{sw}}  {'diagnosis':<10}  "
                f"{'metastasis':<10}  {'focus mm':>8}  {'foci':>4}  domain")
     for r in rows:
         res = r.result
-        score = f"{res.score:.3f}" if res and res.score is not None else "-"
+        score = f"{res.score:.{digits}f}" if res and res.score is not None else "-"
         n = str(res.n_patches) if res else "-"
         pad = " " * (width - _display_width(r.name))
         if res is None:
-            click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>6}  error: {in_user_words(r.error)}")
+            click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>{sw}}  error: {in_user_words(r.error)}")
             continue
         focus = f"{res.largest_focus_mm:.2f}" if res.largest_focus_mm else "-"
         foci = str(res.n_foci) if res.score is not None else "-"
         meta = res.metastasis if res.score is not None else "-"
-        click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>6}  {res.diagnosis:<10}  {meta:<10}  "
+        click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>{sw}}  {res.diagnosis:<10}  {meta:<10}  "
                    f"{focus:>8}  {foci:>4}  {_domain_cell(r.extra)}")
-    agg = summary.aggregate
-    unit = " mm^2" if agg.rule == "region" else ""
+    unit = f" {AREA_UNIT}" if agg.rule == "region" else ""
     size = f"of {agg.min_focus_patches}+ patches " if agg.min_focus_patches > 1 else ""
     size += "(and the largest) " if size and agg.rule == "region" else ""
-    click.echo(f"\nslide call: {agg.label} score {call_comparison(agg.rule, agg.slide_threshold)}{unit} -> positive; "
-               "foci: regions "
+    compared = call_comparison(agg.rule, agg.slide_threshold, digits)
+    click.echo(f"\nslide call: {agg.label} score {compared}{unit} -> positive; foci: regions "
                f"{size}at p >= {agg.call_patch_threshold:.3g} (the pictures' patch threshold); metastasis by the "
                f"largest focus (itc < 0.2 mm <= micro <= 2 mm < macro, measured on the ~{patch_um:.0f} um patch "
                "grid)")

@@ -9,7 +9,7 @@ Rules, over the positive-class probability of each of a slide's N patches:
 ``fraction``  share of patches with probability >= ``patch_threshold`` (a value in {0, 1/N, ..., 1});
 ``smoothmax`` spatial: the highest mean probability over a patch's ``(2 radius + 1)^2`` neighbourhood of
               tissue patches (in [0, 1]);
-``region``    spatial: the area in mm^2 of the largest 8-connected region of patches with probability
+``region``    spatial: the area in mm² of the largest 8-connected region of patches with probability
               >= ``region_threshold`` (0 when there is none).
 
 The first four ignore where patches are; the spatial rules need the patch grid (coordinates, stride, mpp)
@@ -17,14 +17,14 @@ and do not drift with slide size as the others do (false positives are scattered
 docs/default-model.md measures both). Every rule is invariant to patch order and never decreases when a
 patch's probability increases; ``max >= topk >= mean``. A slide is called positive when its score is >=
 ``slide_threshold`` (:meth:`AggregateConfig.calls`), and under the region rule only when it has a region too
-(score > 0): a region call needs a region, so a slide threshold of 0 mm^2 calls a slide positive on any region at
+(score > 0): a region call needs a region, so a slide threshold of 0 mm² calls a slide positive on any region at
 all, never on none. A slide without patches has no score: :func:`diagnose` calls it "no tissue".
 
 Foci: on a slide called positive, the regions at ``region_threshold`` of at least ``min_focus_patches``
 patches (the size scattered false positives practically never reach, calibrated with the rule) are its foci,
 whatever the rule; under the region rule the largest region always counts too (its area is the call's score). A
 slide called positive by another rule may have no focus (metastasis ``none``): what decided it is its evidence.
-Each slide result carries the largest focus's longest axis (mm), the total focus area (mm^2; both 0 on a slide with
+Each slide result carries the largest focus's longest axis (mm), the total focus area (mm²; both 0 on a slide with
 no focus, positive or negative, when the patch grid is known), the number of foci
 and the metastasis category (``none``, ``itc`` < 0.2 mm, ``micro`` 0.2-2 mm, ``macro`` > 2 mm; see
 :mod:`wsi_screen.screening.spatial` for how sizes are measured on the patch grid), and the foci themselves
@@ -47,6 +47,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,8 @@ class AggregateConfig:
             value = self.slide_threshold
             if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 0 and
                                                                                      math.isfinite(value)):
-                raise ConfigError(f"the region rule's `slide_threshold` is an area in mm^2 >= 0, got {value!r}")
+                raise ConfigError(f"the region rule's `slide_threshold` is an area in {AREA_UNIT} >= 0, "
+                                  f"got {value!r}")
         else:
             _check_unit("slide_threshold", self.slide_threshold)
         if isinstance(self.radius, bool) or not isinstance(self.radius, int) or not 1 <= self.radius <= 5:
@@ -118,7 +120,7 @@ class AggregateConfig:
     @property
     def unit(self) -> str:
         """What the slide score measures."""
-        return "mm^2" if self.rule == "region" else "probability"
+        return AREA_UNIT if self.rule == "region" else "probability"
 
     def to_json(self) -> dict[str, Any]:
         """Its fields, and ``call_patch_threshold`` (the pictures' threshold; ``patch_threshold`` is the model's)."""
@@ -150,12 +152,49 @@ class SlideResult:
         return asdict(self)
 
 
-def call_comparison(rule: str | None, slide_threshold: float) -> str:
+#: the unit of an area (the region rule's score and threshold, a focus's area) wherever people read it: terminal,
+#: pictures, model card (CSV columns keep their names, e.g. ``tumour_area_mm2``)
+AREA_UNIT = "mm²"
+#: most decimals :func:`score_decimals` gives a score and its threshold
+MOST_DECIMALS = 6
+
+
+def score_decimals(slide_threshold: float, scores: Sequence[float | None] = ()) -> int:
+    """The decimals to print slide ``scores`` and their ``slide_threshold`` with (the same for all, so they line
+    up): at least 3 and the threshold's own (as 3 significant digits show it: 4 for 0.0479), then more until every
+    score below the threshold prints below it (0.9846 < 0.9848, not 0.985 < 0.985), at most
+    :data:`MOST_DECIMALS`. A score at or above the threshold never prints below it (rounding keeps order)."""
+    t = float(slide_threshold)
+    shown = Decimal(f"{t:.3g}") if math.isfinite(t) else Decimal(0)  # 0.0479, 0.01, 5, 1e-05
+    least = max(3, -int(shown.as_tuple().exponent))
+    below = [float(s) for s in scores if s is not None and float(s) < t]
+    for d in range(min(least, MOST_DECIMALS), MOST_DECIMALS + 1):
+        if all(round(s, d) < round(t, d) for s in below):
+            return d
+    return MOST_DECIMALS
+
+
+def call_comparison(rule: str | None, slide_threshold: float, decimals: int | None = None) -> str:
     """How a score by ``rule`` is compared with ``slide_threshold`` to call a slide positive, for a sentence:
-    ``>= 0.0479``, or ``> 0`` for the region rule at 0 (a region call needs a region; :meth:`AggregateConfig.calls`)."""
+    ``>= 0.0479``, or ``> 0`` for the region rule at 0 (a region call needs a region; :meth:`AggregateConfig.calls`).
+    With ``decimals`` (:func:`score_decimals` of the scores shown beside it) the threshold has that many."""
     if rule == "region" and slide_threshold <= 0:
         return "> 0"
-    return f">= {slide_threshold:.3g}"
+    return f">= {slide_threshold:.3g}" if decimals is None else f">= {slide_threshold:.{decimals}f}"
+
+
+def score_against(config: AggregateConfig, score: float) -> str:
+    """A slide score against its threshold, both with :func:`score_decimals` and the rule's unit: ``0.9846 <
+    0.9848``, ``0.6530 mm² >= 0.0479 mm²``, ``0.100 mm² > 0 mm²`` (the region rule at 0, :func:`call_comparison`). A
+    region score of 0 at threshold 0 (no region to call on) reads ``0.000 mm² (no region)``."""
+    d = score_decimals(config.slide_threshold, [score])
+    unit = f" {AREA_UNIT}" if config.rule == "region" else ""
+    shown = f"{score:.{d}f}{unit}"
+    if config.calls(score):
+        return f"{shown} {call_comparison(config.rule, config.slide_threshold, d)}{unit}"
+    if score >= config.slide_threshold:
+        return f"{shown} (no region)"
+    return f"{shown} < {config.slide_threshold:.{d}f}{unit}"
 
 
 def call_patch_threshold(aggregate: Mapping[str, Any]) -> float | None:
@@ -212,14 +251,14 @@ def out_of_domain_words(n: int) -> str:
 
 def describe(config: AggregateConfig, positive_class: str, *, patch_area_mm2: float | None = None) -> str:
     """The slide rule as a sentence for people (a model card's ``operating_point.slide_rule``), e.g. ``largest
-    connected region of patches with P(tumour) >= 0.8 of at least 0.0479 mm^2 (6 patches) -> tumour``."""
+    connected region of patches with P(tumour) >= 0.8 of at least 0.0479 mm² (6 patches) -> tumour``."""
     p = f"P({positive_class})"
     t = f"{config.slide_threshold:.3g}"
     if config.rule == "region":
         patches = (f" ({math.ceil(round(config.slide_threshold / patch_area_mm2, 9))} patches)"
                    if patch_area_mm2 and config.slide_threshold > 0 else "")
         what = (f"largest connected region of patches with {p} >= {config.region_threshold:.3g} of at least "
-                f"{t} mm^2{patches}")
+                f"{t} {AREA_UNIT}{patches}")
     elif config.rule == "smoothmax":
         side = 2 * config.radius + 1
         what = f"highest mean {p} over a {side} x {side} patch neighbourhood >= {t}"

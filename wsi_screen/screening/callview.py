@@ -25,11 +25,13 @@ from typing import Any
 import numpy as np
 
 from wsi_screen.screening.aggregate import (
+    AREA_UNIT,
     NO_TISSUE,
     AggregateConfig,
     SlideResult,
     call_patch_threshold_name,
     foci_count,
+    score_against,
 )
 from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 
@@ -109,17 +111,17 @@ def domain_text(domain: dict[str, Any]) -> str:
 
 
 def score_text(result: SlideResult, aggregate: AggregateConfig, positive_class: str) -> str:
-    """``score 0.653 mm² >= 0.0479 mm² (largest region at P(tumour) >= 0.8)``: the score against its threshold."""
+    """``score 0.6530 mm² >= 0.0479 mm² (rule: largest region at P(tumour) >= 0.8)``: the score against its threshold
+    (:func:`~wsi_screen.screening.aggregate.score_against`)."""
     if result.score is None:
         return "no patch scored"
-    sign = ">=" if result.score >= aggregate.slide_threshold else "<"
     if aggregate.rule == "region":
-        if sign == ">=" and not aggregate.calls(result.score):  # at threshold 0: a region call needs a region
-            return f"score 0 mm²: no region at P({positive_class}) >= {_g(aggregate.region_threshold)} to call on"
-        return (f"score {_g(result.score)} mm² {sign} {_g(aggregate.slide_threshold)} mm² (rule: largest region at "
+        if result.score >= aggregate.slide_threshold and not aggregate.calls(result.score):  # a call needs a region
+            return (f"score 0 {AREA_UNIT}: no region at P({positive_class}) >= {_g(aggregate.region_threshold)} "
+                    "to call on")
+        return (f"score {score_against(aggregate, result.score)} (rule: largest region at "
                 f"P({positive_class}) >= {_g(aggregate.region_threshold)})")
-    rule = aggregate.label
-    return f"score {result.score:.3f} {sign} {_g(aggregate.slide_threshold)} (rule: {rule})"
+    return f"score {score_against(aggregate, result.score)} (rule: {aggregate.label})"
 
 
 def focus_label(focus: Any) -> str:
@@ -149,7 +151,7 @@ def title(ctx: CallContext) -> str:
 
 
 def evidence_label(ctx: CallContext) -> str:
-    """The call's evidence in words, e.g. ``call evidence: highest patch, P(tumour) 0.966 >= 0.95`` ("" without
+    """The call's evidence in words, e.g. ``call evidence: highest patch, P(tumour) 0.966 >= 0.950`` ("" without
     any): which patches, the score read from them and the slide threshold it was compared with."""
     res, agg = ctx.result, ctx.aggregate
     if res is None or agg is None or res.score is None or not res.evidence_indices:
@@ -162,8 +164,7 @@ def evidence_label(ctx: CallContext) -> str:
     else:
         side = 2 * agg.radius + 1
         what = f"highest {side} x {side} neighbourhood ({n} patches), mean P({ctx.positive_class})"
-    sign = ">=" if res.score >= agg.slide_threshold else "<"
-    return f"call evidence: {what} {res.score:.3f} {sign} {_g(agg.slide_threshold)}"
+    return f"call evidence: {what} {score_against(agg, res.score)}"
 
 
 def outline_legend(ctx: CallContext) -> str:
