@@ -360,6 +360,28 @@ def test_a_score_just_under_its_threshold_never_prints_equal_to_it(
     assert "  0.985  tumour  " in out and "max score >= 0.900 -> positive;" in out
 
 
+def test_evidence_short_of_the_threshold_is_not_classed_tumour(tmp_path: Path) -> None:
+    """QuPath drew a red 'tumour' annotation on a slide called normal: its call evidence fell short."""
+    import json
+
+    from wsi_screen.screening.callview import write_geojson
+    from wsi_screen.screening.geojson import PALETTE
+
+    p = np.full((10, 10), 0.2)
+    p[4, 4] = 0.95
+    classes = {}
+    for threshold in (0.9, 0.96):
+        ctx, coords, probs, store = _ctx(p, AggregateConfig(rule="max", slide_threshold=threshold,
+                                                            region_threshold=0.8))
+        fc = json.loads(write_geojson(tmp_path / "p.geojson", coords, store.tile_size_l0,
+                                      np.stack([1 - probs, probs], 1), ctx).read_text())
+        [note] = [f["properties"] for f in fc["features"] if f["properties"].get("category") == "call evidence"]
+        assert ctx.result is not None
+        classes[ctx.result.diagnosis] = note["classification"]
+    assert classes["tumour"]["name"] == "tumour" and classes["tumour"]["color"] == list(PALETTE[1])
+    assert classes["normal"]["name"] == "call evidence" and classes["normal"]["color"] == [160, 160, 160]
+
+
 def test_the_region_rule_at_zero_reads_the_same_in_the_title_and_the_table(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--threshold 0 --aggregate region: the table said 'score > 0 mm^2', the heatmap '>= 0 mm²' (a region call needs

@@ -243,7 +243,9 @@ def write_geojson(path: Path, coords: np.ndarray, tile_size_l0: int, probs: np.n
                                     positive_index=ctx.positive_index, threshold=ctx.threshold,
                                     threshold_source=ctx.threshold_source, foci=ctx.foci,
                                     evidence=ctx.result.evidence_indices if ctx.result is not None else (),
-                                    evidence_label=evidence_label(ctx))
+                                    evidence_label=evidence_label(ctx),
+                                    evidence_called=ctx.result is not None and ctx.result.score is not None
+                                    and ctx.aggregate is not None and ctx.aggregate.calls(ctx.result.score))
     return geojson.write_geojson(fc, path)
 
 

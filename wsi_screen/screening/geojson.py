@@ -28,7 +28,9 @@ Each focus the call counted (``foci``, largest first; none on a slide called neg
 The call's evidence (``evidence``: the patches a max, top-k or smoothmax score was read from, see
 :func:`wsi_screen.screening.aggregate.call_evidence`) follows the foci as one more annotation, ``name``
 ``evidence_label`` (the score against the slide threshold), ``category`` ``"call evidence"``, ``geometry`` a
-MultiPolygon of its tiles, ``measurements`` its patch count and max P(positive class).
+MultiPolygon of its tiles, ``measurements`` its patch count and max P(positive class). Its ``classification`` is
+the positive class when the score reached the slide threshold (a positive call), else the neutral class ``call
+evidence`` in grey (:data:`NEUTRAL_EVIDENCE`): a slide called negative gets no tumour annotation.
 
 The collection carries a foreign member ``wsi_screen`` (slide name, classes, tile size, positive class,
 ``threshold`` and what it is, the number of foci, the evidence's patch indices), which GeoJSON readers ignore;
@@ -73,6 +75,12 @@ def packed_rgb(rgb: Sequence[int]) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
+#: the class of call evidence that did not reach the slide threshold (a slide called negative): grey, not the
+#: positive class's colour, so QuPath does not show a negative call's highest patch as a tumour annotation
+NEUTRAL_EVIDENCE: dict[str, Any] = {"name": "call evidence", "color": [160, 160, 160],
+                                    "colorRGB": packed_rgb((160, 160, 160))}
+
+
 def _check_classes(classes: Sequence[str]) -> list[str]:
     names = list(classes)
     if not names or any(not isinstance(c, str) or not c for c in names):
@@ -101,7 +109,7 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
                        decimals: int = DECIMALS, positive_index: int | None = None,
                        threshold: float | None = None, threshold_source: str | None = None,
                        foci: Sequence[Focus] = (), evidence: Sequence[int] = (),
-                       evidence_label: str = "") -> dict[str, Any]:
+                       evidence_label: str = "", evidence_called: bool = True) -> dict[str, Any]:
     """A FeatureCollection of the patches at level-0 top-left ``coords`` (N, 2) with class ``probs`` (N, C),
     after the ``foci`` (annotations, in the order given: largest first).
 
@@ -109,7 +117,9 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
     ``decimals`` as written, is >= ``threshold``, else the other; without them (or for more than two classes)
     the row's argmax (the first on ties). ``threshold_source`` says which operating point ``threshold`` is.
     ``colors`` maps class names to (r, g, b); unnamed classes take :data:`PALETTE` colours by index.
-    ``evidence`` (patch indices) and ``evidence_label`` mark the call's evidence (see the module docstring).
+    ``evidence`` (patch indices) and ``evidence_label`` mark the call's evidence (see the module docstring);
+    ``evidence_called``: whether it reached the slide threshold (classed as the positive class), else it is classed
+    :data:`NEUTRAL_EVIDENCE`.
     """
 
     names = _check_classes(classes)
@@ -145,10 +155,11 @@ def patches_to_geojson(coords: np.ndarray, tile_size_l0: int, probs: np.ndarray,
         raise ConfigError(f"evidence patch indices must lie in [0, {xy.shape[0]}), got {marked[0]}..{marked[-1]}")
     pos_col = names.index(positive)
     if marked:
+        evidence_class = dict(classification[pos_col]) if evidence_called else dict(NEUTRAL_EVIDENCE)
         features.append({
             "type": "Feature", "geometry": tiles_geometry(xy, T, marked),
             "properties": {"objectType": FOCUS_TYPE, "name": evidence_label or "call evidence",
-                           "category": "call evidence", "classification": dict(classification[pos_col]),
+                           "category": "call evidence", "classification": evidence_class,
                            "measurements": {"patches": len(marked),
                                             f"max P({positive})": float(written[marked, pos_col].max())}}})
     n_notes = len(features)
