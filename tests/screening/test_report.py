@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import os
 import re
 import shutil
@@ -100,6 +101,22 @@ def test_report_command_rewrites(hostile_run: Path) -> None:
     res = run_cli("report", hostile_run)
     assert res.code == 0 and (hostile_run / "report.html").exists()
     assert render_report(hostile_run).startswith("<!doctype html>")
+
+
+def test_report_shows_scores_with_the_digits_that_keep_them_apart(hostile_run: Path, tmp_path: Path) -> None:
+    """A threshold a hair above a slide's score: the report printed both at 3 significant digits ("0.0435" against
+    ">= 0.0435"), as the terminal and heatmaps did before they shared one rule (aggregate.score_decimals)."""
+    run = Path(shutil.copytree(hostile_run, tmp_path / "run"))
+    score = min(float(r["score"]) for r in read_results(run).values() if r["status"] == "ok")
+    info = json.loads((run / "run.json").read_text())
+    info["aggregate"]["slide_threshold"] = score + 1e-6
+    (run / "run.json").write_text(json.dumps(info))
+    assert run_cli("report", run).code == 0
+    page = (run / "report.html").read_text()
+    digits = next(d for d in range(3, 7) if round(score, d) < round(score + 1e-6, d))
+    assert digits >= 5 and f"score {score:.{digits}f} &middot;" in page
+    assert f"score &ge; {score + 1e-6:.{digits}f} mm&sup2;" in page
+    assert f">{score:.{digits}f}</td>" in page  # the slides table's score cell
 
 
 def _driver(tmp_path: Path):  # type: ignore[no-untyped-def]

@@ -31,12 +31,14 @@ from wsi_screen.errors import WsiScreenError
 from wsi_screen.metrics import rate_words
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.aggregate import (
+    call_comparison,
     call_counts,
     call_patch_threshold,
     call_patch_threshold_name,
     foci_count,
     out_of_domain_words,
     recorded_rule_label,
+    score_decimals,
 )
 from wsi_screen.screening.runview import RunView, open_run, patch_png, top_patches
 
@@ -147,6 +149,14 @@ def _img(data: bytes, alt: str, cls: str = "") -> str:
     return f'<img class="{cls}" alt="{_html(alt)}" src="data:image/png;base64,{b64}">'
 
 
+def _rule_comparison(agg: dict[str, Any], digits: int | None) -> str:
+    """``&ge; 0.9848`` (the run's score digits), or ``> 0`` for the region rule at 0: the terminal's and heatmaps'
+    words (:func:`wsi_screen.screening.aggregate.call_comparison`); ``>= ?`` where run.json records none."""
+    threshold = agg.get("slide_threshold")
+    words = ">= ?" if threshold is None else call_comparison(agg.get("rule"), float(threshold), digits)
+    return _html(words).replace("&gt;=", "&ge;")
+
+
 def _region_unit(agg: dict[str, Any]) -> str:
     """The region rule's score is an area: say so, and at which patch probability."""
     if agg.get("rule") != "region":
@@ -180,8 +190,27 @@ def _model_card(model: dict[str, Any]) -> str:
             "trusted.</p></div>")
 
 
+def score_digits(view: RunView) -> int | None:
+    """The decimals a run's slide scores and their threshold are shown with: the terminal table's and the heatmaps'
+    rule (:func:`wsi_screen.screening.aggregate.score_decimals`), so 0.9846 < 0.9848 reads as it is called; None
+    where run.json records no threshold."""
+    threshold = (view.info.get("aggregate") or {}).get("slide_threshold")
+    if threshold is None:
+        return None
+    scores = [float(r["score"]) for r in view.results if r.get("score") not in (None, "")]
+    return score_decimals(float(threshold), scores)
+
+
+def _score(value: Any, digits: int | None) -> str:
+    """A slide score with the run's :func:`score_digits` (three significant digits without them)."""
+    if digits is None or value in (None, ""):
+        return _html(people_number(value if value not in (None, "") else "-"))
+    return _html(f"{float(value):.{digits}f}")
+
+
 def slides_table(view: RunView) -> str:
     """The sortable HTML table of a run's slides (also shown by the notebook)."""
+    digits = score_digits(view)
     cols = [("slide", False), ("status", False), ("n_patches", True), ("score", True), ("diagnosis", False),
             ("metastasis", False), ("largest_focus_mm", True), ("tumour_area_mm2", True), ("n_foci", True),
             ("slide_mpp", True), ("mpp_source", False), ("in_domain_fraction", True), ("out_of_domain", False),
@@ -206,6 +235,8 @@ def slides_table(view: RunView) -> str:
             elif name == "label" and disagrees:
                 shown = (f'{_html(value)} <span class="disagree-flag" title="the call is not the label">'
                          "disagrees</span>")
+            elif name == "score":
+                shown = _score(value, digits)
             elif num:
                 shown = _html(people_number(value))
             else:
@@ -234,7 +265,7 @@ def _error(message: str, source: str = "") -> str:
             f"<div>{_html(text)}</div></details>")
 
 
-def _slide_section(view: RunView, i: int, row: dict[str, str]) -> str:
+def _slide_section(view: RunView, i: int, row: dict[str, str], digits: int | None) -> str:
     name = row["slide"]
     ood = ""
     if row.get("out_of_domain") == "true":
@@ -244,7 +275,7 @@ def _slide_section(view: RunView, i: int, row: dict[str, str]) -> str:
         return _html(people_number(row.get(key) or "-"))
 
     parts = [f'<section class="slide" id="s{i}"><h2>{_html(name)}</h2>', ood,
-             f'<p><b>{_html(row["diagnosis"])}</b> &middot; score {shown("score")} &middot; '
+             f'<p><b>{_html(row["diagnosis"])}</b> &middot; score {_score(row.get("score"), digits)} &middot; '
              f'metastasis {_html(row.get("metastasis") or "-")} '
              f'(largest focus {shown("largest_focus_mm")} mm, '
              f'{_html(foci_count(int(row.get("n_foci") or 0)))}, {shown("tumour_area_mm2")} mm&sup2;) &middot; '
@@ -304,8 +335,8 @@ def render_report(run: str | Path) -> str:
         f'<p class="muted">{len(view.results)} slides &middot; model {_html(model.get("arch"))} '
         f'({_html(model.get("positive_class"))} vs rest, {_html(model.get("mpp"))} um/px, '
         f'{_html(model.get("input_size"))} px) '
-        f'&middot; slide call: {_html(recorded_rule_label(agg))} score &ge; '
-        f'{_html(_num(agg.get("slide_threshold")))}'
+        f'&middot; slide call: {_html(recorded_rule_label(agg))} score '
+        f'{_rule_comparison(agg, score_digits(view))}'
         f'{_region_unit(agg)}{_fallback(agg)}{_overrides(info)} '
         f'&middot; call patch threshold {_html(_num(patch_threshold))} ({_html(threshold_name)}: the heatmaps\' '
         f"cyan line, the GeoJSON's tile classes and the foci) "
@@ -331,7 +362,7 @@ def render_report(run: str | Path) -> str:
             parts.append(_img(roc.read_bytes(), "slide-level ROC curve"))
     for i, row in enumerate(view.results):
         if row["status"] != "error":
-            parts.append(_slide_section(view, i, row))
+            parts.append(_slide_section(view, i, row, score_digits(view)))
     provenance = json.dumps(_for_people(info), indent=2, default=str)
     parts.append(f'<h2>Provenance</h2><p class="muted">Numbers rounded and paths normalised for reading; '
                  f"{runfolder.RUN_JSON} holds them exactly. Two patch thresholds: {PROVENANCE_CALL} is the call "
