@@ -64,6 +64,7 @@ def test_demo_slide(tmp_path: Path, example_slide: Path) -> None:
     res = run_cli("infer", example_slide.parent, "-o", run, "--workers", "0")
     assert res.code == 0, res
     assert "CMU-1-Small-Region" in res.out and "heatmap:" in res.out
+    assert f"report: {run / 'report.html'}" in res.out.splitlines() and (run / "report.html").is_file()
     row = read_results(run)["CMU-1-Small-Region"]
     assert row["store"] == "stores/CMU-1-Small-Region.zarr"  # relative to the run folder
     store = PatchStore.open(run / row["store"])

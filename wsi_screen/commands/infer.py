@@ -208,6 +208,7 @@ def _print_table(summary: RunSummary, *, patch_um: float) -> None:
                f"settings; {scored - summary.reused} (re)computed"
                f"{f'; {empty} without a call (no tissue)' if empty else ''}; {summary.failed} failed")
     click.echo(f"results: {summary.run / runfolder.RESULTS_CSV}")
+    click.echo(f"report: {summary.run / runfolder.REPORT_HTML}")
     for r in rows:
         if r.status != "error":
             click.echo(f"heatmap: {summary.run / r.name / runfolder.HEATMAP_PNG}")
