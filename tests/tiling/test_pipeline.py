@@ -92,6 +92,23 @@ def test_resume_skips_and_mismatch_needs_overwrite(tmp_path: Path, block_slide: 
     assert res.code == 0 and PatchStore.open(out / "block.zarr").patch_size == 128
 
 
+def test_a_refusal_writes_the_settings_numbers_to_4_significant_digits(tmp_path: Path) -> None:
+    """A folder tiled with another --slide-mpp is refused naming both resolutions as a person writes them
+    (it said `thumbnail_mpp 1.084716796875 -> 1.3016601562499999`)."""
+    path = write_plain_tiff(tmp_path / "strip.tif", block_image((2345, 1500), [(0, 0, 1200, 1500)]))
+    args = ("tile", path, "-o", tmp_path / "out", "--size", "64", "--pixels", "none", "--quiet")
+    assert run_cli(*args, "--slide-mpp", "0.3").code == 0
+    res = run_cli(*args, "--slide-mpp", "0.3000001")
+    assert res.code == 1
+    (line,) = [line for line in res.err_lines if "other settings" in line]
+    assert "slide_mpp 0.3 -> 0.3000001;" in line  # what 4 digits cannot tell apart is written whole
+    res = run_cli(*args, "--slide-mpp", "0.2")
+    assert res.code == 1
+    (line,) = [line for line in res.err_lines if "other settings" in line]
+    thumb = read_attrs(str(tmp_path / "out" / "strip.zarr"))["settings"]["thumbnail_mpp"]
+    assert f"slide_mpp 0.3 -> 0.2; thumbnail_mpp {thumb:.4g} -> " in line and repr(thumb) not in line
+
+
 def test_changed_slide_is_refused(tmp_path: Path) -> None:
     src = tmp_path / "in"
     src.mkdir()

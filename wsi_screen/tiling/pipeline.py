@@ -223,8 +223,17 @@ def _differences(old: dict[str, Any], new: dict[str, Any], config: TileConfig, p
         if isinstance(a, dict) and isinstance(b, dict):
             out.extend((True, d) for d in _differences(a, b, config, f"{prefix}{k}."))
         else:
-            out.append((k in new or not prefix, f"{prefix}{k} {a!r} -> {b!r}"))
+            a_text, b_text = _shown(a), _shown(b)
+            if a_text == b_text:  # 4 significant digits hide the difference: show it whole
+                a_text, b_text = repr(a), repr(b)
+            out.append((k in new or not prefix, f"{prefix}{k} {a_text} -> {b_text}"))
     return [d for asked, d in out if asked] or [d for _, d in out]
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as :func:`_differences` writes it: numbers to 4 significant digits (a thumbnail's
+    1.3016601562499999 um/px reads 1.302), anything else as Python writes it."""
+    return f"{value:.4g}" if isinstance(value, float) else repr(value)
 
 
 def _open(source: SlideSource, config: TileConfig) -> Slide:
