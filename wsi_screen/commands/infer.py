@@ -52,7 +52,8 @@ if TYPE_CHECKING:
               help="Folder of patch stores to reuse and tile into (default: RUN/stores). Stores made with "
                    "other settings than the model needs are refused. Any `tile --codec`, or `tile --pixels none`, "
                    "is reused (the same patch grid), but only lz4 and coordinates-only stores give exactly the "
-                   "scores of a run on the slide: `tile`'s default JPEG patches move them slightly (run.json "
+                   "scores of a run on the slide: `tile`'s default JPEG patches move them, enough to change a "
+                   "slide's domain flag or a call near the threshold (run.json "
                    "records each slide's store codec, and the run warns; see docs/store.md). A coordinates-only "
                    "store reads its patches from the slide given here, which may have moved since it was tiled "
                    "(the same file by its fingerprint).")

@@ -37,8 +37,9 @@ from wsi_screen.tiling.codecs import CODECS, DEFAULT_CODEC, DEFAULT_QUALITY, Pat
               help="How each patch is stored: jpeg (4:4:4, ~1/5 of lz4's bytes at quality "
                    f"{DEFAULT_QUALITY['jpeg']}, > 38 dB), jpegxl (smaller, ~10x slower to write) or lz4 "
                    "(lossless, ~5x the bytes). Plain zarr reads all of them; figures in docs/store.md. jpeg and "
-                   "jpegxl are lossy: `infer --stores` on them scores slightly differently from `infer` on the "
-                   "slide (and warns); lz4 or --pixels none give the exact scores.")
+                   "jpegxl are lossy: `infer --stores` on them scores differently from `infer` on the slide, "
+                   "enough to change a slide's domain flag (and warns); lz4 or --pixels none give the exact "
+                   "scores.")
 @click.option("--quality", type=click.IntRange(1, 100), default=None,
               help="Quality of jpeg / jpegxl, 1-100 (default: "
                    + ", ".join(f"{k} {v}" for k, v in DEFAULT_QUALITY.items()) + ").")

@@ -337,15 +337,17 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
 
 def warn_lossy_stores(rows: Sequence[SlideRow]) -> None:
     """One warning naming the slides scored from lossy (JPEG, JPEG XL) patches: reused stores of ``tile``'s
-    default codec. Their patch grid is the slide's, their pixels are not quite, so their scores differ slightly
-    from a run on the slide; lz4 and coordinates-only stores give exactly its scores (docs/store.md)."""
+    default codec. Their patch grid is the slide's, their pixels are not quite, so their scores differ from a run on
+    the slide, enough to change a slide's out-of-domain flag or a call near its threshold; lz4 and coordinates-only
+    stores give exactly its scores (docs/store.md)."""
     lossy = [r for r in rows if r.status != STATUS_ERROR and runfolder.lossy_pixels(r.extra.get("store_pixels"))]
     if not lossy:
         return
     codecs = sorted({(str(c["name"]), c.get("quality")) for r in lossy for c in [r.extra["store_pixels"]["codec"]]})
     kinds = "/".join(dict.fromkeys(PatchCodec(name).label for name, _ in codecs))
-    log.warning("%d slide(s) scored from %s-compressed patches of reused stores (%s): their scores may differ "
-                "slightly from a run on the slide; lz4 or coordinates-only stores give the exact ones: %s",
+    log.warning("%d slide(s) scored from %s-compressed patches of reused stores (%s): their scores differ from a "
+                "run on the slide, and its out-of-domain flag (or a call near the threshold) can differ too; lz4 or "
+                "coordinates-only stores give exactly the scores of a run on the slide: %s",
                 len(lossy), kinds, ", ".join(f"{name} quality {q}" for name, q in codecs),
                 few(sorted(r.name for r in lossy)))
 

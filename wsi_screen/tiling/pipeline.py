@@ -683,7 +683,8 @@ def tile(slide: Slide | str | os.PathLike[str], out: str | Path | None = None, *
     codec, quality
         How patches are kept (see docs/store.md): ``"jpeg"``, ``"jpegxl"`` or ``"lz4"``; default lz4 for a store
         in memory (the slide's exact pixels), ``tile``'s default (jpeg, quality 90: lossy, a fifth of lz4's
-        bytes) for a store on disk. Scores from JPEG patches differ slightly from scores from the slide; pass
+        bytes) for a store on disk. Scores from JPEG patches differ from scores from the slide (enough to change a
+        slide's domain flag or a call near the threshold); pass
         ``codec="lz4"`` for an on-disk store that scores exactly as the slide does. A ``quality`` is for the lossy
         codecs; lz4's is a ``ConfigError``.
     pixels
