@@ -604,4 +604,9 @@ def _screen_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], job: Slide
             log.error("%s", row.error)
         return row
 
-    return dask.run(screen_slide_task, calls, failed=failed, on_result=arrived, reraise=job.on_error == "raise")
+    try:
+        return dask.run(screen_slide_task, calls, failed=failed, on_result=arrived, reraise=job.on_error == "raise")
+    except BaseException:  # a Ctrl-C: a local cluster's workers die mid-slide, leaving RUN/<slide>.partial folders
+        dask.close()
+        runfolder.remove_partials(job.run, [s.name for s in sources])
+        raise

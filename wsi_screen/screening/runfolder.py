@@ -237,6 +237,28 @@ class SlideFolder:
             self._lock.release()
 
 
+def remove_partials(run: Path, names: Iterable[str]) -> list[Path]:
+    """Remove the ``RUN/<slide>.partial`` folders of ``names`` that nobody is writing (their slide's lock is free:
+    left by a process that died, such as a Dask worker killed by an interrupted run); returns those removed. One
+    another process holds is its work in progress, and is left to it."""
+    removed = []
+    for name in names:
+        work = Path(run) / (name + PARTIAL)
+        if not work.exists():
+            continue
+        try:
+            lock = acquire(Path(run) / name)
+        except (LockTaken, OSError):
+            continue
+        try:
+            shutil.rmtree(work, ignore_errors=True)
+        finally:
+            lock.release()
+        if not work.exists():
+            removed.append(work)
+    return removed
+
+
 # ------------------------------------------------------------------------------------------------ reading
 def read_results(run: Path) -> list[dict[str, str]]:
     """Rows of ``results.csv`` (strings, as written)."""

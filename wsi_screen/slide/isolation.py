@@ -134,12 +134,13 @@ def _log_level(handler: logging.Handler, level: int) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def _untracked_semaphores() -> None:
+def untracked_semaphores() -> None:
     """Make the semaphores that libraries create for themselves here (numcodecs' blosc mutex at the first store
     write: a ``multiprocessing.Lock()`` of the default context) unlinked as they are made, as under ``fork``. Under
     ``spawn`` (a spawned child's default) each is registered with the resource tracker, and a child killed mid-slide
     (after a Ctrl-C, a timeout) never unregisters it: the run's exit printed "There appear to be 1 leaked semaphore
-    objects". Only the default changes: nothing in the child starts a process from it (this module names spawn)."""
+    objects". Only the default changes: nothing in the child starts a process from it (this module names spawn).
+    For the slide reader's child and a Dask run's worker processes (daemonic: they cannot start processes)."""
     multiprocessing.set_start_method("fork", force=True)
 
 
@@ -165,7 +166,7 @@ def _child_main(conn: Connection, level: int, bars: bool, preload: tuple[str, ..
     logging.captureWarnings(True)
     progress.set_enabled(bars)
     progress.thread_lock_only()
-    _untracked_semaphores()
+    untracked_semaphores()
     for module in preload:  # a failure here shows again, as the call's own error, when the call imports it
         with contextlib.suppress(Exception):
             importlib.import_module(module)
