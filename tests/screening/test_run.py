@@ -172,11 +172,42 @@ def test_rerun_reuses_scores_and_reaggregates(tmp_path: Path, synthetic: Path, s
                   "--workers", "0", "--quiet")
     assert res.code == 0, res
     assert {p: p.stat().st_mtime_ns for p in run.glob("case*/scores.csv")} == before  # nothing rescored
+    assert not any("modification time" in line for line in res.err_lines)  # the slides are as they were
     rows = read_results(run)
     assert {r["rule"] for r in rows.values()} == {"max"} and {r["threshold"] for r in rows.values()} == {"0.99"}
     for name, r in rows.items():
         p = runfolder.read_scores(run / name / "scores.csv").probs[:, 1]
         assert float(r["score"]) == pytest.approx(p.max(), abs=1e-6)
+
+
+def test_a_slide_touched_since_its_scores_keeps_them_and_is_warned_of(tmp_path: Path, example_slide: Path) -> None:
+    """A slide whose file time changed but whose fingerprint (name, size, first and last MiB) did not is reused (a
+    copy without -p, a touch), with one warning saying what was compared and how to rescore it; following that
+    advice rescores it and records the new time. It used to be reused silently."""
+    import os
+
+    slides, run = tmp_path / "slides", tmp_path / "run"
+    slides.mkdir()
+    slide = Path(shutil.copy(example_slide, slides / example_slide.name))
+    name = slide.stem
+    assert run_cli("infer", slides, "-o", run, "--workers", "0", "--quiet").code == 0
+    scores = (run / name / "scores.csv").stat().st_mtime_ns
+    later = int(slide.stat().st_mtime) + 3600
+    os.utime(slide, (later, later))
+    res = run_cli("infer", slides, "-o", run, "--workers", "0", "--quiet")
+    assert res.code == 0, res
+    assert json.loads((run / "run.json").read_text())["slides"][0]["reused"]
+    assert (run / name / "scores.csv").stat().st_mtime_ns == scores
+    (line,) = [line for line in res.err_lines if "modification time" in line]
+    assert line.startswith(f"wsi-screen: warning: {name}: the slide file's modification time changed since its "
+                           "scores were made")
+    assert "only its size and first and last MiB were compared" in line
+    assert f"delete {run / name} and {run / 'stores' / name}.zarr" in line and "--overwrite" in line
+    shutil.rmtree(run / name)
+    shutil.rmtree(run / "stores" / f"{name}.zarr")
+    res = run_cli("infer", slides, "-o", run, "--workers", "0", "--quiet")
+    assert res.code == 0 and not json.loads((run / "run.json").read_text())["slides"][0]["reused"]
+    assert runfolder.read_slide(run, name)["slide_info"]["mtime"] == later  # a rerun now would not warn
 
 
 def test_failed_and_empty_slides_are_rows(tmp_path: Path, cmu_svs: Path) -> None:

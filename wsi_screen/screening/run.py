@@ -413,16 +413,32 @@ def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, An
         store = store_location(stores, source.name)
         if done.get("store_digest") != store_digest(store):
             return False
-        current, mpp, mpp_source = call(store_is_current, source, store, tile_cfg)
+        current, mpp, mpp_source, mtime = call(store_is_current, source, store, tile_cfg)
         info = done.get("slide_info", {})
         if not current or info.get("mpp") != mpp or info.get("mpp_source") != mpp_source:
             return False
     except Exception:  # anything wrong with the earlier result or the slide: recompute (and report) it
         return False
+    if isinstance(info.get("mtime"), float) and info["mtime"] != mtime:
+        warn_touched_slide(run, source, store, info["mtime"], mtime)
     row.store = store
     row.extra["reused"] = True
     log.debug("%s: reusing earlier scores", source.name)
     return True
+
+
+def warn_touched_slide(run: Path, source: SlideSource, store: str, recorded: float, now: float) -> None:
+    """The warning for a slide whose earlier scores are reused although its file's modification time changed:
+    the slide is known the same by its fingerprint (file name, size, first and last MiB), not by its whole content,
+    so an edit in place that keeps the size and both ends would go unnoticed. A copy without its times (``cp``
+    without ``-p``) or a ``touch`` changes only the time, and reusing is right then."""
+    def when(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    log.warning("%s: the slide file's modification time changed since its scores were made (%s, now %s); only its "
+                "size and first and last MiB were compared, and they match, so the earlier scores are reused: to "
+                "rescore it, delete %s and %s (or rerun with --overwrite, which re-tiles and rescores every slide)",
+                source.name, when(recorded), when(now), runfolder.slide_dir(run, source.name), store)
 
 
 @dataclass(frozen=True, kw_only=True)

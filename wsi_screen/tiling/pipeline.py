@@ -243,15 +243,16 @@ def _open(source: SlideSource, config: TileConfig) -> Slide:
     return Slide(source.path, name=source.name, mpp=config.slide_mpp, reader=config.reader, force_mpp=forced)
 
 
-def store_is_current(source: SlideSource, location: str, config: TileConfig) -> tuple[bool, float, str]:
+def store_is_current(source: SlideSource, location: str, config: TileConfig) -> tuple[bool, float, str, float]:
     """Whether the complete store at ``location`` is what tiling ``source`` with ``config`` would write now
-    (same slide file, resolution and settings), and the slide's current (mpp, mpp source)."""
+    (same slide file by its fingerprint, resolution and settings), and the slide's current (mpp, mpp source,
+    modification time)."""
     with _open(source, config) as slide:
         settings = expected_settings(slide, config, thumbnail_mpp(slide.mpp, slide.dimensions))
         existing = read_attrs(location)
         ok = existing is not None and is_complete(existing) and settings_match(existing.get(ATTR_SETTINGS),
                                                                                settings, config)
-        return ok, slide.mpp, slide.mpp_source
+        return ok, slide.mpp, slide.mpp_source, slide.info.mtime
 
 
 OnError = Literal["raise", "record"]
