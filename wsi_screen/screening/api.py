@@ -239,7 +239,7 @@ def score(store_or_slide: PatchStore | Slide, model: ModelLike = None, *, batch_
         an open slide, which is then tiled in memory as ``infer`` tiles it for this model. The store's patches
         are scored as they are kept: an in-memory, lz4 or coordinates-only store's are the slide's pixels (the
         scores are ``infer``'s); a JPEG store's (``tile``'s default on disk) are not, and the scores differ
-        slightly.
+        (enough to move a call or flag near its threshold).
     model
         A loaded model (:func:`wsi_screen.load_model`), a model folder or name (``"default"``), or ``None`` for the
         bundled default model, as :func:`screen` takes it.

@@ -302,14 +302,16 @@ def _slide_section(view: RunView, i: int, row: dict[str, str], digits: int | Non
 
 def _lossy_note(info: dict[str, Any]) -> str:
     """A flag when some slides were scored from lossy (JPEG) patches of reused stores (run.json's
-    ``tiling.scored_from``): their scores differ slightly from a run on the slides."""
+    ``tiling.scored_from``): their scores differ from a run on the slides, enough to change a flag or a call near its
+    threshold."""
     lossy = [s for s in (info.get("tiling") or {}).get("scored_from") or () if runfolder.lossy_pixels(s)]
     if not lossy:
         return ""
     how = ", ".join(f"{s['codec'].get('name')} quality {s['codec'].get('quality')} ({s.get('n_slides')} slide(s))"
                     for s in lossy)
-    return (f'<p class="ood-flag">Scored from lossy patches of reused stores: {_html(how)}. Their scores may differ '
-            "slightly from a run on the slides; lz4 or coordinates-only stores give the exact ones (each slide's "
+    return (f'<p class="ood-flag">Scored from lossy patches of reused stores: {_html(how)}. Their scores differ '
+            "from a run on the slides, and an out-of-domain flag or a call near its threshold can differ too; lz4 "
+            "or coordinates-only stores give the exact ones (each slide's "
             f"store_pixels in {runfolder.RUN_JSON}).</p>")
 
 

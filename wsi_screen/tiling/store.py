@@ -434,8 +434,8 @@ class PatchStore:
         if codec is None or not codec.lossy:
             return None
         return (f"{doing} the {codec.label}-compressed patches of a store "
-                f"(quality {codec.quality}): the results differ slightly from those of the slide's own pixels; lz4 "
-                "or coordinates-only stores give exactly those")
+                f"(quality {codec.quality}): the results differ from those of the slide's own pixels, enough to "
+                "move a result near its threshold; lz4 or coordinates-only stores give exactly those")
 
     def array(self, key: str) -> zarr.Array:
         """The zarr array stored under ``key`` (one of :data:`ARRAY_KEYS`)."""
