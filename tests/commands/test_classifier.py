@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from tests.classifier_data import make_subset
 from wsi_screen.cli import cli, main
+from wsi_screen.training.tune import SEARCHABLE
 
 COMMANDS = ("models", "train", "evaluate", "predict", "tune")
 
@@ -342,15 +343,17 @@ def test_tune_follows_the_recipe_unless_told(herlev_small: Path, tmp_path: Path,
     import csv
 
     common = ["tune", str(herlev_small), "--arch", "screen_cnn32", "--label-column", "binary_label", "--epochs", "1",
-              "--batch-size", "16", "--mpp", "0.5", "--threads", "1", "-q"]
-    code, _, err = run([*common, "-o", str(tmp_path / "recipe")], capsys)
+              "--mpp", "0.5", "--threads", "1", "-q"]
+    code, _, err = run([*common, "--batch-size", "16", "-o", str(tmp_path / "recipe")], capsys)
     assert code == 0, err
     with (tmp_path / "recipe" / "trials.csv").open() as fh:
         row = next(csv.DictReader(fh))
     assert (row["optimizer"], float(row["lr"]), row["batch_size"]) == ("adam", 1e-3, "16")
     chosen = json.loads((tmp_path / "recipe" / "best" / "config.json").read_text())["train_config"]
     assert chosen["recipe"] == "small" and chosen["optimizer"] == "adam"
-    assert json.loads((tmp_path / "recipe" / "tune.json").read_text())["space"]["optimizer"] is None
+    # tune.json's space: every searchable setting, null where not searched (weight_decay was absent)
+    space = json.loads((tmp_path / "recipe" / "tune.json").read_text())["space"]
+    assert space == {**dict.fromkeys(SEARCHABLE), "batch_size": [16]}
     code, _, err = run([*common, "--optimizer", "adamw,sgd", "-o", str(tmp_path / "given")], capsys)
     assert code == 0, err
     with (tmp_path / "given" / "trials.csv").open() as fh:
@@ -358,6 +361,10 @@ def test_tune_follows_the_recipe_unless_told(herlev_small: Path, tmp_path: Path,
     assert [r["optimizer"] for r in rows] == ["adamw", "sgd"]
     # a searched optimiser brings its own lr and weight decay, not the small recipe's Adam ones (1e-3, 0)
     assert [float(r["lr"]) for r in rows] == [1e-3, 0.01]
+    # --batch-size not given: not searched (null, it showed [64]), each trial trains with train's 64
+    assert [r["batch_size"] for r in rows] == ["64", "64"] and [float(r["weight_decay"]) for r in rows] == [0.05, 1e-4]
+    space = json.loads((tmp_path / "given" / "tune.json").read_text())["space"]
+    assert space == {**dict.fromkeys(SEARCHABLE), "optimizer": ["adamw", "sgd"]}
     sgd = json.loads((tmp_path / "given" / "trials" / "002" / "config.json").read_text())["train_config"]
     assert (sgd["optimizer"], sgd["lr"], sgd["weight_decay"], sgd["recipe"]) == ("sgd", 0.01, 1e-4, "small")
 

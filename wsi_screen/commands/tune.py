@@ -34,8 +34,8 @@ def _ints(text: str, name: str) -> list[int]:
 @click.option("--lr", "lrs", default=None, metavar="LIST",
               help="Learning rates to try, comma-separated (e.g. 1e-3,3e-4; default: as for train, the recipe's, "
                    "else each optimiser's own; with --optimizer given, each optimiser's own).")
-@click.option("--batch-size", "batch_sizes", default="64", show_default=True, metavar="LIST",
-              help="Batch sizes to try (e.g. 32,64).")
+@click.option("--batch-size", "batch_sizes", default=None, metavar="LIST",
+              help="Batch sizes to try (e.g. 32,64; default: not searched, 64 as for train).")
 @click.option("--optimizer", "optimizers", default=None, metavar="LIST",
               help="Optimisers to try: sgd, adam, adamw (e.g. sgd,adam; default: as for train, the recipe's: adam "
                    "below 3,000 training images, else adamw).")
@@ -70,12 +70,12 @@ def tune(**params: Any) -> None:
 
     space: dict[str, list[Any] | None] = {  # None: not searched, the recipe's value (as train resolves it)
         "lr": parse_float_list(params["lrs"], "--lr") if params["lrs"] is not None else None,
-        "batch_size": _ints(params["batch_sizes"], "--batch-size"),
+        "batch_size": _ints(params["batch_sizes"], "--batch-size") if params["batch_sizes"] is not None else None,
         "optimizer": _choices(params["optimizers"], ("sgd", "adam", "adamw"), "--optimizer")
         if params["optimizers"] is not None else None,
+        "weight_decay": parse_float_list(params["weight_decays"], "--weight-decay")
+        if params["weight_decays"] is not None else None,
     }
-    if params["weight_decays"]:
-        space["weight_decay"] = parse_float_list(params["weight_decays"], "--weight-decay")
     base = TrainConfig(**config_kwargs(params))
     result = run_search(params["dataset"], params["out"], base, space, search=params["search"],
                         trials=params["trials"], keep_weights=params["keep_weights"])

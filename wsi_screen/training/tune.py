@@ -126,7 +126,9 @@ def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: Map
             if t is not best:
                 (t.model_dir / WEIGHTS_NAME).unlink(missing_ok=True)
     monitor = str(best.metrics.get("monitor", ""))
-    summary = {"dataset": str(dataset), "search": search, "space": dict(space), "monitor": monitor,
+    # every searchable setting, null where not searched (its value per trial is in trials.csv)
+    recorded = {k: space.get(k) for k in SEARCHABLE}
+    summary = {"dataset": str(dataset), "search": search, "space": recorded, "monitor": monitor,
                "trials": len(done), "best_trial": best.index, "best_params": best.params,
                "best_score": best.score, "best_dir": str(best_dir), "test_split_used": False}
     atomic_write_text(out / "tune.json", json.dumps(summary, indent=2, default=str) + "\n")
