@@ -117,6 +117,9 @@ def test_train_evaluate_predict_tune(herlev_small: Path, tmp_path: Path, capsys:
     record = json.loads(out)
     assert record["predicted"] in ("abnormal", "normal") and set(record["probabilities"]) == {"abnormal", "normal"}
     assert record["domain_distance"] >= 0 and isinstance(record["in_domain"], bool)
+    # one number, one rounding: it was 0.045757 in probabilities and 0.04575711488723755 as positive_probability
+    assert record["positive_probability"] == record["probabilities"][record["positive_class"]]
+    assert record["positive_probability"] == round(record["positive_probability"], 6)
     code, out, _ = run(["predict", str(herlev_small / "test"), "--model", str(model)], capsys)
     assert code == 0 and len(out.strip().splitlines()) == 1 + 8
 

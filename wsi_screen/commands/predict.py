@@ -92,9 +92,9 @@ def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch
             if as_json:
                 click.echo(json.dumps({
                     "path": str(path), "predicted": label,
-                    "probabilities": {c: round(float(p), 6) for c, p in zip(spec.classes, row, strict=True)},
+                    "probabilities": {c: _rounded(p) for c, p in zip(spec.classes, row, strict=True)},
                     "positive_class": spec.positive_class,
-                    "positive_probability": score if spec.positive_index is not None else None,
+                    "positive_probability": _rounded(score) if spec.positive_index is not None else None,
                     "threshold": spec.threshold, **where}))
             else:
                 cells = [f"{where['domain_distance']:.4f}", str(where["in_domain"]).lower()] if where else []
@@ -105,3 +105,9 @@ def predict(images: tuple[str, ...], model_dir: str | None, as_json: bool, batch
             "data, so their predictions are unreliable", flagged, predicted, domain.threshold if domain else 0)
     if unreadable:
         click.get_current_context().exit(1)
+
+
+def _rounded(probability: float) -> float:
+    """A probability as --json prints it, every one the same way (6 decimals): ``positive_probability`` is its
+    class's entry of ``probabilities``, not the same number to 17 digits."""
+    return round(float(probability), 6)
