@@ -204,6 +204,16 @@ def test_tile_can_keep_coordinates_only_as_the_cli_does(example_slide: Path, mod
         with pytest.raises(ConfigError, match=r"^`pixels` is True \(the patches are kept\) or False \(coordinates "
                                               r"only\), not 'none'$"):
             wsi_screen.tile(slide, mpp=2.0, size=64, pixels="none")  # type: ignore[arg-type]
+        # how pixels are kept, given for a store that keeps none: refused as `tile --pixels none --codec` is
+        # (both were accepted and ignored here), nothing written
+        with pytest.raises(ConfigError, match=r"^`codec` says how patch pixels are kept, and `pixels=False` keeps "
+                                              r"none \(a coordinates-only store\): drop it, or use `pixels=True`$"):
+            wsi_screen.tile(slide, tmp_path / "refused", mpp=2.0, size=64, pixels=False, codec="lz4")
+        with pytest.raises(ConfigError, match=r"^`codec` and `quality` say how .* drop them, or use `pixels=True`$"):
+            wsi_screen.tile(slide, mpp=2.0, size=64, pixels=False, codec="jpeg", quality=90)
+        with pytest.raises(ConfigError, match=r"^`quality` says how "):
+            wsi_screen.tile(slide, mpp=2.0, size=64, pixels=False, quality=80)
+        assert not (tmp_path / "refused").exists()
         for_model = wsi_screen.tile(slide, mpp=model.spec.mpp, size=model.spec.input_size, pixels=False)
     assert kept.has_pixels and not coords_only.has_pixels and not on_disk.has_pixels
     assert coords_only.attrs["settings"]["pixels"] == "none" and coords_only.codec is None

@@ -71,6 +71,7 @@ API_WORDS: dict[str, str] = {
     "slide_mpps": "`wsi_screen.open_slide(path, force_mpp=...)`",   # replaces the declared resolution (screen too)
     "size_px": "`size`", "overlap_px": "`overlap`", "stain_method": "`stain`",   # tile(slide, ...)
     "slide_threshold": "`threshold`",                           # call_slide(scores, threshold=)
+    "no_pixels": "`pixels=False`", "keep_pixels": "`pixels=True`",  # tile(slide, pixels=)
     "list_models": "`wsi_screen.models.list_models()`", "list_encoders": "`wsi_screen.models.encoders.list_encoders()`",
 }
 

@@ -14,7 +14,7 @@ from wsi_screen.commands._options import (
     slide_timeout_option,
 )
 from wsi_screen.errors import ConfigError, in_user_words
-from wsi_screen.tiling.codecs import CODECS, DEFAULT_CODEC, DEFAULT_QUALITY, PatchCodec
+from wsi_screen.tiling.codecs import CODECS, DEFAULT_CODEC, DEFAULT_QUALITY, PatchCodec, refuse_pixel_settings
 
 
 @click.command(short_help="Cut slides into tissue patches, one zarr store per slide.")
@@ -180,8 +180,5 @@ def _refuse_pixel_options(ctx: click.Context) -> None:
         where = ctx.get_parameter_source(param.name)
         if where == source.COMMANDLINE or (where in (source.DEFAULT_MAP, source.ENVIRONMENT)
                                            and ctx.params[param.name] not in (param.default, defaults[param.name])):
-            given.append(f"--{param.name}")
-    if given:
-        raise ConfigError(f"{' and '.join(given)} {'say' if len(given) > 1 else 'says'} how patch pixels are kept, "
-                          "and --pixels none keeps none (a coordinates-only store): drop "
-                          f"{'them' if len(given) > 1 else 'it'}, or use --pixels store")
+            given.append(str(param.name))
+    refuse_pixel_settings(given)  # the rule and its words are the API's tile(pixels=False)'s

@@ -45,7 +45,7 @@ from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource
 from wsi_screen.slide.slide import ReaderChoice, Slide, mpp_for, open_slide
 from wsi_screen.tiling import memory
-from wsi_screen.tiling.codecs import DEFAULT_CODEC, PatchCodec
+from wsi_screen.tiling.codecs import DEFAULT_CODEC, PatchCodec, refuse_pixel_settings
 from wsi_screen.tiling.grid import TileSpec, make_grid, stride_l0, tile_size_l0
 from wsi_screen.tiling.ondemand import split_reads
 from wsi_screen.tiling.store import (
@@ -691,8 +691,9 @@ def tile(slide: Slide | str | os.PathLike[str], out: str | Path | None = None, *
     pixels
         ``False``: a coordinates-only store, as the ``tile`` command writes with its ``pixels`` option set to
         none: coordinates, tissue, thumbnail, mask, stain fit and settings, no patch pixels; reading a patch reads
-        it from the slide (which must stay where it is), so its patches are the slide's exact pixels (``codec``
-        and ``quality`` do not apply; ``store.close()`` closes the slide).
+        it from the slide (which must stay where it is), so its patches are the slide's exact pixels
+        (``store.close()`` closes the slide). ``codec`` or ``quality`` given with it is a ``ConfigError``, as
+        the ``tile`` command refuses them with ``--pixels none``.
 
     Returns
     -------
@@ -717,6 +718,8 @@ def tile(slide: Slide | str | os.PathLike[str], out: str | Path | None = None, *
     """
     if not isinstance(pixels, bool):
         raise ConfigError(f"`pixels` is True (the patches are kept) or False (coordinates only), not {pixels!r}")
+    if not pixels:  # as the tile command refuses --codec / --quality with --pixels none
+        refuse_pixel_settings([name for name, value in (("codec", codec), ("quality", quality)) if value is not None])
     config = TileConfig(spec=TileSpec(mpp=mpp, size_px=size, overlap_px=overlap, min_tissue=min_tissue),
                         stain=stain, stain_target=stain_target, tissue=TissueSettings.of(tissue),
                         workers=check_whole(workers, "workers", at_least=1),
