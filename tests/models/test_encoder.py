@@ -115,6 +115,28 @@ def test_a_whole_pickled_model_is_refused_in_a_line_of_our_own(example_slide: Pa
         "safetensors.torch.save_file(model.state_dict(), FILE) or torch.save(model.state_dict(), FILE)"], res
 
 
+def test_an_empty_or_damaged_safetensors_file_is_called_that(tmp_path: Path) -> None:
+    """An empty x.safetensors was 'not a weights file (.safetensors, .pth or .bin)', though it is named one."""
+    from safetensors.torch import save_file
+
+    empty = tmp_path / "x.safetensors"
+    empty.touch()
+    with pytest.raises(ModelError, match=r"x\.safetensors: is empty \(0 bytes\); copy the weights file again$"):
+        load_encoder(TINY_ARCH, weights=empty)
+    cut = tmp_path / "cut.safetensors"
+    save_file(tiny_state(), str(cut))
+    cut.write_bytes(cut.read_bytes()[:5])  # a copy stopped inside the header's length
+    with pytest.raises(ModelError, match=r"cut\.safetensors: cannot be read as safetensors \(its header is "):
+        load_encoder(TINY_ARCH, weights=cut)
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    with pytest.raises(ModelError, match=r"notes\.txt: not a weights file \(\.safetensors, \.pth or \.bin\)$"):
+        load_encoder(TINY_ARCH, weights=other)
+    res = run_cli("train", tmp_path, "--encoder", TINY_ARCH, "--weights", empty, "-o", tmp_path / "m")
+    assert res.code == 1 and res.err_lines == [f"wsi-screen: error: {empty}: is empty (0 bytes); copy the weights "
+                                               "file again"], res
+
+
 def test_wrong_architecture_for_file(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

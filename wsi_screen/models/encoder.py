@@ -440,6 +440,11 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     if kind == "safetensors":
         return read_weights(path)
     if kind not in ("zip", "pickle") and path.suffix.lower() not in TORCH_SUFFIXES:
+        if path.stat().st_size == 0:  # a failed download or copy: say so, not that its kind is wrong
+            raise ModelError(f"{path}: is empty (0 bytes); copy the weights file again")
+        if path.suffix.lower() == ".safetensors":
+            raise ModelError(f"{path}: cannot be read as safetensors (its header is missing or damaged: a truncated "
+                             "or partly copied file?); copy the weights file again")
         raise ModelError(f"{path}: not a weights file (.safetensors, .pth or .bin)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
