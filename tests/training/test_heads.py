@@ -88,11 +88,17 @@ def test_a_head_folder_recording_an_empty_arch_still_loads(head_model: tuple[Pat
     np.testing.assert_allclose(model.predict(images), load_model(folder, precision="fp32").predict(images), atol=1e-6)
 
 
-def test_a_head_on_resized_patches_records_their_scale_at_its_size(pcam_small: Path, tmp_path: Path) -> None:
+def test_a_head_on_resized_patches_records_their_scale_at_its_size(pcam_small: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """`size` 64 on 96 px patches at 0.972 um/px: the model's patches are 64 px at 1.458 um/px (the 93 um field the
-    head trained on); it recorded 0.972, and infer tiled a 62 um field."""
-    train(pcam_small, tmp_path / "m", head_config(tmp_path / "cache", size=64, epochs=1))
+    head trained on); it recorded 0.972, and infer tiled a 62 um field. With no cache named, the default one used is
+    recorded (train_config.embedding_cache was null)."""
+    monkeypatch.setenv("WSI_SCREEN_CACHE", str(tmp_path / "home-cache"))
+    train(pcam_small, tmp_path / "m", head_config(tmp_path / "cache", size=64, epochs=1, embedding_cache=None))
     spec = load_model(tmp_path / "m", precision="fp32").spec
+    used = tmp_path / "home-cache" / "embeddings"
+    assert spec.train_config["embedding_cache"] == str(used)
+    assert Path(spec.train_config["embeddings"]["cache"]).parent == used and any(used.glob("*.safetensors"))
     assert spec.input_size == 64 and spec.mpp == pytest.approx(0.972 * 96 / 64)
     assert json.loads((tmp_path / "m" / "config.json").read_text())["mpp"] == pytest.approx(1.458)
 
