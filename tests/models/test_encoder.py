@@ -276,6 +276,10 @@ def test_models_lists_encoders() -> None:
     virchow = next(line for line in lines if line.startswith("virchow2"))
     assert virchow.split()[:5] == ["virchow2", "hf-hub:paige-ai/Virchow2", "2560", "224", "0.5"]
     assert virchow.split()[-1] == "yes" and len(lines) == 1 + len(ENCODERS)
+    # the note under the list says which commands' option it is about (it read as advice for `models` itself)
+    assert res.err_lines == ["train --encoder and embed --encoder also take 'default' or a model folder (its "
+                             "backbone), hf-hub:ORG/NAME, timm/NAME.TAG, or an architecture with --weights FILE "
+                             "(docs/encoders.md)."], res
     res = run_cli("models", "--encoders", "UNI*")  # a glob, as for architectures
     assert res.code == 0 and [line.split()[0] for line in res.out.splitlines()[1:]] == ["uni", "uni2-h"], res
     res = run_cli("models", "--encoders", "virchov*")

@@ -119,8 +119,8 @@ def _print_encoders(pattern: str | None) -> None:
     for e in found:
         click.echo(f"{e.name:<15} {e.hub:<37} {e.dim:>5} {e.input_size:>5} {e.mpp:>5g}  {e.licence:<21} "
                    f"{'yes' if e.gated else 'no'}")
-    click.echo("Also: 'default' or a model folder (its backbone), hf-hub:ORG/NAME, timm/NAME.TAG, or an architecture "
-               "with --weights FILE (docs/encoders.md).", err=True)
+    click.echo("train --encoder and embed --encoder also take 'default' or a model folder (its backbone), "
+               "hf-hub:ORG/NAME, timm/NAME.TAG, or an architecture with --weights FILE (docs/encoders.md).", err=True)
 
 
 def _print_card(model_dir: str | None) -> None:
