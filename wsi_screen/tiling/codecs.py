@@ -44,7 +44,8 @@ BLOSC_CLEVEL: Final = 5
 def refuse_pixel_settings(given: list[str]) -> None:
     """A coordinates-only store keeps no patch pixels, so a setting of how they are kept (``codec``, ``quality``)
     given with it is a :class:`~wsi_screen.errors.ConfigError` at any value, not silently ignored: the one rule
-    for the API's ``tile(pixels=False)`` and ``tile --pixels none``. ``given``: the settings the caller gave."""
+    for the API's ``tile(pixels=False)`` and the ``tile`` command's coordinates-only stores. ``given``: the
+    settings the caller gave."""
     if given:
         many = len(given) > 1
         raise ConfigError(f"{' and '.join(f'`{name}`' for name in given)} {'say' if many else 'says'} how patch "

@@ -693,7 +693,7 @@ def tile(slide: Slide | str | os.PathLike[str], out: str | Path | None = None, *
         none: coordinates, tissue, thumbnail, mask, stain fit and settings, no patch pixels; reading a patch reads
         it from the slide (which must stay where it is), so its patches are the slide's exact pixels
         (``store.close()`` closes the slide). ``codec`` or ``quality`` given with it is a ``ConfigError``, as
-        the ``tile`` command refuses them with ``--pixels none``.
+        the ``tile`` command refuses its codec and quality options for a coordinates-only store.
 
     Returns
     -------
