@@ -272,11 +272,14 @@ def scheduler(tmp_path: Path) -> Iterator[str]:
 
     try:
         deadline = time.monotonic() + 60
-        while not file.exists():
+        address = None
+        while address is None:  # the scheduler writes its file in place: it can exist and still be empty or partial
             if time.monotonic() > deadline or procs[0].poll() is not None:
                 pytest.fail(f"dask scheduler did not start:\n{tails()}")
-            time.sleep(0.2)
-        address = json.loads(file.read_text())["address"]
+            try:
+                address = json.loads(file.read_text())["address"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                time.sleep(0.2)
         for i in range(2):
             procs.append(_start([*dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
                                  "--nworkers", "1", "--dashboard-address", "127.0.0.1:0", "--name", f"w{i}",
