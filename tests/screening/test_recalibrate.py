@@ -360,3 +360,79 @@ def test_labels_that_disagree_with_the_call_are_marked_and_the_slide_metrics_hav
             "takes at least 20 to mean much"
     assert m["warnings"] == [small] and f"slide metrics: {small}" in res.err
     assert f"sensitivity 0.667 (95 % CI {lo:.2f}-{hi:.2f})" in page and html.escape(small) in page
+
+
+def _run_copy(run: Path, to: Path) -> Path:
+    """The run's tables and slide folders without its stores (calibrate reads no store)."""
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns("stores", "*.png", "*.html"))
+    return to
+
+
+def test_calibrate_never_writes_into_the_package_models(
+        run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run scored by another model folder, -o the bundled default --overwrite: it was replaced (the guard only
+    refused the run's own model folder). The package's models folder is stood in for by a copy."""
+    from wsi_screen.models import default_model_dir
+    from wsi_screen.screening import recalibrate
+
+    folder, _ = slides
+    package = tmp_path / "resources" / "models"
+    shutil.copytree(default_model_dir(), package / "default")
+    monkeypatch.setattr(recalibrate, "default_model_dir", lambda: package / "default")
+    mine = tmp_path / "mine"
+    shutil.copytree(default_model_dir(), mine)  # the same sha256: it scored the run
+    before = {p.name: p.read_bytes() for p in (package / "default").iterdir() if p.is_file()}
+    for out in (package / "default", package / "lab", package / "default" / "sub"):
+        res = run_cli("calibrate", run, "--labels", folder / "slides.csv", "-o", out, "--model", mine, "--overwrite")
+        assert res.code != 0 and res.err_lines == [
+            f"wsi-screen: error: {out} is in the package's bundled models ({package}); write the calibrated copy "
+            "elsewhere"], res
+    assert sorted(p.name for p in package.iterdir()) == ["default"]
+    assert {p.name: p.read_bytes() for p in (package / "default").iterdir() if p.is_file()} == before
+
+
+def test_calibrate_overwrite_replaces_only_a_model_folder(
+        run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--overwrite deleted whatever -o named: the run itself (-o RUN), the folder holding the source model and a
+    user's file; `-o .` was an internal error and `-o z/..` left a 20 MB z/....partial."""
+    from wsi_screen.models import default_model_dir
+
+    folder, _ = slides
+    lab = tmp_path / "lab"
+    copy = _run_copy(run, lab / "run")
+    models = lab / "models"
+    shutil.copytree(default_model_dir(), models / "mine")
+    (models / "notes.txt").write_text("mine\n")
+    (lab / "z").mkdir()
+    (lab / "other").mkdir()
+    (lab / "other" / "a.txt").write_text("a\n")
+    labels = folder / "slides.csv"
+    monkeypatch.chdir(lab)
+    refused = {
+        str(copy): f"{copy} is the run {copy}",
+        "run": f"run is the run {copy}",
+        str(models): f"{models} holds the run's model folder {models / 'mine'}",
+        str(models / "mine"): f"{models / 'mine'} is the run's model folder {models / 'mine'}",
+        ".": f". holds the run {copy}",
+        "z/..": f"z/.. holds the run {copy}",
+    }
+    for out, said in refused.items():
+        res = run_cli("calibrate", copy, "--labels", labels, "-o", out, "--model", models / "mine", "--overwrite")
+        assert res.code != 0 and res.err_lines == [
+            f"wsi-screen: error: {said}; write the calibrated copy elsewhere"], res
+    res = run_cli("calibrate", copy, "--labels", labels, "-o", "other", "--model", models / "mine", "--overwrite")
+    assert res.code != 0 and res.err_lines == [
+        "wsi-screen: error: other is not a model folder (no config.json and model.safetensors); --overwrite replaces "
+        "only an earlier calibrated copy: choose another folder"], res
+    assert (copy / "results.csv").exists() and (models / "mine" / "model.safetensors").exists()
+    assert (models / "notes.txt").read_text() == "mine\n" and (lab / "other" / "a.txt").read_text() == "a\n"
+    assert sorted(p.name for p in lab.iterdir()) == ["models", "other", "run", "z"]  # no .partial anywhere
+    assert sorted(p.name for p in models.iterdir()) == ["mine", "notes.txt"]
+    # an earlier calibrated copy is replaced, given as a path with '..' in it
+    assert run_cli("calibrate", copy, "--labels", labels, "-o", "c", "--model", models / "mine").code == 0
+    res = run_cli("calibrate", copy, "--labels", labels, "-o", "z/../c", "--model", models / "mine", "--overwrite")
+    assert res.code == 0, res
+    assert sorted(p.name for p in lab.iterdir()) == ["c", "models", "other", "run", "z"]
+

@@ -18,7 +18,9 @@ from wsi_screen.commands._options import common_options, configure_output
                    "other than the run's (another sha256 of weights and config) is refused.")
 @click.option("--min-specificity", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True,
               help="Specificity the threshold must keep on the labelled negatives of every slide-size bin.")
-@click.option("--overwrite", is_flag=True, help="Replace MODEL_DIR if it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace MODEL_DIR if it is a model folder (an earlier calibrated copy); never the run, its model "
+                   "or a folder holding either. The package's bundled models are never written.")
 @common_options
 def calibrate(run: str, labels: str, out: str, model: str | None, min_specificity: float, overwrite: bool) -> None:
     """Choose the slide rule and threshold on the labelled slides of RUN (from `wsi-screen infer`).

@@ -23,7 +23,7 @@ from typing import Any
 from wsi_screen._safe_write import atomic_write_text, fsync_tree, swap_in, write_failed
 from wsi_screen.errors import ConfigError, RunError
 from wsi_screen.metrics import few_positives, wilson
-from wsi_screen.models import PatchClassifier, load_model
+from wsi_screen.models import CONFIG_NAME, WEIGHTS_NAME, PatchClassifier, default_model_dir, load_model
 from wsi_screen.models.card import CARD_NAME, read_card
 from wsi_screen.models.spec import ModelSpec
 from wsi_screen.screening import calibration, runfolder
@@ -114,6 +114,33 @@ def _restate_card(model_dir: Path, spec: ModelSpec, config: AggregateConfig, cal
     atomic_write_text(model_dir / CARD_NAME, json.dumps(card, indent=2, allow_nan=False, default=str) + "\n")
 
 
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def refuse_bundled(out: str | Path, dest: Path) -> None:
+    """The package's models folder is not written to (a calibrated copy there would replace the bundled model)."""
+    bundled = default_model_dir().parent
+    if _within(dest, bundled):
+        raise ConfigError(f"{out} is in the package's bundled models ({bundled}); write the calibrated copy "
+                          "elsewhere")
+
+
+def check_destination(out: str | Path, dest: Path, *, run: Path, source: Path) -> None:
+    """Refuse an existing folder ``dest`` (``out`` resolved) that the calibrated copy would replace but this command
+    did not write: `overwrite` replaces only a model folder (its config.json and model.safetensors), never the run,
+    the source model or a folder that holds either."""
+    if not dest.exists():
+        return
+    for what, folder in (("the run", run.resolve()), ("the run's model folder", source.resolve())):
+        if _within(folder, dest):
+            held = "is" if folder == dest else "holds"
+            raise ConfigError(f"{out} {held} {what} {folder}; write the calibrated copy elsewhere")
+    if not dest.is_dir() or not all((dest / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME)):
+        raise ConfigError(f"{out} is not a model folder (no {CONFIG_NAME} and {WEIGHTS_NAME}); `overwrite` replaces "
+                          "only an earlier calibrated copy: choose another folder")
+
+
 def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: str | Path | None = None,
                 min_specificity: float = calibration.DEFAULT_MIN_SPECIFICITY,
                 overwrite: bool = False) -> Recalibration:
@@ -121,15 +148,15 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
     run = Path(run)
     if not (run / runfolder.RESULTS_CSV).exists():
         raise RunError(f"{run}: not a run folder of `wsi-screen infer` (no {runfolder.RESULTS_CSV})")
-    dest = Path(out)  # refused before any work, not after it
-    if dest.exists() and not overwrite:
-        raise ConfigError(f"{dest} already exists; set `overwrite` or choose another folder")
+    dest = Path(out).resolve()  # "." and "z/.." name a folder only once resolved
+    refuse_bundled(out, dest)
+    if dest.exists() and not overwrite:  # refused before any work, not after it
+        raise ConfigError(f"{out} already exists; set `overwrite` or choose another folder")
     scored_by = _run_model(run)
     if model is None and not scored_by:
         raise RunError(f"{run}: run.json does not name the run's model; set `model`")
     source = Path(model) if model is not None else Path(scored_by["path"])
-    if dest.exists() and dest.resolve() == source.resolve():
-        raise ConfigError(f"{dest} is the run's own model folder; write the calibrated copy elsewhere")
+    check_destination(out, dest, run=run, source=source)
     classifier: PatchClassifier = load_model(source)
     if model is not None:
         _check_scored_by(run, scored_by, source, classifier)
@@ -159,6 +186,9 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
     if n_pos == 0 or n_pos == len(slides):
         raise ConfigError(f"{run}: calibration needs labelled slides of both kinds among the scored ones; found "
                           f"{n_pos} positive and {len(slides) - n_pos} negative")
+    found = calibrated_rule(source, patch_threshold)  # read before the copy is written
+    previous, previous_source = (found[0], str(source / SLIDE_RULE_JSON)) if found is not None else \
+        (fallback_rule(spec.threshold), f"the fallback rule ({source} has no {SLIDE_RULE_JSON})")
     config, doc = calibration.calibrate(slides, patch_threshold=patch_threshold, min_specificity=min_specificity)
     doc["calibrated_on"] = {"run": str(run.resolve()), "labels": str(Path(labels).resolve()),
                             "n_slides": len(slides), "n_positive": n_pos, "source_model": str(source.resolve())}
@@ -180,9 +210,8 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
         fsync_tree(tmp)
         swap_in(tmp, dest)
     except OSError as exc:
-        raise write_failed(dest, exc) from exc
-    found = calibrated_rule(source, patch_threshold)
-    previous, previous_source = (found[0], str(source / SLIDE_RULE_JSON)) if found is not None else \
-        (fallback_rule(spec.threshold), f"the fallback rule ({source} has no {SLIDE_RULE_JSON})")
+        raise write_failed(out, exc) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left behind by a failed write
     return Recalibration(model_dir=dest, config=config, doc=doc, n_positive=n_pos, n_negative=len(slides) - n_pos,
                          previous=previous, previous_source=previous_source)
