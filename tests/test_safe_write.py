@@ -70,6 +70,17 @@ def test_swap_in_replaces_a_folder_whole(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # neither the partial nor the old one left
 
 
+def test_swap_in_leaves_a_folder_named_like_its_old_copy(tmp_path: Path) -> None:
+    """Replacing 's' deleted a folder 's.old' beside it (another slide's folder, a user's copy)."""
+    final, work, other = tmp_path / "s", tmp_path / ".s.partial", tmp_path / "s.old"
+    for folder in (final, work, other):
+        folder.mkdir()
+        (folder / "f.txt").write_text(folder.name)
+    sw.swap_in(work, final)
+    assert (final / "f.txt").read_text() == ".s.partial" and (other / "f.txt").read_text() == "s.old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s", "s.old"]
+
+
 def test_lock_is_exclusive_until_released(tmp_path: Path) -> None:
     target = tmp_path / "a.zarr"
     held = sw.acquire(target)

@@ -131,10 +131,12 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[Path], obje
 
 
 def swap_in(work: Path, final: Path) -> None:
-    """Rename the finished folder ``work`` to ``final`` (an existing ``final`` is moved aside first, then
-    removed), and make the rename durable. Raises OSError; the caller words it."""
+    """Rename the finished folder ``work`` to ``final`` (an existing ``final`` is moved aside first, to the hidden
+    ``.<name>.old``, then removed), and make the rename durable. Raises OSError; the caller words it. The name
+    moved aside to is hidden so that it is no one's output: ``<name>.old`` was, and a folder of that name beside
+    ``final`` (a slide called ``a.old``, a user's ``lab.old``) was deleted."""
     if final.exists():
-        trash = final.with_name(final.name + ".old")
+        trash = final.with_name(f".{final.name}.old")
         shutil.rmtree(trash, ignore_errors=True)
         final.rename(trash)
         work.rename(final)
