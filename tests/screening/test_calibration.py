@@ -8,6 +8,7 @@ import pytest
 from wsi_screen import metrics
 from wsi_screen.errors import ConfigError
 from wsi_screen.screening import calibration
+from wsi_screen.screening.aggregate import AggregateConfig
 from wsi_screen.screening.spatial import patch_grid
 
 
@@ -22,6 +23,22 @@ def test_choose_prefers_sensitivity_then_auc_then_the_simpler_rule() -> None:
         calibration.choose({"mean": [0.1, 0.2]}, [True, True])
     with pytest.raises(ConfigError, match="2 scores for 3"):
         calibration.choose({"mean": [0.1, 0.2]}, [True, False, True])
+
+
+def test_choose_breaks_a_tie_by_the_preferred_rule_else_the_widest_margin() -> None:
+    """All three separate the slides (sensitivity and AUC 1): list order chose mean, the narrowest margin."""
+    y = [True, True, False, False]
+    scores = {"mean": [0.30, 0.31, 0.29, 0.0], "max": [0.9, 1.0, 0.1, 0.0], "topk1": [0.6, 0.7, 0.4, 0.0]}
+    choice = calibration.choose(scores, y, min_specificity=1.0)
+    assert (choice.candidate.name, choice.tied) == ("max", ("mean", "max", "topk1"))
+    assert {r["rule"]: round(r["margin"], 3) for r in choice.table} == {"mean": round(0.01 / 0.31, 3), "max": 0.8,
+                                                                       "topk1": round(0.2 / 0.7, 3)}
+    assert calibration.choose(scores, y, min_specificity=1.0, prefer="topk1").candidate.name == "topk1"
+    scores["max"] = [0.9, 0.1, 0.2, 0.0]  # no longer among the best: not preferred
+    choice = calibration.choose(scores, y, min_specificity=1.0, prefer="max")
+    assert (choice.candidate.name, choice.tied) == ("topk1", ("mean", "topk1"))
+    assert calibration.candidate_name(AggregateConfig(rule="region", region_threshold=0.8)) == "region0.8"
+    assert calibration.candidate_name(AggregateConfig(rule="topk", k=10)) == "topk10"
 
 
 def test_choose_keeps_the_specificity_on_an_area_score() -> None:

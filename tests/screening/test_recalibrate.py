@@ -104,11 +104,13 @@ def test_calibrate_writes_a_model_copy_that_infer_uses(run: Path, slides: tuple[
                                                         "model.safetensors").read_bytes()
     # the copy's card states the calibrated rule and threshold, not the source's (it used to)
     point = json.loads((out / "card.json").read_text())["operating_point"]
+    config = json.loads((out / "config.json").read_text())
     stated = describe(AggregateConfig(rule=doc["rule"], k=doc["k"], slide_threshold=doc["slide_threshold"],
                                       radius=doc["radius"], region_threshold=doc["region_threshold"],
-                                      patch_threshold=doc["patch_threshold"]), "tumour")
+                                      patch_threshold=doc["patch_threshold"]), "tumour",
+                      patch_area_mm2=(config["mpp"] * config["input_size"] / 1000) ** 2)
     assert point["slide_threshold"] == doc["slide_threshold"]
-    assert point["slide_rule"].split(" (")[0] == stated.split(" (")[0] and f"{doc['slide_threshold']:.3g}" in stated
+    assert point["slide_rule"] == stated and f"{doc['slide_threshold']:.3g}" in stated
     source_card = json.loads((Path(doc["calibrated_on"]["source_model"]) / "card.json").read_text())
     assert (point["slide_rule"] == source_card["operating_point"]["slide_rule"]) == (
         doc["rule"] == "region" and f"{doc['slide_threshold']:.3g}" == "0.0479")
@@ -436,3 +438,19 @@ def test_calibrate_overwrite_replaces_only_a_model_folder(
     assert res.code == 0, res
     assert sorted(p.name for p in lab.iterdir()) == ["c", "models", "other", "run", "z"]
 
+
+def test_calibrate_keeps_the_models_rule_on_a_tie(run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]],
+                                                  tmp_path: Path) -> None:
+    """Four separable slides: every candidate detects both positives at 100 % specificity with AUC 1, and the first
+    in list order (mean) won, changing the rule region -> mean and call_patch_threshold 0.8 -> 0.5."""
+    folder, _ = slides
+    out = tmp_path / "c"
+    res = run_cli("calibrate", run, "--labels", folder / "slides.csv", "-o", out)
+    assert res.code == 0, res
+    doc = json.loads((out / "slide_rule.json").read_text())
+    best = [n for n, r in doc["candidates"].items() if (r["sensitivity"], r["auc"]) == (1.0, 1.0)]
+    assert "region0.8" in best and "mean" in best and sorted(doc["tie"]) == sorted(best)
+    assert (doc["name"], doc["rule"], doc["call_patch_threshold"]) == ("region0.8", "region", 0.8)
+    assert f"a tie: {len(best)} candidates have the chosen one's sensitivity and AUC (" in res.out
+    assert "kept the model's own rule" in res.out
+    assert "  rule: " not in res.out and "  call_patch_threshold: " not in res.out

@@ -28,9 +28,11 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
     Every rule (mean, max, top-k, fraction, smoothed maximum, largest region) is scored on every labelled
     slide from the run's patch scores; the threshold of each is the one with the highest sensitivity that
     keeps --min-specificity on the negatives of every slide-size bin, and the rule with the highest
-    sensitivity wins. The terminal shows every candidate (by rule, then its setting) and each setting of the
-    rule that changed from the model's own (rule, k, radius, slide_threshold, call_patch_threshold: the foci's
-    patch probability, min_focus_patches: the smallest focus, in patches). MODEL_DIR gets a copy of the model
+    sensitivity wins (then the higher AUC; a tie keeps the model's own rule where it is among the best, else
+    takes the widest margin between the classes, and is said). The terminal shows every candidate (by rule,
+    then its setting) and each setting of the rule that changed from the model's own (rule, k, radius,
+    slide_threshold, call_patch_threshold: the foci's patch probability, min_focus_patches: the smallest focus,
+    in patches). MODEL_DIR gets a copy of the model
     with that choice in slide_rule.json, stated in its card (`wsi-screen models --card MODEL_DIR`); screen with
     `wsi-screen infer SLIDES --model MODEL_DIR`. Choose on one set of slides and check on another.
 
@@ -42,8 +44,9 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
     """
     configure_output()
     from wsi_screen.screening.aggregate import AREA_UNIT
-    from wsi_screen.screening.calibration import candidates
+    from wsi_screen.screening.calibration import candidate_name, candidates
     from wsi_screen.screening.recalibrate import recalibrate, rule_changes
+    from wsi_screen.slide.tables import few
 
     result = recalibrate(run, labels, out, model=model, min_specificity=min_specificity, overwrite=overwrite)
     table = result.doc["candidates"]
@@ -57,6 +60,11 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
     unit = f" {AREA_UNIT}" if c.rule == "region" else ""
     click.echo(f"\nchosen on {result.n_positive} positive and {result.n_negative} negative slides: "
                f"{chosen} score >= {c.slide_threshold:.4g}{unit}")
+    if result.doc.get("tie"):
+        kept = chosen == candidate_name(result.previous)
+        click.echo(f"a tie: {len(result.doc['tie'])} candidates have the chosen one's sensitivity and AUC "
+                   f"({few(result.doc['tie'])}); " + ("kept the model's own rule" if kept else
+                                                      f"chose {chosen}, the widest margin between the classes"))
     changes = rule_changes(result.previous, c)
     click.echo(f"changed from {result.previous_source}:" if changes else
                f"no setting changed from {result.previous_source}")
@@ -67,3 +75,4 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
 
 def _value(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+

@@ -6,8 +6,9 @@ operating point of a screening tool that labs will use is set by its negatives: 
 threshold is the one with the highest sensitivity among those whose specificity on the calibration slides
 is at least ``min_specificity`` (:func:`wsi_screen.metrics.choose_threshold`, ``specificity:X`` within
 every slide-size bin). The candidate with the
-highest sensitivity there wins; ties go to the higher slide AUC, then to the simpler rule (the order of
-:func:`candidates`).
+highest sensitivity there wins, then the one with the higher slide AUC. Candidates tied on both (on a small cohort
+every rule may separate it) go to the model's current rule where it is one of them (``prefer``), else to the widest
+margin (:func:`margin`), then to the simpler rule (the order of :func:`candidates`); the choice records the tie.
 
 The cohort it is chosen on comes from :mod:`wsi_screen.synthetic.cohort` (``scripts/calibrate_slide_rule.py``), or
 from a lab's own labelled run (``wsi-screen calibrate``).
@@ -74,12 +75,45 @@ class Choice:
     specificity: float
     auc: float
     table: list[dict[str, Any]]
+    #: the candidates tied with the chosen one on sensitivity and AUC (empty when it was chosen outright)
+    tied: tuple[str, ...] = ()
+
+
+def candidate_name(config: AggregateConfig) -> str:
+    """The name of the :func:`candidates` entry a rule's settings are (e.g. ``topk10``, ``region0.8``)."""
+    suffix = {"topk": f"{config.k}", "smoothmax": f"{config.radius}", "region": f"{config.region_threshold:g}"}
+    return config.rule + suffix.get(config.rule, "")
+
+
+def margin(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
+    """The gap between the lowest-scoring positive called and the highest-scoring negative not called at
+    ``threshold``, as a share of the scores' range (scale-free: rules score on different scales); 0 when either
+    side is empty."""
+    called = scores >= threshold
+    pos, neg = scores[labels & called], scores[~labels & ~called]
+    spread = float(scores.max() - scores.min())
+    if not pos.size or not neg.size or spread <= 0:
+        return 0.0
+    return float(pos.min() - neg.max()) / spread
+
+
+def best_of(table: Sequence[dict[str, Any]], prefer: str | None = None) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The best row of a :func:`choose` table (sensitivity, then AUC; among ties ``prefer`` if it is one, else the
+    widest margin, then the order of :func:`candidates`) and the names tied with it on sensitivity and AUC."""
+    order = [c.name for c in candidates()]
+    top = max((r["sensitivity"], r["auc"]) for r in table)
+    tied = [r for r in table if (r["sensitivity"], r["auc"]) == top]
+    kept = [r for r in tied if r["rule"] == prefer]
+    best = kept[0] if kept else max(tied, key=lambda r: (r["margin"], -order.index(r["rule"])))
+    return best, tuple(r["rule"] for r in tied) if len(tied) > 1 else ()
 
 
 def choose(scores: Mapping[str, Sequence[float]], labels: Sequence[bool], *,
-           min_specificity: float = DEFAULT_MIN_SPECIFICITY, strata: Sequence[int] | None = None) -> Choice:
+           min_specificity: float = DEFAULT_MIN_SPECIFICITY, strata: Sequence[int] | None = None,
+           prefer: str | None = None) -> Choice:
     """The candidate with the highest sensitivity at specificity >= ``min_specificity`` (within every
-    stratum of ``strata``, if given; the rule of :func:`wsi_screen.metrics.choose_threshold`)."""
+    stratum of ``strata``, if given; the rule of :func:`wsi_screen.metrics.choose_threshold`); ties as
+    :func:`best_of` breaks them (``prefer``: the model's current candidate)."""
     from sklearn.metrics import roc_auc_score
 
     y = np.asarray(labels, dtype=bool)
@@ -97,11 +131,10 @@ def choose(scores: Mapping[str, Sequence[float]], labels: Sequence[bool], *,
         threshold = choose_threshold(y, s, ThresholdRule("specificity", min_specificity), strata=strata)
         sens, spec = rates_at(y, s, threshold)
         table.append({"rule": name, "auc": float(roc_auc_score(y, s)), "threshold": threshold,
-                      "sensitivity": sens, "specificity": spec})
-    order = list(by_name)
-    best = max(table, key=lambda r: (r["sensitivity"], r["auc"], -order.index(r["rule"])))
+                      "sensitivity": sens, "specificity": spec, "margin": margin(y, s, threshold)})
+    best, tied = best_of(table, prefer)
     return Choice(candidate=by_name[best["rule"]], threshold=best["threshold"], sensitivity=best["sensitivity"],
-                  specificity=best["specificity"], auc=best["auc"], table=table)
+                  specificity=best["specificity"], auc=best["auc"], table=table, tied=tied)
 
 
 def min_focus_patches(negative_largest: Sequence[int]) -> int:
@@ -184,17 +217,20 @@ def labelled_slide(name: str, grid: ScoreGrid, positive: bool, patch_threshold: 
 
 
 def calibrate(slides: Sequence[LabelledSlide], *, patch_threshold: float,
-              min_specificity: float = DEFAULT_MIN_SPECIFICITY) -> tuple[AggregateConfig, dict[str, Any]]:
+              min_specificity: float = DEFAULT_MIN_SPECIFICITY,
+              current: AggregateConfig | None = None) -> tuple[AggregateConfig, dict[str, Any]]:
     """Choose the rule on ``slides``; returns the config and the ``slide_rule.json`` body (without provenance).
 
     The focus threshold is the chosen region rule's, or else the best region candidate's; the smallest focus
-    is :func:`min_focus_patches` of the negatives there."""
+    is :func:`min_focus_patches` of the negatives there. Ties keep the ``current`` rule's candidate and focus
+    threshold where they are among the best (:func:`best_of`); ``tie`` in the body names the tied candidates."""
     labels = [s.positive for s in slides]
     names = [c.name for c in candidates()]
     choice = choose({n: [s.scores[n] for s in slides] for n in names}, labels, min_specificity=min_specificity,
-                    strata=[size_bin(s.n_patches) for s in slides])
-    best_region = max((t for t in choice.table if t["rule"].startswith("region")),
-                      key=lambda t: (t["sensitivity"], t["auc"]))
+                    strata=[size_bin(s.n_patches) for s in slides],
+                    prefer=candidate_name(current) if current is not None else None)
+    best_region, _ = best_of([t for t in choice.table if t["rule"].startswith("region")],
+                             f"region{current.region_threshold:g}" if current is not None else None)
     region_threshold = choice.candidate.region_threshold if choice.candidate.rule == "region" \
         else float(best_region["rule"][len("region"):])
     focus = min_focus_patches([s.largest[region_threshold] for s in slides if not s.positive])
@@ -206,7 +242,7 @@ def calibrate(slides: Sequence[LabelledSlide], *, patch_threshold: float,
         c = by_name[row["rule"]]
         per_rule.setdefault(c.rule, {**row, "name": c.name, "rule": c.rule, "k": c.k, "radius": c.radius,
                                      "region_threshold": c.region_threshold})
-    doc = {**config.to_json(), "name": choice.candidate.name, "per_rule": per_rule,
+    doc = {**config.to_json(), "name": choice.candidate.name, "per_rule": per_rule, "tie": list(choice.tied),
            "candidates": {t["rule"]: t for t in choice.table},
            "method": f"highest sensitivity at specificity >= {min_specificity} in every slide-size bin "
                      f"({', '.join(f'{a}-{b}' for a, b in SIZE_BINS)} patches) of the calibration slides; foci: "

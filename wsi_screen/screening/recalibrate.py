@@ -189,7 +189,8 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
     found = calibrated_rule(source, patch_threshold)  # read before the copy is written
     previous, previous_source = (found[0], str(source / SLIDE_RULE_JSON)) if found is not None else \
         (fallback_rule(spec.threshold), f"the fallback rule ({source} has no {SLIDE_RULE_JSON})")
-    config, doc = calibration.calibrate(slides, patch_threshold=patch_threshold, min_specificity=min_specificity)
+    config, doc = calibration.calibrate(slides, patch_threshold=patch_threshold, min_specificity=min_specificity,
+                                        current=previous)
     doc["calibrated_on"] = {"run": str(run.resolve()), "labels": str(Path(labels).resolve()),
                             "n_slides": len(slides), "n_positive": n_pos, "source_model": str(source.resolve())}
     warnings = small_set_warnings(n_pos, len(slides) - n_pos, min_specificity)
