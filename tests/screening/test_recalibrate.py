@@ -258,6 +258,19 @@ def test_calibrate_names_labels_that_match_no_slide_and_warns_of_no_sensitivity(
         said[0].split("calibration: ")[1].replace("--min-specificity", "`min_specificity`")]
 
 
+def test_calibrate_refuses_one_slide_labelled_twice_by_its_file_name(
+        run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]], tmp_path: Path) -> None:
+    """'macro,tumour' and 'macro.tiff,normal' label one slide: the second was dropped without a word."""
+    _, layouts = slides
+    labels = tmp_path / "slides.csv"
+    rows = [f"{n},{'tumour' if lay.positive else 'normal'}" for n, lay in layouts.items()]
+    labels.write_text("\n".join(["slide,label", *rows, "macro.tiff,normal"]) + "\n")
+    res = run_cli("calibrate", run, "--labels", labels, "-o", tmp_path / "c")
+    assert res.code == 1 and not (tmp_path / "c").exists()
+    assert res.err_lines == [f"wsi-screen: error: {labels}:6: 'macro.tiff' is the slide 'macro', given the label "
+                             "'negative' here and 'positive' on line 4; keep one"], res
+
+
 def test_changing_the_rule_redraws_the_heatmap(run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]],
                                                tmp_path: Path) -> None:
     folder, _ = slides

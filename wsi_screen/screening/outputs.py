@@ -342,9 +342,14 @@ def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
             raise ConfigError(f"{path}:{i}: label {row.get('label')!r} is neither the positive class "
                               f"{spec.positive_class!r} nor a negative one ({', '.join(sorted(negative))})")
         found.append((i, raw, truth))
-    out = {raw: str(truth) for raw, (_, truth) in first_rows(found, path, "the label").items()}
-    for raw, truth in list(out.items()):
-        out.setdefault(slide_name(Path(raw)), truth)  # "a.svs" labels slide "a"
+    given = first_rows(found, path, "the label")
+    out = {raw: str(truth) for raw, (_, truth) in given.items()}
+    for raw, (line, label) in given.items():
+        name = slide_name(Path(raw))  # "a.svs" labels slide "a" (a row "a" labels it too: the two must agree)
+        if name != raw and name in given and given[name][1] != label:
+            raise ConfigError(f"{path}:{line}: {raw!r} is the slide {name!r}, given the label {label!r} here and "
+                              f"{given[name][1]!r} on line {given[name][0]}; keep one")
+        out.setdefault(name, str(label))
     return out
 
 
