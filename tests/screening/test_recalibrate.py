@@ -231,7 +231,7 @@ def test_calibrate_refuses_an_existing_folder_before_any_work(tmp_path: Path) ->
                              "folder"] and res.code != 0, res
 
 
-def test_calibrate_names_labels_that_match_no_slide_and_warns_of_no_sensitivity(
+def test_calibrate_names_labels_that_match_no_slide_and_refuses_reversed_ones(
         run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]], tmp_path: Path) -> None:
     _, layouts = slides
     labels = tmp_path / "slides.csv"
@@ -242,20 +242,22 @@ def test_calibrate_names_labels_that_match_no_slide_and_warns_of_no_sensitivity(
                              "slide column must hold the slide names of results.csv, e.g. macro, micro, neg_large, "
                              "neg_small): lab-1.svs, lab-2.svs"], res
     # labels the wrong way round (and one of another run): no rule detects a 'positive' while keeping the
-    # 'negatives' below its threshold; the copy is written, with one warning that says so
+    # 'negatives' below its threshold; nothing is written (a copy calling every slide negative was), one line says why
     rows = ["slide,label", "lab-1.svs,tumour"] + [f"{n},{'normal' if lay.positive else 'tumour'}"
                                                    for n, lay in layouts.items()]
     labels.write_text("\n".join(rows) + "\n")
     res = run_cli("calibrate", run, "--labels", labels, "-o", tmp_path / "c")
-    assert res.code == 0, res
-    assert "wsi-screen: warning: --labels: 1 row(s) name no slide of this run: lab-1.svs" in res.err_lines
-    doc = json.loads((tmp_path / "c" / "slide_rule.json").read_text())
-    said = [line for line in res.err_lines if "no rule detects" in line]
-    assert said == [f"wsi-screen: warning: calibration: no rule detects any of the 2 positive slide(s) at specificity "
-                    f">= 0.99: the chosen {doc['name']} at threshold {doc['slide_threshold']:.4g} calls them all "
-                    "negative; check the labels, or lower --min-specificity"], res.err
-    assert [w for w in doc["warnings"] if "no rule detects" in w] == [
-        said[0].split("calibration: ")[1].replace("--min-specificity", "`min_specificity`")]
+    assert res.code == 1 and not (tmp_path / "c").exists(), res
+    assert res.err_lines[0] == "wsi-screen: warning: --labels: 1 row(s) name no slide of this run: lab-1.svs"
+    assert res.err_lines[-1].startswith("wsi-screen: error: calibration: the best rule, ")
+    assert res.err_lines[-1].endswith(
+        "of the 2 positive slide(s) at specificity >= 0.99; the rules rank the negatives above the positives: the "
+        "labels look reversed (tumour and normal swapped?); no model was written"), res.err
+    # a header alone: the file has no rows (it said none of its 0 rows named a slide, then an empty list)
+    labels.write_text("slide,label\n")
+    res = run_cli("calibrate", run, "--labels", labels, "-o", tmp_path / "c")
+    assert res.code == 1 and res.err_lines == [f"wsi-screen: error: --labels: {labels} has no rows (a header only?); "
+                                               "give a slide,label row for each labelled slide of the run"], res
 
 
 def test_calibrate_refuses_one_slide_labelled_twice_by_its_file_name(

@@ -34,7 +34,8 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
     slide_threshold, call_patch_threshold: the foci's patch probability, min_focus_patches: the smallest focus,
     in patches). MODEL_DIR gets a copy of the model
     with that choice in slide_rule.json, stated in its card (`wsi-screen models --card MODEL_DIR`); screen with
-    `wsi-screen infer SLIDES --model MODEL_DIR`. Choose on one set of slides and check on another.
+    `wsi-screen infer SLIDES --model MODEL_DIR`. Choose on one set of slides and check on another. Labels on which
+    the best rule detects no positive slide, or ranks the negatives above the positives (reversed), write nothing.
 
     \b
     Example:

@@ -141,6 +141,23 @@ def check_destination(out: str | Path, dest: Path, *, run: Path, source: Path) -
                           "only an earlier calibrated copy: choose another folder")
 
 
+def refuse_no_separation(doc: dict[str, Any], n_positive: int, min_specificity: float) -> None:
+    """Refuse to write a rule that separates nothing: the chosen candidate ranks the slides the wrong way round
+    (AUC below 0.5) or detects none of the positives at ``min_specificity``. The labels look reversed when it, or
+    the median candidate, has an AUC below 0.5."""
+    row = doc["candidates"][doc["name"]]
+    if row["auc"] >= 0.5 and row["sensitivity"] > 0:
+        return
+    aucs = sorted(c["auc"] for c in doc["candidates"].values())
+    reversed_ = row["auc"] < 0.5 or aucs[len(aucs) // 2] < 0.5
+    why = ("the rules rank the negatives above the positives: the labels look reversed (tumour and normal swapped?)"
+           if reversed_ else "the model separates nothing at this specificity: check the labels, or lower "
+           "`min_specificity`")
+    raise ConfigError(f"calibration: the best rule, {doc['name']} (AUC {row['auc']:.3f}), detects "
+                      f"{round(row['sensitivity'] * n_positive)} of the {n_positive} positive slide(s) at specificity "
+                      f">= {min_specificity:g}; {why}; no model was written")
+
+
 def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: str | Path | None = None,
                 min_specificity: float = calibration.DEFAULT_MIN_SPECIFICITY,
                 overwrite: bool = False) -> Recalibration:
@@ -162,6 +179,9 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
         _check_scored_by(run, scored_by, source, classifier)
     spec = classifier.spec
     truth = read_labels(Path(labels), classifier)
+    if not truth:
+        raise ConfigError(f"`labels`: {labels} has no rows (a header only?); give a slide,label row for each "
+                          "labelled slide of the run")
     patch_threshold = spec.threshold if spec.threshold is not None else 0.5
     slides = []
     results = runfolder.read_results(run)
@@ -193,11 +213,8 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
                                         current=previous)
     doc["calibrated_on"] = {"run": str(run.resolve()), "labels": str(Path(labels).resolve()),
                             "n_slides": len(slides), "n_positive": n_pos, "source_model": str(source.resolve())}
+    refuse_no_separation(doc, n_pos, min_specificity)
     warnings = small_set_warnings(n_pos, len(slides) - n_pos, min_specificity)
-    if doc["candidates"][doc["name"]]["sensitivity"] == 0:
-        warnings.append(f"no rule detects any of the {n_pos} positive slide(s) at specificity >= {min_specificity:g}: "
-                        f"the chosen {doc['name']} at threshold {config.slide_threshold:.4g} calls them all negative; "
-                        "check the labels, or lower `min_specificity`")
     if warnings:
         doc["warnings"] = [*warnings, "check the calibrated model on other labelled slides before screening with it"]
         for text in doc["warnings"]:
