@@ -273,6 +273,43 @@ def test_calibrate_refuses_one_slide_labelled_twice_by_its_file_name(
                              "'negative' here and 'positive' on line 4; keep one"], res
 
 
+def test_calibrate_names_labelled_slides_that_failed_and_the_slides_it_used(
+        run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]], tmp_path: Path) -> None:
+    """A labelled slide that failed in the run was left out without a word, and calibrated_on listed no slide;
+    4 slides printed 'sensitivity 1.000 specificity 1.000' (no counts, no interval)."""
+    import csv
+
+    from wsi_screen.metrics import wilson
+
+    folder, _ = slides
+    copy = _run_copy(run, tmp_path / "run")
+    with (copy / "results.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    for row in table:
+        if row["slide"] == "neg_large":
+            row["status"] = "failed"
+    with (copy / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    res = run_cli("calibrate", copy, "--labels", folder / "slides.csv", "-o", tmp_path / "c")
+    assert res.code == 0, res
+    assert "wsi-screen: warning: calibration: 1 labelled slide(s) were not scored in the run and are left out: " \
+           "neg_large" in res.err_lines
+    doc = json.loads((tmp_path / "c" / "slide_rule.json").read_text())
+    assert doc["calibrated_on"]["slides"] == ["macro", "micro", "neg_small"]
+    assert doc["calibrated_on"]["not_scored"] == ["neg_large"] and doc["calibrated_on"]["n_slides"] == 3
+    lo2, lo1 = wilson(2, 2)[0], wilson(1, 1)[0]
+    line = [t for t in res.out.splitlines() if t.startswith("on these slides: ")]
+    assert line == [f"on these slides: sensitivity 2/2 (95 % CI {lo2:.2f}-1.00), specificity 1/1 (95 % CI "
+                    f"{lo1:.2f}-1.00), AUC 1.000 (95 % CI 1.000-1.000)"], res.out
+    assert doc["on_calibration_slides"]["sensitivity"]["detected"] == 2
+    # the copy's card says it is a recalibration; its weights are the source's
+    card = json.loads((tmp_path / "c" / "card.json").read_text())
+    assert card["name"] == "wsi-screen default model (resnet10t, PatchCamelyon), recalibrated on 3 slides (run)"
+    assert run_cli("models", "--card", tmp_path / "c").out.count("recalibrated on 3 slides (run)") >= 1
+
+
 def test_changing_the_rule_redraws_the_heatmap(run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]],
                                                tmp_path: Path) -> None:
     folder, _ = slides

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from wsi_screen.commands._options import common_options, configure_output
@@ -34,7 +36,8 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
     slide_threshold, call_patch_threshold: the foci's patch probability, min_focus_patches: the smallest focus,
     in patches). MODEL_DIR gets a copy of the model
     with that choice in slide_rule.json, stated in its card (`wsi-screen models --card MODEL_DIR`); screen with
-    `wsi-screen infer SLIDES --model MODEL_DIR`. Choose on one set of slides and check on another. Labels on which
+    `wsi-screen infer SLIDES --model MODEL_DIR`. Choose on one set of slides and check on another: the chosen
+    rule's sensitivity and specificity on these slides are printed as counts with 95 % intervals. Labels on which
     the best rule detects no positive slide, or ranks the negatives above the positives (reversed), write nothing.
 
     \b
@@ -61,6 +64,7 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
     unit = f" {AREA_UNIT}" if c.rule == "region" else ""
     click.echo(f"\nchosen on {result.n_positive} positive and {result.n_negative} negative slides: "
                f"{chosen} score >= {c.slide_threshold:.4g}{unit}")
+    click.echo(f"on these slides: {_figures(result.doc['on_calibration_slides'])}")
     if result.doc.get("tie"):
         kept = chosen == candidate_name(result.previous)
         click.echo(f"a tie: {len(result.doc['tie'])} candidates have the chosen one's sensitivity and AUC "
@@ -77,3 +81,11 @@ def calibrate(run: str, labels: str, out: str, model: str | None, min_specificit
 def _value(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
+
+def _figures(figures: dict[str, Any]) -> str:
+    """The chosen rule on its own calibration slides, as counts with 95 % intervals (a few slides say little)."""
+    sens, spec = figures["sensitivity"], figures["specificity"]
+    lo, hi = figures["auc_ci"]
+    return (f"sensitivity {sens['detected']}/{sens['n']} (95 % CI {sens['ci'][0]:.2f}-{sens['ci'][1]:.2f}), "
+            f"specificity {spec['correct']}/{spec['n']} (95 % CI {spec['ci'][0]:.2f}-{spec['ci'][1]:.2f}), "
+            f"AUC {figures['auc']:.3f} (95 % CI {lo:.3f}-{hi:.3f})")

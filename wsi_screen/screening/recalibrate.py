@@ -54,6 +54,9 @@ def small_set_warnings(n_positive: int, n_negative: int, min_specificity: float)
     return [*found, small] if small else found
 
 
+#: what a calibrated copy's card adds to its source's name (then "N slides (RUN)")
+RECALIBRATED = ", recalibrated on "
+
 #: the rule's settings :func:`rule_changes` compares, in the order it lists them; ``region_threshold`` is listed as
 #: ``call_patch_threshold`` (the same value: the foci's and the pictures' patch threshold); ``patch_threshold`` is
 #: the model's own and never changes
@@ -111,6 +114,9 @@ def _restate_card(model_dir: Path, spec: ModelSpec, config: AggregateConfig, cal
     point["slide_threshold"] = config.slide_threshold
     point["slide_rule_calibrated_on"] = (f"{calibrated_on['n_slides']} labelled slides ({calibrated_on['n_positive']} "
                                          f"positive) of the run {calibrated_on['run']}")
+    if isinstance(card.get("name"), str):  # the copy names itself as one (its weights and their sha256 are the same)
+        card["name"] = (f"{card['name'].split(RECALIBRATED)[0]}{RECALIBRATED}{calibrated_on['n_slides']} slides "
+                        f"({Path(calibrated_on['run']).name})")
     atomic_write_text(model_dir / CARD_NAME, json.dumps(card, indent=2, allow_nan=False, default=str) + "\n")
 
 
@@ -192,6 +198,10 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
                           f"column must hold the slide names of {runfolder.RESULTS_CSV}, e.g. {few(sorted(names))}): "
                           f"{few(unmatched)}")
     warn_unmatched_labels(truth, names)
+    unscored = sorted(row["slide"] for row in results if row.get("status") != "ok" and row["slide"] in truth)
+    if unscored:
+        log.warning("calibration: %d labelled slide(s) were not scored in the run and are left out: %s",
+                    len(unscored), few(unscored))
     for row in results:
         label = truth.get(row["slide"])
         if row.get("status") != "ok" or label is None:
@@ -212,8 +222,12 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
     config, doc = calibration.calibrate(slides, patch_threshold=patch_threshold, min_specificity=min_specificity,
                                         current=previous)
     doc["calibrated_on"] = {"run": str(run.resolve()), "labels": str(Path(labels).resolve()),
-                            "n_slides": len(slides), "n_positive": n_pos, "source_model": str(source.resolve())}
+                            "n_slides": len(slides), "n_positive": n_pos, "source_model": str(source.resolve()),
+                            "slides": [s.name for s in slides], "not_scored": unscored}
     refuse_no_separation(doc, n_pos, min_specificity)
+    figures = calibration.report([s.scores[doc["name"]] for s in slides], [s.positive for s in slides],
+                                 [s.size_class for s in slides], [s.n_patches for s in slides], config.slide_threshold)
+    doc["on_calibration_slides"] = {k: figures[k] for k in ("auc", "auc_ci", "sensitivity", "specificity")}
     warnings = small_set_warnings(n_pos, len(slides) - n_pos, min_specificity)
     if warnings:
         doc["warnings"] = [*warnings, "check the calibrated model on other labelled slides before screening with it"]
