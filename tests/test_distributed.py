@@ -396,7 +396,7 @@ if __name__ == "__main__":
 def test_a_worker_killed_mid_slide_leaves_no_leaked_semaphore_warning_at_exit(tmp_path: Path) -> None:
     """Ctrl-C during `infer --dask local:2` printed the resource tracker's "There appear to be 4 leaked semaphore
     objects" after the interrupted line: each killed worker had made numcodecs' blosc mutex, registered under
-    spawn (the fix of the slide reader's child, isolation.untracked_semaphores, now runs on the workers too)."""
+    spawn (the fix of the slide reader's child, runlog.untracked_semaphores, now runs on the workers too)."""
     res = subprocess.run([sys.executable, "-c", _KILLED_WORKER, str(tmp_path / "flag")], capture_output=True,
                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0 and res.stdout.split() == ["True"], res

@@ -302,11 +302,11 @@ def _run_captured(fn: Callable[..., R], level: int, args: tuple[Any, ...],
     """The task that runs on a worker: ``fn(*args, **kwargs)`` and the package log records it emitted.
 
     In a daemonic worker process (a nanny's, as a local cluster's: it cannot start processes) the semaphores that
-    libraries make are made untracked first (:func:`~wsi_screen.slide.isolation.untracked_semaphores`): a worker
+    libraries make are made untracked first (:func:`~wsi_screen.runlog.untracked_semaphores`): a worker
     killed mid-slide, as an interrupted run closes its local cluster, left Python's resource tracker printing
     "There appear to be 4 leaked semaphore objects" after the run's last line."""
     if multiprocessing.current_process().daemon:
-        from wsi_screen.slide.isolation import untracked_semaphores
+        from wsi_screen.runlog import untracked_semaphores
 
         untracked_semaphores()
     logger = logging.getLogger(PACKAGE_LOGGER)

@@ -18,11 +18,16 @@ Its lines name settings as the terminal does (:func:`wsi_screen.errors.in_user_w
 the CLI runs), so the log and the terminal say the same thing the same way.
 
 A log that cannot be written (read-only folder, full disk) is dropped silently: it never costs a slide.
+
+Nor does Python's resource tracker get the last word on the terminal: :func:`untracked_semaphores`, run in the
+slide reader's child and a Dask run's worker processes, keeps a child killed mid-slide from leaving "leaked
+semaphore objects" to be reported after the run's last line.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,3 +157,13 @@ def active_path() -> Path | None:
         if isinstance(handler, logging.FileHandler):
             return Path(handler.baseFilename)
     return None
+
+
+def untracked_semaphores() -> None:
+    """Make the semaphores that libraries create for themselves here (numcodecs' blosc mutex at the first store
+    write: a ``multiprocessing.Lock()`` of the default context) unlinked as they are made, as under ``fork``. Under
+    ``spawn`` (a spawned child's default) each is registered with the resource tracker, and a child killed mid-slide
+    (after a Ctrl-C, a timeout) never unregisters it: the run's exit printed "There appear to be 1 leaked semaphore
+    objects". Only the default changes: nothing in the child starts a process from it (the slide reader names spawn).
+    For the slide reader's child and a Dask run's worker processes (daemonic: they cannot start processes)."""
+    multiprocessing.set_start_method("fork", force=True)

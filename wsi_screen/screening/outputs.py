@@ -37,6 +37,7 @@ from wsi_screen.screening.aggregate import (
 from wsi_screen.screening.callview import CallContext, slide_grid, views_key, write_views
 from wsi_screen.screening.runfolder import SlideFolder, SlideScores
 from wsi_screen.screening.spatial import ScoreGrid, patch_grid
+from wsi_screen.slide.discovery import SLIDE_EXTENSIONS
 from wsi_screen.slide.slide import slide_name
 from wsi_screen.slide.tables import first_rows, read_table
 from wsi_screen.tiling.pipeline import TileConfig
@@ -345,6 +346,8 @@ def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
     given = first_rows(found, path, "the label")
     out = {raw: str(truth) for raw, (_, truth) in given.items()}
     for raw, (line, label) in given.items():
+        if Path(raw).suffix.lower() not in SLIDE_EXTENSIONS:  # a name ("a", "a.pyramid" of a.pyramid.tif)
+            continue
         name = slide_name(Path(raw))  # "a.svs" labels slide "a" (a row "a" labels it too: the two must agree)
         if name != raw and name in given and given[name][1] != label:
             raise ConfigError(f"{path}:{line}: {raw!r} is the slide {name!r}, given the label {label!r} here and "

@@ -437,7 +437,7 @@ def warn_touched_slide(run: Path, source: SlideSource, store: str, recorded: flo
 
     log.warning("%s: the slide file's modification time changed since its scores were made (%s, now %s); only its "
                 "size and first and last MiB were compared, and they match, so the earlier scores are reused: to "
-                "rescore it, delete %s and %s (or rerun with --overwrite, which re-tiles and rescores every slide)",
+                "rescore it, delete %s and %s (or rerun with `overwrite`, which re-tiles and rescores every slide)",
                 source.name, when(recorded), when(now), runfolder.slide_dir(run, source.name), store)
 
 

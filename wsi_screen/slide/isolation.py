@@ -41,7 +41,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
-from wsi_screen import progress
+from wsi_screen import progress, runlog
 from wsi_screen.errors import SlideReaderCrashError, SlideTimeoutError
 
 R = TypeVar("R")
@@ -134,16 +134,6 @@ def _log_level(handler: logging.Handler, level: int) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def untracked_semaphores() -> None:
-    """Make the semaphores that libraries create for themselves here (numcodecs' blosc mutex at the first store
-    write: a ``multiprocessing.Lock()`` of the default context) unlinked as they are made, as under ``fork``. Under
-    ``spawn`` (a spawned child's default) each is registered with the resource tracker, and a child killed mid-slide
-    (after a Ctrl-C, a timeout) never unregisters it: the run's exit printed "There appear to be 1 leaked semaphore
-    objects". Only the default changes: nothing in the child starts a process from it (this module names spawn).
-    For the slide reader's child and a Dask run's worker processes (daemonic: they cannot start processes)."""
-    multiprocessing.set_start_method("fork", force=True)
-
-
 def _child_main(conn: Connection, level: int, bars: bool, preload: tuple[str, ...]) -> None:
     """The child's loop: import ``preload``, then run each call sent and send back its result or exception.
 
@@ -166,7 +156,7 @@ def _child_main(conn: Connection, level: int, bars: bool, preload: tuple[str, ..
     logging.captureWarnings(True)
     progress.set_enabled(bars)
     progress.thread_lock_only()
-    untracked_semaphores()
+    runlog.untracked_semaphores()
     for module in preload:  # a failure here shows again, as the call's own error, when the call imports it
         with contextlib.suppress(Exception):
             importlib.import_module(module)
@@ -379,8 +369,6 @@ def slide_calls(timeout: float = DEFAULT_TIMEOUT, *, isolate: bool = True,
         forget_warnings()  # a run in this process warns as a run in a new child does
         yield direct
         return
-    from wsi_screen import runlog
-
     if worker is None:
         worker = SlideWorker(timeout=timeout, preload=preload)
     worker.timeout = float(timeout)
