@@ -18,11 +18,15 @@ from wsi_screen.models.precision import DOMAIN_REFINE_BAND, PRECISIONS, REFINE_B
 
 @pytest.fixture(scope="module")
 def pcam_valid(patches_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """400 PCam valid patches (200 per class, every 7th of the split in file order) and their labels."""
+    """200 PCam valid patches (100 per class, every 14th of the split in file order) and their labels.
+
+    Enough for the proof below (it was 400; bf16 is emulated on CPUs without native bfloat16, the slowest pass):
+    14 of these patches score within the refine band of the threshold and 1 near the domain threshold, so the
+    float32 rescoring is exercised on both, and the AUC (0.93) is the 400 patches' to within 0.003."""
     root = patches_dir / "pcam"
     with (root / "labels.csv").open() as fh:
         rows = [r for r in csv.DictReader(fh) if r["split"] == "valid"]
-    picked = {c: [r for r in rows if r["label"] == c][::7][:200] for c in ("normal", "tumour")}
+    picked = {c: [r for r in rows if r["label"] == c][::14][:100] for c in ("normal", "tumour")}
     chosen = picked["normal"] + picked["tumour"]
     images = np.stack([np.asarray(Image.open(root / r["path"]).convert("RGB")) for r in chosen])
     return images, np.array([r["label"] == "tumour" for r in chosen])
@@ -54,7 +58,7 @@ def test_bf16_scores_the_bundled_model_as_fp32_does(pcam_valid: tuple[np.ndarray
     bf16 = load_model(None, precision="bf16")
     p32, d32 = fp32.predict_with_domain(images)
     p16, d16 = bf16.predict_with_domain(images)
-    assert p16.dtype == np.float32 and p16.shape == p32.shape == (400, 2)
+    assert p16.dtype == np.float32 and p16.shape == p32.shape == (200, 2)
     np.testing.assert_allclose(p16.sum(1), 1.0, atol=1e-6)  # the softmax stays float32
     pos, threshold = fp32.spec.positive_index, fp32.spec.threshold
     raw = bf16.predict_tensor(bf16.preprocess(images)).numpy()  # one bfloat16 pass, nothing refined
@@ -71,6 +75,7 @@ def test_bf16_scores_the_bundled_model_as_fp32_does(pcam_valid: tuple[np.ndarray
     domain = fp32.domain
     assert domain is not None and d32 is not None and d16 is not None
     near_d = np.abs(d32 - domain.threshold) < DOMAIN_REFINE_BAND * domain.threshold / 2
+    assert near_d.any()  # the sample holds a patch to rescore (else the next line would check nothing)
     np.testing.assert_allclose(d16[near_d], d32[near_d], rtol=1e-4)  # rescored in float32
     assert np.array_equal(domain.in_domain(d16), domain.in_domain(d32))  # and so are the domain calls
 
