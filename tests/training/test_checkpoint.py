@@ -24,8 +24,18 @@ EPOCHS = 4
 
 @pytest.fixture(scope="module")
 def herlev_mid(patches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Herlev binary, 120 train images per class: epochs long enough to kill one mid-run."""
-    return make_subset(patches_dir / "herlev", tmp_path_factory.mktemp("herlev_mid"), {"train": 120},
+    """Herlev binary, 60 train images per class: epochs long enough to kill one mid-run.
+
+    (It was 120: an epoch still takes over a second here, fifty times the 20 ms the test polls the checkpoint at,
+    so the kill lands after epoch 2 and well before epoch 4 ends.)"""
+    return make_subset(patches_dir / "herlev", tmp_path_factory.mktemp("herlev_mid"), {"train": 60},
+                       label_column="binary_label")
+
+
+@pytest.fixture(scope="module")
+def herlev_few(patches_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Herlev binary, 20 train images per class: a training that finishes, for checks that kill nothing."""
+    return make_subset(patches_dir / "herlev", tmp_path_factory.mktemp("herlev_few"), {"train": 20},
                        label_column="binary_label")
 
 
@@ -86,7 +96,7 @@ def test_killed_training_resumes_to_the_same_bytes(herlev_mid: Path, tmp_path: P
     assert not (killed / "checkpoint").exists()
 
 
-def test_checkpoint_of_other_settings_is_refused_and_restart_starts_over(herlev_mid: Path, tmp_path: Path) -> None:
+def test_checkpoint_of_other_settings_is_refused_and_restart_starts_over(herlev_few: Path, tmp_path: Path) -> None:
     from tests.classifier_data import tiny_config
     from wsi_screen.errors import ConfigError
     from wsi_screen.training import checkpoint as train_checkpoint
@@ -94,14 +104,14 @@ def test_checkpoint_of_other_settings_is_refused_and_restart_starts_over(herlev_
 
     out = tmp_path / "m"
     config = tiny_config(epochs=2)
-    train(herlev_mid, out, config)
+    train(herlev_few, out, config)
     # leave a checkpoint behind as a killed run would, then change a setting
     (out / "config.json").unlink()
     (out / "checkpoint").mkdir()
     (out / "checkpoint" / "state.json").write_text(json.dumps({"fingerprint": "other", "tensors": "x"}))
     with pytest.raises(ConfigError, match=r"unreadable training checkpoint|`restart`"):
-        train(herlev_mid, out, config)
-    result = train(herlev_mid, out, tiny_config(epochs=2, restart=True))
+        train(herlev_few, out, config)
+    result = train(herlev_few, out, tiny_config(epochs=2, restart=True))
     assert result.best_epoch >= 1 and (out / "config.json").exists()
     assert not (out / train_checkpoint.CHECKPOINT_DIR).exists()
 
