@@ -321,21 +321,33 @@ def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, *, n_boot: int = 1000,
     The resamples depend on the two groups and ``seed``, not on which group is positive: each draw gives every
     position a uniform number and a group's picks come from its own positions' numbers. So the other class's
     interval (its labels negated, its scores reversed) is this one mirrored, ``[1 - high, 1 - low]``.
+
+    Each resample's AUC is the Mann-Whitney statistic of its ranks (ties averaged: what ``roc_auc_score`` gives),
+    computed for a block of resamples at once: 1,000 ``roc_auc_score`` calls took 3.5-4 s on a 2-core box, at every
+    trained model, labelled ``evaluate`` and ``calibrate``.
     """
+    from scipy.stats import rankdata
     from sklearn.metrics import roc_auc_score
 
     s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
     auc = float(roc_auc_score(y, s))
     rng = np.random.default_rng(seed)
     groups = (np.flatnonzero(y), np.flatnonzero(~y))
+    n_pos, n_neg = groups[0].size, groups[1].size
+    block = max(1, _BOOT_BLOCK // max(y.size, 1))
     boots = []
-    for _ in range(n_boot):
-        u = rng.random(y.size)
-        idx = np.concatenate([g[np.minimum((u[g] * g.size).astype(np.intp), g.size - 1)] for g in groups])
-        boots.append(roc_auc_score(y[idx], s[idx]))
-    lo, hi = np.percentile(boots, [2.5, 97.5])
+    for start in range(0, n_boot, block):
+        u = rng.random((min(block, n_boot - start), y.size))  # the same draws, row by row, as one per resample
+        idx = np.concatenate([g[np.minimum((u[:, g] * g.size).astype(np.intp), g.size - 1)] for g in groups],
+                             axis=1)  # positives first, then negatives
+        ranks = rankdata(s[idx], axis=1)
+        boots.append((ranks[:, :n_pos].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    lo, hi = np.percentile(np.concatenate(boots), [2.5, 97.5])
     return auc, float(lo), float(hi)
 
+
+#: resampled scores held at once by :func:`bootstrap_auc` (rows of a block x the number of scores)
+_BOOT_BLOCK = 2_000_000
 
 
 def rate_intervals(counts: Mapping[str, int]) -> dict[str, list[float] | None]:
