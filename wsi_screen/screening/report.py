@@ -318,6 +318,7 @@ def _lossy_note(info: dict[str, Any]) -> str:
 def render_report(run: str | Path) -> str:
     """The report of a run folder as an HTML string."""
     view = open_run(run)
+    digits = score_digits(view)  # the header's threshold and every slide's score
     info = view.info
     model = info.get("model", {})
     agg = info.get("aggregate", {})
@@ -338,7 +339,7 @@ def render_report(run: str | Path) -> str:
         f'({_html(model.get("positive_class"))} vs rest, {_html(model.get("mpp"))} um/px, '
         f'{_html(model.get("input_size"))} px) '
         f'&middot; slide call: {_html(recorded_rule_label(agg))} score '
-        f'{_rule_comparison(agg, score_digits(view))}'
+        f'{_rule_comparison(agg, digits)}'
         f'{_region_unit(agg)}{_fallback(agg)}{_overrides(info)} '
         f'&middot; call patch threshold {_html(_num(patch_threshold))} ({_html(threshold_name)}: the heatmaps\' '
         f"cyan line, the GeoJSON's tile classes and the foci) "
@@ -364,7 +365,7 @@ def render_report(run: str | Path) -> str:
             parts.append(_img(roc.read_bytes(), "slide-level ROC curve"))
     for i, row in enumerate(view.results):
         if row["status"] != "error":
-            parts.append(_slide_section(view, i, row, score_digits(view)))
+            parts.append(_slide_section(view, i, row, digits))
     provenance = json.dumps(_for_people(info), indent=2, default=str)
     parts.append(f'<h2>Provenance</h2><p class="muted">Numbers rounded and paths normalised for reading; '
                  f"{runfolder.RUN_JSON} holds them exactly. Two patch thresholds: {PROVENANCE_CALL} is the call "
