@@ -41,6 +41,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "wsi-screen" / "embeddings"
 
 
+def cache_folder(cache_dir: str | Path | None) -> Path:
+    """The folder the embeddings are cached in: ``cache_dir``, else :func:`default_cache_dir`."""
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+
 def cache_key(encoder: Encoder, data_fingerprint: str, size: int) -> str:
     """sha256 of what the embeddings depend on (see the module docstring)."""
     i = encoder.identity
@@ -77,7 +82,7 @@ def dataset_embeddings(encoder: Encoder, folder: PatchFolder, train_rows: np.nda
                        batch_size: int = 128) -> DatasetEmbeddings:
     """The embeddings of ``train_rows`` and ``valid_rows``: read from the cache when there, else computed and
     cached (written atomically)."""
-    folder_path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder_path = cache_folder(cache_dir)
     path = folder_path / f"{cache_key(encoder, data_fingerprint, size)}.safetensors"
     if path.is_file():
         try:

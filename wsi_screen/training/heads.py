@@ -42,7 +42,7 @@ from wsi_screen.models.encoder import load_encoder
 from wsi_screen.models.head import Head, head_record
 from wsi_screen.training.config import TrainConfig, TrainResult
 from wsi_screen.training.data import fingerprint, write_split_csv
-from wsi_screen.training.embeddings import dataset_embeddings, default_cache_dir
+from wsi_screen.training.embeddings import cache_folder, dataset_embeddings
 from wsi_screen.training.evaluate import write_evaluation
 from wsi_screen.training.inputs import HISTORY_COLUMNS, log_resizing, read_split, resolve_mpp, resolve_size
 from wsi_screen.training.loop import (
@@ -90,7 +90,7 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
     if note:
         log.warning("%s", note)
     data_fp = fingerprint(folder, [int(i) for i in rows], ["train"] * len(split.train) + ["valid"] * len(split.valid))
-    cache_dir = Path(config.embedding_cache) if config.embedding_cache is not None else default_cache_dir()
+    cache_dir = cache_folder(config.embedding_cache)
     emb = dataset_embeddings(encoder, folder, split.train, split.valid, size=size, data_fingerprint=data_fp,
                              cache_dir=cache_dir, workers=max(1, config.workers))
     train_y = torch.from_numpy(folder.label_indices(classes, split.train))
