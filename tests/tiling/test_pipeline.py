@@ -92,6 +92,31 @@ def test_resume_skips_and_mismatch_needs_overwrite(tmp_path: Path, block_slide: 
     assert res.code == 0 and PatchStore.open(out / "block.zarr").patch_size == 128
 
 
+def test_a_slide_touched_since_its_store_keeps_it_and_is_warned_of(tmp_path: Path, block_slide: Path) -> None:
+    """A slide whose file time changed but whose fingerprint (name, size, first and last MiB) did not keeps its store
+    (a copy without -p, a touch), with the one warning infer gives for its scores (the same rule,
+    slide.warn_if_touched), naming the store to delete; re-tiling records the new time. It used to be silent."""
+    out = tmp_path / "out"
+    args = ("tile", block_slide, "-o", out, "--size", "256", "--pixels", "none")
+    assert run_cli(*args).code == 0
+    before = tree_digest(out / "block.zarr")
+    res = run_cli(*args)
+    assert res.code == 0 and not any("modification time" in line for line in res.err_lines)  # unchanged: silent
+    later = int(block_slide.stat().st_mtime) + 3600
+    os.utime(block_slide, (later, later))
+    res = run_cli(*args)
+    assert res.code == 0 and "0 tiled, 1 up to date" in res.err, res
+    assert tree_digest(out / "block.zarr") == before  # reused as it was
+    (line,) = [line for line in res.err_lines if "modification time" in line]
+    assert line.startswith("wsi-screen: warning: block: the slide file's modification time changed since its store "
+                           "was made")
+    assert "only its size and first and last MiB were compared" in line
+    assert f"delete {out / 'block.zarr'}" in line and "--overwrite" in line
+    res = run_cli(*args, "--overwrite")
+    assert res.code == 0 and read_attrs(str(out / "block.zarr"))["slide"]["mtime"] == later
+    assert not any("modification time" in line for line in run_cli(*args).err_lines)  # the new time is recorded
+
+
 def test_a_refusal_writes_the_settings_numbers_to_4_significant_digits(tmp_path: Path) -> None:
     """A folder tiled with another --slide-mpp is refused naming both resolutions as a person writes them
     (it said `thumbnail_mpp 1.084716796875 -> 1.3016601562499999`)."""

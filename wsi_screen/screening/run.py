@@ -56,7 +56,7 @@ from wsi_screen.screening.outputs import (
 )
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover, nothing_found
-from wsi_screen.slide.slide import warn_unmatched_mpp
+from wsi_screen.slide.slide import warn_if_touched, warn_unmatched_mpp
 from wsi_screen.slide.tables import few
 from wsi_screen.tiling.codecs import PatchCodec
 from wsi_screen.tiling.grid import TileSpec
@@ -419,26 +419,14 @@ def _reuse(run: Path, source: SlideSource, row: SlideRow, model_id: dict[str, An
             return False
     except Exception:  # anything wrong with the earlier result or the slide: recompute (and report) it
         return False
-    if isinstance(info.get("mtime"), float) and info["mtime"] != mtime:
-        warn_touched_slide(run, source, store, info["mtime"], mtime)
+    warn_if_touched(source.name, info.get("mtime"), mtime, made="its scores were made",
+                    kept="the earlier scores are reused",
+                    redo=f"to rescore it, delete {runfolder.slide_dir(run, source.name)} and {store} (or rerun with "
+                         "`overwrite`, which re-tiles and rescores every slide)")
     row.store = store
     row.extra["reused"] = True
     log.debug("%s: reusing earlier scores", source.name)
     return True
-
-
-def warn_touched_slide(run: Path, source: SlideSource, store: str, recorded: float, now: float) -> None:
-    """The warning for a slide whose earlier scores are reused although its file's modification time changed:
-    the slide is known the same by its fingerprint (file name, size, first and last MiB), not by its whole content,
-    so an edit in place that keeps the size and both ends would go unnoticed. A copy without its times (``cp``
-    without ``-p``) or a ``touch`` changes only the time, and reusing is right then."""
-    def when(t: float) -> str:
-        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-    log.warning("%s: the slide file's modification time changed since its scores were made (%s, now %s); only its "
-                "size and first and last MiB were compared, and they match, so the earlier scores are reused: to "
-                "rescore it, delete %s and %s (or rerun with `overwrite`, which re-tiles and rescores every slide)",
-                source.name, when(recorded), when(now), runfolder.slide_dir(run, source.name), store)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,6 +25,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
@@ -140,6 +141,28 @@ def fingerprint(files: list[Path]) -> tuple[str, int, float]:
                 fh.seek(-(1 << 20), os.SEEK_END)
                 h.update(fh.read(1 << 20))
     return h.hexdigest(), total, mtime
+
+
+def warn_if_touched(name: str, recorded: Any, now: float, *, made: str, kept: str, redo: str) -> bool:
+    """The rule for reusing what was made from a slide whose file's modification time changed since: the slide is
+    known the same by its :func:`fingerprint` (file name, size, first and last MiB), not by its whole content, so
+    the reuse stands (a copy without its times, ``cp`` without ``-p``, or a ``touch`` changes only the time, and
+    reusing is right then) with one warning naming the slide, both times, what was compared and how to make it
+    afresh: an edit in place that keeps the size and both ends would go unnoticed.
+
+    ``recorded`` is the time the earlier output recorded (anything but a float: none recorded, no warning), ``now``
+    the file's; ``made`` says what was made ("its scores were made"), ``kept`` what is reused ("the earlier scores
+    are reused"), ``redo`` how to make it afresh. Returns whether it warned."""
+    if not isinstance(recorded, float) or recorded == now:
+        return False
+
+    def when(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    log.warning("%s", in_callers_words(
+        f"{name}: the slide file's modification time changed since {made} ({when(recorded)}, now {when(now)}); only "
+        f"its size and first and last MiB were compared, and they match, so {kept}: {redo}"))
+    return True
 
 
 def _open_reader(path: Path, choice: ReaderChoice) -> Reader:

@@ -43,7 +43,7 @@ from wsi_screen.errors import (
 )
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource
-from wsi_screen.slide.slide import ReaderChoice, Slide, mpp_for, open_slide
+from wsi_screen.slide.slide import ReaderChoice, Slide, mpp_for, open_slide, warn_if_touched
 from wsi_screen.tiling import memory
 from wsi_screen.tiling.codecs import DEFAULT_CODEC, PatchCodec, refuse_pixel_settings
 from wsi_screen.tiling.grid import TileSpec, make_grid, stride_l0, tile_size_l0
@@ -309,6 +309,11 @@ def _tile_locked(source: SlideSource, location: str, config: TileConfig, start: 
         if existing is not None and is_complete(existing) and not config.overwrite:
             if settings_match(existing.get(ATTR_SETTINGS), settings, config):
                 log.debug("%s: store is complete and up to date; skipped", source.name)
+                earlier = existing.get("slide")
+                recorded = earlier.get("mtime") if isinstance(earlier, dict) else None
+                warn_if_touched(source.name, recorded, slide.info.mtime,
+                                made="its store was made", kept="the store is reused",
+                                redo=f"to re-tile it, delete {location} (or rerun with `overwrite`)")
                 seconds = time.perf_counter() - start
                 return TileResult(source.name, str(source.path), location, "skipped",
                                   n_patches=int(existing.get("n_patches", 0)), seconds=seconds,
