@@ -643,8 +643,7 @@ def test_a_closed_slide_refuses_every_read(example_slide: Path, slides_dir: Path
     ({"mpp": float("nan")}, "`mpp` must be a positive number of microns per pixel, got nan"),
     ({"mpp": "0.5"}, "`mpp` must be a positive number of microns per pixel, got '0.5'"),
     ({"mpp": True}, "`mpp` must be a positive number of microns per pixel, got True"),
-    ({"force_mpp": 0}, "`wsi_screen.open_slide(path, force_mpp=...)` must be a positive number of microns per "
-                       "pixel, got 0"),
+    ({"force_mpp": 0}, "`force_mpp` must be a positive number of microns per pixel, got 0"),
     ({"reader": "bogus"}, "`reader` must be one of auto, openslide, tifffile; got 'bogus'"),
     ({"reader": 5}, "`reader` must be one of auto, openslide, tifffile; got 5"),
 ])

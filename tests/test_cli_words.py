@@ -88,24 +88,35 @@ def test_api_errors_name_the_python_api_parameters(slides_dir: Path, cmu_svs: Pa
 
 
 def test_api_resolution_warnings_name_the_api_parameter(cmu_svs: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A slide's forced resolution is warned of in the API's words from open_slide (`slide_mpps`, the CLI's table,
-    was shown raw), and in the library's own (which the CLI rewrites into its option) elsewhere."""
+    """A slide's forced resolution is warned of, and refused, naming the parameter it was given as, `force_mpp`, from
+    open_slide and from wsi_screen.Slide alike (they named `wsi_screen.open_slide(path, force_mpp=...)` and the CLI's
+    table's `slide_mpps`); the CLI's words turn it into its option, the only way a command forces a resolution."""
     import logging
 
     import wsi_screen
-    from wsi_screen.slide.slide import Slide
+    from wsi_screen.errors import ConfigError, MissingMppError
 
     with caplog.at_level(logging.WARNING, logger="wsi_screen"):
         with wsi_screen.open_slide(cmu_svs, force_mpp=0.3) as slide:
             assert slide.mpp == 0.3 and slide.mpp_source == "user"
-        # the library's own class, as the CLI's runs use it (another mpp: a slide warns once per forced mpp)
-        Slide(cmu_svs, force_mpp=0.31).close()
+        # the public class (another mpp: a slide warns once per forced mpp)
+        wsi_screen.Slide(cmu_svs, force_mpp=0.31).close()
     assert [r.getMessage() for r in caplog.records] == [
-        f"{cmu_svs}: using 0.3 um/px from `wsi_screen.open_slide(path, force_mpp=...)`; the file declares 0.499 um/px",
-        f"{cmu_svs}: using 0.31 um/px from `slide_mpps`; the file declares 0.499 um/px"]
-    with name_settings({"slide_mpps": "--slide-mpp-csv"}), wsi_screen.open_slide(cmu_svs, force_mpp=0.32):
-        pass  # a front end's words installed: the record keeps the library's, for its terminal log to rewrite
-    assert caplog.records[-1].getMessage().endswith("from `slide_mpps`; the file declares 0.499 um/px")
+        f"{cmu_svs}: using 0.3 um/px from `force_mpp`; the file declares 0.499 um/px",
+        f"{cmu_svs}: using 0.31 um/px from `force_mpp`; the file declares 0.499 um/px"]
+    for opener in (wsi_screen.open_slide, wsi_screen.Slide):
+        with pytest.raises(ConfigError) as bad:
+            opener(cmu_svs, force_mpp=-1)
+        assert str(bad.value) == "`force_mpp` must be a positive number of microns per pixel, got -1"
+        with pytest.raises(MissingMppError) as absurd:
+            opener(cmu_svs, force_mpp=200.0)
+        assert str(absurd.value) == f"{cmu_svs}: `force_mpp` 200.0 is outside the plausible range 0.05-100.0 um/px"
+    with name_settings(SETTING_FLAGS):
+        with wsi_screen.open_slide(cmu_svs, force_mpp=0.32):
+            pass  # a front end's words installed: the record keeps the library's, for its terminal log to rewrite
+        assert caplog.records[-1].getMessage().endswith("from `force_mpp`; the file declares 0.499 um/px")
+        assert in_user_words(caplog.records[-1].getMessage()).endswith(
+            "from --slide-mpp-csv; the file declares 0.499 um/px")
 
 
 def test_api_words_name_real_api_names() -> None:

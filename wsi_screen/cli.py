@@ -193,6 +193,7 @@ def cli() -> None:
 #: the settings library messages name (`slide_mpp`) and the options that set them here: what the CLI prints
 SETTING_FLAGS: dict[str, str] = {
     "slide_mpp": "--slide-mpp", "slide_mpps": "--slide-mpp-csv", "slide_timeout": "--slide-timeout",
+    "force_mpp": "--slide-mpp-csv",  # a Slide's forced resolution: the CLI forces one only from its table
     "overwrite": "--overwrite", "restart": "--restart", "mpp": "--mpp", "size": "--size", "size_px": "--size",
     "overlap_px": "--overlap", "min_tissue": "--min-tissue", "stain": "--stain", "stain_method": "--stain",
     "stain_target": "--stain-target", "stores": "--stores", "labels": "--labels", "model": "--model",

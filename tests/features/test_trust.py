@@ -90,7 +90,7 @@ def test_a_slide_reopened_in_one_process_warns_of_its_forced_mpp_once(example_sl
             Slide(example_slide, force_mpp=0.61) as second, pickle.loads(pickle.dumps(first)) as copy:
         assert first.mpp == second.mpp == copy.mpp == 0.61  # the copy: a worker's, the same resolution, no warning
     assert [r.getMessage() for r in caplog.records] == [
-        f"{example_slide}: using 0.61 um/px from `slide_mpps`; the file declares 0.499 um/px"]
+        f"{example_slide}: using 0.61 um/px from `force_mpp`; the file declares 0.499 um/px"]
 
 
 def test_resolution_tables_and_values_are_checked_before_they_can_mislead(slides: Path, tmp_path: Path) -> None:

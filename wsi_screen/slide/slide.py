@@ -66,7 +66,7 @@ ReaderChoice = Literal["auto", "openslide", "tifffile"]
 
 log = logging.getLogger(__name__)
 
-#: (slide, forced mpp) pairs whose `slide_mpps` warning this process has given since :func:`forget_warnings`: a run
+#: (slide, forced mpp) pairs whose `force_mpp` warning this process has given since :func:`forget_warnings`: a run
 #: opens a slide more than once (checking its store, tiling it), and says so once
 _warned_forced: set[tuple[Path, float]] = set()
 
@@ -285,7 +285,7 @@ class Slide:
                  force_mpp_warning: bool = True) -> None:
         # checked up front, even where the file's declared resolution will make ``mpp`` unused
         self._mpp_override = None if mpp is None else positive_mpp(mpp, "slide_mpp")
-        self._mpp_force = None if force_mpp is None else positive_mpp(force_mpp, "slide_mpps")
+        self._mpp_force = None if force_mpp is None else positive_mpp(force_mpp, "force_mpp")
         self._reader_choice: ReaderChoice = reader_choice(reader)
         self.path = Path(check_path(path))
         self.name = name or slide_name(self.path)
@@ -323,15 +323,15 @@ class Slide:
         """The file's own resolution; ``force_mpp`` replaces it, ``mpp`` fills in only where it is missing."""
         declared = self._reader.mpp()
         if self._mpp_force is not None:
-            mpp, source = self._user_mpp(self._mpp_force, "`slide_mpps`")
+            mpp, source = self._user_mpp(self._mpp_force, "`force_mpp`")
             if declared is not None:
                 own = (declared[0] + declared[1]) / 2.0
                 key = (self.path.absolute(), mpp)
                 if self._force_warning and key not in _warned_forced and math.isfinite(own) and own > 0 \
                         and abs(own - mpp) / own > 0.05:
                     _warned_forced.add(key)
-                    log.warning(in_callers_words("%s: using %.4g um/px from `slide_mpps`; the file declares %.4g "
-                                                 "um/px"), self.path, mpp, own)
+                    log.warning("%s: using %.4g um/px from `force_mpp`; the file declares %.4g um/px",
+                                self.path, mpp, own)
             return mpp, source
         if declared is None:
             if self._mpp_override is not None:
