@@ -160,6 +160,34 @@ def test_inputs_without_slides_are_one_line_as_in_infer(tmp_path: Path) -> None:
         f"wsi-screen: error: no slides to screen: {tmp_path / 'empty'}: folder holds no slide files"), res
 
 
+@pytest.mark.parametrize("command, verb", [("tile", "tile"), ("infer", "screen"), ("embed", "embed")])
+def test_a_missing_path_is_one_line_and_exit_1_in_every_slide_command(tmp_path: Path, command: str,
+                                                                       verb: str) -> None:
+    """Every command taking slides says a missing path the same way, through discovery: one line, exit 1, no OUT.
+    embed's was click's usage error (exit 2, "Invalid value for 'SLIDES_OR_STORES...'")."""
+    missing = tmp_path / "nope.svs"
+    extra = ("--encoder", "default") if command == "embed" else ()
+    res = run_cli(command, missing, *extra, "-o", tmp_path / "out")
+    errors = [line for line in res.err_lines if "error" in line]  # embed names its encoder first (info)
+    assert (res.code, errors, res.err_lines[-1]) == (1, errors[-1:], f"wsi-screen: error: no slides to {verb}: "
+                                                     f"{missing}: no such file or folder"), res
+    assert not (tmp_path / "out").exists()
+
+
+def test_embed_goes_on_past_a_missing_path_as_tile_does(example_slide: Path, tmp_path: Path) -> None:
+    """Beside a slide, a missing path is one error line and a failure (exit 1), and the slide is embedded."""
+    missing = tmp_path / "nope.svs"
+    res = run_cli("embed", missing, example_slide, "--encoder", "default", "-o", tmp_path / "emb", "--workers", "0")
+    assert res.code == 1, res
+    assert [line for line in res.err_lines if line.startswith("wsi-screen: error:")] == [
+        f"wsi-screen: error: {missing}: no such file or folder"], res
+    assert "2 slide(s): 1 embedded, 0 up to date, 1 failed" in res.err
+    assert len(FeatureStore(tmp_path / "emb" / f"{example_slide.stem}.zarr").features) > 10
+    res = run_cli("tile", missing, example_slide, "-o", tmp_path / "stores", "--pixels", "none")
+    assert res.code == 1 and [line for line in res.err_lines if line.startswith("wsi-screen: error:")] == [
+        f"wsi-screen: error: {missing}: no such file or folder"], res
+
+
 def test_patches_far_from_the_encoders_scale_are_warned_of(example_slide: Path, tmp_path: Path) -> None:
     """`train --encoder` warned of patches at another scale than the encoder's; `embed --mpp` said nothing."""
     res = run_cli("embed", example_slide, "--encoder", "default", "--mpp", "4", "-o", tmp_path / "far",

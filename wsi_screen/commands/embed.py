@@ -18,7 +18,8 @@ from wsi_screen.commands._options import (
 
 
 @click.command(short_help="Embed slides' patches with an encoder, one feature store per slide.")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=str),
+# a missing path is discovery's to report (one line, exit 1), as in tile and infer, not a usage error
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str),
                 metavar="SLIDES_OR_STORES...")
 @encoder_options(required=True, what="The encoder whose features are written")
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="OUT",
@@ -73,8 +74,8 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     patches are read from the slide as they are embedded, in the supervised reader process that tiles it.
 
     A rerun skips slides whose embeddings are complete and made with the same encoder and settings. A slide that
-    fails is reported on one line and the others go on; the exit status is 1 if any failed, or if the inputs
-    hold no slide or store at all.
+    fails, or an input that is missing or holds no slide, is reported on one line and the others go on; the exit
+    status is 1 if any failed, or if the inputs hold no slide or store at all.
 
     \b
     Examples:
