@@ -148,6 +148,29 @@ def test_a_coordinates_only_store_of_a_moved_slide_names_the_cli_way_out(embedde
                                   FeatureStore(out / f"{name}.zarr").features)
 
 
+def test_embeddings_of_a_moved_slide_record_where_it_was_read(example_slide: Path, tmp_path: Path) -> None:
+    """Embedding a moved slide through its reused store records the slide file it read, as a store tiled now records
+    the path it was tiled from (it recorded the store's old path); a store or embeddings reused as they are keep the
+    record they were made with (tile's rule: the slide is known by its fingerprint, not by its folder)."""
+    import json
+
+    stores, moved = coordinates_only_store_of_a_moved_slide(example_slide, tmp_path)
+    old = str((tmp_path / "a" / moved.name).resolve())
+    args = ("--stores", stores, "--encoder", "default", "-o", tmp_path / "emb", "--workers", "0")
+    res = run_cli("embed", moved, *args)
+    assert res.code == 0 and "1 embedded" in res.err, res
+    features = tmp_path / "emb" / f"{example_slide.stem}.zarr"
+    patch_store = stores / f"{example_slide.stem}.zarr"
+    read = str(moved.resolve())
+    assert FeatureStore(features).attrs["slide"]["path"] == read
+    assert json.loads((patch_store / "zarr.json").read_text())["attributes"]["slide"]["path"] == old  # reused as is
+    # moved again: the embeddings are up to date (same slide by its fingerprint) and kept as they were made
+    again = Path(moved.rename(tmp_path / "a" / moved.name))
+    res = run_cli("embed", again, *args)
+    assert res.code == 0 and "0 embedded, 1 up to date" in res.err, res
+    assert FeatureStore(features).attrs["slide"]["path"] == read
+
+
 def test_inputs_without_slides_are_one_line_as_in_infer(tmp_path: Path) -> None:
     """An empty folder used to be counted as a failed slide ("1 slide(s): 0 embedded, 0 up to date, 1 failed")."""
     (tmp_path / "empty").mkdir()

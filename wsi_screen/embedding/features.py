@@ -12,7 +12,8 @@ key             dtype, shape               meaning
 Group attributes: ``schema_version``, ``complete``, ``kind`` (``wsi-screen embeddings``), ``encoder`` (name, ref,
 arch, weights and their sha256, pooling, dim, licence), ``preprocessing`` (input size, the patches' mpp,
 mean/std, resize), ``mpp`` and ``size`` (the patches' um/px and edge in pixels), ``tile_size_l0``, ``n_patches``,
-``dtype``, ``slide`` (the patch store's slide record), ``patch_store`` (its location), ``package_version`` and
+``dtype``, ``slide`` (the patch store's slide record, with the path of the slide file read when one was given: a
+slide moved since its store was tiled), ``patch_store`` (its location), ``package_version`` and
 ``settings`` (what must match for the store to be reused on a rerun).
 
 Written under ``<name>.zarr.partial``, ``complete`` set last, then renamed into place (``_safe_write.swap_in``): a

@@ -134,11 +134,16 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
             bar.update(stop - start)
     embedded = time.perf_counter()
     i = encoder.identity
+    # the slide the patches came from: the one given (a reused store's slide may have moved since it was tiled; the
+    # store knows it by its fingerprint) is recorded, as a store tiled now records the path it was tiled from
+    recorded = dict(store.attrs.get("slide") or {})
+    if slide:
+        recorded["path"] = str(Path(slide).resolve())
     # the mpp the patches were tiled at: the encoder's own record may have none (a hub reference, a file)
     attrs = {"encoder": i.to_dict(), "preprocessing": {**i.preprocessing, "mpp": float(store.mpp)},
              "mpp": float(store.mpp),
              "size": int(store.patch_size), "tile_size_l0": int(store.tile_size_l0),
-             "slide": store.attrs.get("slide", {}), "patch_store": _absolute(location),
+             "slide": recorded, "patch_store": _absolute(location),
              "stain": store.attrs.get("stain", {"method": "none"}),
              "patch_pixels": store.pixels_record, "precision": encoder.precision,
              "package_version": __version__, "settings": settings}
