@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -331,11 +331,17 @@ def test_worker_ordinal_from_its_name(name: object, expected: int | None) -> Non
 
 # ------------------------------------------------------------------------------------------- interrupted runs
 class _InterruptedRunner:
-    """Stands for a Dask run the user interrupts (Ctrl-C while the slides are out on the workers)."""
+    """Stands for a Dask run the user interrupts (Ctrl-C while the slides are out on the workers): the workers had
+    made the work folders ``made`` when they were killed."""
 
-    closed = False
+    def __init__(self, made: Sequence[Path]) -> None:
+        self.made = made
+        self.closed = False
 
     def run(self, *args: object, **kwargs: object) -> list[object]:
+        for folder in self.made:
+            folder.mkdir(parents=True)
+            (folder / "zarr.json").write_text("{}")
         raise KeyboardInterrupt
 
     def close(self) -> None:
@@ -343,22 +349,23 @@ class _InterruptedRunner:
 
 
 def test_an_interrupted_dask_run_leaves_no_partial_slide_folders(tmp_path: Path) -> None:
-    """`infer --dask local:2` interrupted left RUN/<slide>.partial/ (holding scores.csv) of the slides its killed
-    workers were writing; a local run's Ctrl-C leaves none. Those of slides another process is writing are its own."""
+    """`infer --dask local:2` interrupted left RUN/<slide>.partial/ and stores/<slide>.zarr.partial (it cleaned only
+    the first) of the slides its killed workers were writing; a local run's Ctrl-C leaves none. Those of slides
+    another process is writing are its own, and one an earlier run left (there before this one began) stays."""
     from wsi_screen._safe_write import acquire
     from wsi_screen.models import default_model_dir, load_model
     from wsi_screen.screening.run import InferConfig, SlideJob, _screen_on_dask, tile_config_for
 
     run = tmp_path / "run"
+    stores = run / "stores"
     names = ["block_a", "block_b", "cmu"]
-    for name in names:
-        (run / f"{name}.partial").mkdir(parents=True)
-        (run / f"{name}.partial" / "scores.csv").write_text("index,x,y,tissue,p_normal,p_tumour\n")
+    (stores / "block_b.zarr.partial").mkdir(parents=True)  # an earlier run's
+    made = [*(run / f"{n}.partial" for n in names), stores / "block_a.zarr.partial", stores / "cmu.zarr.partial"]
     busy = acquire(run / "cmu")  # another process is writing cmu's results
     classifier = load_model(None)
-    job = SlideJob(run=run, stores=str(run / "stores"), tile=tile_config_for(classifier, InferConfig()),
+    job = SlideJob(run=run, stores=str(stores), tile=tile_config_for(classifier, InferConfig()),
                    model_id={"sha256": "0" * 64})
-    runner = _InterruptedRunner()
+    runner = _InterruptedRunner(made)
     try:
         with pytest.raises(KeyboardInterrupt):
             _screen_on_dask(runner, [SlideSource(tmp_path / f"{n}.tif", n) for n in names], job,  # type: ignore[arg-type]
@@ -366,7 +373,24 @@ def test_an_interrupted_dask_run_leaves_no_partial_slide_folders(tmp_path: Path)
     finally:
         busy.release()
     assert runner.closed  # the local cluster's workers are stopped before their folders are removed
-    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["cmu.partial"]
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["cmu.partial", "stores"]
+    assert sorted(p.name for p in stores.iterdir() if not p.name.startswith(".")) == ["block_b.zarr.partial"]
+
+
+def test_an_interrupted_dask_tile_run_leaves_no_partial_stores(tmp_path: Path) -> None:
+    """`tile --dask local:2` interrupted left the <slide>.zarr.partial stores its killed workers were writing."""
+    from wsi_screen.tiling.grid import TileSpec
+    from wsi_screen.tiling.pipeline import TileConfig, _tile_on_dask
+
+    out = tmp_path / "stores"
+    (out / "b.zarr.partial").mkdir(parents=True)  # an earlier run's
+    (out / "c.zarr").mkdir()  # a finished store
+    runner = _InterruptedRunner([out / "a.zarr.partial", out / "c.zarr.partial"])
+    with pytest.raises(KeyboardInterrupt):
+        _tile_on_dask(runner, [SlideSource(tmp_path / f"{n}.tif", n) for n in "abc"], str(out),  # type: ignore[arg-type]
+                      str(out), TileConfig(spec=TileSpec(mpp=0.5, size_px=64)), on_error="record")
+    assert runner.closed
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["b.zarr.partial", "c.zarr"]
 
 
 _KILLED_WORKER = """

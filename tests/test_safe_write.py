@@ -89,3 +89,47 @@ def test_lock_is_exclusive_until_released(tmp_path: Path) -> None:
         sw.acquire(target)
     held.release()
     sw.acquire(target).release()
+
+
+def test_an_interrupted_runs_abandoned_work_folders_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    """A Ctrl-C during `tile --dask` or `infer --dask local:2` kills workers mid-slide: the work folders they made
+    (a store's `<slide>.zarr.partial`, which only `RUN/<slide>.partial` was cleaned beside, and that one) go;
+    a `.partial` there before the run began (not this run's), one whose lock another writer holds, another slide's
+    and finished outputs stay."""
+    from wsi_screen.screening import runfolder
+    from wsi_screen.tiling.store import StoreWriter, partials, store_location
+
+    run = tmp_path / "run"
+    stores = run / "stores"
+    stores.mkdir(parents=True)
+    names = ["new", "old", "busy", "done"]
+    old = Path(store_location(stores, "old") + ".partial")  # an earlier killed run's
+    old.mkdir()
+    (old / "zarr.json").write_text("{}")
+    Path(store_location(stores, "done")).mkdir()  # a finished store
+    (run / "done").mkdir()  # a finished slide folder
+    works = {**runfolder.partials(run, names), **partials(str(stores), names)}
+    assert set(works) >= {run / "new.partial", stores / "new.zarr.partial"}
+
+    stopped: list[bool] = []
+    with sw.abandoned_work_removed(works, lambda: stopped.append(True)):  # a run that ends well removes nothing
+        (run / "new.partial").mkdir()
+    assert stopped == [] and (run / "new.partial").is_dir()
+    (run / "new.partial").rmdir()
+
+    holder = None
+    with pytest.raises(KeyboardInterrupt), sw.abandoned_work_removed(works, lambda: stopped.append(True)):
+        # the workers' work: a store killed before its commit, its slide folder, and a store another process writes
+        StoreWriter(store_location(stores, "new"), n_patches=4, patch_size=8, thumbnail_shape=(4, 4), attrs={})
+        (run / "new.partial").mkdir()
+        (stores / "busy.zarr.partial").mkdir()
+        holder = sw.acquire(Path(store_location(stores, "busy")))
+        (stores / "other.zarr.partial").mkdir()  # a slide this run was not given
+        raise KeyboardInterrupt
+    assert stopped == [True]  # the workers are stopped before their folders are looked at
+    assert holder is not None
+    holder.release()
+    assert sorted(p.name for p in stores.iterdir() if p.name != sw.LOCK_DIR) == [
+        "busy.zarr.partial", "done.zarr", "old.zarr.partial", "other.zarr.partial"]
+    assert (old / "zarr.json").read_text() == "{}"
+    assert sorted(p.name for p in run.iterdir() if p.name != sw.LOCK_DIR) == ["done", "stores"]

@@ -10,6 +10,8 @@ write that failed. Every writer in the package goes through here.
 * A **lock** is an exclusive ``flock`` (via ``filelock``) on ``<folder>/.wsi-screen-locks/<name>.lock``:
   two processes writing the same output would otherwise share its temporary name.
 * A write that fails says so in one line, "disk full" when it is.
+* Work folders that a run's own writers left behind when they were killed (a Dask worker ended by a Ctrl-C) are
+  removed when the run ends so (:func:`abandoned_work_removed`); nothing that was there before it began is.
 
 Nothing here knows what it writes; callers say what the output is in their own error types.
 """
@@ -21,7 +23,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -162,3 +164,40 @@ def acquire(target: Path, *, wait: bool = False) -> FileLock:
     except Timeout:
         raise LockTaken(str(target)) from None
     return lock
+
+
+def folder_stamp(path: Path) -> tuple[int, int] | None:
+    """(inode, modification time in ns) of ``path``, None where there is nothing: a folder made, replaced or
+    written into since has another."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+@contextlib.contextmanager
+def abandoned_work_removed(works: Mapping[Path, Path], stop: Callable[[], object]) -> Iterator[None]:
+    """Run the body; where it ends by an exception (a Ctrl-C), call ``stop`` (which ends the processes that write,
+    such as a LocalCluster's workers) and remove each of the work folders ``works`` (work folder -> the output its
+    writer locks) that they left: one that is not as it was when the body began (made or replaced since: this
+    run's; an older one is left alone) and whose output's lock is free (one that another process holds is its work
+    in progress, and stays with it). Then the exception goes on."""
+    before = {work: folder_stamp(work) for work in works}
+    try:
+        yield
+    except BaseException:
+        stop()
+        for work, target in works.items():
+            now = folder_stamp(work)
+            if now is None or now == before[work]:
+                continue
+            try:
+                lock = acquire(target)
+            except (LockTaken, OSError):
+                continue
+            try:
+                shutil.rmtree(work, ignore_errors=True)
+            finally:
+                lock.release()
+        raise

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsi_screen import progress, runlog
-from wsi_screen._safe_write import write_failed
+from wsi_screen._safe_write import abandoned_work_removed, write_failed
 from wsi_screen.errors import ModelError, RunError, SlideBusyError, StoreLockedError, WsiScreenError
 from wsi_screen.models import PatchClassifier
 from wsi_screen.models.card import read_card, summary
@@ -577,7 +577,7 @@ def _screen_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], job: Slide
     from wsi_screen.distributed import Call, task_key
     from wsi_screen.models import default_model_dir
     from wsi_screen.tiling.pipeline import output_location, worker_config
-    from wsi_screen.tiling.store import store_location
+    from wsi_screen.tiling.store import partials, store_location
 
     remote_job = replace(job, run=job.run.absolute(), stores=output_location(job.stores, absolute=True),
                          tile=worker_config(job.tile))
@@ -608,9 +608,7 @@ def _screen_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], job: Slide
             log.error("%s", row.error)
         return row
 
-    try:
+    names = [s.name for s in sources]
+    # a Ctrl-C: a local cluster's workers die mid-slide, leaving RUN/<slide>.partial and stores' .zarr.partial folders
+    with abandoned_work_removed({**runfolder.partials(job.run, names), **partials(job.stores, names)}, dask.close):
         return dask.run(screen_slide_task, calls, failed=failed, on_result=arrived, reraise=job.on_error == "raise")
-    except BaseException:  # a Ctrl-C: a local cluster's workers die mid-slide, leaving RUN/<slide>.partial folders
-        dask.close()
-        runfolder.remove_partials(job.run, [s.name for s in sources])
-        raise

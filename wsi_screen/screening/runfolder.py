@@ -237,26 +237,10 @@ class SlideFolder:
             self._lock.release()
 
 
-def remove_partials(run: Path, names: Iterable[str]) -> list[Path]:
-    """Remove the ``RUN/<slide>.partial`` folders of ``names`` that nobody is writing (their slide's lock is free:
-    left by a process that died, such as a Dask worker killed by an interrupted run); returns those removed. One
-    another process holds is its work in progress, and is left to it."""
-    removed = []
-    for name in names:
-        work = Path(run) / (name + PARTIAL)
-        if not work.exists():
-            continue
-        try:
-            lock = acquire(Path(run) / name)
-        except (LockTaken, OSError):
-            continue
-        try:
-            shutil.rmtree(work, ignore_errors=True)
-        finally:
-            lock.release()
-        if not work.exists():
-            removed.append(work)
-    return removed
+def partials(run: Path, names: Iterable[str]) -> dict[Path, Path]:
+    """The ``RUN/<slide>.partial`` work folders of ``names``, each with the slide folder its writer locks (for
+    :func:`~wsi_screen._safe_write.abandoned_work_removed`)."""
+    return {Path(run) / (name + PARTIAL): Path(run) / name for name in names}
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from wsi_screen import __version__, progress, runlog
+from wsi_screen._safe_write import abandoned_work_removed
 from wsi_screen.errors import (
     ConfigError,
     MissingMppError,
@@ -56,6 +57,7 @@ from wsi_screen.tiling.store import (
     is_complete,
     is_url,
     local_location,
+    partials,
     patches_per_shard,
     read_attrs,
     remove_store,
@@ -588,7 +590,9 @@ def _tile_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], out: str, gi
         s = sources[i]
         return _report(replace(result, source=str(s.path), store=store_location(given_out, s.name)))
 
-    return dask.run(tile_slide, calls, failed=failed, on_result=arrived, reraise=on_error == "raise")
+    # a Ctrl-C: a local cluster's workers die mid-slide, leaving .zarr.partial folders
+    with abandoned_work_removed(partials(out, [s.name for s in sources]), dask.close):
+        return dask.run(tile_slide, calls, failed=failed, on_result=arrived, reraise=on_error == "raise")
 
 
 # ------------------------------------------------------------------------------------------- the public verbs

@@ -118,6 +118,15 @@ def store_location(out: str | os.PathLike[str], name: str) -> str:
     return str(Path(out) / (name + STORE_SUFFIX))
 
 
+def partials(out: str | os.PathLike[str], names: Sequence[str]) -> dict[Path, Path]:
+    """The ``<name>.zarr.partial`` work folders of the stores of ``names`` under ``out``, each with the store its
+    writer locks (for :func:`~wsi_screen._safe_write.abandoned_work_removed`); none under a URL, where a store is
+    written in place."""
+    if is_url(local_location(out)):
+        return {}
+    return {Path(store_location(out, name) + PARTIAL_SUFFIX): Path(store_location(out, name)) for name in names}
+
+
 def patches_per_shard(size_px: int) -> int:
     """How many patches one shard holds (a deterministic function of the patch size)."""
     return int(max(1, min(1024, SHARD_BYTES // (size_px * size_px * 3))))
