@@ -64,6 +64,17 @@ class _QuietFileHandler(logging.FileHandler):
         Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)  # the output folder, as the run makes
         return super()._open()
 
+    def emit(self, record: logging.LogRecord) -> None:
+        # FileHandler.emit opens the file (delay=True) outside its handleError: an unwritable log (a read-only
+        # output folder, a folder named wsi-screen.log) would escape from the first log call and fail the command
+        if self.stream is None:
+            try:
+                self.stream = self._open()
+            except OSError:
+                self.handleError(record)
+                return
+        super().emit(record)
+
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
         self.setLevel(logging.CRITICAL + 1)  # no "--- Logging error ---" on stderr, no retry per record
 
