@@ -236,8 +236,9 @@ def test_environment_variables_named_after_flags_take_effect(tmp_path: Path, cmu
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WSI_SCREEN_INFER_MODEL", str(tmp_path / "nope"))
     res = run_cli("infer", cmu_svs, "-o", tmp_path / "run", "--quiet")
-    # the same usage error as `--model` on the command line, saying where the value came from
-    assert res.code == 2 and str(tmp_path / "nope") in res.err and "(set in the environment)" in res.err, res
+    # the same error as `--model` on the command line (a path that does not exist: exit 1), saying where the
+    # value came from
+    assert res.code == 1 and str(tmp_path / "nope") in res.err and "(set in the environment)" in res.err, res
     assert not (tmp_path / "run" / "results.csv").exists()
     monkeypatch.delenv("WSI_SCREEN_INFER_MODEL")
     monkeypatch.setenv("WSI_SCREEN_MODELS_ALL", "1")  # --all (the parameter is show_all): every timm name
@@ -246,6 +247,26 @@ def test_environment_variables_named_after_flags_take_effect(tmp_path: Path, cmu
     some = run_cli("models")
     assert every.code == some.code == 0
     assert len(every.out.splitlines()) > 50 * len(some.out.splitlines()), (every.out[-300:], some.out)
+
+
+def test_a_path_that_does_not_exist_is_exit_1_for_every_command(tmp_path: Path, cmu_svs: Path) -> None:
+    """A missing slide was exit 1 for `tile`, `infer` and `info` (the tool finds slides) and exit 2 for `embed`,
+    `evaluate`, `predict`, `report` and `calibrate` (click's own path check, a usage error): the same mistake, two
+    exit statuses. Now one line naming the path, exit 1, no help hint, nothing written."""
+    missing, out = tmp_path / "missing.svs", tmp_path / "out"
+    cases = [("tile", missing, "-o", out), ("infer", missing, "-o", out), ("info", missing),
+             ("embed", missing, "-o", out, "--encoder", "default"), ("evaluate", missing, "-o", out),
+             ("predict", missing), ("report", missing), ("calibrate", missing, "--labels", cmu_svs, "-o", out),
+             ("infer", cmu_svs, "-o", out, "--model", missing), ("infer", cmu_svs, "-o", out, "--labels", missing),
+             ("tile", cmu_svs, "-o", out, "--slide-mpp-csv", missing)]
+    for argv in cases:
+        res = run_cli(*argv)
+        assert res.code == 1 and len(res.err_lines) == 1 and str(missing.name) in res.err \
+            and res.err.startswith("wsi-screen: error: ") and "--help" not in res.err, (argv, res)
+        assert not out.exists(), argv
+    res = run_cli("infer", cmu_svs, "-o", cmu_svs)  # a file where a folder is wanted: the same
+    assert res.code == 1 and res.err_lines == [f"wsi-screen: error: Invalid value for '-o' / '--out': Directory "
+                                               f"'{cmu_svs}' is a file."], res
 
 
 def test_exit_status_2_is_a_command_line_not_parsed_1_a_value_the_tool_refused(tmp_path: Path) -> None:

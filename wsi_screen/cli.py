@@ -9,7 +9,8 @@ a missing argument, and the few option pairs a command refuses as a click usage 
 ``--codec lz4``), are the same one line, ``wsi-screen: error: ...``, ending with where the command's help is.
 
 Exit status: 0 success; 1 a slide/item failed, or the tool refused a setting or an input (a ``ConfigError`` from
-its own checks, ``--size 0``, is exit 1 whether raised before or during the run); 2 the command line could not
+its own checks, ``--size 0``, is exit 1 whether raised before or during the run; so is a path that names nothing
+usable, a missing slide, dataset, model folder or labels file, whichever command reads it); 2 the command line could not
 be parsed (click's usage errors above); 130 interrupted. A slide without tissue is no failure: `infer` counts it
 apart ("1 without a call (no tissue)") and exits 0.
 """
@@ -302,7 +303,7 @@ def _main(args: list[str], whole_process: bool) -> Any:
             exc.show()
         else:
             click.echo(f"wsi-screen: error: {_click_error_line(exc)}", err=True)
-        sys.exit(exc.exit_code)
+        sys.exit(EXIT_FAILED if _names_nothing_usable(exc) else exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort
         _interrupted(whole_process, exc)
     except WsiScreenError as exc:
@@ -328,10 +329,19 @@ def _click_error_line(exc: click.ClickException) -> str:
     clash a command refuses (a usage error, exit 2) ends with where its help is, ``(see wsi-screen tile --help)``;
     click would print its usage block and a hint over three lines. A message's line breaks become spaces."""
     line = re.sub(r"\s*\n\s*", " ", exc.format_message()).strip()
-    if not isinstance(exc, click.UsageError):
+    if not isinstance(exc, click.UsageError) or _names_nothing_usable(exc):
         return line
     command = exc.ctx.command_path if exc.ctx is not None else "wsi-screen"
     return f"{line} (see {command} --help)"
+
+
+def _names_nothing_usable(exc: click.ClickException) -> bool:
+    """A path argument or option that click's checks refuse (``click.Path``: it does not exist, or is a file where
+    a folder is wanted) is an input the tool refused, exit 1 without the help hint, as a missing slide is for
+    ``tile`` and ``infer`` (their slides are found by the tool, not by click): the command line was read."""
+    param = getattr(exc, "param", None)
+    return isinstance(exc, click.BadParameter) and not isinstance(exc, click.MissingParameter) \
+        and param is not None and isinstance(param.type, click.Path)
 
 
 def _name_value_source(exc: click.ClickException) -> click.ClickException:
