@@ -52,6 +52,26 @@ def write_failed(path: str | os.PathLike[str], exc: OSError, what: str = "") -> 
     return OutputWriteError(failure_text(path, exc, what))
 
 
+def usable_folder(path: str | os.PathLike[str], what: str = "output folder") -> None:
+    """Create the folder ``path`` a run writes into (and its parents), and check that a file can be made in it:
+    a run then refuses an unusable output on one line before its first slide, rather than failing every slide
+    on it (a read-only folder) or saying "File exists" of a file in its place. Raises :class:`OutputWriteError`
+    naming ``what`` the folder is and why."""
+    folder = Path(path)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file of that name is in the way", str(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".wsi-screen-probe-", dir=folder)
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if disk_full(exc):
+            why += " (disk full or over quota)"
+        raise OutputWriteError(f"{folder}: cannot write in the {what}: {why}") from exc
+
+
 def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -207,3 +207,34 @@ def test_disk_full_while_writing_the_run_folder(tmp_path: Path, slide_dir: Path,
     res = run_cli("infer", slide_dir, "-o", run, "--quiet", "--workers", "0", "--model", model)
     assert res.code == 0, res
     assert _run_files(run) == clean_run
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_slide(tmp_path: Path, cmu_svs: Path) -> None:
+    """A read-only output folder failed every slide on its own line (`out/<slide>.zarr: cannot write the store:
+    Permission denied`, and for `infer` `results.csv` too: a cohort of 1,000 slides gave 1,001 lines), and a file
+    where the folder should be gave `tile` "cannot create the output folder: File exists". Now each command stops
+    on one line naming the folder before its first slide, exit 1."""
+    from tests.corpus import can_drop_privileges, restore_permissions, unprivileged_cli
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    res = run_cli("tile", cmu_svs, "-o", blocker, "--mpp", "0.972", "--size", "96", "--quiet")
+    assert res.code == 1 and res.err_lines == [f"{ERROR}{blocker}: cannot write in the output folder: a file of that "
+                                               "name is in the way"], res
+    if not can_drop_privileges():
+        pytest.skip("running as root without CAP_SETPCAP: permission bits cannot be made to apply")
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("a.svs", "b.svs"):
+        (slides / name).symlink_to(cmu_svs)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for command, what in (("tile", "output folder"), ("infer", "run folder")):
+            proc = unprivileged_cli([command, str(slides), "-o", str(locked), "--quiet"])
+            assert proc.returncode == 1 and proc.stderr.splitlines() == [
+                f"{ERROR}{locked}: cannot write in the {what}: Permission denied"], (command, proc.stderr)
+        assert list(locked.iterdir()) == []
+    finally:
+        restore_permissions(tmp_path)

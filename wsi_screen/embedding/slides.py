@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from wsi_screen import __version__, progress, runlog
+from wsi_screen._safe_write import usable_folder
 from wsi_screen.embedding.features import feature_store_path, is_current, write_feature_store
 from wsi_screen.errors import ModelMismatchError, RunError
 from wsi_screen.models.encoder import Encoder
@@ -185,6 +186,7 @@ def embed_inputs(inputs: Sequence[str], out: str | Path, encoder: Encoder, confi
     note = ident.scale_note(config.mpp, config.size)
     if note:
         log.warning("%s", note)
+    usable_folder(out)
     results = [EmbedResult(p.path.name, str(p.path), "failed", message=f"{p.path}: {p.reason}") for p in problems]
     for r in results:
         log.error("%s", r.message)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsi_screen import progress, runlog
-from wsi_screen._safe_write import abandoned_work_removed, write_failed
+from wsi_screen._safe_write import abandoned_work_removed, usable_folder, write_failed
 from wsi_screen.errors import ModelError, RunError, SlideBusyError, StoreLockedError, WsiScreenError
 from wsi_screen.models import PatchClassifier
 from wsi_screen.models.card import read_card, summary
@@ -278,10 +278,7 @@ def run_infer(slides: Sequence[str], run: Path, classifier: PatchClassifier, mod
         model_id = {**model_identity(model_dir, classifier), "path": runfolder.portable_path(str(model_dir), run)}
         stores_dir = config.stores or str(run / runfolder.STORES_DIR)
         labels = read_labels(Path(config.labels), classifier) if config.labels else {}
-        try:  # after every check of the settings: a refused run leaves nothing behind
-            run.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RunError(f"{run}: cannot create the run folder: {exc.strerror or exc}") from exc
+        usable_folder(run, "run folder")  # after every check of the settings: a refused run leaves nothing behind
 
         with runlog.run_log(run):
             return _run_in_folder(run, sources, problems, classifier, model_dir, config, aggregate, tile_cfg, model_id,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from wsi_screen import __version__, progress, runlog
-from wsi_screen._safe_write import abandoned_work_removed
+from wsi_screen._safe_write import abandoned_work_removed, usable_folder
 from wsi_screen.errors import (
     ConfigError,
     MissingMppError,
@@ -34,7 +34,6 @@ from wsi_screen.errors import (
     SlideReaderCrashError,
     SlideTimeoutError,
     StainFitError,
-    StoreError,
     StoreLockedError,
     StoreMismatchError,
     WsiScreenError,
@@ -540,10 +539,7 @@ def make_output(out: str | Path, *, absolute: bool = False) -> str:
     """:func:`output_location`, with the folder created when it is local."""
     out_str = output_location(out, absolute=absolute)
     if not is_url(out_str):
-        try:
-            Path(out_str).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"{out_str}: cannot create the output folder: {exc.strerror or exc}") from exc
+        usable_folder(out_str)
     return out_str
 
 
