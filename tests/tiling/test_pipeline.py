@@ -295,3 +295,33 @@ def test_kill9_mid_slide_then_resume(tmp_path: Path) -> None:
     assert run_cli("tile", slide, "-o", tmp_path / "clean", "--size", "256", "--quiet", "--workers", "1").code == 0
     assert tree_digest(final) == tree_digest(tmp_path / "clean" / "big.zarr")
     assert not partial.exists()
+
+
+def test_a_read_only_folder_of_current_stores_is_reused(tmp_path: Path, cmu_svs: Path) -> None:
+    """A lab's stores, tiled once into a folder then made read-only (an archive, a read-only mount), failed every
+    slide of `infer --stores` with `cannot write the store: Permission denied`: the store's lock was taken before
+    the store was found up to date, and a lock needs a file in the folder. A complete, current store is now read
+    without it; a store that is not current still fails (it would have to be written)."""
+    from tests.corpus import can_drop_privileges, restore_permissions, unprivileged_cli
+
+    if not can_drop_privileges():
+        pytest.skip("running as root without CAP_SETPCAP: permission bits cannot be made to apply")
+    stores = tmp_path / "stores"
+    tiled = run_cli("tile", cmu_svs, "-o", stores, "--mpp", "0.972", "--size", "96", "--codec", "lz4", "--quiet")
+    assert tiled.code == 0, tiled
+    before = tree_digest(stores)
+    for path in [stores, *stores.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        proc = unprivileged_cli(["infer", str(cmu_svs), "-o", str(tmp_path / "run"), "--stores", str(stores),
+                                 "--quiet"])
+        other = unprivileged_cli(["infer", str(cmu_svs), "-o", str(tmp_path / "run2"), "--stores", str(stores),
+                                  "--min-tissue", "0.7", "--quiet"])
+    finally:
+        restore_permissions(stores)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    row = (tmp_path / "run" / "results.csv").read_text(encoding="utf-8").splitlines()[1].split(",")
+    assert row[:3] == ["CMU-1-Small-Region", "ok", "66"], row
+    assert other.returncode == 1 and "CMU-1-Small-Region.zarr: cannot write the store: Permission denied" \
+        in other.stderr, other.stderr
+    assert tree_digest(stores) == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from wsi_screen.errors import (
     SlideReaderCrashError,
     SlideTimeoutError,
     StainFitError,
+    StoreError,
     StoreLockedError,
     StoreMismatchError,
     WsiScreenError,
@@ -271,7 +273,14 @@ def tile_slide(source: SlideSource, out: str, config: TileConfig, *, on_error: O
     start = time.perf_counter()
     location = store_location(out, source.name)
     try:
-        with store_lock(location):
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(store_lock(location))
+            except StoreError as exc:
+                if not _read_only_and_current(exc, source, location, config):
+                    raise
+                log.debug("%s: the store's folder cannot be written (%s); its complete store is up to date and "
+                          "is used as it is", source.name, exc.__cause__)
             return _tile_locked(source, location, config, start)
     except StoreLockedError as exc:
         if on_error == "raise":
@@ -283,6 +292,15 @@ def tile_slide(source: SlideSource, out: str, config: TileConfig, *, on_error: O
         message, trace = failure_message(source.path, exc)
         return TileResult(source.name, str(source.path), location, "failed",
                           seconds=time.perf_counter() - start, message=message, traceback=trace)
+
+
+def _read_only_and_current(exc: StoreError, source: SlideSource, location: str, config: TileConfig) -> bool:
+    """Whether the store's lock failed only because its folder cannot be written (a shared, read-only archive of
+    stores, a read-only mount) while the store there is complete and what tiling would write now: reading it needs
+    no lock (a store under its final name is complete, and nothing can replace it from here), so it is used."""
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS) \
+        and not config.overwrite and store_is_current(source, location, config)[0]
 
 
 def failure_message(path: Path | str, exc: BaseException) -> tuple[str, str]:
