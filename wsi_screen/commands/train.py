@@ -86,8 +86,11 @@ def _add_training_options(func: F, *, with_encoder: bool) -> F:
                           "balanced accuracy)."),
         click.option("--schedule", type=click.Choice(["cosine", "onecycle", "constant"]), default="cosine",
                      show_default=True, help="LR schedule (cosine and constant start with a linear warm-up)."),
-        click.option("--warmup-epochs", type=click.FloatRange(0, 100), default=1.0, show_default=True),
-        click.option("--label-smoothing", type=click.FloatRange(0, 0.5), default=0.1, show_default=True),
+        click.option("--warmup-epochs", type=click.FloatRange(0, 100), default=1.0, show_default=True,
+                     help="Epochs of linear learning-rate warm-up before --schedule takes over (the small recipe: "
+                          "0)."),
+        click.option("--label-smoothing", type=click.FloatRange(0, 0.5), default=0.1, show_default=True,
+                     help="Label smoothing of the cross-entropy loss (the small recipe: 0)."),
         click.option("--class-weights/--no-class-weights", default=True, show_default=True,
                      help="Weight the loss by inverse class frequency (for imbalanced data)."),
         click.option("--drop-rate", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
@@ -98,7 +101,8 @@ def _add_training_options(func: F, *, with_encoder: bool) -> F:
                           "fresh when the class list differs. Nothing is downloaded; pickle files are refused."),
         click.option("--freeze-backbone", is_flag=True,
                      help="Train only the classifier for --frozen-epochs, then fine-tune everything."),
-        click.option("--frozen-epochs", type=click.IntRange(0, 1000), default=2, show_default=True),
+        click.option("--frozen-epochs", type=click.IntRange(0, 1000), default=2, show_default=True,
+                     help="Epochs that train only the classifier, with --freeze-backbone."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seeds the split, initialisation, shuffling and augmentation."),
         click.option("--mpp", type=float, default=None,
@@ -217,8 +221,10 @@ def set_threads(threads: int) -> None:
 @training_options(with_encoder=True)
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="MODEL_DIR",
               help="Model folder to write (model.safetensors, config.json, history.csv, split.csv, valid/).")
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True)
-@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adamw", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=64, show_default=True,
+              help="Training images per optimiser step.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="adamw", show_default=True,
+              help="Optimiser (the small recipe: adam).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Peak learning rate (default 1e-3 for adam/adamw, 0.01 for sgd; 1e-4 for a head on --encoder).")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
