@@ -78,6 +78,13 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
     assert bare == [], bare
 
 
+def test_folder_options_show_a_folder_metavar() -> None:
+    """`infer --help` showed `--stores TEXT` beside `embed --stores DIR` (it takes a folder or an fsspec URL)."""
+    for command in ("infer", "embed"):
+        res = run_cli(command, "--help")
+        assert res.code == 0 and "--stores DIR " in res.out, (command, res)
+
+
 def test_version_and_unknown_command() -> None:
     res = run_cli("--version")
     assert res.code == 0 and "wsi-screen, version" in res.out

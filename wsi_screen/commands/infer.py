@@ -48,7 +48,7 @@ if TYPE_CHECKING:
               help="slides.csv with columns slide,label: adds slide_metrics.json (AUC; sensitivity and "
                    "specificity with Wilson 95% intervals) and slide_roc.png, and results.csv's label_agrees "
                    "(the report marks each call that is not its label).")
-@click.option("--stores", type=str, default=None,
+@click.option("--stores", type=str, default=None, metavar="DIR",
               help="Folder of patch stores to reuse and tile into (default: RUN/stores). Stores made with "
                    "other settings than the model needs are refused. Any `tile --codec`, or `tile --pixels none`, "
                    "is reused (the same patch grid), but only lz4 and coordinates-only stores give exactly the "

@@ -343,8 +343,8 @@ def warn_lossy_stores(rows: Sequence[SlideRow]) -> None:
     codecs = sorted({(str(c["name"]), c.get("quality")) for r in lossy for c in [r.extra["store_pixels"]["codec"]]})
     kinds = "/".join(dict.fromkeys(PatchCodec(name).label for name, _ in codecs))
     log.warning("%d slide(s) scored from %s-compressed patches of reused stores (%s): their scores differ from a "
-                "run on the slide, and its out-of-domain flag (or a call near the threshold) can differ too; lz4 or "
-                "coordinates-only stores give exactly the scores of a run on the slide: %s",
+                "run on the slides, and a slide's out-of-domain flag (or a call near the threshold) can differ too; "
+                "lz4 or coordinates-only stores give exactly the scores of a run on the slide: %s",
                 len(lossy), kinds, ", ".join(f"{name} quality {q}" for name, q in codecs),
                 few(sorted(r.name for r in lossy)))
 
