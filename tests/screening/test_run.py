@@ -318,6 +318,29 @@ def test_a_rerun_with_stray_labels_and_fewer_slides_is_whole_and_says_so(tmp_pat
     assert (run / "run.json").exists() and (run / "report.html").exists() and not (run / "slide_metrics.json").exists()
 
 
+def test_a_rerun_without_labels_drops_the_earlier_runs_slide_metrics(tmp_path: Path, example_slide: Path,
+                                                                     demo_run: Path) -> None:
+    """A rerun without --labels (after new slides came in, say) left the labelled run's slide_metrics.json and
+    slide_roc.png in the run folder, and report.html showed them as the run's "Slide-level evaluation": an AUC and
+    rates of other slides and labels than its results.csv holds."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("stores"))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\nCMU-1-Small-Region,normal\n")
+    labelled = run_cli("infer", example_slide, "-o", run, "--stores", demo_run / "stores", "--labels", labels,
+                       "--quiet")
+    assert labelled.code == 0 and (run / "slide_metrics.json").exists(), labelled
+    assert "Slide-level evaluation" in (run / "report.html").read_text(encoding="utf-8")
+    shutil.copy(run / "CMU-1-Small-Region" / "heatmap.png", run / "slide_roc.png")  # as a two-class run leaves it
+    plain = run_cli("infer", example_slide, "-o", run, "--stores", demo_run / "stores", "--quiet")
+    assert plain.code == 0, plain
+    assert not (run / "slide_metrics.json").exists() and not (run / "slide_roc.png").exists()
+    assert "Slide-level evaluation" not in (run / "report.html").read_text(encoding="utf-8")
+    assert read_results(run)["CMU-1-Small-Region"]["label"] == ""
+
+
 def test_a_run_keeps_no_patch_pixels_unless_asked_and_both_score_alike(demo_run: Path, example_slide: Path,
                                                                         tmp_path: Path) -> None:
     """By default infer streams: its stores are coordinates-only (no pixel array anywhere in the run folder), the

@@ -362,6 +362,13 @@ def unmatched_labels(labels: dict[str, str], names: Collection[str]) -> list[str
     return [k for k in unmatched if not any(other != k and slide_name(Path(other)) == k for other in unmatched)]
 
 
+def drop_slide_metrics(run: Path) -> None:
+    """Remove an earlier run's slide_metrics.json and slide_roc.png: beside this run's results.csv (other slides,
+    labels or rule) they would look current, and the report shows them as this run's evaluation."""
+    for name in (runfolder.SLIDE_METRICS_JSON, runfolder.SLIDE_ROC_PNG):
+        (run / name).unlink(missing_ok=True)
+
+
 def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
                   aggregate: AggregateConfig) -> dict[str, Any] | None:
     """AUC, sensitivity and specificity at the slide threshold over labelled, scored slides (+ ROC plot), the
@@ -369,11 +376,11 @@ def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
     :data:`wsi_screen.metrics.ADVISED_POSITIVES`, calibrate's small-cohort warning (``warnings``, and logged),
     from the same code as the patch metrics (:func:`wsi_screen.metrics.binary_view`); None (and a warning) when
     no labelled slide was scored."""
+    drop_slide_metrics(run)
     scored = [r for r in rows if r.label and r.result is not None and r.result.score is not None]
     if not scored:
         log.warning("`labels`: no labelled slide was scored in this run, so there are no slide metrics (the labels' "
                     "slide column must hold the slide names of results.csv)")
-        (run / runfolder.SLIDE_METRICS_JSON).unlink(missing_ok=True)  # an earlier run's would look current
         return None
     y = np.array([r.label == "positive" for r in scored], dtype=bool)
     s = np.array([r.result.score for r in scored if r.result is not None], dtype=np.float64)

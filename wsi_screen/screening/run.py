@@ -46,6 +46,7 @@ from wsi_screen.screening.aggregate import (
 from wsi_screen.screening.outputs import (
     SlideRow,
     aggregate_row,
+    drop_slide_metrics,
     read_labels,
     slide_metrics,
     store_digest,
@@ -320,6 +321,8 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     if labels:
         warn_unmatched_labels(labels, {r.name for r in rows})
     metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
+    if not labels:
+        drop_slide_metrics(run)  # an earlier labelled run's, which the report would show as this run's
     write_results(run, rows, aggregate, model_id)
     warn_earlier_slides(run, rows)
     stages = {"start_up": startup.seconds_until(t0), "slides": screened - t0,
