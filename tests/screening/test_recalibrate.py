@@ -506,3 +506,24 @@ def test_calibrate_keeps_the_models_rule_on_a_tie(run: Path, slides: tuple[Path,
     assert f"a tie: {len(best)} candidates have the chosen one's sensitivity and AUC (" in res.out
     assert "kept the model's own rule" in res.out
     assert "  rule: " not in res.out and "  call_patch_threshold: " not in res.out
+
+
+def test_calibrate_warns_when_its_slides_are_out_of_the_models_domain(tmp_path: Path, example_slide: Path,
+                                                                       slides_dir: Path) -> None:
+    """A lab that calibrated on slides the model flags out of domain (skin, here) got a rule chosen on calls the
+    model does not support, and calibrate said nothing of it; infer flags such slides, the report too."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(example_slide, folder)
+    shutil.copy(slides_dir / "CMU-1-Small-Region.pyramid.tif", folder)
+    labels = tmp_path / "slides.csv"
+    labels.write_text("slide,label\nCMU-1-Small-Region,normal\nCMU-1-Small-Region.pyramid,tumour\n")
+    screened = run_cli("infer", folder, "-o", tmp_path / "run", "--workers", "0", "--quiet")
+    assert screened.code == 0 and {r["out_of_domain"] for r in read_results(tmp_path / "run").values()} == {"true"}
+    res = run_cli("calibrate", tmp_path / "run", "--labels", labels, "-o", tmp_path / "c")
+    assert res.code == 0, res
+    text = ("2 of the 2 slides are out of the model's domain (most of their patches are unlike its training data): "
+            "their scores, and so the rule chosen on them, are not ones the model supports: CMU-1-Small-Region, "
+            "CMU-1-Small-Region.pyramid")
+    assert f"wsi-screen: warning: calibration: {text}" in res.err_lines, res
+    assert text in json.loads((tmp_path / "c" / "slide_rule.json").read_text())["warnings"]

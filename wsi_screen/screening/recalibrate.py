@@ -212,6 +212,8 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
         if grid is None:
             raise RunError(f"{run}/{row['slide']}: slide.json lacks the patch grid (stride, mpp); rerun infer")
         slides.append(calibration.labelled_slide(row["slide"], grid, label == "positive", patch_threshold))
+    outside = sorted(row["slide"] for row in results if row.get("status") == "ok" and row["slide"] in truth
+                     and row.get("out_of_domain") == "true")
     n_pos = sum(s.positive for s in slides)
     if n_pos == 0 or n_pos == len(slides):
         raise ConfigError(f"{run}: calibration needs labelled slides of both kinds among the scored ones; found "
@@ -229,6 +231,10 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
                                  [s.size_class for s in slides], [s.n_patches for s in slides], config.slide_threshold)
     doc["on_calibration_slides"] = {k: figures[k] for k in ("auc", "auc_ci", "sensitivity", "specificity")}
     warnings = small_set_warnings(n_pos, len(slides) - n_pos, min_specificity)
+    if outside:
+        warnings.append(f"{len(outside)} of the {len(slides)} slides are out of the model's domain (most of their "
+                        "patches are unlike its training data): their scores, and so the rule chosen on them, are "
+                        f"not ones the model supports: {few(outside)}")
     if warnings:
         doc["warnings"] = [*warnings, "check the calibrated model on other labelled slides before screening with it"]
         for text in doc["warnings"]:
