@@ -28,3 +28,24 @@ def test_k_for_a_rule_that_reads_none_is_refused(tmp_path: Path, example_slide: 
                                                    f"slide rule is {name}: drop --k, or set --aggregate to topk"), res
     assert not (tmp_path / "run" / "results.csv").exists()
 
+
+
+def test_the_out_of_domain_line_names_the_card_of_the_model_used(tmp_path: Path, demo_run: Path,
+                                                                 example_slide: Path) -> None:
+    """With --model, the out-of-domain line pointed at `wsi-screen models --card`, which prints the bundled model's
+    card, not the card of the model that made the call."""
+    import shutil
+
+    from wsi_screen.models import default_model_dir
+
+    model = tmp_path / "lab model"
+    shutil.copytree(default_model_dir(), model)
+    res = run_cli("infer", example_slide, "-o", tmp_path / "run", "--model", model, "--stores", demo_run / "stores",
+                  "--workers", "0")
+    assert res.code == 0, res
+    line = [t for t in res.out.splitlines() if t.startswith("OUT OF DOMAIN: ")]
+    assert len(line) == 1 and line[0].endswith(f"(`wsi-screen models --card '{model}'`)"), res.out
+    bundled = run_cli("infer", example_slide, "-o", tmp_path / "run2", "--stores", demo_run / "stores",
+                      "--workers", "0")
+    line = [t for t in bundled.out.splitlines() if t.startswith("OUT OF DOMAIN: ")]
+    assert len(line) == 1 and line[0].endswith("(`wsi-screen models --card`)"), bundled.out

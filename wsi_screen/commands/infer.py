@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from typing import TYPE_CHECKING
 
@@ -143,14 +144,15 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     with maybe_connect(target) as runner:
         summary = run_infer(slides, Path(run), classifier, mdir, config, argv=sys.argv[1:],
                             on_error="raise" if ctx.obj.get("debug") else "record", dask=runner)
-    _print_table(summary, patch_um=classifier.spec.input_size * float(classifier.spec.mpp or 0))
+    card = "wsi-screen models --card" + (f" {shlex.quote(str(model_dir))}" if model_dir else "")
+    _print_table(summary, patch_um=classifier.spec.input_size * float(classifier.spec.mpp or 0), card=card)
     if summary.failed:
         ctx.exit(1)
 
 
-def _print_table(summary: RunSummary, *, patch_um: float) -> None:
+def _print_table(summary: RunSummary, *, patch_um: float, card: str) -> None:
     """The slides' table and the run's rule in words; ``patch_um``: the side of one patch (the model's input size x
-    its mpp), the resolution at which foci are measured."""
+    its mpp), the resolution at which foci are measured; ``card``: the command that shows the model's card."""
     from wsi_screen.errors import in_user_words
     from wsi_screen.metrics import rate_words
     from wsi_screen.screening import runfolder
@@ -200,7 +202,7 @@ def _print_table(summary: RunSummary, *, patch_um: float) -> None:
     if outside:
         click.echo(f"OUT OF DOMAIN: {', '.join(outside)}: most patches are unlike the model's training data "
                    "(another tissue, stain or resolution?); their calls are kept but unreliable "
-                   "(`wsi-screen models --card`)")
+                   f"(`{card}`)")
     counts = call_counts((r.result.diagnosis if r.result is not None else "error", bool(r.extra.get("out_of_domain")))
                          for r in rows)
     click.echo("calls: " + ", ".join(f"{n} {call}{out_of_domain_words(ood)}" for call, n, ood in counts))
