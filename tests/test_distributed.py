@@ -164,6 +164,15 @@ def test_bad_address_and_memory_url_fail_before_any_cluster(tmp_path: Path, slid
     assert res.code == 1 and len(res.err_lines) == 1 and "memory://" in res.err_lines[0], res
 
 
+def test_a_local_cluster_of_one_says_one_worker_process(tmp_path: Path, slides: Path) -> None:
+    """`--dask local:1` said "1 worker processes"."""
+    res = run_cli("tile", slides / "block_a.tif", "-o", tmp_path / "out", "--size", "256", "--dask", "local:1")
+    assert res.code == 0, res
+    lines = [t for t in res.err_lines if "local Dask cluster" in t]
+    assert len(lines) == 1 and lines[0].startswith(
+        "wsi-screen: info: local Dask cluster: 1 worker process at tcp://127.0.0.1:"), res
+
+
 def test_file_url_output_is_the_folder(tmp_path: Path, slides: Path) -> None:
     res = run_cli("tile", slides / "block_a.tif", "-o", (tmp_path / "out").as_uri(), "--size", "256", "--quiet")
     assert res.code == 0, res

@@ -212,7 +212,8 @@ def connect(address: str | DaskAddress, *, timeout_s: float = CONNECT_TIMEOUT_S)
         except BaseException:
             cluster.close()
             raise
-        log.info("local Dask cluster: %d worker processes at %s", target.n_workers, cluster.scheduler_address)
+        log.info("local Dask cluster: %d worker process%s at %s", target.n_workers,
+                 "" if target.n_workers == 1 else "es", cluster.scheduler_address)
         return DaskRunner(client, target, cluster)
     try:
         client = Client(target.scheduler, timeout=timeout_s, set_as_default=False)
