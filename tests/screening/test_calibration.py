@@ -74,6 +74,10 @@ def test_calibrate_on_spatial_truth_picks_a_spatial_rule() -> None:
     assert doc["candidates"]["topk10"]["sensitivity"] < 1.0
     assert config.min_focus_patches >= 2  # pairs of neighbouring false positives occur on 3,600-patch slides
     assert set(doc["per_rule"]) == {"mean", "max", "topk", "fraction", "smoothmax", "region"}
+    # the bins it held the slides to, as they were: 625-patch slides are not in a "500-2000" bin of a cohort
+    assert doc["method"].startswith("highest sensitivity at specificity >= 1.0 in every slide-size bin of the "
+                                    "calibration slides (under 2000 patches: 20 slide(s), 2000-5000 patches: 20 "
+                                    "slide(s)); foci: "), doc["method"]
 
 
 def test_report_counts_by_class_and_size() -> None:

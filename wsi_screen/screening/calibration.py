@@ -16,6 +16,7 @@ from a lab's own labelled run (``wsi-screen calibrate``).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -166,6 +167,15 @@ def size_bin(n_patches: int) -> int:
     return len(SIZE_BINS) - 1
 
 
+def size_bin_words(i: int) -> str:
+    """:func:`size_bin`'s bin ``i`` as it groups slides: the first takes every smaller slide, the last every
+    larger one."""
+    lo, hi = SIZE_BINS[i]
+    if i == 0:
+        return f"under {hi}"
+    return f"{lo} or more" if i == len(SIZE_BINS) - 1 else f"{lo}-{hi}"
+
+
 def report(scores: Sequence[float], labels: Sequence[bool], classes: Sequence[str], sizes: Sequence[int],
            threshold: float) -> dict[str, Any]:
     """Slide AUC (bootstrap CI), sensitivity by focus class and specificity by slide size (Wilson CIs)."""
@@ -216,6 +226,12 @@ def labelled_slide(name: str, grid: ScoreGrid, positive: bool, patch_threshold: 
                          largest={t: largest_region(grid, t) for t in REGION_THRESHOLDS}, size_class=size_class)
 
 
+def _bins_held(slides: Sequence[LabelledSlide]) -> str:
+    """The slide-size bins ``slides`` fall in, with their counts: ``under 2000 patches: 3 slides, ...``."""
+    counts = collections.Counter(size_bin(s.n_patches) for s in slides)
+    return ", ".join(f"{size_bin_words(i)} patches: {counts[i]} slide(s)" for i in sorted(counts))
+
+
 def calibrate(slides: Sequence[LabelledSlide], *, patch_threshold: float,
               min_specificity: float = DEFAULT_MIN_SPECIFICITY,
               current: AggregateConfig | None = None) -> tuple[AggregateConfig, dict[str, Any]]:
@@ -244,8 +260,8 @@ def calibrate(slides: Sequence[LabelledSlide], *, patch_threshold: float,
                                      "region_threshold": c.region_threshold})
     doc = {**config.to_json(), "name": choice.candidate.name, "per_rule": per_rule, "tie": list(choice.tied),
            "candidates": {t["rule"]: t for t in choice.table},
-           "method": f"highest sensitivity at specificity >= {min_specificity} in every slide-size bin "
-                     f"({', '.join(f'{a}-{b}' for a, b in SIZE_BINS)} patches) of the calibration slides; foci: "
+           "method": f"highest sensitivity at specificity >= {min_specificity} in every slide-size bin of the "
+                     f"calibration slides ({_bins_held(slides)}); foci: "
                      f"regions of >= {focus} patches at p >= {region_threshold:g} (99th percentile of the "
                      "negatives' largest region + 1)"}
     return config, doc
