@@ -90,7 +90,7 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     set_threads(threads)
     import logging
 
-    from wsi_screen.embedding.slides import EmbedConfig, embed_inputs
+    from wsi_screen.embedding.slides import EmbedConfig, embed_inputs, find_inputs
     from wsi_screen.errors import ConfigError
     from wsi_screen.models.device import resolve_device
     from wsi_screen.models.encoder import load_encoder
@@ -101,6 +101,7 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
 
     log = logging.getLogger("wsi_screen.embed")
     torch_device = resolve_device(device)  # an absent GPU is one line before anything is read
+    found = find_inputs(inputs)  # inputs that name nothing: one line before the encoder is loaded
     enc = load_encoder(encoder, weights=encoder_weights, device=torch_device,
                        precision="auto" if torch_device.type == "cuda" else "fp32")
     mpp = mpp if mpp is not None else enc.identity.mpp
@@ -115,7 +116,7 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     tile = with_stores_policy(tile, given=stores is not None)
     started = time.perf_counter()
     with run_log(out):
-        results = embed_inputs(inputs, out, enc, config, tile, stores_dir=stores,
+        results = embed_inputs(found, out, enc, config, tile, stores_dir=stores,
                                on_error="raise" if ctx.obj.get("debug") else "record")
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     patches = sum(r.n_patches for r in results if r.status == "done")

@@ -31,7 +31,7 @@ from wsi_screen.embedding.features import feature_store_path, is_current, write_
 from wsi_screen.errors import ModelMismatchError, RunError
 from wsi_screen.models.encoder import Encoder
 from wsi_screen.slide import isolation
-from wsi_screen.slide.discovery import SlideSource, discover, nothing_found
+from wsi_screen.slide.discovery import DiscoveryProblem, SlideSource, discover, nothing_found
 from wsi_screen.tiling.pipeline import OnError, TileConfig, failure_message, tile_isolated
 from wsi_screen.tiling.store import PatchStore, is_url, local_location
 from wsi_screen.tiling.store import read_attrs as read_store_attrs
@@ -167,18 +167,36 @@ def _failed(name: str, source: str, exc: Exception, on_error: OnError) -> EmbedR
     return EmbedResult(name, source, "failed", message=message)
 
 
-def embed_inputs(inputs: Sequence[str], out: str | Path, encoder: Encoder, config: EmbedConfig, tile: TileConfig,
-                 *, stores_dir: str | None = None, on_error: OnError = "raise") -> list[EmbedResult]:
-    """Embed every slide and patch store named by ``inputs`` into ``out`` (see the module docstring).
+@dataclass(frozen=True)
+class EmbedInputs:
+    """What ``inputs`` name: patch stores (name, location), slides, and the paths that gave neither."""
+
+    stores: list[tuple[str, str]]
+    sources: list[SlideSource]
+    problems: list[DiscoveryProblem]
+
+
+def find_inputs(inputs: Sequence[str]) -> EmbedInputs:
+    """The patch stores and slides named by ``inputs``; a :class:`RunError` saying why where they name none (cheap:
+    done before an encoder, perhaps a foundation model, is loaded)."""
+    given, rest = split_inputs(inputs)
+    sources, problems = discover(rest) if rest else ([], [])
+    if not given and not sources:  # nothing to embed: say why, as infer does, rather than count a folder as a slide
+        raise RunError(nothing_found("embed", problems))
+    return EmbedInputs(given, sources, problems)
+
+
+def embed_inputs(inputs: Sequence[str] | EmbedInputs, out: str | Path, encoder: Encoder, config: EmbedConfig,
+                 tile: TileConfig, *, stores_dir: str | None = None, on_error: OnError = "raise") -> list[EmbedResult]:
+    """Embed every slide and patch store named by ``inputs`` (paths, or what :func:`find_inputs` found in them)
+    into ``out`` (see the module docstring).
 
     ``on_error="raise"`` (the library's default) raises whatever stops a slide; ``"record"`` (the command's
     policy) reads slides in the supervised child process and returns a failed slide as a result saying ``failed``,
     so the others go on."""
     out = Path(out)
-    given, rest = split_inputs(inputs)
-    sources, problems = discover(rest) if rest else ([], [])
-    if not given and not sources:  # nothing to embed: say why, as infer does, rather than count a folder as a slide
-        raise RunError(nothing_found("embed", problems))
+    found = inputs if isinstance(inputs, EmbedInputs) else find_inputs(inputs)
+    given, sources, problems = found.stores, found.sources, found.problems
     ident = encoder.identity
     resized = f" (resized to its {ident.input_size} px input: {ident.seen_mpp(config.mpp, config.size):.4g} um/px)" \
         if config.size != ident.input_size else ""
