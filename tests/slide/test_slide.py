@@ -367,3 +367,24 @@ def test_read_region_refuses_a_bad_size_or_level_in_one_error(slides_dir: Path, 
         assert str(caught.value).endswith(why)
         assert isinstance(caught.value, WsiScreenError)
         assert s.read_region((0, 0), 0.0, (4.0, 3)).shape == (3, 4, 3)  # type: ignore[arg-type]  # as before
+
+
+@pytest.mark.parametrize("name", CMU_FORMATS)
+def test_a_slide_nobody_closed_frees_its_files_when_collected(slides_dir: Path, name: str) -> None:
+    """A notebook cell `slide = open_slide(...)` run again and again, never closed: each slide's files are freed
+    with the slide (the tifffile reader held one descriptor per slide until the process ended)."""
+    import gc
+
+    def open_fds() -> int:
+        return sum(1 for _ in Path("/proc/self/fd").iterdir())
+
+    with Slide(slides_dir / name) as s:  # the first open loads the readers' libraries, which may keep files
+        s.thumbnail(8.0)
+    gc.collect()
+    before = open_fds()
+    for _ in range(20):
+        s = Slide(slides_dir / name)
+        assert s.thumbnail(8.0).shape == (185, 138, 3)
+        del s
+    gc.collect()
+    assert open_fds() == before

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import threading
+import weakref
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -267,6 +268,9 @@ class TiffReader:
         w0, h0 = dims[0]
         self.level_downsamples = tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
         self._fd = os.open(str(path), os.O_RDONLY)
+        # closes the descriptor and the TIFF once: on close(), or when a reader nobody closed is collected (a
+        # notebook's `slide = open_slide(...)` run again and again would otherwise hold one descriptor per run)
+        self._release = weakref.finalize(self, _release, self._fd, tif)
         self._file_size = os.fstat(self._fd).st_size
         self._whole: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -428,6 +432,11 @@ class TiffReader:
             return self._whole[level]
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        self._tif.close()
+        self._release()
+
+
+def _release(fd: int, tif: tifffile.TiffFile) -> None:
+    """Close a reader's descriptor and TIFF (its finalizer: no reference to the reader itself)."""
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    tif.close()
