@@ -831,10 +831,17 @@ def test_the_api_table_gives_each_parameter_its_real_kind() -> None:
      "`workers` must be a whole number, at least 1; got 0"),
     ("tile lz4 quality", lambda sl: wsi_screen.tile(sl, mpp=2.0, size=64, codec="lz4", quality=50),
      "lz4 is lossless and has no quality; use `codec` jpeg or jpegxl (or drop `quality`)"),
+    ("score workers=0", lambda sl: wsi_screen.score(sl, workers=0),
+     "`workers` must be a whole number, at least 1; got 0"),
+    ("screen workers=-3", lambda sl: wsi_screen.screen(sl, workers=-3),
+     "`workers` must be a whole number, at least 1; got -3"),
+    ("screen workers=1.5", lambda sl: wsi_screen.screen(sl, workers=1.5),
+     "`workers` must be a whole number, at least 1; got 1.5"),
 ])
 def test_invalid_values_are_refused_not_taken(example_slide: Path, what: str, call: Any, message: str) -> None:
-    """Each was accepted silently: a model of zero classes, a negative or zero number of threads, a quality for
-    the lossless codec (which the tile command already refused: the same rule now)."""
+    """Each was accepted silently: a model of zero classes, a negative or zero number of threads (score and screen
+    tiled with them all the same; 1.5 was a TypeError from the tissue detector), a quality for the lossless codec
+    (which the tile command already refused: the same rule now)."""
     with wsi_screen.open_slide(example_slide) as slide, pytest.raises(ConfigError) as bad:
         call(slide)
     assert str(bad.value) == message

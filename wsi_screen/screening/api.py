@@ -246,7 +246,7 @@ def score(store_or_slide: PatchStore | Slide, model: ModelLike = None, *, batch_
     batch_size
         Patches per forward pass (at least 1).
     workers
-        Reader threads when tiling a slide.
+        Reader threads when tiling a slide, at least 1.
 
     Returns
     -------
@@ -273,6 +273,7 @@ def score(store_or_slide: PatchStore | Slide, model: ModelLike = None, *, batch_
     from wsi_screen.tiling.pipeline import tile_with
 
     check_batch_size(batch_size)  # before a slide is tiled for nothing
+    workers = check_whole(workers, "workers", at_least=1)
     model = _as_model(model)
     if isinstance(store_or_slide, Slide):
         # an in-memory store keeps its (lz4) pixels: scores.store[i] must not need the slide after it is closed
@@ -422,7 +423,7 @@ def screen(path: str | os.PathLike[str] | Slide, model: ModelLike = None, *,
     force_mpp
         Level-0 microns per pixel that replaces the declared value (a wrong, implausible or non-square one).
     workers
-        Reader threads.
+        Reader threads, at least 1.
 
     Returns
     -------
