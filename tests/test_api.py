@@ -58,6 +58,26 @@ def test_the_public_names_are_exported_lazily_and_documented() -> None:
         wsi_screen.nope  # noqa: B018
 
 
+
+def test_type_checkers_see_every_public_name_from_where_it_loads() -> None:
+    """The names load lazily (``_LAZY``), which a type checker cannot follow: each was ``Any`` to mypy, pyright and
+    editors. ``__init__`` imports each under ``TYPE_CHECKING`` from the module it loads from at run time (mypy
+    checks their types in tests/api_types.py); the two lists agree, so no name is left ``Any``."""
+    import ast
+
+    from wsi_screen import _LAZY
+
+    tree = ast.parse((REPO / "wsi_screen" / "__init__.py").read_text(encoding="utf-8"))
+    (block,) = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]
+    typed = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names:
+            assert alias.asname == alias.name, f"{alias.name}: re-export it as itself (`as {alias.name}`)"
+            typed[alias.name] = node.module
+    assert typed == _LAZY
+    assert "tests/api_types.py" in (REPO / "pyproject.toml").read_text(encoding="utf-8")  # mypy checks it
+
 @pytest.mark.slow
 def test_every_docstring_example_runs(monkeypatch: pytest.MonkeyPatch, example_slide: Path) -> None:
     """The ``>>>`` examples of the public names (and of the Slide methods) give what they show."""

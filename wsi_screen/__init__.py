@@ -21,9 +21,25 @@ from __future__ import annotations
 
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsi_screen import _timm_hook
+
+if TYPE_CHECKING:  # the names with their types, for type checkers and editors (never run: they load by _LAZY);
+    # `as` re-exports them, as a typed package must for pyright
+    from wsi_screen.models import create_model as create_model
+    from wsi_screen.models import load_model as load_model
+    from wsi_screen.screening.api import Scores as Scores
+    from wsi_screen.screening.api import SlideCall as SlideCall
+    from wsi_screen.screening.api import call_slide as call_slide
+    from wsi_screen.screening.api import heatmap as heatmap
+    from wsi_screen.screening.api import score as score
+    from wsi_screen.screening.api import screen as screen
+    from wsi_screen.slide.slide import Slide as Slide
+    from wsi_screen.slide.slide import open_slide as open_slide
+    from wsi_screen.tiling.pipeline import tile as tile
+    from wsi_screen.tiling.pipeline import tissue_mask as tissue_mask
+    from wsi_screen.tiling.store import PatchStore as PatchStore
 
 try:
     __version__ = version("wsi-screen")
