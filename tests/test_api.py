@@ -867,6 +867,22 @@ def test_invalid_values_are_refused_not_taken(example_slide: Path, what: str, ca
     assert str(bad.value) == message
 
 
+def test_numpy_numbers_tile_as_python_numbers(example_slide: Path, tmp_path: Path) -> None:
+    """A notebook's numbers are often numpy's (a DataFrame column, an array's element): tile(mpp=np.float32(2),
+    size=np.int64(64)) passed every check and then failed writing the store's settings, "TypeError: Object of type
+    float32 is not JSON serializable", in memory as on disk."""
+    with wsi_screen.open_slide(example_slide) as slide:
+        plain = wsi_screen.tile(slide, tmp_path / "plain", mpp=2.0, size=64, overlap=8, min_tissue=0.5, codec="lz4")
+        for out in (None, tmp_path / "numpy"):
+            store = wsi_screen.tile(slide, out, mpp=np.float32(2.0), size=np.int64(64), overlap=np.int32(8),
+                                    min_tissue=np.float32(0.5), codec="lz4")
+            assert len(store) == len(plain) == 48 and np.array_equal(store.coords, plain.coords)
+            assert np.array_equal(store[:], plain[:])
+            assert store.attrs["settings"] == plain.attrs["settings"]
+        # the store on disk was made with the same settings: reused by plain numbers, not refused
+        again = wsi_screen.tile(slide, tmp_path / "numpy", mpp=2.0, size=64, overlap=8, min_tissue=0.5, codec="lz4")
+        assert np.array_equal(again.coords, plain.coords)
+
 def test_reprs_are_short_and_a_missing_feature_store_says_so(model: Any, tmp_path: Path) -> None:
     """repr(model.domain) was 5,762 characters of tensors, repr(model.spec) 3,073 (the whole metrics dict), a Focus
     printed its MultiPolygon and patch indices, FeatureStore had the default object repr; FeatureStore("nope.zarr")

@@ -35,11 +35,16 @@ class TileSpec:
     min_tissue: float = 0.5
 
     def __post_init__(self) -> None:
-        positive_mpp(self.mpp)
-        check_whole(self.size_px, "size_px", at_least=8, unit="pixels")
-        if check_whole(self.overlap_px, "overlap_px", at_least=0, unit="pixels") >= self.size_px:
+        # kept as the plain Python numbers the checks give: a numpy scalar (np.float32(0.5), a DataFrame's int64)
+        # is a number too, but the store's settings (JSON) cannot hold it
+        plain = {"mpp": positive_mpp(self.mpp),
+                 "size_px": check_whole(self.size_px, "size_px", at_least=8, unit="pixels"),
+                 "overlap_px": check_whole(self.overlap_px, "overlap_px", at_least=0, unit="pixels"),
+                 "min_tissue": check_number(self.min_tissue, "min_tissue", low=0.0, high=1.0)}
+        for field, value in plain.items():
+            object.__setattr__(self, field, value)
+        if self.overlap_px >= self.size_px:
             raise ConfigError(f"`overlap_px` must be in [0, size), got {self.overlap_px} for size {self.size_px}")
-        check_number(self.min_tissue, "min_tissue", low=0.0, high=1.0)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
