@@ -621,6 +621,20 @@ def test_heatmap_refuses_another_slide(slides_dir: Path, scores: Any, model: Any
         wsi_screen.heatmap(other, scores, call)
 
 
+def test_heatmap_refuses_another_slides_call(slides_dir: Path, example_slide: Path, scores: Any, model: Any) -> None:
+    """The call of another slide was drawn over these scores without a word: its title, its foci and evidence at
+    its own patch indices."""
+    with wsi_screen.open_slide(slides_dir / "TCGA-CR-7395-01A-01-TS1.svs", mpp=0.25) as other:
+        theirs = wsi_screen.call_slide(wsi_screen.score(other, model), model)
+    assert theirs.n_patches == 73 and len(scores) == 66
+    with wsi_screen.open_slide(example_slide) as slide:
+        for background in (slide, None):
+            with pytest.raises(ConfigError) as bad:
+                wsi_screen.heatmap(background, scores, theirs)
+            assert str(bad.value) == ("`call` is another slide's (TCGA-CR-7395-01A-01-TS1, 73 patches; these scores "
+                                      "are CMU-1-Small-Region's, 66 patches): pass call_slide(scores) of these scores")
+
+
 def test_a_failed_tile_leaves_nothing_in_memory(example_slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import fsspec
 

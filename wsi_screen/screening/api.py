@@ -363,7 +363,8 @@ def heatmap(slide: Slide | None, scores: Scores, call: SlideCall, *, mpp: float 
         The open slide the scores come from, read at ``mpp`` for the background; ``None`` uses the store's
         thumbnail.
     scores, call
-        From :func:`score` and :func:`call_slide`.
+        From :func:`score` and :func:`call_slide`, ``call`` of these ``scores`` (another slide's is a
+        ``ConfigError``, as is a ``slide`` other than theirs).
     mpp
         Background resolution (microns per pixel); by default the store's thumbnail resolution.
 
@@ -388,6 +389,9 @@ def heatmap(slide: Slide | None, scores: Scores, call: SlideCall, *, mpp: float 
     check_type(scores, Scores, "scores", "the Scores of wsi_screen.score")
     check_type(call, SlideCall, "call", "the SlideCall of wsi_screen.call_slide")
     store = scores.store
+    if (call.name, call.n_patches) != (store.name, len(scores)):  # its foci and title would be drawn over these
+        raise ConfigError(f"`call` is another slide's ({call.name}, {call.n_patches} patches; these scores are "
+                          f"{store.name}'s, {len(scores)} patches): pass call_slide(scores) of these scores")
     info = store.attrs["slide"]
     dims = (int(info["dimensions"][0]), int(info["dimensions"][1]))
     if slide is None:
