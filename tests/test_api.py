@@ -897,6 +897,27 @@ def test_numpy_numbers_tile_as_python_numbers(example_slide: Path, tmp_path: Pat
         again = wsi_screen.tile(slide, tmp_path / "numpy", mpp=2.0, size=64, overlap=8, min_tissue=0.5, codec="lz4")
         assert np.array_equal(again.coords, plain.coords)
 
+def test_numpy_numbers_set_the_slide_rule_and_the_tissue_detector(example_slide: Path, scores: Any,
+                                                                    model: Any) -> None:
+    """call_slide(threshold=np.float32(0.01)) was refused as "an area in mm² >= 0, got np.float32(0.01)", k=np.int64(3)
+    as "must be a count >= 1", tissue={"min_od": np.float32(0.15)} as "must be a number >= 0": numbers all, and
+    now taken as the Python numbers they equal (the call's JSON and the store's settings hold them)."""
+    import json
+
+    for numpy, plain in [(dict(threshold=np.float32(0.01)), dict(threshold=float(np.float32(0.01)))),
+                         (dict(rule="topk", k=np.int64(3), threshold=np.float32(0.5)), dict(rule="topk", k=3,
+                                                                                           threshold=0.5))]:
+        call = wsi_screen.call_slide(scores, model, **numpy)
+        assert call.diagnosis == "tumour" and call.to_json() == wsi_screen.call_slide(scores, model, **plain).to_json()
+        json.dumps(call.to_json())
+    with wsi_screen.open_slide(example_slide) as slide:
+        numbers = {"min_od": np.float32(0.25), "min_chroma": np.int64(20)}
+        store = wsi_screen.tile(slide, mpp=2.0, size=64, tissue=numbers)
+        same = wsi_screen.tile(slide, mpp=2.0, size=64, tissue={"min_od": float(np.float32(0.25)), "min_chroma": 20})
+        assert len(store) == len(same) and store.attrs["settings"] == same.attrs["settings"]
+        mask = wsi_screen.tissue_mask(slide, settings={"min_od": np.float32(0.25)})
+        assert mask.tissue_fraction == wsi_screen.tissue_mask(slide, settings={"min_od": 0.25}).tissue_fraction
+
 def test_reprs_are_short_and_a_missing_feature_store_says_so(model: Any, tmp_path: Path) -> None:
     """repr(model.domain) was 5,762 characters of tensors, repr(model.spec) 3,073 (the whole metrics dict), a Focus
     printed its MultiPolygon and patch indices, FeatureStore had the default object repr; FeatureStore("nope.zarr")

@@ -283,6 +283,15 @@ def check_path(value: object, setting: str = "path") -> str | os.PathLike[str]:
     return check_type(value, (str, os.PathLike), setting, "a path (a str or a pathlib.Path)")
 
 
+def plain_number(value: object) -> object:
+    """``value`` as Python's own int or float where it is a number of another kind (numpy's ``int64``, ``float32``:
+    a DataFrame's or an array's, which JSON does not take); anything else (a bool, a string, None) as it is, for
+    its check to refuse."""
+    if isinstance(value, bool) or not isinstance(value, Real) or type(value) in (int, float):
+        return value
+    return int(value) if isinstance(value, Integral) else float(value)
+
+
 def check_whole(value: object, setting: str, *, at_least: int, unit: str = "") -> int:
     """``value`` as an int where it is a whole number (an int, not a bool or a float) of at least ``at_least``."""
     if isinstance(value, bool) or not isinstance(value, Integral) or int(value) < at_least:

@@ -46,13 +46,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from decimal import Decimal
+from numbers import Real
 from typing import Any
 
 import numpy as np
 
-from wsi_screen.errors import ConfigError
+from wsi_screen.errors import ConfigError, plain_number
 from wsi_screen.screening import spatial
 from wsi_screen.screening.spatial import ScoreGrid
 
@@ -82,6 +83,8 @@ class AggregateConfig:
     min_focus_patches: int = 1
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # numpy's numbers as Python's (the call's JSON holds them)
+            object.__setattr__(self, f.name, plain_number(getattr(self, f.name)))
         _check_rule(self.rule)
         check_k(self.k)
         _check_unit("patch_threshold", self.patch_threshold)
@@ -281,7 +284,7 @@ def _check_rule(rule: str) -> None:
 
 def check_k(k: int | float) -> None:
     """Refuse a top-k ``k`` that is neither a whole count >= 1 nor a share in (0, 1)."""
-    if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k):
+    if isinstance(k, bool) or not isinstance(k, Real) or not math.isfinite(k):
         raise ConfigError(f"top-k `k` must be a count >= 1 or a share in (0, 1), got {k!r}")
     if k <= 0 or (k >= 1 and k != int(k)):
         raise ConfigError(f"top-k `k` must be a whole count >= 1 or a share in (0, 1), got {k!r}")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from wsi_screen.errors import ConfigError
+from wsi_screen.errors import ConfigError, plain_number
 from wsi_screen.slide.threads import run_each
 
 GLASS, TISSUE, PEN, ARTIFACT = 0, 1, 2, 3
@@ -67,9 +67,11 @@ class TissueSettings:
     smooth_um: float = 8.0
 
     def __post_init__(self) -> None:
-        """Refuse settings no mask can be made with (a negative density or size, a fraction beyond 1)."""
+        """Refuse settings no mask can be made with (a negative density or size, a fraction beyond 1); keep numpy's
+        numbers as Python's (a store records them as JSON)."""
         for f in fields(self):
-            value = getattr(self, f.name)
+            value = plain_number(getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
             top = _SETTING_MAX.get(f.name, math.inf)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
                     or not 0 <= value <= top:
