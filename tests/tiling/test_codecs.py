@@ -173,6 +173,29 @@ def test_coordinates_only_store_follows_a_moved_slide(tmp_path: Path, tissue_sli
         PatchStore.open(store.location, slide=other).read(0)
 
 
+def test_a_store_pickles_with_the_slide_it_was_opened_with(tmp_path: Path, tissue_slide: Path) -> None:
+    """A DataLoader's spawned workers (macOS, Windows) unpickle the dataset: it reopened the store by location
+    alone, so a coordinates-only store opened with its moved slide failed in every worker ("cannot be opened"), and
+    the store itself, once it had read a patch, did not pickle at all ("cannot pickle '_thread.lock' object")."""
+    import pickle
+
+    moved = tmp_path / "moved.tif"
+    shutil.copy(tissue_slide, moved)
+    store = _tile(moved, tmp_path / "coords", pixels=False)
+    first = store.read(0)
+    store.close()
+    (tmp_path / "away").mkdir()
+    away = tmp_path / "away" / "moved.tif"
+    moved.rename(away)
+    with PatchStore.open(store.location, slide=away, workers=1) as opened:
+        assert np.array_equal(opened.read(0), first)  # its slide reader is open now
+        clone = pickle.loads(pickle.dumps(opened))
+        assert clone.slide_path == str(away) and np.array_equal(clone.read(0), first)
+        clone.close()
+        dataset = pickle.loads(pickle.dumps(opened.as_dataset()))
+        assert len(dataset) == len(opened) and np.array_equal(dataset[0], first)
+        dataset.store.close()
+
 def test_tile_cli_codec_pixels_and_settings(tmp_path: Path, tissue_slide: Path) -> None:
     out = tmp_path / "out"
     res = run_cli("tile", tissue_slide, "-o", out, "--size", "128", "--codec", "lz4")

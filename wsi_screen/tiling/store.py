@@ -553,6 +553,21 @@ class PatchStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A store on disk pickles by location, with the slide it was opened with (a moved one) and its reader
+        threads: a DataLoader worker (spawned: macOS, Windows) opens it again, and nothing open travels (a
+        coordinates-only store's slide reader, once it has read, holds locks). A store in memory lives in this
+        process only; it pickles as it is, without its slide reader."""
+        if is_url(self.location) and self.location.startswith("memory://"):
+            return {**self.__dict__, "_on_demand": None}
+        return {"location": self.location, "slide": self._slide_path, "workers": self._workers}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_group" not in state:  # by location: as it was opened (the process that pickled it accepted it)
+            state = PatchStore.open(state["location"], require_complete=False, slide=state["slide"],
+                                    workers=state["workers"]).__dict__
+        self.__dict__.update(state)
+
     def _read_zarr(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         arr = self.array(PATCHES)
         if isinstance(index, (int, np.integer, slice)):
@@ -576,7 +591,8 @@ class PatchStore:
     def as_dataset(self, transform: Callable[[np.ndarray], Any] | None = None) -> PatchDataset:
         """The patches as a map-style dataset for ``torch.utils.data.DataLoader``: item ``i`` is
         ``transform(store[i])``, or the (S, S, 3) uint8 patch itself (the default collate stacks those into
-        an (n, S, S, 3) uint8 tensor). A store on disk pickles by location, for DataLoader worker processes."""
+        an (n, S, S, 3) uint8 tensor). A store on disk pickles by location (and the slide it was opened with),
+        for DataLoader worker processes."""
         return PatchDataset(self, transform)
 
     def __repr__(self) -> str:
@@ -601,11 +617,7 @@ class PatchDataset:
         if is_url(self.store.location) and self.store.location.startswith("memory://"):
             raise StoreError(f"{self.store.location}: a store in memory cannot be sent to another process; "
                              "use DataLoader(num_workers=0), or tile into a folder")
-        return {"location": self.store.location, "transform": self.transform}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.store = PatchStore.open(state["location"])
-        self.transform = state["transform"]
+        return {"store": self.store, "transform": self.transform}  # the store pickles by location
 
 
 # ------------------------------------------------ reads made in the slide reader's child process (one store open)
