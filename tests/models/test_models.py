@@ -312,6 +312,12 @@ def test_predict_inputs_and_resize_warning(tmp_path: Path, caplog: pytest.LogCap
     assert model.predict(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0, 2)
     with pytest.raises(ModelError, match="uint8"):
         model.predict(big.astype(np.float32))
+    # the message names the shape given: a grey batch (2, 32, 32) was "an array of shape (1, 2, 32, 32)"
+    for shape in [(2, 32, 32), (2, 3, 32, 32), (1, 2, 32, 32, 3)]:
+        with pytest.raises(ModelError) as bad:
+            model.predict(np.zeros(shape, np.uint8))
+        assert str(bad.value) == ("expected RGB images shaped (N, H, W, 3) or one (H, W, 3), got an array of shape "
+                                  f"{shape}")
     assert isinstance(model, PatchClassifier) and not model.module.training
 
 

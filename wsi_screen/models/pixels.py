@@ -46,10 +46,11 @@ def as_uint8_batch(images: ImageBatch) -> list[np.ndarray] | np.ndarray:
     if isinstance(images, torch.Tensor):
         images = images.cpu().numpy()
     if isinstance(images, np.ndarray):
+        if images.ndim not in (3, 4) or images.shape[-1] != 3:  # the shape given, not one with a batch axis added
+            raise ModelError(f"expected RGB images shaped (N, H, W, 3) or one (H, W, 3), got an array of shape "
+                             f"{images.shape}")
         if images.ndim == 3:
             images = images[None]
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ModelError(f"expected RGB images shaped (N, H, W, 3), got an array of shape {images.shape}")
         if images.dtype != np.uint8:
             raise ModelError(f"expected uint8 RGB images, got dtype {images.dtype}")
         return images
