@@ -918,6 +918,17 @@ def test_numpy_numbers_set_the_slide_rule_and_the_tissue_detector(example_slide:
         mask = wsi_screen.tissue_mask(slide, settings={"min_od": np.float32(0.25)})
         assert mask.tissue_fraction == wsi_screen.tissue_mask(slide, settings={"min_od": 0.25}).tissue_fraction
 
+def test_a_dataset_says_what_it_holds(scores: Any) -> None:
+    """repr(store.as_dataset()) was the default <wsi_screen.tiling.store.PatchDataset object at 0x...>."""
+    store = scores.store
+
+    def to_float(patch: np.ndarray) -> np.ndarray:
+        return patch / 255.0
+
+    assert repr(store.as_dataset()) == f"PatchDataset({store!r}, uint8 patches)"
+    assert repr(store.as_dataset(to_float)) == f"PatchDataset({store!r}, transform=to_float)"
+    assert repr(store).startswith("PatchStore('memory://wsi-screen/") and "66 patches of 96 px" in repr(store)
+
 def test_reprs_are_short_and_a_missing_feature_store_says_so(model: Any, tmp_path: Path) -> None:
     """repr(model.domain) was 5,762 characters of tensors, repr(model.spec) 3,073 (the whole metrics dict), a Focus
     printed its MultiPolygon and patch indices, FeatureStore had the default object repr; FeatureStore("nope.zarr")

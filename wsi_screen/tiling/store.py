@@ -609,6 +609,11 @@ class PatchDataset:
     def __len__(self) -> int:
         return len(self.store)
 
+    def __repr__(self) -> str:
+        if self.transform is None:
+            return f"PatchDataset({self.store!r}, uint8 patches)"
+        return f"PatchDataset({self.store!r}, transform={getattr(self.transform, '__name__', self.transform)})"
+
     def __getitem__(self, index: int) -> Any:
         patch = self.store.read(int(index))
         return patch if self.transform is None else self.transform(patch)
