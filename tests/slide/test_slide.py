@@ -369,6 +369,21 @@ def test_read_region_refuses_a_bad_size_or_level_in_one_error(slides_dir: Path, 
         assert s.read_region((0, 0), 0.0, (4.0, 3)).shape == (3, 4, 3)  # type: ignore[arg-type]  # as before
 
 
+@pytest.mark.parametrize("location", [5, None, "00", (1.5, 2), ("a", 0), (1, 2, 3), (True, 0)])
+def test_read_region_and_read_at_refuse_a_bad_location_in_one_error(slides_dir: Path, location: object) -> None:
+    """A scalar or None was a TypeError ('int' object is not subscriptable), ('a', 0) a ValueError, and "00",
+    (1.5, 2) and (1, 2, 3) were read as some other place."""
+    with Slide(slides_dir / "CMU-1-Small-Region.pyramid.tif") as s:
+        with pytest.raises(ConfigError) as region:
+            s.read_region(location, 0, (8, 8))  # type: ignore[arg-type]
+        assert str(region.value) == f"`location` must be a level-0 (x, y) of whole pixels, got {location!r}"
+        with pytest.raises(ConfigError) as at:
+            s.read_at(location, (8, 8), 1.0)  # type: ignore[arg-type]
+        assert str(at.value) == f"`location_l0` must be a level-0 (x, y) of whole pixels, got {location!r}"
+        whole = s.read_region((100, 200), 0, (8, 8))
+        assert np.array_equal(s.read_region((100.0, np.int64(200)), 0, (8, 8)), whole)  # type: ignore[arg-type]
+        assert np.array_equal(s.read_at(np.array([100, 200]), (8, 8), s.mpp), whole)  # type: ignore[arg-type]
+
 @pytest.mark.parametrize("name", CMU_FORMATS)
 def test_a_slide_nobody_closed_frees_its_files_when_collected(slides_dir: Path, name: str) -> None:
     """A notebook cell `slide = open_slide(...)` run again and again, never closed: each slide's files are freed

@@ -26,6 +26,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
@@ -413,8 +414,9 @@ class Slide:
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """Pixels of pyramid ``level`` as openslide reads them: ``location`` is the level-0 (x, y) of the
         top-left corner, ``size`` the (w, h) in that level's pixels. RGB uint8 (h, w, 3); white outside the
-        scanned area (openslide-python returns RGBA with transparent there). A ``size`` that is not a positive (w, h)
-        or a ``level`` the slide lacks is a :class:`~wsi_screen.errors.ConfigError`.
+        scanned area (openslide-python returns RGBA with transparent there). A ``location`` that is not an (x, y) of
+        whole pixels, a ``size`` that is not a positive (w, h) or a ``level`` the slide lacks is a
+        :class:`~wsi_screen.errors.ConfigError`.
 
         >>> import wsi_screen
         >>> with wsi_screen.open_slide("examples/CMU-1-Small-Region.svs") as slide:
@@ -429,8 +431,9 @@ class Slide:
         if isinstance(level, bool) or index != level or not 0 <= index < len(self.level_dimensions):
             raise ConfigError(f"{self.path}: `level` {level!r} does not exist (the slide has levels 0-"
                               f"{len(self.level_dimensions) - 1})")
+        xy = _location(location, "location")
         w, h = self._within_budget(_pixel_size(size), "a read_region", "read a smaller `size`, or a coarser `level`")
-        return self._reader.read_region(index, (int(location[0]), int(location[1])), (w, h))
+        return self._reader.read_region(index, xy, (w, h))
 
     def read_at(self, location_l0: tuple[int, int], size: tuple[int, int], mpp: float,
                 out: np.ndarray | None = None) -> np.ndarray:
@@ -450,13 +453,13 @@ class Slide:
         than level 0's is served by upsampling level 0, which adds no detail; that is warned of once per slide.
         """
         mpp = positive_mpp(mpp)
+        xy = _location(location_l0, "location_l0")
         if mpp < self.mpp * (1.0 - _FINER_TOLERANCE):
             self._warn_once("read_at", "%s: read_at at %g um/px is finer than the slide's level 0 (%.4g um/px): the "
                             "region is upsampled from level 0, which adds no detail", self.path, mpp, self.mpp)
         w, h = self._within_budget(_pixel_size(size), "a read_at", "read a smaller `size`, or at a coarser `mpp`")
         scale = mpp / self.mpp  # level-0 pixels per output pixel
-        return self._read_l0((int(location_l0[0]), int(location_l0[1])),
-                             (max(1, round(w * scale)), max(1, round(h * scale))), (w, h), out)
+        return self._read_l0(xy, (max(1, round(w * scale)), max(1, round(h * scale))), (w, h), out)
 
     def read(self, xy_l0: tuple[int, int], tile_size_l0: int, size_px: int,
              out: np.ndarray | None = None) -> np.ndarray:
@@ -625,6 +628,19 @@ def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, name: 
     (2220, 2967) 0.499 1
     """
     return Slide(path, name=name, mpp=mpp, reader=reader, force_mpp=force_mpp)
+
+
+def _location(location: object, setting: str) -> tuple[int, int]:
+    """``location`` as a level-0 (x, y) of whole pixels (:class:`~wsi_screen.errors.ConfigError` otherwise: one
+    number, a string, a fraction; a whole float such as 8.0 is taken, as ``size`` and ``level`` take one)."""
+    try:
+        xy: tuple[Any, ...] = tuple(location)  # type: ignore[arg-type]
+    except TypeError:
+        xy = ()
+    if len(xy) != 2 or not all(isinstance(v, Real) and not isinstance(v, bool) and float(v).is_integer()
+                               for v in xy):
+        raise ConfigError(f"`{setting}` must be a level-0 (x, y) of whole pixels, got {location!r}")
+    return int(xy[0]), int(xy[1])
 
 
 def _pixel_size(size: tuple[int, int]) -> tuple[int, int]:
