@@ -700,6 +700,9 @@ BAD_ARGUMENTS: list[tuple[str, Any, str]] = [
      "`path` must be a path (a str or a pathlib.Path), not 3 (int)"),
     ("open_slide(None)", lambda sl, sc, st: wsi_screen.open_slide(None),
      "`path` must be a path (a str or a pathlib.Path), not None (NoneType)"),
+    # a name that is no str was taken as the slide's name
+    ("open_slide name=3", lambda sl, sc, st: wsi_screen.open_slide(sl.path, name=3),
+     "`name` must be a str (or None: the file's), not 3 (int)"),
     ("load_model(5)", lambda sl, sc, st: wsi_screen.load_model(5),
      "`path_or_name` must be a model folder (or its config.json), a model name or None, not 5 (int)"),
     ("screen(5)", lambda sl, sc, st: wsi_screen.screen(5),

@@ -40,6 +40,7 @@ from wsi_screen.errors import (
     SlideOpenError,
     UnsupportedFormatError,
     check_path,
+    check_type,
     in_callers_words,
     positive_mpp,
     speaks_api,
@@ -289,6 +290,8 @@ class Slide:
         self._mpp_force = None if force_mpp is None else positive_mpp(force_mpp, "force_mpp")
         self._reader_choice: ReaderChoice = reader_choice(reader)
         self.path = Path(check_path(path))
+        if name is not None:
+            check_type(name, str, "name", "a str (or None: the file's)")
         self.name = name or slide_name(self.path)
         self._force_warning = force_mpp_warning
         if not self.path.exists() and not self.path.is_symlink():
