@@ -932,6 +932,28 @@ def test_a_dataset_says_what_it_holds(scores: Any) -> None:
     assert repr(store.as_dataset(to_float)) == f"PatchDataset({store!r}, transform=to_float)"
     assert repr(store).startswith("PatchStore('memory://wsi-screen/") and "66 patches of 96 px" in repr(store)
 
+def test_a_patch_past_the_end_is_one_index_error_for_every_store(example_slide: Path, tmp_path: Path) -> None:
+    """A store in memory (and one without tissue) answered store[len(store)] with zarr's "index out of bounds for
+    dimension with length 0"; the stores on disk said "patch 34 out of range for 34 patches". One rule now."""
+    with wsi_screen.open_slide(example_slide) as slide:
+        stores = {"memory": wsi_screen.tile(slide, mpp=2.0, size=64),
+                  "lz4 on disk": wsi_screen.tile(slide, tmp_path / "lz4", mpp=2.0, size=64, codec="lz4"),
+                  "coordinates only": wsi_screen.tile(slide, tmp_path / "coords", mpp=2.0, size=64, pixels=False),
+                  "no tissue": wsi_screen.tile(slide, mpp=2.0, size=64, tissue={"min_object_um2": 1e12})}
+        first = stores["memory"][0]
+        for kind, store in stores.items():
+            n = len(store)
+            assert n == (0 if kind == "no tissue" else 34), kind
+            for bad in (n, -n - 1):
+                with pytest.raises(IndexError) as past:
+                    store[bad]
+                assert str(past.value) == f"patch {bad} out of range for {n} patches", kind
+            with pytest.raises(IndexError, match=f"^patch index out of range for {n} patches$"):
+                store[[0, n]]
+            if n:
+                assert np.array_equal(store[-n], first) and np.array_equal(store[[-n]][0], first), kind
+            store.close()
+
 def test_reprs_are_short_and_a_missing_feature_store_says_so(model: Any, tmp_path: Path) -> None:
     """repr(model.domain) was 5,762 characters of tensors, repr(model.spec) 3,073 (the whole metrics dict), a Focus
     printed its MultiPolygon and patch indices, FeatureStore had the default object repr; FeatureStore("nope.zarr")

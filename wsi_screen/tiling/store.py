@@ -294,6 +294,23 @@ def read_shard_patches(path: str, shard: int, wanted: np.ndarray, out: np.ndarra
 
 
 # ------------------------------------------------------------------------------------------------ reading
+def _in_range(index: int | slice | np.ndarray, n: int) -> int | slice | np.ndarray:
+    """``index`` (:func:`_patch_index`'s) with negative numbers counted from the end, as Python's; an
+    :class:`IndexError` naming it where it lies outside ``n`` patches (zarr's said "index out of bounds for
+    dimension with length 0" for a store without tissue)."""
+    if isinstance(index, slice):
+        return index
+    if isinstance(index, int):
+        i = index + n if index < 0 else index
+        if not 0 <= i < n:
+            raise IndexError(f"patch {index} out of range for {n} patches")
+        return i
+    idx = np.where(index < 0, index + n, index)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"patch index out of range for {n} patches")
+    return idx
+
+
 def _patch_index(index: object) -> int | slice | np.ndarray:
     """``index`` as :meth:`PatchStore.read` takes it: an integer, a slice, or integers (a list or an integer array);
     a float, a bool or a string would be cast to a patch number, or fail deep in zarr."""
@@ -486,24 +503,14 @@ class PatchStore:
     def read(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         """Patches by index, slice or index list: uint8 (n, S, S, 3) (or (S, S, 3) for an int). Anything else (a
         float, a bool, a string) is a :class:`~wsi_screen.errors.ConfigError`."""
-        index = _patch_index(index)
+        index = _in_range(_patch_index(index), len(self))
         if not self.has_pixels:
             return self._read_slide(index)
         if self._fast_shard is None:
             return self._read_zarr(index)
-        n = self._fast_n
-        if isinstance(index, (int, np.integer)):
-            i = int(index) + (n if index < 0 else 0)
-            if not 0 <= i < n:
-                raise IndexError(f"patch {index} out of range for {n} patches")
-            return self._read_direct(np.array([i]))[0]
-        if isinstance(index, slice):
-            return self._read_direct(np.arange(n)[index])
-        idx = np.asarray(index, dtype=np.int64).reshape(-1)
-        idx = np.where(idx < 0, idx + n, idx)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise IndexError(f"patch index out of range for {n} patches")
-        return self._read_direct(idx)
+        if isinstance(index, int):
+            return self._read_direct(np.array([index]))[0]
+        return self._read_direct(np.arange(self._fast_n)[index] if isinstance(index, slice) else index)
 
     def _read_direct(self, idx: np.ndarray) -> np.ndarray:
         shard = int(self._fast_shard or 1)
@@ -529,17 +536,9 @@ class PatchStore:
             from wsi_screen.tiling.ondemand import SlidePatches
 
             self._on_demand = SlidePatches(self.location, self.attrs, slide=self._slide_path, workers=self._workers)
-        n = len(self)
-        if isinstance(index, (int, np.integer)):
-            i = int(index) + (n if index < 0 else 0)
-            if not 0 <= i < n:
-                raise IndexError(f"patch {index} out of range for {n} patches")
-            return self._on_demand.read(self.coords[[i]])[0]
-        idx = np.arange(n)[index] if isinstance(index, slice) else np.asarray(index, dtype=np.int64).reshape(-1)
-        idx = np.where(idx < 0, idx + n, idx)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise IndexError(f"patch index out of range for {n} patches")
-        return self._on_demand.read(self.coords[idx])
+        if isinstance(index, int):
+            return self._on_demand.read(self.coords[[index]])[0]
+        return self._on_demand.read(self.coords[np.arange(len(self))[index] if isinstance(index, slice) else index])
 
     def close(self) -> None:
         """Close the slide a coordinates-only store reads from (a store with pixels holds nothing open)."""
