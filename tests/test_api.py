@@ -954,6 +954,19 @@ def test_a_patch_past_the_end_is_one_index_error_for_every_store(example_slide: 
                 assert np.array_equal(store[-n], first) and np.array_equal(store[[-n]][0], first), kind
             store.close()
 
+def test_a_call_prints_its_score_against_its_threshold_as_infer_does(scores: Any, model: Any) -> None:
+    """The repr gave the score with 4 decimals and the threshold with 6 digits: a normal call by max at 0.96718
+    read "normal, score 0.9672 by max vs 0.96718", at or above its threshold. Now as infer's table and the heatmap
+    title put them (aggregate.score_against): with the decimals that keep them apart, and the rule's unit."""
+    top = float(scores.positive.max())
+    assert round(top, 6) == 0.967177
+    assert repr(wsi_screen.call_slide(scores, model, rule="max", threshold=0.96718)) == (
+        "SlideCall('CMU-1-Small-Region': normal, score 0.967177 < 0.967180 by max, 35% in domain)")
+    assert repr(wsi_screen.call_slide(scores, model, rule="max", threshold=0.96717)) == (
+        "SlideCall('CMU-1-Small-Region': tumour, score 0.967 >= 0.967 by max, 35% in domain)")
+    assert repr(wsi_screen.call_slide(scores, model)) == (
+        "SlideCall('CMU-1-Small-Region': normal, score 0.0435 mm² < 0.0479 mm² by region, 35% in domain)")
+
 def test_reprs_are_short_and_a_missing_feature_store_says_so(model: Any, tmp_path: Path) -> None:
     """repr(model.domain) was 5,762 characters of tensors, repr(model.spec) 3,073 (the whole metrics dict), a Focus
     printed its MultiPolygon and patch indices, FeatureStore had the default object repr; FeatureStore("nope.zarr")

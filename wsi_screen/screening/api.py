@@ -23,7 +23,14 @@ import numpy as np
 from wsi_screen.errors import ConfigError, ModelMismatchError, check_type, check_whole, speaks_api
 from wsi_screen.models import PatchClassifier, load_model
 from wsi_screen.screening import runfolder
-from wsi_screen.screening.aggregate import AggregateConfig, SlideResult, check_k_read, foci_count, top_indices
+from wsi_screen.screening.aggregate import (
+    AggregateConfig,
+    SlideResult,
+    check_k_read,
+    foci_count,
+    score_against,
+    top_indices,
+)
 from wsi_screen.screening.outputs import call_scores, positive_column, slide_domain
 from wsi_screen.screening.run import InferConfig, decision_thresholds, fallback_rule, model_sha256, resolve_aggregate
 from wsi_screen.screening.spatial import Focus, patch_grid
@@ -104,7 +111,7 @@ class SlideCall:
     >>> import wsi_screen
     >>> call = wsi_screen.screen("examples/CMU-1-Small-Region.svs")
     >>> call
-    SlideCall('CMU-1-Small-Region': normal, score 0.0435 by region vs 0.0478892, 35% in domain)
+    SlideCall('CMU-1-Small-Region': normal, score 0.0435 mm² < 0.0479 mm² by region, 35% in domain)
     >>> call.metastasis, call.foci, call.out_of_domain
     ('none', (), True)
     """
@@ -175,11 +182,12 @@ class SlideCall:
                 "out_of_domain": self.out_of_domain}
 
     def __repr__(self) -> str:
-        score = "none" if self.score is None else f"{self.score:.4f}"
+        # the score against the threshold as infer's table and the heatmap title show it (score_against): with the
+        # decimals that keep them apart, never a normal call printed at or above its threshold
+        score = "none" if self.score is None else score_against(self.aggregate, self.score)
         extra = f", {self.metastasis}, {foci_count(len(self.foci))}" if self.foci else ""
         domain = "" if self.in_domain_fraction is None else f", {self.in_domain_fraction:.0%} in domain"
-        return (f"SlideCall({self.name!r}: {self.diagnosis}, score {score} by {self.rule} vs {self.threshold:g}"
-                f"{extra}{domain})")
+        return f"SlideCall({self.name!r}: {self.diagnosis}, score {score} by {self.rule}{extra}{domain})"
 
 
 def _rule(model: PatchClassifier, config: InferConfig | None = None) -> AggregateConfig:
