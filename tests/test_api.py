@@ -967,6 +967,26 @@ def test_a_call_prints_its_score_against_its_threshold_as_infer_does(scores: Any
     assert repr(wsi_screen.call_slide(scores, model)) == (
         "SlideCall('CMU-1-Small-Region': normal, score 0.0435 mm² < 0.0479 mm² by region, 35% in domain)")
 
+def test_progress_bars_are_off_and_one_call_turns_them_on(example_slide: Path, model: Any,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A notebook scoring a large slide saw nothing for minutes: the bars are the commands' and api.md did not say
+    how to have them. The call it names shows a bar for tiling and one for scoring, on stderr."""
+    from wsi_screen import progress
+
+    assert "`wsi_screen.progress.set_enabled(True)`" in (REPO / "docs" / "api.md").read_text(encoding="utf-8")
+    with wsi_screen.open_slide(example_slide) as slide:
+        wsi_screen.score(slide, model)
+        assert capsys.readouterr().err == ""  # off by default: the library prints nothing
+        assert not progress.enabled()
+        progress.set_enabled(True)
+        try:
+            wsi_screen.score(slide, model)
+        finally:
+            progress.set_enabled(False)
+    err = capsys.readouterr().err
+    assert "CMU-1-Small-Region:   0%| " in err and "0/66 [" in err, err  # tiling (a bar it clears when done)
+    assert "scoring: 100%|" in err and "66/66 [" in err, err
+
 def test_reprs_are_short_and_a_missing_feature_store_says_so(model: Any, tmp_path: Path) -> None:
     """repr(model.domain) was 5,762 characters of tensors, repr(model.spec) 3,073 (the whole metrics dict), a Focus
     printed its MultiPolygon and patch indices, FeatureStore had the default object repr; FeatureStore("nope.zarr")
