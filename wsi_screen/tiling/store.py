@@ -471,7 +471,7 @@ class PatchStore:
         return node
 
     def __len__(self) -> int:
-        return int(self.array(COORDS).shape[0])
+        return len(self.coords)  # cached: read() asks for every patch, and opening the array costs ~0.5 ms
 
     # ---- arrays
     @property
