@@ -326,7 +326,8 @@ def _table(capsys: pytest.CaptureFixture[str], tmp_path: Path, ctx: CallContext)
     assert ctx.aggregate is not None
     capsys.readouterr()
     _print_table(RunSummary(run=tmp_path, rows=[SlideRow(name="s1", source="s1.tiff", result=ctx.result)],
-                            aggregate=ctx.aggregate, metrics=None), patch_um=93.3)
+                            aggregate=ctx.aggregate, metrics=None), patch_um=93.3,
+                 card="wsi-screen models --card")
     return capsys.readouterr().out
 
 
