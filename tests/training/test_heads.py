@@ -381,3 +381,16 @@ def test_encoder_and_arch_together_are_refused(pcam_small: Path, tmp_path: Path)
         TrainConfig(arch="resnet18", encoder="default")
     res = run_cli("train", pcam_small, "-o", tmp_path / "m")
     assert res.code != 0 and "--encoder" in res.err
+
+
+def test_a_head_records_the_environment_a_whole_network_does(head_model: tuple[Path, Path]) -> None:
+    """train_config names the thread count, torch and timm versions, the device and the arithmetic for a head too
+    (timm builds the encoder; the embeddings' arithmetic is what a GPU changes), as docs/classifier.md says."""
+    import timm
+    import torch
+
+    folder, _cache = head_model
+    recorded = load_model(folder, precision="fp32").spec.train_config
+    assert recorded["timm_version"] == timm.__version__ and recorded["torch_version"] == torch.__version__
+    assert recorded["mixed_precision"] == "fp32" and recorded["device"] == {"type": "cpu"}
+    assert recorded["threads"] == torch.get_num_threads()

@@ -36,7 +36,7 @@ from wsi_screen.errors import ConfigError
 from wsi_screen.metrics import ThresholdRule, choose_threshold, compute_metrics
 from wsi_screen.models import CONFIG_NAME, ModelSpec, save_model
 from wsi_screen.models.card import write_card
-from wsi_screen.models.device import device_info, resolve_device
+from wsi_screen.models.device import resolve_device
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
 from wsi_screen.models.encoder import load_encoder
 from wsi_screen.models.head import Head, head_record
@@ -55,6 +55,7 @@ from wsi_screen.training.loop import (
     make_schedule,
     n_epochs,
     refuse_existing_model,
+    run_environment,
     score_words,
 )
 
@@ -118,8 +119,8 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
     resolved.update(embedding_cache=str(cache_dir))  # the folder used: the default one when none was named
     resolved.update(size=size, lr=config.resolved_lr, weight_decay=config.resolved_weight_decay, monitor=monitor,
                     best_epoch=best_epoch, stopped_early=stopped, seconds=round(seconds, 1),
-                    threads=torch.get_num_threads(), torch_version=torch.__version__, device=device_info(torch_device),
                     embeddings={"cache": str(emb.path), "reused": emb.reused})
+    resolved.update(run_environment(torch_device, encoder.precision))  # the head trains in float32, on the CPU
     spec = ModelSpec(
         arch=f"{identity.name}+{config.head}", classes=list(classes), input_size=size, positive_class=positive,
         mpp=mpp, mean=identity.mean, std=identity.std, stain_method=config.stain_method,

@@ -390,11 +390,17 @@ def resolved_config(config: TrainConfig, data: PreparedData, monitor: str, best_
     out = config.applied()
     out.update(size=data.size, lr=config.resolved_lr, weight_decay=config.resolved_weight_decay,
                monitor=monitor, best_epoch=best_epoch, stopped_early=stopped_early, seconds=round(seconds, 1),
-               threads=torch.get_num_threads(), torch_version=torch.__version__,
                pretrained_report=report.as_dict() if report else None)
     device = resolve_device(config.device)
-    out.update(device=device_info(device), mixed_precision=dtype_name(training_dtype(device)))
+    out.update(run_environment(device, dtype_name(training_dtype(device))))
+    return out
+
+
+def run_environment(device: torch.device, arithmetic: str) -> dict[str, Any]:
+    """What a model's numbers depend on besides its settings, recorded in ``train_config`` by whole-network and
+    head training alike: the thread count, torch and timm versions, the device and the arithmetic (``fp32``,
+    ``bf16`` or ``fp16``: a whole network's training, a head's embeddings)."""
     import timm
 
-    out["timm_version"] = timm.__version__
-    return out
+    return {"threads": torch.get_num_threads(), "torch_version": torch.__version__, "timm_version": timm.__version__,
+            "device": device_info(device), "mixed_precision": arithmetic}
