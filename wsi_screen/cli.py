@@ -210,7 +210,9 @@ SETTING_FLAGS: dict[str, str] = {
     "slide_threshold": "--threshold", "k": "--k",
     "valid_fraction": "--valid-fraction", "batch_size": "--batch-size", "weight_decay": "--weight-decay",
     "warmup_epochs": "--warmup-epochs", "label_smoothing": "--label-smoothing", "drop_rate": "--drop-rate",
-    "patience": "--patience", "workers": "--workers", "optimizer": "--optimizer",
+    "patience": "--patience", "workers": "--workers", "optimizer": "--optimizer", "seed": "--seed",
+    "schedule": "--schedule", "monitor": "--monitor", "threshold_rule": "--threshold-rule",
+    "class_weights": "--class-weights/--no-class-weights", "device": "--device",
 }
 
 

@@ -116,6 +116,37 @@ def test_checkpoint_of_other_settings_is_refused_and_restart_starts_over(herlev_
     assert not (out / train_checkpoint.CHECKPOINT_DIR).exists()
 
 
+def test_a_checkpoint_of_other_settings_names_what_differs(herlev_few: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resuming with an option changed is refused naming that option and both values, not "other settings, data
+    or thread count" for the user to guess among forty; the same command still resumes."""
+    from wsi_screen.training import checkpoint as train_checkpoint
+
+    real_save = train_checkpoint.save
+
+    def save_then_interrupt(out: Path, **kwargs: object) -> None:
+        real_save(out, **kwargs)  # type: ignore[arg-type]
+        raise KeyboardInterrupt  # Ctrl-C once epoch 1 is checkpointed
+
+    out = tmp_path / "m"
+    args = _args(herlev_few, out)
+    monkeypatch.setattr(train_checkpoint, "save", save_then_interrupt)
+    assert run_cli(*args).code == 130
+    monkeypatch.undo()
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["epoch"] == 1
+
+    changed = [*args[:args.index("--epochs")], "--epochs", "6", *args[args.index("--epochs") + 2:], "--monitor", "loss"]
+    res = run_cli(*changed)
+    assert res.code == 1, res
+    assert res.err.strip().splitlines()[-1] == (
+        f"wsi-screen: error: {out}: holds a checkpoint of a run with other settings (--epochs {EPOCHS}, now 6; "
+        "--monitor auto, now loss); rerun with the same options to resume it, or set --restart to start over")
+    res = run_cli(*[a for a in args if a != "--quiet"], "--seed", "4")  # another seed carves another split
+    assert res.code == 1 and "(--seed 3, now 4; the data (images, labels or split))" in res.err, res
+    assert run_cli(*args).code == 0  # the same command resumes it
+    assert len((out / "history.csv").read_text().splitlines()) == EPOCHS + 1
+
+
 def test_the_gradient_scaler_is_checkpointed(tmp_path: Path) -> None:
     """A float16 run (GPUs without bfloat16) resumes with its gradient scaler's scale and growth count, not a
     fresh 65,536 that would skip steps while it backs off again. The scaler runs on the CPU here."""

@@ -3,13 +3,14 @@
 ``OUT/checkpoint/`` holds ``epoch-NNNN.safetensors`` (every tensor: model, best-epoch model, optimiser
 moments, RNG states (the GPU's too when training there), best validation probabilities) and ``state.json``
 (everything else: epoch, early-stopping counter, best score, history rows, optimiser hyper-parameters, scheduler
-state, the float16 gradient scaler's state on GPUs without bfloat16, and a fingerprint of the run's settings and
-data). The tensors file is written first under a new name, then ``state.json`` naming it is
+state, the float16 gradient scaler's state on GPUs without bfloat16, the run's settings, data fingerprint and thread
+count, and their fingerprint). The tensors file is written first under a new name, then ``state.json`` naming it is
 renamed into place: whichever moment a kill lands on, ``state.json`` points to a complete tensors file.
 
 :func:`load` returns None when there is nothing to resume; a checkpoint of other settings is an error that
-names ``restart``. With the same settings and one torch thread a resumed run ends with the same bytes as an
-uninterrupted one (tests/training/test_checkpoint.py kills a run with SIGKILL and compares hashes).
+names the settings that differ and ``restart``. With the same settings and one torch thread a resumed run ends
+with the same bytes as an uninterrupted one (tests/training/test_checkpoint.py kills a run with SIGKILL and
+compares hashes).
 """
 
 from __future__ import annotations
@@ -38,11 +39,36 @@ FORMAT = 1
 NEUTRAL_SETTINGS = ("overwrite", "restart", "workers", "cache_limit_mb")
 
 
-def run_fingerprint(config: dict[str, Any], data_fingerprint: str) -> str:
+def run_settings(config: dict[str, Any], data_fingerprint: str) -> dict[str, Any]:
+    """What a resumed run must share with the one that wrote the checkpoint: the settings that change its numbers,
+    the data and the thread count (as JSON values; ``state.json`` keeps them to name what differs)."""
     kept = {k: v for k, v in config.items() if k not in NEUTRAL_SETTINGS}
-    text = json.dumps({"config": kept, "data": data_fingerprint, "threads": torch.get_num_threads()},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    settings: dict[str, Any] = json.loads(json.dumps(
+        {"config": kept, "data": data_fingerprint, "threads": torch.get_num_threads()}, default=str))
+    return settings
+
+
+def run_fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(saved: Any, settings: dict[str, Any]) -> str:
+    """```epochs` 6, now 8; the thread count 1, now 2``: what differs between a checkpoint's settings and these
+    (empty where the checkpoint predates recording them)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        return ""
+    before, now = saved["config"], settings["config"]
+
+    def word(value: Any) -> str:
+        return value if isinstance(value, str) else json.dumps(value)
+
+    parts = [f"`{k}` {word(before.get(k))}, now {word(now.get(k))}" for k in sorted(set(before) | set(now))
+             if before.get(k) != now.get(k)]
+    if saved.get("data") != settings["data"]:
+        parts.append("the data (images, labels or split)")
+    if saved.get("threads") != settings["threads"]:
+        parts.append(f"the thread count {saved.get('threads')}, now {settings['threads']}")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -86,7 +112,7 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> 
     return {"state": state, "param_groups": groups}
 
 
-def save(out: Path, *, fingerprint: str, epoch: int, stale: int, best_score: float, best_epoch: int,
+def save(out: Path, *, settings: dict[str, Any], epoch: int, stale: int, best_score: float, best_epoch: int,
          best_state: dict[str, torch.Tensor], best_probs: np.ndarray, history: list[dict[str, Any]],
          model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
          generator: torch.Generator, scaler: torch.amp.GradScaler | None = None) -> None:
@@ -109,9 +135,9 @@ def save(out: Path, *, fingerprint: str, epoch: int, stale: int, best_score: flo
     tensors["best_probs"] = torch.from_numpy(np.ascontiguousarray(best_probs, dtype=np.float32))
     name = f"epoch-{epoch:04d}.safetensors"
     write_safetensors(folder / name, tensors)
-    doc = {"format": FORMAT, "fingerprint": fingerprint, "tensors": name, "epoch": epoch, "stale": stale,
-           "best_score": best_score, "best_epoch": best_epoch, "history": history, "optimizer": optim_plain,
-           "schedule": schedule.state_dict(),
+    doc = {"format": FORMAT, "fingerprint": run_fingerprint(settings), "settings": settings, "tensors": name,
+           "epoch": epoch, "stale": stale, "best_score": best_score, "best_epoch": best_epoch, "history": history,
+           "optimizer": optim_plain, "schedule": schedule.state_dict(),
            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     try:
         text = json.dumps(doc, indent=1, sort_keys=True, allow_nan=True)
@@ -123,7 +149,7 @@ def save(out: Path, *, fingerprint: str, epoch: int, stale: int, best_score: flo
             old.unlink(missing_ok=True)
 
 
-def load(out: Path, *, fingerprint: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def load(out: Path, *, settings: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          schedule: Any, generator: torch.Generator, scaler: torch.amp.GradScaler | None = None) -> Resumed | None:
     """Restore the loop from ``out/checkpoint`` (None when there is none)."""
     folder = out / CHECKPOINT_DIR
@@ -136,9 +162,11 @@ def load(out: Path, *, fingerprint: str, model: torch.nn.Module, optimizer: torc
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"{folder}: unreadable training checkpoint ({exc}); set `restart` to start over"
                           ) from exc
-    if doc.get("fingerprint") != fingerprint:
-        raise ConfigError(f"{out}: holds a checkpoint of a run with other settings, data or thread count; "
-                          "rerun with the same options to resume it, or set `restart` to start over")
+    if doc.get("fingerprint") != run_fingerprint(settings):
+        differs = _differences(doc.get("settings"), settings)
+        raise ConfigError(f"{out}: holds a checkpoint of a run with other "
+                          + (f"settings ({differs})" if differs else "settings, data or thread count")
+                          + "; rerun with the same options to resume it, or set `restart` to start over")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optimizer.load_state_dict(_join_optimizer(tensors, doc["optimizer"]))
     schedule.load_state_dict(doc["schedule"])

@@ -142,7 +142,7 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
     monitor = config.monitor if config.monitor != "auto" else "auc" if len(data.classes) == 2 \
         else "balanced_accuracy"
     best, history, stopped_early = Best(), [], False
-    fingerprint = train_checkpoint.run_fingerprint(asdict(config), data.data_fingerprint)
+    settings = train_checkpoint.run_settings(asdict(config), data.data_fingerprint)
     with torch.random.fork_rng(devices=[]):  # seeded init and dropout, without touching the caller's RNG
         torch.manual_seed(config.seed)
         loop, built, report = make_loop(data, config)
@@ -150,7 +150,7 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                  config.arch, f"{count_parameters(loop.model):,}", len(data.train), data.size,
                  len(data.valid), n_epochs(config.epochs), describe_device(loop.amp))
         stale, first = 0, 1
-        resumed = train_checkpoint.load(out, fingerprint=fingerprint, model=loop.model, optimizer=loop.optimizer,
+        resumed = train_checkpoint.load(out, settings=settings, model=loop.model, optimizer=loop.optimizer,
                                         schedule=loop.schedule, generator=loop.generator,
                                         scaler=loop.amp.scaler)
         if resumed is not None:
@@ -186,7 +186,7 @@ def fit(data: PreparedData, config: TrainConfig, out_dir: str | Path) -> TrainRe
                 writer.writerow(row)
                 hist_fh.flush()
                 history.append(row)
-                train_checkpoint.save(out, fingerprint=fingerprint, epoch=epoch, stale=stale, best_score=best.score,
+                train_checkpoint.save(out, settings=settings, epoch=epoch, stale=stale, best_score=best.score,
                                       best_epoch=best.epoch, best_state=best.state, best_probs=best.probs,
                                       history=history, model=loop.model, optimizer=loop.optimizer,
                                       schedule=loop.schedule, generator=loop.generator, scaler=loop.amp.scaler)
