@@ -394,3 +394,28 @@ def test_a_head_records_the_environment_a_whole_network_does(head_model: tuple[P
     assert recorded["timm_version"] == timm.__version__ and recorded["torch_version"] == torch.__version__
     assert recorded["mixed_precision"] == "fp32" and recorded["device"] == {"type": "cpu"}
     assert recorded["threads"] == torch.get_num_threads()
+
+
+def test_another_carved_split_of_the_same_images_reuses_their_embeddings(
+        patches_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image's embedding is the same whatever its role: another seed carving another validation split, or the
+    dataset folder moved, reads the cache back (with a foundation encoder, GPU-hours), and gives the model the
+    embeddings a fresh computation would."""
+    import shutil
+
+    data = make_subset(patches_dir / "pcam", tmp_path / "pcam", {"train": 40})  # no valid split: one is carved
+    cache, fresh = tmp_path / "cache", tmp_path / "fresh"
+    train(data, tmp_path / "s0", head_config(cache, epochs=3))
+    seed1_fresh = train(data, tmp_path / "s1_fresh", head_config(fresh, epochs=3, seed=1))
+    moved = tmp_path / "moved"
+    shutil.move(data, moved)
+
+    monkeypatch.setattr(embeddings, "embed_rows", lambda *_a, **_k: pytest.fail("embeddings computed again"))
+    seed1 = train(moved, tmp_path / "s1", head_config(cache, epochs=3, seed=1))
+    assert seed1.spec.train_config["embeddings"]["reused"] is True
+    assert (tmp_path / "s0" / "split.csv").read_text() != (tmp_path / "s1" / "split.csv").read_text()
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    got, want = read_weights(tmp_path / "s1" / "model.safetensors"), read_weights(tmp_path / "s1_fresh" /
+                                                                                   "model.safetensors")
+    assert set(got) == set(want) and all(bool((got[k] == want[k]).all()) for k in got)
+    assert seed1.spec.metrics["auc"] == seed1_fresh.spec.metrics["auc"]

@@ -364,13 +364,21 @@ def read_trained_images(path: Path) -> set[tuple[str, str]]:
         return {(row["path"], row["label"]) for row in csv.DictReader(fh) if row.get("split") == "train"}
 
 
-def fingerprint(folder: PatchFolder, rows: Rows, roles: Sequence[str], *, workers: int = 4) -> str:
-    """sha256 over (path, label, role, sha256 of the file's bytes) of the given rows, in path order."""
+def file_digests(folder: PatchFolder, rows: Rows, *, workers: int = 4) -> list[str]:
+    """sha256 of each row's file bytes, in row order."""
     def digest(i: int) -> str:
         return hashlib.sha256((folder.root / folder.paths[i]).read_bytes()).hexdigest()
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = list(pool.map(digest, rows))
+        return list(pool.map(digest, rows))
+
+
+def fingerprint(folder: PatchFolder, rows: Rows, roles: Sequence[str], *, workers: int = 4,
+                digests: Sequence[str] | None = None) -> str:
+    """sha256 over (path, label, role, sha256 of the file's bytes) of the given rows, in path order (``digests``:
+    the rows' :func:`file_digests`, where the caller has them)."""
+    if digests is None:
+        digests = file_digests(folder, rows, workers=workers)
     h = hashlib.sha256()
     for line in sorted(f"{folder.paths[i]}\t{folder.labels[i]}\t{role}\t{d}\n"
                        for i, role, d in zip(rows, roles, digests, strict=True)):

@@ -4,9 +4,12 @@ Training a head (:mod:`wsi_screen.training.heads`) needs the encoder's embedding
 with a foundation encoder that is the expensive part, so it is done once and kept in a cache folder
 (``embedding_cache``; default ``$WSI_SCREEN_CACHE/embeddings``, else ``~/.cache/wsi-screen/embeddings``),
 one safetensors file per key. The key is the sha256 of the encoder's identity (reference, weights sha256, pooling,
-input size, mean/std) and arithmetic, the dataset's fingerprint (every train and valid file's path, label, role
-and content hash) and the size the images are decoded at: any change to one of them computes the embeddings
-afresh; a rerun with the same ones reads them back.
+input size, mean/std) and arithmetic, the images (the content hash of every train and valid file) and the size
+they are decoded at: any change to one of them computes the embeddings afresh; a rerun with the same ones reads
+them back. An image's embedding depends on its bytes only, not on its path, label or role, so a rerun that splits
+the same images otherwise (another seed, valid fraction or group column carving the validation split) or a
+dataset folder moved elsewhere reuses them; the file holds one row per distinct image (byte-identical copies
+once), in the order of their hashes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +34,8 @@ from wsi_screen.training.data import PatchFolder, iter_images
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "WSI_SCREEN_CACHE"
-#: the version of the cached files' layout (part of the key)
-CACHE_VERSION = 1
+#: the version of the cached files' layout (part of the key): 2, one row per distinct image (1: train and valid)
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -46,12 +50,14 @@ def cache_folder(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
 
-def cache_key(encoder: Encoder, data_fingerprint: str, size: int) -> str:
-    """sha256 of what the embeddings depend on (see the module docstring)."""
+def cache_key(encoder: Encoder, images: Sequence[str], size: int) -> str:
+    """sha256 of what the embeddings depend on (see the module docstring); ``images``: the sorted distinct
+    content hashes of the images."""
     i = encoder.identity
     what = {"version": CACHE_VERSION, "ref": i.ref, "weights_sha256": i.weights_sha256, "pooling": i.pooling,
-            "input_size": i.input_size, "mean": list(i.mean), "std": list(i.std), "data": data_fingerprint,
-            "size": size, "precision": encoder.precision}
+            "input_size": i.input_size, "mean": list(i.mean), "std": list(i.std),
+            "images": hashlib.sha256("\n".join(images).encode()).hexdigest(), "size": size,
+            "precision": encoder.precision}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -78,32 +84,42 @@ def embed_rows(encoder: Encoder, folder: PatchFolder, rows: np.ndarray, size: in
 
 
 def dataset_embeddings(encoder: Encoder, folder: PatchFolder, train_rows: np.ndarray, valid_rows: np.ndarray, *,
-                       size: int, data_fingerprint: str, cache_dir: str | Path | None = None, workers: int = 2,
+                       size: int, digests: Sequence[str], cache_dir: str | Path | None = None, workers: int = 2,
                        batch_size: int = 128) -> DatasetEmbeddings:
-    """The embeddings of ``train_rows`` and ``valid_rows``: read from the cache when there, else computed and
-    cached (written atomically)."""
+    """The embeddings of ``train_rows`` and ``valid_rows`` (``digests``: their files' content hashes, train rows
+    then valid rows, :func:`wsi_screen.training.data.file_digests`): read from the cache when there, else computed
+    and cached (written atomically)."""
+    rows = np.concatenate([train_rows, valid_rows]).astype(np.int64)
+    if len(digests) != len(rows):
+        raise ModelError(f"{len(digests)} content hashes for {len(rows)} images")
+    first_row: dict[str, int] = {}
+    for row, digest in zip(rows.tolist(), digests, strict=True):
+        first_row.setdefault(digest, row)
+    images = sorted(first_row)
+    position = {digest: k for k, digest in enumerate(images)}
+    picks = torch.tensor([position[d] for d in digests], dtype=torch.long)
+    n_train = len(train_rows)
     folder_path = cache_folder(cache_dir)
-    path = folder_path / f"{cache_key(encoder, data_fingerprint, size)}.safetensors"
+    path = folder_path / f"{cache_key(encoder, images, size)}.safetensors"
     if path.is_file():
         try:
-            state = read_weights(path)
-            train, valid = state["train"], state["valid"]
-            if train.shape == (len(train_rows), encoder.dim) and valid.shape == (len(valid_rows), encoder.dim):
-                log.info("embeddings of %d + %d images reused from %s", len(train), len(valid), path)
-                return DatasetEmbeddings(train.float(), valid.float(), path, reused=True)
+            features = read_weights(path)["features"]
+            if features.shape == (len(images), encoder.dim):
+                log.info("embeddings of %d + %d images reused from %s", n_train, len(valid_rows), path)
+                features = features.float()[picks]
+                return DatasetEmbeddings(features[:n_train], features[n_train:], path, reused=True)
             log.warning("%s: cached embeddings have the wrong shape; computing them again", path)
         except (ModelError, KeyError) as exc:
             log.warning("%s: unreadable cached embeddings (%s); computing them again", path, exc)
-    log.info("embedding %d train and %d valid images with %s (cached in %s)", len(train_rows), len(valid_rows),
-             encoder.identity.name, folder_path)
-    train = embed_rows(encoder, folder, train_rows, size, workers=workers, batch_size=batch_size,
-                       desc="embedding train")
-    valid = embed_rows(encoder, folder, valid_rows, size, workers=workers, batch_size=batch_size,
-                       desc="embedding valid")
+    log.info("embedding %d train and %d valid images (%d distinct) with %s (cached in %s)", n_train,
+             len(valid_rows), len(images), encoder.identity.name, folder_path)
+    features = embed_rows(encoder, folder, np.array([first_row[d] for d in images], dtype=np.int64), size,
+                          workers=workers, batch_size=batch_size, desc="embedding")
     try:
         folder_path.mkdir(parents=True, exist_ok=True)
-        write_safetensors(path, {"train": train, "valid": valid},
+        write_safetensors(path, {"features": features},
                           {"encoder": encoder.identity.name, "dataset": str(folder.root), "size": str(size)})
     except OSError as exc:  # a cache that cannot be written costs a recomputation next time, nothing more
         log.warning("cannot cache embeddings in %s: %s", folder_path, exc)
-    return DatasetEmbeddings(train, valid, path, reused=False)
+    features = features[picks]
+    return DatasetEmbeddings(features[:n_train], features[n_train:], path, reused=False)

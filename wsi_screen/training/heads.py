@@ -41,7 +41,7 @@ from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
 from wsi_screen.models.encoder import load_encoder
 from wsi_screen.models.head import Head, head_record
 from wsi_screen.training.config import TrainConfig, TrainResult
-from wsi_screen.training.data import fingerprint, write_split_csv
+from wsi_screen.training.data import file_digests, fingerprint, write_split_csv
 from wsi_screen.training.embeddings import cache_folder, dataset_embeddings
 from wsi_screen.training.evaluate import write_evaluation
 from wsi_screen.training.inputs import HISTORY_COLUMNS, log_resizing, read_split, resolve_mpp, resolve_size
@@ -90,9 +90,11 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
     note = identity.scale_note(mpp, size)  # `mpp` is the patches' at `size` px
     if note:
         log.warning("%s", note)
-    data_fp = fingerprint(folder, [int(i) for i in rows], ["train"] * len(split.train) + ["valid"] * len(split.valid))
+    digests = file_digests(folder, [int(i) for i in rows])
+    data_fp = fingerprint(folder, [int(i) for i in rows], ["train"] * len(split.train) + ["valid"] * len(split.valid),
+                          digests=digests)
     cache_dir = cache_folder(config.embedding_cache)
-    emb = dataset_embeddings(encoder, folder, split.train, split.valid, size=size, data_fingerprint=data_fp,
+    emb = dataset_embeddings(encoder, folder, split.train, split.valid, size=size, digests=digests,
                              cache_dir=cache_dir, workers=max(1, config.workers))
     train_y = torch.from_numpy(folder.label_indices(classes, split.train))
     valid_y = folder.label_indices(classes, split.valid)
