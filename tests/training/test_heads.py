@@ -419,3 +419,18 @@ def test_another_carved_split_of_the_same_images_reuses_their_embeddings(
                                                                                    "model.safetensors")
     assert set(got) == set(want) and all(bool((got[k] == want[k]).all()) for k in got)
     assert seed1.spec.metrics["auc"] == seed1_fresh.spec.metrics["auc"]
+
+
+def test_a_heads_training_time_is_the_heads_and_the_embedding_is_timed_apart(pcam_small: Path,
+                                                                             tmp_path: Path) -> None:
+    """train's "N s of training" (train_config.seconds) is the head's, as a whole network's excludes decoding its
+    images; embedding them (the costly part with a foundation encoder) is embeddings.seconds: the two add up to no
+    more than the call (they used to overlap, the embedding counted as training)."""
+    import time
+
+    started = time.perf_counter()
+    result = train(pcam_small, tmp_path / "m", head_config(tmp_path / "cache", epochs=3))
+    wall = time.perf_counter() - started
+    recorded = result.spec.train_config
+    assert recorded["embeddings"]["reused"] is False and recorded["embeddings"]["seconds"] > 0
+    assert recorded["seconds"] + recorded["embeddings"]["seconds"] <= wall + 0.1  # each rounded to 0.1 s

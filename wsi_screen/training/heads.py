@@ -77,7 +77,6 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
         config = replace(config, lr=HEAD_LR)
     out = Path(out_dir)
     refuse_existing_model(out, config)
-    started = time.perf_counter()
     torch_device = resolve_device(config.device)
     encoder = load_encoder(reference, weights=config.encoder_weights, device=torch_device,
                            precision="auto" if torch_device.type == "cuda" else "fp32")
@@ -94,8 +93,10 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
     data_fp = fingerprint(folder, [int(i) for i in rows], ["train"] * len(split.train) + ["valid"] * len(split.valid),
                           digests=digests)
     cache_dir = cache_folder(config.embedding_cache)
+    embedding_started = time.perf_counter()
     emb = dataset_embeddings(encoder, folder, split.train, split.valid, size=size, digests=digests,
                              cache_dir=cache_dir, workers=max(1, config.workers))
+    started = time.perf_counter()  # the head's training, as a whole network's excludes decoding its images
     train_y = torch.from_numpy(folder.label_indices(classes, split.train))
     valid_y = folder.label_indices(classes, split.valid)
     pos_index = classes.index(positive) if positive is not None else None
@@ -121,7 +122,8 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
     resolved.update(embedding_cache=str(cache_dir))  # the folder used: the default one when none was named
     resolved.update(size=size, lr=config.resolved_lr, weight_decay=config.resolved_weight_decay, monitor=monitor,
                     best_epoch=best_epoch, stopped_early=stopped, seconds=round(seconds, 1),
-                    embeddings={"cache": str(emb.path), "reused": emb.reused})
+                    embeddings={"cache": str(emb.path), "reused": emb.reused,
+                                "seconds": round(started - embedding_started, 1)})
     resolved.update(run_environment(torch_device, encoder.precision))  # the head trains in float32, on the CPU
     spec = ModelSpec(
         arch=f"{identity.name}+{config.head}", classes=list(classes), input_size=size, positive_class=positive,
