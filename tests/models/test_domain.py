@@ -108,6 +108,14 @@ def test_drafted_card_marks_what_the_user_must_complete(bundled: object) -> None
     assert text.count("<-- complete this") == 5  # name, task, tissue, stain, data licence
 
 
+def test_a_printed_card_shows_figures_as_train_and_evaluate_do(bundled: object) -> None:
+    """`models --card` printed card.json's floats whole (auc: 0.9347155555555555, threshold: 0.21330983191728592)
+    where train and evaluate print 0.9347 and 0.2133."""
+    text = render(draft(bundled.spec, auc_ci=(0.779395, 0.8876099999999999)))
+    assert "  auc: 0.9347\n" in text and "  auc_ci95: 0.7794, 0.8876\n" in text and "  threshold: 0.2133\n" in text
+    assert "  n: 3000\n" in text and "  mpp: 0.972\n" in text  # whole numbers and short figures as they are
+
+
 def test_example_slide_is_out_of_domain(demo_run: Path) -> None:
     """The bundled example is skin, not lymph node: its call is kept but flagged."""
     with (demo_run / "results.csv").open() as fh:
