@@ -434,3 +434,41 @@ def test_a_heads_training_time_is_the_heads_and_the_embedding_is_timed_apart(pca
     recorded = result.spec.train_config
     assert recorded["embeddings"]["reused"] is False and recorded["embeddings"]["seconds"] > 0
     assert recorded["seconds"] + recorded["embeddings"]["seconds"] <= wall + 0.1  # each rounded to 0.1 s
+
+
+def test_an_interrupted_embedding_goes_on_where_it_stopped(pcam_small: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C half-way through embedding the dataset (with a foundation encoder, the hours of a head's training)
+    used to lose all of it: the chunks made are kept, a rerun embeds only the rest, and the model is the one an
+    uninterrupted run makes."""
+    from wsi_screen.training import data as training_data
+
+    monkeypatch.setattr(embeddings, "CHUNK", 64)  # 180 images: chunks of 64, 64 and 52
+    whole = train(pcam_small, tmp_path / "whole", head_config(tmp_path / "fresh", epochs=3))
+    decoded: list[int] = []
+
+    def interrupted_after(chunks: int):  # type: ignore[no-untyped-def]
+        def iter_images(*args, **kwargs):  # type: ignore[no-untyped-def]
+            for k, loaded in enumerate(training_data.iter_images(*args, **kwargs)):
+                if k == chunks:
+                    raise KeyboardInterrupt
+                decoded.append(len(loaded.images))
+                yield loaded
+        return iter_images
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(embeddings, "iter_images", interrupted_after(1))
+    with pytest.raises(KeyboardInterrupt):
+        train(pcam_small, tmp_path / "m", head_config(cache, epochs=3))
+    assert decoded == [64] and not list(cache.glob("*.safetensors"))
+    assert [p.name for p in cache.glob("*.parts/*")] == ["000000000.safetensors"]
+
+    decoded.clear()
+    monkeypatch.setattr(embeddings, "iter_images", interrupted_after(99))
+    again = train(pcam_small, tmp_path / "m", head_config(cache, epochs=3))
+    assert decoded == [64, 52]  # only the rest
+    assert len(list(cache.glob("*.safetensors"))) == 1 and not list(cache.glob("*.parts"))
+    got, want = read_weights(tmp_path / "m" / "model.safetensors"), read_weights(tmp_path / "whole" /
+                                                                                  "model.safetensors")
+    assert set(got) == set(want) and all(bool((got[k] == want[k]).all()) for k in got)
+    assert again.spec.metrics["auc"] == whole.spec.metrics["auc"]

@@ -6,10 +6,11 @@ with a foundation encoder that is the expensive part, so it is done once and kep
 one safetensors file per key. The key is the sha256 of the encoder's identity (reference, weights sha256, pooling,
 input size, mean/std) and arithmetic, the images (the content hash of every train and valid file) and the size
 they are decoded at: any change to one of them computes the embeddings afresh; a rerun with the same ones reads
-them back. An image's embedding depends on its bytes only, not on its path, label or role, so a rerun that splits
-the same images otherwise (another seed, valid fraction or group column carving the validation split) or a
-dataset folder moved elsewhere reuses them; the file holds one row per distinct image (byte-identical copies
-once), in the order of their hashes.
+them back. While they are computed, each chunk of images embedded is kept beside the file to be
+(``<key>.parts/``), so a run killed half-way goes on from there when rerun. An image's embedding depends on its
+bytes only, not on its path, label or role, so a rerun that splits the same images otherwise (another seed, valid
+fraction or group column carving the validation split) or a dataset folder moved elsewhere reuses them; the file
+holds one row per distinct image (byte-identical copies once), in the order of their hashes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,16 +73,55 @@ class DatasetEmbeddings:
     reused: bool
 
 
+#: images decoded and embedded at a time; with a parts folder, each such chunk is kept there as soon as it is made
+CHUNK = 512
+
+
 def embed_rows(encoder: Encoder, folder: PatchFolder, rows: np.ndarray, size: int, *, workers: int = 2,
-               batch_size: int = 128, desc: str = "embedding") -> torch.Tensor:
-    """Decode ``rows`` at ``size`` px (a chunk at a time) and embed them: float32 (N, D)."""
-    parts: list[np.ndarray] = []
+               batch_size: int = 128, desc: str = "embedding", parts: Path | None = None) -> torch.Tensor:
+    """Decode ``rows`` at ``size`` px (:data:`CHUNK` at a time) and embed them: float32 (N, D). With ``parts``, each
+    chunk's embeddings are written there as they are made (``<first row's position>.safetensors``), and the chunks
+    a killed call left there are read back instead of computed again: a rerun goes on where it stopped, with the
+    same chunks, so the same numbers."""
+    done: list[np.ndarray] = _kept_parts(parts, len(rows), encoder.dim) if parts is not None else []
+    start = sum(len(d) for d in done)
+    if start:
+        log.info("%d of %d images already embedded (%s); embedding the rest", start, len(rows), parts)
     with progress.bar(total=len(rows), desc=desc, unit="img") as bar:
-        for loaded in iter_images(folder, rows, size, workers=workers):
-            parts.append(encoder.embed(loaded.images, batch_size=batch_size))
+        bar.update(start)
+        for offset, loaded in zip(range(start, len(rows), CHUNK),
+                                  iter_images(folder, rows[start:], size, workers=workers, chunk=CHUNK), strict=True):
+            features = encoder.embed(loaded.images, batch_size=batch_size)
+            if parts is not None:
+                try:
+                    parts.mkdir(parents=True, exist_ok=True)
+                    write_safetensors(parts / f"{offset:09d}.safetensors", {"features": torch.from_numpy(features)})
+                except OSError as exc:  # keeping them only saves a rerun's work
+                    log.warning("cannot keep embeddings in %s: %s", parts, exc)
+                    parts = None
+            done.append(features)
             bar.update(len(loaded.images))
-    out = np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+    out = np.concatenate(done) if done else np.zeros((0, encoder.dim), np.float32)
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+
+
+def _kept_parts(parts: Path, n: int, dim: int) -> list[np.ndarray]:
+    """The chunks an interrupted :func:`embed_rows` kept in ``parts``: the unbroken run of them from the first row."""
+    kept: list[np.ndarray] = []
+    start = 0
+    while start < n:
+        path = parts / f"{start:09d}.safetensors"
+        if not path.is_file():
+            break
+        try:
+            features = read_weights(path)["features"].numpy()
+        except (ModelError, KeyError):
+            break
+        if features.shape != (min(CHUNK, n - start), dim):
+            break
+        kept.append(features)
+        start += len(features)
+    return kept
 
 
 def dataset_embeddings(encoder: Encoder, folder: PatchFolder, train_rows: np.ndarray, valid_rows: np.ndarray, *,
@@ -113,12 +154,14 @@ def dataset_embeddings(encoder: Encoder, folder: PatchFolder, train_rows: np.nda
             log.warning("%s: unreadable cached embeddings (%s); computing them again", path, exc)
     log.info("embedding %d train and %d valid images (%d distinct) with %s (cached in %s)", n_train,
              len(valid_rows), len(images), encoder.identity.name, folder_path)
+    parts = path.with_suffix(".parts")  # the chunks made so far: an interrupted run goes on from them
     features = embed_rows(encoder, folder, np.array([first_row[d] for d in images], dtype=np.int64), size,
-                          workers=workers, batch_size=batch_size, desc="embedding")
+                          workers=workers, batch_size=batch_size, desc="embedding", parts=parts)
     try:
         folder_path.mkdir(parents=True, exist_ok=True)
         write_safetensors(path, {"features": features},
                           {"encoder": encoder.identity.name, "dataset": str(folder.root), "size": str(size)})
+        shutil.rmtree(parts, ignore_errors=True)
     except OSError as exc:  # a cache that cannot be written costs a recomputation next time, nothing more
         log.warning("cannot cache embeddings in %s: %s", folder_path, exc)
     features = features[picks]
