@@ -165,8 +165,8 @@ def test_the_gradient_scaler_is_checkpointed(tmp_path: Path) -> None:
         scaler.update()
         optimizer.zero_grad()
     assert scaler.get_scale() == 2.0**15 and scaler.state_dict()["_growth_tracker"] == 1
-    common = {"fingerprint": "f", "model": model, "optimizer": optimizer, "schedule": schedule,
-              "generator": torch.Generator().manual_seed(0)}
+    common = {"settings": checkpoint.run_settings({}, "d"), "model": model, "optimizer": optimizer,
+              "schedule": schedule, "generator": torch.Generator().manual_seed(0)}
     best = {"best_state": {k: v.clone() for k, v in model.state_dict().items()}, "best_probs": np.zeros((2, 2))}
     checkpoint.save(tmp_path, epoch=1, stale=0, best_score=0.5, best_epoch=1, history=[], scaler=scaler, **best,
                     **common)
