@@ -147,3 +147,27 @@ def test_images_that_trained_the_model_are_counted_as_files_or_left_unknown(herl
     assert trained_on(model, folder, folder.indices("train")) is None
     model.model_dir = None
     assert trained_on(model, folder, folder.indices("train")) is None
+
+
+def test_the_models_validation_images_are_counted_as_choosing_it(herlev_small: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """`evaluate` on the images that chose a model's epoch and threshold (its validation split) said nothing, and
+    its sensitivity there is the threshold rule's by construction: it now warns and records how many they are."""
+    from tests.classifier_data import tiny_config
+    from wsi_screen.models import load_model
+    from wsi_screen.training.train import train
+
+    train(herlev_small, tmp_path / "m", tiny_config(epochs=1, folds=1))  # valid carved from train: 3 of 14
+    roles = [line.split(",")[2] for line in (tmp_path / "m" / "split.csv").read_text().splitlines()[1:]]
+    assert (roles.count("train"), roles.count("valid")) == (11, 3)
+    model = load_model(tmp_path / "m", precision="fp32")
+    folder = open_patch_folder(herlev_small, label_column="binary_label")
+    with caplog.at_level("WARNING", logger="wsi_screen"):
+        m = evaluate_model(model, folder, "train", tmp_path / "train")
+    assert (m["source"]["images_that_trained_the_model"], m["source"]["images_that_chose_the_model"]) == (11, 3)
+    assert "3 of the 14 images evaluated are this model's validation images" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wsi_screen"):
+        m = evaluate_model(model, folder, "test", tmp_path / "test")
+    assert (m["source"]["images_that_trained_the_model"], m["source"]["images_that_chose_the_model"]) == (0, 0)
+    assert "validation images" not in caplog.text

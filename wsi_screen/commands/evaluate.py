@@ -43,7 +43,8 @@ def evaluate(dataset: str, model_dir: str | None, split: str, positive: str | No
     Images of another size than the model input are resized, with a warning.
 
     Evaluating images that trained the model (its split.csv says which; under cross-validation the
-    dataset's valid split as well as train) gives optimistic figures: a warning says how many.
+    dataset's valid split as well as train), or its validation images, which chose its epoch and threshold,
+    gives optimistic figures: a warning says how many.
 
     If --label-column is not given and DATASET has the column the model was trained on, that column is
     used.

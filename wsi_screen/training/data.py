@@ -354,14 +354,14 @@ def write_split_csv(path: Path, folder: PatchFolder, split: Split) -> None:
             writer.writerow([folder.paths[i], folder.labels[i], name, *extra])
 
 
-def read_trained_images(path: Path) -> set[tuple[str, str]]:
-    """(path, label) of every image that trained a model, from its ``split.csv`` (:func:`write_split_csv`): the
-    rows marked ``train``, which under cross-validation are the whole pool (each image trained all fold models
-    but one). Empty when there is no such file."""
+def read_trained_images(path: Path, role: str = "train") -> set[tuple[str, str]]:
+    """(path, label) of every image a model's ``split.csv`` (:func:`write_split_csv`) marks ``role``: ``train``,
+    the images that trained it, which under cross-validation are the whole pool (each image trained all fold
+    models but one), or ``valid``, those that chose its epoch and threshold. Empty when there is no such file."""
     if not path.is_file():
         return set()
     with path.open(newline="", encoding="utf-8") as fh:
-        return {(row["path"], row["label"]) for row in csv.DictReader(fh) if row.get("split") == "train"}
+        return {(row["path"], row["label"]) for row in csv.DictReader(fh) if row.get("split") == role}
 
 
 def file_digests(folder: PatchFolder, rows: Rows, *, workers: int = 4) -> list[str]:

@@ -10,9 +10,9 @@ model's positive class, or for another class named with ``positive``: metrics.js
 roc.png name that class, ``decision_class`` and ``threshold`` the model's operating point, which a binary model's
 other class meets where ``p(positive) < threshold`` (the point marked on its ROC).
 
-Images that trained the model (by its folder's ``split.csv``; :func:`trained_on`) give optimistic figures: the
-evaluation warns with their number and records it (null where it cannot tell), rather than refusing, since
-looking at fit is fair use.
+Images that trained the model (by its folder's ``split.csv``; :func:`trained_on`) give optimistic figures, and so
+do those of its validation split, which chose its epoch and threshold: the evaluation warns with their numbers and
+records them (null where it cannot tell), rather than refusing, since looking at fit is fair use.
 
 An output folder that holds files is refused unless ``overwrite``, as ``train`` and ``tune`` refuse theirs; with it,
 the evaluation's files (:data:`EVALUATION_FILES`) are replaced and nothing else in the folder is touched.
@@ -89,6 +89,13 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
                     "for an honest one evaluate a split it did not see (`split` test), or train it with "
                     "`carve_valid` and evaluate `split` valid", seen, len(rows), how,
                     model.model_dir / "split.csv" if model.model_dir else "split.csv")
+    chose = trained_on(model, folder, rows, role="valid")
+    if chose:
+        log.warning("%d of the %d images evaluated are this model's validation images (%s): they chose its epoch "
+                    "and decision threshold, so the figures at the threshold are optimistic (its sensitivity is "
+                    "the threshold rule's by construction); for an honest one evaluate a split it did not see "
+                    "(`split` test), or train it with `carve_valid` and evaluate `split` valid", chose, len(rows),
+                    model.model_dir / "split.csv" if model.model_dir else "split.csv")
     started = time.perf_counter()
     probs_parts: list[np.ndarray] = []
     dist_parts: list[np.ndarray] = []
@@ -112,6 +119,7 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
     add_intervals(metrics, y, probs)
     metrics["source"] = {"dataset": str(folder.root), "split": split, "label_column": folder.label_column,
                          "images": len(rows), "images_that_trained_the_model": seen,
+                         "images_that_chose_the_model": chose,
                          "image_sizes": {f"{w}x{h}": n for (w, h), n in sorted(sizes.items())},
                          "arch": spec.arch, "model_created": spec.created,
                          "numeric_precision": model.precision, "device": device_info(model.device),
@@ -127,20 +135,21 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
     return metrics
 
 
-def trained_on(model: PatchClassifier, folder: PatchFolder, rows: np.ndarray) -> int | None:
-    """How many of ``rows`` trained ``model``, by its folder's ``split.csv`` (same file and label); None where it
-    cannot tell. Where the dataset the model was trained on is still there, its images are compared with these by
-    the files they are (symbolic links followed), so another layout of the same files (a labels.csv over an
-    ImageFolder's images) counts too; where it is not, only a copy under the same folder name can be compared, by
-    relative path (paths such as ``tumour/001.png`` repeat across datasets). None: no model folder or no
-    ``split.csv``, or the training dataset gone and ``folder`` named otherwise."""
+def trained_on(model: PatchClassifier, folder: PatchFolder, rows: np.ndarray, *, role: str = "train") -> int | None:
+    """How many of ``rows`` trained ``model`` (``role`` valid: chose its epoch and threshold), by its folder's
+    ``split.csv`` (same file and label); None where it cannot tell. Where the dataset the model was trained on is
+    still there, its images are compared with these by the files they are (symbolic links followed), so another
+    layout of the same files (a labels.csv over an ImageFolder's images) counts too; where it is not, only a copy
+    under the same folder name can be compared, by relative path (paths such as ``tumour/001.png`` repeat across
+    datasets). None: no model folder or no ``split.csv``, or the training dataset gone and ``folder`` named
+    otherwise."""
     from wsi_screen.training.data import read_trained_images
 
     recorded = model.spec.data.get("dataset")
     split_csv = model.model_dir / "split.csv" if model.model_dir is not None else None
     if not recorded or split_csv is None or not split_csv.is_file():
         return None
-    trained = read_trained_images(split_csv)
+    trained = read_trained_images(split_csv, role)
     source = Path(recorded)
     if source.is_dir():
         files = {((source / path).resolve(), label) for path, label in trained}
