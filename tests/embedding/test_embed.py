@@ -299,7 +299,10 @@ def test_embedding_a_jpeg_store_says_so(example_slide: Path, tmp_path: Path) -> 
         "pixels": "store", "codec": {"name": "jpeg", "quality": 90}}
 
 
-def test_rerun_skips_and_new_settings_recompute(embedded: tuple[Path, object], example_slide: Path) -> None:
+def test_rerun_skips_and_other_settings_are_refused_unless_overwrite(embedded: tuple[Path, object],
+                                                                     example_slide: Path) -> None:
+    """A rerun with other settings replaced complete embeddings without a word (a foundation encoder's are GPU-hours):
+    it is refused in one line naming what differs, the embeddings kept; --overwrite replaces them."""
     out, _ = embedded
     target = out / "CMU-1-Small-Region.zarr" / "zarr.json"
     before = target.stat().st_mtime_ns
@@ -308,6 +311,13 @@ def test_rerun_skips_and_new_settings_recompute(embedded: tuple[Path, object], e
     assert res.code == 0 and "1 up to date" in summary and "patches" not in summary, res  # nothing embedded
     assert target.stat().st_mtime_ns == before
     res = run_cli("embed", example_slide, "--encoder", "default", "-o", out, "--workers", "0", "--dtype", "float32")
+    assert res.code == 1 and "0 embedded, 0 up to date, 1 failed" in res.err_lines[-1], res
+    assert f"wsi-screen: error: {out / 'CMU-1-Small-Region.zarr'}: holds embeddings made otherwise (dtype float16, " \
+           "now float32); set --overwrite to replace them, or embed into another output folder" in res.err_lines, res
+    assert target.stat().st_mtime_ns == before
+    assert FeatureStore(out / "CMU-1-Small-Region.zarr").features.dtype == np.float16
+    res = run_cli("embed", example_slide, "--encoder", "default", "-o", out, "--workers", "0", "--dtype", "float32",
+                  "--overwrite")
     assert res.code == 0 and "1 embedded" in res.err, res
     assert FeatureStore(out / "CMU-1-Small-Region.zarr").features.dtype == np.float32
 

@@ -53,7 +53,9 @@ from wsi_screen.commands._options import (
               help="DataLoader worker processes reading patches (0: a background thread).")
 @click.option("--threads", type=click.IntRange(0, 256), default=0,
               help="Torch compute threads (0: 1 on machines with 2 cores or fewer, else all).")
-@click.option("--overwrite", is_flag=True, help="Recompute embeddings (and re-tile stores) that are up to date.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace embeddings made with other settings, and recompute (and re-tile stores) those up to "
+                   "date.")
 @slide_timeout_option
 @device_option
 @common_options
@@ -73,9 +75,11 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     The patch stores (OUT/stores, or --stores) hold only the patches' coordinates unless --keep-patches: the
     patches are read from the slide as they are embedded, in the supervised reader process that tiles it.
 
-    A rerun skips slides whose embeddings are complete and made with the same encoder and settings. A slide that
-    fails, or an input that is missing or holds no slide, is reported on one line and the others go on; the exit
-    status is 1 if any failed, or if the inputs hold no slide or store at all.
+    A rerun skips slides whose embeddings are complete and made with the same encoder and settings; embeddings
+    in OUT made otherwise (another encoder, --mpp, --size, --dtype) are kept: that slide fails with one line
+    naming what differs, unless --overwrite. A slide that fails, or an input that is missing or holds no slide, is
+    reported on one line and the others go on; the exit status is 1 if any failed, or if the inputs hold no slide
+    or store at all.
 
     \b
     Examples:

@@ -8,7 +8,9 @@ Patches stream from the store, or from the slide in the slide reader's child pro
 loader (:mod:`wsi_screen.screening.score`: contiguous batches read ahead in a thread) into the encoder.
 
 Per slide, as ``tile`` and ``infer`` do: a complete feature store made with the same settings (encoder identity,
-dtype, the patch store's settings) is skipped; a slide that fails becomes one line and the run goes on.
+dtype, the patch store's settings) is skipped; one made otherwise is refused, naming what differs, unless
+``overwrite`` (it may be GPU-hours of a foundation encoder); a slide that fails becomes one line and the run goes
+on.
 """
 
 from __future__ import annotations
@@ -27,8 +29,15 @@ import numpy as np
 
 from wsi_screen import __version__, progress, runlog
 from wsi_screen._safe_write import usable_folder
-from wsi_screen.embedding.features import feature_store_path, is_current, write_feature_store
-from wsi_screen.errors import ModelMismatchError, RunError
+from wsi_screen.embedding.features import (
+    ATTR_COMPLETE,
+    ATTR_SETTINGS,
+    feature_store_path,
+    is_current,
+    read_attrs,
+    write_feature_store,
+)
+from wsi_screen.errors import ConfigError, ModelMismatchError, RunError
 from wsi_screen.models.encoder import Encoder
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import DiscoveryProblem, SlideSource, discover, nothing_found
@@ -96,6 +105,32 @@ def settings_for(encoder: Encoder, config: EmbedConfig, store_attrs: dict[str, A
             "precision": encoder.precision, "dtype": config.dtype, "patch_store_settings": digest}
 
 
+def made_otherwise(target: Path, settings: dict[str, Any], store: PatchStore) -> list[str]:
+    """What differs between the complete embeddings at ``target`` and these ``settings`` (of :func:`settings_for`)
+    for ``store``'s patches: ``encoder.ref default, now hf-hub:org/name``, ``patches 96 px at 0.972 um/px, now
+    ...``; empty where there are none there, or they are these."""
+    attrs = read_attrs(target)
+    if not attrs or attrs.get(ATTR_COMPLETE) is not True or attrs.get(ATTR_SETTINGS) == settings:
+        return []
+    before: dict[str, Any] = attrs.get(ATTR_SETTINGS) or {}
+    changed: list[str] = []
+    for key in sorted((set(before) | set(settings)) - {"patch_store_settings"}):
+        old, new = before.get(key), settings.get(key)
+        if isinstance(old, dict) and isinstance(new, dict) and old.get("ref") != new.get("ref"):
+            changed.append(f"{key} {old.get('ref')}, now {new.get('ref')}")  # another encoder: its details follow
+        elif isinstance(old, dict) and isinstance(new, dict):
+            changed += [f"{key}.{k} {old.get(k)}, now {new.get(k)}" for k in sorted(set(old) | set(new))
+                        if old.get(k) != new.get(k)]
+        elif old != new:
+            changed.append(f"{key} {old}, now {new}")
+    then, now = (attrs.get("size"), attrs.get("mpp")), (int(store.patch_size), float(store.mpp))
+    if then != now:
+        changed.append(f"patches {then[0]} px at {then[1]:g} um/px, now {now[0]} px at {now[1]:g} um/px")
+    elif before.get("patch_store_settings") != settings.get("patch_store_settings"):
+        changed.append("the patch store's tiling settings")
+    return changed or ["the store's format"]
+
+
 def check_store(attrs: dict[str, Any], config: EmbedConfig, location: str) -> None:
     """Refuse a patch store at another resolution or patch size than asked for."""
     mpp, size = float(attrs.get("mpp", math.nan)), int(attrs.get("patch_size", -1))
@@ -120,6 +155,10 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
     if not config.overwrite and is_current(target, settings):
         log.debug("%s: embeddings up to date", name)
         return EmbedResult(name, source, "skipped", str(target), len(store))
+    changed = [] if config.overwrite else made_otherwise(target, settings, store)
+    if changed:  # a foundation encoder's embeddings are GPU-hours: replaced only when asked
+        raise ConfigError(f"{target}: holds embeddings made otherwise ({'; '.join(changed)}); set `overwrite` to "
+                          "replace them, or embed into another output folder")
     n = len(store)
     lossy = store.lossy_note("embedding")
     if lossy:
