@@ -316,6 +316,12 @@ def test_rerun_skips_and_other_settings_are_refused_unless_overwrite(embedded: t
            "now float32); set --overwrite to replace them, or embed into another output folder" in res.err_lines, res
     assert target.stat().st_mtime_ns == before
     assert FeatureStore(out / "CMU-1-Small-Region.zarr").features.dtype == np.float16
+    patches = out / "stores" / "CMU-1-Small-Region.zarr" / "zarr.json"
+    tiled = patches.stat().st_mtime_ns
+    res = run_cli("embed", example_slide, "--encoder", "default", "-o", out, "--workers", "0", "--mpp", "1.2")
+    assert res.code == 1 and "holds embeddings made otherwise (patches 96 px at 0.972 um/px, now 96 px at 1.2 " \
+                              "um/px); set --overwrite" in res.err, res
+    assert patches.stat().st_mtime_ns == tiled  # refused before the slide's patch store was tiled again
     res = run_cli("embed", example_slide, "--encoder", "default", "-o", out, "--workers", "0", "--dtype", "float32",
                   "--overwrite")
     assert res.code == 0 and "1 embedded" in res.err, res

@@ -105,10 +105,11 @@ def settings_for(encoder: Encoder, config: EmbedConfig, store_attrs: dict[str, A
             "precision": encoder.precision, "dtype": config.dtype, "patch_store_settings": digest}
 
 
-def made_otherwise(target: Path, settings: dict[str, Any], store: PatchStore) -> list[str]:
-    """What differs between the complete embeddings at ``target`` and these ``settings`` (of :func:`settings_for`)
-    for ``store``'s patches: ``encoder.ref default, now hf-hub:org/name``, ``patches 96 px at 0.972 um/px, now
-    ...``; empty where there are none there, or they are these."""
+def made_otherwise(target: Path, settings: dict[str, Any], patches: tuple[int, float]) -> list[str]:
+    """What differs between the complete embeddings at ``target`` and these ``settings`` (of :func:`settings_for`;
+    before tiling, without ``patch_store_settings``, which is then not compared) for patches of ``patches`` (px,
+    um/px): ``encoder default, now hf-hub:org/name``, ``patches 96 px at 0.972 um/px, now ...``; empty where there
+    are none there, or they are these."""
     attrs = read_attrs(target)
     if not attrs or attrs.get(ATTR_COMPLETE) is not True or attrs.get(ATTR_SETTINGS) == settings:
         return []
@@ -123,12 +124,18 @@ def made_otherwise(target: Path, settings: dict[str, Any], store: PatchStore) ->
                         if old.get(k) != new.get(k)]
         elif old != new:
             changed.append(f"{key} {old}, now {new}")
-    then, now = (attrs.get("size"), attrs.get("mpp")), (int(store.patch_size), float(store.mpp))
-    if then != now:
-        changed.append(f"patches {then[0]} px at {then[1]:g} um/px, now {now[0]} px at {now[1]:g} um/px")
-    elif before.get("patch_store_settings") != settings.get("patch_store_settings"):
+    size, mpp = attrs.get("size"), float(attrs.get("mpp", math.nan))
+    if size != patches[0] or not math.isclose(mpp, patches[1], rel_tol=MPP_RTOL):
+        changed.append(f"patches {size} px at {mpp:g} um/px, now {patches[0]} px at {patches[1]:g} um/px")
+    elif "patch_store_settings" in settings and before.get("patch_store_settings") != settings["patch_store_settings"]:
         changed.append("the patch store's tiling settings")
-    return changed or ["the store's format"]
+    return changed
+
+
+def kept(target: Path, changed: list[str]) -> ConfigError:
+    """The refusal to replace embeddings made otherwise (a foundation encoder's are GPU-hours)."""
+    return ConfigError(f"{target}: holds embeddings made otherwise ({'; '.join(changed)}); set `overwrite` to "
+                       "replace them, or embed into another output folder")
 
 
 def check_store(attrs: dict[str, Any], config: EmbedConfig, location: str) -> None:
@@ -155,10 +162,9 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
     if not config.overwrite and is_current(target, settings):
         log.debug("%s: embeddings up to date", name)
         return EmbedResult(name, source, "skipped", str(target), len(store))
-    changed = [] if config.overwrite else made_otherwise(target, settings, store)
-    if changed:  # a foundation encoder's embeddings are GPU-hours: replaced only when asked
-        raise ConfigError(f"{target}: holds embeddings made otherwise ({'; '.join(changed)}); set `overwrite` to "
-                          "replace them, or embed into another output folder")
+    changed = [] if config.overwrite else made_otherwise(target, settings, (int(store.patch_size), float(store.mpp)))
+    if changed:
+        raise kept(target, changed)
     n = len(store)
     lossy = store.lossy_note("embedding")
     if lossy:
@@ -267,6 +273,12 @@ def embed_inputs(inputs: Sequence[str] | EmbedInputs, out: str | Path, encoder: 
 def _embed_slide(source: SlideSource, stores: str, out: Path, encoder: Encoder, config: EmbedConfig,
                  tile: TileConfig, call: isolation.Caller, on_error: OnError) -> EmbedResult:
     started = time.perf_counter()
+    if not config.overwrite:  # refused before its patch store in OUT is tiled again at these settings
+        settings = {k: v for k, v in settings_for(encoder, config, {}).items() if k != "patch_store_settings"}
+        target = feature_store_path(out, source.name)
+        changed = made_otherwise(target, settings, (config.size, config.mpp))
+        if changed:
+            return _failed(source.name, str(source.path), kept(target, changed), on_error)
     tiled = tile_isolated(call, source, stores, tile, on_error=on_error)
     if not tiled.ok:
         message = tiled.message or f"tiling {tiled.status}"
