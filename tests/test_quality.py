@@ -9,7 +9,8 @@ from tests.conftest import REPO, background
 
 
 def test_ruff() -> None:
-    out = subprocess.run([sys.executable, "-m", "ruff", "check", "wsi_screen", "tests", "scripts", "bench"],
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "wsi_screen", "tests", "scripts", "bench",
+                          "notebooks"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
 
