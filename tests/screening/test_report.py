@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import json
@@ -54,7 +55,50 @@ def test_report_is_self_contained_and_escaped(hostile_run: Path) -> None:
     assert "&lt;img src=x onerror=alert(1)&gt;" in page and "<img src=x" not in page
     assert not re.search(r"""(src|href)=["'](https?:)?//""", page)  # nothing fetched from anywhere
     assert "Content-Security-Policy" in page
-    assert page.count("data:image/png;base64,") >= 2 * (1 + 8)  # heatmap + top patches per scored slide
+    assert page.count('src="data:image/webp;base64,') == 2  # a heatmap preview per scored slide...
+    assert page.count('src="data:image/png;base64,') == 2 * 8  # ...and its top patches
+
+
+def test_report_embeds_small_heatmaps_linked_to_the_full_ones(hostile_run: Path) -> None:
+    """Each slide's full heatmap.png (about 0.8 MB, 1.1 MB as base64) was inlined, so a 1,000-slide run wrote a
+    report of over a gigabyte that no browser opens; the page now holds a small preview linking to the file."""
+    from html.parser import HTMLParser
+    from urllib.parse import urljoin, urlparse
+    from urllib.request import url2pathname
+
+    class Heatmaps(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.href = ""
+            self.found: list[tuple[str, str, str]] = []  # (link around the picture, alt, src)
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            a = {k: v or "" for k, v in attrs}
+            if tag == "a":
+                self.href = a["href"]
+            elif tag == "img" and a.get("class") == "heat":
+                self.found.append((self.href, a["alt"], a["src"]))
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag == "a":
+                self.href = ""
+
+    report = hostile_run / "report.html"
+    parser = Heatmaps()
+    parser.feed(report.read_text(encoding="utf-8"))
+    assert sorted(alt for _, alt, _ in parser.found) == ["heatmap of <script>x", "heatmap of ordinary"]
+    for href, alt, src in parser.found:
+        name = alt.removeprefix("heatmap of ")
+        full = hostile_run / name / "heatmap.png"
+        assert full.stat().st_size > 300_000
+        head, data = src.split(",", 1)
+        preview = base64.b64decode(data)
+        assert head == "data:image/webp;base64" and len(preview) < 150_000, (head, len(preview))
+        with Image.open(io.BytesIO(preview)) as image, Image.open(full) as original:
+            assert image.format == "WEBP" and image.width <= 800 and image.width >= 0.7 * min(original.width, 800)
+        # the link, followed as a browser follows it from the page, opens this slide's full heatmap
+        target = Path(url2pathname(urlparse(urljoin(report.resolve().as_uri(), href)).path))
+        assert target.is_file() and target.samefile(full), (href, target)
 
 
 def test_report_is_written_for_people(hostile_run: Path) -> None:

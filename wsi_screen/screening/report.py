@@ -1,5 +1,10 @@
 """``RUN/report.html``: one self-contained page per run (images inlined, no network, no external scripts).
 
+The page stays small whatever the number of slides: each slide's heatmap is inlined as a preview
+(:func:`heatmap_preview`: at most :data:`PREVIEW_PX` pixels, WebP, a few tens of KB where the full picture is about a
+megabyte) that links to the full-size ``heatmap.png`` in the slide's folder (a relative link: it opens while the
+page sits in its run folder). Everything the heatmap's title says is in the page's text too.
+
 Everything printed is escaped with :func:`html.escape` (slide names come from file names, which anyone can
 choose); element ids are generated, never taken from data. A Content-Security-Policy meta tag forbids any
 network access from the page. The one inline script only sorts the table.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import logging
 import math
@@ -24,6 +30,7 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from wsi_screen import __version__
 from wsi_screen._safe_write import atomic_write_text
@@ -45,6 +52,10 @@ from wsi_screen.screening.runview import RunView, open_run, patch_png, top_patch
 log = logging.getLogger(__name__)
 
 N_TOP = 8
+#: the largest (width, height) of a heatmap's preview in the page, pixels: the title and legend stay readable
+PREVIEW_PX = (800, 1000)
+#: WebP quality of the previews
+PREVIEW_QUALITY = 70
 #: where run.json records the call patch threshold (the pictures' and foci's) and the model's operating point
 PROVENANCE_CALL = "aggregate.call_patch_threshold"
 PROVENANCE_MODEL = "aggregate.patch_threshold (and model.patch_threshold)"
@@ -144,9 +155,30 @@ def _html(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _img(data: bytes, alt: str, cls: str = "") -> str:
+def _img(data: bytes, alt: str, cls: str = "", mime: str = "image/png") -> str:
     b64 = base64.b64encode(data).decode("ascii")
-    return f'<img class="{cls}" alt="{_html(alt)}" src="data:image/png;base64,{b64}">'
+    return f'<img class="{cls}" alt="{_html(alt)}" src="data:{mime};base64,{b64}">'
+
+
+def heatmap_preview(png: Path) -> bytes:
+    """A heatmap picture shrunk for the page: WebP bytes at most :data:`PREVIEW_PX` pixels (never enlarged), flattened
+    on white, at :data:`PREVIEW_QUALITY`."""
+    from PIL import Image
+
+    with Image.open(png) as opened:
+        image = opened.convert("RGBA")
+    image.thumbnail(PREVIEW_PX, Image.Resampling.LANCZOS)
+    flat = Image.new("RGB", image.size, "white")
+    flat.paste(image, mask=image.getchannel("A"))
+    buf = io.BytesIO()
+    flat.save(buf, format="WEBP", quality=PREVIEW_QUALITY, method=6)
+    return buf.getvalue()
+
+
+def _href(run: Path, path: Path) -> str:
+    """A relative link from the run folder's report to ``path`` inside it, each part percent-encoded (names are
+    data: ``#``, ``?`` or ``"`` in a slide's name stay part of the path)."""
+    return "/".join(quote(part, safe="") for part in path.relative_to(run).parts)
 
 
 def _rule_comparison(agg: dict[str, Any], digits: int | None) -> str:
@@ -283,7 +315,10 @@ def _slide_section(view: RunView, i: int, row: dict[str, str], digits: int | Non
              f'{_html(row.get("top_y"))}), P = {shown("top_score")}</p>']
     heat = runfolder.slide_dir(view.path, name) / runfolder.HEATMAP_PNG
     if heat.exists():
-        parts.append(_img(heat.read_bytes(), f"heatmap of {name}", "heat"))
+        href = _html(_href(view.path, heat))
+        preview = _img(heatmap_preview(heat), f"heatmap of {name}", "heat", "image/webp")
+        parts.append(f'<p><a href="{href}">{preview}</a><br><a class="muted" href="{href}">full-size heatmap '
+                     f"({_html(runfolder.HEATMAP_PNG)} in the slide's folder)</a></p>")
     try:
         patches = top_patches(view, name, N_TOP)
     except WsiScreenError as exc:
