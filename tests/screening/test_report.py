@@ -55,8 +55,7 @@ def test_report_is_self_contained_and_escaped(hostile_run: Path) -> None:
     assert "&lt;img src=x onerror=alert(1)&gt;" in page and "<img src=x" not in page
     assert not re.search(r"""(src|href)=["'](https?:)?//""", page)  # nothing fetched from anywhere
     assert "Content-Security-Policy" in page
-    assert page.count('src="data:image/webp;base64,') == 2  # a heatmap preview per scored slide...
-    assert page.count('src="data:image/png;base64,') == 2 * 8  # ...and its top patches
+    assert page.count('src="data:image/webp;base64,') == 2 * (1 + 8)  # heatmap preview + top patches per scored slide
 
 
 def test_report_embeds_small_heatmaps_linked_to_the_full_ones(hostile_run: Path) -> None:
@@ -99,6 +98,24 @@ def test_report_embeds_small_heatmaps_linked_to_the_full_ones(hostile_run: Path)
         # the link, followed as a browser follows it from the page, opens this slide's full heatmap
         target = Path(url2pathname(urlparse(urljoin(report.resolve().as_uri(), href)).path))
         assert target.is_file() and target.samefile(full), (href, target)
+
+
+def test_a_slides_pictures_in_the_report_are_bounded(hostile_run: Path) -> None:
+    """With the heatmap a preview, the 8 top patches as PNG (over 20 KB each, 96 px of tissue that PNG hardly
+    compresses) were most of a slide's ~300 KB in the page; as WebP a slide's pictures together stay under 150 KB."""
+    page = (hostile_run / "report.html").read_text(encoding="utf-8")
+    size_px = json.loads((hostile_run / "run.json").read_text())["model"]["input_size"]
+    sections = page.split('<section class="slide"')[1:]
+    assert len(sections) == 2
+    for section in sections:
+        pictures = re.findall(r'src="data:(image/\w+);base64,([^"]*)"', section.split("</section>")[0])
+        assert len(pictures) == 1 + 8  # the heatmap and the top patches
+        assert {mime for mime, _ in pictures} == {"image/webp"}
+        sizes = [len(base64.b64decode(data)) for _, data in pictures]
+        assert sum(sizes) < 150_000, sizes
+        for _, data in pictures[1:]:
+            with Image.open(io.BytesIO(base64.b64decode(data))) as patch:
+                assert patch.size == (size_px, size_px)  # the patch's own pixels, not shrunk
 
 
 def test_report_is_written_for_people(hostile_run: Path) -> None:
