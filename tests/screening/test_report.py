@@ -244,6 +244,15 @@ def test_report_renders_in_chromium(hostile_run: Path, tmp_path: Path) -> None:
         assert "Research use only" in pre.text and longest > 150
         assert driver.execute_script("var p = arguments[0]; return p.scrollWidth <= p.clientWidth", pre)
         assert driver.execute_script("return document.documentElement.scrollWidth") <= width
+        # a heatmap preview's link, clicked, opens that slide's full-size heatmap.png (a name with < and > in it)
+        full = hostile_run / "<script>x" / "heatmap.png"
+        section = next(s for s in driver.find_elements(By.CSS_SELECTOR, "section.slide")
+                       if s.find_element(By.TAG_NAME, "h2").text == "<script>x")
+        section.find_element(By.CSS_SELECTOR, "a img.heat").click()
+        assert driver.current_url.endswith("/heatmap.png"), driver.current_url
+        with Image.open(full) as original:
+            assert driver.execute_script("var i = document.images[0]; return [i.naturalWidth, i.naturalHeight]") \
+                == list(original.size)
     finally:
         driver.quit()
 
