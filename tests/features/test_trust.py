@@ -200,7 +200,9 @@ def test_a_moved_run_folder_opens_from_anywhere(demo_run: Path, tmp_path: Path,
     assert len(runview.top_patches(view, "CMU-1-Small-Region", 4)) == 4
     assert run_cli("report", "elsewhere/run").code == 0
     html = (moved / "report.html").read_text()
-    assert "top patches unavailable" not in html and html.count("data:image/png") >= 2 + 4
+    assert "top patches unavailable" not in html and html.count("data:image/webp") >= 2 + 4
+    # the heatmap's link is relative: it opens the moved folder's own heatmap.png
+    assert 'href="CMU-1-Small-Region/heatmap.png"' in html and (moved / "CMU-1-Small-Region" / "heatmap.png").is_file()
     # the README's notebook command: WSI_SCREEN_RUN relative to the repository, the kernel in notebooks/
     (tmp_path / "notebooks").mkdir()
     monkeypatch.chdir(tmp_path / "notebooks")
