@@ -41,6 +41,12 @@ def enabled() -> bool:
     return _enabled
 
 
+def duration(seconds: float) -> str:
+    """A duration in seconds as a summary says it: one decimal under 10 s (a head's sub-second training read
+    "0 s"), whole seconds above."""
+    return f"{seconds:.1f}" if seconds < 9.95 else f"{seconds:.0f}"
+
+
 def bar(iterable: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
         unit: str = "it", leave: bool = True, position: int | None = None, disable: bool = False) -> Any:
     """A tqdm bar on stderr (a silent one when bars are disabled, or ``disable``: nothing worth a bar)."""

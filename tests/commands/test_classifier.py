@@ -296,7 +296,7 @@ def test_evaluate_warns_when_the_images_trained_the_model(patches_dir: Path, tmp
     assert "the dataset's 14 valid images train the model too: evaluate it on --split test, or set --carve-valid " \
            "to keep them held out" in err  # said as training starts
     # the summary's time was the training loop's alone (58 s of a 113 s run): now the whole run's, and the loop's
-    assert re.search(r"; \d+ s in all \(\d+ s of training\)$", out.strip()), out
+    assert re.search(r"; \d+(\.\d)? s in all \(\d+(\.\d)? s of training\)$", out.strip()), out
     code, _, err = run(["evaluate", str(data), "--model", str(model), "--split", "valid", "-q",
                         "-o", str(tmp_path / "eval-valid")], capsys)
     assert code == 0, err

@@ -472,3 +472,23 @@ def test_an_interrupted_embedding_goes_on_where_it_stopped(pcam_small: Path, tmp
                                                                                   "model.safetensors")
     assert set(got) == set(want) and all(bool((got[k] == want[k]).all()) for k in got)
     assert again.spec.metrics["auc"] == whole.spec.metrics["auc"]
+
+
+def test_a_sub_second_training_is_timed_in_tenths(pcam_small: Path, head_model: tuple[Path, Path],
+                                                  tmp_path: Path) -> None:
+    """A head on cached embeddings trains in well under a second: train's summary said "(0 s of training)".
+    Durations under 10 s now carry one decimal; whole seconds above."""
+    import re
+
+    from wsi_screen.progress import duration
+
+    _folder, cache = head_model
+    res = run_cli("train", pcam_small, "--encoder", "default", "--head", "linear", "--epochs", "2", "--mpp", "0.972",
+                  "--embedding-cache", cache, "--threads", "1", "-q", "-o", tmp_path / "m")
+    assert res.code == 0, res.err
+    found = re.search(r"; (\d+(?:\.\d)?) s in all \((\d+(?:\.\d)?) s of training\)$", res.out.strip())
+    assert found, res.out
+    training = float(found.group(2))
+    recorded = json.loads((tmp_path / "m" / "config.json").read_text())["train_config"]["seconds"]
+    assert 0 < training < 10 and abs(training - recorded) <= 0.1, (training, recorded)
+    assert [duration(s) for s in (0.04, 0.43, 9.9, 9.96, 12.6, 125.2)] == ["0.0", "0.4", "9.9", "10", "13", "125"]

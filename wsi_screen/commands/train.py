@@ -16,6 +16,7 @@ from wsi_screen.commands._options import (
     encoder_options,
     threads_option,
 )
+from wsi_screen.progress import duration
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -292,7 +293,7 @@ def train(**params: Any) -> None:
     started = time.perf_counter()
     result = run_training(params["dataset"], params["out"], config)
     click.echo(f"{result.model_dir}: {', '.join(result_parts(result.spec, result.best_epoch, len(result.history)))}; "
-               f"{time.perf_counter() - started:.0f} s in all ({result.seconds:.0f} s of training)")
+               f"{duration(time.perf_counter() - started)} s in all ({duration(result.seconds)} s of training)")
 
 
 def result_parts(spec: Any, best_epoch: int, epochs: int) -> list[str]:

@@ -9,6 +9,7 @@ import click
 
 from wsi_screen.commands._options import common_options, configure_output, parse_float_list
 from wsi_screen.commands.train import config_kwargs, set_threads, training_options
+from wsi_screen.progress import duration
 
 
 def _choices(text: str, allowed: tuple[str, ...], name: str) -> list[str]:
@@ -84,5 +85,5 @@ def tune(**params: Any) -> None:
     for t in result.trials:
         mark = "  <- best" if t is result.best else ""
         click.echo("\t".join([str(t.index), *[str(t.params[k]) for k in keys], str(t.best_epoch),
-                              f"{t.score:.4f}", f"{t.seconds:.0f}"]) + mark)
+                              f"{t.score:.4f}", duration(t.seconds)]) + mark)
     click.echo(f"best model: {result.best_dir}")
