@@ -14,7 +14,7 @@ import torch
 from tests.conftest import run_cli
 from tests.hub import TINY_ARCH, TINY_MEAN, TINY_STD, tiny_state, write_hub_model
 from wsi_screen.errors import EncoderNotFoundError, ModelError, UnknownModelError
-from wsi_screen.models.encoder import EncoderModule, file_sha256, load_encoder
+from wsi_screen.models.encoder import EncoderModule, file_sha256, load_encoder, recorded_mpp
 from wsi_screen.models.encoders import ENCODERS, get_encoder_info
 
 RNG = np.random.default_rng(0)
@@ -108,7 +108,8 @@ def test_a_whole_pickled_model_is_refused_in_a_line_of_our_own(example_slide: Pa
 
     path = tmp_path / "whole.pth"
     torch.save(timm.create_model(TINY_ARCH, pretrained=False), path)
-    res = run_cli("embed", example_slide, "--encoder", TINY_ARCH, "--weights", path, "-o", tmp_path / "emb")
+    res = run_cli("embed", example_slide, "--encoder", TINY_ARCH, "--weights", path, "--mpp", "0.5", "-o",
+                  tmp_path / "emb")
     assert res.code == 1 and res.err_lines == [
         f"wsi-screen: error: {path}: holds a pickled object (timm.models.vision_transformer.VisionTransformer), not "
         "tensors only, and wsi-screen does not unpickle objects; save the model's state dict instead: "
@@ -178,7 +179,7 @@ def test_cls_plus_mean_pooling_skips_register_tokens() -> None:
 
 def test_missing_offline_is_one_line(offline_hub: Path, example_slide: Path, patches_dir: Path,
                                      tmp_path: Path) -> None:
-    res = run_cli("embed", example_slide, "--encoder", "hf-hub:nobody/absent", "-o", tmp_path / "emb")
+    res = run_cli("embed", example_slide, "--encoder", "hf-hub:nobody/absent", "--mpp", "0.5", "-o", tmp_path / "emb")
     assert res.code == 1 and len(res.err_lines) == 1, res
     line = res.err_lines[0]
     assert "nobody/absent" in line and str(offline_hub / "hub") in line
@@ -287,3 +288,32 @@ def test_models_lists_encoders() -> None:
     assert "no encoder matches the pattern 'virchov*'; did you mean virchow2" in res.err, res
     res = run_cli("models", "--encoders", "virchov")  # a name: unknown, with the close ones
     assert res.code == 1 and "unknown encoder 'virchov'; did you mean virchow" in res.err, res
+
+
+def test_an_encoder_recording_no_resolution_is_refused_before_its_weights_are_read(
+        example_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """embed with an architecture and a weights file (a foundation encoder's are GBs) but no --mpp built the network
+    and read the file before refusing for want of a resolution; the reference alone says it records none."""
+    from safetensors.torch import save_file
+
+    from wsi_screen.models import encoder as encoder_module
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(tiny_state(), str(path))
+    read: list[Path] = []
+    real = encoder_module.read_state
+    monkeypatch.setattr(encoder_module, "read_state", lambda p: read.append(p) or real(p))
+    res = run_cli("embed", example_slide, "--encoder", TINY_ARCH, "--weights", path, "-o", tmp_path / "emb")
+    assert res.code == 1 and res.err_lines == [
+        f"wsi-screen: error: encoder {TINY_ARCH} records no patch resolution; pass --mpp"], res
+    assert read == [] and not (tmp_path / "emb").exists()
+    # one rule: what the reference records is the loaded encoder's mpp; a reference that cannot load is refused alike
+    assert recorded_mpp(TINY_ARCH, weights=path) is None is load_encoder(TINY_ARCH, weights=path).identity.mpp
+    assert read == [path]
+    assert recorded_mpp("default") == 0.972 == load_encoder("default").identity.mpp
+    assert recorded_mpp("uni") == ENCODERS["uni"].mpp and ENCODERS["uni"].mpp is not None
+    assert recorded_mpp("hf-hub:org/name") is None
+    with pytest.raises(UnknownModelError, match="unknown encoder 'zzqqxx'"):
+        recorded_mpp("zzqqxx")
+    with pytest.raises(ModelError, match="goes with a timm architecture name"):
+        recorded_mpp("default", weights=path)

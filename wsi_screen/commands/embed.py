@@ -97,7 +97,7 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     from wsi_screen.embedding.slides import EmbedConfig, embed_inputs, find_inputs
     from wsi_screen.errors import ConfigError
     from wsi_screen.models.device import resolve_device
-    from wsi_screen.models.encoder import load_encoder
+    from wsi_screen.models.encoder import load_encoder, recorded_mpp
     from wsi_screen.runlog import run_log
     from wsi_screen.tiling.codecs import PatchCodec
     from wsi_screen.tiling.grid import TileSpec
@@ -106,11 +106,11 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     log = logging.getLogger("wsi_screen.embed")
     torch_device = resolve_device(device)  # an absent GPU is one line before anything is read
     found = find_inputs(inputs)  # inputs that name nothing: one line before the encoder is loaded
+    mpp = mpp if mpp is not None else recorded_mpp(encoder, weights=encoder_weights)
+    if mpp is None:  # known from the reference alone: refused before the weights (GBs for some) are loaded
+        raise ConfigError(f"encoder {encoder} records no patch resolution; pass --mpp")
     enc = load_encoder(encoder, weights=encoder_weights, device=torch_device,
                        precision="auto" if torch_device.type == "cuda" else "fp32")
-    mpp = mpp if mpp is not None else enc.identity.mpp
-    if mpp is None:
-        raise ConfigError(f"encoder {enc.identity.name} records no patch resolution; pass --mpp")
     size = size or enc.identity.input_size
     config = EmbedConfig(mpp=mpp, size=size, dtype=dtype, batch_size=batch_size, loader_workers=loader_workers,
                          overwrite=overwrite)

@@ -40,7 +40,7 @@ from torch import nn
 
 from wsi_screen.errors import EncoderNotFoundError, ModelError, UnknownModelError
 from wsi_screen.models.encoders import POOLINGS, EncoderInfo, find_encoder, list_encoders
-from wsi_screen.models.spec import CONFIG_NAME, WEIGHTS_NAME
+from wsi_screen.models.spec import CONFIG_NAME, WEIGHTS_NAME, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -191,22 +191,65 @@ def load_encoder(spec: str | os.PathLike[str], *, weights: str | os.PathLike[str
                  device: str | torch.device = "cpu", precision: str = "fp32") -> Encoder:
     """Load an encoder by reference (see the module docstring); ``weights`` is a local weights file."""
     ref = str(spec)
+    kind = _kind(ref, weights)
+    mpp = _recorded_mpp(ref, weights, kind)
     if weights is not None:
-        module, identity = _from_file(ref, Path(weights))
-    elif ref == DEFAULT_REF or Path(ref).is_dir() or Path(ref).name == "config.json":
-        module, identity = _from_model_folder(ref)
-    elif find_encoder(ref) is not None:
-        module, identity = _from_registry(find_encoder(ref))  # type: ignore[arg-type]
-    elif ref.startswith(HUB_PREFIX) or ref.startswith("timm/"):
-        repo = ref.removeprefix(HUB_PREFIX)
-        module, identity = _from_hub(ref, repo, None)
+        module, identity = _from_file(ref, Path(weights), mpp)
+    elif kind == "model-folder":
+        module, identity = _from_model_folder(ref, mpp)
+    elif kind == "registry":
+        module, identity = _from_registry(find_encoder(ref), mpp)  # type: ignore[arg-type]
     else:
-        raise _unknown(ref)
+        module, identity = _from_hub(ref, ref.removeprefix(HUB_PREFIX), None, mpp)
     # the encoder's own record; the patches a command gives it may differ (`embed --mpp/--size` logs its own)
     at = f" at {identity.mpp:g} um/px" if identity.mpp is not None else ", no recorded resolution"
     log.info("encoder %s: %d-dim embeddings; its own input %d px%s (%s pooling)", identity.name, identity.dim,
              identity.input_size, at, identity.pooling)
     return Encoder(module, identity, device=device, precision=precision)
+
+
+def recorded_mpp(spec: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None) -> float | None:
+    """The um/px an encoder reference records for its patches (its identity's ``mpp``), known without building the
+    network or reading its weights (a foundation encoder's are GBs): a registry encoder's, a model folder's
+    ``config.json``'s; None for a hub reference or an architecture with a weights file, which record none. A
+    reference :func:`load_encoder` refuses before reading any weights is refused here alike."""
+    ref = str(spec)
+    return _recorded_mpp(ref, weights, _kind(ref, weights))
+
+
+def _kind(ref: str, weights: str | os.PathLike[str] | None) -> str:
+    """Which loader a reference goes to: ``file``, ``model-folder``, ``registry`` or ``hub``."""
+    if weights is not None:
+        return "file"
+    if _names_folder(ref):
+        return "model-folder"
+    if find_encoder(ref) is not None:
+        return "registry"
+    if _names_hub(ref):
+        return "hub"
+    raise _unknown(ref)
+
+
+def _recorded_mpp(ref: str, weights: str | os.PathLike[str] | None, kind: str) -> float | None:
+    if kind == "model-folder":
+        return ModelSpec.read(_model_folder(ref)).mpp
+    info = _file_info(ref, Path(weights))[0] if weights is not None else find_encoder(ref)
+    return info.mpp if info else None
+
+
+def _names_folder(ref: str) -> bool:
+    return ref == DEFAULT_REF or Path(ref).is_dir() or Path(ref).name == CONFIG_NAME
+
+
+def _names_hub(ref: str) -> bool:
+    return ref.startswith(HUB_PREFIX) or ref.startswith("timm/")
+
+
+def _model_folder(ref: str) -> Path:
+    from wsi_screen.models import default_model_dir
+    from wsi_screen.models.checkpoint import resolve_model_dir
+
+    return default_model_dir() if ref == DEFAULT_REF else resolve_model_dir(Path(ref))
 
 
 def _unknown(ref: str) -> ModelError:
@@ -239,14 +282,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _from_model_folder(ref: str) -> tuple[EncoderModule, EncoderIdentity]:
+def _from_model_folder(ref: str, mpp: float | None) -> tuple[EncoderModule, EncoderIdentity]:
     from wsi_screen.models import default_model_dir, load_model
-    from wsi_screen.models.checkpoint import resolve_model_dir
-    from wsi_screen.models.spec import WEIGHTS_NAME
 
-    bundled = ref == DEFAULT_REF
-    folder = default_model_dir() if bundled else resolve_model_dir(Path(ref))
-    bundled = bundled or folder.resolve() == default_model_dir().resolve()
+    folder = _model_folder(ref)
+    bundled = ref == DEFAULT_REF or folder.resolve() == default_model_dir().resolve()
     classifier = load_model(folder, precision="fp32")
     spec = classifier.spec
     if spec.ensemble > 1 or getattr(spec, "encoder", None):
@@ -261,7 +301,7 @@ def _from_model_folder(ref: str) -> tuple[EncoderModule, EncoderIdentity]:
     identity = EncoderIdentity(
         name=DEFAULT_REF if bundled else folder.name, ref=DEFAULT_REF if bundled else str(folder.resolve()),
         kind="model-folder", arch=spec.arch, weights=WEIGHTS_NAME,
-        weights_sha256=file_sha256(folder / WEIGHTS_NAME), input_size=spec.input_size, mpp=spec.mpp,
+        weights_sha256=file_sha256(folder / WEIGHTS_NAME), input_size=spec.input_size, mpp=mpp,
         mean=spec.mean, std=spec.std, pooling="model", dim=dim)
     return EncoderModule(backbone, pooling="model", input_size=spec.input_size), identity
 
@@ -284,10 +324,10 @@ def _resolved_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _from_registry(info: EncoderInfo) -> tuple[EncoderModule, EncoderIdentity]:
+def _from_registry(info: EncoderInfo, mpp: float | None) -> tuple[EncoderModule, EncoderIdentity]:
     if info.loader == "transformers":
-        return _from_transformers(info)
-    return _from_hub(info.name, info.repo_id, info)
+        return _from_transformers(info, mpp)
+    return _from_hub(info.name, info.repo_id, info, mpp)
 
 
 def _hub_cache() -> Path:
@@ -375,7 +415,8 @@ def _hub_config(name: str, repo: str) -> dict[str, Any]:
     return data
 
 
-def _from_hub(name: str, repo: str, info: EncoderInfo | None) -> tuple[EncoderModule, EncoderIdentity]:
+def _from_hub(name: str, repo: str, info: EncoderInfo | None,
+              mpp: float | None) -> tuple[EncoderModule, EncoderIdentity]:
     config = _hub_config(name, repo)
     arch = str(config.get("architecture") or (info.arch if info else ""))
     if not arch:
@@ -388,7 +429,7 @@ def _from_hub(name: str, repo: str, info: EncoderInfo | None) -> tuple[EncoderMo
     mean = info.mean if info else _triple(cfg.get("mean"), (0.485, 0.456, 0.406))
     std = info.std if info else _triple(cfg.get("std"), (0.229, 0.224, 0.225))
     return _build_timm(name=name, ref=info.name if info else f"{HUB_PREFIX}{repo}", kind="registry" if info else "hub",
-                       arch=arch, kwargs=kwargs, weights=weights, size=size, mpp=info.mpp if info else None,
+                       arch=arch, kwargs=kwargs, weights=weights, size=size, mpp=mpp,
                        mean=mean, std=std, info=info, weights_label=f"{repo}/{weights.name}",
                        hub_classifier=cfg.get("classifier"))
 
@@ -399,17 +440,16 @@ def _triple(value: Any, default: tuple[float, float, float]) -> tuple[float, flo
     return (float(value[0]), float(value[1]), float(value[2]))
 
 
-def _from_file(ref: str, path: Path) -> tuple[EncoderModule, EncoderIdentity]:
-    import timm
-
-    from wsi_screen.models.registry import check_arch, default_cfg
+def _file_info(ref: str, path: Path) -> tuple[EncoderInfo | None, str]:
+    """A weights file's registry entry (None for a bare architecture) and architecture, refusing what cannot take a
+    weights file, before anything is built or read."""
+    from wsi_screen.models.registry import check_arch
 
     info = find_encoder(ref)
     if info is not None and info.loader != "timm":
         raise ModelError(f"encoder {info.name} is a {info.loader} model: `encoder_weights` works for timm "
                          "architectures only; put its hub files in the Hugging Face cache instead")
-    hub = ref.startswith(HUB_PREFIX) or ref.startswith("timm/")
-    folder = ref == DEFAULT_REF or Path(ref).is_dir() or Path(ref).name == CONFIG_NAME
+    hub, folder = _names_hub(ref), _names_folder(ref)
     if info is None and (hub or folder):
         what, own = ("a hub reference", "the hub's") if hub else ("a model folder", "the folder's own")
         raise ModelError(f"{ref}: `encoder_weights` goes with a timm architecture name (e.g. resnet50), not {what}; "
@@ -417,6 +457,15 @@ def _from_file(ref: str, path: Path) -> tuple[EncoderModule, EncoderIdentity]:
     arch = info.arch if info else check_arch(ref)
     if not path.is_file():
         raise ModelError(f"{path}: no such weights file")
+    return info, arch
+
+
+def _from_file(ref: str, path: Path, mpp: float | None) -> tuple[EncoderModule, EncoderIdentity]:
+    import timm
+
+    from wsi_screen.models.registry import default_cfg
+
+    info, arch = _file_info(ref, path)
     kwargs = dict(info.kwargs) if info else {}
     if info is None:
         with torch.device("meta"):
@@ -427,7 +476,7 @@ def _from_file(ref: str, path: Path) -> tuple[EncoderModule, EncoderIdentity]:
     else:
         size, mean, std = info.input_size, info.mean, info.std
     return _build_timm(name=info.name if info else arch, ref=info.name if info else arch, kind="file", arch=arch,
-                       kwargs=kwargs, weights=path, size=size, mpp=info.mpp if info else None, mean=mean, std=std,
+                       kwargs=kwargs, weights=path, size=size, mpp=mpp, mean=mean, std=std,
                        info=info, weights_label=str(path.resolve()))
 
 
@@ -535,7 +584,7 @@ def _build_timm(*, name: str, ref: str, kind: str, arch: str, kwargs: Mapping[st
     return module, identity
 
 
-def _from_transformers(info: EncoderInfo) -> tuple[EncoderModule, EncoderIdentity]:
+def _from_transformers(info: EncoderInfo, mpp: float | None) -> tuple[EncoderModule, EncoderIdentity]:
     try:
         import transformers
     except ImportError:
@@ -550,7 +599,7 @@ def _from_transformers(info: EncoderInfo) -> tuple[EncoderModule, EncoderIdentit
     module = EncoderModule(backbone, pooling=info.pooling, input_size=info.input_size)
     identity = EncoderIdentity(name=info.name, ref=info.name, kind="registry", arch=type(backbone).__name__,
                                weights=f"{info.repo_id}/{weights.name}", weights_sha256=file_sha256(weights),
-                               input_size=info.input_size, mpp=info.mpp, mean=info.mean, std=info.std,
+                               input_size=info.input_size, mpp=mpp, mean=info.mean, std=info.std,
                                pooling=info.pooling, dim=info.dim, licence=info.licence, gated=info.gated)
     return module, identity
 
