@@ -378,14 +378,17 @@ def _interrupt_when(args: list[str], ready: Path, pattern: str, log: Path, timeo
     return proc.returncode, log.read_text()
 
 
-@pytest.mark.parametrize("command", ["tile", "infer"])
+@pytest.mark.parametrize("command", ["tile", "infer", "embed"])
 def test_sigint_exits_130_cleanly(tmp_path: Path, slides: Path, small_slides: Path, command: str) -> None:
     if command == "infer":
         slides = small_slides
     out = tmp_path / "out"
     stores = out if command == "tile" else out / runfolder.STORES_DIR
-    args = [command, str(slides), "-o", str(out), "--workers", "1" if command == "tile" else "0"]
+    args = [command, str(slides), "-o", str(out), "--workers", "1" if command != "infer" else "0"]
+    args += ["--encoder", "default"] if command == "embed" else []
     code, err = _interrupt_when(args, stores, "*.partial", tmp_path / "stderr")
+    if command == "embed":  # its slide's patch store (tiled in the slide reader's child) and embeddings: no partial
+        assert not [*out.glob("*.partial"), *stores.glob("*.partial")], err
     assert code == 130, err
     assert "Traceback" not in err
     assert "wsi-screen: interrupted" in err
@@ -397,3 +400,5 @@ def test_sigint_exits_130_cleanly(tmp_path: Path, slides: Path, small_slides: Pa
     res = run_cli(*args, "--quiet")
     assert res.code == 0, res
     assert not list(stores.glob("*.partial"))
+    if command == "embed":
+        assert sorted(p.name for p in out.glob("*.zarr*")) == ["block.zarr", "scan.zarr"]
