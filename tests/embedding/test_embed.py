@@ -354,3 +354,31 @@ def test_absent_gpu_is_one_line(example_slide: Path, tmp_path: Path) -> None:
     res = run_cli("embed", example_slide, "--encoder", "default", "--device", "cuda", "-o", tmp_path / "e")
     assert res.code == 1 and len(res.err_lines) == 1 and "cuda" in res.err_lines[0], res
     assert not (tmp_path / "e").exists()
+
+
+def test_a_ctrl_c_while_embeddings_are_written_leaves_no_partial(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C while a feature store was written left OUT/<slide>.zarr.partial behind: a rerun that finds that
+    slide up to date (the Ctrl-C stopped an overwrite of complete embeddings) skips it, so the partial stayed for
+    good. It goes with the interrupted write now, and the complete store it was to replace is untouched."""
+    import signal
+
+    from wsi_screen.embedding import features
+
+    target = tmp_path / "emb" / "slide.zarr"
+    coords = np.arange(6, dtype=np.int64).reshape(3, 2)
+    features.write_feature_store(target, np.ones((3, 4), np.float16), coords, {"mpp": 0.5, "size": 224})
+
+    def ctrl_c(_work: Path) -> None:  # a real SIGINT, once the arrays are written and before the rename
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(features, "fsync_tree", ctrl_c)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, whatever runs the test
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            features.write_feature_store(target, np.zeros((3, 4), np.float16), coords, {"mpp": 0.5, "size": 224})
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["slide.zarr"]
+    kept = FeatureStore(target)
+    assert kept.features.tolist() == np.ones((3, 4)).tolist() and kept.coords.tolist() == coords.tolist()

@@ -17,7 +17,8 @@ slide moved since its store was tiled), ``patch_store`` (its location), ``packag
 ``settings`` (what must match for the store to be reused on a rerun).
 
 Written under ``<name>.zarr.partial``, ``complete`` set last, then renamed into place (``_safe_write.swap_in``): a
-killed run never leaves a store that looks finished.
+killed run never leaves a store that looks finished, and an interrupted one (a Ctrl-C) leaves no ``.partial`` behind,
+as a patch store's writer does not.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ def write_feature_store(path: str | Path, features: np.ndarray, coords: np.ndarr
     except OSError as exc:
         shutil.rmtree(work, ignore_errors=True)
         raise write_failed(final, exc, " the embeddings") from exc
+    except BaseException:  # a Ctrl-C mid-write: the work folder is this call's (made afresh above), gone with it
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return final
 
 
