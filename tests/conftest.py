@@ -83,8 +83,7 @@ def _embed_with_the_hub_unreachable() -> BackgroundCheck:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(scratch / "hf"), HF_ENDPOINT="http://127.0.0.1:9", PYTHONPATH=str(REPO))
     return BackgroundCheck([sys.executable, "-m", "wsi_screen.cli", "embed", str(EXAMPLE_SLIDE), "--encoder",
-                            "hf-hub:nobody/absent", "--mpp", "0.5", "-o", str(scratch / "e")], env=env,
-                           scratch=scratch)
+                            "hf-hub:nobody/absent", "-o", str(scratch / "e")], env=env, scratch=scratch)
 
 
 #: commands that mostly wait on one core (mypy) or on nothing (huggingface_hub's back-off), by the test that

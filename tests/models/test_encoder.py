@@ -179,7 +179,7 @@ def test_cls_plus_mean_pooling_skips_register_tokens() -> None:
 
 def test_missing_offline_is_one_line(offline_hub: Path, example_slide: Path, patches_dir: Path,
                                      tmp_path: Path) -> None:
-    res = run_cli("embed", example_slide, "--encoder", "hf-hub:nobody/absent", "--mpp", "0.5", "-o", tmp_path / "emb")
+    res = run_cli("embed", example_slide, "--encoder", "hf-hub:nobody/absent", "-o", tmp_path / "emb")
     assert res.code == 1 and len(res.err_lines) == 1, res
     line = res.err_lines[0]
     assert "nobody/absent" in line and str(offline_hub / "hub") in line
@@ -291,7 +291,7 @@ def test_models_lists_encoders() -> None:
 
 
 def test_an_encoder_recording_no_resolution_is_refused_before_its_weights_are_read(
-        example_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        example_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_hub: Path) -> None:
     """embed with an architecture and a weights file (a foundation encoder's are GBs) but no --mpp built the network
     and read the file before refusing for want of a resolution; the reference alone says it records none."""
     from safetensors.torch import save_file
@@ -312,7 +312,15 @@ def test_an_encoder_recording_no_resolution_is_refused_before_its_weights_are_re
     assert read == [path]
     assert recorded_mpp("default") == 0.972 == load_encoder("default").identity.mpp
     assert recorded_mpp("uni") == ENCODERS["uni"].mpp and ENCODERS["uni"].mpp is not None
+    # a hub reference records none; one absent offline says it is missing (as loading it would) before any mpp word
+    with pytest.raises(EncoderNotFoundError, match="org/name is not in the Hugging Face cache"):
+        recorded_mpp("hf-hub:org/name")
+    hub_weights = write_hub_model(offline_hub, "org/name")
     assert recorded_mpp("hf-hub:org/name") is None
+    res = run_cli("embed", example_slide, "--encoder", "hf-hub:org/name", "-o", tmp_path / "emb")
+    assert res.code == 1 and res.err_lines == [
+        "wsi-screen: error: encoder hf-hub:org/name records no patch resolution; pass --mpp"], res
+    assert hub_weights.is_file() and not (tmp_path / "emb").exists()
     with pytest.raises(UnknownModelError, match="unknown encoder 'zzqqxx'"):
         recorded_mpp("zzqqxx")
     with pytest.raises(ModelError, match="goes with a timm architecture name"):

@@ -233,6 +233,9 @@ def _kind(ref: str, weights: str | os.PathLike[str] | None) -> str:
 def _recorded_mpp(ref: str, weights: str | os.PathLike[str] | None, kind: str) -> float | None:
     if kind == "model-folder":
         return ModelSpec.read(_model_folder(ref)).mpp
+    if kind == "hub":  # records none; its config (a few KB) is looked up so that a missing encoder says so first
+        _hub_config(ref, ref.removeprefix(HUB_PREFIX))
+        return None
     info = _file_info(ref, Path(weights))[0] if weights is not None else find_encoder(ref)
     return info.mpp if info else None
 
