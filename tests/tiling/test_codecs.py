@@ -150,15 +150,22 @@ def test_coordinates_only_store_reads_the_pixel_stores_bytes(tmp_path: Path, tis
     coords.close()
 
 
-def test_coordinates_only_store_follows_a_moved_slide(tmp_path: Path, tissue_slide: Path) -> None:
+def _moved_coordinates_store(tmp_path: Path, tissue_slide: Path) -> tuple[PatchStore, np.ndarray, Path]:
+    """A coordinates-only store tiled from a copy of the slide, its first patch, and where the copy was moved to
+    (another folder, same file: the fingerprint includes the name)."""
     moved = tmp_path / "moved.tif"
     shutil.copy(tissue_slide, moved)
     store = _tile(moved, tmp_path / "coords", pixels=False)
     first = store.read(0)
     store.close()
     (tmp_path / "away").mkdir()
-    away = tmp_path / "away" / "moved.tif"  # another folder, same file (the fingerprint includes the name)
+    away = tmp_path / "away" / "moved.tif"
     moved.rename(away)
+    return store, first, away
+
+
+def test_coordinates_only_store_follows_a_moved_slide(tmp_path: Path, tissue_slide: Path) -> None:
+    store, first, away = _moved_coordinates_store(tmp_path, tissue_slide)
     with pytest.raises(StoreError, match=r"cannot be opened.*slide=PATH"):
         PatchStore.open(store.location).read(0)
     with PatchStore.open(store.location, slide=away) as again:
@@ -179,14 +186,7 @@ def test_a_store_pickles_with_the_slide_it_was_opened_with(tmp_path: Path, tissu
     the store itself, once it had read a patch, did not pickle at all ("cannot pickle '_thread.lock' object")."""
     import pickle
 
-    moved = tmp_path / "moved.tif"
-    shutil.copy(tissue_slide, moved)
-    store = _tile(moved, tmp_path / "coords", pixels=False)
-    first = store.read(0)
-    store.close()
-    (tmp_path / "away").mkdir()
-    away = tmp_path / "away" / "moved.tif"
-    moved.rename(away)
+    store, first, away = _moved_coordinates_store(tmp_path, tissue_slide)
     with PatchStore.open(store.location, slide=away, workers=1) as opened:
         assert np.array_equal(opened.read(0), first)  # its slide reader is open now
         clone = pickle.loads(pickle.dumps(opened))
