@@ -382,3 +382,31 @@ def test_a_ctrl_c_while_embeddings_are_written_leaves_no_partial(tmp_path: Path,
     assert sorted(p.name for p in target.parent.iterdir()) == ["slide.zarr"]
     kept = FeatureStore(target)
     assert kept.features.tolist() == np.ones((3, 4)).tolist() and kept.coords.tolist() == coords.tolist()
+
+
+def test_current_embeddings_are_reused_where_their_lock_cannot_be_taken(example_slide: Path, tmp_path: Path) -> None:
+    """Embeddings are written under their lock (OUT/.wsi-screen-locks/, as patch stores are). A lock folder this
+    user cannot write (a colleague's, in a shared OUT) does not fail a slide whose embeddings are complete and
+    current: they are read without it, as a read-only folder's patch stores are; embeddings that would have to be
+    written still fail, on one line."""
+    from tests.corpus import can_drop_privileges, restore_permissions, unprivileged_cli
+
+    if not can_drop_privileges():
+        pytest.skip("running as root without CAP_SETPCAP: permission bits cannot be made to apply")
+    out = tmp_path / "emb"
+    args = ["embed", str(example_slide), "--encoder", "default", "-o", str(out), "--workers", "0"]
+    assert run_cli(*args, "--quiet").code == 0
+    locks = out / ".wsi-screen-locks"
+    assert (locks / "CMU-1-Small-Region.zarr.lock").exists()
+    for path in [locks, *locks.iterdir()]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        reused = unprivileged_cli(args)
+        other = unprivileged_cli([*args, "--dtype", "float32", "--overwrite"])
+    finally:
+        restore_permissions(out)
+    assert reused.returncode == 0, reused.stderr
+    assert "1 slide(s): 0 embedded, 1 up to date, 0 failed" in reused.stderr
+    assert other.returncode == 1 and "Traceback" not in other.stderr
+    assert "CMU-1-Small-Region.zarr: cannot write the store: Permission denied" in other.stderr, other.stderr
+    assert FeatureStore(out / "CMU-1-Small-Region.zarr").features.dtype == np.float16

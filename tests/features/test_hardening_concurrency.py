@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import run_cli, tree_digest
 from tests.factory import block_image, write_tiled_tiff
+from wsi_screen.embedding.features import FeatureStore
 from wsi_screen.errors import RunError
 from wsi_screen.screening.runfolder import SlideFolder
 from wsi_screen.tiling.store import PatchStore, store_location, store_lock
@@ -146,3 +147,62 @@ def test_two_infer_runs_on_one_run_folder(tmp_path: Path) -> None:
     with (run / "results.csv").open(newline="", encoding="utf-8") as fh:
         assert [(r["slide"], r["status"]) for r in csv.DictReader(fh)] == [("a", "ok"), ("b", "ok"), ("c", "ok")]
     assert not list(run.glob("*.partial"))
+
+
+def _embed_counts(err: str) -> dict[str, int]:
+    """Counts from embed's summary line: '3 slide(s): 2 embedded, 0 up to date, 1 failed; ...'."""
+    line = next(line for line in err.splitlines() if " slide(s): " in line)
+    return {key: int(n) for n, key in re.findall(r"(\d+) (embedded|up to date|failed)", line)}
+
+
+def test_busy_embeddings_fail_that_slide_only(tmp_path: Path, slides: Path) -> None:
+    """The test holds one slide's feature-store lock (the patch stores' lock, OUT/.wsi-screen-locks/) while `embed`
+    runs: that slide fails on one line saying another process is writing it, nothing of it is written or removed,
+    the others are embedded; a rerun picks it up. Before, embed took no lock and wrote over the holder's work."""
+    out = tmp_path / "emb"
+    out.mkdir()
+    held = out / "b.zarr"
+    with store_lock(held):
+        (out / "b.zarr.partial").mkdir()  # the holder's work in progress
+        (out / "b.zarr.partial" / "mine").write_text("x")
+        res = run_cli("embed", slides, "--encoder", "default", "-o", out, "--workers", "0")
+        assert (out / "b.zarr.partial" / "mine").read_text() == "x"  # left to the process that holds the lock
+    assert res.code == 1, res
+    errors = [line for line in res.err_lines if line.startswith("wsi-screen: error: ")]
+    assert len(errors) == 1 and BUSY in errors[0] and str(held) in errors[0], res.err
+    assert "Traceback" not in res.err
+    assert _embed_counts(res.err) == {"embedded": 2, "up to date": 0, "failed": 1}
+    assert not held.exists()
+    assert {p.name for p in out.glob("*.zarr")} == {"a.zarr", "c.zarr"}
+    shutil.rmtree(out / "b.zarr.partial")
+    again = run_cli("embed", slides, "--encoder", "default", "-o", out, "--workers", "0")  # lock free: picked up
+    assert again.code == 0, again
+    assert _embed_counts(again.err) == {"embedded": 1, "up to date": 2, "failed": 0}
+    assert FeatureStore(held).attrs["complete"] is True
+
+
+@pytest.mark.slow
+def test_two_embed_processes_on_one_output(tmp_path: Path, slides: Path) -> None:
+    """Two `embed` runs of the same patch stores into one OUT at once (no tiling, whose lock would keep them
+    apart): each slide's embeddings are written by one of them (the other finds them up to date, or busy and says
+    so on one line, exit 1); none is written twice, no `.partial` is left, and a rerun finds every slide up to date.
+    Before, both embedded every slide, each deleting or replacing the other's work."""
+    first = tmp_path / "first"
+    assert run_cli("embed", slides, "--encoder", "default", "-o", first, "--workers", "0", "--quiet").code == 0
+    out = tmp_path / "emb"
+    cmd = [sys.executable, "-m", "wsi_screen.cli", "embed", str(first / "stores"), "--encoder", "default",
+           "-o", str(out)]
+    results = _run_two(cmd, tmp_path / "logs")
+    counts = [_embed_counts(err) for _, err in results]
+    print(f"two embed processes: {counts}")
+    for (code, err), c in zip(results, counts, strict=True):
+        assert "Traceback" not in err and "internal error" not in err, err
+        errors = [line for line in err.splitlines() if line.startswith("wsi-screen: error: ")]
+        assert all(BUSY in line for line in errors), errors  # the only failures: slides the other run held
+        assert c["failed"] == len(errors) and code == (1 if errors else 0)
+        assert c["embedded"] + c["up to date"] + c["failed"] == 3
+    assert sum(c["embedded"] for c in counts) == 3, results  # every slide embedded exactly once
+    assert {p.name for p in out.glob("*.zarr")} == {"a.zarr", "b.zarr", "c.zarr"}
+    assert not list(out.glob("*.partial"))
+    again = run_cli("embed", first / "stores", "--encoder", "default", "-o", out)
+    assert again.code == 0 and _embed_counts(again.err) == {"embedded": 0, "up to date": 3, "failed": 0}, again

@@ -18,7 +18,8 @@ slide moved since its store was tiled), ``patch_store`` (its location), ``packag
 
 Written under ``<name>.zarr.partial``, ``complete`` set last, then renamed into place (``_safe_write.swap_in``): a
 killed run never leaves a store that looks finished, and an interrupted one (a Ctrl-C) leaves no ``.partial`` behind,
-as a patch store's writer does not.
+as a patch store's writer does not. The caller holds the store's lock (``tiling.store.store_lock``, taken by
+``embedding.slides.embed_store``): the work folder is one name, shared by any two writers of one store.
 """
 
 from __future__ import annotations

@@ -10,11 +10,15 @@ loader (:mod:`wsi_screen.screening.score`: contiguous batches read ahead in a th
 Per slide, as ``tile`` and ``infer`` do: a complete feature store made with the same settings (encoder identity,
 dtype, the patch store's settings) is skipped; one made otherwise is refused, naming what differs, unless
 ``overwrite`` (it may be GPU-hours of a foundation encoder); a slide that fails becomes one line and the run goes
-on.
+on. A feature store is written under the lock a patch store's writer takes
+(:func:`~wsi_screen.tiling.store.store_lock`): one that another process is writing fails its slide
+(:class:`~wsi_screen.errors.StoreLockedError`), and where the lock cannot be taken because its folder cannot be
+written, a complete, current one is reused without it, as a patch store is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,12 +41,12 @@ from wsi_screen.embedding.features import (
     read_attrs,
     write_feature_store,
 )
-from wsi_screen.errors import ConfigError, ModelMismatchError, RunError
+from wsi_screen.errors import ConfigError, ModelMismatchError, RunError, StoreError
 from wsi_screen.models.encoder import Encoder
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import DiscoveryProblem, SlideSource, discover, nothing_found
 from wsi_screen.tiling.pipeline import OnError, TileConfig, failure_message, tile_isolated
-from wsi_screen.tiling.store import PatchStore, is_url, local_location
+from wsi_screen.tiling.store import PatchStore, is_url, local_location, lock_refused_read_only, store_lock
 from wsi_screen.tiling.store import read_attrs as read_store_attrs
 
 log = logging.getLogger(__name__)
@@ -159,43 +163,50 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
     check_store(store.attrs, config, location)
     settings = settings_for(encoder, config, store.attrs)
     target = feature_store_path(out, name)
-    if not config.overwrite and is_current(target, settings):
-        log.debug("%s: embeddings up to date", name)
-        return EmbedResult(name, source, "skipped", str(target), len(store))
-    changed = [] if config.overwrite else made_otherwise(target, settings, (int(store.patch_size), float(store.mpp)))
-    if changed:
-        raise kept(target, changed)
-    n = len(store)
-    lossy = store.lossy_note("embedding")
-    if lossy:
-        log.warning("%s: %s", name, lossy)
-    features = np.zeros((n, encoder.dim), dtype=config.dtype)
-    items = plan_batches([(location, n)], config.batch_size)
-    with stream_batches(items, workers=config.loader_workers, reader=reader,
-                        slides={location: slide} if slide else None) as batches, \
-            progress.bar(total=n, desc=name[:30], unit="patch", leave=False) as bar:
-        for index, batch in batches:
-            _loc, start, stop = items[int(index)]
-            features[start:stop] = encoder.embed_tensor(batch).numpy().astype(config.dtype)
-            bar.update(stop - start)
-    embedded = time.perf_counter()
-    i = encoder.identity
-    # the slide the patches came from: the one given (a reused store's slide may have moved since it was tiled; the
-    # store knows it by its fingerprint) is recorded, as a store tiled now records the path it was tiled from
-    recorded = dict(store.attrs.get("slide") or {})
-    if slide:
-        recorded["path"] = str(Path(slide).resolve())
-    # the mpp the patches were tiled at: the encoder's own record may have none (a hub reference, a file)
-    attrs = {"encoder": i.to_dict(), "preprocessing": {**i.preprocessing, "mpp": float(store.mpp)},
-             "mpp": float(store.mpp),
-             "size": int(store.patch_size), "tile_size_l0": int(store.tile_size_l0),
-             "slide": recorded, "patch_store": _absolute(location),
-             "stain": store.attrs.get("stain", {"method": "none"}),
-             "patch_pixels": store.pixels_record, "precision": encoder.precision,
-             "package_version": __version__, "settings": settings}
-    write_feature_store(target, features, store.coords, attrs)
-    seconds = {"embed": round(embedded - started, 3), "write": round(time.perf_counter() - embedded, 3)}
-    return EmbedResult(name, source, "done", str(target), n, seconds=seconds)
+    with contextlib.ExitStack() as held:
+        try:  # as a patch store is: one writer at a time; a store another process is writing fails this slide
+            held.enter_context(store_lock(target))
+        except StoreError as exc:  # a folder that cannot be written: its complete, current store is read as it is
+            if not (lock_refused_read_only(exc) and not config.overwrite and is_current(target, settings)):
+                raise
+        if not config.overwrite and is_current(target, settings):
+            log.debug("%s: embeddings up to date", name)
+            return EmbedResult(name, source, "skipped", str(target), len(store))
+        patches = (int(store.patch_size), float(store.mpp))
+        changed = [] if config.overwrite else made_otherwise(target, settings, patches)
+        if changed:
+            raise kept(target, changed)
+        n = len(store)
+        lossy = store.lossy_note("embedding")
+        if lossy:
+            log.warning("%s: %s", name, lossy)
+        features = np.zeros((n, encoder.dim), dtype=config.dtype)
+        items = plan_batches([(location, n)], config.batch_size)
+        with stream_batches(items, workers=config.loader_workers, reader=reader,
+                            slides={location: slide} if slide else None) as batches, \
+                progress.bar(total=n, desc=name[:30], unit="patch", leave=False) as bar:
+            for index, batch in batches:
+                _loc, start, stop = items[int(index)]
+                features[start:stop] = encoder.embed_tensor(batch).numpy().astype(config.dtype)
+                bar.update(stop - start)
+        embedded = time.perf_counter()
+        i = encoder.identity
+        # the slide the patches came from: the one given (a reused store's slide may have moved since it was tiled;
+        # the store knows it by its fingerprint) is recorded, as a store tiled now records the path it was tiled from
+        recorded = dict(store.attrs.get("slide") or {})
+        if slide:
+            recorded["path"] = str(Path(slide).resolve())
+        # the mpp the patches were tiled at: the encoder's own record may have none (a hub reference, a file)
+        attrs = {"encoder": i.to_dict(), "preprocessing": {**i.preprocessing, "mpp": float(store.mpp)},
+                 "mpp": float(store.mpp),
+                 "size": int(store.patch_size), "tile_size_l0": int(store.tile_size_l0),
+                 "slide": recorded, "patch_store": _absolute(location),
+                 "stain": store.attrs.get("stain", {"method": "none"}),
+                 "patch_pixels": store.pixels_record, "precision": encoder.precision,
+                 "package_version": __version__, "settings": settings}
+        write_feature_store(target, features, store.coords, attrs)
+        seconds = {"embed": round(embedded - started, 3), "write": round(time.perf_counter() - embedded, 3)}
+        return EmbedResult(name, source, "done", str(target), n, seconds=seconds)
 
 
 def _absolute(location: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -58,6 +57,7 @@ from wsi_screen.tiling.store import (
     is_complete,
     is_url,
     local_location,
+    lock_refused_read_only,
     partials,
     patches_per_shard,
     read_attrs,
@@ -298,9 +298,7 @@ def _read_only_and_current(exc: StoreError, source: SlideSource, location: str, 
     """Whether the store's lock failed only because its folder cannot be written (a shared, read-only archive of
     stores, a read-only mount) while the store there is complete and what tiling would write now: reading it needs
     no lock (a store under its final name is complete, and nothing can replace it from here), so it is used."""
-    cause = exc.__cause__
-    return isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS) \
-        and not config.overwrite and store_is_current(source, location, config)[0]
+    return lock_refused_read_only(exc) and not config.overwrite and store_is_current(source, location, config)[0]
 
 
 def failure_message(path: Path | str, exc: BaseException) -> tuple[str, str]:

@@ -35,6 +35,7 @@ and ``complete`` is written last.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -859,3 +860,10 @@ def store_lock(location: str | os.PathLike[str], *, wait: bool = False) -> Itera
         yield
     finally:
         lock.release()
+
+
+def lock_refused_read_only(exc: StoreError) -> bool:
+    """Whether :func:`store_lock` failed only because the store's folder cannot be written (a shared, read-only
+    archive of stores, a read-only mount): a complete store there is still read, without the lock."""
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
