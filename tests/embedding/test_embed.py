@@ -299,6 +299,19 @@ def test_embedding_a_jpeg_store_says_so(example_slide: Path, tmp_path: Path) -> 
         "pixels": "store", "codec": {"name": "jpeg", "quality": 90}}
 
 
+def test_other_tiling_settings_embed_afresh_and_are_not_refused(example_slide: Path, tmp_path: Path) -> None:
+    """Only another encoder, patch size, mpp or dtype keeps embeddings and refuses: a run with the patches kept
+    (its store tiled again with pixels) was refused, and then so was every plain rerun, until --overwrite; another
+    --min-tissue re-tiled the store and then refused, the embeddings no longer of that store."""
+    out, args = tmp_path / "emb", ("--encoder", "default", "--mpp", "2.0", "--workers", "0")
+    assert run_cli("embed", example_slide, "-o", out, *args).code == 0
+    for extra in (("--keep-patches",), (), ("--min-tissue", "0.3")):
+        res = run_cli("embed", example_slide, "-o", out, *args, *extra)
+        assert res.code == 0 and "made otherwise" not in res.err, (extra, res)
+    store = PatchStore.open(out / "stores" / "CMU-1-Small-Region.zarr")
+    assert FeatureStore(out / "CMU-1-Small-Region.zarr").features.shape[0] == len(store)
+
+
 def test_rerun_skips_and_other_settings_are_refused_unless_overwrite(embedded: tuple[Path, object],
                                                                      example_slide: Path) -> None:
     """A rerun with other settings replaced complete embeddings without a word (a foundation encoder's are GPU-hours):

@@ -111,9 +111,10 @@ def settings_for(encoder: Encoder, config: EmbedConfig, store_attrs: dict[str, A
 
 def made_otherwise(target: Path, settings: dict[str, Any], patches: tuple[int, float]) -> list[str]:
     """What differs between the complete embeddings at ``target`` and these ``settings`` (of :func:`settings_for`;
-    before tiling, without ``patch_store_settings``, which is then not compared) for patches of ``patches`` (px,
+    ``patch_store_settings`` is never compared: other tiling settings of the same encoder, patch size and mpp
+    (another ``min_tissue``, patches kept) make the embeddings afresh, as before) for patches of ``patches`` (px,
     um/px): ``encoder default, now hf-hub:org/name``, ``patches 96 px at 0.972 um/px, now ...``; empty where there
-    are none there, or they are these."""
+    are none there, or only the tiling settings differ."""
     attrs = read_attrs(target)
     if not attrs or attrs.get(ATTR_COMPLETE) is not True or attrs.get(ATTR_SETTINGS) == settings:
         return []
@@ -128,11 +129,10 @@ def made_otherwise(target: Path, settings: dict[str, Any], patches: tuple[int, f
                         if old.get(k) != new.get(k)]
         elif old != new:
             changed.append(f"{key} {old}, now {new}")
-    size, mpp = attrs.get("size"), float(attrs.get("mpp", math.nan))
+    size, mpp = attrs.get("size"), attrs.get("mpp")
+    mpp = float(mpp) if isinstance(mpp, (int, float)) else math.nan
     if size != patches[0] or not math.isclose(mpp, patches[1], rel_tol=MPP_RTOL):
         changed.append(f"patches {size} px at {mpp:g} um/px, now {patches[0]} px at {patches[1]:g} um/px")
-    elif "patch_store_settings" in settings and before.get("patch_store_settings") != settings["patch_store_settings"]:
-        changed.append("the patch store's tiling settings")
     return changed
 
 
