@@ -180,6 +180,20 @@ def test_report_shows_scores_with_the_digits_that_keep_them_apart(hostile_run: P
     assert f">{score:.{digits}f}</td>" in page  # the slides table's score cell
 
 
+def test_a_damaged_heatmap_costs_its_preview_not_the_page(hostile_run: Path, tmp_path: Path) -> None:
+    """A truncated heatmap.png made `wsi-screen report` (and infer's closing report) fail in one line that named no
+    file, with no page at all: the preview of that slide is now said to be unavailable, its link kept."""
+    run = Path(shutil.copytree(hostile_run, tmp_path / "run"))
+    (run / "report.html").unlink()
+    heat = run / "ordinary" / "heatmap.png"
+    heat.write_bytes(heat.read_bytes()[:2000])
+    res = run_cli("report", run)
+    assert res.code == 0 and any(f"{heat}: unreadable heatmap" in line for line in res.err_lines), res
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert page.count("heatmap preview unavailable") == 1 and 'alt="heatmap of &lt;script&gt;x"' in page
+    assert 'href="ordinary/heatmap.png"' in page
+
+
 def _driver(tmp_path: Path):  # type: ignore[no-untyped-def]
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

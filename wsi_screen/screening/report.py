@@ -173,7 +173,7 @@ def webp(image: Any, quality: int) -> bytes:
     flat = Image.new("RGB", rgba.size, "white")
     flat.paste(rgba, mask=rgba.getchannel("A"))
     buf = io.BytesIO()
-    flat.save(buf, format="WEBP", quality=quality, method=6)
+    flat.save(buf, format="WEBP", quality=quality, method=4)  # 6 took twice the time for ~4 % less
     return buf.getvalue()
 
 
@@ -329,7 +329,11 @@ def _slide_section(view: RunView, i: int, row: dict[str, str], digits: int | Non
     heat = runfolder.slide_dir(view.path, name) / runfolder.HEATMAP_PNG
     if heat.exists():
         href = _html(_href(view.path, heat))
-        preview = _img(heatmap_preview(heat), f"heatmap of {name}", "heat", "image/webp")
+        try:
+            preview = _img(heatmap_preview(heat), f"heatmap of {name}", "heat", "image/webp")
+        except (OSError, ValueError, SyntaxError) as exc:  # a damaged picture costs its preview, not the page
+            log.warning("%s: unreadable heatmap (%s); the report shows its link only", heat, exc)
+            preview = f'<span class="muted">heatmap preview unavailable ({_html(exc)})</span>'
         parts.append(f'<p><a href="{href}">{preview}</a><br><a class="muted" href="{href}">full-size heatmap '
                      f"({_html(runfolder.HEATMAP_PNG)} in the slide's folder)</a></p>")
     try:
