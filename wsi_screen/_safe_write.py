@@ -31,8 +31,6 @@ from filelock import FileLock, Timeout
 from wsi_screen.errors import OutputWriteError
 
 LOCK_DIR = ".wsi-screen-locks"
-#: the empty file :func:`usable_folder` writes and removes to learn that an output folder can be written
-PROBE_NAME = ".wsi-screen-probe"
 
 
 class LockTaken(Exception):  # noqa: N818 - a state, not a failure of ours: callers turn it into their error
@@ -64,10 +62,10 @@ def usable_folder(path: str | os.PathLike[str], what: str = "output folder") -> 
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "a file of that name is in the way", str(folder))
         folder.mkdir(parents=True, exist_ok=True)
-        # one fixed name: a run killed between these lines leaves a probe the next one removes, never a new one
-        probe = folder / PROBE_NAME
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600))
-        probe.unlink(missing_ok=True)  # missing: another run's probe, removed by that run
+        # a nameless file where the system has them (Linux: O_TMPFILE), else a new random name removed at once:
+        # nothing is left behind by a run killed here, and no file of another run or user is in the way
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as exc:
         why = exc.strerror or str(exc)
         if disk_full(exc):

@@ -221,13 +221,15 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_slide(tm
     res = run_cli("tile", cmu_svs, "-o", blocker, "--mpp", "0.972", "--size", "96", "--quiet")
     assert res.code == 1 and res.err_lines == [f"{ERROR}{blocker}: cannot write in the output folder: a file of that "
                                                "name is in the way"], res
-    # the probe file has one name: one a killed run left is removed by the next, none pile up
+    # the probe leaves nothing behind, and nothing of another run's is in its way (a fixed name was: a folder or
+    # another user's file of that name refused a folder that can be written)
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".wsi-screen-probe").touch()
+    (out / ".wsi-screen-probe").mkdir()
     tiled = run_cli("tile", cmu_svs, "-o", out, "--mpp", "0.972", "--size", "96", "--pixels", "none", "--quiet")
     assert tiled.code == 0, tiled
-    assert sorted(p.name for p in out.iterdir()) == [".wsi-screen-locks", "CMU-1-Small-Region.zarr", "wsi-screen.log"]
+    assert sorted(p.name for p in out.iterdir()) == [".wsi-screen-locks", ".wsi-screen-probe",
+                                                     "CMU-1-Small-Region.zarr", "wsi-screen.log"]
     if not can_drop_privileges():
         pytest.skip("running as root without CAP_SETPCAP: permission bits cannot be made to apply")
     slides = tmp_path / "slides"
