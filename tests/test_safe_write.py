@@ -133,3 +133,18 @@ def test_an_interrupted_runs_abandoned_work_folders_are_removed_and_nothing_else
         "busy.zarr.partial", "done.zarr", "old.zarr.partial", "other.zarr.partial"]
     assert (old / "zarr.json").read_text() == "{}"
     assert sorted(p.name for p in run.iterdir() if p.name != sw.LOCK_DIR) == ["done", "stores"]
+
+
+def test_a_cluster_that_fails_to_close_still_has_its_work_removed_and_the_interrupt_goes_on(tmp_path: Path) -> None:
+    """`stop` (closing a LocalCluster) raising on a Ctrl-C skipped the removal and replaced the interrupt (exit 1,
+    not 130, and the killed workers' .partial left)."""
+    work = tmp_path / "s.zarr.partial"
+    works = {work: tmp_path / "s.zarr"}
+
+    def stop() -> None:
+        raise TimeoutError("the cluster did not close in time")
+
+    with pytest.raises(KeyboardInterrupt), sw.abandoned_work_removed(works, stop):
+        work.mkdir()
+        raise KeyboardInterrupt
+    assert not work.exists()

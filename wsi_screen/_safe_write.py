@@ -208,7 +208,8 @@ def abandoned_work_removed(works: Mapping[Path, Path], stop: Callable[[], object
     try:
         yield
     except BaseException:
-        stop()
+        with contextlib.suppress(Exception):  # a cluster that fails to close still leaves its work to be removed,
+            stop()  # and the interrupt (not that failure) is what the run ends with
         for work, target in works.items():
             now = folder_stamp(work)
             if now is None or now == before[work]:
