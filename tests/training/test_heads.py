@@ -472,6 +472,11 @@ def test_an_interrupted_embedding_goes_on_where_it_stopped(pcam_small: Path, tmp
                                                                                   "model.safetensors")
     assert set(got) == set(want) and all(bool((got[k] == want[k]).all()) for k in got)
     assert again.spec.metrics["auc"] == whole.spec.metrics["auc"]
+    stale = next(cache.glob("*.safetensors")).with_suffix(".parts")  # a run killed once the file was written
+    stale.mkdir()
+    (stale / "000000000.safetensors").write_bytes(b"left")
+    train(pcam_small, tmp_path / "m2", head_config(cache, epochs=3))  # reuses the file and removes them
+    assert not stale.exists()
 
 
 def test_a_sub_second_training_is_timed_in_tenths(pcam_small: Path, head_model: tuple[Path, Path],

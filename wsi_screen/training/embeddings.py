@@ -142,11 +142,13 @@ def dataset_embeddings(encoder: Encoder, folder: PatchFolder, train_rows: np.nda
     n_train = len(train_rows)
     folder_path = cache_folder(cache_dir)
     path = folder_path / f"{cache_key(encoder, images, size)}.safetensors"
+    parts = path.with_suffix(".parts")  # the chunks made so far: an interrupted run goes on from them
     if path.is_file():
         try:
             features = read_weights(path)["features"]
             if features.shape == (len(images), encoder.dim):
                 log.info("embeddings of %d + %d images reused from %s", n_train, len(valid_rows), path)
+                shutil.rmtree(parts, ignore_errors=True)  # left by a run killed once the file was written
                 features = features.float()[picks]
                 return DatasetEmbeddings(features[:n_train], features[n_train:], path, reused=True)
             log.warning("%s: cached embeddings have the wrong shape; computing them again", path)
@@ -154,7 +156,6 @@ def dataset_embeddings(encoder: Encoder, folder: PatchFolder, train_rows: np.nda
             log.warning("%s: unreadable cached embeddings (%s); computing them again", path, exc)
     log.info("embedding %d train and %d valid images (%d distinct) with %s (cached in %s)", n_train,
              len(valid_rows), len(images), encoder.identity.name, folder_path)
-    parts = path.with_suffix(".parts")  # the chunks made so far: an interrupted run goes on from them
     features = embed_rows(encoder, folder, np.array([first_row[d] for d in images], dtype=np.int64), size,
                           workers=workers, batch_size=batch_size, desc="embedding", parts=parts)
     try:
