@@ -907,19 +907,20 @@ def test_numpy_numbers_set_the_slide_rule_and_the_tissue_detector(example_slide:
     now taken as the Python numbers they equal (the call's JSON and the store's settings hold them)."""
     import json
 
-    for numpy, plain in [(dict(threshold=np.float32(0.01)), dict(threshold=float(np.float32(0.01)))),
+    for numpy, plain in [(dict(threshold=np.float32(0.01)), dict(threshold=0.01)),
                          (dict(rule="topk", k=np.int64(3), threshold=np.float32(0.5)), dict(rule="topk", k=3,
                                                                                            threshold=0.5))]:
         call = wsi_screen.call_slide(scores, model, **numpy)
         assert call.diagnosis == "tumour" and call.to_json() == wsi_screen.call_slide(scores, model, **plain).to_json()
         json.dumps(call.to_json())
     with wsi_screen.open_slide(example_slide) as slide:
-        numbers = {"min_od": np.float32(0.25), "min_chroma": np.int64(20)}
+        numbers = {"min_od": np.float32(0.15), "min_chroma": np.int64(20)}  # recorded as 0.15, not 0.15000000596
         store = wsi_screen.tile(slide, mpp=2.0, size=64, tissue=numbers)
-        same = wsi_screen.tile(slide, mpp=2.0, size=64, tissue={"min_od": float(np.float32(0.25)), "min_chroma": 20})
+        same = wsi_screen.tile(slide, mpp=2.0, size=64, tissue={"min_od": 0.15, "min_chroma": 20})
         assert len(store) == len(same) and store.attrs["settings"] == same.attrs["settings"]
         mask = wsi_screen.tissue_mask(slide, settings={"min_od": np.float32(0.25)})
         assert mask.tissue_fraction == wsi_screen.tissue_mask(slide, settings={"min_od": 0.25}).tissue_fraction
+
 
 def test_a_dataset_says_what_it_holds(scores: Any) -> None:
     """repr(store.as_dataset()) was the default <wsi_screen.tiling.store.PatchDataset object at 0x...>."""

@@ -289,7 +289,10 @@ def plain_number(value: object) -> object:
     its check to refuse."""
     if isinstance(value, bool) or not isinstance(value, Real) or type(value) in (int, float):
         return value
-    return int(value) if isinstance(value, Integral) else float(value)
+    if isinstance(value, Integral):
+        return int(value)
+    # numpy's float32(0.15) is 0.15000000596...: the shortest decimal that is it (numpy's str) is the number meant
+    return float(str(value)) if hasattr(value, "dtype") else float(value)
 
 
 def check_whole(value: object, setting: str, *, at_least: int, unit: str = "") -> int:
