@@ -82,20 +82,19 @@ def evaluate_model(model: PatchClassifier, folder: PatchFolder, split: str, out_
         metric_positive = spec.classes.index(positive)
     y = folder.label_indices(spec.classes, rows)
     seen = trained_on(model, folder, rows)
+    chose = trained_on(model, folder, rows, role="valid")
+    split_csv = model.model_dir / "split.csv" if model.model_dir else "split.csv"
+    honest = ("for an honest one evaluate a split it did not see (`split` test), or train it with `carve_valid` and "
+              "evaluate `split` valid")
     if seen:
         how = "cross-validation trains on the dataset's train and valid images" if spec.ensemble > 1 \
             else "its training split"
-        log.warning("%d of the %d images evaluated trained this model (%s, %s): these figures are optimistic; "
-                    "for an honest one evaluate a split it did not see (`split` test), or train it with "
-                    "`carve_valid` and evaluate `split` valid", seen, len(rows), how,
-                    model.model_dir / "split.csv" if model.model_dir else "split.csv")
-    chose = trained_on(model, folder, rows, role="valid")
+        log.warning("%d of the %d images evaluated trained this model (%s, %s): these figures are optimistic; %s",
+                    seen, len(rows), how, split_csv, honest)
     if chose:
         log.warning("%d of the %d images evaluated are this model's validation images (%s): they chose its epoch "
                     "and decision threshold, so the figures at the threshold are optimistic (its sensitivity is "
-                    "the threshold rule's by construction); for an honest one evaluate a split it did not see "
-                    "(`split` test), or train it with `carve_valid` and evaluate `split` valid", chose, len(rows),
-                    model.model_dir / "split.csv" if model.model_dir else "split.csv")
+                    "the threshold rule's by construction); %s", chose, len(rows), split_csv, honest)
     started = time.perf_counter()
     probs_parts: list[np.ndarray] = []
     dist_parts: list[np.ndarray] = []
