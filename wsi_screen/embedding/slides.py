@@ -18,7 +18,6 @@ written, a complete, current one is reused without it, as a patch store is.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -41,12 +40,12 @@ from wsi_screen.embedding.features import (
     read_attrs,
     write_feature_store,
 )
-from wsi_screen.errors import ConfigError, ModelMismatchError, RunError, StoreError
+from wsi_screen.errors import ConfigError, ModelMismatchError, RunError
 from wsi_screen.models.encoder import Encoder
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import DiscoveryProblem, SlideSource, discover, nothing_found
 from wsi_screen.tiling.pipeline import OnError, TileConfig, failure_message, tile_isolated
-from wsi_screen.tiling.store import PatchStore, is_url, local_location, lock_refused_read_only, store_lock
+from wsi_screen.tiling.store import PatchStore, is_url, local_location, store_lock_unless_read_only
 from wsi_screen.tiling.store import read_attrs as read_store_attrs
 
 log = logging.getLogger(__name__)
@@ -163,12 +162,9 @@ def embed_store(name: str, source: str, location: str, out: Path, encoder: Encod
     check_store(store.attrs, config, location)
     settings = settings_for(encoder, config, store.attrs)
     target = feature_store_path(out, name)
-    with contextlib.ExitStack() as held:
-        try:  # as a patch store is: one writer at a time; a store another process is writing fails this slide
-            held.enter_context(store_lock(target))
-        except StoreError as exc:  # a folder that cannot be written: its complete, current store is read as it is
-            if not (lock_refused_read_only(exc) and not config.overwrite and is_current(target, settings)):
-                raise
+    # as a patch store is: one writer at a time (one another process is writing fails this slide); a read-only
+    # folder's complete, current embeddings are read as they are
+    with store_lock_unless_read_only(target, lambda: not config.overwrite and is_current(target, settings)):
         if not config.overwrite and is_current(target, settings):
             log.debug("%s: embeddings up to date", name)
             return EmbedResult(name, source, "skipped", str(target), len(store))

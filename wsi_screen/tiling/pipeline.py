@@ -34,7 +34,6 @@ from wsi_screen.errors import (
     SlideReaderCrashError,
     SlideTimeoutError,
     StainFitError,
-    StoreError,
     StoreLockedError,
     StoreMismatchError,
     WsiScreenError,
@@ -57,13 +56,13 @@ from wsi_screen.tiling.store import (
     is_complete,
     is_url,
     local_location,
-    lock_refused_read_only,
     partials,
     patches_per_shard,
     read_attrs,
     remove_store,
     store_location,
     store_lock,
+    store_lock_unless_read_only,
 )
 from wsi_screen.tiling.tissue import LABELS, TissueMask, TissueSettings, detect_tissue
 
@@ -273,14 +272,9 @@ def tile_slide(source: SlideSource, out: str, config: TileConfig, *, on_error: O
     start = time.perf_counter()
     location = store_location(out, source.name)
     try:
-        with contextlib.ExitStack() as held:
-            try:
-                held.enter_context(store_lock(location))
-            except StoreError as exc:
-                if not _read_only_and_current(exc, source, location, config):
-                    raise
-                log.debug("%s: the store's folder cannot be written (%s); its complete store is up to date and "
-                          "is used as it is", source.name, exc.__cause__)
+        # a read-only folder's complete, current store is used as it is, without the lock
+        with store_lock_unless_read_only(
+                location, lambda: not config.overwrite and store_is_current(source, location, config)[0]):
             return _tile_locked(source, location, config, start)
     except StoreLockedError as exc:
         if on_error == "raise":
@@ -292,13 +286,6 @@ def tile_slide(source: SlideSource, out: str, config: TileConfig, *, on_error: O
         message, trace = failure_message(source.path, exc)
         return TileResult(source.name, str(source.path), location, "failed",
                           seconds=time.perf_counter() - start, message=message, traceback=trace)
-
-
-def _read_only_and_current(exc: StoreError, source: SlideSource, location: str, config: TileConfig) -> bool:
-    """Whether the store's lock failed only because its folder cannot be written (a shared, read-only archive of
-    stores, a read-only mount) while the store there is complete and what tiling would write now: reading it needs
-    no lock (a store under its final name is complete, and nothing can replace it from here), so it is used."""
-    return lock_refused_read_only(exc) and not config.overwrite and store_is_current(source, location, config)[0]
 
 
 def failure_message(path: Path | str, exc: BaseException) -> tuple[str, str]:

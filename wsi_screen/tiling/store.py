@@ -38,6 +38,7 @@ import contextlib
 import errno
 import itertools
 import json
+import logging
 import os
 import shutil
 from collections import deque
@@ -54,6 +55,8 @@ import zarr.codecs
 from wsi_screen._safe_write import LockTaken, acquire, failure_text, fsync_file, fsync_tree, swap_in
 from wsi_screen.errors import ConfigError, IncompleteStoreError, SchemaVersionError, StoreError, StoreLockedError, shown
 from wsi_screen.tiling.codecs import BLOSC_CLEVEL, BLOSC_CNAME, PatchCodec
+
+log = logging.getLogger(__name__)
 
 #: version 2 added the patch codec (``codec``) and coordinates-only stores (``pixels`` ``"none"``, no ``patches``)
 SCHEMA_VERSION = 2
@@ -862,8 +865,19 @@ def store_lock(location: str | os.PathLike[str], *, wait: bool = False) -> Itera
         lock.release()
 
 
-def lock_refused_read_only(exc: StoreError) -> bool:
-    """Whether :func:`store_lock` failed only because the store's folder cannot be written (a shared, read-only
-    archive of stores, a read-only mount): a complete store there is still read, without the lock."""
-    cause = exc.__cause__
-    return isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+@contextlib.contextmanager
+def store_lock_unless_read_only(location: str | os.PathLike[str], reusable: Callable[[], bool]) -> Iterator[None]:
+    """:func:`store_lock`; where it fails only because the store's folder cannot be written (a shared, read-only
+    archive of stores, a read-only mount) and ``reusable()`` says the output there is complete and current, nothing
+    is locked: reading a complete output under its final name needs no lock, and nothing can replace it from here."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(store_lock(location))
+        except StoreError as exc:
+            cause = exc.__cause__
+            read_only = isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+            if not (read_only and reusable()):
+                raise
+            log.debug("%s: its folder cannot be written (%s); complete and current, it is used as it is", location,
+                      cause)
+        yield
