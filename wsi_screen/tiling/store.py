@@ -556,12 +556,17 @@ class PatchStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the store lives in this process's memory (``memory://``), not on disk or at a URL."""
+        return self.location.startswith("memory://")
+
     def __getstate__(self) -> dict[str, Any]:
         """A store on disk pickles by location, with the slide it was opened with (a moved one) and its reader
         threads: a DataLoader worker (spawned: macOS, Windows) opens it again, and nothing open travels (a
         coordinates-only store's slide reader, once it has read, holds locks). A store in memory lives in this
         process only; it pickles as it is, without its slide reader."""
-        if is_url(self.location) and self.location.startswith("memory://"):
+        if self.in_memory:
             return {**self.__dict__, "_on_demand": None}
         return {"location": self.location, "slide": self._slide_path, "workers": self._workers}
 
@@ -622,7 +627,7 @@ class PatchDataset:
         return patch if self.transform is None else self.transform(patch)
 
     def __getstate__(self) -> dict[str, Any]:
-        if is_url(self.store.location) and self.store.location.startswith("memory://"):
+        if self.store.in_memory:
             raise StoreError(f"{self.store.location}: a store in memory cannot be sent to another process; "
                              "use DataLoader(num_workers=0), or tile into a folder")
         return {"store": self.store, "transform": self.transform}  # the store pickles by location
