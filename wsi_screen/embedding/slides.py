@@ -281,9 +281,8 @@ def _embed_slide(source: SlideSource, stores: str, out: Path, encoder: Encoder, 
                  tile: TileConfig, call: isolation.Caller, on_error: OnError) -> EmbedResult:
     started = time.perf_counter()
     if not config.overwrite:  # refused before its patch store in OUT is tiled again at these settings
-        settings = {k: v for k, v in settings_for(encoder, config, {}).items() if k != "patch_store_settings"}
-        target = feature_store_path(out, source.name)
-        changed = made_otherwise(target, settings, (config.size, config.mpp))
+        target = feature_store_path(out, source.name)  # (made_otherwise compares no patch store settings)
+        changed = made_otherwise(target, settings_for(encoder, config, {}), (config.size, config.mpp))
         if changed:
             return _failed(source.name, str(source.path), kept(target, changed), on_error)
     tiled = tile_isolated(call, source, stores, tile, on_error=on_error)

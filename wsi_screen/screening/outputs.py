@@ -375,8 +375,7 @@ def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
     rates with Wilson 95 % intervals (``sensitivity_ci95``, ``specificity_ci95``) and, on fewer positive slides than
     :data:`wsi_screen.metrics.ADVISED_POSITIVES`, calibrate's small-cohort warning (``warnings``, and logged),
     from the same code as the patch metrics (:func:`wsi_screen.metrics.binary_view`); None (and a warning) when
-    no labelled slide was scored."""
-    drop_slide_metrics(run)
+    no labelled slide was scored. The caller has removed an earlier run's (:func:`drop_slide_metrics`)."""
     scored = [r for r in rows if r.label and r.result is not None and r.result.score is not None]
     if not scored:
         log.warning("`labels`: no labelled slide was scored in this run, so there are no slide metrics (the labels' "

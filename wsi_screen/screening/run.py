@@ -320,9 +320,8 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
     warn_lossy_stores(rows)
     if labels:
         warn_unmatched_labels(labels, {r.name for r in rows})
+    drop_slide_metrics(run)  # an earlier labelled run's, which the report would show as this run's
     metrics = slide_metrics(run, rows, classifier, aggregate) if labels else None
-    if not labels:
-        drop_slide_metrics(run)  # an earlier labelled run's, which the report would show as this run's
     write_results(run, rows, aggregate, model_id)
     warn_earlier_slides(run, rows)
     stages = {"start_up": startup.seconds_until(t0), "slides": screened - t0,
