@@ -118,6 +118,32 @@ def test_resolution_tables_and_values_are_checked_before_they_can_mislead(slides
     assert res.code == 2 and "0 is outside the plausible range 0.05-100 um/px" in res.err
 
 
+
+def test_a_slide_labelled_by_two_of_its_file_names_is_refused_or_warned_of(slides: Path, tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """'a.svs' and 'a.TIF' both name the slide 'a': the first row's label won without a word."""
+    from wsi_screen.screening.outputs import read_labels
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\nTCGA-CR-7395-01A-01-TS1,normal\nCMU-1-Small-Region.svs,tumour\n"
+                      "CMU-1-Small-Region.TIF,normal\n")
+    res = run_cli("infer", slides, "-o", tmp_path / "run", "--labels", labels)
+    assert res.code == 1 and not (tmp_path / "run").exists(), res
+    assert res.err_lines == [f"wsi-screen: error: {labels}:4: 'CMU-1-Small-Region.TIF' is the slide "
+                             "'CMU-1-Small-Region', given the label 'negative' here and 'positive' on line 3 (as "
+                             "'CMU-1-Small-Region.svs'); keep one"], res
+    # the same label twice (by two file names, or the name and a file name): used, with a warning naming both rows
+    labels.write_text("slide,label\nCMU-1-Small-Region.svs,tumour\nCMU-1-Small-Region.tiff,yes\n"
+                      "CMU-1-Small-Region,tumour\n")
+    with caplog.at_level("WARNING", logger="wsi_screen.screening.outputs"):
+        truth = read_labels(labels, load_model(default_model_dir()))
+    assert truth["CMU-1-Small-Region"] == "positive"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"`labels`: {labels}:3: 'CMU-1-Small-Region.tiff' is the slide 'CMU-1-Small-Region', given the label "
+        "'positive' here and on line 2 (as 'CMU-1-Small-Region.svs') too; one row is used",
+        f"`labels`: {labels}:4: 'CMU-1-Small-Region' is given the label 'positive' here and on line 2 (as "
+        "'CMU-1-Small-Region.svs') too; one row is used"]
+
 # --- reruns follow settings -----------------------------------------------------------------------------
 def test_reruns_follow_every_input(example_slide: Path, tmp_path: Path) -> None:
     slides = tmp_path / "slides"

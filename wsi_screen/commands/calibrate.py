@@ -12,7 +12,8 @@ from wsi_screen.commands._options import common_options, configure_output
 @click.command(short_help="Choose the slide rule on labelled slides of a run; write a calibrated model copy.")
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="slides.csv with columns slide,label (the tumour class or normal) for the run's slides.")
+              help="slides.csv with columns slide,label (the tumour class or normal) for the run's slides."
+                   " Two rows naming one slide (a, a.svs) must agree.")
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="MODEL_DIR",
               help="Where to write the calibrated copy of the run's model folder.")
 @click.option("--model", type=click.Path(exists=True, file_okay=False), default=None,

@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help="slides.csv with columns slide,label: adds slide_metrics.json (AUC; sensitivity and "
                    "specificity with Wilson 95% intervals) and slide_roc.png, and results.csv's label_agrees "
-                   "(the report marks each call that is not its label). A rerun without it removes an earlier "
+                   "(the report marks each call that is not its label). Two rows naming one slide (a, a.svs) "
+                   "must agree. A rerun without it removes an earlier "
                    "run's slide_metrics.json and slide_roc.png, which would not describe its results.")
 @click.option("--stores", type=str, default=None, metavar="DIR",
               help="Folder of patch stores to reuse and tile into (default: RUN/stores). Stores made with "

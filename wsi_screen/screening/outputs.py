@@ -39,7 +39,7 @@ from wsi_screen.screening.runfolder import SlideFolder, SlideScores
 from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 from wsi_screen.slide.discovery import SLIDE_EXTENSIONS
 from wsi_screen.slide.slide import slide_name
-from wsi_screen.slide.tables import first_rows, read_table
+from wsi_screen.slide.tables import read_table
 from wsi_screen.tiling.pipeline import TileConfig
 from wsi_screen.tiling.store import PatchStore
 
@@ -326,13 +326,17 @@ LABEL_NEGATIVE = {"0", "false", "no", "negative", "neg", "normal", "benign"}
 
 
 def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
-    """``slides.csv`` (columns ``slide``, ``label``) -> {slide name: "positive" | "negative"}."""
+    """``slides.csv`` (columns ``slide``, ``label``) -> {slide name: "positive" | "negative"}, keyed by each row's
+    name as given and by the slide it names (``a.svs`` and ``a.TIF`` name the slide ``a``). Two rows that name one
+    slide (the same text twice, or two of its forms) are an error naming both lines when their labels differ, and
+    one warning naming both lines when they agree."""
     rows = read_table(path, ("slide", "label"), "`labels`")
     spec = classifier.spec
     positive = {str(spec.positive_class).lower()} | LABEL_POSITIVE
     negative = {c.lower() for c in spec.classes if c != spec.positive_class} | LABEL_NEGATIVE
-    found: list[tuple[int, str, object]] = []
-    for i, row in enumerate(rows, start=2):
+    out: dict[str, str] = {}
+    by_slide: dict[str, tuple[int, str, str]] = {}  # the slide a row names -> (line, name as given, truth)
+    for line, row in enumerate(rows, start=2):
         value = (row.get("label") or "").strip().lower()
         raw = (row.get("slide") or "").strip()
         if value in positive:
@@ -340,19 +344,24 @@ def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
         elif value in negative:
             truth = "negative"
         else:
-            raise ConfigError(f"{path}:{i}: label {row.get('label')!r} is neither the positive class "
+            raise ConfigError(f"{path}:{line}: label {row.get('label')!r} is neither the positive class "
                               f"{spec.positive_class!r} nor a negative one ({', '.join(sorted(negative))})")
-        found.append((i, raw, truth))
-    given = first_rows(found, path, "the label")
-    out = {raw: str(truth) for raw, (_, truth) in given.items()}
-    for raw, (line, label) in given.items():
-        if Path(raw).suffix.lower() not in SLIDE_EXTENSIONS:  # a name ("a", "a.pyramid" of a.pyramid.tif)
+        # a name ("a", "a.pyramid" of a.pyramid.tif) names itself; a file name names its slide ("a.svs": "a")
+        name = slide_name(Path(raw)) if Path(raw).suffix.lower() in SLIDE_EXTENSIONS else raw
+        out.setdefault(raw, truth)
+        if name not in by_slide:
+            by_slide[name] = (line, raw, truth)
             continue
-        name = slide_name(Path(raw))  # "a.svs" labels slide "a" (a row "a" labels it too: the two must agree)
-        if name != raw and name in given and given[name][1] != label:
-            raise ConfigError(f"{path}:{line}: {raw!r} is the slide {name!r}, given the label {label!r} here and "
-                              f"{given[name][1]!r} on line {given[name][0]}; keep one")
-        out.setdefault(name, str(label))
+        first_line, first_raw, first_truth = by_slide[name]
+        said = f"{raw!r} is given" if raw == name else f"{raw!r} is the slide {name!r}, given"
+        where = f"line {first_line}" + (f" (as {first_raw!r})" if first_raw not in (raw, name) else "")
+        if truth != first_truth:
+            raise ConfigError(f"{path}:{line}: {said} the label {truth!r} here and {first_truth!r} on {where}; "
+                              "keep one")
+        log.warning("`labels`: %s:%d: %s the label %r here and on %s too; one row is used", path, line, said,
+                    truth, where)
+    for name, (_, _, truth) in by_slide.items():
+        out.setdefault(name, truth)
     return out
 
 
