@@ -317,6 +317,27 @@ def test_each_focus_label_sits_clear_of_the_other_foci_and_labels(second: tuple[
         assert max(dx, dy) < 6.0, (box, xy.min(0), xy.max(0))
 
 
+
+def test_a_focus_label_sits_clear_of_the_call_evidence() -> None:
+    """The max rule's evidence, one patch just above the focus's top-right corner where its label goes first: the
+    label was written over the magenta square of the patch that made the call."""
+    from matplotlib.path import Path as MplPath
+
+    p = np.full((40, 50), 0.3)
+    p[12:24, 10:22] = 0.95
+    p[10, 24] = 0.99  # two rows above the focus: not part of it
+    ctx, coords, probs, store = _ctx(p, AggregateConfig(rule="max", slide_threshold=0.9, region_threshold=0.8,
+                                                        min_focus_patches=6))
+    assert ctx.result is not None and len(ctx.foci) == 1 and ctx.result.evidence_indices == (524,)
+    fig = heatmap_figure(store, coords, probs, ctx)
+    (box,), (own,) = _label_boxes(fig, ctx)
+    x, y = coords[524]
+    square = np.array([[x, y], [x + STRIDE, y], [x + STRIDE, y + STRIDE], [x, y + STRIDE], [x, y]], float)
+    evidence = MplPath(fig.axes[1].transData.transform(square * 0.972 / 1000.0))
+    assert not evidence.intersects_bbox(box, filled=True), (box, evidence.get_extents())
+    xy = np.concatenate([path.vertices for path in own])  # still by its own focus, above its top-left corner
+    assert abs(box.x0 - xy[:, 0].min()) < 6.0 and 0.0 < box.y0 - xy[:, 1].max() < 6.0, (box, xy.min(0), xy.max(0))
+
 def _table(capsys: pytest.CaptureFixture[str], tmp_path: Path, ctx: CallContext) -> str:
     """What `infer` prints for a run of this one slide (its table and the rule under it)."""
     from wsi_screen.commands.infer import _print_table

@@ -241,11 +241,12 @@ def label_position(focus: _Box, size: tuple[float, float], gap: float, free: Any
 
 
 def _label_outlines(fig: Any, ax: Any, outlines: Sequence[Outline], rings: Sequence[Sequence[np.ndarray]],
-                    label_size: str) -> list[Any]:
-    """Write each outline's label by its shape, clear of every other shape's outline and of the labels already
-    written, within the axes (clear of the colour bar): :func:`label_position`, with a leader line when no place
-    right beside it is free. Call once the figure is complete: places are measured on its finished layout (the
-    labels are kept out of the layout, so they do not move it)."""
+                    label_size: str, keep_clear: Sequence[np.ndarray] = ()) -> list[Any]:
+    """Write each outline's label by its shape, clear of every other shape's outline, of the ``keep_clear`` rings
+    (data coordinates: the call's evidence squares) and of the labels already written, within the axes (clear of
+    the colour bar): :func:`label_position`, with a leader line when no place right beside it is free. Call once
+    the figure is complete: places are measured on its finished layout (the labels are kept out of the layout, so
+    they do not move it)."""
     from matplotlib.path import Path as MplPath
     from matplotlib.transforms import Bbox
 
@@ -255,6 +256,7 @@ def _label_outlines(fig: Any, ax: Any, outlines: Sequence[Outline], rings: Seque
     area = ax.get_window_extent(renderer)
     bounds = _Box(area.x0, area.y0, area.x1, area.y1)
     paths = [[MplPath(to_px.transform(r)) for r in focus] for focus in rings]
+    clear = [MplPath(to_px.transform(r)) for r in keep_clear]
     taken: list[_Box] = []
     texts = []
     for k, (o, focus_rings) in enumerate(zip(outlines, rings, strict=True)):
@@ -269,7 +271,7 @@ def _label_outlines(fig: Any, ax: Any, outlines: Sequence[Outline], rings: Seque
         text.remove()
         pad = 0.2 * text.get_fontsize() * fig.dpi / 72.0  # the label box's pad (boxstyle round,pad=0.2)
         w, h = size.width + 2 * pad + 2, size.height + 2 * pad + 2
-        others = [p for j, focus in enumerate(paths) if j != k for p in focus]
+        others = [p for j, focus in enumerate(paths) if j != k for p in focus] + clear
 
         def free(b: _Box, others: list[Any] = others, own: _Box = box) -> bool:
             bb = Bbox.from_extents(*b)
@@ -316,7 +318,8 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
 
     ``outlines`` (level-0 geometry, label) are drawn in black with their labels, the first (the largest focus)
     emphasised; ``outline_legend`` is their legend entry. ``evidence`` (level-0 geometry, label: the patches the slide
-    call was read from) is drawn as magenta squares, its label the legend entry. The legend sits below the two
+    call was read from) is drawn as magenta squares, its label the legend entry; the outlines' labels are placed
+    clear of those squares where there is room. The legend sits below the two
     panels, so it never covers the slide. Text is drawn literally (no mathtext).
     """
     from matplotlib import colormaps
@@ -404,9 +407,10 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
     rings = _draw_outlines(ax1, outlines, scale) if outlines else []
     if outlines:
         handles.append(Line2D([], [], color="black", linewidth=2.0, label=outline_legend or "outlined"))
+    evidence_rings = [r * scale for r in _rings(evidence.geometry_l0)] if evidence is not None else []
     if evidence is not None:
-        for r in _rings(evidence.geometry_l0):
-            ax1.plot(r[:, 0] * scale, r[:, 1] * scale, color="magenta", linewidth=1.6, zorder=6)
+        for r in evidence_rings:
+            ax1.plot(r[:, 0], r[:, 1], color="magenta", linewidth=1.6, zorder=6)
         handles.append(Patch(facecolor="none", edgecolor="magenta", linewidth=1.6,
                              label=evidence.label or "call evidence"))
     legend = fig.legend(handles=handles, loc="outside lower center", ncols=legend_cols, fontsize="small",
@@ -415,7 +419,7 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
         text.set_parse_math(False)
     fig.suptitle(title, parse_math=False, fontsize="large")
     if outlines:
-        _label_outlines(fig, ax1, outlines, rings, "small")
+        _label_outlines(fig, ax1, outlines, rings, "small", keep_clear=evidence_rings)
     return fig
 
 
