@@ -272,6 +272,7 @@ def test_a_slide_skipped_as_busy_keeps_the_other_runs_results(tmp_path: Path, ex
     """A slide another run was writing (its results or its store) is an error row of this run, but not the
     slide's failure: its folder, which the other run has just written, must not be moved to stale/ (two infer runs
     on one run folder lost each other's results so)."""
+    from wsi_screen.screening.aggregate import STATUS_BUSY
     from wsi_screen.screening.outputs import STATUS_ERROR, SlideRow
     from wsi_screen.screening.run import set_aside_failed
 
@@ -279,7 +280,7 @@ def test_a_slide_skipped_as_busy_keeps_the_other_runs_results(tmp_path: Path, ex
     run = tmp_path / "run"
     shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("stores"))
     before = {f: (run / name / f).read_bytes() for f in runfolder.SLIDE_FILES}
-    set_aside_failed(run, [SlideRow(name, str(example_slide), status=STATUS_ERROR, error="busy", busy=True)])
+    set_aside_failed(run, [SlideRow(name, str(example_slide), status=STATUS_BUSY, error="busy")])
     assert {f: (run / name / f).read_bytes() for f in runfolder.SLIDE_FILES} == before
     assert not (run / name / "stale").exists()
     set_aside_failed(run, [SlideRow(name, str(example_slide), status=STATUS_ERROR, error="corrupt")])

@@ -79,7 +79,8 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     in OUT made otherwise (another encoder, --mpp, --size, --dtype) are kept: that slide fails with one line
     naming what differs, unless --overwrite. A slide that fails, or an input that is missing or holds no slide, is
     reported on one line and the others go on; the exit status is 1 if any failed, or if the inputs hold no slide
-    or store at all.
+    or store at all. A slide whose store another wsi-screen process is writing is skipped as busy (a warning, counted
+    apart, not a failure: that process writes the same store); rerun afterwards to pick it up.
 
     \b
     Examples:
@@ -122,13 +123,14 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     with run_log(out):
         results = embed_inputs(found, out, enc, config, tile, stores_dir=stores,
                                on_error="raise" if ctx.obj.get("debug") else "record")
-    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "busy", "failed")}
     patches = sum(r.n_patches for r in results if r.status == "done")
     log.debug("embedded %d patches", patches)
     if not ctx.obj.get("quiet"):
         what = (f"; {patches:,} patches of {size} px at {mpp:g} um/px -> {enc.identity.dim}-dim {dtype}"
                 if counts["done"] else "")
+        busy = f"{counts['busy']} busy in another process, " if counts["busy"] else ""
         click.echo(f"wsi-screen: {len(results)} slide(s): {counts['done']} embedded, {counts['skipped']} up to date, "
-                   f"{counts['failed']} failed{what} in {time.perf_counter() - started:.1f} s -> {out}", err=True)
+                   f"{busy}{counts['failed']} failed{what} in {time.perf_counter() - started:.1f} s -> {out}", err=True)
     if counts["failed"]:
         ctx.exit(1)

@@ -105,8 +105,10 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     slides scored from a --stores folder). A slide that fails (corrupt, unreadable, or crashing or hanging
     the slide reader, which runs in its own process) is a row with status=error and its reason, and results
     an earlier run left for it are moved to RUN/<slide>/stale/; the others still finish and the exit status
-    is 1. A slide without tissue has no call and is no failure: the closing lines count it apart. Details and
-    tracebacks go to RUN/wsi-screen.log.
+    is 1. A slide without tissue has no call and is no failure: the closing lines count it apart. Nor is a slide
+    another wsi-screen process is writing (its store or its results): it is skipped on one warning line, a row
+    with status=busy, counted apart as busy; rerun afterwards to pick it up. Details and tracebacks go to
+    RUN/wsi-screen.log.
 
     \b
     Examples:
@@ -147,7 +149,7 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
                             on_error="raise" if ctx.obj.get("debug") else "record", dask=runner)
     card = "wsi-screen models --card" + (f" {shlex.quote(str(model_dir))}" if model_dir else "")
     _print_table(summary, patch_um=classifier.spec.input_size * float(classifier.spec.mpp or 0), card=card)
-    if summary.failed:
+    if summary.failed:  # a slide skipped as busy is not a failure (its row and the closing line say so)
         ctx.exit(1)
 
 
@@ -159,6 +161,8 @@ def _print_table(summary: RunSummary, *, patch_um: float, card: str) -> None:
     from wsi_screen.screening import runfolder
     from wsi_screen.screening.aggregate import (
         AREA_UNIT,
+        NO_RESULT,
+        STATUS_ERROR,
         STATUS_NO_TISSUE,
         call_comparison,
         call_counts,
@@ -180,7 +184,8 @@ def _print_table(summary: RunSummary, *, patch_um: float, card: str) -> None:
         n = str(res.n_patches) if res else "-"
         pad = " " * (width - _display_width(r.name))
         if res is None:
-            click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>{sw}}  error: {in_user_words(r.error)}")
+            said = "error: " if r.status == STATUS_ERROR else ""  # busy: the reason says it was skipped
+            click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>{sw}}  {said}{in_user_words(r.error)}")
             continue
         focus = f"{res.largest_focus_mm:.2f}" if res.largest_focus_mm else "-"
         foci = str(res.n_foci) if res.score is not None else "-"
@@ -204,18 +209,20 @@ def _print_table(summary: RunSummary, *, patch_um: float, card: str) -> None:
         click.echo(f"OUT OF DOMAIN: {', '.join(outside)}: most patches are unlike the model's training data "
                    "(another tissue, stain or resolution?); their calls are kept but unreliable "
                    f"(`{card}`)")
-    counts = call_counts((r.result.diagnosis if r.result is not None else "error", bool(r.extra.get("out_of_domain")))
+    counts = call_counts((r.result.diagnosis if r.result is not None else r.status, bool(r.extra.get("out_of_domain")))
                          for r in rows)
     click.echo("calls: " + ", ".join(f"{n} {call}{out_of_domain_words(ood)}" for call, n, ood in counts))
-    scored = sum(r.status != "error" for r in rows)
+    scored = sum(r.status not in NO_RESULT for r in rows)
     empty = sum(r.status == STATUS_NO_TISSUE for r in rows)
     click.echo(f"{summary.reused} slide(s) reused from an earlier run with the same model, slide, resolution and "
                f"settings; {scored - summary.reused} (re)computed"
-               f"{f'; {empty} without a call (no tissue)' if empty else ''}; {summary.failed} failed")
+               f"{f'; {empty} without a call (no tissue)' if empty else ''}"
+               f"{f'; {summary.busy} busy in another process (skipped: rerun afterwards)' if summary.busy else ''}"
+               f"; {summary.failed} failed")
     click.echo(f"results: {summary.run / runfolder.RESULTS_CSV}")
     click.echo(f"report: {summary.run / runfolder.REPORT_HTML}")
     for r in rows:
-        if r.status != "error":
+        if r.status not in NO_RESULT:
             click.echo(f"heatmap: {summary.run / r.name / runfolder.HEATMAP_PNG}")
 
 

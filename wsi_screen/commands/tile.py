@@ -77,7 +77,8 @@ def tile(slides: tuple[str, ...], out: str, mpp: float, size: int, overlap: int,
     and tissue mask, and the full provenance (see docs/store.md). Complete, matching stores are skipped,
     so an interrupted run resumes where it stopped. A slide that fails (corrupt, unreadable, or crashing or
     hanging the slide reader, which runs in its own process) is reported on one line and the rest are
-    still tiled; the exit status is 1 if any slide failed. Details and tracebacks go to OUT/wsi-screen.log.
+    still tiled; the exit status is 1 if any slide failed. A store another wsi-screen process is writing is
+    skipped on one warning line and counted busy, not failed. Details and tracebacks go to OUT/wsi-screen.log.
     SLIDES that hold no slide at all are one error line (exit status 1), and OUT is not created.
 
     \b

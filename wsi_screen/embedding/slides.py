@@ -11,9 +11,10 @@ Per slide, as ``tile`` and ``infer`` do: a complete feature store made with the 
 dtype, the patch store's settings) is skipped; one made otherwise is refused, naming what differs, unless
 ``overwrite`` (it may be GPU-hours of a foundation encoder); a slide that fails becomes one line and the run goes
 on. A feature store is written under the lock a patch store's writer takes
-(:func:`~wsi_screen.tiling.store.store_lock`): one that another process is writing fails its slide
-(:class:`~wsi_screen.errors.StoreLockedError`), and where the lock cannot be taken because its folder cannot be
-written, a complete, current one is reused without it, as a patch store is.
+(:func:`~wsi_screen.tiling.store.store_lock`): a slide whose feature store or patch store another process is
+writing is skipped as ``busy`` (a warning, not a failure: that process writes the same store), and where the lock
+cannot be taken because its folder cannot be written, a complete, current one is reused without it, as a patch
+store is.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from wsi_screen.embedding.features import (
     read_attrs,
     write_feature_store,
 )
-from wsi_screen.errors import ConfigError, ModelMismatchError, RunError
+from wsi_screen.errors import ConfigError, ModelMismatchError, RunError, StoreLockedError
 from wsi_screen.models.encoder import Encoder
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import DiscoveryProblem, SlideSource, discover, nothing_found
@@ -69,7 +70,8 @@ class EmbedConfig:
 
 @dataclass
 class EmbedResult:
-    """One slide's outcome: ``done``, ``skipped`` (up to date) or ``failed`` (``message`` says why)."""
+    """One slide's outcome: ``done``, ``skipped`` (up to date), ``busy`` (another process is writing its patch or
+    feature store: skipped, not failed) or ``failed`` (``message`` says why)."""
 
     name: str
     source: str
@@ -213,6 +215,9 @@ def _absolute(location: str) -> str:
 def _failed(name: str, source: str, exc: Exception, on_error: OnError) -> EmbedResult:
     if on_error == "raise":
         raise exc
+    if isinstance(exc, StoreLockedError):  # another process writes this very store: skipped, as tile does
+        log.warning("%s", exc)
+        return EmbedResult(name, source, "busy", message=str(exc))
     message, trace = failure_message(source, exc)
     log.error("%s", message)
     runlog.record_traceback(name, trace)
@@ -286,6 +291,9 @@ def _embed_slide(source: SlideSource, stores: str, out: Path, encoder: Encoder, 
         if changed:
             return _failed(source.name, str(source.path), kept(target, changed), on_error)
     tiled = tile_isolated(call, source, stores, tile, on_error=on_error)
+    if tiled.status == "locked":  # another process is tiling its patch store: skipped, as tile does
+        log.warning("%s", tiled.message)
+        return EmbedResult(source.name, str(source.path), "busy", message=tiled.message)
     if not tiled.ok:
         message = tiled.message or f"tiling {tiled.status}"
         log.error("%s", message)

@@ -63,8 +63,11 @@ RULES = ("mean", "max", "topk", "fraction", "smoothmax", "region")
 SPATIAL_RULES = ("smoothmax", "region")
 #: diagnosis and status of a slide without tissue patches
 NO_TISSUE = "no tissue"
-#: a slide's status in results.csv: scored, no tissue to score, or failed
-STATUS_OK, STATUS_NO_TISSUE, STATUS_ERROR = "ok", NO_TISSUE, "error"
+#: a slide's status in results.csv: scored, no tissue to score, failed, or skipped because another wsi-screen process
+#: was writing its store or results (not a failure: a rerun picks it up)
+STATUS_OK, STATUS_NO_TISSUE, STATUS_ERROR, STATUS_BUSY = "ok", NO_TISSUE, "error", "busy"
+#: the statuses of a slide without results in the run (no slide folder of this run, no call)
+NO_RESULT = (STATUS_ERROR, STATUS_BUSY)
 #: how many of the highest-scoring patch indices a SlideResult keeps
 N_TOP = 10
 
@@ -236,9 +239,9 @@ def foci_count(n: int) -> str:
 
 
 def call_counts(calls: Iterable[tuple[str, bool]]) -> list[tuple[str, int, int]]:
-    """``(call, slides, of them out of domain)`` by call (a diagnosis, "no tissue" or "error"), in name order, from
-    each slide's ``(call, out_of_domain)``: what the report's summary boxes and `infer`'s closing lines count (a
-    slide out of domain keeps its call, which should not be trusted, so it is counted apart within it)."""
+    """``(call, slides, of them out of domain)`` by call (a diagnosis, "no tissue", "error" or "busy"), in name
+    order, from each slide's ``(call, out_of_domain)``: what the report's summary boxes and `infer`'s closing lines
+    count (a slide out of domain keeps its call, which should not be trusted, so it is counted apart within it)."""
     found: dict[str, list[int]] = {}
     for call, outside in calls:
         n = found.setdefault(call, [0, 0])

@@ -26,6 +26,7 @@ from wsi_screen.metrics import RocCurve, binary_view, few_positives, plot_roc, r
 from wsi_screen.models import PatchClassifier
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.aggregate import (
+    NO_RESULT,
     NO_TISSUE,
     STATUS_ERROR,
     STATUS_NO_TISSUE,
@@ -65,8 +66,6 @@ class SlideRow:
     top: tuple[int, int, float] | None = None
     label: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-    #: failed only because another process was writing the slide's store or results (not the slide's failure)
-    busy: bool = False
 
 
 def call_context(name: str, spec: Any, aggregate: AggregateConfig | None, result: SlideResult | None,
@@ -226,7 +225,7 @@ def write_results(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, m
         table.append({
             "slide": r.name, "status": r.status, "n_patches": res.n_patches if res else "",
             "score": f"{res.score:.6f}" if res and res.score is not None else "",
-            "diagnosis": res.diagnosis if res else "error",
+            "diagnosis": res.diagnosis if res else r.status,
             "rule": aggregate.rule, "threshold": f"{aggregate.slide_threshold:.6g}",
             "metastasis": res.metastasis if res and res.score is not None else "",
             "largest_focus_mm": _mm(res.largest_focus_mm) if res else "",
@@ -309,7 +308,7 @@ def scored_from(rows: Sequence[SlideRow]) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     for r in sorted(rows, key=lambda r: r.name):
         pixels = r.extra.get("store_pixels")
-        if r.status == STATUS_ERROR or not pixels:
+        if r.status in NO_RESULT or not pixels:
             continue
         same = next((f for f in found if f["pixels"] == pixels["pixels"] and f["codec"] == pixels["codec"]), None)
         if same is None:

@@ -40,6 +40,7 @@ from wsi_screen.errors import WsiScreenError
 from wsi_screen.metrics import rate_words
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.aggregate import (
+    NO_RESULT,
     call_comparison,
     call_counts,
     call_patch_threshold,
@@ -266,16 +267,16 @@ def slides_table(view: RunView) -> str:
                    for name, num in cols)
     body = []
     for i, r in enumerate(view.results):
-        cls = "err" if r["status"] == "error" else ("pos" if r["diagnosis"] == view.positive_class else "")
+        cls = "err" if r["status"] in NO_RESULT else ("pos" if r["diagnosis"] == view.positive_class else "")
         cls += " ood" if r.get("out_of_domain") == "true" else ""
         disagrees = r.get("label_agrees") == "false"
         cls += " disagree" if disagrees else ""
         cells = []
         for name, num in cols:
             value = r.get(name, "")
-            if name == "slide" and r["status"] != "error":
+            if name == "slide" and r["status"] not in NO_RESULT:
                 shown = f'<a href="#s{i}">{_html(value)}</a>'
-            elif name == "diagnosis" and r["status"] == "error":
+            elif name == "diagnosis" and r["status"] in NO_RESULT:
                 shown = _error(r.get("error", ""), r.get("source", ""))
             elif name == "label" and disagrees:
                 shown = (f'{_html(value)} <span class="disagree-flag" title="the call is not the label">'
@@ -375,8 +376,8 @@ def render_report(run: str | Path) -> str:
     info = view.info
     model = info.get("model", {})
     agg = info.get("aggregate", {})
-    counts = call_counts((r["diagnosis"] if r["status"] != "error" else "error", r.get("out_of_domain") == "true")
-                         for r in view.results)
+    counts = call_counts((r["status"] if r["status"] in NO_RESULT else r["diagnosis"],
+                          r.get("out_of_domain") == "true") for r in view.results)
     cards = "".join(f'<div class="card"><b>{n}</b>{_html(k + out_of_domain_words(ood))}</div>'
                     for k, n, ood in counts)
     patch_threshold = call_patch_threshold(agg)
@@ -417,7 +418,7 @@ def render_report(run: str | Path) -> str:
         if roc.exists():
             parts.append(_img(roc.read_bytes(), "slide-level ROC curve"))
     for i, row in enumerate(view.results):
-        if row["status"] != "error":
+        if row["status"] not in NO_RESULT:
             parts.append(_slide_section(view, i, row, digits))
     provenance = json.dumps(_for_people(info), indent=2, default=str)
     parts.append(f'<h2>Provenance</h2><p class="muted">Numbers rounded and paths normalised for reading; '

@@ -38,6 +38,8 @@ from wsi_screen.models.device import device_info
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
 from wsi_screen.screening import runfolder, startup
 from wsi_screen.screening.aggregate import (
+    NO_RESULT,
+    STATUS_BUSY,
     STATUS_ERROR,
     AggregateConfig,
     check_k,
@@ -136,6 +138,11 @@ class RunSummary:
     @property
     def failed(self) -> int:
         return sum(r.status == STATUS_ERROR for r in self.rows)
+
+    @property
+    def busy(self) -> int:
+        """Slides skipped because another wsi-screen process was writing their store or results (not failed)."""
+        return sum(r.status == STATUS_BUSY for r in self.rows)
 
     @property
     def reused(self) -> int:
@@ -310,7 +317,7 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
 
     screened = time.perf_counter()
     for row in rows:
-        if row.status != STATUS_ERROR:
+        if row.status not in NO_RESULT:
             before = time.perf_counter()
             aggregate_row(run, row, classifier, aggregate)
             seconds = row.extra.setdefault("seconds", {})
@@ -339,7 +346,7 @@ def warn_lossy_stores(rows: Sequence[SlideRow]) -> None:
     default codec. Their patch grid is the slide's, their pixels are not quite, so their scores differ from a run on
     the slide, enough to change a slide's out-of-domain flag or a call near its threshold; lz4 and coordinates-only
     stores give exactly its scores (docs/store.md)."""
-    lossy = [r for r in rows if r.status != STATUS_ERROR and runfolder.lossy_pixels(r.extra.get("store_pixels"))]
+    lossy = [r for r in rows if r.status not in NO_RESULT and runfolder.lossy_pixels(r.extra.get("store_pixels"))]
     if not lossy:
         return
     codecs = sorted({(str(c["name"]), c.get("quality")) for r in lossy for c in [r.extra["store_pixels"]["codec"]]})
@@ -376,7 +383,7 @@ def set_aside_failed(run: Path, rows: Sequence[SlideRow]) -> None:
     A slide this run skipped as busy (another process writing it into the same run folder) is left alone: what
     that process writes is current."""
     for row in rows:
-        if row.status != STATUS_ERROR or row.busy:  # busy: the other process is writing this slide's results now
+        if row.status != STATUS_ERROR:  # busy: the other process is writing this slide's results now
             continue
         try:
             stale = runfolder.set_aside(run, row.name)
@@ -460,9 +467,12 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
     tiled = time.perf_counter()
     opened = result.stages.get("open", 0.0)
     seconds = row.extra["seconds"] = {"open": round(opened, 3), "tile": round(tiled - start - opened, 3)}
+    if result.status == "locked":  # another process is writing its store: skipped, not failed
+        row.status, row.error = STATUS_BUSY, result.message
+        log.warning("%s", row.error)
+        return row
     if not result.ok:  # no store of this slide was made or kept (none at all when it failed before tiling)
         row.status, row.error = STATUS_ERROR, result.message or f"tiling {result.status}"
-        row.busy = result.status == "locked"
         log.error("%s", row.error)
         runlog.record_traceback(source.name, result.traceback)
         return row
@@ -486,8 +496,11 @@ def screen_slide(source: SlideSource, job: SlideJob, classifier: PatchClassifier
     except Exception as exc:  # the per-slide boundary: one slide's failure (a disk error too) ends only it
         if job.on_error == "raise":
             raise
+        if isinstance(exc, (SlideBusyError, StoreLockedError)):  # another process is writing it: skipped
+            row.status, row.error = STATUS_BUSY, str(exc)
+            log.warning("%s", row.error)
+            return row
         row.status = STATUS_ERROR
-        row.busy = isinstance(exc, (SlideBusyError, StoreLockedError))
         if isinstance(exc, OSError) and not isinstance(exc, WsiScreenError):
             row.error = str(write_failed(job.run / source.name, exc))
         else:
@@ -600,7 +613,7 @@ def _screen_on_dask(dask: DaskRunner, sources: Sequence[SlideSource], job: Slide
         if row.store == store_location(remote_job.stores, s.name):
             row.store = store_location(job.stores, s.name)
         folder = runfolder.slide_dir(job.run, s.name) / runfolder.SLIDE_JSON
-        if row.status != STATUS_ERROR and not folder.exists():
+        if row.status not in NO_RESULT and not folder.exists():
             row.status, row.error = STATUS_ERROR, (
                 f"{folder.parent}: written by a Dask worker but not visible here; the run folder must be on a "
                 "filesystem shared by this machine and every worker (see docs/cluster.md)")

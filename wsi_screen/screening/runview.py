@@ -16,6 +16,7 @@ import numpy as np
 
 from wsi_screen.errors import RunError, WsiScreenError
 from wsi_screen.screening import runfolder
+from wsi_screen.screening.aggregate import NO_RESULT
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class RunView:
     @property
     def slides(self) -> list[str]:
         """Names of the slides that have a result folder (status ok or no tissue)."""
-        return [r["slide"] for r in self.results if r["status"] != "error"]
+        return [r["slide"] for r in self.results if r["status"] not in NO_RESULT]
 
     @property
     def positive_class(self) -> str:
