@@ -497,3 +497,28 @@ def test_a_sub_second_training_is_timed_in_tenths(pcam_small: Path, head_model: 
     recorded = json.loads((tmp_path / "m" / "config.json").read_text())["train_config"]["seconds"]
     assert 0 < training < 10 and abs(training - recorded) <= 0.1, (training, recorded)
     assert [duration(s) for s in (0.04, 0.43, 9.9, 9.96, 12.6, 125.2)] == ["0.0", "0.4", "9.9", "10", "13", "125"]
+
+
+def test_tune_searches_a_heads_settings_on_the_cached_embeddings(pcam_small: Path, head_model: tuple[Path, Path],
+                                                                  tmp_path: Path) -> None:
+    """`tune --encoder E --head mlp` trains one head per setting on the embeddings `train` cached (read once, by
+    every trial; the encoder never embeds an image again); before, tune had no --encoder and trained whole
+    networks only."""
+    folder, cache = head_model
+    before = sorted(p.name for p in cache.glob("*.safetensors"))
+    res = run_cli("tune", pcam_small, "--encoder", "default", "--head", "mlp", "--mpp", "0.972", "--epochs", "3",
+                  "--lr", "1e-4,1e-3", "--embedding-cache", cache, "-o", tmp_path / "tune", "-q")
+    assert res.code == 0, res
+    assert sorted(p.name for p in cache.glob("*.safetensors")) == before  # the same cache file, not a new one
+    cached = load_model(folder).spec.train_config["embeddings"]["cache"]
+    with (tmp_path / "tune" / "trials.csv").open(newline="") as fh:
+        trials = list(csv.DictReader(fh))
+    assert [t["lr"] for t in trials] == ["0.0001", "0.001"]
+    for t in trials:
+        spec = json.loads((Path(t["model_dir"]) / "config.json").read_text())
+        assert (spec["arch"], spec["head"]["kind"]) == ("default+mlp", "mlp")
+        assert spec["train_config"]["lr"] == float(t["lr"])
+        assert spec["train_config"]["embeddings"]["cache"] == cached and spec["train_config"]["embeddings"]["reused"]
+    best = load_model(tmp_path / "tune" / "best", precision="fp32").spec
+    assert best.encoder is not None and best.encoder["name"] == "default" and best.head is not None
+    assert best.head["kind"] == "mlp" and best.metrics["auc"] > 0.8

@@ -41,7 +41,8 @@ def dataset_options(func: F) -> F:
 
 def training_options(*, with_encoder: bool) -> Callable[[F], F]:
     """Options shared by ``train`` and ``tune`` (everything except the searchable optimiser settings);
-    ``with_encoder``: the command also has ``--encoder``, which replaces ``--arch``."""
+    ``with_encoder``: the command also has ``--encoder`` (which replaces ``--arch``), ``--weights``, ``--head`` and
+    ``--embedding-cache``: a head trained on a frozen encoder's cached embeddings."""
     return functools.partial(_add_training_options, with_encoder=with_encoder)
 
 
@@ -131,6 +132,17 @@ def _add_training_options(func: F, *, with_encoder: bool) -> F:
         click.option("--overwrite", is_flag=True, help="Replace a model already in the output folder."),
         device_option,
     ]
+    if with_encoder:
+        options += [
+            encoder_options(required=False, what="Train only a head on this frozen encoder's embeddings (computed "
+                            "once, cached; replaces --arch; docs/encoders.md)"),
+            click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True,
+                         help="The head trained on --encoder's embeddings (mlp: one hidden layer of 256); needs "
+                              "--encoder."),
+            click.option("--embedding-cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                         help="Where --encoder's dataset embeddings are cached (default: "
+                              "$WSI_SCREEN_CACHE/embeddings, else ~/.cache/wsi-screen/embeddings)."),
+        ]
     func = dataset_options(func)
     for option in reversed(options):
         func = option(func)
@@ -165,6 +177,8 @@ def config_kwargs(params: dict[str, Any]) -> dict[str, Any]:
         "workers": params["workers"], "cache_limit_mb": params["cache_limit"], "compile": params["compile_"],
         "overwrite": params["overwrite"], "recipe": params["recipe"], "folds": params["folds"],
         "overrides": explicit_options(ctx), "device": params["device"],
+        # a head on a frozen encoder (commands with `training_options(with_encoder=True)`)
+        **{k: params[k] for k in ("encoder", "encoder_weights", "head", "embedding_cache") if k in params},
     }
 
 
@@ -230,13 +244,6 @@ def set_threads(threads: int) -> None:
               help="Peak learning rate (default 1e-3 for adam/adamw, 0.01 for sgd; 1e-4 for a head on --encoder).")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
               help="Weight decay, not applied to biases and norms (default 0.05 adamw, 0 adam, 1e-4 sgd).")
-@encoder_options(required=False, what="Train only a head on this frozen encoder's embeddings (computed "
-                 "once, cached; replaces --arch; docs/encoders.md)")
-@click.option("--head", type=click.Choice(["linear", "mlp"]), default="linear", show_default=True,
-              help="The head trained on --encoder's embeddings (mlp: one hidden layer of 256); needs --encoder.")
-@click.option("--embedding-cache", type=click.Path(file_okay=False), default=None, metavar="DIR",
-              help="Where --encoder's dataset embeddings are cached (default: $WSI_SCREEN_CACHE/embeddings, else "
-                   "~/.cache/wsi-screen/embeddings).")
 @click.option("--restart", is_flag=True,
               help="Start over, ignoring the checkpoint an interrupted run left in MODEL_DIR (by default the "
                    "same command resumes a single-split run after its last finished epoch; cross-validated "
@@ -287,9 +294,7 @@ def train(**params: Any) -> None:
 
     config = TrainConfig(**config_kwargs(params), batch_size=params["batch_size"],
                          optimizer=params["optimizer"], lr=params["lr"], weight_decay=params["weight_decay"],
-                         restart=params["restart"], encoder=params["encoder"],
-                         encoder_weights=params["encoder_weights"], head=params["head"],
-                         embedding_cache=params["embedding_cache"])
+                         restart=params["restart"])
     started = time.perf_counter()
     result = run_training(params["dataset"], params["out"], config)
     click.echo(f"{result.model_dir}: {', '.join(result_parts(result.spec, result.best_epoch, len(result.history)))}; "

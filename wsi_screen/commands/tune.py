@@ -29,12 +29,13 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 @click.command(short_help="Search training settings on validation; keep the best model.")
-@training_options(with_encoder=False)
+@training_options(with_encoder=True)
 @click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), metavar="TUNE_DIR",
               help="Folder for trials.csv, tune.json, trials/NNN/ and best/ (the chosen model).")
 @click.option("--lr", "lrs", default=None, metavar="LIST",
               help="Learning rates to try, comma-separated (e.g. 1e-3,3e-4; default: as for train, the recipe's, "
-                   "else each optimiser's own; with --optimizer given, each optimiser's own).")
+                   "else each optimiser's own; with --optimizer given, each optimiser's own; a head's on --encoder: "
+                   "1e-4).")
 @click.option("--batch-size", "batch_sizes", default=None, metavar="LIST",
               help="Batch sizes to try (e.g. 32,64; default: not searched, 64 as for train).")
 @click.option("--optimizer", "optimizers", default=None, metavar="LIST",
@@ -56,10 +57,16 @@ def tune(**params: Any) -> None:
     best validation score (--monitor; AUC for two classes) is copied to TUNE_DIR/best, a model folder
     like `wsi-screen train` writes. The test split is never used. All other options are as for train.
 
+    With --encoder (and --head linear or mlp), as for train, every trial trains only a head on the encoder's
+    embeddings of the train and valid images: they are computed once, in the cache train uses
+    (--embedding-cache), and every trial (and a later train or tune of the same data and encoder) reads them
+    from it. --lr defaults to the head's 1e-4.
+
     \b
-    Example:
+    Examples:
       wsi-screen tune herlev/ --arch screen_cnn32 --label-column binary_label \\
           --lr 1e-3,3e-4 --batch-size 32,64 --optimizer sgd,adam -o tune/herlev
+      wsi-screen tune pcam/ --encoder default --head mlp --mpp 0.972 --lr 1e-4,1e-3 -o tune/probe
     """
     configure_output()
     set_threads(params["threads"])

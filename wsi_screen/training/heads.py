@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,11 @@ from wsi_screen.models import CONFIG_NAME, ModelSpec, save_model
 from wsi_screen.models.card import write_card
 from wsi_screen.models.device import resolve_device
 from wsi_screen.models.domain import DOMAIN_CONFIG, DOMAIN_WEIGHTS
-from wsi_screen.models.encoder import load_encoder
+from wsi_screen.models.encoder import EncoderIdentity, load_encoder
 from wsi_screen.models.head import Head, head_record
 from wsi_screen.training.config import TrainConfig, TrainResult
-from wsi_screen.training.data import file_digests, fingerprint, write_split_csv
-from wsi_screen.training.embeddings import cache_folder, dataset_embeddings
+from wsi_screen.training.data import PatchFolder, Split, file_digests, fingerprint, write_split_csv
+from wsi_screen.training.embeddings import DatasetEmbeddings, cache_folder, dataset_embeddings
 from wsi_screen.training.evaluate import write_evaluation
 from wsi_screen.training.inputs import HISTORY_COLUMNS, log_resizing, read_split, resolve_mpp, resolve_size
 from wsi_screen.training.loop import (
@@ -70,13 +70,46 @@ HEAD_LR = 1e-4
 def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) -> TrainResult:
     """Train ``config.head`` on ``config.encoder``'s embeddings of ``dataset`` and write the model folder. The
     encoder runs on ``config.device`` (mixed precision on a CUDA GPU); the head trains on the CPU (seconds)."""
+    config = for_head(config)
+    refuse_existing_model(Path(out_dir), config)
+    return fit_head(prepare_head_data(dataset, config), config, out_dir)
+
+
+def for_head(config: TrainConfig) -> TrainConfig:
+    """``config`` as a head trains with it: the learning rate :data:`HEAD_LR` unless one is given."""
+    if config.encoder is None:
+        raise ConfigError("a head needs an encoder")
+    return replace(config, lr=HEAD_LR) if config.lr is None else config
+
+
+@dataclass(frozen=True)
+class HeadData:
+    """What every head trained on one dataset and encoder shares: the split, the encoder's identity and the
+    embeddings of the train and valid images (read from the cache, or computed once and cached)."""
+
+    folder: PatchFolder
+    split: Split
+    classes: list[str]
+    positive: str | None
+    size: int
+    sizes: dict[tuple[int, int], int]
+    mpp: float | None
+    data_fingerprint: str
+    identity: EncoderIdentity
+    precision: str
+    device: torch.device
+    cache_dir: Path
+    embeddings: DatasetEmbeddings
+    embedding_seconds: float
+
+
+def prepare_head_data(dataset: str | Path, config: TrainConfig) -> HeadData:
+    """Read and split ``dataset`` (never its test split), load ``config.encoder`` and embed the train and valid
+    images (the cache :func:`~wsi_screen.training.embeddings.dataset_embeddings` keeps: a rerun, or every trial of
+    a search, reads them from it)."""
     reference = config.encoder
     if reference is None:
         raise ConfigError("a head needs an encoder")
-    if config.lr is None:
-        config = replace(config, lr=HEAD_LR)
-    out = Path(out_dir)
-    refuse_existing_model(out, config)
     torch_device = resolve_device(config.device)
     encoder = load_encoder(reference, weights=config.encoder_weights, device=torch_device,
                            precision="auto" if torch_device.type == "cuda" else "fp32")
@@ -96,6 +129,18 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
     embedding_started = time.perf_counter()
     emb = dataset_embeddings(encoder, folder, split.train, split.valid, size=size, digests=digests,
                              cache_dir=cache_dir, workers=max(1, config.workers))
+    return HeadData(folder=folder, split=split, classes=list(classes), positive=positive, size=size, sizes=sizes,
+                    mpp=mpp, data_fingerprint=data_fp, identity=identity, precision=encoder.precision,
+                    device=torch_device, cache_dir=cache_dir, embeddings=emb,
+                    embedding_seconds=time.perf_counter() - embedding_started)
+
+
+def fit_head(data: HeadData, config: TrainConfig, out_dir: str | Path) -> TrainResult:
+    """Train ``config.head`` on ``data``'s embeddings, choose on validation, and write the model folder ``out_dir``
+    (``config`` as :func:`for_head` makes it)."""
+    out = Path(out_dir)
+    folder, split, classes, positive, emb = data.folder, data.split, data.classes, data.positive, data.embeddings
+    size, sizes, mpp, identity = data.size, data.sizes, data.mpp, data.identity
     started = time.perf_counter()  # the head's training, as a whole network's excludes decoding its images
     train_y = torch.from_numpy(folder.label_indices(classes, split.train))
     valid_y = folder.label_indices(classes, split.valid)
@@ -119,18 +164,18 @@ def train_head(dataset: str | Path, out_dir: str | Path, config: TrainConfig) ->
     seconds = time.perf_counter() - started
     record = head_record(config.head, identity.dim)
     resolved = config.applied()
-    resolved.update(embedding_cache=str(cache_dir))  # the folder used: the default one when none was named
+    resolved.update(embedding_cache=str(data.cache_dir))  # the folder used: the default one when none was named
     resolved.update(size=size, lr=config.resolved_lr, weight_decay=config.resolved_weight_decay, monitor=monitor,
                     best_epoch=best_epoch, stopped_early=stopped, seconds=round(seconds, 1),
                     embeddings={"cache": str(emb.path), "reused": emb.reused,
-                                "seconds": round(started - embedding_started, 1)})
-    resolved.update(run_environment(torch_device, encoder.precision))  # the head trains in float32, on the CPU
+                                "seconds": round(data.embedding_seconds, 1)})
+    resolved.update(run_environment(data.device, data.precision))  # the head trains in float32, on the CPU
     spec = ModelSpec(
         arch=f"{identity.name}+{config.head}", classes=list(classes), input_size=size, positive_class=positive,
         mpp=mpp, mean=identity.mean, std=identity.std, stain_method=config.stain_method,
         stain_target=config.stain_target, threshold=threshold,
         threshold_rule=str(rule) if positive is not None else "argmax",
-        metrics={k: v for k, v in metrics.items() if k != "classes"}, data_fingerprint=data_fp,
+        metrics={k: v for k, v in metrics.items() if k != "classes"}, data_fingerprint=data.data_fingerprint,
         data={"dataset": str(folder.root.resolve()), "layout": folder.layout, "label_column": folder.label_column,
               "group_column": folder.group_column, "split": split.description, "split_source": split.source,
               "n_train": len(split.train), "n_valid": len(split.valid),

@@ -1,15 +1,19 @@
 """Hyper-parameter search: a grid (or a seeded random subset of it), chosen on validation only.
 
 The dataset is read, split and decoded once; every trial trains with the same split and seed, so trials
-differ only in their settings. Each trial writes a model folder under ``TUNE_DIR/trials/NNN``; the best
-by the validation monitor (ties: the earlier trial) is copied to ``TUNE_DIR/best``. ``trials.csv`` is the
-table of trials and ``tune.json`` the search and its choice. The test split is never read. A search does not
-resume: interrupted, it says that a rerun needs ``overwrite`` (:data:`NOT_RESUMED`).
+differ only in their settings. With ``encoder`` (a head on a frozen encoder, as ``train`` trains one), the
+encoder embeds the train and valid images once (the cache ``train`` uses, :mod:`wsi_screen.training.embeddings`)
+and every trial trains only the head on those embeddings. Each trial writes a model folder under
+``TUNE_DIR/trials/NNN``; the best by the validation monitor (ties: the earlier trial) is copied to
+``TUNE_DIR/best``. ``trials.csv`` is the table of trials and ``tune.json`` the search and its choice. The test
+split is never read. A search does not resume: interrupted, it says that a rerun needs ``overwrite``
+(:data:`NOT_RESUMED`).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import logging
@@ -17,7 +21,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,8 @@ from typing import Any
 from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import ConfigError
 from wsi_screen.models.spec import WEIGHTS_NAME
-from wsi_screen.training.train import TrainConfig, fit, for_data, prepare_data
+from wsi_screen.training.heads import fit_head, for_head, prepare_head_data
+from wsi_screen.training.train import TrainConfig, TrainResult, fit, for_data, prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +100,16 @@ def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: Map
     for name in ("trials", "best"):
         if base.overwrite and (out / name).exists():
             shutil.rmtree(out / name)
-    data = prepare_data(dataset, base)
     searched = tuple(k for k, v in space.items() if v is not None and k not in base.overrides)
-    base = for_data(replace(base, overrides=(*base.overrides, *searched)), data)  # the recipe never sets them
+    base = replace(base, overrides=(*base.overrides, *searched))  # the recipe never sets them
+    trainer: Callable[[TrainConfig, Path], TrainResult]
+    if base.encoder is not None:  # a head: the embeddings are made (or read from the cache) once, for every trial
+        base = for_head(base)
+        trainer = functools.partial(fit_head, prepare_head_data(dataset, base))
+    else:
+        data = prepare_data(dataset, base)
+        base = for_data(base, data)
+        trainer = functools.partial(fit, data)
     settings = expand({k: [getattr(base, k)] if v is None else v for k, v in space.items()}, search=search,
                       trials=trials, seed=base.seed)
     log.info("%d trials (%s search over %s)", len(settings), search,
@@ -110,7 +122,7 @@ def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: Map
         log.info("trial %d/%d: %s", index, len(settings), _describe(params))
         started = time.perf_counter()
         try:
-            result = fit(data, config, trial_dir)
+            result = trainer(config, trial_dir)
         except KeyboardInterrupt as exc:
             exc.add_note(NOT_RESUMED)
             raise
