@@ -44,3 +44,21 @@ def test_the_notebook_shows_the_runs_call_at_its_threshold(demo_run: Path) -> No
     assert views_key(ctx) == drawn_with(demo_run / "CMU-1-Small-Region" / "heatmap.png")
     assert runview.rule_summary(view) == ("slide call: region score >= 0.0479 mm² (largest region at p >= 0.8); "
                                           "pictures and foci at p >= 0.8 (the call's patch threshold)")
+
+
+def test_the_distribution_draws_every_slides_highest_patch(synthetic_run: Path) -> None:
+    """The normal slides' few patches at the call's patch threshold lie beyond their box's whiskers: the plot
+    draws them (as outliers), so no slide reads as if no patch reached the threshold."""
+    view = runview.open_run(synthetic_run)
+    ax = runview.distribution_figure(view).axes[1]
+    names = [t.get_text() for t in ax.get_yticklabels()]
+    assert sorted(names) == sorted(view.slides)
+    beyond = 0
+    for row, name in enumerate(names, start=1):
+        p = view.positive_probs(name)
+        drawn = np.concatenate([np.asarray(line.get_xdata(), float) for line in ax.lines
+                                if np.allclose(np.asarray(line.get_ydata(), float), row, atol=0.5)])
+        assert np.isclose(drawn.max(), p.max(), atol=1e-6), (name, drawn.max(), p.max())
+        q1, q3 = np.percentile(p, [25, 75])
+        beyond += int(p.max() > q3 + 1.5 * (q3 - q1))
+    assert beyond >= 1  # at least one slide's highest patch is an outlier (three normal ones, on this cohort)

@@ -230,7 +230,9 @@ def gallery_figure(view: RunView, slide: str, n: int = 8) -> Any:
 
 def distribution_figure(view: RunView) -> Any:
     """Slide scores by diagnosis with the slide threshold (left) and each slide's patch-probability distribution
-    with the patch threshold the call read (right)."""
+    with the patch threshold the call read (right). Every patch beyond the box's whiskers is drawn as a dot: on a
+    slide of thousands of patches those at the call's patch threshold are such outliers, and a plot without them
+    would show none of the patches the foci and the call are made of."""
     from wsi_screen.screening.aggregate import call_patch_threshold, call_patch_threshold_name
 
     fig = _figure(11, 4.5)
@@ -253,7 +255,8 @@ def distribution_figure(view: RunView) -> Any:
     names = [r["slide"] for r in scored]
     data = [view.positive_probs(n) for n in names]
     if data:
-        ax1.boxplot(data, orientation="horizontal", tick_labels=names, showfliers=False)
+        ax1.boxplot(data, orientation="horizontal", tick_labels=names,
+                    flierprops={"marker": ".", "markersize": 3, "alpha": 0.5})
     patch = call_patch_threshold(agg)
     if patch is not None:
         who = call_patch_threshold_name(agg.get("rule"))
