@@ -299,6 +299,17 @@ def few_positives(n_positive: int, what: str) -> str | None:
     return f"only {n_positive} positive slide(s): {what}, which takes at least {ADVISED_POSITIVES} to mean much"
 
 
+def one_class_words(n_positive: int, n_negative: int) -> str | None:
+    """Why labelled slides of one class give no AUC and one rate only: ``no positive slide among the 2 labelled
+    ones: no AUC and no sensitivity, the specificity only``; None when both classes are there."""
+    if n_positive and n_negative:
+        return None
+    missing, rate = ("positive", "specificity") if not n_positive else ("negative", "sensitivity")
+    other = "specificity" if rate == "sensitivity" else "sensitivity"
+    return (f"no {missing} slide among the {n_positive + n_negative} labelled ones: no AUC and no {other}, the "
+            f"{rate} only")
+
+
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score 95 % interval of a proportion, within [0, 1]. None correct gives a low end of exactly 0 and all
     correct a high end of exactly 1 (what the formula gives exactly; in floating point it leaves 6.9e-18 or
@@ -356,6 +367,12 @@ def rate_intervals(counts: Mapping[str, int]) -> dict[str, list[float] | None]:
     tp, fn, tn, fp = (int(counts[k]) for k in ("tp", "fn", "tn", "fp"))
     return {"sensitivity_ci95": list(wilson(tp, tp + fn)) if tp + fn else None,
             "specificity_ci95": list(wilson(tn, tn + fp)) if tn + fp else None}
+
+
+def auc_words(metrics: Mapping[str, Any]) -> str:
+    """An AUC as people read it: ``0.935``; ``n/a`` where undefined (labels of one class only)."""
+    value = metrics.get("auc")
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def rate_words(metrics: Mapping[str, Any], key: str) -> str:

@@ -311,6 +311,31 @@ def test_a_rerun_without_labels_drops_the_earlier_runs_slide_metrics(tmp_path: P
     assert read_results(run)["CMU-1-Small-Region"]["label"] == ""
 
 
+def test_labels_of_one_class_give_the_one_rate_and_say_why(tmp_path: Path, example_slide: Path,
+                                                          demo_run: Path) -> None:
+    """A cohort labelled normal only (to see how many slides a rule calls positive): the terminal printed no
+    slide-metrics line at all, the report an empty "AUC" and the warning "only 0 positive slide(s): the slide
+    sensitivity is measured on them (see its 95 % interval)", of a sensitivity nobody measured."""
+    import html
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("stores"))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\nCMU-1-Small-Region,normal\n")
+    res = run_cli("infer", example_slide, "-o", run, "--stores", demo_run / "stores", "--labels", labels, "--quiet")
+    assert res.code == 0, res
+    m = json.loads((run / "slide_metrics.json").read_text())
+    assert (m["n_positive"], m["n_negative"], m["auc"], m["sensitivity"], m["specificity"]) == (0, 1, None, None, 1.0)
+    why = "no positive slide among the 1 labelled ones: no AUC and no sensitivity, the specificity only"
+    assert m["warnings"] == [why] and f"slide metrics: {why}" in res.err and "only 0 positive" not in res.err
+    (line,) = [x for x in res.out.splitlines() if x.startswith("slide AUC")]
+    assert line.startswith("slide AUC n/a, sensitivity n/a, specificity 1 (95 % CI 0.21-1.00)"), line
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "AUC n/a &middot; sensitivity n/a &middot; specificity 1 (95 % CI 0.21-1.00)" in page
+    assert html.escape(why) in page
+
+
 def test_a_run_keeps_no_patch_pixels_unless_asked_and_both_score_alike(demo_run: Path, example_slide: Path,
                                                                         tmp_path: Path) -> None:
     """By default infer streams: its stores are coordinates-only (no pixel array anywhere in the run folder), the

@@ -157,7 +157,7 @@ def _print_table(summary: RunSummary, *, patch_um: float, card: str) -> None:
     """The slides' table and the run's rule in words; ``patch_um``: the side of one patch (the model's input size x
     its mpp), the resolution at which foci are measured; ``card``: the command that shows the model's card."""
     from wsi_screen.errors import in_user_words
-    from wsi_screen.metrics import rate_words
+    from wsi_screen.metrics import auc_words, rate_words
     from wsi_screen.screening import runfolder
     from wsi_screen.screening.aggregate import (
         AREA_UNIT,
@@ -200,9 +200,9 @@ def _print_table(summary: RunSummary, *, patch_um: float, card: str) -> None:
                f"{size}at p >= {agg.call_patch_threshold:.3g} (the pictures' patch threshold); metastasis by the "
                f"largest focus (itc < 0.2 mm <= micro <= 2 mm < macro, measured on the ~{patch_um:.0f} um patch "
                "grid)")
-    if summary.metrics and summary.metrics.get("auc") is not None:
+    if summary.metrics:
         m = summary.metrics
-        click.echo(f"slide AUC {m['auc']:.3f}, sensitivity {rate_words(m, 'sensitivity')}, specificity "
+        click.echo(f"slide AUC {auc_words(m)}, sensitivity {rate_words(m, 'sensitivity')}, specificity "
                    f"{rate_words(m, 'specificity')} ({summary.run / runfolder.SLIDE_METRICS_JSON})")
     outside = [r.name for r in rows if r.extra.get("out_of_domain")]
     if outside:

@@ -22,7 +22,7 @@ import numpy as np
 from wsi_screen import __version__
 from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import ConfigError, WsiScreenError, in_user_words
-from wsi_screen.metrics import RocCurve, binary_view, few_positives, plot_roc, rate_intervals
+from wsi_screen.metrics import RocCurve, binary_view, few_positives, one_class_words, plot_roc, rate_intervals
 from wsi_screen.models import PatchClassifier
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.aggregate import (
@@ -381,7 +381,8 @@ def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
                   aggregate: AggregateConfig) -> dict[str, Any] | None:
     """AUC, sensitivity and specificity at the slide threshold over labelled, scored slides (+ ROC plot), the
     rates with Wilson 95 % intervals (``sensitivity_ci95``, ``specificity_ci95``) and, on fewer positive slides than
-    :data:`wsi_screen.metrics.ADVISED_POSITIVES`, calibrate's small-cohort warning (``warnings``, and logged),
+    :data:`wsi_screen.metrics.ADVISED_POSITIVES`, calibrate's small-cohort warning (``warnings``, and logged; for
+    labels of one class, :func:`wsi_screen.metrics.one_class_words` says why a rate and the AUC are missing),
     from the same code as the patch metrics (:func:`wsi_screen.metrics.binary_view`); None (and a warning) when
     no labelled slide was scored. The caller has removed an earlier run's (:func:`drop_slide_metrics`)."""
     scored = [r for r in rows if r.label and r.result is not None and r.result.score is not None]
@@ -400,10 +401,14 @@ def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
         **rate_intervals(view),
         "confusion": {k: view[k] for k in ("tp", "fn", "tn", "fp")},
     }
-    small = few_positives(metrics["n_positive"], "the slide sensitivity is measured on them (see its 95 % interval)")
-    if small:
-        metrics["warnings"] = [small]
-        log.warning("slide metrics: %s", small)
+    warnings = [one_class] if (one_class := one_class_words(metrics["n_positive"], metrics["n_negative"])) else []
+    if metrics["n_positive"] and (small := few_positives(metrics["n_positive"], "the slide sensitivity is measured "
+                                                                                "on them (see its 95 % interval)")):
+        warnings.append(small)
+    if warnings:
+        metrics["warnings"] = warnings
+    for warning in warnings:
+        log.warning("slide metrics: %s", warning)
     runfolder.write_json(run / runfolder.SLIDE_METRICS_JSON, metrics)
     if metrics["auc"] is not None:
         point = None

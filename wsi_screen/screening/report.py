@@ -37,7 +37,7 @@ from urllib.parse import quote
 from wsi_screen import __version__
 from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import WsiScreenError
-from wsi_screen.metrics import rate_words
+from wsi_screen.metrics import auc_words, rate_words
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.aggregate import (
     NO_RESULT,
@@ -407,7 +407,7 @@ def render_report(run: str | Path) -> str:
     metrics_path = view.path / runfolder.SLIDE_METRICS_JSON
     if metrics_path.exists():
         m = runfolder.read_json(metrics_path)
-        parts.append(f"<h2>Slide-level evaluation</h2><p>AUC {_html(_num(m.get('auc')))} &middot; sensitivity "
+        parts.append(f"<h2>Slide-level evaluation</h2><p>AUC {_html(auc_words(m))} &middot; sensitivity "
                      f"{_html(rate_words(m, 'sensitivity'))} &middot; specificity "
                      f"{_html(rate_words(m, 'specificity'))} "
                      f"at threshold {_html(_num(m.get('threshold')))} ({_html(m.get('n_positive'))} positive, "
