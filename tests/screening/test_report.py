@@ -143,6 +143,19 @@ def test_report_is_written_for_people(hostile_run: Path) -> None:
     assert html.unescape(summary).startswith("error: not a slide format")  # the reason; the row names the slide
 
 
+def test_a_number_from_results_csv_is_rounded_as_its_digits_read() -> None:
+    """The tumour phantom's tumour area is 174 patches of 93.312 um, 1.51504 mm²: results.csv writes 1.5150, and the
+    report showed 1.51 (the float 1.515 is 1.51499...) where the table, read by a person, and the area itself give
+    1.52."""
+    from wsi_screen.screening.report import people_number
+
+    area = 174 * 0.093312 ** 2
+    assert people_number(f"{area:.4f}") == people_number(area) == "1.52"
+    assert people_number("1.704") == "1.7" and people_number("0.0478892") == "0.0479"
+    assert people_number("0.000") == "0" and people_number("3550") == "3550" and people_number("nan") == "nan"
+    assert people_number("n/a") == "n/a" and people_number("") == "" and people_number("true") == "true"
+
+
 def test_out_of_domain_slides_are_counted_apart(hostile_run: Path) -> None:
     """Both scored slides are skin (the CMU slide), called normal and out of domain: the report's summary boxes said
     "2 normal" as for lymph node; they and infer's closing lines say how many of them are out of domain."""

@@ -30,6 +30,7 @@ import logging
 import math
 import re
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -113,13 +114,18 @@ _CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-sr
 
 def people_number(value: Any, digits: int = 3) -> Any:
     """A number as people read it: ``digits`` significant digits (0.0479, not 0.04788921139199999; 0.8; 12.3);
-    text holding a number likewise; anything else unchanged."""
+    text holding a number likewise, rounded as its decimal digits read (results.csv's ``1.5150`` is 1.52, as a
+    reader of the table rounds it; through a float, 1.51499..., it was 1.51); anything else unchanged."""
     if isinstance(value, str):
         try:
-            number = float(value)
-        except ValueError:
+            number = Decimal(value.strip())
+        except ArithmeticError:
             return value
-        return people_number(number, digits) if value.strip() else value
+        if not number.is_finite():
+            return value
+        if number and abs(number) < 10 ** digits:
+            number = number.quantize(Decimal(1).scaleb(number.adjusted() - digits + 1), rounding=ROUND_HALF_EVEN)
+        return people_number(float(number), digits)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return value
     if isinstance(value, int):
