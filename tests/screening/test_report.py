@@ -156,6 +156,14 @@ def test_a_number_from_results_csv_is_rounded_as_its_digits_read() -> None:
     assert people_number("n/a") == "n/a" and people_number("") == "" and people_number("true") == "true"
 
 
+def test_the_header_counts_one_slide_in_the_singular(demo_run: Path, hostile_run: Path) -> None:
+    """A run of one slide was headed "1 slides"."""
+    one = (demo_run / "report.html").read_text(encoding="utf-8")
+    assert '<p class="muted">1 slide &middot; model resnet10t' in one
+    assert f'<p class="muted">{len(read_results(hostile_run))} slides &middot; model ' in \
+        (hostile_run / "report.html").read_text(encoding="utf-8")
+
+
 def test_out_of_domain_slides_are_counted_apart(hostile_run: Path) -> None:
     """Both scored slides are skin (the CMU slide), called normal and out of domain: the report's summary boxes said
     "2 normal" as for lymph node; they and infer's closing lines say how many of them are out of domain."""

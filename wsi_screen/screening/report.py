@@ -389,13 +389,14 @@ def render_report(run: str | Path) -> str:
     patch_threshold = call_patch_threshold(agg)
     threshold_name = call_patch_threshold_name(agg.get("rule"))
     title = f"wsi-screen report: {Path(run).resolve().name}"
+    n_slides = f"{len(view.results)} slide{'' if len(view.results) == 1 else 's'}"
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_html(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_html(title)}</h1>",
-        f'<p class="muted">{len(view.results)} slides &middot; model {_html(model.get("arch"))} '
+        f'<p class="muted">{n_slides} &middot; model {_html(model.get("arch"))} '
         f'({_html(model.get("positive_class"))} vs rest, {_html(model.get("mpp"))} um/px, '
         f'{_html(model.get("input_size"))} px) '
         f'&middot; slide call: {_html(recorded_rule_label(agg))} score '
