@@ -102,7 +102,8 @@ class SlideCall:
     ``diagnosis`` is the positive class, the negative one or "no tissue"; ``score`` (None without tissue) is
     compared with ``threshold`` by ``rule``; ``metastasis`` (``none``, ``itc``, ``micro``, ``macro``) sizes the
     largest of the ``foci`` (connected regions of likely tumour, largest first, each with ``n_patches``,
-    ``area_mm2``, ``longest_axis_mm`` and ``centre_l0``); ``in_domain_fraction`` is the share of patches that
+    ``area_mm2``, ``longest_axis_mm``, ``centre_l0``: the mean of its patches' centres, which may lie outside an
+    irregular focus, and ``outline_l0``); ``in_domain_fraction`` is the share of patches that
     resemble the model's training data (``out_of_domain``: too few, the call is unreliable). ``result`` and
     ``aggregate`` hold the rest (top patches, the rule's settings).
 
