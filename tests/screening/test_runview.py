@@ -62,3 +62,15 @@ def test_the_distribution_draws_every_slides_highest_patch(synthetic_run: Path) 
         q1, q3 = np.percentile(p, [25, 75])
         beyond += int(p.max() > q3 + 1.5 * (q3 - q1))
     assert beyond >= 1  # at least one slide's highest patch is an outlier (three normal ones, on this cohort)
+
+
+def test_no_slide_score_bar_straddles_the_slide_threshold(synthetic_run: Path) -> None:
+    """The region scores of the normal slides (0.009-0.017 mm²) and the threshold (0.0479 mm²) shared the first
+    0.05 mm² bin: a bar of normal slides drawn across the line, as if on both sides of the call."""
+    view = runview.open_run(synthetic_run)
+    threshold = float(view.results[0]["threshold"])
+    bars = [b for b in runview.distribution_figure(view).axes[0].patches if b.get_height() > 0]
+    assert sum(b.get_height() for b in bars) == len(view.results)
+    assert not [b for b in bars if b.get_x() + 1e-9 < threshold < b.get_x() + b.get_width() - 1e-9]
+    scores = [float(r["score"]) for r in view.results]
+    assert min(scores) < threshold < max(scores)  # both sides are drawn

@@ -246,6 +246,8 @@ def distribution_figure(view: RunView) -> Any:
         by_dx.setdefault(r["diagnosis"], []).append(float(r["score"]))
     top = max([1.0, *(v for values in by_dx.values() for v in values)]) if unit else 1.0
     bins = np.linspace(0, top, 21)
+    if threshold is not None and 0 < threshold < top:  # a bin edge: no bar straddles the line, as no call does
+        bins = np.union1d(bins, [threshold])
     for dx, values in sorted(by_dx.items()):
         ax0.hist(values, bins=bins, alpha=0.7, label=f"{dx} ({len(values)})")
     if threshold is not None:
