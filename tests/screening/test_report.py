@@ -164,6 +164,21 @@ def test_the_header_counts_one_slide_in_the_singular(demo_run: Path, hostile_run
         (hostile_run / "report.html").read_text(encoding="utf-8")
 
 
+def test_a_region_score_is_shown_with_its_unit(demo_run: Path, example_slide: Path, tmp_path: Path) -> None:
+    """The heatmap's title and the header's rule say "score 0.0435 mm² < 0.0479 mm²"; the slide's line and the table
+    gave "score 0.0435", a bare number for an area. Another rule's score is a probability, without a unit."""
+    page = (demo_run / "report.html").read_text(encoding="utf-8")
+    assert "<b>normal</b> &middot; score 0.0435 mm&sup2; &middot; metastasis" in page
+    assert '<th scope="col" class="num">score (mm&sup2;)</th>' in page
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("stores"))
+    res = run_cli("infer", example_slide, "-o", run, "--stores", demo_run / "stores", "--aggregate", "max", "--quiet")
+    assert res.code == 0, res
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "<b>normal</b> &middot; score 0.967 &middot; metastasis" in page
+    assert '<th scope="col" class="num">score</th>' in page and "mm&sup2; &middot; metastasis" not in page
+
+
 def test_out_of_domain_slides_are_counted_apart(hostile_run: Path) -> None:
     """Both scored slides are skin (the CMU slide), called normal and out of domain: the report's summary boxes said
     "2 normal" as for lymph node; they and infer's closing lines say how many of them are out of domain."""
@@ -196,7 +211,7 @@ def test_report_shows_scores_with_the_digits_that_keep_them_apart(hostile_run: P
     assert run_cli("report", run).code == 0
     page = (run / "report.html").read_text()
     digits = next(d for d in range(3, 7) if round(score, d) < round(score + 1e-6, d))
-    assert digits >= 5 and f"score {score:.{digits}f} &middot;" in page
+    assert digits >= 5 and f"score {score:.{digits}f} mm&sup2; &middot;" in page
     assert f"score &ge; {score + 1e-6:.{digits}f} mm&sup2;" in page
     assert f">{score:.{digits}f}</td>" in page  # the slides table's score cell
 

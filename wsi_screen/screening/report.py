@@ -260,6 +260,12 @@ def _score(value: Any, digits: int | None) -> str:
     return _html(f"{float(value):.{digits}f}")
 
 
+def _score_unit(rule: str | None) -> str:
+    """The unit of a slide score by ``rule``, as HTML: the region rule's is an area (`` mm&sup2;``), the others'
+    none."""
+    return " mm&sup2;" if rule == "region" else ""
+
+
 def slides_table(view: RunView) -> str:
     """The sortable HTML table of a run's slides (also shown by the notebook)."""
     digits = score_digits(view)
@@ -269,8 +275,10 @@ def slides_table(view: RunView) -> str:
             ("label", False)]
     has_labels = any(r.get("label") for r in view.results)
     cols = [c for c in cols if c[0] != "label" or has_labels]
-    head = "".join(f'<th scope="col" class="{"num" if num else ""}">{_html(name.replace("_", " "))}</th>'
-                   for name, num in cols)
+    unit = _score_unit((view.info.get("aggregate") or {}).get("rule")).strip()
+    titles = {"score": f"score ({unit})" if unit else "score"}
+    head = "".join(f'<th scope="col" class="{"num" if num else ""}">'
+                   f'{titles.get(name) or _html(name.replace("_", " "))}</th>' for name, num in cols)
     body = []
     for i, r in enumerate(view.results):
         cls = "err" if r["status"] in NO_RESULT else ("pos" if r["diagnosis"] == view.positive_class else "")
@@ -327,7 +335,8 @@ def _slide_section(view: RunView, i: int, row: dict[str, str], digits: int | Non
         return _html(people_number(row.get(key) or "-"))
 
     parts = [f'<section class="slide" id="s{i}"><h2>{_html(name)}</h2>', ood,
-             f'<p><b>{_html(row["diagnosis"])}</b> &middot; score {_score(row.get("score"), digits)} &middot; '
+             f'<p><b>{_html(row["diagnosis"])}</b> &middot; score {_score(row.get("score"), digits)}'
+             f'{_score_unit(row.get("rule")) if row.get("score") else ""} &middot; '
              f'metastasis {_html(row.get("metastasis") or "-")} '
              f'(largest focus {shown("largest_focus_mm")} mm, '
              f'{_html(foci_count(int(row.get("n_foci") or 0)))}, {shown("tumour_area_mm2")} mm&sup2;) &middot; '
