@@ -179,6 +179,23 @@ def test_a_region_score_is_shown_with_its_unit(demo_run: Path, example_slide: Pa
     assert '<th scope="col" class="num">score</th>' in page and "mm&sup2; &middot; metastasis" not in page
 
 
+def test_a_focus_size_reads_as_on_the_heatmap_and_in_the_geojson(synthetic_run: Path) -> None:
+    """The report gave the largest focus in three significant digits (0.596 mm, 1.7 mm) where the heatmap's title and
+    label, the GeoJSON's annotation name and infer's table give two decimals (0.60 mm, 1.70 mm)."""
+    page = (synthetic_run / "report.html").read_text(encoding="utf-8")
+    rows = read_results(synthetic_run)
+    positives = [name for name, r in rows.items() if int(r["n_foci"])]
+    assert len(positives) == 3
+    for name in positives:
+        fc = json.loads((synthetic_run / name / "patches.geojson").read_text())
+        first = next(f["properties"]["name"] for f in fc["features"] if f["properties"].get("rank") == 1)
+        shown = f"{float(rows[name]['largest_focus_mm']):.2f}"
+        assert first.endswith(f", {shown} mm") and rows[name]["largest_focus_mm"] != shown, (first, shown)
+        assert f"(largest focus {shown} mm, 1 focus, " in page
+        assert f'data-v="{rows[name]["largest_focus_mm"]}">{shown}</td>' in page
+    assert "(largest focus 0 mm, 0 foci, 0 mm&sup2;)" in page  # the normal slides'
+
+
 def test_out_of_domain_slides_are_counted_apart(hostile_run: Path) -> None:
     """Both scored slides are skin (the CMU slide), called normal and out of domain: the report's summary boxes said
     "2 normal" as for lymph node; they and infer's closing lines say how many of them are out of domain."""

@@ -169,6 +169,7 @@ def _print_table(summary: RunSummary, *, patch_um: float, card: str) -> None:
         out_of_domain_words,
         score_decimals,
     )
+    from wsi_screen.screening.spatial import mm_words
 
     rows = sorted(summary.rows, key=lambda r: r.name)
     agg = summary.aggregate
@@ -187,7 +188,7 @@ def _print_table(summary: RunSummary, *, patch_um: float, card: str) -> None:
             said = "error: " if r.status == STATUS_ERROR else ""  # busy: the reason says it was skipped
             click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>{sw}}  {said}{in_user_words(r.error)}")
             continue
-        focus = f"{res.largest_focus_mm:.2f}" if res.largest_focus_mm else "-"
+        focus = mm_words(res.largest_focus_mm) if res.largest_focus_mm else "-"
         foci = str(res.n_foci) if res.score is not None else "-"
         meta = res.metastasis if res.score is not None else "-"
         click.echo(f"{r.name}{pad}  {r.status:<9}  {n:>7}  {score:>{sw}}  {res.diagnosis:<10}  {meta:<10}  "

@@ -33,7 +33,7 @@ from wsi_screen.screening.aggregate import (
     foci_count,
     score_against,
 )
-from wsi_screen.screening.spatial import ScoreGrid, patch_grid
+from wsi_screen.screening.spatial import ScoreGrid, mm_words, patch_grid
 
 #: version of what the pictures show; bump it when the drawing changes, so reruns redraw
 VIEWS_VERSION = "v5"
@@ -126,7 +126,7 @@ def score_text(result: SlideResult, aggregate: AggregateConfig, positive_class: 
 
 def focus_label(focus: Any) -> str:
     """A focus's label on the heatmap: rank, longest axis and, for the largest, its category."""
-    text = f"{focus.rank}: {focus.longest_axis_mm:.2f} mm"
+    text = f"{focus.rank}: {mm_words(focus.longest_axis_mm)} mm"
     return f"{text} ({focus.category})" if focus.rank == 1 else text
 
 
@@ -141,7 +141,7 @@ def title(ctx: CallContext) -> str:
     positive = res.diagnosis == ctx.positive_class
     line1 = f"{ctx.name}: {res.diagnosis.upper() if positive else res.diagnosis}"
     if res.foci:
-        line1 += (f" | metastasis {res.metastasis}, largest focus {res.foci[0].longest_axis_mm:.2f} mm "
+        line1 += (f" | metastasis {res.metastasis}, largest focus {mm_words(res.foci[0].longest_axis_mm)} mm "
                   f"({foci_count(len(res.foci))} outlined)")
     elif positive:
         line1 += f" | no focus ({ctx.focus_rule})"

@@ -52,6 +52,7 @@ import numpy as np
 from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import ConfigError, DatasetError
 from wsi_screen.metrics import decide
+from wsi_screen.screening.spatial import mm_words
 
 if TYPE_CHECKING:
     from wsi_screen.screening.spatial import Focus
@@ -198,7 +199,7 @@ def focus_feature(focus: Focus, classification: Mapping[str, Any], positive_clas
         "geometry": focus.outline_l0,
         "properties": {
             "objectType": FOCUS_TYPE,
-            "name": f"focus {focus.rank}: {focus.category}, {focus.longest_axis_mm:.2f} mm",
+            "name": f"focus {focus.rank}: {focus.category}, {mm_words(focus.longest_axis_mm)} mm",
             "rank": focus.rank,
             "category": focus.category,
             "classification": dict(classification),

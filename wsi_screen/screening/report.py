@@ -52,6 +52,7 @@ from wsi_screen.screening.aggregate import (
     score_decimals,
 )
 from wsi_screen.screening.runview import RunView, open_run, top_patches
+from wsi_screen.screening.spatial import mm_words
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,16 @@ def _score(value: Any, digits: int | None) -> str:
     return _html(f"{float(value):.{digits}f}")
 
 
+def _focus_mm(value: Any) -> str:
+    """results.csv's ``largest_focus_mm`` as the heatmap and the GeoJSON write it (``1.70``; ``0`` without a
+    focus, ``-`` without a value)."""
+    try:
+        mm = float(value)
+    except (TypeError, ValueError):
+        return _html(people_number(value or "-"))
+    return _html(mm_words(mm) if mm > 0 else people_number(value))
+
+
 def _score_unit(rule: str | None) -> str:
     """The unit of a slide score by ``rule``, as HTML: the region rule's is an area (`` mm&sup2;``), the others'
     none."""
@@ -297,6 +308,8 @@ def slides_table(view: RunView) -> str:
                          "disagrees</span>")
             elif name == "score":
                 shown = _score(value, digits)
+            elif name == "largest_focus_mm":
+                shown = _focus_mm(value)
             elif num:
                 shown = _html(people_number(value))
             else:
@@ -338,7 +351,7 @@ def _slide_section(view: RunView, i: int, row: dict[str, str], digits: int | Non
              f'<p><b>{_html(row["diagnosis"])}</b> &middot; score {_score(row.get("score"), digits)}'
              f'{_score_unit(row.get("rule")) if row.get("score") else ""} &middot; '
              f'metastasis {_html(row.get("metastasis") or "-")} '
-             f'(largest focus {shown("largest_focus_mm")} mm, '
+             f'(largest focus {_focus_mm(row.get("largest_focus_mm"))} mm, '
              f'{_html(foci_count(int(row.get("n_foci") or 0)))}, {shown("tumour_area_mm2")} mm&sup2;) &middot; '
              f'{_html(row["n_patches"])} patches &middot; top patch at level-0 ({_html(row.get("top_x"))}, '
              f'{_html(row.get("top_y"))}), P = {shown("top_score")}</p>']

@@ -33,6 +33,13 @@ ITC_MAX_MM = 0.2
 MICRO_MAX_MM = 2.0
 
 
+def mm_words(diameter_mm: float) -> str:
+    """A focus's size as every output writes it: two decimals of a millimetre (``1.70``), finer than the ~0.09 mm
+    patch grid it is measured on (the heatmap's labels and title, the GeoJSON's names, `infer`'s table, the
+    report)."""
+    return f"{diameter_mm:.2f}"
+
+
 def size_class(diameter_mm: float | None) -> str:
     """``none`` (no focus), ``itc`` (< 0.2 mm), ``micro`` (0.2-2 mm) or ``macro`` (> 2 mm)."""
     if diameter_mm is None or diameter_mm <= 0:
