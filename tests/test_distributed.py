@@ -7,13 +7,16 @@ bookkeeping: order, failures, Ctrl-C) a threads-only cluster inside the test pro
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -154,6 +157,59 @@ def test_unreachable_scheduler_is_one_line(tmp_path: Path, slides: Path) -> None
     assert len(res.err_lines) == 1, res
     assert res.err_lines[0].startswith("wsi-screen: error: cannot reach the Dask scheduler at tcp://127.0.0.1:1")
     assert "Traceback" not in res.err and seconds < 15
+    assert not (tmp_path / "out").exists()
+
+
+@contextlib.contextmanager
+def _not_a_scheduler(kind: str) -> Iterator[int]:
+    """A port on 127.0.0.1 where something that is not a Dask scheduler listens: "silent" accepts connections
+    and never answers (a server waiting for its own protocol); "http" answers every connection with an HTTP
+    error page, as a dashboard or web server does."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    stop = threading.Event()
+
+    def answer() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/html\r\n\r\n<html>bad</html>" * 20)
+
+    thread = threading.Thread(target=answer, daemon=True) if kind == "http" else None
+    if thread is not None:
+        thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join()
+        server.close()
+
+
+@pytest.mark.parametrize(("kind", "says"), [
+    ("silent", "cannot reach the Dask scheduler at tcp://127.0.0.1:{port} (no answer within 5 s)"),
+    ("http", "tcp://127.0.0.1:{port} answered, but not as a Dask scheduler"),
+])
+def test_a_port_where_no_scheduler_answers_is_one_line(tmp_path: Path, slides: Path, kind: str, says: str) -> None:
+    """distributed's Client waited forever on a port that accepts but never answers (a dashboard, a web server),
+    and read an HTTP reply as a frame length (an internal MemoryError); now one line and exit status 1."""
+    with _not_a_scheduler(kind) as port:
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "wsi_screen.cli", "tile", str(slides / "block_a.tif"), "-o",
+                               str(tmp_path / "out"), "--dask", f"tcp://127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=90)
+        seconds = time.monotonic() - start
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"wsi-screen: error: {says.format(port=port)}"), proc.stderr
+    assert seconds < 30
     assert not (tmp_path / "out").exists()
 
 

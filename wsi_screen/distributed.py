@@ -216,7 +216,12 @@ def connect(address: str | DaskAddress, *, timeout_s: float = CONNECT_TIMEOUT_S)
                  "" if target.n_workers == 1 else "es", cluster.scheduler_address)
         return DaskRunner(client, target, cluster)
     try:
+        # distributed's Client waits forever on a server that accepts the connection but never answers as a
+        # scheduler (a dashboard port, a web server): ask who is there first, under the timeout
+        _expect_scheduler(target.scheduler, timeout_s)
         client = Client(target.scheduler, timeout=timeout_s, set_as_default=False)
+    except SchedulerError:
+        raise
     except (OSError, TimeoutError) as exc:
         text = " ".join(str(exc).split())
         reason = f"no answer within {timeout_s:g} s" if not text or "timed out" in text.lower() else text
@@ -232,6 +237,43 @@ def connect(address: str | DaskAddress, *, timeout_s: float = CONNECT_TIMEOUT_S)
     else:
         log.warning("the Dask scheduler at %s has no workers yet; the slides wait until some join", target.scheduler)
     return DaskRunner(client, target)
+
+
+def _expect_scheduler(address: str, timeout_s: float) -> None:
+    """Ask ``address`` for its identity within ``timeout_s`` seconds; raise unless a Dask scheduler answers.
+
+    TimeoutError when nothing answers in time, OSError when the connection fails, SchedulerError when something
+    other than a scheduler answers. Runs on its own event loop in a thread of its own, so it also works where
+    the calling thread already runs one (a notebook's).
+    """
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.comm import connect as open_comm
+
+    async def identity() -> object:
+        comm = await open_comm(address, timeout=timeout_s)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    def ask() -> object:
+        return asyncio.run(asyncio.wait_for(identity(), timeout_s))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="wsi-screen-dask-probe") as pool:
+        try:
+            reply = pool.submit(ask).result()
+        except (OSError, TimeoutError):
+            raise
+        except Exception as exc:  # bytes that are no Dask message (an HTTP reply read as a frame length...)
+            reply = f"{type(exc).__name__}"
+    if not (isinstance(reply, Mapping) and reply.get("type") == "Scheduler"):
+        what = reply.get("type") if isinstance(reply, Mapping) else None
+        raise SchedulerError(f"{address} answered, but not as a Dask scheduler"
+                             f"{f' (a {what})' if isinstance(what, str) and what else ''}; give the address "
+                             "`dask scheduler` prints (port 8786 by default; 8787 is its dashboard)")
 
 
 @contextmanager
