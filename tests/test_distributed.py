@@ -213,6 +213,25 @@ def test_a_port_where_no_scheduler_answers_is_one_line(tmp_path: Path, slides: P
     assert not (tmp_path / "out").exists()
 
 
+def test_the_docs_python_example_runs_as_a_script_on_a_local_cluster(tmp_path: Path, slides: Path) -> None:
+    """docs/cluster.md's "From Python" block, saved as a script with its "local:N" alternative, failed with a
+    multiprocessing RuntimeError (spawned workers import the script again) until it gained its main guard."""
+    text = (Path(__file__).parents[1] / "docs" / "cluster.md").read_text(encoding="utf-8")
+    block = text.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "in").mkdir()
+    shutil.copy(slides / "block_a.tif", tmp_path / "in" / "block_a.tif")
+    script = (block.replace('"/shared/slides"', repr(str(tmp_path / "in")))
+              .replace('"/shared/stores"', repr(str(tmp_path / "stores")))
+              .replace('connect("tcp://10.0.0.5:8786")', 'connect("local:1")'))
+    assert 'connect("local:1")' in script and str(tmp_path / "stores") in script
+    (tmp_path / "example.py").write_text(script + "\n    print(results)\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(tmp_path / "example.py")], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "RuntimeError" not in proc.stderr
+    assert (tmp_path / "stores" / "block_a.zarr" / "zarr.json").is_file()
+
+
 def test_bad_address_and_memory_url_fail_before_any_cluster(tmp_path: Path, slides: Path) -> None:
     res = run_cli("tile", slides / "block_a.tif", "-o", tmp_path / "out", "--dask", "127.0.0.1:8786")
     assert res.code == 1 and len(res.err_lines) == 1 and "expected tcp://HOST:PORT" in res.err, res
