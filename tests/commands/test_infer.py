@@ -49,3 +49,16 @@ def test_the_out_of_domain_line_names_the_card_of_the_model_used(tmp_path: Path,
                       "--workers", "0")
     line = [t for t in bundled.out.splitlines() if t.startswith("OUT OF DOMAIN: ")]
     assert len(line) == 1 and line[0].endswith("(`wsi-screen models --card`)"), bundled.out
+
+
+def test_the_readme_lists_every_file_of_the_demo_run(demo_run: Path) -> None:
+    """README's "What a run gives you" tree names each file and folder the demo run holds (it left out each
+    slide's slide.json and the run's wsi-screen.log)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    tree = readme.split("## What a run gives you", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    listed = {line.split()[0].rstrip("/") for line in tree.splitlines()[1:]
+              if line.startswith(("  ", "    ")) and not line.startswith("      ") and line.strip()}
+    slide = "CMU-1-Small-Region"
+    present = {p.name for p in demo_run.iterdir() if not p.name.startswith(".")}
+    present |= {p.name for p in (demo_run / slide).iterdir()}
+    assert present <= listed, sorted(present - listed)
