@@ -70,6 +70,8 @@ def test_info_describes_embeddings(embedded: tuple[Path, object]) -> None:
     assert f"  patches    96 px at 0.972 um/px (187 level-0 px) from {patch_store}" in lines
     assert any(x.startswith("  coords     level-0 (x, y)") for x in lines)
     assert "  stain      none" in lines  # the patches' stain normalisation, as info shows a patch store's
+    # the patches the features came from: embed's own coordinates-only store reads them from the slide
+    assert "  pixels     none (coordinates only: patches are read from the source slide)" in lines
     assert "None" not in res.out and "tissue" not in res.out
     folder = run_cli("info", out)
     assert folder.code == 0, folder
@@ -297,6 +299,8 @@ def test_embedding_a_jpeg_store_says_so(example_slide: Path, tmp_path: Path) -> 
         "coordinates-only stores give exactly those"]
     assert FeatureStore(tmp_path / "out" / f"{name}.zarr").attrs["patch_pixels"] == {
         "pixels": "store", "codec": {"name": "jpeg", "quality": 90}}
+    info = run_cli("info", tmp_path / "out" / f"{name}.zarr")  # and `info` says so, as it does for the store
+    assert info.code == 0 and "  pixels     stored, jpeg (quality 90)" in info.out.splitlines(), info
 
 
 def test_other_tiling_settings_embed_afresh_and_are_not_refused(example_slide: Path, tmp_path: Path) -> None:

@@ -60,11 +60,18 @@ def info(stores: tuple[str, ...], as_json: bool) -> None:
         tissue = a.get("tissue", {})
         click.echo(f"  tissue     {tissue.get('tissue_fraction', 0):.1%} of the slide; patches kept at "
                    f">= {tissue.get('min_tissue')} tissue")
-        codec = store.codec
-        click.echo("  pixels     " + (f"stored, {codec}" if codec is not None else
-                                      "none (coordinates only: patches are read from the source slide)"))
+        click.echo(f"  pixels     {_pixels_text(store.pixels_record)}")
         click.echo(f"  stain      {_stain_text(stain)}")
         _print_provenance(a)
+
+
+def _pixels_text(record: dict[str, Any]) -> str:
+    """Where a store's patches come from (its ``pixels_record``; an embeddings store's ``patch_pixels``)."""
+    from wsi_screen.tiling.codecs import PatchCodec
+
+    if record.get("pixels") == "none" or record.get("codec") is None:
+        return "none (coordinates only: patches are read from the source slide)"
+    return f"stored, {PatchCodec.from_json(record['codec'])}"
 
 
 def _incomplete(n: int) -> str:
@@ -136,6 +143,8 @@ def _print_embeddings(location: str, a: dict[str, Any]) -> None:
                f"mean {pre.get('mean')}, std {pre.get('std')}")
     click.echo(f"  patches    {a.get('size')} px at {a.get('mpp')} um/px ({a.get('tile_size_l0')} level-0 px) "
                f"from {a.get('patch_store')}")
+    pixels = _pixels_text(a["patch_pixels"]) if "patch_pixels" in a else "not recorded (an older embeddings store)"
+    click.echo(f"  pixels     {pixels}")
     stain = _stain_text(a["stain"]) if "stain" in a else "not recorded (an older embeddings store)"
     click.echo(f"  stain      {stain}")
     click.echo("  coords     level-0 (x, y) of each patch's top-left corner, in the patch store's order")
