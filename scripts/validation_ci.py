@@ -4,8 +4,8 @@
 
 Reads ``EVAL_DIR/predictions.csv`` (written by ``wsi-screen evaluate`` and by ``train`` in MODEL/valid) and
 prints the AUC with a percentile-bootstrap interval (2,000 resamples within each class), and the specificity
-at the model's operating point and at sensitivity >= X (threshold chosen on the same predictions, so that
-figure is optimistic by construction) with Wilson intervals.
+at the model's operating point and at sensitivity >= X (threshold chosen on the same predictions by train's own
+rule, ``wsi_screen.metrics.choose_threshold``, so that figure is optimistic by construction) with Wilson intervals.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_screen.metrics import bootstrap_auc, wilson
+from wsi_screen.metrics import bootstrap_auc, choose_threshold, wilson
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     auc, lo, hi = bootstrap_auc(p, y, n_boot=2000)
     metrics = json.loads((args.eval_dir / "metrics.json").read_text())
     t_model = float(metrics["threshold"])
-    t_sens = float(np.quantile(p[y], 1 - args.sensitivity, method="lower"))
+    t_sens = choose_threshold(y, p, f"sensitivity:{args.sensitivity}")
     out = {"n": int(y.size), "n_positive": int(y.sum()), "auc": auc, "auc_ci": [lo, hi]}
     for name, t in (("model_threshold", t_model), (f"sensitivity_{args.sensitivity:g}", t_sens)):
         tp, tn = int((p[y] >= t).sum()), int((p[~y] < t).sum())
