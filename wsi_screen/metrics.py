@@ -369,18 +369,20 @@ def rate_intervals(counts: Mapping[str, int]) -> dict[str, list[float] | None]:
             "specificity_ci95": list(wilson(tn, tn + fp)) if tn + fp else None}
 
 
-def auc_words(metrics: Mapping[str, Any]) -> str:
-    """An AUC as people read it: ``0.935``; ``n/a`` where undefined (labels of one class only)."""
-    value = metrics.get("auc")
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def rate_words(metrics: Mapping[str, Any], key: str) -> str:
     """A rate with its 95 % interval as people read it: ``0.5 (95 % CI 0.09-0.91)``; ``n/a`` where undefined."""
     value, ci = metrics.get(key), metrics.get(f"{key}_ci95")
     if value is None:
         return "n/a"
     return f"{value:.3g}" + (f" (95 % CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+
+
+def auc_words(auc: float | None, ci: Sequence[float] | None) -> str:
+    """An AUC with its 95 % interval as people read it: ``0.875 (95 % CI 0.583-1.000)`` (one format for the slide
+    metrics, a calibration's figures and the report); ``n/a`` where undefined (labels of one class only)."""
+    if auc is None:
+        return "n/a"
+    return f"{auc:.3f}" + (f" (95 % CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
 
 def add_intervals(metrics: dict[str, Any], y_true: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000,

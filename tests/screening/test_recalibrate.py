@@ -527,3 +527,29 @@ def test_calibrate_warns_when_its_slides_are_out_of_the_models_domain(tmp_path: 
             "CMU-1-Small-Region.pyramid")
     assert f"wsi-screen: warning: calibration: {text}" in res.err_lines, res
     assert text in json.loads((tmp_path / "c" / "slide_rule.json").read_text())["warnings"]
+
+
+def test_infer_labels_gives_the_slide_auc_with_calibrates_interval(
+        run: Path, slides: tuple[Path, dict[str, cohort.SlideLayout]], tmp_path: Path) -> None:
+    """`infer --labels` printed and wrote the slide AUC without an interval ('slide AUC 1.000, ...';
+    slide_metrics.json had none) while `calibrate` on the same run and labels printed one: slide_metrics.json's
+    auc_ci95 is the bootstrap calibrate uses, over the same slides' scores, in the printed line and the report."""
+    from wsi_screen.metrics import auc_words, bootstrap_auc
+
+    folder, _ = slides
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\nneg_small,normal\nneg_large,normal\nmacro,tumour\nmicro,tumour\n")
+    res = run_cli("infer", folder / "slides", "-o", copy, "--labels", labels, "--quiet")
+    assert res.code == 0, res
+    rows = read_results(copy)
+    names = sorted(rows)
+    y = np.array([n in ("macro", "micro") for n in names])
+    auc, lo, hi = bootstrap_auc(np.array([float(rows[n]["score"]) for n in names]), y)
+    m = json.loads((copy / "slide_metrics.json").read_text())
+    assert m["auc"] == pytest.approx(auc) and m["auc_ci95"] == pytest.approx([lo, hi])
+    assert 0 <= lo <= auc <= hi <= 1
+    words = auc_words(auc, (lo, hi))
+    assert f"slide AUC {words}, sensitivity " in res.out
+    assert f"AUC {words} &middot; sensitivity" in (copy / "report.html").read_text()

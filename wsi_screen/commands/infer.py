@@ -46,8 +46,9 @@ if TYPE_CHECKING:
                    "calibrated for its own, with a warning: give --threshold for it. Refused with another rule "
                    "(none reads it).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="slides.csv with columns slide,label: adds slide_metrics.json (AUC; sensitivity and "
-                   "specificity with Wilson 95% intervals) and slide_roc.png, and results.csv's label_agrees "
+              help="slides.csv with columns slide,label: adds slide_metrics.json (AUC with its "
+                   "bootstrap 95% interval, as calibrate gives it; sensitivity and specificity with Wilson 95% "
+                   "intervals) and slide_roc.png, and results.csv's label_agrees "
                    "(the report marks each call that is not its label). Two rows naming one slide (a, a.svs) "
                    "must agree. A rerun without it removes an earlier "
                    "run's slide_metrics.json and slide_roc.png, which would not describe its results.")
@@ -203,8 +204,9 @@ def _print_table(summary: RunSummary, *, patch_um: float, card: str) -> None:
                "grid)")
     if summary.metrics:
         m = summary.metrics
-        click.echo(f"slide AUC {auc_words(m)}, sensitivity {rate_words(m, 'sensitivity')}, specificity "
-                   f"{rate_words(m, 'specificity')} ({summary.run / runfolder.SLIDE_METRICS_JSON})")
+        click.echo(f"slide AUC {auc_words(m.get('auc'), m.get('auc_ci95'))}, sensitivity "
+                   f"{rate_words(m, 'sensitivity')}, specificity {rate_words(m, 'specificity')} "
+                   f"({summary.run / runfolder.SLIDE_METRICS_JSON})")
     outside = [r.name for r in rows if r.extra.get("out_of_domain")]
     if outside:
         click.echo(f"OUT OF DOMAIN: {', '.join(outside)}: most patches are unlike the model's training data "

@@ -22,7 +22,15 @@ import numpy as np
 from wsi_screen import __version__
 from wsi_screen._safe_write import atomic_write_text
 from wsi_screen.errors import ConfigError, WsiScreenError, in_user_words
-from wsi_screen.metrics import RocCurve, binary_view, few_positives, one_class_words, plot_roc, rate_intervals
+from wsi_screen.metrics import (
+    RocCurve,
+    binary_view,
+    bootstrap_auc,
+    few_positives,
+    one_class_words,
+    plot_roc,
+    rate_intervals,
+)
 from wsi_screen.models import PatchClassifier
 from wsi_screen.screening import runfolder
 from wsi_screen.screening.aggregate import (
@@ -379,7 +387,8 @@ def drop_slide_metrics(run: Path) -> None:
 
 def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
                   aggregate: AggregateConfig) -> dict[str, Any] | None:
-    """AUC, sensitivity and specificity at the slide threshold over labelled, scored slides (+ ROC plot), the
+    """AUC, sensitivity and specificity at the slide threshold over labelled, scored slides (+ ROC plot), the AUC
+    with its bootstrap 95 % interval (``auc_ci95``, :func:`wsi_screen.metrics.bootstrap_auc`, as `calibrate`), the
     rates with Wilson 95 % intervals (``sensitivity_ci95``, ``specificity_ci95``) and, on fewer positive slides than
     :data:`wsi_screen.metrics.ADVISED_POSITIVES`, calibrate's small-cohort warning (``warnings``, and logged; for
     labels of one class, :func:`wsi_screen.metrics.one_class_words` says why a rate and the AUC are missing),
@@ -397,7 +406,10 @@ def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
         "n_slides": len(scored), "n_positive": int(y.sum()), "n_negative": int((~y).sum()),
         "unscored_labelled": sorted(r.name for r in rows if r.label and r not in scored),
         "rule": aggregate.rule, "threshold": aggregate.slide_threshold,
-        "auc": view["auc"], "sensitivity": view["sensitivity"], "specificity": view["specificity"],
+        "auc": view["auc"],
+        # calibrate's interval of the same slides' AUC (the same bootstrap, resampling slides within each class)
+        "auc_ci95": list(bootstrap_auc(s, y)[1:]) if view["auc"] is not None else None,
+        "sensitivity": view["sensitivity"], "specificity": view["specificity"],
         **rate_intervals(view),
         "confusion": {k: view[k] for k in ("tp", "fn", "tn", "fp")},
     }

@@ -436,7 +436,8 @@ def render_report(run: str | Path) -> str:
     metrics_path = view.path / runfolder.SLIDE_METRICS_JSON
     if metrics_path.exists():
         m = runfolder.read_json(metrics_path)
-        parts.append(f"<h2>Slide-level evaluation</h2><p>AUC {_html(auc_words(m))} &middot; sensitivity "
+        auc = auc_words(m.get("auc"), m.get("auc_ci95"))
+        parts.append(f"<h2>Slide-level evaluation</h2><p>AUC {_html(auc)} &middot; sensitivity "
                      f"{_html(rate_words(m, 'sensitivity'))} &middot; specificity "
                      f"{_html(rate_words(m, 'specificity'))} "
                      f"at threshold {_html(_num(m.get('threshold')))} ({_html(m.get('n_positive'))} positive, "

@@ -7,7 +7,7 @@
       run.json               provenance: model, settings, the slide rule (aggregate), versions, command, timings,
                              per-slide status
       report.html            self-contained report (wsi-screen report RUN rewrites it)
-      slide_metrics.json     with slide labels: slide-level AUC, sensitivity, specificity (Wilson 95 % intervals)
+      slide_metrics.json     with slide labels: slide AUC (bootstrap 95 % interval), sensitivity, specificity (Wilson)
       slide_roc.png          with slide labels
       stores/                patch stores tiled for this run (unless the run's stores are elsewhere)
       .wsi-screen-locks/     one lock file per slide, held while its folder is written
