@@ -378,6 +378,19 @@ def unmatched_labels(labels: dict[str, str], names: Collection[str]) -> list[str
     return [k for k in unmatched if not any(other != k and slide_name(Path(other)) == k for other in unmatched)]
 
 
+def unmatched_words(unmatched: Sequence[str], names: Collection[str]) -> list[str]:
+    """The rows of :func:`unmatched_labels` as a message names them, each with the slide of ``names`` it nearly
+    names where one is close (a slip of case or typing: ``Tumour.tiff (tumour?)``)."""
+    import difflib
+
+    lower = {n.lower(): n for n in sorted(names)}
+    out = []
+    for raw in unmatched:
+        near = difflib.get_close_matches(slide_name(Path(raw)).lower(), list(lower), n=1, cutoff=0.8)
+        out.append(f"{raw} ({lower[near[0]]}?)" if near else raw)
+    return out
+
+
 def drop_slide_metrics(run: Path) -> None:
     """Remove an earlier run's slide_metrics.json and slide_roc.png: beside this run's results.csv (other slides,
     labels or rule) they would look current, and the report shows them as this run's evaluation."""

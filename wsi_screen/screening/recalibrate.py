@@ -28,7 +28,7 @@ from wsi_screen.models.card import CARD_NAME, read_card
 from wsi_screen.models.spec import ModelSpec
 from wsi_screen.screening import calibration, runfolder
 from wsi_screen.screening.aggregate import AggregateConfig, describe
-from wsi_screen.screening.outputs import read_labels, slide_grid, unmatched_labels
+from wsi_screen.screening.outputs import read_labels, slide_grid, unmatched_labels, unmatched_words
 from wsi_screen.screening.run import (
     SLIDE_RULE_JSON,
     calibrated_rule,
@@ -196,7 +196,7 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
         unmatched = unmatched_labels(truth, names)
         raise ConfigError(f"`labels`: none of its {len(unmatched)} row(s) names a slide of the run {run} (its slide "
                           f"column must hold the slide names of {runfolder.RESULTS_CSV}, e.g. {few(sorted(names))}): "
-                          f"{few(unmatched)}")
+                          f"{few(unmatched_words(unmatched, names))}")
     warn_unmatched_labels(truth, names)
     unscored = sorted(row["slide"] for row in results if row.get("status") != "ok" and row["slide"] in truth)
     if unscored:

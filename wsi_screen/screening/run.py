@@ -53,6 +53,7 @@ from wsi_screen.screening.outputs import (
     slide_metrics,
     store_digest,
     unmatched_labels,
+    unmatched_words,
     write_results,
     write_run_json,
     write_slide_folder,
@@ -362,7 +363,7 @@ def warn_unmatched_labels(labels: dict[str, str], names: Collection[str]) -> Non
     """One warning naming the slide-label rows that name no slide of this run (a typo, or another run's slides)."""
     unmatched = unmatched_labels(labels, names)
     if unmatched:
-        shown = few(unmatched)
+        shown = few(unmatched_words(unmatched, names))
         log.warning("`labels`: %d row(s) name no slide of this run: %s", len(unmatched), shown)
 
 
