@@ -3,6 +3,7 @@ resume, failures, mismatched stores."""
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 from pathlib import Path
@@ -288,6 +289,27 @@ def test_a_rerun_with_stray_labels_and_fewer_slides_is_whole_and_says_so(tmp_pat
     assert list(read_results(run)) == [example_slide.stem] and read_results(run)[example_slide.stem]["status"] == "ok"
     assert (run / "an earlier slide" / "slide.json").exists()  # kept
     assert (run / "run.json").exists() and (run / "report.html").exists() and not (run / "slide_metrics.json").exists()
+
+
+def test_labelled_slides_the_run_did_not_score_are_named_by_the_slide_metrics(tmp_path: Path, example_slide: Path,
+                                                                              demo_run: Path) -> None:
+    """A labelled slide that failed left the slide metrics over fewer slides without a word on the terminal (only
+    slide_metrics.json's unscored_labelled knew), while calibrate on the same run warns: the same warning."""
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("stores"))
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(example_slide, slides / example_slide.name)
+    (slides / "broken.svs").write_bytes(example_slide.read_bytes()[:4096])  # its first IFD is missing
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"slide,label\n{example_slide.stem},normal\nbroken,tumour\n")
+    res = run_cli("infer", slides, "-o", run, "--stores", demo_run / "stores", "--labels", labels, "--quiet")
+    assert res.code == 1, res  # broken.svs is an error row
+    said = "1 labelled slide(s) were not scored in the run and are left out: broken"
+    assert f"wsi-screen: warning: slide metrics: {said}" in res.err_lines, res
+    m = json.loads((run / "slide_metrics.json").read_text())
+    assert m["n_slides"] == 1 and m["unscored_labelled"] == ["broken"] and said in m["warnings"]
+    assert html.escape(said) in (run / "report.html").read_text(encoding="utf-8")
 
 
 def test_a_rerun_without_labels_drops_the_earlier_runs_slide_metrics(tmp_path: Path, example_slide: Path,

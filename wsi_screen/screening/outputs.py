@@ -48,7 +48,7 @@ from wsi_screen.screening.runfolder import SlideFolder, SlideScores
 from wsi_screen.screening.spatial import ScoreGrid, patch_grid
 from wsi_screen.slide.discovery import SLIDE_EXTENSIONS
 from wsi_screen.slide.slide import slide_name
-from wsi_screen.slide.tables import read_table
+from wsi_screen.slide.tables import few, read_table
 from wsi_screen.tiling.pipeline import TileConfig
 from wsi_screen.tiling.store import PatchStore
 
@@ -391,6 +391,15 @@ def unmatched_words(unmatched: Sequence[str], names: Collection[str]) -> list[st
     return out
 
 
+def left_out(unscored: Sequence[str]) -> str | None:
+    """What the slide metrics and a calibration say of labelled slides the run did not score (failed, or without
+    tissue): ``1 labelled slide(s) were not scored in the run and are left out: broken``; None where there are
+    none."""
+    if not unscored:
+        return None
+    return f"{len(unscored)} labelled slide(s) were not scored in the run and are left out: {few(list(unscored))}"
+
+
 def drop_slide_metrics(run: Path) -> None:
     """Remove an earlier run's slide_metrics.json and slide_roc.png: beside this run's results.csv (other slides,
     labels or rule) they would look current, and the report shows them as this run's evaluation."""
@@ -403,8 +412,9 @@ def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
     """AUC, sensitivity and specificity at the slide threshold over labelled, scored slides (+ ROC plot), the AUC
     with its bootstrap 95 % interval (``auc_ci95``, :func:`wsi_screen.metrics.bootstrap_auc`, as `calibrate`), the
     rates with Wilson 95 % intervals (``sensitivity_ci95``, ``specificity_ci95``) and, on fewer positive slides than
-    :data:`wsi_screen.metrics.ADVISED_POSITIVES`, calibrate's small-cohort warning (``warnings``, and logged; for
-    labels of one class, :func:`wsi_screen.metrics.one_class_words` says why a rate and the AUC are missing),
+    :data:`wsi_screen.metrics.ADVISED_POSITIVES`, calibrate's small-cohort warning (``warnings``, and logged; so is
+    :func:`left_out` of labelled slides the run did not score; for labels of one class,
+    :func:`wsi_screen.metrics.one_class_words` says why a rate and the AUC are missing),
     from the same code as the patch metrics (:func:`wsi_screen.metrics.binary_view`); None (and a warning) when
     no labelled slide was scored. The caller has removed an earlier run's (:func:`drop_slide_metrics`)."""
     scored = [r for r in rows if r.label and r.result is not None and r.result.score is not None]
@@ -426,14 +436,14 @@ def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
         **rate_intervals(view),
         "confusion": {k: view[k] for k in ("tp", "fn", "tn", "fp")},
     }
-    warnings = [one_class] if (one_class := one_class_words(metrics["n_positive"], metrics["n_negative"])) else []
-    if metrics["n_positive"] and (small := few_positives(metrics["n_positive"], "the slide sensitivity is measured "
-                                                                                "on them (see its 95 % interval)")):
-        warnings.append(small)
+    one_class = one_class_words(metrics["n_positive"], metrics["n_negative"])
+    small = (few_positives(metrics["n_positive"], "the slide sensitivity is measured on them (see its 95 % interval)")
+             if metrics["n_positive"] else None)
+    warnings = [w for w in (one_class, left_out(metrics["unscored_labelled"]), small) if w]
     if warnings:
         metrics["warnings"] = warnings
-    for warning in warnings:
-        log.warning("slide metrics: %s", warning)
+    for w in warnings:
+        log.warning("slide metrics: %s", w)
     runfolder.write_json(run / runfolder.SLIDE_METRICS_JSON, metrics)
     if metrics["auc"] is not None:
         point = None

@@ -28,7 +28,7 @@ from wsi_screen.models.card import CARD_NAME, read_card
 from wsi_screen.models.spec import ModelSpec
 from wsi_screen.screening import calibration, runfolder
 from wsi_screen.screening.aggregate import AggregateConfig, describe
-from wsi_screen.screening.outputs import read_labels, slide_grid, unmatched_labels, unmatched_words
+from wsi_screen.screening.outputs import left_out, read_labels, slide_grid, unmatched_labels, unmatched_words
 from wsi_screen.screening.run import (
     SLIDE_RULE_JSON,
     calibrated_rule,
@@ -200,8 +200,7 @@ def recalibrate(run: str | Path, labels: str | Path, out: str | Path, *, model: 
     warn_unmatched_labels(truth, names)
     unscored = sorted(row["slide"] for row in results if row.get("status") != "ok" and row["slide"] in truth)
     if unscored:
-        log.warning("calibration: %d labelled slide(s) were not scored in the run and are left out: %s",
-                    len(unscored), few(unscored))
+        log.warning("calibration: %s", left_out(unscored))
     for row in results:
         label = truth.get(row["slide"])
         if row.get("status") != "ok" or label is None:
