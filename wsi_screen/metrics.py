@@ -369,11 +369,26 @@ def rate_intervals(counts: Mapping[str, int]) -> dict[str, list[float] | None]:
             "specificity_ci95": list(wilson(tn, tn + fp)) if tn + fp else None}
 
 
+def count_words(k: int, n: int, ci: Sequence[float] | None) -> str:
+    """A rate on a few slides as counts with its 95 % interval: ``2/3 (95 % CI 0.21-0.94)`` (one format for the
+    slide metrics and a calibration's figures)."""
+    return f"{k}/{n}" + (f" (95 % CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+
+
+#: the counts (of a ``confusion``) that a sensitivity and a specificity are the share of: (hits, of these)
+_RATE_COUNTS = {"sensitivity": ("tp", "fn"), "specificity": ("tn", "fp")}
+
+
 def rate_words(metrics: Mapping[str, Any], key: str) -> str:
-    """A rate with its 95 % interval as people read it: ``0.5 (95 % CI 0.09-0.91)``; ``n/a`` where undefined."""
+    """A rate with its 95 % interval as people read it: :func:`count_words` (``2/3 (95 % CI 0.21-0.94)``) where
+    ``metrics`` has its ``confusion``, else ``0.667 (95 % CI 0.21-0.94)``; ``n/a`` where undefined."""
     value, ci = metrics.get(key), metrics.get(f"{key}_ci95")
     if value is None:
         return "n/a"
+    confusion = metrics.get("confusion")
+    if confusion and key in _RATE_COUNTS:
+        hit, miss = (int(confusion[k]) for k in _RATE_COUNTS[key])
+        return count_words(hit, hit + miss, ci)
     return f"{value:.3g}" + (f" (95 % CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
 
 

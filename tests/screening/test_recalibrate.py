@@ -409,11 +409,12 @@ def test_labels_that_disagree_with_the_call_are_marked_and_the_slide_metrics_hav
     assert m["sensitivity_ci95"] == pytest.approx(list(wilson(2, 3)))
     assert m["specificity_ci95"] == pytest.approx(list(wilson(1, 1))) and m["specificity_ci95"][1] == 1.0
     lo, hi = wilson(2, 3)
-    assert f"sensitivity 0.667 (95 % CI {lo:.2f}-{hi:.2f}), specificity 1 (95 % CI " in res.out
+    # counts, as calibrate gives them ('sensitivity 0.667' said nothing of how few slides it was measured on)
+    assert f"sensitivity 2/3 (95 % CI {lo:.2f}-{hi:.2f}), specificity 1/1 (95 % CI " in res.out
     small = "only 3 positive slide(s): the slide sensitivity is measured on them (see its 95 % interval), which " \
             "takes at least 20 to mean much"
     assert m["warnings"] == [small] and f"slide metrics: {small}" in res.err
-    assert f"sensitivity 0.667 (95 % CI {lo:.2f}-{hi:.2f})" in page and html.escape(small) in page
+    assert f"sensitivity 2/3 (95 % CI {lo:.2f}-{hi:.2f})" in page and html.escape(small) in page
 
 
 def _run_copy(run: Path, to: Path) -> Path:

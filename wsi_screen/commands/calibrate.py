@@ -85,9 +85,9 @@ def _value(value: object) -> str:
 
 def _figures(figures: dict[str, Any]) -> str:
     """The chosen rule on its own calibration slides, as counts with 95 % intervals (a few slides say little)."""
-    from wsi_screen.metrics import auc_words
+    from wsi_screen.metrics import auc_words, count_words
 
     sens, spec = figures["sensitivity"], figures["specificity"]
-    return (f"sensitivity {sens['detected']}/{sens['n']} (95 % CI {sens['ci'][0]:.2f}-{sens['ci'][1]:.2f}), "
-            f"specificity {spec['correct']}/{spec['n']} (95 % CI {spec['ci'][0]:.2f}-{spec['ci'][1]:.2f}), "
+    return (f"sensitivity {count_words(sens['detected'], sens['n'], sens['ci'])}, "
+            f"specificity {count_words(spec['correct'], spec['n'], spec['ci'])}, "
             f"AUC {auc_words(figures['auc'], figures['auc_ci'])}")
