@@ -266,6 +266,18 @@ def test_bad_labels_file(tmp_path: Path, example_slide: Path) -> None:
 
 
 
+def test_a_label_of_neither_kind_names_the_words_of_both(tmp_path: Path, example_slide: Path) -> None:
+    """'malignant' was refused naming only the negative words: what a positive label may say was not said."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"slide,label\n{example_slide.stem},malignant\n")
+    res = run_cli("infer", example_slide, "-o", tmp_path / "run", "--labels", labels, "--quiet")
+    assert res.code == 1 and res.err_lines == [
+        f"wsi-screen: error: {labels}:2: label 'malignant' is neither positive (the positive class 'tumour', or 1, "
+        "abnormal, cancer, pos, positive, true, tumor, yes) nor negative (0, benign, false, neg, negative, no, "
+        "normal)"], res
+    assert not (tmp_path / "run" / "results.csv").exists()
+
+
 def test_a_rerun_with_stray_labels_and_fewer_slides_is_whole_and_says_so(tmp_path: Path, example_slide: Path,
                                                                         demo_run: Path) -> None:
     """Label rows naming no slide used to end the run with an internal error before results.csv; and a rerun on

@@ -339,7 +339,8 @@ def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
     one warning naming both lines when they agree."""
     rows = read_table(path, ("slide", "label"), "`labels`")
     spec = classifier.spec
-    positive = {str(spec.positive_class).lower()} | LABEL_POSITIVE
+    spec_positive = str(spec.positive_class).lower()
+    positive = {spec_positive} | LABEL_POSITIVE
     negative = {c.lower() for c in spec.classes if c != spec.positive_class} | LABEL_NEGATIVE
     out: dict[str, str] = {}
     by_slide: dict[str, tuple[int, str, str]] = {}  # the slide a row names -> (line, name as given, truth)
@@ -351,8 +352,9 @@ def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
         elif value in negative:
             truth = "negative"
         else:
-            raise ConfigError(f"{path}:{line}: label {row.get('label')!r} is neither the positive class "
-                              f"{spec.positive_class!r} nor a negative one ({', '.join(sorted(negative))})")
+            raise ConfigError(f"{path}:{line}: label {row.get('label')!r} is neither positive (the positive class "
+                              f"{spec.positive_class!r}, or {', '.join(sorted(positive - {spec_positive}))}) nor "
+                              f"negative ({', '.join(sorted(negative))})")
         # a name ("a", "a.pyramid" of a.pyramid.tif) names itself; a file name names its slide ("a.svs": "a")
         name = slide_name(Path(raw)) if Path(raw).suffix.lower() in SLIDE_EXTENSIONS else raw
         out.setdefault(raw, truth)
