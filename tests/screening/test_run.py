@@ -366,9 +366,9 @@ def test_labels_of_one_class_give_the_one_rate_and_say_why(tmp_path: Path, examp
     why = "no positive slide among the 1 labelled ones: no AUC and no sensitivity, the specificity only"
     assert m["warnings"] == [why] and f"slide metrics: {why}" in res.err and "only 0 positive" not in res.err
     (line,) = [x for x in res.out.splitlines() if x.startswith("slide AUC")]
-    assert line.startswith("slide AUC n/a, sensitivity n/a, specificity 1 (95 % CI 0.21-1.00)"), line
+    assert line.startswith("slide AUC n/a, sensitivity n/a, specificity 1/1 (95 % CI 0.21-1.00)"), line
     page = (run / "report.html").read_text(encoding="utf-8")
-    assert "AUC n/a &middot; sensitivity n/a &middot; specificity 1 (95 % CI 0.21-1.00)" in page
+    assert "AUC n/a &middot; sensitivity n/a &middot; specificity 1/1 (95 % CI 0.21-1.00)" in page
     assert html.escape(why) in page
 
 
