@@ -353,3 +353,48 @@ def test_a_fallback_rule_is_recorded_and_named_in_the_report(demo_run: Path, exa
     assert note in (run / "report.html").read_text()
     assert json.loads((demo_run / "run.json").read_text())["aggregate"]["source"] == "slide_rule.json"
     assert "fallback rule" not in (demo_run / "report.html").read_text()
+
+
+def _page_body(page: str) -> str:
+    """A report without its writing time (the one line that differs between two builds of one run)."""
+    return re.sub(r"Written by wsi-screen .*? on [^<]*\.", "", page)
+
+
+def test_a_rewritten_report_encodes_only_the_previews_of_changed_heatmaps(demo_run: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every report build encoded every slide's heatmap preview again (~0.1 s a slide: minutes at 1,000 slides on
+    each `wsi-screen report` or rerun of infer): the preview is cached beside its heatmap, keyed on the heatmap's
+    bytes and the preview's settings, so an unchanged heatmap is read from the cache, a changed one is encoded, and
+    a damaged cache is rebuilt."""
+    from wsi_screen.screening import preview, runfolder
+
+    run = Path(shutil.copytree(demo_run, tmp_path / "run"))  # infer's own report cached the preview
+    heat = next(run.glob(f"*/{runfolder.HEATMAP_PNG}"))
+    cache = heat.with_name(runfolder.PREVIEW_CACHE)
+    assert cache.is_file()
+    encoded: list[bytes] = []
+    encode = preview.heatmap_preview
+    monkeypatch.setattr(preview, "heatmap_preview", lambda png: encoded.append(encode(png)) or encoded[-1])
+    stamp = (cache.stat().st_ino, cache.stat().st_mtime_ns)
+    cached_page = render_report(run)
+    assert encoded == [] and (cache.stat().st_ino, cache.stat().st_mtime_ns) == stamp  # nothing encoded or written
+    cache.unlink()
+    assert _page_body(render_report(run)) == _page_body(cached_page) and len(encoded) == 1  # the same page
+    assert cache.is_file() and cache.stat().st_mtime_ns != stamp[1]
+    first = encoded[0]
+    # a damaged cache (cut short, or another file in its place) is encoded again, never fatal; a killed report's
+    # temporary file goes
+    killed = cache.with_name(f".{cache.name}.killed.tmp")
+    killed.write_bytes(b"half a cache")
+    for damaged in (cache.read_bytes()[:-100], b"not a cache"):
+        cache.write_bytes(damaged)
+        assert preview.cached_heatmap_preview(heat) == first
+    assert not killed.exists()
+    assert len(encoded) == 3 and preview.cached_heatmap_preview(heat) == first and len(encoded) == 3
+    # a redrawn heatmap gets a new preview
+    with Image.open(heat) as image:
+        redrawn = image.convert("RGB").rotate(180)
+    redrawn.save(heat)
+    new = preview.cached_heatmap_preview(heat)
+    assert len(encoded) == 4 and new != first
+    assert preview.cached_heatmap_preview(heat) == new and len(encoded) == 4

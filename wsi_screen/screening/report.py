@@ -1,11 +1,11 @@
 """``RUN/report.html``: one self-contained page per run (images inlined, no network, no external scripts).
 
 The page stays small whatever the number of slides: each slide's heatmap is inlined as a preview
-(:func:`heatmap_preview`: at most :data:`PREVIEW_PX` pixels, WebP, a few tens of KB where the full picture is about a
-megabyte) that links to the full-size ``heatmap.png`` in the slide's folder (a relative link: it opens while the
-page sits in its run folder), and its top patches as WebP at :data:`PATCH_QUALITY` (about 5 KB each, where PNG took
-over 20: the same pixels to the eye at the gallery's size). Everything the heatmap's title says is in the page's text
-too.
+(:mod:`wsi_screen.screening.preview`: at most 800 px wide, WebP, a few tens of KB where the full picture is about a
+megabyte; cached beside the heatmap, so a rewritten report encodes only the previews of heatmaps that changed) that
+links to the full-size ``heatmap.png`` in the slide's folder (a relative link: it opens while the page sits in its run
+folder), and its top patches as WebP at :data:`PATCH_QUALITY` (about 5 KB each, where PNG took over 20: the same
+pixels to the eye at the gallery's size). Everything the heatmap's title says is in the page's text too.
 
 Everything printed is escaped with :func:`html.escape` (slide names come from file names, which anyone can
 choose); element ids are generated, never taken from data. A Content-Security-Policy meta tag forbids any
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 import math
@@ -51,16 +50,13 @@ from wsi_screen.screening.aggregate import (
     recorded_rule_label,
     score_decimals,
 )
+from wsi_screen.screening.preview import cached_heatmap_preview, webp
 from wsi_screen.screening.runview import RunView, open_run, top_patches
 from wsi_screen.screening.spatial import mm_words
 
 log = logging.getLogger(__name__)
 
 N_TOP = 8
-#: the largest (width, height) of a heatmap's preview in the page, pixels: the title and legend stay readable
-PREVIEW_PX = (800, 1000)
-#: WebP quality of the previews
-PREVIEW_QUALITY = 70
 #: WebP quality of the top patches
 PATCH_QUALITY = 90
 #: where run.json records the call patch threshold (the pictures' and foci's) and the model's operating point
@@ -170,30 +166,6 @@ def _html(value: Any) -> str:
 def _img(data: bytes, alt: str, cls: str = "", mime: str = "image/png") -> str:
     b64 = base64.b64encode(data).decode("ascii")
     return f'<img class="{cls}" alt="{_html(alt)}" src="data:{mime};base64,{b64}">'
-
-
-def webp(image: Any, quality: int) -> bytes:
-    """A picture (a PIL image, or an RGB uint8 array) as lossy WebP bytes at ``quality``, transparency flattened on
-    white: how the page inlines its pictures."""
-    from PIL import Image
-
-    rgba = (image if isinstance(image, Image.Image) else Image.fromarray(image)).convert("RGBA")
-    flat = Image.new("RGB", rgba.size, "white")
-    flat.paste(rgba, mask=rgba.getchannel("A"))
-    buf = io.BytesIO()
-    flat.save(buf, format="WEBP", quality=quality, method=4)  # 6 took twice the time for ~4 % less
-    return buf.getvalue()
-
-
-def heatmap_preview(png: Path) -> bytes:
-    """A heatmap picture shrunk for the page: WebP bytes at most :data:`PREVIEW_PX` pixels (never enlarged) at
-    :data:`PREVIEW_QUALITY`."""
-    from PIL import Image
-
-    with Image.open(png) as opened:
-        image = opened.convert("RGBA")
-    image.thumbnail(PREVIEW_PX, Image.Resampling.LANCZOS)
-    return webp(image, PREVIEW_QUALITY)
 
 
 def _href(run: Path, path: Path) -> str:
@@ -359,7 +331,7 @@ def _slide_section(view: RunView, i: int, row: dict[str, str], digits: int | Non
     if heat.exists():
         href = _html(_href(view.path, heat))
         try:
-            preview = _img(heatmap_preview(heat), f"heatmap of {name}", "heat", "image/webp")
+            preview = _img(cached_heatmap_preview(heat), f"heatmap of {name}", "heat", "image/webp")
         except (OSError, ValueError, SyntaxError) as exc:  # a damaged picture costs its preview, not the page
             log.warning("%s: unreadable heatmap (%s); the report shows its link only", heat, exc)
             preview = f'<span class="muted">heatmap preview unavailable ({_html(exc)})</span>'
