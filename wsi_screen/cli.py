@@ -213,6 +213,7 @@ SETTING_FLAGS: dict[str, str] = {
     "patience": "--patience", "workers": "--workers", "optimizer": "--optimizer", "seed": "--seed",
     "schedule": "--schedule", "monitor": "--monitor", "threshold_rule": "--threshold-rule",
     "class_weights": "--class-weights/--no-class-weights", "device": "--device",
+    "report_top": "--report-top",
 }
 
 

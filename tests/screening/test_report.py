@@ -398,3 +398,51 @@ def test_a_rewritten_report_encodes_only_the_previews_of_changed_heatmaps(demo_r
     new = preview.cached_heatmap_preview(heat)
     assert len(encoded) == 4 and new != first
     assert preview.cached_heatmap_preview(heat) == new and len(encoded) == 4
+
+
+def _sections(page: str) -> list[str]:
+    return [html.unescape(h) for h in re.findall(r'<section class="slide" id="s\d+"><h2>(.*?)</h2>', page)]
+
+
+def test_a_large_runs_report_pictures_the_slides_that_need_a_look_and_the_top_others(
+        demo_run: Path, tmp_path: Path) -> None:
+    """Every scored slide's pictures were in the page (~0.12 MB a slide: ~120 MB for 1,000 slides): the page now
+    pictures every slide called tumour, out of domain, called against its label or without tissue, and the
+    report_top highest-scoring others; every other slide is a table row linking to its full heatmap.png."""
+    from tests.runs import copied_run
+
+    changes = [{"slide": "tumour-call", "diagnosis": "tumour", "score": "0.5"},
+               {"slide": "odd-tissue", "out_of_domain": "true", "score": "0.001"},
+               {"slide": "against-label", "label": "tumour", "label_agrees": "false", "score": "0.002"},
+               {"slide": "failed", "status": "error", "error": "not a slide format", "score": "", "diagnosis": ""},
+               *({"slide": f"normal-{i}", "score": f"0.0{i}"} for i in range(1, 5))]
+    for change in changes:
+        change.setdefault("out_of_domain", "false")
+    run = copied_run(demo_run, tmp_path / "run", changes)
+    assert json.loads((run / "run.json").read_text())["settings"]["report_top"] == 50  # infer records its choice
+    look = ["tumour-call", "odd-tissue", "against-label"]
+    page = render_report(run, report_top=2)
+    assert sorted(_sections(page)) == sorted([*look, "normal-4", "normal-3"])
+    assert page.count('src="data:image/webp;base64,') == 5 * (1 + 8)
+    assert ("Pictures (heatmap preview and top patches) below for 5 of 7 scored slides: the 3 that need a look "
+            "(called tumour, out of domain, called otherwise than their label, or without tissue) and the 2 "
+            "highest-scoring others.") in page
+    for name in ("normal-1", "normal-2"):  # a row linking to the full heatmap, no picture
+        assert f'<a href="{name}/heatmap.png" title="full-size heatmap">{name}</a>' in page
+        assert f"heatmap of {name}" not in page
+    assert '<a href="#s' in page.split("normal-4</a>")[0].rsplit("<tr", 1)[1]  # pictured: a link to its section
+    # report without report_top: infer's choice, as run.json records it; a run within it is pictured whole, as before
+    page = render_report(run)
+    assert sorted(_sections(page)) == sorted(c["slide"] for c in changes if c.get("status") != "error")
+    assert "Pictures (heatmap preview" not in page and 'title="full-size heatmap"' not in page
+    info = json.loads((run / "run.json").read_text())
+    info["settings"]["report_top"] = 0
+    (run / "run.json").write_text(json.dumps(info))
+    res = run_cli("report", run)
+    assert res.code == 0 and sorted(_sections((run / "report.html").read_text())) == sorted(look)
+    res = run_cli("report", run, "--report-top", "1")
+    assert res.code == 0 and sorted(_sections((run / "report.html").read_text())) == sorted([*look, "normal-4"])
+    res = run_cli("report", run, "--report-top", "-1")
+    assert res.code == 2 and res.err_lines == [
+        "wsi-screen: error: Invalid value for '--report-top': -1 is not in the range x>=0. (see wsi-screen report "
+        "--help)"]

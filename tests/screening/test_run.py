@@ -62,7 +62,7 @@ def test_demo_slide(tmp_path: Path, example_slide: Path) -> None:
     assert info["model"]["numeric_precision"] == load_model().precision
     assert info["settings"] == {"batch_size": 128, "workers": 0, "loader_workers": 0, "stores": None,
                                 "slide_mpp": None, "slide_mpp_csv": {}, "labels": None, "device": "auto",
-                                "keep_patches": False, "overrides": {}}
+                                "keep_patches": False, "report_top": 50, "overrides": {}}
     # where the time went: the run's stages and each slide's (open, tile, score, outputs)
     stages, (slide,) = info["stages"], info["slides"]
     # start-up counts from infer's entry point here (the test process is not the command), never from its start

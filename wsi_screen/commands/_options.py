@@ -86,6 +86,22 @@ def slide_timeout_option(func: F) -> F:
                              "separate process, so a reader that hangs or crashes fails only its slide.")(func)
 
 
+def report_top_option(default: str) -> Callable[[F], F]:
+    """``--report-top N`` (infer and report): how many slides besides those that need a look the report shows with
+    pictures (:mod:`wsi_screen.screening.pictured`, which imports nothing heavy); ``default`` says what it is when
+    not given."""
+    from wsi_screen.screening.pictured import REPORT_TOP
+
+    def decorate(func: F) -> F:
+        return click.option("--report-top", type=click.IntRange(min=0), default=None, metavar="N",
+                            help="report.html shows the pictures (heatmap preview, top patches) of every slide "
+                                 "called positive, out of domain, called otherwise than its label or without "
+                                 f"tissue, and of the N highest-scoring others; {default} {REPORT_TOP}. The other "
+                                 "slides are table rows linking to their full-size heatmap.png, so a run of "
+                                 "thousands of slides keeps a page a browser opens.")(func)
+    return decorate
+
+
 def threads_option(func: F) -> F:
     """``--threads``: torch's compute threads (train, tune, evaluate, infer, predict; see ``train.set_threads``)."""
     return click.option("--threads", type=click.IntRange(0, 256), default=0,

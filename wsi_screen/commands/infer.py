@@ -13,6 +13,7 @@ from wsi_screen.commands._options import (
     configure_output,
     device_option,
     precision_option,
+    report_top_option,
     slide_mpp_options,
     slide_mpp_table,
     slide_timeout_option,
@@ -84,6 +85,7 @@ if TYPE_CHECKING:
                    "local[:N] for N worker processes here (default 2). Every worker must see the slides, the "
                    "model folder and RUN by the same paths (see docs/cluster.md). Needs the dask extra: "
                    "pip install \"wsi-screen[dask]\".")
+@report_top_option("default")
 @threads_option
 @precision_option("auto")
 @device_option
@@ -92,7 +94,8 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
           k: float | None, labels: str | None, stores: str | None, keep_patches: bool, batch_size: int,
           workers: int,
           loader_workers: int, slide_mpp: float | None, slide_mpp_csv: str | None, min_tissue: float, overwrite: bool,
-          slide_timeout: float, dask: str | None, threads: int, precision: str, device: str) -> None:
+          slide_timeout: float, dask: str | None, report_top: int | None, threads: int, precision: str,
+          device: str) -> None:
     """Screen SLIDES (files or folders) and write the results to RUN.
 
     Each slide is tiled at the model's resolution, patch size and stain (stores are reused when they
@@ -144,7 +147,8 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
                          workers=workers, loader_workers=loader_workers, slide_mpp=slide_mpp,
                          slide_mpps=slide_mpp_table(slide_mpp_csv),
                          min_tissue=min_tissue, overwrite=overwrite, slide_timeout=slide_timeout,
-                         labels=labels, device=device, keep_patches=keep_patches)
+                         labels=labels, device=device, keep_patches=keep_patches,
+                         **({} if report_top is None else {"report_top": report_top}))
     with maybe_connect(target) as runner:
         summary = run_infer(slides, Path(run), classifier, mdir, config, argv=sys.argv[1:],
                             on_error="raise" if ctx.obj.get("debug") else "record", dask=runner)

@@ -5,7 +5,9 @@ The page stays small whatever the number of slides: each slide's heatmap is inli
 megabyte; cached beside the heatmap, so a rewritten report encodes only the previews of heatmaps that changed) that
 links to the full-size ``heatmap.png`` in the slide's folder (a relative link: it opens while the page sits in its run
 folder), and its top patches as WebP at :data:`PATCH_QUALITY` (about 5 KB each, where PNG took over 20: the same
-pixels to the eye at the gallery's size). Everything the heatmap's title says is in the page's text too.
+pixels to the eye at the gallery's size). Everything the heatmap's title says is in the page's text too. A large
+run's page pictures only the slides that need a look and the highest-scoring others
+(:mod:`wsi_screen.screening.pictured`); every other slide is a table row linking to its full-size heatmap.
 
 Everything printed is escaped with :func:`html.escape` (slide names come from file names, which anyone can
 choose); element ids are generated, never taken from data. A Content-Security-Policy meta tag forbids any
@@ -28,6 +30,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Collection
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
@@ -50,6 +53,7 @@ from wsi_screen.screening.aggregate import (
     recorded_rule_label,
     score_decimals,
 )
+from wsi_screen.screening.pictured import REPORT_TOP, needs_a_look, pictured_rows, valid_top
 from wsi_screen.screening.preview import cached_heatmap_preview, webp
 from wsi_screen.screening.runview import RunView, open_run, top_patches
 from wsi_screen.screening.spatial import mm_words
@@ -249,8 +253,10 @@ def _score_unit(rule: str | None) -> str:
     return " mm&sup2;" if rule == "region" else ""
 
 
-def slides_table(view: RunView) -> str:
-    """The sortable HTML table of a run's slides (also shown by the notebook)."""
+def slides_table(view: RunView, pictured: Collection[int] | None = None) -> str:
+    """The sortable HTML table of a run's slides (also shown by the notebook). A scored slide's name links to its
+    section of the page when its row index is in ``pictured`` (all of them when None), else to its full-size
+    heatmap.png."""
     digits = score_digits(view)
     cols = [("slide", False), ("status", False), ("n_patches", True), ("score", True), ("diagnosis", False),
             ("metastasis", False), ("largest_focus_mm", True), ("tumour_area_mm2", True), ("n_foci", True),
@@ -272,7 +278,7 @@ def slides_table(view: RunView) -> str:
         for name, num in cols:
             value = r.get(name, "")
             if name == "slide" and r["status"] not in NO_RESULT:
-                shown = f'<a href="#s{i}">{_html(value)}</a>'
+                shown = _slide_link(view, i, value, pictured)
             elif name == "diagnosis" and r["status"] in NO_RESULT:
                 shown = _error(r.get("error", ""), r.get("source", ""))
             elif name == "label" and disagrees:
@@ -291,6 +297,31 @@ def slides_table(view: RunView) -> str:
         body.append(f'<tr class="{cls}">{"".join(cells)}</tr>')
     return (f'<table class="sortable" id="slides"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
+
+
+def _slide_link(view: RunView, i: int, name: str, pictured: Collection[int] | None) -> str:
+    """A scored slide's name in the table: a link to its section, or, for a slide shown without pictures, to its
+    full-size heatmap.png (plain text where there is none)."""
+    if pictured is None or i in pictured:
+        return f'<a href="#s{i}">{_html(name)}</a>'
+    heat = runfolder.slide_dir(view.path, name) / runfolder.HEATMAP_PNG
+    if not heat.exists():
+        return _html(name)
+    return f'<a href="{_html(_href(view.path, heat))}" title="full-size heatmap">{_html(name)}</a>'
+
+
+def _pictures_note(view: RunView, pictured: Collection[int]) -> str:
+    """What a large run's page leaves out, by which rule (:mod:`wsi_screen.screening.pictured`); nothing where every
+    scored slide has its pictures."""
+    scored = sum(r["status"] != "error" for r in view.results)
+    if len(pictured) == scored:
+        return ""
+    look = sum(needs_a_look(r, view.positive_class) for r in view.results)
+    return (f'<p class="muted">Pictures (heatmap preview and top patches) below for {len(pictured)} of {scored} '
+            f"scored slides: the {look} that need a look (called {_html(view.positive_class)}, out of domain, "
+            f"called otherwise than their label, or without tissue) and the {len(pictured) - look} "
+            "highest-scoring others. Every other slide's name links to its full-size "
+            f"{_html(runfolder.HEATMAP_PNG)}.</p>")
 
 
 #: error messages longer than this fold away under their first words
@@ -369,9 +400,20 @@ def _lossy_note(info: dict[str, Any]) -> str:
             f"store_pixels in {runfolder.RUN_JSON}).</p>")
 
 
-def render_report(run: str | Path) -> str:
-    """The report of a run folder as an HTML string."""
+def recorded_report_top(view: RunView) -> int:
+    """How many slides besides those that need a look the run's report shows with pictures: the number infer
+    recorded in run.json (``settings.report_top``), else :data:`REPORT_TOP`."""
+    recorded = (view.info.get("settings") or {}).get("report_top")
+    return recorded if valid_top(recorded) else REPORT_TOP
+
+
+def render_report(run: str | Path, report_top: int | None = None) -> str:
+    """The report of a run folder as an HTML string. Slides are shown with pictures (heatmap preview, top patches)
+    by :func:`wsi_screen.screening.pictured.pictured_rows`: every one that needs a look and the ``report_top``
+    highest-scoring others (None: :func:`recorded_report_top`); the rest are table rows linking to their heatmap."""
     view = open_run(run)
+    pictured = set(pictured_rows(view.results, view.positive_class,
+                                 recorded_report_top(view) if report_top is None else report_top))
     digits = score_digits(view)  # the header's threshold and every slide's score
     info = view.info
     model = info.get("model", {})
@@ -403,7 +445,8 @@ def render_report(run: str | Path) -> str:
         _lossy_note(info),
         _model_card(model),
         f'<div class="cards">{cards}</div>',
-        "<h2>Slides</h2><p class=\"muted\">Click a column to sort.</p>", slides_table(view),
+        "<h2>Slides</h2><p class=\"muted\">Click a column to sort.</p>", slides_table(view, pictured),
+        _pictures_note(view, pictured),
     ]
     metrics_path = view.path / runfolder.SLIDE_METRICS_JSON
     if metrics_path.exists():
@@ -419,9 +462,7 @@ def render_report(run: str | Path) -> str:
         roc = view.path / runfolder.SLIDE_ROC_PNG
         if roc.exists():
             parts.append(_img(roc.read_bytes(), "slide-level ROC curve"))
-    for i, row in enumerate(view.results):
-        if row["status"] not in NO_RESULT:
-            parts.append(_slide_section(view, i, row, digits))
+    parts.extend(_slide_section(view, i, view.results[i], digits) for i in sorted(pictured))
     provenance = json.dumps(_for_people(info), indent=2, default=str)
     parts.append(f'<h2>Provenance</h2><p class="muted">Numbers rounded and paths normalised for reading; '
                  f"{runfolder.RUN_JSON} holds them exactly. Two patch thresholds: {PROVENANCE_CALL} is the call "
@@ -432,9 +473,9 @@ def render_report(run: str | Path) -> str:
     return "\n".join(parts)
 
 
-def write_report(run: str | Path) -> Path:
-    """Write ``RUN/report.html`` atomically; returns its path."""
+def write_report(run: str | Path, report_top: int | None = None) -> Path:
+    """Write ``RUN/report.html`` atomically (see :func:`render_report`); returns its path."""
     out = Path(run) / runfolder.REPORT_HTML
-    atomic_write_text(out, render_report(run))
+    atomic_write_text(out, render_report(run, report_top))
     log.debug("report written to %s", out)
     return out

@@ -58,6 +58,7 @@ from wsi_screen.screening.outputs import (
     write_run_json,
     write_slide_folder,
 )
+from wsi_screen.screening.pictured import REPORT_TOP, check_report_top
 from wsi_screen.slide import isolation
 from wsi_screen.slide.discovery import SlideSource, discover, nothing_found
 from wsi_screen.slide.slide import warn_if_touched, warn_unmatched_mpp
@@ -117,13 +118,18 @@ class InferConfig:
     #: the device Dask workers score on (auto/cuda: each its own GPU, see wsi_screen.distributed); a local run
     #: scores on the classifier's
     device: str = "auto"
+    #: how many slides besides those that need a look the report shows with pictures (wsi_screen.screening.pictured)
+    report_top: int = REPORT_TOP
+
+    def __post_init__(self) -> None:
+        check_report_top(self.report_top)  # refused before the run, not after its slides
 
     def to_json(self) -> dict[str, Any]:
         """The settings ``run.json`` records."""
         return {"batch_size": self.batch_size, "workers": self.workers, "loader_workers": self.loader_workers,
                 "stores": self.stores, "slide_mpp": self.slide_mpp, "slide_mpp_csv": dict(self.slide_mpps),
                 "labels": self.labels, "device": self.device,
-                "keep_patches": self.keep_patches,
+                "keep_patches": self.keep_patches, "report_top": self.report_top,
                 # the slide rule's settings given explicitly (the report names them as overrides)
                 "overrides": {k: v for k, v in (("aggregate", self.rule), ("threshold", self.threshold),
                                                 ("k", self.k)) if v is not None}}
@@ -338,7 +344,7 @@ def _run_in_folder(run: Path, sources: Sequence[SlideSource], problems: Sequence
                    time.perf_counter() - t0, stages, rule_source=rule_source(model_dir))
     from wsi_screen.screening.report import write_report
 
-    write_report(run)
+    write_report(run, config.report_top)
     return RunSummary(run, rows, aggregate, metrics)
 
 
