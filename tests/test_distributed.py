@@ -56,6 +56,17 @@ def slides(tmp_path_factory: pytest.TempPathFactory, cmu_svs: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def local_tiles(tmp_path_factory: pytest.TempPathFactory, slides: Path) -> tuple[Path, str]:
+    """`tile SLIDES --size 128` without Dask, once for the module: the stores every Dask tile run must equal, and
+    what it printed on stderr (the warnings and errors a Dask run must repeat)."""
+    out = tmp_path_factory.mktemp("dask-local-tiles") / "local"
+    res = run_cli("tile", slides, "-o", out, "--size", "128")
+    assert res.code == 1, res  # no_mpp.tif fails
+    assert "5 slide(s): 4 tiled, 0 up to date, 1 failed" in res.err, res
+    return out, res.err
+
+
 # ------------------------------------------------------------------------------------------------- parsing
 @pytest.mark.parametrize(("text", "expected"), [
     ("local", DaskAddress(None, 2)),
@@ -255,17 +266,16 @@ def test_file_url_output_is_the_folder(tmp_path: Path, slides: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- LocalCluster: tile and infer
-def test_tile_local_cluster_same_stores(tmp_path: Path, slides: Path) -> None:
-    local = run_cli("tile", slides, "-o", tmp_path / "local", "--size", "128")
+def test_tile_local_cluster_same_stores(tmp_path: Path, slides: Path, local_tiles: tuple[Path, str]) -> None:
+    local, local_err = local_tiles
     dask = run_cli("tile", slides, "-o", tmp_path / "dask", "--size", "128", "--dask", "local:2")
-    assert local.code == 1 and dask.code == 1, (local, dask)  # no_mpp.tif fails in both
-    assert "5 slide(s): 4 tiled, 0 up to date, 1 failed" in local.err
+    assert dask.code == 1, dask  # no_mpp.tif fails, as in the local run
     assert "5 slide(s): 4 tiled, 0 up to date, 1 failed" in dask.err, dask
     # failures and warnings (logged on the workers) reach the client's terminal as in a local run
     errors = error_lines(dask.err)
-    assert errors == error_lines(local.err) and len(errors) == 1 and "no_mpp.tif" in errors[0]
-    assert warning_lines(dask.err) == warning_lines(local.err) and any("glass" in w for w in warning_lines(dask.err))
-    a, b = tree_digest(tmp_path / "local"), tree_digest(tmp_path / "dask")
+    assert errors == error_lines(local_err) and len(errors) == 1 and "no_mpp.tif" in errors[0]
+    assert warning_lines(dask.err) == warning_lines(local_err) and any("glass" in w for w in warning_lines(dask.err))
+    a, b = tree_digest(local), tree_digest(tmp_path / "dask")
     assert len(a) > 40 and a == b
 
 
@@ -379,13 +389,14 @@ def scheduler(tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.mark.slow
-def test_tile_on_a_real_scheduler_with_two_workers(tmp_path: Path, slides: Path, scheduler: str) -> None:
-    local = run_cli("tile", slides, "-o", tmp_path / "local", "--size", "128", "--quiet")
+def test_tile_on_a_real_scheduler_with_two_workers(tmp_path: Path, slides: Path, scheduler: str,
+                                                   local_tiles: tuple[Path, str]) -> None:
+    local, local_err = local_tiles
     dask = run_cli("tile", slides, "-o", tmp_path / "dask", "--size", "128", "--dask", scheduler)
-    assert local.code == 1 and dask.code == 1, (local, dask)
+    assert dask.code == 1, dask
     assert "5 slide(s): 4 tiled, 0 up to date, 1 failed" in dask.err, dask
-    assert error_lines(dask.err) == error_lines(local.err) and len(error_lines(dask.err)) == 1
-    a, b = tree_digest(tmp_path / "local"), tree_digest(tmp_path / "dask")
+    assert error_lines(dask.err) == error_lines(local_err) and len(error_lines(dask.err)) == 1
+    a, b = tree_digest(local), tree_digest(tmp_path / "dask")
     assert len(a) > 40 and a == b
     # a rerun finds every store up to date (the workers' stores are the client's)
     again = run_cli("tile", slides, "-o", tmp_path / "dask", "--size", "128", "--dask", scheduler)
