@@ -80,7 +80,8 @@ def slides(tmp_path_factory: pytest.TempPathFactory, cmu_svs: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def small_slides(tmp_path_factory: pytest.TempPathFactory, cmu_svs: Path) -> Path:
-    """For infer, whose every trial pays for importing torch: a smaller second slide."""
+    """For infer and embed, whose every trial pays for importing torch and whose every patch goes through a model: a
+    smaller second slide."""
     return _two_slides(tmp_path_factory.mktemp("kill") / "small", cmu_svs, (1536, 1024))
 
 
@@ -381,7 +382,7 @@ def _interrupt_when(args: list[str], ready: Path, pattern: str, log: Path, timeo
 
 @pytest.mark.parametrize("command", ["tile", "infer", "embed"])
 def test_sigint_exits_130_cleanly(tmp_path: Path, slides: Path, small_slides: Path, command: str) -> None:
-    if command == "infer":
+    if command != "tile":  # each patch is scored or embedded, in the rerun too: the smaller slides
         slides = small_slides
     out = tmp_path / "out"
     stores = out if command == "tile" else out / runfolder.STORES_DIR
