@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,10 @@ def background(nodeid: str) -> BackgroundCheck | _SharedCheck:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist 3.8 hands the modules out in an order of its own (most tests first, --loadscope-reorder, on by
+    # default), which put most of LONGEST_MODULES last; the order pytest_collection_modifyitems gives them stands
+    if getattr(config.option, "loadscopereorder", False):
+        config.option.loadscopereorder = False
     if not _worker():
         os.environ[_SHARED] = tempfile.mkdtemp(prefix="wsi-screen-tests-")
 
@@ -148,8 +153,9 @@ def _write_result(check: BackgroundCheck, stem: Path) -> None:
     stem.with_suffix(".rc.tmp").rename(stem.with_suffix(".rc"))  # the status last: the output is complete
 
 
-#: the modules that take longest (about 45-110 s each on 2 cores), longest first: run first, so that the two xdist
-#: workers, which take whole modules in collection order, do not end with one of them still running a long one
+#: the modules that take longest (about 45-110 s each on 2 cores), longest first: run first, then the others by how
+#: many tests they hold (most first), so that the two xdist workers, which take whole modules in this order, end
+#: together on short ones rather than one of them still running a long one
 LONGEST_MODULES = ("tests/features/test_hardening_kill.py", "tests/screening/test_recalibrate.py",
                    "tests/test_distributed.py", "tests/screening/test_run.py", "tests/training/test_checkpoint.py",
                    "tests/features/test_slide_rule_size.py", "tests/training/test_train.py")
@@ -158,7 +164,13 @@ LONGEST_MODULES = ("tests/features/test_hardening_kill.py", "tests/screening/tes
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected what they deselect
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest as collected
+    sizes = Counter(item.nodeid.split("::", 1)[0] for item in items)
+
+    def order(item: pytest.Item) -> tuple[int, int]:
+        module = item.nodeid.split("::", 1)[0]
+        return rank.get(module, len(rank)), -sizes[module]
+
+    items.sort(key=order)  # stable: a module's tests stay together, in their order
     if _worker():  # under xdist the controller starts them (pytest_xdist_node_collection_finished)
         return
     for item in items:
