@@ -67,8 +67,7 @@ def build(run: Path, report_top: int | None, *, before: bool = False) -> tuple[f
 def drop_caches(run: Path) -> None:
     from wsi_screen.screening import runfolder
 
-    for cache in run.glob(f"*/{runfolder.PREVIEW_CACHE}"):
-        cache.unlink()
+    shutil.rmtree(run / runfolder.PREVIEW_DIR, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,6 @@ from tests.conftest import run_cli, tree_digest
 from tests.factory import block_image, write_tiled_tiff
 from wsi_screen.embedding.features import FeatureStore
 from wsi_screen.errors import RunError
-from wsi_screen.screening import runfolder
 from wsi_screen.screening.runfolder import SlideFolder
 from wsi_screen.tiling.store import PatchStore, store_location, store_lock
 
@@ -140,8 +139,8 @@ def test_two_infer_runs_on_one_run_folder(tmp_path: Path) -> None:
         print(f"infer process: exit {code}, {len(busy)} slides busy")
     for folder in (run / name for name in ("a", "b", "c")):
         if folder.exists():
-            assert {p.name for p in folder.iterdir()} - {runfolder.PREVIEW_CACHE} == {
-                "scores.csv", "heatmap.png", "patches.geojson", "slide.json"}  # and the report's preview cache
+            assert {p.name for p in folder.iterdir()} == {"scores.csv", "heatmap.png", "patches.geojson",
+                                                          "slide.json"}
     for store in (run / "stores").glob("*.zarr"):
         assert PatchStore.open(store).attrs["complete"] is True
     res = run_cli(*args)  # settles every busy slide

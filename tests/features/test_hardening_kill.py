@@ -327,10 +327,9 @@ def _check_run_after_kill(run: Path, reference: dict[str, object]) -> str:
     assert isinstance(ref_slides, dict)
     folders = [p for p in run.iterdir() if p.is_dir() and p.name != runfolder.STORES_DIR
                and not p.name.startswith(".") and not p.name.endswith((runfolder.PARTIAL, ".old"))]
-    for folder in folders:  # and the report's preview of the heatmap (or, killed while writing it, its temporary)
-        names = {p.name for p in folder.iterdir() if not p.name.startswith(f".{runfolder.PREVIEW_CACHE}.")}
-        assert names - {runfolder.PREVIEW_CACHE} == {runfolder.SCORES_CSV, runfolder.HEATMAP_PNG,
-                                                     runfolder.GEOJSON, runfolder.SLIDE_JSON}, folder
+    for folder in folders:
+        assert {p.name for p in folder.iterdir()} == {runfolder.SCORES_CSV, runfolder.HEATMAP_PNG,
+                                                      runfolder.GEOJSON, runfolder.SLIDE_JSON}, folder
         assert _slide_outputs(run, folder.name) == ref_slides[folder.name]
     writing_folder = any(run.glob(f"*{runfolder.PARTIAL}"))
     if (run / runfolder.RESULTS_CSV).exists():  # written last but one, atomically: whole or absent

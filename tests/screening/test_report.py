@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import read_results, run_cli
-from wsi_screen.screening.report import render_report
+from wsi_screen.screening.report import render_report, write_report
 
 #: set (to 1) where a missing Chromium must fail the browser test instead of skipping it: CI (.ci/run)
 REQUIRE_BROWSER = "WSI_SCREEN_REQUIRE_BROWSER"
@@ -363,41 +364,49 @@ def _page_body(page: str) -> str:
 def test_a_rewritten_report_encodes_only_the_previews_of_changed_heatmaps(demo_run: Path, tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Every report build encoded every slide's heatmap preview again (~0.1 s a slide: minutes at 1,000 slides on
-    each `wsi-screen report` or rerun of infer): the preview is cached beside its heatmap, keyed on the heatmap's
-    bytes and the preview's settings, so an unchanged heatmap is read from the cache, a changed one is encoded, and
-    a damaged cache is rebuilt."""
+    each `wsi-screen report` or rerun of infer): the preview is cached in RUN/.previews under the sha256 of the
+    heatmap's bytes and the preview's settings, so an unchanged heatmap is read from the cache, a changed one is
+    encoded (and its old entry dropped by the next report written), and a damaged entry is rebuilt. The slide
+    folders hold their results only."""
     from wsi_screen.screening import preview, runfolder
 
     run = Path(shutil.copytree(demo_run, tmp_path / "run"))  # infer's own report cached the preview
     heat = next(run.glob(f"*/{runfolder.HEATMAP_PNG}"))
-    cache = heat.with_name(runfolder.PREVIEW_CACHE)
-    assert cache.is_file()
+    assert {p.name for p in heat.parent.iterdir()} == set(runfolder.SLIDE_FILES)
+    cache_dir = run / runfolder.PREVIEW_DIR
+    (cache,) = cache_dir.iterdir()
+    assert cache == preview.cache_path(cache_dir, preview.preview_key(heat.read_bytes()))
     encoded: list[bytes] = []
     encode = preview.heatmap_preview
     monkeypatch.setattr(preview, "heatmap_preview", lambda png: encoded.append(encode(png)) or encoded[-1])
-    stamp = (cache.stat().st_ino, cache.stat().st_mtime_ns)
+    ino = cache.stat().st_ino
     cached_page = render_report(run)
-    assert encoded == [] and (cache.stat().st_ino, cache.stat().st_mtime_ns) == stamp  # nothing encoded or written
+    assert encoded == [] and cache.stat().st_ino == ino  # nothing encoded or written
     cache.unlink()
     assert _page_body(render_report(run)) == _page_body(cached_page) and len(encoded) == 1  # the same page
-    assert cache.is_file() and cache.stat().st_mtime_ns != stamp[1]
+    assert cache.is_file()
     first = encoded[0]
-    # a damaged cache (cut short, or another file in its place) is encoded again, never fatal; a killed report's
-    # temporary file goes
-    killed = cache.with_name(f".{cache.name}.killed.tmp")
-    killed.write_bytes(b"half a cache")
+    # a damaged entry (cut short, or another file in its place) is encoded again, never fatal
     for damaged in (cache.read_bytes()[:-100], b"not a cache"):
         cache.write_bytes(damaged)
-        assert preview.cached_heatmap_preview(heat) == first
-    assert not killed.exists()
-    assert len(encoded) == 3 and preview.cached_heatmap_preview(heat) == first and len(encoded) == 3
-    # a redrawn heatmap gets a new preview
+        assert preview.cached_heatmap_preview(heat, cache_dir) == first
+    assert len(encoded) == 3 and preview.cached_heatmap_preview(heat, cache_dir) == first and len(encoded) == 3
+    # a redrawn heatmap gets a new preview; the report written next keeps only the entry it used, and drops a
+    # killed build's temporary file
     with Image.open(heat) as image:
         redrawn = image.convert("RGB").rotate(180)
     redrawn.save(heat)
-    new = preview.cached_heatmap_preview(heat)
+    new = preview.cached_heatmap_preview(heat, cache_dir)
     assert len(encoded) == 4 and new != first
-    assert preview.cached_heatmap_preview(heat) == new and len(encoded) == 4
+    assert preview.cached_heatmap_preview(heat, cache_dir) == new and len(encoded) == 4
+    killed = cache_dir / f".{cache.name}.killed.tmp"
+    killed.write_bytes(b"half a cache")
+    old = time.time() - 3600
+    for entry in cache_dir.iterdir():
+        os.utime(entry, (old, old))
+    write_report(run)
+    assert [p.name for p in cache_dir.iterdir()] == [preview.cache_path(cache_dir, preview.preview_key(
+        heat.read_bytes())).name] and len(encoded) == 4
 
 
 def _sections(page: str) -> list[str]:

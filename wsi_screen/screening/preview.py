@@ -1,14 +1,15 @@
 """The report's pictures: WebP bytes for the page (:func:`webp`), a heatmap's preview (:func:`heatmap_preview`), and
-that preview cached beside its heatmap (:func:`cached_heatmap_preview`) so that rewriting a report does not encode
-again the previews of heatmaps that did not change (about a tenth of a second a slide, minutes for a thousand).
+that preview cached (:func:`cached_heatmap_preview`) so that rewriting a report does not encode again the previews
+of heatmaps that did not change (about a tenth of a second a slide, minutes for a thousand).
 
-The cache is one file in the slide's folder (:data:`wsi_screen.screening.runfolder.PREVIEW_CACHE`): a JSON line
-naming what the preview was made of (the heatmap's sha256 and the preview's settings, Pillow's version among them)
-and the preview's own sha256, then the preview's bytes. It is used only when all of that matches, so a heatmap
-redrawn, replaced, or copied in from elsewhere gets a new preview; a damaged or foreign file is rebuilt; a cache that
-cannot be written (a read-only slide folder, a folder replaced meanwhile) costs the next report the encoding, not
-the page. A report killed while it wrote the cache left no cache, so the next one writes it, and removes the killed
-one's temporary file first.
+The cache is the run folder's ``.previews`` folder (:data:`wsi_screen.screening.runfolder.PREVIEW_DIR`), not the
+slide folders (which hold a slide's results only, written under its lock). An entry is named by the sha256 of what
+its preview was made of (:func:`preview_key`: the heatmap's sha256 and the preview's settings, Pillow's version
+among them; bump :data:`CACHE_FORMAT` when :func:`heatmap_preview` draws otherwise), so a heatmap redrawn, replaced,
+or copied in from elsewhere names another entry and a stale preview cannot be served. An entry is a JSON line (the
+key and the preview's sha256), then the preview's bytes: a damaged one is rebuilt; a cache that cannot be written (a
+read-only run folder) costs the next report the encoding, not the page. :func:`prune_previews` removes the entries
+a report build did not use (and a killed build's temporary files), so the cache holds one preview a pictured slide.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import hashlib
 import io
 import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from wsi_screen._safe_write import atomic_write_bytes
 from wsi_screen.errors import OutputWriteError
-from wsi_screen.screening import runfolder
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,8 @@ PREVIEW_PX = (800, 1000)
 PREVIEW_QUALITY = 70
 #: libwebp's effort: 6 took twice the time for ~4 % less
 WEBP_METHOD = 4
-#: the cache file's format, recorded in it: another is rebuilt
-CACHE_FORMAT = 1
+#: the cache's format, part of every entry's key: bump it when the preview is made otherwise
+CACHE_FORMAT = 2
 
 
 def webp(image: Any, quality: int) -> bytes:
@@ -70,9 +72,9 @@ def preview_key(png_bytes: bytes) -> dict[str, Any]:
             "pillow": PIL.__version__}
 
 
-def cache_path(png: Path) -> Path:
-    """Where the preview of the heatmap ``png`` is cached: beside it, in the slide's folder."""
-    return png.with_name(runfolder.PREVIEW_CACHE)
+def cache_path(cache_dir: Path, key: dict[str, Any]) -> Path:
+    """Where the preview made of ``key`` is cached in ``cache_dir``: a file named by the key's sha256."""
+    return cache_dir / hashlib.sha256(json.dumps(key, sort_keys=True).encode("ascii")).hexdigest()
 
 
 def _cached(path: Path, key: dict[str, Any]) -> bytes | None:
@@ -94,23 +96,38 @@ def _cached(path: Path, key: dict[str, Any]) -> bytes | None:
     return preview
 
 
-def cached_heatmap_preview(png: Path) -> bytes:
-    """:func:`heatmap_preview` of ``png``, from its cache when the heatmap and the settings are those the cached
-    preview was made of; otherwise encoded and cached. Raises what reading an unreadable heatmap raises (OSError,
-    ValueError, SyntaxError), never for the cache."""
+def cached_heatmap_preview(png: Path, cache_dir: Path) -> bytes:
+    """:func:`heatmap_preview` of ``png``, from the cache in ``cache_dir`` when it holds the preview of these
+    heatmap bytes at these settings (marked used: its time is set to now); otherwise encoded and cached. Raises what
+    reading an unreadable heatmap raises (OSError, ValueError, SyntaxError), never for the cache."""
     png_bytes = png.read_bytes()
     key = preview_key(png_bytes)
-    path = cache_path(png)
+    path = cache_path(cache_dir, key)
     preview = _cached(path, key)
     if preview is not None:
+        with contextlib.suppress(OSError):  # used by this build: prune_previews keeps it
+            os.utime(path)
         return preview
     preview = heatmap_preview(png_bytes)
     meta = json.dumps({"key": key, "sha256": hashlib.sha256(preview).hexdigest()}, sort_keys=True)
-    with contextlib.suppress(OSError):  # a killed report's temporary file (it left no cache); best effort
-        for left in path.parent.glob(f".{path.name}.*.tmp"):
-            left.unlink(missing_ok=True)
     try:
         atomic_write_bytes(path, meta.encode("ascii") + b"\n" + preview)
     except OutputWriteError as exc:  # the page does not need it; the next report encodes again
         log.debug("preview not cached: %s", exc)
     return preview
+
+
+def prune_previews(cache_dir: Path, since: float) -> None:
+    """Remove the entries of ``cache_dir`` that no report build used since ``since`` (a ``time.time()``), and
+    temporary files of builds killed before it; best effort (a file another build is using only costs it the
+    encoding)."""
+    with contextlib.suppress(OSError):
+        for entry in cache_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < since:
+                    entry.unlink()
+
+
+def build_started() -> float:
+    """The time a report build starts, for :func:`prune_previews` (a second early: file times may be coarser)."""
+    return time.time() - 1.0

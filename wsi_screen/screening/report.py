@@ -54,7 +54,7 @@ from wsi_screen.screening.aggregate import (
     score_decimals,
 )
 from wsi_screen.screening.pictured import REPORT_TOP, needs_a_look, pictured_rows, valid_top
-from wsi_screen.screening.preview import cached_heatmap_preview, webp
+from wsi_screen.screening.preview import build_started, cached_heatmap_preview, prune_previews, webp
 from wsi_screen.screening.runview import RunView, open_run, top_patches
 from wsi_screen.screening.spatial import mm_words
 
@@ -362,7 +362,8 @@ def _slide_section(view: RunView, i: int, row: dict[str, str], digits: int | Non
     if heat.exists():
         href = _html(_href(view.path, heat))
         try:
-            preview = _img(cached_heatmap_preview(heat), f"heatmap of {name}", "heat", "image/webp")
+            small = cached_heatmap_preview(heat, view.path / runfolder.PREVIEW_DIR)
+            preview = _img(small, f"heatmap of {name}", "heat", "image/webp")
         except (OSError, ValueError, SyntaxError) as exc:  # a damaged picture costs its preview, not the page
             log.warning("%s: unreadable heatmap (%s); the report shows its link only", heat, exc)
             preview = f'<span class="muted">heatmap preview unavailable ({_html(exc)})</span>'
@@ -474,8 +475,11 @@ def render_report(run: str | Path, report_top: int | None = None) -> str:
 
 
 def write_report(run: str | Path, report_top: int | None = None) -> Path:
-    """Write ``RUN/report.html`` atomically (see :func:`render_report`); returns its path."""
+    """Write ``RUN/report.html`` atomically (see :func:`render_report`), then drop the cached previews it did not use
+    (:func:`wsi_screen.screening.preview.prune_previews`); returns its path."""
     out = Path(run) / runfolder.REPORT_HTML
+    started = build_started()
     atomic_write_text(out, render_report(run, report_top))
+    prune_previews(Path(run) / runfolder.PREVIEW_DIR, started)
     log.debug("report written to %s", out)
     return out

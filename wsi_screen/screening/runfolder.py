@@ -65,8 +65,8 @@ PARTIAL = ".partial"
 STALE_DIR = "stale"
 #: a slide folder's result files (what :func:`set_aside` moves, slide.json last: it marks the folder finished)
 SLIDE_FILES = (SCORES_CSV, HEATMAP_PNG, GEOJSON, SLIDE_JSON)
-#: the report's cached preview of a slide's heatmap (wsi_screen.screening.preview), beside it
-PREVIEW_CACHE = ".heatmap-preview"
+#: the run folder's cache of the report's heatmap previews (wsi_screen.screening.preview), not results
+PREVIEW_DIR = ".previews"
 #: run.json's ``aggregate.source`` when the slide rule rests on no calibration (the model folder has none)
 FALLBACK_SOURCE = "fallback"
 
@@ -270,12 +270,11 @@ def slide_folders(run: Path) -> list[str]:
 
 
 def set_aside(run: Path, name: str) -> Path | None:
-    """Move the result files (:data:`SLIDE_FILES`) an earlier run left in ``RUN/<name>/``, and the report's
-    preview of its heatmap (:data:`PREVIEW_CACHE`), into ``RUN/<name>/stale/`` (replacing files of the same names
-    there), under the slide's lock: for a slide the latest run failed on, whose old heatmap and GeoJSON would
-    otherwise look current. Nothing is deleted; the next successful run of the slide replaces the whole folder.
-    Returns the ``stale`` folder, or None when ``RUN/<name>`` holds no finished result or another process is
-    writing it (its results will be current)."""
+    """Move the result files (:data:`SLIDE_FILES`) an earlier run left in ``RUN/<name>/`` into ``RUN/<name>/stale/``
+    (replacing files of the same names there), under the slide's lock: for a slide the latest run failed on, whose
+    old heatmap and GeoJSON would otherwise look current. Nothing is deleted; the next successful run of the slide
+    replaces the whole folder. Returns the ``stale`` folder, or None when ``RUN/<name>`` holds no finished result or
+    another process is writing it (its results will be current)."""
     if name not in slide_folders(run):
         return None
     folder = slide_dir(run, name)
@@ -288,7 +287,7 @@ def set_aside(run: Path, name: str) -> Path | None:
     stale = folder / STALE_DIR
     try:
         stale.mkdir(exist_ok=True)
-        for filename in (PREVIEW_CACHE, *SLIDE_FILES):
+        for filename in SLIDE_FILES:
             if (folder / filename).exists():
                 (folder / filename).replace(stale / filename)
         fsync_dir(stale)
