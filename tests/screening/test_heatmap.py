@@ -203,3 +203,30 @@ def test_the_legend_covers_no_part_of_the_slide() -> None:
     (label,) = [t for t in fig.axes[1].texts if t.get_text() == "1: 0.12 mm (itc)"]
     overlay = fig.axes[1].get_window_extent(renderer)
     assert overlay.x0 <= label.get_window_extent(renderer).x0 < label.get_window_extent(renderer).x1 <= overlay.x1
+
+
+def test_save_png_draws_the_figure_once_and_as_savefig_does(tmp_path: Path) -> None:
+    from wsi_screen.screening.heatmap import Outline, overlay_figure, save_png
+
+    W, H, T = 4000, 2000, 250
+    coords = np.array([[3500, 0], [3750, 250], [0, 1750]], dtype=np.int64)
+    shape = (100, 200)
+    heat = heatmap_array(coords, np.array([0.9, 0.95, 0.1]), T, T, (W, H), shape)
+    thumb = np.full((*shape, 3), 200, dtype=np.uint8)
+    square = {"type": "Polygon", "coordinates": [[[3500, 0], [3750, 0], [3750, 250], [3500, 250], [3500, 0]]]}
+
+    def figure() -> object:
+        return overlay_figure(thumb, heat, title="s", threshold=0.5, dimensions_l0=(W, H), mpp=0.5,
+                              outlines=[Outline(square, "1: 0.12 mm (itc)")], outline_legend="1 focus counted",
+                              evidence=Outline(square, "call evidence"))
+
+    fig = figure()
+    draws: list[object] = []
+    fig.canvas.mpl_connect("draw_event", draws.append)  # type: ignore[attr-defined]
+    save_png(fig, tmp_path / "h.png", key="k")
+    assert len(draws) == 1  # savefig with a layout engine draws twice: once to lay out, once to write
+    reference = figure()
+    reference.savefig(tmp_path / "ref.png", format="png")  # type: ignore[attr-defined]
+    with Image.open(tmp_path / "h.png") as a, Image.open(tmp_path / "ref.png") as b:
+        assert a.text["wsi-screen"] == "k"
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same picture, pixel for pixel

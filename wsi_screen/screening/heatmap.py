@@ -441,10 +441,18 @@ def render_overlay(thumbnail: np.ndarray, heat: np.ndarray, *, title: str, out_p
 def save_png(fig: Any, out_path: str | os.PathLike[str], *, dpi: int | None = None, key: str | None = None) -> Path:
     """Write a heatmap figure as a PNG, atomically (at ``dpi``, by default the figure's); ``key`` is stored in the
     PNG's text chunk ``wsi-screen`` (what the picture was drawn with, see :func:`drawn_with`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     out = Path(out_path)
     with atomic_path(out, " the heatmap") as tmp, warnings.catch_warnings():
         # slide names in scripts the default font lacks (CJK, ...) draw as boxes; say nothing about it
         warnings.filterwarnings("ignore", message=r"Glyph .* missing from font", category=UserWarning)
-        fig.savefig(tmp, format="png", dpi=dpi or fig.dpi, metadata={"wsi-screen": key} if key else None)
+        metadata = {"wsi-screen": key} if key else None
+        if isinstance(fig.canvas, FigureCanvasAgg) and dpi in (None, fig.dpi):
+            # one draw, which runs the figure's layout first; savefig would draw the whole figure once more
+            # beforehand (resampling every image) only to run that layout
+            fig.canvas.print_png(tmp, metadata=metadata)
+        else:
+            fig.savefig(tmp, format="png", dpi=dpi or fig.dpi, metadata=metadata)
     logger.debug("heatmap written to %s", out)
     return out

@@ -1,0 +1,74 @@
+"""Drawing one slide's heatmap.png from a real run: the figure, the draw and the PNG, before and after.
+
+    wsi-screen infer examples/ -o RUN && PYTHONPATH=. python bench/heatmap_draw.py RUN [--repeats 7]
+
+Each slide of RUN is drawn from its run folder (its call, its store's thumbnail) as ``infer`` draws it, in one
+process, the variants alternating (one untimed warm-up of each first): "before" writes the figure with
+``Figure.savefig`` (which, the figure having a layout engine, draws it twice); "after" with
+:func:`wsi_screen.screening.heatmap.save_png` as it is now. Seconds per slide (process CPU time, the median over
+the repeats) and the PNG's bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header, table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    from wsi_screen.screening import runview
+    from wsi_screen.screening.callview import heatmap_figure, views_key
+    from wsi_screen.screening.heatmap import save_png
+
+    view = runview.open_run(args.run)
+    slides = []
+    for s in view.slides:
+        ctx = runview.slide_call(view, s)
+        sc = view.scores(s)
+        slides.append((s, ctx, runview._store(view, s), sc.coords, sc.probs[:, ctx.positive_index]))
+
+    def before(fig: object, out: Path, key: str) -> None:
+        fig.savefig(out, format="png", metadata={"wsi-screen": key})  # type: ignore[attr-defined]
+
+    def after(fig: object, out: Path, key: str) -> None:
+        save_png(fig, out, key=key)
+
+    variants: dict[str, Callable[[object, Path, str], None]] = {"before (savefig)": before, "after": after}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, ctx, store, coords, probs in slides:
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            sizes: dict[str, int] = {}
+            for rep in range(args.repeats + 1):
+                for v, write in variants.items():
+                    out = Path(tmp) / f"{name}-{len(sizes)}-{v[:5]}.png"
+                    t0 = time.process_time()
+                    write(heatmap_figure(store, coords, probs, ctx), out, views_key(ctx))
+                    if rep:  # the first round warms matplotlib up
+                        times[v].append(time.process_time() - t0)
+                    sizes[v] = out.stat().st_size
+            base = statistics.median(times["before (savefig)"])
+            for v in variants:
+                t = statistics.median(times[v])
+                rows.append([f"{name} ({len(probs)} patches, {len(ctx.foci)} foci)", v, t, sizes[v],
+                             t / base, sizes[v] / sizes["before (savefig)"]])
+    print(header("heatmap.png drawing"))
+    print(table(["slide", "variant", "CPU s per slide", "PNG bytes", "time x before", "bytes x before"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
