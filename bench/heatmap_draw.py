@@ -1,22 +1,28 @@
 """Drawing one slide's heatmap.png from a real run: the figure, the draw and the PNG, before and after.
 
     wsi-screen infer examples/ -o RUN && PYTHONPATH=. python bench/heatmap_draw.py RUN [--repeats 7]
+    git show REV:wsi_screen/screening/heatmap.py > /tmp/heatmap_before.py
+    PYTHONPATH=. python bench/heatmap_draw.py RUN --before /tmp/heatmap_before.py
 
 Each slide of RUN is drawn from its run folder (its call, its store's thumbnail) as ``infer`` draws it, in one
 process, the variants alternating (one untimed warm-up of each first): "before" writes the figure with
-``Figure.savefig`` (which, the figure having a layout engine, draws it twice); "after" with
-:func:`wsi_screen.screening.heatmap.save_png` as it is now. Seconds per slide (process CPU time, the median over
-the repeats) and the PNG's bytes.
+``Figure.savefig`` (which, the figure having a layout engine, draws it twice), or with ``--before`` draws and
+writes it with that file's ``overlay_figure`` and ``save_png`` (an earlier revision of the heatmap module); "after"
+with :func:`wsi_screen.screening.heatmap.save_png` as it is now. Seconds per slide (process CPU time, the median
+over the repeats) and the PNG's bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import importlib.util
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,6 +33,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--before", type=Path, help="an earlier revision's wsi_screen/screening/heatmap.py")
     args = parser.parse_args()
 
     from wsi_screen.screening import runview
@@ -40,13 +47,35 @@ def main() -> int:
         sc = view.scores(s)
         slides.append((s, ctx, runview._store(view, s), sc.coords, sc.probs[:, ctx.positive_index]))
 
-    def before(fig: object, out: Path, key: str) -> None:
-        fig.savefig(out, format="png", metadata={"wsi-screen": key})  # type: ignore[attr-defined]
+    old = None
+    if args.before is not None:
+        spec = importlib.util.spec_from_file_location("heatmap_before", args.before)
+        assert spec is not None and spec.loader is not None
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
 
-    def after(fig: object, out: Path, key: str) -> None:
-        save_png(fig, out, key=key)
+    @contextlib.contextmanager
+    def drawn_by(module: object) -> Iterator[None]:
+        """heatmap_figure imports its drawing from wsi_screen.screening.heatmap when called: point it at ``module``."""
+        current = sys.modules["wsi_screen.screening.heatmap"]
+        sys.modules["wsi_screen.screening.heatmap"] = module  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            sys.modules["wsi_screen.screening.heatmap"] = current
 
-    variants: dict[str, Callable[[object, Path, str], None]] = {"before (savefig)": before, "after": after}
+    def before(draw: Callable[[], object], out: Path, key: str) -> None:
+        if old is None:
+            draw().savefig(out, format="png", metadata={"wsi-screen": key})  # type: ignore[attr-defined]
+        else:
+            with drawn_by(old):
+                old.save_png(draw(), out, key=key)
+
+    def after(draw: Callable[[], object], out: Path, key: str) -> None:
+        save_png(draw(), out, key=key)
+
+    base_name = "before (savefig)" if old is None else f"before ({args.before.name})"
+    variants: dict[str, Callable[[Callable[[], object], Path, str], None]] = {base_name: before, "after": after}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, ctx, store, coords, probs in slides:
@@ -56,15 +85,15 @@ def main() -> int:
                 for v, write in variants.items():
                     out = Path(tmp) / f"{name}-{len(sizes)}-{v[:5]}.png"
                     t0 = time.process_time()
-                    write(heatmap_figure(store, coords, probs, ctx), out, views_key(ctx))
+                    write(functools.partial(heatmap_figure, store, coords, probs, ctx), out, views_key(ctx))
                     if rep:  # the first round warms matplotlib up
                         times[v].append(time.process_time() - t0)
                     sizes[v] = out.stat().st_size
-            base = statistics.median(times["before (savefig)"])
+            base = statistics.median(times[base_name])
             for v in variants:
                 t = statistics.median(times[v])
                 rows.append([f"{name} ({len(probs)} patches, {len(ctx.foci)} foci)", v, t, sizes[v],
-                             t / base, sizes[v] / sizes["before (savefig)"]])
+                             t / base, sizes[v] / sizes[base_name]])
     print(header("heatmap.png drawing"))
     print(table(["slide", "variant", "CPU s per slide", "PNG bytes", "time x before", "bytes x before"], rows))
     return 0

@@ -230,3 +230,28 @@ def test_save_png_draws_the_figure_once_and_as_savefig_does(tmp_path: Path) -> N
     with Image.open(tmp_path / "h.png") as a, Image.open(tmp_path / "ref.png") as b:
         assert a.text["wsi-screen"] == "k"
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same picture, pixel for pixel
+
+
+def test_a_heatmap_with_labelled_outlines_is_drawn_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Placing the outlines' labels measures the laid-out figure without drawing it (a draw resamples every image):
+    the only draw is the one that writes the PNG."""
+    from matplotlib.figure import Figure
+
+    from wsi_screen.screening.heatmap import Outline
+
+    draws: list[Figure] = []
+    draw = Figure.draw
+
+    def counted(self: Figure, renderer: object) -> None:
+        draws.append(self)
+        draw(self, renderer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Figure, "draw", counted)
+    W, H, T = 4000, 2000, 250
+    coords = np.array([[3500, 0], [3750, 250], [0, 1750]], dtype=np.int64)
+    shape = (100, 200)
+    heat = heatmap_array(coords, np.array([0.9, 0.95, 0.1]), T, T, (W, H), shape)
+    square = {"type": "Polygon", "coordinates": [[[3500, 0], [3750, 0], [3750, 250], [3500, 250], [3500, 0]]]}
+    out = render_overlay(np.full((*shape, 3), 200, dtype=np.uint8), heat, title="s", out_path=tmp_path / "h.png",
+                         threshold=0.5, dimensions_l0=(W, H), mpp=0.5, outlines=[Outline(square, "1: 0.12 mm")])
+    assert len(draws) == 1 and out.stat().st_size > 0

@@ -250,8 +250,13 @@ def _label_outlines(fig: Any, ax: Any, outlines: Sequence[Outline], rings: Seque
     from matplotlib.path import Path as MplPath
     from matplotlib.transforms import Bbox
 
-    fig.draw_without_rendering()
+    # the finished layout without a draw (a draw would resample every image, only to be drawn again when saved):
+    # the layout, then the overlay's aspect-fitted box in its laid-out place, as a draw would fit it
     renderer = fig.canvas.get_renderer()
+    engine = fig.get_layout_engine()
+    if engine is not None:
+        engine.execute(fig)
+    ax.apply_aspect()
     to_px = ax.transData
     area = ax.get_window_extent(renderer)
     bounds = _Box(area.x0, area.y0, area.x1, area.y1)
