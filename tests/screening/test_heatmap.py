@@ -255,3 +255,32 @@ def test_a_heatmap_with_labelled_outlines_is_drawn_once(tmp_path: Path, monkeypa
     out = render_overlay(np.full((*shape, 3), 200, dtype=np.uint8), heat, title="s", out_path=tmp_path / "h.png",
                          threshold=0.5, dimensions_l0=(W, H), mpp=0.5, outlines=[Outline(square, "1: 0.12 mm")])
     assert len(draws) == 1 and out.stat().st_size > 0
+
+
+def _zlib_level(png: bytes) -> int:
+    """The compression level class (FLEVEL: 0 fastest, 1 fast, 2 default, 3 best) in the zlib header of a PNG's
+    first IDAT chunk."""
+    pos = 8
+    while png[pos + 4:pos + 8] != b"IDAT":
+        pos += 12 + int.from_bytes(png[pos:pos + 4], "big")
+    return png[pos + 9] >> 6
+
+
+def test_heatmaps_are_written_with_fast_compression(tmp_path: Path) -> None:
+    """The PNG is written at zlib level 3 (FLEVEL 1, "fast"), not PIL's default 6: about half the encoding time for
+    9 % more bytes; the picture is the same."""
+    from wsi_screen.screening.heatmap import PNG_COMPRESS_LEVEL
+
+    W, H, T = 4000, 2000, 250
+    coords = np.array([[3500, 0], [3750, 250], [0, 1750]], dtype=np.int64)
+    shape = (100, 200)
+    heat = heatmap_array(coords, np.array([0.9, 0.95, 0.1]), T, T, (W, H), shape)
+    out = render_overlay(np.full((*shape, 3), 200, dtype=np.uint8), heat, title="s", out_path=tmp_path / "h.png",
+                         threshold=0.5, dimensions_l0=(W, H), mpp=0.5)
+    assert PNG_COMPRESS_LEVEL == 3 and _zlib_level(out.read_bytes()) == 1
+    with Image.open(out) as im:
+        default = tmp_path / "default.png"
+        im.save(default, format="png")  # PIL's default level, same pixels
+        assert _zlib_level(default.read_bytes()) == 2
+        with Image.open(default) as again:
+            np.testing.assert_array_equal(np.asarray(im), np.asarray(again))
