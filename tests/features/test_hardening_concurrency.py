@@ -175,6 +175,11 @@ def test_a_busy_slide_is_skipped_by_infer_on_every_count(tmp_path: Path, slides:
         "a": ("ok", rows["a"]["diagnosis"]), "b": ("busy", "busy"), "c": ("busy", "busy")}
     assert BUSY in rows["b"]["error"] and BUSY in rows["c"]["error"]
     assert not (run / "b").exists() and not (run / "c").exists()  # left to their writers
+    # the report shows them as busy, not failed, and as no slide left without pictures by the large-run rule
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert len(re.findall(r'<tr class="busy[ "]', page)) == 2 and '<tr class="error' not in page
+    assert page.count(">busy: ") == 2 and ">error: " not in page
+    assert "Pictures (heatmap preview and top patches) below" not in page
     again = run_cli("infer", slides, "-o", run, "--workers", "0", "--quiet")  # locks free: picked up
     assert again.code == 0, again
     with (run / "results.csv").open(newline="", encoding="utf-8") as fh:

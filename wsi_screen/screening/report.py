@@ -79,7 +79,7 @@ th,td{padding:.35rem .45rem;border-bottom:1px solid #e5e5e5;text-align:left}
 details.err summary{cursor:pointer} details.err div{margin-top:.3rem;font-size:.85rem}
 th{cursor:pointer;background:#f4f4f6;user-select:none} th.num,td.num{text-align:right}
 th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
-tr.pos td.dx{color:#b00020;font-weight:600} tr.err td{color:#8a6d00}
+tr.pos td.dx{color:#b00020;font-weight:600} tr.error td{color:#8a6d00} tr.busy td{color:#555}
 tr.ood td{background:#fff4e0} .ood-flag{color:#9a5b00;font-weight:600}
 .disagree-flag{background:#b00020;color:#fff;border-radius:3px;padding:0 .3em;font-size:.8rem;font-weight:600}
 .modelcard{border-left:4px solid #3b6ea5;padding:.4em .8em;background:#f3f7fb;margin:.6em 0}
@@ -270,7 +270,8 @@ def slides_table(view: RunView, pictured: Collection[int] | None = None) -> str:
                    f'{titles.get(name) or _html(name.replace("_", " "))}</th>' for name, num in cols)
     body = []
     for i, r in enumerate(view.results):
-        cls = "err" if r["status"] in NO_RESULT else ("pos" if r["diagnosis"] == view.positive_class else "")
+        cls = (r["status"] if r["status"] in NO_RESULT  # "error", "busy"
+               else ("pos" if r["diagnosis"] == view.positive_class else ""))
         cls += " ood" if r.get("out_of_domain") == "true" else ""
         disagrees = r.get("label_agrees") == "false"
         cls += " disagree" if disagrees else ""
@@ -280,7 +281,7 @@ def slides_table(view: RunView, pictured: Collection[int] | None = None) -> str:
             if name == "slide" and r["status"] not in NO_RESULT:
                 shown = _slide_link(view, i, value, pictured)
             elif name == "diagnosis" and r["status"] in NO_RESULT:
-                shown = _error(r.get("error", ""), r.get("source", ""))
+                shown = _error(r.get("error", ""), r.get("source", ""), r["status"])
             elif name == "label" and disagrees:
                 shown = (f'{_html(value)} <span class="disagree-flag" title="the call is not the label">'
                          "disagrees</span>")
@@ -313,7 +314,7 @@ def _slide_link(view: RunView, i: int, name: str, pictured: Collection[int] | No
 def _pictures_note(view: RunView, pictured: Collection[int]) -> str:
     """What a large run's page leaves out, by which rule (:mod:`wsi_screen.screening.pictured`); nothing where every
     scored slide has its pictures."""
-    scored = sum(r["status"] != "error" for r in view.results)
+    scored = sum(r["status"] not in NO_RESULT for r in view.results)
     if len(pictured) == scored:
         return ""
     look = sum(needs_a_look(r, view.positive_class) for r in view.results)
@@ -328,16 +329,17 @@ def _pictures_note(view: RunView, pictured: Collection[int]) -> str:
 ERROR_SHOWN = 60
 
 
-def _error(message: str, source: str = "") -> str:
-    """An error row's cell: the message (paths normalised); a long one folds under the first words of its reason
-    (the message without the slide's path, which the row names already)."""
+def _error(message: str, source: str = "", status: str = "error") -> str:
+    """A row without results: its cell, the ``status`` (``error``; ``busy``, a slide another process was writing,
+    not a failure) and the message (paths normalised); a long one folds under the first words of its reason (the
+    message without the slide's path, which the row names already)."""
     text = tidy_paths(message)
     if len(text) <= ERROR_SHOWN:
-        return f"error: {_html(text)}"
+        return f"{_html(status)}: {_html(text)}"
     path = tidy_paths(source)
     reason = text[len(path) + 2:] if path and text.startswith(f"{path}: ") else text
     head = reason[:ERROR_SHOWN].rsplit(" ", 1)[0] if " " in reason[:ERROR_SHOWN] else reason[:ERROR_SHOWN]
-    return (f'<details class="err"><summary>error: {_html(head)} &hellip;</summary>'
+    return (f'<details class="err"><summary>{_html(status)}: {_html(head)} &hellip;</summary>'
             f"<div>{_html(text)}</div></details>")
 
 
