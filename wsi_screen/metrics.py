@@ -306,8 +306,9 @@ def one_class_words(n_positive: int, n_negative: int) -> str | None:
         return None
     missing, rate = ("positive", "specificity") if not n_positive else ("negative", "sensitivity")
     other = "specificity" if rate == "sensitivity" else "sensitivity"
-    return (f"no {missing} slide among the {n_positive + n_negative} labelled ones: no AUC and no {other}, the "
-            f"{rate} only")
+    n = n_positive + n_negative
+    among = "the labelled one" if n == 1 else f"the {n} labelled ones"
+    return f"no {missing} slide among {among}: no AUC and no {other}, the {rate} only"
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -363,7 +363,7 @@ def test_labels_of_one_class_give_the_one_rate_and_say_why(tmp_path: Path, examp
     assert res.code == 0, res
     m = json.loads((run / "slide_metrics.json").read_text())
     assert (m["n_positive"], m["n_negative"], m["auc"], m["sensitivity"], m["specificity"]) == (0, 1, None, None, 1.0)
-    why = "no positive slide among the 1 labelled ones: no AUC and no sensitivity, the specificity only"
+    why = "no positive slide among the labelled one: no AUC and no sensitivity, the specificity only"
     assert m["warnings"] == [why] and f"slide metrics: {why}" in res.err and "only 0 positive" not in res.err
     (line,) = [x for x in res.out.splitlines() if x.startswith("slide AUC")]
     assert line.startswith("slide AUC n/a, sensitivity n/a, specificity 1/1 (95 % CI 0.21-1.00)"), line
@@ -584,3 +584,26 @@ def test_a_k_other_than_the_thresholds_is_warned_of(caplog: pytest.LogCaptureFix
     with name_settings(SETTING_FLAGS):
         shown = in_user_words(said[0])
     assert shown.startswith("--k=1000 is not the k") and "set --threshold for this k" in shown  # the CLI's words
+
+
+def test_the_slide_auc_interval_does_not_follow_the_order_slides_were_given(tmp_path: Path) -> None:
+    """`infer b.svs a.svs` and `infer a.svs b.svs` wrote different auc_ci95 for the same slides: the bootstrap draws by
+    position and the rows followed the command line. The slide metrics take the slides by name."""
+    from wsi_screen.screening.aggregate import AggregateConfig, SlideResult
+    from wsi_screen.screening.outputs import SlideRow, slide_metrics
+
+    rng = np.random.default_rng(3)
+    labels = rng.random(30) < 0.4
+    scores = np.clip(rng.normal(0.35 + 0.3 * labels, 0.2), 0, 1)
+    rows = [SlideRow(name=f"s{i:02d}", source=f"s{i:02d}.svs", label="positive" if y else "negative",
+                     result=SlideResult(score=float(v), diagnosis="tumour" if v >= 0.5 else "normal", n_patches=10))
+            for i, (y, v) in enumerate(zip(labels, scores, strict=True))]
+    aggregate = AggregateConfig(slide_threshold=0.5)
+    found = []
+    shuffled = [rows[i] for i in rng.permutation(len(rows))]
+    for order, name in ((rows, "given"), (rows[::-1], "reversed"), (shuffled, "shuffled")):
+        (tmp_path / name).mkdir()
+        m = slide_metrics(tmp_path / name, list(order), None, aggregate)  # type: ignore[arg-type]
+        assert m is not None
+        found.append((m["auc"], m["auc_ci95"]))
+    assert found[0] == found[1] == found[2] and found[0][1][0] < found[0][0] < found[0][1][1]

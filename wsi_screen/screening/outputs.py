@@ -419,7 +419,9 @@ def slide_metrics(run: Path, rows: list[SlideRow], classifier: PatchClassifier,
     :func:`wsi_screen.metrics.one_class_words` says why a rate and the AUC are missing),
     from the same code as the patch metrics (:func:`wsi_screen.metrics.binary_view`); None (and a warning) when
     no labelled slide was scored. The caller has removed an earlier run's (:func:`drop_slide_metrics`)."""
-    scored = [r for r in rows if r.label and r.result is not None and r.result.score is not None]
+    # by name: the bootstrap draws by position, so the interval must not follow the order slides were given in
+    scored = sorted((r for r in rows if r.label and r.result is not None and r.result.score is not None),
+                    key=lambda r: r.name)
     if not scored:
         log.warning("`labels`: no labelled slide was scored in this run, so there are no slide metrics (the labels' "
                     "slide column must hold the slide names of results.csv)")
