@@ -112,7 +112,7 @@ def test_resolution_tables_and_values_are_checked_before_they_can_mislead(slides
     labels = tmp_path / "labels.csv"
     labels.write_text("slide,label\nCMU-1-Small-Region,tumour\nCMU-1-Small-Region,normal\n")
     res = run_cli("infer", slides, "-o", tmp_path / "run", "--labels", labels)
-    assert res.code == 1 and "labels.csv:3: 'CMU-1-Small-Region' is given the label 'negative' here" in res.err
+    assert res.code == 1 and "labels.csv:3: 'CMU-1-Small-Region' is given the label 'normal' (negative) here" in res.err
     # an impossible --slide-mpp is refused even when every slide declares its own
     res = run_cli("tile", slides / "CMU-1-Small-Region.svs", "-o", tmp_path / "s3", "--slide-mpp", "0")
     assert res.code == 2 and "0 is outside the plausible range 0.05-100 um/px" in res.err
@@ -130,8 +130,8 @@ def test_a_slide_labelled_by_two_of_its_file_names_is_refused_or_warned_of(slide
     res = run_cli("infer", slides, "-o", tmp_path / "run", "--labels", labels)
     assert res.code == 1 and not (tmp_path / "run").exists(), res
     assert res.err_lines == [f"wsi-screen: error: {labels}:4: 'CMU-1-Small-Region.TIF' is the slide "
-                             "'CMU-1-Small-Region', given the label 'negative' here and 'positive' on line 3 (as "
-                             "'CMU-1-Small-Region.svs'); keep one"], res
+                             "'CMU-1-Small-Region', given the label 'normal' (negative) here and 'tumour' (positive) "
+                             "on line 3 (as 'CMU-1-Small-Region.svs'); keep one"], res
     # the same label twice (by two file names, or the name and a file name): used, with a warning naming both rows
     labels.write_text("slide,label\nCMU-1-Small-Region.svs,tumour\nCMU-1-Small-Region.tiff,yes\n"
                       "CMU-1-Small-Region,tumour\n")

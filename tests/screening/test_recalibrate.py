@@ -270,7 +270,7 @@ def test_calibrate_refuses_one_slide_labelled_twice_by_its_file_name(
     res = run_cli("calibrate", run, "--labels", labels, "-o", tmp_path / "c")
     assert res.code == 1 and not (tmp_path / "c").exists()
     assert res.err_lines == [f"wsi-screen: error: {labels}:6: 'macro.tiff' is the slide 'macro', given the label "
-                             "'negative' here and 'positive' on line 4; keep one"], res
+                             "'normal' (negative) here and 'tumour' (positive) on line 4; keep one"], res
 
 
 def test_calibrate_names_labelled_slides_that_failed_and_the_slides_it_used(

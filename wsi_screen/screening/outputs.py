@@ -343,7 +343,8 @@ def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
     positive = {spec_positive} | LABEL_POSITIVE
     negative = {c.lower() for c in spec.classes if c != spec.positive_class} | LABEL_NEGATIVE
     out: dict[str, str] = {}
-    by_slide: dict[str, tuple[int, str, str]] = {}  # the slide a row names -> (line, name as given, truth)
+    # the slide a row names -> (line, name as given, truth, the label as written)
+    by_slide: dict[str, tuple[int, str, str, str]] = {}
     for line, row in enumerate(rows, start=2):
         value = (row.get("label") or "").strip().lower()
         raw = (row.get("slide") or "").strip()
@@ -358,18 +359,19 @@ def read_labels(path: Path, classifier: PatchClassifier) -> dict[str, str]:
         # a name ("a", "a.pyramid" of a.pyramid.tif) names itself; a file name names its slide ("a.svs": "a")
         name = slide_name(Path(raw)) if Path(raw).suffix.lower() in SLIDE_EXTENSIONS else raw
         out.setdefault(raw, truth)
+        word = (row.get("label") or "").strip()
         if name not in by_slide:
-            by_slide[name] = (line, raw, truth)
+            by_slide[name] = (line, raw, truth, word)
             continue
-        first_line, first_raw, first_truth = by_slide[name]
+        first_line, first_raw, first_truth, first_word = by_slide[name]
         said = f"{raw!r} is given" if raw == name else f"{raw!r} is the slide {name!r}, given"
         where = f"line {first_line}" + (f" (as {first_raw!r})" if first_raw not in (raw, name) else "")
         if truth != first_truth:
-            raise ConfigError(f"{path}:{line}: {said} the label {truth!r} here and {first_truth!r} on {where}; "
-                              "keep one")
+            raise ConfigError(f"{path}:{line}: {said} the label {word!r} ({truth}) here and {first_word!r} "
+                              f"({first_truth}) on {where}; keep one")
         log.warning("`labels`: %s:%d: %s the label %r here and on %s too; one row is used", path, line, said,
                     truth, where)
-    for name, (_, _, truth) in by_slide.items():
+    for name, (_, _, truth, _) in by_slide.items():
         out.setdefault(name, truth)
     return out
 
