@@ -239,8 +239,8 @@ def test_a_slide_that_fails_on_a_rerun_has_its_earlier_results_moved_aside(tmp_p
 
 def test_a_slide_skipped_as_busy_keeps_the_other_runs_results(tmp_path: Path, example_slide: Path,
                                                                demo_run: Path) -> None:
-    """A slide another run was writing (its results or its store) is an error row of this run, but not the
-    slide's failure: its folder, which the other run has just written, must not be moved to stale/ (two infer runs
+    """A slide another run was writing (its results or its store) is a busy row of this run, not the slide's
+    failure: its folder, which the other run has just written, must not be moved to stale/ (two infer runs
     on one run folder lost each other's results so)."""
     from wsi_screen.screening.aggregate import STATUS_BUSY
     from wsi_screen.screening.outputs import STATUS_ERROR, SlideRow

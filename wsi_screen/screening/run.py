@@ -390,7 +390,7 @@ def set_aside_failed(run: Path, rows: Sequence[SlideRow]) -> None:
     A slide this run skipped as busy (another process writing it into the same run folder) is left alone: what
     that process writes is current."""
     for row in rows:
-        if row.status != STATUS_ERROR:  # busy: the other process is writing this slide's results now
+        if row.status != STATUS_ERROR:  # ok, no tissue, or busy (the other process is writing its results now)
             continue
         try:
             stale = runfolder.set_aside(run, row.name)
