@@ -180,9 +180,11 @@ def test_disk_full_while_writing_the_run_folder(tmp_path: Path, slide_dir: Path,
                                                 model: Path, monkeypatch: pytest.MonkeyPatch, target: str) -> None:
     run = tmp_path / "run"
     if target == "heatmap":
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         monkeypatch.setattr(Figure, "savefig", _raise_on_savefig)
+        monkeypatch.setattr(FigureCanvasAgg, "print_png", _raise_on_savefig)  # heatmap.save_png's one-draw path
     else:
         pattern = {"slide folder": "/s.partial/", "results.csv": "/.results.csv.",
                    "report.html": "/.report.html."}[target]
