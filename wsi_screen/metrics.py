@@ -370,10 +370,15 @@ def rate_intervals(counts: Mapping[str, int]) -> dict[str, list[float] | None]:
             "specificity_ci95": list(wilson(tn, tn + fp)) if tn + fp else None}
 
 
+def _ci_words(ci: Sequence[float] | None, digits: int) -> str:
+    """A 95 % interval after its figure: `` (95 % CI 0.21-0.94)`` at ``digits`` decimals; nothing without one."""
+    return f" (95 % CI {ci[0]:.{digits}f}-{ci[1]:.{digits}f})" if ci else ""
+
+
 def count_words(k: int, n: int, ci: Sequence[float] | None) -> str:
     """A rate on a few slides as counts with its 95 % interval: ``2/3 (95 % CI 0.21-0.94)`` (one format for the
     slide metrics and a calibration's figures)."""
-    return f"{k}/{n}" + (f" (95 % CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+    return f"{k}/{n}" + _ci_words(ci, 2)
 
 
 #: the counts (of a ``confusion``) that a sensitivity and a specificity are the share of: (hits, of these)
@@ -390,7 +395,7 @@ def rate_words(metrics: Mapping[str, Any], key: str) -> str:
     if confusion and key in _RATE_COUNTS:
         hit, miss = (int(confusion[k]) for k in _RATE_COUNTS[key])
         return count_words(hit, hit + miss, ci)
-    return f"{value:.3g}" + (f" (95 % CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+    return f"{value:.3g}" + _ci_words(ci, 2)
 
 
 def auc_words(auc: float | None, ci: Sequence[float] | None) -> str:
@@ -398,7 +403,7 @@ def auc_words(auc: float | None, ci: Sequence[float] | None) -> str:
     metrics, a calibration's figures and the report); ``n/a`` where undefined (labels of one class only)."""
     if auc is None:
         return "n/a"
-    return f"{auc:.3f}" + (f" (95 % CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+    return f"{auc:.3f}" + _ci_words(ci, 3)
 
 
 def add_intervals(metrics: dict[str, Any], y_true: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000,

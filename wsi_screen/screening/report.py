@@ -134,8 +134,6 @@ def people_number(value: Any, digits: int = 3) -> Any:
     return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
 
 
-_num = people_number
-
 #: ``x/../`` in a path, where x is a folder name (not ``..`` itself)
 _UP = re.compile(r"(?:(?<=/)|(?<![^\s'\"(=]))(?!\.\./)[^/\s'\"()=]+/\.\./")
 _HERE = re.compile(r"(?<=/)\./")
@@ -190,7 +188,7 @@ def _region_unit(agg: dict[str, Any]) -> str:
     """The region rule's score is an area: say so, and at which patch probability."""
     if agg.get("rule") != "region":
         return ""
-    return f" mm&sup2; (largest region at p &ge; {_html(_num(agg.get('region_threshold')))})"
+    return f" mm&sup2; (largest region at p &ge; {_html(people_number(agg.get('region_threshold')))})"
 
 
 def _overrides(info: dict[str, Any]) -> str:
@@ -441,9 +439,9 @@ def render_report(run: str | Path, report_top: int | None = None) -> str:
         f'&middot; slide call: {_html(recorded_rule_label(agg))} score '
         f'{_rule_comparison(agg, digits)}'
         f'{_region_unit(agg)}{_fallback(agg)}{_overrides(info)} '
-        f'&middot; call patch threshold {_html(_num(patch_threshold))} ({_html(threshold_name)}: the heatmaps\' '
-        f"cyan line, the GeoJSON's tile classes and the foci) "
-        f"&middot; model operating point {_html(_num(model.get('patch_threshold')))} (the model's own patch "
+        f'&middot; call patch threshold {_html(people_number(patch_threshold))} ({_html(threshold_name)}: the '
+        f"heatmaps' cyan line, the GeoJSON's tile classes and the foci) "
+        f"&middot; model operating point {_html(people_number(model.get('patch_threshold')))} (the model's own patch "
         "threshold, which predict and evaluate use)</p>",
         _lossy_note(info),
         _model_card(model),
@@ -458,7 +456,7 @@ def render_report(run: str | Path, report_top: int | None = None) -> str:
         parts.append(f"<h2>Slide-level evaluation</h2><p>AUC {_html(auc)} &middot; sensitivity "
                      f"{_html(rate_words(m, 'sensitivity'))} &middot; specificity "
                      f"{_html(rate_words(m, 'specificity'))} "
-                     f"at threshold {_html(_num(m.get('threshold')))} ({_html(m.get('n_positive'))} positive, "
+                     f"at threshold {_html(people_number(m.get('threshold')))} ({_html(m.get('n_positive'))} positive, "
                      f"{_html(m.get('n_negative'))} "
                      "negative slides)</p>")
         parts.extend(f'<p class="ood-flag">{_html(w)}</p>' for w in m.get("warnings") or ())
