@@ -415,6 +415,8 @@ def test_labels_that_disagree_with_the_call_are_marked_and_the_slide_metrics_hav
             "takes at least 20 to mean much"
     assert m["warnings"] == [small] and f"slide metrics: {small}" in res.err
     assert f"sensitivity 2/3 (95 % CI {lo:.2f}-{hi:.2f})" in page and html.escape(small) in page
+    if m["rule"] == "region":  # the threshold is an area, as the header and every slide's score say
+        assert f"at threshold {m['threshold']:.3g} mm&sup2; (3 positive" in page
 
 
 def _run_copy(run: Path, to: Path) -> Path:

@@ -456,7 +456,8 @@ def render_report(run: str | Path, report_top: int | None = None) -> str:
         parts.append(f"<h2>Slide-level evaluation</h2><p>AUC {_html(auc)} &middot; sensitivity "
                      f"{_html(rate_words(m, 'sensitivity'))} &middot; specificity "
                      f"{_html(rate_words(m, 'specificity'))} "
-                     f"at threshold {_html(people_number(m.get('threshold')))} ({_html(m.get('n_positive'))} positive, "
+                     f"at threshold {_html(people_number(m.get('threshold')))}{_score_unit(m.get('rule'))} "
+                     f"({_html(m.get('n_positive'))} positive, "
                      f"{_html(m.get('n_negative'))} "
                      "negative slides)</p>")
         parts.extend(f'<p class="ood-flag">{_html(w)}</p>' for w in m.get("warnings") or ())
