@@ -153,6 +153,36 @@ def _write_result(check: BackgroundCheck, stem: Path) -> None:
     stem.with_suffix(".rc.tmp").rename(stem.with_suffix(".rc"))  # the status last: the output is complete
 
 
+#: session fixtures too costly to build on each xdist worker, by the test modules that use them: each group of
+#: modules is one unit of work (:func:`scope`), run on one worker, so the fixture is built once a session (with
+#: --dist loadscope, the README's command; pytest_collection_modifyitems refuses a module that uses one and is not
+#: listed). `synthetic` (tests/screening/conftest.py): six slides written and `infer` on them, ~20 s.
+SHARED_FIXTURES = {"synthetic": ("tests/screening/test_run.py", "tests/screening/test_runview.py",
+                                 "tests/screening/test_report.py")}
+_UNIT = {module: modules[0] for modules in SHARED_FIXTURES.values() for module in modules}
+
+
+def scope(nodeid: str) -> str:
+    """The unit of work a test belongs to: its module, or the first module of its SHARED_FIXTURES group."""
+    module = nodeid.split("::", 1)[0]
+    return _UNIT.get(module, module)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadscope over :func:`scope`: whole modules, and each SHARED_FIXTURES group as one (xdist's own
+    splits at the last '::', a test id with '::' in its parameters included)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope(nodeid)
+
+    return UnitScheduling(config, log)
+
+
 #: the modules that take longest (about 45-110 s each on 2 cores), longest first: run first, then the others by how
 #: many tests they hold (most first), so that the two xdist workers, which take whole modules in this order, end
 #: together on short ones rather than one of them still running a long one
@@ -161,16 +191,26 @@ LONGEST_MODULES = ("tests/features/test_hardening_kill.py", "tests/screening/tes
                    "tests/features/test_slide_rule_size.py", "tests/training/test_train.py")
 
 
+def _refuse_unlisted_users(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        for name, modules in SHARED_FIXTURES.items():
+            if name in getattr(item, "fixturenames", ()) and module not in modules:
+                raise pytest.UsageError(f"{module} uses the fixture {name!r}: add it to tests/conftest.py's "
+                                        f"SHARED_FIXTURES[{name!r}] (or it is built again on another worker)")
+
+
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected what they deselect
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
-    sizes = Counter(item.nodeid.split("::", 1)[0] for item in items)
+    _refuse_unlisted_users(items)
+    rank = {unit: i for i, unit in enumerate(LONGEST_MODULES)}
+    sizes = Counter(scope(item.nodeid) for item in items)
 
-    def order(item: pytest.Item) -> tuple[int, int]:
-        module = item.nodeid.split("::", 1)[0]
-        return rank.get(module, len(rank)), -sizes[module]
+    def order(item: pytest.Item) -> tuple[int, int, str]:
+        unit = scope(item.nodeid)
+        return rank.get(unit, len(rank)), -sizes[unit], unit
 
-    items.sort(key=order)  # stable: a module's tests stay together, in their order
+    items.sort(key=order)  # stable: a module's tests stay together, in their order, and a unit's modules too
     if _worker():  # under xdist the controller starts them (pytest_xdist_node_collection_finished)
         return
     for item in items:
