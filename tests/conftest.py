@@ -183,15 +183,43 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return UnitScheduling(config, log)
 
 
-#: the modules that take longest (about 45-110 s each on 2 cores), longest first: run first, then the others by how
-#: many tests they hold (most first), so that the two xdist workers, which take whole modules in this order, end
-#: together on short ones rather than one of them still running a long one
-LONGEST_MODULES = ("tests/features/test_hardening_kill.py", "tests/screening/test_recalibrate.py",
-                   "tests/test_distributed.py", "tests/screening/test_run.py", "tests/training/test_checkpoint.py",
-                   "tests/features/test_slide_rule_size.py", "tests/training/test_train.py")
+#: the units of work (:func:`scope`) that take longest, longest first: run first, then the others by how many tests
+#: they hold (most first), so that the two xdist workers, which take whole units in this order, end together on
+#: short ones rather than one of them still running a long one while the other idles. Every unit over 10 s, with
+#: its seconds (the sum of its tests' durations) in two runs of the whole suite at c5e737e on 2 cores (~1000 s in
+#: all; test_run.py's unit with one build of `synthetic`); the others take under 10 s each.
+LONGEST_MODULES = (
+    "tests/features/test_hardening_kill.py",           # 91
+    "tests/screening/test_run.py",                     # 88
+    "tests/test_distributed.py",                       # 72
+    "tests/test_api.py",                               # 59
+    "tests/tiling/test_pipeline.py",                   # 59
+    "tests/screening/test_recalibrate.py",             # 52
+    "tests/features/test_hardening_concurrency.py",    # 49
+    "tests/embedding/test_embed.py",                   # 45
+    "tests/features/test_slide_rule_size.py",          # 40
+    "tests/training/test_heads.py",                    # 36
+    "tests/features/test_hardening_disk.py",           # 34
+    "tests/slide/test_isolation.py",                   # 33
+    "tests/features/test_trust.py",                    # 27
+    "tests/tiling/test_stain.py",                      # 21
+    "tests/features/test_hardening_inputs.py",         # 21
+    "tests/training/test_checkpoint.py",               # 21
+    "tests/features/test_notebook.py",                 # 19
+    "tests/training/test_train.py",                    # 16
+    "tests/commands/test_classifier.py",               # 16
+    "tests/screening/test_streaming_isolation.py",     # 15
+    "tests/features/test_fuzz.py",                     # 14
+    "tests/screening/test_callview.py",                # 14
+    "tests/slide/test_slide.py",                       # 11
+)
 
 
-def _refuse_unlisted_users(items: list[pytest.Item]) -> None:
+def _check_the_lists(items: list[pytest.Item]) -> None:
+    """LONGEST_MODULES and SHARED_FIXTURES name test modules that exist, the latter every one that uses its fixture."""
+    missing = [module for module in (*LONGEST_MODULES, *_UNIT) if not (REPO / module).is_file()]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py names test modules that do not exist: {', '.join(missing)}")
     for item in items:
         module = item.nodeid.split("::", 1)[0]
         for name, modules in SHARED_FIXTURES.items():
@@ -202,7 +230,7 @@ def _refuse_unlisted_users(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected what they deselect
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    _refuse_unlisted_users(items)
+    _check_the_lists(items)
     rank = {unit: i for i, unit in enumerate(LONGEST_MODULES)}
     sizes = Counter(scope(item.nodeid) for item in items)
 
