@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -284,3 +285,64 @@ def test_heatmaps_are_written_with_fast_compression(tmp_path: Path) -> None:
         assert _zlib_level(default.read_bytes()) == 2
         with Image.open(default) as again:
             np.testing.assert_array_equal(np.asarray(im), np.asarray(again))
+
+
+def _shaped_case(shape: tuple[int, int], width_l0: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int], Any]:
+    """A thumbnail of ``shape`` of a slide ``width_l0`` level-0 px wide, a heatmap of patches on its middle part and a
+    focus square at the top, with its label."""
+    from wsi_screen.screening.heatmap import Outline
+
+    h, w = shape
+    height_l0, T = round(width_l0 * h / w), width_l0 // 20
+    gx, gy = np.meshgrid(np.arange(3, 17), np.arange(0, height_l0 // T))
+    coords = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.int64) * T
+    heat = heatmap_array(coords, coords[:, 0] / width_l0, T, T, (width_l0, height_l0), shape)
+    thumb = np.full((h, w, 3), 242, np.uint8)
+    thumb[h // 4:, w // 5:] = (200, 120, 180)
+    square = {"type": "Polygon", "coordinates": [[[5 * T, 0], [7 * T, 0], [7 * T, 2 * T], [5 * T, 2 * T], [5 * T, 0]]]}
+    return thumb, heat, (width_l0, height_l0), Outline(square, "1: 0.12 mm (itc)")
+
+
+@pytest.mark.parametrize(("shape", "width_l0", "mpp"), [((1024, 766), 2220, 0.5), ((90, 300), 12000, 0.5),
+                                                       ((300, 420), 90000, None)])
+def test_a_heatmap_is_laid_out_once_and_everything_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        shape: tuple[int, int], width_l0: int,
+                                                        mpp: float | None) -> None:
+    """The panels, titles, axis labels and colour bar are placed once, from the sizes of their texts: matplotlib's
+    constrained layout measured every axis (making and measuring each tick label) twice at each draw, and placed the
+    titles and axis labels by measuring them again. Tall, wide and level-0-pixel (wide tick labels) slides: the two
+    panels with their tick labels and labels, the title and the legend overlap nothing and stay inside the figure."""
+    from matplotlib.axis import Axis
+
+    from wsi_screen.screening.heatmap import overlay_figure, save_png
+
+    thumb, heat, dims, focus = _shaped_case(shape, width_l0)
+    measured: list[Axis] = []
+    tight = Axis.get_tightbbox
+
+    def counted(self: Axis, *args: Any, **kwargs: Any) -> Any:
+        measured.append(self)
+        return tight(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axis, "get_tightbbox", counted)
+    fig = overlay_figure(thumb, heat, title="a slide\nits call | its score", threshold=0.5, dimensions_l0=dims,
+                         mpp=mpp, outlines=[focus], outline_legend="1 focus counted", evidence=focus)
+    save_png(fig, tmp_path / "h.png")
+    assert measured == []  # no axis measured, for the layout or at the draw
+    monkeypatch.undo()
+    renderer = fig.canvas.get_renderer()
+    ax0, ax1 = fig.axes[:2]
+    figure = fig.bbox
+    panels = [ax.get_tightbbox(renderer) for ax in (ax0, ax1)]  # with ticks and labels (the overlay: its colour bar)
+    title, legend = fig.texts[0].get_window_extent(renderer), fig.legends[0].get_window_extent(renderer)
+    boxes = [*panels, title, legend, *(ax.title.get_window_extent(renderer) for ax in (ax0, ax1))]
+    for box in boxes:
+        assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and box.y1 <= figure.y1, box
+    assert not panels[0].overlaps(panels[1])
+    for panel in panels:
+        assert legend.y1 < panel.y0 and panel.y1 < title.y0
+    assert ax0.get_window_extent().height == pytest.approx(ax1.get_window_extent().height)
+    # each panel keeps the slide's aspect
+    box = ax1.get_window_extent()
+    assert box.height / box.width == pytest.approx(dims[1] / dims[0], rel=0.01)
+

@@ -251,11 +251,8 @@ def _label_outlines(fig: Any, ax: Any, outlines: Sequence[Outline], rings: Seque
     from matplotlib.transforms import Bbox
 
     # the finished layout without a draw (a draw would resample every image, only to be drawn again when saved):
-    # the layout, then the overlay's aspect-fitted box in its laid-out place, as a draw would fit it
+    # the overlay's aspect-fitted box in its laid-out place, as a draw would fit it
     renderer = fig.canvas.get_renderer()
-    engine = fig.get_layout_engine()
-    if engine is not None:
-        engine.execute(fig)
     ax.apply_aspect()
     to_px = ax.transData
     area = ax.get_window_extent(renderer)
@@ -300,6 +297,83 @@ def _label_outlines(fig: Any, ax: Any, outlines: Sequence[Outline], rings: Seque
             bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "black" if first else "0.6",
                   "alpha": 0.85}))
     return texts
+
+
+#: the colour bar beside the overlay: its gap and width as fractions of the overlay's width
+COLOUR_BAR = (0.03, 0.04)
+
+
+def _tick_labels_size(axis: Any, renderer: Any) -> tuple[float, float]:
+    """The widest and the tallest of ``axis``'s major tick labels inside its view, in display pixels, as a draw would
+    write them (the same locator and formatter; no tick is made)."""
+    import matplotlib as mpl
+    from matplotlib.text import Text
+
+    lo, hi = sorted(axis.get_view_interval())
+    tol = 1e-9 * (hi - lo)
+    locs = [v for v in axis.get_majorticklocs() if lo - tol <= v <= hi + tol]
+    size = mpl.rcParams["xtick.labelsize" if axis.axis_name == "x" else "ytick.labelsize"]
+    text = Text(0, 0, "", fontsize=size, parse_math=False, figure=axis.get_figure(root=True))
+    w = h = 0.0
+    for label in axis.get_major_formatter().format_ticks(locs):
+        if label:
+            text.set_text(label)
+            box = text.get_window_extent(renderer)
+            w, h = max(w, box.width), max(h, box.height)
+    return w, h
+
+
+def _lay_out(fig: Any, panels: tuple[Any, Any], cax: Any, legend: Any, suptitle: Any,
+             size: tuple[float, float]) -> None:
+    """Place the two panels (aspect-fitted to the slide's ``size``, equal, side by side, centred in the room left),
+    the colour bar's room, the title (top) and the legend (bottom) by the sizes of the texts around them.
+
+    What matplotlib's constrained layout did at every draw, making and measuring every tick label twice over, and
+    its automatic places of the titles and axis labels once more; here the few texts are measured once (the tick
+    labels' strings, without making ticks), with the pads of that layout (3 pt). Twice over: how many ticks an axis
+    has depends on its length. The layout is the figure's at its size: one resized afterwards is not laid out
+    again."""
+    import matplotlib as mpl
+
+    renderer = fig.canvas.get_renderer()
+    fig_w, fig_h = fig.bbox.width, fig.bbox.height
+    pt = fig.dpi / 72.0
+    pad = 3.0 * pt
+    rc = mpl.rcParams
+    ax0 = panels[0]
+
+    def extent(artist: Any) -> Any:
+        return artist.get_window_extent(renderer)
+
+    suptitle.set_y(1.0 - pad / fig_h)
+    top = pad + extent(suptitle).height + pad + max(extent(ax.title).height for ax in panels) + \
+        rc["axes.titlepad"] * pt
+    x_ticks = (rc["xtick.major.size"] + rc["xtick.major.pad"]) * pt
+    y_ticks = (rc["ytick.major.size"] + rc["ytick.major.pad"]) * pt
+    x_below = extent(legend).y1 + pad + x_ticks + extent(ax0.xaxis.label).height + ax0.xaxis.labelpad * pt
+    y_label = extent(ax0.yaxis.label).width + ax0.yaxis.labelpad * pt
+    bar_label = extent(cax.yaxis.label).width + cax.yaxis.labelpad * pt
+    sx, sy = size
+    for _ in range(2):
+        x_tick_w, x_tick_h = _tick_labels_size(ax0.xaxis, renderer)
+        y_tick_w, bar_tick_w = _tick_labels_size(ax0.yaxis, renderer)[0], _tick_labels_size(cax.yaxis, renderer)[0]
+        left = pad + y_label + y_tick_w + y_ticks
+        gap = pad + x_tick_w  # room for the halves of two tick labels at the panels' facing edges
+        right = y_ticks + bar_tick_w + bar_label + pad
+        bottom = x_below + x_tick_h
+        cell_w = (fig_w - left - gap - right) / (2 + sum(COLOUR_BAR))
+        cell_h = fig_h - top - bottom
+        box_w = min(cell_w, cell_h * sx / sy)
+        box_h = box_w * sy / sx
+        x0, y0 = left + (cell_w - box_w) / 2, bottom + (cell_h - box_h) / 2
+        for ax, x in zip(panels, (x0, x0 + cell_w + gap), strict=True):
+            ax.set_position((x / fig_w, y0 / fig_h, box_w / fig_w, box_h / fig_h))
+    # the axis labels beyond their tick labels, where matplotlib would put them (measuring every tick label again)
+    for ax in panels:
+        ax.xaxis.set_label_coords(0.5, -(x_ticks + x_tick_h + ax.xaxis.labelpad * pt) / box_h)
+    ax0.yaxis.set_label_coords(-(y_ticks + y_tick_w + ax0.yaxis.labelpad * pt) / box_w, 0.5)
+    cax.yaxis.set_label_coords(1.0 + (y_ticks + bar_tick_w + cax.yaxis.labelpad * pt) / (COLOUR_BAR[1] * box_w),
+                               0.5)
 
 
 def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
@@ -376,7 +450,7 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
     n_entries = 1 + (threshold is not None) + bool(outlines) + (evidence is not None)
     legend_cols = 2 if fig_w >= LEGEND_TWO_COLUMNS_IN and n_entries > 2 else 1
     legend_h = 0.25 + 0.2 * math.ceil(n_entries / legend_cols)
-    fig = Figure(figsize=(fig_w, panel_h + 1.2 + 0.25 * n_title + legend_h), dpi=dpi, layout="constrained")
+    fig = Figure(figsize=(fig_w, panel_h + 1.2 + 0.25 * n_title + legend_h), dpi=dpi)
     FigureCanvasAgg(fig)
     ax0, ax1 = fig.subplots(1, 2, sharex=True, sharey=True)
     centred = threshold is not None and vmin < threshold < vmax
@@ -386,12 +460,13 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
     ax0.imshow(thumb_d, extent=extent, origin="upper", interpolation="antialiased")
     ax1.imshow(thumb_d, extent=extent, origin="upper", interpolation="antialiased")
     ax1.imshow(heat_d, extent=extent, origin="upper", cmap=cm, norm=norm, alpha=alpha, interpolation="nearest")
-    ax0.set_title("slide", parse_math=False)
-    ax1.set_title(f"{legend_label} overlay", parse_math=False)
+    # titles just above the panels (y=1: where matplotlib would put them, without measuring every axis at each draw)
+    ax0.set_title("slide", parse_math=False, y=1.0)
+    ax1.set_title(f"{legend_label} overlay", parse_math=False, y=1.0)
     for ax in (ax0, ax1):
         ax.set_xlabel(f"x ({unit})")
     ax0.set_ylabel(f"y ({unit})")
-    cax = ax1.inset_axes((1.03, 0.0, 0.04, 1.0))  # follows the image's aspect-fitted box
+    cax = ax1.inset_axes((1.0 + COLOUR_BAR[0], 0.0, COLOUR_BAR[1], 1.0))  # follows the image's aspect-fitted box
     cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cm), cax=cax)
     handles: list[Patch | Line2D] = [Patch(facecolor="none", edgecolor="0.5", label="no patch scored (slide as is)")]
     if threshold is not None:
@@ -418,11 +493,11 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
             ax1.plot(r[:, 0], r[:, 1], color="magenta", linewidth=1.6, zorder=6)
         handles.append(Patch(facecolor="none", edgecolor="magenta", linewidth=1.6,
                              label=evidence.label or "call evidence"))
-    legend = fig.legend(handles=handles, loc="outside lower center", ncols=legend_cols, fontsize="small",
-                        framealpha=0.85)
+    legend = fig.legend(handles=handles, loc="lower center", ncols=legend_cols, fontsize="small", framealpha=0.85)
     for text in legend.get_texts():
         text.set_parse_math(False)
-    fig.suptitle(title, parse_math=False, fontsize="large")
+    suptitle = fig.suptitle(title, parse_math=False, fontsize="large", va="top")
+    _lay_out(fig, (ax0, ax1), cax, legend, suptitle, (float(sx), float(sy)))
     if outlines:
         _label_outlines(fig, ax1, outlines, rings, "small", keep_clear=evidence_rings)
     return fig
