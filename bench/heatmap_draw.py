@@ -6,10 +6,9 @@
 
 Each slide of RUN is drawn from its run folder (its call, its store's thumbnail) as ``infer`` draws it, in one
 process, the variants alternating (one untimed warm-up of each first): "before" writes the figure with
-``Figure.savefig`` (which, the figure having a layout engine, draws it twice), or with ``--before`` draws and
-writes it with that file's ``overlay_figure`` and ``save_png`` (an earlier revision of the heatmap module); "after"
-with :func:`wsi_screen.screening.heatmap.save_png` as it is now. Seconds per slide (process CPU time, the median
-over the repeats) and the PNG's bytes.
+``Figure.savefig``, or with ``--before`` draws and writes it with that file's ``overlay_figure`` and ``save_png``
+(an earlier revision of the heatmap module); "after" as :func:`wsi_screen.screening.callview.draw_heatmap` draws
+and writes it now. Seconds per slide (process CPU time, the median over the repeats) and the PNG's bytes.
 """
 
 from __future__ import annotations
@@ -18,12 +17,15 @@ import argparse
 import contextlib
 import functools
 import importlib.util
+import inspect
 import statistics
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, table
@@ -55,10 +57,15 @@ def main() -> int:
         spec.loader.exec_module(old)
 
     @contextlib.contextmanager
-    def drawn_by(module: object) -> Iterator[None]:
-        """heatmap_figure imports its drawing from wsi_screen.screening.heatmap when called: point it at ``module``."""
+    def drawn_by(module: Any) -> Iterator[None]:
+        """heatmap_figure imports its drawing from wsi_screen.screening.heatmap when called: point it at ``module``
+        (whose overlay_figure may predate ``exact_pixels``)."""
         current = sys.modules["wsi_screen.screening.heatmap"]
-        sys.modules["wsi_screen.screening.heatmap"] = module  # type: ignore[assignment]
+        shim = types.ModuleType(module.__name__)
+        shim.__dict__.update(vars(module))
+        if "exact_pixels" not in inspect.signature(module.overlay_figure).parameters:
+            shim.overlay_figure = lambda *a, exact_pixels=False, **k: module.overlay_figure(*a, **k)
+        sys.modules["wsi_screen.screening.heatmap"] = shim
         try:
             yield
         finally:
@@ -71,8 +78,8 @@ def main() -> int:
             with drawn_by(old):
                 old.save_png(draw(), out, key=key)
 
-    def after(draw: Callable[[], object], out: Path, key: str) -> None:
-        save_png(draw(), out, key=key)
+    def after(draw: Callable[..., object], out: Path, key: str) -> None:
+        save_png(draw(exact_pixels=True), out, key=key)  # as callview.draw_heatmap draws it
 
     base_name = "before (savefig)" if old is None else f"before ({args.before.name})"
     variants: dict[str, Callable[[Callable[[], object], Path, str], None]] = {base_name: before, "after": after}

@@ -346,3 +346,44 @@ def test_a_heatmap_is_laid_out_once_and_everything_fits(tmp_path: Path, monkeypa
     box = ax1.get_window_extent()
     assert box.height / box.width == pytest.approx(dims[1] / dims[0], rel=0.01)
 
+
+def test_a_written_heatmaps_images_are_resampled_once_before_the_draw(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The written figure's thumbnail and heatmap are resampled once, to exactly the pixels of their panels, so the draw
+    copies them (matplotlib resampled a 1024 x 766 thumbnail twice and the heatmap once at each draw). The same
+    picture: the slide's colours in the slide panel, each patch's colour blended over them in the overlay."""
+    import matplotlib.image as mimage
+    from matplotlib import colormaps
+    from matplotlib.colors import TwoSlopeNorm
+
+    from wsi_screen.screening.heatmap import overlay_figure, save_png
+
+    thumb, heat, dims, _ = _shaped_case((1024, 766), 2220)
+    drawn: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    resample = mimage._resample
+
+    def recorded(image: Any, data: np.ndarray, out_shape: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
+        drawn.append((data.shape[:2], tuple(out_shape)))
+        return resample(image, data, out_shape, *args, **kwargs)
+
+    monkeypatch.setattr(mimage, "_resample", recorded)
+    fig = overlay_figure(thumb, heat, title="s", threshold=0.5, dimensions_l0=dims, mpp=0.5, exact_pixels=True)
+    save_png(fig, tmp_path / "h.png")
+    assert len(drawn) >= 3 and all(data == out for data, out in drawn), drawn  # copies, pixel for pixel
+    with Image.open(tmp_path / "h.png") as im:
+        png = np.asarray(im.convert("RGB")).astype(int)
+    rows = png.shape[0]
+
+    def at(ax: Any, fx: float, fy: float) -> np.ndarray:
+        """The PNG's pixel at (fx, fy) of a panel (fractions of its width and height, from its top-left corner)."""
+        box = ax.get_window_extent()
+        return png[rows - int(box.y1) + int(fy * box.height), int(box.x0) + int(fx * box.width)]
+
+    slide, overlay = fig.axes[:2]
+    assert at(slide, 0.1, 0.1).tolist() == [242, 242, 242] and at(slide, 0.6, 0.6).tolist() == [200, 120, 180]
+    assert at(overlay, 0.1, 0.1).tolist() == [242, 242, 242]  # no patch there: the slide as it is
+    # the patch column at 0.6 of the width has P = 0.6: its colour at alpha 0.55 over the slide
+    value = heat[int(0.6 * heat.shape[0]), int(0.6 * heat.shape[1])]
+    colour = np.array(colormaps["RdYlBu_r"](TwoSlopeNorm(0.5, 0.0, 1.0)(value))[:3]) * 255
+    expected = 0.55 * colour + 0.45 * np.array([200, 120, 180])
+    assert np.abs(at(overlay, 0.6, 0.6) - expected).max() <= 2, (at(overlay, 0.6, 0.6), expected)

@@ -36,7 +36,7 @@ from wsi_screen.screening.aggregate import (
 from wsi_screen.screening.spatial import ScoreGrid, mm_words, patch_grid
 
 #: version of what the pictures show; bump it when the drawing changes, so reruns redraw
-VIEWS_VERSION = "v7"
+VIEWS_VERSION = "v8"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,10 +204,11 @@ def slide_grid(done: dict[str, Any], coords: np.ndarray, probs: np.ndarray) -> S
 
 
 def heatmap_figure(store: Any, coords: np.ndarray, probs: np.ndarray, ctx: CallContext, *,
-                   alpha: float = 0.55, thumbnail: np.ndarray | None = None) -> Any:
+                   alpha: float = 0.55, thumbnail: np.ndarray | None = None, exact_pixels: bool = False) -> Any:
     """The heatmap of a slide's call (a matplotlib Figure): P(positive) ``probs`` (N,) over the thumbnail (the
     store's, or ``thumbnail`` of the whole slide at any resolution), contour at the call's patch threshold, every
-    counted focus outlined with its size (the largest emphasised), the call in the title."""
+    counted focus outlined with its size (the largest emphasised), the call in the title. ``exact_pixels``: drawn
+    for writing at its dpi (:func:`wsi_screen.screening.heatmap.overlay_figure`)."""
     from wsi_screen.screening.geojson import tiles_geometry
     from wsi_screen.screening.heatmap import Outline, heatmap_array, overlay_figure
 
@@ -224,14 +225,14 @@ def heatmap_figure(store: Any, coords: np.ndarray, probs: np.ndarray, ctx: CallC
     return overlay_figure(thumb, heat, title=title(ctx), legend_label=f"P({ctx.positive_class})", alpha=alpha,
                           threshold=ctx.threshold, threshold_name=ctx.threshold_name, dimensions_l0=size,
                           mpp=float(store.attrs["slide"]["mpp"]), outlines=outlines, outline_legend=legend,
-                          evidence=evidence)
+                          evidence=evidence, exact_pixels=exact_pixels)
 
 
 def draw_heatmap(path: Path, store: Any, coords: np.ndarray, probs: np.ndarray, ctx: CallContext) -> Path:
     """heatmap.png: :func:`heatmap_figure`, written atomically with :func:`views_key` in it."""
     from wsi_screen.screening.heatmap import save_png
 
-    return save_png(heatmap_figure(store, coords, probs, ctx), path, key=views_key(ctx))
+    return save_png(heatmap_figure(store, coords, probs, ctx, exact_pixels=True), path, key=views_key(ctx))
 
 
 def write_geojson(path: Path, coords: np.ndarray, tile_size_l0: int, probs: np.ndarray, ctx: CallContext) -> Path:
