@@ -76,7 +76,7 @@ def main() -> int:
             draw().savefig(out, format="png", metadata={"wsi-screen": key})  # type: ignore[attr-defined]
         else:
             with drawn_by(old):
-                old.save_png(draw(), out, key=key)
+                old.save_png(draw(exact_pixels=True), out, key=key)  # as its draw_heatmap drew it (if it could)
 
     def after(draw: Callable[..., object], out: Path, key: str) -> None:
         save_png(draw(exact_pixels=True), out, key=key)  # as callview.draw_heatmap draws it

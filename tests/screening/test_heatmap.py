@@ -367,9 +367,19 @@ def test_a_written_heatmaps_images_are_resampled_once_before_the_draw(tmp_path: 
         return resample(image, data, out_shape, *args, **kwargs)
 
     monkeypatch.setattr(mimage, "_resample", recorded)
+    given: list[tuple[int, ...]] = []
+    set_data = mimage.AxesImage.set_data
+
+    def kept(image: Any, data: Any) -> None:
+        given.append(np.shape(data)[:2])
+        set_data(image, data)
+
+    monkeypatch.setattr(mimage.AxesImage, "set_data", kept)
     fig = overlay_figure(thumb, heat, title="s", threshold=0.5, dimensions_l0=dims, mpp=0.5, exact_pixels=True)
     save_png(fig, tmp_path / "h.png")
     assert len(drawn) >= 3 and all(data == out for data, out in drawn), drawn  # copies, pixel for pixel
+    # the images are given to matplotlib at their panels' size only (each one checked and masked on its way in)
+    assert given == [drawn[0][1]] * 3, given
     with Image.open(tmp_path / "h.png") as im:
         png = np.asarray(im.convert("RGB")).astype(int)
     rows = png.shape[0]

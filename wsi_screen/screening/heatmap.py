@@ -489,9 +489,8 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
     norm: Normalize = Normalize(vmin=vmin, vmax=vmax)
     if threshold is not None and centred:
         norm = TwoSlopeNorm(vcenter=threshold, vmin=vmin, vmax=vmax)
-    ax0.imshow(thumb_d, extent=extent, origin="upper", interpolation="antialiased")
-    ax1.imshow(thumb_d, extent=extent, origin="upper", interpolation="antialiased")
-    ax1.imshow(heat_d, extent=extent, origin="upper", cmap=cm, norm=norm, alpha=alpha, interpolation="nearest")
+    ax0.set_xlim(0.0, float(sx))  # the images' extent (shared by both panels); they are drawn once laid out
+    ax0.set_ylim(float(sy), 0.0)
     # titles just above the panels (y=1: where matplotlib would put them, without measuring every axis at each draw)
     ax0.set_title("slide", parse_math=False, y=1.0)
     ax1.set_title(f"{legend_label} overlay", parse_math=False, y=1.0)
@@ -530,14 +529,15 @@ def overlay_figure(thumbnail: np.ndarray, heat: np.ndarray, *, title: str,
         text.set_parse_math(False)
     suptitle = fig.suptitle(title, parse_math=False, fontsize="large", va="top")
     box_w, box_h = _lay_out(fig, (ax0, ax1), cax, legend, suptitle, (float(sx), float(sy)), whole_pixels=exact_pixels)
+    thumb_img, heat_img, smooth, aspect = thumb_d, np.ma.asarray(heat_d), "antialiased", "equal"
     if exact_pixels:  # what a draw at dpi would resample, resampled once (the contour keeps heat_d's precision)
         w_px, h_px = int(box_w), int(box_h)
-        thumb_px = _resample_rgb(thumb_d, w_px, h_px)
-        for ax, im in ((ax0, ax0.images[0]), (ax1, ax1.images[0])):
-            im.set_data(thumb_px)
-            im.set_interpolation("nearest")
-            ax.set_aspect("auto")  # the box has the slide's aspect to within a pixel: keep it on whole pixels
-        ax1.images[1].set_data(_resample_nearest(heat_d, w_px, h_px))
+        thumb_img, heat_img = _resample_rgb(thumb_d, w_px, h_px), np.ma.asarray(_resample_nearest(heat_d, w_px, h_px))
+        smooth, aspect = "nearest", "auto"  # the box has the slide's aspect to within a pixel: keep it on whole pixels
+    for ax in (ax0, ax1):
+        ax.imshow(thumb_img, extent=extent, origin="upper", interpolation=smooth, aspect=aspect)
+    ax1.imshow(heat_img, extent=extent, origin="upper", cmap=cm, norm=norm, alpha=alpha, interpolation="nearest",
+               aspect=aspect)
     if outlines:
         _label_outlines(fig, ax1, outlines, rings, "small", keep_clear=evidence_rings)
     return fig
