@@ -1,11 +1,13 @@
-"""Killed runs: SIGKILL `tile` and `infer` at random moments, check nothing incomplete looks complete, resume,
-and compare with an uninterrupted run. SIGINT exits 130 with a message.
+"""Killed runs: SIGKILL `tile` and `infer` at every stage of a run, check nothing incomplete looks complete,
+resume, and compare with an uninterrupted run. SIGINT exits 130 with a message.
 
-Each trial starts a fresh ``python -m wsi_screen.cli`` process on a fresh output and kills it a delay after its
-first write (the first ``*.partial``): the delay is drawn (seeded) over the working time of an uninterrupted
-reference run (first write to exit), stratified (trial i of the first n in the i-th n-th of that time, uniformly
-after), so that a few kills land in every stage rather than in the import of torch. It then inspects what the
-process left, reruns to completion in-process and compares:
+Each trial starts a ``wsi-screen`` process (:mod:`tests.warm_cli`: a process of its own, forked with torch already
+imported, so that the trials pay for the work they interrupt rather than for importing torch) on a fresh output and
+SIGKILLs it the moment its output shows that a stage has begun: one trial per stage, the stages read from what the
+run writes, in order (a store begun, a store finished, a slide folder begun, a slide folder finished, results.csv,
+report.html), so that every stage is hit whatever the machine's speed. ``WSI_SCREEN_KILL_TRIALS=N`` adds N kills
+of each command at seeded random moments, drawn over the working time of an uninterrupted run (a soak). Each trial
+then inspects what the process left, reruns to completion in-process and compares with an uninterrupted run:
 
 * ``tile``: every store byte for byte (every file of the zarr tree) with the uninterrupted run's;
 * ``infer``: every store byte for byte; ``results.csv`` exactly (the ``store`` column with the run folder
@@ -31,9 +33,8 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import pytest
 
 from tests.conftest import run_cli, tree_digest
 from tests.factory import block_image, write_tiled_tiff
+from tests.warm_cli import WarmCli, WarmProcess, warm_processes
 from wsi_screen.errors import IncompleteStoreError
 from wsi_screen.screening import runfolder
 from wsi_screen.tiling.store import PatchStore, read_attrs
@@ -49,15 +51,9 @@ pytestmark = pytest.mark.slow
 
 SEED = 1234
 SLIDE_FILES = ("scan.svs", "block.tif")
-#: trials per command: at least MIN (one in each MIN-th of the window), at most MAX, and no new trial once BUDGET
-#: seconds have passed; WSI_SCREEN_KILL_TRIALS=N runs exactly N of each (a soak run, as quoted in
-#: docs/reliability.md). The suite runs the stratified trials only (MAX = MIN): they already put one kill in each
-#: quarter (tile) or third (infer) of the working time, so every stage is within reach; the uniform extra trials
-#: added no stage the stratified ones miss and cost a subprocess start (and, for infer, a torch import) each.
-TILE_TRIALS, INFER_TRIALS = (4, 4, 20.0), (3, 3, 30.0)
-if os.environ.get("WSI_SCREEN_KILL_TRIALS"):
-    _n = int(os.environ["WSI_SCREEN_KILL_TRIALS"])
-    TILE_TRIALS = INFER_TRIALS = (_n, _n, float("inf"))
+#: WSI_SCREEN_KILL_TRIALS=N: N kills of each command at random moments after the one per stage (a soak run, as
+#: quoted in docs/reliability.md)
+SOAK_TRIALS = int(os.environ.get("WSI_SCREEN_KILL_TRIALS") or 0)
 
 
 def stores_of(folder: Path) -> dict[str, dict[str, str]]:
@@ -80,8 +76,7 @@ def slides(tmp_path_factory: pytest.TempPathFactory, cmu_svs: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def small_slides(tmp_path_factory: pytest.TempPathFactory, cmu_svs: Path) -> Path:
-    """For infer and embed, whose every trial pays for importing torch and whose every patch goes through a model: a
-    smaller second slide."""
+    """For infer and embed, whose every patch goes through a model: a smaller second slide."""
     return _two_slides(tmp_path_factory.mktemp("kill") / "small", cmu_svs, (1536, 1024))
 
 
@@ -94,44 +89,85 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(shutil.copytree(default_model_dir(), tmp_path_factory.mktemp("model") / "default"))
 
 
-def _spawn(args: list[str], stderr: Path) -> subprocess.Popen[bytes]:
-    """``python -m wsi_screen.cli ARGS`` with stderr going to a file (a pipe could fill up and block it).
+@pytest.fixture(scope="module")
+def cli() -> Iterator[WarmCli]:
+    with warm_processes() as warm:
+        yield warm
 
-    The child scores with this process's torch thread count (the in-process reruns' count): another count
-    rounds the last digits of the probabilities differently.
-    """
-    import torch
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    with stderr.open("wb") as err:
-        # Ctrl-C as a user at a terminal has it: a test runner started in the background (`cmd &` in a script)
-        # ignores SIGINT, and an ignored signal stays ignored across exec
-        return subprocess.Popen([sys.executable, "-m", "wsi_screen.cli", *args], stdout=subprocess.DEVNULL,
-                                stderr=err, env=env,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+# ------------------------------------------------------------------------------------------ when to kill
+def _count(folder: Path, pattern: str) -> int:
+    return len(list(folder.glob(pattern))) if folder.exists() else 0
+
+
+def _slide_folders(run: Path) -> list[Path]:
+    """A run folder's finished slide folders."""
+    if not run.exists():
+        return []
+    return [p for p in run.iterdir() if p.is_dir() and p.name != runfolder.STORES_DIR
+            and not p.name.startswith(".") and not p.name.endswith((runfolder.PARTIAL, ".old"))]
+
+
+def _began(out: Path) -> bool:
+    """Work under way: ``out`` holds a ``*.partial``."""
+    return out.exists() and any(out.rglob("*.partial"))
+
+
+@dataclass(frozen=True)
+class Moment:
+    """When a trial's process is killed: ``delay`` seconds after its output first shows ``marker`` (``name``)."""
+
+    name: str
+    marker: Callable[[Path], bool]
+    delay: float = 0.0
+
+
+#: `tile OUT`, by stage: each kill as soon as the stage's first write is on disk
+TILE_MOMENTS = (
+    Moment("slide 1's store begun", lambda out: _count(out, "*.zarr.partial") >= 1),
+    Moment("slide 1's store done", lambda out: _count(out, "*.zarr") >= 1),
+    Moment("slide 2's store begun", lambda out: _count(out, "*.zarr") >= 1 and _count(out, "*.zarr.partial") >= 1),
+    Moment("both stores done", lambda out: _count(out, "*.zarr") >= 2),
+)
+
+
+def _stores(run: Path) -> Path:
+    return run / runfolder.STORES_DIR
+
+
+#: `infer -o RUN`, by stage (slide 2's store, scoring and folder repeat slide 1's: killing there too adds only a
+#: resumed slide 1, which "slide 1's folder done" has)
+INFER_MOMENTS = (
+    Moment("slide 1's store begun", lambda run: _count(_stores(run), "*.zarr.partial") >= 1),
+    Moment("slide 1's store done", lambda run: _count(_stores(run), "*.zarr") >= 1),
+    Moment("slide 1's folder begun", lambda run: _count(run, f"*{runfolder.PARTIAL}") >= 1),
+    Moment("slide 1's folder done", lambda run: len(_slide_folders(run)) >= 1),
+    Moment("results.csv written", lambda run: (run / runfolder.RESULTS_CSV).exists()),
+    Moment("report written", lambda run: (run / runfolder.REPORT_HTML).exists()),
+)
 
 
 @dataclass
 class Timeline:
-    """When an uninterrupted subprocess run first wrote under its output, and when it had written everything
-    (seconds since it started)."""
+    """When an uninterrupted run first wrote under its output, and when it had written everything (seconds
+    since it started)."""
 
     first_write: float
     end: float
 
     @property
     def work(self) -> float:
-        """From the first write to the end: the window the kills are drawn from."""
+        """From the first write to the end: the window the soak's random kills are drawn from."""
         return self.end - self.first_write
 
 
-def _timed_run(args: list[str], watch: Path, last: str | None = None) -> Timeline:
+def _timed_run(cli: WarmCli, args: list[str], watch: Path, last: str | None = None) -> Timeline:
     """Run to completion: when it first wrote under ``watch`` and when it ended (when ``watch/last`` appeared,
     if given: a process that has written everything may take a while to exit)."""
     start = time.monotonic()
     log = watch.with_name(watch.name + ".stderr")
-    proc = _spawn(args, log)
-    first = _first_write(proc, watch)
+    proc = cli.start(args, log)
+    first = _wait_for(proc, watch, _began)
     end = None
     while proc.poll() is None:
         if end is None and last is not None and (watch / last).exists():
@@ -142,90 +178,20 @@ def _timed_run(args: list[str], watch: Path, last: str | None = None) -> Timelin
 
 
 @dataclass
-class Trials:
-    """What the kill trials met (printed, and quoted in docs/reliability.md)."""
-
-    command: str
-    timeline: Timeline
-    moments: list[float] = field(default_factory=list)
-    phases: list[str] = field(default_factory=list)
-    killed_mid_run: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    def summary(self) -> str:
-        return (f"{self.command}: uninterrupted run wrote first at {self.timeline.first_write:.1f} s, everything "
-                f"by {self.timeline.end:.1f} s; {len(self.moments)} kills at "
-                f"{', '.join(f'{m:.2f}' for m in self.moments)} s; {self.killed_mid_run} mid-run; phases: "
-                f"{'; '.join(self.phases)}; trials took {time.monotonic() - self.started:.0f} s")
-
-
-def _kill_and_resume(tmp_path: Path, command: str, args_for: Callable[[Path], list[str]], timeline: Timeline,
-                     window: Window, limits: tuple[int, int, float], phase_after_kill: Callable[[Path], str],
-                     outputs: Callable[[Path], object], reference: object,
-                     partials: Callable[[Path], list[Path]]) -> None:
-    """Kill ``command`` at moments drawn from ``window``, check what the kill left (``phase_after_kill``
-    asserts and names the stage), rerun to completion and require the uninterrupted run's ``outputs``."""
-    trials = Trials(command, timeline)
-    min_trials, max_trials, budget = limits
-    for i in range(max_trials):
-        if i >= min_trials and time.monotonic() - trials.started > budget:
-            break
-        out = tmp_path / f"trial{i}"
-        args = args_for(out)
-        kill = _kill_at(args, out, window.draw(i), tmp_path / f"trial{i}.stderr")
-        window.update(kill)
-        phase = phase_after_kill(out)
-        trials.moments.append(kill.moment)
-        trials.killed_mid_run += kill.mid_run
-        trials.phases.append(phase if kill.mid_run else "finished")
-        res = run_cli(*args)
-        assert res.code == 0, res
-        assert outputs(out) == reference, f"trial {i}: resumed {command} differs from the uninterrupted run"
-        assert not partials(out)
-    print(trials.summary())
-    assert trials.killed_mid_run >= min_trials // 2
-
-
-def _first_write(proc: subprocess.Popen[bytes], watch: Path, timeout: float = 120) -> float:
-    """Wait until ``watch`` holds a ``*.partial`` (work under way) or the process ended; the time it took."""
-    start = time.monotonic()
-    while proc.poll() is None and time.monotonic() - start < timeout:
-        if watch.exists() and any(watch.rglob("*.partial")):
-            break
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
-@dataclass
 class Kill:
-    """One kill: whether the process was still running, when (seconds since its start and since its first
-    write)."""
+    """One kill: at which moment, whether the process was still running, when (seconds since its start and since
+    its marker)."""
 
+    moment: Moment
     mid_run: bool
-    moment: float
-    after_first_write: float
-
-
-def _kill_at(args: list[str], watch: Path, delay: float, log: Path) -> Kill:
-    """Run, SIGKILL ``delay`` seconds after its first write under ``watch`` (unless it has finished by then)."""
-    start = time.monotonic()
-    proc = _spawn(args, log)
-    first = _first_write(proc, watch)
-    try:
-        proc.wait(timeout=delay)
-        mid = False
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        mid = True
-    now = time.monotonic() - start
-    return Kill(mid, now, now - first)
+    seconds: float
+    after_marker: float
 
 
 class Window:
-    """Where kills are drawn: from a trial's first write to the end of the reference run's work, shrunk to
-    what a trial that finished before its kill actually took (the machine may have sped up). Trial ``i`` of
-    the first ``strata`` lands in the ``i``-th of that many equal parts of the window: few trials, every stage."""
+    """Where the soak's kills are drawn: from a trial's first write to the end of the reference run's work,
+    shrunk to what a trial that finished before its kill actually took (the machine may have sped up). Trial
+    ``i`` of the first ``strata`` lands in the ``i``-th of that many equal parts of the window, uniformly after."""
 
     def __init__(self, timeline: Timeline, seed: int, strata: int) -> None:
         self.span = timeline.work
@@ -239,7 +205,99 @@ class Window:
 
     def update(self, kill: Kill) -> None:
         if not kill.mid_run:
-            self.span = min(self.span, kill.after_first_write)
+            self.span = min(self.span, kill.after_marker)
+
+
+@dataclass
+class Trials:
+    """What the kill trials met (printed, and quoted in docs/reliability.md)."""
+
+    command: str
+    kills: list[Kill] = field(default_factory=list)
+    phases: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def killed_mid_run(self) -> int:
+        return sum(k.mid_run for k in self.kills)
+
+    def summary(self) -> str:
+        kills = "; ".join(f"{k.moment.name} +{k.moment.delay:.2f} s -> {phase} at {k.seconds:.2f} s"
+                          for k, phase in zip(self.kills, self.phases, strict=True))
+        return (f"{self.command}: {len(self.kills)} kills, {self.killed_mid_run} mid-run: {kills}; trials took "
+                f"{time.monotonic() - self.started:.0f} s")
+
+
+def _soak(cli: WarmCli, args: list[str], watch: Path, last: str | None, seed: int,
+          trials: Trials) -> Iterator[Moment]:
+    """``SOAK_TRIALS`` random moments over an uninterrupted run's working time (stratified: the first few one in
+    each part of it), each after the process's first write."""
+    window = Window(_timed_run(cli, args, watch, last), seed, strata=4)
+    for i in range(SOAK_TRIALS):
+        if i:
+            window.update(trials.kills[-1])
+        yield Moment(f"random {i}", _began, window.draw(i))
+
+
+def _wait_for(proc: WarmProcess, out: Path, marker: Callable[[Path], bool], timeout: float = 120) -> float:
+    """Wait until ``marker(out)`` holds or the process ended; the time it took."""
+    start = time.monotonic()
+    while proc.poll() is None and time.monotonic() - start < timeout:
+        if marker(out):
+            break
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+def _kill_at(cli: WarmCli, args: list[str], out: Path, moment: Moment, log: Path) -> Kill:
+    """Run, SIGKILL ``moment.delay`` seconds after ``moment.marker`` holds on ``out`` (unless it has finished)."""
+    start = time.monotonic()
+    proc = cli.start(args, log)
+    reached = _wait_for(proc, out, moment.marker)
+    try:
+        if moment.delay:
+            proc.wait(timeout=moment.delay)
+        mid = proc.poll() is None
+    except subprocess.TimeoutExpired:
+        mid = True
+    if mid:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    now = time.monotonic() - start
+    return Kill(moment, mid, now, now - reached)
+
+
+def _kill_and_resume(tmp_path: Path, cli: WarmCli, command: str, args_for: Callable[[Path], list[str]],
+                     moments: Sequence[Moment], soak: Callable[[Trials], Iterator[Moment]],
+                     phase_after_kill: Callable[[Path], str], outputs: Callable[[Path], object], reference: object,
+                     partials: Callable[[Path], list[Path]]) -> None:
+    """Kill ``command`` at each of ``moments`` (then at the soak's), check what the kill left
+    (``phase_after_kill`` asserts and names the stage), rerun to completion and require the uninterrupted run's
+    ``outputs``."""
+    trials = Trials(command)
+
+    def every() -> Iterator[Moment]:
+        yield from moments
+        if SOAK_TRIALS:
+            yield from soak(trials)
+
+    for i, moment in enumerate(every()):
+        out = tmp_path / f"trial{i}"
+        args = args_for(out)
+        kill = _kill_at(cli, args, out, moment, tmp_path / f"trial{i}.stderr")
+        phase = phase_after_kill(out)
+        trials.kills.append(kill)
+        trials.phases.append(phase if kill.mid_run else "finished")
+        res = run_cli(*args)
+        assert res.code == 0, res
+        assert outputs(out) == reference, f"trial {i} ({moment.name}): resumed {command} differs from the " \
+                                          "uninterrupted run"
+        assert not partials(out)
+    print(trials.summary())
+    # one kill per stage, each as the stage begins: nearly all land mid-run, in stages of their own (a loaded
+    # machine may let a process run on past a short stage before the kill arrives)
+    assert trials.killed_mid_run >= len(moments) - 1, trials.summary()
+    assert len(set(trials.phases[:len(moments)])) >= len(moments) // 2 + 1, trials.summary()
 
 
 def _check_stores_after_kill(folder: Path, reference: dict[str, dict[str, str]]) -> tuple[int, bool]:
@@ -262,10 +320,10 @@ def _check_stores_after_kill(folder: Path, reference: dict[str, dict[str, str]])
     return done, bool(partials)
 
 
-def test_kill_tile_at_random_moments(tmp_path: Path, slides: Path) -> None:
+def test_kill_tile_at_every_stage(tmp_path: Path, slides: Path, cli: WarmCli) -> None:
     common = ["--size", "224", "--workers", "1", "--quiet"]
     ref_out = tmp_path / "reference"
-    timeline = _timed_run(["tile", str(slides), "-o", str(ref_out), *common], ref_out)
+    assert run_cli("tile", slides, "-o", ref_out, *common).code == 0
     reference = stores_of(ref_out)
     assert sorted(reference) == ["block.zarr", "scan.zarr"]
 
@@ -274,9 +332,12 @@ def test_kill_tile_at_random_moments(tmp_path: Path, slides: Path) -> None:
         return "both stores done" if done == 2 else \
             f"slide {done + 1}: " + ("writing its store" if writing else "thumbnail and grid")
 
-    _kill_and_resume(tmp_path, "tile", lambda out: ["tile", str(slides), "-o", str(out), *common], timeline,
-                     Window(timeline, SEED, TILE_TRIALS[0]), TILE_TRIALS, phase, stores_of, reference,
-                     lambda out: list(out.glob("*.partial")))
+    def args(out: Path) -> list[str]:
+        return ["tile", str(slides), "-o", str(out), *common]
+
+    _kill_and_resume(tmp_path, cli, "tile", args, TILE_MOMENTS,
+                     lambda trials: _soak(cli, args(tmp_path / "timed"), tmp_path / "timed", None, SEED, trials),
+                     phase, stores_of, reference, lambda out: list(out.glob("*.partial")))
 
 
 # --------------------------------------------------------------------------------------------------- infer
@@ -325,8 +386,7 @@ def _check_run_after_kill(run: Path, reference: dict[str, object]) -> str:
         return "startup"
     ref_slides = reference["slides"]
     assert isinstance(ref_slides, dict)
-    folders = [p for p in run.iterdir() if p.is_dir() and p.name != runfolder.STORES_DIR
-               and not p.name.startswith(".") and not p.name.endswith((runfolder.PARTIAL, ".old"))]
+    folders = _slide_folders(run)
     for folder in folders:
         assert {p.name for p in folder.iterdir()} == {runfolder.SCORES_CSV, runfolder.HEATMAP_PNG,
                                                       runfolder.GEOJSON, runfolder.SLIDE_JSON}, folder
@@ -351,23 +411,28 @@ def _check_run_after_kill(run: Path, reference: dict[str, object]) -> str:
     return f"slide {len(folders) + 1}: thumbnail and grid"
 
 
-def test_kill_infer_at_random_moments(tmp_path: Path, small_slides: Path, model: Path) -> None:
+def test_kill_infer_at_every_stage(tmp_path: Path, small_slides: Path, model: Path, cli: WarmCli) -> None:
     slides = small_slides
     common = ["--workers", "0", "--quiet", "--model", str(model)]
     ref_run = tmp_path / "reference"
-    timeline = _timed_run(["infer", str(slides), "-o", str(ref_run), *common], ref_run, runfolder.REPORT_HTML)
+    assert run_cli("infer", slides, "-o", ref_run, *common).code == 0
     reference = _infer_outputs(ref_run)
-    _kill_and_resume(tmp_path, "infer", lambda run: ["infer", str(slides), "-o", str(run), *common], timeline,
-                     Window(timeline, SEED + 1, INFER_TRIALS[0]), INFER_TRIALS,
-                     lambda run: _check_run_after_kill(run, reference),
-                     _infer_outputs, reference,
+
+    def args(run: Path) -> list[str]:
+        return ["infer", str(slides), "-o", str(run), *common]
+
+    _kill_and_resume(tmp_path, cli, "infer", args, INFER_MOMENTS,
+                     lambda trials: _soak(cli, args(tmp_path / "timed"), tmp_path / "timed", runfolder.REPORT_HTML,
+                                          SEED + 1, trials),
+                     lambda run: _check_run_after_kill(run, reference), _infer_outputs, reference,
                      lambda run: [*run.glob("*.partial"), *(run / runfolder.STORES_DIR).glob("*.partial")])
 
 
 # ------------------------------------------------------------------------------------------------- SIGINT
-def _interrupt_when(args: list[str], ready: Path, pattern: str, log: Path, timeout: float = 120) -> tuple[int, str]:
+def _interrupt_when(cli: WarmCli, args: list[str], ready: Path, pattern: str, log: Path,
+                    timeout: float = 120) -> tuple[int, str]:
     """Run, wait until ``ready`` holds ``pattern`` (work under way), send SIGINT (Ctrl-C)."""
-    proc = _spawn(args, log)
+    proc = cli.start(args, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         if ready.exists() and any(ready.glob(pattern)):
@@ -380,14 +445,15 @@ def _interrupt_when(args: list[str], ready: Path, pattern: str, log: Path, timeo
 
 
 @pytest.mark.parametrize("command", ["tile", "infer", "embed"])
-def test_sigint_exits_130_cleanly(tmp_path: Path, slides: Path, small_slides: Path, command: str) -> None:
+def test_sigint_exits_130_cleanly(tmp_path: Path, slides: Path, small_slides: Path, cli: WarmCli,
+                                  command: str) -> None:
     if command != "tile":  # each patch is scored or embedded, in the rerun too: the smaller slides
         slides = small_slides
     out = tmp_path / "out"
     stores = out if command == "tile" else out / runfolder.STORES_DIR
     args = [command, str(slides), "-o", str(out), "--workers", "1" if command != "infer" else "0"]
     args += ["--encoder", "default"] if command == "embed" else []
-    code, err = _interrupt_when(args, stores, "*.partial", tmp_path / "stderr")
+    code, err = _interrupt_when(cli, args, stores, "*.partial", tmp_path / "stderr")
     if command == "embed":  # its slide's patch store (tiled in the slide reader's child) and embeddings: no partial
         assert not [*out.glob("*.partial"), *stores.glob("*.partial")], err
     assert code == 130, err

@@ -1,0 +1,128 @@
+"""``wsi-screen`` processes that start warm: forked from one process that has imported torch, timm and the
+commands once, instead of a fresh ``python -m wsi_screen.cli`` that imports them every time (~6 s of CPU for
+``infer`` and ``embed``, which a test that kills or interrupts runs, or runs two at once, pays per process).
+
+Each is a process of its own: its own pid, killed by a real signal (SIGKILL, SIGINT: Python's Ctrl-C handler, as
+at a terminal), its exit status the command's, its stderr a file, its slide reader a spawned child of its own, as a
+user's run has. It runs the console script's entry point (``wsi_screen.cli.main()`` with ``sys.argv``, as
+``python -m wsi_screen.cli`` does) in the test's environment and with the test's torch thread count, and runs
+the interpreter's exit functions before it exits. What it does not repeat is the interpreter's start and the
+imports: tests about those start a fresh interpreter (``subprocess``).
+
+Under the hood: multiprocessing's fork server, its preload the modules above; :func:`warm_processes` stops and
+reaps it when the tests that used it are done (its CPU time is then counted with theirs).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+#: what the fork server imports once (an ImportError there is ignored: the process then imports it itself)
+PRELOAD = ["torch", "timm", "wsi_screen.cli", "wsi_screen.commands.tile", "wsi_screen.commands.infer",
+           "wsi_screen.commands.embed", "wsi_screen.tiling.pipeline", "wsi_screen.screening.run",
+           "wsi_screen.embedding.slides", "matplotlib.pyplot", __name__]
+
+
+def _command(args: list[str], stderr: str, env: dict[str, str], threads: int) -> None:
+    """The child: ``wsi-screen ARGS`` as the console script runs it, stderr to ``stderr``, stdout discarded."""
+    import atexit
+    from multiprocessing import resource_tracker
+
+    import torch
+
+    # a resource tracker of its own, started when needed with this stderr, as a fresh interpreter has (the fork
+    # server's is the test process's: semaphores a killed command left would be reported there)
+    tracker = resource_tracker._resource_tracker  # type: ignore[attr-defined]
+    if tracker._fd is not None:
+        os.close(tracker._fd)
+    tracker._fd = tracker._pid = None
+    os.environ.clear()
+    os.environ.update(env)
+    # Ctrl-C raises KeyboardInterrupt, as in an interpreter started at a terminal (the fork server ignores it)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    err = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(err, 2)
+    os.close(err)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    sys.stderr.reconfigure(write_through=True)  # unbuffered, as PYTHONUNBUFFERED=1 makes it
+    torch.set_num_threads(threads)  # as OMP_NUM_THREADS does in a fresh process (torch read it before the fork)
+    sys.argv = ["wsi-screen", *args]
+    from wsi_screen.cli import main
+
+    try:
+        main()
+    finally:
+        atexit._run_exitfuncs()  # what the interpreter runs at exit (multiprocessing's child ends with os._exit)
+
+
+class WarmProcess:
+    """A started ``wsi-screen`` command, read as a :class:`subprocess.Popen` is (``pid``, ``poll``, ``wait``,
+    ``send_signal``, ``returncode``: negative for the signal that ended it)."""
+
+    def __init__(self, proc: multiprocessing.process.BaseProcess, args: list[str]) -> None:
+        self._proc = proc
+        self.args = args
+
+    @property
+    def pid(self) -> int:
+        assert self._proc.pid is not None
+        return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.exitcode
+
+    def poll(self) -> int | None:
+        return self._proc.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._proc.join(timeout)
+        if self._proc.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self._proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self._proc.exitcode is None:
+            os.kill(self.pid, sig)
+
+
+class WarmCli:
+    """Starts ``wsi-screen`` commands from the fork server (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._context = multiprocessing.get_context("forkserver")
+
+    def start(self, args: list[str], stderr: Path, env: Mapping[str, str] | None = None) -> WarmProcess:
+        """``wsi-screen ARGS``, its stderr to the file ``stderr``, in ``env`` (default: this process's
+        environment), with this process's torch thread count (another rounds scores differently)."""
+        import torch
+
+        proc = self._context.Process(target=_command, name="wsi-screen",
+                                     args=(list(args), str(stderr), dict(os.environ if env is None else env),
+                                           torch.get_num_threads()))
+        proc.start()
+        return WarmProcess(proc, list(args))
+
+
+@contextmanager
+def warm_processes() -> Iterator[WarmCli]:
+    """A :class:`WarmCli` whose fork server is stopped and reaped at the end (it is started at the first
+    command)."""
+    server = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+    before = server._preload_modules
+    server.set_forkserver_preload(PRELOAD)
+    try:
+        yield WarmCli()
+    finally:
+        server._stop()  # multiprocessing's own shutdown of it ("used by unit tests")
+        server.set_forkserver_preload(before)
