@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import csv
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli, tree_digest
 from tests.factory import block_image, write_tiled_tiff
+from tests.warm_cli import WarmCli, warm_processes
 from wsi_screen.embedding.features import FeatureStore
 from wsi_screen.errors import RunError
 from wsi_screen.screening.runfolder import SlideFolder
@@ -44,14 +43,17 @@ def reference(tmp_path_factory: pytest.TempPathFactory, slides: Path) -> dict[st
     return stores_of(out)
 
 
-def _run_two(cmd: list[str], logs: Path) -> list[tuple[int, str]]:
-    """Start ``cmd`` twice at once; (exit status, stderr) of each (stderr to files: a pipe could block them)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+@pytest.fixture(scope="module")
+def cli() -> Iterator[WarmCli]:
+    with warm_processes() as warm:
+        yield warm
+
+
+def _run_two(cli: WarmCli, args: list[str], logs: Path) -> list[tuple[int, str]]:
+    """Start ``wsi-screen ARGS`` twice at once, each a process of its own; (exit status, stderr) of each (stderr to
+    files: a pipe could block them)."""
     logs.mkdir()
-    procs = []
-    for i in range(2):
-        with (logs / f"{i}.stderr").open("wb") as err:
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env))
+    procs = [cli.start(args, logs / f"{i}.stderr") for i in range(2)]
     return [(p.wait(timeout=300), (logs / f"{i}.stderr").read_text()) for i, p in enumerate(procs)]
 
 
@@ -61,11 +63,10 @@ def _summary(err: str) -> dict[str, int]:
     return {key: int(n) for n, key in re.findall(r"(\d+) (tiled|up to date|busy|failed)", line)}
 
 
-def test_two_tile_processes_on_one_output(tmp_path: Path, slides: Path,
-                                          reference: dict[str, dict[str, str]]) -> None:
+def test_two_tile_processes_on_one_output(tmp_path: Path, slides: Path, reference: dict[str, dict[str, str]],
+                                          cli: WarmCli) -> None:
     out = tmp_path / "stores"
-    cmd = [sys.executable, "-m", "wsi_screen.cli", "tile", str(slides), "-o", str(out), "--workers", "1"]
-    results = _run_two(cmd, tmp_path / "logs")
+    results = _run_two(cli, ["tile", str(slides), "-o", str(out), "--workers", "1"], tmp_path / "logs")
     for code, err in results:
         assert code == 0, err
         assert "Traceback" not in err
@@ -112,8 +113,8 @@ def test_slide_folder_is_locked(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_infer_runs_on_one_run_folder(tmp_path: Path) -> None:
-    """`infer` in a subprocess and, once it has started writing, `infer` in this process, into one run folder:
+def test_two_infer_runs_on_one_run_folder(tmp_path: Path, cli: WarmCli) -> None:
+    """`infer` in another process and, once it has started writing, `infer` in this process, into one run folder:
     nothing corrupt; slides the other run holds are skipped as busy (a warning each, exit 0); a rerun settles
     them."""
     slides = tmp_path / "slides"
@@ -123,9 +124,7 @@ def test_two_infer_runs_on_one_run_folder(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ["infer", str(slides), "-o", str(run), "--workers", "0", "--quiet"]
     log = tmp_path / "other.stderr"
-    with log.open("wb") as err:
-        other = subprocess.Popen([sys.executable, "-m", "wsi_screen.cli", *args], stdout=subprocess.DEVNULL,
-                                 stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    other = cli.start(args, log)
     deadline = time.monotonic() + 120
     while other.poll() is None and time.monotonic() < deadline and not list(run.glob("stores/*.partial")):
         time.sleep(0.02)
@@ -223,7 +222,7 @@ def test_busy_embeddings_skip_that_slide_only(tmp_path: Path, slides: Path) -> N
 
 
 @pytest.mark.slow
-def test_two_embed_processes_on_one_output(tmp_path: Path, slides: Path) -> None:
+def test_two_embed_processes_on_one_output(tmp_path: Path, slides: Path, cli: WarmCli) -> None:
     """Two `embed` runs of the same patch stores into one OUT at once (no tiling, whose lock would keep them
     apart): each slide's embeddings are written by one of them (the other finds them up to date, or busy and says
     so on one warning line, exit 0); none is written twice, no `.partial` is left, and a rerun finds every slide up
@@ -231,9 +230,8 @@ def test_two_embed_processes_on_one_output(tmp_path: Path, slides: Path) -> None
     first = tmp_path / "first"
     assert run_cli("embed", slides, "--encoder", "default", "-o", first, "--workers", "0", "--quiet").code == 0
     out = tmp_path / "emb"
-    cmd = [sys.executable, "-m", "wsi_screen.cli", "embed", str(first / "stores"), "--encoder", "default",
-           "-o", str(out)]
-    results = _run_two(cmd, tmp_path / "logs")
+    results = _run_two(cli, ["embed", str(first / "stores"), "--encoder", "default", "-o", str(out)],
+                       tmp_path / "logs")
     counts = [_embed_counts(err) for _, err in results]
     print(f"two embed processes: {counts}")
     for (code, err), c in zip(results, counts, strict=True):
