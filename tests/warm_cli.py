@@ -4,10 +4,10 @@ commands once, instead of a fresh ``python -m wsi_screen.cli`` that imports them
 
 Each is a process of its own: its own pid, killed by a real signal (SIGKILL, SIGINT: Python's Ctrl-C handler, as
 at a terminal), its exit status the command's, its stderr a file, its slide reader a spawned child of its own, as a
-user's run has. It runs the console script's entry point (``wsi_screen.cli.main()`` with ``sys.argv``, as
-``python -m wsi_screen.cli`` does) in the test's environment and with the test's torch thread count, and runs
-the interpreter's exit functions before it exits. What it does not repeat is the interpreter's start and the
-imports: tests about those start a fresh interpreter (``subprocess``).
+user's run has (whatever ``WSI_SCREEN_IN_PROCESS`` says in the test). It runs the console script's entry point
+(``wsi_screen.cli.main()`` with ``sys.argv``, as ``python -m wsi_screen.cli`` does) in the test's environment and
+with the test's torch thread count, and runs the interpreter's exit functions before it exits. What it does not
+repeat is the interpreter's start and the imports: tests about those start a fresh interpreter (``subprocess``).
 
 Under the hood: multiprocessing's fork server, its preload the modules above; :func:`warm_processes` stops and
 reaps it when the tests that used it are done (its CPU time is then counted with theirs).
@@ -104,12 +104,13 @@ class WarmCli:
 
     def start(self, args: list[str], stderr: Path, env: Mapping[str, str] | None = None) -> WarmProcess:
         """``wsi-screen ARGS``, its stderr to the file ``stderr``, in ``env`` (default: this process's
-        environment), with this process's torch thread count (another rounds scores differently)."""
+        environment), with this process's torch thread count (another rounds scores differently). It reads slides
+        in the slide reader's child process, as a user's run does, whatever ``WSI_SCREEN_IN_PROCESS`` says here."""
         import torch
 
+        env = {k: v for k, v in (os.environ if env is None else env).items() if k != "WSI_SCREEN_IN_PROCESS"}
         proc = self._context.Process(target=_command, name="wsi-screen",
-                                     args=(list(args), str(stderr), dict(os.environ if env is None else env),
-                                           torch.get_num_threads()))
+                                     args=(list(args), str(stderr), env, torch.get_num_threads()))
         proc.start()
         return WarmProcess(proc, list(args))
 
