@@ -137,3 +137,20 @@ def test_mask_memory_is_bounded_per_pixel(patches_dir: Path) -> None:
         tracemalloc.stop()
     assert (labels == TISSUE).mean() > 0.2 and (labels == PEN).mean() > 0.2
     assert peak <= 12.5 * labels.size, peak / labels.size
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3, 4, 7, 10, 11])
+def test_erode_and_dilate_are_scipys_with_the_euclidean_disk(radius: int) -> None:
+    """The opening and the pen margin (fast paths up to a radius, a distance transform beyond) give exactly
+    scipy's binary erosion (the frame counts as tissue) and dilation with the disk, on blobs touching the edges,
+    a mask narrower than the disk and a full one."""
+    from scipy import ndimage as ndi
+
+    from wsi_screen.tiling.tissue import _disk, dilate, erode
+
+    rng = np.random.default_rng(radius)
+    blobs = ndi.gaussian_filter(rng.standard_normal((97, 131)), 2.0) > 0.1
+    for mask in (blobs, blobs[:, :3], blobs[:2], np.ones((9, 40), bool), rng.uniform(size=(50, 60)) > 0.3):
+        disk = _disk(radius)
+        assert np.array_equal(erode(mask, radius), ndi.binary_erosion(mask, structure=disk, border_value=1))
+        assert np.array_equal(dilate(mask, radius), ndi.binary_dilation(mask, structure=disk))

