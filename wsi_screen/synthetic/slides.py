@@ -258,10 +258,14 @@ class _Composer:
     def band(self, index: int) -> np.ndarray:
         y0 = index * TILE_PX
         y1 = min(self.h, y0 + TILE_PX)
-        rng = np.random.default_rng([self.seed, 1, index])
-        noise = rng.integers(-GLASS_NOISE, GLASS_NOISE + 1, size=(y1 - y0, self.w, 3), dtype=np.int16)
-        out = (noise + GLASS_RGB).astype(np.uint8)
         top, p = self.margin, self.p
+        if top == 0 and self.cols * p == self.w and y1 <= self.rows * p:
+            # the tissue rows' strips cover the whole band (a layout slide's do): its glass would be overwritten
+            out = np.empty((y1 - y0, self.w, 3), dtype=np.uint8)
+        else:
+            rng = np.random.default_rng([self.seed, 1, index])  # one stream per band: skipping one moves no other
+            noise = rng.integers(-GLASS_NOISE, GLASS_NOISE + 1, size=(y1 - y0, self.w, 3), dtype=np.int16)
+            out = (noise + GLASS_RGB).astype(np.uint8)
         first = max(0, (y0 - top) // p)
         last = min(self.rows - 1, (y1 - 1 - top) // p)
         for row in [r for r in self._strips if r < first]:
