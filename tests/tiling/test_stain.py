@@ -219,11 +219,14 @@ def test_od_map_on_every_colour_matches_float64() -> None:
     flat = _every_colour()[0]
     got = np.empty_like(flat)
     od_map(flat, stain.od_map_tables(t), got)
-    neg_od = -stain._OD_LUT[flat.astype(np.intp)]  # (n, 3), float64
-    exact = 255.0 * np.exp(neg_od @ t.T)
-    expected = np.floor(np.minimum(exact + 0.5, 255.0))
-    diff = np.abs(got.astype(np.float64) - expected)
-    assert diff.max() <= 1 and (diff > 0).mean() < 1e-5
+    worst, off = 0.0, 0
+    for start in range(0, len(flat), 1 << 18):  # float64 in chunks that stay in cache: 0.8 s instead of 5.3
+        neg_od = -stain._OD_LUT[flat[start:start + (1 << 18)]]  # (n, 3), float64
+        exact = 255.0 * np.exp(neg_od @ t.T)
+        expected = np.floor(np.minimum(exact + 0.5, 255.0))
+        diff = np.abs(got[start:start + (1 << 18)].astype(np.float64) - expected)
+        worst, off = max(worst, float(diff.max())), off + int((diff > 0).sum())
+    assert worst <= 1 and off / len(flat) < 1e-5
     assert got[-1].tolist() == [255, 255, 255] and got[0].max() <= 2  # white stays white, black stays black
 
 
@@ -234,9 +237,11 @@ def test_pixel_classes_on_every_colour_follow_the_rule() -> None:
 
     flat = _every_colour()
     stained, pen, fit_px = stain._pixel_classes(flat)
-    rgb = flat[0].astype(np.float64)
-    dense = -np.log(np.maximum(rgb, 1) / 255.0).mean(axis=1) >= stain.MIN_MEAN_OD - 1e-12
-    code = stain._pen_lut()[((flat[0] >> 2).astype(np.int64) * [4096, 64, 1]).sum(axis=1)]
+    # each channel's OD looked up from its byte (the same float64 numbers as the log of every pixel: 0.6 s, not 3)
+    od = -np.log(np.maximum(np.arange(256, dtype=np.float64), 1) / 255.0)
+    dense = od[flat[0]].mean(axis=1) >= stain.MIN_MEAN_OD - 1e-12
+    q = (flat[0] >> 2).astype(np.int32)
+    code = stain._pen_lut()[q[:, 0] * 4096 + q[:, 1] * 64 + q[:, 2]]
     assert np.array_equal(pen[0], (code & LUT_PEN) > 0)
     assert np.array_equal(stained[0], dense & ((code & LUT_PEN) == 0))
     assert np.array_equal(fit_px[0], dense & ((code & LUT_INK) == 0))
