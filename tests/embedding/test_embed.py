@@ -406,7 +406,7 @@ def test_current_embeddings_are_reused_where_their_lock_cannot_be_taken(example_
     user cannot write (a colleague's, in a shared OUT) does not fail a slide whose embeddings are complete and
     current: they are read without it, as a read-only folder's patch stores are; embeddings that would have to be
     written still fail, on one line."""
-    from tests.corpus import can_drop_privileges, restore_permissions, unprivileged_cli
+    from tests.corpus import can_drop_privileges, restore_permissions, unprivileged_cli_runs
 
     if not can_drop_privileges():
         pytest.skip("running as root without CAP_SETPCAP: permission bits cannot be made to apply")
@@ -418,8 +418,7 @@ def test_current_embeddings_are_reused_where_their_lock_cannot_be_taken(example_
     for path in [locks, *locks.iterdir()]:
         path.chmod(path.stat().st_mode & ~0o222)
     try:
-        reused = unprivileged_cli(args)
-        other = unprivileged_cli([*args, "--dtype", "float32", "--overwrite"])
+        reused, other = unprivileged_cli_runs([args, [*args, "--dtype", "float32", "--overwrite"]])
     finally:
         restore_permissions(out)
     assert reused.returncode == 0, reused.stderr

@@ -302,7 +302,7 @@ def test_a_read_only_folder_of_current_stores_is_reused(tmp_path: Path, cmu_svs:
     slide of `infer --stores` with `cannot write the store: Permission denied`: the store's lock was taken before
     the store was found up to date, and a lock needs a file in the folder. A complete, current store is now read
     without it; a store that is not current still fails (it would have to be written)."""
-    from tests.corpus import can_drop_privileges, restore_permissions, unprivileged_cli
+    from tests.corpus import can_drop_privileges, restore_permissions, unprivileged_cli_runs
 
     if not can_drop_privileges():
         pytest.skip("running as root without CAP_SETPCAP: permission bits cannot be made to apply")
@@ -313,10 +313,10 @@ def test_a_read_only_folder_of_current_stores_is_reused(tmp_path: Path, cmu_svs:
     for path in [stores, *stores.rglob("*")]:
         path.chmod(path.stat().st_mode & ~0o222)
     try:
-        proc = unprivileged_cli(["infer", str(cmu_svs), "-o", str(tmp_path / "run"), "--stores", str(stores),
-                                 "--quiet"])
-        other = unprivileged_cli(["infer", str(cmu_svs), "-o", str(tmp_path / "run2"), "--stores", str(stores),
-                                  "--min-tissue", "0.7", "--quiet"])
+        proc, other = unprivileged_cli_runs([
+            ["infer", str(cmu_svs), "-o", str(tmp_path / "run"), "--stores", str(stores), "--quiet"],
+            ["infer", str(cmu_svs), "-o", str(tmp_path / "run2"), "--stores", str(stores), "--min-tissue", "0.7",
+             "--quiet"]])
     finally:
         restore_permissions(stores)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
