@@ -522,3 +522,23 @@ def test_tune_searches_a_heads_settings_on_the_cached_embeddings(pcam_small: Pat
     best = load_model(tmp_path / "tune" / "best", precision="fp32").spec
     assert best.encoder is not None and best.encoder["name"] == "default" and best.head is not None
     assert best.head["kind"] == "mlp" and best.metrics["auc"] > 0.8
+
+
+def test_a_heads_search_records_its_embedding_pass_once(pcam_small: Path, tmp_path: Path) -> None:
+    """A 2-trial head search on a fresh cache embeds the images once: tune.json's ``embeddings`` records that pass
+    (not read back, seconds > 0), and each trial's config.json records 0 embedding seconds (shared), so summing the
+    trials does not count the pass twice (before, every trial's config.json claimed the whole pass as its own)."""
+    from wsi_screen.training.tune import tune
+
+    result = tune(pcam_small, tmp_path / "tune", head_config(tmp_path / "cache", epochs=2), {"lr": [1e-4, 1e-3]})
+    summary = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert summary["embeddings"]["reused"] is False and summary["embeddings"]["seconds"] > 0
+    assert summary["embeddings"]["shared"] is False
+    assert len(result.trials) == 2
+    for trial in result.trials:
+        recorded = json.loads((trial.model_dir / "config.json").read_text())["train_config"]["embeddings"]
+        assert recorded["cache"] == summary["embeddings"]["cache"]
+        assert (recorded["seconds"], recorded["shared"]) == (0.0, True)
+    trials_embedding = sum(json.loads((t.model_dir / "config.json").read_text())["train_config"]["embeddings"]
+                           ["seconds"] for t in result.trials)
+    assert trials_embedding + summary["embeddings"]["seconds"] == summary["embeddings"]["seconds"]

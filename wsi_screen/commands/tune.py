@@ -60,7 +60,8 @@ def tune(**params: Any) -> None:
     With --encoder (and --head linear or mlp), as for train, every trial trains only a head on the encoder's
     embeddings of the train and valid images: they are computed once, in the cache train uses
     (--embedding-cache), and every trial (and a later train or tune of the same data and encoder) reads them
-    from it. --lr defaults to the head's 1e-4.
+    from it; tune.json's "embeddings" records that pass (its seconds) once, and each trial's seconds and
+    config.json leave it out. --lr defaults to the head's 1e-4.
 
     \b
     Examples:

@@ -101,6 +101,15 @@ class HeadData:
     cache_dir: Path
     embeddings: DatasetEmbeddings
     embedding_seconds: float
+    #: the embedding pass belongs to a search that shares it between its trials (recorded once, in its tune.json):
+    #: a head trained on these data records its own embedding seconds as 0
+    shared: bool = False
+
+    def embedding_record(self) -> dict[str, Any]:
+        """``config.json``'s ``train_config.embeddings``: the cache, whether it was read back, and the seconds of the
+        embedding pass (0 for a trial of a search, ``shared`` true: the search's tune.json records the pass once)."""
+        return {"cache": str(self.embeddings.path), "reused": self.embeddings.reused,
+                "seconds": 0.0 if self.shared else round(self.embedding_seconds, 1), "shared": self.shared}
 
 
 def prepare_head_data(dataset: str | Path, config: TrainConfig) -> HeadData:
@@ -167,8 +176,7 @@ def fit_head(data: HeadData, config: TrainConfig, out_dir: str | Path) -> TrainR
     resolved.update(embedding_cache=str(data.cache_dir))  # the folder used: the default one when none was named
     resolved.update(size=size, lr=config.resolved_lr, weight_decay=config.resolved_weight_decay, monitor=monitor,
                     best_epoch=best_epoch, stopped_early=stopped, seconds=round(seconds, 1),
-                    embeddings={"cache": str(emb.path), "reused": emb.reused,
-                                "seconds": round(data.embedding_seconds, 1)})
+                    embeddings=data.embedding_record())
     resolved.update(run_environment(data.device, data.precision))  # the head trains in float32, on the CPU
     spec = ModelSpec(
         arch=f"{identity.name}+{config.head}", classes=list(classes), input_size=size, positive_class=positive,

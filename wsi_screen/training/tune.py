@@ -3,7 +3,8 @@
 The dataset is read, split and decoded once; every trial trains with the same split and seed, so trials
 differ only in their settings. With ``encoder`` (a head on a frozen encoder, as ``train`` trains one), the
 encoder embeds the train and valid images once (the cache ``train`` uses, :mod:`wsi_screen.training.embeddings`)
-and every trial trains only the head on those embeddings. Each trial writes a model folder under
+and every trial trains only the head on those embeddings (``tune.json``'s ``embeddings`` records that pass once;
+each trial's ``seconds`` and ``config.json`` leave it out). Each trial writes a model folder under
 ``TUNE_DIR/trials/NNN``; the best by the validation monitor (ties: the earlier trial) is copied to
 ``TUNE_DIR/best``. ``trials.csv`` is the table of trials and ``tune.json`` the search and its choice. The test
 split is never read. A search does not resume: interrupted, it says that a rerun needs ``overwrite``
@@ -103,9 +104,12 @@ def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: Map
     searched = tuple(k for k, v in space.items() if v is not None and k not in base.overrides)
     base = replace(base, overrides=(*base.overrides, *searched))  # the recipe never sets them
     trainer: Callable[[TrainConfig, Path], TrainResult]
+    embeddings: dict[str, Any] | None = None
     if base.encoder is not None:  # a head: the embeddings are made (or read from the cache) once, for every trial
         base = for_head(base)
-        trainer = functools.partial(fit_head, prepare_head_data(dataset, base))
+        head_data = prepare_head_data(dataset, base)
+        embeddings = replace(head_data, shared=False).embedding_record()  # the pass, recorded once: tune.json
+        trainer = functools.partial(fit_head, replace(head_data, shared=True))
     else:
         data = prepare_data(dataset, base)
         base = for_data(base, data)
@@ -143,6 +147,8 @@ def tune(dataset: str | Path, out_dir: str | Path, base: TrainConfig, space: Map
     summary = {"dataset": str(dataset), "search": search, "space": recorded, "monitor": monitor,
                "trials": len(done), "best_trial": best.index, "best_params": best.params,
                "best_score": best.score, "best_dir": str(best_dir), "test_split_used": False}
+    if embeddings is not None:  # the shared embedding pass (each trial's seconds and config.json leave it out)
+        summary["embeddings"] = embeddings
     atomic_write_text(out / "tune.json", json.dumps(summary, indent=2, default=str) + "\n")
     log.info("best: trial %d (%s) with validation %s %.4f", best.index, _describe(best.params), monitor,
              best.score)
