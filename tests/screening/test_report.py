@@ -197,6 +197,63 @@ def test_a_focus_size_reads_as_on_the_heatmap_and_in_the_geojson(synthetic_run: 
     assert "(largest focus 0 mm, 0 foci, 0 mm&sup2;)" in page  # the normal slides'
 
 
+def test_a_focus_size_is_rounded_once_as_on_the_heatmap(synthetic_run: Path, tmp_path: Path) -> None:
+    """results.csv keeps a focus size to 3 decimals (a focus of 1.2349 mm: 1.235) and the report rounded that text
+    again (1.24) where the heatmap rounds the measurement once (1.23): ~2 % of foci read 0.01 mm apart (the area
+    likewise: 1.23496 mm², 1.2350, 1.24 against 1.23). run.json records each slide's sizes as measured, and the
+    report rounds those, once, as the heatmap does."""
+    import csv
+    import dataclasses
+
+    from wsi_screen.screening.callview import focus_label, title
+    from wsi_screen.screening.runview import open_run, slide_call
+
+    view = open_run(synthetic_run)
+    recorded = {s["slide"]: s for s in json.loads((synthetic_run / "run.json").read_text())["slides"]}
+    positives = [r for r in view.results if r["n_foci"] not in ("", "0")]
+    assert len(positives) == 3
+    for row in positives:  # run.json holds the heatmap's measurement, which results.csv rounds
+        result = slide_call(view, row["slide"]).result
+        assert result is not None and result.largest_focus_mm is not None and result.tumour_area_mm2 is not None
+        assert recorded[row["slide"]]["largest_focus_mm"] == result.largest_focus_mm
+        assert recorded[row["slide"]]["tumour_area_mm2"] == result.tumour_area_mm2
+        assert f"{result.largest_focus_mm:.3f}" == row["largest_focus_mm"]
+
+    name = positives[0]["slide"]  # now measured 1.2349 mm, 1.23496 mm², as a run records it
+    ctx = slide_call(view, name)
+    assert ctx.result is not None
+    largest = dataclasses.replace(ctx.result.foci[0], longest_axis_mm=1.2349)
+    ctx = dataclasses.replace(ctx, result=dataclasses.replace(
+        ctx.result, largest_focus_mm=1.2349, tumour_area_mm2=1.23496, foci=(largest, *ctx.result.foci[1:])))
+    assert "largest focus 1.23 mm" in title(ctx) and focus_label(largest).startswith("1: 1.23 mm")
+    run = tmp_path / "run"
+    shutil.copytree(synthetic_run, run, ignore=shutil.ignore_patterns("stores"))
+    with (run / "results.csv").open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns, rows = list(reader.fieldnames or ()), list(reader)
+    for row in rows:
+        if row["slide"] == name:
+            row.update(largest_focus_mm=f"{1.2349:.3f}", tumour_area_mm2=f"{1.23496:.4f}")  # as results.csv rounds
+    with (run / "results.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    info = json.loads((run / "run.json").read_text())
+    for entry in info["slides"]:
+        if entry["slide"] == name:
+            entry.update(largest_focus_mm=1.2349, tumour_area_mm2=1.23496)
+    (run / "run.json").write_text(json.dumps(info))
+    page = render_report(run)
+    assert "(largest focus 1.23 mm, " in page and "(largest focus 1.24 mm, " not in page
+    assert 'data-v="1.235">1.23</td>' in page and 'data-v="1.2350">1.23</td>' in page  # the table: the same
+    assert ", 1.23 mm&sup2;)" in page
+
+    info["slides"] = [{k: v for k, v in s.items() if k not in ("largest_focus_mm", "tumour_area_mm2")}
+                      for s in info["slides"]]
+    (run / "run.json").write_text(json.dumps(info))  # a run.json from before it recorded them: results.csv's text
+    assert "(largest focus 1.24 mm, " in render_report(run)
+
+
 def test_out_of_domain_slides_are_counted_apart(hostile_run: Path) -> None:
     """Both scored slides are skin (the CMU slide), called normal and out of domain: the report's summary boxes said
     "2 normal" as for lymph node; they and infer's closing lines say how many of them are out of domain."""

@@ -273,7 +273,8 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
                     rule_source: str | None = None) -> None:
     """``RUN/run.json``: the provenance of the run and where its time went (``seconds`` from the run's start, after
     start-up; ``total_seconds`` with start-up, None when that is unknown; ``stages`` of the whole run;
-    each slide's ``seconds`` by stage: open, tile, score, outputs, or reuse_check for a slide reused;
+    each slide's ``seconds`` by stage: open, tile, score, outputs, or reuse_check for a slide reused, and its
+    ``largest_focus_mm`` and ``tumour_area_mm2`` unrounded (results.csv keeps 3 and 4 decimals);
     ``settings``: the run's, as :meth:`wsi_screen.screening.run.InferConfig.to_json` gives them; ``aggregate.source``:
     what the slide rule rests on, :func:`wsi_screen.screening.run.rule_source`)."""
     import torch
@@ -305,6 +306,9 @@ def write_run_json(run: Path, rows: list[SlideRow], aggregate: AggregateConfig, 
                     "store_pixels": r.extra.get("store_pixels"),
                     "in_domain_fraction": r.extra.get("in_domain_fraction"),
                     "out_of_domain": r.extra.get("out_of_domain"), "seconds": r.extra.get("seconds"),
+                    # results.csv's sizes as measured (it rounds them): what the report rounds, once, as the heatmap
+                    "largest_focus_mm": r.result.largest_focus_mm if r.result else None,
+                    "tumour_area_mm2": r.result.tumour_area_mm2 if r.result else None,
                     **({"device": r.extra["device"]} if "device" in r.extra else {})}
                    for r in sorted(rows, key=lambda r: r.name)],
     })

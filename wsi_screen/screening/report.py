@@ -236,8 +236,8 @@ def _score(value: Any, digits: int | None) -> str:
 
 
 def _focus_mm(value: Any) -> str:
-    """results.csv's ``largest_focus_mm`` as the heatmap and the GeoJSON write it (``1.70``; ``0`` without a
-    focus, ``-`` without a value)."""
+    """A slide's ``largest_focus_mm`` (:meth:`RunView.unrounded`) as the heatmap and the GeoJSON write it (``1.70``;
+    ``0`` without a focus, ``-`` without a value)."""
     try:
         mm = float(value)
     except (TypeError, ValueError):
@@ -286,7 +286,9 @@ def slides_table(view: RunView, pictured: Collection[int] | None = None) -> str:
             elif name == "score":
                 shown = _score(value, digits)
             elif name == "largest_focus_mm":
-                shown = _focus_mm(value)
+                shown = _focus_mm(view.unrounded(r, name))
+            elif name == "tumour_area_mm2":
+                shown = _html(people_number(view.unrounded(r, name)))
             elif num:
                 shown = _html(people_number(value))
             else:
@@ -350,12 +352,17 @@ def _slide_section(view: RunView, i: int, row: dict[str, str], digits: int | Non
     def shown(key: str) -> str:
         return _html(people_number(row.get(key) or "-"))
 
+    def size(key: str) -> Any:  # measured, rounded once (results.csv rounds it: :meth:`RunView.unrounded`)
+        value = view.unrounded(row, key)
+        return "-" if value == "" else value
+
     parts = [f'<section class="slide" id="s{i}"><h2>{_html(name)}</h2>', ood,
              f'<p><b>{_html(row["diagnosis"])}</b> &middot; score {_score(row.get("score"), digits)}'
              f'{_score_unit(row.get("rule")) if row.get("score") else ""} &middot; '
              f'metastasis {_html(row.get("metastasis") or "-")} '
-             f'(largest focus {_focus_mm(row.get("largest_focus_mm"))} mm, '
-             f'{_html(foci_count(int(row.get("n_foci") or 0)))}, {shown("tumour_area_mm2")} mm&sup2;) &middot; '
+             f'(largest focus {_focus_mm(size("largest_focus_mm"))} mm, '
+             f'{_html(foci_count(int(row.get("n_foci") or 0)))}, {_html(people_number(size("tumour_area_mm2")))} '
+             'mm&sup2;) &middot; '
              f'{_html(row["n_patches"])} patches &middot; top patch at level-0 ({_html(row.get("top_x"))}, '
              f'{_html(row.get("top_y"))}), P = {shown("top_score")}</p>']
     heat = runfolder.slide_dir(view.path, name) / runfolder.HEATMAP_PNG

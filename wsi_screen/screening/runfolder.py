@@ -5,7 +5,8 @@
     RUN/
       results.csv            one row per slide (see RESULT_COLUMNS): its call (diagnosis, score, rule, threshold, foci)
       run.json               provenance: model, settings, the slide rule (aggregate), versions, command, timings,
-                             per-slide status
+                             per-slide status, and each slide's focus size and tumour area unrounded (results.csv
+                             rounds them; the report rounds these once, as the heatmap does)
       report.html            self-contained report (wsi-screen report RUN rewrites it)
       slide_metrics.json     with slide labels: slide AUC (bootstrap 95 % interval), sensitivity, specificity (Wilson)
       slide_roc.png          with slide labels

@@ -7,7 +7,9 @@ thin view and the report embeds the same pictures.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,24 @@ class RunView:
     @property
     def positive_class(self) -> str:
         return str(self.info.get("model", {}).get("positive_class") or "positive")
+
+    @functools.cached_property
+    def _slide_records(self) -> dict[str, dict[str, Any]]:
+        """run.json's ``slides``, by name."""
+        return {str(s.get("slide")): s for s in self.info.get("slides") or () if isinstance(s, dict)}
+
+    def unrounded(self, row: Mapping[str, str], key: str) -> float | str:
+        """``row``'s ``key`` of results.csv (``largest_focus_mm``, ``tumour_area_mm2``) as measured: run.json's value
+        for the slide where it rounds to the table's text (the same call), else the table's text (a run.json from
+        before it recorded them). results.csv rounds the sizes (3 and 4 decimals); a page that rounded that text
+        again would differ from the heatmap, which rounds the measurement once (1.2349 mm: 1.235, then 1.24; the
+        heatmap's 1.23)."""
+        text = row.get(key) or ""
+        value = self._slide_records.get(row.get("slide", ""), {}).get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and text \
+                and f"{value:.{len(text.partition('.')[2])}f}" == text:
+            return float(value)
+        return text
 
     def slide_json(self, slide: str) -> dict[str, Any]:
         return runfolder.read_slide(self.path, slide)
