@@ -184,7 +184,8 @@ def pen_mask(rgb: np.ndarray, mpp: float, settings: TissueSettings = TissueSetti
 
 
 def erode(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary erosion by a Euclidean disk of ``radius`` px (distance transform: fast for any radius).
+    """Binary erosion by a Euclidean disk of ``radius`` px: shifted views of the mask up to ``_SMALL_RADIUS``
+    (:func:`_disk_morphology`), a distance transform beyond (its time hardly depends on the radius).
 
     Outside the image counts as foreground, like scipy's ``binary_erosion(border_value=1)`` would not
     erode from the frame: tissue touching the slide's edge stays tissue.
@@ -199,7 +200,8 @@ def erode(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation by a Euclidean disk of ``radius`` px (distance transform)."""
+    """Binary dilation by a Euclidean disk of ``radius`` px: shifted views of the mask up to ``_SMALL_RADIUS``
+    (:func:`_disk_morphology`), a distance transform beyond."""
     if radius <= 0 or not mask.any():
         return mask.copy()
     if radius <= _SMALL_RADIUS:
