@@ -303,15 +303,24 @@ def _shaped_case(shape: tuple[int, int], width_l0: int) -> tuple[np.ndarray, np.
     return thumb, heat, (width_l0, height_l0), Outline(square, "1: 0.12 mm (itc)")
 
 
-@pytest.mark.parametrize(("shape", "width_l0", "mpp"), [((1024, 766), 2220, 0.5), ((90, 300), 12000, 0.5),
-                                                       ((300, 420), 90000, None)])
+LONG_CLASS = "P(lymph node metastasis of breast carcinoma)"
+
+
+@pytest.mark.parametrize(("shape", "width_l0", "mpp", "label", "written"), [
+    ((1024, 766), 2220, 0.5, "P(tumour)", False), ((90, 300), 12000, 0.5, "P(tumour)", False),
+    ((300, 420), 90000, None, "P(tumour)", False), ((90, 300), 12000, 0.25, "P(adenocarcinoma metastasis)", True),
+    ((90, 300), 12000, 0.25, LONG_CLASS, True), ((300, 90), 12000, 0.25, LONG_CLASS, True),
+    ((1000, 40), 200000, 0.25, LONG_CLASS, False)])
 def test_a_heatmap_is_laid_out_once_and_everything_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         shape: tuple[int, int], width_l0: int,
-                                                        mpp: float | None) -> None:
+                                                        mpp: float | None, label: str, written: bool) -> None:
     """The panels, titles, axis labels and colour bar are placed once, from the sizes of their texts: matplotlib's
     constrained layout measured every axis (making and measuring each tick label) twice at each draw, and placed the
     titles and axis labels by measuring them again. Tall, wide and level-0-pixel (wide tick labels) slides: the two
-    panels with their tick labels and labels, the title and the legend overlap nothing and stay inside the figure."""
+    panels with their tick labels and labels, the title and the legend overlap nothing and stay inside the figure.
+    Long class names too: the overlay's title and the colour bar's label (which runs along the bar: on a wide slide
+    longer than it) are fitted to their room, clear of the other title, the legend and the figure's edges, in the
+    written figure (its panels on whole pixels) as in the API's."""
     from matplotlib.axis import Axis
 
     from wsi_screen.screening.heatmap import overlay_figure, save_png
@@ -326,7 +335,8 @@ def test_a_heatmap_is_laid_out_once_and_everything_fits(tmp_path: Path, monkeypa
 
     monkeypatch.setattr(Axis, "get_tightbbox", counted)
     fig = overlay_figure(thumb, heat, title="a slide\nits call | its score", threshold=0.5, dimensions_l0=dims,
-                         mpp=mpp, outlines=[focus], outline_legend="1 focus counted", evidence=focus)
+                         mpp=mpp, outlines=[focus], outline_legend="1 focus counted", evidence=focus,
+                         legend_label=label, exact_pixels=written)
     save_png(fig, tmp_path / "h.png")
     assert measured == []  # no axis measured, for the layout or at the draw
     monkeypatch.undo()
@@ -335,10 +345,19 @@ def test_a_heatmap_is_laid_out_once_and_everything_fits(tmp_path: Path, monkeypa
     figure = fig.bbox
     panels = [ax.get_tightbbox(renderer) for ax in (ax0, ax1)]  # with ticks and labels (the overlay: its colour bar)
     title, legend = fig.texts[0].get_window_extent(renderer), fig.legends[0].get_window_extent(renderer)
-    boxes = [*panels, title, legend, *(ax.title.get_window_extent(renderer) for ax in (ax0, ax1))]
+    titles = [ax.title.get_window_extent(renderer) for ax in (ax0, ax1)]
+    bar_label = ax1.child_axes[0].yaxis.label
+    bar_box = bar_label.get_window_extent(renderer)
+    boxes = [*panels, title, legend, *titles, bar_box]
     for box in boxes:
         assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and box.y1 <= figure.y1, box
     assert not panels[0].overlaps(panels[1])
+    assert not titles[0].overlaps(titles[1])
+    assert not any(bar_box.overlaps(b) for b in (title, legend, *titles))
+    # the texts say what they said (broken at spaces at most), at a readable size
+    assert ax1.title.get_text().split() == f"{label} overlay".split()
+    assert bar_label.get_text().split() == f"{label}; cyan line: threshold 0.5".split()
+    assert min(ax1.title.get_fontsize(), bar_label.get_fontsize()) >= 8
     for panel in panels:
         assert legend.y1 < panel.y0 and panel.y1 < title.y0
     assert ax0.get_window_extent().height == pytest.approx(ax1.get_window_extent().height)

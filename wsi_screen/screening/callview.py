@@ -36,7 +36,7 @@ from wsi_screen.screening.aggregate import (
 from wsi_screen.screening.spatial import ScoreGrid, mm_words, patch_grid
 
 #: version of what the pictures show; bump it when the drawing changes, so reruns redraw
-VIEWS_VERSION = "v8"
+VIEWS_VERSION = "v9"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -344,6 +344,39 @@ def _tick_labels_size(axis: Any, renderer: Any) -> tuple[float, float]:
     return w, h
 
 
+def _fit_text(text: Any, string: str, points: float, room_px: float, renderer: Any) -> None:
+    """Set ``text`` to ``string`` at ``points`` where it fits ``room_px`` along its lines (rotated or not), else broken
+    at spaces so that each line fits, and a word longer than the room shrinks the font until it fits."""
+    from matplotlib.text import Text
+
+    probe = Text(0, 0, "", fontproperties=text.get_fontproperties(), parse_math=False,
+                 figure=text.get_figure(root=True))
+    probe.set_fontsize(points)
+
+    def length(line: str) -> float:
+        probe.set_text(line)
+        return float(probe.get_window_extent(renderer).width)
+
+    room_px = max(room_px, 1.0)
+    lines = string.split("\n")
+    if max(length(line) for line in lines) > room_px:
+        broken: list[str] = []
+        for line in lines:
+            current = ""
+            for word in line.split(" "):
+                joined = f"{current} {word}" if current else word
+                if current and length(joined) > room_px:
+                    broken.append(current)
+                    current = word
+                else:
+                    current = joined
+            broken.append(current)
+        lines = broken
+    widest = max(length(line) for line in lines)
+    text.set_text("\n".join(lines))
+    text.set_fontsize(points * min(1.0, room_px / widest) if widest > room_px else points)
+
+
 def _lay_out(fig: Any, panels: tuple[Any, Any], cax: Any, legend: Any, suptitle: Any,
              size: tuple[float, float], *, whole_pixels: bool = False) -> tuple[float, float]:
     """Place the two panels (aspect-fitted to the slide's ``size``, equal, side by side, centred in the room left),
@@ -352,9 +385,11 @@ def _lay_out(fig: Any, panels: tuple[Any, Any], cax: Any, legend: Any, suptitle:
     What matplotlib's constrained layout did at every draw, making and measuring every tick label twice over, and
     its automatic places of the titles and axis labels once more; here the few texts are measured once (the tick
     labels' strings, without making ticks), with the pads of that layout (3 pt). Twice over: how many ticks an axis
-    has depends on its length. The layout is the figure's at its size: one resized afterwards is not laid out
-    again. ``whole_pixels``: each panel's box starts and ends on whole pixels (at the figure's dpi), its aspect the
-    slide's to within a pixel. Returns a panel's (width, height) in pixels."""
+    has depends on its length. The panel titles and the colour bar's label are fitted to their room (broken at
+    spaces, a font shrunk only for a word longer than the room: long class names) and the panels placed again,
+    until they fit the room they were fitted to. The layout is the figure's at its size: one resized afterwards is
+    not laid out again. ``whole_pixels``: each panel's box starts and ends on whole pixels (at the figure's dpi), its
+    aspect the slide's to within a pixel. Returns a panel's (width, height) in pixels."""
     import matplotlib as mpl
 
     renderer = fig.canvas.get_renderer()
@@ -368,20 +403,25 @@ def _lay_out(fig: Any, panels: tuple[Any, Any], cax: Any, legend: Any, suptitle:
         return artist.get_window_extent(renderer)
 
     suptitle.set_y(1.0 - pad / fig_h)
-    top = pad + extent(suptitle).height + pad + max(extent(ax.title).height for ax in panels) + \
-        rc["axes.titlepad"] * pt
     x_ticks = (rc["xtick.major.size"] + rc["xtick.major.pad"]) * pt
     y_ticks = (rc["ytick.major.size"] + rc["ytick.major.pad"]) * pt
-    x_below = extent(legend).y1 + pad + x_ticks + extent(ax0.xaxis.label).height + ax0.xaxis.labelpad * pt
+    below_legend = extent(legend).y1 + pad
+    below_title = fig_h - pad - extent(suptitle).height - pad
+    x_below = below_legend + x_ticks + extent(ax0.xaxis.label).height + ax0.xaxis.labelpad * pt
     y_label = extent(ax0.yaxis.label).width + ax0.yaxis.labelpad * pt
-    bar_label = extent(cax.yaxis.label).width + cax.yaxis.labelpad * pt
+    bar = cax.yaxis.label
+    # texts whose room depends on the layout, as given: (text, its string, its size); each is fitted to its room
+    fitted = [(t, t.get_text(), t.get_fontsize()) for t in (*(ax.title for ax in panels), bar)]
     sx, sy = size
-    for _ in range(2):
+
+    def place() -> tuple[list[float], float, float, float, tuple[float, float, float]]:
+        top = pad + extent(suptitle).height + pad + max(extent(ax.title).height for ax in panels) + \
+            rc["axes.titlepad"] * pt
         x_tick_w, x_tick_h = _tick_labels_size(ax0.xaxis, renderer)
         y_tick_w, bar_tick_w = _tick_labels_size(ax0.yaxis, renderer)[0], _tick_labels_size(cax.yaxis, renderer)[0]
         left = pad + y_label + y_tick_w + y_ticks
         gap = pad + x_tick_w  # room for the halves of two tick labels at the panels' facing edges
-        right = y_ticks + bar_tick_w + bar_label + pad
+        right = y_ticks + bar_tick_w + extent(bar).width + cax.yaxis.labelpad * pt + pad  # the label runs upwards
         bottom = x_below + x_tick_h
         cell_w = (fig_w - left - gap - right) / (2 + sum(COLOUR_BAR))
         cell_h = fig_h - top - bottom
@@ -393,12 +433,44 @@ def _lay_out(fig: Any, panels: tuple[Any, Any], cax: Any, legend: Any, suptitle:
             xs, y0, box_w, box_h = [round(x) for x in xs], round(y0), max(1, round(box_w)), max(1, round(box_h))
         for ax, x in zip(panels, xs, strict=True):
             ax.set_position((x / fig_w, y0 / fig_h, box_w / fig_w, box_h / fig_h))
+        return xs, y0, box_w, box_h, (x_tick_h, y_tick_w, bar_tick_w)
+
+    def bar_top(xs: list[float], y0: float, box_w: float, box_h: float, bar_tick_w: float) -> float:
+        """How high the colour bar's label may reach: to the title, or to the panels' top where the overlay's title
+        reaches over the label."""
+        bar_label_x = xs[1] + box_w * (1 + sum(COLOUR_BAR)) + y_ticks + bar_tick_w
+        over_bar = xs[1] + (box_w + extent(panels[1].title).width) / 2 + pad > bar_label_x
+        return y0 + box_h if over_bar else below_title
+
+    def fit(xs: list[float], y0: float, box_w: float, box_h: float, bar_tick_w: float) -> bool:
+        """Fit the panel titles to their widths (centred over their panels, clear of each other and of the figure's
+        edges) and the colour bar's label to the height from the legend to the title (to the panels' top where the
+        overlay's title reaches over it); True if any changed."""
+        centres = [x + box_w / 2 for x in xs]
+        apart = centres[1] - centres[0] - pad
+        before = [(t.get_text(), t.get_fontsize()) for t, _, _ in fitted]
+        for (t, text, points), room in zip(fitted, [min(2 * (centres[0] - pad), apart),
+                                                    min(2 * (fig_w - pad - centres[1]), apart)], strict=False):
+            _fit_text(t, text, points, room, renderer)
+        _fit_text(bar, *fitted[2][1:], bar_top(xs, y0, box_w, box_h, bar_tick_w) - below_legend, renderer)
+        return before != [(t.get_text(), t.get_fontsize()) for t, _, _ in fitted]
+
+    xs, y0, box_w, box_h, ticks = place()  # twice at least: how many ticks an axis has depends on its length
+    for _ in range(4):  # then until the texts fit the room they were fitted to (each fit starts from the given texts)
+        changed = fit(xs, y0, box_w, box_h, ticks[2])
+        xs, y0, box_w, box_h, ticks = place()
+        if not changed:
+            break
+    x_tick_h, y_tick_w, bar_tick_w = ticks
     # the axis labels beyond their tick labels, where matplotlib would put them (measuring every tick label again)
     for ax in panels:
         ax.xaxis.set_label_coords(0.5, -(x_ticks + x_tick_h + ax.xaxis.labelpad * pt) / box_h)
     ax0.yaxis.set_label_coords(-(y_ticks + y_tick_w + ax0.yaxis.labelpad * pt) / box_w, 0.5)
+    # the colour bar's label centred on the bar, or as near as its room (see fit) allows
+    length = extent(bar).height
+    centre = min(max(y0 + box_h / 2, below_legend + length / 2), bar_top(xs, y0, box_w, box_h, bar_tick_w) - length / 2)
     cax.yaxis.set_label_coords(1.0 + (y_ticks + bar_tick_w + cax.yaxis.labelpad * pt) / (COLOUR_BAR[1] * box_w),
-                               0.5)
+                               (centre - y0) / box_h)
     return box_w, box_h
 
 
