@@ -224,10 +224,10 @@ def _disk(radius: int) -> np.ndarray:
 
 
 def _disk_rectangles(radius: int) -> list[tuple[int, int]]:
-    """The disk of ``radius`` px as a union of centred rectangles (half height ``dy``, half width ``dx``):
-    row ``dy`` of the disk reaches ``dx = isqrt(r^2 - dy^2)``, which shrinks as ``dy`` grows, so the rectangle
-    of each ``dy`` covers every row nearer the centre; only those wider than the next are needed."""
-    dx = [math.isqrt(radius * radius - dy * dy) for dy in range(radius + 1)]
+    """:func:`_disk` of ``radius`` px as a union of centred rectangles (half height ``dy``, half width ``dx``):
+    row ``dy`` of the disk reaches ``dx`` (half its pixels but the centre's), which shrinks as ``dy`` grows, so the
+    rectangle of each ``dy`` covers every row nearer the centre; only those wider than the next are needed."""
+    dx = [int(n) // 2 for n in _disk(radius)[radius:].sum(axis=1)]
     return [(dy, dx[dy]) for dy in range(radius + 1) if dy == radius or dx[dy + 1] < dx[dy]]
 
 
