@@ -52,19 +52,29 @@ def write_failed(path: str | os.PathLike[str], exc: OSError, what: str = "") -> 
     return OutputWriteError(failure_text(path, exc, what))
 
 
-def usable_folder(path: str | os.PathLike[str], what: str = "output folder") -> None:
+def usable_folder(path: str | os.PathLike[str], what: str = "output folder", *, create: bool = True) -> None:
     """Create the folder ``path`` a run writes into (and its parents), and check that a file can be made in it:
     a run then refuses an unusable output on one line before its first slide, rather than failing every slide
     on it (a read-only folder) or saying "File exists" of a file in its place. Raises :class:`OutputWriteError`
-    naming ``what`` the folder is and why."""
+    naming ``what`` the folder is and why. ``create=False`` creates nothing: the check is made in the folder, or
+    where it does not exist yet in the nearest folder above it, where its creation would start (a command checks
+    so before its slow start-up, and a refused run leaves nothing behind)."""
     folder = Path(path)
     try:
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "a file of that name is in the way", str(folder))
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            probed = folder
+        else:
+            probed = folder.absolute()
+            while not probed.exists() and probed != probed.parent:
+                probed = probed.parent
+            if not probed.is_dir():  # a file above it: what creating the folder would say
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(probed))
         # a nameless file where the system has them (Linux: O_TMPFILE), else a new random name removed at once:
         # nothing is left behind by a run killed here, and no file of another run or user is in the way
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=probed):
             pass
     except OSError as exc:
         why = exc.strerror or str(exc)

@@ -249,3 +249,37 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_slide(tm
         assert list(locked.iterdir()) == []
     finally:
         restore_permissions(tmp_path)
+
+
+#: runs the CLI (argv[1:]) as `python -m wsi_screen.cli` does, then prints on stdout whether torch was imported
+_CLI_THEN_TORCH = """
+import atexit, sys
+atexit.register(lambda: print("torch imported:", "torch" in sys.modules))
+sys.argv = ["wsi-screen", *sys.argv[1:]]
+import wsi_screen.cli
+wsi_screen.cli.main()
+"""
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_torch_loads(tmp_path: Path, cmu_svs: Path) -> None:
+    """infer refused a run folder it cannot make on one line, but only after importing torch and loading the model
+    (~6.8 s of CPU; tile refused it in 1.4 s), embed after loading its encoder, train and tune after decoding the
+    whole dataset (their line said only `Permission denied`). Each now refuses it first, naming the folder, with
+    torch not yet imported and nothing made."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "out"
+    data = tmp_path / "data"
+    data.mkdir()
+    for args, what in ((["infer", cmu_svs], "run folder"),
+                       (["embed", cmu_svs, "--encoder", "default"], "output folder"),
+                       (["train", data, "--arch", "screen_cnn32"], "model folder"),
+                       (["tune", data, "--arch", "screen_cnn32", "--lr", "1e-3,1e-4"], "tuning folder")):
+        proc = subprocess.run([sys.executable, "-c", _CLI_THEN_TORCH, *map(str, args), "-o", str(out), "--quiet"],
+                              capture_output=True, text=True, timeout=300)
+        assert (proc.returncode, proc.stderr.splitlines(), proc.stdout.splitlines()) == (
+            1, [f"{ERROR}{out}: cannot write in the {what}: Not a directory"], ["torch imported: False"]), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "data"] and list(data.iterdir()) == []

@@ -90,6 +90,9 @@ def embed(inputs: tuple[str, ...], encoder: str, encoder_weights: str | None, ou
     """
     configure_output()
     ctx = click.get_current_context()
+    from wsi_screen._safe_write import usable_folder
+
+    usable_folder(out, create=False)  # an OUT that cannot be written: one line before torch and the encoder load
     from wsi_screen.commands.train import set_threads
 
     set_threads(threads)

@@ -124,6 +124,9 @@ def infer(slides: tuple[str, ...], run: str, model_dir: str | None, rule: str | 
     from wsi_screen.screening.aggregate import as_k
 
     k_value = None if k is None else as_k(k)  # a bad --k is refused before the slow start-up
+    from wsi_screen._safe_write import usable_folder
+
+    usable_folder(run, "run folder", create=False)  # so is a run folder that cannot be written (nothing is made)
     ctx = click.get_current_context()
     if dask is None and not ctx.obj.get("debug"):
         from wsi_screen.slide import isolation

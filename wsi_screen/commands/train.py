@@ -285,6 +285,9 @@ def train(**params: Any) -> None:
     defaults).
     """
     configure_output()
+    from wsi_screen._safe_write import usable_folder
+
+    usable_folder(params["out"], "model folder", create=False)  # one line before torch loads and the data is read
     set_threads(params["threads"])
     from wsi_screen.models.device import resolve_device
     from wsi_screen.training.train import TrainConfig

@@ -70,6 +70,9 @@ def tune(**params: Any) -> None:
       wsi-screen tune pcam/ --encoder default --head mlp --mpp 0.972 --lr 1e-4,1e-3 -o tune/probe
     """
     configure_output()
+    from wsi_screen._safe_write import usable_folder
+
+    usable_folder(params["out"], "tuning folder", create=False)  # one line before torch loads and the data is read
     set_threads(params["threads"])
     from wsi_screen.models.device import resolve_device
     from wsi_screen.training.train import TrainConfig
