@@ -5,9 +5,11 @@ commands once, instead of a fresh ``python -m wsi_screen.cli`` that imports them
 Each is a process of its own: its own pid, killed by a real signal (SIGKILL, SIGINT: Python's Ctrl-C handler, as
 at a terminal), its exit status the command's, its stderr a file, its slide reader a spawned child of its own, as a
 user's run has (whatever ``WSI_SCREEN_IN_PROCESS`` says in the test). It runs the console script's entry point
-(``wsi_screen.cli.main()`` with ``sys.argv``, as ``python -m wsi_screen.cli`` does) in the test's environment and
-with the test's torch thread count, and runs the interpreter's exit functions before it exits. What it does not
-repeat is the interpreter's start and the imports: tests about those start a fresh interpreter (``subprocess``).
+(``wsi_screen.cli.main()`` with ``sys.argv``, as ``python -m wsi_screen.cli`` does) in the test's environment, with
+the test's torch thread count, multiprocessing's default start method (not the fork server's) and stdin on /dev/null,
+and runs the interpreter's exit functions before it exits (tests/test_warm_cli.py compares with a fresh one). What it
+does not repeat is the interpreter's start and the imports: tests about those start a fresh interpreter
+(``subprocess``).
 
 Under the hood: multiprocessing's fork server, its preload the modules above; :func:`warm_processes` stops and
 reaps it when the tests that used it are done (its CPU time is then counted with theirs).
@@ -21,7 +23,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,13 +33,17 @@ PRELOAD = ["torch", "timm", "wsi_screen.cli", "wsi_screen.commands.tile", "wsi_s
            "wsi_screen.embedding.slides", "matplotlib.pyplot", __name__]
 
 
-def _command(args: list[str], stderr: str, env: dict[str, str], threads: int) -> None:
-    """The child: ``wsi-screen ARGS`` as the console script runs it, stderr to ``stderr``, stdout discarded."""
+def _command(entry: Callable[[], object], args: list[str], stderr: str, env: dict[str, str], threads: int) -> None:
+    """The child: ``entry()`` (``wsi_screen.cli.main``: ``wsi-screen ARGS`` as the console script runs it) in a
+    process set up as a fresh interpreter has it, stderr to ``stderr``, stdout discarded."""
     import atexit
     from multiprocessing import resource_tracker
 
     import torch
 
+    # multiprocessing's default start method, as in a fresh interpreter ('fork' on Linux up to Python 3.13): the
+    # fork server's child has 'forkserver' forced on it, which would start the command's own processes otherwise
+    multiprocessing.set_start_method(None, force=True)
     # a resource tracker of its own, started when needed with this stderr, as a fresh interpreter has (the fork
     # server's is the test process's: semaphores a killed command left would be reported there)
     tracker = resource_tracker._resource_tracker  # type: ignore[attr-defined]
@@ -48,6 +54,13 @@ def _command(args: list[str], stderr: str, env: dict[str, str], threads: int) ->
     os.environ.update(env)
     # Ctrl-C raises KeyboardInterrupt, as in an interpreter started at a terminal (the fork server ignores it)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # stdin: /dev/null on fd 0 (what multiprocessing leaves; the subprocess.Popen calls these processes replace
+    # inherited the test's, /dev/null under xdist), read through an ordinary sys.stdin instead of multiprocessing's
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    sys.stdin = sys.__stdin__ = open(0, encoding=sys.stdout.encoding, errors=sys.stdout.errors,  # noqa: SIM115
+                                     closefd=False)  # open for the process's life, as the interpreter's is
     err = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(err, 2)
     os.close(err)
@@ -57,10 +70,9 @@ def _command(args: list[str], stderr: str, env: dict[str, str], threads: int) ->
     sys.stderr.reconfigure(write_through=True)  # unbuffered, as PYTHONUNBUFFERED=1 makes it
     torch.set_num_threads(threads)  # as OMP_NUM_THREADS does in a fresh process (torch read it before the fork)
     sys.argv = ["wsi-screen", *args]
-    from wsi_screen.cli import main
 
     try:
-        main()
+        entry()
     finally:
         atexit._run_exitfuncs()  # what the interpreter runs at exit (multiprocessing's child ends with os._exit)
 
@@ -106,22 +118,29 @@ class WarmCli:
         """``wsi-screen ARGS``, its stderr to the file ``stderr``, in ``env`` (default: this process's
         environment), with this process's torch thread count (another rounds scores differently). It reads slides
         in the slide reader's child process, as a user's run does, whatever ``WSI_SCREEN_IN_PROCESS`` says here."""
+        from wsi_screen.cli import main
+
+        return self._start(main, args, stderr, env)
+
+    def _start(self, entry: Callable[[], object], args: list[str], stderr: Path,
+               env: Mapping[str, str] | None = None) -> WarmProcess:
+        """``entry()`` (a module-level function) run as :meth:`start` runs the CLI's ``main``."""
         import torch
 
         env = {k: v for k, v in (os.environ if env is None else env).items() if k != "WSI_SCREEN_IN_PROCESS"}
         proc = self._context.Process(target=_command, name="wsi-screen",
-                                     args=(list(args), str(stderr), env, torch.get_num_threads()))
+                                     args=(entry, list(args), str(stderr), env, torch.get_num_threads()))
         proc.start()
         return WarmProcess(proc, list(args))
 
 
 @contextmanager
-def warm_processes() -> Iterator[WarmCli]:
-    """A :class:`WarmCli` whose fork server is stopped and reaped at the end (it is started at the first
-    command)."""
+def warm_processes(preload: Sequence[str] = PRELOAD) -> Iterator[WarmCli]:
+    """A :class:`WarmCli` whose fork server (importing ``preload`` once) is stopped and reaped at the end (it is
+    started at the first command)."""
     server = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
     before = server._preload_modules
-    server.set_forkserver_preload(PRELOAD)
+    server.set_forkserver_preload(list(preload))
     try:
         yield WarmCli()
     finally:

@@ -1,0 +1,33 @@
+"""tests/warm_cli.py: a warm ``wsi-screen`` process is set up as a fresh interpreter is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.warm_cli import warm_processes
+
+#: what a process reports of itself: the start method multiprocessing gives it, and its stdin
+_REPORT = """
+import json, multiprocessing, os, sys
+print(json.dumps({"start_method": multiprocessing.get_start_method(), "stdin_fd": sys.stdin.fileno(),
+                  "stdin_null": os.path.samestat(os.fstat(0), os.stat(os.devnull)), "stdin_read": sys.stdin.read()}),
+      file=sys.stderr)
+"""
+
+
+def _report() -> None:
+    exec(_REPORT)
+
+
+def test_a_warm_process_has_the_start_method_and_stdin_of_a_fresh_interpreter(tmp_path: Path) -> None:
+    fresh = subprocess.run([sys.executable, "-c", _REPORT], stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, check=True)
+    with warm_processes(preload=["tests.warm_cli"]) as cli:  # no torch preloaded: the setup is what is tested
+        proc = cli._start(_report, [], tmp_path / "stderr")
+        assert proc.wait(60) == 0
+    warm = json.loads((tmp_path / "stderr").read_text())
+    assert warm == json.loads(fresh.stderr)
+    assert warm["start_method"] == "fork"  # Linux, Python < 3.14: what a `wsi-screen` gets
