@@ -19,7 +19,7 @@ print(json.dumps({"start_method": multiprocessing.get_start_method(), "stdin_fd"
 
 
 def _report() -> None:
-    exec(_REPORT)
+    exec(_REPORT, {})
 
 
 def test_a_warm_process_has_the_start_method_and_stdin_of_a_fresh_interpreter(tmp_path: Path) -> None:
@@ -31,3 +31,24 @@ def test_a_warm_process_has_the_start_method_and_stdin_of_a_fresh_interpreter(tm
     warm = json.loads((tmp_path / "stderr").read_text())
     assert warm == json.loads(fresh.stderr)
     assert warm["start_method"] == "fork"  # Linux, Python < 3.14: what a `wsi-screen` gets
+
+
+#: a thread that is not a daemon, still running when the main thread is done, and an exit function
+_EXIT = """
+import atexit, sys, threading, time
+atexit.register(lambda: print("exit function", file=sys.stderr))
+threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", file=sys.stderr))).start()
+"""
+
+
+def _exit() -> None:
+    exec(_EXIT, {})  # as a script: its own globals
+
+
+def test_a_warm_process_exits_as_a_fresh_interpreter_does(tmp_path: Path) -> None:
+    """Threads that are not daemons are joined, then the exit functions run."""
+    fresh = subprocess.run([sys.executable, "-c", _EXIT], capture_output=True, text=True, check=True)
+    assert fresh.stderr == "thread done\nexit function\n"
+    with warm_processes(preload=["tests.warm_cli"]) as cli:
+        assert cli._start(_exit, [], tmp_path / "stderr").wait(60) == 0
+    assert (tmp_path / "stderr").read_text() == fresh.stderr

@@ -37,6 +37,7 @@ def _command(entry: Callable[[], object], args: list[str], stderr: str, env: dic
     """The child: ``entry()`` (``wsi_screen.cli.main``: ``wsi-screen ARGS`` as the console script runs it) in a
     process set up as a fresh interpreter has it, stderr to ``stderr``, stdout discarded."""
     import atexit
+    import threading
     from multiprocessing import resource_tracker
 
     import torch
@@ -73,8 +74,9 @@ def _command(entry: Callable[[], object], args: list[str], stderr: str, env: dic
 
     try:
         entry()
-    finally:
-        atexit._run_exitfuncs()  # what the interpreter runs at exit (multiprocessing's child ends with os._exit)
+    finally:  # what the interpreter does at exit, in its order (multiprocessing's child ends with os._exit)
+        threading._shutdown()  # type: ignore[attr-defined]  # joins the threads that are not daemons
+        atexit._run_exitfuncs()
 
 
 class WarmProcess:
