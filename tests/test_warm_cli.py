@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.warm_cli import warm_processes
+from tests.warm_cli import PRELOAD, warm_processes
 
 #: what a process reports of itself: the start method multiprocessing gives it, and its stdin
 _REPORT = """
@@ -52,3 +53,13 @@ def test_a_warm_process_exits_as_a_fresh_interpreter_does(tmp_path: Path) -> Non
     with warm_processes(preload=["tests.warm_cli"]) as cli:
         assert cli._start(_exit, [], tmp_path / "stderr").wait(60) == 0
     assert (tmp_path / "stderr").read_text() == fresh.stderr
+
+
+def test_the_fork_server_preloads_only_what_a_real_wsi_screen_imports() -> None:
+    """A preloaded library's import-time state (matplotlib.pyplot's backend, say) is one a real run would not have
+    unless it imports the module too."""
+    package = Path(__file__).parents[1] / "wsi_screen"
+    source = "\n".join(p.read_text(encoding="utf-8") for p in package.rglob("*.py"))
+    imported = set(re.findall(r"^\s*(?:import|from) ([\w.]+)", source, re.MULTILINE))
+    others = [m for m in PRELOAD if not m.startswith(("wsi_screen.", "tests."))]  # the commands load lazily
+    assert others and [m for m in others if m not in imported] == []

@@ -23,14 +23,17 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-#: what the fork server imports once (an ImportError there is ignored: the process then imports it itself)
+#: what the fork server imports once (an ImportError there is ignored: the process then imports it itself): only
+#: modules a real ``wsi-screen`` imports (tests/test_warm_cli.py checks). Whatever they read or set when imported
+#: (environment variables, matplotlib's settings, torch's threads) is as it was when the server started: a test
+#: that changes such a setting for a command runs it in a fresh interpreter.
 PRELOAD = ["torch", "timm", "wsi_screen.cli", "wsi_screen.commands.tile", "wsi_screen.commands.infer",
            "wsi_screen.commands.embed", "wsi_screen.tiling.pipeline", "wsi_screen.screening.run",
-           "wsi_screen.embedding.slides", "matplotlib.pyplot", __name__]
+           "wsi_screen.embedding.slides", "matplotlib.figure", "matplotlib.backends.backend_agg", __name__]
 
 
 def _command(entry: Callable[[], object], args: list[str], stderr: str, env: dict[str, str], threads: int) -> None:
@@ -116,20 +119,20 @@ class WarmCli:
     def __init__(self) -> None:
         self._context = multiprocessing.get_context("forkserver")
 
-    def start(self, args: list[str], stderr: Path, env: Mapping[str, str] | None = None) -> WarmProcess:
-        """``wsi-screen ARGS``, its stderr to the file ``stderr``, in ``env`` (default: this process's
-        environment), with this process's torch thread count (another rounds scores differently). It reads slides
-        in the slide reader's child process, as a user's run does, whatever ``WSI_SCREEN_IN_PROCESS`` says here."""
+    def start(self, args: list[str], stderr: Path) -> WarmProcess:
+        """``wsi-screen ARGS``, its stderr to the file ``stderr``, in this process's environment (as the fork
+        server's preloaded modules read it at the server's start: see ``PRELOAD``) and torch thread count (another
+        rounds scores differently). It reads slides in the slide reader's child process, as a user's run does,
+        whatever ``WSI_SCREEN_IN_PROCESS`` says here."""
         from wsi_screen.cli import main
 
-        return self._start(main, args, stderr, env)
+        return self._start(main, args, stderr)
 
-    def _start(self, entry: Callable[[], object], args: list[str], stderr: Path,
-               env: Mapping[str, str] | None = None) -> WarmProcess:
+    def _start(self, entry: Callable[[], object], args: list[str], stderr: Path) -> WarmProcess:
         """``entry()`` (a module-level function) run as :meth:`start` runs the CLI's ``main``."""
         import torch
 
-        env = {k: v for k, v in (os.environ if env is None else env).items() if k != "WSI_SCREEN_IN_PROCESS"}
+        env = {k: v for k, v in os.environ.items() if k != "WSI_SCREEN_IN_PROCESS"}
         proc = self._context.Process(target=_command, name="wsi-screen",
                                      args=(entry, list(args), str(stderr), env, torch.get_num_threads()))
         proc.start()
