@@ -364,7 +364,7 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory, example_slide: Path) -> Path:
     """A fresh `wsi-screen infer` run of the bundled example slide with the bundled model (built once a session:
-    ten test modules use it, on both xdist workers)."""
+    several test modules use it, on both xdist workers)."""
 
     def infer(folder: Path) -> None:
         res = run_cli("infer", example_slide.parent, "-o", folder / "run", "--workers", "0", "--quiet")
