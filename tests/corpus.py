@@ -338,7 +338,14 @@ def unprivileged_cli_runs(runs: Sequence[Sequence[str]], *,
                           timeout: float = 300) -> list[subprocess.CompletedProcess[str]]:
     """:func:`unprivileged_cli` for several commands, one after the other: each is its own process (forked, so
     its exit status, stdout and stderr are its own) from one unprivileged interpreter that imported the CLI and
-    torch once (~6 s of CPU a command less)."""
+    torch once (~6 s of CPU a command less).
+
+    Not :mod:`tests.warm_cli`, the other way to run warm commands: dropping root's CAP_DAC_* takes effect at an
+    exec, so the commands must be forked from an interpreter exec'd after the drop, while warm_cli's fork server is
+    started by the test process and its children keep its capabilities. The commands here run one after the
+    other, each forked from the main thread of a plain interpreter, so each exits as ``python -m wsi_screen.cli``
+    does (SystemExit, then the interpreter's own exit) with the default start method; warm_cli's run side by side
+    and can be signalled, which the kill and concurrency tests need."""
     import json
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

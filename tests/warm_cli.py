@@ -12,7 +12,10 @@ does not repeat is the interpreter's start and the imports: tests about those st
 (``subprocess``).
 
 Under the hood: multiprocessing's fork server, its preload the modules above; :func:`warm_processes` stops and
-reaps it when the tests that used it are done (its CPU time is then counted with theirs).
+reaps it when the tests that used it are done (its CPU time is then counted with theirs). Commands that must run
+without root's CAP_DAC_* use :func:`tests.corpus.unprivileged_cli_runs` instead: the capabilities are dropped at
+an exec, so those are forked from an interpreter exec'd after the drop, one after the other (not signalled), where
+this fork server, started by the test process, would hand its children the test's capabilities.
 """
 
 from __future__ import annotations
