@@ -12,7 +12,6 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +93,7 @@ BACKGROUND = {"tests/test_quality.py::test_mypy": _mypy,
               "tests/models/test_encoder.py::test_unreachable_hub_is_one_line": _embed_with_the_hub_unreachable}
 _started: dict[str, BackgroundCheck] = {}
 #: under pytest-xdist the controller runs them (once, whichever worker collects the test) and writes what they
-#: printed and their exit status into this folder, which the workers inherit (and share what built_once builds)
+#: printed and their exit status into this folder, which the workers inherit
 _SHARED = "WSI_SCREEN_TEST_BACKGROUND"
 
 
@@ -338,40 +337,14 @@ def coordinates_only_store_of_a_moved_slide(slide: Path, tmp_path: Path) -> tupl
     return stores, (tmp_path / "a" / slide.name).rename(tmp_path / "b" / slide.name)
 
 
-def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
-    """A folder that ``build(folder)`` filled, once a session. Under pytest-xdist whichever worker asks first builds it
-    in the session's shared folder (the other waits for it, then finds it built), and each worker gets a copy of its
-    own: tests lock what they only read (``infer --stores`` locks each store it reuses), and a store the other
-    worker is reading would be busy to them."""
-    folder = tmp_path_factory.mktemp(name)
-    if not _worker():
-        build(folder)
-        return folder
-    from filelock import FileLock
-
-    shared = Path(os.environ[_SHARED]) / name
-    built = shared.with_suffix(".built")
-    with FileLock(shared.with_suffix(".lock")):
-        if not built.exists():
-            shutil.rmtree(shared, ignore_errors=True)
-            shared.mkdir()
-            build(shared)
-            built.touch()
-    shutil.copytree(shared, folder, dirs_exist_ok=True)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory, example_slide: Path) -> Path:
-    """A fresh `wsi-screen infer` run of the bundled example slide with the bundled model (built once a session:
-    several test modules use it, on both xdist workers)."""
-
-    def infer(folder: Path) -> None:
-        res = run_cli("infer", example_slide.parent, "-o", folder / "run", "--workers", "0", "--quiet")
-        if res.code != 0:
-            pytest.fail(f"demo infer failed: {res}")
-
-    return built_once(tmp_path_factory, "demo", infer) / "run"
+    """A fresh `wsi-screen infer` run of the bundled example slide with the bundled model."""
+    run = tmp_path_factory.mktemp("demo") / "run"
+    res = run_cli("infer", example_slide.parent, "-o", run, "--workers", "0", "--quiet")
+    if res.code != 0:
+        pytest.fail(f"demo infer failed: {res}")
+    return run
 
 
 def tree_digest(root: Path, skip: frozenset[str] = frozenset()) -> dict[str, str]:
